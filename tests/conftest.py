@@ -1,0 +1,49 @@
+"""Shared fixtures: an isolated HOME/config for every test, and a way to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = REPO / "vramsupply" / "assets" / "stories260K.gguf"
+# Captured before any test swaps HOME, so child pip runs can reuse the wheels already built here.
+REAL_PIP_CACHE = os.environ.get("PIP_CACHE_DIR") or str(
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pip"
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test reads or writes the developer's real config, cache or environment."""
+    home = tmp_path_factory.mktemp("home")
+    for name in list(os.environ):
+        if name.startswith("VRAM_SUPPLY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    monkeypatch.setenv("VRAM_SUPPLY_CONFIG", str(home / ".config" / "vramsupply" / "config.toml"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    return home
+
+
+@pytest.fixture
+def config_file(isolated_env: Path) -> Path:
+    return Path(os.environ["VRAM_SUPPLY_CONFIG"])
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run `vramsupply ARGS` as a user would, in a child process with the test's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "vramsupply", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        input=input,
+        timeout=timeout,
+    )

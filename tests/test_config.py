@@ -1,0 +1,125 @@
+"""Settings precedence (flag > env > file > default) and readable validation errors."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from vramsupply.config import ConfigError, Settings, load_settings, write_config_values
+
+
+def test_defaults_match_the_platform_docs(config_file: Path) -> None:
+    loaded = load_settings()
+    assert loaded.settings.input_price == 100
+    assert loaded.settings.output_price == 200
+    assert loaded.settings.platform_url == "https://vram.supply"
+    assert loaded.settings.parallel == 4
+    assert loaded.sources["input_price"] == "default"
+
+
+def test_precedence_flag_over_env_over_file_over_default(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_config_values(config_file, {"input_price": 111, "output_price": 222, "parallel": 3})
+    monkeypatch.setenv("VRAM_SUPPLY_INPUT_PRICE", "333")
+    monkeypatch.setenv("VRAM_SUPPLY_OUTPUT_PRICE", "444")
+
+    loaded = load_settings({"input_price": 555, "quant": None})
+
+    assert loaded.settings.input_price == 555
+    assert loaded.sources["input_price"] == "flag --input-price"
+    assert loaded.settings.output_price == 444
+    assert loaded.sources["output_price"] == "env VRAM_SUPPLY_OUTPUT_PRICE"
+    assert loaded.settings.parallel == 3
+    assert loaded.sources["parallel"] == f"config file {config_file}"
+    assert loaded.settings.quant == "Q4_K_M"
+    assert loaded.sources["quant"] == "default"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"VRAM_SUPPLY_INPUT_PRICE": "-5"}, "invalid input_price = '-5' (from env VRAM_SUPPLY_INPUT_PRICE): Input should be greater than or equal to 0"),
+        ({"VRAM_SUPPLY_OUTPUT_PRICE": "1.5"}, "invalid output_price = '1.5' (from env VRAM_SUPPLY_OUTPUT_PRICE): Input should be a valid integer"),
+        ({"VRAM_SUPPLY_PLATFORM_URL": "ftp://example.com"}, "invalid platform_url = 'ftp://example.com' (from env VRAM_SUPPLY_PLATFORM_URL)"),
+        ({"VRAM_SUPPLY_ENDPOINT_URL": "not a url"}, "invalid endpoint_url = 'not a url' (from env VRAM_SUPPLY_ENDPOINT_URL)"),
+        ({"VRAM_SUPPLY_PARALLEL": "0"}, "invalid parallel = '0' (from env VRAM_SUPPLY_PARALLEL)"),
+    ],
+)
+def test_invalid_env_values_name_setting_and_source(env: dict[str, str], expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value).startswith(expected)
+
+
+def test_invalid_flag_and_file_values_name_their_source(config_file: Path) -> None:
+    with pytest.raises(ConfigError, match=r"invalid input_price = -1 \(from flag --input-price\)"):
+        load_settings({"input_price": -1})
+    write_config_values(config_file, {"output_price": "lots"})
+    with pytest.raises(ConfigError, match=rf"invalid output_price = 'lots' \(from config file {config_file}\)"):
+        load_settings()
+
+
+def test_unknown_or_broken_config_file_is_a_clear_error(config_file: Path) -> None:
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text("input_prise = 5\n")
+    with pytest.raises(ConfigError, match="unknown setting 'input_prise'"):
+        load_settings()
+    config_file.write_text("input_price = = 5\n")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings()
+
+
+def test_cli_reports_bad_setting_in_one_line_with_exit_2() -> None:
+    result = run_cli("config", "show", env={"VRAM_SUPPLY_INPUT_PRICE": "-5"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "input_price" in lines[0] and "VRAM_SUPPLY_INPUT_PRICE" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("vramsupply ")
+
+
+def test_config_show_lists_sources_and_masks_secrets(config_file: Path) -> None:
+    write_config_values(config_file, {"api_key": "vs_live_supersecretkey1234"})
+    result = run_cli("config", "show", "--json", env={"VRAM_SUPPLY_OUTPUT_PRICE": "250"})
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert set(shown) == set(Settings.model_fields)
+    assert shown["output_price"] == {"value": "250", "source": "env VRAM_SUPPLY_OUTPUT_PRICE"}
+    assert shown["api_key"]["value"] == "****1234"
+    assert shown["api_key"]["source"].startswith("config file")
+    assert "supersecret" not in result.stdout
+
+    table = run_cli("config", "show")
+    assert table.returncode == 0
+    assert "supersecret" not in table.stdout
+    assert "input_price" in table.stdout
+
+
+def test_login_stores_key_0600_without_echo(config_file: Path) -> None:
+    result = run_cli("login", input="vs_key_abcdefgh12345678\n")
+    assert result.returncode == 0, result.stderr
+    assert "vs_key_abcdefgh12345678" not in result.stdout + result.stderr
+    assert stat.S_IMODE(config_file.stat().st_mode) == 0o600
+    assert load_settings().settings.api_key.get_secret_value() == "vs_key_abcdefgh12345678"
+
+    again = run_cli("login", "--api-key", "vs_key_second")
+    assert again.returncode == 0
+    assert load_settings().settings.api_key.get_secret_value() == "vs_key_second"
+    assert stat.S_IMODE(config_file.stat().st_mode) == 0o600
+
+
+def test_login_rejects_empty_key() -> None:
+    result = run_cli("login", "--api-key", "  ")
+    assert result.returncode != 0
+    assert "API key" in result.stderr

@@ -1,0 +1,3 @@
+from vramsupply.cli import main
+
+main()

@@ -1,0 +1,88 @@
+"""The `vramsupply` command line: thin commands that parse flags and call into the package."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vramsupply import __version__
+from vramsupply.config import ConfigError, Settings, config_path, display_value, load_settings, write_config_values
+
+app = typer.Typer(
+    name="vramsupply",
+    help="Serve GGUF models on the vram.supply marketplace.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One readable line on stderr and a non-zero exit: the CLI's only way to report an error."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def settings_from(flags: dict[str, Any]) -> Settings:
+    return load_settings(flags).settings
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        console.print(f"vramsupply {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """vramsupply: the provider agent of the vram.supply inference marketplace."""
+
+
+@config_app.command("show")
+def config_show(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Show every effective setting and where it came from (secrets masked)."""
+    loaded = load_settings()
+    rows = [(name, display_value(loaded.settings, name), loaded.sources[name]) for name in Settings.model_fields]
+    if as_json:
+        console.print_json(json.dumps({name: {"value": value, "source": source} for name, value, source in rows}))
+        return
+    table = Table(title=f"vramsupply settings (config file: {config_path()})")
+    for column in ("setting", "value", "source"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def login(
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="API key; prompted for (hidden) when omitted."),
+) -> None:
+    """Store your vram.supply API key in the config file (mode 0600)."""
+    key = api_key if api_key is not None else typer.prompt("vram.supply API key", hide_input=True)
+    key = key.strip()
+    if not key or any(ch.isspace() for ch in key):
+        fail("the API key must be a single non-empty word")
+    path = config_path()
+    write_config_values(path, {"api_key": key})
+    console.print(f"API key saved to {path} (mode 0600).")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,211 @@
+"""Every option the agent has, in one Settings class.
+
+Precedence, highest first: command-line flag > ``VRAM_SUPPLY_*`` environment variable >
+TOML config file (``config.toml`` in the platformdirs user config dir, or ``VRAM_SUPPLY_CONFIG``)
+> default. ``load_settings`` also reports where each effective value came from, so
+``vramsupply config show`` and error messages can name the source.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import AnyHttpUrl, Field, SecretStr, TypeAdapter, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+import tomli_w
+
+APP_NAME = "vramsupply"
+ENV_PREFIX = "VRAM_SUPPLY_"
+CONFIG_PATH_ENV = "VRAM_SUPPLY_CONFIG"
+
+
+_HTTP_URL = TypeAdapter(AnyHttpUrl)
+
+
+class FlashAttention(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class Settings(BaseSettings):
+    """The agent's configuration. Field descriptions double as the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        validate_default=True,
+        case_sensitive=False,
+    )
+
+    # Model and engine
+    model: str | None = Field(None, description="Model to serve: `org/model` (resolved on HuggingFace) or a local .gguf path")
+    quant: str = Field("Q4_K_M", description="Quantization to download when `model` is a HuggingFace id")
+    context_length: int = Field(4096, ge=16, description="Context window per request (tokens), per slot")
+    parallel: int = Field(4, ge=1, le=256, description="Number of slots: requests decoded concurrently")
+    n_gpu_layers: int = Field(-1, ge=-1, description="Layers offloaded to the GPU (-1: all, when the build has a GPU backend)")
+    n_batch: int = Field(2048, ge=1, description="Maximum tokens per decode step (prompt chunks plus generated tokens)")
+    n_ubatch: int = Field(512, ge=1, description="Physical micro-batch size inside one decode step")
+    flash_attention: FlashAttention = Field(FlashAttention.auto, description="Flash attention: auto, on or off")
+    threads: int | None = Field(None, ge=1, description="CPU threads for decoding (default: llama.cpp's choice)")
+    max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before new ones get 429")
+
+    # HTTP server
+    host: str = Field("127.0.0.1", description="Address the OpenAI-compatible server listens on")
+    port: int = Field(8080, ge=0, le=65535, description="Port the OpenAI-compatible server listens on")
+    endpoint_token: SecretStr | None = Field(None, description="Bearer token required on /v1/* (generated when registering if unset)")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body in bytes (413 above)")
+    drain_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests may take to finish on shutdown")
+
+    # Marketplace
+    api_key: SecretStr | None = Field(None, description="vram.supply API key (`vramsupply login` stores it)")
+    platform_url: str = Field("https://vram.supply", description="vram.supply platform API base URL")
+    endpoint_url: str | None = Field(None, description="Public URL buyers reach this agent at (required to register)")
+    input_price: int = Field(100, ge=0, description="Input price, cents per million tokens")
+    output_price: int = Field(200, ge=0, description="Output price, cents per million tokens")
+    context_length_offered: int | None = Field(None, ge=1, description="Context length advertised to the market (default: context_length)")
+    no_register: bool = Field(False, description="Serve locally only: do not register with the platform")
+    heartbeat_interval: float = Field(30.0, gt=0, description="Seconds between heartbeats")
+
+    # Hub and logging
+    cache_dir: Path | None = Field(None, description="HuggingFace cache dir for models (default: the shared HF cache)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
+
+    @field_validator("platform_url", "endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _HTTP_URL.validate_python(value)
+        return value.rstrip("/")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags arrive as init kwargs, then the environment, then the TOML config file."""
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=config_path()))
+
+    @property
+    def offered_context(self) -> int:
+        return self.context_length_offered or self.context_length
+
+
+SECRET_FIELDS = frozenset(name for name, f in Settings.model_fields.items() if "SecretStr" in repr(f.annotation))
+
+
+class ConfigError(Exception):
+    """A setting has an invalid value; the message names the setting and where it came from."""
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def config_path() -> Path:
+    override = os.environ.get(CONFIG_PATH_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+def data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    unknown = sorted(set(data) - set(Settings.model_fields))
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r} in config file {path}")
+    return data
+
+
+def write_config_values(path: Path, values: dict[str, Any]) -> None:
+    """Merge ``values`` into the config file, which is created (and kept) private: mode 0600."""
+    data = read_config_file(path)
+    data.update(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(tomli_w.dumps(data))
+    os.chmod(path, 0o600)
+
+
+@dataclass(frozen=True)
+class LoadedSettings:
+    settings: Settings
+    sources: dict[str, str]
+
+
+def _env_values() -> dict[str, str]:
+    return {name: os.environ[env_name(name)] for name in Settings.model_fields if env_name(name) in os.environ}
+
+
+def _source_label(field: str, flags: dict[str, Any], env: dict[str, str], file_values: dict[str, Any], path: Path) -> str:
+    if field in flags:
+        return "flag --" + field.replace("_", "-")
+    if field in env:
+        return "env " + env_name(field)
+    if field in file_values:
+        return f"config file {path}"
+    return "default"
+
+
+def load_settings(flags: dict[str, Any] | None = None) -> LoadedSettings:
+    """Build Settings from all sources; raise ConfigError naming the bad setting and its source."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    path = config_path()
+    file_values = read_config_file(path)
+    env = _env_values()
+    try:
+        settings = Settings(**flags)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        source = _source_label(field, flags, env, file_values, path)
+        value = err.get("input")
+        shown = "***" if field in SECRET_FIELDS else repr(value)
+        raise ConfigError(f"invalid {field} = {shown} (from {source}): {err['msg']}") from None
+    sources = {name: _source_label(name, flags, env, file_values, path) for name in Settings.model_fields}
+    return LoadedSettings(settings, sources)
+
+
+def display_value(settings: Settings, field: str) -> str:
+    """A value as `config show` prints it: secrets masked, unset as '-'."""
+    value = getattr(settings, field)
+    if value is None:
+        return "-"
+    if isinstance(value, SecretStr):
+        secret = value.get_secret_value()
+        return "****" + secret[-4:] if len(secret) > 8 else "****"
+    if isinstance(value, Enum):
+        return str(value.value)
+    return str(value)
