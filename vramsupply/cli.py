@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 import typer
@@ -22,6 +23,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+service_app = typer.Typer(help="Run the agent as a systemd service.", no_args_is_help=True)
+app.add_typer(service_app, name="service")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -78,6 +81,64 @@ def login(
     path = config_path()
     write_config_values(path, {"api_key": key})
     console.print(f"API key saved to {path} (mode 0600).")
+
+
+USER_UNIT_OPTION = typer.Option(False, "--user", help="The per-user service (systemctl --user) instead of the system one.")
+UNIT_DIR_OPTION = typer.Option(None, "--unit-dir", help="Directory for the unit file (default: systemd's own).")
+ENV_FILE_OPTION = typer.Option(None, "--env-file", help="Settings file the unit reads (default: /etc/vramsupply/env; with --user ~/.config/vramsupply/env).")
+
+
+@service_app.command("install")
+def service_install(user: bool = USER_UNIT_OPTION, unit_dir: Optional[Path] = UNIT_DIR_OPTION, env_file: Optional[Path] = ENV_FILE_OPTION) -> None:
+    """Write the systemd unit and an env file (0600) from the current settings, then enable and start it."""
+    from vramsupply.service.installer import ServiceError, install, service_target
+
+    try:
+        install(service_target(user, unit_dir, env_file), typer.echo)
+    except ServiceError as exc:
+        fail(str(exc))
+
+
+@service_app.command("uninstall")
+def service_uninstall(
+    user: bool = USER_UNIT_OPTION,
+    unit_dir: Optional[Path] = UNIT_DIR_OPTION,
+    env_file: Optional[Path] = ENV_FILE_OPTION,
+    purge: bool = typer.Option(False, "--purge", help="Also remove the env file with your settings."),
+) -> None:
+    """Stop and disable the service and remove its unit (the env file stays unless --purge)."""
+    from vramsupply.service.installer import ServiceError, service_target, uninstall
+
+    try:
+        uninstall(service_target(user, unit_dir, env_file), purge, typer.echo)
+    except ServiceError as exc:
+        fail(str(exc))
+
+
+@service_app.command("status")
+def service_status(user: bool = USER_UNIT_OPTION) -> None:
+    """Show the service's state (systemctl status)."""
+    from vramsupply.service.installer import ServiceError, passthrough, service_target, status_command
+
+    try:
+        raise typer.Exit(passthrough(status_command(service_target(user))))
+    except ServiceError as exc:
+        fail(str(exc))
+
+
+@service_app.command("logs")
+def service_logs(
+    user: bool = USER_UNIT_OPTION,
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+    lines: Optional[int] = typer.Option(None, "--lines", "-n", min=0, help="Show only the last N lines."),
+) -> None:
+    """Show the service's log (journalctl)."""
+    from vramsupply.service.installer import ServiceError, logs_command, passthrough, service_target
+
+    try:
+        raise typer.Exit(passthrough(logs_command(service_target(user), follow, lines)))
+    except ServiceError as exc:
+        fail(str(exc))
 
 
 def main() -> None:

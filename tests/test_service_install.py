@@ -1,0 +1,247 @@
+"""`vramsupply service install/uninstall/status/logs` as a provider runs them, on hosts with and without systemd.
+
+systemctl, journalctl and useradd are small recording scripts on PATH where a test needs systemd
+"running" (nothing here may touch the real service manager or user database); the unit itself is
+checked by the real `systemd-analyze verify`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dotenv import dotenv_values
+
+from conftest import run_cli
+from vramsupply.config import write_config_values
+from vramsupply.service.installer import useradd_command
+
+VENV_AGENT = Path(sys.executable).absolute().parent / "vramsupply"
+
+
+def fake_tools(tmp_path: Path, state: str) -> tuple[Path, Path]:
+    """A bin dir whose systemctl reports `state`; every call of the tools is appended to a log."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.log"
+    for tool in ("systemctl", "journalctl", "useradd"):
+        script = bin_dir / tool
+        script.write_text(
+            "#!/bin/sh\n"
+            f"printf '%s\\n' \"{tool} $*\" >> '{calls}'\n"
+            f"case \"$*\" in *is-system-running*) echo {state} ;; esac\n"
+        )
+        script.chmod(0o755)
+    return bin_dir, calls
+
+
+def logged_calls(calls: Path) -> list[str]:
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def verify(unit: Path, user: bool, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    return subprocess.run(
+        ["systemd-analyze", *(["--user"] if user else []), "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+    )
+
+
+def unit_values(unit: Path) -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            values.setdefault(key, []).append(value)
+    return values
+
+
+def test_user_install_without_systemd_prints_the_exact_commands(tmp_path: Path, isolated_env: Path) -> None:
+    empty_path = tmp_path / "no-systemd"
+    empty_path.mkdir()
+    result = run_cli("service", "install", "--user", env={"PATH": str(empty_path), "VRAM_SUPPLY_MODEL": "qwen/qwen3.5-9b"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "systemd is not running here; to start the service, run:\n" in result.stdout
+    assert result.stdout.endswith(
+        "  systemctl --user daemon-reload\n"
+        "  systemctl --user enable vramsupply.service\n"
+        "  systemctl --user restart --no-block vramsupply.service\n"
+    )
+    unit = isolated_env / ".config" / "systemd" / "user" / "vramsupply.service"
+    env_file = isolated_env / ".config" / "vramsupply" / "env"
+    values = unit_values(unit)
+    assert values["ExecStart"] == [f"{VENV_AGENT} serve"]
+    assert values["EnvironmentFile"] == [str(env_file)]
+    assert values["WantedBy"] == ["default.target"]
+    assert "User" not in values
+    checked = verify(unit, user=True, tmp_path=tmp_path)
+    assert (checked.returncode, checked.stderr) == (0, "")
+
+
+def test_system_unit_is_hardened_without_hiding_the_gpu_and_passes_systemd_analyze(tmp_path: Path) -> None:
+    bin_dir, calls = fake_tools(tmp_path, state="offline")
+    cache = tmp_path / "models"
+    result = run_cli(
+        "service", "install", "--unit-dir", str(tmp_path / "units"), "--env-file", str(tmp_path / "etc" / "env"),
+        env={"PATH": str(bin_dir), "VRAM_SUPPLY_DRAIN_TIMEOUT": "45", "VRAM_SUPPLY_CACHE_DIR": str(cache)},
+    )
+    assert result.returncode == 0, result.stderr
+    unit = tmp_path / "units" / "vramsupply.service"
+    values = unit_values(unit)
+    assert values["Type"] == ["notify"]
+    assert values["NotifyAccess"] == ["main"]
+    assert values["ExecStart"] == [f"{VENV_AGENT} serve"]
+    assert values["EnvironmentFile"] == [str(tmp_path / "etc" / "env")]
+    assert values["Restart"] == ["on-failure"]
+    assert int(values["TimeoutStopSec"][0]) > 45
+    assert int(values["WatchdogSec"][0]) > 0
+    assert values["After"] == values["Wants"] == ["network-online.target"]
+    assert values["User"] == values["Group"] == ["vramsupply"]
+    assert set(values.get("SupplementaryGroups", [""])[0].split()) <= {"render", "video"}
+    assert values["NoNewPrivileges"] == values["PrivateTmp"] == ["yes"]
+    assert values["ProtectSystem"] == ["strict"]
+    assert values["ReadWritePaths"] == [str(cache)]
+    assert "PrivateDevices" not in values and "DevicePolicy" not in values
+    assert values["WantedBy"] == ["multi-user.target"]
+    assert cache.is_dir()
+    # The account is created (as root) or its creation spelled out (otherwise), never skipped silently.
+    assert shlex.join(useradd_command()) in result.stdout
+    if os.geteuid() == 0:
+        assert logged_calls(calls) == [" ".join(useradd_command()), "systemctl is-system-running"]
+    checked = verify(unit, user=False, tmp_path=tmp_path)
+    assert (checked.returncode, checked.stderr) == (0, "")
+
+
+def test_env_file_holds_exactly_the_non_default_settings_mode_0600(tmp_path: Path, config_file: Path) -> None:
+    write_config_values(config_file, {"output_price": 250, "api_key": "sk-live-from-login-1234"})
+    env_file = tmp_path / "service.env"
+    result = run_cli(
+        "service", "install", "--user", "--unit-dir", str(tmp_path / "units"), "--env-file", str(env_file),
+        env={
+            "PATH": str(tmp_path),
+            "VRAM_SUPPLY_MODEL": "qwen/qwen3.5-9b",
+            "VRAM_SUPPLY_INPUT_PRICE": "120",
+            "VRAM_SUPPLY_PORT": "8080",  # the default: not written
+            "VRAM_SUPPLY_NO_REGISTER": "1",
+            "VRAM_SUPPLY_ENDPOINT_TOKEN": 'tok"with\\quotes$and-dollar',
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert dict(dotenv_values(env_file, interpolate=False)) == {
+        "VRAM_SUPPLY_MODEL": "qwen/qwen3.5-9b",
+        "VRAM_SUPPLY_ENDPOINT_TOKEN": 'tok"with\\quotes$and-dollar',
+        "VRAM_SUPPLY_API_KEY": "sk-live-from-login-1234",
+        "VRAM_SUPPLY_INPUT_PRICE": "120",
+        "VRAM_SUPPLY_OUTPUT_PRICE": "250",
+        "VRAM_SUPPLY_NO_REGISTER": "true",
+    }
+    unit_text = (tmp_path / "units" / "vramsupply.service").read_text()
+    for secret in ("sk-live-from-login-1234", 'tok"with\\quotes$and-dollar'):
+        assert secret not in unit_text
+        assert secret not in result.stdout + result.stderr
+
+
+def test_reinstall_from_a_bare_shell_keeps_the_settings_already_in_the_env_file(tmp_path: Path) -> None:
+    env_file = tmp_path / "service.env"
+    common = ("service", "install", "--user", "--unit-dir", str(tmp_path / "units"), "--env-file", str(env_file))
+    first = run_cli(*common, env={"PATH": str(tmp_path), "VRAM_SUPPLY_MODEL": "./my model.gguf", "VRAM_SUPPLY_PARALLEL": "8"})
+    assert first.returncode == 0, first.stderr
+    again = run_cli(*common, env={"PATH": str(tmp_path), "VRAM_SUPPLY_PARALLEL": "2"})
+    assert again.returncode == 0, again.stderr
+    assert dict(dotenv_values(env_file, interpolate=False)) == {"VRAM_SUPPLY_MODEL": "./my model.gguf", "VRAM_SUPPLY_PARALLEL": "2"}
+
+
+def test_a_local_model_file_is_written_as_an_absolute_path(tmp_path: Path) -> None:
+    model = tmp_path / "tiny.gguf"
+    model.write_bytes(b"GGUF")
+    env_file = tmp_path / "service.env"
+    result = subprocess.run(
+        [sys.executable, "-m", "vramsupply", "service", "install", "--user", "--unit-dir", "units", "--env-file", str(env_file)],
+        capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "PATH": str(tmp_path), "VRAM_SUPPLY_MODEL": "tiny.gguf"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert dotenv_values(env_file)["VRAM_SUPPLY_MODEL"] == str(model)
+    assert (tmp_path / "units" / "vramsupply.service").exists()
+
+
+def test_a_bad_value_in_the_existing_env_file_is_one_readable_line(tmp_path: Path) -> None:
+    env_file = tmp_path / "service.env"
+    env_file.write_text("VRAM_SUPPLY_PARALLEL=many\n")
+    result = run_cli("service", "install", "--user", "--unit-dir", str(tmp_path), "--env-file", str(env_file), env={"PATH": str(tmp_path)})
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"error: invalid VRAM_SUPPLY_PARALLEL in {env_file}")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_with_systemd_running_install_enables_and_starts_then_uninstall_stops(tmp_path: Path) -> None:
+    bin_dir, calls = fake_tools(tmp_path, state="degraded")
+    places = ("--user", "--unit-dir", str(tmp_path / "units"), "--env-file", str(tmp_path / "env"))
+    installed = run_cli("service", "install", *places, env={"PATH": str(bin_dir)})
+    assert installed.returncode == 0, installed.stderr
+    assert logged_calls(calls) == [
+        "systemctl --user is-system-running",
+        "systemctl --user daemon-reload",
+        "systemctl --user enable vramsupply.service",
+        "systemctl --user restart --no-block vramsupply.service",
+    ]
+    assert "follow it with: vramsupply service logs --user -f" in installed.stdout
+
+    calls.unlink()
+    removed = run_cli("service", "uninstall", *places, env={"PATH": str(bin_dir)})
+    assert removed.returncode == 0, removed.stderr
+    assert logged_calls(calls) == [
+        "systemctl --user is-system-running",
+        "systemctl --user disable --now vramsupply.service",
+        "systemctl --user daemon-reload",
+    ]
+    assert not (tmp_path / "units" / "vramsupply.service").exists()
+    assert (tmp_path / "env").exists()
+    assert "use --purge to remove them too" in removed.stdout
+
+    purged = run_cli("service", "uninstall", "--purge", *places, env={"PATH": str(bin_dir)})
+    assert purged.returncode == 0, purged.stderr
+    assert not (tmp_path / "env").exists()
+
+
+def test_a_failing_systemctl_is_reported_in_one_line(tmp_path: Path) -> None:
+    bin_dir, _ = fake_tools(tmp_path, state="running")
+    (bin_dir / "systemctl").write_text(
+        "#!/bin/sh\ncase \"$*\" in *is-system-running*) echo running ;; *) echo 'Access denied' >&2; exit 1 ;; esac\n"
+    )
+    result = run_cli("service", "install", "--user", "--unit-dir", str(tmp_path / "u"), "--env-file", str(tmp_path / "e"), env={"PATH": str(bin_dir)})
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: systemctl --user daemon-reload failed: Access denied"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("status",), "systemctl status vramsupply.service"),
+        (("status", "--user"), "systemctl --user status vramsupply.service"),
+        (("logs",), "journalctl --unit vramsupply.service"),
+        (("logs", "--user", "-f", "-n", "50"), "journalctl --user-unit vramsupply.service --follow --lines=50"),
+    ],
+)
+def test_status_and_logs_wrap_systemctl_and_journalctl(tmp_path: Path, args: tuple[str, ...], expected: str) -> None:
+    bin_dir, calls = fake_tools(tmp_path, state="running")
+    result = run_cli("service", *args, env={"PATH": str(bin_dir)})
+    assert result.returncode == 0, result.stderr
+    assert logged_calls(calls) == [expected]
+
+
+def test_status_without_systemd_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli("service", "status", env={"PATH": str(tmp_path)})
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: systemctl not found: this system does not run systemd"

@@ -1,0 +1,101 @@
+"""Logging for a process that may run for weeks under systemd.
+
+One line per event (journald stores each line as its own entry, so a traceback is folded onto its
+event's line), colour only on a terminal, and a filter that masks every registered secret, so an
+API key or endpoint token that ends up in a message, argument or exception never reaches a log.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Iterable
+
+from pydantic import SecretStr
+from rich.console import Console
+from rich.logging import RichHandler
+
+MASK = "****"
+PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def interactive() -> bool:
+    """Colour and progress bars only for a person at a terminal, never for journald or a pipe."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+class SecretMaskFilter(logging.Filter):
+    """Replaces secret values in the rendered message, exception text and stack with ``****``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._secrets: tuple[str, ...] = ()
+        self._lock = threading.Lock()
+
+    def add(self, secret: str) -> None:
+        if not secret:
+            return
+        with self._lock:
+            # Longest first, so a secret that contains another is masked whole.
+            self._secrets = tuple(sorted({*self._secrets, secret}, key=len, reverse=True))
+
+    def mask(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._secrets:
+            return True
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = f"{record.msg} {record.args}"  # a malformed call still gets logged, masked
+        record.msg = self.mask(message)
+        record.args = None
+        if record.exc_info:
+            record.exc_text = self.mask(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = self.mask(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.mask(record.stack_info)
+        return True
+
+
+class OneLineFormatter(logging.Formatter):
+    """Folds multi-line messages and tracebacks onto one line, joined by `` | ``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " | ".join(line for line in super().format(record).splitlines() if line.strip())
+
+
+secret_filter = SecretMaskFilter()
+
+
+def register_secret(secret: str | SecretStr | None) -> None:
+    """Mask this value in every log line from now on (e.g. a generated endpoint token)."""
+    if isinstance(secret, SecretStr):
+        secret = secret.get_secret_value()
+    if secret:
+        secret_filter.add(secret)
+
+
+def configure_logging(level: str, secrets: Iterable[str | SecretStr | None] = ()) -> None:
+    """Install the agent's single log handler on the root logger (stderr), replacing any earlier one."""
+    for secret in secrets:
+        register_secret(secret)
+    handler: logging.Handler
+    if interactive():
+        handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(OneLineFormatter(PLAIN_FORMAT))
+    handler.addFilter(secret_filter)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if secret_filter in h.filters]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
