@@ -1,0 +1,33 @@
+"""The inference engine: llama.cpp with continuous batching across parallel slots.
+
+Knows nothing of HTTP. ``Engine.load`` a GGUF, ``submit`` a ``GenerationRequest`` from an asyncio
+loop and iterate the returned ``Generation`` for text deltas.
+"""
+
+from .engine import Engine
+from .generation import Generation
+from .types import (
+    ContextOverflow,
+    EngineClosed,
+    EngineError,
+    EngineOptions,
+    EngineStats,
+    GenerationRequest,
+    Overloaded,
+    SamplingParams,
+    Usage,
+)
+
+__all__ = [
+    "ContextOverflow",
+    "Engine",
+    "EngineClosed",
+    "EngineError",
+    "EngineOptions",
+    "EngineStats",
+    "Generation",
+    "GenerationRequest",
+    "Overloaded",
+    "SamplingParams",
+    "Usage",
+]

@@ -1,0 +1,151 @@
+"""``Engine``: the facade the server talks to. Loads the model, validates requests, owns the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from llama_cpp._internals import LlamaContext
+
+from .chat import ChatTemplate
+from .generation import Channel, Generation
+from .model import Model, create_context
+from .sampling import build_sampler
+from .scheduler import Scheduler
+from .slots import Task
+from .types import ContextOverflow, EngineClosed, EngineOptions, EngineStats, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """A loaded model serving many concurrent generations through continuous batching."""
+
+    def __init__(
+        self, options: EngineOptions, model: Model, context: LlamaContext, scheduler: Scheduler, n_ctx: int, n_batch: int
+    ) -> None:
+        self.options = options
+        self.model_name = model.name
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self._model = model
+        self._context = context
+        self._scheduler = scheduler
+        self._chat = ChatTemplate(model.chat_template, model.bos_text, model.eos_text)
+
+    @classmethod
+    def load(cls, options: EngineOptions) -> Engine:
+        """Load the GGUF and start the scheduler thread. Blocking: call via ``asyncio.to_thread``."""
+        model = Model.load(options.model_path, options.n_gpu_layers)
+        try:
+            context = create_context(model, options)
+            # llama.cpp rounds per-sequence context up to a multiple of 256 and never gives less
+            # than asked; enforce exactly what was configured (and offered to the market).
+            n_ctx = min(options.n_ctx, llama_cpp.llama_n_ctx_seq(context.ctx))
+            n_batch = llama_cpp.llama_n_batch(context.ctx)
+            scheduler = Scheduler(model, context, n_ctx, options.parallel, n_batch, options.max_queue)
+        except BaseException:
+            model.close()
+            raise
+        engine = cls(options, model, context, scheduler, n_ctx, n_batch)
+        scheduler.start()
+        log.info(
+            "loaded %s: %d slots x %d tokens, n_batch %d, GPU offload %s",
+            model.name,
+            options.parallel,
+            n_ctx,
+            n_batch,
+            "available" if llama_cpp.llama_supports_gpu_offload() else "unavailable",
+        )
+        return engine
+
+    @property
+    def parallel(self) -> int:
+        return self.options.parallel
+
+    @property
+    def chat_template_is_fallback(self) -> bool:
+        """True when the model has no usable chat template and ChatML is used instead."""
+        return self._chat.is_fallback
+
+    @property
+    def chat_stop(self) -> tuple[str, ...]:
+        """Stop strings chat requests should add: ("<|im_end|>",) with the fallback, else ()."""
+        return self._chat.stop
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        self._ensure_open()
+        return self._model.tokenize(text, add_special)
+
+    def tokenize_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Render messages with the chat template and tokenize them; ValueError on bad messages."""
+        self._ensure_open()
+        prompt = self._chat.render(messages)
+        # Most templates write the BOS text themselves; only add it when the template did not.
+        has_bos = bool(self._model.bos_text) and prompt.startswith(self._model.bos_text)
+        return self._model.tokenize(prompt, add_special=not has_bos)
+
+    def submit(self, request: GenerationRequest) -> Generation:
+        """Start a generation. Call from the event loop that will iterate it.
+
+        Raises before any work: ValueError for an invalid request, ContextOverflow when it cannot
+        fit in one slot, Overloaded when the waiting queue is full, EngineClosed after close().
+        """
+        loop = asyncio.get_running_loop()
+        self._ensure_open()
+        prompt = self._validated_prompt(request.prompt)
+        if len(prompt) >= self.n_ctx:
+            raise ContextOverflow(len(prompt), request.max_tokens, self.n_ctx)
+        if request.max_tokens is not None and len(prompt) + request.max_tokens > self.n_ctx:
+            raise ContextOverflow(len(prompt), request.max_tokens, self.n_ctx)
+        room = self.n_ctx - len(prompt)
+        max_completion = room if request.max_tokens is None else request.max_tokens
+        sampler = build_sampler(request.sampling, self._model, prompt, request.ignore_eos)
+        request_id = uuid.uuid4().hex
+        channel = Channel(loop)
+        task = Task(request_id, prompt, sampler, max_completion, tuple(request.stop), channel)
+        try:
+            self._scheduler.submit(task)
+        except BaseException:
+            sampler.close()
+            raise
+        return Generation(request_id, channel, self._scheduler.cancel)
+
+    def stats(self) -> EngineStats:
+        return self._scheduler.stats()
+
+    def close(self) -> None:
+        """Stop the scheduler, fail pending generations with EngineClosed, free llama.cpp memory."""
+        if self._model is None:
+            return
+        self._scheduler.stop()
+        self._context.close()
+        self._model.close()
+        self._model = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _ensure_open(self) -> None:
+        if self._model is None or self._scheduler.closed:
+            raise EngineClosed("the engine is closed")
+
+    def _validated_prompt(self, prompt: Any) -> np.ndarray:
+        try:
+            tokens = np.asarray(prompt)
+        except (TypeError, ValueError):
+            raise ValueError("the prompt must be a list of token ids") from None
+        if tokens.ndim != 1 or len(tokens) == 0 or tokens.dtype.kind not in "iu":
+            raise ValueError("the prompt must be a non-empty list of integer token ids")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self._model.n_vocab:
+            bad = low if low < 0 else high
+            raise ValueError(f"prompt token {bad} is not in the vocabulary (size {self._model.n_vocab})")
+        return tokens.astype(np.int32)

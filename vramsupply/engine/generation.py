@@ -1,0 +1,137 @@
+"""The asyncio side of a request: a ``Generation`` is an async iterator of text deltas.
+
+The scheduler thread never touches a ``Generation``. It holds only the ``Channel`` and, once per
+decode step, schedules ``deliver`` on each consumer loop with that step's events, so a consumer
+wakes at most once per step however many tokens or requests are involved. Because the scheduler
+holds no reference to the ``Generation`` itself, dropping one unfinished (a client that went away)
+lets it be garbage-collected, which cancels the request and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .types import EngineError, Usage
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How a request ended: a finish reason and usage, or an error."""
+
+    reason: str | None
+    usage: Usage | None
+    error: EngineError | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """What one decode step produced for one request."""
+
+    channel: Channel
+    text: str
+    token: int | None
+    finish: Finish | None
+
+
+class Channel:
+    """Loop-side buffer of one request's output; only the consumer loop's thread touches it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: deque[str] = deque()
+        self.token_ids: list[int] = []
+        self.finish: Finish | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def push(self, event: Event) -> None:
+        if event.text:
+            self.pending.append(event.text)
+        if event.token is not None:
+            self.token_ids.append(event.token)
+        if event.finish is not None:
+            self.finish = event.finish
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self) -> None:
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+
+def deliver(events: list[Event]) -> None:
+    """Runs on a consumer loop (via ``call_soon_threadsafe``) with one step's events for it."""
+    for event in events:
+        event.channel.push(event)
+
+
+class Generation:
+    """One submitted request. Iterate it for non-empty text deltas; stop strings never appear.
+
+    ``finish_reason`` ("stop", "length" or "cancelled") and ``usage`` are set once the request
+    has ended; iteration then finishes, or raises the ``EngineError`` that ended it.
+    """
+
+    def __init__(self, request_id: str, channel: Channel, request_cancel: Callable[[str], None]) -> None:
+        self.id = request_id
+        self._channel = channel
+        self._request_cancel = request_cancel
+        self._cancel_requested = False
+
+    @property
+    def finish_reason(self) -> str | None:
+        finish = self._channel.finish
+        return finish.reason if finish else None
+
+    @property
+    def usage(self) -> Usage | None:
+        finish = self._channel.finish
+        return finish.usage if finish else None
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Completion token ids received so far (no EOG token; tokens holding a stop string included)."""
+        return list(self._channel.token_ids)
+
+    @property
+    def done(self) -> bool:
+        return self._channel.finish is not None
+
+    def cancel(self) -> None:
+        """Ask the scheduler to stop this request; its slot is freed at the next step. Thread-safe."""
+        if not self._cancel_requested and self._channel.finish is None:
+            self._cancel_requested = True
+            self._request_cancel(self.id)
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> str:
+        channel = self._channel
+        while True:
+            if channel.pending:
+                text = "".join(channel.pending)
+                channel.pending.clear()
+                return text
+            if channel.finish is not None:
+                if channel.finish.error is not None:
+                    raise channel.finish.error
+                raise StopAsyncIteration
+            await channel.wait()
+
+    async def aclose(self) -> None:
+        """Closing the iterator early (e.g. through ``contextlib.aclosing``) cancels the request."""
+        self.cancel()
+
+    async def collect(self) -> str:
+        """The whole completion text, for callers that do not stream."""
+        return "".join([delta async for delta in self])
+
+    def __del__(self) -> None:
+        if self._channel.finish is None:
+            self.cancel()

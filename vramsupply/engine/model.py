@@ -1,0 +1,166 @@
+"""Loading a GGUF into llama.cpp and everything that needs only the vocabulary.
+
+Tokenizing, token pieces and model metadata are read-only uses of the model, safe to call from the
+asyncio thread while the scheduler thread decodes (llama-server tokenizes in its HTTP threads too).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import llama_cpp
+from llama_cpp._internals import LlamaContext, LlamaModel
+
+from .types import EngineError, EngineOptions
+
+log = logging.getLogger(__name__)
+llama_log = logging.getLogger("vramsupply.llama")
+
+ALL_LAYERS = 0x7FFFFFFF
+_FLASH_ATTENTION = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+# ggml_log_level (NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5) -> logging level.
+# llama.cpp's INFO lines are load-time chatter, so they go to DEBUG.
+_LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_GGML_LOG_LEVEL_CONT = 5
+_last_log_level = logging.DEBUG
+
+
+@llama_cpp.llama_log_callback
+def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    """Send llama.cpp's log lines to Python logging instead of letting them spray stderr."""
+    global _last_log_level
+    python_level = _last_log_level if level == _GGML_LOG_LEVEL_CONT else _LOG_LEVELS.get(level, logging.DEBUG)
+    _last_log_level = python_level
+    if llama_log.isEnabledFor(python_level):
+        message = text.decode("utf-8", errors="replace").rstrip()
+        if message:
+            llama_log.log(python_level, "%s", message)
+
+
+def route_llama_logs() -> None:
+    llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
+
+
+class Model:
+    """A loaded GGUF: vocabulary helpers plus the llama_model handle the context is built on."""
+
+    def __init__(self, llama_model: LlamaModel, path: Path) -> None:
+        self.llama_model = llama_model
+        self.vocab = llama_model.vocab
+        self.n_vocab = llama_model.n_vocab()
+        self.name = self.metadata_value("general.name") or path.stem
+        self.chat_template = self.metadata_value("tokenizer.chat_template")
+        self.bos_text = self._special_text(llama_model.token_bos())
+        self.eos_text = self._special_text(llama_model.token_eos())
+        self.eog_tokens = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
+        self._pieces: dict[int, bytes] = {}
+
+    @classmethod
+    def load(cls, path: Path, n_gpu_layers: int) -> Model:
+        if not path.is_file():
+            raise EngineError(f"model file not found: {path}")
+        route_llama_logs()
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = resolve_gpu_layers(n_gpu_layers)
+        try:
+            llama_model = LlamaModel(path_model=str(path), params=params, verbose=False)
+        except ValueError:
+            raise EngineError(f"llama.cpp could not load {path} (not a GGUF model it supports?)") from None
+        return cls(llama_model, path)
+
+    def close(self) -> None:
+        self.llama_model.close()
+
+    def metadata_value(self, key: str) -> str | None:
+        size = llama_cpp.llama_model_meta_val_str(self.llama_model.model, key.encode(), None, 0)
+        if size < 0:
+            return None
+        buffer = ctypes.create_string_buffer(size + 1)
+        llama_cpp.llama_model_meta_val_str(self.llama_model.model, key.encode(), buffer, size + 1)
+        return buffer.value.decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """Tokenize with special-token parsing on, as llama-server does for prompts."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        for _ in range(2):
+            tokens = (llama_cpp.llama_token * capacity)()
+            count = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, True)
+            if count >= 0:
+                return tokens[:count]
+            capacity = -count
+        raise EngineError(f"llama.cpp could not tokenize a text of {len(data)} bytes")
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a generated token stands for; control tokens render as nothing."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            cached = self._pieces[token] = self._render_piece(token)
+        return cached
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def _render_piece(self, token: int) -> bytes:
+        capacity = 64
+        for _ in range(2):
+            buffer = ctypes.create_string_buffer(capacity)
+            length = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, capacity, 0, False)
+            if length >= 0:
+                return buffer.raw[:length]
+            capacity = -length
+        raise EngineError(f"llama.cpp could not render token {token}")
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
+
+
+def resolve_gpu_layers(n_gpu_layers: int) -> int:
+    """-1 means every layer on the GPU, but only when this llama.cpp build has a GPU backend."""
+    if n_gpu_layers != -1:
+        return n_gpu_layers
+    return ALL_LAYERS if llama_cpp.llama_supports_gpu_offload() else 0
+
+
+def create_context(model: Model, options: EngineOptions) -> LlamaContext:
+    """One context with a separate KV stream per slot, each large enough for a full request.
+
+    ``kv_unified=False`` keeps attention of one slot from scanning the others' cells
+    (llama.cpp PR #14363), and sizing the total as ``n_ctx * parallel`` means no slot can ever
+    run out of KV space while others are busy.
+    """
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = options.n_ctx * options.parallel
+    params.n_seq_max = options.parallel
+    params.kv_unified = False
+    params.n_batch = options.n_batch
+    params.n_ubatch = min(options.n_ubatch, options.n_batch)
+    params.flash_attn_type = _FLASH_ATTENTION[str(getattr(options.flash_attention, "value", options.flash_attention))]
+    if options.threads is not None:
+        params.n_threads = options.threads
+        params.n_threads_batch = options.threads
+    try:
+        context = LlamaContext(model=model.llama_model, params=params, verbose=False)
+    except ValueError:
+        raise EngineError(
+            f"llama.cpp could not create a context of {options.n_ctx} tokens x {options.parallel} slots "
+            "(out of memory? try a smaller context_length or parallel)"
+        ) from None
+    log.debug(
+        "context: n_ctx=%d n_ctx_seq=%d n_seq_max=%d n_batch=%d n_ubatch=%d",
+        llama_cpp.llama_n_ctx(context.ctx),
+        llama_cpp.llama_n_ctx_seq(context.ctx),
+        llama_cpp.llama_n_seq_max(context.ctx),
+        llama_cpp.llama_n_batch(context.ctx),
+        llama_cpp.llama_n_ubatch(context.ctx),
+    )
+    return context

@@ -1,0 +1,320 @@
+"""The decode loop: one thread that owns the llama context and runs every request.
+
+Modelled on llama-server's ``update_slots``. Each step:
+
+1. drain the inbox (submits and cancels posted from any thread) and admit waiting requests, FIFO,
+   into idle slots, reusing each slot's cached prompt prefix;
+2. build ONE batch: the next token of every generating slot first (so generation never starves),
+   then prompt chunks of slots still prefilling, up to ``n_batch`` rows;
+3. call ``llama_decode`` once (it releases the GIL), sample every slot that has a logits row with
+   its own sampler chain, and turn tokens into text deltas;
+4. hand the step's events to each consumer event loop with a single ``call_soon_threadsafe``.
+
+When no request is active the thread blocks on the inbox, so an idle engine costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from itertools import count
+
+import llama_cpp
+from llama_cpp._internals import LlamaContext
+
+from .batch import Batch
+from .generation import Event, Finish, deliver
+from .model import Model
+from .slots import Slot, Task
+from .types import EngineClosed, EngineError, EngineStats, Overloaded, Usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Submit:
+    task: Task
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    task_id: str
+
+
+class _Stop:
+    pass
+
+
+_STOP = _Stop()
+
+
+class Scheduler:
+    """Owns the context, the slots and the waiting queue; everything public is thread-safe."""
+
+    def __init__(self, model: Model, context: LlamaContext, n_ctx: int, parallel: int, n_batch: int, max_queue: int) -> None:
+        self._model = model
+        self._ctx = context.ctx
+        self._memory = context.memory
+        self._slots = [Slot(seq_id, n_ctx) for seq_id in range(parallel)]
+        self._batch = Batch(n_batch)
+        self._capacity = parallel + max_queue
+        self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Stop] = queue.SimpleQueue()
+        self._waiting: deque[Task] = deque()
+        self._events: list[Event] = []
+        self._clock = count(1)
+        self._stopping = False
+        # Shared with other threads, guarded by _lock.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._outstanding = 0
+        self._busy = 0
+        self._prompt_tokens_total = 0
+        self._completion_tokens_total = 0
+        self._cached_tokens_total = 0
+        self._requests_total = 0
+        self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ---- any thread -------------------------------------------------------------------------
+
+    def submit(self, task: Task) -> None:
+        """Queue a task, or raise EngineClosed / Overloaded without queueing it."""
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            if self._outstanding >= self._capacity:
+                waiting = self._outstanding - self._busy
+                raise Overloaded(f"all {len(self._slots)} slots are busy and {waiting} requests are already waiting")
+            self._outstanding += 1
+            self._requests_total += 1
+            self._inbox.put(_Submit(task))
+
+    def cancel(self, task_id: str) -> None:
+        self._inbox.put(_Cancel(task_id))
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(
+                slots_total=len(self._slots),
+                slots_busy=self._busy,
+                queue_depth=self._outstanding - self._busy,
+                prompt_tokens_total=self._prompt_tokens_total,
+                completion_tokens_total=self._completion_tokens_total,
+                cached_tokens_total=self._cached_tokens_total,
+                requests_total=self._requests_total,
+            )
+
+    @property
+    def closed(self) -> bool:
+        with self._lock:
+            return self._closed
+
+    def stop(self) -> None:
+        """Fail every pending request with EngineClosed and end the thread (idempotent)."""
+        with self._lock:
+            already = self._closed
+            self._closed = True
+            if not already:
+                self._inbox.put(_STOP)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # ---- scheduler thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._serve_once():
+                pass
+        except Exception as exc:
+            log.exception("the scheduler thread failed")
+            with self._lock:
+                self._closed = True
+            self._drain_inbox()
+            self._fail_everything(EngineError(f"the inference engine failed: {exc}"))
+            self._flush_events()
+
+    def _serve_once(self) -> bool:
+        if not self._waiting and not self._active():
+            self._handle(self._inbox.get())
+        self._drain_inbox()
+        if self._stopping:
+            self._fail_everything(EngineClosed("the engine was closed before this request finished"))
+            self._flush_events()
+            return False
+        self._admit()
+        if self._active():
+            self._step()
+        self._flush_events()
+        return True
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(message)
+
+    def _handle(self, message: _Submit | _Cancel | _Stop) -> None:
+        if isinstance(message, _Submit):
+            self._waiting.append(message.task)
+        elif isinstance(message, _Cancel):
+            self._cancel(message.task_id)
+        else:
+            self._stopping = True
+
+    def _cancel(self, task_id: str) -> None:
+        for slot in self._slots:
+            if slot.task is not None and slot.task.id == task_id:
+                self._end_slot(slot, Finish("cancelled", self._usage(slot)))
+                return
+        for task in self._waiting:
+            if task.id == task_id:
+                self._waiting.remove(task)
+                self._end_waiting(task, Finish("cancelled", Usage(len(task.prompt), 0, 0)))
+                return
+
+    def _active(self) -> list[Slot]:
+        return [slot for slot in self._slots if slot.task is not None]
+
+    def _admit(self) -> None:
+        """Move waiting tasks, oldest first, into idle slots."""
+        while self._waiting:
+            idle = [slot for slot in self._slots if slot.task is None]
+            if not idle:
+                return
+            task = self._waiting.popleft()
+            slot, prefix = self._choose_slot(idle, task)
+            keep = min(prefix, len(task.prompt) - 1)
+            # Drop the slot's KV after the reused prefix. At least one prompt token is always
+            # decoded again, because sampling needs the logits of the last one.
+            if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
+                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+                keep = 0
+            slot.begin(task, keep, next(self._clock))
+            with self._lock:
+                self._busy += 1
+                self._prompt_tokens_total += len(task.prompt)
+                self._cached_tokens_total += keep
+
+    @staticmethod
+    def _choose_slot(idle: list[Slot], task: Task) -> tuple[Slot, int]:
+        """The idle slot sharing the longest prompt prefix; ties go to the least recently used."""
+        scored = [(slot.common_prefix(task.prompt), -slot.last_used, slot) for slot in idle]
+        prefix, _, slot = max(scored, key=lambda item: item[:2])
+        return slot, prefix
+
+    def _step(self) -> None:
+        batch = self._batch
+        batch.clear()
+        in_batch: list[Slot] = []
+        for slot in self._slots:
+            if slot.generating:
+                token = slot.next_token
+                slot.row = batch.add(token, slot.n_cached, slot.seq_id)
+                slot.record_one(token)
+                slot.next_token = None
+                in_batch.append(slot)
+        for slot in sorted((s for s in self._slots if s.prefilling), key=lambda s: s.started):
+            if batch.free == 0:
+                break
+            prompt = slot.task.prompt
+            start = slot.n_cached
+            chunk = prompt[start : start + batch.free]
+            finishes_prompt = start + len(chunk) == len(prompt)
+            row = batch.add_chunk(chunk, start, slot.seq_id, logits_for_last=finishes_prompt)
+            slot.record(chunk)
+            slot.row = row if finishes_prompt else -1
+            in_batch.append(slot)
+
+        status = llama_cpp.llama_decode(self._ctx, batch.for_decode())
+        if status != 0:
+            self._decode_failed(in_batch, status)
+            return
+        generated = 0
+        for slot in in_batch:
+            if slot.row >= 0:
+                token = llama_cpp.llama_sampler_sample(slot.task.sampler.sampler, self._ctx, slot.row)
+                slot.row = -1
+                generated += self._on_token(slot, token)
+        if generated:
+            with self._lock:
+                self._completion_tokens_total += generated
+
+    def _on_token(self, slot: Slot, token: int) -> int:
+        """Stream one sampled token; returns how many completion tokens it counts for (0 or 1)."""
+        task = slot.task
+        if token in self._model.eog_tokens:
+            self._end_slot(slot, Finish("stop", self._usage(slot)), text=slot.stream.finish())
+            return 0
+        slot.completion_tokens += 1
+        delta = slot.stream.push(self._model.piece(token))
+        if delta.stopped:
+            self._end_slot(slot, Finish("stop", self._usage(slot)), text=delta.text, token=token)
+        elif slot.completion_tokens >= task.max_completion:
+            text = delta.text + slot.stream.finish()
+            self._end_slot(slot, Finish("length", self._usage(slot)), text=text, token=token)
+        else:
+            slot.next_token = token
+            self._events.append(Event(task.channel, delta.text, token, None))
+        return 1
+
+    def _decode_failed(self, slots: list[Slot], status: int) -> None:
+        log.error("llama_decode failed with status %d; failing the %d requests in the batch", status, len(slots))
+        for slot in slots:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            slot.forget()
+            error = EngineError(f"llama.cpp failed to decode this request (status {status})")
+            self._end_slot(slot, Finish(None, self._usage(slot), error))
+
+    @staticmethod
+    def _usage(slot: Slot) -> Usage:
+        return Usage(len(slot.task.prompt), slot.completion_tokens, slot.cached_tokens)
+
+    def _end_slot(self, slot: Slot, finish: Finish, text: str = "", token: int | None = None) -> None:
+        task = slot.release(next(self._clock))
+        self._events.append(Event(task.channel, text, token, finish))
+        with self._lock:
+            self._busy -= 1
+            self._outstanding -= 1
+
+    def _end_waiting(self, task: Task, finish: Finish) -> None:
+        task.sampler.close()
+        self._events.append(Event(task.channel, "", None, finish))
+        with self._lock:
+            self._outstanding -= 1
+
+    def _fail_everything(self, error: EngineError) -> None:
+        for slot in self._active():
+            self._end_slot(slot, Finish(None, self._usage(slot), error))
+        while self._waiting:
+            task = self._waiting.popleft()
+            self._end_waiting(task, Finish(None, Usage(len(task.prompt), 0, 0), error))
+
+    def _flush_events(self) -> None:
+        """One ``call_soon_threadsafe`` per consumer loop per step, carrying all its events."""
+        if not self._events:
+            return
+        events, self._events = self._events, []
+        by_loop = defaultdict(list)
+        for event in events:
+            by_loop[event.channel.loop].append(event)
+        for loop, loop_events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(deliver, loop_events)
+            except RuntimeError:
+                self._abandon(loop)
+
+    def _abandon(self, loop: object) -> None:
+        """A consumer's event loop is closed: nobody can read its requests, so cancel them."""
+        for slot in self._active():
+            if slot.task.channel.loop is loop:
+                self._end_slot(slot, Finish("cancelled", self._usage(slot)))
+        for task in [t for t in self._waiting if t.channel.loop is loop]:
+            self._waiting.remove(task)
+            self._end_waiting(task, Finish("cancelled", Usage(len(task.prompt), 0, 0)))

@@ -1,0 +1,98 @@
+"""Scheduler-side state of one request (``Task``) and one KV sequence (``Slot``).
+
+Only the scheduler thread reads or writes these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from llama_cpp._internals import LlamaSampler
+
+from .generation import Channel
+from .text import TextStream
+
+
+@dataclass(eq=False)
+class Task:
+    """An admitted request: everything the scheduler needs, already validated."""
+
+    id: str
+    prompt: np.ndarray
+    sampler: LlamaSampler
+    max_completion: int
+    stop: tuple[str, ...]
+    channel: Channel
+
+
+class Slot:
+    """One llama.cpp sequence (``seq_id``) and the request currently running in it.
+
+    ``cached`` mirrors exactly the tokens whose KV the sequence holds, so a later request can
+    keep the longest common prefix and only decode the rest. A slot keeps its KV when its
+    request ends; the next request either reuses or overwrites it.
+    """
+
+    def __init__(self, seq_id: int, n_ctx: int) -> None:
+        self.seq_id = seq_id
+        self.cached = np.zeros(n_ctx, dtype=np.int32)
+        self.n_cached = 0
+        self.last_used = 0
+        self.started = 0
+        self.task: Task | None = None
+        self.stream: TextStream | None = None
+        self.next_token: int | None = None
+        self.row = -1
+        self.completion_tokens = 0
+        self.cached_tokens = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.task is not None and self.n_cached < len(self.task.prompt)
+
+    @property
+    def generating(self) -> bool:
+        return self.next_token is not None
+
+    def common_prefix(self, prompt: np.ndarray) -> int:
+        """Length of the longest prefix ``prompt`` shares with what this sequence holds."""
+        size = min(self.n_cached, len(prompt))
+        same = self.cached[:size] == prompt[:size]
+        return size if same.all() else int(np.argmin(same))
+
+    def begin(self, task: Task, keep: int, clock: int) -> None:
+        """Take ``task``, keeping the first ``keep`` cached tokens (the caller trimmed the KV)."""
+        self.task = task
+        self.n_cached = keep
+        self.cached_tokens = keep
+        self.completion_tokens = 0
+        self.stream = TextStream(task.stop)
+        self.next_token = None
+        self.row = -1
+        self.started = clock
+
+    def record(self, tokens: np.ndarray) -> None:
+        """Note tokens just placed in the batch for this sequence."""
+        end = self.n_cached + len(tokens)
+        self.cached[self.n_cached : end] = tokens
+        self.n_cached = end
+
+    def record_one(self, token: int) -> None:
+        self.cached[self.n_cached] = token
+        self.n_cached += 1
+
+    def forget(self) -> None:
+        """The KV was wiped (after a failed decode): nothing is reusable."""
+        self.n_cached = 0
+
+    def release(self, clock: int) -> Task:
+        task = self.task
+        assert task is not None
+        task.sampler.close()
+        self.task = None
+        self.stream = None
+        self.next_token = None
+        self.row = -1
+        self.last_used = clock
+        return task

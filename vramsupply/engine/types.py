@@ -1,0 +1,169 @@
+"""Public value types and errors of the engine: what the HTTP server and serve lifecycle code against.
+
+Every dataclass validates itself on construction so that bad input becomes a ``ValueError`` with a
+readable message long before anything reaches llama.cpp, where it could abort the whole process.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FLASH_ATTENTION_MODES = ("auto", "on", "off")
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises; the message is one readable line."""
+
+
+class Overloaded(EngineError):
+    """All slots are busy and the waiting queue is full (the HTTP layer answers 429)."""
+
+
+class EngineClosed(EngineError):
+    """The engine was closed: new requests are refused and pending ones fail with this."""
+
+
+class ContextOverflow(EngineError):
+    """The prompt, or the prompt plus ``max_tokens``, does not fit in one slot's context."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int | None, n_ctx: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.n_ctx = n_ctx
+        if max_tokens is None:
+            message = (
+                f"the prompt has {prompt_tokens} tokens but the context holds {n_ctx} "
+                f"(at most {n_ctx - 1} prompt tokens, leaving room for one generated token)"
+            )
+        else:
+            message = (
+                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
+                f"{prompt_tokens + max_tokens} tokens, more than the context of {n_ctx}"
+            )
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to load the model and size the scheduler; mirrors the engine rows of ``Settings``."""
+
+    model_path: Path
+    n_ctx: int = 4096
+    parallel: int = 4
+    n_gpu_layers: int = -1
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    flash_attention: str = "auto"
+    threads: int | None = None
+    max_queue: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.n_ctx >= 2, f"n_ctx must be at least 2, got {self.n_ctx}")
+        _require(self.parallel >= 1, f"parallel must be at least 1, got {self.parallel}")
+        _require(self.n_gpu_layers >= -1, f"n_gpu_layers must be -1 (all) or more, got {self.n_gpu_layers}")
+        _require(self.n_batch >= 1, f"n_batch must be at least 1, got {self.n_batch}")
+        _require(self.n_ubatch >= 1, f"n_ubatch must be at least 1, got {self.n_ubatch}")
+        # One decode step holds the next token of every generating slot, so it must fit them all.
+        _require(
+            self.n_batch >= self.parallel,
+            f"n_batch ({self.n_batch}) must be at least parallel ({self.parallel})",
+        )
+        _require(
+            str(getattr(self.flash_attention, "value", self.flash_attention)) in FLASH_ATTENTION_MODES,
+            f"flash_attention must be one of {', '.join(FLASH_ATTENTION_MODES)}, got {self.flash_attention!r}",
+        )
+        _require(self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}")
+        _require(self.max_queue >= 0, f"max_queue must be 0 or more, got {self.max_queue}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; each request gets its own llama.cpp sampler chain built from these."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _require(_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        _require(_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        _require(_finite(self.repeat_penalty) and self.repeat_penalty > 0, f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        _require(_finite(self.presence_penalty), f"presence_penalty must be a finite number, got {self.presence_penalty}")
+        _require(_finite(self.frequency_penalty), f"frequency_penalty must be a finite number, got {self.frequency_penalty}")
+        for token, bias in self.logit_bias.items():
+            _require(isinstance(token, int) and token >= 0, f"logit_bias keys must be token ids (ints >= 0), got {token!r}")
+            _require(not math.isnan(bias), f"logit_bias for token {token} is NaN")
+        _require(self.grammar is None or self.grammar.strip() != "", "grammar must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion: token ids in, text deltas out."""
+
+    prompt: Sequence[int]
+    sampling: SamplingParams = SamplingParams()
+    max_tokens: int | None = None
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        _require(len(self.prompt) > 0, "the prompt must contain at least one token")
+        _require(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}")
+        _require(not isinstance(self.stop, str), "stop must be a sequence of strings, not a single string")
+        _require(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Exact token accounting of one request; this is what buyers are billed for.
+
+    ``completion_tokens`` counts every token sampled for the request except an end-of-generation
+    token (EOS/EOT), which ends the request without being part of its output. Tokens whose text
+    contains a stop string are counted: the model generated them.
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A consistent snapshot of the scheduler, for /health, /metrics and heartbeats."""
+
+    slots_total: int
+    slots_busy: int
+    queue_depth: int
+    prompt_tokens_total: int
+    completion_tokens_total: int
+    cached_tokens_total: int
+    requests_total: int
