@@ -1,0 +1,607 @@
+#!/usr/bin/env python3
+"""Benchmark vramsupply's OpenAI endpoint against llama.cpp's llama-server and llama-cpp-python's server.
+
+Every server serves the same GGUF with the same slots, per-slot context and threads, one server at a
+time on this machine. The load is streaming POST /v1/completions (temperature 0, ignore_eos,
+max_tokens 128, a short prompt) at concurrency 1, 4 and 16 with 2×c requests per level and a new
+connection per request. Absolute numbers differ between machines and runs, so the targets are
+checked as ratios of numbers taken in this one run.
+
+Prepare with `bench/build_anchors.sh`, then run with the bench venv it creates:
+    bench/.cache/venv-llamacpp-server/bin/python bench/run.py            # full run, writes bench/results/
+    bench/.cache/venv-llamacpp-server/bin/python bench/run.py --quick    # smoke run, writes bench/.cache/quick/
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import psutil
+from gguf import GGUFReader
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / "bench" / ".cache"
+LLAMA_CPP_VERSION = importlib.metadata.version("llama-cpp-python")
+LLAMA_CPP_DIR = CACHE / f"llama_cpp_python-{LLAMA_CPP_VERSION}" / "vendor" / "llama.cpp"
+LLAMA_BIN = LLAMA_CPP_DIR / "build" / "bin"
+BENCH_MODEL = CACHE / "bench-llama-768x12-q8_0.gguf"
+TINY_MODEL = REPO / "vramsupply" / "assets" / "stories260K.gguf"
+PROMPTS = ("Once upon a time", "The little dog", "In a small town", "She opened the door")
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One run's knobs: the same values go to every server."""
+
+    models: tuple[Path, ...]
+    servers: tuple[str, ...]
+    concurrency: tuple[int, ...]
+    requests_per_slot: int
+    max_tokens: int
+    parallel: int
+    context_per_slot: int
+    threads: int
+    vramsupply_bin: Path
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to start one server under test, and what it understands."""
+
+    name: str
+    mode: str
+    ready_path: str
+    accepts_ignore_eos: bool
+    command: Callable[[BenchConfig, Path, int], list[str]]
+
+
+def vramsupply_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
+    return [
+        str(cfg.vramsupply_bin), "serve", "--model", str(model), "--parallel", str(cfg.parallel),
+        "--context-length", str(cfg.context_per_slot), "--threads", str(cfg.threads),
+        "--no-register", "--host", HOST, "--port", str(port),
+    ]
+
+
+def llama_server_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
+    return [
+        str(LLAMA_BIN / "llama-server"), "-m", str(model), "-np", str(cfg.parallel),
+        "-c", str(cfg.parallel * cfg.context_per_slot), "-t", str(cfg.threads), "-tb", str(cfg.threads),
+        "--host", HOST, "--port", str(port),
+    ]
+
+
+def llama_cpp_server_command(interrupt: bool) -> Callable[[BenchConfig, Path, int], list[str]]:
+    def command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+            "--n_ctx", str(cfg.context_per_slot), "--n_threads", str(cfg.threads),
+            "--n_threads_batch", str(cfg.threads), "--interrupt_requests", str(interrupt),
+            "--host", HOST, "--port", str(port),
+        ]
+
+    return command
+
+
+SERVERS = {
+    spec.name: spec
+    for spec in (
+        ServerSpec("vramsupply", "continuous batching, --parallel slots", "/health", True, vramsupply_command),
+        ServerSpec("llama-server", "continuous batching, -np slots", "/health", True, llama_server_command),
+        ServerSpec(
+            "llama_cpp.server", "--interrupt_requests False: one request at a time, others queue",
+            "/v1/models", False, llama_cpp_server_command(interrupt=False),
+        ),
+        ServerSpec(
+            "llama_cpp.server-interrupt", "default: a new request cuts off the running one",
+            "/v1/models", False, llama_cpp_server_command(interrupt=True),
+        ),
+    )
+}
+# The ratio targets of the engine issue, checked on each model's numbers from this run.
+REFERENCE_FOR_TARGETS = ("llama-server", "llama_cpp.server")
+
+
+@dataclass
+class RequestResult:
+    ttft_s: float | None = None
+    duration_s: float = 0.0
+    completion_tokens: int = 0
+    tokens_counted_by: str = "chunks"
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int
+    completed: int
+    cut_off: int
+    errors: int
+    completion_tokens: int
+    wall_s: float
+    tok_s: float
+    ttft_p50_ms: float | None
+    ttft_p95_ms: float | None
+    peak_rss_mb: float
+    server_cpu_s: float
+    tokens_counted_by: str
+    first_error: str | None = None
+
+
+@dataclass
+class ServerResult:
+    name: str
+    mode: str
+    command: list[str]
+    load_s: float
+    peak_rss_mb: float
+    levels: list[LevelResult] = field(default_factory=list)
+    load_avg_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+class ProcessTreeMonitor:
+    """Samples the RSS and CPU time of a process and all its descendants on a background thread."""
+
+    def __init__(self, pid: int, interval_s: float = 0.02) -> None:
+        self._root = psutil.Process(pid)
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._peak_total = 0
+        self._peak_window = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _tree(self) -> list[psutil.Process]:
+        return [self._root, *self._root.children(recursive=True)]
+
+    def _sample_rss(self) -> int:
+        total = 0
+        for proc in self._tree():
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+        return total
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for proc in self._tree():
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                rss = self._sample_rss()
+            except psutil.NoSuchProcess:
+                return
+            with self._lock:
+                self._peak_total = max(self._peak_total, rss)
+                self._peak_window = max(self._peak_window, rss)
+
+    def start_window(self) -> None:
+        with self._lock:
+            self._peak_window = 0
+
+    def window_peak_mb(self) -> float:
+        with self._lock:
+            return self._peak_window / 2**20
+
+    def total_peak_mb(self) -> float:
+        with self._lock:
+            return self._peak_total / 2**20
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_server(spec: ServerSpec, cfg: BenchConfig, model: Path, log_path: Path) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+    """Start a server in its own session (so Ctrl-C reaches only the bench) and always stop it."""
+    port = free_port()
+    command = spec.command(cfg, model, port)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc, f"http://{HOST}:{port}", command
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"server exited with {proc.returncode} before it was ready:\n{tail}")
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    if resp.status == 200:
+                        return
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout_s:.0f} s (log: {log_path})")
+
+
+def eos_token_id(model: Path) -> int:
+    field_ = GGUFReader(model).fields["tokenizer.ggml.eos_token_id"]
+    return int(field_.parts[field_.data[0]][0])
+
+
+def request_bodies(spec: ServerSpec, count: int, max_tokens: int, eos_id: int) -> list[dict]:
+    """Distinct short prompts; where a server lacks ignore_eos, ban EOS by logit bias (what ignore_eos does)."""
+    bodies = []
+    for i in range(count):
+        body = {
+            "prompt": f"{PROMPTS[i % len(PROMPTS)]} {i}",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if spec.accepts_ignore_eos:
+            body["ignore_eos"] = True
+        else:
+            body["logit_bias"] = {str(eos_id): -100}
+        bodies.append(body)
+    return bodies
+
+
+async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict) -> RequestResult:
+    """One streaming completion; TTFT is the time to the first chunk carrying text."""
+    result = RequestResult()
+    start = time.perf_counter()
+    try:
+        async with session.post(f"{url}/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return result
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[len(b"data:"):].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    result.completion_tokens = chunk["usage"]["completion_tokens"]
+                    result.tokens_counted_by = "usage"
+                for choice in chunk.get("choices", []):
+                    if choice.get("text"):
+                        if result.ttft_s is None:
+                            result.ttft_s = time.perf_counter() - start
+                        if result.tokens_counted_by == "chunks":
+                            result.completion_tokens += 1
+                    if choice.get("finish_reason"):
+                        result.finish_reason = choice["finish_reason"]
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        result.duration_s = time.perf_counter() - start
+    return result
+
+
+async def run_level(url: str, bodies: list[dict], concurrency: int) -> tuple[list[RequestResult], float]:
+    """Keep `concurrency` requests in flight until every body is sent; a new connection per request."""
+    queue: asyncio.Queue[dict] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    results: list[RequestResult] = []
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=900)) as session:
+
+        async def worker() -> None:
+            while not queue.empty():
+                results.append(await stream_completion(session, url, queue.get_nowait()))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall_s = time.perf_counter() - start
+    return results, wall_s
+
+
+def percentile_ms(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)) * 1000, 1) if values else None
+
+
+def summarize(concurrency: int, results: list[RequestResult], wall_s: float, max_tokens: int,
+              peak_rss_mb: float, server_cpu_s: float) -> LevelResult:
+    ok = [r for r in results if r.error is None]
+    completed = [r for r in ok if r.completion_tokens == max_tokens]
+    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    tokens = sum(r.completion_tokens for r in ok)
+    errors = [r.error for r in results if r.error is not None]
+    return LevelResult(
+        concurrency=concurrency,
+        requests=len(results),
+        completed=len(completed),
+        cut_off=len(ok) - len(completed),
+        errors=len(errors),
+        completion_tokens=tokens,
+        wall_s=round(wall_s, 3),
+        tok_s=round(tokens / wall_s, 1),
+        ttft_p50_ms=percentile_ms(ttfts, 50),
+        ttft_p95_ms=percentile_ms(ttfts, 95),
+        peak_rss_mb=round(peak_rss_mb, 1),
+        server_cpu_s=round(server_cpu_s, 2),
+        tokens_counted_by=",".join(sorted({r.tokens_counted_by for r in ok})) or "-",
+        first_error=errors[0] if errors else None,
+    )
+
+
+async def bench_server(spec: ServerSpec, cfg: BenchConfig, model: Path, eos_id: int) -> ServerResult:
+    log_path = CACHE / "logs" / f"{model.stem}-{spec.name}.log"
+    load_avg = os.getloadavg()
+    with running_server(spec, cfg, model, log_path) as (proc, url, command):
+        monitor = ProcessTreeMonitor(proc.pid)
+        try:
+            started = time.perf_counter()
+            await wait_ready(proc, url + spec.ready_path, log_path)
+            load_s = time.perf_counter() - started
+            await run_level(url, request_bodies(spec, 1, 16, eos_id), 1)
+            result = ServerResult(spec.name, spec.mode, command, round(load_s, 2), 0.0, load_avg_before=load_avg)
+            for concurrency in cfg.concurrency:
+                bodies = request_bodies(spec, cfg.requests_per_slot * concurrency, cfg.max_tokens, eos_id)
+                monitor.start_window()
+                cpu_before = monitor.cpu_seconds()
+                results, wall_s = await run_level(url, bodies, concurrency)
+                level = summarize(concurrency, results, wall_s, cfg.max_tokens,
+                                  monitor.window_peak_mb(), monitor.cpu_seconds() - cpu_before)
+                result.levels.append(level)
+                print(f"  {spec.name:28} c={concurrency:<3} {level.tok_s:8.1f} tok/s  "
+                      f"TTFT p50 {level.ttft_p50_ms} ms  p95 {level.ttft_p95_ms} ms  "
+                      f"RSS {level.peak_rss_mb:.0f} MB  done {level.completed}/{level.requests}", flush=True)
+            result.peak_rss_mb = round(monitor.total_peak_mb(), 1)
+            return result
+        finally:
+            monitor.stop()
+
+
+def raw_decode_limit(cfg: BenchConfig, model: Path) -> list[dict]:
+    """llama-batched-bench on the same build: decode speed with no server in the way."""
+    command = [
+        str(LLAMA_BIN / "llama-batched-bench"), "-m", str(model), "-c", str(cfg.parallel * cfg.context_per_slot),
+        "-b", "2048", "-ub", "512", "-npp", "8", "-ntg", str(cfg.max_tokens),
+        "-npl", ",".join(str(c) for c in cfg.concurrency), "-t", str(cfg.threads), "-tb", str(cfg.threads),
+        "--output-format", "jsonl",
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return [{"concurrency": row["pl"], "tok_s": round(row["speed_tg"], 1)} for row in rows]
+
+
+def level_of(server: dict | None, concurrency: int) -> dict | None:
+    if server is None:
+        return None
+    return next((lvl for lvl in server["levels"] if lvl["concurrency"] == concurrency), None)
+
+
+def check_targets(servers: dict[str, dict], concurrency: tuple[int, ...]) -> list[dict]:
+    """The engine issue's targets as ratios vramsupply/reference from this run; skipped where a side is missing."""
+    wanted = [("tok_s", 16, "llama-server", ">=", 1.0), ("tok_s", 16, "llama_cpp.server", ">=", 4.0),
+              ("tok_s", 1, "llama-server", ">=", 0.95)]
+    wanted += [("ttft_p50_ms", c, "llama-server", "<=", 1.1) for c in concurrency]
+    targets = []
+    for metric, c, reference, op, bound in wanted:
+        ours, theirs = level_of(servers.get("vramsupply"), c), level_of(servers.get(reference), c)
+        if not ours or not theirs or not ours[metric] or not theirs[metric]:
+            continue
+        ratio = round(ours[metric] / theirs[metric], 3)
+        targets.append({
+            "target": f"c={c} {metric} {op} {bound}x {reference}",
+            "vramsupply": ours[metric], reference: theirs[metric], "ratio": ratio,
+            "met": ratio >= bound if op == ">=" else ratio <= bound,
+        })
+    return targets
+
+
+def run_text(command: list[str]) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except OSError as exc:
+        return f"unavailable: {exc}"
+    return (done.stdout + done.stderr).strip()
+
+
+def machine_info() -> dict:
+    cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), platform.processor())
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu_model,
+        "logical_cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "load_avg_at_start": os.getloadavg(),
+    }
+
+
+def versions(cfg: BenchConfig) -> dict:
+    return {
+        "vramsupply": run_text([str(cfg.vramsupply_bin), "--version"]),
+        "vramsupply_git": run_text(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
+        "llama-cpp-python": LLAMA_CPP_VERSION,
+        "llama.cpp_commit": run_text(["git", "-C", str(LLAMA_CPP_DIR), "rev-parse", "HEAD"]),
+        "llama-server": run_text([str(LLAMA_BIN / "llama-server"), "--version"]).splitlines()[-2:],
+        "aiohttp_client": aiohttp.__version__,
+    }
+
+
+def markdown_table(report: dict) -> str:
+    lines = []
+    for model, data in report["models"].items():
+        lines += [f"**{model}** ({data['size_mb']} MB)", "",
+                  "| server | c | tok/s | TTFT p50 | TTFT p95 | peak RSS | completed |", "|---|---|---|---|---|---|---|"]
+        for row in data["raw_decode"]:
+            lines.append(f"| raw decode (llama-batched-bench) | {row['concurrency']} | {row['tok_s']} | – | – | – | – |")
+        for name, server in data["servers"].items():
+            for lvl in server["levels"]:
+                lines.append(f"| {name} | {lvl['concurrency']} | {lvl['tok_s']} | {lvl['ttft_p50_ms']} ms | "
+                             f"{lvl['ttft_p95_ms']} ms | {lvl['peak_rss_mb']:.0f} MB | {lvl['completed']}/{lvl['requests']} |")
+        if data["targets"]:
+            lines += ["", "| target | ratio | |", "|---|---|---|"]
+            lines += [f"| {t['target']} | {t['ratio']} | {'met' if t['met'] else 'MISSED'} |" for t in data["targets"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(report["models"])
+    fig, axes = plt.subplots(len(models), 3, figsize=(15, 4.2 * len(models)), squeeze=False)
+    for row, model in zip(axes, models):
+        data = report["models"][model]
+        for name, server in data["servers"].items():
+            if name == "llama_cpp.server-interrupt":
+                continue  # its streams are cut off, so its numbers do not describe served requests
+            cs = [lvl["concurrency"] for lvl in server["levels"]]
+            row[0].plot(cs, [lvl["tok_s"] for lvl in server["levels"]], marker="o", label=name)
+            row[1].plot(cs, [lvl["ttft_p50_ms"] for lvl in server["levels"]], marker="o", label=name)
+            row[2].plot(cs, [lvl["peak_rss_mb"] for lvl in server["levels"]], marker="o", label=name)
+        if data["raw_decode"]:
+            row[0].plot([r["concurrency"] for r in data["raw_decode"]], [r["tok_s"] for r in data["raw_decode"]],
+                        linestyle="--", color="grey", label="raw decode limit")
+        for ax, title in zip(row, ("aggregate completion tok/s", "TTFT p50 (ms, log)", "peak RSS (MB)")):
+            ax.set_title(f"{model}: {title}", fontsize=10)
+            ax.set_xlabel("concurrent requests")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(report["config"]["concurrency"], [str(c) for c in report["config"]["concurrency"]])
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        row[1].set_yscale("log")
+    fig.suptitle(f"vramsupply bench {report['date']} — {report['machine']['cpu']}, {report['config']['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args() -> tuple[BenchConfig, Path]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: stories260K only, c requests per level, 32 tokens, output to bench/.cache/quick")
+    parser.add_argument("--servers", default="vramsupply,llama-server,llama_cpp.server,llama_cpp.server-interrupt",
+                        help="comma-separated subset of: " + ", ".join(SERVERS))
+    parser.add_argument("--models", help="comma-separated GGUF paths (default: the bench model and stories260K)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every server (default: all CPUs)")
+    parser.add_argument("--parallel", type=int, default=16, help="slots on the batching servers (default 16)")
+    parser.add_argument("--context-per-slot", type=int, default=512, help="context per slot (default 512)")
+    parser.add_argument("--vramsupply", type=Path, default=REPO / ".venv" / "bin" / "vramsupply",
+                        help="the vramsupply command to bench (default: the project venv's)")
+    parser.add_argument("--out-dir", type=Path, help="where the JSON and PNG go (default bench/results)")
+    args = parser.parse_args()
+
+    servers = tuple(name.strip() for name in args.servers.split(",") if name.strip())
+    unknown = [name for name in servers if name not in SERVERS]
+    if unknown:
+        parser.error(f"unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)}")
+    if args.models:
+        models = tuple(Path(m).resolve() for m in args.models.split(","))
+    else:
+        models = (TINY_MODEL,) if args.quick else (BENCH_MODEL, TINY_MODEL)
+    needed = list(models) + [LLAMA_BIN / "llama-server", LLAMA_BIN / "llama-batched-bench"]
+    if "vramsupply" in servers:
+        needed.append(args.vramsupply)
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        parser.error(f"missing {', '.join(missing)}; run bench/build_anchors.sh first")
+    cfg = BenchConfig(
+        models=models,
+        servers=servers,
+        concurrency=(1, 4, 16),
+        requests_per_slot=1 if args.quick else 2,
+        max_tokens=32 if args.quick else 128,
+        parallel=args.parallel,
+        context_per_slot=args.context_per_slot,
+        threads=args.threads,
+        vramsupply_bin=args.vramsupply,
+    )
+    out_dir = args.out_dir or (CACHE / "quick" if args.quick else REPO / "bench" / "results")
+    return cfg, out_dir
+
+
+def main() -> None:
+    cfg, out_dir = parse_args()
+    date = dt.date.today().isoformat()
+    report: dict = {
+        "date": date,
+        "machine": machine_info(),
+        "versions": versions(cfg),
+        "config": {**asdict(cfg), "models": [str(m) for m in cfg.models], "vramsupply_bin": str(cfg.vramsupply_bin),
+                   "prompt": "a short distinct prompt per request (~5 tokens)", "temperature": 0,
+                   "stream": True, "new_connection_per_request": True},
+        "models": {},
+    }
+    print(f"load average {report['machine']['load_avg_at_start']}, {cfg.threads} threads", flush=True)
+    for model in cfg.models:
+        print(f"{model.name}", flush=True)
+        raw = raw_decode_limit(cfg, model)
+        print("  raw decode limit: " + ", ".join(f"c={r['concurrency']} {r['tok_s']} tok/s" for r in raw), flush=True)
+        eos_id = eos_token_id(model)
+        servers = {}
+        for name in cfg.servers:
+            servers[name] = asdict(asyncio.run(bench_server(SERVERS[name], cfg, model, eos_id)))
+        report["models"][model.name] = {
+            "path": str(model),
+            "size_mb": round(model.stat().st_size / 2**20, 1),
+            "raw_decode": raw,
+            "servers": servers,
+            "targets": check_targets(servers, cfg.concurrency),
+        }
+    report["machine"]["load_avg_at_end"] = os.getloadavg()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / f"{date}.json", out_dir / f"{date}.png"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, png_path)
+    print()
+    print(markdown_table(report))
+    print(f"wrote {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path} and {png_path.name}")
+
+
+if __name__ == "__main__":
+    main()
