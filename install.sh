@@ -16,6 +16,8 @@ set -eu
 say() { printf '%s\n' "vramsupply: $*"; }
 die() { printf '%s\n' "vramsupply: error: $*" >&2; exit 1; }
 have() { command -v "$1" >/dev/null 2>&1; }
+# systemd is the init system (sd_booted(3)), not merely installed.
+systemd_present() { have systemctl && [ -d /run/systemd/system ]; }
 
 usage() {
     sed -n '2,13p' "$0" 2>/dev/null | sed 's/^# \{0,1\}//' || true
@@ -40,6 +42,15 @@ config_dir() {
         echo "$HOME/Library/Application Support/vramsupply"
     else
         echo "${XDG_CONFIG_HOME:-$HOME/.config}/vramsupply"
+    fi
+}
+
+service_unit() {
+    # Where `vramsupply service install` puts the unit: system-wide as root, else the user's.
+    if [ "$(id -u)" = 0 ]; then
+        echo "/etc/systemd/system/vramsupply.service"
+    else
+        echo "${XDG_CONFIG_HOME:-$HOME/.config}/systemd/user/vramsupply.service"
     fi
 }
 
@@ -94,6 +105,13 @@ require_build_tools() {
 uninstall() {
     data_dir=$1 bin_dir=$2 purge=$3
     venv="$data_dir/venv"
+    if [ -f "$(service_unit)" ] && [ -x "$venv/bin/vramsupply" ]; then
+        scope="" purge_flag=""
+        if [ "$(id -u)" != 0 ]; then scope="--user"; fi
+        if [ "$purge" = 1 ]; then purge_flag="--purge"; fi
+        # shellcheck disable=SC2086
+        "$venv/bin/vramsupply" service uninstall $scope $purge_flag || say "could not remove the systemd service; run: vramsupply service uninstall $scope"
+    fi
     if [ "$purge" = 1 ] && [ -x "$venv/bin/vramsupply" ]; then
         "$venv/bin/vramsupply" models rm --all --yes || say "could not remove downloaded models; remove them with 'hf cache' if you wish"
     fi
@@ -190,8 +208,18 @@ main() {
         *) say "$bin_dir is not on your PATH; add it with: export PATH=\"$bin_dir:\$PATH\" (in ~/.profile to keep it)" ;;
     esac
 
+    if [ "$service" = 0 ] && [ -t 0 ] && systemd_present; then
+        printf '%s' "vramsupply: install the systemd service now? [y/N] "
+        read -r answer || answer=""
+        case "$answer" in [Yy]*) service=1 ;; esac
+    fi
     if [ "$service" = 1 ]; then
-        "$venv/bin/vramsupply" service install
+        # As root the system unit (dedicated user); otherwise the per-user unit.
+        if [ "$(id -u)" = 0 ]; then
+            "$venv/bin/vramsupply" service install
+        else
+            "$venv/bin/vramsupply" service install --user
+        fi
     fi
     say "next: vramsupply serve --demo   (or: vramsupply login, then vramsupply serve --model org/model)"
 }

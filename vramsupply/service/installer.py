@@ -240,6 +240,8 @@ def install(target: ServiceTarget, say: Say) -> None:
     say(f"wrote {target.env_file} (mode 0600, {len(values)} settings)")
     if settings.model is None:
         say(f"note: no model configured; set {env_name('model')} in {target.env_file} before starting")
+    if target.user_mode:
+        say("a user service stops when you log out unless lingering is on: loginctl enable-linger $USER")
     commands = start_commands(target)
     if systemd_running(target):
         for command in commands:
