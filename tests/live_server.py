@@ -1,0 +1,89 @@
+"""A real vramsupply HTTP server on a free localhost port, running in a thread with its own event loop,
+so that synchronous clients (the openai SDK's ``OpenAI``) and async tests can both talk to it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from conftest import TINY_MODEL
+from vramsupply.engine import Engine, EngineOptions
+from vramsupply.server import ApiServer, ServerState, create_app
+
+T = TypeVar("T")
+MODEL_ID = "stories260k"
+
+
+class LiveServer:
+    """``create_app`` + ``ApiServer`` on 127.0.0.1:<free port>; the tiny model loaded unless ``load=False``."""
+
+    def __init__(self, *, load: bool = True, drain_timeout: float = 5.0, **app_options: Any) -> None:
+        self.engine_options = EngineOptions(
+            model_path=TINY_MODEL,
+            n_ctx=app_options.pop("n_ctx", 2048),
+            parallel=app_options.pop("parallel", 4),
+            max_queue=app_options.pop("max_queue", 64),
+        )
+        self._load = load
+        self._drain_timeout = drain_timeout
+        self._app_options = app_options
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="live-server", daemon=True)
+        self.engine: Engine | None = None
+        self.server: ApiServer | None = None
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        self.call(self._start)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.call(self._stop)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return self.server.url
+
+    @property
+    def base_url(self) -> str:
+        """What an OpenAI client takes as ``base_url``."""
+        return self.url + "/v1"
+
+    @property
+    def state(self) -> ServerState:
+        assert self.server is not None
+        return self.server.state
+
+    def call(self, function: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run a coroutine on the server's loop and wait for its result."""
+        future: Future[T] = asyncio.run_coroutine_threadsafe(function(), self._loop)
+        return future.result(timeout=60)
+
+    def load_engine(self) -> None:
+        """Load the model and attach it, as ``vramsupply serve`` does once loading finishes."""
+
+        async def attach() -> None:
+            self.engine = await asyncio.to_thread(Engine.load, self.engine_options)
+            self.state.attach(self.engine)
+
+        self.call(attach)
+
+    async def _start(self) -> None:
+        self.server = ApiServer(create_app(MODEL_ID, **self._app_options), "127.0.0.1", 0, drain_timeout=self._drain_timeout)
+        await self.server.start()
+        if self._load:
+            self.engine = await asyncio.to_thread(Engine.load, self.engine_options)
+            self.state.attach(self.engine)
+
+    async def _stop(self) -> None:
+        assert self.server is not None
+        await self.server.stop()
+        if self.engine is not None:
+            self.engine.close()

@@ -1,0 +1,163 @@
+"""The aiohttp application: routes, middlewares, and a runner that drains on stop.
+
+Middlewares, outermost first: ``metrics_middleware`` counts every response by route and status;
+``error_middleware`` turns every failure into OpenAI error JSON; ``auth_middleware`` enforces the
+optional endpoint token on ``/v1/*`` (``/health`` and ``/metrics`` stay open for health checks
+and scrapers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp import web
+
+from vramsupply.engine import Engine
+from vramsupply.server.completions import chat_completions, completions
+from vramsupply.server.errors import ApiError, error_middleware
+from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from vramsupply.server.responses import ModelCard, ModelList
+from vramsupply.server.state import SERVER_STATE, ServerState, loading_error
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+OWNER = "vramsupply"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before the answer
+
+
+def create_app(
+    model_id: str,
+    *,
+    aliases: Iterable[str] = (),
+    endpoint_token: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    engine: Engine | None = None,
+) -> web.Application:
+    """An app serving ``model_id``; without ``engine`` it answers 503 until ``ServerState.attach``."""
+    state = ServerState(model_id, aliases, endpoint_token)
+    if engine is not None:
+        state.attach(engine)
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[metrics_middleware, error_middleware, auth_middleware])
+    app[SERVER_STATE] = state
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def route_label(request: web.Request) -> str:
+    """The route template, so unknown URLs cannot blow up the metric's label set."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    counter = request.app[SERVER_STATE].metrics.requests
+    try:
+        response = await handler(request)
+    except asyncio.CancelledError:
+        counter.labels(route_label(request), str(CLIENT_CLOSED_REQUEST)).inc()
+        raise
+    counter.labels(route_label(request), str(response.status)).inc()
+    return response
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    token = request.app[SERVER_STATE].endpoint_token
+    if token is not None and (request.path == "/v1" or request.path.startswith("/v1/")):
+        check_bearer(request.headers.get("Authorization"), token)
+    return await handler(request)
+
+
+def check_bearer(header: str | None, token: str) -> None:
+    """Accept ``Authorization: Bearer <token>``, compared in constant time."""
+    scheme, _, given = (header or "").partition(" ")
+    if not header or scheme.lower() != "bearer" or not given.strip():
+        raise ApiError(
+            401,
+            "Missing endpoint token: send the header 'Authorization: Bearer <token>'.",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ApiError(401, "Incorrect endpoint token provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[SERVER_STATE]
+    state.ready_engine()
+    card = ModelCard(id=state.model_id, object="model", created=state.created, owned_by=OWNER)
+    return web.Response(text=ModelList(object="list", data=[card]).to_json(), content_type="application/json")
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 with slot counts once the model is loaded; 503 "loading" before, for the platform's checks."""
+    state = request.app[SERVER_STATE]
+    stats = state.stats()
+    if stats is None:
+        raise loading_error()
+    return web.json_response(
+        {
+            "status": "ok",
+            "model": state.model_id,
+            "slots_idle": stats.slots_total - stats.slots_busy,
+            "slots_busy": stats.slots_busy,
+            "queue": stats.queue_depth,
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SERVER_STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+class ApiServer:
+    """Runs an app on a TCP port. ``stop`` closes the listener, then lets in-flight requests finish
+    for up to ``drain_timeout`` seconds before cancelling them.
+
+    Handler cancellation is on: a client that hangs up cancels its handler, whose ``finally``
+    cancels the engine work, so a disconnect frees the slot streaming or not.
+    """
+
+    def __init__(self, app: web.Application, host: str, port: int, *, drain_timeout: float = 30.0, access_log: logging.Logger | None = None) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            shutdown_timeout=drain_timeout,
+            access_log=access_log,
+            access_log_format='%a "%r" %s %b %Tfs',
+        )
+
+    async def start(self) -> None:
+        """Listen; an ``OSError`` (address in use, permission) propagates to the caller."""
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        try:
+            await site.start()
+        except OSError:
+            await self._runner.cleanup()
+            raise
+        self.port = self._runner.addresses[0][1]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def state(self) -> ServerState:
+        return self.app[SERVER_STATE]
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()

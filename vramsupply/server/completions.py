@@ -1,0 +1,367 @@
+"""The two generation routes: turn a validated body into engine requests and the engine's output
+into an OpenAI response, whole or as server-sent events.
+
+A request with ``n`` choices submits ``n`` generations. Whatever ends the handler (normal end,
+an error, the client hanging up, which cancels the handler task), every generation still running
+is cancelled in a ``finally`` block, so a departed client never keeps a slot busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from aiohttp import web
+
+from vramsupply.engine import (
+    ContextOverflow,
+    Engine,
+    EngineClosed,
+    EngineError,
+    Generation,
+    GenerationRequest,
+    Overloaded,
+    SamplingParams,
+)
+from vramsupply.server.errors import ApiError
+from vramsupply.server.grammar import grammar_for
+from vramsupply.server.metrics import ServerMetrics
+from vramsupply.server.responses import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatMessageOut,
+    FinishReason,
+    TextChoice,
+    TextCompletion,
+    UsageOut,
+    new_id,
+    now,
+)
+from vramsupply.server.schemas import ChatCompletionBody, CompletionBody
+from vramsupply.server.state import SERVER_STATE, ServerState
+
+RETRY_AFTER_SECONDS = "1"
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ResponseShape(Protocol):
+    """How one route writes its results; the generation plumbing is shared."""
+
+    prompt_param: str
+    include_usage: bool
+
+    def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut) -> str: ...
+    def opening_chunk(self, index: int) -> str | None: ...
+    def text_chunk(self, index: int, text: str) -> str: ...
+    def finish_chunk(self, index: int, finish: FinishReason) -> str: ...
+    def usage_chunk(self, usage: UsageOut) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatShape:
+    id: str
+    created: int
+    model: str
+    include_usage: bool
+    prompt_param: str = "messages"
+
+    def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut) -> str:
+        choices = [
+            ChatChoice(index=i, message=ChatMessageOut(role="assistant", content=text, refusal=None), logprobs=None, finish_reason=finish)
+            for i, (text, finish) in enumerate(zip(texts, finishes))
+        ]
+        return ChatCompletion(
+            id=self.id, object="chat.completion", created=self.created, model=self.model, choices=choices, usage=usage
+        ).to_json()
+
+    def opening_chunk(self, index: int) -> str:
+        """OpenAI's first chunk of every choice announces the assistant role."""
+        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""), logprobs=None, finish_reason=None)])
+
+    def text_chunk(self, index: int, text: str) -> str:
+        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=text), logprobs=None, finish_reason=None)])
+
+    def finish_chunk(self, index: int, finish: FinishReason) -> str:
+        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(), logprobs=None, finish_reason=finish)])
+
+    def usage_chunk(self, usage: UsageOut) -> str:
+        return self._chunk([], usage)
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: UsageOut | None = None) -> str:
+        chunk = ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=choices)
+        if self.include_usage:
+            chunk.usage = usage
+        return chunk.to_json()
+
+
+@dataclasses.dataclass(frozen=True)
+class TextShape:
+    id: str
+    created: int
+    model: str
+    include_usage: bool
+    prompt_param: str = "prompt"
+
+    def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut) -> str:
+        choices = [TextChoice(index=i, text=text, logprobs=None, finish_reason=finish) for i, (text, finish) in enumerate(zip(texts, finishes))]
+        return TextCompletion(
+            id=self.id, object="text_completion", created=self.created, model=self.model, choices=choices, usage=usage
+        ).to_json()
+
+    def opening_chunk(self, index: int) -> None:
+        return None
+
+    def text_chunk(self, index: int, text: str) -> str:
+        return self._chunk([TextChoice(index=index, text=text, logprobs=None, finish_reason=None)])
+
+    def finish_chunk(self, index: int, finish: FinishReason) -> str:
+        return self._chunk([TextChoice(index=index, text="", logprobs=None, finish_reason=finish)])
+
+    def usage_chunk(self, usage: UsageOut) -> str:
+        return self._chunk([], usage)
+
+    def _chunk(self, choices: list[TextChoice], usage: UsageOut | None = None) -> str:
+        chunk = TextCompletion(id=self.id, object="text_completion", created=self.created, model=self.model, choices=choices)
+        if self.include_usage:
+            chunk.usage = usage
+        return chunk.to_json()
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    started = time.monotonic()
+    state = request.app[SERVER_STATE]
+    engine = state.ready_engine()
+    body = await state.parse(request, ChatCompletionBody)
+    messages = [m.for_template() for m in body.messages]
+    try:
+        prompt = await asyncio.to_thread(engine.tokenize_chat, messages)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="messages", code="invalid_value") from None
+    shape = ChatShape(id=new_id("chatcmpl"), created=now(), model=state.model_id, include_usage=body.include_usage)
+    requests = generation_requests(body, prompt, extra_stop=engine.chat_stop)
+    return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started))
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    started = time.monotonic()
+    state = request.app[SERVER_STATE]
+    engine = state.ready_engine()
+    body = await state.parse(request, CompletionBody)
+    prompt = body.prompt if isinstance(body.prompt, list) else await asyncio.to_thread(engine.tokenize, body.prompt)
+    shape = TextShape(id=new_id("cmpl"), created=now(), model=state.model_id, include_usage=body.include_usage)
+    requests = generation_requests(body, prompt)
+    return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started))
+
+
+def generation_requests(
+    body: ChatCompletionBody | CompletionBody, prompt: list[int], extra_stop: tuple[str, ...] = ()
+) -> list[GenerationRequest]:
+    """One engine request per choice; with a seed, choice i uses seed + i so choices differ yet reproduce.
+
+    ``extra_stop`` holds stop strings the chat template needs (the engine's ``chat_stop``).
+    """
+    try:
+        return _generation_requests(body, grammar_for(body.response_format), prompt, (*body.stop, *extra_stop))
+    except ValueError as exc:
+        raise ApiError(400, str(exc), code="invalid_value") from None
+
+
+def _generation_requests(
+    body: ChatCompletionBody | CompletionBody, grammar: str | None, prompt: list[int], stop: tuple[str, ...]
+) -> list[GenerationRequest]:
+    given = {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "min_p": body.min_p,
+        "repeat_penalty": body.repeat_penalty,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "grammar": grammar,
+    }
+    sampling = SamplingParams(**{name: value for name, value in given.items() if value is not None}, logit_bias=body.logit_bias)
+    return [
+        GenerationRequest(
+            prompt=prompt,
+            sampling=sampling if body.seed is None else dataclasses.replace(sampling, seed=body.seed + i),
+            max_tokens=body.token_limit,
+            stop=stop,
+            ignore_eos=body.ignore_eos,
+        )
+        for i in range(body.n)
+    ]
+
+
+def engine_error(exc: EngineError, prompt_param: str) -> ApiError:
+    if isinstance(exc, Overloaded):
+        return ApiError(
+            429,
+            f"The server is at capacity ({exc}); retry shortly.",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    if isinstance(exc, ContextOverflow):
+        param = prompt_param if exc.max_tokens is None or exc.prompt_tokens >= exc.n_ctx else "max_tokens"
+        return ApiError(400, f"This model's context is {exc.n_ctx} tokens: {exc}.", param=param, code="context_length_exceeded")
+    if isinstance(exc, EngineClosed):
+        return ApiError(503, "The server is shutting down.", type="server_error", code="shutting_down")
+    return ApiError(500, str(exc), type="server_error")
+
+
+def submit_all(engine: Engine, requests: list[GenerationRequest], prompt_param: str) -> list[Generation]:
+    """Submit every choice or none: on the first refusal the ones already admitted are cancelled."""
+    generations: list[Generation] = []
+    try:
+        for generation_request in requests:
+            generations.append(engine.submit(generation_request))
+    except BaseException as exc:
+        for generation in generations:
+            generation.cancel()
+        if isinstance(exc, EngineError):
+            raise engine_error(exc, prompt_param) from None
+        if isinstance(exc, ValueError):
+            raise ApiError(400, str(exc), code="invalid_value") from None
+        raise
+    return generations
+
+
+@dataclasses.dataclass
+class ChoiceTiming:
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+@dataclasses.dataclass
+class RequestClock:
+    """When the request arrived and, per choice, when text came: the TTFT and per-token metrics."""
+
+    started: float
+    first_text_at: float | None = None
+    choices: dict[int, ChoiceTiming] = dataclasses.field(default_factory=dict)
+
+    def mark(self, index: int, metrics: ServerMetrics) -> None:
+        at = time.monotonic()
+        if self.first_text_at is None:
+            self.first_text_at = at
+            metrics.ttft.observe(at - self.started)
+        timing = self.choices.setdefault(index, ChoiceTiming())
+        if timing.first_token_at is None:
+            timing.first_token_at = at
+        timing.last_token_at = at
+
+
+async def _complete(
+    request: web.Request,
+    state: ServerState,
+    engine: Engine,
+    requests: list[GenerationRequest],
+    stream: bool,
+    shape: ResponseShape,
+    clock: RequestClock,
+) -> web.StreamResponse:
+    generations = submit_all(engine, requests, shape.prompt_param)
+    try:
+        if stream:
+            return await _stream(request, state, generations, shape, clock)
+        texts = await asyncio.gather(*(_collect(state, clock, i, g) for i, g in enumerate(generations)))
+        usage = _usage(state, generations)
+        return web.Response(text=shape.response(texts, [_finish(g) for g in generations], usage), content_type="application/json")
+    except EngineError as exc:
+        raise engine_error(exc, shape.prompt_param) from None
+    finally:
+        for generation in generations:
+            generation.cancel()
+        for index, generation in enumerate(generations):
+            timing = clock.choices.get(index, ChoiceTiming())
+            state.metrics.observe_choice(generation.usage, timing.first_token_at, timing.last_token_at)
+
+
+async def _collect(state: ServerState, clock: RequestClock, index: int, generation: Generation) -> str:
+    parts = []
+    async for text in generation:
+        clock.mark(index, state.metrics)
+        parts.append(text)
+    return "".join(parts)
+
+
+def _finish(generation: Generation) -> FinishReason:
+    return "length" if generation.finish_reason == "length" else "stop"
+
+
+def _usage(state: ServerState, generations: list[Generation]) -> UsageOut:
+    """Exact usage of a finished request, also added to the token counters."""
+    usage = UsageOut.combine([g.usage for g in generations if g.usage is not None])
+    state.metrics.count_usage(usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens)
+    return usage
+
+
+async def _stream(
+    request: web.Request, state: ServerState, generations: list[Generation], shape: ResponseShape, clock: RequestClock
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    try:
+        for index in range(len(generations)):
+            opening = shape.opening_chunk(index)
+            if opening is not None:
+                await _send(response, opening)
+        async for index, text in _interleave(generations):
+            if text is None:
+                await _send(response, shape.finish_chunk(index, _finish(generations[index])))
+            else:
+                clock.mark(index, state.metrics)
+                await _send(response, shape.text_chunk(index, text))
+        usage = _usage(state, generations)
+        if shape.include_usage:
+            await _send(response, shape.usage_chunk(usage))
+        await response.write(b"data: [DONE]\n\n")
+    except ConnectionResetError:
+        return response
+    except EngineError as exc:
+        await _send(response, json.dumps(engine_error(exc, shape.prompt_param).body()))
+    await response.write_eof()
+    return response
+
+
+async def _send(response: web.StreamResponse, data: str) -> None:
+    await response.write(f"data: {data}\n\n".encode())
+
+
+async def _interleave(generations: list[Generation]) -> AsyncIterator[tuple[int, str | None]]:
+    """(choice index, text) as each choice produces it, then (index, None) when that choice ends."""
+    if len(generations) == 1:
+        async for text in generations[0]:
+            yield 0, text
+        yield 0, None
+        return
+    events: asyncio.Queue[tuple[int, str | None | Exception]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for text in generation:
+                events.put_nowait((index, text))
+            events.put_nowait((index, None))
+        except Exception as exc:
+            events.put_nowait((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        running = len(generations)
+        while running:
+            index, event = await events.get()
+            if isinstance(event, Exception):
+                raise event
+            if event is None:
+                running -= 1
+            yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()

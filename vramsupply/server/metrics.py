@@ -1,0 +1,73 @@
+"""Prometheus metrics of one server, in a registry of its own.
+
+A per-app ``CollectorRegistry`` (not prometheus-client's global one) lets several apps live in one
+process, as they do in tests, without clashing metric names. Slot and queue gauges are read from
+the engine at scrape time, so they are never stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from vramsupply.engine import EngineStats, Usage
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    """Counters the handlers update and gauges sampled from ``stats`` (``None`` while loading)."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+        self.registry = CollectorRegistry()
+        self._stats = stats
+        self.requests = Counter(
+            "vramsupply_requests", "HTTP requests answered, by route and status code", ["route", "status"], registry=self.registry
+        )
+        self.prompt_tokens = Counter("vramsupply_prompt_tokens", "Prompt tokens processed", registry=self.registry)
+        self.cached_tokens = Counter(
+            "vramsupply_cached_prompt_tokens", "Prompt tokens reused from a slot's KV cache", registry=self.registry
+        )
+        self.completion_tokens = Counter("vramsupply_completion_tokens", "Completion tokens generated", registry=self.registry)
+        self.ttft = Histogram(
+            "vramsupply_time_to_first_token_seconds",
+            "Seconds from receiving a request to its first generated text",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "vramsupply_time_per_output_token_seconds",
+            "Mean seconds between generated tokens after the first, one observation per choice",
+            buckets=TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        self._gauge("vramsupply_model_loaded", "1 once the model is loaded and requests are served", lambda s: 1)
+        self._gauge("vramsupply_slots_total", "Slots (requests decoded concurrently)", lambda s: s.slots_total)
+        self._gauge("vramsupply_slots_busy", "Slots working on a request", lambda s: s.slots_busy)
+        self._gauge("vramsupply_queue_depth", "Requests waiting for a free slot", lambda s: s.queue_depth)
+
+    def _gauge(self, name: str, documentation: str, read: Callable[[EngineStats], int]) -> None:
+        def sample() -> float:
+            stats = self._stats()
+            return 0.0 if stats is None else float(read(stats))
+
+        Gauge(name, documentation, registry=self.registry).set_function(sample)
+
+    def observe_choice(self, usage: Usage | None, first_token_at: float | None, last_token_at: float | None) -> None:
+        """Per-token latency of one finished choice: the mean gap between its tokens."""
+        if usage is None or first_token_at is None or last_token_at is None or usage.completion_tokens < 2:
+            return
+        self.tpot.observe((last_token_at - first_token_at) / (usage.completion_tokens - 1))
+
+    def count_usage(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.cached_tokens.inc(cached_tokens)
+        self.completion_tokens.inc(completion_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
