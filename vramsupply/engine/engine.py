@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import llama_cpp
@@ -80,6 +81,11 @@ class Engine:
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         self._ensure_open()
         return self._model.tokenize(text, add_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of generated tokens, exactly as the stream emits it (control tokens render empty)."""
+        self._ensure_open()
+        return self._model.detokenize(tokens)
 
     def tokenize_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """Render messages with the chat template and tokenize them; ValueError on bad messages."""

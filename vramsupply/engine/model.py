@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import llama_cpp
@@ -105,8 +106,8 @@ class Model:
             cached = self._pieces[token] = self._render_piece(token)
         return cached
 
-    def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(int(t)) for t in tokens).decode("utf-8", errors="replace")
 
     def _render_piece(self, token: int) -> bytes:
         capacity = 64

@@ -1,0 +1,352 @@
+"""The engine on the real tiny model: continuous batching, sampling, stops, limits, cancellation, reuse."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+from collections.abc import Iterator
+
+import pytest
+from llama_cpp import Llama
+
+from conftest import TINY_MODEL
+from vramsupply.engine import (
+    ContextOverflow,
+    Engine,
+    EngineClosed,
+    EngineError,
+    EngineOptions,
+    Generation,
+    GenerationRequest,
+    Overloaded,
+    SamplingParams,
+)
+
+N_CTX = 256
+PARALLEL = 4
+MAX_QUEUE = 4
+GREEDY = SamplingParams(temperature=0)
+PROMPTS = [
+    "Once upon a time",
+    "The dog",
+    "Lily and Tom went to the park",
+    "One day, a little girl named Sue found a big box",
+    "The sun",
+    "Tim had a red ball. He",
+]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=N_CTX, parallel=PARALLEL, max_queue=MAX_QUEUE)) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def reference() -> Iterator[Llama]:
+    """llama-cpp-python's own single-sequence generator, to check our batched decoding against."""
+    llama = Llama(model_path=str(TINY_MODEL), n_ctx=N_CTX, verbose=False)
+    yield llama
+    llama.close()
+
+
+def reference_greedy(llama: Llama, prompt: list[int], n: int) -> list[int]:
+    llama.reset()
+    tokens = []
+    for token in llama.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
+        if len(tokens) == n:
+            break
+        tokens.append(token)
+    return tokens
+
+
+async def run(engine: Engine, prompt: str | list[int], **request: object) -> Generation:
+    tokens = engine.tokenize(prompt) if isinstance(prompt, str) else prompt
+    generation = engine.submit(GenerationRequest(tokens, **request))
+    await generation.collect()
+    return generation
+
+
+async def wait_until_idle(engine: Engine) -> None:
+    for _ in range(500):
+        stats = engine.stats()
+        if stats.slots_busy == 0 and stats.queue_depth == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"engine still busy: {engine.stats()}")
+
+
+async def test_greedy_output_matches_llama_cpp_python_reference(engine: Engine, reference: Llama) -> None:
+    prompt = engine.tokenize(PROMPTS[3])
+    generation = await run(engine, prompt, sampling=GREEDY, max_tokens=24)
+    assert generation.token_ids == reference_greedy(reference, prompt, 24)
+
+
+async def test_concurrent_greedy_requests_equal_each_run_alone(engine: Engine) -> None:
+    """More prompts than slots, of different lengths: batching and queueing never change tokens."""
+    request = dict(sampling=GREEDY, max_tokens=32, ignore_eos=True)
+    alone = [await run(engine, p, **request) for p in PROMPTS]
+    together = await asyncio.gather(*(run(engine, p, **request) for p in PROMPTS))
+    for single, batched in zip(alone, together):
+        assert len(single.token_ids) == 32
+        assert batched.token_ids == single.token_ids
+        assert batched.finish_reason == single.finish_reason == "length"
+    assert len({tuple(g.token_ids) for g in alone}) == len(PROMPTS)
+
+
+async def test_different_sampling_params_in_one_batch(engine: Engine) -> None:
+    """Each request keeps its own sampler chain: its output does not depend on its neighbours."""
+    mixes = [
+        (PROMPTS[0], GREEDY),
+        (PROMPTS[0], SamplingParams(temperature=0, repeat_penalty=1.5, presence_penalty=0.5)),
+        (PROMPTS[1], SamplingParams(temperature=0.9, seed=7)),
+        (PROMPTS[2], SamplingParams(temperature=1.3, top_k=0, top_p=0.8, min_p=0.0, frequency_penalty=0.4, seed=3)),
+    ]
+    alone = [await run(engine, p, sampling=s, max_tokens=30, ignore_eos=True) for p, s in mixes]
+    together = await asyncio.gather(*(run(engine, p, sampling=s, max_tokens=30, ignore_eos=True) for p, s in mixes))
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    # The penalties really act: the same greedy prompt diverges with them.
+    assert alone[0].token_ids != alone[1].token_ids
+
+
+async def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
+    def sampling(seed: int) -> SamplingParams:
+        return SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed)
+
+    first = await run(engine, PROMPTS[0], sampling=sampling(123), max_tokens=30, ignore_eos=True)
+    again = await run(engine, PROMPTS[0], sampling=sampling(123), max_tokens=30, ignore_eos=True)
+    other = await run(engine, PROMPTS[0], sampling=sampling(124), max_tokens=30, ignore_eos=True)
+    assert again.token_ids == first.token_ids
+    assert other.token_ids != first.token_ids
+
+
+async def test_stop_string_spanning_two_tokens_is_never_emitted(engine: Engine) -> None:
+    baseline = await run(engine, PROMPTS[0], sampling=GREEDY, max_tokens=40, ignore_eos=True)
+    pieces = [engine.detokenize([t]) for t in baseline.token_ids]
+    text = "".join(pieces)
+    stop, cut = _stop_across_a_token_boundary(pieces)
+    generation = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), GREEDY, max_tokens=40, stop=[stop]))
+    deltas = [delta async for delta in generation]
+    assert "".join(deltas) == text[:cut]
+    assert all(delta for delta in deltas)
+    assert generation.finish_reason == "stop"
+    assert generation.usage.completion_tokens < 40
+
+
+def _stop_across_a_token_boundary(pieces: list[str]) -> tuple[str, int]:
+    """A stop string made of the end of one piece and the start of the next, first found there."""
+    text = "".join(pieces)
+    offset = 0
+    for left, right in zip(pieces, pieces[1:]):
+        offset += len(left)
+        if len(left) >= 2 and len(right) >= 2:
+            stop = left[-2:] + right[:2]
+            if text.find(stop) == offset - 2:
+                return stop, offset - 2
+    raise AssertionError(f"no usable token boundary in {pieces}")
+
+
+async def test_multibyte_characters_split_across_byte_tokens_stream_intact(engine: Engine) -> None:
+    """stories260K has no token for 😀 or 日本: they are generated as single-byte tokens."""
+    emoji_bytes = engine.tokenize("😀", add_special=False)[1:]
+    assert len(emoji_bytes) == 4
+    grammar = 'root ::= "Tom saw 😀 and 日本"'
+    generation = engine.submit(
+        GenerationRequest(engine.tokenize(PROMPTS[0]), SamplingParams(temperature=0, grammar=grammar), max_tokens=40)
+    )
+    deltas = [delta async for delta in generation]
+    assert "".join(deltas) == "Tom saw 😀 and 日本"
+    assert all("\ufffd" not in delta for delta in deltas)
+    ids = generation.token_ids
+    assert any(ids[i : i + 4] == emoji_bytes for i in range(len(ids)))
+    assert generation.finish_reason == "stop"
+
+
+async def test_invalid_grammar_is_rejected_at_submit(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="GBNF"):
+        engine.submit(GenerationRequest([1, 2], SamplingParams(grammar='item ::= "x"')))
+
+
+async def test_max_tokens_finishes_with_length(engine: Engine) -> None:
+    generation = await run(engine, PROMPTS[1], sampling=GREEDY, max_tokens=5)
+    assert generation.finish_reason == "length"
+    assert generation.usage.completion_tokens == 5
+    assert len(generation.token_ids) == 5
+
+
+async def test_eos_ends_the_request_and_is_not_counted_unless_ignored(engine: Engine) -> None:
+    eos_first = SamplingParams(temperature=0, logit_bias={2: 100.0})
+    ended = await run(engine, PROMPTS[1], sampling=eos_first, max_tokens=8)
+    assert (ended.finish_reason, ended.usage.completion_tokens, ended.token_ids) == ("stop", 0, [])
+    ignored = await run(engine, PROMPTS[1], sampling=eos_first, max_tokens=8, ignore_eos=True)
+    assert ignored.finish_reason == "length"
+    assert ignored.usage.completion_tokens == 8
+    assert 2 not in ignored.token_ids
+
+
+async def test_logit_bias_changes_the_choice(engine: Engine) -> None:
+    baseline = await run(engine, PROMPTS[2], sampling=GREEDY, max_tokens=3)
+    first = baseline.token_ids[0]
+    banned = await run(engine, PROMPTS[2], sampling=SamplingParams(temperature=0, logit_bias={first: -math.inf}), max_tokens=3)
+    assert banned.token_ids[0] != first
+    forced_token = engine.tokenize(" ball", add_special=False)[-1]
+    forced = await run(engine, PROMPTS[2], sampling=SamplingParams(temperature=0, logit_bias={forced_token: 100.0}), max_tokens=3)
+    assert forced.token_ids == [forced_token] * 3
+
+
+async def test_logit_bias_outside_the_vocabulary_is_rejected(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        engine.submit(GenerationRequest([1, 2], SamplingParams(logit_bias={10**6: 1.0})))
+
+
+async def test_prompt_that_fills_the_context_raises_before_any_work(engine: Engine) -> None:
+    before = engine.stats()
+    with pytest.raises(ContextOverflow) as error:
+        engine.submit(GenerationRequest([1] + [403] * (N_CTX - 1), GREEDY))
+    assert (error.value.prompt_tokens, error.value.n_ctx) == (N_CTX, N_CTX)
+    with pytest.raises(ContextOverflow, match=r"the prompt \(5 tokens\) plus max_tokens \(252\) is 257 tokens, more than the context of 256"):
+        engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), GREEDY, max_tokens=N_CTX - 4))
+    assert engine.stats() == before
+
+
+async def test_without_max_tokens_generation_stops_when_the_context_is_full(engine: Engine) -> None:
+    prompt = engine.tokenize(" ".join(PROMPTS * 4))
+    generation = await run(engine, prompt, sampling=GREEDY, ignore_eos=True)
+    assert generation.finish_reason == "length"
+    assert generation.usage.prompt_tokens + generation.usage.completion_tokens == N_CTX
+
+
+async def test_bad_prompt_tokens_are_rejected(engine: Engine) -> None:
+    for prompt, error in (([1, 100000], "not in the vocabulary"), ([1, -5], "not in the vocabulary"), ([1.5], "integer")):
+        with pytest.raises(ValueError, match=error):
+            engine.submit(GenerationRequest(prompt, GREEDY))
+
+
+async def test_prefix_reuse_is_reported_in_cached_tokens(engine: Engine, reference: Llama) -> None:
+    prompt = engine.tokenize("Once upon a time, in a small house by the sea, there lived a kind old man and his cat.")
+    first = await run(engine, prompt, sampling=GREEDY, max_tokens=8)
+    # The KV cache now holds the prompt plus every generated token but the last (never decoded).
+    held = prompt + first.token_ids[:-1]
+
+    repeat = await run(engine, prompt, sampling=GREEDY, max_tokens=8)
+    assert repeat.usage.cached_tokens == len(prompt) - 1  # the last prompt token is decoded again
+    assert repeat.token_ids == first.token_ids
+
+    follow_up = prompt + first.token_ids[:4] + engine.tokenize(" The cat was sad.", add_special=False)
+    before = engine.stats()
+    continued = await run(engine, follow_up, sampling=GREEDY, max_tokens=8)
+    expected_cached = len(prompt) + 4 + _common_prefix(held[len(prompt) + 4 :], follow_up[len(prompt) + 4 :])
+    assert continued.usage.cached_tokens == expected_cached
+    assert continued.usage.prompt_tokens == len(follow_up)
+    assert engine.stats().cached_tokens_total - before.cached_tokens_total == expected_cached
+    assert continued.token_ids == reference_greedy(reference, follow_up, 8)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+async def test_cancel_frees_the_slot(engine: Engine) -> None:
+    await wait_until_idle(engine)
+    generation = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), GREEDY, max_tokens=200, ignore_eos=True))
+    await generation.__anext__()
+    assert engine.stats().slots_busy == 1
+    generation.cancel()
+    rest = [delta async for delta in generation]
+    assert generation.finish_reason == "cancelled"
+    assert 1 <= generation.usage.completion_tokens < 200
+    assert len("".join(rest)) < 200
+    assert engine.stats().slots_busy == 0
+
+
+async def test_dropping_an_unfinished_generation_cancels_it(engine: Engine) -> None:
+    await wait_until_idle(engine)
+    before = engine.stats().completion_tokens_total
+    generation = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[1]), GREEDY, max_tokens=200, ignore_eos=True))
+    await generation.__anext__()
+    del generation
+    gc.collect()
+    await wait_until_idle(engine)
+    assert engine.stats().completion_tokens_total - before < 200
+
+
+async def test_queue_overflow_raises_overloaded(engine: Engine) -> None:
+    await wait_until_idle(engine)
+    long = dict(sampling=GREEDY, max_tokens=200, ignore_eos=True)
+    accepted = [engine.submit(GenerationRequest(engine.tokenize(p), **long)) for p in (PROMPTS * 2)[: PARALLEL + MAX_QUEUE]]
+    with pytest.raises(Overloaded, match="slots are busy"):
+        engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), **long))
+    stats = engine.stats()
+    assert stats.slots_busy + stats.queue_depth == PARALLEL + MAX_QUEUE
+    for generation in accepted:
+        generation.cancel()
+    for generation in accepted:
+        await generation.collect()
+        assert generation.finish_reason == "cancelled"
+    assert sum(g.usage.completion_tokens for g in accepted) < (PARALLEL + MAX_QUEUE) * 200
+    await wait_until_idle(engine)
+
+
+async def test_chat_without_a_model_template_uses_the_chatml_fallback(engine: Engine) -> None:
+    assert engine.chat_template_is_fallback
+    assert engine.chat_stop == ("<|im_end|>",)
+    messages = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "A story about a cat"}]
+    rendered = "<|im_start|>system\nYou tell stories.<|im_end|>\n<|im_start|>user\nA story about a cat<|im_end|>\n<|im_start|>assistant\n"
+    assert engine.tokenize_chat(messages) == engine.tokenize(rendered)
+    with pytest.raises(ValueError, match="role"):
+        engine.tokenize_chat([{"role": "narrator", "content": "x"}])
+
+
+async def test_stats_count_every_token(engine: Engine) -> None:
+    await wait_until_idle(engine)
+    before = engine.stats()
+    generation = await run(engine, PROMPTS[4], sampling=GREEDY, max_tokens=6)
+    after = engine.stats()
+    assert after.requests_total - before.requests_total == 1
+    assert after.prompt_tokens_total - before.prompt_tokens_total == generation.usage.prompt_tokens
+    assert after.completion_tokens_total - before.completion_tokens_total == 6
+    assert (after.slots_total, after.slots_busy, after.queue_depth) == (PARALLEL, 0, 0)
+
+
+async def test_long_prompts_are_prefilled_in_chunks_alongside_generation(engine: Engine) -> None:
+    """With n_batch 16 a 100-token prompt takes several steps while another slot keeps generating."""
+    long_prompt = engine.tokenize(" ".join(PROMPTS * 2))
+    assert len(long_prompt) > 60
+    request = dict(sampling=GREEDY, max_tokens=20, ignore_eos=True)
+    expected = [(await run(engine, p, **request)).token_ids for p in (PROMPTS[0], long_prompt)]
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=N_CTX, parallel=2, n_batch=16, n_ubatch=8)) as small:
+        assert small.n_batch == 16
+        short = small.submit(GenerationRequest(small.tokenize(PROMPTS[0]), **request))
+        await short.__anext__()
+        long = small.submit(GenerationRequest(long_prompt, **request))
+        await asyncio.gather(short.collect(), long.collect())
+        assert [short.token_ids, long.token_ids] == expected
+
+
+async def test_close_fails_pending_generations_and_refuses_new_ones() -> None:
+    engine = Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=N_CTX, parallel=1, max_queue=1))
+    running = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), GREEDY, max_tokens=200, ignore_eos=True))
+    waiting = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[1]), GREEDY, max_tokens=5))
+    await running.__anext__()
+    engine.close()
+    for generation in (running, waiting):
+        with pytest.raises(EngineClosed):
+            await generation.collect()
+    with pytest.raises(EngineClosed):
+        engine.submit(GenerationRequest([1, 2], GREEDY))
+    with pytest.raises(EngineClosed):
+        engine.tokenize("hello")
+    engine.close()
+
+
+def test_loading_a_missing_or_invalid_model_raises_engine_error(tmp_path) -> None:
+    with pytest.raises(EngineError, match="model file not found"):
+        Engine.load(EngineOptions(model_path=tmp_path / "missing.gguf"))
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a gguf at all")
+    with pytest.raises(EngineError, match="could not load"):
+        Engine.load(EngineOptions(model_path=bogus))

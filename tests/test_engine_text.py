@@ -1,0 +1,163 @@
+"""The engine's pure parts: streamed text, stop strings, chat rendering and request validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vramsupply.engine import ContextOverflow, EngineOptions, GenerationRequest, SamplingParams
+from vramsupply.engine.chat import FALLBACK_STOP, ChatTemplate, normalize_messages
+from vramsupply.engine.text import StopMatcher, TextStream
+
+
+def stream_all(stream: TextStream, pieces: list[bytes]) -> tuple[list[str], bool]:
+    deltas = []
+    for piece in pieces:
+        delta = stream.push(piece)
+        deltas.append(delta.text)
+        if delta.stopped:
+            return deltas, True
+    deltas.append(stream.finish())
+    return deltas, False
+
+
+def test_multibyte_character_split_over_byte_tokens_is_never_emitted_broken() -> None:
+    emoji = "😀".encode()
+    pieces = [b" I", b" smile", b" ", *(emoji[i : i + 1] for i in range(4)), b"!"]
+    deltas, stopped = stream_all(TextStream(stops=()), pieces)
+    assert not stopped
+    assert "".join(deltas) == " I smile 😀!"
+    assert all("\ufffd" not in d for d in deltas)
+    # The three leading bytes of the emoji produce no text at all; the fourth produces all of it.
+    assert deltas[3:7] == ["", "", "", "😀"]
+
+
+def test_dangling_bytes_at_the_end_become_one_replacement_character() -> None:
+    deltas, _ = stream_all(TextStream(stops=()), [b"ok", "日".encode()[:2]])
+    assert "".join(deltas) == "ok\ufffd"
+
+
+def test_stop_string_spanning_two_pieces_is_cut_and_never_emitted() -> None:
+    deltas, stopped = stream_all(TextStream(stops=["END"]), [b"The tale ", b"ends. E", b"ND of it"])
+    assert stopped
+    assert "".join(deltas) == "The tale ends. "
+    assert deltas == ["The tale ", "ends. ", ""]
+
+
+def test_partial_stop_match_that_diverges_is_released() -> None:
+    matcher = StopMatcher(["<|im_end|>"])
+    assert matcher.push("hello <|im") == ("hello ", False)
+    assert matcher.push("portant") == ("<|important", False)
+    assert matcher.flush() == ""
+
+
+def test_held_back_partial_match_is_flushed_when_generation_ends() -> None:
+    deltas, stopped = stream_all(TextStream(stops=["STOP"]), [b"almost ST"])
+    assert not stopped
+    assert deltas == ["almost ", "ST"]
+
+
+def test_earliest_of_several_stop_strings_wins() -> None:
+    matcher = StopMatcher(["world", "lo w"])
+    assert matcher.push("hello world") == ("hel", True)
+
+
+def test_stop_string_inside_one_piece_cuts_that_piece() -> None:
+    deltas, stopped = stream_all(TextStream(stops=["\n\n"]), [b"line one\n\nline two"])
+    assert stopped
+    assert deltas == ["line one"]
+
+
+LLAMA2_STYLE_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'tool' %}{{ raise_exception('tools are not supported') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def test_model_chat_template_renders_with_its_special_tokens() -> None:
+    chat = ChatTemplate(LLAMA2_STYLE_TEMPLATE, bos_text="<s>", eos_text="</s>")
+    assert not chat.is_fallback
+    assert chat.stop == ()
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": [{"type": "text", "text": "Tell"}, {"type": "text", "text": "a story"}]},
+    ]
+    assert chat.render(messages) == "<s>[INST] Hi [/INST]Hello</s>[INST] Tell\na story [/INST]"
+
+
+def test_template_raise_exception_becomes_value_error() -> None:
+    chat = ChatTemplate(LLAMA2_STYLE_TEMPLATE, bos_text="<s>", eos_text="</s>")
+    with pytest.raises(ValueError, match="tools are not supported"):
+        chat.render([{"role": "tool", "content": "42"}])
+
+
+def test_missing_or_broken_template_falls_back_to_chatml() -> None:
+    expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    for template in (None, "{% for m in messages %}{{ m.content }"):
+        chat = ChatTemplate(template, bos_text="<s>", eos_text="</s>")
+        assert chat.is_fallback
+        assert chat.stop == FALLBACK_STOP
+        assert chat.render(messages) == expected
+
+
+@pytest.mark.parametrize(
+    ("messages", "error"),
+    [
+        ([], "non-empty list"),
+        ("hello", "non-empty list"),
+        (["hello"], r"messages\[0\] must be an object"),
+        ([{"role": "wizard", "content": "x"}], r"messages\[0\].role must be one of"),
+        ([{"role": "user"}], r"messages\[0\].content must be a string"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], r"content\[0\] must be a text part"),
+    ],
+)
+def test_bad_chat_messages_get_a_clear_error(messages: object, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        normalize_messages(messages)
+
+
+def test_assistant_tool_call_message_without_content_is_accepted() -> None:
+    calls = [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    [message] = normalize_messages([{"role": "assistant", "content": None, "tool_calls": calls}])
+    assert message == {"role": "assistant", "content": "", "tool_calls": calls}
+
+
+@pytest.mark.parametrize(
+    ("build", "error"),
+    [
+        (lambda: SamplingParams(temperature=-1), "temperature"),
+        (lambda: SamplingParams(top_p=0), "top_p"),
+        (lambda: SamplingParams(min_p=1.5), "min_p"),
+        (lambda: SamplingParams(top_k=-1), "top_k"),
+        (lambda: SamplingParams(repeat_penalty=0), "repeat_penalty"),
+        (lambda: SamplingParams(logit_bias={-3: 1.0}), "logit_bias"),
+        (lambda: SamplingParams(grammar="  "), "grammar"),
+        (lambda: GenerationRequest(prompt=[]), "at least one token"),
+        (lambda: GenerationRequest(prompt=[1], max_tokens=0), "max_tokens"),
+        (lambda: GenerationRequest(prompt=[1], stop="END"), "not a single string"),
+        (lambda: GenerationRequest(prompt=[1], stop=[""]), "non-empty"),
+        (lambda: EngineOptions(model_path=Path("m.gguf"), parallel=0), "parallel"),
+        (lambda: EngineOptions(model_path=Path("m.gguf"), parallel=8, n_batch=4), "n_batch"),
+        (lambda: EngineOptions(model_path=Path("m.gguf"), flash_attention="maybe"), "flash_attention"),
+        (lambda: EngineOptions(model_path=Path("m.gguf"), max_queue=-1), "max_queue"),
+    ],
+)
+def test_invalid_options_and_requests_are_rejected_with_the_field_named(build, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        build()
+
+
+def test_context_overflow_message_gives_the_numbers() -> None:
+    assert str(ContextOverflow(200, 100, 256)) == (
+        "the prompt (200 tokens) plus max_tokens (100) is 300 tokens, more than the context of 256"
+    )
+    error = ContextOverflow(300, None, 256)
+    assert (error.prompt_tokens, error.max_tokens, error.n_ctx) == (300, None, 256)
+    assert "300 tokens" in str(error) and "256" in str(error)
