@@ -141,6 +141,81 @@ def service_logs(
         fail(str(exc))
 
 
+@app.command()
+def demand(as_json: bool = typer.Option(False, "--json", help="Print the platform's JSON instead of a table.")) -> None:
+    """Show market demand: requests in the last 24 h, online providers and prices per model."""
+    from vramsupply.platform import PlatformError
+    from vramsupply.platform.commands import demand_view, fetch_demand, servable_models
+
+    settings = settings_from({})
+    try:
+        market = fetch_demand(settings)
+    except PlatformError as exc:
+        fail(str(exc))
+    if as_json:
+        console.print_json(market.model_dump_json())
+        return
+    console.print(demand_view(market, servable_models(settings)))
+
+
+@app.command()
+def rails(
+    stripe: Optional[bool] = typer.Option(None, "--stripe/--no-stripe", help="Accept buyers paying with an API key (Stripe payouts)."),
+    tempo: Optional[bool] = typer.Option(None, "--tempo/--no-tempo", help="Accept buyers paying per token with MPP (Tempo payouts)."),
+) -> None:
+    """Show or change which buyer payment rails are routed to you (at least one stays enabled)."""
+    from vramsupply.platform import PlatformError
+    from vramsupply.platform.commands import apply_rails, rails_table, rails_update
+
+    try:
+        current = apply_rails(settings_from({}), rails_update(stripe, tempo))
+    except PlatformError as exc:
+        fail(str(exc))
+    console.print(rails_table(current))
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Show the local agent's health and its registration with the platform (exit 1 when not serving)."""
+    from vramsupply.platform import default_state_path
+    from vramsupply.platform.commands import agent_status, status_table
+
+    report = agent_status(settings_from({}), default_state_path())
+    if as_json:
+        console.print_json(json.dumps(report.as_json()))
+    else:
+        console.print(status_table(report))
+    raise typer.Exit(0 if report.healthy else 1)
+
+
+@app.command()
+def devplatform(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8787, "--port", min=0, max=65535, help="Port to listen on (0: any free port)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Accept this API key instead of generating one (survives restarts)."),
+    health_interval: float = typer.Option(60.0, "--health-interval", min=0.05, help="Seconds between health checks of providers."),
+) -> None:
+    """Run the local reference platform (in memory) and print its URL and a generated API key."""
+    import asyncio
+
+    from vramsupply.devplatform import DevPlatform, PlatformOptions, serve_forever
+
+    platform = DevPlatform(api_key=api_key, options=PlatformOptions(health_interval=health_interval))
+
+    def announce(url: str) -> None:
+        console.print(f"reference platform listening on {url}", highlight=False)
+        console.print(f"API key: {platform.api_key}", highlight=False)
+        console.print(f"use it with: export VRAM_SUPPLY_PLATFORM_URL={url} VRAM_SUPPLY_API_KEY={platform.api_key}", highlight=False, soft_wrap=True)
+        console.print("Ctrl-C stops it (all state is in memory).", highlight=False)
+
+    try:
+        asyncio.run(serve_forever(platform, host, port, announce))
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        console.print("reference platform stopped")
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,166 @@
+"""`vramsupply demand`, `rails` and `status` as a provider runs them, against the reference platform."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from conftest import run_cli
+from live_platform import API_KEY, LivePlatform, free_port
+from live_server import MODEL_ID, LiveServer
+from vramsupply.config import Settings
+from vramsupply.platform import PlatformClient, ProviderLifecycle, build_offer, default_state_path
+from vramsupply.platform.api import RegisterRequest
+
+
+def platform_env(platform: LivePlatform, **extra: str) -> dict[str, str]:
+    return {"VRAM_SUPPLY_PLATFORM_URL": platform.url, "VRAM_SUPPLY_API_KEY": API_KEY, **extra}
+
+
+async def register(platform: LivePlatform, model: str, endpoint: str, input_price: int, output_price: int) -> None:
+    offer = RegisterRequest(
+        endpoint_url=endpoint, model=model, input_price_per_million=input_price, output_price_per_million=output_price, context_length_offered=2048
+    )
+    async with PlatformClient(platform.url, API_KEY) as client:
+        await client.register(offer)
+
+
+async def buyer_asks_for(platform: LivePlatform, model: str) -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{platform.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+            return response.status
+
+
+async def test_demand_lists_models_and_stars_the_one_you_serve() -> None:
+    with LivePlatform() as platform:
+        await register(platform, "stories260k", "http://10.0.0.1:8080", 100, 200)
+        await register(platform, "stories260k", "http://10.0.0.2:8080", 150, 300)
+        assert [await buyer_asks_for(platform, "qwen/qwen3.5-9b") for _ in range(3)] == [404, 404, 404]
+
+        table = run_cli("demand", env=platform_env(platform, VRAM_SUPPLY_MODEL="stories260k"))
+        as_json = run_cli("demand", "--json", env=platform_env(platform))
+
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    [mine] = [line for line in lines if "stories260k" in line]
+    assert "★ stories260k" in mine and "$1.00–$1.50" in mine and "$2.00–$3.00" in mine
+    [wanted] = [line for line in lines if "qwen/qwen3.5-9b" in line]
+    assert "★" not in wanted and " 3 " in wanted
+    assert lines.index(mine) < lines.index(wanted), "models you could serve come first"
+    assert json.loads(as_json.stdout) == {
+        "models": [
+            {"model": "qwen/qwen3.5-9b", "requests_24h": 3, "online_providers": 0, "input_price_per_million": None, "output_price_per_million": None},
+            {
+                "model": "stories260k",
+                "requests_24h": 0,
+                "online_providers": 2,
+                "input_price_per_million": {"min": 100, "max": 150},
+                "output_price_per_million": {"min": 200, "max": 300},
+            },
+        ]
+    }
+
+
+def test_rails_shows_and_toggles_each_rail() -> None:
+    with LivePlatform() as platform:
+        shown = run_cli("rails", env=platform_env(platform))
+        stripe_off = run_cli("rails", "--no-stripe", env=platform_env(platform))
+        account = platform.platform.account
+        after_stripe_off = (account.accepts_stripe, account.accepts_tempo)
+        tempo_off_too = run_cli("rails", "--no-tempo", env=platform_env(platform))
+        both_on = run_cli("rails", "--stripe", "--tempo", env=platform_env(platform))
+        final = (account.accepts_stripe, account.accepts_tempo)
+
+    assert shown.returncode == 0
+    assert rails_shown(shown.stdout) == {"Stripe": "yes", "Tempo (MPP)": "yes"}
+    assert after_stripe_off == (False, True)
+    assert rails_shown(stripe_off.stdout) == {"Stripe": "no", "Tempo (MPP)": "yes"}
+    assert tempo_off_too.returncode == 1
+    assert "at least one payment rail must remain enabled" in tempo_off_too.stderr
+    assert both_on.returncode == 0 and final == (True, True)
+
+
+def rails_shown(stdout: str) -> dict[str, str]:
+    """The rail → enabled column of the rails table as printed."""
+    rows = [[cell.strip() for cell in line.split("│")[1:3]] for line in stdout.splitlines() if line.startswith("│")]
+    return {rail: enabled for rail, enabled in rows if rail}
+
+
+def test_rails_refuses_both_off_before_calling_the_platform() -> None:
+    nothing_listening = f"http://127.0.0.1:{free_port()}"
+    result = run_cli("rails", "--no-stripe", "--no-tempo", env={"VRAM_SUPPLY_PLATFORM_URL": nothing_listening, "VRAM_SUPPLY_API_KEY": API_KEY})
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: refusing to disable both payment rails: at least one of Stripe and Tempo must stay enabled, or no buyer can reach you"
+    )
+
+
+def test_a_bad_api_key_is_one_line_with_the_fix() -> None:
+    with LivePlatform() as platform:
+        result = run_cli("demand", env={"VRAM_SUPPLY_PLATFORM_URL": platform.url, "VRAM_SUPPLY_API_KEY": "sk-not-mine"})
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: API key rejected — run `vramsupply login`"
+
+
+def test_missing_key_and_bad_platform_url_are_refused_before_any_call() -> None:
+    no_key = run_cli("demand", env={"VRAM_SUPPLY_PLATFORM_URL": f"http://127.0.0.1:{free_port()}"})
+    bad_url = run_cli("demand", env={"VRAM_SUPPLY_PLATFORM_URL": "ftp://vram.supply", "VRAM_SUPPLY_API_KEY": API_KEY})
+
+    assert no_key.returncode == 1
+    assert no_key.stderr.strip() == "error: no API key: run `vramsupply login` or set VRAM_SUPPLY_API_KEY"
+    assert bad_url.returncode == 2
+    assert bad_url.stderr.startswith("error: invalid platform_url = 'ftp://vram.supply' (from env VRAM_SUPPLY_PLATFORM_URL)")
+
+
+def test_status_without_an_agent_says_so_and_exits_1() -> None:
+    port = free_port()
+    result = run_cli("status", env={"VRAM_SUPPLY_PORT": str(port)})
+
+    assert result.returncode == 1
+    assert f"no agent answering at http://127.0.0.1:{port}" in result.stdout
+    assert "none recorded" in result.stdout
+
+
+async def test_status_shows_the_agents_health_and_registration() -> None:
+    with LiveServer() as agent, LivePlatform() as platform:
+        assert agent.engine is not None and agent.server is not None
+        local_agent = {"VRAM_SUPPLY_PORT": str(agent.server.port)}
+        settings = Settings(endpoint_url=agent.url, endpoint_token="tok")
+        offer = build_offer(settings, LocalTinyModel(), served_context=agent.engine.n_ctx, endpoint_token="tok", local_ok=True)
+        lifecycle = ProviderLifecycle(
+            PlatformClient(platform.url, API_KEY), offer.request, agent.engine.stats, heartbeat_interval=0.2, state_path=default_state_path()
+        )
+        lifecycle.start()
+        await asyncio.wait_for(lifecycle.registered.wait(), 5)
+        await asyncio.sleep(0.3)
+
+        result = run_cli("status", env=local_agent)
+        as_json = json.loads(run_cli("status", "--json", env=local_agent).stdout)
+        await lifecycle.stop(timeout=5)
+        after_stop = json.loads(run_cli("status", "--json", env=local_agent).stdout)
+
+    assert result.returncode == 0, result.stdout
+    assert "ok" in result.stdout and MODEL_ID in result.stdout
+    assert "registered" in result.stdout and lifecycle_id_in(as_json) in result.stdout
+    assert as_json["agent"]["healthy"] is True and as_json["agent"]["health"]["slots_busy"] == 0
+    assert as_json["registration"]["phase"] == "registered" and as_json["registration"]["current"] is True
+    assert as_json["registration"]["last_heartbeat_at"] is not None
+    assert after_stop["registration"]["phase"] == "deregistered"
+
+
+class LocalTinyModel:
+    model_id = MODEL_ID
+    repo_id = None
+    filename = None
+    sha256 = None
+    quant = None
+
+
+def lifecycle_id_in(status: dict[str, dict[str, str]]) -> str:
+    provider_id = status["registration"]["provider_id"]
+    assert provider_id.startswith("prov_")
+    return provider_id

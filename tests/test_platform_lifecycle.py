@@ -1,0 +1,200 @@
+"""The register → heartbeat → deregister lifecycle against the reference platform over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from live_platform import API_KEY, LivePlatform, free_port
+from vramsupply import __version__
+from vramsupply.config import Settings
+from vramsupply.platform import Backoff, Phase, PlatformClient, ProviderLifecycle, build_offer, read_state, resolve_endpoint_token
+
+
+@dataclass(frozen=True)
+class ResolvedGGUF:
+    model_id: str = "qwen/qwen3.5-9b"
+    repo_id: str | None = "unsloth/Qwen3.5-9B-GGUF"
+    filename: str | None = "Qwen3.5-9B-Q4_K_M.gguf"
+    sha256: str | None = "ab" * 32
+    quant: str | None = "Q4_K_M"
+
+
+@dataclass
+class EngineCounters:
+    """What the engine's stats() reports; the test plays the traffic."""
+
+    slots_total: int = 4
+    slots_busy: int = 0
+    queue_depth: int = 0
+    prompt_tokens_total: int = 0
+    completion_tokens_total: int = 0
+
+
+def make_lifecycle(platform_url: str, counters: EngineCounters, state_path: Path | None = None, interval: float = 0.2) -> ProviderLifecycle:
+    settings = Settings(endpoint_url="https://gpu.example.com", input_price=150, output_price=300, endpoint_token="tok-secret")
+    offer = build_offer(settings, ResolvedGGUF(), served_context=8192, endpoint_token=resolve_endpoint_token(settings))
+    client = PlatformClient(platform_url, API_KEY, attempts=1)
+    return ProviderLifecycle(
+        client, offer.request, lambda: counters, heartbeat_interval=interval, backoff=Backoff(initial=0.05, cap=0.2), state_path=state_path
+    )
+
+
+async def eventually(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_register_sends_exactly_the_documented_fields_plus_our_gguf_identity() -> None:
+    with LivePlatform() as platform:
+        lifecycle = make_lifecycle(platform.url, EngineCounters())
+        lifecycle.start()
+        await asyncio.wait_for(lifecycle.registered.wait(), 5)
+        [provider] = platform.providers
+
+        assert provider.offer.model_dump(exclude_unset=True) == {
+            "provider_type": "agent",
+            "endpoint_url": "https://gpu.example.com",
+            "model": "qwen/qwen3.5-9b",
+            "input_price_per_million": 150,
+            "output_price_per_million": 300,
+            "context_length_offered": 8192,
+            "gguf_repo": "unsloth/Qwen3.5-9B-GGUF",
+            "gguf_file": "Qwen3.5-9B-Q4_K_M.gguf",
+            "gguf_sha256": "ab" * 32,
+            "quant": "Q4_K_M",
+            "agent_version": __version__,
+            "endpoint_token": "tok-secret",
+        }
+        assert lifecycle.provider_id == provider.id
+        await lifecycle.stop(timeout=5)
+
+
+async def test_heartbeats_report_status_and_tokens_since_the_last_heartbeat() -> None:
+    counters = EngineCounters(prompt_tokens_total=1000, completion_tokens_total=500)
+    with LivePlatform() as platform:
+        lifecycle = make_lifecycle(platform.url, counters)
+        lifecycle.start()
+        await asyncio.wait_for(lifecycle.registered.wait(), 5)
+        [provider] = platform.providers
+        counters.slots_busy, counters.queue_depth = 3, 2
+        counters.prompt_tokens_total += 40
+        counters.completion_tokens_total += 7
+
+        await eventually(lambda: provider.reported_completion_tokens == 7)
+        assert provider.reported_prompt_tokens == 40, "tokens served before start() are not this instance's"
+        assert (provider.slots_total, provider.slots_busy, provider.queue_depth) == (4, 3, 2)
+        counters.completion_tokens_total += 5
+        await eventually(lambda: provider.reported_completion_tokens == 12)
+        beats_before = provider.last_seen_at
+        await asyncio.sleep(0.5)
+        assert provider.last_seen_at > beats_before, "heartbeats keep coming at the 0.2 s interval"
+        await lifecycle.stop(timeout=5)
+
+
+async def test_a_restarted_platform_with_empty_state_gets_the_agent_back() -> None:
+    port = free_port()
+    counters = EngineCounters()
+    with LivePlatform(port) as platform:
+        lifecycle = make_lifecycle(platform.url, counters)
+        lifecycle.start()
+        await asyncio.wait_for(lifecycle.registered.wait(), 5)
+        first_id = lifecycle.provider_id
+    with LivePlatform(port) as restarted:
+        await eventually(lambda: len(restarted.providers) == 1)
+        assert restarted.providers[0].id != first_id
+        await eventually(lambda: lifecycle.provider_id == restarted.providers[0].id)
+        assert lifecycle.phase is Phase.registered
+        await lifecycle.stop(timeout=5)
+        assert restarted.providers == []
+
+
+async def test_platform_down_for_a_while_logs_once_and_registration_resumes(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    port = free_port()
+    state_path = tmp_path / "registration.json"
+    lifecycle = make_lifecycle(f"http://127.0.0.1:{port}", EngineCounters(), state_path)
+    with caplog.at_level(logging.INFO, logger="vramsupply.platform"):
+        lifecycle.start()
+        await eventually(lambda: lifecycle.phase is Phase.unreachable)
+        await asyncio.sleep(0.6)
+        recorded = read_state(state_path)
+        assert recorded is not None and recorded.phase is Phase.unreachable
+        with LivePlatform(port) as platform:
+            await asyncio.wait_for(lifecycle.registered.wait(), 5)
+            assert [p.id for p in platform.providers] == [lifecycle.provider_id]
+            await lifecycle.stop(timeout=5)
+    unreachable_lines = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(unreachable_lines) == 1, "one line per state change, not one per retry"
+    assert any("registered qwen/qwen3.5-9b as prov_" in r.getMessage() for r in caplog.records)
+
+
+async def test_stop_deregisters_and_records_it(tmp_path: Path) -> None:
+    state_path = tmp_path / "registration.json"
+    with LivePlatform() as platform:
+        lifecycle = make_lifecycle(platform.url, EngineCounters(), state_path)
+        lifecycle.start()
+        await asyncio.wait_for(lifecycle.registered.wait(), 5)
+        provider_id = lifecycle.provider_id
+        registered = read_state(state_path)
+        assert registered is not None and registered.phase is Phase.registered and registered.provider_id == provider_id
+
+        assert await lifecycle.stop(timeout=5) is True
+
+        assert platform.providers == []
+    recorded = read_state(state_path)
+    assert recorded is not None
+    assert recorded.phase is Phase.deregistered and recorded.provider_id is None
+    assert provider_id in recorded.message
+
+
+async def test_drain_stops_routing_before_deregistering() -> None:
+    with LivePlatform() as platform:
+        lifecycle = make_lifecycle(platform.url, EngineCounters())
+        lifecycle.start()
+        await asyncio.wait_for(lifecycle.registered.wait(), 5)
+        await lifecycle.drain(timeout=2)
+        assert platform.providers[0].status == "draining"
+        assert platform.platform.store.candidates("qwen/qwen3.5-9b", "stripe") == []
+        await lifecycle.stop(timeout=2)
+        assert platform.providers == []
+
+
+async def test_stop_gives_up_at_the_deadline_when_the_platform_is_gone() -> None:
+    port = free_port()
+    with LivePlatform(port) as platform:
+        lifecycle = make_lifecycle(platform.url, EngineCounters())
+        lifecycle.start()
+        await asyncio.wait_for(lifecycle.registered.wait(), 5)
+    started = time.monotonic()
+    assert await lifecycle.stop(timeout=0.5) is False
+    assert time.monotonic() - started < 2
+    assert lifecycle.phase is Phase.deregister_failed
+
+
+async def test_a_rejected_api_key_keeps_retrying_and_says_how_to_fix_it(caplog: pytest.LogCaptureFixture) -> None:
+    with LivePlatform(api_key="sk-someone-else") as platform, caplog.at_level(logging.INFO, logger="vramsupply.platform"):
+        lifecycle = make_lifecycle(platform.url, EngineCounters())
+        lifecycle.start()
+        await eventually(lambda: lifecycle.phase is Phase.rejected)
+        await asyncio.sleep(0.5)
+        await lifecycle.stop(timeout=1)
+    rejected = [r for r in caplog.records if "API key rejected — run `vramsupply login`" in r.getMessage()]
+    assert len(rejected) == 1 and rejected[0].levelno == logging.ERROR
+
+
+def test_endpoint_token_is_generated_once_and_stored_private(tmp_path: Path) -> None:
+    path = tmp_path / "endpoint_token"
+    first = resolve_endpoint_token(Settings(), path)
+    second = resolve_endpoint_token(Settings(), path)
+
+    assert first == second and len(first) > 30
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert resolve_endpoint_token(Settings(endpoint_token="configured"), path) == "configured"

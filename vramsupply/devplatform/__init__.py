@@ -1,0 +1,68 @@
+"""A local, in-memory reference implementation of the vram.supply platform API.
+
+It lets `vramsupply serve --demo`, `vramsupply devplatform` and the tests exercise the whole
+marketplace loop (register, heartbeat, health checks, buyer routing, demand, rails) on one machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from aiohttp import web
+
+from vramsupply.devplatform.app import PlatformOptions, check_providers, create_app
+from vramsupply.devplatform.store import Account, Provider, Store
+
+__all__ = ["Account", "DevPlatform", "PlatformOptions", "Provider", "Store", "check_providers", "create_app", "serve_forever"]
+
+
+class DevPlatform:
+    """The reference platform on a localhost port, started and stopped from async code."""
+
+    def __init__(self, *, api_key: str | None = None, options: PlatformOptions = PlatformOptions()) -> None:
+        self.store = Store()
+        self.account = self.store.add_account(api_key)
+        self.app = create_app(self.store, options)
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    @property
+    def api_key(self) -> str:
+        return self.account.api_key
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen on ``host:port`` (0: a free port) and return the base URL."""
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound_host, bound_port = self._runner.addresses[0][:2]
+        self.url = f"http://{_url_host(bound_host)}:{bound_port}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> DevPlatform:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def serve_forever(platform: DevPlatform, host: str, port: int, announce: Callable[[str], None]) -> None:
+    """Run ``platform`` until cancelled (Ctrl-C), announcing where it listens and its API key."""
+    url = await platform.start(host, port)
+    announce(url)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await platform.stop()

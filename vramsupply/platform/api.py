@@ -1,0 +1,182 @@
+"""The vram.supply provider API as we speak it: routes, request and response bodies, error bodies.
+
+Everything that depends on the live API's wire format lives in this one module, shared by the
+client (``platform.client``) and the reference platform (``devplatform``). Fields the public docs
+name are spelled as documented; the shapes the docs leave open are our contract, described in
+``docs/platform-api.md``. Adapting to the live API should touch only this file.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+REGISTER_PATH = "/v1/providers/register"
+HEARTBEAT_PATH = "/v1/providers/heartbeat"
+PROVIDER_PATH = "/v1/providers/{provider_id}"
+DEMAND_PATH = "/v1/providers/demand"
+RAILS_PATH = "/v1/settings/provider/rails"
+CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
+
+PLATFORM_FEE = 0.05
+"""The platform keeps 5% of revenue; providers earn 95%."""
+
+_HTTP_URL = TypeAdapter(AnyHttpUrl)
+
+
+class _Body(BaseModel):
+    """Request bodies: unknown fields are an error on our side of the wire, strict JSON types."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Reply(BaseModel):
+    """Response bodies: tolerate fields the platform adds later."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class RegisterRequest(_Body):
+    """POST /v1/providers/register. The first six fields are the documented ones."""
+
+    provider_type: Literal["agent", "browser"] = "agent"
+    endpoint_url: StrictStr | None = Field(
+        None, validate_default=True, description="Public base URL; the platform calls {endpoint_url}/v1/... and {endpoint_url}/health"
+    )
+    model: StrictStr = Field(min_length=1)
+    input_price_per_million: StrictInt = Field(ge=0, description="Cents per million input tokens")
+    output_price_per_million: StrictInt = Field(ge=0, description="Cents per million output tokens")
+    context_length_offered: StrictInt | None = Field(None, ge=1, validate_default=True)
+    gguf_repo: StrictStr | None = None
+    gguf_file: StrictStr | None = None
+    gguf_sha256: StrictStr | None = None
+    quant: StrictStr | None = None
+    agent_version: StrictStr | None = None
+    endpoint_token: StrictStr | None = Field(None, description="Bearer token the platform sends on requests it routes to us")
+
+    @field_validator("endpoint_url", "context_length_offered")
+    @classmethod
+    def _required_for_agents(cls, value: Any, info: ValidationInfo) -> Any:
+        """The docs make endpoint_url and context_length_offered required for agent providers."""
+        if value is None and info.data.get("provider_type", "agent") == "agent":
+            raise PydanticCustomError("missing", "Field required for agent providers")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            _HTTP_URL.validate_python(value)
+        return value
+
+
+class RegisterResponse(_Reply):
+    provider_id: str = Field(validation_alias=AliasChoices("provider_id", "id"))
+    status: str = "online"
+
+
+class HeartbeatRequest(_Body):
+    """POST /v1/providers/heartbeat. Token counts are since the last acknowledged heartbeat."""
+
+    provider_id: StrictStr
+    status: Literal["online", "draining"] = "online"
+    slots_total: StrictInt = Field(ge=0)
+    slots_busy: StrictInt = Field(ge=0)
+    queue_depth: StrictInt = Field(ge=0)
+    prompt_tokens: StrictInt = Field(ge=0)
+    completion_tokens: StrictInt = Field(ge=0)
+
+
+class HeartbeatResponse(_Reply):
+    provider_id: str = Field(validation_alias=AliasChoices("provider_id", "id"))
+    status: str
+
+
+class DeregisterResponse(_Reply):
+    provider_id: str = Field(validation_alias=AliasChoices("provider_id", "id"))
+    status: str = "deregistered"
+
+
+class PriceRange(_Reply):
+    min: int
+    max: int
+
+
+class ModelDemand(_Reply):
+    model: str
+    requests_24h: int
+    online_providers: int
+    input_price_per_million: PriceRange | None = None
+    output_price_per_million: PriceRange | None = None
+
+
+class DemandResponse(_Reply):
+    models: list[ModelDemand]
+
+
+class RailsUpdate(_Body):
+    """PATCH /v1/settings/provider/rails: only the rails given change."""
+
+    accepts_stripe: StrictBool | None = None
+    accepts_tempo: StrictBool | None = None
+
+
+class Rails(_Reply):
+    """GET and PATCH /v1/settings/provider/rails answer with the account's current rails."""
+
+    accepts_stripe: bool
+    accepts_tempo: bool
+
+
+class FieldError(_Reply):
+    field: str
+    message: str
+
+
+def error_body(message: str, *, type_: str, code: str | None = None, fields: list[FieldError] | None = None) -> dict[str, Any]:
+    """The error JSON both platforms send: OpenAI's shape, plus per-field errors on 422."""
+    error: dict[str, Any] = {"message": message, "type": type_, "code": code}
+    if fields:
+        error["fields"] = [f.model_dump() for f in fields]
+        error["param"] = fields[0].field
+    return {"error": error}
+
+
+def error_message(body: Any) -> str | None:
+    """One line out of whatever error body the platform sent (ours, FastAPI's or a bare message)."""
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error", body)
+    if isinstance(error, str):
+        return error
+    if isinstance(error, dict):
+        fields = error.get("fields")
+        if isinstance(fields, list) and fields and isinstance(fields[0], dict):
+            return "; ".join(f"{f.get('field')}: {f.get('message')}" for f in fields if isinstance(f, dict))
+        if isinstance(error.get("message"), str):
+            return error["message"]
+    detail = body.get("detail")
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:]) or '?'}: {d.get('msg')}" for d in detail if isinstance(d, dict))
+    if isinstance(detail, str):
+        return detail
+    return None
+
+
+def net_cents(price_cents: int) -> float:
+    """What the provider earns of a price after the platform fee."""
+    return price_cents * (1 - PLATFORM_FEE)

@@ -1,0 +1,190 @@
+"""What `vramsupply demand`, `rails` and `status` do, so the CLI only parses flags and prints.
+
+Every function raises ``PlatformError`` (one readable line) for anything the user must fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import aiohttp
+from rich.table import Table
+from rich.text import Text
+
+from vramsupply.config import Settings
+from vramsupply.platform import api
+from vramsupply.platform.client import PlatformClient, PlatformError
+from vramsupply.platform.offer import format_cents
+from vramsupply.platform.state import Phase, RegistrationState, process_alive, read_state
+
+T = TypeVar("T")
+RAIL_BUYERS = {"accepts_stripe": "buyers paying with an API key (Bearer sk-…), Stripe payouts", "accepts_tempo": "buyers paying per token with MPP (Payment), Tempo payouts"}
+
+
+def api_key_of(settings: Settings) -> str:
+    if settings.api_key is None or not settings.api_key.get_secret_value():
+        raise PlatformError("no API key: run `vramsupply login` or set VRAM_SUPPLY_API_KEY")
+    return settings.api_key.get_secret_value()
+
+
+def fetch_demand(settings: Settings) -> api.DemandResponse:
+    return asyncio.run(_with_client(settings, lambda client: client.demand()))
+
+
+def rails_update(stripe: bool | None, tempo: bool | None) -> api.RailsUpdate | None:
+    """The change asked for on the command line; refusing both-off here, before any API call."""
+    if stripe is False and tempo is False:
+        raise PlatformError("refusing to disable both payment rails: at least one of Stripe and Tempo must stay enabled, or no buyer can reach you")
+    if stripe is None and tempo is None:
+        return None
+    return api.RailsUpdate(accepts_stripe=stripe, accepts_tempo=tempo)
+
+
+def apply_rails(settings: Settings, update: api.RailsUpdate | None) -> api.Rails:
+    """The account's rails after ``update`` (or as they are, when there is nothing to change)."""
+    if update is None:
+        return asyncio.run(_with_client(settings, lambda client: client.rails()))
+    return asyncio.run(_with_client(settings, lambda client: client.set_rails(update)))
+
+
+async def _with_client(settings: Settings, call: Callable[[PlatformClient], Awaitable[T]]) -> T:
+    async with PlatformClient(settings.platform_url, api_key_of(settings)) as client:
+        return await call(client)
+
+
+def servable_models(settings: Settings) -> set[str]:
+    """Canonical ids of the models this provider could serve: today, the configured one."""
+    if not settings.model:
+        return set()
+    model = settings.model
+    if model.endswith(".gguf") or Path(model).expanduser().is_file():
+        return {Path(model).stem.lower()}
+    return {model.lower()}
+
+
+def _price_range(prices: api.PriceRange | None) -> str:
+    if prices is None:
+        return "-"
+    if prices.min == prices.max:
+        return format_cents(prices.min)
+    return f"{format_cents(prices.min)}–{format_cents(prices.max)}"
+
+
+def demand_view(demand: api.DemandResponse, servable: set[str]) -> Table | Text:
+    """Models you could serve first (starred), then by requests in the last 24 h."""
+    if not demand.models:
+        return Text("The platform reports no demand yet: no model has providers or requests.")
+    mine_listed = any(entry.model.lower() in servable for entry in demand.models)
+    table = Table(title="Market demand (prices per million tokens)", caption="★ a model you could serve" if mine_listed else None)
+    table.add_column("model")
+    for column in ("requests 24h", "online providers", "input price", "output price"):
+        table.add_column(column, justify="right")
+    rows = sorted(demand.models, key=lambda m: (m.model not in servable, -m.requests_24h, m.model))
+    for entry in rows:
+        mine = entry.model.lower() in servable
+        table.add_row(
+            Text(("★ " if mine else "  ") + entry.model, style="bold green" if mine else ""),
+            str(entry.requests_24h),
+            str(entry.online_providers),
+            _price_range(entry.input_price_per_million),
+            _price_range(entry.output_price_per_million),
+        )
+    return table
+
+
+def rails_table(rails: api.Rails) -> Table:
+    table = Table(title="Payment rails (who can be routed to you)")
+    for column in ("rail", "enabled", "buyers"):
+        table.add_column(column)
+    for name, label in (("accepts_stripe", "Stripe"), ("accepts_tempo", "Tempo (MPP)")):
+        enabled = getattr(rails, name)
+        table.add_row(label, Text("yes" if enabled else "no", style="green" if enabled else "red"), RAIL_BUYERS[name])
+    return table
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """The local agent's /health answer and the registration state its lifecycle recorded."""
+
+    url: str
+    health: dict[str, Any] | None
+    health_error: str | None
+    registration: RegistrationState | None
+    registration_current: bool
+
+    @property
+    def healthy(self) -> bool:
+        return self.health is not None and self.health.get("status") == "ok"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "agent": {"url": self.url, "healthy": self.healthy, "health": self.health, "error": self.health_error},
+            "registration": None if self.registration is None else {**self.registration.model_dump(mode="json"), "current": self.registration_current},
+        }
+
+
+def agent_status(settings: Settings, state_path: Path) -> AgentStatus:
+    url = f"http://{_local_host(settings.host)}:{settings.port}"
+    health, error = asyncio.run(_probe_health(url))
+    registration = read_state(state_path)
+    current = registration is not None and (registration.phase is Phase.deregistered or process_alive(registration.pid))
+    return AgentStatus(url, health, error, registration, current)
+
+
+def _local_host(host: str) -> str:
+    """Where to reach a server bound to ``host`` from this machine."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+async def _probe_health(url: str) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            async with session.get(url + "/health") as response:
+                body = await response.json(content_type=None)
+                if response.status != 200 or not isinstance(body, dict):
+                    return None, f"{url}/health answered {response.status}: {api.error_message(body) or 'not ready'}"
+                return body, None
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        return None, f"no agent answering at {url} ({exc or type(exc).__name__})"
+
+
+def status_table(status: AgentStatus) -> Table:
+    table = Table(title="vramsupply status", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("state")
+    if status.health is not None:
+        health = status.health
+        state = Text(str(health.get("status", "?")), style="green" if status.healthy else "yellow")
+        table.add_row("agent", Text.assemble(state, f"  {status.url}"))
+        for key in ("model", "slots_busy", "slots_idle", "queue"):
+            if key in health:
+                table.add_row(key.replace("_", " "), str(health[key]))
+    else:
+        table.add_row("agent", Text(status.health_error or "not running", style="red"))
+    registration = status.registration
+    if registration is None:
+        table.add_row("registration", "none recorded (the agent has not tried to register)")
+        return table
+    phase = registration.phase.value if status.registration_current else f"{registration.phase.value} (stale: process {registration.pid} is not running)"
+    table.add_row("registration", Text(phase, style="green" if registration.phase is Phase.registered and status.registration_current else "yellow"))
+    table.add_row("provider id", registration.provider_id or "-")
+    table.add_row("platform", registration.platform_url)
+    table.add_row("endpoint", registration.endpoint_url)
+    table.add_row("last heartbeat", _ago(registration.last_heartbeat_at))
+    table.add_row("detail", registration.message)
+    return table
+
+
+def _ago(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return f"{max(0.0, time.time() - timestamp):.0f}s ago"

@@ -1,0 +1,201 @@
+"""Keeping a serving agent listed on the marketplace: register, heartbeat, deregister.
+
+The lifecycle never stops the agent from serving: when the platform is unreachable or refuses us,
+it keeps retrying in the background (capped exponential backoff with jitter) and logs once per
+state change, not once per try. Every state change is also written to the registration state
+file that `vramsupply status` reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal, Protocol
+
+from vramsupply.platform import api
+from vramsupply.platform.backoff import Backoff
+from vramsupply.platform.client import ApiKeyRejected, PlatformClient, PlatformError, PlatformUnavailable, UnknownProvider
+from vramsupply.platform.state import Phase, RegistrationState, write_state
+
+log = logging.getLogger("vramsupply.platform")
+
+
+class ServingStats(Protocol):
+    """A snapshot of the serving engine (``engine.EngineStats`` satisfies this)."""
+
+    @property
+    def slots_total(self) -> int: ...
+    @property
+    def slots_busy(self) -> int: ...
+    @property
+    def queue_depth(self) -> int: ...
+    @property
+    def prompt_tokens_total(self) -> int: ...
+    @property
+    def completion_tokens_total(self) -> int: ...
+
+
+class ProviderLifecycle:
+    """Registers ``offer`` and heartbeats with ``stats()`` until ``stop()``; owns ``client``."""
+
+    def __init__(
+        self,
+        client: PlatformClient,
+        offer: api.RegisterRequest,
+        stats: Callable[[], ServingStats],
+        *,
+        heartbeat_interval: float,
+        backoff: Backoff = Backoff(initial=1.0, cap=60.0),
+        state_path: Path | None = None,
+    ) -> None:
+        self._client = client
+        self._offer = offer
+        self._stats = stats
+        self._interval = heartbeat_interval
+        self._backoff = backoff
+        self._state_path = state_path
+        self._task: asyncio.Task[None] | None = None
+        self._reported_prompt = 0
+        self._reported_completion = 0
+        self._last_heartbeat_at: float | None = None
+        self._logged: tuple[Phase, str] | None = None
+        self.registered = asyncio.Event()
+        self.provider_id: str | None = None
+        self.phase = Phase.registering
+        self.message = ""
+
+    def start(self) -> None:
+        """Begin registering in the background; call once the server answers requests."""
+        stats = self._stats()
+        self._reported_prompt, self._reported_completion = stats.prompt_tokens_total, stats.completion_tokens_total
+        self._set_phase(Phase.registering, f"registering {self._offer.model} at {self._offer.endpoint_url} with {self._client.base_url}")
+        self._task = asyncio.create_task(self._run(), name="provider-lifecycle")
+
+    async def drain(self, timeout: float) -> None:
+        """Stop heartbeating and tell the platform to route nothing new here (best effort, bounded)."""
+        await self._cancel_loop()
+        if self.provider_id is None:
+            return
+        self._set_phase(Phase.draining, "draining: the platform routes no new requests here")
+        with contextlib.suppress(PlatformError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._client.heartbeat(self._heartbeat_request(self.provider_id, "draining", self._stats())), timeout)
+
+    async def stop(self, timeout: float) -> bool:
+        """Deregister within ``timeout`` seconds; True when the platform no longer lists us."""
+        await self._cancel_loop()
+        try:
+            if self.provider_id is None:
+                self._set_phase(Phase.deregistered, "not registered; nothing to remove from the platform")
+                return True
+            try:
+                await asyncio.wait_for(self._client.deregister(self.provider_id), timeout)
+            except (PlatformError, asyncio.TimeoutError) as exc:
+                reason = str(exc) or f"no answer within {timeout:g}s"
+                self._set_phase(Phase.deregister_failed, f"could not deregister {self.provider_id}: {reason}; health checks will mark it offline", logging.WARNING)
+                return False
+            gone, self.provider_id = self.provider_id, None
+            self._set_phase(Phase.deregistered, f"deregistered {gone} from {self._client.base_url}")
+            self.registered.clear()
+            return True
+        finally:
+            await self._client.close()
+
+    async def _cancel_loop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            if self.provider_id is None:
+                ok = await self._register()
+                wait = self._interval if ok else self._backoff.delay(failures)
+            else:
+                ok = await self._heartbeat(self.provider_id)
+                if self.provider_id is None:
+                    failures = 0
+                    continue
+                wait = self._interval
+            failures = 0 if ok else failures + 1
+            await asyncio.sleep(wait)
+
+    async def _register(self) -> bool:
+        try:
+            reply = await self._client.register(self._offer)
+        except PlatformError as exc:
+            self._record_failure(exc)
+            return False
+        self.provider_id = reply.provider_id
+        self._set_phase(Phase.registered, f"registered {self._offer.model} as {reply.provider_id} with {self._client.base_url}")
+        self.registered.set()
+        return True
+
+    async def _heartbeat(self, provider_id: str) -> bool:
+        snapshot = self._stats()
+        try:
+            reply = await self._client.heartbeat(self._heartbeat_request(provider_id, "online", snapshot))
+        except UnknownProvider:
+            self.provider_id = None
+            self.registered.clear()
+            self._set_phase(Phase.registering, f"the platform no longer knows {provider_id}; registering again", logging.WARNING)
+            return False
+        except PlatformError as exc:
+            self._record_failure(exc)
+            return False
+        self._reported_prompt, self._reported_completion = snapshot.prompt_tokens_total, snapshot.completion_tokens_total
+        self._last_heartbeat_at = time.time()
+        if reply.status == "offline":
+            self._set_phase(Phase.offline, f"the platform lists {provider_id} as offline: its health check of {self._offer.endpoint_url}/health failed", logging.WARNING)
+        else:
+            self._set_phase(Phase.registered, f"heartbeats accepted for {provider_id}")
+        return True
+
+    def _heartbeat_request(self, provider_id: str, status: Literal["online", "draining"], snapshot: ServingStats) -> api.HeartbeatRequest:
+        """Status plus the tokens served since the last heartbeat the platform acknowledged."""
+        return api.HeartbeatRequest(
+            provider_id=provider_id,
+            status=status,
+            slots_total=snapshot.slots_total,
+            slots_busy=snapshot.slots_busy,
+            queue_depth=snapshot.queue_depth,
+            prompt_tokens=max(0, snapshot.prompt_tokens_total - self._reported_prompt),
+            completion_tokens=max(0, snapshot.completion_tokens_total - self._reported_completion),
+        )
+
+    def _record_failure(self, exc: PlatformError) -> None:
+        if isinstance(exc, PlatformUnavailable):
+            self._set_phase(Phase.unreachable, f"platform unreachable ({exc}); still serving locally, retrying in the background", logging.WARNING)
+        else:
+            level = logging.ERROR if isinstance(exc, ApiKeyRejected) else logging.WARNING
+            self._set_phase(Phase.rejected, f"{exc}; still serving locally, retrying in the background", level)
+
+    def _set_phase(self, phase: Phase, message: str, level: int = logging.INFO) -> None:
+        """Record every change in the state file; log only when the phase (or refusal) changes."""
+        self.phase, self.message = phase, message
+        key = (phase, message if phase is Phase.rejected else "")
+        if key != self._logged:
+            self._logged = key
+            log.log(level, message)
+        if self._state_path is not None:
+            write_state(
+                self._state_path,
+                RegistrationState(
+                    phase=phase,
+                    platform_url=self._client.base_url,
+                    model=self._offer.model,
+                    endpoint_url=self._offer.endpoint_url or "",
+                    provider_id=self.provider_id,
+                    message=message,
+                    pid=os.getpid(),
+                    updated_at=time.time(),
+                    last_heartbeat_at=self._last_heartbeat_at,
+                ),
+            )

@@ -1,0 +1,102 @@
+"""What this agent offers the market: the register payload, built and checked before any call.
+
+Bad offers (a non-http(s) endpoint, more context than is served) are refused here with one clear
+line; doubtful ones (an endpoint buyers on the internet cannot reach) produce warnings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from vramsupply import __version__
+from vramsupply.config import Settings
+from vramsupply.platform import api
+
+
+class OfferError(ValueError):
+    """The offer cannot be registered as configured; the message says what to change."""
+
+
+class ModelIdentity(Protocol):
+    """The served model as the hub resolved it (``hub.LocalModel`` satisfies this)."""
+
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def repo_id(self) -> str | None: ...
+    @property
+    def filename(self) -> str | None: ...
+    @property
+    def sha256(self) -> str | None: ...
+    @property
+    def quant(self) -> str | None: ...
+
+
+def check_endpoint_url(url: str | None, *, local_ok: bool = False) -> list[str]:
+    """Refuse a missing or non-http(s) endpoint; warn when buyers on the internet cannot reach it."""
+    if not url:
+        raise OfferError("an endpoint URL is required to register: pass --endpoint-url or set VRAM_SUPPLY_ENDPOINT_URL (or --no-register)")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise OfferError(f"endpoint URL {url!r} must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise OfferError(f"endpoint URL {url!r} must be a base URL without ?query or #fragment")
+    if local_ok or not is_local_host(parts.hostname):
+        return []
+    return [f"endpoint URL {url} points at a local or private address: the platform and buyers on the internet cannot reach it"]
+
+
+def is_local_host(hostname: str) -> bool:
+    name = hostname.lower().rstrip(".")
+    if name == "localhost" or name.endswith((".localhost", ".local", ".internal")):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return address.is_private or address.is_loopback or address.is_link_local or address.is_unspecified
+
+
+@dataclass(frozen=True)
+class Offer:
+    request: api.RegisterRequest
+    warnings: list[str]
+
+
+def build_offer(settings: Settings, model: ModelIdentity, served_context: int, endpoint_token: str, *, local_ok: bool = False) -> Offer:
+    """The register payload: documented fields from Settings, plus the GGUF identity and our token."""
+    warnings = check_endpoint_url(settings.endpoint_url, local_ok=local_ok)
+    offered = settings.context_length_offered or served_context
+    if offered > served_context:
+        raise OfferError(f"context_length_offered ({offered}) is larger than the context this agent serves ({served_context})")
+    request = api.RegisterRequest(
+        provider_type="agent",
+        endpoint_url=settings.endpoint_url,
+        model=model.model_id,
+        input_price_per_million=settings.input_price,
+        output_price_per_million=settings.output_price,
+        context_length_offered=offered,
+        gguf_repo=model.repo_id,
+        gguf_file=model.filename,
+        gguf_sha256=model.sha256,
+        quant=model.quant,
+        agent_version=__version__,
+        endpoint_token=endpoint_token,
+    )
+    return Offer(request, warnings)
+
+
+def format_cents(cents: float) -> str:
+    return f"${cents / 100:,.2f}"
+
+
+def price_summary(input_price: int, output_price: int) -> str:
+    """The startup line: list prices and what the provider keeps after the platform fee."""
+    fee = f"{api.PLATFORM_FEE:.0%}"
+    return (
+        f"prices per million tokens: input {format_cents(input_price)}, output {format_cents(output_price)}; "
+        f"you earn {format_cents(api.net_cents(input_price))} / {format_cents(api.net_cents(output_price))} after the {fee} platform fee"
+    )

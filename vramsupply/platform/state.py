@@ -1,0 +1,76 @@
+"""The registration state file: how `vramsupply status` learns what the running agent's lifecycle is doing.
+
+The lifecycle rewrites ``registration.json`` in the data dir on every state change and heartbeat;
+`status` reads it and checks whether the recorded process is still alive.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from vramsupply.config import data_dir
+
+STATE_FILE_NAME = "registration.json"
+
+
+class Phase(str, Enum):
+    registering = "registering"
+    registered = "registered"
+    offline = "offline"
+    unreachable = "unreachable"
+    rejected = "rejected"
+    draining = "draining"
+    deregistered = "deregistered"
+    deregister_failed = "deregister_failed"
+
+
+class RegistrationState(BaseModel):
+    phase: Phase
+    platform_url: str
+    model: str
+    endpoint_url: str
+    provider_id: str | None = None
+    message: str = ""
+    pid: int
+    updated_at: float
+    last_heartbeat_at: float | None = None
+
+
+def default_state_path() -> Path:
+    return data_dir() / STATE_FILE_NAME
+
+
+def write_state(path: Path, state: RegistrationState) -> None:
+    """Replace the file atomically so a concurrent `status` never reads half a document."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".registration-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(state.model_dump_json(indent=2))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_state(path: Path) -> RegistrationState | None:
+    """The recorded state, or None when no agent has written one (or it is unreadable)."""
+    try:
+        return RegistrationState.model_validate_json(path.read_text())
+    except (OSError, ValidationError):
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,38 @@
+"""The endpoint token: the secret the platform presents when it routes a buyer's request to us.
+
+A configured ``endpoint_token`` wins. Otherwise one is generated once and kept in the data dir
+(mode 0600), so restarts register the same token and a running agent's token never changes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from vramsupply.config import Settings, data_dir
+
+TOKEN_FILE_NAME = "endpoint_token"
+
+
+def default_token_path() -> Path:
+    return data_dir() / TOKEN_FILE_NAME
+
+
+def resolve_endpoint_token(settings: Settings, path: Path | None = None) -> str:
+    if settings.endpoint_token is not None:
+        return settings.endpoint_token.get_secret_value()
+    path = path or default_token_path()
+    try:
+        stored = path.read_text().strip()
+    except FileNotFoundError:
+        stored = ""
+    if stored:
+        return stored
+    token = "vst-" + secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    os.chmod(path, 0o600)
+    return token
