@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -250,12 +251,16 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-async def test_cancel_frees_the_slot(engine: Engine) -> None:
+@pytest.mark.parametrize("how", ["cancel", "aclose"])
+async def test_cancel_frees_the_slot(engine: Engine, how: str) -> None:
     await wait_until_idle(engine)
     generation = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), GREEDY, max_tokens=200, ignore_eos=True))
     await generation.__anext__()
     assert engine.stats().slots_busy == 1
-    generation.cancel()
+    if how == "cancel":
+        generation.cancel()
+    else:
+        await generation.aclose()
     rest = [delta async for delta in generation]
     assert generation.finish_reason == "cancelled"
     assert 1 <= generation.usage.completion_tokens < 200
@@ -272,6 +277,25 @@ async def test_dropping_an_unfinished_generation_cancels_it(engine: Engine) -> N
     gc.collect()
     await wait_until_idle(engine)
     assert engine.stats().completion_tokens_total - before < 200
+
+
+def test_requests_of_a_closed_event_loop_are_cancelled(engine: Engine) -> None:
+    """A consumer loop that went away can never read its output: the scheduler frees its slot."""
+
+    async def submit_and_leave() -> Generation:
+        generation = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[2]), GREEDY, max_tokens=200, ignore_eos=True))
+        await generation.__anext__()
+        return generation
+
+    before = engine.stats().completion_tokens_total
+    orphan = asyncio.run(submit_and_leave())
+    for _ in range(500):
+        if engine.stats().slots_busy == 0:
+            break
+        time.sleep(0.01)
+    assert engine.stats().slots_busy == 0
+    assert engine.stats().completion_tokens_total - before < 200
+    assert not orphan.done  # nobody is left to deliver the ending to
 
 
 async def test_queue_overflow_raises_overloaded(engine: Engine) -> None:

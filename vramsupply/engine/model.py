@@ -145,7 +145,7 @@ def create_context(model: Model, options: EngineOptions) -> LlamaContext:
     params.kv_unified = False
     params.n_batch = options.n_batch
     params.n_ubatch = min(options.n_ubatch, options.n_batch)
-    params.flash_attn_type = _FLASH_ATTENTION[str(getattr(options.flash_attention, "value", options.flash_attention))]
+    params.flash_attn_type = _FLASH_ATTENTION[options.flash_attention_mode]
     if options.threads is not None:
         params.n_threads = options.threads
         params.n_threads_batch = options.threads

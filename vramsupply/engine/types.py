@@ -81,11 +81,16 @@ class EngineOptions:
             f"n_batch ({self.n_batch}) must be at least parallel ({self.parallel})",
         )
         _require(
-            str(getattr(self.flash_attention, "value", self.flash_attention)) in FLASH_ATTENTION_MODES,
+            self.flash_attention_mode in FLASH_ATTENTION_MODES,
             f"flash_attention must be one of {', '.join(FLASH_ATTENTION_MODES)}, got {self.flash_attention!r}",
         )
         _require(self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}")
         _require(self.max_queue >= 0, f"max_queue must be 0 or more, got {self.max_queue}")
+
+    @property
+    def flash_attention_mode(self) -> str:
+        """The mode as a plain string (auto, on or off), also when given ``Settings``' enum."""
+        return str(getattr(self.flash_attention, "value", self.flash_attention))
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,10 @@ class SamplingParams:
         _require(_finite(self.frequency_penalty), f"frequency_penalty must be a finite number, got {self.frequency_penalty}")
         for token, bias in self.logit_bias.items():
             _require(isinstance(token, int) and token >= 0, f"logit_bias keys must be token ids (ints >= 0), got {token!r}")
-            _require(not math.isnan(bias), f"logit_bias for token {token} is NaN")
+            _require(
+                isinstance(bias, (int, float)) and not math.isnan(bias),
+                f"logit_bias for token {token} must be a number, got {bias!r}",
+            )
         _require(self.grammar is None or self.grammar.strip() != "", "grammar must not be empty")
 
     @property
@@ -141,6 +149,10 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class Usage:
     """Exact token accounting of one request; this is what buyers are billed for.
+
+    ``prompt_tokens`` is the length of the request's prompt (also when it was cancelled before
+    running). ``cached_tokens`` of those were not computed again because the slot's KV cache
+    already held them (a reused prefix).
 
     ``completion_tokens`` counts every token sampled for the request except an end-of-generation
     token (EOS/EOT), which ends the request without being part of its output. Tokens whose text
