@@ -7,6 +7,7 @@ import gc
 import math
 import time
 from collections.abc import Iterator
+from itertools import pairwise
 
 import pytest
 from llama_cpp import Llama
@@ -89,7 +90,7 @@ async def test_concurrent_greedy_requests_equal_each_run_alone(engine: Engine) -
     request = dict(sampling=GREEDY, max_tokens=32, ignore_eos=True)
     alone = [await run(engine, p, **request) for p in PROMPTS]
     together = await asyncio.gather(*(run(engine, p, **request) for p in PROMPTS))
-    for single, batched in zip(alone, together):
+    for single, batched in zip(alone, together, strict=True):
         assert len(single.token_ids) == 32
         assert batched.token_ids == single.token_ids
         assert batched.finish_reason == single.finish_reason == "length"
@@ -139,7 +140,7 @@ def _stop_across_a_token_boundary(pieces: list[str]) -> tuple[str, int]:
     """A stop string made of the end of one piece and the start of the next, first found there."""
     text = "".join(pieces)
     offset = 0
-    for left, right in zip(pieces, pieces[1:]):
+    for left, right in pairwise(pieces):
         offset += len(left)
         if len(left) >= 2 and len(right) >= 2:
             stop = left[-2:] + right[:2]
@@ -206,7 +207,8 @@ async def test_prompt_that_fills_the_context_raises_before_any_work(engine: Engi
     with pytest.raises(ContextOverflow) as error:
         engine.submit(GenerationRequest([1] + [403] * (N_CTX - 1), GREEDY))
     assert (error.value.prompt_tokens, error.value.n_ctx) == (N_CTX, N_CTX)
-    with pytest.raises(ContextOverflow, match=r"the prompt \(5 tokens\) plus max_tokens \(252\) is 257 tokens, more than the context of 256"):
+    overflow = r"the prompt \(5 tokens\) plus max_tokens \(252\) is 257 tokens, more than the context of 256"
+    with pytest.raises(ContextOverflow, match=overflow):
         engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), GREEDY, max_tokens=N_CTX - 4))
     assert engine.stats() == before
 
@@ -319,7 +321,11 @@ async def test_chat_without_a_model_template_uses_the_chatml_fallback(engine: En
     assert engine.chat_template_is_fallback
     assert engine.chat_stop == ("<|im_end|>",)
     messages = [{"role": "system", "content": "You tell stories."}, {"role": "user", "content": "A story about a cat"}]
-    rendered = "<|im_start|>system\nYou tell stories.<|im_end|>\n<|im_start|>user\nA story about a cat<|im_end|>\n<|im_start|>assistant\n"
+    rendered = (
+        "<|im_start|>system\nYou tell stories.<|im_end|>\n"
+        "<|im_start|>user\nA story about a cat<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     assert engine.tokenize_chat(messages) == engine.tokenize(rendered)
     with pytest.raises(ValueError, match="role"):
         engine.tokenize_chat([{"role": "narrator", "content": "x"}])

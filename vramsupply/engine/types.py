@@ -113,7 +113,9 @@ class SamplingParams:
         _require(_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _require(self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         _require(_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
-        _require(_finite(self.repeat_penalty) and self.repeat_penalty > 0, f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        _require(
+            _finite(self.repeat_penalty) and self.repeat_penalty > 0, f"repeat_penalty must be > 0, got {self.repeat_penalty}"
+        )
         _require(_finite(self.presence_penalty), f"presence_penalty must be a finite number, got {self.presence_penalty}")
         _require(_finite(self.frequency_penalty), f"frequency_penalty must be a finite number, got {self.frequency_penalty}")
         for token, bias in self.logit_bias.items():
