@@ -13,11 +13,11 @@ import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import platformdirs
 from pydantic import AnyHttpUrl, Field, SecretStr, TypeAdapter, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,6 +32,10 @@ CONFIG_PATH_ENV = "VRAM_SUPPLY_CONFIG"
 
 
 _HTTP_URL = TypeAdapter(AnyHttpUrl)
+
+# `{org}` stands for the model's own organisation (e.g. Qwen for Qwen/Qwen3-8B).
+DEFAULT_GGUF_PUBLISHERS = ("{org}", "ggml-org", "unsloth", "bartowski", "lmstudio-community")
+DEFAULT_DOWNLOAD_TIMEOUT = 60.0
 
 
 class FlashAttention(str, Enum):
@@ -81,6 +85,11 @@ class Settings(BaseSettings):
 
     # Hub and logging
     cache_dir: Path | None = Field(None, description="HuggingFace cache dir for models (default: the shared HF cache)")
+    gguf_publishers: Annotated[list[str], NoDecode] = Field(
+        list(DEFAULT_GGUF_PUBLISHERS),
+        description="GGUF publishers preferred when resolving `org/model`, in order, comma-separated (`{org}`: the model's own org); others rank by downloads",
+    )
+    download_timeout: float = Field(DEFAULT_DOWNLOAD_TIMEOUT, gt=0, description="Seconds a Hub request or model download may go without receiving data before it fails")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
 
     @field_validator("platform_url", "endpoint_url")
@@ -90,6 +99,11 @@ class Settings(BaseSettings):
             return None
         _HTTP_URL.validate_python(value)
         return value.rstrip("/")
+
+    @field_validator("gguf_publishers", mode="before")
+    @classmethod
+    def _split_publishers(cls, value: Any) -> Any:
+        return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
 
     @field_validator("log_level", mode="before")
     @classmethod

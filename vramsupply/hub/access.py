@@ -1,0 +1,83 @@
+"""How to reach the Hub: endpoint, token and offline mode, read from the environment at call time.
+
+huggingface_hub reads `HF_ENDPOINT`, `HF_HUB_OFFLINE` and friends once, at import. A daemon, or a
+test that starts a fake Hub after the import, needs them read when a model is prepared, so every
+Hub call here gets an explicit `endpoint=` and `token=`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx2
+from huggingface_hub import HfApi, get_token, hf_hub_url
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+from huggingface_hub.utils import build_hf_headers
+
+from vramsupply import __version__
+from vramsupply.config import DEFAULT_DOWNLOAD_TIMEOUT
+from vramsupply.hub.errors import HubAuthError, HubError, HubUnreachable
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+# Seconds without a byte (or an answer) before a Hub call or download gives up.
+DEFAULT_TIMEOUT = DEFAULT_DOWNLOAD_TIMEOUT
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def auth_help(repo_id: str, endpoint: str) -> str:
+    return (
+        f"access to {repo_id} was refused: accept the model's licence at {endpoint}/{repo_id} "
+        "and set HF_TOKEN to an access token of that account"
+    )
+
+
+@dataclass(frozen=True)
+class HubAccess:
+    endpoint: str
+    token: str | None
+    offline: bool
+    timeout: float
+
+    @classmethod
+    def from_env(cls, timeout: float) -> HubAccess:
+        return cls(
+            endpoint=(os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
+            token=os.environ.get("HF_TOKEN") or get_token(),
+            offline=os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE,
+            timeout=timeout,
+        )
+
+    def api(self) -> HfApi:
+        return HfApi(endpoint=self.endpoint, token=self.token or False, library_name="vramsupply", library_version=__version__)
+
+    def file_url(self, repo_id: str, revision: str, path: str) -> str:
+        return hf_hub_url(repo_id, path, revision=revision, endpoint=self.endpoint)
+
+    def headers(self) -> dict[str, str]:
+        return build_hf_headers(token=self.token or False, library_name="vramsupply", library_version=__version__)
+
+
+@contextmanager
+def hub_errors(repo_id: str, access: HubAccess) -> Iterator[None]:
+    """Turn huggingface_hub's and httpx2's exceptions into our one-line HubErrors.
+
+    RepositoryNotFoundError passes through: whether a missing repo is an error depends on the caller.
+    """
+    try:
+        yield
+    except GatedRepoError:
+        raise HubAuthError(auth_help(repo_id, access.endpoint)) from None
+    except RepositoryNotFoundError:
+        raise
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code
+        if status in (401, 403):
+            raise HubAuthError(auth_help(repo_id, access.endpoint)) from None
+        if status == 429 or status >= 500:
+            raise HubUnreachable(f"the Hub at {access.endpoint} answered HTTP {status} for {repo_id}") from None
+        raise HubError(f"the Hub at {access.endpoint} rejected the request for {repo_id}: HTTP {status}") from None
+    except (httpx2.TransportError, OfflineModeIsEnabled) as exc:
+        raise HubUnreachable(f"cannot reach the Hub at {access.endpoint} ({type(exc).__name__}: {exc})") from None

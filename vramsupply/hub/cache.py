@@ -1,0 +1,128 @@
+"""List and remove the models vramsupply pulled into the shared HuggingFace cache.
+
+Only files recorded in a repo's `vramsupply.json` are touched. A blob that another snapshot
+(huggingface_hub, llama.cpp) still links to stays, and a repo folder is deleted only once
+nothing else is left in it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from vramsupply.hub.resolve import RemoteFile
+from vramsupply.hub.store import Pull, RepoCache, cached_repos
+
+
+class CacheStatus(str, Enum):
+    verified = "verified"
+    unverified = "unverified"
+    incomplete = "incomplete"
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """One pull as found on disk. `size` is the full model; `on_disk` what is there now."""
+
+    model_id: str
+    quant: str
+    repo_id: str
+    revision: str
+    path: Path
+    size: int
+    on_disk: int
+    status: CacheStatus
+
+
+def _bytes_on_disk(repo: RepoCache, file: RemoteFile) -> int:
+    for path in (repo.blob(file.sha256), repo.incomplete(file.sha256)):
+        if path.exists():
+            return path.stat().st_size
+    return 0
+
+
+def _status(repo: RepoCache, pull: Pull) -> CacheStatus:
+    if repo.is_complete(pull):
+        return CacheStatus.verified
+    if all(repo.blob(file.sha256).exists() for file in pull.files):
+        return CacheStatus.unverified
+    return CacheStatus.incomplete
+
+
+def describe(repo: RepoCache, pull: Pull) -> CachedModel:
+    return CachedModel(
+        model_id=pull.model_id,
+        quant=pull.quant,
+        repo_id=pull.repo_id,
+        revision=pull.revision,
+        path=repo.snapshot_path(pull.revision, pull.files[0].path),
+        size=sum(file.size for file in pull.files),
+        on_disk=sum(_bytes_on_disk(repo, file) for file in pull.files),
+        status=_status(repo, pull),
+    )
+
+
+def list_cached(cache_dir: Path) -> list[CachedModel]:
+    return [describe(repo, pull) for repo in cached_repos(cache_dir) for pull in repo.pulls()]
+
+
+def _linked_blobs(repo: RepoCache) -> set[str]:
+    """Names of the blobs that snapshot symlinks still point to, whoever made them."""
+    if not repo.snapshots.is_dir():
+        return set()
+    return {os.path.basename(os.readlink(path)) for path in repo.snapshots.rglob("*") if path.is_symlink()}
+
+
+def _prune_empty_dirs(directory: Path, stop: Path) -> None:
+    while directory != stop and directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
+        directory = directory.parent
+
+
+def _drop_dangling_refs(repo: RepoCache) -> None:
+    """huggingface_hub calls a ref to a missing snapshot a corrupted cache; remove such refs."""
+    if not repo.refs.is_dir():
+        return
+    for ref in [path for path in repo.refs.rglob("*") if path.is_file()]:
+        if not (repo.snapshots / ref.read_text().strip()).is_dir():
+            ref.unlink()
+    _prune_empty_dirs(repo.refs, repo.folder)
+
+
+def _remove_pull(repo: RepoCache, pull: Pull, keep: set[str]) -> None:
+    for file in pull.files:
+        link = repo.snapshot_path(pull.revision, file.path)
+        link.unlink(missing_ok=True)
+        _prune_empty_dirs(link.parent, repo.snapshots)
+    still_linked = _linked_blobs(repo) | keep
+    for file in pull.files:
+        if file.sha256 not in still_linked:
+            for path in (repo.blob(file.sha256), repo.marker(file.sha256), repo.incomplete(file.sha256)):
+                path.unlink(missing_ok=True)
+
+
+def _remove_from_repo(repo: RepoCache, model: str | None) -> list[CachedModel]:
+    pulls = repo.pulls()
+    doomed = [pull for pull in pulls if model is None or pull.matches(model)]
+    kept = [pull for pull in pulls if pull not in doomed]
+    keep = {file.sha256 for pull in kept for file in pull.files}
+    removed = [describe(repo, pull) for pull in doomed]
+    for pull in doomed:
+        _remove_pull(repo, pull, keep)
+    repo.save_pulls(kept)
+    _drop_dangling_refs(repo)
+    if not kept and not (repo.snapshots.is_dir() and any(repo.snapshots.iterdir())):
+        shutil.rmtree(repo.folder, ignore_errors=True)
+        shutil.rmtree(repo.locks, ignore_errors=True)
+    return removed
+
+
+def remove_cached(cache_dir: Path, model: str | None) -> list[CachedModel]:
+    """Remove the pulls of `model` (marketplace or GGUF repo id, any case), or all pulls when None."""
+    removed: list[CachedModel] = []
+    for repo in cached_repos(cache_dir):
+        removed.extend(_remove_from_repo(repo, model))
+    return removed

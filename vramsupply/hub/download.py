@@ -1,0 +1,258 @@
+"""Resumable, sha256-verified downloads into the shared HuggingFace cache.
+
+Why not `hf_hub_download`: since huggingface_hub 1.18 a failed transfer deletes its partial file
+(no resume across runs), its retry budget resets on every chunk (a server that keeps dropping the
+connection loops forever), and it checks sizes, never sha256. So the bytes are moved here and
+huggingface_hub is used for metadata only.
+
+Why httpx2 for the bytes: it is the HTTP stack huggingface_hub 2.x itself runs on, so proxies and
+certificates behave the same for metadata and downloads; `prepare_model` is synchronous (it runs
+before the engine loads, from a CLI command or `asyncio.to_thread`), so a blocking client needs no
+event loop of its own; and it drops the Authorization header when a redirect leaves the Hub's
+origin (the CDN must never see the token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import httpx2
+from filelock import FileLock, Timeout
+from rich.filesize import decimal
+
+from vramsupply.hub.access import HubAccess, auth_help
+from vramsupply.hub.errors import ChecksumMismatch, DownloadError, HubAuthError, HubError, InsufficientDiskSpace
+from vramsupply.hub.progress import ProgressTask, TransferProgress
+from vramsupply.hub.resolve import RemoteFile, ResolvedModel
+from vramsupply.hub.store import Pull, RepoCache
+
+CHUNK = 1 << 20
+HASH_BLOCK = 8 << 20
+RETRY_DELAY_MIN = 0.2
+RETRY_DELAY_MAX = 10.0
+GGUF_MAGIC = b"GGUF"
+
+
+class _Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+class _Retry(Exception):
+    """A transient answer (HTTP 429/5xx): try again after a pause."""
+
+
+class PartialBlob:
+    """`blobs/<sha256>.incomplete`: the bytes so far and their running sha256.
+
+    Reopening an existing partial file hashes what is already there once, so the final check
+    still covers every byte even when the download spanned several processes.
+    """
+
+    def __init__(self, path: Path, expected: RemoteFile) -> None:
+        self.path = path
+        self.expected = expected
+        self.digest = hashlib.sha256()
+        self.size = 0
+        if path.exists():
+            if path.stat().st_size > expected.size:
+                path.unlink()
+            else:
+                self.size = _hash_into(path, self.digest)
+
+    def restart(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def append(self, fh: BinaryIO, chunk: bytes) -> None:
+        if self.size + len(chunk) > self.expected.size:
+            self.restart()
+            raise ChecksumMismatch(
+                f"the server sent more than the {self.expected.size} bytes the Hub lists for {self.expected.path}; the partial file was deleted"
+            )
+        fh.write(chunk)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+
+    def complete(self, blob: Path, label: str) -> None:
+        """Check the sha256 and move the file into place; on mismatch delete it and raise."""
+        actual = self.digest.hexdigest()
+        if actual != self.expected.sha256:
+            self.restart()
+            raise ChecksumMismatch(
+                f"{label} is corrupt: sha256 {actual} does not match the Hub's {self.expected.sha256}; "
+                "the file was deleted, run again to download it afresh"
+            )
+        with self.path.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.path, blob)
+
+
+def _hash_into(path: Path, digest: _Digest, task: ProgressTask | None = None) -> int:
+    size = 0
+    with path.open("rb") as fh:
+        while block := fh.read(HASH_BLOCK):
+            digest.update(block)
+            size += len(block)
+            if task is not None:
+                task.advance(len(block))
+    return size
+
+
+def _range_start(response: httpx2.Response) -> int | None:
+    """First byte of a 206 answer, from `Content-Range: bytes N-M/L`."""
+    value = response.headers.get("Content-Range", "")
+    unit, _, spec = value.partition(" ")
+    start = spec.partition("-")[0]
+    return int(start) if unit == "bytes" and start.isdigit() else None
+
+
+class BlobDownloader:
+    """Fetches blobs of one resolved model with Range resume, retries and a stall deadline."""
+
+    def __init__(self, client: httpx2.Client, access: HubAccess, resolved: ResolvedModel, cache: RepoCache, progress: TransferProgress) -> None:
+        self.client = client
+        self.access = access
+        self.resolved = resolved
+        self.cache = cache
+        self.progress = progress
+
+    def label(self, file: RemoteFile) -> str:
+        return f"{self.resolved.repo_id}/{file.path}"
+
+    def fetch(self, file: RemoteFile) -> None:
+        """Make `blobs/<sha256>` exist and be verified, holding the same lock huggingface_hub uses."""
+        lock_path = self.cache.lock(file.sha256)
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        self.cache.blobs.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            self.progress.note(f"waiting for another process downloading {self.label(file)}")
+            lock.acquire()
+        try:
+            if self.cache.is_verified(file):
+                return
+            blob = self.cache.blob(file.sha256)
+            if blob.exists() and self._existing_blob_matches(blob, file):
+                self.cache.mark_verified(file)
+                return
+            self._transfer(file)
+            self.cache.mark_verified(file)
+        finally:
+            lock.release()
+
+    def _existing_blob_matches(self, blob: Path, file: RemoteFile) -> bool:
+        """A blob another tool downloaded (sizes checked only): hash it once; delete it if wrong."""
+        digest = hashlib.sha256()
+        task = self.progress.task(f"verifying {self.label(file)}", file.size)
+        _hash_into(blob, digest, task)
+        task.finish()
+        if digest.hexdigest() == file.sha256:
+            return True
+        blob.unlink()
+        return False
+
+    def _transfer(self, file: RemoteFile) -> None:
+        partial = PartialBlob(self.cache.incomplete(file.sha256), file)
+        url = self.access.file_url(self.resolved.repo_id, self.resolved.revision, file.path)
+        task = self.progress.task(self.label(file), file.size, partial.size)
+        last_progress = time.monotonic()
+        delay = RETRY_DELAY_MIN
+        while partial.size < file.size:
+            before = partial.size
+            try:
+                self._stream_once(url, partial, task)
+                reason = "the server closed the connection early"
+            except (httpx2.TransportError, _Retry) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            now = time.monotonic()
+            if partial.size > before:
+                last_progress, delay = now, RETRY_DELAY_MIN
+            if partial.size >= file.size:
+                break
+            stalled = now - last_progress
+            if stalled >= self.access.timeout:
+                raise DownloadError(
+                    f"download of {self.label(file)} stalled: no data for {stalled:.0f}s ({reason}); "
+                    f"{decimal(partial.size)} of {decimal(file.size)} kept, run again to resume"
+                )
+            time.sleep(min(delay, self.access.timeout - stalled))
+            delay = min(delay * 2, RETRY_DELAY_MAX)
+        partial.complete(self.cache.blob(file.sha256), self.label(file))
+        task.finish()
+
+    def _stream_once(self, url: str, partial: PartialBlob, task: ProgressTask) -> None:
+        headers = self.access.headers()
+        if partial.size:
+            headers["Range"] = f"bytes={partial.size}-"
+        with self.client.stream("GET", url, headers=headers) as response:
+            status = response.status_code
+            if status in (401, 403):
+                raise HubAuthError(auth_help(self.resolved.repo_id, self.access.endpoint))
+            if status == 429 or status >= 500:
+                raise _Retry(f"HTTP {status}")
+            if status == 416 or (status == 206 and _range_start(response) != partial.size):
+                partial.restart()
+                task.restart()
+                return
+            if status == 200 and partial.size:
+                partial.restart()
+                task.restart()
+            elif status not in (200, 206):
+                raise DownloadError(f"download of {self.label(partial.expected)} failed: HTTP {status} from {url}")
+            with partial.path.open("ab") as fh:
+                for chunk in response.iter_bytes(CHUNK):
+                    partial.append(fh, chunk)
+                    task.advance(len(chunk))
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_free_space(cache: RepoCache, files: list[RemoteFile], quant: str) -> None:
+    needed = 0
+    for file in files:
+        if not cache.blob(file.sha256).exists():
+            partial = cache.incomplete(file.sha256)
+            needed += file.size - (partial.stat().st_size if partial.exists() else 0)
+    free = shutil.disk_usage(_existing_ancestor(cache.folder)).free
+    if needed > free:
+        raise InsufficientDiskSpace(
+            f"{cache.repo_id} {quant} needs {decimal(needed)} more in {cache.cache_dir} but only {decimal(free)} is free; "
+            "free some space or point VRAM_SUPPLY_CACHE_DIR at a larger disk"
+        )
+
+
+def check_gguf_magic(path: Path) -> None:
+    with path.open("rb") as fh:
+        if fh.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise HubError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def download_model(resolved: ResolvedModel, cache: RepoCache, access: HubAccess, progress: TransferProgress) -> list[Path]:
+    """Download and verify every part of `resolved`; return their snapshot paths, first part first.
+
+    The pull is recorded before any byte moves, so `models rm` also finds interrupted downloads.
+    """
+    cache.add_pull(Pull.of(resolved))
+    missing = [file for file in resolved.files if not cache.is_verified(file)]
+    check_free_space(cache, missing, resolved.quant)
+    timeout = httpx2.Timeout(access.timeout)
+    with httpx2.Client(follow_redirects=True, timeout=timeout) as client, progress:
+        downloader = BlobDownloader(client, access, resolved, cache, progress)
+        for file in missing:
+            downloader.fetch(file)
+    links = [cache.link(resolved.revision, file) for file in resolved.files]
+    cache.set_ref("main", resolved.revision)
+    check_gguf_magic(links[0])
+    return links

@@ -1,0 +1,95 @@
+"""Quantization tags in GGUF file names, and grouping a repo's files into loadable models.
+
+Pure functions, no I/O. Matching is by equality of whole tags, never by substring, because
+publishers use tags that contain one another: `Q4_K_M` must not pick `Q4_K_M_L`, `IQ4_K_M`
+or unsloth's dynamic `UD-Q4_K_M`.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# llama.cpp's short names for the medium K-quants (tools/quantize).
+QUANT_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+
+# Files that sit next to models but are not models themselves.
+SIDECAR_MARKERS = ("mmproj", "imatrix")
+
+_TAG = r"(?:UD-)?(?:I?Q\d+(?:_[0-9A-Z]+)*|TQ\d_\d|BF16|F16|F32|MXFP4(?:_MOE)?)"
+_TAG_AT_END = re.compile(rf"(?:^|[-._])(?P<tag>{_TAG})$", re.IGNORECASE)
+_SPLIT = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class GgufPath:
+    """One .gguf file of a repo, with its quant tag and split position (1 of 1 when not split)."""
+
+    path: str
+    quant: str | None
+    part: int
+    parts: int
+    prefix: str
+
+
+@dataclass(frozen=True)
+class QuantGroup:
+    """The file(s) of one loadable model: every split part in order; llama.cpp loads the first."""
+
+    quant: str | None
+    paths: tuple[str, ...]
+
+
+def normalize_quant(quant: str) -> str:
+    """Case-fold and apply llama.cpp's aliases, so `q4_k` and `Q4_K_M` compare equal."""
+    tag = quant.strip().upper()
+    return QUANT_ALIASES.get(tag, tag)
+
+
+def quant_of_name(name: str) -> str | None:
+    """The quant tag ending a file stem or folder name (`Qwen3-8B-Q4_K_M` → `Q4_K_M`), if any."""
+    match = _TAG_AT_END.search(name)
+    return normalize_quant(match["tag"]) if match else None
+
+
+def parse_gguf_path(path: str) -> GgufPath | None:
+    """Describe a repo file, or None when it is not a model GGUF (other extension or a sidecar)."""
+    directory, basename = posixpath.split(path)
+    if not basename.lower().endswith(".gguf") or any(marker in basename.lower() for marker in SIDECAR_MARKERS):
+        return None
+    stem = basename[: -len(".gguf")]
+    part, parts = 1, 1
+    split = _SPLIT.match(stem)
+    if split:
+        stem, part, parts = split["prefix"], int(split["index"]), int(split["count"])
+    quant = quant_of_name(stem) or (quant_of_name(posixpath.basename(directory)) if directory else None)
+    return GgufPath(path=path, quant=quant, part=part, parts=parts, prefix=posixpath.join(directory, stem))
+
+
+def group_models(paths: Iterable[str]) -> list[QuantGroup]:
+    """Group a repo's files into models; split sets missing a part are dropped (they cannot load)."""
+    sets: dict[tuple[str, int], list[GgufPath]] = defaultdict(list)
+    for path in paths:
+        parsed = parse_gguf_path(path)
+        if parsed is not None:
+            sets[(parsed.prefix if parsed.parts > 1 else parsed.path, parsed.parts)].append(parsed)
+    groups = []
+    for (_, parts), members in sets.items():
+        members.sort(key=lambda member: member.part)
+        if [member.part for member in members] == list(range(1, parts + 1)):
+            groups.append(QuantGroup(quant=members[0].quant, paths=tuple(member.path for member in members)))
+    return sorted(groups, key=lambda group: (group.paths[0].count("/"), group.paths[0]))
+
+
+def available_quants(groups: Iterable[QuantGroup]) -> list[str]:
+    """The distinct quant tags on offer, sorted, for error messages and `models resolve`."""
+    return sorted({group.quant for group in groups if group.quant is not None})
+
+
+def select_quant(paths: Iterable[str], quant: str) -> QuantGroup | None:
+    """The model group whose tag equals `quant`; the shallowest path wins when several do."""
+    wanted = normalize_quant(quant)
+    return next((group for group in group_models(paths) if group.quant == wanted), None)

@@ -1,0 +1,196 @@
+"""`org/model` + quant → the GGUF repository, commit and file(s) to download.
+
+Order: a repo that itself holds .gguf files is used as is; otherwise GGUF repos of the model are
+found through the Hub's model tree (`base_model:quantized:<id>`) and a name search, ranked by a
+preference list of publishers and then by downloads, and the first that has the quant wins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from huggingface_hub import HfApi, ModelInfo
+from huggingface_hub.errors import RepositoryNotFoundError
+
+from vramsupply.config import DEFAULT_GGUF_PUBLISHERS
+from vramsupply.hub.access import DEFAULT_TIMEOUT, HubAccess, hub_errors
+from vramsupply.hub.errors import HubAuthError, HubError, InvalidModelSpec, ModelNotFound, QuantNotFound
+from vramsupply.hub.quant import QuantGroup, available_quants, group_models, normalize_quant, select_quant
+
+OWN_ORG = "{org}"
+DEFAULT_PUBLISHERS = DEFAULT_GGUF_PUBLISHERS
+# Enough to reach past forks and fine-tunes in the search results without hammering the Hub.
+SEARCH_LIMIT = 50
+MAX_CANDIDATES_CHECKED = 8
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_QUANTIZED_TAG = "base_model:quantized:"
+_GGUF_SUFFIX = re.compile(r"[-_.]gguf$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What to download: `files` are all parts of the model in order; the first one is loaded."""
+
+    model_id: str
+    repo_id: str
+    revision: str
+    quant: str
+    files: tuple[RemoteFile, ...]
+    available_quants: tuple[str, ...]
+
+    @property
+    def total_size(self) -> int:
+        return sum(file.size for file in self.files)
+
+    @property
+    def primary(self) -> RemoteFile:
+        return self.files[0]
+
+
+def parse_repo_id(model: str) -> str:
+    if not _REPO_ID.match(model) or ".." in model:
+        raise InvalidModelSpec(f"{model!r} is neither a HuggingFace model id (org/model) nor a path to a .gguf file")
+    return model
+
+
+def is_gguf_repo_name(repo_id: str, org: str, name: str) -> bool:
+    """`unsloth/Qwen3-8B-GGUF` and `bartowski/Qwen_Qwen3-8B-GGUF` name Qwen/Qwen3-8B; `Qwen3-8B-abliterated-GGUF` does not."""
+    repo_name = _GGUF_SUFFIX.sub("", repo_id.split("/", 1)[1]).lower()
+    prefix = org.lower() + "_"
+    if repo_name.startswith(prefix):
+        repo_name = repo_name[len(prefix) :]
+    return repo_name == name.lower()
+
+
+def publisher_rank(repo_id: str, org: str, publishers: Sequence[str]) -> int:
+    names = [org.lower() if publisher == OWN_ORG else publisher.lower() for publisher in publishers]
+    author = repo_id.split("/", 1)[0].lower()
+    return names.index(author) if author in names else len(names)
+
+
+def rank_candidates(candidates: Iterable[ModelInfo], base_id: str, publishers: Sequence[str]) -> list[ModelInfo]:
+    """Preferred publishers first, in the configured order; then the most downloaded."""
+    org = base_id.split("/", 1)[0]
+    unique = {info.id.lower(): info for info in candidates}
+    return sorted(unique.values(), key=lambda info: (publisher_rank(info.id, org, publishers), -(info.downloads or 0), info.id.lower()))
+
+
+def canonical_id(info: ModelInfo) -> str:
+    """The marketplace id of a GGUF repo: its base model when the Hub records exactly one."""
+    bases = [tag[len(_QUANTIZED_TAG) :] for tag in info.tags or () if tag.startswith(_QUANTIZED_TAG)]
+    return (bases[0] if len(bases) == 1 else info.id).lower()
+
+
+def _paths(info: ModelInfo) -> list[str]:
+    return [sibling.rfilename for sibling in info.siblings or ()]
+
+
+def _remote_files(info: ModelInfo, group: QuantGroup) -> tuple[RemoteFile, ...]:
+    siblings = {sibling.rfilename: sibling for sibling in info.siblings or ()}
+    files = []
+    for path in group.paths:
+        lfs = siblings[path].lfs
+        if lfs is None:
+            raise HubError(f"{info.id}/{path} has no sha256 in the Hub's metadata (not stored with LFS), so it cannot be verified")
+        files.append(RemoteFile(path=path, size=lfs.size, sha256=lfs.sha256))
+    return tuple(files)
+
+
+def _resolved(info: ModelInfo, group: QuantGroup, model_id: str, quant: str) -> ResolvedModel:
+    return ResolvedModel(
+        model_id=model_id,
+        repo_id=info.id,
+        revision=info.sha,
+        quant=quant,
+        files=_remote_files(info, group),
+        available_quants=tuple(available_quants(group_models(_paths(info)))),
+    )
+
+
+def _describe_quants(info: ModelInfo) -> str:
+    quants = available_quants(group_models(_paths(info)))
+    return ", ".join(quants) if quants else "no quant-tagged GGUF files"
+
+
+class Resolver:
+    """One resolution against one Hub; holds the API client and the access settings."""
+
+    def __init__(self, access: HubAccess, publishers: Sequence[str]) -> None:
+        self.access = access
+        self.publishers = publishers
+        self.api: HfApi = access.api()
+
+    def repo_info(self, repo_id: str) -> ModelInfo | None:
+        with hub_errors(repo_id, self.access):
+            try:
+                return self.api.model_info(repo_id, files_metadata=True, timeout=self.access.timeout)
+            except RepositoryNotFoundError:
+                return None
+
+    def find_candidates(self, base_id: str) -> list[ModelInfo]:
+        org, name = base_id.split("/", 1)
+        with hub_errors(base_id, self.access):
+            related = list(self.api.list_models(filter=["gguf", _QUANTIZED_TAG + base_id], sort="downloads", limit=SEARCH_LIMIT))
+            named = [
+                info
+                for info in self.api.list_models(search=name, filter="gguf", sort="downloads", limit=SEARCH_LIMIT)
+                if is_gguf_repo_name(info.id, org, name)
+            ]
+        return rank_candidates(related + named, base_id, self.publishers)
+
+    def resolve(self, model: str, quant: str) -> ResolvedModel:
+        repo_id = parse_repo_id(model)
+        wanted = normalize_quant(quant)
+        info = self.repo_info(repo_id)
+        if info is not None and group_models(_paths(info)):
+            group = select_quant(_paths(info), wanted)
+            if group is None:
+                raise QuantNotFound(f"{info.id} has no {wanted} GGUF file; it has {_describe_quants(info)}")
+            return _resolved(info, group, canonical_id(info), wanted)
+        base_id = info.id if info is not None else repo_id
+        candidates = self.find_candidates(base_id)
+        if not candidates:
+            raise ModelNotFound(self._nothing_found(model, base_id, exists=info is not None))
+        return self._first_with_quant(candidates, wanted, model.lower())
+
+    def _first_with_quant(self, candidates: list[ModelInfo], quant: str, model_id: str) -> ResolvedModel:
+        checked = []
+        for candidate in candidates[:MAX_CANDIDATES_CHECKED]:
+            try:
+                info = self.repo_info(candidate.id)
+            except HubAuthError:
+                continue
+            if info is None:
+                continue
+            group = select_quant(_paths(info), quant)
+            if group is not None:
+                return _resolved(info, group, model_id, quant)
+            checked.append(f"{info.id} has {_describe_quants(info)}")
+        if not checked:
+            raise ModelNotFound(f"no accessible GGUF repository found for {model_id}; pass --model <org>/<gguf-repo> or a local .gguf path")
+        raise QuantNotFound(f"no GGUF repository of {model_id} has {quant}: " + "; ".join(checked))
+
+    def _nothing_found(self, model: str, base_id: str, *, exists: bool) -> str:
+        name = base_id.split("/", 1)[1]
+        where = f"{base_id} holds no .gguf files" if exists else f"{model} is not a repository on {self.access.endpoint}"
+        return (
+            f"no GGUF repository found for {model}: {where}, and the Hub lists no GGUF repos tagged "
+            f"{_QUANTIZED_TAG}{base_id} or named {name}-GGUF; pass --model <org>/<gguf-repo> or a path to a local .gguf file"
+        )
+
+
+def resolve(
+    model_id: str, quant: str, *, access: HubAccess | None = None, publishers: Sequence[str] = DEFAULT_PUBLISHERS
+) -> ResolvedModel:
+    """Find the GGUF repo, commit and file(s) for `model_id` at `quant` (one-line HubError otherwise)."""
+    return Resolver(access or HubAccess.from_env(DEFAULT_TIMEOUT), publishers).resolve(model_id, quant)
