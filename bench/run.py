@@ -5,7 +5,9 @@ Every server serves the same GGUF with the same slots, per-slot context and thre
 time on this machine. The load is streaming POST /v1/completions (temperature 0, ignore_eos,
 max_tokens 128, a short prompt) at concurrency 1, 4 and 16 with 2×c requests per level and a new
 connection per request. Absolute numbers differ between machines and runs, so the targets are
-checked as ratios of numbers taken in this one run.
+checked as ratios of numbers taken in this one run. The whole sweep is repeated in rounds (each
+round restarts every server, in a rotated order) and each number reported is the median over the
+rounds, so a burst of load from another process on a shared machine does not decide a ratio.
 
 Prepare with `bench/build_anchors.sh`, then run with the bench venv it creates:
     bench/.cache/venv-llamacpp-server/bin/python bench/run.py            # full run, writes bench/results/
@@ -56,6 +58,7 @@ class BenchConfig:
     servers: tuple[str, ...]
     concurrency: tuple[int, ...]
     requests_per_slot: int
+    rounds: int
     max_tokens: int
     parallel: int
     context_per_slot: int
@@ -198,18 +201,23 @@ class ProcessTreeMonitor:
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
             try:
-                rss = self._sample_rss()
+                self._record(self._sample_rss())
             except psutil.NoSuchProcess:
                 return
-            with self._lock:
-                self._peak_total = max(self._peak_total, rss)
-                self._peak_window = max(self._peak_window, rss)
+
+    def _record(self, rss: int) -> None:
+        with self._lock:
+            self._peak_total = max(self._peak_total, rss)
+            self._peak_window = max(self._peak_window, rss)
 
     def start_window(self) -> None:
+        """Start a new measuring window; sampled at both ends so even a very short window has a value."""
         with self._lock:
             self._peak_window = 0
+        self._record(self._sample_rss())
 
     def window_peak_mb(self) -> float:
+        self._record(self._sample_rss())
         with self._lock:
             return self._peak_window / 2**20
 
@@ -305,6 +313,9 @@ async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict
                 if data == b"[DONE]":
                     break
                 chunk = json.loads(data)
+                if chunk.get("error"):
+                    result.error = f"in-stream error: {json.dumps(chunk['error'])[:200]}"
+                    break
                 if chunk.get("usage"):
                     result.completion_tokens = chunk["usage"]["completion_tokens"]
                     result.tokens_counted_by = "usage"
@@ -399,7 +410,7 @@ async def bench_server(spec: ServerSpec, cfg: BenchConfig, model: Path, eos_id: 
             monitor.stop()
 
 
-def raw_decode_limit(cfg: BenchConfig, model: Path) -> list[dict]:
+def raw_decode_limit(cfg: BenchConfig, model: Path) -> dict[int, float]:
     """llama-batched-bench on the same build: decode speed with no server in the way."""
     command = [
         str(LLAMA_BIN / "llama-batched-bench"), "-m", str(model), "-c", str(cfg.parallel * cfg.context_per_slot),
@@ -409,7 +420,39 @@ def raw_decode_limit(cfg: BenchConfig, model: Path) -> list[dict]:
     ]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return [{"concurrency": row["pl"], "tok_s": round(row["speed_tg"], 1)} for row in rows]
+    return {row["pl"]: round(row["speed_tg"], 1) for row in rows}
+
+
+def median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(float(np.median(present)), 1) if present else None
+
+
+def combine_rounds(levels: list[LevelResult]) -> dict:
+    """One concurrency level over all rounds: medians of speed and latency, the worst RSS, all counts."""
+    return {
+        "concurrency": levels[0].concurrency,
+        "tok_s": median([lvl.tok_s for lvl in levels]),
+        "ttft_p50_ms": median([lvl.ttft_p50_ms for lvl in levels]),
+        "ttft_p95_ms": median([lvl.ttft_p95_ms for lvl in levels]),
+        "peak_rss_mb": max(lvl.peak_rss_mb for lvl in levels),
+        "requests": sum(lvl.requests for lvl in levels),
+        "completed": sum(lvl.completed for lvl in levels),
+        "cut_off": sum(lvl.cut_off for lvl in levels),
+        "errors": sum(lvl.errors for lvl in levels),
+        "tok_s_rounds": [lvl.tok_s for lvl in levels],
+    }
+
+
+def server_report(spec: ServerSpec, rounds: list[ServerResult]) -> dict:
+    by_level = [[r.levels[i] for r in rounds] for i in range(len(rounds[0].levels))]
+    return {
+        "mode": spec.mode,
+        "command": rounds[0].command,
+        "levels": [combine_rounds(levels) for levels in by_level],
+        "peak_rss_mb": max(r.peak_rss_mb for r in rounds),
+        "rounds": [asdict(r) for r in rounds],
+    }
 
 
 def level_of(server: dict | None, concurrency: int) -> dict | None:
@@ -470,7 +513,7 @@ def versions(cfg: BenchConfig) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    lines = []
+    lines = [f"Medians over {report['config']['rounds']} round(s); peak RSS is the largest seen.", ""]
     for model, data in report["models"].items():
         lines += [f"**{model}** ({data['size_mb']} MB)", "",
                   "| server | c | tok/s | TTFT p50 | TTFT p95 | peak RSS | completed |", "|---|---|---|---|---|---|---|"]
@@ -524,10 +567,11 @@ def plot(report: dict, path: Path) -> None:
 def parse_args() -> tuple[BenchConfig, Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: stories260K only, c requests per level, 32 tokens, output to bench/.cache/quick")
+                        help="smoke run: stories260K only, one round, c requests per level, 32 tokens, output to bench/.cache/quick")
     parser.add_argument("--servers", default="vramsupply,llama-server,llama_cpp.server,llama_cpp.server-interrupt",
                         help="comma-separated subset of: " + ", ".join(SERVERS))
     parser.add_argument("--models", help="comma-separated GGUF paths (default: the bench model and stories260K)")
+    parser.add_argument("--rounds", type=int, help="repeat the sweep this many times and report medians (default 3; --quick: 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every server (default: all CPUs)")
     parser.add_argument("--parallel", type=int, default=16, help="slots on the batching servers (default 16)")
     parser.add_argument("--context-per-slot", type=int, default=512, help="context per slot (default 512)")
@@ -555,6 +599,7 @@ def parse_args() -> tuple[BenchConfig, Path]:
         servers=servers,
         concurrency=(1, 4, 16),
         requests_per_slot=1 if args.quick else 2,
+        rounds=args.rounds or (1 if args.quick else 3),
         max_tokens=32 if args.quick else 128,
         parallel=args.parallel,
         context_per_slot=args.context_per_slot,
@@ -563,6 +608,28 @@ def parse_args() -> tuple[BenchConfig, Path]:
     )
     out_dir = args.out_dir or (CACHE / "quick" if args.quick else REPO / "bench" / "results")
     return cfg, out_dir
+
+
+def bench_model(cfg: BenchConfig, model: Path) -> dict:
+    eos_id = eos_token_id(model)
+    raw_rounds: list[dict[int, float]] = []
+    server_rounds: dict[str, list[ServerResult]] = {name: [] for name in cfg.servers}
+    for round_index in range(cfg.rounds):
+        print(f"{model.name}, round {round_index + 1} of {cfg.rounds}", flush=True)
+        raw_rounds.append(raw_decode_limit(cfg, model))
+        print("  raw decode limit: " + ", ".join(f"c={c} {v} tok/s" for c, v in raw_rounds[-1].items()), flush=True)
+        shift = round_index % len(cfg.servers)
+        for name in cfg.servers[shift:] + cfg.servers[:shift]:
+            server_rounds[name].append(asyncio.run(bench_server(SERVERS[name], cfg, model, eos_id)))
+    servers = {name: server_report(SERVERS[name], rounds) for name, rounds in server_rounds.items()}
+    return {
+        "path": str(model),
+        "size_mb": round(model.stat().st_size / 2**20, 1),
+        "raw_decode": [{"concurrency": c, "tok_s": median([r.get(c) for r in raw_rounds])} for c in cfg.concurrency],
+        "raw_decode_rounds": [{str(c): v for c, v in r.items()} for r in raw_rounds],
+        "servers": servers,
+        "targets": check_targets(servers, cfg.concurrency),
+    }
 
 
 def main() -> None:
@@ -579,20 +646,7 @@ def main() -> None:
     }
     print(f"load average {report['machine']['load_avg_at_start']}, {cfg.threads} threads", flush=True)
     for model in cfg.models:
-        print(f"{model.name}", flush=True)
-        raw = raw_decode_limit(cfg, model)
-        print("  raw decode limit: " + ", ".join(f"c={r['concurrency']} {r['tok_s']} tok/s" for r in raw), flush=True)
-        eos_id = eos_token_id(model)
-        servers = {}
-        for name in cfg.servers:
-            servers[name] = asdict(asyncio.run(bench_server(SERVERS[name], cfg, model, eos_id)))
-        report["models"][model.name] = {
-            "path": str(model),
-            "size_mb": round(model.stat().st_size / 2**20, 1),
-            "raw_decode": raw,
-            "servers": servers,
-            "targets": check_targets(servers, cfg.concurrency),
-        }
+        report["models"][model.name] = bench_model(cfg, model)
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / f"{date}.json", out_dir / f"{date}.png"
