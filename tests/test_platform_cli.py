@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 
+from pathlib import Path
+
 import aiohttp
+import pytest
 
 from conftest import run_cli
+from fakehub import FakeHub, standard_repos
 from live_platform import API_KEY, LivePlatform, free_port
 from live_server import MODEL_ID, LiveServer
 from vramsupply.config import Settings
+from vramsupply.hub import prepare_model
 from vramsupply.platform import PlatformClient, ProviderLifecycle, build_offer, default_state_path
 from vramsupply.platform.api import RegisterRequest
 
@@ -62,6 +67,20 @@ async def test_demand_lists_models_and_stars_the_one_you_serve() -> None:
             },
         ]
     }
+
+
+async def test_demand_also_stars_models_already_in_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "hf-cache"
+    with FakeHub(standard_repos()) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        cached = prepare_model("acme/Gizmo-1B", "Q4_K_M", cache_dir=cache, progress=False)
+    with LivePlatform() as platform:
+        await register(platform, cached.model_id, "http://10.0.0.1:8080", 100, 200)
+        await register(platform, "other/model", "http://10.0.0.2:8080", 100, 200)
+        table = run_cli("demand", env=platform_env(platform, VRAM_SUPPLY_CACHE_DIR=str(cache)))
+
+    assert table.returncode == 0, table.stderr
+    assert [line.split("│")[1].strip() for line in table.stdout.splitlines() if "/" in line and "│" in line] == ["★ acme/gizmo-1b", "other/model"]
 
 
 def test_rails_shows_and_toggles_each_rail() -> None:

@@ -9,7 +9,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -57,14 +57,14 @@ async def _with_client(settings: Settings, call: Callable[[PlatformClient], Awai
         return await call(client)
 
 
-def servable_models(settings: Settings) -> set[str]:
-    """Canonical ids of the models this provider could serve: today, the configured one."""
-    if not settings.model:
-        return set()
+def servable_models(settings: Settings, cached: Iterable[str]) -> set[str]:
+    """Canonical ids this provider could serve: the configured model and the ``cached`` ones."""
+    ids = {model_id.lower() for model_id in cached}
     model = settings.model
-    if model.endswith(".gguf") or Path(model).expanduser().is_file():
-        return {Path(model).stem.lower()}
-    return {model.lower()}
+    if model:
+        local = model.lower().endswith(".gguf") or model.startswith(("./", "../", "/", "~"))
+        ids.add(Path(model).stem.lower() if local else model.lower())
+    return ids
 
 
 def _price_range(prices: api.PriceRange | None) -> str:
