@@ -10,7 +10,19 @@ import pytest
 
 from live_platform import API_KEY, LivePlatform, free_port
 from vramsupply.config import Settings
-from vramsupply.platform import ApiKeyRejected, Backoff, OfferError, PlatformClient, PlatformUnavailable, RequestRejected, build_offer, check_endpoint_url, price_summary
+from vramsupply.platform import (
+    ApiKeyRejected,
+    Backoff,
+    MarketplaceSession,
+    OfferError,
+    PlatformClient,
+    PlatformError,
+    PlatformUnavailable,
+    RequestRejected,
+    build_offer,
+    check_endpoint_url,
+    price_summary,
+)
 from vramsupply.platform.api import RailsUpdate, RegisterRequest
 
 
@@ -128,3 +140,24 @@ def test_price_summary_shows_earnings_after_the_platform_fee() -> None:
     assert price_summary(100, 200) == (
         "prices per million tokens: input $1.00, output $2.00; you earn $0.95 / $1.90 after the 5% platform fee"
     )
+
+
+def test_serving_without_what_registration_needs_is_refused_before_any_call() -> None:
+    with pytest.raises(PlatformError, match="no API key to register with: run `vramsupply login`"):
+        MarketplaceSession.prepare(Settings(endpoint_url="https://gpu.example.com"))
+    with pytest.raises(OfferError, match="an endpoint URL is required to register"):
+        MarketplaceSession.prepare(Settings(api_key="sk-x"))
+    with pytest.raises(OfferError, match=r"context_length_offered \(8192\) is larger than context_length \(4096\)"):
+        MarketplaceSession.prepare(Settings(api_key="sk-x", endpoint_url="https://gpu.example.com", context_length_offered=8192))
+    assert MarketplaceSession.prepare(Settings(no_register=True)) is None
+
+
+def test_the_startup_summary_names_the_offer_earnings_and_warnings() -> None:
+    session = MarketplaceSession.prepare(Settings(api_key="sk-x", endpoint_url="http://192.168.1.5:8080", input_price=300, output_price=900))
+    assert session is not None
+
+    assert session.summary(LocalGGUF(), served_context=2048) == [
+        "offering stories260k at http://192.168.1.5:8080 on https://vram.supply (context 2048)",
+        "prices per million tokens: input $3.00, output $9.00; you earn $2.85 / $8.55 after the 5% platform fee",
+        "warning: endpoint URL http://192.168.1.5:8080 points at a local or private address: the platform and buyers on the internet cannot reach it",
+    ]
