@@ -42,6 +42,19 @@ class LiveServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.call(self._stop)
+        self._shut_down_loop()
+
+    async def __aenter__(self) -> LiveServer:
+        """From an async test, so the test's own loop keeps running (and closing its sockets) meanwhile."""
+        self._thread.start()
+        await self.acall(self._start)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.acall(self._stop)
+        self._shut_down_loop()
+
+    def _shut_down_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
@@ -65,6 +78,10 @@ class LiveServer:
         """Run a coroutine on the server's loop and wait for its result."""
         future: Future[T] = asyncio.run_coroutine_threadsafe(function(), self._loop)
         return future.result(timeout=60)
+
+    async def acall(self, function: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """``call`` for async tests: awaits without blocking the caller's loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(function(), self._loop))
 
     def load_engine(self) -> None:
         """Load the model and attach it, as ``vramsupply serve`` does once loading finishes."""

@@ -1,0 +1,237 @@
+"""Every error status the API can answer, produced by a real request, in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from openai import OpenAI
+
+from live_server import MODEL_ID, LiveServer
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    with LiveServer(n_ctx=256, parallel=2, max_body_bytes=4096) as live:
+        yield live
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def assert_openai_error(body: dict[str, Any], *, type: str = "invalid_request_error", code: str | None = None, param: str | None = None) -> None:
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert "Traceback" not in body["error"]["message"]
+    assert body["error"]["type"] == type
+    if code is not None:
+        assert body["error"]["code"] == code
+    assert body["error"]["param"] == param
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: Any = None, *, data: str | bytes | None = None) -> tuple[int, dict[str, Any], aiohttp.ClientResponse]:
+    payload = json.dumps(body) if data is None else data
+    async with http.post(url, data=payload, headers={"Content-Type": "application/json"}) as response:
+        return response.status, await response.json(), response
+
+
+async def test_malformed_json_is_400(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    status, body, _ = await post(http, server.url + CHAT, data='{"messages": [')
+
+    assert status == 400
+    assert_openai_error(body, code="invalid_json")
+
+
+async def test_body_that_is_not_an_object_is_400(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    status, body, _ = await post(http, server.url + COMPLETIONS, [1, 2, 3])
+
+    assert status == 400
+    assert_openai_error(body, code="invalid_json")
+
+
+@pytest.mark.parametrize(
+    ("route", "request_body", "param"),
+    [
+        (CHAT, {"model": MODEL_ID}, "messages"),
+        (CHAT, {"messages": []}, "messages"),
+        (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content"),
+        (CHAT, {"messages": HELLO, "temperature": 3}, "temperature"),
+        (CHAT, {"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+        (CHAT, {"messages": HELLO, "n": 100}, "n"),
+        (CHAT, {"messages": HELLO, "logit_bias": {"not-a-token": 5}}, "logit_bias.not-a-token"),
+        (CHAT, {"messages": HELLO, "logprobs": True}, "logprobs"),
+        (CHAT, {"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (CHAT, {"messages": HELLO, "response_format": {"type": "xml"}}, "response_format.type"),
+        (CHAT, {"messages": HELLO, "stop": 5}, "stop"),
+        (COMPLETIONS, {}, "prompt"),
+        (COMPLETIONS, {"prompt": ""}, "prompt"),
+        (COMPLETIONS, {"prompt": ["one", "two"]}, "prompt"),
+        (COMPLETIONS, {"prompt": "hi", "echo": True}, "echo"),
+        (COMPLETIONS, {"prompt": "hi", "best_of": 3}, "best_of"),
+    ],
+)
+async def test_invalid_fields_are_400_naming_the_param(
+    server: LiveServer, http: aiohttp.ClientSession, route: str, request_body: dict[str, Any], param: str
+) -> None:
+    status, body, _ = await post(http, server.url + route, request_body)
+
+    assert status == 400
+    assert_openai_error(body, param=param)
+    assert param in body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "request_body",
+    [
+        {"messages": HELLO, "max_tokens": 5, "logit_bias": {"99999999": 1}},
+        {"messages": HELLO, "max_tokens": 5, "ignore_eos": True, "response_format": {"type": "json_object"}},
+        {"messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wizard"}}}},
+    ],
+)
+async def test_requests_the_engine_cannot_run_are_400(server: LiveServer, http: aiohttp.ClientSession, request_body: dict[str, Any]) -> None:
+    status, body, _ = await post(http, server.url + CHAT, request_body)
+
+    assert status == 400
+    assert body["error"]["type"] == "invalid_request_error"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_token_ids_outside_the_vocabulary_are_400(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    status, body, _ = await post(http, server.url + COMPLETIONS, {"prompt": [1, 2, 10_000_000]})
+
+    assert status == 400
+    assert "10000000" in body["error"]["message"]
+
+
+async def test_prompt_longer_than_the_context_is_400_with_the_numbers(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    assert server.engine is not None
+    prompt = "the cat sat on the mat. " * 80
+    prompt_tokens = len(server.engine.tokenize(prompt))
+
+    status, body, _ = await post(http, server.url + COMPLETIONS, {"prompt": prompt})
+
+    assert status == 400
+    assert_openai_error(body, code="context_length_exceeded", param="prompt")
+    assert str(prompt_tokens) in body["error"]["message"] and "256" in body["error"]["message"]
+
+
+async def test_max_tokens_past_the_context_is_400_naming_max_tokens(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    status, body, _ = await post(http, server.url + CHAT, {"messages": HELLO, "max_tokens": 1000})
+
+    assert status == 400
+    assert_openai_error(body, code="context_length_exceeded", param="max_tokens")
+    assert "1000" in body["error"]["message"]
+
+
+def test_sdk_raises_bad_request_for_context_overflow(server: LiveServer) -> None:
+    with OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.completions.create(model=MODEL_ID, prompt="word " * 400)
+
+    assert raised.value.code == "context_length_exceeded"
+
+
+def test_unknown_model_is_404_model_not_found(server: LiveServer) -> None:
+    with OpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as client:
+        with pytest.raises(openai.NotFoundError) as raised:
+            client.chat.completions.create(model="gpt-4o", messages=HELLO)
+
+    assert raised.value.status_code == 404
+    assert raised.value.code == "model_not_found"
+    assert raised.value.param == "model"
+    assert "gpt-4o" in raised.value.message
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/nowhere", "/v1"])
+async def test_unknown_route_is_404(server: LiveServer, http: aiohttp.ClientSession, path: str) -> None:
+    status, body, _ = await post(http, server.url + path, {"input": "x"})
+
+    assert status == 404
+    assert_openai_error(body, code="unknown_url")
+    assert path in body["error"]["message"]
+
+
+async def test_wrong_method_is_405_with_allow(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    async with http.get(server.url + CHAT) as response:
+        status, body, allow = response.status, await response.json(), response.headers.get("Allow")
+
+    assert status == 405
+    assert_openai_error(body, code="method_not_allowed")
+    assert allow == "POST"
+
+
+async def test_body_over_the_limit_is_413(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    status, body, _ = await post(http, server.url + CHAT, {"messages": [{"role": "user", "content": "x" * 5000}]})
+
+    assert status == 413
+    assert_openai_error(body, code="request_too_large")
+    assert "4096" in body["error"]["message"]
+
+
+async def test_full_queue_is_429_with_retry_after(http: aiohttp.ClientSession) -> None:
+    async with LiveServer(n_ctx=2048, parallel=1, max_queue=0) as busy:
+        hold = {"prompt": "Once", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        async with http.post(busy.url + COMPLETIONS, json=hold) as holding:
+            await holding.content.readline()
+            status, body, response = await post(http, busy.url + COMPLETIONS, {"prompt": "Once", "max_tokens": 2})
+            retry_after = response.headers.get("Retry-After")
+
+    assert status == 429
+    assert_openai_error(body, type="rate_limit_error", code="queue_full")
+    assert retry_after is not None and int(retry_after) >= 1
+
+
+async def test_503_while_the_model_loads_then_ready(http: aiohttp.ClientSession) -> None:
+    async with LiveServer(load=False) as loading:
+        async with http.get(loading.url + "/health") as response:
+            health_status, health, retry_after = response.status, await response.json(), response.headers.get("Retry-After")
+        chat_status, chat, _ = await post(http, loading.url + CHAT, {"messages": HELLO})
+        async with http.get(loading.url + "/v1/models") as response:
+            models_status = response.status
+        async with http.get(loading.url + "/metrics") as response:
+            metrics_status, metrics = response.status, await response.text()
+
+        loading.load_engine()
+
+        async with http.get(loading.url + "/health") as response:
+            ready_status, ready = response.status, await response.json()
+
+    assert health_status == 503 and health["status"] == "loading" and retry_after is not None
+    assert_openai_error(health, type="server_error", code="model_loading")
+    assert chat_status == 503
+    assert_openai_error(chat, type="server_error", code="model_loading")
+    assert models_status == 503
+    assert metrics_status == 200 and "vramsupply_model_loaded 0.0" in metrics
+    assert ready_status == 200 and ready["status"] == "ok"
+
+
+def test_sdk_sees_503_while_loading() -> None:
+    with LiveServer(load=False) as loading, OpenAI(base_url=loading.base_url, api_key="unused", max_retries=0) as client:
+        with pytest.raises(openai.InternalServerError) as raised:
+            client.completions.create(model=MODEL_ID, prompt="hi")
+
+    assert raised.value.status_code == 503
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", "null", "true", '"text"', "{}", '{"messages": null}', '{"messages": [null]}', '{"messages": [{"role": "user", "content": {"a": 1}}]}',
+     '{"messages": [{"role": "user", "content": "hi"}], "stream_options": 5}', '{"prompt": {"x": 1}}', "\xff\xfe"],
+)
+async def test_garbage_never_gets_a_500(server: LiveServer, http: aiohttp.ClientSession, raw: str) -> None:
+    for route in (CHAT, COMPLETIONS):
+        status, body, _ = await post(http, server.url + route, data=raw.encode("latin-1"))
+        assert status == 400, (route, raw, body)
+        assert set(body["error"]) == {"message", "type", "param", "code"}

@@ -1,0 +1,168 @@
+"""What operators and the platform rely on: /health, /metrics, the endpoint token, and slots freed
+when a client hangs up."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import openai
+import pytest
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from live_server import MODEL_ID, LiveServer
+
+TOKEN = "s3cret-endpoint-token"
+LONG = {"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    with LiveServer(parallel=2) as live:
+        yield live
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, dict]:
+    async with http.get(url) as response:
+        return response.status, await response.json()
+
+
+async def wait_for_health(http: aiohttp.ClientSession, server: LiveServer, *, busy: int, timeout: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        _, health = await get_json(http, server.url + "/health")
+        if health["slots_busy"] == busy or time.monotonic() > deadline:
+            return health
+        await asyncio.sleep(0.02)
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_health_reports_slots(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    status, health = await get_json(http, server.url + "/health")
+
+    assert status == 200
+    assert health == {"status": "ok", "model": MODEL_ID, "slots_idle": 2, "slots_busy": 0, "queue": 0}
+
+
+async def test_client_leaving_a_stream_frees_its_slot(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    assert server.engine is not None
+    before = server.engine.stats().completion_tokens_total
+    async with http.post(server.url + "/v1/completions", json={**LONG, "stream": True}) as response:
+        await response.content.readline()
+        during = await wait_for_health(http, server, busy=1)
+        response.close()
+
+    after = await wait_for_health(http, server, busy=0)
+
+    assert during["slots_busy"] == 1 and during["slots_idle"] == 1
+    assert after["slots_busy"] == 0 and after["slots_idle"] == 2
+    assert server.engine.stats().completion_tokens_total - before < LONG["max_tokens"]
+
+
+async def test_client_leaving_a_whole_response_frees_its_slot(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    assert server.engine is not None
+    before = server.engine.stats().completion_tokens_total
+    request = asyncio.create_task(http.post(server.url + "/v1/completions", json=LONG))
+    during = await wait_for_health(http, server, busy=1)
+    request.cancel()
+
+    after = await wait_for_health(http, server, busy=0)
+
+    assert during["slots_busy"] == 1
+    assert after["slots_busy"] == 0
+    assert server.engine.stats().completion_tokens_total - before < LONG["max_tokens"]
+
+
+async def test_metrics_parse_and_count_requests(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    async with http.get(server.url + "/metrics") as response:
+        before = metric_samples(await response.text())
+
+    for _ in range(3):
+        async with http.post(server.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 3, "ignore_eos": True}) as response:
+            assert response.status == 200
+    async with http.post(server.url + "/v1/chat/completions", json={"messages": [], "max_tokens": 3}) as response:
+        assert response.status == 400
+    async with http.get(server.url + "/no/such/page") as response:
+        assert response.status == 404
+    async with http.get(server.url + "/metrics") as response:
+        content_type = response.headers["Content-Type"]
+        after = metric_samples(await response.text())
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert content_type.startswith("text/plain")
+    assert grew("vramsupply_requests_total", route="/v1/completions", status="200") == 3
+    assert grew("vramsupply_requests_total", route="/v1/chat/completions", status="400") == 1
+    assert grew("vramsupply_requests_total", route="unmatched", status="404") == 1
+    assert grew("vramsupply_completion_tokens_total") == 9
+    assert grew("vramsupply_prompt_tokens_total") == 3 * 2
+    assert grew("vramsupply_time_to_first_token_seconds_count") == 3
+    assert grew("vramsupply_time_per_output_token_seconds_count") == 3
+    assert after[("vramsupply_slots_total", ())] == 2
+    assert after[("vramsupply_slots_busy", ())] == 0
+    assert after[("vramsupply_queue_depth", ())] == 0
+    assert after[("vramsupply_model_loaded", ())] == 1
+
+
+async def test_metrics_see_busy_slots(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    async with http.post(server.url + "/v1/completions", json={**LONG, "stream": True}) as response:
+        await response.content.readline()
+        async with http.get(server.url + "/metrics") as scrape:
+            samples = metric_samples(await scrape.text())
+        response.close()
+    await wait_for_health(http, server, busy=0)
+
+    assert samples[("vramsupply_slots_busy", ())] == 1
+
+
+@pytest.fixture(scope="module")
+def guarded() -> Iterator[LiveServer]:
+    with LiveServer(endpoint_token=TOKEN) as live:
+        yield live
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token", f"Basic {TOKEN}", "Bearer ", TOKEN])
+async def test_endpoint_token_is_required_on_v1(guarded: LiveServer, http: aiohttp.ClientSession, authorization: str | None) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/unknown")):
+        async with http.request(method, guarded.url + path, headers=headers, json={"prompt": "x"}) as response:
+            body = await response.json()
+            assert response.status == 401, path
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+            assert body["error"]["code"] == "invalid_api_key"
+            assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_health_and_metrics_stay_open_with_a_token(guarded: LiveServer, http: aiohttp.ClientSession) -> None:
+    for path in ("/health", "/metrics"):
+        async with http.get(guarded.url + path) as response:
+            assert response.status == 200
+
+
+def test_sdk_with_the_right_token_works_and_the_wrong_one_is_401(guarded: LiveServer) -> None:
+    with OpenAI(base_url=guarded.base_url, api_key=TOKEN, max_retries=0) as client:
+        completion = client.completions.create(model=MODEL_ID, prompt="Once", max_tokens=2)
+    with OpenAI(base_url=guarded.base_url, api_key="nope", max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError) as raised:
+            client.models.list()
+
+    assert completion.choices[0].text
+    assert raised.value.status_code == 401
