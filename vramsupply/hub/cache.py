@@ -65,8 +65,9 @@ def describe(repo: RepoCache, pull: Pull) -> CachedModel:
     )
 
 
-def list_cached(cache_dir: Path) -> list[CachedModel]:
-    return [describe(repo, pull) for repo in cached_repos(cache_dir) for pull in repo.pulls()]
+def list_cached(cache_dir: Path, model: str | None = None) -> list[CachedModel]:
+    """Every pull in the cache, or those of `model` (marketplace or GGUF repo id, any case)."""
+    return [describe(repo, pull) for repo in cached_repos(cache_dir) for pull in repo.pulls() if model is None or pull.matches(model)]
 
 
 def _linked_blobs(repo: RepoCache) -> set[str]:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vramsupply.config import Settings
 from vramsupply.hub.access import DEFAULT_TIMEOUT, HubAccess
 from vramsupply.hub.download import GGUF_MAGIC, download_model
 from vramsupply.hub.errors import HubOffline, HubUnreachable, InvalidModelSpec
@@ -123,3 +124,15 @@ def prepare_model(
     repo = RepoCache(cache_root, resolved.repo_id)
     download_model(resolved, repo, access, make_progress(progress))
     return LocalModel.from_pull(repo, resolved)
+
+
+def prepare_configured(model: str, settings: Settings, *, progress: bool) -> LocalModel:
+    """`prepare_model` with the cache dir, timeout and publisher order from Settings (quant: settings.quant)."""
+    return prepare_model(
+        model,
+        settings.quant,
+        cache_dir=settings.cache_dir,
+        progress=progress,
+        timeout=settings.download_timeout,
+        publishers=settings.gguf_publishers,
+    )

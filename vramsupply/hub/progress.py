@@ -95,37 +95,39 @@ class _PlainTask(ProgressTask):
         self._label = label
         self._total = total
         self._done = completed
-        self._started = time.monotonic()
+        self._started = self._last_line = time.monotonic()
         self._start_bytes = completed
-        self._last_line = 0.0
-        self._line("started", force=True)
+        resuming = f", resuming at {self._percent():.0f}%" if completed else ""
+        self._print(f"{decimal(total)}{resuming}")
 
-    def _line(self, state: str, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_line < PLAIN_INTERVAL:
-            return
-        self._last_line = now
-        elapsed = max(now - self._started, 1e-6)
-        speed = (self._done - self._start_bytes) / elapsed
-        percent = 100 * self._done / self._total if self._total else 100.0
-        eta = f", ETA {timedelta(seconds=round((self._total - self._done) / speed))}" if speed > 0 and state == "downloading" else ""
-        print(
-            f"{self._label}: {state} {percent:.0f}% ({decimal(self._done)} of {decimal(self._total)}, {decimal(round(speed))}/s{eta})",
-            file=self._stream,
-            flush=True,
-        )
+    def _percent(self) -> float:
+        return 100 * self._done / self._total if self._total else 100.0
+
+    def _speed(self, now: float) -> float:
+        return (self._done - self._start_bytes) / max(now - self._started, 1e-6)
+
+    def _print(self, text: str) -> None:
+        print(f"{self._label}: {text}", file=self._stream, flush=True)
 
     def advance(self, nbytes: int) -> None:
         self._done += nbytes
-        self._line("downloading")
+        now = time.monotonic()
+        if now - self._last_line < PLAIN_INTERVAL or self._done >= self._total:
+            return
+        self._last_line = now
+        speed = self._speed(now)
+        eta = f", ETA {timedelta(seconds=round((self._total - self._done) / speed))}" if speed > 0 else ""
+        self._print(f"{self._percent():.0f}% ({decimal(self._done)} of {decimal(self._total)}, {decimal(round(speed))}/s{eta})")
 
     def restart(self) -> None:
         self._done = self._start_bytes = 0
-        self._line("restarting", force=True)
+        self._print("the server ignored the resume request, starting over")
 
     def finish(self) -> None:
+        elapsed = time.monotonic() - self._started
+        fetched = self._total - self._start_bytes
         self._done = self._total
-        self._line("done", force=True)
+        self._print(f"done, {decimal(fetched)} in {timedelta(seconds=round(elapsed))} ({decimal(round(fetched / max(elapsed, 1e-6)))}/s)")
 
 
 class PlainTransferProgress(TransferProgress):
