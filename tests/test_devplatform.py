@@ -13,10 +13,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from openai import AsyncOpenAI
-
 from live_platform import API_KEY, LivePlatform
 from live_server import MODEL_ID, LiveServer
+from openai import AsyncOpenAI
+
 from vramsupply.devplatform import Provider
 from vramsupply.platform.api import RegisterRequest
 
@@ -47,9 +47,8 @@ class Reply:
 
 
 async def http(method: str, url: str, *, body: Any = None, headers: dict[str, str] | None = None) -> Reply:
-    async with aiohttp.ClientSession() as session:
-        async with session.request(method, url, json=body, headers=headers) as response:
-            return Reply(response.status, dict(response.headers), await response.text())
+    async with aiohttp.ClientSession() as session, session.request(method, url, json=body, headers=headers) as response:
+        return Reply(response.status, dict(response.headers), await response.text())
 
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -64,7 +63,8 @@ async def register(platform: LivePlatform, agent_url: str, *, api_key: str = API
         context_length_offered=2048,
         endpoint_token=token,
     )
-    response = await http("POST", f"{platform.url}/v1/providers/register", body=offer.model_dump(exclude_none=True), headers={"Authorization": f"Bearer {api_key}"})
+    auth = {"Authorization": f"Bearer {api_key}"}
+    response = await http("POST", f"{platform.url}/v1/providers/register", body=offer.model_dump(exclude_none=True), headers=auth)
     assert response.status == 201, response.text
     return str(response.json()["provider_id"])
 
@@ -78,7 +78,7 @@ def buyer(platform: LivePlatform) -> AsyncOpenAI:
 
 
 async def test_register_validates_required_fields_and_types_per_the_docs(platform: LivePlatform) -> None:
-    response = await http("POST", 
+    response = await http("POST",
         f"{platform.url}/v1/providers/register",
         body={"model": "m", "input_price_per_million": "100", "output_price_per_million": 2.5, "endpoint_url": "ftp://x", "colour": "red"},
         headers=AUTH,
@@ -126,7 +126,8 @@ async def test_buyer_request_is_routed_to_the_agent_and_back_with_tokens_counted
 async def test_streaming_is_passed_through_and_usage_only_shown_when_asked(platform: LivePlatform, agent: LiveServer) -> None:
     provider_id = await register(platform, agent.url)
     async with buyer(platform) as client:
-        plain = [c async for c in await client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=5, stream=True, extra_body={"ignore_eos": True})]
+        stream = await client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=5, stream=True, extra_body={"ignore_eos": True})
+        plain = [chunk async for chunk in stream]
         with_usage = [
             c
             async for c in await client.chat.completions.create(

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-
 from pathlib import Path
 
 import aiohttp
 import pytest
-
 from conftest import run_cli
 from fakehub import FakeHub, standard_repos
 from live_platform import API_KEY, LivePlatform, free_port
 from live_server import MODEL_ID, LiveServer
+
 from vramsupply.config import Settings
 from vramsupply.hub import prepare_model
 from vramsupply.platform import PlatformClient, ProviderLifecycle, build_offer, default_state_path

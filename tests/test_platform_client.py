@@ -7,8 +7,8 @@ import random
 import time
 
 import pytest
-
 from live_platform import API_KEY, LivePlatform, free_port
+
 from vramsupply.config import Settings
 from vramsupply.platform import (
     ApiKeyRejected,

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from live_platform import API_KEY, LivePlatform, free_port
+
 from vramsupply import __version__
 from vramsupply.config import Settings
 from vramsupply.platform import Backoff, Phase, PlatformClient, ProviderLifecycle, build_offer, read_state, resolve_endpoint_token

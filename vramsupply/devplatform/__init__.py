@@ -20,10 +20,10 @@ __all__ = ["Account", "DevPlatform", "PlatformOptions", "Provider", "Store", "ch
 class DevPlatform:
     """The reference platform on a localhost port, started and stopped from async code."""
 
-    def __init__(self, *, api_key: str | None = None, options: PlatformOptions = PlatformOptions()) -> None:
+    def __init__(self, *, api_key: str | None = None, options: PlatformOptions | None = None) -> None:
         self.store = Store()
         self.account = self.store.add_account(api_key)
-        self.app = create_app(self.store, options)
+        self.app = create_app(self.store, options or PlatformOptions())
         self._runner: web.AppRunner | None = None
         self.url = ""
 

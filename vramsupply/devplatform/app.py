@@ -26,7 +26,6 @@ from vramsupply.devplatform import payment
 from vramsupply.devplatform.store import Account, BuyerRequest, Provider, Rail, RailError, Store, rails_of
 from vramsupply.platform import api
 
-
 log = logging.getLogger("vramsupply.devplatform")
 
 
@@ -47,10 +46,10 @@ RETRY_NEXT_PROVIDER = frozenset({401, 403, 429, 500, 502, 503, 504})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def create_app(store: Store, options: PlatformOptions = PlatformOptions()) -> web.Application:
+def create_app(store: Store, options: PlatformOptions | None = None) -> web.Application:
     app = web.Application(middlewares=[json_errors, provider_auth])
     app[STORE] = store
-    app[OPTIONS] = options
+    app[OPTIONS] = options or PlatformOptions()
     app.cleanup_ctx.append(_http_session)
     app.cleanup_ctx.append(_health_checks)
     app.router.add_post(api.REGISTER_PATH, register)
@@ -121,7 +120,7 @@ async def check_providers(app: web.Application) -> None:
     providers = [p for p in store.providers.values() if p.status != "draining"]
     healthy = await asyncio.gather(*(_probe(app[HTTP], p, options.health_timeout) for p in providers))
     now = time.time()
-    for provider, ok in zip(providers, healthy):
+    for provider, ok in zip(providers, healthy, strict=True):
         silent = now - provider.last_seen_at > options.heartbeat_timeout
         provider.status = "online" if ok and not silent else "offline"
 
@@ -290,7 +289,8 @@ class _ProviderFailed(Exception):
 
 async def _forward(request: web.Request, body: dict[str, Any], provider: Provider, entry: BuyerRequest) -> web.StreamResponse:
     streaming = body.get("stream") is True
-    buyer_options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+    raw_options = body.get("stream_options")
+    buyer_options: dict[str, Any] = raw_options if isinstance(raw_options, dict) else {}
     buyer_wants_usage = buyer_options.get("include_usage") is True
     upstream_body = {**body, "stream_options": {**buyer_options, "include_usage": True}} if streaming else body
     headers = {"Authorization": f"Bearer {provider.offer.endpoint_token}"} if provider.offer.endpoint_token else {}
@@ -388,7 +388,7 @@ def _usage(data: bytes) -> dict[str, int]:
 
 def _is_usage_only(data: str) -> bool:
     try:
-        return json.loads(data).get("choices") == []
+        return bool(json.loads(data).get("choices") == [])
     except (ValueError, AttributeError):
         return False
 

@@ -167,8 +167,9 @@ def error_message(body: Any) -> str | None:
         fields = error.get("fields")
         if isinstance(fields, list) and fields and isinstance(fields[0], dict):
             return "; ".join(f"{f.get('field')}: {f.get('message')}" for f in fields if isinstance(f, dict))
-        if isinstance(error.get("message"), str):
-            return error["message"]
+        message = error.get("message")
+        if isinstance(message, str):
+            return message
     detail = body.get("detail")
     if isinstance(detail, list) and detail and isinstance(detail[0], dict):
         return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:]) or '?'}: {d.get('msg')}" for d in detail if isinstance(d, dict))

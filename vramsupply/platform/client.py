@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import aiohttp
 from pydantic import BaseModel, ValidationError
@@ -21,6 +21,8 @@ ReplyT = TypeVar("ReplyT", bound=BaseModel)
 
 API_KEY_REJECTED = "API key rejected — run `vramsupply login`"
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+RETRY_BACKOFF = Backoff(initial=0.5, cap=4.0)
+"""Between a call's own retries: short, so a CLI command gives up within seconds."""
 
 
 class PlatformError(Exception):
@@ -57,7 +59,7 @@ class PlatformClient:
         api_key: str,
         *,
         attempts: int = 3,
-        backoff: Backoff = Backoff(initial=0.5, cap=4.0),
+        backoff: Backoff = RETRY_BACKOFF,
         timeout: float = 10.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -87,7 +89,7 @@ class PlatformClient:
     async def deregister(self, provider_id: str) -> None:
         """DELETE the instance; one the platform has already forgotten counts as deregistered."""
         try:
-            await self._call("DELETE", api.PROVIDER_PATH.format(provider_id=provider_id), None, names_provider=True)
+            await self._exchange("DELETE", api.PROVIDER_PATH.format(provider_id=provider_id), None, names_provider=True)
         except UnknownProvider:
             return
 
@@ -109,9 +111,18 @@ class PlatformClient:
         return self._session
 
     async def _call(
-        self, method: str, path: str, reply: type[ReplyT] | None, body: BaseModel | None = None, *, names_provider: bool = False
-    ) -> Any:
-        """Send one call, retrying network errors and 5xx; ``names_provider``: 404/410 means UnknownProvider."""
+        self, method: str, path: str, reply: type[ReplyT], body: BaseModel | None = None, *, names_provider: bool = False
+    ) -> ReplyT:
+        text = await self._exchange(method, path, body, names_provider=names_provider)
+        try:
+            return reply.model_validate_json(text)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise PlatformError(f"unexpected answer to {method} {path}: {where}: {first['msg']}") from None
+
+    async def _exchange(self, method: str, path: str, body: BaseModel | None, *, names_provider: bool = False) -> str:
+        """The successful answer's body, retrying network errors and 5xx; ``names_provider``: 404/410 means UnknownProvider."""
         payload = body.model_dump(mode="json", exclude_none=True) if body is not None else None
         url = self.base_url + path
         failure = ""
@@ -122,28 +133,21 @@ class PlatformClient:
                 async with self._session_for_call().request(method, url, json=payload) as response:
                     text = await response.text()
                     if response.status not in RETRYABLE_STATUSES:
-                        return _parse_reply(method, path, response.status, text, reply, names_provider)
+                        _raise_for_status(method, path, response.status, text, names_provider)
+                        return text
                     failure = f"{self.base_url} answered {response.status}{_detail(text)}"
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 failure = f"cannot reach {self.base_url}: {_describe(exc)}"
         raise PlatformUnavailable(failure)
 
 
-def _parse_reply(method: str, path: str, status: int, text: str, reply: type[ReplyT] | None, names_provider: bool) -> ReplyT | None:
+def _raise_for_status(method: str, path: str, status: int, text: str, names_provider: bool) -> None:
     if status == 401:
         raise ApiKeyRejected()
     if status in (404, 410) and names_provider:
         raise UnknownProvider(f"the platform does not know this provider ({status}{_detail(text)})")
     if status >= 400:
         raise RequestRejected(status, f"platform rejected {method} {path} ({status}): {_message(text) or 'no reason given'}")
-    if reply is None:
-        return None
-    try:
-        return reply.model_validate_json(text)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise PlatformError(f"unexpected answer to {method} {path}: {where}: {first['msg']}") from None
 
 
 def _message(text: str) -> str | None:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -23,7 +23,10 @@ from vramsupply.platform.offer import format_cents
 from vramsupply.platform.state import Phase, RegistrationState, process_alive, read_state
 
 T = TypeVar("T")
-RAIL_BUYERS = {"accepts_stripe": "buyers paying with an API key (Bearer sk-…), Stripe payouts", "accepts_tempo": "buyers paying per token with MPP (Payment), Tempo payouts"}
+RAIL_BUYERS = {
+    "accepts_stripe": "buyers paying with an API key (Bearer sk-…), Stripe payouts",
+    "accepts_tempo": "buyers paying per token with MPP (Payment), Tempo payouts",
+}
 
 
 def api_key_of(settings: Settings) -> str:
@@ -147,12 +150,11 @@ def _local_host(host: str) -> str:
 
 async def _probe_health(url: str) -> tuple[dict[str, Any] | None, str | None]:
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            async with session.get(url + "/health") as response:
-                body = await response.json(content_type=None)
-                if response.status != 200 or not isinstance(body, dict):
-                    return None, f"{url}/health answered {response.status}: {api.error_message(body) or 'not ready'}"
-                return body, None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session, session.get(url + "/health") as response:
+            body = await response.json(content_type=None)
+            if response.status != 200 or not isinstance(body, dict):
+                return None, f"{url}/health answered {response.status}: {api.error_message(body) or 'not ready'}"
+            return body, None
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         return None, f"no agent answering at {url} ({exc or type(exc).__name__})"
 

@@ -24,6 +24,9 @@ from vramsupply.platform.state import Phase, RegistrationState, write_state
 
 log = logging.getLogger("vramsupply.platform")
 
+REGISTER_BACKOFF = Backoff(initial=1.0, cap=60.0)
+"""Between registration attempts: quick at first, then at most once a minute."""
+
 
 class ServingStats(Protocol):
     """A snapshot of the serving engine (``engine.EngineStats`` satisfies this)."""
@@ -50,7 +53,7 @@ class ProviderLifecycle:
         stats: Callable[[], ServingStats],
         *,
         heartbeat_interval: float,
-        backoff: Backoff = Backoff(initial=1.0, cap=60.0),
+        backoff: Backoff = REGISTER_BACKOFF,
         state_path: Path | None = None,
     ) -> None:
         self._client = client
@@ -96,7 +99,8 @@ class ProviderLifecycle:
                 await asyncio.wait_for(self._client.deregister(self.provider_id), timeout)
             except (PlatformError, asyncio.TimeoutError) as exc:
                 reason = str(exc) or f"no answer within {timeout:g}s"
-                self._set_phase(Phase.deregister_failed, f"could not deregister {self.provider_id}: {reason}; health checks will mark it offline", logging.WARNING)
+                message = f"could not deregister {self.provider_id}: {reason}; health checks will mark it offline"
+                self._set_phase(Phase.deregister_failed, message, logging.WARNING)
                 return False
             gone, self.provider_id = self.provider_id, None
             self._set_phase(Phase.deregistered, f"deregistered {gone} from {self._client.base_url}")
@@ -153,7 +157,8 @@ class ProviderLifecycle:
         self._reported_prompt, self._reported_completion = snapshot.prompt_tokens_total, snapshot.completion_tokens_total
         self._last_heartbeat_at = time.time()
         if reply.status == "offline":
-            self._set_phase(Phase.offline, f"the platform lists {provider_id} as offline: its health check of {self._offer.endpoint_url}/health failed", logging.WARNING)
+            message = f"the platform lists {provider_id} as offline: its health check of {self._offer.endpoint_url}/health failed"
+            self._set_phase(Phase.offline, message, logging.WARNING)
         else:
             self._set_phase(Phase.registered, f"heartbeats accepted for {provider_id}")
         return True
