@@ -391,7 +391,9 @@ async def bench_server(spec: ServerSpec, cfg: BenchConfig, model: Path, eos_id: 
             started = time.perf_counter()
             await wait_ready(proc, url + spec.ready_path, log_path)
             load_s = time.perf_counter() - started
+            # Warm up alone, then at full width: first decodes of a new batch shape are slow everywhere.
             await run_level(url, request_bodies(spec, 1, 16, eos_id), 1)
+            await run_level(url, request_bodies(spec, cfg.parallel, 8, eos_id), cfg.parallel)
             result = ServerResult(spec.name, spec.mode, command, round(load_s, 2), 0.0, load_avg_before=load_avg)
             for concurrency in cfg.concurrency:
                 bodies = request_bodies(spec, cfg.requests_per_slot * concurrency, cfg.max_tokens, eos_id)
