@@ -4,7 +4,8 @@ Serves the routes and headers the client needs (see shared notes §3): model sea
 with LFS sha256s, and `resolve` downloads with X-Repo-Commit / ETag / X-Linked-Size and Range.
 Runs an aiohttp app in its own thread, because the code under test makes blocking calls. A
 second "CDN" site on another port stands in for the Hub's file storage behind redirects.
-Faults are switched on per file path: drop the connection once, stall, or serve corrupt bytes.
+Faults are switched on per file path (drop the connection once, stall, serve corrupt bytes) or
+for the whole API (hang without answering).
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class FakeHub:
         self.drop_once: dict[str, int] = {}
         self.stall_after: dict[str, int] = {}
         self.corrupt: set[str] = set()
+        self.hang_api = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._release: asyncio.Event | None = None
@@ -149,6 +151,12 @@ class FakeHub:
     def _log(self, request: web.Request) -> None:
         self.requests.append(Request(request.method, request.path, dict(request.headers)))
 
+    async def _maybe_hang(self) -> None:
+        """With `hang_api` set, API calls accept the connection and never answer (until stop)."""
+        if self.hang_api:
+            assert self._release is not None
+            await self._release.wait()
+
     def _repo(self, request: web.Request) -> FakeRepo:
         repo = self.repos.get(f"{request.match_info['org']}/{request.match_info['name']}".lower())
         if repo is None:
@@ -157,6 +165,7 @@ class FakeHub:
 
     async def _search(self, request: web.Request) -> web.Response:
         self._log(request)
+        await self._maybe_hang()
         filters = request.query.getall("filter", [])
         search = request.query.get("search", "").lower()
         author = request.query.get("author", "").lower()
@@ -176,6 +185,7 @@ class FakeHub:
 
     async def _info(self, request: web.Request) -> web.Response:
         self._log(request)
+        await self._maybe_hang()
         repo = self._repo(request)
         with_blobs = request.query.get("blobs", "").lower() == "true"
         siblings = []
@@ -304,6 +314,9 @@ def standard_repos() -> list[FakeRepo]:
         FakeRepo("acme/Gizmo-1B", {"model.safetensors": FakeFile(b"weights")}, ["transformers"]),
         FakeRepo("ggml-org/Gizmo-1B-GGUF", {"gizmo-1b-q4_k_m.gguf": tiny}, ["gguf"], downloads=20),
         FakeRepo("someone/Gizmo-1B-abliterated-GGUF", {"Gizmo-1B-abliterated-Q4_K_M.gguf": FakeFile(generated_gguf(4096, 7))}, ["gguf"], downloads=80000),
+        # acme/Original-1B ships an F16 .gguf itself; its Q4_K_M is published by others.
+        FakeRepo("acme/Original-1B", {"model.safetensors": FakeFile(b"weights"), "original-1b-f16.gguf": FakeFile(generated_gguf(2048, 8))}, ["transformers", "gguf"]),
+        FakeRepo("unsloth/Original-1B-GGUF", {"Original-1B-Q4_K_M.gguf": FakeFile(generated_gguf(2048, 9))}, _quantized("acme/Original-1B"), downloads=3),
         # acme/Lonely-2B: nothing quantized anywhere.
         FakeRepo("acme/Lonely-2B", {"model.safetensors": FakeFile(b"weights")}, ["transformers"]),
         # Direct GGUF repos.
@@ -331,5 +344,6 @@ def standard_repos() -> list[FakeRepo]:
         FakeRepo("bigco/Huge-GGUF", {"Huge-Q4_K_M.gguf": FakeFile(generated_gguf(BIG, 30))}, ["gguf"]),
         FakeRepo("bigco/Broken-GGUF", {"Broken-Q4_K_M.gguf": FakeFile(generated_gguf(2 * 1024 * 1024, 31))}, ["gguf"]),
         FakeRepo("bigco/Enormous-GGUF", {"Enormous-Q4_K_M.gguf": FakeFile(generated_gguf(1024, 32), claimed_size=10**16)}, ["gguf"]),
+        FakeRepo("evil/Escape-GGUF", {"../../escape-Q4_K_M.gguf": FakeFile(generated_gguf(1024, 33))}, ["gguf"]),
         FakeRepo("gatedco/Locked-GGUF", {"Locked-Q4_K_M.gguf": tiny}, ["gguf"], gated=True, via_cdn=True),
     ]

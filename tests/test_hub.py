@@ -15,6 +15,7 @@ from vramsupply.hub import (
     ChecksumMismatch,
     DownloadError,
     HubAuthError,
+    HubError,
     HubOffline,
     InsufficientDiskSpace,
     InvalidModelSpec,
@@ -78,6 +79,12 @@ def test_a_gguf_repo_id_is_used_directly_with_its_base_model_as_identity(hub: Fa
     assert resolved.repo_id == "quantco/Splitty-GGUF"
     assert resolved.model_id == "quantco/splitty"
     assert [file.path for file in resolved.files] == ["Splitty-Q8_0.gguf"]
+
+
+def test_an_original_repo_with_its_own_gguf_is_used_only_for_quants_it_has(hub: FakeHub) -> None:
+    own = resolve("acme/Original-1B", "F16")
+    assert (own.repo_id, own.model_id) == ("acme/Original-1B", "acme/original-1b")
+    assert resolve("acme/Original-1B", "Q4_K_M").repo_id == "unsloth/Original-1B-GGUF"
 
 
 def test_split_files_in_a_subfolder_are_all_downloaded_and_the_first_is_loaded(hub: FakeHub, cache: Path) -> None:
@@ -184,6 +191,15 @@ def test_offline_uses_the_verified_cached_copy_when_the_hub_is_gone(hub: FakeHub
         prepare_model("acme/Gadget-3B", "Q4_K_M", cache_dir=cache)
 
 
+def test_a_hub_that_never_answers_counts_as_unreachable(hub: FakeHub, cache: Path) -> None:
+    online = prepare_model("acme/Widget-7B", "Q4_K_M", cache_dir=cache)
+    hub.hang_api = True
+
+    assert prepare_model("acme/Widget-7B", "Q4_K_M", cache_dir=cache, timeout=0.3) == online
+    with pytest.raises(HubOffline, match=r"cannot reach the Hub at .*ReadTimeout"):
+        prepare_model("acme/Gadget-3B", "Q4_K_M", cache_dir=cache, timeout=0.3)
+
+
 def test_a_gated_repo_asks_for_the_licence_and_hf_token(hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(HubAuthError) as info:
         prepare_model("gatedco/Locked-GGUF", "Q4_K_M", cache_dir=cache)
@@ -191,6 +207,8 @@ def test_a_gated_repo_asks_for_the_licence_and_hf_token(hub: FakeHub, cache: Pat
         f"access to gatedco/Locked-GGUF was refused: accept the model's licence at {hub.url}/gatedco/Locked-GGUF "
         "and set HF_TOKEN to an access token of that account"
     )
+
+    assert list_cached(cache) == []
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     hub.requests.clear()
@@ -224,6 +242,12 @@ def test_too_little_disk_space_fails_before_any_byte_moves(hub: FakeHub, cache: 
     with pytest.raises(InsufficientDiskSpace, match=r"bigco/Enormous-GGUF Q4_K_M needs 10.0 PB more in .* but only .* is free"):
         prepare_model("bigco/Enormous-GGUF", "Q4_K_M", cache_dir=cache)
     assert hub.downloads_of("Enormous-Q4_K_M.gguf") == []
+
+
+def test_file_paths_that_would_escape_the_cache_are_refused(hub: FakeHub, cache: Path) -> None:
+    with pytest.raises(HubError, match=r"the Hub sent unusable metadata for evil/Escape-GGUF/\.\./\.\./escape-Q4_K_M\.gguf"):
+        prepare_model("evil/Escape-GGUF", "Q4_K_M", cache_dir=cache)
+    assert not cache.exists()
 
 
 def test_the_cache_is_shared_with_huggingface_hub_and_rm_leaves_other_files(hub: FakeHub, cache: Path) -> None:

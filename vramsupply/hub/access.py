@@ -11,11 +11,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 
 import httpx2
 from huggingface_hub import HfApi, get_token, hf_hub_url
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
-from huggingface_hub.utils import build_hf_headers
+from huggingface_hub.utils import build_hf_headers, set_client_factory
+from huggingface_hub.utils._http import default_client_factory
 
 from vramsupply import __version__
 from vramsupply.config import DEFAULT_DOWNLOAD_TIMEOUT
@@ -51,6 +53,7 @@ class HubAccess:
         )
 
     def api(self) -> HfApi:
+        _bound_hub_client_waits(self.timeout)
         return HfApi(endpoint=self.endpoint, token=self.token or False, library_name="vramsupply", library_version=__version__)
 
     def file_url(self, repo_id: str, revision: str, path: str) -> str:
@@ -58,6 +61,19 @@ class HubAccess:
 
     def headers(self) -> dict[str, str]:
         return build_hf_headers(token=self.token or False, library_name="vramsupply", library_version=__version__)
+
+
+@lru_cache(maxsize=1)
+def _bound_hub_client_waits(timeout: float) -> None:
+    """huggingface_hub's shared client waits forever by default and `list_models` takes no timeout,
+    so a Hub that accepts connections but never answers would hang `serve`; give its client ours."""
+
+    def client_with_timeout() -> httpx2.Client:
+        client = default_client_factory()
+        client.timeout = httpx2.Timeout(timeout)
+        return client
+
+    set_client_factory(client_with_timeout)
 
 
 @contextmanager

@@ -242,16 +242,22 @@ def check_gguf_magic(path: Path) -> None:
 def download_model(resolved: ResolvedModel, cache: RepoCache, access: HubAccess, progress: TransferProgress) -> list[Path]:
     """Download and verify every part of `resolved`; return their snapshot paths, first part first.
 
-    The pull is recorded before any byte moves, so `models rm` also finds interrupted downloads.
+    The pull is recorded before any byte moves, so `models rm` also finds interrupted downloads;
+    a pull that failed before writing anything is forgotten again.
     """
-    cache.add_pull(Pull.of(resolved))
     missing = [file for file in resolved.files if not cache.is_verified(file)]
     check_free_space(cache, missing, resolved.quant)
-    timeout = httpx2.Timeout(access.timeout)
-    with httpx2.Client(follow_redirects=True, timeout=timeout) as client, progress:
-        downloader = BlobDownloader(client, access, resolved, cache, progress)
-        for file in missing:
-            downloader.fetch(file)
+    pull = Pull.of(resolved)
+    cache.add_pull(pull)
+    try:
+        with httpx2.Client(follow_redirects=True, timeout=httpx2.Timeout(access.timeout)) as client, progress:
+            downloader = BlobDownloader(client, access, resolved, cache, progress)
+            for file in missing:
+                downloader.fetch(file)
+    except BaseException:
+        if not any(cache.blob(file.sha256).exists() or cache.incomplete(file.sha256).exists() for file in resolved.files):
+            cache.forget_pull(pull)
+        raise
     links = [cache.link(resolved.revision, file) for file in resolved.files]
     cache.set_ref("main", resolved.revision)
     check_gguf_magic(links[0])

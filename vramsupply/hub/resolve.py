@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from huggingface_hub import HfApi, ModelInfo
 from huggingface_hub.errors import RepositoryNotFoundError
@@ -28,6 +29,8 @@ MAX_CANDIDATES_CHECKED = 8
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _QUANTIZED_TAG = "base_model:quantized:"
 _GGUF_SUFFIX = re.compile(r"[-_.]gguf$", re.IGNORECASE)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,12 @@ def rank_candidates(candidates: Iterable[ModelInfo], base_id: str, publishers: S
     return sorted(unique.values(), key=lambda info: (publisher_rank(info.id, org, publishers), -(info.downloads or 0), info.id.lower()))
 
 
+def is_quantized_repo(info: ModelInfo) -> bool:
+    """A GGUF repo proper, rather than an original model that also ships a .gguf or two
+    (whose missing quant is then looked for in other publishers' repos)."""
+    return bool(_GGUF_SUFFIX.search(info.id)) or any(tag.startswith(_QUANTIZED_TAG) for tag in info.tags or ())
+
+
 def canonical_id(info: ModelInfo) -> str:
     """The marketplace id of a GGUF repo: its base model when the Hub records exactly one."""
     bases = [tag[len(_QUANTIZED_TAG) :] for tag in info.tags or () if tag.startswith(_QUANTIZED_TAG)]
@@ -96,17 +105,22 @@ def _paths(info: ModelInfo) -> list[str]:
 
 
 def _remote_files(info: ModelInfo, group: QuantGroup) -> tuple[RemoteFile, ...]:
+    """The files with their LFS size and sha256, which name paths in the cache and so are checked."""
     siblings = {sibling.rfilename: sibling for sibling in info.siblings or ()}
     files = []
     for path in group.paths:
         lfs = siblings[path].lfs
         if lfs is None:
             raise HubError(f"{info.id}/{path} has no sha256 in the Hub's metadata (not stored with LFS), so it cannot be verified")
+        if not _SHA256.match(lfs.sha256) or path.startswith("/") or ".." in PurePosixPath(path).parts:
+            raise HubError(f"the Hub sent unusable metadata for {info.id}/{path} (sha256 {lfs.sha256!r})")
         files.append(RemoteFile(path=path, size=lfs.size, sha256=lfs.sha256))
     return tuple(files)
 
 
 def _resolved(info: ModelInfo, group: QuantGroup, model_id: str, quant: str) -> ResolvedModel:
+    if not _COMMIT.match(info.sha or ""):
+        raise HubError(f"the Hub sent no usable commit for {info.id} (sha {info.sha!r})")
     return ResolvedModel(
         model_id=model_id,
         repo_id=info.id,
@@ -154,9 +168,10 @@ class Resolver:
         info = self.repo_info(repo_id)
         if info is not None and group_models(_paths(info)):
             group = select_quant(_paths(info), wanted)
-            if group is None:
+            if group is not None:
+                return _resolved(info, group, canonical_id(info), wanted)
+            if is_quantized_repo(info):
                 raise QuantNotFound(f"{info.id} has no {wanted} GGUF file; it has {_describe_quants(info)}")
-            return _resolved(info, group, canonical_id(info), wanted)
         base_id = info.id if info is not None else repo_id
         candidates = self.find_candidates(base_id)
         if not candidates:

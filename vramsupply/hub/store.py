@@ -167,6 +167,9 @@ class RepoCache:
     def add_pull(self, pull: Pull) -> None:
         self.save_pulls([known for known in self.pulls() if known.key() != pull.key()] + [pull])
 
+    def forget_pull(self, pull: Pull) -> None:
+        self.save_pulls([known for known in self.pulls() if known.key() != pull.key()])
+
     def is_complete(self, pull: Pull) -> bool:
         """Every file of the pull is verified and reachable through its snapshot path."""
         return all(self.is_verified(file) and self.snapshot_path(pull.revision, file.path).exists() for file in pull.files)
