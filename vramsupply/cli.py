@@ -267,7 +267,7 @@ def models_pull(
     if as_json:
         console.print_json(json.dumps(local_model_json(local)))
     else:
-        console.print(f"{local.model_id} {local.quant or ''} ready: {local.path}", highlight=False, soft_wrap=True)
+        console.print(" ".join(filter(None, (local.model_id, local.quant, "ready:", str(local.path)))), highlight=False, soft_wrap=True)
 
 
 @models_app.command("list")
@@ -317,6 +317,37 @@ def models_rm(
     removed = remove_cached(cache, model)
     for item in removed:
         console.print(f"removed {item.model_id} {item.quant} ({item.repo_id}, {decimal(item.on_disk)})", highlight=False)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A local .gguf path or org/model on HuggingFace (default: the model setting)."),
+    quant: Optional[str] = QUANT_OPTION,
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default: the host setting, 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port to listen on; 0 picks a free one (default: the port setting, 8080)."),
+    context_length: Optional[int] = typer.Option(None, "--context-length", help="Context window per request, in tokens."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots: requests decoded concurrently."),
+    n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", help="Layers offloaded to the GPU (-1: all)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for decoding."),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests that may wait for a slot before new ones get 429."),
+    drain_timeout: Optional[float] = typer.Option(None, "--drain-timeout", help="Seconds in-flight requests may take to finish on stop (default 30)."),
+    no_register: Optional[bool] = typer.Option(None, "--no-register", help="Serve locally only: do not register with the platform."),
+    cache_dir: Optional[Path] = CACHE_DIR_OPTION,
+    log_level: Optional[str] = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+) -> None:
+    """Load a GGUF model and serve the OpenAI-compatible API until Ctrl-C or SIGTERM."""
+    flags = dict(locals())  # every parameter is named after the setting it overrides
+    import asyncio
+
+    from vramsupply.serve import ServeError, run_serve
+
+    settings = settings_from(flags)
+    try:
+        asyncio.run(run_serve(settings))
+    except ServeError as exc:
+        fail(str(exc))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        fail("stopped without waiting for in-flight requests", code=130)
 
 
 def main() -> None:

@@ -1,0 +1,184 @@
+"""`vramsupply serve` as a user runs it: a real subprocess, real signals, real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from openai import OpenAI
+
+from conftest import TINY_MODEL, run_cli
+
+READY = re.compile(r"^vramsupply ready: serving (\S+) at (http://\S+/v1) ")
+TOKEN = "serve-test-token"
+
+
+class ServeProcess:
+    """`vramsupply serve` in a child process; stdout and stderr are collected as they arrive."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vramsupply", "serve", "--model", str(TINY_MODEL), "--port", "0", "--no-register", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._ready = threading.Event()
+        self.model_id = self.base_url = ""
+        threading.Thread(target=self._read, args=(self.process.stdout, self.stdout, True), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.process.stderr, self.stderr, False), daemon=True).start()
+
+    def _read(self, stream, lines: list[str], watch_ready: bool) -> None:  # type: ignore[no-untyped-def]
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+            match = READY.match(line) if watch_ready else None
+            if match:
+                self.model_id, self.base_url = match.groups()
+                self._ready.set()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        if not self._ready.wait(timeout):
+            raise AssertionError(f"no ready line; stdout={self.stdout} stderr={self.stderr}")
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        code = self.process.wait(timeout)
+        time.sleep(0.1)  # let the reader threads take the last lines
+        return code
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.stderr)
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+@contextmanager
+def serving(*args: str, env: dict[str, str] | None = None) -> Iterator[ServeProcess]:
+    served = ServeProcess(*args, env=env)
+    try:
+        served.wait_ready()
+        yield served
+    finally:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.wait()
+
+
+def test_sigterm_during_a_stream_lets_it_finish_then_exits_0() -> None:
+    with serving("--parallel", "2", env={"VRAM_SUPPLY_ENDPOINT_TOKEN": TOKEN}) as served:
+        assert served.model_id == "stories260k"
+        assert len([line for line in served.stdout if line.startswith("vramsupply ready")]) == 1
+        with OpenAI(base_url=served.base_url, api_key=TOKEN, max_retries=0) as client:
+            stream = client.completions.create(
+                model=served.model_id,
+                prompt="Once upon a time",
+                max_tokens=300,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
+            chunks = [next(stream)]
+            served.signal(signal.SIGTERM)
+            chunks.extend(stream)
+
+        code = served.wait()
+
+    assert code == 0
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 300
+    assert "SIGTERM received" in served.log
+    assert "waiting up to 30s for 1 in-flight request(s)" in served.log
+    assert "Traceback" not in served.log
+
+
+def test_endpoint_token_from_the_environment_guards_v1_not_health() -> None:
+    with serving(env={"VRAM_SUPPLY_ENDPOINT_TOKEN": TOKEN}) as served:
+        root = served.base_url.removesuffix("/v1")
+        unauthorized = http_get(served.base_url + "/models")
+        authorized = http_get(served.base_url + "/models", {"Authorization": f"Bearer {TOKEN}"})
+        health = http_get(root + "/health")
+        served.signal(signal.SIGINT)
+        code = served.wait()
+
+    assert unauthorized[0] == 401 and unauthorized[1]["error"]["code"] == "invalid_api_key"
+    assert authorized[0] == 200 and authorized[1]["data"][0]["id"] == "stories260k"
+    assert health[0] == 200 and health[1]["status"] == "ok"
+    assert code == 0
+    assert TOKEN not in served.log
+
+
+def test_drain_timeout_bounds_the_wait_for_a_long_request() -> None:
+    with serving("--drain-timeout", "0.5") as served:
+        with OpenAI(base_url=served.base_url, api_key="unused", max_retries=0) as client:
+            stream = client.completions.create(
+                model=served.model_id, prompt="Once", max_tokens=3000, stream=True, extra_body={"ignore_eos": True}
+            )
+            next(stream)
+            started = time.monotonic()
+            served.signal(signal.SIGTERM)
+            code = served.wait()
+            waited = time.monotonic() - started
+
+    assert code == 0
+    assert "waiting up to 0.5s for 1 in-flight request(s)" in served.log
+    assert waited < 5
+
+
+def test_missing_model_file_is_one_line_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = run_cli("serve", "--model", str(tmp_path / "absent.gguf"), "--no-register")
+
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "absent.gguf" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_no_model_at_all_says_how_to_give_one() -> None:
+    result = run_cli("serve", "--no-register")
+
+    assert result.returncode != 0
+    assert "--model" in result.stderr and "VRAM_SUPPLY_MODEL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_one_line_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--model", str(TINY_MODEL), "--port", str(port), "--no-register")
+
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("flag", "value", "setting"), [("--parallel", "0", "parallel"), ("--context-length", "3", "context_length")])
+def test_bad_flag_values_name_the_flag(flag: str, value: str, setting: str) -> None:
+    result = run_cli("serve", "--model", str(TINY_MODEL), flag, value, "--no-register")
+
+    assert result.returncode == 2
+    assert setting in result.stderr and f"flag {flag}" in result.stderr
