@@ -244,6 +244,17 @@ def test_too_little_disk_space_fails_before_any_byte_moves(hub: FakeHub, cache: 
     assert hub.downloads_of("Enormous-Q4_K_M.gguf") == []
 
 
+def test_a_file_huggingface_hub_already_downloaded_is_hashed_once_not_fetched_again(hub: FakeHub, cache: Path) -> None:
+    hf_hub_download("acme/Widget-7B-GGUF", "Widget-7B-Q4_K_M.gguf", cache_dir=cache, endpoint=hub.url)
+    fetched_by_hf = len(hub.downloads_of("Widget-7B-Q4_K_M.gguf"))
+
+    model = prepare_model("acme/Widget-7B", "Q4_K_M", cache_dir=cache)
+
+    assert len(hub.downloads_of("Widget-7B-Q4_K_M.gguf")) == fetched_by_hf
+    assert RepoCache(cache, "acme/Widget-7B-GGUF").is_verified(resolve("acme/Widget-7B", "Q4_K_M").primary)
+    assert model.path.read_bytes() == TINY_MODEL.read_bytes()
+
+
 def test_file_paths_that_would_escape_the_cache_are_refused(hub: FakeHub, cache: Path) -> None:
     with pytest.raises(HubError, match=r"the Hub sent unusable metadata for evil/Escape-GGUF/\.\./\.\./escape-Q4_K_M\.gguf"):
         prepare_model("evil/Escape-GGUF", "Q4_K_M", cache_dir=cache)

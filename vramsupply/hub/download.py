@@ -53,7 +53,7 @@ class PartialBlob:
     still covers every byte even when the download spanned several processes.
     """
 
-    def __init__(self, path: Path, expected: RemoteFile) -> None:
+    def __init__(self, path: Path, expected: RemoteFile, checking: ProgressTask) -> None:
         self.path = path
         self.expected = expected
         self.digest = hashlib.sha256()
@@ -62,7 +62,8 @@ class PartialBlob:
             if path.stat().st_size > expected.size:
                 path.unlink()
             else:
-                self.size = _hash_into(path, self.digest)
+                self.size = _hash_into(path, self.digest, checking)
+        checking.finish()
 
     def restart(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -160,7 +161,9 @@ class BlobDownloader:
         return False
 
     def _transfer(self, file: RemoteFile) -> None:
-        partial = PartialBlob(self.cache.incomplete(file.sha256), file)
+        incomplete = self.cache.incomplete(file.sha256)
+        checking = self.progress.task(f"checking the partial {self.label(file)}", incomplete.stat().st_size) if incomplete.exists() else ProgressTask()
+        partial = PartialBlob(incomplete, file, checking)
         url = self.access.file_url(self.resolved.repo_id, self.resolved.revision, file.path)
         task = self.progress.task(self.label(file), file.size, partial.size)
         last_progress = time.monotonic()
