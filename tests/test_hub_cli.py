@@ -10,6 +10,7 @@ import pytest
 
 from conftest import run_cli
 from fakehub import FakeHub, standard_repos
+from test_serve import http_get, serving
 from vramsupply.hub.store import RepoCache
 
 
@@ -100,3 +101,14 @@ def test_pull_offline_uses_the_cache_or_says_what_to_do(hub: FakeHub, hf_home: P
     assert missing.stderr.startswith("error: cannot reach the Hub at ")
     assert "vramsupply models pull acme/Gadget-3B --quant Q4_K_M" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_serve_downloads_from_the_hub_and_serves_under_the_canonical_id(hub: FakeHub, hf_home: Path) -> None:
+    with serving("--model", "acme/Widget-7B", "--quant", "q4_k_m", env=env_for(hub, hf_home)) as served:
+        assert served.model_id == "acme/widget-7b"
+        status, models = http_get(served.base_url + "/models")
+        assert status == 200 and models["data"][0]["id"] == "acme/widget-7b"
+
+    assert "acme/Widget-7B-GGUF/Widget-7B-Q4_K_M.gguf: done, 1.2 MB in" in served.log
+    listed = json.loads(run_cli("models", "list", "--json", env=env_for(hub, hf_home)).stdout)
+    assert [(item["repo_id"], item["status"]) for item in listed] == [("acme/Widget-7B-GGUF", "verified")]

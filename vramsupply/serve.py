@@ -19,6 +19,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass
+from datetime import timedelta
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -45,7 +46,7 @@ async def run_serve(settings: Settings) -> None:
     """Serve until a stop signal, then drain and return; raises ServeError when it cannot start."""
     configure_logging(settings.log_level, [settings.endpoint_token, settings.api_key])
     terminal = interactive()
-    model = await resolve_model(settings, progress=terminal)
+    model = await resolve_model(settings)
 
     endpoint_token = settings.endpoint_token.get_secret_value() if settings.endpoint_token else None
     app = create_app(model.model_id, aliases=model_aliases(model), endpoint_token=endpoint_token, max_body_bytes=settings.max_body_bytes)
@@ -68,11 +69,12 @@ async def run_serve(settings: Settings) -> None:
             await drain(server, engine, settings.drain_timeout)
 
 
-async def resolve_model(settings: Settings, *, progress: bool) -> LocalModel:
+async def resolve_model(settings: Settings) -> LocalModel:
+    """The hub shows download progress as a bar on a terminal and as plain lines in logs (journald)."""
     if not settings.model:
         raise ServeError("no model to serve: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
     try:
-        return await asyncio.to_thread(prepare_configured, settings.model, settings, progress=progress)
+        return await asyncio.to_thread(prepare_configured, settings.model, settings, progress=True)
     except HubError as exc:
         raise ServeError(str(exc)) from None
 
@@ -217,9 +219,9 @@ class TerminalStatus:
                 await _wait(stop, STATUS_REFRESH_SECONDS)
 
     def _render(self, snapshot: Snapshot) -> Group:
-        uptime = time.strftime("%H:%M:%S", time.gmtime(time.monotonic() - self._started))
+        uptime = timedelta(seconds=int(time.monotonic() - self._started))
         header = Text.assemble(("vramsupply ", "bold"), (self._model_id, "cyan"), "  ", (f"{self._url}/v1", "underline"))
-        return Group(header, Text(f"{snapshot.line()}  ·  up {uptime}  ·  Ctrl-C to stop", style="dim"))
+        return Group(header, Text(snapshot.line()), Text(f"up {uptime} · Ctrl-C to stop", style="dim"))
 
 
 class LogStatus:
