@@ -19,6 +19,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from datetime import timedelta
 
 from rich.console import Console, Group
@@ -29,7 +30,11 @@ from vramsupply.config import Settings
 from vramsupply.engine import Engine, EngineError, EngineOptions, EngineStats
 from vramsupply.hub import HubError, LocalModel, prepare_configured
 from vramsupply.logging import configure_logging, interactive
+from vramsupply.platform import MarketplaceSession, OfferError, PlatformError
 from vramsupply.server import ApiServer, create_app
+
+if TYPE_CHECKING:
+    from vramsupply.devplatform import DevPlatform
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +47,30 @@ class ServeError(Exception):
     """Why serving could not start, in one line for the CLI."""
 
 
-async def run_serve(settings: Settings) -> None:
-    """Serve until a stop signal, then drain and return; raises ServeError when it cannot start."""
+async def run_serve(settings: Settings, *, demo: bool = False) -> None:
+    """Serve until a stop signal, then drain and return; raises ServeError when it cannot start.
+
+    ``demo`` runs the reference platform in this process, registers with it and buys one answer
+    through it before serving on.
+    """
     configure_logging(settings.log_level, [settings.endpoint_token, settings.api_key])
+    if not demo:
+        await serve_until_stopped(settings)
+        return
+    from vramsupply.devplatform.demo import demo_marketplace
+
+    async with demo_marketplace(settings) as (demo_settings, platform):
+        await serve_until_stopped(demo_settings, platform)
+
+
+async def serve_until_stopped(settings: Settings, demo_platform: DevPlatform | None = None) -> None:
     terminal = interactive()
+    market = prepare_marketplace(settings, local_ok=demo_platform is not None)
     model = await resolve_model(settings)
 
     endpoint_token = settings.endpoint_token.get_secret_value() if settings.endpoint_token else None
+    if market is not None:
+        endpoint_token = market.endpoint_token
     app = create_app(model.model_id, aliases=model_aliases(model), endpoint_token=endpoint_token, max_body_bytes=settings.max_body_bytes)
     access_log = None if terminal else logging.getLogger("vramsupply.access")
     server = ApiServer(app, settings.host, settings.port, drain_timeout=settings.drain_timeout, access_log=access_log)
@@ -63,10 +85,49 @@ async def run_serve(settings: Settings) -> None:
                 return
             server.state.attach(engine)
             print(ready_line(model.model_id, server.url, engine), flush=True)
+            if market is not None:
+                start_marketplace(market, model, engine)
+            if demo_platform is not None and market is not None:
+                await buy_demo_answer(demo_platform, market, model.model_id)
             status = TerminalStatus(Console(), model.model_id, server.url) if terminal else LogStatus()
             await status.run(engine, stop)
         finally:
+            if market is not None:
+                await market.drain()
             await drain(server, engine, settings.drain_timeout)
+            if market is not None:
+                await market.stop()
+
+
+def prepare_marketplace(settings: Settings, *, local_ok: bool) -> MarketplaceSession | None:
+    """Refuse, before any download or load, a configuration that could never register."""
+    try:
+        return MarketplaceSession.prepare(settings, local_ok=local_ok)
+    except (PlatformError, OfferError) as exc:
+        raise ServeError(str(exc)) from None
+
+
+def start_marketplace(market: MarketplaceSession, model: LocalModel, engine: Engine) -> None:
+    """Print the offer and what it earns, then register and heartbeat in the background."""
+    try:
+        lines = market.summary(model, engine.n_ctx)
+    except OfferError as exc:
+        raise ServeError(str(exc)) from None
+    for line in lines:
+        if line.startswith("warning: "):
+            log.warning("%s", line.removeprefix("warning: "))
+        else:
+            print(line, flush=True)
+    market.start(model, engine.n_ctx, engine.stats)
+
+
+async def buy_demo_answer(platform: DevPlatform, market: MarketplaceSession, model_id: str) -> None:
+    from vramsupply.devplatform.demo import DemoError, buy_one_answer
+
+    try:
+        await buy_one_answer(platform, market, model_id, lambda text: print(text, end="", flush=True))
+    except DemoError as exc:
+        raise ServeError(str(exc)) from None
 
 
 async def resolve_model(settings: Settings) -> LocalModel:

@@ -12,8 +12,8 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol, TypeVar
 
 from aiohttp import web
 
@@ -48,6 +48,7 @@ from vramsupply.server.schemas import ChatCompletionBody, CompletionBody
 from vramsupply.server.state import SERVER_STATE, ServerState
 
 RETRY_AFTER_SECONDS = "1"
+T = TypeVar("T")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -140,10 +141,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine = state.ready_engine()
     body = await state.parse(request, ChatCompletionBody)
     messages = [m.for_template() for m in body.messages]
-    try:
-        prompt = await asyncio.to_thread(engine.tokenize_chat, messages)
-    except ValueError as exc:
-        raise ApiError(400, str(exc), param="messages", code="invalid_value") from None
+    prompt = await _tokenize(engine.tokenize_chat, messages, param="messages")
     shape = ChatShape(id=new_id("chatcmpl"), created=now(), model=state.model_id, include_usage=body.include_usage)
     requests = generation_requests(body, prompt, extra_stop=engine.chat_stop)
     return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started))
@@ -154,10 +152,20 @@ async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[SERVER_STATE]
     engine = state.ready_engine()
     body = await state.parse(request, CompletionBody)
-    prompt = body.prompt if isinstance(body.prompt, list) else await asyncio.to_thread(engine.tokenize, body.prompt)
+    prompt = body.prompt if isinstance(body.prompt, list) else await _tokenize(engine.tokenize, body.prompt, param="prompt")
     shape = TextShape(id=new_id("cmpl"), created=now(), model=state.model_id, include_usage=body.include_usage)
     requests = generation_requests(body, prompt)
     return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started))
+
+
+async def _tokenize(tokenize: Callable[[T], list[int]], value: T, *, param: str) -> list[int]:
+    """Tokenize off the event loop: a long prompt or a chat template can take milliseconds."""
+    try:
+        return await asyncio.to_thread(tokenize, value)
+    except EngineError as exc:
+        raise engine_error(exc, param) from None
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param=param, code="invalid_value") from None
 
 
 def generation_requests(
