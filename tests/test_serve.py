@@ -20,6 +20,8 @@ import pytest
 from openai import OpenAI
 
 from conftest import TINY_MODEL, run_cli
+from vramsupply.engine import EngineStats
+from vramsupply.serve import Snapshot, Throughput
 
 READY = re.compile(r"^vramsupply ready: serving (\S+) at (http://\S+/v1) ")
 TOKEN = "serve-test-token"
@@ -120,12 +122,14 @@ def test_endpoint_token_from_the_environment_guards_v1_not_health() -> None:
         root = served.base_url.removesuffix("/v1")
         unauthorized = http_get(served.base_url + "/models")
         authorized = http_get(served.base_url + "/models", {"Authorization": f"Bearer {TOKEN}"})
+        by_file_name = http_get(served.base_url + "/models/stories260K.gguf", {"Authorization": f"Bearer {TOKEN}"})
         health = http_get(root + "/health")
         served.signal(signal.SIGINT)
         code = served.wait()
 
     assert unauthorized[0] == 401 and unauthorized[1]["error"]["code"] == "invalid_api_key"
     assert authorized[0] == 200 and authorized[1]["data"][0]["id"] == "stories260k"
+    assert by_file_name[0] == 200 and by_file_name[1]["id"] == "stories260k"
     assert health[0] == 200 and health[1]["status"] == "ok"
     assert code == 0
     assert TOKEN not in served.log
@@ -182,3 +186,21 @@ def test_bad_flag_values_name_the_flag(flag: str, value: str, setting: str) -> N
 
     assert result.returncode == 2
     assert setting in result.stderr and f"flag {flag}" in result.stderr
+
+
+def test_throughput_is_tokens_per_second_over_the_recent_window() -> None:
+    throughput = Throughput(window=5.0)
+
+    assert throughput.update(0, now=100.0) == 0.0
+    assert throughput.update(50, now=101.0) == 50.0
+    assert throughput.update(150, now=102.0) == 75.0
+    assert throughput.update(150, now=110.0) == pytest.approx(0.0)
+
+
+def test_status_line_shows_slots_queue_speed_and_tokens_served() -> None:
+    stats = EngineStats(
+        slots_total=4, slots_busy=3, queue_depth=2, prompt_tokens_total=1000, completion_tokens_total=234,
+        cached_tokens_total=10, requests_total=12,
+    )
+
+    assert Snapshot(stats, 41.26).line() == "3/4 slots busy, 2 queued, 41.3 tok/s, 1,234 tokens served (12 requests)"

@@ -6,9 +6,12 @@ import asyncio
 import json
 from collections.abc import Iterator
 
+import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
+from openai.types import Completion
 
+from conftest import TINY_MODEL
 from live_server import MODEL_ID, LiveServer
 
 MESSAGES = [{"role": "system", "content": "You tell short stories."}, {"role": "user", "content": "Once upon a time"}]
@@ -17,7 +20,7 @@ PROMPT = "Once upon a time, there was a"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    with LiveServer() as live:
+    with LiveServer(aliases=[TINY_MODEL.name]) as live:
         yield live
 
 
@@ -235,11 +238,22 @@ def test_models_lists_the_served_model(client: OpenAI) -> None:
     assert models.data[0].object == "model" and models.data[0].owned_by == "vramsupply"
 
 
+def test_retrieve_model_by_id_and_unknown_id(client: OpenAI) -> None:
+    model = client.models.retrieve(MODEL_ID)
+
+    assert model.id == MODEL_ID and model.object == "model"
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.models.retrieve("org/other-model")
+    assert raised.value.code == "model_not_found"
+
+
 def test_model_aliases_and_omitted_model_are_accepted(server: LiveServer, client: OpenAI) -> None:
     assert server.engine is not None
-    for name in (MODEL_ID.upper(), server.engine.model_name):
+    for name in (MODEL_ID.upper(), server.engine.model_name, "stories260K.gguf"):
         completion = client.completions.create(model=name, prompt=PROMPT, max_tokens=1)
         assert completion.model == MODEL_ID
+    anonymous = client.post("/completions", body={"prompt": PROMPT, "max_tokens": 1}, cast_to=Completion)
+    assert anonymous.model == MODEL_ID
 
 
 async def test_async_client_chat_and_text(server: LiveServer, async_client: AsyncOpenAI) -> None:

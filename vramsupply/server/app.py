@@ -45,6 +45,7 @@ def create_app(
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     return app
@@ -90,11 +91,22 @@ def check_bearer(header: str | None, token: str) -> None:
         raise ApiError(401, "Incorrect endpoint token provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
+def model_card(state: ServerState) -> ModelCard:
+    return ModelCard(id=state.model_id, object="model", created=state.created, owned_by=OWNER)
+
+
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[SERVER_STATE]
     state.ready_engine()
-    card = ModelCard(id=state.model_id, object="model", created=state.created, owned_by=OWNER)
-    return web.Response(text=ModelList(object="list", data=[card]).to_json(), content_type="application/json")
+    return web.Response(text=ModelList(object="list", data=[model_card(state)]).to_json(), content_type="application/json")
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """``GET /v1/models/{id}``: the served model under any of its names, else 404 model_not_found."""
+    state = request.app[SERVER_STATE]
+    state.ready_engine()
+    state.check_model(request.match_info["model"])
+    return web.Response(text=model_card(state).to_json(), content_type="application/json")
 
 
 async def health(request: web.Request) -> web.Response:
