@@ -11,6 +11,7 @@ import pytest
 from huggingface_hub import hf_hub_download, scan_cache_dir
 
 from fakehub import BIG, TINY_MODEL, TOKEN, FakeHub, standard_repos
+from vramsupply.config import load_settings
 from vramsupply.hub import (
     ChecksumMismatch,
     DownloadError,
@@ -22,6 +23,7 @@ from vramsupply.hub import (
     ModelNotFound,
     QuantNotFound,
     list_cached,
+    prepare_configured,
     prepare_model,
     remove_cached,
     resolve,
@@ -64,6 +66,17 @@ def test_third_party_repos_rank_by_preferred_publisher_then_downloads(hub: FakeH
     assert resolve("acme/gadget-3b", "q4_k_m").repo_id == "bartowski/acme_Gadget-3B-GGUF"
     assert resolve("acme/Gadget-3B", "Q8_0").repo_id == "lmstudio-community/Gadget-3B-GGUF"
     assert resolve("acme/Gadget-3B", "Q4_K_M", publishers=()).repo_id == "stranger/Gadget-3B-GGUF"
+
+
+def test_settings_choose_the_publishers_quant_and_cache(hub: FakeHub, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VRAM_SUPPLY_GGUF_PUBLISHERS", "stranger, {org}")
+    monkeypatch.setenv("VRAM_SUPPLY_CACHE_DIR", str(cache))
+    monkeypatch.setenv("VRAM_SUPPLY_QUANT", "q4_k_m")
+
+    model = prepare_configured("acme/Gadget-3B", load_settings().settings, progress=False)
+
+    assert (model.repo_id, model.quant) == ("stranger/Gadget-3B-GGUF", "Q4_K_M")
+    assert model.path.is_relative_to(cache)
 
 
 def test_name_search_finds_untagged_gguf_repos_but_not_finetunes(hub: FakeHub) -> None:

@@ -14,6 +14,8 @@ TABLE_HEADER = "| variable | default | meaning |"
 def documented_default(value: object) -> str:
     if value is None:
         return "-"
+    if isinstance(value, list):
+        return f"`{','.join(value)}`"  # the comma-separated form the environment variable takes
     return f"`{value.value if isinstance(value, Enum) else value}`"
 
 

@@ -222,4 +222,6 @@ def display_value(settings: Settings, field: str) -> str:
         return "****" + secret[-4:] if len(secret) > 8 else "****"
     if isinstance(value, Enum):
         return str(value.value)
+    if isinstance(value, list):
+        return ",".join(value)
     return str(value)

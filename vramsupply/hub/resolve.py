@@ -119,12 +119,13 @@ def _remote_files(info: ModelInfo, group: QuantGroup) -> tuple[RemoteFile, ...]:
 
 
 def _resolved(info: ModelInfo, group: QuantGroup, model_id: str, quant: str) -> ResolvedModel:
-    if not _COMMIT.match(info.sha or ""):
+    revision = info.sha or ""
+    if not _COMMIT.match(revision):
         raise HubError(f"the Hub sent no usable commit for {info.id} (sha {info.sha!r})")
     return ResolvedModel(
         model_id=model_id,
         repo_id=info.id,
-        revision=info.sha,
+        revision=revision,
         quant=quant,
         files=_remote_files(info, group),
         available_quants=tuple(available_quants(group_models(_paths(info)))),
