@@ -18,6 +18,7 @@ from vramsupply.hub import (
     HubAuthError,
     HubError,
     HubOffline,
+    HubUnreachable,
     InsufficientDiskSpace,
     InvalidModelSpec,
     ModelNotFound,
@@ -199,6 +200,8 @@ def test_offline_uses_the_verified_cached_copy_when_the_hub_is_gone(hub: FakeHub
     assert prepare_model("acme/Widget-7B-GGUF", "Q4_K_M", cache_dir=cache) == online
     with pytest.raises(HubOffline, match=r"HF_HUB_OFFLINE is set, and .* holds no verified copy of acme/Widget-7B Q8_0"):
         prepare_model("acme/Widget-7B", "Q8_0", cache_dir=cache)
+    with pytest.raises(HubUnreachable, match=r"HF_HUB_OFFLINE is set, so http://127\.0\.0\.1:\d+ is not asked about acme/Widget-7B"):
+        resolve("acme/Widget-7B", "Q4_K_M")
     monkeypatch.delenv("HF_HUB_OFFLINE")
     with pytest.raises(HubOffline, match=r"cannot reach the Hub at http://127\.0\.0\.1:\d+ .* no verified copy of acme/Gadget-3B"):
         prepare_model("acme/Gadget-3B", "Q4_K_M", cache_dir=cache)

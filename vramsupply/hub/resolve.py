@@ -17,7 +17,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 
 from vramsupply.config import DEFAULT_GGUF_PUBLISHERS
 from vramsupply.hub.access import DEFAULT_TIMEOUT, HubAccess, hub_errors
-from vramsupply.hub.errors import HubAuthError, HubError, InvalidModelSpec, ModelNotFound, QuantNotFound
+from vramsupply.hub.errors import HubAuthError, HubError, HubUnreachable, InvalidModelSpec, ModelNotFound, QuantNotFound
 from vramsupply.hub.quant import QuantGroup, available_quants, group_models, normalize_quant, select_quant
 
 OWN_ORG = "{org}"
@@ -165,6 +165,8 @@ class Resolver:
 
     def resolve(self, model: str, quant: str) -> ResolvedModel:
         repo_id = parse_repo_id(model)
+        if self.access.offline:
+            raise HubUnreachable(f"HF_HUB_OFFLINE is set, so {self.access.endpoint} is not asked about {model}")
         wanted = normalize_quant(quant)
         info = self.repo_info(repo_id)
         if info is not None and group_models(_paths(info)):
