@@ -332,18 +332,25 @@ def serve(
     max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests that may wait for a slot before new ones get 429."),
     drain_timeout: Optional[float] = typer.Option(None, "--drain-timeout", help="Seconds in-flight requests may take to finish on stop (default 30)."),
     no_register: Optional[bool] = typer.Option(None, "--no-register", help="Serve locally only: do not register with the platform."),
+    endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help="Public base URL the platform routes buyers to (required to register)."),
+    input_price: Optional[int] = typer.Option(None, "--input-price", help="Input price, cents per million tokens (default 100)."),
+    output_price: Optional[int] = typer.Option(None, "--output-price", help="Output price, cents per million tokens (default 200)."),
+    context_length_offered: Optional[int] = typer.Option(None, "--context-length-offered", help="Context advertised to buyers (default: the served context)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="vram.supply API key (default: the one `vramsupply login` stored)."),
     cache_dir: Optional[Path] = CACHE_DIR_OPTION,
     log_level: Optional[str] = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+    demo: bool = typer.Option(False, "--demo", help="Run a local reference platform in-process, serve the bundled tiny model, register and buy one answer."),
 ) -> None:
     """Load a GGUF model and serve the OpenAI-compatible API until Ctrl-C or SIGTERM."""
     flags = dict(locals())  # every parameter is named after the setting it overrides
+    flags.pop("demo")
     import asyncio
 
     from vramsupply.serve import ServeError, run_serve
 
     settings = settings_from(flags)
     try:
-        asyncio.run(run_serve(settings))
+        asyncio.run(run_serve(settings, demo=demo))
     except ServeError as exc:
         fail(str(exc))
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -19,7 +19,7 @@ from rich.text import Text
 from vramsupply.config import Settings
 from vramsupply.platform import api
 from vramsupply.platform.client import PlatformClient, PlatformError
-from vramsupply.platform.offer import format_cents
+from vramsupply.platform.offer import format_cents, local_base_url
 from vramsupply.platform.state import Phase, RegistrationState, process_alive, read_state
 
 T = TypeVar("T")
@@ -132,20 +132,11 @@ class AgentStatus:
 
 
 def agent_status(settings: Settings, state_path: Path) -> AgentStatus:
-    url = f"http://{_local_host(settings.host)}:{settings.port}"
+    url = local_base_url(settings.host, settings.port)
     health, error = asyncio.run(_probe_health(url))
     registration = read_state(state_path)
     current = registration is not None and (registration.phase is Phase.deregistered or process_alive(registration.pid))
     return AgentStatus(url, health, error, registration, current)
-
-
-def _local_host(host: str) -> str:
-    """Where to reach a server bound to ``host`` from this machine."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 async def _probe_health(url: str) -> tuple[dict[str, Any] | None, str | None]:

@@ -49,6 +49,15 @@ def check_endpoint_url(url: str | None, *, local_ok: bool = False) -> list[str]:
     return [f"endpoint URL {url} points at a local or private address: the platform and buyers on the internet cannot reach it"]
 
 
+def local_base_url(host: str, port: int) -> str:
+    """Where this machine reaches a server bound to ``host:port`` (a wildcard becomes loopback)."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def is_local_host(hostname: str) -> bool:
     name = hostname.lower().rstrip(".")
     if name == "localhost" or name.endswith((".localhost", ".local", ".internal")):
