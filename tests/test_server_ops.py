@@ -4,6 +4,7 @@ when a client hangs up."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -166,3 +167,22 @@ def test_sdk_with_the_right_token_works_and_the_wrong_one_is_401(guarded: LiveSe
 
     assert completion.choices[0].text
     assert raised.value.status_code == 401
+
+
+async def test_engine_closing_mid_stream_ends_it_with_an_error_event(http: aiohttp.ClientSession) -> None:
+    async with LiveServer() as live:
+        assert live.engine is not None
+        engine = live.engine
+
+        async def close_engine() -> None:
+            await asyncio.to_thread(engine.close)
+
+        async with http.post(live.url + "/v1/completions", json={**LONG, "stream": True}) as response:
+            await response.content.readline()
+            await live.acall(close_engine)
+            events = [line for line in (await response.text()).splitlines() if line.startswith("data: ")]
+
+    error = json.loads(events[-1].removeprefix("data: "))
+    assert error["error"]["code"] == "shutting_down"
+    assert set(error["error"]) == {"message", "type", "param", "code"}
+    assert "data: [DONE]" not in events

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_CHOICES = 16
 
@@ -81,7 +81,7 @@ class GenerationBody(_Body):
 
     @field_validator("n", "stream", "logit_bias", mode="before")
     @classmethod
-    def _null_is_default(cls, value: Any, info: Any) -> Any:
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
         """Clients often send explicit nulls for fields they did not set."""
         if value is None:
             return cls.model_fields[info.field_name].get_default(call_default_factory=True)
