@@ -277,6 +277,18 @@ def test_file_paths_that_would_escape_the_cache_are_refused(hub: FakeHub, cache:
     assert not cache.exists()
 
 
+def test_an_edited_record_cannot_make_rm_delete_outside_the_cache(hub: FakeHub, cache: Path, tmp_path: Path) -> None:
+    prepare_model("acme/Widget-7B", "Q4_K_M", cache_dir=cache)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    record = RepoCache(cache, "acme/Widget-7B-GGUF").record_path
+    record.write_text(record.read_text().replace('"path": "Widget-7B-Q4_K_M.gguf"', '"path": "../../../../victim.txt"'))
+
+    assert remove_cached(cache, None) == []
+    assert list_cached(cache) == []
+    assert victim.read_text() == "keep me"
+
+
 def test_the_cache_is_shared_with_huggingface_hub_and_rm_leaves_other_files(hub: FakeHub, cache: Path) -> None:
     model = prepare_model("quantco/Splitty-GGUF", "Q4_K_M", cache_dir=cache)
     readme = hf_hub_download("quantco/Splitty-GGUF", "README.md", cache_dir=cache, endpoint=hub.url)

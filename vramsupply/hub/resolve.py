@@ -35,9 +35,16 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 @dataclass(frozen=True)
 class RemoteFile:
+    """One file of a repo. Its path and sha256 name files in the cache, so they are checked:
+    nothing the Hub (or an edited cache record) says may point outside the cache."""
+
     path: str
     size: int
     sha256: str
+
+    def __post_init__(self) -> None:
+        if not _SHA256.match(self.sha256) or self.size < 0 or self.path.startswith("/") or ".." in PurePosixPath(self.path).parts:
+            raise ValueError(f"unusable file metadata: path {self.path!r}, size {self.size}, sha256 {self.sha256!r}")
 
 
 @dataclass(frozen=True)
@@ -105,16 +112,17 @@ def _paths(info: ModelInfo) -> list[str]:
 
 
 def _remote_files(info: ModelInfo, group: QuantGroup) -> tuple[RemoteFile, ...]:
-    """The files with their LFS size and sha256, which name paths in the cache and so are checked."""
+    """The files with their LFS size and sha256."""
     siblings = {sibling.rfilename: sibling for sibling in info.siblings or ()}
     files = []
     for path in group.paths:
         lfs = siblings[path].lfs
         if lfs is None:
             raise HubError(f"{info.id}/{path} has no sha256 in the Hub's metadata (not stored with LFS), so it cannot be verified")
-        if not _SHA256.match(lfs.sha256) or path.startswith("/") or ".." in PurePosixPath(path).parts:
-            raise HubError(f"the Hub sent unusable metadata for {info.id}/{path} (sha256 {lfs.sha256!r})")
-        files.append(RemoteFile(path=path, size=lfs.size, sha256=lfs.sha256))
+        try:
+            files.append(RemoteFile(path=path, size=lfs.size, sha256=lfs.sha256))
+        except ValueError as exc:
+            raise HubError(f"the Hub sent unusable metadata for {info.id}/{path}: {exc}") from None
     return tuple(files)
 
 

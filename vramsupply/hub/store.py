@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from vramsupply.hub.quant import normalize_quant
 from vramsupply.hub.resolve import RemoteFile, ResolvedModel
@@ -54,8 +54,8 @@ class Pull(BaseModel):
     model_id: str
     quant: str
     repo_id: str
-    revision: str
-    files: tuple[RemoteFile, ...]
+    revision: str = Field(pattern=r"^[0-9a-f]{40}$")
+    files: tuple[RemoteFile, ...] = Field(min_length=1)
     pulled_at: datetime
 
     @classmethod
