@@ -277,6 +277,18 @@ def test_file_paths_that_would_escape_the_cache_are_refused(hub: FakeHub, cache:
     assert not cache.exists()
 
 
+def test_rm_of_one_id_keeps_the_files_another_pulled_id_shares(hub: FakeHub, cache: Path) -> None:
+    by_base = prepare_model("acme/Gizmo-1B", "Q4_K_M", cache_dir=cache)
+    by_repo = prepare_model("ggml-org/Gizmo-1B-GGUF", "Q4_K_M", cache_dir=cache)
+    assert by_base.path == by_repo.path and by_base.model_id != by_repo.model_id
+
+    assert [removed.model_id for removed in remove_cached(cache, "acme/gizmo-1b")] == ["acme/gizmo-1b"]
+
+    [left] = list_cached(cache)
+    assert (left.model_id, left.status.value) == ("ggml-org/gizmo-1b-gguf", "verified")
+    assert by_repo.path.read_bytes() == TINY_MODEL.read_bytes()
+
+
 def test_an_edited_record_cannot_make_rm_delete_outside_the_cache(hub: FakeHub, cache: Path, tmp_path: Path) -> None:
     prepare_model("acme/Widget-7B", "Q4_K_M", cache_dir=cache)
     victim = tmp_path / "victim.txt"

@@ -93,14 +93,17 @@ def _drop_dangling_refs(repo: RepoCache) -> None:
     _prune_empty_dirs(repo.refs, repo.folder)
 
 
-def _remove_pull(repo: RepoCache, pull: Pull, keep: set[str]) -> None:
+def _remove_pull(repo: RepoCache, pull: Pull, kept: list[Pull]) -> None:
+    """Unlink the pull's snapshot links and blobs, except those a kept pull or another snapshot uses."""
+    kept_links = {(other.revision, file.path) for other in kept for file in other.files}
     for file in pull.files:
-        link = repo.snapshot_path(pull.revision, file.path)
-        link.unlink(missing_ok=True)
-        _prune_empty_dirs(link.parent, repo.snapshots)
-    still_linked = _linked_blobs(repo) | keep
+        if (pull.revision, file.path) not in kept_links:
+            link = repo.snapshot_path(pull.revision, file.path)
+            link.unlink(missing_ok=True)
+            _prune_empty_dirs(link.parent, repo.snapshots)
+    still_used = _linked_blobs(repo) | {file.sha256 for other in kept for file in other.files}
     for file in pull.files:
-        if file.sha256 not in still_linked:
+        if file.sha256 not in still_used:
             for path in (repo.blob(file.sha256), repo.marker(file.sha256), repo.incomplete(file.sha256)):
                 path.unlink(missing_ok=True)
 
@@ -109,10 +112,9 @@ def _remove_from_repo(repo: RepoCache, model: str | None) -> list[CachedModel]:
     pulls = repo.pulls()
     doomed = [pull for pull in pulls if model is None or pull.matches(model)]
     kept = [pull for pull in pulls if pull not in doomed]
-    keep = {file.sha256 for pull in kept for file in pull.files}
     removed = [describe(repo, pull) for pull in doomed]
     for pull in doomed:
-        _remove_pull(repo, pull, keep)
+        _remove_pull(repo, pull, kept)
     repo.save_pulls(kept)
     _drop_dangling_refs(repo)
     if not kept and not (repo.snapshots.is_dir() and any(repo.snapshots.iterdir())):
