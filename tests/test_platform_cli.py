@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -182,3 +185,27 @@ def lifecycle_id_in(status: dict[str, dict[str, str]]) -> str:
     provider_id = status["registration"]["provider_id"]
     assert provider_id.startswith("prov_")
     return provider_id
+
+
+def test_devplatform_command_prints_its_url_and_key_and_serves_the_api() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vramsupply", "devplatform", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        listening = process.stdout.readline()
+        key_line = process.stdout.readline()
+        url = listening.strip().removeprefix("reference platform listening on ")
+        api_key = key_line.strip().removeprefix("API key: ")
+        assert url.startswith("http://127.0.0.1:") and api_key.startswith("sk-dev-")
+
+        rails_shown_there = run_cli("rails", env={"VRAM_SUPPLY_PLATFORM_URL": url, "VRAM_SUPPLY_API_KEY": api_key})
+        assert rails_shown(rails_shown_there.stdout) == {"Stripe": "yes", "Tempo (MPP)": "yes"}
+
+        process.send_signal(signal.SIGINT)
+        rest, errors = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0
+    assert "reference platform stopped" in rest and "Traceback" not in errors

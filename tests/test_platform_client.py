@@ -6,7 +6,10 @@ import asyncio
 import random
 import time
 
+from typing import Any
+
 import pytest
+from aiohttp import web
 from live_platform import API_KEY, LivePlatform, free_port
 
 from vramsupply.config import Settings
@@ -75,6 +78,33 @@ async def test_network_errors_are_retried_until_the_platform_answers() -> None:
         with LivePlatform(port):
             demand = await asyncio.wait_for(call, 10)
     assert demand.models == []
+
+
+async def test_5xx_answers_are_retried_and_4xx_are_not(aiohttp_server: Any) -> None:
+    """A platform behind a flaky proxy: two 503s, then the real answer."""
+    answers = [web.json_response({"error": {"message": "upstream busy"}}, status=503) for _ in range(2)]
+    calls: list[str] = []
+
+    async def demand(request: web.Request) -> web.Response:
+        calls.append(request.headers["Authorization"])
+        return answers.pop(0) if answers else web.json_response({"models": []})
+
+    app = web.Application()
+    app.router.add_get("/v1/providers/demand", demand)
+    server = await aiohttp_server(app)
+    async with PlatformClient(str(server.make_url("")), API_KEY, attempts=3, backoff=Backoff(initial=0.05, cap=0.1)) as client:
+        assert (await client.demand()).models == []
+        assert calls == [f"Bearer {API_KEY}"] * 3
+
+        answers.extend(web.json_response({"error": {"message": "upstream busy"}}, status=502) for _ in range(3))
+        with pytest.raises(PlatformUnavailable, match="answered 502: upstream busy"):
+            await client.demand()
+
+        calls.clear()
+        answers.append(web.json_response({"error": {"message": "no such thing"}}, status=400))
+        with pytest.raises(RequestRejected, match=r"\(400\): no such thing"):
+            await client.demand()
+        assert len(calls) == 1
 
 
 async def test_an_unreachable_platform_gives_up_after_the_attempts_with_one_line() -> None:
