@@ -9,6 +9,9 @@
 5. serve until SIGINT/SIGTERM, showing a live status in a terminal or periodic log lines otherwise;
 6. drain: stop accepting, let in-flight requests finish for up to ``drain_timeout`` seconds, close
    the engine. A second signal skips the wait.
+
+Under systemd (``Type=notify``) each phase is also told to the service manager: ``STATUS=`` lines,
+``READY=1`` at step 4, ``STOPPING=1`` at step 6, and ``WATCHDOG=1`` pings from the event loop throughout.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from vramsupply.hub import HubError, LocalModel, prepare_configured
 from vramsupply.logging import configure_logging, interactive
 from vramsupply.platform import MarketplaceSession, OfferError, PlatformError
 from vramsupply.server import ApiServer, create_app
+from vramsupply.service import SystemdNotifier
 
 if TYPE_CHECKING:
     from vramsupply.devplatform import DevPlatform
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 
 STATUS_REFRESH_SECONDS = 0.5
 STATUS_LOG_SECONDS = 60.0
+SYSTEMD_STATUS_SECONDS = 2.0
 THROUGHPUT_WINDOW_SECONDS = 5.0
 
 
@@ -54,18 +59,26 @@ async def run_serve(settings: Settings, *, demo: bool = False) -> None:
     through it before serving on.
     """
     configure_logging(settings.log_level, [settings.endpoint_token, settings.api_key])
-    if not demo:
-        await serve_until_stopped(settings)
-        return
-    from vramsupply.devplatform.demo import demo_marketplace
+    notifier = SystemdNotifier()
+    watchdog = notifier.start_watchdog()
+    try:
+        if not demo:
+            await serve_until_stopped(settings, notifier)
+            return
+        from vramsupply.devplatform.demo import demo_marketplace
 
-    async with demo_marketplace(settings) as (demo_settings, platform):
-        await serve_until_stopped(demo_settings, platform)
+        async with demo_marketplace(settings) as (demo_settings, platform):
+            await serve_until_stopped(demo_settings, notifier, platform)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        notifier.close()
 
 
-async def serve_until_stopped(settings: Settings, demo_platform: DevPlatform | None = None) -> None:
+async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, demo_platform: DevPlatform | None = None) -> None:
     terminal = interactive()
     market = prepare_marketplace(settings, local_ok=demo_platform is not None)
+    notifier.status(f"preparing {settings.model} (downloading it unless cached)")
     model = await resolve_model(settings)
 
     endpoint_token = settings.endpoint_token.get_secret_value() if settings.endpoint_token else None
@@ -80,18 +93,24 @@ async def serve_until_stopped(settings: Settings, demo_platform: DevPlatform | N
         engine: Engine | None = None
         try:
             log.info("loading %s from %s", model.model_id, model.path)
+            notifier.status(f"loading {model.model_id}")
             engine = await load_engine(engine_options(settings, model))
             if stop.requested:
                 return
             server.state.attach(engine)
             print(ready_line(model.model_id, server.url, engine), flush=True)
+            notifier.ready(f"serving {model.model_id} at {server.url}/v1 ({engine.parallel} slots)")
             if market is not None:
                 start_marketplace(market, model, engine)
             if demo_platform is not None and market is not None:
                 await buy_demo_answer(demo_platform, market, model.model_id)
             status = TerminalStatus(Console(), model.model_id, server.url) if terminal else LogStatus()
-            await status.run(engine, stop)
+            reporters = [status.run(engine, stop)]
+            if notifier.enabled:
+                reporters.append(report_to_systemd(notifier, model.model_id, engine, market, stop))
+            await asyncio.gather(*reporters)
         finally:
+            notifier.stopping("stopping: draining in-flight requests")
             if market is not None:
                 await market.drain()
             await drain(server, engine, settings.drain_timeout)
@@ -283,6 +302,21 @@ class TerminalStatus:
         uptime = timedelta(seconds=int(time.monotonic() - self._started))
         header = Text.assemble(("vramsupply ", "bold"), (self._model_id, "cyan"), "  ", (f"{self._url}/v1", "underline"))
         return Group(header, Text(snapshot.line()), Text(f"up {uptime} · Ctrl-C to stop", style="dim"))
+
+
+async def report_to_systemd(
+    notifier: SystemdNotifier, model_id: str, engine: Engine, market: MarketplaceSession | None, stop: StopSignals
+) -> None:
+    """Keep `systemctl status` current: load, throughput and where registration stands."""
+    throughput = Throughput(window=SYSTEMD_STATUS_SECONDS * 2)
+    while True:
+        stats = engine.stats()
+        line = f"serving {model_id}: {Snapshot(stats, throughput.update(stats.completion_tokens_total)).line()}"
+        if market is not None and market.phase is not None:
+            line += f"; marketplace: {market.phase.value}"
+        notifier.status(line)
+        if await _wait(stop, SYSTEMD_STATUS_SECONDS):
+            return
 
 
 class LogStatus:
