@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -18,7 +19,8 @@ from live_server import MODEL_ID, LiveServer
 
 from vramsupply.config import Settings
 from vramsupply.hub import prepare_model
-from vramsupply.platform import PlatformClient, ProviderLifecycle, build_offer, default_state_path
+from vramsupply.platform import Phase, PlatformClient, ProviderLifecycle, RegistrationState, build_offer, default_state_path
+from vramsupply.platform.state import write_state
 from vramsupply.platform.api import RegisterRequest
 
 
@@ -135,6 +137,27 @@ def test_missing_key_and_bad_platform_url_are_refused_before_any_call() -> None:
     assert no_key.stderr.strip() == "error: no API key: run `vramsupply login` or set VRAM_SUPPLY_API_KEY"
     assert bad_url.returncode == 2
     assert bad_url.stderr.startswith("error: invalid platform_url = 'ftp://vram.supply' (from env VRAM_SUPPLY_PLATFORM_URL)")
+
+
+def test_status_flags_a_registration_left_by_a_process_that_is_gone() -> None:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    write_state(
+        default_state_path(),
+        RegistrationState(
+            phase=Phase.registered,
+            platform_url="https://vram.supply",
+            model="m",
+            endpoint_url="https://gpu.example.com",
+            provider_id="prov_1",
+            pid=int(finished.stdout),
+            updated_at=time.time(),
+        ),
+    )
+    result = json.loads(run_cli("status", "--json", env={"VRAM_SUPPLY_PORT": str(free_port())}).stdout)
+    table = run_cli("status", env={"VRAM_SUPPLY_PORT": str(free_port())}).stdout
+
+    assert result["registration"]["current"] is False
+    assert f"registered (stale: process {finished.stdout.strip()} is not running)" in table
 
 
 def test_status_without_an_agent_says_so_and_exits_1() -> None:
