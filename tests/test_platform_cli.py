@@ -20,8 +20,8 @@ from live_server import MODEL_ID, LiveServer
 from vramsupply.config import Settings
 from vramsupply.hub import prepare_model
 from vramsupply.platform import Phase, PlatformClient, ProviderLifecycle, RegistrationState, build_offer, default_state_path
-from vramsupply.platform.state import write_state
 from vramsupply.platform.api import RegisterRequest
+from vramsupply.platform.state import write_state
 
 
 def platform_env(platform: LivePlatform, **extra: str) -> dict[str, str]:
