@@ -133,6 +133,7 @@ def test_env_file_holds_exactly_the_non_default_settings_mode_0600(tmp_path: Pat
             "VRAM_SUPPLY_PORT": "8080",  # the default: not written
             "VRAM_SUPPLY_NO_REGISTER": "1",
             "VRAM_SUPPLY_ENDPOINT_TOKEN": 'tok"with\\quotes$and-dollar',
+            "VRAM_SUPPLY_GGUF_PUBLISHERS": "bartowski, {org}",
         },
     )
     assert result.returncode == 0, result.stderr
@@ -144,6 +145,7 @@ def test_env_file_holds_exactly_the_non_default_settings_mode_0600(tmp_path: Pat
         "VRAM_SUPPLY_INPUT_PRICE": "120",
         "VRAM_SUPPLY_OUTPUT_PRICE": "250",
         "VRAM_SUPPLY_NO_REGISTER": "true",
+        "VRAM_SUPPLY_GGUF_PUBLISHERS": "bartowski,{org}",
     }
     unit_text = (tmp_path / "units" / "vramsupply.service").read_text()
     for secret in ("sk-live-from-login-1234", 'tok"with\\quotes$and-dollar'):
