@@ -164,7 +164,7 @@ async def register(request: web.Request) -> web.Response:
         field = api.FieldError(field="provider_type", message="the reference platform serves agent providers only")
         return error_response(422, f"{field.field}: {field.message}", "invalid_request_error", "validation_error", [field])
     provider = request.app[STORE].register(request[ACCOUNT], offer, time.time())
-    return web.json_response({"provider_id": provider.id, "status": provider.status}, status=201)
+    return web.json_response(api.RegisterResponse(provider_id=provider.id, status=provider.status).model_dump(), status=201)
 
 
 async def heartbeat(request: web.Request) -> web.Response:
@@ -176,7 +176,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     if provider is None:
         return error_response(404, f"unknown provider {beat.provider_id}", "invalid_request_error", "provider_not_found")
     store.heartbeat(provider, beat, time.time())
-    return web.json_response({"provider_id": provider.id, "status": provider.status})
+    return web.json_response(api.HeartbeatResponse(provider_id=provider.id, status=provider.status).model_dump())
 
 
 async def deregister(request: web.Request) -> web.Response:
@@ -185,7 +185,7 @@ async def deregister(request: web.Request) -> web.Response:
     if store.owned(request[ACCOUNT], provider_id) is None:
         return error_response(404, f"unknown provider {provider_id}", "invalid_request_error", "provider_not_found")
     del store.providers[provider_id]
-    return web.json_response({"provider_id": provider_id, "status": "deregistered"})
+    return web.json_response(api.DeregisterResponse(provider_id=provider_id).model_dump())
 
 
 async def demand(request: web.Request) -> web.Response:
