@@ -30,6 +30,7 @@ from vramsupply.service.unit import (
     non_default_settings,
     render_env_file,
     render_unit,
+    under_home,
 )
 
 Say = Callable[[str], None]
@@ -231,6 +232,9 @@ def install(target: ServiceTarget, say: Say) -> None:
     settings = service_settings(target.env_file)
     spec = unit_spec(target, settings)
     if not target.user_mode:
+        if under_home(spec.exec_path):
+            say(f"warning: the service runs as {SERVICE_USER!r}, which may not be allowed into {spec.exec_path.parent}; "
+                "install system-wide with `sudo sh install.sh` or use --user")
         ensure_service_user(say)
     prepare_writable_dirs(spec, say)
     write_file(target.unit_path, render_unit(spec), 0o644)
