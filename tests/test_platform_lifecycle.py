@@ -198,3 +198,16 @@ def test_endpoint_token_is_generated_once_and_stored_private(tmp_path: Path) -> 
     assert first == second and len(first) > 30
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert resolve_endpoint_token(Settings(endpoint_token="configured"), path) == "configured"
+
+
+async def test_an_unwritable_state_file_is_reported_once_and_never_stops_registration(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the data dir should be")
+    with LivePlatform() as platform, caplog.at_level(logging.WARNING, logger="vramsupply.platform"):
+        lifecycle = make_lifecycle(platform.url, EngineCounters(), blocked / "registration.json")
+        lifecycle.start()
+        await asyncio.wait_for(lifecycle.registered.wait(), 5)
+        await asyncio.sleep(0.5)
+        assert await lifecycle.stop(timeout=5) is True
+    warnings = [r.getMessage() for r in caplog.records if "cannot record the registration state" in r.getMessage()]
+    assert len(warnings) == 1

@@ -67,6 +67,7 @@ class ProviderLifecycle:
         self._reported_completion = 0
         self._last_heartbeat_at: float | None = None
         self._logged: tuple[Phase, str] | None = None
+        self._state_unwritable = False
         self.registered = asyncio.Event()
         self.provider_id: str | None = None
         self.phase = Phase.registering
@@ -190,17 +191,24 @@ class ProviderLifecycle:
             self._logged = key
             log.log(level, message)
         if self._state_path is not None:
-            write_state(
-                self._state_path,
-                RegistrationState(
-                    phase=phase,
-                    platform_url=self._client.base_url,
-                    model=self._offer.model,
-                    endpoint_url=self._offer.endpoint_url or "",
-                    provider_id=self.provider_id,
-                    message=message,
-                    pid=os.getpid(),
-                    updated_at=time.time(),
-                    last_heartbeat_at=self._last_heartbeat_at,
-                ),
-            )
+            self._record_state(self._state_path)
+
+    def _record_state(self, path: Path) -> None:
+        """A state file we cannot write costs `vramsupply status` its answer, never the registration."""
+        state = RegistrationState(
+            phase=self.phase,
+            platform_url=self._client.base_url,
+            model=self._offer.model,
+            endpoint_url=self._offer.endpoint_url or "",
+            provider_id=self.provider_id,
+            message=self.message,
+            pid=os.getpid(),
+            updated_at=time.time(),
+            last_heartbeat_at=self._last_heartbeat_at,
+        )
+        try:
+            write_state(path, state)
+        except OSError as exc:
+            if not self._state_unwritable:
+                self._state_unwritable = True
+                log.warning("cannot record the registration state in %s (%s); `vramsupply status` will not show it", path, exc.strerror or exc)
