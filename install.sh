@@ -105,7 +105,8 @@ require_build_tools() {
 uninstall() {
     data_dir=$1 bin_dir=$2 purge=$3
     venv="$data_dir/venv"
-    if [ -f "$(service_unit)" ] && [ -x "$venv/bin/vramsupply" ]; then
+    # Only the service that runs this install's agent, not one belonging to another venv.
+    if grep -qF "ExecStart=$venv/bin/vramsupply " "$(service_unit)" 2>/dev/null && [ -x "$venv/bin/vramsupply" ]; then
         scope="" purge_flag=""
         if [ "$(id -u)" != 0 ]; then scope="--user"; fi
         if [ "$purge" = 1 ]; then purge_flag="--purge"; fi
