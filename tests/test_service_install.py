@@ -20,6 +20,7 @@ from dotenv import dotenv_values
 from conftest import run_cli
 from vramsupply.config import write_config_values
 from vramsupply.service.installer import useradd_command
+from vramsupply.service.unit import UnitSpec, render_unit
 
 VENV_AGENT = Path(sys.executable).absolute().parent / "vramsupply"
 
@@ -247,3 +248,22 @@ def test_status_without_systemd_is_a_clear_error(tmp_path: Path) -> None:
     result = run_cli("service", "status", env={"PATH": str(tmp_path)})
     assert result.returncode == 1
     assert result.stderr.strip() == "error: systemctl not found: this system does not run systemd"
+
+
+def test_unit_quotes_odd_paths_and_opens_home_read_only_when_the_agent_lives_there(tmp_path: Path) -> None:
+    odd = tmp_path / "my agent 100%"
+    odd.mkdir()
+    agent = odd / "vramsupply"
+    agent.write_text("#!/bin/sh\n")
+    agent.chmod(0o755)
+    spec = UnitSpec(exec_path=agent, env_file=odd / "env", user_mode=False, drain_timeout=30, writable_paths=(odd,))
+    unit = tmp_path / "vramsupply.service"
+    unit.write_text(render_unit(spec))
+    checked = verify(unit, user=False, tmp_path=tmp_path)
+    assert (checked.returncode, checked.stderr) == (0, "")
+    assert unit_values(unit)["ProtectHome"] == ["yes"]
+
+    in_home = UnitSpec(exec_path=Path("/home/alice/.local/share/vramsupply/venv/bin/vramsupply"), env_file=odd / "env", user_mode=False, drain_timeout=30)
+    assert "ProtectHome=read-only" in render_unit(in_home).splitlines()
+    cache_in_home = UnitSpec(exec_path=agent, env_file=odd / "env", user_mode=False, drain_timeout=30, writable_paths=(Path("/home/alice/models"),))
+    assert "ProtectHome=read-only" in render_unit(cache_in_home).splitlines()
