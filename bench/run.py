@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Benchmark vramsupply's OpenAI endpoint against llama.cpp's llama-server and llama-cpp-python's server.
 
-Every server serves the same GGUF with the same slots, per-slot context and threads, one server at a
-time on this machine. The load is streaming POST /v1/completions (temperature 0, ignore_eos,
-max_tokens 128, a short prompt) at concurrency 1, 4 and 16 with 2×c requests per level and a new
-connection per request. Absolute numbers differ between machines and runs, so the targets are
-checked as ratios of numbers taken in this one run. The whole sweep is repeated in rounds (each
-round restarts every server, in a rotated order) and each number reported is the median over the
-rounds, so a burst of load from another process on a shared machine does not decide a ratio.
+Every server serves the same GGUF with the same slots, per-slot context and threads. The load is
+streaming POST /v1/completions (temperature 0, ignore_eos, max_tokens 128, a short prompt) at
+concurrency 1, 4 and 16 with 2×c requests per level and a new connection per request.
+
+Absolute numbers differ between machines and runs, so the targets are checked as ratios of numbers
+taken in this one run. To keep a busy machine from deciding a ratio, all servers of a model run
+side by side (idle ones cost nothing) and are measured in turn, level by level, in a rotated order;
+the sweep is repeated for several rounds and each (server, level) reports its best round, the one
+least slowed by other processes. Every round's numbers, and the CPU other processes used during
+each measurement, are kept in the JSON.
 
 Prepare with `bench/build_anchors.sh`, then run with the bench venv it creates:
     bench/.cache/venv-llamacpp-server/bin/python bench/run.py            # full run, writes bench/results/
@@ -30,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,8 +61,8 @@ class BenchConfig:
     servers: tuple[str, ...]
     concurrency: tuple[int, ...]
     requests_per_slot: int
-    rounds: int
     max_tokens: int
+    rounds: int
     parallel: int
     context_per_slot: int
     threads: int
@@ -120,14 +123,11 @@ SERVERS = {
         ),
     )
 }
-# The ratio targets of the engine issue, checked on each model's numbers from this run.
-REFERENCE_FOR_TARGETS = ("llama-server", "llama_cpp.server")
 
 
 @dataclass
 class RequestResult:
     ttft_s: float | None = None
-    duration_s: float = 0.0
     completion_tokens: int = 0
     tokens_counted_by: str = "chunks"
     finish_reason: str | None = None
@@ -136,6 +136,9 @@ class RequestResult:
 
 @dataclass
 class LevelResult:
+    """One measurement: one server at one concurrency in one round."""
+
+    round: int
     concurrency: int
     requests: int
     completed: int
@@ -148,19 +151,10 @@ class LevelResult:
     ttft_p95_ms: float | None
     peak_rss_mb: float
     server_cpu_s: float
+    client_cpu_s: float
+    other_cpu_cores: float
     tokens_counted_by: str
     first_error: str | None = None
-
-
-@dataclass
-class ServerResult:
-    name: str
-    mode: str
-    command: list[str]
-    load_s: float
-    peak_rss_mb: float
-    levels: list[LevelResult] = field(default_factory=list)
-    load_avg_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 class ProcessTreeMonitor:
@@ -177,7 +171,10 @@ class ProcessTreeMonitor:
         self._thread.start()
 
     def _tree(self) -> list[psutil.Process]:
-        return [self._root, *self._root.children(recursive=True)]
+        try:
+            return [self._root, *self._root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
 
     def _sample_rss(self) -> int:
         total = 0
@@ -200,10 +197,7 @@ class ProcessTreeMonitor:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
-            try:
-                self._record(self._sample_rss())
-            except psutil.NoSuchProcess:
-                return
+            self._record(self._sample_rss())
 
     def _record(self, rss: int) -> None:
         with self._lock:
@@ -230,6 +224,18 @@ class ProcessTreeMonitor:
         self._thread.join()
 
 
+@dataclass
+class RunningServer:
+    spec: ServerSpec
+    proc: subprocess.Popen
+    url: str
+    command: list[str]
+    log_path: Path
+    monitor: ProcessTreeMonitor
+    load_s: float = 0.0
+    levels: list[LevelResult] = field(default_factory=list)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -237,16 +243,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(spec: ServerSpec, cfg: BenchConfig, model: Path, log_path: Path) -> Iterator[tuple[subprocess.Popen, str, list[str]]]:
+def running_server(spec: ServerSpec, cfg: BenchConfig, model: Path) -> Iterator[RunningServer]:
     """Start a server in its own session (so Ctrl-C reaches only the bench) and always stop it."""
     port = free_port()
     command = spec.command(cfg, model, port)
+    log_path = CACHE / "logs" / f"{model.stem}-{spec.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    monitor = ProcessTreeMonitor(proc.pid)
     try:
-        yield proc, f"http://{HOST}:{port}", command
+        yield RunningServer(spec, proc, f"http://{HOST}:{port}", command, log_path, monitor)
     finally:
+        monitor.stop()
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=30)
@@ -255,13 +264,14 @@ def running_server(spec: ServerSpec, cfg: BenchConfig, model: Path, log_path: Pa
             proc.wait()
 
 
-async def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout_s: float = 300) -> None:
+async def wait_ready(server: RunningServer, timeout_s: float = 300) -> None:
+    url = server.url + server.spec.ready_path
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"server exited with {proc.returncode} before it was ready:\n{tail}")
+            if server.proc.poll() is not None:
+                tail = server.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{server.spec.name} exited with {server.proc.returncode} before it was ready:\n{tail}")
             try:
                 async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
@@ -269,12 +279,12 @@ async def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout_s
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 pass
             await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url} not ready after {timeout_s:.0f} s (log: {log_path})")
+    raise RuntimeError(f"{url} not ready after {timeout_s:.0f} s (log: {server.log_path})")
 
 
 def eos_token_id(model: Path) -> int:
-    field_ = GGUFReader(model).fields["tokenizer.ggml.eos_token_id"]
-    return int(field_.parts[field_.data[0]][0])
+    eos = GGUFReader(model).fields["tokenizer.ggml.eos_token_id"]
+    return int(eos.parts[eos.data[0]][0])
 
 
 def request_bodies(spec: ServerSpec, count: int, max_tokens: int, eos_id: int) -> list[dict]:
@@ -297,7 +307,12 @@ def request_bodies(spec: ServerSpec, count: int, max_tokens: int, eos_id: int) -
 
 
 async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict) -> RequestResult:
-    """One streaming completion; TTFT is the time to the first chunk carrying text."""
+    """One streaming completion; TTFT is the time to the first chunk carrying text.
+
+    Tokens come from the usage chunk when the server sends one. Otherwise a request that ended
+    with finish_reason "length" produced exactly max_tokens, and a cut-off one is counted by its
+    text chunks (a server may merge tokens into one chunk, so that count can be low).
+    """
     result = RequestResult()
     start = time.perf_counter()
     try:
@@ -329,8 +344,9 @@ async def stream_completion(session: aiohttp.ClientSession, url: str, body: dict
                         result.finish_reason = choice["finish_reason"]
     except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
-    finally:
-        result.duration_s = time.perf_counter() - start
+    if result.tokens_counted_by == "chunks" and result.finish_reason == "length":
+        result.completion_tokens = body["max_tokens"]
+        result.tokens_counted_by = "finish_reason"
     return result
 
 
@@ -357,14 +373,31 @@ def percentile_ms(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1000, 1) if values else None
 
 
-def summarize(concurrency: int, results: list[RequestResult], wall_s: float, max_tokens: int,
-              peak_rss_mb: float, server_cpu_s: float) -> LevelResult:
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine spent busy so far, all processes together."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+async def measure(server: RunningServer, cfg: BenchConfig, round_index: int, concurrency: int, eos_id: int) -> LevelResult:
+    """One level against one server, with the CPU that the server, this client and everything else used."""
+    bodies = request_bodies(server.spec, cfg.requests_per_slot * concurrency, cfg.max_tokens, eos_id)
+    client = psutil.Process()
+    server.monitor.start_window()
+    server_cpu, client_cpu, machine_cpu = server.monitor.cpu_seconds(), client.cpu_times(), busy_cpu_seconds()
+    results, wall_s = await run_level(server.url, bodies, concurrency)
+    server_cpu = server.monitor.cpu_seconds() - server_cpu
+    client_now = client.cpu_times()
+    client_cpu = (client_now.user + client_now.system) - (client_cpu.user + client_cpu.system)
+    other_cpu = max(0.0, busy_cpu_seconds() - machine_cpu - server_cpu - client_cpu)
+
     ok = [r for r in results if r.error is None]
-    completed = [r for r in ok if r.completion_tokens == max_tokens]
+    completed = [r for r in ok if r.finish_reason == "length"]
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
     tokens = sum(r.completion_tokens for r in ok)
     errors = [r.error for r in results if r.error is not None]
     return LevelResult(
+        round=round_index,
         concurrency=concurrency,
         requests=len(results),
         completed=len(completed),
@@ -375,41 +408,25 @@ def summarize(concurrency: int, results: list[RequestResult], wall_s: float, max
         tok_s=round(tokens / wall_s, 1),
         ttft_p50_ms=percentile_ms(ttfts, 50),
         ttft_p95_ms=percentile_ms(ttfts, 95),
-        peak_rss_mb=round(peak_rss_mb, 1),
-        server_cpu_s=round(server_cpu_s, 2),
+        peak_rss_mb=round(server.monitor.window_peak_mb(), 1),
+        server_cpu_s=round(server_cpu, 2),
+        client_cpu_s=round(client_cpu, 2),
+        other_cpu_cores=round(other_cpu / wall_s, 2),
         tokens_counted_by=",".join(sorted({r.tokens_counted_by for r in ok})) or "-",
         first_error=errors[0] if errors else None,
     )
 
 
-async def bench_server(spec: ServerSpec, cfg: BenchConfig, model: Path, eos_id: int) -> ServerResult:
-    log_path = CACHE / "logs" / f"{model.stem}-{spec.name}.log"
-    load_avg = os.getloadavg()
-    with running_server(spec, cfg, model, log_path) as (proc, url, command):
-        monitor = ProcessTreeMonitor(proc.pid)
-        try:
-            started = time.perf_counter()
-            await wait_ready(proc, url + spec.ready_path, log_path)
-            load_s = time.perf_counter() - started
-            # Warm up alone, then at full width: first decodes of a new batch shape are slow everywhere.
-            await run_level(url, request_bodies(spec, 1, 16, eos_id), 1)
-            await run_level(url, request_bodies(spec, cfg.parallel, 8, eos_id), cfg.parallel)
-            result = ServerResult(spec.name, spec.mode, command, round(load_s, 2), 0.0, load_avg_before=load_avg)
-            for concurrency in cfg.concurrency:
-                bodies = request_bodies(spec, cfg.requests_per_slot * concurrency, cfg.max_tokens, eos_id)
-                monitor.start_window()
-                cpu_before = monitor.cpu_seconds()
-                results, wall_s = await run_level(url, bodies, concurrency)
-                level = summarize(concurrency, results, wall_s, cfg.max_tokens,
-                                  monitor.window_peak_mb(), monitor.cpu_seconds() - cpu_before)
-                result.levels.append(level)
-                print(f"  {spec.name:28} c={concurrency:<3} {level.tok_s:8.1f} tok/s  "
-                      f"TTFT p50 {level.ttft_p50_ms} ms  p95 {level.ttft_p95_ms} ms  "
-                      f"RSS {level.peak_rss_mb:.0f} MB  done {level.completed}/{level.requests}", flush=True)
-            result.peak_rss_mb = round(monitor.total_peak_mb(), 1)
-            return result
-        finally:
-            monitor.stop()
+async def prepare(servers: list[RunningServer], cfg: BenchConfig, eos_id: int) -> None:
+    """Wait until every server is ready, then warm each up alone and at full width
+    (the first decodes of a new batch shape are slow everywhere)."""
+    for server in servers:
+        started = time.perf_counter()
+        await wait_ready(server)
+        server.load_s = round(time.perf_counter() - started, 2)
+    for server in servers:
+        await run_level(server.url, request_bodies(server.spec, 1, 16, eos_id), 1)
+        await run_level(server.url, request_bodies(server.spec, cfg.parallel, 8, eos_id), cfg.parallel)
 
 
 def raw_decode_limit(cfg: BenchConfig, model: Path) -> dict[int, float]:
@@ -425,35 +442,29 @@ def raw_decode_limit(cfg: BenchConfig, model: Path) -> dict[int, float]:
     return {row["pl"]: round(row["speed_tg"], 1) for row in rows}
 
 
-def median(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return round(float(np.median(present)), 1) if present else None
-
-
-def combine_rounds(levels: list[LevelResult]) -> dict:
-    """One concurrency level over all rounds: medians of speed and latency, the worst RSS, all counts."""
+def best_round(levels: list[LevelResult]) -> dict:
+    """A (server, level) over all rounds: the fastest round's numbers (the one least slowed by other
+    processes), the median speed for comparison, and request counts summed over all rounds."""
+    best = max(levels, key=lambda lvl: lvl.tok_s)
     return {
-        "concurrency": levels[0].concurrency,
-        "tok_s": median([lvl.tok_s for lvl in levels]),
-        "ttft_p50_ms": median([lvl.ttft_p50_ms for lvl in levels]),
-        "ttft_p95_ms": median([lvl.ttft_p95_ms for lvl in levels]),
-        "peak_rss_mb": max(lvl.peak_rss_mb for lvl in levels),
+        **asdict(best),
+        "tok_s_median": round(float(np.median([lvl.tok_s for lvl in levels])), 1),
+        "tok_s_rounds": [lvl.tok_s for lvl in levels],
         "requests": sum(lvl.requests for lvl in levels),
         "completed": sum(lvl.completed for lvl in levels),
         "cut_off": sum(lvl.cut_off for lvl in levels),
         "errors": sum(lvl.errors for lvl in levels),
-        "tok_s_rounds": [lvl.tok_s for lvl in levels],
     }
 
 
-def server_report(spec: ServerSpec, rounds: list[ServerResult]) -> dict:
-    by_level = [[r.levels[i] for r in rounds] for i in range(len(rounds[0].levels))]
+def server_report(server: RunningServer, concurrency: tuple[int, ...]) -> dict:
     return {
-        "mode": spec.mode,
-        "command": rounds[0].command,
-        "levels": [combine_rounds(levels) for levels in by_level],
-        "peak_rss_mb": max(r.peak_rss_mb for r in rounds),
-        "rounds": [asdict(r) for r in rounds],
+        "mode": server.spec.mode,
+        "command": server.command,
+        "load_s": server.load_s,
+        "peak_rss_mb": round(server.monitor.total_peak_mb(), 1),
+        "levels": [best_round([lvl for lvl in server.levels if lvl.concurrency == c]) for c in concurrency],
+        "rounds": [asdict(lvl) for lvl in server.levels],
     }
 
 
@@ -480,6 +491,35 @@ def check_targets(servers: dict[str, dict], concurrency: tuple[int, ...]) -> lis
             "met": ratio >= bound if op == ">=" else ratio <= bound,
         })
     return targets
+
+
+async def bench_model(cfg: BenchConfig, model: Path) -> dict:
+    eos_id = eos_token_id(model)
+    raw_rounds: list[dict[int, float]] = []
+    with ExitStack() as stack:
+        servers = [stack.enter_context(running_server(SERVERS[name], cfg, model)) for name in cfg.servers]
+        await prepare(servers, cfg, eos_id)
+        for round_index in range(cfg.rounds):
+            print(f"{model.name}, round {round_index + 1} of {cfg.rounds}, load average {os.getloadavg()[0]:.2f}", flush=True)
+            raw_rounds.append(await asyncio.to_thread(raw_decode_limit, cfg, model))
+            print("  raw decode limit: " + ", ".join(f"c={c} {v} tok/s" for c, v in raw_rounds[-1].items()), flush=True)
+            shift = round_index % len(servers)
+            for concurrency in cfg.concurrency:
+                for server in servers[shift:] + servers[:shift]:
+                    level = await measure(server, cfg, round_index, concurrency, eos_id)
+                    server.levels.append(level)
+                    print(f"  {server.spec.name:28} c={concurrency:<3} {level.tok_s:8.1f} tok/s  "
+                          f"TTFT p50 {level.ttft_p50_ms} ms  p95 {level.ttft_p95_ms} ms  RSS {level.peak_rss_mb:.0f} MB  "
+                          f"done {level.completed}/{level.requests}  others {level.other_cpu_cores} cores", flush=True)
+        reports = {server.spec.name: server_report(server, cfg.concurrency) for server in servers}
+    return {
+        "path": str(model),
+        "size_mb": round(model.stat().st_size / 2**20, 1),
+        "raw_decode": [{"concurrency": c, "tok_s": max(r[c] for r in raw_rounds)} for c in cfg.concurrency],
+        "raw_decode_rounds": [{str(c): v for c, v in r.items()} for r in raw_rounds],
+        "servers": reports,
+        "targets": check_targets(reports, cfg.concurrency),
+    }
 
 
 def run_text(command: list[str]) -> str:
@@ -515,7 +555,8 @@ def versions(cfg: BenchConfig) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    lines = [f"Medians over {report['config']['rounds']} round(s); peak RSS is the largest seen.", ""]
+    lines = [f"Best of {report['config']['rounds']} round(s) per server and level (the round least slowed by "
+             "other processes); completed counts all rounds.", ""]
     for model, data in report["models"].items():
         lines += [f"**{model}** ({data['size_mb']} MB)", "",
                   "| server | c | tok/s | TTFT p50 | TTFT p95 | peak RSS | completed |", "|---|---|---|---|---|---|---|"]
@@ -539,6 +580,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(report["models"])
+    concurrency = report["config"]["concurrency"]
     fig, axes = plt.subplots(len(models), 3, figsize=(15, 4.2 * len(models)), squeeze=False)
     for row, model in zip(axes, models):
         data = report["models"][model]
@@ -549,14 +591,13 @@ def plot(report: dict, path: Path) -> None:
             row[0].plot(cs, [lvl["tok_s"] for lvl in server["levels"]], marker="o", label=name)
             row[1].plot(cs, [lvl["ttft_p50_ms"] for lvl in server["levels"]], marker="o", label=name)
             row[2].plot(cs, [lvl["peak_rss_mb"] for lvl in server["levels"]], marker="o", label=name)
-        if data["raw_decode"]:
-            row[0].plot([r["concurrency"] for r in data["raw_decode"]], [r["tok_s"] for r in data["raw_decode"]],
-                        linestyle="--", color="grey", label="raw decode limit")
+        row[0].plot([r["concurrency"] for r in data["raw_decode"]], [r["tok_s"] for r in data["raw_decode"]],
+                    linestyle="--", color="grey", label="raw decode limit")
         for ax, title in zip(row, ("aggregate completion tok/s", "TTFT p50 (ms, log)", "peak RSS (MB)")):
             ax.set_title(f"{model}: {title}", fontsize=10)
             ax.set_xlabel("concurrent requests")
             ax.set_xscale("log", base=2)
-            ax.set_xticks(report["config"]["concurrency"], [str(c) for c in report["config"]["concurrency"]])
+            ax.set_xticks(concurrency, [str(c) for c in concurrency])
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         row[1].set_yscale("log")
@@ -570,10 +611,9 @@ def parse_args() -> tuple[BenchConfig, Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: stories260K only, one round, c requests per level, 32 tokens, output to bench/.cache/quick")
-    parser.add_argument("--servers", default="vramsupply,llama-server,llama_cpp.server,llama_cpp.server-interrupt",
-                        help="comma-separated subset of: " + ", ".join(SERVERS))
+    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of: " + ", ".join(SERVERS))
     parser.add_argument("--models", help="comma-separated GGUF paths (default: the bench model and stories260K)")
-    parser.add_argument("--rounds", type=int, help="repeat the sweep this many times and report medians (default 3; --quick: 1)")
+    parser.add_argument("--rounds", type=int, help="repeat the sweep this many times and report each best round (default 4; --quick: 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every server (default: all CPUs)")
     parser.add_argument("--parallel", type=int, default=16, help="slots on the batching servers (default 16)")
     parser.add_argument("--context-per-slot", type=int, default=512, help="context per slot (default 512)")
@@ -601,8 +641,8 @@ def parse_args() -> tuple[BenchConfig, Path]:
         servers=servers,
         concurrency=(1, 4, 16),
         requests_per_slot=1 if args.quick else 2,
-        rounds=args.rounds or (1 if args.quick else 3),
         max_tokens=32 if args.quick else 128,
+        rounds=args.rounds or (1 if args.quick else 4),
         parallel=args.parallel,
         context_per_slot=args.context_per_slot,
         threads=args.threads,
@@ -610,28 +650,6 @@ def parse_args() -> tuple[BenchConfig, Path]:
     )
     out_dir = args.out_dir or (CACHE / "quick" if args.quick else REPO / "bench" / "results")
     return cfg, out_dir
-
-
-def bench_model(cfg: BenchConfig, model: Path) -> dict:
-    eos_id = eos_token_id(model)
-    raw_rounds: list[dict[int, float]] = []
-    server_rounds: dict[str, list[ServerResult]] = {name: [] for name in cfg.servers}
-    for round_index in range(cfg.rounds):
-        print(f"{model.name}, round {round_index + 1} of {cfg.rounds}", flush=True)
-        raw_rounds.append(raw_decode_limit(cfg, model))
-        print("  raw decode limit: " + ", ".join(f"c={c} {v} tok/s" for c, v in raw_rounds[-1].items()), flush=True)
-        shift = round_index % len(cfg.servers)
-        for name in cfg.servers[shift:] + cfg.servers[:shift]:
-            server_rounds[name].append(asyncio.run(bench_server(SERVERS[name], cfg, model, eos_id)))
-    servers = {name: server_report(SERVERS[name], rounds) for name, rounds in server_rounds.items()}
-    return {
-        "path": str(model),
-        "size_mb": round(model.stat().st_size / 2**20, 1),
-        "raw_decode": [{"concurrency": c, "tok_s": median([r.get(c) for r in raw_rounds])} for c in cfg.concurrency],
-        "raw_decode_rounds": [{str(c): v for c, v in r.items()} for r in raw_rounds],
-        "servers": servers,
-        "targets": check_targets(servers, cfg.concurrency),
-    }
 
 
 def main() -> None:
@@ -647,16 +665,18 @@ def main() -> None:
         "models": {},
     }
     print(f"load average {report['machine']['load_avg_at_start']}, {cfg.threads} threads", flush=True)
+    started = time.perf_counter()
     for model in cfg.models:
-        report["models"][model.name] = bench_model(cfg, model)
+        report["models"][model.name] = asyncio.run(bench_model(cfg, model))
     report["machine"]["load_avg_at_end"] = os.getloadavg()
+    report["duration_s"] = round(time.perf_counter() - started, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / f"{date}.json", out_dir / f"{date}.png"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, png_path)
     print()
     print(markdown_table(report))
-    print(f"wrote {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path} and {png_path.name}")
+    print(f"wrote {json_path} and {png_path.name} in {report['duration_s']:.0f} s")
 
 
 if __name__ == "__main__":
