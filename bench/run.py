@@ -628,6 +628,7 @@ def plot(report: dict, path: Path) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         row[1].set_yscale("log")
+        row[2].set_ylim(bottom=0)
     fig.suptitle(f"vramsupply bench {report['date']} — {report['machine']['cpu']}, {report['config']['threads']} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
