@@ -43,9 +43,12 @@ if [[ ! -x "$bin_dir/llama-server" || ! -x "$bin_dir/llama-batched-bench" ]]; th
     )
 fi
 
-if [[ ! -x "$venv/bin/python" ]]; then
+venv_version() {
+    "$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))' 2>/dev/null || true
+}
+if [[ ! -x "$venv/bin/python" || "$(venv_version)" != "$version" ]]; then
     echo "creating $venv"
-    "$project_python" -m venv "$venv"
+    "$project_python" -m venv --clear "$venv"
     "$venv/bin/pip" install --quiet "llama-cpp-python[server]==$version" -r "$repo_root/bench/requirements.txt"
 fi
 
