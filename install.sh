@@ -37,6 +37,15 @@ default_bin_dir() {
     if [ "$(id -u)" = 0 ]; then echo "/usr/local/bin"; else echo "$HOME/.local/bin"; fi
 }
 
+agent_data_dir() {
+    # Where the agent keeps its endpoint token and registration state (platformdirs user data dir).
+    if [ "$(uname -s)" = Darwin ]; then
+        echo "$HOME/Library/Application Support/vramsupply"
+    else
+        echo "${XDG_DATA_HOME:-$HOME/.local/share}/vramsupply"
+    fi
+}
+
 config_dir() {
     if [ "$(uname -s)" = Darwin ]; then
         echo "$HOME/Library/Application Support/vramsupply"
@@ -119,13 +128,13 @@ uninstall() {
     link="$bin_dir/vramsupply"
     if [ -L "$link" ]; then rm -f "$link" && say "removed $link"; fi
     if [ -d "$venv" ]; then rm -rf "$venv" && say "removed $venv"; fi
-    rm -f "$data_dir/backend"
-    rmdir "$data_dir" 2>/dev/null || true
+    rm -f "$data_dir/backend" "$(agent_data_dir)/registration.json"
+    rmdir "$data_dir" "$(agent_data_dir)" 2>/dev/null || true
     if [ "$purge" = 1 ]; then
-        rm -rf "$data_dir" "$(config_dir)"
-        say "removed configuration and data ($(config_dir), $data_dir)"
+        rm -rf "$data_dir" "$(agent_data_dir)" "$(config_dir)"
+        say "removed configuration and data ($(config_dir), $(agent_data_dir), $data_dir)"
     else
-        say "kept configuration ($(config_dir)) and downloaded models; use --uninstall --purge to remove them too"
+        say "kept configuration ($(config_dir), endpoint token) and downloaded models; use --uninstall --purge to remove them too"
     fi
 }
 

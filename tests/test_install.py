@@ -59,16 +59,23 @@ def test_install_upgrade_uninstall_in_a_temp_home(tmp_path: Path) -> None:
     config_dir = home / ".config" / "vramsupply"
     config_dir.mkdir(parents=True)
     (config_dir / "config.toml").write_text('quant = "Q8_0"\n')
+    agent_state = home / ".local" / "share" / "vramsupply"
+    agent_state.mkdir(parents=True)
+    (agent_state / "endpoint_token").write_text("token")
+    (agent_state / "registration.json").write_text("{}")
 
     removed = install("--uninstall")
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert not link.exists() and not link.is_symlink()
     assert not data_dir.exists()
     assert (config_dir / "config.toml").exists(), "uninstall keeps configuration"
+    assert (agent_state / "endpoint_token").exists(), "uninstall keeps the endpoint token the platform knows"
+    assert not (agent_state / "registration.json").exists(), "stale registration state goes"
 
     purged = install("--uninstall", "--purge")
     assert purged.returncode == 0
     assert not config_dir.exists()
+    assert not agent_state.exists()
 
 
 def test_install_sh_rejects_unknown_option(tmp_path: Path) -> None:
