@@ -380,3 +380,10 @@ def test_loading_a_missing_or_invalid_model_raises_engine_error(tmp_path) -> Non
     bogus.write_bytes(b"not a gguf at all")
     with pytest.raises(EngineError, match="could not load"):
         Engine.load(EngineOptions(model_path=bogus))
+
+
+def test_context_beyond_the_models_training_context_is_capped(caplog: pytest.LogCaptureFixture) -> None:
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=100_000, parallel=1)) as capped:
+        assert capped.n_ctx == 2048
+        assert capped.options.n_ctx == 2048
+    assert "context_length 100000 is more than" in caplog.text

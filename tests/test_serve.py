@@ -139,7 +139,7 @@ def test_drain_timeout_bounds_the_wait_for_a_long_request() -> None:
     with serving("--drain-timeout", "0.5") as served:
         with OpenAI(base_url=served.base_url, api_key="unused", max_retries=0) as client:
             stream = client.completions.create(
-                model=served.model_id, prompt="Once", max_tokens=3000, stream=True, extra_body={"ignore_eos": True}
+                model=served.model_id, prompt="Once", max_tokens=2000, stream=True, extra_body={"ignore_eos": True}
             )
             next(stream)
             started = time.monotonic()

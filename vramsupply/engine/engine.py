@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import replace
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ class Engine:
     def load(cls, options: EngineOptions) -> Engine:
         """Load the GGUF and start the scheduler thread. Blocking: call via ``asyncio.to_thread``."""
         model = Model.load(options.model_path, options.n_gpu_layers)
+        options = fit_to_training_context(options, model)
         try:
             context = create_context(model, options)
             # llama.cpp rounds per-sequence context up to a multiple of 256 and never gives less
@@ -155,3 +157,16 @@ class Engine:
             bad = low if low < 0 else high
             raise ValueError(f"prompt token {bad} is not in the vocabulary (size {self._model.n_vocab})")
         return tokens.astype(np.int32)
+
+
+def fit_to_training_context(options: EngineOptions, model: Model) -> EngineOptions:
+    """Never offer more context than the model was trained on: past it, output degrades silently."""
+    if 0 < model.n_ctx_train < options.n_ctx:
+        log.warning(
+            "context_length %d is more than %s was trained on; serving %d-token requests",
+            options.n_ctx,
+            model.name,
+            model.n_ctx_train,
+        )
+        return replace(options, n_ctx=model.n_ctx_train)
+    return options

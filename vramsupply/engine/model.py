@@ -55,6 +55,7 @@ class Model:
         self.llama_model = llama_model
         self.vocab = llama_model.vocab
         self.n_vocab = llama_model.n_vocab()
+        self.n_ctx_train = llama_model.n_ctx_train()
         self.name = self.metadata_value("general.name") or path.stem
         self.chat_template = self.metadata_value("tokenizer.chat_template")
         self.bos_text = self._special_text(llama_model.token_bos())
