@@ -1,13 +1,15 @@
-"""The engine's pure parts: streamed text, stop strings, chat rendering and request validation."""
+"""The engine's pure parts: streamed text, stop strings, chat rendering, request validation, slot choice."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vramsupply.engine import ContextOverflow, EngineOptions, GenerationRequest, SamplingParams
 from vramsupply.engine.chat import FALLBACK_STOP, ChatTemplate, normalize_messages
+from vramsupply.engine.slots import Slot, choose_slot
 from vramsupply.engine.text import StopMatcher, TextStream
 
 
@@ -161,3 +163,33 @@ def test_context_overflow_message_gives_the_numbers() -> None:
     error = ContextOverflow(300, None, 256)
     assert (error.prompt_tokens, error.max_tokens, error.n_ctx) == (300, None, 256)
     assert "300 tokens" in str(error) and "256" in str(error)
+
+
+def slots_holding(*held: list[int]) -> list[Slot]:
+    slots = []
+    for seq_id, tokens in enumerate(held):
+        slot = Slot(seq_id, 64)
+        slot.record(np.array(tokens, dtype=np.int32))
+        slots.append(slot)
+    return slots
+
+
+def test_idle_slots_are_taken_lowest_first_when_no_prefix_covers_the_prompt() -> None:
+    slots = slots_holding([1, 5, 6], [1, 7, 8, 9], [], [1, 7, 2])
+    idle = [slots[1], slots[2], slots[3]]
+
+    # Only the BOS token is shared: not worth a scattered slot, so the lowest idle id wins.
+    slot, prefix = choose_slot(idle, np.array([1, 4, 4, 4, 4], dtype=np.int32))
+    assert (slot.seq_id, prefix) == (1, 1)
+    slot, prefix = choose_slot([slots[2], slots[3]], np.array([2, 3], dtype=np.int32))
+    assert (slot.seq_id, prefix) == (2, 0)
+
+
+def test_a_slot_whose_cache_covers_most_of_the_prompt_is_reused() -> None:
+    slots = slots_holding([1, 5, 6], [1, 7, 8, 9], [1, 7, 2, 3])
+
+    slot, prefix = choose_slot(slots, np.array([1, 7, 2, 3, 4], dtype=np.int32))
+    assert (slot.seq_id, prefix) == (2, 4)
+    # Equal prefixes covering most of the prompt: the lower sequence id.
+    slot, prefix = choose_slot(slots, np.array([1, 7, 5], dtype=np.int32))
+    assert (slot.seq_id, prefix) == (1, 2)

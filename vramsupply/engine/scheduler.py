@@ -3,9 +3,11 @@
 Modelled on llama-server's ``update_slots``. Each step:
 
 1. drain the inbox (submits and cancels posted from any thread) and admit waiting requests, FIFO,
-   into idle slots, reusing each slot's cached prompt prefix;
+   into idle slots, the lowest sequence ids first unless a slot's cached prefix covers most of
+   the prompt;
 2. build ONE batch: the next token of every generating slot first (so generation never starves),
-   then prompt chunks of slots still prefilling, up to ``n_batch`` rows;
+   then prompt chunks of slots still prefilling, up to ``n_batch`` rows, written in sequence-id
+   order so llama.cpp can decode them in as few forward passes as possible;
 3. call ``llama_decode`` once (it releases the GIL), sample every slot that has a logits row with
    its own sampler chain, and turn tokens into text deltas;
 4. hand the step's events to each consumer event loop with a single ``call_soon_threadsafe``.
@@ -23,12 +25,13 @@ from dataclasses import dataclass
 from itertools import count
 
 import llama_cpp
+import numpy as np
 from llama_cpp._internals import LlamaContext
 
 from .batch import Batch
 from .generation import Event, Finish, deliver
 from .model import Model
-from .slots import Slot, Task
+from .slots import Slot, Task, choose_slot
 from .types import EngineClosed, EngineError, EngineStats, Overloaded, Usage
 
 log = logging.getLogger(__name__)
@@ -189,7 +192,7 @@ class Scheduler:
             if not idle:
                 return
             task = self._waiting.popleft()
-            slot, prefix = self._choose_slot(idle, task)
+            slot, prefix = choose_slot(idle, task.prompt)
             keep = min(prefix, len(task.prompt) - 1)
             # Drop the slot's KV after the reused prefix. At least one prompt token is always
             # decoded again, because sampling needs the logits of the last one.
@@ -202,37 +205,41 @@ class Scheduler:
                 self._prompt_tokens_total += len(task.prompt)
                 self._cached_tokens_total += keep
 
-    @staticmethod
-    def _choose_slot(idle: list[Slot], task: Task) -> tuple[Slot, int]:
-        """The idle slot sharing the longest prompt prefix; ties go to the least recently used."""
-        scored = [(slot.common_prefix(task.prompt), -slot.last_used, slot) for slot in idle]
-        prefix, _, slot = max(scored, key=lambda item: item[:2])
-        return slot, prefix
+    def _plan_step(self) -> list[tuple[Slot, np.ndarray | None]]:
+        """What each slot puts in the batch: generating slots one token (``None``) first, so
+        generation never starves, then prompt chunks, oldest request first, in the room left."""
+        plan: list[tuple[Slot, np.ndarray | None]] = [(slot, None) for slot in self._slots if slot.generating]
+        room = self._batch.capacity - len(plan)
+        for slot in sorted((s for s in self._slots if s.prefilling), key=lambda s: s.started):
+            if room == 0:
+                break
+            chunk = slot.task.prompt[slot.n_cached : slot.n_cached + room]
+            plan.append((slot, chunk))
+            room -= len(chunk)
+        return plan
 
-    def _step(self) -> None:
+    def _fill_batch(self, plan: list[tuple[Slot, np.ndarray | None]]) -> list[Slot]:
+        """Write the planned rows in sequence-id order: llama.cpp groups only consecutive sequence
+        ids into one forward pass, so rows in any other order split the step into more passes."""
         batch = self._batch
         batch.clear()
-        in_batch: list[Slot] = []
-        for slot in self._slots:
-            if slot.generating:
+        plan = sorted(plan, key=lambda item: item[0].seq_id)
+        for slot, chunk in plan:
+            if chunk is None:
                 token = slot.next_token
                 slot.row = batch.add(token, slot.n_cached, slot.seq_id)
                 slot.record_one(token)
                 slot.next_token = None
-                in_batch.append(slot)
-        for slot in sorted((s for s in self._slots if s.prefilling), key=lambda s: s.started):
-            if batch.free == 0:
-                break
-            prompt = slot.task.prompt
-            start = slot.n_cached
-            chunk = prompt[start : start + batch.free]
-            finishes_prompt = start + len(chunk) == len(prompt)
-            row = batch.add_chunk(chunk, start, slot.seq_id, logits_for_last=finishes_prompt)
-            slot.record(chunk)
-            slot.row = row if finishes_prompt else -1
-            in_batch.append(slot)
+            else:
+                finishes_prompt = slot.n_cached + len(chunk) == len(slot.task.prompt)
+                row = batch.add_chunk(chunk, slot.n_cached, slot.seq_id, logits_for_last=finishes_prompt)
+                slot.record(chunk)
+                slot.row = row if finishes_prompt else -1
+        return [slot for slot, _ in plan]
 
-        status = llama_cpp.llama_decode(self._ctx, batch.for_decode())
+    def _step(self) -> None:
+        in_batch = self._fill_batch(self._plan_step())
+        status = llama_cpp.llama_decode(self._ctx, self._batch.for_decode())
         if status != 0:
             self._decode_failed(in_batch, status)
             return
@@ -277,7 +284,7 @@ class Scheduler:
         return Usage(len(slot.task.prompt), slot.completion_tokens, slot.cached_tokens)
 
     def _end_slot(self, slot: Slot, finish: Finish, text: str = "", token: int | None = None) -> None:
-        task = slot.release(next(self._clock))
+        task = slot.release()
         self._events.append(Event(task.channel, text, token, finish))
         with self._lock:
             self._busy -= 1

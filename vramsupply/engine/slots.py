@@ -5,6 +5,7 @@ Only the scheduler thread reads or writes these.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,6 @@ class Slot:
         self.seq_id = seq_id
         self.cached = np.zeros(n_ctx, dtype=np.int32)
         self.n_cached = 0
-        self.last_used = 0
         self.started = 0
         self.task: Task | None = None
         self.stream: TextStream | None = None
@@ -86,7 +86,7 @@ class Slot:
         """The KV was wiped (after a failed decode): nothing is reusable."""
         self.n_cached = 0
 
-    def release(self, clock: int) -> Task:
+    def release(self) -> Task:
         task = self.task
         assert task is not None
         task.sampler.close()
@@ -94,5 +94,19 @@ class Slot:
         self.stream = None
         self.next_token = None
         self.row = -1
-        self.last_used = clock
         return task
+
+
+def choose_slot(idle: Sequence[Slot], prompt: np.ndarray) -> tuple[Slot, int]:
+    """The idle slot for ``prompt`` and the prefix it already holds.
+
+    llama.cpp decodes per-slot KV in one forward pass only for *consecutive* sequence ids
+    (``split_equal``), so busy slots must stay packed at the bottom: every gap costs a pass per
+    step for as long as the requests run. A cached prefix outweighs that only when it covers more
+    than half of the prompt; otherwise the lowest idle sequence id wins.
+    """
+    def rank(item: tuple[Slot, int]) -> tuple[int, int]:
+        slot, prefix = item
+        return (prefix if 2 * prefix > len(prompt) else 0, -slot.seq_id)
+
+    return max(((slot, slot.common_prefix(prompt)) for slot in idle), key=rank)

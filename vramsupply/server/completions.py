@@ -48,6 +48,7 @@ from vramsupply.server.schemas import ChatCompletionBody, CompletionBody
 from vramsupply.server.state import SERVER_STATE, ServerState
 
 RETRY_AFTER_SECONDS = "1"
+INLINE_TOKENIZE_MAX_BYTES = 8192
 T = TypeVar("T")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -141,7 +142,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     engine = state.ready_engine()
     body = await state.parse(request, ChatCompletionBody)
     messages = [m.for_template() for m in body.messages]
-    prompt = await _tokenize(engine.tokenize_chat, messages, param="messages")
+    prompt = await _tokenize(request, engine.tokenize_chat, messages, param="messages")
     shape = ChatShape(id=new_id("chatcmpl"), created=now(), model=state.model_id, include_usage=body.include_usage)
     requests = generation_requests(body, prompt, extra_stop=engine.chat_stop)
     return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started))
@@ -152,15 +153,23 @@ async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[SERVER_STATE]
     engine = state.ready_engine()
     body = await state.parse(request, CompletionBody)
-    prompt = body.prompt if isinstance(body.prompt, list) else await _tokenize(engine.tokenize, body.prompt, param="prompt")
+    prompt = body.prompt if isinstance(body.prompt, list) else await _tokenize(request, engine.tokenize, body.prompt, param="prompt")
     shape = TextShape(id=new_id("cmpl"), created=now(), model=state.model_id, include_usage=body.include_usage)
     requests = generation_requests(body, prompt)
     return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started))
 
 
-async def _tokenize(tokenize: Callable[[T], list[int]], value: T, *, param: str) -> list[int]:
-    """Tokenize off the event loop: a long prompt or a chat template can take milliseconds."""
+async def _tokenize(request: web.Request, tokenize: Callable[[T], list[int]], value: T, *, param: str) -> list[int]:
+    """Tokenize a small body inline and a large one on a thread.
+
+    A short prompt takes microseconds, while a thread hop lets a burst of requests reach the
+    engine one decode step apart. A long prompt or chat can take milliseconds, which would stall
+    every stream the event loop serves.
+    """
     try:
+        size = request.content_length
+        if size is not None and size <= INLINE_TOKENIZE_MAX_BYTES:
+            return tokenize(value)
         return await asyncio.to_thread(tokenize, value)
     except EngineError as exc:
         raise engine_error(exc, param) from None
