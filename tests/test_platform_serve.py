@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import stat
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 
 import pytest
+from agent_process import AgentProcess
 from conftest import TINY_MODEL, run_cli
 from live_platform import API_KEY, LivePlatform, free_port
 
@@ -24,53 +20,6 @@ from vramsupply.platform.state import default_state_path
 
 MESSAGES = [{"role": "user", "content": "Once upon a time"}]
 PUBLIC = "https://gpu.example.com"
-
-
-class AgentProcess:
-    """`vramsupply serve ARGS` in a child process; output lines are collected as they arrive."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vramsupply", "serve", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        for stream, lines in ((self.process.stdout, self.stdout), (self.process.stderr, self.stderr)):
-            threading.Thread(target=self._collect, args=(stream, lines), daemon=True).start()
-
-    @staticmethod
-    def _collect(stream, lines: list[str]) -> None:  # type: ignore[no-untyped-def]
-        for line in stream:
-            lines.append(line.rstrip("\n"))
-
-    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{what}: never happened; stdout={self.stdout} stderr={self.stderr}")
-            time.sleep(0.05)
-
-    def printed(self, text: str) -> bool:
-        return any(text in line for line in self.stdout)
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> int:
-        self.process.send_signal(sig)
-        code = self.process.wait(timeout)
-        time.sleep(0.1)
-        return code
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.stderr)
 
 
 def post(url: str, body: dict[str, object], headers: dict[str, str] | None = None) -> tuple[int, dict[str, object]]:

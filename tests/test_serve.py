@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,55 +14,12 @@ from contextlib import contextmanager
 import pytest
 from openai import OpenAI
 
+from agent_process import AgentProcess
 from conftest import TINY_MODEL, run_cli
 from vramsupply.engine import EngineStats
 from vramsupply.serve import Snapshot, Throughput
 
-READY = re.compile(r"^vramsupply ready: serving (\S+) at (http://\S+/v1) ")
 TOKEN = "serve-test-token"
-
-
-class ServeProcess:
-    """`vramsupply serve` in a child process; stdout and stderr are collected as they arrive."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vramsupply", "serve", "--model", str(TINY_MODEL), "--port", "0", "--no-register", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._ready = threading.Event()
-        self.model_id = self.base_url = ""
-        threading.Thread(target=self._read, args=(self.process.stdout, self.stdout, True), daemon=True).start()
-        threading.Thread(target=self._read, args=(self.process.stderr, self.stderr, False), daemon=True).start()
-
-    def _read(self, stream, lines: list[str], watch_ready: bool) -> None:  # type: ignore[no-untyped-def]
-        for line in stream:
-            lines.append(line.rstrip("\n"))
-            match = READY.match(line) if watch_ready else None
-            if match:
-                self.model_id, self.base_url = match.groups()
-                self._ready.set()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        if not self._ready.wait(timeout):
-            raise AssertionError(f"no ready line; stdout={self.stdout} stderr={self.stderr}")
-
-    def signal(self, sig: signal.Signals) -> None:
-        self.process.send_signal(sig)
-
-    def wait(self, timeout: float = 30) -> int:
-        code = self.process.wait(timeout)
-        time.sleep(0.1)  # let the reader threads take the last lines
-        return code
-
-    @property
-    def log(self) -> str:
-        return "\n".join(self.stderr)
 
 
 def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
@@ -79,15 +31,11 @@ def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict
 
 
 @contextmanager
-def serving(*args: str, env: dict[str, str] | None = None) -> Iterator[ServeProcess]:
-    served = ServeProcess(*args, env=env)
-    try:
+def serving(*args: str, env: dict[str, str] | None = None) -> Iterator[AgentProcess]:
+    """The tiny model served locally on a free port, ready."""
+    with AgentProcess("--model", str(TINY_MODEL), "--port", "0", "--no-register", *args, env=env) as served:
         served.wait_ready()
         yield served
-    finally:
-        if served.process.poll() is None:
-            served.process.kill()
-            served.process.wait()
 
 
 def test_sigterm_during_a_stream_lets_it_finish_then_exits_0() -> None:
@@ -104,7 +52,7 @@ def test_sigterm_during_a_stream_lets_it_finish_then_exits_0() -> None:
                 extra_body={"ignore_eos": True},
             )
             chunks = [next(stream)]
-            served.signal(signal.SIGTERM)
+            served.send_signal(signal.SIGTERM)
             chunks.extend(stream)
 
         code = served.wait()
@@ -124,7 +72,7 @@ def test_endpoint_token_from_the_environment_guards_v1_not_health() -> None:
         authorized = http_get(served.base_url + "/models", {"Authorization": f"Bearer {TOKEN}"})
         by_file_name = http_get(served.base_url + "/models/stories260K.gguf", {"Authorization": f"Bearer {TOKEN}"})
         health = http_get(root + "/health")
-        served.signal(signal.SIGINT)
+        served.send_signal(signal.SIGINT)
         code = served.wait()
 
     assert unauthorized[0] == 401 and unauthorized[1]["error"]["code"] == "invalid_api_key"
@@ -143,7 +91,7 @@ def test_drain_timeout_bounds_the_wait_for_a_long_request() -> None:
             )
             next(stream)
             started = time.monotonic()
-            served.signal(signal.SIGTERM)
+            served.send_signal(signal.SIGTERM)
             code = served.wait()
             waited = time.monotonic() - started
 

@@ -7,19 +7,16 @@ WATCHDOG_USEC, starts the agent, and reads what the agent tells it.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agent_process import AgentProcess
 from conftest import TINY_MODEL
 from live_platform import LivePlatform, free_port
 
@@ -66,29 +63,6 @@ def notify_socket() -> Iterator[NotifySocket]:
         listener.close()
 
 
-def start_agent(env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
-    """`vramsupply serve` with no arguments at all; its output is collected (and searched for secrets)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vramsupply", "serve"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **env},
-    )
-    output: list[str] = []
-    threading.Thread(target=lambda: output.extend(line.rstrip("\n") for line in process.stdout), daemon=True).start()  # type: ignore[union-attr]
-    return process, output
-
-
-def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen[str], output: list[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"{what} never happened; agent output:\n" + "\n".join(output))
-        time.sleep(0.05)
-
-
 def chat(base_url: str, headers: dict[str, str] | None = None) -> dict:
     body = json.dumps({"model": "stories260k", "messages": [{"role": "user", "content": "Once"}], "max_tokens": 4}).encode()
     request = urllib.request.Request(f"{base_url}/v1/chat/completions", body, {"Content-Type": "application/json", **(headers or {})})
@@ -98,7 +72,7 @@ def chat(base_url: str, headers: dict[str, str] | None = None) -> dict:
 
 def test_ready_only_when_serving_watchdog_from_the_loop_stopping_on_sigterm(notify_socket: NotifySocket) -> None:
     port = free_port()
-    process, output = start_agent({
+    with AgentProcess(env={
         "NOTIFY_SOCKET": str(notify_socket.path),
         "WATCHDOG_USEC": "400000",  # a ping every 0.2 s
         "VRAM_SUPPLY_MODEL": str(TINY_MODEL),
@@ -106,52 +80,49 @@ def test_ready_only_when_serving_watchdog_from_the_loop_stopping_on_sigterm(noti
         "VRAM_SUPPLY_NO_REGISTER": "true",
         "VRAM_SUPPLY_PARALLEL": "2",
         "VRAM_SUPPLY_CONTEXT_LENGTH": "256",
-    })
-    wait_for(lambda: "READY=1" in notify_socket.assignments(), "READY=1", process, output)
-    # READY means what it says: the model answers at once.
-    assert chat(f"http://127.0.0.1:{port}")["choices"][0]["message"]["content"]
-    states = [line for line in notify_socket.assignments() if line != "WATCHDOG=1"]
-    assert states[0].startswith(f"STATUS=preparing {TINY_MODEL}")
-    assert states[1:4] == ["STATUS=loading stories260k", "READY=1", f"STATUS=serving stories260k at http://127.0.0.1:{port}/v1 (2 slots)"]
+    }) as agent:
+        agent.wait_for(lambda: "READY=1" in notify_socket.assignments(), "READY=1")
+        # READY means what it says: the model answers at once.
+        assert chat(f"http://127.0.0.1:{port}")["choices"][0]["message"]["content"]
+        states = [line for line in notify_socket.assignments() if line != "WATCHDOG=1"]
+        assert states[0].startswith(f"STATUS=preparing {TINY_MODEL}")
+        assert states[1:4] == ["STATUS=loading stories260k", "READY=1", f"STATUS=serving stories260k at http://127.0.0.1:{port}/v1 (2 slots)"]
 
-    ready_at = notify_socket.assignments().index("READY=1") + 1
-    wait_for(lambda: notify_socket.assignments()[ready_at:].count("WATCHDOG=1") >= 3, "watchdog pings", process, output)
+        ready_at = notify_socket.assignments().index("READY=1") + 1
+        agent.wait_for(lambda: notify_socket.assignments()[ready_at:].count("WATCHDOG=1") >= 3, "watchdog pings")
 
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(30) == 0, "\n".join(output)
+        assert agent.stop(signal.SIGTERM) == 0, agent.output
     after_ready = notify_socket.assignments()[ready_at:]
     assert "STOPPING=1" in after_ready
     assert "READY=1" not in after_ready  # ready exactly once
-    assert "\x1b[" not in "\n".join(output)  # not a terminal: no colour, no progress bars
+    assert "\x1b[" not in agent.output  # not a terminal: no colour, no progress bars
 
 
 def test_env_only_configuration_serves_and_registers_with_the_reference_platform(notify_socket: NotifySocket) -> None:
     port = free_port()
-    with LivePlatform() as platform:
-        process, output = start_agent({
-            "NOTIFY_SOCKET": str(notify_socket.path),
-            "VRAM_SUPPLY_MODEL": str(TINY_MODEL),
-            "VRAM_SUPPLY_PORT": str(port),
-            "VRAM_SUPPLY_API_KEY": platform.api_key,
-            "VRAM_SUPPLY_PLATFORM_URL": platform.url,
-            "VRAM_SUPPLY_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "VRAM_SUPPLY_INPUT_PRICE": "70",
-            "VRAM_SUPPLY_OUTPUT_PRICE": "140",
-            "VRAM_SUPPLY_CONTEXT_LENGTH": "256",
-            "VRAM_SUPPLY_HEARTBEAT_INTERVAL": "0.5",
-        })
-        wait_for(lambda: bool(platform.providers), "registration", process, output)
+    with LivePlatform() as platform, AgentProcess(env={
+        "NOTIFY_SOCKET": str(notify_socket.path),
+        "VRAM_SUPPLY_MODEL": str(TINY_MODEL),
+        "VRAM_SUPPLY_PORT": str(port),
+        "VRAM_SUPPLY_API_KEY": platform.api_key,
+        "VRAM_SUPPLY_PLATFORM_URL": platform.url,
+        "VRAM_SUPPLY_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "VRAM_SUPPLY_INPUT_PRICE": "70",
+        "VRAM_SUPPLY_OUTPUT_PRICE": "140",
+        "VRAM_SUPPLY_CONTEXT_LENGTH": "256",
+        "VRAM_SUPPLY_HEARTBEAT_INTERVAL": "0.5",
+    }) as agent:
+        agent.wait_for(lambda: bool(platform.providers), "registration")
         offer = platform.providers[0].offer
         assert (offer.endpoint_url, offer.input_price_per_million, offer.output_price_per_million) == (f"http://127.0.0.1:{port}", 70, 140)
         assert offer.context_length_offered == 256
         token = offer.endpoint_token
         assert token
         assert chat(f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"})["usage"]["completion_tokens"] > 0
-        wait_for(lambda: any(s.endswith("; marketplace: registered") for s in notify_socket.statuses()), "registered status", process, output)
+        agent.wait_for(lambda: any(s.endswith("; marketplace: registered") for s in notify_socket.statuses()), "registered status")
 
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0, "\n".join(output)
+        assert agent.stop(signal.SIGTERM) == 0, agent.output
         assert platform.providers == []  # deregistered on the way out
     assert "STOPPING=1" in notify_socket.assignments()
-    log = "\n".join(output)
+    log = agent.output
     assert platform.api_key not in log and token not in log
