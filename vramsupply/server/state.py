@@ -36,10 +36,6 @@ class ServerState:
         self._names.add(engine.model_name.lower())
         self.engine = engine
 
-    @property
-    def names(self) -> frozenset[str]:
-        return frozenset(self._names)
-
     def stats(self) -> EngineStats | None:
         return None if self.engine is None else self.engine.stats()
 
