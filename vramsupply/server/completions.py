@@ -269,9 +269,9 @@ class RequestClock:
         if self.first_text_at is None:
             self.first_text_at = at
             metrics.ttft.observe(at - self.started)
-        timing = self.choices.setdefault(index, ChoiceTiming())
-        if timing.first_token_at is None:
-            timing.first_token_at = at
+        timing = self.choices.get(index)
+        if timing is None:
+            timing = self.choices[index] = ChoiceTiming(first_token_at=at)
         timing.last_token_at = at
 
 
