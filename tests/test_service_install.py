@@ -218,6 +218,17 @@ def test_with_systemd_running_install_enables_and_starts_then_uninstall_stops(tm
     assert not (tmp_path / "env").exists()
 
 
+def test_a_file_uninstall_cannot_remove_is_one_readable_line(tmp_path: Path) -> None:
+    env_dir = tmp_path / "env"
+    env_dir.mkdir()
+    places = ("--user", "--unit-dir", str(tmp_path / "units"), "--env-file", str(env_dir))
+    result = run_cli("service", "uninstall", "--purge", *places, env={"PATH": str(tmp_path)})
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"error: cannot remove {env_dir}: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert env_dir.is_dir()
+
+
 def test_a_failing_systemctl_is_reported_in_one_line(tmp_path: Path) -> None:
     bin_dir, _ = fake_tools(tmp_path, state="running")
     (bin_dir / "systemctl").write_text(

@@ -192,6 +192,11 @@ def ensure_service_user(say: Say) -> None:
     run_step(useradd_command(), say)
 
 
+def _file_error(action: str, path: Path, exc: OSError, command: str) -> ServiceError:
+    hint = "" if os.geteuid() == 0 else f" (a system service needs root: sudo vramsupply service {command}, or use --user)"
+    return ServiceError(f"cannot {action} {path}: {exc.strerror}{hint}")
+
+
 def write_file(path: Path, text: str, mode: int) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,8 +205,15 @@ def write_file(path: Path, text: str, mode: int) -> None:
             fh.write(text)
         os.chmod(path, mode)
     except OSError as exc:
-        hint = "" if os.geteuid() == 0 else " (a system service needs root: sudo vramsupply service install, or use --user)"
-        raise ServiceError(f"cannot write {path}: {exc.strerror}{hint}") from None
+        raise _file_error("write", path, exc, "install") from None
+
+
+def remove_file(path: Path, say: Say) -> None:
+    try:
+        path.unlink()
+    except OSError as exc:
+        raise _file_error("remove", path, exc, "uninstall") from None
+    say(f"removed {path}")
 
 
 def prepare_writable_dirs(spec: UnitSpec, say: Say) -> None:
@@ -263,8 +275,7 @@ def uninstall(target: ServiceTarget, purge: bool, say: Say) -> None:
     if target.unit_path.exists():
         if running:
             run_step(target.systemctl("disable", "--now", UNIT_NAME), say)
-        target.unit_path.unlink()
-        say(f"removed {target.unit_path}")
+        remove_file(target.unit_path, say)
         if running:
             run_step(target.systemctl("daemon-reload"), say)
     else:
@@ -272,8 +283,7 @@ def uninstall(target: ServiceTarget, purge: bool, say: Say) -> None:
     if not target.env_file.exists():
         return
     if purge:
-        target.env_file.unlink()
-        say(f"removed {target.env_file}")
+        remove_file(target.env_file, say)
     else:
         say(f"kept your settings in {target.env_file}; use --purge to remove them too")
 
