@@ -179,7 +179,7 @@ class Scheduler:
         for task in self._waiting:
             if task.id == task_id:
                 self._waiting.remove(task)
-                self._end_waiting(task, Finish("cancelled", Usage(len(task.prompt), 0, 0)))
+                self._end_waiting(task, "cancelled")
                 return
 
     def _active(self) -> list[Slot]:
@@ -290,9 +290,10 @@ class Scheduler:
             self._busy -= 1
             self._outstanding -= 1
 
-    def _end_waiting(self, task: Task, finish: Finish) -> None:
+    def _end_waiting(self, task: Task, reason: str | None, error: EngineError | None = None) -> None:
+        """End a request that never reached a slot: its usage is its prompt length and nothing else."""
         task.sampler.close()
-        self._events.append(Event(task.channel, "", None, finish))
+        self._events.append(Event(task.channel, "", None, Finish(reason, Usage(len(task.prompt), 0, 0), error)))
         with self._lock:
             self._outstanding -= 1
 
@@ -301,7 +302,7 @@ class Scheduler:
             self._end_slot(slot, Finish(None, self._usage(slot), error))
         while self._waiting:
             task = self._waiting.popleft()
-            self._end_waiting(task, Finish(None, Usage(len(task.prompt), 0, 0), error))
+            self._end_waiting(task, None, error)
 
     def _flush_events(self) -> None:
         """One ``call_soon_threadsafe`` per consumer loop per step, carrying all its events."""
@@ -324,4 +325,4 @@ class Scheduler:
                 self._end_slot(slot, Finish("cancelled", self._usage(slot)))
         for task in [t for t in self._waiting if t.channel.loop is loop]:
             self._waiting.remove(task)
-            self._end_waiting(task, Finish("cancelled", Usage(len(task.prompt), 0, 0)))
+            self._end_waiting(task, "cancelled")
