@@ -122,10 +122,6 @@ class Settings(BaseSettings):
         """Flags arrive as init kwargs, then the environment, then the TOML config file."""
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=config_path()))
 
-    @property
-    def offered_context(self) -> int:
-        return self.context_length_offered or self.context_length
-
 
 SECRET_FIELDS = frozenset(name for name, f in Settings.model_fields.items() if "SecretStr" in repr(f.annotation))
 
