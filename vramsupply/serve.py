@@ -205,8 +205,8 @@ def ready_line(model_id: str, url: str, engine: Engine) -> str:
 async def drain(server: ApiServer, engine: Engine | None, drain_timeout: float) -> None:
     """Stop accepting, give in-flight requests ``drain_timeout`` seconds, then free the engine."""
     stats = engine.stats() if engine is not None else None
-    if stats is not None and stats.slots_busy + stats.queue_depth:
-        in_flight = stats.slots_busy + stats.queue_depth
+    in_flight = stats.slots_busy + stats.queue_depth if stats is not None else 0
+    if in_flight:
         log.info("stopping: waiting up to %gs for %d in-flight request(s)", drain_timeout, in_flight)
     else:
         log.info("stopping")
@@ -324,8 +324,9 @@ class LogStatus:
 
     async def run(self, engine: Engine, stop: StopSignals) -> None:
         throughput = Throughput(window=STATUS_LOG_SECONDS)
-        last_requests = engine.stats().requests_total
-        throughput.update(engine.stats().completion_tokens_total)
+        stats = engine.stats()
+        last_requests = stats.requests_total
+        throughput.update(stats.completion_tokens_total)
         while not await _wait(stop, STATUS_LOG_SECONDS):
             stats = engine.stats()
             tokens_per_second = throughput.update(stats.completion_tokens_total)
