@@ -99,6 +99,13 @@ def test_chat_stream_matches_the_whole_answer_and_reports_usage_last(server: Liv
     assert usage_chunk.usage.total_tokens == whole.usage.total_tokens
 
 
+def test_developer_role_is_read_as_system(server: LiveServer, client: OpenAI) -> None:
+    as_developer = [{**MESSAGES[0], "role": "developer"}, MESSAGES[1]]
+    completion = client.chat.completions.create(model=MODEL_ID, messages=as_developer, max_tokens=1)
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == chat_prompt_tokens(server)
+
+
 def test_stream_without_include_usage_sends_no_usage(client: OpenAI) -> None:
     chunks = list(client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=4, stream=True))
 

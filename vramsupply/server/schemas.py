@@ -131,9 +131,8 @@ class ChatMessage(_Body):
         return self
 
     def for_template(self) -> dict[str, str]:
-        """The plain ``{"role", "content"}`` dict chat templates expect; ``developer`` is OpenAI's new name for ``system``."""
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.content or ""}
+        """The plain ``{"role", "content"}`` dict the engine's ``tokenize_chat`` takes (it maps ``developer`` to ``system``)."""
+        return {"role": self.role, "content": self.content or ""}
 
 
 class ChatCompletionBody(GenerationBody):
