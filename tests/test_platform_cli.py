@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import run_cli
+from conftest import TINY_MODEL, run_cli
 from fakehub import FakeHub, standard_repos
 from live_platform import API_KEY, LivePlatform, free_port
 from live_server import MODEL_ID, LiveServer
@@ -85,6 +85,18 @@ async def test_demand_also_stars_models_already_in_the_cache(tmp_path: Path, mon
 
     assert table.returncode == 0, table.stderr
     assert [line.split("│")[1].strip() for line in table.stdout.splitlines() if "/" in line and "│" in line] == ["★ acme/gizmo-1b", "other/model"]
+
+
+async def test_demand_stars_a_local_split_model_under_the_id_serve_registers(tmp_path: Path) -> None:
+    first_part = tmp_path / "Gizmo-Q4_K_M-00001-of-00002.gguf"
+    first_part.write_bytes(TINY_MODEL.read_bytes())
+    served_as = prepare_model(str(first_part), "Q4_K_M").model_id
+    with LivePlatform() as platform:
+        await register(platform, served_as, "http://10.0.0.1:8080", 100, 200)
+        table = run_cli("demand", env=platform_env(platform, VRAM_SUPPLY_MODEL=str(first_part)))
+
+    assert table.returncode == 0, table.stderr
+    assert f"★ {served_as}" in table.stdout
 
 
 def test_rails_shows_and_toggles_each_rail() -> None:

@@ -146,7 +146,7 @@ def service_logs(
 @app.command()
 def demand(as_json: bool = typer.Option(False, "--json", help="Print the platform's JSON instead of a table.")) -> None:
     """Show market demand: requests in the last 24 h, online providers and prices per model."""
-    from vramsupply.hub import CacheStatus, default_cache_dir, list_cached
+    from vramsupply.hub import CacheStatus, default_cache_dir, list_cached, model_id_of
     from vramsupply.platform import PlatformError
     from vramsupply.platform.commands import demand_view, fetch_demand, servable_models
 
@@ -159,7 +159,8 @@ def demand(as_json: bool = typer.Option(False, "--json", help="Print the platfor
         console.print_json(market.model_dump_json())
         return
     cached = [m.model_id for m in list_cached(settings.cache_dir or default_cache_dir()) if m.status is CacheStatus.verified]
-    console.print(demand_view(market, servable_models(settings, cached)))
+    configured = model_id_of(settings.model) if settings.model else None
+    console.print(demand_view(market, servable_models(configured, cached)))
 
 
 @app.command()

@@ -18,7 +18,7 @@ from vramsupply.hub.errors import (
     ModelNotFound,
     QuantNotFound,
 )
-from vramsupply.hub.prepare import LocalModel, is_local_path, prepare_configured, prepare_model
+from vramsupply.hub.prepare import LocalModel, is_local_path, model_id_of, prepare_configured, prepare_model
 from vramsupply.hub.resolve import DEFAULT_PUBLISHERS, RemoteFile, ResolvedModel, resolve
 from vramsupply.hub.store import default_cache_dir
 
@@ -44,6 +44,7 @@ __all__ = [
     "default_cache_dir",
     "is_local_path",
     "list_cached",
+    "model_id_of",
     "prepare_configured",
     "prepare_model",
     "remove_cached",

@@ -56,6 +56,18 @@ def is_local_path(model: str) -> bool:
     return model.startswith(("./", "../", "/", "~")) or model.lower().endswith(".gguf")
 
 
+def local_model_id(path: Path) -> str:
+    """A local file's marketplace id: its stem, lowercased, without a split file's `-0000N-of-0000M`."""
+    parsed = parse_gguf_path(path.name)
+    stem = Path(parsed.prefix).name if parsed is not None and parsed.parts > 1 else path.stem
+    return stem.lower()
+
+
+def model_id_of(model: str) -> str:
+    """The marketplace id `model` is offered under, without disk or network: for `vramsupply demand`."""
+    return local_model_id(Path(model)) if is_local_path(model) else model.lower()
+
+
 def local_model(model: str) -> LocalModel:
     """A local file skips the Hub; it must exist and start with the GGUF magic bytes."""
     path = Path(model).expanduser().absolute()
@@ -69,10 +81,9 @@ def local_model(model: str) -> LocalModel:
     if magic != GGUF_MAGIC:
         raise InvalidModelSpec(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     parsed = parse_gguf_path(path.name)
-    stem = Path(parsed.prefix).name if parsed is not None and parsed.parts > 1 else path.stem
     return LocalModel(
         path=path,
-        model_id=stem.lower(),
+        model_id=local_model_id(path),
         repo_id=None,
         revision=None,
         filename=None,

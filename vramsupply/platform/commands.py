@@ -60,14 +60,9 @@ async def _with_client(settings: Settings, call: Callable[[PlatformClient], Awai
         return await call(client)
 
 
-def servable_models(settings: Settings, cached: Iterable[str]) -> set[str]:
-    """Canonical ids this provider could serve: the configured model and the ``cached`` ones."""
-    ids = {model_id.lower() for model_id in cached}
-    model = settings.model
-    if model:
-        local = model.lower().endswith(".gguf") or model.startswith(("./", "../", "/", "~"))
-        ids.add(Path(model).stem.lower() if local else model.lower())
-    return ids
+def servable_models(configured: str | None, cached: Iterable[str]) -> set[str]:
+    """Marketplace ids this provider could serve: the configured model's and the ``cached`` ones."""
+    return {model_id.lower() for model_id in (*cached, *([configured] if configured else []))}
 
 
 def _price_range(prices: api.PriceRange | None) -> str:
