@@ -75,6 +75,7 @@ async def test_body_that_is_not_an_object_is_400(server: LiveServer, http: aioht
         (CHAT, {"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (CHAT, {"messages": HELLO, "response_format": {"type": "xml"}}, "response_format.type"),
         (CHAT, {"messages": HELLO, "stop": 5}, "stop"),
+        (CHAT, {"messages": HELLO, "stop": [f"stop{i}" for i in range(17)]}, "stop"),
         (COMPLETIONS, {}, "prompt"),
         (COMPLETIONS, {"prompt": ""}, "prompt"),
         (COMPLETIONS, {"prompt": ["one", "two"]}, "prompt"),
