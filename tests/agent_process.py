@@ -28,8 +28,12 @@ class AgentProcess:
         )
         self.stdout: list[str] = []
         self.stderr: list[str] = []
-        for stream, lines in ((self.process.stdout, self.stdout), (self.process.stderr, self.stderr)):
-            threading.Thread(target=self._collect, args=(stream, lines), daemon=True).start()
+        self._readers = [
+            threading.Thread(target=self._collect, args=(stream, lines), daemon=True)
+            for stream, lines in ((self.process.stdout, self.stdout), (self.process.stderr, self.stderr))
+        ]
+        for reader in self._readers:
+            reader.start()
 
     def __enter__(self) -> AgentProcess:
         return self
@@ -73,7 +77,8 @@ class AgentProcess:
 
     def wait(self, timeout: float = 30) -> int:
         code = self.process.wait(timeout)
-        time.sleep(0.1)  # let the reader threads take the last lines
+        for reader in self._readers:  # the pipes reach EOF once the process is gone: every last line is read
+            reader.join(timeout)
         return code
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30) -> int:
