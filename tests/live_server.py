@@ -85,19 +85,17 @@ class LiveServer:
 
     def load_engine(self) -> None:
         """Load the model and attach it, as ``vramsupply serve`` does once loading finishes."""
+        self.call(self._attach_engine)
 
-        async def attach() -> None:
-            self.engine = await asyncio.to_thread(Engine.load, self.engine_options)
-            self.state.attach(self.engine)
-
-        self.call(attach)
+    async def _attach_engine(self) -> None:
+        self.engine = await asyncio.to_thread(Engine.load, self.engine_options)
+        self.state.attach(self.engine)
 
     async def _start(self) -> None:
         self.server = ApiServer(create_app(MODEL_ID, **self._app_options), "127.0.0.1", 0, drain_timeout=self._drain_timeout)
         await self.server.start()
         if self._load:
-            self.engine = await asyncio.to_thread(Engine.load, self.engine_options)
-            self.state.attach(self.engine)
+            await self._attach_engine()
 
     async def _stop(self) -> None:
         assert self.server is not None
