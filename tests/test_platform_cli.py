@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -179,6 +180,15 @@ def test_status_without_an_agent_says_so_and_exits_1() -> None:
     assert result.returncode == 1
     assert f"no agent answering at http://127.0.0.1:{port}" in result.stdout
     assert "none recorded" in result.stdout
+
+
+def test_status_names_a_timeout_when_the_agent_port_never_answers() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        result = run_cli("status", "--json", env={"VRAM_SUPPLY_PORT": str(port)})
+
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["agent"]["error"] == f"no agent answering at http://127.0.0.1:{port} (timed out)"
 
 
 async def test_status_shows_the_agents_health_and_registration() -> None:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from vramsupply.devplatform import payment
 from vramsupply.devplatform.store import Account, BuyerRequest, Provider, Rail, RailError, Store, rails_of
 from vramsupply.platform import api
+from vramsupply.platform.client import describe_error
 
 log = logging.getLogger("vramsupply.devplatform")
 
@@ -305,7 +306,7 @@ async def _forward(request: web.Request, body: dict[str, Any], provider: Provide
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         if isinstance(exc, aiohttp.ClientConnectorError):
             provider.status = "offline"
-        log.warning("provider %s failed before answering: %s", provider.id, exc or type(exc).__name__)
+        log.warning("provider %s failed before answering: %s", provider.id, describe_error(exc))
         raise _ProviderFailed(error_response(502, f"provider {provider.id} is unreachable", "upstream_error", "provider_unreachable")) from None
 
 
@@ -352,7 +353,7 @@ async def _relay_stream(
             await response.write(event)
         await response.write_eof()
     except (aiohttp.ClientError, ConnectionResetError, asyncio.TimeoutError) as exc:
-        log.warning("stream from provider %s to the buyer ended early: %s", provider.id, exc or type(exc).__name__)
+        log.warning("stream from provider %s to the buyer ended early: %s", provider.id, describe_error(exc))
     finally:
         prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
         request.app[STORE].record_usage(entry, provider, 200, prompt, completion, time.time())

@@ -137,7 +137,7 @@ class PlatformClient:
                         return text
                     failure = f"{self.base_url} answered {response.status}{_detail(text)}"
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                failure = f"cannot reach {self.base_url}: {_describe(exc)}"
+                failure = f"cannot reach {self.base_url}: {describe_error(exc)}"
         raise PlatformUnavailable(failure)
 
 
@@ -162,7 +162,8 @@ def _detail(text: str) -> str:
     return f": {message}" if message else ""
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """A network error in a few words; timeouts and some connection errors have an empty ``str()``."""
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
     return str(exc) or type(exc).__name__

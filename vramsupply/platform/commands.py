@@ -18,7 +18,7 @@ from rich.text import Text
 
 from vramsupply.config import Settings
 from vramsupply.platform import api
-from vramsupply.platform.client import PlatformClient, PlatformError
+from vramsupply.platform.client import PlatformClient, PlatformError, describe_error
 from vramsupply.platform.offer import format_cents, local_base_url
 from vramsupply.platform.state import Phase, RegistrationState, process_alive, read_state
 
@@ -142,7 +142,7 @@ async def _probe_health(url: str) -> tuple[dict[str, Any] | None, str | None]:
                 return None, f"{url}/health answered {response.status}: {api.error_message(body) or 'not ready'}"
             return body, None
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-        return None, f"no agent answering at {url} ({exc or type(exc).__name__})"
+        return None, f"no agent answering at {url} ({describe_error(exc)})"
 
 
 def status_table(status: AgentStatus) -> Table:
