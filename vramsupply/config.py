@@ -162,11 +162,16 @@ def write_config_values(path: Path, values: dict[str, Any]) -> None:
     """Merge ``values`` into the config file, which is created (and kept) private: mode 0600."""
     data = read_config_file(path)
     data.update(values)
+    write_private_file(path, tomli_w.dumps(data))
+
+
+def write_private_file(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write ``text`` to ``path`` with ``mode``, set at creation so a secret is never briefly world-readable."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as fh:
-        fh.write(tomli_w.dumps(data))
-    os.chmod(path, 0o600)
+        fh.write(text)
+    os.chmod(path, mode)
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,10 @@ A configured ``endpoint_token`` wins. Otherwise one is generated once and kept i
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
-from vramsupply.config import Settings, data_dir
+from vramsupply.config import Settings, data_dir, write_private_file
 
 TOKEN_FILE_NAME = "endpoint_token"
 
@@ -30,9 +29,5 @@ def resolve_endpoint_token(settings: Settings, path: Path | None = None) -> str:
     if stored:
         return stored
     token = "vst-" + secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    os.chmod(path, 0o600)
+    write_private_file(path, token + "\n")
     return token

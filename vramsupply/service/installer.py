@@ -21,7 +21,7 @@ import platformdirs
 from dotenv import dotenv_values
 from pydantic import ValidationError
 
-from vramsupply.config import APP_NAME, Settings, env_name, load_settings
+from vramsupply.config import APP_NAME, Settings, env_name, load_settings, write_private_file
 from vramsupply.service.unit import (
     GPU_GROUPS,
     SERVICE_USER,
@@ -199,11 +199,7 @@ def _file_error(action: str, path: Path, exc: OSError, command: str) -> ServiceE
 
 def write_file(path: Path, text: str, mode: int) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(path, mode)
+        write_private_file(path, text, mode)
     except OSError as exc:
         raise _file_error("write", path, exc, "install") from None
 
