@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     n_batch: int = Field(2048, ge=1, description="Maximum tokens per decode step (prompt chunks plus generated tokens)")
     n_ubatch: int = Field(512, ge=1, description="Physical micro-batch size inside one decode step")
     flash_attention: FlashAttention = Field(FlashAttention.auto, description="Flash attention: auto, on or off")
-    threads: int | None = Field(None, ge=1, description="CPU threads for decoding (default: llama.cpp's choice)")
+    threads: int | None = Field(None, ge=1, description="CPU threads for decoding and prompt processing (default: physical cores for decoding, all CPUs for prompts)")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before new ones get 429")
 
     # HTTP server

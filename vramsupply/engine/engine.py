@@ -57,11 +57,13 @@ class Engine:
         engine = cls(options, model, context, scheduler, n_ctx, n_batch)
         scheduler.start()
         log.info(
-            "loaded %s: %d slots x %d tokens, n_batch %d, GPU offload %s",
+            "loaded %s: %d slots x %d tokens, n_batch %d, %d/%d threads (decode/prompt), GPU offload %s",
             model.name,
             options.parallel,
             n_ctx,
             n_batch,
+            llama_cpp.llama_n_threads(context.ctx),
+            llama_cpp.llama_n_threads_batch(context.ctx),
             "available" if llama_cpp.llama_supports_gpu_offload() else "unavailable",
         )
         return engine

@@ -14,6 +14,7 @@ from pathlib import Path
 import llama_cpp
 from llama_cpp._internals import LlamaContext, LlamaModel
 
+from .threads import resolve_threads
 from .types import EngineError, EngineOptions
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,9 @@ def create_context(model: Model, options: EngineOptions) -> LlamaContext:
     params.n_batch = options.n_batch
     params.n_ubatch = min(options.n_ubatch, options.n_batch)
     params.flash_attn_type = _FLASH_ATTENTION[options.flash_attention_mode]
-    if options.threads is not None:
-        params.n_threads = options.threads
-        params.n_threads_batch = options.threads
+    threads = resolve_threads(options.threads)
+    params.n_threads = threads.decode
+    params.n_threads_batch = threads.batch
     try:
         context = LlamaContext(model=model.llama_model, params=params, verbose=False)
     except ValueError:
@@ -158,11 +159,13 @@ def create_context(model: Model, options: EngineOptions) -> LlamaContext:
             "(out of memory? try a smaller context_length or parallel)"
         ) from None
     log.debug(
-        "context: n_ctx=%d n_ctx_seq=%d n_seq_max=%d n_batch=%d n_ubatch=%d",
+        "context: n_ctx=%d n_ctx_seq=%d n_seq_max=%d n_batch=%d n_ubatch=%d threads=%d/%d (decode/batch)",
         llama_cpp.llama_n_ctx(context.ctx),
         llama_cpp.llama_n_ctx_seq(context.ctx),
         llama_cpp.llama_n_seq_max(context.ctx),
         llama_cpp.llama_n_batch(context.ctx),
         llama_cpp.llama_n_ubatch(context.ctx),
+        llama_cpp.llama_n_threads(context.ctx),
+        llama_cpp.llama_n_threads_batch(context.ctx),
     )
     return context
