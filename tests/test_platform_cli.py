@@ -23,6 +23,7 @@ from vramsupply.hub import prepare_model
 from vramsupply.platform import Phase, PlatformClient, ProviderLifecycle, RegistrationState, build_offer, default_state_path
 from vramsupply.platform.api import RegisterRequest
 from vramsupply.platform.state import write_state
+from vramsupply.serve.options import market_options
 
 
 def platform_env(platform: LivePlatform, **extra: str) -> dict[str, str]:
@@ -196,7 +197,7 @@ async def test_status_shows_the_agents_health_and_registration() -> None:
         assert agent.engine is not None and agent.server is not None
         local_agent = {"VRAM_SUPPLY_PORT": str(agent.server.port)}
         settings = Settings(endpoint_url=agent.url, endpoint_token="tok")
-        offer = build_offer(settings, LocalTinyModel(), served_context=agent.engine.n_ctx, endpoint_token="tok", local_ok=True)
+        offer = build_offer(market_options(settings, local_ok=True), LocalTinyModel(), served_context=agent.engine.n_ctx, endpoint_token="tok")
         lifecycle = ProviderLifecycle(
             PlatformClient(platform.url, API_KEY), offer.request, agent.engine.stats, heartbeat_interval=0.2, state_path=default_state_path()
         )

@@ -26,6 +26,7 @@ from vramsupply.platform import (
     price_summary,
 )
 from vramsupply.platform.api import RailsUpdate, RegisterRequest
+from vramsupply.serve.options import market_options
 
 
 class LocalGGUF:
@@ -157,12 +158,13 @@ def test_public_endpoints_do_not_warn() -> None:
 
 def test_context_offered_defaults_to_the_served_context_and_cannot_exceed_it() -> None:
     settings = Settings(endpoint_url="https://gpu.example.com")
-    offer = build_offer(settings, LocalGGUF(), served_context=2048, endpoint_token="t")
+    offer = build_offer(market_options(settings), LocalGGUF(), served_context=2048, endpoint_token="t")
     assert offer.request.context_length_offered == 2048
     assert offer.request.gguf_repo is None and offer.warnings == []
 
     with pytest.raises(OfferError, match=r"context_length_offered \(4096\) is larger than the context this agent serves \(2048\)"):
-        build_offer(Settings(endpoint_url="https://gpu.example.com", context_length_offered=4096), LocalGGUF(), served_context=2048, endpoint_token="t")
+        settings = Settings(endpoint_url="https://gpu.example.com", context_length_offered=4096)
+        build_offer(market_options(settings), LocalGGUF(), served_context=2048, endpoint_token="t")
 
 
 def test_price_summary_shows_earnings_after_the_platform_fee() -> None:
@@ -173,20 +175,21 @@ def test_price_summary_shows_earnings_after_the_platform_fee() -> None:
 
 def test_serving_without_what_registration_needs_is_refused_before_any_call() -> None:
     with pytest.raises(PlatformError, match="no API key to register with: run `vramsupply login`"):
-        MarketplaceSession.prepare(Settings(endpoint_url="https://gpu.example.com"))
+        MarketplaceSession.prepare(market_options(Settings(endpoint_url="https://gpu.example.com")))
     with pytest.raises(OfferError, match="an endpoint URL is required to register"):
-        MarketplaceSession.prepare(Settings(api_key="sk-x"))
+        MarketplaceSession.prepare(market_options(Settings(api_key="sk-x")))
     with pytest.raises(OfferError, match=r"context_length_offered \(8192\) is larger than context_length \(4096\)"):
-        MarketplaceSession.prepare(Settings(api_key="sk-x", endpoint_url="https://gpu.example.com", context_length_offered=8192))
-    assert MarketplaceSession.prepare(Settings(no_register=True)) is None
+        MarketplaceSession.prepare(market_options(Settings(api_key="sk-x", endpoint_url="https://gpu.example.com", context_length_offered=8192)))
 
 
 def test_the_startup_summary_names_the_offer_earnings_and_warnings() -> None:
-    session = MarketplaceSession.prepare(Settings(api_key="sk-x", endpoint_url="http://192.168.1.5:8080", input_price=300, output_price=900))
-    assert session is not None
+    settings = Settings(api_key="sk-x", endpoint_url="http://192.168.1.5:8080", input_price=300, output_price=900)
+    offer = MarketplaceSession.prepare(market_options(settings)).offer(LocalGGUF(), served_context=2048)
 
-    assert session.summary(LocalGGUF(), served_context=2048) == [
+    assert offer.summary() == [
         "offering stories260k at http://192.168.1.5:8080 on https://vram.supply (context 2048)",
         "prices per million tokens: input $3.00, output $9.00; you earn $2.85 / $8.55 after the 5% platform fee",
-        "warning: endpoint URL http://192.168.1.5:8080 points at a local or private address: the platform and buyers on the internet cannot reach it",
+    ]
+    assert offer.warnings == [
+        "endpoint URL http://192.168.1.5:8080 points at a local or private address: the platform and buyers on the internet cannot reach it"
     ]

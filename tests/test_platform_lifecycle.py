@@ -15,6 +15,7 @@ from live_platform import API_KEY, LivePlatform, free_port
 from vramsupply import __version__
 from vramsupply.config import Settings
 from vramsupply.platform import Backoff, Phase, PlatformClient, ProviderLifecycle, build_offer, read_state, resolve_endpoint_token
+from vramsupply.serve.options import market_options
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class EngineCounters:
 
 def make_lifecycle(platform_url: str, counters: EngineCounters, state_path: Path | None = None, interval: float = 0.2) -> ProviderLifecycle:
     settings = Settings(endpoint_url="https://gpu.example.com", input_price=150, output_price=300, endpoint_token="tok-secret")
-    offer = build_offer(settings, ResolvedGGUF(), served_context=8192, endpoint_token=resolve_endpoint_token(settings))
+    offer = build_offer(market_options(settings), ResolvedGGUF(), served_context=8192, endpoint_token=resolve_endpoint_token("tok-secret"))
     client = PlatformClient(platform_url, API_KEY, attempts=1)
     return ProviderLifecycle(
         client, offer.request, lambda: counters, heartbeat_interval=interval, backoff=Backoff(initial=0.05, cap=0.2), state_path=state_path
@@ -192,12 +193,12 @@ async def test_a_rejected_api_key_keeps_retrying_and_says_how_to_fix_it(caplog: 
 
 def test_endpoint_token_is_generated_once_and_stored_private(tmp_path: Path) -> None:
     path = tmp_path / "endpoint_token"
-    first = resolve_endpoint_token(Settings(), path)
-    second = resolve_endpoint_token(Settings(), path)
+    first = resolve_endpoint_token(None, path)
+    second = resolve_endpoint_token(None, path)
 
     assert first == second and len(first) > 30
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert resolve_endpoint_token(Settings(endpoint_token="configured"), path) == "configured"
+    assert resolve_endpoint_token("configured", path) == "configured"
 
 
 async def test_an_unwritable_state_file_is_reported_once_and_never_stops_registration(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:

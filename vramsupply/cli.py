@@ -352,12 +352,13 @@ def serve(
     flags.pop("demo")
     import asyncio
 
+    from vramsupply.devplatform.demo import DemoError, DemoHook
     from vramsupply.serve import ServeError, run_serve
 
     settings = settings_from(flags)
     try:
-        asyncio.run(run_serve(settings, demo=demo))
-    except ServeError as exc:
+        asyncio.run(run_serve(settings, hook=DemoHook() if demo else None))
+    except (ServeError, DemoError) as exc:
         fail(str(exc))
     except (KeyboardInterrupt, asyncio.CancelledError):
         fail("stopped without waiting for in-flight requests", code=130)

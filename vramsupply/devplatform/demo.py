@@ -3,6 +3,9 @@
 The reference platform runs in the agent's own process; the agent serves the bundled tiny model,
 registers with it, and a buyer request goes through the platform to the agent and back, so a new
 provider sees every moving part before touching the real network.
+
+The CLI plugs ``DemoHook`` into `vramsupply serve` (``serve.hooks.ServeHook``); serve never imports
+this module.
 """
 
 from __future__ import annotations
@@ -27,6 +30,34 @@ DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "stories260K.gg
 DEMO_PROMPT = "Once upon a time"
 DEMO_MAX_TOKENS = 48
 REGISTER_WAIT_SECONDS = 30.0
+
+
+class DemoHook:
+    """``--demo``: the reference platform around serving, and one bought answer once ready."""
+
+    local_endpoint_ok = True
+
+    def __init__(self, emit: Callable[[str], None] | None = None) -> None:
+        self.platform: DevPlatform | None = None
+        self._emit = emit or _print
+
+    @asynccontextmanager
+    async def around(self, settings: Settings) -> AsyncIterator[Settings]:
+        async with demo_marketplace(settings) as (hooked, platform):
+            self.platform = platform
+            try:
+                yield hooked
+            finally:
+                self.platform = None
+
+    async def on_ready(self, market: MarketplaceSession, model_id: str) -> None:
+        if self.platform is None:
+            raise DemoError("the demo platform is not running")
+        await buy_one_answer(self.platform, market, model_id, self._emit)
+
+
+def _print(text: str) -> None:
+    print(text, end="", flush=True)
 
 
 @asynccontextmanager

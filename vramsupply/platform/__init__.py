@@ -11,6 +11,7 @@ from vramsupply.platform.client import (
 )
 from vramsupply.platform.lifecycle import ProviderLifecycle, ServingStats
 from vramsupply.platform.offer import Offer, OfferError, build_offer, check_endpoint_url, price_summary
+from vramsupply.platform.options import MarketOptions
 from vramsupply.platform.session import MarketplaceSession
 from vramsupply.platform.state import Phase, RegistrationState, default_state_path, read_state
 from vramsupply.platform.token import resolve_endpoint_token
@@ -18,6 +19,7 @@ from vramsupply.platform.token import resolve_endpoint_token
 __all__ = [
     "ApiKeyRejected",
     "Backoff",
+    "MarketOptions",
     "MarketplaceSession",
     "Offer",
     "OfferError",

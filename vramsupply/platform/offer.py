@@ -1,7 +1,8 @@
 """What this agent offers the market: the register payload, built and checked before any call.
 
 Bad offers (a non-http(s) endpoint, more context than is served) are refused here with one clear
-line; doubtful ones (an endpoint buyers on the internet cannot reach) produce warnings.
+line; doubtful ones (an endpoint buyers on the internet cannot reach) produce warnings, kept as data
+on the ``Offer`` for the caller to show however it shows warnings.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from vramsupply import __version__
-from vramsupply.config import Settings
 from vramsupply.platform import api
+from vramsupply.platform.options import MarketOptions
 
 
 class OfferError(ValueError):
@@ -71,22 +72,33 @@ def is_local_host(hostname: str) -> bool:
 
 @dataclass(frozen=True)
 class Offer:
+    """The register payload, built once, and what is doubtful about it (one sentence each)."""
+
     request: api.RegisterRequest
     warnings: list[str]
+    platform_url: str
+
+    def summary(self) -> list[str]:
+        """Startup lines: what is offered where, and the earnings after the fee (warnings are separate)."""
+        request = self.request
+        return [
+            f"offering {request.model} at {request.endpoint_url} on {self.platform_url} (context {request.context_length_offered})",
+            price_summary(request.input_price_per_million, request.output_price_per_million),
+        ]
 
 
-def build_offer(settings: Settings, model: ModelIdentity, served_context: int, endpoint_token: str, *, local_ok: bool = False) -> Offer:
-    """The register payload: documented fields from Settings, plus the GGUF identity and our token."""
-    warnings = check_endpoint_url(settings.endpoint_url, local_ok=local_ok)
-    offered = settings.context_length_offered or served_context
+def build_offer(options: MarketOptions, model: ModelIdentity, served_context: int, endpoint_token: str) -> Offer:
+    """The register payload: the provider's terms, plus the model's identity and our token."""
+    warnings = check_endpoint_url(options.endpoint_url, local_ok=options.local_ok)
+    offered = options.context_length_offered or served_context
     if offered > served_context:
         raise OfferError(f"context_length_offered ({offered}) is larger than the context this agent serves ({served_context})")
     request = api.RegisterRequest(
         provider_type="agent",
-        endpoint_url=settings.endpoint_url,
+        endpoint_url=options.endpoint_url,
         model=model.model_id,
-        input_price_per_million=settings.input_price,
-        output_price_per_million=settings.output_price,
+        input_price_per_million=options.input_price,
+        output_price_per_million=options.output_price,
         context_length_offered=offered,
         gguf_repo=model.repo_id,
         gguf_file=model.filename,
@@ -95,7 +107,7 @@ def build_offer(settings: Settings, model: ModelIdentity, served_context: int, e
         agent_version=__version__,
         endpoint_token=endpoint_token,
     )
-    return Offer(request, warnings)
+    return Offer(request, warnings, options.platform_url)
 
 
 def format_cents(cents: float) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from vramsupply.config import Settings, data_dir, write_private_file
+from vramsupply.config import data_dir, write_private_file
 
 TOKEN_FILE_NAME = "endpoint_token"
 
@@ -18,9 +18,10 @@ def default_token_path() -> Path:
     return data_dir() / TOKEN_FILE_NAME
 
 
-def resolve_endpoint_token(settings: Settings, path: Path | None = None) -> str:
-    if settings.endpoint_token is not None:
-        return settings.endpoint_token.get_secret_value()
+def resolve_endpoint_token(configured: str | None, path: Path | None = None) -> str:
+    """``configured`` (the endpoint_token setting) if given, else the stored token, else a new one."""
+    if configured is not None:
+        return configured
     path = path or default_token_path()
     try:
         stored = path.read_text().strip()

@@ -1,0 +1,53 @@
+"""Typed options for each part serve drives, picked out of ``Settings`` in one place.
+
+The engine takes ``EngineOptions`` and the marketplace ``MarketOptions``; neither reads the whole
+configuration, so each can be built and tested on its own and a setting's name changes only here.
+"""
+
+from __future__ import annotations
+
+from vramsupply.config import Settings
+from vramsupply.engine import EngineOptions
+from vramsupply.hub import LocalModel
+from vramsupply.platform import MarketOptions
+
+
+class ServeError(Exception):
+    """Why serving could not start, in one line for the CLI."""
+
+
+def engine_options(settings: Settings, model: LocalModel) -> EngineOptions:
+    try:
+        return EngineOptions(
+            model_path=model.path,
+            n_ctx=settings.context_length,
+            parallel=settings.parallel,
+            n_gpu_layers=settings.n_gpu_layers,
+            n_batch=settings.n_batch,
+            n_ubatch=settings.n_ubatch,
+            flash_attention=settings.flash_attention.value,
+            threads=settings.threads,
+            max_queue=settings.max_queue,
+        )
+    except ValueError as exc:
+        raise ServeError(f"invalid engine settings: {exc}") from None
+
+
+def market_options(settings: Settings, *, local_ok: bool = False) -> MarketOptions:
+    """The provider's terms; ``local_ok`` (the demo) accepts a loopback endpoint URL without a warning."""
+    return MarketOptions(
+        platform_url=settings.platform_url,
+        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        endpoint_url=settings.endpoint_url,
+        input_price=settings.input_price,
+        output_price=settings.output_price,
+        context_length_offered=settings.context_length_offered,
+        planned_context=settings.context_length,
+        heartbeat_interval=settings.heartbeat_interval,
+        endpoint_token=endpoint_token_of(settings),
+        local_ok=local_ok,
+    )
+
+
+def endpoint_token_of(settings: Settings) -> str | None:
+    return settings.endpoint_token.get_secret_value() if settings.endpoint_token else None
