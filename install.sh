@@ -1,13 +1,16 @@
 #!/bin/sh
 # vramsupply installer: curl -fsSL https://vram.supply/install.sh | sh
 #
-# Installs the vramsupply agent into its own virtual environment and links the
-# `vramsupply` command onto PATH. Re-running upgrades in place.
+# Installs the vramsupply agent into its own virtual environment, builds llama.cpp for the GPU
+# this machine has, and links the `vramsupply` command onto PATH. Re-running upgrades in place.
 #
-#   sh install.sh [--version X | --from PATH] [--backend cpu|cuda|metal] [--dev]
-#                 [--service] [--uninstall [--purge]]
+#   sh install.sh [--version X | --from PATH] [--backend cpu|cuda|hip|metal|vulkan]
+#                 [--dry-run] [--strict] [--dev] [--service] [--uninstall [--purge]]
 #
+# --dry-run prints the backend and toolchain it would use and installs nothing. A failed GPU build
+# falls back to the CPU build with a warning; --strict fails instead.
 # Environment overrides: VRAMSUPPLY_VERSION, VRAMSUPPLY_FROM, VRAMSUPPLY_BACKEND,
+# VRAMSUPPLY_CUDA_ARCHITECTURES, VRAMSUPPLY_HIP_TARGETS, CUDA_HOME (a CUDA toolkit to use),
 # VRAMSUPPLY_DATA_DIR (where the venv lives), VRAMSUPPLY_BIN_DIR (where the link goes).
 #
 # Everything runs from main(), called on the last line, so a truncated download runs nothing.
@@ -20,7 +23,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 systemd_present() { have systemctl && [ -d /run/systemd/system ]; }
 
 usage() {
-    sed -n '2,13p' "$0" 2>/dev/null | sed 's/^# \{0,1\}//' || true
+    sed -n '2,17p' "$0" 2>/dev/null | sed 's/^# \{0,1\}//' || true
 }
 
 default_data_dir() {
@@ -73,24 +76,168 @@ find_python() {
     return 1
 }
 
+# --- Which llama.cpp backend: decided by a working device, never by a compiler alone ---------------
+# detect_backend sets $backend and $why. A GPU counts only when its own tool lists it: `nvidia-smi -L`
+# prints a "GPU 0: ..." line (a broken driver prints an error instead), `rocminfo` names a gfx agent.
+
+nvidia_gpus() { nvidia-smi -L 2>/dev/null | grep '^GPU [0-9]' || true; }
+nvidia_failure() { nvidia-smi -L 2>&1 | grep -v '^[[:space:]]*$' | head -n 1 | cut -c 1-160 || true; }
+cuda_driver_version() { nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -n 1 || true; }
+# "8.6" -> "86", one per distinct GPU architecture.
+nvidia_compute_caps() {
+    nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | tr -d ' .\r' | grep -E '^[0-9]+$' | sort -u | tr '\n' ' ' | sed 's/ $//' || true
+}
+rocm_targets() { rocminfo 2>/dev/null | sed -n 's/^ *Name: *\(gfx[0-9a-z]*\).*/\1/p' | sort -u | tr '\n' ' ' | sed 's/ $//' || true; }
+
 detect_backend() {
+    why=""
     if [ -n "${VRAMSUPPLY_BACKEND:-}" ]; then
-        echo "$VRAMSUPPLY_BACKEND"
-    elif have nvidia-smi || have nvcc; then
-        echo cuda
+        backend=$VRAMSUPPLY_BACKEND why="set by VRAMSUPPLY_BACKEND"
+        return 0
+    fi
+    if have nvidia-smi; then
+        gpus=$(nvidia_gpus)
+        if [ -n "$gpus" ]; then
+            backend=cuda why="nvidia-smi lists $(printf '%s\n' "$gpus" | wc -l | tr -d ' ') GPU(s): $(printf '%s\n' "$gpus" | head -n 1 | sed 's/ (UUID.*//')"
+            return 0
+        fi
+        why="nvidia-smi lists no GPU ($(nvidia_failure)); "
+    fi
+    if have rocminfo && [ -n "$(rocm_targets)" ]; then
+        backend=hip why="${why}rocminfo lists AMD GPU(s): $(rocm_targets)"
     elif [ "$(uname -s)" = Darwin ] && [ "$(uname -m)" = arm64 ]; then
-        echo metal
+        backend=metal why="${why}Apple Silicon"
     else
-        echo cpu
+        backend=cpu why="${why}no usable GPU found"
+        if have nvcc; then why="$why (nvcc alone is not a GPU)"; fi
     fi
 }
 
-cmake_args_for() {
+# --- How to build it: plan_toolchain sets $cmake_args, $toolchain (one line for people), and
+# $toolchain_missing (why this machine cannot build it; empty when it can). CUDA may also set
+# $cuda_root and $cuda_wheels (NVIDIA's toolkit wheels to fetch from PyPI into $cuda_root first).
+
+# CUDA architectures built when no GPU is visible (`--backend cuda` on a build box), as llama.cpp's
+# own portable list: PTX for Turing and Ampere (JIT-compiled on newer GPUs), SASS for RTX 30/40,
+# Hopper and Blackwell. VRAMSUPPLY_CUDA_ARCHITECTURES overrides it (and the detected GPUs').
+default_cuda_architectures() {
     case "$1" in
-        cuda) echo "-DGGML_CUDA=on" ;;
-        metal) echo "-DGGML_METAL=on" ;;
-        cpu) echo "" ;;
-        *) die "unknown backend '$1' (expected cpu, cuda or metal)" ;;
+        12.[0-7] | 12.[0-7].*) echo "61-virtual;70-virtual;75-virtual;80-virtual;86-real;89-real;90-virtual" ;;
+        12.*) echo "61-virtual;70-virtual;75-virtual;80-virtual;86-real;89-real;90-virtual;120a-real" ;;
+        *) echo "75-virtual;80-virtual;86-real;89-real;90-virtual;120a-real" ;;
+    esac
+}
+
+# The toolkit root behind the nvcc on PATH (nvcc may be a wrapper script, so ask nvcc itself).
+system_cuda_root() {
+    if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then echo "$CUDA_HOME"; return 0; fi
+    have nvcc || return 0
+    probe_dir=$(mktemp -d)
+    : > "$probe_dir/probe.cu"
+    here=$(nvcc --dryrun -c "$probe_dir/probe.cu" -o "$probe_dir/probe.o" 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -n 1 || true)
+    rm -rf "$probe_dir"
+    if [ -n "$here" ]; then (cd "$here/.." && pwd); fi
+}
+nvcc_version() { "$1/bin/nvcc" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -n 1 || true; }
+has_cublas() {
+    for lib in "$1"/lib64/libcublas.so "$1"/lib/libcublas.so "$1"/targets/*/lib/libcublas.so; do
+        [ -e "$lib" ] && [ -e "$1/include/cublas_v2.h" ] && return 0
+    done
+    return 1
+}
+major_of() { echo "${1%%.*}"; }
+minor_of() { rest=${1#*.}; echo "${rest%%.*}"; }
+
+# NVIDIA's CUDA toolkit wheels for CUDA $1 (MAJOR.MINOR): never newer than the driver supports.
+cuda_wheel_specs() {
+    maj=$(major_of "$1") upper="$(major_of "$1").$(($(minor_of "$1") + 1))"
+    if [ "$maj" -ge 13 ]; then
+        for pkg in nvidia-cuda-nvcc nvidia-cuda-crt nvidia-nvvm nvidia-cuda-runtime nvidia-cublas nvidia-cuda-cccl; do
+            printf '%s>=%s.0,<%s ' "$pkg" "$maj" "$upper"
+        done
+    else
+        for pkg in nvidia-cuda-nvcc-cu12 nvidia-cuda-runtime-cu12 nvidia-cublas-cu12 nvidia-cuda-cccl-cu12; do
+            printf '%s>=12.0,<%s ' "$pkg" "$upper"
+        done
+    fi
+}
+
+plan_cuda() {
+    driver=$(cuda_driver_version) caps=$(nvidia_compute_caps)
+    sys_root=$(system_cuda_root) sys_version="" not_system=""
+    if [ -n "$sys_root" ]; then sys_version=$(nvcc_version "$sys_root"); fi
+    if [ -n "$driver" ] && [ "$(major_of "$driver")" -lt 12 ]; then
+        toolchain_missing="the NVIDIA driver supports only CUDA $driver; llama.cpp needs CUDA 12 or newer (update the driver)"
+    fi
+    if [ -z "$sys_root" ]; then
+        not_system="no CUDA toolkit (nvcc) installed"
+    elif [ -z "$sys_version" ]; then
+        not_system="the nvcc in $sys_root does not run"
+    elif ! has_cublas "$sys_root"; then
+        not_system="the CUDA $sys_version toolkit in $sys_root has no cuBLAS"
+    elif [ -n "$driver" ] && [ "$(major_of "$sys_version")" -gt "$(major_of "$driver")" ]; then
+        not_system="the CUDA $sys_version toolkit in $sys_root is newer than the driver supports (CUDA $driver)"
+    fi
+    if [ -z "$not_system" ]; then
+        cuda_root=$sys_root cuda_version=$sys_version cuda_wheels=""
+        toolchain="system CUDA $sys_version toolkit in $sys_root (nvcc and cuBLAS)"
+    else
+        # Match the driver; without one, the nvcc on PATH; else the newest CUDA 12 (runs on drivers >= 525).
+        cuda_version=${driver:-${sys_version:-12.9}}
+        lowest_cap=$(printf '%s\n' "$caps" | tr ' ' '\n' | grep . | sort -n | head -n 1 || true)
+        if [ "$(major_of "$cuda_version")" -ge 13 ] && [ -n "$lowest_cap" ] && [ "$lowest_cap" -lt 75 ]; then
+            cuda_version=12.9 # CUDA 13 dropped GPUs older than Turing; the driver still runs CUDA 12.
+        fi
+        cuda_root="$data_dir/cuda-$cuda_version" cuda_wheels=$(cuda_wheel_specs "$cuda_version")
+        toolchain="CUDA $cuda_version from NVIDIA's PyPI wheels ($(echo "$cuda_wheels" | sed 's/ $//')) in $cuda_root, because $not_system"
+    fi
+    if [ -n "${VRAMSUPPLY_CUDA_ARCHITECTURES:-}" ]; then
+        archs=$VRAMSUPPLY_CUDA_ARCHITECTURES
+    elif [ -n "$caps" ]; then
+        archs=$(for cap in $caps; do case "$cap" in 12[01]) printf '%sa-real;' "$cap" ;; *) printf '%s-real;' "$cap" ;; esac; done | sed 's/;$//')
+    else
+        archs=$(default_cuda_architectures "$cuda_version")
+    fi
+    cmake_args="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$archs -DCMAKE_CUDA_COMPILER=$cuda_root/bin/nvcc -DCUDAToolkit_ROOT=$cuda_root"
+    toolchain="$toolchain; architectures $archs"
+    if [ -z "$caps" ]; then toolchain="$toolchain (no GPU visible: the portable list)"; fi
+    if [ -z "$(driver_library)" ] && ! ls "$cuda_root"/lib*/stubs/libcuda.so >/dev/null 2>&1; then
+        # Without libcuda.so nothing can link the driver API; llama.cpp then skips its VMM memory pool.
+        cmake_args="$cmake_args -DGGML_CUDA_NO_VMM=ON"
+        toolchain="$toolchain; no NVIDIA driver library here, so built without CUDA VMM"
+    fi
+}
+driver_library() { ldconfig -p 2>/dev/null | sed -n 's/.*libcuda\.so\.1 .*=> //p' | head -n 1 || true; }
+
+describe_build_tools() {
+    compiler=$(cc --version 2>/dev/null | head -n 1 || true)
+    cmake_version=$(cmake --version 2>/dev/null | head -n 1 || true)
+    echo "C/C++ compiler (${compiler:-none found}), ${cmake_version:-cmake: none found}"
+}
+
+plan_toolchain() {
+    cmake_args="" toolchain="" toolchain_missing="" cuda_root="" cuda_wheels=""
+    case "$1" in
+        cpu) toolchain=$(describe_build_tools) ;;
+        cuda) plan_cuda ;;
+        hip)
+            targets=${VRAMSUPPLY_HIP_TARGETS:-$(rocm_targets)}
+            cmake_args="-DGGML_HIP=on -DGPU_TARGETS=$(echo "$targets" | tr ' ' ';')"
+            if have hipconfig; then
+                toolchain="ROCm HIP in $(hipconfig -R 2>/dev/null) (clang $(hipconfig -l 2>/dev/null)/clang); targets ${targets:-none}"
+            else
+                toolchain="ROCm HIP (hipconfig)" toolchain_missing="hipconfig not found: install the ROCm HIP SDK (hip-dev)"
+            fi
+            if [ -z "$targets" ]; then toolchain_missing="no AMD GPU target (rocminfo lists none; set VRAMSUPPLY_HIP_TARGETS=gfx1100)"; fi ;;
+        metal)
+            cmake_args="-DGGML_METAL=on" toolchain="Apple clang and the Metal framework (Xcode command line tools)"
+            have xcrun || toolchain_missing="xcrun not found: run xcode-select --install" ;;
+        vulkan)
+            cmake_args="-DGGML_VULKAN=on" toolchain="Vulkan headers and loader, glslc shader compiler"
+            if ! have glslc; then
+                toolchain_missing="glslc not found: install the Vulkan SDK (Debian/Ubuntu: apt install libvulkan-dev glslc)"
+            fi ;;
+        *) die "unknown backend '$1' (expected cpu, cuda, hip, metal or vulkan)" ;;
     esac
 }
 
@@ -111,6 +258,130 @@ require_build_tools() {
     have cmake || die "cmake not found; llama.cpp needs it to build (Debian/Ubuntu: apt install cmake; macOS: brew install cmake)"
 }
 
+# --- Building llama-cpp-python, alive and never leaving the user with nothing -------------------------
+LLAMA_SPEC="llama-cpp-python>=0.3.36,<0.4"
+
+fmt_elapsed() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
+
+# What the build is doing now, from its log: ninja's "[N/M]" step and the file it compiles.
+build_step() {
+    recent=$(tail -n 40 "$1" 2>/dev/null || true)
+    step=$(printf '%s\n' "$recent" | sed -n 's/.*\[\([0-9]*\/[0-9]*\)\].*/\1/p' | tail -n 1)
+    if [ -n "$step" ]; then
+        file=$(printf '%s\n' "$recent" | sed -n 's/.*\[[0-9]*\/[0-9]*\].* -c \([^ ]*\).*/\1/p' | tail -n 1)
+        if [ -n "$file" ]; then echo "step $step (${file##*/})"; else echo "step $step (linking)"; fi
+    elif grep -q -- '-- Configuring\|^ *-- ' "$1" 2>/dev/null; then
+        echo "configuring with cmake"
+    else
+        echo "preparing the build"
+    fi
+}
+
+# Prints the elapsed time and current step: in place on a terminal, a line every 30 s otherwise.
+build_ticker() {
+    started=$(date +%s) last=$started
+    while kill -0 "$$" 2>/dev/null; do
+        sleep 2
+        now=$(date +%s)
+        if [ -t 1 ]; then
+            printf '\r\033[K%s' "vramsupply: $2: $(fmt_elapsed $((now - started))), $(build_step "$1")"
+        elif [ $((now - last)) -ge 30 ]; then
+            say "$2: $(fmt_elapsed $((now - started))), $(build_step "$1")"
+            last=$now
+        fi
+    done
+}
+
+run_build() { # LOG LABEL COMMAND...: the command's output goes to LOG; returns its status
+    log=$1 label=$2
+    shift 2
+    build_ticker "$log" "$label" &
+    ticker_pid=$!
+    trap 'kill "$ticker_pid" 2>/dev/null; exit 130' INT TERM
+    status=0
+    "$@" >"$log" 2>&1 || status=$?
+    kill "$ticker_pid" 2>/dev/null || true
+    wait "$ticker_pid" 2>/dev/null || true
+    trap - INT TERM
+    if [ -t 1 ]; then printf '\r\033[K'; fi
+    return "$status"
+}
+
+# One line saying why a build failed: CMake's first error, else the compiler's, else the last line.
+build_failure_reason() {
+    reason=$(awk '/CMake Error/ { found = 1; next } found && NF { sub(/^[ \t]+/, ""); print; exit }' "$1" 2>/dev/null)
+    [ -n "$reason" ] || reason=$(grep -E '(^|[ :)])(error|fatal error|nvcc fatal)[ ]*:' "$1" 2>/dev/null | head -n 1 | sed 's/^[[:space:]]*//')
+    [ -n "$reason" ] || reason=$(grep -v '^[[:space:]]*$' "$1" 2>/dev/null | tail -n 1 | sed 's/^[[:space:]]*//')
+    echo "$reason" | cut -c 1-200
+}
+
+llama_importable() { "$venv/bin/python" -c 'import llama_cpp' >/dev/null 2>&1; }
+
+# NVIDIA's toolkit wheels, merged into one CUDA tree at $cuda_root (the layout CMake and nvcc expect).
+# It stays after the build: the built library loads cudart and cuBLAS from it.
+install_cuda_wheels() {
+    if [ -x "$cuda_root/bin/nvcc" ] && has_cublas "$cuda_root"; then return 0; fi
+    staging="$cuda_root.partial"
+    rm -rf "$staging" && mkdir -p "$staging/root"
+    say "downloading the CUDA $cuda_version toolkit from PyPI into $cuda_root (about 1.5 GB, once)"
+    # shellcheck disable=SC2086
+    if ! $pip install --quiet --target "$staging/site" $cuda_wheels >"$staging/pip.log" 2>&1; then
+        failure="could not install NVIDIA's CUDA $cuda_version wheels: $(build_failure_reason "$staging/pip.log")"
+        return 1
+    fi
+    for part in "$staging"/site/nvidia/*/; do
+        cp -R -l -f "$part." "$staging/root/" 2>/dev/null || cp -R -f "$part." "$staging/root/"
+    done
+    root="$staging/root"
+    [ -e "$root/lib64" ] || ln -s lib "$root/lib64"
+    case "$(uname -m)" in aarch64 | arm64) target=sbsa-linux ;; *) target="$(uname -m)-linux" ;; esac
+    mkdir -p "$root/targets/$target"
+    ln -sfn ../../include "$root/targets/$target/include"
+    ln -sfn ../../lib "$root/targets/$target/lib"
+    for lib in "$root"/lib/lib*.so.[0-9]*; do
+        name=${lib##*/}
+        [ -e "$root/lib/${name%%.so.*}.so" ] || ln -s "$name" "$root/lib/${name%%.so.*}.so"
+    done
+    driver=$(driver_library)
+    if [ -n "$driver" ]; then mkdir -p "$root/lib/stubs" && ln -sf "$driver" "$root/lib/stubs/libcuda.so"; fi
+    rm -rf "$cuda_root" && mv "$root" "$cuda_root" && rm -rf "$staging"
+}
+
+build_llama() { # BACKEND: build and install llama-cpp-python for it, log in $build_log
+    build_log="$data_dir/build-$1.log"
+    flags=""
+    if llama_importable; then flags="--force-reinstall --no-deps"; fi
+    # pip's wheel cache ignores CMAKE_ARGS: a GPU build must never reuse (or leave) a cached wheel.
+    if [ "$1" != cpu ]; then flags="$flags --no-cache-dir"; fi
+    say "building llama-cpp-python for $1 (several minutes; log: $build_log)"
+    extra_path=${cuda_root:+$cuda_root/bin:}
+    # shellcheck disable=SC2086
+    run_build "$build_log" "building llama.cpp for $1" env PATH="$extra_path$PATH" ${cuda_root:+CUDACXX=$cuda_root/bin/nvcc} \
+        ${hip_env:-} CMAKE_ARGS="$cmake_args" $pip install -v $flags "$LLAMA_SPEC"
+}
+
+build_gpu() { # BACKEND: 0 when the GPU build is installed; else $failure says why in one line
+    failure="" build_log="$data_dir/build-$1.log"
+    if [ -n "$toolchain_missing" ]; then failure=$toolchain_missing && return 1; fi
+    if [ -n "$cuda_wheels" ]; then install_cuda_wheels || return 1; fi
+    if ! build_llama "$1"; then failure=$(build_failure_reason "$build_log") && return 1; fi
+    if ! "$venv/bin/python" -c 'import llama_cpp' >>"$build_log" 2>&1; then
+        failure="the $1 build does not load: $(tail -n 1 "$build_log")" && return 1
+    fi
+}
+
+say_fallback() {
+    bar='vramsupply: !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!'
+    {
+        echo "$bar"
+        say "!! the $1 build failed: $failure"
+        say "!! installing the CPU build instead: models will run on the CPU, NOT on the GPU."
+        if [ -e "${build_log:-}" ]; then say "!! full build log: $build_log"; fi
+        say "!! fix the cause and run install.sh again (--strict fails instead of falling back)."
+        echo "$bar"
+    }
+}
+
 uninstall() {
     data_dir=$1 bin_dir=$2 purge=$3
     venv="$data_dir/venv"
@@ -128,7 +399,8 @@ uninstall() {
     link="$bin_dir/vramsupply"
     if [ -L "$link" ]; then rm -f "$link" && say "removed $link"; fi
     if [ -d "$venv" ]; then rm -rf "$venv" && say "removed $venv"; fi
-    rm -f "$data_dir/backend" "$(agent_data_dir)/registration.json"
+    rm -rf "$data_dir"/cuda-[0-9]*
+    rm -f "$data_dir/backend" "$data_dir"/build-*.log "$(agent_data_dir)/registration.json"
     rmdir "$data_dir" "$(agent_data_dir)" 2>/dev/null || true
     if [ "$purge" = 1 ]; then
         rm -rf "$data_dir" "$(agent_data_dir)" "$(config_dir)"
@@ -142,12 +414,14 @@ main() {
     version=${VRAMSUPPLY_VERSION:-}
     from=${VRAMSUPPLY_FROM:-}
     backend=""
-    dev=0 service=0 remove=0 purge=0
+    dev=0 service=0 remove=0 purge=0 dry_run=0 strict=0
     while [ $# -gt 0 ]; do
         case "$1" in
             --version) [ $# -ge 2 ] || die "--version needs a value"; version=$2; shift ;;
             --from) [ $# -ge 2 ] || die "--from needs a path"; from=$2; shift ;;
-            --backend) [ $# -ge 2 ] || die "--backend needs cpu, cuda or metal"; backend=$2; shift ;;
+            --backend) [ $# -ge 2 ] || die "--backend needs cpu, cuda, hip, metal or vulkan"; backend=$2; shift ;;
+            --dry-run) dry_run=1 ;;
+            --strict) strict=1 ;;
             --dev) dev=1 ;;
             --service) service=1 ;;
             --uninstall) remove=1 ;;
@@ -167,12 +441,26 @@ main() {
         return 0
     fi
 
-    python=$(find_python) || die "Python 3.10 or newer is required (Debian/Ubuntu: apt install python3 python3-venv; macOS: brew install python)"
+    if [ -n "$backend" ]; then why="asked for with --backend"; else detect_backend; fi
+    plan_toolchain "$backend"
+    say "llama.cpp backend: $backend ($why)"
+    say "toolchain: $toolchain"
+    if [ -n "$toolchain_missing" ]; then
+        if [ "$strict" = 1 ]; then
+            say "cannot build for $backend: $toolchain_missing (--strict: the install stops here)"
+        else
+            say "cannot build for $backend: $toolchain_missing; the CPU build would be installed instead"
+        fi
+    fi
+    python=$(find_python) || python=""
+    if [ "$dry_run" = 1 ]; then
+        say "python: ${python:-none (Python 3.10 or newer is required)}"
+        say "dry run: nothing was installed"
+        return 0
+    fi
+    [ -n "$python" ] || die "Python 3.10 or newer is required (Debian/Ubuntu: apt install python3 python3-venv; macOS: brew install python)"
     "$python" -m venv --help >/dev/null 2>&1 || die "$python cannot create virtual environments (Debian/Ubuntu: apt install python3-venv)"
-
-    [ -n "$backend" ] || backend=$(detect_backend)
-    cmake_args=$(cmake_args_for "$backend")
-    say "llama.cpp backend: $backend"
+    if [ "$strict" = 1 ] && [ -n "$toolchain_missing" ]; then die "cannot build for $backend: $toolchain_missing"; fi
 
     if [ -z "$from" ] && [ -z "$version" ]; then
         from=$(checkout_dir || true)
@@ -199,14 +487,28 @@ main() {
     $pip install --quiet --upgrade pip
 
     previous_backend=$(cat "$data_dir/backend" 2>/dev/null || echo none)
-    if [ "$previous_backend" != "$backend" ] || ! "$venv/bin/python" -c 'import llama_cpp' >/dev/null 2>&1; then
+    fell_back=0
+    if [ "$previous_backend" != "$backend" ] || ! llama_importable; then
         require_build_tools
-        say "building llama-cpp-python for $backend (several minutes on a small machine)"
-        reinstall=""
-        if [ "$previous_backend" != none ] && [ "$previous_backend" != "$backend" ]; then reinstall="--force-reinstall --no-cache-dir"; fi
-        # shellcheck disable=SC2086
-        CMAKE_ARGS="$cmake_args" $pip install --quiet $reinstall "llama-cpp-python>=0.3.36,<0.4"
-        echo "$backend" > "$data_dir/backend"
+        installed=""
+        if [ "$backend" != cpu ]; then
+            if build_gpu "$backend"; then
+                installed=$backend
+            elif [ "$strict" = 1 ]; then
+                die "the $backend build failed: $failure (full log: $build_log; --strict: no CPU fallback)"
+            else
+                say_fallback "$backend"
+                fell_back=1
+            fi
+        fi
+        if [ -z "$installed" ]; then
+            plan_toolchain cpu
+            if [ "$previous_backend" != cpu ] || ! llama_importable; then
+                build_llama cpu || die "the CPU build failed too: $(build_failure_reason "$build_log") (full log: $build_log)"
+            fi
+            installed=cpu
+        fi
+        echo "$installed" > "$data_dir/backend"
     fi
 
     $pip install --quiet --upgrade "$spec"
@@ -232,6 +534,9 @@ main() {
         fi
     fi
     say "next: vramsupply serve --demo   (or: vramsupply login, then vramsupply serve --model org/model)"
+    if [ "$fell_back" = 1 ]; then
+        say "WARNING: this is the CPU build; the $backend build failed: $failure" >&2
+    fi
 }
 
 main "$@"

@@ -1,4 +1,5 @@
-"""install.sh from the checkout: installs, re-runs as an upgrade, uninstalls cleanly; shellcheck-clean."""
+"""install.sh from the checkout: installs (falling back to the CPU build when the GPU build fails),
+re-runs as an upgrade, uninstalls cleanly; shellcheck-clean."""
 
 from __future__ import annotations
 
@@ -22,34 +23,70 @@ def test_install_sh_is_shellcheck_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# A CUDA toolkit that looks complete (nvcc, cuBLAS) but whose compiler fails: a test double for a
+# machine without a usable toolkit.
+BROKEN_NVCC = """#!/bin/sh
+case "$*" in
+  --version) echo "Cuda compilation tools, release 12.4, V12.4.131" ;;
+  *--dryrun*) echo "#$ _HERE_=$(dirname "$(readlink -f "$0")")" ;;
+  *) echo "nvcc fatal   : the CUDA toolkit test double compiles nothing" >&2; exit 1 ;;
+esac
+"""
+
+
+def broken_cuda_toolkit(root: Path) -> Path:
+    (root / "bin").mkdir(parents=True)
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(BROKEN_NVCC)
+    nvcc.chmod(0o755)
+    (root / "include").mkdir()
+    (root / "include" / "cublas_v2.h").write_text("")
+    (root / "lib64").mkdir()
+    (root / "lib64" / "libcublas.so").write_text("")
+    return root / "bin"
+
+
 @pytest.mark.slow
 def test_install_upgrade_uninstall_in_a_temp_home(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     data_dir = home / "data" / "vramsupply"
     bin_dir = home / "bin"
+    toolkit_bin = broken_cuda_toolkit(tmp_path / "cuda")
     env = {
-        "PATH": os.environ["PATH"],
+        "PATH": f"{toolkit_bin}:{os.environ['PATH']}",
         "HOME": str(home),
         # The llama-cpp-python wheel built for the dev install is reused from the real pip cache.
         "PIP_CACHE_DIR": REAL_PIP_CACHE,
         "VRAMSUPPLY_DATA_DIR": str(data_dir),
         "VRAMSUPPLY_BIN_DIR": str(bin_dir),
-        "VRAMSUPPLY_BACKEND": "cpu",
     }
 
     def install(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["sh", str(INSTALL_SH), *args], env=env, capture_output=True, text=True, timeout=1800)
 
-    first = install()
+    # The GPU build fails; the user still ends up with a working agent, and is told so loudly.
+    first = install("--backend", "cuda")
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "llama.cpp backend: cpu" in first.stdout
+    assert "llama.cpp backend: cuda (asked for with --backend)" in first.stdout
+    assert "vramsupply: !! the cuda build failed: " in first.stdout
+    assert "installing the CPU build instead: models will run on the CPU, NOT on the GPU." in first.stdout
+    assert f"full build log: {data_dir}/build-cuda.log" in first.stdout
+    assert "WARNING: this is the CPU build; the cuda build failed: " in first.stderr
+    assert "CMake" in (data_dir / "build-cuda.log").read_text(), "the whole build log is kept"
+    assert (data_dir / "backend").read_text() == "cpu\n"
     link = bin_dir / "vramsupply"
     assert link.is_symlink()
     version = subprocess.run([str(link), "--version"], capture_output=True, text=True, env=env)
     assert version.returncode == 0 and version.stdout.startswith("vramsupply ")
     assert f"{bin_dir} is not on your PATH" in first.stdout
+    offload = subprocess.run(
+        [str(data_dir / "venv" / "bin" / "python"), "-c", "import llama_cpp; print(llama_cpp.llama_supports_gpu_offload())"],
+        capture_output=True, text=True, env=env,
+    )
+    assert offload.stdout.strip() == "False", offload.stderr
 
+    env["VRAMSUPPLY_BACKEND"] = "cpu"
     second = install()
     assert second.returncode == 0, second.stdout + second.stderr
     assert "building llama-cpp-python" not in second.stdout, "a re-run must not rebuild llama.cpp"

@@ -1,0 +1,251 @@
+"""install.sh picks llama.cpp's backend from a working device, and `--dry-run` shows the plan.
+
+Each test builds a machine out of test doubles: fake `nvidia-smi`, `nvcc`, `rocminfo`, `hipconfig`
+and `uname` executables on a PATH that otherwise holds only the ordinary system tools (never the
+real GPU tools of the machine running the tests). `--dry-run` installs nothing, so these are fast.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+INSTALL_SH = REPO / "install.sh"
+GPU_TOOLS = {"nvidia-smi", "nvcc", "rocminfo", "hipconfig", "glslc", "xcrun", "ldconfig"}
+
+NVIDIA_SMI = """#!/bin/sh
+case "$*" in
+  -L) {gpus} ;;
+  *compute_cap*) {caps} ;;
+  *) echo "| NVIDIA-SMI 550.54.14    Driver Version: 550.54.14    CUDA Version: {cuda}     |" ;;
+esac
+"""
+BROKEN_NVIDIA_SMI = """#!/bin/sh
+echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. Make sure that the latest NVIDIA driver is installed and running."
+exit 9
+"""
+# Like the real one: `--version` names the release, `--dryrun` shows where it really lives (links resolved).
+NVCC = """#!/bin/sh
+case "$*" in
+  --version) echo "Cuda compilation tools, release {version}, V{version}.88" ;;
+  *--dryrun*) echo "#$ _HERE_=$(dirname "$(readlink -f "$0")")" ;;
+  *) echo "nvcc fatal   : this is a test double" >&2; exit 1 ;;
+esac
+"""
+
+
+@pytest.fixture(scope="module")
+def system_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The machine's ordinary tools (sh, sed, cc, cmake, python3, ...) without any GPU tool."""
+    clean = tmp_path_factory.mktemp("system-bin")
+    for folder in ("/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"):
+        if not os.path.isdir(folder):
+            continue
+        for entry in os.scandir(folder):
+            target = clean / entry.name
+            if entry.name not in GPU_TOOLS and not target.exists() and os.access(entry.path, os.X_OK):
+                target.symlink_to(entry.path)
+    return clean
+
+
+class Machine:
+    """A machine made of test doubles; `dry_run` runs install.sh --dry-run on it."""
+
+    def __init__(self, root: Path, system_bin: Path) -> None:
+        self.root = root
+        self.bin = root / "bin"
+        self.bin.mkdir(parents=True)
+        self.system_bin = system_bin
+        self.data_dir = root / "data"
+
+    def tool(self, name: str, script: str, folder: Path | None = None) -> Path:
+        path = (folder or self.bin) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(script)
+        path.chmod(0o755)
+        return path
+
+    def nvidia_gpus(self, *names: str, cuda: str = "12.4", compute_cap: str = "8.6") -> None:
+        gpus = "; ".join(f'echo "GPU {i}: {name} (UUID: GPU-{i}abc)"' for i, name in enumerate(names))
+        caps = "; ".join(f'echo "{compute_cap}"' for _ in names)
+        self.tool("nvidia-smi", NVIDIA_SMI.format(gpus=gpus, caps=caps, cuda=cuda))
+
+    def cuda_toolkit(self, version: str, with_cublas: bool) -> Path:
+        """A toolkit as nvcc's own tree: ROOT/bin/nvcc (on PATH), with or without cuBLAS."""
+        root = self.root / f"cuda-{version}"
+        self.tool("nvcc", NVCC.replace("{version}", version), root / "bin")
+        (self.bin / "nvcc").symlink_to(root / "bin" / "nvcc")
+        if with_cublas:
+            (root / "include").mkdir()
+            (root / "include" / "cublas_v2.h").write_text("")
+            (root / "lib64").mkdir()
+            (root / "lib64" / "libcublas.so").write_text("")
+        return root
+
+    def dry_run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["sh", str(INSTALL_SH), "--dry-run", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={
+                "PATH": f"{self.bin}:{self.system_bin}",
+                "HOME": str(self.root),
+                "VRAMSUPPLY_DATA_DIR": str(self.data_dir),
+                **(env or {}),
+            },
+        )
+        assert not self.data_dir.exists(), "a dry run installs nothing"
+        return result
+
+
+@pytest.fixture
+def machine(tmp_path: Path, system_bin: Path) -> Machine:
+    return Machine(tmp_path, system_bin)
+
+
+def test_a_listed_nvidia_gpu_without_a_toolkit_gets_cuda_from_pypi_wheels_matched_to_the_driver(machine: Machine) -> None:
+    machine.nvidia_gpus("NVIDIA GeForce RTX 3090", "NVIDIA GeForce RTX 3090", cuda="12.4", compute_cap="8.6")
+
+    result = machine.dry_run()
+
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "vramsupply: llama.cpp backend: cuda (nvidia-smi lists 2 GPU(s): GPU 0: NVIDIA GeForce RTX 3090)" in out
+    assert "CUDA 12.4 from NVIDIA's PyPI wheels" in out
+    assert "nvidia-cuda-nvcc-cu12>=12.0,<12.5" in out and "nvidia-cublas-cu12>=12.0,<12.5" in out
+    assert "nvidia-cuda-runtime-cu12>=12.0,<12.5" in out and "nvidia-cuda-cccl-cu12>=12.0,<12.5" in out
+    assert f"in {machine.data_dir}/cuda-12.4, because no CUDA toolkit (nvcc) installed" in out
+    assert "; architectures 86-real; no NVIDIA driver library here" in out, "both GPUs are 8.6: one architecture"
+    assert "vramsupply: dry run: nothing was installed" in out
+
+
+def test_a_broken_driver_means_cpu_and_says_why(machine: Machine) -> None:
+    machine.tool("nvidia-smi", BROKEN_NVIDIA_SMI)
+
+    result = machine.dry_run()
+
+    assert result.returncode == 0, result.stderr
+    assert "llama.cpp backend: cpu (nvidia-smi lists no GPU (NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver." in result.stdout
+    assert "toolchain: C/C++ compiler (" in result.stdout
+
+
+def test_nvcc_without_a_gpu_is_not_a_gpu(machine: Machine) -> None:
+    machine.cuda_toolkit("13.0", with_cublas=False)
+
+    result = machine.dry_run()
+
+    assert "llama.cpp backend: cpu (no usable GPU found (nvcc alone is not a GPU))" in result.stdout
+
+
+def test_backend_cuda_without_a_gpu_and_an_incomplete_toolkit_plans_wheels_for_the_portable_architectures(machine: Machine) -> None:
+    root = machine.cuda_toolkit("13.0", with_cublas=False)
+
+    result = machine.dry_run("--backend", "cuda")
+
+    out = result.stdout
+    assert "llama.cpp backend: cuda (asked for with --backend)" in out
+    assert f"because the CUDA 13.0 toolkit in {root} has no cuBLAS" in out
+    assert "nvidia-cuda-nvcc>=13.0,<13.1" in out and "nvidia-cublas>=13.0,<13.1" in out and "nvidia-cuda-crt>=13.0,<13.1" in out
+    assert "architectures 75-virtual;80-virtual;86-real;89-real;90-virtual;120a-real (no GPU visible: the portable list)" in out
+    assert "built without CUDA VMM" in out, "no libcuda here: the plan says what that costs"
+
+
+def test_a_complete_system_toolkit_is_used_as_is(machine: Machine) -> None:
+    machine.nvidia_gpus("NVIDIA RTX A6000", cuda="12.4", compute_cap="8.6")
+    root = machine.cuda_toolkit("12.4", with_cublas=True)
+
+    result = machine.dry_run()
+
+    assert f"toolchain: system CUDA 12.4 toolkit in {root} (nvcc and cuBLAS); architectures 86-real" in result.stdout
+
+
+def test_a_system_toolkit_newer_than_the_driver_is_not_used(machine: Machine) -> None:
+    machine.nvidia_gpus("NVIDIA GeForce RTX 4090", cuda="12.2", compute_cap="8.9")
+    machine.cuda_toolkit("13.0", with_cublas=True)
+
+    result = machine.dry_run()
+
+    assert "CUDA 12.2 from NVIDIA's PyPI wheels" in result.stdout
+    assert "is newer than the driver supports (CUDA 12.2)" in result.stdout
+    assert "architectures 89-real" in result.stdout
+
+
+def test_a_gpu_older_than_turing_gets_cuda_12_even_on_a_cuda_13_driver(machine: Machine) -> None:
+    machine.nvidia_gpus("NVIDIA GeForce GTX 1080", cuda="13.0", compute_cap="6.1")
+
+    result = machine.dry_run()
+
+    assert "CUDA 12.9 from NVIDIA's PyPI wheels" in result.stdout
+    assert "architectures 61-real" in result.stdout
+
+
+def test_a_driver_too_old_for_cuda_12_is_named_with_the_fix(machine: Machine) -> None:
+    machine.nvidia_gpus("Tesla T4", cuda="11.4", compute_cap="7.5")
+
+    result = machine.dry_run()
+
+    assert "cannot build for cuda: the NVIDIA driver supports only CUDA 11.4; llama.cpp needs CUDA 12 or newer (update the driver); the CPU build would be installed instead" in result.stdout
+
+
+def test_an_amd_gpu_listed_by_rocminfo_gets_hip_for_its_target(machine: Machine) -> None:
+    machine.tool("rocminfo", "#!/bin/sh\nprintf '  Name:                    AMD EPYC 7B13\\n  Name:                    gfx1100\\n'\n")
+    machine.tool("hipconfig", '#!/bin/sh\ncase "$1" in -R) echo /opt/rocm ;; -l) echo /opt/rocm/llvm/bin ;; esac\n')
+
+    result = machine.dry_run()
+
+    assert "llama.cpp backend: hip (rocminfo lists AMD GPU(s): gfx1100)" in result.stdout
+    assert "toolchain: ROCm HIP in /opt/rocm (clang /opt/rocm/llvm/bin/clang); targets gfx1100" in result.stdout
+    assert "cannot build" not in result.stdout
+
+
+def test_an_amd_gpu_without_the_hip_sdk_names_what_to_install(machine: Machine) -> None:
+    machine.tool("rocminfo", "#!/bin/sh\necho '  Name:                    gfx90a'\n")
+
+    result = machine.dry_run()
+
+    assert "cannot build for hip: hipconfig not found: install the ROCm HIP SDK" in result.stdout
+
+
+def test_apple_silicon_gets_metal(machine: Machine) -> None:
+    machine.tool("uname", '#!/bin/sh\ncase "$1" in -s) echo Darwin ;; -m) echo arm64 ;; esac\n')
+    machine.tool("xcrun", "#!/bin/sh\nexit 0\n")
+
+    result = machine.dry_run()
+
+    assert "llama.cpp backend: metal (Apple Silicon)" in result.stdout
+    assert "toolchain: Apple clang and the Metal framework" in result.stdout
+
+
+def test_vulkan_is_an_option_and_needs_its_shader_compiler(machine: Machine) -> None:
+    result = machine.dry_run("--backend", "vulkan")
+    assert "llama.cpp backend: vulkan (asked for with --backend)" in result.stdout
+    assert "cannot build for vulkan: glslc not found" in result.stdout
+
+    machine.tool("glslc", "#!/bin/sh\nexit 0\n")
+    assert "cannot build" not in machine.dry_run("--backend", "vulkan").stdout
+
+
+def test_strict_stops_before_installing_anything_when_the_gpu_toolchain_is_missing(machine: Machine) -> None:
+    result = subprocess.run(
+        ["sh", str(INSTALL_SH), "--backend", "vulkan", "--strict"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": f"{machine.bin}:{machine.system_bin}", "HOME": str(machine.root), "VRAMSUPPLY_DATA_DIR": str(machine.data_dir)},
+    )
+
+    assert result.returncode == 1
+    assert "vramsupply: error: cannot build for vulkan: glslc not found" in result.stderr
+    assert not machine.data_dir.exists()
+
+
+def test_an_unknown_backend_is_refused(machine: Machine) -> None:
+    result = machine.dry_run("--backend", "tpu")
+    assert result.returncode == 1
+    assert "unknown backend 'tpu' (expected cpu, cuda, hip, metal or vulkan)" in result.stderr
