@@ -81,6 +81,12 @@ def _range_start(header: str | None, size: int) -> int | None:
     return int(start) if start.isdigit() and int(start) < size else -1
 
 
+def _range_end(header: str | None, size: int) -> int:
+    """The last byte a `bytes=N-M` range asks for (capped at the file), else the file's last byte."""
+    spec = header[len("bytes=") :].split("-", 1)[1] if header and header.startswith("bytes=") and "-" in header else ""
+    return min(int(spec), size - 1) if spec.isdigit() else size - 1
+
+
 class FakeHub:
     """Start with `with FakeHub(repos) as hub:`; `hub.url` is the endpoint to pass as HF_ENDPOINT."""
 
@@ -254,8 +260,9 @@ class FakeHub:
         status = 200
         if start is not None:
             status = 206
-            headers = {**headers, "Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
-            data = data[start:]
+            end = _range_end(request.headers.get("Range"), len(data))
+            headers = {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}
+            data = data[start : end + 1]
         else:
             start = 0
         response = web.StreamResponse(status=status, headers=headers)

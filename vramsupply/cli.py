@@ -321,6 +321,33 @@ def models_rm(
 
 
 @app.command()
+def plan(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A local .gguf path or org/model on HuggingFace (default: the model setting)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Plan for this quant only (default: choose the best that fits)."),
+    context_length: Optional[int] = typer.Option(None, "--context-length", help="Context window per slot, in tokens."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots: requests decoded concurrently."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Show the memory each quant needs on this machine's devices and which fits, before any download (exit 1: nothing fits)."""
+    from vramsupply.gpu.planning import plan_for, plan_summary, plan_table
+    from vramsupply.gpu.source import SourceError
+
+    settings = settings_from({"model": model, "quant": quant, "context_length": context_length, "parallel": parallel})
+    explicit = settings.model_fields_set
+    try:
+        result = plan_for(settings, quant_explicit="quant" in explicit, context_explicit="context_length" in explicit, parallel_explicit="parallel" in explicit)
+    except SourceError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        console.print(plan_table(result))
+        for line in plan_summary(result):
+            console.print(line, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if result.chosen is not None else 1)
+
+
+@app.command()
 def serve(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A local .gguf path or org/model on HuggingFace (default: the model setting)."),
     quant: Optional[str] = QUANT_OPTION,

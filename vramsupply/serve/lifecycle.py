@@ -60,7 +60,10 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, hoo
     terminal = interactive()
     market = prepare_marketplace(settings, local_ok=hook is not None and hook.local_endpoint_ok)
     notifier.status(f"preparing {settings.model} (downloading it unless cached)")
+    explicit = set(settings.model_fields_set)
+    settings = await fit_to_memory(settings, explicit)
     model = await resolve_model(settings)
+    settings = await fit_to_memory(settings, explicit, model)
 
     endpoint_token = market.endpoint_token if market is not None else endpoint_token_of(settings)
     app = create_app(model.model_id, aliases=model_aliases(model), endpoint_token=endpoint_token, max_body_bytes=settings.max_body_bytes)
@@ -132,6 +135,19 @@ async def resolve_model(settings: Settings) -> LocalModel:
     try:
         return await asyncio.to_thread(prepare_configured, settings.model, settings, progress=True)
     except HubError as exc:
+        raise ServeError(str(exc)) from None
+
+
+async def fit_to_memory(settings: Settings, explicit: set[str], model: LocalModel | None = None) -> Settings:
+    """The memory plan (vramsupply.gpu): before download it picks the quant; before load it shrinks
+    a context or slot count that was not set, or refuses with the numbers instead of an OOM."""
+    from vramsupply.gpu.planning import PlanRefused, fit_before_download, fit_before_load
+
+    try:
+        if model is None:
+            return await asyncio.to_thread(fit_before_download, settings, explicit)
+        return await asyncio.to_thread(fit_before_load, settings, explicit, model.path)
+    except PlanRefused as exc:
         raise ServeError(str(exc)) from None
 
 

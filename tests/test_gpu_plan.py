@@ -1,0 +1,200 @@
+"""The memory plan: its numbers against llama.cpp's own accounting, its choices, and `vramsupply plan`.
+
+The 8B and bench models are header-only GGUFs (tests/gguf_shapes.py): llama.cpp's `no_alloc` load
+reads only the header, so an 8B shape costs a few MB here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_MODEL, run_cli
+from fakehub import FakeFile, FakeHub, FakeRepo
+from gguf_shapes import BENCH, LLAMA_8B, write_header_only
+from vramsupply.gpu.accounting import measure
+from vramsupply.gpu.devices import Device
+from vramsupply.gpu.estimate import Settings
+from vramsupply.gpu.plan import GIB, Target, make_plan, refusal
+from vramsupply.gpu.source import ModelSource, QuantFile, local_source
+
+MIB = 1024**2
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("shapes")
+    return {
+        "tiny": TINY_MODEL,
+        "bench": write_header_only(folder / "bench-llama-768x12-Q8_0.gguf", BENCH),
+        "8b": write_header_only(folder / "llama-8b-Q4_K_M.gguf", LLAMA_8B),
+    }
+
+
+CHECKS = [
+    ("tiny", Settings(4096, 4)),
+    ("tiny", Settings(300, 2, flash_attention=False)),
+    ("bench", Settings(8192, 2, flash_attention=False)),
+    ("bench", Settings(2048, 16, cache_type_k="q8_0", cache_type_v="q8_0")),
+    ("8b", Settings(4096, 4)),
+    ("8b", Settings(16384, 2, flash_attention=False, cache_type_k="q8_0")),
+]
+
+
+@pytest.mark.parametrize(("model", "settings"), CHECKS, ids=[f"{m}-{s.parallel}x{s.context_length}-fa{int(s.flash_attention)}-{s.cache_type_k}" for m, s in CHECKS])
+def test_the_estimate_is_within_10_percent_of_llama_cpps_own_accounting(shapes: dict[str, Path], model: str, settings: Settings) -> None:
+    plan = make_plan(local_source(str(shapes[model])), Target((), Device("CPU", "", "cpu", 10**15, 10**15)), settings)
+    planned = plan.candidates[0].estimate
+    actual = measure(shapes[model], plan.settings)  # the tiny model's 2048-token training context caps 4096, as serving does
+
+    assert planned.weights_bytes == pytest.approx(actual.weights_bytes, rel=0.01)
+    assert planned.kv_bytes == pytest.approx(actual.kv_bytes, rel=0.01)
+    assert planned.compute_bytes == pytest.approx(actual.compute_bytes, rel=0.10)
+    assert planned.total_bytes == pytest.approx(actual.total_bytes, rel=0.10)
+
+
+def gpu(free_gib: float, name: str = "CUDA0", description: str = "NVIDIA GeForce RTX 4090") -> Device:
+    return Device(name, description, "gpu", 24 * GIB, int(free_gib * GIB))
+
+
+HOST = Device("CPU", "AMD EPYC", "cpu", 64 * GIB, 60 * GIB)
+
+
+@pytest.fixture(scope="module")
+def llama_8b(shapes: dict[str, Path]) -> ModelSource:
+    """The 8B shape as a Hub repo would offer it: four quants of realistic sizes."""
+    one = local_source(str(shapes["8b"]))
+    sizes = {"F16": 16.07, "Q8_0": 8.54, "Q6_K": 6.60, "Q4_K_M": 4.92}
+    return ModelSource("meta-llama/llama-3.1-8b", one.shape, tuple(QuantFile(q, int(s * 10**9), 1) for q, s in sizes.items()))
+
+
+def test_without_a_quant_the_best_that_fits_is_chosen_and_the_reason_given(llama_8b: ModelSource) -> None:
+    roomy = make_plan(llama_8b, Target((gpu(23),), HOST), Settings(4096, 4))
+    assert roomy.chosen is not None and roomy.chosen.quant == "Q8_0", "F16 is never chosen unasked"
+    assert [c.quant for c in roomy.candidates] == ["Q8_0", "Q6_K", "Q4_K_M", "F16"]
+
+    tight = make_plan(llama_8b, Target((gpu(8),), HOST), Settings(4096, 4))
+
+    assert tight.chosen is not None and tight.chosen.quant == "Q4_K_M"
+    assert [c.fits for c in tight.candidates] == [False, False, True, False]
+    (why,) = tight.notes
+    assert why.startswith("Q4_K_M: the best quant that fits CUDA0 (NVIDIA GeForce RTX 4090): 8.00 GiB free, 7.00 GiB after 1.00 GiB headroom")
+    assert "Q8_0 would need" in why and "Q6_K would need" in why
+
+
+def test_token_embeddings_stay_in_host_ram_so_the_gpu_needs_less_than_the_total(llama_8b: ModelSource) -> None:
+    plan = make_plan(llama_8b, Target((gpu(23),), HOST), Settings(4096, 4), quant="Q4_K_M")
+    chosen = plan.chosen
+    assert chosen is not None
+    embeddings = llama_8b.shape.input_bytes
+    assert embeddings == 128256 * 4096 // 256 * 144  # Q4_K blocks: 144 bytes per 256 values
+    assert chosen.needed_bytes == chosen.estimate.total_bytes - embeddings - 4 * 128256 * 4
+
+    on_cpu = make_plan(llama_8b, Target((), HOST), Settings(4096, 4), quant="Q4_K_M").chosen
+    assert on_cpu is not None and on_cpu.needed_bytes == on_cpu.estimate.total_bytes
+
+
+def test_two_gpus_pool_their_memory_and_each_holds_a_compute_buffer(llama_8b: ModelSource) -> None:
+    one = make_plan(llama_8b, Target((gpu(7),), HOST), Settings(4096, 4), quant="Q8_0")
+    two = make_plan(llama_8b, Target((gpu(7), gpu(7, "CUDA1")), HOST), Settings(4096, 4), quant="Q8_0")
+    assert one.chosen is None
+    assert two.chosen is not None
+    assert two.chosen.needed_bytes == one.candidates[0].needed_bytes + one.candidates[0].estimate.compute_bytes
+
+
+def test_explicit_settings_that_do_not_fit_are_refused_with_the_numbers(llama_8b: ModelSource) -> None:
+    plan = make_plan(llama_8b, Target((gpu(8),), HOST), Settings(4096, 4), quant="Q8_0")
+
+    assert plan.chosen is None
+    message = refusal(plan)
+    assert message.startswith("Q8_0 needs ")
+    assert "weights 7.95 GiB + KV 2.00 GiB (4 slot(s) x 4096 tokens, 512.0 MiB each) + compute " in message
+    assert "but CUDA0 (NVIDIA GeForce RTX 4090): 8.00 GiB free, 7.00 GiB after 1.00 GiB headroom" in message
+    assert message.endswith("lower --context-length or --parallel, choose a smaller --quant, or offload fewer layers (--n-gpu-layers)")
+
+
+def test_a_context_that_was_not_set_shrinks_to_fit_like_llama_server_fit(llama_8b: ModelSource) -> None:
+    plan = make_plan(llama_8b, Target((gpu(12),), HOST), Settings(32768, 4), quant="Q8_0", context_fixed=False)
+
+    assert plan.chosen is not None and plan.chosen.fits
+    assert 2048 <= plan.settings.context_length < 32768 and plan.settings.context_length % 256 == 0
+    assert plan.settings.parallel == 4
+    one_step_more = make_plan(llama_8b, Target((gpu(12),), HOST), Settings(plan.settings.context_length + 256, 4), quant="Q8_0")
+    assert one_step_more.chosen is None, "the largest context that fits, to 256 tokens"
+    (note,) = plan.notes
+    assert note.startswith(f"Q8_0 fits only with 4 slot(s) x {plan.settings.context_length} tokens (asked 4 x 32768)")
+
+
+def test_slots_shrink_when_only_they_were_left_unset(llama_8b: ModelSource) -> None:
+    plan = make_plan(llama_8b, Target((gpu(14),), HOST), Settings(16384, 8), quant="Q8_0", parallel_fixed=False)
+
+    assert plan.chosen is not None
+    assert plan.settings.context_length == 16384
+    assert 1 < plan.settings.parallel < 8
+    assert make_plan(llama_8b, Target((gpu(14),), HOST), Settings(16384, plan.settings.parallel + 1), quant="Q8_0").chosen is None
+
+
+def test_a_context_beyond_the_training_context_is_planned_at_the_training_context(shapes: dict[str, Path]) -> None:
+    plan = make_plan(local_source(str(shapes["tiny"])), Target((), HOST), Settings(8192, 1))
+    assert plan.settings.context_length == 2048
+
+
+def test_plan_json_for_a_local_file_has_exactly_the_documented_keys(shapes: dict[str, Path]) -> None:
+    result = run_cli("plan", "--model", str(shapes["bench"]), "--context-length", "1024", "--parallel", "2", "--json")
+
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert set(plan) == {"model", "devices", "candidates", "chosen"}
+    assert [set(device) for device in plan["devices"]] == [{"name", "total_bytes", "free_bytes"}]
+    (only,) = plan["candidates"]
+    assert set(only) == {"quant", "file_bytes", "weights_bytes", "kv_bytes", "compute_bytes", "total_bytes", "fits"}
+    assert only["quant"] == "Q8_0" and only["fits"] is True and plan["chosen"] == only
+    assert only["kv_bytes"] == 2 * 1024 * 12 * 3 * 64 * 2 * 2
+    assert only["total_bytes"] == only["weights_bytes"] + only["kv_bytes"] + only["compute_bytes"]
+
+
+def test_plan_refuses_in_one_line_what_cannot_fit(shapes: dict[str, Path]) -> None:
+    table = run_cli("plan", "--model", str(shapes["8b"]), "--context-length", "131072", "--parallel", "256")
+    assert table.returncode == 1
+    assert "nothing fits: Q4_K_M needs" in table.stdout and "lower --context-length or --parallel" in table.stdout
+
+    missing = run_cli("plan", "--model", "./absent.gguf")
+    assert missing.returncode == 1 and missing.stderr.strip() == "error: model file not found: absent.gguf"
+
+
+@pytest.fixture
+def hub_8b(shapes: dict[str, Path]) -> Iterator[FakeHub]:
+    """A GGUF repo of 8B-shaped files whose stored bytes are only the header: a plan that read more
+    than the header would fail, and nothing is downloaded."""
+    header = local_source(str(shapes["8b"])).shape.header_bytes
+    with shapes["8b"].open("rb") as fh:
+        head = fh.read(header)
+    files = {
+        "Llama-8B-Q4_K_M.gguf": FakeFile(head, claimed_size=4_920_000_000),
+        "Llama-8B-Q8_0.gguf": FakeFile(head + b"8", claimed_size=8_540_000_000),
+        "Llama-8B-Q6_K.gguf": FakeFile(head + b"6", claimed_size=6_600_000_000),
+    }
+    with FakeHub([FakeRepo("acme/Llama-8B-GGUF", files, ["gguf"])]) as hub:
+        yield hub
+
+
+def test_plan_for_a_hub_model_reads_only_the_header_over_http_range(hub_8b: FakeHub, tmp_path: Path) -> None:
+    env = {"HF_ENDPOINT": hub_8b.url, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": "", "HF_HUB_OFFLINE": ""}
+
+    result = run_cli("plan", "--model", "acme/Llama-8B-GGUF", "--context-length", "4096", "--parallel", "4", "--json", env=env)
+
+    assert result.returncode in (0, 1), result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["model"] == "acme/llama-8b-gguf"
+    assert [c["quant"] for c in plan["candidates"]] == ["Q8_0", "Q6_K", "Q4_K_M"]
+    q4 = plan["candidates"][2]
+    assert q4["file_bytes"] == 4_920_000_000 and q4["kv_bytes"] == 4 * 4096 * 32 * 8 * 128 * 2 * 2
+    fitting = [c for c in plan["candidates"] if c["fits"]]
+    assert plan["chosen"] == (fitting[0] if fitting else None)
+    reads = [r for r in hub_8b.requests if r.method == "GET" and "/resolve/" in r.path]
+    assert reads and all(r.headers.get("Range", "").startswith("bytes=0-") for r in reads)
+    assert all(int(r.headers["Range"].split("-")[1]) < 64 * MIB for r in reads), "the header only, never the weights"
+    assert not list((tmp_path / "hf").rglob("*.gguf")), "nothing downloaded"

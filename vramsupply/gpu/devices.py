@@ -1,0 +1,151 @@
+"""The devices this llama.cpp build can run on, with their free and total memory.
+
+Asked of ggml itself (its backend device registry), not of nvidia-smi: a GPU that the installed
+build cannot use is not a device the model can be placed on. `gpus_present()` asks the vendor
+tools separately, so a GPU the build cannot use is noticed and reported (no silent CPU fallback).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from llama_cpp._ctypes_extensions import load_shared_library
+
+CPU, GPU, IGPU, ACCEL = 0, 1, 2, 3  # enum ggml_backend_dev_type
+_KINDS = {CPU: "cpu", GPU: "gpu", IGPU: "igpu", ACCEL: "accel"}
+_LIB_DIR = Path(llama_cpp.__file__).parent / "lib"
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str  # ggml's device name: CUDA0, Vulkan0, Metal, CPU
+    description: str  # what the vendor calls it: NVIDIA GeForce RTX 4090
+    kind: str  # cpu, gpu, igpu, accel
+    total_bytes: int
+    free_bytes: int
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.kind in ("gpu", "igpu")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.label, "total_bytes": self.total_bytes, "free_bytes": self.free_bytes}
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.description})" if self.description and self.description != self.name else self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@lru_cache(maxsize=1)
+def _ggml() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    base = load_shared_library("ggml-base", _LIB_DIR)
+    reg = load_shared_library("ggml", _LIB_DIR)
+    reg.ggml_backend_dev_count.restype = ctypes.c_size_t
+    reg.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    reg.ggml_backend_dev_get.restype = ctypes.c_void_p
+    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(base, name).argtypes = [ctypes.c_void_p]
+        getattr(base, name).restype = ctypes.c_char_p
+    base.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_dev_type.restype = ctypes.c_int
+    base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    base.ggml_backend_dev_memory.restype = None
+    return base, reg
+
+
+def list_devices() -> list[Device]:
+    """Every device ggml registered (GPUs first as ggml orders them, the CPU last), memory now."""
+    llama_cpp.llama_backend_init()
+    base, reg = _ggml()
+    devices = []
+    for index in range(reg.ggml_backend_dev_count()):
+        handle = reg.ggml_backend_dev_get(index)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        base.ggml_backend_dev_memory(handle, ctypes.byref(free), ctypes.byref(total))
+        devices.append(
+            Device(
+                name=(base.ggml_backend_dev_name(handle) or b"?").decode(errors="replace"),
+                description=(base.ggml_backend_dev_description(handle) or b"").decode(errors="replace").strip(),
+                kind=_KINDS.get(base.ggml_backend_dev_type(handle), "other"),
+                total_bytes=total.value,
+                free_bytes=free.value,
+            )
+        )
+    return [_with_available_ram(d) if d.kind == "cpu" else d for d in devices]
+
+
+def _with_available_ram(device: Device) -> Device:
+    """ggml reports the CPU's free memory as its total; the kernel's MemAvailable is the truth."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                return Device(device.name, device.description, device.kind, device.total_bytes, min(available, device.total_bytes))
+    except (OSError, ValueError, IndexError):
+        pass
+    return device
+
+
+def gpu_devices(devices: list[Device]) -> list[Device]:
+    return [d for d in devices if d.is_gpu]
+
+
+def host_device(devices: list[Device]) -> Device:
+    """The CPU and its RAM (ggml always registers it)."""
+    for device in devices:
+        if device.kind == "cpu":
+            return device
+    return Device("CPU", "", "cpu", 0, 0)
+
+
+def build_has_gpu_backend() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+@dataclass(frozen=True)
+class PresentGpu:
+    """A GPU the vendor's tool lists, whatever this build can do with it."""
+
+    vendor: str
+    name: str
+
+
+def gpus_present(timeout: float = 10.0) -> list[PresentGpu]:
+    """GPUs that `nvidia-smi -L` or `rocminfo` list, to catch a GPU the build does not use."""
+    found: list[PresentGpu] = []
+    for tool, vendor, parse in (("nvidia-smi", "NVIDIA", _nvidia_names), ("rocminfo", "AMD", _rocm_names)):
+        path = shutil.which(tool)
+        if path is None:
+            continue
+        args = [path, "-L"] if tool == "nvidia-smi" else [path]
+        try:
+            result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if result.returncode == 0:
+            found += [PresentGpu(vendor, name) for name in parse(result.stdout)]
+    return found
+
+
+def _nvidia_names(text: str) -> list[str]:
+    # "GPU 0: NVIDIA GeForce RTX 4090 (UUID: GPU-...)"
+    return [line.split(":", 1)[1].split("(UUID")[0].strip() for line in text.splitlines() if line.startswith("GPU ") and ":" in line]
+
+
+def _rocm_names(text: str) -> list[str]:
+    names = []
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(":")
+        if key.strip() == "Name" and value.strip().startswith("gfx"):
+            names.append(value.strip())
+    return names

@@ -1,0 +1,126 @@
+"""How much memory a model needs, from its GGUF header alone: weights, KV cache, compute buffers.
+
+The numbers follow what llama.cpp allocates (checked against its own accounting of a `no_alloc`
+load in tests/test_gpu_plan.py, within 10 %):
+
+- weights: the tensor data, i.e. the file minus its header;
+- KV cache: per slot, cells × layers × KV heads × (head size K × bytes per K value + the same
+  for V). llama.cpp rounds each slot's cells up to a multiple of 256;
+- compute: the scheduler's reserved graph memory, whose peak is either the logits of a full
+  micro-batch (ubatch × vocabulary, f32) or attention: without flash attention the f32 score
+  matrix ubatch × cells × heads, with it only the f16 mask ubatch × cells. Plus the per-slot
+  logits output buffer the context keeps on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vramsupply.gpu.gguf_header import ArrayLength, GgufHeader
+
+KV_CELL_PADDING = 256
+# Bytes per value of each KV cache type (quantized blocks hold 32 values).
+CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
+
+
+class ShapeError(ValueError):
+    """The header lacks what the estimate needs (an architecture we cannot size)."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions that decide memory use, read from a GGUF header."""
+
+    architecture: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_vocab: int
+    n_ctx_train: int
+    header_bytes: int  # where the tensor data starts
+    input_bytes: int  # token embeddings: llama.cpp keeps them in host memory even with full offload
+
+    @classmethod
+    def from_header(cls, header: GgufHeader, file_bytes: int) -> ModelShape:
+        n_layer = _int(header.arch("block_count"), "block_count")
+        n_embd = _int(header.arch("embedding_length"), "embedding_length")
+        n_head = _int(header.arch("attention.head_count"), "attention.head_count")
+        n_head_kv = int(header.arch("attention.head_count_kv") or n_head)
+        head_k = int(header.arch("attention.key_length") or n_embd // n_head)
+        head_v = int(header.arch("attention.value_length") or head_k)
+        tokens = header.get("tokenizer.ggml.tokens")
+        n_vocab = int(header.arch("vocab_size") or (tokens.length if isinstance(tokens, ArrayLength) else 0))
+        sizes = header.tensor_bytes(file_bytes)
+        return cls(
+            architecture=header.architecture,
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            head_dim_k=head_k,
+            head_dim_v=head_v,
+            n_vocab=n_vocab,
+            n_ctx_train=int(header.arch("context_length") or 0),
+            header_bytes=header.data_offset,
+            input_bytes=sizes.get("token_embd.weight", 0),
+        )
+
+
+def _int(value: object, key: str) -> int:
+    if not isinstance(value, int) or value <= 0:
+        raise ShapeError(f"the GGUF header has no {key}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The serving settings that change memory use."""
+
+    context_length: int
+    parallel: int
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attention: bool = True
+    n_batch: int = 2048
+    n_ubatch: int = 512
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights_bytes: int
+    kv_bytes: int  # all slots
+    compute_bytes: int
+    kv_bytes_per_slot: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes
+
+
+def kv_cells(context_length: int) -> int:
+    return -(-context_length // KV_CELL_PADDING) * KV_CELL_PADDING
+
+
+def kv_bytes_per_slot(shape: ModelShape, settings: Settings) -> int:
+    per_cell_layer = shape.n_head_kv * (shape.head_dim_k * CACHE_TYPE_BYTES[settings.cache_type_k] + shape.head_dim_v * CACHE_TYPE_BYTES[settings.cache_type_v])
+    return int(kv_cells(settings.context_length) * shape.n_layer * per_cell_layer)
+
+
+def compute_bytes(shape: ModelShape, settings: Settings) -> int:
+    ubatch = min(settings.n_ubatch, settings.n_batch, settings.context_length * settings.parallel)
+    cells = kv_cells(settings.context_length)
+    logits = 4 * ubatch * (shape.n_vocab + 2 * shape.n_embd)
+    if settings.flash_attention:
+        attention = 2 * ubatch * cells + 48 * ubatch * shape.n_embd
+    else:
+        attention = 4 * ubatch * cells * (shape.n_head + 1) + 24 * ubatch * shape.n_embd
+    output_buffer = 4 * shape.n_vocab * settings.parallel
+    return max(logits, attention) + output_buffer
+
+
+def estimate(shape: ModelShape, weights_bytes: int, settings: Settings) -> Estimate:
+    per_slot = kv_bytes_per_slot(shape, settings)
+    return Estimate(weights_bytes, per_slot * settings.parallel, compute_bytes(shape, settings), per_slot)

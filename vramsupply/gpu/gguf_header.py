@@ -1,0 +1,201 @@
+"""Reading a GGUF file's header (metadata and tensor table) without its weights.
+
+The memory plan needs a model's shape before anything is downloaded, so the header of a Hub file is
+read over HTTP Range requests: a prefix is fetched, parsed, and grown only if the header is longer
+(a large vocabulary makes it a few MB; the weights behind it are GBs). The `gguf` package's
+GGUFReader maps a whole file and needs every tensor's data present, so it cannot read a prefix;
+this parser walks the documented layout (ggml docs/gguf.md) and keeps only what the plan uses.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+FIRST_READ = 1 << 20
+MAX_HEADER = 256 << 20  # no real header comes near this; a corrupt length must not make us fetch GBs
+
+# GGUF value types -> struct format of a scalar (8: string, 9: array are handled apart).
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class GgufError(Exception):
+    """The bytes are not a GGUF header we can read; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int  # from the start of the data section
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    """Metadata (arrays are kept only as their length, `ArrayLength`) and the tensor table."""
+
+    metadata: dict[str, Any]
+    tensors: tuple[TensorInfo, ...]
+    data_offset: int  # where the tensor data starts in the file
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", "llama"))
+
+    def arch(self, key: str, default: Any = None) -> Any:
+        """A `{architecture}.{key}` value, such as `block_count`."""
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+    def tensor_bytes(self, file_bytes: int) -> dict[str, int]:
+        """Each tensor's size in bytes, from the gaps between offsets (padding included), so no
+        table of quantization block sizes is needed. `file_bytes` bounds the last tensor."""
+        ordered = sorted(self.tensors, key=lambda t: t.offset)
+        ends = [t.offset for t in ordered[1:]] + [file_bytes - self.data_offset]
+        return {t.name: max(0, end - t.offset) for t, end in zip(ordered, ends)}
+
+
+@dataclass(frozen=True)
+class ArrayLength:
+    """An array value we skipped (token lists): only its item count is kept."""
+
+    item_type: int
+    length: int
+
+
+class _NeedMore(Exception):
+    """The prefix ends inside the header; fetch more and parse again."""
+
+
+class _Cursor:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise _NeedMore
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        length = self.unpack("<Q")
+        if length > MAX_HEADER:
+            raise GgufError(f"a string of {length} bytes in the header")
+        return self.take(length).decode("utf-8", errors="replace")
+
+    def value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item_type, length = self.unpack("<I"), self.unpack("<Q")
+            self.skip_array(item_type, length)
+            return ArrayLength(item_type, length)
+        fmt = _SCALARS.get(kind)
+        if fmt is None:
+            raise GgufError(f"unknown metadata value type {kind}")
+        return self.unpack(fmt)
+
+    def skip_array(self, item_type: int, length: int) -> None:
+        if item_type in _SCALARS:
+            self.take(struct.calcsize(_SCALARS[item_type]) * length)
+        elif item_type == _STRING:
+            for _ in range(length):
+                self.take(self.unpack("<Q"))
+        elif item_type == _ARRAY:
+            for _ in range(length):
+                self.skip_array(self.unpack("<I"), self.unpack("<Q"))
+        else:
+            raise GgufError(f"unknown array item type {item_type}")
+
+
+def parse_header(data: bytes) -> GgufHeader:
+    """Parse a prefix of a GGUF file; raises _NeedMore when the header runs past it."""
+    cursor = _Cursor(data)
+    if cursor.take(4) != MAGIC:
+        raise GgufError("not a GGUF file (no GGUF magic)")
+    version = cursor.unpack("<I")
+    if version not in (2, 3):
+        raise GgufError(f"GGUF version {version} is not supported (2 or 3)")
+    n_tensors, n_kv = cursor.unpack("<Q"), cursor.unpack("<Q")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cursor.string()
+        metadata[key] = cursor.value(cursor.unpack("<I"))
+    tensors = []
+    for _ in range(n_tensors):
+        name = cursor.string()
+        n_dims = cursor.unpack("<I")
+        shape = tuple(cursor.unpack("<Q") for _ in range(n_dims))
+        tensors.append(TensorInfo(name, shape, cursor.unpack("<I"), cursor.unpack("<Q")))
+    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT
+    data_offset = -(-cursor.pos // alignment) * alignment
+    return GgufHeader(metadata, tuple(tensors), data_offset)
+
+
+def read_header(fetch: Callable[[int], bytes], label: str) -> GgufHeader:
+    """Parse the header from `fetch(n)` (the first n bytes, or fewer at end of file), doubling n until it fits."""
+    size = FIRST_READ
+    while True:
+        data = fetch(size)
+        try:
+            return parse_header(data)
+        except _NeedMore:
+            if len(data) < size:
+                raise GgufError(f"{label}: the file ends inside its GGUF header (truncated download?)") from None
+            if size >= MAX_HEADER:
+                raise GgufError(f"{label}: GGUF header larger than {MAX_HEADER >> 20} MiB") from None
+            size *= 4
+        except (GgufError, struct.error) as exc:
+            raise GgufError(f"{label}: {exc}") from None
+
+
+def read_local_header(path: Path) -> GgufHeader:
+    def fetch(n: int) -> bytes:
+        with path.open("rb") as fh:
+            return fh.read(n)
+
+    try:
+        return read_header(fetch, str(path))
+    except OSError as exc:
+        raise GgufError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def read_remote_header(client: httpx2.Client, url: str, headers: dict[str, str], label: str) -> GgufHeader:
+    """The header of a file on the Hub, fetched with `Range: bytes=0-(n-1)` requests.
+
+    The body is read only up to n bytes even if a server ignores the range's end, so a
+    multi-GB model is never downloaded to plan for it."""
+
+    def fetch(n: int) -> bytes:
+        with client.stream("GET", url, headers={**headers, "Range": f"bytes=0-{n - 1}"}) as response:
+            if response.status_code not in (200, 206):
+                raise GgufError(f"HTTP {response.status_code} while reading the header")
+            chunks, got = [], 0
+            for chunk in response.iter_bytes():
+                chunks.append(chunk)
+                got += len(chunk)
+                if got >= n:
+                    break
+            return b"".join(chunks)[:n]
+
+    try:
+        return read_header(fetch, label)
+    except httpx2.TransportError as exc:
+        raise GgufError(f"{label}: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,148 @@
+"""`vramsupply plan` and serve's use of the plan: from Settings to a Plan, and a Plan to words.
+
+serve calls `fit_settings` before it downloads or loads anything: without an explicit quant it
+takes the best quant that fits, it shrinks a context or slot count the user did not set, and it
+refuses (PlanRefused, with the numbers) when explicit settings cannot fit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from vramsupply.config import Settings as AgentSettings
+from vramsupply.gpu.devices import Device, build_has_gpu_backend, list_devices
+from vramsupply.gpu.estimate import Settings
+from vramsupply.gpu.plan import Plan, Target, gib, make_plan, refusal, target_for
+from vramsupply.gpu.source import ModelSource, SourceError, SourceUnreachable, model_source
+from vramsupply.hub.access import HubAccess
+from vramsupply.hub.prepare import is_local_path
+from vramsupply.hub.quant import normalize_quant
+
+log = logging.getLogger(__name__)
+DEFAULT_QUANT = "Q4_K_M"
+
+
+class PlanRefused(Exception):
+    """The model cannot fit with the settings given; the message has the numbers and the fix."""
+
+
+def estimate_settings(settings: AgentSettings) -> Settings:
+    """The serving settings that size memory. Flash attention `auto` is on wherever llama.cpp supports it."""
+    return Settings(
+        context_length=settings.context_length,
+        parallel=settings.parallel,
+        cache_type_k=getattr(settings, "cache_type_k", "f16"),
+        cache_type_v=getattr(settings, "cache_type_v", "f16"),
+        flash_attention=settings.flash_attention.value != "off",
+        n_batch=settings.n_batch,
+        n_ubatch=settings.n_ubatch,
+    )
+
+
+def planning_target(settings: AgentSettings, devices: list[Device] | None = None) -> Target:
+    devices = list_devices() if devices is None else devices
+    return target_for(devices, gpu_offload=settings.n_gpu_layers != 0 and build_has_gpu_backend())
+
+
+def source_for(settings: AgentSettings, quant: str | None) -> ModelSource:
+    if not settings.model:
+        raise SourceError("no model to plan for: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
+    access = HubAccess.from_env(settings.download_timeout)
+    return model_source(settings.model, quant or DEFAULT_QUANT, access, settings.gguf_publishers)
+
+
+def plan_for(settings: AgentSettings, *, quant_explicit: bool, context_explicit: bool = True, parallel_explicit: bool = True, target: Target | None = None) -> Plan:
+    """The plan `serve` would follow. A local file is its own single candidate."""
+    quant = normalize_quant(settings.quant) if quant_explicit else None
+    source = source_for(settings, quant)
+    return make_plan(
+        source,
+        target or planning_target(settings),
+        estimate_settings(settings),
+        quant=None if source.local_path else quant,
+        context_fixed=context_explicit,
+        parallel_fixed=parallel_explicit,
+    )
+
+
+@dataclass(frozen=True)
+class Fitted:
+    settings: AgentSettings
+    plan: Plan
+
+
+def fit_settings(settings: AgentSettings, explicit: set[str], target: Target | None = None) -> Fitted:
+    """Settings adjusted to the plan, or PlanRefused. `explicit`: the settings the user set (flag,
+    env or config file); only the others may be chosen or reduced."""
+    try:
+        plan = plan_for(
+            settings,
+            quant_explicit="quant" in explicit,
+            context_explicit="context_length" in explicit,
+            parallel_explicit="parallel" in explicit,
+            target=target,
+        )
+    except SourceError as exc:
+        raise PlanRefused(str(exc)) from exc
+    if plan.chosen is None:
+        raise PlanRefused(f"the model does not fit: {refusal(plan)}")
+    updates: dict[str, object] = {"context_length": plan.settings.context_length, "parallel": plan.settings.parallel}
+    if settings.model is not None and not is_local_path(settings.model):
+        updates["quant"] = plan.chosen.quant
+    return Fitted(settings.model_copy(update=updates), plan)
+
+
+def fit_before_download(settings: AgentSettings, explicit: set[str]) -> AgentSettings:
+    """For a Hub model: choose the quant and size the context before downloading anything."""
+    if not settings.model or is_local_path(settings.model):
+        return settings
+    try:
+        fitted = fit_settings(settings, explicit)
+    except PlanRefused as exc:
+        if isinstance(exc.__cause__, SourceUnreachable):
+            log.info("memory plan before download skipped (%s); planning on the cached file instead", exc)
+            return settings
+        raise
+    _report(fitted)
+    return fitted.settings
+
+
+def fit_before_load(settings: AgentSettings, explicit: set[str], path: Path) -> AgentSettings:
+    """For the file about to be loaded: shrink what was not set, or refuse, before llama.cpp allocates."""
+    local = settings.model_copy(update={"model": str(path)})
+    fitted = fit_settings(local, explicit)
+    _report(fitted)
+    return fitted.settings.model_copy(update={"model": settings.model})
+
+
+def _report(fitted: Fitted) -> None:
+    plan = fitted.plan
+    for note in plan.notes:
+        if "fits only with" in note:
+            log.warning("memory plan: %s", note)
+        else:
+            log.info("memory plan: %s", note)
+
+
+def plan_table(plan: Plan) -> Table:
+    table = Table(title=f"memory plan for {plan.model}: {plan.settings.parallel} slot(s) x {plan.settings.context_length} tokens", title_justify="left")
+    for column in ("quant", "file", "weights", "KV cache", "compute", "total", f"on {'GPU' if plan.target.on_gpu else 'CPU'}", "fits"):
+        table.add_column(column, justify="left" if column in ("quant", "fits") else "right", no_wrap=True)
+    for c in plan.candidates:
+        chosen = "  ← chosen" if plan.chosen is not None and c.quant == plan.chosen.quant else ""
+        e = c.estimate
+        table.add_row(c.quant, gib(c.file_bytes), gib(e.weights_bytes), gib(e.kv_bytes), gib(e.compute_bytes), gib(e.total_bytes), gib(c.needed_bytes), ("yes" if c.fits else "no") + chosen)
+    return table
+
+
+def plan_summary(plan: Plan) -> list[str]:
+    lines = [f"devices: {plan.target.describe()}"]
+    if plan.chosen is None:
+        lines.append(f"nothing fits: {refusal(plan)}")
+    else:
+        lines += list(plan.notes)
+    return lines

@@ -1,0 +1,119 @@
+"""Where a plan's model comes from: a local .gguf, or a Hub repo read without downloading the weights.
+
+For a Hub model the repo is resolved as `serve` would resolve it, the sizes of every quant it
+offers come from the Hub's file listing, and the shape comes from one file's GGUF header, read
+over HTTP Range. All quants of a repo share the shape; only their weights differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+
+from vramsupply.gpu.estimate import ModelShape
+from vramsupply.gpu.gguf_header import GgufError, GgufHeader, read_local_header, read_remote_header
+from vramsupply.hub.access import HubAccess, hub_errors
+from vramsupply.hub.errors import HubError, HubOffline, HubUnreachable
+from vramsupply.hub.prepare import is_local_path
+from vramsupply.hub.quant import group_models, normalize_quant, parse_gguf_path
+from vramsupply.hub.resolve import Resolver
+
+# llama.cpp's general.file_type (enum llama_ftype) -> quant tag, for local files named without one.
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M",
+    13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS",
+    21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
+}
+
+
+class SourceError(Exception):
+    """The model cannot be read for planning; one line."""
+
+
+class SourceUnreachable(SourceError):
+    """The Hub cannot be asked now (offline, unreachable); serve plans on the cached file instead."""
+
+
+@dataclass(frozen=True)
+class QuantFile:
+    quant: str
+    file_bytes: int  # all parts
+    parts: int
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model's shape and the quants it can be had in."""
+
+    label: str
+    shape: ModelShape
+    quants: tuple[QuantFile, ...]
+    local_path: Path | None = None
+
+    def weights_bytes(self, quant: QuantFile) -> int:
+        """Tensor data: the file(s) minus their headers (every part of a split model has one)."""
+        return max(0, quant.file_bytes - self.shape.header_bytes * quant.parts)
+
+
+def quant_of_header(header: GgufHeader, path: Path) -> str:
+    parsed = parse_gguf_path(path.name)
+    if parsed is not None and parsed.quant:
+        return parsed.quant
+    return FILE_TYPES.get(int(header.get("general.file_type", -1)), "unknown")
+
+
+def local_source(model: str) -> ModelSource:
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise SourceError(f"model file not found: {path}")
+    try:
+        header = read_local_header(path)
+    except GgufError as exc:
+        raise SourceError(str(exc)) from None
+    size = path.stat().st_size
+    quant = QuantFile(quant_of_header(header, path), size, 1)
+    return ModelSource(str(path), _shape(header, size, str(path)), (quant,), path)
+
+
+def hub_source(model: str, quant: str, access: HubAccess, publishers: Sequence[str]) -> ModelSource:
+    """Resolve `model` as serve would (at `quant`), list the repo's quants, read one header remotely."""
+    resolver = Resolver(access, publishers)
+    resolved = resolver.resolve(model, quant)
+    info = resolver.repo_info(resolved.repo_id)
+    sizes = {sibling.rfilename: (sibling.lfs.size if sibling.lfs else sibling.size or 0) for sibling in (info.siblings if info else None) or ()}
+    quants = tuple(
+        QuantFile(group.quant, sum(sizes.get(path, 0) for path in group.paths), len(group.paths))
+        for group in group_models(sizes)
+        if group.quant is not None
+    )
+    url = access.file_url(resolved.repo_id, resolved.revision, resolved.primary.path)
+    label = f"{resolved.repo_id}/{resolved.primary.path}"
+    with hub_errors(resolved.repo_id, access), httpx2.Client(follow_redirects=True, timeout=httpx2.Timeout(access.timeout)) as client:
+        try:
+            header = read_remote_header(client, url, access.headers(), label)
+        except GgufError as exc:
+            raise SourceError(str(exc)) from None
+    return ModelSource(resolved.model_id, _shape(header, resolved.primary.size, label), quants or (QuantFile(resolved.quant, resolved.total_size, len(resolved.files)),))
+
+
+def _shape(header: GgufHeader, file_bytes: int, label: str) -> ModelShape:
+    try:
+        return ModelShape.from_header(header, file_bytes)
+    except ValueError as exc:
+        raise SourceError(f"{label}: {exc}") from None
+
+
+def model_source(model: str, quant: str, access: HubAccess, publishers: Sequence[str]) -> ModelSource:
+    """A local path or a Hub id, as `serve --model` takes it."""
+    if is_local_path(model):
+        return local_source(model)
+    try:
+        return hub_source(model, normalize_quant(quant), access, publishers)
+    except (HubUnreachable, HubOffline) as exc:
+        raise SourceUnreachable(str(exc)) from None
+    except HubError as exc:
+        raise SourceError(str(exc)) from None
