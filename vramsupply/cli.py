@@ -353,7 +353,7 @@ def serve(
     quant: Optional[str] = QUANT_OPTION,
     host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default: the host setting, 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, "--port", help="Port to listen on; 0 picks a free one (default: the port setting, 8080)."),
-    context_length: Optional[int] = typer.Option(None, "--context-length", help="Context window per request, in tokens."),
+    context_length: Optional[int] = typer.Option(None, "--context-length", "--max-model-len", help="Context window per request, in tokens (vLLM's --max-model-len)."),
     parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots: requests decoded concurrently."),
     n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", help="Layers offloaded to the GPU (-1: all)."),
     n_batch: Optional[int] = typer.Option(None, "--n-batch", help="Maximum tokens per decode step (default 2048)."),
@@ -361,6 +361,18 @@ def serve(
     flash_attention: Optional[str] = typer.Option(None, "--flash-attention", help="auto, on or off (default auto)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for decoding and prompts (default: physical cores to decode, all CPUs for prompts)."),
     max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests that may wait for a slot before new ones get 429."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="llama.cpp (default), vllm, sglang, or upstream (a running OpenAI-compatible server)."),
+    upstream_url: Optional[str] = typer.Option(None, "--upstream-url", help="The running server's base URL, for --engine upstream."),
+    upstream_api_key: Optional[str] = typer.Option(None, "--upstream-api-key", help="API key the upstream server requires."),
+    upstream_model: Optional[str] = typer.Option(None, "--upstream-model", help="The model's name at the upstream, or the weights repo vLLM/SGLang load."),
+    engine_command: Optional[str] = typer.Option(None, "--engine-command", help="Command that starts vLLM/SGLang (default: vllm serve / python3 -m sglang.launch_server)."),
+    engine_args: Optional[str] = typer.Option(None, "--engine-args", help="Extra arguments for vLLM/SGLang, as one quoted string."),
+    tensor_parallel_size: Optional[int] = typer.Option(None, "--tensor-parallel-size", "--tp", help="GPUs the model is split across (vLLM/SGLang)."),
+    pipeline_parallel_size: Optional[int] = typer.Option(None, "--pipeline-parallel-size", help="Pipeline stages across GPUs or Ray nodes (vLLM)."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", help="Nodes an SGLang deployment spans."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="This node's rank (SGLang multi-node)."),
+    dist_init_addr: Optional[str] = typer.Option(None, "--dist-init-addr", help="SGLang's rank-0 address, host:port."),
+    engine_start_timeout: Optional[float] = typer.Option(None, "--engine-start-timeout", help="Seconds vLLM/SGLang may take to become ready (default 1800)."),
     drain_timeout: Optional[float] = typer.Option(None, "--drain-timeout", help="Seconds in-flight requests may take to finish on stop (default 30)."),
     no_register: Optional[bool] = typer.Option(None, "--no-register", help="Serve locally only: do not register with the platform."),
     endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help="Public base URL the platform routes buyers to (required to register)."),
@@ -374,7 +386,7 @@ def serve(
     log_level: Optional[str] = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
     demo: bool = typer.Option(False, "--demo", help="Run a local reference platform in-process, serve the bundled tiny model, register and buy one answer."),
 ) -> None:
-    """Load a GGUF model and serve the OpenAI-compatible API until Ctrl-C or SIGTERM."""
+    """Serve a model (a GGUF with llama.cpp, or through vLLM, SGLang or a running server) until Ctrl-C or SIGTERM."""
     flags = dict(locals())  # every parameter is named after the setting it overrides
     flags.pop("demo")
     import asyncio

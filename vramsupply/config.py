@@ -44,6 +44,15 @@ class FlashAttention(str, Enum):
     off = "off"
 
 
+class EngineKind(str, Enum):
+    """What produces the tokens: our llama.cpp engine, or our front before another server."""
+
+    llama_cpp = "llama.cpp"
+    vllm = "vllm"
+    sglang = "sglang"
+    upstream = "upstream"
+
+
 class Settings(BaseSettings):
     """The agent's configuration. Field descriptions double as the README's configuration table."""
 
@@ -65,6 +74,20 @@ class Settings(BaseSettings):
     flash_attention: FlashAttention = Field(FlashAttention.auto, description="Flash attention: auto, on or off")
     threads: int | None = Field(None, ge=1, description="CPU threads for decoding and prompt processing (default: physical cores for decoding, all CPUs for prompts)")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before new ones get 429")
+
+    # Other engines (see upstream/): vLLM or SGLang launched by the agent, or a running server
+    engine: EngineKind = Field(EngineKind.llama_cpp, description="Engine: llama.cpp (in-process), vllm or sglang (launched and supervised), or upstream (a running OpenAI-compatible server)")
+    upstream_url: str | None = Field(None, description="Base URL of the running server for `engine=upstream` (e.g. http://127.0.0.1:11434/v1)")
+    upstream_api_key: SecretStr | None = Field(None, description="API key the upstream server requires, if any")
+    upstream_model: str | None = Field(None, description="The model's name at the upstream (default: the one it lists), or the weights repo vLLM/SGLang load (default: `model`)")
+    engine_command: str | None = Field(None, description="Command that starts the launched engine (default `vllm serve` or `python3 -m sglang.launch_server`)")
+    engine_args: str | None = Field(None, description="Extra arguments appended to the launched engine's command line")
+    tensor_parallel_size: int | None = Field(None, ge=1, description="GPUs one model is split across (vLLM `--tensor-parallel-size`, SGLang `--tp`)")
+    pipeline_parallel_size: int | None = Field(None, ge=1, description="Pipeline stages, across GPUs or Ray nodes (vLLM `--pipeline-parallel-size`)")
+    nnodes: int | None = Field(None, ge=1, description="Nodes an SGLang deployment spans (`--nnodes`)")
+    node_rank: int | None = Field(None, ge=0, description="This node's rank in a multi-node SGLang deployment (`--node-rank`)")
+    dist_init_addr: str | None = Field(None, description="Address of SGLang's rank-0 node, host:port (`--dist-init-addr`)")
+    engine_start_timeout: float = Field(1800.0, gt=0, description="Seconds a launched engine may take to become ready (it may download the weights)")
 
     # HTTP server
     host: str = Field("127.0.0.1", description="Address the OpenAI-compatible server listens on")
@@ -92,7 +115,7 @@ class Settings(BaseSettings):
     download_timeout: float = Field(DEFAULT_DOWNLOAD_TIMEOUT, gt=0, description="Seconds a Hub request or model download may go without receiving data before it fails")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
 
-    @field_validator("platform_url", "endpoint_url")
+    @field_validator("platform_url", "endpoint_url", "upstream_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:

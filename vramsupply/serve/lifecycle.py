@@ -2,13 +2,15 @@
 
 ``run_serve`` goes through these phases, in order:
 
-1. resolve the model: a local .gguf path, or an ``org/model`` id the hub downloads and verifies;
+1. resolve the model: a local .gguf path, or an ``org/model`` id the hub downloads and verifies
+   (for an upstream engine: the names it serves the model under);
 2. listen at once, so health checks get 503 "loading" instead of a refused connection;
-3. load the engine in a worker thread (llama.cpp loading blocks and cannot be interrupted);
-4. ready: attach the engine to the server and print one ready line with the URL;
+3. start the engine (``serve.backend``, the engine seam): load llama.cpp in a worker thread, or
+   launch vLLM/SGLang, or connect to a running server, until it is ready;
+4. ready: print one ready line with the URL, then register with the platform;
 5. serve until SIGINT/SIGTERM, showing a live status in a terminal or periodic log lines otherwise;
 6. drain: stop accepting, let in-flight requests finish for up to ``drain_timeout`` seconds, close
-   the engine. A second signal skips the wait.
+   the engine (a launched one is stopped). A second signal skips the wait.
 
 Under systemd (``Type=notify``) each phase is also told to the service manager: ``STATUS=`` lines,
 ``READY=1`` at step 4, ``STOPPING=1`` at step 6, and ``WATCHDOG=1`` pings from the event loop throughout.
@@ -18,22 +20,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from rich.console import Console
 
-from vramsupply.config import Settings
-from vramsupply.engine import Engine, EngineError, EngineOptions
-from vramsupply.hub import HubError, LocalModel, prepare_configured
+from vramsupply.config import EngineKind, Settings
 from vramsupply.logging import configure_logging, interactive
 from vramsupply.platform import MarketplaceSession, OfferError, PlatformError
+from vramsupply.platform.offer import ModelIdentity
+from vramsupply.serve.backend import Backend, LlamaCppBackend
 from vramsupply.serve.hooks import ServeHook
-from vramsupply.serve.options import ServeError, endpoint_token_of, engine_options, market_options
+from vramsupply.serve.options import ServeError, endpoint_token_of, market_options, upstream_options
 from vramsupply.serve.signals import StopSignals
 from vramsupply.serve.status import LogStatus, TerminalStatus, report_to_systemd
-from vramsupply.server import ApiServer, create_app
+from vramsupply.server import ApiServer
 from vramsupply.service import SystemdNotifier
 
 log = logging.getLogger("vramsupply.serve")
+T = TypeVar("T")
 
 
 async def run_serve(settings: Settings, *, hook: ServeHook | None = None) -> None:
@@ -41,7 +46,7 @@ async def run_serve(settings: Settings, *, hook: ServeHook | None = None) -> Non
 
     ``hook`` (``--demo``) runs around serving and acts once the agent is ready.
     """
-    configure_logging(settings.log_level, [settings.endpoint_token, settings.api_key])
+    configure_logging(settings.log_level, [settings.endpoint_token, settings.api_key, settings.upstream_api_key])
     notifier = SystemdNotifier()
     watchdog = notifier.start_watchdog()
     try:
@@ -59,45 +64,68 @@ async def run_serve(settings: Settings, *, hook: ServeHook | None = None) -> Non
 async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, hook: ServeHook | None = None) -> None:
     terminal = interactive()
     market = prepare_marketplace(settings, local_ok=hook is not None and hook.local_endpoint_ok)
-    notifier.status(f"preparing {settings.model} (downloading it unless cached)")
-    explicit = set(settings.model_fields_set)
-    settings = await fit_to_memory(settings, explicit)
-    model = await resolve_model(settings)
-    settings = await fit_to_memory(settings, explicit, model)
+    backend = choose_backend(settings)
+    if backend.kind == EngineKind.llama_cpp.value:
+        notifier.status(f"preparing {settings.model} (downloading it unless cached)")
+    else:
+        notifier.status(f"preparing the {backend.kind} engine")
+    model = await engine_step(backend.prepare())
 
     endpoint_token = market.endpoint_token if market is not None else endpoint_token_of(settings)
-    app = create_app(model.model_id, aliases=model_aliases(model), endpoint_token=endpoint_token, max_body_bytes=settings.max_body_bytes)
+    app = backend.create_app(endpoint_token, settings.max_body_bytes)
     access_log = None if terminal else logging.getLogger("vramsupply.access")
     server = ApiServer(app, settings.host, settings.port, drain_timeout=settings.drain_timeout, access_log=access_log)
     await listen(server)
 
     with StopSignals() as stop:
-        engine: Engine | None = None
         try:
-            log.info("loading %s from %s", model.model_id, model.path)
             notifier.status(f"loading {model.model_id}")
-            engine = await load_engine(engine_options(settings, model))
-            if stop.requested:
+            if not await engine_step(backend.start(stop.event)):
                 return
-            server.state.attach(engine)
-            print(ready_line(model.model_id, server.url, engine), flush=True)
-            notifier.ready(f"serving {model.model_id} at {server.url}/v1 ({engine.parallel} slots)")
-            if market is not None:
-                start_marketplace(market, model, engine)
-                if hook is not None:
-                    await hook.on_ready(market, model.model_id)
+            await go_live(backend, model, server.url, notifier, market, hook)
             status = TerminalStatus(Console(), model.model_id, server.url) if terminal else LogStatus()
-            reporters = [status.run(engine.stats, stop)]
+            reporters = [status.run(backend.stats, stop)]
             if notifier.enabled:
-                reporters.append(report_to_systemd(notifier, model.model_id, engine.stats, lambda: market_phase(market), stop))
+                reporters.append(report_to_systemd(notifier, model.model_id, backend.stats, lambda: market_phase(market), stop))
             await asyncio.gather(*reporters)
         finally:
             notifier.stopping("stopping: draining in-flight requests")
             if market is not None:
                 await market.drain()
-            await drain(server, engine, settings.drain_timeout)
+            await drain(server, backend, settings.drain_timeout)
             if market is not None:
                 await market.stop()
+
+
+async def go_live(
+    backend: Backend, model: ModelIdentity, url: str, notifier: SystemdNotifier, market: MarketplaceSession | None, hook: ServeHook | None
+) -> None:
+    """The engine is ready: say so, then offer it to the market (and let ``--demo`` buy from it)."""
+    print(backend.ready_line(url), flush=True)
+    notifier.ready(f"serving {model.model_id} at {url}/v1 ({backend.slots} slots)")
+    if market is not None:
+        start_marketplace(market, model, backend)
+        if hook is not None:
+            await hook.on_ready(market, model.model_id)
+
+
+async def engine_step(step: Awaitable[T]) -> T:
+    """An upstream engine's configuration errors reach the CLI as one line, like the engine's own."""
+    from vramsupply.upstream import UpstreamError
+
+    try:
+        return await step
+    except UpstreamError as exc:
+        raise ServeError(str(exc)) from None
+
+
+def choose_backend(settings: Settings) -> Backend:
+    """The engine seam: our llama.cpp engine, or our front before an upstream server."""
+    if settings.engine is EngineKind.llama_cpp:
+        return LlamaCppBackend(settings)
+    from vramsupply.upstream import UpstreamBackend
+
+    return UpstreamBackend(upstream_options(settings))
 
 
 def prepare_marketplace(settings: Settings, *, local_ok: bool) -> MarketplaceSession | None:
@@ -110,53 +138,22 @@ def prepare_marketplace(settings: Settings, *, local_ok: bool) -> MarketplaceSes
         raise ServeError(str(exc)) from None
 
 
-def start_marketplace(market: MarketplaceSession, model: LocalModel, engine: Engine) -> None:
+def start_marketplace(market: MarketplaceSession, model: ModelIdentity, backend: Backend) -> None:
     """Print the offer and what it earns, log its warnings, then register and heartbeat in the background."""
     try:
-        offer = market.offer(model, engine.n_ctx)
+        offer = market.offer(model, backend.n_ctx)
     except OfferError as exc:
         raise ServeError(str(exc)) from None
     for line in offer.summary():
         print(line, flush=True)
     for warning in offer.warnings:
         log.warning("%s", warning)
-    market.start(offer, engine.stats)
+    market.start(offer, backend.stats)
 
 
 def market_phase(market: MarketplaceSession | None) -> str | None:
     phase = market.phase if market is not None else None
     return phase.value if phase is not None else None
-
-
-async def resolve_model(settings: Settings) -> LocalModel:
-    """The hub shows download progress as a bar on a terminal and as plain lines in logs (journald)."""
-    if not settings.model:
-        raise ServeError("no model to serve: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
-    try:
-        return await asyncio.to_thread(prepare_configured, settings.model, settings, progress=True)
-    except HubError as exc:
-        raise ServeError(str(exc)) from None
-
-
-async def fit_to_memory(settings: Settings, explicit: set[str], model: LocalModel | None = None) -> Settings:
-    """The memory plan (vramsupply.gpu): before download it picks the quant; before load it shrinks
-    a context or slot count that was not set, or refuses with the numbers instead of an OOM."""
-    from vramsupply.gpu.planning import PlanRefused, fit_before_download, fit_before_load
-
-    try:
-        if model is None:
-            return await asyncio.to_thread(fit_before_download, settings, explicit)
-        return await asyncio.to_thread(fit_before_load, settings, explicit, model.path)
-    except PlanRefused as exc:
-        raise ServeError(str(exc)) from None
-
-
-def model_aliases(model: LocalModel) -> list[str]:
-    """Other names a request's ``model`` may use: the GGUF repo and file (the GGUF's own name is added on load)."""
-    names = [model.path.name, model.path.stem]
-    if model.repo_id:
-        names.append(model.repo_id)
-    return names
 
 
 async def listen(server: ApiServer) -> None:
@@ -166,21 +163,9 @@ async def listen(server: ApiServer) -> None:
         raise ServeError(f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}") from None
 
 
-async def load_engine(options: EngineOptions) -> Engine:
-    try:
-        return await asyncio.to_thread(Engine.load, options)
-    except EngineError as exc:
-        raise ServeError(f"cannot load the model: {exc}") from None
-
-
-def ready_line(model_id: str, url: str, engine: Engine) -> str:
-    return f"vramsupply ready: serving {model_id} at {url}/v1 ({engine.parallel} slots, {engine.n_ctx}-token context)"
-
-
-async def drain(server: ApiServer, engine: Engine | None, drain_timeout: float) -> None:
+async def drain(server: ApiServer, backend: Backend, drain_timeout: float) -> None:
     """Stop accepting, give in-flight requests ``drain_timeout`` seconds, then free the engine."""
-    stats = engine.stats() if engine is not None else None
-    in_flight = stats.slots_busy + stats.queue_depth if stats is not None else 0
+    in_flight = backend.in_flight()
     if in_flight:
         log.info("stopping: waiting up to %gs for %d in-flight request(s)", drain_timeout, in_flight)
     else:
@@ -188,6 +173,5 @@ async def drain(server: ApiServer, engine: Engine | None, drain_timeout: float) 
     try:
         await server.stop()
     finally:
-        if engine is not None:
-            engine.close()
+        await backend.close()
     log.info("stopped")

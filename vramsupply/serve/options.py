@@ -6,10 +6,13 @@ configuration, so each can be built and tested on its own and a setting's name c
 
 from __future__ import annotations
 
-from vramsupply.config import Settings
+import shlex
+
+from vramsupply.config import EngineKind, Settings
 from vramsupply.engine import EngineOptions
 from vramsupply.hub import LocalModel
 from vramsupply.platform import MarketOptions
+from vramsupply.upstream.options import UpstreamOptions
 
 
 class ServeError(Exception):
@@ -42,7 +45,7 @@ def market_options(settings: Settings, *, local_ok: bool = False) -> MarketOptio
         input_price=settings.input_price,
         output_price=settings.output_price,
         context_length_offered=settings.context_length_offered,
-        planned_context=settings.context_length,
+        planned_context=planned_context(settings),
         heartbeat_interval=settings.heartbeat_interval,
         endpoint_token=endpoint_token_of(settings),
         local_ok=local_ok,
@@ -51,3 +54,37 @@ def market_options(settings: Settings, *, local_ok: bool = False) -> MarketOptio
 
 def endpoint_token_of(settings: Settings) -> str | None:
     return settings.endpoint_token.get_secret_value() if settings.endpoint_token else None
+
+
+def planned_context(settings: Settings) -> int | None:
+    """The context serve intends to offer, known before anything starts; an upstream's is learned later."""
+    if settings.engine is EngineKind.llama_cpp or "context_length" in settings.model_fields_set:
+        return settings.context_length
+    return None
+
+
+def upstream_options(settings: Settings) -> UpstreamOptions:
+    """For ``--engine upstream|vllm|sglang``: only what was set explicitly overrides the upstream's own."""
+    explicit = settings.model_fields_set
+    try:
+        extra_args = tuple(shlex.split(settings.engine_args or ""))
+    except ValueError as exc:
+        raise ServeError(f"invalid engine_args {settings.engine_args!r}: {exc}") from None
+    return UpstreamOptions(
+        engine=settings.engine.value,  # type: ignore[arg-type]
+        model=settings.model,
+        upstream_model=settings.upstream_model,
+        url=settings.upstream_url,
+        api_key=settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None,
+        context_length=settings.context_length if "context_length" in explicit else None,
+        slots=settings.parallel,
+        slots_explicit="parallel" in explicit,
+        tensor_parallel=settings.tensor_parallel_size,
+        pipeline_parallel=settings.pipeline_parallel_size,
+        nnodes=settings.nnodes,
+        node_rank=settings.node_rank,
+        dist_init_addr=settings.dist_init_addr,
+        command=settings.engine_command,
+        extra_args=extra_args,
+        start_timeout=settings.engine_start_timeout,
+    )

@@ -1,0 +1,87 @@
+"""The supervisor's watch: a launched engine whose /health stalls is stopped and started again.
+
+The "engine" here is two test doubles side by side: a process that only sleeps (what is started,
+watched and stopped) and an in-process aiohttp app playing its HTTP surface, whose /health the
+test turns bad and good again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from vramsupply.platform import Backoff
+from vramsupply.upstream.client import UpstreamClient
+from vramsupply.upstream.front import FrontState
+from vramsupply.upstream.supervisor import Supervisor
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+
+
+class EngineSurface:
+    def __init__(self) -> None:
+        self.healthy = True
+        self.completions = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/v1/completions", self.complete)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 500)
+
+    async def complete(self, request: web.Request) -> web.Response:
+        self.completions += 1
+        return web.json_response({"choices": [{"text": "x"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+
+async def eventually(condition, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "never happened"
+        await asyncio.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_a_stalled_engine_is_restarted_and_ready_only_after_a_real_completion() -> None:
+    surface = EngineSurface()
+    async with TestServer(surface.app(), host="127.0.0.1") as http:
+        client = UpstreamClient(str(http.make_url("/v1")))
+        state = FrontState("org/m", client, "org/m", slots_total=4)
+        supervisor = Supervisor(state, "vllm", SLEEPER, ready_timeout=20, check_interval=0.1, stall_after=0.5, stop_timeout=5, backoff=Backoff(0.05, cap=0.1))
+        task = asyncio.create_task(supervisor.run())
+        try:
+            await asyncio.wait_for(supervisor.ready.wait(), 20)
+            assert state.health.ready and surface.completions == 1, "ready after /health 200 and one real completion"
+            assert supervisor.process is not None and supervisor.process.pid is not None
+            first = supervisor.process.pid
+
+            surface.healthy = False
+            await eventually(lambda: not state.health.ready)
+            await eventually(lambda: supervisor.process is not None and supervisor.process.pid != first)
+            assert not alive(first), "the stalled engine's process is stopped"
+            assert "health stalled for 0.5s" in supervisor.last_failure
+
+            surface.healthy = True
+            await eventually(lambda: state.health.ready)
+            assert surface.completions == 2
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.close()
+        assert supervisor.process is not None and supervisor.process.pid is not None
+        assert not alive(supervisor.process.pid), "cancelling the supervisor stops the engine"

@@ -1,0 +1,144 @@
+"""The engine seam: what the serve lifecycle needs of whatever produces the tokens.
+
+Two implementations:
+
+- ``LlamaCppBackend`` (``--engine llama.cpp``, the default): our own engine in this process; the hub
+  resolves and downloads the GGUF, the server answers with the engine's continuous batching.
+- ``upstream.UpstreamBackend`` (``--engine upstream|vllm|sglang``): our front before another
+  OpenAI-compatible server, one the provider runs or one we launch and supervise.
+
+The lifecycle calls them in this order: ``prepare`` (before listening: the model's identity),
+``create_app`` (the HTTP app, listening at once), ``start`` (until ready; False when a stop signal
+came first), then ``stats`` and ``ready_line`` while serving, and ``close`` after the server drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from aiohttp import web
+
+from vramsupply.config import Settings
+from vramsupply.engine import Engine, EngineError, EngineOptions
+from vramsupply.hub import HubError, LocalModel, prepare_configured
+from vramsupply.platform.offer import ModelIdentity
+from vramsupply.serve.options import ServeError, engine_options
+from vramsupply.serve.status import ServingStats
+from vramsupply.server import SERVER_STATE, create_app
+
+log = logging.getLogger("vramsupply.serve")
+
+
+class Backend(Protocol):
+    kind: str
+    n_ctx: int
+    slots: int
+
+    async def prepare(self) -> ModelIdentity: ...
+    def create_app(self, endpoint_token: str | None, max_body_bytes: int) -> web.Application: ...
+    async def start(self, stopping: asyncio.Event) -> bool: ...
+    def stats(self) -> ServingStats: ...
+    def in_flight(self) -> int: ...
+    def ready_line(self, url: str) -> str: ...
+    async def close(self) -> None: ...
+
+
+class LlamaCppBackend:
+    """The GGUF served by our llama.cpp engine in this process."""
+
+    kind = "llama.cpp"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model: LocalModel | None = None
+        self.engine: Engine | None = None
+        self.app: web.Application | None = None
+
+    async def prepare(self) -> LocalModel:
+        """Fit the plan to memory, download (a bar on a terminal, plain lines in logs), fit again."""
+        explicit = set(self.settings.model_fields_set)
+        self.settings = await fit_to_memory(self.settings, explicit)
+        self.model = await resolve_model(self.settings)
+        self.settings = await fit_to_memory(self.settings, explicit, self.model)
+        return self.model
+
+    def create_app(self, endpoint_token: str | None, max_body_bytes: int) -> web.Application:
+        assert self.model is not None
+        self.app = create_app(self.model.model_id, aliases=model_aliases(self.model), endpoint_token=endpoint_token, max_body_bytes=max_body_bytes)
+        return self.app
+
+    async def start(self, stopping: asyncio.Event) -> bool:
+        """Load in a worker thread (llama.cpp loading blocks and cannot be interrupted), then attach."""
+        assert self.model is not None and self.app is not None
+        log.info("loading %s from %s", self.model.model_id, self.model.path)
+        self.engine = await load_engine(engine_options(self.settings, self.model))
+        if stopping.is_set():
+            return False
+        self.app[SERVER_STATE].attach(self.engine)
+        return True
+
+    @property
+    def n_ctx(self) -> int:
+        return 0 if self.engine is None else self.engine.n_ctx
+
+    @property
+    def slots(self) -> int:
+        return self.settings.parallel if self.engine is None else self.engine.parallel
+
+    def stats(self) -> ServingStats:
+        assert self.engine is not None
+        return self.engine.stats()
+
+    def in_flight(self) -> int:
+        if self.engine is None:
+            return 0
+        stats = self.engine.stats()
+        return stats.slots_busy + stats.queue_depth
+
+    def ready_line(self, url: str) -> str:
+        assert self.model is not None
+        return f"vramsupply ready: serving {self.model.model_id} at {url}/v1 ({self.slots} slots, {self.n_ctx}-token context)"
+
+    async def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+async def resolve_model(settings: Settings) -> LocalModel:
+    """The hub shows download progress as a bar on a terminal and as plain lines in logs (journald)."""
+    if not settings.model:
+        raise ServeError("no model to serve: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
+    try:
+        return await asyncio.to_thread(prepare_configured, settings.model, settings, progress=True)
+    except HubError as exc:
+        raise ServeError(str(exc)) from None
+
+
+async def fit_to_memory(settings: Settings, explicit: set[str], model: LocalModel | None = None) -> Settings:
+    """The memory plan (vramsupply.gpu): before download it picks the quant; before load it shrinks
+    a context or slot count that was not set, or refuses with the numbers instead of an OOM."""
+    from vramsupply.gpu.planning import PlanRefused, fit_before_download, fit_before_load
+
+    try:
+        if model is None:
+            return await asyncio.to_thread(fit_before_download, settings, explicit)
+        return await asyncio.to_thread(fit_before_load, settings, explicit, model.path)
+    except PlanRefused as exc:
+        raise ServeError(str(exc)) from None
+
+
+def model_aliases(model: LocalModel) -> list[str]:
+    """Other names a request's ``model`` may use: the GGUF repo and file (the GGUF's own name is added on load)."""
+    names = [model.path.name, model.path.stem]
+    if model.repo_id:
+        names.append(model.repo_id)
+    return names
+
+
+async def load_engine(options: EngineOptions) -> Engine:
+    try:
+        return await asyncio.to_thread(Engine.load, options)
+    except EngineError as exc:
+        raise ServeError(f"cannot load the model: {exc}") from None

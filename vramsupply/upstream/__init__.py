@@ -1,0 +1,13 @@
+"""Serving through another engine: vLLM or SGLang launched and supervised by the agent, or an
+OpenAI-compatible server the provider already runs (Ollama, llama-server, LM Studio).
+
+Whatever the engine, buyers and the platform meet our own front (``front``): the endpoint token,
+OpenAI-shaped errors, body-size limits, the model-name check, ``/health``, ``/metrics`` and exact
+usage (``usage``). Requests are forwarded and streamed back event by event (``proxy``).
+``monitor`` watches a running upstream; ``supervisor`` launches (``launch``) and restarts one.
+"""
+
+from vramsupply.upstream.backend import UpstreamBackend, UpstreamError
+from vramsupply.upstream.options import UpstreamOptions
+
+__all__ = ["UpstreamBackend", "UpstreamError", "UpstreamOptions"]

@@ -1,0 +1,225 @@
+"""Upstream-backed engines behind our front: a server the provider runs, or vLLM/SGLang we launch.
+
+``UpstreamBackend`` is the other side of the serve lifecycle's engine seam (the llama.cpp engine is
+the first): ``prepare`` settles the model's names, ``create_app`` builds the front, ``start``
+connects (``upstream``) or launches and supervises (``vllm``, ``sglang``) until the upstream is
+ready, then learns its context; ``close`` stops watching and stops a launched engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from vramsupply.engine import EngineStats
+from vramsupply.hub import model_id_of
+from vramsupply.logging import register_secret
+from vramsupply.upstream.client import DiscoveredModel, UpstreamClient, UpstreamUnavailable
+from vramsupply.upstream.front import FrontState, create_front_app
+from vramsupply.upstream.launch import LaunchError, LaunchOptions, command_line
+from vramsupply.upstream.monitor import UpstreamMonitor
+from vramsupply.upstream.options import UpstreamOptions
+from vramsupply.upstream.supervisor import Supervisor
+
+log = logging.getLogger("vramsupply.upstream")
+
+
+class UpstreamError(Exception):
+    """The upstream engine cannot be used as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class UpstreamModel:
+    """The served model as the marketplace sees it (``platform.offer.ModelIdentity``): no GGUF fields."""
+
+    model_id: str
+    repo_id: str | None = None
+    filename: str | None = None
+    sha256: str | None = None
+    quant: str | None = None
+
+
+class UpstreamBackend:
+    def __init__(self, options: UpstreamOptions) -> None:
+        self.options = options
+        self.kind = options.engine
+        self.client: UpstreamClient | None = None
+        self.state: FrontState | None = None
+        self.model: UpstreamModel | None = None
+        self.upstream_model = ""
+        self.argv: list[str] = []
+        self.supervisor: Supervisor | None = None
+        self.n_ctx = 0
+        self.slots = options.slots
+        self._task: asyncio.Task[None] | None = None
+
+    async def prepare(self) -> UpstreamModel:
+        """Settle the names before listening: discovered from a running upstream, or given to a launched one."""
+        if self.kind == "upstream":
+            self.model = await self._connect()
+        else:
+            self.model = self._plan_launch()
+        return self.model
+
+    async def _connect(self) -> UpstreamModel:
+        o = self.options
+        if not o.url:
+            raise UpstreamError("--engine upstream needs the server's URL: pass --upstream-url (e.g. http://127.0.0.1:11434/v1) or set VRAM_SUPPLY_UPSTREAM_URL")
+        self.client = UpstreamClient(o.url, o.api_key)
+        try:
+            self.upstream_model = o.upstream_model or await self._discover_name(self.client)
+        except UpstreamError:
+            await self.client.close()
+            raise
+        return UpstreamModel(model_id_of(o.model or self.upstream_model))
+
+    async def _discover_name(self, client: UpstreamClient) -> str:
+        try:
+            models = await client.models()
+        except UpstreamUnavailable as exc:
+            raise UpstreamError(f"cannot ask the upstream which model it serves ({exc}); start it, or pass --upstream-model") from None
+        return pick_model(models, self.options.model)
+
+    def _plan_launch(self) -> UpstreamModel:
+        o = self.options
+        weights = o.upstream_model or o.model
+        if not weights:
+            raise UpstreamError(f"--engine {self.kind} needs the weights to load: pass --model org/model (a safetensors, AWQ or FP8 repo)")
+        if weights.lower().endswith(".gguf"):
+            raise UpstreamError(f"--engine {self.kind} loads a weights repo (safetensors, AWQ or FP8), not a GGUF file: pass --model org/model")
+        model = UpstreamModel(model_id_of(o.model or weights), repo_id=weights)
+        api_key = "vsk-" + secrets.token_urlsafe(24)
+        register_secret(api_key)
+        port = free_port()
+        self.upstream_model = model.model_id
+        launch = LaunchOptions(
+            engine=self.kind,  # type: ignore[arg-type]
+            model=weights,
+            served_name=model.model_id,
+            port=port,
+            api_key=api_key,
+            tensor_parallel=o.tensor_parallel,
+            pipeline_parallel=o.pipeline_parallel,
+            max_model_len=o.context_length,
+            max_running=o.slots if o.slots_explicit else None,
+            nnodes=o.nnodes,
+            node_rank=o.node_rank,
+            dist_init_addr=o.dist_init_addr,
+            command=o.command,
+            extra_args=o.extra_args,
+        )
+        try:
+            self.argv = command_line(launch)
+        except LaunchError as exc:
+            raise UpstreamError(str(exc)) from None
+        self.client = UpstreamClient(f"http://127.0.0.1:{port}", api_key)
+        return model
+
+    def create_app(self, endpoint_token: str | None, max_body_bytes: int) -> web.Application:
+        assert self.client is not None and self.model is not None
+        aliases = [self.options.model] if self.options.model else []
+        self.state = FrontState(
+            self.model.model_id, self.client, self.upstream_model, slots_total=self.slots, aliases=aliases, endpoint_token=endpoint_token
+        )
+        return create_front_app(self.state, max_body_bytes=max_body_bytes)
+
+    async def start(self, stopping: asyncio.Event) -> bool:
+        """Until the upstream is ready (False if a stop came first); then learn its context."""
+        assert self.state is not None
+        if self.kind == "upstream":
+            monitor = UpstreamMonitor(self.state)
+            ready = monitor.ready
+            self._task = asyncio.create_task(monitor.run(), name="upstream-monitor")
+        else:
+            self.supervisor = Supervisor(
+                self.state, self.kind, self.argv, ready_timeout=self.options.start_timeout, stop_timeout=self.options.stop_timeout
+            )
+            ready = self.supervisor.ready
+            self._task = asyncio.create_task(self.supervisor.run(), name=f"{self.kind}-supervisor")
+        if not await first_of(ready, stopping, self._task):
+            return False
+        self.n_ctx = await self._context()
+        return True
+
+    async def _context(self) -> int:
+        """The served context: configured, else what the upstream states (vLLM, SGLang, llama-server)."""
+        assert self.client is not None
+        if self.options.context_length is not None and self.kind == "upstream":
+            return self.options.context_length
+        with contextlib.suppress(UpstreamUnavailable):
+            for card in await self.client.models():
+                if card.name == self.upstream_model and card.context_length:
+                    return card.context_length
+        n_ctx, total_slots = await self.client.props()
+        if total_slots and not self.options.slots_explicit and self.state is not None:
+            self.slots = self.state.slots_total = total_slots
+        if n_ctx:
+            return n_ctx
+        if self.options.context_length is not None:
+            return self.options.context_length
+        raise UpstreamError(f"the upstream does not say its context length: pass --context-length (the context {self.upstream_model} is served with)")
+
+    def stats(self) -> EngineStats:
+        assert self.state is not None
+        return self.state.snapshot()
+
+    def in_flight(self) -> int:
+        return 0 if self.state is None else self.state.counters.in_flight
+
+    def ready_line(self, url: str) -> str:
+        assert self.model is not None and self.client is not None
+        return (
+            f"vramsupply ready: serving {self.model.model_id} at {url}/v1 through {self.kind} at {self.client.base_url} "
+            f"({self.slots} slots, {self.n_ctx}-token context)"
+        )
+
+    async def close(self) -> None:
+        """Stop watching; a launched engine gets SIGTERM (then SIGKILL) once the front has drained."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self.supervisor is not None:
+            await self.supervisor.close()
+        if self.client is not None:
+            await self.client.close()
+
+
+def pick_model(models: list[DiscoveredModel], wanted: str | None) -> str:
+    """The one model an upstream lists, or the one ``wanted`` names among several."""
+    if len(models) == 1:
+        return models[0].name
+    names = [m.name for m in models]
+    if wanted is not None:
+        for name in names:
+            if name.lower() == wanted.lower():
+                return name
+    if not names:
+        raise UpstreamError("the upstream lists no model; load one there, or pass --upstream-model")
+    raise UpstreamError(f"the upstream serves several models ({', '.join(names)}): pass --upstream-model NAME to choose one")
+
+
+async def first_of(ready: asyncio.Event, stopping: asyncio.Event, task: asyncio.Task[None]) -> bool:
+    """True once ``ready``; False on a stop; the task's own error if it ended first (a failed first start)."""
+    waiters = {asyncio.ensure_future(ready.wait()), asyncio.ensure_future(stopping.wait())}
+    try:
+        await asyncio.wait({*waiters, task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        raise UpstreamError(str(task.exception()))
+    return ready.is_set() and not stopping.is_set()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+

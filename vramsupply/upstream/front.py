@@ -1,0 +1,183 @@
+"""Our own front for an upstream engine: the same contract buyers and the platform get from the
+llama.cpp engine, whatever serves the tokens behind it.
+
+The app keeps the server's middlewares (request metrics, OpenAI error JSON, the endpoint token on
+``/v1/*``) and its model-name check, and adds:
+
+- ``POST /v1/chat/completions`` and ``/v1/completions``: forwarded to the upstream (``proxy``);
+- ``GET /v1/models``: the model under the id we register, never the upstream's own name;
+- ``GET /health``: 200 only while the upstream is ready, else 503 with the reason;
+- ``GET /metrics``: our counters plus the upstream's load gauges.
+
+``FrontState`` is the server's ``ServerState`` whose "engine" is the upstream: ``stats()`` is None
+(so /health and the gauges say "not serving") while the upstream is down.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from prometheus_client import Gauge
+
+from vramsupply.engine import EngineStats
+from vramsupply.server.app import auth_middleware, metrics_middleware, model_card
+from vramsupply.server.errors import ApiError, error_middleware
+from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from vramsupply.server.responses import ModelList
+from vramsupply.server.state import SERVER_STATE, ServerState
+from vramsupply.upstream.client import UpstreamClient
+from vramsupply.upstream.metrics import UpstreamLoad
+from vramsupply.upstream.usage import Tokenizer
+
+UNAVAILABLE_RETRY_AFTER_SECONDS = "5"
+
+
+@dataclass
+class UpstreamHealth:
+    """What the monitor last learned of the upstream."""
+
+    ready: bool = False
+    reason: str = "starting"
+    load: UpstreamLoad | None = None
+    checked_at: float = 0.0
+
+
+@dataclass
+class FrontCounters:
+    """Requests and tokens served through this front, counted from the upstream's usage."""
+
+    requests_total: int = 0
+    in_flight: int = 0
+    prompt_tokens_total: int = 0
+    completion_tokens_total: int = 0
+    cached_tokens_total: int = 0
+    usage_sources: dict[str, int] = field(default_factory=dict)
+
+
+class FrontState(ServerState):
+    def __init__(
+        self,
+        model_id: str,
+        client: UpstreamClient,
+        upstream_model: str,
+        *,
+        slots_total: int,
+        aliases: Iterable[str] = (),
+        endpoint_token: str | None = None,
+    ) -> None:
+        super().__init__(model_id, [*aliases, upstream_model], endpoint_token)
+        self.client = client
+        self.upstream_model = upstream_model
+        self.tokenizer = Tokenizer(client, upstream_model)
+        self.slots_total = slots_total
+        self.health = UpstreamHealth()
+        self.counters = FrontCounters()
+        self._upstream_gauges()
+
+    def snapshot(self) -> EngineStats:
+        """The load as heartbeats report it: the upstream's own gauges when it exposes them, else ours."""
+        counters, load = self.counters, self.health.load
+        busy = load.running if load is not None else min(counters.in_flight, self.slots_total)
+        waiting = load.waiting if load is not None else max(0, counters.in_flight - self.slots_total)
+        return EngineStats(
+            slots_total=max(self.slots_total, busy),
+            slots_busy=busy,
+            queue_depth=waiting,
+            prompt_tokens_total=counters.prompt_tokens_total,
+            completion_tokens_total=counters.completion_tokens_total,
+            cached_tokens_total=counters.cached_tokens_total,
+            requests_total=counters.requests_total,
+        )
+
+    def stats(self) -> EngineStats | None:
+        return self.snapshot() if self.health.ready else None
+
+    def ready_upstream(self) -> str:
+        """The upstream's model name, or a 503 that says why the upstream cannot take requests."""
+        if not self.health.ready:
+            raise unavailable_error(self.health.reason)
+        return self.upstream_model
+
+    def _upstream_gauges(self) -> None:
+        registry = self.metrics.registry
+        Gauge("vramsupply_upstream_up", "1 while the upstream engine is ready", registry=registry).set_function(
+            lambda: 1.0 if self.health.ready else 0.0
+        )
+        Gauge("vramsupply_requests_in_flight", "Requests forwarded to the upstream and not yet answered", registry=registry).set_function(
+            lambda: float(self.counters.in_flight)
+        )
+        Gauge("vramsupply_upstream_requests_running", "Requests the upstream reports running (its own metrics)", registry=registry).set_function(
+            lambda: float(self.health.load.running) if self.health.load is not None else 0.0
+        )
+        Gauge("vramsupply_upstream_requests_waiting", "Requests the upstream reports waiting (its own metrics)", registry=registry).set_function(
+            lambda: float(self.health.load.waiting) if self.health.load is not None else 0.0
+        )
+
+
+def unavailable_error(reason: str) -> ApiError:
+    return ApiError(
+        503,
+        f"The model is not available right now: {reason}; retry shortly.",
+        type="server_error",
+        code="upstream_unavailable",
+        headers={"Retry-After": UNAVAILABLE_RETRY_AFTER_SECONDS},
+        extra={"status": "unavailable"},
+    )
+
+
+def create_front_app(state: FrontState, *, max_body_bytes: int) -> web.Application:
+    from vramsupply.upstream.proxy import forward_chat, forward_completion
+
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[metrics_middleware, error_middleware, auth_middleware])
+    app[SERVER_STATE] = state
+    app.router.add_post("/v1/chat/completions", forward_chat)
+    app.router.add_post("/v1/completions", forward_completion)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def front_state(request: web.Request) -> FrontState:
+    state = request.app[SERVER_STATE]
+    assert isinstance(state, FrontState)
+    return state
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = front_state(request)
+    state.ready_upstream()
+    return web.Response(text=ModelList(object="list", data=[model_card(state)]).to_json(), content_type="application/json")
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    state = front_state(request)
+    state.ready_upstream()
+    state.check_model(request.match_info["model"])
+    return web.Response(text=model_card(state).to_json(), content_type="application/json")
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 with the load while the upstream is ready; 503 with the reason otherwise."""
+    state = front_state(request)
+    if not state.health.ready:
+        raise unavailable_error(state.health.reason)
+    stats = state.snapshot()
+    return web.json_response(
+        {
+            "status": "ok",
+            "model": state.model_id,
+            "slots_idle": max(0, stats.slots_total - stats.slots_busy),
+            "slots_busy": stats.slots_busy,
+            "queue": stats.queue_depth,
+            "upstream_checked_at": round(state.health.checked_at or time.time(), 3),
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=front_state(request).metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})

@@ -1,0 +1,204 @@
+"""Supervising a launched engine (vLLM, SGLang): start, wait until ready, watch, restart.
+
+- **Ready** means ``/health`` answers 200 *and* one real 1-token completion succeeds: vLLM's
+  ``/health`` can stay 200 after some GPU faults, and SGLang answers before warm-up ends.
+- **Watch:** every few seconds ``/health`` is checked. The process exiting, or ``/health`` failing
+  for ``stall_after`` seconds in a row, marks the front not ready (``/health`` 503, so the
+  platform's checks see it), stops the process and starts it again after a capped, jittered backoff.
+- **Output:** every line the engine prints goes into our log with its name in front.
+- **Stop:** SIGTERM to the engine's process group, then SIGKILL after ``stop_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from vramsupply.platform.backoff import Backoff
+from vramsupply.upstream.client import UpstreamUnavailable
+from vramsupply.upstream.front import FrontState
+from vramsupply.upstream.launch import redacted
+from vramsupply.upstream.monitor import CHECK_INTERVAL_SECONDS, check_upstream, refresh, set_ready
+
+log = logging.getLogger("vramsupply.upstream")
+
+RESTART_BACKOFF = Backoff(initial=2.0, cap=60.0)
+READY_POLL_SECONDS = 1.0
+
+
+class EngineProcess:
+    """One run of the engine's command, in its own process group, its output copied to our log."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self._process: asyncio.subprocess.Process | None = None
+        self._exited: asyncio.Task[int] | None = None
+        self._pump: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        log.info("starting %s: %s", self.name, redacted(self.argv))
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise UpstreamUnavailable(f"cannot start {self.name} ({self.argv[0]}): {exc.strerror or exc}") from None
+        self._exited = asyncio.create_task(self._process.wait(), name=f"{self.name}-process")
+        self._pump = asyncio.create_task(self._copy_output(), name=f"{self.name}-output")
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._process is None else self._process.returncode
+
+    @property
+    def exited(self) -> asyncio.Task[int]:
+        """Done once the process has exited (its workers may still be stopping)."""
+        assert self._exited is not None
+        return self._exited
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self.exited)
+
+    async def _copy_output(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        engine_log = logging.getLogger(f"vramsupply.upstream.{self.name}")
+        async for raw in self._process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                engine_log.info("[%s] %s", self.name, line)
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM the process group (the engine's workers too), SIGKILL what is left after ``timeout``."""
+        if self._process is None:
+            return
+        if not self.exited.done():
+            self._signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("%s did not stop within %gs; killing it", self.name, timeout)
+        self._signal(signal.SIGKILL)  # the main process is gone; its workers must not outlive it
+        await self.wait()
+        if self._pump is not None:
+            await self._pump
+
+    def _signal(self, sig: signal.Signals) -> None:
+        assert self._process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, sig)
+
+
+class Supervisor:
+    """Keeps one engine process ready behind ``state`` until ``close``."""
+
+    def __init__(
+        self,
+        state: FrontState,
+        engine: str,
+        argv: list[str],
+        *,
+        ready_timeout: float,
+        check_interval: float = CHECK_INTERVAL_SECONDS,
+        stall_after: float = 30.0,
+        stop_timeout: float = 30.0,
+        backoff: Backoff = RESTART_BACKOFF,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.state = state
+        self.engine = engine
+        self.argv = argv
+        self.ready_timeout = ready_timeout
+        self.check_interval = check_interval
+        self.stall_after = stall_after
+        self.stop_timeout = stop_timeout
+        self.backoff = backoff
+        self.clock = clock
+        self.ready = asyncio.Event()
+        self.process: EngineProcess | None = None
+        self.ever_ready = False
+        self.last_failure = ""
+
+    async def run(self) -> None:
+        """Start, wait until ready, watch; on any failure stop the process and start it again.
+
+        A first start that never gets ready raises instead: a missing program or a model that
+        cannot load is the provider's to fix, not something a restart loop would.
+        """
+        failures = 0
+        while True:
+            self.process = EngineProcess(self.engine, self.argv)
+            try:
+                await self.process.start()
+                await self._until_ready(self.process)
+                failures = 0
+                await self._watch(self.process)
+            except UpstreamUnavailable as exc:
+                self.last_failure = str(exc)
+                set_ready(self.state, str(exc))
+                if not self.ever_ready:
+                    raise
+            finally:
+                self.ready.clear()
+                await self.process.stop(self.stop_timeout)
+            delay = self.backoff.delay(failures)
+            failures += 1
+            log.warning("%s failed (%s); starting it again in %.0fs", self.engine, self.last_failure, delay)
+            await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        """Stop supervising and stop the engine (after the front has drained)."""
+        if self.process is not None:
+            await self.process.stop(self.stop_timeout)
+
+    async def _until_ready(self, process: EngineProcess) -> None:
+        """Poll until /health is 200 and a 1-token completion succeeds, within ``ready_timeout``."""
+        deadline = self.clock() + self.ready_timeout
+        set_ready(self.state, f"{self.engine} is starting")
+        waiting_for = "its /health"
+        while True:
+            if process.exited.done():
+                raise UpstreamUnavailable(f"{self.engine} exited with status {process.returncode} before it was ready")
+            if await check_upstream(self.state.client, self.engine) is None:  # not listening yet is expected: no log
+                try:
+                    await self.state.client.complete_one_token(self.state.upstream_model)
+                    break
+                except UpstreamUnavailable as exc:
+                    waiting_for = str(exc)
+            if self.clock() > deadline:
+                raise UpstreamUnavailable(f"{self.engine} was not ready within {self.ready_timeout:g}s (waiting for {waiting_for})")
+            await asyncio.sleep(READY_POLL_SECONDS)
+        set_ready(self.state, None)
+        self.ever_ready = True
+        self.ready.set()
+
+    async def _watch(self, process: EngineProcess) -> None:
+        """Return (raising) when the process exits or its health fails for ``stall_after`` seconds."""
+        failing_since: float | None = None
+        while True:
+            done, _ = await asyncio.wait({process.exited}, timeout=self.check_interval)
+            if done:
+                raise UpstreamUnavailable(f"{self.engine} exited with status {process.returncode}")
+            reason = await refresh(self.state, self.engine)
+            if reason is None:
+                failing_since = None
+                continue
+            failing_since = failing_since if failing_since is not None else self.clock()
+            if self.clock() - failing_since >= self.stall_after:
+                raise UpstreamUnavailable(f"{self.engine}'s health stalled for {self.stall_after:g}s: {reason}")
+
