@@ -338,9 +338,20 @@ async def _relay_stream(
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     usage: dict[str, int] = {}
+    recorded = False
+
+    def record() -> None:
+        nonlocal recorded
+        if not recorded:
+            recorded = True
+            prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+            request.app[STORE].record_usage(entry, provider, 200, prompt, completion, time.time())
+
     try:
         async for event in _sse_events(upstream.content):
             data = _event_data(event)
+            if data == "[DONE]":
+                record()  # before the buyer can see the end of the stream
             if data == "[DONE]" and entry.rail == "tempo":
                 receipt = _receipt(provider, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
                 await response.write(f"event: payment-receipt\ndata: {json.dumps(receipt)}\n\n".encode())
@@ -355,8 +366,7 @@ async def _relay_stream(
     except (aiohttp.ClientError, ConnectionResetError, asyncio.TimeoutError) as exc:
         log.warning("stream from provider %s to the buyer ended early: %s", provider.id, describe_error(exc))
     finally:
-        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-        request.app[STORE].record_usage(entry, provider, 200, prompt, completion, time.time())
+        record()
     return response
 
 
