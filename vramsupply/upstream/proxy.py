@@ -160,8 +160,8 @@ async def relay_body(reply: aiohttp.ClientResponse, exchange: Exchange) -> web.R
     if exchange.usage is None:
         exchange.collect(payload)
     usage = await exchange.settle()
-    if usage is not None:
-        payload["usage"] = {**(payload.get("usage") or {}), **usage.as_json()} if isinstance(payload.get("usage"), dict) else usage.as_json()
+    if usage is not None and usage.source != "upstream":
+        payload["usage"] = usage.as_json()
     if "model" in payload:
         payload["model"] = exchange.state.model_id
     return web.json_response(payload)
