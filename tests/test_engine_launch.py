@@ -31,9 +31,13 @@ def double_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {"FAKE_ENGINE_GGUF": str(TINY_MODEL), "FAKE_ENGINE_RECORD": str(tmp_path / "starts.jsonl"), "VRAM_SUPPLY_ENDPOINT_TOKEN": TOKEN, **extra}
 
 
-def starts(tmp_path: Path) -> list[dict[str, object]]:
+def events(tmp_path: Path) -> list[dict[str, object]]:
     path = tmp_path / "starts.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def starts(tmp_path: Path) -> list[dict[str, object]]:
+    return [event for event in events(tmp_path) if "argv" in event]
 
 
 def alive(pid: int) -> bool:
@@ -75,13 +79,14 @@ def test_vllm_is_launched_on_loopback_supervised_restarted_and_stopped(tmp_path:
             chunks = list(client.completions.create(model="org/tiny-model", prompt="Once", max_tokens=3, stream=True, stream_options={"include_usage": True}))
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1, "usage taken from the engine"
 
-        # A buyer hanging up cancels the engine's request (its own gauge, read directly, drops to 0).
+        # A buyer hanging up mid-stream cancels the engine's request (the double records the cancellation).
         body = json.dumps({"prompt": "Once", "max_tokens": 200, "stream": True}).encode()
         request = urllib.request.Request(agent.base_url + "/completions", body, {"Content-Type": "application/json", **AUTH})
         with urllib.request.urlopen(request, timeout=30) as reply:
             reply.readline()
             assert upstream_running(port) == 1
-        wait_until(lambda: upstream_running(port) == 0, "the engine's request cancelled", timeout=30)
+        wait_until(lambda: {"cancelled": "/v1/completions"} in events(tmp_path), "the engine's request cancelled", timeout=30)
+        assert upstream_running(port) == 0
 
         # The engine dies: /health says 503 until the supervisor has it running and ready again.
         os.kill(int(first["pid"]), signal.SIGKILL)  # type: ignore[call-overload]

@@ -17,7 +17,8 @@ serves the part of their HTTP surface the agent uses, on --host/--port:
 - ``GET /metrics``: requests running and waiting under the engine's own gauge names.
 
 Every start appends ``{"argv": [...], "pid": N}`` as a JSON line to ``FAKE_ENGINE_RECORD``, so tests
-can read the command line and count restarts. It models nothing of the real engines beyond this.
+can read the command line and count restarts; a generation whose client hangs up appends
+``{"cancelled": path}``. It models nothing of the real engines beyond this.
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
     parser.add_argument("--api-key", required=True)
     parser.add_argument("--served-model-name", required=True)
     return dialect, parser.parse_args(rest)
+
+
+def record(event: dict[str, Any]) -> None:
+    path = os.environ.get("FAKE_ENGINE_RECORD")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(event) + "\n")
 
 
 def free_port() -> int:
@@ -139,6 +147,9 @@ class FakeEngine:
             if body.get("stream") is not True:
                 return web.json_response(answer)
             return await self.replay(request, answer, (body.get("stream_options") or {}).get("include_usage") is True)
+        except asyncio.CancelledError:
+            record({"cancelled": request.path})  # the client went away mid-answer
+            raise
         finally:
             self.running -= 1
 
@@ -179,10 +190,7 @@ class FakeEngine:
 
 def main() -> None:
     dialect, args = parse(sys.argv[1:])
-    record = os.environ.get("FAKE_ENGINE_RECORD")
-    if record:
-        with open(record, "a") as fh:
-            fh.write(json.dumps({"argv": sys.argv[1:], "pid": os.getpid()}) + "\n")
+    record({"argv": sys.argv[1:], "pid": os.getpid()})
     print(f"fake {dialect}: serving {args.model} as {args.served_model_name} on {args.host}:{args.port}", flush=True)
     engine = FakeEngine(dialect, args)
     app = web.Application()
