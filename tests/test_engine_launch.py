@@ -21,7 +21,7 @@ from openai import OpenAI
 
 from vramsupply.upstream import UpstreamBackend, UpstreamError, UpstreamOptions
 from vramsupply.upstream.launch import LaunchError, LaunchOptions, command_line
-from vramsupply.upstream.metrics import GAUGES, read_load
+from vramsupply.upstream.metrics import GAUGES, UpstreamLoad, read_load
 
 TOKEN = "launch-endpoint-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -48,9 +48,13 @@ def alive(pid: int) -> bool:
     return True
 
 
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return str(reply.read().decode())
+
+
 def upstream_running(port: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        return read_load(reply.read().decode(), GAUGES["vllm"]).running  # type: ignore[union-attr]
+    return read_load(fetch(f"http://127.0.0.1:{port}/metrics"), GAUGES["vllm"]).running  # type: ignore[union-attr]
 
 
 def test_vllm_is_launched_on_loopback_supervised_restarted_and_stopped(tmp_path: Path) -> None:
@@ -78,6 +82,8 @@ def test_vllm_is_launched_on_loopback_supervised_restarted_and_stopped(tmp_path:
         with OpenAI(base_url=agent.base_url, api_key=TOKEN, max_retries=0) as client:
             chunks = list(client.completions.create(model="org/tiny-model", prompt="Once", max_tokens=3, stream=True, stream_options={"include_usage": True}))
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1, "usage taken from the engine"
+        root = agent.base_url.removesuffix("/v1")
+        wait_until(lambda: "vramsupply_upstream_kv_cache_usage 0.25" in fetch(root + "/metrics"), "the engine's gauges on our /metrics")
 
         # A buyer hanging up mid-stream cancels the engine's request (the double records the cancellation).
         body = json.dumps({"prompt": "Once", "max_tokens": 200, "stream": True}).encode()
@@ -90,7 +96,6 @@ def test_vllm_is_launched_on_loopback_supervised_restarted_and_stopped(tmp_path:
 
         # The engine dies: /health says 503 until the supervisor has it running and ready again.
         os.kill(int(first["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
-        root = agent.base_url.removesuffix("/v1")
         wait_until(lambda: len(starts(tmp_path)) == 2, "a restart", timeout=60)
         wait_until(lambda: request_json(root + "/health")[0] == 200, "ready again", timeout=120)
         assert "vllm failed (vllm exited with status -9); starting it again" in agent.log
@@ -172,8 +177,11 @@ def test_command_lines_and_load_gauges() -> None:
     with pytest.raises(LaunchError, match="--pipeline-parallel-size is vLLM's"):
         command_line(LaunchOptions(engine="sglang", model="m", served_name="m", port=1, api_key="k", pipeline_parallel=2))
 
-    vllm = 'vllm:num_requests_running{engine="0",model_name="m"} 3.0\nvllm:num_requests_running{engine="1",model_name="m"} 2.0\nvllm:num_requests_waiting{model_name="m"} 4.0\n'
-    assert read_load(vllm, GAUGES["vllm"]) == read_load(vllm) and (read_load(vllm).running, read_load(vllm).waiting) == (5, 4)  # type: ignore[union-attr]
+    vllm = (
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0\nvllm:num_requests_running{engine="1",model_name="m"} 2.0\n'
+        'vllm:num_requests_waiting{model_name="m"} 4.0\nvllm:kv_cache_usage_perc{engine="0"} 0.5\nvllm:kv_cache_usage_perc{engine="1"} 0.75\n'
+    )
+    assert read_load(vllm, GAUGES["vllm"]) == read_load(vllm) == UpstreamLoad(running=5, waiting=4, cache_usage=0.75)
     sglang = "# TYPE sglang:num_running_reqs gauge\nsglang:num_running_reqs{model_name=\"m\"} 7.0\nsglang:num_queue_reqs{model_name=\"m\"} 1.0\n"
     assert read_load(sglang, GAUGES["sglang"]).running == 7  # type: ignore[union-attr]
     llama_server = "llamacpp:requests_processing 2\nllamacpp:requests_deferred 0\n"

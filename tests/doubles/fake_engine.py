@@ -37,7 +37,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-GAUGES = {"vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting"), "sglang": ("sglang:num_running_reqs", "sglang:num_queue_reqs")}
+GAUGES = {
+    "vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"),
+    "sglang": ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage"),
+}
 
 
 def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
@@ -125,9 +128,9 @@ class FakeEngine:
         return web.json_response({"object": "list", "data": [card]})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        running, waiting = GAUGES[self.dialect]
+        running, waiting, cache = GAUGES[self.dialect]
         labels = f'{{model_name="{self.args.served_model_name}"}}'
-        text = f"# TYPE {running} gauge\n{running}{labels} {self.running}\n# TYPE {waiting} gauge\n{waiting}{labels} 0\n"
+        text = "".join(f"# TYPE {name} gauge\n{name}{labels} {value}\n" for name, value in ((running, self.running), (waiting, 0), (cache, 0.25)))
         return web.Response(text=text, content_type="text/plain")
 
     async def generate(self, request: web.Request) -> web.StreamResponse:

@@ -115,6 +115,9 @@ class FrontState(ServerState):
         Gauge("vramsupply_upstream_requests_waiting", "Requests the upstream reports waiting (its own metrics)", registry=registry).set_function(
             lambda: float(self.health.load.waiting) if self.health.load is not None else 0.0
         )
+        Gauge("vramsupply_upstream_kv_cache_usage", "Fraction of the upstream's KV cache in use (its own metrics)", registry=registry).set_function(
+            lambda: (self.health.load.cache_usage or 0.0) if self.health.load is not None else 0.0
+        )
 
 
 def unavailable_error(reason: str) -> ApiError:
