@@ -1,4 +1,5 @@
-"""The supervisor's watch: a launched engine whose /health stalls is stopped and started again.
+"""Watching an upstream without a model behind it: a launched engine whose /health stalls is
+stopped and started again, and a llama-server's own context, slots and load are read.
 
 The "engine" here is two test doubles side by side: a process that only sleeps (what is started,
 watched and stopped) and an in-process aiohttp app playing its HTTP surface, whose /health the
@@ -16,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from vramsupply.platform import Backoff
+from vramsupply.upstream import UpstreamBackend, UpstreamOptions
 from vramsupply.upstream.client import UpstreamClient
 from vramsupply.upstream.front import FrontState
 from vramsupply.upstream.supervisor import Supervisor
@@ -85,3 +87,41 @@ async def test_a_stalled_engine_is_restarted_and_ready_only_after_a_real_complet
             await client.close()
         assert supervisor.process is not None and supervisor.process.pid is not None
         assert not alive(supervisor.process.pid), "cancelling the supervisor stops the engine"
+
+
+class LlamaServerSurface:
+    """A stand-in for the endpoints llama-server documents: /health, /v1/models, /props, /metrics."""
+
+    ANSWERS = {
+        "/health": {"status": "ok"},
+        "/v1/models": {"data": [{"id": "qwen3-8b-q4_k_m.gguf", "object": "model"}]},
+        "/props": {"default_generation_settings": {"n_ctx": 8192}, "total_slots": 8},
+    }
+    METRICS = "llamacpp:requests_processing 3\nllamacpp:requests_deferred 2\nllamacpp:kv_cache_usage_ratio 0.4\n"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        for path in self.ANSWERS:
+            app.router.add_get(path, self.answer)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def answer(self, request: web.Request) -> web.Response:
+        return web.json_response(self.ANSWERS[request.path])
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.METRICS)
+
+
+async def test_a_llama_server_upstream_states_its_context_slots_and_load() -> None:
+    async with TestServer(LlamaServerSurface().app(), host="127.0.0.1") as http:
+        backend = UpstreamBackend(UpstreamOptions("upstream", model="qwen/qwen3-8b", upstream_model=None, url=str(http.make_url("/v1"))))
+        model = await backend.prepare()
+        backend.create_app("token", 1024)
+        try:
+            assert await backend.start(asyncio.Event())
+            assert (model.model_id, backend.upstream_model, backend.n_ctx, backend.slots) == ("qwen/qwen3-8b", "qwen3-8b-q4_k_m.gguf", 8192, 8)
+            stats = backend.stats()
+            assert (stats.slots_total, stats.slots_busy, stats.queue_depth) == (8, 3, 2), "heartbeats read the upstream's own gauges"
+        finally:
+            await backend.close()
