@@ -32,6 +32,15 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     return home
 
 
+@pytest.fixture(scope="session")
+def chat_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny model with a Qwen3-, a Llama-3- and a Mistral-style chat template (see chat_models.py)."""
+    from chat_models import FAMILIES, write_chat_model
+
+    directory = tmp_path_factory.mktemp("chat-models")
+    return {family: write_chat_model(family, directory) for family in FAMILIES}
+
+
 @pytest.fixture
 def config_file(isolated_env: Path) -> Path:
     return Path(os.environ["VRAM_SUPPLY_CONFIG"])

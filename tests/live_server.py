@@ -22,7 +22,7 @@ class LiveServer:
 
     def __init__(self, *, load: bool = True, drain_timeout: float = 5.0, **app_options: Any) -> None:
         self.engine_options = EngineOptions(
-            model_path=TINY_MODEL,
+            model_path=app_options.pop("model_path", TINY_MODEL),
             n_ctx=app_options.pop("n_ctx", 2048),
             parallel=app_options.pop("parallel", 4),
             max_queue=app_options.pop("max_queue", 64),

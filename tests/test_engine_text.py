@@ -117,7 +117,12 @@ def test_missing_or_broken_template_falls_back_to_chatml() -> None:
         (["hello"], r"messages\[0\] must be an object"),
         ([{"role": "wizard", "content": "x"}], r"messages\[0\].role must be one of"),
         ([{"role": "user"}], r"messages\[0\].content must be a string"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], r"content\[0\] must be a text part"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], r"content\[0\] content parts of type 'image_url'"),
+        ([{"role": "user", "content": [{"text": "no type"}]}], r"content\[0\] must be a text part"),
+        ([{"role": "user", "content": "x", "audio": {"id": "a"}}], r"messages\[0\].audio is not supported"),
+        ([{"role": "user", "content": "x", "tool_calls": []}], r"messages\[0\].tool_calls is not supported in a user message"),
+        ([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}], r"tool_calls\[0\].function.arguments must be a JSON object"),
+        ([{"role": "tool", "content": "42", "tool_call_id": 7}], r"messages\[0\].tool_call_id must be a string"),
     ],
 )
 def test_bad_chat_messages_get_a_clear_error(messages: object, error: str) -> None:
@@ -125,10 +130,23 @@ def test_bad_chat_messages_get_a_clear_error(messages: object, error: str) -> No
         normalize_messages(messages)
 
 
-def test_assistant_tool_call_message_without_content_is_accepted() -> None:
-    calls = [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+def test_assistant_tool_call_message_without_content_is_accepted_with_arguments_decoded() -> None:
+    """Templates write arguments with ``tojson``, so the wire format's JSON string becomes an object."""
+    calls = [{"id": "1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]
     [message] = normalize_messages([{"role": "assistant", "content": None, "tool_calls": calls}])
-    assert message == {"role": "assistant", "content": "", "tool_calls": calls}
+    assert message == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}],
+    }
+
+
+def test_names_and_tool_results_reach_the_template() -> None:
+    messages = [
+        {"role": "user", "content": "hi", "name": "alice"},
+        {"role": "tool", "content": "22 C", "tool_call_id": "call_1", "name": "get_weather"},
+    ]
+    assert normalize_messages(messages) == messages
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ Knows nothing of HTTP. ``Engine.load`` a GGUF, ``submit`` a ``GenerationRequest`
 loop and iterate the returned ``Generation`` for text deltas.
 """
 
+from .conversation import ChatPrompt, ChatRequest, ChatRequestError
 from .engine import Engine
 from .generation import Generation
 from .types import (
@@ -19,6 +20,9 @@ from .types import (
 )
 
 __all__ = [
+    "ChatPrompt",
+    "ChatRequest",
+    "ChatRequestError",
     "ContextOverflow",
     "Engine",
     "EngineClosed",

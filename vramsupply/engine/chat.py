@@ -9,11 +9,14 @@ which is also what llama-server falls back to.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from vramsupply.chat import ChatFormat, detect_format
+
+from .messages import normalize_messages
 
 log = logging.getLogger(__name__)
 
@@ -27,73 +30,51 @@ FALLBACK_TEMPLATE = (
 # A model that never saw ChatML has no end-of-turn token for it: stop on the text instead.
 FALLBACK_STOP = ("<|im_end|>",)
 
-ROLES = frozenset({"system", "user", "assistant", "tool"})
-# OpenAI's newer name for the system role; templates only know "system".
-ROLE_ALIASES = {"developer": "system"}
-
-
 class ChatTemplate:
     """A compiled chat template plus the special-token texts it may reference."""
 
     def __init__(self, template: str | None, bos_text: str, eos_text: str) -> None:
         self.bos_text = bos_text
         self.is_fallback = True
+        self.source = FALLBACK_TEMPLATE
         self._formatter = _compile(FALLBACK_TEMPLATE, bos_text, eos_text)
         if template:
             try:
                 self._formatter = _compile(template, bos_text, eos_text)
                 self.is_fallback = False
+                self.source = template
             except jinja2.TemplateError as exc:
                 log.warning("the model's chat template does not compile (%s); using ChatML instead", exc)
+        self.format: ChatFormat = detect_format(self.source, self._shows_tools())
 
     @property
     def stop(self) -> tuple[str, ...]:
         """Stop strings a chat request needs beyond the model's end-of-generation tokens."""
         return FALLBACK_STOP if self.is_fallback else ()
 
-    def render(self, messages: Any) -> str:
+    def render(self, messages: Any, tools: list[dict[str, Any]] | None = None, **variables: Any) -> str:
+        """The prompt for OpenAI-style ``messages``; ``tools`` and ``variables`` (e.g.
+        ``enable_thinking``) reach the template the way HuggingFace transformers pass them."""
         normalized = normalize_messages(messages)
         try:
-            return self._formatter(messages=normalized).prompt
+            return self._formatter(messages=normalized, tools=tools or None, **variables).prompt
         except ValueError as exc:
             raise ValueError(f"the model's chat template rejected the messages: {exc}") from None
         except (jinja2.TemplateError, TypeError, KeyError, IndexError) as exc:
             raise ValueError(f"the model's chat template failed on these messages: {exc}") from None
 
 
+    def _shows_tools(self) -> bool:
+        """Whether the template shows the model its tools: render it with a probe tool and look."""
+        probe = {"type": "function", "function": {"name": _PROBE_TOOL, "description": "", "parameters": {"type": "object"}}}
+        try:
+            return _PROBE_TOOL in self.render([{"role": "user", "content": "hi"}], tools=[probe])
+        except ValueError:
+            return False
+
+
+_PROBE_TOOL = "vramsupply_probe_tool"
+
+
 def _compile(template: str, bos_text: str, eos_text: str) -> Jinja2ChatFormatter:
     return Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text, add_generation_prompt=True)
-
-
-def normalize_messages(messages: Any) -> list[dict[str, Any]]:
-    """Check OpenAI-style messages and flatten text-part lists, so templates see plain strings."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list")
-    return [_normalize_message(i, m) for i, m in enumerate(messages)]
-
-
-def _normalize_message(index: int, message: Any) -> dict[str, Any]:
-    where = f"messages[{index}]"
-    if not isinstance(message, Mapping):
-        raise ValueError(f"{where} must be an object with 'role' and 'content'")
-    role = message.get("role")
-    role = ROLE_ALIASES.get(role, role)
-    if role not in ROLES:
-        raise ValueError(f"{where}.role must be one of {', '.join(sorted(ROLES | set(ROLE_ALIASES)))}, got {role!r}")
-    content = message.get("content")
-    if content is None and role == "assistant" and message.get("tool_calls"):
-        content = ""
-    return {**message, "role": role, "content": _content_text(where, content)}
-
-
-def _content_text(where: str, content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ValueError(f"{where}.content must be a string or a list of text parts")
-    texts = []
-    for i, part in enumerate(content):
-        if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ValueError(f"{where}.content[{i}] must be a text part {{'type': 'text', 'text': '...'}}")
-        texts.append(part["text"])
-    return "\n".join(texts)

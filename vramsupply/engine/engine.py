@@ -14,6 +14,7 @@ import numpy as np
 from llama_cpp._internals import LlamaContext
 
 from .chat import ChatTemplate
+from .conversation import ChatPrompt, ChatRequest, prepare_chat
 from .generation import Channel, Generation
 from .model import Model, create_context
 from .sampling import build_sampler
@@ -91,10 +92,24 @@ class Engine:
         self._ensure_open()
         return self._model.detokenize(tokens)
 
-    def tokenize_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Render messages with the chat template and tokenize them; ValueError on bad messages."""
+    def prepare_chat(self, request: ChatRequest) -> ChatPrompt:
+        """Render a chat request with the model's template and tokenize it (see ``conversation``).
+
+        Raises ``ChatRequestError`` (a ValueError naming the field) for anything it cannot honour.
+        """
         self._ensure_open()
-        prompt = self._chat.render(messages)
+        return prepare_chat(self._chat, request, self._tokenize_rendered, self._model.special_tokens)
+
+    def token_bytes(self, token: int) -> bytes:
+        """A token's bytes as logprobs show it (control tokens by their text)."""
+        self._ensure_open()
+        return self._model.piece(token, special=True)
+
+    def tokenize_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The prompt tokens of plain messages; ValueError on bad messages."""
+        return self.prepare_chat(ChatRequest(messages)).tokens
+
+    def _tokenize_rendered(self, prompt: str) -> list[int]:
         # Most templates write the BOS text themselves; only add it when the template did not.
         has_bos = bool(self._model.bos_text) and prompt.startswith(self._model.bos_text)
         return self._model.tokenize(prompt, add_special=not has_bos)
@@ -117,7 +132,7 @@ class Engine:
         sampler = build_sampler(request.sampling, self._model, prompt, request.ignore_eos)
         request_id = uuid.uuid4().hex
         channel = Channel(loop)
-        task = Task(request_id, prompt, sampler, max_completion, tuple(request.stop), channel)
+        task = Task(request_id, prompt, sampler, max_completion, tuple(request.stop), channel, request.preserve, request.logprobs)
         try:
             self._scheduler.submit(task)
         except BaseException:

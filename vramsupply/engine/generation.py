@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .logprobs import TokenLogprob
 from .types import EngineError, Usage
 
 
@@ -34,6 +35,7 @@ class Event:
     text: str
     token: int | None
     finish: Finish | None
+    logprob: TokenLogprob | None = None
 
 
 class Channel:
@@ -43,6 +45,7 @@ class Channel:
         self.loop = loop
         self.pending: deque[str] = deque()
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
         self.finish: Finish | None = None
         self._waiter: asyncio.Future[None] | None = None
 
@@ -51,6 +54,8 @@ class Channel:
             self.pending.append(event.text)
         if event.token is not None:
             self.token_ids.append(event.token)
+        if event.logprob is not None:
+            self.logprobs.append(event.logprob)
         if event.finish is not None:
             self.finish = event.finish
         if self._waiter is not None and not self._waiter.done():
@@ -82,6 +87,7 @@ class Generation:
         self._channel = channel
         self._request_cancel = request_cancel
         self._cancel_requested = False
+        self._logprobs_taken = 0
 
     @property
     def finish_reason(self) -> str | None:
@@ -97,6 +103,17 @@ class Generation:
     def token_ids(self) -> list[int]:
         """Completion token ids received so far (no EOG token; tokens holding a stop string included)."""
         return list(self._channel.token_ids)
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """Every completion token's logprobs so far, when the request asked for them."""
+        return list(self._channel.logprobs)
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The logprobs that arrived since the last call (for the stream chunk being written)."""
+        fresh = self._channel.logprobs[self._logprobs_taken :]
+        self._logprobs_taken = len(self._channel.logprobs)
+        return fresh
 
     @property
     def done(self) -> bool:

@@ -63,6 +63,7 @@ class Model:
         self.eos_text = self._special_text(llama_model.token_eos())
         self.eog_tokens = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
         self._pieces: dict[int, bytes] = {}
+        self._special_pieces: dict[int, bytes] = {}
 
     @classmethod
     def load(cls, path: Path, n_gpu_layers: int) -> Model:
@@ -101,21 +102,32 @@ class Model:
             capacity = -count
         raise EngineError(f"llama.cpp could not tokenize a text of {len(data)} bytes")
 
-    def piece(self, token: int) -> bytes:
-        """The bytes a generated token stands for; control tokens render as nothing."""
-        cached = self._pieces.get(token)
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes a generated token stands for; control tokens render as nothing unless ``special``."""
+        pieces = self._special_pieces if special else self._pieces
+        cached = pieces.get(token)
         if cached is None:
-            cached = self._pieces[token] = self._render_piece(token)
+            cached = pieces[token] = self._render_piece(token, special)
         return cached
+
+    def special_tokens(self, texts: Sequence[str]) -> frozenset[int]:
+        """The ids of those ``texts`` that are one token which renders as nothing by default
+        (a control token such as ``<|python_tag|>``): output must show them for parsing."""
+        found = set()
+        for text in texts:
+            tokens = self.tokenize(text, add_special=False)
+            if len(tokens) == 1 and not self.piece(tokens[0]):
+                found.add(tokens[0])
+        return frozenset(found)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.piece(int(t)) for t in tokens).decode("utf-8", errors="replace")
 
-    def _render_piece(self, token: int) -> bytes:
+    def _render_piece(self, token: int, special: bool = False) -> bytes:
         capacity = 64
         for _ in range(2):
             buffer = ctypes.create_string_buffer(capacity)
-            length = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, capacity, 0, False)
+            length = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, capacity, 0, special)
             if length >= 0:
                 return buffer.raw[:length]
             capacity = -length

@@ -30,6 +30,7 @@ from llama_cpp._internals import LlamaContext
 
 from .batch import Batch
 from .generation import Event, Finish, deliver
+from .logprobs import TokenLogprob, token_logprob
 from .model import Model
 from .slots import Slot, Task, choose_slot
 from .types import EngineClosed, EngineError, EngineStats, Overloaded, Usage
@@ -247,28 +248,34 @@ class Scheduler:
         for slot in in_batch:
             if slot.row >= 0:
                 token = llama_cpp.llama_sampler_sample(slot.task.sampler.sampler, self._ctx, slot.row)
+                logprob = self._logprob(slot, token)
                 slot.row = -1
-                generated += self._on_token(slot, token)
+                generated += self._on_token(slot, token, logprob)
         if generated:
             with self._lock:
                 self._completion_tokens_total += generated
 
-    def _on_token(self, slot: Slot, token: int) -> int:
+    def _logprob(self, slot: Slot, token: int) -> TokenLogprob | None:
+        """Only for requests that asked: a pass over the vocabulary's logits per token."""
+        top_n = slot.task.logprobs
+        return None if top_n is None else token_logprob(self._ctx, slot.row, self._model.n_vocab, token, top_n)
+
+    def _on_token(self, slot: Slot, token: int, logprob: TokenLogprob | None = None) -> int:
         """Stream one sampled token; returns how many completion tokens it counts for (0 or 1)."""
         task = slot.task
         if token in self._model.eog_tokens:
             self._end_slot(slot, Finish("stop", self._usage(slot)), text=slot.stream.finish())
             return 0
         slot.completion_tokens += 1
-        delta = slot.stream.push(self._model.piece(token))
+        delta = slot.stream.push(self._model.piece(token, token in task.preserve))
         if delta.stopped:
-            self._end_slot(slot, Finish("stop", self._usage(slot)), text=delta.text, token=token)
+            self._end_slot(slot, Finish("stop", self._usage(slot)), text=delta.text, token=token, logprob=logprob)
         elif slot.completion_tokens >= task.max_completion:
             text = delta.text + slot.stream.finish()
-            self._end_slot(slot, Finish("length", self._usage(slot)), text=text, token=token)
+            self._end_slot(slot, Finish("length", self._usage(slot)), text=text, token=token, logprob=logprob)
         else:
             slot.next_token = token
-            self._events.append(Event(task.channel, delta.text, token, None))
+            self._events.append(Event(task.channel, delta.text, token, None, logprob))
         return 1
 
     def _decode_failed(self, slots: list[Slot], status: int) -> None:
@@ -283,9 +290,11 @@ class Scheduler:
     def _usage(slot: Slot) -> Usage:
         return Usage(len(slot.task.prompt), slot.completion_tokens, slot.cached_tokens)
 
-    def _end_slot(self, slot: Slot, finish: Finish, text: str = "", token: int | None = None) -> None:
+    def _end_slot(
+        self, slot: Slot, finish: Finish, text: str = "", token: int | None = None, logprob: TokenLogprob | None = None
+    ) -> None:
         task = slot.release()
-        self._events.append(Event(task.channel, text, token, finish))
+        self._events.append(Event(task.channel, text, token, finish, logprob))
         with self._lock:
             self._busy -= 1
             self._outstanding -= 1

@@ -25,6 +25,8 @@ class Task:
     max_completion: int
     stop: tuple[str, ...]
     channel: Channel
+    preserve: frozenset[int] = frozenset()
+    logprobs: int | None = None  # top alternatives per token to report; None: no logprobs
 
 
 class Slot:

@@ -140,9 +140,14 @@ class GenerationRequest:
     max_tokens: int | None = None
     stop: Sequence[str] = ()
     ignore_eos: bool = False
+    # Control tokens to render as text (a chat format's tool-call and thinking markers).
+    preserve: frozenset[int] = frozenset()
+    # Report each generated token's log-probability and this many alternatives (0-20); None: don't.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _require(len(self.prompt) > 0, "the prompt must contain at least one token")
+        _require(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be between 0 and 20, got {self.logprobs}")
         _require(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}")
         _require(not isinstance(self.stop, str), "stop must be a sequence of strings, not a single string")
         _require(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")

@@ -18,6 +18,7 @@ from typing import Protocol, TypeVar
 from aiohttp import web
 
 from vramsupply.engine import (
+    ChatPrompt,
     ContextOverflow,
     Engine,
     EngineClosed,
@@ -30,14 +31,12 @@ from vramsupply.engine import (
 from vramsupply.server.errors import ApiError
 from vramsupply.server.grammar import grammar_for
 from vramsupply.server.metrics import ServerMetrics
+from vramsupply.engine.logprobs import TokenLogprob
+from vramsupply.server.chat_shape import ChatShape
+from vramsupply.server.logprobs_out import TokenBytes, text_logprobs
 from vramsupply.server.responses import (
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatDelta,
-    ChatMessageOut,
     FinishReason,
+    TextLogprobs,
     TextChoice,
     TextCompletion,
     UsageOut,
@@ -47,6 +46,7 @@ from vramsupply.server.responses import (
 from vramsupply.server.schemas import ChatCompletionBody, CompletionBody
 from vramsupply.server.state import SERVER_STATE, ServerState
 
+Logprobs = list[TokenLogprob] | None  # one choice's logprobs, or None when not asked for
 RETRY_AFTER_SECONDS = "1"
 INLINE_TOKENIZE_MAX_BYTES = 8192
 T = TypeVar("T")
@@ -59,60 +59,28 @@ class ResponseShape(Protocol):
     prompt_param: str
     include_usage: bool
 
-    def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut) -> str: ...
+    def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut, logprobs: Sequence[Logprobs]) -> str: ...
     def opening_chunk(self, index: int) -> str | None: ...
-    def text_chunk(self, index: int, text: str) -> str: ...
-    def finish_chunk(self, index: int, finish: FinishReason) -> str: ...
+    def text_chunks(self, index: int, text: str, logprobs: Logprobs) -> list[str]: ...
+    def finish_chunks(self, index: int, finish: FinishReason, logprobs: Logprobs) -> list[str]: ...
     def usage_chunk(self, usage: UsageOut) -> str: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class ChatShape:
-    id: str
-    created: int
-    model: str
-    include_usage: bool
-    prompt_param: str = "messages"
-
-    def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut) -> str:
-        choices = [
-            ChatChoice(index=i, message=ChatMessageOut(role="assistant", content=text, refusal=None), logprobs=None, finish_reason=finish)
-            for i, (text, finish) in enumerate(zip(texts, finishes))
-        ]
-        return ChatCompletion(
-            id=self.id, object="chat.completion", created=self.created, model=self.model, choices=choices, usage=usage
-        ).to_json()
-
-    def opening_chunk(self, index: int) -> str:
-        """OpenAI's first chunk of every choice announces the assistant role."""
-        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""), logprobs=None, finish_reason=None)])
-
-    def text_chunk(self, index: int, text: str) -> str:
-        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=text), logprobs=None, finish_reason=None)])
-
-    def finish_chunk(self, index: int, finish: FinishReason) -> str:
-        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(), logprobs=None, finish_reason=finish)])
-
-    def usage_chunk(self, usage: UsageOut) -> str:
-        return self._chunk([], usage)
-
-    def _chunk(self, choices: list[ChatChunkChoice], usage: UsageOut | None = None) -> str:
-        chunk = ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=choices)
-        if self.include_usage:
-            chunk.usage = usage
-        return chunk.to_json()
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class TextShape:
     id: str
     created: int
     model: str
     include_usage: bool
+    token_bytes: TokenBytes
     prompt_param: str = "prompt"
+    _offsets: dict[int, int] = dataclasses.field(default_factory=dict)
 
-    def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut) -> str:
-        choices = [TextChoice(index=i, text=text, logprobs=None, finish_reason=finish) for i, (text, finish) in enumerate(zip(texts, finishes))]
+    def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut, logprobs: Sequence[Logprobs]) -> str:
+        choices = [
+            TextChoice(index=i, text=text, logprobs=self._logprobs(i, entries), finish_reason=finish)
+            for i, (text, finish, entries) in enumerate(zip(texts, finishes, logprobs))
+        ]
         return TextCompletion(
             id=self.id, object="text_completion", created=self.created, model=self.model, choices=choices, usage=usage
         ).to_json()
@@ -120,11 +88,18 @@ class TextShape:
     def opening_chunk(self, index: int) -> None:
         return None
 
-    def text_chunk(self, index: int, text: str) -> str:
-        return self._chunk([TextChoice(index=index, text=text, logprobs=None, finish_reason=None)])
+    def text_chunks(self, index: int, text: str, logprobs: Logprobs) -> list[str]:
+        return [self._chunk([TextChoice(index=index, text=text, logprobs=self._logprobs(index, logprobs), finish_reason=None)])]
 
-    def finish_chunk(self, index: int, finish: FinishReason) -> str:
-        return self._chunk([TextChoice(index=index, text="", logprobs=None, finish_reason=finish)])
+    def finish_chunks(self, index: int, finish: FinishReason, logprobs: Logprobs) -> list[str]:
+        return [self._chunk([TextChoice(index=index, text="", logprobs=self._logprobs(index, logprobs), finish_reason=finish)])]
+
+    def _logprobs(self, index: int, entries: Logprobs) -> TextLogprobs | None:
+        if entries is None:
+            return None
+        out = text_logprobs(entries, self.token_bytes, self._offsets.get(index, 0))
+        self._offsets[index] = self._offsets.get(index, 0) + sum(len(t) for t in out.tokens)
+        return out
 
     def usage_chunk(self, usage: UsageOut) -> str:
         return self._chunk([], usage)
@@ -141,10 +116,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[SERVER_STATE]
     engine = state.ready_engine()
     body = await state.parse(request, ChatCompletionBody)
-    messages = [m.for_template() for m in body.messages]
-    prompt = await _tokenize(request, engine.tokenize_chat, messages, param="messages")
-    shape = ChatShape(id=new_id("chatcmpl"), created=now(), model=state.model_id, include_usage=body.include_usage)
-    requests = generation_requests(body, prompt, extra_stop=engine.chat_stop)
+    chat = await _tokenize(request, engine.prepare_chat, body.chat_request(), param="messages")
+    shape = ChatShape(
+        id=new_id("chatcmpl"),
+        created=now(),
+        model=state.model_id,
+        include_usage=body.include_usage,
+        prompt=chat,
+        count_tokens=lambda text: len(engine.tokenize(text, add_special=False)),
+        token_bytes=engine.token_bytes,
+    )
+    requests = chat_generation_requests(body, chat)
     return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started))
 
 
@@ -154,7 +136,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     engine = state.ready_engine()
     body = await state.parse(request, CompletionBody)
     prompt = body.prompt if isinstance(body.prompt, list) else await _tokenize(request, engine.tokenize, body.prompt, param="prompt")
-    shape = TextShape(id=new_id("cmpl"), created=now(), model=state.model_id, include_usage=body.include_usage)
+    shape = TextShape(id=new_id("cmpl"), created=now(), model=state.model_id, include_usage=body.include_usage, token_bytes=engine.token_bytes)
     requests = generation_requests(body, prompt)
     return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started))
 
@@ -174,7 +156,7 @@ async def _tokenize(request: web.Request, tokenize: Callable[[T], list[int]], va
     except EngineError as exc:
         raise engine_error(exc, param) from None
     except ValueError as exc:
-        raise ApiError(400, str(exc), param=param, code="invalid_value") from None
+        raise ApiError(400, str(exc), param=getattr(exc, "param", param), code="invalid_value") from None
 
 
 def generation_requests(
@@ -182,10 +164,24 @@ def generation_requests(
 ) -> list[GenerationRequest]:
     """One engine request per choice; with a seed, choice i uses seed + i so choices differ yet reproduce.
 
-    ``extra_stop`` holds stop strings the chat template needs (the engine's ``chat_stop``).
+    ``extra_stop`` holds stop strings the chat template needs (the chat prompt's ``stop``).
     """
     try:
         return _generation_requests(body, grammar_for(body.response_format), prompt, (*body.stop, *extra_stop))
+    except ValueError as exc:
+        raise ApiError(400, str(exc), code="invalid_value") from None
+
+
+def chat_generation_requests(body: ChatCompletionBody, chat: ChatPrompt) -> list[GenerationRequest]:
+    """A chat's requests: the template's stop strings and marker tokens, and a forced call's grammar."""
+    if chat.grammar is not None and body.response_format is not None and body.response_format.type != "text":
+        raise ApiError(400, "A forced tool call cannot be combined with a JSON response_format.", param="tool_choice", code="invalid_value")
+    requests = generation_requests(body, chat.tokens, extra_stop=chat.stop)
+    grammar = {"grammar": chat.grammar} if chat.grammar is not None else {}
+    try:
+        return [
+            dataclasses.replace(r, preserve=chat.preserve, sampling=dataclasses.replace(r.sampling, **grammar)) for r in requests
+        ]
     except ValueError as exc:
         raise ApiError(400, str(exc), code="invalid_value") from None
 
@@ -211,6 +207,7 @@ def _generation_requests(
             max_tokens=body.token_limit,
             stop=stop,
             ignore_eos=body.ignore_eos,
+            logprobs=body.wants_logprobs,
         )
         for i in range(body.n)
     ]
@@ -287,10 +284,12 @@ async def _complete(
     generations = submit_all(engine, requests, shape.prompt_param)
     try:
         if stream:
-            return await _stream(request, state, generations, shape, clock)
+            return await _stream(request, state, generations, shape, clock, requests[0].logprobs is not None)
         texts = await asyncio.gather(*(_collect(state, clock, i, g) for i, g in enumerate(generations)))
         usage = _usage(state, generations)
-        return web.Response(text=shape.response(texts, [_finish(g) for g in generations], usage), content_type="application/json")
+        logprobs = [g.logprobs if r.logprobs is not None else None for g, r in zip(generations, requests)]
+        finishes = [_finish(g) for g in generations]
+        return web.Response(text=shape.response(texts, finishes, usage, logprobs), content_type="application/json")
     except EngineError as exc:
         raise engine_error(exc, shape.prompt_param) from None
     finally:
@@ -321,7 +320,7 @@ def _usage(state: ServerState, generations: list[Generation]) -> UsageOut:
 
 
 async def _stream(
-    request: web.Request, state: ServerState, generations: list[Generation], shape: ResponseShape, clock: RequestClock
+    request: web.Request, state: ServerState, generations: list[Generation], shape: ResponseShape, clock: RequestClock, logprobs: bool
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
@@ -331,11 +330,14 @@ async def _stream(
             if opening is not None:
                 await _send(response, opening)
         async for index, text in _interleave(generations):
+            entries = generations[index].take_logprobs() if logprobs else None
             if text is None:
-                await _send(response, shape.finish_chunk(index, _finish(generations[index])))
+                chunks = shape.finish_chunks(index, _finish(generations[index]), entries)
             else:
                 clock.mark(index, state.metrics)
-                await _send(response, shape.text_chunk(index, text))
+                chunks = shape.text_chunks(index, text, entries)
+            for chunk in chunks:
+                await _send(response, chunk)
         usage = _usage(state, generations)
         if shape.include_usage:
             await _send(response, shape.usage_chunk(usage))

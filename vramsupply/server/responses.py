@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from vramsupply.engine import Usage
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class _Out(BaseModel):
@@ -27,11 +27,16 @@ class PromptTokensDetails(_Out):
     cached_tokens: int
 
 
+class CompletionTokensDetails(_Out):
+    reasoning_tokens: int
+
+
 class UsageOut(_Out):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails | None = None
 
     @classmethod
     def combine(cls, usages: list[Usage]) -> UsageOut:
@@ -46,16 +51,51 @@ class UsageOut(_Out):
         )
 
 
+class FunctionOut(_Out):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallOut(_Out):
+    """A whole call in ``message.tool_calls``, or one fragment of it in a stream's ``delta.tool_calls``
+    (``index`` on every fragment; ``id``, ``type`` and ``function.name`` on the first only)."""
+
+    index: int | None = None
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionOut
+
+
+class TopLogprob(_Out):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(_Out):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Out):
+    content: list[TokenLogprobOut] | None
+    refusal: None
+
+
 class ChatMessageOut(_Out):
     role: Literal["assistant"]
-    content: str
+    content: str | None
     refusal: None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(_Out):
     index: int
     message: ChatMessageOut
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason
 
 
@@ -71,12 +111,14 @@ class ChatCompletion(_Out):
 class ChatDelta(_Out):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChunkChoice(_Out):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -89,10 +131,19 @@ class ChatCompletionChunk(_Out):
     usage: UsageOut | None = None
 
 
+class TextLogprobs(_Out):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class TextChoice(_Out):
     index: int
     text: str
-    logprobs: None
+    logprobs: TextLogprobs | None
     finish_reason: FinishReason | None
 
 

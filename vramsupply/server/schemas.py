@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI API, validated with pydantic.
 
-Unknown fields are ignored, as OpenAI-compatible servers do, but fields that would change the
-answer in a way we cannot honour (logprobs, tools, echo) are rejected with a 400 instead of being
-silently dropped. Sampling fields left out keep llama.cpp's defaults (``SamplingParams``).
+Unknown fields are ignored, as OpenAI-compatible servers do, but OpenAI fields that would change
+the answer in a way we cannot honour (audio, echo, store, the legacy functions API…) are rejected
+with a 400 instead of being silently dropped. Sampling fields left out keep llama.cpp's defaults
+(``SamplingParams``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from vramsupply.engine import ChatRequest
+
 MAX_CHOICES = 16
 # Every stop string is searched for after every token on the one scheduler thread that decodes all
 # slots, so an unbounded list would let one request slow every other (200k cost 0.2 s a token).
 MAX_STOP_STRINGS = 16
+# OpenAI allows 20 alternatives per token on chat and 5 on completions; both get 20 here.
+MAX_TOP_LOGPROBS = 20
 
 
 def _unsupported(value: Any, what: str) -> Any:
@@ -105,60 +110,90 @@ class GenerationBody(_Body):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | None = None
-    name: str | None = None
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_parts(cls, value: Any) -> Any:
-        """Content parts are joined into one string; only text parts exist for a text model."""
-        if not isinstance(value, list):
-            return value
-        texts = []
-        for part in value:
-            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-                raise ValueError("each content part must be an object with a 'type'")
-            if part["type"] != "text":
-                raise ValueError(f"content parts of type {part['type']!r} are not supported: this model reads text only")
-            if not isinstance(part.get("text"), str):
-                raise ValueError("a text content part needs a string 'text'")
-            texts.append(part["text"])
-        return "\n".join(texts)
-
-    @model_validator(mode="after")
-    def _content_given(self) -> ChatMessage:
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content")
-        return self
-
-    def for_template(self) -> dict[str, str]:
-        """The plain ``{"role", "content"}`` dict the engine's ``tokenize_chat`` takes (it maps ``developer`` to ``system``)."""
-        return {"role": self.role, "content": self.content or ""}
-
-
 class ChatCompletionBody(GenerationBody):
-    messages: list[ChatMessage] = Field(min_length=1)
+    """A chat request. Its messages, tools and template options are only checked for their JSON
+    shape here; the engine's chat contract (``Engine.prepare_chat``) judges their content."""
+
+    messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
-    tools: list[Any] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI fields we cannot honour: refused rather than dropped.
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    verbosity: Any = None
+    modalities: list[str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
 
-    @field_validator("logprobs")
+    @field_validator("functions", "function_call")
     @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        return _unsupported(value, "logprobs are")
+    def _legacy_functions(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("the legacy functions API is not supported by this server; send tools and tool_choice instead")
+        return value
 
-    @field_validator("tools")
+    @field_validator("audio", "prediction", "web_search_options", "verbosity")
     @classmethod
-    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
-        return _unsupported(value, "tools (function calling) are")
+    def _refused(cls, value: Any, info: ValidationInfo) -> Any:
+        _unsupported(value is not None, f"{info.field_name} is")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: list[str] | None) -> list[str] | None:
+        _unsupported(value is not None and set(value) - {"text"}, "output other than text is")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _no_store(cls, value: bool | None) -> bool | None:
+        return _unsupported(value, "storing completions (store: true) is")
+
+    @field_validator("service_tier")
+    @classmethod
+    def _one_tier(cls, value: str | None) -> str | None:
+        _unsupported(value not in (None, "auto", "default"), f"service_tier {value!r} is")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return value
 
     @property
     def token_limit(self) -> int | None:
         """``max_completion_tokens`` is OpenAI's newer name; when both are given it wins."""
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def wants_logprobs(self) -> int | None:
+        """How many alternatives per token to report, or None when logprobs were not asked for."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def chat_request(self) -> ChatRequest:
+        """The engine's side of the chat contract (vLLM's ``to_sampling_params`` idea)."""
+        variables = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            variables.setdefault("reasoning_effort", self.reasoning_effort)
+        return ChatRequest(
+            messages=self.messages,
+            tools=self.tools,
+            tool_choice=self.tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls is not False,
+            template_variables=variables,
+        )
 
 
 class CompletionBody(GenerationBody):
@@ -167,7 +202,7 @@ class CompletionBody(GenerationBody):
     prompt: str | list[int]
     max_tokens: int | None = Field(16, ge=1)
     response_format: ResponseFormat | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -191,11 +226,6 @@ class CompletionBody(GenerationBody):
     def _default_max_tokens(cls, value: Any) -> Any:
         return 16 if value is None else value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: int | None) -> int | None:
-        return _unsupported(value, "logprobs are")
-
     @field_validator("echo")
     @classmethod
     def _no_echo(cls, value: bool) -> bool:
@@ -215,3 +245,7 @@ class CompletionBody(GenerationBody):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def wants_logprobs(self) -> int | None:
+        return self.logprobs

@@ -1,0 +1,264 @@
+"""What agent clients send, through the official openai SDK: tools, tool results, reasoning, logprobs.
+
+The servers run copies of the tiny model carrying a Qwen3-, a Llama-3- and a Mistral-style chat
+template (``chat_models.py``). The tiny model writes nonsense, so every tool call here is a forced
+one (``tool_choice`` required or named): the grammar built from the tool's schema makes even this
+model write a valid call, in its family's own syntax.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from live_server import MODEL_ID, LiveServer
+from vramsupply.engine import ChatRequest
+
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 8},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The forecast for a city.", "parameters": WEATHER_SCHEMA}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "The local time in a timezone.",
+            "parameters": {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"]},
+        },
+    },
+]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+WEATHER = {"type": "function", "function": {"name": "get_weather"}}
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama3", "mistral"])
+def server(request: pytest.FixtureRequest, chat_models: dict[str, Path]) -> Iterator[LiveServer]:
+    with LiveServer(model_path=chat_models[request.param], n_ctx=2048) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def qwen(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
+    with LiveServer(model_path=chat_models["qwen3"], n_ctx=2048) as live:
+        yield live
+
+
+def sdk(server: LiveServer) -> OpenAI:
+    return OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+def check_weather_call(call: object) -> dict:
+    assert call.type == "function"
+    assert call.function.name == "get_weather"
+    assert call.id
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, WEATHER_SCHEMA)
+    return arguments
+
+
+@pytest.mark.slow
+async def test_forced_named_call_matches_the_schema_for_50_seeds(qwen: LiveServer) -> None:
+    async with AsyncOpenAI(base_url=qwen.base_url, api_key="unused", max_retries=0) as client:
+
+        async def call(seed: int) -> object:
+            return await client.chat.completions.create(
+                model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice=WEATHER, seed=seed, max_tokens=120, extra_body=NO_THINKING
+            )
+
+        responses = await asyncio.gather(*(call(seed) for seed in range(50)))
+    arguments = []
+    for response in responses:
+        choice = response.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        assert choice.message.content is None
+        [call] = choice.message.tool_calls
+        arguments.append(check_weather_call(call))
+    assert len({json.dumps(a) for a in arguments}) > 10  # 50 seeds, really different calls
+
+
+def test_forced_named_call_in_each_familys_syntax(server: LiveServer) -> None:
+    with sdk(server) as client:
+        for seed in range(4):
+            response = client.chat.completions.create(
+                model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice=WEATHER, seed=seed, max_tokens=120, extra_body=NO_THINKING
+            )
+            choice = response.choices[0]
+            assert choice.finish_reason == "tool_calls", choice
+            [call] = choice.message.tool_calls
+            check_weather_call(call)
+
+
+def test_required_tool_choice_calls_one_of_the_tools(server: LiveServer) -> None:
+    with sdk(server) as client:
+        names = set()
+        for seed in range(3):
+            response = client.chat.completions.create(
+                model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, seed=seed, max_tokens=120, extra_body=NO_THINKING
+            )
+            [call] = response.choices[0].message.tool_calls
+            names.add(call.function.name)
+            assert call.function.name in ("get_weather", "get_time")
+            json.loads(call.function.arguments)
+        assert names <= {"get_weather", "get_time"}
+
+
+def test_streamed_tool_call_uses_openais_delta_shape(server: LiveServer) -> None:
+    with sdk(server) as client:
+        stream = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice=WEATHER, seed=3, max_tokens=120, stream=True, extra_body=NO_THINKING
+        )
+        fragments = [d for chunk in stream for choice in chunk.choices for d in (choice.delta.tool_calls or [])]
+        whole = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice=WEATHER, seed=3, max_tokens=120, extra_body=NO_THINKING
+        )
+    first, *rest = fragments
+    assert first.index == 0 and first.id and first.type == "function" and first.function.name == "get_weather"
+    assert first.function.arguments == ""
+    assert rest and all(f.index == 0 and f.id is None and f.function.name is None for f in rest)
+    arguments = "".join(f.function.arguments for f in rest)
+    assert json.loads(arguments) == json.loads(whole.choices[0].message.tool_calls[0].function.arguments)
+
+
+def test_stream_ends_with_finish_reason_tool_calls(qwen: LiveServer) -> None:
+    with sdk(qwen) as client:
+        stream = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice=WEATHER, max_tokens=120, stream=True, extra_body=NO_THINKING
+        )
+        reasons = [choice.finish_reason for chunk in stream for choice in chunk.choices if choice.finish_reason]
+    assert reasons == ["tool_calls"]
+
+
+def test_agent_loop_tools_then_result_then_answer(server: LiveServer) -> None:
+    """The loop every agent framework runs: the model calls a tool, the client runs it and sends the
+    result back in a ``tool`` message, and the model answers."""
+    assert server.engine is not None
+    with sdk(server) as client:
+        messages: list[dict] = list(ASK)
+        first = client.chat.completions.create(
+            model=MODEL_ID, messages=messages, tools=TOOLS, tool_choice=WEATHER, max_tokens=120, extra_body=NO_THINKING
+        )
+        [call] = first.choices[0].message.tool_calls
+        arguments = check_weather_call(call)
+        messages.append(first.choices[0].message.model_dump(exclude_none=True))
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": f"Sunny, 22 degrees {arguments['unit']}"})
+
+        final = client.chat.completions.create(model=MODEL_ID, messages=messages, tools=TOOLS, max_tokens=20, extra_body=NO_THINKING)
+
+    assert final.choices[0].finish_reason in ("stop", "length")
+    assert final.choices[0].message.tool_calls is None
+    assert final.choices[0].message.content
+    # The template was given the call and its result, in its own syntax.
+    prompt = server.engine.detokenize(server.engine.prepare_chat(ChatRequest(messages, tools=TOOLS)).tokens)
+    assert "Sunny, 22 degrees" in prompt
+    assert "get_weather" in prompt.split("What is the weather in Paris?")[-1]
+
+
+def test_tool_choice_none_answers_in_text(server: LiveServer) -> None:
+    with sdk(server) as client:
+        response = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=10, extra_body=NO_THINKING)
+    assert response.choices[0].message.tool_calls is None
+    assert response.choices[0].finish_reason in ("stop", "length")
+
+
+# ---- reasoning ------------------------------------------------------------------------------------
+
+
+def test_reasoning_content_when_the_template_opens_a_think_block(qwen: LiveServer) -> None:
+    """The Qwen-style template ends its generation prompt with ``<think>``: what the model writes
+    first is its thought, and must never leak into ``content``."""
+    with sdk(qwen) as client:
+        whole = client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=30, seed=7)
+        stream = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, max_tokens=30, seed=7, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = list(stream)
+    message = whole.choices[0].message
+    assert message.reasoning_content  # an extra field: the SDK keeps it
+    assert message.content == ""
+    streamed = "".join(getattr(c.delta, "reasoning_content", None) or "" for chunk in chunks for c in chunk.choices)
+    assert streamed == message.reasoning_content
+    assert "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices) == ""
+    for usage in (whole.usage, chunks[-1].usage):
+        assert 0 < usage.completion_tokens_details.reasoning_tokens <= usage.completion_tokens
+
+
+def test_enable_thinking_false_reaches_the_template(qwen: LiveServer) -> None:
+    with sdk(qwen) as client:
+        response = client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=20, seed=7, extra_body=NO_THINKING)
+    message = response.choices[0].message
+    assert getattr(message, "reasoning_content", None) is None
+    assert message.content
+
+
+# ---- logprobs -------------------------------------------------------------------------------------
+
+
+def assert_distribution(entries: list, top: int) -> None:
+    for entry in entries:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == top
+        values = [t.logprob for t in entry.top_logprobs]
+        assert all(v <= 0 for v in values)
+        assert values == sorted(values, reverse=True)
+        assert sum(math.exp(v) for v in values) <= 1 + 1e-6
+        assert entry.logprob <= values[0] + 1e-9 if values else True
+
+
+def test_chat_logprobs_are_the_models_distribution(qwen: LiveServer) -> None:
+    with sdk(qwen) as client:
+        greedy = client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=12, temperature=0, logprobs=True, top_logprobs=5)
+        sampled = client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=12, seed=1, logprobs=True, top_logprobs=20)
+        none = client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=12, seed=1)
+    content = greedy.choices[0].logprobs.content
+    assert len(content) == greedy.usage.completion_tokens
+    assert_distribution(content, 5)
+    # Greedy decoding picks the most likely token: it is the first alternative, with its logprob.
+    for entry in content:
+        assert entry.token == entry.top_logprobs[0].token
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+    assert_distribution(sampled.choices[0].logprobs.content, 20)
+    assert none.choices[0].logprobs is None
+
+
+def test_streamed_chat_logprobs_cover_every_token(qwen: LiveServer) -> None:
+    with sdk(qwen) as client:
+        stream = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, max_tokens=15, seed=2, logprobs=True, top_logprobs=3, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = list(stream)
+    entries = [e for chunk in chunks for c in chunk.choices if c.logprobs and c.logprobs.content for e in c.logprobs.content]
+    assert len(entries) == chunks[-1].usage.completion_tokens
+    assert_distribution(entries, 3)
+
+
+def test_completions_logprobs_n(qwen: LiveServer) -> None:
+    with sdk(qwen) as client:
+        response = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=3)
+        stream = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=3, stream=True)
+        streamed = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs]
+    logprobs = response.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 8
+    assert "".join(logprobs.tokens) == response.choices[0].text
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(8)]
+    for value, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+        assert len(top) == 3 and value == pytest.approx(max(top.values())) and value <= 0
+        assert sum(math.exp(v) for v in top.values()) <= 1 + 1e-6
+    assert [t for s in streamed for t in s.tokens] == logprobs.tokens
+    assert [o for s in streamed for o in s.text_offset] == logprobs.text_offset

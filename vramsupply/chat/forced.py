@@ -1,0 +1,164 @@
+"""Grammars that force a tool call (``tool_choice`` ``required`` or a named function).
+
+The call is written in the template family's own syntax, and its arguments must match the tool's
+JSON schema, so a forced call always parses and validates. The arguments' rules come from
+llama-cpp-python's JSON-schema converter (the one ``response_format`` uses); one converter is
+shared by all the tools, so their rules live in one grammar without clashing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from llama_cpp.llama_grammar import SchemaConverter
+
+from .formats import ReasoningMarkers
+from .syntaxes import ToolSyntax
+
+_EMPTY_OBJECT = {"type": "object", "properties": {}}
+# Integer ranges up to this many values become an alternation of their literals.
+MAX_LISTED_INTEGERS = 1000
+
+
+# A JSON string character: llama-cpp-python's rule lets raw control characters (a newline) into
+# strings, which makes the JSON invalid; llama.cpp's own converter excludes them, as here.
+JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+
+
+class _Converter(SchemaConverter):
+    """llama-cpp-python's converter, with JSON-valid string characters and integer bounds
+    (``minimum``/``maximum``, which it ignores).
+
+    A bounded range of up to ``MAX_LISTED_INTEGERS`` values is listed; a lower bound of 0 or 1
+    alone is a digit pattern. Other numeric bounds are not enforced by the grammar.
+    """
+
+    def format_grammar(self) -> str:
+        if "char" in self._rules:
+            self._rules["char"] = JSON_CHAR
+        return super().format_grammar()
+
+    def visit(self, schema: Any, name: str) -> str:
+        if isinstance(schema, dict) and schema.get("type") == "integer":
+            rule = _integer_rule(schema)
+            if rule is not None:
+                return self._add_rule(f"{name or 'root'}-int", f"({rule}) space")
+        return super().visit(schema, name)
+
+
+def _integer_rule(schema: dict[str, Any]) -> str | None:
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if isinstance(schema.get("exclusiveMinimum"), (int, float)):
+        low = schema["exclusiveMinimum"] + 1
+    if isinstance(schema.get("exclusiveMaximum"), (int, float)):
+        high = schema["exclusiveMaximum"] - 1
+    if not all(v is None or (isinstance(v, (int, float)) and float(v).is_integer()) for v in (low, high)):
+        return None
+    if low is not None and high is not None and 0 <= high - low < MAX_LISTED_INTEGERS:
+        return " | ".join(f'"{n}"' for n in range(int(low), int(high) + 1))
+    if high is None and low in (0, 1):
+        return '"0" | [1-9] [0-9]{0,15}' if low == 0 else "[1-9] [0-9]{0,15}"
+    return None
+
+
+def _literal(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.converter = _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+    def rule(self, name: str, body: str) -> str:
+        return self.converter._add_rule(name, body)
+
+    def schema(self, schema: Any, name: str) -> str:
+        schema = schema if isinstance(schema, dict) and schema else _EMPTY_OBJECT
+        resolved = self.converter.resolve_refs(json.loads(json.dumps(schema)), name)
+        return self.converter.visit(resolved, name)
+
+    def grammar(self) -> str:
+        return self.converter.format_grammar()
+
+
+def _json_call(name: str, args: str, name_key: str = "name", args_key: str = "arguments", extra: str = "") -> str:
+    """``{"name": "NAME", "arguments": ARGS}``; ``extra`` is literal JSON members written first."""
+    head = "{" + extra + json.dumps(name_key) + ": " + json.dumps(name) + ", " + json.dumps(args_key) + ": "
+    return f'{_literal(head)} {args} "}}"'
+
+
+def _xml_call(builder: _Builder, index: int, name: str, schema: Any) -> str:
+    """Qwen3's ``<function=NAME><parameter=K>value</parameter>…`` with one rule per parameter."""
+    properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
+    required = set(schema.get("required", [])) if isinstance(schema, dict) else set()
+    text = builder.rule("xml-text", r"[^<]*")
+    parts = []
+    for key, prop in sorted(properties.items(), key=lambda kv: kv[0] not in required):
+        is_string = isinstance(prop, dict) and prop.get("type") == "string" and "enum" not in prop
+        value = text if is_string else builder.schema(prop, f"tool-{index}-{key}")
+        part = f'{_literal(f"<parameter={key}>" + chr(10))} {value} {_literal(chr(10) + "</parameter>" + chr(10))}'
+        parts.append(part if key in required else f"( {part} )?")
+    head = _literal(f"<tool_call>\n<function={name}>\n")
+    return " ".join([head, *parts, _literal("</function>\n</tool_call>")])
+
+
+def _call(builder: _Builder, syntax: ToolSyntax, index: int, name: str, schema: Any) -> str:
+    if syntax.name == "qwen3-xml":
+        return _xml_call(builder, index, name, schema)
+    args = builder.schema(schema, f"tool-{index}-args")
+    if syntax.name == "hermes":
+        return f'"<tool_call>\\n" {_json_call(name, args)} "\\n</tool_call>"'
+    if syntax.name == "llama3":
+        return _json_call(name, args, args_key="parameters")
+    if syntax.name == "command-r7b":
+        return _json_call(name, args, "tool_name", "parameters", extra=f'"tool_call_id": "{index}", ')
+    if syntax.name == "deepseek":
+        return f'{_literal("<｜tool▁call▁begin｜>function<｜tool▁sep｜>" + name + chr(10) + "```json" + chr(10))} {args} {_literal(chr(10) + "```<｜tool▁call▁end｜>")}'
+    if syntax.name == "functionary":
+        return f'{_literal(f"<function={name}>")} {args} "</function>"'
+    return _json_call(name, args)
+
+
+def _calls(syntax: ToolSyntax, parallel: bool) -> str:
+    """How the calls are laid out around ``tool-call`` (one call, or one or more)."""
+    many = parallel and syntax.parallel
+    if syntax.name in ("hermes", "qwen3-xml", "functionary"):
+        return 'tool-call ( "\\n" tool-call )*' if many else "tool-call"
+    if syntax.name == "deepseek":
+        return '"<｜tool▁calls▁begin｜>" ' + ("tool-call+" if many else "tool-call") + ' "<｜tool▁calls▁end｜>"'
+    listed = 'tool-call ( ", " tool-call )*' if many else "tool-call"
+    wrappers = {
+        "mistral": ('"[TOOL_CALLS]["', '"]"'),
+        "granite": ('"<|tool_call|>["', '"]"'),
+        "firefunction": ('" functools["', '"]"'),
+        "command-r7b": ('"<|START_ACTION|>["', '"]<|END_ACTION|>"'),
+    }
+    if syntax.name in wrappers:
+        start, end = wrappers[syntax.name]
+        return f"{start} {listed} {end}"
+    return "tool-call"
+
+
+def forced_call_grammar(
+    syntax: ToolSyntax,
+    functions: Sequence[dict[str, Any]],
+    parallel: bool,
+    open_reasoning: ReasoningMarkers | None = None,
+) -> str:
+    """GBNF whose every sentence is one call (or, with ``parallel``, one or more) of ``functions``.
+
+    ``functions`` are OpenAI function objects (``name``, ``parameters``). When the generation
+    prompt left a thought open, the model may finish its thought first.
+    """
+    builder = _Builder()
+    alternatives = [_call(builder, syntax, i, f["name"], f.get("parameters")) for i, f in enumerate(functions)]
+    builder.rule("tool-call", " | ".join(f"( {a} )" for a in alternatives))
+    root = _calls(syntax, parallel)
+    if open_reasoning is not None:
+        unit = builder.converter.not_literal(open_reasoning.end)
+        thought = builder.rule("thought", f"( {unit} )* {_literal(open_reasoning.end)} [ \\n]{{0,4}}")
+        root = f"{thought} {root}"
+    builder.rule("root", root)
+    return builder.grammar()

@@ -1,0 +1,179 @@
+"""Splitting generated text into reasoning, content and tool calls, incrementally.
+
+The same ``OutputParser`` serves whole responses and streams (a whole response is one stream
+read to its end), so both always agree. Text is emitted as soon as it cannot be part of a marker
+anymore: only a tail that could still grow into ``</think>`` or ``<tool_call>`` is held back,
+the way stop strings are. A tool-call section is kept until the generation ends and then parsed
+as a whole; if it does not parse, it is emitted as content, never lost and never a server error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .formats import ReasoningMarkers
+from .syntaxes import ToolSyntax
+from .types import ToolCall
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One unit of parsed output: a text delta of reasoning or content, or one complete tool call."""
+
+    kind: Literal["reasoning", "content", "tool_call"]
+    text: str = ""
+    call: ToolCall | None = None
+
+
+@dataclass
+class ParsedOutput:
+    """A whole answer: what ``message`` holds."""
+
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+    def add(self, pieces: Iterable[Piece]) -> ParsedOutput:
+        for piece in pieces:
+            if piece.kind == "reasoning":
+                self.reasoning += piece.text
+            elif piece.kind == "content":
+                self.content += piece.text
+            elif piece.call is not None:
+                self.tool_calls.append(piece.call)
+        return self
+
+
+def _held(text: str, markers: Iterable[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a marker."""
+    longest = 0
+    for marker in markers:
+        for size in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:size]):
+                longest = size
+                break
+    return longest
+
+
+class OutputParser:
+    """States: ``start`` (a thought may open) → ``reasoning`` → ``content`` → ``tools`` (to the end)."""
+
+    def __init__(
+        self,
+        reasoning: ReasoningMarkers | None = None,
+        in_reasoning: bool = False,
+        syntax: ToolSyntax | None = None,
+        schemas: Mapping[str, Any] | None = None,
+        parallel: bool = True,
+    ) -> None:
+        self._reasoning = reasoning
+        self._syntax = syntax
+        self._schemas = schemas or {}
+        self._parallel = parallel and (syntax is None or syntax.parallel)
+        self._state = "reasoning" if in_reasoning and reasoning else "start" if reasoning else "content"
+        self._buffer = ""
+        self._content_started = False  # content seen beyond whitespace: "leading" markers no longer apply
+        self._reasoning_started = False
+
+    def push(self, text: str) -> list[Piece]:
+        self._buffer += text
+        pieces: list[Piece] = []
+        while True:
+            before = (self._state, len(self._buffer))
+            if self._state == "start":
+                self._start()
+            elif self._state == "reasoning":
+                self._in_reasoning(pieces)
+            elif self._state == "content":
+                self._in_content(pieces)
+            if (self._state, len(self._buffer)) == before:
+                return pieces
+
+    def finish(self) -> list[Piece]:
+        """Everything held back, once the generation has ended."""
+        pieces: list[Piece] = []
+        rest, self._buffer = self._buffer, ""
+        if self._state == "reasoning":
+            self._emit(pieces, "reasoning", rest.rstrip() if self._reasoning_started else rest.strip())
+        elif self._state == "tools":
+            pieces.extend(self._tool_pieces(rest))
+        else:
+            self._emit(pieces, "content", rest if self._content_started else rest.lstrip())
+        return pieces
+
+    # ---- states -------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        assert self._reasoning is not None
+        head = self._buffer.lstrip()
+        if head.startswith(self._reasoning.start):
+            self._buffer = head[len(self._reasoning.start) :]
+            self._state = "reasoning"
+        elif not self._reasoning.start.startswith(head):
+            self._state = "content"
+        # else: what came so far may still become the start marker; wait for more.
+
+    def _in_reasoning(self, pieces: list[Piece]) -> None:
+        assert self._reasoning is not None
+        if not self._reasoning_started:
+            self._buffer = self._buffer.lstrip()
+            self._reasoning_started = bool(self._buffer)
+        end = self._buffer.find(self._reasoning.end)
+        if end >= 0:
+            self._emit(pieces, "reasoning", self._buffer[:end].rstrip())
+            self._buffer = self._buffer[end + len(self._reasoning.end) :]
+            self._state = "content"
+            return
+        keep = _held(self._buffer, (self._reasoning.end,))
+        text = self._buffer[: len(self._buffer) - keep]
+        ready = text.rstrip()  # trailing whitespace may precede the end marker
+        self._emit(pieces, "reasoning", ready)
+        self._buffer = self._buffer[len(ready) :]
+
+    def _in_content(self, pieces: list[Piece]) -> None:
+        if not self._content_started:
+            self._buffer = self._buffer.lstrip()
+            if not self._buffer:
+                return
+        start = self._call_start()
+        if start is not None:
+            self._emit(pieces, "content", self._buffer[:start])
+            self._buffer = self._buffer[start:]
+            self._state = "tools"
+            return
+        if not self._content_started and self._syntax is not None and any(
+            m.startswith(self._buffer) for m in self._syntax.leading
+        ):
+            return
+        keep = _held(self._buffer, self._syntax.starts) if self._syntax is not None else 0
+        self._emit(pieces, "content", self._buffer[: len(self._buffer) - keep])
+        self._buffer = self._buffer[len(self._buffer) - keep :]
+
+    def _call_start(self) -> int | None:
+        if self._syntax is None:
+            return None
+        if not self._content_started and self._buffer.startswith(self._syntax.leading):
+            return 0
+        found = [i for i in (self._buffer.find(m) for m in self._syntax.starts) if i >= 0]
+        return min(found) if found else None
+
+    def _tool_pieces(self, section: str) -> list[Piece]:
+        assert self._syntax is not None
+        pieces: list[Piece] = []
+        parsed = self._syntax.parse(section, self._schemas)
+        if parsed is None:
+            self._emit(pieces, "content", section)
+            return pieces
+        calls, after = parsed
+        for call in calls if self._parallel else calls[:1]:
+            pieces.append(Piece("tool_call", call=call))
+        self._emit(pieces, "content", after.strip())
+        return pieces
+
+    def _emit(self, pieces: list[Piece], kind: Literal["reasoning", "content"], text: str) -> None:
+        if text:
+            pieces.append(Piece(kind, text))
+            if kind == "content":
+                self._content_started = True

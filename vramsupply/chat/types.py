@@ -1,0 +1,51 @@
+"""The value a parsed tool call becomes, in the shape OpenAI's ``message.tool_calls`` has."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from dataclasses import dataclass
+from typing import Any
+
+_ALPHANUMERIC = string.ascii_letters + string.digits
+
+
+def new_call_id(style: str = "openai") -> str:
+    """``call_…`` like OpenAI's; Mistral templates insist on exactly nine letters and digits."""
+    if style == "mistral":
+        return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(9))
+    return "call_" + secrets.token_hex(12)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call the model asked for; ``arguments`` is a JSON object encoded as a string."""
+
+    name: str
+    arguments: str
+    id: str
+
+    @classmethod
+    def of(cls, name: Any, arguments: Any, call_id: Any = None, id_style: str = "openai") -> ToolCall | None:
+        """A call from parsed pieces, or None when they do not make one (a malformed call stays text).
+
+        ``arguments`` may be a dict or a JSON string holding an object, as models write both.
+        """
+        if not isinstance(name, str) or not name.strip():
+            return None
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                return None
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            return None
+        if not isinstance(call_id, str) or not call_id:
+            call_id = new_call_id(id_style)
+        return cls(name.strip(), json.dumps(arguments, ensure_ascii=False), call_id)
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}

@@ -1,0 +1,146 @@
+"""The chat contract between the server and the engine.
+
+The server hands over a ``ChatRequest`` (the client's messages, tools and template options, as
+JSON values) and gets back a ``ChatPrompt``: the prompt tokens, the stop strings the template
+needs, the special tokens the output must show, the forced-call grammar if any, and how to read
+the generated text back (``output_parser``). Every rule about chat lives on this side, once;
+anything the template or the engine cannot honour is a ``ChatRequestError`` naming its field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vramsupply.chat import ChatFormat, OutputParser, ReasoningMarkers, ToolSyntax
+from vramsupply.chat.forced import forced_call_grammar
+from vramsupply.chat.formats import opens_reasoning
+
+from .chat import ChatTemplate
+from .messages import MessageError
+
+# Names the template environment defines itself; template kwargs may not replace them.
+_RESERVED_VARIABLES = frozenset(
+    {"messages", "tools", "tool_choice", "add_generation_prompt", "bos_token", "eos_token", "raise_exception", "functions", "function_call", "strftime_now"}
+)
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+class ChatRequestError(MessageError):
+    """A chat request the engine cannot honour; ``param`` is the request field to blame."""
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """What a chat client sends, as JSON values (OpenAI's shapes)."""
+
+    messages: Any
+    tools: Sequence[Mapping[str, Any]] | None = None
+    tool_choice: str | Mapping[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    # chat_template_kwargs, plus reasoning_effort when given: variables for the template.
+    template_variables: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A rendered chat request, ready to submit, and the way to read its output."""
+
+    tokens: list[int]
+    stop: tuple[str, ...]
+    preserve: frozenset[int]
+    grammar: str | None
+    reasoning: ReasoningMarkers | None
+    in_reasoning: bool
+    syntax: ToolSyntax | None
+    schemas: Mapping[str, Any]
+    parallel_tool_calls: bool
+
+    def output_parser(self) -> OutputParser:
+        """A fresh parser for one choice's output."""
+        return OutputParser(self.reasoning, self.in_reasoning, self.syntax, self.schemas, self.parallel_tool_calls)
+
+
+def prepare_chat(
+    template: ChatTemplate,
+    request: ChatRequest,
+    tokenize: Callable[[str], list[int]],
+    preserved: Callable[[Sequence[str]], frozenset[int]],
+) -> ChatPrompt:
+    """Render and tokenize ``request``; ``preserved`` maps marker texts to special token ids."""
+    fmt = template.format
+    functions = _functions(request.tools)
+    choice, named = _tool_choice(request.tool_choice, functions)
+    if functions and choice != "none" and not fmt.supports_tools:
+        raise ChatRequestError("tools", "this model's chat template has no tool support, so 'tools' cannot be used")
+    use_tools = bool(functions) and choice != "none"
+    variables = _variables(request.template_variables)
+    prompt = template.render(request.messages, tools=list(request.tools or ()) if use_tools else None, **variables)
+    in_reasoning = opens_reasoning(prompt, fmt.reasoning)
+    grammar = None
+    if use_tools and choice != "auto":
+        forced = functions if choice == "required" else [f for f in functions if f["name"] == named]
+        grammar = forced_call_grammar(fmt.syntax, forced, request.parallel_tool_calls and choice == "required", fmt.reasoning if in_reasoning else None)
+    return ChatPrompt(
+        tokens=tokenize(prompt),
+        stop=template.stop,
+        preserve=preserved(_markers(fmt, use_tools)),
+        grammar=grammar,
+        reasoning=fmt.reasoning,
+        in_reasoning=in_reasoning,
+        syntax=fmt.syntax if use_tools else None,
+        schemas={f["name"]: f.get("parameters") or {} for f in functions},
+        parallel_tool_calls=request.parallel_tool_calls,
+    )
+
+
+def _markers(fmt: ChatFormat, use_tools: bool) -> tuple[str, ...]:
+    markers = fmt.syntax.preserved if use_tools else ()
+    return markers + ((fmt.reasoning.start, fmt.reasoning.end) if fmt.reasoning else ())
+
+
+def _functions(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    """The function objects of OpenAI ``tools``, checked: names unique, parameters an object schema."""
+    functions: list[dict[str, Any]] = []
+    for i, tool in enumerate(tools or ()):
+        where = f"tools[{i}]"
+        if not isinstance(tool, Mapping) or tool.get("type") != "function" or not isinstance(tool.get("function"), Mapping):
+            raise ChatRequestError(where, f"{where} must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
+        function = dict(tool["function"])
+        name = function.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-." for c in name):
+            raise ChatRequestError(f"{where}.function.name", f"{where}.function.name must be 1-64 letters, digits, '_', '-' or '.'")
+        parameters = function.get("parameters")
+        if parameters is not None and not (isinstance(parameters, Mapping) and parameters.get("type", "object") == "object"):
+            raise ChatRequestError(f"{where}.function.parameters", f"{where}.function.parameters must be a JSON schema of an object")
+        if any(f["name"] == name for f in functions):
+            raise ChatRequestError(f"{where}.function.name", f"two tools are named {name!r}")
+        functions.append(function)
+    return functions
+
+
+def _tool_choice(choice: str | Mapping[str, Any] | None, functions: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """(``none``, ``auto``, ``required`` or ``named``; the function a named choice must call)."""
+    if choice is None:
+        return ("auto" if functions else "none"), None
+    if isinstance(choice, str):
+        if choice not in TOOL_CHOICES:
+            raise ChatRequestError("tool_choice", f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function")
+        if choice != "none" and not functions:
+            raise ChatRequestError("tool_choice", f"tool_choice {choice!r} needs 'tools'")
+        return choice, None
+    function = choice.get("function") if isinstance(choice, Mapping) else None
+    name = function.get("name") if isinstance(function, Mapping) else None
+    if not isinstance(name, str) or choice.get("type") != "function":
+        raise ChatRequestError("tool_choice", "a named tool_choice is {'type': 'function', 'function': {'name': ...}}")
+    if not any(f["name"] == name for f in functions):
+        raise ChatRequestError("tool_choice", f"tool_choice names {name!r}, which is not one of the tools")
+    return "named", name
+
+
+def _variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+    reserved = sorted(_RESERVED_VARIABLES & set(variables))
+    if reserved:
+        raise ChatRequestError("chat_template_kwargs", f"chat_template_kwargs may not set {', '.join(reserved)}")
+    return dict(variables)

@@ -1,0 +1,166 @@
+"""How a chat completion is written: each choice's text read back through the chat format's
+``OutputParser`` into ``reasoning_content``, ``content`` and ``tool_calls``, whole or as stream deltas.
+
+Streamed tool calls follow OpenAI's delta shape exactly: a first fragment with the call's
+``index``, ``id``, ``type`` and ``function.name`` (and empty ``arguments``), then ``arguments``
+fragments with the same ``index``. A call is streamed once it is complete, because a call is only
+known to be well formed at its end (a malformed one is sent as content instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from vramsupply.chat import OutputParser, ParsedOutput, Piece
+from vramsupply.engine import ChatPrompt
+from vramsupply.engine.logprobs import TokenLogprob
+from vramsupply.server.logprobs_out import TokenBytes, chat_logprobs
+from vramsupply.server.responses import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatMessageOut,
+    ChoiceLogprobs,
+    CompletionTokensDetails,
+    FinishReason,
+    FunctionOut,
+    ToolCallOut,
+    UsageOut,
+)
+
+
+@dataclasses.dataclass
+class _Choice:
+    parser: OutputParser
+    output: ParsedOutput = dataclasses.field(default_factory=ParsedOutput)
+    # Logprobs of tokens whose text no chunk has carried yet (it may be held back by the parser).
+    logprobs: list[TokenLogprob] | None = None
+
+    def read(self, pieces: list[Piece]) -> list[Piece]:
+        self.output.add(pieces)
+        return pieces
+
+
+@dataclasses.dataclass
+class ChatShape:
+    id: str
+    created: int
+    model: str
+    include_usage: bool
+    prompt: ChatPrompt
+    count_tokens: Callable[[str], int]
+    token_bytes: TokenBytes
+    prompt_param: str = "messages"
+    _choices: dict[int, _Choice] = dataclasses.field(default_factory=dict)
+
+    def response(
+        self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut, logprobs: Sequence[list[TokenLogprob] | None]
+    ) -> str:
+        choices = []
+        for index, (text, finish, entries) in enumerate(zip(texts, finishes, logprobs)):
+            choice = self._choice(index)
+            choice.read(choice.parser.push(text) + choice.parser.finish())
+            message = self._message(choice.output)
+            out = None if entries is None else chat_logprobs(entries, self.token_bytes)
+            choices.append(ChatChoice(index=index, message=message, logprobs=out, finish_reason=self._reason(index, finish)))
+        return ChatCompletion(
+            id=self.id, object="chat.completion", created=self.created, model=self.model, choices=choices, usage=self._usage(usage)
+        ).to_json()
+
+    def opening_chunk(self, index: int) -> str:
+        """OpenAI's first chunk of every choice announces the assistant role."""
+        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""), logprobs=None, finish_reason=None)])
+
+    def text_chunks(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> list[str]:
+        choice = self._choice(index)
+        self._hold(choice, logprobs)
+        return self._piece_chunks(index, choice.read(choice.parser.push(text)))
+
+    def finish_chunks(self, index: int, finish: FinishReason, logprobs: list[TokenLogprob] | None) -> list[str]:
+        choice = self._choice(index)
+        self._hold(choice, logprobs)
+        chunks = self._piece_chunks(index, choice.read(choice.parser.finish()))
+        reason = self._reason(index, finish)
+        last = ChatChunkChoice(index=index, delta=ChatDelta(), logprobs=self._take(choice), finish_reason=reason)
+        return [*chunks, self._chunk([last])]
+
+    def usage_chunk(self, usage: UsageOut) -> str:
+        return self._chunk([], self._usage(usage))
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _choice(self, index: int) -> _Choice:
+        choice = self._choices.get(index)
+        if choice is None:
+            choice = self._choices[index] = _Choice(self.prompt.output_parser())
+        return choice
+
+    def _reason(self, index: int, finish: FinishReason) -> FinishReason:
+        called = bool(self._choice(index).output.tool_calls)
+        return "tool_calls" if called and finish == "stop" else finish
+
+    @staticmethod
+    def _message(output: ParsedOutput) -> ChatMessageOut:
+        message = ChatMessageOut(role="assistant", content=output.content or (None if output.tool_calls else ""), refusal=None)
+        if output.reasoning:
+            message.reasoning_content = output.reasoning
+        if output.tool_calls:
+            message.tool_calls = [
+                ToolCallOut(id=c.id, type="function", function=FunctionOut(name=c.name, arguments=c.arguments)) for c in output.tool_calls
+            ]
+        return message
+
+    @staticmethod
+    def _hold(choice: _Choice, logprobs: list[TokenLogprob] | None) -> None:
+        if logprobs is not None:
+            choice.logprobs = (choice.logprobs or []) + logprobs
+
+    def _take(self, choice: _Choice) -> ChoiceLogprobs | None:
+        """The held logprobs, for the next chunk this choice sends."""
+        if choice.logprobs is None:
+            return None
+        entries, choice.logprobs = choice.logprobs, []
+        return chat_logprobs(entries, self.token_bytes)
+
+    def _piece_chunks(self, index: int, pieces: list[Piece]) -> list[str]:
+        chunks = []
+        choice = self._choice(index)
+        calls = len(choice.output.tool_calls) - sum(p.kind == "tool_call" for p in pieces)
+        for piece in pieces:
+            if piece.kind == "content":
+                deltas = [ChatDelta(content=piece.text)]
+            elif piece.kind == "reasoning":
+                deltas = [ChatDelta(reasoning_content=piece.text)]
+            else:
+                call = piece.call
+                assert call is not None
+                first = ToolCallOut(index=calls, id=call.id, type="function", function=FunctionOut(name=call.name, arguments=""))
+                rest = ToolCallOut(index=calls, function=FunctionOut(arguments=call.arguments))
+                deltas = [ChatDelta(tool_calls=[first]), ChatDelta(tool_calls=[rest])]
+                calls += 1
+            for delta in deltas:
+                chunks.append(self._chunk([ChatChunkChoice(index=index, delta=delta, logprobs=self._take(choice), finish_reason=None)]))
+        return chunks
+
+    def _usage(self, usage: UsageOut) -> UsageOut:
+        """``completion_tokens_details.reasoning_tokens``: the thoughts' tokens, their markers included."""
+        if self.prompt.reasoning is None:
+            return usage
+        markers = self.prompt.reasoning
+        reasoning = 0
+        for choice in self._choices.values():
+            if choice.output.reasoning:
+                opened = "" if self.prompt.in_reasoning else markers.start
+                reasoning += self.count_tokens(opened + choice.output.reasoning + markers.end)
+        usage = usage.model_copy()
+        usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=min(reasoning, usage.completion_tokens))
+        return usage
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: UsageOut | None = None) -> str:
+        chunk = ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=choices)
+        if self.include_usage:
+            chunk.usage = usage
+        return chunk.to_json()
