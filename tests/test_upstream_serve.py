@@ -30,6 +30,7 @@ def agent_env(platform_url: str) -> dict[str, str]:
         "VRAM_SUPPLY_API_KEY": API_KEY,
         "VRAM_SUPPLY_HEARTBEAT_INTERVAL": "0.2",
         "VRAM_SUPPLY_ENDPOINT_TOKEN": TOKEN,
+        "VRAM_SUPPLY_MAX_BODY_BYTES": "65536",
     }
 
 
@@ -100,8 +101,8 @@ def test_a_running_llama_cpp_server_is_sold_with_exact_usage_streamed_and_taken_
             assert request_json(endpoint + "/v1/chat/completions", body)[0] == 401
             status, error = request_json(endpoint + "/v1/chat/completions", {**body, "model": "gpt-4"}, AUTH)
             assert status == 404 and error["error"]["code"] == "model_not_found"
-            status, error = request_json(endpoint + "/v1/chat/completions", {**body, "messages": "x" * 5_000_000}, AUTH)
-            assert status == 413 and error["error"]["code"] == "request_too_large"
+            status, error = request_json(endpoint + "/v1/chat/completions", {**body, "messages": "x" * 70_000}, AUTH)
+            assert status == 413 and error["error"]["code"] == "request_too_large" and "65536" in error["error"]["message"]
 
             # The upstream dies: /health says 503 and the platform's health check takes us offline.
             upstream.kill()
