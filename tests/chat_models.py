@@ -16,6 +16,9 @@ from conftest import TINY_MODEL
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 FAMILIES = ("qwen3", "llama3", "mistral")
+# Control tokens the family's real vocabulary has, written over byte-fallback tokens of bytes that
+# text never contains (0x01, 0x02), so the engine's rendering of special markers can be tested.
+CONTROL_TOKENS = {"llama3": {4: "<|python_tag|>"}, "mistral": {4: "[TOOL_CALLS]"}}
 
 
 def template_text(family: str) -> str:
@@ -32,5 +35,13 @@ def write_chat_model(family: str, directory: Path) -> Path:
         gguf.Keys.Tokenizer.CHAT_TEMPLATE: MetadataDetails(gguf.GGUFValueType.STRING, template_text(family)),
         gguf.Keys.General.NAME: MetadataDetails(gguf.GGUFValueType.STRING, f"stories260k-{family}"),
     }
+    if family in CONTROL_TOKENS:
+        tokens = list(reader.get_field(gguf.Keys.Tokenizer.LIST).contents())
+        types = list(reader.get_field(gguf.Keys.Tokenizer.TOKEN_TYPE).contents())
+        for token_id, text in CONTROL_TOKENS[family].items():
+            tokens[token_id], types[token_id] = text, gguf.TokenType.CONTROL
+        array = gguf.GGUFValueType.ARRAY
+        metadata[gguf.Keys.Tokenizer.LIST] = MetadataDetails(array, tokens, sub_type=gguf.GGUFValueType.STRING)
+        metadata[gguf.Keys.Tokenizer.TOKEN_TYPE] = MetadataDetails(array, types, sub_type=gguf.GGUFValueType.INT32)
     copy_with_new_metadata(reader, writer, metadata, [])
     return target

@@ -265,3 +265,23 @@ def test_completions_logprobs_n(qwen: LiveServer) -> None:
         assert sum(math.exp(v) for v in top.values()) <= 1 + 1e-6
     assert [t for s in streamed for t in s.tokens] == logprobs.tokens
     assert [o for s in streamed for o in s.text_offset] == logprobs.text_offset
+
+
+# ---- special marker tokens ------------------------------------------------------------------------
+
+
+def test_control_token_markers_are_rendered_only_where_a_call_is_parsed(chat_models: dict[str, Path]) -> None:
+    """``<|python_tag|>`` is a control token in Llama 3's vocabulary: normally it renders as nothing,
+    which would hide a call from the parser. With tools, the engine renders it as text."""
+    with LiveServer(model_path=chat_models["llama3"], n_ctx=2048, threads=ONE_THREAD) as live, sdk(live) as client:
+        assert live.engine is not None
+        [tag] = live.engine.tokenize("<|python_tag|>", add_special=False)
+        force_tag = {"logit_bias": {str(tag): 100}, "max_tokens": 1, "temperature": 0}
+        with_tools = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=TOOLS, **force_tag)
+        without = client.chat.completions.create(model=MODEL_ID, messages=ASK, **force_tag)
+        logprobs = client.chat.completions.create(model=MODEL_ID, messages=ASK, logprobs=True, **force_tag)
+    # A lone tag is no call: it stays content, visibly.
+    assert with_tools.choices[0].message.content == "<|python_tag|>"
+    assert with_tools.choices[0].message.tool_calls is None
+    assert without.choices[0].message.content == ""
+    assert logprobs.choices[0].logprobs.content[0].token == "<|python_tag|>"

@@ -3,7 +3,8 @@
 Agent clients send OpenAI chat requests with ``tools`` and read ``tool_calls`` and
 ``reasoning_content`` back, but every model family writes tool calls and thoughts in its own
 syntax (``<tool_call>{…}</tool_call>``, ``[TOOL_CALLS][…]``, ``<|python_tag|>``, ``<think>``…).
-This package holds that knowledge, as plain Python with no llama.cpp and no HTTP in it:
+This package holds that knowledge, with no HTTP in it and no llama.cpp runtime (only
+llama-cpp-python's JSON-schema-to-grammar converter, in ``forced.py``):
 
     template text ──detect──▶ ChatFormat ──▶ engine: render prompt, preserve marker tokens,
                                    │                 forced-call grammar (forced.py)

@@ -197,6 +197,8 @@ def parse_llama3(section: str, schemas: Schemas) -> Parsed | None:
         body = stripped[len("<|python_tag|>") :]
         if body.lstrip().startswith(("{", "[")):
             return _json_calls(body, schemas)
+        if not body.strip():
+            return None
         call = _python_call(body)
         return ([call], "") if call is not None else None
     return _json_calls(stripped, schemas)
