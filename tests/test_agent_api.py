@@ -285,3 +285,32 @@ def test_control_token_markers_are_rendered_only_where_a_call_is_parsed(chat_mod
     assert with_tools.choices[0].message.tool_calls is None
     assert without.choices[0].message.content == ""
     assert logprobs.choices[0].logprobs.content[0].token == "<|python_tag|>"
+
+
+def test_auto_call_the_model_starts_is_held_to_the_schema(chat_models: dict[str, Path]) -> None:
+    """With ``tool_choice`` auto the model may answer in text, but once it writes its family's call
+    marker a lazy grammar takes over, so the call it started is valid. Here a logit bias makes
+    the tiny model start with Mistral's ``[TOOL_CALLS]`` control token."""
+    with LiveServer(model_path=chat_models["mistral"], n_ctx=2048, threads=ONE_THREAD) as live, sdk(live) as client:
+        assert live.engine is not None
+        [marker] = live.engine.tokenize("[TOOL_CALLS]", add_special=False)
+        for seed in range(5):
+            response = client.chat.completions.create(
+                model=MODEL_ID,
+                messages=ASK,
+                tools=TOOLS,
+                parallel_tool_calls=False,  # else the tiny model goes on writing calls until max_tokens
+                seed=seed,
+                max_tokens=120,
+                logit_bias={str(marker): 100},
+            )
+            choice = response.choices[0]
+            assert choice.finish_reason == "tool_calls", choice
+            [call] = choice.message.tool_calls
+            arguments = json.loads(call.function.arguments)
+            if call.function.name == "get_weather":
+                jsonschema.validate(arguments, WEATHER_SCHEMA)
+            else:
+                assert call.function.name == "get_time" and arguments["tz"] in ("UTC", "CET")
+        text = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=TOOLS, seed=1, max_tokens=12)
+    assert text.choices[0].message.tool_calls is None and text.choices[0].message.content

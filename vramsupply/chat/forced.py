@@ -118,6 +118,8 @@ def _call(builder: _Builder, syntax: ToolSyntax, index: int, name: str, schema: 
         return f'{_literal("<｜tool▁call▁begin｜>function<｜tool▁sep｜>" + name + chr(10) + "```json" + chr(10))} {args} {_literal(chr(10) + "```<｜tool▁call▁end｜>")}'
     if syntax.name == "functionary":
         return f'{_literal(f"<function={name}>")} {args} "</function>"'
+    if syntax.name == "mistral-args":
+        return f'{_literal(f"[TOOL_CALLS]{name}[ARGS]")} {args}'
     return _json_call(name, args)
 
 
@@ -126,13 +128,15 @@ def _calls(syntax: ToolSyntax, parallel: bool) -> str:
     many = parallel and syntax.parallel
     if syntax.name in ("hermes", "qwen3-xml", "functionary"):
         return 'tool-call ( "\\n" tool-call )*' if many else "tool-call"
+    if syntax.name == "mistral-args":
+        return "tool-call+" if many else "tool-call"
     if syntax.name == "deepseek":
         return '"<｜tool▁calls▁begin｜>" ' + ("tool-call+" if many else "tool-call") + ' "<｜tool▁calls▁end｜>"'
     listed = 'tool-call ( ", " tool-call )*' if many else "tool-call"
     wrappers = {
         "mistral": ('"[TOOL_CALLS]["', '"]"'),
         "granite": ('"<|tool_call|>["', '"]"'),
-        "firefunction": ('" functools["', '"]"'),
+        "firefunction": ('" "? "functools["', '"]"'),
         "command-r7b": ('"<|START_ACTION|>["', '"]<|END_ACTION|>"'),
     }
     if syntax.name in wrappers:
@@ -162,3 +166,28 @@ def forced_call_grammar(
         root = f"{thought} {root}"
     builder.rule("root", root)
     return builder.grammar()
+
+
+def trigger_patterns(syntax: ToolSyntax, reasoning: ReasoningMarkers | None, in_reasoning: bool) -> tuple[str, ...]:
+    """Where a lazy call grammar (``tool_choice`` ``auto``) takes over: the family's call marker,
+    as regular expressions over the whole output whose first group starts the call.
+
+    The model writes freely until it starts a call; from the marker on, the call must be valid.
+    A marker inside a thought does not count: when the template has thinking markers, a thought
+    that opens the answer (or the one the prompt left open) must have ended first.
+    """
+    import re
+
+    if syntax.name == "llama3":
+        return (r"\s*(\{)[\s\S]*",)  # bare JSON only at the start; <|python_tag|> code stays free
+    if syntax.name in ("generic",):
+        return ()
+    markers = [m for m in syntax.starts if not m.startswith(" ")]
+    if not markers:
+        return ()
+    marker = "|".join(re.escape(m) for m in markers)
+    before = "[\\s\\S]*?"
+    if reasoning is not None:
+        start, end = re.escape(reasoning.start), re.escape(reasoning.end)
+        before = f"[\\s\\S]*?{end}[\\s\\S]*?" if in_reasoning else f"(?:\\s*{start}[\\s\\S]*?{end}|(?!\\s*{start}))[\\s\\S]*?"
+    return (f"{before}({marker})[\\s\\S]*",)

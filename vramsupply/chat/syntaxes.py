@@ -11,7 +11,8 @@ hermes         ``<tool_call>{"name": …, "arguments": {…}}</tool_call>`` (Her
 qwen3-xml      ``<tool_call><function=NAME><parameter=K>V</parameter></function></tool_call>``
                (Qwen3-Coder, Qwen3.5)
 llama3         ``{"name": …, "parameters": {…}}`` and ``<|python_tag|>tool.call(k=v)`` (Llama 3.x)
-mistral        ``[TOOL_CALLS][{"name": …, "arguments": {…}}]`` or ``[TOOL_CALLS]NAME[ARGS]{…}``
+mistral        ``[TOOL_CALLS][{"name": …, "arguments": {…}}]`` (Mistral Nemo, Small 3)
+mistral-args   ``[TOOL_CALLS]NAME[ARGS]{…}`` (Magistral, Devstral; either form is read)
 deepseek       ``<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME`` + JSON
 command-r7b    ``<|START_ACTION|>[{"tool_name": …, "parameters": {…}}]<|END_ACTION|>``
 granite        ``<|tool_call|>[{"name": …, "arguments": {…}}]`` (Granite, Phi-4-mini)
@@ -357,6 +358,14 @@ SYNTAXES: tuple[ToolSyntax, ...] = (
         leading=("{", "["),
         preserved=("<|python_tag|>",),
         parallel=False,
+    ),
+    ToolSyntax(
+        "mistral-args",
+        _has("[TOOL_CALLS]", "[ARGS]"),
+        parse_mistral,
+        starts=("[TOOL_CALLS]",),
+        preserved=("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"),
+        id_style="mistral",
     ),
     ToolSyntax(
         "mistral",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vramsupply.chat import ChatFormat, OutputParser, ReasoningMarkers, ToolSyntax
-from vramsupply.chat.forced import forced_call_grammar
+from vramsupply.chat.forced import forced_call_grammar, trigger_patterns
 from vramsupply.chat.formats import opens_reasoning
 
 from .chat import ChatTemplate
@@ -51,6 +51,9 @@ class ChatPrompt:
     stop: tuple[str, ...]
     preserve: frozenset[int]
     grammar: str | None
+    # When set, ``grammar`` is lazy: it applies from the first match of one of these patterns on
+    # (``tool_choice`` auto: the model may answer in text, but a call it starts must be valid).
+    grammar_triggers: tuple[str, ...]
     reasoning: ReasoningMarkers | None
     in_reasoning: bool
     syntax: ToolSyntax | None
@@ -78,8 +81,12 @@ def prepare_chat(
     variables = _variables(request.template_variables)
     prompt = template.render(request.messages, tools=list(request.tools or ()) if use_tools else None, **variables)
     in_reasoning = opens_reasoning(prompt, fmt.reasoning)
-    grammar = None
-    if use_tools and choice != "auto":
+    grammar, triggers = None, ()
+    if use_tools and choice == "auto":
+        triggers = trigger_patterns(fmt.syntax, fmt.reasoning, in_reasoning)
+        if triggers:
+            grammar = forced_call_grammar(fmt.syntax, functions, request.parallel_tool_calls)
+    elif use_tools:
         forced = functions if choice == "required" else [f for f in functions if f["name"] == named]
         grammar = forced_call_grammar(fmt.syntax, forced, request.parallel_tool_calls and choice == "required", fmt.reasoning if in_reasoning else None)
     return ChatPrompt(
@@ -87,6 +94,7 @@ def prepare_chat(
         stop=template.stop,
         preserve=preserved(_markers(fmt, use_tools)),
         grammar=grammar,
+        grammar_triggers=triggers,
         reasoning=fmt.reasoning,
         in_reasoning=in_reasoning,
         syntax=fmt.syntax if use_tools else None,

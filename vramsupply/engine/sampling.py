@@ -9,6 +9,7 @@ accept on the chain, so the scheduler never accepts a sampled token a second tim
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
 
@@ -33,7 +34,7 @@ def build_sampler(params: SamplingParams, model: Model, prompt: Sequence[int], i
         if _has_penalties(params):
             _add_penalties(sampler, params, model, prompt)
         if params.grammar is not None:
-            _add_grammar(sampler, params.grammar, model)
+            _add_grammar(sampler, params.grammar, model, params.grammar_triggers)
         if bias:
             sampler.add_logit_bias(model.n_vocab, bias)
         if params.greedy:
@@ -67,8 +68,14 @@ def _add_penalties(sampler: LlamaSampler, params: SamplingParams, model: Model, 
     llama_cpp.llama_sampler_chain_add(sampler.sampler, penalties)
 
 
-def _add_grammar(sampler: LlamaSampler, grammar: str, model: Model) -> None:
-    handle = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+def _add_grammar(sampler: LlamaSampler, grammar: str, model: Model, triggers: Sequence[str] = ()) -> None:
+    if triggers:
+        patterns = (ctypes.c_char_p * len(triggers))(*(t.encode("utf-8") for t in triggers))
+        handle = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+            model.vocab, grammar.encode("utf-8"), b"root", patterns, len(triggers), None, 0
+        )
+    else:
+        handle = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
     if not handle:
         raise ValueError("grammar is not valid GBNF (it needs a 'root' rule)")
     llama_cpp.llama_sampler_chain_add(sampler.sampler, handle)

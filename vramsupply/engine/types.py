@@ -107,6 +107,9 @@ class SamplingParams:
     seed: int | None = None
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     grammar: str | None = None
+    # Regular expressions over the output: when given, the grammar applies only from the first
+    # group of the first match on (a lazy grammar, as llama.cpp uses for tool calls).
+    grammar_triggers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")

@@ -174,10 +174,13 @@ def generation_requests(
 
 def chat_generation_requests(body: ChatCompletionBody, chat: ChatPrompt) -> list[GenerationRequest]:
     """A chat's requests: the template's stop strings and marker tokens, and a forced call's grammar."""
-    if chat.grammar is not None and body.response_format is not None and body.response_format.type != "text":
+    json_format = body.response_format is not None and body.response_format.type != "text"
+    if chat.grammar is not None and json_format and not chat.grammar_triggers:
         raise ApiError(400, "A forced tool call cannot be combined with a JSON response_format.", param="tool_choice", code="invalid_value")
     requests = generation_requests(body, chat.tokens, extra_stop=chat.stop)
-    grammar = {"grammar": chat.grammar} if chat.grammar is not None else {}
+    # With a JSON response_format the answer is that JSON: the lazy tool-call grammar stands aside.
+    use = chat.grammar is not None and not json_format
+    grammar = {"grammar": chat.grammar, "grammar_triggers": chat.grammar_triggers} if use else {}
     try:
         return [
             dataclasses.replace(r, preserve=chat.preserve, sampling=dataclasses.replace(r.sampling, **grammar)) for r in requests
