@@ -17,6 +17,7 @@ from .chat import ChatTemplate
 from .conversation import ChatPrompt, ChatRequest, prepare_chat
 from .generation import Channel, Generation
 from .model import Model, create_context
+from .prompt_cache import MIB, default_budget_mib
 from .sampling import build_sampler
 from .scheduler import Scheduler
 from .slots import Task
@@ -51,20 +52,22 @@ class Engine:
             # than asked; enforce exactly what was configured (and offered to the market).
             n_ctx = min(options.n_ctx, llama_cpp.llama_n_ctx_seq(context.ctx))
             n_batch = llama_cpp.llama_n_batch(context.ctx)
-            scheduler = Scheduler(model, context, n_ctx, options.parallel, n_batch, options.max_queue)
+            cache_ram = default_budget_mib() if options.cache_ram is None else options.cache_ram
+            scheduler = Scheduler(model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB)
         except BaseException:
             model.close()
             raise
         engine = cls(options, model, context, scheduler, n_ctx, n_batch)
         scheduler.start()
         log.info(
-            "loaded %s: %d slots x %d tokens, n_batch %d, %d/%d threads (decode/prompt), GPU offload %s",
+            "loaded %s: %d slots x %d tokens, n_batch %d, %d/%d threads (decode/prompt), prompt cache %d MiB, GPU offload %s",
             model.name,
             options.parallel,
             n_ctx,
             n_batch,
             llama_cpp.llama_n_threads(context.ctx),
             llama_cpp.llama_n_threads_batch(context.ctx),
+            cache_ram,
             "available" if llama_cpp.llama_supports_gpu_offload() else "unavailable",
         )
         return engine

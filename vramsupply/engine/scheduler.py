@@ -32,6 +32,7 @@ from .batch import Batch
 from .generation import Event, Finish, deliver
 from .logprobs import TokenLogprob, token_logprob
 from .model import Model
+from .prompt_cache import HostPromptCache
 from .slots import Slot, Task, choose_slot
 from .types import EngineClosed, EngineError, EngineStats, Overloaded, Usage
 
@@ -58,10 +59,20 @@ _STOP = _Stop()
 class Scheduler:
     """Owns the context, the slots and the waiting queue; everything public is thread-safe."""
 
-    def __init__(self, model: Model, context: LlamaContext, n_ctx: int, parallel: int, n_batch: int, max_queue: int) -> None:
+    def __init__(
+        self,
+        model: Model,
+        context: LlamaContext,
+        n_ctx: int,
+        parallel: int,
+        n_batch: int,
+        max_queue: int,
+        cache_ram: int = 0,
+    ) -> None:
         self._model = model
         self._ctx = context.ctx
         self._memory = context.memory
+        self._prompt_cache = HostPromptCache(self._ctx, self._memory, cache_ram) if cache_ram > 0 else None
         self._slots = [Slot(seq_id, n_ctx) for seq_id in range(parallel)]
         self._batch = Batch(n_batch)
         self._capacity = parallel + max_queue
@@ -111,6 +122,8 @@ class Scheduler:
                 completion_tokens_total=self._completion_tokens_total,
                 cached_tokens_total=self._cached_tokens_total,
                 requests_total=self._requests_total,
+                prompt_cache_bytes=self._prompt_cache.entries.nbytes if self._prompt_cache else 0,
+                prompt_cache_entries=len(self._prompt_cache.entries) if self._prompt_cache else 0,
             )
 
     @property
@@ -194,6 +207,8 @@ class Scheduler:
                 return
             task = self._waiting.popleft()
             slot, prefix = choose_slot(idle, task.prompt)
+            if self._prompt_cache is not None:
+                prefix = self._prompt_cache.prepare(slot, task.prompt, prefix)
             keep = min(prefix, len(task.prompt) - 1)
             # Drop the slot's KV after the reused prefix. At least one prompt token is always
             # decoded again, because sampling needs the logits of the last one.

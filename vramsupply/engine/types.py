@@ -68,6 +68,7 @@ class EngineOptions:
     flash_attention: str = "auto"
     threads: int | None = None
     max_queue: int = 64
+    cache_ram: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.n_ctx >= 2, f"n_ctx must be at least 2, got {self.n_ctx}")
@@ -86,6 +87,7 @@ class EngineOptions:
         )
         _require(self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}")
         _require(self.max_queue >= 0, f"max_queue must be 0 or more, got {self.max_queue}")
+        _require(self.cache_ram is None or self.cache_ram >= 0, f"cache_ram must be 0 (off) or more MiB, got {self.cache_ram}")
 
     @property
     def flash_attention_mode(self) -> str:
@@ -189,3 +191,5 @@ class EngineStats:
     completion_tokens_total: int
     cached_tokens_total: int
     requests_total: int
+    prompt_cache_bytes: int = 0
+    prompt_cache_entries: int = 0

@@ -31,6 +31,7 @@ def engine_options(settings: Settings, model: LocalModel) -> EngineOptions:
             flash_attention=settings.flash_attention.value,
             threads=settings.threads,
             max_queue=settings.max_queue,
+            cache_ram=settings.cache_ram,
         )
     except ValueError as exc:
         raise ServeError(f"invalid engine settings: {exc}") from None
