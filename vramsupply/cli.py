@@ -362,6 +362,7 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for decoding and prompts (default: physical cores to decode, all CPUs for prompts)."),
     max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests that may wait for a slot before new ones get 429."),
     cache_ram: Optional[int] = typer.Option(None, "--cache-ram", help="MiB of RAM for the prompt cache (default: 1/4 of free RAM, at most 8192; 0: off)."),
+    draft_max: Optional[int] = typer.Option(None, "--draft-max", help="Tokens prompt lookup may draft per step for a lone request (default: 8 on a GPU, 0 = off on a CPU)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="llama.cpp (default), vllm, sglang, or upstream (a running OpenAI-compatible server)."),
     upstream_url: Optional[str] = typer.Option(None, "--upstream-url", help="The running server's base URL, for --engine upstream."),
     upstream_api_key: Optional[str] = typer.Option(None, "--upstream-api-key", help="API key the upstream server requires."),

@@ -20,6 +20,7 @@ from .model import Model, create_context
 from .prompt_cache import MIB, default_budget_mib
 from .sampling import build_sampler
 from .scheduler import Scheduler
+from .speculative import default_draft_max
 from .slots import Task
 from .types import ContextOverflow, EngineClosed, EngineOptions, EngineStats, GenerationRequest
 
@@ -53,7 +54,9 @@ class Engine:
             n_ctx = min(options.n_ctx, llama_cpp.llama_n_ctx_seq(context.ctx))
             n_batch = llama_cpp.llama_n_batch(context.ctx)
             cache_ram = default_budget_mib() if options.cache_ram is None else options.cache_ram
-            scheduler = Scheduler(model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB)
+            scheduler = Scheduler(
+                model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, default_draft_max(options)
+            )
         except BaseException:
             model.close()
             raise

@@ -33,7 +33,8 @@ from .generation import Event, Finish, deliver
 from .logprobs import TokenLogprob, token_logprob
 from .model import Model
 from .prompt_cache import HostPromptCache
-from .slots import Slot, Task, choose_slot
+from .slots import NO_DRAFT, Slot, Task, choose_slot
+from .speculative import lookup
 from .types import EngineClosed, EngineError, EngineStats, Overloaded, Usage
 
 log = logging.getLogger(__name__)
@@ -68,12 +69,14 @@ class Scheduler:
         n_batch: int,
         max_queue: int,
         cache_ram: int = 0,
+        max_draft: int = 0,
     ) -> None:
         self._model = model
         self._ctx = context.ctx
         self._memory = context.memory
         self._prompt_cache = HostPromptCache(self._ctx, self._memory, cache_ram) if cache_ram > 0 else None
-        self._slots = [Slot(seq_id, n_ctx) for seq_id in range(parallel)]
+        self._max_draft = max_draft
+        self._slots = [Slot(seq_id, n_ctx, max_draft) for seq_id in range(parallel)]
         self._batch = Batch(n_batch)
         self._capacity = parallel + max_queue
         self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Stop] = queue.SimpleQueue()
@@ -90,6 +93,8 @@ class Scheduler:
         self._completion_tokens_total = 0
         self._cached_tokens_total = 0
         self._requests_total = 0
+        self._draft_tokens_total = 0
+        self._draft_accepted_total = 0
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -124,6 +129,8 @@ class Scheduler:
                 requests_total=self._requests_total,
                 prompt_cache_bytes=self._prompt_cache.entries.nbytes if self._prompt_cache else 0,
                 prompt_cache_entries=len(self._prompt_cache.entries) if self._prompt_cache else 0,
+                draft_tokens_total=self._draft_tokens_total,
+                draft_accepted_total=self._draft_accepted_total,
             )
 
     @property
@@ -240,12 +247,15 @@ class Scheduler:
         batch = self._batch
         batch.clear()
         plan = sorted(plan, key=lambda item: item[0].seq_id)
+        alone = len(plan) == 1 and not self._waiting
         for slot, chunk in plan:
             if chunk is None:
                 token = slot.next_token
                 slot.row = batch.add(token, slot.n_cached, slot.seq_id)
                 slot.record_one(token)
                 slot.next_token = None
+                if alone and self._max_draft:
+                    self._add_draft(slot)
             else:
                 finishes_prompt = slot.n_cached + len(chunk) == len(slot.task.prompt)
                 row = batch.add_chunk(chunk, slot.n_cached, slot.seq_id, logits_for_last=finishes_prompt)
@@ -262,6 +272,7 @@ class Scheduler:
         generated = 0
         for slot in in_batch:
             if slot.row >= 0:
+                generated += self._sample(slot)
                 token = llama_cpp.llama_sampler_sample(slot.task.sampler.sampler, self._ctx, slot.row)
                 logprob = self._logprob(slot, token)
                 slot.row = -1
@@ -270,6 +281,42 @@ class Scheduler:
             with self._lock:
                 self._completion_tokens_total += generated
 
+    def _add_draft(self, slot: Slot) -> None:
+        """Prompt lookup (see ``speculative``): append a guess of the next tokens, each with logits."""
+        room = min(slot.task.max_completion - slot.completion_tokens - 1, self._batch.free)
+        draft = lookup(slot.cached[: slot.n_cached], min(slot.drafts.wanted(), room)).copy()
+        for token in draft:
+            self._batch.add(int(token), slot.n_cached, slot.seq_id)
+            slot.record_one(int(token))
+        slot.draft = draft
+
+    def _sample(self, slot: Slot) -> int:
+        """Sample the slot's row; with a draft, go on row by row while the sampled token is the drafted one.
+
+        Returns the completion tokens produced. Draft tokens that were not confirmed leave the KV.
+        """
+        draft, slot.draft = slot.draft, NO_DRAFT
+        first_row, generated, accepted = slot.row, 0, 0
+        for i in range(len(draft) + 1):
+            slot.row = first_row + i
+            token = llama_cpp.llama_sampler_sample(slot.task.sampler.sampler, self._ctx, slot.row)
+            generated += self._on_token(slot, token)
+            if slot.task is None or i == len(draft) or token != draft[i]:
+                break
+            accepted += 1
+        slot.row = -1
+        if len(draft):
+            slot.drafts.update(len(draft), accepted)
+            with self._lock:
+                self._draft_tokens_total += len(draft)
+                self._draft_accepted_total += accepted
+            valid = slot.n_cached - len(draft) + accepted
+            if valid < slot.n_cached:
+                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, valid, -1)
+                slot.n_cached = valid
+        return generated
+
+    def _on_token(self, slot: Slot, token: int) -> int:
     def _logprob(self, slot: Slot, token: int) -> TokenLogprob | None:
         """Only for requests that asked: a pass over the vocabulary's logits per token."""
         top_n = slot.task.logprobs

@@ -12,7 +12,10 @@ import numpy as np
 from llama_cpp._internals import LlamaSampler
 
 from .generation import Channel
+from .speculative import DraftState
 from .text import TextStream
+
+NO_DRAFT = np.zeros(0, dtype=np.int32)
 
 
 @dataclass(eq=False)
@@ -37,7 +40,7 @@ class Slot:
     request ends; the next request either reuses or overwrites it.
     """
 
-    def __init__(self, seq_id: int, n_ctx: int) -> None:
+    def __init__(self, seq_id: int, n_ctx: int, max_draft: int = 0) -> None:
         self.seq_id = seq_id
         self.cached = np.zeros(n_ctx, dtype=np.int32)
         self.n_cached = 0
@@ -48,6 +51,8 @@ class Slot:
         self.row = -1
         self.completion_tokens = 0
         self.cached_tokens = 0
+        self.draft = NO_DRAFT  # prompt-lookup tokens in the current batch after next_token
+        self.drafts = DraftState(max_draft)
 
     @property
     def prefilling(self) -> bool:
@@ -73,6 +78,7 @@ class Slot:
         self.next_token = None
         self.row = -1
         self.started = clock
+        self.drafts.reset()
 
     def record(self, tokens: np.ndarray) -> None:
         """Note tokens just placed in the batch for this sequence."""

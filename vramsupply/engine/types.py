@@ -69,6 +69,7 @@ class EngineOptions:
     threads: int | None = None
     max_queue: int = 64
     cache_ram: int | None = None
+    draft_max: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.n_ctx >= 2, f"n_ctx must be at least 2, got {self.n_ctx}")
@@ -88,6 +89,7 @@ class EngineOptions:
         _require(self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}")
         _require(self.max_queue >= 0, f"max_queue must be 0 or more, got {self.max_queue}")
         _require(self.cache_ram is None or self.cache_ram >= 0, f"cache_ram must be 0 (off) or more MiB, got {self.cache_ram}")
+        _require(self.draft_max is None or self.draft_max >= 0, f"draft_max must be 0 (off) or more, got {self.draft_max}")
 
     @property
     def flash_attention_mode(self) -> str:
@@ -193,3 +195,5 @@ class EngineStats:
     requests_total: int
     prompt_cache_bytes: int = 0
     prompt_cache_entries: int = 0
+    draft_tokens_total: int = 0
+    draft_accepted_total: int = 0

@@ -32,6 +32,7 @@ def engine_options(settings: Settings, model: LocalModel) -> EngineOptions:
             threads=settings.threads,
             max_queue=settings.max_queue,
             cache_ram=settings.cache_ram,
+            draft_max=settings.draft_max,
         )
     except ValueError as exc:
         raise ServeError(f"invalid engine settings: {exc}") from None
