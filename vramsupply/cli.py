@@ -363,6 +363,7 @@ def serve(
     max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests that may wait for a slot before new ones get 429."),
     cache_ram: Optional[int] = typer.Option(None, "--cache-ram", help="MiB of RAM for the prompt cache (default: 1/4 of free RAM, at most 8192; 0: off)."),
     draft_max: Optional[int] = typer.Option(None, "--draft-max", help="Tokens prompt lookup may draft per step for a lone request (default: 8 on a GPU, 0 = off on a CPU)."),
+    backend_sampling: Optional[bool] = typer.Option(None, "--backend-sampling", help="Sample on the device, so logits never cross to the host (for GPUs)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="llama.cpp (default), vllm, sglang, or upstream (a running OpenAI-compatible server)."),
     upstream_url: Optional[str] = typer.Option(None, "--upstream-url", help="The running server's base URL, for --engine upstream."),
     upstream_api_key: Optional[str] = typer.Option(None, "--upstream-api-key", help="API key the upstream server requires."),
@@ -395,10 +396,11 @@ def serve(
 
     from vramsupply.devplatform.demo import DemoError, DemoHook
     from vramsupply.serve import ServeError, run_serve
+    from vramsupply.server import loop
 
     settings = settings_from(flags)
     try:
-        asyncio.run(run_serve(settings, hook=DemoHook() if demo else None))
+        loop.run(run_serve(settings, hook=DemoHook() if demo else None))
     except (ServeError, DemoError) as exc:
         fail(str(exc))
     except (KeyboardInterrupt, asyncio.CancelledError):
