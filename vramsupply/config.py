@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before new ones get 429")
     cache_ram: int | None = Field(None, ge=0, description="MiB of host RAM keeping idle conversations' KV for reuse (default: a quarter of free RAM, at most 8192; 0: off)")
     draft_max: int | None = Field(None, ge=0, description="Tokens prompt-lookup speculative decoding may draft per step for a request decoding alone (default: 8 on a GPU, 0 (off) on a CPU)")
+    backend_sampling: bool = Field(False, description="Sample on the device inside llama.cpp's graph so logits never cross to the host (for GPUs; requests with penalties, grammars, logit_bias or logprobs sample on the host)")
 
     # Other engines (see upstream/): vLLM or SGLang launched by the agent, or a running server
     engine: EngineKind = Field(EngineKind.llama_cpp, description="Engine: llama.cpp (in-process), vllm or sglang (launched and supervised), or upstream (a running OpenAI-compatible server)")

@@ -13,6 +13,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp._internals import LlamaContext
 
+from . import backend_sampling
 from .chat import ChatTemplate
 from .conversation import ChatPrompt, ChatRequest, prepare_chat
 from .generation import Channel, Generation
@@ -138,6 +139,8 @@ class Engine:
         sampler = build_sampler(request.sampling, self._model, prompt, request.ignore_eos)
         request_id = uuid.uuid4().hex
         channel = Channel(loop)
+        backend = self.options.backend_sampling and backend_sampling.supports(request)
+        task = Task(request_id, prompt, sampler, max_completion, tuple(request.stop), channel, backend)
         task = Task(request_id, prompt, sampler, max_completion, tuple(request.stop), channel, request.preserve, request.logprobs)
         try:
             self._scheduler.submit(task)

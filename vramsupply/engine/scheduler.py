@@ -28,6 +28,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp._internals import LlamaContext
 
+from . import backend_sampling
 from .batch import Batch
 from .generation import Event, Finish, deliver
 from .logprobs import TokenLogprob, token_logprob
@@ -223,6 +224,8 @@ class Scheduler:
                 llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
                 keep = 0
             slot.begin(task, keep, next(self._clock))
+            if task.backend_sampling:
+                slot.backend_sampled = backend_sampling.attach(self._ctx, slot.seq_id, task.sampler.sampler)
             with self._lock:
                 self._busy += 1
                 self._prompt_tokens_total += len(task.prompt)
@@ -254,7 +257,7 @@ class Scheduler:
                 slot.row = batch.add(token, slot.n_cached, slot.seq_id)
                 slot.record_one(token)
                 slot.next_token = None
-                if alone and self._max_draft:
+                if alone and self._max_draft and not slot.backend_sampled:
                     self._add_draft(slot)
             else:
                 finishes_prompt = slot.n_cached + len(chunk) == len(slot.task.prompt)
@@ -299,7 +302,10 @@ class Scheduler:
         first_row, generated, accepted = slot.row, 0, 0
         for i in range(len(draft) + 1):
             slot.row = first_row + i
-            token = llama_cpp.llama_sampler_sample(slot.task.sampler.sampler, self._ctx, slot.row)
+            if slot.backend_sampled:
+                token = backend_sampling.sample(self._ctx, slot.task.sampler.sampler, slot.row)
+            else:
+                token = llama_cpp.llama_sampler_sample(slot.task.sampler.sampler, self._ctx, slot.row)
             generated += self._on_token(slot, token)
             if slot.task is None or i == len(draft) or token != draft[i]:
                 break
@@ -352,6 +358,10 @@ class Scheduler:
     def _usage(slot: Slot) -> Usage:
         return Usage(len(slot.task.prompt), slot.completion_tokens, slot.cached_tokens)
 
+    def _end_slot(self, slot: Slot, finish: Finish, text: str = "", token: int | None = None) -> None:
+        if slot.backend_sampled:
+            backend_sampling.detach(self._ctx, slot.seq_id)  # before release frees the chain
+            slot.backend_sampled = False
     def _end_slot(
         self, slot: Slot, finish: Finish, text: str = "", token: int | None = None, logprob: TokenLogprob | None = None
     ) -> None:

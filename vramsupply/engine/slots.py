@@ -28,6 +28,7 @@ class Task:
     max_completion: int
     stop: tuple[str, ...]
     channel: Channel
+    backend_sampling: bool = False
     preserve: frozenset[int] = frozenset()
     logprobs: int | None = None  # top alternatives per token to report; None: no logprobs
 
@@ -52,6 +53,7 @@ class Slot:
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.draft = NO_DRAFT  # prompt-lookup tokens in the current batch after next_token
+        self.backend_sampled = False  # the task's chain runs in llama.cpp's graph (backend_sampling)
         self.drafts = DraftState(max_draft)
 
     @property

@@ -70,6 +70,7 @@ class EngineOptions:
     max_queue: int = 64
     cache_ram: int | None = None
     draft_max: int | None = None
+    backend_sampling: bool = False
 
     def __post_init__(self) -> None:
         _require(self.n_ctx >= 2, f"n_ctx must be at least 2, got {self.n_ctx}")

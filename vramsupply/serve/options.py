@@ -33,6 +33,7 @@ def engine_options(settings: Settings, model: LocalModel) -> EngineOptions:
             max_queue=settings.max_queue,
             cache_ram=settings.cache_ram,
             draft_max=settings.draft_max,
+            backend_sampling=settings.backend_sampling,
         )
     except ValueError as exc:
         raise ServeError(f"invalid engine settings: {exc}") from None

@@ -1,0 +1,88 @@
+"""Backend sampling on the CPU backend: the same tokens as host sampling, per request, in one batch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import TINY_MODEL
+from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
+from vramsupply.engine import backend_sampling
+from vramsupply.engine.backend_sampling import supports
+
+PROMPTS = ["Once upon a time", "The dog", "Lily and Tom went to the park", "One day, a little girl named Sue"]
+SEEDED = SamplingParams(temperature=0.9, seed=7, top_k=40, top_p=0.9, min_p=0.02)
+
+
+def load(backend_sampling: bool) -> Engine:
+    options = EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=4, cache_ram=0, backend_sampling=backend_sampling)
+    return Engine.load(options)
+
+
+@pytest.fixture(scope="module")
+def on_device() -> Iterator[Engine]:
+    with load(True) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def on_host() -> Iterator[Engine]:
+    with load(False) as engine:
+        yield engine
+
+
+async def tokens(engine: Engine, requests: list[GenerationRequest]) -> list[list[int]]:
+    generations = [engine.submit(r) for r in requests]
+    await asyncio.gather(*(g.collect() for g in generations))
+    return [g.token_ids for g in generations]
+
+
+def requests(engine: Engine, sampling: SamplingParams, **extra: object) -> list[GenerationRequest]:
+    return [GenerationRequest(engine.tokenize(p), sampling=sampling, max_tokens=40, **extra) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0), SEEDED], ids=["greedy", "seeded"])
+async def test_concurrent_requests_sample_the_same_tokens_on_the_backend_as_on_the_host(
+    on_device: Engine, on_host: Engine, sampling: SamplingParams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sampled_on_device = []
+
+    def counting(ctx: object, chain: object, row: int) -> int:
+        token = real_sample(ctx, chain, row)
+        sampled_on_device.append(token)
+        return token
+
+    real_sample = backend_sampling.sample
+    monkeypatch.setattr(backend_sampling, "sample", counting)
+    device = await tokens(on_device, requests(on_device, sampling))
+    host = await tokens(on_host, requests(on_host, sampling))
+    assert device == host
+    assert all(len(t) > 0 for t in device)
+    # Every token came from the graph's sampler (EOG tokens end a request without being output).
+    assert len(sampled_on_device) >= sum(len(t) for t in device)
+
+
+async def test_requests_that_need_host_logits_fall_back_in_the_same_batch(on_device: Engine, on_host: Engine) -> None:
+    mixed = [
+        GenerationRequest(on_device.tokenize(PROMPTS[0]), sampling=SamplingParams(temperature=0), max_tokens=30),
+        GenerationRequest(on_device.tokenize(PROMPTS[1]), sampling=SamplingParams(temperature=0, repeat_penalty=1.3), max_tokens=30),
+        GenerationRequest(on_device.tokenize(PROMPTS[2]), sampling=SamplingParams(temperature=0, logit_bias={261: 5.0}), max_tokens=30),
+        GenerationRequest(on_device.tokenize(PROMPTS[3]), sampling=SamplingParams(temperature=0), max_tokens=30, ignore_eos=True),
+    ]
+    assert [supports(r) for r in mixed] == [True, False, False, False]
+    assert await tokens(on_device, mixed) == await tokens(on_host, mixed)
+
+
+async def test_slots_are_reused_many_times_with_their_chains_detached(on_device: Engine) -> None:
+    for _ in range(3):
+        await tokens(on_device, requests(on_device, SEEDED))
+    stats = on_device.stats()
+    assert stats.slots_busy == 0 and stats.requests_total >= 12
+
+
+def test_grammar_requests_keep_host_sampling() -> None:
+    grammar = GenerationRequest([1, 2], sampling=SamplingParams(grammar='root ::= "a"'))
+    assert not supports(grammar)
+    assert supports(GenerationRequest([1, 2], sampling=SEEDED))
