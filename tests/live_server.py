@@ -26,6 +26,7 @@ class LiveServer:
             n_ctx=app_options.pop("n_ctx", 2048),
             parallel=app_options.pop("parallel", 4),
             max_queue=app_options.pop("max_queue", 64),
+            threads=1,  # see conftest.isolated_env: one decode thread keeps a shared machine from stalling it
             threads=app_options.pop("threads", None),
         )
         self._load = load

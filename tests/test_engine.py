@@ -41,7 +41,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=N_CTX, parallel=PARALLEL, max_queue=MAX_QUEUE)) as loaded:
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=N_CTX, parallel=PARALLEL, max_queue=MAX_QUEUE, threads=1)) as loaded:
         yield loaded
 
 

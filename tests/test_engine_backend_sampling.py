@@ -17,7 +17,7 @@ SEEDED = SamplingParams(temperature=0.9, seed=7, top_k=40, top_p=0.9, min_p=0.02
 
 
 def load(backend_sampling: bool) -> Engine:
-    options = EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=4, cache_ram=0, backend_sampling=backend_sampling)
+    options = EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=4, cache_ram=0, backend_sampling=backend_sampling, threads=1)
     return Engine.load(options)
 
 

@@ -27,7 +27,7 @@ def story(i: int) -> str:
 
 
 def load(cache_ram: int, parallel: int = 1) -> Engine:
-    return Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=512, parallel=parallel, max_queue=4, cache_ram=cache_ram))
+    return Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=512, parallel=parallel, max_queue=4, cache_ram=cache_ram, threads=1))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ PLAIN = "Once upon a time"
 
 
 def load(draft_max: int) -> Engine:
-    return Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=512, parallel=2, cache_ram=0, draft_max=draft_max))
+    return Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=512, parallel=2, cache_ram=0, draft_max=draft_max, threads=1))
 
 
 @pytest.fixture(scope="module")
