@@ -26,8 +26,8 @@ class LiveServer:
             n_ctx=app_options.pop("n_ctx", 2048),
             parallel=app_options.pop("parallel", 4),
             max_queue=app_options.pop("max_queue", 64),
-            threads=1,  # see conftest.isolated_env: one decode thread keeps a shared machine from stalling it
-            threads=app_options.pop("threads", None),
+            # One decode thread by default (see conftest.isolated_env): it keeps a shared machine from stalling it.
+            threads=app_options.pop("threads", 1),
         )
         self._load = load
         self._drain_timeout = drain_timeout

@@ -82,7 +82,8 @@ async def test_slots_are_reused_many_times_with_their_chains_detached(on_device:
     assert stats.slots_busy == 0 and stats.requests_total >= 12
 
 
-def test_grammar_requests_keep_host_sampling() -> None:
+def test_grammar_and_logprobs_requests_keep_host_sampling() -> None:
     grammar = GenerationRequest([1, 2], sampling=SamplingParams(grammar='root ::= "a"'))
     assert not supports(grammar)
+    assert not supports(GenerationRequest([1, 2], sampling=SEEDED, logprobs=2))  # logprobs need the host's logits
     assert supports(GenerationRequest([1, 2], sampling=SEEDED))

@@ -30,6 +30,7 @@ def supports(request: GenerationRequest) -> bool:
         params.grammar is not None
         or bool(params.logit_bias)
         or request.ignore_eos  # a logit bias against end-of-generation tokens
+        or request.logprobs is not None  # computed from the host's logits
         or params.repeat_penalty != 1.0
         or params.presence_penalty != 0.0
         or params.frequency_penalty != 0.0

@@ -140,8 +140,9 @@ class Engine:
         request_id = uuid.uuid4().hex
         channel = Channel(loop)
         backend = self.options.backend_sampling and backend_sampling.supports(request)
-        task = Task(request_id, prompt, sampler, max_completion, tuple(request.stop), channel, backend)
-        task = Task(request_id, prompt, sampler, max_completion, tuple(request.stop), channel, request.preserve, request.logprobs)
+        task = Task(
+            request_id, prompt, sampler, max_completion, tuple(request.stop), channel, request.preserve, request.logprobs, backend
+        )
         try:
             self._scheduler.submit(task)
         except BaseException:

@@ -276,10 +276,6 @@ class Scheduler:
         for slot in in_batch:
             if slot.row >= 0:
                 generated += self._sample(slot)
-                token = llama_cpp.llama_sampler_sample(slot.task.sampler.sampler, self._ctx, slot.row)
-                logprob = self._logprob(slot, token)
-                slot.row = -1
-                generated += self._on_token(slot, token, logprob)
         if generated:
             with self._lock:
                 self._completion_tokens_total += generated
@@ -306,7 +302,7 @@ class Scheduler:
                 token = backend_sampling.sample(self._ctx, slot.task.sampler.sampler, slot.row)
             else:
                 token = llama_cpp.llama_sampler_sample(slot.task.sampler.sampler, self._ctx, slot.row)
-            generated += self._on_token(slot, token)
+            generated += self._on_token(slot, token, self._logprob(slot, token))
             if slot.task is None or i == len(draft) or token != draft[i]:
                 break
             accepted += 1
@@ -322,7 +318,6 @@ class Scheduler:
                 slot.n_cached = valid
         return generated
 
-    def _on_token(self, slot: Slot, token: int) -> int:
     def _logprob(self, slot: Slot, token: int) -> TokenLogprob | None:
         """Only for requests that asked: a pass over the vocabulary's logits per token."""
         top_n = slot.task.logprobs
@@ -358,13 +353,12 @@ class Scheduler:
     def _usage(slot: Slot) -> Usage:
         return Usage(len(slot.task.prompt), slot.completion_tokens, slot.cached_tokens)
 
-    def _end_slot(self, slot: Slot, finish: Finish, text: str = "", token: int | None = None) -> None:
-        if slot.backend_sampled:
-            backend_sampling.detach(self._ctx, slot.seq_id)  # before release frees the chain
-            slot.backend_sampled = False
     def _end_slot(
         self, slot: Slot, finish: Finish, text: str = "", token: int | None = None, logprob: TokenLogprob | None = None
     ) -> None:
+        if slot.backend_sampled:
+            backend_sampling.detach(self._ctx, slot.seq_id)  # before release frees the chain
+            slot.backend_sampled = False
         task = slot.release()
         self._events.append(Event(task.channel, text, token, finish, logprob))
         with self._lock:

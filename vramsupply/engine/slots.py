@@ -28,9 +28,9 @@ class Task:
     max_completion: int
     stop: tuple[str, ...]
     channel: Channel
-    backend_sampling: bool = False
     preserve: frozenset[int] = frozenset()
     logprobs: int | None = None  # top alternatives per token to report; None: no logprobs
+    backend_sampling: bool = False  # sample in llama.cpp's graph (see backend_sampling)
 
 
 class Slot:
