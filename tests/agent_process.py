@@ -24,7 +24,10 @@ class AgentProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, **(env or {})},
+            # One decode thread unless a test says otherwise: ggml's workers spin at a barrier after
+            # every op, so on a machine shared with other jobs 2 threads ran stories260K 100-300x
+            # slower than 1 (a descheduled thread stalls its partner for a whole time slice).
+            env={"VRAM_SUPPLY_THREADS": "1", **os.environ, **(env or {})},
         )
         self.stdout: list[str] = []
         self.stderr: list[str] = []

@@ -29,10 +29,6 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
     monkeypatch.setenv("VRAM_SUPPLY_CONFIG", str(home / ".config" / "vramsupply" / "config.toml"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    # Agents the tests start decode on one thread. ggml's worker threads spin at a barrier after
-    # every op, so on a machine shared with other jobs a descheduled thread stalls its partner for
-    # a whole time slice: stories260K ran 100-300x slower with 2 threads than with 1 under load.
-    monkeypatch.setenv("VRAM_SUPPLY_THREADS", "1")
     return home
 
 
