@@ -68,6 +68,7 @@ class BenchConfig:
     threads: int
     vramsupply_bin: Path
     defaults: bool = False  # start every server with no tuning flags at all (what a new user runs)
+    pin_threads: bool = False  # with defaults: still give every server --threads (a shared, oversubscribed machine)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class ServerSpec:
 
 def vramsupply_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
     if cfg.defaults:
-        return [str(cfg.vramsupply_bin), "serve", "--model", str(model), "--no-register", "--host", HOST, "--port", str(port)]
+        tuned = ["--threads", str(cfg.threads)] if cfg.pin_threads else []
+        return [str(cfg.vramsupply_bin), "serve", "--model", str(model), "--no-register", "--host", HOST, "--port", str(port), *tuned]
     return [
         str(cfg.vramsupply_bin), "serve", "--model", str(model), "--parallel", str(cfg.parallel),
         "--context-length", str(cfg.context_per_slot), "--threads", str(cfg.threads),
@@ -93,7 +95,8 @@ def vramsupply_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
 
 def llama_server_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
     if cfg.defaults:
-        return [str(LLAMA_BIN / "llama-server"), "-m", str(model), "--host", HOST, "--port", str(port)]
+        tuned = ["-t", str(cfg.threads), "-tb", str(cfg.threads)] if cfg.pin_threads else []
+        return [str(LLAMA_BIN / "llama-server"), "-m", str(model), "--host", HOST, "--port", str(port), *tuned]
     return [
         str(LLAMA_BIN / "llama-server"), "-m", str(model), "-np", str(cfg.parallel),
         "-c", str(cfg.parallel * cfg.context_per_slot), "-t", str(cfg.threads), "-tb", str(cfg.threads),
@@ -104,8 +107,9 @@ def llama_server_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
 def llama_cpp_server_command(interrupt: bool) -> Callable[[BenchConfig, Path, int], list[str]]:
     def command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
         if cfg.defaults:
+            tuned = ["--n_threads", str(cfg.threads), "--n_threads_batch", str(cfg.threads)] if cfg.pin_threads else []
             return [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--interrupt_requests", str(interrupt),
-                    "--host", HOST, "--port", str(port)]
+                    "--host", HOST, "--port", str(port), *tuned]
         return [
             sys.executable, "-m", "llama_cpp.server", "--model", str(model),
             "--n_ctx", str(cfg.context_per_slot), "--n_threads", str(cfg.threads),
@@ -663,7 +667,7 @@ def parse_args() -> tuple[BenchConfig, Path] | Path:
     parser.add_argument("--rounds", type=int, help="repeat the sweep this many times and report the best of them (default 4; --quick: 1)")
     parser.add_argument("--defaults", action="store_true",
                         help="start every server with its own defaults (slots, context, threads); the raw limit keeps --threads")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every server (default: all CPUs)")
+    parser.add_argument("--threads", type=int, help="threads for every server (default: all CPUs; with --defaults: each server's own)")
     parser.add_argument("--parallel", type=int, default=16, help="slots on the batching servers (default 16)")
     parser.add_argument("--context-per-slot", type=int, default=512, help="context per slot (default 512)")
     parser.add_argument("--vramsupply", type=Path, default=REPO / ".venv" / "bin" / "vramsupply",
@@ -698,9 +702,10 @@ def parse_args() -> tuple[BenchConfig, Path] | Path:
         rounds=args.rounds or (1 if args.quick else 4),
         parallel=args.parallel,
         context_per_slot=args.context_per_slot,
-        threads=args.threads,
+        threads=args.threads or os.cpu_count(),
         vramsupply_bin=args.vramsupply,
         defaults=args.defaults,
+        pin_threads=args.threads is not None,
     )
     out_dir = args.out_dir or (CACHE / "quick" if args.quick else REPO / "bench" / "results")
     return cfg, out_dir
