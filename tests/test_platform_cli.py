@@ -56,22 +56,31 @@ async def test_demand_lists_models_and_stars_the_one_you_serve() -> None:
 
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    [mine] = [line for line in lines if "stories260k" in line]
+    [mine] = [line for line in lines if "stories260k" in line and "│" in line]
     assert "★ stories260k" in mine and "$1.00–$1.50" in mine and "$2.00–$3.00" in mine
     [wanted] = [line for line in lines if "qwen/qwen3.5-9b" in line]
     assert "★" not in wanted and " 3 " in wanted
     assert lines.index(mine) < lines.index(wanted), "models you could serve come first"
     assert json.loads(as_json.stdout) == {
         "models": [
-            {"model": "qwen/qwen3.5-9b", "requests_24h": 3, "online_providers": 0, "input_price_per_million": None, "output_price_per_million": None},
+            {
+                "model": "qwen/qwen3.5-9b",
+                "requests_24h": 3,
+                "online_providers": 0,
+                "input_price_per_million": None,
+                "output_price_per_million": None,
+                "capacity_tokens_per_second": None,
+            },
             {
                 "model": "stories260k",
                 "requests_24h": 0,
                 "online_providers": 2,
-                "input_price_per_million": {"min": 100, "max": 150},
-                "output_price_per_million": {"min": 200, "max": 300},
+                "input_price_per_million": {"min": 100, "max": 150, "median": 100},
+                "output_price_per_million": {"min": 200, "max": 300, "median": 200},
+                "capacity_tokens_per_second": None,
             },
-        ]
+        ],
+        "advice": [],
     }
 
 

@@ -144,23 +144,81 @@ def service_logs(
 
 
 @app.command()
-def demand(as_json: bool = typer.Option(False, "--json", help="Print the platform's JSON instead of a table.")) -> None:
-    """Show market demand: requests in the last 24 h, online providers and prices per model."""
+def demand(as_json: bool = typer.Option(False, "--json", help="Print the platform's JSON (plus `advice`) instead of tables.")) -> None:
+    """Show market demand per model, and pricing advice for the models you could serve."""
     from vramsupply.hub import CacheStatus, default_cache_dir, list_cached, model_id_of
     from vramsupply.platform import PlatformError
+    from vramsupply.platform.advice import advice_lines, advise
     from vramsupply.platform.commands import demand_view, fetch_demand, servable_models
+    from vramsupply.throughput import measured_speeds
 
     settings = settings_from({})
     try:
         market = fetch_demand(settings)
     except PlatformError as exc:
         fail(str(exc))
-    if as_json:
-        console.print_json(market.model_dump_json())
-        return
     cached = [m.model_id for m in list_cached(settings.cache_dir or default_cache_dir()) if m.status is CacheStatus.verified]
     configured = model_id_of(settings.model) if settings.model else None
-    console.print(demand_view(market, servable_models(configured, cached)))
+    servable = servable_models(configured, cached)
+    advice = advise(market, servable, settings.output_price, measured_speeds())
+    if as_json:
+        console.print_json(json.dumps({**market.model_dump(mode="json"), "advice": [a.as_json() for a in advice]}))
+        return
+    console.print(demand_view(market, servable))
+    for item in advice:
+        console.print("\n".join(advice_lines(item)), highlight=False, soft_wrap=False)
+
+
+@app.command()
+def earnings(
+    since: str = typer.Option("30d", "--since", help="Window to report: 24h, 7d, 30d (any number of h or d)."),
+    by: str = typer.Option("model", "--by", help="Table rows: model or day."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (exact money amounts) instead of a table and chart."),
+) -> None:
+    """Show what this agent served and earned, from its local ledger: a table and a per-day chart."""
+    from vramsupply.ledger import LedgerError, default_ledger_path
+    from vramsupply.ledger.report import By, dumps, earnings_report, render
+
+    if by not in By.__members__:
+        fail(f"--by {by!r}: choose model or day")
+    path = default_ledger_path()
+    try:
+        report = earnings_report(path, since)
+    except LedgerError as exc:
+        fail(str(exc))
+    if as_json:
+        print(dumps(report.as_json()))
+    else:
+        console.print(render(report, By(by), path), highlight=False)
+
+
+@app.command()
+def bench(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to measure (default: the model setting)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Quantization, e.g. Q4_K_M (default: the quant setting)."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots to fill in the second phase (default: the parallel setting)."),
+    seconds: float = typer.Option(30.0, "--seconds", min=3.0, max=600.0, help="About how long the whole measurement takes."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stored result as JSON."),
+) -> None:
+    """Measure this machine's tokens per second for the model, at 1 stream and with every slot busy; serve reports it."""
+    import asyncio
+
+    from vramsupply.throughput import BenchError, default_bench_path, run_bench
+
+    settings = settings_from({"model": model, "quant": quant, "parallel": parallel})
+    try:
+        result = asyncio.run(run_bench(settings, seconds, progress=lambda line: err_console.print(f"bench: {line}", highlight=False)))
+    except BenchError as exc:
+        fail(str(exc))
+    if as_json:
+        print(result.model_dump_json(indent=2))
+        return
+    console.print(
+        f"{result.model}: {result.single_stream_tokens_per_second:,.1f} tok/s with 1 stream, "
+        f"{result.all_slots_tokens_per_second:,.1f} tok/s with {result.parallel} slots busy; saved to {default_bench_path()}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -379,6 +437,7 @@ def serve(
     drain_timeout: Optional[float] = typer.Option(None, "--drain-timeout", help="Seconds in-flight requests may take to finish on stop (default 30)."),
     no_register: Optional[bool] = typer.Option(None, "--no-register", help="Serve locally only: do not register with the platform."),
     endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help="Public base URL the platform routes buyers to (required to register)."),
+    tunnel: Optional[str] = typer.Option(None, "--tunnel", help="Get a public URL from a tunnel tool instead of --endpoint-url: cloudflared."),
     input_price: Optional[int] = typer.Option(None, "--input-price", help="Input price, cents per million tokens (default 100)."),
     output_price: Optional[int] = typer.Option(None, "--output-price", help="Output price, cents per million tokens (default 200)."),
     context_length_offered: Optional[int] = typer.Option(None, "--context-length-offered", help="Context advertised to buyers (default: the served context)."),

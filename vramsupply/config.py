@@ -102,7 +102,8 @@ class Settings(BaseSettings):
     # Marketplace
     api_key: SecretStr | None = Field(None, description="vram.supply API key (`vramsupply login` stores it)")
     platform_url: str = Field("https://vram.supply", description="vram.supply platform API base URL")
-    endpoint_url: str | None = Field(None, description="Public URL buyers reach this agent at (required to register)")
+    endpoint_url: str | None = Field(None, description="Public URL buyers reach this agent at (required to register, unless `tunnel` makes one)")
+    tunnel: Literal["cloudflared"] | None = Field(None, description="Tunnel tool to start for a public URL without port forwarding: cloudflared")
     input_price: int = Field(100, ge=0, description="Input price, cents per million tokens")
     output_price: int = Field(200, ge=0, description="Output price, cents per million tokens")
     context_length_offered: int | None = Field(None, ge=1, description="Context length advertised to the market (default: context_length)")

@@ -6,6 +6,7 @@ Pure bookkeeping with no HTTP in it, so the routing and demand rules are easy to
 from __future__ import annotations
 
 import secrets
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -48,6 +49,7 @@ class Provider:
     routed_requests: int = 0
     routed_prompt_tokens: int = 0
     routed_completion_tokens: int = 0
+    capacity: api.Capacity | None = None
 
     @property
     def model(self) -> str:
@@ -94,7 +96,9 @@ class Store:
         """A new instance; an earlier one of the same account at the same endpoint is replaced."""
         for stale in [p.id for p in self.providers.values() if p.account is account and p.offer.endpoint_url == offer.endpoint_url]:
             del self.providers[stale]
-        provider = Provider(id="prov_" + secrets.token_hex(8), account=account, offer=offer, registered_at=now, last_seen_at=now)
+        provider = Provider(
+            id="prov_" + secrets.token_hex(8), account=account, offer=offer, registered_at=now, last_seen_at=now, capacity=offer.capacity
+        )
         self.providers[provider.id] = provider
         return provider
 
@@ -108,6 +112,8 @@ class Store:
         provider.slots_total, provider.slots_busy, provider.queue_depth = beat.slots_total, beat.slots_busy, beat.queue_depth
         provider.reported_prompt_tokens += beat.prompt_tokens
         provider.reported_completion_tokens += beat.completion_tokens
+        if beat.capacity is not None:
+            provider.capacity = beat.capacity
         if beat.status == "draining":
             provider.status = "draining"
 
@@ -160,6 +166,7 @@ class Store:
             online_providers=len(online),
             input_price_per_million=_price_range([p.offer.input_price_per_million for p in online]),
             output_price_per_million=_price_range([p.offer.output_price_per_million for p in online]),
+            capacity_tokens_per_second=_capacity([p.capacity for p in online]),
         )
 
     def _forget_before(self, cutoff: float) -> None:
@@ -183,4 +190,10 @@ def rails_of(account: Account) -> api.Rails:
 
 
 def _price_range(prices: list[int]) -> api.PriceRange | None:
-    return api.PriceRange(min=min(prices), max=max(prices)) if prices else None
+    return api.PriceRange(min=min(prices), max=max(prices), median=statistics.median_low(prices)) if prices else None
+
+
+def _capacity(reported: list[api.Capacity | None]) -> float | None:
+    """Tokens per second the online providers say they can decode together (None when none reports it)."""
+    known = [c.all_slots_tokens_per_second for c in reported if c is not None]
+    return round(float(sum(known)), 1) if known else None

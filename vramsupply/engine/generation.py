@@ -62,11 +62,14 @@ class Channel:
             self._waiter.set_result(None)
 
     async def wait(self) -> None:
-        self._waiter = self.loop.create_future()
+        waiter = self._waiter = self.loop.create_future()
         try:
-            await self._waiter
+            await waiter
         finally:
-            self._waiter = None
+            # A cancelled earlier consumer (a client that hung up) must not unhook a later one's
+            # waiter (the ledger waiting for the final usage), or that one would never wake.
+            if self._waiter is waiter:
+                self._waiter = None
 
 
 def deliver(events: list[Event]) -> None:

@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
     TypeAdapter,
@@ -50,6 +51,15 @@ class _Reply(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class Capacity(_Body):
+    """Our addition: this machine's measured decode speed for the offered model (`vramsupply bench`)."""
+
+    single_stream_tokens_per_second: StrictFloat | StrictInt = Field(ge=0, description="Completion tokens/s of one request alone")
+    all_slots_tokens_per_second: StrictFloat | StrictInt = Field(ge=0, description="Completion tokens/s summed over `slots` concurrent requests")
+    slots: StrictInt = Field(ge=1, description="Concurrent requests the all-slots figure was measured with")
+    measured_at: StrictStr = Field(description="When it was measured (ISO 8601, UTC)")
+
+
 class RegisterRequest(_Body):
     """POST /v1/providers/register. The first six fields are the documented ones."""
 
@@ -67,6 +77,7 @@ class RegisterRequest(_Body):
     quant: StrictStr | None = None
     agent_version: StrictStr | None = None
     endpoint_token: StrictStr | None = Field(None, description="Bearer token the platform sends on requests it routes to us")
+    capacity: Capacity | None = None
 
     @field_validator("endpoint_url", "context_length_offered")
     @classmethod
@@ -99,6 +110,7 @@ class HeartbeatRequest(_Body):
     queue_depth: StrictInt = Field(ge=0)
     prompt_tokens: StrictInt = Field(ge=0)
     completion_tokens: StrictInt = Field(ge=0)
+    capacity: Capacity | None = None
 
 
 class HeartbeatResponse(_Reply):
@@ -114,6 +126,7 @@ class DeregisterResponse(_Reply):
 class PriceRange(_Reply):
     min: int
     max: int
+    median: int | None = None  # our addition: the lower median of the online providers' prices
 
 
 class ModelDemand(_Reply):
@@ -122,6 +135,7 @@ class ModelDemand(_Reply):
     online_providers: int
     input_price_per_million: PriceRange | None = None
     output_price_per_million: PriceRange | None = None
+    capacity_tokens_per_second: float | None = None  # our addition: summed over online providers that report one
 
 
 class DemandResponse(_Reply):

@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, Protocol
+from urllib.parse import urlsplit
 
-from vramsupply.platform import api
+from vramsupply.platform import api, reachability
 from vramsupply.platform.backoff import Backoff
 from vramsupply.platform.client import ApiKeyRejected, PlatformClient, PlatformError, PlatformUnavailable, UnknownProvider
 from vramsupply.platform.state import Phase, RegistrationState, write_state
@@ -55,6 +56,8 @@ class ProviderLifecycle:
         heartbeat_interval: float,
         backoff: Backoff = REGISTER_BACKOFF,
         state_path: Path | None = None,
+        local_url: str | None = None,
+        tunnel: str | None = None,
     ) -> None:
         self._client = client
         self._offer = offer
@@ -62,7 +65,12 @@ class ProviderLifecycle:
         self._interval = heartbeat_interval
         self._backoff = backoff
         self._state_path = state_path
+        self._local_url = local_url
+        self._tunnel = tunnel
+        self._probe_task: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._retired: list[str] = []
         self._reported_prompt = 0
         self._reported_completion = 0
         self._last_heartbeat_at: float | None = None
@@ -79,6 +87,22 @@ class ProviderLifecycle:
         self._reported_prompt, self._reported_completion = stats.prompt_tokens_total, stats.completion_tokens_total
         self._set_phase(Phase.registering, f"registering {self._offer.model} at {self._offer.endpoint_url} with {self._client.base_url}")
         self._task = asyncio.create_task(self._run(), name="provider-lifecycle")
+
+    @property
+    def endpoint_url(self) -> str | None:
+        return self._offer.endpoint_url
+
+    def move_endpoint(self, url: str) -> None:
+        """The public URL changed (a tunnel restarted): register the new one now, retire the old instance."""
+        if url == self._offer.endpoint_url:
+            return
+        self._offer = self._offer.model_copy(update={"endpoint_url": url})
+        if self.provider_id is not None:
+            self._retired.append(self.provider_id)
+            self.provider_id = None
+            self.registered.clear()
+        self._set_phase(Phase.registering, f"the endpoint moved to {url}; registering it with {self._client.base_url}")
+        self._wake.set()
 
     async def drain(self, timeout: float) -> None:
         """Stop heartbeating and tell the platform to route nothing new here (best effort, bounded)."""
@@ -111,6 +135,8 @@ class ProviderLifecycle:
             await self._client.close()
 
     async def _cancel_loop(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -130,7 +156,13 @@ class ProviderLifecycle:
                     continue
                 wait = self._interval
             failures = 0 if ok else failures + 1
-            await asyncio.sleep(wait)
+            await self._pause(wait)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep until the next attempt, or until ``move_endpoint`` asks for one at once."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
 
     async def _register(self) -> bool:
         try:
@@ -141,7 +173,18 @@ class ProviderLifecycle:
         self.provider_id = reply.provider_id
         self._set_phase(Phase.registered, f"registered {self._offer.model} as {reply.provider_id} with {self._client.base_url}")
         self.registered.set()
+        await self._retire_old_instances()
         return True
+
+    async def _retire_old_instances(self) -> None:
+        """Deregister instances left at an old endpoint URL (best effort: health checks catch the rest)."""
+        while self._retired:
+            old = self._retired.pop()
+            try:
+                await self._client.deregister(old)
+                log.info("deregistered %s, the instance at the previous endpoint URL", old)
+            except PlatformError as exc:
+                log.warning("could not deregister %s at the previous endpoint URL: %s", old, exc)
 
     async def _heartbeat(self, provider_id: str) -> bool:
         snapshot = self._stats()
@@ -158,11 +201,24 @@ class ProviderLifecycle:
         self._reported_prompt, self._reported_completion = snapshot.prompt_tokens_total, snapshot.completion_tokens_total
         self._last_heartbeat_at = time.time()
         if reply.status == "offline":
-            message = f"the platform lists {provider_id} as offline: its health check of {self._offer.endpoint_url}/health failed"
-            self._set_phase(Phase.offline, message, logging.WARNING)
+            self._went_offline(provider_id)
         else:
             self._set_phase(Phase.registered, f"heartbeats accepted for {provider_id}")
         return True
+
+    def _went_offline(self, provider_id: str) -> None:
+        """Name the hop that fails, and once per outage retrace the platform's path from here."""
+        url = self._offer.endpoint_url or ""
+        local_port = urlsplit(self._local_url).port if self._local_url else None
+        message = f"the platform lists {provider_id} as offline: {reachability.offline_message(url, local_port, self._tunnel)}"
+        first = self.phase is not Phase.offline
+        self._set_phase(Phase.offline, message, logging.WARNING)
+        if first and not self._tunnel and (self._probe_task is None or self._probe_task.done()):
+            self._probe_task = asyncio.create_task(self._probe(url))
+
+    async def _probe(self, url: str) -> None:
+        result = await reachability.probe(url, self._local_url)
+        log.warning("reachability of %s from this machine: %s", url, result.message)
 
     def _heartbeat_request(self, provider_id: str, status: Literal["online", "draining"], snapshot: ServingStats) -> api.HeartbeatRequest:
         """Status plus the tokens served since the last heartbeat the platform acknowledged."""
@@ -174,6 +230,7 @@ class ProviderLifecycle:
             queue_depth=snapshot.queue_depth,
             prompt_tokens=max(0, snapshot.prompt_tokens_total - self._reported_prompt),
             completion_tokens=max(0, snapshot.completion_tokens_total - self._reported_completion),
+            capacity=self._offer.capacity,
         )
 
     def _record_failure(self, exc: PlatformError) -> None:

@@ -87,8 +87,11 @@ class Offer:
         ]
 
 
-def build_offer(options: MarketOptions, model: ModelIdentity, served_context: int, endpoint_token: str) -> Offer:
-    """The register payload: the provider's terms, plus the model's identity and our token."""
+def build_offer(
+    options: MarketOptions, model: ModelIdentity, served_context: int, endpoint_token: str, *, capacity: api.Capacity | None = None
+) -> Offer:
+    """The register payload: the provider's terms, plus the model's identity, our token and the
+    measured capacity (when `vramsupply bench` measured this model)."""
     warnings = check_endpoint_url(options.endpoint_url, local_ok=options.local_ok)
     offered = options.context_length_offered or served_context
     if offered > served_context:
@@ -106,6 +109,7 @@ def build_offer(options: MarketOptions, model: ModelIdentity, served_context: in
         quant=model.quant,
         agent_version=__version__,
         endpoint_token=endpoint_token,
+        **({"capacity": capacity} if capacity is not None else {}),
     )
     return Offer(request, warnings, options.platform_url)
 

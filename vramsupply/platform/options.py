@@ -31,3 +31,5 @@ class MarketOptions:
     heartbeat_interval: float = 30.0
     endpoint_token: str | None = None
     local_ok: bool = False
+    tunnel: str | None = None
+    """A tunnel tool (``--tunnel``) makes ``endpoint_url`` once serving; it replaces ``endpoint_url``."""

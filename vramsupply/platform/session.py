@@ -9,10 +9,14 @@ dead platform never holds up the exit.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 from vramsupply.logging import register_secret
+from vramsupply.platform import api
 from vramsupply.platform.client import PlatformClient, PlatformError
 from vramsupply.platform.lifecycle import ProviderLifecycle, ServingStats
 from vramsupply.platform.offer import ModelIdentity, Offer, OfferError, build_offer, check_endpoint_url
@@ -26,6 +30,19 @@ DEREGISTER_TIMEOUT = 10.0
 """Seconds the DELETE may take on shutdown (systemd's stop margin beyond the drain is 30 s)."""
 
 
+class MeasuredCapacity(Protocol):
+    """A stored `vramsupply bench` result (``throughput.Capacity`` satisfies this)."""
+
+    @property
+    def single_stream_tokens_per_second(self) -> float: ...
+    @property
+    def all_slots_tokens_per_second(self) -> float: ...
+    @property
+    def parallel(self) -> int: ...
+    @property
+    def measured_at(self) -> float: ...
+
+
 class MarketplaceSession:
     def __init__(self, options: MarketOptions, api_key: str, endpoint_token: str, *, state_path: Path) -> None:
         self.options = options
@@ -33,13 +50,19 @@ class MarketplaceSession:
         self._api_key = api_key
         self._state_path = state_path
         self.lifecycle: ProviderLifecycle | None = None
+        self.local_url: str | None = None  # where this machine reaches the agent, once it listens
+        self.capacity: api.Capacity | None = None
+        self._pending: tuple[ModelIdentity, int, Callable[[], ServingStats]] | None = None
 
     @classmethod
     def prepare(cls, options: MarketOptions, *, state_path: Path | None = None) -> MarketplaceSession:
         """Check what registering needs, before any call; resolve (or create) the endpoint token."""
         if not options.api_key:
             raise PlatformError("no API key to register with: run `vramsupply login`, set VRAM_SUPPLY_API_KEY, or pass --no-register to serve locally only")
-        check_endpoint_url(options.endpoint_url, local_ok=options.local_ok)
+        if options.tunnel and options.endpoint_url:
+            raise OfferError(f"pass either --endpoint-url or --tunnel, not both: the {options.tunnel} tunnel makes the endpoint URL")
+        if not options.tunnel:
+            check_endpoint_url(options.endpoint_url, local_ok=options.local_ok)
         offered, planned = options.context_length_offered, options.planned_context
         if offered is not None and planned is not None and offered > planned:
             raise OfferError(f"context_length_offered ({offered}) is larger than context_length ({planned})")
@@ -49,16 +72,51 @@ class MarketplaceSession:
 
     def offer(self, model: ModelIdentity, served_context: int) -> Offer:
         """The register payload for the model as served; raises OfferError when it cannot be offered."""
-        return build_offer(self.options, model, served_context, self.endpoint_token)
+        return build_offer(self.options, model, served_context, self.endpoint_token, capacity=self.capacity)
 
     def start(self, offer: Offer, stats: Callable[[], ServingStats]) -> ProviderLifecycle:
         """Register ``offer`` in the background and keep heartbeating; call once the server answers."""
         client = PlatformClient(self.options.platform_url, self._api_key, attempts=1)
         self.lifecycle = ProviderLifecycle(
-            client, offer.request, stats, heartbeat_interval=self.options.heartbeat_interval, state_path=self._state_path
+            client,
+            offer.request,
+            stats,
+            heartbeat_interval=self.options.heartbeat_interval,
+            state_path=self._state_path,
+            local_url=self.local_url,
+            tunnel=self.options.tunnel,
         )
         self.lifecycle.start()
         return self.lifecycle
+
+    @property
+    def waiting_for_url(self) -> bool:
+        """A tunnel makes the endpoint URL and has not announced it yet."""
+        return self.options.endpoint_url is None
+
+    def start_when_reachable(self, model: ModelIdentity, served_context: int, stats: Callable[[], ServingStats]) -> None:
+        """Register as soon as ``use_endpoint_url`` gives the tunnel's public URL."""
+        self._pending = (model, served_context, stats)
+
+    def use_endpoint_url(self, url: str) -> None:
+        """A tunnel announced its (new) public URL: register it, or register again at it."""
+        self.options = dataclasses.replace(self.options, endpoint_url=url)
+        if self.lifecycle is not None:
+            self.lifecycle.move_endpoint(url)
+        elif self._pending is not None:
+            (model, served_context, stats), self._pending = self._pending, None
+            self.start(self.offer(model, served_context), stats)
+
+    def report_capacity(self, measured: MeasuredCapacity | None) -> None:
+        """Offer the throughput `vramsupply bench` stored for the served model (none when never measured)."""
+        if measured is None:
+            return
+        self.capacity = api.Capacity(
+            single_stream_tokens_per_second=measured.single_stream_tokens_per_second,
+            all_slots_tokens_per_second=measured.all_slots_tokens_per_second,
+            slots=measured.parallel,
+            measured_at=datetime.fromtimestamp(measured.measured_at, timezone.utc).isoformat(timespec="seconds"),
+        )
 
     async def drain(self) -> None:
         if self.lifecycle is not None:

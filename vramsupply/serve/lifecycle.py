@@ -27,11 +27,12 @@ from rich.console import Console
 
 from vramsupply.config import EngineKind, Settings
 from vramsupply.logging import configure_logging, interactive
-from vramsupply.platform import MarketplaceSession, OfferError, PlatformError
+from vramsupply.platform import MarketplaceSession, OfferError, PlatformError, price_summary
 from vramsupply.platform.offer import ModelIdentity
 from vramsupply.serve.backend import Backend, LlamaCppBackend
 from vramsupply.serve.hooks import ServeHook
 from vramsupply.serve.options import ServeError, endpoint_token_of, market_options, upstream_options
+from vramsupply.serve.provider import ProviderSide
 from vramsupply.serve.signals import StopSignals
 from vramsupply.serve.status import LogStatus, TerminalStatus, report_to_systemd
 from vramsupply.server import ApiServer
@@ -63,19 +64,23 @@ async def run_serve(settings: Settings, *, hook: ServeHook | None = None) -> Non
 
 async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, hook: ServeHook | None = None) -> None:
     terminal = interactive()
-    market = prepare_marketplace(settings, local_ok=hook is not None and hook.local_endpoint_ok)
+    local_platform = hook is not None and hook.local_endpoint_ok
+    market = prepare_marketplace(settings, local_ok=local_platform)
+    provider = ProviderSide(settings, market, local_platform=local_platform)
     backend = choose_backend(settings)
     if backend.kind == EngineKind.llama_cpp.value:
         notifier.status(f"preparing {settings.model} (downloading it unless cached)")
     else:
         notifier.status(f"preparing the {backend.kind} engine")
     model = await engine_step(backend.prepare())
+    provider.model_known(model)
 
     endpoint_token = market.endpoint_token if market is not None else endpoint_token_of(settings)
     app = backend.create_app(endpoint_token, settings.max_body_bytes)
     access_log = None if terminal else logging.getLogger("vramsupply.access")
     server = ApiServer(app, settings.host, settings.port, drain_timeout=settings.drain_timeout, access_log=access_log)
     await listen(server)
+    provider.listening(server)
 
     with StopSignals() as stop:
         try:
@@ -93,8 +98,10 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, hoo
             if market is not None:
                 await market.drain()
             await drain(server, backend, settings.drain_timeout)
+            await provider.drained(server)
             if market is not None:
                 await market.stop()
+            await provider.stop()
 
 
 async def go_live(
@@ -140,6 +147,12 @@ def prepare_marketplace(settings: Settings, *, local_ok: bool) -> MarketplaceSes
 
 def start_marketplace(market: MarketplaceSession, model: ModelIdentity, backend: Backend) -> None:
     """Print the offer and what it earns, log its warnings, then register and heartbeat in the background."""
+    if market.waiting_for_url:
+        options = market.options
+        print(f"offering {model.model_id} through a {options.tunnel} tunnel on {options.platform_url}: registering once it has a public URL", flush=True)
+        print(price_summary(options.input_price, options.output_price), flush=True)
+        market.start_when_reachable(model, backend.n_ctx, backend.stats)
+        return
     try:
         offer = market.offer(model, backend.n_ctx)
     except OfferError as exc:

@@ -52,6 +52,7 @@ def market_options(settings: Settings, *, local_ok: bool = False) -> MarketOptio
         heartbeat_interval=settings.heartbeat_interval,
         endpoint_token=endpoint_token_of(settings),
         local_ok=local_ok,
+        tunnel=settings.tunnel,
     )
 
 

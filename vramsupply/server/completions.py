@@ -28,6 +28,7 @@ from vramsupply.engine import (
     Overloaded,
     SamplingParams,
 )
+from vramsupply.server.accounting import Bill
 from vramsupply.server.errors import ApiError
 from vramsupply.server.grammar import grammar_for
 from vramsupply.server.metrics import ServerMetrics
@@ -56,6 +57,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 class ResponseShape(Protocol):
     """How one route writes its results; the generation plumbing is shared."""
 
+    id: str
     prompt_param: str
     include_usage: bool
 
@@ -285,11 +287,13 @@ async def _complete(
     clock: RequestClock,
 ) -> web.StreamResponse:
     generations = submit_all(engine, requests, shape.prompt_param)
+    bill = state.accounts.bill(shape.id, state.model_id, len(generations), token_presented=state.endpoint_token is not None)
     try:
         if stream:
-            return await _stream(request, state, generations, shape, clock, requests[0].logprobs is not None)
+            return await _stream(request, state, generations, shape, clock, requests[0].logprobs is not None, bill)
         texts = await asyncio.gather(*(_collect(state, clock, i, g) for i, g in enumerate(generations)))
         usage = _usage(state, generations)
+        await bill.settle(usage)
         logprobs = [g.logprobs if r.logprobs is not None else None for g, r in zip(generations, requests)]
         finishes = [_finish(g) for g in generations]
         return web.Response(text=shape.response(texts, finishes, usage, logprobs), content_type="application/json")
@@ -298,6 +302,7 @@ async def _complete(
     finally:
         for generation in generations:
             generation.cancel()
+        bill.abandon(generations)
         for index, generation in enumerate(generations):
             timing = clock.choices.get(index, ChoiceTiming())
             state.metrics.observe_choice(generation.usage, timing.first_token_at, timing.last_token_at)
@@ -323,7 +328,13 @@ def _usage(state: ServerState, generations: list[Generation]) -> UsageOut:
 
 
 async def _stream(
-    request: web.Request, state: ServerState, generations: list[Generation], shape: ResponseShape, clock: RequestClock, logprobs: bool
+    request: web.Request,
+    state: ServerState,
+    generations: list[Generation],
+    shape: ResponseShape,
+    clock: RequestClock,
+    logprobs: bool,
+    bill: Bill,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
@@ -342,6 +353,7 @@ async def _stream(
             for chunk in chunks:
                 await _send(response, chunk)
         usage = _usage(state, generations)
+        await bill.settle(usage)
         if shape.include_usage:
             await _send(response, shape.usage_chunk(usage))
         await response.write(b"data: [DONE]\n\n")

@@ -14,6 +14,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from vramsupply.engine import Engine, EngineStats
+from vramsupply.server.accounting import Accounts
 from vramsupply.server.errors import ApiError, from_validation_error
 from vramsupply.server.metrics import ServerMetrics
 
@@ -30,6 +31,7 @@ class ServerState:
         self.engine: Engine | None = None
         self._names = {model_id.lower(), *(a.lower() for a in aliases)}
         self.metrics = ServerMetrics(self.stats)
+        self.accounts = Accounts()
 
     def attach(self, engine: Engine) -> None:
         """The model has loaded: start serving. Its GGUF name becomes one more accepted alias."""

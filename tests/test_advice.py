@@ -1,0 +1,109 @@
+"""Pricing advice in `vramsupply demand`, checked against sums done by hand."""
+
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+
+import pytest
+from conftest import run_cli
+from live_platform import LivePlatform
+from test_platform_cli import platform_env, register
+
+from vramsupply.platform import api
+from vramsupply.platform.advice import Advice, Band, advice_lines, advise, earned_cents_per_hour, tempo_price_range, tempo_units
+from vramsupply.throughput import Capacity, default_bench_path, save
+
+
+def test_dollars_per_hour_by_hand() -> None:
+    # 100 tok/s is 360,000 tokens an hour; at 200 ¢/M that is 72 ¢, of which the provider keeps 95 %: 68.4 ¢
+    assert earned_cents_per_hour(100.0, 200) == Decimal("68.4")
+    # 450.5 tok/s → 1,621,800 tokens/h; × 150 ¢/M = 243.27 ¢; × 0.95 = 231.1065 ¢
+    assert earned_cents_per_hour(450.5, 150) == Decimal("231.1065")
+    assert earned_cents_per_hour(0.0, 500) == 0
+
+
+@pytest.mark.parametrize(
+    ("price", "units"),
+    [(200, 3), (100, 2), (95, 1), (96, 2), (190, 2), (191, 3), (285, 3), (286, 4), (0, 0), (1, 1), (2000, 21)],
+)
+def test_the_tempo_amount_is_the_price_plus_the_fee_rounded_up_to_whole_units(price: int, units: int) -> None:
+    # 200 ¢/M × 1.05 = 210 ¢/M = 2.1 units/token → 3; 95 × 1.05 = 99.75 → 1; 2000 × 1.05 = 2100 → exactly 21
+    assert tempo_units(price) == units
+
+
+def test_the_prices_a_tempo_buyer_pays_the_same_for() -> None:
+    assert tempo_price_range(1) == (1, 95)
+    assert tempo_price_range(2) == (96, 190)
+    assert tempo_price_range(3) == (191, 285)
+    for units in range(1, 30):
+        low, high = tempo_price_range(units)
+        assert tempo_units(low) == tempo_units(high) == units
+        assert tempo_units(low - 1) == units - 1 and tempo_units(high + 1) == units + 1
+
+
+def test_where_a_price_sits_in_the_band() -> None:
+    band = Band.of(api.PriceRange(min=150, max=250, median=200))
+    assert band.position(200) == "50 % of the way from low to high, at the median"
+    assert band.position(175) == "25 % of the way from low to high, below the median"
+    assert band.position(250) == "100 % of the way from low to high, above the median"
+    assert band.position(149) == "below the band: the cheapest offer"
+    assert band.position(251) == "above the band: the most expensive offer"
+    assert Band.of(api.PriceRange(min=100, max=100)).position(100) == "at the band's only price"
+    estimated = Band.of(api.PriceRange(min=150, max=251))
+    assert (estimated.median, estimated.median_estimated) == (200, True)
+
+
+def test_advice_for_one_model_by_hand() -> None:
+    demand = api.DemandResponse(
+        models=[
+            api.ModelDemand(
+                model="qwen/qwen3.5-9b", requests_24h=10, online_providers=3,
+                output_price_per_million=api.PriceRange(min=150, max=250, median=200),
+            ),
+            api.ModelDemand(model="other/model", requests_24h=5, online_providers=0),
+        ]
+    )
+    [advice] = advise(demand, {"qwen/qwen3.5-9b"}, 200, {"qwen/qwen3.5-9b": (100.0, 4)})
+    # 360,000 tokens/h: low 54 ¢ → 51.3 ¢, median 72 ¢ → 68.4 ¢, high 90 ¢ → 85.5 ¢ (rounded half up to 86)
+    assert advice.per_hour == (Decimal("51.3"), Decimal("68.4"), Decimal("85.5"))
+    assert advice_lines(advice) == [
+        "Pricing advice for qwen/qwen3.5-9b (output price per million tokens)",
+        "  market band: low $1.50, median $2.00, high $2.50 (3 online)",
+        "  your price: $2.00, 50 % of the way from low to high, at the median",
+        "  at your measured 100.0 tok/s (4 slots busy) you would earn $0.51/h at low, $0.68/h at median, $0.86/h at high (95 %, output tokens only)",
+        "  Tempo (MPP): buyers pay 3 unit(s)/token = $3.00/M for your $2.00/M (fee added, rounded up to a whole unit); every price from $1.91 to $2.85 costs them the same",
+    ]
+    assert advice.as_json()["earned_cents_per_hour"] == {"low": "51.30", "median": "68.40", "high": "85.50"}
+    assert advice.as_json()["tempo"] == {"units_per_token": 3, "cents_per_million": 300, "same_units_from": 191, "same_units_to": 285}
+
+
+def test_advice_without_a_market_or_a_measurement_says_what_is_missing() -> None:
+    lines = advice_lines(Advice("m", 100, None, 0, None, None))
+    assert "no provider is online for it" in lines[1]
+    assert "run `vramsupply bench`" in lines[2]
+    assert "buyers pay 2 unit(s)/token = $2.00/M" in lines[3]
+
+
+async def test_demand_prints_advice_for_the_model_you_serve_at_your_measured_speed() -> None:
+    save(default_bench_path(), Capacity(
+        model="stories260k", quant=None, parallel=4, single_stream_tokens_per_second=900.0, all_slots_tokens_per_second=2000.0,
+        measured_at=time.time(), seconds=12.0, agent_version="test",
+    ))
+    with LivePlatform() as platform:
+        for i, price in enumerate((150, 200, 300)):
+            await register(platform, "stories260k", f"http://10.0.0.{i + 1}:8080", 100, price)
+        env = platform_env(platform, VRAM_SUPPLY_MODEL="stories260k", VRAM_SUPPLY_OUTPUT_PRICE="250")
+        table = run_cli("demand", env=env)
+        as_json = run_cli("demand", "--json", env=env)
+
+    assert table.returncode == 0, table.stderr
+    # 2000 tok/s = 7.2 M tokens/h: × $1.50/M × 0.95 = $10.26, × $2.00 → $13.68, × $3.00 → $20.52
+    assert "you would earn $10.26/h at low, $13.68/h at median, $20.52/h at high" in table.stdout
+    assert "your price: $2.50, 66 % of the way from low to high, above the median" in table.stdout
+    # 250 × 1.05 = 262.5 ¢/M → 2.625 units → 3 units/token
+    assert "buyers pay 3 unit(s)/token = $3.00/M for your $2.50/M" in table.stdout
+    [advice] = json.loads(as_json.stdout)["advice"]
+    assert advice["band"] == {"low": 150, "median": 200, "high": 300, "median_estimated": False}
+    assert advice["earned_cents_per_hour"] == {"low": "1026.00", "median": "1368.00", "high": "2052.00"}

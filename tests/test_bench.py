@@ -1,0 +1,52 @@
+"""`vramsupply bench` measures this machine and `serve` reports the result to the platform as capacity."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+from agent_process import AgentProcess
+from conftest import TINY_MODEL, run_cli
+from live_platform import API_KEY, LivePlatform
+
+from vramsupply.platform import api
+from vramsupply.throughput import default_bench_path, read_all
+
+
+def test_bench_measures_one_stream_and_every_slot_and_serve_reports_it_as_capacity() -> None:
+    result = run_cli("bench", "--model", str(TINY_MODEL), "--parallel", "3", "--seconds", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["model"] == "stories260k" and printed["parallel"] == 3
+    assert printed["single_stream_tokens_per_second"] > 0 and printed["all_slots_tokens_per_second"] > 0
+    assert "bench: 1 stream for" in result.stderr and "bench: 3 streams for" in result.stderr
+    [stored] = read_all(default_bench_path()).values()
+    assert stored.model_dump() == printed
+
+    env = {"VRAM_SUPPLY_PLATFORM_URL": "", "VRAM_SUPPLY_API_KEY": API_KEY, "VRAM_SUPPLY_HEARTBEAT_INTERVAL": "0.2"}
+    with LivePlatform() as platform:
+        env["VRAM_SUPPLY_PLATFORM_URL"] = platform.url
+        with AgentProcess("--model", str(TINY_MODEL), "--port", "0", "--endpoint-url", "https://gpu.example.com", env=env) as agent:
+            agent.wait_for(lambda: len(platform.providers) == 1, "registration")
+            [provider] = platform.providers
+            expected = api.Capacity(
+                single_stream_tokens_per_second=stored.single_stream_tokens_per_second,
+                all_slots_tokens_per_second=stored.all_slots_tokens_per_second,
+                slots=3,
+                measured_at=provider.offer.capacity.measured_at if provider.offer.capacity else "",
+            )
+            assert provider.offer.capacity == expected
+            provider.capacity = None
+            agent.wait_for(lambda: provider.capacity == expected, "a heartbeat carrying the capacity")
+            demand = platform.platform.store.demand(0)
+            assert agent.stop(signal.SIGTERM) == 0
+    assert provider.offer.capacity.measured_at.endswith("+00:00")
+    assert demand.models[0].capacity_tokens_per_second == stored.all_slots_tokens_per_second  # the platform shows it
+
+
+def test_bench_errors_are_one_line() -> None:
+    missing = run_cli("bench", "--model", "/nonexistent/model.gguf", "--seconds", "3")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "error:" in missing.stderr
+    nothing = run_cli("bench")
+    assert nothing.returncode == 1 and "no model to serve" in nothing.stderr

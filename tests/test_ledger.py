@@ -1,0 +1,214 @@
+"""The earnings ledger on its own: exact money, the SQLite file, roll-ups, and `vramsupply earnings`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from vramsupply.ledger import Entry, LedgerError, LedgerStore, LedgerWriter, cents, default_ledger_path, earned_nanocents, gross_nanocents
+from vramsupply.ledger.money import dollars_text
+from vramsupply.ledger.recorder import LedgerRecorder
+from vramsupply.ledger.report import earnings_report, parse_since
+from vramsupply.server.accounting import FinishedRequest
+
+DAY = 86400.0
+NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+
+
+def entry(finished_at: float, model: str = "org/model", *, prompt: int = 100, cached: int = 0, completion: int = 50,
+          source: str = "platform", complete: bool = True, prices: tuple[int, int] = (100, 200)) -> Entry:
+    gross = gross_nanocents(prompt, completion, *prices) if source == "platform" else 0
+    return Entry(finished_at, f"chatcmpl-{finished_at}", model, source, complete, 1, prompt, cached, completion, *prices, gross, earned_nanocents(gross))
+
+
+def test_money_is_exact_integers_of_nanocents() -> None:
+    # 1,000 prompt tokens at 100 ¢/M and 500 completion tokens at 200 ¢/M: 0.1 ¢ + 0.1 ¢ = 0.2 ¢
+    gross = gross_nanocents(1000, 500, 100, 200)
+    assert gross == 200_000_000
+    assert earned_nanocents(gross) == 190_000_000
+    assert cents(gross) == Decimal("0.2") and cents(earned_nanocents(gross)) == Decimal("0.19")
+    # one token at 1 ¢/M is a micro-cent, and 95 % of it is still a whole number of nanocents
+    assert gross_nanocents(1, 0, 1, 0) == 1000 and earned_nanocents(1000) == 950
+    assert cents(950) == Decimal("0.00000095")
+    assert cents(12 * 10**9) == Decimal("12")
+    assert dollars_text(123_456 * 10**9) == "$1,234.56"
+    assert dollars_text(190_000_000) == "$0.0019"
+    assert dollars_text(0) == "$0.00"
+
+
+def test_the_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "ledger.sqlite3"
+    store = LedgerStore(path)
+    store.add([entry(NOW)])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    wal = path.with_name(path.name + "-wal")
+    assert wal.exists() and stat.S_IMODE(wal.stat().st_mode) == 0o600
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+
+
+def test_the_ledger_lives_in_the_data_dir(isolated_env: Path) -> None:
+    assert default_ledger_path() == isolated_env / ".local" / "share" / "vramsupply" / "ledger.sqlite3"
+
+
+def test_a_ledger_that_cannot_be_created_is_one_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(LedgerError, match="cannot open the earnings ledger"):
+        LedgerStore(blocker / "ledger.sqlite3")
+
+
+def test_old_rows_roll_up_into_daily_totals_without_changing_any_sum(tmp_path: Path) -> None:
+    store = LedgerStore(tmp_path / "ledger.sqlite3")
+    rows = [entry(NOW - 20 * DAY + i * 3600, prompt=10 + i, completion=i, cached=i % 3, complete=i % 5 != 0) for i in range(48)]
+    rows += [entry(NOW - 20 * DAY, "other/model", source="local"), entry(NOW - 3600)]
+    store.add(rows)
+    before = store.groups(NOW - 30 * DAY)
+
+    folded = store.roll_up(now=NOW)
+
+    assert folded == 49  # all but the row of the last hour are older than 8 days
+    assert len(store.entries()) == 1
+    assert store.groups(NOW - 30 * DAY) == before  # per day, model and source: identical totals
+    daily = store._db.execute("SELECT count(*) FROM daily").fetchone()[0]
+    assert daily == 3  # two days of org/model, one of other/model
+    store.add([entry(NOW - 19 * DAY)])  # a late row for a day already rolled up is added to it
+    store.roll_up(now=NOW)
+    assert store._db.execute("SELECT requests FROM daily WHERE day = '2025-12-13' AND model = 'org/model'").fetchone()[0] == 24 + 1
+    store.close()
+
+
+def test_the_row_count_is_bounded(tmp_path: Path) -> None:
+    store = LedgerStore(tmp_path / "ledger.sqlite3")
+    store.add([entry(NOW - i) for i in range(100)])
+    assert store.roll_up(now=NOW, max_rows=30) == 70
+    assert len(store.entries()) == 30
+    total = sum(g.requests for g in store.groups(0))
+    assert total == 100
+    store.close()
+
+
+async def test_the_writer_commits_before_the_future_resolves(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    writer = LedgerWriter.open(path)
+    recorder = LedgerRecorder(writer, input_price=100, output_price=200, selling=True)
+    finished = [FinishedRequest(f"cmpl-{i}", "org/model", 1, 10, 2, 5, True, True) for i in range(20)]
+    await asyncio.gather(*(recorder.record(f) for f in finished))
+    reader = LedgerStore(path)  # a second connection, as `vramsupply earnings` has, sees every row already
+    assert [e.request_id for e in reader.entries()] == [f"cmpl-{i}" for i in range(20)]
+    assert all(e.gross_nanocents == (10 * 100 + 5 * 200) * 1000 for e in reader.entries())
+    reader.close()
+    writer.close()
+
+
+async def test_requests_without_a_registered_endpoint_token_are_local_and_earn_nothing(tmp_path: Path) -> None:
+    writer = LedgerWriter.open(tmp_path / "ledger.sqlite3")
+    selling = LedgerRecorder(writer, input_price=100, output_price=200, selling=True)
+    not_selling = LedgerRecorder(writer, input_price=100, output_price=200, selling=False)
+    with_token = FinishedRequest("a", "m", 1, 10, 0, 5, True, True)
+    without_token = FinishedRequest("b", "m", 1, 10, 0, 5, True, False)
+    assert selling.entry(with_token).source == "platform" and selling.entry(with_token).gross_nanocents == 2_000_000
+    for recorder, finished in ((selling, without_token), (not_selling, with_token)):
+        local = recorder.entry(finished)
+        assert (local.source, local.gross_nanocents, local.earned_nanocents) == ("local", 0, 0)
+        assert (local.input_price, local.output_price) == (100, 200)
+    writer.close()
+
+
+async def test_a_failing_disk_is_logged_once_and_never_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    writer = LedgerWriter.open(tmp_path / "ledger.sqlite3")
+    recorder = LedgerRecorder(writer, input_price=100, output_price=200, selling=True)
+    writer.store._db.execute("DROP TABLE requests")  # every insert now fails
+    for i in range(3):
+        await recorder.record(FinishedRequest(f"r{i}", "m", 1, 1, 0, 1, True, True))
+    assert sum("not recorded until it can write" in r.getMessage() for r in caplog.records) == 1
+    writer.close()
+
+
+def test_since_accepts_hours_and_days_and_refuses_anything_else() -> None:
+    assert parse_since("24h").total_seconds() == DAY
+    assert parse_since("7d").days == 7 and parse_since("30D").days == 30
+    for bad in ("", "0d", "7", "1w", "-1d", "99999d"):
+        with pytest.raises(LedgerError, match="--since"):
+            parse_since(bad)
+
+
+def test_a_report_counts_the_window_only(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    store = LedgerStore(path)
+    store.add([entry(NOW - 2 * DAY), entry(NOW - 3600, "b/model", completion=7), entry(NOW - 600, source="local")])
+    store.close()
+    day = earnings_report(path, "24h", now=NOW).as_json()
+    assert (day["requests"], day["local_requests"], day["completion_tokens"]) == (2, 1, 57)
+    assert day["gross_nanocents"] == gross_nanocents(100, 7, 100, 200)
+    week = earnings_report(path, "7d", now=NOW).as_json()
+    assert week["requests"] == 3
+    assert [m["model"] for m in week["by_model"]] == ["b/model", "org/model"]
+    assert [d["day"] for d in week["by_day"]] == ["2025-12-30", "2025-12-31"]
+
+
+def test_no_ledger_yet_reports_nothing_and_creates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    report = earnings_report(path, "7d")
+    assert report.total.requests == 0 and not path.exists()
+
+
+def fill_ledger(now: float) -> list[Entry]:
+    rows = []
+    for i in range(60):
+        model = ("qwen/qwen3.5-9b", "meta-llama/llama-3.1-8b-instruct-with-a-very-long-name")[i % 2]
+        rows.append(entry(now - i * 7200, model, prompt=1000 + 17 * i, cached=i * 3, completion=300 + i, complete=i % 7 != 0,
+                          source="local" if i % 11 == 0 else "platform", prices=(100 + i % 3, 200)))
+    store = LedgerStore(default_ledger_path())
+    store.add(rows)
+    store.close()
+    return rows
+
+
+def test_earnings_json_matches_the_database(isolated_env: Path) -> None:
+    rows = fill_ledger(time.time())
+    result = run_cli("earnings", "--since", "30d", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout, parse_float=Decimal)
+
+    store = LedgerStore(default_ledger_path())
+    db = store._db
+    sums = db.execute("SELECT count(*), sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), sum(gross_nanocents), sum(earned_nanocents) FROM requests").fetchone()
+    store.close()
+    assert (report["requests"], report["prompt_tokens"], report["cached_tokens"], report["completion_tokens"],
+            report["gross_nanocents"], report["earned_nanocents"]) == sums
+    assert report["gross_cents"] == Decimal(sums[4]) / 10**9 and report["earned_cents"] == Decimal(sums[5]) / 10**9
+    assert report["earned_nanocents"] * 100 == report["gross_nanocents"] * 95
+    assert report["cut_requests"] == sum(not r.complete for r in rows)
+    assert report["local_requests"] == sum(r.source == "local" for r in rows)
+    assert sum(m["requests"] for m in report["by_model"]) == sum(d["requests"] for d in report["by_day"]) == 60
+    assert sum(d["earned_nanocents"] for d in report["by_day"]) == sums[5]
+    assert set(report) >= {"since", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "gross_cents", "earned_cents", "by_model", "by_day"}
+
+
+@pytest.mark.parametrize("by", ["model", "day"])
+def test_earnings_table_and_chart_fit_80_columns(isolated_env: Path, by: str) -> None:
+    fill_ledger(time.time())
+    result = run_cli("earnings", "--since", "7d", "--by", by, env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.stdout
+    assert "total" in result.stdout and "Earned per day" in result.stdout and "█" in result.stdout
+    if by == "model":
+        assert "qwen/qwen3.5-9b" in result.stdout
+
+
+def test_earnings_with_an_empty_ledger_and_bad_flags(isolated_env: Path) -> None:
+    empty = run_cli("earnings")
+    assert empty.returncode == 0 and "No requests recorded in the last 30d" in empty.stdout
+    bad = run_cli("earnings", "--since", "a week")
+    assert bad.returncode != 0 and "--since 'a week' is not a window" in bad.stderr and "Traceback" not in bad.stderr
+    bad_by = run_cli("earnings", "--by", "hour")
+    assert bad_by.returncode != 0 and "choose model or day" in bad_by.stderr

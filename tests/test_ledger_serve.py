@@ -1,0 +1,147 @@
+"""The ledger behind a real server: what buyers received is what the ledger holds, also after a SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from agent_process import AgentProcess
+from conftest import TINY_MODEL, run_cli
+from live_server import LiveServer
+
+from vramsupply.ledger import LedgerStore, LedgerWriter, default_ledger_path, gross_nanocents
+from vramsupply.ledger.recorder import LedgerRecorder
+
+TOKEN = "endpoint-token-for-ledger-tests"
+PRICES = (120, 250)
+CUT_MAX_TOKENS = 1800  # long enough that a buyer who hangs up after two chunks really cuts it short
+
+
+class Buyer:
+    """One kind of request per call; remembers what it received: (id, usage or None when it hung up, chunks)."""
+
+    def __init__(self, client: openai.AsyncOpenAI) -> None:
+        self.client = client
+        self.received: list[tuple[str, Any, int]] = []
+
+    async def buy(self, i: int) -> None:
+        kind = i % 8
+        messages = [{"role": "user", "content": f"Tell story number {i % 13}."}]
+        chat, text = self.client.chat.completions, self.client.completions
+        if kind == 0:
+            r = await chat.create(model="stories260k", messages=messages, max_tokens=8 + i % 5)
+            self.received.append((r.id, r.usage, 1))
+        elif kind == 1:
+            await self._stream(await chat.create(model="stories260k", messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True}))
+        elif kind == 2:
+            r = await text.create(model="stories260k", prompt=f"Once upon a time {i}", max_tokens=6, n=2)
+            self.received.append((r.id, r.usage, 2))
+        elif kind == 3:
+            await self._stream(await chat.create(model="stories260k", messages=messages, max_tokens=10, n=3, stream=True, stream_options={"include_usage": True}))
+        elif kind == 5:
+            await self._stream(await text.create(model="stories260k", prompt="The cat", max_tokens=9, stream=True, stream_options={"include_usage": True}))
+        elif kind == 6:
+            r = await chat.create(model="stories260k", messages=messages, max_tokens=7, n=2, seed=i)
+            self.received.append((r.id, r.usage, 2))
+        else:  # 4 and 7: streams the buyer abandons after a chunk or two (n=2 for one of them)
+            stream = await chat.create(
+                model="stories260k", messages=messages, max_tokens=CUT_MAX_TOKENS, n=1 + kind % 2, stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            await self._stream(stream, cut_after=1 + kind % 2)
+
+    async def _stream(self, stream: Any, cut_after: int | None = None) -> None:
+        request_id, usage, chunks = "", None, 0
+        async for chunk in stream:
+            request_id = chunk.id
+            if chunk.usage is not None:
+                usage = chunk.usage
+            if chunk.choices and _text(chunk.choices[0]):
+                chunks += 1
+            if cut_after is not None and chunks > cut_after:
+                await stream.close()
+                break
+        self.received.append((request_id, usage, chunks))
+
+
+def _text(choice: Any) -> str:
+    return (choice.delta.content if hasattr(choice, "delta") else choice.text) or ""
+
+
+@pytest.mark.slow
+async def test_over_200_mixed_requests_the_ledger_holds_exactly_the_usage_buyers_received(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    async with LiveServer(endpoint_token=TOKEN, parallel=4) as live:
+        writer = LedgerWriter.open(path)
+        live.state.accounts.recorder = LedgerRecorder(writer, input_price=PRICES[0], output_price=PRICES[1], selling=True)
+        buyer = Buyer(openai.AsyncOpenAI(base_url=live.base_url, api_key=TOKEN, max_retries=0))
+        gate = asyncio.Semaphore(8)
+
+        async def one(i: int) -> None:
+            async with gate:
+                await buyer.buy(i)
+
+        await asyncio.gather(*(one(i) for i in range(208)))
+        assert live.engine is not None
+        while live.engine.stats().slots_busy or live.engine.stats().queue_depth:  # the server notices the last hang-ups
+            await asyncio.sleep(0.05)
+        await live.acall(lambda: live.state.accounts.flush(30))
+        engine_completion_tokens = live.engine.stats().completion_tokens_total
+        writer.close()
+
+    rows = {e.request_id: e for e in LedgerStore(path).entries()}
+    assert len(rows) == len(buyer.received) == 208
+    complete = [(rid, usage) for rid, usage, _ in buyer.received if usage is not None]
+    cut = [(rid, chunks) for rid, usage, chunks in buyer.received if usage is None]
+    assert len(complete) == 156 and len(cut) == 52
+    for rid, usage in complete:  # every finished request: to the token what its buyer was told
+        row = rows[rid]
+        assert row.complete and row.source == "platform"
+        assert (row.prompt_tokens, row.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+        assert row.cached_tokens == usage.prompt_tokens_details.cached_tokens
+    for rid, chunks in cut:  # every abandoned stream: recorded as such, with the tokens it did generate
+        row = rows[rid]
+        assert not row.complete and chunks <= row.completion_tokens < CUT_MAX_TOKENS * row.choices
+    assert sum(r.choices > 1 for r in rows.values()) == 26 * 3 + 26
+    # nothing served is missing: the ledger's completion tokens are every token the engine generated
+    assert sum(r.completion_tokens for r in rows.values()) == engine_completion_tokens
+    for row in rows.values():
+        assert row.gross_nanocents == gross_nanocents(row.prompt_tokens, row.completion_tokens, *PRICES)
+        assert row.earned_nanocents * 100 == row.gross_nanocents * 95
+
+
+def test_served_requests_survive_a_sigkill_and_the_ledger_grows_across_restarts(isolated_env: Path) -> None:
+    ids = []
+    with AgentProcess("--model", str(TINY_MODEL), "--no-register", "--port", "0", "--parallel", "2") as agent:
+        agent.wait_ready()
+        client = openai.OpenAI(base_url=agent.base_url, api_key="unused", max_retries=0)
+        for i in range(6):
+            if i % 2:
+                stream = client.chat.completions.create(model="stories260k", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, stream=True)
+                ids.append(next(iter(stream)).id)
+                for _ in stream:
+                    pass
+            else:
+                ids.append(client.completions.create(model="stories260k", prompt="Once", max_tokens=5).id)
+        agent.process.send_signal(signal.SIGKILL)  # at once: the last answer has only just arrived
+        assert agent.wait() == -signal.SIGKILL
+
+    assert [e.request_id for e in LedgerStore(default_ledger_path()).entries()] == ids
+
+    with AgentProcess("--model", str(TINY_MODEL), "--no-register", "--port", "0") as agent:
+        agent.wait_ready()
+        client = openai.OpenAI(base_url=agent.base_url, api_key="unused", max_retries=0)
+        ids.append(client.completions.create(model="stories260k", prompt="Once", max_tokens=5).id)
+        assert agent.stop() == 0
+
+    rows = LedgerStore(default_ledger_path()).entries()
+    assert [e.request_id for e in rows] == ids
+    assert all(e.source == "local" and e.gross_nanocents == 0 for e in rows)  # --no-register: nothing sold
+    report = json.loads(run_cli("earnings", "--since", "24h", "--json").stdout)
+    assert (report["requests"], report["local_requests"], report["earned_nanocents"]) == (7, 7, 0)
+    assert report["completion_tokens"] == sum(e.completion_tokens for e in rows)

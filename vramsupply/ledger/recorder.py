@@ -1,0 +1,100 @@
+"""What `serve` plugs into the HTTP server: finished requests become priced ledger rows.
+
+A request counts as sold through the platform when it carried the endpoint token and this agent
+offers itself on the marketplace; everything else (``--no-register``, no token) is local and earns
+nothing, though its tokens are still recorded. Prices are the ones in force when it finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from vramsupply.ledger.money import earned_nanocents, gross_nanocents
+from vramsupply.ledger.store import Entry, LedgerError
+from vramsupply.ledger.writer import LedgerWriter
+
+log = logging.getLogger("vramsupply.ledger")
+
+
+class Finished(Protocol):
+    """A finished request as the server reports it (``server.accounting.FinishedRequest``)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def choices(self) -> int: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def cached_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def complete(self) -> bool: ...
+    @property
+    def token_presented(self) -> bool: ...
+
+
+class LedgerRecorder:
+    def __init__(
+        self, writer: LedgerWriter, *, input_price: int, output_price: int, selling: bool, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.writer = writer
+        self.input_price = input_price
+        self.output_price = output_price
+        self.selling = selling
+        self._clock = clock
+        self._failing = False
+
+    def entry(self, finished: Finished) -> Entry:
+        platform = self.selling and finished.token_presented
+        gross = gross_nanocents(finished.prompt_tokens, finished.completion_tokens, self.input_price, self.output_price) if platform else 0
+        return Entry(
+            finished_at=self._clock(),
+            request_id=finished.request_id,
+            model=finished.model,
+            source="platform" if platform else "local",
+            complete=finished.complete,
+            choices=finished.choices,
+            prompt_tokens=finished.prompt_tokens,
+            cached_tokens=finished.cached_tokens,
+            completion_tokens=finished.completion_tokens,
+            input_price=self.input_price,
+            output_price=self.output_price,
+            gross_nanocents=gross,
+            earned_nanocents=earned_nanocents(gross),
+        )
+
+    async def record(self, finished: Finished) -> None:
+        """Write the row and wait for its commit; a failing disk is logged once, never raised."""
+        try:
+            await asyncio.wrap_future(self.writer.submit(self.entry(finished)))
+        except LedgerError as exc:
+            if not self._failing:
+                self._failing = True
+                log.warning("%s; serving continues, but earnings are not recorded until it can write", exc)
+            return
+        if self._failing:
+            self._failing = False
+            log.info("the earnings ledger %s is written again", self.writer.store.path)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def open_recorder(path: Path, *, input_price: int, output_price: int, selling: bool) -> LedgerRecorder | None:
+    """The recorder `serve` plugs into the server, or None (logged) when the ledger cannot be opened:
+    the agent serves on without a ledger rather than not at all."""
+    try:
+        writer = LedgerWriter.open(path)
+    except LedgerError as exc:
+        log.warning("%s; serving without recording earnings", exc)
+        return None
+    return LedgerRecorder(writer, input_price=input_price, output_price=output_price, selling=selling)

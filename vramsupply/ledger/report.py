@@ -1,0 +1,175 @@
+"""`vramsupply earnings`: totals over a window, by model and by UTC day, as JSON or a table and a bar chart.
+
+Money in the JSON is exact: ``gross_cents``/``earned_cents`` are decimal numbers written digit for
+digit (parse them with ``json.loads(..., parse_float=Decimal)`` to keep every digit), and
+``gross_nanocents``/``earned_nanocents`` carry the same amounts as integers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group as RenderGroup
+from rich.console import RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from vramsupply.ledger.money import cents, dollars_text
+from vramsupply.ledger.store import Group, LedgerError, LedgerStore
+
+SINCE_PATTERN = re.compile(r"^\s*(\d{1,4})\s*([hd])\s*$", re.IGNORECASE)
+MAX_SINCE_DAYS = 3660
+BAR_WIDTH = 40
+
+
+class By(str, Enum):
+    model = "model"
+    day = "day"
+
+
+def parse_since(text: str) -> timedelta:
+    """``24h``, ``7d``, ``30d`` (any number of hours or days): the window to report."""
+    match = SINCE_PATTERN.match(text)
+    if not match or int(match.group(1)) == 0:
+        raise LedgerError(f"--since {text!r} is not a window: use a number of hours or days such as 24h, 7d or 30d")
+    amount, unit = int(match.group(1)), match.group(2).lower()
+    window = timedelta(hours=amount) if unit == "h" else timedelta(days=amount)
+    if window > timedelta(days=MAX_SINCE_DAYS):
+        raise LedgerError(f"--since {text!r} is too long: at most {MAX_SINCE_DAYS} days")
+    return window
+
+
+@dataclass
+class Totals:
+    requests: int = 0
+    cut_requests: int = 0
+    local_requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    gross_nanocents: int = 0
+    earned_nanocents: int = 0
+
+    def add(self, group: Group) -> None:
+        self.requests += group.requests
+        self.cut_requests += group.cut_requests
+        self.local_requests += group.requests if group.source == "local" else 0
+        for name in ("prompt_tokens", "cached_tokens", "completion_tokens", "gross_nanocents", "earned_nanocents"):
+            setattr(self, name, getattr(self, name) + getattr(group, name))
+
+    def as_json(self) -> dict[str, Any]:
+        values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["gross_cents"] = cents(self.gross_nanocents)
+        values["earned_cents"] = cents(self.earned_nanocents)
+        return values
+
+
+@dataclass
+class Report:
+    window: str
+    since: datetime
+    total: Totals = field(default_factory=Totals)
+    by_model: dict[str, Totals] = field(default_factory=dict)
+    by_day: dict[str, Totals] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "since": self.since.isoformat(timespec="seconds"),
+            "window": self.window,
+            **self.total.as_json(),
+            "by_model": [{"model": model, **totals.as_json()} for model, totals in sorted(self.by_model.items())],
+            "by_day": [{"day": day, **totals.as_json()} for day, totals in sorted(self.by_day.items())],
+        }
+
+    def days(self, today: datetime) -> list[str]:
+        """Every UTC day of the window, oldest first, for the chart (days without traffic included)."""
+        first, last = self.since.date(), today.date()
+        return [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+
+
+def earnings_report(path: Path, window_text: str, now: float | None = None) -> Report:
+    """Totals from the ledger at ``path`` (an absent ledger reports nothing earned, and is not created)."""
+    window = parse_since(window_text)
+    now = time.time() if now is None else now
+    since = now - window.total_seconds()
+    report = Report(window_text.strip().lower(), datetime.fromtimestamp(since, timezone.utc))
+    if not path.exists():
+        return report
+    store = LedgerStore(path)
+    try:
+        groups = store.groups(since)
+    finally:
+        store.close()
+    for group in groups:
+        report.total.add(group)
+        report.by_model.setdefault(group.model, Totals()).add(group)
+        report.by_day.setdefault(group.day, Totals()).add(group)
+    return report
+
+
+def dumps(value: Any) -> str:
+    """JSON with every ``Decimal`` written as an exact number (the ``json`` module would need a float)."""
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {dumps(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(dumps(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def render(report: Report, by: By, ledger: Path, now: float | None = None) -> RenderableType:
+    """A table (by model or by day) and a bar chart of the earnings per UTC day, for 80 columns."""
+    today = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
+    if not report.total.requests:
+        return Text(f"No requests recorded in the last {report.window} (ledger: {ledger}).")
+    return RenderGroup(_table(report, by), Text(""), _chart(report, today), _footnote(report, ledger))
+
+
+def _table(report: Report, by: By) -> Table:
+    table = Table(title=f"Earnings, last {report.window} (tokens; UTC days)", show_footer=True, title_justify="left")
+    rows = sorted((report.by_model if by is By.model else report.by_day).items())
+    table.add_column(by.value, footer="total", overflow="fold", min_width=15)
+    t = report.total
+    for name, footer in (("req", t.requests), ("prompt", t.prompt_tokens), ("cached", t.cached_tokens), ("output", t.completion_tokens)):
+        table.add_column(name, justify="right", footer=f"{footer:,}")
+    table.add_column("gross", justify="right", footer=dollars_text(t.gross_nanocents))
+    table.add_column("earned", justify="right", footer=dollars_text(t.earned_nanocents), style="green")
+    for name, totals in rows:
+        table.add_row(
+            name, f"{totals.requests:,}", f"{totals.prompt_tokens:,}", f"{totals.cached_tokens:,}", f"{totals.completion_tokens:,}",
+            dollars_text(totals.gross_nanocents), dollars_text(totals.earned_nanocents),
+        )
+    return table
+
+
+def _chart(report: Report, today: datetime) -> Text:
+    days = report.days(today)[-31:]
+    earned = {day: report.by_day[day].earned_nanocents if day in report.by_day else 0 for day in days}
+    top = max(earned.values())
+    chart = Text("Earned per day (95 % of gross)\n", style="bold")
+    for day in days:
+        amount = earned[day]
+        width = 0 if not top else max(1 if amount else 0, round(BAR_WIDTH * amount / top))
+        chart.append(f"{day} ")
+        chart.append("█" * width, style="green")
+        chart.append(f"{' ' * (BAR_WIDTH - width)} {dollars_text(amount)}\n")
+    return chart
+
+
+def _footnote(report: Report, ledger: Path) -> Text:
+    t = report.total
+    notes = [f"ledger: {ledger}"]
+    if t.local_requests:
+        notes.insert(0, f"{t.local_requests:,} local request(s) (no endpoint token or not registered) earn nothing")
+    if t.cut_requests:
+        notes.insert(0, f"{t.cut_requests:,} request(s) ended early (buyer hung up); their tokens served are counted")
+    return Text("\n".join(notes), style="dim")

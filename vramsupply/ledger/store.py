@@ -1,0 +1,218 @@
+"""The earnings ledger on disk: one SQLite file in the data dir, private (mode 0600), in WAL mode.
+
+Why SQLite: a row per finished request must survive the agent being killed at any moment, and
+`vramsupply earnings` must read it while `serve` writes. WAL gives both: a committed row is in the
+WAL file before the buyer gets the last byte, and readers never block the writer.
+
+Size stays bounded: raw rows are kept for ``KEEP_RAW_SECONDS`` (and at most ``MAX_RAW_ROWS``);
+older ones are rolled up into one row per UTC day, model, source and prices in ``daily``, which
+keeps every count and sum exactly. Reports older than that have a resolution of one day.
+
+One ``LedgerStore`` is one connection; use it from one thread (the writer thread in ``serve``, the
+main thread in the CLI).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vramsupply.config import data_dir
+
+LEDGER_FILE_NAME = "ledger.sqlite3"
+SCHEMA_VERSION = 1
+KEEP_RAW_SECONDS = 8 * 86400
+"""Raw rows cover `earnings --since 7d` exactly; anything older is read from the daily totals."""
+MAX_RAW_ROWS = 200_000
+"""A busy agent rolls up sooner: about 40 MB of raw rows at most."""
+BUSY_TIMEOUT_SECONDS = 10.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    finished_at REAL NOT NULL,
+    request_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    source TEXT NOT NULL CHECK (source IN ('platform', 'local')),
+    complete INTEGER NOT NULL,
+    choices INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    input_price INTEGER NOT NULL,
+    output_price INTEGER NOT NULL,
+    gross_nanocents INTEGER NOT NULL,
+    earned_nanocents INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_finished_at ON requests (finished_at);
+CREATE TABLE IF NOT EXISTS daily (
+    day TEXT NOT NULL,
+    model TEXT NOT NULL,
+    source TEXT NOT NULL,
+    input_price INTEGER NOT NULL,
+    output_price INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    cut_requests INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    gross_nanocents INTEGER NOT NULL,
+    earned_nanocents INTEGER NOT NULL,
+    PRIMARY KEY (day, model, source, input_price, output_price)
+);
+"""
+
+SUMMED = ("prompt_tokens", "cached_tokens", "completion_tokens", "gross_nanocents", "earned_nanocents")
+
+ROLL_UP = f"""
+INSERT INTO daily (day, model, source, input_price, output_price, requests, cut_requests, {", ".join(SUMMED)})
+SELECT date(finished_at, 'unixepoch'), model, source, input_price, output_price, count(*), sum(1 - complete),
+       {", ".join(f"sum({c})" for c in SUMMED)}
+FROM requests WHERE id <= :last_id
+GROUP BY 1, 2, 3, 4, 5
+ON CONFLICT (day, model, source, input_price, output_price) DO UPDATE SET
+    requests = requests + excluded.requests, cut_requests = cut_requests + excluded.cut_requests,
+    {", ".join(f"{c} = {c} + excluded.{c}" for c in SUMMED)}
+"""
+
+GROUPED = f"""
+SELECT day, model, source, sum(requests), sum(cut_requests), {", ".join(f"sum({c})" for c in SUMMED)} FROM (
+    SELECT date(finished_at, 'unixepoch') AS day, model, source, 1 AS requests, 1 - complete AS cut_requests, {", ".join(SUMMED)}
+    FROM requests WHERE finished_at >= :since
+    UNION ALL
+    SELECT day, model, source, requests, cut_requests, {", ".join(SUMMED)} FROM daily WHERE day >= date(:since, 'unixepoch')
+) GROUP BY day, model, source ORDER BY day, model, source
+"""
+
+
+def default_ledger_path() -> Path:
+    return data_dir() / LEDGER_FILE_NAME
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One finished request, as the ledger records it."""
+
+    finished_at: float
+    request_id: str
+    model: str
+    source: str  # "platform" (it carried the endpoint token of a registered agent) or "local"
+    complete: bool  # False: the buyer hung up or the request failed before its final usage
+    choices: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    input_price: int
+    output_price: int
+    gross_nanocents: int
+    earned_nanocents: int
+
+
+@dataclass(frozen=True)
+class Group:
+    """Totals of one UTC day, model and source (``platform`` or ``local``)."""
+
+    day: str
+    model: str
+    source: str
+    requests: int
+    cut_requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    gross_nanocents: int
+    earned_nanocents: int
+
+
+class LedgerError(Exception):
+    """The ledger file cannot be opened or written; the message names the file."""
+
+
+class LedgerStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            _create_private(path)
+            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit is written to the WAL before it returns, so it survives the
+            # process being killed; only a power cut can lose the last moments before a checkpoint.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except (sqlite3.Error, OSError) as exc:
+            raise LedgerError(f"cannot open the earnings ledger {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LedgerError(f"the earnings ledger {self.path} was written by a newer vramsupply (schema {version})")
+        if version == SCHEMA_VERSION:
+            return
+        self._db.executescript(SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def add(self, entries: Iterable[Entry]) -> None:
+        """Write ``entries`` in one transaction: all of them are on disk when this returns."""
+        rows = [
+            (
+                e.finished_at, e.request_id, e.model, e.source, int(e.complete), e.choices, e.prompt_tokens, e.cached_tokens,
+                e.completion_tokens, e.input_price, e.output_price, e.gross_nanocents, e.earned_nanocents,
+            )
+            for e in entries
+        ]
+        with self._transaction():
+            self._db.executemany(f"INSERT INTO requests ({', '.join(Entry.__dataclass_fields__)}) VALUES ({', '.join('?' * 13)})", rows)
+
+    def roll_up(self, now: float | None = None, keep_seconds: float = KEEP_RAW_SECONDS, max_rows: int = MAX_RAW_ROWS) -> int:
+        """Fold raw rows older than ``keep_seconds`` (and any beyond the newest ``max_rows``) into
+        the daily totals; returns how many rows were folded."""
+        now = time.time() if now is None else now
+        with self._transaction():
+            by_age = self._db.execute("SELECT max(id) FROM requests WHERE finished_at < ?", (now - keep_seconds,)).fetchone()[0]
+            by_count = self._db.execute("SELECT id FROM requests ORDER BY id DESC LIMIT 1 OFFSET ?", (max_rows,)).fetchone()
+            last_id = max(by_age or 0, by_count[0] if by_count else 0)
+            if not last_id:
+                return 0
+            self._db.execute(ROLL_UP, {"last_id": last_id})
+            return self._db.execute("DELETE FROM requests WHERE id <= ?", (last_id,)).rowcount
+
+    def groups(self, since: float) -> list[Group]:
+        """Totals per UTC day, model and source since ``since`` (days already rolled up count whole)."""
+        try:
+            return [Group(*row) for row in self._db.execute(GROUPED, {"since": since})]
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read the earnings ledger {self.path}: {exc}") from None
+
+    def entries(self) -> list[Entry]:
+        """Every raw row, oldest first (tests and audits)."""
+        return [Entry(*row[:4], bool(row[4]), *row[5:]) for row in self._db.execute(f"SELECT {', '.join(Entry.__dataclass_fields__)} FROM requests ORDER BY id")]
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any error (sqlite3's own context manager does not begin)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _create_private(path: Path) -> None:
+    """Create the file with mode 0600 before SQLite opens it: SQLite gives its WAL the same mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)

@@ -1,0 +1,167 @@
+"""Pricing advice for `vramsupply demand`: where your price sits in the market, and what it earns per hour.
+
+For each model the provider can serve: the market's band of output prices (low, median, high over
+the online providers), where the provider's own price sits in it, and the dollars per hour this
+machine would earn at its measured throughput (`vramsupply bench`, all slots busy) at the band's
+low, median and high. Output tokens only: prompt tokens are paid on top, but how many depends on
+the buyers.
+
+On the Tempo rail (MPP) buyers pay one per-token amount in whole base units of a 6-decimal
+stablecoin: 1 unit per token is $1.00 per million (100 ¢/M). The platform adds its 5 % fee and
+rounds up, so a price of 200 ¢/M becomes 3 units (300 ¢/M) there, and every price from 191 to
+285 ¢/M costs a Tempo buyer the same 3 units. Arithmetic is exact (integers and ``Decimal``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+
+from vramsupply.platform import api
+
+PROVIDER_SHARE = Decimal(95) / 100
+FEE_MARKUP_PERCENT = 105
+"""Tempo amount = price × 1.05, rounded up to a whole unit (docs/platform-api.md)."""
+CENTS_PER_MILLION_PER_UNIT = 100
+"""One base unit (10⁻⁶ of a stablecoin dollar) per token is 100 ¢ per million tokens."""
+SECONDS_PER_HOUR = 3600
+
+
+@dataclass(frozen=True)
+class Band:
+    low: int
+    median: int
+    high: int
+    median_estimated: bool  # the platform sent no median: the middle of low and high stands in
+
+    @classmethod
+    def of(cls, prices: api.PriceRange) -> Band:
+        if prices.median is not None:
+            return cls(prices.min, prices.median, prices.max, False)
+        return cls(prices.min, (prices.min + prices.max) // 2, prices.max, True)
+
+    def position(self, price: int) -> str:
+        """Where ``price`` sits: below or above the band, or how far from low to high (0 % = the cheapest)."""
+        if price < self.low:
+            return "below the band: the cheapest offer"
+        if price > self.high:
+            return "above the band: the most expensive offer"
+        if self.high == self.low:
+            return "at the band's only price"
+        percent = (price - self.low) * 100 // (self.high - self.low)
+        side = "below" if price < self.median else "above" if price > self.median else "at"
+        return f"{percent} % of the way from low to high, {side} the median"
+
+
+def earned_cents_per_hour(tokens_per_second: float, price_cents_per_million: int) -> Decimal:
+    """What the provider keeps per hour (95 %) selling ``tokens_per_second`` output tokens at the price."""
+    tokens_per_hour = Decimal(str(tokens_per_second)) * SECONDS_PER_HOUR
+    return tokens_per_hour * price_cents_per_million / 1_000_000 * PROVIDER_SHARE
+
+
+def tempo_units(price_cents_per_million: int) -> int:
+    """Base units per token a Tempo buyer pays: the price plus the fee, rounded up to a whole unit."""
+    return -(-price_cents_per_million * FEE_MARKUP_PERCENT // (CENTS_PER_MILLION_PER_UNIT * 100))
+
+
+def tempo_price_range(units: int) -> tuple[int, int]:
+    """The lowest and highest prices (¢/M) that a Tempo buyer pays ``units`` per token for."""
+    step = CENTS_PER_MILLION_PER_UNIT * 100
+    return ((units - 1) * step // FEE_MARKUP_PERCENT + 1 if units > 0 else 0, units * step // FEE_MARKUP_PERCENT)
+
+
+@dataclass(frozen=True)
+class Advice:
+    model: str
+    price: int
+    band: Band | None
+    online_providers: int
+    tokens_per_second: float | None
+    slots: int | None
+
+    @property
+    def per_hour(self) -> tuple[Decimal, Decimal, Decimal] | None:
+        """Earned cents per hour at the band's low, median and high, at the measured throughput."""
+        if self.band is None or self.tokens_per_second is None:
+            return None
+        return (
+            earned_cents_per_hour(self.tokens_per_second, self.band.low),
+            earned_cents_per_hour(self.tokens_per_second, self.band.median),
+            earned_cents_per_hour(self.tokens_per_second, self.band.high),
+        )
+
+    @property
+    def tempo(self) -> tuple[int, int, int]:
+        """(units per token, lowest and highest price in ¢/M with the same units)."""
+        units = tempo_units(self.price)
+        return (units, *tempo_price_range(units))
+
+    def as_json(self) -> dict[str, object]:
+        per_hour = self.per_hour
+        units, same_from, same_to = self.tempo
+        return {
+            "model": self.model,
+            "your_output_price_per_million": self.price,
+            "band": None if self.band is None else {"low": self.band.low, "median": self.band.median, "high": self.band.high, "median_estimated": self.band.median_estimated},
+            "position": None if self.band is None else self.band.position(self.price),
+            "tokens_per_second": self.tokens_per_second,
+            "earned_cents_per_hour": None if per_hour is None else dict(zip(("low", "median", "high"), (str(_cents(c)) for c in per_hour))),
+            "tempo": {"units_per_token": units, "cents_per_million": units * CENTS_PER_MILLION_PER_UNIT, "same_units_from": same_from, "same_units_to": same_to},
+        }
+
+
+def _cents(value: Decimal) -> Decimal:
+    return value.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+
+
+def advise(demand: api.DemandResponse, servable: set[str], price: int, tokens_per_second: dict[str, tuple[float, int]]) -> list[Advice]:
+    """Advice for every model in the market you could serve; throughput per model from `vramsupply bench`."""
+    advice = []
+    for entry in sorted(demand.models, key=lambda m: m.model):
+        if entry.model.lower() not in servable:
+            continue
+        measured = tokens_per_second.get(entry.model.lower())
+        prices = entry.output_price_per_million
+        advice.append(
+            Advice(
+                model=entry.model,
+                price=price,
+                band=None if prices is None else Band.of(prices),
+                online_providers=entry.online_providers,
+                tokens_per_second=None if measured is None else measured[0],
+                slots=None if measured is None else measured[1],
+            )
+        )
+    return advice
+
+
+def _dollars(cents: int | Decimal) -> str:
+    return f"${Decimal(cents) / 100:,.2f}"
+
+
+def advice_lines(advice: Advice) -> list[str]:
+    """The advice for one model, a line per point, for the terminal."""
+    lines = [f"Pricing advice for {advice.model} (output price per million tokens)"]
+    band = advice.band
+    if band is None:
+        lines.append("  market band: no provider is online for it, so there is no market price yet")
+    else:
+        median = f"median {_dollars(band.median)}" + (" (est.)" if band.median_estimated else "")
+        lines.append(f"  market band: low {_dollars(band.low)}, {median}, high {_dollars(band.high)} ({advice.online_providers} online)")
+        lines.append(f"  your price: {_dollars(advice.price)}, {band.position(advice.price)}")
+    per_hour = advice.per_hour
+    if per_hour is not None:
+        low, median_h, high = (_dollars(_cents(c)) for c in per_hour)
+        lines.append(
+            f"  at your measured {advice.tokens_per_second:,.1f} tok/s ({advice.slots} slots busy) you would earn "
+            f"{low}/h at low, {median_h}/h at median, {high}/h at high (95 %, output tokens only)"
+        )
+    elif advice.tokens_per_second is None:
+        lines.append("  run `vramsupply bench` to see what this machine would earn per hour at these prices")
+    units, same_from, same_to = advice.tempo
+    lines.append(
+        f"  Tempo (MPP): buyers pay {units} unit(s)/token = {_dollars(units * CENTS_PER_MILLION_PER_UNIT)}/M for your "
+        f"{_dollars(advice.price)}/M (fee added, rounded up to a whole unit); every price from "
+        f"{_dollars(same_from)} to {_dollars(same_to)} costs them the same"
+    )
+    return lines

@@ -1,0 +1,131 @@
+"""Why the platform cannot reach this agent, told as the hop that fails.
+
+The platform health-checks ``{endpoint_url}/health`` every 60 s and lists an instance that fails
+as offline, so it earns nothing. The heartbeat reply only says "offline"; this module turns that
+into what to do, and ``probe`` retraces the platform's path from this machine, hop by hop:
+
+1. the endpoint URL names a public host (not localhost or a private address);
+2. its name resolves (DNS);
+3. something accepts a TCP connection at its host and port (port forward, firewall);
+4. ``/health`` there answers 200 with this agent's JSON (not a router page or another server);
+5. the agent itself answers ``/health`` locally.
+
+A probe from inside the network can pass where the platform still fails (a router that forwards
+only traffic from outside, "hairpin NAT"), so a passing probe says so rather than claiming success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from vramsupply.platform.client import describe_error
+from vramsupply.platform.offer import is_local_host
+from vramsupply.platform.options import MarketOptions
+from vramsupply.tunnel import TunnelError, tunnel_tool
+
+PROBE_TIMEOUT_SECONDS = 5.0
+LOADING = "answered 503: the model is still loading"
+FIXES = "forward port {public_port} to port {local_port} of this machine, open the firewall for it, or use --tunnel cloudflared"
+
+
+def public_port(url: str) -> int:
+    parts = urlsplit(url)
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def offline_message(endpoint_url: str, local_port: int | None, tunnel: str | None = None) -> str:
+    """What the agent says when the heartbeat reply lists it as offline."""
+    health = f"{endpoint_url}/health"
+    if tunnel:
+        return (
+            f"the platform cannot reach {health} through the {tunnel} tunnel: the tunnel may still be starting "
+            f"(quick tunnels take up to a minute to become reachable) or has lost its connection; it is restarted if it exits"
+        )
+    fixes = FIXES.format(public_port=public_port(endpoint_url), local_port=local_port if local_port else public_port(endpoint_url))
+    return f"the platform cannot reach {health}: {fixes}"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The result of retracing the platform's path: ``hop`` names the first that failed, or "none"."""
+
+    ok: bool
+    hop: str
+    message: str
+
+
+async def probe(
+    endpoint_url: str, local_url: str | None = None, *, timeout: float = PROBE_TIMEOUT_SECONDS, check_address: bool = True
+) -> Probe:
+    """Check each hop from the endpoint URL to this agent; the first that fails is reported.
+
+    ``check_address=False`` skips hop 1, for a reference platform on this machine (and tests).
+    """
+    parts = urlsplit(endpoint_url)
+    host, port = parts.hostname or "", public_port(endpoint_url)
+    fixes = FIXES.format(public_port=port, local_port=urlsplit(local_url).port if local_url else port)
+    if check_address and is_local_host(host):
+        return Probe(False, "address", f"{endpoint_url} is a local or private address the platform cannot reach: use this network's public address and {fixes}")
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        return Probe(False, "dns", f"the name {host} does not resolve ({describe_error(exc)}): fix its DNS record or use --tunnel cloudflared")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        writer.close()
+    except (OSError, asyncio.TimeoutError) as exc:
+        return Probe(False, "tcp", f"nothing accepts connections at {host}:{port} ({describe_error(exc)}): {fixes}")
+    remote = await _health(endpoint_url, timeout)
+    if remote == LOADING:
+        return Probe(False, "agent", f"{endpoint_url}/health reaches this agent, but it is still loading the model")
+    if remote is not None:
+        return Probe(False, "http", f"{endpoint_url}/health {remote}: the port is open but does not lead to this agent; {fixes}")
+    if local_url is not None:
+        local = await _health(local_url, timeout)
+        if local is not None:
+            return Probe(False, "agent", f"the agent itself is not ready: {local_url}/health {local}")
+    return Probe(
+        True,
+        "none",
+        f"{endpoint_url}/health answers from this machine. If the platform still lists you offline, your router may forward "
+        f"only traffic from inside your network: check from outside it, or use --tunnel cloudflared",
+    )
+
+
+async def _health(base_url: str, timeout: float) -> str | None:
+    """None when ``/health`` answers 200 with a vramsupply body, else what it did instead."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session, session.get(base_url + "/health") as response:
+            body = await response.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        return f"did not answer ({describe_error(exc)})"
+    if response.status == 503 and isinstance(body, dict) and body.get("status") == "loading":
+        return LOADING
+    if response.status != 200:
+        return f"answered {response.status}"
+    if not isinstance(body, dict) or body.get("status") != "ok":
+        return "answered 200 but not with this agent's health JSON"
+    return None
+
+
+async def check_configured(options: MarketOptions | None, local_url: str) -> Probe:
+    """`vramsupply doctor`'s reachability check for the configured agent (which need not be running).
+
+    ``options`` is None with ``--no-register``; ``local_url`` is where this machine reaches the agent.
+    """
+    if options is None:
+        return Probe(True, "none", "serving locally only (--no-register): the platform need not reach this agent")
+    if options.tunnel:
+        try:
+            tunnel_tool(options.tunnel).command(local_url)
+        except TunnelError as exc:
+            return Probe(False, "tunnel", str(exc))
+        return Probe(True, "none", f"a {options.tunnel} tunnel makes the public URL when `serve` starts; the platform reaches the agent through it")
+    if not options.endpoint_url:
+        return Probe(False, "address", "no endpoint URL: pass --endpoint-url (your public address) or use --tunnel cloudflared")
+    return await probe(options.endpoint_url, local_url)

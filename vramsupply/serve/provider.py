@@ -1,0 +1,86 @@
+"""What serve adds for the provider around the HTTP server: a tunnel, the earnings ledger, capacity.
+
+- ``--tunnel``: the tool is looked up before anything downloads or loads (a missing one is refused
+  with how to install it), started once the server listens, and each public URL it announces is
+  printed and handed to the marketplace session, which registers it. It is stopped last, after the
+  agent has drained and deregistered, because in-flight requests arrive through it.
+- The ledger recorder is plugged into the server state once it listens; after the drain, the
+  records of abandoned requests are awaited and the ledger is closed.
+- The throughput `vramsupply bench` stored for the served model is offered as capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from vramsupply.config import Settings
+from vramsupply.ledger import LedgerRecorder, default_ledger_path, open_recorder
+from vramsupply.platform import MarketplaceSession
+from vramsupply.platform.offer import ModelIdentity, local_base_url
+from vramsupply.serve.options import ServeError
+from vramsupply.server import ApiServer
+from vramsupply.throughput.store import capacity_for, default_bench_path
+from vramsupply.tunnel import TunnelError, TunnelSupervisor, TunnelTool, tunnel_tool
+
+
+class ProviderSide:
+    def __init__(self, settings: Settings, market: MarketplaceSession | None, *, local_platform: bool) -> None:
+        self.settings = settings
+        self.market = market
+        self.selling = market is not None and not local_platform  # a local stand-in platform (the demo) earns nothing
+        self.tool = find_tunnel_tool(settings)
+        self.tunnel: TunnelSupervisor | None = None
+        self.recorder: LedgerRecorder | None = None
+
+    def model_known(self, model: ModelIdentity) -> None:
+        if self.market is not None:
+            self.market.report_capacity(capacity_for(default_bench_path(), model.model_id, model.quant))
+
+    def listening(self, server: ApiServer) -> None:
+        """Start the tunnel and plug the ledger into the server."""
+        self.tunnel = start_tunnel(self.tool, local_base_url(self.settings.host, server.port), self.market)
+        s = self.settings
+        self.recorder = open_recorder(default_ledger_path(), input_price=s.input_price, output_price=s.output_price, selling=self.selling)
+        server.state.accounts.recorder = self.recorder
+
+    async def drained(self, server: ApiServer) -> None:
+        """The server and engine have stopped: record what was abandoned, close the ledger."""
+        if self.recorder is not None:
+            await server.state.accounts.flush(self.settings.drain_timeout)
+            await asyncio.to_thread(self.recorder.close)
+
+    async def stop(self) -> None:
+        if self.tunnel is not None:
+            await self.tunnel.stop()
+
+
+def find_tunnel_tool(settings: Settings) -> TunnelTool | None:
+    """Refuse a missing tunnel tool (saying how to install it) before any download or load."""
+    if settings.tunnel is None:
+        return None
+    try:
+        tool = tunnel_tool(settings.tunnel)
+        tool.command("")
+    except TunnelError as exc:
+        raise ServeError(str(exc)) from None
+    return tool
+
+
+def start_tunnel(tool: TunnelTool | None, local_url: str, market: MarketplaceSession | None) -> TunnelSupervisor | None:
+    """Run the tunnel tool as a supervised child; each public URL it announces is printed and registered."""
+    if market is not None:
+        market.local_url = local_url
+    if tool is None:
+        return None
+
+    def use(url: str) -> None:
+        print(f"public URL ({tool.name} tunnel): {url}/v1", flush=True)
+        if market is not None:
+            market.use_endpoint_url(url)
+
+    try:
+        supervisor = TunnelSupervisor(tool, local_url, use)
+    except TunnelError as exc:
+        raise ServeError(str(exc)) from None
+    supervisor.start()
+    return supervisor

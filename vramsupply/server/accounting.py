@@ -1,0 +1,120 @@
+"""Telling whoever keeps accounts (the earnings ledger) that a request finished, and with what usage.
+
+The server knows the exact moment a request is done and the usage the buyer receives; it does not
+know prices, payouts or where the records go. ``serve`` plugs a ``RequestRecorder`` into the
+server state; without one (tests, a bare app) nothing is recorded.
+
+A finished request is recorded before the buyer gets its last byte (the usage chunk and
+``[DONE]``, or the whole non-streaming body), so a crash can never lose a request the buyer has
+received in full. A request that ends early (the buyer hung up, the engine failed) is recorded as
+not complete once its generations have stopped and their usage is known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from vramsupply.engine import EngineError, Generation
+from vramsupply.server.responses import UsageOut
+
+log = logging.getLogger("vramsupply.server")
+
+UNFINISHED_WAIT_SECONDS = 60.0
+"""How long an abandoned request's generations may take to report their final usage."""
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    request_id: str
+    model: str
+    choices: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    complete: bool
+    token_presented: bool  # the request carried the endpoint token (the server enforces it when one is set)
+
+
+class RequestRecorder(Protocol):
+    async def record(self, finished: FinishedRequest) -> None: ...
+
+
+class Accounts:
+    """The server state's side of recording: the recorder, if any, and records still pending."""
+
+    def __init__(self) -> None:
+        self.recorder: RequestRecorder | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def bill(self, request_id: str, model: str, choices: int, *, token_presented: bool) -> Bill:
+        return Bill(self, request_id, model, choices, token_presented)
+
+    async def record(self, finished: FinishedRequest) -> None:
+        """Never fails the request: the buyer's answer matters more than our bookkeeping."""
+        if self.recorder is None:
+            return
+        try:
+            await self.recorder.record(finished)
+        except Exception as exc:
+            log.warning("request %s not recorded in the earnings ledger: %s", finished.request_id, exc)
+
+    def record_later(self, bill: Bill, generations: Sequence[Generation]) -> None:
+        if self.recorder is None or not generations:
+            return
+        task = asyncio.create_task(self._record_abandoned(bill, generations))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _record_abandoned(self, bill: Bill, generations: Sequence[Generation]) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(_ended(g) for g in generations)), UNFINISHED_WAIT_SECONDS)
+        usages = [g.usage for g in generations if g.usage is not None]
+        if not usages:
+            log.warning("request %s not recorded in the earnings ledger: its usage never arrived", bill.request_id)
+            return
+        await self.record(bill.finished(UsageOut.combine(usages), complete=False))
+
+    async def flush(self, timeout: float = UNFINISHED_WAIT_SECONDS) -> None:
+        """Wait for abandoned requests to be recorded (on shutdown, after the engine has stopped)."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=timeout)
+
+
+class Bill:
+    """One request's record: settled with its final usage, or, if it ends early, abandoned."""
+
+    def __init__(self, accounts: Accounts, request_id: str, model: str, choices: int, token_presented: bool) -> None:
+        self._accounts = accounts
+        self.request_id = request_id
+        self._model = model
+        self._choices = choices
+        self._token_presented = token_presented
+        self.settled = False
+
+    def finished(self, usage: UsageOut, *, complete: bool) -> FinishedRequest:
+        return FinishedRequest(
+            self.request_id, self._model, self._choices, usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens,
+            usage.completion_tokens, complete, self._token_presented,
+        )
+
+    async def settle(self, usage: UsageOut) -> None:
+        """Record the request with the usage the buyer is about to receive; call before the last byte."""
+        self.settled = True
+        await self._accounts.record(self.finished(usage, complete=True))
+
+    def abandon(self, generations: Sequence[Generation]) -> None:
+        """The request ended without settling: record it once its cancelled generations stop."""
+        if not self.settled:
+            self.settled = True
+            self._accounts.record_later(self, generations)
+
+
+async def _ended(generation: Generation) -> None:
+    with contextlib.suppress(EngineError):
+        async for _ in generation:
+            pass

@@ -1,0 +1,72 @@
+"""`vramsupply bench`: measure this machine's throughput for the configured model and keep it for `serve`.
+
+``serve`` reports the stored result to the platform as the instance's capacity (registration and
+heartbeats), and `vramsupply demand` turns it into dollars per hour at market prices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from vramsupply import __version__
+from vramsupply.config import Settings
+from vramsupply.engine import Engine, EngineError
+from vramsupply.throughput.measure import Speeds, measure
+from vramsupply.throughput.store import Capacity, capacity_for, default_bench_path, read_all, save
+
+DEFAULT_SECONDS = 30.0
+SETUP_SHARE = 0.2
+"""Of the time asked for, the share left for loading and warm-up; the rest is split between the two phases."""
+
+__all__ = ["DEFAULT_SECONDS", "BenchError", "Capacity", "Speeds", "measured_speeds", "capacity_for", "default_bench_path", "read_all", "run_bench", "save"]
+
+
+def measured_speeds() -> dict[str, tuple[float, int]]:
+    """Per model id (any quant, the newest measurement): all-slots tokens per second and the slot count."""
+    newest: dict[str, Capacity] = {}
+    for result in read_all(default_bench_path()).values():
+        current = newest.get(result.model.lower())
+        if current is None or result.measured_at > current.measured_at:
+            newest[result.model.lower()] = result
+    return {model: (c.all_slots_tokens_per_second, c.parallel) for model, c in newest.items()}
+
+
+class BenchError(Exception):
+    """The benchmark could not run; one line for the CLI."""
+
+
+async def run_bench(settings: Settings, seconds: float = DEFAULT_SECONDS, progress: Callable[[str], None] = lambda _: None) -> Capacity:
+    """Resolve and load the configured model, measure it, store and return the result."""
+    from vramsupply.serve.backend import fit_to_memory, load_engine, resolve_model
+    from vramsupply.serve.options import ServeError, engine_options
+
+    try:  # the same memory plan as `serve`, so the measured configuration is the served one
+        explicit = set(settings.model_fields_set)
+        settings = await fit_to_memory(settings, explicit)
+        model = await resolve_model(settings)
+        settings = await fit_to_memory(settings, explicit, model)
+        progress(f"loading {model.model_id} ({settings.parallel} slots)")
+        engine: Engine = await load_engine(engine_options(settings, model))
+    except ServeError as exc:
+        raise BenchError(str(exc)) from None
+    phase = max(1.0, seconds * (1 - SETUP_SHARE) / 2)
+    try:
+        speeds = await measure(engine, phase, progress)
+    except EngineError as exc:
+        raise BenchError(f"the benchmark failed: {exc}") from None
+    finally:
+        await asyncio.to_thread(engine.close)
+    capacity = Capacity(
+        model=model.model_id,
+        quant=model.quant,
+        parallel=engine.parallel,
+        single_stream_tokens_per_second=round(speeds.single_stream, 1),
+        all_slots_tokens_per_second=round(speeds.all_slots, 1),
+        measured_at=time.time(),
+        seconds=phase,
+        agent_version=__version__,
+    )
+    save(default_bench_path(), capacity)
+    return capacity

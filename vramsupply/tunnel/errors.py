@@ -1,0 +1,7 @@
+"""The one error the tunnel raises: the tool is unknown or missing, and what to do about it."""
+
+from __future__ import annotations
+
+
+class TunnelError(Exception):
+    """`serve --tunnel` cannot start the tunnel tool; the message says how to fix it."""
