@@ -6,16 +6,19 @@
   for ``stall_after`` seconds in a row, marks the front not ready (``/health`` 503, so the
   platform's checks see it), stops the process and starts it again after a capped, jittered backoff.
 - **Output:** every line the engine prints goes into our log with its name in front.
-- **Stop:** SIGTERM to the engine's process group, then SIGKILL after ``stop_timeout`` seconds.
+- **Stop:** SIGTERM to the engine's process group, then SIGKILL after ``stop_timeout`` seconds; if
+  the agent itself is killed, the engine gets SIGTERM from the kernel (``die_with_parent``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 
@@ -27,8 +30,20 @@ from vramsupply.upstream.monitor import CHECK_INTERVAL_SECONDS, check_upstream, 
 
 log = logging.getLogger("vramsupply.upstream")
 
+PR_SET_PDEATHSIG = 1
 RESTART_BACKOFF = Backoff(initial=2.0, cap=60.0)
 READY_POLL_SECONDS = 1.0
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it if the agent dies without stopping it (SIGKILL, OOM).
+
+    Otherwise a restarted agent would launch a second engine beside the orphan, which still holds
+    the GPU memory. Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere the orphan outlives us.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EngineProcess:
@@ -52,6 +67,7 @@ class EngineProcess:
                 stderr=asyncio.subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         except OSError as exc:
             raise UpstreamUnavailable(f"cannot start {self.name} ({self.argv[0]}): {exc.strerror or exc}") from None
