@@ -52,7 +52,8 @@ def test_a_running_llama_cpp_server_is_sold_with_exact_usage_streamed_and_taken_
             agent.wait_for(lambda: len(platform.providers) == 1, "registration once the upstream is ready")
             [provider] = platform.providers
             assert (provider.offer.model, provider.offer.context_length_offered, provider.offer.gguf_repo) == ("stories260k", 512, None)
-            assert agent.printed(f"serving stories260k at {endpoint}/v1 through upstream at {upstream.base_url}")
+            ready = f"serving stories260k at {endpoint}/v1 through upstream at {upstream.base_url}"
+            agent.wait_for(lambda: agent.printed(ready), "the ready line (read from the agent's stdout by a thread)")
 
             # What the upstream itself bills for this request, asked directly and without streaming.
             body = {"messages": MESSAGES, "max_tokens": 24, "temperature": 0}
