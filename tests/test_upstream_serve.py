@@ -15,6 +15,7 @@ from live_platform import API_KEY, LivePlatform, free_port
 from llama_cpp_upstream import LlamaCppServer, request_json, wait_until
 from openai import OpenAI
 
+from vramsupply.ledger import LedgerStore, default_ledger_path
 from vramsupply.upstream import UpstreamBackend, UpstreamError, UpstreamOptions
 from vramsupply.upstream.backend import pick_model
 from vramsupply.upstream.client import DiscoveredModel
@@ -119,6 +120,8 @@ def test_a_running_llama_cpp_server_is_sold_with_exact_usage_streamed_and_taken_
             agent.kill()
         assert platform.providers == [], "deregistered on SIGTERM"
     assert "upstream not ready: the upstream server at" in agent.log
+    ledger = LedgerStore(default_ledger_path()).entries()
+    assert len(ledger) == 3 and sum(e.completion_tokens for e in ledger) == served, "every answer in the earnings ledger"
     assert "Traceback" not in agent.log and TOKEN not in agent.log
 
 

@@ -3,9 +3,10 @@
 The body is checked the way our own server checks it (a JSON object within the size limit, a model
 this endpoint serves) and forwarded with the upstream's model name. Answers come back under our
 model id. Streams are relayed event by event as they arrive, never buffered. Every answer is
-counted from its usage (``usage``), and a buyer who hangs up cancels this handler (aiohttp's
-handler cancellation), which closes the upstream connection: vLLM, SGLang and llama-server abort a
-generation whose client went away.
+counted from its usage (``usage``) and recorded in the earnings ledger before its last byte goes
+out; an abandoned stream has no usage and is not recorded. A buyer who hangs up cancels this
+handler (aiohttp's handler cancellation), which closes the upstream connection: vLLM, SGLang and
+llama-server abort a generation whose client went away.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from vramsupply.server.accounting import FinishedRequest
 from vramsupply.server.errors import ApiError
+from vramsupply.server.responses import new_id
 from vramsupply.upstream.client import GENERATION_TIMEOUT, UpstreamUnavailable, describe
 from vramsupply.upstream.front import FrontState, front_state
 from vramsupply.upstream.sse import DONE, encode_event, event_data, parse_chunk, sse_events
@@ -106,9 +109,12 @@ class Exchange:
     buyer_wants_usage: bool
     texts: dict[int, str] = field(default_factory=dict)
     usage: CountedUsage | None = None
+    request_id: str = ""
 
     def collect(self, chunk: dict[str, Any]) -> None:
-        """Keep each choice's generated text, in case the upstream reports no usage."""
+        """Keep the answer's id and each choice's generated text, in case the upstream reports no usage."""
+        if not self.request_id and isinstance(chunk.get("id"), str):
+            self.request_id = chunk["id"]
         for choice in chunk.get("choices") or []:
             if isinstance(choice, dict):
                 index = choice["index"] if isinstance(choice.get("index"), int) else 0
@@ -124,7 +130,21 @@ class Exchange:
                 log.warning("could not count the usage of a %s answer: %s", self.path, describe(exc))
                 return None
         record(self.state, self.usage)
+        await self.state.accounts.record(self.finished(self.usage))
         return self.usage
+
+    def finished(self, usage: CountedUsage) -> FinishedRequest:
+        """The earnings ledger's record, written before the buyer receives the last byte."""
+        return FinishedRequest(
+            request_id=self.request_id or new_id("req"),
+            model=self.state.model_id,
+            choices=max(1, len(self.texts)),
+            prompt_tokens=usage.prompt_tokens,
+            cached_tokens=usage.cached_tokens,
+            completion_tokens=usage.completion_tokens,
+            complete=True,
+            token_presented=self.state.endpoint_token is not None,
+        )
 
 
 def text_of(choice: dict[str, Any]) -> str:
@@ -157,8 +177,7 @@ async def relay_body(reply: aiohttp.ClientResponse, exchange: Exchange) -> web.R
     if not isinstance(payload, dict):
         raise ApiError(502, "The model server answered with something other than a JSON object.", type="server_error", code="upstream_error")
     exchange.usage = usage_of(payload)
-    if exchange.usage is None:
-        exchange.collect(payload)
+    exchange.collect(payload)
     usage = await exchange.settle()
     if usage is not None and usage.source != "upstream":
         payload["usage"] = usage.as_json()
