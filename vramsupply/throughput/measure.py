@@ -19,6 +19,8 @@ from vramsupply.engine import Engine, EngineError, GenerationRequest, SamplingPa
 BENCH_PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 FIRST_TOKEN_TIMEOUT = 120.0
 MAX_STREAM_TOKENS = 512
+MIN_TOKENS = 32
+OVERTIME = 10
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,13 @@ async def _phase(engine: Engine, streams: int, seconds: float) -> float:
         begin, tokens_before = time.monotonic(), engine.stats().completion_tokens_total
         await asyncio.sleep(seconds)
         elapsed, tokens = time.monotonic() - begin, engine.stats().completion_tokens_total - tokens_before
+        # A slow machine (a big model on a CPU, a busy host) gets a longer window rather than a
+        # figure made of a handful of tokens: at least MIN_TOKENS, for up to OVERTIME x the time.
+        while tokens < MIN_TOKENS and elapsed < seconds * OVERTIME:
+            await asyncio.sleep(min(1.0, seconds))
+            elapsed, tokens = time.monotonic() - begin, engine.stats().completion_tokens_total - tokens_before
+        if tokens == 0:
+            raise EngineError(f"no token was decoded in {elapsed:.0f}s")
     finally:
         for task in tasks:
             task.cancel()
