@@ -18,9 +18,10 @@ READY = re.compile(r"^vramsupply ready: serving (\S+) at (http://\S+/v1) ")
 class AgentProcess:
     """The real agent process; its stdout and stderr lines are collected as they arrive."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, program: list[str] | None = None) -> None:
+        """``program`` replaces ``python -m vramsupply``, e.g. with a test double around the real CLI."""
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vramsupply", "serve", *args],
+            [*(program or [sys.executable, "-m", "vramsupply"]), "serve", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -4,8 +4,8 @@ Serves the routes and headers the client needs (see shared notes §3): model sea
 with LFS sha256s, and `resolve` downloads with X-Repo-Commit / ETag / X-Linked-Size and Range.
 Runs an aiohttp app in its own thread, because the code under test makes blocking calls. A
 second "CDN" site on another port stands in for the Hub's file storage behind redirects.
-Faults are switched on per file path (drop the connection once, stall, serve corrupt bytes) or
-for the whole API (hang without answering).
+Faults are switched on per file path (drop the connection once, stall, pause until the test says
+go on, serve corrupt bytes) or for the whole API (hang without answering).
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class FakeHub:
         self.requests: list[Request] = []
         self.drop_once: dict[str, int] = {}
         self.stall_after: dict[str, int] = {}
+        self.pause_at: dict[str, tuple[int, threading.Event]] = {}
         self.corrupt: set[str] = set()
         self.hang_api = False
         self._loop = asyncio.new_event_loop()
@@ -268,6 +269,12 @@ class FakeHub:
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = len(data)
         await response.prepare(request)
+        if path in self.pause_at:
+            offset, resume = self.pause_at[path]
+            sent = max(0, min(offset - start, len(data)))
+            await response.write(data[:sent])
+            await asyncio.to_thread(resume.wait, 60)
+            data = data[sent:]
         cut = self._cut(path, start, len(data))
         if cut is None:
             await response.write(data)

@@ -28,6 +28,7 @@ class LiveServer:
             max_queue=app_options.pop("max_queue", 64),
             # One decode thread by default (see conftest.isolated_env): it keeps a shared machine from stalling it.
             threads=app_options.pop("threads", 1),
+            stall_timeout=app_options.pop("stall_timeout", 600.0),
         )
         self._load = load
         self._drain_timeout = drain_timeout

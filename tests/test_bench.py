@@ -50,4 +50,4 @@ def test_bench_errors_are_one_line() -> None:
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "error:" in missing.stderr
     nothing = run_cli("bench")
-    assert nothing.returncode == 1 and "no model to serve" in nothing.stderr
+    assert nothing.returncode == 2 and "no model to serve" in nothing.stderr  # a missing setting: exit 2, as every ConfigError

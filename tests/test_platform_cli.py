@@ -20,7 +20,7 @@ from live_server import MODEL_ID, LiveServer
 
 from vramsupply.config import Settings
 from vramsupply.hub import prepare_model
-from vramsupply.platform import Phase, PlatformClient, ProviderLifecycle, RegistrationState, build_offer, default_state_path
+from vramsupply.platform import Phase, PlatformClient, ProviderLifecycle, RegistrationState, build_offer, default_state_path, read_state
 from vramsupply.platform.api import RegisterRequest
 from vramsupply.platform.state import write_state
 from vramsupply.serve.options import market_options
@@ -212,7 +212,11 @@ async def test_status_shows_the_agents_health_and_registration() -> None:
         )
         lifecycle.start()
         await asyncio.wait_for(lifecycle.registered.wait(), 5)
-        await asyncio.sleep(0.3)
+        for _ in range(200):  # a heartbeat was accepted (on a busy machine it can take a while)
+            state = read_state(default_state_path())
+            if state is not None and state.last_heartbeat_at is not None:
+                break
+            await asyncio.sleep(0.05)
 
         result = run_cli("status", env=local_agent)
         as_json = json.loads(run_cli("status", "--json", env=local_agent).stdout)

@@ -36,6 +36,7 @@ class EngineCounters:
     queue_depth: int = 0
     prompt_tokens_total: int = 0
     completion_tokens_total: int = 0
+    failure: str | None = None
 
 
 def make_lifecycle(platform_url: str, counters: EngineCounters, state_path: Path | None = None, interval: float = 0.2) -> ProviderLifecycle:

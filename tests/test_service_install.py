@@ -278,3 +278,13 @@ def test_unit_quotes_odd_paths_and_opens_home_read_only_when_the_agent_lives_the
     assert "ProtectHome=read-only" in render_unit(in_home).splitlines()
     cache_in_home = UnitSpec(exec_path=agent, env_file=odd / "env", user_mode=False, drain_timeout=30, writable_paths=(Path("/home/alice/models"),))
     assert "ProtectHome=read-only" in render_unit(cache_in_home).splitlines()
+
+
+def test_an_env_file_that_cannot_be_written_leaves_no_unit_behind(tmp_path: Path) -> None:
+    env_dir = tmp_path / "env"
+    env_dir.mkdir()  # a directory where the env file should be: writing it fails
+    units = tmp_path / "units"
+    result = run_cli("service", "install", "--user", "--unit-dir", str(units), "--env-file", str(env_dir), env={"PATH": str(tmp_path)})
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"error: cannot write {env_dir}")
+    assert not (units / "vramsupply.service").exists(), "a unit without its settings would start unconfigured"

@@ -66,7 +66,7 @@ def test_tunnel_and_endpoint_url_together_are_refused() -> None:
         "serve", "--model", str(TINY_MODEL), "--tunnel", "cloudflared", "--endpoint-url", "https://gpu.example.com",
         env={"VRAM_SUPPLY_API_KEY": API_KEY},
     )
-    assert result.returncode == 1 and "either --endpoint-url or --tunnel, not both" in result.stderr
+    assert result.returncode == 2 and "either --endpoint-url or --tunnel, not both" in result.stderr
 
 
 def test_the_tunnels_url_is_registered_and_its_death_restarts_it_and_registers_the_new_url(cloudflared: Path) -> None:

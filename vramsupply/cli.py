@@ -1,7 +1,13 @@
-"""The `vramsupply` command line: thin commands that parse flags and call into the package."""
+"""The `vramsupply` command line: thin commands that parse flags and call into the package.
+
+Commands never catch errors: every user-facing error is a ``VramsupplyError`` (see
+``vramsupply/errors.py``), and ``main`` is the one place that prints it as one line and exits with
+its code. ``fail`` is for the few checks a command makes on its own arguments.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -10,9 +16,11 @@ from typing import Any, NoReturn, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from vramsupply import __version__
-from vramsupply.config import ConfigError, Settings, config_path, display_value, load_settings, write_config_values
+from vramsupply.config import Settings, config_path, display_value, load_settings, write_config_values
+from vramsupply.errors import Interrupted, VramsupplyError
 
 app = typer.Typer(
     name="vramsupply",
@@ -32,9 +40,14 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def report(message: str) -> None:
+    """One readable line on stderr (printed as text: brackets in a message are not markup)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
-    """One readable line on stderr and a non-zero exit: the CLI's only way to report an error."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Refuse a command's own arguments: one line on stderr and a non-zero exit."""
+    report(message)
     raise typer.Exit(code)
 
 
@@ -93,12 +106,9 @@ ENV_FILE_OPTION = typer.Option(None, "--env-file", help="Settings file the unit 
 @service_app.command("install")
 def service_install(user: bool = USER_UNIT_OPTION, unit_dir: Optional[Path] = UNIT_DIR_OPTION, env_file: Optional[Path] = ENV_FILE_OPTION) -> None:
     """Write the systemd unit and an env file (0600) from the current settings, then enable and start it."""
-    from vramsupply.service.installer import ServiceError, install, service_target
+    from vramsupply.service.installer import install, service_target
 
-    try:
-        install(service_target(user, unit_dir, env_file), typer.echo)
-    except ServiceError as exc:
-        fail(str(exc))
+    install(service_target(user, unit_dir, env_file), typer.echo)
 
 
 @service_app.command("uninstall")
@@ -109,23 +119,17 @@ def service_uninstall(
     purge: bool = typer.Option(False, "--purge", help="Also remove the env file with your settings."),
 ) -> None:
     """Stop and disable the service and remove its unit (the env file stays unless --purge)."""
-    from vramsupply.service.installer import ServiceError, service_target, uninstall
+    from vramsupply.service.installer import service_target, uninstall
 
-    try:
-        uninstall(service_target(user, unit_dir, env_file), purge, typer.echo)
-    except ServiceError as exc:
-        fail(str(exc))
+    uninstall(service_target(user, unit_dir, env_file), purge, typer.echo)
 
 
 @service_app.command("status")
 def service_status(user: bool = USER_UNIT_OPTION) -> None:
     """Show the service's state (systemctl status)."""
-    from vramsupply.service.installer import ServiceError, passthrough, service_target, status_command
+    from vramsupply.service.installer import passthrough, service_target, status_command
 
-    try:
-        raise typer.Exit(passthrough(status_command(service_target(user))))
-    except ServiceError as exc:
-        fail(str(exc))
+    raise typer.Exit(passthrough(status_command(service_target(user))))
 
 
 @service_app.command("logs")
@@ -135,28 +139,21 @@ def service_logs(
     lines: Optional[int] = typer.Option(None, "--lines", "-n", min=0, help="Show only the last N lines."),
 ) -> None:
     """Show the service's log (journalctl)."""
-    from vramsupply.service.installer import ServiceError, logs_command, passthrough, service_target
+    from vramsupply.service.installer import logs_command, passthrough, service_target
 
-    try:
-        raise typer.Exit(passthrough(logs_command(service_target(user), follow, lines)))
-    except ServiceError as exc:
-        fail(str(exc))
+    raise typer.Exit(passthrough(logs_command(service_target(user), follow, lines)))
 
 
 @app.command()
 def demand(as_json: bool = typer.Option(False, "--json", help="Print the platform's JSON (plus `advice`) instead of tables.")) -> None:
     """Show market demand per model, and pricing advice for the models you could serve."""
     from vramsupply.hub import CacheStatus, default_cache_dir, list_cached, model_id_of
-    from vramsupply.platform import PlatformError
     from vramsupply.platform.advice import advice_lines, advise
     from vramsupply.platform.commands import demand_view, fetch_demand, servable_models
     from vramsupply.throughput import measured_speeds
 
     settings = settings_from({})
-    try:
-        market = fetch_demand(settings)
-    except PlatformError as exc:
-        fail(str(exc))
+    market = fetch_demand(settings)
     cached = [m.model_id for m in list_cached(settings.cache_dir or default_cache_dir()) if m.status is CacheStatus.verified]
     configured = model_id_of(settings.model) if settings.model else None
     servable = servable_models(configured, cached)
@@ -176,16 +173,13 @@ def earnings(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (exact money amounts) instead of a table and chart."),
 ) -> None:
     """Show what this agent served and earned, from its local ledger: a table and a per-day chart."""
-    from vramsupply.ledger import LedgerError, default_ledger_path
+    from vramsupply.ledger import default_ledger_path
     from vramsupply.ledger.report import By, dumps, earnings_report, render
 
     if by not in By.__members__:
         fail(f"--by {by!r}: choose model or day")
     path = default_ledger_path()
-    try:
-        report = earnings_report(path, since)
-    except LedgerError as exc:
-        fail(str(exc))
+    report = earnings_report(path, since)
     if as_json:
         print(dumps(report.as_json()))
     else:
@@ -201,15 +195,10 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the stored result as JSON."),
 ) -> None:
     """Measure this machine's tokens per second for the model, at 1 stream and with every slot busy; serve reports it."""
-    import asyncio
-
-    from vramsupply.throughput import BenchError, default_bench_path, run_bench
+    from vramsupply.throughput import default_bench_path, run_bench
 
     settings = settings_from({"model": model, "quant": quant, "parallel": parallel})
-    try:
-        result = asyncio.run(run_bench(settings, seconds, progress=lambda line: err_console.print(f"bench: {line}", highlight=False)))
-    except BenchError as exc:
-        fail(str(exc))
+    result = asyncio.run(run_bench(settings, seconds, progress=lambda line: err_console.print(f"bench: {line}", highlight=False)))
     if as_json:
         print(result.model_dump_json(indent=2))
         return
@@ -227,13 +216,9 @@ def rails(
     tempo: Optional[bool] = typer.Option(None, "--tempo/--no-tempo", help="Accept buyers paying per token with MPP (Tempo payouts)."),
 ) -> None:
     """Show or change which buyer payment rails are routed to you (at least one stays enabled)."""
-    from vramsupply.platform import PlatformError
     from vramsupply.platform.commands import apply_rails, rails_table, rails_update
 
-    try:
-        current = apply_rails(settings_from({}), rails_update(stripe, tempo))
-    except PlatformError as exc:
-        fail(str(exc))
+    current = apply_rails(settings_from({}), rails_update(stripe, tempo))
     console.print(rails_table(current))
 
 
@@ -259,8 +244,6 @@ def devplatform(
     health_interval: float = typer.Option(60.0, "--health-interval", min=0.05, help="Seconds between health checks of providers."),
 ) -> None:
     """Run the local reference platform (in memory) and print its URL and a generated API key."""
-    import asyncio
-
     from vramsupply.devplatform import DevPlatform, PlatformOptions, serve_forever
 
     platform = DevPlatform(api_key=api_key, options=PlatformOptions(health_interval=health_interval))
@@ -271,12 +254,8 @@ def devplatform(
         console.print(f"use it with: export VRAM_SUPPLY_PLATFORM_URL={url} VRAM_SUPPLY_API_KEY={platform.api_key}", highlight=False, soft_wrap=True)
         console.print("Ctrl-C stops it (all state is in memory).", highlight=False)
 
-    try:
-        asyncio.run(serve_forever(platform, host, port, announce))
-    except OSError as exc:
-        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    except KeyboardInterrupt:
-        console.print("reference platform stopped")
+    asyncio.run(serve_forever(platform, host, port, announce))
+    console.print("reference platform stopped")
 
 
 QUANT_OPTION = typer.Option(None, "--quant", help="Quantization, e.g. Q4_K_M (default: the quant setting).")
@@ -291,16 +270,13 @@ def models_resolve(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show which GGUF repo, commit and file(s) a model and quant resolve to, without downloading."""
-    from vramsupply.hub import HubAccess, HubError, is_local_path, resolve
+    from vramsupply.hub import HubAccess, is_local_path, resolve
     from vramsupply.hub.views import resolved_json, resolved_table
 
     if is_local_path(model):
         fail(f"{model} is a local file: only HuggingFace ids are resolved (serve and models pull accept local paths)")
     settings = settings_from({"quant": quant})
-    try:
-        resolved = resolve(model, settings.quant, access=HubAccess.from_env(settings.download_timeout), publishers=settings.gguf_publishers)
-    except HubError as exc:
-        fail(str(exc))
+    resolved = resolve(model, settings.quant, access=HubAccess.from_env(settings.download_timeout), publishers=settings.gguf_publishers)
     if as_json:
         console.print_json(json.dumps(resolved_json(resolved)))
     else:
@@ -315,14 +291,11 @@ def models_pull(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Download and verify a model into the cache (resumes an interrupted download)."""
-    from vramsupply.hub import HubError, prepare_configured
+    from vramsupply.hub import prepare_configured
     from vramsupply.hub.views import local_model_json
 
     settings = settings_from({"quant": quant, "cache_dir": cache_dir})
-    try:
-        local = prepare_configured(model, settings, progress=True)
-    except HubError as exc:
-        fail(str(exc))
+    local = prepare_configured(model, settings, progress=True)
     if as_json:
         console.print_json(json.dumps(local_model_json(local)))
     else:
@@ -388,14 +361,10 @@ def plan(
 ) -> None:
     """Show the memory each quant needs on this machine's devices and which fits, before any download (exit 1: nothing fits)."""
     from vramsupply.gpu.planning import plan_for, plan_summary, plan_table
-    from vramsupply.gpu.source import SourceError
 
     settings = settings_from({"model": model, "quant": quant, "context_length": context_length, "parallel": parallel})
     explicit = settings.model_fields_set
-    try:
-        result = plan_for(settings, quant_explicit="quant" in explicit, context_explicit="context_length" in explicit, parallel_explicit="parallel" in explicit)
-    except SourceError as exc:
-        fail(str(exc))
+    result = plan_for(settings, quant_explicit="quant" in explicit, context_explicit="context_length" in explicit, parallel_explicit="parallel" in explicit)
     if as_json:
         typer.echo(json.dumps(result.as_json(), indent=2))
     else:
@@ -419,6 +388,7 @@ def serve(
     flash_attention: Optional[str] = typer.Option(None, "--flash-attention", help="auto, on or off (default auto)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for decoding and prompts (default: physical cores to decode, all CPUs for prompts)."),
     max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests that may wait for a slot before new ones get 429."),
+    stall_timeout: Optional[float] = typer.Option(None, "--stall-timeout", help="Seconds a decode step may run while requests wait before the engine counts as failed (default 600)."),
     cache_ram: Optional[int] = typer.Option(None, "--cache-ram", help="MiB of RAM for the prompt cache (default: 1/4 of free RAM, at most 8192; 0: off)."),
     draft_max: Optional[int] = typer.Option(None, "--draft-max", help="Tokens prompt lookup may draft per step for a lone request (default: 8 on a GPU, 0 = off on a CPU)."),
     backend_sampling: Optional[bool] = typer.Option(None, "--backend-sampling", help="Sample on the device, so logits never cross to the host (for GPUs)."),
@@ -451,24 +421,30 @@ def serve(
     """Serve a model (a GGUF with llama.cpp, or through vLLM, SGLang or a running server) until Ctrl-C or SIGTERM."""
     flags = dict(locals())  # every parameter is named after the setting it overrides
     flags.pop("demo")
-    import asyncio
+    from vramsupply.devplatform.demo import DemoHook
+    from vramsupply.serve import run_serve
 
-    from vramsupply.devplatform.demo import DemoError, DemoHook
-    from vramsupply.serve import ServeError, run_serve
+    from vramsupply.devplatform.demo import DemoHook
+    from vramsupply.serve import run_serve
     from vramsupply.server import loop
 
-    settings = settings_from(flags)
-    try:
-        loop.run(run_serve(settings, hook=DemoHook() if demo else None))
-    except (ServeError, DemoError) as exc:
-        fail(str(exc))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        fail("stopped without waiting for in-flight requests", code=130)
+    loop.run(run_serve(settings_from(flags), hook=DemoHook() if demo else None))
 
 
 def main() -> None:
+    """The CLI's one error boundary: a known error becomes one line on stderr and its exit code.
+
+    Usage errors (unknown flag, bad type) are typer's, formatted and exited (2) inside ``app()``.
+    An interrupt that reaches here arrived outside any command's own signal handling (while
+    Python was still importing, say): exit 130 quietly, as a shell expects.
+    """
     try:
         app()
-    except ConfigError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    except VramsupplyError as exc:
+        report(str(exc))
+        sys.exit(exc.exit_code)
+    except OSError as exc:  # the system refused something no module turned into a VramsupplyError
+        report(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc))
+        sys.exit(1)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sys.exit(Interrupted.exit_code)

@@ -26,6 +26,8 @@ else:
 
 import tomli_w
 
+from vramsupply.errors import ConfigError
+
 APP_NAME = "vramsupply"
 ENV_PREFIX = "VRAM_SUPPLY_"
 CONFIG_PATH_ENV = "VRAM_SUPPLY_CONFIG"
@@ -74,6 +76,7 @@ class Settings(BaseSettings):
     flash_attention: FlashAttention = Field(FlashAttention.auto, description="Flash attention: auto, on or off")
     threads: int | None = Field(None, ge=1, description="CPU threads for decoding and prompt processing (default: physical cores for decoding, all CPUs for prompts)")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before new ones get 429")
+    stall_timeout: float = Field(600.0, gt=0, description="Seconds one decode step may run while requests wait before the engine counts as failed (/health 503, serve exits 1)")
     cache_ram: int | None = Field(None, ge=0, description="MiB of host RAM keeping idle conversations' KV for reuse (default: a quarter of free RAM, at most 8192; 0: off)")
     draft_max: int | None = Field(None, ge=0, description="Tokens prompt-lookup speculative decoding may draft per step for a request decoding alone (default: 8 on a GPU, 0 (off) on a CPU)")
     backend_sampling: bool = Field(False, description="Sample on the device inside llama.cpp's graph so logits never cross to the host (for GPUs; requests with penalties, grammars, logit_bias or logprobs sample on the host)")
@@ -151,10 +154,6 @@ class Settings(BaseSettings):
 
 
 SECRET_FIELDS = frozenset(name for name, f in Settings.model_fields.items() if "SecretStr" in repr(f.annotation))
-
-
-class ConfigError(Exception):
-    """A setting has an invalid value; the message names the setting and where it came from."""
 
 
 def env_name(field: str) -> str:
@@ -237,7 +236,18 @@ def load_settings(flags: dict[str, Any] | None = None) -> LoadedSettings:
         shown = "***" if field in SECRET_FIELDS else repr(value)
         raise ConfigError(f"invalid {field} = {shown} (from {source}): {err['msg']}") from None
     sources = {name: _source_label(name, flags, env, file_values, path) for name in Settings.model_fields}
+    check_together(settings, sources)
     return LoadedSettings(settings, sources)
+
+
+def check_together(settings: Settings, sources: dict[str, str]) -> None:
+    """Refuse values that are valid alone but not together, naming both settings and their sources."""
+    if settings.n_batch < settings.parallel:
+        raise ConfigError(
+            f"n_batch = {settings.n_batch} (from {sources['n_batch']}) is smaller than parallel = {settings.parallel} "
+            f"(from {sources['parallel']}): one decode step holds the next token of every slot, "
+            "so raise --n-batch or lower --parallel"
+        )
 
 
 def display_value(settings: Settings, field: str) -> str:

@@ -6,13 +6,14 @@ marketplace loop (register, heartbeat, health checks, buyer routing, demand, rai
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from aiohttp import web
 
 from vramsupply.devplatform.app import PlatformOptions, check_providers, create_app
 from vramsupply.devplatform.store import Account, Provider, Store
+from vramsupply.errors import ListenError
+from vramsupply.signals import StopSignals
 
 __all__ = ["Account", "DevPlatform", "PlatformOptions", "Provider", "Store", "check_providers", "create_app", "serve_forever"]
 
@@ -59,10 +60,18 @@ def _url_host(host: str) -> str:
 
 
 async def serve_forever(platform: DevPlatform, host: str, port: int, announce: Callable[[str], None]) -> None:
-    """Run ``platform`` until cancelled (Ctrl-C), announcing where it listens and its API key."""
-    url = await platform.start(host, port)
-    announce(url)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await platform.stop()
+    """Run ``platform`` until SIGINT/SIGTERM, announcing where it listens and its API key.
+
+    The signal handlers are in place before the port opens, so a stop at any moment (even while
+    starting) ends in the same clean shutdown; a second signal cancels that shutdown.
+    """
+    with StopSignals() as stop:
+        try:
+            try:
+                url = await platform.start(host, port)
+            except OSError as exc:
+                raise ListenError(host, port, exc) from None
+            announce(url)
+            await stop.event.wait()
+        finally:
+            await platform.stop()

@@ -22,6 +22,7 @@ from pydantic import SecretStr
 
 from vramsupply.config import Settings
 from vramsupply.devplatform import DevPlatform
+from vramsupply.errors import VramsupplyError
 from vramsupply.platform.api import CHAT_COMPLETIONS_PATH
 from vramsupply.platform.offer import local_base_url
 from vramsupply.platform.session import MarketplaceSession
@@ -137,7 +138,7 @@ async def buy_one_answer(platform: DevPlatform, market: MarketplaceSession, mode
     )
 
 
-class DemoError(Exception):
+class DemoError(VramsupplyError):
     """The demo's buyer request failed; the message says how."""
 
 

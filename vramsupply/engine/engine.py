@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
-from collections.abc import Sequence
 from typing import Any
 
 import llama_cpp
@@ -23,9 +25,12 @@ from .sampling import build_sampler
 from .scheduler import Scheduler
 from .speculative import default_draft_max
 from .slots import Task
-from .types import ContextOverflow, EngineClosed, EngineOptions, EngineStats, GenerationRequest
+from .types import ContextOverflow, EngineClosed, EngineFailed, EngineOptions, EngineStats, GenerationRequest
 
 log = logging.getLogger(__name__)
+
+CLOSE_WAIT_SECONDS = 30.0
+"""How long ``close`` waits for in-flight tokenize calls, then for the scheduler's current step."""
 
 
 class Engine:
@@ -42,6 +47,10 @@ class Engine:
         self._context = context
         self._scheduler = scheduler
         self._chat = ChatTemplate(model.chat_template, model.bos_text, model.eos_text)
+        # Calls from other threads (tokenizing a large body) that use the model; close() waits for them.
+        self._users = 0
+        self._closing = False
+        self._idle = threading.Condition()
 
     @classmethod
     def load(cls, options: EngineOptions) -> Engine:
@@ -56,7 +65,8 @@ class Engine:
             n_batch = llama_cpp.llama_n_batch(context.ctx)
             cache_ram = default_budget_mib() if options.cache_ram is None else options.cache_ram
             scheduler = Scheduler(
-                model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, default_draft_max(options)
+                model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, default_draft_max(options),
+                options.stall_timeout,
             )
         except BaseException:
             model.close()
@@ -91,25 +101,26 @@ class Engine:
         return self._chat.stop
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        self._ensure_open()
-        return self._model.tokenize(text, add_special)
+        with self._in_use() as model:
+            return model.tokenize(text, add_special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         """The text of generated tokens, exactly as the stream emits it (control tokens render empty)."""
-        self._ensure_open()
-        return self._model.detokenize(tokens)
+        with self._in_use() as model:
+            return model.detokenize(tokens)
 
     def prepare_chat(self, request: ChatRequest) -> ChatPrompt:
         """Render a chat request with the model's template and tokenize it (see ``conversation``).
 
         Raises ``ChatRequestError`` (a ValueError naming the field) for anything it cannot honour.
         """
-        self._ensure_open()
-        return prepare_chat(self._chat, request, self._tokenize_rendered, self._model.special_tokens)
+        with self._in_use() as model:
+            return prepare_chat(self._chat, request, self._tokenize_rendered, model.special_tokens)
 
     def token_bytes(self, token: int) -> bytes:
         """A token's bytes as logprobs show it (control tokens by their text)."""
-        self._ensure_open()
+        if self._closing or self._model is None:
+            raise EngineClosed("the engine is closed")
         return self._model.piece(token, special=True)
 
     def tokenize_chat(self, messages: list[dict[str, Any]]) -> list[int]:
@@ -117,19 +128,37 @@ class Engine:
         return self.prepare_chat(ChatRequest(messages)).tokens
 
     def _tokenize_rendered(self, prompt: str) -> list[int]:
-        # Most templates write the BOS text themselves; only add it when the template did not.
+        """Called inside ``_in_use``. Most templates write the BOS text themselves; only add it
+        when the template did not."""
         has_bos = bool(self._model.bos_text) and prompt.startswith(self._model.bos_text)
         return self._model.tokenize(prompt, add_special=not has_bos)
 
-    def submit(self, request: GenerationRequest) -> Generation:
-        """Start a generation. Call from the event loop that will iterate it.
+    def submit(
+        self, request: GenerationRequest, *, shares_prompt_with: Generation | None = None, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Generation:
+        """Start a generation, to be iterated on ``loop`` (default: the running loop).
+
+        Called from another thread with ``loop`` given, the cost of building the sampler (parsing
+        a grammar) stays off that loop.
+
+        ``shares_prompt_with``: another choice of the same request (``n`` > 1), submitted just
+        before, with the same prompt. Its prompt is then decoded once and billed once
+        (``sharing.py``): this generation's usage repeats the prompt count, the engine's
+        counters do not.
 
         Raises before any work: ValueError for an invalid request, ContextOverflow when it cannot
-        fit in one slot, Overloaded when the waiting queue is full, EngineClosed after close().
+        fit in one slot, Overloaded when the waiting queue is full, EngineClosed after close(),
+        EngineFailed once the engine has failed.
         """
-        loop = asyncio.get_running_loop()
-        self._ensure_open()
+        loop = loop or asyncio.get_running_loop()
+        with self._in_use():
+            return self._submit(request, loop, shares_prompt_with)
+
+    def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, sibling: Generation | None) -> Generation:
         prompt = self._validated_prompt(request.prompt)
+        source = sibling.task if sibling is not None else None
+        if source is not None and not np.array_equal(source.prompt, prompt):
+            raise ValueError("choices that share a prompt must have the same prompt")
         if len(prompt) >= self.n_ctx:
             raise ContextOverflow(len(prompt), request.max_tokens, self.n_ctx)
         if request.max_tokens is not None and len(prompt) + request.max_tokens > self.n_ctx:
@@ -141,23 +170,41 @@ class Engine:
         channel = Channel(loop)
         backend = self.options.backend_sampling and backend_sampling.supports(request)
         task = Task(
-            request_id, prompt, sampler, max_completion, tuple(request.stop), channel, request.preserve, request.logprobs, backend
+            request_id, prompt, sampler, max_completion, tuple(request.stop), channel, request.preserve, request.logprobs, backend, source
         )
         try:
             self._scheduler.submit(task)
         except BaseException:
             sampler.close()
             raise
-        return Generation(request_id, channel, self._scheduler.cancel)
+        return Generation(request_id, channel, self._scheduler.cancel, task)
 
     def stats(self) -> EngineStats:
         return self._scheduler.stats()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (see ``liveness.py``); None while it can."""
+        return self._scheduler.stats().failure
+
     def close(self) -> None:
-        """Stop the scheduler, fail pending generations with EngineClosed, free llama.cpp memory."""
-        if self._model is None:
+        """Stop the scheduler, fail pending generations with EngineClosed, free llama.cpp memory.
+
+        Waits for tokenize calls still running in other threads. A scheduler stuck inside a
+        stalled step is left alone, and so is the memory it uses: freeing it would crash the process.
+        """
+        with self._idle:
+            if self._closing:
+                return
+            self._closing = True
+            if not self._idle.wait_for(lambda: self._users == 0, CLOSE_WAIT_SECONDS):
+                log.error("%d tokenize call(s) still running after %gs; not freeing the model under them", self._users, CLOSE_WAIT_SECONDS)
+                self._scheduler.stop(CLOSE_WAIT_SECONDS)
+                return
+        # A failed engine gets a moment, not the full wait: a stalled step is not going to end.
+        if not self._scheduler.stop(1.0 if self.failure is not None else CLOSE_WAIT_SECONDS):
+            log.error("the scheduler is stuck in a decode step; exiting without freeing the model")
             return
-        self._scheduler.stop()
         self._context.close()
         self._model.close()
         self._model = None
@@ -168,9 +215,22 @@ class Engine:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _ensure_open(self) -> None:
-        if self._model is None or self._scheduler.closed:
-            raise EngineClosed("the engine is closed")
+    @contextmanager
+    def _in_use(self) -> Iterator[Model]:
+        """The model, kept alive until the block ends; EngineFailed / EngineClosed when unusable."""
+        with self._idle:
+            failure = self._scheduler.stats().failure
+            if failure is not None:
+                raise EngineFailed(failure)
+            if self._closing or self._scheduler.closed:
+                raise EngineClosed("the engine is closed")
+            self._users += 1
+        try:
+            yield self._model
+        finally:
+            with self._idle:
+                self._users -= 1
+                self._idle.notify_all()
 
     def _validated_prompt(self, prompt: Any) -> np.ndarray:
         try:

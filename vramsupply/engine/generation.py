@@ -13,9 +13,13 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .logprobs import TokenLogprob
 from .types import EngineError, Usage
+
+if TYPE_CHECKING:
+    from .slots import Task
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,10 @@ class Generation:
     has ended; iteration then finishes, or raises the ``EngineError`` that ended it.
     """
 
-    def __init__(self, request_id: str, channel: Channel, request_cancel: Callable[[str], None]) -> None:
+    def __init__(self, request_id: str, channel: Channel, request_cancel: Callable[[str], None], task: Task | None = None) -> None:
         self.id = request_id
+        self.task = task
+        """The scheduler's side of this request, for another choice to share its prompt with."""
         self._channel = channel
         self._request_cancel = request_cancel
         self._cancel_requested = False

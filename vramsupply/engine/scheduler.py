@@ -30,13 +30,15 @@ from llama_cpp._internals import LlamaContext
 
 from . import backend_sampling
 from .batch import Batch
+from .liveness import DEFAULT_STALL_TIMEOUT, Liveness
 from .generation import Event, Finish, deliver
 from .logprobs import TokenLogprob, token_logprob
 from .model import Model
 from .prompt_cache import HostPromptCache
+from .sharing import share_prompt
 from .slots import NO_DRAFT, Slot, Task, choose_slot
 from .speculative import lookup
-from .types import EngineClosed, EngineError, EngineStats, Overloaded, Usage
+from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded, Usage
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class Scheduler:
         max_queue: int,
         cache_ram: int = 0,
         max_draft: int = 0,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
     ) -> None:
         self._model = model
         self._ctx = context.ctx
@@ -93,9 +96,11 @@ class Scheduler:
         self._prompt_tokens_total = 0
         self._completion_tokens_total = 0
         self._cached_tokens_total = 0
+        self._prefill_tokens_total = 0
         self._requests_total = 0
         self._draft_tokens_total = 0
         self._draft_accepted_total = 0
+        self._liveness = Liveness(stall_timeout)
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -111,6 +116,8 @@ class Scheduler:
             if self._outstanding >= self._capacity:
                 waiting = self._outstanding - self._busy
                 raise Overloaded(f"all {len(self._slots)} slots are busy and {waiting} requests are already waiting")
+            if self._outstanding == 0:
+                self._liveness.progressed()  # the stall clock runs only while there is work
             self._outstanding += 1
             self._requests_total += 1
             self._inbox.put(_Submit(task))
@@ -132,22 +139,36 @@ class Scheduler:
                 prompt_cache_entries=len(self._prompt_cache.entries) if self._prompt_cache else 0,
                 draft_tokens_total=self._draft_tokens_total,
                 draft_accepted_total=self._draft_accepted_total,
+                prefill_tokens_total=self._prefill_tokens_total,
+                failure=self._failure(),
             )
+
+    def _failure(self) -> str | None:
+        """Call with ``_lock`` held."""
+        running = not self._closed and self._thread.ident is not None
+        if running and not self._thread.is_alive():
+            return "the scheduler thread exited unexpectedly"
+        return self._liveness.failure(pending=self._outstanding > 0, running=running)
 
     @property
     def closed(self) -> bool:
         with self._lock:
             return self._closed
 
-    def stop(self) -> None:
-        """Fail every pending request with EngineClosed and end the thread (idempotent)."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Fail every pending request with EngineClosed and end the thread (idempotent).
+
+        False when the thread is still inside a step after ``timeout`` seconds (a stalled decode):
+        the caller must then leave the llama context alone.
+        """
         with self._lock:
             already = self._closed
             self._closed = True
             if not already:
                 self._inbox.put(_STOP)
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join()
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     # ---- scheduler thread -------------------------------------------------------------------
 
@@ -156,16 +177,19 @@ class Scheduler:
             while self._serve_once():
                 pass
         except Exception as exc:
-            log.exception("the scheduler thread failed")
+            log.error("the scheduler thread failed: %r", exc)
+            log.debug("where the scheduler thread failed", exc_info=True)
+            self._liveness.died(f"the scheduler thread failed: {exc!r}")
             with self._lock:
                 self._closed = True
             self._drain_inbox()
-            self._fail_everything(EngineError(f"the inference engine failed: {exc}"))
+            self._fail_everything(EngineFailed(f"the scheduler thread failed: {exc!r}"))
             self._flush_events()
 
     def _serve_once(self) -> bool:
         if not self._waiting and not self._active():
             self._handle(self._inbox.get())
+            self._liveness.progressed()
         self._drain_inbox()
         if self._stopping:
             self._fail_everything(EngineClosed("the engine was closed before this request finished"))
@@ -174,6 +198,7 @@ class Scheduler:
         self._admit()
         if self._active():
             self._step()
+            self._liveness.progressed()
         self._flush_events()
         return True
 
@@ -228,8 +253,9 @@ class Scheduler:
                 slot.backend_sampled = backend_sampling.attach(self._ctx, slot.seq_id, task.sampler.sampler)
             with self._lock:
                 self._busy += 1
-                self._prompt_tokens_total += len(task.prompt)
-                self._cached_tokens_total += keep
+                if task.shares_prompt_with is None:  # a request's prompt counts once, however many choices
+                    self._prompt_tokens_total += len(task.prompt)
+                    self._cached_tokens_total += keep
 
     def _plan_step(self) -> list[tuple[Slot, np.ndarray | None]]:
         """What each slot puts in the batch: generating slots one token (``None``) first, so
@@ -239,6 +265,8 @@ class Scheduler:
         for slot in sorted((s for s in self._slots if s.prefilling), key=lambda s: s.started):
             if room == 0:
                 break
+            if not share_prompt(slot, self._slots, self._memory):
+                continue
             chunk = slot.task.prompt[slot.n_cached : slot.n_cached + room]
             plan.append((slot, chunk))
             room -= len(chunk)
@@ -267,7 +295,10 @@ class Scheduler:
         return [slot for slot, _ in plan]
 
     def _step(self) -> None:
-        in_batch = self._fill_batch(self._plan_step())
+        plan = self._plan_step()
+        with self._lock:
+            self._prefill_tokens_total += sum(len(chunk) for _, chunk in plan if chunk is not None)
+        in_batch = self._fill_batch(plan)
         status = llama_cpp.llama_decode(self._ctx, self._batch.for_decode())
         if status != 0:
             self._decode_failed(in_batch, status)

@@ -31,6 +31,8 @@ class Task:
     preserve: frozenset[int] = frozenset()
     logprobs: int | None = None  # top alternatives per token to report; None: no logprobs
     backend_sampling: bool = False  # sample in llama.cpp's graph (see backend_sampling)
+    shares_prompt_with: Task | None = None
+    """Another choice of the same request (``n`` > 1): its decoded prompt KV is copied, not redone."""
 
 
 class Slot:

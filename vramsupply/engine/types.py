@@ -11,7 +11,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vramsupply.errors import VramsupplyError
+
+from .liveness import DEFAULT_STALL_TIMEOUT
+
 FLASH_ATTENTION_MODES = ("auto", "on", "off")
+MAX_TOP_K = 1 << 20
+"""More than any vocabulary, and far below llama.cpp's 32-bit int, which a larger value would wrap."""
 
 
 def _finite(value: float) -> bool:
@@ -23,7 +29,7 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-class EngineError(Exception):
+class EngineError(VramsupplyError):
     """Base of every error the engine raises; the message is one readable line."""
 
 
@@ -33,6 +39,10 @@ class Overloaded(EngineError):
 
 class EngineClosed(EngineError):
     """The engine was closed: new requests are refused and pending ones fail with this."""
+
+
+class EngineFailed(EngineError):
+    """The engine can no longer serve: its scheduler thread died or a decode step stalled."""
 
 
 class ContextOverflow(EngineError):
@@ -71,6 +81,7 @@ class EngineOptions:
     cache_ram: int | None = None
     draft_max: int | None = None
     backend_sampling: bool = False
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
 
     def __post_init__(self) -> None:
         _require(self.n_ctx >= 2, f"n_ctx must be at least 2, got {self.n_ctx}")
@@ -91,6 +102,7 @@ class EngineOptions:
         _require(self.max_queue >= 0, f"max_queue must be 0 or more, got {self.max_queue}")
         _require(self.cache_ram is None or self.cache_ram >= 0, f"cache_ram must be 0 (off) or more MiB, got {self.cache_ram}")
         _require(self.draft_max is None or self.draft_max >= 0, f"draft_max must be 0 (off) or more, got {self.draft_max}")
+        _require(_finite(self.stall_timeout) and self.stall_timeout > 0, f"stall_timeout must be more than 0 seconds, got {self.stall_timeout}")
 
     @property
     def flash_attention_mode(self) -> str:
@@ -119,7 +131,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         _require(_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _require(_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        _require(self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        _require(0 <= self.top_k <= MAX_TOP_K, f"top_k must be between 0 (disabled) and {MAX_TOP_K}, got {self.top_k}")
         _require(_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
         _require(
             _finite(self.repeat_penalty) and self.repeat_penalty > 0, f"repeat_penalty must be > 0, got {self.repeat_penalty}"
@@ -198,3 +210,7 @@ class EngineStats:
     prompt_cache_entries: int = 0
     draft_tokens_total: int = 0
     draft_accepted_total: int = 0
+    prefill_tokens_total: int = 0
+    """Prompt tokens actually decoded: cached prefixes and prompts shared between choices are not."""
+    failure: str | None = None
+    """Why the engine can no longer serve (its thread died, or a step stalled); None while healthy."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.table import Table
 
 from vramsupply.config import Settings as AgentSettings
+from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.devices import Device, build_has_gpu_backend, list_devices
 from vramsupply.gpu.estimate import Settings
 from vramsupply.gpu.plan import Plan, Target, gib, make_plan, refusal, target_for
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_QUANT = "Q4_K_M"
 
 
-class PlanRefused(Exception):
+class PlanRefused(VramsupplyError):
     """The model cannot fit with the settings given; the message has the numbers and the fix."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx2
 
+from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.estimate import ModelShape
 from vramsupply.gpu.gguf_header import GgufError, GgufHeader, read_local_header, read_remote_header
 from vramsupply.hub.access import HubAccess, hub_errors
@@ -30,7 +31,7 @@ FILE_TYPES = {
 }
 
 
-class SourceError(Exception):
+class SourceError(VramsupplyError):
     """The model cannot be read for planning; one line."""
 
 

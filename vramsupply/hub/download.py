@@ -14,6 +14,7 @@ origin (the CDN must never see the token).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -210,10 +211,25 @@ class BlobDownloader:
                 task.restart()
             elif status not in (200, 206):
                 raise DownloadError(f"download of {self.label(partial.expected)} failed: HTTP {status} from {url}")
-            with partial.path.open("ab") as fh:
-                for chunk in response.iter_bytes(CHUNK):
-                    partial.append(fh, chunk)
-                    task.advance(len(chunk))
+            try:
+                with partial.path.open("ab") as fh:
+                    for chunk in response.iter_bytes(CHUNK):
+                        partial.append(fh, chunk)
+                        task.advance(len(chunk))
+            except OSError as exc:
+                raise self._write_error(partial, exc) from None
+
+    def _write_error(self, partial: PartialBlob, exc: OSError) -> HubError:
+        """The disk filled up (or refused) mid-download: say so in one line; the partial file stays."""
+        label = self.label(partial.expected)
+        kept = partial.path.stat().st_size if partial.path.exists() else 0
+        progress = f"{decimal(kept)} of {decimal(partial.expected.size)} kept in {partial.path.parent}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return InsufficientDiskSpace(
+                f"the disk filled up while downloading {label} ({progress}); free some space or point "
+                "VRAM_SUPPLY_CACHE_DIR at a larger disk, then run again to resume"
+            )
+        return DownloadError(f"cannot write {partial.path} while downloading {label}: {exc.strerror or exc} ({progress})")
 
 
 def _existing_ancestor(path: Path) -> Path:

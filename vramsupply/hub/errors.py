@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from vramsupply.errors import VramsupplyError
 
-class HubError(Exception):
+
+class HubError(VramsupplyError):
     """Base class: the model could not be made available locally; the message says why and what to do."""
 
 

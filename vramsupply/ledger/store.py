@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vramsupply.config import data_dir
+from vramsupply.errors import VramsupplyError
 
 LEDGER_FILE_NAME = "ledger.sqlite3"
 SCHEMA_VERSION = 1
@@ -128,7 +129,7 @@ class Group:
     earned_nanocents: int
 
 
-class LedgerError(Exception):
+class LedgerError(VramsupplyError):
     """The ledger file cannot be opened or written; the message names the file."""
 
 

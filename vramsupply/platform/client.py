@@ -14,6 +14,7 @@ from typing import TypeVar
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
+from vramsupply.errors import VramsupplyError
 from vramsupply.platform import api
 from vramsupply.platform.backoff import Backoff
 
@@ -25,7 +26,7 @@ RETRY_BACKOFF = Backoff(initial=0.5, cap=4.0)
 """Between a call's own retries: short, so a CLI command gives up within seconds."""
 
 
-class PlatformError(Exception):
+class PlatformError(VramsupplyError):
     """Any failure talking to the platform; ``str()`` is one line for the user."""
 
 

@@ -42,6 +42,13 @@ class ServingStats(Protocol):
     def prompt_tokens_total(self) -> int: ...
     @property
     def completion_tokens_total(self) -> int: ...
+    @property
+    def failure(self) -> str | None: ...
+
+
+def heartbeat_status(snapshot: ServingStats) -> Literal["online", "draining"]:
+    """A failed engine asks the platform to route nothing here (the documented ``draining``)."""
+    return "online" if snapshot.failure is None else "draining"
 
 
 class ProviderLifecycle:
@@ -189,7 +196,7 @@ class ProviderLifecycle:
     async def _heartbeat(self, provider_id: str) -> bool:
         snapshot = self._stats()
         try:
-            reply = await self._client.heartbeat(self._heartbeat_request(provider_id, "online", snapshot))
+            reply = await self._client.heartbeat(self._heartbeat_request(provider_id, heartbeat_status(snapshot), snapshot))
         except UnknownProvider:
             self.provider_id = None
             self.registered.clear()

@@ -13,11 +13,12 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from vramsupply import __version__
+from vramsupply.errors import ConfigError
 from vramsupply.platform import api
 from vramsupply.platform.options import MarketOptions
 
 
-class OfferError(ValueError):
+class OfferError(ConfigError):
     """The offer cannot be registered as configured; the message says what to change."""
 
 

@@ -3,7 +3,6 @@
 
 from vramsupply.serve.hooks import ServeHook
 from vramsupply.serve.lifecycle import run_serve
-from vramsupply.serve.options import ServeError
 from vramsupply.serve.status import Snapshot, Throughput
 
-__all__ = ["ServeError", "ServeHook", "Snapshot", "Throughput", "run_serve"]
+__all__ = ["ServeHook", "Snapshot", "Throughput", "run_serve"]

@@ -21,12 +21,14 @@ from typing import Protocol
 from aiohttp import web
 
 from vramsupply.config import Settings
-from vramsupply.engine import Engine, EngineError, EngineOptions
-from vramsupply.hub import HubError, LocalModel, prepare_configured
+from vramsupply.engine import Engine, EngineOptions
+from vramsupply.errors import ConfigError
+from vramsupply.hub import LocalModel, prepare_configured
 from vramsupply.platform.offer import ModelIdentity
-from vramsupply.serve.options import ServeError, engine_options
+from vramsupply.serve.options import engine_options
 from vramsupply.serve.status import ServingStats
 from vramsupply.server import SERVER_STATE, create_app
+from vramsupply.signals import in_daemon_thread
 
 log = logging.getLogger("vramsupply.serve")
 
@@ -60,7 +62,7 @@ class LlamaCppBackend:
         """Fit the plan to memory, download (a bar on a terminal, plain lines in logs), fit again."""
         explicit = set(self.settings.model_fields_set)
         self.settings = await fit_to_memory(self.settings, explicit)
-        self.model = await resolve_model(self.settings)
+        self.model = await resolve_model(self.settings)  # a stop signal need not wait for it (see lifecycle)
         self.settings = await fit_to_memory(self.settings, explicit, self.model)
         return self.model
 
@@ -101,32 +103,35 @@ class LlamaCppBackend:
         assert self.model is not None
         return f"vramsupply ready: serving {self.model.model_id} at {url}/v1 ({self.slots} slots, {self.n_ctx}-token context)"
 
+    def stop_generating(self) -> None:
+        """The drain's deadline passed: end every generation (each stream gets an error event)."""
+        if self.engine is not None:
+            self.engine.close()
+
     async def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
 
 
-async def resolve_model(settings: Settings) -> LocalModel:
-    """The hub shows download progress as a bar on a terminal and as plain lines in logs (journald)."""
+def resolve_model(settings: Settings) -> asyncio.Future[LocalModel]:
+    """Download (unless cached) and verify, in a daemon thread: a "stop now" need not wait for it,
+    and an interrupted download resumes on the next start.
+
+    The hub shows download progress as a bar on a terminal and as plain lines in logs (journald).
+    """
     if not settings.model:
-        raise ServeError("no model to serve: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
-    try:
-        return await asyncio.to_thread(prepare_configured, settings.model, settings, progress=True)
-    except HubError as exc:
-        raise ServeError(str(exc)) from None
+        raise ConfigError("no model to serve: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
+    return in_daemon_thread(prepare_configured, settings.model, settings, progress=True)
 
 
 async def fit_to_memory(settings: Settings, explicit: set[str], model: LocalModel | None = None) -> Settings:
     """The memory plan (vramsupply.gpu): before download it picks the quant; before load it shrinks
     a context or slot count that was not set, or refuses with the numbers instead of an OOM."""
-    from vramsupply.gpu.planning import PlanRefused, fit_before_download, fit_before_load
+    from vramsupply.gpu.planning import fit_before_download, fit_before_load
 
-    try:
-        if model is None:
-            return await asyncio.to_thread(fit_before_download, settings, explicit)
-        return await asyncio.to_thread(fit_before_load, settings, explicit, model.path)
-    except PlanRefused as exc:
-        raise ServeError(str(exc)) from None
+    if model is None:
+        return await asyncio.to_thread(fit_before_download, settings, explicit)
+    return await asyncio.to_thread(fit_before_load, settings, explicit, model.path)
 
 
 def model_aliases(model: LocalModel) -> list[str]:
@@ -138,7 +143,5 @@ def model_aliases(model: LocalModel) -> list[str]:
 
 
 async def load_engine(options: EngineOptions) -> Engine:
-    try:
-        return await asyncio.to_thread(Engine.load, options)
-    except EngineError as exc:
-        raise ServeError(f"cannot load the model: {exc}") from None
+    """llama.cpp loading cannot be interrupted: a graceful stop waits for it, a second signal does not."""
+    return await in_daemon_thread(Engine.load, options)

@@ -13,37 +13,42 @@
    the engine (a launched one is stopped). A second signal skips the wait.
 
 Under systemd (``Type=notify``) each phase is also told to the service manager: ``STATUS=`` lines,
-``READY=1`` at step 4, ``STOPPING=1`` at step 6, and ``WATCHDOG=1`` pings from the event loop throughout.
+``READY=1`` at step 4, ``STOPPING=1`` at step 6, and ``WATCHDOG=1`` pings from the event loop while
+the engine is healthy. Signals are handled from the very start (``signals.StopSignals``): a stop
+during the download or the load ends as cleanly as one while serving. An engine that fails while
+serving (its thread died, a step stalled) stops the agent: it deregisters, drains and exits 1 with
+the cause, so the service manager restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Callable
 
 from rich.console import Console
 
 from vramsupply.config import EngineKind, Settings
+from vramsupply.engine import EngineFailed
+from vramsupply.errors import Interrupted, ListenError
 from vramsupply.logging import configure_logging, interactive
-from vramsupply.platform import MarketplaceSession, OfferError, PlatformError, price_summary
+from vramsupply.platform import MarketplaceSession, price_summary
 from vramsupply.platform.offer import ModelIdentity
 from vramsupply.serve.backend import Backend, LlamaCppBackend
 from vramsupply.serve.hooks import ServeHook
-from vramsupply.serve.options import ServeError, endpoint_token_of, market_options, upstream_options
+from vramsupply.serve.options import endpoint_token_of, market_options, upstream_options
 from vramsupply.serve.provider import ProviderSide
-from vramsupply.serve.signals import StopSignals
-from vramsupply.serve.status import LogStatus, TerminalStatus, report_to_systemd
+from vramsupply.serve.status import LogStatus, ServingStats, TerminalStatus, report_to_systemd
 from vramsupply.server import ApiServer
 from vramsupply.service import SystemdNotifier
+from vramsupply.signals import StopSignals, wait_for_stop
 
 log = logging.getLogger("vramsupply.serve")
-T = TypeVar("T")
+ENGINE_CHECK_SECONDS = 0.25
 
 
 async def run_serve(settings: Settings, *, hook: ServeHook | None = None) -> None:
-    """Serve until a stop signal, then drain and return; raises ServeError when it cannot start.
+    """Serve until a stop signal, then drain and return; raises a VramsupplyError when it cannot start.
 
     ``hook`` (``--demo``) runs around serving and acts once the agent is ready.
     """
@@ -51,18 +56,21 @@ async def run_serve(settings: Settings, *, hook: ServeHook | None = None) -> Non
     notifier = SystemdNotifier()
     watchdog = notifier.start_watchdog()
     try:
-        if hook is None:
-            await serve_until_stopped(settings, notifier)
-            return
-        async with hook.around(settings) as hooked_settings:
-            await serve_until_stopped(hooked_settings, notifier, hook)
+        with StopSignals() as stop:
+            if hook is None:
+                await serve_until_stopped(settings, notifier, stop)
+                return
+            async with hook.around(settings) as hooked_settings:
+                await serve_until_stopped(hooked_settings, notifier, stop, hook)
+    except asyncio.CancelledError:
+        raise Interrupted("stopped without waiting for in-flight requests") from None
     finally:
         if watchdog is not None:
             watchdog.cancel()
         notifier.close()
 
 
-async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, hook: ServeHook | None = None) -> None:
+async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, stop: StopSignals, hook: ServeHook | None = None) -> None:
     terminal = interactive()
     local_platform = hook is not None and hook.local_endpoint_ok
     market = prepare_marketplace(settings, local_ok=local_platform)
@@ -72,7 +80,10 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, hoo
         notifier.status(f"preparing {settings.model} (downloading it unless cached)")
     else:
         notifier.status(f"preparing the {backend.kind} engine")
-    model = await engine_step(backend.prepare())
+    model = await stop.until(asyncio.ensure_future(backend.prepare()))
+    if model is None:
+        log.info("stopped before the model was ready (an interrupted download resumes on the next start)")
+        return
     provider.model_known(model)
 
     endpoint_token = market.endpoint_token if market is not None else endpoint_token_of(settings)
@@ -82,26 +93,50 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, hoo
     await listen(server)
     provider.listening(server)
 
-    with StopSignals() as stop:
-        try:
-            notifier.status(f"loading {model.model_id}")
-            if not await engine_step(backend.start(stop.event)):
+    watch = EngineWatch()
+    try:
+        notifier.status(f"loading {model.model_id}")
+        if not await backend.start(stop.event):
+            return
+        notifier.healthy = watch.healthy
+        await go_live(backend, model, server.url, notifier, market, hook)
+        status = TerminalStatus(Console(), model.model_id, server.url) if terminal else LogStatus()
+        reporters = [status.run(backend.stats, stop), watch.run(backend.stats, stop)]
+        if notifier.enabled:
+            reporters.append(report_to_systemd(notifier, model.model_id, backend.stats, lambda: market_phase(market), stop))
+        await asyncio.gather(*reporters)
+    finally:
+        notifier.stopping("stopping: draining in-flight requests")
+        if market is not None:
+            await market.drain()
+        await drain(server, backend, settings.drain_timeout)
+        await provider.drained(server)
+        if market is not None:
+            await market.stop()
+        await provider.stop()
+    if watch.failure is not None:
+        raise EngineFailed(watch.failure)
+
+
+class EngineWatch:
+    """Notices a failed engine (``EngineStats.failure``, see ``engine/liveness.py``) and stops
+    serving, so that the process exits non-zero and systemd restarts it. ``/health`` and heartbeats
+    read the failure directly."""
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+
+    def healthy(self) -> bool:
+        return self.failure is None
+
+    async def run(self, stats: Callable[[], ServingStats], stop: StopSignals) -> None:
+        while not await wait_for_stop(stop, ENGINE_CHECK_SECONDS):
+            failure = getattr(stats(), "failure", None)
+            if failure is not None:
+                self.failure = failure
+                log.error("%s; stopping so that the service manager restarts the agent", failure)
+                stop.event.set()
                 return
-            await go_live(backend, model, server.url, notifier, market, hook)
-            status = TerminalStatus(Console(), model.model_id, server.url) if terminal else LogStatus()
-            reporters = [status.run(backend.stats, stop)]
-            if notifier.enabled:
-                reporters.append(report_to_systemd(notifier, model.model_id, backend.stats, lambda: market_phase(market), stop))
-            await asyncio.gather(*reporters)
-        finally:
-            notifier.stopping("stopping: draining in-flight requests")
-            if market is not None:
-                await market.drain()
-            await drain(server, backend, settings.drain_timeout)
-            await provider.drained(server)
-            if market is not None:
-                await market.stop()
-            await provider.stop()
 
 
 async def go_live(
@@ -114,16 +149,6 @@ async def go_live(
         start_marketplace(market, model, backend)
         if hook is not None:
             await hook.on_ready(market, model.model_id)
-
-
-async def engine_step(step: Awaitable[T]) -> T:
-    """An upstream engine's configuration errors reach the CLI as one line, like the engine's own."""
-    from vramsupply.upstream import UpstreamError
-
-    try:
-        return await step
-    except UpstreamError as exc:
-        raise ServeError(str(exc)) from None
 
 
 def choose_backend(settings: Settings) -> Backend:
@@ -139,10 +164,7 @@ def prepare_marketplace(settings: Settings, *, local_ok: bool) -> MarketplaceSes
     """Refuse, before any download or load, a configuration that could never register."""
     if settings.no_register:
         return None
-    try:
-        return MarketplaceSession.prepare(market_options(settings, local_ok=local_ok))
-    except (PlatformError, OfferError) as exc:
-        raise ServeError(str(exc)) from None
+    return MarketplaceSession.prepare(market_options(settings, local_ok=local_ok))
 
 
 def start_marketplace(market: MarketplaceSession, model: ModelIdentity, backend: Backend) -> None:
@@ -153,10 +175,7 @@ def start_marketplace(market: MarketplaceSession, model: ModelIdentity, backend:
         print(price_summary(options.input_price, options.output_price), flush=True)
         market.start_when_reachable(model, backend.n_ctx, backend.stats)
         return
-    try:
-        offer = market.offer(model, backend.n_ctx)
-    except OfferError as exc:
-        raise ServeError(str(exc)) from None
+    offer = market.offer(model, backend.n_ctx)
     for line in offer.summary():
         print(line, flush=True)
     for warning in offer.warnings:
@@ -173,18 +192,27 @@ async def listen(server: ApiServer) -> None:
     try:
         await server.start()
     except OSError as exc:
-        raise ServeError(f"cannot listen on {server.host}:{server.port}: {exc.strerror or exc}") from None
+        raise ListenError(server.host, server.port, exc) from None
 
 
 async def drain(server: ApiServer, backend: Backend, drain_timeout: float) -> None:
-    """Stop accepting, give in-flight requests ``drain_timeout`` seconds, then free the engine."""
+    """Stop accepting, give in-flight requests ``drain_timeout`` seconds, then free the engine.
+
+    With our engine, requests still running at the deadline end through it (EngineClosed), so a
+    stream gets a clean error event, not a cut connection; the server cancels what is left only
+    ``STOP_GRACE_SECONDS`` later.
+    """
     in_flight = backend.in_flight()
     if in_flight:
         log.info("stopping: waiting up to %gs for %d in-flight request(s)", drain_timeout, in_flight)
     else:
         log.info("stopping")
+    stop_generating = getattr(backend, "stop_generating", None)
+    deadline = asyncio.get_running_loop().call_later(drain_timeout, stop_generating) if stop_generating is not None else None
     try:
         await server.stop()
     finally:
+        if deadline is not None:
+            deadline.cancel()
         await backend.close()
     log.info("stopped")

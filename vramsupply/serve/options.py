@@ -10,33 +10,33 @@ import shlex
 
 from vramsupply.config import EngineKind, Settings
 from vramsupply.engine import EngineOptions
+from vramsupply.errors import ConfigError, VramsupplyError
 from vramsupply.hub import LocalModel
 from vramsupply.platform import MarketOptions
 from vramsupply.upstream.options import UpstreamOptions
 
 
-class ServeError(Exception):
-    """Why serving could not start, in one line for the CLI."""
+class ServeError(VramsupplyError):
+    """Serving cannot start for a reason of its own (a tunnel tool missing); one line for the CLI."""
 
 
 def engine_options(settings: Settings, model: LocalModel) -> EngineOptions:
-    try:
-        return EngineOptions(
-            model_path=model.path,
-            n_ctx=settings.context_length,
-            parallel=settings.parallel,
-            n_gpu_layers=settings.n_gpu_layers,
-            n_batch=settings.n_batch,
-            n_ubatch=settings.n_ubatch,
-            flash_attention=settings.flash_attention.value,
-            threads=settings.threads,
-            max_queue=settings.max_queue,
-            cache_ram=settings.cache_ram,
-            draft_max=settings.draft_max,
-            backend_sampling=settings.backend_sampling,
-        )
-    except ValueError as exc:
-        raise ServeError(f"invalid engine settings: {exc}") from None
+    """Settings already checked every engine value alone and together (``config.check_together``)."""
+    return EngineOptions(
+        model_path=model.path,
+        n_ctx=settings.context_length,
+        parallel=settings.parallel,
+        n_gpu_layers=settings.n_gpu_layers,
+        n_batch=settings.n_batch,
+        n_ubatch=settings.n_ubatch,
+        flash_attention=settings.flash_attention.value,
+        threads=settings.threads,
+        max_queue=settings.max_queue,
+        cache_ram=settings.cache_ram,
+        draft_max=settings.draft_max,
+        backend_sampling=settings.backend_sampling,
+        stall_timeout=settings.stall_timeout,
+    )
 
 
 def market_options(settings: Settings, *, local_ok: bool = False) -> MarketOptions:
@@ -73,7 +73,7 @@ def upstream_options(settings: Settings) -> UpstreamOptions:
     try:
         extra_args = tuple(shlex.split(settings.engine_args or ""))
     except ValueError as exc:
-        raise ServeError(f"invalid engine_args {settings.engine_args!r}: {exc}") from None
+        raise ConfigError(f"invalid engine_args {settings.engine_args!r}: {exc}") from None
     return UpstreamOptions(
         engine=settings.engine.value,  # type: ignore[arg-type]
         model=settings.model,

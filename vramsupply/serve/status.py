@@ -18,7 +18,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from vramsupply.serve.signals import StopSignals, wait_for_stop
+from vramsupply.signals import StopSignals, wait_for_stop
 from vramsupply.service import SystemdNotifier
 
 log = logging.getLogger("vramsupply.serve")

@@ -71,8 +71,14 @@ class Accounts:
         task.add_done_callback(self._pending.discard)
 
     async def _record_abandoned(self, bill: Bill, generations: Sequence[Generation]) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(_ended(g) for g in generations)), UNFINISHED_WAIT_SECONDS)
+        # asyncio.wait, not wait_for(gather): cancelled at shutdown (a stalled engine never ends
+        # them), a gather's CancelledError would be logged as "never retrieved", with a traceback.
+        ending = [asyncio.ensure_future(_ended(g)) for g in generations]
+        try:
+            await asyncio.wait(ending, timeout=UNFINISHED_WAIT_SECONDS)
+        finally:
+            for task in ending:
+                task.cancel()
         usages = [g.usage for g in generations if g.usage is not None]
         if not usages:
             log.warning("request %s not recorded in the earnings ledger: its usage never arrived", bill.request_id)

@@ -21,10 +21,13 @@ from vramsupply.server.completions import chat_completions, completions
 from vramsupply.server.errors import ApiError, error_middleware
 from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vramsupply.server.responses import ModelCard, ModelList
-from vramsupply.server.state import SERVER_STATE, ServerState, loading_error
+from vramsupply.server.state import SERVER_STATE, ServerState, failed_error, loading_error
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 OWNER = "vramsupply"
+STOP_GRACE_SECONDS = 5.0
+"""After ``drain_timeout`` the serve lifecycle closes the engine, which ends every generation with an
+error the handlers send to their clients; only handlers still running this much later are cancelled."""
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before the answer
 
 
@@ -110,11 +113,14 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 with slot counts once the model is loaded; 503 "loading" before, for the platform's checks."""
+    """200 with slot counts once the model is loaded; 503 "loading" before, and 503 "error" with
+    the reason once the engine has failed, so the platform routes no buyer here."""
     state = request.app[SERVER_STATE]
     stats = state.stats()
     if stats is None:
         raise loading_error()
+    if stats.failure is not None:
+        raise failed_error(stats.failure)
     return web.json_response(
         {
             "status": "ok",
@@ -133,7 +139,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 class ApiServer:
     """Runs an app on a TCP port. ``stop`` closes the listener, then lets in-flight requests finish
-    for up to ``drain_timeout`` seconds before cancelling them.
+    for up to ``drain_timeout`` seconds (plus ``STOP_GRACE_SECONDS``) before cancelling them.
 
     Handler cancellation is on: a client that hangs up cancels its handler, whose ``finally``
     cancels the engine work, so a disconnect frees the slot streaming or not.
@@ -146,7 +152,7 @@ class ApiServer:
         self._runner = web.AppRunner(
             app,
             handler_cancellation=True,
-            shutdown_timeout=drain_timeout,
+            shutdown_timeout=drain_timeout + STOP_GRACE_SECONDS,
             access_log=access_log,
             access_log_format='%a "%r" %s %b %Tfs',
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -23,6 +24,7 @@ from vramsupply.engine import (
     Engine,
     EngineClosed,
     EngineError,
+    EngineFailed,
     Generation,
     GenerationRequest,
     Overloaded,
@@ -45,11 +47,12 @@ from vramsupply.server.responses import (
     now,
 )
 from vramsupply.server.schemas import ChatCompletionBody, CompletionBody
-from vramsupply.server.state import SERVER_STATE, ServerState
+from vramsupply.server.state import SERVER_STATE, ServerState, failed_error
 
 Logprobs = list[TokenLogprob] | None  # one choice's logprobs, or None when not asked for
 RETRY_AFTER_SECONDS = "1"
 INLINE_TOKENIZE_MAX_BYTES = 8192
+INLINE_LOGIT_BIAS_MAX = 64
 T = TypeVar("T")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -128,7 +131,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         count_tokens=lambda text: len(engine.tokenize(text, add_special=False)),
         token_bytes=engine.token_bytes,
     )
-    requests = chat_generation_requests(body, chat)
+    requests = await chat_generation_requests(body, chat)
     return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started))
 
 
@@ -139,7 +142,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await state.parse(request, CompletionBody)
     prompt = body.prompt if isinstance(body.prompt, list) else await _tokenize(request, engine.tokenize, body.prompt, param="prompt")
     shape = TextShape(id=new_id("cmpl"), created=now(), model=state.model_id, include_usage=body.include_usage, token_bytes=engine.token_bytes)
-    requests = generation_requests(body, prompt)
+    requests = await generation_requests(body, prompt)
     return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started))
 
 
@@ -161,7 +164,7 @@ async def _tokenize(request: web.Request, tokenize: Callable[[T], list[int]], va
         raise ApiError(400, str(exc), param=getattr(exc, "param", param), code="invalid_value") from None
 
 
-def generation_requests(
+async def generation_requests(
     body: ChatCompletionBody | CompletionBody, prompt: list[int], extra_stop: tuple[str, ...] = ()
 ) -> list[GenerationRequest]:
     """One engine request per choice; with a seed, choice i uses seed + i so choices differ yet reproduce.
@@ -169,17 +172,17 @@ def generation_requests(
     ``extra_stop`` holds stop strings the chat template needs (the chat prompt's ``stop``).
     """
     try:
-        return _generation_requests(body, grammar_for(body.response_format), prompt, (*body.stop, *extra_stop))
+        return _generation_requests(body, await grammar_for(body.response_format), prompt, (*body.stop, *extra_stop))
     except ValueError as exc:
         raise ApiError(400, str(exc), code="invalid_value") from None
 
 
-def chat_generation_requests(body: ChatCompletionBody, chat: ChatPrompt) -> list[GenerationRequest]:
+async def chat_generation_requests(body: ChatCompletionBody, chat: ChatPrompt) -> list[GenerationRequest]:
     """A chat's requests: the template's stop strings and marker tokens, and a forced call's grammar."""
     json_format = body.response_format is not None and body.response_format.type != "text"
     if chat.grammar is not None and json_format and not chat.grammar_triggers:
         raise ApiError(400, "A forced tool call cannot be combined with a JSON response_format.", param="tool_choice", code="invalid_value")
-    requests = generation_requests(body, chat.tokens, extra_stop=chat.stop)
+    requests = await generation_requests(body, chat.tokens, extra_stop=chat.stop)
     # With a JSON response_format the answer is that JSON: the lazy tool-call grammar stands aside.
     use = chat.grammar is not None and not json_format
     grammar = {"grammar": chat.grammar, "grammar_triggers": chat.grammar_triggers} if use else {}
@@ -218,6 +221,10 @@ def _generation_requests(
     ]
 
 
+def costly_to_submit(request: GenerationRequest) -> bool:
+    return request.sampling.grammar is not None or len(request.sampling.logit_bias) > INLINE_LOGIT_BIAS_MAX
+
+
 def engine_error(exc: EngineError, prompt_param: str) -> ApiError:
     if isinstance(exc, Overloaded):
         return ApiError(
@@ -230,17 +237,26 @@ def engine_error(exc: EngineError, prompt_param: str) -> ApiError:
     if isinstance(exc, ContextOverflow):
         param = prompt_param if exc.max_tokens is None or exc.prompt_tokens >= exc.n_ctx else "max_tokens"
         return ApiError(400, f"This model's context is {exc.n_ctx} tokens: {exc}.", param=param, code="context_length_exceeded")
+    if isinstance(exc, EngineFailed):
+        return failed_error(str(exc))
     if isinstance(exc, EngineClosed):
         return ApiError(503, "The server is shutting down.", type="server_error", code="shutting_down")
     return ApiError(500, str(exc), type="server_error")
 
 
-def submit_all(engine: Engine, requests: list[GenerationRequest], prompt_param: str) -> list[Generation]:
-    """Submit every choice or none: on the first refusal the ones already admitted are cancelled."""
+async def submit_all(engine: Engine, requests: list[GenerationRequest], prompt_param: str) -> list[Generation]:
+    """Submit every choice or none: on the first refusal the ones already admitted are cancelled.
+
+    Building a sampler parses the request's grammar and logit bias, which can take milliseconds:
+    such requests are submitted from a worker thread, so the event loop keeps streaming meanwhile.
+    """
     generations: list[Generation] = []
+    loop = asyncio.get_running_loop()
     try:
         for generation_request in requests:
-            generations.append(engine.submit(generation_request))
+            # Every choice shares the first one's prompt: decoded once, counted once.
+            submit = functools.partial(engine.submit, generation_request, shares_prompt_with=generations[0] if generations else None, loop=loop)
+            generations.append(await asyncio.to_thread(submit) if costly_to_submit(generation_request) else submit())
     except BaseException as exc:
         for generation in generations:
             generation.cancel()
@@ -286,13 +302,13 @@ async def _complete(
     shape: ResponseShape,
     clock: RequestClock,
 ) -> web.StreamResponse:
-    generations = submit_all(engine, requests, shape.prompt_param)
+    generations = await submit_all(engine, requests, shape.prompt_param)
     bill = state.accounts.bill(shape.id, state.model_id, len(generations), token_presented=state.endpoint_token is not None)
     try:
         if stream:
             return await _stream(request, state, generations, shape, clock, requests[0].logprobs is not None, bill)
         texts = await asyncio.gather(*(_collect(state, clock, i, g) for i, g in enumerate(generations)))
-        usage = _usage(state, generations)
+        usage = _usage(generations)
         await bill.settle(usage)
         logprobs = [g.logprobs if r.logprobs is not None else None for g, r in zip(generations, requests)]
         finishes = [_finish(g) for g in generations]
@@ -320,11 +336,9 @@ def _finish(generation: Generation) -> FinishReason:
     return "length" if generation.finish_reason == "length" else "stop"
 
 
-def _usage(state: ServerState, generations: list[Generation]) -> UsageOut:
-    """Exact usage of a finished request, also added to the token counters."""
-    usage = UsageOut.combine([g.usage for g in generations if g.usage is not None])
-    state.metrics.count_usage(usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens, usage.completion_tokens)
-    return usage
+def _usage(generations: list[Generation]) -> UsageOut:
+    """Exact usage of a finished request (the engine's counters already hold it: /metrics reads them)."""
+    return UsageOut.combine([g.usage for g in generations if g.usage is not None])
 
 
 async def _stream(
@@ -352,7 +366,7 @@ async def _stream(
                 chunks = shape.text_chunks(index, text, entries)
             for chunk in chunks:
                 await _send(response, chunk)
-        usage = _usage(state, generations)
+        usage = _usage(generations)
         await bill.settle(usage)
         if shape.include_usage:
             await _send(response, shape.usage_chunk(usage))

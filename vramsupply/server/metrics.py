@@ -1,15 +1,19 @@
 """Prometheus metrics of one server, in a registry of its own.
 
 A per-app ``CollectorRegistry`` (not prometheus-client's global one) lets several apps live in one
-process, as they do in tests, without clashing metric names. Slot and queue gauges are read from
-the engine at scrape time, so they are never stale.
+process, as they do in tests, without clashing metric names. Slot and queue gauges and the token
+counters are read from the engine at scrape time, so they are never stale, and the token counts
+are the very numbers heartbeats report: one source for what the platform bills.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from vramsupply.engine import EngineStats, Usage
@@ -29,11 +33,7 @@ class ServerMetrics:
         self.requests = Counter(
             "vramsupply_requests", "HTTP requests answered, by route and status code", ["route", "status"], registry=self.registry
         )
-        self.prompt_tokens = Counter("vramsupply_prompt_tokens", "Prompt tokens processed", registry=self.registry)
-        self.cached_tokens = Counter(
-            "vramsupply_cached_prompt_tokens", "Prompt tokens reused from a slot's KV cache", registry=self.registry
-        )
-        self.completion_tokens = Counter("vramsupply_completion_tokens", "Completion tokens generated", registry=self.registry)
+        self.registry.register(EngineCounters(stats))
         self.ttft = Histogram(
             "vramsupply_time_to_first_token_seconds",
             "Seconds from receiving a request to its first generated text",
@@ -50,6 +50,7 @@ class ServerMetrics:
         self._gauge("vramsupply_slots_total", "Slots (requests decoded concurrently)", lambda s: s.slots_total)
         self._gauge("vramsupply_slots_busy", "Slots working on a request", lambda s: s.slots_busy)
         self._gauge("vramsupply_queue_depth", "Requests waiting for a free slot", lambda s: s.queue_depth)
+        self._gauge("vramsupply_engine_healthy", "1 while the engine can serve; 0 once it failed (see /health)", lambda s: s.failure is None)
 
     def _gauge(self, name: str, documentation: str, read: Callable[[EngineStats], int]) -> None:
         def sample() -> float:
@@ -64,10 +65,24 @@ class ServerMetrics:
             return
         self.tpot.observe((last_token_at - first_token_at) / (usage.completion_tokens - 1))
 
-    def count_usage(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> None:
-        self.prompt_tokens.inc(prompt_tokens)
-        self.cached_tokens.inc(cached_tokens)
-        self.completion_tokens.inc(completion_tokens)
-
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class EngineCounters:
+    """The engine's token counters as Prometheus counters, sampled at scrape time."""
+
+    COUNTERS = (
+        ("vramsupply_prompt_tokens", "Prompt tokens served (a request's prompt counts once, whatever its n)", "prompt_tokens_total"),
+        ("vramsupply_cached_prompt_tokens", "Prompt tokens reused from a slot's KV cache", "cached_tokens_total"),
+        ("vramsupply_prefill_tokens", "Prompt tokens actually decoded (cached and shared prompts are not)", "prefill_tokens_total"),
+        ("vramsupply_completion_tokens", "Completion tokens generated", "completion_tokens_total"),
+    )
+
+    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        for name, documentation, field in self.COUNTERS:
+            yield CounterMetricFamily(name, documentation, value=0 if stats is None else getattr(stats, field))

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from vramsupply.engine import ChatRequest
+from vramsupply.engine import MAX_TOP_K, ChatRequest
 
 MAX_CHOICES = 16
 # Every stop string is searched for after every token on the one scheduler thread that decodes all
@@ -72,7 +72,7 @@ class GenerationBody(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # llama.cpp extensions
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False

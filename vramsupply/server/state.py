@@ -6,6 +6,7 @@ is attached later by the serve lifecycle with ``ServerState.attach``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from typing import TypeVar
@@ -19,6 +20,11 @@ from vramsupply.server.errors import ApiError, from_validation_error
 from vramsupply.server.metrics import ServerMetrics
 
 LOADING_RETRY_AFTER_SECONDS = "5"
+INLINE_PARSE_MAX_BYTES = 64 * 1024
+BODY_IDLE_SECONDS = 30.0
+"""A client that sends its headers and then stops sending its body holds a connection and a handler:
+after this long without a byte it gets 408 and the connection is closed. A slow upload that keeps
+sending is never cut."""
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -58,13 +64,39 @@ class ServerState:
 
     async def parse(self, request: web.Request, model: type[Body]) -> Body:
         """Read and validate a JSON body (aiohttp raises 413 past the size limit) and check its model."""
-        raw = await request.read()
+        raw = await read_body(request)
         try:
-            body = model.model_validate_json(raw)
+            # A large body takes milliseconds to parse: do it off the loop that streams to others.
+            body = model.model_validate_json(raw) if len(raw) <= INLINE_PARSE_MAX_BYTES else await asyncio.to_thread(model.model_validate_json, raw)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
         self.check_model(getattr(body, "model", None))
         return body
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, as ``request.read()`` reads it (413 past ``client_max_size``), but giving up
+    on a client that sends nothing for ``BODY_IDLE_SECONDS``."""
+    limit = request.client_max_size
+    body = bytearray()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(request.content.readany(), BODY_IDLE_SECONDS)
+        except asyncio.TimeoutError:
+            raise ApiError(
+                408,
+                f"No part of the request body arrived for {BODY_IDLE_SECONDS:g} seconds.",
+                code="request_timeout",
+                headers={"Connection": "close"},
+            ) from None
+        except ConnectionError:
+            # Nobody will read this answer; the status is what /metrics counts (nginx's 499).
+            raise ApiError(499, "The client closed the connection before sending the whole body.", code="client_closed_request") from None
+        if not chunk:
+            return bytes(body)
+        body.extend(chunk)
+        if limit and len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(limit, len(body))
 
 
 def loading_error() -> ApiError:
@@ -75,6 +107,17 @@ def loading_error() -> ApiError:
         code="model_loading",
         headers={"Retry-After": LOADING_RETRY_AFTER_SECONDS},
         extra={"status": "loading"},
+    )
+
+
+def failed_error(reason: str) -> ApiError:
+    """The engine cannot serve any more: health checks and requests get 503 with the reason."""
+    return ApiError(
+        503,
+        f"The inference engine failed and this agent is restarting: {reason}",
+        type="server_error",
+        code="engine_failed",
+        extra={"status": "error", "reason": reason},
     )
 
 

@@ -22,6 +22,7 @@ from dotenv import dotenv_values
 from pydantic import ValidationError
 
 from vramsupply.config import APP_NAME, Settings, env_name, load_settings, write_private_file
+from vramsupply.errors import VramsupplyError
 from vramsupply.service.unit import (
     GPU_GROUPS,
     SERVICE_USER,
@@ -40,7 +41,7 @@ SYSTEM_ENV_FILE = Path("/etc/vramsupply/env")
 SERVICE_HOME = Path("/var/lib") / SERVICE_USER
 
 
-class ServiceError(Exception):
+class ServiceError(VramsupplyError):
     """An install step failed; the message says which and what to do."""
 
 
@@ -245,11 +246,13 @@ def install(target: ServiceTarget, say: Say) -> None:
                 "install system-wide with `sudo sh install.sh` or use --user")
         ensure_service_user(say)
     prepare_writable_dirs(spec, say)
-    write_file(target.unit_path, render_unit(spec), 0o644)
-    say(f"wrote {target.unit_path}")
+    # The env file first: a unit that exists without its settings (an install cut short) would
+    # start the agent with defaults, unconfigured, the next time systemd reloads.
     values = non_default_settings(settings)
     write_file(target.env_file, render_env_file(values), 0o600)
     say(f"wrote {target.env_file} (mode 0600, {len(values)} settings)")
+    write_file(target.unit_path, render_unit(spec), 0o644)
+    say(f"wrote {target.unit_path}")
     if settings.model is None:
         say(f"note: no model configured; set {env_name('model')} in {target.env_file} before starting")
     if target.user_mode:

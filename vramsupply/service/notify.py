@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class SystemdNotifier:
         self.watchdog_interval = watchdog_interval(env) if self._address is not None else None
         self._socket: socket.socket | None = None
         self._warned = False
+        self.healthy: Callable[[], bool] = lambda: True
+        """Asked before every watchdog ping: a failed engine stops the pings, so systemd restarts us."""
 
     @property
     def enabled(self) -> bool:
@@ -86,11 +88,13 @@ class SystemdNotifier:
         self.notify("STOPPING=1", *([f"STATUS={one_line(status)}"] if status else []))
 
     async def run_watchdog(self) -> None:
-        """Ping from the event loop itself, so a hung loop stops pinging and systemd restarts us."""
+        """Ping from the event loop itself while ``healthy()``: a hung loop or a failed engine stops
+        the pings, and systemd restarts us."""
         if self.watchdog_interval is None:
             return
         while True:
-            self.notify("WATCHDOG=1")
+            if self.healthy():
+                self.notify("WATCHDOG=1")
             await asyncio.sleep(self.watchdog_interval)
 
     def start_watchdog(self) -> asyncio.Task[None] | None:

@@ -15,6 +15,7 @@ from vramsupply.config import Settings
 from vramsupply.engine import Engine, EngineError
 from vramsupply.throughput.measure import Speeds, measure
 from vramsupply.throughput.store import Capacity, capacity_for, default_bench_path, read_all, save
+from vramsupply.errors import VramsupplyError
 
 DEFAULT_SECONDS = 30.0
 SETUP_SHARE = 0.2
@@ -33,7 +34,7 @@ def measured_speeds() -> dict[str, tuple[float, int]]:
     return {model: (c.all_slots_tokens_per_second, c.parallel) for model, c in newest.items()}
 
 
-class BenchError(Exception):
+class BenchError(VramsupplyError):
     """The benchmark could not run; one line for the CLI."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from vramsupply.engine import EngineStats
+from vramsupply.errors import VramsupplyError
 from vramsupply.hub import model_id_of
 from vramsupply.logging import register_secret
 from vramsupply.upstream.client import DiscoveredModel, UpstreamClient, UpstreamUnavailable
@@ -30,7 +31,7 @@ from vramsupply.upstream.supervisor import Supervisor
 log = logging.getLogger("vramsupply.upstream")
 
 
-class UpstreamError(Exception):
+class UpstreamError(VramsupplyError):
     """The upstream engine cannot be used as configured; the message says what to change."""
 
 

@@ -169,7 +169,7 @@ def record(state: FrontState, usage: CountedUsage) -> None:
     counters.completion_tokens_total += usage.completion_tokens
     counters.cached_tokens_total += usage.cached_tokens
     counters.usage_sources[usage.source] = counters.usage_sources.get(usage.source, 0) + 1
-    state.metrics.count_usage(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+    # /metrics reads these counters at scrape time (FrontState.stats), as heartbeats do.
 
 
 async def relay_body(reply: aiohttp.ClientResponse, exchange: Exchange) -> web.Response:

@@ -1,0 +1,123 @@
+"""A model download interrupted the hard ways: the agent killed outright, and the disk filling up.
+
+The real agent runs against the fake Hub (tests/fakehub.py), which pauses a file's transfer at a
+chosen offset until the test lets it go on, so the fault strikes mid-download every time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agent_process import AgentProcess
+from fakehub import TINY_MODEL, FakeFile, FakeHub, FakeRepo, standard_repos
+from test_hub_cli import env_for
+
+from vramsupply.hub.store import RepoCache
+
+MIB = 1 << 20
+
+
+PADDED = "Padded-Q4_K_M.gguf"
+
+
+def padded_repo() -> FakeRepo:
+    """A 12.6 MB model whose header is the tiny model's, so the memory plan accepts it before the
+    download; its padding would never load, but these tests stop before loading."""
+    return FakeRepo("bigco/Padded-GGUF", {PADDED: FakeFile(TINY_MODEL.read_bytes() + bytes(12 * MIB))}, ["gguf"])
+
+
+@pytest.fixture
+def hub() -> Iterator[FakeHub]:
+    with FakeHub([*standard_repos(), padded_repo()]) as fake:
+        yield fake
+
+
+def wait_for_size(path: Path, size: int, process: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.stat().st_size >= size):
+        assert process.poll() is None, f"the agent exited early: {process.communicate()}"
+        assert time.monotonic() < deadline, f"{path} never reached {size} bytes"
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_download_then_the_next_start_resumes_verifies_and_serves(hub: FakeHub, tmp_path: Path) -> None:
+    hf_home = tmp_path / "hf-home"
+    env = env_for(hub, hf_home)
+    name = "Widget-7B-Q4_K_M.gguf"
+    model = hub.file("acme/Widget-7B-GGUF", name)
+    partial = RepoCache(hf_home / "hub", "acme/Widget-7B-GGUF").incomplete(model.sha256)
+    go_on = threading.Event()
+    hub.pause_at[name] = (MIB, go_on)
+    args = ("--model", "acme/Widget-7B", "--quant", "Q4_K_M", "--no-register", "--port", "0")
+    try:
+        killed = AgentProcess(*args, env=env)
+        wait_for_size(partial, MIB, killed.process)
+        killed.process.send_signal(signal.SIGKILL)
+        assert killed.wait() == -signal.SIGKILL
+    finally:
+        del hub.pause_at[name]
+        go_on.set()
+    assert partial.stat().st_size == MIB
+
+    with AgentProcess(*args, env=env) as restarted:
+        restarted.wait_ready()
+        assert restarted.stop(signal.SIGTERM) == 0
+    transfers = [r.headers.get("Range") for r in hub.downloads_of(name) if not (r.headers.get("Range") or "").startswith("bytes=0-")]
+    assert transfers == [None, f"bytes={MIB}-"], "one transfer from the start, one resumed where the killed one stopped (header reads of the memory plan aside)"
+    assert not partial.exists() and RepoCache(hf_home / "hub", "acme/Widget-7B-GGUF").blob(model.sha256).exists()
+    assert "Traceback" not in restarted.log
+
+
+def test_a_disk_that_fills_up_mid_download_is_one_clear_error_the_partial_file_kept_nothing_loaded(hub: FakeHub, tmp_path: Path) -> None:
+    """The cache is a 16 MiB tmpfs in a mount namespace of the agent's own (unshare: no root needed
+    outside it); the test fills it through /proc/PID/root once 2 MiB of a 13.8 MB model are down."""
+    hf_home = tmp_path / "hf-home"
+    hf_home.mkdir()
+    name = PADDED
+    model = hub.file("bigco/Padded-GGUF", name)
+    blobs = RepoCache(hf_home / "hub", "bigco/Padded-GGUF").blobs
+    go_on = threading.Event()
+    hub.pause_at[name] = (2 * MIB, go_on)
+    script = (
+        'mount -t tmpfs -o size=16m tmpfs "$HF_HOME" || exit 97\n'
+        f'"{sys.executable}" -m vramsupply serve --model bigco/Padded-GGUF --quant Q4_K_M --no-register --port 0\n'
+        "code=$?\n"
+        f'ls -l "{blobs}" > "{tmp_path / "listing"}"\n'
+        "exit $code\n"
+    )
+    agent = subprocess.Popen(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        env={**os.environ, **env_for(hub, hf_home)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        inside = Path(f"/proc/{agent.pid}/root")
+        wait_for_size(inside / str(blobs / f"{model.sha256}.incomplete").lstrip("/"), 2 * MIB, agent)
+        free = os.statvfs(inside / str(hf_home).lstrip("/"))
+        (inside / str(hf_home / "filler").lstrip("/")).write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 256 * 1024))
+        go_on.set()
+        out, err = agent.communicate(timeout=60)
+    finally:
+        go_on.set()
+        if agent.poll() is None:
+            agent.kill()
+    del hub.pause_at[name]
+
+    assert agent.returncode == 1, (out, err)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: the disk filled up while downloading bigco/Padded-GGUF/{PADDED} (2.")
+    assert "kept in" in last and "run again to resume" in last
+    assert "Traceback" not in err and not re.search(r"\bloading \S+ from ", err) and "ready" not in out
+    listing = (tmp_path / "listing").read_text()
+    assert f"{model.sha256}.incomplete" in listing, "the partial file is kept for the next start to resume"

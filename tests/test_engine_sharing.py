@@ -1,0 +1,92 @@
+"""``n`` > 1 on the real tiny model: the choices decode their shared prompt once and bill it once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import TINY_MODEL
+from vramsupply.engine import Engine, EngineOptions, EngineStats, Generation, GenerationRequest, SamplingParams
+
+GREEDY = SamplingParams(temperature=0)
+PROMPT = "Lily and Tom went to the park. They saw a big dog and a small cat playing in the sun"
+
+
+@pytest.fixture
+def engine() -> Iterator[Engine]:
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=4, max_queue=8)) as loaded:
+        yield loaded
+
+
+def submit_choices(engine: Engine, prompt: list[int], n: int, **request: object) -> list[Generation]:
+    first = engine.submit(GenerationRequest(prompt, **request))  # type: ignore[arg-type]
+    return [first, *(engine.submit(GenerationRequest(prompt, **request), shares_prompt_with=first) for _ in range(n - 1))]  # type: ignore[arg-type]
+
+
+def grew(before: EngineStats, after: EngineStats) -> tuple[int, int, int]:
+    return (
+        after.prompt_tokens_total - before.prompt_tokens_total,
+        after.prefill_tokens_total - before.prefill_tokens_total,
+        after.completion_tokens_total - before.completion_tokens_total,
+    )
+
+
+async def test_four_choices_prefill_the_prompt_once_and_copy_its_kv(engine: Engine) -> None:
+    prompt = engine.tokenize(PROMPT)
+    alone = engine.submit(GenerationRequest(list(reversed(prompt[1:])), sampling=GREEDY, max_tokens=1))  # warm a different slot's KV
+    await alone.collect()
+    before = engine.stats()
+
+    choices = submit_choices(engine, prompt, 4, sampling=GREEDY, max_tokens=12, ignore_eos=True)
+    texts = await asyncio.gather(*(choice.collect() for choice in choices))
+
+    assert grew(before, engine.stats()) == (len(prompt), len(prompt) + 3, 4 * 12)
+    single = engine.submit(GenerationRequest(prompt, sampling=GREEDY, max_tokens=12, ignore_eos=True))
+    assert texts == [await single.collect()] * 4, "the copied KV decodes exactly like a prompt of its own"
+    assert [choice.usage.prompt_tokens for choice in choices if choice.usage] == [len(prompt)] * 4
+
+
+async def test_choices_with_different_seeds_still_share_the_prompt_and_differ(engine: Engine) -> None:
+    prompt = engine.tokenize(PROMPT)
+    before = engine.stats()
+    first = engine.submit(GenerationRequest(prompt, sampling=SamplingParams(temperature=1.0, seed=1), max_tokens=16, ignore_eos=True))
+    others = [
+        engine.submit(GenerationRequest(prompt, sampling=SamplingParams(temperature=1.0, seed=seed), max_tokens=16, ignore_eos=True), shares_prompt_with=first)
+        for seed in (2, 3)
+    ]
+    texts = await asyncio.gather(*(g.collect() for g in (first, *others)))
+
+    prompt_grew, prefilled, _ = grew(before, engine.stats())
+    assert prompt_grew == len(prompt) and prefilled <= len(prompt) + 2
+    assert len(set(texts)) > 1
+
+
+async def test_a_choice_whose_sibling_is_cancelled_prefills_on_its_own(engine: Engine) -> None:
+    prompt = engine.tokenize(PROMPT)
+    first, second = submit_choices(engine, prompt, 2, sampling=GREEDY, max_tokens=8, ignore_eos=True)
+    first.cancel()
+    text = await second.collect()
+
+    assert second.finish_reason == "length" and text
+    single = engine.submit(GenerationRequest(prompt, sampling=GREEDY, max_tokens=8, ignore_eos=True))
+    assert text == await single.collect()
+
+
+async def test_more_choices_than_slots_queue_and_all_finish(engine: Engine) -> None:
+    prompt = engine.tokenize(PROMPT)
+    before = engine.stats()
+    choices = submit_choices(engine, prompt, 6, sampling=GREEDY, max_tokens=4, ignore_eos=True)
+    texts = await asyncio.gather(*(choice.collect() for choice in choices))
+
+    assert len(set(texts)) == 1 and all(c.finish_reason == "length" for c in choices)
+    assert grew(before, engine.stats())[0] == len(prompt) and grew(before, engine.stats())[2] == 24
+
+
+async def test_a_choice_must_share_the_same_prompt(engine: Engine) -> None:
+    prompt = engine.tokenize(PROMPT)
+    first = engine.submit(GenerationRequest(prompt, max_tokens=2))
+    with pytest.raises(ValueError, match="same prompt"):
+        engine.submit(GenerationRequest(prompt[:-1], max_tokens=2), shares_prompt_with=first)
+    await first.collect()

@@ -1,0 +1,70 @@
+"""Every error a user of vramsupply can meet, under one root, each carrying its CLI exit code.
+
+Why one tree: the command line has exactly one place that turns an error into what a person sees
+(``cli.main``: one readable line on stderr, then ``exit_code``). Commands stay thin and never catch
+errors themselves; a module raises the most specific class below and its message is the whole
+story, written for the person at the terminal (or in the journal).
+
+The tree, with where each class lives (each concern's base is defined next to its code, so a
+module never imports another concern to raise its own errors)::
+
+    VramsupplyError                      exit 1  errors.py
+    ├── ConfigError                      exit 2  errors.py: a setting, or a combination of
+    │   │                                        settings, is invalid; names it and its source
+    │   └── OfferError                   exit 2  platform/offer.py: what would be offered to the
+    │                                            market is invalid (endpoint URL, context)
+    ├── HubError                         exit 1  hub/errors.py: the model cannot be made local
+    │   ├── InvalidModelSpec, ModelNotFound, QuantNotFound, HubAuthError,
+    │   │   HubUnreachable, HubOffline, InsufficientDiskSpace
+    │   └── DownloadError
+    │       └── ChecksumMismatch
+    ├── PlatformError                    exit 1  platform/client.py: the platform said no, or
+    │   │                                        cannot be reached
+    │   ├── ApiKeyRejected, RequestRejected, UnknownProvider, PlatformUnavailable
+    ├── EngineError                      exit 1  engine/types.py: llama.cpp or the scheduler
+    │   ├── Overloaded, EngineClosed, ContextOverflow   (per request: the HTTP API maps them)
+    │   └── EngineFailed                           the engine died or stalled while serving
+    ├── PlanRefused                      exit 1  gpu/planning.py: the model does not fit the memory
+    ├── SourceError                      exit 1  gpu/source.py: the model cannot be read to plan
+    │   └── SourceUnreachable
+    ├── UpstreamError                    exit 1  upstream/backend.py: vLLM, SGLang or the upstream
+    │                                            server cannot be used as configured
+    ├── ServeError                       exit 1  serve/options.py: serving cannot start (a tunnel)
+    ├── BenchError                       exit 1  throughput/: `vramsupply bench` cannot measure
+    ├── LedgerError                      exit 1  ledger/store.py: the earnings ledger cannot be read
+    ├── ServiceError                     exit 1  service/installer.py: systemd unit handling
+    ├── ListenError                      exit 1  errors.py: a server cannot listen on its address
+    ├── DemoError                        exit 1  devplatform/demo.py: `serve --demo` failed
+    └── Interrupted                      exit 130 errors.py: stopped by a signal before it could
+                                                 finish cleanly
+
+Errors a request makes on the HTTP API are not here: they are answered as OpenAI error JSON by
+``server/errors.py`` and never end the process.
+"""
+
+from __future__ import annotations
+
+
+class VramsupplyError(Exception):
+    """Root of every user-facing error. ``str(error)`` is one line that says what to do."""
+
+    exit_code: int = 1
+
+
+class ConfigError(VramsupplyError):
+    """A setting (or two settings together) is invalid; the message names them and their source."""
+
+    exit_code = 2
+
+
+class ListenError(VramsupplyError):
+    """``serve`` or ``devplatform`` cannot listen on its host and port (in use, no permission)."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        super().__init__(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+class Interrupted(VramsupplyError):
+    """Ctrl-C or SIGTERM ended a command before it could finish or drain (128 + SIGINT)."""
+
+    exit_code = 130

@@ -1,0 +1,111 @@
+"""Ctrl-C and SIGTERM for the long-running commands (`serve`, `devplatform`).
+
+Why not Python's default ``KeyboardInterrupt``: it is raised wherever the main thread happens to
+be, including inside a ``finally`` that is releasing a port or deregistering, and asyncio.run's own
+SIGINT handler is installed without a wakeup fd, so a signal delivered to one of the process's
+other threads (a download, the engine, an executor) is only noticed when the event loop next wakes
+up on its own. ``StopSignals`` uses ``loop.add_signal_handler``, which wakes the loop at once from
+any thread, and turns the first signal into a graceful stop request and a second one into
+"stop now" (the main task is cancelled).
+
+``in_daemon_thread`` runs blocking work that cannot be interrupted (a model download, llama.cpp
+loading a model) where a "stop now" does not have to wait for it: asyncio's default executor would
+make the process wait for the thread at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class StopSignals:
+    """SIGINT/SIGTERM: the first asks for a graceful stop; a second cancels the task and stops now."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+
+    def __enter__(self) -> StopSignals:
+        for sig in self.SIGNALS:
+            self._loop.add_signal_handler(sig, self._received, sig)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig in self.SIGNALS:
+            self._loop.remove_signal_handler(sig)
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+    def _received(self, sig: signal.Signals) -> None:
+        if not self.event.is_set():
+            log.info("%s received: finishing in-flight requests (again to stop at once)", sig.name)
+            self.event.set()
+        elif self._task is not None:
+            log.warning("%s received again: stopping without waiting", sig.name)
+            self._task.cancel()
+
+    async def until(self, work: asyncio.Future[T]) -> T | None:
+        """``work``'s result, or None as soon as a stop is requested first (``work`` runs on)."""
+        stopped = asyncio.ensure_future(self.event.wait())
+        try:
+            done, _ = await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if work in done:
+            return work.result()
+        work.add_done_callback(_forget)
+        return None
+
+
+def _forget(future: asyncio.Future[object]) -> None:
+    """Nobody waits for this any more: retrieve its outcome so asyncio does not log it."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def wait_for_stop(stop: StopSignals, seconds: float) -> bool:
+    """Sleep up to ``seconds``; True as soon as a stop was requested."""
+    try:
+        await asyncio.wait_for(stop.event.wait(), seconds)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
+def in_daemon_thread(function: Callable[..., T], *args: object, **kwargs: object) -> asyncio.Future[T]:
+    """Run blocking ``function`` in a daemon thread; the future has its result or exception."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(setter: Callable[[object], None], value: object) -> None:
+        if not future.done():
+            setter(value)
+
+    def run() -> None:
+        try:
+            result = function(*args, **kwargs)
+        except BaseException as exc:  # handed to the awaiting task, whatever it is
+            outcome: tuple[Callable[[object], None], object] = (future.set_exception, exc)
+        else:
+            outcome = (future.set_result, result)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:
+            pass  # the loop is gone: nobody is waiting for this any more
+
+    threading.Thread(target=run, name=f"vramsupply-{getattr(function, '__name__', 'work')}", daemon=True).start()
+    return future
