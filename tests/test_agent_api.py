@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from openai import AsyncOpenAI, OpenAI
+from openai import AsyncOpenAI, BadRequestError, OpenAI
 
 from live_server import MODEL_ID, LiveServer
 from vramsupply.engine import ChatRequest
@@ -314,3 +314,13 @@ def test_auto_call_the_model_starts_is_held_to_the_schema(chat_models: dict[str,
                 assert call.function.name == "get_time" and arguments["tz"] in ("UTC", "CET")
         text = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=TOOLS, seed=1, max_tokens=12)
     assert text.choices[0].message.tool_calls is None and text.choices[0].message.content
+
+
+def test_a_schema_that_cannot_force_a_call_is_a_400_and_auto_still_answers(qwen: LiveServer) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "wizard"}}}}}]
+    with sdk(qwen) as client:
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tools, tool_choice="required", max_tokens=5)
+        answered = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tools, max_tokens=5, extra_body=NO_THINKING)
+    assert refused.value.body["param"] == "tools"
+    assert answered.choices[0].finish_reason in ("stop", "length")

@@ -97,6 +97,12 @@ def test_mistral_keeps_the_models_call_ids_and_makes_nine_character_ones() -> No
     assert len(made.id) == 9 and made.id.isalnum()
 
 
+def test_python_tag_text_that_is_not_a_builtin_call_is_code_for_the_python_tool() -> None:
+    """Llama 3 writes code-interpreter input raw after ``<|python_tag|>``, even code that does not parse."""
+    code = "f.call(x=" + "[" * 1000 + "]" * 1000 + ")"
+    assert calls(both_ways("<|python_tag|>" + code, "llama3")) == [("python", {"code": code})]
+
+
 def test_llama3_python_tag_builtin_tool_and_code() -> None:
     out = both_ways('<|python_tag|>brave_search.call(query="weather in Paris")', "llama3")
     assert calls(out) == [("brave_search", {"query": "weather in Paris"})]
@@ -121,6 +127,11 @@ MALFORMED = [
     ("deepseek", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{bad}\n```<｜tool▁call▁end｜>"),
     ("granite", "<|tool_call|>[{]"),
     ("functionary", '<function=get_weather>{"city": "Paris"}'),
+]
+
+
+MALFORMED += [
+    ("hermes", "<tool_call>\n" + "[" * 100_000 + "\n</tool_call>"),  # deeper than json can recurse
 ]
 
 

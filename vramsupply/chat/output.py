@@ -162,7 +162,10 @@ class OutputParser:
     def _tool_pieces(self, section: str) -> list[Piece]:
         assert self._syntax is not None
         pieces: list[Piece] = []
-        parsed = self._syntax.parse(section, self._schemas)
+        try:
+            parsed = self._syntax.parse(section, self._schemas)
+        except (RecursionError, MemoryError, ValueError, TypeError):  # e.g. JSON nested 10k deep
+            parsed = None
         if parsed is None:
             self._emit(pieces, "content", section)
             return pieces

@@ -166,7 +166,7 @@ def _python_call(code: str) -> ToolCall | None:
     ):
         try:
             arguments = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
-        except ValueError:
+        except (ValueError, TypeError, SyntaxError, RecursionError):
             return None
         return ToolCall.of(call.func.value.id, arguments)
     return ToolCall.of("python", {"code": code.strip()})

@@ -84,11 +84,13 @@ def prepare_chat(
     grammar, triggers = None, ()
     if use_tools and choice == "auto":
         triggers = trigger_patterns(fmt.syntax, fmt.reasoning, in_reasoning)
-        if triggers:
-            grammar = forced_call_grammar(fmt.syntax, functions, request.parallel_tool_calls)
+        # A schema the grammar cannot express only loses the lazy check: calls are still parsed.
+        grammar = _call_grammar(fmt, functions, request.parallel_tool_calls, None, required=False) if triggers else None
+        triggers = triggers if grammar is not None else ()
     elif use_tools:
         forced = functions if choice == "required" else [f for f in functions if f["name"] == named]
-        grammar = forced_call_grammar(fmt.syntax, forced, request.parallel_tool_calls and choice == "required", fmt.reasoning if in_reasoning else None)
+        parallel = request.parallel_tool_calls and choice == "required"
+        grammar = _call_grammar(fmt, forced, parallel, fmt.reasoning if in_reasoning else None, required=True)
     return ChatPrompt(
         tokens=tokenize(prompt),
         stop=template.stop,
@@ -101,6 +103,18 @@ def prepare_chat(
         schemas={f["name"]: f.get("parameters") or {} for f in functions},
         parallel_tool_calls=request.parallel_tool_calls,
     )
+
+
+def _call_grammar(
+    fmt: ChatFormat, functions: list[dict[str, Any]], parallel: bool, thought: ReasoningMarkers | None, *, required: bool
+) -> str | None:
+    """The call grammar, or for a forced call a ``tools`` error when a schema cannot become one."""
+    try:
+        return forced_call_grammar(fmt.syntax, functions, parallel, thought)
+    except Exception as exc:  # the converter raises bare Exceptions, KeyErrors and AssertionErrors
+        if required:
+            raise ChatRequestError("tools", f"a tool's parameters cannot be turned into a grammar to force the call ({exc})") from None
+        return None
 
 
 def _markers(fmt: ChatFormat, use_tools: bool) -> tuple[str, ...]:
