@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -98,3 +99,27 @@ def test_the_tunnels_url_is_registered_and_its_death_restarts_it_and_registers_t
         with pytest.raises(ProcessLookupError):  # the agent took its tunnel down with it
             os.kill(int(second["pid"]), 0)
     assert "Traceback" not in agent.log
+
+
+def test_a_killed_agent_takes_its_tunnel_down_with_it(cloudflared: Path) -> None:
+    with AgentProcess("--model", str(TINY_MODEL), "--port", "0", "--no-register", "--tunnel", "cloudflared") as agent:
+        agent.wait_for(lambda: agent.printed("public URL (cloudflared tunnel): https://double-run-1-"), "the tunnel's URL")
+        [run] = starts(cloudflared)
+        agent.process.send_signal(signal.SIGKILL)
+        agent.wait()
+    deadline = time.monotonic() + 10
+    while alive(int(run["pid"])):
+        assert time.monotonic() < deadline, "cloudflared outlived the SIGKILLed agent"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:  # a zombie has exited; only its parent has not reaped it yet
+            return fh.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False

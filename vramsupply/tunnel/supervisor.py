@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from vramsupply.children import die_with_parent
 from vramsupply.tunnel.tools import TunnelTool
 
 log = logging.getLogger("vramsupply.tunnel")
@@ -74,7 +75,11 @@ class TunnelSupervisor:
     async def _run_once(self) -> int | None:
         try:
             self._process = await asyncio.create_subprocess_exec(
-                *self.command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+                *self.command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                preexec_fn=die_with_parent,  # a killed agent takes its tunnel down with it
             )
         except OSError as exc:
             log.warning("cannot start %s: %s", self.command[0], exc.strerror or exc)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 
+from vramsupply.children import die_with_parent
 from vramsupply.platform.backoff import Backoff
 from vramsupply.upstream.client import UpstreamUnavailable
 from vramsupply.upstream.front import FrontState
@@ -30,20 +29,8 @@ from vramsupply.upstream.monitor import CHECK_INTERVAL_SECONDS, check_upstream, 
 
 log = logging.getLogger("vramsupply.upstream")
 
-PR_SET_PDEATHSIG = 1
 RESTART_BACKOFF = Backoff(initial=2.0, cap=60.0)
 READY_POLL_SECONDS = 1.0
-
-
-def die_with_parent() -> None:
-    """In the child, before exec: SIGTERM it if the agent dies without stopping it (SIGKILL, OOM).
-
-    Otherwise a restarted agent would launch a second engine beside the orphan, which still holds
-    the GPU memory. Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere the orphan outlives us.
-    """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EngineProcess:
