@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vramsupply.errors import VramsupplyError
 
-class TunnelError(Exception):
+
+class TunnelError(VramsupplyError):
     """`serve --tunnel` cannot start the tunnel tool; the message says how to fix it."""
