@@ -136,3 +136,51 @@ async def test_the_whole_suite_answered_no_5xx(server: LiveServer, http: aiohttp
     answered = {labels: value for (name, labels), value in samples.items() if name == "vramsupply_requests_total"}
     assert answered, "the suite ran against this server"
     assert [labels for labels, value in answered.items() if dict(labels)["status"].startswith("5") and value] == []
+
+
+def rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status").read().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def cut_streams(url: str, count: int) -> None:
+    """``count`` streams, 8 at a time, each abandoned by its buyer after 3 chunks."""
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    semaphore = asyncio.Semaphore(8)
+
+    async def one(http: aiohttp.ClientSession) -> None:
+        async with semaphore, http.post(url + TEXT, json=body) as response:
+            seen = 0
+            async for line in response.content:
+                seen += line.startswith(b"data: {")
+                if seen >= 3:
+                    return
+
+    async with aiohttp.ClientSession() as http:
+        await asyncio.gather(*(one(http) for _ in range(count)))
+
+
+async def test_streams_cut_mid_way_leave_every_slot_idle_and_memory_flat() -> None:
+    """40 here to keep the suite fast; the soak (bench/soak.py) cuts 1,000."""
+    from agent_process import AgentProcess
+    from conftest import TINY_MODEL
+
+    with AgentProcess("--model", str(TINY_MODEL), "--no-register", "--port", "0", "--parallel", "8") as agent:
+        agent.wait_ready()
+        url = agent.base_url.removesuffix("/v1")
+        await cut_streams(url, 10)  # warm up: allocator pools, caches
+        before = rss_bytes(agent.process.pid)
+        await cut_streams(url, 40)
+        cut_at = asyncio.get_running_loop().time()
+        async with aiohttp.ClientSession() as http:
+            while True:
+                async with http.get(url + "/health") as response:
+                    health = await response.json()
+                if health["slots_busy"] == 0 and health["queue"] == 0:
+                    break
+                assert asyncio.get_running_loop().time() - cut_at < 5, f"slots still busy 5 s after the last buyer left: {health}"
+                await asyncio.sleep(0.05)
+        after = rss_bytes(agent.process.pid)
+    assert (after - before) / before < 0.05, f"RSS grew from {before:,} to {after:,} bytes"

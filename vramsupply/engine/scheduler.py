@@ -6,8 +6,9 @@ Modelled on llama-server's ``update_slots``. Each step:
    into idle slots, the lowest sequence ids first unless a slot's cached prefix covers most of
    the prompt;
 2. build ONE batch: the next token of every generating slot first (so generation never starves),
-   then prompt chunks of slots still prefilling, up to ``n_batch`` rows, written in sequence-id
-   order so llama.cpp can decode them in as few forward passes as possible;
+   then prompt chunks of slots still prefilling, up to ``n_batch`` rows (fewer while others
+   generate: ``pacing.py``), written in sequence-id order so llama.cpp can decode them in as few
+   forward passes as possible;
 3. call ``llama_decode`` once (it releases the GIL), sample every slot that has a logits row with
    its own sampler chain, and turn tokens into text deltas;
 4. hand the step's events to each consumer event loop with a single ``call_soon_threadsafe``.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 from itertools import count
@@ -31,6 +33,7 @@ from llama_cpp._internals import LlamaContext
 from . import backend_sampling
 from .batch import Batch
 from .liveness import DEFAULT_STALL_TIMEOUT, Liveness
+from .pacing import PrefillPacer
 from .generation import Event, Finish, deliver
 from .logprobs import TokenLogprob, token_logprob
 from .model import Model
@@ -101,6 +104,7 @@ class Scheduler:
         self._draft_tokens_total = 0
         self._draft_accepted_total = 0
         self._liveness = Liveness(stall_timeout)
+        self._pacer = PrefillPacer()
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -261,7 +265,7 @@ class Scheduler:
         """What each slot puts in the batch: generating slots one token (``None``) first, so
         generation never starves, then prompt chunks, oldest request first, in the room left."""
         plan: list[tuple[Slot, np.ndarray | None]] = [(slot, None) for slot in self._slots if slot.generating]
-        room = self._batch.capacity - len(plan)
+        room = self._pacer.budget(self._batch.capacity - len(plan), generating=bool(plan))
         for slot in sorted((s for s in self._slots if s.prefilling), key=lambda s: s.started):
             if room == 0:
                 break
@@ -296,9 +300,11 @@ class Scheduler:
 
     def _step(self) -> None:
         plan = self._plan_step()
+        prefill = sum(len(chunk) for _, chunk in plan if chunk is not None)
         with self._lock:
-            self._prefill_tokens_total += sum(len(chunk) for _, chunk in plan if chunk is not None)
+            self._prefill_tokens_total += prefill
         in_batch = self._fill_batch(plan)
+        started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, self._batch.for_decode())
         if status != 0:
             self._decode_failed(in_batch, status)
@@ -307,6 +313,7 @@ class Scheduler:
         for slot in in_batch:
             if slot.row >= 0:
                 generated += self._sample(slot)
+        self._pacer.observe(prefill, time.perf_counter() - started)
         if generated:
             with self._lock:
                 self._completion_tokens_total += generated

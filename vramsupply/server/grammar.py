@@ -29,9 +29,10 @@ MAX_SCHEMA_DEPTH = 16
 MAX_ALTERNATIVES = 128
 """Values of one ``enum`` and branches of one ``anyOf``/``oneOf``: each is a grammar alternative
 that is tried against every candidate token."""
-MAX_REPETITION = 64
+MAX_REPETITION = 1000
 """Bounds on lengths and counts (``maxItems``, ``minLength``, regex ``{n,m}``...): the converter
-spells out each repetition, so ``maxItems: 1000000`` would build a grammar of a million rules."""
+spells out each repetition, so ``maxItems: 1000000`` would build a grammar of a million rules
+before its size could be checked."""
 MAX_GRAMMAR_BYTES = 32 * 1024
 """The GBNF text handed to llama.cpp."""
 
