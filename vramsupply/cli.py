@@ -352,6 +352,20 @@ def models_rm(
 
 
 @app.command()
+def doctor(as_json: bool = JSON_OPTION) -> None:
+    """Check this machine for serving: GPU build, driver, a 1-token decode, memory, disk, port, platform, key, endpoint, clock."""
+    from vramsupply.gpu.doctor import doctor_text, run_checks
+
+    results = run_checks(settings_from({}))
+    if as_json:
+        typer.echo(json.dumps({"checks": [r.as_json() for r in results]}, indent=2))
+    else:
+        for line in doctor_text(results):
+            console.print(line, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if all(r.ok for r in results) else 1)
+
+
+@app.command()
 def plan(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A local .gguf path or org/model on HuggingFace (default: the model setting)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Plan for this quant only (default: choose the best that fits)."),
@@ -387,6 +401,12 @@ def serve(
     n_ubatch: Optional[int] = typer.Option(None, "--n-ubatch", help="Physical micro-batch size (default 512)."),
     flash_attention: Optional[str] = typer.Option(None, "--flash-attention", help="auto, on or off (default auto)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for decoding and prompts (default: physical cores to decode, all CPUs for prompts)."),
+    cache_type_k: Optional[str] = typer.Option(None, "--cache-type-k", help="KV cache type for keys: f16, q8_0 or q4_0."),
+    cache_type_v: Optional[str] = typer.Option(None, "--cache-type-v", help="KV cache type for values: f16, q8_0 or q4_0 (quantized needs flash attention)."),
+    split_mode: Optional[str] = typer.Option(None, "--split-mode", help="Split across GPUs by layer, row, or none."),
+    main_gpu: Optional[int] = typer.Option(None, "--main-gpu", help="The GPU for the whole model with --split-mode none."),
+    tensor_split: Optional[str] = typer.Option(None, "--tensor-split", help="Share of the model per GPU, e.g. 3,1."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="GPUs to use, e.g. CUDA0,CUDA1 (vramsupply doctor lists them)."),
     max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests that may wait for a slot before new ones get 429."),
     stall_timeout: Optional[float] = typer.Option(None, "--stall-timeout", help="Seconds a decode step may run while requests wait before the engine counts as failed (default 600)."),
     cache_ram: Optional[int] = typer.Option(None, "--cache-ram", help="MiB of RAM for the prompt cache (default: 1/4 of free RAM, at most 8192; 0: off)."),

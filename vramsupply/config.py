@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     cache_ram: int | None = Field(None, ge=0, description="MiB of host RAM keeping idle conversations' KV for reuse (default: a quarter of free RAM, at most 8192; 0: off)")
     draft_max: int | None = Field(None, ge=0, description="Tokens prompt-lookup speculative decoding may draft per step for a request decoding alone (default: 8 on a GPU, 0 (off) on a CPU)")
     backend_sampling: bool = Field(False, description="Sample on the device inside llama.cpp's graph so logits never cross to the host (for GPUs; requests with penalties, grammars, logit_bias or logprobs sample on the host)")
+    cache_type_k: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache type for keys: f16, q8_0 or q4_0 (about 1/2 or 1/4 of the f16 memory)")
+    cache_type_v: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache type for values: f16, q8_0 or q4_0 (a quantized V cache needs flash attention)")
+    split_mode: Literal["layer", "row", "none"] = Field("layer", description="How to split the model across GPUs: layer, row or none (all on main_gpu)")
+    main_gpu: int = Field(0, ge=0, description="The GPU that holds the whole model with split_mode none")
+    tensor_split: Annotated[list[float] | None, NoDecode] = Field(None, description="Share of the model per GPU, comma-separated (e.g. 3,1); default: by free memory")
+    devices: Annotated[list[str] | None, NoDecode] = Field(None, description="GPUs to use, comma-separated ggml device names (e.g. CUDA0,CUDA1); default: all")
 
     # Other engines (see upstream/): vLLM or SGLang launched by the agent, or a running server
     engine: EngineKind = Field(EngineKind.llama_cpp, description="Engine: llama.cpp (in-process), vllm or sglang (launched and supervised), or upstream (a running OpenAI-compatible server)")
@@ -134,6 +140,11 @@ class Settings(BaseSettings):
     @classmethod
     def _split_publishers(cls, value: Any) -> Any:
         return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
+
+    @field_validator("tensor_split", "devices", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        return [item.strip() for item in value.split(",") if item.strip()] or None if isinstance(value, str) else value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -261,5 +272,5 @@ def display_value(settings: Settings, field: str) -> str:
     if isinstance(value, Enum):
         return str(value.value)
     if isinstance(value, list):
-        return ",".join(value)
+        return ",".join(f"{item:g}" if isinstance(item, float) else str(item) for item in value)
     return str(value)

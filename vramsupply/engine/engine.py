@@ -55,7 +55,7 @@ class Engine:
     @classmethod
     def load(cls, options: EngineOptions) -> Engine:
         """Load the GGUF and start the scheduler thread. Blocking: call via ``asyncio.to_thread``."""
-        model = Model.load(options.model_path, options.n_gpu_layers)
+        model = Model.load(options.model_path, options.n_gpu_layers, options.gpu)
         options = fit_to_training_context(options, model)
         try:
             context = create_context(model, options)
@@ -89,6 +89,15 @@ class Engine:
     @property
     def parallel(self) -> int:
         return self.options.parallel
+
+    @property
+    def n_layer(self) -> int:
+        return llama_cpp.llama_model_n_layer(self._model.llama_model.model)
+
+    @property
+    def threads(self) -> tuple[int, int]:
+        """(decode, prompt) threads of the context."""
+        return llama_cpp.llama_n_threads(self._context.ctx), llama_cpp.llama_n_threads_batch(self._context.ctx)
 
     @property
     def chat_template_is_fallback(self) -> bool:

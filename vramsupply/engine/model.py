@@ -14,6 +14,8 @@ from pathlib import Path
 import llama_cpp
 from llama_cpp._internals import LlamaContext, LlamaModel
 
+from vramsupply.gpu.options import GpuOptionError, GpuOptions
+
 from .threads import resolve_threads
 from .types import EngineError, EngineOptions
 
@@ -66,7 +68,7 @@ class Model:
         self._special_pieces: dict[int, bytes] = {}
 
     @classmethod
-    def load(cls, path: Path, n_gpu_layers: int) -> Model:
+    def load(cls, path: Path, n_gpu_layers: int, gpu: GpuOptions | None = None) -> Model:
         if not path.is_file():
             raise EngineError(f"model file not found: {path}")
         route_llama_logs()
@@ -74,9 +76,14 @@ class Model:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = resolve_gpu_layers(n_gpu_layers)
         try:
+            placement_arrays = (gpu or GpuOptions()).apply_to_model(params)  # must outlive the load
+        except GpuOptionError as exc:
+            raise EngineError(str(exc)) from None
+        try:
             llama_model = LlamaModel(path_model=str(path), params=params, verbose=False)
         except ValueError:
             raise EngineError(f"llama.cpp could not load {path} (not a GGUF model it supports?)") from None
+        del placement_arrays
         return cls(llama_model, path)
 
     def close(self) -> None:
@@ -159,7 +166,8 @@ def create_context(model: Model, options: EngineOptions) -> LlamaContext:
     params.kv_unified = False
     params.n_batch = options.n_batch
     params.n_ubatch = min(options.n_ubatch, options.n_batch)
-    params.flash_attn_type = _FLASH_ATTENTION[options.flash_attention_mode]
+    params.flash_attn_type = _FLASH_ATTENTION[options.gpu.flash_attention(options.flash_attention_mode)]
+    options.gpu.apply_to_context(params)
     threads = resolve_threads(options.threads)
     params.n_threads = threads.decode
     params.n_threads_batch = threads.batch

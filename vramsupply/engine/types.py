@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vramsupply.errors import VramsupplyError
+from vramsupply.gpu.options import GpuOptions
 
 from .liveness import DEFAULT_STALL_TIMEOUT
 
@@ -82,6 +83,7 @@ class EngineOptions:
     draft_max: int | None = None
     backend_sampling: bool = False
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    gpu: GpuOptions = field(default_factory=GpuOptions)
 
     def __post_init__(self) -> None:
         _require(self.n_ctx >= 2, f"n_ctx must be at least 2, got {self.n_ctx}")
@@ -103,6 +105,7 @@ class EngineOptions:
         _require(self.cache_ram is None or self.cache_ram >= 0, f"cache_ram must be 0 (off) or more MiB, got {self.cache_ram}")
         _require(self.draft_max is None or self.draft_max >= 0, f"draft_max must be 0 (off) or more, got {self.draft_max}")
         _require(_finite(self.stall_timeout) and self.stall_timeout > 0, f"stall_timeout must be more than 0 seconds, got {self.stall_timeout}")
+        self.gpu.flash_attention(self.flash_attention_mode)  # a quantized V cache refuses flash attention off
 
     @property
     def flash_attention_mode(self) -> str:

@@ -96,6 +96,17 @@ def _with_available_ram(device: Device) -> Device:
     return device
 
 
+def device_handles() -> dict[str, int]:
+    """ggml device name -> handle (ggml_backend_dev_t), for `--devices`."""
+    llama_cpp.llama_backend_init()
+    base, reg = _ggml()
+    handles = {}
+    for index in range(reg.ggml_backend_dev_count()):
+        handle = reg.ggml_backend_dev_get(index)
+        handles[(base.ggml_backend_dev_name(handle) or b"?").decode(errors="replace")] = handle
+    return handles
+
+
 def gpu_devices(devices: list[Device]) -> list[Device]:
     return [d for d in devices if d.is_gpu]
 
@@ -118,6 +129,10 @@ class PresentGpu:
 
     vendor: str
     name: str
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name.upper().startswith(self.vendor) else f"{self.vendor} {self.name}"
 
 
 def gpus_present(timeout: float = 10.0) -> list[PresentGpu]:

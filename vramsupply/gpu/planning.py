@@ -17,6 +17,7 @@ from vramsupply.config import Settings as AgentSettings
 from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.devices import Device, build_has_gpu_backend, list_devices
 from vramsupply.gpu.estimate import Settings
+from vramsupply.gpu.options import GpuOptionError, GpuOptions
 from vramsupply.gpu.plan import Plan, Target, gib, make_plan, refusal, target_for
 from vramsupply.gpu.source import ModelSource, SourceError, SourceUnreachable, model_source
 from vramsupply.hub.access import HubAccess
@@ -36,16 +37,24 @@ def estimate_settings(settings: AgentSettings) -> Settings:
     return Settings(
         context_length=settings.context_length,
         parallel=settings.parallel,
-        cache_type_k=getattr(settings, "cache_type_k", "f16"),
-        cache_type_v=getattr(settings, "cache_type_v", "f16"),
-        flash_attention=settings.flash_attention.value != "off",
+        cache_type_k=settings.cache_type_k,
+        cache_type_v=settings.cache_type_v,
+        flash_attention=settings.flash_attention.value != "off" or settings.cache_type_v != "f16",
         n_batch=settings.n_batch,
         n_ubatch=settings.n_ubatch,
     )
 
 
 def planning_target(settings: AgentSettings, devices: list[Device] | None = None) -> Target:
+    """The memory to plan against: the GPUs in use (`devices` narrows them) or host RAM."""
     devices = list_devices() if devices is None else devices
+    if settings.devices:
+        names = {d.name.lower() for d in devices}
+        for wanted in settings.devices:
+            if wanted.lower() not in names:
+                raise SourceError(f"no device {wanted!r} in this llama.cpp build; it has: {', '.join(d.name for d in devices)} (vramsupply doctor lists them)")
+        chosen = {name.lower() for name in settings.devices}
+        devices = [d for d in devices if not d.is_gpu or d.name.lower() in chosen]
     return target_for(devices, gpu_offload=settings.n_gpu_layers != 0 and build_has_gpu_backend())
 
 
@@ -60,9 +69,16 @@ def plan_for(settings: AgentSettings, *, quant_explicit: bool, context_explicit:
     """The plan `serve` would follow. A local file is its own single candidate."""
     quant = normalize_quant(settings.quant) if quant_explicit else None
     source = source_for(settings, quant)
+    try:
+        cache = GpuOptions(cache_type_k=settings.cache_type_k, cache_type_v=settings.cache_type_v)
+        cache.flash_attention(settings.flash_attention.value)
+        cache.check_head_size(source.shape.head_dim_k, source.shape.head_dim_v)
+    except GpuOptionError as exc:
+        raise SourceError(str(exc)) from None
+    target = target or planning_target(settings)
     return make_plan(
         source,
-        target or planning_target(settings),
+        target,
         estimate_settings(settings),
         quant=None if source.local_path else quant,
         context_fixed=context_explicit,

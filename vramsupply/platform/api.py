@@ -78,6 +78,7 @@ class RegisterRequest(_Body):
     agent_version: StrictStr | None = None
     endpoint_token: StrictStr | None = Field(None, description="Bearer token the platform sends on requests it routes to us")
     capacity: Capacity | None = None
+    hardware: dict[str, Any] | None = Field(None, description="Where the model runs: backend, devices, layers on the GPU, threads, warnings")
 
     @field_validator("endpoint_url", "context_length_offered")
     @classmethod

@@ -156,6 +156,12 @@ def status_table(status: AgentStatus) -> Table:
         for key in ("model", "slots_busy", "slots_idle", "queue"):
             if key in health:
                 table.add_row(key.replace("_", " "), str(health[key]))
+        placement = health.get("placement")
+        if isinstance(placement, dict):
+            devices = ", ".join(str(d.get("name")) for d in placement.get("devices", []))
+            table.add_row("runs on", f"{devices}; {placement.get('layers_on_gpu')}/{placement.get('layers_total')} layers on the GPU")
+        for warning in health.get("warnings") or []:
+            table.add_row(Text("WARNING", style="bold red"), Text(str(warning), style="red"))
     else:
         table.add_row("agent", Text(status.health_error or "not running", style="red"))
     registration = status.registration

@@ -23,6 +23,8 @@ from aiohttp import web
 from vramsupply.config import Settings
 from vramsupply.engine import Engine, EngineOptions
 from vramsupply.errors import ConfigError
+from vramsupply.gpu.report import PlacementMonitor
+from vramsupply.gpu.report import placement_of as gpu_placement_of
 from vramsupply.hub import LocalModel, prepare_configured
 from vramsupply.platform.offer import ModelIdentity
 from vramsupply.serve.options import engine_options
@@ -57,6 +59,7 @@ class LlamaCppBackend:
         self.model: LocalModel | None = None
         self.engine: Engine | None = None
         self.app: web.Application | None = None
+        self.placement: PlacementMonitor | None = None  # where the model runs, once loaded
 
     async def prepare(self) -> LocalModel:
         """Fit the plan to memory, download (a bar on a terminal, plain lines in logs), fit again."""
@@ -79,6 +82,8 @@ class LlamaCppBackend:
         if stopping.is_set():
             return False
         self.app[SERVER_STATE].attach(self.engine)
+        self.placement = PlacementMonitor(await asyncio.to_thread(gpu_placement_of, self.engine, self.settings.n_gpu_layers))
+        self.app[SERVER_STATE].placement = self.placement
         return True
 
     @property

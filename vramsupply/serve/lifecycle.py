@@ -25,12 +25,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 from rich.console import Console
 
 from vramsupply.config import EngineKind, Settings
 from vramsupply.engine import EngineFailed
 from vramsupply.errors import Interrupted, ListenError
+from vramsupply.gpu.report import PlacementMonitor, announce, watch_placement
 from vramsupply.logging import configure_logging, interactive
 from vramsupply.platform import MarketplaceSession, price_summary
 from vramsupply.platform.offer import ModelIdentity
@@ -102,6 +105,9 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, sto
         await go_live(backend, model, server.url, notifier, market, hook)
         status = TerminalStatus(Console(), model.model_id, server.url) if terminal else LogStatus()
         reporters = [status.run(backend.stats, stop), watch.run(backend.stats, stop)]
+        placement = placement_of(backend)
+        if placement is not None:
+            reporters.append(watch_placement(placement, lambda seconds: wait_for_stop(stop, seconds)))
         if notifier.enabled:
             reporters.append(report_to_systemd(notifier, model.model_id, backend.stats, lambda: market_phase(market), stop))
         await asyncio.gather(*reporters)
@@ -144,9 +150,12 @@ async def go_live(
 ) -> None:
     """The engine is ready: say so, then offer it to the market (and let ``--demo`` buy from it)."""
     print(backend.ready_line(url), flush=True)
+    placement = placement_of(backend)
+    if placement is not None:
+        announce(placement.placement)
     notifier.ready(f"serving {model.model_id} at {url}/v1 ({backend.slots} slots)")
     if market is not None:
-        start_marketplace(market, model, backend)
+        start_marketplace(market, model, backend, placement.placement.as_json() if placement is not None else None)
         if hook is not None:
             await hook.on_ready(market, model.model_id)
 
@@ -167,8 +176,15 @@ def prepare_marketplace(settings: Settings, *, local_ok: bool) -> MarketplaceSes
     return MarketplaceSession.prepare(market_options(settings, local_ok=local_ok))
 
 
-def start_marketplace(market: MarketplaceSession, model: ModelIdentity, backend: Backend) -> None:
-    """Print the offer and what it earns, log its warnings, then register and heartbeat in the background."""
+def placement_of(backend: Backend) -> PlacementMonitor | None:
+    """Where our llama.cpp engine runs (vramsupply.gpu.report); None for an upstream engine."""
+    return getattr(backend, "placement", None)
+
+
+def start_marketplace(market: MarketplaceSession, model: ModelIdentity, backend: Backend, hardware: dict[str, Any] | None = None) -> None:
+    """Print the offer and what it earns, log its warnings, then register and heartbeat in the background.
+
+    ``hardware`` (where the model runs, with any CPU-fallback warnings) goes with the registration."""
     if market.waiting_for_url:
         options = market.options
         print(f"offering {model.model_id} through a {options.tunnel} tunnel on {options.platform_url}: registering once it has a public URL", flush=True)
@@ -176,6 +192,8 @@ def start_marketplace(market: MarketplaceSession, model: ModelIdentity, backend:
         market.start_when_reachable(model, backend.n_ctx, backend.stats)
         return
     offer = market.offer(model, backend.n_ctx)
+    if hardware is not None:
+        offer = replace(offer, request=offer.request.model_copy(update={"hardware": hardware}))
     for line in offer.summary():
         print(line, flush=True)
     for warning in offer.warnings:

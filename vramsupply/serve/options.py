@@ -11,6 +11,7 @@ import shlex
 from vramsupply.config import EngineKind, Settings
 from vramsupply.engine import EngineOptions
 from vramsupply.errors import ConfigError, VramsupplyError
+from vramsupply.gpu.options import GpuOptions
 from vramsupply.hub import LocalModel
 from vramsupply.platform import MarketOptions
 from vramsupply.upstream.options import UpstreamOptions
@@ -36,6 +37,14 @@ def engine_options(settings: Settings, model: LocalModel) -> EngineOptions:
         draft_max=settings.draft_max,
         backend_sampling=settings.backend_sampling,
         stall_timeout=settings.stall_timeout,
+        gpu=GpuOptions(
+            split_mode=settings.split_mode,
+            main_gpu=settings.main_gpu,
+            tensor_split=tuple(settings.tensor_split or ()),
+            devices=tuple(settings.devices or ()),
+            cache_type_k=settings.cache_type_k,
+            cache_type_v=settings.cache_type_v,
+        ),
     )
 
 

@@ -121,15 +121,18 @@ async def health(request: web.Request) -> web.Response:
         raise loading_error()
     if stats.failure is not None:
         raise failed_error(stats.failure)
-    return web.json_response(
-        {
-            "status": "ok",
-            "model": state.model_id,
-            "slots_idle": stats.slots_total - stats.slots_busy,
-            "slots_busy": stats.slots_busy,
-            "queue": stats.queue_depth,
-        }
-    )
+    body: dict[str, object] = {
+        "status": "ok",
+        "model": state.model_id,
+        "slots_idle": stats.slots_total - stats.slots_busy,
+        "slots_busy": stats.slots_busy,
+        "queue": stats.queue_depth,
+    }
+    if state.placement is not None:
+        placement = await asyncio.to_thread(state.placement.current)
+        body["placement"] = placement.as_json()
+        body["warnings"] = list(placement.warnings)
+    return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:

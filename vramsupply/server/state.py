@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -38,6 +38,8 @@ class ServerState:
         self._names = {model_id.lower(), *(a.lower() for a in aliases)}
         self.metrics = ServerMetrics(self.stats)
         self.accounts = Accounts()
+
+    placement: Any = None  # vramsupply.gpu.report.PlacementMonitor once loaded: where the model runs
 
     def attach(self, engine: Engine) -> None:
         """The model has loaded: start serving. Its GGUF name becomes one more accepted alias."""

@@ -1,0 +1,84 @@
+"""`vramsupply doctor` on this machine: every check passes against a working local platform, and
+each failure names its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from conftest import run_cli
+from live_platform import LivePlatform, free_port
+
+CHECK_NAMES = ["backend", "driver", "decode", "gpu memory", "disk", "port", "platform", "api key", "endpoint url", "clock"]
+
+
+def doctor(*args: str, **env: str) -> tuple[int, dict[str, dict[str, object]], str]:
+    result = run_cli("doctor", "--json", *args, env=env)
+    checks = json.loads(result.stdout)["checks"]
+    assert [set(c) for c in checks] == [{"name", "ok", "detail", "fix"}] * len(checks)
+    return result.returncode, {c["name"]: c for c in checks}, result.stderr
+
+
+def test_every_check_passes_on_a_configured_machine(tmp_path: Path) -> None:
+    with LivePlatform() as platform:
+        code, checks, stderr = doctor(
+            VRAM_SUPPLY_PLATFORM_URL=platform.url,
+            VRAM_SUPPLY_API_KEY=platform.api_key,
+            VRAM_SUPPLY_ENDPOINT_URL="https://gpu.example.com",
+            VRAM_SUPPLY_PORT=str(free_port()),
+            VRAM_SUPPLY_CACHE_DIR=str(tmp_path / "models"),
+        )
+
+    assert list(checks) == CHECK_NAMES
+    assert code == 0, (checks, stderr)
+    assert all(c["ok"] and c["fix"] == "" for c in checks.values())
+    assert str(checks["decode"]["detail"]).startswith("decoded 1 token on ")
+    assert "s ahead of" in str(checks["clock"]["detail"]) or "s behind" in str(checks["clock"]["detail"])
+
+
+def test_failures_exit_1_and_say_what_to_do(tmp_path: Path) -> None:
+    closed = free_port()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        code, checks, _ = doctor(VRAM_SUPPLY_PLATFORM_URL=f"http://127.0.0.1:{closed}", VRAM_SUPPLY_PORT=str(squatter.getsockname()[1]))
+
+    assert code == 1
+    assert checks["platform"]["ok"] is False and "VRAM_SUPPLY_PLATFORM_URL" in str(checks["platform"]["fix"])
+    assert checks["api key"] == {"name": "api key", "ok": False, "detail": "no API key configured", "fix": "run vramsupply login (or set VRAM_SUPPLY_API_KEY)"}
+    assert checks["endpoint url"]["ok"] is False and "--endpoint-url" in str(checks["endpoint url"]["fix"])
+    assert checks["port"]["ok"] is False and "taken by another program" in str(checks["port"]["detail"])
+    assert checks["decode"]["ok"] is True
+
+
+def test_a_rejected_key_and_the_table_with_marks(tmp_path: Path) -> None:
+    with LivePlatform() as platform:
+        code, checks, _ = doctor(VRAM_SUPPLY_PLATFORM_URL=platform.url, VRAM_SUPPLY_API_KEY="wrong-key", VRAM_SUPPLY_NO_REGISTER="true")
+        table = run_cli("doctor", env={"VRAM_SUPPLY_PLATFORM_URL": platform.url, "VRAM_SUPPLY_API_KEY": "wrong-key", "COLUMNS": "250"})
+
+    assert code == 1
+    assert checks["api key"]["ok"] is False and checks["api key"]["detail"] == "the platform rejected the API key (HTTP 401)"
+    assert checks["endpoint url"] == {"name": "endpoint url", "ok": True, "detail": "not needed: serving locally only (no_register)", "fix": ""}
+    assert table.returncode == 1
+    assert "✓ backend" in table.stdout and "✗ api key" in table.stdout
+    assert "fix: run vramsupply login with a current key" in table.stdout
+
+
+def test_a_gpu_the_build_cannot_use_is_a_failed_check(tmp_path: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    smi = fake / "nvidia-smi"
+    smi.write_text(
+        '#!/bin/sh\ncase "$1" in\n  -L) echo "GPU 0: NVIDIA GeForce RTX 4090 (UUID: GPU-1)" ;;\n'
+        '  *) echo "| NVIDIA-SMI 550.54.14    Driver Version: 550.54.14    CUDA Version: 12.4     |" ;;\nesac\n'
+    )
+    smi.chmod(0o755)
+
+    _, checks, _ = doctor(PATH=f"{fake}:{os.environ['PATH']}")
+
+    assert checks["backend"]["ok"] is False
+    assert checks["backend"]["detail"] == "GPU present (NVIDIA GeForce RTX 4090) but this llama.cpp build is CPU-only"
+    assert "install.sh" in str(checks["backend"]["fix"])
+    assert checks["driver"] == {"name": "driver", "ok": True, "detail": "NVIDIA driver 550.54.14, CUDA 12.4", "fix": ""}

@@ -1,0 +1,115 @@
+"""Where the model runs, said out loud: no silent CPU fallback, in the terminal, the log, /health,
+`vramsupply status` and the registration. The GPU options reach llama.cpp or fail in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import vramsupply.gpu.report as report
+from agent_process import AgentProcess
+from conftest import TINY_MODEL, run_cli
+from live_platform import LivePlatform
+from test_serve import http_get
+from vramsupply.gpu.devices import Device, PresentGpu
+from vramsupply.gpu.report import PlacementMonitor, describe_placement
+
+CPU = Device("CPU", "AMD EPYC", "cpu", 64 << 30, 60 << 30)
+CUDA0 = Device("CUDA0", "NVIDIA GeForce RTX 4090", "gpu", 24 << 30, 23 << 30)
+RTX = PresentGpu("NVIDIA", "NVIDIA GeForce RTX 4090")
+
+
+def test_a_gpu_the_build_cannot_use_is_a_warning() -> None:
+    placement = describe_placement(32, -1, (8, 16), devices=[CPU], present=[RTX], gpu_backend=False)
+
+    assert placement.backend == "cpu" and placement.layers_on_gpu == 0 and placement.layers_total == 33
+    assert placement.warnings == (
+        "GPU present (NVIDIA GeForce RTX 4090) but this llama.cpp build has no GPU backend: the model runs on the CPU; "
+        "reinstall with install.sh (it builds for the GPU it finds)",
+    )
+    assert placement.lines()[:2] == [
+        "running on CPU (AMD EPYC) (60.00 GiB free of 64.00 GiB)",
+        "layers on the GPU: 0/33; threads: 8 decode, 16 prompt",
+    ]
+
+
+def test_full_partial_and_no_offload() -> None:
+    full = describe_placement(32, 1 << 30, (8, 16), devices=[CUDA0, CPU], present=[RTX], gpu_backend=True)
+    assert (full.backend, full.layers_on_gpu, full.warnings) == ("gpu", 33, ())
+    assert full.as_json()["devices"] == [{"name": "CUDA0 (NVIDIA GeForce RTX 4090)", "total_bytes": 24 << 30, "free_bytes": 23 << 30}]
+
+    partial = describe_placement(32, 20, (8, 16), devices=[CUDA0, CPU], present=[RTX], gpu_backend=True)
+    assert partial.warnings == ("partial offload: only 20 of 33 layers are on the GPU, the rest run on the CPU (slower)",)
+
+    off = describe_placement(32, 0, (8, 16), devices=[CUDA0, CPU], present=[RTX], gpu_backend=True)
+    assert off.backend == "cpu" and off.warnings == ("GPU offload is off (--n-gpu-layers 0): the model runs on the CPU",)
+
+    cpu_machine = describe_placement(32, 1 << 30, (2, 2), devices=[CPU], present=[], gpu_backend=False)
+    assert cpu_machine.warnings == ()
+
+
+def test_a_gpu_that_disappears_becomes_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report, "RECHECK_SECONDS", 0.0)
+    listed = [RTX, RTX]
+    monitor = PlacementMonitor(describe_placement(32, 1 << 30, (8, 16), devices=[CUDA0, CPU], present=listed, gpu_backend=True), probe=lambda: listed)
+    assert monitor.current().warnings == ()
+
+    listed = [RTX]  # one of the two identical GPUs fell off the bus
+
+    assert monitor.current().warnings == ("GPU disappeared since start (NVIDIA GeForce RTX 4090 no longer listed by the driver): requests may fail or run on the CPU",)
+
+
+def fake_nvidia_smi(folder: Path) -> dict[str, str]:
+    folder.mkdir()
+    smi = folder / "nvidia-smi"
+    smi.write_text('#!/bin/sh\n[ "$1" = -L ] && echo "GPU 0: NVIDIA GeForce RTX 4090 (UUID: GPU-1)"\nexit 0\n')
+    smi.chmod(0o755)
+    return {"PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+def test_serving_on_the_cpu_beside_a_gpu_is_reported_everywhere(tmp_path: Path) -> None:
+    env = fake_nvidia_smi(tmp_path / "bin")
+    with LivePlatform() as platform, AgentProcess(
+        "--model", str(TINY_MODEL), "--port", "0", "--split-mode", "none", "--main-gpu", "0", "--tensor-split", "1",
+        env={**env, "VRAM_SUPPLY_PLATFORM_URL": platform.url, "VRAM_SUPPLY_API_KEY": platform.api_key, "VRAM_SUPPLY_ENDPOINT_URL": "http://127.0.0.1:9"},
+    ) as agent:  # fmt: skip
+        agent.wait_ready()
+        assert agent.printed("running on CPU")
+        assert agent.printed("layers on the GPU: 0/6; threads: ")
+        assert "GPU present (NVIDIA GeForce RTX 4090) but this llama.cpp build has no GPU backend" in agent.log
+
+        health = http_get(agent.base_url.removesuffix("/v1") + "/health")[1]
+        assert health["status"] == "ok"
+        assert health["placement"]["backend"] == "cpu" and health["placement"]["layers_total"] == 6
+        assert health["warnings"][0].startswith("GPU present (NVIDIA GeForce RTX 4090)")
+
+        port = agent.base_url.split(":")[-1].split("/")[0]
+        status = run_cli("status", env={**env, "VRAM_SUPPLY_PORT": port, "COLUMNS": "250"})
+        assert "WARNING" in status.stdout and "GPU present (NVIDIA GeForce RTX 4090)" in status.stdout
+        assert "0/6 layers on the GPU" in status.stdout
+
+        agent.wait_for(lambda: bool(platform.providers), "registration")
+        hardware = platform.providers[0].offer.hardware
+        assert hardware is not None and hardware["backend"] == "cpu"
+        assert hardware["warnings"] == health["warnings"]
+        assert agent.stop() == 0
+
+
+def test_gpu_options_that_cannot_work_fail_in_one_line() -> None:
+    no_device = run_cli("serve", "--model", str(TINY_MODEL), "--devices", "CUDA7", "--no-register", "--port", "0")
+    assert no_device.returncode == 1
+    assert no_device.stderr.strip() == "error: no device 'CUDA7' in this llama.cpp build; it has: CPU (vramsupply doctor lists them)"
+
+    v_without_fa = run_cli("serve", "--model", str(TINY_MODEL), "--cache-type-v", "q8_0", "--flash-attention", "off", "--no-register")
+    assert v_without_fa.returncode == 1
+    assert "a q8_0 V cache needs flash attention" in v_without_fa.stderr
+
+    small_heads = run_cli("plan", "--model", str(TINY_MODEL), "--json", env={"VRAM_SUPPLY_CACHE_TYPE_K": "q4_0"})
+    assert small_heads.returncode == 1
+    assert small_heads.stderr.strip() == "error: a q4_0 KV cache needs a head size that is a multiple of 32; this model's is 8: use --cache-type-k f16"
+
+    bad_type = run_cli("serve", "--model", str(TINY_MODEL), "--cache-type-k", "q5_k", "--no-register")
+    assert bad_type.returncode == 2 and "cache_type_k" in bad_type.stderr

@@ -1,0 +1,94 @@
+"""GPU placement options, turned into llama.cpp's model and context parameters.
+
+- `split_mode` (none, layer, row), `main_gpu`, `tensor_split` (proportions per GPU) and `devices`
+  (ggml device names such as CUDA0,CUDA1) decide where the weights go, as llama-server's
+  `--split-mode/--main-gpu/--tensor-split/--device` do;
+- `cache_type_k/v` (f16, q8_0, q4_0) quantize the KV cache. llama.cpp can only use a quantized V
+  cache inside flash attention, so `auto` flash attention is switched on for it and `off` refused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp
+
+CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+SPLIT_MODES = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER, "row": llama_cpp.LLAMA_SPLIT_MODE_ROW}
+QUANT_BLOCK = 32
+
+
+class GpuOptionError(ValueError):
+    """A GPU option this build or model cannot honour; the message names the option and the fix."""
+
+
+@dataclass(frozen=True)
+class GpuOptions:
+    split_mode: str = "layer"
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] = ()
+    devices: tuple[str, ...] = ()
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+
+    def __post_init__(self) -> None:
+        if self.split_mode not in SPLIT_MODES:
+            raise GpuOptionError(f"split_mode must be one of {', '.join(SPLIT_MODES)}, got {self.split_mode!r}")
+        for name in ("cache_type_k", "cache_type_v"):
+            if getattr(self, name) not in CACHE_TYPES:
+                raise GpuOptionError(f"{name} must be one of {', '.join(CACHE_TYPES)}, got {getattr(self, name)!r}")
+        if any(share < 0 for share in self.tensor_split) or (self.tensor_split and not any(self.tensor_split)):
+            raise GpuOptionError(f"tensor_split needs non-negative shares, not all zero, got {','.join(map(str, self.tensor_split))}")
+
+    @property
+    def quantized_v(self) -> bool:
+        return self.cache_type_v != "f16"
+
+    def flash_attention(self, mode: str) -> str:
+        """The flash attention mode to use: a quantized V cache needs it on."""
+        if not self.quantized_v:
+            return mode
+        if mode == "off":
+            raise GpuOptionError(f"a {self.cache_type_v} V cache needs flash attention: use --flash-attention auto or on, or --cache-type-v f16")
+        return "on"
+
+    def check_head_size(self, head_dim_k: int, head_dim_v: int) -> None:
+        """Quantized cache rows are whole 32-value blocks, so the head size must be a multiple of 32."""
+        for name, kind, head in (("cache_type_k", self.cache_type_k, head_dim_k), ("cache_type_v", self.cache_type_v, head_dim_v)):
+            if kind != "f16" and head % QUANT_BLOCK:
+                raise GpuOptionError(f"a {kind} KV cache needs a head size that is a multiple of {QUANT_BLOCK}; this model's is {head}: use --{name.replace('_', '-')} f16")
+
+    def apply_to_model(self, params: llama_cpp.llama_model_params) -> list[Any]:
+        """Set the placement fields; returns the ctypes arrays that must outlive the model load."""
+        params.split_mode = SPLIT_MODES[self.split_mode]
+        params.main_gpu = self.main_gpu
+        keep: list[Any] = []
+        if self.tensor_split:
+            limit = llama_cpp.llama_max_devices()
+            if len(self.tensor_split) > limit:
+                raise GpuOptionError(f"tensor_split has {len(self.tensor_split)} shares; this build supports at most {limit} devices")
+            shares = (ctypes.c_float * limit)(*self.tensor_split)
+            params.tensor_split = shares
+            keep.append(shares)
+        if self.devices:
+            handles = (ctypes.c_void_p * (len(self.devices) + 1))(*[device_handle(name) for name in self.devices], None)
+            params.devices = ctypes.cast(handles, ctypes.c_void_p).value
+            keep.append(handles)
+        return keep
+
+    def apply_to_context(self, params: llama_cpp.llama_context_params) -> None:
+        params.type_k = CACHE_TYPES[self.cache_type_k]
+        params.type_v = CACHE_TYPES[self.cache_type_v]
+
+
+def device_handle(name: str) -> int:
+    """The ggml device called `name` (case-insensitive), or an error listing the ones there are."""
+    from vramsupply.gpu.devices import device_handles
+
+    handles = device_handles()
+    for known, handle in handles.items():
+        if known.lower() == name.lower():
+            return handle
+    raise GpuOptionError(f"no device {name!r} in this llama.cpp build; it has: {', '.join(handles) or 'none'} (vramsupply doctor lists them)")
