@@ -216,7 +216,7 @@ describe_build_tools() {
 }
 
 plan_toolchain() {
-    cmake_args="" toolchain="" toolchain_missing="" cuda_root="" cuda_wheels=""
+    cmake_args="" toolchain="" toolchain_missing="" cuda_root="" cuda_wheels="" hip_env=""
     case "$1" in
         cpu) toolchain=$(describe_build_tools) ;;
         cuda) plan_cuda ;;
@@ -224,6 +224,7 @@ plan_toolchain() {
             targets=${VRAMSUPPLY_HIP_TARGETS:-$(rocm_targets)}
             cmake_args="-DGGML_HIP=on -DGPU_TARGETS=$(echo "$targets" | tr ' ' ';')"
             if have hipconfig; then
+                hip_env="HIPCXX=$(hipconfig -l 2>/dev/null)/clang HIP_PATH=$(hipconfig -R 2>/dev/null)"
                 toolchain="ROCm HIP in $(hipconfig -R 2>/dev/null) (clang $(hipconfig -l 2>/dev/null)/clang); targets ${targets:-none}"
             else
                 toolchain="ROCm HIP (hipconfig)" toolchain_missing="hipconfig not found: install the ROCm HIP SDK (hip-dev)"
