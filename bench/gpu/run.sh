@@ -41,7 +41,7 @@ fi
 # The toolkit and architectures install.sh chose, read back from its plan.
 toolkit="$(ls -d "$data_dir"/cuda-* 2>/dev/null | head -n 1 || true)"
 [[ -n "$toolkit" ]] || toolkit="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
-archs="$(sed -n 's/.*architectures \([^ ;]*\(;[^ ;]*\)*\).*/\1/p' "$cache/plan.txt" | head -n 1)"
+archs="$(sed -n 's/.*architectures \([^ ;][^ ;]*\(;[^ ;][^ ;]*\)*\).*/\1/p' "$cache/plan.txt" | head -n 1)"
 llama_dir="$src/vendor/llama.cpp"
 if [[ ! -x "$llama_dir/build-cuda/bin/llama-server" ]]; then
     (
