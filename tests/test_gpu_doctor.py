@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import run_cli
 from live_platform import LivePlatform, free_port
 
-CHECK_NAMES = ["backend", "driver", "decode", "gpu memory", "disk", "port", "platform", "api key", "endpoint url", "clock"]
+CHECK_NAMES = ["backend", "driver", "decode", "gpu memory", "disk", "port", "platform", "api key", "endpoint url", "reachability", "clock"]
 
 
 def doctor(*args: str, **env: str) -> tuple[int, dict[str, dict[str, object]], str]:
@@ -21,12 +21,23 @@ def doctor(*args: str, **env: str) -> tuple[int, dict[str, dict[str, object]], s
     return result.returncode, {c["name"]: c for c in checks}, result.stderr
 
 
+def fake_cloudflared(tmp_path: Path) -> str:
+    """A PATH holding an executable named cloudflared (a test double: doctor only checks it is installed)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "cloudflared"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
 def test_every_check_passes_on_a_configured_machine(tmp_path: Path) -> None:
     with LivePlatform() as platform:
         code, checks, stderr = doctor(
             VRAM_SUPPLY_PLATFORM_URL=platform.url,
             VRAM_SUPPLY_API_KEY=platform.api_key,
-            VRAM_SUPPLY_ENDPOINT_URL="https://gpu.example.com",
+            VRAM_SUPPLY_TUNNEL="cloudflared",
+            PATH=fake_cloudflared(tmp_path),
             VRAM_SUPPLY_PORT=str(free_port()),
             VRAM_SUPPLY_CACHE_DIR=str(tmp_path / "models"),
         )
@@ -34,6 +45,8 @@ def test_every_check_passes_on_a_configured_machine(tmp_path: Path) -> None:
     assert list(checks) == CHECK_NAMES
     assert code == 0, (checks, stderr)
     assert all(c["ok"] and c["fix"] == "" for c in checks.values())
+    assert checks["endpoint url"]["detail"] == "made by the cloudflared tunnel when serve starts"
+    assert "cloudflared tunnel makes the public URL" in str(checks["reachability"]["detail"])
     assert str(checks["decode"]["detail"]).startswith("decoded 1 token on ")
     assert "s ahead of" in str(checks["clock"]["detail"]) or "s behind" in str(checks["clock"]["detail"])
 
@@ -82,3 +95,19 @@ def test_a_gpu_the_build_cannot_use_is_a_failed_check(tmp_path: Path) -> None:
     assert checks["backend"]["detail"] == "GPU present (NVIDIA GeForce RTX 4090) but this llama.cpp build is CPU-only"
     assert "install.sh" in str(checks["backend"]["fix"])
     assert checks["driver"] == {"name": "driver", "ok": True, "detail": "NVIDIA driver 550.54.14, CUDA 12.4", "fix": ""}
+
+
+def test_an_endpoint_the_platform_cannot_reach_names_the_hop(tmp_path: Path) -> None:
+    with LivePlatform() as platform:
+        code, checks, _ = doctor(
+            VRAM_SUPPLY_PLATFORM_URL=platform.url,
+            VRAM_SUPPLY_API_KEY=platform.api_key,
+            VRAM_SUPPLY_ENDPOINT_URL="https://gpu.example.com",
+            VRAM_SUPPLY_PORT=str(free_port()),
+        )
+
+    assert code == 1
+    assert checks["endpoint url"]["ok"] is True
+    reachability = checks["reachability"]
+    assert reachability["ok"] is False and str(reachability["detail"]).startswith("dns: the name gpu.example.com does not resolve")
+    assert "--tunnel cloudflared" in str(reachability["detail"]) and reachability["fix"]

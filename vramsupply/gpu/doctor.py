@@ -8,6 +8,7 @@ reported as failed with the exception, so one broken probe never hides the other
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import shutil
 import socket
@@ -264,6 +265,8 @@ def api_key_accepted(ctx: Context) -> Result:
 def endpoint_url_set(ctx: Context) -> Result:
     if ctx.settings.no_register:
         return Result(True, "not needed: serving locally only (no_register)")
+    if ctx.settings.tunnel and not ctx.settings.endpoint_url:
+        return Result(True, f"made by the {ctx.settings.tunnel} tunnel when serve starts")
     if not ctx.settings.endpoint_url:
         return Result(False, "no public endpoint URL: the agent cannot register", "pass --endpoint-url https://your.host (or set VRAM_SUPPLY_ENDPOINT_URL)")
     from vramsupply.platform.offer import OfferError, check_endpoint_url
@@ -275,6 +278,21 @@ def endpoint_url_set(ctx: Context) -> Result:
     if warnings:
         return Result(False, warnings[0], "use the public address buyers reach this machine at")
     return Result(True, ctx.settings.endpoint_url)
+
+
+@check("reachability")
+def platform_can_reach_agent(ctx: Context) -> Result:
+    """Retrace the platform's path to {endpoint_url}/health hop by hop; the first failing hop is named."""
+    from vramsupply.platform.offer import local_base_url
+    from vramsupply.platform.reachability import check_configured
+    from vramsupply.serve.options import market_options
+
+    settings = ctx.settings
+    options = None if settings.no_register else market_options(settings)
+    probe = asyncio.run(check_configured(options, local_base_url(settings.host, settings.port)))
+    if probe.ok:
+        return Result(True, probe.message)
+    return Result(False, f"{probe.hop}: {probe.message}", "see the detail: it names the hop and what to do")
 
 
 @check("clock")
