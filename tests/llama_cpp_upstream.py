@@ -48,8 +48,8 @@ def answers(url: str) -> bool:
 class LlamaCppServer:
     """``python -m llama_cpp.server --model stories260K.gguf`` with a 512-token context."""
 
-    def __init__(self, n_ctx: int = 512) -> None:
-        self.port = free_port()
+    def __init__(self, n_ctx: int = 512, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(TINY_MODEL), "--host", "127.0.0.1", "--port", str(self.port),
              "--n_ctx", str(n_ctx), "--interrupt_requests", "False", "--verbose", "False"],

@@ -37,6 +37,7 @@ class EngineCounters:
     prompt_tokens_total: int = 0
     completion_tokens_total: int = 0
     failure: str | None = None
+    unavailable: str | None = None
 
 
 def make_lifecycle(platform_url: str, counters: EngineCounters, state_path: Path | None = None, interval: float = 0.2) -> ProviderLifecycle:
@@ -166,6 +167,28 @@ async def test_drain_stops_routing_before_deregistering() -> None:
         assert platform.providers[0].status == "draining"
         assert platform.platform.store.candidates("qwen/qwen3.5-9b", "stripe") == []
         await lifecycle.stop(timeout=2)
+        assert platform.providers == []
+
+
+async def test_an_engine_that_goes_down_takes_itself_off_the_market_at_once_and_comes_back() -> None:
+    counters = EngineCounters()
+    with LivePlatform() as platform:
+        lifecycle = make_lifecycle(platform.url, counters, interval=30)
+        lifecycle.start()
+        await asyncio.wait_for(lifecycle.registered.wait(), 5)
+        [provider] = platform.providers
+        assert provider.status == "online"
+
+        # The upstream dies: the platform hears it long before the next regular heartbeat (30 s).
+        counters.unavailable = "the upstream is not ready: the upstream server at http://127.0.0.1:8000 does not answer"
+        await eventually(lambda: provider.status == "offline", timeout=3)
+        assert platform.platform.store.candidates("qwen/qwen3.5-9b", "stripe") == []
+        assert lifecycle.phase is Phase.offline and "does not answer" in lifecycle.message
+
+        # Back again: the platform hears that too; it lists us once its own health check passes.
+        counters.unavailable = None
+        await eventually(lambda: "serving again" in lifecycle.message, timeout=3)
+        assert await lifecycle.stop(timeout=5) is True
         assert platform.providers == []
 
 

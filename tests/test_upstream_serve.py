@@ -106,14 +106,26 @@ def test_a_running_llama_cpp_server_is_sold_with_exact_usage_streamed_and_taken_
             status, error = request_json(endpoint + "/v1/chat/completions", {**body, "messages": "x" * 70_000}, AUTH)
             assert status == 413 and error["error"]["code"] == "request_too_large" and "65536" in error["error"]["message"]
 
-            # The upstream dies: /health says 503 and the platform's health check takes us offline.
+            # The upstream dies: /health says 503, and the next heartbeat (sent at once, not waiting
+            # for the platform's own health check) takes us off the market.
             upstream.kill()
             wait_until(lambda: request_json(endpoint + "/health")[0] == 503, "/health 503 once the upstream is gone", timeout=30)
             status, error = request_json(endpoint + "/v1/chat/completions", body, AUTH)
             assert status == 503 and error["error"]["code"] == "upstream_unavailable"
-            platform.check_health_now()
-            assert provider.status == "offline"
-            agent.wait_for(lambda: "the platform lists" in agent.log and "as offline" in agent.log, "the agent hearing it is offline")
+            agent.wait_for(lambda: provider.status == "offline", "the platform told by a heartbeat")
+            agent.wait_for(lambda: f"told the platform to route nothing to {provider.id}" in agent.log, "the agent saying so")
+            status, error = request_json(platform.url + "/v1/chat/completions", {**body, "model": "stories260k"}, {"Authorization": f"Bearer {API_KEY}"})
+            assert status >= 400, "no buyer is routed to an agent whose upstream is down"
+
+            # It comes back: the agent serves again, and the platform's next health check lists us.
+            with LlamaCppServer(port=upstream.port):
+                wait_until(lambda: request_json(endpoint + "/health")[0] == 200, "/health 200 once the upstream is back", timeout=60)
+                agent.wait_for(lambda: "serving again" in agent.log, "a heartbeat saying we serve again")
+                platform.check_health_now()
+                assert provider.status == "online"
+                status, bought = request_json(platform.url + "/v1/chat/completions", {**body, "model": "stories260k"}, {"Authorization": f"Bearer {API_KEY}"})
+                assert status == 200 and bought["usage"]["completion_tokens"] == expected[1]
+                served += expected[1]
 
             assert agent.stop(signal.SIGTERM) == 0
         finally:
@@ -121,7 +133,7 @@ def test_a_running_llama_cpp_server_is_sold_with_exact_usage_streamed_and_taken_
         assert platform.providers == [], "deregistered on SIGTERM"
     assert "upstream not ready: the upstream server at" in agent.log
     ledger = LedgerStore(default_ledger_path()).entries()
-    assert len(ledger) == 3 and sum(e.completion_tokens for e in ledger) == served, "every answer in the earnings ledger"
+    assert len(ledger) == 4 and sum(e.completion_tokens for e in ledger) == served, "every answer in the earnings ledger"
     assert "Traceback" not in agent.log and TOKEN not in agent.log
 
 

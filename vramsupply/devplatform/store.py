@@ -107,15 +107,17 @@ class Store:
         return provider if provider is not None and provider.account is account else None
 
     def heartbeat(self, provider: Provider, beat: api.HeartbeatRequest, now: float) -> None:
-        """Record the agent's status; only health checks decide whether it is reachable (online)."""
+        """Record the agent's load and tokens. The agent may take itself off the market (``offline``
+        while its engine is down, ``draining`` before it stops); only a passing health check lists an
+        instance ``online`` again, and a draining one is never checked again."""
         provider.last_seen_at = now
         provider.slots_total, provider.slots_busy, provider.queue_depth = beat.slots_total, beat.slots_busy, beat.queue_depth
         provider.reported_prompt_tokens += beat.prompt_tokens
         provider.reported_completion_tokens += beat.completion_tokens
         if beat.capacity is not None:
             provider.capacity = beat.capacity
-        if beat.status == "draining":
-            provider.status = "draining"
+        if beat.status in ("draining", "offline"):
+            provider.status = beat.status
 
     def set_rails(self, account: Account, update: api.RailsUpdate) -> api.Rails:
         stripe = account.accepts_stripe if update.accepts_stripe is None else update.accepts_stripe

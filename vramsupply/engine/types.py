@@ -217,3 +217,5 @@ class EngineStats:
     """Prompt tokens actually decoded: cached prefixes and prompts shared between choices are not."""
     failure: str | None = None
     """Why the engine can no longer serve (its thread died, or a step stalled); None while healthy."""
+    unavailable: str | None = None
+    """Why the engine cannot serve right now but may recover (an upstream is down or restarting)."""

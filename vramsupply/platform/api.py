@@ -105,7 +105,7 @@ class HeartbeatRequest(_Body):
     """POST /v1/providers/heartbeat. Token counts are since the last acknowledged heartbeat."""
 
     provider_id: StrictStr
-    status: Literal["online", "draining"] = "online"
+    status: Literal["online", "offline", "draining"] = "online"
     slots_total: StrictInt = Field(ge=0)
     slots_busy: StrictInt = Field(ge=0)
     queue_depth: StrictInt = Field(ge=0)

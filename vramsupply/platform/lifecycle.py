@@ -44,11 +44,25 @@ class ServingStats(Protocol):
     def completion_tokens_total(self) -> int: ...
     @property
     def failure(self) -> str | None: ...
+    @property
+    def unavailable(self) -> str | None: ...
 
 
-def heartbeat_status(snapshot: ServingStats) -> Literal["online", "draining"]:
-    """A failed engine asks the platform to route nothing here (the documented ``draining``)."""
-    return "online" if snapshot.failure is None else "draining"
+HeartbeatStatus = Literal["online", "offline", "draining"]
+STATUS_POLL_SECONDS = 0.5
+"""How often, between heartbeats, the lifecycle looks for a change the platform must hear at once."""
+
+
+def heartbeat_status(snapshot: ServingStats) -> HeartbeatStatus:
+    """What the platform should do with this instance.
+
+    A failed engine is ``draining`` (the agent is about to exit and restart); an engine that is down
+    but may come back (an upstream restarting) is ``offline`` until the platform's next health check
+    passes; otherwise ``online``.
+    """
+    if snapshot.failure is not None:
+        return "draining"
+    return "online" if snapshot.unavailable is None else "offline"
 
 
 class ProviderLifecycle:
@@ -81,6 +95,10 @@ class ProviderLifecycle:
         self._reported_prompt = 0
         self._reported_completion = 0
         self._last_heartbeat_at: float | None = None
+        self._sent_status: HeartbeatStatus | None = None
+        """The status of the last heartbeat tried (registration counts as ``online``)."""
+        self._recovering = False
+        """We told the platform we were offline, and it has not listed us online again yet."""
         self._logged: tuple[Phase, str] | None = None
         self._state_unwritable = False
         self.registered = asyncio.Event()
@@ -166,10 +184,18 @@ class ProviderLifecycle:
             await self._pause(wait)
 
     async def _pause(self, seconds: float) -> None:
-        """Sleep until the next attempt, or until ``move_endpoint`` asks for one at once."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        """Sleep until the next attempt, or until ``move_endpoint`` asks for one at once, or until
+        the engine's status changes from what the platform last heard (it then hears at once)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not self._status_changed():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(left, STATUS_POLL_SECONDS))
+            if self._wake.is_set():
+                break
         self._wake.clear()
+
+    def _status_changed(self) -> bool:
+        return self.provider_id is not None and self._sent_status is not None and heartbeat_status(self._stats()) != self._sent_status
 
     async def _register(self) -> bool:
         try:
@@ -177,7 +203,7 @@ class ProviderLifecycle:
         except PlatformError as exc:
             self._record_failure(exc)
             return False
-        self.provider_id = reply.provider_id
+        self.provider_id, self._sent_status = reply.provider_id, "online"
         self._set_phase(Phase.registered, f"registered {self._offer.model} as {reply.provider_id} with {self._client.base_url}")
         self.registered.set()
         await self._retire_old_instances()
@@ -195,8 +221,9 @@ class ProviderLifecycle:
 
     async def _heartbeat(self, provider_id: str) -> bool:
         snapshot = self._stats()
+        status = self._sent_status = heartbeat_status(snapshot)
         try:
-            reply = await self._client.heartbeat(self._heartbeat_request(provider_id, heartbeat_status(snapshot), snapshot))
+            reply = await self._client.heartbeat(self._heartbeat_request(provider_id, status, snapshot))
         except UnknownProvider:
             self.provider_id = None
             self.registered.clear()
@@ -207,7 +234,13 @@ class ProviderLifecycle:
             return False
         self._reported_prompt, self._reported_completion = snapshot.prompt_tokens_total, snapshot.completion_tokens_total
         self._last_heartbeat_at = time.time()
-        if reply.status == "offline":
+        self._recovering = status == "offline" or (self._recovering and reply.status == "offline")
+        if status == "offline":
+            message = f"told the platform to route nothing to {provider_id}: {snapshot.unavailable}"
+            self._set_phase(Phase.offline, message, logging.WARNING)
+        elif reply.status == "offline" and self._recovering:
+            self._set_phase(Phase.offline, f"serving again; the platform lists {provider_id} once its next health check passes")
+        elif reply.status == "offline":
             self._went_offline(provider_id)
         else:
             self._set_phase(Phase.registered, f"heartbeats accepted for {provider_id}")
@@ -227,7 +260,7 @@ class ProviderLifecycle:
         result = await reachability.probe(url, self._local_url)
         log.warning("reachability of %s from this machine: %s", url, result.message)
 
-    def _heartbeat_request(self, provider_id: str, status: Literal["online", "draining"], snapshot: ServingStats) -> api.HeartbeatRequest:
+    def _heartbeat_request(self, provider_id: str, status: HeartbeatStatus, snapshot: ServingStats) -> api.HeartbeatRequest:
         """Status plus the tokens served since the last heartbeat the platform acknowledged."""
         return api.HeartbeatRequest(
             provider_id=provider_id,
@@ -248,9 +281,10 @@ class ProviderLifecycle:
             self._set_phase(Phase.rejected, f"{exc}; still serving locally, retrying in the background", level)
 
     def _set_phase(self, phase: Phase, message: str, level: int = logging.INFO) -> None:
-        """Record every change in the state file; log only when the phase (or refusal) changes."""
+        """Record every change in the state file; log only when the phase (or the refusal, or the
+        reason for being offline) changes."""
         self.phase, self.message = phase, message
-        key = (phase, message if phase is Phase.rejected else "")
+        key = (phase, message if phase in (Phase.rejected, Phase.offline) else "")
         if key != self._logged:
             self._logged = key
             log.log(level, message)

@@ -18,6 +18,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
+from vramsupply import platform
 from vramsupply.signals import StopSignals, wait_for_stop
 from vramsupply.service import SystemdNotifier
 
@@ -29,21 +30,12 @@ SYSTEMD_STATUS_SECONDS = 2.0
 THROUGHPUT_WINDOW_SECONDS = 5.0
 
 
-class ServingStats(Protocol):
-    """The counters every engine reports (``engine.EngineStats`` satisfies this)."""
+class ServingStats(platform.ServingStats, Protocol):
+    """What heartbeats report, plus the request count the status line shows (``engine.EngineStats``
+    satisfies this)."""
 
     @property
-    def slots_total(self) -> int: ...
-    @property
-    def slots_busy(self) -> int: ...
-    @property
-    def queue_depth(self) -> int: ...
-    @property
     def requests_total(self) -> int: ...
-    @property
-    def prompt_tokens_total(self) -> int: ...
-    @property
-    def completion_tokens_total(self) -> int: ...
 
 
 StatsSource = Callable[[], ServingStats]

@@ -90,6 +90,7 @@ class FrontState(ServerState):
             completion_tokens_total=counters.completion_tokens_total,
             cached_tokens_total=counters.cached_tokens_total,
             requests_total=counters.requests_total,
+            unavailable=None if self.health.ready else f"the upstream is not ready: {self.health.reason}",
         )
 
     def stats(self) -> EngineStats | None:
