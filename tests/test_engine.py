@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from itertools import pairwise
 
 import pytest
-from llama_cpp import Llama
+from llama_cpp import Llama, LlamaGrammar
 
 from conftest import TINY_MODEL
 from vramsupply.engine import (
@@ -163,6 +163,34 @@ async def test_multibyte_characters_split_across_byte_tokens_stream_intact(engin
     ids = generation.token_ids
     assert any(ids[i : i + 4] == emoji_bytes for i in range(len(ids)))
     assert generation.finish_reason == "stop"
+
+
+def reference_grammar_greedy(llama: Llama, prompt: list[int], grammar: str, n: int) -> list[int]:
+    """llama-cpp-python applies the grammar to every candidate before picking (grammar first)."""
+    llama.reset()
+    tokens = []
+    for token in llama.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True, grammar=LlamaGrammar.from_string(grammar, verbose=False)):
+        if token == llama.token_eos() or len(tokens) == n:
+            break
+        tokens.append(token)
+    return tokens
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        r'root ::= [A-Za-z ,.!\n]+',  # what the model writes anyway: the grammar never has to step in
+        r'root ::= "Tom and Lily " ("ran" | "played" | "saw") [a-z ]{3,30} "."',  # it steps in often
+    ],
+)
+async def test_a_grammar_checks_the_chosen_token_and_steps_in_only_when_it_refuses(engine: Engine, reference: Llama, grammar: str) -> None:
+    """A grammar is applied by rejection: the whole vocabulary goes through it only for the tokens
+    it refuses. The text is still the grammar-first greedy answer, token for token."""
+    prompt = engine.tokenize(PROMPTS[0])
+    generation = await run(engine, prompt, sampling=SamplingParams(temperature=0, grammar=grammar), max_tokens=30)
+    assert generation.token_ids == reference_grammar_greedy(reference, list(prompt), grammar, 30)
+    resampled = generation.task.sampler.resampled
+    assert (resampled == 0) if "A-Za-z" in grammar else (0 < resampled < len(generation.token_ids))
 
 
 async def test_invalid_grammar_is_rejected_at_submit(engine: Engine) -> None:

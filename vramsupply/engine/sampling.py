@@ -1,10 +1,17 @@
-"""Per-request llama.cpp sampler chains.
+"""Per-request llama.cpp samplers.
 
 Every request gets its own chain, so its RNG stream, repetition history and grammar state never
-depend on which other requests share the batch. The order follows llama-cpp-python's ``Llama``:
-penalties -> grammar -> logit bias -> top-k -> top-p -> min-p -> temperature -> dist(seed), and a
-plain greedy pick after the bias when the temperature is 0. ``llama_sampler_sample`` already calls
-accept on the chain, so the scheduler never accepts a sampled token a second time.
+depend on which other requests share the batch. The chain follows llama-cpp-python's ``Llama``:
+penalties -> logit bias -> top-k -> top-p -> min-p -> temperature -> dist(seed), and a plain
+greedy pick after the bias when the temperature is 0.
+
+A grammar is kept out of the chain and applied by rejection, as llama.cpp's own common sampler
+does: the chain picks a token, the grammar checks that one token, and only when it refuses is the
+grammar applied to the whole vocabulary before the chain picks again. Applying a grammar to every
+candidate costs one walk of its parse stacks per vocabulary entry (32k and more), for every token
+of the request, on the scheduler thread that all slots share; a big schema then stalls every
+other stream. Checking one token is the common case and costs one walk. Either way the token
+obeys the grammar, and sampling stays deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -14,27 +21,89 @@ import math
 from collections.abc import Sequence
 
 import llama_cpp
-from llama_cpp._internals import LlamaSampler
+import numpy as np
+from llama_cpp._internals import LlamaSampler, LlamaTokenDataArray
 
 from .model import Model
-from .types import SamplingParams
+from .types import EngineError, SamplingParams
 
 # How many recent tokens repeat/presence/frequency penalties look at (llama.cpp's default).
 PENALTY_LAST_N = 64
 
 
-def build_sampler(params: SamplingParams, model: Model, prompt: Sequence[int], ignore_eos: bool) -> LlamaSampler:
-    """Build the chain for one request; raises ValueError for a bad grammar or logit_bias."""
+class RequestSampler:
+    """One request's chain (``sampler``: what backend sampling attaches) and optional grammar."""
+
+    def __init__(self, chain: LlamaSampler, grammar: llama_cpp.llama_sampler_p | None, n_vocab: int) -> None:
+        self.chain = chain
+        self.sampler = chain.sampler
+        self._grammar = grammar
+        self._candidates = LlamaTokenDataArray(n_vocab=n_vocab) if grammar is not None else None
+        self._one = (llama_cpp.llama_token_data * 1)()
+        self._one_array = llama_cpp.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
+        self.resampled = 0
+        """Tokens the grammar refused, so that it was applied to the whole vocabulary."""
+
+    def sample(self, ctx: llama_cpp.llama_context_p, row: int) -> int:
+        """Sample ``row``'s logits and accept the token (into the chain and the grammar)."""
+        if self._grammar is None or self._candidates is None:
+            return int(llama_cpp.llama_sampler_sample(self.sampler, ctx, row))
+        token = self._pick(ctx, row, through_grammar=False)
+        if not self._grammar_allows(token):
+            self.resampled += 1
+            token = self._pick(ctx, row, through_grammar=True)
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self.sampler, token)
+        return token
+
+    def _pick(self, ctx: llama_cpp.llama_context_p, row: int, *, through_grammar: bool) -> int:
+        candidates = self._candidates
+        assert candidates is not None
+        logits = llama_cpp.llama_get_logits_ith(ctx, row)
+        candidates.copy_logits(np.ctypeslib.as_array(logits, shape=(candidates.n_vocab,)))
+        array = ctypes.byref(candidates.candidates)
+        candidates.candidates.selected = -1
+        if through_grammar:
+            llama_cpp.llama_sampler_apply(self._grammar, array)
+        llama_cpp.llama_sampler_apply(self.sampler, array)
+        selected = candidates.candidates.selected
+        if not 0 <= selected < candidates.candidates.size:
+            raise EngineError("the sampler chain selected no token")
+        return int(candidates.candidates_data.id[selected])
+
+    def _grammar_allows(self, token: int) -> bool:
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, 1.0, 0.0
+        self._one_array.size, self._one_array.selected, self._one_array.sorted = 1, -1, False
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._one_array))
+        return bool(math.isfinite(self._one[0].logit))
+
+    def close(self) -> None:
+        if self._grammar is not None:
+            llama_cpp.llama_sampler_free(self._grammar)
+            self._grammar = None
+        self.chain.close()
+
+
+def build_sampler(params: SamplingParams, model: Model, prompt: Sequence[int], ignore_eos: bool) -> RequestSampler:
+    """Build the sampler for one request; raises ValueError for a bad grammar or logit_bias."""
     if ignore_eos and params.grammar is not None:
         # A finished grammar only allows end-of-generation, which ignore_eos forbids.
         raise ValueError("ignore_eos cannot be combined with a grammar")
     bias = _logit_bias(params, model, ignore_eos)
+    grammar = None if params.grammar is None else _grammar(params.grammar, model, params.grammar_triggers)
+    try:
+        return RequestSampler(_chain(params, model, prompt, bias), grammar, model.n_vocab)
+    except BaseException:
+        if grammar is not None:
+            llama_cpp.llama_sampler_free(grammar)
+        raise
+
+
+def _chain(params: SamplingParams, model: Model, prompt: Sequence[int], bias: dict[int, float]) -> LlamaSampler:
     sampler = LlamaSampler()
     try:
         if _has_penalties(params):
             _add_penalties(sampler, params, model, prompt)
-        if params.grammar is not None:
-            _add_grammar(sampler, params.grammar, model, params.grammar_triggers)
         if bias:
             sampler.add_logit_bias(model.n_vocab, bias)
         if params.greedy:
@@ -68,7 +137,7 @@ def _add_penalties(sampler: LlamaSampler, params: SamplingParams, model: Model, 
     llama_cpp.llama_sampler_chain_add(sampler.sampler, penalties)
 
 
-def _add_grammar(sampler: LlamaSampler, grammar: str, model: Model, triggers: Sequence[str] = ()) -> None:
+def _grammar(grammar: str, model: Model, triggers: Sequence[str] = ()) -> llama_cpp.llama_sampler_p:
     if triggers:
         patterns = (ctypes.c_char_p * len(triggers))(*(t.encode("utf-8") for t in triggers))
         handle = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
@@ -78,7 +147,7 @@ def _add_grammar(sampler: LlamaSampler, grammar: str, model: Model, triggers: Se
         handle = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
     if not handle:
         raise ValueError("grammar is not valid GBNF (it needs a 'root' rule)")
-    llama_cpp.llama_sampler_chain_add(sampler.sampler, handle)
+    return handle
 
 
 def _logit_bias(params: SamplingParams, model: Model, ignore_eos: bool) -> dict[int, float]:

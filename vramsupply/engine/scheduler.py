@@ -339,7 +339,7 @@ class Scheduler:
             if slot.backend_sampled:
                 token = backend_sampling.sample(self._ctx, slot.task.sampler.sampler, slot.row)
             else:
-                token = llama_cpp.llama_sampler_sample(slot.task.sampler.sampler, self._ctx, slot.row)
+                token = slot.task.sampler.sample(self._ctx, slot.row)
             generated += self._on_token(slot, token, self._logprob(slot, token))
             if slot.task is None or i == len(draft) or token != draft[i]:
                 break

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from llama_cpp._internals import LlamaSampler
 
 from .generation import Channel
+from .sampling import RequestSampler
 from .speculative import DraftState
 from .text import TextStream
 
@@ -24,7 +24,7 @@ class Task:
 
     id: str
     prompt: np.ndarray
-    sampler: LlamaSampler
+    sampler: RequestSampler
     max_completion: int
     stop: tuple[str, ...]
     channel: Channel
