@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +212,44 @@ def test_a_slot_whose_cache_covers_most_of_the_prompt_is_reused() -> None:
     # Equal prefixes covering most of the prompt: the lower sequence id.
     slot, prefix = choose_slot(slots, np.array([1, 7, 5], dtype=np.int32))
     assert (slot.seq_id, prefix) == (1, 2)
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the output must end: at the first character that completes any stop string, the
+    earliest start among the stop strings completed there."""
+    for end in range(1, len(text) + 1):
+        starts = [end - len(s) for s in stops if text[:end].endswith(s)]
+        if starts:
+            return min(starts)
+    return None
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_stop_matching_agrees_with_a_brute_force_search_however_the_text_is_cut(seed: int) -> None:
+    rng = random.Random(seed)
+    stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+    text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 40)))
+    cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 8))))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    matcher = StopMatcher(stops)
+    out, stopped = "", False
+    for piece in pieces:
+        emitted, stopped = matcher.push(piece)
+        out += emitted
+        if stopped:
+            break
+    end = first_stop(text, stops)
+    if end is None:
+        assert not stopped and out + matcher.flush() == text
+    else:
+        assert stopped and out == text[:end]
+
+
+def test_a_long_stop_string_that_keeps_almost_matching_is_held_back_and_released() -> None:
+    """A text that is always a partial match of a long stop string: held, never searched again."""
+    stop = "a" * 5000 + "b"
+    matcher = StopMatcher([stop])
+    emitted = "".join(matcher.push("a" * 10)[0] for _ in range(600))
+    assert emitted == "a" * 1000, "only what can no longer start the stop string is emitted"
+    text, stopped = matcher.push("c")
+    assert not stopped and emitted + text + matcher.flush() == "a" * 6000 + "c"

@@ -22,6 +22,7 @@ from .generation import Channel, Generation
 from .model import Model, create_context
 from .prompt_cache import MIB, default_budget_mib
 from .sampling import build_sampler
+from .text import StopStrings
 from .scheduler import Scheduler
 from .speculative import default_draft_max
 from .slots import Task
@@ -179,7 +180,7 @@ class Engine:
         channel = Channel(loop)
         backend = self.options.backend_sampling and backend_sampling.supports(request)
         task = Task(
-            request_id, prompt, sampler, max_completion, tuple(request.stop), channel, request.preserve, request.logprobs, backend, source
+            request_id, prompt, sampler, max_completion, StopStrings(request.stop), channel, request.preserve, request.logprobs, backend, source
         )
         try:
             self._scheduler.submit(task)

@@ -5,7 +5,8 @@ prefilled in one ``n_batch`` chunk makes every stream wait for the whole chunk: 
 of the 768x12 bench model on two CPU cores take about a second, a second-long pause in every
 other buyer's stream. While anyone is generating, the prompt share of a step is therefore sized
 from the measured prefill speed so that the step stays near ``STEP_TARGET_SECONDS``; with nobody
-generating a prompt still gets the whole batch, so an idle engine prefills at full speed.
+generating a prompt still gets the whole batch, so an idle engine prefills at full speed. Before
+any speed is known, a prompt next to a generating slot starts with a small chunk to learn it from.
 
 The speed is learned from the steps themselves (seconds per prompt token, a moving average that
 counts the generated rows of the step against the prompt, so it errs towards smaller chunks), so
@@ -17,6 +18,9 @@ from __future__ import annotations
 STEP_TARGET_SECONDS = 0.1
 MIN_CHUNK = 32
 """Never fewer prompt tokens than this per step: a long prompt still makes progress."""
+FIRST_CHUNK = 64
+"""While others generate and no prefill speed is known yet (no prompt of MIN_CHUNK tokens was
+decoded since the start), the chunk that measures it: a whole batch could be a multi-second step."""
 SMOOTHING = 0.3
 
 
@@ -26,8 +30,10 @@ class PrefillPacer:
 
     def budget(self, room: int, generating: bool) -> int:
         """Prompt tokens this step may carry, out of ``room`` free batch rows."""
-        if not generating or self._seconds_per_token is None:
+        if not generating:
             return room
+        if self._seconds_per_token is None:  # nothing learned yet: a small first chunk to learn from
+            return min(room, FIRST_CHUNK)
         return min(room, max(MIN_CHUNK, int(STEP_TARGET_SECONDS / self._seconds_per_token)))
 
     def observe(self, prompt_tokens: int, seconds: float) -> None:

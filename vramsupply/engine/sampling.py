@@ -39,28 +39,44 @@ class RequestSampler:
         self.sampler = chain.sampler
         self._grammar = grammar
         self._candidates = LlamaTokenDataArray(n_vocab=n_vocab) if grammar is not None else None
+        self._logits = np.zeros(n_vocab if grammar is not None else 0, dtype=np.single)
         self._one = (llama_cpp.llama_token_data * 1)()
         self._one_array = llama_cpp.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
         self.resampled = 0
         """Tokens the grammar refused, so that it was applied to the whole vocabulary."""
 
+    @property
+    def has_grammar(self) -> bool:
+        return self._grammar is not None
+
     def sample(self, ctx: llama_cpp.llama_context_p, row: int) -> int:
         """Sample ``row``'s logits and accept the token (into the chain and the grammar)."""
-        if self._grammar is None or self._candidates is None:
+        if self._grammar is None:
             return int(llama_cpp.llama_sampler_sample(self.sampler, ctx, row))
-        token = self._pick(ctx, row, through_grammar=False)
+        self.load(ctx, row)
+        return self.sample_loaded()
+
+    def load(self, ctx: llama_cpp.llama_context_p, row: int) -> None:
+        """Copy ``row``'s logits, so that ``sample_loaded`` may run after the next decode step
+        (on another thread: see ``offthread.py``)."""
+        logits = llama_cpp.llama_get_logits_ith(ctx, row)
+        np.copyto(self._logits, np.ctypeslib.as_array(logits, shape=self._logits.shape))
+
+    def sample_loaded(self) -> int:
+        """Sample the loaded logits through the grammar by rejection, and accept the token."""
+        assert self._grammar is not None
+        token = self._pick(through_grammar=False)
         if not self._grammar_allows(token):
             self.resampled += 1
-            token = self._pick(ctx, row, through_grammar=True)
+            token = self._pick(through_grammar=True)
         llama_cpp.llama_sampler_accept(self._grammar, token)
         llama_cpp.llama_sampler_accept(self.sampler, token)
         return token
 
-    def _pick(self, ctx: llama_cpp.llama_context_p, row: int, *, through_grammar: bool) -> int:
+    def _pick(self, *, through_grammar: bool) -> int:
         candidates = self._candidates
         assert candidates is not None
-        logits = llama_cpp.llama_get_logits_ith(ctx, row)
-        candidates.copy_logits(np.ctypeslib.as_array(logits, shape=(candidates.n_vocab,)))
+        candidates.copy_logits(self._logits)
         array = ctypes.byref(candidates.candidates)
         candidates.candidates.selected = -1
         if through_grammar:

@@ -37,6 +37,7 @@ from .pacing import PrefillPacer
 from .generation import Event, Finish, deliver
 from .logprobs import TokenLogprob, token_logprob
 from .model import Model
+from .offthread import OffThreadSampling
 from .prompt_cache import HostPromptCache
 from .sharing import share_prompt
 from .slots import NO_DRAFT, Slot, Task, choose_slot
@@ -44,6 +45,10 @@ from .speculative import lookup
 from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded, Usage
 
 log = logging.getLogger(__name__)
+
+PENDING_WAIT_SECONDS = 0.05
+"""While every active slot awaits a token from the grammar worker, how long to block before
+looking at the inbox again (a cancel or a new request)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ class Scheduler:
         self._draft_accepted_total = 0
         self._liveness = Liveness(stall_timeout)
         self._pacer = PrefillPacer()
+        self._offthread = OffThreadSampling()
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -181,14 +187,19 @@ class Scheduler:
             while self._serve_once():
                 pass
         except Exception as exc:
-            log.error("the scheduler thread failed: %r", exc)
-            log.debug("where the scheduler thread failed", exc_info=True)
-            self._liveness.died(f"the scheduler thread failed: {exc!r}")
-            with self._lock:
-                self._closed = True
-            self._drain_inbox()
-            self._fail_everything(EngineFailed(f"the scheduler thread failed: {exc!r}"))
-            self._flush_events()
+            self._died(exc)
+        finally:
+            self._offthread.close()
+
+    def _died(self, exc: Exception) -> None:
+        log.error("the scheduler thread failed: %r", exc)
+        log.debug("where the scheduler thread failed", exc_info=True)
+        self._liveness.died(f"the scheduler thread failed: {exc!r}")
+        with self._lock:
+            self._closed = True
+        self._drain_inbox()
+        self._fail_everything(EngineFailed(f"the scheduler thread failed: {exc!r}"))
+        self._flush_events()
 
     def _serve_once(self) -> bool:
         if not self._waiting and not self._active():
@@ -200,11 +211,24 @@ class Scheduler:
             self._flush_events()
             return False
         self._admit()
-        if self._active():
-            self._step()
+        self._take_sampled()
+        if self._active() and (self._step() or self._offthread.wait(self._slots, PENDING_WAIT_SECONDS)):
             self._liveness.progressed()
         self._flush_events()
         return True
+
+    def _take_sampled(self) -> None:
+        """Tokens sampled off the thread (grammar requests, ``offthread.py``) since the last step."""
+        generated = 0
+        for slot, result in self._offthread.ready(self._slots):
+            if isinstance(result, BaseException):
+                error = EngineError(f"sampling this request's grammar failed: {result}")
+                self._end_slot(slot, Finish(None, self._usage(slot), error))
+            else:
+                generated += self._on_token(slot, result)
+        if generated:
+            with self._lock:
+                self._completion_tokens_total += generated
 
     def _drain_inbox(self) -> None:
         while True:
@@ -298,8 +322,11 @@ class Scheduler:
                 slot.row = row if finishes_prompt else -1
         return [slot for slot, _ in plan]
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One decode of every slot with a row to add; False when none has (all await a token)."""
         plan = self._plan_step()
+        if not plan:
+            return False
         prefill = sum(len(chunk) for _, chunk in plan if chunk is not None)
         with self._lock:
             self._prefill_tokens_total += prefill
@@ -317,6 +344,7 @@ class Scheduler:
         if generated:
             with self._lock:
                 self._completion_tokens_total += generated
+        return True
 
     def _add_draft(self, slot: Slot) -> None:
         """Prompt lookup (see ``speculative``): append a guess of the next tokens, each with logits."""
@@ -331,7 +359,12 @@ class Scheduler:
         """Sample the slot's row; with a draft, go on row by row while the sampled token is the drafted one.
 
         Returns the completion tokens produced. Draft tokens that were not confirmed leave the KV.
+        A grammar request is sampled off the thread instead (``offthread.py``): 0 for now.
         """
+        if self._offthread.wanted(slot):
+            self._offthread.dispatch(slot, self._ctx)
+            slot.row = -1
+            return 0
         draft, slot.draft = slot.draft, NO_DRAFT
         first_row, generated, accepted = slot.row, 0, 0
         for i in range(len(draft) + 1):

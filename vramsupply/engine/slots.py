@@ -6,6 +6,7 @@ Only the scheduler thread reads or writes these.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +14,7 @@ import numpy as np
 from .generation import Channel
 from .sampling import RequestSampler
 from .speculative import DraftState
-from .text import TextStream
+from .text import StopStrings, TextStream
 
 NO_DRAFT = np.zeros(0, dtype=np.int32)
 
@@ -26,7 +27,7 @@ class Task:
     prompt: np.ndarray
     sampler: RequestSampler
     max_completion: int
-    stop: tuple[str, ...]
+    stop: StopStrings
     channel: Channel
     preserve: frozenset[int] = frozenset()
     logprobs: int | None = None  # top alternatives per token to report; None: no logprobs
@@ -57,6 +58,7 @@ class Slot:
         self.draft = NO_DRAFT  # prompt-lookup tokens in the current batch after next_token
         self.backend_sampled = False  # the task's chain runs in llama.cpp's graph (backend_sampling)
         self.drafts = DraftState(max_draft)
+        self.pending: Future[int] | None = None  # its token, being sampled off the thread (offthread)
 
     @property
     def prefilling(self) -> bool:
@@ -101,7 +103,11 @@ class Slot:
     def release(self) -> Task:
         task = self.task
         assert task is not None
-        task.sampler.close()
+        if self.pending is not None:  # the worker still walks the grammar: close the sampler after it
+            self.pending.add_done_callback(lambda _: task.sampler.close())
+            self.pending = None
+        else:
+            task.sampler.close()
         self.task = None
         self.stream = None
         self.next_token = None

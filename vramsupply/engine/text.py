@@ -13,45 +13,88 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 
-class StopMatcher:
-    """Finds the earliest stop string in streamed text, holding back partial matches."""
+class StopStrings:
+    """Stop strings with their KMP failure tables, compiled once per request.
+
+    Matching then costs each stop string a few steps per new character, however long it is and
+    however much text is held back; re-searching the held tail after every token would cost its
+    length (up to the longest stop string) per token, and finding the longest partial match by
+    trying every prefix length costs its square. The tables are built when the request is
+    submitted, off the scheduler thread.
+    """
 
     def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = tuple(s for s in stops if s)
+        self.stops = tuple(s for s in stops if s)
+        self.tables = tuple(_failure_table(s) for s in self.stops)
+
+    def __bool__(self) -> bool:
+        return bool(self.stops)
+
+
+def _failure_table(pattern: str) -> list[int]:
+    """``table[i]``: the length of the longest proper prefix of ``pattern[:i + 1]`` that is also its suffix."""
+    table = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = table[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        table[i] = k
+    return table
+
+
+class StopMatcher:
+    """Finds the earliest stop string in streamed text, holding back partial matches.
+
+    One KMP automaton per stop string: its state is the length of the longest suffix of the text
+    so far that is a prefix of that stop string, which is exactly what must be held back.
+    """
+
+    def __init__(self, stops: StopStrings | Sequence[str]) -> None:
+        self._set = stops if isinstance(stops, StopStrings) else StopStrings(stops)
+        self._states = [0] * len(self._set.stops)
         self._held = ""
 
     def push(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop string was hit).
 
         On a hit the returned text ends right before the stop string and the stream is over.
-        Only the held tail plus the new text is searched: the held tail is always shorter than
-        the longest stop string, so no match can start earlier.
         """
-        if not self._stops:
+        if not self._set:
             return text, False
         window = self._held + text
-        hit = min((i for i in (window.find(s) for s in self._stops) if i >= 0), default=-1)
-        if hit >= 0:
-            self._held = ""
-            return window[:hit], True
-        keep = self._partial_match_length(window)
+        offset = len(self._held)
+        for position, char in enumerate(text, start=offset + 1):
+            start = self._advance(char, position)
+            if start is not None:
+                self._held = ""
+                return window[:start], True
+        keep = max(self._states)
         self._held = window[len(window) - keep :]
         return window[: len(window) - keep], False
+
+    def _advance(self, char: str, end: int) -> int | None:
+        """Feed one character (the window's ``end``-th); where the earliest completed stop starts."""
+        hit = None
+        states = self._states
+        for n, (stop, table) in enumerate(zip(self._set.stops, self._set.tables)):
+            k = states[n]
+            while k and stop[k] != char:
+                k = table[k - 1]
+            if stop[k] == char:
+                k += 1
+            if k == len(stop):
+                start = end - k
+                hit = start if hit is None else min(hit, start)
+                k = table[k - 1]
+            states[n] = k
+        return hit
 
     def flush(self) -> str:
         """The held tail, once the stream ended without completing a stop string."""
         held, self._held = self._held, ""
         return held
-
-    def _partial_match_length(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
-        longest = 0
-        for stop in self._stops:
-            for size in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:size]):
-                    longest = size
-                    break
-        return longest
 
 
 @dataclass
@@ -63,7 +106,7 @@ class Delta:
 class TextStream:
     """Incremental UTF-8 decoding followed by stop-string matching, for one generation."""
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: StopStrings | Sequence[str]) -> None:
         # "replace" only matters for bytes that can never form valid UTF-8; incomplete
         # sequences stay buffered inside the decoder until the next piece completes them.
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
