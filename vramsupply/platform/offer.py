@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from vramsupply import __version__
@@ -89,10 +89,16 @@ class Offer:
 
 
 def build_offer(
-    options: MarketOptions, model: ModelIdentity, served_context: int, endpoint_token: str, *, capacity: api.Capacity | None = None
+    options: MarketOptions,
+    model: ModelIdentity,
+    served_context: int,
+    endpoint_token: str,
+    *,
+    capacity: api.Capacity | None = None,
+    hardware: dict[str, Any] | None = None,
 ) -> Offer:
-    """The register payload: the provider's terms, plus the model's identity, our token and the
-    measured capacity (when `vramsupply bench` measured this model)."""
+    """The register payload: the provider's terms, plus the model's identity, our token, the
+    measured capacity (when `vramsupply bench` measured this model) and where the model runs."""
     warnings = check_endpoint_url(options.endpoint_url, local_ok=options.local_ok)
     offered = options.context_length_offered or served_context
     if offered > served_context:
@@ -111,6 +117,7 @@ def build_offer(
         agent_version=__version__,
         endpoint_token=endpoint_token,
         **({"capacity": capacity} if capacity is not None else {}),
+        **({"hardware": hardware} if hardware is not None else {}),
     )
     return Offer(request, warnings, options.platform_url)
 

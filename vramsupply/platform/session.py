@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from vramsupply.logging import register_secret
 from vramsupply.platform import api
@@ -52,6 +52,7 @@ class MarketplaceSession:
         self.lifecycle: ProviderLifecycle | None = None
         self.local_url: str | None = None  # where this machine reaches the agent, once it listens
         self.capacity: api.Capacity | None = None
+        self.hardware: dict[str, Any] | None = None  # where the model runs, with CPU-fallback warnings
         self._pending: tuple[ModelIdentity, int, Callable[[], ServingStats]] | None = None
 
     @classmethod
@@ -72,7 +73,7 @@ class MarketplaceSession:
 
     def offer(self, model: ModelIdentity, served_context: int) -> Offer:
         """The register payload for the model as served; raises OfferError when it cannot be offered."""
-        return build_offer(self.options, model, served_context, self.endpoint_token, capacity=self.capacity)
+        return build_offer(self.options, model, served_context, self.endpoint_token, capacity=self.capacity, hardware=self.hardware)
 
     def start(self, offer: Offer, stats: Callable[[], ServingStats]) -> ProviderLifecycle:
         """Register ``offer`` in the background and keep heartbeating; call once the server answers."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from rich.console import Console
@@ -184,7 +183,9 @@ def placement_of(backend: Backend) -> PlacementMonitor | None:
 def start_marketplace(market: MarketplaceSession, model: ModelIdentity, backend: Backend, hardware: dict[str, Any] | None = None) -> None:
     """Print the offer and what it earns, log its warnings, then register and heartbeat in the background.
 
-    ``hardware`` (where the model runs, with any CPU-fallback warnings) goes with the registration."""
+    ``hardware`` (where the model runs, with any CPU-fallback warnings) goes with the registration,
+    also the one made once a tunnel has its URL."""
+    market.hardware = hardware
     if market.waiting_for_url:
         options = market.options
         print(f"offering {model.model_id} through a {options.tunnel} tunnel on {options.platform_url}: registering once it has a public URL", flush=True)
@@ -192,8 +193,6 @@ def start_marketplace(market: MarketplaceSession, model: ModelIdentity, backend:
         market.start_when_reachable(model, backend.n_ctx, backend.stats)
         return
     offer = market.offer(model, backend.n_ctx)
-    if hardware is not None:
-        offer = replace(offer, request=offer.request.model_copy(update={"hardware": hardware}))
     for line in offer.summary():
         print(line, flush=True)
     for warning in offer.warnings:
