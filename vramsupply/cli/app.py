@@ -1,0 +1,120 @@
+"""The root `vramsupply` app, what every command shares (consoles, one-line errors, settings),
+and ``main``: the CLI's one error boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from vramsupply import __version__
+from vramsupply.config import Settings, config_path, display_value, load_settings, write_config_values
+from vramsupply.errors import Interrupted, VramsupplyError
+
+app = typer.Typer(
+    name="vramsupply",
+    help="Serve GGUF models on the vram.supply marketplace.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+service_app = typer.Typer(help="Run the agent as a systemd service.", no_args_is_help=True)
+app.add_typer(service_app, name="service")
+models_app = typer.Typer(help="Find, download and manage GGUF models in the shared HuggingFace cache.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def report(message: str) -> None:
+    """One readable line on stderr (printed as text: brackets in a message are not markup)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Refuse a command's own arguments: one line on stderr and a non-zero exit."""
+    report(message)
+    raise typer.Exit(code)
+
+
+def settings_from(flags: dict[str, Any]) -> Settings:
+    return load_settings(flags).settings
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        console.print(f"vramsupply {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """vramsupply: the provider agent of the vram.supply inference marketplace."""
+
+
+@config_app.command("show")
+def config_show(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+    """Show every effective setting and where it came from (secrets masked)."""
+    loaded = load_settings()
+    rows = [(name, display_value(loaded.settings, name), loaded.sources[name]) for name in Settings.model_fields]
+    if as_json:
+        console.print_json(json.dumps({name: {"value": value, "source": source} for name, value, source in rows}))
+        return
+    table = Table(title=f"vramsupply settings (config file: {config_path()})")
+    for column in ("setting", "value", "source"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def login(
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="API key; prompted for (hidden) when omitted."),
+) -> None:
+    """Store your vram.supply API key in the config file (mode 0600)."""
+    key = api_key if api_key is not None else typer.prompt("vram.supply API key", hide_input=True)
+    key = key.strip()
+    if not key or any(ch.isspace() for ch in key):
+        fail("the API key must be a single non-empty word")
+    path = config_path()
+    write_config_values(path, {"api_key": key})
+    console.print(f"API key saved to {path} (mode 0600).")
+
+
+USER_UNIT_OPTION = typer.Option(False, "--user", help="The per-user service (systemctl --user) instead of the system one.")
+UNIT_DIR_OPTION = typer.Option(None, "--unit-dir", help="Directory for the unit file (default: systemd's own).")
+ENV_FILE_OPTION = typer.Option(None, "--env-file", help="Settings file the unit reads (default: /etc/vramsupply/env; with --user ~/.config/vramsupply/env).")
+QUANT_OPTION = typer.Option(None, "--quant", help="Quantization, e.g. Q4_K_M (default: the quant setting).")
+CACHE_DIR_OPTION = typer.Option(None, "--cache-dir", help="HuggingFace cache dir (default: the cache_dir setting, else the shared HF cache).")
+JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+def main() -> None:
+    """The CLI's one error boundary: a known error becomes one line on stderr and its exit code.
+
+    Usage errors (unknown flag, bad type) are typer's, formatted and exited (2) inside ``app()``.
+    An interrupt that reaches here arrived outside any command's own signal handling (while
+    Python was still importing, say): exit 130 quietly, as a shell expects.
+    """
+    try:
+        app()
+    except VramsupplyError as exc:
+        report(str(exc))
+        sys.exit(exc.exit_code)
+    except OSError as exc:  # the system refused something no module turned into a VramsupplyError
+        report(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc))
+        sys.exit(1)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sys.exit(Interrupted.exit_code)

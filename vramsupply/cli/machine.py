@@ -1,0 +1,72 @@
+"""What this machine can do: `doctor` (ready to serve?), `plan` (what fits in memory), `bench` (how fast)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Optional
+
+import typer
+
+from .app import JSON_OPTION, app, console, err_console, settings_from
+
+
+@app.command()
+def doctor(as_json: bool = JSON_OPTION) -> None:
+    """Check this machine for serving: GPU build, driver, a 1-token decode, memory, disk, port, platform, key, endpoint, clock."""
+    from vramsupply.gpu.doctor import doctor_text, run_checks
+
+    results = run_checks(settings_from({}))
+    if as_json:
+        typer.echo(json.dumps({"checks": [r.as_json() for r in results]}, indent=2))
+    else:
+        for line in doctor_text(results):
+            console.print(line, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if all(r.ok for r in results) else 1)
+
+
+@app.command()
+def plan(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A local .gguf path or org/model on HuggingFace (default: the model setting)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Plan for this quant only (default: choose the best that fits)."),
+    context_length: Optional[int] = typer.Option(None, "--context-length", help="Context window per slot, in tokens."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots: requests decoded concurrently."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Show the memory each quant needs on this machine's devices and which fits, before any download (exit 1: nothing fits)."""
+    from vramsupply.gpu.planning import plan_for, plan_summary, plan_table
+
+    settings = settings_from({"model": model, "quant": quant, "context_length": context_length, "parallel": parallel})
+    explicit = settings.model_fields_set
+    result = plan_for(settings, quant_explicit="quant" in explicit, context_explicit="context_length" in explicit, parallel_explicit="parallel" in explicit)
+    if as_json:
+        typer.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        console.print(plan_table(result))
+        for line in plan_summary(result):
+            console.print(line, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if result.chosen is not None else 1)
+
+
+@app.command()
+def bench(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to measure (default: the model setting)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Quantization, e.g. Q4_K_M (default: the quant setting)."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots to fill in the second phase (default: the parallel setting)."),
+    seconds: float = typer.Option(30.0, "--seconds", min=3.0, max=600.0, help="About how long the whole measurement takes."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stored result as JSON."),
+) -> None:
+    """Measure this machine's tokens per second for the model, at 1 stream and with every slot busy; serve reports it."""
+    from vramsupply.throughput import default_bench_path, run_bench
+
+    settings = settings_from({"model": model, "quant": quant, "parallel": parallel})
+    result = asyncio.run(run_bench(settings, seconds, progress=lambda line: err_console.print(f"bench: {line}", highlight=False)))
+    if as_json:
+        print(result.model_dump_json(indent=2))
+        return
+    console.print(
+        f"{result.model}: {result.single_stream_tokens_per_second:,.1f} tok/s with 1 stream, "
+        f"{result.all_slots_tokens_per_second:,.1f} tok/s with {result.parallel} slots busy; saved to {default_bench_path()}",
+        highlight=False,
+        soft_wrap=True,
+    )

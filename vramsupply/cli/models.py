@@ -1,0 +1,100 @@
+"""`vramsupply models ...`: GGUFs in the shared HuggingFace cache."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import CACHE_DIR_OPTION, JSON_OPTION, QUANT_OPTION, console, fail, models_app, settings_from
+
+
+@models_app.command("resolve")
+def models_resolve(
+    model: str = typer.Argument(..., help="org/model, or the id of a GGUF repo."),
+    quant: Optional[str] = QUANT_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Show which GGUF repo, commit and file(s) a model and quant resolve to, without downloading."""
+    from vramsupply.hub import HubAccess, is_local_path, resolve
+    from vramsupply.hub.views import resolved_json, resolved_table
+
+    if is_local_path(model):
+        fail(f"{model} is a local file: only HuggingFace ids are resolved (serve and models pull accept local paths)")
+    settings = settings_from({"quant": quant})
+    resolved = resolve(model, settings.quant, access=HubAccess.from_env(settings.download_timeout), publishers=settings.gguf_publishers)
+    if as_json:
+        console.print_json(json.dumps(resolved_json(resolved)))
+    else:
+        console.print(resolved_table(resolved))
+
+
+@models_app.command("pull")
+def models_pull(
+    model: str = typer.Argument(..., help="org/model, a GGUF repo id, or a local .gguf path (checked only)."),
+    quant: Optional[str] = QUANT_OPTION,
+    cache_dir: Optional[Path] = CACHE_DIR_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Download and verify a model into the cache (resumes an interrupted download)."""
+    from vramsupply.hub import prepare_configured
+    from vramsupply.hub.views import local_model_json
+
+    settings = settings_from({"quant": quant, "cache_dir": cache_dir})
+    local = prepare_configured(model, settings, progress=True)
+    if as_json:
+        console.print_json(json.dumps(local_model_json(local)))
+    else:
+        console.print(" ".join(filter(None, (local.model_id, local.quant, "ready:", str(local.path)))), highlight=False, soft_wrap=True)
+
+
+@models_app.command("list")
+def models_list(cache_dir: Optional[Path] = CACHE_DIR_OPTION, as_json: bool = JSON_OPTION) -> None:
+    """List the models vramsupply downloaded, with sizes and whether they are verified."""
+    from vramsupply.hub import default_cache_dir, list_cached
+    from vramsupply.hub.views import cached_json, cached_table
+
+    cache = settings_from({"cache_dir": cache_dir}).cache_dir or default_cache_dir()
+    models = list_cached(cache)
+    if as_json:
+        console.print_json(json.dumps(cached_json(models)))
+    elif not models:
+        console.print(f"no models downloaded by vramsupply in {cache}", highlight=False)
+    else:
+        console.print(cached_table(models, cache))
+
+
+@models_app.command("rm")
+def models_rm(
+    model: Optional[str] = typer.Argument(None, help="org/model or GGUF repo id to remove (all its quants)."),
+    remove_all: bool = typer.Option(False, "--all", help="Remove every model vramsupply downloaded."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    cache_dir: Optional[Path] = CACHE_DIR_OPTION,
+) -> None:
+    """Remove downloaded models from the cache; files other tools still use are kept."""
+    from rich.filesize import decimal
+
+    from vramsupply.hub import default_cache_dir, list_cached, remove_cached
+
+    if (model is None) == (not remove_all):
+        fail("name one model (org/model or GGUF repo id) or pass --all")
+    cache = settings_from({"cache_dir": cache_dir}).cache_dir or default_cache_dir()
+    doomed = list_cached(cache, model)
+    if not doomed:
+        if remove_all:
+            console.print(f"no models downloaded by vramsupply in {cache}", highlight=False)
+            return
+        fail(f"no downloaded model matches {model}; `vramsupply models list` shows what is in {cache}")
+    if not yes:
+        if not sys.stdin.isatty():
+            fail("refusing to delete models without confirmation: pass --yes")
+        for item in doomed:
+            console.print(f"  {item.model_id} {item.quant} ({item.repo_id}, {decimal(item.on_disk)})", highlight=False)
+        if not typer.confirm(f"Remove {len(doomed)} model(s) from {cache}?"):
+            fail("nothing removed")
+    removed = remove_cached(cache, model)
+    for item in removed:
+        console.print(f"removed {item.model_id} {item.quant} ({item.repo_id}, {decimal(item.on_disk)})", highlight=False)

@@ -1,0 +1,70 @@
+"""`vramsupply serve`: every setting as a flag, then the serve lifecycle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import CACHE_DIR_OPTION, QUANT_OPTION, app, settings_from
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A local .gguf path or org/model on HuggingFace (default: the model setting)."),
+    quant: Optional[str] = QUANT_OPTION,
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default: the host setting, 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port to listen on; 0 picks a free one (default: the port setting, 8080)."),
+    context_length: Optional[int] = typer.Option(None, "--context-length", "--max-model-len", help="Context window per request, in tokens (vLLM's --max-model-len)."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots: requests decoded concurrently."),
+    n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", help="Layers offloaded to the GPU (-1: all)."),
+    n_batch: Optional[int] = typer.Option(None, "--n-batch", help="Maximum tokens per decode step (default 2048)."),
+    n_ubatch: Optional[int] = typer.Option(None, "--n-ubatch", help="Physical micro-batch size (default 512)."),
+    flash_attention: Optional[str] = typer.Option(None, "--flash-attention", help="auto, on or off (default auto)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for decoding and prompts (default: physical cores to decode, all CPUs for prompts)."),
+    cache_type_k: Optional[str] = typer.Option(None, "--cache-type-k", help="KV cache type for keys: f16, q8_0 or q4_0."),
+    cache_type_v: Optional[str] = typer.Option(None, "--cache-type-v", help="KV cache type for values: f16, q8_0 or q4_0 (quantized needs flash attention)."),
+    split_mode: Optional[str] = typer.Option(None, "--split-mode", help="Split across GPUs by layer, row, or none."),
+    main_gpu: Optional[int] = typer.Option(None, "--main-gpu", help="The GPU for the whole model with --split-mode none."),
+    tensor_split: Optional[str] = typer.Option(None, "--tensor-split", help="Share of the model per GPU, e.g. 3,1."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="GPUs to use, e.g. CUDA0,CUDA1 (vramsupply doctor lists them)."),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests that may wait for a slot before new ones get 429."),
+    stall_timeout: Optional[float] = typer.Option(None, "--stall-timeout", help="Seconds a decode step may run while requests wait before the engine counts as failed (default 600)."),
+    cache_ram: Optional[int] = typer.Option(None, "--cache-ram", help="MiB of RAM for the prompt cache (default: 1/4 of free RAM, at most 8192; 0: off)."),
+    draft_max: Optional[int] = typer.Option(None, "--draft-max", help="Tokens prompt lookup may draft per step for a lone request (default: 8 on a GPU, 0 = off on a CPU)."),
+    backend_sampling: Optional[bool] = typer.Option(None, "--backend-sampling", help="Sample on the device, so logits never cross to the host (for GPUs)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="llama.cpp (default), vllm, sglang, or upstream (a running OpenAI-compatible server)."),
+    upstream_url: Optional[str] = typer.Option(None, "--upstream-url", help="The running server's base URL, for --engine upstream."),
+    upstream_api_key: Optional[str] = typer.Option(None, "--upstream-api-key", help="API key the upstream server requires."),
+    upstream_model: Optional[str] = typer.Option(None, "--upstream-model", help="The model's name at the upstream, or the weights repo vLLM/SGLang load."),
+    engine_command: Optional[str] = typer.Option(None, "--engine-command", help="Command that starts vLLM/SGLang (default: vllm serve / python3 -m sglang.launch_server)."),
+    engine_args: Optional[str] = typer.Option(None, "--engine-args", help="Extra arguments for vLLM/SGLang, as one quoted string."),
+    tensor_parallel_size: Optional[int] = typer.Option(None, "--tensor-parallel-size", "--tp", help="GPUs the model is split across (vLLM/SGLang)."),
+    pipeline_parallel_size: Optional[int] = typer.Option(None, "--pipeline-parallel-size", help="Pipeline stages across GPUs or Ray nodes (vLLM)."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", help="Nodes an SGLang deployment spans."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="This node's rank (SGLang multi-node)."),
+    dist_init_addr: Optional[str] = typer.Option(None, "--dist-init-addr", help="SGLang's rank-0 address, host:port."),
+    engine_start_timeout: Optional[float] = typer.Option(None, "--engine-start-timeout", help="Seconds vLLM/SGLang may take to become ready (default 1800)."),
+    drain_timeout: Optional[float] = typer.Option(None, "--drain-timeout", help="Seconds in-flight requests may take to finish on stop (default 30)."),
+    no_register: Optional[bool] = typer.Option(None, "--no-register", help="Serve locally only: do not register with the platform."),
+    endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help="Public base URL the platform routes buyers to (required to register)."),
+    tunnel: Optional[str] = typer.Option(None, "--tunnel", help="Get a public URL from a tunnel tool instead of --endpoint-url: cloudflared."),
+    input_price: Optional[int] = typer.Option(None, "--input-price", help="Input price, cents per million tokens (default 100)."),
+    output_price: Optional[int] = typer.Option(None, "--output-price", help="Output price, cents per million tokens (default 200)."),
+    context_length_offered: Optional[int] = typer.Option(None, "--context-length-offered", help="Context advertised to buyers (default: the served context)."),
+    heartbeat_interval: Optional[float] = typer.Option(None, "--heartbeat-interval", help="Seconds between heartbeats (default 30)."),
+    platform_url: Optional[str] = typer.Option(None, "--platform-url", help="Platform API base URL (default https://vram.supply)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="vram.supply API key (default: the one `vramsupply login` stored)."),
+    cache_dir: Optional[Path] = CACHE_DIR_OPTION,
+    log_level: Optional[str] = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
+    demo: bool = typer.Option(False, "--demo", help="Run a local reference platform in-process, serve the bundled tiny model, register and buy one answer."),
+) -> None:
+    """Serve a model (a GGUF with llama.cpp, or through vLLM, SGLang or a running server) until Ctrl-C or SIGTERM."""
+    flags = dict(locals())  # every parameter is named after the setting it overrides
+    flags.pop("demo")
+    from vramsupply.devplatform.demo import DemoHook
+    from vramsupply.serve import run_serve
+    from vramsupply.server import loop
+
+    loop.run(run_serve(settings_from(flags), hook=DemoHook() if demo else None))
