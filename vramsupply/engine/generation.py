@@ -82,6 +82,21 @@ def deliver(events: list[Event]) -> None:
         event.channel.push(event)
 
 
+def post(events: list[Event]) -> list[asyncio.AbstractEventLoop]:
+    """Hand one step's events over with one ``call_soon_threadsafe`` per consumer loop; returns
+    the loops that are closed (nobody can read their requests any more)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Event]] = {}
+    for event in events:
+        by_loop.setdefault(event.channel.loop, []).append(event)
+    closed = []
+    for loop, loop_events in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(deliver, loop_events)
+        except RuntimeError:
+            closed.append(loop)
+    return closed
+
+
 class Generation:
     """One submitted request. Iterate it for non-empty text deltas; stop strings never appear.
 

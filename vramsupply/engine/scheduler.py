@@ -10,7 +10,8 @@ Modelled on llama-server's ``update_slots``. Each step:
    generate: ``pacing.py``), written in sequence-id order so llama.cpp can decode them in as few
    forward passes as possible;
 3. call ``llama_decode`` once (it releases the GIL), sample every slot that has a logits row with
-   its own sampler chain, and turn tokens into text deltas;
+   its own sampler chain (``rows.py``; a grammar request's token is sampled on a worker thread and
+   joins a later step, ``offthread.py``), and turn tokens into text deltas;
 4. hand the step's events to each consumer event loop with a single ``call_soon_threadsafe``.
 
 When no request is active the thread blocks on the inbox, so an idle engine costs nothing.
@@ -22,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass
 from itertools import count
 
@@ -32,16 +33,16 @@ from llama_cpp._internals import LlamaContext
 
 from . import backend_sampling
 from .batch import Batch
+from .counters import Counters
 from .liveness import DEFAULT_STALL_TIMEOUT, Liveness
 from .pacing import PrefillPacer
-from .generation import Event, Finish, deliver
-from .logprobs import TokenLogprob, token_logprob
+from .generation import Event, Finish, post
+from .logprobs import TokenLogprob
 from .model import Model
-from .offthread import OffThreadSampling
+from .rows import RowSampler
 from .prompt_cache import HostPromptCache
 from .sharing import share_prompt
-from .slots import NO_DRAFT, Slot, Task, choose_slot
-from .speculative import lookup
+from .slots import Slot, Task, choose_slot
 from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded, Usage
 
 log = logging.getLogger(__name__)
@@ -96,21 +97,14 @@ class Scheduler:
         self._events: list[Event] = []
         self._clock = count(1)
         self._stopping = False
-        # Shared with other threads, guarded by _lock.
-        self._lock = threading.Lock()
+        # Shared with other threads, guarded by the counters' lock.
+        self._counters = Counters()
+        self._lock = self._counters.lock
         self._closed = False
-        self._outstanding = 0
-        self._busy = 0
-        self._prompt_tokens_total = 0
-        self._completion_tokens_total = 0
-        self._cached_tokens_total = 0
-        self._prefill_tokens_total = 0
-        self._requests_total = 0
-        self._draft_tokens_total = 0
-        self._draft_accepted_total = 0
         self._liveness = Liveness(stall_timeout)
         self._pacer = PrefillPacer()
-        self._offthread = OffThreadSampling()
+        self._rows = RowSampler(self._ctx, self._memory, model.n_vocab, self._counters)
+        self._offthread = self._rows.offthread
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -123,34 +117,30 @@ class Scheduler:
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is closed")
-            if self._outstanding >= self._capacity:
-                waiting = self._outstanding - self._busy
+            counters = self._counters
+            if counters.outstanding >= self._capacity:
+                waiting = counters.outstanding - counters.busy
                 raise Overloaded(f"all {len(self._slots)} slots are busy and {waiting} requests are already waiting")
-            if self._outstanding == 0:
+            if counters.outstanding == 0:
                 self._liveness.progressed()  # the stall clock runs only while there is work
-            self._outstanding += 1
-            self._requests_total += 1
+            counters.outstanding += 1
+            counters.requests_total += 1
             self._inbox.put(_Submit(task))
 
     def cancel(self, task_id: str) -> None:
         self._inbox.put(_Cancel(task_id))
 
     def stats(self) -> EngineStats:
+        counters = self._counters
         with self._lock:
             return EngineStats(
                 slots_total=len(self._slots),
-                slots_busy=self._busy,
-                queue_depth=self._outstanding - self._busy,
-                prompt_tokens_total=self._prompt_tokens_total,
-                completion_tokens_total=self._completion_tokens_total,
-                cached_tokens_total=self._cached_tokens_total,
-                requests_total=self._requests_total,
+                slots_busy=counters.busy,
+                queue_depth=counters.outstanding - counters.busy,
                 prompt_cache_bytes=self._prompt_cache.entries.nbytes if self._prompt_cache else 0,
                 prompt_cache_entries=len(self._prompt_cache.entries) if self._prompt_cache else 0,
-                draft_tokens_total=self._draft_tokens_total,
-                draft_accepted_total=self._draft_accepted_total,
-                prefill_tokens_total=self._prefill_tokens_total,
                 failure=self._failure(),
+                **counters.totals(),
             )
 
     def _failure(self) -> str | None:
@@ -158,7 +148,7 @@ class Scheduler:
         running = not self._closed and self._thread.ident is not None
         if running and not self._thread.is_alive():
             return "the scheduler thread exited unexpectedly"
-        return self._liveness.failure(pending=self._outstanding > 0, running=running)
+        return self._liveness.failure(pending=self._counters.outstanding > 0, running=running)
 
     @property
     def closed(self) -> bool:
@@ -226,9 +216,7 @@ class Scheduler:
                 self._end_slot(slot, Finish(None, self._usage(slot), error))
             else:
                 generated += self._on_token(slot, result)
-        if generated:
-            with self._lock:
-                self._completion_tokens_total += generated
+        self._counters.add(completion_tokens_total=generated)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -279,11 +267,10 @@ class Scheduler:
             slot.begin(task, keep, next(self._clock))
             if task.backend_sampling:
                 slot.backend_sampled = backend_sampling.attach(self._ctx, slot.seq_id, task.sampler.sampler)
-            with self._lock:
-                self._busy += 1
-                if task.shares_prompt_with is None:  # a request's prompt counts once, however many choices
-                    self._prompt_tokens_total += len(task.prompt)
-                    self._cached_tokens_total += keep
+            if task.shares_prompt_with is None:  # a request's prompt counts once, however many choices
+                self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
+            else:
+                self._counters.add(busy=1)
 
     def _plan_step(self) -> list[tuple[Slot, np.ndarray | None]]:
         """What each slot puts in the batch: generating slots one token (``None``) first, so
@@ -314,7 +301,7 @@ class Scheduler:
                 slot.record_one(token)
                 slot.next_token = None
                 if alone and self._max_draft and not slot.backend_sampled:
-                    self._add_draft(slot)
+                    self._rows.add_draft(slot, batch)
             else:
                 finishes_prompt = slot.n_cached + len(chunk) == len(slot.task.prompt)
                 row = batch.add_chunk(chunk, slot.n_cached, slot.seq_id, logits_for_last=finishes_prompt)
@@ -328,71 +315,20 @@ class Scheduler:
         if not plan:
             return False
         prefill = sum(len(chunk) for _, chunk in plan if chunk is not None)
-        with self._lock:
-            self._prefill_tokens_total += prefill
+        self._counters.add(prefill_tokens_total=prefill)
         in_batch = self._fill_batch(plan)
         started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, self._batch.for_decode())
         if status != 0:
             self._decode_failed(in_batch, status)
-            return
+            return True
         generated = 0
         for slot in in_batch:
             if slot.row >= 0:
-                generated += self._sample(slot)
+                generated += self._rows.sample(slot, self._on_token)
         self._pacer.observe(prefill, time.perf_counter() - started)
-        if generated:
-            with self._lock:
-                self._completion_tokens_total += generated
+        self._counters.add(completion_tokens_total=generated)
         return True
-
-    def _add_draft(self, slot: Slot) -> None:
-        """Prompt lookup (see ``speculative``): append a guess of the next tokens, each with logits."""
-        room = min(slot.task.max_completion - slot.completion_tokens - 1, self._batch.free)
-        draft = lookup(slot.cached[: slot.n_cached], min(slot.drafts.wanted(), room)).copy()
-        for token in draft:
-            self._batch.add(int(token), slot.n_cached, slot.seq_id)
-            slot.record_one(int(token))
-        slot.draft = draft
-
-    def _sample(self, slot: Slot) -> int:
-        """Sample the slot's row; with a draft, go on row by row while the sampled token is the drafted one.
-
-        Returns the completion tokens produced. Draft tokens that were not confirmed leave the KV.
-        A grammar request is sampled off the thread instead (``offthread.py``): 0 for now.
-        """
-        if self._offthread.wanted(slot):
-            self._offthread.dispatch(slot, self._ctx)
-            slot.row = -1
-            return 0
-        draft, slot.draft = slot.draft, NO_DRAFT
-        first_row, generated, accepted = slot.row, 0, 0
-        for i in range(len(draft) + 1):
-            slot.row = first_row + i
-            if slot.backend_sampled:
-                token = backend_sampling.sample(self._ctx, slot.task.sampler.sampler, slot.row)
-            else:
-                token = slot.task.sampler.sample(self._ctx, slot.row)
-            generated += self._on_token(slot, token, self._logprob(slot, token))
-            if slot.task is None or i == len(draft) or token != draft[i]:
-                break
-            accepted += 1
-        slot.row = -1
-        if len(draft):
-            slot.drafts.update(len(draft), accepted)
-            with self._lock:
-                self._draft_tokens_total += len(draft)
-                self._draft_accepted_total += accepted
-            valid = slot.n_cached - len(draft) + accepted
-            if valid < slot.n_cached:
-                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, valid, -1)
-                slot.n_cached = valid
-        return generated
-
-    def _logprob(self, slot: Slot, token: int) -> TokenLogprob | None:
-        """Only for requests that asked: a pass over the vocabulary's logits per token."""
-        top_n = slot.task.logprobs
-        return None if top_n is None else token_logprob(self._ctx, slot.row, self._model.n_vocab, token, top_n)
 
     def _on_token(self, slot: Slot, token: int, logprob: TokenLogprob | None = None) -> int:
         """Stream one sampled token; returns how many completion tokens it counts for (0 or 1)."""
@@ -432,16 +368,13 @@ class Scheduler:
             slot.backend_sampled = False
         task = slot.release()
         self._events.append(Event(task.channel, text, token, finish, logprob))
-        with self._lock:
-            self._busy -= 1
-            self._outstanding -= 1
+        self._counters.add(busy=-1, outstanding=-1)
 
     def _end_waiting(self, task: Task, reason: str | None, error: EngineError | None = None) -> None:
         """End a request that never reached a slot: its usage is its prompt length and nothing else."""
         task.sampler.close()
         self._events.append(Event(task.channel, "", None, Finish(reason, Usage(len(task.prompt), 0, 0), error)))
-        with self._lock:
-            self._outstanding -= 1
+        self._counters.add(outstanding=-1)
 
     def _fail_everything(self, error: EngineError) -> None:
         for slot in self._active():
@@ -452,16 +385,9 @@ class Scheduler:
 
     def _flush_events(self) -> None:
         """One ``call_soon_threadsafe`` per consumer loop per step, carrying all its events."""
-        if not self._events:
-            return
-        events, self._events = self._events, []
-        by_loop = defaultdict(list)
-        for event in events:
-            by_loop[event.channel.loop].append(event)
-        for loop, loop_events in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(deliver, loop_events)
-            except RuntimeError:
+        if self._events:
+            events, self._events = self._events, []
+            for loop in post(events):
                 self._abandon(loop)
 
     def _abandon(self, loop: object) -> None:
