@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -43,14 +44,34 @@ def create_app(
     state = ServerState(model_id, aliases, endpoint_token)
     if engine is not None:
         state.attach(engine)
+    return openai_app(state, max_body_bytes, Routes(chat_completions, completions, list_models, retrieve_model, health, metrics))
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Who answers each route of the OpenAI surface (our engine, or the upstream front)."""
+
+    chat: Handler
+    completions: Handler
+    models: Handler
+    model: Handler
+    health: Handler
+    metrics: Handler
+
+
+def openai_app(state: ServerState, max_body_bytes: int, routes: Routes) -> web.Application:
+    """The OpenAI surface behind our middlewares (metrics, OpenAI-shaped errors, the endpoint token)."""
     app = web.Application(client_max_size=max_body_bytes, middlewares=[metrics_middleware, error_middleware, auth_middleware])
     app[SERVER_STATE] = state
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/chat/completions", routes.chat)
+    app.router.add_post("/v1/completions", routes.completions)
+    app.router.add_get("/v1/models", routes.models)
+    app.router.add_get("/v1/models/{model:.+}", routes.model)
+    app.router.add_get("/health", routes.health)
+    app.router.add_get("/metrics", routes.metrics)
     return app
 
 

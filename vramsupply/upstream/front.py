@@ -23,8 +23,8 @@ from aiohttp import web
 from prometheus_client import Gauge
 
 from vramsupply.engine import EngineStats
-from vramsupply.server.app import auth_middleware, metrics_middleware, model_card
-from vramsupply.server.errors import ApiError, error_middleware
+from vramsupply.server.app import Routes, model_card, openai_app
+from vramsupply.server.errors import ApiError
 from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vramsupply.server.responses import ModelList
 from vramsupply.server.state import SERVER_STATE, ServerState
@@ -135,15 +135,7 @@ def unavailable_error(reason: str) -> ApiError:
 def create_front_app(state: FrontState, *, max_body_bytes: int) -> web.Application:
     from vramsupply.upstream.proxy import forward_chat, forward_completion
 
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[metrics_middleware, error_middleware, auth_middleware])
-    app[SERVER_STATE] = state
-    app.router.add_post("/v1/chat/completions", forward_chat)
-    app.router.add_post("/v1/completions", forward_completion)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    return app
+    return openai_app(state, max_body_bytes, Routes(forward_chat, forward_completion, list_models, retrieve_model, health, metrics))
 
 
 def front_state(request: web.Request) -> FrontState:
