@@ -1,8 +1,8 @@
 """Grammars that force a tool call (``tool_choice`` ``required`` or a named function).
 
 The call is written in the template family's own syntax, and its arguments must match the tool's
-JSON schema, so a forced call always parses and validates. The arguments' rules come from
-llama-cpp-python's JSON-schema converter (the one ``response_format`` uses); one converter is
+JSON schema, so a forced call always parses and validates. The arguments' rules come from the
+JSON-schema converter ``response_format`` uses too (``schema.py``); one converter instance is
 shared by all the tools, so their rules live in one grammar without clashing.
 """
 
@@ -12,55 +12,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from llama_cpp.llama_grammar import SchemaConverter
-
 from .formats import ReasoningMarkers
+from .schema import JsonSchemaConverter
 from .syntaxes import ToolSyntax
 
 _EMPTY_OBJECT = {"type": "object", "properties": {}}
-# Integer ranges up to this many values become an alternation of their literals.
-MAX_LISTED_INTEGERS = 1000
-
-
-# A JSON string character: llama-cpp-python's rule lets raw control characters (a newline) into
-# strings, which makes the JSON invalid; llama.cpp's own converter excludes them, as here.
-JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
-
-
-class _Converter(SchemaConverter):
-    """llama-cpp-python's converter, with JSON-valid string characters and integer bounds
-    (``minimum``/``maximum``, which it ignores).
-
-    A bounded range of up to ``MAX_LISTED_INTEGERS`` values is listed; a lower bound of 0 or 1
-    alone is a digit pattern. Other numeric bounds are not enforced by the grammar.
-    """
-
-    def format_grammar(self) -> str:
-        if "char" in self._rules:
-            self._rules["char"] = JSON_CHAR
-        return super().format_grammar()
-
-    def visit(self, schema: Any, name: str) -> str:
-        if isinstance(schema, dict) and schema.get("type") == "integer":
-            rule = _integer_rule(schema)
-            if rule is not None:
-                return self._add_rule(f"{name or 'root'}-int", f"({rule}) space")
-        return super().visit(schema, name)
-
-
-def _integer_rule(schema: dict[str, Any]) -> str | None:
-    low, high = schema.get("minimum"), schema.get("maximum")
-    if isinstance(schema.get("exclusiveMinimum"), (int, float)):
-        low = schema["exclusiveMinimum"] + 1
-    if isinstance(schema.get("exclusiveMaximum"), (int, float)):
-        high = schema["exclusiveMaximum"] - 1
-    if not all(v is None or (isinstance(v, (int, float)) and float(v).is_integer()) for v in (low, high)):
-        return None
-    if low is not None and high is not None and 0 <= high - low < MAX_LISTED_INTEGERS:
-        return " | ".join(f'"{n}"' for n in range(int(low), int(high) + 1))
-    if high is None and low in (0, 1):
-        return '"0" | [1-9] [0-9]{0,15}' if low == 0 else "[1-9] [0-9]{0,15}"
-    return None
 
 
 def _literal(text: str) -> str:
@@ -69,15 +25,13 @@ def _literal(text: str) -> str:
 
 class _Builder:
     def __init__(self) -> None:
-        self.converter = _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        self.converter = JsonSchemaConverter()
 
     def rule(self, name: str, body: str) -> str:
         return self.converter._add_rule(name, body)
 
     def schema(self, schema: Any, name: str) -> str:
-        schema = schema if isinstance(schema, dict) and schema else _EMPTY_OBJECT
-        resolved = self.converter.resolve_refs(json.loads(json.dumps(schema)), name)
-        return self.converter.visit(resolved, name)
+        return self.converter.add_schema(schema if isinstance(schema, dict) and schema else _EMPTY_OBJECT, name)
 
     def grammar(self) -> str:
         return self.converter.format_grammar()

@@ -1,7 +1,8 @@
 """``response_format`` → a llama.cpp GBNF grammar that constrains sampling to valid JSON.
 
-llama-cpp-python ships llama.cpp's generic JSON grammar and its JSON-schema-to-GBNF converter;
-the engine only ever sees the resulting grammar text.
+The grammar comes from the same JSON-schema converter that forces tool calls
+(``vramsupply.chat.schema``: strings without raw control characters, numeric bounds enforced);
+``json_object`` is the schema of any object. The engine only ever sees the grammar text.
 
 One request's schema must not cost every other buyer: converting a schema is pure Python and a
 grammar is applied to every candidate token of every step on the scheduler thread that all slots
@@ -17,8 +18,7 @@ import json
 import re
 from typing import Any
 
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
+from vramsupply.chat.schema import schema_to_gbnf
 from vramsupply.server.errors import ApiError
 from vramsupply.server.schemas import ResponseFormat
 
@@ -37,6 +37,7 @@ MAX_GRAMMAR_BYTES = 32 * 1024
 """The GBNF text handed to llama.cpp."""
 
 PARAM = "response_format"
+JSON_OBJECT = schema_to_gbnf({"type": "object"})
 _COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties", "minContains", "maxContains")
 _REGEX_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
@@ -50,11 +51,11 @@ async def grammar_for(response_format: ResponseFormat | None) -> str | None:
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
-        return JSON_GBNF
+        return JSON_OBJECT
     assert response_format.json_schema is not None  # guaranteed by ResponseFormat's validator
     schema = response_format.json_schema.schema_
     if not schema:
-        return JSON_GBNF
+        return JSON_OBJECT
     try:
         return await asyncio.to_thread(schema_grammar, schema)
     except SchemaTooComplex as exc:
@@ -74,7 +75,7 @@ def schema_grammar(schema: dict[str, Any]) -> str:
     if len(text) > MAX_SCHEMA_BYTES:
         raise SchemaTooComplex(f"the schema is {len(text):,} bytes of JSON; at most {MAX_SCHEMA_BYTES:,} are accepted")
     check_limits(schema)
-    grammar = json_schema_to_gbnf(text)
+    grammar = schema_to_gbnf(schema)
     if len(grammar) > MAX_GRAMMAR_BYTES:
         raise SchemaTooComplex(f"its grammar would be {len(grammar):,} bytes; at most {MAX_GRAMMAR_BYTES:,} are accepted")
     return grammar

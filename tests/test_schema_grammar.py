@@ -1,0 +1,167 @@
+"""Numeric bounds and JSON strings in the grammars built from JSON schemas, checked without a model.
+
+A bound becomes a digit pattern (``vramsupply.chat.numbers``) that renders both as GBNF and as a
+Python regex. Over thousands of random ranges (wide, negative, open, exclusive, fractional), the
+regex must accept exactly the numbers the bound allows; and for a sample of them, llama.cpp's own
+grammar engine (``gbnf_check``) must accept exactly the same texts from the GBNF.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterator
+from decimal import Decimal
+
+import pytest
+
+from gbnf_check import GrammarChecker
+from vramsupply.chat.numbers import Bound, decimals, integers, to_regex
+from vramsupply.chat.schema import UnsatisfiableSchema, schema_to_gbnf
+
+NEVER_NUMBERS = ("-0", "-0.0", "00", "01", "1.", ".5", "+1", "1e3", "1E3", "-", "")
+
+
+@pytest.fixture(scope="module")
+def checker() -> Iterator[GrammarChecker]:
+    checker = GrammarChecker()
+    yield checker
+    checker.close()
+
+
+def matcher(node: object) -> re.Pattern[str] | None:
+    return None if node is None else re.compile(to_regex(node))  # type: ignore[arg-type]
+
+
+def accepted(pattern: re.Pattern[str] | None, text: str) -> bool:
+    return pattern is not None and pattern.fullmatch(text) is not None
+
+
+def random_integer_bound(rng: random.Random) -> int | None:
+    if rng.random() < 0.2:
+        return None
+    return rng.randint(-1500, 1500) * rng.choice([1, 1, 1, 7, 1000, 10**9])
+
+
+def in_range(value: Decimal, low: Bound | None, high: Bound | None) -> bool:
+    above = low is None or (value >= low.value if low.inclusive else value > low.value)
+    below = high is None or (value <= high.value if high.inclusive else value < high.value)
+    return above and below
+
+
+def random_decimal_bound(rng: random.Random) -> Bound | None:
+    if rng.random() < 0.2:
+        return None
+    return Bound(Decimal(rng.randint(-3000, 3000)) / 10 ** rng.randint(0, 3), rng.random() < 0.5)
+
+
+def decimal_texts(rng: random.Random) -> list[str]:
+    fractions = ["", ".0", ".00", ".5", ".05", ".1", ".25", ".999", ".001", ".0001", ".50"]
+    texts = [f"{whole}{fraction}" for whole in range(-32, 33) for fraction in fractions]
+    texts += [f"{rng.randint(-32, 32)}.{rng.randint(0, 9999):0{rng.randint(1, 4)}d}" for _ in range(400)]
+    return [t for t in texts if not (t.startswith("-0") and Decimal(t) == 0)]  # "-0…" is never written
+
+
+def test_integer_ranges_accept_exactly_their_integers() -> None:
+    rng = random.Random(13)
+    for _ in range(1000):
+        low, high = random_integer_bound(rng), random_integer_bound(rng)
+        pattern = matcher(integers(low, high))
+        window = [n for n in range(-2000, 2001)] + [b + d for b in (low, high) if b is not None for d in (-1, 0, 1)]
+        for n in window:
+            fits = (low is None or n >= low) and (high is None or n <= high)
+            assert accepted(pattern, str(n)) == fits, (low, high, n)
+        assert not any(accepted(pattern, text) for text in NEVER_NUMBERS), (low, high)
+
+
+def test_open_integer_ranges_stop_at_sixteen_digits_unless_the_bound_is_longer() -> None:
+    assert accepted(matcher(integers(5, None)), "9" * 16) and not accepted(matcher(integers(5, None)), "1" + "0" * 16)
+    assert accepted(matcher(integers(10**20, None)), str(10**20 + 7))
+    assert accepted(matcher(integers(None, -(10**20))), str(-(10**20) - 1))
+    assert integers(3, 2) is None
+
+
+def test_decimal_ranges_accept_exactly_their_numbers() -> None:
+    rng = random.Random(31)
+    texts = decimal_texts(rng)
+    for _ in range(1000):
+        low, high = random_decimal_bound(rng), random_decimal_bound(rng)
+        if low is not None and rng.random() < 0.3:  # narrow ranges, often within one integer
+            high = Bound(low.value + Decimal(rng.randint(0, 30)) / 100, rng.random() < 0.5)
+        pattern = matcher(decimals(low, high))
+        for text in texts:
+            assert accepted(pattern, text) == in_range(Decimal(text), low, high), (low, high, text)
+        assert not any(accepted(pattern, text) for text in NEVER_NUMBERS), (low, high)
+
+
+def test_a_unit_interval_allows_its_end_but_nothing_past_it() -> None:
+    pattern = matcher(decimals(Bound(Decimal(0)), Bound(Decimal(1))))
+    assert [t for t in ("0", "0.5", "1", "1.0", "1.000", "0.999") if accepted(pattern, t)] == ["0", "0.5", "1", "1.0", "1.000", "0.999"]
+    assert not any(accepted(pattern, t) for t in ("1.5", "1.01", "1.0001", "2", "-0.5", "-1"))
+
+
+def test_llama_cpp_enforces_the_same_bounds_from_the_gbnf(checker: GrammarChecker) -> None:
+    rng = random.Random(7)
+    texts = decimal_texts(rng)[::9]
+    for _ in range(150):
+        low, high = random_decimal_bound(rng), random_decimal_bound(rng)
+        schema = {"type": "number", **bounds_keywords(low, high)}
+        grammar = schema_grammar_or_none(schema)
+        for text in texts:
+            fits = in_range(Decimal(text), low, high)
+            assert checker.accepts(grammar, text) == fits if grammar else not fits, (schema, text)
+    for _ in range(150):
+        low, high = random_integer_bound(rng), random_integer_bound(rng)
+        schema = {"type": "integer", **({"minimum": low} if low is not None else {}), **({"maximum": high} if high is not None else {})}
+        grammar = schema_grammar_or_none(schema)
+        for n in [*range(-30, 31, 3), *(b + d for b in (low, high) if b is not None for d in (-1, 0, 1))]:
+            fits = (low is None or n >= low) and (high is None or n <= high)
+            assert (checker.accepts(grammar, str(n)) if grammar else False) == fits, (schema, n)
+
+
+def bounds_keywords(low: Bound | None, high: Bound | None) -> dict[str, float]:
+    keywords = {}
+    if low is not None:
+        keywords["minimum" if low.inclusive else "exclusiveMinimum"] = float(low.value)
+    if high is not None:
+        keywords["maximum" if high.inclusive else "exclusiveMaximum"] = float(high.value)
+    return keywords
+
+
+def schema_grammar_or_none(schema: dict) -> str | None:
+    try:
+        return schema_to_gbnf(schema)
+    except UnsatisfiableSchema:
+        return None
+
+
+def test_every_bound_keyword_is_enforced(checker: GrammarChecker) -> None:
+    cases = [
+        ({"type": "integer", "exclusiveMinimum": -3, "exclusiveMaximum": 40}, ["-2", "39"], ["-3", "40"]),
+        ({"type": "integer", "minimum": 1.5, "maximum": 4.5}, ["2", "4"], ["1", "5"]),
+        ({"type": "integer", "minimum": 5, "exclusiveMinimum": True}, ["6"], ["5"]),  # draft 4
+        ({"type": "number", "exclusiveMinimum": 0}, ["0.001", "7"], ["0", "0.0", "-1"]),
+        ({"type": "number", "minimum": -2.5, "exclusiveMaximum": -1}, ["-2.5", "-1.01"], ["-2.51", "-1", "-1.0"]),
+        ({"type": ["integer", "null"], "minimum": 0, "maximum": 9}, ["null", "9"], ["10", "-1"]),
+        ({"type": "object", "properties": {"n": {"type": "integer", "maximum": -100000}}}, ['{"n": -100000}'], ['{"n": -99999}']),
+    ]
+    for schema, good, bad in cases:
+        grammar = schema_to_gbnf(schema)
+        assert all(checker.accepts(grammar, text) for text in good), schema
+        assert not any(checker.accepts(grammar, text) for text in bad), schema
+
+
+def test_a_range_no_number_fits_is_refused() -> None:
+    with pytest.raises(UnsatisfiableSchema, match="no integer satisfies"):
+        schema_to_gbnf({"type": "integer", "minimum": 3, "maximum": 2.5})
+    with pytest.raises(UnsatisfiableSchema):
+        schema_to_gbnf({"type": "number", "exclusiveMinimum": 1, "maximum": 1})
+
+
+def test_json_strings_never_hold_raw_control_characters(checker: GrammarChecker) -> None:
+    for schema in ({"type": "object"}, {"type": "object", "properties": {"s": {"type": "string", "maxLength": 12}}}):
+        grammar = schema_to_gbnf(schema)
+        assert checker.accepts(grammar, json.dumps({"s": "two\nlines\t"}))
+        assert not checker.accepts(grammar, '{"s": "two\nlines"}')
+        assert not checker.accepts(grammar, '{"s": "tab\there"}')
