@@ -121,21 +121,22 @@ def test_required_tool_choice_calls_one_of_the_tools(server: LiveServer) -> None
         assert names <= {"get_weather", "get_time"}
 
 
-def test_streamed_tool_call_uses_openais_delta_shape(server: LiveServer) -> None:
+def test_streamed_tool_call_arguments_arrive_in_fragments_that_add_up_to_the_whole_answer(server: LiveServer) -> None:
+    """OpenAI's delta shape: ``index``, ``id``, ``type`` and the name first, then the arguments in
+    fragments as they are generated; joined, exactly the unstreamed answer's arguments."""
+    request = {"model": MODEL_ID, "messages": ASK, "tools": TOOLS, "tool_choice": WEATHER, "max_tokens": 120, "extra_body": NO_THINKING}
     with sdk(server) as client:
-        stream = client.chat.completions.create(
-            model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice=WEATHER, seed=3, max_tokens=120, stream=True, extra_body=NO_THINKING
-        )
-        fragments = [d for chunk in stream for choice in chunk.choices for d in (choice.delta.tool_calls or [])]
-        whole = client.chat.completions.create(
-            model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice=WEATHER, seed=3, max_tokens=120, extra_body=NO_THINKING
-        )
-    first, *rest = fragments
-    assert first.index == 0 and first.id and first.type == "function" and first.function.name == "get_weather"
-    assert first.function.arguments == ""
-    assert rest and all(f.index == 0 and f.id is None and f.function.name is None for f in rest)
-    arguments = "".join(f.function.arguments for f in rest)
-    assert json.loads(arguments) == json.loads(whole.choices[0].message.tool_calls[0].function.arguments)
+        for seed in range(4):
+            stream = client.chat.completions.create(seed=seed, stream=True, **request)
+            fragments = [d for chunk in stream for choice in chunk.choices for d in (choice.delta.tool_calls or [])]
+            whole = client.chat.completions.create(seed=seed, **request)
+            first, *rest = fragments
+            assert first.index == 0 and first.id and first.type == "function" and first.function.name == "get_weather"
+            assert first.function.arguments == ""
+            assert len(rest) > 3 and all(f.index == 0 and f.id is None and f.function.name is None for f in rest)
+            [call] = whole.choices[0].message.tool_calls
+            assert "".join(f.function.arguments for f in rest) == call.function.arguments
+            check_weather_call(call)
 
 
 def test_stream_ends_with_finish_reason_tool_calls(qwen: LiveServer) -> None:
@@ -197,8 +198,30 @@ def test_reasoning_content_when_the_template_opens_a_think_block(qwen: LiveServe
     streamed = "".join(getattr(c.delta, "reasoning_content", None) or "" for chunk in chunks for c in chunk.choices)
     assert streamed == message.reasoning_content
     assert "".join(c.delta.content or "" for chunk in chunks for c in chunk.choices) == ""
-    for usage in (whole.usage, chunks[-1].usage):
-        assert 0 < usage.completion_tokens_details.reasoning_tokens <= usage.completion_tokens
+    for usage in (whole.usage, chunks[-1].usage):  # the thought never ended: every token is reasoning
+        assert usage.completion_tokens_details.reasoning_tokens == usage.completion_tokens == 30
+
+
+def test_reasoning_tokens_are_the_generated_tokens_of_the_thought(qwen: LiveServer) -> None:
+    """Counted from the engine's own tokens: every token up to the one that closes the thought.
+
+    The test model's ``</think>`` is a control token; a logit bias makes the tiny model close its
+    thought now and then. The expected count comes from the logprobs' token list."""
+    assert qwen.engine is not None
+    [end] = qwen.engine.tokenize("</think>", add_special=False)
+    request = {"model": MODEL_ID, "messages": ASK, "max_tokens": 30, "logit_bias": {str(end): 19}, "logprobs": True}
+    ended = 0
+    with sdk(qwen) as client:
+        for seed in range(12):
+            whole = client.chat.completions.create(seed=seed, **request)
+            stream = list(client.chat.completions.create(seed=seed, stream=True, stream_options={"include_usage": True}, **request))
+            tokens = [entry.token for entry in whole.choices[0].logprobs.content]
+            # The template opened the thought, so it starts at the first token.
+            thought = tokens.index("</think>") + 1 if "</think>" in tokens else len(tokens)
+            ended += thought < len(tokens) and bool(whole.choices[0].message.content)
+            assert whole.usage.completion_tokens_details.reasoning_tokens == thought
+            assert stream[-1].usage.completion_tokens_details.reasoning_tokens == thought
+    assert ended >= 2
 
 
 def test_enable_thinking_false_reaches_the_template(qwen: LiveServer) -> None:

@@ -16,7 +16,8 @@ model's name, the way llama.cpp's ``common/chat`` does it.
 """
 
 from .formats import ChatFormat, ReasoningMarkers, detect_format
-from .output import OutputParser, ParsedOutput, Piece
+from .output import OutputParser, ParsedOutput
+from .types import Piece
 from .syntaxes import SYNTAXES, ToolSyntax
 from .types import ToolCall, new_call_id
 

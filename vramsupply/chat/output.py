@@ -3,28 +3,22 @@
 The same ``OutputParser`` serves whole responses and streams (a whole response is one stream
 read to its end), so both always agree. Text is emitted as soon as it cannot be part of a marker
 anymore: only a tail that could still grow into ``</think>`` or ``<tool_call>`` is held back,
-the way stop strings are. A tool-call section is kept until the generation ends and then parsed
-as a whole; if it does not parse, it is emitted as content, never lost and never a server error.
+the way stop strings are. A tool-call section is read by ``calls.CallStream``: JSON calls stream
+their arguments as they are written, other shapes are parsed whole at the end; a call that does
+not parse is emitted as content, never lost and never a server error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .calls import CallStream
 from .formats import ReasoningMarkers
 from .syntaxes import ToolSyntax
-from .types import ToolCall
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One unit of parsed output: a text delta of reasoning or content, or one complete tool call."""
-
-    kind: Literal["reasoning", "content", "tool_call"]
-    text: str = ""
-    call: ToolCall | None = None
+from .types import Piece, ToolCall
 
 
 @dataclass
@@ -41,6 +35,9 @@ class ParsedOutput:
                 self.reasoning += piece.text
             elif piece.kind == "content":
                 self.content += piece.text
+            elif piece.kind == "arguments":
+                last = self.tool_calls[-1]
+                self.tool_calls[-1] = dataclasses.replace(last, arguments=last.arguments + piece.text)
             elif piece.call is not None:
                 self.tool_calls.append(piece.call)
         return self
@@ -73,12 +70,27 @@ class OutputParser:
         self._schemas = schemas or {}
         self._parallel = parallel and (syntax is None or syntax.parallel)
         self._state = "reasoning" if in_reasoning and reasoning else "start" if reasoning else "content"
-        self._buffer = ""
+        self._buffer = ""  # always the unread end of the text pushed so far
+        self._pushed = 0
+        # Where the thought lies in the text, in characters (markers included): its tokens are
+        # the reasoning tokens of the usage.
+        self._reasoning_span: tuple[int, int | None] | None = (0, None) if self._state == "reasoning" else None
         self._content_started = False  # content seen beyond whitespace: "leading" markers no longer apply
         self._reasoning_started = False
+        self._calls: CallStream | None = None
+
+    @property
+    def reasoning_span(self) -> tuple[int, int] | None:
+        """Start and end, in characters of the text pushed, of the thought (to the end of the
+        text while it has not ended); None without one."""
+        if self._reasoning_span is None:
+            return None
+        start, end = self._reasoning_span
+        return start, self._pushed if end is None else end
 
     def push(self, text: str) -> list[Piece]:
         self._buffer += text
+        self._pushed += len(text)
         pieces: list[Piece] = []
         while True:
             before = (self._state, len(self._buffer))
@@ -88,6 +100,9 @@ class OutputParser:
                 self._in_reasoning(pieces)
             elif self._state == "content":
                 self._in_content(pieces)
+            elif self._calls is not None:
+                rest, self._buffer = self._buffer, ""
+                pieces.extend(self._calls.push(rest))
             if (self._state, len(self._buffer)) == before:
                 return pieces
 
@@ -97,8 +112,8 @@ class OutputParser:
         rest, self._buffer = self._buffer, ""
         if self._state == "reasoning":
             self._emit(pieces, "reasoning", rest.rstrip() if self._reasoning_started else rest.strip())
-        elif self._state == "tools":
-            pieces.extend(self._tool_pieces(rest))
+        elif self._calls is not None:
+            pieces.extend(self._calls.push(rest) + self._calls.finish())
         else:
             self._emit(pieces, "content", rest if self._content_started else rest.lstrip())
         return pieces
@@ -109,6 +124,7 @@ class OutputParser:
         assert self._reasoning is not None
         head = self._buffer.lstrip()
         if head.startswith(self._reasoning.start):
+            self._reasoning_span = (self._pushed - len(head), None)
             self._buffer = head[len(self._reasoning.start) :]
             self._state = "reasoning"
         elif not self._reasoning.start.startswith(head):
@@ -124,6 +140,8 @@ class OutputParser:
         if end >= 0:
             self._emit(pieces, "reasoning", self._buffer[:end].rstrip())
             self._buffer = self._buffer[end + len(self._reasoning.end) :]
+            assert self._reasoning_span is not None
+            self._reasoning_span = (self._reasoning_span[0], self._pushed - len(self._buffer))
             self._state = "content"
             return
         keep = _held(self._buffer, (self._reasoning.end,))
@@ -142,6 +160,8 @@ class OutputParser:
             self._emit(pieces, "content", self._buffer[:start])
             self._buffer = self._buffer[start:]
             self._state = "tools"
+            assert self._syntax is not None
+            self._calls = CallStream(self._syntax, self._schemas, self._parallel)
             return
         if not self._content_started and self._syntax is not None and any(
             m.startswith(self._buffer) for m in self._syntax.leading
@@ -158,22 +178,6 @@ class OutputParser:
             return 0
         found = [i for i in (self._buffer.find(m) for m in self._syntax.starts) if i >= 0]
         return min(found) if found else None
-
-    def _tool_pieces(self, section: str) -> list[Piece]:
-        assert self._syntax is not None
-        pieces: list[Piece] = []
-        try:
-            parsed = self._syntax.parse(section, self._schemas)
-        except (RecursionError, MemoryError, ValueError, TypeError):  # e.g. JSON nested 10k deep
-            parsed = None
-        if parsed is None:
-            self._emit(pieces, "content", section)
-            return pieces
-        calls, after = parsed
-        for call in calls if self._parallel else calls[:1]:
-            pieces.append(Piece("tool_call", call=call))
-        self._emit(pieces, "content", after.strip())
-        return pieces
 
     def _emit(self, pieces: list[Piece], kind: Literal["reasoning", "content"], text: str) -> None:
         if text:

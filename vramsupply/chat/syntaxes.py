@@ -73,12 +73,12 @@ def _json_at(text: str, start: int = 0) -> tuple[Any, int] | None:
         return None
 
 
-def _call_from_object(value: Any, schemas: Schemas, id_style: str = "openai") -> ToolCall | None:
+def call_from_object(value: Any, schemas: Schemas, id_style: str = "openai") -> ToolCall | None:
     """A call from one of the JSON shapes models use: name + arguments/parameters, maybe wrapped."""
     if not isinstance(value, dict):
         return None
     if isinstance(value.get("function"), dict):  # {"type": "function", "function": {...}}
-        return _call_from_object(value["function"], schemas, id_style)
+        return call_from_object(value["function"], schemas, id_style)
     name = value.get("name", value.get("tool_name"))
     arguments = value.get("arguments", value.get("parameters", {}))
     return ToolCall.of(name, arguments, value.get("id"), id_style)
@@ -89,7 +89,7 @@ def _calls_from_list(values: Any, schemas: Schemas, id_style: str = "openai") ->
         values = [values]
     if not isinstance(values, list) or not values:
         return None
-    calls = [_call_from_object(v, schemas, id_style) for v in values]
+    calls = [call_from_object(v, schemas, id_style) for v in values]
     return None if any(c is None for c in calls) else calls  # type: ignore[return-value]
 
 
@@ -140,7 +140,7 @@ def parse_tool_call_blocks(section: str, schemas: Schemas) -> Parsed | None:
             call = _xml_call(inner, schemas)
         else:
             found = _json_at(inner)
-            call = None if found is None or inner[found[1] :].strip() else _call_from_object(found[0], schemas)
+            call = None if found is None or inner[found[1] :].strip() else call_from_object(found[0], schemas)
         if call is None:
             return None
         calls.append(call)

@@ -1,4 +1,4 @@
-"""The value a parsed tool call becomes, in the shape OpenAI's ``message.tool_calls`` has."""
+"""What parsed output is made of: text pieces, and tool calls in the shape of OpenAI's ``message.tool_calls``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import secrets
 import string
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
 
@@ -49,3 +49,13 @@ class ToolCall:
 
     def to_openai(self) -> dict[str, Any]:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One unit of parsed output: a text delta of reasoning or content, a tool call announced (its
+    ``arguments`` still empty), or a fragment of the arguments of the call announced last."""
+
+    kind: Literal["reasoning", "content", "tool_call", "arguments"]
+    text: str = ""
+    call: ToolCall | None = None

@@ -49,6 +49,9 @@ class Channel:
         self.loop = loop
         self.pending: deque[str] = deque()
         self.token_ids: list[int] = []
+        # Per completion token: the text delivered so far, in characters, once that token was in.
+        self.text_ends: list[int] = []
+        self._delivered = 0
         self.logprobs: list[TokenLogprob] = []
         self.finish: Finish | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -56,8 +59,10 @@ class Channel:
     def push(self, event: Event) -> None:
         if event.text:
             self.pending.append(event.text)
+            self._delivered += len(event.text)
         if event.token is not None:
             self.token_ids.append(event.token)
+            self.text_ends.append(self._delivered)
         if event.logprob is not None:
             self.logprobs.append(event.logprob)
         if event.finish is not None:
@@ -127,6 +132,13 @@ class Generation:
     def token_ids(self) -> list[int]:
         """Completion token ids received so far (no EOG token; tokens holding a stop string included)."""
         return list(self._channel.token_ids)
+
+    @property
+    def token_text_ends(self) -> list[int]:
+        """Per completion token, the length of the text delivered up to and with it: which token
+        brought which part of the text (text held back, e.g. half a UTF-8 character, comes with a
+        later token). Exact counts of tokens in a span of the text, such as a thought, read it."""
+        return list(self._channel.text_ends)
 
     @property
     def logprobs(self) -> list[TokenLogprob]:

@@ -3,17 +3,17 @@
 
 Streamed tool calls follow OpenAI's delta shape exactly: a first fragment with the call's
 ``index``, ``id``, ``type`` and ``function.name`` (and empty ``arguments``), then ``arguments``
-fragments with the same ``index``. A call is streamed once it is complete, because a call is only
-known to be well formed at its end (a malformed one is sent as content instead).
+fragments with the same ``index`` as the model writes them (``vramsupply.chat.calls`` says when
+a call is announced and what a call that breaks afterwards becomes).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from vramsupply.chat import OutputParser, ParsedOutput, Piece
-from vramsupply.engine import ChatPrompt
+from vramsupply.engine import ChatPrompt, Generation
 from vramsupply.engine.logprobs import TokenLogprob
 from vramsupply.server.logprobs_out import TokenBytes, chat_logprobs
 from vramsupply.server.responses import (
@@ -51,10 +51,14 @@ class ChatShape:
     model: str
     include_usage: bool
     prompt: ChatPrompt
-    count_tokens: Callable[[str], int]
     token_bytes: TokenBytes
     prompt_param: str = "messages"
     _choices: dict[int, _Choice] = dataclasses.field(default_factory=dict)
+    _generations: Sequence[Generation] = ()
+
+    def track(self, generations: Sequence[Generation]) -> None:
+        """The choices' generations, whose tokens the usage's reasoning count reads."""
+        self._generations = generations
 
     def response(
         self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut, logprobs: Sequence[list[TokenLogprob] | None]
@@ -128,36 +132,43 @@ class ChatShape:
     def _piece_chunks(self, index: int, pieces: list[Piece]) -> list[str]:
         chunks = []
         choice = self._choice(index)
-        calls = len(choice.output.tool_calls) - sum(p.kind == "tool_call" for p in pieces)
+        call = len(choice.output.tool_calls) - sum(p.kind == "tool_call" for p in pieces) - 1  # the call announced last
         for piece in pieces:
             if piece.kind == "content":
-                deltas = [ChatDelta(content=piece.text)]
+                delta = ChatDelta(content=piece.text)
             elif piece.kind == "reasoning":
-                deltas = [ChatDelta(reasoning_content=piece.text)]
+                delta = ChatDelta(reasoning_content=piece.text)
+            elif piece.kind == "arguments":
+                delta = ChatDelta(tool_calls=[ToolCallOut(index=call, function=FunctionOut(arguments=piece.text))])
             else:
-                call = piece.call
-                assert call is not None
-                first = ToolCallOut(index=calls, id=call.id, type="function", function=FunctionOut(name=call.name, arguments=""))
-                rest = ToolCallOut(index=calls, function=FunctionOut(arguments=call.arguments))
-                deltas = [ChatDelta(tool_calls=[first]), ChatDelta(tool_calls=[rest])]
-                calls += 1
-            for delta in deltas:
-                chunks.append(self._chunk([ChatChunkChoice(index=index, delta=delta, logprobs=self._take(choice), finish_reason=None)]))
+                assert piece.call is not None
+                call += 1
+                function = FunctionOut(name=piece.call.name, arguments="")
+                delta = ChatDelta(tool_calls=[ToolCallOut(index=call, id=piece.call.id, type="function", function=function)])
+            chunks.append(self._chunk([ChatChunkChoice(index=index, delta=delta, logprobs=self._take(choice), finish_reason=None)]))
         return chunks
 
     def _usage(self, usage: UsageOut) -> UsageOut:
-        """``completion_tokens_details.reasoning_tokens``: the thoughts' tokens, their markers included."""
+        """``completion_tokens_details.reasoning_tokens``: the generated tokens that brought the
+        thoughts' text, their markers included."""
         if self.prompt.reasoning is None:
             return usage
-        markers = self.prompt.reasoning
-        reasoning = 0
-        for choice in self._choices.values():
-            if choice.output.reasoning:
-                opened = "" if self.prompt.in_reasoning else markers.start
-                reasoning += self.count_tokens(opened + choice.output.reasoning + markers.end)
         usage = usage.model_copy()
-        usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=min(reasoning, usage.completion_tokens))
+        reasoning = sum(self._reasoning_tokens(index, generation) for index, generation in enumerate(self._generations))
+        usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=reasoning)
         return usage
+
+    def _reasoning_tokens(self, index: int, generation: Generation) -> int:
+        """The tokens whose text overlaps the choice's thought. A token whose text was held back
+        (half a UTF-8 character) brought none: it counts where the text stood when it came."""
+        span = self._choice(index).parser.reasoning_span
+        if span is None:
+            return 0
+        start, end = span
+        ends = generation.token_text_ends
+        return sum(
+            (begin < end and finish > start) if finish > begin else start <= begin < end for begin, finish in zip([0, *ends[:-1]], ends)
+        )
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: UsageOut | None = None) -> str:
         chunk = ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=choices)

@@ -69,6 +69,7 @@ class ResponseShape(Protocol):
     def text_chunks(self, index: int, text: str, logprobs: Logprobs) -> list[str]: ...
     def finish_chunks(self, index: int, finish: FinishReason, logprobs: Logprobs) -> list[str]: ...
     def usage_chunk(self, usage: UsageOut) -> str: ...
+    def track(self, generations: Sequence[Generation]) -> None: ...
 
 
 @dataclasses.dataclass
@@ -92,6 +93,9 @@ class TextShape:
 
     def opening_chunk(self, index: int) -> None:
         return None
+
+    def track(self, generations: Sequence[Generation]) -> None:
+        """Text completions read nothing from the generations' tokens (chat counts reasoning)."""
 
     def text_chunks(self, index: int, text: str, logprobs: Logprobs) -> list[str]:
         return [self._chunk([TextChoice(index=index, text=text, logprobs=self._logprobs(index, logprobs), finish_reason=None)])]
@@ -128,7 +132,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         model=state.model_id,
         include_usage=body.include_usage,
         prompt=chat,
-        count_tokens=lambda text: len(engine.tokenize(text, add_special=False)),
         token_bytes=engine.token_bytes,
     )
     requests = await chat_generation_requests(body, chat)
@@ -303,6 +306,7 @@ async def _complete(
     clock: RequestClock,
 ) -> web.StreamResponse:
     generations = await submit_all(engine, requests, shape.prompt_param)
+    shape.track(generations)
     bill = state.accounts.bill(shape.id, state.model_id, len(generations), token_presented=state.endpoint_token is not None)
     try:
         if stream:
