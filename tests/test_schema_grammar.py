@@ -165,3 +165,11 @@ def test_json_strings_never_hold_raw_control_characters(checker: GrammarChecker)
         assert checker.accepts(grammar, json.dumps({"s": "two\nlines\t"}))
         assert not checker.accepts(grammar, '{"s": "two\nlines"}')
         assert not checker.accepts(grammar, '{"s": "tab\there"}')
+
+
+def test_bounds_past_what_an_open_end_writes_need_no_digits_and_absurd_precision_is_refused(checker: GrammarChecker) -> None:
+    """``maximum: 1.7e308`` (any double) holds for every number of at most 16 digits anyway."""
+    grammar = schema_to_gbnf({"type": "integer", "minimum": -1.7e308, "maximum": 1.7e308})
+    assert len(grammar) < 1000 and checker.accepts(grammar, "-1234") and checker.accepts(grammar, "9" * 16)
+    with pytest.raises(ValueError, match="more than 100 digits"):
+        schema_to_gbnf({"type": "number", "exclusiveMinimum": 5e-324})

@@ -22,10 +22,12 @@ from typing import Any
 
 from llama_cpp.llama_grammar import PRIMITIVE_RULES, RESERVED_NAMES, BuiltinRule, SchemaConverter
 
-from .numbers import Bound, Node, decimals, integers, to_gbnf
+from .numbers import MAX_DIGITS, Bound, Node, decimals, integers, to_gbnf
 
 JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 _BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+MAX_BOUND_DIGITS = 100
+"""Digits of a bound written out (1e-300 has 300): the pattern grows with them."""
 
 
 class UnsatisfiableSchema(ValueError):
@@ -82,6 +84,14 @@ def _bounds(schema: dict[str, Any]) -> tuple[Bound | None, Bound | None]:
         lower = Bound(above, False)
     if below is not None and (upper is None or below <= upper.value):
         upper = Bound(below, False)
+    # An open end writes at most MAX_DIGITS integer digits: a bound beyond those holds anyway.
+    if upper is not None and upper.value >= 10**MAX_DIGITS:
+        upper = None
+    if lower is not None and lower.value <= -(10**MAX_DIGITS):
+        lower = None
+    for bound in (lower, upper):
+        if bound is not None and sum(c.isdigit() for c in f"{bound.value:f}") > MAX_BOUND_DIGITS:
+            raise ValueError(f"a bound written out in more than {MAX_BOUND_DIGITS} digits ({bound.value}) is not supported")
     return lower, upper
 
 
