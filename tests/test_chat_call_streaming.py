@@ -27,6 +27,8 @@ STREAMED = [
     ("llama3", f'<|python_tag|>{{"name": "get_weather", "parameters": {ARGUMENTS}}}'),
     ("mistral", f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {ARGUMENTS}, "id": "a1B2c3D4e"}}]'),
     ("mistral-args", f"[TOOL_CALLS]get_weather[ARGS]{ARGUMENTS}"),
+    ("granite", f'<|tool_call|>[{{"name": "get_weather", "arguments": {ARGUMENTS}}}]'),
+    ("firefunction", f' functools[{{"name": "get_weather", "arguments": {ARGUMENTS}}}]'),
 ]
 
 

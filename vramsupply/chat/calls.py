@@ -3,9 +3,10 @@
 OpenAI sends a call's ``id``, ``type`` and ``function.name`` first, then ``function.arguments`` in
 fragments as the model writes them. For the JSON families (Hermes/Qwen ``<tool_call>{…}``,
 Llama 3 ``{"name": …, "parameters": {…}}``, Mistral ``[TOOL_CALLS][{…}]`` and
-``[TOOL_CALLS]NAME[ARGS]{…}``) each family's layout is a generator over a ``_Reader`` that waits
-(``yield``) for more text whenever it cannot decide yet; so the code reads like a parser of the
-whole section and still runs one token at a time.
+``[TOOL_CALLS]NAME[ARGS]{…}``, Granite ``<|tool_call|>[…]``, Firefunction ``functools[…]``) each
+family's layout is a generator over a ``_Reader`` that waits (``yield``) for more text whenever it
+cannot decide yet; so the code reads like a parser of the whole section and still runs one token
+at a time.
 
 When a call commits, and what its arguments are:
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
 from .jsonscan import JsonScanner
@@ -278,7 +279,32 @@ def _mistral(r: _Reader) -> Wait:
         r.begin_unit()
 
 
-_LAYOUTS = {"hermes": _hermes, "llama3": _llama3, "mistral": _mistral, "mistral-args": _mistral}
+def _json_list(opening: str, closing: str | None) -> Callable[[_Reader], Wait]:
+    """``OPENING [call, …] CLOSING`` (or one call object without the list)."""
+
+    def layout(r: _Reader) -> Wait:
+        yield from r.literal(opening)
+        if (yield from r.literal("[", optional=True)):
+            yield from r.call_object()
+            while (yield from r.literal(",", optional=True)):
+                yield from r.call_object()
+            yield from r.literal("]")
+        else:
+            yield from r.call_object()
+        if closing is not None:
+            yield from r.literal(closing, optional=True)
+
+    return layout
+
+
+_LAYOUTS = {
+    "hermes": _hermes,
+    "llama3": _llama3,
+    "mistral": _mistral,
+    "mistral-args": _mistral,
+    "granite": _json_list("<|tool_call|>", "<|/tool_call|>"),
+    "firefunction": _json_list("functools", None),
+}
 
 
 class CallStream:
