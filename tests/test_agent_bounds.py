@@ -1,9 +1,10 @@
 """A buyer's schema holds, numbers and strings included, for forced tool calls and ``response_format``.
 
-Through the official openai SDK against the Qwen-style test model, over many seeds: the tiny model
-writes nonsense, so whatever the grammar allows it eventually writes. Every number must respect
-its ``minimum``/``maximum`` (wide, negative, exclusive and fractional bounds), and every JSON
-answer must parse strictly (no raw control characters inside strings).
+Through the official openai SDK against the Qwen-style test model (and the Llama 3 and Mistral ones
+for forced calls in their syntax), over many seeds: the tiny model writes nonsense, so whatever
+the grammar allows it eventually writes. Every number must respect its ``minimum``/``maximum``
+(wide, negative, exclusive and fractional bounds), and every JSON answer must parse strictly (no
+raw control characters inside strings).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ BOUNDED = {
     "additionalProperties": False,
 }
 TOOL = {"type": "function", "function": {"name": "adjust", "description": "Adjust a setting.", "parameters": BOUNDED}}
+NAMED = {"type": "function", "function": {"name": "adjust"}}
 ASK = [{"role": "user", "content": "Adjust the thermostat."}]
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 SEEDS = range(40)
@@ -43,17 +45,21 @@ def qwen(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
         yield live
 
 
-async def ask_each_seed(server: LiveServer, **request: object) -> list:
+@pytest.fixture(scope="module", params=["llama3", "mistral"])
+def other_family(request: pytest.FixtureRequest, chat_models: dict[str, Path]) -> Iterator[LiveServer]:
+    with LiveServer(model_path=chat_models[request.param], n_ctx=2048, threads=1) as live:
+        yield live
+
+
+async def ask_each_seed(server: LiveServer, seeds: range = SEEDS, **request: object) -> list:
     async with AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as client:
         return await asyncio.gather(
-            *(client.chat.completions.create(model=MODEL_ID, messages=ASK, seed=s, extra_body=NO_THINKING, **request) for s in SEEDS)
+            *(client.chat.completions.create(model=MODEL_ID, messages=ASK, seed=s, extra_body=NO_THINKING, **request) for s in seeds)
         )
 
 
-@pytest.mark.slow
-async def test_forced_call_arguments_respect_numeric_bounds(qwen: LiveServer) -> None:
-    named = {"type": "function", "function": {"name": "adjust"}}
-    responses = await ask_each_seed(qwen, tools=[TOOL], tool_choice=named, max_tokens=150)
+def forced_arguments(responses: list) -> list[dict]:
+    """Each response's one call, its arguments checked against the schema."""
     seen = []
     for response in responses:
         choice = response.choices[0]
@@ -62,7 +68,17 @@ async def test_forced_call_arguments_respect_numeric_bounds(qwen: LiveServer) ->
         arguments = json.loads(call.function.arguments, strict=True)
         jsonschema.validate(arguments, BOUNDED)
         seen.append(arguments)
+    return seen
+
+
+@pytest.mark.slow
+async def test_forced_call_arguments_respect_numeric_bounds(qwen: LiveServer) -> None:
+    seen = forced_arguments(await ask_each_seed(qwen, tools=[TOOL], tool_choice=NAMED, max_tokens=150))
     assert len({a["count"] for a in seen}) > 5 and len({a["score"] for a in seen}) > 5, seen  # really different numbers
+
+
+async def test_forced_call_bounds_hold_in_llama3_and_mistral_syntax(other_family: LiveServer) -> None:
+    forced_arguments(await ask_each_seed(other_family, seeds=range(12), tools=[TOOL], tool_choice=NAMED, max_tokens=150))
 
 
 @pytest.mark.slow
