@@ -27,6 +27,7 @@ STREAMED = [
     ("llama3", f'<|python_tag|>{{"name": "get_weather", "parameters": {ARGUMENTS}}}'),
     ("mistral", f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {ARGUMENTS}, "id": "a1B2c3D4e"}}]'),
     ("mistral-args", f"[TOOL_CALLS]get_weather[ARGS]{ARGUMENTS}"),
+    ("qwen3-xml", f'<tool_call>\n{{"name": "get_weather", "arguments": {ARGUMENTS}}}\n</tool_call>'),  # JSON in its blocks too
     ("granite", f'<|tool_call|>[{{"name": "get_weather", "arguments": {ARGUMENTS}}}]'),
     ("firefunction", f' functools[{{"name": "get_weather", "arguments": {ARGUMENTS}}}]'),
 ]
@@ -52,6 +53,21 @@ def test_arguments_stream_in_fragments_that_add_up_to_the_whole_answer(family: s
     assert "".join(p.text for p in pieces if p.kind == "arguments") == call.arguments
     assert [(c.name, c.arguments) for c in streamed.tool_calls] == [(c.name, c.arguments) for c in whole.tool_calls]
     assert streamed.content == whole.content
+
+
+def test_qwen3_xml_calls_stream_one_parameter_at_a_time() -> None:
+    """Qwen3.5 writes ``<parameter>`` tags, not JSON: each closed parameter goes out as the JSON
+    member ``json.dumps`` would write for the whole call, typed like the whole-text parser types it."""
+    call = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>"
+    parser = OutputParser(syntax=BY_NAME["qwen3-xml"])
+    assert parser.push(call[: call.index("Paris") + 3]) == []  # announced with its first parameter
+    pieces = parser.push(call[call.index("Paris") + 3 :]) + parser.finish()
+    assert pieces[0].kind == "tool_call" and pieces[0].call.name == "get_weather"
+    assert [p.text for p in pieces[1:]] == ['{"city": "Paris"', ', "days": 2', "}"]
+    _, whole = read(call, "qwen3-xml", step=len(call))
+    assert whole.tool_calls[0].arguments == json.dumps({"city": "Paris", "days": 2}) == "".join(p.text for p in pieces[1:])
+    _, broken = read(call.replace("2\n</parameter>", "2"), "qwen3-xml", step=1)  # the second parameter never closes
+    assert broken.tool_calls[0].arguments == '{"city": "Paris"' and broken.content == "2\n</function>\n</tool_call>"
 
 
 def test_the_call_is_announced_as_soon_as_its_arguments_open() -> None:

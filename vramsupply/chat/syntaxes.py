@@ -103,7 +103,7 @@ _FUNCTION_XML = re.compile(r"\s*<function=([^>\n]+)>(.*?)</function>\s*$", re.DO
 _PARAMETER_XML = re.compile(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", re.DOTALL)
 
 
-def _xml_value(raw: str, schema: Any) -> Any:
+def xml_value(raw: str, schema: Any) -> Any:
     """A ``<parameter>`` value: the text itself for a string parameter, else JSON when it parses."""
     declared = schema.get("type") if isinstance(schema, dict) else None
     if declared == "string":
@@ -122,7 +122,7 @@ def _xml_call(inner: str, schemas: Schemas) -> ToolCall | None:
     properties = (schemas.get(name) or {}).get("properties", {}) if isinstance(schemas.get(name), dict) else {}
     arguments = {}
     for key, raw in _PARAMETER_XML.findall(body):
-        arguments[key.strip()] = _xml_value(raw, properties.get(key.strip()))
+        arguments[key.strip()] = xml_value(raw, properties.get(key.strip()))
     if _PARAMETER_XML.sub("", body).strip():
         return None  # text between parameters: not a call we understand
     return ToolCall.of(name, arguments)

@@ -1,0 +1,275 @@
+"""A cursor over a tool-call section that is still being generated.
+
+``CallReader`` methods are generators: where the text so far cannot decide (``<tool_ca`` may
+still become ``<tool_call>``), they ``yield`` until more arrives, so a family's layout
+(``calls.py``) reads like a parser of the whole text and still runs one token at a time. They
+append what they read to ``pieces``: a call announced (``tool_call``) and its arguments' fragments.
+Two exceptions end a layout early: ``NotStreamable`` (nothing of this call was announced: the
+family's whole-text parser reads it at the end) and ``Broken`` (an announced call broke).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Generator, Mapping
+from typing import Any
+
+from .jsonscan import JsonScanner
+from .syntaxes import ToolSyntax, call_from_object, xml_value
+from .types import Piece, ToolCall, new_call_id
+
+Wait = Generator[None, None, Any]
+_STRING = re.compile(r'"(?:[^"\\\x00-\x1f]|\\.)*"')
+_STRING_START = re.compile(r'"(?:[^"\\\x00-\x1f]|\\.)*\\?')
+_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_CALL_ID = re.compile(r"[A-Za-z0-9]+")
+_ARGUMENT_KEYS = ('"arguments"', '"parameters"')
+_XML_NAME = re.compile(r"[^>\n]+")
+
+
+class NotStreamable(Exception):
+    """This call is not in a shape read here: the family's whole-text parser reads it at the end."""
+
+
+class Broken(Exception):
+    """An announced call stopped being a call; the text from ``at`` on is content."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+
+class CallReader:
+    """The section's text so far, a position in it, and the pieces read."""
+
+    def __init__(self, syntax: ToolSyntax, schemas: Mapping[str, Any]) -> None:
+        self.syntax = syntax
+        self.schemas = schemas
+        self.text = ""
+        self.pos = 0
+        self.ended = False
+        self.pieces: list[Piece] = []
+        self.calls = 0
+        # Where the family's whole-text parser would start reading the current call, and how many
+        # calls had been announced there (a unit that announced some can no longer be re-read).
+        self.unit_start = 0
+        self.unit_calls = 0
+
+    def begin_unit(self) -> None:
+        self.unit_start, self.unit_calls = self.pos, self.calls
+
+    # ---- waiting for text ---------------------------------------------------------------------
+
+    def skip_space(self) -> Wait:
+        """Skip whitespace; False at the end of the answer."""
+        while True:
+            while self.pos < len(self.text) and self.text[self.pos].isspace():
+                self.pos += 1
+            if self.pos < len(self.text):
+                return True
+            if self.ended:
+                return False
+            yield
+
+    def literal(self, *options: str, optional: bool = False) -> Wait:
+        """One of ``options`` after whitespace: the one read, or None (only when ``optional``)."""
+        start = self.pos
+        while True:
+            if (yield from self.skip_space()):
+                rest = self.text[self.pos :]
+                found = next((o for o in options if rest.startswith(o)), None)
+                if found is not None:
+                    self.pos += len(found)
+                    return found
+                if not self.ended and any(o.startswith(rest) for o in options):
+                    self.pos = start
+                    yield
+                    continue
+            self.pos = start
+            if optional:
+                return None
+            raise NotStreamable
+
+    def pattern(self, regex: re.Pattern[str], complete: re.Pattern[str] | None = None) -> Wait:
+        """Text matching ``regex`` right here that the next character cannot extend (or None)."""
+        while True:
+            match = (complete or regex).match(self.text, self.pos)
+            if match is not None and (complete is not None or match.end() < len(self.text) or self.ended):
+                self.pos = match.end()
+                return match.group()
+            partial = regex.match(self.text, self.pos)
+            at_end = self.pos == len(self.text) or (partial is not None and partial.end() == len(self.text))
+            if self.ended or not at_end:
+                return None
+            yield
+
+    # ---- a call ----------------------------------------------------------------------------------
+
+    def announce(self, name: str, call_id: str | None = None) -> None:
+        call_id = call_id or new_call_id(self.syntax.id_style)
+        self.pieces.append(Piece("tool_call", call=ToolCall(name, "", call_id)))
+        self.calls += 1
+
+    def opens_object(self) -> Wait:
+        """Whether a JSON object opens here: ``{``, whitespace, then a key or ``}``. A call is
+        announced only then, so arguments such as ``{city: Paris}`` leave it content."""
+        if self.text[self.pos] != "{":
+            return False
+        index = self.pos + 1
+        while True:
+            while index < len(self.text) and self.text[index] in " \t\n\r":
+                index += 1
+            if index < len(self.text):
+                return self.text[index] in '"}'
+            if self.ended:
+                return False
+            yield
+
+    def arguments(self) -> Wait:
+        """Stream a JSON object as the arguments of the call just announced."""
+        scanner = JsonScanner()
+        while True:
+            start = self.pos
+            while self.pos < len(self.text) and scanner.feed(self.text[self.pos]):
+                self.pos += 1
+                if scanner.done:
+                    break
+            if self.pos > start:
+                self.pieces.append(Piece("arguments", self.text[start : self.pos]))
+            if scanner.done:
+                return
+            if self.pos < len(self.text) or self.ended:
+                raise Broken(self.pos)
+            yield
+
+    def json_object(self, primed: str = "") -> Wait:
+        """Read the rest of a JSON object (``primed``: what was read before); its text, or
+        ``NotStreamable`` when it is not one."""
+        scanner = JsonScanner()
+        for char in primed:
+            scanner.feed(char)
+        start = self.pos
+        while not scanner.done:
+            if self.pos == len(self.text):
+                if self.ended:
+                    raise NotStreamable
+                yield
+                continue
+            if not scanner.feed(self.text[self.pos]):
+                raise NotStreamable
+            self.pos += 1
+        return self.text[start : self.pos]
+
+    def call_object(self) -> Wait:
+        """``{"name": …, "arguments": {…}}`` streamed; any other call object read whole."""
+        if not (yield from self.skip_space()) or self.text[self.pos] != "{":
+            raise NotStreamable
+        start = self.pos
+        name = yield from self._head()
+        if name is None:
+            self.pos = start
+            text = yield from self.json_object()
+            try:
+                call = call_from_object(json.loads(text), self.schemas, self.syntax.id_style)
+            except (RecursionError, ValueError):  # nested deeper than json can recurse
+                raise NotStreamable from None
+            if call is None:
+                raise NotStreamable
+            self.announce(call.name, call.id)
+            self.pieces.append(Piece("arguments", call.arguments))
+            return
+        if not (yield from self.opens_object()):
+            raise NotStreamable
+        self.announce(name)
+        yield from self.arguments()
+        try:
+            yield from self.json_object(primed='{"a":0')  # the call object's other members, to its "}"
+        except NotStreamable:
+            raise Broken(self.pos) from None
+
+    def _head(self) -> Wait:
+        """The call's name, with the position at its arguments' ``{``; None for another shape."""
+        steps: tuple[Any, ...] = ("{", '"name"', ":", _STRING, ",", _ARGUMENT_KEYS, ":")
+        for step in steps:
+            if isinstance(step, re.Pattern):
+                if not (yield from self.skip_space()):
+                    return None
+                found = yield from self.pattern(_STRING_START, complete=_STRING)
+                if found is None:
+                    return None
+                try:
+                    name = json.loads(found)
+                except ValueError:  # an escape JSON does not have
+                    return None
+            elif (yield from self.literal(*((step,) if isinstance(step, str) else step), optional=True)) is None:
+                return None
+        if not (yield from self.skip_space()) or self.text[self.pos] != "{":
+            return None
+        return name if isinstance(name, str) and name.strip() else None
+
+    def named_call(self) -> Wait:
+        """Mistral's ``NAME[CALL_ID]ID[ARGS]{…}``; False (nothing read) when none follows."""
+        start = self.pos
+        if not (yield from self.skip_space()):
+            return False
+        name = yield from self.pattern(_NAME)
+        call_id = None
+        if name is not None and (yield from self.literal("[CALL_ID]", optional=True)):
+            call_id = yield from self.pattern(_CALL_ID)
+        if name is None or (yield from self.literal("[ARGS]", optional=True)) is None:
+            self.pos = start
+            return False
+        if not (yield from self.skip_space()) or not (yield from self.opens_object()):
+            raise NotStreamable
+        self.announce(name, call_id)
+        yield from self.arguments()
+        return True
+
+    def until(self, marker: str) -> Wait:
+        """The text up to ``marker``, which is read too; None when the answer ends without one."""
+        while (found := self.text.find(marker, self.pos)) < 0:
+            if self.ended:
+                return None
+            yield
+        text, self.pos = self.text[self.pos : found], found + len(marker)
+        return text
+
+    def xml_parameter(self) -> Wait:
+        """(key, raw value) of a ``<parameter=KEY>\\nvalue\\n</parameter>``; None when none follows
+        (nothing read), False when one started and is malformed."""
+        if not (yield from self.literal("<parameter=", optional=True)):
+            return None
+        key = yield from self.pattern(_XML_NAME)
+        if key is None or not key.strip() or not (yield from self.literal(">", optional=True)):
+            return False
+        raw = yield from self.until("</parameter>")
+        if raw is None:
+            return False
+        raw = raw[1:] if raw.startswith("\n") else raw
+        return key.strip(), raw[:-1] if raw.endswith("\n") else raw
+
+    def xml_call(self) -> Wait:
+        """Qwen3's ``<function=NAME><parameter=KEY>value</parameter>…</function>``, announced with
+        its first parameter (or its end). A value, typed by the tool's schema, goes out as one JSON
+        member once it is closed: the arguments are what ``json.dumps`` makes of the whole call."""
+        yield from self.literal("<function=")
+        name = yield from self.pattern(_XML_NAME)
+        if name is None or not name.strip() or not (yield from self.literal(">", optional=True)):
+            raise NotStreamable
+        schema = self.schemas.get(name.strip())
+        properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
+        keys: list[str] = []
+        while (parameter := (yield from self.xml_parameter())) is not None:
+            if parameter is False or parameter[0] in keys:  # a repeated key: a dict keeps only the last
+                raise Broken(self.pos) if keys else NotStreamable
+            key, raw = parameter
+            if not keys:
+                self.announce(name.strip())
+            member = f"{json.dumps(key, ensure_ascii=False)}: {json.dumps(xml_value(raw, properties.get(key)), ensure_ascii=False)}"
+            self.pieces.append(Piece("arguments", ("{" if not keys else ", ") + member))
+            keys.append(key)
+        if not (yield from self.literal("</function>", optional=True)):
+            raise Broken(self.pos) if keys else NotStreamable
+        if not keys:
+            self.announce(name.strip())
+        self.pieces.append(Piece("arguments", "}" if keys else "{}"))
