@@ -34,7 +34,8 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 
 @pytest.fixture(scope="session")
 def chat_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny model with a Qwen3-, a Llama-3- and a Mistral-style chat template (see chat_models.py)."""
+    """The tiny model with a Qwen3- (Hermes calls), a Qwen3.5- (XML calls), a Llama-3- and a
+    Mistral-style chat template (see chat_models.py)."""
     from chat_models import FAMILIES, write_chat_model
 
     directory = tmp_path_factory.mktemp("chat-models")

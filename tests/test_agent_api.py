@@ -1,9 +1,9 @@
 """What agent clients send, through the official openai SDK: tools, tool results, reasoning, logprobs.
 
-The servers run copies of the tiny model carrying a Qwen3-, a Llama-3- and a Mistral-style chat
-template (``chat_models.py``). The tiny model writes nonsense, so every tool call here is a forced
-one (``tool_choice`` required or named): the grammar built from the tool's schema makes even this
-model write a valid call, in its family's own syntax.
+The servers run copies of the tiny model carrying a Qwen3- (Hermes JSON calls), a Qwen3.5- (XML
+calls), a Llama-3- and a Mistral-style chat template (``chat_models.py``). The tiny model writes
+nonsense, so every tool call here is a forced one (``tool_choice`` required or named): the grammar
+built from the tool's schema makes even this model write a valid call, in its family's own syntax.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 ONE_THREAD = 1
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama3", "mistral"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen35", "llama3", "mistral"])
 def server(request: pytest.FixtureRequest, chat_models: dict[str, Path]) -> Iterator[LiveServer]:
     with LiveServer(model_path=chat_models[request.param], n_ctx=2048, threads=ONE_THREAD) as live:
         yield live
@@ -81,7 +81,7 @@ async def test_forced_named_call_matches_the_schema_for_50_seeds(qwen: LiveServe
 
         async def call(seed: int) -> object:
             return await client.chat.completions.create(
-                model=MODEL_ID, messages=ASK, tools=TOOLS[:1], tool_choice=WEATHER, seed=seed, max_tokens=120, extra_body=NO_THINKING
+                model=MODEL_ID, messages=ASK, tools=TOOLS[:1], tool_choice=WEATHER, seed=seed, max_tokens=200, extra_body=NO_THINKING
             )
 
         responses = await asyncio.gather(*(call(seed) for seed in range(50)))
@@ -99,7 +99,7 @@ def test_forced_named_call_in_each_familys_syntax(server: LiveServer) -> None:
     with sdk(server) as client:
         for seed in range(4):
             response = client.chat.completions.create(
-                model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice=WEATHER, seed=seed, max_tokens=120, extra_body=NO_THINKING
+                model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice=WEATHER, seed=seed, max_tokens=200, extra_body=NO_THINKING
             )
             choice = response.choices[0]
             assert choice.finish_reason == "tool_calls", choice
@@ -112,7 +112,7 @@ def test_required_tool_choice_calls_one_of_the_tools(server: LiveServer) -> None
         names = set()
         for seed in range(3):
             response = client.chat.completions.create(
-                model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, seed=seed, max_tokens=120, extra_body=NO_THINKING
+                model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, seed=seed, max_tokens=200, extra_body=NO_THINKING
             )
             [call] = response.choices[0].message.tool_calls
             names.add(call.function.name)
@@ -124,7 +124,7 @@ def test_required_tool_choice_calls_one_of_the_tools(server: LiveServer) -> None
 def test_streamed_tool_call_arguments_arrive_in_fragments_that_add_up_to_the_whole_answer(server: LiveServer) -> None:
     """OpenAI's delta shape: ``index``, ``id``, ``type`` and the name first, then the arguments in
     fragments as they are generated; joined, exactly the unstreamed answer's arguments."""
-    request = {"model": MODEL_ID, "messages": ASK, "tools": TOOLS, "tool_choice": WEATHER, "max_tokens": 120, "extra_body": NO_THINKING}
+    request = {"model": MODEL_ID, "messages": ASK, "tools": TOOLS, "tool_choice": WEATHER, "max_tokens": 200, "extra_body": NO_THINKING}
     with sdk(server) as client:
         for seed in range(4):
             stream = client.chat.completions.create(seed=seed, stream=True, **request)
@@ -133,7 +133,7 @@ def test_streamed_tool_call_arguments_arrive_in_fragments_that_add_up_to_the_who
             first, *rest = fragments
             assert first.index == 0 and first.id and first.type == "function" and first.function.name == "get_weather"
             assert first.function.arguments == ""
-            assert len(rest) > 3 and all(f.index == 0 and f.id is None and f.function.name is None for f in rest)
+            assert len(rest) > 1 and all(f.index == 0 and f.id is None and f.function.name is None for f in rest)
             [call] = whole.choices[0].message.tool_calls
             assert "".join(f.function.arguments for f in rest) == call.function.arguments
             check_weather_call(call)
@@ -142,7 +142,7 @@ def test_streamed_tool_call_arguments_arrive_in_fragments_that_add_up_to_the_who
 def test_stream_ends_with_finish_reason_tool_calls(qwen: LiveServer) -> None:
     with sdk(qwen) as client:
         stream = client.chat.completions.create(
-            model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice=WEATHER, max_tokens=120, stream=True, extra_body=NO_THINKING
+            model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice=WEATHER, max_tokens=200, stream=True, extra_body=NO_THINKING
         )
         reasons = [choice.finish_reason for chunk in stream for choice in chunk.choices if choice.finish_reason]
     assert reasons == ["tool_calls"]
@@ -155,7 +155,7 @@ def test_agent_loop_tools_then_result_then_answer(server: LiveServer) -> None:
     with sdk(server) as client:
         messages: list[dict] = list(ASK)
         first = client.chat.completions.create(
-            model=MODEL_ID, messages=messages, tools=TOOLS, tool_choice=WEATHER, max_tokens=120, extra_body=NO_THINKING
+            model=MODEL_ID, messages=messages, tools=TOOLS, tool_choice=WEATHER, max_tokens=200, extra_body=NO_THINKING
         )
         [call] = first.choices[0].message.tool_calls
         arguments = check_weather_call(call)

@@ -3,7 +3,8 @@
 A bound becomes a digit pattern (``vramsupply.chat.numbers``) that renders both as GBNF and as a
 Python regex. Over thousands of random ranges (wide, negative, open, exclusive, fractional), the
 regex must accept exactly the numbers the bound allows; and for a sample of them, llama.cpp's own
-grammar engine (``gbnf_check``) must accept exactly the same texts from the GBNF.
+grammar engine (``gbnf_check``) must accept exactly the same texts from the GBNF. Last, the string
+parameters of Qwen3.5's XML calls, which are plain text rather than JSON.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from decimal import Decimal
 import pytest
 
 from gbnf_check import GrammarChecker
+from vramsupply.chat.forced import forced_call_grammar
 from vramsupply.chat.numbers import Bound, decimals, integers, to_regex
 from vramsupply.chat.schema import UnsatisfiableSchema, schema_to_gbnf
+from vramsupply.chat.syntaxes import syntax_for
 
 NEVER_NUMBERS = ("-0", "-0.0", "00", "01", "1.", ".5", "+1", "1e3", "1E3", "-", "")
 
@@ -173,3 +176,18 @@ def test_bounds_past_what_an_open_end_writes_need_no_digits_and_absurd_precision
     assert len(grammar) < 1000 and checker.accepts(grammar, "-1234") and checker.accepts(grammar, "9" * 16)
     with pytest.raises(ValueError, match="more than 100 digits"):
         schema_to_gbnf({"type": "number", "exclusiveMinimum": 5e-324})
+
+
+def test_a_forced_xml_call_writes_string_parameters_raw_and_within_their_length(checker: GrammarChecker) -> None:
+    """Qwen3.5 writes ``<parameter>`` values as plain text: a string enum without JSON quotes, a
+    ``maxLength`` counted in characters."""
+    parameters = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 5}, "unit": {"type": "string", "enum": ["c", "f"]}},
+        "required": ["city", "unit"],
+    }
+    grammar = forced_call_grammar(syntax_for("<tool_call><function=x><parameter=y>"), [{"name": "f", "parameters": parameters}], parallel=False)
+    call = "<tool_call>\n<function=f>\n<parameter=city>\n{city}\n</parameter>\n<parameter=unit>\n{unit}\n</parameter>\n</function>\n</tool_call>"
+    assert checker.accepts(grammar, call.format(city="Paris", unit="c"))
+    assert not checker.accepts(grammar, call.format(city="Parisx", unit="c"))
+    assert not checker.accepts(grammar, call.format(city="Paris", unit='"c"'))

@@ -17,6 +17,9 @@ from .schema import JsonSchemaConverter
 from .syntaxes import ToolSyntax
 
 _EMPTY_OBJECT = {"type": "object", "properties": {}}
+MAX_XML_LENGTH = 1000
+"""The longest ``maxLength`` an XML string parameter's rule spells out (llama.cpp expands each
+repetition); a longer one is not enforced."""
 
 
 def _literal(text: str) -> str:
@@ -47,15 +50,32 @@ def _xml_call(builder: _Builder, index: int, name: str, schema: Any) -> str:
     """Qwen3's ``<function=NAME><parameter=K>value</parameter>…`` with one rule per parameter."""
     properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
     required = set(schema.get("required", [])) if isinstance(schema, dict) else set()
-    text = builder.rule("xml-text", r"[^<]*")
     parts = []
     for key, prop in sorted(properties.items(), key=lambda kv: kv[0] not in required):
-        is_string = isinstance(prop, dict) and prop.get("type") == "string" and "enum" not in prop
-        value = text if is_string else builder.schema(prop, f"tool-{index}-{key}")
+        value = _xml_value(builder, prop) or builder.schema(prop, f"tool-{index}-{key}")
         part = f'{_literal(f"<parameter={key}>" + chr(10))} {value} {_literal(chr(10) + "</parameter>" + chr(10))}'
         parts.append(part if key in required else f"( {part} )?")
     head = _literal(f"<tool_call>\n<function={name}>\n")
     return " ".join([head, *parts, _literal("</function>\n</tool_call>")])
+
+
+def _xml_value(builder: _Builder, prop: Any) -> str | None:
+    """A string parameter's rule: its raw text (not JSON), an enum's strings as they are, a
+    length as ``minLength``/``maxLength`` say (up to ``MAX_XML_LENGTH``). None: any other value,
+    written as JSON."""
+    if not isinstance(prop, dict) or prop.get("type", "string") != "string":
+        return None
+    choices = prop.get("enum", [prop["const"]] if "const" in prop else None)
+    if choices is not None:
+        if not choices or not all(isinstance(c, str) and "<" not in c for c in choices):
+            return None
+        return "( " + " | ".join(_literal(c) for c in choices) + " )"
+    if "type" not in prop:
+        return None
+    low, high = prop.get("minLength", 0), prop.get("maxLength")
+    if isinstance(low, int) and isinstance(high, int) and 0 <= low <= high <= MAX_XML_LENGTH:
+        return builder.rule(f"xml-text-{low}-{high}", f"[^<]{{{low},{high}}}")
+    return builder.rule("xml-text", r"[^<]*")
 
 
 def _call(builder: _Builder, syntax: ToolSyntax, index: int, name: str, schema: Any) -> str:
