@@ -319,7 +319,7 @@ build_failure_reason() {
 llama_importable() { "$venv/bin/python" -c 'import llama_cpp' >/dev/null 2>&1; }
 
 # NVIDIA's toolkit wheels, merged into one CUDA tree at $cuda_root (the layout CMake and nvcc expect).
-# It stays after the build: the built library loads cudart and cuBLAS from it.
+# It stays after the build: the built library loads cudart and cuBLAS from it (link_cuda_runtime).
 install_cuda_wheels() {
     if [ -x "$cuda_root/bin/nvcc" ] && has_cublas "$cuda_root"; then return 0; fi
     staging="$cuda_root.partial"
@@ -361,11 +361,27 @@ build_llama() { # BACKEND: build and install llama-cpp-python for it, log in $bu
         ${hip_env:-} CMAKE_ARGS="$cmake_args" $pip install -v $flags "$LLAMA_SPEC"
 }
 
+# The CUDA build needs cudart and cuBLAS at run time, and a toolkit from PyPI (or in an unusual
+# place) is not on the loader's path: link them beside llama.cpp's libraries, whose RUNPATH is
+# $ORIGIN. A driver-only machine then loads the build without LD_LIBRARY_PATH.
+link_cuda_runtime() { # VENV CUDA_ROOT
+    lib_dir=$("$1/bin/python" -c 'import importlib.util, os; print(os.path.join(os.path.dirname(importlib.util.find_spec("llama_cpp").origin), "lib"))') || return 1
+    cuda_lib="$2/lib64"
+    [ -d "$cuda_lib" ] || cuda_lib="$2/lib"
+    for lib in "$cuda_lib"/libcudart.so.[0-9]* "$cuda_lib"/libcublas.so.[0-9]* "$cuda_lib"/libcublasLt.so.[0-9]*; do
+        [ -e "$lib" ] && ln -sf "$lib" "$lib_dir/${lib##*/}"
+    done
+    return 0
+}
+
 build_gpu() { # BACKEND: 0 when the GPU build is installed; else $failure says why in one line
     failure="" build_log="$data_dir/build-$1.log"
     if [ -n "$toolchain_missing" ]; then failure=$toolchain_missing && return 1; fi
     if [ -n "$cuda_wheels" ]; then install_cuda_wheels || return 1; fi
     if ! build_llama "$1"; then failure=$(build_failure_reason "$build_log") && return 1; fi
+    if [ "$1" = cuda ] && ! link_cuda_runtime "$venv" "$cuda_root" >>"$build_log" 2>&1; then
+        failure="could not link the CUDA runtime libraries from $cuda_root" && return 1
+    fi
     if ! "$venv/bin/python" -c 'import llama_cpp' >>"$build_log" 2>&1; then
         failure="the $1 build does not load: $(tail -n 1 "$build_log")" && return 1
     fi
@@ -540,4 +556,5 @@ main() {
     fi
 }
 
-main "$@"
+# Tests set VRAMSUPPLY_INSTALL_FUNCTIONS_ONLY=1 and source this file to call one function.
+if [ -z "${VRAMSUPPLY_INSTALL_FUNCTIONS_ONLY:-}" ]; then main "$@"; fi

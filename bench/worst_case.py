@@ -35,7 +35,7 @@ from typing import Any
 
 import aiohttp
 
-from vramsupply.server.grammar import MAX_ALTERNATIVES, MAX_REPETITION, SchemaTooComplex, schema_grammar
+from vramsupply.chat.limits import MAX_ALTERNATIVES, MAX_REPETITION, SchemaTooComplex, schema_grammar
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "bench" / ".cache" / "bench-llama-768x12-q8_0.gguf"

@@ -347,3 +347,16 @@ def test_a_schema_that_cannot_force_a_call_is_a_400_and_auto_still_answers(qwen:
         answered = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tools, max_tokens=5, extra_body=NO_THINKING)
     assert refused.value.body["param"] == "tools"
     assert answered.choices[0].finish_reason in ("stop", "length")
+
+
+def test_tools_are_held_to_the_same_schema_limits_as_response_format(qwen: LiveServer) -> None:
+    """A tool schema too complex to force cheaply: a 400 naming tools, as response_format gets one."""
+    huge = {"type": "object", "properties": {"essay": {"type": "string", "maxLength": 50000}}, "required": ["essay"]}
+    tools = [{"type": "function", "function": {"name": "write", "parameters": huge}}]
+    with sdk(qwen) as client:
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tools, tool_choice="required", max_tokens=5)
+        answered = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tools, max_tokens=5, extra_body=NO_THINKING)
+    assert refused.value.body["param"] == "tools"
+    assert "'maxLength' is 50000; at most 1000 is accepted" in refused.value.body["message"]
+    assert answered.choices[0].finish_reason in ("stop", "length")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,24 @@ def test_an_unknown_backend_is_refused(machine: Machine) -> None:
     result = machine.dry_run("--backend", "tpu")
     assert result.returncode == 1
     assert "unknown backend 'tpu' (expected cpu, cuda, hip, metal or vulkan)" in result.stderr
+
+
+def test_the_cuda_build_finds_cudart_and_cublas_of_a_toolkit_that_is_not_on_the_loader_path(tmp_path: Path) -> None:
+    """A toolkit from PyPI lives in the data dir, where the loader never looks: its runtime libraries
+    are linked beside llama.cpp's, whose RUNPATH is $ORIGIN (checked for real on the CUDA build, README)."""
+    site = tmp_path / "site"
+    (site / "llama_cpp" / "lib").mkdir(parents=True)
+    (site / "llama_cpp" / "__init__.py").write_text("raise ImportError('libcublas.so.13: cannot open shared object file')\n")
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(f'#!/bin/sh\nPYTHONPATH="{site}" exec "{sys.executable}" "$@"\n')
+    venv_python.chmod(0o755)
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "lib").mkdir(parents=True)
+    (toolkit / "lib64").symlink_to("lib")
+    for name in ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libnvvm.so.4"):
+        (toolkit / "lib" / name).write_bytes(b"\x7fELF")
+    script = f'. "{INSTALL_SH}" && link_cuda_runtime "{tmp_path / "venv"}" "{toolkit}"'
+    subprocess.run(["sh", "-c", script], check=True, env={**os.environ, "VRAMSUPPLY_INSTALL_FUNCTIONS_ONLY": "1"}, timeout=60)
+    linked = {p.name: os.readlink(p) for p in (site / "llama_cpp" / "lib").iterdir()}
+    assert linked == {name: str(toolkit / "lib64" / name) for name in ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13")}

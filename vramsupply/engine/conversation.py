@@ -15,6 +15,7 @@ from typing import Any
 
 from vramsupply.chat import ChatFormat, OutputParser, ReasoningMarkers, ToolSyntax
 from vramsupply.chat.forced import forced_call_grammar, trigger_patterns
+from vramsupply.chat.limits import SchemaTooComplex, check_grammar_size, check_schema
 from vramsupply.chat.formats import opens_reasoning
 
 from .chat import ChatTemplate
@@ -108,9 +109,18 @@ def prepare_chat(
 def _call_grammar(
     fmt: ChatFormat, functions: list[dict[str, Any]], parallel: bool, thought: ReasoningMarkers | None, *, required: bool
 ) -> str | None:
-    """The call grammar, or for a forced call a ``tools`` error when a schema cannot become one."""
+    """The call grammar, or for a forced call a ``tools`` error when a schema cannot become one.
+
+    The tools' schemas are held to the limits ``response_format`` is held to (``chat/limits.py``);
+    past one, a forced call is a 400 naming ``tools``, and ``auto`` goes without the lazy check."""
     try:
-        return forced_call_grammar(fmt.syntax, functions, parallel, thought)
+        for function in functions:
+            check_schema(function.get("parameters") or {})
+        return check_grammar_size(forced_call_grammar(fmt.syntax, functions, parallel, thought))
+    except SchemaTooComplex as exc:
+        if required:
+            raise ChatRequestError("tools", f"a tool's parameters are too complex for this server: {exc}") from None
+        return None
     except Exception as exc:  # the converter raises bare Exceptions, KeyErrors and AssertionErrors
         if required:
             raise ChatRequestError("tools", f"a tool's parameters cannot be turned into a grammar to force the call ({exc})") from None

@@ -1,0 +1,87 @@
+"""Limits on what one JSON schema may ask of the server, for ``response_format`` and for tools.
+
+Converting a schema is pure Python, a grammar is parsed by llama.cpp when the request is
+submitted, and while generating it is walked for the tokens it refuses (on the grammar worker,
+``engine/offthread.py``). Each of those costs grows with the schema, so a schema is checked
+against these limits first (cheap, and bounding what the converter can be asked to build), and the
+grammar it yields is capped in size. The request field is named in the 400 by the caller. The
+limits are in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from .schema import schema_to_gbnf
+
+MAX_SCHEMA_BYTES = 32 * 1024
+"""The schema as JSON text."""
+MAX_SCHEMA_DEPTH = 16
+"""Nesting of objects and arrays in the schema."""
+MAX_ALTERNATIVES = 128
+"""Values of one ``enum`` and branches of one ``anyOf``/``oneOf``: each is a grammar alternative
+that is tried against every candidate token."""
+MAX_REPETITION = 1000
+"""Bounds on lengths and counts (``maxItems``, ``minLength``, regex ``{n,m}``...): the converter
+spells out each repetition, so ``maxItems: 1000000`` would build a grammar of a million rules
+before its size could be checked."""
+MAX_GRAMMAR_BYTES = 32 * 1024
+"""The GBNF text handed to llama.cpp."""
+
+_COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties", "minContains", "maxContains")
+_REGEX_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+class SchemaTooComplex(ValueError):
+    """The schema passes a limit; the message says which and what the limit is."""
+
+
+def schema_grammar(schema: dict[str, Any]) -> str:
+    """Check the limits, convert, check the grammar's size. Blocking: run it in a thread."""
+    check_schema(schema)
+    return check_grammar_size(schema_to_gbnf(schema))
+
+
+def check_schema(schema: Any) -> None:
+    """Refuse a schema past a limit (``SchemaTooComplex``), before any conversion."""
+    text = json.dumps(schema)
+    if len(text) > MAX_SCHEMA_BYTES:
+        raise SchemaTooComplex(f"the schema is {len(text):,} bytes of JSON; at most {MAX_SCHEMA_BYTES:,} are accepted")
+    check_limits(schema)
+
+
+def check_grammar_size(grammar: str) -> str:
+    """``grammar``, unless it is larger than llama.cpp should be asked to parse for one request."""
+    if len(grammar) > MAX_GRAMMAR_BYTES:
+        raise SchemaTooComplex(f"its grammar would be {len(grammar):,} bytes; at most {MAX_GRAMMAR_BYTES:,} are accepted")
+    return grammar
+
+
+def check_limits(node: Any, depth: int = 0) -> None:
+    """Walk the schema and refuse what would make the grammar, or applying it, expensive."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise SchemaTooComplex(f"it nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    if isinstance(node, list):
+        for item in node:
+            check_limits(item, depth + 1)
+        return
+    if not isinstance(node, dict):
+        return
+    for key in ("enum", "anyOf", "oneOf"):
+        values = node.get(key)
+        if isinstance(values, list) and len(values) > MAX_ALTERNATIVES:
+            raise SchemaTooComplex(f"'{key}' has {len(values):,} entries; at most {MAX_ALTERNATIVES} are accepted")
+    for key in _COUNTS:
+        value = node.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_REPETITION:
+            raise SchemaTooComplex(f"'{key}' is {value}; at most {MAX_REPETITION} is accepted")
+    pattern = node.get("pattern")
+    if isinstance(pattern, str):
+        for low, high in _REGEX_REPEAT.findall(pattern):
+            if max(int(low), int(high or 0)) > MAX_REPETITION:
+                raise SchemaTooComplex(f"'pattern' repeats {{{low},{high}}} times; at most {MAX_REPETITION} is accepted")
+    for value in node.values():
+        if isinstance(value, (dict, list)):
+            check_limits(value, depth + 1)
