@@ -9,7 +9,7 @@ it imposes on every other buyer. The same victim alone, over a window as long, i
 Kinds (each the most expensive the limits allow, see README "Limits"):
   schema      json_schema with the largest enum accepted (MAX_ALTERNATIVES long strings)
   schema_repetition  a string of up to MAX_REPETITION characters (the deepest grammar accepted)
-  stop        16 stop strings of 100k characters each, the model pushed to keep matching them
+  stop        16 stop strings of MAX_STOP_CHARS characters each, the model pushed to keep matching them
   logit_bias  a bias for every token of the vocabulary
   n           16 choices
   long_prompt a prompt filling the context (chunked prefill next to a generating slot)
@@ -36,6 +36,7 @@ from typing import Any
 import aiohttp
 
 from vramsupply.chat.limits import MAX_ALTERNATIVES, MAX_REPETITION, SchemaTooComplex, schema_grammar
+from vramsupply.server.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "bench" / ".cache" / "bench-llama-768x12-q8_0.gguf"
@@ -56,8 +57,10 @@ def largest_accepted_enum() -> dict[str, Any]:
     raise RuntimeError("no enum of MAX_ALTERNATIVES entries is accepted")
 
 
-def expensive_requests(vocab: int, n_ctx: int) -> dict[str, tuple[str, dict[str, Any]]]:
-    long_stop = "a" * 100_000
+def expensive_requests(vocab: int, n_ctx: int, round_: int = 0) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The most expensive accepted request of each kind; the long prompt differs per round, so the
+    prompt cache never serves it."""
+    long_stop = "a" * MAX_STOP_CHARS
     return {
         "schema": (
             "/v1/chat/completions",
@@ -75,10 +78,10 @@ def expensive_requests(vocab: int, n_ctx: int) -> dict[str, tuple[str, dict[str,
                 "response_format": {"type": "json_schema", "json_schema": {"name": "text", "schema": {"type": "string", "maxLength": MAX_REPETITION}}},
             },
         ),
-        "stop": ("/v1/completions", {"prompt": "aaaa", "max_tokens": 256, "stop": [long_stop[: 100_000 - i] for i in range(16)], "logit_bias": {"29874": 100}}),
+        "stop": ("/v1/completions", {"prompt": "aaaa", "max_tokens": 256, "stop": [long_stop[: MAX_STOP_CHARS - i] for i in range(MAX_STOP_STRINGS)], "logit_bias": {"29874": 100}}),
         "logit_bias": ("/v1/completions", {"prompt": "Once", "max_tokens": 256, "logit_bias": {str(t): ((t * 7919) % 200 - 100) / 10 for t in range(vocab)}}),
         "n": ("/v1/completions", {"prompt": "Once upon a time there was", "max_tokens": 64, "n": 16, "ignore_eos": True}),
-        "long_prompt": ("/v1/completions", {"prompt": list(range(100, 100 + n_ctx - 32)), "max_tokens": 16, "ignore_eos": True}),
+        "long_prompt": ("/v1/completions", {"prompt": list(range(100 + round_, 100 + round_ + n_ctx - 32)), "max_tokens": 16, "ignore_eos": True}),
     }
 
 
@@ -151,9 +154,9 @@ async def run(model: Path, rounds: int) -> dict[str, Any]:
             from gguf import GGUFReader
 
             vocab = len(GGUFReader(model).fields["tokenizer.ggml.tokens"].data)
-            kinds = expensive_requests(vocab, n_ctx=4096)
             results: list[dict[str, Any]] = []
             for round_ in range(rounds):
+                kinds = expensive_requests(vocab, n_ctx=4096, round_=round_)
                 results.append({**await measure(http, url, None, "", {}), "round": round_})
                 for kind, (route, body) in kinds.items():
                     results.append({**await measure(http, url, kind, route, body), "round": round_})

@@ -45,6 +45,7 @@ HOSTILE: list[tuple[str, bytes, int, str | None]] = [
     (TEXT, json.dumps({"prompt": "Once", "top_k": 10**15}).encode(), 400, "top_k"),
     (TEXT, json.dumps({"prompt": "Once", "n": 10_000}).encode(), 400, "n"),
     (TEXT, json.dumps({"prompt": "Once", "stop": ["x"] * 1000}).encode(), 400, "stop"),
+    (TEXT, json.dumps({"prompt": "Once", "stop": ["end", "x" * 100_000]}).encode(), 400, "stop[1]"),
     (TEXT, json.dumps({"prompt": "Once", "max_tokens": -5}).encode(), 400, "max_tokens"),
     (CHAT, json.dumps({"messages": [{"role": "user", "content": "Hi"}], "response_format": HUGE_ENUM}).encode(), 400, "response_format"),
     (CHAT, json.dumps({"messages": [{"role": "user", "content": "Hi"}], "response_format": nested(40)}).encode(), 400, "response_format"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vramsupply.engine.pacing import FIRST_CHUNK, MIN_CHUNK, STEP_TARGET_SECONDS, PrefillPacer
+from vramsupply.engine.pacing import MIN_CHUNK, STEP_TARGET_SECONDS, PrefillPacer
 
 
 def test_a_prompt_takes_the_whole_batch_when_nobody_generates() -> None:
@@ -15,7 +15,7 @@ def test_a_prompt_takes_the_whole_batch_when_nobody_generates() -> None:
 def test_before_any_speed_is_known_a_prompt_next_to_a_stream_starts_small() -> None:
     """A whole 2048-token batch as the first step after start-up would be a seconds-long pause."""
     pacer = PrefillPacer()
-    assert pacer.budget(2048, generating=True) == FIRST_CHUNK
+    assert pacer.budget(2048, generating=True) == MIN_CHUNK
     assert pacer.budget(10, generating=True) == 10
 
 

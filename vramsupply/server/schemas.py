@@ -8,16 +8,18 @@ with a 400 instead of being silently dropped. Sampling fields left out keep llam
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from vramsupply.engine import MAX_TOP_K, ChatRequest
 
 MAX_CHOICES = 16
-# Every stop string is searched for after every token on the one scheduler thread that decodes all
-# slots, so an unbounded list would let one request slow every other (200k cost 0.2 s a token).
+# Stop strings are matched on the one scheduler thread that decodes all slots (one automaton each,
+# a few steps per generated character), and each one's table is built when the request arrives in
+# Python, which holds the GIL the scheduler also needs: both are bounded.
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 4096
 # OpenAI allows 20 alternatives per token on chat and 5 on completions; both get 20 here.
 MAX_TOP_LOGPROBS = 20
 
@@ -61,7 +63,7 @@ class GenerationBody(_Body):
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
