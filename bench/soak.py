@@ -25,7 +25,6 @@ import json
 import os
 import platform as host_platform
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+from agent_process import free_port, wait_healthy
 
 from vramsupply.devplatform import DevPlatform, PlatformOptions
 from vramsupply.platform import api
@@ -46,12 +47,6 @@ FAULTS = ("ok", "5xx", "timeout", "refuse", "forget")
 FAULT_WEIGHTS = (0.55, 0.15, 0.1, 0.1, 0.1)
 CLIENT_TIMEOUT = 10.0  # the agent's platform client gives up after this (PlatformClient's default)
 CUT_STREAMS = 1000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class FlakyFront:
@@ -202,16 +197,7 @@ async def soak(minutes: float, model: Path, seed: int, cut_count: int = CUT_STRE
     outcomes: Counter[str] = Counter()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
-            while True:
-                if agent.poll() is not None:
-                    raise RuntimeError(f"the agent exited with {agent.returncode}; see {log_path}")
-                try:
-                    async with http.get(agent_url + "/health") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.2)
+            await wait_healthy(http, agent_url, agent, what=f"the agent (log: {log_path})")
             started = time.monotonic()
             until = started + minutes * 60
             buyers = [asyncio.create_task(buyer(http, agent_url, "soak-token", until, outcomes, random.Random(seed + i))) for i in range(4)]

@@ -26,7 +26,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from agent_process import free_port, wait_healthy
 
 from vramsupply.chat.limits import MAX_ALTERNATIVES, MAX_REPETITION, SchemaTooComplex, schema_grammar
 from vramsupply.server.schemas import MAX_STOP_CHARS, MAX_STOP_STRINGS
@@ -85,25 +86,6 @@ def expensive_requests(vocab: int, n_ctx: int, round_: int = 0) -> dict[str, tup
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def wait_ready(http: aiohttp.ClientSession, url: str, process: subprocess.Popen[bytes]) -> dict[str, Any]:
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"vramsupply exited with {process.returncode} before it was ready")
-        try:
-            async with http.get(url + "/health") as response:
-                if response.status == 200:
-                    return await response.json()
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
-
-
 async def victim(http: aiohttp.ClientSession, url: str, arrivals: list[float], stop: asyncio.Event) -> None:
     async with http.post(url + "/v1/completions", json=VICTIM) as response:
         async for line in response.content:
@@ -150,7 +132,7 @@ async def run(model: Path, rounds: int) -> dict[str, Any]:
     )
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
-            await wait_ready(http, url, process)
+            await wait_healthy(http, url, process)
             from gguf import GGUFReader
 
             vocab = len(GGUFReader(model).fields["tokenizer.ggml.tokens"].data)

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import asyncio
 
-from vramsupply.chat.limits import MAX_ALTERNATIVES, MAX_REPETITION, SchemaTooComplex, schema_grammar
+from vramsupply.chat.limits import SchemaTooComplex, schema_grammar
 from vramsupply.chat.schema import schema_to_gbnf
 from vramsupply.server.errors import ApiError
 from vramsupply.server.schemas import ResponseFormat
-
-__all__ = ["MAX_ALTERNATIVES", "MAX_REPETITION", "SchemaTooComplex", "grammar_for", "schema_grammar"]
 
 PARAM = "response_format"
 JSON_OBJECT = schema_to_gbnf({"type": "object"})
