@@ -164,4 +164,4 @@ def test_reasoning_tokens_count_the_tokens_that_brought_the_thought() -> None:
     shape.text_chunks(0, "".join(pieces), None)
     shape.finish_chunks(0, "stop", None)
     usage = UsageOut(prompt_tokens=3, completion_tokens=8, total_tokens=11, prompt_tokens_details=PromptTokensDetails(cached_tokens=0))
-    assert json.loads(shape.usage_chunk(usage))["usage"]["completion_tokens_details"]["reasoning_tokens"] == 5
+    assert json.loads(shape.usage_chunk(usage).removeprefix(b"data: "))["usage"]["completion_tokens_details"]["reasoning_tokens"] == 5

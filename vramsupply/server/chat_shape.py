@@ -10,11 +10,13 @@ a call is announced and what a call that breaks afterwards becomes).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 from vramsupply.chat import OutputParser, ParsedOutput, Piece
 from vramsupply.engine import ChatPrompt, Generation
 from vramsupply.engine.logprobs import TokenLogprob
+from vramsupply.server.chunks import ChunkTemplate, sse_event
 from vramsupply.server.logprobs_out import TokenBytes, chat_logprobs
 from vramsupply.server.responses import (
     ChatChoice,
@@ -30,6 +32,9 @@ from vramsupply.server.responses import (
     ToolCallOut,
     UsageOut,
 )
+
+_TEXT_FIELDS = {"content": "content", "reasoning": "reasoning_content"}
+"""Piece kinds whose delta is one text field: their chunks are filled into a template."""
 
 
 @dataclasses.dataclass
@@ -55,6 +60,7 @@ class ChatShape:
     prompt_param: str = "messages"
     _choices: dict[int, _Choice] = dataclasses.field(default_factory=dict)
     _generations: Sequence[Generation] = ()
+    _templates: dict[tuple[int, str], ChunkTemplate] = dataclasses.field(default_factory=dict)
 
     def track(self, generations: Sequence[Generation]) -> None:
         """The choices' generations, whose tokens the usage's reasoning count reads."""
@@ -74,16 +80,16 @@ class ChatShape:
             id=self.id, object="chat.completion", created=self.created, model=self.model, choices=choices, usage=self._usage(usage)
         ).to_json()
 
-    def opening_chunk(self, index: int) -> str:
+    def opening_chunk(self, index: int) -> bytes:
         """OpenAI's first chunk of every choice announces the assistant role."""
         return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""), logprobs=None, finish_reason=None)])
 
-    def text_chunks(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> list[str]:
+    def text_chunks(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> list[bytes]:
         choice = self._choice(index)
         self._hold(choice, logprobs)
         return self._piece_chunks(index, choice.read(choice.parser.push(text)))
 
-    def finish_chunks(self, index: int, finish: FinishReason, logprobs: list[TokenLogprob] | None) -> list[str]:
+    def finish_chunks(self, index: int, finish: FinishReason, logprobs: list[TokenLogprob] | None) -> list[bytes]:
         choice = self._choice(index)
         self._hold(choice, logprobs)
         chunks = self._piece_chunks(index, choice.read(choice.parser.finish()))
@@ -91,7 +97,7 @@ class ChatShape:
         last = ChatChunkChoice(index=index, delta=ChatDelta(), logprobs=self._take(choice), finish_reason=reason)
         return [*chunks, self._chunk([last])]
 
-    def usage_chunk(self, usage: UsageOut) -> str:
+    def usage_chunk(self, usage: UsageOut) -> bytes:
         return self._chunk([], self._usage(usage))
 
     # ---- helpers --------------------------------------------------------------------------------
@@ -129,15 +135,16 @@ class ChatShape:
         entries, choice.logprobs = choice.logprobs, []
         return chat_logprobs(entries, self.token_bytes)
 
-    def _piece_chunks(self, index: int, pieces: list[Piece]) -> list[str]:
+    def _piece_chunks(self, index: int, pieces: list[Piece]) -> list[bytes]:
         chunks = []
         choice = self._choice(index)
         call = len(choice.output.tool_calls) - sum(p.kind == "tool_call" for p in pieces) - 1  # the call announced last
         for piece in pieces:
-            if piece.kind == "content":
-                delta = ChatDelta(content=piece.text)
-            elif piece.kind == "reasoning":
-                delta = ChatDelta(reasoning_content=piece.text)
+            if piece.kind in _TEXT_FIELDS and choice.logprobs is None:
+                chunks.append(self._template(index, piece.kind).event(piece.text))
+                continue
+            if piece.kind in _TEXT_FIELDS:
+                delta = ChatDelta(**{_TEXT_FIELDS[piece.kind]: piece.text})
             elif piece.kind == "arguments":
                 delta = ChatDelta(tool_calls=[ToolCallOut(index=call, function=FunctionOut(arguments=piece.text))])
             else:
@@ -147,6 +154,17 @@ class ChatShape:
                 delta = ChatDelta(tool_calls=[ToolCallOut(index=call, id=piece.call.id, type="function", function=function)])
             chunks.append(self._chunk([ChatChunkChoice(index=index, delta=delta, logprobs=self._take(choice), finish_reason=None)]))
         return chunks
+
+    def _template(self, index: int, kind: str) -> ChunkTemplate:
+        """The content (or reasoning) delta of choice ``index`` without logprobs, serialized once."""
+        template = self._templates.get((index, kind))
+        if template is None:
+            template = self._templates[(index, kind)] = ChunkTemplate(functools.partial(self._text_document, index, _TEXT_FIELDS[kind]))
+        return template
+
+    def _text_document(self, index: int, field: str, text: str) -> str:
+        delta = ChatDelta(**{field: text})
+        return self._document([ChatChunkChoice(index=index, delta=delta, logprobs=None, finish_reason=None)])
 
     def _usage(self, usage: UsageOut) -> UsageOut:
         """``completion_tokens_details.reasoning_tokens``: the generated tokens that brought the
@@ -170,7 +188,10 @@ class ChatShape:
             (begin < end and finish > start) if finish > begin else start <= begin < end for begin, finish in zip([0, *ends[:-1]], ends)
         )
 
-    def _chunk(self, choices: list[ChatChunkChoice], usage: UsageOut | None = None) -> str:
+    def _chunk(self, choices: list[ChatChunkChoice], usage: UsageOut | None = None) -> bytes:
+        return sse_event(self._document(choices, usage).encode())
+
+    def _document(self, choices: list[ChatChunkChoice], usage: UsageOut | None = None) -> str:
         chunk = ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=choices)
         if self.include_usage:
             chunk.usage = usage

@@ -13,8 +13,8 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -34,14 +34,11 @@ from vramsupply.server.accounting import Bill
 from vramsupply.server.errors import ApiError
 from vramsupply.server.grammar import grammar_for
 from vramsupply.server.metrics import ServerMetrics
-from vramsupply.engine.logprobs import TokenLogprob
 from vramsupply.server.chat_shape import ChatShape
-from vramsupply.server.logprobs_out import TokenBytes, text_logprobs
+from vramsupply.server.chunks import sse_event
+from vramsupply.server.text_shape import ResponseShape, TextShape
 from vramsupply.server.responses import (
     FinishReason,
-    TextLogprobs,
-    TextChoice,
-    TextCompletion,
     UsageOut,
     new_id,
     now,
@@ -49,75 +46,11 @@ from vramsupply.server.responses import (
 from vramsupply.server.schemas import ChatCompletionBody, CompletionBody
 from vramsupply.server.state import SERVER_STATE, ServerState, failed_error
 
-Logprobs = list[TokenLogprob] | None  # one choice's logprobs, or None when not asked for
 RETRY_AFTER_SECONDS = "1"
 INLINE_TOKENIZE_MAX_BYTES = 8192
 INLINE_LOGIT_BIAS_MAX = 64
 T = TypeVar("T")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class ResponseShape(Protocol):
-    """How one route writes its results; the generation plumbing is shared."""
-
-    id: str
-    prompt_param: str
-    include_usage: bool
-
-    def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut, logprobs: Sequence[Logprobs]) -> str: ...
-    def opening_chunk(self, index: int) -> str | None: ...
-    def text_chunks(self, index: int, text: str, logprobs: Logprobs) -> list[str]: ...
-    def finish_chunks(self, index: int, finish: FinishReason, logprobs: Logprobs) -> list[str]: ...
-    def usage_chunk(self, usage: UsageOut) -> str: ...
-    def track(self, generations: Sequence[Generation]) -> None: ...
-
-
-@dataclasses.dataclass
-class TextShape:
-    id: str
-    created: int
-    model: str
-    include_usage: bool
-    token_bytes: TokenBytes
-    prompt_param: str = "prompt"
-    _offsets: dict[int, int] = dataclasses.field(default_factory=dict)
-
-    def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut, logprobs: Sequence[Logprobs]) -> str:
-        choices = [
-            TextChoice(index=i, text=text, logprobs=self._logprobs(i, entries), finish_reason=finish)
-            for i, (text, finish, entries) in enumerate(zip(texts, finishes, logprobs))
-        ]
-        return TextCompletion(
-            id=self.id, object="text_completion", created=self.created, model=self.model, choices=choices, usage=usage
-        ).to_json()
-
-    def opening_chunk(self, index: int) -> None:
-        return None
-
-    def track(self, generations: Sequence[Generation]) -> None:
-        """Text completions read nothing from the generations' tokens (chat counts reasoning)."""
-
-    def text_chunks(self, index: int, text: str, logprobs: Logprobs) -> list[str]:
-        return [self._chunk([TextChoice(index=index, text=text, logprobs=self._logprobs(index, logprobs), finish_reason=None)])]
-
-    def finish_chunks(self, index: int, finish: FinishReason, logprobs: Logprobs) -> list[str]:
-        return [self._chunk([TextChoice(index=index, text="", logprobs=self._logprobs(index, logprobs), finish_reason=finish)])]
-
-    def _logprobs(self, index: int, entries: Logprobs) -> TextLogprobs | None:
-        if entries is None:
-            return None
-        out = text_logprobs(entries, self.token_bytes, self._offsets.get(index, 0))
-        self._offsets[index] = self._offsets.get(index, 0) + sum(len(t) for t in out.tokens)
-        return out
-
-    def usage_chunk(self, usage: UsageOut) -> str:
-        return self._chunk([], usage)
-
-    def _chunk(self, choices: list[TextChoice], usage: UsageOut | None = None) -> str:
-        chunk = TextCompletion(id=self.id, object="text_completion", created=self.created, model=self.model, choices=choices)
-        if self.include_usage:
-            chunk.usage = usage
-        return chunk.to_json()
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -360,7 +293,7 @@ async def _stream(
         for index in range(len(generations)):
             opening = shape.opening_chunk(index)
             if opening is not None:
-                await _send(response, opening)
+                await response.write(opening)
         async for index, text in _interleave(generations):
             entries = generations[index].take_logprobs() if logprobs else None
             if text is None:
@@ -368,23 +301,18 @@ async def _stream(
             else:
                 clock.mark(index, state.metrics)
                 chunks = shape.text_chunks(index, text, entries)
-            for chunk in chunks:
-                await _send(response, chunk)
+            await response.write(b"".join(chunks))
         usage = _usage(generations)
         await bill.settle(usage)
         if shape.include_usage:
-            await _send(response, shape.usage_chunk(usage))
+            await response.write(shape.usage_chunk(usage))
         await response.write(b"data: [DONE]\n\n")
     except ConnectionResetError:
         return response
     except EngineError as exc:
-        await _send(response, json.dumps(engine_error(exc, shape.prompt_param).body()))
+        await response.write(sse_event(json.dumps(engine_error(exc, shape.prompt_param).body()).encode()))
     await response.write_eof()
     return response
-
-
-async def _send(response: web.StreamResponse, data: str) -> None:
-    await response.write(f"data: {data}\n\n".encode())
 
 
 async def _interleave(generations: list[Generation]) -> AsyncIterator[tuple[int, str | None]]:

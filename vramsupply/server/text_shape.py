@@ -1,0 +1,101 @@
+"""How a streamed or whole response is written (``ResponseShape``), and the text completion's shape.
+
+The generation plumbing in ``completions.py`` is shared by ``/v1/completions`` and
+``/v1/chat/completions``; each route only says how its results look. Stream chunks come back as
+ready SSE events; a plain text chunk is filled into a template serialized once (``chunks.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Protocol
+
+from vramsupply.engine import Generation
+from vramsupply.engine.logprobs import TokenLogprob
+from vramsupply.server.chunks import ChunkTemplate, sse_event
+from vramsupply.server.logprobs_out import TokenBytes, text_logprobs
+from vramsupply.server.responses import FinishReason, TextChoice, TextCompletion, TextLogprobs, UsageOut
+
+Logprobs = list[TokenLogprob] | None  # one choice's logprobs, or None when not asked for
+
+
+class ResponseShape(Protocol):
+    """How one route writes its results; the generation plumbing is shared."""
+
+    id: str
+    prompt_param: str
+    include_usage: bool
+
+    def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut, logprobs: Sequence[Logprobs]) -> str: ...
+    # The stream's chunks, each already an SSE event.
+    def opening_chunk(self, index: int) -> bytes | None: ...
+    def text_chunks(self, index: int, text: str, logprobs: Logprobs) -> list[bytes]: ...
+    def finish_chunks(self, index: int, finish: FinishReason, logprobs: Logprobs) -> list[bytes]: ...
+    def usage_chunk(self, usage: UsageOut) -> bytes: ...
+    def track(self, generations: Sequence[Generation]) -> None: ...
+
+
+@dataclasses.dataclass
+class TextShape:
+    id: str
+    created: int
+    model: str
+    include_usage: bool
+    token_bytes: TokenBytes
+    prompt_param: str = "prompt"
+    _offsets: dict[int, int] = dataclasses.field(default_factory=dict)
+    _templates: dict[int, ChunkTemplate] = dataclasses.field(default_factory=dict)
+
+    def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut, logprobs: Sequence[Logprobs]) -> str:
+        choices = [
+            TextChoice(index=i, text=text, logprobs=self._logprobs(i, entries), finish_reason=finish)
+            for i, (text, finish, entries) in enumerate(zip(texts, finishes, logprobs))
+        ]
+        return TextCompletion(
+            id=self.id, object="text_completion", created=self.created, model=self.model, choices=choices, usage=usage
+        ).to_json()
+
+    def opening_chunk(self, index: int) -> None:
+        return None
+
+    def track(self, generations: Sequence[Generation]) -> None:
+        """Text completions read nothing from the generations' tokens (chat counts reasoning)."""
+
+    def text_chunks(self, index: int, text: str, logprobs: Logprobs) -> list[bytes]:
+        if logprobs is None:
+            return [self._template(index).event(text)]
+        return [self._chunk([TextChoice(index=index, text=text, logprobs=self._logprobs(index, logprobs), finish_reason=None)])]
+
+    def _template(self, index: int) -> ChunkTemplate:
+        """The text chunk of choice ``index`` without logprobs, serialized once (``chunks.py``)."""
+        template = self._templates.get(index)
+        if template is None:
+            template = self._templates[index] = ChunkTemplate(functools.partial(self._text_document, index))
+        return template
+
+    def _text_document(self, index: int, text: str) -> str:
+        return self._document([TextChoice(index=index, text=text, logprobs=None, finish_reason=None)])
+
+    def finish_chunks(self, index: int, finish: FinishReason, logprobs: Logprobs) -> list[bytes]:
+        return [self._chunk([TextChoice(index=index, text="", logprobs=self._logprobs(index, logprobs), finish_reason=finish)])]
+
+    def _logprobs(self, index: int, entries: Logprobs) -> TextLogprobs | None:
+        if entries is None:
+            return None
+        out = text_logprobs(entries, self.token_bytes, self._offsets.get(index, 0))
+        self._offsets[index] = self._offsets.get(index, 0) + sum(len(t) for t in out.tokens)
+        return out
+
+    def usage_chunk(self, usage: UsageOut) -> bytes:
+        return self._chunk([], usage)
+
+    def _chunk(self, choices: list[TextChoice], usage: UsageOut | None = None) -> bytes:
+        return sse_event(self._document(choices, usage).encode())
+
+    def _document(self, choices: list[TextChoice], usage: UsageOut | None = None) -> str:
+        chunk = TextCompletion(id=self.id, object="text_completion", created=self.created, model=self.model, choices=choices)
+        if self.include_usage:
+            chunk.usage = usage
+        return chunk.to_json()
