@@ -319,6 +319,37 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(report: dict, path: Path) -> None:
+    """Goodput, throughput and TTFT p50 against the arrival rate, one line per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = report["config"]["rates"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, server in report["servers"].items():
+        by_rate = {r["rate"]: r for r in server["rates"]}
+        axes[0].plot(rates, [by_rate[r]["goodput_tok_s"] for r in rates], marker="o", label=name)
+        axes[1].plot(rates, [by_rate[r]["throughput_tok_s"] for r in rates], marker="o", label=name)
+        axes[2].plot(rates, [by_rate[r]["ttft_p50_s"] for r in rates], marker="o", label=name)
+    titles = (f"goodput tok/s (TTFT <= {TTFT_SLO_S:g} s, TPOT <= {TPOT_SLO_S * 1000:g} ms)", "throughput tok/s", "TTFT p50 (s, log)")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("conversation arrivals per second")
+        ax.set_xticks(rates, [str(r) for r in rates])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylim(bottom=0)
+    axes[1].set_ylim(bottom=0)
+    axes[2].set_yscale("log")
+    fig.suptitle(f"vramsupply marketplace bench {report['date']}: {report['config']['conversations']} conversations per rate, "
+                 f"{report['machine']['cpu']}, threads: {report['config']['threads']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 async def bench(cfg: sweep.BenchConfig, model: Path, rates: list[float], conversations: int, cap_s: float,
                 threads: int | None) -> dict:
     eos_id = sweep.eos_token_id(model)
@@ -359,8 +390,14 @@ def main() -> None:
     parser.add_argument("--cap", type=float, default=60.0, help="seconds after the last arrival before unsent turns are dropped")
     parser.add_argument("--threads", type=int, help="give every server this many threads (default: each server's own default)")
     parser.add_argument("--vramsupply", type=Path, default=sweep.REPO / ".venv" / "bin" / "vramsupply")
-    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-marketplace.json)")
+    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-marketplace.json; the chart beside it)")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="measure nothing: redraw the table and chart of a results JSON")
     args = parser.parse_args()
+    if args.replot:
+        report = json.loads(args.replot.read_text())
+        print(summary_table(report))
+        plot(report, args.replot.with_suffix(".png"))
+        return
     model = args.model or (sweep.TINY_MODEL if args.quick else sweep.BENCH_MODEL)
     rates = [0.5] if args.quick else [float(r) for r in args.rates.split(",")]
     conversations = 6 if args.quick else args.conversations
@@ -385,6 +422,7 @@ def main() -> None:
     report["duration_s"] = round(time.perf_counter() - started, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, out.with_suffix(".png"))
     print()
     print(summary_table(report))
     print(f"wrote {out}")
