@@ -1,0 +1,81 @@
+"""A greedy request's token is one argmax over the logits, and it is the token llama.cpp's chain picks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import llama_cpp
+import pytest
+
+from conftest import TINY_MODEL
+from vramsupply.engine.batch import Batch
+from vramsupply.engine.model import Model, create_context
+from vramsupply.engine.sampling import build_sampler
+from vramsupply.engine.types import EngineOptions, SamplingParams
+
+PROMPTS = ["Once upon a time", "Tom and Lily went to the park. They saw a big", "The cat", "Sue had a red"]
+
+
+@pytest.fixture(scope="module")
+def decoded() -> Iterator[tuple[Model, object, list[tuple[list[int], int]]]]:
+    """Each prompt decoded in its own sequence, with the batch row holding its last token's logits."""
+    options = EngineOptions(model_path=TINY_MODEL, n_ctx=128, parallel=len(PROMPTS), threads=1)
+    model = Model.load(options.model_path, options.n_gpu_layers, options.gpu)
+    context = create_context(model, options)
+    batch = Batch(256)
+    rows = []
+    for seq, text in enumerate(PROMPTS):
+        tokens = model.tokenize(text, True)
+        for position, token in enumerate(tokens):
+            row = batch.add(token, position, seq)
+        rows.append((tokens, row))
+    assert llama_cpp.llama_decode(context.ctx, batch.for_decode()) == 0
+    yield model, context, rows
+    context.close()
+
+
+def chain_pick(model: Model, context: object, tokens: list[int], row: int, params: SamplingParams, ignore_eos: bool) -> int:
+    sampler = build_sampler(params, model, tokens, ignore_eos)
+    sampler._argmax = None  # the llama.cpp chain this shortcut stands in for
+    try:
+        return sampler.sample(context.ctx, row)  # type: ignore[attr-defined]
+    finally:
+        sampler.close()
+
+
+@pytest.mark.parametrize(
+    "params, ignore_eos",
+    [
+        (SamplingParams(temperature=0), False),
+        (SamplingParams(temperature=0), True),
+        (SamplingParams(temperature=0, logit_bias={13: 100.0}), False),
+        (SamplingParams(temperature=0, logit_bias={13: -100.0, 29: 2.5, 400: 7.0}), True),
+    ],
+)
+def test_argmax_picks_what_the_chain_picks(decoded: tuple, params: SamplingParams, ignore_eos: bool) -> None:
+    model, context, rows = decoded
+    for tokens, row in rows:
+        sampler = build_sampler(params, model, tokens, ignore_eos)
+        assert sampler._argmax is not None
+        try:
+            assert sampler.sample(context.ctx, row) == chain_pick(model, context, tokens, row, params, ignore_eos)
+        finally:
+            sampler.close()
+
+
+def test_a_bias_can_force_the_token(decoded: tuple) -> None:
+    model, context, rows = decoded
+    tokens, row = rows[0]
+    sampler = build_sampler(SamplingParams(temperature=0, logit_bias={300: math.inf}), model, tokens, False)
+    assert sampler.sample(context.ctx, row) == 300
+    sampler.close()
+
+
+def test_sampled_penalized_or_grammar_requests_keep_the_chain(decoded: tuple) -> None:
+    model, _, rows = decoded
+    tokens, _ = rows[0]
+    for params in (SamplingParams(temperature=0.8), SamplingParams(temperature=0, repeat_penalty=1.3), SamplingParams(temperature=0, grammar='root ::= "a"')):
+        sampler = build_sampler(params, model, tokens, False)
+        assert sampler._argmax is None
+        sampler.close()
