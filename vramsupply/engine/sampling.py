@@ -115,7 +115,7 @@ class ArgmaxPick:
     """Greedy sampling of a chain that is only ``logit_bias -> greedy``: the first highest logit."""
 
     def __init__(self, n_vocab: int, bias: dict[int, float]) -> None:
-        self._n_vocab = n_vocab
+        self._row = ctypes.POINTER(ctypes.c_float * n_vocab)  # a logits row, viewed without a copy
         self._bias = None
         if bias:
             self._bias = np.zeros(n_vocab, dtype=np.single)
@@ -126,7 +126,7 @@ class ArgmaxPick:
         pointer = llama_cpp.llama_get_logits_ith(ctx, row)
         if not pointer:
             raise EngineError(f"llama.cpp has no logits for batch row {row}")
-        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        logits = np.frombuffer(ctypes.cast(pointer, self._row).contents, dtype=np.single)
         if self._bias is None:
             return int(np.argmax(logits))
         np.add(logits, self._bias, out=self._biased)
