@@ -87,8 +87,9 @@ def vramsupply_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
         tuned = ["--threads", str(cfg.threads)] if cfg.pin_threads else []
         return [str(cfg.vramsupply_bin), "serve", "--model", str(model), "--no-register", "--host", HOST, "--port", str(port), *tuned]
     return [
+        # One KV cache of parallel x context_per_slot tokens shared by the slots, as llama-server's -c.
         str(cfg.vramsupply_bin), "serve", "--model", str(model), "--parallel", str(cfg.parallel),
-        "--context-length", str(cfg.context_per_slot), "--threads", str(cfg.threads),
+        "--context-length", str(cfg.parallel * cfg.context_per_slot), "--threads", str(cfg.threads),
         "--no-register", "--host", HOST, "--port", str(port),
     ]
 

@@ -193,24 +193,38 @@ def slots_holding(*held: list[int]) -> list[Slot]:
     return slots
 
 
-def test_idle_slots_are_taken_lowest_first_when_no_prefix_covers_the_prompt() -> None:
+def test_with_a_kv_cache_per_slot_idle_slots_are_taken_lowest_first_when_no_prefix_covers_the_prompt() -> None:
     slots = slots_holding([1, 5, 6], [1, 7, 8, 9], [], [1, 7, 2])
     idle = [slots[1], slots[2], slots[3]]
 
     # Only the BOS token is shared: not worth a scattered slot, so the lowest idle id wins.
-    slot, prefix = choose_slot(idle, np.array([1, 4, 4, 4, 4], dtype=np.int32))
+    slot, prefix = choose_slot(idle, np.array([1, 4, 4, 4, 4], dtype=np.int32), packed=True)
     assert (slot.seq_id, prefix) == (1, 1)
+    slot, prefix = choose_slot([slots[2], slots[3]], np.array([2, 3], dtype=np.int32), packed=True)
+    assert (slot.seq_id, prefix) == (2, 0)
+    # A third of the prompt cached in slot 3 is not worth the gap either.
+    slot, prefix = choose_slot(idle, np.array([1, 7, 2, 4, 4, 4, 4], dtype=np.int32), packed=True)
+    assert (slot.seq_id, prefix) == (1, 2)
+
+
+def test_with_the_shared_kv_cache_the_longest_cached_prefix_wins() -> None:
+    slots = slots_holding([1, 5, 6], [1, 7, 8, 9], [], [1, 7, 2])
+    idle = [slots[1], slots[2], slots[3]]
+
+    slot, prefix = choose_slot(idle, np.array([1, 7, 2, 4, 4, 4, 4], dtype=np.int32))
+    assert (slot.seq_id, prefix) == (3, 3)
     slot, prefix = choose_slot([slots[2], slots[3]], np.array([2, 3], dtype=np.int32))
     assert (slot.seq_id, prefix) == (2, 0)
 
 
-def test_a_slot_whose_cache_covers_most_of_the_prompt_is_reused() -> None:
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_slot_whose_cache_covers_most_of_the_prompt_is_reused(packed: bool) -> None:
     slots = slots_holding([1, 5, 6], [1, 7, 8, 9], [1, 7, 2, 3])
 
-    slot, prefix = choose_slot(slots, np.array([1, 7, 2, 3, 4], dtype=np.int32))
+    slot, prefix = choose_slot(slots, np.array([1, 7, 2, 3, 4], dtype=np.int32), packed)
     assert (slot.seq_id, prefix) == (2, 4)
     # Equal prefixes covering most of the prompt: the lower sequence id.
-    slot, prefix = choose_slot(slots, np.array([1, 7, 5], dtype=np.int32))
+    slot, prefix = choose_slot(slots, np.array([1, 7, 5], dtype=np.int32), packed)
     assert (slot.seq_id, prefix) == (1, 2)
 
 

@@ -39,12 +39,14 @@ CHECKS = [
     ("tiny", Settings(300, 2, flash_attention=False)),
     ("bench", Settings(8192, 2, flash_attention=False)),
     ("bench", Settings(2048, 16, cache_type_k="q8_0", cache_type_v="q8_0")),
+    ("bench", Settings(2048, 4, kv_per_slot=True)),
     ("8b", Settings(4096, 4)),
+    ("8b", Settings(4096, 4, kv_per_slot=True)),
     ("8b", Settings(16384, 2, flash_attention=False, cache_type_k="q8_0")),
 ]
 
 
-@pytest.mark.parametrize(("model", "settings"), CHECKS, ids=[f"{m}-{s.parallel}x{s.context_length}-fa{int(s.flash_attention)}-{s.cache_type_k}" for m, s in CHECKS])
+@pytest.mark.parametrize(("model", "settings"), CHECKS, ids=[f"{m}-{s.parallel}x{s.context_length}{'-per-slot' * s.kv_per_slot}-fa{int(s.flash_attention)}-{s.cache_type_k}" for m, s in CHECKS])
 def test_the_estimate_is_within_10_percent_of_llama_cpps_own_accounting(shapes: dict[str, Path], model: str, settings: Settings) -> None:
     plan = make_plan(local_source(str(shapes[model])), Target((), Device("CPU", "", "cpu", 10**15, 10**15)), settings)
     planned = plan.candidates[0].estimate
@@ -76,12 +78,12 @@ def test_without_a_quant_the_best_that_fits_is_chosen_and_the_reason_given(llama
     assert roomy.chosen is not None and roomy.chosen.quant == "Q8_0", "F16 is never chosen unasked"
     assert [c.quant for c in roomy.candidates] == ["Q8_0", "Q6_K", "Q4_K_M", "F16"]
 
-    tight = make_plan(llama_8b, Target((gpu(8),), HOST), Settings(4096, 4))
+    tight = make_plan(llama_8b, Target((gpu(6.5),), HOST), Settings(4096, 4))
 
     assert tight.chosen is not None and tight.chosen.quant == "Q4_K_M"
     assert [c.fits for c in tight.candidates] == [False, False, True, False]
     (why,) = tight.notes
-    assert why.startswith("Q4_K_M: the best quant that fits CUDA0 (NVIDIA GeForce RTX 4090): 8.00 GiB free, 7.00 GiB after 1.00 GiB headroom")
+    assert why.startswith("Q4_K_M: the best quant that fits CUDA0 (NVIDIA GeForce RTX 4090): 6.50 GiB free, 5.50 GiB after 1.00 GiB headroom")
     assert "Q8_0 would need" in why and "Q6_K would need" in why
 
 
@@ -111,7 +113,9 @@ def test_explicit_settings_that_do_not_fit_are_refused_with_the_numbers(llama_8b
     assert plan.chosen is None
     message = refusal(plan)
     assert message.startswith("Q8_0 needs ")
-    assert "weights 7.95 GiB + KV 2.00 GiB (4 slot(s) x 4096 tokens, 512.0 MiB each) + compute " in message
+    assert "weights 7.95 GiB + KV 512.0 MiB (4 slot(s) sharing 4096 tokens) + compute " in message
+    per_slot = refusal(make_plan(llama_8b, Target((gpu(8),), HOST), Settings(4096, 4, kv_per_slot=True), quant="Q8_0"))
+    assert "weights 7.95 GiB + KV 2.00 GiB (4 slot(s) x 4096 tokens, 512.0 MiB each) + compute " in per_slot
     assert "but CUDA0 (NVIDIA GeForce RTX 4090): 8.00 GiB free, 7.00 GiB after 1.00 GiB headroom" in message
     assert message.endswith("lower --context-length or --parallel, choose a smaller --quant, or offload fewer layers (--n-gpu-layers)")
 
@@ -125,16 +129,25 @@ def test_a_context_that_was_not_set_shrinks_to_fit_like_llama_server_fit(llama_8
     one_step_more = make_plan(llama_8b, Target((gpu(12),), HOST), Settings(plan.settings.context_length + 256, 4), quant="Q8_0")
     assert one_step_more.chosen is None, "the largest context that fits, to 256 tokens"
     (note,) = plan.notes
-    assert note.startswith(f"Q8_0 fits only with 4 slot(s) x {plan.settings.context_length} tokens (asked 4 x 32768)")
+    assert note.startswith(f"Q8_0 fits only with 4 slot(s) sharing {plan.settings.context_length} tokens (asked 4 x 32768)")
 
 
 def test_slots_shrink_when_only_they_were_left_unset(llama_8b: ModelSource) -> None:
-    plan = make_plan(llama_8b, Target((gpu(14),), HOST), Settings(16384, 8), quant="Q8_0", parallel_fixed=False)
+    plan = make_plan(llama_8b, Target((gpu(14),), HOST), Settings(16384, 8, kv_per_slot=True), quant="Q8_0", parallel_fixed=False)
 
     assert plan.chosen is not None
     assert plan.settings.context_length == 16384
     assert 1 < plan.settings.parallel < 8
-    assert make_plan(llama_8b, Target((gpu(14),), HOST), Settings(16384, plan.settings.parallel + 1), quant="Q8_0").chosen is None
+    assert make_plan(llama_8b, Target((gpu(14),), HOST), Settings(16384, plan.settings.parallel + 1, kv_per_slot=True), quant="Q8_0").chosen is None
+
+
+def test_the_shared_kv_cache_costs_one_context_whatever_the_slot_count(llama_8b: ModelSource) -> None:
+    def kv(settings: Settings) -> int:
+        return make_plan(llama_8b, Target((), HOST), settings, quant="Q8_0").candidates[0].estimate.kv_bytes
+
+    one_context = 4096 * 32 * 8 * 128 * 2 * 2
+    assert kv(Settings(4096, 1)) == kv(Settings(4096, 4)) == kv(Settings(4096, 16)) == one_context
+    assert kv(Settings(4096, 4, kv_per_slot=True)) == 4 * one_context
 
 
 def test_a_context_beyond_the_training_context_is_planned_at_the_training_context(shapes: dict[str, Path]) -> None:
@@ -152,12 +165,12 @@ def test_plan_json_for_a_local_file_has_exactly_the_documented_keys(shapes: dict
     (only,) = plan["candidates"]
     assert set(only) == {"quant", "file_bytes", "weights_bytes", "kv_bytes", "compute_bytes", "total_bytes", "fits"}
     assert only["quant"] == "Q8_0" and only["fits"] is True and plan["chosen"] == only
-    assert only["kv_bytes"] == 2 * 1024 * 12 * 3 * 64 * 2 * 2
+    assert only["kv_bytes"] == 1024 * 12 * 3 * 64 * 2 * 2  # one context, shared by the 2 slots
     assert only["total_bytes"] == only["weights_bytes"] + only["kv_bytes"] + only["compute_bytes"]
 
 
 def test_plan_refuses_in_one_line_what_cannot_fit(shapes: dict[str, Path]) -> None:
-    table = run_cli("plan", "--model", str(shapes["8b"]), "--context-length", "131072", "--parallel", "256")
+    table = run_cli("plan", "--model", str(shapes["8b"]), "--context-length", "131072", "--parallel", "256", "--kv-per-slot")
     assert table.returncode == 1
     assert "nothing fits: Q4_K_M needs" in table.stdout and "lower --context-length or --parallel" in table.stdout
 
@@ -191,7 +204,7 @@ def test_plan_for_a_hub_model_reads_only_the_header_over_http_range(hub_8b: Fake
     assert plan["model"] == "acme/llama-8b-gguf"
     assert [c["quant"] for c in plan["candidates"]] == ["Q8_0", "Q6_K", "Q4_K_M"]
     q4 = plan["candidates"][2]
-    assert q4["file_bytes"] == 4_920_000_000 and q4["kv_bytes"] == 4 * 4096 * 32 * 8 * 128 * 2 * 2
+    assert q4["file_bytes"] == 4_920_000_000 and q4["kv_bytes"] == 4096 * 32 * 8 * 128 * 2 * 2
     fitting = [c for c in plan["candidates"] if c["fits"]]
     assert plan["chosen"] == (fitting[0] if fitting else None)
     reads = [r for r in hub_8b.requests if r.method == "GET" and "/resolve/" in r.path]

@@ -17,7 +17,7 @@ def test_explicit_settings_that_cannot_fit_are_refused_before_loading(tmp_path: 
     # Header-only: loading it would fail, so an answer about memory proves nothing was loaded.
     model = write_header_only(tmp_path / "llama-8b-Q4_K_M.gguf", LLAMA_8B)
 
-    result = run_cli("serve", "--model", str(model), "--context-length", "131072", "--parallel", "256", "--no-register", "--port", "0")
+    result = run_cli("serve", "--model", str(model), "--context-length", "131072", "--parallel", "256", "--kv-per-slot", "--no-register", "--port", "0")
 
     assert result.returncode == 1
     message = result.stderr.strip()

@@ -121,6 +121,7 @@ async def test_metrics_parse_and_count_requests(server: LiveServer, http: aiohtt
     assert after[("vramsupply_slots_busy", ())] == 0
     assert after[("vramsupply_queue_depth", ())] == 0
     assert after[("vramsupply_model_loaded", ())] == 1
+    assert after[("vramsupply_preemptions_total", ())] == 0, "three short requests fit the shared KV cache"
 
 
 async def test_metrics_see_busy_slots(server: LiveServer, http: aiohttp.ClientSession) -> None:

@@ -29,14 +29,15 @@ def doctor(as_json: bool = JSON_OPTION) -> None:
 def plan(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A local .gguf path or org/model on HuggingFace (default: the model setting)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Plan for this quant only (default: choose the best that fits)."),
-    context_length: Optional[int] = typer.Option(None, "--context-length", help="Context window per slot, in tokens."),
+    context_length: Optional[int] = typer.Option(None, "--context-length", help="Context window per request, in tokens."),
     parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots: requests decoded concurrently."),
+    kv_per_slot: Optional[bool] = typer.Option(None, "--kv-per-slot", help="Plan a KV cache per slot instead of one shared by all slots."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show the memory each quant needs on this machine's devices and which fits, before any download (exit 1: nothing fits)."""
     from vramsupply.gpu.planning import plan_for, plan_summary, plan_table
 
-    settings = settings_from({"model": model, "quant": quant, "context_length": context_length, "parallel": parallel})
+    settings = settings_from({"model": model, "quant": quant, "context_length": context_length, "parallel": parallel, "kv_per_slot": kv_per_slot})
     explicit = settings.model_fields_set
     result = plan_for(settings, quant_explicit="quant" in explicit, context_explicit="context_length" in explicit, parallel_explicit="parallel" in explicit)
     if as_json:

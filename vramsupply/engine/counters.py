@@ -26,6 +26,7 @@ class Counters:
     """Prompt tokens actually decoded: cached prefixes and prompts shared between choices are not."""
     draft_tokens_total: int = 0
     draft_accepted_total: int = 0
+    preemptions_total: int = 0
 
     def add(self, **amounts: int) -> None:
         """Add to the named counters, under the lock."""

@@ -67,7 +67,7 @@ class Engine:
             cache_ram = default_budget_mib() if options.cache_ram is None else options.cache_ram
             scheduler = Scheduler(
                 model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, default_draft_max(options),
-                options.stall_timeout,
+                options.stall_timeout, options.kv_per_slot,
             )
         except BaseException:
             model.close()
@@ -75,10 +75,10 @@ class Engine:
         engine = cls(options, model, context, scheduler, n_ctx, n_batch)
         scheduler.start()
         log.info(
-            "loaded %s: %d slots x %d tokens, n_batch %d, %d/%d threads (decode/prompt), prompt cache %d MiB, GPU offload %s",
+            "loaded %s: %d slots, %s, n_batch %d, %d/%d threads (decode/prompt), prompt cache %d MiB, GPU offload %s",
             model.name,
             options.parallel,
-            n_ctx,
+            kv_layout(options.kv_per_slot, n_ctx),
             n_batch,
             llama_cpp.llama_n_threads(context.ctx),
             llama_cpp.llama_n_threads_batch(context.ctx),
@@ -86,6 +86,11 @@ class Engine:
             "available" if llama_cpp.llama_supports_gpu_offload() else "unavailable",
         )
         return engine
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV cache cells in all: ``n_ctx`` shared by the slots, or ``n_ctx`` per slot (``kv_per_slot``)."""
+        return llama_cpp.llama_n_ctx(self._context.ctx)
 
     @property
     def parallel(self) -> int:
@@ -254,6 +259,13 @@ class Engine:
             bad = low if low < 0 else high
             raise ValueError(f"prompt token {bad} is not in the vocabulary (size {self._model.n_vocab})")
         return tokens.astype(np.int32)
+
+
+def kv_layout(per_slot: bool, n_ctx: int) -> str:
+    """How the KV cache is laid out, for the startup log."""
+    if per_slot:
+        return f"a KV cache of {n_ctx} tokens per slot"
+    return f"one KV cache of {n_ctx} tokens shared by the slots"
 
 
 def fit_to_training_context(options: EngineOptions, model: Model) -> EngineOptions:

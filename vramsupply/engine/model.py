@@ -33,6 +33,7 @@ _FLASH_ATTENTION = {
 _LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 _GGML_LOG_LEVEL_CONT = 5
 _last_log_level = logging.DEBUG
+_KV_FULL = b"decode: failed to find a memory slot"
 
 
 @llama_cpp.llama_log_callback
@@ -40,6 +41,8 @@ def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> 
     """Send llama.cpp's log lines to Python logging instead of letting them spray stderr."""
     global _last_log_level
     python_level = _last_log_level if level == _GGML_LOG_LEVEL_CONT else _LOG_LEVELS.get(level, logging.DEBUG)
+    if text.startswith(_KV_FULL):  # the scheduler makes room and runs the step again (preempt.py)
+        python_level = logging.DEBUG
     _last_log_level = python_level
     if llama_log.isEnabledFor(python_level):
         message = text.decode("utf-8", errors="replace").rstrip()
@@ -154,16 +157,18 @@ def resolve_gpu_layers(n_gpu_layers: int) -> int:
 
 
 def create_context(model: Model, options: EngineOptions) -> LlamaContext:
-    """One context with a separate KV stream per slot, each large enough for a full request.
+    """One context whose KV cache the slots share, as llama-server's: ``n_ctx`` tokens in all.
 
-    ``kv_unified=False`` keeps attention of one slot from scanning the others' cells
-    (llama.cpp PR #14363), and sizing the total as ``n_ctx * parallel`` means no slot can ever
-    run out of KV space while others are busy.
+    Any one request may still use the whole context, but the slots together can run out of
+    cells; the scheduler then pauses the youngest request and resumes it later (``preempt.py``).
+    With ``kv_per_slot`` every slot gets its own stream of ``n_ctx`` tokens instead
+    (``kv_unified=False``, llama.cpp PR #14363): ``parallel`` times the memory, and no slot ever
+    waits for KV space.
     """
     params = llama_cpp.llama_context_default_params()
-    params.n_ctx = options.n_ctx * options.parallel
+    params.n_ctx = options.n_ctx * options.parallel if options.kv_per_slot else options.n_ctx
     params.n_seq_max = options.parallel
-    params.kv_unified = False
+    params.kv_unified = not options.kv_per_slot
     params.n_batch = options.n_batch
     params.n_ubatch = min(options.n_ubatch, options.n_batch)
     params.flash_attn_type = _FLASH_ATTENTION[options.gpu.flash_attention(options.flash_attention_mode)]
@@ -175,7 +180,7 @@ def create_context(model: Model, options: EngineOptions) -> LlamaContext:
         context = LlamaContext(model=model.llama_model, params=params, verbose=False)
     except ValueError:
         raise EngineError(
-            f"llama.cpp could not create a context of {options.n_ctx} tokens x {options.parallel} slots "
+            f"llama.cpp could not create a context of {options.n_ctx} tokens for {options.parallel} slots "
             "(out of memory? try a smaller context_length or parallel)"
         ) from None
     log.debug(

@@ -166,7 +166,7 @@ class HostPromptCache:
         prefix with the prompt is restored into the slot if it beats what the slot has.
         """
         if slot.n_cached - prefix >= MIN_SAVED_TOKENS:
-            self._save(slot)
+            self.save(slot)
         found = self.entries.best(prompt)
         if found is None or found[1] < prefix + MIN_RESTORE_GAIN:
             return prefix
@@ -180,7 +180,8 @@ class HostPromptCache:
         log.debug("slot %d: restored %d cached tokens (%d shared with the prompt)", slot.seq_id, len(entry.tokens), shared)
         return shared
 
-    def _save(self, slot: Slot) -> None:
+    def save(self, slot: Slot) -> None:
+        """Copy what the slot holds to host memory, unless an entry already covers it."""
         tokens = slot.cached[: slot.n_cached]
         if self.entries.holds(tokens):
             return

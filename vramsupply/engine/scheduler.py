@@ -3,13 +3,13 @@
 Modelled on llama-server's ``update_slots``. Each step:
 
 1. drain the inbox (submits and cancels posted from any thread) and admit waiting requests, FIFO,
-   into idle slots, the lowest sequence ids first unless a slot's cached prefix covers most of
-   the prompt;
+   into idle slots, the one with the longest cached prefix (``choose_slot``);
 2. build ONE batch: the next token of every generating slot first (so generation never starves),
    then prompt chunks of slots still prefilling, up to ``n_batch`` rows (fewer while others
    generate: ``pacing.py``), written in sequence-id order so llama.cpp can decode them in as few
    forward passes as possible;
-3. call ``llama_decode`` once (it releases the GIL), sample every slot that has a logits row with
+3. call ``llama_decode`` once (it releases the GIL; when the shared KV cache is full, roll the step
+   back and pause a request instead: ``preempt.py``), sample every slot that has a logits row with
    its own sampler chain (``rows.py``; a grammar request's token is sampled on a worker thread and
    joins a later step, ``offthread.py``), and turn tokens into text deltas;
 4. hand the step's events to each consumer event loop with a single ``call_soon_threadsafe``.
@@ -40,10 +40,11 @@ from .generation import Event, Finish, post
 from .logprobs import TokenLogprob
 from .model import Model
 from .rows import RowSampler
+from .preempt import KvPressure
 from .prompt_cache import HostPromptCache
 from .sharing import share_prompt
 from .slots import Slot, Task, choose_slot
-from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded, Usage
+from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,14 @@ class Scheduler:
         cache_ram: int = 0,
         max_draft: int = 0,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        kv_per_slot: bool = False,
     ) -> None:
         self._model = model
         self._ctx = context.ctx
         self._memory = context.memory
         self._prompt_cache = HostPromptCache(self._ctx, self._memory, cache_ram) if cache_ram > 0 else None
         self._max_draft = max_draft
+        self._packed = kv_per_slot  # see choose_slot
         self._slots = [Slot(seq_id, n_ctx, max_draft) for seq_id in range(parallel)]
         self._batch = Batch(n_batch)
         self._capacity = parallel + max_queue
@@ -104,6 +107,7 @@ class Scheduler:
         self._liveness = Liveness(stall_timeout)
         self._pacer = PrefillPacer()
         self._rows = RowSampler(self._ctx, self._memory, model.n_vocab, self._counters)
+        self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache)
         self._offthread = self._rows.offthread
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
 
@@ -213,7 +217,7 @@ class Scheduler:
         for slot, result in self._offthread.ready(self._slots):
             if isinstance(result, BaseException):
                 error = EngineError(f"sampling this request's grammar failed: {result}")
-                self._end_slot(slot, Finish(None, self._usage(slot), error))
+                self._end_slot(slot, Finish(None, slot.usage(), error))
             else:
                 generated += self._on_token(slot, result)
         self._counters.add(completion_tokens_total=generated)
@@ -237,7 +241,7 @@ class Scheduler:
     def _cancel(self, task_id: str) -> None:
         for slot in self._slots:
             if slot.task is not None and slot.task.id == task_id:
-                self._end_slot(slot, Finish("cancelled", self._usage(slot)))
+                self._end_slot(slot, Finish("cancelled", slot.usage()))
                 return
         for task in self._waiting:
             if task.id == task_id:
@@ -250,27 +254,32 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Move waiting tasks, oldest first, into idle slots."""
+        if self._kv.holding(busy=bool(self._active())):
+            return
         while self._waiting:
             idle = [slot for slot in self._slots if slot.task is None]
             if not idle:
                 return
             task = self._waiting.popleft()
-            slot, prefix = choose_slot(idle, task.prompt)
+            tokens = task.prompt if task.resume is None else task.resume.tokens
+            slot, prefix = choose_slot(idle, tokens, self._packed)
             if self._prompt_cache is not None:
-                prefix = self._prompt_cache.prepare(slot, task.prompt, prefix)
-            keep = min(prefix, len(task.prompt) - 1)
+                prefix = self._prompt_cache.prepare(slot, tokens, prefix)
+            keep = min(prefix, len(tokens) - 1)
             # Drop the slot's KV after the reused prefix. At least one prompt token is always
             # decoded again, because sampling needs the logits of the last one.
             if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
                 llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
                 keep = 0
+            # A request's prompt counts once, however many choices, and a resumed one (preempt.py) is counted.
+            counted = task.resume is not None or task.shares_prompt_with is not None
             slot.begin(task, keep, next(self._clock))
             if task.backend_sampling:
                 slot.backend_sampled = backend_sampling.attach(self._ctx, slot.seq_id, task.sampler.sampler)
-            if task.shares_prompt_with is None:  # a request's prompt counts once, however many choices
-                self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
-            else:
+            if counted:
                 self._counters.add(busy=1)
+            else:
+                self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
 
     def _plan_step(self) -> list[tuple[Slot, np.ndarray | None]]:
         """What each slot puts in the batch: generating slots one token (``None``) first, so
@@ -282,7 +291,7 @@ class Scheduler:
                 break
             if not share_prompt(slot, self._slots, self._memory):
                 continue
-            chunk = slot.task.prompt[slot.n_cached : slot.n_cached + room]
+            chunk = slot.prompt[slot.n_cached : slot.n_cached + room]
             plan.append((slot, chunk))
             room -= len(chunk)
         return plan
@@ -303,10 +312,11 @@ class Scheduler:
                 if alone and self._max_draft and not slot.backend_sampled:
                     self._rows.add_draft(slot, batch)
             else:
-                finishes_prompt = slot.n_cached + len(chunk) == len(slot.task.prompt)
-                row = batch.add_chunk(chunk, slot.n_cached, slot.seq_id, logits_for_last=finishes_prompt)
+                # A resumed request already has its next token (``resume_token``): no logits.
+                sample = slot.n_cached + len(chunk) == len(slot.prompt) and slot.resume_token is None
+                row = batch.add_chunk(chunk, slot.n_cached, slot.seq_id, logits_for_last=sample)
                 slot.record(chunk)
-                slot.row = row if finishes_prompt else -1
+                slot.row = row if sample else -1
         return [slot for slot, _ in plan]
 
     def _step(self) -> bool:
@@ -315,10 +325,11 @@ class Scheduler:
         if not plan:
             return False
         prefill = sum(len(chunk) for _, chunk in plan if chunk is not None)
-        self._counters.add(prefill_tokens_total=prefill)
         in_batch = self._fill_batch(plan)
         started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, self._batch.for_decode())
+        if status == 1 and self._kv.relieve(plan, self._slots, self._waiting):
+            return True  # no KV room: rolled back and made some; the next step runs it again
         if status != 0:
             self._decode_failed(in_batch, status)
             return True
@@ -326,23 +337,25 @@ class Scheduler:
         for slot in in_batch:
             if slot.row >= 0:
                 generated += self._rows.sample(slot, self._on_token)
+            elif slot.resume_token is not None and not slot.prefilling:  # resumed: carry on generating
+                slot.next_token, slot.resume_token = slot.resume_token, None
         self._pacer.observe(prefill, time.perf_counter() - started)
-        self._counters.add(completion_tokens_total=generated)
+        self._counters.add(prefill_tokens_total=prefill, completion_tokens_total=generated)
         return True
 
     def _on_token(self, slot: Slot, token: int, logprob: TokenLogprob | None = None) -> int:
         """Stream one sampled token; returns how many completion tokens it counts for (0 or 1)."""
         task = slot.task
         if token in self._model.eog_tokens:
-            self._end_slot(slot, Finish("stop", self._usage(slot)), text=slot.stream.finish())
+            self._end_slot(slot, Finish("stop", slot.usage()), text=slot.stream.finish())
             return 0
         slot.completion_tokens += 1
         delta = slot.stream.push(self._model.piece(token, token in task.preserve))
         if delta.stopped:
-            self._end_slot(slot, Finish("stop", self._usage(slot)), text=delta.text, token=token, logprob=logprob)
+            self._end_slot(slot, Finish("stop", slot.usage()), text=delta.text, token=token, logprob=logprob)
         elif slot.completion_tokens >= task.max_completion:
             text = delta.text + slot.stream.finish()
-            self._end_slot(slot, Finish("length", self._usage(slot)), text=text, token=token, logprob=logprob)
+            self._end_slot(slot, Finish("length", slot.usage()), text=text, token=token, logprob=logprob)
         else:
             slot.next_token = token
             self._events.append(Event(task.channel, delta.text, token, None, logprob))
@@ -354,11 +367,7 @@ class Scheduler:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.forget()
             error = EngineError(f"llama.cpp failed to decode this request (status {status})")
-            self._end_slot(slot, Finish(None, self._usage(slot), error))
-
-    @staticmethod
-    def _usage(slot: Slot) -> Usage:
-        return Usage(len(slot.task.prompt), slot.completion_tokens, slot.cached_tokens)
+            self._end_slot(slot, Finish(None, slot.usage(), error))
 
     def _end_slot(
         self, slot: Slot, finish: Finish, text: str = "", token: int | None = None, logprob: TokenLogprob | None = None
@@ -367,18 +376,19 @@ class Scheduler:
             backend_sampling.detach(self._ctx, slot.seq_id)  # before release frees the chain
             slot.backend_sampled = False
         task = slot.release()
+        self._kv.held = False  # room in the KV cache again: paused requests may resume
         self._events.append(Event(task.channel, text, token, finish, logprob))
         self._counters.add(busy=-1, outstanding=-1)
 
     def _end_waiting(self, task: Task, reason: str | None, error: EngineError | None = None) -> None:
-        """End a request that never reached a slot: its usage is its prompt length and nothing else."""
+        """End a request waiting for a slot (or paused, ``preempt.py``) with its usage so far."""
         task.sampler.close()
-        self._events.append(Event(task.channel, "", None, Finish(reason, Usage(len(task.prompt), 0, 0), error)))
+        self._events.append(Event(task.channel, "", None, Finish(reason, task.usage_while_waiting(), error)))
         self._counters.add(outstanding=-1)
 
     def _fail_everything(self, error: EngineError) -> None:
         for slot in self._active():
-            self._end_slot(slot, Finish(None, self._usage(slot), error))
+            self._end_slot(slot, Finish(None, slot.usage(), error))
         while self._waiting:
             task = self._waiting.popleft()
             self._end_waiting(task, None, error)
@@ -394,7 +404,7 @@ class Scheduler:
         """A consumer's event loop is closed: nobody can read its requests, so cancel them."""
         for slot in self._active():
             if slot.task.channel.loop is loop:
-                self._end_slot(slot, Finish("cancelled", self._usage(slot)))
+                self._end_slot(slot, Finish("cancelled", slot.usage()))
         for task in [t for t in self._waiting if t.channel.loop is loop]:
             self._waiting.remove(task)
             self._end_waiting(task, "cancelled")

@@ -6,9 +6,12 @@ own but waits until that prompt's KV exists, then copies it into its sequence wi
 logits in its own batch row). So ``n`` choices of a P-token prompt cost P + n - 1 decoded prompt
 tokens instead of n x P, and the prompt is billed once.
 
-With one KV stream per slot (``kv_unified=False``) llama.cpp copies across streams only whole
-sequences (it asserts, aborting the process, on a partial range), so the whole source sequence is
-copied and the destination trimmed back to the prompt.
+With one KV stream per slot (``kv_per_slot``, ``kv_unified=False``) llama.cpp copies across
+streams only whole sequences (it asserts, aborting the process, on a partial range), so the whole
+source sequence is copied and the destination trimmed back to the prompt. In the default shared
+cache a partial range would do, but the same three calls are as cheap there: a copy only tags the
+source's cells with one more sequence id (the choices share the prompt's cells, no KV is
+duplicated) and the trim untags the tail, so one code path serves both layouts.
 """
 
 from __future__ import annotations

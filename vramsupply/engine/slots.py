@@ -15,6 +15,7 @@ from .generation import Channel
 from .sampling import RequestSampler
 from .speculative import DraftState
 from .text import StopStrings, TextStream
+from .types import Usage
 
 NO_DRAFT = np.zeros(0, dtype=np.int32)
 
@@ -34,6 +35,24 @@ class Task:
     backend_sampling: bool = False  # sample in llama.cpp's graph (see backend_sampling)
     shares_prompt_with: Task | None = None
     """Another choice of the same request (``n`` > 1): its decoded prompt KV is copied, not redone."""
+    resume: Resume | None = None
+    """Set while the request waits to resume after a preemption (``preempt.py``)."""
+
+    def usage_while_waiting(self) -> Usage:
+        """Its usage if it ends before reaching a slot: the prompt, and what it generated before a pause."""
+        done = self.resume
+        return Usage(len(self.prompt), done.completion_tokens if done else 0, done.cached_tokens if done else 0)
+
+
+@dataclass(eq=False)
+class Resume:
+    """Where a preempted request stands: what to prefill again and the state it carries on with."""
+
+    tokens: np.ndarray  # the prompt and the completion tokens already in its KV
+    next_token: int | None  # sampled and streamed, not yet decoded (None: still prefilling its prompt)
+    completion_tokens: int
+    cached_tokens: int
+    stream: TextStream
 
 
 class Slot:
@@ -50,6 +69,8 @@ class Slot:
         self.n_cached = 0
         self.started = 0
         self.task: Task | None = None
+        self.prompt = NO_DRAFT  # what the slot prefills: the task's prompt, or more when it resumes
+        self.resume_token: int | None = None  # a resumed task's next token, once ``prompt`` is in
         self.stream: TextStream | None = None
         self.next_token: int | None = None
         self.row = -1
@@ -62,7 +83,7 @@ class Slot:
 
     @property
     def prefilling(self) -> bool:
-        return self.task is not None and self.n_cached < len(self.task.prompt)
+        return self.task is not None and self.n_cached < len(self.prompt)
 
     @property
     def generating(self) -> bool:
@@ -74,14 +95,32 @@ class Slot:
         same = self.cached[:size] == prompt[:size]
         return size if same.all() else int(np.argmin(same))
 
+    def usage(self) -> Usage:
+        assert self.task is not None
+        return Usage(len(self.task.prompt), self.completion_tokens, self.cached_tokens)
+
     def begin(self, task: Task, keep: int, clock: int) -> None:
-        """Take ``task``, keeping the first ``keep`` cached tokens (the caller trimmed the KV)."""
+        """Take ``task``, keeping the first ``keep`` cached tokens (the caller trimmed the KV).
+
+        A resumed task (``task.resume``) carries on where it was paused: its stream, counts and
+        next token come back, and it prefills its prompt plus what it had generated.
+        """
+        resume, task.resume = task.resume, None
         self.task = task
         self.n_cached = keep
-        self.cached_tokens = keep
-        self.completion_tokens = 0
-        self.stream = TextStream(task.stop)
         self.next_token = None
+        if resume is None:
+            self.prompt = task.prompt
+            self.resume_token = None
+            self.cached_tokens = keep
+            self.completion_tokens = 0
+            self.stream = TextStream(task.stop)
+        else:
+            self.prompt = resume.tokens
+            self.resume_token = resume.next_token
+            self.cached_tokens = resume.cached_tokens
+            self.completion_tokens = resume.completion_tokens
+            self.stream = resume.stream
         self.row = -1
         self.started = clock
         self.drafts.reset()
@@ -100,6 +139,29 @@ class Slot:
         """The KV was wiped (after a failed decode): nothing is reusable."""
         self.n_cached = 0
 
+    def suspend(self) -> Task:
+        """Give the task up without ending it (a preemption); the caller removed the KV.
+
+        After rolling back the step, the KV holds ``cached[:n_cached]``: the prompt, or part of
+        it, and every completion token but the last sampled one, ``next_token``.
+        """
+        task = self.task
+        assert task is not None and self.pending is None and self.stream is not None
+        tokens = self.cached[: self.n_cached].copy()
+        if self.n_cached < len(self.prompt) or self.resume_token is not None:
+            tokens, next_token = self.prompt, self.resume_token  # paused again before it was back
+        else:
+            next_token = self.next_token
+        task.resume = Resume(tokens, next_token, self.completion_tokens, self.cached_tokens, self.stream)
+        task.shares_prompt_with = None
+        self.task = None
+        self.stream = None
+        self.next_token = None
+        self.resume_token = None
+        self.row = -1
+        self.n_cached = 0
+        return task
+
     def release(self) -> Task:
         task = self.task
         assert task is not None
@@ -111,20 +173,23 @@ class Slot:
         self.task = None
         self.stream = None
         self.next_token = None
+        self.resume_token = None
         self.row = -1
         return task
 
 
-def choose_slot(idle: Sequence[Slot], prompt: np.ndarray) -> tuple[Slot, int]:
+def choose_slot(idle: Sequence[Slot], prompt: np.ndarray, packed: bool = False) -> tuple[Slot, int]:
     """The idle slot for ``prompt`` and the prefix it already holds.
 
-    llama.cpp decodes per-slot KV in one forward pass only for *consecutive* sequence ids
-    (``split_equal``), so busy slots must stay packed at the bottom: every gap costs a pass per
-    step for as long as the requests run. A cached prefix outweighs that only when it covers more
-    than half of the prompt; otherwise the lowest idle sequence id wins.
+    With a KV cache per slot (``packed``) llama.cpp decodes in one forward pass only
+    *consecutive* sequence ids (``split_equal``), so busy slots must stay packed at the bottom:
+    every gap costs a pass per step for as long as the requests run. A cached prefix outweighs
+    that only when it covers more than half of the prompt; otherwise the lowest idle sequence id
+    wins. The shared cache splits batches by rows (``split_simple``), so there the longest cached
+    prefix simply wins.
     """
     def rank(item: tuple[Slot, int]) -> tuple[int, int]:
         slot, prefix = item
-        return (prefix if 2 * prefix > len(prompt) else 0, -slot.seq_id)
+        return (prefix if not packed or 2 * prefix > len(prompt) else 0, -slot.seq_id)
 
     return max(((slot, slot.common_prefix(prompt)) for slot in idle), key=rank)

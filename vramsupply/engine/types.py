@@ -73,6 +73,7 @@ class EngineOptions:
     model_path: Path
     n_ctx: int = 4096
     parallel: int = 4
+    kv_per_slot: bool = False  # one KV of n_ctx per slot instead of one n_ctx KV shared by all slots
     n_gpu_layers: int = -1
     n_batch: int = 2048
     n_ubatch: int = 512
@@ -213,6 +214,8 @@ class EngineStats:
     prompt_cache_entries: int = 0
     draft_tokens_total: int = 0
     draft_accepted_total: int = 0
+    preemptions_total: int = 0
+    """Requests paused because the shared KV cache ran out, resumed later by recomputing (``preempt``)."""
     prefill_tokens_total: int = 0
     """Prompt tokens actually decoded: cached prefixes and prompts shared between choices are not."""
     failure: str | None = None

@@ -84,9 +84,9 @@ def measure(path: Path, settings: Settings, n_gpu_layers: int = 0) -> Accounting
 def _context_params(settings: Settings) -> llama_cpp.llama_context_params:
     """The same context `engine.model.create_context` builds for serving."""
     params = llama_cpp.llama_context_default_params()
-    params.n_ctx = settings.context_length * settings.parallel
+    params.n_ctx = settings.context_length * settings.kv_contexts
     params.n_seq_max = settings.parallel
-    params.kv_unified = False
+    params.kv_unified = not settings.kv_per_slot
     params.n_batch = settings.n_batch
     params.n_ubatch = min(settings.n_ubatch, settings.n_batch)
     params.flash_attn_type = _FLASH[settings.flash_attention]

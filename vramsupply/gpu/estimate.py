@@ -4,8 +4,9 @@ The numbers follow what llama.cpp allocates (checked against its own accounting 
 load in tests/test_gpu_plan.py, within 10 %):
 
 - weights: the tensor data, i.e. the file minus its header;
-- KV cache: per slot, cells × layers × KV heads × (head size K × bytes per K value + the same
-  for V). llama.cpp rounds each slot's cells up to a multiple of 256;
+- KV cache: cells × layers × KV heads × (head size K × bytes per K value + the same for V),
+  for one context shared by all slots (the default), or for each slot with `kv_per_slot`.
+  llama.cpp rounds the cells of a context up to a multiple of 256;
 - compute: the scheduler's reserved graph memory, whose peak is either the logits of a full
   micro-batch (ubatch × vocabulary, f32) or attention: without flash attention the f32 score
   matrix ubatch × cells × heads, with it only the f16 mask ubatch × cells. Plus the per-slot
@@ -86,6 +87,18 @@ class Settings:
     flash_attention: bool = True
     n_batch: int = 2048
     n_ubatch: int = 512
+    kv_per_slot: bool = False  # a KV cache per slot instead of one shared by the slots
+
+    @property
+    def kv_contexts(self) -> int:
+        """How many contexts of `context_length` the KV cache holds."""
+        return self.parallel if self.kv_per_slot else 1
+
+    def describe(self) -> str:
+        """The slots and their context, as the plan's lines say it."""
+        if self.kv_per_slot:
+            return f"{self.parallel} slot(s) x {self.context_length} tokens"
+        return f"{self.parallel} slot(s) sharing {self.context_length} tokens"
 
 
 @dataclass(frozen=True)
@@ -93,7 +106,7 @@ class Estimate:
     weights_bytes: int
     kv_bytes: int  # all slots
     compute_bytes: int
-    kv_bytes_per_slot: int
+    kv_bytes_per_context: int  # one context of `context_length` tokens
 
     @property
     def total_bytes(self) -> int:
@@ -104,13 +117,13 @@ def kv_cells(context_length: int) -> int:
     return -(-context_length // KV_CELL_PADDING) * KV_CELL_PADDING
 
 
-def kv_bytes_per_slot(shape: ModelShape, settings: Settings) -> int:
+def kv_bytes_per_context(shape: ModelShape, settings: Settings) -> int:
     per_cell_layer = shape.n_head_kv * (shape.head_dim_k * CACHE_TYPE_BYTES[settings.cache_type_k] + shape.head_dim_v * CACHE_TYPE_BYTES[settings.cache_type_v])
     return int(kv_cells(settings.context_length) * shape.n_layer * per_cell_layer)
 
 
 def compute_bytes(shape: ModelShape, settings: Settings) -> int:
-    ubatch = min(settings.n_ubatch, settings.n_batch, settings.context_length * settings.parallel)
+    ubatch = min(settings.n_ubatch, settings.n_batch, settings.context_length * settings.kv_contexts)
     cells = kv_cells(settings.context_length)
     logits = 4 * ubatch * (shape.n_vocab + 2 * shape.n_embd)
     if settings.flash_attention:
@@ -122,5 +135,5 @@ def compute_bytes(shape: ModelShape, settings: Settings) -> int:
 
 
 def estimate(shape: ModelShape, weights_bytes: int, settings: Settings) -> Estimate:
-    per_slot = kv_bytes_per_slot(shape, settings)
-    return Estimate(weights_bytes, per_slot * settings.parallel, compute_bytes(shape, settings), per_slot)
+    per_context = kv_bytes_per_context(shape, settings)
+    return Estimate(weights_bytes, per_context * settings.kv_contexts, compute_bytes(shape, settings), per_context)

@@ -96,7 +96,7 @@ class Candidate:
         e = self.estimate
         return (
             f"{self.quant} needs {gib(e.total_bytes)}: weights {gib(e.weights_bytes)} + KV {gib(e.kv_bytes)} "
-            f"({settings.parallel} slot(s) x {settings.context_length} tokens, {gib(e.kv_bytes_per_slot)} each) + compute {gib(e.compute_bytes)}"
+            f"({settings.describe()}{f', {gib(e.kv_bytes_per_context)} each' if settings.kv_per_slot else ''}) + compute {gib(e.compute_bytes)}"
         )
 
 
@@ -178,7 +178,7 @@ def make_plan(
         if smaller is not None:
             fitted = candidate(source, q, target, smaller)
             note = (
-                f"{q.quant} fits only with {smaller.parallel} slot(s) x {smaller.context_length} tokens "
+                f"{q.quant} fits only with {smaller.describe()} "
                 f"(asked {settings.parallel} x {settings.context_length}) on {target.describe()}"
             )
             return Plan(source.label, target, smaller, tuple(fitted if c.quant == q.quant else c for c in candidates), fitted, (note,), quant)

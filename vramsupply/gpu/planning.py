@@ -42,6 +42,7 @@ def estimate_settings(settings: AgentSettings) -> Settings:
         flash_attention=settings.flash_attention.value != "off" or settings.cache_type_v != "f16",
         n_batch=settings.n_batch,
         n_ubatch=settings.n_ubatch,
+        kv_per_slot=settings.kv_per_slot,
     )
 
 
@@ -146,7 +147,7 @@ def _report(fitted: Fitted) -> None:
 
 
 def plan_table(plan: Plan) -> Table:
-    table = Table(title=f"memory plan for {plan.model}: {plan.settings.parallel} slot(s) x {plan.settings.context_length} tokens", title_justify="left")
+    table = Table(title=f"memory plan for {plan.model}: {plan.settings.describe()}", title_justify="left")
     for column in ("quant", "file", "weights", "KV cache", "compute", "total", f"on {'GPU' if plan.target.on_gpu else 'CPU'}", "fits"):
         table.add_column(column, justify="left" if column in ("quant", "fits") else "right", no_wrap=True)
     for c in plan.candidates:

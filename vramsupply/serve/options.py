@@ -27,6 +27,7 @@ def engine_options(settings: Settings, model: LocalModel) -> EngineOptions:
         model_path=model.path,
         n_ctx=settings.context_length,
         parallel=settings.parallel,
+        kv_per_slot=settings.kv_per_slot,
         n_gpu_layers=settings.n_gpu_layers,
         n_batch=settings.n_batch,
         n_ubatch=settings.n_ubatch,

@@ -77,6 +77,7 @@ class EngineCounters:
         ("vramsupply_cached_prompt_tokens", "Prompt tokens reused from a slot's KV cache", "cached_tokens_total"),
         ("vramsupply_prefill_tokens", "Prompt tokens actually decoded (cached and shared prompts are not)", "prefill_tokens_total"),
         ("vramsupply_completion_tokens", "Completion tokens generated", "completion_tokens_total"),
+        ("vramsupply_preemptions", "Requests paused because the shared KV cache was full, resumed by recomputing", "preemptions_total"),
     )
 
     def __init__(self, stats: Callable[[], EngineStats | None]) -> None:

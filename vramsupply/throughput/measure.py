@@ -40,7 +40,10 @@ async def measure(engine: Engine, phase_seconds: float, progress: Callable[[str]
 
 async def _phase(engine: Engine, streams: int, seconds: float) -> float:
     prompt = engine.tokenize(BENCH_PROMPT)
-    max_tokens = max(1, min(MAX_STREAM_TOKENS, engine.n_ctx - len(prompt) - 1))
+    # Streams that together fit the KV cache, which the slots share: the speed of decoding, not of
+    # requests paused and recomputed for room (engine/preempt.py).
+    room = min(engine.n_ctx, engine.kv_tokens // streams)
+    max_tokens = max(1, min(MAX_STREAM_TOKENS, room - len(prompt) - 1))
     request = GenerationRequest(prompt=prompt, sampling=SamplingParams(temperature=0.8, seed=1), max_tokens=max_tokens, ignore_eos=True)
     started = [asyncio.Event() for _ in range(streams)]
     tasks = [asyncio.create_task(_keep_generating(engine, request, event)) for event in started]

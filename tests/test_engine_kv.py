@@ -1,0 +1,128 @@
+"""The slots share one KV cache, as llama-server's do; when it runs out, a request is paused and
+resumed, never failed (``engine/preempt.py``). On the real tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import TINY_MODEL
+from vramsupply.engine import Engine, EngineOptions, Generation, GenerationRequest, SamplingParams
+
+GREEDY = SamplingParams(temperature=0)
+PROMPTS = ["Once upon a time", "The dog", "Lily and Tom went to the park", "Tim had a red ball. He"]
+N_CTX = 256
+LONG = 200  # completion tokens per request: four of them need far more than 256 KV cells
+
+
+def load(**options: object) -> Engine:
+    options = {"cache_ram": 0, **options}
+    return Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=N_CTX, parallel=4, max_queue=8, threads=1, **options))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module", params=[0, 64], ids=["no-prompt-cache", "prompt-cache"])
+def shared(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """Without and with the host prompt cache, which keeps the prefixes idle slots give up."""
+    with load(cache_ram=request.param) as engine:
+        yield engine
+
+
+async def alone(engine: Engine, prompt: list[int], **request: object) -> Generation:
+    generation = engine.submit(GenerationRequest(prompt, **request))  # type: ignore[arg-type]
+    await generation.collect()
+    return generation
+
+
+async def together(engine: Engine, prompts: list[list[int]], **request: object) -> tuple[list[Generation], list[str]]:
+    generations = [engine.submit(GenerationRequest(prompt, **request)) for prompt in prompts]  # type: ignore[arg-type]
+    texts = await asyncio.gather(*(g.collect() for g in generations))
+    return generations, texts
+
+
+def test_by_default_the_slots_share_one_kv_cache_of_the_context(shared: Engine) -> None:
+    assert shared.kv_tokens == N_CTX and shared.n_ctx == N_CTX and shared.parallel == 4
+
+
+def test_kv_per_slot_gives_each_slot_the_whole_context() -> None:
+    with load(kv_per_slot=True) as engine:
+        assert engine.kv_tokens == 4 * N_CTX and engine.n_ctx == N_CTX
+
+
+async def test_requests_that_together_outgrow_the_shared_kv_all_finish_as_if_alone(shared: Engine) -> None:
+    prompts = [shared.tokenize(p) for p in PROMPTS]
+    request = {"sampling": GREEDY, "max_tokens": LONG, "ignore_eos": True}
+    expected = [await alone(shared, prompt, **request) for prompt in prompts]
+    before = shared.stats().preemptions_total
+
+    generations, texts = await together(shared, prompts, **request)
+
+    assert shared.stats().preemptions_total > before, "the KV cache really ran out"
+    assert texts == [shared.detokenize(e.token_ids) for e in expected]
+    for generation, prompt, reference in zip(generations, prompts, expected, strict=True):
+        assert generation.token_ids == reference.token_ids, "no token streamed twice or lost"
+        assert generation.finish_reason == "length"
+        assert generation.usage is not None
+        assert (generation.usage.prompt_tokens, generation.usage.completion_tokens) == (len(prompt), LONG)
+
+
+async def test_a_paused_request_keeps_its_stop_strings_and_ends_on_them(shared: Engine) -> None:
+    prompts = [shared.tokenize(p) for p in PROMPTS]
+    request = {"sampling": GREEDY, "max_tokens": LONG, "ignore_eos": True}
+    reference = [await alone(shared, prompt, **request) for prompt in prompts]
+    # A stop string from late in the last request's text: it is reached only after pauses.
+    stop = (await _text(shared, reference[-1]))[-40:-30]
+    before = shared.stats().preemptions_total
+
+    generations, texts = await together(shared, prompts, **request, stop=[stop])
+
+    assert shared.stats().preemptions_total > before
+    full = await _text(shared, reference[-1])
+    assert texts[-1] == full[: full.index(stop)] and generations[-1].finish_reason == "stop"
+
+
+async def _text(engine: Engine, generation: Generation) -> str:
+    return engine.detokenize(generation.token_ids)
+
+
+async def test_a_request_cancelled_while_paused_reports_what_it_generated(shared: Engine) -> None:
+    prompts = [shared.tokenize(p) for p in PROMPTS]
+    generations = [shared.submit(GenerationRequest(p, sampling=GREEDY, max_tokens=LONG, ignore_eos=True)) for p in prompts]
+    for _ in range(2000):
+        stats = shared.stats()
+        if stats.queue_depth > 0 and any(g.token_ids for g in generations):
+            break
+        await asyncio.sleep(0.005)
+    else:
+        raise AssertionError("no request was paused")
+    youngest = generations[-1]
+    youngest.cancel()
+    await asyncio.gather(*(g.collect() for g in generations))
+    assert youngest.usage is not None and youngest.usage.prompt_tokens == len(prompts[-1])
+    assert youngest.usage.completion_tokens == len(youngest.token_ids)
+    assert all(g.usage and g.usage.completion_tokens == LONG for g in generations[:-1])
+
+
+async def test_idle_slots_give_up_their_cached_prefixes_before_a_request_is_paused(shared: Engine) -> None:
+    prompts = [shared.tokenize(p) for p in PROMPTS]
+    for prompt in prompts:  # every slot keeps a cached prefix behind
+        await together(shared, [prompt] * 4, sampling=GREEDY, max_tokens=40, ignore_eos=True)
+    before = shared.stats().preemptions_total
+
+    lone = await alone(shared, prompts[0], sampling=GREEDY, max_tokens=N_CTX - len(prompts[0]), ignore_eos=True)
+
+    assert lone.finish_reason == "length" and shared.stats().preemptions_total == before
+
+
+@pytest.mark.parametrize("kv_per_slot", [False, True])
+async def test_n_choices_share_their_prompt_in_either_kv_layout(kv_per_slot: bool) -> None:
+    with load(kv_per_slot=kv_per_slot) as engine:
+        prompt = engine.tokenize(PROMPTS[2])
+        single = await alone(engine, prompt, sampling=GREEDY, max_tokens=30, ignore_eos=True)
+        before = engine.stats()
+        first = engine.submit(GenerationRequest(prompt, sampling=GREEDY, max_tokens=30, ignore_eos=True))
+        others = [engine.submit(GenerationRequest(prompt, sampling=GREEDY, max_tokens=30, ignore_eos=True), shares_prompt_with=first) for _ in range(2)]
+        texts = await asyncio.gather(*(g.collect() for g in (first, *others)))
+        assert texts == [engine.detokenize(single.token_ids)] * 3
+        assert engine.stats().prompt_tokens_total - before.prompt_tokens_total == len(prompt)

@@ -1,0 +1,113 @@
+"""When the slots' shared KV cache runs out: pause the youngest request and recompute it later.
+
+The slots share one KV cache of ``context_length`` cells, as llama-server's do (``model.py``):
+4 slots cost the memory of one context, and any one request may still use all of it. The price
+is that slots together can outgrow it. ``llama_decode`` then returns 1 and leaves the KV as it
+was (llama.cpp prepares every micro-batch before computing any). Failing the batch would fail
+requests that fit alone, so, like vLLM's preemption by recompute:
+
+1. the step's bookkeeping is rolled back (``rollback``): the tokens ``_fill_batch`` recorded,
+   the drafts it added, the next tokens it consumed;
+2. idle slots' leftover KV (kept for prefix reuse) goes first, saved to the host prompt cache
+   when there is one;
+3. otherwise the youngest active request is paused: its KV is removed and its task, with its
+   sampler, stop-string and detokenizer state, goes back to the front of the waiting queue
+   (``Slot.suspend``). Admission holds off until some request ends, then it resumes by
+   prefilling its prompt plus the tokens it had generated and carries on: nothing is streamed
+   twice, nothing lost, its usage unchanged;
+4. the scheduler runs the step again without it.
+
+The oldest request is never paused, so it always finishes and frees room. A request alone that
+still cannot decode is a real failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+
+import llama_cpp
+import numpy as np
+
+from . import backend_sampling
+from .counters import Counters
+from .prompt_cache import HostPromptCache
+from .slots import NO_DRAFT, Slot, Task
+
+log = logging.getLogger(__name__)
+
+Plan = Sequence[tuple[Slot, "np.ndarray | None"]]
+
+
+def rollback(plan: Plan, memory: llama_cpp.llama_memory_t) -> None:
+    """Undo what filling the batch recorded, for a step whose decode changed nothing."""
+    for slot, chunk in plan:
+        if chunk is None:  # its next token, then any draft
+            slot.n_cached -= 1 + len(slot.draft)
+            slot.next_token = int(slot.cached[slot.n_cached])
+            slot.draft = NO_DRAFT
+        else:
+            slot.n_cached -= len(chunk)
+        slot.row = -1
+        llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, slot.n_cached, -1)
+
+
+class KvPressure:
+    """Makes room in the shared KV cache after a decode found none (see the module docstring)."""
+
+    def __init__(
+        self,
+        ctx: llama_cpp.llama_context_p,
+        memory: llama_cpp.llama_memory_t,
+        counters: Counters,
+        prompt_cache: HostPromptCache | None,
+    ) -> None:
+        self._ctx = ctx
+        self._memory = memory
+        self._counters = counters
+        self._prompt_cache = prompt_cache
+        self.held = False
+        """True from a preemption until a request ends: admitting more now would only thrash."""
+
+    def holding(self, busy: bool) -> bool:
+        """Whether admission must wait: a request was paused for KV space and none has ended since."""
+        self.held = self.held and busy
+        return self.held
+
+    def relieve(self, plan: Plan, slots: Sequence[Slot], waiting: deque[Task]) -> bool:
+        """Roll the step back and free some KV; False when nothing can give way (a real failure)."""
+        rollback(plan, self._memory)
+        if self._evict_idle(slots):
+            return True
+        active = [slot for slot in slots if slot.task is not None]
+        candidates = [slot for slot in active if slot.pending is None and (slot.generating or slot.prefilling)]
+        if len(active) < 2 or not candidates:
+            return False
+        self._preempt(max(candidates, key=lambda slot: slot.started), waiting)
+        return True
+
+    def _evict_idle(self, slots: Sequence[Slot]) -> bool:
+        idle = [slot for slot in slots if slot.task is None and slot.n_cached > 0]
+        for slot in idle:
+            if self._prompt_cache is not None:
+                self._prompt_cache.save(slot)
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            slot.forget()
+        if idle:
+            log.debug("the KV cache is full: dropped the cached prefixes of %d idle slots", len(idle))
+        return bool(idle)
+
+    def _preempt(self, slot: Slot, waiting: deque[Task]) -> None:
+        if slot.backend_sampled:
+            backend_sampling.detach(self._ctx, slot.seq_id)  # attached again when it resumes
+            slot.backend_sampled = False
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        task = slot.suspend()
+        waiting.appendleft(task)
+        self.held = True
+        self._counters.add(busy=-1, preemptions_total=1)
+        log.debug(
+            "the KV cache is full: paused request %s in slot %d (%d tokens to recompute when it resumes)",
+            task.id, slot.seq_id, len(task.resume.tokens) if task.resume else 0,
+        )
