@@ -67,8 +67,14 @@ class KvPressure:
         self._memory = memory
         self._counters = counters
         self._prompt_cache = prompt_cache
+        self._unified = llama_cpp.llama_n_ctx_seq(ctx) == llama_cpp.llama_n_ctx(ctx)
         self.held = False
         """True from a preemption until a request ends: admitting more now would only thrash."""
+
+    def room(self, slot: Slot, slots: Sequence[Slot]) -> int:
+        """KV cells ``slot`` may fill: its own stream, or what the other slots leave of the shared one."""
+        others = sum(s.n_cached for s in slots if s is not slot) if self._unified else 0
+        return llama_cpp.llama_n_ctx_seq(self._ctx) - others
 
     def holding(self, busy: bool) -> bool:
         """Whether admission must wait: a request was paused for KV space and none has ended since."""

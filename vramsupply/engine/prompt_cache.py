@@ -109,10 +109,13 @@ class PromptCache:
         self.nbytes += entry.nbytes
         return True
 
-    def best(self, prompt: np.ndarray) -> tuple[int, int] | None:
-        """(key, shared prefix) of the entry sharing the longest prefix with ``prompt``, if any."""
+    def best(self, prompt: np.ndarray, room: int | None = None) -> tuple[int, int] | None:
+        """(key, shared prefix) of the entry sharing the longest prefix with ``prompt``, if any,
+        among those of at most ``room`` tokens."""
         found = None
         for key, entry in self._entries.items():
+            if room is not None and len(entry.tokens) > room:
+                continue
             shared = common_prefix(entry.tokens, prompt)
             if shared and (found is None or shared > found[1]):
                 found = (key, shared)
@@ -159,15 +162,16 @@ class HostPromptCache:
         self._memory = memory
         self.entries = PromptCache(budget)
 
-    def prepare(self, slot: Slot, prompt: np.ndarray, prefix: int) -> int:
+    def prepare(self, slot: Slot, prompt: np.ndarray, prefix: int, room: int | None = None) -> int:
         """``slot`` is about to serve ``prompt`` and holds ``prefix`` of it; returns what it holds after.
 
         What the slot would lose is saved first (when worth it), then the entry sharing the longest
-        prefix with the prompt is restored into the slot if it beats what the slot has.
+        prefix with the prompt is restored into the slot if it beats what the slot has and fits
+        the ``room`` left in the KV cache (which the slots share: ``preempt.py``).
         """
         if slot.n_cached - prefix >= MIN_SAVED_TOKENS:
             self.save(slot)
-        found = self.entries.best(prompt)
+        found = self.entries.best(prompt, room)
         if found is None or found[1] < prefix + MIN_RESTORE_GAIN:
             return prefix
         key, shared = found

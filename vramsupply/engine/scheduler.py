@@ -264,7 +264,7 @@ class Scheduler:
             tokens = task.prompt if task.resume is None else task.resume.tokens
             slot, prefix = choose_slot(idle, tokens, self._packed)
             if self._prompt_cache is not None:
-                prefix = self._prompt_cache.prepare(slot, tokens, prefix)
+                prefix = self._prompt_cache.prepare(slot, tokens, prefix, self._kv.room(slot, self._slots))
             keep = min(prefix, len(tokens) - 1)
             # Drop the slot's KV after the reused prefix. At least one prompt token is always
             # decoded again, because sampling needs the logits of the last one.
