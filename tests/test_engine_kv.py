@@ -164,3 +164,20 @@ async def test_a_paused_request_keeps_its_grammar_state_and_its_neighbours_their
     together_logprobs, alone_logprobs = generations[1].logprobs, expected[1].logprobs
     assert [lp.token for lp in together_logprobs] == [lp.token for lp in alone_logprobs] == expected[1].token_ids
     assert max(abs(a.logprob - b.logprob) for a, b in zip(together_logprobs, alone_logprobs, strict=True)) < 0.05
+
+
+async def test_with_a_prompt_cache_idle_slots_move_their_prefixes_to_it_when_a_request_is_admitted() -> None:
+    """As llama-server does: the shared KV keeps only running requests, so old prompts neither
+    slow every step's attention nor fill it; a returning conversation gets its prefix back."""
+    with load(cache_ram=64) as engine:
+        prompts = [engine.tokenize(p) for p in PROMPTS[:3]]
+        generations, _ = await together(engine, prompts, sampling=GREEDY, max_tokens=40, ignore_eos=True)
+        assert engine.stats().prompt_cache_entries == 0  # nothing admitted since: the slots still hold them
+
+        await alone(engine, engine.tokenize(PROMPTS[3]), sampling=GREEDY, max_tokens=4, ignore_eos=True)
+        assert engine.stats().prompt_cache_entries >= 2  # the idle slots' prefixes (none without parking)
+
+        for prompt, generation in zip(prompts, generations):  # each conversation comes back with its history
+            history = prompt + generation.token_ids + engine.tokenize(" and then")[1:]
+            returning = await alone(engine, history, sampling=GREEDY, max_tokens=4)
+            assert returning.usage is not None and returning.usage.cached_tokens >= len(prompt) + 30

@@ -85,13 +85,28 @@ class KvPressure:
         """Roll the step back and free some KV; False when nothing can give way (a real failure)."""
         rollback(plan, self._memory)
         if self._evict_idle(slots):
+            log.debug("the KV cache is full: dropped the cached prefixes of the idle slots")
             return True
         active = [slot for slot in slots if slot.task is not None]
         candidates = [slot for slot in active if slot.pending is None and (slot.generating or slot.prefilling)]
         if len(active) < 2 or not candidates:
             return False
+        rows = sum(1 if chunk is None else len(chunk) for _, chunk in plan)
+        log.debug("the KV cache is full: slots hold %s cells, the step planned %d rows", [s.n_cached for s in slots], rows)
         self._preempt(max(candidates, key=lambda slot: slot.started), waiting)
         return True
+
+    def park_idle(self, slots: Sequence[Slot]) -> None:
+        """After admitting requests into a shared KV cache with a prompt cache: move what the idle
+        slots still hold to host memory, as llama-server does (``cache_idle_slots``).
+
+        Every sequence's attention spans the used range of the shared cache, so idle slots' old
+        prompts left in it slow every step of everyone else (in the marketplace bench, 37 against
+        22 ms per output token) and fill it until requests must be paused. A later request that
+        shares such a prefix gets it back from the prompt cache.
+        """
+        if self._unified and self._prompt_cache is not None and self._evict_idle(slots):
+            log.debug("parked the cached prefixes of idle slots in the prompt cache")
 
     def _evict_idle(self, slots: Sequence[Slot]) -> bool:
         idle = [slot for slot in slots if slot.task is None and slot.n_cached > 0]
@@ -100,8 +115,6 @@ class KvPressure:
                 self._prompt_cache.save(slot)
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.forget()
-        if idle:
-            log.debug("the KV cache is full: dropped the cached prefixes of %d idle slots", len(idle))
         return bool(idle)
 
     def _preempt(self, slot: Slot, waiting: deque[Task]) -> None:

@@ -253,13 +253,19 @@ class Scheduler:
         return [slot for slot in self._slots if slot.task is not None]
 
     def _admit(self) -> None:
-        """Move waiting tasks, oldest first, into idle slots."""
+        """Move waiting tasks, oldest first, into idle slots; then park what idle slots still hold."""
         if self._kv.holding(busy=bool(self._active())):
             return
+        if self._admit_waiting():
+            self._kv.park_idle(self._slots)
+
+    def _admit_waiting(self) -> bool:
+        admitted = False
         while self._waiting:
             idle = [slot for slot in self._slots if slot.task is None]
             if not idle:
-                return
+                return admitted
+            admitted = True
             task = self._waiting.popleft()
             tokens = task.prompt if task.resume is None else task.resume.tokens
             slot, prefix = choose_slot(idle, tokens, self._packed)
@@ -280,6 +286,7 @@ class Scheduler:
                 self._counters.add(busy=1)
             else:
                 self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
+        return admitted
 
     def _plan_step(self) -> list[tuple[Slot, np.ndarray | None]]:
         """What each slot puts in the batch: generating slots one token (``None``) first, so
