@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""One stream, vramsupply against llama-server, in many alternating pairs: a c=1 ratio that noise cannot decide.
+
+bench/run.py measures c=1 as two 128-token requests per server per round: about two seconds, and on
+a shared VM the speed of the machine itself drifts by more than the gap between the servers within
+a minute (its raw decode limit moved 132-146 tok/s between rounds of one run). Here both servers
+run side by side at their defaults and take turns, one request each, for many pairs, the order
+flipping every pair. Each pair's ratio compares two requests a second apart, so a slow drift of the
+machine cancels out. The report is the median of the pair ratios with its quartiles, next to the
+plain ratio of the summed tokens over the summed time.
+
+    bench/.cache/venv-llamacpp-server/bin/python bench/pairs.py            # 40 pairs, ~2 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as sweep  # noqa: E402  (bench/run.py: server specs and the streaming client)
+
+SERVERS = ("vramsupply", "llama-server")
+
+
+async def one(session: aiohttp.ClientSession, server: sweep.RunningServer, body: dict) -> float:
+    started = asyncio.get_running_loop().time()
+    result = await sweep.stream_completion(session, server.url, body)
+    if result.error or not result.completion_tokens:
+        raise RuntimeError(f"{server.spec.name}: {result.error or 'no tokens'}")
+    return result.completion_tokens / (asyncio.get_running_loop().time() - started)
+
+
+async def pairs(cfg: sweep.BenchConfig, model: Path, count: int, max_tokens: int) -> dict:
+    eos_id = sweep.eos_token_id(model)
+    speeds: dict[str, list[float]] = {name: [] for name in SERVERS}
+    with ExitStack() as stack:
+        servers = [stack.enter_context(sweep.running_server(sweep.SERVERS[name], cfg, model)) for name in SERVERS]
+        await sweep.prepare(servers, cfg, eos_id)
+        connector = aiohttp.TCPConnector(force_close=True, limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+            for i in range(count):
+                for server in servers if i % 2 == 0 else servers[::-1]:
+                    body = sweep.request_bodies(server.spec, i + 1, max_tokens, eos_id)[i]
+                    speeds[server.spec.name].append(await one(session, server, body))
+        commands = {server.spec.name: server.command for server in servers}
+    ratios = [ours / theirs for ours, theirs in zip(speeds["vramsupply"], speeds["llama-server"])]
+    quartiles = statistics.quantiles(ratios, n=4)
+    return {
+        "commands": commands,
+        "tok_s": {name: [round(v, 1) for v in values] for name, values in speeds.items()},
+        "median_tok_s": {name: round(statistics.median(values), 1) for name, values in speeds.items()},
+        "pair_ratio_median": round(statistics.median(ratios), 3),
+        "pair_ratio_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
+        "pairs_vramsupply_ahead": sum(r > 1 for r in ratios),
+        "ratio_of_harmonic_means": round(statistics.harmonic_mean(speeds["vramsupply"]) / statistics.harmonic_mean(speeds["llama-server"]), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=sweep.BENCH_MODEL)
+    parser.add_argument("--pairs", type=int, default=40)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--vramsupply", type=Path, default=sweep.REPO / ".venv" / "bin" / "vramsupply")
+    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-pairs-c1.json)")
+    args = parser.parse_args()
+    cfg = sweep.BenchConfig(models=(args.model,), servers=SERVERS, concurrency=(1,), requests_per_slot=1, max_tokens=args.max_tokens,
+                            rounds=1, parallel=0, context_per_slot=0, threads=os.cpu_count() or 1, vramsupply_bin=args.vramsupply,
+                            defaults=True, pin_threads=False)
+    date = dt.date.today().isoformat()
+    report = {"date": date, "machine": sweep.machine_info(), "model": str(args.model), "pairs": args.pairs,
+              "max_tokens": args.max_tokens, "settings": "both servers at their own defaults"}
+    report.update(asyncio.run(pairs(cfg, args.model, args.pairs, args.max_tokens)))
+    report["machine"]["load_avg_at_end"] = os.getloadavg()
+    out = args.out or sweep.REPO / "bench" / "results" / f"{date}-pairs-c1.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    summary = {k: report[k] for k in ("median_tok_s", "pair_ratio_median", "pair_ratio_quartiles", "pairs_vramsupply_ahead", "ratio_of_harmonic_means")}
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
