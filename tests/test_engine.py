@@ -294,6 +294,7 @@ async def test_cancel_frees_the_slot(engine: Engine, how: str) -> None:
     rest = [delta async for delta in generation]
     assert generation.finish_reason == "cancelled"
     assert 1 <= generation.usage.completion_tokens < 200
+    assert generation.usage.completion_tokens == len(generation.token_ids)  # billed exactly what was streamed
     assert len("".join(rest)) < 200
     assert engine.stats().slots_busy == 0
 
