@@ -1,8 +1,12 @@
-"""Prompt chunks are sized from the measured prefill speed only while other slots generate."""
+"""Prompt chunks are sized from the measured prefill speed only while other slots generate, and the
+prompt that can still answer soonest goes first."""
 
 from __future__ import annotations
 
-from vramsupply.engine.pacing import MIN_CHUNK, STEP_TARGET_SECONDS, PrefillPacer
+import numpy as np
+
+from vramsupply.engine.pacing import MIN_CHUNK, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer, room_after
+from vramsupply.engine.slots import Slot, Task
 
 
 def test_a_prompt_takes_the_whole_batch_when_nobody_generates() -> None:
@@ -28,3 +32,39 @@ def test_while_others_generate_a_step_carries_what_the_target_time_allows() -> N
     pacer.observe(4, 100.0)  # too few prompt tokens to judge: ignored
     assert pacer.budget(2048, generating=True) == MIN_CHUNK
     assert pacer.budget(10, generating=True) == 10
+
+
+def prefilling(seq_id: int, prompt_tokens: int, arrived: float, done: int = 0, resuming: bool = False) -> Slot:
+    slot = Slot(seq_id, 4096)
+    task = Task(f"r{seq_id}", np.arange(prompt_tokens, dtype=np.int32), None, 8, None, None, arrived=arrived)  # type: ignore[arg-type]
+    slot.task, slot.prompt, slot.n_cached = task, task.prompt, done
+    slot.resume_token = 7 if resuming else None
+    return slot
+
+
+def test_the_prompt_with_least_left_goes_first_while_it_can_still_answer_within_the_target() -> None:
+    pacer = PrefillPacer()
+    pacer.observe(1000, 1.0)  # 1 ms a prompt token
+    now = 100.0
+    old_long = prefilling(0, 600, arrived=now - 0.1)
+    new_short = prefilling(1, 200, arrived=now)
+    half_done = prefilling(2, 900, arrived=now - 0.2, done=800)
+    assert pacer.prefill_order([old_long, new_short, half_done], now) == [half_done, new_short, old_long]
+
+
+def test_prompts_that_can_no_longer_make_the_target_follow_oldest_first_and_a_resumed_one_leads() -> None:
+    pacer = PrefillPacer()
+    pacer.observe(1000, 1.0)
+    now = 100.0
+    too_long = prefilling(0, 1500, arrived=now)  # 1.5 s of prefill: cannot answer within 1 s
+    waited = prefilling(1, 10, arrived=now - TTFT_TARGET_SECONDS - 0.5)  # short, but its buyer already waited too long
+    feasible = prefilling(2, 500, arrived=now - 0.3)
+    resumed = prefilling(3, 1800, arrived=now - 30, resuming=True)
+    order = pacer.prefill_order([too_long, waited, feasible, resumed], now)
+    assert order == [resumed, feasible, waited, too_long]
+
+
+def test_a_prompt_that_ends_in_a_step_waits_for_no_rows_past_its_micro_batch() -> None:
+    assert room_after(rows=300, room=1700, n_ubatch=512) == 212
+    assert room_after(rows=512, room=1536, n_ubatch=512) == 0
+    assert room_after(rows=1000, room=10, n_ubatch=512) == 10

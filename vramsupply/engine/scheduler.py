@@ -4,10 +4,10 @@ Modelled on llama-server's ``update_slots``. Each step:
 
 1. drain the inbox (submits and cancels posted from any thread) and admit waiting requests, FIFO,
    into idle slots, the one with the longest cached prefix (``choose_slot``);
-2. build ONE batch: the next token of every generating slot first (so generation never starves),
-   then prompt chunks of slots still prefilling, up to ``n_batch`` rows (fewer while others
-   generate: ``pacing.py``), written in sequence-id order so llama.cpp can decode them in as few
-   forward passes as possible;
+2. build ONE batch (``pacing.py``): the next token of every generating slot first (so generation
+   never starves), then prompt chunks, the prompt that can answer soonest first, up to ``n_batch``
+   rows (fewer while others generate), written in sequence-id order so llama.cpp can decode them
+   in as few forward passes as possible;
 3. call ``llama_decode`` once (it releases the GIL; when the shared KV cache is full, roll the step
    back and pause a request instead: ``preempt.py``), sample every slot that has a logits row with
    its own sampler chain (``rows.py``; a grammar request's token is sampled on a worker thread and
@@ -20,11 +20,9 @@ When no request is active the thread blocks on the inbox, so an idle engine cost
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from itertools import count
 
 import llama_cpp
@@ -37,12 +35,12 @@ from .counters import Counters
 from .liveness import DEFAULT_STALL_TIMEOUT, Liveness
 from .pacing import PrefillPacer
 from .generation import Event, Finish, post
+from .inbox import STOP, Cancel, Inbox, Message, Submit
 from .logprobs import TokenLogprob
 from .model import Model
 from .rows import RowSampler
 from .preempt import KvPressure
 from .prompt_cache import HostPromptCache
-from .sharing import share_prompt
 from .slots import Slot, Task, choose_slot
 from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded
 
@@ -51,23 +49,6 @@ log = logging.getLogger(__name__)
 PENDING_WAIT_SECONDS = 0.05
 """While every active slot awaits a token from the grammar worker, how long to block before
 looking at the inbox again (a cancel or a new request)."""
-
-
-@dataclass(frozen=True)
-class _Submit:
-    task: Task
-
-
-@dataclass(frozen=True)
-class _Cancel:
-    task_id: str
-
-
-class _Stop:
-    pass
-
-
-_STOP = _Stop()
 
 
 class Scheduler:
@@ -94,8 +75,9 @@ class Scheduler:
         self._packed = kv_per_slot  # see choose_slot
         self._slots = [Slot(seq_id, n_ctx, max_draft) for seq_id in range(parallel)]
         self._batch = Batch(n_batch)
+        self._n_ubatch = llama_cpp.llama_n_ubatch(self._ctx)
         self._capacity = parallel + max_queue
-        self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Stop] = queue.SimpleQueue()
+        self._inbox = Inbox()
         self._waiting: deque[Task] = deque()
         self._events: list[Event] = []
         self._clock = count(1)
@@ -129,10 +111,10 @@ class Scheduler:
                 self._liveness.progressed()  # the stall clock runs only while there is work
             counters.outstanding += 1
             counters.requests_total += 1
-            self._inbox.put(_Submit(task))
+            self._inbox.post(Submit(task))
 
     def cancel(self, task_id: str) -> None:
-        self._inbox.put(_Cancel(task_id))
+        self._inbox.post(Cancel(task_id))
 
     def stats(self) -> EngineStats:
         counters = self._counters
@@ -169,7 +151,7 @@ class Scheduler:
             already = self._closed
             self._closed = True
             if not already:
-                self._inbox.put(_STOP)
+                self._inbox.post(STOP)
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -197,7 +179,7 @@ class Scheduler:
 
     def _serve_once(self) -> bool:
         if not self._waiting and not self._active():
-            self._handle(self._inbox.get())
+            self._handle(self._inbox.wait())
             self._liveness.progressed()
         self._drain_inbox()
         if self._stopping:
@@ -223,17 +205,13 @@ class Scheduler:
         self._counters.add(completion_tokens_total=generated)
 
     def _drain_inbox(self) -> None:
-        while True:
-            try:
-                message = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for message in self._inbox.drain():
             self._handle(message)
 
-    def _handle(self, message: _Submit | _Cancel | _Stop) -> None:
-        if isinstance(message, _Submit):
+    def _handle(self, message: Message) -> None:
+        if isinstance(message, Submit):
             self._waiting.append(message.task)
-        elif isinstance(message, _Cancel):
+        elif isinstance(message, Cancel):
             self._cancel(message.task_id)
         else:
             self._stopping = True
@@ -288,21 +266,6 @@ class Scheduler:
                 self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
         return admitted
 
-    def _plan_step(self) -> list[tuple[Slot, np.ndarray | None]]:
-        """What each slot puts in the batch: generating slots one token (``None``) first, so
-        generation never starves, then prompt chunks, oldest request first, in the room left."""
-        plan: list[tuple[Slot, np.ndarray | None]] = [(slot, None) for slot in self._slots if slot.generating]
-        room = self._pacer.budget(self._batch.capacity - len(plan), generating=bool(plan))
-        for slot in sorted((s for s in self._slots if s.prefilling), key=lambda s: s.started):
-            if room == 0:
-                break
-            if not share_prompt(slot, self._slots, self._memory):
-                continue
-            chunk = slot.prompt[slot.n_cached : slot.n_cached + room]
-            plan.append((slot, chunk))
-            room -= len(chunk)
-        return plan
-
     def _fill_batch(self, plan: list[tuple[Slot, np.ndarray | None]]) -> list[Slot]:
         """Write the planned rows in sequence-id order: llama.cpp groups only consecutive sequence
         ids into one forward pass, so rows in any other order split the step into more passes."""
@@ -328,7 +291,7 @@ class Scheduler:
 
     def _step(self) -> bool:
         """One decode of every slot with a row to add; False when none has (all await a token)."""
-        plan = self._plan_step()
+        plan = self._pacer.plan(self._slots, self._batch.capacity, self._n_ubatch, self._memory)
         if not plan:
             return False
         prefill = sum(len(chunk) for _, chunk in plan if chunk is not None)

@@ -5,9 +5,10 @@ Only the scheduler thread reads or writes these.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +38,8 @@ class Task:
     """Another choice of the same request (``n`` > 1): its decoded prompt KV is copied, not redone."""
     resume: Resume | None = None
     """Set while the request waits to resume after a preemption (``preempt.py``)."""
+    arrived: float = field(default_factory=time.monotonic)
+    """When it was submitted (``time.monotonic``): how long its buyer has waited (``pacing.py``)."""
 
     def usage_while_waiting(self) -> Usage:
         """Its usage if it ends before reaching a slot: the prompt, and what it generated before a pause."""
