@@ -3,28 +3,31 @@ prompt that can still answer soonest goes first."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from vramsupply.engine.pacing import MIN_CHUNK, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer, room_after
+from vramsupply.engine.pacing import MIN_CHUNK, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer
 from vramsupply.engine.slots import Slot, Task
 
 
-def test_a_prompt_takes_the_whole_batch_when_nobody_generates() -> None:
-    pacer = PrefillPacer()
-    assert pacer.budget(2048, generating=False) == 2048
+def test_a_prompt_takes_a_whole_micro_batch_per_step_when_nobody_generates() -> None:
+    pacer = PrefillPacer(512)
+    assert pacer.budget(2048, generating=False) == 512
     pacer.observe(2000, 1.0)
-    assert pacer.budget(2048, generating=False) == 2048
+    assert pacer.budget(2048, generating=False) == 512
+    assert pacer.budget(100, generating=False) == 100
 
 
 def test_before_any_speed_is_known_a_prompt_next_to_a_stream_starts_small() -> None:
     """A whole 2048-token batch as the first step after start-up would be a seconds-long pause."""
-    pacer = PrefillPacer()
+    pacer = PrefillPacer(512)
     assert pacer.budget(2048, generating=True) == MIN_CHUNK
     assert pacer.budget(10, generating=True) == 10
 
 
 def test_while_others_generate_a_step_carries_what_the_target_time_allows() -> None:
-    pacer = PrefillPacer()
+    pacer = PrefillPacer(512)
     pacer.observe(2000, 1.0)  # 2000 prompt tokens a second
     assert pacer.budget(2048, generating=True) == int(STEP_TARGET_SECONDS * 2000)
     pacer.observe(100, 10.0)  # a very slow step pulls the estimate towards smaller chunks, never below the floor
@@ -43,7 +46,7 @@ def prefilling(seq_id: int, prompt_tokens: int, arrived: float, done: int = 0, r
 
 
 def test_the_prompt_with_least_left_goes_first_while_it_can_still_answer_within_the_target() -> None:
-    pacer = PrefillPacer()
+    pacer = PrefillPacer(512)
     pacer.observe(1000, 1.0)  # 1 ms a prompt token
     now = 100.0
     old_long = prefilling(0, 600, arrived=now - 0.1)
@@ -53,7 +56,7 @@ def test_the_prompt_with_least_left_goes_first_while_it_can_still_answer_within_
 
 
 def test_prompts_that_can_no_longer_make_the_target_follow_oldest_first_and_a_resumed_one_leads() -> None:
-    pacer = PrefillPacer()
+    pacer = PrefillPacer(512)
     pacer.observe(1000, 1.0)
     now = 100.0
     too_long = prefilling(0, 1500, arrived=now)  # 1.5 s of prefill: cannot answer within 1 s
@@ -64,7 +67,19 @@ def test_prompts_that_can_no_longer_make_the_target_follow_oldest_first_and_a_re
     assert order == [resumed, feasible, waited, too_long]
 
 
-def test_a_prompt_that_ends_in_a_step_waits_for_no_rows_past_its_micro_batch() -> None:
-    assert room_after(rows=300, room=1700, n_ubatch=512) == 212
-    assert room_after(rows=512, room=1536, n_ubatch=512) == 0
-    assert room_after(rows=1000, room=10, n_ubatch=512) == 10
+
+def test_a_step_plans_generating_slots_first_and_ends_with_the_first_prompt_it_finishes() -> None:
+    pacer = PrefillPacer(512)
+    pacer.observe(1000, 1.0)  # 1 ms a prompt token: 150 per step while anyone generates
+    now = time.monotonic()
+    generating = prefilling(0, 10, arrived=now - 5, done=10)
+    generating.next_token = 42
+    long = prefilling(1, 900, arrived=now - 0.1)
+    short = prefilling(2, 60, arrived=now)
+    later = prefilling(3, 80, arrived=now)
+    plan = pacer.plan([generating, long, short, later], capacity=2048, memory=None)
+    assert [(slot.seq_id, None if chunk is None else len(chunk)) for slot, chunk in plan] == [(0, None), (2, 60)]
+
+    short.n_cached = 60
+    plan = pacer.plan([generating, long, short, later], capacity=2048, memory=None)
+    assert [(slot.seq_id, None if chunk is None else len(chunk)) for slot, chunk in plan] == [(0, None), (3, 80)]

@@ -75,7 +75,6 @@ class Scheduler:
         self._packed = kv_per_slot  # see choose_slot
         self._slots = [Slot(seq_id, n_ctx, max_draft) for seq_id in range(parallel)]
         self._batch = Batch(n_batch)
-        self._n_ubatch = llama_cpp.llama_n_ubatch(self._ctx)
         self._capacity = parallel + max_queue
         self._inbox = Inbox()
         self._waiting: deque[Task] = deque()
@@ -87,7 +86,7 @@ class Scheduler:
         self._lock = self._counters.lock
         self._closed = False
         self._liveness = Liveness(stall_timeout)
-        self._pacer = PrefillPacer()
+        self._pacer = PrefillPacer(llama_cpp.llama_n_ubatch(self._ctx))
         self._rows = RowSampler(self._ctx, self._memory, model.n_vocab, self._counters)
         self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache)
         self._offthread = self._rows.offthread
@@ -291,7 +290,7 @@ class Scheduler:
 
     def _step(self) -> bool:
         """One decode of every slot with a row to add; False when none has (all await a token)."""
-        plan = self._pacer.plan(self._slots, self._batch.capacity, self._n_ubatch, self._memory)
+        plan = self._pacer.plan(self._slots, self._batch.capacity, self._memory)
         if not plan:
             return False
         prefill = sum(len(chunk) for _, chunk in plan if chunk is not None)
