@@ -389,8 +389,8 @@ async def test_long_prompts_are_prefilled_in_chunks_alongside_generation(engine:
 async def test_close_fails_pending_generations_and_refuses_new_ones() -> None:
     engine = Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=N_CTX, parallel=1, max_queue=1))
     running = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), GREEDY, max_tokens=200, ignore_eos=True))
-    waiting = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[1]), GREEDY, max_tokens=5))
     await running.__anext__()
+    waiting = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[1]), GREEDY, max_tokens=5))
     engine.close()
     for generation in (running, waiting):
         with pytest.raises(EngineClosed):

@@ -48,3 +48,15 @@ async def test_a_short_prompt_sent_after_a_long_one_answers_first(monkeypatch: p
         alone = engine.submit(GenerationRequest(long_prompt, **REQUEST))  # type: ignore[arg-type]
         await alone.collect()
         assert long.token_ids == alone.token_ids, "the long prompt, prefilled around the short one, answers as if alone"
+
+
+async def test_with_one_slot_a_short_request_queued_after_a_long_one_takes_the_slot_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as patch:
+        patch.setattr(Scheduler, "start", lambda self: None)
+        engine = Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=1, max_queue=4, cache_ram=0, threads=1))
+    with engine:
+        long = engine.submit(GenerationRequest(engine.tokenize(" ".join([STORY] * 6)), **REQUEST))  # type: ignore[arg-type]
+        short = engine.submit(GenerationRequest(engine.tokenize("The dog"), **REQUEST))  # type: ignore[arg-type]
+        engine._scheduler.start()
+
+        assert await first_tokens({"long": long, "short": short}) == ["short", "long"]

@@ -4,11 +4,12 @@ prompt that can still answer soonest goes first."""
 from __future__ import annotations
 
 import time
+from itertools import count
 
 import numpy as np
 
-from vramsupply.engine.pacing import MIN_CHUNK, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer
-from vramsupply.engine.slots import Slot, Task
+from vramsupply.engine.pacing import MAX_DEFER_SECONDS, MIN_CHUNK, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer
+from vramsupply.engine.slots import Resume, Slot, Task
 
 
 def test_a_prompt_takes_a_whole_micro_batch_per_step_when_nobody_generates() -> None:
@@ -83,3 +84,41 @@ def test_a_step_plans_generating_slots_first_and_ends_with_the_first_prompt_it_f
     short.n_cached = 60
     plan = pacer.plan([generating, long, short, later], capacity=2048, memory=None)
     assert [(slot.seq_id, None if chunk is None else len(chunk)) for slot, chunk in plan] == [(0, None), (3, 80)]
+
+
+FIRST_TOKENS = count(10_000, 10_000)
+
+
+def waiting(prompt_tokens: int, arrived: float, resumed: bool = False) -> Task:
+    first = next(FIRST_TOKENS)  # no two requests share a prefix
+    task = Task("w", np.arange(first, first + prompt_tokens, dtype=np.int32), None, 8, None, None, arrived=arrived)  # type: ignore[arg-type]
+    if resumed:
+        task.resume = Resume(task.prompt, 5, 3, 0, None)  # type: ignore[arg-type]
+    return task
+
+
+def test_a_freed_slot_goes_to_the_request_that_can_still_answer_in_time_counting_what_is_cached() -> None:
+    pacer = PrefillPacer(512)
+    pacer.observe(1000, 1.0)  # 1 ms a prompt token
+    now = time.monotonic()
+    idle = Slot(0, 4096)
+    stale = waiting(50, arrived=now - 2.0)  # already missed the target
+    long = waiting(600, arrived=now)
+    returning = waiting(900, arrived=now)  # longer, but 800 of it is in the idle slot
+    idle.record(returning.prompt[:800])
+    assert pacer.next_admission([stale, long, returning], [idle], cache=None) is returning
+    assert pacer.next_admission([stale, long], [idle], cache=None) is long
+    assert pacer.next_admission([stale], [idle], cache=None) is stale
+
+
+def test_a_paused_request_or_one_deferred_too_long_takes_the_slot_first() -> None:
+    pacer = PrefillPacer(512)
+    pacer.observe(1000, 1.0)
+    now = time.monotonic()
+    idle = [Slot(0, 4096)]
+    fresh = waiting(10, arrived=now)
+    deferred = waiting(1500, arrived=now - MAX_DEFER_SECONDS - 1)
+    paused = waiting(1800, arrived=now - 1, resumed=True)
+    assert pacer.next_admission([fresh, deferred], idle, cache=None) is deferred
+    assert pacer.next_admission([fresh, deferred, paused], idle, cache=None) is deferred  # the older of the two
+    assert pacer.next_admission([fresh, paused], idle, cache=None) is paused

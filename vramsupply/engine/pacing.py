@@ -26,21 +26,25 @@ request as served well when it comes within ``TTFT_TARGET_SECONDS``), so among p
 be prefilled the one that can still make that target and has the least left goes first: shortest
 remaining first is what keeps the total waiting lowest. A prompt that can no longer make it (it
 arrived too long ago, or is too long for the learned speed) goes after those that can, oldest
-first, so it is never starved: every prompt becomes one of these within the target. A paused
-request being brought back (``preempt.py``) goes before all, since its buyer is already reading
-its answer. And a step in which a prompt ends carries no other prompt's rows, which would only
-delay its first token.
+first; one deferred for ``MAX_DEFER_SECONDS`` goes before all, which bounds how long anyone waits
+for others under overload. A paused request being brought back (``preempt.py``) also goes first,
+since its buyer is already reading its answer. The same order decides which waiting request takes
+a slot that frees up (``next_admission``, counting what it would find cached), so under overload
+a fresh question is not queued behind requests that have already missed the target. And a step
+in which a prompt ends carries no other prompt's rows, which would only delay its first token.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from itertools import islice
 
 import numpy as np
 
 from .sharing import share_prompt
-from .slots import Slot
+from .prompt_cache import HostPromptCache
+from .slots import Slot, Task
 
 STEP_TARGET_SECONDS = 0.15
 MIN_CHUNK = 16
@@ -50,6 +54,10 @@ machine a 32-token chunk deep in a 4k context took 220 ms and a 64-token one 330
 the step well under a quarter second at the price of a slower prefill while others generate."""
 SMOOTHING = 0.3
 TTFT_TARGET_SECONDS = 1.0
+MAX_DEFER_SECONDS = 10.0
+"""A request put behind others (because it could no longer answer within the target) for this
+long goes first: the bound on how long anyone is deferred under overload."""
+ADMISSION_WINDOW = 32
 
 
 class PrefillPacer:
@@ -93,16 +101,37 @@ class PrefillPacer:
     def prefill_order(self, prefilling: Iterable[Slot], now: float | None = None) -> list[Slot]:
         """The prefilling slots in the order their prompts get the step's room (module docstring)."""
         now = time.monotonic() if now is None else now
-        per_token = self._seconds_per_token or 0.0
 
         def rank(slot: Slot) -> tuple[int, float]:
             assert slot.task is not None
-            if slot.resume_token is not None:
-                return (0, slot.started)
-            left = len(slot.prompt) - slot.n_cached
-            if now - slot.task.arrived + left * per_token <= TTFT_TARGET_SECONDS:
-                return (1, left)
-            return (2, slot.task.arrived)
+            return self._urgency(slot.task, len(slot.prompt) - slot.n_cached, now, resuming=slot.resume_token is not None)
 
         return sorted(prefilling, key=rank)
 
+    def next_admission(self, waiting: Iterable[Task], idle: list[Slot], cache: HostPromptCache | None) -> Task:
+        """Which waiting request takes the next idle slot, by the same urgency as ``prefill_order``;
+        what it would find cached (in an idle slot or the host prompt cache) is not left to prefill.
+        Only the ``ADMISSION_WINDOW`` oldest are weighed, which bounds the cost."""
+        candidates = list(islice(waiting, ADMISSION_WINDOW))
+        if len(candidates) == 1:
+            return candidates[0]
+        now = time.monotonic()
+
+        def rank(task: Task) -> tuple[int, float]:
+            tokens = task.prompt if task.resume is None else task.resume.tokens
+            known = max(slot.common_prefix(tokens) for slot in idle)
+            found = cache.entries.best(tokens) if cache is not None else None
+            left = len(tokens) - max(known, found[1] if found else 0)
+            return self._urgency(task, left, now, resuming=task.resume is not None)
+
+        return min(candidates, key=rank)
+
+    def _urgency(self, task: Task, left: int, now: float, resuming: bool) -> tuple[int, float]:
+        """Lower goes first: a paused request or one deferred too long (oldest first), then those
+        that can still answer within the target (least left first), then the rest (oldest first)."""
+        waited = now - task.arrived
+        if resuming or waited > MAX_DEFER_SECONDS:
+            return (0, task.arrived)
+        if waited + left * (self._seconds_per_token or 0.0) <= TTFT_TARGET_SECONDS:
+            return (1, left)
+        return (2, task.arrived)

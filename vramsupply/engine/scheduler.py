@@ -2,8 +2,9 @@
 
 Modelled on llama-server's ``update_slots``. Each step:
 
-1. drain the inbox (submits and cancels posted from any thread) and admit waiting requests, FIFO,
-   into idle slots, the one with the longest cached prefix (``choose_slot``);
+1. drain the inbox (submits and cancels posted from any thread) and admit waiting requests, the
+   most urgent first (``pacing.py``), into idle slots, the one with the longest cached prefix
+   (``choose_slot``);
 2. build ONE batch (``pacing.py``): the next token of every generating slot first (so generation
    never starves), then prompt chunks, the prompt that can answer soonest first, up to ``n_batch``
    rows (fewer while others generate), written in sequence-id order so llama.cpp can decode them
@@ -243,7 +244,8 @@ class Scheduler:
             if not idle:
                 return admitted
             admitted = True
-            task = self._waiting.popleft()
+            task = self._pacer.next_admission(self._waiting, idle, self._prompt_cache)
+            self._waiting.remove(task)
             tokens = task.prompt if task.resume is None else task.resume.tokens
             slot, prefix = choose_slot(idle, tokens, self._packed)
             if self._prompt_cache is not None:
