@@ -1,4 +1,4 @@
-"""A short prompt is not kept waiting behind a long one (``engine/pacing.py``). On the real tiny model.
+"""Which prompt is served first (``engine/pacing.py``). On the real tiny model.
 
 Both requests are queued before the scheduler thread starts, so the first step sees them together
 whatever the machine's timing.
@@ -12,6 +12,7 @@ import pytest
 
 from conftest import TINY_MODEL
 from vramsupply.engine import Engine, EngineOptions, Generation, GenerationRequest, SamplingParams
+from vramsupply.engine.pacing import TTFT_TARGET_SECONDS
 from vramsupply.engine.scheduler import Scheduler
 
 REQUEST = {"sampling": SamplingParams(temperature=0), "max_tokens": 4, "ignore_eos": True}
@@ -31,32 +32,35 @@ async def first_tokens(generations: dict[str, Generation]) -> list[str]:
     return order
 
 
-async def test_a_short_prompt_sent_after_a_long_one_answers_first(monkeypatch: pytest.MonkeyPatch) -> None:
+def held_engine(monkeypatch: pytest.MonkeyPatch, **options: object) -> Engine:
+    """An engine whose scheduler thread waits for ``engine._scheduler.start()``."""
     with monkeypatch.context() as patch:
         patch.setattr(Scheduler, "start", lambda self: None)
-        engine = Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=2, n_batch=16, n_ubatch=8, cache_ram=0, threads=1))
-    with engine:
-        long_prompt = engine.tokenize(" ".join([STORY] * 6))
-        short_prompt = engine.tokenize("The dog")
-        assert len(long_prompt) > 10 * 16 and len(short_prompt) < 8
-        long = engine.submit(GenerationRequest(long_prompt, **REQUEST))  # type: ignore[arg-type]
-        short = engine.submit(GenerationRequest(short_prompt, **REQUEST))  # type: ignore[arg-type]
-        engine._scheduler.start()
-
-        assert await first_tokens({"long": long, "short": short}) == ["short", "long"]
-        assert long.finish_reason == short.finish_reason == "length"
-        alone = engine.submit(GenerationRequest(long_prompt, **REQUEST))  # type: ignore[arg-type]
-        await alone.collect()
-        assert long.token_ids == alone.token_ids, "the long prompt, prefilled around the short one, answers as if alone"
+        return Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, cache_ram=0, threads=1, **options))  # type: ignore[arg-type]
 
 
-async def test_with_one_slot_a_short_request_queued_after_a_long_one_takes_the_slot_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    with monkeypatch.context() as patch:
-        patch.setattr(Scheduler, "start", lambda self: None)
-        engine = Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=1, max_queue=4, cache_ram=0, threads=1))
-    with engine:
+@pytest.mark.parametrize("slots", [1, 2], ids=["one slot: admission", "two slots: prefill"])
+async def test_prompts_that_can_still_answer_in_time_go_oldest_first(monkeypatch: pytest.MonkeyPatch, slots: int) -> None:
+    with held_engine(monkeypatch, parallel=slots, n_batch=16, n_ubatch=8) as engine:
         long = engine.submit(GenerationRequest(engine.tokenize(" ".join([STORY] * 6)), **REQUEST))  # type: ignore[arg-type]
         short = engine.submit(GenerationRequest(engine.tokenize("The dog"), **REQUEST))  # type: ignore[arg-type]
         engine._scheduler.start()
 
-        assert await first_tokens({"long": long, "short": short}) == ["short", "long"]
+        assert await first_tokens({"long": long, "short": short}) == ["long", "short"]
+
+
+@pytest.mark.parametrize("slots", [1, 2], ids=["one slot: admission", "two slots: prefill"])
+async def test_a_request_that_already_missed_the_target_goes_after_one_that_can_make_it(monkeypatch: pytest.MonkeyPatch, slots: int) -> None:
+    with held_engine(monkeypatch, parallel=slots, n_batch=16, n_ubatch=8) as engine:
+        long_prompt = engine.tokenize(" ".join([STORY] * 6))
+        assert len(long_prompt) > 10 * 16
+        late = engine.submit(GenerationRequest(long_prompt, **REQUEST))  # type: ignore[arg-type]
+        await asyncio.sleep(TTFT_TARGET_SECONDS + 0.1)  # its buyer has waited longer than the target
+        fresh = engine.submit(GenerationRequest(engine.tokenize("The dog"), **REQUEST))  # type: ignore[arg-type]
+        engine._scheduler.start()
+
+        assert await first_tokens({"late": late, "fresh": fresh}) == ["fresh", "late"]
+        assert late.finish_reason == fresh.finish_reason == "length"
+        alone = engine.submit(GenerationRequest(long_prompt, **REQUEST))  # type: ignore[arg-type]
+        await alone.collect()
+        assert late.token_ids == alone.token_ids, "the deferred prompt answers as if alone"

@@ -46,24 +46,24 @@ def prefilling(seq_id: int, prompt_tokens: int, arrived: float, done: int = 0, r
     return slot
 
 
-def test_the_prompt_with_least_left_goes_first_while_it_can_still_answer_within_the_target() -> None:
+def test_prompts_that_can_still_answer_within_the_target_go_oldest_first() -> None:
     pacer = PrefillPacer(512)
     pacer.observe(1000, 1.0)  # 1 ms a prompt token
     now = 100.0
     old_long = prefilling(0, 600, arrived=now - 0.1)
     new_short = prefilling(1, 200, arrived=now)
-    half_done = prefilling(2, 900, arrived=now - 0.2, done=800)
-    assert pacer.prefill_order([old_long, new_short, half_done], now) == [half_done, new_short, old_long]
+    oldest = prefilling(2, 900, arrived=now - 0.2, done=800)
+    assert pacer.prefill_order([old_long, new_short, oldest], now) == [oldest, old_long, new_short]
 
 
 def test_prompts_that_can_no_longer_make_the_target_follow_oldest_first_and_a_resumed_one_leads() -> None:
     pacer = PrefillPacer(512)
     pacer.observe(1000, 1.0)
     now = 100.0
-    too_long = prefilling(0, 1500, arrived=now)  # 1.5 s of prefill: cannot answer within 1 s
+    too_long = prefilling(0, 1500, arrived=now - 0.1)  # 1.5 s of prefill: cannot answer within 1 s
     waited = prefilling(1, 10, arrived=now - TTFT_TARGET_SECONDS - 0.5)  # short, but its buyer already waited too long
-    feasible = prefilling(2, 500, arrived=now - 0.3)
-    resumed = prefilling(3, 1800, arrived=now - 30, resuming=True)
+    feasible = prefilling(2, 500, arrived=now)
+    resumed = prefilling(3, 1800, arrived=now - 0.05, resuming=True)
     order = pacer.prefill_order([too_long, waited, feasible, resumed], now)
     assert order == [resumed, feasible, waited, too_long]
 
@@ -97,17 +97,17 @@ def waiting(prompt_tokens: int, arrived: float, resumed: bool = False) -> Task:
     return task
 
 
-def test_a_freed_slot_goes_to_the_request_that_can_still_answer_in_time_counting_what_is_cached() -> None:
+def test_a_freed_slot_goes_to_the_oldest_request_that_can_still_answer_in_time_counting_what_is_cached() -> None:
     pacer = PrefillPacer(512)
     pacer.observe(1000, 1.0)  # 1 ms a prompt token
     now = time.monotonic()
     idle = Slot(0, 4096)
     stale = waiting(50, arrived=now - 2.0)  # already missed the target
-    long = waiting(600, arrived=now)
-    returning = waiting(900, arrived=now)  # longer, but 800 of it is in the idle slot
-    idle.record(returning.prompt[:800])
-    assert pacer.next_admission([stale, long, returning], [idle], cache=None) is returning
-    assert pacer.next_admission([stale, long], [idle], cache=None) is long
+    returning = waiting(1500, arrived=now - 0.2)  # 1.5 s to prefill, but 1400 of it is in the idle slot
+    idle.record(returning.prompt[:1400])
+    fresh = waiting(600, arrived=now)
+    assert pacer.next_admission([stale, fresh, returning], [idle], cache=None) is returning
+    assert pacer.next_admission([stale, fresh, returning], [Slot(1, 4096)], cache=None) is fresh
     assert pacer.next_admission([stale], [idle], cache=None) is stale
 
 
