@@ -351,7 +351,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 async def bench(cfg: sweep.BenchConfig, model: Path, rates: list[float], conversations: int, cap_s: float,
-                threads: int | None) -> dict:
+                threads: int | None, first_seed: int = 1000) -> dict:
     eos_id = sweep.eos_token_id(model)
     words = Words(model)
     specs = [sweep.ServerSpec(name, "defaults", sweep.SERVERS[name].ready_path, sweep.SERVERS[name].accepts_ignore_eos,
@@ -365,7 +365,7 @@ async def bench(cfg: sweep.BenchConfig, model: Path, rates: list[float], convers
         for i, rate in enumerate(rates):
             shift = i % len(servers)
             for server in servers[shift:] + servers[:shift]:
-                result = await run_rate(server, words, rate, conversations, seed=1000 + i, eos_id=eos_id, cap_s=cap_s)
+                result = await run_rate(server, words, rate, conversations, seed=first_seed + i, eos_id=eos_id, cap_s=cap_s)
                 results[server.spec.name].append(result)
                 print(f"  rate {rate:<5} {server.spec.name:18} goodput {result.goodput_tok_s:6.1f} tok/s  "
                       f"throughput {result.throughput_tok_s:6.1f}  met {result.good}/{result.requests}  "
@@ -388,6 +388,7 @@ def main() -> None:
     parser.add_argument("--rates", default="0.1,0.2,0.4", help="conversation arrivals per second, comma-separated")
     parser.add_argument("--conversations", type=int, default=12, help="conversations per rate (default 12: 3x the 4 default slots)")
     parser.add_argument("--cap", type=float, default=60.0, help="seconds after the last arrival before unsent turns are dropped")
+    parser.add_argument("--first-seed", type=int, default=1000, help="the first rate's trace seed; each next rate adds one (replay one rate's trace alone)")
     parser.add_argument("--threads", type=int, help="give every server this many threads (default: each server's own default)")
     parser.add_argument("--vramsupply", type=Path, default=sweep.REPO / ".venv" / "bin" / "vramsupply")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-marketplace.json; the chart beside it)")
@@ -416,7 +417,7 @@ def main() -> None:
                    "ttft_slo_s": TTFT_SLO_S, "tpot_slo_s": TPOT_SLO_S, "system_tokens": SYSTEM_TOKENS,
                    "max_prompt_tokens": MAX_PROMPT_TOKENS, "endpoint": "/v1/completions, streaming, temperature 0.7",
                    "threads": args.threads or "each server's default"},
-        "servers": asyncio.run(bench(cfg, model, rates, conversations, args.cap, args.threads)),
+        "servers": asyncio.run(bench(cfg, model, rates, conversations, args.cap, args.threads, args.first_seed)),
     }
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     report["duration_s"] = round(time.perf_counter() - started, 1)

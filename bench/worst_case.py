@@ -12,7 +12,10 @@ Kinds (each the most expensive the limits allow, see README "Limits"):
   stop        16 stop strings of MAX_STOP_CHARS characters each, the model pushed to keep matching them
   logit_bias  a bias for every token of the vocabulary
   n           16 choices
-  long_prompt a prompt filling the context (chunked prefill next to a generating slot)
+  long_prompt a prompt filling the context: with the slots sharing one KV cache it no longer fits
+              beside the stream, so it is paused until the stream ends (``preempt.py``)
+  half_context_prompt  a prompt of half the context, which fits beside the stream: chunked
+              prefill next to a generating slot (``pacing.py``)
 
 usage: .venv/bin/python bench/worst_case.py [--model bench/.cache/bench-llama-768x12-q8_0.gguf]
 Results: bench/results/worst-case-<date>.json and a table on stdout.
@@ -83,6 +86,7 @@ def expensive_requests(vocab: int, n_ctx: int, round_: int = 0) -> dict[str, tup
         "logit_bias": ("/v1/completions", {"prompt": "Once", "max_tokens": 256, "logit_bias": {str(t): ((t * 7919) % 200 - 100) / 10 for t in range(vocab)}}),
         "n": ("/v1/completions", {"prompt": "Once upon a time there was", "max_tokens": 64, "n": 16, "ignore_eos": True}),
         "long_prompt": ("/v1/completions", {"prompt": list(range(100 + round_, 100 + round_ + n_ctx - 32)), "max_tokens": 16, "ignore_eos": True}),
+        "half_context_prompt": ("/v1/completions", {"prompt": list(range(5000 + round_, 5000 + round_ + n_ctx // 2)), "max_tokens": 16, "ignore_eos": True}),
     }
 
 
@@ -122,7 +126,7 @@ async def measure(http: aiohttp.ClientSession, url: str, kind: str | None, route
     return {"kind": kind or "baseline", "status": status, "seconds": round(end - start, 3), "largest_gap_ms": round(gap * 1000, 1)}
 
 
-async def run(model: Path, rounds: int) -> dict[str, Any]:
+async def run(model: Path, rounds: int, only: set[str] | None) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
@@ -141,6 +145,8 @@ async def run(model: Path, rounds: int) -> dict[str, Any]:
                 kinds = expensive_requests(vocab, n_ctx=4096, round_=round_)
                 results.append({**await measure(http, url, None, "", {}), "round": round_})
                 for kind, (route, body) in kinds.items():
+                    if only and kind not in only:
+                        continue
                     results.append({**await measure(http, url, kind, route, body), "round": round_})
                     print(json.dumps(results[-1]), flush=True)
     finally:
@@ -163,9 +169,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--rounds", type=int, default=2, help="each kind's best round is reported (least disturbed by other processes)")
+    parser.add_argument("--kinds", help="comma-separated kinds to measure (default: all)")
+    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/worst-case-<date>.json)")
     args = parser.parse_args()
-    report = asyncio.run(run(args.model, args.rounds))
-    out = REPO / "bench" / "results" / f"worst-case-{dt.date.today().isoformat()}.json"
+    only = {k.strip() for k in args.kinds.split(",")} if args.kinds else None
+    report = asyncio.run(run(args.model, args.rounds, only))
+    out = args.out or REPO / "bench" / "results" / f"worst-case-{dt.date.today().isoformat()}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n| kind | largest gap in a concurrent stream (best of {args.rounds}) |\n|---|---|")
     for kind, gap in report["best_largest_gap_ms"].items():

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import TINY_MODEL
 from vramsupply.engine import Engine, EngineOptions, Generation, GenerationRequest, SamplingParams
+from vramsupply.engine.scheduler import Scheduler
 
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = ["Once upon a time", "The dog", "Lily and Tom went to the park", "Tim had a red ball. He"]
@@ -181,3 +182,23 @@ async def test_with_a_prompt_cache_idle_slots_move_their_prefixes_to_it_when_a_r
             history = prompt + generation.token_ids + engine.tokenize(" and then")[1:]
             returning = await alone(engine, history, sampling=GREEDY, max_tokens=4)
             assert returning.usage is not None and returning.usage.cached_tokens >= len(prompt) + 30
+
+
+async def test_a_prompt_that_does_not_fit_beside_the_running_request_waits_for_room_instead_of_being_paused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Admitted at once, it would fill the cache part way through and be paused, its prefill wasted.
+    Both are queued before the scheduler thread starts, so the first admission sees them together."""
+    with monkeypatch.context() as patch:
+        patch.setattr(Scheduler, "start", lambda self: None)
+        engine = load()
+    with engine:
+        long_prompt = engine.tokenize(" ".join(PROMPTS * 8))[: N_CTX - 60]
+        running = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), GREEDY, max_tokens=LONG, ignore_eos=True))
+        waiting = engine.submit(GenerationRequest(long_prompt, GREEDY, max_tokens=50, ignore_eos=True))
+        engine._scheduler.start()
+
+        await asyncio.gather(running.collect(), waiting.collect())
+        assert engine.stats().preemptions_total == 0
+        assert running.finish_reason == waiting.finish_reason == "length"
+        assert waiting.token_ids == (await alone(engine, long_prompt, sampling=GREEDY, max_tokens=50, ignore_eos=True)).token_ids

@@ -106,9 +106,8 @@ def test_a_freed_slot_goes_to_the_oldest_request_that_can_still_answer_in_time_c
     returning = waiting(1500, arrived=now - 0.2)  # 1.5 s to prefill, but 1400 of it is in the idle slot
     idle.record(returning.prompt[:1400])
     fresh = waiting(600, arrived=now)
-    assert pacer.next_admission([stale, fresh, returning], [idle], cache=None) is returning
-    assert pacer.next_admission([stale, fresh, returning], [Slot(1, 4096)], cache=None) is fresh
-    assert pacer.next_admission([stale], [idle], cache=None) is stale
+    assert pacer.admission_order([stale, fresh, returning], [idle], cache=None) == [(False, returning), (False, fresh), (False, stale)]
+    assert pacer.admission_order([stale, fresh, returning], [Slot(1, 4096)], cache=None) == [(False, fresh), (False, stale), (False, returning)]
 
 
 def test_a_paused_request_or_one_deferred_too_long_takes_the_slot_first() -> None:
@@ -119,6 +118,4 @@ def test_a_paused_request_or_one_deferred_too_long_takes_the_slot_first() -> Non
     fresh = waiting(10, arrived=now)
     deferred = waiting(1500, arrived=now - MAX_DEFER_SECONDS - 1)
     paused = waiting(1800, arrived=now - 1, resumed=True)
-    assert pacer.next_admission([fresh, deferred], idle, cache=None) is deferred
-    assert pacer.next_admission([fresh, deferred, paused], idle, cache=None) is deferred  # the older of the two
-    assert pacer.next_admission([fresh, paused], idle, cache=None) is paused
+    assert pacer.admission_order([fresh, deferred, paused], idle, cache=None) == [(True, deferred), (True, paused), (False, fresh)]

@@ -112,13 +112,11 @@ class PrefillPacer:
 
         return sorted(prefilling, key=rank)
 
-    def next_admission(self, waiting: Iterable[Task], idle: list[Slot], cache: HostPromptCache | None) -> Task:
-        """Which waiting request takes the next idle slot, by the same urgency as ``prefill_order``;
-        what it would find cached (in an idle slot or the host prompt cache) is not left to prefill.
-        Only the ``ADMISSION_WINDOW`` oldest are weighed, which bounds the cost."""
-        candidates = list(islice(waiting, ADMISSION_WINDOW))
-        if len(candidates) == 1:
-            return candidates[0]
+    def admission_order(self, waiting: Iterable[Task], idle: list[Slot], cache: HostPromptCache | None) -> list[tuple[bool, Task]]:
+        """The waiting requests in the order they should take the idle slots, by the same urgency
+        as ``prefill_order``, each with whether it must go next (paused, or deferred too long):
+        what a request would find cached (in an idle slot or the host prompt cache) is not left to
+        prefill. Only the ``ADMISSION_WINDOW`` oldest are weighed, which bounds the cost."""
         now = time.monotonic()
 
         def rank(task: Task) -> tuple[int, float]:
@@ -128,7 +126,8 @@ class PrefillPacer:
             left = len(tokens) - max(known, found[1] if found else 0)
             return self._urgency(task, left, now, resuming=task.resume is not None)
 
-        return min(candidates, key=rank)
+        ranked = sorted(((rank(task), task) for task in islice(waiting, ADMISSION_WINDOW)), key=lambda item: item[0])
+        return [(urgency[0] == 0, task) for urgency, task in ranked]
 
     def _urgency(self, task: Task, left: int, now: float, resuming: bool) -> tuple[int, float]:
         """Lower goes first: a paused request or one deferred too long, then those that can still

@@ -243,8 +243,10 @@ class Scheduler:
             idle = [slot for slot in self._slots if slot.task is None]
             if not idle:
                 return admitted
+            task = self._next_admission(idle)
+            if task is None:
+                return admitted
             admitted = True
-            task = self._pacer.next_admission(self._waiting, idle, self._prompt_cache)
             self._waiting.remove(task)
             tokens = task.prompt if task.resume is None else task.resume.tokens
             slot, prefix = choose_slot(idle, tokens, self._packed)
@@ -266,6 +268,16 @@ class Scheduler:
             else:
                 self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
         return admitted
+
+    def _next_admission(self, idle: list[Slot]) -> Task | None:
+        """The most urgent waiting request that fits in the KV cache; none when one that must go
+        next (``pacing.py``) does not fit yet, so that room is kept for it."""
+        for must, task in self._pacer.admission_order(self._waiting, idle, self._prompt_cache):
+            if self._kv.fits(task, self._slots):
+                return task
+            if must:
+                return None
+        return None
 
     def _fill_batch(self, plan: list[tuple[Slot, np.ndarray | None]]) -> list[Slot]:
         """Write the planned rows in sequence-id order: llama.cpp groups only consecutive sequence

@@ -40,6 +40,11 @@ class Task:
     """Set while the request waits to resume after a preemption (``preempt.py``)."""
     arrived: float = field(default_factory=time.monotonic)
     """When it was submitted (``time.monotonic``): how long its buyer has waited (``pacing.py``)."""
+    first_choice: Task | None = field(default=None, init=False)
+    """``shares_prompt_with`` as submitted, kept after the copy: its prompt's KV cells are shared."""
+
+    def __post_init__(self) -> None:
+        self.first_choice = self.shares_prompt_with
 
     def usage_while_waiting(self) -> Usage:
         """Its usage if it ends before reaching a slot: the prompt, and what it generated before a pause."""
