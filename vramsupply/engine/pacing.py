@@ -10,12 +10,13 @@ generating a prompt gets one micro-batch (``n_ubatch``) per step: the same speed
 batch, since llama.cpp computes a batch one micro-batch at a time anyway, but a short prompt that
 arrives meanwhile waits for one micro-batch, not for the whole long prompt.
 
-The target is a trade measured on that machine (``bench/results/2026-12-01-prefill.json``): a
-chunk costs a fixed share per step, so a 1000-token prompt next to one stream took 2.7 s in the
-~45-token chunks a 0.1 s target gives, against 1.4-1.6 s for llama-server, which prefills it in one
-step and stalls the stream for as long. At 0.15 s (chunks of about a hundred tokens) it took about
-as long as llama-server's while the stream's largest gap stayed near 0.2 s, under the 250 ms
-bound of the reliability issue.
+The target is a trade measured on that machine (``bench/prefill.py``,
+``bench/results/2026-12-01-prefill.json``): a step next to a stream costs a fixed share on top of
+its prompt rows, so small chunks prefill slowly. A 1000-token prompt next to one stream took 2.7 s
+in the ~45-token chunks of a 0.1 s target and 2.5 s (median of 3) at 0.15 s, against 1.5 s for
+llama-server, which prefills it in one step and so stalls the stream for 1.5 s. Here the stream's
+largest gap was 0.2 s, and 218 ms next to a 2048-token prompt (``bench/worst_case.py``): under the
+250 ms bound of the reliability issue, which a larger target would break.
 
 The speed is learned from the steps themselves (seconds per prompt token, a moving average that
 counts the generated rows of the step against the prompt, so it errs towards smaller chunks), so
@@ -24,18 +25,19 @@ the same code sizes chunks right on a CPU and on a GPU that is a hundred times f
 **Which first.** A buyer judges a request by its first token (the marketplace bench counts a
 request as served well when it comes within ``TTFT_TARGET_SECONDS``), so prompts are prefilled
 earliest deadline first, which is oldest first, among those that can still make the target
-(judged by what is left to prefill at the learned speed), and those that can no longer make it (they
-arrived too long ago, or are too long) go after them, oldest first. Oldest first rather than
-shortest first: a prompt prefilled second runs next to the first one's stream, in chunks paced as
-above, so putting a long prompt second costs it more than it saves the short one. In one marketplace
-run two first turns arrived 0.2 s apart, about 650 and 200 tokens left to prefill: shortest first
-answered them in 1.74 s and 0.41 s (one missed), llama-server, batching both, in 0.81 and 0.89 s. One deferred for
-``MAX_DEFER_SECONDS`` goes before all, which bounds how long anyone waits for others under
-overload, and so does a paused request being brought back (``preempt.py``), since its buyer is
-already reading its answer. The same order decides which waiting request takes a slot that frees
-up (``next_admission``, counting what it would find cached), so under overload a fresh question is
-not queued behind requests that have already missed the target. And a step in which a prompt
-ends carries no other prompt's rows, which would only delay its first token.
+(judged by what is left to prefill at the learned speed, which errs optimistic for long prompts),
+and those that can no longer make it (they arrived too long ago, or are too long) go after them,
+oldest first. Oldest first rather than shortest first: a prompt prefilled second runs next to the
+first one's stream, in chunks paced as above, so putting a long prompt second costs it more than
+it saves the short one. In one marketplace run two first turns arrived 0.2 s apart with about 650
+and 200 tokens to prefill: shortest first answered them in 1.74 s and 0.41 s (one missed),
+llama-server, batching both, in 0.81 and 0.89 s. One deferred for ``MAX_DEFER_SECONDS`` goes
+before all, which bounds how long anyone waits for others under overload, and so does a paused
+request being brought back (``preempt.py``), since its buyer is already reading its answer. The
+same order decides which waiting request takes a slot that frees up (``admission_order``, counting
+what it would find cached), so under overload a fresh question is not queued behind requests that
+have already missed the target. And a step in which a prompt ends carries no other prompt's rows,
+which would only delay its first token.
 """
 
 from __future__ import annotations
