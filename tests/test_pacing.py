@@ -8,15 +8,20 @@ from itertools import count
 
 import numpy as np
 
-from vramsupply.engine.pacing import MAX_DEFER_SECONDS, MIN_CHUNK, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer
+from vramsupply.engine.pacing import ALONE_STEP_TARGET_SECONDS, MAX_DEFER_SECONDS, MIN_CHUNK, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer
 from vramsupply.engine.slots import Resume, Slot, Task
 
 
-def test_a_prompt_takes_a_whole_micro_batch_per_step_when_nobody_generates() -> None:
+def test_with_nobody_generating_a_step_takes_a_micro_batch_or_what_the_alone_target_allows() -> None:
     pacer = PrefillPacer(512)
     assert pacer.budget(2048, generating=False) == 512
-    pacer.observe(2000, 1.0)
+    pacer.observe(2000, 1.0)  # beside a stream: does not size steps alone
     assert pacer.budget(2048, generating=False) == 512
+    pacer.observe(512, 0.1, paced=False)  # a fast machine: the micro-batch is the limit
+    assert pacer.budget(2048, generating=False) == 512
+    pacer = PrefillPacer(512)
+    pacer.observe(512, 1.024, paced=False)  # 2 ms a token: a micro-batch would keep newcomers waiting a second
+    assert pacer.budget(2048, generating=False) == int(ALONE_STEP_TARGET_SECONDS / 0.002)
     assert pacer.budget(100, generating=False) == 100
 
 
@@ -119,3 +124,24 @@ def test_a_paused_request_or_one_deferred_too_long_takes_the_slot_first() -> Non
     deferred = waiting(1500, arrived=now - MAX_DEFER_SECONDS - 1)
     paused = waiting(1800, arrived=now - 1, resumed=True)
     assert pacer.admission_order([fresh, deferred, paused], idle, cache=None) == [(True, deferred), (True, paused), (False, fresh)]
+
+
+def test_steps_with_nobody_generating_do_not_size_the_chunks_beside_a_stream() -> None:
+    """A prompt prefilled alone runs whole micro-batches, cheaper per token than chunks beside a stream."""
+    pacer = PrefillPacer(512)
+    pacer.observe(512, 0.5, paced=False)  # 1 ms a token alone
+    assert pacer.budget(2048, generating=True) == MIN_CHUNK, "nothing learned beside a stream yet"
+    pacer.observe(100, 0.2)  # 2 ms a token beside a stream
+    pacer.observe(512, 0.25, paced=False)
+    assert pacer.budget(2048, generating=True) == int(STEP_TARGET_SECONDS / 0.002)
+
+
+def test_whether_a_prompt_can_still_make_it_is_judged_at_the_speed_it_will_be_prefilled() -> None:
+    pacer = PrefillPacer(512)
+    pacer.observe(512, 0.512, paced=False)  # 1 ms a token alone
+    pacer.observe(100, 0.3)  # 3 ms a token beside a stream
+    now = 100.0
+    older = prefilling(0, 600, arrived=now - 0.3)  # alone: 0.9 s in all; beside a stream: 2.1 s
+    newer = prefilling(1, 100, arrived=now)
+    assert pacer.prefill_order([newer, older], now, paced=False) == [older, newer]
+    assert pacer.prefill_order([newer, older], now, paced=True) == [newer, older]

@@ -272,7 +272,8 @@ class Scheduler:
     def _next_admission(self, idle: list[Slot]) -> Task | None:
         """The most urgent waiting request that fits in the KV cache; none when one that must go
         next (``pacing.py``) does not fit yet, so that room is kept for it."""
-        for must, task in self._pacer.admission_order(self._waiting, idle, self._prompt_cache):
+        paced = any(slot.generating for slot in self._slots)
+        for must, task in self._pacer.admission_order(self._waiting, idle, self._prompt_cache, paced):
             if self._kv.fits(task, self._slots):
                 return task
             if must:
@@ -322,7 +323,7 @@ class Scheduler:
                 generated += self._rows.sample(slot, self._on_token)
             elif slot.resume_token is not None and not slot.prefilling:  # resumed: carry on generating
                 slot.next_token, slot.resume_token = slot.resume_token, None
-        self._pacer.observe(prefill, time.perf_counter() - started)
+        self._pacer.observe(prefill, time.perf_counter() - started, paced=any(chunk is None for _, chunk in plan))
         self._counters.add(prefill_tokens_total=prefill, completion_tokens_total=generated)
         return True
 
