@@ -57,7 +57,7 @@ from .sharing import share_prompt
 from .prompt_cache import HostPromptCache
 from .slots import Slot, Task
 
-STEP_TARGET_SECONDS = 0.15
+STEP_TARGET_SECONDS = 0.13
 ALONE_STEP_TARGET_SECONDS = 0.4
 """With nobody generating: at most a micro-batch, and no longer than this, which is how long a
 request arriving meanwhile waits for the step to end (a 512-token micro-batch took 0.8 s here)."""
