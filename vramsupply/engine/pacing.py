@@ -12,14 +12,14 @@ a batch one micro-batch at a time anyway, and a 192-token chunk prefilled as fas
 one on this CPU), but a short prompt that arrives meanwhile waits for one such step, not for the
 whole long prompt.
 
-The target is a trade measured on that machine (``bench/prefill.py``,
-``bench/results/2026-12-01-prefill.json``, median of 3): a step beside a stream costs a fixed share
-on top of its prompt rows, so small chunks prefill slowly. A 1000-token prompt beside one stream
-took 2.7 s in the ~45-token chunks of a 0.1 s target, and 1.8 s at 0.15 s with the speeds below
-learned apart, against 1.6 s for llama-server, which prefills it in one step and so stalls the
-stream for 1.6 s. Here the stream's largest gap was 0.21 s, and 218 ms next to a 2048-token prompt
-(``bench/worst_case.py``): under the 250 ms bound of the reliability issue, which a larger target
-would break.
+The target is a trade measured on that machine (``bench/prefill.py``, median of 3, and
+``bench/worst_case.py``; results in ``bench/results/``): a step beside a stream costs a fixed share
+on top of its prompt rows, so small chunks prefill slowly, with a cliff. A 1000-token prompt
+beside one stream took 2.7 s at a 0.1 s target, 2.6 s at 0.13 s and 1.8 s at 0.15 s, against 1.6 s
+for llama-server, which prefills it in one step and so stalls the stream for 1.6 s. But at 0.15 s
+a 2048-token prompt put a 264 ms gap in the stream in one round of two, past the 250 ms bound of
+the reliability issue (a prompt token costs more the deeper it goes, and the learned speed lags
+behind); at 0.13 s three rounds gave 195-224 ms. The bound wins.
 
 The speed is learned from the steps themselves (seconds per prompt token, a moving average that
 counts the generated rows of the step against the prompt, so it errs towards smaller chunks), and
