@@ -37,6 +37,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from vramsupply.children import die_with_parent
+
 GAUGES = {
     "vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"),
     "sglang": ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage"),
@@ -100,6 +102,7 @@ class FakeEngine:
              "--port", str(self.port), "--n_ctx", str(self.context), "--interrupt_requests", "False", "--verbose", "False"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # however this double dies, its generator must not outlive it
         )
         self.http: aiohttp.ClientSession | None = None
 
