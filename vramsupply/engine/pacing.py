@@ -140,17 +140,21 @@ class PrefillPacer:
         """The waiting requests in the order they should take the idle slots, by the same urgency
         as ``prefill_order``, each with whether it must go next (paused, or deferred too long):
         what a request would find cached (in an idle slot or the host prompt cache) is not left to
-        prefill. Only the ``ADMISSION_WINDOW`` oldest are weighed, which bounds the cost."""
+        prefill. Only the ``ADMISSION_WINDOW`` oldest are weighed, which bounds the cost; a lone
+        request goes next anyway, so it is marked so without the lookup."""
+        candidates = list(islice(waiting, ADMISSION_WINDOW))
+        if len(candidates) == 1:  # nothing to weigh: skip the prompt cache lookup
+            return [(True, candidates[0])]
         now = time.monotonic()
 
         def rank(task: Task) -> tuple[int, float]:
-            tokens = task.prompt if task.resume is None else task.resume.tokens
+            tokens = task.to_prefill
             known = max(slot.common_prefix(tokens) for slot in idle)
             found = cache.entries.best(tokens) if cache is not None else None
             left = len(tokens) - max(known, found[1] if found else 0)
             return self._urgency(task, left, now, task.resume is not None, paced)
 
-        ranked = sorted(((rank(task), task) for task in islice(waiting, ADMISSION_WINDOW)), key=lambda item: item[0])
+        ranked = sorted(((rank(task), task) for task in candidates), key=lambda item: item[0])
         return [(urgency[0] == 0, task) for urgency, task in ranked]
 
     def _urgency(self, task: Task, left: int, now: float, resuming: bool, paced: bool) -> tuple[int, float]:

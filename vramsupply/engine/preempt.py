@@ -105,7 +105,7 @@ class KvPressure:
         active = [slot for slot in slots if slot.task is not None]
         if not self._unified or not active:
             return True
-        tokens = task.prompt if task.resume is None else task.resume.tokens
+        tokens = task.to_prefill
         need = 0 if task.first_choice is not None else len(tokens)  # a later choice copies the first one's cells
         headroom = HEADROOM_PER_SLOT * (len(active) + 1)
         return used_cells(active) + need + headroom <= llama_cpp.llama_n_ctx_seq(self._ctx)

@@ -248,7 +248,7 @@ class Scheduler:
                 return admitted
             admitted = True
             self._waiting.remove(task)
-            tokens = task.prompt if task.resume is None else task.resume.tokens
+            tokens = task.to_prefill
             slot, prefix = choose_slot(idle, tokens, self._packed)
             if self._prompt_cache is not None:
                 prefix = self._prompt_cache.prepare(slot, tokens, prefix, self._kv.room(slot, self._slots))

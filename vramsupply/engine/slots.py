@@ -46,6 +46,11 @@ class Task:
     def __post_init__(self) -> None:
         self.first_choice = self.shares_prompt_with
 
+    @property
+    def to_prefill(self) -> np.ndarray:
+        """What taking a slot means prefilling: the prompt, or more when it resumes after a pause."""
+        return self.prompt if self.resume is None else self.resume.tokens
+
     def usage_while_waiting(self) -> Usage:
         """Its usage if it ends before reaching a slot: the prompt, and what it generated before a pause."""
         done = self.resume
