@@ -8,39 +8,99 @@ from itertools import count
 
 import numpy as np
 
-from vramsupply.engine.pacing import ALONE_STEP_TARGET_SECONDS, MAX_DEFER_SECONDS, MIN_CHUNK, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer
+from vramsupply.engine.pacing import ALONE_STEP_TARGET_SECONDS, MAX_DEFER_SECONDS, MIN_CHUNK, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer, StepWork
+from vramsupply.engine.step_cost import WINDOW, ChunkCost, work
 from vramsupply.engine.slots import Resume, Slot, Task
+
+
+def learn(pacer: PrefillPacer, seconds_per_token: float, paced: bool = True, tokens: int = 100, depth: int = 0) -> None:
+    """One step of ``tokens`` prompt tokens at ``depth`` that cost this much a token."""
+    pacer.observe(StepWork(tokens, work(tokens, depth), paced), tokens * seconds_per_token)
+
+
+def chunk(pacer: PrefillPacer, generating: bool, depth: int = 0, capacity: int = 2048) -> int:
+    """The prompt chunk the pacer plans for a 4000-token prompt done to ``depth``."""
+    slots = [prefilling(1, 4000, arrived=time.monotonic(), done=depth)]
+    if generating:
+        slots.append(prefilling(0, 10, arrived=time.monotonic() - 5, done=10))
+        slots[-1].next_token = 42
+    sizes = [len(c) for _, c in pacer.plan(slots, capacity, memory=None) if c is not None]
+    assert len(sizes) == 1
+    return sizes[0]
 
 
 def test_with_nobody_generating_a_step_takes_a_micro_batch_or_what_the_alone_target_allows() -> None:
     pacer = PrefillPacer(512)
-    assert pacer.budget(2048, generating=False) == 512
-    pacer.observe(2000, 1.0)  # beside a stream: does not size steps alone
-    assert pacer.budget(2048, generating=False) == 512
-    pacer.observe(512, 0.1, paced=False)  # a fast machine: the micro-batch is the limit
-    assert pacer.budget(2048, generating=False) == 512
+    assert chunk(pacer, generating=False) == 512
+    learn(pacer, 0.0005)  # beside a stream: does not size steps alone
+    assert chunk(pacer, generating=False) == 512
+    learn(pacer, 0.0001, paced=False, tokens=512)  # a fast machine: the micro-batch is the limit
+    assert chunk(pacer, generating=False) == 512
     pacer = PrefillPacer(512)
-    pacer.observe(512, 1.024, paced=False)  # 2 ms a token: a micro-batch would keep newcomers waiting a second
-    assert pacer.budget(2048, generating=False) == int(ALONE_STEP_TARGET_SECONDS / 0.002)
-    assert pacer.budget(100, generating=False) == 100
+    learn(pacer, 0.002, paced=False, tokens=512)  # 2 ms a token: a micro-batch would keep newcomers waiting a second
+    assert chunk(pacer, generating=False) == int(ALONE_STEP_TARGET_SECONDS / 0.002)
+    assert chunk(pacer, generating=False, capacity=100) == 100
 
 
 def test_before_any_speed_is_known_a_prompt_next_to_a_stream_starts_small() -> None:
     """A whole 2048-token batch as the first step after start-up would be a seconds-long pause."""
     pacer = PrefillPacer(512)
-    assert pacer.budget(2048, generating=True) == MIN_CHUNK
-    assert pacer.budget(10, generating=True) == 10
+    assert chunk(pacer, generating=True) == MIN_CHUNK
+    assert chunk(pacer, generating=True, capacity=11) == 10
 
 
-def test_while_others_generate_a_step_carries_what_the_target_time_allows() -> None:
+def test_while_others_generate_a_step_carries_what_the_target_time_leaves_after_their_rows() -> None:
     pacer = PrefillPacer(512)
-    pacer.observe(2000, 1.0)  # 2000 prompt tokens a second
-    assert pacer.budget(2048, generating=True) == int(STEP_TARGET_SECONDS * 2000)
-    pacer.observe(100, 10.0)  # a very slow step pulls the estimate towards smaller chunks, never below the floor
-    assert pacer.budget(2048, generating=True) == MIN_CHUNK
-    pacer.observe(4, 100.0)  # too few prompt tokens to judge: ignored
-    assert pacer.budget(2048, generating=True) == MIN_CHUNK
-    assert pacer.budget(10, generating=True) == 10
+    pacer.observe(StepWork(0, 0, generating=True), 0.02)  # the streams' rows alone: 20 ms a step
+    pacer.observe(StepWork(200, work(200, 0), generating=True), 0.02 + 200 * 0.0005)  # 2000 prompt tokens a second
+    assert chunk(pacer, generating=True) == int((STEP_TARGET_SECONDS - 0.02) / 0.0005)
+    for _ in range(WINDOW):
+        learn(pacer, 0.1)  # very slow steps: never below the floor
+    assert chunk(pacer, generating=True) == MIN_CHUNK
+    learn(pacer, 100.0, tokens=4)  # too few prompt tokens to judge: ignored
+    assert chunk(pacer, generating=True) == MIN_CHUNK
+
+
+def test_a_deeper_chunk_is_smaller_so_that_every_step_stays_within_the_target() -> None:
+    """A token costs 1 ms plus 1 us per token before it: 1 ms at the start of a prompt, 3 ms at 2000."""
+    per_token, per_depth = 0.001, 0.000001
+    pacer = PrefillPacer(512)
+    for depth in range(0, 1000, 100):  # learned on the first thousand tokens of a prompt only
+        pacer.observe(StepWork(100, work(100, depth), True), 100 * per_token + per_depth * work(100, depth))
+
+    def true_seconds(size: int, depth: int) -> float:
+        return per_token * size + per_depth * work(size, depth)
+
+    for depth in (0, 2000, 3000):
+        size = chunk(pacer, generating=True, depth=depth)
+        assert true_seconds(size, depth) <= STEP_TARGET_SECONDS < true_seconds(size + 2, depth)
+    assert chunk(pacer, generating=True, depth=3000) < chunk(pacer, generating=True, depth=0) / 2
+
+
+def test_chunks_grow_at_most_twofold_a_step_from_what_was_seen() -> None:
+    """One small first step is a poor guide: its time is mostly the rest of the step."""
+    pacer = PrefillPacer(512)
+    pacer.observe(StepWork(0, 0, generating=True), 0.02)
+    pacer.observe(StepWork(MIN_CHUNK, work(MIN_CHUNK, 0), generating=True), 0.021)
+    assert chunk(pacer, generating=True) == 2 * MIN_CHUNK
+
+
+def test_a_prompt_shallower_than_anything_learned_is_not_sized_cheaper_than_the_cheapest_step_seen() -> None:
+    """The line fitted deep in one prompt is not trusted at the start of the next one."""
+    pacer = PrefillPacer(512)
+    for depth in range(1000, 2000, 100):
+        pacer.observe(StepWork(60, work(60, depth), True), 60 * (0.001 + 0.000001 * (depth + 30)))
+    cheapest = 0.001 + 0.000001 * 1030
+    assert chunk(pacer, generating=True, depth=0) == int(STEP_TARGET_SECONDS / cheapest)
+
+
+def test_the_depth_term_is_used_only_once_steps_at_different_depths_tell_it_apart() -> None:
+    cost = ChunkCost()
+    for _ in range(5):
+        cost.observe(100, work(100, 500), 0.2)  # all at one depth: a flat 2 ms a token
+    assert cost.seconds(100, 3000) == cost.seconds(100, 0) == 0.2
+    cost.observe(100, work(100, 3000), 0.1)  # deeper yet cheaper (a noisy machine): no negative depth cost
+    assert cost.seconds(100, 3000) == cost.seconds(100, 0)
 
 
 def prefilling(seq_id: int, prompt_tokens: int, arrived: float, done: int = 0, resuming: bool = False) -> Slot:
@@ -53,7 +113,7 @@ def prefilling(seq_id: int, prompt_tokens: int, arrived: float, done: int = 0, r
 
 def test_prompts_that_can_still_answer_within_the_target_go_oldest_first() -> None:
     pacer = PrefillPacer(512)
-    pacer.observe(1000, 1.0)  # 1 ms a prompt token
+    learn(pacer, 0.001)  # 1 ms a prompt token
     now = 100.0
     old_long = prefilling(0, 600, arrived=now - 0.1)
     new_short = prefilling(1, 200, arrived=now)
@@ -63,7 +123,7 @@ def test_prompts_that_can_still_answer_within_the_target_go_oldest_first() -> No
 
 def test_prompts_that_can_no_longer_make_the_target_follow_oldest_first_and_a_resumed_one_leads() -> None:
     pacer = PrefillPacer(512)
-    pacer.observe(1000, 1.0)
+    learn(pacer, 0.001)
     now = 100.0
     too_long = prefilling(0, 1500, arrived=now - 0.1)  # 1.5 s of prefill: cannot answer within 1 s
     waited = prefilling(1, 10, arrived=now - TTFT_TARGET_SECONDS - 0.5)  # short, but its buyer already waited too long
@@ -76,7 +136,7 @@ def test_prompts_that_can_no_longer_make_the_target_follow_oldest_first_and_a_re
 
 def test_a_step_plans_generating_slots_first_and_ends_with_the_first_prompt_it_finishes() -> None:
     pacer = PrefillPacer(512)
-    pacer.observe(1000, 1.0)  # 1 ms a prompt token: 150 per step while anyone generates
+    learn(pacer, 0.001)  # 1 ms a prompt token: 180 per step while anyone generates
     now = time.monotonic()
     generating = prefilling(0, 10, arrived=now - 5, done=10)
     generating.next_token = 42
@@ -104,7 +164,7 @@ def waiting(prompt_tokens: int, arrived: float, resumed: bool = False) -> Task:
 
 def test_a_freed_slot_goes_to_the_oldest_request_that_can_still_answer_in_time_counting_what_is_cached() -> None:
     pacer = PrefillPacer(512)
-    pacer.observe(1000, 1.0)  # 1 ms a prompt token
+    learn(pacer, 0.001)  # 1 ms a prompt token
     now = time.monotonic()
     idle = Slot(0, 4096)
     stale = waiting(50, arrived=now - 2.0)  # already missed the target
@@ -117,7 +177,7 @@ def test_a_freed_slot_goes_to_the_oldest_request_that_can_still_answer_in_time_c
 
 def test_a_paused_request_or_one_deferred_too_long_takes_the_slot_first() -> None:
     pacer = PrefillPacer(512)
-    pacer.observe(1000, 1.0)
+    learn(pacer, 0.001)
     now = time.monotonic()
     idle = [Slot(0, 4096)]
     fresh = waiting(10, arrived=now)
@@ -129,17 +189,17 @@ def test_a_paused_request_or_one_deferred_too_long_takes_the_slot_first() -> Non
 def test_steps_with_nobody_generating_do_not_size_the_chunks_beside_a_stream() -> None:
     """A prompt prefilled alone runs whole micro-batches, cheaper per token than chunks beside a stream."""
     pacer = PrefillPacer(512)
-    pacer.observe(512, 0.5, paced=False)  # 1 ms a token alone
-    assert pacer.budget(2048, generating=True) == MIN_CHUNK, "nothing learned beside a stream yet"
-    pacer.observe(100, 0.2)  # 2 ms a token beside a stream
-    pacer.observe(512, 0.25, paced=False)
-    assert pacer.budget(2048, generating=True) == int(STEP_TARGET_SECONDS / 0.002)
+    learn(pacer, 0.001, paced=False, tokens=512)  # 1 ms a token alone
+    assert chunk(pacer, generating=True) == MIN_CHUNK, "nothing learned beside a stream yet"
+    learn(pacer, 0.002)  # 2 ms a token beside a stream
+    learn(pacer, 0.0005, paced=False, tokens=512)
+    assert chunk(pacer, generating=True) == int(STEP_TARGET_SECONDS / 0.002)
 
 
 def test_whether_a_prompt_can_still_make_it_is_judged_at_the_speed_it_will_be_prefilled() -> None:
     pacer = PrefillPacer(512)
-    pacer.observe(512, 0.512, paced=False)  # 1 ms a token alone
-    pacer.observe(100, 0.3)  # 3 ms a token beside a stream
+    learn(pacer, 0.001, paced=False, tokens=512)  # 1 ms a token alone
+    learn(pacer, 0.003)  # 3 ms a token beside a stream
     now = 100.0
     older = prefilling(0, 600, arrived=now - 0.3)  # alone: 0.9 s in all; beside a stream: 2.1 s
     newer = prefilling(1, 100, arrived=now)

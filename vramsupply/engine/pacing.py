@@ -3,34 +3,35 @@
 **How much.** A step holds the next token of every generating slot plus prompt chunks, so a long
 prompt prefilled in one ``n_batch`` chunk makes every stream wait for the whole chunk: 2048 prompt
 tokens of the 768x12 bench model on two CPU cores take about three seconds, a pause in every other
-buyer's stream. While anyone is generating, the prompt share of a step is therefore sized from the
-measured prefill speed so that the step stays near ``STEP_TARGET_SECONDS``. Before any speed is
-known, a prompt next to a generating slot starts with a small chunk to learn it from. With nobody
-generating a prompt gets at most one micro-batch (``n_ubatch``) per step, and no more than
-``ALONE_STEP_TARGET_SECONDS`` of work: about the same speed as the whole batch (llama.cpp computes
-a batch one micro-batch at a time anyway, and a 192-token chunk prefilled as fast as a 512-token
-one on this CPU), but a short prompt that arrives meanwhile waits for one such step, not for the
-whole long prompt.
+buyer's stream. While anyone is generating, each prompt chunk is therefore sized so that the step
+stays near ``STEP_TARGET_SECONDS``: the generating rows' part of a step is learned from steps
+without prompts, and a chunk's cost from its size and depth (``step_cost.py``: a token costs more
+the deeper it sits). Before anything is known, a prompt next to a generating slot starts with a
+small chunk to learn from. With nobody generating a prompt gets at most one micro-batch
+(``n_ubatch``) per step, and no more than ``ALONE_STEP_TARGET_SECONDS`` of work: about the same
+speed as the whole batch (llama.cpp computes a batch one micro-batch at a time anyway, and a
+192-token chunk prefilled as fast as a 512-token one on this CPU), but a short prompt that arrives
+meanwhile waits for one such step, not for the whole long prompt.
 
-The target is a trade measured on that machine (``bench/prefill.py``, median of 3, and
-``bench/worst_case.py``; results in ``bench/results/``): a step beside a stream costs a fixed share
-on top of its prompt rows, so small chunks prefill slowly, with a cliff. A 1000-token prompt
-beside one stream took 2.7 s at a 0.1 s target, 2.6 s at 0.13 s and 1.8 s at 0.15 s, against 1.6 s
-for llama-server, which prefills it in one step and so stalls the stream for 1.6 s. But at 0.15 s
-a 2048-token prompt put a 264 ms gap in the stream in one round of two, past the 250 ms bound of
-the reliability issue (a prompt token costs more the deeper it goes, and the learned speed lags
-behind); at 0.13 s three rounds gave 195-224 ms. The bound wins.
+The target is a trade measured on that machine (``bench/prefill.py`` and ``bench/worst_case.py``;
+results in ``bench/results/``): a step beside a stream costs a fixed share on top of its prompt
+rows, so small chunks prefill slowly; but every step is a gap in the streams, bounded at 250 ms by
+the reliability issue, and the gap a buyer sees is the step plus the time to write the token to
+them. With one seconds-per-token figure learned from past steps, which lags a deepening prompt,
+the target had to be 0.13 s (a 1000-token prompt beside a stream answered in 2.6 s, against 1.6 s
+for llama-server, which prefills it in one step and so stalls the stream for as long). Knowing the
+depth, it is 0.17 s: the 1000-token prompt answers in 1.7 s (median of 3; llama-server 1.3 s,
+stalling the stream 1.2 s), and a 2048-token prompt beside a stream left gaps of 213-245 ms in
+three rounds.
 
-The speed is learned from the steps themselves (seconds per prompt token, a moving average that
-counts the generated rows of the step against the prompt, so it errs towards smaller chunks), and
-from paced steps only: a prompt prefilled alone runs whole micro-batches at a lower cost per token,
-which would size the next paced chunk too big. So the same code sizes chunks right on a CPU and on
-a GPU that is a hundred times faster.
+The costs are learned apart beside streams and alone: a prompt prefilled alone runs whole
+micro-batches at a lower cost per token, which would size the next paced chunk too big. So the
+same code sizes chunks right on a CPU and on a GPU that is a hundred times faster.
 
 **Which first.** A buyer judges a request by its first token (the marketplace bench counts a
 request as served well when it comes within ``TTFT_TARGET_SECONDS``), so prompts are prefilled
 earliest deadline first, which is oldest first, among those that can still make the target
-(judged by what is left to prefill at the learned speed, which errs optimistic for long prompts),
+(judged by what is left to prefill, at the learned cost of its depth),
 and those that can no longer make it (they arrived too long ago, or are too long) go after them,
 oldest first. Oldest first rather than shortest first: a prompt prefilled second runs next to the
 first one's stream, in chunks paced as above, so putting a long prompt second costs it more than
@@ -47,17 +48,22 @@ which would only delay its first token.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from itertools import islice
+from typing import NamedTuple
 
 import numpy as np
 
 from .sharing import share_prompt
 from .prompt_cache import HostPromptCache
 from .slots import Slot, Task
+from .step_cost import ChunkCost, Smoothed, work
 
-STEP_TARGET_SECONDS = 0.13
+log = logging.getLogger(__name__)
+
+STEP_TARGET_SECONDS = 0.17
 ALONE_STEP_TARGET_SECONDS = 0.4
 """With nobody generating: at most a micro-batch, and no longer than this, which is how long a
 request arriving meanwhile waits for the step to end (a 512-token micro-batch took 0.8 s here)."""
@@ -66,62 +72,111 @@ MIN_CHUNK = 16
 first chunk next to a generating slot, before any prefill speed is known. On the 2-core bench
 machine a 32-token chunk deep in a 4k context took 220 ms and a 64-token one 330 ms, so 16 keeps
 the step well under a quarter second at the price of a slower prefill while others generate."""
-SMOOTHING = 0.3
 TTFT_TARGET_SECONDS = 1.0
 MAX_DEFER_SECONDS = 10.0
 """A request put behind others (because it could no longer answer within the target) for this
 long goes first: the bound on how long anyone is deferred under overload."""
 ADMISSION_WINDOW = 32
+MAX_GENERATING_SHARE = 0.75
+"""Judging how long a prompt will take beside streams, their rows are taken to use at most this
+share of each step (the rest is the prompt's)."""
+
+
+class StepWork(NamedTuple):
+    """What a planned step carries, for learning its cost: measured before the batch is filled."""
+
+    prompt_tokens: int
+    depth_tokens: float
+    """The prompt tokens' depths summed (``step_cost.work``)."""
+    generating: bool
 
 
 class PrefillPacer:
     def __init__(self, n_ubatch: int) -> None:
         self._n_ubatch = n_ubatch
-        self._paced: float | None = None
-        """Seconds per prompt token in steps beside generating slots: what sizes their chunks."""
-        self._alone: float | None = None
+        self._paced = ChunkCost()
+        """Prompt rows' cost in steps beside generating slots: what sizes their chunks."""
+        self._alone = ChunkCost()
         """The same in steps with nobody generating, which run whole micro-batches and cost less
         per token: kept apart, or a prompt prefilled alone would size the next paced chunk too big."""
+        self._generating = Smoothed()
+        """Seconds of a step that carries generating rows only: their part of a paced step."""
 
-    def budget(self, room: int, generating: bool) -> int:
-        """Prompt tokens this step may carry, out of ``room`` free batch rows."""
-        if not generating:
-            if self._alone is None:
-                return min(room, self._n_ubatch)
-            return min(room, self._n_ubatch, max(MIN_CHUNK, int(ALONE_STEP_TARGET_SECONDS / self._alone)))
-        if self._paced is None:  # nothing learned yet: a small first chunk to learn from
-            return min(room, MIN_CHUNK)
-        return min(room, max(MIN_CHUNK, int(STEP_TARGET_SECONDS / self._paced)))
+    @staticmethod
+    def work(plan: list[tuple[Slot, np.ndarray | None]]) -> StepWork:
+        chunks = [(len(chunk), slot.n_cached) for slot, chunk in plan if chunk is not None]
+        return StepWork(
+            sum(size for size, _ in chunks), sum(work(size, depth) for size, depth in chunks), len(chunks) < len(plan)
+        )
 
-    def observe(self, prompt_tokens: int, seconds: float, paced: bool = True) -> None:
-        """A step with ``prompt_tokens`` prompt rows took ``seconds`` (decode and sampling);
-        ``paced``: other slots were generating in it."""
-        if prompt_tokens < MIN_CHUNK:  # too few to tell the prompt's cost from the rest of the step
+    def observe(self, step: StepWork, seconds: float) -> None:
+        """A step planned as ``step`` took ``seconds`` (decode and sampling)."""
+        if step.prompt_tokens == 0:
+            if step.generating:
+                self._generating.observe(seconds)
             return
-        sample = seconds / prompt_tokens
-        previous = self._paced if paced else self._alone
-        learned = sample if previous is None else previous + SMOOTHING * (sample - previous)
-        if paced:
-            self._paced = learned
-        else:
-            self._alone = learned
+        if step.prompt_tokens < MIN_CHUNK:  # too few to tell the prompt's cost from the rest of the step
+            return
+        if step.generating:
+            seconds -= self._generating.value or 0.0
+        cost = self._cost(step.generating)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("prompt rows %d (mean depth %.0f): %.3f s, predicted %.3f s", step.prompt_tokens,
+                      step.depth_tokens / step.prompt_tokens, seconds, cost.predict(step.prompt_tokens, step.depth_tokens))
+        cost.observe(step.prompt_tokens, step.depth_tokens, seconds)
 
     def plan(self, slots: list[Slot], capacity: int, memory: object) -> list[tuple[Slot, np.ndarray | None]]:
         """What each slot puts in the next batch of ``capacity`` rows: generating slots one token
-        (``None``) first, so generation never starves, then prompt chunks in the room left."""
+        (``None``) first, so generation never starves, then prompt chunks in the room left, each
+        as big as the step's time target allows at its depth."""
         plan: list[tuple[Slot, np.ndarray | None]] = [(slot, None) for slot in slots if slot.generating]
-        room = self.budget(capacity - len(plan), generating=bool(plan))
-        for slot in self.prefill_order((s for s in slots if s.prefilling), paced=bool(plan)):
+        generating = bool(plan)
+        room, seconds = self._room(capacity - len(plan), generating), self._seconds_for_prompts(generating)
+        cost = self._cost(generating)
+        for slot in self.prefill_order((s for s in slots if s.prefilling), paced=generating):
             if room == 0:
                 break
             if not share_prompt(slot, slots, memory):
                 continue
-            chunk = slot.prompt[slot.n_cached : slot.n_cached + room]
-            plan.append((slot, chunk))
-            room -= len(chunk)
-            if slot.n_cached + len(chunk) == len(slot.prompt):
+            first, left = len(plan) == 0 or plan[-1][1] is None, len(slot.prompt) - slot.n_cached
+            size = min(room, left)
+            if seconds is not None:
+                size = min(size, max(MIN_CHUNK if first else 0, cost.tokens_within(seconds, slot.n_cached)))
+                seconds -= cost.seconds(size, slot.n_cached)
+            if size == 0 or (not first and size < min(MIN_CHUNK, left)):
+                break  # no time left for a useful chunk
+            plan.append((slot, slot.prompt[slot.n_cached : slot.n_cached + size]))
+            room -= size
+            if size == left:
                 break  # its first token waits for no other prompt's rows
         return plan
+
+    def _cost(self, generating: bool) -> ChunkCost:
+        return self._paced if generating else self._alone
+
+    def _room(self, free_rows: int, generating: bool) -> int:
+        """Rows for prompts: a micro-batch with nobody generating; a small first chunk to learn
+        from beside a stream before anything is known there."""
+        if not generating:
+            return min(free_rows, self._n_ubatch)
+        return free_rows if self._paced.known else min(free_rows, MIN_CHUNK)
+
+    def _seconds_for_prompts(self, generating: bool) -> float | None:
+        """Seconds of the step left for prompt rows; None while nothing is known to size them by."""
+        if not self._cost(generating).known:
+            return None
+        if not generating:
+            return ALONE_STEP_TARGET_SECONDS
+        return max(STEP_TARGET_SECONDS - (self._generating.value or 0.0), 0.0)
+
+    def _prefill_seconds(self, left: int, depth: int, paced: bool) -> float:
+        """How long ``left`` prompt tokens from ``depth`` will take to prefill (0 while unknown)."""
+        cost = self._cost(paced) if self._cost(paced).known else self._cost(not paced)
+        seconds = cost.seconds(left, depth)
+        if paced:  # generating rows share every step
+            share = min((self._generating.value or 0.0) / STEP_TARGET_SECONDS, MAX_GENERATING_SHARE)
+            seconds /= 1 - share
+        return seconds
 
     def prefill_order(self, prefilling: Iterable[Slot], now: float | None = None, paced: bool = True) -> list[Slot]:
         """The prefilling slots in the order their prompts get the step's room (module docstring);
@@ -130,7 +185,8 @@ class PrefillPacer:
 
         def rank(slot: Slot) -> tuple[int, float]:
             assert slot.task is not None
-            return self._urgency(slot.task, len(slot.prompt) - slot.n_cached, now, slot.resume_token is not None, paced)
+            left = len(slot.prompt) - slot.n_cached
+            return self._urgency(slot.task, left, slot.n_cached, now, slot.resume_token is not None, paced)
 
         return sorted(prefilling, key=rank)
 
@@ -151,19 +207,18 @@ class PrefillPacer:
             tokens = task.to_prefill
             known = max(slot.common_prefix(tokens) for slot in idle)
             found = cache.entries.best(tokens) if cache is not None else None
-            left = len(tokens) - max(known, found[1] if found else 0)
-            return self._urgency(task, left, now, task.resume is not None, paced)
+            cached = max(known, found[1] if found else 0)
+            return self._urgency(task, len(tokens) - cached, cached, now, task.resume is not None, paced)
 
         ranked = sorted(((rank(task), task) for task in candidates), key=lambda item: item[0])
         return [(urgency[0] == 0, task) for urgency, task in ranked]
 
-    def _urgency(self, task: Task, left: int, now: float, resuming: bool, paced: bool) -> tuple[int, float]:
+    def _urgency(self, task: Task, left: int, depth: int, now: float, resuming: bool, paced: bool) -> tuple[int, float]:
         """Lower goes first: a paused request or one deferred too long, then those that can still
         answer within the target, then the rest; oldest first within each."""
         waited = now - task.arrived
         if resuming or waited > MAX_DEFER_SECONDS:
             return (0, task.arrived)
-        per_token = (self._paced or self._alone if paced else self._alone or self._paced) or 0.0
-        if waited + left * per_token <= TTFT_TARGET_SECONDS:
+        if waited + self._prefill_seconds(left, depth, paced) <= TTFT_TARGET_SECONDS:
             return (1, task.arrived)
         return (2, task.arrived)

@@ -308,7 +308,7 @@ class Scheduler:
         plan = self._pacer.plan(self._slots, self._batch.capacity, self._memory)
         if not plan:
             return False
-        prefill = sum(len(chunk) for _, chunk in plan if chunk is not None)
+        work = self._pacer.work(plan)
         in_batch = self._fill_batch(plan)
         started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, self._batch.for_decode())
@@ -323,8 +323,8 @@ class Scheduler:
                 generated += self._rows.sample(slot, self._on_token)
             elif slot.resume_token is not None and not slot.prefilling:  # resumed: carry on generating
                 slot.next_token, slot.resume_token = slot.resume_token, None
-        self._pacer.observe(prefill, time.perf_counter() - started, paced=any(chunk is None for _, chunk in plan))
-        self._counters.add(prefill_tokens_total=prefill, completion_tokens_total=generated)
+        self._pacer.observe(work, time.perf_counter() - started)
+        self._counters.add(prefill_tokens_total=work.prompt_tokens, completion_tokens_total=generated)
         return True
 
     def _on_token(self, slot: Slot, token: int, logprob: TokenLogprob | None = None) -> int:
