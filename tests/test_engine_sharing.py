@@ -90,3 +90,42 @@ async def test_a_choice_must_share_the_same_prompt(engine: Engine) -> None:
     with pytest.raises(ValueError, match="same prompt"):
         engine.submit(GenerationRequest(prompt[:-1], max_tokens=2), shares_prompt_with=first)
     await first.collect()
+
+
+SYSTEM = "You are a kind story teller. You tell short stories about children, their pets and the sea, in simple words."
+
+
+async def test_a_prompt_starting_with_what_a_running_request_holds_borrows_those_cells(engine: Engine) -> None:
+    """A new conversation behind the same system prompt as a running one prefills only its own part."""
+    system = engine.tokenize(SYSTEM)
+    first = system + engine.tokenize(" Tom went")
+    running = engine.submit(GenerationRequest(first, sampling=GREEDY, max_tokens=40, ignore_eos=True))
+    await running.__anext__()  # generating: its prompt is in the KV cache
+    question = system + engine.tokenize(" Lily saw a cat")
+    shared = next(i for i, (a, b) in enumerate(zip(first, question)) if a != b)
+    assert shared >= len(system)
+    before = engine.stats()
+    borrowed = engine.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=12, ignore_eos=True))
+    await borrowed.collect()
+    after = engine.stats()
+    await running.collect()
+
+    assert borrowed.usage.cached_tokens == shared
+    assert after.prefill_tokens_total - before.prefill_tokens_total == len(question) - shared
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=4, cache_ram=0)) as fresh:
+        alone = fresh.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=12, ignore_eos=True))
+        await alone.collect()
+    assert alone.usage.cached_tokens == 0
+    assert borrowed.token_ids == alone.token_ids
+
+
+async def test_with_a_kv_cache_per_slot_nothing_is_borrowed() -> None:
+    """llama.cpp copies only whole sequences across per-slot streams: the prefix is prefilled again."""
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=2, kv_per_slot=True, cache_ram=0)) as engine:
+        system = engine.tokenize(SYSTEM)
+        running = engine.submit(GenerationRequest(system + engine.tokenize(" Tom went"), sampling=GREEDY, max_tokens=40, ignore_eos=True))
+        await running.__anext__()
+        other = engine.submit(GenerationRequest(system + engine.tokenize(" Lily saw a cat"), sampling=GREEDY, max_tokens=4, ignore_eos=True))
+        await other.collect()
+        await running.collect()
+    assert other.usage.cached_tokens == 0

@@ -162,17 +162,18 @@ class HostPromptCache:
         self._memory = memory
         self.entries = PromptCache(budget)
 
-    def prepare(self, slot: Slot, prompt: np.ndarray, prefix: int, room: int | None = None) -> int:
+    def prepare(self, slot: Slot, prompt: np.ndarray, prefix: int, room: int | None = None, rival: int = 0) -> int:
         """``slot`` is about to serve ``prompt`` and holds ``prefix`` of it; returns what it holds after.
 
         What the slot would lose is saved first (when worth it), then the entry sharing the longest
-        prefix with the prompt is restored into the slot if it beats what the slot has and fits
-        the ``room`` left in the KV cache (which the slots share: ``preempt.py``).
+        prefix with the prompt is restored into the slot if it beats what the slot has, and the
+        ``rival`` prefix another slot could lend (``sharing.py``), and fits the ``room`` left in
+        the KV cache (which the slots share: ``preempt.py``).
         """
         if slot.n_cached - prefix >= MIN_SAVED_TOKENS:
             self.save(slot)
         found = self.entries.best(prompt, room)
-        if found is None or found[1] < prefix + MIN_RESTORE_GAIN:
+        if found is None or found[1] < max(prefix, rival) + MIN_RESTORE_GAIN:
             return prefix
         key, shared = found
         entry = self.entries.take(key)

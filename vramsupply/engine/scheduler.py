@@ -3,8 +3,7 @@
 Modelled on llama-server's ``update_slots``. Each step:
 
 1. drain the inbox (submits and cancels posted from any thread) and admit waiting requests, the
-   most urgent first (``pacing.py``), into idle slots, the one with the longest cached prefix
-   (``choose_slot``);
+   most urgent first, into idle slots (``admission.py``);
 2. build ONE batch (``pacing.py``): the next token of every generating slot first (so generation
    never starves), then prompt chunks, the prompt that can answer soonest first, up to ``n_batch``
    rows (fewer while others generate), written in sequence-id order so llama.cpp can decode them
@@ -24,13 +23,13 @@ import logging
 import threading
 import time
 from collections import deque
-from itertools import count
 
 import llama_cpp
 import numpy as np
 from llama_cpp._internals import LlamaContext
 
 from . import backend_sampling
+from .admission import Admission
 from .batch import Batch
 from .counters import Counters
 from .liveness import DEFAULT_STALL_TIMEOUT, Liveness
@@ -42,7 +41,7 @@ from .model import Model
 from .rows import RowSampler
 from .preempt import KvPressure
 from .prompt_cache import HostPromptCache
-from .slots import Slot, Task, choose_slot
+from .slots import Slot, Task
 from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded
 
 log = logging.getLogger(__name__)
@@ -73,14 +72,12 @@ class Scheduler:
         self._memory = context.memory
         self._prompt_cache = HostPromptCache(self._ctx, self._memory, cache_ram) if cache_ram > 0 else None
         self._max_draft = max_draft
-        self._packed = kv_per_slot  # see choose_slot
         self._slots = [Slot(seq_id, n_ctx, max_draft) for seq_id in range(parallel)]
         self._batch = Batch(n_batch)
         self._capacity = parallel + max_queue
         self._inbox = Inbox()
         self._waiting: deque[Task] = deque()
         self._events: list[Event] = []
-        self._clock = count(1)
         self._stopping = False
         # Shared with other threads, guarded by the counters' lock.
         self._counters = Counters()
@@ -90,6 +87,7 @@ class Scheduler:
         self._pacer = PrefillPacer(llama_cpp.llama_n_ubatch(self._ctx))
         self._rows = RowSampler(self._ctx, self._memory, model.n_vocab, self._counters)
         self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache)
+        self._admission = Admission(self._ctx, self._slots, self._waiting, self._pacer, self._kv, self._prompt_cache, self._counters, kv_per_slot)
         self._offthread = self._rows.offthread
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
 
@@ -186,7 +184,7 @@ class Scheduler:
             self._fail_everything(EngineClosed("the engine was closed before this request finished"))
             self._flush_events()
             return False
-        self._admit()
+        self._admission.admit()
         self._take_sampled()
         if self._active() and (self._step() or self._offthread.wait(self._slots, PENDING_WAIT_SECONDS)):
             self._liveness.progressed()
@@ -229,56 +227,6 @@ class Scheduler:
 
     def _active(self) -> list[Slot]:
         return [slot for slot in self._slots if slot.task is not None]
-
-    def _admit(self) -> None:
-        """Move waiting tasks, oldest first, into idle slots; then park what idle slots still hold."""
-        if self._kv.holding(busy=bool(self._active())):
-            return
-        if self._admit_waiting():
-            self._kv.park_idle(self._slots)
-
-    def _admit_waiting(self) -> bool:
-        admitted = False
-        while self._waiting:
-            idle = [slot for slot in self._slots if slot.task is None]
-            if not idle:
-                return admitted
-            task = self._next_admission(idle)
-            if task is None:
-                return admitted
-            admitted = True
-            self._waiting.remove(task)
-            tokens = task.to_prefill
-            slot, prefix = choose_slot(idle, tokens, self._packed)
-            if self._prompt_cache is not None:
-                prefix = self._prompt_cache.prepare(slot, tokens, prefix, self._kv.room(slot, self._slots))
-            keep = min(prefix, len(tokens) - 1)
-            # Drop the slot's KV after the reused prefix. At least one prompt token is always
-            # decoded again, because sampling needs the logits of the last one.
-            if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
-                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-                keep = 0
-            # A request's prompt counts once, however many choices, and a resumed one (preempt.py) is counted.
-            counted = task.resume is not None or task.shares_prompt_with is not None
-            slot.begin(task, keep, next(self._clock))
-            if task.backend_sampling:
-                slot.backend_sampled = backend_sampling.attach(self._ctx, slot.seq_id, task.sampler.sampler)
-            if counted:
-                self._counters.add(busy=1)
-            else:
-                self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
-        return admitted
-
-    def _next_admission(self, idle: list[Slot]) -> Task | None:
-        """The most urgent waiting request that fits in the KV cache; none when one that must go
-        next (``pacing.py``) does not fit yet, so that room is kept for it."""
-        paced = any(slot.generating for slot in self._slots)
-        for must, task in self._pacer.admission_order(self._waiting, idle, self._prompt_cache, paced):
-            if self._kv.fits(task, self._slots):
-                return task
-            if must:
-                return None
-        return None
 
     def _fill_batch(self, plan: list[tuple[Slot, np.ndarray | None]]) -> list[Slot]:
         """Write the planned rows in sequence-id order: llama.cpp groups only consecutive sequence

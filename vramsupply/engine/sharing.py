@@ -1,4 +1,18 @@
-"""``n`` > 1: the choices of one request decode their shared prompt once.
+"""Prompt KV shared between sequences: the choices of one request, and prefixes held by other slots.
+
+**Other slots' prefixes.** Marketplace traffic is mostly chats behind one system prompt, so a new
+conversation's prompt often starts with hundreds of tokens that a running request already holds in
+the shared KV cache. Neither the request's idle slot nor the host prompt cache may have them (a
+conversation that keeps its slot never saves its prefix anywhere), and llama-server prefills them
+again in that case. So at admission, when another slot holds a longer prefix of the prompt than
+what the request would otherwise start from (``lender``), the new slot takes those cells as its
+own prefix (``borrow_prefix``): ``llama_memory_seq_cp`` tags them with one more sequence id, no KV
+is duplicated, and only the rest of the prompt is decoded. A cell's KV depends only on the tokens
+before it, so the result is the same as prefilling them again. The lender may go on, end or be
+paused: removing its own tags leaves the borrower's. Only in the shared cache: with a cache per
+slot llama.cpp copies only whole sequences across streams.
+
+**``n`` > 1: the choices of one request decode their shared prompt once.**
 
 The first choice prefills the prompt as any request does. Each other choice takes a slot of its
 own but waits until that prompt's KV exists, then copies it into its sequence with
@@ -19,8 +33,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import llama_cpp
+import numpy as np
 
 from .slots import Slot
+
+MIN_BORROW = 16
+"""Borrow a prefix only when it spares at least this many prompt tokens."""
+
+
+def lender(slot: Slot, prompt: np.ndarray, slots: Sequence[Slot]) -> tuple[Slot, int] | None:
+    """The other slot holding the longest prefix of ``prompt`` in the KV cache, with its length."""
+    offers = [(other, other.common_prefix(prompt)) for other in slots if other is not slot and other.n_cached]
+    return max(offers, key=lambda offer: offer[1], default=None)
+
+
+def borrow_prefix(slot: Slot, prompt: np.ndarray, lending: Slot, shared: int, memory: object) -> None:
+    """``slot`` drops what it holds and takes ``lending``'s first ``shared`` cells (the shared
+    cache only; see the module docstring)."""
+    llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+    llama_cpp.llama_memory_seq_cp(memory, lending.seq_id, slot.seq_id, 0, shared)
+    slot.forget()
+    slot.record(prompt[:shared])
 
 
 def share_prompt(slot: Slot, slots: Sequence[Slot], memory: object) -> bool:

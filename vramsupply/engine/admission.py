@@ -1,0 +1,120 @@
+"""Which waiting request takes an idle slot, and what it starts from.
+
+Between decode steps the scheduler thread admits waiting requests into idle slots:
+
+- the most urgent first (``pacing.py``), and only when its prompt fits in the KV cache beside the
+  running ones (``preempt.py``); one that must go next and does not fit yet keeps the room for
+  itself;
+- into the idle slot holding the longest prefix of its prompt (``choose_slot``);
+- starting from the longest prefix found anywhere: that slot, the host prompt cache
+  (``prompt_cache.py``), or cells another slot holds (``sharing.py``). At least one prompt token is
+  always decoded again, because sampling needs the logits of the last one;
+- then what idle slots still hold moves to the host prompt cache, so the shared KV cache holds
+  only running requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from itertools import count
+
+import llama_cpp
+import numpy as np
+
+from . import backend_sampling
+from .counters import Counters
+from .pacing import PrefillPacer
+from .preempt import KvPressure
+from .prompt_cache import HostPromptCache
+from .sharing import MIN_BORROW, borrow_prefix, lender
+from .slots import Slot, Task, choose_slot
+
+log = logging.getLogger(__name__)
+
+
+class Admission:
+    """The scheduler's admission step; it shares the scheduler's slots and waiting queue."""
+
+    def __init__(
+        self,
+        ctx: llama_cpp.llama_context_p,
+        slots: list[Slot],
+        waiting: deque[Task],
+        pacer: PrefillPacer,
+        kv: KvPressure,
+        prompt_cache: HostPromptCache | None,
+        counters: Counters,
+        kv_per_slot: bool,
+    ) -> None:
+        self._ctx = ctx
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._slots = slots
+        self._waiting = waiting
+        self._pacer = pacer
+        self._kv = kv
+        self._prompt_cache = prompt_cache
+        self._counters = counters
+        self._packed = kv_per_slot  # see choose_slot
+        self._clock = count(1)
+
+    def admit(self) -> None:
+        """Move waiting tasks into idle slots; then park what idle slots still hold."""
+        if self._kv.holding(busy=any(slot.task is not None for slot in self._slots)):
+            return
+        if self._admit_waiting():
+            self._kv.park_idle(self._slots)
+
+    def _admit_waiting(self) -> bool:
+        admitted = False
+        while self._waiting:
+            idle = [slot for slot in self._slots if slot.task is None]
+            task = self._next(idle) if idle else None
+            if task is None:
+                return admitted
+            admitted = True
+            self._waiting.remove(task)
+            self._start(task, idle)
+        return admitted
+
+    def _start(self, task: Task, idle: list[Slot]) -> None:
+        tokens = task.to_prefill
+        slot, prefix = choose_slot(idle, tokens, self._packed)
+        keep = min(self._reuse_prefix(slot, tokens, prefix), len(tokens) - 1)
+        # Drop the slot's KV after the reused prefix.
+        if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            keep = 0
+        slot.begin(task, keep, next(self._clock))
+        if task.backend_sampling:
+            slot.backend_sampled = backend_sampling.attach(self._ctx, slot.seq_id, task.sampler.sampler)
+        # A request's prompt counts once, however many choices, and a resumed one (preempt.py) is counted.
+        if task.resume is not None or task.shares_prompt_with is not None:
+            self._counters.add(busy=1)
+        else:
+            self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
+
+    def _reuse_prefix(self, slot: Slot, tokens: np.ndarray, prefix: int) -> int:
+        """What ``slot``, holding ``prefix`` of ``tokens``, starts from: the longest prefix found
+        in it, the host prompt cache, or another slot's cells (``sharing.py``)."""
+        offer = None if self._packed else lender(slot, tokens, self._slots)
+        borrowable = offer[1] if offer is not None else 0
+        if self._prompt_cache is not None:
+            room = self._kv.room(slot, self._slots)
+            prefix = self._prompt_cache.prepare(slot, tokens, prefix, room, rival=borrowable)
+        if offer is not None and borrowable >= prefix + MIN_BORROW:
+            borrow_prefix(slot, tokens, offer[0], borrowable, self._memory)
+            log.debug("slot %d: borrowed %d prompt tokens from slot %d", slot.seq_id, borrowable, offer[0].seq_id)
+            return borrowable
+        return prefix
+
+    def _next(self, idle: list[Slot]) -> Task | None:
+        """The most urgent waiting request that fits in the KV cache; none when one that must go
+        next (``pacing.py``) does not fit yet, so that room is kept for it."""
+        paced = any(slot.generating for slot in self._slots)
+        for must, task in self._pacer.admission_order(self._waiting, idle, self._prompt_cache, paced):
+            if self._kv.fits(task, self._slots):
+                return task
+            if must:
+                return None
+        return None
