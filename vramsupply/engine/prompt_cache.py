@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -132,11 +133,18 @@ class PromptCache:
 
 
 def save_sequence(ctx: llama_cpp.llama_context_p, seq_id: int) -> np.ndarray | None:
-    """A host copy of one sequence's KV, or None when llama.cpp could not write it."""
+    """A host copy of one sequence's KV, or None when llama.cpp could not write it.
+
+    The copy lives in its own anonymous mapping rather than on the malloc heap: entries of a few
+    to tens of MB come and go all the time, and once glibc has freed one such block it serves
+    blocks up to that size from the heap, where freed ones are rarely given back to the system.
+    A mapping goes back whole when its entry is dropped, so the process holds what the cache
+    holds, not its high-water mark.
+    """
     size = llama_cpp.llama_state_seq_get_size(ctx, seq_id)
     if size <= 0:
         return None
-    state = np.empty(size, dtype=np.uint8)
+    state = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
     written = llama_cpp.llama_state_seq_get_data(ctx, _pointer(state), size, seq_id)
     return state if written == size else None
 
