@@ -89,7 +89,9 @@ async def bench(names: list[str], reps: int) -> dict[str, list[dict]]:
 
     with ExitStack() as stack:
         servers = [stack.enter_context(sweep.running_server(spec, cfg, model)) for spec in specs]
-        async with aiohttp.ClientSession() as session:
+        # A fresh connection per request: llama-server closes idle keep-alive connections, and a
+        # request sent on one it just closed fails ("Cannot write to closing transport").
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
             for server in servers:
                 await sweep.wait_ready(server)
                 await stream(session, server.url, text("warm", 50), 4)

@@ -85,6 +85,23 @@ def test_chunks_grow_at_most_twofold_a_step_from_what_was_seen() -> None:
     assert chunk(pacer, generating=True) == 2 * MIN_CHUNK
 
 
+def test_steps_that_keep_coming_out_slower_than_the_fitted_line_shrink_the_next_chunks_at_once() -> None:
+    """Past a cliff in the cost (on the bench machine, somewhere beyond depth 1500) the line lags."""
+    def line(size: int, depth: int) -> float:
+        return 0.001 * size + 0.000001 * work(size, depth)
+
+    pacer = PrefillPacer(512)
+    for depth in range(0, 1600, 100):
+        pacer.observe(StepWork(60, work(60, depth), True), line(60, depth))
+    depth = 1600
+    for _ in range(3):  # past the cliff every step costs 40 % more than the line says
+        size = chunk(pacer, generating=True, depth=depth)
+        pacer.observe(StepWork(size, work(size, depth), True), 1.4 * line(size, depth))
+        depth += size
+    size = chunk(pacer, generating=True, depth=depth)
+    assert 1.4 * line(size, depth) <= 1.05 * STEP_TARGET_SECONDS
+
+
 def test_a_prompt_shallower_than_anything_learned_is_not_sized_cheaper_than_the_cheapest_step_seen() -> None:
     """The line fitted deep in one prompt is not trusted at the start of the next one."""
     pacer = PrefillPacer(512)

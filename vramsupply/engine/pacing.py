@@ -63,7 +63,7 @@ from .step_cost import ChunkCost, Smoothed, work
 
 log = logging.getLogger(__name__)
 
-STEP_TARGET_SECONDS = 0.17
+STEP_TARGET_SECONDS = 0.16
 ALONE_STEP_TARGET_SECONDS = 0.4
 """With nobody generating: at most a micro-batch, and no longer than this, which is how long a
 request arriving meanwhile waits for the step to end (a 512-token micro-batch took 0.8 s here)."""
