@@ -20,9 +20,10 @@ the reliability issue, and the gap a buyer sees is the step plus the time to wri
 them. With one seconds-per-token figure learned from past steps, which lags a deepening prompt,
 the target had to be 0.13 s (a 1000-token prompt beside a stream answered in 2.6 s, against 1.6 s
 for llama-server, which prefills it in one step and so stalls the stream for as long). Knowing the
-depth, it is 0.17 s: the 1000-token prompt answers in 1.7 s (median of 3; llama-server 1.3 s,
-stalling the stream 1.2 s), and a 2048-token prompt beside a stream left gaps of 213-245 ms in
-three rounds.
+depth, and correcting by how far the latest steps came out from the model, it is 0.16 s: the
+1000-token prompt answers in 1.4 s (median of 3; llama-server 1.3 s, stalling the stream 1.3 s),
+and a 2048-token prompt beside a stream left gaps of 181-230 ms in four rounds. At 0.17 s two
+rounds in five came within 10 ms of the bound (without that correction).
 
 The costs are learned apart beside streams and alone: a prompt prefilled alone runs whole
 micro-batches at a lower cost per token, which would size the next paced chunk too big. So the
