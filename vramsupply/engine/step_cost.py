@@ -14,8 +14,9 @@ fitted by least squares over the last ``WINDOW`` observed steps, the older weigh
 ``DECAY`` a step), so it follows the machine as its load changes: the same figures on the bench
 machine drifted by half between runs, and sometimes within a prompt. Replayed over four traces of
 prompts beside a stream, a step's time came within 16 % of the prediction nine times in ten this
-way (p90 1.16x), against 1.28x with equal weights. A step carries its generating rows too; their part (``generating_seconds``) is
-learned apart, from steps that carry no prompt, and taken off before fitting. Until the depth term
+way (p90 1.16x), against 1.28x with equal weights. A step carries its generating rows too; their
+part is learned apart by the pacer, from steps that carry no prompt, and taken off before
+fitting. Until the depth term
 can be told apart (all steps so far at about the same depth), or when a fit comes out negative, a
 flat seconds-per-token is used, as before.
 
