@@ -191,6 +191,9 @@ async def complete(
                 if not line.startswith(b"data:") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
+                if chunk.get("error"):  # an error after the 200 status, inside the stream
+                    record.error = f"in-stream error: {json.dumps(chunk['error'])}"[:200]
+                    break
                 if chunk.get("usage"):
                     record.completion_tokens = chunk["usage"]["completion_tokens"]
                     details = chunk["usage"].get("prompt_tokens_details") or {}
