@@ -129,3 +129,36 @@ async def test_with_a_kv_cache_per_slot_nothing_is_borrowed() -> None:
         await other.collect()
         await running.collect()
     assert other.usage.cached_tokens == 0
+
+
+async def test_the_borrowed_cells_outlive_the_lender_whose_slot_goes_to_someone_else() -> None:
+    async def first_token_then_rest(generation: Generation) -> float:
+        await generation.__anext__()
+        first = asyncio.get_running_loop().time()
+        await generation.collect()
+        return first
+
+    async def finish_time(generation: Generation) -> float:
+        await generation.collect()
+        return asyncio.get_running_loop().time()
+
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=1024, parallel=4)) as engine:
+        system = engine.tokenize(SYSTEM)
+        lender = engine.submit(GenerationRequest(system + engine.tokenize(" Tom went"), sampling=GREEDY, max_tokens=100, ignore_eos=True))
+        await lender.__anext__()  # generating, with 99 tokens to go: its slot is busy when the borrower comes
+        question = system + engine.tokenize(" Lily saw a cat")
+        borrower = engine.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=400, ignore_eos=True))
+        borrowing = asyncio.create_task(finish_time(borrower))
+        await lender.collect()
+        others = [  # they take the lender's slot and the idle ones while the borrower still generates
+            engine.submit(GenerationRequest(engine.tokenize(text), sampling=GREEDY, max_tokens=4, ignore_eos=True))
+            for text in ("A big red ball rolled down the hill.", "The sun was hot and the sea was blue.", "Ben had a toy car.")
+        ]
+        firsts = await asyncio.gather(*(first_token_then_rest(other) for other in others))
+        finished = await borrowing
+    assert borrower.usage.cached_tokens >= len(system)
+    assert min(firsts) < finished, "the others ran while the borrower generated"
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=1024, parallel=4, cache_ram=0)) as fresh:
+        alone = fresh.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=400, ignore_eos=True))
+        await alone.collect()
+    assert borrower.token_ids == alone.token_ids
