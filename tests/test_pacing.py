@@ -100,6 +100,7 @@ def test_steps_that_keep_coming_out_slower_than_the_fitted_line_shrink_the_next_
         depth += size
     size = chunk(pacer, generating=True, depth=depth)
     assert 1.4 * line(size, depth) <= 1.05 * STEP_TARGET_SECONDS
+    assert 1.4 * line(size + 4, depth) > STEP_TARGET_SECONDS, "and not much smaller than the target allows"
 
 
 def test_a_prompt_shallower_than_anything_learned_is_not_sized_cheaper_than_the_cheapest_step_seen() -> None:

@@ -39,6 +39,7 @@ class Admission:
     def __init__(
         self,
         ctx: llama_cpp.llama_context_p,
+        memory: llama_cpp.llama_memory_t,
         slots: list[Slot],
         waiting: deque[Task],
         pacer: PrefillPacer,
@@ -48,7 +49,7 @@ class Admission:
         kv_per_slot: bool,
     ) -> None:
         self._ctx = ctx
-        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._memory = memory
         self._slots = slots
         self._waiting = waiting
         self._pacer = pacer
@@ -112,7 +113,8 @@ class Admission:
         """The most urgent waiting request that fits in the KV cache; none when one that must go
         next (``pacing.py``) does not fit yet, so that room is kept for it."""
         paced = any(slot.generating for slot in self._slots)
-        for must, task in self._pacer.admission_order(self._waiting, idle, self._prompt_cache, paced):
+        holders = idle if self._packed else [slot for slot in self._slots if slot.n_cached]  # who could lend
+        for must, task in self._pacer.admission_order(self._waiting, holders, self._prompt_cache, paced):
             if self._kv.fits(task, self._slots):
                 return task
             if must:

@@ -104,7 +104,7 @@ class PrefillPacer:
         """Seconds of a step that carries generating rows only: their part of a paced step."""
 
     @staticmethod
-    def work(plan: list[tuple[Slot, np.ndarray | None]]) -> StepWork:
+    def step_work(plan: list[tuple[Slot, np.ndarray | None]]) -> StepWork:
         chunks = [(len(chunk), slot.n_cached) for slot, chunk in plan if chunk is not None]
         return StepWork(
             sum(size for size, _ in chunks), sum(work(size, depth) for size, depth in chunks), len(chunks) < len(plan)
@@ -192,11 +192,12 @@ class PrefillPacer:
         return sorted(prefilling, key=rank)
 
     def admission_order(
-        self, waiting: Iterable[Task], idle: list[Slot], cache: HostPromptCache | None, paced: bool = True
+        self, waiting: Iterable[Task], holders: list[Slot], cache: HostPromptCache | None, paced: bool = True
     ) -> list[tuple[bool, Task]]:
         """The waiting requests in the order they should take the idle slots, by the same urgency
         as ``prefill_order``, each with whether it must go next (paused, or deferred too long):
-        what a request would find cached (in an idle slot or the host prompt cache) is not left to
+        what a request would find cached (in the slots it could start from, ``holders``: idle ones,
+        and busy ones that can lend their cells, ``sharing.py``; or the host prompt cache) is not left to
         prefill. Only the ``ADMISSION_WINDOW`` oldest are weighed, which bounds the cost; a lone
         request goes next anyway, so it is marked so without the lookup."""
         candidates = list(islice(waiting, ADMISSION_WINDOW))
@@ -206,7 +207,7 @@ class PrefillPacer:
 
         def rank(task: Task) -> tuple[int, float]:
             tokens = task.to_prefill
-            known = max(slot.common_prefix(tokens) for slot in idle)
+            known = max((slot.common_prefix(tokens) for slot in holders), default=0)
             found = cache.entries.best(tokens) if cache is not None else None
             cached = max(known, found[1] if found else 0)
             return self._urgency(task, len(tokens) - cached, cached, now, task.resume is not None, paced)

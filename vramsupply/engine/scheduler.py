@@ -87,7 +87,9 @@ class Scheduler:
         self._pacer = PrefillPacer(llama_cpp.llama_n_ubatch(self._ctx))
         self._rows = RowSampler(self._ctx, self._memory, model.n_vocab, self._counters)
         self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache)
-        self._admission = Admission(self._ctx, self._slots, self._waiting, self._pacer, self._kv, self._prompt_cache, self._counters, kv_per_slot)
+        self._admission = Admission(
+            self._ctx, self._memory, self._slots, self._waiting, self._pacer, self._kv, self._prompt_cache, self._counters, kv_per_slot
+        )
         self._offthread = self._rows.offthread
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
 
@@ -256,7 +258,7 @@ class Scheduler:
         plan = self._pacer.plan(self._slots, self._batch.capacity, self._memory)
         if not plan:
             return False
-        work = self._pacer.work(plan)
+        work = self._pacer.step_work(plan)
         in_batch = self._fill_batch(plan)
         started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, self._batch.for_decode())
