@@ -57,15 +57,19 @@ class Buyer:
 
     async def _stream(self, stream: Any, cut_after: int | None = None) -> None:
         request_id, usage, chunks = "", None, 0
-        async for chunk in stream:
-            request_id = chunk.id
-            if chunk.usage is not None:
-                usage = chunk.usage
-            if chunk.choices and _text(chunk.choices[0]):
-                chunks += 1
-            if cut_after is not None and chunks > cut_after:
-                await stream.close()
-                break
+        chunk_iterator = stream.__aiter__()
+        try:
+            async for chunk in chunk_iterator:
+                request_id = chunk.id
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if chunk.choices and _text(chunk.choices[0]):
+                    chunks += 1
+                if cut_after is not None and chunks > cut_after:
+                    break
+        finally:  # the buyer hangs up: end the iteration first, then the connection (closing the
+            await chunk_iterator.aclose()  # connection inside the loop left the generator to the GC,
+            await stream.close()  # which sometimes warned "async generator already executing")
         self.received.append((request_id, usage, chunks))
 
 
