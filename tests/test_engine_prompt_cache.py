@@ -10,7 +10,8 @@ import pytest
 
 from conftest import TINY_MODEL
 from vramsupply.engine import Engine, EngineOptions, Generation, GenerationRequest, SamplingParams
-from vramsupply.engine.prompt_cache import MIB, PromptCache, default_budget_mib
+from vramsupply.engine.cache_entries import Base, PromptCache
+from vramsupply.engine.prompt_cache import MIB, default_budget_mib
 
 GREEDY = SamplingParams(temperature=0)
 STORY = (
@@ -18,6 +19,14 @@ STORY = (
     "the cat sat by the window and watched the boats. One day a big storm came and the boats did not come "
     "back. The old man was sad, but the cat knew what to do. She ran down to the water and looked far away."
 )
+
+
+SYSTEM = "You are a friendly storyteller for small children. Use short words and happy endings. " * 5
+
+
+def chat(i: int) -> str:
+    """Conversations behind one long system prompt, as on a marketplace endpoint."""
+    return f"{SYSTEM}{story(i)[:120]}"
 
 
 def story(i: int) -> str:
@@ -84,6 +93,50 @@ async def test_the_cache_stays_under_its_budget_and_drops_the_oldest_first(cache
     recent, oldest = await run(cached, story(12)), await run(cached, story(4))
     assert recent.usage.cached_tokens > 100
     assert oldest.usage.cached_tokens < 8
+
+
+async def test_conversations_behind_one_system_prompt_store_it_once_and_come_back_exactly(uncached: Engine) -> None:
+    with load(cache_ram=4) as engine:
+        shared = len(engine.tokenize(SYSTEM))
+        assert shared > 3 * (len(engine.tokenize(chat(0))) - shared)  # mostly system prompt
+
+        answers = [await run(engine, chat(0)), await run(engine, chat(1))]  # the only slot: chat 0 is saved whole
+        whole = engine.stats().prompt_cache_bytes
+        answers.append(await run(engine, chat(2)))  # chat 1 saved: the system prompt once, then its own part
+        with_base = engine.stats().prompt_cache_bytes
+        answers.append(await run(engine, chat(3)))  # chat 2 saved: only its own part
+        assert engine.stats().prompt_cache_entries == 3
+        assert engine.stats().prompt_cache_bytes - with_base < whole / 3  # kept whole, it would add ~whole
+
+        for i in (1, 2, 0):  # after the shared prefix, before it, and the entry saved whole
+            again = await run(engine, chat(i))
+            assert again.usage.cached_tokens == len(engine.tokenize(chat(i))) - 1
+            assert again.token_ids == answers[i].token_ids == (await run(uncached, chat(i))).token_ids
+
+        follow_up = chat(2) + engine.detokenize(answers[2].token_ids) + " The end."
+        await run(engine, chat(1))  # chat 2's slot goes to chat 1 again: chat 2 goes back to the cache
+        continued = await run(engine, follow_up)
+        assert continued.usage.cached_tokens >= len(engine.tokenize(chat(2)))
+        assert continued.token_ids == (await run(uncached, follow_up)).token_ids
+
+
+def test_a_shared_prefix_is_counted_once_and_lives_while_an_entry_uses_it() -> None:
+    cache = PromptCache(budget=2100)
+    base = Base(np.arange(100, dtype=np.int32), np.zeros(600, dtype=np.uint8))  # 1000 bytes
+    own = [np.concatenate([base.tokens, np.arange(start, start + 10, dtype=np.int32)]) for start in (500, 600, 700)]
+    for tokens in own[:2]:
+        assert cache.put(tokens, np.zeros(60, dtype=np.uint8), base)
+    assert cache.nbytes == base.nbytes + 2 * (60 + 110 * 4)  # the base once; each entry its own KV and tokens
+    assert cache.bases == 1
+    assert cache.base_for(own[2]) is base and cache.base_for(base.tokens) is None
+
+    assert cache.put(own[2], np.zeros(60, dtype=np.uint8), base)  # over budget: the oldest goes, the base stays
+    assert cache.best(own[0])[1] == 100 and len(cache) == 2 and cache.nbytes == 2000
+
+    for tokens in own[1:]:
+        entry = cache.take(cache.best(tokens)[0])
+        assert entry.base is base and np.array_equal(entry.tokens, tokens)
+    assert len(cache) == 0 and cache.bases == 0 and cache.nbytes == 0
 
 
 def test_entries_are_evicted_least_recent_first_and_a_prefix_of_a_newer_one_is_dropped() -> None:

@@ -27,8 +27,8 @@ from vramsupply.hub import (
     prepare_configured,
     prepare_model,
     remove_cached,
-    resolve,
 )
+from vramsupply.hub.resolve import resolve
 from vramsupply.hub.store import RepoCache
 
 HALF = 5 * 1024 * 1024

@@ -152,3 +152,16 @@ def test_status_line_shows_slots_queue_speed_and_tokens_served() -> None:
     )
 
     assert Snapshot(stats, 41.26).line() == "3/4 slots busy, 2 queued, 41.3 tok/s, 1,234 tokens served (12 requests)"
+
+
+def test_a_local_model_is_served_without_loading_the_hub_client() -> None:
+    """huggingface_hub and its HTTP stack hold ~12 MB of memory that serving a local file never uses."""
+    with serving(env={"PYTHONPROFILEIMPORTTIME": "1"}) as served:
+        with OpenAI(base_url=served.base_url, api_key="none", max_retries=0) as client:
+            answer = client.completions.create(model=served.model_id, prompt="Once upon a time", max_tokens=4)
+        assert served.stop(signal.SIGINT) == 0
+
+    assert answer.usage is not None and answer.usage.completion_tokens == 4
+    imported = {line.rsplit("|", 1)[-1].strip() for line in served.stderr if line.startswith("import time:")}
+    assert {"vramsupply.engine.scheduler", "vramsupply.hub.local", "vramsupply.gpu.planning"} <= imported
+    assert not {name for name in imported if name.startswith(("huggingface_hub", "httpx2", "vramsupply.hub.access"))}

@@ -19,7 +19,8 @@ def models_resolve(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show which GGUF repo, commit and file(s) a model and quant resolve to, without downloading."""
-    from vramsupply.hub import HubAccess, is_local_path, resolve
+    from vramsupply.hub import HubAccess, is_local_path
+    from vramsupply.hub.resolve import resolve
     from vramsupply.hub.views import resolved_json, resolved_table
 
     if is_local_path(model):

@@ -156,6 +156,16 @@ def resolve_gpu_layers(n_gpu_layers: int) -> int:
     return ALL_LAYERS if llama_cpp.llama_supports_gpu_offload() else 0
 
 
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
+
+
+def spare_sequences(options: EngineOptions) -> int:
+    """One sequence id beyond the slots' in the shared KV cache, for the host prompt cache's copies
+    of part of a sequence (``prompt_cache.py``); none with a stream per slot, which would cost a
+    whole stream, or at llama.cpp's limit of sequences."""
+    return 0 if options.kv_per_slot or options.parallel >= MAX_SEQUENCES else 1
+
+
 def create_context(model: Model, options: EngineOptions) -> LlamaContext:
     """One context whose KV cache the slots share, as llama-server's: ``n_ctx`` tokens in all.
 
@@ -167,7 +177,7 @@ def create_context(model: Model, options: EngineOptions) -> LlamaContext:
     """
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = options.n_ctx * options.parallel if options.kv_per_slot else options.n_ctx
-    params.n_seq_max = options.parallel
+    params.n_seq_max = options.parallel + spare_sequences(options)
     params.kv_unified = not options.kv_per_slot
     params.n_batch = options.n_batch
     params.n_ubatch = min(options.n_ubatch, options.n_batch)

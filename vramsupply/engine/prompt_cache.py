@@ -11,7 +11,10 @@ llama-server's ``--cache-ram``:
   is copied back into the slot (``llama_state_seq_set_data``) and only the rest of the prompt is
   decoded; the entry then lives in the slot again, so it leaves the cache;
 - everything stays under a byte budget, least recently used first out. An entry whose tokens are
-  a prefix of a newer one is dropped: the newer one serves every prompt it could.
+  a prefix of a newer one is dropped: the newer one serves every prompt it could;
+- a prefix that saved conversations share (their system prompt) is stored once, and each entry
+  keeps only the KV after it (``cache_entries.py``). Copies of part of a sequence go through a
+  spare sequence id, since llama.cpp saves and restores whole sequences only.
 
 Copies run on the scheduler thread at admission, between decode steps: about a millisecond per
 30 MB, far less than decoding the same tokens again.
@@ -23,14 +26,12 @@ import ctypes
 import logging
 import mmap
 import os
-from collections import OrderedDict
-from dataclasses import dataclass
-from itertools import count
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 
+from .cache_entries import Base, Entry, PromptCache
 from .slots import Slot
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ DEFAULT_SHARE_OF_AVAILABLE = 0.25
 # Below these, a save or a restore costs more bookkeeping than the prefill it spares.
 MIN_SAVED_TOKENS = 32
 MIN_RESTORE_GAIN = 16
+# A prefix shorter than this is not worth storing apart from the entries that share it.
+MIN_BASE_TOKENS = 64
 
 
 def default_budget_mib(meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -60,76 +63,6 @@ def _available_bytes(meminfo: Path) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
         return 0
-
-
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    size = min(len(a), len(b))
-    same = a[:size] == b[:size]
-    return size if same.all() else int(np.argmin(same))
-
-
-@dataclass(frozen=True)
-class Entry:
-    tokens: np.ndarray
-    state: np.ndarray
-
-    @property
-    def nbytes(self) -> int:
-        return self.state.nbytes + self.tokens.nbytes
-
-
-class PromptCache:
-    """Saved sequence states by token prefix, under ``budget`` bytes, least recently used evicted first.
-
-    Pure bookkeeping: the llama.cpp copies live in ``save_sequence`` / ``restore_sequence``.
-    """
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.nbytes = 0
-        self._entries: OrderedDict[int, Entry] = OrderedDict()
-        self._keys = count()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def holds(self, tokens: np.ndarray) -> bool:
-        """True when some entry already starts with all of ``tokens`` (saving them again is useless)."""
-        return any(common_prefix(entry.tokens, tokens) == len(tokens) for entry in self._entries.values())
-
-    def put(self, tokens: np.ndarray, state: np.ndarray) -> bool:
-        """Keep ``state`` (the KV of exactly ``tokens``); False when it alone exceeds the budget."""
-        entry = Entry(np.array(tokens, dtype=np.int32), state)
-        if entry.nbytes > self.budget:
-            return False
-        for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, entry.tokens) == len(e.tokens)]:
-            self._remove(key)
-        while self._entries and self.nbytes + entry.nbytes > self.budget:
-            self._remove(next(iter(self._entries)))
-        self._entries[next(self._keys)] = entry
-        self.nbytes += entry.nbytes
-        return True
-
-    def best(self, prompt: np.ndarray, room: int | None = None) -> tuple[int, int] | None:
-        """(key, shared prefix) of the entry sharing the longest prefix with ``prompt``, if any,
-        among those of at most ``room`` tokens."""
-        found = None
-        for key, entry in self._entries.items():
-            if room is not None and len(entry.tokens) > room:
-                continue
-            shared = common_prefix(entry.tokens, prompt)
-            if shared and (found is None or shared > found[1]):
-                found = (key, shared)
-        return found
-
-    def take(self, key: int) -> Entry:
-        """Remove and return an entry (it goes back into a slot)."""
-        entry = self._entries[key]
-        self._remove(key)
-        return entry
-
-    def _remove(self, key: int) -> None:
-        self.nbytes -= self._entries.pop(key).nbytes
 
 
 def save_sequence(ctx: llama_cpp.llama_context_p, seq_id: int) -> np.ndarray | None:
@@ -163,11 +96,20 @@ def _pointer(array: np.ndarray) -> ctypes.POINTER(ctypes.c_uint8):
 
 
 class HostPromptCache:
-    """The scheduler's side: decides, at admission, what to save from a slot and what to put back."""
+    """The scheduler's side: decides, at admission, what to save from a slot and what to put back.
 
-    def __init__(self, ctx: llama_cpp.llama_context_p, memory: llama_cpp.llama_memory_t, budget: int) -> None:
+    ``scratch`` is a sequence id no slot uses (the context has one more sequence than slots), or
+    None. With it, entries that start with a prefix another entry shares keep only the KV after
+    that prefix, and the prefix is kept once (``cache_entries.py``); without it (one KV stream per
+    slot, where llama.cpp cannot copy part of a sequence), every entry is whole.
+    """
+
+    def __init__(
+        self, ctx: llama_cpp.llama_context_p, memory: llama_cpp.llama_memory_t, budget: int, scratch: int | None = None
+    ) -> None:
         self._ctx = ctx
         self._memory = memory
+        self._scratch = scratch
         self.entries = PromptCache(budget)
 
     def prepare(self, slot: Slot, prompt: np.ndarray, prefix: int, room: int | None = None, rival: int = 0) -> int:
@@ -186,7 +128,7 @@ class HostPromptCache:
         key, shared = found
         entry = self.entries.take(key)
         slot.forget()
-        if not restore_sequence(self._ctx, self._memory, slot.seq_id, entry.state):
+        if not self._restore(slot.seq_id, entry):
             log.warning("could not restore a cached prompt of %d tokens into slot %d", len(entry.tokens), slot.seq_id)
             return 0
         slot.record(entry.tokens)
@@ -198,7 +140,53 @@ class HostPromptCache:
         tokens = slot.cached[: slot.n_cached]
         if self.entries.holds(tokens):
             return
-        state = save_sequence(self._ctx, slot.seq_id)
-        if state is not None and self.entries.put(tokens, state):
-            log.debug("slot %d: saved %d tokens (%d bytes); cache %d entries, %d bytes",
-                      slot.seq_id, len(tokens), state.nbytes, len(self.entries), self.entries.nbytes)
+        base = self._base_for(slot.seq_id, tokens)
+        if base is None:
+            state = save_sequence(self._ctx, slot.seq_id)
+        else:
+            state = self._save_range(slot.seq_id, len(base.tokens), len(tokens))
+        if state is not None and self.entries.put(tokens, state, base):
+            log.debug("slot %d: saved %d tokens (%d bytes, %d after a shared prefix); cache %d entries, %d bases, %d bytes",
+                      slot.seq_id, len(tokens), state.nbytes, len(tokens) - (len(base.tokens) if base else 0),
+                      len(self.entries), self.entries.bases, self.entries.nbytes)
+
+    def _base_for(self, seq_id: int, tokens: np.ndarray) -> Base | None:
+        """The stored prefix ``tokens`` start with, or a new one cut from ``seq_id`` when they share
+        at least MIN_BASE_TOKENS with an entry; None when neither, or without a scratch sequence."""
+        if self._scratch is None:
+            return None
+        base = self.entries.base_for(tokens)
+        if base is not None:
+            return base
+        shared = self.entries.longest_shared(tokens)
+        if shared < MIN_BASE_TOKENS:
+            return None
+        state = self._save_range(seq_id, 0, shared)
+        return None if state is None else Base(np.array(tokens[:shared], dtype=np.int32), state)
+
+    def _save_range(self, seq_id: int, start: int, end: int) -> np.ndarray | None:
+        """A host copy of the KV of positions [start, end) of ``seq_id``, made through the scratch
+        sequence: its cells are only tagged with the scratch id, never duplicated."""
+        scratch = self._scratch
+        llama_cpp.llama_memory_seq_rm(self._memory, scratch, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._memory, seq_id, scratch, start, end)
+        try:
+            return save_sequence(self._ctx, scratch)
+        finally:
+            llama_cpp.llama_memory_seq_rm(self._memory, scratch, -1, -1)
+
+    def _restore(self, seq_id: int, entry: Entry) -> bool:
+        """Put ``entry`` back as all of ``seq_id``; a tail after a base goes through the scratch
+        sequence, as restoring a sequence replaces whatever it held."""
+        if entry.base is None:
+            return restore_sequence(self._ctx, self._memory, seq_id, entry.state)
+        if not restore_sequence(self._ctx, self._memory, seq_id, entry.base.state):
+            return False
+        scratch = self._scratch
+        restored = restore_sequence(self._ctx, self._memory, scratch, entry.state)
+        if restored:
+            llama_cpp.llama_memory_seq_cp(self._memory, scratch, seq_id, -1, -1)
+        else:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self._memory, scratch, -1, -1)
+        return restored

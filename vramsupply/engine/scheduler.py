@@ -70,7 +70,8 @@ class Scheduler:
         self._model = model
         self._ctx = context.ctx
         self._memory = context.memory
-        self._prompt_cache = HostPromptCache(self._ctx, self._memory, cache_ram) if cache_ram > 0 else None
+        spare = parallel if llama_cpp.llama_n_seq_max(self._ctx) > parallel else None
+        self._prompt_cache = HostPromptCache(self._ctx, self._memory, cache_ram, spare) if cache_ram > 0 else None
         self._max_draft = max_draft
         self._slots = [Slot(seq_id, n_ctx, max_draft) for seq_id in range(parallel)]
         self._batch = Batch(n_batch)

@@ -13,9 +13,10 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx2
+if TYPE_CHECKING:
+    import httpx2
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -182,6 +183,8 @@ def read_remote_header(client: httpx2.Client, url: str, headers: dict[str, str],
 
     The body is read only up to n bytes even if a server ignores the range's end, so a
     multi-GB model is never downloaded to plan for it."""
+    import httpx2  # here, not at the top: only Hub models need it
+
 
     def fetch(n: int) -> bytes:
         with client.stream("GET", url, headers={**headers, "Range": f"bytes=0-{n - 1}"}) as response:

@@ -20,8 +20,7 @@ from vramsupply.gpu.estimate import Settings
 from vramsupply.gpu.options import GpuOptionError, GpuOptions
 from vramsupply.gpu.plan import Plan, Target, gib, make_plan, refusal, target_for
 from vramsupply.gpu.source import ModelSource, SourceError, SourceUnreachable, model_source
-from vramsupply.hub.access import HubAccess
-from vramsupply.hub.prepare import is_local_path
+from vramsupply.hub.local import is_local_path
 from vramsupply.hub.quant import normalize_quant
 
 log = logging.getLogger(__name__)
@@ -62,8 +61,7 @@ def planning_target(settings: AgentSettings, devices: list[Device] | None = None
 def source_for(settings: AgentSettings, quant: str | None) -> ModelSource:
     if not settings.model:
         raise SourceError("no model to plan for: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
-    access = HubAccess.from_env(settings.download_timeout)
-    return model_source(settings.model, quant or DEFAULT_QUANT, access, settings.gguf_publishers)
+    return model_source(settings.model, quant or DEFAULT_QUANT, settings.download_timeout, settings.gguf_publishers)
 
 
 def plan_for(settings: AgentSettings, *, quant_explicit: bool, context_explicit: bool = True, parallel_explicit: bool = True, target: Target | None = None) -> Plan:

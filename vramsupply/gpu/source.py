@@ -11,16 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx2
-
 from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.estimate import ModelShape
 from vramsupply.gpu.gguf_header import GgufError, GgufHeader, read_local_header, read_remote_header
-from vramsupply.hub.access import HubAccess, hub_errors
 from vramsupply.hub.errors import HubError, HubOffline, HubUnreachable
-from vramsupply.hub.prepare import is_local_path
+from vramsupply.hub.local import is_local_path
 from vramsupply.hub.quant import group_models, normalize_quant, parse_gguf_path
-from vramsupply.hub.resolve import Resolver
 
 # llama.cpp's general.file_type (enum llama_ftype) -> quant tag, for local files named without one.
 FILE_TYPES = {
@@ -80,8 +76,15 @@ def local_source(model: str) -> ModelSource:
     return ModelSource(str(path), _shape(header, size, str(path)), (quant,), path)
 
 
-def hub_source(model: str, quant: str, access: HubAccess, publishers: Sequence[str]) -> ModelSource:
+def hub_source(model: str, quant: str, timeout: float, publishers: Sequence[str]) -> ModelSource:
     """Resolve `model` as serve would (at `quant`), list the repo's quants, read one header remotely."""
+    # Imported here: planning for a local file never needs huggingface_hub (hub/local.py).
+    import httpx2
+
+    from vramsupply.hub.access import HubAccess, hub_errors
+    from vramsupply.hub.resolve import Resolver
+
+    access = HubAccess.from_env(timeout)
     resolver = Resolver(access, publishers)
     resolved = resolver.resolve(model, quant)
     info = resolver.repo_info(resolved.repo_id)
@@ -108,12 +111,12 @@ def _shape(header: GgufHeader, file_bytes: int, label: str) -> ModelShape:
         raise SourceError(f"{label}: {exc}") from None
 
 
-def model_source(model: str, quant: str, access: HubAccess, publishers: Sequence[str]) -> ModelSource:
-    """A local path or a Hub id, as `serve --model` takes it."""
+def model_source(model: str, quant: str, timeout: float, publishers: Sequence[str]) -> ModelSource:
+    """A local path or a Hub id, as `serve --model` takes it; Hub calls time out after ``timeout`` s."""
     if is_local_path(model):
         return local_source(model)
     try:
-        return hub_source(model, normalize_quant(quant), access, publishers)
+        return hub_source(model, normalize_quant(quant), timeout, publishers)
     except (HubUnreachable, HubOffline) as exc:
         raise SourceUnreachable(str(exc)) from None
     except HubError as exc:

@@ -28,6 +28,7 @@ from rich.filesize import decimal
 
 from vramsupply.hub.access import HubAccess, auth_help
 from vramsupply.hub.errors import ChecksumMismatch, DownloadError, HubAuthError, HubError, InsufficientDiskSpace
+from vramsupply.hub.local import GGUF_MAGIC
 from vramsupply.hub.progress import ProgressTask, TransferProgress
 from vramsupply.hub.resolve import RemoteFile, ResolvedModel
 from vramsupply.hub.store import Pull, RepoCache
@@ -36,7 +37,6 @@ CHUNK = 1 << 20
 HASH_BLOCK = 8 << 20
 RETRY_DELAY_MIN = 0.2
 RETRY_DELAY_MAX = 10.0
-GGUF_MAGIC = b"GGUF"
 
 
 class _Digest(Protocol):

@@ -10,7 +10,7 @@ from rich.filesize import decimal
 from rich.table import Table
 
 from vramsupply.hub.cache import CachedModel
-from vramsupply.hub.prepare import LocalModel
+from vramsupply.hub.local import LocalModel
 from vramsupply.hub.resolve import ResolvedModel
 
 _STATUS_STYLE = {"verified": "green", "unverified": "yellow", "incomplete": "red"}

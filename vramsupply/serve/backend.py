@@ -25,7 +25,7 @@ from vramsupply.engine import Engine, EngineOptions
 from vramsupply.errors import ConfigError
 from vramsupply.gpu.report import PlacementMonitor
 from vramsupply.gpu.report import placement_of as gpu_placement_of
-from vramsupply.hub import LocalModel, prepare_configured
+from vramsupply.hub.local import LocalModel
 from vramsupply.platform.offer import ModelIdentity
 from vramsupply.serve.options import engine_options
 from vramsupply.serve.status import ServingStats
@@ -126,6 +126,8 @@ def resolve_model(settings: Settings) -> asyncio.Future[LocalModel]:
     """
     if not settings.model:
         raise ConfigError("no model to serve: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
+    from vramsupply.hub.prepare import prepare_configured  # imports huggingface_hub only for Hub models
+
     return in_daemon_thread(prepare_configured, settings.model, settings, progress=True)
 
 

@@ -12,7 +12,7 @@ from vramsupply.config import EngineKind, Settings
 from vramsupply.engine import EngineOptions
 from vramsupply.errors import ConfigError, VramsupplyError
 from vramsupply.gpu.options import GpuOptions
-from vramsupply.hub import LocalModel
+from vramsupply.hub.local import LocalModel
 from vramsupply.platform import MarketOptions
 from vramsupply.upstream.options import UpstreamOptions
 

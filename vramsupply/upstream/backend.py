@@ -19,7 +19,7 @@ from aiohttp import web
 
 from vramsupply.engine import EngineStats
 from vramsupply.errors import VramsupplyError
-from vramsupply.hub import model_id_of
+from vramsupply.hub.local import model_id_of
 from vramsupply.logging import register_secret
 from vramsupply.upstream.client import DiscoveredModel, UpstreamClient, UpstreamUnavailable
 from vramsupply.upstream.front import FrontState, create_front_app

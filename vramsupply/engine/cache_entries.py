@@ -1,0 +1,134 @@
+"""The host prompt cache's bookkeeping: saved KV states by token prefix, under a byte budget.
+
+Pure Python and numpy, no llama.cpp: ``prompt_cache.py`` makes the copies and decides when.
+
+**A prefix that several entries share is stored once.** Marketplace chats run behind one system
+prompt, so every saved conversation starts with the same few hundred tokens: kept whole, each
+entry would carry its own copy of their KV (2.8 MB per entry for a 300-token prompt on the bench
+model, tens of entries at a time). An entry may instead hold only the KV after a ``Base``, a
+prefix kept once for all the entries that start with it; a base lives while some entry uses it.
+
+    Entry(tokens=system + chat A, base=B, state=KV of chat A)  ─┐
+    Entry(tokens=system + chat B, base=B, state=KV of chat B)  ─┼─> Base(tokens=system, state=its KV)
+    Entry(tokens=other prompt, base=None, state=KV of it all)
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from itertools import count
+
+import numpy as np
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    size = min(len(a), len(b))
+    same = a[:size] == b[:size]
+    return size if same.all() else int(np.argmin(same))
+
+
+@dataclass(eq=False)
+class Base:
+    """A prefix stored once: ``state`` is the KV of exactly ``tokens``."""
+
+    tokens: np.ndarray
+    state: np.ndarray
+    users: int = field(default=0, compare=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.state.nbytes + self.tokens.nbytes
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A saved sequence of ``tokens``: ``state`` holds the KV of all of them, or, with a ``base``,
+    only of those after it."""
+
+    tokens: np.ndarray
+    state: np.ndarray
+    base: Base | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """What the entry holds itself, its base not included."""
+        return self.state.nbytes + self.tokens.nbytes
+
+
+class PromptCache:
+    """Entries under ``budget`` bytes (bases counted once), least recently used evicted first."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.nbytes = 0
+        self._entries: OrderedDict[int, Entry] = OrderedDict()
+        self._keys = count()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bases(self) -> int:
+        return len({id(entry.base) for entry in self._entries.values() if entry.base is not None})
+
+    def holds(self, tokens: np.ndarray) -> bool:
+        """True when some entry already starts with all of ``tokens`` (saving them again is useless)."""
+        return any(common_prefix(entry.tokens, tokens) == len(tokens) for entry in self._entries.values())
+
+    def base_for(self, tokens: np.ndarray) -> Base | None:
+        """The longest base that ``tokens`` start with."""
+        bases = {id(e.base): e.base for e in self._entries.values() if e.base is not None}.values()
+        fitting = [base for base in bases if common_prefix(base.tokens, tokens) == len(base.tokens) < len(tokens)]
+        return max(fitting, key=lambda base: len(base.tokens), default=None)
+
+    def longest_shared(self, tokens: np.ndarray) -> int:
+        """The longest prefix ``tokens`` share with any entry."""
+        return max((common_prefix(entry.tokens, tokens) for entry in self._entries.values()), default=0)
+
+    def put(self, tokens: np.ndarray, state: np.ndarray, base: Base | None = None) -> bool:
+        """Keep ``state`` (the KV of ``tokens``, after ``base`` if given); False when it does not fit
+        the budget even alone."""
+        entry = Entry(np.array(tokens, dtype=np.int32), state, base)
+        if entry.nbytes + (base.nbytes if base is not None else 0) > self.budget:
+            return False
+        self._use(entry)
+        for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, entry.tokens) == len(e.tokens)]:
+            self._remove(key)
+        while self._entries and self.nbytes + entry.nbytes > self.budget:
+            self._remove(next(iter(self._entries)))
+        self._entries[next(self._keys)] = entry
+        self.nbytes += entry.nbytes
+        return True
+
+    def best(self, prompt: np.ndarray, room: int | None = None) -> tuple[int, int] | None:
+        """(key, shared prefix) of the entry sharing the longest prefix with ``prompt``, if any,
+        among those of at most ``room`` tokens."""
+        found = None
+        for key, entry in self._entries.items():
+            if room is not None and len(entry.tokens) > room:
+                continue
+            shared = common_prefix(entry.tokens, prompt)
+            if shared and (found is None or shared > found[1]):
+                found = (key, shared)
+        return found
+
+    def take(self, key: int) -> Entry:
+        """Remove and return an entry (it goes back into a slot; its base stays while others use it)."""
+        entry = self._entries[key]
+        self._remove(key)
+        return entry
+
+    def _use(self, entry: Entry) -> None:
+        if entry.base is not None:
+            if entry.base.users == 0:
+                self.nbytes += entry.base.nbytes
+            entry.base.users += 1
+
+    def _remove(self, key: int) -> None:
+        entry = self._entries.pop(key)
+        self.nbytes -= entry.nbytes
+        if entry.base is not None:
+            entry.base.users -= 1
+            if entry.base.users == 0:
+                self.nbytes -= entry.base.nbytes
