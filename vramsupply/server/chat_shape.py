@@ -10,14 +10,12 @@ a call is announced and what a call that breaks afterwards becomes).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 from vramsupply.chat import OutputParser, ParsedOutput, Piece
 from vramsupply.engine import ChatPrompt, Generation
 from vramsupply.engine.logprobs import TokenLogprob
-from vramsupply.server.chunks import ChunkTemplate, sse_event
-from vramsupply.server.logprobs_out import TokenBytes, chat_logprobs
+from vramsupply.server.logprobs_out import chat_logprobs
 from vramsupply.server.responses import (
     ChatChoice,
     ChatChunkChoice,
@@ -32,6 +30,7 @@ from vramsupply.server.responses import (
     ToolCallOut,
     UsageOut,
 )
+from vramsupply.server.text_shape import ShapeBase
 
 _TEXT_FIELDS = {"content": "content", "reasoning": "reasoning_content"}
 """Piece kinds whose delta is one text field: their chunks are filled into a template."""
@@ -50,17 +49,14 @@ class _Choice:
 
 
 @dataclasses.dataclass
-class ChatShape:
-    id: str
-    created: int
-    model: str
-    include_usage: bool
+class ChatShape(ShapeBase):
     prompt: ChatPrompt
-    token_bytes: TokenBytes
     prompt_param: str = "messages"
     _choices: dict[int, _Choice] = dataclasses.field(default_factory=dict)
     _generations: Sequence[Generation] = ()
-    _templates: dict[tuple[int, str], ChunkTemplate] = dataclasses.field(default_factory=dict)
+
+    chunk_type = ChatCompletionChunk
+    chunk_object = "chat.completion.chunk"
 
     def track(self, generations: Sequence[Generation]) -> None:
         """The choices' generations, whose tokens the usage's reasoning count reads."""
@@ -141,7 +137,7 @@ class ChatShape:
         call = len(choice.output.tool_calls) - sum(p.kind == "tool_call" for p in pieces) - 1  # the call announced last
         for piece in pieces:
             if piece.kind in _TEXT_FIELDS and choice.logprobs is None:
-                chunks.append(self._template(index, piece.kind).event(piece.text))
+                chunks.append(self._template(index, _TEXT_FIELDS[piece.kind]).event(piece.text))
                 continue
             if piece.kind in _TEXT_FIELDS:
                 delta = ChatDelta(**{_TEXT_FIELDS[piece.kind]: piece.text})
@@ -154,13 +150,6 @@ class ChatShape:
                 delta = ChatDelta(tool_calls=[ToolCallOut(index=call, id=piece.call.id, type="function", function=function)])
             chunks.append(self._chunk([ChatChunkChoice(index=index, delta=delta, logprobs=self._take(choice), finish_reason=None)]))
         return chunks
-
-    def _template(self, index: int, kind: str) -> ChunkTemplate:
-        """The content (or reasoning) delta of choice ``index`` without logprobs, serialized once."""
-        template = self._templates.get((index, kind))
-        if template is None:
-            template = self._templates[(index, kind)] = ChunkTemplate(functools.partial(self._text_document, index, _TEXT_FIELDS[kind]))
-        return template
 
     def _text_document(self, index: int, field: str, text: str) -> str:
         delta = ChatDelta(**{field: text})
@@ -187,12 +176,3 @@ class ChatShape:
         return sum(
             (begin < end and finish > start) if finish > begin else start <= begin < end for begin, finish in zip([0, *ends[:-1]], ends)
         )
-
-    def _chunk(self, choices: list[ChatChunkChoice], usage: UsageOut | None = None) -> bytes:
-        return sse_event(self._document(choices, usage).encode())
-
-    def _document(self, choices: list[ChatChunkChoice], usage: UsageOut | None = None) -> str:
-        chunk = ChatCompletionChunk(id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=choices)
-        if self.include_usage:
-            chunk.usage = usage
-        return chunk.to_json()

@@ -1,4 +1,5 @@
-"""How a streamed or whole response is written (``ResponseShape``), and the text completion's shape.
+"""How a streamed or whole response is written (``ResponseShape``), what both routes' shapes
+share (``ShapeBase``), and the text completion's shape.
 
 The generation plumbing in ``completions.py`` is shared by ``/v1/completions`` and
 ``/v1/chat/completions``; each route only says how its results look. Stream chunks come back as
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 from vramsupply.engine import Generation
 from vramsupply.engine.logprobs import TokenLogprob
@@ -38,15 +39,48 @@ class ResponseShape(Protocol):
 
 
 @dataclasses.dataclass
-class TextShape:
+class ShapeBase:
+    """What both routes' shapes share: the response's identity, and chunks as SSE events."""
+
     id: str
     created: int
     model: str
     include_usage: bool
     token_bytes: TokenBytes
+
+    _templates: dict[tuple[Any, ...], ChunkTemplate] = dataclasses.field(default_factory=dict, kw_only=True, repr=False)
+
+    chunk_type: ClassVar[type[Any]]
+    chunk_object: ClassVar[str]
+
+    def _chunk(self, choices: list[Any], usage: UsageOut | None = None) -> bytes:
+        return sse_event(self._document(choices, usage).encode())
+
+    def _document(self, choices: list[Any], usage: UsageOut | None = None) -> str:
+        chunk = self.chunk_type(id=self.id, object=self.chunk_object, created=self.created, model=self.model, choices=choices)
+        if self.include_usage:
+            chunk.usage = usage
+        return chunk.to_json()
+
+    def _template(self, *key: Any) -> ChunkTemplate:
+        """The text chunk ``_text_document(*key, text)`` writes, serialized once per ``key`` and
+        filled in per text (``chunks.py``)."""
+        template = self._templates.get(key)
+        if template is None:
+            template = self._templates[key] = ChunkTemplate(functools.partial(self._text_document, *key))
+        return template
+
+    def _text_document(self, *key_and_text: Any) -> str:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class TextShape(ShapeBase):
     prompt_param: str = "prompt"
     _offsets: dict[int, int] = dataclasses.field(default_factory=dict)
-    _templates: dict[int, ChunkTemplate] = dataclasses.field(default_factory=dict)
+
+    chunk_type = TextCompletion
+    chunk_object = "text_completion"
 
     def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut, logprobs: Sequence[Logprobs]) -> str:
         choices = [
@@ -68,13 +102,6 @@ class TextShape:
             return [self._template(index).event(text)]
         return [self._chunk([TextChoice(index=index, text=text, logprobs=self._logprobs(index, logprobs), finish_reason=None)])]
 
-    def _template(self, index: int) -> ChunkTemplate:
-        """The text chunk of choice ``index`` without logprobs, serialized once (``chunks.py``)."""
-        template = self._templates.get(index)
-        if template is None:
-            template = self._templates[index] = ChunkTemplate(functools.partial(self._text_document, index))
-        return template
-
     def _text_document(self, index: int, text: str) -> str:
         return self._document([TextChoice(index=index, text=text, logprobs=None, finish_reason=None)])
 
@@ -90,12 +117,3 @@ class TextShape:
 
     def usage_chunk(self, usage: UsageOut) -> bytes:
         return self._chunk([], usage)
-
-    def _chunk(self, choices: list[TextChoice], usage: UsageOut | None = None) -> bytes:
-        return sse_event(self._document(choices, usage).encode())
-
-    def _document(self, choices: list[TextChoice], usage: UsageOut | None = None) -> str:
-        chunk = TextCompletion(id=self.id, object="text_completion", created=self.created, model=self.model, choices=choices)
-        if self.include_usage:
-            chunk.usage = usage
-        return chunk.to_json()
