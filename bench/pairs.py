@@ -7,7 +7,8 @@ a minute (its raw decode limit moved 132-146 tok/s between rounds of one run). H
 run side by side at their defaults and take turns, one request each, for many pairs, the order
 flipping every pair. Each pair's ratio compares two requests a second apart, so a slow drift of the
 machine cancels out. The report is the median of the pair ratios with its quartiles, next to the
-plain ratio of the summed tokens over the summed time.
+plain ratio of the summed tokens over the summed time, and the same split in two: the time to the
+first token, and the speed of the tokens after it (the per-token path alone).
 
     bench/.cache/venv-llamacpp-server/bin/python bench/pairs.py            # 40 pairs, ~2 min
 """
@@ -21,7 +22,9 @@ import json
 import os
 import statistics
 import sys
+import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -32,17 +35,27 @@ import run as sweep  # noqa: E402  (bench/run.py: server specs and the streaming
 SERVERS = ("vramsupply", "llama-server")
 
 
-async def one(session: aiohttp.ClientSession, server: sweep.RunningServer, body: dict) -> float:
-    started = asyncio.get_running_loop().time()
+@dataclass(frozen=True)
+class Timing:
+    tok_s: float
+    """Completion tokens over the whole request, first byte sent to last byte received."""
+    ttft_s: float
+    decode_tok_s: float
+    """The tokens after the first over the time after it: the per-token path alone."""
+
+
+async def one(session: aiohttp.ClientSession, server: sweep.RunningServer, body: dict) -> Timing:
+    started = time.perf_counter()
     result = await sweep.stream_completion(session, server.url, body)
-    if result.error or not result.completion_tokens:
+    elapsed = time.perf_counter() - started
+    if result.error or not result.completion_tokens or result.ttft_s is None:
         raise RuntimeError(f"{server.spec.name}: {result.error or 'no tokens'}")
-    return result.completion_tokens / (asyncio.get_running_loop().time() - started)
+    return Timing(result.completion_tokens / elapsed, result.ttft_s, (result.completion_tokens - 1) / (elapsed - result.ttft_s))
 
 
 async def pairs(cfg: sweep.BenchConfig, model: Path, count: int, max_tokens: int) -> dict:
     eos_id = sweep.eos_token_id(model)
-    speeds: dict[str, list[float]] = {name: [] for name in SERVERS}
+    timings: dict[str, list[Timing]] = {name: [] for name in SERVERS}
     with ExitStack() as stack:
         servers = [stack.enter_context(sweep.running_server(sweep.SERVERS[name], cfg, model)) for name in SERVERS]
         await sweep.prepare(servers, cfg, eos_id)
@@ -51,9 +64,11 @@ async def pairs(cfg: sweep.BenchConfig, model: Path, count: int, max_tokens: int
             for i in range(count):
                 for server in servers if i % 2 == 0 else servers[::-1]:
                     body = sweep.request_bodies(server.spec, i + 1, max_tokens, eos_id)[i]
-                    speeds[server.spec.name].append(await one(session, server, body))
+                    timings[server.spec.name].append(await one(session, server, body))
         commands = {server.spec.name: server.command for server in servers}
+    speeds = {name: [t.tok_s for t in values] for name, values in timings.items()}
     ratios = [ours / theirs for ours, theirs in zip(speeds["vramsupply"], speeds["llama-server"])]
+    decode_ratios = [ours.decode_tok_s / theirs.decode_tok_s for ours, theirs in zip(timings["vramsupply"], timings["llama-server"])]
     quartiles = statistics.quantiles(ratios, n=4)
     return {
         "commands": commands,
@@ -63,6 +78,9 @@ async def pairs(cfg: sweep.BenchConfig, model: Path, count: int, max_tokens: int
         "pair_ratio_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
         "pairs_vramsupply_ahead": sum(r > 1 for r in ratios),
         "ratio_of_harmonic_means": round(statistics.harmonic_mean(speeds["vramsupply"]) / statistics.harmonic_mean(speeds["llama-server"]), 3),
+        "ttft_ms_median": {name: round(1000 * statistics.median(t.ttft_s for t in values), 2) for name, values in timings.items()},
+        "decode_tok_s_median": {name: round(statistics.median(t.decode_tok_s for t in values), 1) for name, values in timings.items()},
+        "decode_pair_ratio_median": round(statistics.median(decode_ratios), 3),
     }
 
 
@@ -85,7 +103,9 @@ def main() -> None:
     out = args.out or sweep.REPO / "bench" / "results" / f"{date}-pairs-c1.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    summary = {k: report[k] for k in ("median_tok_s", "pair_ratio_median", "pair_ratio_quartiles", "pairs_vramsupply_ahead", "ratio_of_harmonic_means")}
+    keys = ("median_tok_s", "pair_ratio_median", "pair_ratio_quartiles", "pairs_vramsupply_ahead", "ratio_of_harmonic_means",
+            "ttft_ms_median", "decode_tok_s_median", "decode_pair_ratio_median")
+    summary = {k: report[k] for k in keys}
     print(json.dumps(summary, indent=1))
     print(f"wrote {out}")
 
