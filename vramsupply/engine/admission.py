@@ -47,6 +47,7 @@ class Admission:
         prompt_cache: HostPromptCache | None,
         counters: Counters,
         kv_per_slot: bool,
+        lends: bool,
     ) -> None:
         self._ctx = ctx
         self._memory = memory
@@ -57,6 +58,7 @@ class Admission:
         self._prompt_cache = prompt_cache
         self._counters = counters
         self._packed = kv_per_slot  # see choose_slot
+        self._lends = lends  # slots may borrow other slots' prefixes (sharing.py)
         self._clock = count(1)
 
     def admit(self) -> None:
@@ -98,7 +100,7 @@ class Admission:
     def _reuse_prefix(self, slot: Slot, tokens: np.ndarray, prefix: int) -> int:
         """What ``slot``, holding ``prefix`` of ``tokens``, starts from: the longest prefix found
         in it, the host prompt cache, or another slot's cells (``sharing.py``)."""
-        offer = None if self._packed else lender(slot, tokens, self._slots)
+        offer = lender(slot, tokens, self._slots) if self._lends else None
         borrowable = offer[1] if offer is not None else 0
         if self._prompt_cache is not None:
             room = self._kv.room(slot, self._slots)
@@ -113,7 +115,7 @@ class Admission:
         """The most urgent waiting request that fits in the KV cache; none when one that must go
         next (``pacing.py``) does not fit yet, so that room is kept for it."""
         paced = any(slot.generating for slot in self._slots)
-        holders = idle if self._packed else [slot for slot in self._slots if slot.n_cached]  # who could lend
+        holders = [slot for slot in self._slots if slot.n_cached] if self._lends else idle  # who could lend
         for must, task in self._pacer.admission_order(self._waiting, holders, self._prompt_cache, paced):
             if self._kv.fits(task, self._slots):
                 return task

@@ -101,14 +101,17 @@ class PromptCache:
         self.nbytes += entry.nbytes
         return True
 
-    def best(self, prompt: np.ndarray, room: int | None = None) -> tuple[int, int] | None:
+    def best(self, prompt: np.ndarray, room: int | None = None, whole: bool = False) -> tuple[int, int] | None:
         """(key, shared prefix) of the entry sharing the longest prefix with ``prompt``, if any,
-        among those of at most ``room`` tokens."""
+        among those of at most ``room`` tokens (and, with ``whole``, all of whose tokens start
+        ``prompt``)."""
         found = None
         for key, entry in self._entries.items():
             if room is not None and len(entry.tokens) > room:
                 continue
             shared = common_prefix(entry.tokens, prompt)
+            if whole and shared < len(entry.tokens):
+                continue
             if shared and (found is None or shared > found[1]):
                 found = (key, shared)
         return found

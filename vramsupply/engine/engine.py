@@ -66,7 +66,7 @@ class Engine:
             n_batch = llama_cpp.llama_n_batch(context.ctx)
             cache_ram = default_budget_mib() if options.cache_ram is None else options.cache_ram
             scheduler = Scheduler(
-                model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, default_draft_max(options),
+                model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, default_draft_max(options, model.copies_prefixes),
                 options.stall_timeout, options.kv_per_slot,
             )
         except BaseException:
@@ -185,7 +185,8 @@ class Engine:
         channel = Channel(loop)
         backend = self.options.backend_sampling and backend_sampling.supports(request)
         task = Task(
-            request_id, prompt, sampler, max_completion, StopStrings(request.stop), channel, request.preserve, request.logprobs, backend, source
+            request_id, prompt, sampler, max_completion, StopStrings(request.stop), channel, request.preserve, request.logprobs, backend,
+            source if self._model.copies_prefixes else None,  # else each choice decodes the prompt itself
         )
         try:
             self._scheduler.submit(task)

@@ -67,6 +67,13 @@ class Model:
         self.bos_text = self._special_text(llama_model.token_bos())
         self.eos_text = self._special_text(llama_model.token_eos())
         self.eog_tokens = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
+        handle = llama_model.model
+        self.copies_prefixes = not (llama_cpp.llama_model_is_recurrent(handle) or llama_cpp.llama_model_is_hybrid(handle))
+        """Whether part of a sequence can be copied to another: attention KV, cell by cell. A
+        recurrent state (Mamba, RWKV, and the linear layers of hybrid models such as Qwen3.5) is
+        one state per sequence, which llama.cpp copies whole; such models reuse only whole
+        sequences (a slot's own, or a host prompt cache entry) and never borrow prefixes, store
+        them once, or share an ``n`` > 1 request's prompt between its choices."""
         self._pieces: dict[int, bytes] = {}
         self._special_pieces: dict[int, bytes] = {}
 

@@ -98,18 +98,25 @@ def _pointer(array: np.ndarray) -> ctypes.POINTER(ctypes.c_uint8):
 class HostPromptCache:
     """The scheduler's side: decides, at admission, what to save from a slot and what to put back.
 
-    ``scratch`` is a sequence id no slot uses (the context has one more sequence than slots), or
-    None. With it, entries that start with a prefix another entry shares keep only the KV after
+    With ``whole`` (models whose state cannot be cut back, ``Model.copies_prefixes``), only an
+    entry that the prompt starts with entirely is restored. ``scratch`` is a sequence id no slot
+    uses (the context has one more sequence than slots), or None. With it, entries that start with a prefix another entry shares keep only the KV after
     that prefix, and the prefix is kept once (``cache_entries.py``); without it (one KV stream per
     slot, where llama.cpp cannot copy part of a sequence), every entry is whole.
     """
 
     def __init__(
-        self, ctx: llama_cpp.llama_context_p, memory: llama_cpp.llama_memory_t, budget: int, scratch: int | None = None
+        self,
+        ctx: llama_cpp.llama_context_p,
+        memory: llama_cpp.llama_memory_t,
+        budget: int,
+        scratch: int | None = None,
+        whole: bool = False,
     ) -> None:
         self._ctx = ctx
         self._memory = memory
         self._scratch = scratch
+        self._whole = whole
         self.entries = PromptCache(budget)
 
     def prepare(self, slot: Slot, prompt: np.ndarray, prefix: int, room: int | None = None, rival: int = 0) -> int:
@@ -122,7 +129,7 @@ class HostPromptCache:
         """
         if slot.n_cached - prefix >= MIN_SAVED_TOKENS:
             self.save(slot)
-        found = self.entries.best(prompt, room)
+        found = self.entries.best(prompt, room, self._whole)
         if found is None or found[1] < max(prefix, rival) + MIN_RESTORE_GAIN:
             return prefix
         key, shared = found

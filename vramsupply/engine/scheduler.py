@@ -70,8 +70,10 @@ class Scheduler:
         self._model = model
         self._ctx = context.ctx
         self._memory = context.memory
-        spare = parallel if llama_cpp.llama_n_seq_max(self._ctx) > parallel else None
-        self._prompt_cache = HostPromptCache(self._ctx, self._memory, cache_ram, spare) if cache_ram > 0 else None
+        spare = parallel if llama_cpp.llama_n_seq_max(self._ctx) > parallel and model.copies_prefixes else None
+        self._prompt_cache = None
+        if cache_ram > 0:
+            self._prompt_cache = HostPromptCache(self._ctx, self._memory, cache_ram, spare, whole=not model.copies_prefixes)
         self._max_draft = max_draft
         self._slots = [Slot(seq_id, n_ctx, max_draft) for seq_id in range(parallel)]
         self._batch = Batch(n_batch)
@@ -89,7 +91,8 @@ class Scheduler:
         self._rows = RowSampler(self._ctx, self._memory, model.n_vocab, self._counters)
         self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache)
         self._admission = Admission(
-            self._ctx, self._memory, self._slots, self._waiting, self._pacer, self._kv, self._prompt_cache, self._counters, kv_per_slot
+            self._ctx, self._memory, self._slots, self._waiting, self._pacer, self._kv, self._prompt_cache, self._counters, kv_per_slot,
+            lends=model.copies_prefixes and not kv_per_slot,
         )
         self._offthread = self._rows.offthread
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)

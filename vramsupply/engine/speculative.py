@@ -18,6 +18,8 @@ failing drafts less, then pauses (``DraftState``).
 
 from __future__ import annotations
 
+import logging
+
 import llama_cpp
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -25,19 +27,27 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .model import resolve_gpu_layers
 from .types import EngineOptions
 
+log = logging.getLogger(__name__)
+
 NGRAM_SIZES = (3, 2)  # longest first: a longer match is a better predictor
 MAX_DRAFT = 8
 START_DRAFT = 2
 PAUSE_STEPS = 16
 
 
-def default_draft_max(options: EngineOptions) -> int:
-    """``draft_max`` as configured, or by default ``MAX_DRAFT`` on a GPU and off on a CPU.
+def default_draft_max(options: EngineOptions, copies_prefixes: bool = True) -> int:
+    """``draft_max`` as configured, or by default ``MAX_DRAFT`` on a GPU and off on a CPU; always
+    off for a model whose state cannot be cut back (``Model.copies_prefixes``: recurrent and
+    hybrid models), since rejected draft tokens could not be removed from it.
 
     On a GPU a decode step reads the weights once and leaves the compute units idle, so verify
     rows are nearly free. On a CPU each verify row costs about as much as a prompt token, and
     drafts would have to be accepted most of the time to pay (see the README's measurements).
     """
+    if not copies_prefixes:
+        if options.draft_max:
+            log.warning("speculative decoding is off: this model keeps a recurrent state, which cannot take back rejected drafts")
+        return 0
     if options.draft_max is not None:
         return options.draft_max
     on_gpu = llama_cpp.llama_supports_gpu_offload() and resolve_gpu_layers(options.n_gpu_layers) != 0
