@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL
-from recurrent_model import write_mamba_model
+from tiny_archs import write_mamba_model
 from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
 from vramsupply.engine.model import Model
 

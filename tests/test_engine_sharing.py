@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
+import llama_cpp
 import pytest
 
 from conftest import TINY_MODEL
+from tiny_archs import SWA_WINDOW, write_swa_model
 from vramsupply.engine import Engine, EngineOptions, EngineStats, Generation, GenerationRequest, SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
@@ -162,3 +165,41 @@ async def test_the_borrowed_cells_outlive_the_lender_whose_slot_goes_to_someone_
         alone = fresh.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=400, ignore_eos=True))
         await alone.collect()
     assert borrower.token_ids == alone.token_ids
+
+
+async def test_a_held_prefix_whose_oldest_cells_are_gone_is_prefilled_again() -> None:
+    """A sliding-window model's cache may overwrite cells that left every window; llama.cpp then
+    drops that sequence's oldest positions. Removing them here stands in for that."""
+    options = EngineOptions(model_path=TINY_MODEL, n_ctx=512, parallel=1, max_queue=2, cache_ram=0, threads=1)
+    with Engine.load(options) as engine, Engine.load(options) as fresh:
+        prompt = engine.tokenize(PROMPT)
+        first = engine.submit(GenerationRequest(prompt, sampling=GREEDY, max_tokens=12, ignore_eos=True))
+        await first.collect()
+        follow_up = prompt + first.token_ids[:-1] + engine.tokenize(" The end")[1:]
+        memory = llama_cpp.llama_get_memory(engine._context.ctx)  # the engine is idle: no step runs now
+        llama_cpp.llama_memory_seq_rm(memory, 0, 0, 10)
+
+        again = engine.submit(GenerationRequest(follow_up, sampling=GREEDY, max_tokens=12, ignore_eos=True))
+        alone = fresh.submit(GenerationRequest(follow_up, sampling=GREEDY, max_tokens=12, ignore_eos=True))
+        assert await again.collect() == await alone.collect()
+    assert again.usage.cached_tokens == 0
+
+
+async def test_a_sliding_window_model_reuses_a_held_prefix_while_its_last_window_is_there(tmp_path: Path) -> None:
+    model = write_swa_model(tmp_path)
+    options = EngineOptions(model_path=model, n_ctx=512, parallel=1, max_queue=2, cache_ram=0, threads=1)
+    with Engine.load(options) as engine, Engine.load(options) as fresh:
+        prompt = engine.tokenize(PROMPT)
+        first = engine.submit(GenerationRequest(prompt, sampling=GREEDY, max_tokens=12, ignore_eos=True))
+        await first.collect()
+        held = len(prompt) + 11
+        memory = llama_cpp.llama_get_memory(engine._context.ctx)  # the engine is idle: no step runs now
+        llama_cpp.llama_memory_seq_rm(memory, 0, 0, held - SWA_WINDOW - 4)  # gone: all but the last window and a bit
+
+        results = []
+        for kept in (held, held - 8):  # the whole held sequence, then one cut 8 tokens earlier (its window is gone)
+            follow_up = prompt + first.token_ids[: kept - len(prompt)] + engine.tokenize(" The end")[1:]
+            again = engine.submit(GenerationRequest(follow_up, sampling=GREEDY, max_tokens=12, ignore_eos=True))
+            alone = fresh.submit(GenerationRequest(follow_up, sampling=GREEDY, max_tokens=12, ignore_eos=True))
+            results.append((await again.collect() == await alone.collect(), again.usage.cached_tokens))
+    assert results == [(True, held), (True, 0)]

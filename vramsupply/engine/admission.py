@@ -48,6 +48,7 @@ class Admission:
         counters: Counters,
         kv_per_slot: bool,
         lends: bool,
+        window: int | None,
     ) -> None:
         self._ctx = ctx
         self._memory = memory
@@ -59,6 +60,7 @@ class Admission:
         self._counters = counters
         self._packed = kv_per_slot  # see choose_slot
         self._lends = lends  # slots may borrow other slots' prefixes (sharing.py)
+        self._window = window  # attention's sliding window (0: none), None for a recurrent state
         self._clock = count(1)
 
     def admit(self) -> None:
@@ -84,8 +86,9 @@ class Admission:
         tokens = task.to_prefill
         slot, prefix = choose_slot(idle, tokens, self._packed)
         keep = min(self._reuse_prefix(slot, tokens, prefix), len(tokens) - 1)
-        # Drop the slot's KV after the reused prefix.
-        if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
+        # Drop the slot's KV after the reused prefix; all of it when llama.cpp cannot cut there, or
+        # when the cells the rest of the prompt attends to are gone.
+        if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1) or self._lost_cells(slot.seq_id, keep):
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             keep = 0
         slot.begin(task, keep, next(self._clock))
@@ -96,6 +99,17 @@ class Admission:
             self._counters.add(busy=1)
         else:
             self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
+
+    def _lost_cells(self, seq_id: int, keep: int) -> bool:
+        """Whether positions the tokens after ``keep`` attend to are missing from the sequence. A
+        sliding-window model's cache may overwrite cells that left every window (llama.cpp then
+        drops the oldest positions of that sequence), so a prefix kept, restored or borrowed may
+        start late: like llama-server, it is reused only while the last window before ``keep``
+        (with full attention, all of it) is there. Not for recurrent state, which has no cells."""
+        if keep == 0 or self._window is None:
+            return False
+        oldest_needed = max(0, keep - self._window) if self._window > 0 else 0
+        return llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id) > oldest_needed
 
     def _reuse_prefix(self, slot: Slot, tokens: np.ndarray, prefix: int) -> int:
         """What ``slot``, holding ``prefix`` of ``tokens``, starts from: the longest prefix found

@@ -1,9 +1,14 @@
-"""A tiny recurrent model (llama.cpp's ``mamba`` architecture, random weights, stories260K's
-tokenizer): its state cannot be cut back to an earlier position, unlike attention's KV cells.
+"""Tiny GGUFs of architectures whose memory is not plain attention KV (random weights,
+stories260K's tokenizer), written with the gguf package:
+
+- ``write_mamba_model``: llama.cpp's ``mamba``, a recurrent state that cannot be cut back to an
+  earlier position, unlike attention's KV cells (hybrid models such as Qwen3.5 have such layers);
+- ``write_swa_model``: ``cohere2`` with every layer on an 8-token sliding window, whose cache may
+  drop positions that left the window.
 
 The engine's prefix reuse, host prompt cache, prefix borrowing, ``n``-choice sharing and
-speculative decoding all cut or copy parts of sequences; on such models (and hybrid ones such
-as Qwen3.5) they must fall back to whole sequences and stay token-identical.
+speculative decoding all cut or copy parts of sequences; on these they must stay token-identical
+to the prompt alone.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 from conftest import TINY_MODEL
 
 N_EMBD, D_STATE, D_CONV, DT_RANK, N_LAYER = 64, 16, 4, 4, 2
+N_HEAD, N_HEAD_KV, N_FF, SWA_WINDOW = 4, 2, 128, 8
 D_INNER = 2 * N_EMBD  # llama.cpp's mamba requires it
 
 
@@ -72,3 +78,50 @@ def _tensors(rng: np.random.Generator, n_vocab: int) -> list[tuple[str, np.ndarr
             (f"blk.{i}.ssm_out.weight", weight(N_EMBD, D_INNER)),
         ]
     return tensors
+
+
+def write_swa_model(directory: Path, seed: int = 3) -> Path:
+    """Two layers, both on the sliding window (cohere2 makes every fourth layer a full one)."""
+    target = directory / "tiny-swa.gguf"
+    reader = gguf.GGUFReader(TINY_MODEL)
+    writer = gguf.GGUFWriter(target, arch="cohere2")
+    writer.add_name("tiny-swa")
+    writer.add_context_length(4096)
+    writer.add_embedding_length(N_EMBD)
+    writer.add_feed_forward_length(N_FF)
+    writer.add_block_count(N_LAYER)
+    writer.add_head_count(N_HEAD)
+    writer.add_head_count_kv(N_HEAD_KV)
+    writer.add_sliding_window(SWA_WINDOW)
+    writer.add_logit_scale(1.0)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _copy_tokenizer(reader, writer)
+    n_vocab = len(reader.get_field(gguf.Keys.Tokenizer.LIST).contents())
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int, scale: float = 0.2) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    kv = N_HEAD_KV * N_EMBD // N_HEAD
+    writer.add_tensor("token_embd.weight", weight(n_vocab, N_EMBD, scale=1.0))
+    writer.add_tensor("output_norm.weight", np.ones(N_EMBD, np.float32))
+    for i in range(N_LAYER):
+        for name, array in (
+            ("attn_norm.weight", np.ones(N_EMBD, np.float32)),
+            ("attn_q.weight", weight(N_EMBD, N_EMBD)),
+            ("attn_k.weight", weight(kv, N_EMBD)),
+            ("attn_v.weight", weight(kv, N_EMBD)),
+            ("attn_output.weight", weight(N_EMBD, N_EMBD)),
+            ("ffn_gate.weight", weight(N_FF, N_EMBD)),
+            ("ffn_up.weight", weight(N_FF, N_EMBD)),
+            ("ffn_down.weight", weight(N_EMBD, N_FF)),
+        ):
+            writer.add_tensor(f"blk.{i}.{name}", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
