@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_MODEL
 from tiny_archs import write_mamba_model
 from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
-from vramsupply.engine.model import Model
+from vramsupply.engine.model import Model, spare_sequences
 
 GREEDY = SamplingParams(temperature=0)
 SYSTEM = "You are a storyteller. Tell short happy stories for children about animals and their friends. " * 2
@@ -51,9 +51,13 @@ async def answer(engine: Engine, tokens: list[int], max_tokens: int = 12) -> lis
     return generation.token_ids
 
 
-def test_a_recurrent_model_is_known_not_to_copy_prefixes_and_an_attention_one_to_copy_them(model: Path) -> None:
-    assert Model.load(model, n_gpu_layers=0).copies_prefixes is False
-    assert Model.load(TINY_MODEL, n_gpu_layers=0).copies_prefixes is True
+def test_a_recurrent_model_is_known_not_to_copy_prefixes_and_gets_no_spare_sequence(model: Path) -> None:
+    recurrent, attention = Model.load(model, n_gpu_layers=0), Model.load(TINY_MODEL, n_gpu_layers=0)
+    assert (recurrent.copies_prefixes, attention.copies_prefixes) == (False, True)
+    options = EngineOptions(model_path=TINY_MODEL)
+    assert spare_sequences(options, attention) == 1  # for the host cache's copies of part of a sequence
+    assert spare_sequences(options, recurrent) == 0  # it would only hold one more recurrent state
+    assert spare_sequences(EngineOptions(model_path=TINY_MODEL, kv_per_slot=True), attention) == 0
 
 
 async def test_the_choices_of_an_n_2_request_each_get_the_answer_of_the_prompt_alone(model: Path, prompts: dict, alone: Engine) -> None:

@@ -65,8 +65,9 @@ class Engine:
             n_ctx = min(options.n_ctx, llama_cpp.llama_n_ctx_seq(context.ctx))
             n_batch = llama_cpp.llama_n_batch(context.ctx)
             cache_ram = default_budget_mib() if options.cache_ram is None else options.cache_ram
+            max_draft = default_draft_max(options, model.copies_prefixes)
             scheduler = Scheduler(
-                model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, default_draft_max(options, model.copies_prefixes),
+                model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, max_draft,
                 options.stall_timeout, options.kv_per_slot,
             )
         except BaseException:

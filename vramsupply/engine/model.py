@@ -166,11 +166,13 @@ def resolve_gpu_layers(n_gpu_layers: int) -> int:
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
-def spare_sequences(options: EngineOptions) -> int:
+def spare_sequences(options: EngineOptions, model: Model) -> int:
     """One sequence id beyond the slots' in the shared KV cache, for the host prompt cache's copies
     of part of a sequence (``prompt_cache.py``); none with a stream per slot, which would cost a
-    whole stream, or at llama.cpp's limit of sequences."""
-    return 0 if options.kv_per_slot or options.parallel >= MAX_SEQUENCES else 1
+    whole stream, for a model that cannot copy part of a sequence (a spare recurrent state would
+    only cost memory), or at llama.cpp's limit of sequences."""
+    usable = model.copies_prefixes and not options.kv_per_slot and options.parallel < MAX_SEQUENCES
+    return 1 if usable else 0
 
 
 def create_context(model: Model, options: EngineOptions) -> LlamaContext:
@@ -184,7 +186,7 @@ def create_context(model: Model, options: EngineOptions) -> LlamaContext:
     """
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = options.n_ctx * options.parallel if options.kv_per_slot else options.n_ctx
-    params.n_seq_max = options.parallel + spare_sequences(options)
+    params.n_seq_max = options.parallel + spare_sequences(options, model)
     params.kv_unified = not options.kv_per_slot
     params.n_batch = options.n_batch
     params.n_ubatch = min(options.n_ubatch, options.n_batch)

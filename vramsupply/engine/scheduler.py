@@ -70,7 +70,7 @@ class Scheduler:
         self._model = model
         self._ctx = context.ctx
         self._memory = context.memory
-        spare = parallel if llama_cpp.llama_n_seq_max(self._ctx) > parallel and model.copies_prefixes else None
+        spare = parallel if llama_cpp.llama_n_seq_max(self._ctx) > parallel else None
         self._prompt_cache = None
         if cache_ram > 0:
             self._prompt_cache = HostPromptCache(self._ctx, self._memory, cache_ram, spare, whole=not model.copies_prefixes)
