@@ -26,28 +26,36 @@ D_INNER = 2 * N_EMBD  # llama.cpp's mamba requires it
 
 
 def write_mamba_model(directory: Path, seed: int = 7) -> Path:
-    target = directory / "tiny-mamba.gguf"
-    reader = gguf.GGUFReader(TINY_MODEL)
-    writer = gguf.GGUFWriter(target, arch="mamba")
-    writer.add_name("tiny-mamba")
-    writer.add_context_length(4096)
-    writer.add_embedding_length(N_EMBD)
-    writer.add_block_count(N_LAYER)
+    writer, n_vocab = _start(directory / "tiny-mamba.gguf", "mamba")
     writer.add_ssm_conv_kernel(D_CONV)
     writer.add_ssm_inner_size(D_INNER)
     writer.add_ssm_state_size(D_STATE)
     writer.add_ssm_time_step_rank(DT_RANK)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _copy_tokenizer(reader, writer)
-    n_vocab = len(reader.get_field(gguf.Keys.Tokenizer.LIST).contents())
     for name, array in _tensors(np.random.default_rng(seed), n_vocab):
         writer.add_tensor(name, array)
+    return _finish(writer)
+
+
+def _start(target: Path, arch: str) -> tuple[gguf.GGUFWriter, int]:
+    """A writer with the shape both models share and stories260K's tokenizer; its vocabulary size."""
+    reader = gguf.GGUFReader(TINY_MODEL)
+    writer = gguf.GGUFWriter(target, arch=arch)
+    writer.add_name(target.stem)
+    writer.add_context_length(4096)
+    writer.add_embedding_length(N_EMBD)
+    writer.add_block_count(N_LAYER)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _copy_tokenizer(reader, writer)
+    return writer, len(reader.get_field(gguf.Keys.Tokenizer.LIST).contents())
+
+
+def _finish(writer: gguf.GGUFWriter) -> Path:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return target
+    return Path(writer.path)
 
 
 def _copy_tokenizer(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
@@ -82,14 +90,8 @@ def _tensors(rng: np.random.Generator, n_vocab: int) -> list[tuple[str, np.ndarr
 
 def write_swa_model(directory: Path, seed: int = 3) -> Path:
     """Two layers, both on the sliding window (cohere2 makes every fourth layer a full one)."""
-    target = directory / "tiny-swa.gguf"
-    reader = gguf.GGUFReader(TINY_MODEL)
-    writer = gguf.GGUFWriter(target, arch="cohere2")
-    writer.add_name("tiny-swa")
-    writer.add_context_length(4096)
-    writer.add_embedding_length(N_EMBD)
+    writer, n_vocab = _start(directory / "tiny-swa.gguf", "cohere2")
     writer.add_feed_forward_length(N_FF)
-    writer.add_block_count(N_LAYER)
     writer.add_head_count(N_HEAD)
     writer.add_head_count_kv(N_HEAD_KV)
     writer.add_sliding_window(SWA_WINDOW)
@@ -97,9 +99,6 @@ def write_swa_model(directory: Path, seed: int = 3) -> Path:
     writer.add_layer_norm_eps(1e-5)
     writer.add_rope_dimension_count(N_EMBD // N_HEAD)
     writer.add_rope_freq_base(10000.0)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _copy_tokenizer(reader, writer)
-    n_vocab = len(reader.get_field(gguf.Keys.Tokenizer.LIST).contents())
     rng = np.random.default_rng(seed)
 
     def weight(*shape: int, scale: float = 0.2) -> np.ndarray:
@@ -120,8 +119,4 @@ def write_swa_model(directory: Path, seed: int = 3) -> Path:
             ("ffn_down.weight", weight(N_EMBD, N_FF)),
         ):
             writer.add_tensor(f"blk.{i}.{name}", array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return target
+    return _finish(writer)
