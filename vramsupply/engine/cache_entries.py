@@ -16,7 +16,7 @@ prefix kept once for all the entries that start with it; a base lives while some
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import count
 
 import numpy as np
@@ -34,7 +34,7 @@ class Base:
 
     tokens: np.ndarray
     state: np.ndarray
-    users: int = field(default=0, compare=False)
+    users: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -70,7 +70,7 @@ class PromptCache:
 
     @property
     def bases(self) -> int:
-        return len({id(entry.base) for entry in self._entries.values() if entry.base is not None})
+        return len(self._bases())
 
     def holds(self, tokens: np.ndarray) -> bool:
         """True when some entry already starts with all of ``tokens`` (saving them again is useless)."""
@@ -78,8 +78,7 @@ class PromptCache:
 
     def base_for(self, tokens: np.ndarray) -> Base | None:
         """The longest base that ``tokens`` start with."""
-        bases = {id(e.base): e.base for e in self._entries.values() if e.base is not None}.values()
-        fitting = [base for base in bases if common_prefix(base.tokens, tokens) == len(base.tokens) < len(tokens)]
+        fitting = [base for base in self._bases() if common_prefix(base.tokens, tokens) == len(base.tokens) < len(tokens)]
         return max(fitting, key=lambda base: len(base.tokens), default=None)
 
     def longest_shared(self, tokens: np.ndarray) -> int:
@@ -121,6 +120,10 @@ class PromptCache:
         entry = self._entries[key]
         self._remove(key)
         return entry
+
+    def _bases(self) -> list[Base]:
+        """Every base in use, once."""
+        return list({id(entry.base): entry.base for entry in self._entries.values() if entry.base is not None}.values())
 
     def _use(self, entry: Entry) -> None:
         if entry.base is not None:

@@ -100,9 +100,10 @@ class HostPromptCache:
 
     With ``whole`` (models whose state cannot be cut back, ``Model.copies_prefixes``), only an
     entry that the prompt starts with entirely is restored. ``scratch`` is a sequence id no slot
-    uses (the context has one more sequence than slots), or None. With it, entries that start with a prefix another entry shares keep only the KV after
-    that prefix, and the prefix is kept once (``cache_entries.py``); without it (one KV stream per
-    slot, where llama.cpp cannot copy part of a sequence), every entry is whole.
+    uses (the context has one more sequence than slots), or None. With it, entries that start with
+    a prefix another entry shares keep only the KV after that prefix, and the prefix is kept once
+    (``cache_entries.py``); without it (one KV stream per slot, or a recurrent state), every entry
+    is whole.
     """
 
     def __init__(

@@ -8,6 +8,7 @@ ready SSE events; a plain text chunk is filled into a template serialized once (
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -39,7 +40,7 @@ class ResponseShape(Protocol):
 
 
 @dataclasses.dataclass
-class ShapeBase:
+class ShapeBase(abc.ABC):
     """What both routes' shapes share: the response's identity, and chunks as SSE events."""
 
     id: str
@@ -70,8 +71,9 @@ class ShapeBase:
             template = self._templates[key] = ChunkTemplate(functools.partial(self._text_document, *key))
         return template
 
+    @abc.abstractmethod
     def _text_document(self, *key_and_text: Any) -> str:
-        raise NotImplementedError
+        """The chunk document of one text, for the template keyed by the arguments before it."""
 
 
 @dataclasses.dataclass
