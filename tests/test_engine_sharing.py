@@ -167,6 +167,33 @@ async def test_the_borrowed_cells_outlive_the_lender_whose_slot_goes_to_someone_
     assert borrower.token_ids == alone.token_ids
 
 
+async def test_conversations_behind_one_system_prompt_share_its_cells_in_a_small_cache() -> None:
+    """Three conversations behind a long system prompt run side by side in a cache that holds the
+    system prompt three times over only just: its cells are there once, and the requests that
+    borrow them are admitted at once instead of waiting for the first to end."""
+    finished: list[str] = []
+
+    async def run(name: str, generation: Generation) -> None:
+        await generation.collect()
+        finished.append(name)
+
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=3, cache_ram=0)) as engine:
+        system = engine.tokenize(SYSTEM + " They like to play games in the garden with their friends all day.")
+        assert 3 * len(system) + 4 * 32 > 256  # counted once per slot, the second would not fit beside the first
+        first = engine.submit(GenerationRequest(system + engine.tokenize(" Tom went"), sampling=GREEDY, max_tokens=80, ignore_eos=True))
+        await first.__anext__()  # generating: the system prompt's cells are in the cache
+        running = asyncio.create_task(run("first", first))
+        others = [
+            engine.submit(GenerationRequest(system + engine.tokenize(text), sampling=GREEDY, max_tokens=8, ignore_eos=True))
+            for text in (" Lily saw a cat", " Ben had a toy")
+        ]
+        await asyncio.gather(*(run(f"other {i}", other) for i, other in enumerate(others)))
+        await running
+        assert engine.stats().preemptions_total == 0
+    assert finished[-1] == "first", "the other conversations ran beside the first"
+    assert all(other.usage.cached_tokens >= len(system) for other in others)
+
+
 async def test_a_held_prefix_whose_oldest_cells_are_gone_is_prefilled_again() -> None:
     """A sliding-window model's cache may overwrite cells that left every window; llama.cpp then
     drops that sequence's oldest positions. Removing them here stands in for that."""

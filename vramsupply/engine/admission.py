@@ -95,7 +95,7 @@ class Admission:
         if task.backend_sampling:
             slot.backend_sampled = backend_sampling.attach(self._ctx, slot.seq_id, task.sampler.sampler)
         # A request's prompt counts once, however many choices, and a resumed one (preempt.py) is counted.
-        if task.resume is not None or task.shares_prompt_with is not None:
+        if task.resume is not None or task.later_choice:
             self._counters.add(busy=1)
         else:
             self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
@@ -120,10 +120,17 @@ class Admission:
             room = self._kv.room(slot, self._slots)
             prefix = self._prompt_cache.prepare(slot, tokens, prefix, room, rival=borrowable)
         if offer is not None and borrowable >= prefix + MIN_BORROW:
-            borrow_prefix(slot, tokens, offer[0], borrowable, self._memory)
+            borrow_prefix(slot, offer[0], borrowable, self._memory)
             log.debug("slot %d: borrowed %d prompt tokens from slot %d", slot.seq_id, borrowable, offer[0].seq_id)
             return borrowable
         return prefix
+
+    def _held_prefix(self, task: Task, idle: list[Slot]) -> int:
+        """How much of ``task``'s prompt is already in the KV cache for it to keep: in an idle
+        slot, or in any slot when prefixes are lent; the last token is always decoded again."""
+        holders = self._slots if self._lends else idle
+        tokens = task.to_prefill
+        return min(max((slot.common_prefix(tokens) for slot in holders), default=0), len(tokens) - 1)
 
     def _next(self, idle: list[Slot]) -> Task | None:
         """The most urgent waiting request that fits in the KV cache; none when one that must go
@@ -131,7 +138,7 @@ class Admission:
         paced = any(slot.generating for slot in self._slots)
         holders = [slot for slot in self._slots if slot.n_cached] if self._lends else idle  # who could lend
         for must, task in self._pacer.admission_order(self._waiting, holders, self._prompt_cache, paced):
-            if self._kv.fits(task, self._slots):
+            if self._kv.fits(task, self._slots, self._held_prefix(task, idle)):
                 return task
             if must:
                 return None

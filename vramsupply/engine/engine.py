@@ -188,6 +188,7 @@ class Engine:
         task = Task(
             request_id, prompt, sampler, max_completion, StopStrings(request.stop), channel, request.preserve, request.logprobs, backend,
             source if self._model.copies_prefixes else None,  # else each choice decodes the prompt itself
+            later_choice=source is not None,
         )
         try:
             self._scheduler.submit(task)

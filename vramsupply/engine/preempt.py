@@ -23,7 +23,10 @@ still cannot decode is a real failure.
 Pausing throws away the paused request's prefill, so admission avoids it up front (``fits``): a
 waiting request whose prompt does not fit beside the active ones (counting their prompts whole,
 and a little room for each to grow) stays in the queue until room frees up, as vLLM admits only
-what its free blocks hold. On the marketplace bench with 24 conversations, requests admitted into a
+what its free blocks hold. A cell that several sequences share (a borrowed prefix, the prompt of
+``n`` choices) is counted once (``Slot.cells``), and so is the prefix of the waiting prompt that
+it will keep or borrow: counted once per slot, a system prompt that four conversations share
+held back admissions that fit. On the marketplace bench with 24 conversations, requests admitted into a
 nearly full cache were paused part way through their prompts and answered 2.5-4.6 s late.
 """
 
@@ -39,7 +42,7 @@ import numpy as np
 from . import backend_sampling
 from .counters import Counters
 from .prompt_cache import HostPromptCache
-from .slots import NO_DRAFT, Slot, Task
+from .slots import NO_DRAFT, Slot, Task, distinct_cells
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +54,16 @@ HEADROOM_PER_SLOT = 32
 
 
 def used_cells(active: Sequence[Slot]) -> int:
-    """Cells the active slots hold in the shared cache, or will once their prompts are in; a later
-    choice of an ``n`` > 1 request shares its prompt's cells with the first choice, so only what it
-    generated counts."""
-    total = 0
+    """Cells the active slots hold in the shared cache (each once, however many sequences share
+    it), plus those their prompts will take; a later choice of an ``n`` > 1 request that has not
+    copied its sibling's prompt yet will decode only its last prompt token (``sharing.py``)."""
+    coming = 0
     for slot in active:
         task = slot.task
-        shared = len(task.prompt) - 1 if task is not None and task.first_choice is not None else 0
-        total += max(0, max(slot.n_cached, len(slot.prompt)) - shared)
-    return total
+        prompt = len(slot.prompt)
+        start = max(slot.n_cached, prompt - 1) if task is not None and task.shares_prompt_with is not None else slot.n_cached
+        coming += max(0, prompt - start)
+    return distinct_cells(active) + coming
 
 
 def rollback(plan: Plan, memory: llama_cpp.llama_memory_t) -> None:
@@ -95,18 +99,21 @@ class KvPressure:
 
     def room(self, slot: Slot, slots: Sequence[Slot]) -> int:
         """KV cells ``slot`` may fill: its own stream, or what the other slots leave of the shared one."""
-        others = sum(s.n_cached for s in slots if s is not slot) if self._unified else 0
+        others = distinct_cells([s for s in slots if s is not slot]) if self._unified else 0
         return llama_cpp.llama_n_ctx_seq(self._ctx) - others
 
-    def fits(self, task: Task, slots: Sequence[Slot]) -> bool:
+    def fits(self, task: Task, slots: Sequence[Slot], held: int = 0) -> bool:
         """Whether ``task``'s prompt fits in the shared cache beside the active requests, with
         ``HEADROOM_PER_SLOT`` cells each to grow: admitting one that does not would only fill the
-        cache part way through its prompt and pause it (or another) again, wasting the prefill."""
+        cache part way through its prompt and pause it (or another) again, wasting the prefill.
+        ``held``: the prefix of its prompt whose cells are in the cache already, to be kept or
+        borrowed (``sharing.py``); those cost nothing more."""
         active = [slot for slot in slots if slot.task is not None]
         if not self._unified or not active:
             return True
         tokens = task.to_prefill
-        need = 0 if task.first_choice is not None else len(tokens)  # a later choice copies the first one's cells
+        # a later choice copies its sibling's prompt cells and decodes only the last prompt token
+        need = 1 if task.shares_prompt_with is not None else len(tokens) - held
         headroom = HEADROOM_PER_SLOT * (len(active) + 1)
         return used_cells(active) + need + headroom <= llama_cpp.llama_n_ctx_seq(self._ctx)
 

@@ -47,13 +47,12 @@ def lender(slot: Slot, prompt: np.ndarray, slots: Sequence[Slot]) -> tuple[Slot,
     return max(offers, key=lambda offer: offer[1], default=None)
 
 
-def borrow_prefix(slot: Slot, prompt: np.ndarray, lending: Slot, shared: int, memory: object) -> None:
+def borrow_prefix(slot: Slot, lending: Slot, shared: int, memory: object) -> None:
     """``slot`` drops what it holds and takes ``lending``'s first ``shared`` cells (the shared
     cache only; see the module docstring)."""
     llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
     llama_cpp.llama_memory_seq_cp(memory, lending.seq_id, slot.seq_id, 0, shared)
-    slot.forget()
-    slot.record(prompt[:shared])
+    slot.adopt(lending, shared)
 
 
 def share_prompt(slot: Slot, slots: Sequence[Slot], memory: object) -> bool:
@@ -80,6 +79,5 @@ def share_prompt(slot: Slot, slots: Sequence[Slot], memory: object) -> bool:
     llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
     llama_cpp.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, -1, -1)
     llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, shared, -1)
-    slot.n_cached = 0
-    slot.record(task.prompt[:shared])
+    slot.adopt(source, shared)
     return True

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from itertools import count
 
 import numpy as np
 
@@ -19,6 +20,22 @@ from .text import StopStrings, TextStream
 from .types import Usage
 
 NO_DRAFT = np.zeros(0, dtype=np.int32)
+
+_BLOCKS = count(1)
+"""Numbers the runs of KV cells that slots decode or restore, so that each cell has its own id."""
+_BLOCK_CELLS = 1 << 32
+
+
+def new_cells(n: int) -> np.ndarray:
+    """Ids for ``n`` cells just decoded or restored: no other cell has them."""
+    return next(_BLOCKS) * _BLOCK_CELLS + np.arange(n, dtype=np.int64)
+
+
+def distinct_cells(slots: Sequence[Slot]) -> int:
+    """KV cells the slots hold, each counted once however many sequences it belongs to (a borrowed
+    prefix, the prompt that the choices of one request share: ``sharing.py``)."""
+    held = [slot.cells[: slot.n_cached] for slot in slots if slot.n_cached]
+    return len(np.unique(np.concatenate(held))) if held else 0
 
 
 @dataclass(eq=False)
@@ -36,15 +53,12 @@ class Task:
     backend_sampling: bool = False  # sample in llama.cpp's graph (see backend_sampling)
     shares_prompt_with: Task | None = None
     """Another choice of the same request (``n`` > 1): its decoded prompt KV is copied, not redone."""
+    later_choice: bool = False
+    """Not the first choice of its request: its prompt was counted with the first one's."""
     resume: Resume | None = None
     """Set while the request waits to resume after a preemption (``preempt.py``)."""
     arrived: float = field(default_factory=time.monotonic)
     """When it was submitted (``time.monotonic``): how long its buyer has waited (``pacing.py``)."""
-    first_choice: Task | None = field(default=None, init=False)
-    """``shares_prompt_with`` as submitted, kept after the copy: its prompt's KV cells are shared."""
-
-    def __post_init__(self) -> None:
-        self.first_choice = self.shares_prompt_with
 
     @property
     def to_prefill(self) -> np.ndarray:
@@ -73,12 +87,15 @@ class Slot:
 
     ``cached`` mirrors exactly the tokens whose KV the sequence holds, so a later request can
     keep the longest common prefix and only decode the rest. A slot keeps its KV when its
-    request ends; the next request either reuses or overwrites it.
+    request ends; the next request either reuses or overwrites it. ``cells`` names the KV cell
+    behind each of those tokens: a cell another sequence also holds has the same id in both, so
+    the shared cache's use is counted once per cell (``distinct_cells``).
     """
 
     def __init__(self, seq_id: int, n_ctx: int, max_draft: int = 0) -> None:
         self.seq_id = seq_id
         self.cached = np.zeros(n_ctx, dtype=np.int32)
+        self.cells = np.zeros(n_ctx, dtype=np.int64)
         self.n_cached = 0
         self.started = 0
         self.task: Task | None = None
@@ -139,14 +156,22 @@ class Slot:
         self.drafts.reset()
 
     def record(self, tokens: np.ndarray) -> None:
-        """Note tokens just placed in the batch for this sequence."""
+        """Note tokens just placed in the batch for this sequence (or restored into it)."""
         end = self.n_cached + len(tokens)
         self.cached[self.n_cached : end] = tokens
+        self.cells[self.n_cached : end] = new_cells(len(tokens))
         self.n_cached = end
 
     def record_one(self, token: int) -> None:
         self.cached[self.n_cached] = token
+        self.cells[self.n_cached] = next(_BLOCKS) * _BLOCK_CELLS
         self.n_cached += 1
+
+    def adopt(self, other: Slot, n: int) -> None:
+        """This sequence, holding nothing, was given ``other``'s first ``n`` cells (``llama_memory_seq_cp``)."""
+        self.cached[:n] = other.cached[:n]
+        self.cells[:n] = other.cells[:n]
+        self.n_cached = n
 
     def forget(self) -> None:
         """The KV was wiped (after a failed decode): nothing is reusable."""
