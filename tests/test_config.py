@@ -17,8 +17,17 @@ def test_defaults_match_the_platform_docs(config_file: Path) -> None:
     assert loaded.settings.input_price == 100
     assert loaded.settings.output_price == 200
     assert loaded.settings.platform_url == "https://vram.supply"
-    assert loaded.settings.parallel == 4
+    assert loaded.settings.parallel == 16
     assert loaded.sources["input_price"] == "default"
+
+
+def test_slots_default_to_16_sharing_one_kv_cache_and_to_4_each_with_its_own(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().settings.parallel == 16
+    per_slot = load_settings({"kv_per_slot": True}).settings
+    assert per_slot.parallel == 4  # each holds a whole context
+    assert "parallel" not in per_slot.model_fields_set  # still a default: the GPU plan may lower it
+    monkeypatch.setenv("VRAM_SUPPLY_PARALLEL", "8")
+    assert load_settings({"kv_per_slot": True}).settings.parallel == 8
 
 
 def test_precedence_flag_over_env_over_file_over_default(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:

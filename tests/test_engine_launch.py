@@ -76,7 +76,7 @@ def test_vllm_is_launched_on_loopback_supervised_restarted_and_stopped(tmp_path:
             "--gpu-memory-utilization", "0.5",
         ]  # fmt: skip
         assert agent.model_id == "org/tiny-model"
-        assert agent.printed(f"through vllm at http://127.0.0.1:{port}/v1 (4 slots, 512-token context)")
+        assert agent.printed(f"through vllm at http://127.0.0.1:{port}/v1 (16 slots, 512-token context)")
         assert "[vllm] fake vllm: serving Org/Tiny-Model as org/tiny-model" in agent.log, "its output, with its name on each line"
         assert key not in agent.output, "the engine's API key never reaches the log"
 

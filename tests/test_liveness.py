@@ -141,7 +141,7 @@ def test_serve_with_a_failed_engine_deregisters_and_exits_1_naming_the_cause(tmp
         env = {**marketplace_env(platform.url), "FAULT_AGENT_KIND": kind, "FAULT_AGENT_TRIGGER": str(trigger)}
         args = ["--model", str(TINY_MODEL), "--port", str(port), "--endpoint-url", endpoint, "--stall-timeout", "1", "--drain-timeout", "1"]
         with AgentProcess(*args, env=env, program=[sys.executable, str(REPO / "tests" / "fault_agent.py")]) as agent:
-            agent.wait_for(lambda: len(platform.providers) == 1 and platform.providers[0].slots_total == 4, "registration")
+            agent.wait_for(lambda: len(platform.providers) == 1 and platform.providers[0].slots_total == 16, "registration")
             token = platform.providers[0].offer.endpoint_token
             trigger.touch()
             buyer = threading.Thread(target=_buy, args=(endpoint, token), daemon=True)

@@ -53,7 +53,7 @@ def test_serve_registers_heartbeats_routes_buyers_and_sigterm_deregisters() -> N
         try:
             agent.wait_for(lambda: len(platform.providers) == 1, "registration")
             [provider] = platform.providers
-            agent.wait_for(lambda: provider.slots_total == 4, "a heartbeat with the engine's slots")
+            agent.wait_for(lambda: provider.slots_total == 16, "a heartbeat with the engine's slots")
             assert agent.printed("prices per million tokens: input $1.20, output $2.00; you earn $1.14 / $1.90 after the 5% platform fee")
             assert f"endpoint URL {endpoint} points at a local or private address" in agent.log
 
