@@ -40,7 +40,8 @@ DEFAULT_GGUF_PUBLISHERS = ("{org}", "ggml-org", "unsloth", "bartowski", "lmstudi
 DEFAULT_DOWNLOAD_TIMEOUT = 60.0
 # Slots share one KV cache and admission waits for room in it, so a slot costs a few MB of logits
 # and one more stream in each step, not a context of memory: 16 lets 16 buyers stream at once (on
-# the bench model, 1.46x llama-server's 4 slots at c=16, the first token in 0.13 s instead of 7 s).
+# the bench model, 1.6-1.8x llama-server's 4 slots at c=16, the first token in 0.11-0.14 s instead
+# of 7-8 s; see the README's streaming sweep).
 # With kv_per_slot every slot holds a whole context, so there the default stays 4.
 DEFAULT_PARALLEL = 16
 DEFAULT_PARALLEL_KV_PER_SLOT = 4
