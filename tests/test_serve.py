@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from openai import OpenAI
+from openai import AsyncOpenAI, OpenAI
 
 from agent_process import AgentProcess
 from conftest import TINY_MODEL, run_cli
@@ -36,6 +37,29 @@ def serving(*args: str, env: dict[str, str] | None = None) -> Iterator[AgentProc
     with AgentProcess("--model", str(TINY_MODEL), "--port", "0", "--no-register", *args, env=env) as served:
         served.wait_ready()
         yield served
+
+
+async def test_at_default_settings_sixteen_buyers_stream_at_once() -> None:
+    """No --parallel: every one of 16 concurrent buyers gets its first token before any answer is
+    done (with 4 slots the fifth waited for a whole answer)."""
+    with serving(env={"VRAM_SUPPLY_ENDPOINT_TOKEN": TOKEN}) as served:
+        assert served.printed("(16 slots, ")
+        events: list[tuple[str, int]] = []
+
+        async def buy(client: AsyncOpenAI, i: int) -> None:
+            stream = await client.completions.create(
+                model=served.model_id, prompt=f"Story {i}: once upon a time", max_tokens=400, stream=True, extra_body={"ignore_eos": True},
+            )
+            async with stream:
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].text and ("first", i) not in events:
+                        events.append(("first", i))
+            events.append(("done", i))
+
+        async with AsyncOpenAI(base_url=served.base_url, api_key=TOKEN, max_retries=0) as client:
+            await asyncio.gather(*(buy(client, i) for i in range(16)))
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["first"] * 16 + ["done"] * 16, kinds
 
 
 def test_sigterm_during_a_stream_lets_it_finish_then_exits_0() -> None:
