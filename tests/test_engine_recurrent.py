@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from agent_process import AgentProcess
 from conftest import TINY_MODEL
+from openai import OpenAI
 from tiny_archs import write_mamba_model
 from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
 from vramsupply.engine.model import Model, spare_sequences
@@ -105,3 +107,17 @@ async def test_speculative_decoding_is_off_for_it_even_when_asked_for(model: Pat
         assert engine.stats().draft_tokens_total == 0
     assert answered == await answer(alone, tokens, 200)
     assert "speculative decoding is off: this model keeps a recurrent state" in caplog.text
+
+
+def test_vramsupply_serve_plans_it_with_no_kv_cache_and_4_slots_by_default(model: Path) -> None:
+    """The memory plan read ``attention.head_count`` and refused a model without attention; and since
+    every slot holds a whole recurrent state, unset slots stay at 4 for it (16 for attention models)."""
+    with AgentProcess("--model", str(model), "--port", "0", "--no-register") as served:
+        served.wait_ready()
+        assert served.printed("(4 slots, ")
+        with OpenAI(base_url=served.base_url, api_key="none", max_retries=0) as client:
+            answer = client.completions.create(model=served.model_id, prompt="Once upon a time", max_tokens=5, extra_body={"ignore_eos": True})
+    assert answer.usage is not None and answer.usage.completion_tokens == 5
+    with AgentProcess("--model", str(model), "--port", "0", "--no-register", "--parallel", "6") as served:
+        served.wait_ready()
+        assert served.printed("(6 slots, ")

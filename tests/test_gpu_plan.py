@@ -10,15 +10,20 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf import GGUFWriter
 
 from conftest import TINY_MODEL, run_cli
 from fakehub import FakeFile, FakeHub, FakeRepo
 from gguf_shapes import BENCH, LLAMA_8B, write_header_only
 from vramsupply.gpu.accounting import measure
 from vramsupply.gpu.devices import Device
-from vramsupply.gpu.estimate import Settings
+from vramsupply.config import Settings as AgentSettings
+from vramsupply.gpu.estimate import ModelShape, Settings
+from vramsupply.gpu.gguf_header import read_local_header
 from vramsupply.gpu.plan import GIB, Target, make_plan, refusal
+from vramsupply.gpu.planning import plan_for
 from vramsupply.gpu.source import ModelSource, QuantFile, local_source
 
 MIB = 1024**2
@@ -211,3 +216,28 @@ def test_plan_for_a_hub_model_reads_only_the_header_over_http_range(hub_8b: Fake
     assert reads and all(r.headers.get("Range", "").startswith("bytes=0-") for r in reads)
     assert all(int(r.headers["Range"].split("-")[1]) < 64 * MIB for r in reads), "the header only, never the weights"
     assert not list((tmp_path / "hf").rglob("*.gguf")), "nothing downloaded"
+
+
+def test_a_hybrid_model_plans_its_attention_kv_and_keeps_4_slots_unless_set(tmp_path: Path) -> None:
+    """Qwen3.5-style: attention layers and layers with a recurrent state. The state is one per
+    sequence (not sized by the plan), so unset slots stay at 4, not 16."""
+    writer = GGUFWriter(str(tmp_path / "hybrid.gguf"), "qwen35")
+    writer.add_block_count(4)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_ssm_state_size(16)
+    writer.add_ssm_conv_kernel(4)
+    writer.add_tensor("token_embd.weight", np.zeros((32, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path = tmp_path / "hybrid.gguf"
+    shape = ModelShape.from_header(read_local_header(path), path.stat().st_size)
+    assert shape.recurrent and (shape.n_head, shape.n_head_kv, shape.head_dim_k) == (4, 2, 16)
+    assert not ModelShape.from_header(read_local_header(TINY_MODEL), TINY_MODEL.stat().st_size).recurrent
+
+    settings = AgentSettings(model=str(path))
+    assert plan_for(settings, quant_explicit=False, parallel_explicit=False, target=Target((), HOST)).settings.parallel == 4
+    assert plan_for(settings, quant_explicit=False, parallel_explicit=True, target=Target((), HOST)).settings.parallel == 16

@@ -42,9 +42,12 @@ DEFAULT_DOWNLOAD_TIMEOUT = 60.0
 # and one more stream in each step, not a context of memory: 16 lets 16 buyers stream at once (on
 # the bench model, 1.6-1.8x llama-server's 4 slots at c=16, the first token in 0.11-0.14 s instead
 # of 7-8 s; see the README's streaming sweep).
-# With kv_per_slot every slot holds a whole context, so there the default stays 4.
+# With kv_per_slot every slot holds a whole context, so there the default stays 4, and so it does
+# for a model with a recurrent state (Mamba, RWKV, hybrids such as Qwen3.5: gpu/planning.py), where
+# every slot holds a whole state (which the memory plan does not size).
 DEFAULT_PARALLEL = 16
 DEFAULT_PARALLEL_KV_PER_SLOT = 4
+DEFAULT_PARALLEL_RECURRENT = 4
 
 
 class FlashAttention(str, Enum):

@@ -24,6 +24,11 @@ KV_CELL_PADDING = 256
 CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
 
 
+# Header keys only models with a recurrent state have (Mamba, RWKV, LFM2, and the linear-attention
+# layers of hybrids such as Qwen3.5): one state per sequence, whatever its length.
+RECURRENT_KEYS = ("ssm.state_size", "ssm.conv_kernel", "wkv.head_size", "shortconv.l_cache")
+
+
 class ShapeError(ValueError):
     """The header lacks what the estimate needs (an architecture we cannot size)."""
 
@@ -43,15 +48,14 @@ class ModelShape:
     n_ctx_train: int
     header_bytes: int  # where the tensor data starts
     input_bytes: int  # token embeddings: llama.cpp keeps them in host memory even with full offload
+    recurrent: bool = False  # some layers keep a recurrent state per sequence (not sized here)
 
     @classmethod
     def from_header(cls, header: GgufHeader, file_bytes: int) -> ModelShape:
         n_layer = _int(header.arch("block_count"), "block_count")
         n_embd = _int(header.arch("embedding_length"), "embedding_length")
-        n_head = _int(header.arch("attention.head_count"), "attention.head_count")
-        n_head_kv = int(header.arch("attention.head_count_kv") or n_head)
-        head_k = int(header.arch("attention.key_length") or n_embd // n_head)
-        head_v = int(header.arch("attention.value_length") or head_k)
+        recurrent = any(header.arch(key) is not None for key in RECURRENT_KEYS)
+        n_head, n_head_kv, head_k, head_v = _attention(header, n_embd, recurrent)
         tokens = header.get("tokenizer.ggml.tokens")
         n_vocab = int(header.arch("vocab_size") or (tokens.length if isinstance(tokens, ArrayLength) else 0))
         sizes = header.tensor_bytes(file_bytes)
@@ -67,7 +71,19 @@ class ModelShape:
             n_ctx_train=int(header.arch("context_length") or 0),
             header_bytes=header.data_offset,
             input_bytes=sizes.get("token_embd.weight", 0),
+            recurrent=recurrent,
         )
+
+
+def _attention(header: GgufHeader, n_embd: int, recurrent: bool) -> tuple[int, int, int, int]:
+    """Heads, KV heads and their K and V sizes; all 0 for a model with no attention at all (a
+    recurrent one whose head count is 0 or absent), which has no KV cache."""
+    if recurrent and not header.arch("attention.head_count"):
+        return 0, 0, 0, 0
+    n_head = _int(header.arch("attention.head_count"), "attention.head_count")
+    n_head_kv = int(header.arch("attention.head_count_kv") or n_head)
+    head_k = int(header.arch("attention.key_length") or n_embd // n_head)
+    return n_head, n_head_kv, head_k, int(header.arch("attention.value_length") or head_k)
 
 
 def _int(value: object, key: str) -> int:

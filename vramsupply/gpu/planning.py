@@ -8,11 +8,12 @@ refuses (PlanRefused, with the numbers) when explicit settings cannot fit.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.table import Table
 
+from vramsupply.config import DEFAULT_PARALLEL_RECURRENT
 from vramsupply.config import Settings as AgentSettings
 from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.devices import Device, build_has_gpu_backend, list_devices
@@ -75,10 +76,13 @@ def plan_for(settings: AgentSettings, *, quant_explicit: bool, context_explicit:
     except GpuOptionError as exc:
         raise SourceError(str(exc)) from None
     target = target or planning_target(settings)
+    sizing = estimate_settings(settings)
+    if source.shape.recurrent and not parallel_explicit:  # each slot holds a whole recurrent state
+        sizing = replace(sizing, parallel=min(sizing.parallel, DEFAULT_PARALLEL_RECURRENT))
     return make_plan(
         source,
         target,
-        estimate_settings(settings),
+        sizing,
         quant=None if source.local_path else quant,
         context_fixed=context_explicit,
         parallel_fixed=parallel_explicit,
