@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import signal
 from pathlib import Path
@@ -98,12 +97,6 @@ async def test_over_200_mixed_requests_the_ledger_holds_exactly_the_usage_buyers
         await live.acall(lambda: live.state.accounts.flush(30))
         engine_completion_tokens = live.engine.stats().completion_tokens_total
         writer.close()
-        # The SDK leaves the HTTP client's async generators of the abandoned streams to the garbage
-        # collector. Collected at some later point of the suite, one now and then warned "async
-        # generator already executing" (why, exactly, was not found); collected here, while their
-        # own loop runs, they are closed by it.
-        gc.collect()
-        await asyncio.sleep(0.1)
 
     rows = {e.request_id: e for e in LedgerStore(path).entries()}
     assert len(rows) == len(buyer.received) == 208
