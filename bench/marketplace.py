@@ -389,7 +389,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="GGUF to serve (default: the bench model)")
     parser.add_argument("--servers", default="vramsupply,llama-server,llama_cpp.server")
     parser.add_argument("--rates", default="0.1,0.2,0.4", help="conversation arrivals per second, comma-separated")
-    parser.add_argument("--conversations", type=int, default=12, help="conversations per rate (default 12: 3x the 4 default slots)")
+    parser.add_argument("--conversations", type=int, default=12, help="conversations per rate (default 12: 3x llama-server's 4 default slots; vramsupply has 16)")
     parser.add_argument("--cap", type=float, default=60.0, help="seconds after the last arrival before unsent turns are dropped")
     parser.add_argument("--first-seed", type=int, default=1000, help="the first rate's trace seed; each next rate adds one (replay one rate's trace alone)")
     parser.add_argument("--threads", type=int, help="give every server this many threads (default: each server's own default)")
