@@ -137,8 +137,9 @@ class Admission:
         next (``pacing.py``) does not fit yet, so that room is kept for it."""
         paced = any(slot.generating for slot in self._slots)
         holders = [slot for slot in self._slots if slot.n_cached] if self._lends else idle  # who could lend
+        room = self._kv.admission_room(self._slots)
         for must, task in self._pacer.admission_order(self._waiting, holders, self._prompt_cache, paced):
-            if self._kv.fits(task, self._slots, self._held_prefix(task, idle)):
+            if room is None or self._kv.fits(task, room, self._held_prefix(task, idle)):
                 return task
             if must:
                 return None

@@ -102,20 +102,26 @@ class KvPressure:
         others = distinct_cells([s for s in slots if s is not slot]) if self._unified else 0
         return llama_cpp.llama_n_ctx_seq(self._ctx) - others
 
-    def fits(self, task: Task, slots: Sequence[Slot], held: int = 0) -> bool:
-        """Whether ``task``'s prompt fits in the shared cache beside the active requests, with
-        ``HEADROOM_PER_SLOT`` cells each to grow: admitting one that does not would only fill the
-        cache part way through its prompt and pause it (or another) again, wasting the prefill.
-        ``held``: the prefix of its prompt whose cells are in the cache already, to be kept or
-        borrowed (``sharing.py``); those cost nothing more."""
+    def admission_room(self, slots: Sequence[Slot]) -> int | None:
+        """Cells a waiting prompt may take now: what the active requests leave of the shared cache,
+        less ``HEADROOM_PER_SLOT`` cells for each of them and the newcomer to grow; None when any
+        prompt may start (a cache per slot, or nobody running). Admitting one that does not fit
+        would only fill the cache part way through its prompt and pause it (or another) again,
+        wasting the prefill. Computed once per admission pass (``fits`` per waiting request)."""
         active = [slot for slot in slots if slot.task is not None]
         if not self._unified or not active:
-            return True
-        tokens = task.to_prefill
-        # a later choice copies its sibling's prompt cells and decodes only the last prompt token
-        need = 1 if task.shares_prompt_with is not None else len(tokens) - held
+            return None
         headroom = HEADROOM_PER_SLOT * (len(active) + 1)
-        return used_cells(active) + need + headroom <= llama_cpp.llama_n_ctx_seq(self._ctx)
+        return llama_cpp.llama_n_ctx_seq(self._ctx) - used_cells(active) - headroom
+
+    @staticmethod
+    def fits(task: Task, room: int, held: int = 0) -> bool:
+        """Whether ``task``'s prompt fits in ``room`` (``admission_room``). ``held``: the prefix of
+        its prompt whose cells are in the cache already, to be kept or borrowed (``sharing.py``);
+        those cost nothing more."""
+        # a later choice copies its sibling's prompt cells and decodes only the last prompt token
+        need = 1 if task.shares_prompt_with is not None else len(task.to_prefill) - held
+        return need <= room
 
     def holding(self, busy: bool) -> bool:
         """Whether admission must wait: a request was paused for KV space and none has ended since."""
