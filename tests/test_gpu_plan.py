@@ -1,7 +1,7 @@
 """The memory plan: its numbers against llama.cpp's own accounting, its choices, and `vramsupply plan`.
 
-The 8B and bench models are header-only GGUFs (tests/gguf_shapes.py): llama.cpp's `no_alloc` load
-reads only the header, so an 8B shape costs a few MB here.
+The 8B, Qwen3.5-9B, Mamba-2.8B and bench models are header-only GGUFs (tests/gguf_shapes.py): llama.cpp's
+`no_alloc` load reads only the header, so a 9B shape costs a few MB here.
 """
 
 from __future__ import annotations
@@ -10,13 +10,11 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from gguf import GGUFWriter
 
 from conftest import TINY_MODEL, run_cli
 from fakehub import FakeFile, FakeHub, FakeRepo
-from gguf_shapes import BENCH, LLAMA_8B, write_header_only
+from gguf_shapes import BENCH, LLAMA_8B, MAMBA_2_8B, QWEN35_9B, write_header_only
 from vramsupply.gpu.accounting import measure
 from vramsupply.gpu.devices import Device
 from vramsupply.config import Settings as AgentSettings
@@ -36,6 +34,8 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "tiny": TINY_MODEL,
         "bench": write_header_only(folder / "bench-llama-768x12-Q8_0.gguf", BENCH),
         "8b": write_header_only(folder / "llama-8b-Q4_K_M.gguf", LLAMA_8B),
+        "qwen35-9b": write_header_only(folder / "qwen35-9b-Q4_K_M.gguf", QWEN35_9B),
+        "mamba-2.8b": write_header_only(folder / "mamba-2.8b-Q8_0.gguf", MAMBA_2_8B),
     }
 
 
@@ -48,6 +48,9 @@ CHECKS = [
     ("8b", Settings(4096, 4)),
     ("8b", Settings(4096, 4, kv_per_slot=True)),
     ("8b", Settings(16384, 2, flash_attention=False, cache_type_k="q8_0")),
+    ("qwen35-9b", Settings(4096, 4)),
+    ("qwen35-9b", Settings(8192, 2, flash_attention=False)),
+    ("mamba-2.8b", Settings(2048, 4)),
 ]
 
 
@@ -59,6 +62,7 @@ def test_the_estimate_is_within_10_percent_of_llama_cpps_own_accounting(shapes: 
 
     assert planned.weights_bytes == pytest.approx(actual.weights_bytes, rel=0.01)
     assert planned.kv_bytes == pytest.approx(actual.kv_bytes, rel=0.01)
+    assert planned.state_bytes == pytest.approx(actual.state_bytes, rel=0.01, abs=0.01 * MIB)  # llama.cpp logs MiB to 2 places
     assert planned.compute_bytes == pytest.approx(actual.compute_bytes, rel=0.10)
     assert planned.total_bytes == pytest.approx(actual.total_bytes, rel=0.10)
 
@@ -218,26 +222,33 @@ def test_plan_for_a_hub_model_reads_only_the_header_over_http_range(hub_8b: Fake
     assert not list((tmp_path / "hf").rglob("*.gguf")), "nothing downloaded"
 
 
-def test_a_hybrid_model_plans_its_attention_kv_and_keeps_4_slots_unless_set(tmp_path: Path) -> None:
-    """Qwen3.5-style: attention layers and layers with a recurrent state. The state is one per
-    sequence (not sized by the plan), so unset slots stay at 4, not 16."""
-    writer = GGUFWriter(str(tmp_path / "hybrid.gguf"), "qwen35")
-    writer.add_block_count(4)
-    writer.add_embedding_length(64)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_ssm_state_size(16)
-    writer.add_ssm_conv_kernel(4)
-    writer.add_tensor("token_embd.weight", np.zeros((32, 64), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    path = tmp_path / "hybrid.gguf"
-    shape = ModelShape.from_header(read_local_header(path), path.stat().st_size)
-    assert shape.recurrent and (shape.n_head, shape.n_head_kv, shape.head_dim_k) == (4, 2, 16)
+def test_a_hybrid_models_plan_counts_kv_for_its_attention_layers_and_a_state_per_slot(shapes: dict[str, Path]) -> None:
+    """Qwen3.5-9B-like: 8 attention layers among 32 and 24 gated delta nets. Before, the plan
+    counted KV for all 32 layers (4x too much) and no recurrent state; both now match llama.cpp
+    (the accounting test above). Each slot holds a whole state, so unset slots stay at 4, not 16."""
+    shape = local_source(str(shapes["qwen35-9b"])).shape
+    assert shape.recurrent and shape.kv_heads == (0, 0, 0, 4) * 8
+    assert shape.state_floats == 24 * (3 * (4096 + 2 * 16 * 128) + 128 * 4096)  # conv inputs + the delta net's state
     assert not ModelShape.from_header(read_local_header(TINY_MODEL), TINY_MODEL.stat().st_size).recurrent
 
-    settings = AgentSettings(model=str(path))
-    assert plan_for(settings, quant_explicit=False, parallel_explicit=False, target=Target((), HOST)).settings.parallel == 4
+    settings = AgentSettings(model=str(shapes["qwen35-9b"]), context_length=4096)
+    plan = plan_for(settings, quant_explicit=False, parallel_explicit=False, target=Target((), HOST))
+    assert plan.settings.parallel == 4
+    estimate = plan.chosen.estimate if plan.chosen else None
+    assert estimate and estimate.kv_bytes == 4096 * 8 * 4 * 256 * 2 * 2 and estimate.state_bytes == 4 * 4 * shape.state_floats
     assert plan_for(settings, quant_explicit=False, parallel_explicit=True, target=Target((), HOST)).settings.parallel == 16
+
+
+def test_plan_shows_a_hybrid_models_recurrent_state_beside_its_kv(shapes: dict[str, Path]) -> None:
+    result = run_cli("plan", "--model", str(shapes["qwen35-9b"]), "--context-length", "4096", "--json")
+    assert result.returncode == 0, result.stderr
+    (only,) = json.loads(result.stdout)["candidates"]
+    kv, states = 4096 * 8 * 4 * 256 * 2 * 2, 4 * 4 * 24 * (3 * (4096 + 2 * 16 * 128) + 128 * 4096)  # 4 slots by default
+    assert only["kv_bytes"] == kv + states and only["total_bytes"] == only["weights_bytes"] + only["kv_bytes"] + only["compute_bytes"]
+
+    table = run_cli("plan", "--model", str(shapes["qwen35-9b"]), "--context-length", "4096")
+    assert table.returncode == 0 and "KV + state" in table.stdout
+
+    refused = run_cli("plan", "--model", str(shapes["qwen35-9b"]), "--context-length", "131072", "--parallel", "256", "--kv-per-slot")
+    assert refused.returncode == 1
+    assert "+ recurrent state 12.56 GiB (256 x 50.2 MiB) + compute" in refused.stdout

@@ -44,7 +44,7 @@ DEFAULT_DOWNLOAD_TIMEOUT = 60.0
 # of 7-8 s; see the README's streaming sweep).
 # With kv_per_slot every slot holds a whole context, so there the default stays 4, and so it does
 # for a model with a recurrent state (Mamba, RWKV, hybrids such as Qwen3.5: gpu/planning.py), where
-# every slot holds a whole state (which the memory plan does not size).
+# every slot holds a whole state (50 MiB on a Qwen3.5-9B shape, sized by the memory plan).
 DEFAULT_PARALLEL = 16
 DEFAULT_PARALLEL_KV_PER_SLOT = 4
 DEFAULT_PARALLEL_RECURRENT = 4

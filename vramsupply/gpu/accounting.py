@@ -3,8 +3,7 @@
 With `no_alloc` llama.cpp reads only the header, places every tensor and reserves the compute graph
 as if for real, and logs the buffer sizes it would allocate. The C++ breakdown behind those lines
 (`llama_get_memory_breakdown`) is not part of the C API, so the sizes are read from the log lines;
-the weights come from `llama_model_size`. Used to check the header-only estimate, and by
-`vramsupply plan --check` on a local file.
+the weights come from `llama_model_size`. The tests check the header-only estimate against it.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ MIB = 1024 * 1024
 _FLASH = {True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 _CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 _KV = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB")
+_STATE = re.compile(r"llama_memory_recurrent: size = +([\d.]+) MiB")
 _COMPUTE = re.compile(r"compute buffer size = +([\d.]+) MiB")
 _OUTPUT = re.compile(r"output buffer size = +([\d.]+) MiB")
 _lock = threading.Lock()
@@ -38,10 +38,11 @@ class Accounting:
     weights_bytes: int
     kv_bytes: int
     compute_bytes: int  # compute buffers plus the logits output buffer
+    state_bytes: int = 0  # recurrent states
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes
+        return self.weights_bytes + self.kv_bytes + self.state_bytes + self.compute_bytes
 
 
 def _mib(pattern: re.Pattern[str], text: str) -> int:
@@ -78,7 +79,7 @@ def measure(path: Path, settings: Settings, n_gpu_layers: int = 0) -> Accounting
         finally:
             route_llama_logs()
     text = "".join(lines)
-    return Accounting(weights, _mib(_KV, text), _mib(_COMPUTE, text) + _mib(_OUTPUT, text))
+    return Accounting(weights, _mib(_KV, text), _mib(_COMPUTE, text) + _mib(_OUTPUT, text), _mib(_STATE, text))
 
 
 def _context_params(settings: Settings) -> llama_cpp.llama_context_params:

@@ -4,9 +4,11 @@ The numbers follow what llama.cpp allocates (checked against its own accounting 
 load in tests/test_gpu_plan.py, within 10 %):
 
 - weights: the tensor data, i.e. the file minus its header;
-- KV cache: cells × layers × KV heads × (head size K × bytes per K value + the same for V),
-  for one context shared by all slots (the default), or for each slot with `kv_per_slot`.
-  llama.cpp rounds the cells of a context up to a multiple of 256;
+- KV cache: cells × (the attention layers' KV heads) × (head size K × bytes per K value + the
+  same for V), for one context shared by all slots (the default), or for each slot with
+  `kv_per_slot`. llama.cpp rounds the cells of a context up to a multiple of 256;
+- recurrent state (Mamba, RWKV, and the linear-attention layers of hybrids such as Qwen3.5): one
+  fixed-size f32 state per recurrent layer for each slot, whatever the context (`layers.py`);
 - compute: the scheduler's reserved graph memory, whose peak is either the logits of a full
   micro-batch (ubatch × vocabulary, f32) or attention: without flash attention the f32 score
   matrix ubatch × cells × heads, with it only the f16 mask ubatch × cells. Plus the per-slot
@@ -18,15 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vramsupply.gpu.gguf_header import ArrayLength, GgufHeader
+from vramsupply.gpu.layers import Layers, per_layer, read_layers
 
 KV_CELL_PADDING = 256
 # Bytes per value of each KV cache type (quantized blocks hold 32 values).
 CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
-
-
-# Header keys only models with a recurrent state have (Mamba, RWKV, LFM2, and the linear-attention
-# layers of hybrids such as Qwen3.5): one state per sequence, whatever its length.
-RECURRENT_KEYS = ("ssm.state_size", "ssm.conv_kernel", "wkv.head_size", "shortconv.l_cache")
 
 
 class ShapeError(ValueError):
@@ -40,22 +38,27 @@ class ModelShape:
     architecture: str
     n_layer: int
     n_embd: int
-    n_head: int
-    n_head_kv: int
+    n_head: int  # the most of any layer
+    kv_heads: tuple[int, ...]  # per layer; 0 where a layer keeps no attention KV
     head_dim_k: int
     head_dim_v: int
     n_vocab: int
     n_ctx_train: int
     header_bytes: int  # where the tensor data starts
     input_bytes: int  # token embeddings: llama.cpp keeps them in host memory even with full offload
-    recurrent: bool = False  # some layers keep a recurrent state per sequence (not sized here)
+    state_floats: int = 0  # the recurrent layers' state for one sequence (f32 values)
+    recurrent: bool = False  # some layers keep a recurrent state per sequence
+
+    @property
+    def n_head_kv(self) -> int:
+        return max(self.kv_heads, default=0)
 
     @classmethod
     def from_header(cls, header: GgufHeader, file_bytes: int) -> ModelShape:
         n_layer = _int(header.arch("block_count"), "block_count")
         n_embd = _int(header.arch("embedding_length"), "embedding_length")
-        recurrent = any(header.arch(key) is not None for key in RECURRENT_KEYS)
-        n_head, n_head_kv, head_k, head_v = _attention(header, n_embd, recurrent)
+        layers = read_layers(header, n_layer, n_embd)
+        n_head, head_k, head_v = _attention(header, n_embd, layers)
         tokens = header.get("tokenizer.ggml.tokens")
         n_vocab = int(header.arch("vocab_size") or (tokens.length if isinstance(tokens, ArrayLength) else 0))
         sizes = header.tensor_bytes(file_bytes)
@@ -64,26 +67,26 @@ class ModelShape:
             n_layer=n_layer,
             n_embd=n_embd,
             n_head=n_head,
-            n_head_kv=n_head_kv,
+            kv_heads=layers.kv_heads,
             head_dim_k=head_k,
             head_dim_v=head_v,
             n_vocab=n_vocab,
             n_ctx_train=int(header.arch("context_length") or 0),
             header_bytes=header.data_offset,
             input_bytes=sizes.get("token_embd.weight", 0),
-            recurrent=recurrent,
+            state_floats=layers.state_floats_per_sequence,
+            recurrent=any(layers.recurrent),
         )
 
 
-def _attention(header: GgufHeader, n_embd: int, recurrent: bool) -> tuple[int, int, int, int]:
-    """Heads, KV heads and their K and V sizes; all 0 for a model with no attention at all (a
-    recurrent one whose head count is 0 or absent), which has no KV cache."""
-    if recurrent and not header.arch("attention.head_count"):
-        return 0, 0, 0, 0
-    n_head = _int(header.arch("attention.head_count"), "attention.head_count")
-    n_head_kv = int(header.arch("attention.head_count_kv") or n_head)
+def _attention(header: GgufHeader, n_embd: int, layers: Layers) -> tuple[int, int, int]:
+    """The most heads of any layer, and the K and V head sizes; all 0 for a model with no
+    attention at all (a recurrent one whose head count is 0 or absent), which has no KV cache."""
+    if any(layers.recurrent) and not any(layers.kv_heads):
+        return 0, 0, 0
+    n_head = _int(max(per_layer(header.arch("attention.head_count"), len(layers.kv_heads)), default=0), "attention.head_count")
     head_k = int(header.arch("attention.key_length") or n_embd // n_head)
-    return n_head, n_head_kv, head_k, int(header.arch("attention.value_length") or head_k)
+    return n_head, head_k, int(header.arch("attention.value_length") or head_k)
 
 
 def _int(value: object, key: str) -> int:
@@ -123,10 +126,16 @@ class Estimate:
     kv_bytes: int  # all slots
     compute_bytes: int
     kv_bytes_per_context: int  # one context of `context_length` tokens
+    state_bytes: int = 0  # recurrent state: one per slot
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the context keeps per token and per sequence: the KV cache and recurrent states."""
+        return self.kv_bytes + self.state_bytes
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes
+        return self.weights_bytes + self.memory_bytes + self.compute_bytes
 
 
 def kv_cells(context_length: int) -> int:
@@ -134,15 +143,22 @@ def kv_cells(context_length: int) -> int:
 
 
 def kv_bytes_per_context(shape: ModelShape, settings: Settings) -> int:
-    per_cell_layer = shape.n_head_kv * (shape.head_dim_k * CACHE_TYPE_BYTES[settings.cache_type_k] + shape.head_dim_v * CACHE_TYPE_BYTES[settings.cache_type_v])
-    return int(kv_cells(settings.context_length) * shape.n_layer * per_cell_layer)
+    per_head = shape.head_dim_k * CACHE_TYPE_BYTES[settings.cache_type_k] + shape.head_dim_v * CACHE_TYPE_BYTES[settings.cache_type_v]
+    return int(kv_cells(settings.context_length) * sum(shape.kv_heads) * per_head)
+
+
+def state_bytes(shape: ModelShape, settings: Settings) -> int:
+    """Recurrent states in f32, one per sequence the context holds (llama.cpp: at least one)."""
+    return 4 * shape.state_floats * max(1, settings.parallel)
 
 
 def compute_bytes(shape: ModelShape, settings: Settings) -> int:
     ubatch = min(settings.n_ubatch, settings.n_batch, settings.context_length * settings.kv_contexts)
     cells = kv_cells(settings.context_length)
     logits = 4 * ubatch * (shape.n_vocab + 2 * shape.n_embd)
-    if settings.flash_attention:
+    if not any(shape.kv_heads):  # no attention layer (Mamba, RWKV)
+        attention = 0
+    elif settings.flash_attention:
         attention = 2 * ubatch * cells + 48 * ubatch * shape.n_embd
     else:
         attention = 4 * ubatch * cells * (shape.n_head + 1) + 24 * ubatch * shape.n_embd
@@ -152,4 +168,4 @@ def compute_bytes(shape: ModelShape, settings: Settings) -> int:
 
 def estimate(shape: ModelShape, weights_bytes: int, settings: Settings) -> Estimate:
     per_context = kv_bytes_per_context(shape, settings)
-    return Estimate(weights_bytes, per_context * settings.kv_contexts, compute_bytes(shape, settings), per_context)
+    return Estimate(weights_bytes, per_context * settings.kv_contexts, compute_bytes(shape, settings), per_context, state_bytes(shape, settings))

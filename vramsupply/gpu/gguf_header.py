@@ -22,6 +22,9 @@ MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 FIRST_READ = 1 << 20
 MAX_HEADER = 256 << 20  # no real header comes near this; a corrupt length must not make us fetch GBs
+# Numeric arrays up to this length are read (per-layer values such as the KV head count of each
+# layer; llama.cpp allows 512 layers); longer ones (a vocabulary's token types) only counted.
+MAX_KEPT_ARRAY = 4096
 
 # GGUF value types -> struct format of a scalar (8: string, 9: array are handled apart).
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -42,7 +45,8 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class GgufHeader:
-    """Metadata (arrays are kept only as their length, `ArrayLength`) and the tensor table."""
+    """Metadata and the tensor table. Short numeric arrays are kept as tuples; others (token
+    lists) only as their length, `ArrayLength`."""
 
     metadata: dict[str, Any]
     tensors: tuple[TensorInfo, ...]
@@ -106,6 +110,9 @@ class _Cursor:
             return self.string()
         if kind == _ARRAY:
             item_type, length = self.unpack("<I"), self.unpack("<Q")
+            if item_type in _SCALARS and length <= MAX_KEPT_ARRAY:
+                fmt = _SCALARS[item_type]
+                return struct.unpack(f"<{length}{fmt[1]}", self.take(struct.calcsize(fmt) * length))
             self.skip_array(item_type, length)
             return ArrayLength(item_type, length)
         fmt = _SCALARS.get(kind)

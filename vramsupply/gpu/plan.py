@@ -86,7 +86,7 @@ class Candidate:
             "quant": self.quant,
             "file_bytes": self.file_bytes,
             "weights_bytes": e.weights_bytes,
-            "kv_bytes": e.kv_bytes,
+            "kv_bytes": e.memory_bytes,
             "compute_bytes": e.compute_bytes,
             "total_bytes": e.total_bytes,
             "fits": self.fits,
@@ -96,7 +96,9 @@ class Candidate:
         e = self.estimate
         return (
             f"{self.quant} needs {gib(e.total_bytes)}: weights {gib(e.weights_bytes)} + KV {gib(e.kv_bytes)} "
-            f"({settings.describe()}{f', {gib(e.kv_bytes_per_context)} each' if settings.kv_per_slot else ''}) + compute {gib(e.compute_bytes)}"
+            f"({settings.describe()}{f', {gib(e.kv_bytes_per_context)} each' if settings.kv_per_slot else ''})"
+            f"{f' + recurrent state {gib(e.state_bytes)} ({settings.parallel} x {gib(e.state_bytes // settings.parallel)})' if e.state_bytes else ''}"
+            f" + compute {gib(e.compute_bytes)}"
         )
 
 

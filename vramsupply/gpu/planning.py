@@ -150,12 +150,13 @@ def _report(fitted: Fitted) -> None:
 
 def plan_table(plan: Plan) -> Table:
     table = Table(title=f"memory plan for {plan.model}: {plan.settings.describe()}", title_justify="left")
-    for column in ("quant", "file", "weights", "KV cache", "compute", "total", f"on {'GPU' if plan.target.on_gpu else 'CPU'}", "fits"):
+    memory = "KV + state" if any(c.estimate.state_bytes for c in plan.candidates) else "KV cache"
+    for column in ("quant", "file", "weights", memory, "compute", "total", f"on {'GPU' if plan.target.on_gpu else 'CPU'}", "fits"):
         table.add_column(column, justify="left" if column in ("quant", "fits") else "right", no_wrap=True)
     for c in plan.candidates:
         chosen = "  ← chosen" if plan.chosen is not None and c.quant == plan.chosen.quant else ""
         e = c.estimate
-        table.add_row(c.quant, gib(c.file_bytes), gib(e.weights_bytes), gib(e.kv_bytes), gib(e.compute_bytes), gib(e.total_bytes), gib(c.needed_bytes), ("yes" if c.fits else "no") + chosen)
+        table.add_row(c.quant, gib(c.file_bytes), gib(e.weights_bytes), gib(e.memory_bytes), gib(e.compute_bytes), gib(e.total_bytes), gib(c.needed_bytes), ("yes" if c.fits else "no") + chosen)
     return table
 
 
