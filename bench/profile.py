@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Where vramsupply's time goes at one stream: the profile behind the README's account of c=1.
+"""Where vramsupply's time goes at one stream (or several): the profile behind the README's account of c=1 and c=16.
 
 Starts ``vramsupply serve`` at its defaults on the bench model, streams one 128-token completion
-after another (as bench/run.py's c=1 level does), and measures while the load runs:
+after another on each of ``--concurrency`` connections (as bench/run.py's levels do), and measures
+while the load runs:
 
 1. **CPU per token, per thread**, from ``/proc/PID/task/*/stat``: the decode threads, the event
    loop (the HTTP side), and the rest.
@@ -13,6 +14,7 @@ after another (as bench/run.py's c=1 level does), and measures while the load ru
    ``llama_decode`` against sampling, text and handing tokens over.
 
     bench/.cache/venv-llamacpp-server/bin/python bench/profile.py      # ~1 min; bench/results/<date>-profile-c1.json
+    bench/.cache/venv-llamacpp-server/bin/python bench/profile.py --concurrency 16   # <date>-profile-c16.json
 """
 
 from __future__ import annotations
@@ -41,19 +43,24 @@ BENCH_MODEL = REPO / "bench" / ".cache" / "bench-llama-768x12-q8_0.gguf"
 
 
 class Load:
-    """c=1 streaming completions on a background thread, counting streamed chunks."""
+    """``concurrency`` streams of completions, one after another on each, on a background thread,
+    counting streamed chunks."""
 
-    def __init__(self, url: str, model: str) -> None:
+    def __init__(self, url: str, model: str, concurrency: int = 1) -> None:
         self.url, self.model, self.chunks, self._stop = url, model, 0, threading.Event()
+        self.concurrency = concurrency
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
     async def _run(self) -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            await asyncio.gather(*(self._stream(http) for _ in range(self.concurrency)))
+
+    async def _stream(self, http: aiohttp.ClientSession) -> None:
         body = {"model": self.model, "prompt": "Once upon a time", "max_tokens": 128, "temperature": 0, "stream": True, "ignore_eos": True}
-        async with aiohttp.ClientSession() as http:
-            while not self._stop.is_set():
-                async with http.post(self.url + "/v1/completions", json=body) as response:
-                    async for line in response.content:
-                        self.chunks += line.startswith(b"data: {")
+        while not self._stop.is_set():
+            async with http.post(self.url + "/v1/completions", json=body) as response:
+                async for line in response.content:
+                    self.chunks += line.startswith(b"data: {")
 
     def __enter__(self) -> Load:
         self._thread.start()
@@ -97,9 +104,11 @@ def py_spy(pid: int, seconds: float, gil: bool) -> dict:
 
 
 def summarize(raw: str, possible: float) -> dict:
-    """Per thread: its share of all sample times, and its top functions (leaf frames)."""
+    """Per thread: its share of all sample times, its top functions as leaf frames (where the time
+    is spent) and inclusively (under which call: each function counted once per sample)."""
     totals: collections.Counter[str] = collections.Counter()
     leaves: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    under: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for line in raw.splitlines():
         stack, count = line.rsplit(" ", 1)
         frames = stack.split(";")
@@ -107,8 +116,14 @@ def summarize(raw: str, possible: float) -> dict:
         thread = "scheduler" if any("Scheduler._run" in f for f in frames) else {"MainThread": "event loop"}.get(name, name)
         totals[thread] += int(count)
         leaves[thread][frames[-1]] += int(count)
+        for function in {f.split(" (")[0] for f in frames[1:]}:
+            under[thread][function] += int(count)
     return {
-        thread: {"share_of_time": round(n / possible, 3), "top": {f: round(c / n, 3) for f, c in leaves[thread].most_common(10)}}
+        thread: {
+            "share_of_time": round(n / possible, 3),
+            "top": {f: round(c / n, 3) for f, c in leaves[thread].most_common(10)},
+            "inclusive": {f: round(c / n, 3) for f, c in under[thread].most_common(16)},
+        }
         for thread, n in totals.most_common(6)
     }
 
@@ -126,14 +141,15 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=BENCH_MODEL)
     parser.add_argument("--seconds", type=float, default=15, help="length of each of the three measurements")
     parser.add_argument("--vramsupply", type=Path, default=REPO / ".venv" / "bin" / "vramsupply")
-    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-profile-c1.json)")
+    parser.add_argument("--concurrency", type=int, default=1, help="streams at once (default 1)")
+    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-profile-c<concurrency>.json)")
     args = parser.parse_args()
     port = free_port()
     process = asyncio.run(start(args.model, port, args.vramsupply))
     report = {"date": dt.date.today().isoformat(), "model": args.model.name, "load_avg_at_start": os.getloadavg(),
-              "settings": "vramsupply serve defaults", "cpus": os.cpu_count()}
+              "settings": "vramsupply serve defaults", "concurrency": args.concurrency, "cpus": os.cpu_count()}
     try:
-        with Load(f"http://127.0.0.1:{port}", args.model.stem) as load:
+        with Load(f"http://127.0.0.1:{port}", args.model.stem, args.concurrency) as load:
             time.sleep(3)  # warm up
             report["cpu"] = cpu_per_token(process.pid, load, args.seconds)
             report["gil"] = py_spy(process.pid, args.seconds, gil=True)
@@ -142,7 +158,7 @@ def main() -> None:
         process.terminate()
         process.wait(30)
     report["load_avg_at_end"] = os.getloadavg()
-    out = args.out or REPO / "bench" / "results" / f"{report['date']}-profile-c1.json"
+    out = args.out or REPO / "bench" / "results" / f"{report['date']}-profile-c{args.concurrency}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
