@@ -169,6 +169,26 @@ def test_a_step_plans_generating_slots_first_and_ends_with_the_first_prompt_it_f
     assert [(slot.seq_id, None if chunk is None else len(chunk)) for slot, chunk in plan] == [(0, None), (3, 80)]
 
 
+def test_short_prompts_that_arrive_together_start_together_within_the_step_target() -> None:
+    """Sixteen buyers' 5-token questions at once: one a step made the 16th wait 16 steps (0.4 s at
+    c=16). A step in which a prompt ends also takes whole prompts that end with it, up to what the
+    step cost so far; a prompt that would not end there never joins it."""
+    pacer = PrefillPacer(512)
+    learn(pacer, 0.001)  # 1 ms a prompt token beside streams
+    pacer.observe(StepWork(0, 0.0, True), 0.020)  # the generating rows: 20 ms a step
+    now = time.monotonic()
+    generating = prefilling(0, 10, arrived=now - 5, done=10)
+    generating.next_token = 42
+    questions = [prefilling(i, 5, arrived=now + i * 1e-3) for i in range(1, 17)]
+    long = prefilling(17, 900, arrived=now + 2e-3 + 1e-4)  # between the 2nd and 3rd question
+    plan = pacer.plan([generating, long, *questions], capacity=2048, memory=None)
+
+    started = [(slot.seq_id, len(chunk)) for slot, chunk in plan if chunk is not None]
+    assert started == [(i, 5) for i in range(1, 7)], "the first, then 5 more of 5 ms within its 25 ms"
+    assert 0.020 + 0.001 * sum(size for _, size in started) <= STEP_TARGET_SECONDS
+    assert all(slot is not long for slot, _ in plan)
+
+
 FIRST_TOKENS = count(10_000, 10_000)
 
 

@@ -44,7 +44,12 @@ request being brought back (``preempt.py``), since its buyer is already reading 
 same order decides which waiting request takes a slot that frees up (``admission_order``, counting
 what it would find cached), so under overload a fresh question is not queued behind requests that
 have already missed the target. And a step in which a prompt ends carries no other prompt's rows,
-which would only delay its first token.
+which would only delay its first token, except whole prompts that end in the same step and together
+cost no more than the step did so far (at most doubling its time): when 16 short questions arrive at
+once they start in a few steps, not one a step (the 16th waited 16 steps). In two runs of 8
+alternating rounds at c=16 (``bench/ab_level.py``) the TTFT p95 went from 555 and 571 ms to 343 and
+338, the median up from 136 and 140 ms to 181 and 202 (the first prompt of a step now shares it),
+the mean down from 216 to 202 ms, and tok/s 1.11 and 1.01x.
 """
 
 from __future__ import annotations
@@ -134,7 +139,9 @@ class PrefillPacer:
         generating = bool(plan)
         room, seconds = self._room(capacity - len(plan), generating), self._seconds_for_prompts(generating)
         cost = self._cost(generating)
-        for slot in self.prefill_order((s for s in slots if s.prefilling), paced=generating):
+        step = (self._generating.value or 0.0) if generating else 0.0  # the step's predicted seconds so far
+        order = self.prefill_order((s for s in slots if s.prefilling), paced=generating)
+        for at, slot in enumerate(order):
             if room == 0:
                 break
             if not share_prompt(slot, slots, memory):
@@ -144,13 +151,36 @@ class PrefillPacer:
             if seconds is not None:
                 size = min(size, max(MIN_CHUNK if first else 0, cost.tokens_within(seconds, slot.n_cached)))
                 seconds -= cost.seconds(size, slot.n_cached)
+                step += cost.seconds(size, slot.n_cached)
             if size == 0 or (not first and size < min(MIN_CHUNK, left)):
                 break  # no time left for a useful chunk
             plan.append((slot, slot.prompt[slot.n_cached : slot.n_cached + size]))
             room -= size
-            if size == left:
-                break  # its first token waits for no other prompt's rows
+            if size == left:  # its first token waits for no other prompt's rows, but for those of
+                if seconds is not None:  # prompts that end in this step too, up to doubling its time
+                    plan += self._companions(order[at + 1 :], slots, memory, room, min(step, seconds), cost)
+                break
         return plan
+
+    @staticmethod
+    def _companions(
+        order: list[Slot], slots: list[Slot], memory: object, room: int, allowance: float, cost: ChunkCost
+    ) -> list[tuple[Slot, np.ndarray | None]]:
+        """Whole prompts that end in a step where another prompt ends, in prefill order, whose
+        predicted seconds together stay within ``allowance`` (what the step cost so far, and no
+        more than its target leaves) and whose rows fit ``room``."""
+        chosen: list[tuple[Slot, np.ndarray | None]] = []
+        for slot in order:
+            if allowance <= 0 or room == 0:
+                break
+            if not share_prompt(slot, slots, memory):
+                continue
+            left = len(slot.prompt) - slot.n_cached
+            seconds = cost.seconds(left, slot.n_cached)
+            if left <= room and seconds <= allowance + 1e-9:  # (the tolerance: float sums of equal costs)
+                chosen.append((slot, slot.prompt[slot.n_cached :]))
+                room, allowance = room - left, allowance - seconds
+        return chosen
 
     def _cost(self, generating: bool) -> ChunkCost:
         return self._paced if generating else self._alone
