@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType
@@ -30,6 +31,14 @@ class Shape:
     ctx_train: int
     weight_type: GGMLQuantizationType
     file_type: LlamaFileType
+    arch: ClassVar[str] = "llama"
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType]]:
+        return _llama_tensors(self)
+
+    def add_arch_keys(self, writer: GGUFWriter) -> None:
+        _add_attention_keys(writer, self)
+        writer.add_rope_dimension_count(self.n_embd // self.n_head)
 
 
 # The team's bench model (make_bench_model.py defaults: 768x12, ffn 2048, 12 heads, 3 KV heads, Q8_0)
@@ -50,6 +59,14 @@ class HybridShape(Shape):
     ssm_d_state: int = 128
     ssm_k_heads: int = 16  # ssm.group_count
     ssm_v_heads: int = 32  # ssm.time_step_rank
+    arch: ClassVar[str] = "qwen35"
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType]]:
+        return _hybrid_tensors(self)
+
+    def add_arch_keys(self, writer: GGUFWriter) -> None:
+        _add_attention_keys(writer, self)
+        _add_hybrid_keys(writer, self)
 
 
 # A Qwen3.5-9B-like shape (32 layers of 4096, 8 of them attention with 16 heads and 4 KV heads of
@@ -67,6 +84,13 @@ class MambaShape(Shape):
     ssm_d_inner: int = 5120
     ssm_d_state: int = 16
     ssm_dt_rank: int = 160
+    arch: ClassVar[str] = "mamba"
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType]]:
+        return _mamba_tensors(self)
+
+    def add_arch_keys(self, writer: GGUFWriter) -> None:
+        _add_mamba_keys(writer, self)
 
 
 # Mamba-2.8B's shape (64 layers of 2560, d_inner 5120) at Q8_0 where a row allows, with a 32000-token vocabulary.
@@ -78,11 +102,7 @@ def _nbytes(rows: int, cols: int, kind: GGMLQuantizationType) -> int:
     return rows * cols // block * type_size
 
 
-def _tensors(shape: Shape) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType]]:
-    if isinstance(shape, HybridShape):
-        return _hybrid_tensors(shape)
-    if isinstance(shape, MambaShape):
-        return _mamba_tensors(shape)
+def _llama_tensors(shape: Shape) -> list[tuple[str, tuple[int, ...], GGMLQuantizationType]]:
     head_dim = shape.n_embd // shape.n_head
     kv = shape.n_head_kv * head_dim
     q, f32 = shape.weight_type, GGMLQuantizationType.F32
@@ -169,6 +189,12 @@ def _vocabulary(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, [0.0] * n_vocab, types
 
 
+def _add_attention_keys(writer: GGUFWriter, shape: Shape) -> None:
+    writer.add_feed_forward_length(shape.n_ff)
+    writer.add_head_count(shape.n_head)
+    writer.add_head_count_kv(shape.n_head_kv)
+
+
 def _add_hybrid_keys(writer: GGUFWriter, shape: HybridShape) -> None:
     writer.add_key_length(shape.head_dim)
     writer.add_value_length(shape.head_dim)
@@ -189,22 +215,13 @@ def _add_mamba_keys(writer: GGUFWriter, shape: MambaShape) -> None:
 
 
 def write_header_only(path: Path, shape: Shape) -> Path:
-    writer = GGUFWriter(str(path), "qwen35" if isinstance(shape, HybridShape) else "mamba" if isinstance(shape, MambaShape) else "llama")
+    writer = GGUFWriter(str(path), shape.arch)
     writer.add_name(shape.name)
     writer.add_context_length(shape.ctx_train)
     writer.add_embedding_length(shape.n_embd)
     writer.add_block_count(shape.n_layer)
     writer.add_layer_norm_rms_eps(1e-5)
-    if isinstance(shape, MambaShape):
-        _add_mamba_keys(writer, shape)
-    else:
-        writer.add_feed_forward_length(shape.n_ff)
-        writer.add_head_count(shape.n_head)
-        writer.add_head_count_kv(shape.n_head_kv)
-    if isinstance(shape, HybridShape):
-        _add_hybrid_keys(writer, shape)
-    elif not isinstance(shape, MambaShape):
-        writer.add_rope_dimension_count(shape.n_embd // shape.n_head)
+    shape.add_arch_keys(writer)
     writer.add_file_type(shape.file_type)
     tokens, scores, types = _vocabulary(shape.n_vocab)
     writer.add_tokenizer_model("llama")
@@ -215,7 +232,7 @@ def write_header_only(path: Path, shape: Shape) -> Path:
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
     data_bytes = 0
-    for name, dims, kind in _tensors(shape):
+    for name, dims, kind in shape.tensors():
         nbytes = _nbytes(dims[0], dims[1], kind) if len(dims) == 2 else dims[0] * 4
         writer.add_tensor_info(name, dims, np.dtype(np.float32), nbytes, raw_dtype=kind)
         data_bytes += -(-nbytes // ALIGNMENT) * ALIGNMENT

@@ -150,8 +150,8 @@ class PrefillPacer:
             size = min(room, left)
             if seconds is not None:
                 size = min(size, max(MIN_CHUNK if first else 0, cost.tokens_within(seconds, slot.n_cached)))
-                seconds -= cost.seconds(size, slot.n_cached)
-                step += cost.seconds(size, slot.n_cached)
+                chunk_seconds = cost.seconds(size, slot.n_cached)
+                seconds, step = seconds - chunk_seconds, step + chunk_seconds
             if size == 0 or (not first and size < min(MIN_CHUNK, left)):
                 break  # no time left for a useful chunk
             plan.append((slot, slot.prompt[slot.n_cached : slot.n_cached + size]))

@@ -53,8 +53,8 @@ class Layers:
 def read_layers(header: GgufHeader, n_layer: int, n_embd: int) -> Layers:
     """The layers of the model in `header`; `n_head_kv` defaults to the head count, as in llama.cpp."""
     has_state = any(header.arch(key) is not None for key in RECURRENT_KEYS)
-    heads = per_layer(header.arch("attention.head_count"), n_layer)
-    kv_heads = per_layer(header.arch("attention.head_count_kv"), n_layer) if header.arch("attention.head_count_kv") is not None else heads
+    heads, kv = per_layer(header.arch("attention.head_count"), n_layer), header.arch("attention.head_count_kv")
+    kv_heads = heads if kv is None else per_layer(kv, n_layer)
     if not has_state:
         return Layers(kv_heads, (False,) * n_layer, 0)
     recurrent = _recurrent_layers(header, n_layer, kv_heads)
