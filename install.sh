@@ -7,10 +7,11 @@
 #   sh install.sh [--version X | --from PATH] [--backend cpu|cuda|hip|metal|vulkan]
 #                 [--dry-run] [--strict] [--dev] [--service] [--uninstall [--purge]]
 #
-# --dry-run prints the backend and toolchain it would use and installs nothing. A failed GPU build
-# falls back to the CPU build with a warning; --strict fails instead.
+# --dry-run prints the backend, toolchain and CPU code flags it would use and installs nothing. A
+# failed GPU build falls back to the CPU build with a warning; --strict fails instead.
 # Environment overrides: VRAMSUPPLY_VERSION, VRAMSUPPLY_FROM, VRAMSUPPLY_BACKEND,
 # VRAMSUPPLY_CUDA_ARCHITECTURES, VRAMSUPPLY_HIP_TARGETS, CUDA_HOME (a CUDA toolkit to use),
+# VRAMSUPPLY_CPU_FLAGS (compiler flags for llama.cpp's CPU code, instead of the AMX probe's),
 # VRAMSUPPLY_DATA_DIR (where the venv lives), VRAMSUPPLY_BIN_DIR (where the link goes).
 #
 # Everything runs from main(), called on the last line, so a truncated download runs nothing.
@@ -242,6 +243,67 @@ plan_toolchain() {
     esac
 }
 
+# --- The CPU code every build carries ------------------------------------------------------------
+# llama.cpp compiles its CPU backend for this machine's CPU (-march=native). On a CPU with AMX
+# (Intel Xeon from Sapphire Rapids on) that brings in its AMX kernels, and GCC 11 and 12 miscompile
+# their tile set-up: the _tile_loadconfig intrinsic declares an 8-byte operand, so the compiler
+# drops the stores of the tile rows and columns, and the first quantized matrix product (a Q4_K or
+# Q8_0 model) dies with SIGSEGV in ggml_backend_amx_mul_mat. The probe compiles that pattern with
+# this machine's compiler and runs it; when the tile configuration does not come back as written,
+# the build leaves AMX out (llama.cpp then uses its AVX-512 kernels) and says so.
+AMX_OFF="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+amx_probe_source() {
+    cat <<'EOF'
+#include <stdint.h>
+#include <string.h>
+#ifdef __AMX_TILE__
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+struct config { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
+__attribute__((noinline)) static void load(void) {
+    _Alignas(64) struct config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) { c.rows[i] = 16; c.colsb[i] = 64; }
+    _tile_loadconfig(&c);
+}
+__attribute__((noinline)) static void scribble(void) {
+    volatile char junk[512];
+    for (int i = 0; i < 512; i++) junk[i] = (char)0xff;
+}
+int main(void) {
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */)) return 0;
+    scribble();
+    load();
+    _Alignas(64) struct config back;
+    _tile_storeconfig(&back);
+    _tile_release();
+    return back.rows[0] == 16 && back.colsb[7] == 64 ? 0 : 1;
+}
+#else
+int main(void) { return 0; }
+#endif
+EOF
+}
+
+# The compiler flags llama.cpp's CPU code needs on this machine ("" when none): AMX_OFF when the
+# probe shows the compiler miscompiles AMX tile set-up (or the probe dies). A compiler that cannot
+# build the probe cannot turn AMX on either.
+cpu_build_flags() {
+    [ "$(uname -s 2>/dev/null)" = Linux ] && [ "$(uname -m 2>/dev/null)" = x86_64 ] || return 0
+    have cc || return 0
+    probe_dir=$(mktemp -d 2>/dev/null) || return 0
+    amx_probe_source >"$probe_dir/amx.c"
+    probe_status=0
+    if cc -O2 -march=native "$probe_dir/amx.c" -o "$probe_dir/amx" >/dev/null 2>&1; then
+        ("$probe_dir/amx"; exit $?) >/dev/null 2>&1 || probe_status=$?
+    fi
+    rm -rf "$probe_dir"
+    if [ "$probe_status" != 0 ]; then echo "$AMX_OFF"; fi
+}
+
 checkout_dir() {
     # The directory this script lives in, when it is a vramsupply checkout (sh install.sh).
     case "$0" in
@@ -316,6 +378,17 @@ build_failure_reason() {
     echo "$reason" | cut -c 1-200
 }
 
+plan_cpu_flags() { # sets $cpu_flags and $cpu_flags_why; VRAMSUPPLY_CPU_FLAGS (even empty) overrides the probe
+    if [ -n "${VRAMSUPPLY_CPU_FLAGS+set}" ]; then
+        cpu_flags=$VRAMSUPPLY_CPU_FLAGS cpu_flags_why="from VRAMSUPPLY_CPU_FLAGS"
+    else
+        cpu_flags=$(cpu_build_flags)
+        cpu_flags_why="AMX left out: this compiler miscompiles llama.cpp's AMX tile set-up, which crashes quantized models"
+    fi
+}
+
+build_id() { echo "$1${cpu_flags:+ $cpu_flags}"; } # BACKEND: what $data_dir/backend records
+
 llama_importable() { "$venv/bin/python" -c 'import llama_cpp' >/dev/null 2>&1; }
 
 # NVIDIA's toolkit wheels, merged into one CUDA tree at $cuda_root (the layout CMake and nvcc expect).
@@ -352,13 +425,15 @@ build_llama() { # BACKEND: build and install llama-cpp-python for it, log in $bu
     build_log="$data_dir/build-$1.log"
     flags=""
     if llama_importable; then flags="--force-reinstall --no-deps"; fi
-    # pip's wheel cache ignores CMAKE_ARGS: a GPU build must never reuse (or leave) a cached wheel.
-    if [ "$1" != cpu ]; then flags="$flags --no-cache-dir"; fi
+    # pip's wheel cache ignores CMAKE_ARGS and CFLAGS: a GPU build, or one with CPU flags, must never
+    # reuse (or leave) a cached wheel.
+    if [ "$1" != cpu ] || [ -n "$cpu_flags" ]; then flags="$flags --no-cache-dir"; fi
     say "building llama-cpp-python for $1 (several minutes; log: $build_log)"
     extra_path=${cuda_root:+$cuda_root/bin:}
     # shellcheck disable=SC2086
     run_build "$build_log" "building llama.cpp for $1" env PATH="$extra_path$PATH" ${cuda_root:+CUDACXX=$cuda_root/bin/nvcc} \
-        ${hip_env:-} CMAKE_ARGS="$cmake_args" $pip install -v $flags "$LLAMA_SPEC"
+        ${hip_env:-} CMAKE_ARGS="$cmake_args" CFLAGS="${CFLAGS:+$CFLAGS }$cpu_flags" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }$cpu_flags" \
+        $pip install -v $flags "$LLAMA_SPEC"
 }
 
 # The CUDA build needs cudart and cuBLAS at run time, and a toolkit from PyPI (or in an unusual
@@ -460,8 +535,10 @@ main() {
 
     if [ -n "$backend" ]; then why="asked for with --backend"; else detect_backend; fi
     plan_toolchain "$backend"
+    plan_cpu_flags
     say "llama.cpp backend: $backend ($why)"
     say "toolchain: $toolchain"
+    if [ -n "$cpu_flags" ]; then say "CPU code flags: $cpu_flags ($cpu_flags_why)"; fi
     if [ -n "$toolchain_missing" ]; then
         if [ "$strict" = 1 ]; then
             say "cannot build for $backend: $toolchain_missing (--strict: the install stops here)"
@@ -503,9 +580,10 @@ main() {
     pip="$venv/bin/python -m pip --disable-pip-version-check"
     $pip install --quiet --upgrade pip
 
-    previous_backend=$(cat "$data_dir/backend" 2>/dev/null || echo none)
+    # The backend file also records the CPU flags, so a build made before a flag was needed is redone.
+    previous_build=$(cat "$data_dir/backend" 2>/dev/null || echo none)
     fell_back=0
-    if [ "$previous_backend" != "$backend" ] || ! llama_importable; then
+    if [ "$previous_build" != "$(build_id "$backend")" ] || ! llama_importable; then
         require_build_tools
         installed=""
         if [ "$backend" != cpu ]; then
@@ -520,12 +598,12 @@ main() {
         fi
         if [ -z "$installed" ]; then
             plan_toolchain cpu
-            if [ "$previous_backend" != cpu ] || ! llama_importable; then
+            if [ "$previous_build" != "$(build_id cpu)" ] || ! llama_importable; then
                 build_llama cpu || die "the CPU build failed too: $(build_failure_reason "$build_log") (full log: $build_log)"
             fi
             installed=cpu
         fi
-        echo "$installed" > "$data_dir/backend"
+        build_id "$installed" > "$data_dir/backend"
     fi
 
     $pip install --quiet --upgrade "$spec"

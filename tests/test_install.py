@@ -56,8 +56,10 @@ def test_install_upgrade_uninstall_in_a_temp_home(tmp_path: Path) -> None:
     env = {
         "PATH": f"{toolkit_bin}:{os.environ['PATH']}",
         "HOME": str(home),
-        # The llama-cpp-python wheel built for the dev install is reused from the real pip cache.
+        # The llama-cpp-python wheel built for the dev install is reused from the real pip cache,
+        # which a build with CPU flags (the AMX probe's, on some machines) would bypass: none here.
         "PIP_CACHE_DIR": REAL_PIP_CACHE,
+        "VRAMSUPPLY_CPU_FLAGS": "",
         "VRAMSUPPLY_DATA_DIR": str(data_dir),
         "VRAMSUPPLY_BIN_DIR": str(bin_dir),
     }

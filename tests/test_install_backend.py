@@ -271,3 +271,69 @@ def test_the_cuda_build_finds_cudart_and_cublas_of_a_toolkit_that_is_not_on_the_
     subprocess.run(["sh", "-c", script], check=True, env={**os.environ, "VRAMSUPPLY_INSTALL_FUNCTIONS_ONLY": "1"}, timeout=60)
     linked = {p.name: os.readlink(p) for p in (site / "llama_cpp" / "lib").iterdir()}
     assert linked == {name: str(toolkit / "lib64" / name) for name in ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13")}
+
+
+# A compiler double for the AMX probe: it "builds" the probe as a program that exits as told.
+PROBE_CC = """#!/bin/sh
+out=""
+while [ $# -gt 0 ]; do
+  if [ "$1" = -o ]; then out=$2; shift; fi
+  shift
+done
+printf '#!/bin/sh\\n{probe}\\n' > "$out" && chmod +x "$out"
+"""
+X86_LINUX = '#!/bin/sh\ncase "$1" in -s) echo Linux ;; -m) echo x86_64 ;; esac\n'
+AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+@pytest.mark.parametrize("probe", ["exit 1", "kill -SEGV $$"], ids=["config-not-as-written", "probe-crashes"])
+def test_a_compiler_that_miscompiles_amx_tile_setup_builds_llama_cpp_without_amx(machine: Machine, probe: str) -> None:
+    """GCC 11 and 12 drop the stores of an AMX tile configuration, and llama.cpp's AMX kernels then
+    crash on the first quantized matrix product on an AMX CPU (seen on this project's machines)."""
+    machine.tool("uname", X86_LINUX)
+    machine.tool("cc", PROBE_CC.replace("{probe}", probe))
+
+    result = machine.dry_run()
+
+    assert result.returncode == 0, result.stderr
+    assert f"vramsupply: CPU code flags: {AMX_OFF} (AMX left out: this compiler miscompiles" in result.stdout
+    assert "Segmentation fault" not in result.stdout + result.stderr
+
+
+def test_a_sound_compiler_or_a_cpu_without_amx_keeps_the_native_build(machine: Machine) -> None:
+    machine.tool("uname", X86_LINUX)
+    machine.tool("cc", PROBE_CC.replace("{probe}", "exit 0"))
+
+    assert "CPU code flags" not in machine.dry_run().stdout
+
+
+def test_vramsupply_cpu_flags_overrides_the_probe(machine: Machine) -> None:
+    machine.tool("uname", X86_LINUX)
+    machine.tool("cc", PROBE_CC.replace("{probe}", "exit 1"))
+
+    assert "CPU code flags" not in machine.dry_run(env={"VRAMSUPPLY_CPU_FLAGS": ""}).stdout
+    chosen = machine.dry_run(env={"VRAMSUPPLY_CPU_FLAGS": "-mno-avx512f"}).stdout
+    assert "CPU code flags: -mno-avx512f (from VRAMSUPPLY_CPU_FLAGS)" in chosen
+
+
+def build_llama_with_fake_pip(tmp_path: Path, cpu_flags: str) -> str:
+    """Runs install.sh's build_llama for the CPU with a pip double that records its arguments and
+    the compiler flags it was given."""
+    record = tmp_path / "pip-call"
+    fake_pip = tmp_path / "pip"
+    fake_pip.write_text(f'#!/bin/sh\necho "CFLAGS=$CFLAGS CXXFLAGS=$CXXFLAGS args=$*" > "{record}"\n')
+    fake_pip.chmod(0o755)
+    script = f'. "{INSTALL_SH}"; venv=/nonexistent data_dir="{tmp_path}" pip="{fake_pip}" cpu_flags="{cpu_flags}"; plan_toolchain cpu; build_llama cpu'
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "VRAMSUPPLY_INSTALL_FUNCTIONS_ONLY": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    return record.read_text()
+
+
+def test_the_cpu_build_gets_the_flags_and_never_a_wheel_cached_without_them(tmp_path: Path) -> None:
+    flagged = build_llama_with_fake_pip(tmp_path, AMX_OFF)
+    assert f"CFLAGS={AMX_OFF} CXXFLAGS={AMX_OFF} " in flagged
+    assert "--no-cache-dir" in flagged, "pip's wheel cache ignores CFLAGS: a cached wheel may have AMX on"
+
+    plain = build_llama_with_fake_pip(tmp_path, "")
+    assert "CFLAGS= CXXFLAGS= " in plain and "--no-cache-dir" not in plain
