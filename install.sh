@@ -245,10 +245,10 @@ plan_toolchain() {
 
 # --- The CPU code every build carries ------------------------------------------------------------
 # llama.cpp compiles its CPU backend for this machine's CPU (-march=native). On a CPU with AMX
-# (Intel Xeon from Sapphire Rapids on) that brings in its AMX kernels, and GCC 11 and 12 miscompile
-# their tile set-up: the _tile_loadconfig intrinsic declares an 8-byte operand, so the compiler
-# drops the stores of the tile rows and columns, and the first quantized matrix product (a Q4_K or
-# Q8_0 model) dies with SIGSEGV in ggml_backend_amx_mul_mat. The probe compiles that pattern with
+# (Intel Xeon from Sapphire Rapids on) that brings in its AMX kernels, and GCC 12 (at least 12.2)
+# miscompiles their tile set-up: its _tile_loadconfig intrinsic declares an 8-byte operand, so the
+# compiler drops the stores of the tile rows and columns, and the first quantized matrix product (a
+# Q4_K or Q8_0 model) dies with SIGSEGV in ggml_backend_amx_mul_mat. The probe compiles that pattern with
 # this machine's compiler and runs it; when the tile configuration does not come back as written,
 # the build leaves AMX out (llama.cpp then uses its AVX-512 kernels) and says so.
 AMX_OFF="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"

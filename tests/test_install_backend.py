@@ -288,7 +288,7 @@ AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 @pytest.mark.parametrize("probe", ["exit 1", "kill -SEGV $$"], ids=["config-not-as-written", "probe-crashes"])
 def test_a_compiler_that_miscompiles_amx_tile_setup_builds_llama_cpp_without_amx(machine: Machine, probe: str) -> None:
-    """GCC 11 and 12 drop the stores of an AMX tile configuration, and llama.cpp's AMX kernels then
+    """GCC 12 drops the stores of an AMX tile configuration, and llama.cpp's AMX kernels then
     crash on the first quantized matrix product on an AMX CPU (seen on this project's machines)."""
     machine.tool("uname", X86_LINUX)
     machine.tool("cc", PROBE_CC.replace("{probe}", probe))

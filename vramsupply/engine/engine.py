@@ -68,7 +68,7 @@ class Engine:
             max_draft = default_draft_max(options, model.copies_prefixes)
             scheduler = Scheduler(
                 model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, max_draft,
-                options.stall_timeout, options.kv_per_slot,
+                options.stall_timeout, options.kv_per_slot, options.stream_interval_ms / 1000,
             )
         except BaseException:
             model.close()

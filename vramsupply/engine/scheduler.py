@@ -12,7 +12,8 @@ Modelled on llama-server's ``update_slots``. Each step:
    back and pause a request instead: ``preempt.py``), sample every slot that has a logits row with
    its own sampler chain (``rows.py``; a grammar request's token is sampled on a worker thread and
    joins a later step, ``offthread.py``), and turn tokens into text deltas;
-4. hand the step's events to each consumer event loop with a single ``call_soon_threadsafe``.
+4. hand the step's events to each consumer event loop with a single ``call_soon_threadsafe``, at
+   most once per ``stream_interval`` mid-answer (``cadence.py``).
 
 When no request is active the thread blocks on the inbox, so an idle engine costs nothing.
 """
@@ -31,6 +32,7 @@ from llama_cpp._internals import LlamaContext
 from . import backend_sampling
 from .admission import Admission
 from .batch import Batch
+from .cadence import DEFAULT_INTERVAL_S, Cadence
 from .counters import Counters
 from .liveness import DEFAULT_STALL_TIMEOUT, Liveness
 from .pacing import PrefillPacer
@@ -66,6 +68,7 @@ class Scheduler:
         max_draft: int = 0,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         kv_per_slot: bool = False,
+        stream_interval: float = DEFAULT_INTERVAL_S,
     ) -> None:
         self._model = model
         self._ctx = context.ctx
@@ -81,6 +84,7 @@ class Scheduler:
         self._inbox = Inbox()
         self._waiting: deque[Task] = deque()
         self._events: list[Event] = []
+        self._cadence = Cadence(stream_interval)
         self._stopping = False
         # Shared with other threads, guarded by the counters' lock.
         self._counters = Counters()
@@ -193,10 +197,16 @@ class Scheduler:
             return False
         self._admission.admit()
         self._take_sampled()
-        if self._active() and (self._step() or self._offthread.wait(self._slots, PENDING_WAIT_SECONDS)):
+        if self._active() and (self._step() or self._await_offthread()):
             self._liveness.progressed()
         self._flush_events()
         return True
+
+    def _await_offthread(self) -> bool:
+        """Every active slot awaits a token from the grammar worker: hand over what is held, then block."""
+        self._cadence.urgent()
+        self._flush_events()
+        return self._offthread.wait(self._slots, PENDING_WAIT_SECONDS)
 
     def _take_sampled(self) -> None:
         """Tokens sampled off the thread (grammar requests, ``offthread.py``) since the last step."""
@@ -289,6 +299,8 @@ class Scheduler:
             self._end_slot(slot, Finish("stop", slot.usage()), text=slot.stream.finish())
             return 0
         slot.completion_tokens += 1
+        if slot.completion_tokens == 1:
+            self._cadence.urgent()  # the time to first token goes out at once
         delta = slot.stream.push(self._model.piece(token, token in task.preserve))
         if delta.stopped:
             self._end_slot(slot, Finish("stop", slot.usage()), text=delta.text, token=token, logprob=logprob)
@@ -316,12 +328,14 @@ class Scheduler:
             slot.backend_sampled = False
         task = slot.release()
         self._kv.held = False  # room in the KV cache again: paused requests may resume
+        self._cadence.urgent()
         self._events.append(Event(task.channel, text, token, finish, logprob))
         self._counters.add(busy=-1, outstanding=-1)
 
     def _end_waiting(self, task: Task, reason: str | None, error: EngineError | None = None) -> None:
         """End a request waiting for a slot (or paused, ``preempt.py``) with its usage so far."""
         task.sampler.close()
+        self._cadence.urgent()
         self._events.append(Event(task.channel, "", None, Finish(reason, task.usage_while_waiting(), error)))
         self._counters.add(outstanding=-1)
 
@@ -333,8 +347,10 @@ class Scheduler:
             self._end_waiting(task, None, error)
 
     def _flush_events(self) -> None:
-        """One ``call_soon_threadsafe`` per consumer loop per step, carrying all its events."""
-        if self._events:
+        """One ``call_soon_threadsafe`` per consumer loop, carrying all its events, when one is due."""
+        now = time.perf_counter()
+        if self._events and self._cadence.due(now):
+            self._cadence.handed_over(now)
             events, self._events = self._events, []
             for loop in post(events):
                 self._abandon(loop)

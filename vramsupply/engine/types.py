@@ -84,6 +84,7 @@ class EngineOptions:
     draft_max: int | None = None
     backend_sampling: bool = False
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    stream_interval_ms: float = 12.0  # mid-answer tokens reach the event loop at most this often (cadence.py)
     gpu: GpuOptions = field(default_factory=GpuOptions)
 
     def __post_init__(self) -> None:
@@ -105,6 +106,8 @@ class EngineOptions:
         _require(self.max_queue >= 0, f"max_queue must be 0 or more, got {self.max_queue}")
         _require(self.cache_ram is None or self.cache_ram >= 0, f"cache_ram must be 0 (off) or more MiB, got {self.cache_ram}")
         _require(self.draft_max is None or self.draft_max >= 0, f"draft_max must be 0 (off) or more, got {self.draft_max}")
+        _require(_finite(self.stream_interval_ms) and 0 <= self.stream_interval_ms <= 1000,
+                 f"stream_interval_ms must be 0 (every step) to 1000, got {self.stream_interval_ms}")
         _require(_finite(self.stall_timeout) and self.stall_timeout > 0, f"stall_timeout must be more than 0 seconds, got {self.stall_timeout}")
         self.gpu.flash_attention(self.flash_attention_mode)  # a quantized V cache refuses flash attention off
 

@@ -38,6 +38,7 @@ def engine_options(settings: Settings, model: LocalModel) -> EngineOptions:
         draft_max=settings.draft_max,
         backend_sampling=settings.backend_sampling,
         stall_timeout=settings.stall_timeout,
+        stream_interval_ms=settings.stream_interval_ms,
         gpu=GpuOptions(
             split_mode=settings.split_mode,
             main_gpu=settings.main_gpu,

@@ -1,0 +1,71 @@
+"""Mid-answer tokens reach the event loop at most once per stream interval, in groups; a buyer's
+first token and the end of the answer are never held back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import TINY_MODEL
+from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
+from vramsupply.engine.cadence import Cadence
+
+GREEDY = SamplingParams(temperature=0)
+PROMPT = "Once upon a time"
+TOKENS = 40
+
+
+def load(interval_ms: float) -> Engine:
+    return Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=2, threads=1, stream_interval_ms=interval_ms))
+
+
+@pytest.fixture(scope="module")
+def every_step() -> Iterator[Engine]:
+    with load(0) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def once_a_second() -> Iterator[Engine]:
+    with load(1000) as engine:
+        yield engine
+
+
+async def deltas(engine: Engine) -> tuple[list[tuple[str, int]], float]:
+    """Each text delta with the number of tokens received by then, and the seconds the answer took."""
+    generation = engine.submit(GenerationRequest(engine.tokenize(PROMPT), sampling=GREEDY, max_tokens=TOKENS, ignore_eos=True))
+    started = time.monotonic()
+    seen = [(text, len(generation.token_ids)) async for text in generation]
+    return seen, time.monotonic() - started
+
+
+async def test_a_short_answer_comes_as_its_first_token_then_the_rest(every_step: Engine, once_a_second: Engine) -> None:
+    grouped, took = await deltas(once_a_second)
+    plain, _ = await deltas(every_step)
+    # The tiny model writes 40 tokens in a few tens of ms, well inside the 1 s interval: the first
+    # token goes at once (a client's TTFT), the rest are held until the answer ends, which also
+    # goes at once rather than after the interval.
+    assert [tokens for _, tokens in grouped] == [1, TOKENS]
+    assert took < 0.9
+    assert "".join(text for text, _ in grouped) == "".join(text for text, _ in plain)
+    assert len(plain) > 2  # every step handed over: more deltas than the grouped answer's two
+
+
+def test_hand_overs_are_spaced_by_the_interval_unless_urgent() -> None:
+    cadence = Cadence(0.012)
+    assert cadence.due(100.0)  # nothing handed over yet
+    cadence.handed_over(100.0)
+    assert not cadence.due(100.006)
+    assert cadence.due(100.012)
+    cadence.urgent()  # a first token or an end
+    assert cadence.due(100.001)
+    cadence.handed_over(100.001)
+    assert not cadence.due(100.002)
+
+
+def test_interval_zero_hands_over_every_step() -> None:
+    cadence = Cadence(0)
+    cadence.handed_over(5.0)
+    assert cadence.due(5.0)
