@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from conftest import TINY_MODEL
-from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
+from vramsupply.engine import Engine, EngineOptions, Generation, GenerationRequest, SamplingParams
 from vramsupply.engine.cadence import Cadence
 
 GREEDY = SamplingParams(temperature=0)
@@ -33,17 +33,19 @@ def once_a_second() -> Iterator[Engine]:
         yield engine
 
 
-async def deltas(engine: Engine) -> tuple[list[tuple[str, int]], float]:
-    """Each text delta with the number of tokens received by then, and the seconds the answer took."""
-    generation = engine.submit(GenerationRequest(engine.tokenize(PROMPT), sampling=GREEDY, max_tokens=TOKENS, ignore_eos=True))
+async def deltas(engine: Engine, stop: tuple[str, ...] = ()) -> tuple[list[tuple[str, int]], float, Generation]:
+    """Each text delta with the number of tokens received by then, the seconds the answer took, and
+    the finished generation."""
+    request = GenerationRequest(engine.tokenize(PROMPT), sampling=GREEDY, max_tokens=TOKENS, ignore_eos=True, stop=stop)
+    generation = engine.submit(request)
     started = time.monotonic()
     seen = [(text, len(generation.token_ids)) async for text in generation]
-    return seen, time.monotonic() - started
+    return seen, time.monotonic() - started, generation
 
 
 async def test_a_short_answer_comes_as_its_first_token_then_the_rest(every_step: Engine, once_a_second: Engine) -> None:
-    grouped, took = await deltas(once_a_second)
-    plain, _ = await deltas(every_step)
+    grouped, took, _ = await deltas(once_a_second)
+    plain, _, _ = await deltas(every_step)
     # The tiny model writes 40 tokens in a few tens of ms, well inside the 1 s interval: the first
     # token goes at once (a client's TTFT), the rest are held until the answer ends, which also
     # goes at once rather than after the interval.
@@ -51,6 +53,16 @@ async def test_a_short_answer_comes_as_its_first_token_then_the_rest(every_step:
     assert took < 0.9
     assert "".join(text for text, _ in grouped) == "".join(text for text, _ in plain)
     assert len(plain) > 2  # every step handed over: more deltas than the grouped answer's two
+
+
+async def test_a_first_token_whose_text_is_held_back_does_not_hold_back_the_first_text(every_step: Engine, once_a_second: Engine) -> None:
+    plain, _, generation = await deltas(every_step)
+    first_text = "".join(text for text, _ in plain)[: generation.token_text_ends[0]]
+    # A stop string that starts with the first token's text and never completes: that text waits
+    # for the second token to rule the stop out, and the buyer's first text comes with it.
+    grouped, took, _ = await deltas(once_a_second, stop=(first_text + "#never#",))
+    assert [tokens for _, tokens in grouped] == [2, TOKENS]
+    assert grouped[0][0].startswith(first_text) and took < 0.9
 
 
 def test_hand_overs_are_spaced_by_the_interval_unless_urgent() -> None:

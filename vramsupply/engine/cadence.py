@@ -8,8 +8,8 @@ that arrive every 6 ms from pairs that arrive every 12, so mid-answer tokens are
 most once per ``interval``, like a display that refreshes 60 to 100 times a second; whatever the
 steps in between produced goes in the same hand-over, and so into the same SSE write.
 
-Nothing that a client waits on is held back: a request's first token (its TTFT), its end, an
-error, a cancel, and any hand-over before the scheduler blocks (waiting for a grammar worker or
+Nothing that a client waits on is held back: a request's first text (its TTFT; every token goes
+at once until some text has, as a first token's may be held back), its end, an error, a cancel, and any hand-over before the scheduler blocks (waiting for a grammar worker or
 the inbox) go at once. With 4 or more streams a step takes longer than the interval, so every
 step hands over, as before. ``interval`` 0 hands over every step.
 """

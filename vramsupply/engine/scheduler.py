@@ -299,9 +299,10 @@ class Scheduler:
             self._end_slot(slot, Finish("stop", slot.usage()), text=slot.stream.finish())
             return 0
         slot.completion_tokens += 1
-        if slot.completion_tokens == 1:
-            self._cadence.urgent()  # the time to first token goes out at once
         delta = slot.stream.push(self._model.piece(token, token in task.preserve))
+        if not task.spoke:  # until its first text is out (its buyer's TTFT), every token goes at once:
+            self._cadence.urgent()  # a first token's text may be held back (half a character, a stop string's start)
+            task.spoke = bool(delta.text)
         if delta.stopped:
             self._end_slot(slot, Finish("stop", slot.usage()), text=delta.text, token=token, logprob=logprob)
         elif slot.completion_tokens >= task.max_completion:

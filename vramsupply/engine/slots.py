@@ -59,6 +59,8 @@ class Task:
     """Set while the request waits to resume after a preemption (``preempt.py``)."""
     arrived: float = field(default_factory=time.monotonic)
     """When it was submitted (``time.monotonic``): how long its buyer has waited (``pacing.py``)."""
+    spoke: bool = False
+    """Some of its text has gone to the buyer; until then every token is handed over at once (``cadence.py``)."""
 
     @property
     def to_prefill(self) -> np.ndarray:
