@@ -10,8 +10,8 @@ import pytest
 
 from conftest import TINY_MODEL
 from vramsupply.engine import Engine, EngineOptions, Generation, GenerationRequest, SamplingParams
-from vramsupply.engine.cache_entries import Base, PromptCache
-from vramsupply.engine.prompt_cache import MIB, default_budget_mib
+from vramsupply.engine.cache_entries import Base, PromptCache, common_prefix
+from vramsupply.engine.prompt_cache import MIB, default_budget_mib, worth_restoring
 
 GREEDY = SamplingParams(temperature=0)
 STORY = (
@@ -81,6 +81,28 @@ async def test_a_longer_turn_of_the_conversation_reuses_the_cached_history(cache
     continued = await run(cached, follow_up)
     assert continued.usage.cached_tokens >= len(cached.tokenize(story(2)))
     assert continued.token_ids == (await run(uncached, follow_up)).token_ids
+
+
+async def test_a_short_question_gets_back_the_words_it_shares_with_a_saved_answer(cached: Engine, uncached: Engine) -> None:
+    opening = "Max said: Once upon a time, in a small house by the sea, there lived a kind old man"
+    question = "Max said: Once upon a time, a dog"
+    saved = await run(cached, opening)
+    assert len(saved.token_ids) + len(cached.tokenize(opening)) >= 32  # long enough to be saved
+    await run(cached, story(6))  # takes the only slot: the opening and its answer go to host RAM
+    shared = common_prefix(np.array(cached.tokenize(question)), np.array(cached.tokenize(opening)))
+    assert 1 < shared < 16  # a few words: before, a restore had to spare 16 tokens of prefill
+
+    again = await run(cached, question)
+
+    assert again.usage.cached_tokens == shared
+    assert again.token_ids == (await run(uncached, question)).token_ids
+
+
+def test_a_restore_must_spare_a_token_per_64_it_copies() -> None:
+    assert worth_restoring(entry_tokens=130, gained=3)
+    assert not worth_restoring(entry_tokens=130, gained=2)
+    assert not worth_restoring(entry_tokens=2000, gained=16) and worth_restoring(entry_tokens=2000, gained=32)
+    assert not worth_restoring(entry_tokens=10, gained=0)
 
 
 async def test_the_cache_stays_under_its_budget_and_drops_the_oldest_first(cached: Engine) -> None:

@@ -115,6 +115,10 @@ class PromptCache:
                 found = (key, shared)
         return found
 
+    def length(self, key: int) -> int:
+        """How many tokens an entry holds (with its base's)."""
+        return len(self._entries[key].tokens)
+
     def take(self, key: int) -> Entry:
         """Remove and return an entry (it goes back into a slot; its base stays while others use it)."""
         entry = self._entries[key]

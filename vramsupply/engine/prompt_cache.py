@@ -39,9 +39,14 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 DEFAULT_MAX_MIB = 8192  # llama-server's --cache-ram default
 DEFAULT_SHARE_OF_AVAILABLE = 0.25
-# Below these, a save or a restore costs more bookkeeping than the prefill it spares.
+# Below this, a save costs more bookkeeping than the prefill it may spare.
 MIN_SAVED_TOKENS = 32
-MIN_RESTORE_GAIN = 16
+# A restore copies the whole entry back, so it must spare prefilling at least one token per this
+# many tokens it copies: a few tokens' KV copy in well under the time of a decode step, and a
+# short prompt (a 6-token question behind a saved 130-token answer) still gets its shared words
+# back, as a slot that kept them would give them (llama-server keeps them in the slot). Before,
+# a restore had to spare 16 tokens, and such a prompt's first token took twice as long.
+RESTORE_TOKENS_PER_GAINED = 64
 # A prefix shorter than this is not worth storing apart from the entries that share it.
 MIN_BASE_TOKENS = 64
 
@@ -91,6 +96,11 @@ def restore_sequence(ctx: llama_cpp.llama_context_p, memory: llama_cpp.llama_mem
     return False
 
 
+def worth_restoring(entry_tokens: int, gained: int) -> bool:
+    """Whether copying back an entry of ``entry_tokens`` tokens to prefill ``gained`` fewer pays."""
+    return gained >= 1 and gained * RESTORE_TOKENS_PER_GAINED >= entry_tokens
+
+
 def _pointer(array: np.ndarray) -> ctypes.POINTER(ctypes.c_uint8):
     return array.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
 
@@ -131,7 +141,7 @@ class HostPromptCache:
         if slot.n_cached - prefix >= MIN_SAVED_TOKENS:
             self.save(slot)
         found = self.entries.best(prompt, room, self._whole)
-        if found is None or found[1] < max(prefix, rival) + MIN_RESTORE_GAIN:
+        if found is None or not worth_restoring(self.entries.length(found[0]), found[1] - max(prefix, rival)):
             return prefix
         key, shared = found
         entry = self.entries.take(key)
