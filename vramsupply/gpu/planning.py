@@ -32,14 +32,16 @@ class PlanRefused(VramsupplyError):
     """The model cannot fit with the settings given; the message has the numbers and the fix."""
 
 
-def estimate_settings(settings: AgentSettings) -> Settings:
-    """The serving settings that size memory. Flash attention `auto` is on wherever llama.cpp supports it."""
+def estimate_settings(settings: AgentSettings, on_gpu: bool = True) -> Settings:
+    """The serving settings that size memory. Flash attention `auto` is on on a GPU and off on the
+    CPU alone (``GpuOptions.flash_attention``), where attention then needs a bigger buffer."""
+    cache = GpuOptions(cache_type_k=settings.cache_type_k, cache_type_v=settings.cache_type_v)
     return Settings(
         context_length=settings.context_length,
         parallel=settings.parallel,
         cache_type_k=settings.cache_type_k,
         cache_type_v=settings.cache_type_v,
-        flash_attention=settings.flash_attention.value != "off" or settings.cache_type_v != "f16",
+        flash_attention=cache.flash_attention(settings.flash_attention.value, on_gpu) != "off",
         n_batch=settings.n_batch,
         n_ubatch=settings.n_ubatch,
         kv_per_slot=settings.kv_per_slot,
@@ -76,7 +78,7 @@ def plan_for(settings: AgentSettings, *, quant_explicit: bool, context_explicit:
     except GpuOptionError as exc:
         raise SourceError(str(exc)) from None
     target = target or planning_target(settings)
-    sizing = estimate_settings(settings)
+    sizing = estimate_settings(settings, target.on_gpu)
     if source.shape.recurrent and not parallel_explicit:  # each slot holds a whole recurrent state
         sizing = replace(sizing, parallel=min(sizing.parallel, DEFAULT_PARALLEL_RECURRENT))
     return make_plan(
