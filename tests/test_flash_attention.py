@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import llama_cpp
 import pytest
 
 from conftest import TINY_MODEL
@@ -34,9 +35,13 @@ def test_the_memory_plan_sizes_the_cpu_attention_buffer_without_flash_attention(
     assert compute_bytes(BENCH, on_cpu) > compute_bytes(BENCH, on_gpu)
 
 
-def test_a_model_on_the_cpu_is_served_without_flash_attention(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("n_gpu_layers", [0, -1, 5], ids=["no-layers", "all-layers", "some-layers"])
+def test_a_model_on_the_cpu_is_served_without_flash_attention(caplog: pytest.LogCaptureFixture, n_gpu_layers: int) -> None:
+    """Also when layers are asked for and the build cannot offload them (as the plan sees it)."""
+    if n_gpu_layers and llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama.cpp build offloads those layers: the model is not on the CPU alone")
     with caplog.at_level(logging.DEBUG, logger="vramsupply.llama"):
-        with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=1, threads=1, n_gpu_layers=0)):
+        with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=1, threads=1, n_gpu_layers=n_gpu_layers)):
             pass
     settings = [r.getMessage() for r in caplog.records if "flash_attn" in r.getMessage()]
     assert settings and all("disabled" in line for line in settings), settings

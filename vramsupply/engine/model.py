@@ -190,7 +190,8 @@ def create_context(model: Model, options: EngineOptions) -> LlamaContext:
     params.kv_unified = not options.kv_per_slot
     params.n_batch = options.n_batch
     params.n_ubatch = min(options.n_ubatch, options.n_batch)
-    on_gpu = resolve_gpu_layers(options.n_gpu_layers) != 0
+    # as the memory plan decides it (gpu/planning.py): layers to offload, and a build that can
+    on_gpu = resolve_gpu_layers(options.n_gpu_layers) != 0 and llama_cpp.llama_supports_gpu_offload()
     params.flash_attn_type = _FLASH_ATTENTION[options.gpu.flash_attention(options.flash_attention_mode, on_gpu)]
     options.gpu.apply_to_context(params)
     threads = resolve_threads(options.threads)
