@@ -248,9 +248,9 @@ plan_toolchain() {
 # (Intel Xeon from Sapphire Rapids on) that brings in its AMX kernels, and GCC 12 (at least 12.2)
 # miscompiles their tile set-up: its _tile_loadconfig intrinsic declares an 8-byte operand, so the
 # compiler drops the stores of the tile rows and columns, and the first quantized matrix product (a
-# Q4_K or Q8_0 model) dies with SIGSEGV in ggml_backend_amx_mul_mat. The probe compiles that pattern with
-# this machine's compiler and runs it; when the tile configuration does not come back as written,
-# the build leaves AMX out (llama.cpp then uses its AVX-512 kernels) and says so.
+# Q4_K or Q8_0 model) dies with SIGSEGV in ggml_backend_amx_mul_mat. The probe compiles that
+# pattern with this machine's compiler and runs it; when the tile configuration does not come back
+# as written, the build leaves AMX out (llama.cpp then uses its AVX-512 kernels) and says so.
 AMX_OFF="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 amx_probe_source() {
