@@ -27,6 +27,8 @@ class Counters:
     draft_tokens_total: int = 0
     draft_accepted_total: int = 0
     preemptions_total: int = 0
+    prompt_cache_saves_total: int = 0
+    prompt_cache_skipped_saves_total: int = 0
 
     def add(self, **amounts: int) -> None:
         """Add to the named counters, under the lock."""

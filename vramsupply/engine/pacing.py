@@ -200,6 +200,11 @@ class PrefillPacer:
             return ALONE_STEP_TARGET_SECONDS
         return max(STEP_TARGET_SECONDS - (self._generating.value or 0.0), 0.0)
 
+    def prompt_seconds(self, tokens: int) -> float:
+        """What prefilling ``tokens`` from depth 0 costs with nobody generating (0 while unknown):
+        what restoring them from the prompt cache spares (``save_policy.py``)."""
+        return self._prefill_seconds(tokens, 0, paced=False)
+
     def _prefill_seconds(self, left: int, depth: int, paced: bool) -> float:
         """How long ``left`` prompt tokens from ``depth`` will take to prefill (0 while unknown)."""
         cost = self._cost(paced) if self._cost(paced).known else self._cost(not paced)

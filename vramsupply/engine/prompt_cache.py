@@ -17,7 +17,9 @@ llama-server's ``--cache-ram``:
   spare sequence id, since llama.cpp saves and restores whole sequences only.
 
 Copies run on the scheduler thread at admission, between decode steps: about a millisecond per
-30 MB, far less than decoding the same tokens again.
+30 MB when the sequence's cells are consecutive, far less than decoding the same tokens again, but
+up to 15 times that when they are interleaved with other sequences' cells; ``save_policy.py``
+decides from the measured cost and reuse whether a save pays.
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ import ctypes
 import logging
 import mmap
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
 
 from .cache_entries import Base, Entry, PromptCache
+from .counters import Counters
+from .save_policy import SavePolicy
 from .slots import Slot
 
 log = logging.getLogger(__name__)
@@ -113,7 +119,9 @@ class HostPromptCache:
     uses (the context has one more sequence than slots), or None. With it, entries that start with
     a prefix another entry shares keep only the KV after that prefix, and the prefix is kept once
     (``cache_entries.py``); without it (one KV stream per slot, or a recurrent state), every entry
-    is whole.
+    is whole. ``prefill_seconds`` (seconds to prefill so many tokens, 0 while unknown) lets
+    ``save_policy.py`` skip saves that cost more than their expected reuse spares; without it every
+    slot worth keeping is saved.
     """
 
     def __init__(
@@ -123,12 +131,16 @@ class HostPromptCache:
         budget: int,
         scratch: int | None = None,
         whole: bool = False,
+        prefill_seconds: Callable[[int], float] | None = None,
+        counters: Counters | None = None,
     ) -> None:
         self._ctx = ctx
         self._memory = memory
         self._scratch = scratch
         self._whole = whole
         self.entries = PromptCache(budget)
+        self.policy = SavePolicy(prefill_seconds)
+        self._counters = counters or Counters()
 
     def prepare(self, slot: Slot, prompt: np.ndarray, prefix: int, room: int | None = None, rival: int = 0) -> int:
         """``slot`` is about to serve ``prompt`` and holds ``prefix`` of it; returns what it holds after.
@@ -140,8 +152,15 @@ class HostPromptCache:
         """
         if slot.n_cached - prefix >= MIN_SAVED_TOKENS:
             self.save(slot)
+        have = max(prefix, rival)
+
+        def worth(length: int, shared: int) -> bool:
+            return (room is None or length <= room) and worth_restoring(length, shared - have)
+
         found = self.entries.best(prompt, room, self._whole)
-        if found is None or not worth_restoring(self.entries.length(found[0]), found[1] - max(prefix, rival)):
+        restoring = found is not None and worth(self.entries.length(found[0]), found[1])
+        self.policy.admitted(restoring, prompt, worth)
+        if found is None or not restoring:
             return prefix
         key, shared = found
         entry = self.entries.take(key)
@@ -154,18 +173,30 @@ class HostPromptCache:
         return shared
 
     def save(self, slot: Slot) -> None:
-        """Copy what the slot holds to host memory, unless an entry already covers it."""
+        """Copy what the slot holds to host memory, unless an entry already covers it or the copy
+        is not worth its cost (``save_policy.py``)."""
         tokens = slot.cached[: slot.n_cached]
         if self.entries.holds(tokens):
             return
-        base = self._base_for(slot.seq_id, tokens)
+        if not self.policy.worth_saving(len(tokens)):
+            self.policy.skipped(tokens)
+            self._counters.add(prompt_cache_skipped_saves_total=1)
+            log.debug("slot %d: not saving %d tokens (reuse %.2f)", slot.seq_id, len(tokens), self.policy.reuse)
+            return
+        started = time.perf_counter()
+        self._copy(slot.seq_id, tokens)
+        self.policy.saved(len(tokens), time.perf_counter() - started)
+        self._counters.add(prompt_cache_saves_total=1)
+
+    def _copy(self, seq_id: int, tokens: np.ndarray) -> None:
+        base = self._base_for(seq_id, tokens)
         if base is None:
-            state = save_sequence(self._ctx, slot.seq_id)
+            state = save_sequence(self._ctx, seq_id)
         else:
-            state = self._save_range(slot.seq_id, len(base.tokens), len(tokens))
+            state = self._save_range(seq_id, len(base.tokens), len(tokens))
         if state is not None and self.entries.put(tokens, state, base):
             log.debug("slot %d: saved %d tokens (%d bytes, %d after a shared prefix); cache %d entries, %d bases, %d bytes",
-                      slot.seq_id, len(tokens), state.nbytes, len(tokens) - (len(base.tokens) if base else 0),
+                      seq_id, len(tokens), state.nbytes, len(tokens) - (len(base.tokens) if base else 0),
                       len(self.entries), self.entries.bases, self.entries.nbytes)
 
     def _base_for(self, seq_id: int, tokens: np.ndarray) -> Base | None:

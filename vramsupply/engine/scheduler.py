@@ -73,10 +73,6 @@ class Scheduler:
         self._model = model
         self._ctx = context.ctx
         self._memory = context.memory
-        spare = parallel if llama_cpp.llama_n_seq_max(self._ctx) > parallel else None
-        self._prompt_cache = None
-        if cache_ram > 0:
-            self._prompt_cache = HostPromptCache(self._ctx, self._memory, cache_ram, spare, whole=not model.copies_prefixes)
         self._max_draft = max_draft
         self._slots = [Slot(seq_id, n_ctx, max_draft) for seq_id in range(parallel)]
         self._batch = Batch(n_batch)
@@ -92,6 +88,13 @@ class Scheduler:
         self._closed = False
         self._liveness = Liveness(stall_timeout)
         self._pacer = PrefillPacer(llama_cpp.llama_n_ubatch(self._ctx))
+        spare = parallel if llama_cpp.llama_n_seq_max(self._ctx) > parallel else None
+        self._prompt_cache = None
+        if cache_ram > 0:
+            self._prompt_cache = HostPromptCache(
+                self._ctx, self._memory, cache_ram, spare, whole=not model.copies_prefixes,
+                prefill_seconds=self._pacer.prompt_seconds, counters=self._counters,
+            )
         self._rows = RowSampler(self._ctx, self._memory, model.n_vocab, self._counters)
         self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache)
         self._admission = Admission(

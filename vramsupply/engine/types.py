@@ -221,6 +221,10 @@ class EngineStats:
     """Requests paused because the shared KV cache ran out, resumed later by recomputing (``preempt``)."""
     prefill_tokens_total: int = 0
     """Prompt tokens actually decoded: cached prefixes and prompts shared between choices are not."""
+    prompt_cache_saves_total: int = 0
+    """Slots' KV copied to the host prompt cache."""
+    prompt_cache_skipped_saves_total: int = 0
+    """Slots' KV dropped rather than saved, the copy not paying for its expected reuse (``save_policy``)."""
     failure: str | None = None
     """Why the engine can no longer serve (its thread died, or a step stalled); None while healthy."""
     unavailable: str | None = None

@@ -78,6 +78,9 @@ class EngineCounters:
         ("vramsupply_prefill_tokens", "Prompt tokens actually decoded (cached and shared prompts are not)", "prefill_tokens_total"),
         ("vramsupply_completion_tokens", "Completion tokens generated", "completion_tokens_total"),
         ("vramsupply_preemptions", "Requests paused because the shared KV cache was full, resumed by recomputing", "preemptions_total"),
+        ("vramsupply_prompt_cache_saves", "Slots' KV copied to the host prompt cache", "prompt_cache_saves_total"),
+        ("vramsupply_prompt_cache_skipped_saves", "Slots' KV dropped, not saved: the copy would cost more than its expected reuse spares",
+         "prompt_cache_skipped_saves_total"),
     )
 
     def __init__(self, stats: Callable[[], EngineStats | None]) -> None:

@@ -1,0 +1,126 @@
+"""Saving a slot to the host prompt cache only when the copy pays for itself.
+
+A save stalls every stream while it runs (tens of ms for an answer decoded beside other streams,
+without flash attention), so one-off prompts that never come back should not be saved, while a
+chat's history always should.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import TINY_MODEL
+from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
+from vramsupply.engine.save_policy import MAX_GHOSTS, REUSE_WINDOW, SavePolicy
+
+GREEDY = SamplingParams(temperature=0)
+STORY = (
+    "Once upon a time, in a small house by the sea, there lived a kind old man and his cat. Every morning "
+    "the cat sat by the window and watched the boats. One day a big storm came and the boats did not come back."
+)
+
+
+WORDS = "Apples Birds Cats Dogs Eggs Fish Goats Hats Ink Jam Kites Lamps Mice Nuts Owls Pigs Quilts Rain Sand Toys Umbrellas Vans Wind Yarn Zoos".split()
+
+
+def one_off(i: int) -> str:
+    """Questions that differ from their first letter on."""
+    return f"{WORDS[i]} and more: {STORY}"
+
+
+def tokens(start: int, count: int = 100) -> np.ndarray:
+    return np.arange(start, start + count, dtype=np.int32)
+
+
+def worth(length: int, shared: int) -> bool:
+    return shared * 2 >= length
+
+
+def policy(prefill_per_token: float = 1e-3, save_per_token: float = 1e-4) -> SavePolicy:
+    """A policy that has timed one save, on a machine that prefills at ``prefill_per_token``."""
+    chosen = SavePolicy(prefill_seconds=lambda n: prefill_per_token * n)
+    chosen.saved(100, save_per_token * 100)
+    return chosen
+
+
+def test_slots_are_saved_until_a_save_has_been_timed() -> None:
+    fresh = SavePolicy(prefill_seconds=lambda n: 1e-6 * n)  # prefilling is cheap, but no save was timed
+    for i in range(REUSE_WINDOW):
+        fresh.admitted(False, tokens(1000 * i), worth)
+    assert fresh.worth_saving(100)
+
+
+def test_saves_stop_when_recent_admissions_restore_too_little_to_pay_for_them() -> None:
+    chosen = policy(prefill_per_token=1e-3, save_per_token=1e-4)  # pays when a tenth of them come back
+    assert chosen.reuse == 1 and chosen.worth_saving(500)
+    for i in range(REUSE_WINDOW - 2):
+        chosen.admitted(False, tokens(1000 * i), worth)
+    assert chosen.reuse == 2 / REUSE_WINDOW and chosen.worth_saving(500)
+    chosen.admitted(False, tokens(99_000), worth)
+    assert not chosen.worth_saving(500)
+    chosen.admitted(True, tokens(98_000), worth)  # a restore, while the oldest hit leaves the window
+    assert not chosen.worth_saving(500)
+    chosen.admitted(True, tokens(97_000), worth)
+    assert chosen.worth_saving(500)
+
+
+def test_a_copy_that_costs_more_than_prefilling_again_is_never_worth_it() -> None:
+    chosen = policy(prefill_per_token=1e-4, save_per_token=2e-4)  # e.g. many small device copies on a GPU
+    assert chosen.reuse == 1 and not chosen.worth_saving(500)
+
+
+def test_a_skipped_prompt_that_comes_back_counts_as_reuse_once() -> None:
+    chosen = policy()
+    for i in range(REUSE_WINDOW):
+        chosen.admitted(False, tokens(1000 * i), worth)
+    assert chosen.reuse == 0 and not chosen.worth_saving(100)
+    chosen.skipped(tokens(50_000))
+    follow_up = np.concatenate([tokens(50_000), tokens(7, 20)])
+    chosen.admitted(False, follow_up, worth)  # its ghost would have been restored
+    assert chosen.reuse == 1 / REUSE_WINDOW
+    chosen.admitted(False, follow_up, worth)  # the ghost went with the first hit
+    assert chosen.reuse == 1 / REUSE_WINDOW
+
+
+def test_without_a_known_prefill_speed_saves_stop_only_when_almost_nothing_comes_back() -> None:
+    chosen = SavePolicy(prefill_seconds=lambda n: 0.0)  # only short prompts so far
+    chosen.saved(100, 0.01)
+    for i in range(REUSE_WINDOW - 2):
+        chosen.admitted(False, tokens(1000 * i), worth)
+    assert chosen.worth_saving(100)  # 2 of 16
+    chosen.admitted(False, tokens(99_000), worth)
+    assert not chosen.worth_saving(100)
+
+
+def test_ghosts_are_bounded() -> None:
+    chosen = policy()
+    for i in range(MAX_GHOSTS + 10):
+        chosen.skipped(tokens(1000 * i))
+    chosen.admitted(False, tokens(0), worth)  # the oldest ghost is gone
+    assert chosen.reuse == (REUSE_WINDOW - 1) / REUSE_WINDOW
+
+
+async def test_an_engine_stops_saving_one_off_prompts_and_starts_again_when_they_come_back() -> None:
+    options = EngineOptions(model_path=TINY_MODEL, n_ctx=512, parallel=1, max_queue=4, cache_ram=4, threads=1)
+    with Engine.load(options) as engine:
+
+        async def ask(text: str) -> int:
+            generation = engine.submit(GenerationRequest(engine.tokenize(text), sampling=GREEDY, max_tokens=12, ignore_eos=True))
+            await generation.collect()
+            return generation.usage.cached_tokens
+
+        for i in range(REUSE_WINDOW + 2):  # the only slot: each question pushes the one before out of it
+            await ask(one_off(i))
+        saved = engine.stats().prompt_cache_saves_total
+        for i in range(REUSE_WINDOW + 2, REUSE_WINDOW + 6):
+            await ask(one_off(i))
+        stats = engine.stats()
+        assert stats.prompt_cache_saves_total == saved, "16 questions in a row came back to nothing: saving stopped"
+        assert stats.prompt_cache_skipped_saves_total >= 4
+
+        # Buyers come back to the questions whose saves were skipped: they prefill them again, but
+        # the returns count, and saving resumes.
+        assert await ask(one_off(REUSE_WINDOW + 3) + " And then?") < 8
+        assert await ask(one_off(REUSE_WINDOW + 4) + " And then?") < 8
+        await ask(one_off(REUSE_WINDOW + 6))
+        assert engine.stats().prompt_cache_saves_total > saved
