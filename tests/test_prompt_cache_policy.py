@@ -11,7 +11,7 @@ import numpy as np
 
 from conftest import TINY_MODEL
 from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
-from vramsupply.engine.save_policy import MAX_GHOSTS, REUSE_WINDOW, SavePolicy
+from vramsupply.engine.save_policy import MAX_GHOSTS, WINDOW, SavePolicy
 
 GREEDY = SamplingParams(temperature=0)
 STORY = (
@@ -32,36 +32,50 @@ def tokens(start: int, count: int = 100) -> np.ndarray:
     return np.arange(start, start + count, dtype=np.int32)
 
 
-def worth(length: int, shared: int) -> bool:
-    return shared * 2 >= length
+def gain(length: int, shared: int) -> int:
+    """What restoring an entry spares a prompt: here, the shared tokens when they are half of it."""
+    return shared if shared * 2 >= length else 0
 
 
 def policy(prefill_per_token: float = 1e-3, save_per_token: float = 1e-4) -> SavePolicy:
-    """A policy that has timed one save, on a machine that prefills at ``prefill_per_token``."""
+    """A policy on a machine that prefills at ``prefill_per_token`` and has timed one save of 100 tokens."""
     chosen = SavePolicy(prefill_seconds=lambda n: prefill_per_token * n)
     chosen.saved(100, save_per_token * 100)
     return chosen
 
 
+def one_off_requests(chosen: SavePolicy, count: int, saved: int = 100) -> None:
+    """Requests that restore nothing, each leaving ``saved`` tokens to save."""
+    for i in range(count):
+        chosen.admitted(0, tokens(1000 * i), gain)
+        chosen.saved(saved, 1e-4 * saved)
+
+
 def test_slots_are_saved_until_a_save_has_been_timed() -> None:
     fresh = SavePolicy(prefill_seconds=lambda n: 1e-6 * n)  # prefilling is cheap, but no save was timed
-    for i in range(REUSE_WINDOW):
-        fresh.admitted(False, tokens(1000 * i), worth)
+    for i in range(WINDOW):
+        fresh.admitted(0, tokens(1000 * i), gain)
     assert fresh.worth_saving(100)
 
 
-def test_saves_stop_when_recent_admissions_restore_too_little_to_pay_for_them() -> None:
-    chosen = policy(prefill_per_token=1e-3, save_per_token=1e-4)  # pays when a tenth of them come back
-    assert chosen.reuse == 1 and chosen.worth_saving(500)
-    for i in range(REUSE_WINDOW - 2):
-        chosen.admitted(False, tokens(1000 * i), worth)
-    assert chosen.reuse == 2 / REUSE_WINDOW and chosen.worth_saving(500)
-    chosen.admitted(False, tokens(99_000), worth)
-    assert not chosen.worth_saving(500)
-    chosen.admitted(True, tokens(98_000), worth)  # a restore, while the oldest hit leaves the window
-    assert not chosen.worth_saving(500)
-    chosen.admitted(True, tokens(97_000), worth)
+def test_saves_stop_when_restores_spare_too_few_tokens_to_pay_for_them() -> None:
+    chosen = policy(prefill_per_token=1e-3, save_per_token=1e-4)  # pays when a tenth of the tokens come back
+    one_off_requests(chosen, WINDOW // 2 - 1)
+    assert chosen.reuse == 1 and chosen.worth_saving(500), "saved until the window is full"
+    chosen.admitted(90, tokens(50_000), gain)  # a chat comes back
+    assert chosen.reuse == 90 / 1600 and not chosen.worth_saving(500)
+    chosen.admitted(80, tokens(60_000), gain)  # another: 170 of the last 1,500 saved tokens
     assert chosen.worth_saving(500)
+    one_off_requests(chosen, WINDOW // 2)  # both returns leave the window
+    assert chosen.reuse == 0 and not chosen.worth_saving(500)
+
+
+def test_restores_that_keep_a_few_words_of_a_long_answer_do_not_make_saves_pay() -> None:
+    chosen = policy(prefill_per_token=1e-3, save_per_token=1e-4)
+    for i in range(WINDOW // 2):  # each restores a 133-token answer to keep the 4 tokens of its prompt
+        chosen.admitted(4, tokens(1000 * i), gain)
+        chosen.saved(133, 133e-4)
+    assert chosen.reuse == 4 / 133 and not chosen.worth_saving(133)
 
 
 def test_a_copy_that_costs_more_than_prefilling_again_is_never_worth_it() -> None:
@@ -71,33 +85,32 @@ def test_a_copy_that_costs_more_than_prefilling_again_is_never_worth_it() -> Non
 
 def test_a_skipped_prompt_that_comes_back_counts_as_reuse_once() -> None:
     chosen = policy()
-    for i in range(REUSE_WINDOW):
-        chosen.admitted(False, tokens(1000 * i), worth)
+    one_off_requests(chosen, WINDOW // 2)
     assert chosen.reuse == 0 and not chosen.worth_saving(100)
     chosen.skipped(tokens(50_000))
     follow_up = np.concatenate([tokens(50_000), tokens(7, 20)])
-    chosen.admitted(False, follow_up, worth)  # its ghost would have been restored
-    assert chosen.reuse == 1 / REUSE_WINDOW
-    chosen.admitted(False, follow_up, worth)  # the ghost went with the first hit
-    assert chosen.reuse == 1 / REUSE_WINDOW
+    chosen.admitted(0, follow_up, gain)  # its ghost would have spared 100 tokens
+    assert chosen.reuse == 100 / 1600
+    chosen.admitted(0, follow_up, gain)  # the ghost went with the first hit
+    assert chosen.reuse == 100 / 1600
 
 
 def test_without_a_known_prefill_speed_saves_stop_only_when_almost_nothing_comes_back() -> None:
-    chosen = SavePolicy(prefill_seconds=lambda n: 0.0)  # only short prompts so far
-    chosen.saved(100, 0.01)
-    for i in range(REUSE_WINDOW - 2):
-        chosen.admitted(False, tokens(1000 * i), worth)
-    assert chosen.worth_saving(100)  # 2 of 16
-    chosen.admitted(False, tokens(99_000), worth)
-    assert not chosen.worth_saving(100)
+    for spared, worth in ((160, True), (150, False)):  # of 1,600 tokens saved
+        chosen = SavePolicy(prefill_seconds=lambda n: 0.0)  # only short prompts so far
+        one_off_requests(chosen, WINDOW // 2 - 1)
+        chosen.admitted(spared, tokens(0), gain)
+        chosen.saved(100, 0.01)
+        assert chosen.worth_saving(100) is worth
 
 
 def test_ghosts_are_bounded() -> None:
     chosen = policy()
     for i in range(MAX_GHOSTS + 10):
         chosen.skipped(tokens(1000 * i))
-    chosen.admitted(False, tokens(0), worth)  # the oldest ghost is gone
-    assert chosen.reuse == (REUSE_WINDOW - 1) / REUSE_WINDOW
+    chosen.admitted(0, tokens(0), gain)  # the oldest ghost is gone
+    chosen.admitted(0, tokens(1000 * (MAX_GHOSTS + 9)), gain)  # the newest is there
+    assert chosen.reuse == 100 / (100 * (WINDOW - 2))
 
 
 async def test_an_engine_stops_saving_one_off_prompts_and_starts_again_when_they_come_back() -> None:
@@ -109,10 +122,10 @@ async def test_an_engine_stops_saving_one_off_prompts_and_starts_again_when_they
             await generation.collect()
             return generation.usage.cached_tokens
 
-        for i in range(REUSE_WINDOW + 2):  # the only slot: each question pushes the one before out of it
+        for i in range((WINDOW // 2) + 2):  # the only slot: each question pushes the one before out of it
             await ask(one_off(i))
         saved = engine.stats().prompt_cache_saves_total
-        for i in range(REUSE_WINDOW + 2, REUSE_WINDOW + 6):
+        for i in range((WINDOW // 2) + 2, (WINDOW // 2) + 6):
             await ask(one_off(i))
         stats = engine.stats()
         assert stats.prompt_cache_saves_total == saved, "16 questions in a row came back to nothing: saving stopped"
@@ -120,7 +133,7 @@ async def test_an_engine_stops_saving_one_off_prompts_and_starts_again_when_they
 
         # Buyers come back to the questions whose saves were skipped: they prefill them again, but
         # the returns count, and saving resumes.
-        assert await ask(one_off(REUSE_WINDOW + 3) + " And then?") < 8
-        assert await ask(one_off(REUSE_WINDOW + 4) + " And then?") < 8
-        await ask(one_off(REUSE_WINDOW + 6))
+        assert await ask(one_off((WINDOW // 2) + 3) + " And then?") < 8
+        assert await ask(one_off((WINDOW // 2) + 4) + " And then?") < 8
+        await ask(one_off((WINDOW // 2) + 6))
         assert engine.stats().prompt_cache_saves_total > saved

@@ -154,13 +154,15 @@ class HostPromptCache:
             self.save(slot)
         have = max(prefix, rival)
 
-        def worth(length: int, shared: int) -> bool:
-            return (room is None or length <= room) and worth_restoring(length, shared - have)
+        def gain(length: int, shared: int) -> int:
+            """Prompt tokens restoring an entry of ``length`` tokens, ``shared`` of them with the prompt, spares."""
+            fits = room is None or length <= room
+            return shared - have if fits and worth_restoring(length, shared - have) else 0
 
         found = self.entries.best(prompt, room, self._whole)
-        restoring = found is not None and worth(self.entries.length(found[0]), found[1])
-        self.policy.admitted(restoring, prompt, worth)
-        if found is None or not restoring:
+        spared = gain(self.entries.length(found[0]), found[1]) if found is not None else 0
+        self.policy.admitted(spared, prompt, gain)
+        if found is None or not spared:
             return prefix
         key, shared = found
         entry = self.entries.take(key)

@@ -6,24 +6,28 @@ the K rows of each run of consecutive cells at once, but without flash attention
 the CPU, see ``engine/model.py``) V is stored transposed, and it copies V one element row per run
 of cells. A sequence decoded beside others owns one cell per step, interleaved with theirs, so
 each token is a run of its own. On the bench model (2-core EPYC VM), an answer of 133 tokens
-decoded beside 15 others took 30 ms to save, 2 ms with its cells consecutive (1.4 ms with flash
-attention on, interleaved or not); when a burst of 16 requests ended and the next began, the 16
-saves held every stream for about half a second. With the KV cache on a GPU every run is a
+decoded in lockstep with 15 others took 30 ms to save, 2 ms with its cells consecutive (1.4 ms
+with flash attention on, interleaved or not). In the c=16 sweep a save took about 11 ms, and the
+12-13 saves made when one burst of 16 requests gave way to the next held every stream for 150 ms,
+for answers that never came back. With the KV cache on a GPU every run is a
 device copy instead, which can cost more than prefilling the tokens again there.
 
 Whether the stall pays depends on the traffic: a chat's next turn restores its history and skips
-its prefill, while one-off prompts never come back. So two figures are measured as the engine
-runs:
+its prefill, while one-off prompts never come back, or share only their first words with a saved
+answer. So two figures are measured as the engine runs:
 
 - the seconds a save takes per token it holds (a moving average of the saves made);
-- how often an admitted request gets an entry restored, over the last ``REUSE_WINDOW`` admissions.
+- reuse: the prompt tokens that restores spared, per token saved, over the last ``WINDOW`` saves
+  and admissions. Counting restores instead of tokens misled: when a burst of the same short
+  prompts gave way to the next, each restored a 133-token answer to keep the prompt's 4 tokens.
 
 A slot is saved when ``reuse x seconds to prefill its tokens >= seconds to save them``, with the
-prefill seconds taken from the pacer's cost model (``step_cost.py``). Until a save has been timed
-it is saved, and reuse starts at 1 (the window starts full of hits); while no prompt has been long enough to learn the prefill
-speed from (a workload of short prompts), it is saved while reuse is at least ``REUSE_FLOOR``. A save that is skipped leaves its token list behind as a "ghost"
-(no KV, a few KB), and an admission whose prompt an entry or a ghost would have served counts as
-reuse, so traffic that turns to chats is noticed and saving resumes.
+prefill seconds taken from the pacer's cost model (``step_cost.py``). Until a save has been timed,
+and until the window is full, it is saved; while no prompt has been
+long enough to learn the prefill speed from (a workload of short prompts), it is saved while
+reuse is at least ``REUSE_FLOOR``. A save that is skipped leaves its token list behind as a
+"ghost" (no KV, a few KB), and the tokens a ghost would have spared an admission count as reuse,
+so traffic that turns to chats is noticed and saving resumes.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ import numpy as np
 from .cache_entries import common_prefix
 from .step_cost import Smoothed
 
-REUSE_WINDOW = 16
-"""Admissions the reuse rate looks back over. After this many with nothing restored it is 0, and
-no save pays whatever it costs."""
+WINDOW = 32
+"""Saves (made or skipped) and admissions that reuse looks back over: about 16 requests. After
+them with nothing restored reuse is 0, and no save pays whatever it costs."""
 REUSE_FLOOR = 0.1
 """Reuse below which a save is skipped while the prefill speed is unknown."""
 MAX_GHOSTS = 64
@@ -52,13 +56,18 @@ class SavePolicy:
         self._prefill_seconds = prefill_seconds
         """Seconds to prefill so many tokens from depth 0 (0 while unknown), or None: always save."""
         self._save_per_token = Smoothed()
-        self._restored = deque([True] * REUSE_WINDOW, maxlen=REUSE_WINDOW)
+        self._recent: deque[tuple[int, int]] = deque(maxlen=WINDOW)
+        """(tokens saved or skipped, prompt tokens a restore spared) of recent saves and admissions."""
         self._ghosts: deque[np.ndarray] = deque(maxlen=MAX_GHOSTS)
 
     @property
     def reuse(self) -> float:
-        """The share of recent admissions that got (or would have got) an entry restored."""
-        return sum(self._restored) / len(self._restored)
+        """Prompt tokens that restores spared (or would have) per token saved, lately; 1 until
+        the window is full, or while nothing was saved in it."""
+        saved = sum(tokens for tokens, _ in self._recent)
+        if len(self._recent) < WINDOW or not saved:
+            return 1.0
+        return sum(spared for _, spared in self._recent) / saved
 
     def worth_saving(self, tokens: int) -> bool:
         per_token = self._save_per_token.value
@@ -73,20 +82,23 @@ class SavePolicy:
         """A save of ``tokens`` tokens took ``seconds``."""
         if tokens > 0:
             self._save_per_token.observe(seconds / tokens)
+            self._recent.append((tokens, 0))
 
     def skipped(self, tokens: np.ndarray) -> None:
         """A save of ``tokens`` was skipped: remember them, to notice when such prompts come back."""
         self._ghosts.append(np.array(tokens, dtype=np.int32))
+        self._recent.append((len(tokens), 0))
 
-    def admitted(self, restored: bool, prompt: np.ndarray, worth: Callable[[int, int], bool]) -> None:
-        """An admission: ``restored`` when an entry went back into its slot; otherwise a ghost that
-        ``worth(ghost tokens, shared prefix)`` would have restored counts as reuse (and is dropped:
-        the prompt that wanted it is now in a slot)."""
-        self._restored.append(restored or self._ghost_hit(prompt, worth))
+    def admitted(self, spared: int, prompt: np.ndarray, gain: Callable[[int, int], int]) -> None:
+        """An admission, ``spared`` prompt tokens by a restore (0: none). Without one, what a ghost
+        would have spared, ``gain(ghost tokens, shared prefix)``, counts, and that ghost is
+        dropped (the prompt that wanted it is in a slot now)."""
+        self._recent.append((0, spared or self._ghost_gain(prompt, gain)))
 
-    def _ghost_hit(self, prompt: np.ndarray, worth: Callable[[int, int], bool]) -> bool:
-        for at, ghost in enumerate(self._ghosts):
-            if worth(len(ghost), common_prefix(ghost, prompt)):
-                del self._ghosts[at]
-                return True
-        return False
+    def _ghost_gain(self, prompt: np.ndarray, gain: Callable[[int, int], int]) -> int:
+        gains = [gain(len(ghost), common_prefix(ghost, prompt)) for ghost in self._ghosts]
+        best = max(range(len(gains)), key=gains.__getitem__, default=None)
+        if best is None or gains[best] <= 0:
+            return 0
+        del self._ghosts[best]
+        return gains[best]
