@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     n_gpu_layers: int = Field(-1, ge=-1, description="Layers offloaded to the GPU (-1: all, when the build has a GPU backend)")
     n_batch: int = Field(2048, ge=1, description="Maximum tokens per decode step (prompt chunks plus generated tokens)")
     n_ubatch: int = Field(512, ge=1, description="Physical micro-batch size inside one decode step")
-    flash_attention: FlashAttention = Field(FlashAttention.auto, description="Flash attention: auto (on with a GPU where llama.cpp supports it; off for a model on the CPU alone), on or off")
+    flash_attention: FlashAttention = Field(FlashAttention.auto, description="Flash attention: auto (llama.cpp's choice, on where a backend supports it; off for a model on the CPU alone of an Intel CPU with AMX), on or off")
     threads: int | None = Field(None, ge=1, description="CPU threads for decoding and prompt processing (default: physical cores for decoding, all CPUs for prompts)")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before new ones get 429")
     stall_timeout: float = Field(600.0, gt=0, description="Seconds one decode step may run while requests wait before the engine counts as failed (/health 503, serve exits 1)")

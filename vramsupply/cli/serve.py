@@ -22,7 +22,7 @@ def serve(
     n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", help="Layers offloaded to the GPU (-1: all)."),
     n_batch: Optional[int] = typer.Option(None, "--n-batch", help="Maximum tokens per decode step (default 2048)."),
     n_ubatch: Optional[int] = typer.Option(None, "--n-ubatch", help="Physical micro-batch size (default 512)."),
-    flash_attention: Optional[str] = typer.Option(None, "--flash-attention", help="auto, on or off (default auto: on with a GPU, off on the CPU alone)."),
+    flash_attention: Optional[str] = typer.Option(None, "--flash-attention", help="auto, on or off (default auto: on, except off for a model on the CPU alone of an Intel CPU with AMX)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for decoding and prompts (default: physical cores to decode, all CPUs for prompts)."),
     cache_type_k: Optional[str] = typer.Option(None, "--cache-type-k", help="KV cache type for keys: f16, q8_0 or q4_0."),
     cache_type_v: Optional[str] = typer.Option(None, "--cache-type-v", help="KV cache type for values: f16, q8_0 or q4_0 (quantized needs flash attention)."),

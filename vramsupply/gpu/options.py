@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
@@ -18,6 +20,29 @@ import llama_cpp
 CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 SPLIT_MODES = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER, "row": llama_cpp.LLAMA_SPLIT_MODE_ROW}
 QUANT_BLOCK = 32
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_attention_prefers_plain(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether this CPU runs attention faster without llama.cpp's flash attention kernel: an Intel
+    CPU with AMX (Sapphire Rapids and later), the one kind where that was measured.
+
+    On the 2-core Intel Xeon VM (AVX-512 and AMX), the kernel made every decode row pay for the
+    whole context: a stream at depth 1000 decoded at 63 tok/s with it and 94 without
+    (``llama-batched-bench``, bench model), and the marketplace bench's goodput at 0.4 conv/s
+    went from 11 to 38 tok/s with it off. On the 2-core AMD EPYC VM (Zen 4, AVX-512) it was the
+    other way: 4 streams at depth 1000 prefilled at 459-696 tok/s with it and 323-391 without,
+    and the marketplace goodput at 0.2 and 0.4 conv/s was 17.9 and 23.7 tok/s with it, 9.6 and
+    12.7 without. Elsewhere llama.cpp's own choice (on) is kept.
+    """
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    first_cpu = text.split("\n\n", 1)[0]
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first_cpu.splitlines())}
+    return fields.get("vendor_id") == "GenuineIntel" and "amx_tile" in fields.get("flags", "").split()
 
 
 class GpuOptionError(ValueError):
@@ -48,16 +73,12 @@ class GpuOptions:
 
     def flash_attention(self, mode: str, on_gpu: bool = True) -> str:
         """The flash attention mode to use: a quantized V cache needs it on, and ``auto`` is off for
-        a model that runs on the CPU alone.
-
-        llama.cpp's ``auto`` turns it on wherever a backend supports it, the CPU included. On the
-        CPU, its kernel made every decode row pay for the whole context: a stream at depth 1000
-        decoded at 63 tok/s with it and 94 without (``llama-batched-bench``, bench model, 2-core
-        Xeon), and paced prompt chunks beside streams ran at a quarter of their speed. With it off
-        there, the marketplace bench's goodput at 0.4 conv/s went from 11 to 38 tok/s (README).
-        """
+        a model that runs on the CPU alone of a CPU whose attention is faster without it
+        (``cpu_attention_prefers_plain``). Otherwise ``auto`` is llama.cpp's: on wherever a backend
+        supports it, the CPU included."""
         if not self.quantized_v:
-            return "off" if mode == "auto" and not on_gpu else mode
+            plain_cpu = mode == "auto" and not on_gpu and cpu_attention_prefers_plain()
+            return "off" if plain_cpu else mode
         if mode == "off":
             raise GpuOptionError(f"a {self.cache_type_v} V cache needs flash attention: use --flash-attention auto or on, or --cache-type-v f16")
         return "on"
