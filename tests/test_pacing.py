@@ -184,9 +184,29 @@ def test_short_prompts_that_arrive_together_start_together_within_the_step_targe
     plan = pacer.plan([generating, long, *questions], capacity=2048, memory=None)
 
     started = [(slot.seq_id, len(chunk)) for slot, chunk in plan if chunk is not None]
-    assert started == [(i, 5) for i in range(1, 7)], "the first, then 5 more of 5 ms within its 25 ms"
+    assert started == [(i, 5) for i in range(1, 12)], "the first, then 10 more of 5 ms within 50 ms (more than its 25)"
     assert 0.020 + 0.001 * sum(size for _, size in started) <= STEP_TARGET_SECONDS
     assert all(slot is not long for slot, _ in plan)
+
+
+def test_short_prompts_that_arrive_together_at_an_idle_engine_start_in_one_step() -> None:
+    """Before any prefill speed is known (short prompts never teach it), a step's rows bound it:
+    a whole micro-batch with nobody generating, MIN_CHUNK beside a stream. Before, the first prompt
+    went alone, and a burst of 16 started one a step, the 16th after 0.4-0.6 s."""
+    now = time.monotonic()
+    questions = [prefilling(i, 5, arrived=now + i * 1e-3) for i in range(16)]
+    plan = PrefillPacer(512).plan(questions, capacity=2048, memory=None)
+    assert [(slot.seq_id, len(chunk)) for slot, chunk in plan if chunk is not None] == [(i, 5) for i in range(16)]
+
+    generating = prefilling(16, 10, arrived=now - 5, done=10)
+    generating.next_token = 42
+    plan = PrefillPacer(512).plan([generating, *questions], capacity=2048, memory=None)
+    assert [(slot.seq_id, None if chunk is None else len(chunk)) for slot, chunk in plan] == [(16, None), (0, 5), (1, 5), (2, 5)]
+
+    pacer = PrefillPacer(512)
+    learn(pacer, 0.001, paced=False)  # known now: with nobody generating, 1 ms a token
+    plan = pacer.plan(questions, capacity=2048, memory=None)
+    assert len(plan) == 11, "the first (5 ms), then 10 more within 50 ms"
 
 
 FIRST_TOKENS = count(10_000, 10_000)

@@ -78,6 +78,11 @@ MIN_CHUNK = 16
 first chunk next to a generating slot, before any prefill speed is known. On the 2-core bench
 machine a 32-token chunk deep in a 4k context took 220 ms and a 64-token one 330 ms, so 16 keeps
 the step well under a quarter second at the price of a slower prefill while others generate."""
+COMPANION_SECONDS = 0.05
+"""Whole prompts ending in a step where another ends may always add this much to it. Doubling the
+step alone let a burst of 16 five-token questions in two at a time with nobody generating (a step
+of one is a few ms), so the 16th got its first token 0.4-0.6 s after the first; 50 ms (a twentieth
+of the TTFT target) delays the first by as little."""
 TTFT_TARGET_SECONDS = 1.0
 MAX_DEFER_SECONDS = 10.0
 """A request put behind others (because it could no longer answer within the target) for this
@@ -86,6 +91,14 @@ ADMISSION_WINDOW = 32
 MAX_GENERATING_SHARE = 0.75
 """Judging how long a prompt will take beside streams, their rows are taken to use at most this
 share of each step (the rest is the prompt's)."""
+
+
+def companion_seconds(step: float, left: float | None) -> float | None:
+    """How many more predicted seconds whole prompts ending in the same step as another may add:
+    what the step cost so far (so that prompt's first token comes at most twice as late), or
+    ``COMPANION_SECONDS`` if that is more, within the ``left`` of the step's target; None while no
+    prefill speed is known (then rows bound them)."""
+    return None if left is None else min(max(step, COMPANION_SECONDS), left)
 
 
 class StepWork(NamedTuple):
@@ -157,29 +170,30 @@ class PrefillPacer:
             plan.append((slot, slot.prompt[slot.n_cached : slot.n_cached + size]))
             room -= size
             if size == left:  # its first token waits for no other prompt's rows, but for those of
-                if seconds is not None:  # prompts that end in this step too, up to doubling its time
-                    plan += self._companions(order[at + 1 :], slots, memory, room, min(step, seconds), cost)
-                break
+                plan += self._companions(order[at + 1 :], slots, memory, room, companion_seconds(step, seconds), cost)
+                break  # prompts that end in this step too, up to doubling its time (or COMPANION_SECONDS)
         return plan
 
     @staticmethod
     def _companions(
-        order: list[Slot], slots: list[Slot], memory: object, room: int, allowance: float, cost: ChunkCost
+        order: list[Slot], slots: list[Slot], memory: object, room: int, allowance: float | None, cost: ChunkCost
     ) -> list[tuple[Slot, np.ndarray | None]]:
         """Whole prompts that end in a step where another prompt ends, in prefill order, whose
-        predicted seconds together stay within ``allowance`` (what the step cost so far, and no
-        more than its target leaves) and whose rows fit ``room``."""
+        predicted seconds together stay within ``allowance`` (``companion_seconds``) and whose rows
+        fit ``room``; with ``allowance`` None (no prefill speed known yet) the rows alone bound
+        them, as they bound the first chunk then."""
         chosen: list[tuple[Slot, np.ndarray | None]] = []
         for slot in order:
-            if allowance <= 0 or room == 0:
+            if (allowance is not None and allowance <= 0) or room == 0:
                 break
             if not share_prompt(slot, slots, memory):
                 continue
             left = len(slot.prompt) - slot.n_cached
-            seconds = cost.seconds(left, slot.n_cached)
-            if left <= room and seconds <= allowance + 1e-9:  # (the tolerance: float sums of equal costs)
+            seconds = cost.seconds(left, slot.n_cached) if allowance is not None else 0.0
+            if left <= room and (allowance is None or seconds <= allowance + 1e-9):  # (float sums of equal costs)
                 chosen.append((slot, slot.prompt[slot.n_cached :]))
-                room, allowance = room - left, allowance - seconds
+                room = room - left
+                allowance = None if allowance is None else allowance - seconds
         return chosen
 
     def _cost(self, generating: bool) -> ChunkCost:
