@@ -186,20 +186,25 @@ class HostPromptCache:
             log.debug("slot %d: not saving %d tokens (reuse %.2f)", slot.seq_id, len(tokens), self.policy.reuse)
             return
         started = time.perf_counter()
-        self._copy(slot.seq_id, tokens)
-        self.policy.saved(len(tokens), time.perf_counter() - started)
-        self._counters.add(prompt_cache_saves_total=1)
+        stored = self._copy(slot.seq_id, tokens)
+        self.policy.saved(len(tokens), time.perf_counter() - started)  # the stall was paid either way
+        if stored:
+            self._counters.add(prompt_cache_saves_total=1)
 
-    def _copy(self, seq_id: int, tokens: np.ndarray) -> None:
+    def _copy(self, seq_id: int, tokens: np.ndarray) -> bool:
+        """Copy ``seq_id``'s KV into the cache as ``tokens``; False when llama.cpp could not write
+        it or it does not fit the budget."""
         base = self._base_for(seq_id, tokens)
         if base is None:
             state = save_sequence(self._ctx, seq_id)
         else:
             state = self._save_range(seq_id, len(base.tokens), len(tokens))
-        if state is not None and self.entries.put(tokens, state, base):
-            log.debug("slot %d: saved %d tokens (%d bytes, %d after a shared prefix); cache %d entries, %d bases, %d bytes",
-                      seq_id, len(tokens), state.nbytes, len(tokens) - (len(base.tokens) if base else 0),
-                      len(self.entries), self.entries.bases, self.entries.nbytes)
+        if state is None or not self.entries.put(tokens, state, base):
+            return False
+        log.debug("slot %d: saved %d tokens (%d bytes, %d after a shared prefix); cache %d entries, %d bases, %d bytes",
+                  seq_id, len(tokens), state.nbytes, len(tokens) - (len(base.tokens) if base else 0),
+                  len(self.entries), self.entries.bases, self.entries.nbytes)
+        return True
 
     def _base_for(self, seq_id: int, tokens: np.ndarray) -> Base | None:
         """The stored prefix ``tokens`` start with, or a new one cut from ``seq_id`` when they share

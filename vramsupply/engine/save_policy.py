@@ -2,8 +2,8 @@
 
 A save (``llama_state_seq_get_data``) stalls every stream while it runs, on the scheduler thread.
 What it costs depends on where the sequence's cells lie in the shared KV cache. llama.cpp copies
-the K rows of each run of consecutive cells at once, but without flash attention (the default on
-the CPU, see ``engine/model.py``) V is stored transposed, and it copies V one element row per run
+the K rows of each run of consecutive cells at once, but without flash attention (``auto`` on an
+Intel CPU with AMX, see ``gpu/options.py``, or turned off) V is stored transposed, and it copies V one element row per run
 of cells. A sequence decoded beside others owns one cell per step, interleaved with theirs, so
 each token is a run of its own. On the bench model (2-core EPYC VM), an answer of 133 tokens
 decoded in lockstep with 15 others took 30 ms to save, 2 ms with its cells consecutive (1.4 ms
