@@ -26,6 +26,7 @@ from .text import StopStrings
 from .scheduler import Scheduler
 from .speculative import default_draft_max
 from .slots import Task
+from .warmup import warm_up
 from .types import ContextOverflow, EngineClosed, EngineFailed, EngineOptions, EngineStats, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,10 @@ class Engine:
         """Load the GGUF and start the scheduler thread. Blocking: call via ``asyncio.to_thread``."""
         model = Model.load(options.model_path, options.n_gpu_layers, options.gpu)
         options = fit_to_training_context(options, model)
+        context = None
         try:
             context = create_context(model, options)
+            warm_up(context, model.vocab)
             # llama.cpp rounds per-sequence context up to a multiple of 256 and never gives less
             # than asked; enforce exactly what was configured (and offered to the market).
             n_ctx = min(options.n_ctx, llama_cpp.llama_n_ctx_seq(context.ctx))
@@ -71,6 +74,8 @@ class Engine:
                 options.stall_timeout, options.kv_per_slot, options.stream_interval_ms / 1000,
             )
         except BaseException:
+            if context is not None:
+                context.close()
             model.close()
             raise
         engine = cls(options, model, context, scheduler, n_ctx, n_batch)

@@ -1,0 +1,47 @@
+"""One throw-away decode before the engine says it is ready, as llama-server does at load.
+
+The first ``llama_decode`` of a fresh context pays costs no later one does: the weights of a
+memory-mapped GGUF are read from disk as the graph first touches them (seconds for a model of
+several GiB after a reboot, which is when a systemd service starts), the backends set up their
+kernels and buffers, and a GPU build loads its kernels. Without this the first buyer after
+``serve`` started paid all of that inside their time to first token, while the marketplace
+already listed the provider as up. The decode runs with llama.cpp's warm-up flag, which makes a
+mixture-of-experts model route through every expert, so that every expert's weights are read
+now and not in the middle of someone's request. The cache is cleared afterwards: no request
+sees a trace of it.
+
+A model that cannot decode two tokens on this machine fails here, at load, with a clear error,
+rather than failing its first paying request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import llama_cpp
+from llama_cpp._internals import LlamaContext
+
+from .types import EngineError
+
+log = logging.getLogger(__name__)
+
+
+def warm_up(context: LlamaContext, vocab: object) -> float:
+    """Decode BOS and EOS once (token 0 for a vocabulary without them), then clear the cache;
+    returns the seconds it took. Raises EngineError when llama.cpp cannot decode them."""
+    tokens = [t for t in (llama_cpp.llama_vocab_bos(vocab), llama_cpp.llama_vocab_eos(vocab)) if t >= 0] or [0]
+    array = (llama_cpp.llama_token * len(tokens))(*tokens)
+    started = time.perf_counter()
+    llama_cpp.llama_set_warmup(context.ctx, True)
+    try:
+        status = llama_cpp.llama_decode(context.ctx, llama_cpp.llama_batch_get_one(array, len(tokens)))
+        llama_cpp.llama_synchronize(context.ctx)
+    finally:
+        llama_cpp.llama_set_warmup(context.ctx, False)
+        llama_cpp.llama_memory_clear(context.memory, True)
+    if status != 0:
+        raise EngineError(f"llama.cpp could not run the model on this machine (a first decode returned status {status})")
+    seconds = time.perf_counter() - started
+    log.info("warmed up in %.0f ms", seconds * 1000)
+    return seconds
