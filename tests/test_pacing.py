@@ -263,3 +263,21 @@ def test_whether_a_prompt_can_still_make_it_is_judged_at_the_speed_it_will_be_pr
     newer = prefilling(1, 100, arrived=now)
     assert pacer.prefill_order([newer, older], now, paced=False) == [older, newer]
     assert pacer.prefill_order([newer, older], now, paced=True) == [newer, older]
+
+
+def test_a_chunk_stops_where_the_prompt_gets_its_checkpoint_and_such_a_prompt_joins_no_step_it_cannot_end() -> None:
+    """A recurrent model's prompt is checkpointed a few tokens before its end (checkpoints.py): no
+    chunk runs past that point, and until the checkpoint is made the prompt is no companion."""
+    now = time.monotonic()
+    long = prefilling(0, 300, arrived=now)
+    long.checkpoint_at = 296
+    plan = PrefillPacer(512).plan([long], capacity=2048, memory=None)
+    assert [len(chunk) for _, chunk in plan] == [296]
+
+    long.n_cached = 296  # checkpointed: the last 4 tokens go on, and whole prompts may join them
+    long.checkpoint_at = None
+    other = prefilling(1, 100, arrived=now + 1e-3)
+    other.checkpoint_at = 96
+    short = prefilling(2, 5, arrived=now + 2e-3)
+    plan = PrefillPacer(512).plan([long, other, short], capacity=2048, memory=None)
+    assert [(slot.seq_id, len(chunk)) for slot, chunk in plan] == [(0, 4), (2, 5)]

@@ -8,7 +8,9 @@ Between decode steps the scheduler thread admits waiting requests into idle slot
 - into the idle slot holding the longest prefix of its prompt (``choose_slot``);
 - starting from the longest prefix found anywhere: that slot, the host prompt cache
   (``prompt_cache.py``), or cells another slot holds (``sharing.py``). At least one prompt token is
-  always decoded again, because sampling needs the logits of the last one;
+  always decoded again, because sampling needs the logits of the last one. A recurrent state
+  cannot be cut back, so for such a model a slot is reused whole, or from its checkpoint
+  (``checkpoints.py``), or not at all; and a long prompt gets a checkpoint near its end;
 - then what idle slots still hold moves to the host prompt cache, so the shared KV cache holds
   only running requests.
 """
@@ -23,6 +25,7 @@ import llama_cpp
 import numpy as np
 
 from . import backend_sampling
+from .checkpoints import checkpoint_position, restore_checkpoint
 from .counters import Counters
 from .pacing import PrefillPacer
 from .preempt import KvPressure
@@ -49,6 +52,7 @@ class Admission:
         kv_per_slot: bool,
         lends: bool,
         window: int | None,
+        checkpoints: bool = False,
     ) -> None:
         self._ctx = ctx
         self._memory = memory
@@ -61,6 +65,7 @@ class Admission:
         self._packed = kv_per_slot  # see choose_slot
         self._lends = lends  # slots may borrow other slots' prefixes (sharing.py)
         self._window = window  # attention's sliding window (0: none), None for a recurrent state
+        self._checkpoints = checkpoints  # a state that cannot be cut back: reuse whole or from a checkpoint
         self._clock = count(1)
 
     def admit(self) -> None:
@@ -84,14 +89,17 @@ class Admission:
 
     def _start(self, task: Task, idle: list[Slot]) -> None:
         tokens = task.to_prefill
-        slot, prefix = choose_slot(idle, tokens, self._packed)
+        slot, prefix = choose_slot(idle, tokens, self._packed, self._checkpoints)
         keep = min(self._reuse_prefix(slot, tokens, prefix), len(tokens) - 1)
+        if self._checkpoints and keep < slot.n_cached:
+            keep = self._back_to_checkpoint(slot, tokens, keep)
         # Drop the slot's KV after the reused prefix; all of it when llama.cpp cannot cut there, or
         # when the cells the rest of the prompt attends to are gone.
         if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1) or self._lost_cells(slot.seq_id, keep):
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             keep = 0
         slot.begin(task, keep, next(self._clock))
+        self._plan_checkpoint(slot, keep)
         if task.backend_sampling:
             slot.backend_sampled = backend_sampling.attach(self._ctx, slot.seq_id, task.sampler.sampler)
         # A request's prompt counts once, however many choices, and a resumed one (preempt.py) is counted.
@@ -99,6 +107,29 @@ class Admission:
             self._counters.add(busy=1)
         else:
             self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
+
+    def _back_to_checkpoint(self, slot: Slot, tokens: np.ndarray, keep: int) -> int:
+        """A state that cannot be cut back to ``keep``: put the slot's checkpoint back when the
+        prompt shares its tokens (then that is what is kept), else keep nothing."""
+        checkpoint = slot.valid_checkpoint()
+        if checkpoint is None or len(checkpoint.tokens) > keep or not checkpoint.serves(tokens):
+            return 0
+        if not restore_checkpoint(self._ctx, self._memory, slot.seq_id, checkpoint):
+            log.warning("could not restore slot %d's checkpoint of %d tokens", slot.seq_id, len(checkpoint.tokens))
+            slot.forget()
+            return 0
+        log.debug("slot %d: back to its checkpoint after %d tokens", slot.seq_id, len(checkpoint.tokens))
+        return len(checkpoint.tokens)
+
+    def _plan_checkpoint(self, slot: Slot, keep: int) -> None:
+        """Where the slot's new prompt gets its checkpoint (none when too short or already past);
+        the old checkpoint goes once the slot no longer holds its tokens."""
+        if not self._checkpoints:
+            return
+        if slot.checkpoint is not None and len(slot.checkpoint.tokens) > keep:
+            slot.checkpoint = None
+        at = checkpoint_position(len(slot.prompt))
+        slot.checkpoint_at = at if at is not None and at > keep else None
 
     def _lost_cells(self, seq_id: int, keep: int) -> bool:
         """Whether positions the tokens after ``keep`` attend to are missing from the sequence. A
@@ -130,7 +161,7 @@ class Admission:
         slot, or in any slot when prefixes are lent; the last token is always decoded again."""
         holders = self._slots if self._lends else idle
         tokens = task.to_prefill
-        return min(max((slot.common_prefix(tokens) for slot in holders), default=0), len(tokens) - 1)
+        return min(max((slot.reusable(tokens, self._checkpoints) for slot in holders), default=0), len(tokens) - 1)
 
     def _next(self, idle: list[Slot]) -> Task | None:
         """The most urgent waiting request that fits in the KV cache; none when one that must go

@@ -160,7 +160,7 @@ class PrefillPacer:
             if not share_prompt(slot, slots, memory):
                 continue
             first, left = len(plan) == 0 or plan[-1][1] is None, len(slot.prompt) - slot.n_cached
-            size = min(room, left)
+            size = min(room, left, slot.before_checkpoint or left)  # a checkpoint is made between steps
             if seconds is not None:
                 size = min(size, max(MIN_CHUNK if first else 0, cost.tokens_within(seconds, slot.n_cached)))
                 chunk_seconds = cost.seconds(size, slot.n_cached)
@@ -186,8 +186,8 @@ class PrefillPacer:
         for slot in order:
             if (allowance is not None and allowance <= 0) or room == 0:
                 break
-            if not share_prompt(slot, slots, memory):
-                continue
+            if slot.before_checkpoint is not None or not share_prompt(slot, slots, memory):
+                continue  # (a prompt whose checkpoint is due cannot end in this step)
             left = len(slot.prompt) - slot.n_cached
             seconds = cost.seconds(left, slot.n_cached) if allowance is not None else 0.0
             if left <= room and (allowance is None or seconds <= allowance + 1e-9):  # (float sums of equal costs)

@@ -33,6 +33,7 @@ from . import backend_sampling
 from .admission import Admission
 from .batch import Batch
 from .cadence import DEFAULT_INTERVAL_S, Cadence
+from .checkpoints import save_checkpoint
 from .counters import Counters
 from .liveness import DEFAULT_STALL_TIMEOUT, Liveness
 from .pacing import PrefillPacer
@@ -101,6 +102,7 @@ class Scheduler:
             self._ctx, self._memory, self._slots, self._waiting, self._pacer, self._kv, self._prompt_cache, self._counters, kv_per_slot,
             lends=model.copies_prefixes and not kv_per_slot,
             window=llama_cpp.llama_model_n_swa(model.llama_model.model) if model.copies_prefixes else None,
+            checkpoints=not model.copies_prefixes,
         )
         self._offthread = self._rows.offthread
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
@@ -293,7 +295,15 @@ class Scheduler:
                 slot.next_token, slot.resume_token = slot.resume_token, None
         self._pacer.observe(work, time.perf_counter() - started)
         self._counters.add(prefill_tokens_total=work.prompt_tokens, completion_tokens_total=generated)
+        self._make_checkpoints(in_batch)
         return True
+
+    def _make_checkpoints(self, in_batch: list[Slot]) -> None:
+        """Slots whose prompt reached its checkpoint in this step (``checkpoints.py``)."""
+        for slot in in_batch:
+            if slot.checkpoint_at is not None and slot.n_cached == slot.checkpoint_at:
+                slot.checkpoint = save_checkpoint(self._ctx, slot.seq_id, slot.cached[: slot.n_cached])
+                slot.checkpoint_at = None
 
     def _on_token(self, slot: Slot, token: int, logprob: TokenLogprob | None = None) -> int:
         """Stream one sampled token; returns how many completion tokens it counts for (0 or 1)."""

@@ -13,6 +13,7 @@ from itertools import count
 
 import numpy as np
 
+from .checkpoints import Checkpoint
 from .generation import Channel
 from .sampling import RequestSampler
 from .speculative import DraftState
@@ -112,6 +113,8 @@ class Slot:
         self.backend_sampled = False  # the task's chain runs in llama.cpp's graph (backend_sampling)
         self.drafts = DraftState(max_draft)
         self.pending: Future[int] | None = None  # its token, being sampled off the thread (offthread)
+        self.checkpoint: Checkpoint | None = None  # a recurrent state part way (checkpoints.py)
+        self.checkpoint_at: int | None = None  # where the prompt being prefilled gets its checkpoint
 
     @property
     def prefilling(self) -> bool:
@@ -126,6 +129,30 @@ class Slot:
         size = min(self.n_cached, len(prompt))
         same = self.cached[:size] == prompt[:size]
         return size if same.all() else int(np.argmin(same))
+
+    def reusable(self, prompt: np.ndarray, whole: bool = False) -> int:
+        """How much of ``prompt`` this sequence can start it from. With ``whole`` (a state that
+        cannot be cut back) that is all it holds, when the prompt starts with all of it, or else
+        its checkpoint's tokens (``checkpoints.py``), or nothing."""
+        held = self.common_prefix(prompt)
+        if not whole or held == self.n_cached:
+            return held
+        checkpoint = self.valid_checkpoint()
+        return len(checkpoint.tokens) if checkpoint is not None and checkpoint.serves(prompt) else 0
+
+    def valid_checkpoint(self) -> Checkpoint | None:
+        """The checkpoint, if this sequence still holds the tokens it was made after."""
+        checkpoint = self.checkpoint
+        n = len(checkpoint.tokens) if checkpoint is not None else 0
+        if checkpoint is None or self.n_cached < n or not np.array_equal(self.cached[:n], checkpoint.tokens):
+            return None
+        return checkpoint
+
+    @property
+    def before_checkpoint(self) -> int | None:
+        """Prompt tokens left to prefill before the checkpoint is made; None when none is due."""
+        at = self.checkpoint_at
+        return at - self.n_cached if at is not None and self.n_cached < at else None
 
     def usage(self) -> Usage:
         assert self.task is not None
@@ -218,8 +245,8 @@ class Slot:
         return task
 
 
-def choose_slot(idle: Sequence[Slot], prompt: np.ndarray, packed: bool = False) -> tuple[Slot, int]:
-    """The idle slot for ``prompt`` and the prefix it already holds.
+def choose_slot(idle: Sequence[Slot], prompt: np.ndarray, packed: bool = False, whole: bool = False) -> tuple[Slot, int]:
+    """The idle slot for ``prompt`` and the prefix it can start from (``Slot.reusable``).
 
     With a KV cache per slot (``packed``) llama.cpp decodes in one forward pass only
     *consecutive* sequence ids (``split_equal``), so busy slots must stay packed at the bottom:
@@ -232,4 +259,4 @@ def choose_slot(idle: Sequence[Slot], prompt: np.ndarray, packed: bool = False) 
         slot, prefix = item
         return (prefix if not packed or 2 * prefix > len(prompt) else 0, -slot.seq_id)
 
-    return max(((slot, slot.common_prefix(prompt)) for slot in idle), key=rank)
+    return max(((slot, slot.reusable(prompt, whole)) for slot in idle), key=rank)

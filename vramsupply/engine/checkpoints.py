@@ -1,0 +1,95 @@
+"""Checkpoints of a recurrent state near the end of each prompt, so the next turn of a chat need
+not prefill its whole history again.
+
+A recurrent state (Mamba, RWKV, and the linear-attention layers of hybrid models such as Qwen3.5)
+is one state per sequence, folded over every token so far: unlike attention's KV cells it cannot
+be cut back to an earlier position. A slot that answered a question therefore holds a state
+after the prompt *and* the answer, and is reusable only by a prompt that starts with all of it.
+The next turn of a chat rarely does: a thinking model's chat template drops the reasoning from
+earlier turns (Qwen3's does), and many templates render the generation prompt differently from
+the same turn in the history. Every turn then prefilled the whole conversation again, at a cost
+that grows with the history.
+
+So, as llama-server does (its context checkpoints), a prompt of at least
+``MIN_CHECKPOINT_TOKENS`` is prefilled up to ``CHECKPOINT_TAIL`` tokens before its end, the state
+that cannot be cut back is copied to host memory there (``LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY``:
+the recurrent part only; a hybrid model's attention KV stays in the cache), and then the rest is
+prefilled. A later prompt that shares at least those tokens gets the copy put back, its
+attention KV cut back to the same position, and prefills only what follows. The copy is as big
+as one sequence's recurrent state (the memory plan's state per slot), and each slot keeps one:
+the latest prompt's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import time
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_TAIL = 4
+"""How many tokens before a prompt's end its checkpoint is made: the next turn's prompt may
+differ from this one in its last few tokens (the generation prompt, rendered differently in the
+history), as llama-server assumes too."""
+MIN_CHECKPOINT_TOKENS = 64
+"""Shorter prompts get no checkpoint: prefilling them again costs about what a step spent on the
+checkpoint would."""
+_PARTIAL = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The state that cannot be cut back, after ``tokens`` (a copy of them)."""
+
+    tokens: np.ndarray
+    state: np.ndarray
+
+    def serves(self, prompt: np.ndarray) -> bool:
+        """Whether ``prompt`` starts with these tokens and has at least one more to decode."""
+        n = len(self.tokens)
+        return len(prompt) > n and bool(np.array_equal(prompt[:n], self.tokens))
+
+
+def checkpoint_position(prompt_tokens: int) -> int | None:
+    """Where a prompt of ``prompt_tokens`` gets its checkpoint; None when it is too short for one."""
+    return prompt_tokens - CHECKPOINT_TAIL if prompt_tokens >= MIN_CHECKPOINT_TOKENS else None
+
+
+def save_checkpoint(ctx: llama_cpp.llama_context_p, seq_id: int, tokens: np.ndarray) -> Checkpoint | None:
+    """Copy ``seq_id``'s state that cannot be cut back; it holds ``tokens``. None when llama.cpp
+    wrote nothing (a model without such state) or could not write it."""
+    started = time.perf_counter()
+    size = llama_cpp.llama_state_seq_get_size_ext(ctx, seq_id, _PARTIAL)
+    if size <= 0:
+        return None
+    state = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)  # returned whole when dropped (prompt_cache.py)
+    if llama_cpp.llama_state_seq_get_data_ext(ctx, _pointer(state), size, seq_id, _PARTIAL) != size:
+        return None
+    log.debug("slot %d: checkpoint after %d tokens (%d bytes, %.1f ms)", seq_id, len(tokens), size,
+              (time.perf_counter() - started) * 1000)
+    return Checkpoint(np.array(tokens, dtype=np.int32), state)
+
+
+def restore_checkpoint(
+    ctx: llama_cpp.llama_context_p, memory: llama_cpp.llama_memory_t, seq_id: int, checkpoint: Checkpoint
+) -> bool:
+    """Put ``checkpoint`` back into ``seq_id``, which holds at least its tokens, and cut the rest of
+    the sequence (a hybrid model's attention KV after them). False, with the sequence emptied,
+    when llama.cpp refuses either step."""
+    n = len(checkpoint.tokens)
+    state = checkpoint.state
+    restored = llama_cpp.llama_state_seq_set_data_ext(ctx, _pointer(state), state.nbytes, seq_id, _PARTIAL) == state.nbytes
+    if restored and llama_cpp.llama_memory_seq_rm(memory, seq_id, n, -1):
+        return True
+    llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
+    return False
+
+
+def _pointer(array: np.ndarray) -> ctypes.POINTER(ctypes.c_uint8):
+    return array.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
