@@ -93,3 +93,16 @@ async def test_turns_of_two_chats_that_take_the_same_slot_in_turn_each_come_back
         answer, cached = await ask(engine, follow_up)
     assert cached < len(tom) - CHECKPOINT_TAIL  # the slot holds lily's story now: at most a shared start
     assert answer == await fresh(model, follow_up)
+
+
+async def test_a_chat_whose_slot_went_to_another_comes_back_from_the_host_cache_with_its_checkpoint(model: Path) -> None:
+    """More conversations than slots: the first chat's state was saved to host memory with its
+    checkpoint when the second took the slot, and its next turn restores both."""
+    with load(model, cache_ram=64) as engine:
+        tom = engine.tokenize(STORY)
+        await ask(engine, tom)
+        await ask(engine, engine.tokenize(STORY.replace("Once upon a time", "Long ago")))
+        follow_up = tom + engine.tokenize(" Then it rained, and they went home.")[1:]
+        answer, cached = await ask(engine, follow_up)
+    assert cached == len(tom) - CHECKPOINT_TAIL  # before: 0, the saved state (with the answer) was of no use
+    assert answer == await fresh(model, follow_up)

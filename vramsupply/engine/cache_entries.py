@@ -11,6 +11,10 @@ prefix kept once for all the entries that start with it; a base lives while some
     Entry(tokens=system + chat A, base=B, state=KV of chat A)  ─┐
     Entry(tokens=system + chat B, base=B, state=KV of chat B)  ─┼─> Base(tokens=system, state=its KV)
     Entry(tokens=other prompt, base=None, state=KV of it all)
+
+**A state that cannot be cut back** (``checkpoints.py``) is stored whole, with the slot's
+checkpoint when it had one: such an entry serves a prompt that starts with all of its tokens, or
+with its checkpoint's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 from itertools import count
 
 import numpy as np
+
+from .checkpoints import Checkpoint
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -49,11 +55,21 @@ class Entry:
     tokens: np.ndarray
     state: np.ndarray
     base: Base | None = None
+    checkpoint: Checkpoint | None = None
 
     @property
     def nbytes(self) -> int:
         """What the entry holds itself, its base not included."""
-        return self.state.nbytes + self.tokens.nbytes
+        extra = self.checkpoint.state.nbytes + self.checkpoint.tokens.nbytes if self.checkpoint is not None else 0
+        return self.state.nbytes + self.tokens.nbytes + extra
+
+    def serves(self, prompt: np.ndarray, whole: bool) -> int:
+        """How much of ``prompt`` restoring this entry gives (with ``whole``: all its tokens when
+        the prompt starts with them, else its checkpoint's, else nothing)."""
+        shared = common_prefix(self.tokens, prompt)
+        if not whole or shared == len(self.tokens):
+            return shared
+        return len(self.checkpoint.tokens) if self.checkpoint is not None and self.checkpoint.serves(prompt) else 0
 
 
 class PromptCache:
@@ -85,10 +101,10 @@ class PromptCache:
         """The longest prefix ``tokens`` share with any entry."""
         return max((common_prefix(entry.tokens, tokens) for entry in self._entries.values()), default=0)
 
-    def put(self, tokens: np.ndarray, state: np.ndarray, base: Base | None = None) -> bool:
+    def put(self, tokens: np.ndarray, state: np.ndarray, base: Base | None = None, checkpoint: Checkpoint | None = None) -> bool:
         """Keep ``state`` (the KV of ``tokens``, after ``base`` if given); False when it does not fit
         the budget even alone."""
-        entry = Entry(np.array(tokens, dtype=np.int32), state, base)
+        entry = Entry(np.array(tokens, dtype=np.int32), state, base, checkpoint)
         if entry.nbytes + (base.nbytes if base is not None else 0) > self.budget:
             return False
         self._use(entry)
@@ -103,14 +119,12 @@ class PromptCache:
     def best(self, prompt: np.ndarray, room: int | None = None, whole: bool = False) -> tuple[int, int] | None:
         """(key, shared prefix) of the entry sharing the longest prefix with ``prompt``, if any,
         among those of at most ``room`` tokens (and, with ``whole``, all of whose tokens start
-        ``prompt``)."""
+        ``prompt``, or its checkpoint's: ``Entry.serves``)."""
         found = None
         for key, entry in self._entries.items():
             if room is not None and len(entry.tokens) > room:
                 continue
-            shared = common_prefix(entry.tokens, prompt)
-            if whole and shared < len(entry.tokens):
-                continue
+            shared = entry.serves(prompt, whole)
             if shared and (found is None or shared > found[1]):
                 found = (key, shared)
         return found
