@@ -52,6 +52,7 @@ class Admission:
         kv_per_slot: bool,
         lends: bool,
         window: int | None,
+        whole: bool = False,
         checkpoints: bool = False,
     ) -> None:
         self._ctx = ctx
@@ -65,7 +66,8 @@ class Admission:
         self._packed = kv_per_slot  # see choose_slot
         self._lends = lends  # slots may borrow other slots' prefixes (sharing.py)
         self._window = window  # attention's sliding window (0: none), None for a recurrent state
-        self._checkpoints = checkpoints  # a state that cannot be cut back: reuse whole or from a checkpoint
+        self._whole = whole  # a state that cannot be cut back: a slot is reused whole or from a checkpoint
+        self._checkpoints = checkpoints  # long prompts get one (checkpoints.py)
         self._clock = count(1)
 
     def admit(self) -> None:
@@ -89,15 +91,8 @@ class Admission:
 
     def _start(self, task: Task, idle: list[Slot]) -> None:
         tokens = task.to_prefill
-        slot, prefix = choose_slot(idle, tokens, self._packed, self._checkpoints)
-        keep = min(self._reuse_prefix(slot, tokens, prefix), len(tokens) - 1)
-        if self._checkpoints and keep < slot.n_cached:
-            keep = self._back_to_checkpoint(slot, tokens, keep)
-        # Drop the slot's KV after the reused prefix; all of it when llama.cpp cannot cut there, or
-        # when the cells the rest of the prompt attends to are gone.
-        if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1) or self._lost_cells(slot.seq_id, keep):
-            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-            keep = 0
+        slot, prefix = choose_slot(idle, tokens, self._packed, self._whole)
+        keep = self._cut(slot, tokens, min(self._reuse_prefix(slot, tokens, prefix), len(tokens) - 1))
         slot.begin(task, keep, next(self._clock))
         self._plan_checkpoint(slot, keep)
         if task.backend_sampling:
@@ -108,9 +103,24 @@ class Admission:
         else:
             self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
 
+    def _cut(self, slot: Slot, tokens: np.ndarray, keep: int) -> int:
+        """Drop the slot's KV after ``keep``, and return what it keeps: ``keep``; else, when llama.cpp
+        cannot cut there (a recurrent state) or the cells the rest of the prompt attends to are gone
+        (a sliding window), its checkpoint's tokens when it has one and the prompt starts with them;
+        else nothing."""
+        seq_id = slot.seq_id
+        if llama_cpp.llama_memory_seq_rm(self._memory, seq_id, keep, -1) and not self._lost_cells(seq_id, keep):
+            return keep
+        if self._checkpoints:
+            keep = self._back_to_checkpoint(slot, tokens, keep)
+            if keep and not self._lost_cells(seq_id, keep):
+                return keep
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        return 0
+
     def _back_to_checkpoint(self, slot: Slot, tokens: np.ndarray, keep: int) -> int:
-        """A state that cannot be cut back to ``keep``: put the slot's checkpoint back when the
-        prompt shares its tokens (then that is what is kept), else keep nothing."""
+        """Put the slot's checkpoint back, and cut the sequence after it, when the prompt shares
+        its tokens within ``keep`` (then that is what is kept); else keep nothing."""
         checkpoint = slot.valid_checkpoint()
         if checkpoint is None or len(checkpoint.tokens) > keep or not checkpoint.serves(tokens):
             return 0
@@ -161,7 +171,7 @@ class Admission:
         slot, or in any slot when prefixes are lent; the last token is always decoded again."""
         holders = self._slots if self._lends else idle
         tokens = task.to_prefill
-        return min(max((slot.reusable(tokens, self._checkpoints) for slot in holders), default=0), len(tokens) - 1)
+        return min(max((slot.reusable(tokens, self._whole) for slot in holders), default=0), len(tokens) - 1)
 
     def _next(self, idle: list[Slot]) -> Task | None:
         """The most urgent waiting request that fits in the KV cache; none when one that must go
@@ -169,7 +179,7 @@ class Admission:
         paced = any(slot.generating for slot in self._slots)
         holders = [slot for slot in self._slots if slot.n_cached] if self._lends else idle  # who could lend
         room = self._kv.admission_room(self._slots)
-        for must, task in self._pacer.admission_order(self._waiting, holders, self._prompt_cache, paced):
+        for must, task in self._pacer.admission_order(self._waiting, holders, self._prompt_cache, paced, self._whole):
             if room is None or self._kv.fits(task, room, self._held_prefix(task, idle)):
                 return task
             if must:

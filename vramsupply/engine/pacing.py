@@ -241,14 +241,16 @@ class PrefillPacer:
         return sorted(prefilling, key=rank)
 
     def admission_order(
-        self, waiting: Iterable[Task], holders: list[Slot], cache: HostPromptCache | None, paced: bool = True
+        self, waiting: Iterable[Task], holders: list[Slot], cache: HostPromptCache | None, paced: bool = True,
+        whole: bool = False,
     ) -> list[tuple[bool, Task]]:
         """The waiting requests in the order they should take the idle slots, by the same urgency
         as ``prefill_order``, each with whether it must go next (paused, or deferred too long):
         what a request would find cached (in the slots it could start from, ``holders``: idle ones,
         and busy ones that can lend their cells, ``sharing.py``; or the host prompt cache) is not left to
         prefill. Only the ``ADMISSION_WINDOW`` oldest are weighed, which bounds the cost; a lone
-        request goes next anyway, so it is marked so without the lookup."""
+        request goes next anyway, so it is marked so without the lookup. ``whole``: a state that
+        cannot be cut back, reused whole or from a checkpoint (``Slot.reusable``)."""
         candidates = list(islice(waiting, ADMISSION_WINDOW))
         if len(candidates) == 1:  # nothing to weigh: skip the prompt cache lookup
             return [(True, candidates[0])]
@@ -256,8 +258,8 @@ class PrefillPacer:
 
         def rank(task: Task) -> tuple[int, float]:
             tokens = task.to_prefill
-            known = max((slot.common_prefix(tokens) for slot in holders), default=0)
-            found = cache.entries.best(tokens) if cache is not None else None
+            known = max((slot.reusable(tokens, whole) for slot in holders), default=0)
+            found = cache.entries.best(tokens, whole=whole) if cache is not None else None
             cached = max(known, found[1] if found else 0)
             return self._urgency(task, len(tokens) - cached, cached, now, task.resume is not None, paced)
 

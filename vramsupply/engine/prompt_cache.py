@@ -202,7 +202,7 @@ class HostPromptCache:
             state = save_sequence(self._ctx, seq_id)
         else:
             state = self._save_range(seq_id, len(base.tokens), len(tokens))
-        if state is None or not self.entries.put(tokens, state, base, checkpoint if self._whole else None):
+        if state is None or not self.entries.put(tokens, state, base, checkpoint):
             return False
         log.debug("slot %d: saved %d tokens (%d bytes, %d after a shared prefix); cache %d entries, %d bases, %d bytes",
                   seq_id, len(tokens), state.nbytes, len(tokens) - (len(base.tokens) if base else 0),

@@ -102,7 +102,7 @@ class Scheduler:
             self._ctx, self._memory, self._slots, self._waiting, self._pacer, self._kv, self._prompt_cache, self._counters, kv_per_slot,
             lends=model.copies_prefixes and not kv_per_slot,
             window=llama_cpp.llama_model_n_swa(model.llama_model.model) if model.copies_prefixes else None,
-            checkpoints=not model.copies_prefixes,
+            whole=not model.copies_prefixes, checkpoints=not model.copies_prefixes,
         )
         self._offthread = self._rows.offthread
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
