@@ -106,3 +106,26 @@ async def test_a_chat_whose_slot_went_to_another_comes_back_from_the_host_cache_
         answer, cached = await ask(engine, follow_up)
     assert cached == len(tom) - CHECKPOINT_TAIL  # before: 0, the saved state (with the answer) was of no use
     assert answer == await fresh(model, follow_up)
+
+
+async def test_a_new_conversation_behind_the_same_system_prompt_starts_from_a_checkpoint_of_it(model: Path) -> None:
+    """The second conversation sharing a system prompt gets a checkpoint where the shared part ends,
+    and from the third on it is not prefilled again: in the slot, and from the host cache."""
+    for cache_ram in (0, 64):
+        with load(model, cache_ram=cache_ram) as engine:
+            system = engine.tokenize(STORY)
+            chats = [system + engine.tokenize(f" Question {n}: what did the {animal} do next?")[1:]
+                     for n, animal in enumerate(("cat", "dog", "bird", "fish"))]
+            shared = common_prefix(chats[0], chats[1])
+            assert shared >= MIN_CHECKPOINT_TOKENS
+            cached = [(await ask(engine, chat))[1] for chat in chats[:2]]
+            answer, third = await ask(engine, chats[2])
+            if cache_ram:  # the third conversation's state went to the host cache; the fourth restores it
+                await ask(engine, engine.tokenize("Something else entirely, " * 20))
+                answer, third = await ask(engine, chats[3])
+        assert cached == [0, 0] and third == shared, f"cache_ram={cache_ram}"
+        assert answer == await fresh(model, chats[3] if cache_ram else chats[2])
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

@@ -270,14 +270,14 @@ def test_a_chunk_stops_where_the_prompt_gets_its_checkpoint_and_such_a_prompt_jo
     chunk runs past that point, and until the checkpoint is made the prompt is no companion."""
     now = time.monotonic()
     long = prefilling(0, 300, arrived=now)
-    long.checkpoint_at = 296
+    long.checkpoints_due = [296]
     plan = PrefillPacer(512).plan([long], capacity=2048, memory=None)
     assert [len(chunk) for _, chunk in plan] == [296]
 
     long.n_cached = 296  # checkpointed: the last 4 tokens go on, and whole prompts may join them
-    long.checkpoint_at = None
+    long.checkpoints_due = []
     other = prefilling(1, 100, arrived=now + 1e-3)
-    other.checkpoint_at = 96
+    other.checkpoints_due = [96]
     short = prefilling(2, 5, arrived=now + 2e-3)
     plan = PrefillPacer(512).plan([long, other, short], capacity=2048, memory=None)
     assert [(slot.seq_id, len(chunk)) for slot, chunk in plan] == [(0, 4), (2, 5)]

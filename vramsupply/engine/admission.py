@@ -25,7 +25,7 @@ import llama_cpp
 import numpy as np
 
 from . import backend_sampling
-from .checkpoints import checkpoint_position, restore_checkpoint
+from .checkpoints import checkpoint_positions, restore_checkpoint
 from .counters import Counters
 from .pacing import PrefillPacer
 from .preempt import KvPressure
@@ -92,9 +92,10 @@ class Admission:
     def _start(self, task: Task, idle: list[Slot]) -> None:
         tokens = task.to_prefill
         slot, prefix = choose_slot(idle, tokens, self._packed, self._whole)
+        shared = self._shared(tokens) if self._checkpoints else 0
         keep = self._cut(slot, tokens, min(self._reuse_prefix(slot, tokens, prefix), len(tokens) - 1))
         slot.begin(task, keep, next(self._clock))
-        self._plan_checkpoint(slot, keep)
+        self._plan_checkpoints(slot, keep, shared)
         if task.backend_sampling:
             slot.backend_sampled = backend_sampling.attach(self._ctx, slot.seq_id, task.sampler.sampler)
         # A request's prompt counts once, however many choices, and a resumed one (preempt.py) is counted.
@@ -121,8 +122,8 @@ class Admission:
     def _back_to_checkpoint(self, slot: Slot, tokens: np.ndarray, keep: int) -> int:
         """Put the slot's checkpoint back, and cut the sequence after it, when the prompt shares
         its tokens within ``keep`` (then that is what is kept); else keep nothing."""
-        checkpoint = slot.valid_checkpoint()
-        if checkpoint is None or len(checkpoint.tokens) > keep or not checkpoint.serves(tokens):
+        checkpoint = slot.checkpoint_for(tokens, keep)
+        if checkpoint is None:
             return 0
         if not restore_checkpoint(self._ctx, self._memory, slot.seq_id, checkpoint):
             log.warning("could not restore slot %d's checkpoint of %d tokens", slot.seq_id, len(checkpoint.tokens))
@@ -131,15 +132,22 @@ class Admission:
         log.debug("slot %d: back to its checkpoint after %d tokens", slot.seq_id, len(checkpoint.tokens))
         return len(checkpoint.tokens)
 
-    def _plan_checkpoint(self, slot: Slot, keep: int) -> None:
-        """Where the slot's new prompt gets its checkpoint (none when too short or already past);
-        the old checkpoint goes once the slot no longer holds its tokens."""
+    def _plan_checkpoints(self, slot: Slot, keep: int, shared: int) -> None:
+        """Where the slot's new prompt gets checkpoints (``checkpoint_positions``). Of those it has and
+        still holds, it keeps the shortest (the start other conversations share, which the new
+        prompt's own will not replace), unless two new ones are due."""
         if not self._checkpoints:
             return
-        if slot.checkpoint is not None and len(slot.checkpoint.tokens) > keep:
-            slot.checkpoint = None
-        at = checkpoint_position(len(slot.prompt))
-        slot.checkpoint_at = at if at is not None and at > keep else None
+        kept = [c for c in slot.valid_checkpoints() if len(c.tokens) <= keep]
+        slot.checkpoints_due = checkpoint_positions(len(slot.prompt), keep, shared)
+        slot.checkpoints = [min(kept, key=lambda c: len(c.tokens))] if kept and len(slot.checkpoints_due) < 2 else []
+
+    def _shared(self, tokens: np.ndarray) -> int:
+        """The longest prefix of ``tokens`` that a sequence in a slot or the host prompt cache holds:
+        what conversations share (a system prompt), or this one's history."""
+        held = max((slot.common_prefix(tokens) for slot in self._slots), default=0)
+        cached = self._prompt_cache.entries.longest_shared(tokens) if self._prompt_cache is not None else 0
+        return max(held, cached)
 
     def _lost_cells(self, seq_id: int, keep: int) -> bool:
         """Whether positions the tokens after ``keep`` attend to are missing from the sequence. A

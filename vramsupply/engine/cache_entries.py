@@ -13,8 +13,8 @@ prefix kept once for all the entries that start with it; a base lives while some
     Entry(tokens=other prompt, base=None, state=KV of it all)
 
 **A state that cannot be cut back** (``checkpoints.py``) is stored whole, with the slot's
-checkpoint when it had one: such an entry serves a prompt that starts with all of its tokens, or
-with its checkpoint's.
+checkpoints: such an entry serves a prompt that starts with all of its tokens, or with one of its
+checkpoints'.
 """
 
 from __future__ import annotations
@@ -55,21 +55,21 @@ class Entry:
     tokens: np.ndarray
     state: np.ndarray
     base: Base | None = None
-    checkpoint: Checkpoint | None = None
+    checkpoints: tuple[Checkpoint, ...] = ()
 
     @property
     def nbytes(self) -> int:
         """What the entry holds itself, its base not included."""
-        extra = self.checkpoint.state.nbytes + self.checkpoint.tokens.nbytes if self.checkpoint is not None else 0
+        extra = sum(c.state.nbytes + c.tokens.nbytes for c in self.checkpoints)
         return self.state.nbytes + self.tokens.nbytes + extra
 
     def serves(self, prompt: np.ndarray, whole: bool) -> int:
         """How much of ``prompt`` restoring this entry gives (with ``whole``: all its tokens when
-        the prompt starts with them, else its checkpoint's, else nothing)."""
+        the prompt starts with them, else its longest checkpoint's that it starts with, else nothing)."""
         shared = common_prefix(self.tokens, prompt)
         if not whole or shared == len(self.tokens):
             return shared
-        return len(self.checkpoint.tokens) if self.checkpoint is not None and self.checkpoint.serves(prompt) else 0
+        return max((len(c.tokens) for c in self.checkpoints if c.serves(prompt)), default=0)
 
 
 class PromptCache:
@@ -101,10 +101,10 @@ class PromptCache:
         """The longest prefix ``tokens`` share with any entry."""
         return max((common_prefix(entry.tokens, tokens) for entry in self._entries.values()), default=0)
 
-    def put(self, tokens: np.ndarray, state: np.ndarray, base: Base | None = None, checkpoint: Checkpoint | None = None) -> bool:
+    def put(self, tokens: np.ndarray, state: np.ndarray, base: Base | None = None, checkpoints: tuple[Checkpoint, ...] = ()) -> bool:
         """Keep ``state`` (the KV of ``tokens``, after ``base`` if given); False when it does not fit
         the budget even alone."""
-        entry = Entry(np.array(tokens, dtype=np.int32), state, base, checkpoint)
+        entry = Entry(np.array(tokens, dtype=np.int32), state, base, checkpoints)
         if entry.nbytes + (base.nbytes if base is not None else 0) > self.budget:
             return False
         self._use(entry)
@@ -119,7 +119,7 @@ class PromptCache:
     def best(self, prompt: np.ndarray, room: int | None = None, whole: bool = False) -> tuple[int, int] | None:
         """(key, shared prefix) of the entry sharing the longest prefix with ``prompt``, if any,
         among those of at most ``room`` tokens (and, with ``whole``, all of whose tokens start
-        ``prompt``, or its checkpoint's: ``Entry.serves``)."""
+        ``prompt``, or one of its checkpoints': ``Entry.serves``)."""
         found = None
         for key, entry in self._entries.items():
             if room is not None and len(entry.tokens) > room:

@@ -15,9 +15,14 @@ So, as llama-server does (its context checkpoints), a prompt of at least
 that cannot be cut back is copied to host memory there (``LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY``:
 the recurrent part only; a hybrid model's attention KV stays in the cache), and then the rest is
 prefilled. A later prompt that shares at least those tokens gets the copy put back, its
-attention KV cut back to the same position, and prefills only what follows. The copy is as big
-as one sequence's recurrent state (the memory plan's state per slot), and each slot keeps one:
-the latest prompt's.
+attention KV cut back to the same position, and prefills only what follows.
+
+The same goes for the start a new conversation shares with others: a system prompt. A prompt
+that shares a prefix with another slot's sequence or a host cache entry also gets a checkpoint
+where that prefix ends, so the next conversation behind the same system prompt that lands in
+this slot, or restores it from the host cache, prefills only its own part. A checkpoint is as big
+as one sequence's recurrent state (the memory plan's state per slot); a slot keeps at most two,
+its latest prompt's.
 """
 
 from __future__ import annotations
@@ -56,9 +61,16 @@ class Checkpoint:
         return len(prompt) > n and bool(np.array_equal(prompt[:n], self.tokens))
 
 
-def checkpoint_position(prompt_tokens: int) -> int | None:
-    """Where a prompt of ``prompt_tokens`` gets its checkpoint; None when it is too short for one."""
-    return prompt_tokens - CHECKPOINT_TAIL if prompt_tokens >= MIN_CHECKPOINT_TOKENS else None
+def checkpoint_positions(prompt_tokens: int, kept: int, shared: int) -> list[int]:
+    """Where a prompt of ``prompt_tokens``, of which ``kept`` are reused, gets checkpoints, ascending:
+    near its end, once it is ``MIN_CHECKPOINT_TOKENS`` long; and where the prefix it shares with
+    another sequence ends (``shared``: a system prompt), when that is as far past what is reused
+    (a chat's next turn shares its whole history, which its own checkpoint already covers)."""
+    end = prompt_tokens - CHECKPOINT_TAIL
+    wanted = {end} if prompt_tokens >= MIN_CHECKPOINT_TOKENS and kept < end else set()
+    if shared - kept >= MIN_CHECKPOINT_TOKENS and shared < end:
+        wanted.add(shared)
+    return sorted(wanted)
 
 
 def save_checkpoint(ctx: llama_cpp.llama_context_p, seq_id: int, tokens: np.ndarray) -> Checkpoint | None:

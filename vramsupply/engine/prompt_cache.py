@@ -172,7 +172,7 @@ class HostPromptCache:
             log.warning("could not restore a cached prompt of %d tokens into slot %d", len(entry.tokens), slot.seq_id)
             return 0
         slot.record(entry.tokens)
-        slot.checkpoint = entry.checkpoint  # what the slot holds now was checkpointed there (checkpoints.py)
+        slot.checkpoints = list(entry.checkpoints)  # what the slot holds now was checkpointed there (checkpoints.py)
         log.debug("slot %d: restored %d cached tokens (%d shared with the prompt)", slot.seq_id, len(entry.tokens), shared)
         return shared
 
@@ -188,13 +188,13 @@ class HostPromptCache:
             log.debug("slot %d: not saving %d tokens (reuse %.2f)", slot.seq_id, len(tokens), self.policy.reuse)
             return
         started = time.perf_counter()
-        stored = self._copy(slot.seq_id, tokens, slot.valid_checkpoint())
+        stored = self._copy(slot.seq_id, tokens, tuple(slot.valid_checkpoints()))
         self.policy.saved(len(tokens), time.perf_counter() - started)  # the stall was paid either way
         if stored:
             self._counters.add(prompt_cache_saves_total=1)
 
-    def _copy(self, seq_id: int, tokens: np.ndarray, checkpoint: Checkpoint | None = None) -> bool:
-        """Copy ``seq_id``'s KV into the cache as ``tokens`` (with the sequence's checkpoint, for a
+    def _copy(self, seq_id: int, tokens: np.ndarray, checkpoints: tuple[Checkpoint, ...] = ()) -> bool:
+        """Copy ``seq_id``'s KV into the cache as ``tokens`` (with the sequence's checkpoints, for a
         state that cannot be cut back); False when llama.cpp could not write it or it does not fit
         the budget."""
         base = self._base_for(seq_id, tokens)
@@ -202,7 +202,7 @@ class HostPromptCache:
             state = save_sequence(self._ctx, seq_id)
         else:
             state = self._save_range(seq_id, len(base.tokens), len(tokens))
-        if state is None or not self.entries.put(tokens, state, base, checkpoint):
+        if state is None or not self.entries.put(tokens, state, base, checkpoints):
             return False
         log.debug("slot %d: saved %d tokens (%d bytes, %d after a shared prefix); cache %d entries, %d bases, %d bytes",
                   seq_id, len(tokens), state.nbytes, len(tokens) - (len(base.tokens) if base else 0),

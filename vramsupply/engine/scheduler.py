@@ -301,9 +301,10 @@ class Scheduler:
     def _make_checkpoints(self, in_batch: list[Slot]) -> None:
         """Slots whose prompt reached its checkpoint in this step (``checkpoints.py``)."""
         for slot in in_batch:
-            if slot.checkpoint_at is not None and slot.n_cached == slot.checkpoint_at:
-                slot.checkpoint = save_checkpoint(self._ctx, slot.seq_id, slot.cached[: slot.n_cached])
-                slot.checkpoint_at = None
+            if slot.n_cached in slot.checkpoints_due:
+                slot.checkpoints_due.remove(slot.n_cached)
+                checkpoint = save_checkpoint(self._ctx, slot.seq_id, slot.cached[: slot.n_cached])
+                slot.checkpoints += [checkpoint] if checkpoint is not None else []
 
     def _on_token(self, slot: Slot, token: int, logprob: TokenLogprob | None = None) -> int:
         """Stream one sampled token; returns how many completion tokens it counts for (0 or 1)."""

@@ -113,8 +113,8 @@ class Slot:
         self.backend_sampled = False  # the task's chain runs in llama.cpp's graph (backend_sampling)
         self.drafts = DraftState(max_draft)
         self.pending: Future[int] | None = None  # its token, being sampled off the thread (offthread)
-        self.checkpoint: Checkpoint | None = None  # a recurrent state part way (checkpoints.py)
-        self.checkpoint_at: int | None = None  # where the prompt being prefilled gets its checkpoint
+        self.checkpoints: list[Checkpoint] = []  # a recurrent state part way (checkpoints.py)
+        self.checkpoints_due: list[int] = []  # where the prompt being prefilled gets them, ascending
 
     @property
     def prefilling(self) -> bool:
@@ -137,22 +137,23 @@ class Slot:
         held = self.common_prefix(prompt)
         if not whole or held == self.n_cached:
             return held
-        checkpoint = self.valid_checkpoint()
-        return len(checkpoint.tokens) if checkpoint is not None and checkpoint.serves(prompt) else 0
+        checkpoint = self.checkpoint_for(prompt, held)
+        return len(checkpoint.tokens) if checkpoint is not None else 0
 
-    def valid_checkpoint(self) -> Checkpoint | None:
-        """The checkpoint, if this sequence still holds the tokens it was made after."""
-        checkpoint = self.checkpoint
-        n = len(checkpoint.tokens) if checkpoint is not None else 0
-        if checkpoint is None or self.n_cached < n or not np.array_equal(self.cached[:n], checkpoint.tokens):
-            return None
-        return checkpoint
+    def valid_checkpoints(self) -> list[Checkpoint]:
+        """The checkpoints made after tokens this sequence still holds."""
+        return [c for c in self.checkpoints if len(c.tokens) <= self.n_cached and np.array_equal(self.cached[: len(c.tokens)], c.tokens)]
+
+    def checkpoint_for(self, prompt: np.ndarray, limit: int) -> Checkpoint | None:
+        """The longest valid checkpoint of at most ``limit`` tokens that ``prompt`` starts with."""
+        fitting = [c for c in self.valid_checkpoints() if len(c.tokens) <= limit and c.serves(prompt)]
+        return max(fitting, key=lambda c: len(c.tokens), default=None)
 
     @property
     def before_checkpoint(self) -> int | None:
-        """Prompt tokens left to prefill before the checkpoint is made; None when none is due."""
-        at = self.checkpoint_at
-        return at - self.n_cached if at is not None and self.n_cached < at else None
+        """Prompt tokens left to prefill before the next checkpoint is made; None when none is due."""
+        due = [at - self.n_cached for at in self.checkpoints_due if at > self.n_cached]
+        return min(due, default=None)
 
     def usage(self) -> Usage:
         assert self.task is not None
