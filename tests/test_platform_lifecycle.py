@@ -103,6 +103,29 @@ async def test_heartbeats_report_status_and_tokens_since_the_last_heartbeat() ->
         await lifecycle.stop(timeout=5)
 
 
+async def test_tokens_served_while_a_heartbeat_is_on_its_way_are_reported_by_the_next_one() -> None:
+    """The engine keeps counting while a heartbeat's reply travels: those tokens are no one's
+    until the next heartbeat reports them (they were lost when the lifecycle read the live
+    counters again after the reply)."""
+    counters = EngineCounters()
+    with LivePlatform() as platform:
+        lifecycle = make_lifecycle(platform.url, counters)
+        send, served_meanwhile = lifecycle._client.heartbeat, [3, 3, 3]
+
+        async def heartbeat(request):  # type: ignore[no-untyped-def]
+            reply = await send(request)  # the real request to the platform
+            if served_meanwhile:
+                counters.completion_tokens_total += served_meanwhile.pop()
+            return reply
+
+        lifecycle._client.heartbeat = heartbeat
+        lifecycle.start()
+        await asyncio.wait_for(lifecycle.registered.wait(), 5)
+        [provider] = platform.providers
+        await eventually(lambda: provider.reported_completion_tokens == 9)
+        await lifecycle.stop(timeout=5)
+
+
 async def test_a_restarted_platform_with_empty_state_gets_the_agent_back() -> None:
     port = free_port()
     counters = EngineCounters()

@@ -222,6 +222,8 @@ class ProviderLifecycle:
     async def _heartbeat(self, provider_id: str) -> bool:
         snapshot = self._stats()
         status = self._sent_status = heartbeat_status(snapshot)
+        # The totals this heartbeat reports, read now: whatever serves the stats may count on meanwhile.
+        totals = snapshot.prompt_tokens_total, snapshot.completion_tokens_total
         try:
             reply = await self._client.heartbeat(self._heartbeat_request(provider_id, status, snapshot))
         except UnknownProvider:
@@ -232,7 +234,7 @@ class ProviderLifecycle:
         except PlatformError as exc:
             self._record_failure(exc)
             return False
-        self._reported_prompt, self._reported_completion = snapshot.prompt_tokens_total, snapshot.completion_tokens_total
+        self._reported_prompt, self._reported_completion = totals
         self._last_heartbeat_at = time.time()
         self._recovering = status == "offline" or (self._recovering and reply.status == "offline")
         if status == "offline":
