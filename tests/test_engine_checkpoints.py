@@ -11,7 +11,7 @@ import pytest
 
 from tiny_archs import write_hybrid_model, write_mamba_model
 from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
-from vramsupply.engine.checkpoints import CHECKPOINT_TAIL, MIN_CHECKPOINT_TOKENS
+from vramsupply.engine.checkpoints import CHECKPOINT_TAIL, MIN_CHECKPOINT_TOKENS, checkpoint_positions
 
 GREEDY = SamplingParams(temperature=0)
 STORY = ("Once upon a time a little cat named Tom lived in a small house by the river with his friend the dog. "
@@ -129,3 +129,13 @@ async def test_a_new_conversation_behind_the_same_system_prompt_starts_from_a_ch
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_where_a_prompt_gets_checkpoints() -> None:
+    end = 300 - CHECKPOINT_TAIL
+    assert checkpoint_positions(300, kept=0, shared=0) == [end]
+    assert checkpoint_positions(MIN_CHECKPOINT_TOKENS - 1, kept=0, shared=0) == []  # too short to pay
+    assert checkpoint_positions(300, kept=end, shared=0) == []  # already past it
+    assert checkpoint_positions(300, kept=0, shared=120) == [120, end]  # a system prompt others hold
+    assert checkpoint_positions(300, kept=100, shared=120) == [end]  # the shared start is (nearly) what was reused
+    assert checkpoint_positions(1300, kept=996, shared=1000) == [1296]  # a chat's next turn: its history is shared
