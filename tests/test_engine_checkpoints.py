@@ -50,7 +50,9 @@ async def test_the_next_turn_after_a_dropped_answer_prefills_only_the_new_turn(m
         second = first + engine.tokenize(" Then it rained, and they went home.")[1:]
         assert second[len(first) : len(first) + len(answer)] != answer
         again, cached = await ask(engine, second)
+        stats = engine.stats()
     assert cached == len(first) - CHECKPOINT_TAIL  # before: 0, the whole history prefilled again
+    assert (stats.checkpoints_total, stats.checkpoint_restores_total) == (2, 1)  # one per prompt, /metrics counts them
     assert again == await fresh(model, second)
 
 

@@ -130,6 +130,7 @@ class Admission:
             slot.forget()
             return 0
         log.debug("slot %d: back to its checkpoint after %d tokens", slot.seq_id, len(checkpoint.tokens))
+        self._counters.add(checkpoint_restores_total=1)
         return len(checkpoint.tokens)
 
     def _plan_checkpoints(self, slot: Slot, keep: int, shared: int) -> None:

@@ -29,6 +29,8 @@ class Counters:
     preemptions_total: int = 0
     prompt_cache_saves_total: int = 0
     prompt_cache_skipped_saves_total: int = 0
+    checkpoints_total: int = 0
+    checkpoint_restores_total: int = 0
 
     def add(self, **amounts: int) -> None:
         """Add to the named counters, under the lock."""

@@ -305,6 +305,7 @@ class Scheduler:
                 slot.checkpoints_due.remove(slot.n_cached)
                 checkpoint = save_checkpoint(self._ctx, slot.seq_id, slot.cached[: slot.n_cached])
                 slot.checkpoints += [checkpoint] if checkpoint is not None else []
+                self._counters.add(checkpoints_total=int(checkpoint is not None))
 
     def _on_token(self, slot: Slot, token: int, logprob: TokenLogprob | None = None) -> int:
         """Stream one sampled token; returns how many completion tokens it counts for (0 or 1)."""

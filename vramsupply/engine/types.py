@@ -225,6 +225,10 @@ class EngineStats:
     """Slots' KV copied to the host prompt cache."""
     prompt_cache_skipped_saves_total: int = 0
     """Slots' KV dropped rather than saved, the copy not paying for its expected reuse (``save_policy``)."""
+    checkpoints_total: int = 0
+    """Recurrent states copied part way through a prompt (``checkpoints``)."""
+    checkpoint_restores_total: int = 0
+    """Prompts started from such a copy instead of from nothing."""
     failure: str | None = None
     """Why the engine can no longer serve (its thread died, or a step stalled); None while healthy."""
     unavailable: str | None = None

@@ -81,6 +81,10 @@ class EngineCounters:
         ("vramsupply_prompt_cache_saves", "Slots' KV copied to the host prompt cache", "prompt_cache_saves_total"),
         ("vramsupply_prompt_cache_skipped_saves", "Slots' KV dropped, not saved: the copy would cost more than its expected reuse spares",
          "prompt_cache_skipped_saves_total"),
+        ("vramsupply_checkpoints", "Recurrent states (Mamba, Qwen3.5's linear layers) copied near a prompt's end or shared start",
+         "checkpoints_total"),
+        ("vramsupply_checkpoint_restores", "Prompts of a recurrent model started from a checkpoint instead of from nothing",
+         "checkpoint_restores_total"),
     )
 
     def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
