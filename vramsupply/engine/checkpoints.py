@@ -21,20 +21,20 @@ The same goes for the start a new conversation shares with others: a system prom
 that shares a prefix with another slot's sequence or a host cache entry also gets a checkpoint
 where that prefix ends, so the next conversation behind the same system prompt that lands in
 this slot, or restores it from the host cache, prefills only its own part. A checkpoint is as big
-as one sequence's recurrent state (the memory plan's state per slot); a slot keeps at most two,
-its latest prompt's.
+as one sequence's recurrent state (the memory plan's state per slot); a slot keeps at most two:
+its latest prompt's, and the shortest older one it still holds (``admission.py``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import mmap
 import time
 from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
+
+from .seq_state import load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,10 @@ def save_checkpoint(ctx: llama_cpp.llama_context_p, seq_id: int, tokens: np.ndar
     """Copy ``seq_id``'s state that cannot be cut back; it holds ``tokens``. None when llama.cpp
     wrote nothing (a model without such state) or could not write it."""
     started = time.perf_counter()
-    size = llama_cpp.llama_state_seq_get_size_ext(ctx, seq_id, _PARTIAL)
-    if size <= 0:
+    state = save_state(ctx, seq_id, _PARTIAL)
+    if state is None:
         return None
-    state = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)  # returned whole when dropped (prompt_cache.py)
-    if llama_cpp.llama_state_seq_get_data_ext(ctx, _pointer(state), size, seq_id, _PARTIAL) != size:
-        return None
-    log.debug("slot %d: checkpoint after %d tokens (%d bytes, %.1f ms)", seq_id, len(tokens), size,
+    log.debug("slot %d: checkpoint after %d tokens (%d bytes, %.1f ms)", seq_id, len(tokens), state.nbytes,
               (time.perf_counter() - started) * 1000)
     return Checkpoint(np.array(tokens, dtype=np.int32), state)
 
@@ -95,13 +92,8 @@ def restore_checkpoint(
     the sequence (a hybrid model's attention KV after them). False, with the sequence emptied,
     when llama.cpp refuses either step."""
     n = len(checkpoint.tokens)
-    state = checkpoint.state
-    restored = llama_cpp.llama_state_seq_set_data_ext(ctx, _pointer(state), state.nbytes, seq_id, _PARTIAL) == state.nbytes
-    if restored and llama_cpp.llama_memory_seq_rm(memory, seq_id, n, -1):
+    if load_state(ctx, seq_id, checkpoint.state, _PARTIAL) and llama_cpp.llama_memory_seq_rm(memory, seq_id, n, -1):
         return True
     llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
     return False
 
-
-def _pointer(array: np.ndarray) -> ctypes.POINTER(ctypes.c_uint8):
-    return array.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))

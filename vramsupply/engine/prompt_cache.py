@@ -24,9 +24,7 @@ decides from the measured cost and reuse whether a save pays.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import mmap
 import os
 import time
 from collections.abc import Callable
@@ -39,6 +37,7 @@ from .cache_entries import Base, Entry, PromptCache
 from .checkpoints import Checkpoint
 from .counters import Counters
 from .save_policy import SavePolicy
+from .seq_state import load_state, save_state
 from .slots import Slot
 
 log = logging.getLogger(__name__)
@@ -78,26 +77,14 @@ def _available_bytes(meminfo: Path) -> int:
 
 
 def save_sequence(ctx: llama_cpp.llama_context_p, seq_id: int) -> np.ndarray | None:
-    """A host copy of one sequence's KV, or None when llama.cpp could not write it.
-
-    The copy lives in its own anonymous mapping rather than on the malloc heap: entries of a few
-    to tens of MB come and go all the time, and once glibc has freed one such block it serves
-    blocks up to that size from the heap, where freed ones are rarely given back to the system.
-    A mapping goes back whole when its entry is dropped, so the process holds what the cache
-    holds, not its high-water mark.
-    """
-    size = llama_cpp.llama_state_seq_get_size(ctx, seq_id)
-    if size <= 0:
-        return None
-    state = np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
-    written = llama_cpp.llama_state_seq_get_data(ctx, _pointer(state), size, seq_id)
-    return state if written == size else None
+    """A host copy of one sequence's KV (``seq_state.py``), or None when llama.cpp could not write it."""
+    return save_state(ctx, seq_id)
 
 
 def restore_sequence(ctx: llama_cpp.llama_context_p, memory: llama_cpp.llama_memory_t, seq_id: int, state: np.ndarray) -> bool:
     """Replace sequence ``seq_id``'s KV with a saved copy; on failure the sequence is left empty."""
     llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
-    if llama_cpp.llama_state_seq_set_data(ctx, _pointer(state), state.nbytes, seq_id) == state.nbytes:
+    if load_state(ctx, seq_id, state):
         return True
     llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
     return False
@@ -106,10 +93,6 @@ def restore_sequence(ctx: llama_cpp.llama_context_p, memory: llama_cpp.llama_mem
 def worth_restoring(entry_tokens: int, gained: int) -> bool:
     """Whether copying back an entry of ``entry_tokens`` tokens to prefill ``gained`` fewer pays."""
     return gained >= 1 and gained * RESTORE_TOKENS_PER_GAINED >= entry_tokens
-
-
-def _pointer(array: np.ndarray) -> ctypes.POINTER(ctypes.c_uint8):
-    return array.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
 
 
 class HostPromptCache:

@@ -133,7 +133,7 @@ class Slot:
     def reusable(self, prompt: np.ndarray, whole: bool = False) -> int:
         """How much of ``prompt`` this sequence can start it from. With ``whole`` (a state that
         cannot be cut back) that is all it holds, when the prompt starts with all of it, or else
-        its checkpoint's tokens (``checkpoints.py``), or nothing."""
+        the tokens of its longest checkpoint that the prompt starts with (``checkpoints.py``), or nothing."""
         held = self.common_prefix(prompt)
         if not whole or held == self.n_cached:
             return held
