@@ -5,6 +5,7 @@ prompt gets alone."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,22 @@ async def test_a_new_conversation_behind_the_same_system_prompt_starts_from_a_ch
                 answer, third = await ask(engine, chats[3])
         assert cached == [0, 0] and third == shared, f"cache_ram={cache_ram}"
         assert answer == await fresh(model, chats[3] if cache_ram else chats[2])
+
+
+async def test_a_parked_conversation_s_checkpoints_are_counted_once_in_the_host_cache(model: Path) -> None:
+    """When an idle slot's conversation is parked in the host prompt cache, its checkpoints go with
+    it (within --cache-ram) and the slot lets them go: the memory outside the budget is only the
+    checkpoints of what the slots hold, as /metrics reports."""
+    with load(model, parallel=2, cache_ram=64) as engine:
+        tom, lily = engine.tokenize(STORY), engine.tokenize(STORY.replace("Tom", "Lily"))
+        await asyncio.gather(ask(engine, tom), ask(engine, lily))  # one in each slot
+        two_chats = engine.stats().checkpoint_bytes
+        await ask(engine, engine.tokenize(STORY.replace("Once upon a time", "Long ago")))  # the other slot is parked
+        stats = engine.stats()
+    assert two_chats > 0 and stats.prompt_cache_entries == 2  # both earlier chats went to the cache, with their checkpoints
+    # One chat's checkpoint (prompts differ by a few tokens); before, the parked slot kept its
+    # chat's too, outside the budget, for as long as it stayed idle.
+    assert stats.checkpoint_bytes < 0.75 * two_chats
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

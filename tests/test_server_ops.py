@@ -122,6 +122,10 @@ async def test_metrics_parse_and_count_requests(server: LiveServer, http: aiohtt
     assert after[("vramsupply_queue_depth", ())] == 0
     assert after[("vramsupply_model_loaded", ())] == 1
     assert after[("vramsupply_preemptions_total", ())] == 0, "three short requests fit the shared KV cache"
+    stats = server.engine.stats()  # host memory, for a provider sizing --cache-ram
+    assert after[("vramsupply_prompt_cache_bytes", ())] == stats.prompt_cache_bytes
+    assert after[("vramsupply_prompt_cache_entries", ())] == stats.prompt_cache_entries
+    assert after[("vramsupply_checkpoint_bytes", ())] == 0, "a llama model's KV is cut back, never checkpointed"
 
 
 async def test_metrics_see_busy_slots(server: LiveServer, http: aiohttp.ClientSession) -> None:

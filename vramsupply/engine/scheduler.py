@@ -139,6 +139,7 @@ class Scheduler:
                 queue_depth=counters.outstanding - counters.busy,
                 prompt_cache_bytes=self._prompt_cache.entries.nbytes if self._prompt_cache else 0,
                 prompt_cache_entries=len(self._prompt_cache.entries) if self._prompt_cache else 0,
+                checkpoint_bytes=sum(slot.checkpoint_bytes for slot in self._slots),
                 failure=self._failure(),
                 **counters.totals(),
             )

@@ -204,8 +204,16 @@ class Slot:
         self.n_cached = n
 
     def forget(self) -> None:
-        """The KV was wiped (after a failed decode): nothing is reusable."""
+        """The KV was wiped (parked in the host cache, or after a failed decode): nothing is
+        reusable, and the checkpoints of what it held are let go (a cache entry may keep them)."""
         self.n_cached = 0
+        self.checkpoints = []
+        self.checkpoints_due = []
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        """Host memory of the checkpoints this slot keeps."""
+        return sum(c.state.nbytes + c.tokens.nbytes for c in list(self.checkpoints))
 
     def suspend(self) -> Task:
         """Give the task up without ending it (a preemption); the caller removed the KV.

@@ -229,6 +229,9 @@ class EngineStats:
     """Recurrent states copied part way through a prompt (``checkpoints``)."""
     checkpoint_restores_total: int = 0
     """Prompts started from such a copy instead of from nothing."""
+    checkpoint_bytes: int = 0
+    """Host memory of the checkpoints the slots keep (those of parked conversations count in
+    ``prompt_cache_bytes``, within ``--cache-ram``)."""
     failure: str | None = None
     """Why the engine can no longer serve (its thread died, or a step stalled); None while healthy."""
     unavailable: str | None = None

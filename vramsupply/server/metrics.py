@@ -50,6 +50,10 @@ class ServerMetrics:
         self._gauge("vramsupply_slots_total", "Slots (requests decoded concurrently)", lambda s: s.slots_total)
         self._gauge("vramsupply_slots_busy", "Slots working on a request", lambda s: s.slots_busy)
         self._gauge("vramsupply_queue_depth", "Requests waiting for a free slot", lambda s: s.queue_depth)
+        self._gauge("vramsupply_prompt_cache_bytes", "Host memory the prompt cache holds (within --cache-ram)", lambda s: s.prompt_cache_bytes)
+        self._gauge("vramsupply_prompt_cache_entries", "Prompts kept in the host prompt cache", lambda s: s.prompt_cache_entries)
+        self._gauge("vramsupply_checkpoint_bytes", "Host memory of the recurrent-state checkpoints the slots keep (outside --cache-ram)",
+                    lambda s: s.checkpoint_bytes)
         self._gauge("vramsupply_engine_healthy", "1 while the engine can serve; 0 once it failed (see /health)", lambda s: s.failure is None)
 
     def _gauge(self, name: str, documentation: str, read: Callable[[EngineStats], int]) -> None:
