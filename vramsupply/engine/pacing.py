@@ -55,6 +55,7 @@ the mean down from 216 to 202 ms, and tok/s 1.11 and 1.01x.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from itertools import islice
@@ -93,12 +94,13 @@ MAX_GENERATING_SHARE = 0.75
 share of each step (the rest is the prompt's)."""
 
 
-def companion_seconds(step: float, left: float | None) -> float | None:
+def companion_seconds(step: float, left: float | None) -> float:
     """How many more predicted seconds whole prompts ending in the same step as another may add:
     what the step cost so far (so that prompt's first token comes at most twice as late), or
-    ``COMPANION_SECONDS`` if that is more, within the ``left`` of the step's target; None while no
-    prefill speed is known (then rows bound them)."""
-    return None if left is None else min(max(step, COMPANION_SECONDS), left)
+    ``COMPANION_SECONDS`` if that is more, within the ``left`` of the step's target; unbounded
+    while no prefill speed is known (``left`` None: every prompt is predicted to cost nothing, and
+    the step's rows bound them, as they bound the first chunk then)."""
+    return math.inf if left is None else min(max(step, COMPANION_SECONDS), left)
 
 
 class StepWork(NamedTuple):
@@ -176,24 +178,22 @@ class PrefillPacer:
 
     @staticmethod
     def _companions(
-        order: list[Slot], slots: list[Slot], memory: object, room: int, allowance: float | None, cost: ChunkCost
+        order: list[Slot], slots: list[Slot], memory: object, room: int, allowance: float, cost: ChunkCost
     ) -> list[tuple[Slot, np.ndarray | None]]:
         """Whole prompts that end in a step where another prompt ends, in prefill order, whose
         predicted seconds together stay within ``allowance`` (``companion_seconds``) and whose rows
-        fit ``room``; with ``allowance`` None (no prefill speed known yet) the rows alone bound
-        them, as they bound the first chunk then."""
+        fit ``room``."""
         chosen: list[tuple[Slot, np.ndarray | None]] = []
         for slot in order:
-            if (allowance is not None and allowance <= 0) or room == 0:
+            if allowance <= 0 or room == 0:
                 break
             if slot.before_checkpoint is not None or not share_prompt(slot, slots, memory):
                 continue  # (a prompt whose checkpoint is due cannot end in this step)
             left = len(slot.prompt) - slot.n_cached
-            seconds = cost.seconds(left, slot.n_cached) if allowance is not None else 0.0
-            if left <= room and (allowance is None or seconds <= allowance + 1e-9):  # (float sums of equal costs)
+            seconds = cost.seconds(left, slot.n_cached)  # 0 while nothing is known
+            if left <= room and seconds <= allowance + 1e-9:  # (float sums of equal costs)
                 chosen.append((slot, slot.prompt[slot.n_cached :]))
-                room = room - left
-                allowance = None if allowance is None else allowance - seconds
+                room, allowance = room - left, allowance - seconds
         return chosen
 
     def _cost(self, generating: bool) -> ChunkCost:
