@@ -10,6 +10,7 @@ import pytest
 
 from conftest import TINY_MODEL
 from vramsupply.engine import Engine, EngineOptions, Generation, GenerationRequest, SamplingParams
+from vramsupply.engine.preempt import growth_cap
 from vramsupply.engine.scheduler import Scheduler
 
 GREEDY = SamplingParams(temperature=0)
@@ -19,8 +20,8 @@ LONG = 200  # completion tokens per request: four of them need far more than 256
 
 
 def load(**options: object) -> Engine:
-    options = {"cache_ram": 0, **options}
-    return Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=N_CTX, parallel=4, max_queue=8, threads=1, **options))  # type: ignore[arg-type]
+    options = {"cache_ram": 0, "n_ctx": N_CTX, "parallel": 4, **options}
+    return Engine.load(EngineOptions(model_path=TINY_MODEL, max_queue=8, threads=1, **options))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module", params=[0, 64], ids=["no-prompt-cache", "prompt-cache"])
@@ -66,6 +67,34 @@ async def test_requests_that_together_outgrow_the_shared_kv_all_finish_as_if_alo
         assert generation.finish_reason == "length"
         assert generation.usage is not None
         assert (generation.usage.prompt_tokens, generation.usage.completion_tokens) == (len(prompt), LONG)
+
+
+async def test_a_long_prompt_waits_for_the_room_others_will_generate_into_instead_of_being_paused() -> None:
+    """Admission keeps room for the running requests to generate what their max_tokens allow (up to
+    ``GROWTH_RESERVE`` cells each): a long prompt that would leave them too little waits, instead of
+    being prefilled and then paused (its prefill thrown away) when the cache runs out."""
+    with load(n_ctx=1024, parallel=2) as engine:
+        story = engine.tokenize("Once upon a time")
+        question = engine.tokenize("Lily and Tom went to the park to play with a big red ball. " * 60)[:500]
+        expected = [await alone(engine, story, sampling=GREEDY, max_tokens=700, ignore_eos=True),
+                    await alone(engine, question, sampling=GREEDY, max_tokens=150, ignore_eos=True)]
+
+        first = engine.submit(GenerationRequest(story, sampling=GREEDY, max_tokens=700, ignore_eos=True))
+        while len(first.token_ids) < 300:  # far into its answer: 400 tokens to go
+            await asyncio.sleep(0.001)
+        second = engine.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=150, ignore_eos=True))
+        await asyncio.gather(first.collect(), second.collect())
+
+        # Before: 500 prompt cells fitted beside the first's 300, the question was prefilled, and
+        # one of the two was paused when the first grew past 474.
+        assert engine.stats().preemptions_total == 0
+    assert [first.token_ids, second.token_ids] == [e.token_ids for e in expected]
+
+
+def test_the_room_kept_for_growth_never_stops_every_slot_from_starting() -> None:
+    assert growth_cap(4096, 16) == 128  # the defaults: 16 short requests all start at once
+    assert growth_cap(4096, 4) == 256
+    assert growth_cap(N_CTX, 4) == 32  # at least a little, however small the cache
 
 
 async def test_a_paused_request_keeps_its_stop_strings_and_ends_on_them(shared: Engine) -> None:

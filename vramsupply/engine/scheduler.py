@@ -97,7 +97,7 @@ class Scheduler:
                 prefill_seconds=self._pacer.prompt_seconds, counters=self._counters,
             )
         self._rows = RowSampler(self._ctx, self._memory, model.n_vocab, self._counters)
-        self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache)
+        self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache, len(self._slots))
         self._admission = Admission(
             self._ctx, self._memory, self._slots, self._waiting, self._pacer, self._kv, self._prompt_cache, self._counters, kv_per_slot,
             lends=model.copies_prefixes and not kv_per_slot,
