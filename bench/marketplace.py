@@ -7,7 +7,9 @@ conversations resend a growing history behind a shared ~300-token system prompt,
 slots. This bench replays one seeded trace of such conversations against each server, at several
 Poisson arrival rates, and reports **goodput**: the completion tokens per second of requests that
 met the service level a buyer would accept (first token within 1 s, at most 100 ms per output
-token after it), next to plain throughput, TTFT and the servers' peak RSS.
+token after it), and the share of the trace's demanded tokens served so (a server that fails
+requests ends those conversations early, which shortens its wall and so raises its goodput, but
+not that share), next to plain throughput, TTFT and the servers' peak RSS.
 
 Every server runs at its defaults (only the model, host and port are given; llama_cpp.server
 also gets the model's 4096-token context, since its own default of 2048 cannot hold the longest
@@ -19,7 +21,7 @@ logit bias against EOS where a server lacks it).
 Servers run side by side and take turns per rate (rotated), with other processes' CPU recorded,
 like bench/run.py. Each rate uses its own conversations, so no server profits from an earlier run.
 
-    bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py            # ~15 min
+    bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py            # ~20 min
     bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py --quick    # smoke run on stories260K
 """
 
@@ -233,6 +235,12 @@ class RateResult:
     server_cpu_s: float
     other_cpu_cores: float
     first_error: str | None = None
+    demand_tokens: int = 0
+    """Completion tokens the whole trace asks for, turns never sent included (an error ends a
+    conversation, and a server that fails requests also has fewer to serve and a shorter wall)."""
+    served_well: float = 0.0
+    """Of ``demand_tokens``, the share that came within the service level: unlike goodput, not
+    raised by ending conversations early."""
     records: list[dict] = field(default_factory=list)
 
 
@@ -279,6 +287,8 @@ async def run_rate(server: sweep.RunningServer, words: Words, rate: float, conve
         peak_rss_mb=round(server.monitor.window_peak_mb(), 1),
         server_cpu_s=round(server_cpu, 1), other_cpu_cores=round(other / wall, 2),
         first_error=errors[0] if errors else None,
+        demand_tokens=(demand := sum(turn.output_tokens for c in trace for turn in c.turns)),
+        served_well=round(sum(r.completion_tokens for r in good) / demand, 3) if demand else 0.0,
         records=[{**asdict(r), "tpot_s": r.tpot_s, "good": r.good} for r in records],
     )
 
@@ -301,16 +311,16 @@ def default_command(name: str, threads: int | None):
 
 
 def summary_table(report: dict) -> str:
-    lines = ["| rate (conv/s) | server | goodput tok/s | throughput tok/s | met SLO | TTFT p50 | TTFT p90 | TPOT p50 | "
-             "cached tokens | peak RSS | others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| rate (conv/s) | server | goodput tok/s | demand served well | throughput tok/s | met SLO | TTFT p50 | TTFT p90 | "
+             "TPOT p50 | cached tokens | peak RSS | others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rate in report["config"]["rates"]:
         for name, server in report["servers"].items():
             r = next(x for x in server["rates"] if x["rate"] == rate)
             lines.append(
-                f"| {rate} | {name} | {r['goodput_tok_s']} | {r['throughput_tok_s']} | {r['good']}/{r['requests']} | "
+                f"| {rate} | {name} | {r['goodput_tok_s']} | {r.get('served_well', 0):.0%} | {r['throughput_tok_s']} | {r['good']}/{r['requests']} | "
                 f"{r['ttft_p50_s']} s | {r['ttft_p90_s']} s | {r['tpot_p50_ms']} ms | {r['cached_tokens_total'] or '–'} | "
                 f"{r['peak_rss_mb']:.0f} MB | {r['other_cpu_cores']} cores |")
-    lines += ["", "| rate | goodput ÷ llama-server | goodput ÷ llama_cpp.server |", "|---|---|---|"]
+    lines += ["", "| rate | goodput ÷ llama-server | goodput ÷ llama_cpp.server | served well ÷ llama-server |", "|---|---|---|---|"]
     servers = report["servers"]
     for rate in report["config"]["rates"]:
         ours = next(x for x in servers["vramsupply"]["rates"] if x["rate"] == rate)["goodput_tok_s"] if "vramsupply" in servers else None
@@ -318,8 +328,16 @@ def summary_table(report: dict) -> str:
         for ref in ("llama-server", "llama_cpp.server"):
             theirs = next((x for x in servers.get(ref, {}).get("rates", []) if x["rate"] == rate), None)
             ratios.append(f"{ours / theirs['goodput_tok_s']:.2f}" if ours is not None and theirs and theirs["goodput_tok_s"] else "–")
-        lines.append(f"| {rate} | {ratios[0]} | {ratios[1]} |")
+        ratios.append(served_ratio(servers, rate))
+        lines.append(f"| {rate} | {ratios[0]} | {ratios[1]} | {ratios[2]} |")
     return "\n".join(lines)
+
+
+def served_ratio(servers: dict, rate: float) -> str:
+    """vramsupply's share of the demand served well over llama-server's, at ``rate``."""
+    shares = [next((x.get("served_well") for x in servers.get(name, {}).get("rates", []) if x["rate"] == rate), None)
+              for name in ("vramsupply", "llama-server")]
+    return f"{shares[0] / shares[1]:.2f}" if shares[0] is not None and shares[1] else "–"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -388,7 +406,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run on stories260K: one low rate, 6 conversations")
     parser.add_argument("--model", type=Path, help="GGUF to serve (default: the bench model)")
     parser.add_argument("--servers", default="vramsupply,llama-server,llama_cpp.server")
-    parser.add_argument("--rates", default="0.1,0.2,0.4", help="conversation arrivals per second, comma-separated")
+    parser.add_argument("--rates", default="0.1,0.2,0.4,0.8",
+                        help="conversation arrivals per second, comma-separated (0.8 overloads the 2-core bench VM)")
     parser.add_argument("--conversations", type=int, default=12, help="conversations per rate (default 12: 3x llama-server's 4 default slots; vramsupply has 16)")
     parser.add_argument("--cap", type=float, default=60.0, help="seconds after the last arrival before unsent turns are dropped")
     parser.add_argument("--first-seed", type=int, default=1000, help="the first rate's trace seed; each next rate adds one (replay one rate's trace alone)")
