@@ -27,10 +27,12 @@ and room for each, and for itself, to generate what its ``max_tokens`` still all
 blocks hold. With only a little room for each to grow, a long prompt admitted beside answers
 still under way was prefilled and then paused, or paused one of them, as they grew (5 pauses
 and 5,344 tokens recomputed in one run of the marketplace bench at 0.8 conv/s; throughput rose
-1-12 % on four such traces with the reserve, ``bench/results/…-growth-reserve-ab.json``). A cell that several sequences share (a borrowed prefix, the prompt of
-``n`` choices) is counted once (``Slot.cells``), and so is the prefix of the waiting prompt that
-it will keep or borrow: counted once per slot, a system prompt that four conversations share
-held back admissions that fit. On the marketplace bench with 24 conversations, requests admitted into a
+1-12 % on four such traces with the reserve, ``bench/results/…-growth-reserve-ab.json``).
+
+A cell that several sequences share (a borrowed prefix, the prompt of ``n`` choices) is counted
+once (``Slot.cells``), and so is the prefix of the waiting prompt that it will keep or borrow:
+counted once per slot, a system prompt that four conversations share held back admissions that
+fit. On the marketplace bench with 24 conversations, requests admitted into a
 nearly full cache were paused part way through their prompts and answered 2.5-4.6 s late.
 """
 
