@@ -49,6 +49,9 @@ class Watched:
 
         monkeypatch.setattr(engine, "submit", watching)
 
+    def ended(self) -> bool:
+        return all(generation.usage is not None for group in self.requests for generation in group)
+
     def totals(self, max_tokens: int | None = None) -> tuple[int, int]:
         """The usage of each request (those with ``max_tokens``, or all) as OpenAI bills it: the
         prompt once, every choice's completion."""
@@ -120,7 +123,7 @@ async def test_buyer_usage_heartbeats_and_metrics_agree_over_a_mixed_run(monkeyp
                 *(cut_stream(http, text, {"prompt": f"Story {i}", **long}, after_chunks=3) for i in range(4)),
                 cut_stream(http, text, {"prompt": "Cut with choices", "n": 3, **long}, after_chunks=4),
             )
-            await _idle(live)
+            await _idle(live, watched)
             prompt, completion = watched.totals()
             await _eventually(lambda: platform.providers[0].reported_prompt_tokens == prompt and platform.providers[0].reported_completion_tokens == completion)
             metrics_after = await scrape(http, live.url)
@@ -143,12 +146,15 @@ class _Identity:
     quant = None
 
 
-async def _idle(live: LiveServer) -> None:
+async def _idle(live: LiveServer, watched: Watched) -> None:
+    """Every slot idle and every request's end delivered: the scheduler counts a request done when
+    it ends it, and hands its final usage to the event loop a moment later (on a loaded machine,
+    after a scrape that already saw the engine idle)."""
     engine = live.engine
     assert engine is not None
     deadline = time.monotonic() + 10
-    while (stats := engine.stats()).slots_busy or stats.queue_depth:
-        assert time.monotonic() < deadline, "every slot idle within seconds after the last buyer left"
+    while (stats := engine.stats()).slots_busy or stats.queue_depth or not watched.ended():
+        assert time.monotonic() < deadline, "every slot idle and every request ended within seconds after the last buyer left"
         await asyncio.sleep(0.02)
 
 
