@@ -60,7 +60,7 @@ class Entry:
     @property
     def nbytes(self) -> int:
         """What the entry holds itself, its base not included."""
-        extra = sum(c.state.nbytes + c.tokens.nbytes for c in self.checkpoints)
+        extra = sum(c.nbytes for c in self.checkpoints)
         return self.state.nbytes + self.tokens.nbytes + extra
 
     def serves(self, prompt: np.ndarray, whole: bool) -> int:

@@ -55,6 +55,11 @@ class Checkpoint:
     tokens: np.ndarray
     state: np.ndarray
 
+    @property
+    def nbytes(self) -> int:
+        """Host memory it holds."""
+        return self.state.nbytes + self.tokens.nbytes
+
     def serves(self, prompt: np.ndarray) -> bool:
         """Whether ``prompt`` starts with these tokens and has at least one more to decode."""
         n = len(self.tokens)

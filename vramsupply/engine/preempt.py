@@ -109,7 +109,7 @@ class KvPressure:
         memory: llama_cpp.llama_memory_t,
         counters: Counters,
         prompt_cache: HostPromptCache | None,
-        slots: int = 1,
+        slots: int,
     ) -> None:
         self._ctx = ctx
         self._memory = memory

@@ -213,7 +213,7 @@ class Slot:
     @property
     def checkpoint_bytes(self) -> int:
         """Host memory of the checkpoints this slot keeps."""
-        return sum(c.state.nbytes + c.tokens.nbytes for c in list(self.checkpoints))
+        return sum(c.nbytes for c in list(self.checkpoints))
 
     def suspend(self) -> Task:
         """Give the task up without ending it (a preemption); the caller removed the KV.
