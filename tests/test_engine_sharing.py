@@ -230,3 +230,39 @@ async def test_a_sliding_window_model_reuses_a_held_prefix_while_its_last_window
             alone = fresh.submit(GenerationRequest(follow_up, sampling=GREEDY, max_tokens=12, ignore_eos=True))
             results.append((await again.collect() == await alone.collect(), again.usage.cached_tokens))
     assert results == [(True, held), (True, 0)]
+
+
+async def test_a_conversation_restored_from_the_prompt_cache_shares_the_system_prompt_a_running_one_holds() -> None:
+    """Turn two of a chat comes back from the host prompt cache while another chat behind the same
+    system prompt is generating. The restored copy's system prompt is swapped for the running
+    chat's cells, so the two fit the small cache side by side, as admission counted them: with a
+    private copy the cache overflowed as the running chat grew, and the newer one was paused."""
+    finished: list[str] = []
+
+    async def run(name: str, generation: Generation) -> None:
+        await generation.collect()
+        finished.append(name)
+
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=3)) as engine:
+        system = engine.tokenize(SYSTEM + " They like to play games in the garden with their friends all day.")
+        first_turn = system + engine.tokenize(" Tom went")
+        turn = engine.submit(GenerationRequest(first_turn, sampling=GREEDY, max_tokens=40, ignore_eos=True))
+        await turn.collect()
+        other_prompt = system + engine.tokenize(" Lily saw a cat")
+        other = engine.submit(GenerationRequest(other_prompt, sampling=GREEDY, max_tokens=60, ignore_eos=True))
+        await other.__anext__()  # generating in the first chat's slot, whose answer went to the host prompt cache
+        running = asyncio.create_task(run("other", other))
+        second_turn = first_turn + turn.token_ids + engine.tokenize(" and then")
+        both = len(other_prompt) + 60 + len(second_turn) + 30
+        assert both - len(system) <= 256 < both - 40  # a private copy overflows while both run
+        again = engine.submit(GenerationRequest(second_turn, sampling=GREEDY, max_tokens=30, ignore_eos=True))
+        await run("second turn", again)
+        await running
+        stats = engine.stats()
+    assert again.usage.cached_tokens > len(first_turn), "restored from the host prompt cache"
+    assert stats.preemptions_total == 0
+    assert finished == ["second turn", "other"]
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=3, cache_ram=0)) as fresh:
+        alone = fresh.submit(GenerationRequest(second_turn, sampling=GREEDY, max_tokens=30, ignore_eos=True))
+        await alone.collect()
+    assert again.token_ids == alone.token_ids

@@ -30,7 +30,7 @@ from .counters import Counters
 from .pacing import PrefillPacer
 from .preempt import KvPressure
 from .prompt_cache import HostPromptCache
-from .sharing import MIN_BORROW, borrow_prefix, lender
+from .sharing import MIN_BORROW, borrow_prefix, lender, share_head
 from .slots import Slot, Task, choose_slot
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,8 @@ class Admission:
             borrow_prefix(slot, offer[0], borrowable, self._memory)
             log.debug("slot %d: borrowed %d prompt tokens from slot %d", slot.seq_id, borrowable, offer[0].seq_id)
             return borrowable
+        if offer is not None and self._window == 0:  # (a windowed cache may have lost the lender's first cells)
+            share_head(slot, offer[0], min(borrowable, prefix), self._memory)
         return prefix
 
     def _held_prefix(self, task: Task, idle: list[Slot]) -> int:

@@ -12,6 +12,14 @@ before it, so the result is the same as prefilling them again. The lender may go
 paused: removing its own tags leaves the borrower's. Only in the shared cache: with a cache per
 slot llama.cpp copies only whole sequences across streams.
 
+When the host prompt cache gives the request more than the lender holds (its own earlier turns),
+the restored sequence's first cells copy what the lender holds (the system prompt), so those are
+swapped for the lender's too (``share_head``). Admission counts the lender's prefix as free
+(``preempt.py``), so a private copy made the cache hold more than admission had planned: in a
+run of the marketplace bench at 0.8 conv/s, a restored conversation took 305 cells more than
+counted, a request was paused, and admission then held off for seconds with most of the cache
+free.
+
 **``n`` > 1: the choices of one request decode their shared prompt once.**
 
 The first choice prefills the prompt as any request does. Each other choice takes a slot of its
@@ -53,6 +61,17 @@ def borrow_prefix(slot: Slot, lending: Slot, shared: int, memory: object) -> Non
     llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
     llama_cpp.llama_memory_seq_cp(memory, lending.seq_id, slot.seq_id, 0, shared)
     slot.adopt(lending, shared)
+
+
+def share_head(slot: Slot, lending: Slot, shared: int, memory: object) -> None:
+    """``slot`` holds the first ``shared`` tokens that ``lending`` holds too, in cells of its own
+    (restored from the host prompt cache, or prefilled apart): it takes ``lending``'s cells for
+    them instead, and its own are freed (see the module docstring)."""
+    if shared < MIN_BORROW or np.array_equal(slot.cells[:shared], lending.cells[:shared]):
+        return
+    llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, 0, shared)
+    llama_cpp.llama_memory_seq_cp(memory, lending.seq_id, slot.seq_id, 0, shared)
+    slot.cells[:shared] = lending.cells[:shared]
 
 
 def share_prompt(slot: Slot, slots: Sequence[Slot], memory: object) -> bool:
