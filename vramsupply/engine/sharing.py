@@ -16,9 +16,8 @@ When the host prompt cache gives the request more than the lender holds (its own
 the restored sequence's first cells copy what the lender holds (the system prompt), so those are
 swapped for the lender's too (``share_head``). Admission counts the lender's prefix as free
 (``preempt.py``), so a private copy made the cache hold more than admission had planned: in a
-run of the marketplace bench at 0.8 conv/s, a restored conversation took 305 cells more than
-counted, a request was paused, and admission then held off for seconds with most of the cache
-free.
+run of the marketplace bench at 0.8 conv/s, a restored conversation took about 300 cells more
+than counted, and a request was paused, to be prefilled again once another had ended.
 
 **``n`` > 1: the choices of one request decode their shared prompt once.**
 

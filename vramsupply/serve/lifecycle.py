@@ -102,14 +102,7 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, sto
             return
         notifier.healthy = watch.healthy
         await go_live(backend, model, server.url, notifier, market, hook)
-        status = TerminalStatus(Console(), model.model_id, server.url) if terminal else LogStatus()
-        reporters = [status.run(backend.stats, stop), watch.run(backend.stats, stop)]
-        placement = placement_of(backend)
-        if placement is not None:
-            reporters.append(watch_placement(placement, lambda seconds: wait_for_stop(stop, seconds)))
-        if notifier.enabled:
-            reporters.append(report_to_systemd(notifier, model.model_id, backend.stats, lambda: market_phase(market), stop))
-        await asyncio.gather(*reporters)
+        await report_while_serving(backend, model, server.url, notifier, market, stop, watch, terminal)
     finally:
         notifier.stopping("stopping: draining in-flight requests")
         if market is not None:
@@ -121,6 +114,22 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, sto
         await provider.stop()
     if watch.failure is not None:
         raise EngineFailed(watch.failure)
+
+
+async def report_while_serving(
+    backend: Backend, model: ModelIdentity, url: str, notifier: SystemdNotifier, market: MarketplaceSession | None,
+    stop: StopSignals, watch: EngineWatch, terminal: bool,
+) -> None:
+    """Until a stop signal: the live status (a terminal panel, or periodic log lines), the engine
+    watch, where the model's layers sit on the GPUs, and systemd's STATUS= lines."""
+    status = TerminalStatus(Console(), model.model_id, url) if terminal else LogStatus()
+    reporters = [status.run(backend.stats, stop), watch.run(backend.stats, stop)]
+    placement = placement_of(backend)
+    if placement is not None:
+        reporters.append(watch_placement(placement, lambda seconds: wait_for_stop(stop, seconds)))
+    if notifier.enabled:
+        reporters.append(report_to_systemd(notifier, model.model_id, backend.stats, lambda: market_phase(market), stop))
+    await asyncio.gather(*reporters)
 
 
 class EngineWatch:
