@@ -69,6 +69,21 @@ async def test_requests_that_together_outgrow_the_shared_kv_all_finish_as_if_alo
         assert (generation.usage.prompt_tokens, generation.usage.completion_tokens) == (len(prompt), LONG)
 
 
+async def test_with_the_prompt_cache_a_paused_request_comes_back_from_host_memory_not_prefilled_again() -> None:
+    """The paused request's KV is copied to the host prompt cache before it is dropped, so when
+    there is room again it is copied back and only its last token is decoded again."""
+    request = {"sampling": GREEDY, "max_tokens": LONG, "ignore_eos": True}
+    with load() as reference:
+        prompts = [reference.tokenize(p) for p in PROMPTS]
+        expected = [await alone(reference, prompt, **request) for prompt in prompts]
+    with load(cache_ram=64) as engine:
+        generations, _ = await together(engine, prompts, **request)
+        stats = engine.stats()
+    assert stats.preemptions_total > 0, "the KV cache really ran out"
+    assert stats.prefill_tokens_total <= sum(len(p) for p in prompts) + stats.preemptions_total
+    assert [g.token_ids for g in generations] == [e.token_ids for e in expected]
+
+
 async def test_a_long_prompt_waits_for_the_room_others_will_generate_into_instead_of_being_paused() -> None:
     """Admission keeps room for the running requests to generate what their max_tokens allow (up to
     ``GROWTH_RESERVE`` cells each): a long prompt that would leave them too little waits, instead of

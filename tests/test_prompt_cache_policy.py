@@ -83,6 +83,15 @@ def test_a_copy_that_costs_more_than_prefilling_again_is_never_worth_it() -> Non
     assert chosen.reuse == 1 and not chosen.worth_saving(500)
 
 
+def test_a_paused_requests_kv_is_saved_whatever_the_reuse_but_not_when_prefilling_is_cheaper() -> None:
+    """Its reuse is certain (it resumes from the entry), so only the two costs count."""
+    chosen = policy(prefill_per_token=1e-3, save_per_token=1e-4)
+    one_off_requests(chosen, WINDOW // 2)
+    assert chosen.reuse == 0 and not chosen.worth_saving(500) and chosen.worth_saving(500, certain=True)
+    dearer = policy(prefill_per_token=1e-4, save_per_token=2e-4)
+    assert not dearer.worth_saving(500, certain=True)
+
+
 def test_a_skipped_prompt_that_comes_back_counts_as_reuse_once() -> None:
     chosen = policy()
     one_off_requests(chosen, WINDOW // 2)

@@ -1,10 +1,10 @@
-"""When the slots' shared KV cache runs out: pause the youngest request and recompute it later.
+"""When the slots' shared KV cache runs out: pause the youngest request and bring it back later.
 
 The slots share one KV cache of ``context_length`` cells, as llama-server's do (``model.py``):
 4 slots cost the memory of one context, and any one request may still use all of it. The price
 is that slots together can outgrow it. ``llama_decode`` then returns 1 and leaves the KV as it
 was (llama.cpp prepares every micro-batch before computing any). Failing the batch would fail
-requests that fit alone, so, like vLLM's preemption by recompute:
+requests that fit alone, so, like vLLM's preemption:
 
 1. the step's bookkeeping is rolled back (``rollback``): the tokens ``_fill_batch`` recorded,
    the drafts it added, the next tokens it consumed;
@@ -12,15 +12,22 @@ requests that fit alone, so, like vLLM's preemption by recompute:
    when there is one;
 3. otherwise the youngest active request is paused: its KV is removed and its task, with its
    sampler, stop-string and detokenizer state, goes back to the front of the waiting queue
-   (``Slot.suspend``). Admission holds off until some request ends, then it resumes by
-   prefilling its prompt plus the tokens it had generated and carries on: nothing is streamed
-   twice, nothing lost, its usage unchanged;
+   (``Slot.suspend``). Admission holds off until some request ends, then it resumes and carries
+   on: nothing is streamed twice, nothing lost, its usage unchanged. With the host prompt cache
+   on (the default), its KV is copied there first, so it resumes by copying it back (about a
+   millisecond per 30 MB on the bench CPU, as vLLM's swap preemption), not by prefilling its
+   prompt and the tokens it had generated again (seconds on a CPU at a few thousand tokens);
+   the save policy still weighs the copy's measured cost against the prefill's (a GPU may
+   recompute faster than it copies interleaved cells, ``save_policy.py``), with the reuse
+   certain. The KV copied back is bit for bit the one it had. Without the cache, when the copy
+   does not pay, or when the entry was evicted meanwhile, it prefills them again (recompute);
 4. the scheduler runs the step again without it.
 
 The oldest request is never paused, so it always finishes and frees room. A request alone that
 still cannot decode is a real failure.
 
-Pausing throws away the paused request's prefill, so admission avoids it up front (``fits``): a
+Pausing stops the paused buyer's answer until another request ends (and, when its KV is not
+kept in host memory, throws its prefill away), so admission avoids it up front (``fits``): a
 waiting request whose prompt does not fit beside the active ones (counting their prompts whole,
 and room for each, and for itself, to generate what its ``max_tokens`` still allows, up to
 ``growth_cap`` cells) stays in the queue until room frees up, as vLLM admits only what its free
@@ -190,8 +197,11 @@ class KvPressure:
         if slot.backend_sampled:
             backend_sampling.detach(self._ctx, slot.seq_id)  # attached again when it resumes
             slot.backend_sampled = False
+        if self._prompt_cache is not None:
+            self._prompt_cache.save(slot, certain=True)  # it resumes from host memory (module docstring)
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         task = slot.suspend()
+        slot.forget()
         waiting.appendleft(task)
         self.held = True
         self._counters.add(busy=-1, preemptions_total=1)

@@ -159,13 +159,14 @@ class HostPromptCache:
         log.debug("slot %d: restored %d cached tokens (%d shared with the prompt)", slot.seq_id, len(entry.tokens), shared)
         return shared
 
-    def save(self, slot: Slot) -> None:
+    def save(self, slot: Slot, certain: bool = False) -> None:
         """Copy what the slot holds to host memory, unless an entry already covers it or the copy
-        is not worth its cost (``save_policy.py``)."""
+        is not worth its cost (``save_policy.py``). ``certain``: it will be wanted back (a paused
+        request's, ``preempt.py``), so only the copy's cost is weighed against the prefill's."""
         tokens = slot.cached[: slot.n_cached]
         if self.entries.holds(tokens):
             return
-        if not self.policy.worth_saving(len(tokens)):
+        if not self.policy.worth_saving(len(tokens), certain):
             self.policy.skipped(tokens)
             self._counters.add(prompt_cache_skipped_saves_total=1)
             log.debug("slot %d: not saving %d tokens (reuse %.2f)", slot.seq_id, len(tokens), self.policy.reuse)

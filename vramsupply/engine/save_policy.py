@@ -69,14 +69,17 @@ class SavePolicy:
             return 1.0
         return sum(spared for _, spared in self._recent) / saved
 
-    def worth_saving(self, tokens: int) -> bool:
+    def worth_saving(self, tokens: int, certain: bool = False) -> bool:
+        """Whether saving ``tokens`` pays; ``certain``: they will be wanted back (a paused
+        request's KV, ``preempt.py``), so reuse is 1 and only the two costs are weighed."""
         per_token = self._save_per_token.value
         if self._prefill_seconds is None or per_token is None or tokens <= 0:
             return True
+        reuse = 1.0 if certain else self.reuse
         prefill = self._prefill_seconds(tokens)
         if prefill <= 0:
-            return self.reuse >= REUSE_FLOOR
-        return self.reuse * prefill >= per_token * tokens
+            return reuse >= REUSE_FLOOR
+        return reuse * prefill >= per_token * tokens
 
     def saved(self, tokens: int, seconds: float) -> None:
         """A save of ``tokens`` tokens took ``seconds``."""

@@ -81,7 +81,7 @@ class EngineCounters:
         ("vramsupply_cached_prompt_tokens", "Prompt tokens reused from a slot's KV cache", "cached_tokens_total"),
         ("vramsupply_prefill_tokens", "Prompt tokens actually decoded (cached and shared prompts are not)", "prefill_tokens_total"),
         ("vramsupply_completion_tokens", "Completion tokens generated", "completion_tokens_total"),
-        ("vramsupply_preemptions", "Requests paused because the shared KV cache was full, resumed by recomputing", "preemptions_total"),
+        ("vramsupply_preemptions", "Requests paused because the shared KV cache was full, resumed from the host prompt cache (else by recomputing)", "preemptions_total"),
         ("vramsupply_prompt_cache_saves", "Slots' KV copied to the host prompt cache", "prompt_cache_saves_total"),
         ("vramsupply_prompt_cache_skipped_saves", "Slots' KV dropped, not saved: the copy would cost more than its expected reuse spares",
          "prompt_cache_skipped_saves_total"),
