@@ -28,6 +28,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import marketplace as market  # noqa: E402  (filler text of a token length)
+import prefill  # noqa: E402  (one stream's chunk arrival times)
 import run as sweep  # noqa: E402  (the bench model, free ports, machine info)
 
 PROMPT_TOKENS, MAX_TOKENS, STREAMS = 600, 1400, 4
@@ -49,18 +50,10 @@ async def ready(url: str, timeout_s: float = 300) -> None:
 
 
 async def stream(session: aiohttp.ClientSession, url: str, prompt: str) -> dict:
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.7, "stream": True, "ignore_eos": True}
-    sent, arrivals = time.perf_counter(), []
-    async with session.post(url + "/v1/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for raw in resp.content:
-            line = raw.strip()
-            if line.startswith(b"data:") and line != b"data: [DONE]":
-                if any(choice.get("text") for choice in json.loads(line[5:]).get("choices", [])):
-                    arrivals.append(time.perf_counter())
+    ttft, arrivals = await prefill.stream(session, url, prompt, MAX_TOKENS)
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return {"ttft_s": round(arrivals[0] - sent, 3), "chunks": len(arrivals), "max_gap_s": round(max(gaps), 3),
-            "done_s": round(arrivals[-1] - sent, 2)}
+    return {"ttft_s": round(ttft, 3), "chunks": len(arrivals), "max_gap_s": round(max(gaps), 3),
+            "done_s": round(arrivals[-1] - arrivals[0] + ttft, 2)}
 
 
 async def counters(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
