@@ -243,26 +243,26 @@ async def test_a_conversation_restored_from_the_prompt_cache_shares_the_system_p
         await generation.collect()
         finished.append(name)
 
-    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=3)) as engine:
-        system = engine.tokenize(SYSTEM + " They like to play games in the garden with their friends all day.")
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=512, parallel=3)) as engine:
+        system = engine.tokenize(" ".join([SYSTEM] * 3))
         first_turn = system + engine.tokenize(" Tom went")
         turn = engine.submit(GenerationRequest(first_turn, sampling=GREEDY, max_tokens=40, ignore_eos=True))
         await turn.collect()
         other_prompt = system + engine.tokenize(" Lily saw a cat")
-        other = engine.submit(GenerationRequest(other_prompt, sampling=GREEDY, max_tokens=60, ignore_eos=True))
+        other = engine.submit(GenerationRequest(other_prompt, sampling=GREEDY, max_tokens=200, ignore_eos=True))
         await other.__anext__()  # generating in the first chat's slot, whose answer went to the host prompt cache
         running = asyncio.create_task(run("other", other))
         second_turn = first_turn + turn.token_ids + engine.tokenize(" and then")
-        both = len(other_prompt) + 60 + len(second_turn) + 30
-        assert both - len(system) <= 256 < both - 40  # a private copy overflows while both run
-        again = engine.submit(GenerationRequest(second_turn, sampling=GREEDY, max_tokens=30, ignore_eos=True))
+        assert len(other_prompt) + 200 + len(second_turn) - len(system) + 60 <= 512  # sharing, both fit to the end
+        assert len(other_prompt) + len(second_turn) + 2 * 50 > 512  # a private copy: full 50 tokens into the turn
+        again = engine.submit(GenerationRequest(second_turn, sampling=GREEDY, max_tokens=60, ignore_eos=True))
         await run("second turn", again)
         await running
         stats = engine.stats()
     assert again.usage.cached_tokens > len(first_turn), "restored from the host prompt cache"
     assert stats.preemptions_total == 0
     assert finished == ["second turn", "other"]
-    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=3, cache_ram=0)) as fresh:
-        alone = fresh.submit(GenerationRequest(second_turn, sampling=GREEDY, max_tokens=30, ignore_eos=True))
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=512, parallel=3, cache_ram=0)) as fresh:
+        alone = fresh.submit(GenerationRequest(second_turn, sampling=GREEDY, max_tokens=60, ignore_eos=True))
         await alone.collect()
     assert again.token_ids == alone.token_ids
