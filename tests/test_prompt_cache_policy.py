@@ -83,13 +83,17 @@ def test_a_copy_that_costs_more_than_prefilling_again_is_never_worth_it() -> Non
     assert chosen.reuse == 1 and not chosen.worth_saving(500)
 
 
-def test_a_paused_requests_kv_is_saved_whatever_the_reuse_but_not_when_prefilling_is_cheaper() -> None:
+def test_a_paused_requests_kv_is_saved_whatever_the_reuse_unless_prefilling_is_cheaper_or_the_copy_too_long() -> None:
     """Its reuse is certain (it resumes from the entry), so only the two costs count."""
     chosen = policy(prefill_per_token=1e-3, save_per_token=1e-4)
     one_off_requests(chosen, WINDOW // 2)
     assert chosen.reuse == 0 and not chosen.worth_saving(500) and chosen.worth_saving(500, certain=True)
     dearer = policy(prefill_per_token=1e-4, save_per_token=2e-4)
     assert not dearer.worth_saving(500, certain=True)
+    slow_copy = policy(prefill_per_token=2e-3, save_per_token=2.3e-4)  # V copied cell by cell, without flash attention
+    assert slow_copy.worth_saving(400, certain=True) and not slow_copy.worth_saving(2000, certain=True), (
+        "a copy that would hold every stream past MAX_PAUSE_COPY_SECONDS is left to the paced recompute"
+    )
 
 
 def test_a_skipped_prompt_that_comes_back_counts_as_reuse_once() -> None:

@@ -19,8 +19,10 @@ requests that fit alone, so, like vLLM's preemption:
    prompt and the tokens it had generated again (seconds on a CPU at a few thousand tokens);
    the save policy still weighs the copy's measured cost against the prefill's (a GPU may
    recompute faster than it copies interleaved cells, ``save_policy.py``), with the reuse
-   certain. The KV copied back is bit for bit the one it had. Without the cache, when the copy
-   does not pay, or when the entry was evicted meanwhile, it prefills them again (recompute);
+   certain, and leaves a copy that would hold every stream past ``MAX_PAUSE_COPY_SECONDS`` to
+   the recompute, which runs in paced steps. The KV copied back is bit for bit the one it had.
+   Without the cache, when the copy does not pay, or when the entry was evicted meanwhile, it
+   prefills them again (recompute);
 4. the scheduler runs the step again without it.
 
 The oldest request is never paused, so it always finishes and frees room. A request alone that

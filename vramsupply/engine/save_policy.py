@@ -45,6 +45,12 @@ WINDOW = 32
 them with nothing restored reuse is 0, and no save pays whatever it costs."""
 REUSE_FLOOR = 0.1
 """Reuse below which a save is skipped while the prefill speed is unknown."""
+MAX_PAUSE_COPY_SECONDS = 0.1
+"""The longest predicted copy of a paused request's KV (``preempt.py``): the copy holds every stream
+at once, where prefilling it again runs in paced steps. On the bench CPU with flash attention a
+2,000-token sequence copies in about 20 ms; without it (V stored transposed, one copy per cell for
+a sequence decoded beside others) an answer of 133 tokens took 30 ms, so 2,000 would take most of
+half a second, past the 250 ms bound on a stream's gap."""
 MAX_GHOSTS = 64
 """Token lists of skipped saves kept to notice reuse (at most 16 KB each at 4,096 tokens)."""
 
@@ -71,10 +77,13 @@ class SavePolicy:
 
     def worth_saving(self, tokens: int, certain: bool = False) -> bool:
         """Whether saving ``tokens`` pays; ``certain``: they will be wanted back (a paused
-        request's KV, ``preempt.py``), so reuse is 1 and only the two costs are weighed."""
+        request's KV, ``preempt.py``), so reuse is 1 and only the two costs are weighed, as long
+        as the copy stays within ``MAX_PAUSE_COPY_SECONDS``."""
         per_token = self._save_per_token.value
         if self._prefill_seconds is None or per_token is None or tokens <= 0:
             return True
+        if certain and per_token * tokens > MAX_PAUSE_COPY_SECONDS:
+            return False
         reuse = 1.0 if certain else self.reuse
         prefill = self._prefill_seconds(tokens)
         if prefill <= 0:
