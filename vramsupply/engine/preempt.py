@@ -14,9 +14,10 @@ requests that fit alone, so, like vLLM's preemption:
    sampler, stop-string and detokenizer state, goes back to the front of the waiting queue
    (``Slot.suspend``). Admission holds off until some request ends, then it resumes and carries
    on: nothing is streamed twice, nothing lost, its usage unchanged. With the host prompt cache
-   on (the default), its KV is copied there first, so it resumes by copying it back (about a
-   millisecond per 30 MB on the bench CPU, as vLLM's swap preemption), not by prefilling its
-   prompt and the tokens it had generated again (seconds on a CPU at a few thousand tokens);
+   on (the default), its KV is copied there first, so it resumes by copying it back (tens of
+   milliseconds at most for 2,000 tokens of the bench model on its CPU, ``prompt_cache.py``; as
+   vLLM's swap preemption), not by prefilling its prompt and the tokens it had generated again
+   (seconds on a CPU at a few thousand tokens);
    the save policy still weighs the copy's measured cost against the prefill's (a GPU may
    recompute faster than it copies interleaved cells, ``save_policy.py``), with the reuse
    certain, and leaves a copy that would hold every stream past ``MAX_PAUSE_COPY_SECONDS`` to
