@@ -211,12 +211,21 @@ async def test_a_paused_request_keeps_its_grammar_state_and_its_neighbours_their
     assert max(abs(a.logprob - b.logprob) for a, b in zip(together_logprobs, alone_logprobs, strict=True)) < 0.05
 
 
-async def test_with_a_prompt_cache_idle_slots_move_their_prefixes_to_it_when_a_request_is_admitted() -> None:
+async def test_with_a_prompt_cache_idle_slots_move_their_prefixes_to_it_when_a_request_is_admitted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """As llama-server does: the shared KV keeps only running requests, so old prompts neither
-    slow every step's attention nor fill it; a returning conversation gets its prefix back."""
-    with load(cache_ram=64) as engine:
+    slow every step's attention nor fill it; a returning conversation gets its prefix back. The
+    three chats are queued before the scheduler thread starts, so all are admitted at once (one
+    admitted after another had finished would park that one's prefix already)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(Scheduler, "start", lambda self: None)
+        engine = load(cache_ram=64)
+    with engine:
         prompts = [engine.tokenize(p) for p in PROMPTS[:3]]
-        generations, _ = await together(engine, prompts, sampling=GREEDY, max_tokens=40, ignore_eos=True)
+        generations = [engine.submit(GenerationRequest(p, GREEDY, max_tokens=40, ignore_eos=True)) for p in prompts]
+        engine._scheduler.start()
+        await asyncio.gather(*(g.collect() for g in generations))
         assert engine.stats().prompt_cache_entries == 0  # nothing admitted since: the slots still hold them
 
         await alone(engine, engine.tokenize(PROMPTS[3]), sampling=GREEDY, max_tokens=4, ignore_eos=True)

@@ -43,6 +43,7 @@ from .logprobs import TokenLogprob
 from .model import Model
 from .rows import RowSampler
 from .preempt import KvPressure
+from .priority import lower_compute_priority
 from .prompt_cache import HostPromptCache
 from .slots import Slot, Task
 from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded
@@ -174,6 +175,7 @@ class Scheduler:
     # ---- scheduler thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        lower_compute_priority()
         try:
             while self._serve_once():
                 pass

@@ -1,0 +1,83 @@
+"""The decode gives way to the event loop: its threads run at a lower CPU priority (``engine/priority.py``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_MODEL
+from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
+from vramsupply.engine.priority import COMPUTE_NICE_OFFSET, MAX_NICE, lower_compute_priority
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="only Linux keeps a nice value per thread")
+
+
+def nice_of(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def in_a_thread(function, *args):
+    """Run ``function`` in a thread of its own, so the test's thread keeps its priority."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(function(*args)))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def threads_at(nice: int) -> set[int]:
+    return {int(task.name) for task in Path("/proc/self/task").iterdir() if _nice_or_none(int(task.name)) == nice}
+
+
+def schedulers() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "vramsupply-scheduler"}
+
+
+def _nice_or_none(tid: int) -> int | None:
+    try:
+        return nice_of(tid)
+    except OSError:  # the thread ended meanwhile
+        return None
+
+
+async def test_the_decode_threads_run_below_the_event_loop() -> None:
+    """A provider on a 2-core machine: the decode's threads, and only they, sit 10 nice levels down."""
+    base = nice_of(threading.get_native_id())
+    lowered = min(base + COMPUTE_NICE_OFFSET, MAX_NICE)
+    before, others = threads_at(lowered), schedulers()
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=2, threads=2)) as engine:
+        generation = engine.submit(GenerationRequest(engine.tokenize("Once upon a time"), sampling=SamplingParams(temperature=0), max_tokens=8))
+        await generation.collect()
+        assert generation.token_ids
+        (scheduler,) = schedulers() - others
+        assert nice_of(scheduler.native_id) == lowered
+        assert nice_of(threading.get_native_id()) == base  # the event loop keeps its priority
+        # the decode's second thread was started by the scheduler thread, and inherited its priority
+        assert len(threads_at(lowered) - before - {scheduler.native_id}) >= 1
+
+
+def test_the_offset_stops_at_the_lowest_priority() -> None:
+    assert in_a_thread(lower_compute_priority, 30) == MAX_NICE
+
+
+def test_a_kernel_that_refuses_leaves_the_priority_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    assert in_a_thread(lower_compute_priority) is None
+
+
+async def test_an_engine_serves_where_the_kernel_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "setpriority", lambda *_args: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+    base, others = nice_of(threading.get_native_id()), schedulers()
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=1, threads=1)) as engine:
+        generation = engine.submit(GenerationRequest(engine.tokenize("The dog"), sampling=SamplingParams(temperature=0), max_tokens=4))
+        await generation.collect()
+        assert len(generation.token_ids) == 4
+        (scheduler,) = schedulers() - others
+        assert nice_of(scheduler.native_id) == base

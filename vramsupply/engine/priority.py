@@ -1,0 +1,56 @@
+"""The decode runs at a lower CPU priority than the rest of the process.
+
+On a CPU the decode's threads keep every core busy: ggml's threads spin at each barrier of the
+graph, so a two-core machine running two decode threads has no idle core left. The event loop
+(which writes each token to its buyer, answers ``/health`` and sends the heartbeats) then has to
+wait for the kernel to take a core from the decode, and it is often descheduled while it holds the
+GIL; the scheduler thread, back from ``llama_decode``, then waits for it before it can sample. At
+one stream that was the whole gap left to llama-server (README, "Where the time goes at one
+stream": 0.24 ms of event-loop CPU per token, the GIL held 22 % of the time). With the scheduler
+thread ``COMPUTE_NICE_OFFSET`` nice levels below the thread that started it, the kernel gives a
+waking event loop the core at once, and its few hundred microseconds cost the decode no more than
+they must. OpenMP's worker threads are created by the scheduler thread on its first decode, so they
+inherit its priority, and so does the grammar worker (``offthread.py``) it starts.
+
+Measured side by side on the 2-core bench VM, the same code with and without
+(``bench/results/2026-12-03-decode-nice-*.json``): one stream faster by 1.6-4.2 % (median pair) in
+five runs at offsets of 5 to 19, two of them beside llama-server (level with it before, 1.8 % and
+3.1 % ahead after); 4 streams 1.0 and 1.05x; 16 streams 1.0 and 0.98x, with the first-token p95
+about 30 ms later in both (perhaps the bench's own client, on the same two cores, which now also
+comes before the decode; a buyer's client is on another machine; not verified).
+
+Against other programs: where the kernel groups threads by session (``sched_autogroup``, on in
+most distributions' kernels; a systemd service is a session of its own) or by cgroup (systemd's
+cpu controller), a nice value only orders threads within their group, so the decode does not give
+way to the provider's other programs. Where neither applies, it gives way to busy programs at
+normal priority. Where the kernel refuses (a sandbox without ``setpriority``), the engine runs at
+the priority it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+log = logging.getLogger(__name__)
+
+COMPUTE_NICE_OFFSET = 10
+MAX_NICE = 19
+
+
+def lower_compute_priority(offset: int = COMPUTE_NICE_OFFSET) -> int | None:
+    """Lower the calling thread's priority by ``offset`` nice levels (at most to 19); the new nice
+    value, or None where the kernel refused or the system has no per-thread nice (only Linux
+    keeps nice per thread: elsewhere a thread id passed as a process id could name another process)."""
+    if sys.platform != "linux":
+        return None
+    tid = threading.get_native_id()
+    try:
+        nice = min(os.getpriority(os.PRIO_PROCESS, tid) + offset, MAX_NICE)
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except OSError as exc:
+        log.debug("the decode keeps its priority: %s", exc)
+        return None
+    return nice
