@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,13 @@ def nice_of(tid: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, tid)
 
 
-def in_a_thread(function, *args):
+def refuse(*_args: object) -> None:
+    raise PermissionError(1, "Operation not permitted")
+
+
+def in_a_thread(function: Callable[..., object], *args: object) -> object:
     """Run ``function`` in a thread of its own, so the test's thread keeps its priority."""
-    result = []
+    result: list[object] = []
     thread = threading.Thread(target=lambda: result.append(function(*args)))
     thread.start()
     thread.join()
@@ -65,15 +70,12 @@ def test_the_offset_stops_at_the_lowest_priority() -> None:
 
 
 def test_a_kernel_that_refuses_leaves_the_priority_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*_args: object) -> None:
-        raise PermissionError(1, "Operation not permitted")
-
     monkeypatch.setattr(os, "setpriority", refuse)
     assert in_a_thread(lower_compute_priority) is None
 
 
 async def test_an_engine_serves_where_the_kernel_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "setpriority", lambda *_args: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+    monkeypatch.setattr(os, "setpriority", refuse)
     base, others = nice_of(threading.get_native_id()), schedulers()
     with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=1, threads=1)) as engine:
         generation = engine.submit(GenerationRequest(engine.tokenize("The dog"), sampling=SamplingParams(temperature=0), max_tokens=4))

@@ -1,16 +1,16 @@
 """The decode runs at a lower CPU priority than the rest of the process.
 
 On a CPU the decode's threads keep every core busy: ggml's threads spin at each barrier of the
-graph, so a two-core machine running two decode threads has no idle core left. The event loop
-(which writes each token to its buyer, answers ``/health`` and sends the heartbeats) then has to
-wait for the kernel to take a core from the decode, and it is often descheduled while it holds the
-GIL; the scheduler thread, back from ``llama_decode``, then waits for it before it can sample. At
-one stream that was the whole gap left to llama-server (README, "Where the time goes at one
-stream": 0.24 ms of event-loop CPU per token, the GIL held 22 % of the time). With the scheduler
-thread ``COMPUTE_NICE_OFFSET`` nice levels below the thread that started it, the kernel gives a
-waking event loop the core at once, and its few hundred microseconds cost the decode no more than
-they must. OpenMP's worker threads are created by the scheduler thread on its first decode, so they
-inherit its priority, and so does the grammar worker (``offthread.py``) it starts.
+graph, so a two-core machine running two decode threads has no idle core left. The event loop (which
+writes each token to its buyer, answers ``/health`` and sends the heartbeats) then has to wait for
+the kernel to take a core from the decode, and it is often descheduled while it holds the GIL; the
+scheduler thread, back from ``llama_decode``, then waits for it before it can sample. At one stream
+that was the whole gap left to llama-server (README, "Where the time goes at one stream": 0.24 ms of
+event-loop CPU per token, the GIL held 22 % of the time). With the scheduler thread
+``COMPUTE_NICE_OFFSET`` nice levels below the thread that started it, the kernel should give a
+waking event loop a core sooner (the mechanism was not traced; the effect was measured). OpenMP's
+worker threads are created by the scheduler thread on its first decode, so they inherit its
+priority, and so does the grammar worker (``offthread.py``) it starts.
 
 Measured side by side on the 2-core bench VM, the same code with and without
 (``bench/results/2026-12-03-decode-nice-*.json``): one stream faster by 1.6-4.2 % (median pair) in
