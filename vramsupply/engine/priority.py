@@ -15,9 +15,10 @@ priority, and so does the grammar worker (``offthread.py``) it starts.
 Measured side by side on the 2-core bench VM, the same code with and without
 (``bench/results/2026-12-03-decode-nice-*.json``): one stream faster by 1.6-4.2 % (median pair) in
 five runs at offsets of 5 to 19, two of them beside llama-server (level with it before, 1.8 % and
-3.1 % ahead after); 4 streams 1.0 and 1.05x; 16 streams 1.0 and 0.98x, with the first-token p95
-about 30 ms later in both (perhaps the bench's own client, on the same two cores, which now also
-comes before the decode; a buyer's client is on another machine; not verified).
+3.1 % ahead after); 4 streams 1.0 and 1.05x; 16 streams 1.0, 0.98 and 0.98x in three runs, with the
+first-token p95 27, 31 and 6 ms later (not explained; perhaps the event loop, now first, interrupts
+steps that its work had waited out before). A small cost where vramsupply is 1.5x llama-server, for
+a gain where it was level.
 
 Against other programs: where the kernel groups threads by session (``sched_autogroup``, on in
 most distributions' kernels; a systemd service is a session of its own) or by cgroup (systemd's
