@@ -179,21 +179,36 @@ STORY = (
 )
 
 
+NEAR_TIE = 0.1
+"""Logprobs move by up to 0.05 with the batch shape, so the two best tokens can trade places only
+where the run alone had them closer than twice that."""
+
+
+def same_until_a_near_tie(got: Generation, want: Generation) -> None:
+    """``got`` has ``want``'s tokens, with logprobs within 0.05, up to the first place where ``want``
+    met a near-tie; after it, the texts may go their own ways."""
+    for index, (mine, theirs) in enumerate(zip(got.logprobs, want.logprobs)):
+        if mine.token != theirs.token:
+            (_, best), (_, second) = theirs.top[:2]
+            assert best - second < NEAR_TIE, f"token {index} differs where the run alone was sure ({best:.3f} against {second:.3f})"
+            return
+        assert abs(mine.logprob - theirs.logprob) < 0.05, f"token {index}: {mine.logprob:.3f} against {theirs.logprob:.3f} alone"
+    assert got.token_ids == want.token_ids
+
+
 async def test_a_paused_request_keeps_its_grammar_state_and_its_neighbours_their_logprobs(shared: Engine) -> None:
     """The sampler chain goes with a paused request: a grammar that spells out one long text ends
     with exactly that text, not restarted where the request was paused (the youngest request, the
     first paused). The greedy neighbours' tokens and logprobs match their runs alone.
 
-    A recomputed KV is not bit-identical to the one decoded token by token (another batch shape,
-    rounded to f16), so a sampler that meets a near-tie could pick differently after a pause;
-    greedy output here does not, and a grammar spelling one text cannot."""
+    A KV rebuilt after a pause is not bit for bit the one decoded token by token (recomputed in
+    another batch shape and rounded to f16, or copied back into other cells, which changes the order
+    of attention's sums), and the batch shapes differ anyway; so greedy decoding may pick the other
+    of two near-tied tokens, and the texts part there (it happened once, in a fresh-clone CI run).
+    A grammar spelling one text cannot."""
     prompts = [shared.tokenize(p) for p in PROMPTS]
-    requests = [
-        {"sampling": GREEDY, "max_tokens": LONG, "ignore_eos": True},
-        {"sampling": GREEDY, "max_tokens": LONG, "ignore_eos": True, "logprobs": 2},
-        {"sampling": GREEDY, "max_tokens": LONG, "ignore_eos": True},
-        {"sampling": SamplingParams(temperature=0, grammar=f'root ::= "{STORY}"'), "max_tokens": LONG},
-    ]
+    greedy = {"sampling": GREEDY, "max_tokens": LONG, "ignore_eos": True, "logprobs": 2}
+    requests = [greedy, greedy, greedy, {"sampling": SamplingParams(temperature=0, grammar=f'root ::= "{STORY}"'), "max_tokens": LONG}]
     expected = [await alone(shared, prompt, **request) for prompt, request in zip(prompts, requests, strict=True)]
     assert shared.detokenize(expected[-1].token_ids) == STORY and len(expected[-1].token_ids) > 100
     before = shared.stats().preemptions_total
@@ -204,11 +219,9 @@ async def test_a_paused_request_keeps_its_grammar_state_and_its_neighbours_their
     assert shared.stats().preemptions_total > before
     assert texts[-1] == STORY and generations[-1].finish_reason == "stop"
     assert generations[-1].usage is not None and generations[-1].usage.completion_tokens == len(generations[-1].token_ids)
-    assert [g.token_ids for g in generations[:3]] == [e.token_ids for e in expected[:3]]
-    # Batch shapes change float rounding (also without a pause): the same tokens, near-equal logprobs.
-    together_logprobs, alone_logprobs = generations[1].logprobs, expected[1].logprobs
-    assert [lp.token for lp in together_logprobs] == [lp.token for lp in alone_logprobs] == expected[1].token_ids
-    assert max(abs(a.logprob - b.logprob) for a, b in zip(together_logprobs, alone_logprobs, strict=True)) < 0.05
+    for got, want in zip(generations[:3], expected[:3], strict=True):
+        assert [lp.token for lp in got.logprobs] == got.token_ids and len(got.token_ids) == LONG
+        same_until_a_near_tie(got, want)
 
 
 async def test_with_a_prompt_cache_idle_slots_move_their_prefixes_to_it_when_a_request_is_admitted(
