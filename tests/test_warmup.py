@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import llama_cpp
 import pytest
@@ -69,6 +70,27 @@ def test_a_loaded_engine_has_warmed_up_and_answers_as_a_cold_context_does(caplog
         assert any("warmed up in" in record.getMessage() for record in caplog.records)
         first = asyncio.run(answer(engine, prompt))
     assert first == expected
+
+
+def test_the_warm_up_decodes_on_the_scheduler_thread_like_every_step(monkeypatch) -> None:
+    """A decode on the loading thread would leave it an OpenMP team of its own, and with two teams
+    every later step of a CPU build ran about 1.5 times slower (``scheduler.py``)."""
+    threads: list[str] = []
+    real_decode = llama_cpp.llama_decode
+    monkeypatch.setattr(llama_cpp, "llama_decode", lambda c, batch: (threads.append(threading.current_thread().name), real_decode(c, batch))[1])
+    with Engine.load(OPTIONS) as engine:
+        warm_up_threads = list(threads)
+        asyncio.run(answer(engine, engine.tokenize("Once upon a time")))
+    assert warm_up_threads == ["vramsupply-scheduler"]  # decoded before load returned
+    assert len(threads) > 1 and set(threads) == {"vramsupply-scheduler"}
+
+
+def test_an_engine_whose_warm_up_fails_does_not_load_and_leaves_no_thread(monkeypatch) -> None:
+    monkeypatch.setattr(llama_cpp, "llama_decode", lambda c, batch: -3)
+    before = set(threading.enumerate())
+    with pytest.raises(EngineError, match="could not run the model on this machine"):
+        Engine.load(OPTIONS)
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "vramsupply-scheduler"]
 
 
 async def answer(engine: Engine, prompt: list[int]) -> list[int]:

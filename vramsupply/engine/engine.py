@@ -26,7 +26,6 @@ from .text import StopStrings
 from .scheduler import Scheduler
 from .speculative import default_draft_max
 from .slots import Task
-from .warmup import warm_up
 from .types import ContextOverflow, EngineClosed, EngineFailed, EngineOptions, EngineStats, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,6 @@ class Engine:
         context = None
         try:
             context = create_context(model, options)
-            warm_up(context, model.vocab)
             # llama.cpp rounds per-sequence context up to a multiple of 256 and never gives less
             # than asked; enforce exactly what was configured (and offered to the market).
             n_ctx = min(options.n_ctx, llama_cpp.llama_n_ctx_seq(context.ctx))
@@ -73,13 +71,13 @@ class Engine:
                 model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, max_draft,
                 options.stall_timeout, options.kv_per_slot, options.stream_interval_ms / 1000,
             )
+            scheduler.start()  # warms the model up on the thread that decodes every step
         except BaseException:
             if context is not None:
                 context.close()
             model.close()
             raise
         engine = cls(options, model, context, scheduler, n_ctx, n_batch)
-        scheduler.start()
         log.info(
             "loaded %s: %d slots, %s, n_batch %d, %d/%d threads (decode/prompt), prompt cache %d MiB, GPU offload %s",
             model.name,

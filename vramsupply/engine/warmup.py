@@ -12,6 +12,18 @@ sees a trace of it.
 
 A model that cannot decode two tokens on this machine fails here, at load, with a clear error,
 rather than failing its first paying request.
+
+The scheduler thread runs it before it serves (``Scheduler.start``), because every decode of the
+context must run on that one thread. On a CPU build ggml computes each graph in an OpenMP
+parallel region, and libgomp gives every thread that opens one a team of worker threads of its
+own, kept until that thread ends. Once a process holds more OpenMP threads than it has CPUs,
+libgomp shortens its busy-wait from about 300,000 spins to 100 (its ``GOMP_SPINCOUNT``
+documentation), so the workers sleep in the kernel at each of the graph's barriers, hundreds a
+step. A warm-up decoded on the loading thread left such a second team wherever that thread lived
+on: measured on the 2-core bench VM with the engine loaded on the main thread, four streams'
+steps took 17-20 ms, against 12-13 ms with every decode on the scheduler thread (a bare decode
+loop: 11-12 ms). ``serve`` loads on a thread that ends, which frees its team, so it was not
+slowed (side by side at 4 streams: 1.01x).
 """
 
 from __future__ import annotations
