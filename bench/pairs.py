@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One stream, vramsupply against llama-server, in many alternating pairs: a c=1 ratio that noise cannot decide.
+"""vramsupply against llama-server in many alternating pairs: a c=1 (or c=N) ratio that noise cannot decide.
 
 bench/run.py measures c=1 as two 128-token requests per server per round: about two seconds, and on
 a shared VM the speed of the machine itself drifts by more than the gap between the servers within
@@ -10,7 +10,13 @@ machine cancels out. The report is the median of the pair ratios with its quarti
 plain ratio of the summed tokens over the summed time, and the same split in two: the time to the
 first token, and the speed of the tokens after it (the per-token path alone).
 
-    bench/.cache/venv-llamacpp-server/bin/python bench/pairs.py            # 40 pairs, ~2 min
+With ``--concurrency N`` a turn is one round of N streams, one request each, started together (as
+run.py's levels, a new connection per request): its tok/s is the completion tokens over the
+round's wall time, its time to first token the median of the N, and the speed after it is the
+tokens after each first token over the round's time after its median first token.
+
+    bench/.cache/venv-llamacpp-server/bin/python bench/pairs.py                  # 40 pairs, ~2 min
+    bench/.cache/venv-llamacpp-server/bin/python bench/pairs.py --concurrency 4  # <date>-pairs-c4.json
 """
 
 from __future__ import annotations
@@ -53,7 +59,27 @@ async def one(session: aiohttp.ClientSession, server: sweep.RunningServer, body:
     return Timing(result.completion_tokens / elapsed, result.ttft_s, (result.completion_tokens - 1) / (elapsed - result.ttft_s))
 
 
-async def pairs(cfg: sweep.BenchConfig, model: Path, count: int, max_tokens: int) -> dict:
+async def one_round(server: sweep.RunningServer, bodies: list[dict]) -> Timing:
+    """``len(bodies)`` streams at once, one request each: the round's tok/s and its median first token."""
+    results, wall_s = await sweep.run_level(server.url, bodies, len(bodies))
+    failed = [r for r in results if r.error or not r.completion_tokens or r.ttft_s is None]
+    if failed:
+        raise RuntimeError(f"{server.spec.name}: {failed[0].error or 'no tokens'}")
+    tokens = sum(r.completion_tokens for r in results)
+    ttft_s = statistics.median(r.ttft_s for r in results)
+    return Timing(tokens / wall_s, ttft_s, (tokens - len(results)) / (wall_s - ttft_s))
+
+
+async def turn(session: aiohttp.ClientSession, server: sweep.RunningServer, index: int, concurrency: int,
+               max_tokens: int, eos_id: int) -> Timing:
+    """One server's turn of pair ``index``: one request, or one round of ``concurrency`` streams."""
+    bodies = sweep.request_bodies(server.spec, (index + 1) * concurrency, max_tokens, eos_id)[index * concurrency:]
+    if concurrency == 1:
+        return await one(session, server, bodies[0])
+    return await one_round(server, bodies)
+
+
+async def pairs(cfg: sweep.BenchConfig, model: Path, count: int, max_tokens: int, concurrency: int = 1) -> dict:
     eos_id = sweep.eos_token_id(model)
     timings: dict[str, list[Timing]] = {name: [] for name in SERVERS}
     with ExitStack() as stack:
@@ -63,8 +89,7 @@ async def pairs(cfg: sweep.BenchConfig, model: Path, count: int, max_tokens: int
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
             for i in range(count):
                 for server in servers if i % 2 == 0 else servers[::-1]:
-                    body = sweep.request_bodies(server.spec, i + 1, max_tokens, eos_id)[i]
-                    timings[server.spec.name].append(await one(session, server, body))
+                    timings[server.spec.name].append(await turn(session, server, i, concurrency, max_tokens, eos_id))
         commands = {server.spec.name: server.command for server in servers}
     speeds = {name: [t.tok_s for t in values] for name, values in timings.items()}
     ratios = [ours / theirs for ours, theirs in zip(speeds["vramsupply"], speeds["llama-server"])]
@@ -89,18 +114,19 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=sweep.BENCH_MODEL)
     parser.add_argument("--pairs", type=int, default=40)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=1, help="streams per turn (default 1)")
     parser.add_argument("--vramsupply", type=Path, default=sweep.REPO / ".venv" / "bin" / "vramsupply")
-    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-pairs-c1.json)")
+    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-pairs-c<concurrency>.json)")
     args = parser.parse_args()
-    cfg = sweep.BenchConfig(models=(args.model,), servers=SERVERS, concurrency=(1,), requests_per_slot=1, max_tokens=args.max_tokens,
+    cfg = sweep.BenchConfig(models=(args.model,), servers=SERVERS, concurrency=(args.concurrency,), requests_per_slot=1, max_tokens=args.max_tokens,
                             rounds=1, parallel=0, context_per_slot=0, threads=os.cpu_count() or 1, vramsupply_bin=args.vramsupply,
                             defaults=True, pin_threads=False)
     date = dt.date.today().isoformat()
-    report = {"date": date, "machine": sweep.machine_info(), "model": str(args.model), "pairs": args.pairs,
+    report = {"date": date, "machine": sweep.machine_info(), "model": str(args.model), "pairs": args.pairs, "concurrency": args.concurrency,
               "max_tokens": args.max_tokens, "settings": "both servers at their own defaults"}
-    report.update(asyncio.run(pairs(cfg, args.model, args.pairs, args.max_tokens)))
+    report.update(asyncio.run(pairs(cfg, args.model, args.pairs, args.max_tokens, args.concurrency)))
     report["machine"]["load_avg_at_end"] = os.getloadavg()
-    out = args.out or sweep.REPO / "bench" / "results" / f"{date}-pairs-c1.json"
+    out = args.out or sweep.REPO / "bench" / "results" / f"{date}-pairs-c{args.concurrency}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     keys = ("median_tok_s", "pair_ratio_median", "pair_ratio_quartiles", "pairs_vramsupply_ahead", "ratio_of_harmonic_means",
