@@ -50,7 +50,7 @@ from .priority import lower_compute_priority
 from .prompt_cache import HostPromptCache
 from .slots import Slot, Task
 from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded
-from .warmup import warm_up
+from .warmup import WarmUpOnThread
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,6 @@ class Scheduler:
         stream_interval: float = DEFAULT_INTERVAL_S,
     ) -> None:
         self._model = model
-        self._context = context
         self._ctx = context.ctx
         self._memory = context.memory
         self._max_draft = max_draft
@@ -112,18 +111,14 @@ class Scheduler:
         )
         self._offthread = self._rows.offthread
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
-        self._warmed = threading.Event()
-        self._warm_up_error: Exception | None = None
+        self._warm_up = WarmUpOnThread(context, model.vocab)
 
     def start(self) -> None:
         """Start the thread; return once it has warmed the model up (``warmup.py``), or raise the
         warm-up's error, the thread having ended. The warm-up decodes on the thread that will
         decode every step after it (see the module docstring)."""
         self._thread.start()
-        self._warmed.wait()
-        if self._warm_up_error is not None:
-            self._thread.join()
-            raise self._warm_up_error
+        self._warm_up.wait(join=self._thread.join)
 
     # ---- any thread -------------------------------------------------------------------------
 
@@ -191,23 +186,13 @@ class Scheduler:
     def _run(self) -> None:
         lower_compute_priority()
         try:
-            if self._warm_up():
+            if self._warm_up.run():
                 while self._serve_once():
                     pass
         except Exception as exc:
             self._died(exc)
         finally:
             self._offthread.close()
-
-    def _warm_up(self) -> bool:
-        """The load's one throw-away decode; False (the error kept for ``start``) when it failed."""
-        try:
-            warm_up(self._context, self._model.vocab)
-        except Exception as exc:
-            self._warm_up_error = exc
-        finally:
-            self._warmed.set()
-        return self._warm_up_error is None
 
     def _died(self, exc: Exception) -> None:
         log.error("the scheduler thread failed: %r", exc)

@@ -29,7 +29,9 @@ slowed (side by side at 4 streams: 1.01x).
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 
 import llama_cpp
 from llama_cpp._internals import LlamaContext
@@ -57,3 +59,31 @@ def warm_up(context: LlamaContext, vocab: object) -> float:
     seconds = time.perf_counter() - started
     log.info("warmed up in %.0f ms", seconds * 1000)
     return seconds
+
+
+class WarmUpOnThread:
+    """The hand-over between the thread that loads the engine and the scheduler thread: ``run``
+    on the scheduler thread before it serves, ``wait`` on the loading thread."""
+
+    def __init__(self, context: LlamaContext, vocab: object) -> None:
+        self._context = context
+        self._vocab = vocab
+        self._done = threading.Event()
+        self._error: Exception | None = None
+
+    def run(self) -> bool:
+        """Warm up; False (the error kept for ``wait``) when it failed."""
+        try:
+            warm_up(self._context, self._vocab)
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._done.set()
+        return self._error is None
+
+    def wait(self, join: Callable[[], None]) -> None:
+        """Until ``run`` ended; raises its error after ``join`` (the thread then ends)."""
+        self._done.wait()
+        if self._error is not None:
+            join()
+            raise self._error
