@@ -1,4 +1,4 @@
-"""Default CPU threads: physical cores for decoding, every allowed CPU for prompts, --threads overrides."""
+"""Default CPU threads: the physical cores, for decoding and prompts alike (as llama-server); --threads overrides."""
 
 from __future__ import annotations
 
@@ -45,8 +45,16 @@ def test_explicit_threads_are_used_for_decode_and_prompts() -> None:
 
 def test_default_threads_follow_this_machine() -> None:
     physical, logical = cpu_counts(allowed_cpus())
-    assert resolve_threads(None) == Threads(decode=physical, batch=logical)
+    assert resolve_threads(None) == Threads(decode=physical, batch=physical)
     assert 1 <= physical <= logical == len(allowed_cpus())
+
+
+def test_with_hyperthreads_steps_of_several_streams_get_one_thread_a_core_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp runs every step of more than one token (several streams' decode, not only
+    prompts) with the batch threads; a second thread on a core only contends for its memory."""
+    sysfs = fake_sysfs(tmp_path, {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"})
+    monkeypatch.setattr("vramsupply.engine.threads.allowed_cpus", lambda: [0, 1, 2, 3])
+    assert resolve_threads(None, sysfs) == Threads(decode=2, batch=2)
 
 
 @pytest.mark.parametrize("requested", [None, 1])

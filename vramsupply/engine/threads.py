@@ -1,12 +1,20 @@
-"""How many CPU threads llama.cpp gets when the provider did not say.
+"""How many CPU threads llama.cpp gets when the provider did not say: the physical cores.
 
 llama.cpp's own context default is 4 threads whatever the machine. On a 2-core VM that
 oversubscribes the cores and halves decode speed (80 against 165 tok/s on the bench model); on a
-32-core box it leaves most of them idle. llama-server instead uses the physical cores for decoding
-(one token per slot per step is memory-bound, and a second hyper-thread on a core only adds
-contention) and llama-cpp-python's ``Llama`` lets prompt processing, which is compute-bound, use
-every logical CPU. We do the same, counting only the CPUs this process may run on (taskset,
-cgroup cpusets), read from sysfs, so a pinned container does not spawn threads for the whole host.
+32-core box it leaves most of them idle. llama-server uses the physical cores (one token per slot
+per step is bound by reading the weights, and a core's second hyper-thread only adds contention),
+for prompt processing too: its ``-tb`` defaults to ``-t``. We do the same, counting only the CPUs
+this process may run on (taskset, cgroup cpusets), read from sysfs, so a pinned container does not
+spawn threads for the whole host.
+
+An earlier default gave prompt processing every logical CPU, as llama-cpp-python's ``Llama``
+does. But llama.cpp uses the batch thread count for every step of more than one token, and with
+continuous batching that is every decode step of two or more streams (and a one-stream step that
+carries a prompt-lookup draft), not only prompts: on a CPU with hyper-threads the memory-bound
+decode of several streams then ran two threads a core. Upstream reports such oversubscription as
+several times slower (llama.cpp issue #19110; unsloth PR #5894, for layers offloaded to the CPU).
+Not measured here: the bench VMs have one thread per core, where both defaults are the same.
 """
 
 from __future__ import annotations
@@ -21,18 +29,18 @@ SYSFS_CPU = Path("/sys/devices/system/cpu")
 
 @dataclass(frozen=True)
 class Threads:
-    """``decode``: threads for generation steps; ``batch``: threads for prompt processing."""
+    """``decode``: threads for steps of one token; ``batch``: for steps of more (prompts, several streams)."""
 
     decode: int
     batch: int
 
 
-def resolve_threads(requested: int | None) -> Threads:
-    """``--threads N`` uses N for both; unset means physical cores for decode and all CPUs for batch."""
+def resolve_threads(requested: int | None, sysfs: Path = SYSFS_CPU) -> Threads:
+    """``--threads N`` uses N for both; unset means the physical cores for both."""
     if requested is not None:
         return Threads(requested, requested)
-    physical, logical = cpu_counts(allowed_cpus())
-    return Threads(physical, logical)
+    physical, _ = cpu_counts(allowed_cpus(), sysfs)
+    return Threads(physical, physical)
 
 
 def allowed_cpus() -> list[int]:
