@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = os.cpu_count() or 1
     cfg = sweep.BenchConfig(models=(args.model,), servers=(), concurrency=(args.sequences,), requests_per_slot=1, max_tokens=128,
-                            rounds=1, parallel=16, context_per_slot=512, threads=threads, vramsupply_bin=Path("/nonexistent"))
+                            rounds=1, parallel=16, context_per_slot=512, threads=threads, vramsupply_bin=sweep.REPO / ".venv" / "bin" / "vramsupply")  # unused: no server runs
     speeds: dict[str, list[float]] = {"per_sequence": [], "shared": []}
     for i in range(args.pairs):
         for shared in (False, True) if i % 2 == 0 else (True, False):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,17 @@ TINY_MODEL = REPO / "vramsupply" / "assets" / "stories260K.gguf"
 REAL_PIP_CACHE = os.environ.get("PIP_CACHE_DIR") or str(
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pip"
 )
+
+
+@contextmanager
+def scheduler_held(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Engines loaded inside start their scheduler thread (and its warm-up) only when the test
+    calls ``engine._scheduler.start()``, so that the requests submitted before wait together."""
+    from vramsupply.engine.scheduler import Scheduler
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Scheduler, "start", lambda self: None)
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -8,10 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, scheduler_held
 from vramsupply.engine import Engine, EngineOptions, Generation, GenerationRequest, SamplingParams
 from vramsupply.engine.preempt import growth_cap
-from vramsupply.engine.scheduler import Scheduler
 
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = ["Once upon a time", "The dog", "Lily and Tom went to the park", "Tim had a red ball. He"]
@@ -231,8 +230,7 @@ async def test_with_a_prompt_cache_idle_slots_move_their_prefixes_to_it_when_a_r
     slow every step's attention nor fill it; a returning conversation gets its prefix back. The
     three chats are queued before the scheduler thread starts, so all are admitted at once (one
     admitted after another had finished would park that one's prefix already)."""
-    with monkeypatch.context() as patch:
-        patch.setattr(Scheduler, "start", lambda self: None)
+    with scheduler_held(monkeypatch):
         engine = load(cache_ram=64)
     with engine:
         prompts = [engine.tokenize(p) for p in PROMPTS[:3]]
@@ -255,8 +253,7 @@ async def test_a_prompt_that_does_not_fit_beside_the_running_request_waits_for_r
 ) -> None:
     """Admitted at once, it would fill the cache part way through and be paused, its prefill wasted.
     Both are queued before the scheduler thread starts, so the first admission sees them together."""
-    with monkeypatch.context() as patch:
-        patch.setattr(Scheduler, "start", lambda self: None)
+    with scheduler_held(monkeypatch):
         engine = load()
     with engine:
         long_prompt = engine.tokenize(" ".join(PROMPTS * 8))[: N_CTX - 60]

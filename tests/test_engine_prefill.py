@@ -10,10 +10,9 @@ import asyncio
 
 import pytest
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, scheduler_held
 from vramsupply.engine import Engine, EngineOptions, Generation, GenerationRequest, SamplingParams
 from vramsupply.engine.pacing import TTFT_TARGET_SECONDS
-from vramsupply.engine.scheduler import Scheduler
 
 REQUEST = {"sampling": SamplingParams(temperature=0), "max_tokens": 4, "ignore_eos": True}
 STORY = "Once upon a time there was a little girl named Lily. She loved to play outside in the park with her dog."
@@ -34,8 +33,7 @@ async def first_tokens(generations: dict[str, Generation]) -> list[str]:
 
 def held_engine(monkeypatch: pytest.MonkeyPatch, **options: object) -> Engine:
     """An engine whose scheduler thread waits for ``engine._scheduler.start()``."""
-    with monkeypatch.context() as patch:
-        patch.setattr(Scheduler, "start", lambda self: None)
+    with scheduler_held(monkeypatch):
         return Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, cache_ram=0, threads=1, **options))  # type: ignore[arg-type]
 
 

@@ -18,7 +18,9 @@ five runs at offsets of 5 to 19, two of them beside llama-server (level with it 
 3.1 % ahead after); 4 streams 1.0 and 1.05x; 16 streams 1.0, 0.98 and 0.98x in three runs, with the
 first-token p95 27, 31 and 6 ms later (not explained; perhaps the event loop, now first, interrupts
 steps that its work had waited out before). A small cost where vramsupply is 1.5x llama-server, for
-a gain where it was level.
+a gain where it was level. Under overload it counts most: vramsupply alone at 0.8 conversations
+a second in the marketplace bench, four traces, summed goodput 68.8 tok/s without it and 110.3
+with it (``…-marketplace-decode-nice-ab.json``).
 
 Against other programs: where the kernel groups threads by session (``sched_autogroup``, on in
 most distributions' kernels; a systemd service is a session of its own) or by cgroup (systemd's
