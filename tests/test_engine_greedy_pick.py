@@ -6,13 +6,14 @@ import math
 from collections.abc import Iterator
 
 import llama_cpp
+import numpy as np
 import pytest
 
 from conftest import TINY_MODEL
 from vramsupply.engine.batch import Batch
 from vramsupply.engine.model import Model, create_context
-from vramsupply.engine.sampling import build_sampler
-from vramsupply.engine.types import EngineOptions, SamplingParams
+from vramsupply.engine.sampling import StepWinners, build_sampler
+from vramsupply.engine.types import EngineError, EngineOptions, SamplingParams
 
 PROMPTS = ["Once upon a time", "Tom and Lily went to the park. They saw a big", "The cat", "Sue had a red"]
 
@@ -32,6 +33,22 @@ def decoded() -> Iterator[tuple[Model, object, list[tuple[list[int], int]]]]:
         rows.append((tokens, row))
     assert llama_cpp.llama_decode(context.ctx, batch.for_decode()) == 0
     yield model, context, rows
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def one_step() -> Iterator[tuple[Model, object, Batch, list[tuple[list[int], int]]]]:
+    """The prompts as one step's chunks, as the scheduler adds them: logits for each last token only."""
+    options = EngineOptions(model_path=TINY_MODEL, n_ctx=128, parallel=len(PROMPTS), threads=1)
+    model = Model.load(options.model_path, options.n_gpu_layers, options.gpu)
+    context = create_context(model, options)
+    batch = Batch(256)
+    rows = []
+    for seq, text in enumerate(PROMPTS):
+        tokens = model.tokenize(text, True)
+        rows.append((tokens, batch.add_chunk(np.array(tokens, dtype=np.int32), 0, seq, logits_for_last=True)))
+    assert llama_cpp.llama_decode(context.ctx, batch.for_decode()) == 0
+    yield model, context, batch, rows
     context.close()
 
 
@@ -79,3 +96,35 @@ def test_sampled_penalized_or_grammar_requests_keep_the_chain(decoded: tuple) ->
         sampler = build_sampler(params, model, tokens, False)
         assert sampler._argmax is None
         sampler.close()
+
+
+def test_one_argmax_for_the_whole_step_picks_what_the_chain_picks(one_step: tuple) -> None:
+    model, context, batch, rows = one_step
+    winners = StepWinners(model.n_vocab, batch)
+    raw = [winners.of(context.ctx, row) for _, row in rows]
+    assert len(set(raw)) > 1  # the rows' winners differ: each row is read from its own logits
+    lowered_winner = {raw[0]: -3.0}  # a bias that lowers the first row's winner: that row takes the per-row path
+    for params, ignore_eos in [
+        (SamplingParams(temperature=0), False),
+        (SamplingParams(temperature=0), True),
+        (SamplingParams(temperature=0, logit_bias=lowered_winner), True),
+        (SamplingParams(temperature=0, logit_bias={13: -100.0, 29: 2.5}), False),
+    ]:
+        for tokens, row in rows:
+            sampler = build_sampler(params, model, tokens, ignore_eos)
+            try:
+                picked = sampler.sample(context.ctx, row, winners)
+            finally:
+                sampler.close()
+            assert picked == chain_pick(model, context, tokens, row, params, ignore_eos)
+    first_tokens, first_row = rows[0]
+    lowered = build_sampler(SamplingParams(temperature=0, logit_bias={raw[0]: -100.0}), model, first_tokens, False)
+    assert lowered.sample(context.ctx, first_row, winners) != raw[0]
+    lowered.close()
+
+
+def test_a_row_without_logits_is_an_engine_error(one_step: tuple) -> None:
+    model, context, batch, rows = one_step
+    winners = StepWinners(model.n_vocab, batch)
+    with pytest.raises(EngineError, match="no logits"):
+        winners.of(context.ctx, rows[0][1] - 1)  # the prompt's second-to-last token

@@ -18,6 +18,7 @@ from .batch import Batch
 from .counters import Counters
 from .logprobs import TokenLogprob, token_logprob
 from .offthread import OffThreadSampling
+from .sampling import StepWinners
 from .slots import NO_DRAFT, Slot
 from .speculative import lookup
 
@@ -26,12 +27,19 @@ OnToken = Callable[[Slot, int, "TokenLogprob | None"], int]
 
 
 class RowSampler:
-    def __init__(self, ctx: llama_cpp.llama_context_p, memory: llama_cpp.llama_memory_t, n_vocab: int, counters: Counters) -> None:
+    def __init__(
+        self, ctx: llama_cpp.llama_context_p, memory: llama_cpp.llama_memory_t, batch: Batch, n_vocab: int, counters: Counters
+    ) -> None:
         self._ctx = ctx
         self._memory = memory
         self._n_vocab = n_vocab
         self._counters = counters
+        self._winners = StepWinners(n_vocab, batch)
         self.offthread = OffThreadSampling()
+
+    def new_step(self) -> None:
+        """After each decode: greedy rows' winners are taken afresh, all at once (``sampling.py``)."""
+        self._winners.clear()
 
     def add_draft(self, slot: Slot, batch: Batch) -> None:
         """Prompt lookup: append a guess of the slot's next tokens to the batch, each with logits."""
@@ -71,7 +79,7 @@ class RowSampler:
         assert slot.task is not None
         if slot.backend_sampled:
             return backend_sampling.sample(self._ctx, slot.task.sampler.sampler, slot.row)
-        return slot.task.sampler.sample(self._ctx, slot.row)
+        return slot.task.sampler.sample(self._ctx, slot.row, self._winners)
 
     def _logprob(self, slot: Slot, token: int) -> TokenLogprob | None:
         """Only for requests that asked: a pass over the vocabulary's logits per token."""

@@ -101,7 +101,7 @@ class Scheduler:
                 self._ctx, self._memory, cache_ram, spare, whole=not model.copies_prefixes,
                 prefill_seconds=self._pacer.prompt_seconds, counters=self._counters,
             )
-        self._rows = RowSampler(self._ctx, self._memory, model.n_vocab, self._counters)
+        self._rows = RowSampler(self._ctx, self._memory, self._batch, model.n_vocab, self._counters)
         self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache, len(self._slots))
         self._admission = Admission(
             self._ctx, self._memory, self._slots, self._waiting, self._pacer, self._kv, self._prompt_cache, self._counters, kv_per_slot,
@@ -300,6 +300,7 @@ class Scheduler:
         if status != 0:
             self._decode_failed(in_batch, status)
             return True
+        self._rows.new_step()
         generated = 0
         for slot in in_batch:
             if slot.row >= 0:
