@@ -94,24 +94,29 @@ class Scheduler:
         self._closed = False
         self._liveness = Liveness(stall_timeout)
         self._pacer = PrefillPacer(llama_cpp.llama_n_ubatch(self._ctx))
-        spare = parallel if llama_cpp.llama_n_seq_max(self._ctx) > parallel else None
-        self._prompt_cache = None
-        if cache_ram > 0:
-            self._prompt_cache = HostPromptCache(
-                self._ctx, self._memory, cache_ram, spare, whole=not model.copies_prefixes,
-                prefill_seconds=self._pacer.prompt_seconds, counters=self._counters,
-            )
+        self._prompt_cache = self._host_prompt_cache(cache_ram, parallel) if cache_ram > 0 else None
         self._rows = RowSampler(self._ctx, self._memory, self._batch, model.n_vocab, self._counters)
         self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache, len(self._slots))
-        self._admission = Admission(
-            self._ctx, self._memory, self._slots, self._waiting, self._pacer, self._kv, self._prompt_cache, self._counters, kv_per_slot,
-            lends=model.copies_prefixes and not kv_per_slot,
-            window=llama_cpp.llama_model_n_swa(model.llama_model.model) if model.copies_prefixes else None,
-            whole=not model.copies_prefixes, checkpoints=not model.copies_prefixes,
-        )
+        self._admission = self._new_admission(kv_per_slot)
         self._offthread = self._rows.offthread
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
         self._warm_up = WarmUpOnThread(context, model.vocab)
+
+    def _host_prompt_cache(self, cache_ram: int, parallel: int) -> HostPromptCache:
+        spare = parallel if llama_cpp.llama_n_seq_max(self._ctx) > parallel else None
+        whole = not self._model.copies_prefixes
+        return HostPromptCache(
+            self._ctx, self._memory, cache_ram, spare, whole=whole, prefill_seconds=self._pacer.prompt_seconds, counters=self._counters
+        )
+
+    def _new_admission(self, kv_per_slot: bool) -> Admission:
+        copies = self._model.copies_prefixes  # attention, not recurrent: a prefix may be lent to another sequence
+        return Admission(
+            self._ctx, self._memory, self._slots, self._waiting, self._pacer, self._kv, self._prompt_cache, self._counters, kv_per_slot,
+            lends=copies and not kv_per_slot,
+            window=llama_cpp.llama_model_n_swa(self._model.llama_model.model) if copies else None,
+            whole=not copies, checkpoints=not copies,
+        )
 
     def start(self) -> None:
         """Start the thread; return once it has warmed the model up (``warmup.py``), or raise the
