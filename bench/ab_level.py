@@ -24,31 +24,32 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as sweep  # noqa: E402  (bench/run.py: server specs and the streaming client)
+from client import RequestResult, eos_token_id, percentile_ms, request_bodies, run_level  # noqa: E402
+from servers import BENCH_MODEL, SERVERS, BenchConfig, RunningServer, machine_info, running_server, wait_ready  # noqa: E402
 
 
-def level_summary(results: list[sweep.RequestResult], wall_s: float) -> dict:
+def level_summary(results: list[RequestResult], wall_s: float) -> dict:
     tokens = sum(r.completion_tokens for r in results)
     ttfts = [r.ttft_s for r in results if r.ttft_s is not None]
     return {"tok_s": round(tokens / wall_s, 1), "ttft_mean_ms": round(1000 * sum(ttfts) / max(len(ttfts), 1), 1),
-            "ttft_p50_ms": sweep.percentile_ms(ttfts, 50), "ttft_p95_ms": sweep.percentile_ms(ttfts, 95)}
+            "ttft_p50_ms": percentile_ms(ttfts, 50), "ttft_p95_ms": percentile_ms(ttfts, 95)}
 
 
-async def alternate(servers: dict[str, sweep.RunningServer], args: argparse.Namespace, eos_id: int) -> dict[str, list[dict]]:
+async def alternate(servers: dict[str, RunningServer], args: argparse.Namespace, eos_id: int) -> dict[str, list[dict]]:
     for server in servers.values():
-        await sweep.wait_ready(server)
+        await wait_ready(server)
     spec = next(iter(servers.values())).spec
-    warm = sweep.request_bodies(spec, args.concurrency, 16, eos_id)
+    warm = request_bodies(spec, args.concurrency, 16, eos_id)
     for body in warm[1:]:  # prompts long enough (>= 16 tokens) for the engine to learn a prompt token's cost, as any real traffic teaches it
         body["prompt"] = " ".join([body["prompt"]] * 12)
     for server in servers.values():
-        await sweep.run_level(server.url, warm, args.concurrency)
+        await run_level(server.url, warm, args.concurrency)
     rounds: dict[str, list[dict]] = {name: [] for name in servers}
     names = list(servers)
     for index in range(args.rounds):
         for name in names if index % 2 == 0 else names[::-1]:
-            bodies = sweep.request_bodies(spec, args.requests_per_slot * args.concurrency, args.max_tokens, eos_id)
-            results, wall_s = await sweep.run_level(servers[name].url, bodies, args.concurrency)
+            bodies = request_bodies(spec, args.requests_per_slot * args.concurrency, args.max_tokens, eos_id)
+            results, wall_s = await run_level(servers[name].url, bodies, args.concurrency)
             rounds[name].append(level_summary(results, wall_s))
             print(f"round {index} {name}: {rounds[name][-1]}", flush=True)
     return rounds
@@ -73,16 +74,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
     args = parser.parse_args()
-    model = sweep.BENCH_MODEL
-    cfg = sweep.BenchConfig(models=(model,), servers=("vramsupply",), concurrency=(args.concurrency,), requests_per_slot=args.requests_per_slot,
-                            max_tokens=args.max_tokens, rounds=args.rounds, parallel=0, context_per_slot=0, threads=0, vramsupply_bin=args.a, defaults=True)
-    spec = sweep.SERVERS["vramsupply"]
-    eos_id = sweep.eos_token_id(model)
+    model = BENCH_MODEL
+    cfg = BenchConfig(models=(model,), servers=("vramsupply",), concurrency=(args.concurrency,), requests_per_slot=args.requests_per_slot,
+                      max_tokens=args.max_tokens, rounds=args.rounds, parallel=0, context_per_slot=0, threads=0, vramsupply_bin=args.a, defaults=True)
+    spec = SERVERS["vramsupply"]
+    eos_id = eos_token_id(model)
     with ExitStack() as stack:
-        servers = {name: stack.enter_context(sweep.running_server(replace(spec, name=f"vramsupply-{name}"), replace(cfg, vramsupply_bin=binary), model))
+        servers = {name: stack.enter_context(running_server(replace(spec, name=f"vramsupply-{name}"), replace(cfg, vramsupply_bin=binary), model))
                    for name, binary in (("a", args.a), ("b", args.b))}
         rounds = asyncio.run(alternate(servers, args, eos_id))
-    result = {"date": dt.date.today().isoformat(), "machine": sweep.machine_info(), "a": str(args.a), "b": str(args.b),
+    result = {"date": dt.date.today().isoformat(), "machine": machine_info(), "a": str(args.a), "b": str(args.b),
               "concurrency": args.concurrency, "requests_per_slot": args.requests_per_slot, "max_tokens": args.max_tokens,
               "rounds": rounds, "summary": report(rounds)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

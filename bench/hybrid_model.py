@@ -22,7 +22,7 @@ import numpy as np
 from gguf.quants import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as sweep  # noqa: E402  (bench/run.py: where the bench model lives)
+from servers import BENCH_MODEL, CACHE  # noqa: E402
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
 
@@ -33,14 +33,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--ffn", type=int, default=2048)
     parser.add_argument("--attention-every", type=int, default=4, help="every n-th layer is attention (the rest mamba)")
-    parser.add_argument("--out", type=Path, default=sweep.CACHE / "bench-jamba-768x12-q8_0.gguf")
+    parser.add_argument("--out", type=Path, default=CACHE / "bench-jamba-768x12-q8_0.gguf")
     args = parser.parse_args()
     write(args.out, args.dim, args.layers, args.ffn, args.attention_every)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.0f} MB)")
 
 
 def write(out: Path, dim: int, layers: int, ffn: int, every: int) -> None:
-    reader = gguf.GGUFReader(sweep.BENCH_MODEL)
+    reader = gguf.GGUFReader(BENCH_MODEL)
     n_vocab = len(reader.get_field(gguf.Keys.Tokenizer.LIST).contents())
     heads, kv_heads, d_inner, d_state, dt_rank = dim // 64, max(1, dim // 256), 2 * dim, 16, dim // 16
     attention = [(i % every) == every - 1 for i in range(layers)]

@@ -36,7 +36,9 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as sweep  # noqa: E402  (bench/run.py: server specs and the streaming client)
+from client import eos_token_id, request_bodies, run_level, stream_completion  # noqa: E402
+from run import prepare  # noqa: E402
+from servers import BENCH_MODEL, REPO, SERVERS as SERVER_SPECS, BenchConfig, RunningServer, machine_info, running_server  # noqa: E402
 
 SERVERS = ("vramsupply", "llama-server")
 
@@ -50,18 +52,18 @@ class Timing:
     """The tokens after the first over the time after it: the per-token path alone."""
 
 
-async def one(session: aiohttp.ClientSession, server: sweep.RunningServer, body: dict) -> Timing:
+async def one(session: aiohttp.ClientSession, server: RunningServer, body: dict) -> Timing:
     started = time.perf_counter()
-    result = await sweep.stream_completion(session, server.url, body)
+    result = await stream_completion(session, server.url, body)
     elapsed = time.perf_counter() - started
     if result.error or not result.completion_tokens or result.ttft_s is None:
         raise RuntimeError(f"{server.spec.name}: {result.error or 'no tokens'}")
     return Timing(result.completion_tokens / elapsed, result.ttft_s, (result.completion_tokens - 1) / (elapsed - result.ttft_s))
 
 
-async def one_round(server: sweep.RunningServer, bodies: list[dict]) -> Timing:
+async def one_round(server: RunningServer, bodies: list[dict]) -> Timing:
     """``len(bodies)`` streams at once, one request each: the round's tok/s and its median first token."""
-    results, wall_s = await sweep.run_level(server.url, bodies, len(bodies))
+    results, wall_s = await run_level(server.url, bodies, len(bodies))
     failed = [r for r in results if r.error or not r.completion_tokens or r.ttft_s is None]
     if failed:
         raise RuntimeError(f"{server.spec.name}: {failed[0].error or 'no tokens'}")
@@ -70,21 +72,21 @@ async def one_round(server: sweep.RunningServer, bodies: list[dict]) -> Timing:
     return Timing(tokens / wall_s, ttft_s, (tokens - len(results)) / (wall_s - ttft_s))
 
 
-async def turn(session: aiohttp.ClientSession, server: sweep.RunningServer, index: int, concurrency: int,
+async def turn(session: aiohttp.ClientSession, server: RunningServer, index: int, concurrency: int,
                max_tokens: int, eos_id: int) -> Timing:
     """One server's turn of pair ``index``: one request, or one round of ``concurrency`` streams."""
-    bodies = sweep.request_bodies(server.spec, (index + 1) * concurrency, max_tokens, eos_id)[index * concurrency:]
+    bodies = request_bodies(server.spec, (index + 1) * concurrency, max_tokens, eos_id)[index * concurrency:]
     if concurrency == 1:
         return await one(session, server, bodies[0])
     return await one_round(server, bodies)
 
 
-async def pairs(cfg: sweep.BenchConfig, model: Path, count: int, max_tokens: int, concurrency: int = 1) -> dict:
-    eos_id = sweep.eos_token_id(model)
+async def pairs(cfg: BenchConfig, model: Path, count: int, max_tokens: int, concurrency: int = 1) -> dict:
+    eos_id = eos_token_id(model)
     timings: dict[str, list[Timing]] = {name: [] for name in SERVERS}
     with ExitStack() as stack:
-        servers = [stack.enter_context(sweep.running_server(sweep.SERVERS[name], cfg, model)) for name in SERVERS]
-        await sweep.prepare(servers, cfg, eos_id)
+        servers = [stack.enter_context(running_server(SERVER_SPECS[name], cfg, model)) for name in SERVERS]
+        await prepare(servers, cfg, eos_id)
         connector = aiohttp.TCPConnector(force_close=True, limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
             for i in range(count):
@@ -111,22 +113,22 @@ async def pairs(cfg: sweep.BenchConfig, model: Path, count: int, max_tokens: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=sweep.BENCH_MODEL)
+    parser.add_argument("--model", type=Path, default=BENCH_MODEL)
     parser.add_argument("--pairs", type=int, default=40)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=1, help="streams per turn (default 1)")
-    parser.add_argument("--vramsupply", type=Path, default=sweep.REPO / ".venv" / "bin" / "vramsupply")
+    parser.add_argument("--vramsupply", type=Path, default=REPO / ".venv" / "bin" / "vramsupply")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-pairs-c<concurrency>.json)")
     args = parser.parse_args()
-    cfg = sweep.BenchConfig(models=(args.model,), servers=SERVERS, concurrency=(args.concurrency,), requests_per_slot=1, max_tokens=args.max_tokens,
-                            rounds=1, parallel=0, context_per_slot=0, threads=os.cpu_count() or 1, vramsupply_bin=args.vramsupply,
-                            defaults=True, pin_threads=False)
+    cfg = BenchConfig(models=(args.model,), servers=SERVERS, concurrency=(args.concurrency,), requests_per_slot=1, max_tokens=args.max_tokens,
+                      rounds=1, parallel=0, context_per_slot=0, threads=os.cpu_count() or 1, vramsupply_bin=args.vramsupply,
+                      defaults=True, pin_threads=False)
     date = dt.date.today().isoformat()
-    report = {"date": date, "machine": sweep.machine_info(), "model": str(args.model), "pairs": args.pairs, "concurrency": args.concurrency,
+    report = {"date": date, "machine": machine_info(), "model": str(args.model), "pairs": args.pairs, "concurrency": args.concurrency,
               "max_tokens": args.max_tokens, "settings": "both servers at their own defaults"}
     report.update(asyncio.run(pairs(cfg, args.model, args.pairs, args.max_tokens, args.concurrency)))
     report["machine"]["load_avg_at_end"] = os.getloadavg()
-    out = args.out or sweep.REPO / "bench" / "results" / f"{date}-pairs-c{args.concurrency}.json"
+    out = args.out or REPO / "bench" / "results" / f"{date}-pairs-c{args.concurrency}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     keys = ("median_tok_s", "pair_ratio_median", "pair_ratio_quartiles", "pairs_vramsupply_ahead", "ratio_of_harmonic_means",

@@ -27,9 +27,9 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import marketplace as market  # noqa: E402  (filler text of a token length)
 import prefill  # noqa: E402  (one stream's chunk arrival times)
-import run as sweep  # noqa: E402  (the bench model, free ports, machine info)
+from market_trace import Words  # noqa: E402
+from servers import BENCH_MODEL, HOST, REPO, free_port, machine_info  # noqa: E402
 
 PROMPT_TOKENS, MAX_TOKENS, STREAMS = 600, 1400, 4
 COUNTERS = ("vramsupply_preemptions_total", "vramsupply_prefill_tokens_total", "vramsupply_completion_tokens_total")
@@ -62,11 +62,11 @@ async def counters(session: aiohttp.ClientSession, url: str) -> dict[str, float]
     return {name: sum(float(line.split()[-1]) for line in lines if line.split(" ")[0].split("{")[0] == name) for name in COUNTERS}
 
 
-async def one_run(name: str, executable: Path, words: market.Words, seed: int) -> dict:
-    port = sweep.free_port()
-    command = [str(executable), "serve", "--model", str(sweep.BENCH_MODEL), "--no-register", "--host", sweep.HOST, "--port", str(port)]
+async def one_run(name: str, executable: Path, words: Words, seed: int) -> dict:
+    port = free_port()
+    command = [str(executable), "serve", "--model", str(BENCH_MODEL), "--no-register", "--host", HOST, "--port", str(port)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://{sweep.HOST}:{port}"
+    url = f"http://{HOST}:{port}"
     try:
         await ready(url)
         rng = random.Random(seed)
@@ -84,7 +84,7 @@ async def one_run(name: str, executable: Path, words: market.Words, seed: int) -
 
 
 async def bench(builds: dict[str, Path], seeds: list[int]) -> list[dict]:
-    words = market.Words(sweep.BENCH_MODEL)
+    words = Words(BENCH_MODEL)
     runs = []
     for rep, seed in enumerate(seeds):
         order = list(builds.items()) if rep % 2 == 0 else list(reversed(builds.items()))
@@ -101,10 +101,10 @@ def main() -> None:
     parser.add_argument("--a", type=Path, required=True, help="the first vramsupply executable (the base)")
     parser.add_argument("--b", type=Path, required=True, help="the second vramsupply executable (the change)")
     parser.add_argument("--seeds", default="1,2", help="prompt seeds, one repetition each")
-    parser.add_argument("--out", type=Path, default=sweep.REPO / "bench" / "results" / f"{dt.date.today()}-preempt-swap.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"{dt.date.today()}-preempt-swap.json")
     args = parser.parse_args()
     runs = asyncio.run(bench({"a": args.a, "b": args.b}, [int(s) for s in args.seeds.split(",")]))
-    report = {"date": dt.date.today().isoformat(), "machine": sweep.machine_info(), "a": str(args.a), "b": str(args.b), "runs": runs}
+    report = {"date": dt.date.today().isoformat(), "machine": machine_info(), "a": str(args.a), "b": str(args.b), "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -33,8 +33,9 @@ import aiohttp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import marketplace as market  # noqa: E402  (server commands at defaults, filler text of a token length)
-import run as sweep  # noqa: E402  (server specs, machine info)
+from market_trace import Words  # noqa: E402
+from marketplace import default_command  # noqa: E402
+from servers import BENCH_MODEL, REPO, SERVERS, BenchConfig, ServerSpec, machine_info, running_server, wait_ready  # noqa: E402
 
 STREAM_TOKENS = 200
 BESIDE_SIZES = (400, 1000)
@@ -75,25 +76,25 @@ async def two_at_once(session: aiohttp.ClientSession, url: str, long_prompt: str
 
 
 async def bench(names: list[str], reps: int) -> dict[str, list[dict]]:
-    model = sweep.BENCH_MODEL
-    words, rng = market.Words(model), random.Random(11)
-    specs = [sweep.ServerSpec(n, "defaults", sweep.SERVERS[n].ready_path, sweep.SERVERS[n].accepts_ignore_eos,
-                              market.default_command(n, None)) for n in names]
-    cfg = sweep.BenchConfig(models=(model,), servers=tuple(names), concurrency=(1,), requests_per_slot=1, max_tokens=0,
-                            rounds=1, parallel=0, context_per_slot=0, threads=0,
-                            vramsupply_bin=sweep.REPO / ".venv" / "bin" / "vramsupply")
+    model = BENCH_MODEL
+    words, rng = Words(model), random.Random(11)
+    specs = [ServerSpec(n, "defaults", SERVERS[n].ready_path, SERVERS[n].accepts_ignore_eos,
+                        default_command(n, None)) for n in names]
+    cfg = BenchConfig(models=(model,), servers=tuple(names), concurrency=(1,), requests_per_slot=1, max_tokens=0,
+                      rounds=1, parallel=0, context_per_slot=0, threads=0,
+                      vramsupply_bin=REPO / ".venv" / "bin" / "vramsupply")
     results: dict[str, list[dict]] = {name: [] for name in names}
 
     def text(tag: str, tokens: int) -> str:  # a unique head, so no server finds it cached
         return f"{tag} {rng.random()} " + words.text(rng, tokens)
 
     with ExitStack() as stack:
-        servers = [stack.enter_context(sweep.running_server(spec, cfg, model)) for spec in specs]
+        servers = [stack.enter_context(running_server(spec, cfg, model)) for spec in specs]
         # A fresh connection per request: llama-server closes idle keep-alive connections, and a
         # request sent on one it just closed fails ("Cannot write to closing transport").
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
             for server in servers:
-                await sweep.wait_ready(server)
+                await wait_ready(server)
                 await stream(session, server.url, text("warm", 50), 4)
             for rep in range(reps):
                 for server in servers if rep % 2 == 0 else servers[::-1]:
@@ -123,10 +124,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--servers", default="vramsupply,llama-server")
     parser.add_argument("--reps", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=sweep.REPO / "bench" / "results" / f"{dt.date.today()}-prefill.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"{dt.date.today()}-prefill.json")
     args = parser.parse_args()
     results = asyncio.run(bench([s.strip() for s in args.servers.split(",")], args.reps))
-    report = {"date": dt.date.today().isoformat(), "machine": sweep.machine_info(), "stream_tokens": STREAM_TOKENS,
+    report = {"date": dt.date.today().isoformat(), "machine": machine_info(), "stream_tokens": STREAM_TOKENS,
               "medians": medians(results), "runs": results}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report["medians"], indent=1))

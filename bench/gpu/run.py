@@ -23,28 +23,29 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import run as cpu_bench  # noqa: E402  (bench/run.py: the load generator and measurement)
+from client import eos_token_id  # noqa: E402
+from report import best_of_rounds, level_of  # noqa: E402
+from run import measure  # noqa: E402
+from servers import HOST, BenchConfig, ServerSpec, running_server, wait_ready  # noqa: E402
 
-HOST = cpu_bench.HOST
 
-
-def gpu_specs(llama_server: Path | None) -> dict[str, cpu_bench.ServerSpec]:
-    def vramsupply_command(cfg: cpu_bench.BenchConfig, model: Path, port: int) -> list[str]:
+def gpu_specs(llama_server: Path | None) -> dict[str, ServerSpec]:
+    def vramsupply_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
         return [
             str(cfg.vramsupply_bin), "serve", "--model", str(model), "--parallel", str(cfg.parallel),
             "--context-length", str(cfg.context_per_slot), "--n-gpu-layers", "-1",
             "--no-register", "--host", HOST, "--port", str(port), "--log-level", "INFO",
         ]  # fmt: skip
 
-    def llama_server_command(cfg: cpu_bench.BenchConfig, model: Path, port: int) -> list[str]:
+    def llama_server_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
         return [
             str(llama_server), "-m", str(model), "-np", str(cfg.parallel), "-c", str(cfg.parallel * cfg.context_per_slot),
             "-ngl", "999", "--host", HOST, "--port", str(port),
         ]  # fmt: skip
 
-    specs = {"vramsupply": cpu_bench.ServerSpec("vramsupply", "continuous batching, all layers on the GPU", "/health", True, vramsupply_command)}
+    specs = {"vramsupply": ServerSpec("vramsupply", "continuous batching, all layers on the GPU", "/health", True, vramsupply_command)}
     if llama_server is not None:  # without it: a smoke run of vramsupply alone
-        specs["llama-server"] = cpu_bench.ServerSpec("llama-server", "continuous batching, -ngl 999", "/health", True, llama_server_command)
+        specs["llama-server"] = ServerSpec("llama-server", "continuous batching, -ngl 999", "/health", True, llama_server_command)
     return specs
 
 
@@ -55,22 +56,22 @@ def nvidia_smi() -> str:
         return f"nvidia-smi failed: {exc}"
 
 
-async def bench(cfg: cpu_bench.BenchConfig, specs: dict[str, cpu_bench.ServerSpec], model: Path) -> dict:
-    eos_id = cpu_bench.eos_token_id(model)
+async def bench(cfg: BenchConfig, specs: dict[str, ServerSpec], model: Path) -> dict:
+    eos_id = eos_token_id(model)
     report: dict = {"model": model.name, "servers": {}}
     for name, spec in specs.items():  # one at a time: two 64-slot servers may not both fit in VRAM
         with ExitStack() as stack:
-            server = stack.enter_context(cpu_bench.running_server(spec, cfg, model))
-            await cpu_bench.wait_ready(server, timeout_s=900)
+            server = stack.enter_context(running_server(spec, cfg, model))
+            await wait_ready(server, timeout_s=900)
             rounds = []
             for round_index in range(cfg.rounds):
                 for concurrency in cfg.concurrency:
-                    level = await cpu_bench.measure(server, cfg, round_index, concurrency, eos_id)
+                    level = await measure(server, cfg, round_index, concurrency, eos_id)
                     print(f"  {name:14} c={concurrency:<3} {level.tok_s:9.1f} tok/s  TTFT p50 {level.ttft_p50_ms} ms", flush=True)
                     rounds.append(asdict(level))
             report["servers"][name] = {"command": server.command, "rounds": rounds}
     for server in report["servers"].values():
-        server["levels"] = [cpu_bench.best_of_rounds([r for r in server["rounds"] if r["concurrency"] == c]) for c in cfg.concurrency]
+        server["levels"] = [best_of_rounds([r for r in server["rounds"] if r["concurrency"] == c]) for c in cfg.concurrency]
     return report
 
 
@@ -82,8 +83,8 @@ def markdown(report: dict, concurrency: list[int]) -> str:
     ours, theirs = report["servers"].get("vramsupply"), report["servers"].get("llama-server")
     if ours and theirs:
         for c in concurrency:
-            a = cpu_bench.level_of(ours, c)
-            b = cpu_bench.level_of(theirs, c)
+            a = level_of(ours, c)
+            b = level_of(theirs, c)
             if a and b and b["tok_s"]:
                 lines.append(f"\nc={c}: vramsupply/llama-server tok/s = {a['tok_s'] / b['tok_s']:.2f}")
     return "\n".join(lines)
@@ -103,7 +104,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    cfg = cpu_bench.BenchConfig(
+    cfg = BenchConfig(
         models=(args.model,), servers=("vramsupply", "llama-server"), concurrency=tuple(concurrency), requests_per_slot=2,
         max_tokens=args.max_tokens, rounds=args.rounds, parallel=args.parallel, context_per_slot=args.context, threads=0,
         vramsupply_bin=args.vramsupply,
