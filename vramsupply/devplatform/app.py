@@ -19,7 +19,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from vramsupply.devplatform.http import HTTP, STORE, error_response, json_object
+from vramsupply.devplatform.shared import HTTP, STORE, error_response, json_object
 from vramsupply.devplatform.relay import chat_completions
 from vramsupply.devplatform.store import Account, Provider, RailError, Store, rails_of
 from vramsupply.platform import api

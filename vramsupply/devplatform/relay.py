@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from vramsupply.devplatform import payment
-from vramsupply.devplatform.http import HTTP, STORE, error_response, json_object
+from vramsupply.devplatform.shared import HTTP, STORE, error_response, json_object
 from vramsupply.devplatform.store import BuyerRequest, Provider, Rail, Store
 from vramsupply.platform import api
 from vramsupply.platform.client import describe_error
