@@ -5,7 +5,7 @@ provider of the model that accepts that rail, forwards the request with the prov
 token, tries the next provider when one fails before answering, and relays the answer (SSE
 passthrough when streaming), counting tokens for demand and payouts. It is the platform's other
 half, apart from the provider endpoints (``app``, which only registers this route): the two share
-only the store, the outgoing HTTP session and the error shape, all in ``http``.
+only the store, the outgoing HTTP session and the error shape, all in ``shared``.
 """
 
 from __future__ import annotations
