@@ -123,6 +123,23 @@ def test_one_argmax_for_the_whole_step_picks_what_the_chain_picks(one_step: tupl
     lowered.close()
 
 
+def test_when_every_row_has_logits_each_row_is_its_own_output_row(decoded: tuple) -> None:
+    model, context, rows = decoded  # every token of every prompt asked for logits
+    batch = Batch(256)
+    for seq, (tokens, _) in enumerate(rows):
+        for position, token in enumerate(tokens):
+            batch.add(token, position, seq)
+    assert batch.outputs == batch.size
+    winners = StepWinners(model.n_vocab, batch)
+    params = SamplingParams(temperature=0)
+    for row in range(batch.size):
+        sampler = build_sampler(params, model, [], True)
+        try:
+            assert sampler.sample(context.ctx, row, winners) == chain_pick(model, context, [], row, params, True)
+        finally:
+            sampler.close()
+
+
 def test_a_row_without_logits_is_an_engine_error(one_step: tuple) -> None:
     model, context, batch, rows = one_step
     winners = StepWinners(model.n_vocab, batch)

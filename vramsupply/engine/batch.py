@@ -21,6 +21,8 @@ class Batch:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.size = 0
+        self.outputs = 0
+        """Rows that want logits: llama.cpp's output rows of the step."""
         self.token = np.zeros(capacity, dtype=np.int32)
         self.pos = np.zeros(capacity, dtype=np.int32)
         self.seq = np.zeros(capacity, dtype=np.int32)
@@ -47,6 +49,7 @@ class Batch:
 
     def clear(self) -> None:
         self.size = 0
+        self.outputs = 0
 
     def add(self, token: int, pos: int, seq: int) -> int:
         """Add one token that needs logits (a generating slot's next token); returns its row."""
@@ -58,6 +61,7 @@ class Batch:
         self.seq[row] = seq
         self.logits[row] = 1
         self.size = row + 1
+        self.outputs += 1
         return row
 
     def add_chunk(self, tokens: np.ndarray, first_pos: int, seq: int, logits_for_last: bool) -> int:
@@ -72,6 +76,7 @@ class Batch:
         self.logits[start:end] = 0
         self.logits[end - 1] = 1 if logits_for_last else 0
         self.size = end
+        self.outputs += int(logits_for_last)
         return end - 1
 
     def for_decode(self) -> llama_cpp.llama_batch:

@@ -157,15 +157,20 @@ class StepWinners:
 
     llama.cpp keeps a step's logits contiguously, one row per batch row that asked for logits, in
     batch order (``llama_get_logits`` in llama.h), so a batch row's logits are the output row that
-    counts the logits rows before it. ``clear`` after every decode; the argmax is taken on the
-    first ``of`` after it, so a step without greedy requests costs nothing.
+    counts the logits rows before it; in a step of generating streams only, every row is its own.
+    ``clear`` after every decode; the argmax is taken on the first ``of`` after it, so a step
+    without greedy requests costs nothing. The numpy view of the logits is kept while llama.cpp's
+    buffer stays where it was with as many rows: right after a decode, the first calls into
+    numpy's and ctypes' machinery run from cold caches and cost ten times what they do warm.
     """
 
     def __init__(self, n_vocab: int, batch: Batch) -> None:
         self._n_vocab = n_vocab
         self._batch = batch
         self._winners: np.ndarray | None = None
-        self._outputs = np.zeros(0, dtype=np.int32)
+        self._outputs: np.ndarray | None = None
+        self._view = np.zeros((0, n_vocab), dtype=np.single)
+        self._view_at = (0, 0)
 
     def clear(self) -> None:
         self._winners = None
@@ -175,15 +180,23 @@ class StepWinners:
             raise EngineError(f"batch row {row} has no logits")
         if self._winners is None:
             self._winners = self._take(ctx)
-        return int(self._winners[self._outputs[row]])
+        return int(self._winners[row if self._outputs is None else self._outputs[row]])
 
     def _take(self, ctx: llama_cpp.llama_context_p) -> np.ndarray:
-        self._outputs = np.cumsum(self._batch.logits[: self._batch.size], dtype=np.int32) - 1
+        batch = self._batch
+        every_row = batch.outputs == batch.size
+        self._outputs = None if every_row else np.cumsum(batch.logits[: batch.size], dtype=np.int32) - 1
         pointer = llama_cpp.llama_get_logits(ctx)
         if not pointer:
             raise EngineError("llama.cpp has no logits for this step")
-        rows = np.ctypeslib.as_array(pointer, shape=(int(self._outputs[-1]) + 1, self._n_vocab))
-        return np.argmax(rows, axis=1)
+        return np.argmax(self._rows(pointer, batch.outputs), axis=1)
+
+    def _rows(self, pointer: ctypes._Pointer, count: int) -> np.ndarray:
+        """The step's ``count`` logits rows, viewed without a copy."""
+        at = (ctypes.cast(pointer, ctypes.c_void_p).value or 0, count)
+        if at != self._view_at:
+            self._view, self._view_at = np.ctypeslib.as_array(pointer, shape=(count, self._n_vocab)), at
+        return self._view
 
 
 def build_sampler(params: SamplingParams, model: Model, prompt: Sequence[int], ignore_eos: bool) -> RequestSampler:
