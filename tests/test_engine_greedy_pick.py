@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import llama_cpp
 import numpy as np
@@ -18,9 +18,8 @@ from vramsupply.engine.types import EngineError, EngineOptions, SamplingParams
 PROMPTS = ["Once upon a time", "Tom and Lily went to the park. They saw a big", "The cat", "Sue had a red"]
 
 
-@pytest.fixture(scope="module")
-def decoded() -> Iterator[tuple[Model, object, list[tuple[list[int], int]]]]:
-    """Each prompt decoded in its own sequence, with the batch row holding its last token's logits."""
+def decode_prompts(add: Callable[[Batch, list[int], int], int]) -> tuple[Model, object, Batch, list[tuple[list[int], int]]]:
+    """Each prompt in its own sequence, added by ``add`` (which returns the row of its last token's logits)."""
     options = EngineOptions(model_path=TINY_MODEL, n_ctx=128, parallel=len(PROMPTS), threads=1)
     model = Model.load(options.model_path, options.n_gpu_layers, options.gpu)
     context = create_context(model, options)
@@ -28,26 +27,25 @@ def decoded() -> Iterator[tuple[Model, object, list[tuple[list[int], int]]]]:
     rows = []
     for seq, text in enumerate(PROMPTS):
         tokens = model.tokenize(text, True)
-        for position, token in enumerate(tokens):
-            row = batch.add(token, position, seq)
-        rows.append((tokens, row))
+        rows.append((tokens, add(batch, tokens, seq)))
     assert llama_cpp.llama_decode(context.ctx, batch.for_decode()) == 0
-    yield model, context, rows
+    return model, context, batch, rows
+
+
+@pytest.fixture(scope="module")
+def decoded() -> Iterator[tuple[Model, object, Batch, list[tuple[list[int], int]]]]:
+    """Every token of every prompt asks for logits."""
+    model, context, batch, rows = decode_prompts(lambda batch, tokens, seq: [batch.add(t, p, seq) for p, t in enumerate(tokens)][-1])
+    yield model, context, batch, rows
     context.close()
 
 
 @pytest.fixture(scope="module")
 def one_step() -> Iterator[tuple[Model, object, Batch, list[tuple[list[int], int]]]]:
     """The prompts as one step's chunks, as the scheduler adds them: logits for each last token only."""
-    options = EngineOptions(model_path=TINY_MODEL, n_ctx=128, parallel=len(PROMPTS), threads=1)
-    model = Model.load(options.model_path, options.n_gpu_layers, options.gpu)
-    context = create_context(model, options)
-    batch = Batch(256)
-    rows = []
-    for seq, text in enumerate(PROMPTS):
-        tokens = model.tokenize(text, True)
-        rows.append((tokens, batch.add_chunk(np.array(tokens, dtype=np.int32), 0, seq, logits_for_last=True)))
-    assert llama_cpp.llama_decode(context.ctx, batch.for_decode()) == 0
+    model, context, batch, rows = decode_prompts(
+        lambda batch, tokens, seq: batch.add_chunk(np.array(tokens, dtype=np.int32), 0, seq, logits_for_last=True)
+    )
     yield model, context, batch, rows
     context.close()
 
@@ -71,7 +69,7 @@ def chain_pick(model: Model, context: object, tokens: list[int], row: int, param
     ],
 )
 def test_argmax_picks_what_the_chain_picks(decoded: tuple, params: SamplingParams, ignore_eos: bool) -> None:
-    model, context, rows = decoded
+    model, context, _, rows = decoded
     for tokens, row in rows:
         sampler = build_sampler(params, model, tokens, ignore_eos)
         assert sampler._argmax is not None
@@ -82,7 +80,7 @@ def test_argmax_picks_what_the_chain_picks(decoded: tuple, params: SamplingParam
 
 
 def test_a_bias_can_force_the_token(decoded: tuple) -> None:
-    model, context, rows = decoded
+    model, context, _, rows = decoded
     tokens, row = rows[0]
     sampler = build_sampler(SamplingParams(temperature=0, logit_bias={300: math.inf}), model, tokens, False)
     assert sampler.sample(context.ctx, row) == 300
@@ -90,7 +88,7 @@ def test_a_bias_can_force_the_token(decoded: tuple) -> None:
 
 
 def test_sampled_penalized_or_grammar_requests_keep_the_chain(decoded: tuple) -> None:
-    model, _, rows = decoded
+    model, _, _, rows = decoded
     tokens, _ = rows[0]
     for params in (SamplingParams(temperature=0.8), SamplingParams(temperature=0, repeat_penalty=1.3), SamplingParams(temperature=0, grammar='root ::= "a"')):
         sampler = build_sampler(params, model, tokens, False)
@@ -124,11 +122,7 @@ def test_one_argmax_for_the_whole_step_picks_what_the_chain_picks(one_step: tupl
 
 
 def test_when_every_row_has_logits_each_row_is_its_own_output_row(decoded: tuple) -> None:
-    model, context, rows = decoded  # every token of every prompt asked for logits
-    batch = Batch(256)
-    for seq, (tokens, _) in enumerate(rows):
-        for position, token in enumerate(tokens):
-            batch.add(token, position, seq)
+    model, context, batch, _ = decoded
     assert batch.outputs == batch.size
     winners = StepWinners(model.n_vocab, batch)
     params = SamplingParams(temperature=0)
