@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -43,9 +44,23 @@ def requests(engine: Engine, sampling: SamplingParams, **extra: object) -> list[
     return [GenerationRequest(engine.tokenize(p), sampling=sampling, max_tokens=40, **extra) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0), SEEDED], ids=["greedy", "seeded"])
+BIASED = {261: 5.0, 13: -100.0}
+
+
+@pytest.mark.parametrize(
+    "sampling, ignore_eos",
+    [
+        (SamplingParams(temperature=0), False),
+        (SEEDED, False),
+        (SamplingParams(temperature=0, logit_bias=BIASED), False),
+        (dataclasses.replace(SEEDED, logit_bias=BIASED), False),
+        (SamplingParams(temperature=0), True),
+        (SEEDED, True),
+    ],
+    ids=["greedy", "seeded", "greedy-biased", "seeded-biased", "greedy-ignore-eos", "seeded-ignore-eos"],
+)
 async def test_concurrent_requests_sample_the_same_tokens_on_the_backend_as_on_the_host(
-    on_device: Engine, on_host: Engine, sampling: SamplingParams, monkeypatch: pytest.MonkeyPatch
+    on_device: Engine, on_host: Engine, sampling: SamplingParams, ignore_eos: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sampled_on_device = []
 
@@ -56,12 +71,28 @@ async def test_concurrent_requests_sample_the_same_tokens_on_the_backend_as_on_t
 
     real_sample = backend_sampling.sample
     monkeypatch.setattr(backend_sampling, "sample", counting)
-    device = await tokens(on_device, requests(on_device, sampling))
-    host = await tokens(on_host, requests(on_host, sampling))
+    device = await tokens(on_device, requests(on_device, sampling, ignore_eos=ignore_eos))
+    host = await tokens(on_host, requests(on_host, sampling, ignore_eos=ignore_eos))
     assert device == host
     assert all(len(t) > 0 for t in device)
     # Every token came from the graph's sampler (EOG tokens end a request without being output).
     assert len(sampled_on_device) >= sum(len(t) for t in device)
+
+
+async def test_ignore_eos_holds_on_the_backend(on_device: Engine, on_host: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A strong bias towards end-of-generation ends a request at once; with ``ignore_eos`` the
+    graph's -inf bias wins and the request runs to its length, as on the host."""
+    eos = min(on_device._model.eog_tokens)
+    towards_eos = SamplingParams(temperature=0, logit_bias={eos: 50.0})
+    assert supports(requests(on_device, towards_eos, ignore_eos=True)[0])
+    on_backend = []
+    real_sample = backend_sampling.sample
+    monkeypatch.setattr(backend_sampling, "sample", lambda *args: on_backend.append(real_sample(*args)) or on_backend[-1])
+    assert [len(t) for t in await tokens(on_device, requests(on_device, towards_eos))] == [0] * len(PROMPTS)
+    held = await tokens(on_device, requests(on_device, towards_eos, ignore_eos=True))
+    assert [len(t) for t in held] == [40] * len(PROMPTS) and eos not in sum(held, [])
+    assert held == await tokens(on_host, requests(on_host, towards_eos, ignore_eos=True))
+    assert len(on_backend) >= 40 * len(PROMPTS) + len(PROMPTS)  # every token, and each first EOS, from the graph
 
 
 async def test_requests_that_need_host_logits_fall_back_in_the_same_batch(on_device: Engine, on_host: Engine) -> None:
@@ -71,7 +102,7 @@ async def test_requests_that_need_host_logits_fall_back_in_the_same_batch(on_dev
         GenerationRequest(on_device.tokenize(PROMPTS[2]), sampling=SamplingParams(temperature=0, logit_bias={261: 5.0}), max_tokens=30),
         GenerationRequest(on_device.tokenize(PROMPTS[3]), sampling=SamplingParams(temperature=0), max_tokens=30, ignore_eos=True),
     ]
-    assert [supports(r) for r in mixed] == [True, False, False, False]
+    assert [supports(r) for r in mixed] == [True, False, True, True]
     assert await tokens(on_device, mixed) == await tokens(on_host, mixed)
 
 

@@ -6,10 +6,12 @@ GPU that copy, not the model, limits the step; upstream measured +48 % throughpu
 (llama.cpp #17004/#27050). With a chain attached to a sequence (``llama_set_sampler``), the graph
 ends in the sampling ops and only the chosen token comes back (``llama_get_sampled_token_ith``).
 
-Only chains made of samplers the backend implements qualify: greedy, or top-k / top-p / min-p /
-temperature / dist(seed). Penalties, grammars and logit biases need the host's view of the
-logits, and so do requests that ask for logprobs; those keep host sampling, per request, in the
-same batch. The chain is the request's own, so its seed and RNG stream are the ones host sampling
+Only chains made of samplers the backend implements qualify: a logit bias (``ignore_eos`` is one,
+of -inf against the end-of-generation tokens), then greedy, or top-k / top-p / min-p / temperature
+/ dist(seed). Grammars need the host's view of the logits, and so do requests that ask for
+logprobs. Penalties have a backend version too, but it multiplies by the reciprocal where the
+host divides, which can round differently, so they stay on the host. Those requests keep host
+sampling, per request, in the same batch. The chain is the request's own, so its seed and RNG stream are the ones host sampling
 would use: on the CPU backend both give the same tokens (tested).
 
 Opt-in (``--backend-sampling``), as in llama-server (``-bs``): on a CPU the logits are already in
@@ -28,8 +30,6 @@ def supports(request: GenerationRequest) -> bool:
     params = request.sampling
     needs_host = (
         params.grammar is not None
-        or bool(params.logit_bias)
-        or request.ignore_eos  # a logit bias against end-of-generation tokens
         or request.logprobs is not None  # computed from the host's logits
         or params.repeat_penalty != 1.0
         or params.presence_penalty != 0.0
