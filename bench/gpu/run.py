@@ -4,8 +4,11 @@
 Both servers get the same model, slots and per-slot context, every layer on the GPU and flash
 attention as each defaults it; the load is bench/run.py's (streaming /v1/completions, ignore_eos,
 temperature 0, 2×c requests per level, a new connection per request) at c = 1, 4, 16 and 64, the
-servers measured in turn level by level, best of the rounds. Writes a JSON with every round, the
-GPU (nvidia-smi), the build time of the CUDA wheel, and a markdown table.
+servers measured in turn level by level, best of the rounds. vramsupply runs a second time with
+``--backend-sampling`` (every request here is backend-eligible: greedy, with ignore_eos's logit
+bias), since sparing each slot's logits the copy to the host is where upstream measured +48 % at 32
+slots, and no CPU can show it. Writes a JSON with every round, the GPU (nvidia-smi), the build time
+of the CUDA wheel, and a markdown table.
 
 Run through bench/gpu/run.sh, which builds everything first.
 """
@@ -43,7 +46,13 @@ def gpu_specs(llama_server: Path | None) -> dict[str, ServerSpec]:
             "-ngl", "999", "--host", HOST, "--port", str(port),
         ]  # fmt: skip
 
-    specs = {"vramsupply": ServerSpec("vramsupply", "continuous batching, all layers on the GPU", "/health", True, vramsupply_command)}
+    def backend_sampling_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
+        return [*vramsupply_command(cfg, model, port), "--backend-sampling"]
+
+    specs = {
+        "vramsupply": ServerSpec("vramsupply", "continuous batching, all layers on the GPU", "/health", True, vramsupply_command),
+        "vramsupply-bs": ServerSpec("vramsupply-bs", "the same, sampling in the graph", "/health", True, backend_sampling_command),
+    }
     if llama_server is not None:  # without it: a smoke run of vramsupply alone
         specs["llama-server"] = ServerSpec("llama-server", "continuous batching, -ngl 999", "/health", True, llama_server_command)
     return specs
@@ -87,6 +96,12 @@ def markdown(report: dict, concurrency: list[int]) -> str:
             b = level_of(theirs, c)
             if a and b and b["tok_s"]:
                 lines.append(f"\nc={c}: vramsupply/llama-server tok/s = {a['tok_s'] / b['tok_s']:.2f}")
+    sampled = report["servers"].get("vramsupply-bs")
+    if ours and sampled:
+        for c in concurrency:
+            a, b = level_of(sampled, c), level_of(ours, c)
+            if a and b and b["tok_s"]:
+                lines.append(f"\nc={c}: with/without --backend-sampling tok/s = {a['tok_s'] / b['tok_s']:.2f}")
     return "\n".join(lines)
 
 
