@@ -97,7 +97,7 @@ class Admission:
         slot.begin(task, keep, next(self._clock))
         self._plan_checkpoints(slot, keep, shared)
         if task.backend_sampling:
-            slot.backend_sampled = backend_sampling.attach(self._ctx, slot.seq_id, task.sampler.sampler)
+            slot.backend_sampled = backend_sampling.attach(self._ctx, slot.seq_id, task.sampler.for_backend())
         # A request's prompt counts once, however many choices, and a resumed one (preempt.py) is counted.
         if task.resume is not None or task.later_choice:
             self._counters.add(busy=1)

@@ -52,6 +52,8 @@ class RequestSampler:
         self.chain = chain
         self._argmax = argmax
         self.sampler = chain.sampler
+        self._attached = False
+        self._clone: llama_cpp.llama_sampler_p | None = None
         self._grammar = grammar
         self._candidates = LlamaTokenDataArray(n_vocab=n_vocab) if grammar is not None else None
         self._logits = np.zeros(n_vocab if grammar is not None else 0, dtype=np.single)
@@ -110,10 +112,29 @@ class RequestSampler:
         llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._one_array))
         return bool(math.isfinite(self._one[0].logit))
 
+    def for_backend(self) -> llama_cpp.llama_sampler_p:
+        """The chain to attach to llama.cpp's graph (``backend_sampling``), after any detach.
+
+        llama.cpp prepares a chain for the graph once (a second ``llama_sampler_chain_backend_init``
+        aborts the process), and a chain it prepared skips its graph samplers on the host. So a
+        request attached again (paused and resumed, ``preempt.py``) gets a clone of its chain,
+        which carries the chain's state (the RNG of a seeded request) on.
+        """
+        if self._attached:
+            clone = llama_cpp.llama_sampler_clone(self.sampler)
+            if self._clone is not None:
+                llama_cpp.llama_sampler_free(self._clone)
+            self._clone = self.sampler = clone
+        self._attached = True
+        return self.sampler
+
     def close(self) -> None:
         if self._grammar is not None:
             llama_cpp.llama_sampler_free(self._grammar)
             self._grammar = None
+        if self._clone is not None:
+            llama_cpp.llama_sampler_free(self._clone)
+            self._clone = None
         self.chain.close()
 
 
