@@ -120,28 +120,32 @@ def test_grammar_and_logprobs_requests_keep_host_sampling() -> None:
     assert supports(GenerationRequest([1, 2], sampling=SEEDED))
 
 
-async def test_a_request_paused_for_kv_room_is_attached_again_when_it_resumes() -> None:
-    """Four 200-token answers outgrow a 256-cell KV cache, so requests are paused and resumed
-    (``preempt.py``); each resumed one goes back to the graph with a clone of its chain (llama.cpp
-    prepares a chain for the graph only once: a second time aborted the process) and, greedy, gives
-    the tokens it gives alone on the host."""
-    long = {"sampling": SamplingParams(temperature=0), "max_tokens": 200, "ignore_eos": True}
+def long_request(engine: Engine, prompt: str, sampling: SamplingParams) -> GenerationRequest:
+    return GenerationRequest(engine.tokenize(prompt), sampling=sampling, max_tokens=200, ignore_eos=True)
+
+
+async def paused_on_the_backend(sampling: SamplingParams, prompts: list[str]) -> list[list[int]]:
+    """Four 200-token answers on the backend: together they outgrow the 256-cell KV cache, so
+    requests are paused and resumed (``preempt.py``)."""
     with load(True) as engine:
-        prompts = [engine.tokenize(p) for p in PROMPTS]
         before = engine.stats().preemptions_total
-        together = await tokens(engine, [GenerationRequest(p, **long) for p in prompts])
+        answers = await tokens(engine, [long_request(engine, p, sampling) for p in prompts])
         assert engine.stats().preemptions_total > before, "the KV cache really ran out"
+    return answers
+
+
+async def test_a_request_paused_for_kv_room_is_attached_again_when_it_resumes() -> None:
+    """Each resumed request goes back to the graph with a clone of its chain (llama.cpp prepares a
+    chain for the graph only once: a second time aborted the process) and, greedy, gives the tokens
+    it gives alone on the host."""
+    together = await paused_on_the_backend(SamplingParams(temperature=0), PROMPTS)
     with load(False) as engine:
-        alone = [(await tokens(engine, [GenerationRequest(p, **long)]))[0] for p in prompts]
+        alone = [(await tokens(engine, [long_request(engine, p, SamplingParams(temperature=0))]))[0] for p in PROMPTS]
     assert together == alone
 
 
 async def test_a_seeded_request_paused_and_resumed_on_the_backend_runs_to_its_end() -> None:
     """Seeded, a resumed request's tokens may differ from an unpaused run's (see the README): this
     only holds that every request is served whole, from the graph, with no crash."""
-    long = {"sampling": SEEDED, "max_tokens": 200, "ignore_eos": True}
-    with load(True) as engine:
-        before = engine.stats().preemptions_total
-        answers = await tokens(engine, [GenerationRequest(engine.tokenize(p), **long) for p in PROMPTS])
-        assert engine.stats().preemptions_total > before, "the KV cache really ran out"
+    answers = await paused_on_the_backend(SEEDED, PROMPTS)
     assert [len(a) for a in answers] == [200] * len(PROMPTS)
