@@ -9,13 +9,18 @@ from itertools import count
 import numpy as np
 
 from vramsupply.engine.pacing import ALONE_STEP_TARGET_SECONDS, MAX_DEFER_SECONDS, MIN_CHUNK, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer, StepWork
-from vramsupply.engine.step_cost import WINDOW, ChunkCost, work
+from vramsupply.engine.step_cost import TILE_ROWS, UNSEEN_DEPTH_TOKENS, WINDOW, ChunkCost, work
 from vramsupply.engine.slots import Resume, Slot, Task
 
 
 def learn(pacer: PrefillPacer, seconds_per_token: float, paced: bool = True, tokens: int = 100, depth: int = 0) -> None:
     """One step of ``tokens`` prompt tokens at ``depth`` that cost this much a token."""
     pacer.observe(StepWork(tokens, work(tokens, depth), paced), tokens * seconds_per_token)
+
+
+def whole_tiles(tokens: int, rows_before: int = 1) -> int:
+    """``tokens`` cut so that a step with ``rows_before`` other rows (a stream's) ends at a whole tile."""
+    return (rows_before + tokens) // TILE_ROWS * TILE_ROWS - rows_before
 
 
 def chunk(pacer: PrefillPacer, generating: bool, depth: int = 0, capacity: int = 2048) -> int:
@@ -38,7 +43,7 @@ def test_with_nobody_generating_a_step_takes_a_micro_batch_or_what_the_alone_tar
     assert chunk(pacer, generating=False) == 512
     pacer = PrefillPacer(512)
     learn(pacer, 0.002, paced=False, tokens=512)  # 2 ms a token: a micro-batch would keep newcomers waiting a second
-    assert chunk(pacer, generating=False) == int(ALONE_STEP_TARGET_SECONDS / 0.002)
+    assert chunk(pacer, generating=False) == whole_tiles(int(ALONE_STEP_TARGET_SECONDS / 0.002), rows_before=0)
     assert chunk(pacer, generating=False, capacity=100) == 100
 
 
@@ -53,7 +58,7 @@ def test_while_others_generate_a_step_carries_what_the_target_time_leaves_after_
     pacer = PrefillPacer(512)
     pacer.observe(StepWork(0, 0, generating=True), 0.02)  # the streams' rows alone: 20 ms a step
     pacer.observe(StepWork(200, work(200, 0), generating=True), 0.02 + 200 * 0.0005)  # 2000 prompt tokens a second
-    assert chunk(pacer, generating=True) == int((STEP_TARGET_SECONDS - 0.02) / 0.0005)
+    assert chunk(pacer, generating=True) == whole_tiles(int((STEP_TARGET_SECONDS - 0.02) / 0.0005))
     for _ in range(WINDOW):
         learn(pacer, 0.1)  # very slow steps: never below the floor
     assert chunk(pacer, generating=True) == MIN_CHUNK
@@ -73,7 +78,9 @@ def test_a_deeper_chunk_is_smaller_so_that_every_step_stays_within_the_target() 
 
     for depth in (0, 2000, 3000):
         size = chunk(pacer, generating=True, depth=depth)
-        assert true_seconds(size, depth) <= STEP_TARGET_SECONDS < true_seconds(size + 2, depth)
+        assert true_seconds(size, depth) <= STEP_TARGET_SECONDS < true_seconds(size + TILE_ROWS, depth)
+        if size + 1 >= TILE_ROWS:
+            assert (size + 1) % TILE_ROWS == 0, "a tiled step (the prompt's rows and the stream's) ends at a whole tile"
     assert chunk(pacer, generating=True, depth=3000) < chunk(pacer, generating=True, depth=0) / 2
 
 
@@ -86,9 +93,10 @@ def test_chunks_grow_at_most_twofold_a_step_from_what_was_seen() -> None:
 
 
 def test_steps_that_keep_coming_out_slower_than_the_fitted_line_shrink_the_next_chunks_at_once() -> None:
-    """Past a cliff in the cost (on the bench machine, somewhere beyond depth 1500) the line lags."""
+    """Past a cliff in the cost (on the bench machine, somewhere beyond depth 1500) the line lags.
+    (Deep enough that no step reaches a whole tile: they all stay row-by-row.)"""
     def line(size: int, depth: int) -> float:
-        return 0.001 * size + 0.000001 * work(size, depth)
+        return 0.001 * size + 0.0000015 * work(size, depth)
 
     pacer = PrefillPacer(512)
     for depth in range(0, 1600, 100):
@@ -96,9 +104,10 @@ def test_steps_that_keep_coming_out_slower_than_the_fitted_line_shrink_the_next_
     depth = 1600
     for _ in range(3):  # past the cliff every step costs 40 % more than the line says
         size = chunk(pacer, generating=True, depth=depth)
-        pacer.observe(StepWork(size, work(size, depth), True), 1.4 * line(size, depth))
+        pacer.observe(StepWork(size, work(size, depth), True, rows=size + 1), 1.4 * line(size, depth))
         depth += size
     size = chunk(pacer, generating=True, depth=depth)
+    assert size + 1 < TILE_ROWS
     assert 1.4 * line(size, depth) <= 1.05 * STEP_TARGET_SECONDS
     assert 1.4 * line(size + 4, depth) > STEP_TARGET_SECONDS, "and not much smaller than the target allows"
 
@@ -109,7 +118,7 @@ def test_a_prompt_shallower_than_anything_learned_is_not_sized_cheaper_than_the_
     for depth in range(1000, 2000, 100):
         pacer.observe(StepWork(60, work(60, depth), True), 60 * (0.001 + 0.000001 * (depth + 30)))
     cheapest = 0.001 + 0.000001 * 1030
-    assert chunk(pacer, generating=True, depth=0) == int(STEP_TARGET_SECONDS / cheapest)
+    assert chunk(pacer, generating=True, depth=0) == whole_tiles(int(STEP_TARGET_SECONDS / cheapest))
 
 
 def test_the_depth_term_is_used_only_once_steps_at_different_depths_tell_it_apart() -> None:
@@ -251,7 +260,7 @@ def test_steps_with_nobody_generating_do_not_size_the_chunks_beside_a_stream() -
     assert chunk(pacer, generating=True) == MIN_CHUNK, "nothing learned beside a stream yet"
     learn(pacer, 0.002)  # 2 ms a token beside a stream
     learn(pacer, 0.0005, paced=False, tokens=512)
-    assert chunk(pacer, generating=True) == int(STEP_TARGET_SECONDS / 0.002)
+    assert chunk(pacer, generating=True) == whole_tiles(int(STEP_TARGET_SECONDS / 0.002))
 
 
 def test_whether_a_prompt_can_still_make_it_is_judged_at_the_speed_it_will_be_prefilled() -> None:
@@ -281,3 +290,80 @@ def test_a_chunk_stops_where_the_prompt_gets_its_checkpoint_and_such_a_prompt_jo
     short = prefilling(2, 5, arrived=now + 2e-3)
     plan = PrefillPacer(512).plan([long, other, short], capacity=2048, memory=None)
     assert [(slot.seq_id, len(chunk)) for slot, chunk in plan] == [(0, 4), (2, 5)]
+
+
+def test_a_step_that_reaches_the_tiled_attention_path_is_cut_at_a_whole_tile() -> None:
+    """On the bench CPU a step of 64 rows at depth 800 took 139 ms and one of 63 rows 213 ms: below
+    a tile every row attends on its own. The two kinds of step are learned apart, and a tiled one
+    ends at a whole tile."""
+    pacer = PrefillPacer(512)
+    pacer.observe(StepWork(0, 0, generating=True), 0.02)  # the stream's row: 20 ms a step
+    for _ in range(3):
+        pacer.observe(StepWork(40, work(40, 800), True, rows=41), 0.02 + 40 * 0.003)  # row by row: 3 ms a token
+        pacer.observe(StepWork(63, work(63, 800), True, rows=64), 0.02 + 63 * 0.0015)  # tiled: 1.5 ms a token
+    size = chunk(pacer, generating=True, depth=800)
+    assert size == whole_tiles(int((STEP_TARGET_SECONDS - 0.02) / 0.0015)) == 63, "one whole tile beside the stream's row"
+    assert int((STEP_TARGET_SECONDS - 0.02) / 0.003) == 46, "where the row-by-row cost alone allowed 46 tokens"
+
+
+def test_a_prompt_that_ends_in_the_step_is_not_cut_back_to_a_whole_tile() -> None:
+    pacer = PrefillPacer(512)
+    pacer.observe(StepWork(0, 0, generating=True), 0.02)
+    pacer.observe(StepWork(63, work(63, 0), True, rows=64), 0.02 + 63 * 0.001)
+    now = time.monotonic()
+    stream = prefilling(0, 10, arrived=now - 5, done=10)
+    stream.next_token = 42
+    question = prefilling(1, 100, arrived=now)  # 100 tokens at 1 ms: fits the 140 ms left whole
+    plan = pacer.plan([stream, question], capacity=2048, memory=None)
+    assert [len(c) for _, c in plan if c is not None] == [100]
+
+
+def test_one_tile_is_tried_when_the_row_by_row_cost_nearly_allows_it() -> None:
+    """Before any tiled step is known, the row-by-row cost bounds a tile's from above: one tile is
+    tried when that bound is within EXPLORE times the time left, and then learned."""
+    pacer = PrefillPacer(512)
+    pacer.observe(StepWork(0, 0, generating=True), 0.02)
+    for _ in range(3):
+        pacer.observe(StepWork(40, work(40, 300), True, rows=41), 0.02 + 40 * 0.0025)  # 2.5 ms a token row by row
+    assert 63 * 0.0025 > STEP_TARGET_SECONDS - 0.02  # the bound says a tile does not quite fit
+    assert chunk(pacer, generating=True, depth=300) == 63  # but within EXPLORE of it: tried
+    pacer.observe(StepWork(63, work(63, 300), True, rows=64), 0.02 + 63 * 0.001)  # and it came out cheaper
+    assert chunk(pacer, generating=True, depth=300) == 63 + TILE_ROWS, "two tiles fit now"
+
+    slower = PrefillPacer(512)
+    slower.observe(StepWork(0, 0, generating=True), 0.02)
+    for _ in range(3):
+        slower.observe(StepWork(40, work(40, 300), True, rows=41), 0.02 + 40 * 0.004)  # 4 ms: a tile is 252 ms by the bound
+    assert chunk(slower, generating=True, depth=300) == int((STEP_TARGET_SECONDS - 0.02) / 0.004)
+
+
+def test_a_step_counts_its_generating_rows_with_its_prompt_rows() -> None:
+    now = time.monotonic()
+    streams = [prefilling(i, 10, arrived=now - 5, done=10) for i in range(3)]
+    for stream in streams:
+        stream.next_token = 42
+    plan = [(slot, None) for slot in streams] + [(prefilling(3, 100, arrived=now), np.arange(61, dtype=np.int32))]
+    assert PrefillPacer.step_work(plan) == StepWork(61, work(61, 0), True, rows=64)
+
+
+def test_the_end_of_a_deep_prompt_is_not_sized_by_row_by_row_steps_seen_only_at_the_start() -> None:
+    """Row-by-row steps cost more a token the deeper they are, four times as fast as tiled ones: the
+    52-token end of a 1800-token prompt, sized at 70 ms from the prompt's first chunks, took 297 ms
+    on the bench CPU. Deeper than any such step seen, one takes UNSEEN_DEPTH_TOKENS, and learns."""
+    pacer = PrefillPacer(512)
+    pacer.observe(StepWork(0, 0, generating=True), 0.02)
+    pacer.observe(StepWork(16, work(16, 0), True, rows=17), 0.02 + 16 * 0.0015)  # a prompt's first chunk
+    for depth in range(32, 1750, 63):
+        pacer.observe(StepWork(63, work(63, depth), True, rows=64), 0.02 + 63 * (0.0013 + 0.0000006 * depth))
+    assert chunk_of(pacer, 1802, done=1750) == UNSEEN_DEPTH_TOKENS
+    pacer.observe(StepWork(16, work(16, 1750), True, rows=17), 0.02 + 16 * 0.0055)  # 5.5 ms a token there
+    assert 20 <= chunk_of(pacer, 1802, done=1766) <= int((STEP_TARGET_SECONDS - 0.02) / 0.0055)
+
+
+def chunk_of(pacer: PrefillPacer, prompt_tokens: int, done: int) -> int:
+    """The chunk planned for a prompt of ``prompt_tokens`` done to ``done``, beside one stream."""
+    now = time.monotonic()
+    stream = prefilling(0, 10, arrived=now - 5, done=10)
+    stream.next_token = 42
+    plan = pacer.plan([stream, prefilling(1, prompt_tokens, arrived=now, done=done)], capacity=2048, memory=None)
+    return sum(len(c) for _, c in plan if c is not None)

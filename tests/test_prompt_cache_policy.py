@@ -148,5 +148,7 @@ async def test_an_engine_stops_saving_one_off_prompts_and_starts_again_when_they
         # the returns count, and saving resumes.
         assert await ask(one_off((WINDOW // 2) + 3) + " And then?") < 8
         assert await ask(one_off((WINDOW // 2) + 4) + " And then?") < 8
+        assert await ask(one_off((WINDOW // 2) + 2) + " And then?") < 8  # (a third: the costs compared are
+        # the tiny model's sub-millisecond timings, and two returns left the decision within their noise)
         await ask(one_off((WINDOW // 2) + 6))
         assert engine.stats().prompt_cache_saves_total > saved

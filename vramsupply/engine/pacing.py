@@ -66,7 +66,7 @@ import numpy as np
 from .sharing import share_prompt
 from .prompt_cache import HostPromptCache
 from .slots import Slot, Task
-from .step_cost import ChunkCost, Smoothed, work
+from .step_cost import Smoothed, StepCost, work
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +110,16 @@ class StepWork(NamedTuple):
     depth_tokens: float
     """The prompt tokens' depths summed (``step_cost.work``)."""
     generating: bool
+    rows: int = 0
+    """The step's rows in all (its generating slots' and prompt chunks'); 0: its prompt tokens."""
 
 
 class PrefillPacer:
     def __init__(self, n_ubatch: int) -> None:
         self._n_ubatch = n_ubatch
-        self._paced = ChunkCost()
+        self._paced = StepCost()
         """Prompt rows' cost in steps beside generating slots: what sizes their chunks."""
-        self._alone = ChunkCost()
+        self._alone = StepCost()
         """The same in steps with nobody generating, which run whole micro-batches and cost less
         per token: kept apart, or a prompt prefilled alone would size the next paced chunk too big."""
         self._generating = Smoothed()
@@ -126,9 +128,8 @@ class PrefillPacer:
     @staticmethod
     def step_work(plan: list[tuple[Slot, np.ndarray | None]]) -> StepWork:
         chunks = [(len(chunk), slot.n_cached) for slot, chunk in plan if chunk is not None]
-        return StepWork(
-            sum(size for size, _ in chunks), sum(work(size, depth) for size, depth in chunks), len(chunks) < len(plan)
-        )
+        tokens = sum(size for size, _ in chunks)
+        return StepWork(tokens, sum(work(size, depth) for size, depth in chunks), len(chunks) < len(plan), tokens + len(plan) - len(chunks))
 
     def observe(self, step: StepWork, seconds: float) -> None:
         """A step planned as ``step`` took ``seconds`` (decode and sampling)."""
@@ -140,11 +141,11 @@ class PrefillPacer:
             return
         if step.generating:
             seconds -= self._generating.value or 0.0
-        cost = self._cost(step.generating)
+        cost, rows = self._cost(step.generating), step.rows or step.prompt_tokens
         if log.isEnabledFor(logging.DEBUG):
             log.debug("prompt rows %d (mean depth %.0f): %.3f s, predicted %.3f s", step.prompt_tokens,
-                      step.depth_tokens / step.prompt_tokens, seconds, cost.predict(step.prompt_tokens, step.depth_tokens))
-        cost.observe(step.prompt_tokens, step.depth_tokens, seconds)
+                      step.depth_tokens / step.prompt_tokens, seconds, cost.predict(rows, step.prompt_tokens, step.depth_tokens))
+        cost.observe(rows, step.prompt_tokens, step.depth_tokens, seconds)
 
     def plan(self, slots: list[Slot], capacity: int, memory: object) -> list[tuple[Slot, np.ndarray | None]]:
         """What each slot puts in the next batch of ``capacity`` rows: generating slots one token
@@ -156,6 +157,7 @@ class PrefillPacer:
         cost = self._cost(generating)
         step = (self._generating.value or 0.0) if generating else 0.0  # the step's predicted seconds so far
         order = self.prefill_order((s for s in slots if s.prefilling), paced=generating)
+        rows = len(plan)
         for at, slot in enumerate(order):
             if room == 0:
                 break
@@ -164,25 +166,26 @@ class PrefillPacer:
             first, left = len(plan) == 0 or plan[-1][1] is None, len(slot.prompt) - slot.n_cached
             size = min(room, left, slot.before_checkpoint or left)  # a checkpoint is made between steps
             if seconds is not None:
-                size = min(size, max(MIN_CHUNK if first else 0, cost.tokens_within(seconds, slot.n_cached)))
-                chunk_seconds = cost.seconds(size, slot.n_cached)
+                size = min(size, max(MIN_CHUNK if first else 0, cost.tokens_within(seconds, slot.n_cached, rows, size)))
+                chunk_seconds = cost.seconds(size, slot.n_cached, rows)
                 seconds, step = seconds - chunk_seconds, step + chunk_seconds
             if size == 0 or (not first and size < min(MIN_CHUNK, left)):
                 break  # no time left for a useful chunk
             plan.append((slot, slot.prompt[slot.n_cached : slot.n_cached + size]))
-            room -= size
+            room, rows = room - size, rows + size
             if size == left:  # its first token waits for no other prompt's rows, but for those of
-                plan += self._companions(order[at + 1 :], slots, memory, room, companion_seconds(step, seconds), cost)
+                plan += self._companions(order[at + 1 :], slots, memory, (room, rows), companion_seconds(step, seconds), cost)
                 break  # prompts that end in this step too, up to doubling its time (or COMPANION_SECONDS)
         return plan
 
     @staticmethod
     def _companions(
-        order: list[Slot], slots: list[Slot], memory: object, room: int, allowance: float, cost: ChunkCost
+        order: list[Slot], slots: list[Slot], memory: object, room_rows: tuple[int, int], allowance: float, cost: StepCost
     ) -> list[tuple[Slot, np.ndarray | None]]:
         """Whole prompts that end in a step where another prompt ends, in prefill order, whose
         predicted seconds together stay within ``allowance`` (``companion_seconds``) and whose rows
-        fit ``room``."""
+        fit the ``room`` of ``room_rows`` (the step has ``rows`` so far)."""
+        room, rows = room_rows
         chosen: list[tuple[Slot, np.ndarray | None]] = []
         for slot in order:
             if allowance <= 0 or room == 0:
@@ -190,13 +193,13 @@ class PrefillPacer:
             if slot.before_checkpoint is not None or not share_prompt(slot, slots, memory):
                 continue  # (a prompt whose checkpoint is due cannot end in this step)
             left = len(slot.prompt) - slot.n_cached
-            seconds = cost.seconds(left, slot.n_cached)  # 0 while nothing is known
+            seconds = cost.seconds(left, slot.n_cached, rows)  # 0 while nothing is known
             if left <= room and seconds <= allowance + 1e-9:  # (float sums of equal costs)
                 chosen.append((slot, slot.prompt[slot.n_cached :]))
-                room, allowance = room - left, allowance - seconds
+                room, rows, allowance = room - left, rows + left, allowance - seconds
         return chosen
 
-    def _cost(self, generating: bool) -> ChunkCost:
+    def _cost(self, generating: bool) -> StepCost:
         return self._paced if generating else self._alone
 
     def _room(self, free_rows: int, generating: bool) -> int:
@@ -222,7 +225,7 @@ class PrefillPacer:
     def _prefill_seconds(self, left: int, depth: int, paced: bool) -> float:
         """How long ``left`` prompt tokens from ``depth`` will take to prefill (0 while unknown)."""
         cost = self._cost(paced) if self._cost(paced).known else self._cost(not paced)
-        seconds = cost.seconds(left, depth)
+        seconds = cost.whole_seconds(left, depth)
         if paced:  # generating rows share every step
             share = min((self._generating.value or 0.0) / STEP_TARGET_SECONDS, MAX_GENERATING_SHARE)
             seconds /= 1 - share

@@ -32,6 +32,23 @@ And no prediction is cheaper per token than the cheapest step in the window, and
 than ``GROWTH`` times the largest in it: a new range of depths or sizes is entered in steps, and
 the fit learns it from them. (Right after start-up, one 16-token step with the generating rows'
 part taken off sized a 400-token chunk that way, and put a 268 ms gap in a stream.)
+
+**Whole tiles** (``StepCost``). ggml's CPU flash attention takes a micro-batch of ``TILE_ROWS`` rows
+or more through a tiled path built on matrix products, in tiles of that many rows (``GGML_FA_TILE_Q``),
+and a smaller one row by row, each row reading every cell before it. At depth the row-by-row path
+costs about twice as much a token: beside one stream on the bench CPU a step of 62 prompt rows at
+depth 1500 took 352 ms and one of 63 (64 rows with the stream's) 168 ms; 63 rows at depth 800, 213
+ms against 139. Past 64 a partial tile costs nearly a whole one (151 rows took 333 ms where 128
+took 245). One line cannot fit that, and the paced chunks of 30-60 tokens it sized were the slow
+kind. So steps below and from ``TILE_ROWS`` rows are learned apart, and a step that reaches the
+tiled path is cut at a whole number of tiles. Before a tiled step has been seen, the row-by-row
+cost bounds it from above, and one tile is tried when that bound is within ``EXPLORE`` times the
+time left (and the tile within ``GROWTH`` times the largest chunk seen). Row-by-row steps are now
+rare (the first chunk of a prompt, the end of one), so their fit rarely knows the depth it is asked
+about: deeper than ``DEPTH_TRUST`` and than it has seen, one takes at most ``UNSEEN_DEPTH_TOKENS``,
+and learns from that.
+Where the two paths cost the same (other backends), both fits agree and the only change is chunks
+cut at multiples of 64 rows.
 """
 
 from __future__ import annotations
@@ -52,6 +69,19 @@ MIN_DEPTH_SPREAD = 64.0
 SMOOTHING = 0.3
 BIAS_SMOOTHING = 0.3
 MIN_BIAS, MAX_BIAS = 0.5, 2.0
+TILE_ROWS = 64
+"""Rows from which a micro-batch's attention runs tiled, in tiles of this many (ggml-cpu's GGML_FA_TILE_Q)."""
+DEPTH_TRUST = 256
+"""How much deeper than any step seen a row-by-row step is still sized by its fit."""
+UNSEEN_DEPTH_TOKENS = 16
+"""A row-by-row step deeper than that takes at most this many prompt tokens: at depth its cost per
+token grows about four times as fast as a tiled step's (1.5 ms a token at depth 8, 5.7 at 1775 on
+the bench CPU), so a fit from the first chunks of prompts, or from tiled steps, undersizes it (a
+52-token end of a prompt sized at 70 ms took 297 ms)."""
+EXPLORE = 1.25
+"""A first tiled step may take up to this many times the time left, as the row-by-row fit predicts it:
+that fit overestimates a tiled step (about twice, at depth, on the bench CPU). Where it does not,
+the one step overshoots by at most this much (a 0.14 s prompt share to 0.175 s)."""
 
 
 class ChunkCost:
@@ -70,6 +100,10 @@ class ChunkCost:
     @property
     def known(self) -> bool:
         return bool(self._seen)
+
+    def covers(self, depth: int) -> bool:
+        """Whether a step in the window started within ``DEPTH_TRUST`` tokens of ``depth`` or deeper."""
+        return any(depth_tokens / tokens - tokens / 2 >= depth - DEPTH_TRUST for tokens, depth_tokens, _ in self._seen)
 
     def observe(self, tokens: int, depth_tokens: float, seconds: float) -> None:
         """A step's prompt rows: ``tokens`` of them, ``depth_tokens`` the sum of their depths
@@ -95,12 +129,13 @@ class ChunkCost:
     def _fitted(self, tokens: int, depth_tokens: float) -> float:
         return max(self._per_token * tokens + self._per_depth * depth_tokens, self._cheapest * tokens)
 
-    def tokens_within(self, seconds: float, depth: int) -> int:
-        """The most prompt tokens starting at ``depth`` that fit in ``seconds``."""
+    def tokens_within(self, seconds: float, depth: int, headroom: int = 0) -> int:
+        """The most prompt tokens starting at ``depth`` that fit in ``seconds``; ``headroom``: tokens
+        allowed beyond ``GROWTH`` times the largest chunk seen (room to reach the next whole tile)."""
         if seconds <= 0 or not self._seen:
             return 0
         seconds /= self._bias
-        largest = GROWTH * int(max(tokens for tokens, _, _ in self._seen))
+        largest = GROWTH * int(max(tokens for tokens, _, _ in self._seen)) + headroom
         if self._cheapest > 0:
             largest = min(largest, int(seconds / self._cheapest))
         linear = self._per_token + self._per_depth * depth  # seconds = half * c^2 + linear * c
@@ -124,6 +159,77 @@ class ChunkCost:
                 self._per_token, self._per_depth = float(per_token), float(per_depth)
                 return
         self._per_token, self._per_depth = flat, 0.0
+
+
+class StepCost:
+    """Prompt rows' cost in one kind of step (beside streams, or alone), learned apart for steps of
+    fewer than ``TILE_ROWS`` rows and of more (module docstring)."""
+
+    def __init__(self) -> None:
+        self.small = ChunkCost()
+        self.tiled = ChunkCost()
+        self._every = ChunkCost()
+        """Every step, of either kind: what a whole prompt is judged to cost (``whole_seconds``)."""
+
+    @property
+    def known(self) -> bool:
+        return self._every.known
+
+    def observe(self, rows: int, tokens: int, depth_tokens: float, seconds: float) -> None:
+        """A step of ``rows`` rows in all, ``tokens`` of them prompt rows (``ChunkCost.observe``)."""
+        (self.tiled if rows >= TILE_ROWS else self.small).observe(tokens, depth_tokens, seconds)
+        self._every.observe(tokens, depth_tokens, seconds)
+
+    def seconds(self, tokens: int, depth: int, rows_before: int = 0) -> float:
+        """Predicted seconds of ``tokens`` prompt tokens from ``depth`` in a step that already has
+        ``rows_before`` rows; the row-by-row fit, an upper bound, while no tiled step is known."""
+        return self._model(rows_before + tokens).seconds(tokens, depth)
+
+    def predict(self, rows: int, tokens: int, depth_tokens: float) -> float:
+        """Predicted seconds of a step's prompt rows, given as ``observe`` takes them."""
+        return self._model(rows).predict(tokens, depth_tokens)
+
+    def whole_seconds(self, tokens: int, depth: int) -> float:
+        """Predicted seconds of prefilling ``tokens`` from ``depth`` in chunks of both kinds (0 while
+        nothing is known): whether a prompt can still answer in time (``pacing.py``), what a saved
+        prompt spares (``save_policy.py``)."""
+        return self._every.seconds(tokens, depth)
+
+    def _model(self, rows: int) -> ChunkCost:
+        if rows >= TILE_ROWS:
+            return self.tiled if self.tiled.known else self.small
+        return self.small if self.small.known else self.tiled
+
+    def tokens_within(self, seconds: float, depth: int, rows_before: int, limit: int) -> int:
+        """The most prompt tokens from ``depth``, at most ``limit``, for a step with ``rows_before``
+        rows so far to stay within ``seconds``: a step that reaches the tiled path ends at a whole
+        tile, unless that cuts off the ``limit`` whole."""
+        small = min(limit, self._model(0).tokens_within(seconds, depth))
+        if rows_before + small < TILE_ROWS and not self._row_by_row_known(depth):
+            small = min(small, UNSEEN_DEPTH_TOKENS)
+        if small >= limit or rows_before + small < TILE_ROWS:
+            return max(small, self._tiles_within(seconds, depth, rows_before, limit))
+        return max(_whole_tiles(rows_before, small), self._tiles_within(seconds, depth, rows_before, limit))
+
+    def _row_by_row_known(self, depth: int) -> bool:
+        """Whether a row-by-row step from ``depth`` can be sized by a fit: shallow, where the two
+        paths cost about the same a token, or no deeper than such steps have been seen."""
+        return depth <= DEPTH_TRUST or self.small.covers(depth)
+
+    def _tiles_within(self, seconds: float, depth: int, rows_before: int, limit: int) -> int:
+        """The most tokens ending the step at a whole tile within ``seconds``; 0 when not one fits."""
+        if self.tiled.known:
+            fits = min(limit, self.tiled.tokens_within(seconds, depth, headroom=TILE_ROWS))
+            return limit if fits >= limit and rows_before + limit >= TILE_ROWS else _whole_tiles(rows_before, min(fits, limit))
+        one_tile = _whole_tiles(rows_before, TILE_ROWS)  # the rows that fill the step's next tile
+        if self._row_by_row_known(depth) and 0 < one_tile <= min(limit, self.small.tokens_within(EXPLORE * seconds, depth)):
+            return one_tile  # (grown at most GROWTH-fold too)
+        return 0
+
+
+def _whole_tiles(rows_before: int, tokens: int) -> int:
+    """``tokens`` cut so that the step's rows end at a whole tile (0 when it would not reach one)."""
+    return max(0, (rows_before + tokens) // TILE_ROWS * TILE_ROWS - rows_before)
 
 
 def work(tokens: int, depth: int) -> float:
