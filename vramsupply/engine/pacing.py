@@ -6,7 +6,8 @@ tokens of the 768x12 bench model on two CPU cores take about three seconds, a pa
 buyer's stream. While anyone is generating, each prompt chunk is therefore sized so that the step
 stays near ``STEP_TARGET_SECONDS``: the generating rows' part of a step is learned from steps
 without prompts, and a chunk's cost from its size and depth (``step_cost.py``: a token costs more
-the deeper it sits). Before anything is known, a prompt next to a generating slot starts with a
+the deeper it sits, and on a CPU about half as much in a step of whole 64-row flash-attention
+tiles, where chunks end when they can). Before anything is known, a prompt next to a generating slot starts with a
 small chunk to learn from. With nobody generating a prompt gets at most one micro-batch
 (``n_ubatch``) per step, and no more than ``ALONE_STEP_TARGET_SECONDS`` of work: about the same
 speed as the whole batch (llama.cpp computes a batch one micro-batch at a time anyway, and a
