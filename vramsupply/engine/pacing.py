@@ -62,12 +62,14 @@ from collections.abc import Iterable
 from itertools import islice
 from typing import NamedTuple
 
+import llama_cpp
 import numpy as np
 
-from .sharing import share_prompt
+from .model import Model
+from .sharing import rewind_for_tile, share_prompt
 from .prompt_cache import HostPromptCache
 from .slots import Slot, Task
-from .step_cost import Smoothed, StepCost, work
+from .step_cost import TILE_ROWS, Smoothed, StepCost, work
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +117,19 @@ class StepWork(NamedTuple):
     """The step's rows in all (its generating slots' and prompt chunks'); 0: its prompt tokens."""
 
 
+def rewinds_for_tiles(model: Model, kv_per_slot: bool) -> bool:
+    """Whether the pacer may decode a prompt's last cached tokens again to fill a tile (``pacing.py``):
+    attention KV in one shared cache, without a sliding window (whose cache may have dropped cells
+    that the tokens decoded again attend to)."""
+    return model.copies_prefixes and not kv_per_slot and llama_cpp.llama_model_n_swa(model.llama_model.model) == 0
+
+
 class PrefillPacer:
-    def __init__(self, n_ubatch: int) -> None:
+    def __init__(self, n_ubatch: int, rewinds: bool = False) -> None:
         self._n_ubatch = n_ubatch
+        self._rewinds = rewinds
+        """Whether a prompt's cached tokens can be cut off and decoded again (attention KV, not a
+        recurrent state), to pad the end of a prompt to a whole tile (``_pad_to_tile``)."""
         self._paced = StepCost()
         """Prompt rows' cost in steps beside generating slots: what sizes their chunks."""
         self._alone = StepCost()
@@ -165,6 +177,8 @@ class PrefillPacer:
             if not share_prompt(slot, slots, memory):
                 continue
             first, left = len(plan) == 0 or plan[-1][1] is None, len(slot.prompt) - slot.n_cached
+            if seconds is not None and self._pad_to_tile(slot, left, rows, room, seconds, cost, slots, memory):
+                left = len(slot.prompt) - slot.n_cached
             size = min(room, left, slot.before_checkpoint or left)  # a checkpoint is made between steps
             if seconds is not None:
                 size = min(size, max(MIN_CHUNK if first else 0, cost.tokens_within(seconds, slot.n_cached, rows, size)))
@@ -178,6 +192,19 @@ class PrefillPacer:
                 plan += self._companions(order[at + 1 :], slots, memory, (room, rows), companion_seconds(step, seconds), cost)
                 break  # prompts that end in this step too, up to doubling its time (or COMPANION_SECONDS)
         return plan
+
+    def _pad_to_tile(  # noqa: PLR0913 (the step's state so far, as plan holds it)
+        self, slot: Slot, left: int, rows: int, room: int, seconds: float, cost: StepCost, slots: list[Slot], memory: object
+    ) -> bool:
+        """Cut the cached tokens before the ``left`` last of ``slot``'s prompt that make its step (of
+        ``rows`` rows so far) a whole tile, to decode them again with them, when that prefills the
+        end sooner (``StepCost.pays_to_pad``)."""
+        pad = TILE_ROWS - rows - left
+        if not self._rewinds or pad <= 0 or left + pad > room or slot.before_checkpoint is not None:
+            return False
+        if not cost.pays_to_pad(left, pad, slot.n_cached, seconds):
+            return False
+        return rewind_for_tile(slot, pad, slots, memory)
 
     @staticmethod
     def _companions(

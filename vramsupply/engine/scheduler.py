@@ -39,7 +39,7 @@ from .cadence import DEFAULT_INTERVAL_S, Cadence
 from .checkpoints import save_checkpoint
 from .counters import Counters
 from .liveness import DEFAULT_STALL_TIMEOUT, Liveness
-from .pacing import PrefillPacer
+from .pacing import PrefillPacer, rewinds_for_tiles
 from .generation import Event, Finish, post
 from .inbox import STOP, Cancel, Inbox, Message, Submit
 from .logprobs import TokenLogprob
@@ -93,7 +93,7 @@ class Scheduler:
         self._lock = self._counters.lock
         self._closed = False
         self._liveness = Liveness(stall_timeout)
-        self._pacer = PrefillPacer(llama_cpp.llama_n_ubatch(self._ctx))
+        self._pacer = PrefillPacer(llama_cpp.llama_n_ubatch(self._ctx), rewinds=rewinds_for_tiles(model, kv_per_slot))
         self._prompt_cache = self._host_prompt_cache(cache_ram, parallel) if cache_ram > 0 else None
         self._rows = RowSampler(self._ctx, self._memory, self._batch, model.n_vocab, self._counters)
         self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache, len(self._slots))

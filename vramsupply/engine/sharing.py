@@ -99,3 +99,20 @@ def share_prompt(slot: Slot, slots: Sequence[Slot], memory: object) -> bool:
     llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, shared, -1)
     slot.adopt(source, shared)
     return True
+
+
+def rewind_for_tile(slot: Slot, pad: int, slots: Sequence[Slot], memory: object) -> bool:
+    """Drop the last ``pad`` cached tokens of ``slot`` from its sequence, to decode them again with
+    the rest of its prompt in one whole flash-attention tile (``step_cost.StepCost.pays_to_pad``).
+    Only cells no other sequence holds: cutting a shared cell out of this sequence would give it a
+    private copy, more KV than admission counted. False, and nothing done, otherwise."""
+    start = slot.n_cached - pad
+    if start < 1:
+        return False
+    others = [s.cells[: s.n_cached] for s in slots if s is not slot and s.n_cached]
+    if others and np.isin(slot.cells[start : slot.n_cached], np.concatenate(others)).any():
+        return False
+    if not llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, start, -1):
+        return False
+    slot.n_cached = start
+    return True
