@@ -7,8 +7,8 @@ buyer's stream. While anyone is generating, each prompt chunk is therefore sized
 stays near ``STEP_TARGET_SECONDS``: the generating rows' part of a step is learned from steps
 without prompts, and a chunk's cost from its size and depth (``step_cost.py``: a token costs more
 the deeper it sits, and on a CPU about half as much in a step of whole 64-row flash-attention
-tiles, where chunks end when they can). Before anything is known, a prompt next to a generating slot starts with a
-small chunk to learn from. With nobody generating a prompt gets at most one micro-batch
+tiles, where chunks end when they can). Before anything is known, a prompt next to a generating
+slot starts with a small chunk to learn from. With nobody generating a prompt gets at most one micro-batch
 (``n_ubatch``) per step, and no more than ``ALONE_STEP_TARGET_SECONDS`` of work: about the same
 speed as the whole batch (llama.cpp computes a batch one micro-batch at a time anyway, and a
 192-token chunk prefilled as fast as a 512-token one on this CPU), but a short prompt that arrives
@@ -118,7 +118,7 @@ class StepWork(NamedTuple):
 
 
 def rewinds_for_tiles(model: Model, kv_per_slot: bool) -> bool:
-    """Whether the pacer may decode a prompt's last cached tokens again to fill a tile (``pacing.py``):
+    """Whether the pacer may decode a prompt's last cached tokens again to fill a tile (``_pad_to_tile``):
     attention KV in one shared cache, without a sliding window (whose cache may have dropped cells
     that the tokens decoded again attend to)."""
     return model.copies_prefixes and not kv_per_slot and llama_cpp.llama_model_n_swa(model.llama_model.model) == 0
@@ -189,7 +189,7 @@ class PrefillPacer:
             plan.append((slot, slot.prompt[slot.n_cached : slot.n_cached + size]))
             room, rows = room - size, rows + size
             if size == left:  # its first token waits for no other prompt's rows, but for those of
-                plan += self._companions(order[at + 1 :], slots, memory, (room, rows), companion_seconds(step, seconds), cost)
+                plan += self._companions(order[at + 1 :], slots, memory, room, rows, companion_seconds(step, seconds), cost)
                 break  # prompts that end in this step too, up to doubling its time (or COMPANION_SECONDS)
         return plan
 
@@ -208,12 +208,11 @@ class PrefillPacer:
 
     @staticmethod
     def _companions(
-        order: list[Slot], slots: list[Slot], memory: object, room_rows: tuple[int, int], allowance: float, cost: StepCost
+        order: list[Slot], slots: list[Slot], memory: object, room: int, rows: int, allowance: float, cost: StepCost
     ) -> list[tuple[Slot, np.ndarray | None]]:
         """Whole prompts that end in a step where another prompt ends, in prefill order, whose
         predicted seconds together stay within ``allowance`` (``companion_seconds``) and whose rows
-        fit the ``room`` of ``room_rows`` (the step has ``rows`` so far)."""
-        room, rows = room_rows
+        fit ``room`` (the step has ``rows`` so far)."""
         chosen: list[tuple[Slot, np.ndarray | None]] = []
         for slot in order:
             if allowance <= 0 or room == 0:

@@ -209,9 +209,9 @@ class StepCost:
         small = min(limit, self._model(0).tokens_within(seconds, depth))
         if rows_before + small < TILE_ROWS and not self._row_by_row_known(depth):
             small = min(small, UNSEEN_DEPTH_TOKENS)
-        if small >= limit or rows_before + small < TILE_ROWS:
-            return max(small, self._tiles_within(seconds, depth, rows_before, limit))
-        return max(_whole_tiles(rows_before, small), self._tiles_within(seconds, depth, rows_before, limit))
+        elif rows_before + small >= TILE_ROWS and small < limit:
+            small = _whole_tiles(rows_before, small)  # it reaches the tiled path: only whole tiles pay
+        return max(small, self._tiles_within(seconds, depth, rows_before, limit))
 
     def pays_to_pad(self, tokens: int, pad: int, depth: int, seconds: float) -> bool:
         """Whether the last ``tokens`` of a prompt, from ``depth``, prefill sooner with the ``pad``
@@ -234,7 +234,7 @@ class StepCost:
         """The most tokens ending the step at a whole tile within ``seconds``; 0 when not one fits."""
         if self.tiled.known:
             fits = min(limit, self.tiled.tokens_within(seconds, depth, headroom=TILE_ROWS))
-            return limit if fits >= limit and rows_before + limit >= TILE_ROWS else _whole_tiles(rows_before, min(fits, limit))
+            return limit if fits >= limit and rows_before + limit >= TILE_ROWS else _whole_tiles(rows_before, fits)
         one_tile = _whole_tiles(rows_before, TILE_ROWS)  # the rows that fill the step's next tile
         if self._row_by_row_known(depth) and 0 < one_tile <= min(limit, self.small.tokens_within(EXPLORE * seconds, depth)):
             return one_tile  # (grown at most GROWTH-fold too)
