@@ -30,6 +30,10 @@ The costs are learned apart beside streams and alone: a prompt prefilled alone r
 micro-batches at a lower cost per token, which would size the next paced chunk too big. So the
 same code sizes chunks right on a CPU and on a GPU that is a hundred times faster.
 
+A prompt that can no longer answer within the target gets less than the step's target: only what
+the streams still serving their buyers well can spare (``service_level.py``), so that under
+overload a prompt that is late already does not make every stream late too.
+
 **Which first.** A buyer judges a request by its first token (the marketplace bench counts a
 request as served well when it comes within ``TTFT_TARGET_SECONDS``), so prompts are prefilled
 earliest deadline first, which is oldest first, among those that can still make the target
@@ -68,6 +72,7 @@ import numpy as np
 from .model import Model
 from .sharing import rewind_for_tile, share_prompt
 from .prompt_cache import HostPromptCache
+from .service_level import TTFT_TARGET_SECONDS, step_allowance
 from .slots import Slot, Task
 from .step_cost import TILE_ROWS, Smoothed, StepCost, work
 
@@ -87,7 +92,6 @@ COMPANION_SECONDS = 0.05
 step alone let a burst of 16 five-token questions in two at a time with nobody generating (a step
 of one is a few ms), so the 16th got its first token 0.4-0.6 s after the first; 50 ms (a twentieth
 of the TTFT target) delays the first by as little."""
-TTFT_TARGET_SECONDS = 1.0
 MAX_DEFER_SECONDS = 10.0
 """A request put behind others (because it could no longer answer within the target) for this
 long goes first: the bound on how long anyone is deferred under overload."""
@@ -169,7 +173,11 @@ class PrefillPacer:
         room, seconds = self._room(capacity - len(plan), generating), self._seconds_for_prompts(generating)
         cost = self._cost(generating)
         step = (self._generating.value or 0.0) if generating else 0.0  # the step's predicted seconds so far
-        order = self.prefill_order((s for s in slots if s.prefilling), paced=generating)
+        now = time.monotonic()
+        order = self.prefill_order((s for s in slots if s.prefilling), now, paced=generating)
+        floor = MIN_CHUNK
+        if generating and seconds is not None and order and self._late(order[0], now):
+            seconds, floor = self._spared_by_streams(slots, now, seconds, step)
         rows = len(plan)
         for at, slot in enumerate(order):
             if room == 0:
@@ -181,7 +189,7 @@ class PrefillPacer:
                 left = len(slot.prompt) - slot.n_cached
             size = min(room, left, slot.before_checkpoint or left)  # a checkpoint is made between steps
             if seconds is not None:
-                size = min(size, max(MIN_CHUNK if first else 0, cost.tokens_within(seconds, slot.n_cached, rows, size)))
+                size = min(size, max(floor if first else 0, cost.tokens_within(seconds, slot.n_cached, rows, size)))
                 chunk_seconds = cost.seconds(size, slot.n_cached, rows)
                 seconds, step = seconds - chunk_seconds, step + chunk_seconds
             if size == 0 or (not first and size < min(MIN_CHUNK, left)):
@@ -192,6 +200,23 @@ class PrefillPacer:
                 plan += self._companions(order[at + 1 :], slots, memory, room, rows, companion_seconds(step, seconds), cost)
                 break  # prompts that end in this step too, up to doubling its time (or COMPANION_SECONDS)
         return plan
+
+    def _late(self, slot: Slot, now: float) -> bool:
+        """Whether ``slot``'s prompt, the first in prefill order, can no longer answer within the
+        target (nor must it go next): it yields to the streams on track (``service_level.py``)."""
+        assert slot.task is not None
+        left = len(slot.prompt) - slot.n_cached
+        return self._urgency(slot.task, left, slot.n_cached, now, slot.resume_token is not None, paced=True)[0] == 2
+
+    @staticmethod
+    def _spared_by_streams(slots: list[Slot], now: float, seconds: float, step: float) -> tuple[float, int]:
+        """The seconds left for late prompts in a step whose generating rows take ``step``, within
+        what the streams on track can spare (``service_level.step_allowance``), and the smallest
+        first chunk: none when they spare nothing (a step of their rows alone gives them more)."""
+        allowance = step_allowance(slots, now)
+        if allowance is None:
+            return seconds, MIN_CHUNK
+        return max(min(seconds, allowance - step), 0.0), 0
 
     def _pad_to_tile(  # noqa: PLR0913 (the step's state so far, as plan holds it)
         self, slot: Slot, left: int, rows: int, room: int, seconds: float, cost: StepCost, slots: list[Slot], memory: object

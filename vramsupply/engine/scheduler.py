@@ -333,6 +333,8 @@ class Scheduler:
             self._end_slot(slot, Finish("stop", slot.usage()), text=slot.stream.finish())
             return 0
         slot.completion_tokens += 1
+        if task.first_token_at is None:
+            task.first_token_at = time.monotonic()
         delta = slot.stream.push(self._model.piece(token, token in task.preserve))
         if not task.spoke:  # until its first text is out (its buyer's TTFT), every token goes at once:
             self._cadence.urgent()  # a first token's text may be held back (half a character, a stop string's start)

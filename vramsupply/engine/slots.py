@@ -60,6 +60,9 @@ class Task:
     """Set while the request waits to resume after a preemption (``preempt.py``)."""
     arrived: float = field(default_factory=time.monotonic)
     """When it was submitted (``time.monotonic``): how long its buyer has waited (``pacing.py``)."""
+    first_token_at: float | None = None
+    """When its first completion token was sampled (``time.monotonic``): whether its stream is
+    serving its buyer well (``service_level.py``)."""
     spoke: bool = False
     """Some of its text has gone to the buyer; until then every token is handed over at once (``cadence.py``)."""
 
