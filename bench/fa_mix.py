@@ -1,0 +1,64 @@
+"""Raw llama_decode (a measurement, not a server bench): does mixing many sequences' generating rows into a tiled step slow the prompt rows?
+12 resident sequences of DEPTH tokens (interleaved or in blocks), a 13th prefilling at its depth.
+
+    .venv/bin/python bench/fa_mix.py [streams] [depth] [interleave]
+
+Results: bench/results/2026-12-03-fa-mix.json (README, "Why overload is still lost")."""
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import llama_cpp
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from vramsupply.engine.batch import Batch
+MODEL = str(REPO / "bench" / ".cache" / "bench-llama-768x12-q8_0.gguf").encode()
+STREAMS, DEPTH = int(sys.argv[1]) if len(sys.argv) > 1 else 12, int(sys.argv[2]) if len(sys.argv) > 2 else 280
+INTERLEAVE = len(sys.argv) > 3 and sys.argv[3] == "interleave"
+llama_cpp.llama_backend_init()
+mp = llama_cpp.llama_model_default_params()
+model = llama_cpp.llama_model_load_from_file(MODEL, mp)
+cp = llama_cpp.llama_context_default_params()
+cp.n_ctx, cp.n_seq_max, cp.n_batch, cp.n_ubatch, cp.kv_unified = 4096, 16, 2048, 512, True
+cp.n_threads = cp.n_threads_batch = 2
+cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+ctx = llama_cpp.llama_init_from_model(model, cp)
+mem = llama_cpp.llama_get_memory(ctx)
+rng = np.random.default_rng(0)
+batch = Batch(2048)
+def decode():
+    rc = llama_cpp.llama_decode(ctx, batch.for_decode()); assert rc == 0, rc
+P = STREAMS  # the prompt's sequence id
+if INTERLEAVE:  # cells interleaved: one token of every sequence per step, as streams generate
+    for pos in range(DEPTH):
+        batch.clear()
+        for s in range(STREAMS + 1):
+            batch.add(int(rng.integers(100, 30000)), pos, s)
+        decode()
+else:
+    for s in range(STREAMS + 1):
+        batch.clear(); batch.add_chunk(rng.integers(100, 30000, DEPTH).astype(np.int32), 0, s, True); decode()
+def step(gen: int, prompt: int, prompt_first: bool) -> float:
+    batch.clear()
+    def add_gen():
+        for s in range(gen): batch.add(7, DEPTH, s)
+    def add_prompt():
+        if prompt: batch.add_chunk(rng.integers(100, 30000, prompt).astype(np.int32), DEPTH, P, True)
+    (add_prompt(), add_gen()) if prompt_first else (add_gen(), add_prompt())
+    t = time.perf_counter(); decode(); dt = time.perf_counter() - t
+    for s in list(range(gen)) + ([P] if prompt else []):
+        llama_cpp.llama_memory_seq_rm(mem, s, DEPTH, -1)
+    return dt
+cases = [("gen only", STREAMS, 0, False), ("gen + 16 prompt (row by row)", STREAMS, 16, False),
+         (f"gen + {64-STREAMS} prompt, gen first (one tile)", STREAMS, 64 - STREAMS, False),
+         (f"{64-STREAMS} prompt + gen, prompt first (one tile)", STREAMS, 64 - STREAMS, True),
+         ("gen + 64 prompt, gen first", STREAMS, 64, False), ("64 prompt + gen, prompt first", STREAMS, 64, True),
+         ("gen + 128 prompt, gen first", STREAMS, 128, False), ("128 prompt + gen, prompt first", STREAMS, 128, True),
+         ("64 prompt alone", 0, 64, False), ("128 prompt alone", 0, 128, False), ("16 prompt alone", 0, 16, False)]
+for _ in range(2): step(STREAMS, 64, False)
+print(f"{STREAMS} streams at depth {DEPTH}, cells {'interleaved' if INTERLEAVE else 'in blocks'}")
+for name, g, p, first in cases:
+    ts = [step(g, p, first) for _ in range(5)]
+    print(f"  {name:40s} {statistics.median(ts)*1000:7.1f} ms")
