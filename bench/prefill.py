@@ -75,14 +75,14 @@ async def two_at_once(session: aiohttp.ClientSession, url: str, long_prompt: str
     return {"long_ttft_s": round(long_ttft, 3), "short_ttft_s": round(short_ttft, 3)}
 
 
-async def bench(names: list[str], reps: int) -> dict[str, list[dict]]:
+async def bench(names: list[str], reps: int, vramsupply: Path) -> dict[str, list[dict]]:
     model = BENCH_MODEL
     words, rng = Words(model), random.Random(11)
     specs = [ServerSpec(n, "defaults", SERVERS[n].ready_path, SERVERS[n].accepts_ignore_eos,
                         default_command(n, None)) for n in names]
     cfg = BenchConfig(models=(model,), servers=tuple(names), concurrency=(1,), requests_per_slot=1, max_tokens=0,
                       rounds=1, parallel=0, context_per_slot=0, threads=0,
-                      vramsupply_bin=REPO / ".venv" / "bin" / "vramsupply")
+                      vramsupply_bin=vramsupply)
     results: dict[str, list[dict]] = {name: [] for name in names}
 
     def text(tag: str, tokens: int) -> str:  # a unique head, so no server finds it cached
@@ -124,9 +124,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--servers", default="vramsupply,llama-server")
     parser.add_argument("--reps", type=int, default=4)
+    parser.add_argument("--vramsupply", type=Path, default=REPO / ".venv" / "bin" / "vramsupply")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"{dt.date.today()}-prefill.json")
     args = parser.parse_args()
-    results = asyncio.run(bench([s.strip() for s in args.servers.split(",")], args.reps))
+    results = asyncio.run(bench([s.strip() for s in args.servers.split(",")], args.reps, args.vramsupply))
     report = {"date": dt.date.today().isoformat(), "machine": machine_info(), "stream_tokens": STREAM_TOKENS,
               "medians": medians(results), "runs": results}
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -82,6 +82,18 @@ def test_a_prompt_that_can_still_answer_in_time_or_waited_too_long_goes_at_full_
     assert prompt_chunk(pacer, no_slack, 1500, waited=MAX_DEFER_SECONDS + 1) > 0, "deferred for long enough: it goes"
 
 
+def test_a_prompt_yields_only_when_even_its_best_speed_would_answer_late() -> None:
+    """900 tokens take 1.03 s beside the streams (1 ms a token, in steps they share) but 0.45 s
+    alone: judged by its paced speed it would yield, and yielding would make it surely late."""
+    pacer, now = paced_pacer(), time.monotonic()
+    no_slack = stream(now, 0.2, tokens=31, elapsed=2.79)
+    assert prompt_chunk(pacer, no_slack, 900, waited=0.0) > 0, "0.9 s (nothing known alone): in time, it goes"
+    assert prompt_chunk(pacer, no_slack, 900, waited=0.5) == 0, "0.5 s waited + 0.9 s: late at any speed"
+    learn(pacer, 0.0005, paced=False)
+    assert prompt_chunk(pacer, no_slack, 900, waited=0.5) > 0, "0.5 s waited + 0.45 s alone: not surely late"
+    assert prompt_chunk(pacer, no_slack, 900, waited=0.6) == 0, "0.6 s waited + 0.45 s alone: late"
+
+
 async def test_a_late_prompt_waits_for_a_stream_that_has_nothing_to_spare(monkeypatch: pytest.MonkeyPatch) -> None:
     """On the real tiny model: with the guard at 0 an on-track stream never has time to spare, so a
     prompt that already missed its target gets its first token only after the stream's last (it
