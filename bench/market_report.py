@@ -6,43 +6,67 @@ measuring again.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from market_client import TPOT_SLO_S, TTFT_SLO_S
 
 
+def runs(server: dict, rate: float) -> list[dict]:
+    """A server's results at ``rate``, one per repeat (results written before ``--repeat`` have one)."""
+    return sorted((x for x in server["rates"] if x["rate"] == rate), key=lambda x: x.get("repeat", 0))
+
+
 def summary_table(report: dict) -> str:
+    servers = report["servers"]
     lines = ["| rate (conv/s) | server | goodput tok/s | demand served well | throughput tok/s | met SLO | TTFT p50 | TTFT p90 | "
              "TPOT p50 | cached tokens | peak RSS | others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rate in report["config"]["rates"]:
-        for name, server in report["servers"].items():
-            r = next(x for x in server["rates"] if x["rate"] == rate)
-            lines.append(
-                f"| {rate} | {name} | {r['goodput_tok_s']} | {r.get('served_well', 0):.0%} | {r['throughput_tok_s']} | {r['good']}/{r['requests']} | "
-                f"{r['ttft_p50_s']} s | {r['ttft_p90_s']} s | {r['tpot_p50_ms']} ms | {r['cached_tokens_total'] or '–'} | "
-                f"{r['peak_rss_mb']:.0f} MB | {r['other_cpu_cores']} cores |")
-    lines += ["", "| rate | goodput ÷ llama-server | goodput ÷ llama_cpp.server | served well ÷ llama-server |", "|---|---|---|---|"]
-    servers = report["servers"]
+        for name, server in servers.items():
+            for r in runs(server, rate):
+                label = f"{rate} (seed {r['seed']})" if "seed" in r else f"{rate}"
+                lines.append(
+                    f"| {label} | {name} | {r['goodput_tok_s']} | {r.get('served_well', 0):.0%} | {r['throughput_tok_s']} | {r['good']}/{r['requests']} | "
+                    f"{r['ttft_p50_s']} s | {r['ttft_p90_s']} s | {r['tpot_p50_ms']} ms | {r['cached_tokens_total'] or '–'} | "
+                    f"{r['peak_rss_mb']:.0f} MB | {r['other_cpu_cores']} cores |")
+    lines += ["", "Ratios per repeat, then (when repeated) their median in bold:", "",
+              "| rate | goodput ÷ llama-server | goodput ÷ llama_cpp.server | served well ÷ llama-server | peak RSS − llama-server |",
+              "|---|---|---|---|---|"]
     for rate in report["config"]["rates"]:
-        ours = next(x for x in servers["vramsupply"]["rates"] if x["rate"] == rate)["goodput_tok_s"] if "vramsupply" in servers else None
-        ratios = []
-        for ref in ("llama-server", "llama_cpp.server"):
-            theirs = next((x for x in servers.get(ref, {}).get("rates", []) if x["rate"] == rate), None)
-            ratios.append(f"{ours / theirs['goodput_tok_s']:.2f}" if ours is not None and theirs and theirs["goodput_tok_s"] else "–")
-        ratios.append(served_ratio(servers, rate))
-        lines.append(f"| {rate} | {ratios[0]} | {ratios[1]} | {ratios[2]} |")
+        cells = [ratios(servers, rate, "goodput_tok_s", "llama-server"), ratios(servers, rate, "goodput_tok_s", "llama_cpp.server"),
+                 ratios(servers, rate, "served_well", "llama-server"), ratios(servers, rate, "peak_rss_mb", "llama-server", difference=True)]
+        lines.append(f"| {rate} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def served_ratio(servers: dict, rate: float) -> str:
-    """vramsupply's share of the demand served well over llama-server's, at ``rate``."""
-    shares = [next((x.get("served_well") for x in servers.get(name, {}).get("rates", []) if x["rate"] == rate), None)
-              for name in ("vramsupply", "llama-server")]
-    return f"{shares[0] / shares[1]:.2f}" if shares[0] is not None and shares[1] else "–"
+def ratios(servers: dict, rate: float, key: str, ref: str, difference: bool = False) -> str:
+    """vramsupply's ``key`` over ``ref``'s (or minus it, in MB) at ``rate``, repeat by repeat, and
+    their median when there are several; – where either is missing or the reference is 0."""
+    ours, theirs = (runs(servers.get(name, {"rates": []}), rate) for name in ("vramsupply", ref))
+    values = []
+    for a, b in zip(ours, theirs):
+        x, y = a.get(key), b.get(key)
+        if x is None or y is None or (not difference and not y):
+            continue
+        values.append(x - y if difference else x / y)
+    if not values:
+        return "–"
+    shown = " / ".join(f"{v:+.0f}" if difference else f"{v:.2f}" for v in values)
+    if len(values) == 1:
+        return shown
+    middle = statistics.median(values)
+    return f"{shown}: **{middle:+.0f}**" if difference else f"{shown}: **{middle:.2f}**"
+
+
+def medians(server: dict, rate: float, key: str) -> float:
+    """The median of ``key`` over a server's repeats at ``rate`` (NaN where none has it)."""
+    values = [r[key] for r in runs(server, rate) if r.get(key) is not None]
+    return statistics.median(values) if values else float("nan")
 
 
 def plot(report: dict, path: Path) -> None:
-    """Goodput, throughput and TTFT p50 against the arrival rate, one line per server."""
+    """Goodput, throughput and TTFT p50 against the arrival rate, one line per server (medians
+    over the repeats)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,10 +75,8 @@ def plot(report: dict, path: Path) -> None:
     rates = report["config"]["rates"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, server in report["servers"].items():
-        by_rate = {r["rate"]: r for r in server["rates"]}
-        axes[0].plot(rates, [by_rate[r]["goodput_tok_s"] for r in rates], marker="o", label=name)
-        axes[1].plot(rates, [by_rate[r]["throughput_tok_s"] for r in rates], marker="o", label=name)
-        axes[2].plot(rates, [by_rate[r]["ttft_p50_s"] for r in rates], marker="o", label=name)
+        for ax, key in zip(axes, ("goodput_tok_s", "throughput_tok_s", "ttft_p50_s")):
+            ax.plot(rates, [medians(server, rate, key) for rate in rates], marker="o", label=name)
     titles = (f"goodput tok/s (TTFT <= {TTFT_SLO_S:g} s, TPOT <= {TPOT_SLO_S * 1000:g} ms)", "throughput tok/s", "TTFT p50 (s, log)")
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
@@ -66,7 +88,8 @@ def plot(report: dict, path: Path) -> None:
     axes[1].set_ylim(bottom=0)
     axes[2].set_yscale("log")
     fig.suptitle(f"vramsupply marketplace bench {report['date']}: {report['config']['conversations']} conversations per rate, "
-                 f"{report['machine']['cpu']}, threads: {report['config']['threads']}")
+                 f"{report['machine']['cpu']}, threads: {report['config']['threads']}, "
+                 f"repeats: {report['config'].get('repeats', 1)} (medians)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

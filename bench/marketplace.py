@@ -20,12 +20,17 @@ logit bias against EOS where a server lacks it).
 
 Servers run side by side and take turns per rate (rotated), with other processes' CPU recorded,
 like bench/run.py. Each rate uses its own conversations, so no server profits from an earlier run.
+One run's ratio moved by 2x with the hour on the shared bench VM (the same build gave 12.6 to 30.6
+tok/s of goodput on one trace), so ``--repeat N`` replays every rate N times, each time on a fresh
+trace and with the other server first, and the report gives each repeat's ratio and their median.
 
 This file runs the servers and writes the results; the trace is drawn in bench/market_trace.py,
 played and scored in bench/market_client.py, and tabled and charted in bench/market_report.py.
 
     bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py            # ~20 min
     bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py --quick    # smoke run on stories260K
+    bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py --servers vramsupply,llama-server \
+        --rates 0.1,0.2,0.4 --repeat 4                                           # the medians: ~40 min
 """
 
 from __future__ import annotations
@@ -43,13 +48,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from client import eos_token_id, request_bodies, run_level  # noqa: E402
-from market_client import TPOT_SLO_S, TTFT_SLO_S, RateResult, run_rate  # noqa: E402
+from market_client import TPOT_SLO_S, TTFT_SLO_S, run_rate  # noqa: E402
 from market_report import plot, summary_table  # noqa: E402
 from market_trace import MAX_PROMPT_TOKENS, SYSTEM_TOKENS, Words  # noqa: E402
 from servers import (  # noqa: E402
     BENCH_MODEL, CACHE, HOST, LLAMA_BIN, REPO, SERVERS, TINY_MODEL, BenchConfig, ServerSpec, machine_info, running_server,
     versions, wait_ready,
 )
+
+REPEAT_SEED_STEP = 100
+"""Seeds apart between repeats of a rate: rates take consecutive seeds, so this keeps every trace
+of a run distinct for up to 100 rates."""
 
 
 def default_command(name: str, threads: int | None):
@@ -69,23 +78,31 @@ def default_command(name: str, threads: int | None):
     return command
 
 
+def schedule(rates: list[float], repeats: int, first_seed: int, n_servers: int) -> list[tuple[int, float, int, int]]:
+    """(repeat, rate, seed, first server's index) for every trace replayed: each rate gets seed
+    ``first_seed`` + its index, plus ``REPEAT_SEED_STEP`` per repeat (a fresh trace, so no server finds
+    the last repeat's conversations cached), and the server that goes first rotates with the rate and
+    the repeat, so over an even number of repeats each goes first as often at each rate."""
+    return [(rep, rate, first_seed + i + REPEAT_SEED_STEP * rep, (i + rep) % n_servers)
+            for rep in range(repeats) for i, rate in enumerate(rates)]
+
+
 async def bench(cfg: BenchConfig, model: Path, rates: list[float], conversations: int, cap_s: float,
-                threads: int | None, first_seed: int = 1000) -> dict:
+                threads: int | None, first_seed: int = 1000, repeats: int = 1) -> dict:
     eos_id = eos_token_id(model)
     words = Words(model)
     specs = [ServerSpec(name, "defaults", SERVERS[name].ready_path, SERVERS[name].accepts_ignore_eos,
                         default_command(name, threads)) for name in cfg.servers]
-    results: dict[str, list[RateResult]] = {spec.name: [] for spec in specs}
+    results: dict[str, list[dict]] = {spec.name: [] for spec in specs}
     with ExitStack() as stack:
         servers = [stack.enter_context(running_server(spec, cfg, model)) for spec in specs]
         for server in servers:
             await wait_ready(server)
             await run_level(server.url, request_bodies(server.spec, 2, 8, eos_id), 2)
-        for i, rate in enumerate(rates):
-            shift = i % len(servers)
+        for rep, rate, seed, shift in schedule(rates, repeats, first_seed, len(servers)):
             for server in servers[shift:] + servers[:shift]:
-                result = await run_rate(server, words, rate, conversations, seed=first_seed + i, eos_id=eos_id, cap_s=cap_s)
-                results[server.spec.name].append(result)
+                result = await run_rate(server, words, rate, conversations, seed=seed, eos_id=eos_id, cap_s=cap_s)
+                results[server.spec.name].append(asdict(result) | {"repeat": rep, "seed": seed})
                 print(f"  rate {rate:<5} {server.spec.name:18} goodput {result.goodput_tok_s:6.1f} tok/s  "
                       f"throughput {result.throughput_tok_s:6.1f}  met {result.good}/{result.requests}  "
                       f"TTFT p50 {result.ttft_p50_s} s  TPOT p50 {result.tpot_p50_ms} ms  RSS {result.peak_rss_mb:.0f} MB  "
@@ -94,7 +111,7 @@ async def bench(cfg: BenchConfig, model: Path, rates: list[float], conversations
         peaks = {server.spec.name: round(server.monitor.total_peak_mb(), 1) for server in servers}
         commands = {server.spec.name: server.command for server in servers}
     return {
-        name: {"command": commands[name], "peak_rss_mb": peaks[name], "rates": [asdict(r) for r in rs]}
+        name: {"command": commands[name], "peak_rss_mb": peaks[name], "rates": rs}
         for name, rs in results.items()
     }
 
@@ -109,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--conversations", type=int, default=12, help="conversations per rate (default 12: 3x llama-server's 4 default slots; vramsupply has 16)")
     parser.add_argument("--cap", type=float, default=60.0, help="seconds after the last arrival before unsent turns are dropped")
     parser.add_argument("--first-seed", type=int, default=1000, help="the first rate's trace seed; each next rate adds one (replay one rate's trace alone)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="replay each rate this many times, each on a fresh trace, the server going first alternating; "
+                             "the report gives each repeat's ratio and their median (one run's ratio moves 2x with the hour)")
     parser.add_argument("--threads", type=int, help="give every server this many threads (default: each server's own default)")
     parser.add_argument("--vramsupply", type=Path, default=REPO / ".venv" / "bin" / "vramsupply")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-marketplace.json; the chart beside it)")
@@ -144,8 +164,8 @@ def main() -> None:
         "config": {"model": str(model), "rates": rates, "conversations": conversations, "cap_s": args.cap,
                    "ttft_slo_s": TTFT_SLO_S, "tpot_slo_s": TPOT_SLO_S, "system_tokens": SYSTEM_TOKENS,
                    "max_prompt_tokens": MAX_PROMPT_TOKENS, "endpoint": "/v1/completions, streaming, temperature 0.7",
-                   "threads": args.threads or "each server's default"},
-        "servers": asyncio.run(bench(cfg, model, rates, conversations, args.cap, args.threads, args.first_seed)),
+                   "threads": args.threads or "each server's default", "repeats": args.repeat},
+        "servers": asyncio.run(bench(cfg, model, rates, conversations, args.cap, args.threads, args.first_seed, args.repeat)),
     }
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     report["duration_s"] = round(time.perf_counter() - started, 1)
