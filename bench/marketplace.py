@@ -30,7 +30,7 @@ played and scored in bench/market_client.py, and tabled and charted in bench/mar
     bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py            # ~20 min
     bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py --quick    # smoke run on stories260K
     bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py --servers vramsupply,llama-server \
-        --rates 0.1,0.2,0.4 --repeat 4                                           # the medians: ~40 min
+        --rates 0.1,0.2,0.4 --repeat 4                                           # the medians: ~50 min
 """
 
 from __future__ import annotations
