@@ -31,8 +31,9 @@ micro-batches at a lower cost per token, which would size the next paced chunk t
 same code sizes chunks right on a CPU and on a GPU that is a hundred times faster.
 
 A prompt that can no longer answer within the target, even at its speed alone, gets less than the
-step's target: only what the streams still serving their buyers well can spare (``service_level.py``), so that under
-overload a prompt that is late already does not make every stream late too.
+step's target: only what the streams still serving their buyers well can spare
+(``service_level.py``), so that under overload a prompt that is late already does not make every
+stream late too.
 
 **Which first.** A buyer judges a request by its first token (the marketplace bench counts a
 request as served well when it comes within ``TTFT_TARGET_SECONDS``), so prompts are prefilled

@@ -13,9 +13,10 @@ streams at 40-90 ms.
 So a stream that is still on track (first token in time, mean seconds per token within the target
 so far) keeps its mean within ``TPOT_GUARD_SECONDS`` while the prompt being prefilled can no longer
 answer in time anyway, even at the speed it would have alone (``step_allowance``; judged at its
-speed beside the streams, a prompt just over the target yielded and so missed it for certain). Such a prompt then goes in the steps that the on-track
-streams can absorb: a step of generating rows alone is short, so each one lets the next chunk be
-bigger, and a prompt deferred for ``pacing.MAX_DEFER_SECONDS`` goes at full speed again. A prompt
+speed beside the streams, a prompt just over the target yielded and so missed it for certain).
+Such a prompt then goes in the steps that the on-track streams can absorb: a step of generating
+rows alone is short, so each one lets the next chunk be bigger, and a prompt deferred for
+``pacing.MAX_DEFER_SECONDS`` goes at full speed again. A prompt
 that can still answer in time is prefilled at full speed, at the streams' expense: one buyer served
 well for another.
 
