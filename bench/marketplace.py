@@ -82,7 +82,8 @@ def schedule(rates: list[float], repeats: int, first_seed: int, n_servers: int) 
     """(repeat, rate, seed, first server's index) for every trace replayed: each rate gets seed
     ``first_seed`` + its index, plus ``REPEAT_SEED_STEP`` per repeat (a fresh trace, so no server finds
     the last repeat's conversations cached), and the server that goes first rotates with the rate and
-    the repeat, so over an even number of repeats each goes first as often at each rate."""
+    the repeat, so with two servers and an even number of repeats each goes first as often at each
+    rate."""
     return [(rep, rate, first_seed + i + REPEAT_SEED_STEP * rep, (i + rep) % n_servers)
             for rep in range(repeats) for i, rate in enumerate(rates)]
 
@@ -116,6 +117,17 @@ async def bench(cfg: BenchConfig, model: Path, rates: list[float], conversations
     }
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run on stories260K: one low rate, 6 conversations")
@@ -126,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--conversations", type=int, default=12, help="conversations per rate (default 12: 3x llama-server's 4 default slots; vramsupply has 16)")
     parser.add_argument("--cap", type=float, default=60.0, help="seconds after the last arrival before unsent turns are dropped")
     parser.add_argument("--first-seed", type=int, default=1000, help="the first rate's trace seed; each next rate adds one (replay one rate's trace alone)")
-    parser.add_argument("--repeat", type=int, default=1,
+    parser.add_argument("--repeat", type=positive, default=1,
                         help="replay each rate this many times, each on a fresh trace, the server going first alternating; "
                              "the report gives each repeat's ratio and their median (one run's ratio moves 2x with the hour)")
     parser.add_argument("--threads", type=int, help="give every server this many threads (default: each server's own default)")
