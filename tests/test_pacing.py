@@ -8,7 +8,7 @@ from itertools import count
 
 import numpy as np
 
-from vramsupply.engine.pacing import ALONE_STEP_TARGET_SECONDS, MAX_DEFER_SECONDS, MIN_CHUNK, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer, StepWork
+from vramsupply.engine.pacing import ALONE_STEP_TARGET_SECONDS, FIRST_ALONE_ROWS, MAX_DEFER_SECONDS, MIN_CHUNK, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer, StepWork
 from vramsupply.engine.step_cost import TILE_ROWS, UNSEEN_DEPTH_TOKENS, WINDOW, ChunkCost, work
 from vramsupply.engine.slots import Resume, Slot, Task
 
@@ -36,15 +36,39 @@ def chunk(pacer: PrefillPacer, generating: bool, depth: int = 0, capacity: int =
 
 def test_with_nobody_generating_a_step_takes_a_micro_batch_or_what_the_alone_target_allows() -> None:
     pacer = PrefillPacer(512)
-    assert chunk(pacer, generating=False) == 512
     learn(pacer, 0.0005)  # beside a stream: does not size steps alone
-    assert chunk(pacer, generating=False) == 512
+    assert chunk(pacer, generating=False) == FIRST_ALONE_ROWS, "nothing learned alone yet"
     learn(pacer, 0.0001, paced=False, tokens=512)  # a fast machine: the micro-batch is the limit
     assert chunk(pacer, generating=False) == 512
     pacer = PrefillPacer(512)
     learn(pacer, 0.002, paced=False, tokens=512)  # 2 ms a token: a micro-batch would keep newcomers waiting a second
     assert chunk(pacer, generating=False) == whole_tiles(int(ALONE_STEP_TARGET_SECONDS / 0.002), rows_before=0)
     assert chunk(pacer, generating=False, capacity=100) == 100
+
+
+def test_the_first_long_prompt_after_start_is_taken_two_tiles_first_so_a_newcomer_waits_a_short_step() -> None:
+    """A whole micro-batch as the first step (512 rows, about a second on the bench CPU) kept a
+    345-token first turn that arrived 0.4 s after a 950-token one waiting for all of it: 1.72 s."""
+    pacer = PrefillPacer(512)
+    now = time.monotonic()
+    long = prefilling(0, 950, arrived=now - 0.4)
+    plan = pacer.plan([long], capacity=2048, memory=None)
+    assert [len(c) for _, c in plan] == [FIRST_ALONE_ROWS] == [2 * TILE_ROWS]
+    long.record(plan[0][1])
+    pacer.observe(StepWork(FIRST_ALONE_ROWS, work(FIRST_ALONE_ROWS, 0), generating=False), FIRST_ALONE_ROWS * 0.0017)
+    newcomer = prefilling(1, 345, arrived=now)
+    plan = pacer.plan([long, newcomer], capacity=2048, memory=None)
+    assert plan[0][0] is newcomer, "the newcomer can still answer in time at 1.7 ms a token; the long one cannot"
+    assert sum(len(c) for _, c in plan) == whole_tiles(int(ALONE_STEP_TARGET_SECONDS / 0.0017), rows_before=0)
+    assert chunk(PrefillPacer(512), generating=False, capacity=100) == 100
+
+
+def test_short_prompts_in_a_first_step_are_not_cut() -> None:
+    """The first step's limit is on rows, so questions that together fit in it start together."""
+    now = time.monotonic()
+    questions = [prefilling(i, 40, arrived=now + i * 1e-3) for i in range(3)]
+    plan = PrefillPacer(512).plan(questions, capacity=2048, memory=None)
+    assert [len(c) for _, c in plan] == [40, 40, 40]
 
 
 def test_before_any_speed_is_known_a_prompt_next_to_a_stream_starts_small() -> None:
@@ -280,7 +304,9 @@ def test_a_chunk_stops_where_the_prompt_gets_its_checkpoint_and_such_a_prompt_jo
     now = time.monotonic()
     long = prefilling(0, 300, arrived=now)
     long.checkpoints_due = [296]
-    plan = PrefillPacer(512).plan([long], capacity=2048, memory=None)
+    pacer = PrefillPacer(512)
+    learn(pacer, 0.0001, paced=False, tokens=512)  # a fast machine: the micro-batch bounds the step
+    plan = pacer.plan([long], capacity=2048, memory=None)
     assert [len(chunk) for _, chunk in plan] == [296]
 
     long.n_cached = 296  # checkpointed: the last 4 tokens go on, and whole prompts may join them

@@ -7,12 +7,12 @@ buyer's stream. While anyone is generating, each prompt chunk is therefore sized
 stays near ``STEP_TARGET_SECONDS``: the generating rows' part of a step is learned from steps
 without prompts, and a chunk's cost from its size and depth (``step_cost.py``: a token costs more
 the deeper it sits, and on a CPU about half as much in a step of whole 64-row flash-attention
-tiles, where chunks end when they can). Before anything is known, a prompt next to a generating
-slot starts with a small chunk to learn from. With nobody generating a prompt gets at most one micro-batch
-(``n_ubatch``) per step, and no more than ``ALONE_STEP_TARGET_SECONDS`` of work: about the same
-speed as the whole batch (llama.cpp computes a batch one micro-batch at a time anyway, and a
-192-token chunk prefilled as fast as a 512-token one on this CPU), but a short prompt that arrives
-meanwhile waits for one such step, not for the whole long prompt.
+tiles, where chunks end when they can). Before anything is known, a prompt starts with a small
+chunk to learn from, next to a generating slot and alone. With nobody generating a prompt gets at
+most one micro-batch (``n_ubatch``) per step, and no more than ``ALONE_STEP_TARGET_SECONDS`` of
+work: about the same speed as the whole batch (llama.cpp computes a batch one micro-batch at a
+time anyway, and a 192-token chunk prefilled as fast as a 512-token one on this CPU), but a short
+prompt that arrives meanwhile waits for one such step, not for the whole long prompt.
 
 The target is a trade measured on that machine (``bench/prefill.py`` and ``bench/worst_case.py``;
 results in ``bench/results/``): a step beside a stream costs a fixed share on top of its prompt
@@ -83,6 +83,13 @@ STEP_TARGET_SECONDS = 0.16
 ALONE_STEP_TARGET_SECONDS = 0.4
 """With nobody generating: at most a micro-batch, and no longer than this, which is how long a
 request arriving meanwhile waits for the step to end (a 512-token micro-batch took 0.8 s here)."""
+FIRST_ALONE_ROWS = 2 * TILE_ROWS
+"""With nobody generating and no speed known yet (the first prompt after start), a step takes at
+most this many prompt rows, two whole flash-attention tiles, to learn from. A whole micro-batch
+first (512 rows, about a second on the 2-core bench CPU) kept a request arriving meanwhile waiting
+for all of it: in a marketplace replay two first turns came 0.4 s apart at start, about 950 and 345
+tokens to prefill, and answered in 1.58 and 1.72 s; sized from a learned cost after a first step of
+this size, the second can be taken up after a fifth of a second."""
 MIN_CHUNK = 16
 """Never fewer prompt tokens than this per step, so a long prompt still makes progress. Also the
 first chunk next to a generating slot, before any prefill speed is known. On the 2-core bench
@@ -259,10 +266,10 @@ class PrefillPacer:
         return self._paced if generating else self._alone
 
     def _room(self, free_rows: int, generating: bool) -> int:
-        """Rows for prompts: a micro-batch with nobody generating; a small first chunk to learn
-        from beside a stream before anything is known there."""
+        """Rows for prompts: a micro-batch with nobody generating; a small first step to learn
+        from before anything is known (``FIRST_ALONE_ROWS`` alone, ``MIN_CHUNK`` beside a stream)."""
         if not generating:
-            return min(free_rows, self._n_ubatch)
+            return min(free_rows, self._n_ubatch if self._alone.known else FIRST_ALONE_ROWS)
         return free_rows if self._paced.known else min(free_rows, MIN_CHUNK)
 
     def _seconds_for_prompts(self, generating: bool) -> float | None:
