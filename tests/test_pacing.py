@@ -38,6 +38,7 @@ def test_with_nobody_generating_a_step_takes_a_micro_batch_or_what_the_alone_tar
     pacer = PrefillPacer(512)
     learn(pacer, 0.0005)  # beside a stream: does not size steps alone
     assert chunk(pacer, generating=False) == FIRST_ALONE_ROWS, "nothing learned alone yet"
+    assert chunk(pacer, generating=False, capacity=100) == 100, "the batch's room bounds a first step too"
     learn(pacer, 0.0001, paced=False, tokens=512)  # a fast machine: the micro-batch is the limit
     assert chunk(pacer, generating=False) == 512
     pacer = PrefillPacer(512)
@@ -60,7 +61,6 @@ def test_the_first_long_prompt_after_start_is_taken_two_tiles_first_so_a_newcome
     plan = pacer.plan([long, newcomer], capacity=2048, memory=None)
     assert plan[0][0] is newcomer, "the newcomer can still answer in time at 1.7 ms a token; the long one cannot"
     assert sum(len(c) for _, c in plan) == whole_tiles(int(ALONE_STEP_TARGET_SECONDS / 0.0017), rows_before=0)
-    assert chunk(PrefillPacer(512), generating=False, capacity=100) == 100
 
 
 def test_short_prompts_in_a_first_step_are_not_cut() -> None:
