@@ -34,9 +34,9 @@ import llama_cpp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from market_trace import Words  # noqa: E402
-from marketplace import default_command  # noqa: E402
+from marketplace import default_spec  # noqa: E402
 from prefill import stream  # noqa: E402
-from servers import BENCH_MODEL, REPO, SERVERS, BenchConfig, ServerSpec, machine_info, running_server, wait_ready  # noqa: E402
+from servers import BENCH_MODEL, REPO, ServerSpec, defaults_config, machine_info, running_server, wait_ready  # noqa: E402
 
 RAW_CHUNKS = (512, 192)
 
@@ -81,20 +81,17 @@ class BareDecode:
 
 
 def server_specs(also: list[str]) -> list[tuple[ServerSpec, Path | None]]:
-    def spec(name: str, runs: str) -> ServerSpec:
-        return ServerSpec(name, "defaults", SERVERS[runs].ready_path, True, default_command(runs, None))
-
-    chosen = [(spec("vramsupply", "vramsupply"), None), (spec("llama-server", "llama-server"), None)]
+    """(server, the vramsupply executable it runs, if any) for each server compared."""
+    chosen: list[tuple[ServerSpec, Path | None]] = [(default_spec("vramsupply"), None), (default_spec("llama-server"), None)]
     for item in also:
         name, _, executable = item.partition("=")
-        chosen.append((spec(name, "vramsupply"), Path(executable)))
+        chosen.append((default_spec(name, "vramsupply"), Path(executable)))
     return chosen
 
 
 async def bench(args: argparse.Namespace) -> dict[str, list[float]]:
     words, rng = Words(BENCH_MODEL), random.Random(3)
-    cfg = BenchConfig(models=(BENCH_MODEL,), servers=(), concurrency=(1,), requests_per_slot=1, max_tokens=0,
-                      rounds=1, parallel=0, context_per_slot=0, threads=0, vramsupply_bin=args.vramsupply)
+    cfg = defaults_config(BENCH_MODEL, args.vramsupply)
     chosen = server_specs(args.also)
     results: dict[str, list[float]] = {spec.name: [] for spec, _ in chosen}
     results.update({f"bare llama_decode, {chunk}-row chunks": [] for chunk in RAW_CHUNKS})

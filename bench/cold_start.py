@@ -31,9 +31,9 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from market_trace import Words  # noqa: E402
-from marketplace import default_command  # noqa: E402
+from marketplace import default_spec  # noqa: E402
 from prefill import stream  # noqa: E402
-from servers import BENCH_MODEL, REPO, SERVERS, BenchConfig, ServerSpec, machine_info, running_server, wait_ready  # noqa: E402
+from servers import BENCH_MODEL, REPO, ServerSpec, defaults_config, machine_info, running_server, wait_ready  # noqa: E402
 
 LONG_TOKENS, SHORT_TOKENS = 950, 345
 TTFT_TARGET_S = 1.0
@@ -41,11 +41,8 @@ TTFT_TARGET_S = 1.0
 
 def specs(base: Path | None) -> list[tuple[ServerSpec, Path | None]]:
     """(server, the vramsupply executable it runs, if any) for each server compared."""
-    def spec(name: str, runs: str) -> ServerSpec:
-        return ServerSpec(name, "defaults", SERVERS[runs].ready_path, True, default_command(runs, None))
-
-    chosen = [(spec("vramsupply", "vramsupply"), None), (spec("llama-server", "llama-server"), None)]
-    return chosen + ([(spec("vramsupply-base", "vramsupply"), base)] if base else [])
+    chosen: list[tuple[ServerSpec, Path | None]] = [(default_spec("vramsupply"), None), (default_spec("llama-server"), None)]
+    return chosen + ([(default_spec("vramsupply-base", "vramsupply"), base)] if base else [])
 
 
 async def one_round(session: aiohttp.ClientSession, url: str, prompts: tuple[str, str], gap: float) -> dict:
@@ -58,8 +55,7 @@ async def one_round(session: aiohttp.ClientSession, url: str, prompts: tuple[str
 
 async def bench(args: argparse.Namespace) -> dict[str, list[dict]]:
     words, rng = Words(BENCH_MODEL), random.Random(7)
-    cfg = BenchConfig(models=(BENCH_MODEL,), servers=(), concurrency=(1,), requests_per_slot=1, max_tokens=0,
-                      rounds=1, parallel=0, context_per_slot=0, threads=0, vramsupply_bin=args.vramsupply)
+    cfg = defaults_config(BENCH_MODEL, args.vramsupply)
     chosen = specs(args.base)
     results: dict[str, list[dict]] = {spec.name: [] for spec, _ in chosen}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:

@@ -78,6 +78,13 @@ def default_command(name: str, threads: int | None):
     return command
 
 
+def default_spec(name: str, runs: str | None = None) -> ServerSpec:
+    """Server ``runs`` (default: ``name``) at its defaults, reported as ``name``: two builds of
+    vramsupply side by side are two names that both run "vramsupply"."""
+    runs = runs or name
+    return ServerSpec(name, "defaults", SERVERS[runs].ready_path, SERVERS[runs].accepts_ignore_eos, default_command(runs, None))
+
+
 def schedule(rates: list[float], repeats: int, first_seed: int, n_servers: int) -> list[tuple[int, float, int, int]]:
     """(repeat, rate, seed, first server's index) for every trace replayed: each rate gets seed
     ``first_seed`` + its index, plus ``REPEAT_SEED_STEP`` per repeat (a fresh trace, so no server finds

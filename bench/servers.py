@@ -60,6 +60,13 @@ class BenchConfig:
     pin_threads: bool = False  # with defaults: still give every server --threads (a shared, oversubscribed machine)
 
 
+def defaults_config(model: Path, vramsupply_bin: Path) -> BenchConfig:
+    """For a bench that starts every server at its own defaults on one model: the knobs that only
+    tuned runs read are left empty."""
+    return BenchConfig(models=(model,), servers=(), concurrency=(1,), requests_per_slot=1, max_tokens=0, rounds=1,
+                       parallel=0, context_per_slot=0, threads=0, vramsupply_bin=vramsupply_bin, defaults=True)
+
+
 @dataclass(frozen=True)
 class ServerSpec:
     """How to start one server under test, and what it understands."""
