@@ -32,7 +32,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from market_trace import Words  # noqa: E402
 from marketplace import default_spec  # noqa: E402
-from prefill import stream  # noqa: E402
+from prefill import two_at_once  # noqa: E402
 from servers import BENCH_MODEL, REPO, ServerSpec, defaults_config, machine_info, running_server, wait_ready  # noqa: E402
 
 LONG_TOKENS, SHORT_TOKENS = 950, 345
@@ -43,14 +43,6 @@ def specs(base: Path | None) -> list[tuple[ServerSpec, Path | None]]:
     """(server, the vramsupply executable it runs, if any) for each server compared."""
     chosen: list[tuple[ServerSpec, Path | None]] = [(default_spec("vramsupply"), None), (default_spec("llama-server"), None)]
     return chosen + ([(default_spec("vramsupply-base", "vramsupply"), base)] if base else [])
-
-
-async def one_round(session: aiohttp.ClientSession, url: str, prompts: tuple[str, str], gap: float) -> dict:
-    long = asyncio.create_task(stream(session, url, prompts[0], 1))
-    await asyncio.sleep(gap)
-    short_ttft, _ = await stream(session, url, prompts[1], 1)
-    long_ttft, _ = await long
-    return {"long_ttft_s": round(long_ttft, 3), "short_ttft_s": round(short_ttft, 3)}
 
 
 async def bench(args: argparse.Namespace) -> dict[str, list[dict]]:
@@ -65,7 +57,7 @@ async def bench(args: argparse.Namespace) -> dict[str, list[dict]]:
                                 for tag, size in (("long", LONG_TOKENS), ("short", SHORT_TOKENS)))
                 with running_server(spec, replace(cfg, vramsupply_bin=executable or args.vramsupply), BENCH_MODEL) as server:
                     await wait_ready(server)
-                    row = await one_round(session, server.url, prompts, args.gap)
+                    row = await two_at_once(session, server.url, *prompts, gap=args.gap)
                 results[spec.name].append({"round": rnd, **row})
                 print(spec.name, results[spec.name][-1], flush=True)
     return results

@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from market_trace import Words  # noqa: E402
-from marketplace import default_command  # noqa: E402
-from servers import BENCH_MODEL, REPO, SERVERS, BenchConfig, ServerSpec, machine_info, running_server, wait_ready  # noqa: E402
+from marketplace import default_spec  # noqa: E402
+from servers import BENCH_MODEL, REPO, defaults_config, machine_info, running_server, wait_ready  # noqa: E402
 
 STREAM_TOKENS = 200
 BESIDE_SIZES = (400, 1000)
@@ -67,9 +67,10 @@ async def beside_a_stream(session: aiohttp.ClientSession, url: str, stream_promp
     return {"ttft_s": round(ttft, 3), "stream_largest_gap_s": round(max(during, default=0.0), 3)}
 
 
-async def two_at_once(session: aiohttp.ClientSession, url: str, long_prompt: str, short_prompt: str) -> dict:
+async def two_at_once(session: aiohttp.ClientSession, url: str, long_prompt: str, short_prompt: str, gap: float = 0.01) -> dict:
+    """The long prompt, then the short one ``gap`` seconds later; each one's time to first token."""
     long = asyncio.create_task(stream(session, url, long_prompt, 1))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(gap)
     short_ttft, _ = await stream(session, url, short_prompt, 1)
     long_ttft, _ = await long
     return {"long_ttft_s": round(long_ttft, 3), "short_ttft_s": round(short_ttft, 3)}
@@ -78,11 +79,8 @@ async def two_at_once(session: aiohttp.ClientSession, url: str, long_prompt: str
 async def bench(names: list[str], reps: int, vramsupply: Path) -> dict[str, list[dict]]:
     model = BENCH_MODEL
     words, rng = Words(model), random.Random(11)
-    specs = [ServerSpec(n, "defaults", SERVERS[n].ready_path, SERVERS[n].accepts_ignore_eos,
-                        default_command(n, None)) for n in names]
-    cfg = BenchConfig(models=(model,), servers=tuple(names), concurrency=(1,), requests_per_slot=1, max_tokens=0,
-                      rounds=1, parallel=0, context_per_slot=0, threads=0,
-                      vramsupply_bin=vramsupply)
+    specs = [default_spec(n) for n in names]
+    cfg = defaults_config(model, vramsupply)
     results: dict[str, list[dict]] = {name: [] for name in names}
 
     def text(tag: str, tokens: int) -> str:  # a unique head, so no server finds it cached
