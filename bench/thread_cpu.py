@@ -4,10 +4,11 @@
 The profile (bench/profile.py) samples vramsupply alone; this compares both servers at their
 defaults on the same load. Each turn streams ``--requests`` 128-token completions at
 ``--concurrency`` (run.py's short prompts, a new connection each) to one server, the servers taking
-turns, and reads every thread's user and system CPU time before and after. The two busiest threads
-of a server are the ones that compute the graph (the thread that calls ``llama_decode`` and its
-OpenMP worker on a 2-core machine), so their CPU includes whatever that calling thread does between
-decodes; every other thread serves HTTP. Both are reported per completion token.
+turns, and reads every thread's user and system CPU time before and after. A server's busiest
+threads, as many as the machine has physical cores (both servers' default thread count), are the
+ones that compute the graph: the thread that calls ``llama_decode`` and its OpenMP workers. So their
+CPU includes whatever that calling thread does between decodes; every other thread serves HTTP.
+Both are reported per completion token.
 
     bench/.cache/venv-llamacpp-server/bin/python bench/thread_cpu.py --concurrency 4   # ~3 min
 """
@@ -23,13 +24,15 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from client import eos_token_id, request_bodies, run_level  # noqa: E402
 from marketplace import default_spec  # noqa: E402
 from servers import BENCH_MODEL, REPO, defaults_config, machine_info, running_server, wait_ready  # noqa: E402
 
 TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
-COMPUTE_THREADS = 2
+COMPUTE_THREADS = psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def thread_times(pid: int) -> dict[int, tuple[int, int]]:
