@@ -4,11 +4,11 @@
 The profile (bench/profile.py) samples vramsupply alone; this compares both servers at their
 defaults on the same load. Each turn streams ``--requests`` 128-token completions at
 ``--concurrency`` (run.py's short prompts, a new connection each) to one server, the servers taking
-turns, and reads every thread's user and system CPU time before and after. A server's busiest
-threads, as many as the machine has physical cores (both servers' default thread count), are the
-ones that compute the graph: the thread that calls ``llama_decode`` and its OpenMP workers. So their
-CPU includes whatever that calling thread does between decodes; every other thread serves HTTP.
-Both are reported per completion token.
+turns, and reads every thread's user and system CPU time (psutil) before and after. A server's
+busiest threads, as many as the machine has physical cores (both servers' default thread count),
+are the ones that compute the graph: the thread that calls ``llama_decode`` and its OpenMP
+workers. So their CPU includes whatever that calling thread does between decodes; every other
+thread serves HTTP. Both are reported per completion token.
 
     bench/.cache/venv-llamacpp-server/bin/python bench/thread_cpu.py --concurrency 4   # ~3 min
 """
@@ -31,31 +31,22 @@ from client import eos_token_id, request_bodies, run_level  # noqa: E402
 from marketplace import default_spec  # noqa: E402
 from servers import BENCH_MODEL, REPO, defaults_config, machine_info, running_server, wait_ready  # noqa: E402
 
-TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
 COMPUTE_THREADS = psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def thread_times(pid: int) -> dict[int, tuple[int, int]]:
-    """(user, system) clock ticks of every thread of ``pid``."""
-    times = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue  # the thread ended
-        fields = stat[stat.rindex(")") + 2:].split()
-        times[int(tid)] = (int(fields[11]), int(fields[12]))
-    return times
+def thread_times(pid: int) -> dict[int, tuple[float, float]]:
+    """(user, system) CPU seconds of every thread of ``pid``."""
+    return {thread.id: (thread.user_time, thread.system_time) for thread in psutil.Process(pid).threads()}
 
 
-def split(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict[str, float]:
+def split(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]) -> dict[str, float]:
     """Milliseconds of CPU: the compute threads together, and the other threads' user and system."""
     used = sorted(((u - before.get(t, (0, 0))[0], s - before.get(t, (0, 0))[1]) for t, (u, s) in after.items()),
                   key=lambda pair: -sum(pair))
     compute, rest = used[:COMPUTE_THREADS], used[COMPUTE_THREADS:]
-    return {"compute_ms": sum(u + s for u, s in compute) * TICK_MS,
-            "serving_user_ms": sum(u for u, _ in rest) * TICK_MS,
-            "serving_system_ms": sum(s for _, s in rest) * TICK_MS}
+    return {"compute_ms": sum(u + s for u, s in compute) * 1000,
+            "serving_user_ms": sum(u for u, _ in rest) * 1000,
+            "serving_system_ms": sum(s for _, s in rest) * 1000}
 
 
 async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
