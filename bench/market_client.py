@@ -38,6 +38,7 @@ class RequestRecord:
     duration_s: float | None = None
     completion_tokens: int = 0
     cached_tokens: int | None = None
+    prompt_tokens: int | None = None
     error: str | None = None
 
     @property
@@ -123,6 +124,7 @@ def take_chunk(record: RequestRecord, chunk: dict, start: float, parts: list[str
     """Count one stream chunk into ``record`` and its text into ``parts``; the finish reason it carries, if any."""
     if chunk.get("usage"):
         record.completion_tokens = chunk["usage"]["completion_tokens"]
+        record.prompt_tokens = chunk["usage"].get("prompt_tokens")
         details = chunk["usage"].get("prompt_tokens_details") or {}
         record.cached_tokens = details.get("cached_tokens")
     finish = None
