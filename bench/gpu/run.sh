@@ -8,7 +8,9 @@
 #   3. a 1.1B random-weight llama (2048 x 16 layers, ffn 5632, Q8_0) with the llama SPM
 #      tokenizer, written by the team's make_bench_model.py;
 #   4. bench/gpu/run.py: vramsupply vs llama-server at c = 1, 4, 16, 64 (64 slots x 2048 tokens),
-#      results in bench/results/gpu-<date>.json and .md.
+#      results in bench/results/gpu-<date>.json and .md;
+#   5. bench/step_sections.py on the GPU: the scheduler's Python between two decodes, which weighs
+#      more beside a GPU's short decode steps (bench/results/gpu-<date>-step-sections.json).
 # usage: bench/gpu/run.sh   (env: MAKE_BENCH_MODEL, BENCH_JOBS, BENCH_DIM/LAYERS/FFN, BENCH_ROUNDS)
 set -euo pipefail
 
@@ -66,3 +68,7 @@ out="$repo_root/bench/results/gpu-$(date -u +%Y-%m-%d).json"
 "$python" "$repo_root/bench/gpu/run.py" --vramsupply "$cache/bin/vramsupply" --llama-server "$llama_dir/build-cuda/bin/llama-server" \
     --model "$model" --rounds "${BENCH_ROUNDS:-2}" --build-seconds "$build_s" --out "$out"
 echo "results: $out"
+
+echo "== 5. the scheduler's Python between two decodes, on the GPU"
+"$python" "$repo_root/bench/step_sections.py" --model "$model" --rounds 2 \
+    --out "$repo_root/bench/results/gpu-$(date -u +%Y-%m-%d)-step-sections.json"
