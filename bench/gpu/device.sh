@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The GPU benchmark on the lent GPU machine (the `device` tool), from what bench/gpu/pack.sh put in .gpu/.
+#
+# bench/gpu/run.sh is what a GPU owner would run: it installs through install.sh, which needs
+# PyPI. The lent machine reaches no network and gives a session 15 minutes, so here:
+#   1. the packed wheels go into a private site dir, first on PYTHONPATH with this checkout;
+#   2. ONE CMake build of the vendored llama.cpp, shared libraries, CUDA for this GPU's compute
+#      capability only: libllama and libggml* for llama-cpp-python's ctypes bindings (copied into
+#      its package's lib/) and llama-server and llama-batched-bench linked to the very same
+#      libraries, so both servers run the same kernels;
+#   3. the bench model (2048 x 16, Q8_0, 1.1B) written with make_bench_model.py;
+#   4. bench/gpu/run.py (vramsupply, vramsupply --backend-sampling, llama-server at c = 1, 4, 16,
+#      64) and bench/step_sections.py; results and logs go to $OUT as they are made.
+# usage, on the device: bash bench/gpu/device.sh        (carry .gpu; timeout_s 600)
+#        anywhere, as a rehearsal without a GPU:  PYTHON=... bash bench/gpu/device.sh cpu
+# env: PYTHON (default python3), GPU_WORK (default .gpu-work in this checkout, git-ignored, so a
+#      second call on the still-warm machine finds the build and goes on from it), OUT,
+#      BUILD_ONLY=1 (stop after the build: for a first call when the build may take most of the
+#      command's 10 minutes), BENCH_ROUNDS (default 1), BENCH_DIM / BENCH_LAYERS / BENCH_FFN,
+#      BENCH_CONCURRENCY (default 1,4,16,64)
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$repo_root"
+backend="${1:-cuda}"
+python="${PYTHON:-python3}"
+work="${GPU_WORK:-$repo_root/.gpu-work}"
+out="${OUT:-$work/out}"
+date_tag="$(date -u +%Y-%m-%d)"
+mkdir -p "$work" "$out"
+stage() { echo "== $* ($(date -u +%T))"; }
+[[ -f .gpu/llama-src.tar.xz ]] || { echo "no .gpu/: run bench/gpu/pack.sh here, and carry .gpu" >&2; exit 1; }
+
+stage "1. packages"
+"$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" .gpu/wheels/*.whl
+if [[ ! -d "$work/src/llama_cpp" ]]; then  # unpacked once: fresh sources would rebuild everything
+    mkdir -p "$work/src" && tar -C "$work/src" -xJf .gpu/llama-src.tar.xz
+fi
+export PYTHONPATH="$repo_root:$work/src:$work/site${PYTHONPATH:+:$PYTHONPATH}"
+# The bindings run from source, not installed: give them the metadata that installing would write
+# (the bench reads llama-cpp-python's version by its distribution name).
+llama_version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$work/src/llama_cpp/__init__.py")"
+mkdir -p "$work/src/llama_cpp_python-$llama_version.dist-info"
+printf 'Metadata-Version: 2.1\nName: llama-cpp-python\nVersion: %s\n' "$llama_version" \
+    >"$work/src/llama_cpp_python-$llama_version.dist-info/METADATA"
+
+stage "2. llama.cpp, $backend"
+cuda_args=(-DGGML_CUDA=OFF)
+if [[ "$backend" == cuda ]]; then
+    capability="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' .')"
+    cuda_args=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${capability}-real")
+    nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee "$out/gpu.txt"
+fi
+generator=()
+command -v ninja >/dev/null && generator=(-G Ninja)
+start=$(date +%s)
+cmake -S "$work/src/vendor/llama.cpp" -B "$work/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
+    "${cuda_args[@]}" >"$out/cmake-configure.log" 2>&1
+cmake --build "$work/build" -j"$(nproc)" --target llama llama-server llama-batched-bench >"$out/cmake-build.log" 2>&1 \
+    || { tail -n 40 "$out/cmake-build.log"; exit 1; }
+build_s=$(($(date +%s) - start))
+echo "llama.cpp build: $build_s s" | tee "$out/build-time.txt"
+mkdir -p "$work/src/llama_cpp/lib"
+find "$work/build/bin" -maxdepth 1 -name 'lib*.so*' -exec cp -P {} "$work/src/llama_cpp/lib/" \;
+"$python" - "$backend" <<'EOF'
+import sys, llama_cpp
+offload = llama_cpp.llama_supports_gpu_offload()
+print("llama_cpp", llama_cpp.__version__, "GPU offload:", offload)
+sys.exit("this build cannot offload to the GPU" if sys.argv[1] == "cuda" and not offload else 0)
+EOF
+mkdir -p "$work/bin"
+printf '#!/bin/sh\nexec "%s" -m vramsupply "$@"\n' "$(command -v "$python")" >"$work/bin/vramsupply"
+chmod +x "$work/bin/vramsupply"
+[[ "${BUILD_ONLY:-0}" == 1 ]] && { stage "built; BUILD_ONLY=1 stops here"; exit 0; }
+
+stage "3. the bench model"
+if [[ "$backend" == cuda ]]; then shape=("${BENCH_DIM:-2048}" "${BENCH_LAYERS:-16}" "${BENCH_FFN:-5632}"); else shape=(256 2 512); fi
+model="$work/bench-llama-${shape[0]}x${shape[1]}-q8_0.gguf"
+[[ -f "$model" ]] || { "$python" .gpu/make_bench_model.py .gpu/ggml-vocab-llama-spm.gguf "$model.partial" "${shape[@]}" && mv "$model.partial" "$model"; }
+
+stage "4. vramsupply against llama-server"
+concurrency="${BENCH_CONCURRENCY:-1,4,16,64}"
+[[ "$backend" == cuda ]] || concurrency="${BENCH_CONCURRENCY:-1,4}"
+PYTHONUNBUFFERED=1 "$python" bench/gpu/run.py --vramsupply "$work/bin/vramsupply" --llama-server "$work/build/bin/llama-server" \
+    --model "$model" --concurrency "$concurrency" --rounds "${BENCH_ROUNDS:-1}" --build-seconds "$build_s" \
+    --out "$out/gpu-$date_tag.json" 2>&1 | tee "$out/run.log"
+
+stage "5. the scheduler's Python between two decodes"
+PYTHONUNBUFFERED=1 "$python" bench/step_sections.py --model "$model" --rounds 2 --out "$out/gpu-$date_tag-step-sections.json" 2>&1 \
+    | grep -v '^llama_\|^load\|^print_info\|^llm_' | tee "$out/step-sections.log"
+stage "done: $out"
