@@ -49,6 +49,7 @@ cuda_args=(-DGGML_CUDA=OFF)
 if [[ "$backend" == cuda ]]; then
     capability="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' .')"
     cuda_args=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${capability}-real")
+    command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"  # CMake finds the toolkit through nvcc
     nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee "$out/gpu.txt"
 fi
 generator=()
@@ -56,7 +57,7 @@ command -v ninja >/dev/null && generator=(-G Ninja)
 start=$(date +%s)
 cmake -S "$work/src/vendor/llama.cpp" -B "$work/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
-    "${cuda_args[@]}" >"$out/cmake-configure.log" 2>&1
+    "${cuda_args[@]}" >"$out/cmake-configure.log" 2>&1 || { tail -n 40 "$out/cmake-configure.log"; exit 1; }
 cmake --build "$work/build" -j"$(nproc)" --target llama llama-server llama-batched-bench >"$out/cmake-build.log" 2>&1 \
     || { tail -n 40 "$out/cmake-build.log"; exit 1; }
 build_s=$(($(date +%s) - start))
