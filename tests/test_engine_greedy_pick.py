@@ -52,7 +52,7 @@ def one_step() -> Iterator[tuple[Model, object, Batch, list[tuple[list[int], int
 
 def chain_pick(model: Model, context: object, tokens: list[int], row: int, params: SamplingParams, ignore_eos: bool) -> int:
     sampler = build_sampler(params, model, tokens, ignore_eos)
-    sampler._argmax = None  # the llama.cpp chain this shortcut stands in for
+    sampler.argmax = None  # the llama.cpp chain this shortcut stands in for
     try:
         return sampler.sample(context.ctx, row)  # type: ignore[attr-defined]
     finally:
@@ -72,7 +72,7 @@ def test_argmax_picks_what_the_chain_picks(decoded: tuple, params: SamplingParam
     model, context, _, rows = decoded
     for tokens, row in rows:
         sampler = build_sampler(params, model, tokens, ignore_eos)
-        assert sampler._argmax is not None
+        assert sampler.argmax is not None
         try:
             assert sampler.sample(context.ctx, row) == chain_pick(model, context, tokens, row, params, ignore_eos)
         finally:
@@ -92,7 +92,7 @@ def test_sampled_penalized_or_grammar_requests_keep_the_chain(decoded: tuple) ->
     tokens, _ = rows[0]
     for params in (SamplingParams(temperature=0.8), SamplingParams(temperature=0, repeat_penalty=1.3), SamplingParams(temperature=0, grammar='root ::= "a"')):
         sampler = build_sampler(params, model, tokens, False)
-        assert sampler._argmax is None
+        assert sampler.argmax is None
         sampler.close()
 
 

@@ -50,7 +50,8 @@ class RequestSampler:
         self, chain: LlamaSampler, grammar: llama_cpp.llama_sampler_p | None, n_vocab: int, argmax: ArgmaxPick | None = None
     ) -> None:
         self.chain = chain
-        self._argmax = argmax
+        self.argmax = argmax
+        """The pick of a plain greedy request (``ArgmaxPick``), which ``rows.py`` takes directly."""
         self.sampler = chain.sampler
         self._attached = False
         self._clone: llama_cpp.llama_sampler_p | None = None
@@ -68,8 +69,8 @@ class RequestSampler:
 
     def sample(self, ctx: llama_cpp.llama_context_p, row: int, winners: StepWinners | None = None) -> int:
         """Sample ``row``'s logits and accept the token (into the chain and the grammar)."""
-        if self._argmax is not None:
-            return self._argmax.pick(ctx, row, winners)
+        if self.argmax is not None:
+            return self.argmax.pick(ctx, row, winners)
         if self._grammar is None:
             return int(llama_cpp.llama_sampler_sample(self.sampler, ctx, row))
         self.load(ctx, row)
