@@ -44,12 +44,50 @@ mkdir -p "$work/src/llama_cpp_python-$llama_version.dist-info"
 printf 'Metadata-Version: 2.1\nName: llama-cpp-python\nVersion: %s\n' "$llama_version" \
     >"$work/src/llama_cpp_python-$llama_version.dist-info/METADATA"
 
+install_fn() { VRAMSUPPLY_INSTALL_FUNCTIONS_ONLY=1 sh -c '. "$1"; shift; "$@"' sh "$repo_root/install.sh" "$@"; }
+
+# The CUDA toolkit to build with: the one behind nvcc when it has cuBLAS (install.sh's checks), else
+# that one merged with the cuBLAS of the Python's NVIDIA wheels (PyTorch's), under $work/cuda, with
+# the unversioned library links CMake looks for. (The merge was never needed or run on a GPU.)
+cuda_toolkit() {
+    local root merged lib name
+    root="$(install_fn system_cuda_root)"
+    [[ -n "$root" ]] || { echo "no nvcc: no CUDA toolkit to build with" >&2; return 1; }
+    echo "CUDA toolkit: $root ($(install_fn nvcc_version "$root"))" >&2
+    if install_fn has_cublas "$root"; then echo "$root"; return 0; fi
+    merged="$work/cuda"
+    rm -rf "$merged" && mkdir -p "$merged" && cp -rs "$root/." "$merged/"
+    while read -r part; do
+        [[ -d "$part/include" || -d "$part/lib" ]] && cp -rsn "$part/." "$merged/"
+    done < <("$python" -c 'import nvidia, os; [print(os.path.join(p, d)) for p in nvidia.__path__ for d in sorted(os.listdir(p))]' 2>/dev/null || true)
+    [[ -e "$merged/lib64" ]] || ln -s lib "$merged/lib64"
+    for lib in "$merged"/lib/lib*.so.[0-9]*; do
+        name="${lib##*/}"
+        [[ -e "$merged/lib/${name%%.so.*}.so" ]] || ln -s "$name" "$merged/lib/${name%%.so.*}.so"
+    done
+    if ! compgen -G "$merged/lib*/stubs/libcuda.so" >/dev/null; then  # CUDA::cuda_driver: the driver's own library
+        lib="$(install_fn driver_library)"
+        [[ -z "$lib" ]] || { mkdir -p "$merged/lib/stubs" && ln -sf "$lib" "$merged/lib/stubs/libcuda.so"; }
+    fi
+    install_fn has_cublas "$merged" || { echo "no cuBLAS in $root nor in the Python's NVIDIA wheels" >&2; return 1; }
+    echo "cuBLAS: from the Python's NVIDIA wheels, merged into $merged" >&2
+    echo "$merged"
+}
+
 stage "2. llama.cpp, $backend"
 cuda_args=(-DGGML_CUDA=OFF)
 if [[ "$backend" == cuda ]]; then
     capability="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' .')"
     cuda_args=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${capability}-real")
     command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"  # CMake finds the toolkit through nvcc
+    toolkit="$(cuda_toolkit 2>"$out/toolkit.txt")" || { cat "$out/toolkit.txt"; exit 1; }
+    cat "$out/toolkit.txt"
+    cuda_args+=(-DCUDAToolkit_ROOT="$toolkit")
+    if [[ "$toolkit" == "$work/cuda" ]]; then  # CMake takes the toolkit from nvcc itself: point it at the merged cuBLAS
+        cuda_args+=(-DCUDA_cublas_LIBRARY="$toolkit/lib/libcublas.so" -DCUDA_cublasLt_LIBRARY="$toolkit/lib/libcublasLt.so"
+            -DCMAKE_CUDA_FLAGS="-I$toolkit/include" -DCMAKE_CXX_FLAGS="-I$toolkit/include")
+    fi
+    export LD_LIBRARY_PATH="$toolkit/lib64:$toolkit/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"  # cuBLAS, wherever it came from
     nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee "$out/gpu.txt"
 fi
 generator=()
