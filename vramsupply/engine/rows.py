@@ -82,8 +82,8 @@ class RowSampler:
     @staticmethod
     def _plain_greedy(slot: Slot) -> bool:
         """A greedy request with no draft, no logprobs and its sampling on the host: its token is
-        the step's argmax for its row (``StepWinners``), taken without the general path's calls,
-        which cost about 4 µs a row between two decodes (``bench/step_sections.py``)."""
+        the step's argmax for its row (``StepWinners``), taken without the general path's calls
+        (1-2 µs a row with warm caches, more right after a decode; ``bench/step_sections.py``)."""
         task = slot.task
         if task is None or task.sampler.argmax is None:
             return False
