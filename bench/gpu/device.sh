@@ -4,20 +4,25 @@
 # bench/gpu/run.sh is what a GPU owner would run: it installs through install.sh, which needs
 # PyPI. The lent machine reaches no network and gives a session 15 minutes, so here:
 #   1. the packed wheels go into a private site dir, first on PYTHONPATH with this checkout;
-#   2. ONE CMake build of the vendored llama.cpp, shared libraries, CUDA for this GPU's compute
-#      capability only: libllama and libggml* for llama-cpp-python's ctypes bindings (copied into
-#      its package's lib/) and llama-server and llama-batched-bench linked to the very same
-#      libraries, so both servers run the same kernels;
+#   2. llama.cpp as shared libraries, CUDA for this GPU's compute capability only: libllama and
+#      libggml* for llama-cpp-python's ctypes bindings (copied into its package's lib/), and
+#      llama-server and llama-batched-bench linked to the very same libraries, so both servers run
+#      the same kernels. Unpacked from .gpu/llama-cuda-bin.tar.xz where bench/gpu/prebuild.sh built
+#      them on the CPU machine (the build takes minutes of the lease), else ONE CMake build here;
 #   3. the bench model (2048 x 16, Q8_0, 1.1B) written with make_bench_model.py;
 #   4. bench/gpu/run.py (vramsupply, vramsupply --backend-sampling, llama-server at c = 1, 4, 16,
-#      64) and bench/step_sections.py; results and logs go to $OUT as they are made.
+#      64; then both servers at their defaults at c = 1, 4, 16) and bench/step_sections.py;
+#   5. the engine tests (tests/test_engine*.py) on this build: on a GPU, on the GPU.
+# $OUT gets at most 8 files back, so it holds: device.log (all of this output), the results
+# (gpu-<date>.json and .md, gpu-<date>-step-sections.json) and logs.tar.gz (CMake, the servers).
 # usage, on the device: bash bench/gpu/device.sh        (carry .gpu; timeout_s 600)
 #        anywhere, as a rehearsal without a GPU:  PYTHON=... bash bench/gpu/device.sh cpu
 # env: PYTHON (default python3), GPU_WORK (default .gpu-work in this checkout, git-ignored, so a
 #      second call on the still-warm machine finds the build and goes on from it), OUT,
 #      BUILD_ONLY=1 (stop after the build: for a first call when the build may take most of the
 #      command's 10 minutes), BENCH_ROUNDS (default 1), BENCH_DIM / BENCH_LAYERS / BENCH_FFN,
-#      BENCH_CONCURRENCY (default 1,4,16,64)
+#      BENCH_CONCURRENCY (default 1,4,16,64), BENCH_DEFAULTS_CONCURRENCY (default 1,4,16; '' skips),
+#      ENGINE_TESTS (default 1; 0 skips them), ENGINE_TESTS_TIMEOUT (default 150 s)
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -26,10 +31,17 @@ backend="${1:-cuda}"
 python="${PYTHON:-python3}"
 work="${GPU_WORK:-$repo_root/.gpu-work}"
 out="${OUT:-$work/out}"
+logs="$work/logs"
 date_tag="$(date -u +%Y-%m-%d)"
-mkdir -p "$work" "$out"
-stage() { echo "== $* ($(date -u +%T))"; }
+mkdir -p "$work" "$out" "$logs"
 [[ -f .gpu/llama-src.tar.xz ]] || { echo "no .gpu/: run bench/gpu/pack.sh here, and carry .gpu" >&2; exit 1; }
+exec > >(tee -a "$out/device.log") 2>&1
+pack_logs() {  # with the servers' logs, which bench/servers.py writes under bench/.cache/logs
+    mkdir -p "$logs/servers" && { cp bench/.cache/logs/*.log "$logs/servers/" 2>/dev/null || true; }
+    tar -C "$work" -czf "$out/logs.tar.gz" logs || true
+}
+trap pack_logs EXIT
+stage() { echo "== $* ($(date -u +%T))"; }
 
 stage "1. packages"
 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" .gpu/wheels/*.whl
@@ -76,41 +88,69 @@ cuda_toolkit() {
 
 stage "2. llama.cpp, $backend"
 cuda_args=(-DGGML_CUDA=OFF)
+capability=""
 if [[ "$backend" == cuda ]]; then
     capability="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' .')"
     cuda_args=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${capability}-real")
     command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"  # CMake finds the toolkit through nvcc
-    toolkit="$(cuda_toolkit 2>"$out/toolkit.txt")" || { cat "$out/toolkit.txt"; exit 1; }
-    cat "$out/toolkit.txt"
+    toolkit="$(cuda_toolkit 2>"$logs/toolkit.txt")" || { cat "$logs/toolkit.txt"; exit 1; }
+    cat "$logs/toolkit.txt"
     cuda_args+=(-DCUDAToolkit_ROOT="$toolkit")
     if [[ "$toolkit" == "$work/cuda" ]]; then  # CMake takes the toolkit from nvcc itself: point it at the merged cuBLAS
         cuda_args+=(-DCUDA_cublas_LIBRARY="$toolkit/lib/libcublas.so" -DCUDA_cublasLt_LIBRARY="$toolkit/lib/libcublasLt.so"
             -DCMAKE_CUDA_FLAGS="-I$toolkit/include" -DCMAKE_CXX_FLAGS="-I$toolkit/include")
     fi
     export LD_LIBRARY_PATH="$toolkit/lib64:$toolkit/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"  # cuBLAS, wherever it came from
-    nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader | tee "$out/gpu.txt"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
 fi
-generator=()
-command -v ninja >/dev/null && generator=(-G Ninja)
-start=$(date +%s)
-cmake -S "$work/src/vendor/llama.cpp" -B "$work/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
-    "${cuda_args[@]}" >"$out/cmake-configure.log" 2>&1 || { tail -n 40 "$out/cmake-configure.log"; exit 1; }
-cmake --build "$work/build" -j"$(nproc)" --target llama llama-server llama-batched-bench >"$out/cmake-build.log" 2>&1 \
-    || { tail -n 40 "$out/cmake-build.log"; exit 1; }
-build_s=$(($(date +%s) - start))
-# The first call's build is the one to report: a later call (after BUILD_ONLY=1) finds it done.
-[[ -f "$work/build-seconds" ]] || echo "$build_s" >"$work/build-seconds"
-echo "llama.cpp build: $build_s s this call, $(cat "$work/build-seconds") s the first time" | tee "$out/build-time.txt"
-build_s="$(cat "$work/build-seconds")"
-mkdir -p "$work/src/llama_cpp/lib"
-find "$work/build/bin" -maxdepth 1 -name 'lib*.so*' -exec cp -P {} "$work/src/llama_cpp/lib/" \;
-"$python" - "$backend" <<'EOF'
+
+build_llama() {
+    local generator=() start
+    command -v ninja >/dev/null && generator=(-G Ninja)
+    start=$(date +%s)
+    cmake -S "$work/src/vendor/llama.cpp" -B "$work/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
+        "${cuda_args[@]}" >"$logs/cmake-configure.log" 2>&1 || { tail -n 40 "$logs/cmake-configure.log"; return 1; }
+    cmake --build "$work/build" -j"$(nproc)" --target llama llama-server llama-batched-bench >"$logs/cmake-build.log" 2>&1 \
+        || { tail -n 40 "$logs/cmake-build.log"; return 1; }
+    # The first call's build is the one to report: a later call (after BUILD_ONLY=1) finds it done.
+    [[ -f "$work/build-seconds" ]] || echo "$(($(date +%s) - start)) s, here" >"$work/build-seconds"
+    echo "llama.cpp built here: $(($(date +%s) - start)) s this call"
+}
+
+unpack_prebuilt() {  # bench/gpu/prebuild.sh's build, if it is for this GPU's architecture
+    [[ "$backend" == cuda && -f .gpu/llama-cuda-bin.tar.xz && -f .gpu/llama-cuda-bin.txt ]] || return 1
+    local arch
+    arch="$(sed -n 's/^arch=//p' .gpu/llama-cuda-bin.txt)"
+    [[ "$arch" == "$capability" ]] || { echo "the prebuilt llama.cpp is for sm_$arch, this GPU is sm_$capability: building here"; return 1; }
+    rm -rf "$work/build/bin" && mkdir -p "$work/build/bin" && tar -C "$work/build/bin" -xJf .gpu/llama-cuda-bin.tar.xz
+    echo "$(sed -n 's/^build_seconds=//p' .gpu/llama-cuda-bin.txt) s, prebuilt on the CPU machine" >"$work/build-seconds"
+    echo "llama.cpp prebuilt on the CPU machine: $(tr '\n' ' ' <.gpu/llama-cuda-bin.txt)"
+}
+
+can_offload() {  # the bindings load the build's libraries; for CUDA they must offload
+    rm -rf "$work/src/llama_cpp/lib" && mkdir -p "$work/src/llama_cpp/lib"
+    find "$work/build/bin" -maxdepth 1 -name 'lib*.so*' -exec cp -P {} "$work/src/llama_cpp/lib/" \;
+    "$python" -c '
 import sys, llama_cpp
 offload = llama_cpp.llama_supports_gpu_offload()
 print("llama_cpp", llama_cpp.__version__, "GPU offload:", offload)
-sys.exit("this build cannot offload to the GPU" if sys.argv[1] == "cuda" and not offload else 0)
-EOF
+sys.exit("this build cannot offload to the GPU" if sys.argv[1] == "cuda" and not offload else 0)' "$backend"
+}
+
+# A prebuilt's RUNPATH names the CPU machine's folders: its libraries are found through this.
+export LD_LIBRARY_PATH="$work/build/bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [[ -x "$work/build/bin/llama-server" ]] && can_offload; then
+    echo "llama.cpp: from an earlier call on this machine"
+elif unpack_prebuilt && can_offload && "$work/build/bin/llama-server" --version; then
+    echo "llama.cpp: the prebuilt one runs here"
+else
+    rm -rf "$work/build/bin"
+    build_llama
+    can_offload
+fi
+build_s="$(cat "$work/build-seconds")"
+echo "llama.cpp build: $build_s"
 mkdir -p "$work/bin"
 printf '#!/bin/sh\nexec "%s" -m vramsupply "$@"\n' "$(command -v "$python")" >"$work/bin/vramsupply"
 chmod +x "$work/bin/vramsupply"
@@ -123,12 +163,24 @@ model="$work/bench-llama-${shape[0]}x${shape[1]}-q8_0.gguf"
 
 stage "4. vramsupply against llama-server"
 concurrency="${BENCH_CONCURRENCY:-1,4,16,64}"
-[[ "$backend" == cuda ]] || concurrency="${BENCH_CONCURRENCY:-1,4}"
+defaults_concurrency="${BENCH_DEFAULTS_CONCURRENCY-1,4,16}"
+[[ "$backend" == cuda ]] || { concurrency="${BENCH_CONCURRENCY:-1,4}"; defaults_concurrency="${BENCH_DEFAULTS_CONCURRENCY-1}"; }
 PYTHONUNBUFFERED=1 "$python" bench/gpu/run.py --vramsupply "$work/bin/vramsupply" --llama-server "$work/build/bin/llama-server" \
-    --model "$model" --concurrency "$concurrency" --rounds "${BENCH_ROUNDS:-1}" --build-seconds "$build_s" \
-    --out "$out/gpu-$date_tag.json" 2>&1 | tee "$out/run.log"
+    --model "$model" --concurrency "$concurrency" --defaults-concurrency "$defaults_concurrency" --rounds "${BENCH_ROUNDS:-1}" \
+    --build "$build_s" --out "$out/gpu-$date_tag.json"
 
 stage "5. the scheduler's Python between two decodes"
 PYTHONUNBUFFERED=1 "$python" bench/step_sections.py --model "$model" --rounds 2 --out "$out/gpu-$date_tag-step-sections.json" 2>&1 \
-    | grep -v '^llama_\|^load\|^print_info\|^llm_' | tee "$out/step-sections.log"
+    | grep -v '^llama_\|^load\|^print_info\|^llm_'
+
+if [[ "${ENGINE_TESTS:-1}" == 1 ]]; then
+    stage "6. the engine tests, on this build (the GPU: every test model's layers are offloaded)"
+    xdist=()
+    "$python" -c 'import xdist' 2>/dev/null && xdist=(-n 4)
+    # (but the two that drive the HTTP server with the openai SDK, which that machine lacks)
+    tests=()
+    for test in tests/test_engine*.py; do [[ "$test" == */test_engine_launch.py || "$test" == */test_engine_recurrent.py ]] || tests+=("$test"); done
+    timeout "${ENGINE_TESTS_TIMEOUT:-150}" "$python" -m pytest -q -p no:cacheprovider "${xdist[@]}" --timeout 60 "${tests[@]}" 2>&1 \
+        | tail -n 40 || echo "engine tests: exit $?"
+fi
 stage "done: $out"

@@ -11,7 +11,9 @@
 #      Python package (its ctypes bindings, which load the libraries device.sh builds);
 #   2. wheels for Python 3.12 of the packages vramsupply and the bench need that the machine lacks
 #      (or holds in another major version), at the versions this venv runs;
+#      and pytest with the plugins the engine tests need, to run them there on the GPU;
 #   3. the team's make_bench_model.py.
+# Then bench/gpu/prebuild.sh may add llama.cpp built with CUDA for the lent GPU (kept by a repack).
 # usage: bench/gpu/pack.sh   (env: PACK_PYTHON_VERSION, default 3.12; MAKE_BENCH_MODEL)
 set -euo pipefail
 
@@ -26,7 +28,8 @@ make_bench_model="${MAKE_BENCH_MODEL:-$repo_root/../shared/tools/make_bench_mode
 for ignored in /.gpu/ /.gpu-work/; do  # the pack, and device.sh's build there
     grep -qx "$ignored" .git/info/exclude 2>/dev/null || echo "$ignored" >>.git/info/exclude
 done
-rm -rf .gpu && mkdir -p .gpu/wheels
+# Everything but bench/gpu/prebuild.sh's llama-cuda-bin.*, which takes an hour to make again.
+rm -rf .gpu/wheels .gpu/llama-src.tar.xz .gpu/ggml-vocab-llama-spm.gguf .gpu/make_bench_model.py && mkdir -p .gpu/wheels
 
 echo "== llama.cpp $version source"
 llama="$src/vendor/llama.cpp"
@@ -49,7 +52,7 @@ echo "== wheels for Python $python_version"
 pins=()
 for name in pydantic pydantic-core pydantic-settings typing-inspection annotated-types typing-extensions \
     platformdirs tomli-w python-dotenv orjson gguf diskcache huggingface-hub hf-xet httpx2 httpcore2 \
-    truststore idna anyio h11 click typer prometheus-client; do
+    truststore idna anyio h11 click typer prometheus-client pytest pluggy iniconfig pytest-asyncio pytest-aiohttp pytest-timeout; do
     pins+=("$name==$(.venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")
 done
 platforms=()

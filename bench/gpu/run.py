@@ -1,16 +1,24 @@
 #!/usr/bin/env python3
 """vramsupply against llama-server on one NVIDIA GPU, both built from the same llama.cpp commit.
 
-Both servers get the same model, slots and per-slot context, every layer on the GPU and flash
-attention as each defaults it; the load is bench/run.py's (streaming /v1/completions, ignore_eos,
-temperature 0, 2×c requests per level, a new connection per request) at c = 1, 4, 16 and 64, the
-servers measured in turn level by level, best of the rounds. vramsupply runs a second time with
-``--backend-sampling`` (every request here is backend-eligible: greedy, with ignore_eos's logit
-bias), since sparing each slot's logits the copy to the host is where upstream measured +48 % at 32
-slots, and no CPU can show it. Writes a JSON with every round, the GPU (nvidia-smi), the build time
-of the CUDA wheel, and a markdown table.
+Tuned: both servers get the same model, slots and per-slot context, every layer on the GPU and
+flash attention as each defaults it; the load is bench/run.py's (streaming /v1/completions,
+ignore_eos, temperature 0, 2×c requests per level, a new connection per request) at c = 1, 4, 16
+and 64. vramsupply runs a second time with ``--backend-sampling`` (every request here is
+backend-eligible: greedy, with ignore_eos's logit bias), since sparing each slot's logits the copy
+to the host is where upstream measured +48 % at 32 slots, and no CPU can show it. And at c = 1
+once more with ``--draft-max 0``: on a GPU vramsupply drafts tokens by prompt lookup for a request
+decoding alone, and llama-server does not, so that run shows what the drafts add.
 
-Run through bench/gpu/run.sh, which builds everything first.
+Defaults: then each server as a new user starts it, with the model and nothing else
+(``vramsupply serve --model M`` against ``llama-server -m M``), at c = 1, 4 and 16.
+
+One server runs at a time (two 64-slot servers need not both fit), warmed up alone and at full
+width before its levels are measured, best of the rounds. Writes a JSON with every round, the GPU
+(nvidia-smi) and the llama.cpp build time, and a markdown table.
+
+Run through bench/gpu/device.sh (the lent machine) or bench/gpu/run.sh (a GPU owner's), which
+build everything first.
 """
 
 from __future__ import annotations
@@ -26,13 +34,21 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from client import eos_token_id  # noqa: E402
+from client import eos_token_id, request_bodies, run_level  # noqa: E402
 from report import best_of_rounds, level_of  # noqa: E402
 from run import measure  # noqa: E402
 from servers import HOST, BenchConfig, ServerSpec, running_server, wait_ready  # noqa: E402
 
+RATIOS = [  # (numerator, denominator, what the ratio says)
+    ("vramsupply", "llama-server", "vramsupply/llama-server, tuned"),
+    ("vramsupply-bs", "vramsupply", "with/without --backend-sampling"),
+    ("vramsupply", "vramsupply-nodraft", "with/without prompt-lookup drafts"),
+    ("vramsupply-nodraft", "llama-server", "vramsupply without drafts/llama-server, tuned"),
+    ("vramsupply-defaults", "llama-server-defaults", "vramsupply/llama-server, both at their defaults"),
+]
 
-def gpu_specs(llama_server: Path | None) -> dict[str, ServerSpec]:
+
+def tuned_specs(llama_server: Path | None) -> dict[str, ServerSpec]:
     def vramsupply_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
         return [
             str(cfg.vramsupply_bin), "serve", "--model", str(model), "--parallel", str(cfg.parallel),
@@ -49,12 +65,32 @@ def gpu_specs(llama_server: Path | None) -> dict[str, ServerSpec]:
     def backend_sampling_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
         return [*vramsupply_command(cfg, model, port), "--backend-sampling"]
 
+    def no_draft_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
+        return [*vramsupply_command(cfg, model, port), "--draft-max", "0"]
+
     specs = {
         "vramsupply": ServerSpec("vramsupply", "continuous batching, all layers on the GPU", "/health", True, vramsupply_command),
         "vramsupply-bs": ServerSpec("vramsupply-bs", "the same, sampling in the graph", "/health", True, backend_sampling_command),
+        "vramsupply-nodraft": ServerSpec("vramsupply-nodraft", "the same, no prompt-lookup drafts", "/health", True, no_draft_command),
     }
     if llama_server is not None:  # without it: a smoke run of vramsupply alone
         specs["llama-server"] = ServerSpec("llama-server", "continuous batching, -ngl 999", "/health", True, llama_server_command)
+    return specs
+
+
+def default_specs(llama_server: Path | None) -> dict[str, ServerSpec]:
+    """Each server with the model and nothing else that changes how it runs (the address, and
+    vramsupply's --no-register since nothing here reaches the platform)."""
+
+    def vramsupply_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
+        return [str(cfg.vramsupply_bin), "serve", "--model", str(model), "--no-register", "--host", HOST, "--port", str(port)]
+
+    def llama_server_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
+        return [str(llama_server), "-m", str(model), "--host", HOST, "--port", str(port)]
+
+    specs = {"vramsupply-defaults": ServerSpec("vramsupply-defaults", "its defaults", "/health", True, vramsupply_command)}
+    if llama_server is not None:
+        specs["llama-server-defaults"] = ServerSpec("llama-server-defaults", "its defaults", "/health", True, llama_server_command)
     return specs
 
 
@@ -65,44 +101,71 @@ def nvidia_smi() -> str:
         return f"nvidia-smi failed: {exc}"
 
 
-async def bench(cfg: BenchConfig, specs: dict[str, ServerSpec], model: Path) -> dict:
+async def bench_server(cfg: BenchConfig, spec: ServerSpec, model: Path, concurrency: tuple[int, ...], eos_id: int) -> dict:
+    """One server: ready, warmed up (the first decodes of each batch shape build CUDA graphs), then
+    every level of every round."""
+    with ExitStack() as stack:
+        server = stack.enter_context(running_server(spec, cfg, model))
+        await wait_ready(server, timeout_s=900)
+        await run_level(server.url, request_bodies(spec, 1, 16, eos_id), 1)
+        await run_level(server.url, request_bodies(spec, max(concurrency), 16, eos_id), max(concurrency))
+        rounds = []
+        for round_index in range(cfg.rounds):
+            for c in concurrency:
+                level = await measure(server, cfg, round_index, c, eos_id)
+                print(f"  {spec.name:22} c={c:<3} {level.tok_s:9.1f} tok/s  TTFT p50 {level.ttft_p50_ms} ms"
+                      f"  done {level.completed}/{level.requests}", flush=True)
+                rounds.append(asdict(level))
+        levels = [best_of_rounds([r for r in rounds if r["concurrency"] == c]) for c in concurrency]
+        return {"command": server.command, "log": str(server.log_path), "rounds": rounds, "levels": levels}
+
+
+async def bench(cfg: BenchConfig, plan: list[tuple[ServerSpec, tuple[int, ...]]], model: Path, out: Path, extra: dict) -> dict:
+    """Every server of the plan in turn; the report is written after each, so a run stopped at its
+    time limit keeps what it measured."""
     eos_id = eos_token_id(model)
-    report: dict = {"model": model.name, "servers": {}}
-    for name, spec in specs.items():  # one at a time: two 64-slot servers may not both fit in VRAM
-        with ExitStack() as stack:
-            server = stack.enter_context(running_server(spec, cfg, model))
-            await wait_ready(server, timeout_s=900)
-            rounds = []
-            for round_index in range(cfg.rounds):
-                for concurrency in cfg.concurrency:
-                    level = await measure(server, cfg, round_index, concurrency, eos_id)
-                    print(f"  {name:14} c={concurrency:<3} {level.tok_s:9.1f} tok/s  TTFT p50 {level.ttft_p50_ms} ms", flush=True)
-                    rounds.append(asdict(level))
-            report["servers"][name] = {"command": server.command, "rounds": rounds}
-    for server in report["servers"].values():
-        server["levels"] = [best_of_rounds([r for r in server["rounds"] if r["concurrency"] == c]) for c in cfg.concurrency]
+    report: dict = {"model": model.name, "servers": {}, **extra}
+    for spec, concurrency in plan:
+        try:
+            report["servers"][spec.name] = await bench_server(cfg, spec, model, concurrency, eos_id)
+        except Exception as exc:  # one server failing must not lose the others' numbers
+            print(f"  {spec.name}: FAILED: {exc}", flush=True)
+            report["servers"][spec.name] = {"error": str(exc)[-3000:], "levels": []}
+        write_report(report, out)
     return report
 
 
-def markdown(report: dict, concurrency: list[int]) -> str:
+def write_report(report: dict, out: Path) -> str:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    out.with_suffix(".md").write_text(f"GPU: {report['gpu']}\n\n{table}\n")
+    return table
+
+
+def ratios(report: dict) -> list[str]:
+    lines = []
+    for top, bottom, what in RATIOS:
+        a_server, b_server = report["servers"].get(top), report["servers"].get(bottom)
+        for level in (a_server or {}).get("levels", []):
+            b = level_of(b_server, level["concurrency"]) if b_server else None
+            if b and b["tok_s"]:
+                lines.append(f"c={level['concurrency']}: {what}: tok/s {level['tok_s'] / b['tok_s']:.2f}")
+    return lines
+
+
+def markdown(report: dict) -> str:
     lines = ["| server | c | tok/s | TTFT p50 | TTFT p95 | completed |", "|---|---|---|---|---|---|"]
     for name, server in report["servers"].items():
+        if "error" in server:
+            lines.append(f"| {name} | - | failed | | | |")
         for level in server["levels"]:
             lines.append(f"| {name} | {level['concurrency']} | {level['tok_s']} | {level['ttft_p50_ms']} ms | {level['ttft_p95_ms']} ms | {level['completed']}/{level['requests']} |")
-    ours, theirs = report["servers"].get("vramsupply"), report["servers"].get("llama-server")
-    if ours and theirs:
-        for c in concurrency:
-            a = level_of(ours, c)
-            b = level_of(theirs, c)
-            if a and b and b["tok_s"]:
-                lines.append(f"\nc={c}: vramsupply/llama-server tok/s = {a['tok_s'] / b['tok_s']:.2f}")
-    sampled = report["servers"].get("vramsupply-bs")
-    if ours and sampled:
-        for c in concurrency:
-            a, b = level_of(sampled, c), level_of(ours, c)
-            if a and b and b["tok_s"]:
-                lines.append(f"\nc={c}: with/without --backend-sampling tok/s = {a['tok_s'] / b['tok_s']:.2f}")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *ratios(report)])
+
+
+def parse_levels(text: str) -> tuple[int, ...]:
+    return tuple(int(c) for c in text.split(",") if c)
 
 
 def main() -> None:
@@ -110,32 +173,37 @@ def main() -> None:
     parser.add_argument("--vramsupply", type=Path, required=True, help="the vramsupply command installed with the CUDA build")
     parser.add_argument("--llama-server", type=Path, default=None, help="llama-server built with CUDA (omit for a smoke run of vramsupply alone)")
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="levels of the tuned runs")
+    parser.add_argument("--defaults-concurrency", default="1,4,16", help="levels of the runs at each server's defaults ('' for none)")
     parser.add_argument("--parallel", type=int, default=64)
     parser.add_argument("--context", type=int, default=2048, help="context per slot")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--build-seconds", type=float, default=None, help="how long the CUDA wheel took to build")
+    parser.add_argument("--build", default=None, help="how long the CUDA build of llama.cpp took, and where")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    concurrency = [int(c) for c in args.concurrency.split(",")]
+    tuned, defaults = parse_levels(args.concurrency), parse_levels(args.defaults_concurrency)
     cfg = BenchConfig(
-        models=(args.model,), servers=("vramsupply", "llama-server"), concurrency=tuple(concurrency), requests_per_slot=2,
+        models=(args.model,), servers=(), concurrency=tuned, requests_per_slot=2,
         max_tokens=args.max_tokens, rounds=args.rounds, parallel=args.parallel, context_per_slot=args.context, threads=0,
         vramsupply_bin=args.vramsupply,
     )
-    report = asyncio.run(bench(cfg, gpu_specs(args.llama_server), args.model))
-    report.update(
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        gpu=nvidia_smi(),
-        cuda_wheel_build_s=args.build_seconds,
-        config={"concurrency": concurrency, "parallel": args.parallel, "context_per_slot": args.context, "max_tokens": args.max_tokens, "rounds": args.rounds},
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    table = markdown(report, concurrency)
-    args.out.with_suffix(".md").write_text(f"GPU: {report['gpu']}\n\n{table}\n")
-    print(table)
+    # In the order of what matters most, should the run be stopped early; drafts are made only for a
+    # request decoding alone, so the run without them needs c = 1 alone.
+    tuned_servers = tuned_specs(args.llama_server)
+    plan = [(tuned_servers[name], tuned) for name in ("vramsupply", "llama-server", "vramsupply-bs") if name in tuned_servers]
+    plan.insert(2, (tuned_servers["vramsupply-nodraft"], (1,)))
+    if defaults:
+        plan += [(spec, defaults) for spec in default_specs(args.llama_server).values()]
+    extra = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": nvidia_smi(),
+        "llama_cpp_build": args.build,
+        "config": {"concurrency": tuned, "defaults_concurrency": defaults, "parallel": args.parallel,
+                   "context_per_slot": args.context, "max_tokens": args.max_tokens, "rounds": args.rounds},
+    }
+    report = asyncio.run(bench(cfg, plan, args.model, args.out, extra))
+    print(write_report(report, args.out))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ fi
 echo "== 4. vramsupply vs llama-server"
 out="$repo_root/bench/results/gpu-$(date -u +%Y-%m-%d).json"
 "$python" "$repo_root/bench/gpu/run.py" --vramsupply "$cache/bin/vramsupply" --llama-server "$llama_dir/build-cuda/bin/llama-server" \
-    --model "$model" --rounds "${BENCH_ROUNDS:-2}" --build-seconds "$build_s" --out "$out"
+    --model "$model" --rounds "${BENCH_ROUNDS:-2}" --build "$build_s s, with install.sh" --out "$out"
 echo "results: $out"
 
 echo "== 5. the scheduler's Python between two decodes, on the GPU"
