@@ -103,7 +103,7 @@ def summarize(rows: dict[int, list[tuple[int, float, int, int]]], draft_max: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=f"{TINY_MODEL},{BENCH_MODEL}", help="comma-separated GGUF paths")
-    parser.add_argument("--draft-max", type=int, default=8, help="the drafting engine's --draft-max (default 8, the GPU default)")
+    parser.add_argument("--draft-max", type=int, default=8, help="the drafting engine's --draft-max (default 8)")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds per case; the best is reported (default 3)")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-speculative.json)")
     args = parser.parse_args()

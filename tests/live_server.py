@@ -29,6 +29,7 @@ class LiveServer:
             # One decode thread by default (see conftest.isolated_env): it keeps a shared machine from stalling it.
             threads=app_options.pop("threads", 1),
             stall_timeout=app_options.pop("stall_timeout", 600.0),
+            draft_max=app_options.pop("draft_max", None),
         )
         self._load = load
         self._drain_timeout = drain_timeout

@@ -116,6 +116,8 @@ def test_draft_length_grows_on_success_and_pauses_after_misses() -> None:
     assert state.wanted() == 1
 
 
-def test_drafting_is_off_by_default_on_a_cpu_build() -> None:
+def test_drafting_is_off_unless_asked_for_on_a_cpu_and_on_a_gpu_alike() -> None:
     assert default_draft_max(EngineOptions(model_path=TINY_MODEL, n_gpu_layers=0)) == 0
+    assert default_draft_max(EngineOptions(model_path=TINY_MODEL, n_gpu_layers=-1)) == 0  # every layer offloaded
     assert default_draft_max(EngineOptions(model_path=TINY_MODEL, draft_max=5)) == 5
+    assert default_draft_max(EngineOptions(model_path=TINY_MODEL, draft_max=5), copies_prefixes=False) == 0  # recurrent

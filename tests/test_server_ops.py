@@ -126,6 +126,7 @@ async def test_metrics_parse_and_count_requests(server: LiveServer, http: aiohtt
     assert after[("vramsupply_prompt_cache_bytes", ())] == stats.prompt_cache_bytes
     assert after[("vramsupply_prompt_cache_entries", ())] == stats.prompt_cache_entries
     assert after[("vramsupply_checkpoint_bytes", ())] == 0, "a llama model's KV is cut back, never checkpointed"
+    assert after[("vramsupply_draft_tokens_total", ())] == 0, "drafting is off unless --draft-max asks for it"
 
 
 async def test_metrics_see_busy_slots(server: LiveServer, http: aiohttp.ClientSession) -> None:
@@ -137,6 +138,20 @@ async def test_metrics_see_busy_slots(server: LiveServer, http: aiohttp.ClientSe
     await wait_for_health(http, server, busy=0)
 
     assert samples[("vramsupply_slots_busy", ())] == 1
+
+
+async def test_a_provider_who_turned_drafting_on_sees_how_much_of_it_was_accepted(http: aiohttp.ClientSession) -> None:
+    quoting = "Tom said: the big red ball is mine. Lily said: the big red ball is mine. Tom said: the big"
+    async with LiveServer(parallel=2, draft_max=8) as live:
+        async with http.post(live.url + "/v1/completions", json={"prompt": quoting, "max_tokens": 60, "temperature": 0}) as response:
+            assert response.status == 200
+        async with http.get(live.url + "/metrics") as scrape:
+            samples = metric_samples(await scrape.text())
+        stats = live.engine.stats()
+
+    drafted, accepted = samples[("vramsupply_draft_tokens_total", ())], samples[("vramsupply_draft_accepted_tokens_total", ())]
+    assert (drafted, accepted) == (stats.draft_tokens_total, stats.draft_accepted_total)
+    assert 0 < accepted <= drafted, "the quoting request drafts from its prompt, and some drafts hold"
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,13 @@
 #      the same kernels. Unpacked from .gpu/llama-cuda-bin.tar.xz where bench/gpu/prebuild.sh built
 #      them on the CPU machine (the build takes minutes of the lease), else ONE CMake build here;
 #   3. the bench model (2048 x 16, Q8_0, 1.1B) written with make_bench_model.py;
-#   4. bench/gpu/run.py (vramsupply, vramsupply --backend-sampling, llama-server at c = 1, 4, 16,
-#      64; then both servers at their defaults at c = 1, 4, 16) and bench/step_sections.py;
+#   4. bench/gpu/run.py (vramsupply, llama-server -kvu and without, vramsupply --backend-sampling
+#      at c = 1, 4, 16, 64; vramsupply --draft-max 8 at c = 1; then both servers at their
+#      defaults at c = 1, 4, 16), bench/speculative.py and bench/step_sections.py;
 #   5. the engine tests (tests/test_engine*.py) on this build: on a GPU, on the GPU.
 # $OUT gets at most 8 files back, so it holds: device.log (all of this output), the results
-# (gpu-<date>.json and .md, gpu-<date>-step-sections.json) and logs.tar.gz (CMake, the servers).
+# (gpu-<date>.json and .md, gpu-<date>-speculative.json, gpu-<date>-step-sections.json) and
+# logs.tar.gz (CMake, the servers).
 # usage, on the device: bash bench/gpu/device.sh        (carry .gpu; timeout_s 600)
 #        anywhere, as a rehearsal without a GPU:  PYTHON=... bash bench/gpu/device.sh cpu
 # env: PYTHON (default python3), GPU_WORK (default .gpu-work in this checkout, git-ignored, so a
@@ -22,7 +24,7 @@
 #      BUILD_ONLY=1 (stop after the build: for a first call when the build may take most of the
 #      command's 10 minutes), BENCH_ROUNDS (default 1), BENCH_DIM / BENCH_LAYERS / BENCH_FFN,
 #      BENCH_CONCURRENCY (default 1,4,16,64), BENCH_DEFAULTS_CONCURRENCY (default 1,4,16; '' skips),
-#      ENGINE_TESTS (default 1; 0 skips them), ENGINE_TESTS_TIMEOUT (default 150 s)
+#      SPECULATIVE, STEP_SECTIONS, ENGINE_TESTS (each default 1; 0 skips it), ENGINE_TESTS_TIMEOUT (150 s)
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -169,12 +171,19 @@ PYTHONUNBUFFERED=1 "$python" bench/gpu/run.py --vramsupply "$work/bin/vramsupply
     --model "$model" --concurrency "$concurrency" --defaults-concurrency "$defaults_concurrency" --rounds "${BENCH_ROUNDS:-1}" \
     --build "$build_s" --out "$out/gpu-$date_tag.json"
 
-stage "5. the scheduler's Python between two decodes"
-PYTHONUNBUFFERED=1 "$python" bench/step_sections.py --model "$model" --rounds 2 --out "$out/gpu-$date_tag-step-sections.json" 2>&1 \
-    | grep -v '^llama_\|^load\|^print_info\|^llm_'
+quiet() { grep -v '^llama_\|^load\|^print_info\|^llm_\|^ggml_\|^  Device' || true; }
+if [[ "${SPECULATIVE:-1}" == 1 ]]; then
+    stage "5. prompt-lookup drafts with and without, in the engine (bench/speculative.py)"
+    PYTHONUNBUFFERED=1 "$python" bench/speculative.py --models "vramsupply/assets/stories260K.gguf,$model" --rounds 3 \
+        --out "$out/gpu-$date_tag-speculative.json" 2>&1 | quiet
+fi
+if [[ "${STEP_SECTIONS:-1}" == 1 ]]; then
+    stage "6. the scheduler's Python between two decodes"
+    PYTHONUNBUFFERED=1 "$python" bench/step_sections.py --model "$model" --rounds 2 --out "$out/gpu-$date_tag-step-sections.json" 2>&1 | quiet
+fi
 
 if [[ "${ENGINE_TESTS:-1}" == 1 ]]; then
-    stage "6. the engine tests, on this build (the GPU: every test model's layers are offloaded)"
+    stage "7. the engine tests, on this build (the GPU: every test model's layers are offloaded)"
     xdist=()
     "$python" -c 'import xdist' 2>/dev/null && xdist=(-n 4)
     # (but the two that drive the HTTP server with the openai SDK, which that machine lacks)

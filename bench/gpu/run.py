@@ -1,21 +1,23 @@
 #!/usr/bin/env python3
 """vramsupply against llama-server on one NVIDIA GPU, both built from the same llama.cpp commit.
 
-Tuned: both servers get the same model, slots and per-slot context, every layer on the GPU and
-flash attention as each defaults it; the load is bench/run.py's (streaming /v1/completions,
-ignore_eos, temperature 0, 2×c requests per level, a new connection per request) at c = 1, 4, 16
-and 64. vramsupply runs a second time with ``--backend-sampling`` (every request here is
+Tuned: both servers get the same model, slots and context (64 slots, one KV cache of 64 × 2048
+tokens), every layer on the GPU and flash attention as each defaults it; the load is
+bench/run.py's (streaming /v1/completions, ignore_eos, temperature 0, 2×c requests per level, a
+new connection per request) at c = 1, 4, 16 and 64. llama-server runs twice: with ``-kvu``, the
+slots sharing one cache as vramsupply's do, and without (its layout when ``-np`` is given: one
+cache stream per slot). vramsupply runs again with ``--backend-sampling`` (every request here is
 backend-eligible: greedy, with ignore_eos's logit bias), since sparing each slot's logits the copy
-to the host is where upstream measured +48 % at 32 slots, and no CPU can show it. And at c = 1
-once more with ``--draft-max 0``: on a GPU vramsupply drafts tokens by prompt lookup for a request
-decoding alone, and llama-server does not, so that run shows what the drafts add.
+to the host is where upstream measured +48 % at 32 slots, and no CPU can show it; and at c = 1 with
+``--draft-max 8`` (prompt lookup drafts only for a request decoding alone).
 
 Defaults: then each server as a new user starts it, with the model and nothing else
 (``vramsupply serve --model M`` against ``llama-server -m M``), at c = 1, 4 and 16.
 
 One server runs at a time (two 64-slot servers need not both fit), warmed up alone and at full
-width before its levels are measured, best of the rounds. Writes a JSON with every round, the GPU
-(nvidia-smi) and the llama.cpp build time, and a markdown table.
+width before its levels are measured, best of the rounds; vramsupply's draft counters are read
+from its /metrics at the end. Writes a JSON with every round, the GPU (nvidia-smi) and the
+llama.cpp build time, and a markdown table, after each server.
 
 Run through bench/gpu/device.sh (the lent machine) or bench/gpu/run.sh (a GPU owner's), which
 build everything first.
@@ -29,9 +31,13 @@ import datetime as dt
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from client import eos_token_id, request_bodies, run_level  # noqa: E402
@@ -40,19 +46,22 @@ from run import measure  # noqa: E402
 from servers import HOST, BenchConfig, ServerSpec, running_server, wait_ready  # noqa: E402
 
 RATIOS = [  # (numerator, denominator, what the ratio says)
-    ("vramsupply", "llama-server", "vramsupply/llama-server, tuned"),
+    ("vramsupply", "llama-server-kvu", "vramsupply/llama-server -kvu, tuned"),
+    ("vramsupply", "llama-server", "vramsupply/llama-server (a cache stream per slot), tuned"),
     ("vramsupply-bs", "vramsupply", "with/without --backend-sampling"),
-    ("vramsupply", "vramsupply-nodraft", "with/without prompt-lookup drafts"),
-    ("vramsupply-nodraft", "llama-server", "vramsupply without drafts/llama-server, tuned"),
+    ("vramsupply-draft8", "vramsupply", "with/without prompt-lookup drafts (--draft-max 8)"),
     ("vramsupply-defaults", "llama-server-defaults", "vramsupply/llama-server, both at their defaults"),
 ]
+TUNED_ORDER = ("vramsupply", "llama-server-kvu", "llama-server", "vramsupply-draft8", "vramsupply-bs")
+"""The order the tuned servers run in: what matters most first, should the run be stopped early."""
 
 
 def tuned_specs(llama_server: Path | None) -> dict[str, ServerSpec]:
     def vramsupply_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
         return [
+            # One KV cache of parallel x context_per_slot tokens shared by the slots, as llama-server's -c.
             str(cfg.vramsupply_bin), "serve", "--model", str(model), "--parallel", str(cfg.parallel),
-            "--context-length", str(cfg.context_per_slot), "--n-gpu-layers", "-1",
+            "--context-length", str(cfg.parallel * cfg.context_per_slot), "--n-gpu-layers", "-1",
             "--no-register", "--host", HOST, "--port", str(port), "--log-level", "INFO",
         ]  # fmt: skip
 
@@ -62,20 +71,21 @@ def tuned_specs(llama_server: Path | None) -> dict[str, ServerSpec]:
             "-ngl", "999", "--host", HOST, "--port", str(port),
         ]  # fmt: skip
 
-    def backend_sampling_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
-        return [*vramsupply_command(cfg, model, port), "--backend-sampling"]
+    def with_flags(command: Callable[[BenchConfig, Path, int], list[str]], *flags: str) -> Callable[[BenchConfig, Path, int], list[str]]:
+        return lambda cfg, model, port: [*command(cfg, model, port), *flags]
 
-    def no_draft_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
-        return [*vramsupply_command(cfg, model, port), "--draft-max", "0"]
-
-    specs = {
-        "vramsupply": ServerSpec("vramsupply", "continuous batching, all layers on the GPU", "/health", True, vramsupply_command),
-        "vramsupply-bs": ServerSpec("vramsupply-bs", "the same, sampling in the graph", "/health", True, backend_sampling_command),
-        "vramsupply-nodraft": ServerSpec("vramsupply-nodraft", "the same, no prompt-lookup drafts", "/health", True, no_draft_command),
-    }
+    specs = [
+        ServerSpec("vramsupply", "continuous batching, all layers on the GPU", "/health", True, vramsupply_command),
+        ServerSpec("vramsupply-bs", "the same, sampling in the graph", "/health", True, with_flags(vramsupply_command, "--backend-sampling")),
+        ServerSpec("vramsupply-draft8", "the same, prompt-lookup drafts", "/health", True, with_flags(vramsupply_command, "--draft-max", "8")),
+    ]
     if llama_server is not None:  # without it: a smoke run of vramsupply alone
-        specs["llama-server"] = ServerSpec("llama-server", "continuous batching, -ngl 999", "/health", True, llama_server_command)
-    return specs
+        specs += [
+            ServerSpec("llama-server-kvu", "continuous batching, -ngl 999, one shared cache", "/health", True,
+                       with_flags(llama_server_command, "-kvu")),
+            ServerSpec("llama-server", "continuous batching, -ngl 999, a cache stream per slot", "/health", True, llama_server_command),
+        ]
+    return {spec.name: spec for spec in specs}
 
 
 def default_specs(llama_server: Path | None) -> dict[str, ServerSpec]:
@@ -117,7 +127,22 @@ async def bench_server(cfg: BenchConfig, spec: ServerSpec, model: Path, concurre
                       f"  done {level.completed}/{level.requests}", flush=True)
                 rounds.append(asdict(level))
         levels = [best_of_rounds([r for r in rounds if r["concurrency"] == c]) for c in concurrency]
-        return {"command": server.command, "log": str(server.log_path), "rounds": rounds, "levels": levels}
+        report = {"command": server.command, "log": str(server.log_path), "rounds": rounds, "levels": levels}
+        if spec.name.startswith("vramsupply"):
+            report["draft_counters"] = await draft_counters(server.url)
+        return report
+
+
+async def draft_counters(url: str) -> dict[str, float]:
+    """vramsupply's prompt-lookup counters from /metrics (all of this server's requests, warm-up too)."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as response:
+        text = await response.text()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("vramsupply_draft")
+    }
 
 
 async def bench(cfg: BenchConfig, plan: list[tuple[ServerSpec, tuple[int, ...]]], model: Path, out: Path, extra: dict) -> dict:
@@ -161,7 +186,12 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | - | failed | | | |")
         for level in server["levels"]:
             lines.append(f"| {name} | {level['concurrency']} | {level['tok_s']} | {level['ttft_p50_ms']} ms | {level['ttft_p95_ms']} ms | {level['completed']}/{level['requests']} |")
-    return "\n".join([*lines, "", *ratios(report)])
+    drafts = [
+        f"{name}: {server['draft_counters'].get('vramsupply_draft_accepted_tokens_total', 0):.0f} of "
+        f"{server['draft_counters'].get('vramsupply_draft_tokens_total', 0):.0f} drafted tokens accepted"
+        for name, server in report["servers"].items() if server.get("draft_counters")
+    ]
+    return "\n".join([*lines, "", *ratios(report), "", *drafts])
 
 
 def parse_levels(text: str) -> tuple[int, ...]:
@@ -188,11 +218,9 @@ def main() -> None:
         max_tokens=args.max_tokens, rounds=args.rounds, parallel=args.parallel, context_per_slot=args.context, threads=0,
         vramsupply_bin=args.vramsupply,
     )
-    # In the order of what matters most, should the run be stopped early; drafts are made only for a
-    # request decoding alone, so the run without them needs c = 1 alone.
     tuned_servers = tuned_specs(args.llama_server)
-    plan = [(tuned_servers[name], tuned) for name in ("vramsupply", "llama-server", "vramsupply-bs") if name in tuned_servers]
-    plan.insert(2, (tuned_servers["vramsupply-nodraft"], (1,)))
+    # Drafts are made only for a request decoding alone: the run with them needs c = 1 alone.
+    plan = [(tuned_servers[name], (1,) if name == "vramsupply-draft8" else tuned) for name in TUNED_ORDER if name in tuned_servers]
     if defaults:
         plan += [(spec, defaults) for spec in default_specs(args.llama_server).values()]
     extra = {

@@ -33,7 +33,7 @@ def serve(
     max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests that may wait for a slot before new ones get 429."),
     stall_timeout: Optional[float] = typer.Option(None, "--stall-timeout", help="Seconds a decode step may run while requests wait before the engine counts as failed (default 600)."),
     cache_ram: Optional[int] = typer.Option(None, "--cache-ram", help="MiB of RAM for the prompt cache (default: 1/4 of free RAM, at most 8192; 0: off)."),
-    draft_max: Optional[int] = typer.Option(None, "--draft-max", help="Tokens prompt lookup may draft per step for a lone request (default: 8 on a GPU, 0 = off on a CPU)."),
+    draft_max: Optional[int] = typer.Option(None, "--draft-max", help="Tokens prompt lookup may draft per step for a lone request (default 0 = off)."),
     backend_sampling: Optional[bool] = typer.Option(None, "--backend-sampling", help="Sample on the device, so logits never cross to the host (for GPUs)."),
     stream_interval_ms: Optional[float] = typer.Option(None, "--stream-interval-ms", help="Milliseconds between SSE writes of mid-answer tokens (default 12; 0: every decode step)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="llama.cpp (default), vllm, sglang, or upstream (a running OpenAI-compatible server)."),

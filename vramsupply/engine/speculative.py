@@ -9,9 +9,10 @@ mismatch is itself the correctly sampled next token, so every step yields at lea
 the output is exactly what plain decoding gives (same chain, same RNG draws, same order); only the
 number of decode calls changes. Rejected draft tokens are removed from the KV.
 
-A draft costs a wider decode step. When one sequence decodes alone the step is bound by reading
-the weights, so verifying a few extra tokens is almost free and every accepted one saves a step.
-With several busy slots the step is already wide, so drafting is only done for a slot decoding
+A draft costs a wider decode step. When one sequence decodes alone the step should be bound by
+reading the weights, so verifying a few extra tokens should be almost free and every accepted one
+saves a step; measured, it did not pay on a CPU nor on an H200 (``default_draft_max``), so it is
+opt-in (``--draft-max``). With several busy slots the step is already wide, so drafting is only done for a slot decoding
 alone with nobody waiting (it "switches off by itself" under load), and a slot whose drafts keep
 failing drafts less, then pauses (``DraftState``).
 """
@@ -20,11 +21,9 @@ from __future__ import annotations
 
 import logging
 
-import llama_cpp
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .model import resolve_gpu_layers
 from .types import EngineOptions
 
 log = logging.getLogger(__name__)
@@ -36,22 +35,22 @@ PAUSE_STEPS = 16
 
 
 def default_draft_max(options: EngineOptions, copies_prefixes: bool = True) -> int:
-    """``draft_max`` as configured, or by default ``MAX_DRAFT`` on a GPU and off on a CPU; always
-    off for a model whose state cannot be cut back (``Model.copies_prefixes``: recurrent and
-    hybrid models), since rejected draft tokens could not be removed from it.
+    """``draft_max`` as configured, off (0) by default; always off for a model whose state cannot
+    be cut back (``Model.copies_prefixes``: recurrent and hybrid models), since rejected draft
+    tokens could not be removed from it.
 
-    On a GPU a decode step reads the weights once and leaves the compute units idle, so verify
-    rows are nearly free. On a CPU each verify row costs about as much as a prompt token, and
-    drafts would have to be accepted most of the time to pay (see the README's measurements).
+    Off by default on a GPU too, as in llama-server: on an H200 it cost a lone request 23 % of its
+    tok/s in the GPU bench (``bench/results/gpu-2026-12-04.json``; the README's "Speculative
+    decoding"). The likely cause, from llama.cpp's code, not measured apart: a step with drafted
+    rows differs in shape from the plain one-row step, so llama.cpp builds its graph again and
+    CUDA replays no captured graph for it. On a CPU each verify row costs about as much as a
+    prompt token. ``--draft-max`` turns it on for input-grounded workloads.
     """
     if not copies_prefixes:
         if options.draft_max:
             log.warning("speculative decoding is off: this model keeps a recurrent state, which cannot take back rejected drafts")
         return 0
-    if options.draft_max is not None:
-        return options.draft_max
-    on_gpu = llama_cpp.llama_supports_gpu_offload() and resolve_gpu_layers(options.n_gpu_layers) != 0
-    return MAX_DRAFT if on_gpu else 0
+    return options.draft_max or 0
 
 
 def lookup(history: np.ndarray, max_draft: int) -> np.ndarray:

@@ -89,6 +89,8 @@ class EngineCounters:
          "checkpoints_total"),
         ("vramsupply_checkpoint_restores", "Prompts of a recurrent model started from a checkpoint instead of from nothing",
          "checkpoint_restores_total"),
+        ("vramsupply_draft_tokens", "Tokens drafted by prompt lookup (--draft-max) and verified in a decode step", "draft_tokens_total"),
+        ("vramsupply_draft_accepted_tokens", "Drafted tokens the model confirmed (each one saved a decode step)", "draft_accepted_total"),
     )
 
     def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
