@@ -159,9 +159,14 @@ def test_the_shared_kv_cache_costs_one_context_whatever_the_slot_count(llama_8b:
     assert kv(Settings(4096, 4, kv_per_slot=True)) == 4 * one_context
 
 
-def test_a_context_beyond_the_training_context_is_planned_at_the_training_context(shapes: dict[str, Path]) -> None:
-    plan = make_plan(local_source(str(shapes["tiny"])), Target((), HOST), Settings(8192, 1))
-    assert plan.settings.context_length == 2048
+def test_a_context_beyond_the_training_context_is_planned_as_the_engine_serves_it(shapes: dict[str, Path]) -> None:
+    def planned(settings: Settings) -> int:  # the tiny model was trained on 2048 tokens
+        return make_plan(local_source(str(shapes["tiny"])), Target((), HOST), settings).settings.context_length
+
+    assert planned(Settings(8192, 1)) == 2048  # one slot: its requests are cut to 2048
+    assert planned(Settings(8192, 4)) == 8192  # a cache shared by 4 slots keeps its size
+    assert planned(Settings(16384, 4)) == 8192  # ... up to what 4 requests of 2048 fill
+    assert planned(Settings(8192, 4, kv_per_slot=True)) == 2048  # a cache per slot is one request's
 
 
 def test_plan_json_for_a_local_file_has_exactly_the_documented_keys(shapes: dict[str, Path]) -> None:

@@ -26,6 +26,7 @@ from .text import StopStrings
 from .scheduler import Scheduler
 from .speculative import default_draft_max
 from .slots import Task
+from .trained_context import served_context
 from .types import ContextOverflow, EngineClosed, EngineFailed, EngineOptions, EngineStats, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,17 @@ class Engine:
     def load(cls, options: EngineOptions) -> Engine:
         """Load the GGUF and start the scheduler thread. Blocking: call via ``asyncio.to_thread``."""
         model = Model.load(options.model_path, options.n_gpu_layers, options.gpu)
-        options = fit_to_training_context(options, model)
+        served = served_context(options.n_ctx, options.parallel, options.kv_per_slot, model.n_ctx_train)
+        if served.capped(options.n_ctx):
+            log.warning("context_length %d is more than %s was trained on; serving requests of up to %d tokens, %s",
+                        options.n_ctx, model.name, served.request_tokens, kv_layout(options.kv_per_slot, served.cache_tokens))
+        options = replace(options, n_ctx=served.cache_tokens)
         context = None
         try:
             context = create_context(model, options)
             # llama.cpp rounds per-sequence context up to a multiple of 256 and never gives less
             # than asked; enforce exactly what was configured (and offered to the market).
-            n_ctx = min(options.n_ctx, llama_cpp.llama_n_ctx_seq(context.ctx))
+            n_ctx = min(served.request_tokens, llama_cpp.llama_n_ctx_seq(context.ctx))
             n_batch = llama_cpp.llama_n_batch(context.ctx)
             cache_ram = default_budget_mib() if options.cache_ram is None else options.cache_ram
             max_draft = default_draft_max(options, model.copies_prefixes)
@@ -79,10 +84,11 @@ class Engine:
             raise
         engine = cls(options, model, context, scheduler, n_ctx, n_batch)
         log.info(
-            "loaded %s: %d slots, %s, n_batch %d, %d/%d threads (decode/prompt), prompt cache %d MiB, GPU offload %s",
+            "loaded %s: %d slots, %s, requests of up to %d tokens, n_batch %d, %d/%d threads (decode/prompt), prompt cache %d MiB, GPU offload %s",
             model.name,
             options.parallel,
-            kv_layout(options.kv_per_slot, n_ctx),
+            kv_layout(options.kv_per_slot, options.n_ctx),
+            n_ctx,
             n_batch,
             llama_cpp.llama_n_threads(context.ctx),
             llama_cpp.llama_n_threads_batch(context.ctx),
@@ -272,16 +278,3 @@ def kv_layout(per_slot: bool, n_ctx: int) -> str:
     if per_slot:
         return f"a KV cache of {n_ctx} tokens per slot"
     return f"one KV cache of {n_ctx} tokens shared by the slots"
-
-
-def fit_to_training_context(options: EngineOptions, model: Model) -> EngineOptions:
-    """Never offer more context than the model was trained on: past it, output degrades silently."""
-    if 0 < model.n_ctx_train < options.n_ctx:
-        log.warning(
-            "context_length %d is more than %s was trained on; serving %d-token requests",
-            options.n_ctx,
-            model.name,
-            model.n_ctx_train,
-        )
-        return replace(options, n_ctx=model.n_ctx_train)
-    return options

@@ -23,6 +23,7 @@ from typing import Any
 
 from vramsupply.gpu.devices import Device
 from vramsupply.gpu.estimate import Estimate, Settings, estimate
+from vramsupply.engine.trained_context import served_context
 from vramsupply.gpu.source import ModelSource, QuantFile
 
 GIB = 1024**3
@@ -163,10 +164,11 @@ def make_plan(
 ) -> Plan:
     """Size every quant; choose `quant` if given, else the best that fits; shrink what is not fixed.
 
-    A context beyond the model's training context is served at the training context (the engine
-    caps it), so it is planned that way too."""
-    if 0 < source.shape.n_ctx_train < settings.context_length:
-        settings = replace(settings, context_length=source.shape.n_ctx_train)
+    A context beyond the model's training context is served as the engine serves it
+    (``served_context``: requests cut to the training context, a shared cache kept up to what the
+    slots can fill), so it is planned that way too."""
+    served = served_context(settings.context_length, settings.parallel, settings.kv_per_slot, source.shape.n_ctx_train)
+    settings = replace(settings, context_length=served.cache_tokens)
     quants = ranked(source.quants)
     candidates = tuple(candidate(source, q, target, settings) for q in quants)
     pool = [c for c in candidates if c.quant == quant] if quant else [c for c in candidates if c.quant not in FULL_PRECISION] or list(candidates)

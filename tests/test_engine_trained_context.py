@@ -1,0 +1,42 @@
+"""A model trained on a short context, served with a long one (llama-server's -c with -np):
+requests are cut to what the model was trained on, and the slots keep the shared cache's room."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import TINY_MODEL
+from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
+from vramsupply.engine.trained_context import ServedContext, served_context
+from vramsupply.engine.types import ContextOverflow
+
+TRAINED = 2048  # stories260K's llama.context_length
+
+
+def test_requests_are_cut_to_the_training_context_and_a_shared_cache_keeps_its_room() -> None:
+    assert served_context(4096, 16, False, 32768) == ServedContext(4096, 4096)  # within training: as configured
+    assert served_context(4096, 16, False, 0) == ServedContext(4096, 4096)  # unknown training context: no cap
+    assert served_context(131072, 64, False, 4096) == ServedContext(4096, 131072)  # the H200 bench's 64 slots
+    assert served_context(131072, 4, False, 4096) == ServedContext(4096, 16384)  # no more than 4 requests fill
+    assert served_context(131072, 1, False, 4096) == ServedContext(4096, 4096)
+    assert served_context(131072, 4, True, 4096) == ServedContext(4096, 4096)  # per slot: one request's cache
+
+
+async def test_four_long_requests_run_side_by_side_on_a_model_trained_on_less(caplog: pytest.LogCaptureFixture) -> None:
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=8192, parallel=4, threads=1, cache_ram=0)) as engine:
+        assert engine.n_ctx == TRAINED
+        assert engine.kv_tokens >= 8192
+        assert "serving requests of up to 2048 tokens, one KV cache of 8192 tokens shared by the slots" in caplog.text
+
+        prompts = [engine.tokenize(f"Once upon a time, {name} went to the park") for name in ("Tom", "Lily", "Sam", "Mia")]
+        generations = [
+            engine.submit(GenerationRequest(p, sampling=SamplingParams(temperature=0), max_tokens=1800, ignore_eos=True)) for p in prompts
+        ]
+        await asyncio.gather(*(g.collect() for g in generations))
+
+        assert [len(g.token_ids) for g in generations] == [1800] * 4
+        assert engine.stats().preemptions_total == 0, "four requests of ~1810 tokens fit the 8192-token cache together"
+        with pytest.raises(ContextOverflow):
+            engine.submit(GenerationRequest(prompts[0], max_tokens=TRAINED))  # past the training context
