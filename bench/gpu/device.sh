@@ -24,6 +24,7 @@
 #      BUILD_ONLY=1 (stop after the build: for a first call when the build may take most of the
 #      command's 10 minutes), BENCH_ROUNDS (default 1), BENCH_DIM / BENCH_LAYERS / BENCH_FFN,
 #      BENCH_CONCURRENCY (default 1,4,16,64), BENCH_DEFAULTS_CONCURRENCY (default 1,4,16; '' skips),
+#      BENCH_SERVERS (run.py's --servers: only these, comma-separated),
 #      SPECULATIVE, STEP_SECTIONS, ENGINE_TESTS (each default 1; 0 skips it), ENGINE_TESTS_TIMEOUT (150 s)
 set -euo pipefail
 
@@ -169,7 +170,7 @@ defaults_concurrency="${BENCH_DEFAULTS_CONCURRENCY-1,4,16}"
 [[ "$backend" == cuda ]] || { concurrency="${BENCH_CONCURRENCY:-1,4}"; defaults_concurrency="${BENCH_DEFAULTS_CONCURRENCY-1}"; }
 PYTHONUNBUFFERED=1 "$python" bench/gpu/run.py --vramsupply "$work/bin/vramsupply" --llama-server "$work/build/bin/llama-server" \
     --model "$model" --concurrency "$concurrency" --defaults-concurrency "$defaults_concurrency" --rounds "${BENCH_ROUNDS:-1}" \
-    --build "$build_s" --out "$out/gpu-$date_tag.json"
+    --build "$build_s" --servers "${BENCH_SERVERS:-}" --out "$out/gpu-$date_tag.json"
 
 quiet() { grep -v '^llama_\|^load\|^print_info\|^llm_\|^ggml_\|^  Device' || true; }
 if [[ "${SPECULATIVE:-1}" == 1 ]]; then

@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--build", default=None, help="how long the CUDA build of llama.cpp took, and where")
+    parser.add_argument("--servers", default="", help="run only these (comma-separated names; default all)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     tuned, defaults = parse_levels(args.concurrency), parse_levels(args.defaults_concurrency)
@@ -223,6 +224,8 @@ def main() -> None:
     plan = [(tuned_servers[name], (1,) if name == "vramsupply-draft8" else tuned) for name in TUNED_ORDER if name in tuned_servers]
     if defaults:
         plan += [(spec, defaults) for spec in default_specs(args.llama_server).values()]
+    if args.servers:
+        plan = [(spec, levels) for spec, levels in plan if spec.name in args.servers.split(",")]
     extra = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "gpu": nvidia_smi(),
