@@ -12,7 +12,8 @@
 #     from the driver functions ggml-cuda calls, only to link; the GPU machine's driver is loaded.
 # Built in one pass without the stub's symbols (a shared library may leave symbols undefined),
 # then the stub is written from what libggml-cuda.so left undefined, and everything is linked again.
-# Takes about an hour on 2 cores (the flash-attention and quantized-matmul template instances).
+# Took about 27 minutes on the 2-core development machine (mostly the flash-attention and
+# quantized-matmul template instances), sharing it with another build for part of the time.
 # usage: bench/gpu/pack.sh && bench/gpu/prebuild.sh [ARCH]   (env: PREBUILD_WORK, PREBUILD_JOBS)
 set -euo pipefail
 
@@ -56,7 +57,9 @@ stub() {  # a libcuda.so.1 that defines each named driver function as an empty o
 echo "== 2. configure, sm_$arch"
 if [[ ! -f "$build/CMakeCache.txt" ]]; then
     rm -rf "$src" && mkdir -p "$src" && tar -C "$src" -xJf .gpu/llama-src.tar.xz
-    PATH="$tk/bin:$PATH" cmake -S "$src/vendor/llama.cpp" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+    generator=()
+    command -v ninja >/dev/null && generator=(-G Ninja)
+    PATH="$tk/bin:$PATH" cmake -S "$src/vendor/llama.cpp" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
         -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
         -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch-real" -DCUDAToolkit_ROOT="$tk" -DCMAKE_CUDA_COMPILER="$tk/bin/nvcc" \
         -DCUDA_cublas_LIBRARY="$tk/lib/libcublas.so" -DCUDA_cublasLt_LIBRARY="$tk/lib/libcublasLt.so" \

@@ -58,17 +58,13 @@ class Engine:
     def load(cls, options: EngineOptions) -> Engine:
         """Load the GGUF and start the scheduler thread. Blocking: call via ``asyncio.to_thread``."""
         model = Model.load(options.model_path, options.n_gpu_layers, options.gpu)
-        served = served_context(options.n_ctx, options.parallel, options.kv_per_slot, model.n_ctx_train)
-        if served.capped(options.n_ctx):
-            log.warning("context_length %d is more than %s was trained on; serving requests of up to %d tokens, %s",
-                        options.n_ctx, model.name, served.request_tokens, kv_layout(options.kv_per_slot, served.cache_tokens))
-        options = replace(options, n_ctx=served.cache_tokens)
+        options, request_tokens = fit_to_training_context(options, model)
         context = None
         try:
             context = create_context(model, options)
             # llama.cpp rounds per-sequence context up to a multiple of 256 and never gives less
             # than asked; enforce exactly what was configured (and offered to the market).
-            n_ctx = min(served.request_tokens, llama_cpp.llama_n_ctx_seq(context.ctx))
+            n_ctx = min(request_tokens, llama_cpp.llama_n_ctx_seq(context.ctx))
             n_batch = llama_cpp.llama_n_batch(context.ctx)
             cache_ram = default_budget_mib() if options.cache_ram is None else options.cache_ram
             max_draft = default_draft_max(options, model.copies_prefixes)
@@ -278,3 +274,13 @@ def kv_layout(per_slot: bool, n_ctx: int) -> str:
     if per_slot:
         return f"a KV cache of {n_ctx} tokens per slot"
     return f"one KV cache of {n_ctx} tokens shared by the slots"
+
+
+def fit_to_training_context(options: EngineOptions, model: Model) -> tuple[EngineOptions, int]:
+    """The options with the KV cache sized for what the model was trained on, and the longest
+    request it may serve (``trained_context``: past the training context output degrades silently)."""
+    served = served_context(options.n_ctx, options.parallel, options.kv_per_slot, model.n_ctx_train)
+    if served.capped(options.n_ctx):
+        log.warning("context_length %d is more than %s was trained on; serving requests of up to %d tokens, %s",
+                    options.n_ctx, model.name, served.request_tokens, kv_layout(options.kv_per_slot, served.cache_tokens))
+    return replace(options, n_ctx=served.cache_tokens), served.request_tokens
