@@ -8,36 +8,61 @@ server's group about one core, since the kernel groups threads by session). Prin
 
     bench/.cache/venv-llamacpp-server/bin/python bench/contention.py
 """
-import asyncio, subprocess, sys, time, json
-sys.path.insert(0, "/work/main/bench")
-from servers import SERVERS, BENCH_MODEL, defaults_config, running_server, wait_ready, REPO
-from client import eos_token_id, request_bodies, run_level
 
-def hogs(n):
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(n)]
+from __future__ import annotations
 
-async def level(server, c, eos):
-    bodies = request_bodies(server.spec, 2 * c, 64, eos)
-    results, wall = await run_level(server.url, bodies, c)
-    return round(sum(r.completion_tokens for r in results) / wall, 1)
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-async def main():
-    model = BENCH_MODEL
-    cfg = defaults_config(model, REPO / ".venv" / "bin" / "vramsupply")
-    eos = eos_token_id(model)
-    out = {}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from client import eos_token_id, request_bodies, run_level  # noqa: E402
+from servers import BENCH_MODEL, REPO, SERVERS, defaults_config, running_server, wait_ready  # noqa: E402
+
+HOGS = 2
+LEVELS = (1, 4)
+
+
+def hogs(count: int) -> list[subprocess.Popen]:
+    """Busy programs in a session of their own (so the kernel schedules them as a group apart)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(count)]
+
+
+async def tok_s(server, concurrency: int, eos_id: int) -> float:
+    bodies = request_bodies(server.spec, 2 * concurrency, 64, eos_id)
+    results, wall_s = await run_level(server.url, bodies, concurrency)
+    return round(sum(r.completion_tokens for r in results) / wall_s, 1)
+
+
+async def measure(name: str, eos_id: int) -> dict[str, dict[int, float]]:
+    """One server at its defaults: every level alone, then every level beside the busy programs."""
+    cfg = defaults_config(BENCH_MODEL, REPO / ".venv" / "bin" / "vramsupply")
+    results = {}
+    with running_server(SERVERS[name], cfg, BENCH_MODEL) as server:
+        await wait_ready(server)
+        await tok_s(server, 1, eos_id)  # warm-up
+        for count in (0, HOGS):
+            busy = hogs(count)
+            time.sleep(0.5)
+            try:
+                results[f"{name} hogs={count}"] = {c: await tok_s(server, c, eos_id) for c in LEVELS}
+            finally:
+                for process in busy:
+                    process.kill()
+            print(f"{name:14} beside {count} busy programs: {results[f'{name} hogs={count}']}", flush=True)
+    return results
+
+
+async def main() -> None:
+    eos_id = eos_token_id(BENCH_MODEL)
+    report = {}
     for name in ("vramsupply", "llama-server"):
-        with running_server(SERVERS[name], cfg, model) as server:
-            await wait_ready(server)
-            await level(server, 1, eos)
-            for hog_count in (0, 2):
-                procs = hogs(hog_count)
-                time.sleep(0.5)
-                try:
-                    r = {c: await level(server, c, eos) for c in (1, 4)}
-                finally:
-                    for p in procs: p.kill()
-                out[f"{name} hogs={hog_count}"] = r
-                print(name, "hogs", hog_count, r, flush=True)
-    print(json.dumps(out))
-asyncio.run(main())
+        report.update(await measure(name, eos_id))
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
