@@ -5,13 +5,16 @@ A provider's CPU box may run other work. Each server is started at its defaults 
 model, then measured at c = 1 and 4 (2 x c requests of 64 tokens) alone and beside two busy
 processes in a session of their own (``while True: pass``; on a 2-core VM that leaves each
 server's group about one core, since the kernel groups threads by session). Prints the tok/s.
+``--threads N`` gives both servers N threads instead of their defaults.
 
     bench/.cache/venv-llamacpp-server/bin/python bench/contention.py
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -37,9 +40,12 @@ async def tok_s(server, concurrency: int, eos_id: int) -> float:
     return round(sum(r.completion_tokens for r in results) / wall_s, 1)
 
 
-async def measure(name: str, eos_id: int) -> dict[str, dict[int, float]]:
-    """One server at its defaults: every level alone, then every level beside the busy programs."""
+async def measure(name: str, eos_id: int, threads: int | None) -> dict[str, dict[int, float]]:
+    """One server at its defaults (but ``threads``, if given): every level alone, then every level
+    beside the busy programs."""
     cfg = defaults_config(BENCH_MODEL, REPO / ".venv" / "bin" / "vramsupply")
+    if threads:
+        cfg = dataclasses.replace(cfg, threads=threads, pin_threads=True)
     results = {}
     with running_server(SERVERS[name], cfg, BENCH_MODEL) as server:
         await wait_ready(server)
@@ -56,13 +62,15 @@ async def measure(name: str, eos_id: int) -> dict[str, dict[int, float]]:
     return results
 
 
-async def main() -> None:
+async def main(threads: int | None) -> None:
     eos_id = eos_token_id(BENCH_MODEL)
     report = {}
     for name in ("vramsupply", "llama-server"):
-        report.update(await measure(name, eos_id))
+        report.update(await measure(name, eos_id, threads))
     print(json.dumps(report))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, help="give both servers this many threads (default: their own defaults)")
+    asyncio.run(main(parser.parse_args().threads))
