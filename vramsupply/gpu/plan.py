@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vramsupply.engine.trained_context import served_context
 from vramsupply.gpu.devices import Device
 from vramsupply.gpu.estimate import Estimate, Settings, estimate
-from vramsupply.engine.trained_context import served_context
 from vramsupply.gpu.source import ModelSource, QuantFile
 
 GIB = 1024**3
