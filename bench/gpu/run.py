@@ -33,17 +33,17 @@ import subprocess
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from client import eos_token_id, request_bodies, run_level  # noqa: E402
+from client import eos_token_id  # noqa: E402
 from report import best_of_rounds, level_of  # noqa: E402
-from run import measure  # noqa: E402
-from servers import HOST, BenchConfig, ServerSpec, running_server, wait_ready  # noqa: E402
+from run import measure, prepare  # noqa: E402
+from servers import HOST, BenchConfig, ServerSpec, running_server  # noqa: E402
 
 RATIOS = [  # (numerator, denominator, what the ratio says)
     ("vramsupply", "llama-server-kvu", "vramsupply/llama-server -kvu, tuned"),
@@ -116,9 +116,7 @@ async def bench_server(cfg: BenchConfig, spec: ServerSpec, model: Path, concurre
     every level of every round."""
     with ExitStack() as stack:
         server = stack.enter_context(running_server(spec, cfg, model))
-        await wait_ready(server, timeout_s=900)
-        await run_level(server.url, request_bodies(spec, 1, 16, eos_id), 1)
-        await run_level(server.url, request_bodies(spec, max(concurrency), 16, eos_id), max(concurrency))
+        await prepare([server], replace(cfg, concurrency=concurrency), eos_id)  # bench/run.py's: ready, then warm
         rounds = []
         for round_index in range(cfg.rounds):
             for c in concurrency:
@@ -127,7 +125,7 @@ async def bench_server(cfg: BenchConfig, spec: ServerSpec, model: Path, concurre
                       f"  done {level.completed}/{level.requests}", flush=True)
                 rounds.append(asdict(level))
         levels = [best_of_rounds([r for r in rounds if r["concurrency"] == c]) for c in concurrency]
-        report = {"command": server.command, "log": str(server.log_path), "rounds": rounds, "levels": levels}
+        report = {"command": server.command, "log": str(server.log_path), "load_s": server.load_s, "rounds": rounds, "levels": levels}
         if spec.name.startswith("vramsupply"):
             report["draft_counters"] = await draft_counters(server.url)
         return report

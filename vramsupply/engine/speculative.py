@@ -12,9 +12,9 @@ number of decode calls changes. Rejected draft tokens are removed from the KV.
 A draft costs a wider decode step. When one sequence decodes alone the step should be bound by
 reading the weights, so verifying a few extra tokens should be almost free and every accepted one
 saves a step; measured, it did not pay on a CPU nor on an H200 (``default_draft_max``), so it is
-opt-in (``--draft-max``). With several busy slots the step is already wide, so drafting is only done for a slot decoding
-alone with nobody waiting (it "switches off by itself" under load), and a slot whose drafts keep
-failing drafts less, then pauses (``DraftState``).
+opt-in (``--draft-max``). With several busy slots the step is already wide, so drafting is only
+done for a slot decoding alone with nobody waiting (it "switches off by itself" under load), and a
+slot whose drafts keep failing drafts less, then pauses (``DraftState``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def default_draft_max(options: EngineOptions, copies_prefixes: bool = True) -> i
     tokens could not be removed from it.
 
     Off by default on a GPU too, as in llama-server: on an H200 it cost a lone request 23 % of its
-    tok/s in the GPU bench (``bench/results/gpu-2026-12-04.json``; the README's "Speculative
-    decoding"). The likely cause, from llama.cpp's code, not measured apart: a step with drafted
+    tok/s in the GPU bench (``bench/results/gpu-2026-12-04-first-run.json``; the README's
+    "Speculative decoding"). The likely cause, from llama.cpp's code, not measured apart: a step with drafted
     rows differs in shape from the plain one-row step, so llama.cpp builds its graph again and
     CUDA replays no captured graph for it. On a CPU each verify row costs about as much as a
     prompt token. ``--draft-max`` turns it on for input-grounded workloads.

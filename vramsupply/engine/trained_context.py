@@ -4,8 +4,9 @@ Past the training context a model's output degrades silently, so no request may 
 it. The KV cache is another matter. With one cache shared by the slots (the default), the
 configured size is how many tokens all running requests hold together, as llama-server's ``-c``
 with ``-np``: cutting it to the training context too would leave 64 slots of a 4k-trained model
-4096 cells between them, and the H200 bench saw exactly that (``bench/results/gpu-2026-12-04*``:
-c = 64 fell below c = 16, with requests waiting seconds for room). So the shared cache keeps its
+4096 cells between them, and the H200 bench saw exactly that
+(``bench/results/gpu-2026-12-04-second-run.json``: c = 64 fell below c = 16, with requests
+waiting seconds for room). So the shared cache keeps its
 size, up to what ``parallel`` requests of the longest allowed length could fill; a cache per slot
 (``kv_per_slot``) is one request's, and is cut like the request.
 
