@@ -4,6 +4,7 @@ requests are cut to what the model was trained on, and the slots keep the shared
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -29,6 +30,8 @@ async def test_four_long_requests_run_side_by_side_on_a_model_trained_on_less(ca
         assert engine.n_ctx == TRAINED
         assert engine.kv_tokens >= 8192
         assert "serving requests of up to 2048 tokens, one KV cache of 8192 tokens shared by the slots" in caplog.text
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not [w for w in warnings if "n_ctx_train" in w], "llama.cpp's overflow warning is not repeated: requests are capped"
 
         prompts = [engine.tokenize(f"Once upon a time, {name} went to the park") for name in ("Tom", "Lily", "Sam", "Mia")]
         generations = [

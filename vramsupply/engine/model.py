@@ -34,6 +34,9 @@ _LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.
 _GGML_LOG_LEVEL_CONT = 5
 _last_log_level = logging.DEBUG
 _KV_FULL = b"decode: failed to find a memory slot"
+# A shared cache larger than the training context (trained_context.py): the engine caps each
+# request at the training context and says so itself, so llama.cpp's overflow warning is noise.
+_CTX_OVER_TRAIN = b"llama_context: n_ctx_seq ("
 
 
 @llama_cpp.llama_log_callback
@@ -42,6 +45,8 @@ def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> 
     global _last_log_level
     python_level = _last_log_level if level == _GGML_LOG_LEVEL_CONT else _LOG_LEVELS.get(level, logging.DEBUG)
     if text.startswith(_KV_FULL):  # the scheduler makes room and runs the step again (preempt.py)
+        python_level = logging.DEBUG
+    if text.startswith(_CTX_OVER_TRAIN) and b"n_ctx_train" in text:
         python_level = logging.DEBUG
     _last_log_level = python_level
     if llama_log.isEnabledFor(python_level):
