@@ -2,12 +2,14 @@
 """Both servers at their defaults on a machine that is busy with something else.
 
 A provider's CPU box may run other work. Each server is started at its defaults on the bench
-model, then measured at c = 1 and 4 (2 x c requests of 64 tokens) alone and beside two busy
-processes in a session of their own (``while True: pass``; on a 2-core VM that leaves each
-server's group about one core, since the kernel groups threads by session). Prints the tok/s.
-``--threads N`` gives both servers N threads instead of their defaults.
+model, then measured at c = 1 and 4 (2 x c requests of 64 tokens) alone and beside busy
+processes in a session of their own (``while True: pass``; the kernel groups threads by session,
+so on a 2-core VM one busy program leaves each server about one core and a half, two about one).
+``vramsupply-pinned`` is vramsupply with ``--threads`` set to the physical cores: the default
+threads, without the tuner that lowers them while the CPUs are busy (``engine/thread_tuner.py``).
+Prints the tok/s, and writes them with vramsupply's ``vramsupply_cpu_threads`` after each level.
 
-    bench/.cache/venv-llamacpp-server/bin/python bench/contention.py
+    bench/.cache/venv-llamacpp-server/bin/python bench/contention.py --out bench/results/DATE-contention.json
 """
 
 from __future__ import annotations
@@ -15,18 +17,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import aiohttp
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from client import eos_token_id, request_bodies, run_level  # noqa: E402
-from servers import BENCH_MODEL, REPO, SERVERS, defaults_config, running_server, wait_ready  # noqa: E402
+from servers import BENCH_MODEL, REPO, SERVERS, defaults_config, machine_info, running_server, wait_ready  # noqa: E402
 
-HOGS = 2
+sys.path.insert(0, str(REPO))
+from vramsupply.engine.threads import allowed_cpus, cpu_counts  # noqa: E402
+
 LEVELS = (1, 4)
+NAMES = ("vramsupply", "llama-server", "vramsupply-pinned")
 
 
 def hogs(count: int) -> list[subprocess.Popen]:
@@ -40,37 +48,65 @@ async def tok_s(server, concurrency: int, eos_id: int) -> float:
     return round(sum(r.completion_tokens for r in results) / wall_s, 1)
 
 
-async def measure(name: str, eos_id: int, threads: int | None) -> dict[str, dict[int, float]]:
+async def cpu_threads(server) -> int | None:
+    """vramsupply's decode threads now, from /metrics (None for other servers)."""
+    if server.spec.name != "vramsupply":
+        return None
+    async with aiohttp.ClientSession() as session, session.get(server.url + "/metrics") as response:
+        for line in (await response.text()).splitlines():
+            if line.startswith("vramsupply_cpu_threads "):
+                return int(float(line.split()[1]))
+    return None
+
+
+async def measure(name: str, eos_id: int, threads: int | None, busy_counts: tuple[int, ...]) -> dict[str, dict]:
     """One server at its defaults (but ``threads``, if given): every level alone, then every level
-    beside the busy programs."""
+    beside each count of busy programs."""
     cfg = defaults_config(BENCH_MODEL, REPO / ".venv" / "bin" / "vramsupply")
+    if name == "vramsupply-pinned":
+        threads = threads or cpu_counts(allowed_cpus())[0]
     if threads:
         cfg = dataclasses.replace(cfg, threads=threads, pin_threads=True)
     results = {}
-    with running_server(SERVERS[name], cfg, BENCH_MODEL) as server:
+    with running_server(SERVERS[name.removesuffix("-pinned")], cfg, BENCH_MODEL) as server:
         await wait_ready(server)
         await tok_s(server, 1, eos_id)  # warm-up
-        for count in (0, HOGS):
+        for count in busy_counts:
             busy = hogs(count)
             time.sleep(0.5)
             try:
-                results[f"{name} hogs={count}"] = {c: await tok_s(server, c, eos_id) for c in LEVELS}
+                level = {c: await tok_s(server, c, eos_id) for c in LEVELS}
+                level["cpu_threads_after"] = await cpu_threads(server)
             finally:
                 for process in busy:
                     process.kill()
-            print(f"{name:14} beside {count} busy programs: {results[f'{name} hogs={count}']}", flush=True)
+            results[f"{name} hogs={count}"] = level
+            print(f"{name:18} beside {count} busy programs: {level}", flush=True)
     return results
 
 
-async def main(threads: int | None) -> None:
+async def main(args: argparse.Namespace) -> None:
     eos_id = eos_token_id(BENCH_MODEL)
-    report = {}
-    for name in ("vramsupply", "llama-server"):
-        report.update(await measure(name, eos_id, threads))
-    print(json.dumps(report))
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_info(),
+        "model": BENCH_MODEL.name,
+        "load": "every server at its defaults (vramsupply-pinned: --threads = the physical cores); c=1 and c=4, 2 x c requests of 64 tokens",
+        "threads": args.threads,
+        "tok_s": {},
+    }
+    busy_counts = tuple(int(n) for n in args.busy.split(","))
+    for name in args.servers.split(","):
+        report["tok_s"].update(await measure(name, eos_id, args.threads, busy_counts))
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report["tok_s"]))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, help="give both servers this many threads (default: their own defaults)")
-    asyncio.run(main(parser.parse_args().threads))
+    parser.add_argument("--threads", type=int, help="give every server this many threads (default: their own defaults)")
+    parser.add_argument("--servers", default=",".join(NAMES), help=f"comma-separated, of {', '.join(NAMES)}")
+    parser.add_argument("--busy", default="0,1,2", help="counts of busy programs to measure beside (default 0,1,2)")
+    parser.add_argument("--out", help="write the results here as JSON")
+    asyncio.run(main(parser.parse_args()))

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     n_batch: int = Field(2048, ge=1, description="Maximum tokens per decode step (prompt chunks plus generated tokens)")
     n_ubatch: int = Field(512, ge=1, description="Physical micro-batch size inside one decode step")
     flash_attention: FlashAttention = Field(FlashAttention.auto, description="Flash attention: auto (llama.cpp's choice, on where a backend supports it; off for a model on the CPU alone of an Intel CPU with AMX), on or off")
-    threads: int | None = Field(None, ge=1, description="CPU threads for decoding and prompt processing (default: the physical cores, for both)")
+    threads: int | None = Field(None, ge=1, description="CPU threads for decoding and prompt processing, pinned (default: the physical cores, for both, and fewer while other programs keep them busy)")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before new ones get 429")
     stall_timeout: float = Field(600.0, gt=0, description="Seconds one decode step may run while requests wait before the engine counts as failed (/health 503, serve exits 1)")
     cache_ram: int | None = Field(None, ge=0, description="MiB of host RAM keeping idle conversations' KV for reuse (default: a quarter of free RAM, at most 8192; 0: off)")

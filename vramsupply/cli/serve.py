@@ -23,7 +23,7 @@ def serve(
     n_batch: Optional[int] = typer.Option(None, "--n-batch", help="Maximum tokens per decode step (default 2048)."),
     n_ubatch: Optional[int] = typer.Option(None, "--n-ubatch", help="Physical micro-batch size (default 512)."),
     flash_attention: Optional[str] = typer.Option(None, "--flash-attention", help="auto, on or off (default auto: on, except off for a model on the CPU alone of an Intel CPU with AMX)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for decoding and prompts (default: the physical cores, for both)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for decoding and prompts, pinned (default: the physical cores, for both, and fewer while other programs keep them busy)."),
     cache_type_k: Optional[str] = typer.Option(None, "--cache-type-k", help="KV cache type for keys: f16, q8_0 or q4_0."),
     cache_type_v: Optional[str] = typer.Option(None, "--cache-type-v", help="KV cache type for values: f16, q8_0 or q4_0 (quantized needs flash attention)."),
     split_mode: Optional[str] = typer.Option(None, "--split-mode", help="Split across GPUs by layer, row, or none."),

@@ -31,6 +31,10 @@ class Counters:
     prompt_cache_skipped_saves_total: int = 0
     checkpoints_total: int = 0
     checkpoint_restores_total: int = 0
+    cpu_threads: int = 0
+    """The CPU threads the decode uses now (``thread_tuner.py``)."""
+    thread_switches_total: int = 0
+    """Steps whose thread count differed from the step before (the tuner's probes and choices)."""
 
     def add(self, **amounts: int) -> None:
         """Add to the named counters, under the lock."""

@@ -26,6 +26,7 @@ from .text import StopStrings
 from .scheduler import Scheduler
 from .speculative import default_draft_max
 from .slots import Task
+from .thread_tuner import thread_tuner
 from .trained_context import served_context
 from .types import ContextOverflow, EngineClosed, EngineFailed, EngineOptions, EngineStats, GenerationRequest
 
@@ -70,7 +71,7 @@ class Engine:
             max_draft = default_draft_max(options, model.copies_prefixes)
             scheduler = Scheduler(
                 model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, max_draft,
-                options.stall_timeout, options.kv_per_slot, options.stream_interval_ms / 1000,
+                options.stall_timeout, options.kv_per_slot, options.stream_interval_ms / 1000, thread_tuner(options, context),
             )
             scheduler.start()  # warms the model up on the thread that decodes every step
         except BaseException:

@@ -49,6 +49,7 @@ from .preempt import KvPressure
 from .priority import lower_compute_priority
 from .prompt_cache import HostPromptCache
 from .slots import Slot, Task
+from .thread_tuner import StepThreads, ThreadTuner
 from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded
 from .warmup import WarmUpOnThread
 
@@ -75,6 +76,7 @@ class Scheduler:
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         kv_per_slot: bool = False,
         stream_interval: float = DEFAULT_INTERVAL_S,
+        tuner: ThreadTuner | None = None,
     ) -> None:
         self._model = model
         self._ctx = context.ctx
@@ -99,6 +101,7 @@ class Scheduler:
         self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache, len(self._slots))
         self._admission = self._new_admission(kv_per_slot)
         self._offthread = self._rows.offthread
+        self._threads = StepThreads(self._ctx, tuner, self._counters)
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
         self._warm_up = WarmUpOnThread(context, model.vocab)
 
@@ -155,6 +158,7 @@ class Scheduler:
                 prompt_cache_bytes=self._prompt_cache.entries.nbytes if self._prompt_cache else 0,
                 prompt_cache_entries=len(self._prompt_cache.entries) if self._prompt_cache else 0,
                 checkpoint_bytes=sum(slot.checkpoint_bytes for slot in self._slots),
+                cpu_threads=counters.cpu_threads,
                 failure=self._failure(),
                 **counters.totals(),
             )
@@ -298,8 +302,10 @@ class Scheduler:
             return False
         work = self._pacer.step_work(plan)
         in_batch = self._fill_batch(plan)
+        threads = self._threads.before(work)
         started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, self._batch.for_decode())
+        decoded = time.perf_counter()
         if status == 1 and self._kv.relieve(plan, self._slots, self._waiting):
             return True  # no KV room: rolled back and made some; the next step runs it again
         if status != 0:
@@ -313,6 +319,7 @@ class Scheduler:
             elif slot.resume_token is not None and not slot.prefilling:  # resumed: carry on generating
                 slot.next_token, slot.resume_token = slot.resume_token, None
         self._pacer.observe(work, time.perf_counter() - started)
+        self._threads.after(threads, work, self._batch.size, decoded - started)
         self._counters.add(prefill_tokens_total=work.prompt_tokens, completion_tokens_total=generated)
         self._make_checkpoints(in_batch)
         return True

@@ -232,6 +232,10 @@ class EngineStats:
     checkpoint_bytes: int = 0
     """Host memory of the checkpoints the slots keep (those of parked conversations count in
     ``prompt_cache_bytes``, within ``--cache-ram``)."""
+    cpu_threads: int = 0
+    """The CPU threads the decode uses now: fewer than configured while other programs keep the
+    CPUs busy (``thread_tuner.py``)."""
+    thread_switches_total: int = 0
     failure: str | None = None
     """Why the engine can no longer serve (its thread died, or a step stalled); None while healthy."""
     unavailable: str | None = None

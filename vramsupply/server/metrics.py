@@ -54,6 +54,8 @@ class ServerMetrics:
         self._gauge("vramsupply_prompt_cache_entries", "Prompts kept in the host prompt cache", lambda s: s.prompt_cache_entries)
         self._gauge("vramsupply_checkpoint_bytes", "Host memory of the recurrent-state checkpoints the slots keep (outside --cache-ram)",
                     lambda s: s.checkpoint_bytes)
+        self._gauge("vramsupply_cpu_threads", "CPU threads the decode uses now: fewer than the cores while other programs keep them busy",
+                    lambda s: s.cpu_threads)
         self._gauge("vramsupply_engine_healthy", "1 while the engine can serve; 0 once it failed (see /health)", lambda s: s.failure is None)
 
     def _gauge(self, name: str, documentation: str, read: Callable[[EngineStats], int]) -> None:
@@ -91,6 +93,7 @@ class EngineCounters:
          "checkpoint_restores_total"),
         ("vramsupply_draft_tokens", "Tokens drafted by prompt lookup (--draft-max) and verified in a decode step", "draft_tokens_total"),
         ("vramsupply_draft_accepted_tokens", "Drafted tokens the model confirmed (each one saved a decode step)", "draft_accepted_total"),
+        ("vramsupply_cpu_thread_switches", "Times the decode changed its CPU threads for a busy or a freed machine", "thread_switches_total"),
     )
 
     def __init__(self, stats: Callable[[], EngineStats | None]) -> None:

@@ -1,0 +1,193 @@
+"""A provider's machine gets busy with other work, and frees up again (``engine/thread_tuner.py``).
+
+The tuner is driven here by a simulated two-core machine whose step times are the ones measured on
+the bench VM (a one-stream step of the bench model: 4.2 ms with two threads and 5.5 ms with one
+alone; 330 ms and 6 ms beside one busy program). Then a real engine switches its threads between
+steps, and its answers stay the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import pytest
+
+from conftest import TINY_MODEL
+from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
+from vramsupply.engine.thread_tuner import CpuClock, ThreadTuner
+
+ALONE = {2: 0.0042, 1: 0.0055}
+BESIDE_A_BUSY_PROGRAM = {2: 0.33, 1: 0.006}
+
+
+@dataclass
+class TwoCoreMachine:
+    """Step times, this process's CPU time and the cores' idle time, on a simulated clock."""
+
+    busy_programs: int = 0
+    now: float = 0.0
+    cpu: float = 0.0
+    idle: float = 0.0
+    idle_known: bool = True
+
+    def step(self, threads: int) -> float:
+        seconds = (BESIDE_A_BUSY_PROGRAM if self.busy_programs else ALONE)[threads]
+        got = threads if not self.busy_programs else min(threads, 2 - self.busy_programs) * 0.9
+        self.now += seconds
+        self.cpu += seconds * got
+        self.idle += seconds * max(2 - self.busy_programs - threads, 0)
+        return seconds
+
+    def process_seconds(self) -> float:
+        return self.cpu
+
+    def idle_seconds(self) -> float | None:
+        return self.idle if self.idle_known else None
+
+
+def tuner_on(machine: TwoCoreMachine) -> ThreadTuner:
+    return ThreadTuner(2, clock=lambda: machine.now, cpu=machine)  # type: ignore[arg-type]
+
+
+def serve_for(tuner: ThreadTuner, machine: TwoCoreMachine, seconds: float, comparable: bool = True) -> list[int]:
+    """Decode one stream for ``seconds`` of the machine's time; the threads of every step."""
+    used = []
+    end = machine.now + seconds
+    while machine.now < end:
+        threads = tuner.threads_for_step(comparable)
+        tuner.observe(threads, 1, machine.step(threads), comparable)
+        used.append(threads)
+    return used
+
+
+def test_alone_the_decode_keeps_every_core_and_its_probes_cost_almost_nothing() -> None:
+    machine = TwoCoreMachine()
+    tuner = tuner_on(machine)
+    used = serve_for(tuner, machine, 60)
+    assert tuner.current == 2
+    assert 0 < used.count(1) <= 8 * 3  # probes of three steps, at 1, 2, 4, 8 s apart, then every 16 s
+    lost = used.count(1) * (ALONE[1] - ALONE[2])
+    assert lost / 60 < 0.001  # under a thousandth of the decode's time
+
+
+def test_a_busy_program_takes_a_core_and_the_decode_drops_to_one_thread_within_a_second() -> None:
+    machine = TwoCoreMachine()
+    tuner = tuner_on(machine)
+    serve_for(tuner, machine, 30)  # long enough for the timer to back off to its longest wait
+    machine.busy_programs = 1
+    serve_for(tuner, machine, 1.0)
+    assert tuner.current == 1
+    later = serve_for(tuner, machine, 60)
+    assert later.count(2) == 0  # no core is idle: two threads are never tried again meanwhile
+
+
+def test_once_the_program_ends_the_decode_takes_both_cores_again() -> None:
+    machine = TwoCoreMachine(busy_programs=1)
+    tuner = tuner_on(machine)
+    serve_for(tuner, machine, 5)
+    assert tuner.current == 1
+    machine.busy_programs = 0
+    serve_for(tuner, machine, 2.5)
+    assert tuner.current == 2
+
+
+def test_a_core_left_idle_between_requests_is_not_taken_for_room_to_grow() -> None:
+    machine = TwoCoreMachine(busy_programs=1)
+    tuner = tuner_on(machine)
+    serve_for(tuner, machine, 2)
+    assert tuner.current == 1
+    used = []
+    for _ in range(30):  # a request now and then; between them the busy program's core is the only one used
+        used += serve_for(tuner, machine, 0.5)
+        machine.now += 5
+        machine.idle += 5
+    assert used.count(2) == 0
+
+
+def test_where_idle_time_is_unknown_more_threads_are_tried_rarely_and_given_up_after_one_step() -> None:
+    machine = TwoCoreMachine(busy_programs=1, idle_known=False)
+    tuner = tuner_on(machine)
+    serve_for(tuner, machine, 2)
+    assert tuner.current == 1
+    used = serve_for(tuner, machine, 120)
+    assert tuner.current == 1
+    assert 1 <= used.count(2) <= 7  # one step a try, the tries backing off to one a minute
+
+
+def test_prompt_steps_always_run_with_the_current_threads_and_do_not_count() -> None:
+    machine = TwoCoreMachine(busy_programs=1)
+    tuner = tuner_on(machine)
+    used = serve_for(tuner, machine, 10, comparable=False)
+    assert set(used) == {2}  # a probe may start, but only steps of generating streams take part
+    serve_for(tuner, machine, 0.5)
+    assert tuner.current == 1
+
+
+def test_a_stream_joining_between_two_steps_does_not_make_them_a_pair() -> None:
+    machine = TwoCoreMachine(busy_programs=1)
+    tuner = tuner_on(machine)
+    machine.now = 1.0
+    rows = iter([1, 2, 1, 2, 1, 2, 1, 2])
+    for rows_now in rows:
+        threads = tuner.threads_for_step(True)
+        tuner.observe(threads, rows_now, machine.step(threads), True)
+    assert tuner.current == 2  # every candidate step had a different stream count than the step before
+
+
+def test_idle_time_is_read_for_the_cpus_this_process_may_use(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  900 0 100 5000 50 0 0 0 0 0\n"
+        "cpu0 300 0 50 1000 10 0 0 0 0 0\n"
+        "cpu1 300 0 25 2000 20 0 0 0 0 0\n"
+        "cpu2 300 0 25 2000 20 0 0 0 0 0\n"
+        "intr 12345\n"
+    )
+    tick = CpuClock(cpus=[0], stat_path=str(stat))._tick
+    assert CpuClock(cpus=[0, 2], stat_path=str(stat)).idle_seconds() == pytest.approx(3030 / tick)
+    assert CpuClock(cpus=[0], stat_path=str(tmp_path / "missing")).idle_seconds() is None
+
+
+class EveryOtherStep(ThreadTuner):
+    """Two threads, then one, then two: the engine must apply each step's count and still answer alike."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.steps = 0
+
+    def threads_for_step(self, comparable: bool) -> int:
+        self.steps += 1
+        return 1 + self.steps % 2
+
+
+async def answers(engine: Engine) -> list[list[int]]:
+    """Two greedy streams decoded together."""
+    request = dict(sampling=SamplingParams(temperature=0.0), max_tokens=48, ignore_eos=True)
+    generations = [engine.submit(GenerationRequest(engine.tokenize(p), **request)) for p in ("Once upon a time", "The little dog")]
+    await asyncio.gather(*(g.collect() for g in generations))
+    return [g.token_ids for g in generations]
+
+
+async def test_switching_threads_between_steps_changes_no_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=2, threads=2)) as pinned:
+        expected = await answers(pinned)
+        assert (pinned.stats().cpu_threads, pinned.stats().thread_switches_total) == (2, 0)
+
+    tuner = EveryOtherStep()
+    monkeypatch.setattr("vramsupply.engine.engine.thread_tuner", lambda options, context: tuner)
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=2)) as tuned:
+        assert await answers(tuned) == expected
+        assert tuner.steps >= 48
+        assert llama_cpp.llama_n_threads(tuned._context.ctx) == 1 + tuner.steps % 2  # the last step's count was applied
+
+
+def test_the_default_threads_get_a_tuner_and_explicit_threads_do_not() -> None:
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=64, parallel=1)) as default:
+        most = default.threads[0]
+        assert default.stats().cpu_threads == most
+        assert (default._scheduler._threads._tuner is not None) == (most > 1)
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=64, parallel=1, threads=2)) as pinned:
+        assert pinned._scheduler._threads._tuner is None

@@ -1,0 +1,285 @@
+"""Fewer decode threads while other programs keep the CPU busy, and all of them again after.
+
+llama.cpp's CPU threads meet at a barrier after every operation of the graph, so a step runs at
+the pace of the thread that got the least CPU. Alone on the 2-core bench VM, a one-stream step of
+the bench model took 4.2 ms with two threads and 5.5 ms with one. Beside ONE busy program in
+another session (``while True: pass``), two threads took 330 to 1,240 ms a step and one thread
+6 ms: one of the two always waits for a core the other program holds. Beside two, 26 ms against
+10 (ad-hoc, decoding in a loop; served, ``bench/contention.py``). llama-server fixes its threads at
+start, and so did we: beside one busy program it served 5 tok/s where it had served 208. A
+provider's machine that also runs a build, a browser or a game serves tens of times slower.
+
+So when the provider did not set ``--threads``, the scheduler asks this tuner how many threads each
+step should use. It tries a neighbouring count for a few steps now and then (a *probe*): the
+candidate and the current count take turns step by step, so both see the same streams at the
+same length, and each candidate step is compared with the current step just before it. Only
+steps of generating streams count (no prompt chunk, whose size varies). The candidate is kept
+when it is clearly faster (median ratio below ``KEEP_BELOW``, or one step at half the time or
+less); the probe ends at once when a candidate step is ``ABORT_ABOVE`` times slower.
+
+- **Fewer threads** (half the current count): a probe that finds them slower costs a step or two
+  at most a few milliseconds longer, so it is tried on a timer that backs off from 1 to 16 seconds
+  while the answer stays no. It is tried at once when the decode got much less CPU than it asked
+  for (the process's CPU time against decode time × threads, below ``STARVED_SHARE``), at most
+  once a second: on a GPU the CPU threads wait for the device, and that is no reason to churn.
+- **More threads** (twice, up to the default): beside a busy program one step of them can take a
+  second, so they are tried only when the CPUs this process may run on had idle time for them
+  (``/proc/stat``, measured only while the engine decodes: between requests a core is idle
+  anyway), and on a timer that backs off from 1 to 64 seconds.
+
+Counts between the rungs of the ladder (12 of 16 cores) are not tried. Not measured: machines
+with more than two cores, where the ladder has more rungs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import llama_cpp
+from llama_cpp._internals import LlamaContext
+
+from .counters import Counters
+from .pacing import StepWork
+from .types import EngineOptions
+
+log = logging.getLogger(__name__)
+
+PROBE_PAIRS = 3
+"""Candidate steps a probe compares (each with the current step before it)."""
+KEEP_BELOW = 0.9
+"""The candidate is kept when its median step takes less than this share of the current's."""
+DECISIVE_BELOW = 0.5
+"""One candidate step at this share of the current's or less is kept at once."""
+ABORT_ABOVE = 1.5
+"""One candidate step this many times slower than the current's ends the probe."""
+STARVED_SHARE = 0.75
+"""Below this share of the CPU it asked for, the decode is starved: try fewer threads now."""
+IDLE_FOR_MORE = 0.5
+"""More threads are tried only when the CPUs had idle time for this share of each extra thread."""
+WINDOW_SECONDS = 0.25
+"""How often the CPU the decode got is looked at (at a step's end, at most this often)."""
+IDLE_GAP_SECONDS = 0.05
+"""A pause this long between two steps (no request) starts a new window: idle cores while the
+engine itself had nothing to do say nothing about room for more threads."""
+
+
+@dataclass
+class Backoff:
+    """Seconds until the next try in one direction: doubled after each no, reset after a yes."""
+
+    first: float
+    longest: float
+    wait: float = 0.0
+    due: float = 0.0
+    last: float = float("-inf")
+    """When the last try ended."""
+
+    def __post_init__(self) -> None:
+        self.wait = self.first
+
+    def refused(self, now: float) -> None:
+        self.last = now
+        self.due = now + self.wait
+        self.wait = min(self.wait * 2, self.longest)
+
+    def reset(self, now: float) -> None:
+        self.last = now
+        self.wait = self.first
+        self.due = now + self.first
+
+
+@dataclass
+class Probe:
+    candidate: int
+    ratios: list[float] = field(default_factory=list)
+    last_current: tuple[int, float] | None = None  # (rows, seconds) of the latest current step
+    candidate_next: bool = False
+
+
+class CpuClock:
+    """What the tuner reads from the system: this process's CPU time and the idle time of its CPUs."""
+
+    def __init__(self, cpus: Iterable[int] | None = None, stat_path: str = "/proc/stat") -> None:
+        if cpus is None:
+            cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ()
+        self._names = {f"cpu{cpu}" for cpu in cpus}
+        self._stat_path = stat_path
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    @staticmethod
+    def process_seconds() -> float:
+        return time.process_time()
+
+    def idle_seconds(self) -> float | None:
+        """Idle and I/O-wait time of this process's CPUs since boot; None where unknown."""
+        try:
+            with open(self._stat_path) as stat:
+                lines = stat.read().splitlines()
+        except OSError:
+            return None
+        ticks = 0
+        for line in lines:
+            name, _, rest = line.partition(" ")
+            if name in self._names:
+                values = rest.split()
+                ticks += int(values[3]) + int(values[4])
+        return ticks / self._tick if self._names else None
+
+
+class ThreadTuner:
+    """Chooses each step's thread count; the scheduler thread's own (not thread-safe)."""
+
+    def __init__(
+        self,
+        most: int,
+        clock: Callable[[], float] = time.monotonic,
+        cpu: CpuClock | None = None,
+    ) -> None:
+        self.most = most
+        self.current = most
+        self._clock = clock
+        self._cpu = cpu or CpuClock()
+        now = clock()
+        self._fewer = Backoff(1.0, 16.0, due=now + 1.0)
+        self._more = Backoff(1.0, 64.0, due=now + 1.0)
+        self._probe: Probe | None = None
+        self._last_step_end = now
+        self._restart_window(now)
+        self.switches = 0
+
+    def threads_for_step(self, comparable: bool) -> int:
+        """The threads for the next step; ``comparable``: a step of generating streams only."""
+        probe = self._probe
+        if probe is not None and comparable and probe.candidate_next and probe.last_current is not None:
+            return probe.candidate
+        return self.current
+
+    def observe(self, threads: int, rows: int, seconds: float, comparable: bool) -> None:
+        """A step of ``rows`` rows decoded with ``threads`` threads in ``seconds``."""
+        now = self._clock()
+        if now - seconds - self._last_step_end > IDLE_GAP_SECONDS:
+            self._restart_window(now)  # the engine was idle: a window covers busy time only
+        else:
+            self._decode_seconds += seconds * threads
+        self._last_step_end = now
+        probe = self._probe
+        if probe is not None and comparable:
+            self._probe_step(probe, threads, rows, seconds)
+        if now - self._window_start >= WINDOW_SECONDS:
+            self._end_window(now)
+            if self._probe is not None and comparable and threads == self.current:
+                self._probe_step(self._probe, threads, rows, seconds)  # this step is the first of the pair
+
+    # ---- probes -----------------------------------------------------------------------------
+
+    def _probe_step(self, probe: Probe, threads: int, rows: int, seconds: float) -> None:
+        if threads == self.current:
+            probe.last_current = (rows, seconds)
+            probe.candidate_next = True
+            return
+        probe.candidate_next = False
+        if probe.last_current is None or probe.last_current[0] != rows:
+            return  # a stream ended or joined between the two: not comparable
+        ratio = seconds / max(probe.last_current[1], 1e-9)
+        probe.ratios.append(ratio)
+        if ratio >= ABORT_ABOVE:
+            self._end_probe(probe, keep=False)
+        elif ratio <= DECISIVE_BELOW:
+            self._end_probe(probe, keep=True)
+        elif len(probe.ratios) >= PROBE_PAIRS:
+            self._end_probe(probe, keep=statistics.median(probe.ratios) < KEEP_BELOW)
+
+    def _end_probe(self, probe: Probe, keep: bool) -> None:
+        now = self._clock()
+        self._probe = None
+        fewer = probe.candidate < self.current
+        if keep:
+            log.info(
+                "decoding with %d CPU threads instead of %d: %s (a step took %.2f of the time)",
+                probe.candidate, self.current,
+                "other programs keep the CPUs busy" if fewer else "the CPUs are free again",
+                statistics.median(probe.ratios),
+            )
+            self.current = probe.candidate
+            self.switches += 1
+            self._fewer.reset(now)
+            self._more.reset(now)
+        else:
+            (self._fewer if fewer else self._more).refused(now)
+
+    def _start_probe(self, candidate: int) -> None:
+        self._probe = Probe(candidate)
+
+    # ---- when to probe ----------------------------------------------------------------------
+
+    def _restart_window(self, start: float) -> None:
+        self._window_start = start
+        self._window_cpu = self._cpu.process_seconds()
+        self._window_idle = self._cpu.idle_seconds()
+        self._decode_seconds = 0.0
+
+    def _end_window(self, now: float) -> None:
+        cpu, idle = self._cpu.process_seconds(), self._cpu.idle_seconds()
+        share = (cpu - self._window_cpu) / self._decode_seconds if self._decode_seconds > 0 else 1.0
+        idle_cores = None
+        if idle is not None and self._window_idle is not None:
+            idle_cores = (idle - self._window_idle) / (now - self._window_start)
+        self._restart_window(now)
+        if self._probe is None:
+            self._maybe_probe(now, share, idle_cores)
+
+    def _maybe_probe(self, now: float, share: float, idle_cores: float | None) -> None:
+        fewer, more = max(self.current // 2, 1), min(self.current * 2, self.most)
+        starved = share < STARVED_SHARE and now - self._fewer.last >= self._fewer.first
+        if fewer < self.current and (starved or now >= self._fewer.due):
+            self._start_probe(fewer)
+        elif more > self.current and now >= self._more.due and self._idle_enough(idle_cores, more):
+            self._start_probe(more)
+
+    def _idle_enough(self, idle_cores: float | None, more: int) -> bool:
+        if idle_cores is None:
+            return True  # unknown: the timer alone decides
+        return idle_cores >= IDLE_FOR_MORE * (more - self.current)
+
+
+def thread_tuner(options: EngineOptions, context: LlamaContext) -> ThreadTuner | None:
+    """A tuner when the provider left ``--threads`` to us and there are two threads or more to tune."""
+    most = llama_cpp.llama_n_threads(context.ctx)
+    return ThreadTuner(most) if options.threads is None and most > 1 else None
+
+
+class StepThreads:
+    """The scheduler's side: gives each step the tuner's thread count, and reports its choice.
+
+    Without a tuner (``--threads`` set, or one core) every step keeps the context's threads."""
+
+    def __init__(self, ctx: llama_cpp.llama_context_p, tuner: ThreadTuner | None, counters: Counters) -> None:
+        self._ctx = ctx
+        self._tuner = tuner
+        self._counters = counters
+        self._applied = llama_cpp.llama_n_threads(ctx)
+        counters.cpu_threads = self._applied
+
+    def before(self, work: StepWork) -> int:
+        """Set the threads for a step planned as ``work``; returns them."""
+        if self._tuner is None:
+            return self._applied
+        threads = self._tuner.threads_for_step(comparable=work.prompt_tokens == 0)
+        if threads != self._applied:
+            llama_cpp.llama_set_n_threads(self._ctx, threads, threads)
+            self._applied = threads
+        return threads
+
+    def after(self, threads: int, work: StepWork, rows: int, seconds: float) -> None:
+        """The step's ``llama_decode`` of ``rows`` batch rows took ``seconds``."""
+        if self._tuner is None:
+            return
+        self._tuner.observe(threads, rows, seconds, comparable=work.prompt_tokens == 0)
+        chosen = self._tuner.current
+        if chosen != self._counters.cpu_threads:
+            self._counters.add(cpu_threads=chosen - self._counters.cpu_threads, thread_switches_total=1)
