@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -38,9 +39,21 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from client import eos_token_id, request_bodies, run_level, stream_completion  # noqa: E402
 from run import prepare  # noqa: E402
-from servers import BENCH_MODEL, REPO, SERVERS as SERVER_SPECS, BenchConfig, RunningServer, machine_info, running_server  # noqa: E402
+from servers import BENCH_MODEL, REPO, SERVERS as SERVER_SPECS, BenchConfig, RunningServer, ServerSpec, machine_info, running_server  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+from vramsupply.engine.threads import allowed_cpus, cpu_counts  # noqa: E402
 
 SERVERS = ("vramsupply", "llama-server")
+
+
+def pinned_vramsupply() -> ServerSpec:
+    """vramsupply at its defaults but ``--threads`` = the physical cores: the default threads,
+    held fixed (no ``engine/thread_tuner.py``), to see what the tuner costs a machine alone."""
+    base = SERVER_SPECS["vramsupply"]
+    threads = cpu_counts(allowed_cpus())[0]
+    return dataclasses.replace(base, name="vramsupply-pinned",
+                               command=lambda cfg, model, port: [*base.command(cfg, model, port), "--threads", str(threads)])
 
 
 @dataclass(frozen=True)
@@ -81,11 +94,15 @@ async def turn(session: aiohttp.ClientSession, server: RunningServer, index: int
     return await one_round(server, bodies)
 
 
-async def pairs(cfg: BenchConfig, model: Path, count: int, max_tokens: int, concurrency: int = 1) -> dict:
+async def pairs(cfg: BenchConfig, model: Path, count: int, max_tokens: int, concurrency: int = 1,
+                against: ServerSpec | None = None) -> dict:
+    """vramsupply against ``against`` (default llama-server); ratios are vramsupply's over the other's."""
     eos_id = eos_token_id(model)
-    timings: dict[str, list[Timing]] = {name: [] for name in SERVERS}
+    specs = [SERVER_SPECS["vramsupply"], against or SERVER_SPECS["llama-server"]]
+    ours, theirs = (spec.name for spec in specs)
+    timings: dict[str, list[Timing]] = {spec.name: [] for spec in specs}
     with ExitStack() as stack:
-        servers = [stack.enter_context(running_server(SERVER_SPECS[name], cfg, model)) for name in SERVERS]
+        servers = [stack.enter_context(running_server(spec, cfg, model)) for spec in specs]
         await prepare(servers, cfg, eos_id)
         connector = aiohttp.TCPConnector(force_close=True, limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
@@ -94,8 +111,8 @@ async def pairs(cfg: BenchConfig, model: Path, count: int, max_tokens: int, conc
                     timings[server.spec.name].append(await turn(session, server, i, concurrency, max_tokens, eos_id))
         commands = {server.spec.name: server.command for server in servers}
     speeds = {name: [t.tok_s for t in values] for name, values in timings.items()}
-    ratios = [ours / theirs for ours, theirs in zip(speeds["vramsupply"], speeds["llama-server"])]
-    decode_ratios = [ours.decode_tok_s / theirs.decode_tok_s for ours, theirs in zip(timings["vramsupply"], timings["llama-server"])]
+    ratios = [a / b for a, b in zip(speeds[ours], speeds[theirs])]
+    decode_ratios = [a.decode_tok_s / b.decode_tok_s for a, b in zip(timings[ours], timings[theirs])]
     quartiles = statistics.quantiles(ratios, n=4)
     return {
         "commands": commands,
@@ -104,7 +121,7 @@ async def pairs(cfg: BenchConfig, model: Path, count: int, max_tokens: int, conc
         "pair_ratio_median": round(statistics.median(ratios), 3),
         "pair_ratio_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
         "pairs_vramsupply_ahead": sum(r > 1 for r in ratios),
-        "ratio_of_harmonic_means": round(statistics.harmonic_mean(speeds["vramsupply"]) / statistics.harmonic_mean(speeds["llama-server"]), 3),
+        "ratio_of_harmonic_means": round(statistics.harmonic_mean(speeds[ours]) / statistics.harmonic_mean(speeds[theirs]), 3),
         "ttft_ms_median": {name: round(1000 * statistics.median(t.ttft_s for t in values), 2) for name, values in timings.items()},
         "decode_tok_s_median": {name: round(statistics.median(t.decode_tok_s for t in values), 1) for name, values in timings.items()},
         "decode_pair_ratio_median": round(statistics.median(decode_ratios), 3),
@@ -119,6 +136,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="streams per turn (default 1)")
     parser.add_argument("--vramsupply", type=Path, default=REPO / ".venv" / "bin" / "vramsupply")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-pairs-c<concurrency>.json)")
+    parser.add_argument("--against", choices=("llama-server", "pinned"), default="llama-server",
+                        help="the other server: llama-server (default), or vramsupply with its threads pinned")
     args = parser.parse_args()
     cfg = BenchConfig(models=(args.model,), servers=SERVERS, concurrency=(args.concurrency,), requests_per_slot=1, max_tokens=args.max_tokens,
                       rounds=1, parallel=0, context_per_slot=0, threads=os.cpu_count() or 1, vramsupply_bin=args.vramsupply,
@@ -126,7 +145,10 @@ def main() -> None:
     date = dt.date.today().isoformat()
     report = {"date": date, "machine": machine_info(), "model": str(args.model), "pairs": args.pairs, "concurrency": args.concurrency,
               "max_tokens": args.max_tokens, "settings": "both servers at their own defaults"}
-    report.update(asyncio.run(pairs(cfg, args.model, args.pairs, args.max_tokens, args.concurrency)))
+    against = pinned_vramsupply() if args.against == "pinned" else None
+    if against:
+        report["settings"] = "vramsupply at its defaults against vramsupply with --threads = the physical cores"
+    report.update(asyncio.run(pairs(cfg, args.model, args.pairs, args.max_tokens, args.concurrency, against)))
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     out = args.out or REPO / "bench" / "results" / f"{date}-pairs-c{args.concurrency}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,9 +24,12 @@ with it (``…-marketplace-decode-nice-ab.json``).
 
 Against other programs: where the kernel groups threads by session (``sched_autogroup``, on in
 most distributions' kernels; a systemd service is a session of its own) or by cgroup (systemd's
-cpu controller), a nice value only orders threads within their group, so the decode does not give
-way to the provider's other programs. Where neither applies, it gives way to busy programs at
-normal priority. Where the kernel refuses (a sandbox without ``setpriority``), the engine runs at
+cpu controller), a nice value only orders threads within their group. Yet a niced thread weighs
+less in its group's share of a core: with one thread pinned (``--threads 1``) beside two busy
+programs in another session, the offset cost about a fifth of the tok/s at one stream (two ad-hoc
+runs, 76 against 97 tok/s without it); at the default threads, which ``thread_tuner.py`` lowers
+there, no difference showed. Where the kernel groups nothing, the decode gives way to busy programs
+at normal priority. Where the kernel refuses (a sandbox without ``setpriority``), the engine runs at
 the priority it has.
 """
 
