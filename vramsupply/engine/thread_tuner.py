@@ -155,6 +155,8 @@ class ThreadTuner:
     def threads_for_step(self, comparable: bool) -> int:
         """The threads for the next step; ``comparable``: a step of generating streams only."""
         probe = self._probe
+        if probe is not None and self._clock() - self._last_step_end > IDLE_GAP_SECONDS:
+            probe.last_current, probe.candidate_next = None, False  # a pair is two steps in a row
         if probe is not None and comparable and probe.candidate_next and probe.last_current is not None:
             return probe.candidate
         return self.current
