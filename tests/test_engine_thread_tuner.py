@@ -32,6 +32,7 @@ class TwoCoreMachine:
     cpu: float = 0.0
     idle: float = 0.0
     idle_known: bool = True
+    count = 2
 
     def step(self, threads: int) -> float:
         seconds = (BESIDE_A_BUSY_PROGRAM if self.busy_programs else ALONE)[threads]
@@ -48,8 +49,28 @@ class TwoCoreMachine:
         return self.idle if self.idle_known else None
 
 
+@dataclass
+class SixteenCoreMachine(TwoCoreMachine):
+    """A model, not a measurement: a step of 16 threads takes 10 ms, fewer take longer (to the
+    power 0.7), and a thread without a core of its own stalls every barrier (40 times longer)."""
+
+    count = 16
+
+    def step(self, threads: int) -> float:
+        free = self.count - self.busy_programs
+        seconds = 0.010 * (16 / threads) ** 0.7
+        got = float(threads)
+        if threads > free:
+            seconds *= 40
+            got = free + 0.5  # the threads spin at each barrier; one shares a core with a busy program
+        self.now += seconds
+        self.cpu += seconds * got
+        self.idle += seconds * max(free - threads, 0)
+        return seconds
+
+
 def tuner_on(machine: TwoCoreMachine) -> ThreadTuner:
-    return ThreadTuner(2, clock=lambda: machine.now, cpu=machine)  # type: ignore[arg-type]
+    return ThreadTuner(machine.count, clock=lambda: machine.now, cpu=machine)  # type: ignore[arg-type]
 
 
 def serve_for(tuner: ThreadTuner, machine: TwoCoreMachine, seconds: float, comparable: bool = True) -> list[int]:
@@ -105,6 +126,20 @@ def test_a_core_left_idle_between_requests_is_not_taken_for_room_to_grow() -> No
         machine.now += 5
         machine.idle += 5
     assert used.count(2) == 0
+
+
+@pytest.mark.parametrize("busy_programs", [1, 4])
+def test_on_sixteen_cores_the_decode_gives_up_only_the_cores_other_programs_took(busy_programs: int) -> None:
+    machine = SixteenCoreMachine()
+    tuner = tuner_on(machine)
+    serve_for(tuner, machine, 30)
+    assert tuner.current == 16
+    machine.busy_programs = busy_programs  # the threads spin at the barriers: they still get their CPU time
+    serve_for(tuner, machine, 1.5)
+    assert tuner.current == 16 - busy_programs  # not half of them, and without waiting for the timer
+    machine.busy_programs = 0
+    serve_for(tuner, machine, 5)
+    assert tuner.current == 16
 
 
 def test_where_idle_time_is_unknown_more_threads_are_tried_rarely_and_given_up_after_one_step() -> None:

@@ -15,30 +15,37 @@ candidate and the current count take turns step by step, so both see the same st
 same length, and each candidate step is compared with the current step just before it. Only
 steps of generating streams count (no prompt chunk, whose size varies). The candidate is kept
 when it is clearly faster (median ratio below ``KEEP_BELOW``, or one step at half the time or
-less); the probe ends at once when a candidate step is ``ABORT_ABOVE`` times slower.
+less), or, for more threads (back toward the default), when it is not slower; the probe ends at
+once when a candidate step is ``ABORT_ABOVE`` times slower.
 
-- **Fewer threads** (half the current count): a probe that finds them slower costs a step or two
-  at most a few milliseconds longer, so it is tried on a timer that backs off from 1 to 16 seconds
+- **Fewer threads**: as many as the cores other programs left this process (its CPUs less their
+  idle time and its own use, from ``/proc/stat`` and its CPU time), or half the current count
+  where it cannot tell or they took none. A probe that finds them slower costs a step or two at
+  most a few milliseconds longer, so it is tried on a timer that backs off from 1 to 16 seconds
   while the answer stays no. It is tried at once when the decode got much less CPU than it asked
-  for (the process's CPU time against decode time × threads, below ``STARVED_SHARE``), at most
-  once a second: on a GPU the CPU threads wait for the device, and that is no reason to churn.
-- **More threads** (twice, up to the default): beside a busy program one step of them can take a
-  second, so they are tried only when the CPUs this process may run on had idle time for them
-  (``/proc/stat``, measured only while the engine decodes: between requests a core is idle
-  anyway), and on a timer that backs off from 1 to 64 seconds.
+  for (the process's CPU time against decode time × threads, below ``STARVED_SHARE``) or a step
+  took ``SLOWED_BY`` times its usual time, at most once a second: on a GPU the CPU threads wait
+  for the device, and that is no reason to churn.
+- **More threads**: one more per idle core (twice as many where idle time is unknown), up to the
+  default. Beside a busy program one step of too many can take a second, so more are tried only
+  when the CPUs this process may run on had idle time for them (measured only while the engine
+  decodes: between requests a core is idle anyway), and on a timer that backs off from 1 to 64
+  seconds.
 
-Counts between the rungs of the ladder (12 of 16 cores) are not tried. Not measured: machines
-with more than two cores, where the ladder has more rungs.
+Measured on two cores only, where both rules give one thread beside a busy program; on more cores
+the counts come from the simulated machine of ``tests/test_engine_thread_tuner.py``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import llama_cpp
 from llama_cpp._internals import LlamaContext
@@ -53,6 +60,8 @@ PROBE_PAIRS = 3
 """Candidate steps a probe compares (each with the current step before it)."""
 KEEP_BELOW = 0.9
 """The candidate is kept when its median step takes less than this share of the current's."""
+MORE_KEPT_BELOW = 1.0
+"""More threads, back toward the default, are kept when they are not slower."""
 DECISIVE_BELOW = 0.5
 """One candidate step at this share of the current's or less is kept at once."""
 ABORT_ABOVE = 1.5
@@ -61,6 +70,14 @@ STARVED_SHARE = 0.75
 """Below this share of the CPU it asked for, the decode is starved: try fewer threads now."""
 IDLE_FOR_MORE = 0.5
 """More threads are tried only when the CPUs had idle time for this share of each extra thread."""
+OTHERS_AT_LEAST = 0.25
+"""Other programs' use below this many cores is noise: fewer threads are then tried by halving."""
+SLOWED_BY = 3.0
+"""A step this many times its usual time (same streams, same threads) starts a probe after one
+window of such steps (which tells how many cores other programs took): with many cores the
+threads spin at each barrier, so a starved decode still gets its CPU time."""
+USUAL_WEIGHT = 0.1
+"""How much each step moves the usual time of its stream count."""
 WINDOW_SECONDS = 0.25
 """How often the CPU the decode got is looked at (at a step's end, at most this often)."""
 IDLE_GAP_SECONDS = 0.05
@@ -101,6 +118,15 @@ class Probe:
     candidate_next: bool = False
 
 
+class Window(NamedTuple):
+    """What one window saw: the share of the CPU time it asked for that the decode got, the cores
+    this process used, and the idle cores among those it may use (None where unknown)."""
+
+    share: float
+    own_cores: float
+    idle_cores: float | None
+
+
 class CpuClock:
     """What the tuner reads from the system: this process's CPU time and the idle time of its CPUs."""
 
@@ -108,6 +134,7 @@ class CpuClock:
         if cpus is None:
             cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ()
         self._names = {f"cpu{cpu}" for cpu in cpus}
+        self.count = len(self._names)
         self._stat_path = stat_path
         self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -150,6 +177,9 @@ class ThreadTuner:
         self._probe: Probe | None = None
         self._last_step_end = now
         self._restart_window(now)
+        self._usual: dict[int, float] = {}
+        self._usual_threads = most
+        self._slowed_since: float | None = None
         self.switches = 0
 
     def threads_for_step(self, comparable: bool) -> int:
@@ -172,7 +202,10 @@ class ThreadTuner:
         probe = self._probe
         if probe is not None and comparable:
             self._probe_step(probe, threads, rows, seconds)
-        if now - self._window_start >= WINDOW_SECONDS:
+        if comparable and threads == self.current and self._slowed(rows, seconds) and not self._slowed_since:
+            self._restart_window(now)  # the next window sees only the slow steps, and starts a probe
+            self._slowed_since = now
+        elif now - self._window_start >= WINDOW_SECONDS:
             self._end_window(now)
             if self._probe is not None and comparable and threads == self.current:
                 self._probe_step(self._probe, threads, rows, seconds)  # this step is the first of the pair
@@ -194,7 +227,8 @@ class ThreadTuner:
         elif ratio <= DECISIVE_BELOW:
             self._end_probe(probe, keep=True)
         elif len(probe.ratios) >= PROBE_PAIRS:
-            self._end_probe(probe, keep=statistics.median(probe.ratios) < KEEP_BELOW)
+            bar = KEEP_BELOW if probe.candidate < self.current else MORE_KEPT_BELOW
+            self._end_probe(probe, keep=statistics.median(probe.ratios) < bar)
 
     def _end_probe(self, probe: Probe, keep: bool) -> None:
         now = self._clock()
@@ -225,23 +259,50 @@ class ThreadTuner:
         self._window_idle = self._cpu.idle_seconds()
         self._decode_seconds = 0.0
 
+    def _slowed(self, rows: int, seconds: float) -> bool:
+        """Whether this step took ``SLOWED_BY`` times its usual time at this stream count and
+        thread count (an average over the steps before it, forgotten when the count changes)."""
+        if self._usual_threads != self.current:
+            self._usual, self._usual_threads = {}, self.current
+        usual = self._usual.get(rows)
+        self._usual[rows] = seconds if usual is None else usual + USUAL_WEIGHT * (seconds - usual)
+        return usual is not None and seconds > SLOWED_BY * usual
+
     def _end_window(self, now: float) -> None:
+        slowed, self._slowed_since = bool(self._slowed_since), None
         cpu, idle = self._cpu.process_seconds(), self._cpu.idle_seconds()
+        elapsed = max(now - self._window_start, 1e-9)
         share = (cpu - self._window_cpu) / self._decode_seconds if self._decode_seconds > 0 else 1.0
-        idle_cores = None
+        window = Window(share, (cpu - self._window_cpu) / elapsed, None)
         if idle is not None and self._window_idle is not None:
-            idle_cores = (idle - self._window_idle) / (now - self._window_start)
+            window = window._replace(idle_cores=(idle - self._window_idle) / elapsed)
         self._restart_window(now)
         if self._probe is None:
-            self._maybe_probe(now, share, idle_cores)
+            self._maybe_probe(now, window, slowed)
 
-    def _maybe_probe(self, now: float, share: float, idle_cores: float | None) -> None:
-        fewer, more = max(self.current // 2, 1), min(self.current * 2, self.most)
-        starved = share < STARVED_SHARE and now - self._fewer.last >= self._fewer.first
+    def _maybe_probe(self, now: float, window: Window, slowed: bool = False) -> None:
+        fewer, more = self._fewer_candidate(window), self._more_candidate(window)
+        starved = (slowed or window.share < STARVED_SHARE) and now - self._fewer.last >= self._fewer.first
         if fewer < self.current and (starved or now >= self._fewer.due):
             self._start_probe(fewer)
-        elif more > self.current and now >= self._more.due and self._idle_enough(idle_cores, more):
+        elif more > self.current and now >= self._more.due and self._idle_enough(window.idle_cores, more):
             self._start_probe(more)
+
+    def _fewer_candidate(self, window: Window) -> int:
+        """The cores other programs left this process, when it can tell and they took any; else half."""
+        halved = max(self.current // 2, 1)
+        if window.idle_cores is None:
+            return halved
+        others = self._cpu.count - window.idle_cores - window.own_cores
+        if others < OTHERS_AT_LEAST:
+            return halved
+        return max(1, min(self.current - 1, self._cpu.count - math.ceil(others - OTHERS_AT_LEAST)))
+
+    def _more_candidate(self, window: Window) -> int:
+        """As many more as there were idle cores (at least one), when it can tell; else twice as many."""
+        if window.idle_cores is None:
+            return min(self.current * 2, self.most)
+        return min(self.current + max(1, math.floor(window.idle_cores + OTHERS_AT_LEAST)), self.most)
 
     def _idle_enough(self, idle_cores: float | None, more: int) -> bool:
         if idle_cores is None:
