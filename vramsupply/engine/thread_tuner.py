@@ -202,11 +202,11 @@ class ThreadTuner:
         probe = self._probe
         if probe is not None and comparable:
             self._probe_step(probe, threads, rows, seconds)
-        if comparable and threads == self.current and self._slowed(rows, seconds) and not self._slowed_since:
-            self._restart_window(now)  # the next window sees only the slow steps, and starts a probe
-            self._slowed_since = now
-        elif now - self._window_start >= WINDOW_SECONDS:
+        slowed = comparable and threads == self.current and self._slowed(rows, seconds)
+        if slowed or now - self._window_start >= WINDOW_SECONDS:
             self._end_window(now)
+            if slowed and self._probe is None:
+                self._slowed_since = now  # the next window sees only slow steps: it tells what others took
             if self._probe is not None and comparable and threads == self.current:
                 self._probe_step(self._probe, threads, rows, seconds)  # this step is the first of the pair
 
@@ -269,7 +269,7 @@ class ThreadTuner:
         return usual is not None and seconds > SLOWED_BY * usual
 
     def _end_window(self, now: float) -> None:
-        slowed, self._slowed_since = bool(self._slowed_since), None
+        slowed, self._slowed_since = self._slowed_since is not None, None
         cpu, idle = self._cpu.process_seconds(), self._cpu.idle_seconds()
         elapsed = max(now - self._window_start, 1e-9)
         share = (cpu - self._window_cpu) / self._decode_seconds if self._decode_seconds > 0 else 1.0
