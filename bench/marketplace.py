@@ -48,6 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from client import eos_token_id, request_bodies, run_level  # noqa: E402
+from contention import hogs  # noqa: E402
 from market_client import TPOT_SLO_S, TTFT_SLO_S, run_rate  # noqa: E402
 from market_report import plot, summary_table  # noqa: E402
 from market_trace import MAX_PROMPT_TOKENS, SYSTEM_TOKENS, Words  # noqa: E402
@@ -96,7 +97,7 @@ def schedule(rates: list[float], repeats: int, first_seed: int, n_servers: int) 
 
 
 async def bench(cfg: BenchConfig, model: Path, rates: list[float], conversations: int, cap_s: float,
-                threads: int | None, first_seed: int = 1000, repeats: int = 1) -> dict:
+                threads: int | None, first_seed: int = 1000, repeats: int = 1, busy: int = 0) -> dict:
     eos_id = eos_token_id(model)
     words = Words(model)
     specs = [ServerSpec(name, "defaults", SERVERS[name].ready_path, SERVERS[name].accepts_ignore_eos,
@@ -107,6 +108,7 @@ async def bench(cfg: BenchConfig, model: Path, rates: list[float], conversations
         for server in servers:
             await wait_ready(server)
             await run_level(server.url, request_bodies(server.spec, 2, 8, eos_id), 2)
+        stack.callback(lambda programs: [p.kill() for p in programs], hogs(busy))  # after the warm-up
         for rep, rate, seed, shift in schedule(rates, repeats, first_seed, len(servers)):
             for server in servers[shift:] + servers[:shift]:
                 result = await run_rate(server, words, rate, conversations, seed=seed, eos_id=eos_id, cap_s=cap_s)
@@ -149,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replay each rate this many times, each on a fresh trace, the server going first alternating; "
                              "the report gives each repeat's ratio and their median (one run's ratio moves 2x with the hour)")
     parser.add_argument("--threads", type=int, help="give every server this many threads (default: each server's own default)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="run this many busy programs (while True: pass, a session of their own) beside the servers, after their warm-up")
     parser.add_argument("--vramsupply", type=Path, default=REPO / ".venv" / "bin" / "vramsupply")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-marketplace.json; the chart beside it)")
     parser.add_argument("--replot", type=Path, metavar="JSON", help="measure nothing: redraw the table and chart of a results JSON")
@@ -183,8 +187,8 @@ def main() -> None:
         "config": {"model": str(model), "rates": rates, "conversations": conversations, "cap_s": args.cap,
                    "ttft_slo_s": TTFT_SLO_S, "tpot_slo_s": TPOT_SLO_S, "system_tokens": SYSTEM_TOKENS,
                    "max_prompt_tokens": MAX_PROMPT_TOKENS, "endpoint": "/v1/completions, streaming, temperature 0.7",
-                   "threads": args.threads or "each server's default", "repeats": args.repeat},
-        "servers": asyncio.run(bench(cfg, model, rates, conversations, args.cap, args.threads, args.first_seed, args.repeat)),
+                   "threads": args.threads or "each server's default", "repeats": args.repeat, "busy_programs": args.busy},
+        "servers": asyncio.run(bench(cfg, model, rates, conversations, args.cap, args.threads, args.first_seed, args.repeat, args.busy)),
     }
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     report["duration_s"] = round(time.perf_counter() - started, 1)

@@ -34,7 +34,7 @@ class Counters:
     cpu_threads: int = 0
     """The CPU threads the decode uses now (``thread_tuner.py``)."""
     thread_switches_total: int = 0
-    """Steps whose thread count differed from the step before (the tuner's probes and choices)."""
+    """Times the tuner changed the decode's thread count (its probes' trial steps not counted)."""
 
     def add(self, **amounts: int) -> None:
         """Add to the named counters, under the lock."""

@@ -8,10 +8,11 @@ Modelled on llama-server's ``update_slots``. Each step:
    never starves), then prompt chunks, the prompt that can answer soonest first, up to ``n_batch``
    rows (fewer while others generate), written in sequence-id order so llama.cpp can decode them
    in as few forward passes as possible;
-3. call ``llama_decode`` once (it releases the GIL; when the shared KV cache is full, roll the step
-   back and pause a request instead: ``preempt.py``), sample every slot that has a logits row with
-   its own sampler chain (``rows.py``; a grammar request's token is sampled on a worker thread and
-   joins a later step, ``offthread.py``), and turn tokens into text deltas;
+3. call ``llama_decode`` once, with the CPU threads ``thread_tuner.py`` chooses (it releases the
+   GIL; when the shared KV cache is full, roll the step back and pause a request instead:
+   ``preempt.py``), sample every slot that has a logits row with its own sampler chain
+   (``rows.py``; a grammar request's token is sampled on a worker thread and joins a later step,
+   ``offthread.py``), and turn tokens into text deltas;
 4. hand the step's events to each consumer event loop with a single ``call_soon_threadsafe``, at
    most once per ``stream_interval`` mid-answer (``cadence.py``).
 
@@ -302,7 +303,7 @@ class Scheduler:
             return False
         work = self._pacer.step_work(plan)
         in_batch = self._fill_batch(plan)
-        threads = self._threads.before(work)
+        threads = self._threads.before()
         started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, self._batch.for_decode())
         decoded = time.perf_counter()

@@ -12,8 +12,11 @@ provider's machine that also runs a build, a browser or a game serves tens of ti
 So when the provider did not set ``--threads``, the scheduler asks this tuner how many threads each
 step should use. It tries a neighbouring count for a few steps now and then (a *probe*): the
 candidate and the current count take turns step by step, so both see the same streams at the
-same length, and each candidate step is compared with the current step just before it. Only
-steps of generating streams count (no prompt chunk, whose size varies). The candidate is kept
+same length, and each candidate step is compared with the current step just before it: by time
+where both carry the same streams and no prompt, by time per row where both carry prompt tokens
+and about as many rows (``step_kind``; a first version compared steps without prompts only, and
+in the marketplace bench beside a busy program, where nearly every step carries some prompt, its
+probes never ended). The candidate is kept
 when it is clearly faster (median ratio below ``KEEP_BELOW``, or one step at half the time or
 less), or, for more threads (back toward the default), when it is not slower; the probe ends at
 once when a candidate step is ``ABORT_ABOVE`` times slower.
@@ -114,7 +117,7 @@ class Backoff:
 class Probe:
     candidate: int
     ratios: list[float] = field(default_factory=list)
-    last_current: tuple[int, float] | None = None  # (rows, seconds) of the latest current step
+    last_current: tuple[tuple[str, int], float] | None = None  # (kind, cost) of the latest current step
     candidate_next: bool = False
 
 
@@ -177,50 +180,51 @@ class ThreadTuner:
         self._probe: Probe | None = None
         self._last_step_end = now
         self._restart_window(now)
-        self._usual: dict[int, float] = {}
+        self._usual: dict[tuple[str, int], float] = {}
         self._usual_threads = most
         self._slowed_since: float | None = None
         self.switches = 0
 
-    def threads_for_step(self, comparable: bool) -> int:
-        """The threads for the next step; ``comparable``: a step of generating streams only."""
+    def threads_for_step(self) -> int:
+        """The threads for the next step."""
         probe = self._probe
         if probe is not None and self._clock() - self._last_step_end > IDLE_GAP_SECONDS:
             probe.last_current, probe.candidate_next = None, False  # a pair is two steps in a row
-        if probe is not None and comparable and probe.candidate_next and probe.last_current is not None:
+        if probe is not None and probe.candidate_next and probe.last_current is not None:
             return probe.candidate
         return self.current
 
-    def observe(self, threads: int, rows: int, seconds: float, comparable: bool) -> None:
-        """A step of ``rows`` rows decoded with ``threads`` threads in ``seconds``."""
+    def observe(self, threads: int, rows: int, seconds: float, prompt_tokens: int = 0) -> None:
+        """A step of ``rows`` batch rows, ``prompt_tokens`` of them prompt tokens, decoded with
+        ``threads`` threads in ``seconds``."""
         now = self._clock()
         if now - seconds - self._last_step_end > IDLE_GAP_SECONDS:
             self._restart_window(now)  # the engine was idle: a window covers busy time only
         else:
             self._decode_seconds += seconds * threads
         self._last_step_end = now
-        probe = self._probe
-        if probe is not None and comparable:
-            self._probe_step(probe, threads, rows, seconds)
-        slowed = comparable and threads == self.current and self._slowed(rows, seconds)
+        kind, cost = step_kind(rows, seconds, prompt_tokens)
+        if self._probe is not None:
+            self._probe_step(self._probe, threads, kind, cost)
+        slowed = threads == self.current and self._slowed(kind, cost)
         if slowed or now - self._window_start >= WINDOW_SECONDS:
             self._end_window(now)
             if slowed and self._probe is None:
                 self._slowed_since = now  # the next window sees only slow steps: it tells what others took
-            if self._probe is not None and comparable and threads == self.current:
-                self._probe_step(self._probe, threads, rows, seconds)  # this step is the first of the pair
+            if self._probe is not None and threads == self.current:
+                self._probe_step(self._probe, threads, kind, cost)  # this step is the first of the pair
 
     # ---- probes -----------------------------------------------------------------------------
 
-    def _probe_step(self, probe: Probe, threads: int, rows: int, seconds: float) -> None:
+    def _probe_step(self, probe: Probe, threads: int, kind: tuple[str, int], cost: float) -> None:
         if threads == self.current:
-            probe.last_current = (rows, seconds)
+            probe.last_current = (kind, cost)
             probe.candidate_next = True
             return
         probe.candidate_next = False
-        if probe.last_current is None or probe.last_current[0] != rows:
-            return  # a stream ended or joined between the two: not comparable
-        ratio = seconds / max(probe.last_current[1], 1e-9)
+        if probe.last_current is None or probe.last_current[0] != kind:
+            return  # a stream ended or joined between the two, or a prompt came or went: not comparable
+        ratio = cost / max(probe.last_current[1], 1e-9)
         probe.ratios.append(ratio)
         if ratio >= ABORT_ABOVE:
             self._end_probe(probe, keep=False)
@@ -259,14 +263,14 @@ class ThreadTuner:
         self._window_idle = self._cpu.idle_seconds()
         self._decode_seconds = 0.0
 
-    def _slowed(self, rows: int, seconds: float) -> bool:
-        """Whether this step took ``SLOWED_BY`` times its usual time at this stream count and
-        thread count (an average over the steps before it, forgotten when the count changes)."""
+    def _slowed(self, kind: tuple[str, int], cost: float) -> bool:
+        """Whether this step cost ``SLOWED_BY`` times the usual for its kind at this thread count
+        (an average over the steps before it, forgotten when the count changes)."""
         if self._usual_threads != self.current:
             self._usual, self._usual_threads = {}, self.current
-        usual = self._usual.get(rows)
-        self._usual[rows] = seconds if usual is None else usual + USUAL_WEIGHT * (seconds - usual)
-        return usual is not None and seconds > SLOWED_BY * usual
+        usual = self._usual.get(kind)
+        self._usual[kind] = cost if usual is None else usual + USUAL_WEIGHT * (cost - usual)
+        return usual is not None and cost > SLOWED_BY * usual
 
     def _end_window(self, now: float) -> None:
         slowed, self._slowed_since = self._slowed_since is not None, None
@@ -310,6 +314,16 @@ class ThreadTuner:
         return idle_cores >= IDLE_FOR_MORE * (more - self.current)
 
 
+def step_kind(rows: int, seconds: float, prompt_tokens: int) -> tuple[tuple[str, int], float]:
+    """Which steps a step compares with, and its cost. Steps of generating streams only compare
+    with steps of as many streams, by their time. Steps that carry prompt tokens compare with such
+    steps of about as many rows (the same power of two), by their time per row: under a long
+    prompt, or many, every step carries some, and a probe must still end."""
+    if prompt_tokens == 0:
+        return ("streams", rows), seconds
+    return ("prompt", max(rows, 1).bit_length()), seconds / max(rows, 1)
+
+
 def thread_tuner(options: EngineOptions, context: LlamaContext) -> ThreadTuner | None:
     """A tuner when the provider left ``--threads`` to us and there are two threads or more to tune."""
     most = llama_cpp.llama_n_threads(context.ctx)
@@ -328,11 +342,11 @@ class StepThreads:
         self._applied = llama_cpp.llama_n_threads(ctx)
         counters.cpu_threads = self._applied
 
-    def before(self, work: StepWork) -> int:
-        """Set the threads for a step planned as ``work``; returns them."""
+    def before(self) -> int:
+        """Set the threads for the next step; returns them."""
         if self._tuner is None:
             return self._applied
-        threads = self._tuner.threads_for_step(comparable=work.prompt_tokens == 0)
+        threads = self._tuner.threads_for_step()
         if threads != self._applied:
             llama_cpp.llama_set_n_threads(self._ctx, threads, threads)
             self._applied = threads
@@ -342,7 +356,7 @@ class StepThreads:
         """The step's ``llama_decode`` of ``rows`` batch rows took ``seconds``."""
         if self._tuner is None:
             return
-        self._tuner.observe(threads, rows, seconds, comparable=work.prompt_tokens == 0)
+        self._tuner.observe(threads, rows, seconds, work.prompt_tokens)
         chosen = self._tuner.current
         if chosen != self._counters.cpu_threads:
             self._counters.add(cpu_threads=chosen - self._counters.cpu_threads, thread_switches_total=1)

@@ -236,6 +236,7 @@ class EngineStats:
     """The CPU threads the decode uses now: fewer than configured while other programs keep the
     CPUs busy (``thread_tuner.py``)."""
     thread_switches_total: int = 0
+    """Times the decode changed its CPU threads, for a busy or a freed machine."""
     failure: str | None = None
     """Why the engine can no longer serve (its thread died, or a step stalled); None while healthy."""
     unavailable: str | None = None
