@@ -242,3 +242,16 @@ def test_the_default_threads_get_a_tuner_and_explicit_threads_do_not() -> None:
         assert (default._scheduler._threads._tuner is not None) == (most > 1)
     with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=64, parallel=1, threads=2)) as pinned:
         assert pinned._scheduler._threads._tuner is None
+
+
+def test_each_switch_is_logged_with_what_the_probe_measured(caplog: pytest.LogCaptureFixture) -> None:
+    machine = TwoCoreMachine(busy_programs=1)
+    tuner = tuner_on(machine)
+    with caplog.at_level("INFO", logger="vramsupply.engine.thread_tuner"):
+        serve_for(tuner, machine, 2)
+        machine.busy_programs = 0
+        serve_for(tuner, machine, 3)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("decoding with 1 CPU threads instead of 2: a step took 0.0")
+    assert "with fewer (other programs may be keeping the cores busy)" in lines[0]
+    assert lines[1].startswith("decoding with 2 CPU threads instead of 1") and lines[1].endswith("with more")

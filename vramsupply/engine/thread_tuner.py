@@ -240,10 +240,9 @@ class ThreadTuner:
         fewer = probe.candidate < self.current
         if keep:
             log.info(
-                "decoding with %d CPU threads instead of %d: %s (a step took %.2f of the time)",
-                probe.candidate, self.current,
-                "other programs keep the CPUs busy" if fewer else "the CPUs are free again",
-                statistics.median(probe.ratios),
+                "decoding with %d CPU threads instead of %d: a step took %.2f× the time with %s",
+                probe.candidate, self.current, statistics.median(probe.ratios),
+                "fewer (other programs may be keeping the cores busy)" if fewer else "more",
             )
             self.current = probe.candidate
             self.switches += 1
