@@ -200,6 +200,7 @@ def test_idle_time_is_read_for_the_cpus_this_process_may_use(tmp_path: Path) -> 
     tick = CpuClock(cpus=[0], stat_path=str(stat))._tick
     assert CpuClock(cpus=[0, 2], stat_path=str(stat)).idle_seconds() == pytest.approx(3030 / tick)
     assert CpuClock(cpus=[0], stat_path=str(tmp_path / "missing")).idle_seconds() is None
+    assert CpuClock(cpus=[0, 7], stat_path=str(stat)).idle_seconds() is None  # CPUs it does not list: unknown
 
 
 class EveryOtherStep(ThreadTuner):

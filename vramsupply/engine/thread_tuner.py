@@ -152,13 +152,15 @@ class CpuClock:
                 lines = stat.read().splitlines()
         except OSError:
             return None
-        ticks = 0
+        ticks, found = 0, 0
         for line in lines:
             name, _, rest = line.partition(" ")
             if name in self._names:
                 values = rest.split()
                 ticks += int(values[3]) + int(values[4])
-        return ticks / self._tick if self._names else None
+                found += 1
+        # A container's /proc/stat may number its CPUs apart from the affinity mask (lxcfs): unknown.
+        return ticks / self._tick if found == len(self._names) > 0 else None
 
 
 class ThreadTuner:
