@@ -2,8 +2,8 @@
 
 The tuner is driven here by a simulated two-core machine whose step times are the ones measured on
 the bench VM (a one-stream step of the bench model: 4.2 ms with two threads and 5.5 ms with one
-alone; 330 ms and 6 ms beside one busy program). Then a real engine switches its threads between
-steps, and its answers stay the same.
+alone; 330 ms and 6 ms beside one busy program), and by a sixteen-core model that was never
+measured. Then a real engine switches its threads between steps, and its answers stay the same.
 """
 
 from __future__ import annotations

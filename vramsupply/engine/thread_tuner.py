@@ -5,9 +5,10 @@ the pace of the thread that got the least CPU. Alone on the 2-core bench VM, a o
 the bench model took 4.2 ms with two threads and 5.5 ms with one. Beside ONE busy program in
 another session (``while True: pass``), two threads took 330 to 1,240 ms a step and one thread
 6 ms: one of the two always waits for a core the other program holds. Beside two, 26 ms against
-10 (ad-hoc, decoding in a loop; served, ``bench/contention.py``). llama-server fixes its threads at
-start, and so did we: beside one busy program it served 5 tok/s where it had served 208. A
-provider's machine that also runs a build, a browser or a game serves tens of times slower.
+10 (ad-hoc, decoding in a loop). llama-server fixes its threads at start, and so did we: served
+beside one busy program, it gave 2.7 tok/s at one stream where it had given 186
+(``bench/contention.py``, ``bench/results/2026-12-04-contention-tuner.json``). A provider's
+machine that also runs a build, a browser or a game serves tens of times slower.
 
 So when the provider did not set ``--threads``, the scheduler asks this tuner how many threads each
 step should use. It tries a neighbouring count for a few steps now and then (a *probe*): the
@@ -185,7 +186,6 @@ class ThreadTuner:
         self._usual: dict[tuple[str, int], float] = {}
         self._usual_threads = most
         self._slowed_since: float | None = None
-        self.switches = 0
 
     def threads_for_step(self) -> int:
         """The threads for the next step."""
@@ -206,15 +206,16 @@ class ThreadTuner:
             self._decode_seconds += seconds * threads
         self._last_step_end = now
         kind, cost = step_kind(rows, seconds, prompt_tokens)
-        if self._probe is not None:
+        probing = self._probe is not None
+        if probing:
             self._probe_step(self._probe, threads, kind, cost)
         slowed = threads == self.current and self._slowed(kind, cost)
         if slowed or now - self._window_start >= WINDOW_SECONDS:
             self._end_window(now)
             if slowed and self._probe is None:
                 self._slowed_since = now  # the next window sees only slow steps: it tells what others took
-            if self._probe is not None and threads == self.current:
-                self._probe_step(self._probe, threads, kind, cost)  # this step is the first of the pair
+            if not probing and self._probe is not None and threads == self.current:
+                self._probe_step(self._probe, threads, kind, cost)  # a new probe: this step is the first of its pair
 
     # ---- probes -----------------------------------------------------------------------------
 
@@ -247,7 +248,6 @@ class ThreadTuner:
                 "fewer (other programs may be keeping the cores busy)" if fewer else "more",
             )
             self.current = probe.candidate
-            self.switches += 1
             self._fewer.reset(now)
             self._more.reset(now)
         else:
