@@ -14,7 +14,7 @@ Modelled on llama-server's ``update_slots``. Each step:
    (``rows.py``; a grammar request's token is sampled on a worker thread and joins a later step,
    ``offthread.py``), and turn tokens into text deltas;
 4. hand the step's events to each consumer event loop with a single ``call_soon_threadsafe``, at
-   most once per ``stream_interval`` mid-answer (``cadence.py``).
+   most once per ``stream_interval`` mid-answer (``outbox.py``, ``cadence.py``).
 
 When no request is active the thread blocks on the inbox, so an idle engine costs nothing.
 
@@ -33,7 +33,6 @@ import llama_cpp
 import numpy as np
 from llama_cpp._internals import LlamaContext
 
-from . import backend_sampling
 from .admission import Admission
 from .batch import Batch
 from .cadence import DEFAULT_INTERVAL_S, Cadence
@@ -41,10 +40,10 @@ from .checkpoints import save_checkpoint
 from .counters import Counters
 from .liveness import DEFAULT_STALL_TIMEOUT, Liveness
 from .pacing import PrefillPacer, rewinds_for_tiles
-from .generation import Event, Finish, post
+from .generation import Finish
 from .inbox import STOP, Cancel, Inbox, Message, Submit
-from .logprobs import TokenLogprob
 from .model import Model
+from .outbox import Outbox
 from .rows import RowSampler
 from .preempt import KvPressure
 from .priority import lower_compute_priority
@@ -88,7 +87,6 @@ class Scheduler:
         self._capacity = parallel + max_queue
         self._inbox = Inbox()
         self._waiting: deque[Task] = deque()
-        self._events: list[Event] = []
         self._cadence = Cadence(stream_interval)
         self._stopping = False
         # Shared with other threads, guarded by the counters' lock.
@@ -100,6 +98,7 @@ class Scheduler:
         self._prompt_cache = self._host_prompt_cache(cache_ram, parallel) if cache_ram > 0 else None
         self._rows = RowSampler(self._ctx, self._memory, self._batch, model.n_vocab, self._counters)
         self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache, len(self._slots))
+        self._out = Outbox(self._ctx, model, self._counters, self._kv, self._cadence, self._slots, self._waiting)
         self._admission = self._new_admission(kv_per_slot)
         self._offthread = self._rows.offthread
         self._threads = StepThreads(self._ctx, tuner, self._counters)
@@ -211,8 +210,8 @@ class Scheduler:
         with self._lock:
             self._closed = True
         self._drain_inbox()
-        self._fail_everything(EngineFailed(f"the scheduler thread failed: {exc!r}"))
-        self._flush_events()
+        self._out.fail_everything(EngineFailed(f"the scheduler thread failed: {exc!r}"))
+        self._out.flush()
 
     def _serve_once(self) -> bool:
         if not self._waiting and not self._active():
@@ -220,20 +219,20 @@ class Scheduler:
             self._liveness.progressed()
         self._drain_inbox()
         if self._stopping:
-            self._fail_everything(EngineClosed("the engine was closed before this request finished"))
-            self._flush_events()
+            self._out.fail_everything(EngineClosed("the engine was closed before this request finished"))
+            self._out.flush()
             return False
         self._admission.admit()
         self._take_sampled()
         if self._active() and (self._step() or self._await_offthread()):
             self._liveness.progressed()
-        self._flush_events()
+        self._out.flush()
         return True
 
     def _await_offthread(self) -> bool:
         """Every active slot awaits a token from the grammar worker: hand over what is held, then block."""
         self._cadence.urgent()
-        self._flush_events()
+        self._out.flush()
         return self._offthread.wait(self._slots, PENDING_WAIT_SECONDS)
 
     def _take_sampled(self) -> None:
@@ -242,9 +241,9 @@ class Scheduler:
         for slot, result in self._offthread.ready(self._slots):
             if isinstance(result, BaseException):
                 error = EngineError(f"sampling this request's grammar failed: {result}")
-                self._end_slot(slot, Finish(None, slot.usage(), error))
+                self._out.end_slot(slot, Finish(None, slot.usage(), error))
             else:
-                generated += self._on_token(slot, result)
+                generated += self._out.token(slot, result)
         self._counters.add(completion_tokens_total=generated)
 
     def _drain_inbox(self) -> None:
@@ -262,12 +261,12 @@ class Scheduler:
     def _cancel(self, task_id: str) -> None:
         for slot in self._slots:
             if slot.task is not None and slot.task.id == task_id:
-                self._end_slot(slot, Finish("cancelled", slot.usage()))
+                self._out.end_slot(slot, Finish("cancelled", slot.usage()))
                 return
         for task in self._waiting:
             if task.id == task_id:
                 self._waiting.remove(task)
-                self._end_waiting(task, "cancelled")
+                self._out.end_waiting(task, "cancelled")
                 return
 
     def _active(self) -> list[Slot]:
@@ -316,7 +315,7 @@ class Scheduler:
         generated = 0
         for slot in in_batch:
             if slot.row >= 0:
-                generated += self._rows.sample(slot, self._on_token)
+                generated += self._rows.sample(slot, self._out.token)
             elif slot.resume_token is not None and not slot.prefilling:  # resumed: carry on generating
                 slot.next_token, slot.resume_token = slot.resume_token, None
         self._pacer.observe(work, time.perf_counter() - started)
@@ -334,77 +333,10 @@ class Scheduler:
                 slot.checkpoints += [checkpoint] if checkpoint is not None else []
                 self._counters.add(checkpoints_total=int(checkpoint is not None))
 
-    def _on_token(self, slot: Slot, token: int, logprob: TokenLogprob | None = None) -> int:
-        """Stream one sampled token; returns how many completion tokens it counts for (0 or 1)."""
-        task = slot.task
-        if token in self._model.eog_tokens:
-            self._end_slot(slot, Finish("stop", slot.usage()), text=slot.stream.finish())
-            return 0
-        slot.completion_tokens += 1
-        if task.first_token_at is None:
-            task.first_token_at = time.monotonic()
-        delta = slot.stream.push(self._model.piece(token, token in task.preserve))
-        if not task.spoke:  # until its first text is out (its buyer's TTFT), every token goes at once:
-            self._cadence.urgent()  # a first token's text may be held back (half a character, a stop string's start)
-            task.spoke = bool(delta.text)
-        if delta.stopped:
-            self._end_slot(slot, Finish("stop", slot.usage()), text=delta.text, token=token, logprob=logprob)
-        elif slot.completion_tokens >= task.max_completion:
-            text = delta.text + slot.stream.finish()
-            self._end_slot(slot, Finish("length", slot.usage()), text=text, token=token, logprob=logprob)
-        else:
-            slot.next_token = token
-            self._events.append(Event(task.channel, delta.text, token, None, logprob))
-        return 1
-
     def _decode_failed(self, slots: list[Slot], status: int) -> None:
         log.error("llama_decode failed with status %d; failing the %d requests in the batch", status, len(slots))
         for slot in slots:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.forget()
             error = EngineError(f"llama.cpp failed to decode this request (status {status})")
-            self._end_slot(slot, Finish(None, slot.usage(), error))
-
-    def _end_slot(
-        self, slot: Slot, finish: Finish, text: str = "", token: int | None = None, logprob: TokenLogprob | None = None
-    ) -> None:
-        if slot.backend_sampled:
-            backend_sampling.detach(self._ctx, slot.seq_id)  # before release frees the chain
-            slot.backend_sampled = False
-        task = slot.release()
-        self._kv.held = False  # room in the KV cache again: paused requests may resume
-        self._cadence.urgent()
-        self._events.append(Event(task.channel, text, token, finish, logprob))
-        self._counters.add(busy=-1, outstanding=-1)
-
-    def _end_waiting(self, task: Task, reason: str | None, error: EngineError | None = None) -> None:
-        """End a request waiting for a slot (or paused, ``preempt.py``) with its usage so far."""
-        task.sampler.close()
-        self._cadence.urgent()
-        self._events.append(Event(task.channel, "", None, Finish(reason, task.usage_while_waiting(), error)))
-        self._counters.add(outstanding=-1)
-
-    def _fail_everything(self, error: EngineError) -> None:
-        for slot in self._active():
-            self._end_slot(slot, Finish(None, slot.usage(), error))
-        while self._waiting:
-            task = self._waiting.popleft()
-            self._end_waiting(task, None, error)
-
-    def _flush_events(self) -> None:
-        """One ``call_soon_threadsafe`` per consumer loop, carrying all its events, when one is due."""
-        now = time.perf_counter()
-        if self._events and self._cadence.due(now):
-            self._cadence.handed_over(now)
-            events, self._events = self._events, []
-            for loop in post(events):
-                self._abandon(loop)
-
-    def _abandon(self, loop: object) -> None:
-        """A consumer's event loop is closed: nobody can read its requests, so cancel them."""
-        for slot in self._active():
-            if slot.task.channel.loop is loop:
-                self._end_slot(slot, Finish("cancelled", slot.usage()))
-        for task in [t for t in self._waiting if t.channel.loop is loop]:
-            self._waiting.remove(task)
-            self._end_waiting(task, "cancelled")
+            self._out.end_slot(slot, Finish(None, slot.usage(), error))
