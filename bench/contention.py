@@ -9,6 +9,10 @@ so on a 2-core VM one busy program leaves each server about one core and a half,
 threads, without the tuner that lowers them while the CPUs are busy (``engine/thread_tuner.py``).
 Prints the tok/s, and writes them with vramsupply's ``vramsupply_cpu_threads`` after each level.
 
+``--quota CPUS`` starts every server inside a cgroup v1 CPU group limited to that many CPUs' time
+(as ``docker run --cpus``; needs root and a writable ``/sys/fs/cgroup/cpu``). There
+``vramsupply-pinned`` is vramsupply's default before it read the quota: a thread per core.
+
     bench/.cache/venv-llamacpp-server/bin/python bench/contention.py --out bench/results/DATE-contention.json
 """
 
@@ -16,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import json
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -35,6 +42,32 @@ from vramsupply.engine.threads import allowed_cpus, cpu_counts  # noqa: E402
 
 LEVELS = (1, 4)
 NAMES = ("vramsupply", "llama-server", "vramsupply-pinned")
+V1_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+@contextlib.contextmanager
+def quota_group(cpus: float | None) -> Iterator[Path | None]:
+    """A cgroup v1 CPU group with a quota of ``cpus`` CPUs per 100 ms period, removed afterwards."""
+    if cpus is None:
+        yield None
+        return
+    group = V1_CPU / f"vramsupply-bench-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        (group / "cpu.cfs_quota_us").write_text(str(round(cpus * int((group / "cpu.cfs_period_us").read_text()))))
+        yield group
+    finally:
+        time.sleep(0.5)  # the server's processes have left it
+        group.rmdir()
+
+
+def in_group(spec, group: Path | None):
+    """``spec`` whose command first moves its shell into ``group`` (its children inherit it)."""
+    if group is None:
+        return spec
+    inner = spec.command
+    shell = f'echo $$ > {group}/cgroup.procs && exec "$@"'
+    return dataclasses.replace(spec, command=lambda cfg, model, port: ["sh", "-c", shell, "sh", *inner(cfg, model, port)])
 
 
 def hogs(count: int) -> list[subprocess.Popen]:
@@ -59,7 +92,7 @@ async def cpu_threads(server) -> int | None:
     return None
 
 
-async def measure(name: str, eos_id: int, threads: int | None, busy_counts: tuple[int, ...]) -> dict[str, dict]:
+async def measure(name: str, eos_id: int, threads: int | None, busy_counts: tuple[int, ...], group: Path | None) -> dict[str, dict]:
     """One server at its defaults (but ``threads``, if given): every level alone, then every level
     beside each count of busy programs."""
     cfg = defaults_config(BENCH_MODEL, REPO / ".venv" / "bin" / "vramsupply")
@@ -68,7 +101,7 @@ async def measure(name: str, eos_id: int, threads: int | None, busy_counts: tupl
     if threads:
         cfg = dataclasses.replace(cfg, threads=threads, pin_threads=True)
     results = {}
-    with running_server(SERVERS[name.removesuffix("-pinned")], cfg, BENCH_MODEL) as server:
+    with running_server(in_group(SERVERS[name.removesuffix("-pinned")], group), cfg, BENCH_MODEL) as server:
         await wait_ready(server)
         await tok_s(server, 1, eos_id)  # warm-up
         for count in busy_counts:
@@ -93,11 +126,13 @@ async def main(args: argparse.Namespace) -> None:
         "model": BENCH_MODEL.name,
         "load": "every server at its defaults (vramsupply-pinned: --threads = the physical cores); c=1 and c=4, 2 x c requests of 64 tokens",
         "threads": args.threads,
+        "cgroup_cpu_quota": args.quota,
         "tok_s": {},
     }
     busy_counts = tuple(int(n) for n in args.busy.split(","))
     for name in args.servers.split(","):
-        report["tok_s"].update(await measure(name, eos_id, args.threads, busy_counts))
+        with quota_group(args.quota) as group:
+            report["tok_s"].update(await measure(name, eos_id, args.threads, busy_counts, group))
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report["tok_s"]))
@@ -108,5 +143,6 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, help="give every server this many threads (default: their own defaults)")
     parser.add_argument("--servers", default=",".join(NAMES), help=f"comma-separated, of {', '.join(NAMES)}")
     parser.add_argument("--busy", default="0,1,2", help="counts of busy programs to measure beside (default 0,1,2)")
+    parser.add_argument("--quota", type=float, help="run every server in a cgroup v1 CPU group limited to this many CPUs")
     parser.add_argument("--out", help="write the results here as JSON")
     asyncio.run(main(parser.parse_args()))

@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import run_cli
 from live_platform import LivePlatform, free_port
 
-CHECK_NAMES = ["backend", "driver", "decode", "gpu memory", "disk", "port", "platform", "api key", "endpoint url", "reachability", "clock"]
+CHECK_NAMES = ["backend", "driver", "decode", "gpu memory", "cpu", "disk", "port", "platform", "api key", "endpoint url", "reachability", "clock"]
 
 
 def doctor(*args: str, **env: str) -> tuple[int, dict[str, dict[str, object]], str]:
@@ -48,6 +48,7 @@ def test_every_check_passes_on_a_configured_machine(tmp_path: Path) -> None:
     assert checks["endpoint url"]["detail"] == "made by the cloudflared tunnel when serve starts"
     assert "cloudflared tunnel makes the public URL" in str(checks["reachability"]["detail"])
     assert str(checks["decode"]["detail"]).startswith("decoded 1 token on ")
+    assert " threads by default (" in str(checks["cpu"]["detail"])
     assert "s ahead of" in str(checks["clock"]["detail"]) or "s behind" in str(checks["clock"]["detail"])
 
 
@@ -56,7 +57,9 @@ def test_failures_exit_1_and_say_what_to_do(tmp_path: Path) -> None:
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
-        code, checks, _ = doctor(VRAM_SUPPLY_PLATFORM_URL=f"http://127.0.0.1:{closed}", VRAM_SUPPLY_PORT=str(squatter.getsockname()[1]))
+        code, checks, _ = doctor(
+            VRAM_SUPPLY_PLATFORM_URL=f"http://127.0.0.1:{closed}", VRAM_SUPPLY_PORT=str(squatter.getsockname()[1]), VRAM_SUPPLY_THREADS="512"
+        )
 
     assert code == 1
     assert checks["platform"]["ok"] is False and "VRAM_SUPPLY_PLATFORM_URL" in str(checks["platform"]["fix"])
@@ -64,6 +67,8 @@ def test_failures_exit_1_and_say_what_to_do(tmp_path: Path) -> None:
     assert checks["endpoint url"]["ok"] is False and "--endpoint-url" in str(checks["endpoint url"]["fix"])
     assert checks["port"]["ok"] is False and "taken by another program" in str(checks["port"]["detail"])
     assert checks["decode"]["ok"] is True
+    assert checks["cpu"]["ok"] is False and "512 threads pinned by --threads / VRAM_SUPPLY_THREADS" in str(checks["cpu"]["detail"])
+    assert "unset VRAM_SUPPLY_THREADS" in str(checks["cpu"]["fix"])
 
 
 def test_a_rejected_key_and_the_table_with_marks(tmp_path: Path) -> None:

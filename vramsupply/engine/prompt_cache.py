@@ -26,13 +26,15 @@ it on, 0.3 ms); ``save_policy.py`` decides from the measured cost and reuse whet
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
+
+from vramsupply.host.cgroups import PROC_SELF
+from vramsupply.host.memory import MEMINFO, available_bytes
 
 from .cache_entries import Base, Entry, PromptCache
 from .checkpoints import Checkpoint
@@ -58,23 +60,9 @@ RESTORE_TOKENS_PER_GAINED = 64
 MIN_BASE_TOKENS = 64
 
 
-def default_budget_mib(meminfo: Path = Path("/proc/meminfo")) -> int:
-    """A quarter of the memory available now, at most llama-server's 8 GiB default."""
-    available = _available_bytes(meminfo)
-    return min(DEFAULT_MAX_MIB, int(available * DEFAULT_SHARE_OF_AVAILABLE) // MIB)
-
-
-def _available_bytes(meminfo: Path) -> int:
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return 0
+def default_budget_mib(meminfo: Path = MEMINFO, proc: Path = PROC_SELF) -> int:
+    """A quarter of the memory available now (within the process's cgroup limit), at most llama-server's 8 GiB default."""
+    return min(DEFAULT_MAX_MIB, int((available_bytes(meminfo, proc) or 0) * DEFAULT_SHARE_OF_AVAILABLE) // MIB)
 
 
 def save_sequence(ctx: llama_cpp.llama_context_p, seq_id: int) -> np.ndarray | None:

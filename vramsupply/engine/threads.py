@@ -8,6 +8,18 @@ for prompt processing too: its ``-tb`` defaults to ``-t``. We do the same, count
 this process may run on (taskset, cgroup cpusets), read from sysfs, so a pinned container does not
 spawn threads for the whole host.
 
+Nor more than a cgroup's CPU quota allows (``host/cgroups.py``: Docker's ``--cpus``, a Kubernetes
+limit), where every core is visible but only some of their time. The kernel lets the group's
+threads run until they have spent the quota for the period (100 ms by default) and stops them all
+for the rest of it, and llama.cpp's threads meet at a barrier after every operation of the graph,
+so a thread per core spends the quota on threads that add little. Measured on the 2-core VM in a
+cgroup v1 quota of one CPU (bench model, ``bench/contention.py --quota``): llama-server at its
+default two threads served 104.5 / 152.0 and 116.1 / 165.3 tok/s at c = 1 / 4 in two runs,
+vramsupply with one thread 157.1 / 174.1 and 165.3 / 182.0. At a quota of 1.5 CPUs two threads
+were the better at c = 4 (vramsupply 233.9 and 228.8; one thread, ad hoc, 181.0) and level at
+c = 1, so the quota is rounded to the nearest whole CPU, halves up; the thread tuner
+(``thread_tuner.py``) still goes lower when steps say so.
+
 An earlier default gave prompt processing every logical CPU, as llama-cpp-python's ``Llama``
 does. But llama.cpp uses the batch thread count for every step of more than one token, and with
 continuous batching that is every decode step of two or more streams (and a one-stream step that
@@ -19,10 +31,16 @@ Not measured here: the bench VMs have one thread per core, where both defaults a
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from vramsupply.host.cgroups import PROC_SELF, cpu_limit
+
+log = logging.getLogger(__name__)
 
 SYSFS_CPU = Path("/sys/devices/system/cpu")
 
@@ -35,12 +53,23 @@ class Threads:
     batch: int
 
 
-def resolve_threads(requested: int | None, sysfs: Path = SYSFS_CPU) -> Threads:
-    """``--threads N`` uses N for both; unset means the physical cores for both."""
+def resolve_threads(requested: int | None, sysfs: Path = SYSFS_CPU, proc: Path = PROC_SELF) -> Threads:
+    """``--threads N`` uses N for both; unset means the physical cores for both, within a CPU quota."""
     if requested is not None:
         return Threads(requested, requested)
     physical, _ = cpu_counts(allowed_cpus(), sysfs)
-    return Threads(physical, physical)
+    limit = cpu_limit(proc)
+    threads = threads_within(physical, limit)
+    if threads < physical:
+        log.info("a cgroup CPU quota of %.2f CPUs: %d CPU threads, not one for each of the %d cores", limit, threads, physical)
+    return Threads(threads, threads)
+
+
+def threads_within(cores: int, limit: float | None) -> int:
+    """``cores`` threads, or fewer under a CPU quota: the quota rounded to the nearest whole CPU, at least one."""
+    if limit is None:
+        return cores
+    return max(1, min(cores, math.floor(limit + 0.5)))
 
 
 def allowed_cpus() -> list[int]:

@@ -18,6 +18,8 @@ from typing import Any
 import llama_cpp
 from llama_cpp._ctypes_extensions import load_shared_library
 
+from vramsupply.host.memory import available_bytes
+
 CPU, GPU, IGPU, ACCEL = 0, 1, 2, 3  # enum ggml_backend_dev_type
 _KINDS = {CPU: "cpu", GPU: "gpu", IGPU: "igpu", ACCEL: "accel"}
 _LIB_DIR = Path(llama_cpp.__file__).parent / "lib"
@@ -85,15 +87,12 @@ def list_devices() -> list[Device]:
 
 
 def _with_available_ram(device: Device) -> Device:
-    """ggml reports the CPU's free memory as its total; the kernel's MemAvailable is the truth."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-                return Device(device.name, device.description, device.kind, device.total_bytes, min(available, device.total_bytes))
-    except (OSError, ValueError, IndexError):
-        pass
-    return device
+    """ggml reports the CPU's free memory as its total; the kernel's MemAvailable, within the
+    process's cgroup memory limit (``host/memory.py``), is the truth."""
+    available = available_bytes()
+    if available is None:
+        return device
+    return Device(device.name, device.description, device.kind, device.total_bytes, min(available, device.total_bytes))
 
 
 def device_handles() -> dict[str, int]:

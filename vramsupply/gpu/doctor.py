@@ -203,6 +203,26 @@ def free_gpu_memory(ctx: Context) -> Result:
     return Result(True, detail)
 
 
+@check("cpu")
+def cpu_threads(ctx: Context) -> Result:
+    """The CPU threads serve will use, and whether ``--threads`` asks for more than the CPU time this process may have."""
+    from vramsupply.engine.threads import allowed_cpus, cpu_counts, resolve_threads
+    from vramsupply.host.cgroups import cpu_limit
+
+    physical, logical = cpu_counts(allowed_cpus())
+    quota = cpu_limit()
+    within = f"; a cgroup CPU quota of {quota:.2f} CPUs" if quota is not None else ""
+    machine = f"{physical} cores, {logical} CPUs{within}"
+    if ctx.settings.threads is None:
+        return Result(True, f"{resolve_threads(None).decode} threads by default ({machine}), fewer while other programs keep the cores busy")
+    room = min(logical, quota) if quota is not None else logical
+    detail = f"{ctx.settings.threads} threads pinned by --threads / VRAM_SUPPLY_THREADS ({machine})"
+    if ctx.settings.threads > room + 0.5:
+        fix = "unset VRAM_SUPPLY_THREADS and --threads: the default follows the cores and the quota (llama.cpp's threads wait for the slowest at every step)"
+        return Result(False, f"{detail}: more threads than this process has CPU time for", fix)
+    return Result(True, detail)
+
+
 @check("disk")
 def free_disk_in_model_cache(ctx: Context) -> Result:
     from vramsupply.hub import default_cache_dir
