@@ -17,6 +17,9 @@ tokens after each first token over the round's time after its median first token
 
     bench/.cache/venv-llamacpp-server/bin/python bench/pairs.py                  # 40 pairs, ~2 min
     bench/.cache/venv-llamacpp-server/bin/python bench/pairs.py --concurrency 4  # <date>-pairs-c4.json
+
+``--against pinned`` and ``--against-args '--stream-interval-ms 12'`` put vramsupply against itself
+with one setting changed: what a default costs or gains, in the same alternation.
 """
 
 from __future__ import annotations
@@ -47,13 +50,16 @@ from vramsupply.engine.threads import allowed_cpus, cpu_counts  # noqa: E402
 SERVERS = ("vramsupply", "llama-server")
 
 
+def vramsupply_with(extra: list[str], name: str) -> ServerSpec:
+    """vramsupply at its defaults but for ``extra`` serve arguments (the setting under test)."""
+    base = SERVER_SPECS["vramsupply"]
+    return dataclasses.replace(base, name=name, command=lambda cfg, model, port: [*base.command(cfg, model, port), *extra])
+
+
 def pinned_vramsupply() -> ServerSpec:
     """vramsupply at its defaults but ``--threads`` = the physical cores: the default threads,
     held fixed (no ``engine/thread_tuner.py``), to see what the tuner costs a machine alone."""
-    base = SERVER_SPECS["vramsupply"]
-    threads = cpu_counts(allowed_cpus())[0]
-    return dataclasses.replace(base, name="vramsupply-pinned",
-                               command=lambda cfg, model, port: [*base.command(cfg, model, port), "--threads", str(threads)])
+    return vramsupply_with(["--threads", str(cpu_counts(allowed_cpus())[0])], "vramsupply-pinned")
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-pairs-c<concurrency>.json)")
     parser.add_argument("--against", choices=("llama-server", "pinned"), default="llama-server",
                         help="the other server: llama-server (default), or vramsupply with its threads pinned")
+    parser.add_argument("--against-args", help="instead, vramsupply at its defaults but for these serve arguments (quoted), "
+                                                "e.g. '--stream-interval-ms 12': a setting's default against another value")
     args = parser.parse_args()
     cfg = BenchConfig(models=(args.model,), servers=SERVERS, concurrency=(args.concurrency,), requests_per_slot=1, max_tokens=args.max_tokens,
                       rounds=1, parallel=0, context_per_slot=0, threads=os.cpu_count() or 1, vramsupply_bin=args.vramsupply,
@@ -148,6 +156,9 @@ def main() -> None:
     against = pinned_vramsupply() if args.against == "pinned" else None
     if against:
         report["settings"] = "vramsupply at its defaults against vramsupply with --threads = the physical cores"
+    if args.against_args:
+        against = vramsupply_with(args.against_args.split(), "vramsupply-with-args")
+        report["settings"] = f"vramsupply at its defaults against vramsupply with {args.against_args}"
     report.update(asyncio.run(pairs(cfg, args.model, args.pairs, args.max_tokens, args.concurrency, against)))
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     out = args.out or REPO / "bench" / "results" / f"{date}-pairs-c{args.concurrency}.json"

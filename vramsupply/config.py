@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     cache_ram: int | None = Field(None, ge=0, description="MiB of host RAM keeping idle conversations' KV for reuse (default: a quarter of free RAM, within a cgroup memory limit, at most 8192; 0: off)")
     draft_max: int | None = Field(None, ge=0, description="Tokens prompt-lookup speculative decoding may draft per step for a request decoding alone (default 0: off; it cost a lone request tok/s on a CPU and on a GPU in our benchmarks)")
     backend_sampling: bool = Field(False, description="Sample on the device inside llama.cpp's graph so logits never cross to the host (for GPUs; requests with penalties, grammars or logprobs sample on the host)")
-    stream_interval_ms: float = Field(12.0, ge=0, le=1000, description="Milliseconds between hand-overs of mid-answer tokens to the HTTP side (several tokens then go in one SSE chunk; a first token and an answer's end go at once; 0: every decode step)")
+    stream_interval_ms: float = Field(30.0, ge=0, le=1000, description="Milliseconds between hand-overs of mid-answer tokens to the HTTP side (several tokens then go in one SSE chunk; a first token and an answer's end go at once; 0: every decode step)")
     cache_type_k: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache type for keys: f16, q8_0 or q4_0 (about 1/2 or 1/4 of the f16 memory)")
     cache_type_v: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache type for values: f16, q8_0 or q4_0 (a quantized V cache needs flash attention)")
     split_mode: Literal["layer", "row", "none"] = Field("layer", description="How to split the model across GPUs: layer, row or none (all on main_gpu)")

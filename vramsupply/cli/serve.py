@@ -35,7 +35,7 @@ def serve(
     cache_ram: Optional[int] = typer.Option(None, "--cache-ram", help="MiB of RAM for the prompt cache (default: 1/4 of free RAM, within a cgroup memory limit, at most 8192; 0: off)."),
     draft_max: Optional[int] = typer.Option(None, "--draft-max", help="Tokens prompt lookup may draft per step for a lone request (default 0 = off)."),
     backend_sampling: Optional[bool] = typer.Option(None, "--backend-sampling", help="Sample on the device, so logits never cross to the host (for GPUs)."),
-    stream_interval_ms: Optional[float] = typer.Option(None, "--stream-interval-ms", help="Milliseconds between SSE writes of mid-answer tokens (default 12; 0: every decode step)."),
+    stream_interval_ms: Optional[float] = typer.Option(None, "--stream-interval-ms", help="Milliseconds between SSE writes of mid-answer tokens (default 30; 0: every decode step)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="llama.cpp (default), vllm, sglang, or upstream (a running OpenAI-compatible server)."),
     upstream_url: Optional[str] = typer.Option(None, "--upstream-url", help="The running server's base URL, for --engine upstream."),
     upstream_api_key: Optional[str] = typer.Option(None, "--upstream-api-key", help="API key the upstream server requires."),

@@ -84,7 +84,7 @@ class EngineOptions:
     draft_max: int | None = None
     backend_sampling: bool = False
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
-    stream_interval_ms: float = 12.0  # mid-answer tokens reach the event loop at most this often (cadence.py)
+    stream_interval_ms: float = 30.0  # mid-answer tokens reach the event loop at most this often (cadence.py)
     gpu: GpuOptions = field(default_factory=GpuOptions)
 
     def __post_init__(self) -> None:
