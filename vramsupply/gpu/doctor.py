@@ -194,13 +194,22 @@ def free_gpu_memory(ctx: Context) -> Result:
     gpus = [d for d in ctx.devices if d.is_gpu]
     if not gpus:
         host = next((d for d in ctx.devices if d.kind == "cpu"), None)
-        ram = f": {gib(host.free_bytes)} of {gib(host.total_bytes)} RAM available for the model" if host else ""
+        ram = f": {gib(host.free_bytes)} of {gib(host.total_bytes)} RAM available for the model{_limited()}" if host else ""
         return Result(True, f"no GPU in use{ram}")
     low = [d for d in gpus if d.free_bytes < MIN_FREE_GPU]
     detail = "; ".join(f"{d.label}: {gib(d.free_bytes)} free of {gib(d.total_bytes)}" for d in gpus)
     if low:
         return Result(False, detail, "stop what else uses the GPU (nvidia-smi lists the processes), then run vramsupply plan")
     return Result(True, detail)
+
+
+def _limited() -> str:
+    """Where a cgroup memory limit leaves less than the host has free, say so: the host's total is not what this process may use."""
+    from vramsupply.host.cgroups import memory_room
+    from vramsupply.host.memory import host_available_bytes
+
+    room, host = memory_room(), host_available_bytes()
+    return " (held to that by a cgroup memory limit)" if room is not None and (host is None or room < host) else ""
 
 
 @check("cpu")
