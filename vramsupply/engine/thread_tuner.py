@@ -56,6 +56,7 @@ from llama_cpp._internals import LlamaContext
 
 from .counters import Counters
 from .pacing import StepWork
+from .threads import allowed_cpus
 from .types import EngineOptions
 
 log = logging.getLogger(__name__)
@@ -135,9 +136,7 @@ class CpuClock:
     """What the tuner reads from the system: this process's CPU time and the idle time of its CPUs."""
 
     def __init__(self, cpus: Iterable[int] | None = None, stat_path: str = "/proc/stat") -> None:
-        if cpus is None:
-            cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ()
-        self._names = {f"cpu{cpu}" for cpu in cpus}
+        self._names = {f"cpu{cpu}" for cpu in (allowed_cpus() if cpus is None else cpus)}
         self.count = len(self._names)
         self._stat_path = stat_path
         self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

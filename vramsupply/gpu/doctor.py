@@ -215,7 +215,7 @@ def _limited() -> str:
 @check("cpu")
 def cpu_threads(ctx: Context) -> Result:
     """The CPU threads serve will use, and whether ``--threads`` asks for more than the CPU time this process may have."""
-    from vramsupply.engine.threads import allowed_cpus, cpu_counts, resolve_threads
+    from vramsupply.engine.threads import allowed_cpus, cpu_counts, threads_within
     from vramsupply.host.cgroups import cpu_limit
 
     physical, logical = cpu_counts(allowed_cpus())
@@ -223,7 +223,7 @@ def cpu_threads(ctx: Context) -> Result:
     within = f"; a cgroup CPU quota of {quota:.2f} CPUs" if quota is not None else ""
     machine = f"{physical} cores, {logical} CPUs{within}"
     if ctx.settings.threads is None:
-        return Result(True, f"{resolve_threads(None).decode} threads by default ({machine}), fewer while other programs keep the cores busy")
+        return Result(True, f"{threads_within(physical, quota)} threads by default ({machine}), fewer while other programs keep the cores busy")
     room = min(logical, quota) if quota is not None else logical
     detail = f"{ctx.settings.threads} threads pinned by --threads / VRAM_SUPPLY_THREADS ({machine})"
     if ctx.settings.threads > room + 0.5:
