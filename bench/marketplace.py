@@ -27,10 +27,15 @@ trace and with the other server first, and the report gives each repeat's ratio 
 This file runs the servers and writes the results; the trace is drawn in bench/market_trace.py,
 played and scored in bench/market_client.py, and tabled and charted in bench/market_report.py.
 
-    bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py            # ~20 min
+    bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py            # 3 servers, 4 rates: ~50 min
     bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py --quick    # smoke run on stories260K
     bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py --servers vramsupply,llama-server \
-        --rates 0.1,0.2,0.4 --repeat 4                                           # the medians: ~50 min
+        --rates 0.1,0.2,0.4                                                      # ~26 min
+    bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py --servers vramsupply --rates 0.2 \
+        --against-args '--context-length 8192'                                   # a setting against its default
+
+A trace of 48 conversations (the default: three times vramsupply's 16 slots) runs about 48 / rate
+seconds of arrivals and reaches a steady state; the earlier traces of 12 were mostly a ramp.
 """
 
 from __future__ import annotations
@@ -96,12 +101,26 @@ def schedule(rates: list[float], repeats: int, first_seed: int, n_servers: int) 
             for rep in range(repeats) for i, rate in enumerate(rates)]
 
 
+def bench_specs(names: tuple[str, ...], threads: int | None, against_args: str | None) -> list[ServerSpec]:
+    """Each named server at its defaults, and with ``against_args`` a second vramsupply that gets
+    those serve arguments too (named "vramsupply-with-args"): a setting against its default, on
+    the same traces in the same minutes."""
+    specs = [ServerSpec(name, "defaults", SERVERS[name].ready_path, SERVERS[name].accepts_ignore_eos,
+                        default_command(name, threads)) for name in names]
+    if against_args:
+        base, extra = default_command("vramsupply", threads), against_args.split()
+        specs.append(ServerSpec("vramsupply-with-args", "defaults", SERVERS["vramsupply"].ready_path,
+                                SERVERS["vramsupply"].accepts_ignore_eos,
+                                lambda cfg, model, port: [*base(cfg, model, port), *extra]))
+    return specs
+
+
 async def bench(cfg: BenchConfig, model: Path, rates: list[float], conversations: int, cap_s: float,
-                threads: int | None, first_seed: int = 1000, repeats: int = 1, busy: int = 0) -> dict:
+                threads: int | None, first_seed: int = 1000, repeats: int = 1, busy: int = 0,
+                against_args: str | None = None) -> dict:
     eos_id = eos_token_id(model)
     words = Words(model)
-    specs = [ServerSpec(name, "defaults", SERVERS[name].ready_path, SERVERS[name].accepts_ignore_eos,
-                        default_command(name, threads)) for name in cfg.servers]
+    specs = bench_specs(cfg.servers, threads, against_args)
     results: dict[str, list[dict]] = {spec.name: [] for spec in specs}
     with ExitStack() as stack:
         servers = [stack.enter_context(running_server(spec, cfg, model)) for spec in specs]
@@ -144,13 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--servers", default="vramsupply,llama-server,llama_cpp.server")
     parser.add_argument("--rates", default="0.1,0.2,0.4,0.8",
                         help="conversation arrivals per second, comma-separated (0.8 overloads the 2-core bench VM)")
-    parser.add_argument("--conversations", type=int, default=12, help="conversations per rate (default 12: 3x llama-server's 4 default slots; vramsupply has 16)")
+    parser.add_argument("--conversations", type=positive, default=48,
+                        help="conversations per rate (default 48: 3x vramsupply's 16 default slots, the issue's "
+                             "'at least 3x more conversations than slots'; the traces before 2026-12-05 had 12, 3x llama-server's 4)")
     parser.add_argument("--cap", type=float, default=60.0, help="seconds after the last arrival before unsent turns are dropped")
     parser.add_argument("--first-seed", type=int, default=1000, help="the first rate's trace seed; each next rate adds one (replay one rate's trace alone)")
     parser.add_argument("--repeat", type=positive, default=1,
                         help="replay each rate this many times, each on a fresh trace, the server going first alternating; "
                              "the report gives each repeat's ratio and their median (one run's ratio moves 2x with the hour)")
     parser.add_argument("--threads", type=int, help="give every server this many threads (default: each server's own default)")
+    parser.add_argument("--against-args", metavar="ARGS",
+                        help="also run vramsupply with these serve arguments (quoted), as \"vramsupply-with-args\": "
+                             "e.g. '--parallel 4', a setting against its default on the same traces")
     parser.add_argument("--busy", type=int, default=0,
                         help="run this many busy programs (while True: pass, a session of their own) beside the servers, after their warm-up")
     parser.add_argument("--vramsupply", type=Path, default=REPO / ".venv" / "bin" / "vramsupply")
@@ -187,8 +211,9 @@ def main() -> None:
         "config": {"model": str(model), "rates": rates, "conversations": conversations, "cap_s": args.cap,
                    "ttft_slo_s": TTFT_SLO_S, "tpot_slo_s": TPOT_SLO_S, "system_tokens": SYSTEM_TOKENS,
                    "max_prompt_tokens": MAX_PROMPT_TOKENS, "endpoint": "/v1/completions, streaming, temperature 0.7",
-                   "threads": args.threads or "each server's default", "repeats": args.repeat, "busy_programs": args.busy},
-        "servers": asyncio.run(bench(cfg, model, rates, conversations, args.cap, args.threads, args.first_seed, args.repeat, args.busy)),
+                   "threads": args.threads or "each server's default", "repeats": args.repeat, "busy_programs": args.busy, "against_args": args.against_args},
+        "servers": asyncio.run(bench(cfg, model, rates, conversations, args.cap, args.threads, args.first_seed, args.repeat, args.busy,
+                                     args.against_args)),
     }
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     report["duration_s"] = round(time.perf_counter() - started, 1)
