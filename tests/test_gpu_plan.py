@@ -141,6 +141,31 @@ def test_a_context_that_was_not_set_shrinks_to_fit_like_llama_server_fit(llama_8
     assert note.startswith(f"Q8_0 fits only with 4 slot(s) sharing {plan.settings.context_length} tokens (asked 4 x 32768)")
 
 
+def test_a_default_context_gives_way_to_4096_before_the_quant_does(llama_8b: ModelSource) -> None:
+    """The default context is 8192; a GPU that held Q8_0 at the old default of 4096 still gets Q8_0."""
+    target, asked = Target((gpu(9.75),), HOST), Settings(8192, 16)
+    assert make_plan(llama_8b, target, Settings(4096, 16)).chosen.quant == "Q8_0"
+    assert make_plan(llama_8b, target, asked).chosen.quant == "Q6_K", "a context that was set is kept, so the quant gives"
+
+    plan = make_plan(llama_8b, target, asked, context_fixed=False)
+
+    assert plan.chosen is not None and plan.chosen.quant == "Q8_0"
+    assert 4096 <= plan.settings.context_length < 8192 and plan.settings.parallel == 16
+    assert make_plan(llama_8b, target, Settings(plan.settings.context_length + 256, 16), quant="Q8_0").chosen is None
+    (note,) = plan.notes
+    assert note.startswith(f"Q8_0 fits only with 16 slot(s) sharing {plan.settings.context_length} tokens (asked 16 x 8192)")
+
+
+def test_below_4096_a_lower_quant_at_the_full_default_context_comes_first(llama_8b: ModelSource) -> None:
+    target = Target((gpu(9.25),), HOST)
+    assert make_plan(llama_8b, target, Settings(2048, 16)).chosen.quant == "Q8_0", "Q8_0 would fit at 2048 tokens"
+
+    plan = make_plan(llama_8b, target, Settings(8192, 16), context_fixed=False)
+
+    assert plan.chosen is not None and plan.chosen.quant == "Q6_K"
+    assert plan.settings.context_length == 8192
+
+
 def test_slots_shrink_when_only_they_were_left_unset(llama_8b: ModelSource) -> None:
     plan = make_plan(llama_8b, Target((gpu(14),), HOST), Settings(16384, 8, kv_per_slot=True), quant="Q8_0", parallel_fixed=False)
 

@@ -178,8 +178,8 @@ def test_serving_without_what_registration_needs_is_refused_before_any_call() ->
         MarketplaceSession.prepare(market_options(Settings(endpoint_url="https://gpu.example.com")))
     with pytest.raises(OfferError, match="an endpoint URL is required to register"):
         MarketplaceSession.prepare(market_options(Settings(api_key="sk-x")))
-    with pytest.raises(OfferError, match=r"context_length_offered \(8192\) is larger than context_length \(4096\)"):
-        MarketplaceSession.prepare(market_options(Settings(api_key="sk-x", endpoint_url="https://gpu.example.com", context_length_offered=8192)))
+    with pytest.raises(OfferError, match=r"context_length_offered \(9000\) is larger than context_length \(8192\)"):
+        MarketplaceSession.prepare(market_options(Settings(api_key="sk-x", endpoint_url="https://gpu.example.com", context_length_offered=9000)))
 
 
 def test_the_startup_summary_names_the_offer_earnings_and_warnings() -> None:

@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     # Model and engine
     model: str | None = Field(None, description="Model to serve: `org/model` (resolved on HuggingFace) or a local .gguf path")
     quant: str = Field("Q4_K_M", description="Quantization to download when `model` is a HuggingFace id")
-    context_length: int = Field(4096, ge=16, description="Context window per request (tokens); the slots share one KV cache of this size unless `kv_per_slot`")
+    context_length: int = Field(8192, ge=16, description="Context window per request (tokens); the slots share one KV cache of this size unless `kv_per_slot`")
     parallel: int = Field(DEFAULT_PARALLEL, ge=1, le=256, description="Number of slots: requests decoded concurrently (4 by default with `kv_per_slot`)")
     kv_per_slot: bool = Field(False, description="Give every slot its own KV cache of `context_length` tokens (parallel times the memory) instead of one shared cache, so no request is ever paused for KV space")
     n_gpu_layers: int = Field(-1, ge=-1, description="Layers offloaded to the GPU (-1: all, when the build has a GPU backend)")

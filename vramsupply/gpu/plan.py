@@ -10,9 +10,12 @@ memory, with headroom:
   token embeddings and the logits buffer stay in host RAM, as llama.cpp places them;
 - otherwise host RAM must hold everything, less 512 MiB.
 
-Quant choice: the best quant (in QUALITY_ORDER) that fits at the requested settings. When none
-does and the context or slot count was not set explicitly, they are reduced the way llama-server's
-`-fit` does it: the context first (not below MIN_CONTEXT), then the slots.
+Quant choice: the best quant (in QUALITY_ORDER) that fits at the requested settings. A context
+that was not set explicitly gives way first: the best quant that fits at some context down to
+KEEP_QUANT_CONTEXT is chosen, at the largest such context, before a lower quant at the full
+default. When none fits even so and the context or slot count was not set explicitly, they are
+reduced the way llama-server's `-fit` does it: the context first (not below MIN_CONTEXT), then
+the slots.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ MIB = 1024**2
 GPU_HEADROOM = 1 * GIB
 HOST_HEADROOM = 512 * MIB
 MIN_CONTEXT = 2048
+KEEP_QUANT_CONTEXT = 4096
+"""A default context shrinks to this before the plan trades down the quant: the default was 4096
+until the slots' shared cache proved too small under many conversations (config.py), and a GPU
+that held the best quant at that context still does."""
 CONTEXT_STEP = 256
 # Best first. F16/BF16/F32 only when asked for: Q8_0 answers the same at half the memory and twice the speed.
 QUALITY_ORDER = (
@@ -171,27 +178,34 @@ def make_plan(
     settings = replace(settings, context_length=served.cache_tokens)
     quants = ranked(source.quants)
     candidates = tuple(candidate(source, q, target, settings) for q in quants)
-    pool = [c for c in candidates if c.quant == quant] if quant else [c for c in candidates if c.quant not in FULL_PRECISION] or list(candidates)
-    chosen = next((c for c in pool if c.fits), None)
-    if chosen is not None:
-        return Plan(source.label, target, settings, candidates, chosen, (_why(chosen, candidates, target, settings, quant or (chosen.quant if len(candidates) == 1 else None)),), quant)
+    pool = [q for q in quants if q.quant == quant] if quant else [q for q in quants if q.quant not in FULL_PRECISION] or quants
+    keep_floor = settings.context_length if context_fixed else min(KEEP_QUANT_CONTEXT, settings.context_length)
+    for q in pool:
+        chosen = next(c for c in candidates if c.quant == q.quant)
+        if chosen.fits:
+            return Plan(source.label, target, settings, candidates, chosen, (_why(chosen, candidates, target, settings, quant or (chosen.quant if len(candidates) == 1 else None)),), quant)
+        smaller = shrink(source, q, target, settings, floor=keep_floor, parallel_fixed=True) if keep_floor < settings.context_length else None
+        if smaller is not None:
+            return _shrunk_plan(source, target, settings, candidates, q, smaller, quant)
     if context_fixed and parallel_fixed:
         return Plan(source.label, target, settings, candidates, None, asked=quant)
-    for q in [q for q in quants if q.quant in {c.quant for c in pool}]:
-        smaller = shrink(source, q, target, settings, context_fixed=context_fixed, parallel_fixed=parallel_fixed)
+    floor = settings.context_length if context_fixed else min(MIN_CONTEXT, settings.context_length)
+    for q in pool:
+        smaller = shrink(source, q, target, settings, floor=floor, parallel_fixed=parallel_fixed)
         if smaller is not None:
-            fitted = candidate(source, q, target, smaller)
-            note = (
-                f"{q.quant} fits only with {smaller.describe()} "
-                f"(asked {settings.parallel} x {settings.context_length}) on {target.describe()}"
-            )
-            return Plan(source.label, target, smaller, tuple(fitted if c.quant == q.quant else c for c in candidates), fitted, (note,), quant)
+            return _shrunk_plan(source, target, settings, candidates, q, smaller, quant)
     return Plan(source.label, target, settings, candidates, None, asked=quant)
 
 
-def shrink(source: ModelSource, quant: QuantFile, target: Target, settings: Settings, *, context_fixed: bool, parallel_fixed: bool) -> Settings | None:
-    """The largest context (then slot count) at or below the requested ones that fits."""
-    floor = settings.context_length if context_fixed else min(MIN_CONTEXT, settings.context_length)
+def _shrunk_plan(source: ModelSource, target: Target, asked: Settings, candidates: tuple[Candidate, ...], q: QuantFile,
+                 smaller: Settings, quant: str | None) -> Plan:
+    fitted = candidate(source, q, target, smaller)
+    note = f"{q.quant} fits only with {smaller.describe()} (asked {asked.parallel} x {asked.context_length}) on {target.describe()}"
+    return Plan(source.label, target, smaller, tuple(fitted if c.quant == q.quant else c for c in candidates), fitted, (note,), quant)
+
+
+def shrink(source: ModelSource, quant: QuantFile, target: Target, settings: Settings, *, floor: int, parallel_fixed: bool) -> Settings | None:
+    """The largest context (then slot count) from ``floor`` up to the requested one that fits."""
     for parallel in [settings.parallel] if parallel_fixed else range(settings.parallel, 0, -1):
         trial = replace(settings, parallel=parallel)
         if not candidate(source, quant, target, replace(trial, context_length=floor)).fits:
