@@ -11,7 +11,10 @@ import pytest
 from conftest import TINY_MODEL
 from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
 from vramsupply.engine.trained_context import ServedContext, served_context
+from vramsupply.config import Settings
 from vramsupply.engine.types import ContextOverflow
+from vramsupply.hub.local import local_model
+from vramsupply.serve.options import engine_options
 
 TRAINED = 2048  # stories260K's llama.context_length
 
@@ -43,3 +46,23 @@ async def test_four_long_requests_run_side_by_side_on_a_model_trained_on_less(ca
         assert engine.stats().preemptions_total == 0, "four requests of ~1810 tokens fit the 8192-token cache together"
         with pytest.raises(ContextOverflow):
             engine.submit(GenerationRequest(prompts[0], max_tokens=TRAINED))  # past the training context
+
+
+@pytest.mark.parametrize(("asked", "level"), [(False, logging.INFO), (True, logging.WARNING)])
+def test_the_default_context_capped_by_training_is_told_at_info_and_an_asked_one_warned(
+    caplog: pytest.LogCaptureFixture, asked: bool, level: int
+) -> None:
+    """The default context (8192) is longer than many models were trained on; that is no warning,
+    but a --context-length the model cannot honour is."""
+    caplog.set_level(logging.INFO)
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=8192, n_ctx_explicit=asked, parallel=2, threads=1, cache_ram=0)):
+        told = [r.levelno for r in caplog.records if "is more than llama was trained on" in r.getMessage()]
+    assert told == [level]
+
+
+def test_serve_counts_the_context_as_asked_only_when_the_user_set_it() -> None:
+    model = local_model(str(TINY_MODEL))
+    assert not engine_options(Settings(), model).n_ctx_explicit
+    assert engine_options(Settings(context_length=8192), model).n_ctx_explicit
+    planned = Settings().model_copy(update={"context_length": 6144})  # what the memory plan sets is not asked
+    assert not engine_options(planned, model, explicit=set()).n_ctx_explicit

@@ -282,6 +282,8 @@ def fit_to_training_context(options: EngineOptions, model: Model) -> tuple[Engin
     request it may serve (``trained_context``: past the training context output degrades silently)."""
     served = served_context(options.n_ctx, options.parallel, options.kv_per_slot, model.n_ctx_train)
     if served.capped(options.n_ctx):
-        log.warning("context_length %d is more than %s was trained on; serving requests of up to %d tokens, %s",
-                    options.n_ctx, model.name, served.request_tokens, kv_layout(options.kv_per_slot, served.cache_tokens))
+        # A context the user asked for is a warning; the default (8192) on a shorter-trained model is not.
+        log.log(logging.WARNING if options.n_ctx_explicit else logging.INFO,
+                "context_length %d is more than %s was trained on; serving requests of up to %d tokens, %s",
+                options.n_ctx, model.name, served.request_tokens, kv_layout(options.kv_per_slot, served.cache_tokens))
     return replace(options, n_ctx=served.cache_tokens), served.request_tokens

@@ -72,6 +72,7 @@ class EngineOptions:
 
     model_path: Path
     n_ctx: int = 4096
+    n_ctx_explicit: bool = True  # the user set it; a default capped by the training context is no warning
     parallel: int = 16
     kv_per_slot: bool = False  # one KV of n_ctx per slot instead of one n_ctx KV shared by all slots
     n_gpu_layers: int = -1

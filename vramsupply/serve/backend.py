@@ -60,13 +60,13 @@ class LlamaCppBackend:
         self.engine: Engine | None = None
         self.app: web.Application | None = None
         self.placement: PlacementMonitor | None = None  # where the model runs, once loaded
+        self.explicit: set[str] = set(settings.model_fields_set)  # what the user set, before the plan fills in the rest
 
     async def prepare(self) -> LocalModel:
         """Fit the plan to memory, download (a bar on a terminal, plain lines in logs), fit again."""
-        explicit = set(self.settings.model_fields_set)
-        self.settings = await fit_to_memory(self.settings, explicit)
+        self.settings = await fit_to_memory(self.settings, self.explicit)
         self.model = await resolve_model(self.settings)  # a stop signal need not wait for it (see lifecycle)
-        self.settings = await fit_to_memory(self.settings, explicit, self.model)
+        self.settings = await fit_to_memory(self.settings, self.explicit, self.model)
         return self.model
 
     def create_app(self, endpoint_token: str | None, max_body_bytes: int) -> web.Application:
@@ -78,7 +78,7 @@ class LlamaCppBackend:
         """Load in a worker thread (llama.cpp loading blocks and cannot be interrupted), then attach."""
         assert self.model is not None and self.app is not None
         log.info("loading %s from %s", self.model.model_id, self.model.path)
-        self.engine = await load_engine(engine_options(self.settings, self.model))
+        self.engine = await load_engine(engine_options(self.settings, self.model, explicit=self.explicit))
         if stopping.is_set():
             return False
         self.app[SERVER_STATE].attach(self.engine)

@@ -21,11 +21,15 @@ class ServeError(VramsupplyError):
     """Serving cannot start for a reason of its own (a tunnel tool missing); one line for the CLI."""
 
 
-def engine_options(settings: Settings, model: LocalModel) -> EngineOptions:
-    """Settings already checked every engine value alone and together (``config.check_together``)."""
+def engine_options(settings: Settings, model: LocalModel, explicit: set[str] | None = None) -> EngineOptions:
+    """Settings already checked every engine value alone and together (``config.check_together``).
+    ``explicit``: the settings the user set (default: ``settings``' own), since the memory plan's
+    updates count as set."""
+    explicit = settings.model_fields_set if explicit is None else explicit
     return EngineOptions(
         model_path=model.path,
         n_ctx=settings.context_length,
+        n_ctx_explicit="context_length" in explicit,
         parallel=settings.parallel,
         kv_per_slot=settings.kv_per_slot,
         n_gpu_layers=settings.n_gpu_layers,
