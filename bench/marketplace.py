@@ -59,7 +59,7 @@ from market_report import plot, summary_table  # noqa: E402
 from market_trace import MAX_PROMPT_TOKENS, SYSTEM_TOKENS, Words  # noqa: E402
 from servers import (  # noqa: E402
     BENCH_MODEL, CACHE, HOST, LLAMA_BIN, REPO, SERVERS, TINY_MODEL, BenchConfig, ServerSpec, machine_info, running_server,
-    versions, wait_ready,
+    versions, wait_ready, with_args,
 )
 
 REPEAT_SEED_STEP = 100
@@ -105,13 +105,12 @@ def bench_specs(names: tuple[str, ...], threads: int | None, against_args: str |
     """Each named server at its defaults, and with ``against_args`` a second vramsupply that gets
     those serve arguments too (named "vramsupply-with-args"): a setting against its default, on
     the same traces in the same minutes."""
-    specs = [ServerSpec(name, "defaults", SERVERS[name].ready_path, SERVERS[name].accepts_ignore_eos,
-                        default_command(name, threads)) for name in names]
+    def spec(name: str) -> ServerSpec:
+        return ServerSpec(name, "defaults", SERVERS[name].ready_path, SERVERS[name].accepts_ignore_eos, default_command(name, threads))
+
+    specs = [spec(name) for name in names]
     if against_args:
-        base, extra = default_command("vramsupply", threads), against_args.split()
-        specs.append(ServerSpec("vramsupply-with-args", "defaults", SERVERS["vramsupply"].ready_path,
-                                SERVERS["vramsupply"].accepts_ignore_eos,
-                                lambda cfg, model, port: [*base(cfg, model, port), *extra]))
+        specs.append(with_args(spec("vramsupply"), against_args.split(), "vramsupply-with-args"))
     return specs
 
 

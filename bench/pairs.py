@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -42,7 +41,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from client import eos_token_id, request_bodies, run_level, stream_completion  # noqa: E402
 from run import prepare  # noqa: E402
-from servers import BENCH_MODEL, REPO, SERVERS as SERVER_SPECS, BenchConfig, RunningServer, ServerSpec, machine_info, running_server  # noqa: E402
+from servers import BENCH_MODEL, REPO, SERVERS as SERVER_SPECS, BenchConfig, RunningServer, ServerSpec, machine_info, running_server, with_args  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from vramsupply.engine.threads import allowed_cpus, cpu_counts  # noqa: E402
@@ -52,8 +51,7 @@ SERVERS = ("vramsupply", "llama-server")
 
 def vramsupply_with(extra: list[str], name: str) -> ServerSpec:
     """vramsupply at its defaults but for ``extra`` serve arguments (the setting under test)."""
-    base = SERVER_SPECS["vramsupply"]
-    return dataclasses.replace(base, name=name, command=lambda cfg, model, port: [*base.command(cfg, model, port), *extra])
+    return with_args(SERVER_SPECS["vramsupply"], extra, name)
 
 
 def pinned_vramsupply() -> ServerSpec:

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,6 +76,12 @@ class ServerSpec:
     ready_path: str
     accepts_ignore_eos: bool
     command: Callable[[BenchConfig, Path, int], list[str]]
+
+
+def with_args(spec: ServerSpec, extra: list[str], name: str) -> ServerSpec:
+    """``spec`` with ``extra`` arguments after its own, reported as ``name``: one setting against its
+    default in the same run (``pairs.py --against-args``, ``marketplace.py --against-args``)."""
+    return replace(spec, name=name, command=lambda cfg, model, port: [*spec.command(cfg, model, port), *extra])
 
 
 def vramsupply_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:

@@ -282,7 +282,7 @@ def fit_to_training_context(options: EngineOptions, model: Model) -> tuple[Engin
     request it may serve (``trained_context``: past the training context output degrades silently)."""
     served = served_context(options.n_ctx, options.parallel, options.kv_per_slot, model.n_ctx_train)
     if served.capped(options.n_ctx):
-        # A context the user asked for is a warning; the default (8192) on a shorter-trained model is not.
+        # A context the user asked for is a warning; the default on a shorter-trained model is not.
         log.log(logging.WARNING if options.n_ctx_explicit else logging.INFO,
                 "context_length %d is more than %s was trained on; serving requests of up to %d tokens, %s",
                 options.n_ctx, model.name, served.request_tokens, kv_layout(options.kv_per_slot, served.cache_tokens))
