@@ -3,7 +3,8 @@
 
     .venv/bin/python bench/fa_mix.py [streams] [depth] [interleave]
 
-Results: bench/results/2026-12-03-fa-mix.json (README, "Why overload is still lost")."""
+Results: bench/results/2026-12-03-fa-mix.json (docs/performance.md, "Why overload is still lost"), and with
+the two-decode cases at 8,192 cells bench/results/2026-12-05-fa-mix-apart.txt (engine/pacing.py, "Apart")."""
 import statistics
 import sys
 import time
@@ -16,12 +17,13 @@ sys.path.insert(0, str(REPO))
 from vramsupply.engine.batch import Batch
 MODEL = str(REPO / "bench" / ".cache" / "bench-llama-768x12-q8_0.gguf").encode()
 STREAMS, DEPTH = int(sys.argv[1]) if len(sys.argv) > 1 else 12, int(sys.argv[2]) if len(sys.argv) > 2 else 280
+N_CTX = 8192  # vramsupply's default since 2026-12-05 (the 2026-12-03 results were measured at 4096)
 INTERLEAVE = len(sys.argv) > 3 and sys.argv[3] == "interleave"
 llama_cpp.llama_backend_init()
 mp = llama_cpp.llama_model_default_params()
 model = llama_cpp.llama_model_load_from_file(MODEL, mp)
 cp = llama_cpp.llama_context_default_params()
-cp.n_ctx, cp.n_seq_max, cp.n_batch, cp.n_ubatch, cp.kv_unified = 4096, 16, 2048, 512, True
+cp.n_ctx, cp.n_seq_max, cp.n_batch, cp.n_ubatch, cp.kv_unified = N_CTX, 16, 2048, 512, True
 cp.n_threads = cp.n_threads_batch = 2
 cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
 ctx = llama_cpp.llama_init_from_model(model, cp)
@@ -51,6 +53,16 @@ def step(gen: int, prompt: int, prompt_first: bool) -> float:
     for s in list(range(gen)) + ([P] if prompt else []):
         llama_cpp.llama_memory_seq_rm(mem, s, DEPTH, -1)
     return dt
+def apart(gen: int, prompt: int) -> float:
+    """The generating rows, then the prompt rows, in two llama_decode calls (engine/pacing.py, "Apart")."""
+    batch.clear()
+    for s in range(gen): batch.add(7, DEPTH, s)
+    t = time.perf_counter(); decode()
+    batch.clear(); batch.add_chunk(rng.integers(100, 30000, prompt).astype(np.int32), DEPTH, P, True); decode()
+    dt = time.perf_counter() - t
+    for s in list(range(gen)) + [P]:
+        llama_cpp.llama_memory_seq_rm(mem, s, DEPTH, -1)
+    return dt
 cases = [("gen only", STREAMS, 0, False), ("gen + 16 prompt (row by row)", STREAMS, 16, False),
          (f"gen + {64-STREAMS} prompt, gen first (one tile)", STREAMS, 64 - STREAMS, False),
          (f"{64-STREAMS} prompt + gen, prompt first (one tile)", STREAMS, 64 - STREAMS, True),
@@ -59,6 +71,7 @@ cases = [("gen only", STREAMS, 0, False), ("gen + 16 prompt (row by row)", STREA
          ("64 prompt alone", 0, 64, False), ("128 prompt alone", 0, 128, False), ("16 prompt alone", 0, 16, False)]
 for _ in range(2): step(STREAMS, 64, False)
 print(f"{STREAMS} streams at depth {DEPTH}, cells {'interleaved' if INTERLEAVE else 'in blocks'}")
+cases += [("gen, then 64 prompt: two decodes", STREAMS, 64, "apart"), ("gen, then 128 prompt: two decodes", STREAMS, 128, "apart")]
 for name, g, p, first in cases:
-    ts = [step(g, p, first) for _ in range(5)]
+    ts = [apart(g, p) if first == "apart" else step(g, p, first) for _ in range(5)]
     print(f"  {name:40s} {statistics.median(ts)*1000:7.1f} ms")

@@ -23,9 +23,9 @@ def paced_pacer() -> PrefillPacer:
     """Beside a stream: tiled steps known deep into prompts, row-by-row ones only at their start."""
     pacer = PrefillPacer(512, rewinds=True)
     pacer.observe(StepWork(0, 0, generating=True), 0.02)
-    pacer.observe(StepWork(16, work(16, 0), True, rows=17), 0.02 + 16 * 0.0015)
-    for depth in range(0, 1200, 63):
-        pacer.observe(StepWork(63, work(63, depth), True, rows=64), 0.02 + 63 * (0.0013 + 0.0000006 * depth))
+    pacer.observe(StepWork(16, work(16, 0), True), 0.02 + 16 * 0.0015)
+    for depth in range(0, 1200, 64):
+        pacer.observe(StepWork(64, work(64, depth), True), 0.02 + 64 * (0.0013 + 0.0000006 * depth))
     return pacer
 
 
@@ -47,11 +47,11 @@ def test_a_short_end_of_a_deep_prompt_is_decoded_with_the_cached_tokens_that_fil
     monkeypatch.setattr(sharing.llama_cpp, "llama_memory_seq_rm", lambda memory, seq, start, end: cut.append(start) or True)
     pacer = paced_pacer()
     assert chunk_sizes(pacer, done=1000, prompt_tokens=1030) == [UNSEEN_DEPTH_TOKENS], "never seen row by row that deep: no padding"
-    pacer.observe(StepWork(16, work(16, 980), True, rows=17), 0.02 + 16 * 0.005)  # 5 ms a token row by row there
+    pacer.observe(StepWork(16, work(16, 980), True), 0.02 + 16 * 0.005)  # 5 ms a token row by row there
     stream, slot = follow_up(done=1000, prompt_tokens=1030)  # a 30-token question behind 1000 cached tokens
     plan = pacer.plan([stream, slot], capacity=2048, memory=object())
-    assert [(s.seq_id, len(c)) for s, c in plan if c is not None] == [(1, TILE_ROWS - 1)], "the question and 33 cached tokens before it"
-    assert cut == [1000 - 33] and slot.n_cached == 967
+    assert [(s.seq_id, len(c)) for s, c in plan if c is not None] == [(1, TILE_ROWS)], "the question and 34 cached tokens before it"
+    assert cut == [1000 - 34] and slot.n_cached == 966
 
 
 def chunk_sizes(pacer: PrefillPacer, done: int, prompt_tokens: int) -> list[int]:
@@ -63,7 +63,7 @@ def test_no_padding_where_row_by_row_is_known_to_be_cheaper_or_without_rewinds(m
     monkeypatch.setattr(sharing.llama_cpp, "llama_memory_seq_rm", lambda *args: True)
     assert chunk_sizes(paced_pacer(), done=200, prompt_tokens=230) == [30], "shallow: row by row costs less"
     pacer = paced_pacer()
-    pacer.observe(StepWork(16, work(16, 980), True, rows=17), 0.02 + 16 * 0.005)
+    pacer.observe(StepWork(16, work(16, 980), True), 0.02 + 16 * 0.005)
     pacer._rewinds = False  # a recurrent state cannot be cut back
     (size,) = chunk_sizes(pacer, done=1000, prompt_tokens=1030)
     assert UNSEEN_DEPTH_TOKENS < size < 30, "row by row, as much as the step's time allows"
@@ -83,12 +83,12 @@ def test_cells_another_sequence_shares_are_never_cut(monkeypatch: pytest.MonkeyP
 
 def test_pays_to_pad_only_when_a_tile_fits_the_time_left() -> None:
     cost = StepCost()
-    cost.observe(17, 16, work(16, 0), 16 * 0.0015)
-    cost.observe(17, 16, work(16, 980), 16 * 0.005)
-    cost.observe(64, 63, work(63, 900), 63 * 0.002)
-    assert cost.pays_to_pad(30, 33, 1000, seconds=0.14)
-    assert not cost.pays_to_pad(30, 33, 1000, seconds=0.1), "the tile would not fit the step"
-    assert not cost.pays_to_pad(10, 53, 1000, seconds=0.14), "10 tokens row by row cost less than a tile"
+    cost.observe(16, 16, work(16, 0), 16 * 0.0015)
+    cost.observe(16, 16, work(16, 980), 16 * 0.005)
+    cost.observe(64, 64, work(64, 900), 64 * 0.002)
+    assert cost.pays_to_pad(30, 34, 1000, seconds=0.14)
+    assert not cost.pays_to_pad(30, 34, 1000, seconds=0.1), "the tile would not fit the step"
+    assert not cost.pays_to_pad(10, 54, 1000, seconds=0.14), "10 tokens row by row cost less than a tile"
 
 
 async def test_a_padded_follow_up_answers_exactly_as_without_padding(monkeypatch: pytest.MonkeyPatch) -> None:

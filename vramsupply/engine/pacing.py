@@ -56,6 +56,20 @@ once they start in a few steps, not one a step (the 16th waited 16 steps). In tw
 alternating rounds at c=16 (``bench/ab_level.py``) the TTFT p95 went from 555 and 571 ms to 343 and
 338, the median up from 136 and 140 ms to 181 and 202 (the first prompt of a step now shares it),
 the mean down from 216 to 202 ms, and tok/s 1.11 and 1.01x.
+
+**Apart** (``decode_parts``). ggml's CPU flash attention runs a micro-batch of 64 rows or more in
+64-row tiles (``step_cost.py``), and skips a tile of KV cells only when every row of the tile is
+masked from all of them. In one decode the generating rows of several sequences share such a tile,
+which then computes every cell in use, padded rows and all. So when a step's generating rows and
+prompt rows together reach a tile, they are decoded in two calls: the generating rows (each row on
+its own, reading only its own cells), then the prompt rows, tiled among themselves. Raw decodes on
+the 2-core bench CPU (``bench/fa_mix.py``, 8,192-cell cache, each sequence's cells together): 4 / 6 /
+12 streams' rows and 64 prompt rows took 184 / 248 / 274 ms in one decode, 108 / 126 / 127 ms in
+two; with 128 prompt rows 272 / 334 / 373 ms against 188 / 200 / 209. So the prompt rows of a step
+are counted alone when it is cut at a whole tile. Two calls read the weights twice, which a step
+below a tile does not pay for: it stays one decode. Where a sequence's cells lie among other
+sequences' (generated side by side), a tile of its prompt rows skips none and costs more than rows
+on their own: the learned costs of the two kinds of step (``step_cost.py``) choose between them.
 """
 
 from __future__ import annotations
@@ -74,7 +88,7 @@ from .model import Model
 from .sharing import rewind_for_tile, share_prompt
 from .prompt_cache import HostPromptCache
 from .service_level import TTFT_TARGET_SECONDS, step_allowance
-from .slots import Slot, Task
+from .slots import Plan, Slot, Task
 from .step_cost import TILE_ROWS, Smoothed, StepCost, work
 
 log = logging.getLogger(__name__)
@@ -125,8 +139,18 @@ class StepWork(NamedTuple):
     depth_tokens: float
     """The prompt tokens' depths summed (``step_cost.work``)."""
     generating: bool
-    rows: int = 0
-    """The step's rows in all (its generating slots' and prompt chunks'); 0: its prompt tokens."""
+
+
+def decode_parts(plan: Plan) -> list[Plan]:
+    """The ``llama_decode`` calls a step is made of: one, or, when generating rows and prompt rows
+    together reach a tile (``TILE_ROWS``), the generating rows and then the prompt rows (module
+    docstring, "Apart")."""
+    generating = [item for item in plan if item[1] is None]
+    prompts = [item for item in plan if item[1] is not None]
+    rows = len(generating) + sum(len(chunk) for _, chunk in prompts)  # type: ignore[arg-type]
+    if not generating or not prompts or rows < TILE_ROWS:
+        return [plan]
+    return [generating, prompts]
 
 
 def rewinds_for_tiles(model: Model, kv_per_slot: bool) -> bool:
@@ -151,10 +175,10 @@ class PrefillPacer:
         """Seconds of a step that carries generating rows only: their part of a paced step."""
 
     @staticmethod
-    def step_work(plan: list[tuple[Slot, np.ndarray | None]]) -> StepWork:
+    def step_work(plan: Plan) -> StepWork:
         chunks = [(len(chunk), slot.n_cached) for slot, chunk in plan if chunk is not None]
         tokens = sum(size for size, _ in chunks)
-        return StepWork(tokens, sum(work(size, depth) for size, depth in chunks), len(chunks) < len(plan), tokens + len(plan) - len(chunks))
+        return StepWork(tokens, sum(work(size, depth) for size, depth in chunks), len(chunks) < len(plan))
 
     def observe(self, step: StepWork, seconds: float) -> None:
         """A step planned as ``step`` took ``seconds`` (decode and sampling)."""
@@ -166,13 +190,13 @@ class PrefillPacer:
             return
         if step.generating:
             seconds -= self._generating.value or 0.0
-        cost, rows = self._cost(step.generating), step.rows or step.prompt_tokens
+        cost, rows = self._cost(step.generating), step.prompt_tokens  # decoded apart from the generating rows
         if log.isEnabledFor(logging.DEBUG):
             log.debug("prompt rows %d (mean depth %.0f): %.3f s, predicted %.3f s", step.prompt_tokens,
                       step.depth_tokens / step.prompt_tokens, seconds, cost.predict(rows, step.prompt_tokens, step.depth_tokens))
         cost.observe(rows, step.prompt_tokens, step.depth_tokens, seconds)
 
-    def plan(self, slots: list[Slot], capacity: int, memory: object) -> list[tuple[Slot, np.ndarray | None]]:
+    def plan(self, slots: list[Slot], capacity: int, memory: object) -> Plan:
         """What each slot puts in the next batch of ``capacity`` rows: generating slots one token
         (``None``) first, so generation never starves, then prompt chunks in the room left, each
         as big as the step's time target allows at its depth."""
@@ -186,7 +210,7 @@ class PrefillPacer:
         floor = MIN_CHUNK
         if generating and seconds is not None and order and self._late(order[0], now):
             seconds, floor = self._spared_by_streams(slots, now, seconds, step)
-        rows = len(plan)
+        rows = 0  # the prompt rows so far: a tile is theirs alone (``decode_parts``)
         for at, slot in enumerate(order):
             if room == 0:
                 break

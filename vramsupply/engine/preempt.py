@@ -58,11 +58,9 @@ import numpy as np
 from . import backend_sampling
 from .counters import Counters
 from .prompt_cache import HostPromptCache
-from .slots import NO_DRAFT, Slot, Task, distinct_cells
+from .slots import NO_DRAFT, Plan, Slot, Task, distinct_cells
 
 log = logging.getLogger(__name__)
-
-Plan = Sequence[tuple[Slot, "np.ndarray | None"]]
 
 
 HEADROOM_PER_SLOT = 32

@@ -4,13 +4,14 @@ Modelled on llama-server's ``update_slots``. Each step:
 
 1. drain the inbox (submits and cancels posted from any thread) and admit waiting requests, the
    most urgent first, into idle slots (``admission.py``);
-2. build ONE batch (``pacing.py``): the next token of every generating slot first (so generation
+2. plan one step (``pacing.py``): the next token of every generating slot first (so generation
    never starves), then prompt chunks, the prompt that can answer soonest first, up to ``n_batch``
    rows (fewer while others generate), written in sequence-id order so llama.cpp can decode them
    in as few forward passes as possible;
-3. call ``llama_decode`` once, with the CPU threads ``thread_tuner.py`` chooses (it releases the
-   GIL; when the shared KV cache is full, roll the step back and pause a request instead:
-   ``preempt.py``), sample every slot that has a logits row with its own sampler chain
+3. call ``llama_decode`` once, or twice when the generating rows and the prompt rows together reach
+   a flash-attention tile (``pacing.decode_parts``), with the CPU threads ``thread_tuner.py``
+   chooses (it releases the GIL; when the shared KV cache is full, roll the part back and pause a
+   request instead: ``preempt.py``), sample every slot that has a logits row with its own sampler chain
    (``rows.py``; a grammar request's token is sampled on a worker thread and joins a later step,
    ``offthread.py``), and turn tokens into text deltas;
 4. hand the step's events to each consumer event loop with a single ``call_soon_threadsafe``, at
@@ -39,7 +40,7 @@ from .cadence import DEFAULT_INTERVAL_S, Cadence
 from .checkpoints import save_checkpoint
 from .counters import Counters
 from .liveness import DEFAULT_STALL_TIMEOUT, Liveness
-from .pacing import PrefillPacer, rewinds_for_tiles
+from .pacing import PrefillPacer, decode_parts, rewinds_for_tiles
 from .generation import Finish
 from .inbox import STOP, Cancel, Inbox, Message, Submit
 from .model import Model
@@ -48,7 +49,7 @@ from .rows import RowSampler
 from .preempt import KvPressure
 from .priority import lower_compute_priority
 from .prompt_cache import HostPromptCache
-from .slots import Slot, Task
+from .slots import Plan, Slot, Task
 from .thread_tuner import StepThreads, ThreadTuner
 from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded
 from .warmup import WarmUpOnThread
@@ -272,13 +273,13 @@ class Scheduler:
     def _active(self) -> list[Slot]:
         return [slot for slot in self._slots if slot.task is not None]
 
-    def _fill_batch(self, plan: list[tuple[Slot, np.ndarray | None]]) -> list[Slot]:
+    def _fill_batch(self, plan: Plan, alone: bool) -> list[Slot]:
         """Write the planned rows in sequence-id order: llama.cpp groups only consecutive sequence
-        ids into one forward pass, so rows in any other order split the step into more passes."""
+        ids into one forward pass, so rows in any other order split the step into more passes.
+        ``alone``: the step's only slot, nobody waiting (a slot may then add a draft)."""
         batch = self._batch
         batch.clear()
         plan = sorted(plan, key=lambda item: item[0].seq_id)
-        alone = len(plan) == 1 and not self._waiting
         for slot, chunk in plan:
             if chunk is None:
                 token = slot.next_token
@@ -296,21 +297,37 @@ class Scheduler:
         return [slot for slot, _ in plan]
 
     def _step(self) -> bool:
-        """One decode of every slot with a row to add; False when none has (all await a token)."""
+        """One step of every slot with a row to add, in one ``llama_decode`` or two (``decode_parts``);
+        False when none has (all await a token)."""
         plan = self._pacer.plan(self._slots, self._batch.capacity, self._memory)
         if not plan:
             return False
         work = self._pacer.step_work(plan)
-        in_batch = self._fill_batch(plan)
+        alone = len(plan) == 1 and not self._waiting
         threads = self._threads.before()
         started = time.perf_counter()
+        rows, decoding = 0, 0.0
+        for part in decode_parts(plan):
+            seconds = self._decode(part, alone)
+            if seconds is None:
+                return True  # rolled back for KV room, or failed: the step is not learned from
+            rows, decoding = rows + self._batch.size, decoding + seconds
+        self._pacer.observe(work, time.perf_counter() - started)
+        self._threads.after(threads, work, rows, decoding)
+        return True
+
+    def _decode(self, part: Plan, alone: bool) -> float | None:
+        """Decode ``part`` of a step and sample its rows; the ``llama_decode`` call's seconds, or None
+        when it was rolled back (no KV room: ``preempt.py``) or failed."""
+        in_batch = self._fill_batch(part, alone)
+        started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, self._batch.for_decode())
-        decoded = time.perf_counter()
-        if status == 1 and self._kv.relieve(plan, self._slots, self._waiting):
-            return True  # no KV room: rolled back and made some; the next step runs it again
+        seconds = time.perf_counter() - started
+        if status == 1 and self._kv.relieve(part, self._slots, self._waiting):
+            return None  # no KV room: rolled back and made some; the next step runs it again
         if status != 0:
             self._decode_failed(in_batch, status)
-            return True
+            return None
         self._rows.new_step()
         generated = 0
         for slot in in_batch:
@@ -318,11 +335,10 @@ class Scheduler:
                 generated += self._rows.sample(slot, self._out.token)
             elif slot.resume_token is not None and not slot.prefilling:  # resumed: carry on generating
                 slot.next_token, slot.resume_token = slot.resume_token, None
-        self._pacer.observe(work, time.perf_counter() - started)
-        self._threads.after(threads, work, self._batch.size, decoded - started)
-        self._counters.add(prefill_tokens_total=work.prompt_tokens, completion_tokens_total=generated)
+        prefilled = sum(len(chunk) for _, chunk in part if chunk is not None)
+        self._counters.add(prefill_tokens_total=prefilled, completion_tokens_total=generated)
         self._make_checkpoints(in_batch)
-        return True
+        return seconds
 
     def _make_checkpoints(self, in_batch: list[Slot]) -> None:
         """Slots whose prompt reached its checkpoint in this step (``checkpoints.py``)."""

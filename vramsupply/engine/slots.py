@@ -257,6 +257,10 @@ class Slot:
         return task
 
 
+Plan = Sequence[tuple[Slot, "np.ndarray | None"]]
+"""A step's rows: each slot with its prompt chunk, or None for a generating slot's next token."""
+
+
 def choose_slot(idle: Sequence[Slot], prompt: np.ndarray, packed: bool = False, whole: bool = False) -> tuple[Slot, int]:
     """The idle slot for ``prompt`` and the prefix it can start from (``Slot.reusable``).
 

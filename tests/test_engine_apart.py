@@ -1,0 +1,69 @@
+"""A stream and a prompt prefilled beside it: once their rows reach a flash-attention tile, the
+stream's rows and the prompt's are decoded in two ``llama_decode`` calls (``pacing.decode_parts``),
+and both answers stay what they are alone. On the real tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import vramsupply.engine.scheduler as scheduler
+from conftest import TINY_MODEL
+from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
+from vramsupply.engine.step_cost import TILE_ROWS
+
+GREEDY = SamplingParams(temperature=0)
+STORY = "Once upon a time there was a little girl named Lily. She loved to play outside in the park with her dog. "
+
+
+def engine() -> Engine:
+    return Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=1024, parallel=2, threads=1, cache_ram=0))
+
+
+def spy_on_decodes(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The sequence id of every row of every ``llama_decode`` call the scheduler makes."""
+    calls: list[list[int]] = []
+    decode = scheduler.llama_cpp.llama_decode
+
+    def spy(ctx: object, batch: object) -> int:
+        calls.append([batch.seq_id[row][0] for row in range(batch.n_tokens)])  # type: ignore[attr-defined]
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(scheduler.llama_cpp, "llama_decode", spy)
+    return calls
+
+
+async def stream_then_prompt(engine: Engine, prompt: list[int] | None) -> tuple[list[int], list[int]]:
+    """A greedy stream, and (once it has its first token) ``prompt`` beside it: their token ids."""
+    stream = engine.submit(GenerationRequest(engine.tokenize("The dog"), sampling=GREEDY, max_tokens=48, ignore_eos=True))
+    await stream.__anext__()
+    if prompt is None:
+        await stream.collect()
+        return stream.token_ids, []
+    beside = engine.submit(GenerationRequest(prompt, sampling=GREEDY, max_tokens=8, ignore_eos=True))
+    await asyncio.gather(stream.collect(), beside.collect())
+    return stream.token_ids, beside.token_ids
+
+
+async def test_a_prompt_beside_a_stream_is_decoded_apart_once_a_tile_is_reached_and_both_answer_as_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with engine() as alone:
+        prompt = alone.tokenize(STORY * 4)
+        assert len(prompt) > 2 * TILE_ROWS
+        stream_alone, _ = await stream_then_prompt(alone, None)
+        generation = alone.submit(GenerationRequest(prompt, sampling=GREEDY, max_tokens=8, ignore_eos=True))
+        await generation.collect()
+        beside_alone = generation.token_ids
+    with engine() as together:
+        calls = spy_on_decodes(monkeypatch)
+        stream, beside = await stream_then_prompt(together, prompt)
+
+    assert (stream, beside) == (stream_alone, beside_alone)
+    streams, prompts = set(calls[0]), {seq for call in calls for seq in call} - set(calls[0])
+    assert len(streams) == len(prompts) == 1
+    mixed = [call for call in calls if set(call) == streams | prompts]
+    assert all(len(call) < TILE_ROWS for call in mixed), "a step that reaches a tile is never one decode"
+    split = [at for at, call in enumerate(calls[:-1]) if set(call) == streams and set(calls[at + 1]) == prompts and len(calls[at + 1]) + 1 >= TILE_ROWS]
+    assert split, f"the stream's row, then the prompt's {TILE_ROWS}+ rows: {[len(call) for call in calls]}"
