@@ -53,7 +53,6 @@ from collections import deque
 from collections.abc import Sequence
 
 import llama_cpp
-import numpy as np
 
 from . import backend_sampling
 from .counters import Counters

@@ -31,7 +31,6 @@ import time
 from collections import deque
 
 import llama_cpp
-import numpy as np
 from llama_cpp._internals import LlamaContext
 
 from .admission import Admission
