@@ -79,7 +79,7 @@ def serve_for(tuner: ThreadTuner, machine: TwoCoreMachine, seconds: float, promp
     used = []
     end = machine.now + seconds
     while machine.now < end:
-        threads = tuner.threads_for_step()
+        threads = tuner.threads_for_step(prompt_rows > 0)
         tuner.observe(threads, 1 + prompt_rows, machine.step(threads, 1 + prompt_rows), prompt_rows)
         used.append(threads)
     return used
@@ -164,6 +164,16 @@ def test_under_a_long_prompt_steps_that_carry_prompt_tokens_are_compared_with_ea
     assert tuner.current == 1
 
 
+def test_alone_a_probe_for_fewer_threads_never_takes_a_step_that_carries_a_prompt() -> None:
+    """On a quiet machine such a step with half the threads took twice as long: beside a 4,000-token
+    prompt, a 0.21 s step became 0.35 s, a gap over the 250 ms bound in the stream beside it."""
+    machine = TwoCoreMachine()
+    tuner = tuner_on(machine)
+    used = serve_for(tuner, machine, 60, prompt_rows=63)
+    assert used.count(1) == 0 and tuner.current == 2
+    assert 0 < serve_for(tuner, machine, 20).count(1), "steps of streams alone are still probed"
+
+
 def test_a_stream_joining_between_two_steps_does_not_make_them_a_pair() -> None:
     machine = TwoCoreMachine(busy_programs=1)
     tuner = tuner_on(machine)
@@ -210,7 +220,7 @@ class EveryOtherStep(ThreadTuner):
         super().__init__(2)
         self.steps = 0
 
-    def threads_for_step(self) -> int:
+    def threads_for_step(self, prompt: bool = False) -> int:
         self.steps += 1
         return 1 + self.steps % 2
 

@@ -403,3 +403,19 @@ def chunk_of(pacer: PrefillPacer, prompt_tokens: int, done: int) -> int:
     stream.next_token = 42
     plan = pacer.plan([stream, prefilling(1, prompt_tokens, arrived=now, done=done)], capacity=2048, memory=None)
     return sum(len(c) for _, c in plan if c is not None)
+
+
+def test_deep_in_a_prompt_a_tile_is_taken_only_where_the_tiled_fit_says_it_fits() -> None:
+    """Beside a stream, 3,600 tokens into a 4,000-token prompt: the row-by-row fit, learned from the
+    prompt's first chunks, allowed a tile that the tiled fit put at 0.21 s for a 0.15 s share, and
+    the stream waited 0.22 s (``bench/worst_case.py``)."""
+    pacer = PrefillPacer(512)
+    pacer.observe(StepWork(0, 0, generating=True), 0.02)
+    pacer.observe(StepWork(16, work(16, 0), True), 0.02 + 16 * 0.001)
+    pacer.observe(StepWork(32, work(32, 16), True), 0.02 + 32 * 0.001)  # row by row: 1 ms a token at the start
+    for depth in range(48, 3600, 64):
+        if depth == 1008:
+            assert chunk(pacer, generating=True, depth=depth) == TILE_ROWS, "where a tile fits, it is taken"
+        pacer.observe(StepWork(64, work(64, depth), True), 0.02 + 64 * (0.0008 + 0.0000008 * depth))
+    assert 64 * (0.0008 + 0.0000008 * 3632) > STEP_TARGET_SECONDS - 0.02, "a tile no longer fits there"
+    assert chunk(pacer, generating=True, depth=3600) == UNSEEN_DEPTH_TOKENS, "row by row, never seen that deep"

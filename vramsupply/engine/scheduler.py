@@ -303,7 +303,7 @@ class Scheduler:
             return False
         work = self._pacer.step_work(plan)
         alone = len(plan) == 1 and not self._waiting
-        threads = self._threads.before()
+        threads = self._threads.before(work.prompt_tokens > 0)
         started = time.perf_counter()
         rows, decoding = 0, 0.0
         for part in decode_parts(plan):

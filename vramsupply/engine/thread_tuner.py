@@ -26,10 +26,14 @@ once when a candidate step is ``ABORT_ABOVE`` times slower.
   idle time and its own use, from ``/proc/stat`` and its CPU time), or half the current count
   where it cannot tell or they took none. A probe that finds them slower costs a step or two at
   most a few milliseconds longer, so it is tried on a timer that backs off from 1 to 16 seconds
-  while the answer stays no. It is tried at once when the decode got much less CPU than it asked
-  for (the process's CPU time against decode time × threads, below ``STARVED_SHARE``) or a step
-  took ``SLOWED_BY`` times its usual time, at most once a second: on a GPU the CPU threads wait
-  for the device, and that is no reason to churn.
+  while the answer stays no. Such a probe takes its candidate steps among steps without prompt
+  rows only: a step that carries them is longer, and on a quiet machine half the threads doubled
+  it (beside a 4,000-token prompt a 0.21 s step of one tile took 0.35 s with one thread, a gap
+  over the 250 ms bound in the stream beside it, ``bench/worst_case.py``). It is tried at once,
+  with any step as a candidate, when the decode got much less CPU than it asked for (the
+  process's CPU time against decode time × threads, below ``STARVED_SHARE``) or a step took
+  ``SLOWED_BY`` times its usual time, at most once a second: on a GPU the CPU threads wait for
+  the device, and that is no reason to churn.
 - **More threads**: one more per idle core (twice as many where idle time is unknown), up to the
   default. Beside a busy program one step of too many can take a second, so more are tried only
   when the CPUs this process may run on had idle time for them (measured only while the engine
@@ -118,6 +122,8 @@ class Backoff:
 @dataclass
 class Probe:
     candidate: int
+    prompts: bool = True
+    """Whether its candidate steps may carry prompt rows: not for a timer's probe for fewer threads."""
     ratios: list[float] = field(default_factory=list)
     last_current: tuple[tuple[str, int], float] | None = None  # (kind, cost) of the latest current step
     candidate_next: bool = False
@@ -186,12 +192,12 @@ class ThreadTuner:
         self._usual_threads = most
         self._slowed_since: float | None = None
 
-    def threads_for_step(self) -> int:
-        """The threads for the next step."""
+    def threads_for_step(self, prompt: bool = False) -> int:
+        """The threads for the next step; ``prompt``: it carries prompt rows."""
         probe = self._probe
         if probe is not None and self._clock() - self._last_step_end > IDLE_GAP_SECONDS:
             probe.last_current, probe.candidate_next = None, False  # a pair is two steps in a row
-        if probe is not None and probe.candidate_next and probe.last_current is not None:
+        if probe is not None and probe.candidate_next and probe.last_current is not None and (probe.prompts or not prompt):
             return probe.candidate
         return self.current
 
@@ -252,8 +258,8 @@ class ThreadTuner:
         else:
             (self._fewer if fewer else self._more).refused(now)
 
-    def _start_probe(self, candidate: int) -> None:
-        self._probe = Probe(candidate)
+    def _start_probe(self, candidate: int, prompts: bool = True) -> None:
+        self._probe = Probe(candidate, prompts)
 
     # ---- when to probe ----------------------------------------------------------------------
 
@@ -283,12 +289,17 @@ class ThreadTuner:
         self._restart_window(now)
         if self._probe is None:
             self._maybe_probe(now, window, slowed)
+        elif self._starved(now, window, slowed):
+            self._probe.prompts = True  # the machine got busy during a timer's probe: any step will do
+
+    def _starved(self, now: float, window: Window, slowed: bool) -> bool:
+        return (slowed or window.share < STARVED_SHARE) and now - self._fewer.last >= self._fewer.first
 
     def _maybe_probe(self, now: float, window: Window, slowed: bool = False) -> None:
         fewer, more = self._fewer_candidate(window), self._more_candidate(window)
-        starved = (slowed or window.share < STARVED_SHARE) and now - self._fewer.last >= self._fewer.first
+        starved = self._starved(now, window, slowed)
         if fewer < self.current and (starved or now >= self._fewer.due):
-            self._start_probe(fewer)
+            self._start_probe(fewer, prompts=starved)
         elif more > self.current and now >= self._more.due and self._idle_enough(window.idle_cores, more):
             self._start_probe(more)
 
@@ -342,11 +353,11 @@ class StepThreads:
         self._applied = llama_cpp.llama_n_threads(ctx)
         counters.cpu_threads = self._applied
 
-    def before(self) -> int:
-        """Set the threads for the next step; returns them."""
+    def before(self, prompt: bool) -> int:
+        """Set the threads for the next step (``prompt``: it carries prompt rows); returns them."""
         if self._tuner is None:
             return self._applied
-        threads = self._tuner.threads_for_step()
+        threads = self._tuner.threads_for_step(prompt)
         if threads != self._applied:
             llama_cpp.llama_set_n_threads(self._ctx, threads, threads)
             self._applied = threads
