@@ -71,7 +71,7 @@ class EngineOptions:
     """How to load the model and size the scheduler; mirrors the engine rows of ``Settings``."""
 
     model_path: Path
-    n_ctx: int = 4096
+    n_ctx: int = 8192  # Settings.context_length's default
     n_ctx_explicit: bool = True  # the user set it; a default capped by the training context is no warning
     parallel: int = 16
     kv_per_slot: bool = False  # one KV of n_ctx per slot instead of one n_ctx KV shared by all slots
