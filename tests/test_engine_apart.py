@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+import vramsupply.engine.model as model
 import vramsupply.engine.scheduler as scheduler
 from conftest import TINY_MODEL
 from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
@@ -17,8 +18,8 @@ GREEDY = SamplingParams(temperature=0)
 STORY = "Once upon a time there was a little girl named Lily. She loved to play outside in the park with her dog. "
 
 
-def engine() -> Engine:
-    return Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=1024, parallel=2, threads=1, cache_ram=0))
+def engine(**options: object) -> Engine:
+    return Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=1024, parallel=2, threads=1, cache_ram=0, **options))  # type: ignore[arg-type]
 
 
 def spy_on_decodes(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
@@ -67,3 +68,25 @@ async def test_a_prompt_beside_a_stream_is_decoded_apart_once_a_tile_is_reached_
     assert all(len(call) < TILE_ROWS for call in mixed), "a step that reaches a tile is never one decode"
     split = [at for at, call in enumerate(calls[:-1]) if set(call) == streams and set(calls[at + 1]) == prompts and len(calls[at + 1]) + 1 >= TILE_ROWS]
     assert split, f"the stream's row, then the prompt's {TILE_ROWS}+ rows: {[len(call) for call in calls]}"
+
+
+@pytest.mark.parametrize("how", ["flash attention off", "layers on a GPU"])
+async def test_without_tiled_attention_on_the_cpu_a_step_stays_one_decode(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Without ggml-cpu's tiled flash attention there is no tile to keep the streams' rows out of,
+    and two calls would only read the weights twice."""
+    options: dict[str, object] = {"flash_attention": "off"}
+    if how == "layers on a GPU":
+        monkeypatch.setattr(model, "offloads", lambda options: True)
+        options = {}
+    assert not model.tiled_cpu_attention(EngineOptions(model_path=TINY_MODEL, **options))  # type: ignore[arg-type]
+    with engine(**options) as one_call:
+        calls = spy_on_decodes(monkeypatch)
+        prompt = one_call.tokenize(STORY * 4)
+        await stream_then_prompt(one_call, prompt)
+    streams = set(calls[0])
+    assert any(len(call) >= TILE_ROWS and streams < set(call) for call in calls), [len(call) for call in calls]
+
+
+def test_tiled_attention_on_the_cpu_is_the_default_of_a_cpu_build() -> None:
+    assert model.tiled_cpu_attention(EngineOptions(model_path=TINY_MODEL, n_gpu_layers=0, flash_attention="on"))
+    assert not model.tiled_cpu_attention(EngineOptions(model_path=TINY_MODEL, n_gpu_layers=0, flash_attention="off"))

@@ -19,7 +19,7 @@ from . import backend_sampling
 from .chat import ChatTemplate
 from .conversation import ChatPrompt, ChatRequest, prepare_chat
 from .generation import Channel, Generation
-from .model import Model, create_context
+from .model import Model, create_context, tiled_cpu_attention
 from .prompt_cache import MIB, default_budget_mib
 from .sampling import build_sampler
 from .text import StopStrings
@@ -72,6 +72,7 @@ class Engine:
             scheduler = Scheduler(
                 model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, max_draft,
                 options.stall_timeout, options.kv_per_slot, options.stream_interval_ms / 1000, thread_tuner(options, context),
+                apart=tiled_cpu_attention(options),
             )
             scheduler.start()  # warms the model up on the thread that decodes every step
         except BaseException:

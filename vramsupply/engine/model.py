@@ -161,6 +161,20 @@ class Model:
         return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
 
 
+def offloads(options: EngineOptions) -> bool:
+    """Whether any layer runs on a GPU, as the memory plan decides it (``gpu/planning.py``): layers
+    to offload, and a build that can."""
+    return resolve_gpu_layers(options.n_gpu_layers) != 0 and llama_cpp.llama_supports_gpu_offload()
+
+
+def tiled_cpu_attention(options: EngineOptions) -> bool:
+    """Whether attention runs in ggml-cpu's flash attention, which takes 64 rows or more in tiles
+    that skip KV cells only when no row of the tile sees them: every layer on the CPU, flash
+    attention not off. There a step's streams' rows and prompt rows are decoded apart
+    (``pacing.decode_parts``); on a GPU that would only read the weights twice."""
+    return not offloads(options) and options.gpu.flash_attention(options.flash_attention_mode, on_gpu=False) != "off"
+
+
 def resolve_gpu_layers(n_gpu_layers: int) -> int:
     """-1 means every layer on the GPU, but only when this llama.cpp build has a GPU backend."""
     if n_gpu_layers != -1:
@@ -195,9 +209,7 @@ def create_context(model: Model, options: EngineOptions) -> LlamaContext:
     params.kv_unified = not options.kv_per_slot
     params.n_batch = options.n_batch
     params.n_ubatch = min(options.n_ubatch, options.n_batch)
-    # as the memory plan decides it (gpu/planning.py): layers to offload, and a build that can
-    on_gpu = resolve_gpu_layers(options.n_gpu_layers) != 0 and llama_cpp.llama_supports_gpu_offload()
-    params.flash_attn_type = _FLASH_ATTENTION[options.gpu.flash_attention(options.flash_attention_mode, on_gpu)]
+    params.flash_attn_type = _FLASH_ATTENTION[options.gpu.flash_attention(options.flash_attention_mode, offloads(options))]
     options.gpu.apply_to_context(params)
     threads = resolve_threads(options.threads)
     params.n_threads = threads.decode

@@ -70,6 +70,8 @@ are counted alone when it is cut at a whole tile. Two calls read the weights twi
 below a tile does not pay for: it stays one decode. Where a sequence's cells lie among other
 sequences' (generated side by side), a tile of its prompt rows skips none and costs more than rows
 on their own: the learned costs of the two kinds of step (``step_cost.py``) choose between them.
+Only where attention runs in ggml-cpu's flash attention (``model.tiled_cpu_attention``): with
+layers on a GPU, or flash attention off, a step stays one decode (not measured on a GPU).
 """
 
 from __future__ import annotations

@@ -77,11 +77,14 @@ class Scheduler:
         kv_per_slot: bool = False,
         stream_interval: float = DEFAULT_INTERVAL_S,
         tuner: ThreadTuner | None = None,
+        apart: bool = True,
     ) -> None:
         self._model = model
         self._ctx = context.ctx
         self._memory = context.memory
         self._max_draft = max_draft
+        self._apart = apart
+        """Whether a step whose rows reach a tile decodes streams' and prompt rows apart (``model.tiled_cpu_attention``)."""
         self._slots = [Slot(seq_id, n_ctx, max_draft) for seq_id in range(parallel)]
         self._batch = Batch(n_batch)
         self._capacity = parallel + max_queue
@@ -306,7 +309,7 @@ class Scheduler:
         threads = self._threads.before(work.prompt_tokens > 0)
         started = time.perf_counter()
         rows, decoding = 0, 0.0
-        for part in decode_parts(plan):
+        for part in decode_parts(plan) if self._apart else [plan]:
             seconds = self._decode(part, alone)
             if seconds is None:
                 return True  # rolled back for KV room, or failed: the step is not learned from
