@@ -33,6 +33,8 @@ played and scored in bench/market_client.py, and tabled and charted in bench/mar
         --rates 0.1,0.2,0.4                                                      # ~26 min
     bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py --servers vramsupply --rates 0.2 \
         --against-args '--context-length 8192'                                   # a setting against its default
+    bench/.cache/venv-llamacpp-server/bin/python bench/marketplace.py --servers vramsupply --rates 0.4 \
+        --repeat 2 --against-ref HEAD~1                                          # a change against the code before it
 
 A trace of 48 conversations (the default: three times vramsupply's 16 slots) runs about 48 / rate
 seconds of arrivals and reaches a steady state; the earlier traces of 12 were mostly a ramp.
@@ -59,7 +61,7 @@ from market_report import plot, summary_table  # noqa: E402
 from market_trace import MAX_PROMPT_TOKENS, SYSTEM_TOKENS, Words  # noqa: E402
 from servers import (  # noqa: E402
     BENCH_MODEL, CACHE, HOST, LLAMA_BIN, REPO, SERVERS, TINY_MODEL, BenchConfig, ServerSpec, machine_info, running_server,
-    versions, wait_ready, with_args,
+    at_ref, versions, wait_ready, with_args,
 )
 
 REPEAT_SEED_STEP = 100
@@ -101,25 +103,28 @@ def schedule(rates: list[float], repeats: int, first_seed: int, n_servers: int) 
             for rep in range(repeats) for i, rate in enumerate(rates)]
 
 
-def bench_specs(names: tuple[str, ...], threads: int | None, against_args: str | None) -> list[ServerSpec]:
+def bench_specs(names: tuple[str, ...], threads: int | None, against_args: str | None, against_ref: str | None = None) -> list[ServerSpec]:
     """Each named server at its defaults, and with ``against_args`` a second vramsupply that gets
     those serve arguments too (named "vramsupply-with-args"): a setting against its default, on
-    the same traces in the same minutes."""
+    the same traces in the same minutes; with ``against_ref`` one running the code of that git
+    ref (named "vramsupply-at-<commit>"): a change against the code before it."""
     def spec(name: str) -> ServerSpec:
         return ServerSpec(name, "defaults", SERVERS[name].ready_path, SERVERS[name].accepts_ignore_eos, default_command(name, threads))
 
     specs = [spec(name) for name in names]
     if against_args:
         specs.append(with_args(spec("vramsupply"), against_args.split(), "vramsupply-with-args"))
+    if against_ref:
+        specs.append(at_ref(spec("vramsupply"), against_ref))
     return specs
 
 
 async def bench(cfg: BenchConfig, model: Path, rates: list[float], conversations: int, cap_s: float,
                 threads: int | None, first_seed: int = 1000, repeats: int = 1, busy: int = 0,
-                against_args: str | None = None) -> dict:
+                against_args: str | None = None, against_ref: str | None = None) -> dict:
     eos_id = eos_token_id(model)
     words = Words(model)
-    specs = bench_specs(cfg.servers, threads, against_args)
+    specs = bench_specs(cfg.servers, threads, against_args, against_ref)
     results: dict[str, list[dict]] = {spec.name: [] for spec in specs}
     with ExitStack() as stack:
         servers = [stack.enter_context(running_server(spec, cfg, model)) for spec in specs]
@@ -174,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--against-args", metavar="ARGS",
                         help="also run vramsupply with these serve arguments (quoted), as \"vramsupply-with-args\": "
                              "e.g. '--parallel 4', a setting against its default on the same traces")
+    parser.add_argument("--against-ref", metavar="REF",
+                        help="also run vramsupply at this git ref (a worktree in bench/.cache/worktrees), as "
+                             "\"vramsupply-at-<commit>\": a change against the code before it on the same traces")
     parser.add_argument("--busy", type=int, default=0,
                         help="run this many busy programs (while True: pass, a session of their own) beside the servers, after their warm-up")
     parser.add_argument("--vramsupply", type=Path, default=REPO / ".venv" / "bin" / "vramsupply")
@@ -210,9 +218,9 @@ def main() -> None:
         "config": {"model": str(model), "rates": rates, "conversations": conversations, "cap_s": args.cap,
                    "ttft_slo_s": TTFT_SLO_S, "tpot_slo_s": TPOT_SLO_S, "system_tokens": SYSTEM_TOKENS,
                    "max_prompt_tokens": MAX_PROMPT_TOKENS, "endpoint": "/v1/completions, streaming, temperature 0.7",
-                   "threads": args.threads or "each server's default", "repeats": args.repeat, "busy_programs": args.busy, "against_args": args.against_args},
+                   "threads": args.threads or "each server's default", "repeats": args.repeat, "busy_programs": args.busy, "against_args": args.against_args, "against_ref": args.against_ref},
         "servers": asyncio.run(bench(cfg, model, rates, conversations, args.cap, args.threads, args.first_seed, args.repeat, args.busy,
-                                     args.against_args)),
+                                     args.against_args, args.against_ref)),
     }
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     report["duration_s"] = round(time.perf_counter() - started, 1)

@@ -84,6 +84,30 @@ def with_args(spec: ServerSpec, extra: list[str], name: str) -> ServerSpec:
     return replace(spec, name=name, command=lambda cfg, model, port: [*spec.command(cfg, model, port), *extra])
 
 
+def at_ref(spec: ServerSpec, ref: str) -> ServerSpec:
+    """vramsupply's ``spec`` running the code of git ``ref`` instead of the working tree, reported as
+    "vramsupply-at-<commit>": a change against the code before it, on the same traces in the same minutes
+    (``marketplace.py --against-ref``). The code comes from a worktree of ``ref`` in
+    bench/.cache/worktrees, first on the server's PYTHONPATH; the project venv's packages (its
+    llama-cpp-python build among them) serve both."""
+    commit, tree = worktree(ref)
+
+    def command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
+        python = cfg.vramsupply_bin.parent / "python"
+        return ["env", f"PYTHONPATH={tree}", str(python), "-m", "vramsupply", *spec.command(cfg, model, port)[1:]]
+
+    return replace(spec, name=f"vramsupply-at-{commit}", command=command)
+
+
+def worktree(ref: str) -> tuple[str, Path]:
+    """``ref``'s short commit, and a checkout of it in bench/.cache/worktrees (made once per commit)."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], check=True, capture_output=True, text=True).stdout.strip()
+    tree = CACHE / "worktrees" / commit
+    if not (tree / "vramsupply").is_dir():
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--force", "--detach", str(tree), commit], check=True, capture_output=True)
+    return commit, tree
+
+
 def vramsupply_command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
     if cfg.defaults:
         tuned = ["--threads", str(cfg.threads)] if cfg.pin_threads else []
