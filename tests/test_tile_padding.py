@@ -97,7 +97,7 @@ async def test_a_padded_follow_up_answers_exactly_as_without_padding(monkeypatch
     answers, prefilled = [], []
     for pad in (False, True):
         monkeypatch.setattr(StepCost, "pays_to_pad", lambda self, *args: pad)
-        options = EngineOptions(model_path=TINY_MODEL, n_ctx=512, parallel=1, threads=1, cache_ram=0)
+        options = EngineOptions(model_path=TINY_MODEL, n_ctx=512, parallel=1, threads=1, cache_ram=0, flash_attention="on")
         with Engine.load(options) as engine:
             first = engine.tokenize(history)
             assert len(first) > TILE_ROWS
@@ -114,6 +114,14 @@ async def test_a_padded_follow_up_answers_exactly_as_without_padding(monkeypatch
 
 def test_padding_is_used_for_attention_in_one_shared_cache_only() -> None:
     for per_slot, rewinds in ((False, True), (True, False)):
-        options = EngineOptions(model_path=TINY_MODEL, n_ctx=512, parallel=2, threads=1, kv_per_slot=per_slot)
+        options = EngineOptions(model_path=TINY_MODEL, n_ctx=512, parallel=2, threads=1, kv_per_slot=per_slot, flash_attention="on")
         with Engine.load(options) as engine:
             assert engine._scheduler._pacer._rewinds is rewinds
+
+
+def test_padding_is_used_only_where_attention_skips_kv_in_tiles() -> None:
+    """Without ggml-cpu's tiled flash attention (turned off here; on a GPU alike) a padded tile
+    skips nothing, so the cached tokens decoded again would be pure waste."""
+    options = EngineOptions(model_path=TINY_MODEL, n_ctx=512, parallel=2, threads=1, flash_attention="off")
+    with Engine.load(options) as engine:
+        assert engine._scheduler._pacer._rewinds is False

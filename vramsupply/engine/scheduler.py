@@ -97,7 +97,8 @@ class Scheduler:
         self._lock = self._counters.lock
         self._closed = False
         self._liveness = Liveness(stall_timeout)
-        self._pacer = PrefillPacer(llama_cpp.llama_n_ubatch(self._ctx), rewinds=rewinds_for_tiles(model, kv_per_slot))
+        # Padding a prompt to a whole tile pays only where attention skips KV in tiles (the CPU's).
+        self._pacer = PrefillPacer(llama_cpp.llama_n_ubatch(self._ctx), rewinds=apart and rewinds_for_tiles(model, kv_per_slot))
         self._prompt_cache = self._host_prompt_cache(cache_ram, parallel) if cache_ram > 0 else None
         self._rows = RowSampler(self._ctx, self._memory, self._batch, model.n_vocab, self._counters)
         self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache, len(self._slots))
