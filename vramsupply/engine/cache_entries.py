@@ -19,13 +19,20 @@ checkpoints'.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from itertools import count
 
 import numpy as np
 
 from .checkpoints import Checkpoint
+from .working_set import WorkingSet
+
+MAX_COLD = 64
+"""Token lists of entries dropped for the working-set bound, kept to notice that they were wanted."""
+MIN_MISSED_TOKENS = 32
+"""A cold entry counts as a miss when it would have given at least this many more prompt tokens
+than the admission got (``prompt_cache.MIN_SAVED_TOKENS``: below it, a save is not worth making)."""
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -73,13 +80,19 @@ class Entry:
 
 
 class PromptCache:
-    """Entries under ``budget`` bytes (bases counted once), least recently used evicted first."""
+    """Entries under ``budget`` bytes (bases counted once), least recently used evicted first, and
+    within the bound that recent restores reach (``working_set.py``; at least the KV of
+    ``floor_tokens`` tokens)."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, floor_tokens: int = 0) -> None:
         self.budget = budget
         self.nbytes = 0
+        self.working = WorkingSet(floor_tokens)
         self._entries: OrderedDict[int, Entry] = OrderedDict()
         self._keys = count()
+        self._cold: deque[np.ndarray] = deque(maxlen=MAX_COLD)
+        self.kept_to = budget
+        """The bound as of the last save: read by other threads (``EngineStats``), an int."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -114,7 +127,37 @@ class PromptCache:
             self._remove(next(iter(self._entries)))
         self._entries[next(self._keys)] = entry
         self.nbytes += entry.nbytes
+        self._keep_to_bound()
         return True
+
+    @property
+    def bound(self) -> int:
+        """The bytes the cache keeps to now (``working_set.py``), within the budget."""
+        return self.working.bound(self.budget, self._bytes_per_token())
+
+    def admitted(self, prompt: np.ndarray, served: int) -> None:
+        """A request was admitted with ``served`` tokens of ``prompt`` kept or restored: when an
+        entry dropped for the bound would have given at least ``MIN_MISSED_TOKENS`` more, the
+        bound was too tight, and grows (``WorkingSet.missed``)."""
+        shared = [common_prefix(tokens, prompt) for tokens in self._cold]
+        best = max(range(len(shared)), key=shared.__getitem__, default=None)
+        if best is not None and shared[best] - served >= MIN_MISSED_TOKENS:
+            del self._cold[best]
+            self.working.missed()
+
+    def _keep_to_bound(self) -> None:
+        """Drop the oldest entries past the bound (never the newest), keeping their token lists."""
+        bound = self.kept_to = self.bound
+        while len(self._entries) > 1 and self.nbytes > bound:
+            key = next(iter(self._entries))
+            self._cold.append(self._entries[key].tokens)
+            self._remove(key)
+
+    def _bytes_per_token(self) -> float:
+        """Host bytes of one token's KV, from the entries held (0 while there are none)."""
+        states = [(entry.state.nbytes, len(entry.tokens) - (len(entry.base.tokens) if entry.base else 0)) for entry in self._entries.values()]
+        tokens = sum(n for _, n in states)
+        return sum(b for b, _ in states) / tokens if tokens > 0 else 0.0
 
     def best(self, prompt: np.ndarray, room: int | None = None, whole: bool = False) -> tuple[int, int] | None:
         """(key, shared prefix) of the entry sharing the longest prefix with ``prompt``, if any,
@@ -134,7 +177,10 @@ class PromptCache:
         return len(self._entries[key].tokens)
 
     def take(self, key: int) -> Entry:
-        """Remove and return an entry (it goes back into a slot; its base stays while others use it)."""
+        """Remove and return an entry (it goes back into a slot; its base stays while others use
+        it), noting how deep the restore reached: the bytes of the entries saved after it, and its own."""
+        keys = list(self._entries)
+        self.working.reached(sum(self._entries[k].nbytes for k in keys[keys.index(key):]))
         entry = self._entries[key]
         self._remove(key)
         return entry

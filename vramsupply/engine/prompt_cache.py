@@ -10,8 +10,10 @@ llama-server's ``--cache-ram``:
 - when a request's prompt shares a longer prefix with a saved entry than with its slot, the entry
   is copied back into the slot (``llama_state_seq_set_data``) and only the rest of the prompt is
   decoded; the entry then lives in the slot again, so it leaves the cache;
-- everything stays under a byte budget, least recently used first out. An entry whose tokens are
-  a prefix of a newer one is dropped: the newer one serves every prompt it could;
+- everything stays under a byte budget, least recently used first out, and within what recent
+  restores reach into the cache (``working_set.py``): the budget is a ceiling, not a target. An
+  entry whose tokens are a prefix of a newer one is dropped: the newer one serves every prompt it
+  could;
 - a prefix that saved conversations share (their system prompt) is stored once, and each entry
   keeps only the KV after it (``cache_entries.py``). Copies of part of a sequence go through a
   spare sequence id, since llama.cpp saves and restores whole sequences only.
@@ -111,7 +113,8 @@ class HostPromptCache:
         self._memory = memory
         self._scratch = scratch
         self._whole = whole
-        self.entries = PromptCache(budget)
+        # At least the KV of the whole context stays: all that one park or pause moves out at once.
+        self.entries = PromptCache(budget, floor_tokens=llama_cpp.llama_n_ctx(ctx))
         self.policy = SavePolicy(prefill_seconds)
         self._counters = counters or Counters()
 
@@ -135,6 +138,7 @@ class HostPromptCache:
         found = self.entries.best(prompt, room, self._whole)
         spared = gain(self.entries.length(found[0]), found[1]) if found is not None else 0
         self.policy.admitted(spared, prompt, gain)
+        self.entries.admitted(prompt, have + spared)
         if found is None or not spared:
             return prefix
         key, shared = found
@@ -177,9 +181,9 @@ class HostPromptCache:
             state = self._save_range(seq_id, len(base.tokens), len(tokens))
         if state is None or not self.entries.put(tokens, state, base, checkpoints):
             return False
-        log.debug("slot %d: saved %d tokens (%d bytes, %d after a shared prefix); cache %d entries, %d bases, %d bytes",
+        log.debug("slot %d: saved %d tokens (%d bytes, %d after a shared prefix); cache %d entries, %d bases, %d bytes, kept to %d",
                   seq_id, len(tokens), state.nbytes, len(tokens) - (len(base.tokens) if base else 0),
-                  len(self.entries), self.entries.bases, self.entries.nbytes)
+                  len(self.entries), self.entries.bases, self.entries.nbytes, self.entries.kept_to)
         return True
 
     def _base_for(self, seq_id: int, tokens: np.ndarray) -> Base | None:

@@ -161,6 +161,7 @@ class Scheduler:
                 queue_depth=counters.outstanding - counters.busy,
                 prompt_cache_bytes=self._prompt_cache.entries.nbytes if self._prompt_cache else 0,
                 prompt_cache_entries=len(self._prompt_cache.entries) if self._prompt_cache else 0,
+                prompt_cache_bound_bytes=self._prompt_cache.entries.kept_to if self._prompt_cache else 0,
                 checkpoint_bytes=sum(slot.checkpoint_bytes for slot in self._slots),
                 cpu_threads=counters.cpu_threads,
                 failure=self._failure(),

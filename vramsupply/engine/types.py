@@ -216,6 +216,8 @@ class EngineStats:
     requests_total: int
     prompt_cache_bytes: int = 0
     prompt_cache_entries: int = 0
+    prompt_cache_bound_bytes: int = 0
+    """What the prompt cache keeps to: what recent restores reach, within ``--cache-ram`` (``working_set``)."""
     draft_tokens_total: int = 0
     draft_accepted_total: int = 0
     preemptions_total: int = 0

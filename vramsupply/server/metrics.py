@@ -52,6 +52,8 @@ class ServerMetrics:
         self._gauge("vramsupply_queue_depth", "Requests waiting for a free slot", lambda s: s.queue_depth)
         self._gauge("vramsupply_prompt_cache_bytes", "Host memory the prompt cache holds (within --cache-ram)", lambda s: s.prompt_cache_bytes)
         self._gauge("vramsupply_prompt_cache_entries", "Prompts kept in the host prompt cache", lambda s: s.prompt_cache_entries)
+        self._gauge("vramsupply_prompt_cache_bound_bytes", "Host memory the prompt cache keeps to: what recent restores reach, within --cache-ram",
+                    lambda s: s.prompt_cache_bound_bytes)
         self._gauge("vramsupply_checkpoint_bytes", "Host memory of the recurrent-state checkpoints the slots keep (outside --cache-ram)",
                     lambda s: s.checkpoint_bytes)
         self._gauge("vramsupply_cpu_threads", "CPU threads the decode uses now: fewer than the cores while other programs keep them busy",
