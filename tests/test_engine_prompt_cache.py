@@ -142,6 +142,25 @@ async def test_conversations_behind_one_system_prompt_store_it_once_and_come_bac
         assert continued.token_ids == (await run(uncached, follow_up)).token_ids
 
 
+async def test_a_new_chat_gets_the_system_prompt_back_and_every_saved_chat_stays(uncached: Engine) -> None:
+    """A new conversation shares only the system prompt with the saved ones: it gets that prefix
+    copied back, and no saved conversation is thrown away for it (before, the oldest was taken)."""
+    with load(cache_ram=4) as engine:
+        for i in range(3):
+            await run(engine, chat(i))
+        await run(engine, story(5))  # the only slot: a story without the system prompt; chat 2 is saved
+        saved = engine.stats().prompt_cache_entries
+
+        new = await run(engine, chat(4))  # the story is saved; only the system prompt comes back
+
+        assert new.usage.cached_tokens == common_prefix(np.array(engine.tokenize(chat(4))), np.array(engine.tokenize(chat(0))))
+        assert new.token_ids == (await run(uncached, chat(4))).token_ids
+        assert engine.stats().prompt_cache_entries == saved + 1
+        for i in range(3):
+            again = await run(engine, chat(i))
+            assert again.usage.cached_tokens == len(engine.tokenize(chat(i))) - 1
+
+
 def test_a_shared_prefix_is_counted_once_and_lives_while_an_entry_uses_it() -> None:
     cache = PromptCache(budget=2100)
     base = Base(np.arange(100, dtype=np.int32), np.zeros(600, dtype=np.uint8))  # 1000 bytes

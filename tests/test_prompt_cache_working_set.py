@@ -77,6 +77,19 @@ def test_a_prompt_that_a_dropped_entry_would_have_served_grows_the_bound_back() 
     assert cache.bound == MARGIN * tight
 
 
+def test_a_restore_for_a_prefix_that_newer_entries_share_reaches_only_to_the_newest() -> None:
+    """Any entry that starts with the shared tokens would have served: only the newest had to be kept."""
+    cache = PromptCache(budget=10**9)
+    system = np.arange(1000, 1000 + TOKENS, dtype=np.int32)
+    chats = [np.concatenate([system, prompt(n)]) for n in range(4)]
+    for tokens in chats:
+        assert cache.put(tokens, np.zeros(KV, dtype=np.uint8))
+    cache.take(cache.best(chats[0])[0], shared=TOKENS)
+    assert list(cache.working._reaches) == [KV + 2 * TOKENS * 4]  # the newest chat's bytes alone
+    cache.take(cache.best(chats[1])[0])
+    assert list(cache.working._reaches)[-1] == 3 * (KV + 2 * TOKENS * 4)  # itself and the two after it
+
+
 def test_the_budget_still_caps_the_bound() -> None:
     cache = PromptCache(budget=4 * (KV + TOKEN_BYTES))
     chats_coming_back_after_two_other_saves(cache, MIN_SEEN + 4)

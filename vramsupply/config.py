@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads for decoding and prompt processing, pinned (default: the physical cores, within a cgroup CPU quota, for both, and fewer while other programs keep them busy)")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before new ones get 429")
     stall_timeout: float = Field(600.0, gt=0, description="Seconds one decode step may run while requests wait before the engine counts as failed (/health 503, serve exits 1)")
-    cache_ram: int | None = Field(None, ge=0, description="MiB of host RAM keeping idle conversations' KV for reuse (default: a quarter of free RAM, within a cgroup memory limit, at most 8192; 0: off)")
+    cache_ram: int | None = Field(None, ge=0, description="Most MiB of host RAM keeping idle conversations' KV for reuse; within it the cache keeps what its restores reach (default: a quarter of free RAM, within a cgroup memory limit, at most 8192; 0: off)")
     draft_max: int | None = Field(None, ge=0, description="Tokens prompt-lookup speculative decoding may draft per step for a request decoding alone (default 0: off; it cost a lone request tok/s on a CPU and on a GPU in our benchmarks)")
     backend_sampling: bool = Field(False, description="Sample on the device inside llama.cpp's graph so logits never cross to the host (for GPUs; requests with penalties, grammars or logprobs sample on the host)")
     stream_interval_ms: float = Field(30.0, ge=0, le=1000, description="Milliseconds between hand-overs of mid-answer tokens to the HTTP side (several tokens then go in one SSE chunk; a first token and an answer's end go at once; 0: every decode step)")

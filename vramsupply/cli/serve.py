@@ -32,7 +32,7 @@ def serve(
     devices: Optional[str] = typer.Option(None, "--devices", help="GPUs to use, e.g. CUDA0,CUDA1 (vramsupply doctor lists them)."),
     max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Requests that may wait for a slot before new ones get 429."),
     stall_timeout: Optional[float] = typer.Option(None, "--stall-timeout", help="Seconds a decode step may run while requests wait before the engine counts as failed (default 600)."),
-    cache_ram: Optional[int] = typer.Option(None, "--cache-ram", help="MiB of RAM for the prompt cache (default: 1/4 of free RAM, within a cgroup memory limit, at most 8192; 0: off)."),
+    cache_ram: Optional[int] = typer.Option(None, "--cache-ram", help="Most MiB of RAM for the prompt cache, which keeps what its restores reach within it (default: 1/4 of free RAM, within a cgroup memory limit, at most 8192; 0: off)."),
     draft_max: Optional[int] = typer.Option(None, "--draft-max", help="Tokens prompt lookup may draft per step for a lone request (default 0 = off)."),
     backend_sampling: Optional[bool] = typer.Option(None, "--backend-sampling", help="Sample on the device, so logits never cross to the host (for GPUs)."),
     stream_interval_ms: Optional[float] = typer.Option(None, "--stream-interval-ms", help="Milliseconds between SSE writes of mid-answer tokens (default 30; 0: every decode step)."),

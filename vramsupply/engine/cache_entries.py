@@ -135,15 +135,17 @@ class PromptCache:
         """The bytes the cache keeps to now (``working_set.py``), within the budget."""
         return self.working.bound(self.budget, self._bytes_per_token())
 
-    def admitted(self, prompt: np.ndarray, served: int) -> None:
+    def admitted(self, prompt: np.ndarray, served: int) -> int:
         """A request was admitted with ``served`` tokens of ``prompt`` kept or restored: when an
         entry dropped for the bound would have given at least ``MIN_MISSED_TOKENS`` more, the
-        bound was too tight, and grows (``WorkingSet.missed``)."""
+        bound was too tight, and grows (``WorkingSet.missed``). Returns the tokens it would have given."""
         shared = [common_prefix(tokens, prompt) for tokens in self._cold]
         best = max(range(len(shared)), key=shared.__getitem__, default=None)
-        if best is not None and shared[best] - served >= MIN_MISSED_TOKENS:
-            del self._cold[best]
-            self.working.missed()
+        if best is None or shared[best] - served < MIN_MISSED_TOKENS:
+            return 0
+        del self._cold[best]
+        self.working.missed()
+        return shared[best]
 
     def _keep_to_bound(self) -> None:
         """Drop the oldest entries past the bound (never the newest), keeping their token lists."""
@@ -176,12 +178,16 @@ class PromptCache:
         """How many tokens an entry holds (with its base's)."""
         return len(self._entries[key].tokens)
 
-    def take(self, key: int) -> Entry:
+    def take(self, key: int, shared: int | None = None) -> Entry:
         """Remove and return an entry (it goes back into a slot; its base stays while others use
-        it), noting how deep the restore reached: the bytes of the entries saved after it, and its own."""
-        keys = list(self._entries)
-        self.working.reached(sum(self._entries[k].nbytes for k in keys[keys.index(key):]))
+        it), noting how deep the restore reached (``working_set.py``): the bytes of the newest entry
+        that starts with the same ``shared`` tokens (by default all of this one's), and of those
+        saved after it. Any of those would have served as well, so only the newest had to be kept."""
         entry = self._entries[key]
+        head = entry.tokens[: len(entry.tokens) if shared is None else shared]
+        keys = list(self._entries)
+        newest = max(i for i, k in enumerate(keys) if common_prefix(self._entries[k].tokens, head) == len(head))
+        self.working.reached(sum(self._entries[k].nbytes for k in keys[newest:]))
         self._remove(key)
         return entry
 

@@ -9,7 +9,9 @@ llama-server's ``--cache-ram``:
   to host memory (``llama_state_seq_get_data``), keyed by the tokens it holds;
 - when a request's prompt shares a longer prefix with a saved entry than with its slot, the entry
   is copied back into the slot (``llama_state_seq_set_data``) and only the rest of the prompt is
-  decoded; the entry then lives in the slot again, so it leaves the cache;
+  decoded; the entry then lives in the slot again, so it leaves the cache (when the prompt shares
+  no more than the prefix the entry shares with others, only that prefix is copied back, and the
+  entry stays for its own conversation);
 - everything stays under a byte budget, least recently used first out, and within what recent
   restores reach into the cache (``working_set.py``): the budget is a ceiling, not a target. An
   entry whose tokens are a prefix of a newer one is dropped: the newer one serves every prompt it
@@ -138,11 +140,17 @@ class HostPromptCache:
         found = self.entries.best(prompt, room, self._whole)
         spared = gain(self.entries.length(found[0]), found[1]) if found is not None else 0
         self.policy.admitted(spared, prompt, gain)
-        self.entries.admitted(prompt, have + spared)
+        missed = self.entries.admitted(prompt, have + spared)
+        if missed:
+            log.debug("a dropped entry would have given %d tokens where %d were: the cache keeps to %d bytes now",
+                      missed, have + spared, self.entries.bound)
         if found is None or not spared:
             return prefix
         key, shared = found
-        entry = self.entries.take(key)
+        base = self.entries.base_for(prompt)
+        if base is not None and shared <= len(base.tokens):
+            return self._restore_base(slot, base, shared)
+        entry = self.entries.take(key, shared)
         slot.forget()
         if not self._restore(slot.seq_id, entry):
             log.warning("could not restore a cached prompt of %d tokens into slot %d", len(entry.tokens), slot.seq_id)
@@ -150,6 +158,18 @@ class HostPromptCache:
         slot.record(entry.tokens)
         slot.checkpoints = list(entry.checkpoints)  # what the slot holds now was checkpointed there (checkpoints.py)
         log.debug("slot %d: restored %d cached tokens (%d shared with the prompt)", slot.seq_id, len(entry.tokens), shared)
+        return shared
+
+    def _restore_base(self, slot: Slot, base: Base, shared: int) -> int:
+        """Put only a stored shared prefix into ``slot`` (all the prompt has in common with the
+        entry that holds it): the entry stays for its own conversation. Taking it, as before, threw
+        a cached chat away to serve a new one its system prompt, and took the oldest such entry."""
+        slot.forget()
+        if not restore_sequence(self._ctx, self._memory, slot.seq_id, base.state):
+            log.warning("could not restore a cached prefix of %d tokens into slot %d", len(base.tokens), slot.seq_id)
+            return 0
+        slot.record(base.tokens)
+        log.debug("slot %d: restored a shared prefix of %d tokens (%d shared with the prompt)", slot.seq_id, len(base.tokens), shared)
         return shared
 
     def save(self, slot: Slot, certain: bool = False) -> None:
