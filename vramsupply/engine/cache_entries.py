@@ -144,7 +144,7 @@ class PromptCache:
         if best is None or shared[best] - served < MIN_MISSED_TOKENS:
             return 0
         del self._cold[best]
-        self.working.missed()
+        self.working.missed(self.kept_to)
         return shared[best]
 
     def _keep_to_bound(self) -> None:

@@ -42,7 +42,6 @@ class WorkingSet:
     def __init__(self, floor_tokens: int = 0) -> None:
         self._floor_tokens = floor_tokens
         self._reaches: deque[int] = deque(maxlen=WINDOW)
-        self._last_bound: int | None = None
 
     def reached(self, nbytes: int) -> None:
         """A restore reached ``nbytes`` deep into the cache (its stack distance, its own bytes included)."""
@@ -52,14 +51,11 @@ class WorkingSet:
         """The bytes the cache keeps to: ``MARGIN`` times the deepest recent reach, at least the
         KV of ``floor_tokens`` tokens at ``bytes_per_token``, at most ``budget``."""
         if len(self._reaches) < MIN_SEEN:
-            bound = budget
-        else:
-            floor = int(self._floor_tokens * bytes_per_token)
-            bound = min(budget, max(floor, int(MARGIN * max(self._reaches))))
-        self._last_bound = bound
-        return bound
+            return budget
+        floor = int(self._floor_tokens * bytes_per_token)
+        return min(budget, max(floor, int(MARGIN * max(self._reaches))))
 
-    def missed(self) -> None:
-        """An admission wanted an entry dropped for the bound (``PromptCache.admitted``): count a
-        reach as deep as the bound, so the next bound is ``MARGIN`` times it."""
-        self._reaches.append(self._last_bound or 0)
+    def missed(self, bound: int) -> None:
+        """An admission wanted an entry dropped under ``bound`` (``PromptCache.admitted``): count a
+        reach as deep as that bound, so the next bound is ``MARGIN`` times it."""
+        self._reaches.append(bound)
