@@ -11,6 +11,7 @@ import numpy as np
 
 from conftest import TINY_MODEL
 from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
+from vramsupply.engine.cache_entries import Ghosts
 from vramsupply.engine.save_policy import MAX_GHOSTS, WINDOW, SavePolicy
 
 GREEDY = SamplingParams(temperature=0)
@@ -124,6 +125,19 @@ def test_ghosts_are_bounded() -> None:
     chosen.admitted(0, tokens(0), gain)  # the oldest ghost is gone
     chosen.admitted(0, tokens(1000 * (MAX_GHOSTS + 9)), gain)  # the newest is there
     assert chosen.reuse == 100 / (100 * (WINDOW - 2))
+
+
+def test_a_ghost_is_claimed_once_by_the_prompt_it_serves_best() -> None:
+    ghosts = Ghosts(4)
+    ghosts.add(tokens(0, 50))
+    ghosts.add(tokens(0, 80))
+    ghosts.add(tokens(500))
+    prompt = tokens(0, 120)
+    assert ghosts.claim(prompt, gain, least=100) == 0  # 80 shared at best: not enough
+    assert len(ghosts) == 3
+    assert ghosts.claim(prompt, gain) == 80  # the longer of the two it starts with
+    assert ghosts.claim(prompt, gain) == 50  # then the other: the 80 went with the first claim
+    assert ghosts.claim(prompt, gain) == 0 and len(ghosts) == 1  # the unrelated one scores nothing and stays
 
 
 async def test_an_engine_stops_saving_one_off_prompts_and_starts_again_when_they_come_back() -> None:

