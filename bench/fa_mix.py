@@ -1,10 +1,11 @@
 """Raw llama_decode (a measurement, not a server bench): does mixing many sequences' generating rows into a tiled step slow the prompt rows?
 12 resident sequences of DEPTH tokens (interleaved or in blocks), a 13th prefilling at its depth.
 
-    .venv/bin/python bench/fa_mix.py [streams] [depth] [interleave]
+    .venv/bin/python bench/fa_mix.py [streams] [depth] [blocks|interleave]
 
 Results: bench/results/2026-12-03-fa-mix.json (docs/performance.md, "Why overload is still lost"), and with
 the two-decode cases at 8,192 cells bench/results/2026-12-05-fa-mix-apart.txt (engine/pacing.py, "Apart")."""
+import argparse
 import statistics
 import sys
 import time
@@ -16,9 +17,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from vramsupply.engine.batch import Batch
 MODEL = str(REPO / "bench" / ".cache" / "bench-llama-768x12-q8_0.gguf").encode()
-STREAMS, DEPTH = int(sys.argv[1]) if len(sys.argv) > 1 else 12, int(sys.argv[2]) if len(sys.argv) > 2 else 280
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("streams", type=int, nargs="?", default=12, help="resident sequences generating (default 12)")
+parser.add_argument("depth", type=int, nargs="?", default=280, help="tokens each holds (default 280)")
+parser.add_argument("layout", nargs="?", choices=("blocks", "interleave"), default="blocks", help="their cells in blocks (default) or interleaved")
+args = parser.parse_args()
 N_CTX = 8192  # vramsupply's default since 2026-12-05 (the 2026-12-03 results were measured at 4096)
-INTERLEAVE = len(sys.argv) > 3 and sys.argv[3] == "interleave"
+if not 1 <= args.streams <= 15 or args.depth < 1 or (args.streams + 1) * (args.depth + 129) > N_CTX:
+    parser.error(f"streams must be 1-15 (the prompt takes the 16th sequence), depth at least 1, and (streams + 1) x (depth + 129) within {N_CTX} cells")
+STREAMS, DEPTH = args.streams, args.depth
+INTERLEAVE = args.layout == "interleave"
 llama_cpp.llama_backend_init()
 mp = llama_cpp.llama_model_default_params()
 model = llama_cpp.llama_model_load_from_file(MODEL, mp)
