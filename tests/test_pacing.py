@@ -223,9 +223,11 @@ def test_short_prompts_that_arrive_together_start_together_within_the_step_targe
 
 
 def test_short_prompts_that_arrive_together_at_an_idle_engine_start_in_one_step() -> None:
-    """Before any prefill speed is known (short prompts never teach it), a step's rows bound it:
-    a whole micro-batch with nobody generating, MIN_CHUNK beside a stream. Before, the first prompt
-    went alone, and a burst of 16 started one a step, the 16th after 0.4-0.6 s."""
+    """Before any prefill speed is known, a step's rows bound it: a whole micro-batch with nobody
+    generating; beside a stream MIN_CHUNK, and whole prompts ending with the first may go past it
+    by up to MIN_CHUNK - 1 rows, so that the step has enough prompt rows to learn the speed from.
+    Before, the first prompt went alone, and a burst of 16 started one a step, the 16th after
+    0.4-0.6 s; then, beside a stream, 9-token prompts still went one a step and never taught it."""
     now = time.monotonic()
     questions = [prefilling(i, 5, arrived=now + i * 1e-3) for i in range(16)]
     plan = PrefillPacer(512).plan(questions, capacity=2048, memory=None)
@@ -233,8 +235,12 @@ def test_short_prompts_that_arrive_together_at_an_idle_engine_start_in_one_step(
 
     generating = prefilling(16, 10, arrived=now - 5, done=10)
     generating.next_token = 42
-    plan = PrefillPacer(512).plan([generating, *questions], capacity=2048, memory=None)
-    assert [(slot.seq_id, None if chunk is None else len(chunk)) for slot, chunk in plan] == [(16, None), (0, 5), (1, 5), (2, 5)]
+    pacer = PrefillPacer(512)
+    plan = pacer.plan([generating, *questions], capacity=2048, memory=None)
+    assert [(slot.seq_id, None if chunk is None else len(chunk)) for slot, chunk in plan] == [(16, None), (0, 5), (1, 5), (2, 5), (3, 5)]
+    assert chunk(pacer, generating=True) == MIN_CHUNK, "nothing known beside a stream yet"
+    pacer.observe(pacer.step_work(plan), 0.040)
+    assert chunk(pacer, generating=True) > MIN_CHUNK, "20 prompt rows taught the speed beside a stream: chunks are sized by it"
 
     pacer = PrefillPacer(512)
     learn(pacer, 0.001, paced=False)  # known now: with nobody generating, 1 ms a token

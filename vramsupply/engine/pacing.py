@@ -110,7 +110,13 @@ MIN_CHUNK = 16
 """Never fewer prompt tokens than this per step, so a long prompt still makes progress. Also the
 first chunk next to a generating slot, before any prefill speed is known. On the 2-core bench
 machine a 32-token chunk deep in a 4k context took 220 ms and a 64-token one 330 ms, so 16 keeps
-the step well under a quarter second at the price of a slower prefill while others generate."""
+the step well under a quarter second at the price of a slower prefill while others generate.
+
+It is also the fewest prompt rows a step learns that speed from, so while it is unknown, whole
+prompts that end in the same step as the first may take up to ``MIN_CHUNK - 1`` rows more (under
+``2 * MIN_CHUNK`` in all). Without that, short prompts beside a stream right after start went in
+one a step (9 tokens each: 16 rows held one), no step had the rows to learn from, and the 16th of
+a burst of 16 got its first token 375 ms after the first."""
 COMPANION_SECONDS = 0.05
 """Whole prompts ending in a step where another ends may always add this much to it. Doubling the
 step alone let a burst of 16 five-token questions in two at a time with nobody generating (a step
@@ -231,6 +237,7 @@ class PrefillPacer:
             plan.append((slot, slot.prompt[slot.n_cached : slot.n_cached + size]))
             room, rows = room - size, rows + size
             if size == left:  # its first token waits for no other prompt's rows, but for those of
+                room = room if seconds is not None else max(room, MIN_CHUNK - 1)  # to learn from (MIN_CHUNK)
                 plan += self._companions(order[at + 1 :], slots, memory, room, rows, companion_seconds(step, seconds), cost)
                 break  # prompts that end in this step too, up to doubling its time (or COMPANION_SECONDS)
         return plan
