@@ -21,35 +21,21 @@ import sys
 import time
 from pathlib import Path
 
-import llama_cpp
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from vramsupply.engine.engine import Engine  # noqa: E402
 from vramsupply.engine.types import EngineOptions, GenerationRequest, SamplingParams  # noqa: E402
 from vramsupply.server import loop  # noqa: E402
+from step_sections import BENCH_MODEL, Timings  # noqa: E402
 
-BENCH_MODEL = REPO / "bench" / ".cache" / "bench-llama-768x12-q8_0.gguf"
 STEPS_SHOWN = 6
-decodes: list[tuple[int, float, float]] = []  # (rows, start, end) of every llama_decode
-
-
-def time_decodes() -> None:
-    inner = llama_cpp.llama_decode
-
-    def timed(ctx, batch):
-        start = time.perf_counter()
-        status = inner(ctx, batch)
-        decodes.append((batch.n_tokens, start, time.perf_counter()))
-        return status
-
-    llama_cpp.llama_decode = timed
+timings = Timings()  # its decodes: (rows, start, end) of every llama_decode
 
 
 async def burst(engine: Engine, index: int) -> dict:
     requests = [GenerationRequest(prompt=engine.tokenize(f"Once upon a time {index} {i}"), sampling=SamplingParams(temperature=0),
                                   max_tokens=8, ignore_eos=True) for i in range(16)]
-    decodes.clear()
+    timings.clear()
     start, firsts = time.perf_counter(), []
 
     async def one(request: GenerationRequest) -> None:
@@ -61,7 +47,7 @@ async def burst(engine: Engine, index: int) -> dict:
 
     await asyncio.gather(*(one(request) for request in requests))
     firsts.sort()
-    steps = [{"rows": rows, "start_ms": round(1000 * (a - start), 1), "ms": round(1000 * (b - a), 1)} for rows, a, b in decodes[:STEPS_SHOWN]]
+    steps = [{"rows": rows, "start_ms": round(1000 * (a - start), 1), "ms": round(1000 * (b - a), 1)} for rows, a, b in timings.decodes[:STEPS_SHOWN]]
     return {"burst": index, "first_token_ms": firsts, "median_ms": firsts[len(firsts) // 2], "last_ms": firsts[-1], "steps": steps}
 
 
@@ -85,7 +71,7 @@ def main() -> None:
         sys.exit(f"bench model not found: {args.model} (run bench/build_anchors.sh)")
     if args.bursts < 1:
         sys.exit("--bursts must be at least 1")
-    time_decodes()
+    timings.wrap_decode()
     results = loop.run(run(args.model, args.bursts))
     out = args.out or REPO / "bench" / "results" / f"{dt.date.today().isoformat()}-first-burst.json"
     out.write_text(json.dumps({"date": dt.date.today().isoformat(), "model": str(args.model), "bursts": results}, indent=1) + "\n")
