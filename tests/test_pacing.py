@@ -224,8 +224,8 @@ def test_short_prompts_that_arrive_together_start_together_within_the_step_targe
 
 def test_short_prompts_that_arrive_together_at_an_idle_engine_start_in_one_step() -> None:
     """Before any prefill speed is known, a step's rows bound it: a whole micro-batch with nobody
-    generating; beside a stream MIN_CHUNK, and whole prompts ending with the first may go past it
-    by up to MIN_CHUNK - 1 rows, so that the step has enough prompt rows to learn the speed from.
+    generating; beside a stream MIN_CHUNK, and whole prompts ending with the first get at least
+    MIN_CHUNK - 1 rows after it, so that the step has enough prompt rows to learn the speed from.
     Before, the first prompt went alone, and a burst of 16 started one a step, the 16th after
     0.4-0.6 s; then, beside a stream, 9-token prompts still went one a step and never taught it."""
     now = time.monotonic()

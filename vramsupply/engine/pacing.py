@@ -113,8 +113,8 @@ machine a 32-token chunk deep in a 4k context took 220 ms and a 64-token one 330
 the step well under a quarter second at the price of a slower prefill while others generate.
 
 It is also the fewest prompt rows a step learns that speed from, so while it is unknown, whole
-prompts that end in the same step as the first may take up to ``MIN_CHUNK - 1`` rows more (beside
-a stream, under ``2 * MIN_CHUNK`` in all). Without that, short prompts beside a stream right after
+prompts that end in the same step as the first get at least ``MIN_CHUNK - 1`` rows of room after
+it (beside a stream, under ``2 * MIN_CHUNK`` prompt rows in all). Without that, short prompts beside a stream right after
 start went in one a step (9 tokens each: 16 rows held one), no step had the rows to learn from, and
 the 16th of a burst of 16 got its first token 282-487 ms after the burst (``bench/first_burst.py``;
 now 191-211 ms)."""
