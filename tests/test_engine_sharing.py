@@ -122,6 +122,29 @@ async def test_a_prompt_starting_with_what_a_running_request_holds_borrows_those
     assert borrowed.token_ids == alone.token_ids
 
 
+async def test_a_question_sharing_only_its_first_words_with_a_running_one_borrows_them(engine: Engine) -> None:
+    """A burst of short questions that start alike (the streaming bench's "Once upon a time N")
+    prefills only what differs: the first few tokens are borrowed too, not just a long system prompt."""
+    first = engine.tokenize("Once upon a time 12")
+    running = engine.submit(GenerationRequest(first, sampling=GREEDY, max_tokens=40, ignore_eos=True))
+    await running.__anext__()
+    question = engine.tokenize("Once upon a time 37")
+    shared = next(i for i, (a, b) in enumerate(zip(first, question)) if a != b)
+    assert 1 < shared < 8
+    before = engine.stats()
+    borrowed = engine.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=12, ignore_eos=True))
+    await borrowed.collect()
+    after = engine.stats()
+    await running.collect()
+
+    assert borrowed.usage.cached_tokens == shared
+    assert after.prefill_tokens_total - before.prefill_tokens_total == len(question) - shared
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=4, cache_ram=0)) as fresh:
+        alone = fresh.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=12, ignore_eos=True))
+        await alone.collect()
+    assert borrowed.token_ids == alone.token_ids
+
+
 async def test_with_a_kv_cache_per_slot_nothing_is_borrowed() -> None:
     """llama.cpp copies only whole sequences across per-slot streams: the prefix is prefilled again."""
     with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=2, kv_per_slot=True, cache_ram=0)) as engine:
