@@ -80,14 +80,42 @@ class Admission:
     def _admit_waiting(self) -> bool:
         admitted = False
         while self._waiting:
-            idle = [slot for slot in self._slots if slot.task is None]
-            task = self._next(idle) if idle else None
-            if task is None:
-                return admitted
-            admitted = True
-            self._waiting.remove(task)
-            self._start(task, idle)
+            taken, blocked = self._admit_pass()
+            admitted = admitted or taken
+            if blocked or not taken:
+                break
         return admitted
+
+    def _admit_pass(self) -> tuple[bool, bool]:
+        """Rank the waiting requests once (``pacing.admission_order``) and admit them in that
+        order, each when a slot is idle and it fits in the KV cache; returns whether any was
+        admitted, and whether admission must stop for now: no slot is idle, or one that must go
+        next does not fit yet, so that room is kept for it.
+
+        Ranking once per pass instead of once per admitted request: a burst of 16 requests took
+        about 0.75 ms of the scheduler thread per request to admit, half of it ranking the rest
+        again (each ranking looks up every waiting prompt in every slot and the host prompt
+        cache), all of it before the burst's first step (wave 2's 31st session). A pass's order
+        misses only the cells the requests it admits could lend the later ones; the next pass
+        (when this one admitted any) sees them."""
+        if all(slot.task is not None for slot in self._slots):
+            return False, True
+        paced = any(slot.generating for slot in self._slots)
+        idle = [slot for slot in self._slots if slot.task is None]
+        holders = [slot for slot in self._slots if slot.n_cached] if self._lends else idle  # who could lend
+        taken = False
+        for must, task in self._pacer.admission_order(self._waiting, holders, self._prompt_cache, paced, self._whole):
+            idle = [slot for slot in self._slots if slot.task is None]
+            if not idle:
+                return taken, True
+            room = self._kv.admission_room(self._slots)
+            if room is None or self._kv.fits(task, room, self._held_prefix(task, idle)):
+                self._waiting.remove(task)
+                self._start(task, idle)
+                taken = True
+            elif must:
+                return taken, True
+        return taken, False
 
     def _start(self, task: Task, idle: list[Slot]) -> None:
         tokens = task.to_prefill
@@ -186,16 +214,3 @@ class Admission:
         holders = self._slots if self._lends else idle
         tokens = task.to_prefill
         return min(max((slot.reusable(tokens, self._whole) for slot in holders), default=0), len(tokens) - 1)
-
-    def _next(self, idle: list[Slot]) -> Task | None:
-        """The most urgent waiting request that fits in the KV cache; none when one that must go
-        next (``pacing.py``) does not fit yet, so that room is kept for it."""
-        paced = any(slot.generating for slot in self._slots)
-        holders = [slot for slot in self._slots if slot.n_cached] if self._lends else idle  # who could lend
-        room = self._kv.admission_room(self._slots)
-        for must, task in self._pacer.admission_order(self._waiting, holders, self._prompt_cache, paced, self._whole):
-            if room is None or self._kv.fits(task, room, self._held_prefix(task, idle)):
-                return task
-            if must:
-                return None
-        return None
