@@ -93,9 +93,10 @@ class Admission:
         next does not fit yet, so that room is kept for it.
 
         Ranking once per pass instead of once per admitted request: a burst of 16 requests took
-        about 0.75 ms of the scheduler thread per request to admit, half of it ranking the rest
+        about 0.75 ms of the scheduler thread per request to admit, about 40 % of it ranking the rest
         again (each ranking looks up every waiting prompt in every slot and the host prompt
-        cache), all of it before the burst's first step (wave 2's 31st session). A pass's order
+        cache), all of it before the burst's first step (wave 2's 31st session; the median burst's
+        admission went from 10.9 to 6.1 ms over HTTP, 12 bursts each way). A pass's order
         misses only the cells the requests it admits could lend the later ones; the next pass
         (when this one admitted any) sees them."""
         if all(slot.task is not None for slot in self._slots):
