@@ -88,13 +88,19 @@ def at_ref(spec: ServerSpec, ref: str) -> ServerSpec:
     """vramsupply's ``spec`` running the code of git ``ref`` instead of the working tree, reported as
     "vramsupply-at-<commit>": a change against the code before it, on the same traces in the same minutes
     (``marketplace.py --against-ref``). The code comes from a worktree of ``ref`` in
-    bench/.cache/worktrees, first on the server's PYTHONPATH; the project venv's packages (its
-    llama-cpp-python build among them) serve both."""
+    bench/.cache/worktrees, first on the server's ``sys.path``; the project venv's packages (its
+    llama-cpp-python build among them) serve both.
+
+    Not ``PYTHONPATH=tree python -m vramsupply``: ``-m`` puts the working directory before
+    PYTHONPATH, so a bench started from the checkout's root (as the README's commands are) ran
+    the working tree's code under the other name. Until wave 2's 31st session it did, and both
+    of that session's first A/Bs compared the new code with itself."""
     commit, tree = worktree(ref)
+    start = f"import runpy, sys; sys.path.insert(0, {str(tree)!r}); runpy.run_module('vramsupply', run_name='__main__', alter_sys=True)"
 
     def command(cfg: BenchConfig, model: Path, port: int) -> list[str]:
         python = cfg.vramsupply_bin.parent / "python"
-        return ["env", f"PYTHONPATH={tree}", str(python), "-m", "vramsupply", *spec.command(cfg, model, port)[1:]]
+        return [str(python), "-c", start, *spec.command(cfg, model, port)[1:]]
 
     return replace(spec, name=f"vramsupply-at-{commit}", command=command)
 
