@@ -49,8 +49,9 @@ MIN_BORROW = 1
 sequence (tens of microseconds), while each token spared is a row less to prefill. It was 16, so
 that a burst of short questions starting alike, the streaming bench's "Once upon a time N",
 prefilled each whole once the idle slots holding those words had been parked (``preempt.py``): at
-16 streams over HTTP their first tokens came at a median of 85-130 ms, llama-server's at 51-76 ms;
-with every shared token borrowed, 53-60 ms (wave 2's 31st session)."""
+16 streams over HTTP their first tokens came at a median of 105-133 ms, llama-server's (16 slots)
+at 67-78 ms; with every shared token borrowed, 49-61 ms (``bench/http_burst.py``, 3 runs of 12
+waves each, wave 2's 31st session)."""
 
 
 def lender(slot: Slot, prompt: np.ndarray, slots: Sequence[Slot]) -> tuple[Slot, int] | None:
