@@ -11,7 +11,7 @@ import numpy as np
 
 from conftest import TINY_MODEL
 from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
-from vramsupply.engine.cache_entries import Ghosts
+from vramsupply.engine.cache_entries import Ghosts, common_prefix
 from vramsupply.engine.save_policy import MAX_GHOSTS, WINDOW, SavePolicy
 
 GREEDY = SamplingParams(temperature=0)
@@ -166,3 +166,14 @@ async def test_an_engine_stops_saving_one_off_prompts_and_starts_again_when_they
         # the tiny model's sub-millisecond timings, and two returns left the decision within their noise)
         await ask(one_off((WINDOW // 2) + 6))
         assert engine.stats().prompt_cache_saves_total > saved
+
+
+def test_the_shared_prefix_of_two_token_lists_is_measured_exactly() -> None:
+    tokens = np.arange(1, 9, dtype=np.int32)
+    differs_at_5 = tokens.copy()
+    differs_at_5[5] = -1
+    assert common_prefix(tokens, tokens) == 8
+    assert common_prefix(tokens, differs_at_5) == 5
+    assert common_prefix(tokens[:3], tokens) == 3, "one list is the start of the other"
+    assert common_prefix(tokens, np.array([7, 1], dtype=np.int32)) == 0
+    assert common_prefix(tokens, tokens[:0]) == 0

@@ -13,6 +13,7 @@ from itertools import count
 
 import numpy as np
 
+from .cache_entries import common_prefix
 from .checkpoints import Checkpoint
 from .generation import Channel
 from .sampling import RequestSampler
@@ -129,9 +130,7 @@ class Slot:
 
     def common_prefix(self, prompt: np.ndarray) -> int:
         """Length of the longest prefix ``prompt`` shares with what this sequence holds."""
-        size = min(self.n_cached, len(prompt))
-        same = self.cached[:size] == prompt[:size]
-        return size if same.all() else int(np.argmin(same))
+        return common_prefix(self.cached[: self.n_cached], prompt)
 
     def reusable(self, prompt: np.ndarray, whole: bool = False) -> int:
         """How much of ``prompt`` this sequence can start it from. With ``whole`` (a state that
