@@ -98,26 +98,43 @@ async def test_a_choice_must_share_the_same_prompt(engine: Engine) -> None:
 SYSTEM = "You are a kind story teller. You tell short stories about children, their pets and the sea, in simple words."
 
 
-async def test_a_prompt_starting_with_what_a_running_request_holds_borrows_those_cells(engine: Engine) -> None:
-    """A new conversation behind the same system prompt as a running one prefills only its own part."""
-    system = engine.tokenize(SYSTEM)
-    first = system + engine.tokenize(" Tom went")
-    running = engine.submit(GenerationRequest(first, sampling=GREEDY, max_tokens=40, ignore_eos=True))
-    await running.__anext__()  # generating: its prompt is in the KV cache
-    question = system + engine.tokenize(" Lily saw a cat")
-    shared = next(i for i, (a, b) in enumerate(zip(first, question)) if a != b)
-    assert shared >= len(system)
-    before = engine.stats()
-    borrowed = engine.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=12, ignore_eos=True))
-    await borrowed.collect()
-    after = engine.stats()
-    await running.collect()
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
 
-    assert borrowed.usage.cached_tokens == shared
-    assert after.prefill_tokens_total - before.prefill_tokens_total == len(question) - shared
+
+async def ask_beside(engine: Engine, running_prompt: list[int], question: list[int]) -> tuple[Generation, int]:
+    """``question`` asked while a request for ``running_prompt`` generates: its generation, and
+    how many prompt tokens were decoded for it."""
+    running = engine.submit(GenerationRequest(running_prompt, sampling=GREEDY, max_tokens=40, ignore_eos=True))
+    await running.__anext__()  # generating: its prompt is in the KV cache
+    before = engine.stats()
+    asked = engine.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=12, ignore_eos=True))
+    await asked.collect()
+    prefilled = engine.stats().prefill_tokens_total - before.prefill_tokens_total
+    await running.collect()
+    return asked, prefilled
+
+
+async def asked_alone(question: list[int]) -> Generation:
+    """The same question in a fresh engine without a prompt cache: nothing to borrow."""
     with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=4, cache_ram=0)) as fresh:
         alone = fresh.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=12, ignore_eos=True))
         await alone.collect()
+    return alone
+
+
+async def test_a_prompt_starting_with_what_a_running_request_holds_borrows_those_cells(engine: Engine) -> None:
+    """A new conversation behind the same system prompt as a running one prefills only its own part."""
+    system = engine.tokenize(SYSTEM)
+    first, question = system + engine.tokenize(" Tom went"), system + engine.tokenize(" Lily saw a cat")
+    shared = shared_prefix(first, question)
+    assert shared >= len(system)
+
+    borrowed, prefilled = await ask_beside(engine, first, question)
+
+    assert borrowed.usage.cached_tokens == shared
+    assert prefilled == len(question) - shared
+    alone = await asked_alone(question)
     assert alone.usage.cached_tokens == 0
     assert borrowed.token_ids == alone.token_ids
 
@@ -125,24 +142,15 @@ async def test_a_prompt_starting_with_what_a_running_request_holds_borrows_those
 async def test_a_question_sharing_only_its_first_words_with_a_running_one_borrows_them(engine: Engine) -> None:
     """A burst of short questions that start alike (the streaming bench's "Once upon a time N")
     prefills only what differs: the first few tokens are borrowed too, not just a long system prompt."""
-    first = engine.tokenize("Once upon a time 12")
-    running = engine.submit(GenerationRequest(first, sampling=GREEDY, max_tokens=40, ignore_eos=True))
-    await running.__anext__()
-    question = engine.tokenize("Once upon a time 37")
-    shared = next(i for i, (a, b) in enumerate(zip(first, question)) if a != b)
+    first, question = engine.tokenize("Once upon a time 12"), engine.tokenize("Once upon a time 37")
+    shared = shared_prefix(first, question)
     assert 1 < shared < 8
-    before = engine.stats()
-    borrowed = engine.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=12, ignore_eos=True))
-    await borrowed.collect()
-    after = engine.stats()
-    await running.collect()
+
+    borrowed, prefilled = await ask_beside(engine, first, question)
 
     assert borrowed.usage.cached_tokens == shared
-    assert after.prefill_tokens_total - before.prefill_tokens_total == len(question) - shared
-    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=4, cache_ram=0)) as fresh:
-        alone = fresh.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=12, ignore_eos=True))
-        await alone.collect()
-    assert borrowed.token_ids == alone.token_ids
+    assert prefilled == len(question) - shared
+    assert borrowed.token_ids == (await asked_alone(question)).token_ids
 
 
 async def test_with_a_kv_cache_per_slot_nothing_is_borrowed() -> None:
