@@ -4,8 +4,9 @@
 bench/run.py's c=16 level sends its requests in waves (all of a level's requests force the same
 length, so they end in the same step and the next ones arrive together), and there vramsupply's
 first tokens came later than llama-server's (TTFT p50 94 against 62 ms, tuned, 16 slots each).
-bench/first_burst.py times such bursts inside one process, without HTTP and without the host
-prompt cache, where they came in 57-76 ms. This bench serves them over HTTP with every server's
+bench/first_burst.py times such bursts inside one process, without HTTP, where they came in
+57-76 ms: all 16 reach the engine at once there, and one admission pass seats them all before any
+idle slot is parked to the prompt cache. This bench serves them over HTTP with every server's
 serving defaults, so that what happens between connections, admission and the prompt cache is
 in the measurement: waves of ``--streams`` streaming /v1/completions requests ("Once upon a time
 N", greedy, ``--max-tokens`` forced), each on a new connection, 0.3 s apart; per wave the median
