@@ -99,10 +99,10 @@ class Admission:
         admission went from 10.9 to 6.1 ms over HTTP, 12 bursts each way). A pass's order
         misses only the cells the requests it admits could lend the later ones; the next pass
         (when this one admitted any) sees them."""
-        if all(slot.task is not None for slot in self._slots):
+        idle = [slot for slot in self._slots if slot.task is None]
+        if not idle:
             return False, True
         paced = any(slot.generating for slot in self._slots)
-        idle = [slot for slot in self._slots if slot.task is None]
         holders = [slot for slot in self._slots if slot.n_cached] if self._lends else idle  # who could lend
         taken = False
         for must, task in self._pacer.admission_order(self._waiting, holders, self._prompt_cache, paced, self._whole):
