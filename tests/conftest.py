@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / "vramsupply" / "assets" / "stories260K.gguf"
@@ -28,6 +29,22 @@ def scheduler_held(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     with monkeypatch.context() as patch:
         patch.setattr(Scheduler, "start", lambda self: None)
         yield
+
+
+def buyer_leaves_just_before_the_end(monkeypatch: pytest.MonkeyPatch, app: web.Application | None = None) -> None:
+    """The buyer's connection closes right before the stream's end is written: a race that a
+    random run of cut streams met once in about 700, made certain here. aiohttp then raises
+    ``ConnectionResetError`` from the write instead of cancelling the handler. ``app``: only its
+    streams (a test double in the same process streams too)."""
+    write_eof = web.StreamResponse.write_eof
+
+    async def closing_first(self: web.StreamResponse, data: bytes = b"") -> None:
+        request = self._req
+        if self.headers.get("Content-Type") == "text/event-stream" and request is not None and request.transport is not None and app in (None, request.app):
+            request.transport.close()
+        await write_eof(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write_eof", closing_first)
 
 
 @pytest.fixture(autouse=True)

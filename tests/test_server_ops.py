@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -14,6 +15,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import buyer_leaves_just_before_the_end
 from live_server import MODEL_ID, LiveServer
 
 TOKEN = "s3cret-endpoint-token"
@@ -88,6 +90,26 @@ async def test_client_leaving_a_whole_response_frees_its_slot(server: LiveServer
     assert during["slots_busy"] == 1
     assert after["slots_busy"] == 0
     assert server.engine.stats().completion_tokens_total - before < LONG["max_tokens"]
+
+
+async def test_a_buyer_leaving_as_the_stream_ends_is_no_server_error(
+    server: LiveServer, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert server.engine is not None
+    before = server.engine.stats().completion_tokens_total
+    buyer_leaves_just_before_the_end(monkeypatch)
+    with caplog.at_level(logging.DEBUG, logger="vramsupply.server"):
+        async with http.post(server.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 8, "ignore_eos": True, "stream": True}) as response:
+            lines = []
+            with pytest.raises(aiohttp.ClientPayloadError):  # the body's end never came
+                async for line in response.content:
+                    lines.append(line)
+
+    assert b"data: [DONE]\n" in lines, "every event was sent"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "nothing for the provider to worry about"
+    assert any("hung up before its stream ended" in r.getMessage() for r in caplog.records)
+    assert (await wait_for_health(http, server, busy=0))["slots_busy"] == 0
+    assert server.engine.stats().completion_tokens_total - before == 8
 
 
 async def test_metrics_parse_and_count_requests(server: LiveServer, http: aiohttp.ClientSession) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import functools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
@@ -51,6 +52,8 @@ INLINE_TOKENIZE_MAX_BYTES = 8192
 INLINE_LOGIT_BIAS_MAX = 64
 T = TypeVar("T")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+log = logging.getLogger("vramsupply.server")
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -287,32 +290,44 @@ async def _stream(
     logprobs: bool,
     bill: Bill,
 ) -> web.StreamResponse:
+    """The answer as server-sent events. A buyer who hangs up mid-answer cancels this handler; one
+    who leaves while a write that does not wait is under way (the last events, the end of the
+    body) makes aiohttp raise ``ConnectionResetError`` instead, which ends the stream quietly: a
+    stream cut at its end is no server error (seen once in about 700 randomly cut streams)."""
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     try:
-        for index in range(len(generations)):
-            opening = shape.opening_chunk(index)
-            if opening is not None:
-                await response.write(opening)
-        async for index, text in _interleave(generations):
-            entries = generations[index].take_logprobs() if logprobs else None
-            if text is None:
-                chunks = shape.finish_chunks(index, _finish(generations[index]), entries)
-            else:
-                clock.mark(index, state.metrics)
-                chunks = shape.text_chunks(index, text, entries)
-            await response.write(b"".join(chunks))
-        usage = _usage(generations)
-        await bill.settle(usage)
-        if shape.include_usage:
-            await response.write(shape.usage_chunk(usage))
-        await response.write(b"data: [DONE]\n\n")
+        try:
+            await _send_events(response, state, generations, shape, clock, logprobs, bill)
+        except EngineError as exc:
+            await response.write(sse_event(json.dumps(engine_error(exc, shape.prompt_param).body()).encode()))
+        await response.write_eof()
     except ConnectionResetError:
-        return response
-    except EngineError as exc:
-        await response.write(sse_event(json.dumps(engine_error(exc, shape.prompt_param).body()).encode()))
-    await response.write_eof()
+        log.debug("the buyer of %s hung up before its stream ended", shape.id)
     return response
+
+
+async def _send_events(
+    response: web.StreamResponse, state: ServerState, generations: list[Generation], shape: ResponseShape, clock: RequestClock, logprobs: bool, bill: Bill
+) -> None:
+    """Every choice's events as they come, then usage (billed before the buyer can see the end) and [DONE]."""
+    for index in range(len(generations)):
+        opening = shape.opening_chunk(index)
+        if opening is not None:
+            await response.write(opening)
+    async for index, text in _interleave(generations):
+        entries = generations[index].take_logprobs() if logprobs else None
+        if text is None:
+            chunks = shape.finish_chunks(index, _finish(generations[index]), entries)
+        else:
+            clock.mark(index, state.metrics)
+            chunks = shape.text_chunks(index, text, entries)
+        await response.write(b"".join(chunks))
+    usage = _usage(generations)
+    await bill.settle(usage)
+    if shape.include_usage:
+        await response.write(shape.usage_chunk(usage))
+    await response.write(b"data: [DONE]\n\n")
 
 
 async def _interleave(generations: list[Generation]) -> AsyncIterator[tuple[int, str | None]]:

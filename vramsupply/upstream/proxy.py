@@ -192,15 +192,22 @@ async def relay_stream(request: web.Request, reply: aiohttp.ClientResponse, exch
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     try:
-        async for event in sse_events(reply.content):
-            out = rewrite(event, exchange)
-            if out is not None:
-                await response.write(out)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        log.warning("the upstream stream ended early: %s", describe(exc))
-        await response.write(encode_event({"error": {"message": f"The model server failed mid-stream: {describe(exc)}", "type": "server_error", "param": None, "code": "upstream_error"}}))
-    else:
-        await finish_stream(response, exchange)
+        try:
+            async for event in sse_events(reply.content):
+                out = rewrite(event, exchange)
+                if out is not None:
+                    await response.write(out)
+        except ConnectionResetError:
+            raise  # a write to the buyer (aiohttp's ClientConnectionResetError is also a ClientError)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("the upstream stream ended early: %s", describe(exc))
+            await response.write(encode_event({"error": {"message": f"The model server failed mid-stream: {describe(exc)}", "type": "server_error", "param": None, "code": "upstream_error"}}))
+        else:
+            await finish_stream(response, exchange)
+    except ConnectionResetError:
+        # The buyer left while a write that does not wait was under way (a hang-up at any other
+        # moment cancels this handler): nobody is left to answer, and it is no server error.
+        log.debug("the buyer hung up before the stream ended")
     return response
 
 

@@ -1,0 +1,68 @@
+"""A stream relayed from an upstream engine to a buyer who leaves just as it ends.
+
+The upstream is a test double: an in-process aiohttp app playing llama-server's documented
+surface (``LlamaServerSurface``) plus a chat stream of a few events, usage and ``[DONE]``. The
+front in between is ours, served for real on localhost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from conftest import buyer_leaves_just_before_the_end
+from test_upstream_supervisor import LlamaServerSurface
+from vramsupply.upstream import UpstreamBackend, UpstreamOptions
+
+PIECES = ["Once", " upon", " a", " time"]
+
+
+class StreamingSurface(LlamaServerSurface):
+    def app(self) -> web.Application:
+        app = super().app()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece in PIECES:
+            chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "m", "choices": [{"index": 0, "delta": {"content": piece}}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        usage = {"prompt_tokens": 3, "completion_tokens": len(PIECES), "total_tokens": 3 + len(PIECES)}
+        await response.write(f"data: {json.dumps({'id': 'chatcmpl-1', 'choices': [], 'usage': usage})}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+async def test_a_buyer_leaving_as_a_relayed_stream_ends_is_no_server_error(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    async with TestServer(StreamingSurface().app(), host="127.0.0.1") as upstream:
+        backend = UpstreamBackend(UpstreamOptions("upstream", model="qwen/qwen3-8b", upstream_model=None, url=str(upstream.make_url("/v1"))))
+        await backend.prepare()
+        try:
+            app = backend.create_app(None, 1 << 16)
+            async with TestServer(app, host="127.0.0.1") as front, aiohttp.ClientSession() as buyer:
+                assert await backend.start(asyncio.Event())
+                buyer_leaves_just_before_the_end(monkeypatch, app)
+                body = {"model": "qwen/qwen3-8b", "messages": [{"role": "user", "content": "Tell me a story"}], "stream": True}
+                lines = []
+                with caplog.at_level(logging.DEBUG, logger="vramsupply.upstream"):
+                    async with buyer.post(front.make_url("/v1/chat/completions"), json=body) as response:
+                        with pytest.raises(aiohttp.ClientPayloadError):  # the body's end never came
+                            async for line in response.content:
+                                lines.append(line)
+
+                assert b"data: [DONE]\n" in lines, "every event was relayed"
+                assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "nothing for the provider to worry about"
+                assert any("hung up before the stream ended" in r.getMessage() for r in caplog.records)
+                assert backend.state is not None
+                counters = backend.state.counters
+                assert (counters.requests_total, counters.completion_tokens_total, counters.in_flight) == (1, len(PIECES), 0), "the answer was counted"
+        finally:
+            await backend.close()
