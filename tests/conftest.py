@@ -33,7 +33,7 @@ def scheduler_held(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def buyer_leaves_just_before_the_end(monkeypatch: pytest.MonkeyPatch, app: web.Application | None = None) -> None:
     """The buyer's connection closes right before the stream's end is written: a race that a
-    random run of cut streams met once in about 700, made certain here. aiohttp then raises
+    random run over HTTP met once in about 600 requests, made certain here. aiohttp then raises
     ``ConnectionResetError`` from the write instead of cancelling the handler. ``app``: only its
     streams (a test double in the same process streams too)."""
     write_eof = web.StreamResponse.write_eof
