@@ -293,7 +293,8 @@ async def _stream(
     """The answer as server-sent events. A buyer who hangs up mid-answer cancels this handler; one
     who leaves while a write that does not wait is under way (the last events, the end of the
     body) makes aiohttp raise ``ConnectionResetError`` instead, which ends the stream quietly: a
-    stream cut at its end is no server error (seen once in about 600 random requests over HTTP, a third of them streams cut by their buyers)."""
+    stream cut at its end is no server error (met once in about 600 random requests over HTTP, a
+    fifth of them streams cut by their buyers)."""
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     try:
