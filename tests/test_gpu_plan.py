@@ -208,6 +208,16 @@ def test_plan_json_for_a_local_file_has_exactly_the_documented_keys(shapes: dict
     assert only["total_bytes"] == only["weights_bytes"] + only["kv_bytes"] + only["compute_bytes"]
 
 
+def test_a_quant_named_with_a_local_file_is_said_to_have_no_effect(shapes: dict[str, Path]) -> None:
+    other = run_cli("plan", "--model", str(shapes["bench"]), "--quant", "q4_k_m")
+    assert other.returncode == 0, other.stderr
+    assert f"--quant (VRAM_SUPPLY_QUANT) applies to HuggingFace models only: {shapes['bench'].name} is served as it is (Q8_0), not Q4_K_M" in " ".join(other.stdout.split())
+
+    same = run_cli("plan", "--model", str(shapes["bench"]), "--quant", "Q8_0")
+    unset = run_cli("plan", "--model", str(shapes["bench"]))
+    assert "applies to HuggingFace models only" not in same.stdout + unset.stdout
+
+
 def test_plan_refuses_in_one_line_what_cannot_fit(shapes: dict[str, Path]) -> None:
     table = run_cli("plan", "--model", str(shapes["8b"]), "--context-length", "131072", "--parallel", "256", "--kv-per-slot")
     assert table.returncode == 1

@@ -25,6 +25,7 @@ from vramsupply.hub.local import is_local_path
 from vramsupply.hub.quant import normalize_quant
 
 log = logging.getLogger(__name__)
+QUANT_IGNORED = "--quant (VRAM_SUPPLY_QUANT) applies to HuggingFace models only"
 DEFAULT_QUANT = "Q4_K_M"
 
 
@@ -81,7 +82,7 @@ def plan_for(settings: AgentSettings, *, quant_explicit: bool, context_explicit:
     sizing = estimate_settings(settings, target.on_gpu)
     if source.shape.recurrent and not parallel_explicit:  # each slot holds a whole recurrent state
         sizing = replace(sizing, parallel=min(sizing.parallel, DEFAULT_PARALLEL_RECURRENT))
-    return make_plan(
+    plan = make_plan(
         source,
         target,
         sizing,
@@ -89,6 +90,15 @@ def plan_for(settings: AgentSettings, *, quant_explicit: bool, context_explicit:
         context_fixed=context_explicit,
         parallel_fixed=parallel_explicit,
     )
+    return replace(plan, notes=plan.notes + _quant_ignored(source, quant))
+
+
+def _quant_ignored(source: ModelSource, quant: str | None) -> tuple[str, ...]:
+    """A quant asked for with a local file, which is served as it is: said, so that nobody thinks
+    they are serving the quant they named."""
+    if quant is None or source.local_path is None or any(q.quant == quant for q in source.quants):
+        return ()
+    return (f"{QUANT_IGNORED}: {source.local_path.name} is served as it is ({', '.join(q.quant for q in source.quants)}), not {quant}",)
 
 
 @dataclass(frozen=True)
@@ -144,7 +154,7 @@ def fit_before_load(settings: AgentSettings, explicit: set[str], path: Path) -> 
 def _report(fitted: Fitted) -> None:
     plan = fitted.plan
     for note in plan.notes:
-        if "fits only with" in note:
+        if "fits only with" in note or note.startswith(QUANT_IGNORED):
             log.warning("memory plan: %s", note)
         else:
             log.info("memory plan: %s", note)
