@@ -194,6 +194,16 @@ def test_a_context_beyond_the_training_context_is_planned_as_the_engine_serves_i
     assert planned(Settings(8192, 4, kv_per_slot=True)) == 2048  # a cache per slot is one request's
 
 
+def test_plan_says_when_it_serves_less_context_than_asked(shapes: dict[str, Path]) -> None:
+    capped = run_cli("plan", "--model", str(shapes["tiny"]), "--context-length", "99999999", "--parallel", "4")
+    assert capped.returncode == 0, capped.stderr
+    said = " ".join(capped.stdout.split())
+    assert "the model was trained on 2048 tokens: requests are served up to 2048 tokens, and the KV cache the slots share holds 8192" in said
+
+    within = run_cli("plan", "--model", str(shapes["tiny"]), "--context-length", "1024")
+    assert within.returncode == 0 and "trained on" not in within.stdout
+
+
 def test_plan_json_for_a_local_file_has_exactly_the_documented_keys(shapes: dict[str, Path]) -> None:
     result = run_cli("plan", "--model", str(shapes["bench"]), "--context-length", "1024", "--parallel", "2", "--json")
 

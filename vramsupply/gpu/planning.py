@@ -15,6 +15,7 @@ from rich.table import Table
 
 from vramsupply.config import DEFAULT_PARALLEL_RECURRENT
 from vramsupply.config import Settings as AgentSettings
+from vramsupply.engine.trained_context import served_context
 from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.devices import Device, build_has_gpu_backend, list_devices
 from vramsupply.gpu.estimate import Settings
@@ -26,6 +27,7 @@ from vramsupply.hub.quant import normalize_quant
 
 log = logging.getLogger(__name__)
 QUANT_IGNORED = "--quant (VRAM_SUPPLY_QUANT) applies to HuggingFace models only"
+TRAINED_ON = "the model was trained on"  # the engine logs this itself when it loads
 DEFAULT_QUANT = "Q4_K_M"
 
 
@@ -90,7 +92,18 @@ def plan_for(settings: AgentSettings, *, quant_explicit: bool, context_explicit:
         context_fixed=context_explicit,
         parallel_fixed=parallel_explicit,
     )
-    return replace(plan, notes=plan.notes + _quant_ignored(source, quant))
+    return replace(plan, notes=plan.notes + _quant_ignored(source, quant) + _context_capped(source, sizing))
+
+
+def _context_capped(source: ModelSource, asked: Settings) -> tuple[str, ...]:
+    """A context beyond the training context, planned as the engine serves it (``served_context``):
+    said, since the plan's numbers are then not the context asked for."""
+    trained = source.shape.n_ctx_train
+    served = served_context(asked.context_length, asked.parallel, asked.kv_per_slot, trained)
+    if not served.capped(asked.context_length):
+        return ()
+    cache = "each slot's KV cache" if asked.kv_per_slot else "the KV cache the slots share"
+    return (f"{TRAINED_ON} {trained} tokens: requests are served up to {served.request_tokens} tokens, and {cache} holds {served.cache_tokens}",)
 
 
 def _quant_ignored(source: ModelSource, quant: str | None) -> tuple[str, ...]:
@@ -156,6 +169,8 @@ def _report(fitted: Fitted) -> None:
     for note in plan.notes:
         if "fits only with" in note or note.startswith(QUANT_IGNORED):
             log.warning("memory plan: %s", note)
+        elif note.startswith(TRAINED_ON):
+            log.debug("memory plan: %s", note)
         else:
             log.info("memory plan: %s", note)
 
