@@ -81,6 +81,12 @@ def test_unknown_or_broken_config_file_is_a_clear_error(config_file: Path) -> No
     config_file.write_text("input_price = = 5\n")
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings()
+    config_file.write_bytes(b'model = "caf\xe9"\n')  # Latin-1, as an editor might save it
+    with pytest.raises(ConfigError, match="it is not UTF-8 text"):
+        load_settings()
+    shown = run_cli("config", "show")
+    assert shown.returncode == 2 and "Traceback" not in shown.stderr
+    assert shown.stderr.strip() == f"error: cannot read config file {config_file}: it is not UTF-8 text (byte 12)"
 
 
 def test_cli_reports_bad_setting_in_one_line_with_exit_2() -> None:

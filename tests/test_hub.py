@@ -301,6 +301,21 @@ def test_an_edited_record_cannot_make_rm_delete_outside_the_cache(hub: FakeHub, 
     assert victim.read_text() == "keep me"
 
 
+def test_damaged_record_and_ref_files_are_no_traceback(hub: FakeHub, cache: Path) -> None:
+    model = prepare_model("acme/Widget-7B", "Q4_K_M", cache_dir=cache)
+    repo = RepoCache(cache, "acme/Widget-7B-GGUF")
+    repo.record_path.write_bytes(b"\xff\xfe{")
+    ref = repo.refs / "main"
+    ref.write_bytes(b"\xff\xfe")
+
+    assert list_cached(cache) == [], "an unreadable record counts as no pull"
+    assert remove_cached(cache, None) == []
+    assert not ref.exists(), "a ref to no snapshot is dropped, as huggingface_hub would call the cache corrupted"
+    again = prepare_model("acme/Widget-7B", "Q4_K_M", cache_dir=cache)
+    assert again.path.read_bytes() == model.path.read_bytes() == TINY_MODEL.read_bytes()
+    assert [cached.model_id for cached in list_cached(cache)] == ["acme/widget-7b"]
+
+
 def test_the_cache_is_shared_with_huggingface_hub_and_rm_leaves_other_files(hub: FakeHub, cache: Path) -> None:
     model = prepare_model("quantco/Splitty-GGUF", "Q4_K_M", cache_dir=cache)
     readme = hf_hub_download("quantco/Splitty-GGUF", "README.md", cache_dir=cache, endpoint=hub.url)

@@ -183,6 +183,15 @@ def test_status_flags_a_registration_left_by_a_process_that_is_gone() -> None:
     assert f"registered (stale: process {finished.stdout.strip()} is not running)" in table
 
 
+def test_status_reads_a_damaged_registration_record_as_none() -> None:
+    default_state_path().parent.mkdir(parents=True, exist_ok=True)
+    default_state_path().write_bytes(b"\xff\xfe{")
+    result = run_cli("status", env={"VRAM_SUPPLY_PORT": str(free_port())})
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "none recorded" in result.stdout
+
+
 def test_status_without_an_agent_says_so_and_exits_1() -> None:
     port = free_port()
     result = run_cli("status", env={"VRAM_SUPPLY_PORT": str(port)})

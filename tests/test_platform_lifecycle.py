@@ -14,6 +14,7 @@ from live_platform import API_KEY, LivePlatform, free_port
 
 from vramsupply import __version__
 from vramsupply.config import Settings
+from vramsupply.errors import ConfigError
 from vramsupply.platform import Backoff, Phase, PlatformClient, ProviderLifecycle, build_offer, read_state, resolve_endpoint_token
 from vramsupply.serve.options import market_options
 
@@ -246,6 +247,10 @@ def test_endpoint_token_is_generated_once_and_stored_private(tmp_path: Path) -> 
     assert first == second and len(first) > 30
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert resolve_endpoint_token("configured", path) == "configured"
+
+    path.write_bytes(b"\xff\xfe\x00")  # damaged: never silently replaced, which would change the token
+    with pytest.raises(ConfigError, match="endpoint token file .* is damaged .* delete it"):
+        resolve_endpoint_token(None, path)
 
 
 async def test_an_unwritable_state_file_is_reported_once_and_never_stops_registration(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ def _drop_dangling_refs(repo: RepoCache) -> None:
     if not repo.refs.is_dir():
         return
     for ref in [path for path in repo.refs.rglob("*") if path.is_file()]:
-        if not (repo.snapshots / ref.read_text().strip()).is_dir():
+        if not (repo.snapshots / ref.read_bytes().decode("utf-8", "replace").strip()).is_dir():
             ref.unlink()
     _prune_empty_dirs(repo.refs, repo.folder)
 

@@ -153,7 +153,7 @@ class RepoCache:
     def pulls(self) -> list[Pull]:
         """The record; an unreadable one counts as empty (files are then re-verified on the next pull)."""
         try:
-            return _Record.model_validate_json(self.record_path.read_text()).pulls
+            return _Record.model_validate_json(self.record_path.read_bytes()).pulls
         except (OSError, ValidationError):
             return []
 

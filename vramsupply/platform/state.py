@@ -61,7 +61,7 @@ def write_state(path: Path, state: RegistrationState) -> None:
 def read_state(path: Path) -> RegistrationState | None:
     """The recorded state, or None when no agent has written one (or it is unreadable)."""
     try:
-        return RegistrationState.model_validate_json(path.read_text())
+        return RegistrationState.model_validate_json(path.read_bytes())
     except (OSError, ValidationError):
         return None
 

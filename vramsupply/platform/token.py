@@ -10,6 +10,7 @@ import secrets
 from pathlib import Path
 
 from vramsupply.config import data_dir, write_private_file
+from vramsupply.errors import ConfigError
 
 TOKEN_FILE_NAME = "endpoint_token"
 
@@ -24,9 +25,11 @@ def resolve_endpoint_token(configured: str | None, path: Path | None = None) -> 
         return configured
     path = path or default_token_path()
     try:
-        stored = path.read_text().strip()
+        stored = path.read_bytes().decode("utf-8").strip()
     except FileNotFoundError:
         stored = ""
+    except UnicodeDecodeError:
+        raise ConfigError(f"the endpoint token file {path} is damaged (not the token this agent wrote): delete it to have a new one made") from None
     if stored:
         return stored
     token = "vst-" + secrets.token_urlsafe(32)
