@@ -89,6 +89,17 @@ def test_unknown_or_broken_config_file_is_a_clear_error(config_file: Path) -> No
     assert shown.stderr.strip() == f"error: cannot read config file {config_file}: it is not UTF-8 text (byte 12)"
 
 
+def test_a_misspelt_environment_variable_is_named_with_the_setting_it_resembles() -> None:
+    result = run_cli("config", "show", env={"VRAM_SUPPLY_PARALEL": "4", "VRAM_SUPPLY_XYZZY": "1", "VRAM_SUPPLY_PARALLEL": "2"})
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "ignoring VRAM_SUPPLY_PARALEL: not a vramsupply setting (did you mean VRAM_SUPPLY_PARALLEL?)",
+        "ignoring VRAM_SUPPLY_XYZZY: not a vramsupply setting",
+    ]
+    assert run_cli("config", "show", env={"VRAM_SUPPLY_CONFIG": "/nonexistent.toml"}).stderr == "", "the config file's path is no setting, and no typo"
+
+
 def test_cli_reports_bad_setting_in_one_line_with_exit_2() -> None:
     result = run_cli("config", "show", env={"VRAM_SUPPLY_INPUT_PRICE": "-5"})
     assert result.returncode == 2

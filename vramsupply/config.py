@@ -8,6 +8,8 @@ TOML config file (``config.toml`` in the platformdirs user config dir, or ``VRAM
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ from vramsupply.errors import ConfigError
 APP_NAME = "vramsupply"
 ENV_PREFIX = "VRAM_SUPPLY_"
 CONFIG_PATH_ENV = "VRAM_SUPPLY_CONFIG"
+
+log = logging.getLogger(__name__)
 
 
 _HTTP_URL = TypeAdapter(AnyHttpUrl)
@@ -240,6 +244,24 @@ class LoadedSettings:
     sources: dict[str, str]
 
 
+_warned_env: set[str] = set()
+
+
+def warn_unknown_env() -> None:
+    """Name each ``VRAM_SUPPLY_*`` variable that is no setting, once a process: a typo in a
+    service's env file (``VRAM_SUPPLY_PARALEL=4``) would otherwise be ignored without a word,
+    as pydantic-settings ignores any unknown name. A warning, not an error as for an unknown key
+    in the config file: the environment is shared with other programs and other versions."""
+    known = {env_name(name) for name in Settings.model_fields} | {CONFIG_PATH_ENV}
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or name in _warned_env:
+            continue
+        _warned_env.add(name)
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), sorted(k.removeprefix(ENV_PREFIX) for k in known), n=1)
+        log.warning("ignoring %s: not a vramsupply setting%s", name, f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else "")
+
+
 def _env_values() -> dict[str, str]:
     return {name: os.environ[env_name(name)] for name in Settings.model_fields if env_name(name) in os.environ}
 
@@ -257,6 +279,7 @@ def _source_label(field: str, flags: dict[str, Any], env: dict[str, str], file_v
 def load_settings(flags: dict[str, Any] | None = None) -> LoadedSettings:
     """Build Settings from all sources; raise ConfigError naming the bad setting and its source."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    warn_unknown_env()
     path = config_path()
     file_values = read_config_file(path)
     env = _env_values()
