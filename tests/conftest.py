@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -45,6 +46,15 @@ def buyer_leaves_just_before_the_end(monkeypatch: pytest.MonkeyPatch, app: web.A
         await write_eof(self, data)
 
     monkeypatch.setattr(web.StreamResponse, "write_eof", closing_first)
+
+
+async def lines_of_a_cut_stream(response: aiohttp.ClientResponse) -> list[bytes]:
+    """Every line a stream sent before its body ended without its last chunk (see above)."""
+    lines = []
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async for line in response.content:
+            lines.append(line)
+    return lines
 
 
 @pytest.fixture(autouse=True)
