@@ -107,6 +107,31 @@ async def test_5xx_answers_are_retried_and_4xx_are_not(aiohttp_server: Any) -> N
         assert len(calls) == 1
 
 
+async def test_answers_that_are_not_utf8_are_platform_errors_not_crashes(aiohttp_server: Any) -> None:
+    """A captive portal or proxy between us and the platform: its pages may be in any encoding,
+    or claim UTF-8 and not be. Such an answer must reach the lifecycle as a PlatformError (which
+    it logs and retries), never as a UnicodeDecodeError that would end its loop."""
+    answers = [
+        web.Response(body=b"\xff\xfe{", content_type="application/json", charset="utf-8"),
+        web.Response(body=b"Acc\xe8s refus\xe9", status=400, content_type="text/html", charset="utf-8"),
+        web.Response(body=b"\xff", status=503, content_type="text/html", charset="utf-8"),
+    ]
+
+    async def demand(request: web.Request) -> web.Response:
+        return answers.pop(0)
+
+    app = web.Application()
+    app.router.add_get("/v1/providers/demand", demand)
+    server = await aiohttp_server(app)
+    async with PlatformClient(str(server.make_url("")), API_KEY, attempts=1) as client:
+        with pytest.raises(PlatformError, match="unexpected answer to GET /v1/providers/demand: body: Invalid JSON"):
+            await client.demand()
+        with pytest.raises(RequestRejected, match=r"\(400\): Acc\ufffds refus\ufffd"):
+            await client.demand()
+        with pytest.raises(PlatformUnavailable, match="answered 503: \ufffd"):
+            await client.demand()
+
+
 async def test_an_unreachable_platform_gives_up_after_the_attempts_with_one_line() -> None:
     port = free_port()
     started = time.monotonic()

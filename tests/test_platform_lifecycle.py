@@ -163,6 +163,31 @@ async def test_platform_down_for_a_while_logs_once_and_registration_resumes(capl
     assert any("registered qwen/qwen3.5-9b as prov_" in r.getMessage() for r in caplog.records)
 
 
+async def test_an_unexpected_error_in_a_heartbeat_is_logged_and_the_heartbeats_go_on(caplog: pytest.LogCaptureFixture) -> None:
+    """A fault of our own (not the platform's) must not end the loop: the agent goes on serving,
+    and without heartbeats the platform would mark it offline."""
+    counters = EngineCounters()
+    with LivePlatform() as platform, caplog.at_level(logging.INFO, logger="vramsupply.platform"):
+        lifecycle = make_lifecycle(platform.url, counters)
+        heartbeat = lifecycle._client.heartbeat
+        faults = [RuntimeError("a bug of ours")]
+
+        async def faulty(request: object) -> object:
+            if faults:
+                raise faults.pop()
+            return await heartbeat(request)  # type: ignore[arg-type]
+
+        lifecycle._client.heartbeat = faulty  # type: ignore[method-assign]
+        lifecycle.start()
+        await asyncio.wait_for(lifecycle.registered.wait(), 5)
+        [provider] = platform.providers
+        counters.completion_tokens_total += 9
+        await eventually(lambda: provider.reported_completion_tokens == 9)
+        assert await lifecycle.stop(timeout=5) is True
+    [logged] = [r for r in caplog.records if "unexpected error talking to the platform" in r.getMessage()]
+    assert logged.levelno == logging.ERROR and logged.exc_info is not None and not faults
+
+
 async def test_stop_deregisters_and_records_it(tmp_path: Path) -> None:
     state_path = tmp_path / "registration.json"
     with LivePlatform() as platform:

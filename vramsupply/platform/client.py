@@ -132,7 +132,9 @@ class PlatformClient:
                 await asyncio.sleep(self._backoff.delay(attempt - 1))
             try:
                 async with self._session_for_call().request(method, url, json=payload) as response:
-                    text = await response.text()
+                    # JSON is UTF-8 (RFC 8259); a proxy's error page in another encoding, or a
+                    # wrong charset, is read with its odd bytes replaced rather than raising.
+                    text = (await response.read()).decode("utf-8", errors="replace")
                     if response.status not in RETRYABLE_STATUSES:
                         _raise_for_status(method, path, response.status, text, names_provider)
                         return text

@@ -171,17 +171,27 @@ class ProviderLifecycle:
     async def _run(self) -> None:
         failures = 0
         while True:
-            if self.provider_id is None:
-                ok = await self._register()
-                wait = self._interval if ok else self._backoff.delay(failures)
-            else:
-                ok = await self._heartbeat(self.provider_id)
-                if self.provider_id is None:
-                    failures = 0
-                    continue
-                wait = self._interval
+            try:
+                ok, wait = await self._attempt(failures)
+            except Exception:
+                # A fault of ours, not the platform's (those are PlatformErrors). Serving goes on
+                # whatever happens here, so the listing must too: an ended loop would leave the
+                # agent serving while the platform marks it offline for want of heartbeats.
+                log.exception("unexpected error talking to the platform; trying again")
+                ok, wait = False, self._backoff.delay(failures)
+            if ok is None:  # the platform forgot us: register again at once
+                failures = 0
+                continue
             failures = 0 if ok else failures + 1
             await self._pause(wait)
+
+    async def _attempt(self, failures: int) -> tuple[bool | None, float]:
+        """Register or heartbeat once: (whether it worked, or None to register again at once; the wait before the next)."""
+        if self.provider_id is None:
+            ok = await self._register()
+            return ok, self._interval if ok else self._backoff.delay(failures)
+        ok = await self._heartbeat(self.provider_id)
+        return (None, 0.0) if self.provider_id is None else (ok, self._interval)
 
     async def _pause(self, seconds: float) -> None:
         """Sleep until the next attempt, or until ``move_endpoint`` asks for one at once, or until
