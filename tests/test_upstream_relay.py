@@ -1,4 +1,5 @@
-"""A stream relayed from an upstream engine to a buyer who leaves just as it ends.
+"""Answers relayed from an upstream engine: a buyer who leaves just as a stream ends, and an
+answer that is not JSON.
 
 The upstream is a test double: an in-process aiohttp app playing llama-server's documented
 surface (``LlamaServerSurface``) plus a chat stream of a few events, usage and ``[DONE]``. The
@@ -30,6 +31,8 @@ class StreamingSurface(LlamaServerSurface):
         return app
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):  # a proxy's page in Latin-1, claiming UTF-8
+            return web.Response(body=b"<html>Acc\xe8s refus\xe9</html>", content_type="text/html", charset="utf-8")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for piece in PIECES:
@@ -61,5 +64,22 @@ async def test_a_buyer_leaving_as_a_relayed_stream_ends_is_no_server_error(monke
                 assert backend.state is not None
                 counters = backend.state.counters
                 assert (counters.requests_total, counters.completion_tokens_total, counters.in_flight) == (1, len(PIECES), 0), "the answer was counted"
+        finally:
+            await backend.close()
+
+
+async def test_an_upstream_answer_that_is_not_json_is_a_502_for_the_buyer(caplog: pytest.LogCaptureFixture) -> None:
+    async with TestServer(StreamingSurface().app(), host="127.0.0.1") as upstream:
+        backend = UpstreamBackend(UpstreamOptions("upstream", model="qwen/qwen3-8b", upstream_model=None, url=str(upstream.make_url("/v1"))))
+        await backend.prepare()
+        try:
+            async with TestServer(backend.create_app(None, 1 << 16), host="127.0.0.1") as front, aiohttp.ClientSession() as buyer:
+                assert await backend.start(asyncio.Event())
+                body = {"model": "qwen/qwen3-8b", "messages": [{"role": "user", "content": "Tell me a story"}]}
+                async with buyer.post(front.make_url("/v1/chat/completions"), json=body) as response:
+                    assert response.status == 502
+                    error = (await response.json())["error"]
+            assert (error["code"], error["message"]) == ("upstream_error", "The model server answered with something other than a JSON object.")
+            assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
         finally:
             await backend.close()

@@ -103,7 +103,7 @@ class UpstreamClient:
         url = self.base_url + "/completions"
         try:
             async with self.session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=60)) as reply:
-                text = await reply.text()
+                text = (await reply.read()).decode("utf-8", errors="replace")
                 if reply.status != 200:
                     raise UpstreamUnavailable(f"a 1-token completion got {reply.status}: {text[:200]}")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

@@ -173,7 +173,10 @@ def record(state: FrontState, usage: CountedUsage) -> None:
 
 
 async def relay_body(reply: aiohttp.ClientResponse, exchange: Exchange) -> web.Response:
-    payload = await reply.json(content_type=None)
+    try:
+        payload = await reply.json(content_type=None)
+    except ValueError:  # not JSON, or not UTF-8 text
+        payload = None
     if not isinstance(payload, dict):
         raise ApiError(502, "The model server answered with something other than a JSON object.", type="server_error", code="upstream_error")
     exchange.usage = usage_of(payload)
