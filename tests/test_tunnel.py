@@ -6,6 +6,7 @@ cloudflared was never run here (no network).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from conftest import REPO, TINY_MODEL, run_cli
 from live_platform import API_KEY, LivePlatform
 
 from vramsupply.tunnel import TunnelError, tunnel_tool
+from vramsupply.tunnel.supervisor import TunnelSupervisor
 
 DOUBLE = REPO / "tests" / "doubles" / "cloudflared_double.py"
 
@@ -124,3 +126,21 @@ def alive(pid: int) -> bool:
             return fh.read().split(") ", 1)[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+async def test_a_log_line_longer_than_the_reader_limit_does_not_stop_following_the_tool(cloudflared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio's line reader refuses lines over 64 KiB; the supervisor skips such a line and
+    still reads the public URL printed after it (before, its reading loop ended there)."""
+    monkeypatch.setenv("CLOUDFLARED_DOUBLE_LONG_LINE", "200000")
+    urls: list[str] = []
+    supervisor = TunnelSupervisor(tunnel_tool("cloudflared"), "http://127.0.0.1:9", urls.append)
+    supervisor.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not urls:
+            assert time.monotonic() < deadline, "no URL read after the long line"
+            await asyncio.sleep(0.05)
+    finally:
+        await supervisor.stop()
+    [started] = starts(cloudflared)
+    assert urls == [started["url"]] and supervisor.starts == 1

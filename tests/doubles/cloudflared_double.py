@@ -4,7 +4,8 @@ Like the real tool it prints its log to stderr, including the box with the publi
 ``https://<words>.trycloudflare.com`` address, and forwards traffic to URL; here the "public" side
 is a TCP port on 127.0.0.1. Every start appends ``{"pid", "url", "forward_port"}`` as one JSON line
 to ``$CLOUDFLARED_DOUBLE_DIR/starts.jsonl``, so a test can see each run, reach the agent through
-it, and kill it. Each run announces a new URL, as a restarted quick tunnel does.
+it, and kill it. Each run announces a new URL, as a restarted quick tunnel does. With
+``CLOUDFLARED_DOUBLE_LONG_LINE=N`` it first logs a line of N characters.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ async def main() -> None:
 
     log("INF", "Thank you for trying Cloudflare Tunnel. Doing so, without a Cloudflare account, is a quick way to experiment.")
     log("INF", "Requesting new quick Tunnel on trycloudflare.com...")
+    if os.environ.get("CLOUDFLARED_DOUBLE_LONG_LINE"):  # a log line past asyncio's 64 KiB reader limit
+        log("DBG", "x" * int(os.environ["CLOUDFLARED_DOUBLE_LONG_LINE"]))
     log("INF", "+--------------------------------------------------------------------------------------------+")
     log("INF", "|  Your quick Tunnel has been created! Visit it at (it may take some time to be reachable):  |")
     log("INF", f"|  {url}{' ' * max(1, 90 - len(url))}|")
