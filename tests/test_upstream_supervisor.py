@@ -9,10 +9,12 @@ test turns bad and good again.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -20,7 +22,7 @@ from vramsupply.platform import Backoff
 from vramsupply.upstream import UpstreamBackend, UpstreamOptions
 from vramsupply.upstream.client import UpstreamClient
 from vramsupply.upstream.front import FrontState
-from vramsupply.upstream.supervisor import Supervisor
+from vramsupply.upstream.supervisor import EngineProcess, Supervisor
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
@@ -125,3 +127,16 @@ async def test_a_llama_server_upstream_states_its_context_slots_and_load() -> No
             assert (stats.slots_total, stats.slots_busy, stats.queue_depth) == (8, 3, 2), "heartbeats read the upstream's own gauges"
         finally:
             await backend.close()
+
+
+async def test_an_engine_line_longer_than_the_reader_limit_is_skipped_and_its_output_still_read(caplog: pytest.LogCaptureFixture) -> None:
+    """asyncio's line reader refuses lines over 64 KiB. Before, that ended the copy of the
+    engine's output, and an engine that went on logging blocked once the pipe was full."""
+    script = "import sys; print('x' * 200_000); print('after the long line'); print('y' * 100_000, flush=True); print('z' * 70_000)"
+    engine = EngineProcess("fake", [sys.executable, "-c", script])
+    with caplog.at_level(logging.INFO, logger="vramsupply.upstream"):
+        await engine.start()
+        assert await asyncio.wait_for(engine.wait(), 20) == 0
+        await asyncio.sleep(0.2)  # the copy reads what the process wrote before it exited
+    copied = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[fake]")]
+    assert copied == ["[fake] after the long line"]

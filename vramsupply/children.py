@@ -1,4 +1,5 @@
-"""Child processes the agent starts (a launched engine, a tunnel tool) must not outlive it.
+"""Child processes the agent starts (a launched engine, a tunnel tool) must not outlive it, and
+their output is read line by line whatever it holds.
 
 ``die_with_parent`` runs in the child between fork and exec: the kernel sends the child SIGTERM
 when the agent dies without stopping it (SIGKILL, the OOM killer), so a restarted agent never
@@ -8,9 +9,14 @@ finds an orphan still holding the GPU or a tunnel to a dead port. Linux only
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import logging
 import signal
 import sys
+from collections.abc import AsyncIterator
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 
@@ -19,3 +25,19 @@ def die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+async def output_lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """Every line a child prints. One longer than asyncio's reader limit (64 KiB) makes
+    ``readline`` raise ValueError, which ended the reader while the child ran on, its output
+    unread until the pipe filled and blocked it (a tunnel tool, an engine logging a long config);
+    asyncio has dropped that line by then, so reading goes on with the next."""
+    while True:
+        try:
+            raw = await stream.readline()
+        except ValueError:
+            log.debug("skipped a line of a child's output longer than asyncio's reader limit")
+            continue
+        if not raw:
+            return
+        yield raw

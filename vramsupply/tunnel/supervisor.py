@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-from vramsupply.children import die_with_parent
+from vramsupply.children import die_with_parent, output_lines
 from vramsupply.tunnel.tools import TunnelTool
 
 log = logging.getLogger("vramsupply.tunnel")
@@ -86,7 +86,7 @@ class TunnelSupervisor:
             return None
         self.starts += 1
         assert self._process.stdout is not None
-        async for raw in lines(self._process.stdout):
+        async for raw in output_lines(self._process.stdout):
             line = raw.decode(errors="replace").rstrip()
             log.debug("%s: %s", self.tool.name, line)
             url = self.tool.public_url(line)
@@ -109,18 +109,3 @@ class TunnelSupervisor:
                 process.kill()
             await process.wait()
 
-
-async def lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
-    """Every line the tool prints. One longer than asyncio's reader limit (64 KiB) makes
-    ``readline`` raise ValueError, which would end the supervisor while the tool runs on, its
-    output unread until the pipe fills and blocks it; asyncio has dropped that line by then, so
-    reading goes on with the next."""
-    while True:
-        try:
-            raw = await stream.readline()
-        except ValueError:
-            log.debug("skipped a line of the tunnel tool's output longer than asyncio's reader limit")
-            continue
-        if not raw:
-            return
-        yield raw

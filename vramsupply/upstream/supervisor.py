@@ -20,7 +20,7 @@ import signal
 import time
 from collections.abc import Callable
 
-from vramsupply.children import die_with_parent
+from vramsupply.children import die_with_parent, output_lines
 from vramsupply.platform.backoff import Backoff
 from vramsupply.upstream.client import UpstreamUnavailable
 from vramsupply.upstream.front import FrontState
@@ -81,7 +81,7 @@ class EngineProcess:
     async def _copy_output(self) -> None:
         assert self._process is not None and self._process.stdout is not None
         engine_log = logging.getLogger(f"vramsupply.upstream.{self.name}")
-        async for raw in self._process.stdout:
+        async for raw in output_lines(self._process.stdout):
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
                 engine_log.info("[%s] %s", self.name, line)
