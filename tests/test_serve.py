@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import signal
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from openai import AsyncOpenAI, OpenAI
@@ -105,6 +108,22 @@ def test_endpoint_token_from_the_environment_guards_v1_not_health() -> None:
     assert health[0] == 200 and health[1]["status"] == "ok"
     assert code == 0
     assert TOKEN not in served.log
+
+
+def test_serve_raises_its_open_files_limit_so_many_buyers_can_connect() -> None:
+    """Started with the common soft limit of 1,024 open files (256 here), the agent raises it to the
+    hard limit (up to 65,536): each buyer's connection holds one, and past the limit no /health
+    probe could connect either."""
+    soft_256 = ["sh", "-c", 'ulimit -Sn 256 && exec "$0" -m vramsupply "$@"', sys.executable]
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+    with AgentProcess("--model", str(TINY_MODEL), "--port", "0", "--no-register", program=soft_256) as served:
+        served.wait_ready()
+        limits = Path(f"/proc/{served.process.pid}/limits").read_text()
+        served.send_signal(signal.SIGINT)
+        assert served.wait() == 0
+    [line] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+    assert line.split()[3] == str(wanted), line
 
 
 def test_drain_timeout_bounds_the_wait_for_a_long_request() -> None:

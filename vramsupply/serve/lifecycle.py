@@ -33,6 +33,7 @@ from vramsupply.config import EngineKind, Settings
 from vramsupply.engine import EngineFailed
 from vramsupply.errors import Interrupted, ListenError
 from vramsupply.gpu.report import PlacementMonitor, announce, watch_placement
+from vramsupply.host.limits import raise_open_files_limit
 from vramsupply.logging import configure_logging, interactive
 from vramsupply.platform import MarketplaceSession, price_summary
 from vramsupply.platform.offer import ModelIdentity
@@ -55,6 +56,7 @@ async def run_serve(settings: Settings, *, hook: ServeHook | None = None) -> Non
     ``hook`` (``--demo``) runs around serving and acts once the agent is ready.
     """
     configure_logging(settings.log_level, [settings.endpoint_token, settings.api_key, settings.upstream_api_key])
+    raise_open_files_limit()  # a connection a buyer: 1,024 is the usual default (host/limits.py)
     notifier = SystemdNotifier()
     watchdog = notifier.start_watchdog()
     try:
