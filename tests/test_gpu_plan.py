@@ -7,6 +7,7 @@ The 8B, Qwen3.5-9B, Mamba-2.8B and bench models are header-only GGUFs (tests/ggu
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from vramsupply.config import Settings as AgentSettings
 from vramsupply.gpu.estimate import ModelShape, Settings
 from vramsupply.gpu.gguf_header import read_local_header
 from vramsupply.gpu.plan import GIB, Target, make_plan, refusal
-from vramsupply.gpu.planning import plan_for
+from vramsupply.gpu.planning import fit_before_load, plan_for
 from vramsupply.gpu.source import ModelSource, QuantFile, local_source
 
 MIB = 1024**2
@@ -226,6 +227,17 @@ def test_a_quant_named_with_a_local_file_is_said_to_have_no_effect(shapes: dict[
     same = run_cli("plan", "--model", str(shapes["bench"]), "--quant", "Q8_0")
     unset = run_cli("plan", "--model", str(shapes["bench"]))
     assert "applies to HuggingFace models only" not in same.stdout + unset.stdout
+
+
+def test_the_quant_note_is_for_a_path_the_user_gave_not_for_a_hub_models_download(shapes: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """A Hub file was picked by its quant tag, which its header may name otherwise (UD-Q4_K_XL is a
+    Q4_K_M to llama.cpp): serving it after the download must not say --quant was ignored."""
+    with caplog.at_level(logging.WARNING, logger="vramsupply.gpu.planning"):
+        fit_before_load(AgentSettings(model="unsloth/bench-GGUF", quant="UD-Q4_K_XL"), {"quant"}, shapes["bench"])
+        assert not caplog.records
+        fit_before_load(AgentSettings(model=str(shapes["bench"]), quant="UD-Q4_K_XL"), {"quant"}, shapes["bench"])
+    [warned] = [r.getMessage() for r in caplog.records]
+    assert "applies to HuggingFace models only" in warned and "not UD-Q4_K_XL" in warned
 
 
 def test_plan_refuses_in_one_line_what_cannot_fit(shapes: dict[str, Path]) -> None:

@@ -159,7 +159,11 @@ def fit_before_download(settings: AgentSettings, explicit: set[str]) -> AgentSet
 def fit_before_load(settings: AgentSettings, explicit: set[str], path: Path) -> AgentSettings:
     """For the file about to be loaded: shrink what was not set, or refuse, before llama.cpp allocates."""
     local = settings.model_copy(update={"model": str(path)})
-    fitted = fit_settings(local, explicit)
+    # A Hub model's file was picked by its quant tag, which the file's own header may name
+    # otherwise (unsloth's UD-Q4_K_XL is a Q4_K_M to llama.cpp): only a path the user gave is
+    # served regardless of --quant.
+    asked = explicit if settings.model is None or is_local_path(settings.model) else explicit - {"quant"}
+    fitted = fit_settings(local, asked)
     _report(fitted)
     return fitted.settings.model_copy(update={"model": settings.model})
 
