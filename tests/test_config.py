@@ -144,6 +144,10 @@ def test_login_stores_key_0600_without_echo(config_file: Path) -> None:
     assert load_settings().settings.api_key.get_secret_value() == "vs_key_second"
     assert stat.S_IMODE(config_file.stat().st_mode) == 0o600
 
+    nowhere = run_cli("login", "--api-key", "vs_key_third", env={"VRAM_SUPPLY_CONFIG": "/proc/no-such-dir/config.toml"})
+    assert nowhere.returncode == 2, nowhere.stderr
+    assert nowhere.stderr.startswith("error: cannot write config file /proc/no-such-dir/config.toml: ") and "vs_key_third" not in nowhere.stderr
+
 
 def test_login_rejects_empty_key() -> None:
     result = run_cli("login", "--api-key", "  ")

@@ -226,7 +226,10 @@ def write_config_values(path: Path, values: dict[str, Any]) -> None:
     """Merge ``values`` into the config file, which is created (and kept) private: mode 0600."""
     data = read_config_file(path)
     data.update(values)
-    write_private_file(path, tomli_w.dumps(data))
+    try:
+        write_private_file(path, tomli_w.dumps(data))
+    except OSError as exc:
+        raise ConfigError(f"cannot write config file {path}: {exc.strerror or exc}") from None
 
 
 def write_private_file(path: Path, text: str, mode: int = 0o600) -> None:
