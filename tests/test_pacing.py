@@ -425,3 +425,18 @@ def test_deep_in_a_prompt_a_tile_is_taken_only_where_the_tiled_fit_says_it_fits(
         pacer.observe(StepWork(64, work(64, depth), True), 0.02 + 64 * (0.0008 + 0.0000008 * depth))
     assert 64 * (0.0008 + 0.0000008 * 3632) > STEP_TARGET_SECONDS - 0.02, "a tile no longer fits there"
     assert chunk(pacer, generating=True, depth=3600) == UNSEEN_DEPTH_TOKENS, "row by row, never seen that deep"
+
+
+def test_a_step_never_plans_more_rows_than_a_small_batch_holds() -> None:
+    """With --n-batch as small as the slots (4 here), the rows whole prompts get to teach the
+    speed (MIN_CHUNK - 1 after the first) must still fit the batch: before, a stream and 4-token
+    questions planned 10 rows for 4, and the scheduler thread died filling the batch."""
+    now = time.monotonic()
+    generating = prefilling(3, 10, arrived=now - 5, done=10)
+    generating.next_token = 42
+    questions = [prefilling(i, 2, arrived=now + i * 1e-3) for i in range(3)]
+    for capacity in (4, 5, 8):
+        plan = PrefillPacer(512).plan([generating, *questions], capacity=capacity, memory=None)
+        rows = sum(1 if chunk is None else len(chunk) for _, chunk in plan)
+        assert rows <= capacity and plan[0] == (generating, None), (capacity, plan)
+        assert [(slot.seq_id, len(chunk)) for slot, chunk in plan[1:] if chunk is not None] == [(i, 2) for i in range(min(3, (capacity - 1) // 2))]

@@ -12,11 +12,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from openai import AsyncOpenAI, OpenAI
+from openai.types import Completion
 
 from agent_process import AgentProcess
 from conftest import TINY_MODEL, run_cli
@@ -124,6 +126,28 @@ def test_serve_raises_its_open_files_limit_so_many_buyers_can_connect() -> None:
         assert served.wait() == 0
     [line] = [line for line in limits.splitlines() if line.startswith("Max open files")]
     assert line.split()[3] == str(wanted), line
+
+
+@pytest.mark.parametrize("batch_and_slots", [("1", "1"), ("4", "4")], ids=["one-token steps", "steps as wide as the slots"])
+def test_the_smallest_decode_steps_allowed_still_serve_concurrent_buyers(batch_and_slots: tuple[str, str]) -> None:
+    """--n-batch may be as small as --parallel. Before, llama.cpp aborted the process at load
+    (a 2-token warm-up past n_batch 1; an output row per sequence, the prompt cache's spare one
+    too, past n_batch 4), and the scheduler thread died once a stream and new prompts needed
+    more rows than the batch held."""
+    n_batch, slots = batch_and_slots
+    with serving("--n-batch", n_batch, "--parallel", slots) as served:
+        client = OpenAI(base_url=served.base_url, api_key="x", max_retries=0)
+
+        def ask(prompt: str) -> Completion:
+            return client.completions.create(model="stories260k", prompt=prompt, max_tokens=12, temperature=0)
+
+        alone = ask("Once upon a time").choices[0].text
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(ask, ["Once upon a time", "Lily went", "The dog", "One day"]))
+        served.send_signal(signal.SIGINT)
+        assert served.wait() == 0
+    assert alone and answers[0].choices[0].text == alone
+    assert all(a.choices[0].finish_reason in ("length", "stop") for a in answers)
 
 
 def test_drain_timeout_bounds_the_wait_for_a_long_request() -> None:

@@ -210,7 +210,7 @@ class PrefillPacer:
         (``None``) first, so generation never starves, then prompt chunks in the room left, each
         as big as the step's time target allows at its depth."""
         plan: list[tuple[Slot, np.ndarray | None]] = [(slot, None) for slot in slots if slot.generating]
-        generating = bool(plan)
+        generating, streams = bool(plan), len(plan)
         room, seconds = self._room(capacity - len(plan), generating), self._seconds_for_prompts(generating)
         cost = self._cost(generating)
         step = (self._generating.value or 0.0) if generating else 0.0  # the step's predicted seconds so far
@@ -238,7 +238,8 @@ class PrefillPacer:
             plan.append((slot, slot.prompt[slot.n_cached : slot.n_cached + size]))
             room, rows = room - size, rows + size
             if size == left:  # its first token waits for no other prompt's rows, but for those of
-                room = room if seconds is not None else max(room, MIN_CHUNK - 1)  # to learn from (MIN_CHUNK)
+                free = capacity - streams - rows  # (never past the batch, however small --n-batch is)
+                room = room if seconds is not None else max(room, min(MIN_CHUNK - 1, free))  # to learn from (MIN_CHUNK)
                 plan += self._companions(order[at + 1 :], slots, memory, room, rows, companion_seconds(step, seconds), cost)
                 break  # prompts that end in this step too, up to doubling its time (or COMPANION_SECONDS)
         return plan

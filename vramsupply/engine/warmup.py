@@ -45,6 +45,7 @@ def warm_up(context: LlamaContext, vocab: object) -> float:
     """Decode BOS and EOS once (token 0 for a vocabulary without them), then clear the cache;
     returns the seconds it took. Raises EngineError when llama.cpp cannot decode them."""
     tokens = [t for t in (llama_cpp.llama_vocab_bos(vocab), llama_cpp.llama_vocab_eos(vocab)) if t >= 0] or [0]
+    tokens = tokens[: llama_cpp.llama_n_batch(context.ctx)]  # a decode of more than n_batch aborts the process
     array = (llama_cpp.llama_token * len(tokens))(*tokens)
     started = time.perf_counter()
     llama_cpp.llama_set_warmup(context.ctx, True)
