@@ -100,6 +100,17 @@ def test_a_misspelt_environment_variable_is_named_with_the_setting_it_resembles(
     assert run_cli("config", "show", env={"VRAM_SUPPLY_CONFIG": "/nonexistent.toml"}).stderr == "", "the config file's path is no setting, and no typo"
 
 
+def test_a_shared_cache_smaller_than_the_slots_is_refused_naming_both_settings() -> None:
+    """llama.cpp aborted the process at load when the slots outnumbered the cache's cells."""
+    result = run_cli("config", "show", env={"VRAM_SUPPLY_CONTEXT_LENGTH": "16", "VRAM_SUPPLY_PARALLEL": "256"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "error: context_length = 16 (from env VRAM_SUPPLY_CONTEXT_LENGTH) is smaller than parallel = 256 (from env VRAM_SUPPLY_PARALLEL): "
+        "the slots share one KV cache of context_length tokens, so raise --context-length or lower --parallel"
+    )
+    assert run_cli("config", "show", env={"VRAM_SUPPLY_CONTEXT_LENGTH": "16", "VRAM_SUPPLY_PARALLEL": "256", "VRAM_SUPPLY_KV_PER_SLOT": "true"}).returncode == 0
+
+
 def test_cli_reports_bad_setting_in_one_line_with_exit_2() -> None:
     result = run_cli("config", "show", env={"VRAM_SUPPLY_INPUT_PRICE": "-5"})
     assert result.returncode == 2

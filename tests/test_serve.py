@@ -128,18 +128,22 @@ def test_serve_raises_its_open_files_limit_so_many_buyers_can_connect() -> None:
     assert line.split()[3] == str(wanted), line
 
 
-@pytest.mark.parametrize("batch_and_slots", [("1", "1"), ("4", "4")], ids=["one-token steps", "steps as wide as the slots"])
-def test_the_smallest_decode_steps_allowed_still_serve_concurrent_buyers(batch_and_slots: tuple[str, str]) -> None:
-    """--n-batch may be as small as --parallel. Before, llama.cpp aborted the process at load
-    (a 2-token warm-up past n_batch 1; an output row per sequence, the prompt cache's spare one
-    too, past n_batch 4), and the scheduler thread died once a stream and new prompts needed
-    more rows than the batch held."""
-    n_batch, slots = batch_and_slots
-    with serving("--n-batch", n_batch, "--parallel", slots) as served:
+@pytest.mark.parametrize(
+    "smallest",
+    [["--n-batch", "1", "--parallel", "1"], ["--n-batch", "4", "--parallel", "4"], ["--context-length", "16", "--parallel", "16"]],
+    ids=["one-token steps", "steps as wide as the slots", "a cache as small as the slots"],
+)
+def test_the_smallest_decode_steps_allowed_still_serve_concurrent_buyers(smallest: list[str]) -> None:
+    """--n-batch, and the context (llama.cpp's batch is at most the context), may be as small as
+    --parallel. Before, llama.cpp aborted the process at load (a 2-token warm-up past n_batch 1;
+    an output row per sequence, the prompt cache's spare one too, past a batch of 4 or 16 rows),
+    and the scheduler thread died once a stream and new prompts needed more rows than the batch
+    held."""
+    with serving(*smallest) as served:
         client = OpenAI(base_url=served.base_url, api_key="x", max_retries=0)
 
         def ask(prompt: str) -> Completion:
-            return client.completions.create(model="stories260k", prompt=prompt, max_tokens=12, temperature=0)
+            return client.completions.create(model="stories260k", prompt=prompt, max_tokens=6, temperature=0)
 
         alone = ask("Once upon a time").choices[0].text
         with ThreadPoolExecutor(4) as pool:

@@ -302,6 +302,12 @@ def load_settings(flags: dict[str, Any] | None = None) -> LoadedSettings:
 
 def check_together(settings: Settings, sources: dict[str, str]) -> None:
     """Refuse values that are valid alone but not together, naming both settings and their sources."""
+    if not settings.kv_per_slot and settings.context_length < settings.parallel:
+        raise ConfigError(
+            f"context_length = {settings.context_length} (from {sources['context_length']}) is smaller than parallel = "
+            f"{settings.parallel} (from {sources['parallel']}): the slots share one KV cache of context_length tokens, "
+            "so raise --context-length or lower --parallel"
+        )
     if settings.n_batch < settings.parallel:
         raise ConfigError(
             f"n_batch = {settings.n_batch} (from {sources['n_batch']}) is smaller than parallel = {settings.parallel} "

@@ -189,10 +189,12 @@ def spare_sequences(options: EngineOptions, model: Model) -> int:
     """One sequence id beyond the slots' in the shared KV cache, for the host prompt cache's copies
     of part of a sequence (``prompt_cache.py``); none with a stream per slot, which would cost a
     whole stream, for a model that cannot copy part of a sequence (a spare recurrent state would
-    only cost memory), at llama.cpp's limit of sequences, or when ``n_batch`` is no more than the
-    slots: llama.cpp reserves an output row per sequence within ``n_batch`` rows and aborts the
-    process (``GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max)``) when they do not fit."""
-    usable = model.copies_prefixes and not options.kv_per_slot and options.parallel < MAX_SEQUENCES and options.n_batch > options.parallel
+    only cost memory), at llama.cpp's limit of sequences, or when a batch holds no more rows than
+    the slots: llama.cpp reserves an output row per sequence within its batch of
+    ``min(n_batch, n_ctx)`` rows and aborts the process
+    (``GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max)``) when they do not fit."""
+    rows = min(options.n_batch, options.n_ctx)
+    usable = model.copies_prefixes and not options.kv_per_slot and options.parallel < MAX_SEQUENCES and rows > options.parallel
     return 1 if usable else 0
 
 

@@ -99,6 +99,11 @@ class EngineOptions:
             self.n_batch >= self.parallel,
             f"n_batch ({self.n_batch}) must be at least parallel ({self.parallel})",
         )
+        # The slots share one cache of n_ctx cells (and llama.cpp's batch is at most n_ctx rows).
+        _require(
+            self.kv_per_slot or self.n_ctx >= self.parallel,
+            f"n_ctx ({self.n_ctx}) must be at least parallel ({self.parallel}): the slots share one KV cache of n_ctx cells",
+        )
         _require(
             self.flash_attention_mode in FLASH_ATTENTION_MODES,
             f"flash_attention must be one of {', '.join(FLASH_ATTENTION_MODES)}, got {self.flash_attention!r}",
