@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from conftest import buyer_leaves_just_before_the_end, lines_of_a_cut_stream
-from test_upstream_supervisor import LlamaServerSurface
+from llama_server_surface import LlamaServerSurface
 from vramsupply.upstream import UpstreamBackend, UpstreamOptions
 
 PIECES = ["Once", " upon", " a", " time"]

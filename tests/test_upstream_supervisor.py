@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from llama_server_surface import LlamaServerSurface
 from vramsupply.platform import Backoff
 from vramsupply.upstream import UpstreamBackend, UpstreamOptions
 from vramsupply.upstream.client import UpstreamClient
@@ -89,30 +90,6 @@ async def test_a_stalled_engine_is_restarted_and_ready_only_after_a_real_complet
             await client.close()
         assert supervisor.process is not None and supervisor.process.pid is not None
         assert not alive(supervisor.process.pid), "cancelling the supervisor stops the engine"
-
-
-class LlamaServerSurface:
-    """A stand-in for the endpoints llama-server documents: /health, /v1/models, /props, /metrics."""
-
-    ANSWERS = {
-        "/health": {"status": "ok"},
-        "/v1/models": {"data": [{"id": "qwen3-8b-q4_k_m.gguf", "object": "model"}]},
-        "/props": {"default_generation_settings": {"n_ctx": 8192}, "total_slots": 8},
-    }
-    METRICS = "llamacpp:requests_processing 3\nllamacpp:requests_deferred 2\nllamacpp:kv_cache_usage_ratio 0.4\n"
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        for path in self.ANSWERS:
-            app.router.add_get(path, self.answer)
-        app.router.add_get("/metrics", self.metrics)
-        return app
-
-    async def answer(self, request: web.Request) -> web.Response:
-        return web.json_response(self.ANSWERS[request.path])
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.METRICS)
 
 
 async def test_a_llama_server_upstream_states_its_context_slots_and_load() -> None:
