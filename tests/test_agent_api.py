@@ -360,3 +360,21 @@ def test_tools_are_held_to_the_same_schema_limits_as_response_format(qwen: LiveS
     assert refused.value.body["param"] == "tools"
     assert "'maxLength' is 50000; at most 1000 is accepted" in refused.value.body["message"]
     assert answered.choices[0].finish_reason in ("stop", "length")
+
+
+def test_tool_names_and_parameters_are_held_to_what_every_call_syntax_can_write(qwen: LiveServer) -> None:
+    def tool(name: str, parameters: object) -> list[dict]:
+        return [{"type": "function", "function": {"name": name, "parameters": parameters}}]
+
+    with sdk(qwen) as client:
+        with pytest.raises(BadRequestError) as unicode_name:  # OpenAI allows ASCII names only; Mistral's syntax can write no other
+            client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tool("wetter_für", {"type": "object"}), max_tokens=5)
+        with pytest.raises(BadRequestError) as listed:
+            client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tool("f", {"type": "object", "properties": []}), max_tokens=5)
+        # Some clients send null for a function without parameters: taken as none, and the call is forced.
+        forced = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, tools=tool("f", {"type": "object", "properties": None}), tool_choice="required", max_tokens=40, extra_body=NO_THINKING
+        )
+    assert unicode_name.value.body["param"] == "tools[0].function.name"
+    assert listed.value.body["param"] == "tools[0].function.parameters.properties"
+    assert [c.function.name for c in forced.choices[0].message.tool_calls] == ["f"]

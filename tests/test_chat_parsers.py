@@ -153,6 +153,80 @@ def test_calls_are_not_parsed_without_tools_and_json_prose_is_content() -> None:
     assert both_ways(prose, "llama3").content == prose
 
 
+# ---- arguments are JSON that any parser reads ------------------------------------------------------
+
+
+def strict_json(text: str) -> object:
+    """What a strict parser (JavaScript's JSON.parse, Go's encoding/json) makes of ``text``."""
+    text.encode("utf-8")  # an unpaired surrogate has no UTF-8 form: the response could not be sent
+
+    def refuse(literal: str) -> object:
+        raise ValueError(f"{literal} is not JSON")
+
+    return json.loads(text, parse_constant=refuse, parse_float=lambda number: float(number) if abs(float(number)) < float("inf") else refuse(number))
+
+
+ESCAPED_LONE_SURROGATES = [
+    ("qwen3-xml", '<tool_call>\n<function=get_weather>\n<parameter=city>\n1\n</parameter>\n<parameter=days>\n["\\ud800"]\n</parameter>\n</function>\n</tool_call>', {"city": "1", "days": ["\ud800"]}),
+    ("llama3", '{"name": "get_weather", "parameters": "{\\"city\\": \\"\\\\udc00\\"}"}', {"city": "\udc00"}),
+    ("functionary", '<function=get_weather>{"city": "x\\ud800y"}</function>', {"city": "x\ud800y"}),
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "\\udfff", "days": 1}}\n</tool_call>', {"city": "\udfff", "days": 1}),
+]
+
+
+@pytest.mark.parametrize(("family", "text", "arguments"), ESCAPED_LONE_SURROGATES)
+def test_an_escaped_lone_surrogate_stays_escaped_in_the_arguments(family: str, text: str, arguments: dict) -> None:
+    # json reads "\ud800" into a str with no UTF-8 form; written back raw, the answer could not be sent.
+    out = both_ways(text, family)
+    assert [(c.name, strict_json(c.arguments)) for c in out.tool_calls] == [("get_weather", arguments)]
+
+
+NOT_JSON_NUMBERS = [
+    ("hermes", '<tool_call>\n{"arguments": {"days": 1e999}, "name": "get_weather"}\n</tool_call>'),
+    ("hermes", '<tool_call>\n{"arguments": {"days": NaN}, "name": "get_weather"}\n</tool_call>'),
+    ("llama3", '{"name": "get_weather", "parameters": "{\\"days\\": -Infinity}"}'),
+    ("deepseek", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{\"days\": Infinity}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"),
+    ("llama3", "<|python_tag|>brave_search.call(query=1e999)"),
+]
+
+
+@pytest.mark.parametrize(("family", "text"), NOT_JSON_NUMBERS)
+def test_a_call_whose_numbers_json_cannot_hold_stays_text(family: str, text: str) -> None:
+    # Python reads 1e999 as inf and accepts NaN; written back they are Infinity and NaN, which no JSON
+    # has. (A call whose name comes first streams its arguments as the model wrote them: 1e999 there
+    # is JSON's own syntax, and NaN breaks the call where it stands.)
+    out = both_ways(text, family)
+    assert out.tool_calls == []
+    assert out.content == text.strip()
+
+
+def test_an_xml_value_json_cannot_hold_is_kept_as_its_text() -> None:
+    text = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n1e999\n</parameter>\n</function>\n</tool_call>"
+    out = both_ways(text, "qwen3-xml")
+    assert [strict_json(c.arguments) for c in out.tool_calls] == [{"city": "Paris", "days": "1e999"}]
+
+
+def test_a_name_is_trimmed_and_one_with_no_utf8_form_is_no_call() -> None:
+    spaced = '<tool_call>\n{"name": " get_weather ", "arguments": {}}\n</tool_call>'
+    assert [c.name for c in both_ways(spaced, "hermes").tool_calls] == ["get_weather"]
+    broken = '{"name": "get_weather\\ud800", "parameters": {}}'
+    out = both_ways(broken, "llama3")
+    assert out.tool_calls == [] and out.content == broken
+
+
+@pytest.mark.parametrize("properties", [None, [], "city", 5])
+def test_a_tool_schema_whose_properties_is_no_object_types_nothing(properties: object) -> None:
+    text = "<tool_call>\n<function=get_weather>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>"
+    schemas = {"get_weather": {"type": "object", "properties": properties}}
+    for step in (0, 1):
+        parser = OutputParser(None, False, BY_NAME["qwen3-xml"], schemas, True)
+        out = ParsedOutput()
+        for i in range(0, len(text), step or len(text)):
+            out.add(parser.push(text[i : i + (step or len(text))]))
+        out.add(parser.finish())
+        assert calls(out) == [("get_weather", {"days": 2})]
+
+
 # ---- reasoning -----------------------------------------------------------------------------------
 
 

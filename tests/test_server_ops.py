@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import buyer_leaves_just_before_the_end, lines_of_a_cut_stream
 from live_server import MODEL_ID, LiveServer
+from vramsupply.server.text_shape import TextShape
 
 TOKEN = "s3cret-endpoint-token"
 LONG = {"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True}
@@ -107,6 +108,25 @@ async def test_a_buyer_leaving_as_the_stream_ends_is_no_server_error(
     assert any("hung up before its stream ended" in r.getMessage() for r in caplog.records)
     assert (await wait_for_health(http, server, busy=0))["slots_busy"] == 0
     assert server.engine.stats().completion_tokens_total - before == 8
+
+
+async def test_a_fault_of_ours_mid_stream_ends_the_stream_with_an_error_event(
+    server: LiveServer, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def fault(*args: object) -> list[bytes]:
+        raise RuntimeError("a bug in writing a chunk")
+
+    monkeypatch.setattr(TextShape, "text_chunks", fault)
+    with caplog.at_level(logging.ERROR, logger="vramsupply.server"):
+        request = {"prompt": "Once", "max_tokens": 8, "ignore_eos": True, "stream": True}
+        async with http.post(server.url + "/v1/completions", json=request, timeout=aiohttp.ClientTimeout(total=30)) as response:
+            body = await response.read()  # before, the stream never ended
+
+    events = [json.loads(line[len(b"data: ") :]) for line in body.splitlines() if line.startswith(b"data: {")]
+    assert events[-1]["error"]["type"] == "server_error", "the buyer learns that the answer ended badly"
+    assert "bug" not in events[-1]["error"]["message"], "and nothing of its cause"
+    assert any(r.exc_info and "a bug in writing a chunk" in str(r.exc_info[1]) for r in caplog.records), "the provider's log has the traceback"
+    assert (await wait_for_health(http, server, busy=0))["slots_busy"] == 0
 
 
 async def test_metrics_parse_and_count_requests(server: LiveServer, http: aiohttp.ClientSession) -> None:

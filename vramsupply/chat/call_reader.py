@@ -10,13 +10,13 @@ family's whole-text parser reads it at the end) and ``Broken`` (an announced cal
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Generator, Mapping
 from typing import Any
 
+from . import jsontext
 from .jsonscan import JsonScanner
-from .syntaxes import ToolSyntax, call_from_object, xml_value
+from .syntaxes import ToolSyntax, call_from_object, parameter_schemas, xml_value
 from .types import Piece, ToolCall, new_call_id
 
 Wait = Generator[None, None, Any]
@@ -170,7 +170,7 @@ class CallReader:
             self.pos = start
             text = yield from self.json_object()
             try:
-                call = call_from_object(json.loads(text), self.schemas, self.syntax.id_style)
+                call = call_from_object(jsontext.loads(text), self.schemas, self.syntax.id_style)
             except (RecursionError, ValueError):  # nested deeper than json can recurse
                 raise NotStreamable from None
             if call is None:
@@ -198,14 +198,14 @@ class CallReader:
                 if found is None:
                     return None
                 try:
-                    name = json.loads(found)
+                    name = jsontext.loads(found)
                 except ValueError:  # an escape JSON does not have
                     return None
             elif (yield from self.literal(*((step,) if isinstance(step, str) else step), optional=True)) is None:
                 return None
         if not (yield from self.skip_space()) or self.text[self.pos] != "{":
             return None
-        return name if isinstance(name, str) and name.strip() else None
+        return jsontext.usable_name(name)
 
     def named_call(self) -> Wait:
         """Mistral's ``NAME[CALL_ID]ID[ARGS]{…}``; False (nothing read) when none follows."""
@@ -256,8 +256,7 @@ class CallReader:
         name = yield from self.pattern(_XML_NAME)
         if name is None or not name.strip() or not (yield from self.literal(">", optional=True)):
             raise NotStreamable
-        schema = self.schemas.get(name.strip())
-        properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
+        properties = parameter_schemas(self.schemas.get(name.strip()))
         keys: list[str] = []
         while (parameter := (yield from self.xml_parameter())) is not None:
             if parameter is False or parameter[0] in keys:  # a repeated key: a dict keeps only the last
@@ -265,7 +264,7 @@ class CallReader:
             key, raw = parameter
             if not keys:
                 self.announce(name.strip())
-            member = f"{json.dumps(key, ensure_ascii=False)}: {json.dumps(xml_value(raw, properties.get(key)), ensure_ascii=False)}"
+            member = f"{jsontext.dumps(key)}: {jsontext.dumps(xml_value(raw, properties.get(key)))}"
             self.pieces.append(Piece("arguments", ("{" if not keys else ", ") + member))
             keys.append(key)
         if not (yield from self.literal("</function>", optional=True)):

@@ -14,7 +14,7 @@ from typing import Any
 
 from .formats import ReasoningMarkers
 from .schema import JsonSchemaConverter
-from .syntaxes import ToolSyntax
+from .syntaxes import ToolSyntax, parameter_schemas
 
 _EMPTY_OBJECT = {"type": "object", "properties": {}}
 MAX_XML_LENGTH = 1000
@@ -48,7 +48,7 @@ def _json_call(name: str, args: str, name_key: str = "name", args_key: str = "ar
 
 def _xml_call(builder: _Builder, index: int, name: str, schema: Any) -> str:
     """Qwen3's ``<function=NAME><parameter=K>value</parameter>…`` with one rule per parameter."""
-    properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
+    properties = parameter_schemas(schema)
     required = set(schema.get("required", [])) if isinstance(schema, dict) else set()
     parts = []
     for key, prop in sorted(properties.items(), key=lambda kv: kv[0] not in required):

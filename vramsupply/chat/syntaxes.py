@@ -28,18 +28,17 @@ well-formed call: the caller then keeps it as plain content (a malformed call is
 from __future__ import annotations
 
 import ast
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import jsontext
 from .types import ToolCall
 
 Schemas = Mapping[str, Any]  # tool name -> its parameters JSON schema
 Parsed = tuple[list[ToolCall], str]
 
-_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ def _json_at(text: str, start: int = 0) -> tuple[Any, int] | None:
     while index < len(text) and text[index].isspace():
         index += 1
     try:
-        return _DECODER.raw_decode(text, index)
+        return jsontext.DECODER.raw_decode(text, index)
     except ValueError:
         return None
 
@@ -109,9 +108,15 @@ def xml_value(raw: str, schema: Any) -> Any:
     if declared == "string":
         return raw
     try:
-        return json.loads(raw)
-    except ValueError:
+        return jsontext.loads(raw)
+    except (ValueError, RecursionError):
         return raw
+
+
+def parameter_schemas(schema: Any) -> Mapping[str, Any]:
+    """A tool's ``properties`` (parameter name -> schema); empty for what is not an object there."""
+    properties = schema.get("properties") if isinstance(schema, Mapping) else None
+    return properties if isinstance(properties, Mapping) else {}
 
 
 def _xml_call(inner: str, schemas: Schemas) -> ToolCall | None:
@@ -119,7 +124,7 @@ def _xml_call(inner: str, schemas: Schemas) -> ToolCall | None:
     if match is None:
         return None
     name, body = match.group(1).strip(), match.group(2)
-    properties = (schemas.get(name) or {}).get("properties", {}) if isinstance(schemas.get(name), dict) else {}
+    properties = parameter_schemas(schemas.get(name))
     arguments = {}
     for key, raw in _PARAMETER_XML.findall(body):
         arguments[key.strip()] = xml_value(raw, properties.get(key.strip()))

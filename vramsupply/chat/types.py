@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 import string
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from . import jsontext
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
 
@@ -30,22 +31,25 @@ class ToolCall:
     def of(cls, name: Any, arguments: Any, call_id: Any = None, id_style: str = "openai") -> ToolCall | None:
         """A call from parsed pieces, or None when they do not make one (a malformed call stays text).
 
-        ``arguments`` may be a dict or a JSON string holding an object, as models write both.
+        ``arguments`` may be a dict or a JSON string holding an object, as models write both; they
+        must be JSON every parser reads (``jsontext``).
         """
-        if not isinstance(name, str) or not name.strip():
+        name = jsontext.usable_name(name)
+        if name is None:
             return None
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except ValueError:
+        try:
+            if isinstance(arguments, str):
+                arguments = jsontext.loads(arguments) if arguments.strip() else {}
+            if arguments is None:
+                arguments = {}
+            if not isinstance(arguments, dict):
                 return None
-        if arguments is None:
-            arguments = {}
-        if not isinstance(arguments, dict):
+            text = jsontext.dumps(arguments)  # ValueError: a NaN or an infinity, as Python's literals read them
+        except (ValueError, RecursionError):
             return None
-        if not isinstance(call_id, str) or not call_id:
+        if not isinstance(call_id, str) or not call_id or jsontext.usable_name(call_id) is None:
             call_id = new_call_id(id_style)
-        return cls(name.strip(), json.dumps(arguments, ensure_ascii=False), call_id)
+        return cls(name, text, call_id)
 
     def to_openai(self) -> dict[str, Any]:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}

@@ -9,6 +9,7 @@ anything the template or the engine cannot honour is a ``ChatRequestError`` nami
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,9 @@ from vramsupply.chat.formats import opens_reasoning
 from .chat import ChatTemplate
 from .messages import MessageError
 
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+"""OpenAI's rule for function names (letters, digits, '_' and '-', at most 64), and '.', which
+some clients use; every family's call syntax can spell these."""
 # Names the template environment defines itself; template kwargs may not replace them.
 _RESERVED_VARIABLES = frozenset(
     {"messages", "tools", "tool_choice", "add_generation_prompt", "bos_token", "eos_token", "raise_exception", "functions", "function_call", "strftime_now"}
@@ -141,15 +145,28 @@ def _functions(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]
             raise ChatRequestError(where, f"{where} must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}")
         function = dict(tool["function"])
         name = function.get("name")
-        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-." for c in name):
-            raise ChatRequestError(f"{where}.function.name", f"{where}.function.name must be 1-64 letters, digits, '_', '-' or '.'")
-        parameters = function.get("parameters")
-        if parameters is not None and not (isinstance(parameters, Mapping) and parameters.get("type", "object") == "object"):
-            raise ChatRequestError(f"{where}.function.parameters", f"{where}.function.parameters must be a JSON schema of an object")
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            raise ChatRequestError(f"{where}.function.name", f"{where}.function.name must be 1-64 ASCII letters, digits, '_', '-' or '.'")
+        function["parameters"] = _parameters(function.get("parameters"), f"{where}.function.parameters")
         if any(f["name"] == name for f in functions):
             raise ChatRequestError(f"{where}.function.name", f"two tools are named {name!r}")
         functions.append(function)
     return functions
+
+
+def _parameters(parameters: Any, where: str) -> Any:
+    """A tool's parameters, checked: absent, or an object schema whose ``properties`` is an object
+    (``null``, which some clients send for none, is taken as absent)."""
+    if parameters is None:
+        return None
+    if not (isinstance(parameters, Mapping) and parameters.get("type", "object") == "object"):
+        raise ChatRequestError(where, f"{where} must be a JSON schema of an object")
+    properties = parameters.get("properties", {})
+    if properties is None:
+        return {key: value for key, value in parameters.items() if key != "properties"}
+    if not isinstance(properties, Mapping):
+        raise ChatRequestError(f"{where}.properties", f"{where}.properties must be an object (parameter name: schema)")
+    return parameters
 
 
 def _tool_choice(choice: str | Mapping[str, Any] | None, functions: list[dict[str, Any]]) -> tuple[str, str | None]:

@@ -32,7 +32,7 @@ from vramsupply.engine import (
     SamplingParams,
 )
 from vramsupply.server.accounting import Bill
-from vramsupply.server.errors import ApiError
+from vramsupply.server.errors import ApiError, internal_error
 from vramsupply.server.grammar import grammar_for
 from vramsupply.server.metrics import ServerMetrics
 from vramsupply.server.chat_shape import ChatShape
@@ -300,8 +300,13 @@ async def _stream(
     try:
         try:
             await _send_events(response, state, generations, shape, clock, logprobs, bill)
+        except ConnectionResetError:
+            raise
         except EngineError as exc:
             await response.write(sse_event(json.dumps(engine_error(exc, shape.prompt_param).body()).encode()))
+        except Exception:  # a fault of ours: the buyer still learns that the answer ended badly
+            log.exception("unexpected error in the stream of %s", shape.id)
+            await response.write(sse_event(json.dumps(internal_error().body()).encode()))
         await response.write_eof()
     except ConnectionResetError:
         log.debug("the buyer of %s hung up before its stream ended", shape.id)

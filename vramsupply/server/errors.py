@@ -115,4 +115,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return http_exception_error(request, exc).response()
     except Exception:
         log.exception("unexpected error handling %s %s", request.method, request.path)
-        return ApiError(500, "The server had an internal error handling your request.", type="server_error").response()
+        return internal_error().response()
+
+
+def internal_error() -> ApiError:
+    """What a buyer sees of a fault of ours: no detail (it is in the log, with its traceback)."""
+    return ApiError(500, "The server had an internal error handling your request.", type="server_error")
