@@ -8,7 +8,9 @@ that let a constrained answer break its schema closed:
 - ``minimum``, ``maximum``, ``exclusiveMinimum`` and ``exclusiveMaximum`` (draft-4 boolean form
   included) of ``integer`` and ``number`` are enforced digit by digit (``numbers.py``); a range no
   number fits is an error, not a grammar that can never finish;
-- a ``type`` list (``["integer", "null"]``) keeps the schema's other keywords in every branch.
+- a ``type`` list (``["integer", "null"]``) keeps the schema's other keywords in every branch;
+- a string ``pattern`` is converted by ``pattern.py``, which writes what the regex allows as JSON
+  writes it inside a string (the base converter wrote quotes raw and GBNF-invalid escapes).
 
 ``multipleOf`` is not enforced.
 """
@@ -23,6 +25,7 @@ from typing import Any
 from llama_cpp.llama_grammar import PRIMITIVE_RULES, RESERVED_NAMES, BuiltinRule, SchemaConverter
 
 from .numbers import MAX_DIGITS, Bound, Node, decimals, integers, to_gbnf
+from .pattern import PatternError, pattern_to_gbnf
 
 JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 _BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
@@ -53,6 +56,11 @@ class JsonSchemaConverter(SchemaConverter):
                 rule = to_gbnf(_bounded(schema))
                 return self._add_rule(rule_name, f"({rule}) space")
         return super().visit(schema, name)
+
+    def _visit_pattern(self, pattern: str, name: str) -> str:
+        if not isinstance(pattern, str):
+            raise PatternError("'pattern' must be a string")
+        return self._add_rule(name, f'"\\"" {pattern_to_gbnf(pattern)} "\\"" space')
 
     def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
         if rule is PRIMITIVE_RULES["char"]:

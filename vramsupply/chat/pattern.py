@@ -1,0 +1,209 @@
+"""A JSON schema's string ``pattern`` as GBNF for the inside of a JSON string.
+
+llama-cpp-python's converter copies a regex into GBNF almost as written: ``\\d`` and ``\\.`` become
+escapes GBNF does not have (llama.cpp then refuses the whole grammar), and a quote or backslash the
+regex allows is written raw, which ends the JSON string early (``^a"b$`` gave ``"a"b"``). Here the
+regex is parsed by Python's own regex parser, and every character it allows is written as JSON
+writes it inside a string: ``"`` as ``\\"``, ``\\`` as ``\\\\``, a control character as its escape.
+
+What JSON Schema means by a pattern (ECMA-262) is kept where Python's syntax differs: ``\\d``,
+``\\w`` and ``\\s`` are ASCII classes, and a pattern not anchored by ``^``/``$`` may match anywhere
+in the string. What no grammar can say (back-references, look-arounds, ``\\b``, inline flags) is a
+``PatternError``, a 400 for the request. Outside a class, ``.`` and a negated class never produce a
+control character (the grammar allows less than the regex there, never more).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+try:  # Python 3.11+
+    from re import _constants as sre
+    from re import _parser as sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as sre  # type: ignore[no-redef]
+    import sre_parse  # type: ignore[no-redef]
+
+ANY_JSON_CHAR = r'( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )'
+_CATEGORIES = {
+    sre.CATEGORY_DIGIT: [(0x30, 0x39)],
+    sre.CATEGORY_WORD: [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)],
+    sre.CATEGORY_SPACE: [(0x09, 0x0D), (0x20, 0x20)],
+}
+_NOT_CATEGORIES = {sre.CATEGORY_NOT_DIGIT: sre.CATEGORY_DIGIT, sre.CATEGORY_NOT_WORD: sre.CATEGORY_WORD, sre.CATEGORY_NOT_SPACE: sre.CATEGORY_SPACE}
+_LINE_ENDS = [(0x0A, 0x0A), (0x0D, 0x0D), (0x2028, 0x2029)]
+_RAW_NEVER = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x7F, 0x7F)]
+"""Characters a JSON string never holds raw (the project's strings also escape DEL)."""
+_SURROGATES = [(0xD800, 0xDFFF)]
+"""No character of a UTF-8 text: a regex's class may name them, the grammar never writes them."""
+
+
+MAX_EXPANDED = 4096
+"""Elements llama.cpp spells out for a pattern's repetitions (``(a{100}){100}`` is 10,000 ``a``s)."""
+
+
+class PatternError(ValueError):
+    """A ``pattern`` no grammar here can express, or no valid regex at all."""
+
+
+def pattern_to_gbnf(pattern: str) -> str:
+    """A GBNF expression for the characters between a JSON string's quotes that ``pattern`` matches."""
+    try:
+        parsed = sre_parse.parse(pattern)
+    except (sre.error, RecursionError, OverflowError) as exc:
+        raise PatternError(f"the pattern {pattern!r} is no valid regular expression ({exc})") from None
+    if _flags(parsed) & ~sre.SRE_FLAG_UNICODE:
+        raise PatternError("inline flags such as (?i) are not supported in a pattern")
+    items = list(parsed)
+    if _size(items) > MAX_EXPANDED:
+        raise PatternError(f"the pattern {pattern[:80]!r} repeats too much: llama.cpp would spell out over {MAX_EXPANDED:,} elements")
+    anchored_start = bool(items) and items[0] == (sre.AT, sre.AT_BEGINNING)
+    anchored_end = bool(items) and items[-1] == (sre.AT, sre.AT_END)
+    items = items[1 if anchored_start else 0 : len(items) - 1 if anchored_end else len(items)]
+    body = _sequence(items)
+    parts = ([] if anchored_start else [f"{ANY_JSON_CHAR}*"]) + [body] + ([] if anchored_end else [f"{ANY_JSON_CHAR}*"])
+    return " ".join(p for p in parts if p)
+
+
+def _flags(parsed: Any) -> int:
+    state = getattr(parsed, "state", None) or getattr(parsed, "pattern", None)
+    return int(getattr(state, "flags", 0))
+
+
+def _size(items: Iterable[tuple[Any, Any]]) -> int:
+    """How many elements the grammar of ``items`` spells out once llama.cpp expands repetitions."""
+    total = 0
+    for op, av in items:
+        if op in (sre.MAX_REPEAT, sre.MIN_REPEAT) or op is getattr(sre, "POSSESSIVE_REPEAT", None):
+            low, high, sub = av
+            total += max(1, low if high is sre.MAXREPEAT else high) * _size(sub)
+        elif op is sre.BRANCH:
+            total += sum(_size(branch) for branch in av[1])
+        elif op is sre.SUBPATTERN:
+            total += _size(av[3])
+        else:
+            total += 1
+    return total
+
+
+def _sequence(items: Iterable[tuple[Any, Any]]) -> str:
+    return " ".join(_item(op, av) for op, av in items) or '""'
+
+
+def _item(op: Any, av: Any) -> str:
+    if op is sre.LITERAL:
+        return _json_char(av)
+    if op is sre.NOT_LITERAL:
+        return _excluding([(av, av)])
+    if op is sre.ANY:
+        return _excluding(_LINE_ENDS)
+    if op is sre.IN:
+        return _char_set(av)
+    if op is sre.BRANCH:
+        return "( " + " | ".join(_sequence(branch) for branch in av[1]) + " )"
+    if op is sre.SUBPATTERN:
+        _, add_flags, del_flags, items = av
+        if add_flags or del_flags:
+            raise PatternError("inline flags such as (?i) are not supported in a pattern")
+        return f"( {_sequence(items)} )"
+    if op in (sre.MAX_REPEAT, sre.MIN_REPEAT) or op is getattr(sre, "POSSESSIVE_REPEAT", None):
+        return _repeat(*av)
+    what = _name(av if op is sre.AT else op)
+    raise PatternError(f"{what} is not supported in a pattern (back-references, look-arounds, \\b, or ^ and $ not at its ends)")
+
+
+def _repeat(low: int, high: Any, items: Any) -> str:
+    unit = f"( {_sequence(items)} )"
+    if high is sre.MAXREPEAT:
+        return f"{unit}*" if low == 0 else f"{unit}+" if low == 1 else f"{unit}{{{low},}}"
+    if (low, high) == (0, 1):
+        return f"{unit}?"
+    return f"{unit}{{{low}}}" if low == high else f"{unit}{{{low},{high}}}"
+
+
+def _char_set(items: list[tuple[Any, Any]]) -> str:
+    negated = bool(items) and items[0][0] is sre.NEGATE
+    ranges: list[tuple[int, int]] = []
+    for op, av in items[1:] if negated else items:
+        if op is sre.LITERAL:
+            ranges.append((av, av))
+        elif op is sre.RANGE:
+            ranges.append(av)
+        elif op is sre.CATEGORY and av in _CATEGORIES:
+            ranges += _CATEGORIES[av]
+        elif op is sre.CATEGORY and av in _NOT_CATEGORIES and not negated:
+            return _set_with_negated_category(items, av)
+        else:
+            raise PatternError(f"{_name(av)} is not supported inside a [...] of a pattern")
+    return _excluding(ranges) if negated else _including(ranges)
+
+
+def _set_with_negated_category(items: list[tuple[Any, Any]], category: Any) -> str:
+    """``[\\Da]``: anything but a digit, or ``a``."""
+    others = [(op, av) for op, av in items if (op, av) != (sre.CATEGORY, category)]
+    alternatives = [_excluding(_CATEGORIES[_NOT_CATEGORIES[category]])] + ([_char_set(others)] if others else [])
+    return "( " + " | ".join(alternatives) + " )"
+
+
+def _including(ranges: list[tuple[int, int]]) -> str:
+    """Any character of ``ranges``, each as a JSON string writes it."""
+    ranges = _subtract(ranges, _SURROGATES)
+    raw = _subtract(ranges, _RAW_NEVER)
+    escaped = sorted({c for low, high in _clip(ranges, _RAW_NEVER) for c in range(low, high + 1)})
+    alternatives = ([f"[{_class(raw)}]"] if raw else []) + [_json_char(c) for c in escaped]
+    if not alternatives:
+        raise PatternError("a pattern's [...] matches no character")
+    return alternatives[0] if len(alternatives) == 1 else "( " + " | ".join(alternatives) + " )"
+
+
+def _excluding(ranges: list[tuple[int, int]]) -> str:
+    """Any character but those of ``ranges`` (and control characters), as JSON writes it."""
+    raw = f"[^{_class(_RAW_NEVER + _SURROGATES + ranges)}]"
+    escaped = [_json_char(c) for c in (0x22, 0x5C) if not any(low <= c <= high for low, high in ranges)]
+    return "( " + " | ".join([raw, *escaped]) + " )" if escaped else raw
+
+
+def _json_char(code: int) -> str:
+    """The GBNF literal for one character as it stands inside a JSON string."""
+    written = json.dumps(chr(code), ensure_ascii=False)[1:-1] if code != 0x7F else "\\u007f"
+    return '"' + "".join(_escape(c) for c in written) + '"'
+
+
+def _escape(char: str) -> str:
+    return "\\" + char if char in '"\\' else char
+
+
+def _class(ranges: list[tuple[int, int]]) -> str:
+    return "".join(_code(low) if low == high else f"{_code(low)}-{_code(high)}" for low, high in ranges)
+
+
+def _code(code: int) -> str:
+    if chr(code).isalnum() and code < 0x80:
+        return chr(code)
+    return f"\\x{code:02X}" if code <= 0xFF else f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}"
+
+
+def _subtract(ranges: list[tuple[int, int]], removed: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    result = list(ranges)
+    for cut_low, cut_high in removed:
+        kept = []
+        for low, high in result:
+            if high < cut_low or low > cut_high:
+                kept.append((low, high))
+                continue
+            if low < cut_low:
+                kept.append((low, cut_low - 1))
+            if high > cut_high:
+                kept.append((cut_high + 1, high))
+        result = kept
+    return result
+
+
+def _clip(ranges: list[tuple[int, int]], within: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(max(low, w_low), min(high, w_high)) for low, high in ranges for w_low, w_high in within if low <= w_high and high >= w_low]
+
+
+def _name(value: Any) -> str:
+    return str(value).lower().replace("_", " ")
