@@ -224,6 +224,22 @@ def test_reasoning_tokens_are_the_generated_tokens_of_the_thought(qwen: LiveServ
     assert ended >= 2
 
 
+def test_a_json_answer_follows_the_thought_the_template_opened(qwen: LiveServer) -> None:
+    """With a JSON response_format, the grammar lets a thinking model end its thought first: the
+    JSON is the answer (``content``), never the thought (``reasoning_content``)."""
+    assert qwen.engine is not None
+    [end] = qwen.engine.tokenize("</think>", add_special=False)
+    schema = {"type": "object", "properties": {"days": {"type": "integer", "minimum": 1, "maximum": 7}}, "required": ["days"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": schema}}
+    with sdk(qwen) as client:  # the bias makes the tiny model end its thought at once
+        response = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, max_tokens=60, seed=3, response_format=response_format, logit_bias={str(end): 100}
+        )
+    message = response.choices[0].message
+    jsonschema.validate(json.loads(message.content), schema)
+    assert not getattr(message, "reasoning_content", None)  # the thought was empty
+
+
 def test_enable_thinking_false_reaches_the_template(qwen: LiveServer) -> None:
     with sdk(qwen) as client:
         response = client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=20, seed=7, extra_body=NO_THINKING)

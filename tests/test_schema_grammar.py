@@ -18,7 +18,9 @@ from decimal import Decimal
 import pytest
 
 from gbnf_check import GrammarChecker
-from vramsupply.chat.forced import forced_call_grammar
+from vramsupply.chat import ReasoningMarkers
+from vramsupply.chat.limits import schema_grammar
+from vramsupply.chat.forced import after_thought, forced_call_grammar
 from vramsupply.chat.numbers import Bound, decimals, integers, to_regex
 from vramsupply.chat.schema import UnsatisfiableSchema, schema_to_gbnf
 from vramsupply.chat.syntaxes import syntax_for
@@ -191,3 +193,19 @@ def test_a_forced_xml_call_writes_string_parameters_raw_and_within_their_length(
     assert checker.accepts(grammar, call.format(city="Paris", unit="c"))
     assert not checker.accepts(grammar, call.format(city="Parisx", unit="c"))
     assert not checker.accepts(grammar, call.format(city="Paris", unit='"c"'))
+
+
+def test_an_open_thought_ends_at_its_first_end_marker(checker: GrammarChecker) -> None:
+    """The grammar's thought ends where the output parser's does: a model cannot go on "thinking"
+    past ``</think>`` (llama-cpp-python's ``not_literal`` unit, repeated, matched the marker too)."""
+    grammar = after_thought(schema_grammar({"type": "integer"}), ReasoningMarkers("<think>", "</think>"))
+
+    assert checker.accepts(grammar, "hmm, <b> or </thin? </think>\n7")
+    assert checker.accepts(grammar, "<</think>7")
+    assert checker.accepts(grammar, "</think>7")
+    assert not checker.accepts(grammar, "a</think>b</think>7")
+    assert not checker.accepts(grammar, "7")
+    forced = forced_call_grammar(syntax_for("<tool_call>"), [{"name": "f"}], parallel=False, open_reasoning=ReasoningMarkers("<think>", "</think>"))
+    call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    assert checker.accepts(forced, "so</think>\n" + call)
+    assert not checker.accepts(forced, "so</think>\nmore</think>\n" + call)

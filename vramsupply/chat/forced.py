@@ -15,6 +15,7 @@ from typing import Any
 from .formats import ReasoningMarkers
 from .schema import JsonSchemaConverter
 from .syntaxes import ToolSyntax, parameter_schemas
+from .thought import thought_rules
 
 _EMPTY_OBJECT = {"type": "object", "properties": {}}
 MAX_XML_LENGTH = 1000
@@ -135,11 +136,29 @@ def forced_call_grammar(
     builder.rule("tool-call", " | ".join(f"( {a} )" for a in alternatives))
     root = _calls(syntax, parallel)
     if open_reasoning is not None:
-        unit = builder.converter.not_literal(open_reasoning.end)
-        thought = builder.rule("thought", f"( {unit} )* {_literal(open_reasoning.end)} [ \\n]{{0,4}}")
-        root = f"{thought} {root}"
+        rules = thought_rules(open_reasoning.end, "thought")
+        for name, body in rules.items():
+            builder.rule(name, body)
+        root = f"thought {root}"
     builder.rule("root", root)
     return builder.grammar()
+
+
+def after_thought(grammar: str, reasoning: ReasoningMarkers) -> str:
+    """``grammar`` (GBNF with a ``root`` rule) behind the end of a thought the generation prompt
+    left open: without it a thinking model's JSON answer would be its thought, and the answer empty."""
+    rules = dict(line.split(" ::= ", 1) for line in grammar.splitlines() if " ::= " in line)
+    answer, thought = (_unused(rules, name) for name in ("answer-after-thought", "thought-before-answer"))
+    rules[answer] = rules.pop("root")
+    rules.update(thought_rules(reasoning.end, thought))
+    rules["root"] = f"{thought} {answer}"
+    return "".join(f"{name} ::= {body}\n" for name, body in sorted(rules.items()))
+
+
+def _unused(rules: dict[str, str], name: str) -> str:
+    while name in rules:
+        name += "-"
+    return name
 
 
 def trigger_patterns(syntax: ToolSyntax, reasoning: ReasoningMarkers | None, in_reasoning: bool) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
+from vramsupply.chat.forced import after_thought
 from vramsupply.engine import (
     ChatPrompt,
     ContextOverflow,
@@ -125,6 +126,9 @@ async def chat_generation_requests(body: ChatCompletionBody, chat: ChatPrompt) -
     # With a JSON response_format the answer is that JSON: the lazy tool-call grammar stands aside.
     use = chat.grammar is not None and not json_format
     grammar = {"grammar": chat.grammar, "grammar_triggers": chat.grammar_triggers} if use else {}
+    json_grammar = requests[0].sampling.grammar if json_format else None
+    if json_grammar is not None and chat.in_reasoning and chat.reasoning is not None:
+        grammar = {"grammar": after_thought(json_grammar, chat.reasoning)}  # the JSON is the answer, not the thought
     try:
         return [
             dataclasses.replace(r, preserve=chat.preserve, sampling=dataclasses.replace(r.sampling, **grammar)) for r in requests
