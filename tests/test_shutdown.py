@@ -20,6 +20,7 @@ from live_platform import LivePlatform, free_port
 from test_download_faults import PADDED, padded_repo
 from test_hub_cli import env_for
 from test_platform_serve import marketplace_env
+from vramsupply.ledger import LedgerStore, default_ledger_path
 
 # Exit codes a stop may end with: 0 (stopped cleanly), 130 (a signal before or during startup
 # ended it quietly), or death by the signal itself before Python had installed any handler.
@@ -120,16 +121,63 @@ def test_serve_stops_on_sigterm_at_any_moment_of_startup(delay: float) -> None:
     assert "Traceback" not in agent.log
 
 
-def test_a_second_signal_during_the_drain_stops_at_once_with_exit_130() -> None:
-    with AgentProcess("--model", str(TINY_MODEL), "--no-register", "--port", "0", "--drain-timeout", "60") as agent:
-        agent.wait_ready()
-        outcome: list[str] = []
-        started = threading.Event()
-        buyer = threading.Thread(target=stream, args=(agent.base_url.removesuffix("/v1"), None, outcome, started), daemon=True)
-        buyer.start()
-        assert started.wait(30)
-        agent.send_signal(signal.SIGINT)
-        agent.wait_for(lambda: "waiting up to 60s" in agent.log, "the drain")
-        code = agent.stop(signal.SIGINT, timeout=20)
+def test_a_second_signal_during_the_drain_stops_at_once_yet_records_and_deregisters(isolated_env: Path) -> None:
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with LivePlatform() as platform:
+        args = ("--model", str(TINY_MODEL), "--port", str(port), "--endpoint-url", endpoint, "--drain-timeout", "60")
+        with AgentProcess(*args, env=marketplace_env(platform.url)) as agent:
+            agent.wait_for(lambda: len(platform.providers) == 1, "registration")
+            outcome: list[str] = []
+            started = threading.Event()
+            buyer = threading.Thread(target=stream, args=(endpoint, platform.providers[0].offer.endpoint_token, outcome, started), daemon=True)
+            buyer.start()
+            assert started.wait(30)
+            agent.send_signal(signal.SIGINT)
+            agent.wait_for(lambda: "waiting up to 60s" in agent.log, "the drain")
+            code = agent.stop(signal.SIGINT, timeout=20)
+            buyer.join(10)
+        assert platform.providers == [], "deregistered, though it did not wait for the buyer"
     assert code == 130, agent.output
     assert agent.stderr[-1] == "error: stopped without waiting for in-flight requests"
+    assert json.loads(outcome[0])["error"]["code"] == "shutting_down", "the buyer's stream ended with a clean error event"
+    [row] = LedgerStore(default_ledger_path()).entries()
+    assert 0 < row.completion_tokens < 400, "what the buyer received is in the ledger"
+    assert "Unclosed client session" not in agent.log and "Traceback" not in agent.log
+
+
+def test_a_closed_terminal_sighup_drains_and_deregisters_like_sigterm() -> None:
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with LivePlatform() as platform:
+        with AgentProcess("--model", str(TINY_MODEL), "--port", str(port), "--endpoint-url", endpoint, env=marketplace_env(platform.url)) as agent:
+            agent.wait_for(lambda: len(platform.providers) == 1, "registration")
+            code = agent.stop(signal.SIGHUP, timeout=30)
+        assert platform.providers == [], "deregistered, not left online for the platform to find dead"
+    assert code == 0, agent.output
+    assert "SIGHUP received" in agent.log
+
+
+def test_output_nobody_reads_does_not_stop_the_agent() -> None:
+    """``vramsupply serve | head -1`` once head has exited: printing fails (EPIPE); serving goes on,
+    its lines go to the log (before, the agent exited 1 without a word)."""
+    command = [sys.executable, "-m", "vramsupply", "serve", "--model", str(TINY_MODEL), "--no-register", "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()  # nobody reads what it prints
+        log = []
+        for line in process.stderr:
+            log.append(line)
+            if "vramsupply ready: serving " in line:
+                break
+        assert any("cannot write to standard output (Broken pipe)" in line for line in log), log
+        url = log[-1].split(" at ")[1].split()[0].removesuffix("/v1")
+        with urllib.request.urlopen(url + "/health", timeout=10) as response:
+            assert response.status == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,31 @@ async def test_a_log_line_longer_than_the_reader_limit_does_not_stop_following_t
         await supervisor.stop()
     [started] = starts(cloudflared)
     assert urls == [started["url"]] and supervisor.starts == 1
+
+
+async def test_a_fault_in_using_a_new_url_does_not_stop_the_supervision(cloudflared: Path) -> None:
+    """Printing the URL can fail (standard output gone), and so can registering it; the tool is
+    still watched and restarted, and its next URL still handed on (before, the supervisor ended)."""
+    urls: list[str] = []
+
+    def use(url: str) -> None:
+        urls.append(url)
+        if len(urls) == 1:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    supervisor = TunnelSupervisor(tunnel_tool("cloudflared"), "http://127.0.0.1:9", use, delays=(0.1,))
+    supervisor.start()
+    try:
+        await wait_until(lambda: len(urls) == 1 and supervisor.pid is not None)
+        os.kill(supervisor.pid, signal.SIGKILL)  # cloudflared dies: it must be started again
+        await wait_until(lambda: len(urls) == 2)
+    finally:
+        await supervisor.stop()
+    assert supervisor.starts == 2 and urls[0] != urls[1]
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM for the long-running commands (`serve`, `devplatform`).
+"""Ctrl-C, SIGTERM and SIGHUP for the long-running commands (`serve`, `devplatform`).
 
 Why not Python's default ``KeyboardInterrupt``: it is raised wherever the main thread happens to
 be, including inside a ``finally`` that is releasing a port or deregistering, and asyncio.run's own
@@ -30,20 +30,24 @@ T = TypeVar("T")
 class StopSignals:
     """SIGINT/SIGTERM: the first asks for a graceful stop; a second cancels the task and stops now."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    """SIGHUP: the terminal closed (an SSH session dropped). Its default would end the agent at
+    once, leaving its registration online; unless it was ignored when we started (``nohup``)."""
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self._task = asyncio.current_task()
         self._loop = asyncio.get_running_loop()
+        self._handled: list[signal.Signals] = []
 
     def __enter__(self) -> StopSignals:
-        for sig in self.SIGNALS:
+        self._handled = [sig for sig in self.SIGNALS if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN]
+        for sig in self._handled:
             self._loop.add_signal_handler(sig, self._received, sig)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        for sig in self.SIGNALS:
+        for sig in self._handled:
             self._loop.remove_signal_handler(sig)
 
     @property

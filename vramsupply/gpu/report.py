@@ -22,6 +22,7 @@ from typing import Any
 
 from vramsupply.gpu.devices import Device, PresentGpu, build_has_gpu_backend, gpus_present, list_devices
 from vramsupply.gpu.plan import gib
+from vramsupply.output import say
 
 RECHECK_SECONDS = 30.0
 ALL_LAYERS = 1 << 30
@@ -123,7 +124,7 @@ def announce(placement: Placement) -> None:
         if line.startswith("WARNING: "):
             log.warning("%s", line.removeprefix("WARNING: "))
         else:
-            print(line, flush=True)
+            say(line)
 
 
 async def watch_placement(monitor: PlacementMonitor, wait: Callable[[float], Awaitable[bool]]) -> None:

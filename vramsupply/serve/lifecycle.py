@@ -35,6 +35,7 @@ from vramsupply.errors import Interrupted, ListenError
 from vramsupply.gpu.report import PlacementMonitor, announce, watch_placement
 from vramsupply.host.limits import raise_open_files_limit
 from vramsupply.logging import configure_logging, interactive
+from vramsupply.output import say
 from vramsupply.platform import MarketplaceSession, price_summary
 from vramsupply.platform.offer import ModelIdentity
 from vramsupply.serve.backend import Backend, LlamaCppBackend
@@ -106,14 +107,7 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, sto
         await go_live(backend, model, server.url, notifier, market, hook)
         await report_while_serving(backend, model, server.url, notifier, market, stop, watch, terminal)
     finally:
-        notifier.stopping("stopping: draining in-flight requests")
-        if market is not None:
-            await market.drain()
-        await drain(server, backend, settings.drain_timeout)
-        await provider.drained(server)
-        if market is not None:
-            await market.stop()
-        await provider.stop()
+        await stop_serving(settings, notifier, server, backend, market, provider)
     if watch.failure is not None:
         raise EngineFailed(watch.failure)
 
@@ -159,7 +153,7 @@ async def go_live(
     backend: Backend, model: ModelIdentity, url: str, notifier: SystemdNotifier, market: MarketplaceSession | None, hook: ServeHook | None
 ) -> None:
     """The engine is ready: say so, then offer it to the market (and let ``--demo`` buy from it)."""
-    print(backend.ready_line(url), flush=True)
+    say(backend.ready_line(url))
     placement = placement_of(backend)
     if placement is not None:
         announce(placement.placement)
@@ -199,13 +193,13 @@ def start_marketplace(market: MarketplaceSession, model: ModelIdentity, backend:
     market.hardware = hardware
     if market.waiting_for_url:
         options = market.options
-        print(f"offering {model.model_id} through a {options.tunnel} tunnel on {options.platform_url}: registering once it has a public URL", flush=True)
-        print(price_summary(options.input_price, options.output_price), flush=True)
+        say(f"offering {model.model_id} through a {options.tunnel} tunnel on {options.platform_url}: registering once it has a public URL")
+        say(price_summary(options.input_price, options.output_price))
         market.start_when_reachable(model, backend.n_ctx, backend.stats)
         return
     offer = market.offer(model, backend.n_ctx)
     for line in offer.summary():
-        print(line, flush=True)
+        say(line)
     for warning in offer.warnings:
         log.warning("%s", warning)
     market.start(offer, backend.stats)
@@ -221,6 +215,23 @@ async def listen(server: ApiServer) -> None:
         await server.start()
     except OSError as exc:
         raise ListenError(server.host, server.port, exc) from None
+
+
+async def stop_serving(
+    settings: Settings, notifier: SystemdNotifier, server: ApiServer, backend: Backend, market: MarketplaceSession | None, provider: ProviderSide
+) -> None:
+    """Drain, then settle: the ledger's rows of what was cut, deregistration, the tunnel. A second
+    Ctrl-C or SIGTERM ("stop now") cuts the drain short, never the settling."""
+    notifier.stopping("stopping: draining in-flight requests")
+    try:
+        if market is not None:
+            await market.drain()
+        await drain(server, backend, settings.drain_timeout)
+    finally:
+        await provider.drained(server)
+        if market is not None:
+            await market.stop()
+        await provider.stop()
 
 
 async def drain(server: ApiServer, backend: Backend, drain_timeout: float) -> None:
@@ -239,6 +250,11 @@ async def drain(server: ApiServer, backend: Backend, drain_timeout: float) -> No
     deadline = asyncio.get_running_loop().call_later(drain_timeout, stop_generating) if stop_generating is not None else None
     try:
         await server.stop()
+    except asyncio.CancelledError:  # "stop now": end the requests at once, through the engine
+        if stop_generating is not None:
+            stop_generating()
+        await server.stop()  # the server's own stop, cut short, finishes now that no handler waits
+        raise
     finally:
         if deadline is not None:
             deadline.cancel()

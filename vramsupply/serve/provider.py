@@ -15,6 +15,7 @@ import asyncio
 
 from vramsupply.config import Settings
 from vramsupply.ledger import LedgerRecorder, default_ledger_path, open_recorder
+from vramsupply.output import say
 from vramsupply.platform import MarketplaceSession
 from vramsupply.platform.offer import ModelIdentity, local_base_url
 from vramsupply.serve.options import ServeError
@@ -74,7 +75,7 @@ def start_tunnel(tool: TunnelTool | None, local_url: str, market: MarketplaceSes
         return None
 
     def use(url: str) -> None:
-        print(f"public URL ({tool.name} tunnel): {url}/v1", flush=True)
+        say(f"public URL ({tool.name} tunnel): {url}/v1")
         if market is not None:
             market.use_endpoint_url(url)
 

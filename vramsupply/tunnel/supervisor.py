@@ -93,8 +93,15 @@ class TunnelSupervisor:
             if url is not None and url != self.url:
                 self.url = url
                 log.info("%s: public URL %s", self.tool.name, url)
-                self._on_url(url)
+                self._use(url)
         return await self._process.wait()
+
+    def _use(self, url: str) -> None:
+        """Hand the new URL on; a fault there must not end the supervision of the tool."""
+        try:
+            self._on_url(url)
+        except Exception:
+            log.exception("could not use %s's new public URL %s", self.tool.name, url)
 
     async def _terminate(self) -> None:
         process, self._process = self._process, None

@@ -1,0 +1,42 @@
+"""The lines ``serve`` prints for its user (ready, where the model runs, the offer, the public URL).
+
+They are for a person at a terminal; the agent's work never depends on them. So a standard output
+that cannot be written (``serve | head -1`` once ``head`` has exited, a full disk behind a
+redirect, a closed terminal) must not stop the agent: the first failed write is logged (to
+standard error, where the log goes), standard output is pointed at /dev/null so that nothing is
+retried or reported again at exit, and from then on these lines go to the log instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger("vramsupply.output")
+_stdout_gone = False
+
+
+def say(line: str) -> None:
+    """Print ``line`` for the user; once standard output has failed, log it instead."""
+    global _stdout_gone
+    if not _stdout_gone:
+        try:
+            print(line, flush=True)
+            return
+        except (OSError, ValueError) as exc:  # ValueError: standard output was closed
+            _stdout_gone = True
+            _point_stdout_at_devnull()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.warning("cannot write to standard output (%s); serving goes on, and its lines go to this log", reason)
+    log.info("%s", line)
+
+
+def _point_stdout_at_devnull() -> None:
+    """What is still buffered, and anything else written there, goes nowhere (no error at exit)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
