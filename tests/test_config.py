@@ -164,3 +164,16 @@ def test_login_rejects_empty_key() -> None:
     result = run_cli("login", "--api-key", "  ")
     assert result.returncode != 0
     assert "API key" in result.stderr
+
+
+def test_a_price_with_a_few_digits_too_many_is_refused_by_name() -> None:
+    result = run_cli("serve", "--model", "unused", "--input-price", "100000000000000000")
+    env = run_cli("config", "show", env={"VRAM_SUPPLY_OUTPUT_PRICE": "20000000"})
+
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "error: invalid input_price = 100000000000000000 (from flag --input-price): Input should be less than or equal to 1000000"
+    )
+    assert env.returncode == 2
+    assert env.stderr.strip().startswith("error: invalid output_price = '20000000' (from env VRAM_SUPPLY_OUTPUT_PRICE): Input should be less than")
+    assert load_settings({"input_price": 1_000_000}).settings.input_price == 1_000_000, "$10,000 per million is still a price"

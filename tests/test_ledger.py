@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import stat
 import time
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -212,3 +214,142 @@ def test_earnings_with_an_empty_ledger_and_bad_flags(isolated_env: Path) -> None
     assert bad.returncode != 0 and "--since 'a week' is not a window" in bad.stderr and "Traceback" not in bad.stderr
     bad_by = run_cli("earnings", "--by", "hour")
     assert bad_by.returncode != 0 and "choose model or day" in bad_by.stderr
+
+
+class HeldWriteLock:
+    """Another program (a backup tool, `sqlite3` in a shell) holding the ledger's write lock: commits wait."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+
+    def __enter__(self) -> HeldWriteLock:
+        self._db.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._db.execute("COMMIT")
+        self._db.close()
+
+
+async def test_a_buyer_who_hangs_up_while_the_commit_waits_still_gets_a_row_and_the_writer_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    writer = LedgerWriter.open(path)
+    recorder = LedgerRecorder(writer, input_price=100, output_price=200, selling=True)
+    with HeldWriteLock(path):
+        first = asyncio.create_task(recorder.record(FinishedRequest("r-first", "m", 1, 10, 0, 5, True, True)))
+        await asyncio.sleep(0.3)  # the writer took it and waits for the lock
+        queued = writer.submit(recorder.entry(FinishedRequest("r-queued", "m", 1, 10, 0, 5, True, True)))
+        left = asyncio.create_task(recorder.record(FinishedRequest("r-left", "m", 1, 10, 0, 5, True, True)))
+        await asyncio.sleep(0.1)
+        first.cancel()  # this buyer hangs up while its row is being committed
+        left.cancel()  # and this one while its row still waits in the queue
+        assert queued.cancel(), "a row still waiting in the queue can be cancelled by its caller"
+    await asyncio.wait_for(recorder.record(FinishedRequest("r-after", "m", 1, 10, 0, 5, True, True)), 15)
+
+    assert [e.request_id for e in LedgerStore(path).entries()] == ["r-first", "r-queued", "r-left", "r-after"]
+    assert writer.failure is None
+    writer.close()
+
+
+async def test_a_row_the_file_cannot_hold_fails_alone_and_the_writer_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    writer = LedgerWriter.open(path)
+    with HeldWriteLock(path):  # so the three rows are written in one batch
+        await asyncio.sleep(0.2)
+        futures = [writer.submit(entry(NOW + i)) for i in range(3)]
+        futures.insert(1, writer.submit(replace(entry(NOW + 9), request_id="too-big", gross_nanocents=2**70)))
+    results = await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True), 15)
+
+    assert [type(r).__name__ for r in results] == ["NoneType", "LedgerError", "NoneType", "NoneType"]
+    assert "too-big" in str(results[1])
+    assert [e.finished_at for e in LedgerStore(path).entries()] == [NOW, NOW + 1, NOW + 2]
+    assert any("too-big" in r.getMessage() and r.exc_info for r in caplog.records), "logged with its traceback"
+    await asyncio.wait_for(asyncio.wrap_future(writer.submit(entry(NOW + 5))), 15)
+    assert writer.failure is None
+    writer.close()
+
+
+class WriterBug(BaseException):
+    """Something no batch guard catches: the writer thread ends."""
+
+
+async def test_if_the_writer_thread_dies_nobody_waits_and_it_says_why(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    writer = LedgerWriter.open(tmp_path / "ledger.sqlite3")
+    recorder = LedgerRecorder(writer, input_price=100, output_price=200, selling=True)
+
+    def broken(entries: object) -> None:
+        raise WriterBug("simulated")
+
+    writer.store.add = broken  # type: ignore[method-assign]
+    for i in range(3):  # neither the row in hand nor later ones wait
+        await asyncio.wait_for(recorder.record(FinishedRequest(f"r{i}", "m", 1, 1, 0, 1, True, True)), 5)
+
+    assert recorder.failure is not None and "the earnings ledger writer stopped (WriterBug: simulated)" in recorder.failure
+    assert sum("not recorded until it can write" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(LedgerError, match="writer stopped"):
+        writer.submit(entry(NOW)).result(timeout=1)
+    writer.close()
+
+
+def absurd(finished_at: float, gross: int, request_id: str) -> Entry:
+    """A row written before prices had a ceiling: one request worth ``gross`` nanocents."""
+    return replace(entry(finished_at), request_id=request_id, gross_nanocents=gross, earned_nanocents=earned_nanocents(gross))
+
+
+def test_sums_past_what_sqlite_can_add_stay_exact(isolated_env: Path) -> None:
+    huge, now = 2**62 + 12345, time.time()
+    store = LedgerStore(default_ledger_path())
+    store.add([absurd(now - 60 * i, huge, f"r{i}") for i in range(4)])
+    store.close()
+
+    result = run_cli("earnings", "--json")
+    table = run_cli("earnings", "--by", "day")
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout, parse_float=Decimal)
+    assert report["gross_nanocents"] == 4 * huge and report["earned_nanocents"] == 4 * earned_nanocents(huge)
+    assert report["gross_cents"] == Decimal(4 * huge) / 10**9
+    assert table.returncode == 0 and "Traceback" not in table.stderr
+
+
+def test_a_roll_up_that_would_overflow_is_undone_and_the_rows_stay_raw(tmp_path: Path) -> None:
+    store = LedgerStore(tmp_path / "ledger.sqlite3")
+    store.add([absurd(NOW - 20 * DAY, 2**61, "a"), absurd(NOW - 20 * DAY + 1, 2**61, "b")])
+    assert store.roll_up(now=NOW) == 2  # the day's total is 2**62: still an exact integer
+    store.add([absurd(NOW - 20 * DAY + 2, 2**61, "c"), absurd(NOW - 20 * DAY + 3, 2**61, "d")])
+
+    with pytest.raises(sqlite3.IntegrityError):  # 2**62 more would pass 2**63: the writer logs it and goes on
+        store.roll_up(now=NOW)
+
+    assert [e.request_id for e in store.entries()] == ["c", "d"]
+    assert [g.gross_nanocents for g in store.groups(NOW - 30 * DAY)] == [2**63]
+    store.close()
+
+
+def test_rows_stamped_after_now_are_in_no_window_and_are_counted_apart(isolated_env: Path) -> None:
+    now = time.time()
+    store = LedgerStore(default_ledger_path())
+    # an hour ago; tomorrow (the clock was a day ahead, then set right); past year 9999 (a clock gone wild)
+    store.add([entry(now - 3600), entry(now + DAY), entry(1e12)])
+    store.close()
+
+    as_json = run_cli("earnings", "--json")
+    by_day = run_cli("earnings", "--by", "day", env={"COLUMNS": "200"})
+
+    assert as_json.returncode == 0, as_json.stderr
+    report = json.loads(as_json.stdout)
+    assert (report["requests"], report["later_requests"]) == (1, 2)
+    assert [d["day"] for d in report["by_day"]] == [time.strftime("%Y-%m-%d", time.gmtime(now - 3600))]
+    assert by_day.returncode == 0 and "Traceback" not in by_day.stderr
+    assert "2 request(s) recorded with a time after now (the clock went back?) are not counted" in by_day.stdout
+
+
+def test_rows_beyond_the_calendar_still_roll_up(tmp_path: Path) -> None:
+    store = LedgerStore(tmp_path / "ledger.sqlite3")
+    store.add([entry(NOW - 3600), entry(1e12), entry(-1e12)])
+
+    assert store.roll_up(now=NOW, max_rows=0) == 3
+
+    assert [(g.day, g.requests) for g in store.groups(NOW - DAY, until=NOW)] == [("2025-12-31", 1)]
+    assert store.later(NOW) == 1
+    store.close()

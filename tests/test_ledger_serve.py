@@ -14,6 +14,7 @@ import pytest
 from agent_process import AgentProcess
 from conftest import TINY_MODEL, run_cli
 from live_server import LiveServer
+from test_ledger import HeldWriteLock, WriterBug
 
 from vramsupply.ledger import LedgerStore, LedgerWriter, default_ledger_path, gross_nanocents
 from vramsupply.ledger.recorder import LedgerRecorder
@@ -170,3 +171,57 @@ def test_served_requests_survive_a_sigkill_and_the_ledger_grows_across_restarts(
     report = json.loads(run_cli("earnings", "--since", "24h", "--json").stdout)
     assert (report["requests"], report["local_requests"], report["earned_nanocents"]) == (7, 7, 0)
     assert report["completion_tokens"] == sum(e.completion_tokens for e in rows)
+
+
+async def ask(live: LiveServer, timeout: float) -> str:
+    """One small chat request, as a buyer with a client timeout sends it: the status, or how it ended."""
+    body = {"model": "stories260k", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+            async with http.post(f"{live.base_url}/chat/completions", json=body, headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+                await response.read()
+                return f"HTTP {response.status}"
+    except asyncio.TimeoutError:
+        return "timed out"
+
+
+async def health_of(live: LiveServer) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(f"{live.url}/health") as response:
+        assert response.status == 200
+        return await response.json()
+
+
+async def test_a_buyer_hanging_up_during_the_commit_costs_later_buyers_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    async with LiveServer(endpoint_token=TOKEN) as live:
+        writer = LedgerWriter.open(path)
+        live.state.accounts.recorder = LedgerRecorder(writer, input_price=PRICES[0], output_price=PRICES[1], selling=True)
+        assert await ask(live, 10) == "HTTP 200"
+        with HeldWriteLock(path):  # a backup tool holds the ledger: the next commit waits
+            assert await ask(live, 1) == "timed out"  # the buyer gives up while its row waits
+            await asyncio.sleep(0.5)
+        answers = [await ask(live, 10) for _ in range(2)]
+        health = await health_of(live)
+        writer.close()
+
+    assert answers == ["HTTP 200", "HTTP 200"]
+    assert health["status"] == "ok"
+    assert len(LedgerStore(path).entries()) == 4, "the row of the buyer who hung up is written too"
+
+
+async def test_a_dead_ledger_writer_leaves_buyers_served_and_health_degraded(tmp_path: Path) -> None:
+    async with LiveServer(endpoint_token=TOKEN) as live:
+        writer = LedgerWriter.open(tmp_path / "ledger.sqlite3")
+        live.state.accounts.recorder = LedgerRecorder(writer, input_price=PRICES[0], output_price=PRICES[1], selling=True)
+
+        def broken(entries: object) -> None:
+            raise WriterBug("simulated")
+
+        writer.store.add = broken  # type: ignore[method-assign]
+        answers = [await ask(live, 10) for _ in range(2)]
+        health = await health_of(live)
+        writer.close()
+
+    assert answers == ["HTTP 200", "HTTP 200"], "served at once: nobody waits on a writer that is gone"
+    assert health["status"] == "degraded"
+    assert any("earnings ledger writer stopped" in warning for warning in health["warnings"])

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import aiohttp
@@ -22,8 +25,9 @@ from vramsupply.config import Settings
 from vramsupply.hub import prepare_model
 from vramsupply.platform import Phase, PlatformClient, ProviderLifecycle, RegistrationState, build_offer, default_state_path, read_state
 from vramsupply.platform.api import RegisterRequest
-from vramsupply.platform.state import write_state
+from vramsupply.platform.state import process_alive, write_state
 from vramsupply.serve.options import market_options
+from vramsupply.throughput import Capacity, default_bench_path, save
 
 
 def platform_env(platform: LivePlatform, **extra: str) -> dict[str, str]:
@@ -110,6 +114,29 @@ async def test_demand_stars_a_local_split_model_under_the_id_serve_registers(tmp
     assert f"★ {served_as}" in table.stdout
 
 
+async def test_one_absurd_offer_does_not_break_demand_for_everyone() -> None:
+    save(default_bench_path(), Capacity(
+        model="stories260k", quant=None, parallel=4, single_stream_tokens_per_second=900.0, all_slots_tokens_per_second=2000.0,
+        measured_at=time.time(), seconds=12.0, agent_version="test",
+    ))
+    with LivePlatform() as platform:
+        await register(platform, "stories260k", "http://10.0.0.1:8080", 100, 200)
+        await register(platform, "stories260k", "http://10.0.0.2:8080", 10**400, 10**26)  # a troll
+        env = platform_env(platform, VRAM_SUPPLY_MODEL="stories260k")
+        table = run_cli("demand", env=env)
+        as_json = run_cli("demand", "--json", env=env)
+
+    assert table.returncode == 0 and "Traceback" not in table.stderr, table.stderr
+    [row] = [line for line in table.stdout.splitlines() if "★ stories260k" in line]
+    assert "$1.00–over $10,000.00" in row and "$2.00–over $10,000.00" in row
+    assert "high $10,000.00 (2 online)" in table.stdout and "(capped: an offer outside $0.00–$10,000.00" in table.stdout
+    assert as_json.returncode == 0 and "Traceback" not in as_json.stderr, as_json.stderr
+    [advice] = json.loads(as_json.stdout)["advice"]
+    assert advice["band"] == {"low": 200, "median": 200, "high": 1_000_000, "median_estimated": False, "capped": True}
+    # 2000 tok/s = 7.2 M tokens/h × $10,000/M × 0.95 = $68,400/h
+    assert advice["earned_cents_per_hour"]["high"] == "6840000.00"
+
+
 def test_rails_shows_and_toggles_each_rail() -> None:
     with LivePlatform() as platform:
         shown = run_cli("rails", env=platform_env(platform))
@@ -190,6 +217,94 @@ def test_status_reads_a_damaged_registration_record_as_none() -> None:
 
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "none recorded" in result.stdout
+
+
+class OneAnswerPlatform:
+    """A platform that answers every request with one status and body, as a broken proxy might."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def answer(self) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_PATCH = do_POST = answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> OneAnswerPlatform:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.mark.parametrize("detail", [[{"loc": 5, "msg": "x"}], [{"loc": None, "msg": "x"}], [{"loc": "body", "msg": "x"}]])
+def test_a_validation_error_of_an_odd_shape_is_still_one_line(detail: list[dict[str, object]]) -> None:
+    with OneAnswerPlatform(422, json.dumps({"detail": detail}).encode()) as platform:
+        result = run_cli("rails", "--no-tempo", env={"VRAM_SUPPLY_PLATFORM_URL": platform.url, "VRAM_SUPPLY_API_KEY": API_KEY})
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "?: x" in result.stderr
+
+
+def write_raw_state(**fields: object) -> None:
+    """A registration.json as an agent writes it, with ``fields`` changed (by a disk error, a hand edit)."""
+    state = {"phase": "registered", "platform_url": "https://vram.supply", "model": "m", "endpoint_url": "https://gpu.example.com",
+             "provider_id": "prov_1", "message": "", "pid": os.getpid(), "updated_at": time.time(), "last_heartbeat_at": time.time()}
+    default_state_path().parent.mkdir(parents=True, exist_ok=True)
+    default_state_path().write_text(json.dumps({**state, **fields}))  # json.dumps writes NaN as NaN, as a damaged file may hold
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [{"pid": 99999999999999999999}, {"pid": -1}, {"pid": 0}, {"last_heartbeat_at": float("nan")}, {"updated_at": float("inf")}],
+    ids=["pid-too-big", "pid-minus-one", "pid-zero", "heartbeat-nan", "updated-inf"],
+)
+def test_status_reads_impossible_values_as_a_damaged_record(damage: dict[str, object]) -> None:
+    write_raw_state(**damage)
+    as_json = run_cli("status", "--json", env={"VRAM_SUPPLY_PORT": str(free_port())})
+    table = run_cli("status", env={"VRAM_SUPPLY_PORT": str(free_port())})
+
+    assert as_json.returncode == 1 and "Traceback" not in as_json.stderr, as_json.stderr
+    assert json.loads(as_json.stdout, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))["registration"] is None
+    assert table.returncode == 1 and "Traceback" not in table.stderr, table.stderr
+    assert "none recorded" in table.stdout
+
+
+def test_a_pid_that_is_no_single_process_is_not_alive() -> None:
+    assert process_alive(os.getpid())
+    assert not any(process_alive(pid) for pid in (0, -1, -os.getpid(), 2**31, 99999999999999999999))
+
+
+async def test_status_finds_an_agent_on_the_port_it_really_listens_on() -> None:
+    with LiveServer() as agent, LivePlatform() as platform:  # as `serve --port 0` (or --port P) runs it
+        assert agent.engine is not None
+        settings = Settings(endpoint_url=agent.url, endpoint_token="tok")
+        offer = build_offer(market_options(settings, local_ok=True), LocalTinyModel(), served_context=agent.engine.n_ctx, endpoint_token="tok")
+        lifecycle = ProviderLifecycle(
+            PlatformClient(platform.url, API_KEY), offer.request, agent.engine.stats, heartbeat_interval=0.2,
+            state_path=default_state_path(), local_url=agent.url,
+        )
+        lifecycle.start()
+        await asyncio.wait_for(lifecycle.registered.wait(), 5)
+
+        result = await asyncio.to_thread(run_cli, "status", "--json", env={"VRAM_SUPPLY_PORT": str(free_port())})
+        await lifecycle.stop(timeout=5)
+
+    assert result.returncode == 0, result.stdout
+    report = json.loads(result.stdout)
+    assert report["agent"] == {**report["agent"], "url": agent.url, "healthy": True}
+    assert report["registration"]["local_url"] == agent.url and report["registration"]["current"] is True
 
 
 def test_status_without_an_agent_says_so_and_exits_1() -> None:

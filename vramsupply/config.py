@@ -52,6 +52,10 @@ DEFAULT_DOWNLOAD_TIMEOUT = 60.0
 DEFAULT_PARALLEL = 16
 DEFAULT_PARALLEL_KV_PER_SLOT = 4
 DEFAULT_PARALLEL_RECURRENT = 4
+MAX_PRICE = 1_000_000
+"""The highest price, in cents per million tokens: $10,000, far above what any model sells for.
+The platform documents no range; a price past this is a slip (a few digits too many), and at
+10¹⁴ ¢/M one short request's amount would no longer fit the ledger's 64-bit integers."""
 
 
 class FlashAttention(str, Enum):
@@ -129,8 +133,8 @@ class Settings(BaseSettings):
     platform_url: str = Field("https://vram.supply", description="vram.supply platform API base URL")
     endpoint_url: str | None = Field(None, description="Public URL buyers reach this agent at (required to register, unless `tunnel` makes one)")
     tunnel: Literal["cloudflared"] | None = Field(None, description="Tunnel tool to start for a public URL without port forwarding: cloudflared")
-    input_price: int = Field(100, ge=0, description="Input price, cents per million tokens")
-    output_price: int = Field(200, ge=0, description="Output price, cents per million tokens")
+    input_price: int = Field(100, ge=0, le=MAX_PRICE, description="Input price, cents per million tokens")
+    output_price: int = Field(200, ge=0, le=MAX_PRICE, description="Output price, cents per million tokens")
     context_length_offered: int | None = Field(None, ge=1, description="Context length advertised to the market (default: context_length)")
     no_register: bool = Field(False, description="Serve locally only: do not register with the platform")
     heartbeat_interval: float = Field(30.0, gt=0, description="Seconds between heartbeats")

@@ -85,6 +85,11 @@ class LedgerRecorder:
             self._failing = False
             log.info("the earnings ledger %s is written again", self.writer.store.path)
 
+    @property
+    def failure(self) -> str | None:
+        """Why no request can be recorded any more (the writer stopped for good), for ``/health``."""
+        return self.writer.failure
+
     def close(self) -> None:
         self.writer.close()
 

@@ -3,6 +3,9 @@
 Money in the JSON is exact: ``gross_cents``/``earned_cents`` are decimal numbers written digit for
 digit (parse them with ``json.loads(..., parse_float=Decimal)`` to keep every digit), and
 ``gross_nanocents``/``earned_nanocents`` carry the same amounts as integers.
+
+A window ends now: rows stamped later (the clock was ahead, then set back) are not in it, as they
+are in no day yet; the report counts them apart (``later_requests``) so they are not lost from view.
 """
 
 from __future__ import annotations
@@ -79,12 +82,15 @@ class Report:
     total: Totals = field(default_factory=Totals)
     by_model: dict[str, Totals] = field(default_factory=dict)
     by_day: dict[str, Totals] = field(default_factory=dict)
+    later_requests: int = 0
+    """Requests recorded with a time after now (the clock went back since): in no window yet."""
 
     def as_json(self) -> dict[str, Any]:
         return {
             "since": self.since.isoformat(timespec="seconds"),
             "window": self.window,
             **self.total.as_json(),
+            "later_requests": self.later_requests,
             "by_model": [{"model": model, **totals.as_json()} for model, totals in sorted(self.by_model.items())],
             "by_day": [{"day": day, **totals.as_json()} for day, totals in sorted(self.by_day.items())],
         }
@@ -105,7 +111,8 @@ def earnings_report(path: Path, window_text: str, now: float | None = None) -> R
         return report
     store = LedgerStore(path)
     try:
-        groups = store.groups(since)
+        groups = store.groups(since, until=now)
+        report.later_requests = store.later(now)
     finally:
         store.close()
     for group in groups:
@@ -130,7 +137,7 @@ def render(report: Report, by: By, ledger: Path, now: float | None = None) -> Re
     """A table (by model or by day) and a bar chart of the earnings per UTC day, for 80 columns."""
     today = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
     if not report.total.requests:
-        return Text(f"No requests recorded in the last {report.window} (ledger: {ledger}).")
+        return Text(f"No requests recorded in the last {report.window} (ledger: {ledger}).{_later_note(report, ' ')}")
     return RenderGroup(_table(report, by), Text(""), _chart(report, today), _footnote(report, ledger))
 
 
@@ -168,8 +175,16 @@ def _chart(report: Report, today: datetime) -> Text:
 def _footnote(report: Report, ledger: Path) -> Text:
     t = report.total
     notes = [f"ledger: {ledger}"]
+    if report.later_requests:
+        notes.insert(0, _later_note(report))
     if t.local_requests:
         notes.insert(0, f"{t.local_requests:,} local request(s) (no endpoint token or not registered) earn nothing")
     if t.cut_requests:
         notes.insert(0, f"{t.cut_requests:,} request(s) ended early (buyer hung up); their tokens served are counted")
     return Text("\n".join(notes), style="dim")
+
+
+def _later_note(report: Report, lead: str = "") -> str:
+    if not report.later_requests:
+        return ""
+    return f"{lead}{report.later_requests:,} request(s) recorded with a time after now (the clock went back?) are not counted"

@@ -31,6 +31,8 @@ KEEP_RAW_SECONDS = 8 * 86400
 MAX_RAW_ROWS = 200_000
 """A busy agent rolls up sooner: about 40 MB of raw rows at most."""
 BUSY_TIMEOUT_SECONDS = 10.0
+MAX_TIME = 253402300799.0
+"""9999-12-31T23:59:59Z, the last second SQLite's calendar (and Python's) can name."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -69,24 +71,45 @@ CREATE TABLE IF NOT EXISTS daily (
 
 SUMMED = ("prompt_tokens", "cached_tokens", "completion_tokens", "gross_nanocents", "earned_nanocents")
 
+INT64_MAX = 2**63 - 1
+HALF_BITS = 32
+"""Sums are read as two halves, ``sum(x >> 32)`` and ``sum(x & 0xFFFFFFFF)``, joined in Python: SQLite's
+``sum`` stops with "integer overflow" past 2⁶³, and neither half can get there."""
+
+DAY_OF_ROW = "coalesce(date(finished_at, 'unixepoch'), CASE WHEN finished_at < 0 THEN '0000-01-01' ELSE '9999-12-31' END)"
+"""A time beyond SQLite's calendar (a clock gone wild) still rolls up, on its first or last day."""
+
+
+def _checked_add(column: str) -> str:
+    """``a + b`` turns into an inexact float past 2⁶³ in SQLite; NULL there fails the NOT NULL
+    constraint instead, so the roll-up is undone and the rows stay raw and exact."""
+    return f"{column} = CASE WHEN excluded.{column} > {INT64_MAX} - {column} THEN NULL ELSE {column} + excluded.{column} END"
+
+
 ROLL_UP = f"""
 INSERT INTO daily (day, model, source, input_price, output_price, requests, cut_requests, {", ".join(SUMMED)})
-SELECT date(finished_at, 'unixepoch'), model, source, input_price, output_price, count(*), sum(1 - complete),
+SELECT {DAY_OF_ROW}, model, source, input_price, output_price, count(*), sum(1 - complete),
        {", ".join(f"sum({c})" for c in SUMMED)}
 FROM requests WHERE id <= :last_id
 GROUP BY 1, 2, 3, 4, 5
 ON CONFLICT (day, model, source, input_price, output_price) DO UPDATE SET
-    requests = requests + excluded.requests, cut_requests = cut_requests + excluded.cut_requests,
-    {", ".join(f"{c} = {c} + excluded.{c}" for c in SUMMED)}
+    {", ".join(_checked_add(c) for c in ("requests", "cut_requests", *SUMMED))}
 """
 
 GROUPED = f"""
-SELECT day, model, source, sum(requests), sum(cut_requests), {", ".join(f"sum({c})" for c in SUMMED)} FROM (
+SELECT day, model, source, sum(requests), sum(cut_requests),
+       {", ".join(f"sum({c} >> {HALF_BITS}), sum({c} & {2**HALF_BITS - 1})" for c in SUMMED)} FROM (
     SELECT date(finished_at, 'unixepoch') AS day, model, source, 1 AS requests, 1 - complete AS cut_requests, {", ".join(SUMMED)}
-    FROM requests WHERE finished_at >= :since
+    FROM requests WHERE finished_at >= :since AND finished_at <= :until
     UNION ALL
-    SELECT day, model, source, requests, cut_requests, {", ".join(SUMMED)} FROM daily WHERE day >= date(:since, 'unixepoch')
+    SELECT day, model, source, requests, cut_requests, {", ".join(SUMMED)} FROM daily
+    WHERE day >= date(:since, 'unixepoch') AND day <= date(:until, 'unixepoch')
 ) GROUP BY day, model, source ORDER BY day, model, source
+"""
+
+LATER = """
+SELECT (SELECT count(*) FROM requests WHERE finished_at > :until)
+     + (SELECT coalesce(sum(requests), 0) FROM daily WHERE day > date(:until, 'unixepoch'))
 """
 
 
@@ -184,10 +207,18 @@ class LedgerStore:
             self._db.execute(ROLL_UP, {"last_id": last_id})
             return self._db.execute("DELETE FROM requests WHERE id <= ?", (last_id,)).rowcount
 
-    def groups(self, since: float) -> list[Group]:
-        """Totals per UTC day, model and source since ``since`` (days already rolled up count whole)."""
+    def groups(self, since: float, until: float = MAX_TIME) -> list[Group]:
+        """Totals per UTC day, model and source from ``since`` to ``until`` (days already rolled up count whole)."""
         try:
-            return [Group(*row) for row in self._db.execute(GROUPED, {"since": since})]
+            rows = self._db.execute(GROUPED, {"since": since, "until": until}).fetchall()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read the earnings ledger {self.path}: {exc}") from None
+        return [Group(*row[:5], *((high << HALF_BITS) + low for high, low in zip(row[5::2], row[6::2]))) for row in rows]
+
+    def later(self, until: float) -> int:
+        """Requests recorded after ``until``: in the future, when the clock went back since."""
+        try:
+            return self._db.execute(LATER, {"until": until}).fetchone()[0]
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot read the earnings ledger {self.path}: {exc}") from None
 

@@ -10,13 +10,19 @@ On the Tempo rail (MPP) buyers pay one per-token amount in whole base units of a
 stablecoin: 1 unit per token is $1.00 per million (100 ¢/M). The platform adds its 5 % fee and
 rounds up, so a price of 200 ¢/M becomes 3 units (300 ¢/M) there, and every price from 191 to
 285 ¢/M costs a Tempo buyer the same 3 units. Arithmetic is exact (integers and ``Decimal``).
+
+The band is what other providers ask, so anyone can put anything in it: an offer above the highest
+price this agent accepts (``config.MAX_PRICE``, $10,000 per million) counts as that price, and the
+advice says the band was capped. One troll's 10²⁶ ¢/M must not turn everyone's advice into
+nonsense, or into a crash.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 
+from vramsupply.config import MAX_PRICE
 from vramsupply.platform import api
 
 PROVIDER_SHARE = Decimal(95) / 100
@@ -33,12 +39,14 @@ class Band:
     median: int
     high: int
     median_estimated: bool  # the platform sent no median: the middle of low and high stands in
+    capped: bool = False  # an offer was above MAX_PRICE (or below 0) and counts as that bound
 
     @classmethod
     def of(cls, prices: api.PriceRange) -> Band:
-        if prices.median is not None:
-            return cls(prices.min, prices.median, prices.max, False)
-        return cls(prices.min, (prices.min + prices.max) // 2, prices.max, True)
+        median = prices.median if prices.median is not None else (prices.min + prices.max) // 2
+        sent = (prices.min, median, prices.max)
+        low, middle, high = (min(max(price, 0), MAX_PRICE) for price in sent)
+        return cls(low, middle, high, prices.median is None, (low, middle, high) != sent)
 
     def position(self, price: int) -> str:
         """Where ``price`` sits: below or above the band, or how far from low to high (0 % = the cheapest)."""
@@ -102,7 +110,7 @@ class Advice:
         return {
             "model": self.model,
             "your_output_price_per_million": self.price,
-            "band": None if self.band is None else {"low": self.band.low, "median": self.band.median, "high": self.band.high, "median_estimated": self.band.median_estimated},
+            "band": None if self.band is None else self.band_json(self.band),
             "position": None if self.band is None else self.band.position(self.price),
             "tokens_per_second": self.tokens_per_second,
             "earned_cents_per_hour": None if per_hour is None else dict(zip(("low", "median", "high"), (str(_cents(c)) for c in per_hour))),
@@ -110,8 +118,16 @@ class Advice:
         }
 
 
+    @staticmethod
+    def band_json(band: Band) -> dict[str, object]:
+        shown: dict[str, object] = {"low": band.low, "median": band.median, "high": band.high, "median_estimated": band.median_estimated}
+        return {**shown, "capped": True} if band.capped else shown
+
+
 def _cents(value: Decimal) -> Decimal:
-    return value.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    with localcontext() as context:  # every digit: quantize fails on a result longer than the context's precision
+        context.prec = max(context.prec, value.adjusted() + 3)
+        return value.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
 
 
 def advise(demand: api.DemandResponse, servable: set[str], price: int, tokens_per_second: dict[str, tuple[float, int]]) -> list[Advice]:
@@ -148,6 +164,8 @@ def advice_lines(advice: Advice) -> list[str]:
     else:
         median = f"median {_dollars(band.median)}" + (" (est.)" if band.median_estimated else "")
         lines.append(f"  market band: low {_dollars(band.low)}, {median}, high {_dollars(band.high)} ({advice.online_providers} online)")
+        if band.capped:
+            lines.append(f"  (capped: an offer outside $0.00–{_dollars(MAX_PRICE)}, the prices an agent can ask, counts as the nearer bound)")
         lines.append(f"  your price: {_dollars(advice.price)}, {band.position(advice.price)}")
     per_hour = advice.per_hour
     if per_hour is not None:

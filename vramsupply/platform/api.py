@@ -187,10 +187,17 @@ def error_message(body: Any) -> str | None:
             return message
     detail = body.get("detail")
     if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:]) or '?'}: {d.get('msg')}" for d in detail if isinstance(d, dict))
+        return "; ".join(_detail_line(d) for d in detail if isinstance(d, dict))
     if isinstance(detail, str):
         return detail
     return None
+
+
+def _detail_line(detail: dict[str, Any]) -> str:
+    """FastAPI's ``{"loc": ["body", "field"], "msg": "..."}``; a ``loc`` of another shape names no field."""
+    loc = detail.get("loc")
+    where = ".".join(str(part) for part in loc[1:]) if isinstance(loc, list) else ""
+    return f"{where or '?'}: {detail.get('msg')}"
 
 
 def net_cents(price_cents: int) -> float:

@@ -16,7 +16,7 @@ import aiohttp
 from rich.table import Table
 from rich.text import Text
 
-from vramsupply.config import Settings
+from vramsupply.config import MAX_PRICE, Settings
 from vramsupply.platform import api
 from vramsupply.platform.client import PlatformClient, PlatformError, describe_error
 from vramsupply.platform.offer import format_cents, local_base_url
@@ -69,8 +69,15 @@ def _price_range(prices: api.PriceRange | None) -> str:
     if prices is None:
         return "-"
     if prices.min == prices.max:
-        return format_cents(prices.min)
-    return f"{format_cents(prices.min)}–{format_cents(prices.max)}"
+        return _price(prices.min)
+    return f"{_price(prices.min)}–{_price(prices.max)}"
+
+
+def _price(cents: int) -> str:
+    """A price another provider asks; past the bounds any agent accepts, only which side (10⁴⁰⁰ is no float)."""
+    if cents > MAX_PRICE:
+        return f"over {format_cents(MAX_PRICE)}"
+    return format_cents(cents) if cents >= 0 else "below $0.00"
 
 
 def demand_view(demand: api.DemandResponse, servable: set[str]) -> Table | Text:
@@ -127,11 +134,19 @@ class AgentStatus:
 
 
 def agent_status(settings: Settings, state_path: Path) -> AgentStatus:
-    url = local_base_url(settings.host, settings.port)
-    health, error = asyncio.run(_probe_health(url))
     registration = read_state(state_path)
     current = registration is not None and (registration.phase is Phase.deregistered or process_alive(registration.pid))
+    url = _agent_url(settings, registration if current else None)
+    health, error = asyncio.run(_probe_health(url))
     return AgentStatus(url, health, error, registration, current)
+
+
+def _agent_url(settings: Settings, registration: RegistrationState | None) -> str:
+    """Where the running agent listens, as it recorded (``--port 0`` picks any port, and a ``--port``
+    flag is in no setting `status` reads); without a running agent, at the settings' host and port."""
+    if registration is not None and registration.phase is not Phase.deregistered and registration.local_url:
+        return registration.local_url
+    return local_base_url(settings.host, settings.port)
 
 
 async def _probe_health(url: str) -> tuple[dict[str, Any] | None, str | None]:

@@ -315,6 +315,7 @@ class ProviderLifecycle:
             pid=os.getpid(),
             updated_at=time.time(),
             last_heartbeat_at=self._last_heartbeat_at,
+            local_url=self._local_url,
         )
         try:
             write_state(path, state)

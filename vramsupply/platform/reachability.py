@@ -108,7 +108,7 @@ async def _health(base_url: str, timeout: float) -> str | None:
         return LOADING
     if response.status != 200:
         return f"answered {response.status}"
-    if not isinstance(body, dict) or body.get("status") != "ok":
+    if not isinstance(body, dict) or body.get("status") not in ("ok", "degraded"):  # degraded: serving, earnings unrecorded
         return "answered 200 but not with this agent's health JSON"
     return None
 

@@ -42,6 +42,8 @@ class FinishedRequest:
 
 class RequestRecorder(Protocol):
     async def record(self, finished: FinishedRequest) -> None: ...
+    @property
+    def failure(self) -> str | None: ...  # why it can record nothing any more (/health then says "degraded")
 
 
 class Accounts:
@@ -53,6 +55,10 @@ class Accounts:
 
     def bill(self, request_id: str, model: str, choices: int, *, token_presented: bool) -> Bill:
         return Bill(self, request_id, model, choices, token_presented)
+
+    @property
+    def failure(self) -> str | None:
+        return None if self.recorder is None else self.recorder.failure
 
     async def record(self, finished: FinishedRequest) -> None:
         """Never fails the request: the buyer's answer matters more than our bookkeeping."""

@@ -135,7 +135,8 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     """200 with slot counts once the model is loaded; 503 "loading" before, and 503 "error" with
-    the reason once the engine has failed, so the platform routes no buyer here."""
+    the reason once the engine has failed, so the platform routes no buyer here. 200 "degraded"
+    (with the reason in ``warnings``) while buyers are served but the earnings ledger records nothing."""
     state = request.app[SERVER_STATE]
     stats = state.stats()
     if stats is None:
@@ -153,6 +154,10 @@ async def health(request: web.Request) -> web.Response:
         placement = await asyncio.to_thread(state.placement.current)
         body["placement"] = placement.as_json()
         body["warnings"] = list(placement.warnings)
+    if state.accounts.failure is not None:  # still serving buyers, but earnings go unrecorded: not "ok"
+        body["status"] = "degraded"
+        shown = body.get("warnings")
+        body["warnings"] = [*(shown if isinstance(shown, list) else []), state.accounts.failure]
     return web.json_response(body)
 
 
