@@ -38,6 +38,11 @@ class SchemaTooComplex(ValueError):
     """The schema passes a limit; the message says which and what the limit is."""
 
 
+class InvalidSchema(ValueError):
+    """The schema breaks JSON Schema's own rules in a way the converter would not notice (a
+    ``maxItems`` of NaN meant no bound at all)."""
+
+
 def schema_grammar(schema: dict[str, Any]) -> str:
     """Check the limits, convert, check the grammar's size. Blocking: run it in a thread."""
     check_schema(schema)
@@ -74,8 +79,12 @@ def check_limits(node: Any, depth: int = 0) -> None:
         if isinstance(values, list) and len(values) > MAX_ALTERNATIVES:
             raise SchemaTooComplex(f"'{key}' has {len(values):,} entries; at most {MAX_ALTERNATIVES} are accepted")
     for key in _COUNTS:
-        value = node.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_REPETITION:
+        value = node.get(key)  # a dict or a boolean here is a schema: "properties" may name a field "maxItems"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not isinstance(value, int) or value < 0:
+            raise InvalidSchema(f"'{key}' must be a whole number of at least 0, not {json.dumps(value)[:40]}")
+        if value > MAX_REPETITION:
             raise SchemaTooComplex(f"'{key}' is {value}; at most {MAX_REPETITION} is accepted")
     pattern = node.get("pattern")
     if isinstance(pattern, str):
