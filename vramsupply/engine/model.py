@@ -2,12 +2,16 @@
 
 Tokenizing, token pieces and model metadata are read-only uses of the model, safe to call from the
 asyncio thread while the scheduler thread decodes (llama-server tokenizes in its HTTP threads too).
+
+A load that fails says why in llama.cpp's own words: its first error line while loading, caught
+by the log callback that already routes its lines to Python logging.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,12 +35,17 @@ _FLASH_ATTENTION = {
 # ggml_log_level (NONE=0, DEBUG=1, INFO=2, WARN=3, ERROR=4, CONT=5) -> logging level.
 # llama.cpp's INFO lines are load-time chatter, so they go to DEBUG.
 _LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
-_GGML_LOG_LEVEL_CONT = 5
+_GGML_LOG_LEVEL_ERROR, _GGML_LOG_LEVEL_CONT = 4, 5
 _last_log_level = logging.DEBUG
 _KV_FULL = b"decode: failed to find a memory slot"
 # A shared cache larger than the training context (trained_context.py): the engine caps each
 # request at the training context and says so itself, so llama.cpp's overflow warning is noise.
 _CTX_OVER_TRAIN = b"llama_context: n_ctx_seq ("
+# llama.cpp's error lines while a model loads (`Model.load`), for its error message; None otherwise.
+_load_errors: list[str] | None = None
+_MAX_LOAD_ERRORS = 8
+# "llama_model_load: error loading model: <why>", "gguf_init_from_reader: <why>": the why.
+_ERROR_PREFIX = re.compile(r"^\w+: (?:error loading model: )?")
 
 
 @llama_cpp.llama_log_callback
@@ -49,14 +58,24 @@ def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> 
     if text.startswith(_CTX_OVER_TRAIN) and b"n_ctx_train" in text:
         python_level = logging.DEBUG
     _last_log_level = python_level
-    if llama_log.isEnabledFor(python_level):
-        message = text.decode("utf-8", errors="replace").rstrip()
-        if message:
-            llama_log.log(python_level, "%s", message)
+    errors = _load_errors if level == _GGML_LOG_LEVEL_ERROR else None
+    shown = llama_log.isEnabledFor(python_level)
+    message = text.decode("utf-8", errors="replace").rstrip() if shown or errors is not None else ""
+    if message and errors is not None and len(errors) < _MAX_LOAD_ERRORS:
+        errors.append(message)
+    if message and shown:
+        llama_log.log(python_level, "%s", message)
 
 
 def route_llama_logs() -> None:
     llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
+
+
+def _load_failure() -> str:
+    """llama.cpp's reason for the failed load: its first error line, without the function names."""
+    if not _load_errors:
+        return "not a GGUF model it supports?"
+    return _ERROR_PREFIX.sub("", _load_errors[0])[:300]
 
 
 class Model:
@@ -94,10 +113,14 @@ class Model:
             placement_arrays = (gpu or GpuOptions()).apply_to_model(params)  # must outlive the load
         except GpuOptionError as exc:
             raise EngineError(str(exc)) from None
+        global _load_errors
+        _load_errors = []
         try:
             llama_model = LlamaModel(path_model=str(path), params=params, verbose=False)
         except ValueError:
-            raise EngineError(f"llama.cpp could not load {path} (not a GGUF model it supports?)") from None
+            raise EngineError(f"llama.cpp could not load {path}: {_load_failure()}") from None
+        finally:
+            _load_errors = None
         del placement_arrays
         return cls(llama_model, path)
 

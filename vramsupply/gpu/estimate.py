@@ -13,22 +13,27 @@ load in tests/test_gpu_plan.py, within 10 %):
   micro-batch (ubatch × vocabulary, f32) or attention: without flash attention the f32 score
   matrix ubatch × cells × heads, with it only the f16 mask ubatch × cells. Plus the per-slot
   logits output buffer the context keeps on the host.
+
+Before any of that, `check_loadable` refuses in one line what llama.cpp would not refuse but abort
+the whole process on (a GGML_ASSERT while it loads, or an exception through its C API when a
+prompt is tokenized): the plan reads every header before llama.cpp sees the file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vramsupply.gpu.gguf_header import ArrayLength, GgufHeader
-from vramsupply.gpu.layers import Layers, per_layer, read_layers
+from vramsupply.gpu.gguf_header import TOKENS_KEY, ArrayLength, GgufHeader, TokenList
+from vramsupply.gpu.layers import Layers, ShapeError, count, per_layer, read_layers
 
 KV_CELL_PADDING = 256
 # Bytes per value of each KV cache type (quantized blocks hold 32 values).
 CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
-
-
-class ShapeError(ValueError):
-    """The header lacks what the estimate needs (an architecture we cannot size)."""
+# llama.cpp's LLAMA_MAX_LAYERS (llama-hparams.h): a header with more layers aborts the process.
+LLAMA_MAX_LAYERS = 512
+# Bytes UTF-8 text can hold: an SPM tokenizer spells a character missing from its vocabulary
+# with byte tokens `<0xNN>`, and llama.cpp throws through its C API (abort) for a byte without one.
+UTF8_BYTES = frozenset(range(0xC0)) | frozenset(range(0xC2, 0xF5))
 
 
 @dataclass(frozen=True)
@@ -55,12 +60,11 @@ class ModelShape:
 
     @classmethod
     def from_header(cls, header: GgufHeader, file_bytes: int) -> ModelShape:
-        n_layer = _int(header.arch("block_count"), "block_count")
-        n_embd = _int(header.arch("embedding_length"), "embedding_length")
+        check_loadable(header)
+        n_layer, n_embd = _required(header, "block_count"), _required(header, "embedding_length")
         layers = read_layers(header, n_layer, n_embd)
         n_head, head_k, head_v = _attention(header, n_embd, layers)
-        tokens = header.get("tokenizer.ggml.tokens")
-        n_vocab = int(header.arch("vocab_size") or (tokens.length if isinstance(tokens, ArrayLength) else 0))
+        tokens = header.get(TOKENS_KEY)
         sizes = header.tensor_bytes(file_bytes)
         return cls(
             architecture=header.architecture,
@@ -70,12 +74,48 @@ class ModelShape:
             kv_heads=layers.kv_heads,
             head_dim_k=head_k,
             head_dim_v=head_v,
-            n_vocab=n_vocab,
-            n_ctx_train=int(header.arch("context_length") or 0),
+            n_vocab=count(header, "vocab_size") or (tokens.length if isinstance(tokens, ArrayLength) else 0),
+            n_ctx_train=count(header, "context_length"),
             header_bytes=header.data_offset,
             input_bytes=sizes.get("token_embd.weight", 0),
             state_floats=layers.state_floats_per_sequence,
             recurrent=any(layers.recurrent),
+        )
+
+
+def check_loadable(header: GgufHeader) -> None:
+    """Refuse what llama.cpp aborts on while it loads (GGML_ASSERT), or when it tokenizes."""
+    n_layer = count(header, "block_count")
+    if n_layer > LLAMA_MAX_LAYERS:
+        raise ShapeError(f"{header.architecture}.block_count is {n_layer}, more than the {LLAMA_MAX_LAYERS} layers llama.cpp can load")
+    _check_experts(header, n_layer)
+    tokens = header.get(TOKENS_KEY)
+    if isinstance(tokens, TokenList) and header.get("tokenizer.ggml.model") not in ("no_vocab", "none"):
+        _check_vocabulary(tokens, header.get("tokenizer.ggml.model"))
+
+
+def _check_experts(header: GgufHeader, n_layer: int) -> None:
+    """llama.cpp asserts that a token uses at least one and at most `expert_count` experts, and none
+    in a model without experts (llama-model.cpp, load_hparams)."""
+    n_expert = count(header, "expert_count")
+    used = max(per_layer(header, "expert_used_count", n_layer), default=0)
+    arch = header.architecture
+    if used > n_expert:
+        has = f"{arch}.expert_count is {n_expert}" if n_expert else f"there is no {arch}.expert_count"
+        raise ShapeError(f"{arch}.expert_used_count is {used} but {has}: more experts per token than the model has")
+    if n_expert and not used:
+        raise ShapeError(f"{arch}.expert_count is {n_expert} but {arch}.expert_used_count is 0 or missing: llama.cpp needs both")
+
+
+def _check_vocabulary(tokens: TokenList, model: object) -> None:
+    if tokens.duplicate is not None:
+        first, second = tokens.duplicate
+        raise ShapeError(f"the vocabulary holds the same token twice (ids {first} and {second}), which llama.cpp cannot load")
+    missing = UTF8_BYTES - tokens.byte_tokens if model == "llama" else frozenset()
+    if missing:
+        raise ShapeError(
+            f"the SPM vocabulary has no byte token for {len(missing)} of the bytes text can hold (<0x{min(missing):02X}> first): "
+            "llama.cpp would crash on a prompt with a character outside the vocabulary"
         )
 
 
@@ -84,13 +124,16 @@ def _attention(header: GgufHeader, n_embd: int, layers: Layers) -> tuple[int, in
     attention at all (a recurrent one whose head count is 0 or absent), which has no KV cache."""
     if any(layers.recurrent) and not any(layers.kv_heads):
         return 0, 0, 0
-    n_head = _int(max(per_layer(header.arch("attention.head_count"), len(layers.kv_heads)), default=0), "attention.head_count")
-    head_k = int(header.arch("attention.key_length") or n_embd // n_head)
-    return n_head, head_k, int(header.arch("attention.value_length") or head_k)
+    n_head = max(per_layer(header, "attention.head_count", len(layers.kv_heads)), default=0)
+    if n_head == 0:
+        raise ShapeError("the GGUF header has no attention.head_count")
+    head_k = count(header, "attention.key_length") or n_embd // n_head
+    return n_head, head_k, count(header, "attention.value_length") or head_k
 
 
-def _int(value: object, key: str) -> int:
-    if not isinstance(value, int) or value <= 0:
+def _required(header: GgufHeader, key: str) -> int:
+    value = count(header, key)
+    if value == 0:
         raise ShapeError(f"the GGUF header has no {key}")
     return value
 

@@ -5,6 +5,11 @@ read over HTTP Range requests: a prefix is fetched, parsed, and grown only if th
 (a large vocabulary makes it a few MB; the weights behind it are GBs). The `gguf` package's
 GGUFReader maps a whole file and needs every tensor's data present, so it cannot read a prefix;
 this parser walks the documented layout (ggml docs/gguf.md) and keeps only what the plan uses.
+
+It also reads what llama.cpp would abort the process on rather than refuse (estimate.py's
+`check_loadable`): the vocabulary's token strings are read, not skipped, to find a token listed
+twice and the byte tokens an SPM tokenizer falls back on. A 152k-token vocabulary's header then
+reads in 0.10 s instead of 0.08 s, holding about 100 bytes a token while it is parsed.
 """
 
 from __future__ import annotations
@@ -25,10 +30,18 @@ MAX_HEADER = 256 << 20  # no real header comes near this; a corrupt length must 
 # Numeric arrays up to this length are read (per-layer values such as the KV head count of each
 # layer; llama.cpp allows 512 layers); longer ones (a vocabulary's token types) only counted.
 MAX_KEPT_ARRAY = 4096
+TOKENS_KEY = "tokenizer.ggml.tokens"
+# The largest vocabulary read: 8x the largest real one (Gemma's 262144), so a corrupt length
+# cannot make the duplicate check hold GBs of token strings.
+MAX_VOCAB = 1 << 21
+_HEX_DIGITS = frozenset(b"0123456789ABCDEF")
 
 # GGUF value types -> struct format of a scalar (8: string, 9: array are handled apart).
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_UINT32 = 4
+_TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32", 7: "bool", 8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
+_U64 = struct.Struct("<Q")
 
 
 class GgufError(Exception):
@@ -79,6 +92,15 @@ class ArrayLength:
     length: int
 
 
+@dataclass(frozen=True)
+class TokenList(ArrayLength):
+    """The vocabulary's strings, summed up: llama.cpp aborts on a token listed twice, and an SPM
+    tokenizer on a byte it can spell neither as `<0xNN>` nor as the byte itself."""
+
+    duplicate: tuple[int, int] | None = None  # the first token listed twice: (first id, second id)
+    byte_tokens: frozenset[int] = frozenset()  # bytes that have a token of their own
+
+
 class _NeedMore(Exception):
     """The prefix ends inside the header; fetch more and parse again."""
 
@@ -105,32 +127,60 @@ class _Cursor:
             raise GgufError(f"a string of {length} bytes in the header")
         return self.take(length).decode("utf-8", errors="replace")
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, key: str) -> Any:
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
             item_type, length = self.unpack("<I"), self.unpack("<Q")
+            if item_type == _STRING and key == TOKENS_KEY:
+                return self.token_list(length)
             if item_type in _SCALARS and length <= MAX_KEPT_ARRAY:
                 fmt = _SCALARS[item_type]
                 return struct.unpack(f"<{length}{fmt[1]}", self.take(struct.calcsize(fmt) * length))
-            self.skip_array(item_type, length)
+            self.skip_array(item_type, length, key)
             return ArrayLength(item_type, length)
         fmt = _SCALARS.get(kind)
         if fmt is None:
-            raise GgufError(f"unknown metadata value type {kind}")
+            raise GgufError(f"unknown metadata value type {kind} of {key}")
         return self.unpack(fmt)
 
-    def skip_array(self, item_type: int, length: int) -> None:
+    def skip_array(self, item_type: int, length: int, key: str) -> None:
         if item_type in _SCALARS:
             self.take(struct.calcsize(_SCALARS[item_type]) * length)
         elif item_type == _STRING:
             for _ in range(length):
                 self.take(self.unpack("<Q"))
-        elif item_type == _ARRAY:
-            for _ in range(length):
-                self.skip_array(self.unpack("<I"), self.unpack("<Q"))
+        elif item_type == _ARRAY:  # gguf.cpp refuses them too; and nesting must not recurse
+            raise GgufError(f"{key} is an array of arrays, which llama.cpp cannot read")
         else:
-            raise GgufError(f"unknown array item type {item_type}")
+            raise GgufError(f"unknown array item type {item_type} of {key}")
+
+    def token_list(self, length: int) -> TokenList:
+        """Read the vocabulary's strings as llama.cpp keys them: as C strings, cut at a NUL byte,
+        and an empty one as `[EMPTY_<id>]`."""
+        if length > MAX_VOCAB:
+            raise GgufError(f"a vocabulary of {length} tokens (vramsupply reads up to {MAX_VOCAB})")
+        data, pos = self.data, self.pos
+        first: dict[bytes, int] = {}
+        duplicate: tuple[int, int] | None = None
+        covered: set[int] = set()
+        for i in range(length):  # the header's hottest loop: no method calls per token
+            if pos + 8 > len(data):
+                raise _NeedMore
+            end = pos + 8 + _U64.unpack_from(data, pos)[0]
+            if end > len(data):
+                raise _NeedMore
+            word = data[pos + 8 : end].partition(b"\0")[0] or b"[EMPTY_%d]" % i
+            pos = end
+            seen = first.setdefault(word, i)
+            if seen != i and duplicate is None:
+                duplicate = (seen, i)
+            if len(word) == 1:
+                covered.add(word[0])
+            elif len(word) == 6 and word.startswith(b"<0x") and word[5] == 0x3E and _HEX_DIGITS.issuperset(word[3:5]):
+                covered.add(int(word[3:5], 16))
+        self.pos = pos
+        return TokenList(_STRING, length, duplicate, frozenset(covered))
 
 
 def parse_header(data: bytes) -> GgufHeader:
@@ -145,14 +195,19 @@ def parse_header(data: bytes) -> GgufHeader:
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cursor.string()
-        metadata[key] = cursor.value(cursor.unpack("<I"))
+        kind = cursor.unpack("<I")
+        if key == "general.alignment" and kind != _UINT32:  # as gguf.cpp requires
+            raise GgufError(f"general.alignment is of type {_TYPE_NAMES.get(kind, kind)}, not uint32")
+        metadata[key] = cursor.value(kind, key)
     tensors = []
     for _ in range(n_tensors):
         name = cursor.string()
         n_dims = cursor.unpack("<I")
         shape = tuple(cursor.unpack("<Q") for _ in range(n_dims))
         tensors.append(TensorInfo(name, shape, cursor.unpack("<I"), cursor.unpack("<Q")))
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise GgufError(f"general.alignment {alignment} is not a power of 2")
     data_offset = -(-cursor.pos // alignment) * alignment
     return GgufHeader(metadata, tuple(tensors), data_offset)
 
@@ -161,8 +216,8 @@ def read_header(fetch: Callable[[int], bytes], label: str) -> GgufHeader:
     """Parse the header from `fetch(n)` (the first n bytes, or fewer at end of file), doubling n until it fits."""
     size = FIRST_READ
     while True:
-        data = fetch(size)
         try:
+            data = fetch(size)
             return parse_header(data)
         except _NeedMore:
             if len(data) < size:
@@ -192,7 +247,6 @@ def read_remote_header(client: httpx2.Client, url: str, headers: dict[str, str],
     multi-GB model is never downloaded to plan for it."""
     import httpx2  # here, not at the top: only Hub models need it
 
-
     def fetch(n: int) -> bytes:
         with client.stream("GET", url, headers={**headers, "Range": f"bytes=0-{n - 1}"}) as response:
             if response.status_code not in (200, 206):
@@ -207,5 +261,5 @@ def read_remote_header(client: httpx2.Client, url: str, headers: dict[str, str],
 
     try:
         return read_header(fetch, label)
-    except httpx2.TransportError as exc:
+    except httpx2.RequestError as exc:  # TooManyRedirects and DecodingError are not TransportErrors
         raise GgufError(f"{label}: {type(exc).__name__}: {exc}") from None

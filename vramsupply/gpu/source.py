@@ -60,7 +60,8 @@ def quant_of_header(header: GgufHeader, path: Path) -> str:
     parsed = parse_gguf_path(path.name)
     if parsed is not None and parsed.quant:
         return parsed.quant
-    return FILE_TYPES.get(int(header.get("general.file_type", -1)), "unknown")
+    file_type = header.get("general.file_type")
+    return FILE_TYPES.get(file_type, "unknown") if isinstance(file_type, int) else "unknown"
 
 
 def local_source(model: str) -> ModelSource:

@@ -7,6 +7,7 @@ Hub call here gets an explicit `endpoint=` and `token=`.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,7 +79,8 @@ def _bound_hub_client_waits(timeout: float) -> None:
 
 @contextmanager
 def hub_errors(repo_id: str, access: HubAccess) -> Iterator[None]:
-    """Turn huggingface_hub's and httpx2's exceptions into our one-line HubErrors.
+    """Turn huggingface_hub's and httpx2's exceptions into our one-line HubErrors, including those
+    of an answer that is not the JSON the Hub sends (a captive portal's HTML page with HTTP 200).
 
     RepositoryNotFoundError passes through: whether a missing repo is an error depends on the caller.
     """
@@ -95,5 +97,14 @@ def hub_errors(repo_id: str, access: HubAccess) -> Iterator[None]:
         if status == 429 or status >= 500:
             raise HubUnreachable(f"the Hub at {access.endpoint} answered HTTP {status} for {repo_id}") from None
         raise HubError(f"the Hub at {access.endpoint} rejected the request for {repo_id}: HTTP {status}") from None
-    except (httpx2.TransportError, OfflineModeIsEnabled) as exc:
+    except (httpx2.RequestError, OfflineModeIsEnabled) as exc:  # RequestError: TooManyRedirects, DecodingError too
         raise HubUnreachable(f"cannot reach the Hub at {access.endpoint} ({type(exc).__name__}: {exc})") from None
+    except json.JSONDecodeError as exc:  # a captive portal or proxy answered in the Hub's place
+        raise HubError(f"the Hub at {access.endpoint} answered the request for {repo_id} with something that is not JSON ({_short(exc)}); is a proxy or captive portal in the way?") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # huggingface_hub reading an answer of the wrong shape
+        raise HubError(f"the Hub at {access.endpoint} sent metadata for {repo_id} that cannot be read ({type(exc).__name__}: {_short(exc)})") from None
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]

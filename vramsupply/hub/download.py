@@ -10,6 +10,10 @@ certificates behave the same for metadata and downloads; `prepare_model` is sync
 before the engine loads, from a CLI command or `asyncio.to_thread`), so a blocking client needs no
 event loop of its own; and it drops the Authorization header when a redirect leaves the Hub's
 origin (the CDN must never see the token).
+
+A server whose file is not the size the Hub lists would otherwise be downloaded again and again
+(each new try counts as progress): a length that disagrees with the listing, a 416 to a resume,
+or a body that ends cleanly twice at the same offset ends the download with a DownloadError.
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ class _Digest(Protocol):
 
 class _Retry(Exception):
     """A transient answer (HTTP 429/5xx): try again after a pause."""
+
+
+class _EndedEarly(Exception):
+    """The body ended cleanly before the file's listed size: resume once; twice at the same
+    offset means the server has no more bytes."""
 
 
 class PartialBlob:
@@ -90,7 +99,7 @@ class PartialBlob:
                 f"{label} is corrupt: sha256 {actual} does not match the Hub's {self.expected.sha256}; "
                 "the file was deleted, run again to download it afresh"
             )
-        with self.path.open("rb") as fh:
+        with self.path.open("ab") as fh:  # "ab": a file of 0 bytes never had one written
             os.fsync(fh.fileno())
         os.replace(self.path, blob)
 
@@ -112,6 +121,19 @@ def _range_start(response: httpx2.Response) -> int | None:
     unit, _, spec = value.partition(" ")
     start = spec.partition("-")[0]
     return int(start) if unit == "bytes" and start.isdigit() else None
+
+
+def _range_total(response: httpx2.Response) -> int | None:
+    """The file's full length from a 206's `Content-Range: bytes N-M/L` (None for `*`)."""
+    total = response.headers.get("Content-Range", "").rpartition("/")[2]
+    return int(total) if total.isdigit() else None
+
+
+def _body_length(response: httpx2.Response) -> int | None:
+    """A 200's Content-Length, when it counts the file's bytes (no content encoding)."""
+    length = response.headers.get("Content-Length", "")
+    encoded = response.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
+    return int(length) if length.isdigit() and not encoded else None
 
 
 class BlobDownloader:
@@ -168,14 +190,21 @@ class BlobDownloader:
         url = self.access.file_url(self.resolved.repo_id, self.resolved.revision, file.path)
         task = self.progress.task(self.label(file), file.size, partial.size)
         last_progress = time.monotonic()
-        delay = RETRY_DELAY_MIN
+        delay, ended_at = RETRY_DELAY_MIN, None
         while partial.size < file.size:
             before = partial.size
             try:
                 self._stream_once(url, partial, task)
-                reason = "the server closed the connection early"
+                if partial.size < file.size:
+                    raise _EndedEarly
             except (httpx2.TransportError, _Retry) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+            except _EndedEarly:
+                if partial.size == ended_at:
+                    raise self._size_mismatch(partial, f"its body ends at byte {partial.size}, twice") from None
+                ended_at, reason = partial.size, "the server closed the connection early"
+            except httpx2.RequestError as exc:  # TooManyRedirects, DecodingError: no retry mends them
+                raise DownloadError(f"download of {self.label(file)} failed: {type(exc).__name__}: {exc}") from None
             now = time.monotonic()
             if partial.size > before:
                 last_progress, delay = now, RETRY_DELAY_MIN
@@ -202,15 +231,16 @@ class BlobDownloader:
                 raise HubAuthError(auth_help(self.resolved.repo_id, self.access.endpoint))
             if status == 429 or status >= 500:
                 raise _Retry(f"HTTP {status}")
-            if status == 416 or (status == 206 and _range_start(response) != partial.size):
-                partial.restart()
-                task.restart()
-                return
-            if status == 200 and partial.size:
-                partial.restart()
-                task.restart()
-            elif status not in (200, 206):
+            if status not in (200, 206, 416):
                 raise DownloadError(f"download of {self.label(partial.expected)} failed: HTTP {status} from {url}")
+            self._check_length(response, partial)
+            if status == 206 and _range_start(response) != partial.size:
+                partial.restart()
+                task.restart()
+                raise _Retry(f"HTTP 206 from another offset than byte {partial.size}; starting over")
+            if status == 200 and partial.size:  # the server ignored the range: start over
+                partial.restart()
+                task.restart()
             try:
                 with partial.path.open("ab") as fh:
                     for chunk in response.iter_bytes(CHUNK):
@@ -218,6 +248,22 @@ class BlobDownloader:
                         task.advance(len(chunk))
             except OSError as exc:
                 raise self._write_error(partial, exc) from None
+
+    def _check_length(self, response: httpx2.Response, partial: PartialBlob) -> None:
+        """The file's length as the server states it must be the length the Hub lists."""
+        listed = partial.expected.size
+        if response.status_code == 416:  # nothing at our offset: the server's file ends before it
+            raise self._size_mismatch(partial, f"it has nothing from byte {partial.size} on (HTTP 416)")
+        total = _range_total(response) if response.status_code == 206 else _body_length(response)
+        if total is not None and total != listed:
+            raise self._size_mismatch(partial, f"it serves {total} bytes")
+
+    def _size_mismatch(self, partial: PartialBlob, how: str) -> DownloadError:
+        """The server's file is not the size the Hub lists: no retry mends that; the partial file stays."""
+        return DownloadError(
+            f"download of {self.label(partial.expected)} failed: the Hub lists {partial.expected.size} bytes but the server's file "
+            f"differs ({how}); {decimal(partial.size)} kept, run again later or choose another --quant or repo"
+        )
 
     def _write_error(self, partial: PartialBlob, exc: OSError) -> HubError:
         """The disk filled up (or refused) mid-download: say so in one line; the partial file stays."""

@@ -69,19 +69,37 @@ def parse_gguf_path(path: str) -> GgufPath | None:
     return GgufPath(path=path, quant=quant, part=part, parts=parts, prefix=posixpath.join(directory, stem))
 
 
-def group_models(paths: Iterable[str]) -> list[QuantGroup]:
-    """Group a repo's files into models; split sets missing a part are dropped (they cannot load)."""
+def _split_sets(paths: Iterable[str]) -> dict[tuple[str, int], list[GgufPath]]:
+    """Model files keyed by model: a split set's prefix and part count, or a single file's path."""
     sets: dict[tuple[str, int], list[GgufPath]] = defaultdict(list)
     for path in paths:
         parsed = parse_gguf_path(path)
         if parsed is not None:
             sets[(parsed.prefix if parsed.parts > 1 else parsed.path, parsed.parts)].append(parsed)
-    groups = []
-    for (_, parts), members in sets.items():
+    for members in sets.values():
         members.sort(key=lambda member: member.part)
-        if [member.part for member in members] == list(range(1, parts + 1)):
-            groups.append(QuantGroup(quant=members[0].quant, paths=tuple(member.path for member in members)))
+    return sets
+
+
+def group_models(paths: Iterable[str]) -> list[QuantGroup]:
+    """Group a repo's files into models; split sets missing a part are dropped (they cannot load)."""
+    groups = [
+        QuantGroup(quant=members[0].quant, paths=tuple(member.path for member in members))
+        for (_, parts), members in _split_sets(paths).items()
+        if [member.part for member in members] == list(range(1, parts + 1))
+    ]
     return sorted(groups, key=lambda group: (group.paths[0].count("/"), group.paths[0]))
+
+
+def incomplete_sets(paths: Iterable[str]) -> list[str]:
+    """The split sets that lack a part, said for a message: `m-Q4_K_M-*-of-00003.gguf lacks part 2 of 3`."""
+    found = []
+    for (prefix, parts), members in sorted(_split_sets(paths).items()):
+        missing = sorted(set(range(1, parts + 1)) - {member.part for member in members})
+        if parts > 1 and missing:
+            shown = ", ".join(str(part) for part in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            found.append(f"{prefix}-*-of-{parts:05d}.gguf lacks part{'s' if len(missing) > 1 else ''} {shown} of {parts}")
+    return found
 
 
 def available_quants(groups: Iterable[QuantGroup]) -> list[str]:

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from huggingface_hub import HfApi, ModelInfo
-from huggingface_hub.errors import RepositoryNotFoundError
+from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 
 from vramsupply.config import DEFAULT_GGUF_PUBLISHERS
 from vramsupply.hub.access import DEFAULT_TIMEOUT, HubAccess, hub_errors
 from vramsupply.hub.errors import HubAuthError, HubError, HubUnreachable, InvalidModelSpec, ModelNotFound, QuantNotFound
-from vramsupply.hub.quant import QuantGroup, available_quants, group_models, normalize_quant, select_quant
+from vramsupply.hub.quant import QuantGroup, available_quants, group_models, incomplete_sets, normalize_quant, select_quant
 
 OWN_ORG = "{org}"
 DEFAULT_PUBLISHERS = DEFAULT_GGUF_PUBLISHERS
@@ -68,8 +69,14 @@ class ResolvedModel:
 
 
 def parse_repo_id(model: str) -> str:
+    """`org/model`, as our regex and huggingface_hub's own validator (which the Hub calls use) accept it."""
     if not _REPO_ID.match(model) or ".." in model:
         raise InvalidModelSpec(f"{model!r} is neither a HuggingFace model id (org/model) nor a path to a .gguf file")
+    try:
+        validate_repo_id(model)
+    except HFValidationError as exc:
+        reason = str(exc).splitlines()[0].rstrip(".").partition(": '")[0]
+        raise InvalidModelSpec(f"{model!r} is not a valid HuggingFace model id ({reason})") from None
     return model
 
 
@@ -142,7 +149,25 @@ def _resolved(info: ModelInfo, group: QuantGroup, model_id: str, quant: str) -> 
 
 def _describe_quants(info: ModelInfo) -> str:
     quants = available_quants(group_models(_paths(info)))
-    return ", ".join(quants) if quants else "no quant-tagged GGUF files"
+    described = ", ".join(quants) if quants else "no quant-tagged GGUF files"
+    incomplete = incomplete_sets(_paths(info))
+    return described + (f" (and incomplete split sets: {'; '.join(incomplete[:3])})" if incomplete else "")
+
+
+def _unreadable(info: ModelInfo) -> str | None:
+    """What in a Hub answer has the wrong type, if anything. huggingface_hub passes the JSON's
+    fields on unchecked, and a file name that is a number would fail far from here."""
+    if not isinstance(info.id, str) or not isinstance(info.sha, (str, type(None))):
+        return f"id {info.id!r}, sha {info.sha!r}"
+    if not isinstance(info.downloads, (int, type(None))) or not all(isinstance(tag, str) for tag in info.tags or ()):
+        return f"downloads {info.downloads!r}, tags {info.tags!r}"
+    for sibling in info.siblings or ():
+        lfs = sibling.lfs
+        if not isinstance(sibling.rfilename, str) or not isinstance(sibling.size, (int, type(None))):
+            return f"file {sibling.rfilename!r} of size {sibling.size!r}"
+        if lfs is not None and not (isinstance(lfs.size, int) and isinstance(lfs.sha256, str)):
+            return f"file {sibling.rfilename!r} with LFS size {lfs.size!r}, sha256 {lfs.sha256!r}"
+    return None
 
 
 class Resolver:
@@ -156,19 +181,22 @@ class Resolver:
     def repo_info(self, repo_id: str) -> ModelInfo | None:
         with hub_errors(repo_id, self.access):
             try:
-                return self.api.model_info(repo_id, files_metadata=True, timeout=self.access.timeout)
+                return self._readable(self.api.model_info(repo_id, files_metadata=True, timeout=self.access.timeout), repo_id)
             except RepositoryNotFoundError:
                 return None
+
+    def _readable(self, info: ModelInfo, asked: str) -> ModelInfo:
+        problem = _unreadable(info)
+        if problem is not None:
+            raise HubError(f"the Hub at {self.access.endpoint} sent metadata for {asked} that cannot be read ({problem[:200]})")
+        return info
 
     def find_candidates(self, base_id: str) -> list[ModelInfo]:
         org, name = base_id.split("/", 1)
         with hub_errors(base_id, self.access):
-            related = list(self.api.list_models(filter=["gguf", _QUANTIZED_TAG + base_id], sort="downloads", limit=SEARCH_LIMIT))
-            named = [
-                info
-                for info in self.api.list_models(search=name, filter="gguf", sort="downloads", limit=SEARCH_LIMIT)
-                if is_gguf_repo_name(info.id, org, name)
-            ]
+            related = [self._readable(info, base_id) for info in self.api.list_models(filter=["gguf", _QUANTIZED_TAG + base_id], sort="downloads", limit=SEARCH_LIMIT)]
+            found = [self._readable(info, base_id) for info in self.api.list_models(search=name, filter="gguf", sort="downloads", limit=SEARCH_LIMIT)]
+        named = [info for info in found if is_gguf_repo_name(info.id, org, name)]
         return rank_candidates(related + named, base_id, self.publishers)
 
     def resolve(self, model: str, quant: str) -> ResolvedModel:
@@ -176,6 +204,8 @@ class Resolver:
         if self.access.offline:
             raise HubUnreachable(f"HF_HUB_OFFLINE is set, so {self.access.endpoint} is not asked about {model}")
         wanted = normalize_quant(quant)
+        if not wanted:
+            raise InvalidModelSpec("--quant is empty: name a quantization such as Q4_K_M")
         info = self.repo_info(repo_id)
         if info is not None and group_models(_paths(info)):
             group = select_quant(_paths(info), wanted)
@@ -186,7 +216,7 @@ class Resolver:
         base_id = info.id if info is not None else repo_id
         candidates = self.find_candidates(base_id)
         if not candidates:
-            raise ModelNotFound(self._nothing_found(model, base_id, exists=info is not None))
+            raise ModelNotFound(self._nothing_found(model, base_id, info))
         return self._first_with_quant(candidates, wanted, model.lower())
 
     def _first_with_quant(self, candidates: list[ModelInfo], quant: str, model_id: str) -> ResolvedModel:
@@ -206,9 +236,13 @@ class Resolver:
             raise ModelNotFound(f"no accessible GGUF repository found for {model_id}; pass --model <org>/<gguf-repo> or a local .gguf path")
         raise QuantNotFound(f"no GGUF repository of {model_id} has {quant}: " + "; ".join(checked))
 
-    def _nothing_found(self, model: str, base_id: str, *, exists: bool) -> str:
+    def _nothing_found(self, model: str, base_id: str, info: ModelInfo | None) -> str:
         name = base_id.split("/", 1)[1]
-        where = f"{base_id} holds no .gguf files" if exists else f"{model} is not a repository on {self.access.endpoint}"
+        incomplete = incomplete_sets(_paths(info)) if info is not None else []
+        if incomplete:
+            where = f"{base_id} holds only incomplete split sets ({'; '.join(incomplete[:3])})"
+        else:
+            where = f"{base_id} holds no .gguf files" if info is not None else f"{model} is not a repository on {self.access.endpoint}"
         return (
             f"no GGUF repository found for {model}: {where}, and the Hub lists no GGUF repos tagged "
             f"{_QUANTIZED_TAG}{base_id} or named {name}-GGUF; pass --model <org>/<gguf-repo> or a path to a local .gguf file"
