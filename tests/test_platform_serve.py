@@ -54,7 +54,8 @@ def test_serve_registers_heartbeats_routes_buyers_and_sigterm_deregisters() -> N
             agent.wait_for(lambda: len(platform.providers) == 1, "registration")
             [provider] = platform.providers
             agent.wait_for(lambda: provider.slots_total == 16, "a heartbeat with the engine's slots")
-            assert agent.printed("prices per million tokens: input $1.20, output $2.00; you earn $1.14 / $1.90 after the 5% platform fee")
+            prices = "prices per million tokens: input $1.20, output $2.00; you earn $1.14 / $1.90 after the 5% platform fee"
+            agent.wait_for(lambda: agent.printed(prices), "the offer's lines (read from the agent's stdout by a thread)", timeout=10)
             assert f"endpoint URL {endpoint} points at a local or private address" in agent.log
 
             token_file = data_dir() / "endpoint_token"

@@ -83,7 +83,7 @@ def test_the_tunnels_url_is_registered_and_its_death_restarts_it_and_registers_t
             [provider] = platform.providers
             assert provider.offer.endpoint_url == first["url"]
             assert provider.offer.hardware is not None and provider.offer.hardware["backend"] == "cpu", "where the model runs, as without a tunnel"
-            assert agent.printed(f"public URL (cloudflared tunnel): {first['url']}/v1")
+            agent.wait_for(lambda: agent.printed(f"public URL (cloudflared tunnel): {first['url']}/v1"), "the printed URL", timeout=10)
             # the tunnel leads to the agent
             with urllib.request.urlopen(f"http://127.0.0.1:{first['forward_port']}/health", timeout=10) as response:
                 assert json.load(response)["status"] == "ok"

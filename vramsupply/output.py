@@ -24,11 +24,12 @@ def say(line: str) -> None:
         try:
             print(line, flush=True)
             return
-        except (OSError, ValueError) as exc:  # ValueError: standard output was closed
+        except ValueError:  # sys.stdout was closed (by whoever replaced it): this line goes to the log
+            pass
+        except OSError as exc:  # the file behind it fails (EPIPE, ENOSPC): for good
             _stdout_gone = True
             _point_stdout_at_devnull()
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            log.warning("cannot write to standard output (%s); serving goes on, and its lines go to this log", reason)
+            log.warning("cannot write to standard output (%s); serving goes on, and its lines go to this log", exc.strerror or exc)
     log.info("%s", line)
 
 
