@@ -55,6 +55,8 @@ def test_precedence_flag_over_env_over_file_over_default(config_file: Path, monk
         ({"VRAM_SUPPLY_PLATFORM_URL": "ftp://example.com"}, "invalid platform_url = 'ftp://example.com' (from env VRAM_SUPPLY_PLATFORM_URL)"),
         ({"VRAM_SUPPLY_ENDPOINT_URL": "not a url"}, "invalid endpoint_url = 'not a url' (from env VRAM_SUPPLY_ENDPOINT_URL)"),
         ({"VRAM_SUPPLY_PARALLEL": "0"}, "invalid parallel = '0' (from env VRAM_SUPPLY_PARALLEL)"),
+        # before, an empty quant meant "the best that fits", though the user named one
+        ({"VRAM_SUPPLY_QUANT": " "}, "invalid quant = ' ' (from env VRAM_SUPPLY_QUANT): Value error, name a quantization, e.g. Q4_K_M"),
     ],
 )
 def test_invalid_env_values_name_setting_and_source(env: dict[str, str], expected: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -166,6 +166,13 @@ class Settings(BaseSettings):
     def _split_list(cls, value: Any) -> Any:
         return [item.strip() for item in value.split(",") if item.strip()] or None if isinstance(value, str) else value
 
+    @field_validator("quant")
+    @classmethod
+    def _named_quant(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("name a quantization, e.g. Q4_K_M")
+        return value.strip()
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: Any) -> Any:
