@@ -253,18 +253,19 @@ async def test_a_buyer_who_hangs_up_while_the_commit_waits_still_gets_a_row_and_
 
 async def test_a_row_the_file_cannot_hold_fails_alone_and_the_writer_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "ledger.sqlite3"
+    now = time.time()  # recent: the writer's first roll-up folds rows older than 8 days into daily totals
     writer = LedgerWriter.open(path)
     with HeldWriteLock(path):  # so the three rows are written in one batch
         await asyncio.sleep(0.2)
-        futures = [writer.submit(entry(NOW + i)) for i in range(3)]
-        futures.insert(1, writer.submit(replace(entry(NOW + 9), request_id="too-big", gross_nanocents=2**70)))
+        futures = [writer.submit(entry(now + i)) for i in range(3)]
+        futures.insert(1, writer.submit(replace(entry(now + 9), request_id="too-big", gross_nanocents=2**70)))
     results = await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True), 15)
 
     assert [type(r).__name__ for r in results] == ["NoneType", "LedgerError", "NoneType", "NoneType"]
     assert "too-big" in str(results[1])
-    assert [e.finished_at for e in LedgerStore(path).entries()] == [NOW, NOW + 1, NOW + 2]
+    assert [e.finished_at for e in LedgerStore(path).entries()] == [now, now + 1, now + 2]
     assert any("too-big" in r.getMessage() and r.exc_info for r in caplog.records), "logged with its traceback"
-    await asyncio.wait_for(asyncio.wrap_future(writer.submit(entry(NOW + 5))), 15)
+    await asyncio.wait_for(asyncio.wrap_future(writer.submit(entry(now + 5))), 15)
     assert writer.failure is None
     writer.close()
 

@@ -9,7 +9,7 @@ shared by all the tools, so their rules live in one grammar without clashing.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .formats import ReasoningMarkers
@@ -136,10 +136,10 @@ def forced_call_grammar(
     builder.rule("tool-call", " | ".join(f"( {a} )" for a in alternatives))
     root = _calls(syntax, parallel)
     if open_reasoning is not None:
-        rules = thought_rules(open_reasoning.end, "thought")
-        for name, body in rules.items():
+        thought = _unused(builder.converter._rules, "thought")
+        for name, body in thought_rules(open_reasoning.end, thought).items():
             builder.rule(name, body)
-        root = f"thought {root}"
+        root = f"{thought} {root}"
     builder.rule("root", root)
     return builder.grammar()
 
@@ -155,9 +155,10 @@ def after_thought(grammar: str, reasoning: ReasoningMarkers) -> str:
     return "".join(f"{name} ::= {body}\n" for name, body in sorted(rules.items()))
 
 
-def _unused(rules: dict[str, str], name: str) -> str:
-    while name in rules:
-        name += "-"
+def _unused(rules: Mapping[str, str], name: str) -> str:
+    """``name``, or a longer one no rule has (with its ``-1``, ``-2``… the thought's rules use)."""
+    while any(rule == name or rule.startswith(name + "-") for rule in rules):
+        name += "x"
     return name
 
 
