@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 
 TINY_MODEL = Path(__file__).resolve().parent.parent / "vramsupply" / "assets" / "stories260K.gguf"
@@ -361,3 +362,11 @@ def standard_repos() -> list[FakeRepo]:
         FakeRepo("evil/Escape-GGUF", {"../../escape-Q4_K_M.gguf": FakeFile(generated_gguf(1024, 33))}, ["gguf"]),
         FakeRepo("gatedco/Locked-GGUF", {"Locked-Q4_K_M.gguf": tiny}, ["gguf"], gated=True, via_cdn=True),
     ]
+
+
+def point_hf_at(monkeypatch: pytest.MonkeyPatch, hub: FakeHub) -> None:
+    """The real huggingface_hub client, in this process, talks to ``hub`` and nothing else (no
+    token or offline mode of the developer's)."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

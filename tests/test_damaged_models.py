@@ -70,6 +70,11 @@ ABORTS = {
 @pytest.mark.parametrize("name", sorted(ABORTS))
 def test_the_plan_refuses_what_llama_cpp_would_abort_on(tmp_path: Path, name: str) -> None:
     changes, message = ABORTS[name]
+    refused_with(tmp_path, name, changes, message)
+
+
+def refused_with(tmp_path: Path, name: str, changes: dict, message: str) -> None:
+    """The tiny model with ``changes`` to its header is refused by the plan, with ``message``."""
     path = tiny_with(tmp_path, name, changes)
     with pytest.raises(SourceError, match=rf"^{re.escape(str(path))}: {message}"):
         local_source(str(path))
@@ -132,9 +137,7 @@ WRONG_TYPES = {
 @pytest.mark.parametrize("name", sorted(WRONG_TYPES))
 def test_a_header_value_of_the_wrong_type_is_one_line(tmp_path: Path, name: str) -> None:
     changes, message = WRONG_TYPES[name]
-    path = tiny_with(tmp_path, name, changes)
-    with pytest.raises(SourceError, match=rf"^{re.escape(str(path))}: {message}"):
-        local_source(str(path))
+    refused_with(tmp_path, name, changes, message)
 
 
 @pytest.mark.parametrize("file_type", [MetadataDetails(T.STRING, "Q4_K_M"), MetadataDetails(T.ARRAY, [1, 2], sub_type=T.UINT32), one(float("nan"), T.FLOAT32)])

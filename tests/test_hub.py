@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import hf_hub_download, scan_cache_dir
 
-from fakehub import BIG, TINY_MODEL, TOKEN, FakeHub, standard_repos
+from fakehub import BIG, TINY_MODEL, TOKEN, FakeHub, point_hf_at, standard_repos
 from vramsupply.config import load_settings
 from vramsupply.hub import (
     ChecksumMismatch,
@@ -37,9 +37,7 @@ HALF = 5 * 1024 * 1024
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
     with FakeHub(standard_repos()) as fake:
-        monkeypatch.setenv("HF_ENDPOINT", fake.url)
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        point_hf_at(monkeypatch, fake)
         yield fake
 
 

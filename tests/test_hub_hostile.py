@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from conftest import run_cli
-from fakehub import TINY_MODEL, FakeFile, FakeHub, FakeRepo, standard_repos
+from fakehub import TINY_MODEL, FakeFile, FakeHub, FakeRepo, point_hf_at, standard_repos
 from test_hub_cli import env_for
 from vramsupply.gpu.source import SourceError, model_source
 from vramsupply.hub import DownloadError, HubError, HubUnreachable, InvalidModelSpec, ModelNotFound, prepare_model
@@ -87,9 +87,7 @@ def hostile_repos() -> list[FakeRepo]:
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HostileHub]:
     with HostileHub(hostile_repos()) as fake:
-        monkeypatch.setenv("HF_ENDPOINT", fake.url)
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        point_hf_at(monkeypatch, fake)
         yield fake
 
 
