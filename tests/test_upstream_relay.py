@@ -79,7 +79,7 @@ async def test_an_upstream_answer_that_is_not_json_is_a_502_for_the_buyer(caplog
                 async with buyer.post(front.make_url("/v1/chat/completions"), json=body) as response:
                     assert response.status == 502
                     error = (await response.json())["error"]
-            assert (error["code"], error["message"]) == ("upstream_error", "The model server answered with something other than a JSON object.")
+            assert (error["code"], error["message"]) == ("upstream_error", "The model server behind this endpoint failed: it answered with something other than a JSON object.")
             assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
         finally:
             await backend.close()

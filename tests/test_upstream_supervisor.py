@@ -32,12 +32,17 @@ class EngineSurface:
     def __init__(self) -> None:
         self.healthy = True
         self.completions = 0
+        self.metrics_text = "vllm:num_requests_running 1\nvllm:num_requests_waiting 0\n"
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/v1/completions", self.complete)
         return app
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.metrics_text)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self.healthy else 500)
@@ -117,3 +122,64 @@ async def test_an_engine_line_longer_than_the_reader_limit_is_skipped_and_its_ou
         await asyncio.sleep(0.2)  # the copy reads what the process wrote before it exited
     copied = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[fake]")]
     assert copied == ["[fake] after the long line"]
+
+
+async def test_a_nan_gauge_does_not_end_the_supervision_of_a_launched_engine() -> None:
+    """Before, ``int(NaN)`` killed the supervisor: the engine was stopped, /health stayed ok, and
+    every buyer got a 502 with nothing in the log."""
+    surface = EngineSurface()
+    surface.metrics_text = "vllm:num_requests_running NaN\nvllm:num_requests_waiting +Inf\n"
+    async with TestServer(surface.app(), host="127.0.0.1") as http:
+        client = UpstreamClient(str(http.make_url("/v1")))
+        state = FrontState("org/m", client, "org/m", slots_total=4)
+        supervisor = Supervisor(state, "vllm", SLEEPER, ready_timeout=20, check_interval=0.05, stop_timeout=5)
+        task = asyncio.create_task(supervisor.run())
+        try:
+            await asyncio.wait_for(supervisor.ready.wait(), 20)
+            await asyncio.sleep(0.3)  # several looks at the NaN
+            assert not task.done() and state.health.ready
+            assert supervisor.process is not None and supervisor.process.returncode is None, "the engine still runs"
+            surface.healthy = False
+            await eventually(lambda: not state.health.ready)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.close()
+
+
+class CountingBackoff(Backoff):
+    def delay(self, attempt: int, rng: object = None) -> float:
+        ATTEMPTS.append(attempt)
+        return 0.01
+
+
+ATTEMPTS: list[int] = []
+
+
+async def test_an_engine_that_crashes_soon_after_each_start_is_restarted_ever_more_slowly() -> None:
+    surface = EngineSurface()
+    crashing = [sys.executable, "-c", "import time; time.sleep(0.3)"]
+    ATTEMPTS.clear()
+    async with TestServer(surface.app(), host="127.0.0.1") as http:
+        client = UpstreamClient(str(http.make_url("/v1")))
+        state = FrontState("org/m", client, "org/m", slots_total=4)
+        supervisor = Supervisor(state, "vllm", crashing, ready_timeout=20, check_interval=0.05, stop_timeout=5, backoff=CountingBackoff())
+        task = asyncio.create_task(supervisor.run())
+        try:
+            await eventually(lambda: len(ATTEMPTS) >= 3)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.close()
+    assert ATTEMPTS[:3] == [0, 1, 2], "the backoff doubles: a short-lived ready does not reset it"
+
+
+async def test_binary_engine_output_is_escaped_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    script = "import sys; sys.stdout.buffer.write(b'\\x1b[31mred\\x00 bell\\x07\\n'); sys.stdout.flush()"
+    engine = EngineProcess("fake", [sys.executable, "-c", script])
+    with caplog.at_level(logging.INFO, logger="vramsupply.upstream"):
+        await engine.start()
+        assert await asyncio.wait_for(engine.wait(), 20) == 0
+        await asyncio.sleep(0.2)
+    copied = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[fake]")]
+    assert copied == ["[fake] \\x1b[31mred\\x00 bell\\x07"]

@@ -3,8 +3,10 @@ OpenAI-compatible server the provider already runs (Ollama, llama-server, LM Stu
 
 Whatever the engine, buyers and the platform meet our own front (``front``): the endpoint token,
 OpenAI-shaped errors, body-size limits, the model-name check, ``/health``, ``/metrics`` and exact
-usage (``usage``). Requests are forwarded and streamed back event by event (``proxy``).
-``monitor`` watches a running upstream; ``supervisor`` launches (``launch``) and restarts one.
+usage (``usage``). Requests are forwarded (``proxy``, one ``exchange`` each) and streamed back
+event by event (``stream``, ``sse``); the upstream's errors are mapped for the buyer (``refusal``),
+and what it may make us wait for or hold is bounded (``limits``). ``monitor`` watches a running
+upstream; ``supervisor`` launches (``launch``) and restarts one.
 """
 
 from vramsupply.upstream.backend import UpstreamBackend, UpstreamError

@@ -4,6 +4,11 @@
 the first): ``prepare`` settles the model's names, ``create_app`` builds the front, ``start``
 connects (``upstream``) or launches and supervises (``vllm``, ``sglang``) until the upstream is
 ready, then learns its context; ``close`` stops watching and stops a launched engine.
+
+The watch (``UpstreamMonitor`` or ``Supervisor``) runs as a task for as long as we serve. Should
+it ever end with an error, serving cannot go on honestly: the error is logged with its traceback,
+``/health`` answers 503, and the failure reaches the serve lifecycle (``EngineStats.failure``),
+which stops and exits 1 naming it, so the service manager restarts the agent.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from vramsupply.engine import EngineStats
 from vramsupply.errors import VramsupplyError
 from vramsupply.hub.local import model_id_of
 from vramsupply.logging import register_secret
-from vramsupply.upstream.client import DiscoveredModel, UpstreamClient, UpstreamUnavailable
+from vramsupply.upstream.client import DiscoveredModel, UpstreamClient, UpstreamUnavailable, listed_as
 from vramsupply.upstream.front import FrontState, create_front_app
 from vramsupply.upstream.launch import LaunchError, LaunchOptions, command_line
-from vramsupply.upstream.monitor import UpstreamMonitor
+from vramsupply.upstream.monitor import UpstreamMonitor, set_ready
 from vramsupply.upstream.options import UpstreamOptions
 from vramsupply.upstream.supervisor import Supervisor
 
@@ -74,7 +79,7 @@ class UpstreamBackend:
             raise UpstreamError("--engine upstream needs the server's URL: pass --upstream-url (e.g. http://127.0.0.1:11434/v1) or set VRAM_SUPPLY_UPSTREAM_URL")
         self.client = UpstreamClient(o.url, o.api_key)
         try:
-            self.upstream_model = o.upstream_model or await self._discover_name(self.client)
+            self.upstream_model = await self._check_name(self.client, o.upstream_model) if o.upstream_model else await self._discover_name(self.client)
         except UpstreamError:
             await self.client.close()
             raise
@@ -84,8 +89,23 @@ class UpstreamBackend:
         try:
             models = await client.models()
         except UpstreamUnavailable as exc:
+            if "answered 401" in str(exc) or "answered 403" in str(exc):
+                raise UpstreamError(f"the upstream refuses our credentials ({exc}): pass its key with --upstream-api-key") from None
             raise UpstreamError(f"cannot ask the upstream which model it serves ({exc}); start it, or pass --upstream-model") from None
         return pick_model(models, self.options.model)
+
+    async def _check_name(self, client: UpstreamClient, wanted: str) -> str:
+        """``--upstream-model`` as the upstream spells it; refused when the upstream lists others.
+        An upstream that does not answer yet is waited for (the monitor checks the name then)."""
+        try:
+            names = [m.name for m in await client.models()]
+        except UpstreamUnavailable:
+            return wanted
+        name = listed_as(wanted, names)
+        if name is None:
+            listed = ", ".join(names)[:300] or "none"
+            raise UpstreamError(f"the upstream does not serve {wanted}: --upstream-model must be one of the models it lists ({listed})")
+        return name
 
     def _plan_launch(self) -> UpstreamModel:
         o = self.options
@@ -134,19 +154,37 @@ class UpstreamBackend:
         """Until the upstream is ready (False if a stop came first); then learn its context."""
         assert self.state is not None
         if self.kind == "upstream":
-            monitor = UpstreamMonitor(self.state)
+            monitor = UpstreamMonitor(self.state, interval=self.options.check_interval)
             ready = monitor.ready
             self._task = asyncio.create_task(monitor.run(), name="upstream-monitor")
         else:
             self.supervisor = Supervisor(
-                self.state, self.kind, self.argv, ready_timeout=self.options.start_timeout, stop_timeout=self.options.stop_timeout
+                self.state,
+                self.kind,
+                self.argv,
+                ready_timeout=self.options.start_timeout,
+                stop_timeout=self.options.stop_timeout,
+                check_interval=self.options.check_interval,
             )
             ready = self.supervisor.ready
             self._task = asyncio.create_task(self.supervisor.run(), name=f"{self.kind}-supervisor")
         if not await first_of(ready, stopping, self._task):
             return False
+        self._task.add_done_callback(self._watch_ended)
         self.n_ctx = await self._context()
+        declared = self.kind == "upstream" and self.options.context_length is not None
+        self.state.n_ctx = 0 if declared else self.n_ctx  # bounds usage only where the engine enforces it
         return True
+
+    def _watch_ended(self, task: asyncio.Task[None]) -> None:
+        """The monitor or supervisor ended while serving: a failure (see the module docstring)."""
+        if task.cancelled() or self.state is None:
+            return
+        exc = task.exception()
+        reason = f"watching the {self.kind} engine failed ({type(exc).__name__}: {exc})" if exc is not None else f"watching the {self.kind} engine stopped"
+        log.error("%s", reason, exc_info=exc)
+        self.state.failure = reason
+        set_ready(self.state, reason)
 
     async def _context(self) -> int:
         """The served context: configured, else what the upstream states (vLLM, SGLang, llama-server)."""
@@ -197,10 +235,8 @@ def pick_model(models: list[DiscoveredModel], wanted: str | None) -> str:
     if len(models) == 1:
         return models[0].name
     names = [m.name for m in models]
-    if wanted is not None:
-        for name in names:
-            if name.lower() == wanted.lower():
-                return name
+    if wanted is not None and (name := listed_as(wanted, names)) is not None:
+        return name
     if not names:
         raise UpstreamError("the upstream lists no model; load one there, or pass --upstream-model")
     raise UpstreamError(f"the upstream serves several models ({', '.join(names)}): pass --upstream-model NAME to choose one")

@@ -2,12 +2,14 @@
 
 One ``aiohttp.ClientSession`` per upstream, bound to loopback or the provider's LAN. Every probe has
 a short timeout so a hung upstream is noticed instead of hanging the monitor; forwarded generations
-have no total timeout (a long answer is legitimate) but a read timeout between chunks.
+are bounded by the front itself (``limits``: a whole answer's time, a stream's gaps between
+events, sizes), so aiohttp's own timeout only bounds the connect.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -15,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=10)
-GENERATION_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
+GENERATION_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
 
 
 class UpstreamUnavailable(Exception):
@@ -132,6 +134,21 @@ def positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
+def listed_as(wanted: str, names: list[str]) -> str | None:
+    """The upstream's own spelling of ``wanted`` among the names it lists (any case; Ollama's
+    ``qwen3`` is its ``qwen3:latest``), or None."""
+    by_lower = {name.lower(): name for name in names}
+    return by_lower.get(wanted.lower()) or by_lower.get(wanted.lower() + ":latest")
+
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """Control characters (a terminal's escape sequences, binary output) as ``\\xNN``, for the log."""
+    return CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def describe(exc: BaseException) -> str:
-    """An exception in a few words; a timeout's empty message becomes its name."""
-    return str(exc) or type(exc).__name__
+    """An exception in a few words, on one line; a timeout's empty message becomes its name."""
+    return escape_controls(" ".join(str(exc).split()))[:300] or type(exc).__name__

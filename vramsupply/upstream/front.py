@@ -29,6 +29,7 @@ from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vramsupply.server.responses import ModelList
 from vramsupply.server.state import SERVER_STATE, ServerState
 from vramsupply.upstream.client import UpstreamClient
+from vramsupply.upstream.limits import RelayLimits
 from vramsupply.upstream.metrics import UpstreamLoad
 from vramsupply.upstream.usage import Tokenizer
 
@@ -75,6 +76,11 @@ class FrontState(ServerState):
         self.slots_total = slots_total
         self.health = UpstreamHealth()
         self.counters = FrontCounters()
+        self.limits = RelayLimits()
+        self.n_ctx = 0
+        """The served context, once known: bounds the usage an answer may claim."""
+        self.failure: str | None = None
+        """Why the upstream can no longer be served at all (its supervisor died): serve exits."""
         self._upstream_gauges()
 
     def snapshot(self) -> EngineStats:
@@ -90,6 +96,7 @@ class FrontState(ServerState):
             completion_tokens_total=counters.completion_tokens_total,
             cached_tokens_total=counters.cached_tokens_total,
             requests_total=counters.requests_total,
+            failure=self.failure,
             unavailable=None if self.health.ready else f"the upstream is not ready: {self.health.reason}",
         )
 

@@ -4,11 +4,14 @@ Each engine names its gauges differently; the platform needs two numbers from an
 requests running (our "slots busy") and requests waiting (our "queue depth"); the provider's own
 ``/metrics`` also shows how full the KV cache is. ``GAUGES`` maps each engine to its names, and
 ``read_load`` sums the counts over label sets (vLLM labels its gauges by model and engine index, so
-a multi-engine deployment has several series) and takes the fullest cache.
+a multi-engine deployment has several series) and takes the fullest cache. A value that is not a
+finite, non-negative number (an engine's ``NaN`` or ``+Inf``) is skipped: it says nothing of the
+load, and a count made of it would break every heartbeat after it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,6 +39,10 @@ ANY_ENGINE = LoadGauges(
 """For ``--engine upstream``: whichever of the known names the server exposes."""
 
 
+MAX_GAUGE = 1e9
+"""Far above any engine's requests in flight: beyond it a gauge is nonsense, not load."""
+
+
 @dataclass(frozen=True)
 class UpstreamLoad:
     running: int
@@ -52,6 +59,8 @@ def read_load(text: str, gauges: LoadGauges = ANY_ENGINE) -> UpstreamLoad | None
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
+                if not (math.isfinite(sample.value) and 0 <= sample.value <= MAX_GAUGE):
+                    continue
                 if sample.name in wanted:
                     totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
                 elif sample.name in gauges.cache_usage:
@@ -62,4 +71,4 @@ def read_load(text: str, gauges: LoadGauges = ANY_ENGINE) -> UpstreamLoad | None
     waiting = [totals[name] for name in gauges.waiting if name in totals]
     if not running and not waiting:
         return None
-    return UpstreamLoad(running=int(sum(running)), waiting=int(sum(waiting)), cache_usage=fullest)
+    return UpstreamLoad(running=int(min(sum(running), MAX_GAUGE)), waiting=int(min(sum(waiting), MAX_GAUGE)), cache_usage=fullest)

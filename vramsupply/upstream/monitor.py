@@ -2,8 +2,14 @@
 
 ``check_upstream`` is one look: the engine's health endpoint (``/health`` must answer 200 for vLLM,
 SGLang and llama-server; a server without one, such as Ollama or llama_cpp.server, is judged by
-``/v1/models``), then its load from ``/metrics``. ``UpstreamMonitor`` repeats it for a server the
-provider runs, and logs each change between ready and not ready once.
+``/v1/models``, which must list the model we forward to), then its load from ``/metrics``.
+``UpstreamMonitor`` repeats it for a server the provider runs, and logs each change between ready
+and not ready once.
+
+A look that fails in a way we did not foresee (our bug, or an answer nothing anticipated) is
+logged once with its traceback and marks the upstream not ready while we cannot tell; the watch
+goes on, so the next good look makes it ready again. The watch never dies silently behind a
+``/health`` that still says ok.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import asyncio
 import logging
 import time
 
-from vramsupply.upstream.client import UpstreamClient, UpstreamUnavailable
+from vramsupply.upstream.client import UpstreamClient, UpstreamUnavailable, listed_as
 from vramsupply.upstream.front import FrontState
 from vramsupply.upstream.metrics import ANY_ENGINE, GAUGES, read_load
 
@@ -21,8 +27,8 @@ log = logging.getLogger("vramsupply.upstream")
 CHECK_INTERVAL_SECONDS = 5.0
 
 
-async def check_upstream(client: UpstreamClient, engine: str) -> str | None:
-    """None when the upstream is healthy, else why not (one phrase)."""
+async def check_upstream(client: UpstreamClient, engine: str, model: str | None = None) -> str | None:
+    """None when the upstream is healthy (and lists ``model``, when given), else why not (one phrase)."""
     status = await client.status_of("/health")
     if status is None:
         return f"the {engine} server at {client.root_url} does not answer"
@@ -30,18 +36,25 @@ async def check_upstream(client: UpstreamClient, engine: str) -> str | None:
         return f"the {engine} server's /health answers {status}"
     if engine == "upstream":
         try:
-            await client.models()
+            listed = [m.name for m in await client.models()]
         except UpstreamUnavailable as exc:
             return f"the upstream does not list its models ({exc})"
+        if model is not None and listed_as(model, listed) is None:
+            return f"the upstream does not serve {model} (it lists: {', '.join(listed)[:300] or 'nothing'})"
     return None
 
 
 async def refresh(state: FrontState, engine: str) -> str | None:
     """One look at the upstream, recorded on ``state``: readiness, reason, load."""
-    reason = await check_upstream(state.client, engine)
-    if reason is None:
-        text = await state.client.metrics_text()
-        state.health.load = read_load(text, GAUGES.get(engine, ANY_ENGINE)) if text else None
+    try:
+        reason = await check_upstream(state.client, engine, state.upstream_model if engine == "upstream" else None)
+        if reason is None:
+            text = await state.client.metrics_text()
+            state.health.load = read_load(text, GAUGES.get(engine, ANY_ENGINE)) if text else None
+    except Exception as exc:
+        reason = f"cannot tell whether the upstream is ready ({type(exc).__name__}: {exc})"
+        if state.health.reason != reason:
+            log.exception("checking the %s server failed unexpectedly", engine)
     set_ready(state, reason)
     return reason
 

@@ -30,3 +30,5 @@ class UpstreamOptions:
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     start_timeout: float = 1800.0
     stop_timeout: float = 30.0
+    check_interval: float = 5.0
+    """Seconds between looks at the upstream's /health, models and load."""

@@ -4,8 +4,14 @@
   ``/health`` can stay 200 after some GPU faults, and SGLang answers before warm-up ends.
 - **Watch:** every few seconds ``/health`` is checked. The process exiting, or ``/health`` failing
   for ``stall_after`` seconds in a row, marks the front not ready (``/health`` 503, so the
-  platform's checks see it), stops the process and starts it again after a capped, jittered backoff.
-- **Output:** every line the engine prints goes into our log with its name in front.
+  platform's checks see it), stops the process and starts it again after a capped, jittered backoff
+  that doubles with each failure and starts over only once the engine stayed up ``stable_after``
+  seconds (an engine that crashes soon after each start is not restarted every 2 s).
+- **Unforeseen errors:** a look at the engine that fails in a way nobody foresaw counts as a
+  failing ``/health`` (``monitor.refresh``); anything else that ends this loop ends serving:
+  ``UpstreamBackend`` logs it with its traceback and serve exits 1 naming it.
+- **Output:** every line the engine prints goes into our log with its name in front, control
+  characters escaped (binary output or a terminal's escape sequences never reach the log raw).
 - **Stop:** SIGTERM to the engine's process group, then SIGKILL after ``stop_timeout`` seconds; if
   the agent itself is killed, the engine gets SIGTERM from the kernel (``die_with_parent``).
 """
@@ -22,7 +28,7 @@ from collections.abc import Callable
 
 from vramsupply.children import die_with_parent, output_lines
 from vramsupply.platform.backoff import Backoff
-from vramsupply.upstream.client import UpstreamUnavailable
+from vramsupply.upstream.client import UpstreamUnavailable, escape_controls
 from vramsupply.upstream.front import FrontState
 from vramsupply.upstream.launch import redacted
 from vramsupply.upstream.monitor import CHECK_INTERVAL_SECONDS, check_upstream, refresh, set_ready
@@ -31,6 +37,8 @@ log = logging.getLogger("vramsupply.upstream")
 
 RESTART_BACKOFF = Backoff(initial=2.0, cap=60.0)
 READY_POLL_SECONDS = 1.0
+STABLE_AFTER_SECONDS = 300.0
+"""An engine that served this long before failing is restarted after the shortest delay again."""
 
 
 class EngineProcess:
@@ -82,7 +90,7 @@ class EngineProcess:
         assert self._process is not None and self._process.stdout is not None
         engine_log = logging.getLogger(f"vramsupply.upstream.{self.name}")
         async for raw in output_lines(self._process.stdout):
-            line = raw.decode("utf-8", "replace").rstrip()
+            line = escape_controls(raw.decode("utf-8", "replace").rstrip())
             if line:
                 engine_log.info("[%s] %s", self.name, line)
 
@@ -120,6 +128,7 @@ class Supervisor:
         check_interval: float = CHECK_INTERVAL_SECONDS,
         stall_after: float = 30.0,
         stop_timeout: float = 30.0,
+        stable_after: float = STABLE_AFTER_SECONDS,
         backoff: Backoff = RESTART_BACKOFF,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -130,6 +139,7 @@ class Supervisor:
         self.check_interval = check_interval
         self.stall_after = stall_after
         self.stop_timeout = stop_timeout
+        self.stable_after = stable_after
         self.backoff = backoff
         self.clock = clock
         self.ready = asyncio.Event()
@@ -146,10 +156,11 @@ class Supervisor:
         failures = 0
         while True:
             self.process = EngineProcess(self.engine, self.argv)
+            ready_at: float | None = None
             try:
                 await self.process.start()
                 await self._until_ready(self.process)
-                failures = 0
+                ready_at = self.clock()
                 await self._watch(self.process)
             except UpstreamUnavailable as exc:
                 self.last_failure = str(exc)
@@ -159,6 +170,8 @@ class Supervisor:
             finally:
                 self.ready.clear()
                 await self.process.stop(self.stop_timeout)
+            if ready_at is not None and self.clock() - ready_at >= self.stable_after:
+                failures = 0
             delay = self.backoff.delay(failures)
             failures += 1
             log.warning("%s failed (%s); starting it again in %.0fs", self.engine, self.last_failure, delay)

@@ -53,21 +53,47 @@ class CountedUsage:
         return usage
 
 
-def usage_of(payload: dict[str, Any]) -> CountedUsage | None:
-    """The upstream's own usage in a response or chunk; None when absent or malformed."""
+MAX_TOKENS_ANY_REQUEST = 1 << 31
+"""The bound when the served context is not known yet: far above any real request, far below
+what the ledger (SQLite's 64-bit integers) or a heartbeat could not hold."""
+
+
+@dataclass(frozen=True)
+class UsageBounds:
+    """The most tokens one request can use: its prompts within the context, each choice within it."""
+
+    prompt: int = MAX_TOKENS_ANY_REQUEST
+    completion: int = MAX_TOKENS_ANY_REQUEST
+
+    @classmethod
+    def of(cls, n_ctx: int, body: dict[str, Any]) -> UsageBounds:
+        context = n_ctx if n_ctx > 0 else MAX_TOKENS_ANY_REQUEST
+        prompt = body.get("prompt")
+        prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+        n = body.get("n") if _count(body.get("n")) and body.get("n") else 1
+        return cls(prompt=context * prompts, completion=context * prompts * min(n, 1024))
+
+
+def usage_of(payload: dict[str, Any], bounds: UsageBounds | None = None) -> CountedUsage | None:
+    """The upstream's own usage in a response or chunk; None when absent or implausible: counts
+    that are not non-negative integers, past what the request could use, or more cached prompt
+    tokens than prompt tokens. Buyers are billed from it, so a bad one is never taken."""
+    bounds = bounds or UsageBounds()
     usage = payload.get("usage")
     if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not (_count(prompt) and _count(completion)):
+    if not (_count(prompt, bounds.prompt) and _count(completion, bounds.completion)):
         return None
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return CountedUsage(prompt, completion, cached if _count(cached) else 0)
+    if cached is not None and not _count(cached, prompt):
+        return None
+    return CountedUsage(prompt, completion, cached or 0)
 
 
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _count(value: Any, most: int = MAX_TOKENS_ANY_REQUEST) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most
 
 
 class Tokenizer:
@@ -129,7 +155,9 @@ class Tokenizer:
                 answer = await reply.json(content_type=None)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise UpstreamUnavailable(f"{url}: {describe(exc)}") from None
-        if isinstance(answer, dict) and isinstance(answer.get("count"), int):
+        if isinstance(answer, dict) and "count" in answer:
+            if not _count(answer["count"]):
+                raise UpstreamUnavailable(f"{url} returned an implausible count")
             return int(answer["count"])
         tokens = answer.get("tokens") if isinstance(answer, dict) else None
         if not isinstance(tokens, list):
@@ -144,21 +172,23 @@ class UsageCounter:
         self._client = client
         self._tokenizer = tokenizer
 
-    async def count(self, path: str, body: dict[str, Any], texts: list[str]) -> CountedUsage:
+    async def count(self, path: str, body: dict[str, Any], texts: list[str], bounds: UsageBounds) -> CountedUsage:
         """``texts``: each choice's generated text."""
         completion = sum([await self._tokenizer.count_continuation(text) for text in texts])
-        prompt = await self._prompt_tokens(path, body)
+        prompt = await self._prompt_tokens(path, body, bounds)
+        if not (_count(prompt, bounds.prompt) and _count(completion, bounds.completion)):
+            raise UpstreamUnavailable(f"the tokenizer counted an implausible {prompt} prompt and {completion} completion tokens")
         return CountedUsage(prompt, completion, source="tokenizer")
 
-    async def _prompt_tokens(self, path: str, body: dict[str, Any]) -> int:
+    async def _prompt_tokens(self, path: str, body: dict[str, Any], bounds: UsageBounds) -> int:
         prompt = body.get("prompt")
         if path == "/completions" and isinstance(prompt, str):
             return await self._tokenizer.count(prompt, special=True)
         if path == "/completions" and isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             return len(prompt)
-        return await self._replayed_prompt_tokens(path, body)
+        return await self._replayed_prompt_tokens(path, body, bounds)
 
-    async def _replayed_prompt_tokens(self, path: str, body: dict[str, Any]) -> int:
+    async def _replayed_prompt_tokens(self, path: str, body: dict[str, Any], bounds: UsageBounds) -> int:
         """The server's own prompt count for these messages: one non-streamed 1-token replay."""
         replay = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n", "max_tokens", "max_completion_tokens")}
         replay.update(max_tokens=1, stream=False)
@@ -168,7 +198,7 @@ class UsageCounter:
                 answer = await reply.json(content_type=None) if reply.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise UpstreamUnavailable(f"counting the prompt failed: {describe(exc)}") from None
-        usage = usage_of(answer) if isinstance(answer, dict) else None
+        usage = usage_of(answer, bounds) if isinstance(answer, dict) else None
         if usage is None:
             raise UpstreamUnavailable("the upstream reports no usage even for a non-streamed request")
         return usage.prompt_tokens

@@ -1,0 +1,357 @@
+"""A buyer behind our front while the upstream misbehaves: wrong statuses, malformed answers,
+implausible usage, endless lines, stalls and floods. Whatever the upstream does, the buyer gets
+OpenAI error JSON (a 4xx only for their own request; 502/503/504 for the upstream's failings), a
+stream always ends with an error event, and what was delivered is in the earnings ledger.
+
+The upstream is ``tests/doubles/hostile_upstream.py``, a small real aiohttp server; the front in
+between is ours, served for real on localhost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import time
+from typing import Any
+
+import pytest
+from aiohttp import web
+from doubles.hostile_upstream import (
+    CHAT,
+    REPLAY_PROMPT_TOKENS,
+    HostileUpstream,
+    answering,
+    chunk,
+    event,
+    fronted,
+    hang,
+    streaming,
+    whole,
+)
+
+from vramsupply.upstream.limits import RelayLimits
+
+USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+
+
+def no_trouble_of_ours(caplog: pytest.LogCaptureFixture) -> None:
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], "no traceback, no error of ours"
+
+
+def text_answer(status: int, text: str, content_type: str = "text/plain"):  # type: ignore[no-untyped-def]
+    async def handler(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        return web.Response(status=status, text=text, content_type=content_type)
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("upstream_status", "upstream_body", "buyer_status", "code"),
+    [
+        (500, "Internal Server Error\nTraceback (most recent call last): File /opt/app.py", 502, "upstream_error"),
+        (404, "<html>not found</html>", 502, "upstream_error"),
+        (401, json.dumps({"error": {"message": "Incorrect API key", "type": "invalid_request_error", "code": "invalid_api_key"}}), 502, "upstream_error"),
+        (201, json.dumps(whole()), 502, "upstream_error"),
+        (204, "", 502, "upstream_error"),
+        (599, "weird", 502, "upstream_error"),
+        (400, json.dumps({"error": {"message": "This model's maximum context length is 8192 tokens", "type": "BadRequestError", "code": "context_length_exceeded"}}), 400, "context_length_exceeded"),
+        (422, json.dumps({"detail": [{"loc": ["body", "temperature"], "msg": "bad"}]}), 422, None),
+        (429, json.dumps({"error": {"message": "queue full"}}), 429, "queue_full"),
+    ],
+)
+async def test_the_upstreams_status_is_the_buyers_only_when_it_judges_their_request(
+    upstream_status: int, upstream_body: str, buyer_status: int, code: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream = HostileUpstream()
+    upstream.generation = text_answer(upstream_status, upstream_body, "application/json" if upstream_body.startswith("{") else "text/plain")
+    async with fronted(upstream) as front:
+        status, answer = await front.post(CHAT)
+    assert (status, answer["error"]["code"]) == (buyer_status, code)
+    assert "Traceback" not in answer["error"]["message"] and "/opt/app.py" not in answer["error"]["message"]
+    assert answer["error"]["type"] == ("server_error" if buyer_status >= 500 else "rate_limit_error" if buyer_status == 429 else "invalid_request_error")
+    if buyer_status == 400:
+        assert "maximum context length is 8192" in answer["error"]["message"]
+    if upstream_status == 401:
+        assert "--upstream-api-key" in caplog.text, "the provider is told which setting is wrong"
+    no_trouble_of_ours(caplog)
+
+
+async def test_a_redirect_is_not_followed_but_a_502() -> None:
+    upstream = HostileUpstream()
+
+    async def redirect(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        raise web.HTTPTemporaryRedirect(location="/elsewhere")
+
+    upstream.generation = redirect
+    async with fronted(upstream) as front:
+        status, answer = await front.post(CHAT)
+    assert (status, answer["error"]["code"]) == (502, "upstream_error")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [whole(choices=5), whole(choices=["a", 1]), whole(choices=[{"index": 0, "message": {"content": "x", "tool_calls": 7}}]), {"id": "x", "object": "chat.completion"}],
+    ids=["choices-int", "choices-not-objects", "tool-calls-int", "no-choices"],
+)
+async def test_a_malformed_answer_is_a_502_not_our_crash(answer: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    upstream = HostileUpstream()
+    upstream.generation = answering(answer)
+    async with fronted(upstream) as front:
+        status, error = await front.post(CHAT)
+    assert (status, error["error"]["code"]) == (502, "upstream_error")
+    no_trouble_of_ours(caplog)
+
+
+async def test_a_malformed_chunk_ends_the_stream_with_an_error_event_and_bills_what_was_sent(caplog: pytest.LogCaptureFixture) -> None:
+    upstream = HostileUpstream()
+    upstream.generation = streaming(event(chunk("Once")), event({"id": "x", "choices": 5}), event("[DONE]"))
+    async with fronted(upstream) as front:
+        events = await front.stream(CHAT)
+        rows = front.ledger.rows
+    assert events[0]["choices"][0]["delta"]["content"] == "Once"
+    assert events[-1]["error"]["code"] == "upstream_error" and "malformed choices" in events[-1]["error"]["message"]
+    assert "[DONE]" not in events
+    assert [(r.prompt_tokens, r.completion_tokens, r.complete) for r in rows] == [(REPLAY_PROMPT_TOKENS, len("Once"), False)]
+    no_trouble_of_ours(caplog)
+
+
+async def test_an_endless_sse_line_ends_the_stream_and_what_was_sent_is_billed(caplog: pytest.LogCaptureFixture) -> None:
+    upstream = HostileUpstream()
+    huge = b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * (2 << 20) + b'"}}]}\n\n'
+    upstream.generation = streaming(event(chunk("start")), huge, event(chunk(usage=USAGE)), event("[DONE]"))
+    async with fronted(upstream) as front:
+        events = await front.stream({**CHAT, "stream_options": {"include_usage": True}})
+        rows = front.ledger.rows
+    assert events[0]["choices"][0]["delta"]["content"] == "start"
+    assert len(events) == 2 and "larger than 1048576 bytes" in events[1]["error"]["message"]
+    assert [(r.completion_tokens, r.complete) for r in rows] == [(len("start"), False)]
+    no_trouble_of_ours(caplog)
+
+
+async def test_an_event_that_never_ends_is_bounded_too() -> None:
+    upstream = HostileUpstream()
+    lines = b"".join(b'data: {"choices":[]}\n' for _ in range(20_000))  # no blank line: one growing event
+    upstream.generation = streaming(event(chunk("a")), lines, event("[DONE]"))
+    async with fronted(upstream, RelayLimits(max_event_bytes=64 << 10)) as front:
+        events = await front.stream(CHAT)
+    assert "larger than 65536 bytes" in events[-1]["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": 10**30, "completion_tokens": 3},
+        {"prompt_tokens": 2**62, "completion_tokens": 3},
+        {"prompt_tokens": -5, "completion_tokens": 3},
+        {"prompt_tokens": "5", "completion_tokens": "3"},
+        {"prompt_tokens": 1e30, "completion_tokens": 3.0},
+        {"prompt_tokens": 5, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 10**30}},
+        {"prompt_tokens": 5, "completion_tokens": 9000},
+    ],
+    ids=["huge", "2**62", "negative", "strings", "floats", "cached-past-prompt", "past-the-context"],
+)
+async def test_implausible_usage_is_never_billed_nor_shown_but_counted_instead(usage: dict[str, Any]) -> None:
+    upstream = HostileUpstream()
+    upstream.generation = answering(whole("hi there", usage=usage))
+    async with fronted(upstream) as front:
+        status, answer = await front.post(CHAT)
+        stats = front.backend.stats()
+        rows = front.ledger.rows
+    counted = {"prompt_tokens": REPLAY_PROMPT_TOKENS, "completion_tokens": len("hi there"), "total_tokens": REPLAY_PROMPT_TOKENS + len("hi there")}
+    assert status == 200 and answer["usage"] == counted, "counted with the model's tokenizer, as a missing usage is"
+    assert [(r.prompt_tokens, r.completion_tokens, r.cached_tokens) for r in rows] == [(REPLAY_PROMPT_TOKENS, len("hi there"), 0)]
+    assert (stats.prompt_tokens_total, stats.completion_tokens_total) == (REPLAY_PROMPT_TOKENS, len("hi there"))
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens": -5, "completion_tokens": 3}, {"prompt_tokens": "5", "completion_tokens": "3"}, {"prompt_tokens": 1e30, "completion_tokens": 3.0}])
+async def test_implausible_usage_that_cannot_be_counted_is_dropped_not_passed_on(usage: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    upstream = HostileUpstream()
+    upstream.tokenizes = False
+    upstream.generation = answering(whole("hi there", usage=usage))
+    async with fronted(upstream) as front:
+        status, answer = await front.post(CHAT)
+    assert status == 200 and answer["choices"][0]["message"]["content"] == "hi there"
+    assert "usage" not in answer, "no usage rather than a malformed one"
+    assert "could not count the usage" in caplog.text
+
+
+async def test_a_streamed_implausible_usage_is_replaced_by_ours_and_never_leaks_to_a_buyer_who_did_not_ask() -> None:
+    upstream = HostileUpstream()
+    upstream.generation = streaming(event(chunk("ab")), event(chunk(usage={"prompt_tokens": -1, "completion_tokens": 2})), event("[DONE]"))
+    async with fronted(upstream) as front:
+        asked = await front.stream({**CHAT, "stream_options": {"include_usage": True}})
+        not_asked = await front.stream(CHAT)
+        rows = front.ledger.rows
+    assert asked[-2]["usage"] == {"prompt_tokens": REPLAY_PROMPT_TOKENS, "completion_tokens": 2, "total_tokens": REPLAY_PROMPT_TOKENS + 2}
+    assert [e for e in asked if isinstance(e, dict) and e.get("usage", {}) and e["usage"].get("prompt_tokens") == -1] == []
+    assert [e for e in not_asked if isinstance(e, dict) and e.get("choices") == []] == [], "no empty chunk for a buyer who did not ask"
+    assert not_asked[-1] == "[DONE]" and len(rows) == 2
+
+
+async def test_an_upstream_that_never_answers_is_a_504_within_the_bound(caplog: pytest.LogCaptureFixture) -> None:
+    upstream = HostileUpstream()
+
+    async def no_headers(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        await hang()
+        raise AssertionError
+
+    upstream.generation = no_headers
+    async with fronted(upstream, RelayLimits(answer_seconds=0.5, first_event_seconds=0.5)) as front:
+        started = time.monotonic()
+        status, answer = await front.post(CHAT)
+        assert (status, answer["error"]["code"]) == (504, "upstream_timeout")
+        status, answer = await front.post({**CHAT, "stream": True})
+        assert (status, answer["error"]["code"]) == (504, "upstream_timeout") and "no headers within 0.5s" in answer["error"]["message"]
+        assert time.monotonic() - started < 5
+        assert front.backend.in_flight() == 0, "nothing left for a drain to wait on"
+    no_trouble_of_ours(caplog)
+
+
+async def test_a_slow_loris_answer_ends_at_the_overall_bound() -> None:
+    upstream = HostileUpstream()
+
+    async def slow_loris(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        while True:
+            await response.write(b" ")
+            await asyncio.sleep(0.05)
+
+    upstream.generation = slow_loris
+    async with fronted(upstream, RelayLimits(answer_seconds=0.5)) as front:
+        status, answer = await front.post(CHAT)
+    assert (status, answer["error"]["code"]) == (504, "upstream_timeout")
+
+
+async def test_a_stream_kept_alive_by_comments_alone_ends_and_is_billed() -> None:
+    upstream = HostileUpstream()
+
+    async def ping_forever(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(event(chunk("a")))
+        while True:
+            await asyncio.sleep(0.05)
+            await response.write(b": ping\n\n")
+
+    upstream.generation = ping_forever
+    async with fronted(upstream, RelayLimits(idle_seconds=0.5)) as front:
+        events = await front.stream(CHAT)
+        rows = front.ledger.rows
+    assert events[0]["choices"][0]["delta"]["content"] == "a"
+    assert events[-1]["error"]["code"] == "upstream_timeout" and "no event within 0.5s" in events[-1]["error"]["message"]
+    assert [(r.completion_tokens, r.complete) for r in rows] == [(1, False)]
+
+
+async def test_a_stream_that_flows_forever_ends_at_the_overall_bound() -> None:
+    upstream = HostileUpstream()
+
+    async def forever(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        while True:
+            await response.write(event(chunk("a")))
+            await asyncio.sleep(0.02)
+
+    upstream.generation = forever
+    async with fronted(upstream, RelayLimits(stream_seconds=0.5)) as front:
+        events = await front.stream(CHAT)
+    assert "did not finish within 0.5s" in events[-1]["error"]["message"]
+
+
+async def test_a_flood_of_an_answer_is_a_502_and_never_held_whole(caplog: pytest.LogCaptureFixture) -> None:
+    upstream = HostileUpstream()
+    big = whole("x" * (3 << 20))
+    upstream.generation = answering(big)
+    async with fronted(upstream, RelayLimits(max_answer_bytes=1 << 20)) as front:
+        status, answer = await front.post(CHAT)
+        assert (status, answer["error"]["code"]) == (502, "upstream_error") and "larger than 1048576 bytes" in answer["error"]["message"]
+
+        bomb = gzip.compress(json.dumps(big).encode())  # 3 MiB that arrive as a few KiB
+        upstream.generation = lambda request, body: asyncio.sleep(0, web.Response(body=bomb, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}))
+        status, answer = await front.post(CHAT)
+        assert (status, answer["error"]["code"]) == (502, "upstream_error") and "larger than" in answer["error"]["message"]
+    no_trouble_of_ours(caplog)
+
+
+async def test_a_broken_compression_is_a_502_in_one_line() -> None:
+    upstream = HostileUpstream()
+
+    async def bad_gzip(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        return web.Response(body=b"\x1f\x8b\x08\x00garbage", headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+
+    upstream.generation = bad_gzip
+    async with fronted(upstream) as front:
+        status, answer = await front.post(CHAT)
+    assert (status, answer["error"]["code"]) == (502, "upstream_error") and "\n" not in answer["error"]["message"]
+
+
+async def test_an_endless_error_body_is_not_read_to_its_end() -> None:
+    upstream = HostileUpstream()
+
+    async def endless_error(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = web.StreamResponse(status=500)
+        await response.prepare(request)
+        while True:
+            await response.write(b"Traceback " * 1000)
+            await asyncio.sleep(0.01)
+
+    upstream.generation = endless_error
+    async with fronted(upstream) as front:
+        status, answer = await asyncio.wait_for(front.post(CHAT), 5)
+    assert (status, answer["error"]["code"]) == (502, "upstream_error")
+
+
+async def test_a_json_answer_to_a_stream_request_is_a_502() -> None:
+    upstream = HostileUpstream()
+    upstream.generation = answering(whole(usage=USAGE))
+    async with fronted(upstream) as front:
+        async with front.buyer.post(front.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as response:
+            assert response.status == 502 and (await response.json())["error"]["code"] == "upstream_error"
+
+
+async def test_only_what_an_openai_client_can_read_is_relayed_whatever_the_line_endings() -> None:
+    upstream = HostileUpstream()
+    garbage = b"this is not sse\n\n" b"data: {not json\n\n" b"event: weird\nid: 3\n\n" b"data: \xff\xfe\x00binary\n\n" b": ping\n\n"
+    cr_only = b"".join(event(c).replace(b"\n", b"\r") for c in (chunk("b"), chunk(usage=USAGE))) + b"data: [DONE]\r\r"
+    upstream.generation = streaming(garbage, event(chunk("a")), cr_only)
+    async with fronted(upstream) as front:
+        async with front.buyer.post(front.url + "/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": {"include_usage": True}}) as response:
+            raw = await response.read()
+        rows = front.ledger.rows
+    assert raw.split(b"\n\n")[0] == b": ping", "a keep-alive comment still goes through"
+    assert b"not sse" not in raw and b"not json" not in raw and b"weird" not in raw and b"binary" not in raw
+    events = [json.loads(block[6:]) for block in raw.split(b"\n\n") if block.startswith(b"data: {")]
+    assert [e["choices"][0]["delta"]["content"] for e in events if e["choices"]] == ["a", "b"]
+    assert events[-1]["usage"]["prompt_tokens"] == 5 and raw.endswith(b"data: [DONE]\n\n")
+    assert [(r.prompt_tokens, r.complete) for r in rows] == [(5, True)], "the upstream's usage, even with CR line endings"
+
+
+async def test_a_stream_cut_or_ended_without_done_is_billed_as_incomplete() -> None:
+    upstream = HostileUpstream()
+
+    async def cut() -> None:
+        await asyncio.sleep(0.2)  # the buyer has the first event by now
+        raise ConnectionResetError  # the upstream dies mid-stream
+
+    upstream.generation = streaming(event(chunk("abc")), event(chunk("de")))
+    async with fronted(upstream) as front:
+        ended = await front.stream(CHAT)
+        upstream.generation = streaming(event(chunk("abc")), then=cut)
+        cut_events = await front.stream(CHAT)
+        rows = front.ledger.rows
+    assert ended[-1] == "[DONE]"
+    assert cut_events[0]["choices"][0]["delta"]["content"] == "abc" and cut_events[-1]["error"]["code"] == "upstream_error"
+    assert [(r.completion_tokens, r.complete) for r in rows] == [(5, False), (3, False)]
+
+
+async def test_an_upstream_error_event_mid_stream_reaches_the_buyer_in_openai_shape() -> None:
+    upstream = HostileUpstream()
+    upstream.generation = streaming(event(chunk("a")), event({"error": {"message": "CUDA out of memory\nTraceback ...", "code": 500}}), event("[DONE]"))
+    async with fronted(upstream) as front:
+        events = await front.stream(CHAT)
+    error = events[-1]["error"]
+    assert (error["type"], error["code"]) == ("server_error", "upstream_error")
+    assert "CUDA out of memory" in error["message"] and "Traceback" not in error["message"]

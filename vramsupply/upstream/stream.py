@@ -1,0 +1,141 @@
+"""Relaying an upstream's stream to the buyer, event by event, as each arrives.
+
+Only what an OpenAI client can read goes out: ``data:`` events holding a JSON object (under our
+model id, its usage as billed) and keep-alive comments; other lines (``event:``, ``id:``, text
+that is not JSON) are dropped. Usage is taken from the final chunk we asked for, and shown to the
+buyer only if they asked for it too.
+
+Once the stream has begun there is no status left to change, so every failure (the upstream cut,
+too slow, a malformed chunk, an oversized event, an error chunk of its own) ends it with one
+OpenAI-shaped error event. What was sent until then is still billed, marked incomplete, as is a
+stream that ends without ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from vramsupply.upstream.client import describe
+from vramsupply.upstream.exchange import Exchange
+from vramsupply.upstream.limits import BadAnswer, Deadline
+from vramsupply.upstream.refusal import printable
+from vramsupply.upstream.sse import DONE, encode_event, event_data, is_comment, parse_chunk, sse_events
+from vramsupply.upstream.usage import usage_of
+
+log = logging.getLogger("vramsupply.upstream")
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class UpstreamErrorEvent(BadAnswer):
+    """The upstream's own error chunk in the middle of a stream."""
+
+
+async def relay_stream(request: web.Request, reply: aiohttp.ClientResponse, exchange: Exchange, deadline: Deadline) -> web.StreamResponse:
+    if reply.content_type == "application/json":  # before any byte goes out, so still a 502
+        raise BadAnswer("it answered a stream request with a whole JSON answer")
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    try:
+        failure = await relay_events(reply, response, exchange, deadline)
+        if failure is None:
+            await finish_stream(response, exchange)
+        else:
+            await fail_stream(response, exchange, failure)
+    except ConnectionResetError:
+        # The buyer left while a write that does not wait was under way (a hang-up at any other
+        # moment cancels this handler): nobody is left to answer, and it is no server error.
+        log.debug("the buyer hung up before the stream ended")
+    return response
+
+
+async def relay_events(reply: aiohttp.ClientResponse, response: web.StreamResponse, exchange: Exchange, deadline: Deadline) -> BadAnswer | None:
+    """Relay until ``[DONE]`` or the end; why the stream failed, or None."""
+    limits = exchange.state.limits
+    events = sse_events(reply.content, limits.max_event_bytes)
+    deadline.expect(limits.first_event_seconds, "first event")
+    try:
+        while (event := await next_event(events, deadline)) is not None:
+            data = event_data(event)
+            if data == DONE:
+                return None
+            if data is not None:
+                deadline.expect(limits.idle_seconds, "event")
+            out = rewrite(event, data, exchange)
+            if out is not None:
+                await response.write(out)
+        exchange.complete = False
+        log.warning("the upstream ended a %s stream without [DONE]; billed as incomplete", exchange.path)
+        return None
+    except ConnectionResetError:
+        raise  # a write to the buyer (aiohttp's ClientConnectionResetError is also a ClientError)
+    except BadAnswer as exc:
+        return exc
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return BadAnswer(describe(exc))
+    except Exception:  # our own bug: logged with its traceback, and the buyer's stream still ends
+        log.exception("relaying a %s stream failed", exchange.path)
+        return BadAnswer("an internal error of the endpoint")
+    finally:
+        await events.aclose()
+
+
+async def next_event(events: AsyncIterator[bytes], deadline: Deadline) -> bytes | None:
+    try:
+        return await deadline.within(events.__anext__())
+    except StopAsyncIteration:
+        return None
+
+
+def rewrite(event: bytes, data: str | None, exchange: Exchange) -> bytes | None:
+    """One event as the buyer gets it (see the module docstring); None when it is dropped."""
+    if data is None:
+        return event + b"\n" if is_comment(event) else None
+    chunk = parse_chunk(data)
+    if chunk is None:
+        log.debug("dropped an upstream event that is not a JSON object: %s", printable(data, 100))
+        return None
+    if "error" in chunk:
+        raise UpstreamErrorEvent(f"it reported {printable(error_message(chunk['error']), 200)}")
+    usage = usage_of(chunk, exchange.bounds)
+    if usage is not None:
+        exchange.usage = usage
+    had_usage_field, upstream_usage = "usage" in chunk, chunk.pop("usage", None)
+    exchange.collect(chunk)
+    if upstream_usage is not None and chunk.get("choices") == [] and (usage is None or not exchange.buyer_wants_usage):
+        return None  # a usage chunk the buyer did not ask for, or an implausible one (ours comes at the end)
+    if exchange.buyer_wants_usage and had_usage_field:
+        chunk["usage"] = usage.as_json() if usage is not None else None
+    if "model" in chunk:
+        chunk["model"] = exchange.state.model_id
+    return encode_event(chunk)
+
+
+def error_message(error: object) -> str:
+    message = error.get("message") if isinstance(error, dict) else error
+    return message if isinstance(message, str) else "an error"
+
+
+async def finish_stream(response: web.StreamResponse, exchange: Exchange) -> None:
+    """Count the answer; a buyer who asked for usage gets our count if the upstream sent none."""
+    had_usage = exchange.usage is not None
+    usage = await exchange.settle()
+    if exchange.buyer_wants_usage and usage is not None and not had_usage:
+        kind = "chat.completion.chunk" if exchange.path == "/chat/completions" else "text_completion"
+        await response.write(encode_event({"id": exchange.request_id, "object": kind, "model": exchange.state.model_id, "choices": [], "usage": usage.as_json()}))
+    await response.write(encode_event(DONE))
+    await response.write_eof()
+
+
+async def fail_stream(response: web.StreamResponse, exchange: Exchange, failure: BadAnswer) -> None:
+    """Bill what was sent, then one error event ends the stream."""
+    log.warning("the upstream's %s stream failed: %s", exchange.path, failure)
+    await exchange.settle_failed()
+    error = {"message": f"The model server failed mid-stream: {failure}.", "type": "server_error", "param": None, "code": failure.code}
+    await response.write(encode_event({"error": error}))
+    await response.write_eof()
