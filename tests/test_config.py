@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import run_cli
-from vramsupply.config import ConfigError, Settings, load_settings, write_config_values
+from vramsupply.config import ConfigError, Settings, load_settings, write_config_values, write_private_file
 
 
 def test_defaults_match_the_platform_docs(config_file: Path) -> None:
@@ -57,6 +60,11 @@ def test_precedence_flag_over_env_over_file_over_default(config_file: Path, monk
         ({"VRAM_SUPPLY_PARALLEL": "0"}, "invalid parallel = '0' (from env VRAM_SUPPLY_PARALLEL)"),
         # before, an empty quant meant "the best that fits", though the user named one
         ({"VRAM_SUPPLY_QUANT": " "}, "invalid quant = ' ' (from env VRAM_SUPPLY_QUANT): Value error, name a quantization, e.g. Q4_K_M"),
+        # before, the empty host listened on every interface
+        ({"VRAM_SUPPLY_HOST": ""}, "invalid host = '' (from env VRAM_SUPPLY_HOST): Value error, name an address: 127.0.0.1 for this machine only"),
+        ({"VRAM_SUPPLY_API_KEY": "sk-\x1b[31m"}, "invalid api_key"),  # it made every platform call a traceback
+        ({"VRAM_SUPPLY_DRAIN_TIMEOUT": "inf"}, "invalid drain_timeout = 'inf' (from env VRAM_SUPPLY_DRAIN_TIMEOUT): Input should be less than or equal to 3600"),
+        ({"VRAM_SUPPLY_HEARTBEAT_INTERVAL": "600"}, "invalid heartbeat_interval = '600' (from env VRAM_SUPPLY_HEARTBEAT_INTERVAL): Input should be less than or equal to 120"),
     ],
 )
 def test_invalid_env_values_name_setting_and_source(env: dict[str, str], expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,3 +187,50 @@ def test_a_price_with_a_few_digits_too_many_is_refused_by_name() -> None:
     assert env.returncode == 2
     assert env.stderr.strip().startswith("error: invalid output_price = '20000000' (from env VRAM_SUPPLY_OUTPUT_PRICE): Input should be less than")
     assert load_settings({"input_price": 1_000_000}).settings.input_price == 1_000_000, "$10,000 per million is still a price"
+
+
+def test_an_empty_cache_dir_or_api_key_is_unset_not_the_current_directory_or_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VRAM_SUPPLY_CACHE_DIR", "")  # Path("") is ".": a service's writable path became "/"
+    monkeypatch.setenv("VRAM_SUPPLY_API_KEY", " ")
+    settings = load_settings().settings
+    assert settings.cache_dir is None and settings.api_key is None
+
+
+def test_a_private_file_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    write_private_file(path, 'api_key = "first"\n')
+    with pytest.raises(UnicodeEncodeError):  # fails mid-write, as a full disk would
+        write_private_file(path, 'api_key = "sec\ud800ond"\n')
+    assert path.read_text() == 'api_key = "first"\n', "the old file is whole"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.toml"], "and nothing is left beside it"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_private_file_follows_a_link_and_refuses_what_is_no_file(tmp_path: Path) -> None:
+    kept = tmp_path / "dotfiles" / "vramsupply.toml"
+    kept.parent.mkdir()
+    kept.write_text("")
+    link = tmp_path / "config.toml"
+    link.symlink_to(kept)
+    write_private_file(link, 'api_key = "k"\n')
+    assert link.is_symlink() and kept.read_text() == 'api_key = "k"\n'
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # as /dev/null: before, it was opened, written and made 0600
+    with pytest.raises(OSError, match="not a regular file"):
+        write_private_file(fifo, "x")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_login_takes_a_piped_key_refuses_a_control_character_and_needs_some_input() -> None:
+    piped = run_cli("login", input="sk-piped-key\n")
+    assert piped.returncode == 0 and "GetPassWarning" not in piped.stderr
+    assert load_settings().settings.api_key.get_secret_value() == "sk-piped-key"
+    escaped = run_cli("login", "--api-key", "sk-\x1b[31m")
+    assert escaped.returncode == 1 and escaped.stderr.strip() == "error: an API key is 1 to 512 printable ASCII characters without spaces"
+    closed = subprocess.run([sys.executable, "-m", "vramsupply", "login"], stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    assert closed.returncode == 1 and "Traceback" not in closed.stderr
+
+
+def test_an_output_encoding_without_our_characters_is_no_traceback() -> None:
+    shown = run_cli("serve", "--help", env={"PYTHONIOENCODING": "ascii"})
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr

@@ -8,10 +8,13 @@ TOML config file (``config.toml`` in the platformdirs user config dir, or ``VRAM
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import errno
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -52,6 +55,11 @@ DEFAULT_DOWNLOAD_TIMEOUT = 60.0
 DEFAULT_PARALLEL = 16
 DEFAULT_PARALLEL_KV_PER_SLOT = 4
 DEFAULT_PARALLEL_RECURRENT = 4
+MAX_DRAIN_SECONDS = 3600.0
+"""An hour: no request runs longer, and the service manager waits this long (plus 30 s) to stop."""
+MAX_HEARTBEAT_SECONDS = 120.0
+"""The platform checks health every 60 s and forgets an agent silent for a few minutes."""
+MAX_API_KEY_CHARS = 512
 MAX_PRICE = 1_000_000
 """The highest price, in cents per million tokens: $10,000, far above what any model sells for.
 The platform documents no range; a price past this is a slip (a few digits too many), and at
@@ -126,7 +134,7 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535, description="Port the OpenAI-compatible server listens on")
     endpoint_token: SecretStr | None = Field(None, description="Bearer token required on /v1/* (generated when registering if unset)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body in bytes (413 above)")
-    drain_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests may take to finish on shutdown")
+    drain_timeout: float = Field(30.0, ge=0, le=MAX_DRAIN_SECONDS, description="Seconds in-flight requests may take to finish on shutdown")
 
     # Marketplace
     api_key: SecretStr | None = Field(None, description="vram.supply API key (`vramsupply login` stores it)")
@@ -137,7 +145,7 @@ class Settings(BaseSettings):
     output_price: int = Field(200, ge=0, le=MAX_PRICE, description="Output price, cents per million tokens")
     context_length_offered: int | None = Field(None, ge=1, description="Context length advertised to the market (default: context_length)")
     no_register: bool = Field(False, description="Serve locally only: do not register with the platform")
-    heartbeat_interval: float = Field(30.0, gt=0, description="Seconds between heartbeats")
+    heartbeat_interval: float = Field(30.0, ge=0.1, le=MAX_HEARTBEAT_SECONDS, description="Seconds between heartbeats")
 
     # Hub and logging
     cache_dir: Path | None = Field(None, description="HuggingFace cache dir for models (default: the shared HF cache)")
@@ -165,6 +173,36 @@ class Settings(BaseSettings):
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         return [item.strip() for item in value.split(",") if item.strip()] or None if isinstance(value, str) else value
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """``VRAM_SUPPLY_CACHE_DIR=`` is no path: ``Path("")`` would be the current directory
+        (and the service's writable path, ``/``)."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("host")
+    @classmethod
+    def _named_host(cls, value: str) -> str:
+        if not value.strip():  # the empty host listens on every interface
+            raise ValueError("name an address: 127.0.0.1 for this machine only, 0.0.0.0 for every interface")
+        return value.strip()
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _printable_key(cls, value: Any) -> Any:
+        """A key travels in an HTTP header: printable ASCII without spaces (control characters made
+        every platform call fail with a traceback); an empty one is no key."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return None
+        problem = api_key_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @field_validator("quant")
     @classmethod
@@ -243,13 +281,36 @@ def write_config_values(path: Path, values: dict[str, Any]) -> None:
         raise ConfigError(f"cannot write config file {path}: {exc.strerror or exc}") from None
 
 
+def api_key_problem(key: str) -> str | None:
+    """What is wrong with ``key`` as an API key, or None."""
+    if not key or len(key) > MAX_API_KEY_CHARS or not all("!" <= ch <= "~" for ch in key):
+        return f"an API key is 1 to {MAX_API_KEY_CHARS} printable ASCII characters without spaces"
+    return None
+
+
 def write_private_file(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write ``text`` to ``path`` with ``mode``, set at creation so a secret is never briefly world-readable."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(path, mode)
+    """Replace ``path`` with ``text``, private (``mode``) from the first byte, all or nothing.
+
+    The text goes to a new file beside it, created with ``mode`` and synced, then renamed over
+    it: a full disk leaves the old file whole, and a secret never lands in a file someone else
+    can read (an existing file's mode could not always be changed). A link is followed, so a
+    config kept elsewhere stays there; a device or a FIFO is refused (``/dev/null`` made 0600)."""
+    target = path.resolve() if path.is_symlink() else path
+    if target.exists() and not target.is_file():
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vramsupply import __version__
-from vramsupply.config import Settings, config_path, display_value, load_settings, write_config_values
+from vramsupply.config import Settings, api_key_problem, config_path, display_value, load_settings, write_config_values
 from vramsupply.errors import Interrupted, VramsupplyError
 
 app = typer.Typer(
@@ -84,13 +84,25 @@ def login(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="API key; prompted for (hidden) when omitted."),
 ) -> None:
     """Store your vram.supply API key in the config file (mode 0600)."""
-    key = api_key if api_key is not None else typer.prompt("vram.supply API key", hide_input=True)
-    key = key.strip()
-    if not key or any(ch.isspace() for ch in key):
-        fail("the API key must be a single non-empty word")
+    key = (api_key if api_key is not None else _ask_for_key()).strip()
+    problem = api_key_problem(key)
+    if problem is not None:
+        fail(problem)
     path = config_path()
     write_config_values(path, {"api_key": key})
     console.print(f"API key saved to {path} (mode 0600).")
+
+
+def _ask_for_key() -> str:
+    """Hidden at a terminal; one line when piped in (getpass would warn that it cannot hide it)."""
+    if sys.stdin is None or sys.stdin.closed:
+        fail("no API key: pass --api-key, or run `vramsupply login` in a terminal")
+    if not sys.stdin.isatty():
+        return sys.stdin.readline()
+    try:
+        return typer.prompt("vram.supply API key", hide_input=True)
+    except typer.Abort:  # Ctrl-C or end of input at the prompt
+        raise Interrupted("login cancelled; nothing saved") from None
 
 
 USER_UNIT_OPTION = typer.Option(False, "--user", help="The per-user service (systemctl --user) instead of the system one.")
@@ -108,6 +120,7 @@ def main() -> None:
     An interrupt that reaches here arrived outside any command's own signal handling (while
     Python was still importing, say): exit 130 quietly, as a shell expects.
     """
+    _tolerant_output()
     try:
         app()
     except VramsupplyError as exc:
@@ -118,3 +131,15 @@ def main() -> None:
         sys.exit(1)
     except (KeyboardInterrupt, asyncio.CancelledError):
         sys.exit(Interrupted.exit_code)
+
+
+def _tolerant_output() -> None:
+    """An output encoding without the characters we print (``PYTHONIOENCODING=ascii``; a ✓, an
+    ellipsis) writes them as ``?``, where it raised from inside rich with a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and (stream.encoding or "").lower().replace("-", "") not in ("utf8", "utf16", "utf32"):
+            try:
+                reconfigure(errors="replace")
+            except (OSError, ValueError):
+                pass
