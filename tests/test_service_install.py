@@ -23,6 +23,8 @@ from vramsupply.service.installer import useradd_command
 from vramsupply.service.unit import UnitSpec, render_unit
 
 VENV_AGENT = Path(sys.executable).absolute().parent / "vramsupply"
+# Settings a service can start with: a model, and serving locally (no API key or endpoint URL needed).
+READY = {"VRAM_SUPPLY_MODEL": "qwen/qwen3.5-9b", "VRAM_SUPPLY_NO_REGISTER": "1"}
 
 
 def fake_tools(tmp_path: Path, state: str) -> tuple[Path, Path]:
@@ -68,7 +70,7 @@ def unit_values(unit: Path) -> dict[str, list[str]]:
 def test_user_install_without_systemd_prints_the_exact_commands(tmp_path: Path, isolated_env: Path) -> None:
     empty_path = tmp_path / "no-systemd"
     empty_path.mkdir()
-    result = run_cli("service", "install", "--user", env={"PATH": str(empty_path), "VRAM_SUPPLY_MODEL": "qwen/qwen3.5-9b"})
+    result = run_cli("service", "install", "--user", env={"PATH": str(empty_path), **READY})
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert "systemd is not running here; to start the service, run:\n" in result.stdout
@@ -93,7 +95,7 @@ def test_system_unit_is_hardened_without_hiding_the_gpu_and_passes_systemd_analy
     cache = tmp_path / "models"
     result = run_cli(
         "service", "install", "--unit-dir", str(tmp_path / "units"), "--env-file", str(tmp_path / "etc" / "env"),
-        env={"PATH": str(bin_dir), "VRAM_SUPPLY_DRAIN_TIMEOUT": "45", "VRAM_SUPPLY_CACHE_DIR": str(cache)},
+        env={"PATH": str(bin_dir), "VRAM_SUPPLY_DRAIN_TIMEOUT": "45", "VRAM_SUPPLY_CACHE_DIR": str(cache), **READY},
     )
     assert result.returncode == 0, result.stderr
     unit = tmp_path / "units" / "vramsupply.service"
@@ -191,7 +193,7 @@ def test_a_bad_value_in_the_existing_env_file_is_one_readable_line(tmp_path: Pat
 def test_with_systemd_running_install_enables_and_starts_then_uninstall_stops(tmp_path: Path) -> None:
     bin_dir, calls = fake_tools(tmp_path, state="degraded")
     places = ("--user", "--unit-dir", str(tmp_path / "units"), "--env-file", str(tmp_path / "env"))
-    installed = run_cli("service", "install", *places, env={"PATH": str(bin_dir)})
+    installed = run_cli("service", "install", *places, env={"PATH": str(bin_dir), **READY})
     assert installed.returncode == 0, installed.stderr
     assert logged_calls(calls) == [
         "systemctl --user is-system-running",
@@ -234,7 +236,7 @@ def test_a_failing_systemctl_is_reported_in_one_line(tmp_path: Path) -> None:
     (bin_dir / "systemctl").write_text(
         "#!/bin/sh\ncase \"$*\" in *is-system-running*) echo running ;; *) echo 'Access denied' >&2; exit 1 ;; esac\n"
     )
-    result = run_cli("service", "install", "--user", "--unit-dir", str(tmp_path / "u"), "--env-file", str(tmp_path / "e"), env={"PATH": str(bin_dir)})
+    result = run_cli("service", "install", "--user", "--unit-dir", str(tmp_path / "u"), "--env-file", str(tmp_path / "e"), env={"PATH": str(bin_dir), **READY})
     assert result.returncode == 1
     assert result.stderr.strip() == "error: systemctl --user daemon-reload failed: Access denied"
 

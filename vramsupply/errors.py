@@ -34,7 +34,7 @@ module never imports another concern to raise its own errors)::
     ├── LedgerError                      exit 1  ledger/store.py: the earnings ledger cannot be read
     ├── TunnelError                      exit 1  tunnel/errors.py: the --tunnel tool is unknown or
     │                                            not installed (says how to install it)
-    ├── ServiceError                     exit 1  service/installer.py: systemd unit handling
+    ├── ServiceError                     exit 1  service/unit.py: systemd unit handling
     ├── ListenError                      exit 1  errors.py: a server cannot listen on its address
     ├── DemoError                        exit 1  devplatform/demo.py: `serve --demo` failed
     └── Interrupted                      exit 130 errors.py: stopped by a signal before it could

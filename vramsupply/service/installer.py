@@ -1,11 +1,18 @@
 """Install, remove and inspect the systemd service: files first, then systemctl when systemd runs.
 
 Where systemd is not running (containers, WSL without systemd, a chroot) nothing is started and the
-exact commands are printed instead, so the same install works for image builds.
+exact commands are printed instead, so the same install works for image builds. Nor is a service
+started that could never start (no model, or no API key or endpoint URL to register with): it
+would fail and restart every few seconds forever; the install says what to add to the env file.
+
+Everything is checked before anything is written: values a unit or env file cannot hold, an env
+file the installer did not write (such as /etc/environment), and, where ``systemd-analyze`` exists,
+the unit as systemd itself parses it.
 """
 
 from __future__ import annotations
 
+import difflib
 import grp
 import os
 import pwd
@@ -18,20 +25,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
-from dotenv import dotenv_values
 from pydantic import ValidationError
 
-from vramsupply.config import APP_NAME, Settings, env_name, load_settings, write_private_file
-from vramsupply.errors import VramsupplyError
+from vramsupply.config import APP_NAME, ENV_PREFIX, Settings, env_name, load_settings, write_private_file
+from vramsupply.service.checks import startup_problems, verify_unit
 from vramsupply.service.unit import (
+    ENV_FILE_MARKER,
     GPU_GROUPS,
+    RESTART_SEC,
     SERVICE_USER,
     UNIT_NAME,
+    ServiceError,
     UnitSpec,
+    env_settings,
     non_default_settings,
     render_env_file,
     render_unit,
+    settings_only,
     under_home,
+    unknown_settings,
+    written_by_install,
 )
 
 Say = Callable[[str], None]
@@ -40,9 +53,6 @@ SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 SYSTEM_ENV_FILE = Path("/etc/vramsupply/env")
 SERVICE_HOME = Path("/var/lib") / SERVICE_USER
 
-
-class ServiceError(VramsupplyError):
-    """An install step failed; the message says which and what to do."""
 
 
 @dataclass(frozen=True)
@@ -72,11 +82,17 @@ def default_env_file(user_mode: bool) -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME)) / "env" if user_mode else SYSTEM_ENV_FILE
 
 
+def normalized(path: Path) -> Path:
+    """Absolute and without ``..``: systemd ignores a path that is not normalized (EnvironmentFile=,
+    ReadWritePaths=), and the service would start without its settings."""
+    return Path(os.path.normpath(path.expanduser().absolute()))
+
+
 def service_target(user_mode: bool, unit_dir: Path | None = None, env_file: Path | None = None) -> ServiceTarget:
     return ServiceTarget(
         user_mode=user_mode,
-        unit_dir=(unit_dir or default_unit_dir(user_mode)).expanduser().absolute(),
-        env_file=(env_file or default_env_file(user_mode)).expanduser().absolute(),
+        unit_dir=normalized(unit_dir or default_unit_dir(user_mode)),
+        env_file=normalized(env_file or default_env_file(user_mode)),
     )
 
 
@@ -96,20 +112,39 @@ def systemd_running(target: ServiceTarget) -> bool:
     return result.stdout.strip() in ("running", "degraded")
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    """The settings already in an env file, by field name (unknown or empty lines ignored)."""
-    if not path.exists():
-        return {}
-    by_env = {env_name(name): name for name in Settings.model_fields}
-    values = dotenv_values(path, interpolate=False)
-    return {by_env[key.upper()]: value for key, value in values.items() if key.upper() in by_env and value is not None}
+def read_env_file(target: ServiceTarget, command: str) -> str:
+    """The env file's text ("" when there is none), refusing a file that is not the installer's:
+    its lines are someone else's (/etc/environment), so it must never be rewritten, chmod-ed or purged.
+    ``install`` also takes over a hand-written file of ``VRAM_SUPPLY_*`` settings only."""
+    path = target.env_file
+    if not path.is_file():
+        return ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _file_error("read", path, exc, command, target.user_mode) from None
+    if not written_by_install(text) and not (command == "install" and settings_only(text)):
+        raise ServiceError(
+            f"not touching {path}: `vramsupply service install` did not write it (no {ENV_FILE_MARKER!r} line); "
+            "choose another --env-file, or add that line to the file to hand it to the installer"
+        )
+    return text
 
 
-def service_settings(env_file: Path) -> Settings:
+def warn_unknown_names(env_text: str, env_file: Path, say: Say) -> None:
+    """A misspelt setting in the env file is kept (it is the provider's line) but named: the agent ignores it."""
+    known = [env_name(name).removeprefix(ENV_PREFIX) for name in Settings.model_fields]
+    for name in unknown_settings(env_text):
+        close = difflib.get_close_matches(name.upper().removeprefix(ENV_PREFIX), known, n=1)
+        hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+        say(f"warning: {name} in {env_file} is not a vramsupply setting{hint}; the service ignores it")
+
+
+def service_settings(env_file: Path, env_text: str) -> Settings:
     """The effective settings, plus those already in the env file where nothing overrides them, so
     that re-running the installer from a bare shell keeps the provider's configuration."""
     loaded = load_settings()
-    kept = {name: value for name, value in read_env_file(env_file).items() if loaded.sources[name] == "default"}
+    kept = {name: value for name, value in env_settings(env_text).items() if loaded.sources[name] == "default"}
     try:
         settings = Settings(**kept) if kept else loaded.settings
     except ValidationError as exc:
@@ -124,7 +159,7 @@ def absolute_paths(settings: Settings) -> Settings:
     if settings.model and Path(settings.model).expanduser().exists():
         update["model"] = str(Path(settings.model).expanduser().absolute())
     if settings.cache_dir:
-        update["cache_dir"] = settings.cache_dir.expanduser().absolute()
+        update["cache_dir"] = normalized(settings.cache_dir)
     return settings.model_copy(update=update)
 
 
@@ -193,23 +228,25 @@ def ensure_service_user(say: Say) -> None:
     run_step(useradd_command(), say)
 
 
-def _file_error(action: str, path: Path, exc: OSError, command: str) -> ServiceError:
-    hint = "" if os.geteuid() == 0 else f" (a system service needs root: sudo vramsupply service {command}, or use --user)"
-    return ServiceError(f"cannot {action} {path}: {exc.strerror}{hint}")
+def _file_error(action: str, path: Path, exc: OSError | UnicodeDecodeError, command: str, user_mode: bool) -> ServiceError:
+    """One line; the hint about root only where it can help: a system service, not as root."""
+    reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+    hint = "" if user_mode or os.geteuid() == 0 else f" (a system service needs root: sudo vramsupply service {command}, or use --user)"
+    return ServiceError(f"cannot {action} {path}: {reason}{hint}")
 
 
-def write_file(path: Path, text: str, mode: int) -> None:
+def write_file(target: ServiceTarget, path: Path, text: str, mode: int) -> None:
     try:
         write_private_file(path, text, mode)
     except OSError as exc:
-        raise _file_error("write", path, exc, "install") from None
+        raise _file_error("write", path, exc, "install", target.user_mode) from None
 
 
-def remove_file(path: Path, say: Say) -> None:
+def remove_file(target: ServiceTarget, path: Path, say: Say) -> None:
     try:
         path.unlink()
     except OSError as exc:
-        raise _file_error("remove", path, exc, "uninstall") from None
+        raise _file_error("remove", path, exc, "uninstall", target.user_mode) from None
     say(f"removed {path}")
 
 
@@ -237,36 +274,53 @@ def start_commands(target: ServiceTarget) -> list[list[str]]:
     ]
 
 
-def install(target: ServiceTarget, say: Say) -> None:
-    settings = service_settings(target.env_file)
-    spec = unit_spec(target, settings)
+def write_service_files(target: ServiceTarget, spec: UnitSpec, env_text: str, unit_text: str, say: Say) -> None:
+    """The env file first: a unit that exists without its settings (an install cut short) would
+    start the agent with defaults, unconfigured, the next time systemd reloads."""
     if not target.user_mode:
         if under_home(spec.exec_path):
             say(f"warning: the service runs as {SERVICE_USER!r}, which may not be allowed into {spec.exec_path.parent}; "
                 "install system-wide with `sudo sh install.sh` or use --user")
         ensure_service_user(say)
     prepare_writable_dirs(spec, say)
-    # The env file first: a unit that exists without its settings (an install cut short) would
-    # start the agent with defaults, unconfigured, the next time systemd reloads.
-    values = non_default_settings(settings)
-    write_file(target.env_file, render_env_file(values), 0o600)
-    say(f"wrote {target.env_file} (mode 0600, {len(values)} settings)")
-    write_file(target.unit_path, render_unit(spec), 0o644)
+    write_file(target, target.env_file, env_text, 0o600)
+    say(f"wrote {target.env_file} (mode 0600, {len(env_settings(env_text))} settings)")
+    write_file(target, target.unit_path, unit_text, 0o644)
     say(f"wrote {target.unit_path}")
-    if settings.model is None:
-        say(f"note: no model configured; set {env_name('model')} in {target.env_file} before starting")
-    if target.user_mode:
-        say("a user service stops when you log out unless lingering is on: loginctl enable-linger $USER")
+
+
+def start_service(target: ServiceTarget, problems: list[str], say: Say) -> None:
+    """Start it where systemd runs and it can start; otherwise print the commands to run."""
     commands = start_commands(target)
-    if systemd_running(target):
+    for problem in problems:
+        say(f"warning: the service cannot start: {problem}")
+    if problems:
+        say(f"not started (it would fail and restart every {RESTART_SEC} s); once {target.env_file} has them, run:")
+    elif systemd_running(target):
         for command in commands:
             run_step(command, say)
         logs = "vramsupply service logs" + (" --user" if target.user_mode else "")
         say(f"{UNIT_NAME} is starting; follow it with: {logs} -f")
+        return
     else:
         say("systemd is not running here; to start the service, run:")
-        for command in commands:
-            say("  " + shlex.join(command))
+    for command in commands:
+        say("  " + shlex.join(command))
+
+
+def install(target: ServiceTarget, say: Say) -> None:
+    """Check everything, then write the env file and the unit, then start the service."""
+    env_text = read_env_file(target, "install")
+    warn_unknown_names(env_text, target.env_file, say)
+    settings = service_settings(target.env_file, env_text)
+    spec = unit_spec(target, settings)
+    new_env_text = render_env_file(non_default_settings(settings), env_text)
+    unit_text = render_unit(spec)
+    verify_unit(unit_text, target.user_mode)
+    write_service_files(target, spec, new_env_text, unit_text, say)
+    if target.user_mode:
+        say("a user service stops when you log out unless lingering is on: loginctl enable-linger $USER")
+    start_service(target, startup_problems(settings, target.env_file), say)
 
 
 def uninstall(target: ServiceTarget, purge: bool, say: Say) -> None:
@@ -274,7 +328,7 @@ def uninstall(target: ServiceTarget, purge: bool, say: Say) -> None:
     if target.unit_path.exists():
         if running:
             run_step(target.systemctl("disable", "--now", UNIT_NAME), say)
-        remove_file(target.unit_path, say)
+        remove_file(target, target.unit_path, say)
         if running:
             run_step(target.systemctl("daemon-reload"), say)
     else:
@@ -282,7 +336,8 @@ def uninstall(target: ServiceTarget, purge: bool, say: Say) -> None:
     if not target.env_file.exists():
         return
     if purge:
-        remove_file(target.env_file, say)
+        read_env_file(target, "uninstall")  # refuses a file the installer did not write
+        remove_file(target, target.env_file, say)
     else:
         say(f"kept your settings in {target.env_file}; use --purge to remove them too")
 

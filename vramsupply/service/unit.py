@@ -2,26 +2,48 @@
 
 The unit never holds settings: they live in the environment file (``VRAM_SUPPLY_*`` lines, mode 0600,
 the only place secrets are written), so re-installing rewrites the unit without touching what the
-provider configured.
+provider configured; in the env file only the setting lines are the installer's, the provider's own
+lines (comments, CUDA_VISIBLE_DEVICES, HTTPS_PROXY) are kept as they are.
+
+Every value reaches systemd as written, or not at all: a newline would end a line and start another
+(``ExecStartPost=...``), so control characters are refused; a word is quoted and escaped as
+systemd.syntax(7) reads it, ``%`` doubled (a specifier), and what systemd cannot hold (a quote in the
+program's path) is refused with a line that says so. The installer also has ``systemd-analyze verify``
+parse the result where it exists.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from pydantic import SecretStr
 
-from vramsupply.config import Settings, env_name
+from vramsupply.config import CONFIG_PATH_ENV, ENV_PREFIX, Settings, env_name
+from vramsupply.errors import VramsupplyError
 
 UNIT_NAME = "vramsupply.service"
 SERVICE_USER = "vramsupply"
 GPU_GROUPS = ("render", "video")
 HOME_ROOTS = (Path("/home"), Path("/root"), Path("/run/user"))
+# A word systemd reads back unchanged without quotes.
+PLAIN_WORD = re.compile(r"[\w/.,:@+=~-]+")
+ENV_FILE_MARKER = "# Written by `vramsupply service install`"
+ENV_FILE_HEADER = (
+    "# vramsupply service settings (VRAM_SUPPLY_* variables; see `vramsupply config show`).\n"
+    f"{ENV_FILE_MARKER}, which keeps values already here unless overridden,\n"
+    "# and keeps your own lines (comments, other variables) as they are.\n"
+)
+_FIELD_BY_ENV = {env_name(name): name for name in Settings.model_fields}
+CONTROL_NAMES = {"\n": "newline", "\r": "carriage return", "\t": "tab", "\0": "NUL byte", "\x1b": "escape character"}
 
 RESTART_SEC = 5
 WATCHDOG_SEC = 60
@@ -29,6 +51,11 @@ WATCHDOG_SEC = 60
 START_TIMEOUT = "30min"
 # Beyond the drain: deregistering from the platform and freeing the model.
 STOP_MARGIN_SEC = 30
+STOP_TIMEOUT_MAX_SEC = 365 * 24 * 3600
+
+
+class ServiceError(VramsupplyError):
+    """An install step failed; the message says which and what to do."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +71,16 @@ class UnitSpec:
     supplementary_groups: tuple[str, ...] = ()
 
 
-def stop_timeout(drain_timeout: float) -> int:
-    """Seconds systemd waits after SIGTERM before SIGKILL: always longer than the drain."""
-    return math.ceil(drain_timeout) + STOP_MARGIN_SEC
+def stop_timeout(drain_timeout: float) -> str:
+    """TimeoutStopSec=: seconds systemd waits after SIGTERM before SIGKILL, always longer than the drain.
+
+    A drain beyond STOP_TIMEOUT_MAX_SEC (or infinite) is as good as never: ``infinity``, which systemd
+    parses; a plain number that large would be refused by systemd, which then falls back to 90 s.
+    """
+    drain = max(drain_timeout, 0.0)
+    if not math.isfinite(drain) or drain + STOP_MARGIN_SEC > STOP_TIMEOUT_MAX_SEC:
+        return "infinity"
+    return str(math.ceil(drain) + STOP_MARGIN_SEC)
 
 
 def under_home(path: Path) -> bool:
@@ -59,17 +93,51 @@ def protect_home(spec: UnitSpec) -> str:
     return "read-only" if any(under_home(path) for path in needed) else "yes"
 
 
-def _unit_path(path: Path) -> str:
-    """A path as a unit file value: ``%`` would start a specifier."""
-    return str(path).replace("%", "%%")
+def check_text(text: str, what: str) -> None:
+    """Refuse what a unit or env file line cannot hold: a newline would end the line (and the rest
+    would become a line of its own, such as another ExecStart=), and systemd reads only UTF-8."""
+    bad = next((ch for ch in text if ord(ch) < 0x20 or ord(ch) == 0x7F), None)
+    if bad is not None:
+        name = CONTROL_NAMES.get(bad, f"control character U+{ord(bad):04X}")
+        raise ServiceError(f"{what} contains a {name}, which a systemd unit or env file cannot hold; remove it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ServiceError(f"{what} is not valid UTF-8, which systemd requires; rename it") from None
 
 
-def _quote_arg(path: Path) -> str:
-    """A path in a word list (ExecStart=, ReadWritePaths=), quoted when it has spaces."""
-    value = _unit_path(path)
-    if not any(ch in value for ch in ' \t"\\'):
+def _unit_path(path: Path, what: str) -> str:
+    """A path as a single-value setting (EnvironmentFile=), taken verbatim to the line's end: systemd
+    strips trailing blanks and joins a line ending in a backslash with the next; ``%`` starts a specifier."""
+    value = str(path)
+    check_text(value, what)
+    if value != value.rstrip() or value.endswith("\\"):
+        raise ServiceError(f"{what} {value!r} ends with a blank or a backslash, which systemd would misread; rename it")
+    return value.replace("%", "%%")
+
+
+def _quote_arg(path: Path, what: str) -> str:
+    """A path as one word of a list (ExecStart=, ReadWritePaths=): left bare when plain (install.sh
+    finds its service by the bare ``ExecStart=`` path), else double-quoted with ``\\`` and ``\"``
+    escaped, as systemd.syntax(7) unquotes a word; ``%`` doubled in either case."""
+    value = str(path)
+    check_text(value, what)
+    value = value.replace("%", "%%")
+    if PLAIN_WORD.fullmatch(value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _exec_path(path: Path) -> str:
+    """ExecStart='s program: systemd runs it literally (no ``$`` substitution, so no ``$$``), and
+    refuses one whose path has a quote or a backslash, however quoted."""
+    check_text(str(path), "the agent's path")
+    if set(str(path)) & set("'\"\\"):
+        raise ServiceError(
+            f"the agent's path {str(path)!r} has a quote or a backslash, which systemd refuses in a program's path; "
+            "reinstall vramsupply (install.sh) under a directory without one"
+        )
+    return _quote_arg(path, "the agent's path")
 
 
 def render_unit(spec: UnitSpec) -> str:
@@ -88,8 +156,8 @@ def render_unit(spec: UnitSpec) -> str:
         "[Service]",
         "Type=notify",
         "NotifyAccess=main",
-        f"ExecStart={_quote_arg(spec.exec_path)} serve",
-        f"EnvironmentFile={_unit_path(spec.env_file)}",
+        f"ExecStart={_exec_path(spec.exec_path)} serve",
+        f"EnvironmentFile={_unit_path(spec.env_file, 'the env file path')}",
         "Environment=PYTHONUNBUFFERED=1",
         "Restart=on-failure",
         f"RestartSec={RESTART_SEC}",
@@ -120,7 +188,7 @@ def render_unit(spec: UnitSpec) -> str:
             "RestrictSUIDSGID=yes",
             "LockPersonality=yes",
             "UMask=0027",
-            *(f"ReadWritePaths={_quote_arg(path)}" for path in spec.writable_paths),
+            *(f"ReadWritePaths={_quote_arg(path, 'the writable path')}" for path in spec.writable_paths),
         ]
     lines += [
         "",
@@ -140,7 +208,7 @@ def env_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        return ",".join(value)
+        return ",".join(str(item) for item in value)
     return str(value)
 
 
@@ -162,11 +230,69 @@ def _quote_env(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_env_file(values: Mapping[str, str]) -> str:
-    lines = [
-        "# vramsupply service settings (VRAM_SUPPLY_* variables; see `vramsupply config show`).",
-        "# Written by `vramsupply service install`, which keeps values already here unless overridden.",
-        *(f"{env_name(name)}={_quote_env(value)}" for name, value in values.items()),
-        "",
+def written_by_install(text: str) -> bool:
+    """Whether an env file is one ``service install`` wrote (its header says so): only such a file
+    is purged."""
+    return any(line.startswith(ENV_FILE_MARKER) for line in text.splitlines())
+
+
+def settings_only(text: str) -> bool:
+    """Whether an env file written by hand sets ``VRAM_SUPPLY_*`` variables and nothing else, so the
+    installer may take it over; another file, even an empty one (/etc/environment may be), is
+    never rewritten, chmod-ed or purged."""
+    keys = [binding.key for binding in parse_stream(io.StringIO(text)) if binding.key]
+    return bool(keys) and all(key.upper().startswith(ENV_PREFIX) for key in keys)
+
+
+def setting_of(key: str | None) -> str | None:
+    """The setting a ``VRAM_SUPPLY_*`` variable sets (matched as pydantic-settings does, ignoring case)."""
+    return _FIELD_BY_ENV.get(key.upper()) if key else None
+
+
+def env_settings(text: str) -> dict[str, str]:
+    """The settings an env file's text sets, by field name; other variables and empty values ignored."""
+    settings = {}
+    for key, value in dotenv_values(stream=io.StringIO(text), interpolate=False).items():
+        name = setting_of(key)
+        if name is not None and value is not None:
+            settings[name] = value
+    return settings
+
+
+def unknown_settings(text: str) -> list[str]:
+    """``VRAM_SUPPLY_*`` names in an env file that are no setting (a typo the agent would ignore)."""
+    names = dict.fromkeys(binding.key for binding in parse_stream(io.StringIO(text)) if binding.key and not binding.error)
+    return [
+        name for name in names
+        if name.upper().startswith(ENV_PREFIX) and setting_of(name) is None and name.upper() != CONFIG_PATH_ENV
     ]
-    return "\n".join(lines)
+
+
+def _env_line(name: str, value: str) -> str:
+    check_text(value, env_name(name))
+    return f"{env_name(name)}={_quote_env(value)}\n"
+
+
+def render_env_file(values: Mapping[str, str], existing: str = "") -> str:
+    """The env file: ``existing`` with each ``VRAM_SUPPLY_*`` setting's line rewritten in place (or
+    dropped, when the setting is back at its default), every line that is not ours (comments, other
+    programs' variables such as CUDA_VISIBLE_DEVICES or HTTPS_PROXY, unknown names) kept as it was,
+    and new settings appended."""
+    if not written_by_install(existing):
+        existing = ENV_FILE_HEADER + existing.lstrip()
+    parts: list[str] = []
+    written: set[str] = set()
+    for binding in parse_stream(io.StringIO(existing)):
+        name = None if binding.error else setting_of(binding.key)
+        text = binding.original.string
+        if name is None:
+            parts.append(text)
+            continue
+        parts.append(text[: len(text) - len(text.lstrip("\r\n"))])  # blank lines before it stay
+        if name in values and name not in written:
+            parts.append(_env_line(name, values[name]))
+            written.add(name)
+    text = "".join(parts)
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return text + "".join(_env_line(name, value) for name, value in values.items() if name not in written)
