@@ -234,3 +234,11 @@ def test_login_takes_a_piped_key_refuses_a_control_character_and_needs_some_inpu
 def test_an_output_encoding_without_our_characters_is_no_traceback() -> None:
     shown = run_cli("serve", "--help", env={"PYTHONIOENCODING": "ascii"})
     assert shown.returncode == 0 and "Traceback" not in shown.stderr
+
+
+def test_a_config_path_that_is_a_fifo_is_one_line_not_a_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)  # reading it would wait forever for a writer
+    monkeypatch.setenv("VRAM_SUPPLY_CONFIG", str(fifo))
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_settings()

@@ -43,6 +43,13 @@ def test_explicit_threads_are_used_for_decode_and_prompts() -> None:
     assert resolve_threads(3) == Threads(decode=3, batch=3)
 
 
+def test_more_threads_than_cpus_are_used_as_asked_but_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    _, logical = cpu_counts(allowed_cpus())
+    assert resolve_threads(logical) == Threads(logical, logical) and not caplog.records
+    assert resolve_threads(logical * 50) == Threads(logical * 50, logical * 50)
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and f"more than the {logical} CPUs" in caplog.records[0].getMessage()
+
+
 def test_default_threads_follow_this_machine() -> None:
     physical, logical = cpu_counts(allowed_cpus())
     assert resolve_threads(None) == Threads(decode=physical, batch=physical)

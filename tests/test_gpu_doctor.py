@@ -116,3 +116,12 @@ def test_an_endpoint_the_platform_cannot_reach_names_the_hop(tmp_path: Path) -> 
     reachability = checks["reachability"]
     assert reachability["ok"] is False and str(reachability["detail"]).startswith("dns: the name gpu.example.com does not resolve")
     assert "--tunnel cloudflared" in str(reachability["detail"]) and reachability["fix"]
+
+
+def test_a_model_cache_below_a_file_fails_the_disk_check(tmp_path: Path) -> None:
+    """Before, doctor walked up to a parent that exists and reported its free space: a pass."""
+    blocker = tmp_path / "hostname"
+    blocker.write_text("a file, as /etc/hostname is")
+    _, checks, _ = doctor(VRAM_SUPPLY_CACHE_DIR=str(blocker / "huggingface" / "hub"))
+    assert checks["disk"]["ok"] is False
+    assert checks["disk"]["detail"] == f"models would go to {blocker}/huggingface/hub, but {blocker} is a file"

@@ -278,6 +278,15 @@ def test_endpoint_token_is_generated_once_and_stored_private(tmp_path: Path) -> 
         resolve_endpoint_token(None, path)
 
 
+def test_a_data_dir_that_cannot_hold_the_endpoint_token_is_one_line_naming_the_way_out(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the data dir should be")  # before: a bare "Not a directory"
+    with pytest.raises(ConfigError, match=r"cannot read the endpoint token file .*not-a-dir/endpoint_token: Not a directory"):
+        resolve_endpoint_token(None, blocked / "endpoint_token")
+    with pytest.raises(ConfigError, match=r"cannot keep the endpoint token in /proc/no-such-dir/endpoint_token: .*set VRAM_SUPPLY_ENDPOINT_TOKEN"):
+        resolve_endpoint_token(None, Path("/proc/no-such-dir/endpoint_token"))  # no folder can be made there, even as root
+
+
 async def test_an_unwritable_state_file_is_reported_once_and_never_stops_registration(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("a file where the data dir should be")

@@ -259,6 +259,8 @@ def data_dir() -> Path:
 def read_config_file(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
+    if not path.is_file() and not path.is_dir():  # a FIFO would block the read forever; a directory says so below
+        raise ConfigError(f"cannot read config file {path}: not a regular file")
     try:
         data = tomllib.loads(path.read_bytes().decode("utf-8"))  # TOML is UTF-8, whatever the locale
     except UnicodeDecodeError as exc:

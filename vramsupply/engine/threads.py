@@ -56,6 +56,9 @@ class Threads:
 def resolve_threads(requested: int | None, sysfs: Path = SYSFS_CPU, proc: Path = PROC_SELF) -> Threads:
     """``--threads N`` uses N for both; unset means the physical cores for both, within a CPU quota."""
     if requested is not None:
+        _, logical = cpu_counts(allowed_cpus(), sysfs)
+        if requested > logical:  # each step waits for the slowest thread: many times slower, silently
+            log.warning("--threads %d is more than the %d CPUs this process may use: every step waits for threads that share a CPU", requested, logical)
         return Threads(requested, requested)
     physical, _ = cpu_counts(allowed_cpus(), sysfs)
     limit = cpu_limit(proc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import os
 import shutil
 import socket
 import subprocess
@@ -240,6 +241,11 @@ def free_disk_in_model_cache(ctx: Context) -> Result:
     existing = cache
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    fix = "point VRAM_SUPPLY_CACHE_DIR at a folder this user can write"
+    if not existing.is_dir():  # a file where a folder should be: nothing can be made below it
+        return Result(False, f"models would go to {cache}, but {existing} is a file", fix)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return Result(False, f"models would go to {cache}, but this user cannot write in {existing}", fix)
     free = shutil.disk_usage(existing).free
     detail = f"{gib(free)} free for models in {cache}"
     if free < MIN_FREE_DISK:

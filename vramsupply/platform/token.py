@@ -30,8 +30,15 @@ def resolve_endpoint_token(configured: str | None, path: Path | None = None) -> 
         stored = ""
     except UnicodeDecodeError:
         raise ConfigError(f"the endpoint token file {path} is damaged (not the token this agent wrote): delete it to have a new one made") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the endpoint token file {path}: {exc.strerror or exc}") from None
     if stored:
         return stored
     token = "vst-" + secrets.token_urlsafe(32)
-    write_private_file(path, token + "\n")
+    try:
+        write_private_file(path, token + "\n")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot keep the endpoint token in {path}: {exc.strerror or exc}; make its folder writable, or set VRAM_SUPPLY_ENDPOINT_TOKEN"
+        ) from None
     return token
