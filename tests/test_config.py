@@ -242,3 +242,10 @@ def test_a_config_path_that_is_a_fifo_is_one_line_not_a_hang(tmp_path: Path, mon
     monkeypatch.setenv("VRAM_SUPPLY_CONFIG", str(fifo))
     with pytest.raises(ConfigError, match="not a regular file"):
         load_settings()
+
+
+def test_output_that_cannot_be_written_is_one_line_and_a_failure() -> None:
+    with open("/dev/full", "w") as full:  # before: exit 0, or Python's "Exception ignored" block
+        shown = subprocess.run([sys.executable, "-m", "vramsupply", "config", "show"], stdout=full, stderr=subprocess.PIPE, text=True)
+    assert shown.returncode == 1
+    assert shown.stderr.strip() == "error: cannot write to standard output: No space left on device"

@@ -4,7 +4,9 @@ and ``main``: the CLI's one error boundary."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import sys
 from typing import Any, NoReturn, Optional
 
@@ -123,11 +125,18 @@ def main() -> None:
     _tolerant_output()
     try:
         app()
+    except SystemExit:
+        _flush_stdout()
+        raise
     except VramsupplyError as exc:
         report(str(exc))
         sys.exit(exc.exit_code)
+    except BrokenPipeError:  # the reader of our output left (`| head`): quietly, as click does
+        _silence_stdout()
+        sys.exit(1)
     except OSError as exc:  # the system refused something no module turned into a VramsupplyError
-        report(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc.strerror or exc))
+        _flush_stdout()  # when it was standard output, say so (and not again at exit)
+        report(_os_error_line(exc))
         sys.exit(1)
     except (KeyboardInterrupt, asyncio.CancelledError):
         sys.exit(Interrupted.exit_code)
@@ -143,3 +152,36 @@ def _tolerant_output() -> None:
                 reconfigure(errors="replace")
             except (OSError, ValueError):
                 pass
+
+
+def _os_error_line(exc: OSError) -> str:
+    if exc.filename:
+        return f"{exc.strerror or exc}: {exc.filename}"
+    if exc.errno == errno.ENOSPC:  # no file named: our output (rich flushes as it prints)
+        _silence_stdout()
+        return f"cannot write to standard output: {exc.strerror}"
+    return str(exc.strerror or exc)
+
+
+def _flush_stdout() -> None:
+    """Output that could not be written (a full disk, a reader that left) is an error in one line,
+    not Python's "Exception ignored" block at exit, and never a success."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        sys.exit(1)
+    except (OSError, ValueError) as exc:
+        _silence_stdout()
+        report(f"cannot write to standard output: {getattr(exc, 'strerror', None) or exc}")
+        sys.exit(1)
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
