@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY_MODEL
 from vramsupply.engine import Engine, EngineOptions, Generation, GenerationRequest, SamplingParams
 from vramsupply.engine.cache_entries import Base, PromptCache, common_prefix
-from vramsupply.engine.prompt_cache import MIB, default_budget_mib, worth_restoring
+from vramsupply.engine.prompt_cache import MIB, budget_mib, default_budget_mib, worth_restoring
 
 GREEDY = SamplingParams(temperature=0)
 STORY = (
@@ -212,3 +212,12 @@ def test_the_default_budget_is_a_quarter_of_available_memory_capped_at_8_gib(tmp
     assert default_budget_mib(meminfo) == 1000
     meminfo.write_text("MemTotal: 512000000 kB\nMemAvailable: 409600000 kB\n")
     assert default_budget_mib(meminfo) == 8192
+
+
+def test_a_cache_ram_above_the_memory_available_is_kept_but_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 16000000 kB\nMemAvailable: 4096000 kB\n")  # 4000 MiB
+    no_proc = tmp_path / "no-proc"
+    assert budget_mib(3000, meminfo, no_proc) == 3000 and not caplog.records
+    assert budget_mib(100_000_000, meminfo, no_proc) == 100_000_000  # the provider's choice, yet silent before
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "more than the 4000 MiB" in caplog.records[0].getMessage()

@@ -20,7 +20,7 @@ from .chat import ChatTemplate
 from .conversation import ChatPrompt, ChatRequest, prepare_chat
 from .generation import Channel, Generation
 from .model import Model, create_context, tiled_cpu_attention
-from .prompt_cache import MIB, default_budget_mib
+from .prompt_cache import MIB, budget_mib
 from .sampling import build_sampler
 from .text import StopStrings
 from .scheduler import Scheduler
@@ -67,7 +67,7 @@ class Engine:
             # than asked; enforce exactly what was configured (and offered to the market).
             n_ctx = min(request_tokens, llama_cpp.llama_n_ctx_seq(context.ctx))
             n_batch = llama_cpp.llama_n_batch(context.ctx)
-            cache_ram = default_budget_mib() if options.cache_ram is None else options.cache_ram
+            cache_ram = budget_mib(options.cache_ram)
             max_draft = default_draft_max(options, model.copies_prefixes)
             scheduler = Scheduler(
                 model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, max_draft,

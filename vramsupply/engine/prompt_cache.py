@@ -69,6 +69,17 @@ def default_budget_mib(meminfo: Path = MEMINFO, proc: Path = PROC_SELF) -> int:
     return min(DEFAULT_MAX_MIB, int((available_bytes(meminfo, proc) or 0) * DEFAULT_SHARE_OF_AVAILABLE) // MIB)
 
 
+def budget_mib(requested: int | None, meminfo: Path = MEMINFO, proc: Path = PROC_SELF) -> int:
+    """``--cache-ram`` as given (warned about when more than this process may use: the cache would
+    grow into swap or the OOM killer), else the default."""
+    if requested is None:
+        return default_budget_mib(meminfo, proc)
+    available = available_bytes(meminfo, proc)
+    if available is not None and requested * MIB > available:
+        log.warning("--cache-ram %d MiB is more than the %d MiB of memory available now: the prompt cache could drive the machine into swap or the OOM killer", requested, available // MIB)
+    return requested
+
+
 def save_sequence(ctx: llama_cpp.llama_context_p, seq_id: int) -> np.ndarray | None:
     """A host copy of one sequence's KV (``seq_state.py``), or None when llama.cpp could not write it."""
     return save_state(ctx, seq_id)
