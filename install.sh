@@ -391,6 +391,10 @@ build_id() { echo "$1${cpu_flags:+ $cpu_flags}"; } # BACKEND: what $data_dir/bac
 
 llama_importable() { "$venv/bin/python" -c 'import llama_cpp' >/dev/null 2>&1; }
 
+# The venv's pip. A function, never a word-split string: the venv's path may hold spaces (the
+# macOS default, ~/Library/Application Support, does).
+pip() { "$venv/bin/python" -m pip --disable-pip-version-check "$@"; }
+
 # NVIDIA's toolkit wheels, merged into one CUDA tree at $cuda_root (the layout CMake and nvcc expect).
 # It stays after the build: the built library loads cudart and cuBLAS from it (link_cuda_runtime).
 install_cuda_wheels() {
@@ -399,7 +403,7 @@ install_cuda_wheels() {
     rm -rf "$staging" && mkdir -p "$staging/root"
     say "downloading the CUDA $cuda_version toolkit from PyPI into $cuda_root (about 1.5 GB, once)"
     # shellcheck disable=SC2086
-    if ! $pip install --quiet --target "$staging/site" $cuda_wheels >"$staging/pip.log" 2>&1; then
+    if ! pip install --quiet --target "$staging/site" $cuda_wheels >"$staging/pip.log" 2>&1; then
         failure="could not install NVIDIA's CUDA $cuda_version wheels: $(build_failure_reason "$staging/pip.log")"
         return 1
     fi
@@ -433,7 +437,7 @@ build_llama() { # BACKEND: build and install llama-cpp-python for it, log in $bu
     # shellcheck disable=SC2086
     run_build "$build_log" "building llama.cpp for $1" env PATH="$extra_path$PATH" ${cuda_root:+CUDACXX=$cuda_root/bin/nvcc} \
         ${hip_env:-} CMAKE_ARGS="$cmake_args" CFLAGS="${CFLAGS:+$CFLAGS }$cpu_flags" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }$cpu_flags" \
-        $pip install -v $flags "$LLAMA_SPEC"
+        "$venv/bin/python" -m pip --disable-pip-version-check install -v $flags "$LLAMA_SPEC"
 }
 
 # The CUDA build needs cudart and cuBLAS at run time, and a toolkit from PyPI (or in an unusual
@@ -474,6 +478,30 @@ say_fallback() {
     }
 }
 
+# A venv made half (no pip: python3-venv was missing, or Ctrl-C while it was made) or whose Python
+# is gone (a distro upgrade) is made again; a working one is kept, with its llama.cpp build.
+make_venv() { # PYTHON
+    if [ -x "$venv/bin/python" ] && "$venv/bin/python" -m pip --version >/dev/null 2>&1; then return 0; fi
+    if [ -e "$venv" ]; then
+        say "the virtual environment in $venv is broken (no working pip); making it again"
+        "$1" -m venv --clear "$venv" || { rm -rf "$venv" && "$1" -m venv "$venv"; }
+    else
+        say "creating virtual environment in $venv"
+        "$1" -m venv "$venv"
+    fi
+}
+
+# BIN_DIR/vramsupply may be our link (replaced), or a link elsewhere (another install: replaced,
+# and said); never a file or folder of someone else's.
+check_link_target() { # PATH
+    if [ -L "$1" ]; then
+        current=$(readlink "$1")
+        [ "$current" = "$venv/bin/vramsupply" ] || say "replacing $1, which pointed to $current"
+    elif [ -e "$1" ]; then
+        die "$1 exists and is not a link this installer made; move it away, or set VRAMSUPPLY_BIN_DIR to another folder"
+    fi
+}
+
 uninstall() {
     data_dir=$1 bin_dir=$2 purge=$3
     venv="$data_dir/venv"
@@ -489,14 +517,17 @@ uninstall() {
         "$venv/bin/vramsupply" models rm --all --yes || say "could not remove downloaded models; remove them with 'hf cache' if you wish"
     fi
     link="$bin_dir/vramsupply"
-    if [ -L "$link" ]; then rm -f "$link" && say "removed $link"; fi
+    # Only our link: one to another install's vramsupply (pipx, another venv) is not ours to remove.
+    if [ -L "$link" ] && [ "$(readlink "$link")" = "$venv/bin/vramsupply" ]; then rm -f "$link" && say "removed $link"; fi
     if [ -d "$venv" ]; then rm -rf "$venv" && say "removed $venv"; fi
     rm -rf "$data_dir"/cuda-[0-9]*
     rm -f "$data_dir/backend" "$data_dir"/build-*.log "$(agent_data_dir)/registration.json"
     rmdir "$data_dir" "$(agent_data_dir)" 2>/dev/null || true
+    # VRAMSUPPLY_DATA_DIR may name a shared folder: what the installer did not write there stays.
+    if [ -d "$data_dir" ]; then say "kept $data_dir: it holds files this installer did not write"; fi
     if [ "$purge" = 1 ]; then
-        rm -rf "$data_dir" "$(agent_data_dir)" "$(config_dir)"
-        say "removed configuration and data ($(config_dir), $(agent_data_dir), $data_dir)"
+        rm -rf "$(agent_data_dir)" "$(config_dir)"
+        say "removed configuration and data ($(config_dir), $(agent_data_dir))"
     else
         say "kept configuration ($(config_dir), endpoint token) and downloaded models; use --uninstall --purge to remove them too"
     fi
@@ -526,6 +557,7 @@ main() {
 
     data_dir=${VRAMSUPPLY_DATA_DIR:-$(default_data_dir)}
     bin_dir=${VRAMSUPPLY_BIN_DIR:-$(default_bin_dir)}
+    if [ -d "$data_dir" ]; then data_dir=$(cd "$data_dir" && pwd); fi # as the install recorded it
     venv="$data_dir/venv"
 
     if [ "$remove" = 1 ]; then
@@ -553,7 +585,9 @@ main() {
         return 0
     fi
     [ -n "$python" ] || die "Python 3.10 or newer is required (Debian/Ubuntu: apt install python3 python3-venv; macOS: brew install python)"
-    "$python" -m venv --help >/dev/null 2>&1 || die "$python cannot create virtual environments (Debian/Ubuntu: apt install python3-venv)"
+    if ! "$python" -m venv --help >/dev/null 2>&1 || ! "$python" -c 'import ensurepip' >/dev/null 2>&1; then
+        die "$python cannot create virtual environments with pip (Debian/Ubuntu: apt install python3-venv)"
+    fi
     if [ "$strict" = 1 ] && [ -n "$toolchain_missing" ]; then die "cannot build for $backend: $toolchain_missing"; fi
 
     if [ -z "$from" ] && [ -z "$version" ]; then
@@ -573,12 +607,11 @@ main() {
     if [ "$dev" = 1 ]; then spec="${spec}[dev]"; fi
 
     mkdir -p "$data_dir" "$bin_dir"
-    if [ ! -x "$venv/bin/python" ]; then
-        say "creating virtual environment in $venv"
-        "$python" -m venv "$venv"
-    fi
-    pip="$venv/bin/python -m pip --disable-pip-version-check"
-    $pip install --quiet --upgrade pip
+    # Absolute, so that the link works from anywhere (a relative VRAMSUPPLY_DATA_DIR left it dangling).
+    data_dir=$(cd "$data_dir" && pwd) && bin_dir=$(cd "$bin_dir" && pwd) && venv="$data_dir/venv"
+    check_link_target "$bin_dir/vramsupply"
+    make_venv "$python"
+    pip install --quiet --upgrade pip
 
     # The backend file also records the CPU flags, so a build made before a flag was needed is redone.
     previous_build=$(cat "$data_dir/backend" 2>/dev/null || echo none)
@@ -606,8 +639,8 @@ main() {
         build_id "$installed" > "$data_dir/backend"
     fi
 
-    $pip install --quiet --upgrade "$spec"
-    ln -sf "$venv/bin/vramsupply" "$bin_dir/vramsupply"
+    pip install --quiet --upgrade "$spec"
+    ln -sfn "$venv/bin/vramsupply" "$bin_dir/vramsupply"
     say "installed $("$venv/bin/vramsupply" --version) -> $bin_dir/vramsupply"
 
     case ":$PATH:" in

@@ -121,3 +121,47 @@ def test_install_sh_rejects_unknown_option(tmp_path: Path) -> None:
     result = subprocess.run(["sh", str(INSTALL_SH), "--frobnicate"], capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
     assert result.returncode != 0
     assert "unknown option '--frobnicate'" in result.stderr
+
+
+@pytest.mark.slow
+def test_odd_places_a_broken_venv_and_shared_folders(tmp_path: Path) -> None:
+    """Found by an audit of install.sh: a venv path with a space (macOS's default is under
+    ~/Library/Application Support) failed every install; a venv left without pip was never
+    repaired; a file at BIN_DIR/vramsupply was overwritten; --uninstall --purge deleted the whole
+    VRAMSUPPLY_DATA_DIR, shared or not, and any link named vramsupply."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shared = home / "Application Support"  # a folder other programs use too
+    shared.mkdir()
+    (shared / "other-app.txt").write_text("not ours")
+    bin_dir = home / "bin"
+    bin_dir.mkdir()
+    env = {
+        "PATH": os.environ["PATH"], "HOME": str(home), "PIP_CACHE_DIR": REAL_PIP_CACHE, "VRAMSUPPLY_CPU_FLAGS": "",
+        "VRAMSUPPLY_BACKEND": "cpu", "VRAMSUPPLY_DATA_DIR": str(shared), "VRAMSUPPLY_BIN_DIR": str(bin_dir),
+    }
+
+    def install(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", str(INSTALL_SH), *args], env=env, capture_output=True, text=True, timeout=1800)
+
+    link = bin_dir / "vramsupply"
+    link.write_text("#!/bin/sh\necho the user's own wrapper\n")
+    refused = install()
+    assert refused.returncode == 1 and "exists and is not a link this installer made" in refused.stderr
+    assert link.read_text().startswith("#!/bin/sh"), "never overwritten"
+    link.unlink()
+
+    first = install()
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert subprocess.run([str(link), "--version"], capture_output=True, env=env).returncode == 0
+
+    shutil.rmtree(next((shared / "venv" / "lib").glob("python3*")) / "site-packages" / "pip")  # as a venv made without pip
+    repaired = install()
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert "is broken (no working pip); making it again" in repaired.stdout
+    assert subprocess.run([str(link), "--version"], capture_output=True, env=env).returncode == 0
+
+    purged = install("--uninstall", "--purge")
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    assert not link.is_symlink() and not (shared / "venv").exists()
+    assert (shared / "other-app.txt").read_text() == "not ours", "what the installer did not write stays"

@@ -317,13 +317,15 @@ def test_vramsupply_cpu_flags_overrides_the_probe(machine: Machine) -> None:
 
 
 def build_llama_with_fake_pip(tmp_path: Path, cpu_flags: str) -> str:
-    """Runs install.sh's build_llama for the CPU with a pip double that records its arguments and
-    the compiler flags it was given."""
+    """Runs install.sh's build_llama for the CPU with a venv python double that records how its
+    pip was run and the compiler flags it was given (and has no llama_cpp to import)."""
     record = tmp_path / "pip-call"
-    fake_pip = tmp_path / "pip"
-    fake_pip.write_text(f'#!/bin/sh\necho "CFLAGS=$CFLAGS CXXFLAGS=$CXXFLAGS args=$*" > "{record}"\n')
-    fake_pip.chmod(0o755)
-    script = f'. "{INSTALL_SH}"; venv=/nonexistent data_dir="{tmp_path}" pip="{fake_pip}" cpu_flags="{cpu_flags}"; plan_toolchain cpu; build_llama cpu'
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True, exist_ok=True)
+    fake_python = venv_bin / "python"
+    fake_python.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exit 1\necho "CFLAGS=$CFLAGS CXXFLAGS=$CXXFLAGS args=$*" > "{record}"\n')
+    fake_python.chmod(0o755)
+    script = f'. "{INSTALL_SH}"; venv="{tmp_path}/venv" data_dir="{tmp_path}" cpu_flags="{cpu_flags}"; plan_toolchain cpu; build_llama cpu'
     result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "VRAMSUPPLY_INSTALL_FUNCTIONS_ONLY": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
