@@ -133,7 +133,8 @@ default_cuda_architectures() {
 system_cuda_root() {
     if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then echo "$CUDA_HOME"; return 0; fi
     have nvcc || return 0
-    probe_dir=$(mktemp -d)
+    # No temporary folder (TMPDIR unwritable or full): nvcc cannot be asked, so its root is unknown.
+    probe_dir=$(mktemp -d 2>/dev/null) || { say "cannot make a temporary folder (TMPDIR=${TMPDIR:-/tmp}) to ask nvcc where its toolkit is" >&2; return 0; }
     : > "$probe_dir/probe.cu"
     here=$(nvcc --dryrun -c "$probe_dir/probe.cu" -o "$probe_dir/probe.o" 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -n 1 || true)
     rm -rf "$probe_dir"

@@ -339,3 +339,13 @@ def test_the_cpu_build_gets_the_flags_and_never_a_wheel_cached_without_them(tmp_
 
     plain = build_llama_with_fake_pip(tmp_path, "")
     assert "CFLAGS= CXXFLAGS= " in plain and "--no-cache-dir" not in plain
+
+
+def test_an_unusable_tmpdir_beside_nvcc_is_said_not_a_silent_exit(machine: Machine) -> None:
+    """Before, mktemp's own line and exit 1 ended even a dry run, with nothing of ours said."""
+    machine.tool("uname", X86_LINUX)
+    machine.cuda_toolkit("12.4", with_cublas=True)
+    result = machine.dry_run("--backend", "cuda", env={"TMPDIR": str(machine.root / "no-such-dir")})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cannot make a temporary folder" in result.stderr
+    assert "dry run: nothing was installed" in result.stdout
