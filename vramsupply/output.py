@@ -28,16 +28,16 @@ def say(line: str) -> None:
             pass
         except OSError as exc:  # the file behind it fails (EPIPE, ENOSPC): for good
             _stdout_gone = True
-            _point_stdout_at_devnull()
+            point_stdout_at_devnull()
             log.warning("cannot write to standard output (%s); serving goes on, and its lines go to this log", exc.strerror or exc)
     log.info("%s", line)
 
 
-def _point_stdout_at_devnull() -> None:
+def point_stdout_at_devnull() -> None:
     """What is still buffered, and anything else written there, goes nowhere (no error at exit)."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # no file behind it (closed, or None)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process

@@ -176,10 +176,11 @@ def _escape(char: str) -> str:
 
 
 def _class(ranges: list[tuple[int, int]]) -> str:
-    return "".join(_code(low) if low == high else f"{_code(low)}-{_code(high)}" for low, high in ranges)
+    return "".join(class_char(low) if low == high else f"{class_char(low)}-{class_char(high)}" for low, high in ranges)
 
 
-def _code(code: int) -> str:
+def class_char(code: int) -> str:
+    """One character inside a GBNF ``[...]``: an ASCII letter or digit as itself, any other escaped."""
     if chr(code).isalnum() and code < 0x80:
         return chr(code)
     return f"\\x{code:02X}" if code <= 0xFF else f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 
+from .pattern import class_char
+
 
 def thought_rules(end: str, name: str) -> dict[str, str]:
     """Rules whose entry, ``name``, matches text up to and including the first ``end``, then up to
@@ -29,7 +31,7 @@ def thought_rules(end: str, name: str) -> dict[str, str]:
                 alternatives.append(f"{_literal(char)} [ \\n]{{0,4}}")
             else:
                 alternatives.append(f"{_literal(char)} {states[_next(end, k, char)]}")
-        alternatives.append(f"[^{''.join(_code(c) for c in sorted(set(end)))}] {states[0]}")
+        alternatives.append(f"[^{''.join(class_char(ord(c)) for c in sorted(set(end)))}] {states[0]}")
         rules[state] = " | ".join(alternatives)
     return rules
 
@@ -45,8 +47,3 @@ def _next(end: str, matched: int, char: str) -> int:
 
 def _literal(char: str) -> str:
     return json.dumps(char, ensure_ascii=False)
-
-
-def _code(char: str) -> str:
-    code = ord(char)
-    return f"\\x{code:02X}" if code <= 0xFF else f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
-import os
 import sys
 from typing import Any, NoReturn, Optional
 
@@ -18,6 +17,7 @@ from rich.text import Text
 from vramsupply import __version__
 from vramsupply.config import Settings, api_key_problem, config_path, display_value, load_settings, write_config_values
 from vramsupply.errors import Interrupted, VramsupplyError
+from vramsupply.output import point_stdout_at_devnull
 
 app = typer.Typer(
     name="vramsupply",
@@ -132,7 +132,7 @@ def main() -> None:
         report(str(exc))
         sys.exit(exc.exit_code)
     except BrokenPipeError:  # the reader of our output left (`| head`): quietly, as click does
-        _silence_stdout()
+        point_stdout_at_devnull()
         sys.exit(1)
     except OSError as exc:  # the system refused something no module turned into a VramsupplyError
         _flush_stdout()  # when it was standard output, say so (and not again at exit)
@@ -158,7 +158,7 @@ def _os_error_line(exc: OSError) -> str:
     if exc.filename:
         return f"{exc.strerror or exc}: {exc.filename}"
     if exc.errno == errno.ENOSPC:  # no file named: our output (rich flushes as it prints)
-        _silence_stdout()
+        point_stdout_at_devnull()
         return f"cannot write to standard output: {exc.strerror}"
     return str(exc.strerror or exc)
 
@@ -170,18 +170,9 @@ def _flush_stdout() -> None:
         if sys.stdout is not None:
             sys.stdout.flush()
     except BrokenPipeError:
-        _silence_stdout()
+        point_stdout_at_devnull()
         sys.exit(1)
     except (OSError, ValueError) as exc:
-        _silence_stdout()
+        point_stdout_at_devnull()
         report(f"cannot write to standard output: {getattr(exc, 'strerror', None) or exc}")
         sys.exit(1)
-
-
-def _silence_stdout() -> None:
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):
-        pass
