@@ -13,6 +13,7 @@ from aiohttp import web
 from vramsupply.devplatform.app import PlatformOptions, check_providers, create_app
 from vramsupply.devplatform.store import Account, Provider, Store
 from vramsupply.errors import ListenError
+from vramsupply.listen import bind_sockets
 from vramsupply.signals import StopSignals
 
 __all__ = ["Account", "DevPlatform", "PlatformOptions", "Provider", "Store", "check_providers", "create_app", "serve_forever"]
@@ -36,8 +37,8 @@ class DevPlatform:
         """Listen on ``host:port`` (0: a free port) and return the base URL."""
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
+        for sock in bind_sockets(host, port):  # one port for all of the host's addresses
+            await web.SockSite(self._runner, sock).start()
         bound_host, bound_port = self._runner.addresses[0][:2]
         self.url = f"http://{_url_host(bound_host)}:{bound_port}"
         return self.url

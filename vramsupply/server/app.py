@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from vramsupply.engine import Engine
+from vramsupply.listen import bind_sockets
 from vramsupply.server.completions import chat_completions, completions
 from vramsupply.server.errors import ApiError, error_middleware
 from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -189,9 +190,9 @@ class ApiServer:
     async def start(self) -> None:
         """Listen; an ``OSError`` (address in use, permission) propagates to the caller."""
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
         try:
-            await site.start()
+            for sock in bind_sockets(self.host, self.port):  # one port for all of the host's addresses
+                await web.SockSite(self._runner, sock).start()
         except OSError:
             await self._runner.cleanup()
             raise
