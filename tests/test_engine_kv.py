@@ -68,6 +68,21 @@ async def test_requests_that_together_outgrow_the_shared_kv_all_finish_as_if_alo
         assert (generation.usage.prompt_tokens, generation.usage.completion_tokens) == (len(prompt), LONG)
 
 
+async def test_a_paused_request_is_counted_once_in_the_prompt_and_cached_token_totals(shared: Engine) -> None:
+    """/metrics and the platform's heartbeats report these totals: a request resumed after a pause
+    counted its prompt (and its restored tokens as cached) again, once per pause."""
+    prompts = [shared.tokenize(p) for p in PROMPTS]
+    before = shared.stats()
+
+    generations, _ = await together(shared, prompts, sampling=GREEDY, max_tokens=LONG, ignore_eos=True)
+
+    after = shared.stats()
+    assert after.preemptions_total > before.preemptions_total, "the KV cache really ran out"
+    usages = [g.usage for g in generations if g.usage is not None]
+    assert after.prompt_tokens_total - before.prompt_tokens_total == sum(u.prompt_tokens for u in usages)
+    assert after.cached_tokens_total - before.cached_tokens_total == sum(u.cached_tokens for u in usages)
+
+
 async def test_with_the_prompt_cache_a_paused_request_comes_back_from_host_memory_not_prefilled_again() -> None:
     """The paused request's KV is copied to the host prompt cache before it is dropped, so when
     there is room again it is copied back and only its last token is decoded again."""

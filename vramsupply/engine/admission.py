@@ -123,12 +123,13 @@ class Admission:
         slot, prefix = choose_slot(idle, tokens, self._packed, self._whole)
         shared = self._shared(tokens) if self._checkpoints else 0
         keep = self._cut(slot, tokens, min(self._reuse_prefix(slot, tokens, prefix), len(tokens) - 1))
+        counted_before = task.resume is not None or task.later_choice  # begin() takes task.resume
         slot.begin(task, keep, next(self._clock))
         self._plan_checkpoints(slot, keep, shared)
         if task.backend_sampling:
             slot.backend_sampled = backend_sampling.attach(self._ctx, slot.seq_id, task.sampler.for_backend())
         # A request's prompt counts once, however many choices, and a resumed one (preempt.py) is counted.
-        if task.resume is not None or task.later_choice:
+        if counted_before:
             self._counters.add(busy=1)
         else:
             self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
