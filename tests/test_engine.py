@@ -329,11 +329,30 @@ def test_requests_of_a_closed_event_loop_are_cancelled(engine: Engine) -> None:
     assert not orphan.done  # nobody is left to deliver the ending to
 
 
+async def test_a_request_whose_choices_do_not_all_fit_in_the_queue_is_refused_whole(engine: Engine) -> None:
+    """Room for two more, and a request with three choices: none of them is queued (before, the
+    first two were started, then cancelled when the third was refused)."""
+    await wait_until_idle(engine)
+    long = dict(sampling=GREEDY, max_tokens=200, ignore_eos=True)
+    accepted = [engine.submit(GenerationRequest(engine.tokenize(p), **long)) for p in (PROMPTS * 2)[: PARALLEL + MAX_QUEUE - 2]]
+    requests_before = engine.stats().requests_total
+
+    with pytest.raises(Overloaded, match="this request's 3 choices need 3 of them"):
+        engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), **long), choices=3)
+
+    assert engine.stats().requests_total == requests_before
+    two = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), **long), choices=2)
+    engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), **long), shares_prompt_with=two, choices=2)
+    for generation in accepted:
+        generation.cancel()
+    await wait_until_idle(engine)
+
+
 async def test_queue_overflow_raises_overloaded(engine: Engine) -> None:
     await wait_until_idle(engine)
     long = dict(sampling=GREEDY, max_tokens=200, ignore_eos=True)
     accepted = [engine.submit(GenerationRequest(engine.tokenize(p), **long)) for p in (PROMPTS * 2)[: PARALLEL + MAX_QUEUE]]
-    with pytest.raises(Overloaded, match="slots are busy"):
+    with pytest.raises(Overloaded, match=f"{PARALLEL + MAX_QUEUE} requests are running or waiting, for {PARALLEL} slots and {MAX_QUEUE} places"):
         engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), **long))
     stats = engine.stats()
     assert stats.slots_busy + stats.queue_depth == PARALLEL + MAX_QUEUE

@@ -204,6 +204,19 @@ async def test_full_queue_is_429_with_retry_after(http: aiohttp.ClientSession) -
     assert retry_after is not None and int(retry_after) >= 1
 
 
+async def test_more_choices_than_the_server_can_ever_hold_is_400_not_a_429_to_retry_forever(http: aiohttp.ClientSession) -> None:
+    """4 slots and no queue: n=5 can never be admitted, even idle. It was a 429 "retry shortly"
+    saying 4 requests were waiting on an idle server."""
+    async with LiveServer(n_ctx=2048, parallel=4, max_queue=0) as small:
+        status, body, _ = await post(http, small.url + COMPLETIONS, {"prompt": "Once", "max_tokens": 2, "n": 5})
+        fits, _, _ = await post(http, small.url + COMPLETIONS, {"prompt": "Once", "max_tokens": 2, "n": 4})
+
+    assert status == 400
+    assert_openai_error(body, type="invalid_request_error", code="invalid_value", param="n")
+    assert "(4: its slots and queue places)" in body["error"]["message"]
+    assert fits == 200
+
+
 async def test_503_while_the_model_loads_then_ready(http: aiohttp.ClientSession) -> None:
     async with LiveServer(load=False) as loading:
         async with http.get(loading.url + "/health") as response:

@@ -157,7 +157,8 @@ class Engine:
         return self._model.tokenize(prompt, add_special=not has_bos)
 
     def submit(
-        self, request: GenerationRequest, *, shares_prompt_with: Generation | None = None, loop: asyncio.AbstractEventLoop | None = None
+        self, request: GenerationRequest, *, shares_prompt_with: Generation | None = None, loop: asyncio.AbstractEventLoop | None = None,
+        choices: int = 1,
     ) -> Generation:
         """Start a generation, to be iterated on ``loop`` (default: the running loop).
 
@@ -169,15 +170,23 @@ class Engine:
         (``sharing.py``): this generation's usage repeats the prompt count, the engine's
         counters do not.
 
+        ``choices``: how many choices the request has, this one first and the rest submitted next
+        with ``shares_prompt_with``. The queue must have room for all of them now, or none is queued.
+
         Raises before any work: ValueError for an invalid request, ContextOverflow when it cannot
         fit in one slot, Overloaded when the waiting queue is full, EngineClosed after close(),
         EngineFailed once the engine has failed.
         """
         loop = loop or asyncio.get_running_loop()
         with self._in_use():
-            return self._submit(request, loop, shares_prompt_with)
+            return self._submit(request, loop, shares_prompt_with, choices)
 
-    def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, sibling: Generation | None) -> Generation:
+    @property
+    def capacity(self) -> int:
+        """Requests (choices) that may be running or waiting at once: ``parallel`` + ``max_queue``."""
+        return self._scheduler.capacity
+
+    def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, sibling: Generation | None, choices: int) -> Generation:
         prompt = self._validated_prompt(request.prompt)
         source = sibling.task if sibling is not None else None
         if source is not None and not np.array_equal(source.prompt, prompt):
@@ -198,7 +207,7 @@ class Engine:
             later_choice=source is not None,
         )
         try:
-            self._scheduler.submit(task)
+            self._scheduler.submit(task, room=choices)
         except BaseException:
             sampler.close()
             raise

@@ -134,20 +134,36 @@ class Scheduler:
 
     # ---- any thread -------------------------------------------------------------------------
 
-    def submit(self, task: Task) -> None:
-        """Queue a task, or raise EngineClosed / Overloaded without queueing it."""
+    @property
+    def capacity(self) -> int:
+        """How many tasks may be running or waiting at once: the slots and the queue's places."""
+        return self._capacity
+
+    def submit(self, task: Task, room: int = 1) -> None:
+        """Queue a task, or raise EngineClosed / Overloaded without queueing it.
+
+        ``room``: the places the task and the choices submitted after it (``later_choice``) need;
+        those are checked with the first, so a request's choices are refused all together or not at all.
+        """
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is closed")
             counters = self._counters
-            if counters.outstanding >= self._capacity:
-                waiting = counters.outstanding - counters.busy
-                raise Overloaded(f"all {len(self._slots)} slots are busy and {waiting} requests are already waiting")
+            if not task.later_choice and counters.outstanding + room > self._capacity:
+                raise Overloaded(self._overloaded(room))
             if counters.outstanding == 0:
                 self._liveness.progressed()  # the stall clock runs only while there is work
             counters.outstanding += 1
             counters.requests_total += 1
             self._inbox.post(Submit(task))
+
+    def _overloaded(self, room: int) -> str:
+        """Call with ``_lock`` held. Running and waiting are not told apart: a task counts as
+        running only once the scheduler thread has admitted it."""
+        taken = f"{self._counters.outstanding} requests are running or waiting"
+        places = f"{len(self._slots)} slots and {self._capacity - len(self._slots)} places in the queue"
+        need = f"; this request's {room} choices need {room} of them" if room > 1 else ""
+        return f"{taken}, for {places}{need}"
 
     def cancel(self, task_id: str) -> None:
         self._inbox.post(Cancel(task_id))

@@ -193,12 +193,19 @@ async def submit_all(engine: Engine, requests: list[GenerationRequest], prompt_p
     Building a sampler parses the request's grammar and logit bias, which can take milliseconds:
     such requests are submitted from a worker thread, so the event loop keeps streaming meanwhile.
     """
+    if len(requests) > engine.capacity:  # never room for them all: not a reason to retry
+        raise ApiError(
+            400, f"n={len(requests)} is more choices than this server can hold at once ({engine.capacity}: its slots and queue places).",
+            param="n", code="invalid_value",
+        )
     generations: list[Generation] = []
     loop = asyncio.get_running_loop()
     try:
         for generation_request in requests:
             # Every choice shares the first one's prompt: decoded once, counted once.
-            submit = functools.partial(engine.submit, generation_request, shares_prompt_with=generations[0] if generations else None, loop=loop)
+            submit = functools.partial(
+                engine.submit, generation_request, shares_prompt_with=generations[0] if generations else None, loop=loop, choices=len(requests),
+            )
             generations.append(await asyncio.to_thread(submit) if costly_to_submit(generation_request) else submit())
     except BaseException as exc:
         for generation in generations:
