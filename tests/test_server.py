@@ -194,6 +194,28 @@ def test_logit_bias_forces_a_token(server: LiveServer, client: OpenAI) -> None:
     assert completion.choices[0].text.split() == ["the"] * 4
 
 
+def test_text_offsets_point_into_the_text_even_past_tokens_that_add_none(client: OpenAI) -> None:
+    """A control token (here <s>, forced) is shown by its name but adds no text: the offsets of
+    the tokens after it were 3 characters too far for each one."""
+    forced = {"1": 100}  # <s>
+    whole = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=0, logit_bias=forced)
+    assert whole.choices[0].text == ""
+    assert whole.choices[0].logprobs.tokens == ["<s>"] * 4 and whole.choices[0].logprobs.text_offset == [0, 0, 0, 0]
+
+    later = {"1": 15}  # <s> only after a few words
+    mixed = client.completions.create(model="stories260k", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=0, logit_bias=later)
+    stream = client.completions.create(
+        model="stories260k", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=0, logit_bias=later, stream=True
+    )
+    streamed = [o for chunk in stream if chunk.choices and chunk.choices[0].logprobs for o in chunk.choices[0].logprobs.text_offset]
+    text, logprobs = mixed.choices[0].text, mixed.choices[0].logprobs
+    assert logprobs.tokens[0] != "<s>" and logprobs.tokens[-1] == "<s>", "words, then control tokens"
+    ends = [*logprobs.text_offset[1:], len(text)]
+    for token, start, end in zip(logprobs.tokens, logprobs.text_offset, ends, strict=True):
+        assert text[start:end] == ("" if token == "<s>" else token)
+    assert streamed == logprobs.text_offset
+
+
 def test_n_choices_are_separate_and_usage_adds_up(client: OpenAI) -> None:
     completion = client.chat.completions.create(
         model=MODEL_ID, messages=MESSAGES, n=3, max_tokens=5, temperature=1.0, seed=1, extra_body={"ignore_eos": True}

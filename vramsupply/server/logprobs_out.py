@@ -24,14 +24,19 @@ def chat_logprobs(entries: Sequence[TokenLogprob], token_bytes: TokenBytes) -> C
     return ChoiceLogprobs(content=content, refusal=None)
 
 
-def text_logprobs(entries: Sequence[TokenLogprob], token_bytes: TokenBytes, offset: int = 0) -> TextLogprobs:
-    """``offset`` is where the first token's text starts in the choice's text (for stream chunks)."""
-    tokens, values, tops, offsets = [], [], [], []
+def text_logprobs(entries: Sequence[TokenLogprob], token_bytes: TokenBytes, starts: Sequence[int]) -> TextLogprobs:
+    """``starts``: where each token's text starts in the choice's text, from the engine's own
+    account of which token brought which text (``Generation.token_text_ends``). The tokens' shown
+    strings cannot say it: a control token is shown by name but adds no text, and each half of a
+    split UTF-8 character shows a replacement character."""
+    tokens, values, tops = [], [], []
     for entry in entries:
-        text = _text(token_bytes(entry.token))
-        tokens.append(text)
+        tokens.append(_text(token_bytes(entry.token)))
         values.append(entry.logprob)
         tops.append({_text(token_bytes(t)): lp for t, lp in entry.top})
-        offsets.append(offset)
-        offset += len(text)
-    return TextLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+    return TextLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=list(starts))
+
+
+def text_starts(ends: Sequence[int], first: int, count: int) -> list[int]:
+    """Where tokens ``first`` .. ``first + count - 1`` start, given where each token's text ends."""
+    return [ends[min(k, len(ends)) - 1] if k and ends else 0 for k in range(first, first + count)]

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Protocol
 from vramsupply.engine import Generation
 from vramsupply.engine.logprobs import TokenLogprob
 from vramsupply.server.chunks import ChunkTemplate, sse_event
-from vramsupply.server.logprobs_out import TokenBytes, text_logprobs
+from vramsupply.server.logprobs_out import TokenBytes, text_logprobs, text_starts
 from vramsupply.server.responses import FinishReason, TextChoice, TextCompletion, TextLogprobs, UsageOut
 
 Logprobs = list[TokenLogprob] | None  # one choice's logprobs, or None when not asked for
@@ -79,7 +79,8 @@ class ShapeBase(abc.ABC):
 @dataclasses.dataclass
 class TextShape(ShapeBase):
     prompt_param: str = "prompt"
-    _offsets: dict[int, int] = dataclasses.field(default_factory=dict)
+    _taken: dict[int, int] = dataclasses.field(default_factory=dict)  # per choice: tokens whose logprobs were written
+    _generations: Sequence[Generation] = ()
 
     chunk_type = TextCompletion
     chunk_object = "text_completion"
@@ -97,7 +98,8 @@ class TextShape(ShapeBase):
         return None
 
     def track(self, generations: Sequence[Generation]) -> None:
-        """Text completions read nothing from the generations' tokens (chat counts reasoning)."""
+        """The generations say where each token's text starts (``text_offset``)."""
+        self._generations = generations
 
     def text_chunks(self, index: int, text: str, logprobs: Logprobs) -> list[bytes]:
         if logprobs is None:
@@ -113,9 +115,10 @@ class TextShape(ShapeBase):
     def _logprobs(self, index: int, entries: Logprobs) -> TextLogprobs | None:
         if entries is None:
             return None
-        out = text_logprobs(entries, self.token_bytes, self._offsets.get(index, 0))
-        self._offsets[index] = self._offsets.get(index, 0) + sum(len(t) for t in out.tokens)
-        return out
+        first = self._taken.get(index, 0)
+        self._taken[index] = first + len(entries)
+        ends = self._generations[index].token_text_ends if index < len(self._generations) else []
+        return text_logprobs(entries, self.token_bytes, text_starts(ends, first, len(entries)))
 
     def usage_chunk(self, usage: UsageOut) -> bytes:
         return self._chunk([], usage)
