@@ -1,18 +1,7 @@
 #!/bin/sh
 # vramsupply installer: curl -fsSL https://vram.supply/install.sh | sh
-#
-# Installs the vramsupply agent into its own virtual environment, builds llama.cpp for the GPU
-# this machine has, and links the `vramsupply` command onto PATH. Re-running upgrades in place.
-#
-#   sh install.sh [--version X | --from PATH] [--backend cpu|cuda|hip|metal|vulkan]
-#                 [--dry-run] [--strict] [--dev] [--service] [--uninstall [--purge]]
-#
-# --dry-run prints the backend, toolchain and CPU code flags it would use and installs nothing. A
-# failed GPU build falls back to the CPU build with a warning; --strict fails instead.
-# Environment overrides: VRAMSUPPLY_VERSION, VRAMSUPPLY_FROM, VRAMSUPPLY_BACKEND,
-# VRAMSUPPLY_CUDA_ARCHITECTURES, VRAMSUPPLY_HIP_TARGETS, CUDA_HOME (a CUDA toolkit to use),
-# VRAMSUPPLY_CPU_FLAGS (compiler flags for llama.cpp's CPU code, instead of the AMX probe's),
-# VRAMSUPPLY_DATA_DIR (where the venv lives), VRAMSUPPLY_BIN_DIR (where the link goes).
+# Installs the agent in its own virtual environment, builds llama.cpp for this machine's GPU, and
+# links `vramsupply` onto PATH. Its options and environment are in usage() below (--help).
 #
 # Everything runs from main(), called on the last line, so a truncated download runs nothing.
 set -eu
@@ -23,8 +12,24 @@ have() { command -v "$1" >/dev/null 2>&1; }
 # systemd is the init system (sd_booted(3)), not merely installed.
 systemd_present() { have systemctl && [ -d /run/systemd/system ]; }
 
+# The text is here, not read back from this file: piped to sh (`curl ... | sh -s -- --help`) there is no file.
 usage() {
-    sed -n '2,17p' "$0" 2>/dev/null | sed 's/^# \{0,1\}//' || true
+    cat <<'USAGE'
+vramsupply installer: curl -fsSL https://vram.supply/install.sh | sh
+
+Installs the vramsupply agent into its own virtual environment, builds llama.cpp for the GPU
+this machine has, and links the `vramsupply` command onto PATH. Re-running upgrades in place.
+
+  sh install.sh [--version X | --from PATH] [--backend cpu|cuda|hip|metal|vulkan]
+                [--dry-run] [--strict] [--dev] [--service] [--uninstall [--purge]]
+
+--dry-run prints the backend, toolchain and CPU code flags it would use and installs nothing. A
+failed GPU build falls back to the CPU build with a warning; --strict fails instead.
+Environment overrides: VRAMSUPPLY_VERSION, VRAMSUPPLY_FROM, VRAMSUPPLY_BACKEND,
+VRAMSUPPLY_CUDA_ARCHITECTURES, VRAMSUPPLY_HIP_TARGETS, CUDA_HOME (a CUDA toolkit to use),
+VRAMSUPPLY_CPU_FLAGS (compiler flags for llama.cpp's CPU code, instead of the AMX probe's),
+VRAMSUPPLY_DATA_DIR (where the venv lives), VRAMSUPPLY_BIN_DIR (where the link goes).
+USAGE
 }
 
 default_data_dir() {
@@ -408,8 +413,13 @@ install_cuda_wheels() {
         failure="could not install NVIDIA's CUDA $cuda_version wheels: $(build_failure_reason "$staging/pip.log")"
         return 1
     fi
+    # Each step is checked: this runs where `set -e` does not apply (in an `||`), and a full disk
+    # must not leave a partial toolkit that looks complete to the next run.
     for part in "$staging"/site/nvidia/*/; do
-        cp -R -l -f "$part." "$staging/root/" 2>/dev/null || cp -R -f "$part." "$staging/root/"
+        if ! cp -R -l -f "$part." "$staging/root/" 2>/dev/null && ! cp -R -f "$part." "$staging/root/" 2>"$staging/cp.log"; then
+            failure="could not put the CUDA toolkit together in $staging: $(tail -n 1 "$staging/cp.log" | cut -c 1-200)"
+            return 1
+        fi
     done
     root="$staging/root"
     [ -e "$root/lib64" ] || ln -s lib "$root/lib64"
@@ -423,22 +433,46 @@ install_cuda_wheels() {
     done
     driver=$(driver_library)
     if [ -n "$driver" ]; then mkdir -p "$root/lib/stubs" && ln -sf "$driver" "$root/lib/stubs/libcuda.so"; fi
-    rm -rf "$cuda_root" && mv "$root" "$cuda_root" && rm -rf "$staging"
+    if ! { rm -rf "$cuda_root" && mv "$root" "$cuda_root"; }; then
+        failure="could not move the CUDA toolkit into $cuda_root"
+        return 1
+    fi
+    rm -rf "$staging"
+}
+
+# pip with what llama.cpp's build needs for the planned backend ($cmake_args, $cpu_flags, the
+# toolkit's compiler). Used for the build, and for installing vramsupply itself: an upgrade whose
+# release needs a newer llama-cpp-python makes pip build it, and without these it would be built
+# for the CPU, silently replacing a GPU build.
+pip_for_build() {
+    extra_path=${cuda_root:+$cuda_root/bin:}
+    # shellcheck disable=SC2086
+    env PATH="$extra_path$PATH" ${cuda_root:+CUDACXX=$cuda_root/bin/nvcc} ${hip_env:-} CMAKE_ARGS="$cmake_args" \
+        CFLAGS="${CFLAGS:+$CFLAGS }$cpu_flags" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }$cpu_flags" \
+        "$venv/bin/python" -m pip --disable-pip-version-check "$@"
+}
+
+# pip's wheel cache ignores CMAKE_ARGS and CFLAGS: a GPU build, or one with CPU flags, must never
+# reuse (or leave) a cached wheel.
+no_cache_for() { # BACKEND
+    if [ "$1" != cpu ] || [ -n "$cpu_flags" ]; then echo "--no-cache-dir"; fi
 }
 
 build_llama() { # BACKEND: build and install llama-cpp-python for it, log in $build_log
     build_log="$data_dir/build-$1.log"
     flags=""
     if llama_importable; then flags="--force-reinstall --no-deps"; fi
-    # pip's wheel cache ignores CMAKE_ARGS and CFLAGS: a GPU build, or one with CPU flags, must never
-    # reuse (or leave) a cached wheel.
-    if [ "$1" != cpu ] || [ -n "$cpu_flags" ]; then flags="$flags --no-cache-dir"; fi
+    flags="$flags $(no_cache_for "$1")"
     say "building llama-cpp-python for $1 (several minutes; log: $build_log)"
-    extra_path=${cuda_root:+$cuda_root/bin:}
     # shellcheck disable=SC2086
-    run_build "$build_log" "building llama.cpp for $1" env PATH="$extra_path$PATH" ${cuda_root:+CUDACXX=$cuda_root/bin/nvcc} \
-        ${hip_env:-} CMAKE_ARGS="$cmake_args" CFLAGS="${CFLAGS:+$CFLAGS }$cpu_flags" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }$cpu_flags" \
-        "$venv/bin/python" -m pip --disable-pip-version-check install -v $flags "$LLAMA_SPEC"
+    run_build "$build_log" "building llama.cpp for $1" pip_for_build install -v $flags "$LLAMA_SPEC"
+}
+
+# A release PyPI does not have (--version) is said before the long llama.cpp build, not after it.
+check_release() { # SPEC
+    found=$(pip install --dry-run --no-deps --quiet "$1" 2>&1) && return 0
+    reason=$(printf '%s\n' "$found" | sed -n 's/^ERROR: //p' | tail -n 1)
+    die "cannot install $1 from PyPI: ${reason:-$(printf '%s\n' "$found" | grep -v '^[[:space:]]*$' | tail -n 1)}"
 }
 
 # The CUDA build needs cudart and cuBLAS at run time, and a toolkit from PyPI (or in an unusual
@@ -594,18 +628,19 @@ main() {
     if [ -z "$from" ] && [ -z "$version" ]; then
         from=$(checkout_dir || true)
     fi
+    extras=""
+    if [ "$dev" = 1 ]; then extras="[dev]"; fi # before the version: vramsupply[dev]==X
     if [ -n "$from" ]; then
         [ -e "$from" ] || die "--from path '$from' does not exist"
-        spec=$(cd "$from" 2>/dev/null && pwd || echo "$from")
+        spec="$(cd "$from" 2>/dev/null && pwd || echo "$from")$extras"
         say "installing from $spec"
     elif [ -n "$version" ]; then
-        spec="vramsupply==$version"
+        spec="vramsupply$extras==$version"
         say "installing $spec from PyPI"
     else
-        spec="vramsupply"
+        spec="vramsupply$extras"
         say "installing the latest vramsupply from PyPI"
     fi
-    if [ "$dev" = 1 ]; then spec="${spec}[dev]"; fi
 
     mkdir -p "$data_dir" "$bin_dir"
     # Absolute, so that the link works from anywhere (a relative VRAMSUPPLY_DATA_DIR left it dangling).
@@ -613,6 +648,7 @@ main() {
     check_link_target "$bin_dir/vramsupply"
     make_venv "$python"
     pip install --quiet --upgrade pip
+    if [ -z "$from" ]; then check_release "$spec"; fi
 
     # The backend file also records the CPU flags, so a build made before a flag was needed is redone.
     previous_build=$(cat "$data_dir/backend" 2>/dev/null || echo none)
@@ -640,7 +676,9 @@ main() {
         build_id "$installed" > "$data_dir/backend"
     fi
 
-    pip install --quiet --upgrade "$spec"
+    # With the build's environment: pip may rebuild llama-cpp-python for the new release (pip_for_build).
+    # shellcheck disable=SC2046
+    pip_for_build install --quiet --upgrade $(no_cache_for "$(head -n 1 "$data_dir/backend" | cut -d ' ' -f 1)") "$spec"
     ln -sfn "$venv/bin/vramsupply" "$bin_dir/vramsupply"
     say "installed $("$venv/bin/vramsupply" --version) -> $bin_dir/vramsupply"
 
