@@ -249,3 +249,21 @@ def test_output_that_cannot_be_written_is_one_line_and_a_failure() -> None:
         shown = subprocess.run([sys.executable, "-m", "vramsupply", "config", "show"], stdout=full, stderr=subprocess.PIPE, text=True)
     assert shown.returncode == 1
     assert shown.stderr.strip() == "error: cannot write to standard output: No space left on device"
+
+
+def test_a_closed_standard_output_is_one_line_and_a_failure_not_silence() -> None:
+    closed = subprocess.run(["sh", "-c", f'exec "{sys.executable}" -m vramsupply config show >&-'], capture_output=True, text=True)
+    assert closed.returncode == 1
+    assert closed.stderr.strip() == "error: cannot write to standard output: standard output is closed"
+
+
+def test_a_deleted_working_directory_is_named_as_the_cause(tmp_path: Path) -> None:
+    """A relative model path there was a bare "error: No such file or directory"."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = f'cd "{gone}" && rmdir "{gone}" && exec "{sys.executable}" -m vramsupply serve --model model.gguf --no-register'
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: the current directory no longer exists (it was deleted or moved): cd to one that does, or give absolute paths"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -158,20 +159,29 @@ def test_a_closed_terminal_sighup_drains_and_deregisters_like_sigterm() -> None:
     assert "SIGHUP received" in agent.log
 
 
-def test_output_nobody_reads_does_not_stop_the_agent() -> None:
+@pytest.mark.parametrize(
+    ("started", "why"), [("piped", "Broken pipe"), ("with standard output closed", "standard output is closed")], ids=["reader-left", "closed"]
+)
+def test_output_nobody_reads_does_not_stop_the_agent(started: str, why: str) -> None:
     """``vramsupply serve | head -1`` once head has exited: printing fails (EPIPE); serving goes on,
-    its lines go to the log (before, the agent exited 1 without a word)."""
+    its lines go to the log (before, the agent exited 1 without a word). Likewise ``serve >&-``,
+    where printing fails once a command whose output is its point must say it could not print."""
     command = [sys.executable, "-m", "vramsupply", "serve", "--model", str(TINY_MODEL), "--no-register", "--port", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    closed = started != "piped"
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL if closed else subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=(lambda: os.close(1)) if closed else None,  # noqa: PLW1509 - no threads in the child yet
+    )
     try:
-        assert process.stdout is not None and process.stderr is not None
-        process.stdout.close()  # nobody reads what it prints
+        assert process.stderr is not None
+        if process.stdout is not None:
+            process.stdout.close()  # nobody reads what it prints
         log = []
         for line in process.stderr:
             log.append(line)
             if "vramsupply ready: serving " in line:
                 break
-        assert any("cannot write to standard output (Broken pipe)" in line for line in log), log
+        assert any(f"cannot write to standard output ({why})" in line for line in log), log
         url = log[-1].split(" at ")[1].split()[0].removesuffix("/v1")
         with urllib.request.urlopen(url + "/health", timeout=10) as response:
             assert response.status == 200

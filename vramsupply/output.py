@@ -5,10 +5,16 @@ that cannot be written (``serve | head -1`` once ``head`` has exited, a full dis
 redirect, a closed terminal) must not stop the agent: the first failed write is logged (to
 standard error, where the log goes), standard output is pointed at /dev/null so that nothing is
 retried or reported again at exit, and from then on these lines go to the log instead.
+
+A process started with standard output closed (``vramsupply config show >&-``) gets ``None`` for
+``sys.stdout`` from Python, and every print vanishes: a command whose output is its whole point
+exited 0 having shown nothing. ``ClosedOutput`` stands in, and writing to it fails instead.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
 import sys
@@ -31,6 +37,31 @@ def say(line: str) -> None:
             point_stdout_at_devnull()
             log.warning("cannot write to standard output (%s); serving goes on, and its lines go to this log", exc.strerror or exc)
     log.info("%s", line)
+
+
+class ClosedStdout(OSError):
+    """Standard output was closed when the process started."""
+
+
+class ClosedOutput(io.TextIOBase):
+    """``sys.stdout`` when there is none: every write fails with ``ClosedStdout``."""
+
+    def write(self, text: str) -> int:
+        raise ClosedStdout(errno.EBADF, "standard output is closed")
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("standard output is closed")
+
+    def flush(self) -> None:
+        """Nothing was written, so there is nothing to fail."""
+
+
+def stand_in_for_closed_stdout() -> None:
+    if sys.stdout is None:
+        sys.stdout = ClosedOutput()
 
 
 def point_stdout_at_devnull() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import sys
 from typing import Any, NoReturn, Optional
 
@@ -17,7 +18,7 @@ from rich.text import Text
 from vramsupply import __version__
 from vramsupply.config import Settings, api_key_problem, config_path, display_value, load_settings, write_config_values
 from vramsupply.errors import Interrupted, VramsupplyError
-from vramsupply.output import point_stdout_at_devnull
+from vramsupply.output import ClosedStdout, point_stdout_at_devnull, stand_in_for_closed_stdout
 
 app = typer.Typer(
     name="vramsupply",
@@ -122,6 +123,7 @@ def main() -> None:
     An interrupt that reaches here arrived outside any command's own signal handling (while
     Python was still importing, say): exit 130 quietly, as a shell expects.
     """
+    stand_in_for_closed_stdout()
     _tolerant_output()
     try:
         app()
@@ -157,10 +159,20 @@ def _tolerant_output() -> None:
 def _os_error_line(exc: OSError) -> str:
     if exc.filename:
         return f"{exc.strerror or exc}: {exc.filename}"
-    if exc.errno == errno.ENOSPC:  # no file named: our output (rich flushes as it prints)
+    if exc.errno == errno.ENOSPC or isinstance(exc, ClosedStdout):  # no file named: our output (rich flushes as it prints)
         point_stdout_at_devnull()
         return f"cannot write to standard output: {exc.strerror}"
+    if exc.errno == errno.ENOENT and _working_directory_gone():  # a relative path made absolute
+        return "the current directory no longer exists (it was deleted or moved): cd to one that does, or give absolute paths"
     return str(exc.strerror or exc)
+
+
+def _working_directory_gone() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def _flush_stdout() -> None:
