@@ -276,6 +276,21 @@ async def test_a_flood_of_an_answer_is_a_502_and_never_held_whole(caplog: pytest
     no_trouble_of_ours(caplog)
 
 
+@pytest.mark.parametrize("bombed", ["tokenize", "replay"])
+async def test_a_flood_answering_a_count_is_refused_and_the_buyer_still_gets_the_answer(bombed: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An answer without usage is counted with the upstream's tokenizer and a 1-token replay; each
+    read a gzip bomb (32 MiB from 32 KiB) whole into memory."""
+    upstream = HostileUpstream()
+    upstream.counting_bomb = gzip.compress(b'{"tokens": [' + b"1, " * (11 << 20) + b"1]}")
+    upstream.bombed = {bombed}
+    upstream.generation = answering(whole("hi there"))
+    async with fronted(upstream) as front:
+        status, answer = await front.post(CHAT)
+    assert status == 200 and answer["choices"][0]["message"]["content"] == "hi there"
+    assert "usage" not in answer
+    assert "answer is larger than 16777216 bytes" in caplog.text
+
+
 async def test_a_broken_compression_is_a_502_in_one_line() -> None:
     upstream = HostileUpstream()
 

@@ -83,6 +83,9 @@ class HostileUpstream(LlamaServerSurface):
         self.models_status = 200
         self.healthy = True
         self.tokenizes = True
+        self.counting_bomb: bytes | None = None
+        """Gzip that ``bombed`` (the tokenizer, the prompt-counting replay) answer with, when set."""
+        self.bombed: set[str] = {"tokenize", "replay"}
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -107,12 +110,19 @@ class HostileUpstream(LlamaServerSurface):
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         if body.get("max_tokens") == 1 and not body.get("stream"):  # the prompt-counting replay
+            if self.counting_bomb is not None and "replay" in self.bombed:
+                return self.bomb()
             return web.json_response(whole("x", usage={"prompt_tokens": REPLAY_PROMPT_TOKENS, "completion_tokens": 1}))
         return await self.generation(request, body)
+
+    def bomb(self) -> web.Response:
+        return web.Response(body=self.counting_bomb, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
 
     async def tokenize(self, request: web.Request) -> web.Response:
         if not self.tokenizes:
             return web.Response(status=404)
+        if self.counting_bomb is not None and "tokenize" in self.bombed:
+            return self.bomb()
         return web.json_response({"tokens": list(range(len((await request.json())["content"]) + 1))})
 
 

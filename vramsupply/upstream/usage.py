@@ -22,6 +22,7 @@ endpoint (``/extras/tokenize`` of llama_cpp.server, ``/tokenize`` of llama-serve
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -128,15 +129,17 @@ class Tokenizer:
     async def _find(self) -> str:
         async with self._lock:
             if self._endpoint is None:
+                reasons = []
                 for endpoint in self.ENDPOINTS:
                     try:
                         await self._tokenize(endpoint, "")
-                    except UpstreamUnavailable:
+                    except UpstreamUnavailable as exc:
+                        reasons.append(str(exc))
                         continue
                     self._endpoint = endpoint
                     break
                 else:
-                    raise UpstreamUnavailable("the upstream reports no usage and has no tokenize endpoint")
+                    raise UpstreamUnavailable(f"the upstream reports no usage and has no tokenize endpoint ({'; '.join(reasons)})")
             return self._endpoint
 
     async def _special_count(self, endpoint: str) -> int:
@@ -152,7 +155,7 @@ class Tokenizer:
             async with self._client.session.post(url, json=body, timeout=PROBE_TIMEOUT) as reply:
                 if reply.status != 200:
                     raise UpstreamUnavailable(f"{url} answered {reply.status}")
-                answer = await reply.json(content_type=None)
+                answer = await json_capped(reply, url)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise UpstreamUnavailable(f"{url}: {describe(exc)}") from None
         if isinstance(answer, dict) and "count" in answer:
@@ -163,6 +166,21 @@ class Tokenizer:
         if not isinstance(tokens, list):
             raise UpstreamUnavailable(f"{url} did not return tokens")
         return len(tokens)
+
+
+COUNTING_ANSWER_MAX_BYTES = 16 << 20
+"""A tokenize or replay answer, decompressed: a long prompt's token list is a few MB at most."""
+
+
+async def json_capped(reply: aiohttp.ClientResponse, url: str) -> Any:
+    """The answer's JSON, or UpstreamUnavailable once it grows past ``COUNTING_ANSWER_MAX_BYTES``
+    (an upstream answering a count with a gigabyte, or a gzip bomb, must not fill our memory)."""
+    body = bytearray()
+    async for chunk in reply.content.iter_any():
+        body += chunk
+        if len(body) > COUNTING_ANSWER_MAX_BYTES:
+            raise UpstreamUnavailable(f"{url}'s answer is larger than {COUNTING_ANSWER_MAX_BYTES} bytes")
+    return json.loads(body)
 
 
 class UsageCounter:
@@ -195,7 +213,7 @@ class UsageCounter:
         url = self._client.base_url + path
         try:
             async with self._client.session.post(url, json=replay, timeout=aiohttp.ClientTimeout(total=120)) as reply:
-                answer = await reply.json(content_type=None) if reply.status == 200 else None
+                answer = await json_capped(reply, url) if reply.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise UpstreamUnavailable(f"counting the prompt failed: {describe(exc)}") from None
         usage = usage_of(answer, bounds) if isinstance(answer, dict) else None
