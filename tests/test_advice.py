@@ -107,3 +107,26 @@ async def test_demand_prints_advice_for_the_model_you_serve_at_your_measured_spe
     [advice] = json.loads(as_json.stdout)["advice"]
     assert advice["band"] == {"low": 150, "median": 200, "high": 300, "median_estimated": False}
     assert advice["earned_cents_per_hour"] == {"low": "1026.00", "median": "1368.00", "high": "2052.00"}
+
+
+@pytest.mark.parametrize(
+    "prices",
+    [api.PriceRange(min=500, max=100, median=1000), api.PriceRange(min=100, max=500, median=50), api.PriceRange(min=500, max=100)],
+    ids=["low-above-high", "median-below-low", "no-median"],
+)
+def test_a_band_out_of_order_is_no_band_and_gives_no_advice(prices: api.PriceRange) -> None:
+    demand = api.DemandResponse(models=[api.ModelDemand(model="m", requests_24h=1, online_providers=2, output_price_per_million=prices)])
+    [advice] = advise(demand, {"m"}, 200, {"m": (100.0, 4)})
+
+    assert advice.band is None and advice.per_hour is None and advice.inconsistent_band == prices
+    assert advice.as_json()["inconsistent_band"] == prices.model_dump() and advice.as_json()["position"] is None
+    assert advice_lines(advice)[1].startswith("  market band: not used, the platform sent low $")
+    assert not any("band:" in line and "online" in line or "your price" in line for line in advice_lines(advice))
+    with pytest.raises(ValueError, match="not a band"):
+        Band.of(prices)
+
+
+def test_advice_shows_a_model_name_as_plain_text() -> None:
+    advice = Advice("evil\x1b]0;TITLE\x07\x1b[2J[/x]", 100, None, 0, None, None)
+    assert advice_lines(advice)[0] == "Pricing advice for evil\\x1b]0;TITLE\\x07\\x1b[2J[/x] (output price per million tokens)"
+    assert advice.as_json()["model"] == "evil\x1b]0;TITLE\x07\x1b[2J[/x]"  # JSON keeps it exact (printed with escapes)

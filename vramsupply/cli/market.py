@@ -1,12 +1,16 @@
-"""The marketplace from the provider's side: demand, earnings, payment rails, the agent's status, and the local reference platform."""
+"""The marketplace from the provider's side: demand, earnings, payment rails, the agent's status, and the local reference platform.
+
+What these commands print comes largely from outside (the platform, the state file, the agent's
+/health): it is printed as ``Text`` or through ``vramsupply.display``, never as rich markup.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Optional
 
 import typer
+from rich.text import Text
 
 from .app import app, console, fail, settings_from
 
@@ -17,6 +21,7 @@ def demand(as_json: bool = typer.Option(False, "--json", help="Print the platfor
     from vramsupply.hub import CacheStatus, default_cache_dir, list_cached, model_id_of
     from vramsupply.platform.advice import advice_lines, advise
     from vramsupply.platform.commands import demand_view, fetch_demand, servable_models
+    from vramsupply.display import json_text
     from vramsupply.throughput import measured_speeds
 
     settings = settings_from({})
@@ -26,11 +31,11 @@ def demand(as_json: bool = typer.Option(False, "--json", help="Print the platfor
     servable = servable_models(configured, cached)
     advice = advise(market, servable, settings.output_price, measured_speeds())
     if as_json:
-        console.print_json(json.dumps({**market.model_dump(mode="json"), "advice": [a.as_json() for a in advice]}))
+        console.print(json_text({**market.model_dump(mode="json"), "advice": [a.as_json() for a in advice]}), soft_wrap=True)
         return
     console.print(demand_view(market, servable))
     for item in advice:
-        console.print("\n".join(advice_lines(item)), highlight=False, soft_wrap=False)
+        console.print(Text("\n".join(advice_lines(item))), soft_wrap=False)
 
 
 @app.command()
@@ -50,7 +55,7 @@ def earnings(
     if as_json:
         print(dumps(report.as_json()))
     else:
-        console.print(render(report, By(by), path), highlight=False)
+        console.print(render(report, By(by), path), highlight=False, markup=False)  # model names in the ledger are no markup
 
 
 @app.command()
@@ -70,10 +75,11 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
     """Show the local agent's health and its registration with the platform (exit 1 when not serving)."""
     from vramsupply.platform import default_state_path
     from vramsupply.platform.commands import agent_status, status_table
+    from vramsupply.display import json_text
 
     report = agent_status(settings_from({}), default_state_path())
     if as_json:
-        console.print_json(json.dumps(report.as_json()))
+        console.print(json_text(report.as_json()), soft_wrap=True)
     else:
         console.print(status_table(report))
     raise typer.Exit(0 if report.healthy else 1)
@@ -91,10 +97,10 @@ def devplatform(
 
     platform = DevPlatform(api_key=api_key, options=PlatformOptions(health_interval=health_interval))
 
-    def announce(url: str) -> None:
-        console.print(f"reference platform listening on {url}", highlight=False)
-        console.print(f"API key: {platform.api_key}", highlight=False)
-        console.print(f"use it with: export VRAM_SUPPLY_PLATFORM_URL={url} VRAM_SUPPLY_API_KEY={platform.api_key}", highlight=False, soft_wrap=True)
+    def announce(url: str) -> None:  # the key is the user's own text (--api-key): no markup
+        console.print(f"reference platform listening on {url}", highlight=False, markup=False)
+        console.print(f"API key: {platform.api_key}", highlight=False, markup=False)
+        console.print(f"use it with: export VRAM_SUPPLY_PLATFORM_URL={url} VRAM_SUPPLY_API_KEY={platform.api_key}", highlight=False, markup=False, soft_wrap=True)
         console.print("Ctrl-C stops it (all state is in memory).", highlight=False)
 
     asyncio.run(serve_forever(platform, host, port, announce))

@@ -14,7 +14,10 @@ rounds up, so a price of 200 ¢/M becomes 3 units (300 ¢/M) there, and every pr
 The band is what other providers ask, so anyone can put anything in it: an offer above the highest
 price this agent accepts (``config.MAX_PRICE``, $10,000 per million) counts as that price, and the
 advice says the band was capped. One troll's 10²⁶ ¢/M must not turn everyone's advice into
-nonsense, or into a crash.
+nonsense, or into a crash. A band whose numbers are not in order (a low above the high, a median
+outside them) is a platform bug: which of its numbers is wrong cannot be known, so no advice is
+built on it (sorting them would make up a median); the advice says what was sent and why it is
+not used.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from decimal import ROUND_HALF_UP, Decimal, localcontext
 
 from vramsupply.config import MAX_PRICE
 from vramsupply.platform import api
+from vramsupply.display import plain
+from vramsupply.platform.offer import format_cents
 
 PROVIDER_SHARE = Decimal(95) / 100
 FEE_MARKUP_PERCENT = 105
@@ -31,6 +36,27 @@ FEE_MARKUP_PERCENT = 105
 CENTS_PER_MILLION_PER_UNIT = 100
 """One base unit (10⁻⁶ of a stablecoin dollar) per token is 100 ¢ per million tokens."""
 SECONDS_PER_HOUR = 3600
+MAX_COUNT = 10**12
+"""More requests or providers than any market has (10 million a second for a day): shown as a bound."""
+
+
+def asked_price(cents: int) -> str:
+    """A price another provider asks; past the bounds any agent accepts, only which side (10⁴⁰⁰ is no float)."""
+    if cents > MAX_PRICE:
+        return f"over {format_cents(MAX_PRICE)}"
+    return format_cents(cents) if cents >= 0 else "below $0.00"
+
+
+def count_text(number: int) -> str:
+    """A count the platform sent; one no market can have (below 0, over ``MAX_COUNT``) only as which side."""
+    if number < 0:
+        return "below 0"
+    return str(number) if number <= MAX_COUNT else f"over {MAX_COUNT:,}"
+
+
+def consistent(prices: api.PriceRange) -> bool:
+    """Whether the platform's band is one: low ≤ median ≤ high."""
+    return prices.min <= prices.max and (prices.median is None or prices.min <= prices.median <= prices.max)
 
 
 @dataclass(frozen=True)
@@ -43,6 +69,9 @@ class Band:
 
     @classmethod
     def of(cls, prices: api.PriceRange) -> Band:
+        """The band of ``prices``, capped; they must be ``consistent`` (advise leaves out any other)."""
+        if not consistent(prices):
+            raise ValueError(f"not a band: min {prices.min}, median {prices.median}, max {prices.max}")
         median = prices.median if prices.median is not None else (prices.min + prices.max) // 2
         sent = (prices.min, median, prices.max)
         low, middle, high = (min(max(price, 0), MAX_PRICE) for price in sent)
@@ -86,6 +115,7 @@ class Advice:
     online_providers: int
     tokens_per_second: float | None
     slots: int | None
+    inconsistent_band: api.PriceRange | None = None  # what the platform sent instead of a band (not used)
 
     @property
     def per_hour(self) -> tuple[Decimal, Decimal, Decimal] | None:
@@ -107,6 +137,7 @@ class Advice:
     def as_json(self) -> dict[str, object]:
         per_hour = self.per_hour
         units, same_from, same_to = self.tempo
+        rejected = {} if self.inconsistent_band is None else {"inconsistent_band": self.inconsistent_band.model_dump()}
         return {
             "model": self.model,
             "your_output_price_per_million": self.price,
@@ -115,6 +146,7 @@ class Advice:
             "tokens_per_second": self.tokens_per_second,
             "earned_cents_per_hour": None if per_hour is None else dict(zip(("low", "median", "high"), (str(_cents(c)) for c in per_hour))),
             "tempo": {"units_per_token": units, "cents_per_million": units * CENTS_PER_MILLION_PER_UNIT, "same_units_from": same_from, "same_units_to": same_to},
+            **rejected,
         }
 
 
@@ -138,14 +170,16 @@ def advise(demand: api.DemandResponse, servable: set[str], price: int, tokens_pe
             continue
         measured = tokens_per_second.get(entry.model.lower())
         prices = entry.output_price_per_million
+        usable = prices if prices is not None and consistent(prices) else None
         advice.append(
             Advice(
                 model=entry.model,
                 price=price,
-                band=None if prices is None else Band.of(prices),
+                band=None if usable is None else Band.of(usable),
                 online_providers=entry.online_providers,
                 tokens_per_second=None if measured is None else measured[0],
                 slots=None if measured is None else measured[1],
+                inconsistent_band=prices if usable is None else None,
             )
         )
     return advice
@@ -155,18 +189,27 @@ def _dollars(cents: int | Decimal) -> str:
     return f"${Decimal(cents) / 100:,.2f}"
 
 
+def _band_lines(advice: Advice) -> list[str]:
+    band, sent = advice.band, advice.inconsistent_band
+    if sent is not None:
+        median = "" if sent.median is None else f", median {asked_price(sent.median)}"
+        return [
+            f"  market band: not used, the platform sent low {asked_price(sent.min)}{median}, high {asked_price(sent.max)}, "
+            "which is no band (low ≤ median ≤ high does not hold)"
+        ]
+    if band is None:
+        return ["  market band: no provider is online for it, so there is no market price yet"]
+    median = f"median {_dollars(band.median)}" + (" (est.)" if band.median_estimated else "")
+    lines = [f"  market band: low {_dollars(band.low)}, {median}, high {_dollars(band.high)} ({count_text(advice.online_providers)} online)"]
+    if band.capped:
+        lines.append(f"  (capped: an offer outside $0.00–{_dollars(MAX_PRICE)}, the prices an agent can ask, counts as the nearer bound)")
+    lines.append(f"  your price: {_dollars(advice.price)}, {band.position(advice.price)}")
+    return lines
+
+
 def advice_lines(advice: Advice) -> list[str]:
     """The advice for one model, a line per point, for the terminal."""
-    lines = [f"Pricing advice for {advice.model} (output price per million tokens)"]
-    band = advice.band
-    if band is None:
-        lines.append("  market band: no provider is online for it, so there is no market price yet")
-    else:
-        median = f"median {_dollars(band.median)}" + (" (est.)" if band.median_estimated else "")
-        lines.append(f"  market band: low {_dollars(band.low)}, {median}, high {_dollars(band.high)} ({advice.online_providers} online)")
-        if band.capped:
-            lines.append(f"  (capped: an offer outside $0.00–{_dollars(MAX_PRICE)}, the prices an agent can ask, counts as the nearer bound)")
-        lines.append(f"  your price: {_dollars(advice.price)}, {band.position(advice.price)}")
+    lines = [f"Pricing advice for {plain(advice.model)} (output price per million tokens)", *_band_lines(advice)]
     per_hour = advice.per_hour
     if per_hour is not None:
         low, median_h, high = (_dollars(_cents(c)) for c in per_hour)

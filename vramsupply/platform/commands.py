@@ -16,13 +16,18 @@ import aiohttp
 from rich.table import Table
 from rich.text import Text
 
-from vramsupply.config import MAX_PRICE, Settings
+from vramsupply.config import Settings
 from vramsupply.platform import api
+from vramsupply.platform.advice import asked_price, consistent, count_text
 from vramsupply.platform.client import PlatformClient, PlatformError, describe_error
-from vramsupply.platform.offer import format_cents, local_base_url
+from vramsupply.display import plain, shown
+from vramsupply.platform.offer import local_base_url
 from vramsupply.platform.state import Phase, RegistrationState, process_alive, read_state
 
 T = TypeVar("T")
+MAX_WARNINGS_SHOWN = 10
+CLOCK_SLACK_SECONDS = 60
+SECONDS_PER_YEAR = 365 * 24 * 3600
 RAIL_BUYERS = {
     "accepts_stripe": "buyers paying with an API key (Bearer sk-…), Stripe payouts",
     "accepts_tempo": "buyers paying per token with MPP (Payment), Tempo payouts",
@@ -65,19 +70,14 @@ def servable_models(configured: str | None, cached: Iterable[str]) -> set[str]:
     return {model_id.lower() for model_id in (*cached, *([configured] if configured else []))}
 
 
-def _price_range(prices: api.PriceRange | None) -> str:
+def _price_range(prices: api.PriceRange | None) -> Text | str:
     if prices is None:
         return "-"
+    if not consistent(prices):  # the numbers are shown in the advice (servable models) and in --json
+        return Text("inconsistent", style="yellow")
     if prices.min == prices.max:
-        return _price(prices.min)
-    return f"{_price(prices.min)}–{_price(prices.max)}"
-
-
-def _price(cents: int) -> str:
-    """A price another provider asks; past the bounds any agent accepts, only which side (10⁴⁰⁰ is no float)."""
-    if cents > MAX_PRICE:
-        return f"over {format_cents(MAX_PRICE)}"
-    return format_cents(cents) if cents >= 0 else "below $0.00"
+        return asked_price(prices.min)
+    return f"{asked_price(prices.min)}–{asked_price(prices.max)}"
 
 
 def demand_view(demand: api.DemandResponse, servable: set[str]) -> Table | Text:
@@ -89,13 +89,13 @@ def demand_view(demand: api.DemandResponse, servable: set[str]) -> Table | Text:
     table.add_column("model")
     for column in ("requests 24h", "online providers", "input price", "output price"):
         table.add_column(column, justify="right")
-    rows = sorted(demand.models, key=lambda m: (m.model not in servable, -m.requests_24h, m.model))
+    rows = sorted(demand.models, key=lambda m: (m.model.lower() not in servable, -m.requests_24h, m.model))
     for entry in rows:
         mine = entry.model.lower() in servable
         table.add_row(
-            Text(("★ " if mine else "  ") + entry.model, style="bold green" if mine else ""),
-            str(entry.requests_24h),
-            str(entry.online_providers),
+            Text(("★ " if mine else "  ") + plain(entry.model), style="bold green" if mine else ""),
+            count_text(entry.requests_24h),
+            count_text(entry.online_providers),
             _price_range(entry.input_price_per_million),
             _price_range(entry.output_price_per_million),
         )
@@ -121,6 +121,7 @@ class AgentStatus:
     health_error: str | None
     registration: RegistrationState | None
     registration_current: bool
+    unreadable_record: Path | None = None  # a registration file is there, but holds no record this version reads
 
     @property
     def healthy(self) -> bool:
@@ -138,7 +139,8 @@ def agent_status(settings: Settings, state_path: Path) -> AgentStatus:
     current = registration is not None and (registration.phase is Phase.deregistered or process_alive(registration.pid))
     url = _agent_url(settings, registration if current else None)
     health, error = asyncio.run(_probe_health(url))
-    return AgentStatus(url, health, error, registration, current)
+    unreadable = state_path if registration is None and state_path.exists() else None
+    return AgentStatus(url, health, error, registration, current, unreadable)
 
 
 def _agent_url(settings: Settings, registration: RegistrationState | None) -> str:
@@ -161,39 +163,72 @@ async def _probe_health(url: str) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def status_table(status: AgentStatus) -> Table:
+    """Every value in it came from outside (the agent's /health, the state file): shown as plain text."""
     table = Table(title="vramsupply status", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("state")
     if status.health is not None:
-        health = status.health
-        state = Text(str(health.get("status", "?")), style="green" if status.healthy else "yellow")
-        table.add_row("agent", Text.assemble(state, f"  {status.url}"))
-        for key in ("model", "slots_busy", "slots_idle", "queue"):
-            if key in health:
-                table.add_row(key.replace("_", " "), str(health[key]))
-        placement = health.get("placement")
-        if isinstance(placement, dict):
-            devices = ", ".join(str(d.get("name")) for d in placement.get("devices", []))
-            table.add_row("runs on", f"{devices}; {placement.get('layers_on_gpu')}/{placement.get('layers_total')} layers on the GPU")
-        for warning in health.get("warnings") or []:
-            table.add_row(Text("WARNING", style="bold red"), Text(str(warning), style="red"))
+        _health_rows(table, status)
     else:
-        table.add_row("agent", Text(status.health_error or "not running", style="red"))
+        table.add_row("agent", shown(status.health_error or "not running", style="red"))
+    _registration_rows(table, status)
+    return table
+
+
+def _health_rows(table: Table, status: AgentStatus) -> None:
+    health = status.health or {}
+    state = shown(health.get("status", "?"), style="green" if status.healthy else "yellow")
+    table.add_row("agent", Text.assemble(state, "  ", shown(status.url)))
+    for key in ("model", "slots_busy", "slots_idle", "queue"):
+        if key in health:
+            table.add_row(key.replace("_", " "), shown(health[key]))
+    placement = health.get("placement")
+    if isinstance(placement, dict):
+        devices = ", ".join(plain(d.get("name") if isinstance(d, dict) else d) for d in _listed(placement.get("devices")))
+        layers = f"{plain(placement.get('layers_on_gpu'))}/{plain(placement.get('layers_total'))}"
+        table.add_row("runs on", shown(f"{devices}; {layers} layers on the GPU"))
+    warnings = _listed(health.get("warnings"))
+    for warning in warnings[:MAX_WARNINGS_SHOWN]:
+        table.add_row(Text("WARNING", style="bold red"), shown(warning, style="red"))
+    if len(warnings) > MAX_WARNINGS_SHOWN:
+        table.add_row("", Text(f"… and {len(warnings) - MAX_WARNINGS_SHOWN:,} more warnings (`vramsupply status --json` lists them)", style="red"))
+
+
+def _listed(value: object) -> list[object]:
+    """A /health list as a list: a single value as one item, nothing as none (never a string's letters)."""
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _registration_rows(table: Table, status: AgentStatus) -> None:
     registration = status.registration
     if registration is None:
-        table.add_row("registration", "none recorded (the agent has not tried to register)")
-        return table
-    phase = registration.phase.value if status.registration_current else f"{registration.phase.value} (stale: process {registration.pid} is not running)"
-    table.add_row("registration", Text(phase, style="green" if registration.phase is Phase.registered and status.registration_current else "yellow"))
-    table.add_row("provider id", registration.provider_id or "-")
-    table.add_row("platform", registration.platform_url)
-    table.add_row("endpoint", registration.endpoint_url)
+        table.add_row("registration", _no_record(status.unreadable_record))
+        return
+    current = status.registration_current
+    phase = registration.phase.value if current else f"{registration.phase.value} (stale: process {registration.pid} is not running)"
+    table.add_row("registration", Text(phase, style="green" if registration.phase is Phase.registered and current else "yellow"))
+    table.add_row("provider id", shown(registration.provider_id or "-"))
+    table.add_row("platform", shown(registration.platform_url))
+    table.add_row("endpoint", shown(registration.endpoint_url))
     table.add_row("last heartbeat", _ago(registration.last_heartbeat_at))
-    table.add_row("detail", registration.message)
-    return table
+    table.add_row("detail", shown(registration.message))
+
+
+def _no_record(unreadable: Path | None) -> Text:
+    if unreadable is None:
+        return Text("none recorded (the agent has not tried to register)")
+    return Text(
+        f"none recorded: {plain(unreadable)} holds no record this version can read (damaged, or written by another "
+        "version); an agent of this version rewrites it at its next heartbeat"
+    )
 
 
 def _ago(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
-    return f"{max(0.0, time.time() - timestamp):.0f}s ago"
+    age = time.time() - timestamp
+    if age < -CLOCK_SLACK_SECONDS:
+        return "recorded as in the future (the clock was set back since?)"
+    return f"{max(0.0, age):.0f}s ago" if age < SECONDS_PER_YEAR else "over a year ago"
