@@ -354,3 +354,18 @@ def test_rows_beyond_the_calendar_still_roll_up(tmp_path: Path) -> None:
     assert [(g.day, g.requests) for g in store.groups(NOW - DAY, until=NOW)] == [("2025-12-31", 1)]
     assert store.later(NOW) == 1
     store.close()
+
+
+def test_names_from_outside_are_shown_as_written_not_obeyed(isolated_env: Path) -> None:
+    """A model name with rich markup or terminal escapes in it: earnings crashed on "[/x]", and
+    an ESC sequence reached the terminal; config show crashed on a setting holding "[/docs]"."""
+    store = LedgerStore(default_ledger_path())
+    store.add([entry(time.time() - 60, "acme/x[/x]\x1b[2J")])
+    store.close()
+    earnings = run_cli("earnings", "--by", "model", env={"COLUMNS": "200"})
+    assert earnings.returncode == 0, earnings.stderr
+    assert "acme/x[/x]\\x1b[2J" in earnings.stdout and "\x1b" not in earnings.stdout
+
+    shown = run_cli("config", "show", env={"COLUMNS": "200", "VRAM_SUPPLY_MODEL": "acme/x[/docs]\x1b]0;title\x07"})
+    assert shown.returncode == 0, shown.stderr
+    assert "acme/x[/docs]\\x1b]0;title\\x07" in shown.stdout and "\x1b" not in shown.stdout

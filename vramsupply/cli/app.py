@@ -16,9 +16,21 @@ from rich.table import Table
 from rich.text import Text
 
 from vramsupply import __version__
-from vramsupply.config import Settings, api_key_problem, config_path, display_value, load_settings, write_config_values
+from vramsupply.config import (
+    Settings,
+    api_key_problem,
+    config_path,
+    display_value,
+    load_settings,
+    write_config_values,
+)
+from vramsupply.display import plain
 from vramsupply.errors import Interrupted, VramsupplyError
-from vramsupply.output import ClosedStdout, point_stdout_at_devnull, stand_in_for_closed_stdout
+from vramsupply.output import (
+    ClosedStdout,
+    point_stdout_at_devnull,
+    stand_in_for_closed_stdout,
+)
 
 app = typer.Typer(
     name="vramsupply",
@@ -34,8 +46,10 @@ app.add_typer(service_app, name="service")
 models_app = typer.Typer(help="Find, download and manage GGUF models in the shared HuggingFace cache.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-console = Console()
-err_console = Console(stderr=True)
+# No markup: nothing we print is markup, and what we print holds names and paths from outside (a
+# "[/x]" in one stopped the command with rich's MarkupError).
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 
 def report(message: str) -> None:
@@ -78,7 +92,7 @@ def config_show(as_json: bool = typer.Option(False, "--json", help="Print JSON i
     for column in ("setting", "value", "source"):
         table.add_column(column)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(plain(value) for value in row))  # a setting may hold anything, escape characters too
     console.print(table)
 
 

@@ -147,5 +147,5 @@ def make_progress(enabled: bool, stream: TextIO | None = None) -> TransferProgre
         return TransferProgress()
     stream = stream or sys.stderr
     if stream.isatty():
-        return RichTransferProgress(Console(file=stream))
+        return RichTransferProgress(Console(file=stream, markup=False))
     return PlainTransferProgress(stream)

@@ -25,6 +25,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from vramsupply.display import plain
 from vramsupply.ledger.money import cents, dollars_text
 from vramsupply.ledger.store import Group, LedgerError, LedgerStore
 
@@ -152,7 +153,7 @@ def _table(report: Report, by: By) -> Table:
     table.add_column("earned", justify="right", footer=dollars_text(t.earned_nanocents), style="green")
     for name, totals in rows:
         table.add_row(
-            name, f"{totals.requests:,}", f"{totals.prompt_tokens:,}", f"{totals.cached_tokens:,}", f"{totals.completion_tokens:,}",
+            plain(name), f"{totals.requests:,}", f"{totals.prompt_tokens:,}", f"{totals.cached_tokens:,}", f"{totals.completion_tokens:,}",
             dollars_text(totals.gross_nanocents), dollars_text(totals.earned_nanocents),
         )
     return table

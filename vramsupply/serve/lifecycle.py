@@ -118,7 +118,7 @@ async def report_while_serving(
 ) -> None:
     """Until a stop signal: the live status (a terminal panel, or periodic log lines), the engine
     watch, where the model's layers sit on the GPUs, and systemd's STATUS= lines."""
-    status = TerminalStatus(Console(), model.model_id, url) if terminal else LogStatus()
+    status = TerminalStatus(Console(markup=False), model.model_id, url) if terminal else LogStatus()
     reporters = [status.run(backend.stats, stop), watch.run(backend.stats, stop)]
     placement = placement_of(backend)
     if placement is not None:
