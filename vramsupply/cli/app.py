@@ -16,21 +16,10 @@ from rich.table import Table
 from rich.text import Text
 
 from vramsupply import __version__
-from vramsupply.config import (
-    Settings,
-    api_key_problem,
-    config_path,
-    display_value,
-    load_settings,
-    write_config_values,
-)
+from vramsupply.config import Settings, api_key_problem, config_path, display_value, load_settings, write_config_values
 from vramsupply.display import plain
 from vramsupply.errors import Interrupted, VramsupplyError
-from vramsupply.output import (
-    ClosedStdout,
-    point_stdout_at_devnull,
-    stand_in_for_closed_stdout,
-)
+from vramsupply.output import ClosedStdout, point_stdout_at_devnull, stand_in_for_closed_stdout
 
 app = typer.Typer(
     name="vramsupply",
