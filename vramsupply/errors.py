@@ -20,7 +20,8 @@ module never imports another concern to raise its own errors)::
     │       └── ChecksumMismatch
     ├── PlatformError                    exit 1  platform/client.py: the platform said no, or
     │   │                                        cannot be reached
-    │   ├── ApiKeyRejected, RequestRejected, UnknownProvider, PlatformUnavailable
+    │   ├── ApiKeyRejected, RequestRejected, UnknownProvider, PlatformUnavailable,
+    │   │   UnexpectedAnswer                       a 2xx whose body is not the documented answer
     ├── EngineError                      exit 1  engine/types.py: llama.cpp or the scheduler
     │   ├── Overloaded, EngineClosed, ContextOverflow   (per request: the HTTP API maps them)
     │   └── EngineFailed                           the engine died or stalled while serving

@@ -7,6 +7,7 @@ from vramsupply.platform.client import (
     PlatformError,
     PlatformUnavailable,
     RequestRejected,
+    UnexpectedAnswer,
     UnknownProvider,
 )
 from vramsupply.platform.lifecycle import ProviderLifecycle, ServingStats
@@ -31,6 +32,7 @@ __all__ = [
     "RegistrationState",
     "RequestRejected",
     "ServingStats",
+    "UnexpectedAnswer",
     "UnknownProvider",
     "build_offer",
     "check_endpoint_url",

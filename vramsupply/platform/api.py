@@ -8,12 +8,16 @@ name are spelled as documented; the shapes the docs leave open are our contract,
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     AnyHttpUrl,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -38,6 +42,48 @@ PLATFORM_FEE = 0.05
 
 _HTTP_URL = TypeAdapter(AnyHttpUrl)
 
+MESSAGE_CHARS = 300
+"""The most of a platform-provided text (an error message, a status) that reaches a log line or the state file."""
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+"""C0, DEL, C1 (a terminal's escape sequences) and the bidirectional overrides that reorder a line."""
+PROVIDER_ID_CHARS = 128
+_PROVIDER_ID = re.compile(r"[!-~]{1,%d}" % PROVIDER_ID_CHARS)
+
+
+def printable(text: str, limit: int = MESSAGE_CHARS) -> str:
+    """Text the platform sent, made safe for one log line: whitespace runs (newlines too) become one
+    space, control characters are escaped as ``\\xNN``, and past ``limit`` characters it is cut with
+    a visible mark, so a hostile platform can neither drive the terminal nor flood the log."""
+    shown = _CONTROLS.sub(_escaped, " ".join(text.split()))
+    return shown if len(shown) <= limit else f"{shown[:limit]}… (cut, {len(shown)} characters)"
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _provider_id(value: str) -> str:
+    """The id goes into a DELETE URL, the heartbeats and the logs: a short run of printable ASCII."""
+    if not _PROVIDER_ID.fullmatch(value) or value in (".", ".."):
+        raise PydanticCustomError("provider_id", f"not a usable provider id: 1 to {PROVIDER_ID_CHARS} printable ASCII characters, no spaces")
+    return value
+
+
+ProviderId = Annotated[StrictStr, AfterValidator(_provider_id)]
+
+
+def _finite_or_none(value: Any) -> Any:
+    """An optional figure the platform sends only for display: one that is no finite number ≥ 0
+    (NaN, ±inf, 1e400, "nan", a word) is dropped to ``None``, and the rest of the answer is shown."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
 
 class _Body(BaseModel):
     """Request bodies: unknown fields are an error on our side of the wire, strict JSON types."""
@@ -53,6 +99,8 @@ class _Reply(BaseModel):
 
 class Capacity(_Body):
     """Our addition: this machine's measured decode speed for the offered model (`vramsupply bench`)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)  # JSON has no Infinity or NaN
 
     single_stream_tokens_per_second: StrictFloat | StrictInt = Field(ge=0, description="Completion tokens/s of one request alone")
     all_slots_tokens_per_second: StrictFloat | StrictInt = Field(ge=0, description="Completion tokens/s summed over `slots` concurrent requests")
@@ -97,7 +145,7 @@ class RegisterRequest(_Body):
 
 
 class RegisterResponse(_Reply):
-    provider_id: str = Field(validation_alias=AliasChoices("provider_id", "id"))
+    provider_id: ProviderId = Field(validation_alias=AliasChoices("provider_id", "id"))
     status: str = "online"
 
 
@@ -115,13 +163,16 @@ class HeartbeatRequest(_Body):
 
 
 class HeartbeatResponse(_Reply):
-    provider_id: str = Field(validation_alias=AliasChoices("provider_id", "id"))
-    status: str
+    """The platform's view of the instance: ``online``, ``offline`` or ``draining`` (any other
+    status, or another provider's id, means it no longer lists us as we think: register again)."""
+
+    provider_id: ProviderId = Field(validation_alias=AliasChoices("provider_id", "id"))
+    status: StrictStr
 
 
 class DeregisterResponse(_Reply):
-    provider_id: str = Field(validation_alias=AliasChoices("provider_id", "id"))
-    status: str = "deregistered"
+    provider_id: ProviderId = Field(validation_alias=AliasChoices("provider_id", "id"))
+    status: StrictStr = "deregistered"
 
 
 class PriceRange(_Reply):
@@ -136,7 +187,8 @@ class ModelDemand(_Reply):
     online_providers: int
     input_price_per_million: PriceRange | None = None
     output_price_per_million: PriceRange | None = None
-    capacity_tokens_per_second: float | None = None  # our addition: summed over online providers that report one
+    # Our addition: summed over online providers that report one; an unusable figure is dropped.
+    capacity_tokens_per_second: Annotated[float | None, BeforeValidator(_finite_or_none)] = None
 
 
 class DemandResponse(_Reply):
@@ -172,7 +224,13 @@ def error_body(message: str, *, type_: str, code: str | None = None, fields: lis
 
 
 def error_message(body: Any) -> str | None:
-    """One line out of whatever error body the platform sent (ours, FastAPI's or a bare message)."""
+    """One line out of whatever error body the platform sent (ours, FastAPI's or a bare message),
+    made ``printable``: escaped control characters, cut at ``MESSAGE_CHARS``."""
+    message = _error_text(body)
+    return printable(message) if message else None
+
+
+def _error_text(body: Any) -> str | None:
     if not isinstance(body, dict):
         return None
     error = body.get("error", body)

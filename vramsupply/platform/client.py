@@ -2,28 +2,45 @@
 
 Every call authenticates with ``Authorization: Bearer <API key>``. Failures become
 ``PlatformError`` subclasses whose message is one line a provider can act on; network errors and
-5xx answers are retried with capped exponential backoff before giving up.
+5xx answers are retried with capped exponential backoff before giving up, all within the call's
+``timeout``.
+
+The platform is on the other side of the internet, so nothing it sends is trusted: an answer is
+read up to ``MAX_ANSWER_BYTES`` (decompressed by us, a bounded step at a time, so a gzip bomb costs
+neither memory nor the event loop); redirects are never followed (a register body carries the
+endpoint token, and a redirected DELETE proves nothing); a provider id is one URL path segment;
+and any text of the platform's that reaches a message is ``api.printable``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
+import zlib
 from typing import TypeVar
+from urllib.parse import quote
 
 import aiohttp
 from pydantic import BaseModel, ValidationError
+from yarl import URL
 
 from vramsupply.errors import VramsupplyError
 from vramsupply.platform import api
+from vramsupply.platform.api import printable
 from vramsupply.platform.backoff import Backoff
 
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 
 API_KEY_REJECTED = "API key rejected — run `vramsupply login`"
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+GATEWAY_STATUSES = frozenset({502, 504})
+"""A proxy's answer: the platform behind it may have acted on the request all the same."""
 RETRY_BACKOFF = Backoff(initial=0.5, cap=4.0)
-"""Between a call's own retries: short, so a CLI command gives up within seconds."""
+"""Between a call's own retries: short, so a CLI command gives up within its ``timeout``."""
+MAX_ANSWER_BYTES = 4 << 20
+"""The largest answer read (decompressed): the provider API's are a few kilobytes."""
+PLATFORM_URL_SETTING = "platform_url (VRAM_SUPPLY_PLATFORM_URL)"
 
 
 class PlatformError(VramsupplyError):
@@ -47,12 +64,30 @@ class UnknownProvider(PlatformError):
     """404/410 for a provider id: the platform no longer knows this instance."""
 
 
+class UnexpectedAnswer(PlatformError):
+    """A success status (2xx) whose body is not the documented one: the platform did act on the call."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class PlatformUnavailable(PlatformError):
-    """Network error, timeout or 5xx, still failing after the retries."""
+    """Network error, timeout or 5xx, still failing after the retries.
+
+    ``reached``: some try may have reached the platform all the same (no answer came in time, the
+    connection dropped after the request went out, a gateway answered 502/504), so whatever it
+    asked for may have been done; False when every try failed to connect or was refused."""
+
+    def __init__(self, message: str, *, reached: bool = False) -> None:
+        super().__init__(message)
+        self.reached = reached
 
 
 class PlatformClient:
-    """Typed calls to the provider API. Use as ``async with PlatformClient(url, key) as client``."""
+    """Typed calls to the provider API. Use as ``async with PlatformClient(url, key) as client``.
+
+    ``timeout``: seconds one call may take, its retries and their backoff included."""
 
     def __init__(
         self,
@@ -67,7 +102,7 @@ class PlatformClient:
         self._api_key = api_key
         self._attempts = max(1, attempts)
         self._backoff = backoff
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> PlatformClient:
@@ -85,14 +120,20 @@ class PlatformClient:
         return await self._call("POST", api.REGISTER_PATH, api.RegisterResponse, request)
 
     async def heartbeat(self, request: api.HeartbeatRequest) -> api.HeartbeatResponse:
+        """The platform's view; ``UnexpectedAnswer`` when it accepted the heartbeat (2xx) but its body is unreadable."""
         return await self._call("POST", api.HEARTBEAT_PATH, api.HeartbeatResponse, request, names_provider=True)
 
     async def deregister(self, provider_id: str) -> None:
-        """DELETE the instance; one the platform has already forgotten counts as deregistered."""
+        """DELETE the instance: done when the platform confirms it (the documented answer), or has
+        already forgotten it (404/410); any other answer is a PlatformError saying what came."""
+        path = api.PROVIDER_PATH.format(provider_id=quote(provider_id, safe=""))
         try:
-            await self._exchange("DELETE", api.PROVIDER_PATH.format(provider_id=provider_id), None, names_provider=True)
+            reply = await self._call("DELETE", path, api.DeregisterResponse, names_provider=True)
         except UnknownProvider:
             return
+        if reply.provider_id != provider_id or reply.status != "deregistered":
+            said = f"status {printable(reply.status, 40)!r} for {reply.provider_id}"
+            raise UnexpectedAnswer(200, f"the platform did not confirm removing {provider_id}: it answered {said}")
 
     async def demand(self) -> api.DemandResponse:
         return await self._call("GET", api.DEMAND_PATH, api.DemandResponse)
@@ -106,58 +147,126 @@ class PlatformClient:
     def _session_for_call(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                timeout=self._timeout,
-                headers={"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"},
+                headers={"Authorization": f"Bearer {self._api_key}", "Accept": "application/json", "Accept-Encoding": "gzip, deflate"},
+                auto_decompress=False,  # ``_read_answer`` inflates, within MAX_ANSWER_BYTES
             )
         return self._session
 
     async def _call(
         self, method: str, path: str, reply: type[ReplyT], body: BaseModel | None = None, *, names_provider: bool = False
     ) -> ReplyT:
-        text = await self._exchange(method, path, body, names_provider=names_provider)
+        status, text = await self._exchange(method, path, body, names_provider=names_provider)
         try:
             return reply.model_validate_json(text)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise PlatformError(f"unexpected answer to {method} {path}: {where}: {first['msg']}") from None
+            raise UnexpectedAnswer(status, f"unexpected answer to {method} {path}: {printable(where, 100)}: {printable(first['msg'])}") from None
 
-    async def _exchange(self, method: str, path: str, body: BaseModel | None, *, names_provider: bool = False) -> str:
-        """The successful answer's body, retrying network errors and 5xx; ``names_provider``: 404/410 means UnknownProvider."""
+    async def _exchange(self, method: str, path: str, body: BaseModel | None, *, names_provider: bool = False) -> tuple[int, str]:
+        """The successful answer's status and body, retrying network errors and 5xx within the
+        call's timeout; ``names_provider``: 404/410 means UnknownProvider."""
         payload = body.model_dump(mode="json", exclude_none=True) if body is not None else None
         url = self.base_url + path
-        failure = ""
+        deadline = time.monotonic() + self._timeout
+        failure, reached = "", False
         for attempt in range(self._attempts):
             if attempt:
-                await asyncio.sleep(self._backoff.delay(attempt - 1))
+                pause = self._backoff.delay(attempt - 1)
+                if time.monotonic() + pause >= deadline:
+                    break
+                await asyncio.sleep(pause)
+            timeout = aiohttp.ClientTimeout(total=max(0.001, deadline - time.monotonic()))
             try:
-                async with self._session_for_call().request(method, url, json=payload) as response:
-                    # JSON is UTF-8 (RFC 8259); a proxy's error page in another encoding, or a
-                    # wrong charset, is read with its odd bytes replaced rather than raising.
-                    text = (await response.read()).decode("utf-8", errors="replace")
+                async with self._session_for_call().request(method, url, json=payload, allow_redirects=False, timeout=timeout) as response:
+                    text = await _read_answer(response, f"{method} {path}")
                     if response.status not in RETRYABLE_STATUSES:
-                        _raise_for_status(method, path, response.status, text, names_provider)
-                        return text
+                        self._raise_for_status(method, path, response, text, names_provider)
+                        return response.status, text
                     failure = f"{self.base_url} answered {response.status}{_detail(text)}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    reached = reached or response.status in GATEWAY_STATUSES
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # nothing was sent
                 failure = f"cannot reach {self.base_url}: {describe_error(exc)}"
-        raise PlatformUnavailable(failure)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                failure, reached = f"cannot reach {self.base_url}: {describe_error(exc)}", True
+        raise PlatformUnavailable(failure, reached=reached)
+
+    def _raise_for_status(self, method: str, path: str, response: aiohttp.ClientResponse, text: str, names_provider: bool) -> None:
+        status = response.status
+        if 300 <= status < 400:
+            raise PlatformError(self._redirect_message(f"{method} {path}", status, response.headers.get("Location")))
+        if status == 401:
+            raise ApiKeyRejected()
+        if status in (404, 410) and names_provider:
+            raise UnknownProvider(f"the platform does not know this provider ({status}{_detail(text)})")
+        if status >= 400:
+            raise RequestRejected(status, f"platform rejected {method} {path} ({status}): {_message(text) or 'no reason given'}")
+
+    def _redirect_message(self, call: str, status: int, location: str | None) -> str:
+        """A redirect is not followed; say where it pointed, and whether it looks like the API moved."""
+        said = f"{self.base_url} redirects {call} ({status})"
+        if not location:
+            return f"{said} without saying where; redirects are not followed: check {PLATFORM_URL_SETTING}"
+        path = call.split(" ", 1)[1]
+        try:
+            target = str(URL(self.base_url + path).join(URL(location)))
+        except ValueError:
+            target = location
+        moved = target[: -len(path)] if target.endswith(path) else None
+        if moved and moved != self.base_url and moved.startswith(("http://", "https://")):
+            hint = f"if the API moved there, set {PLATFORM_URL_SETTING} to {printable(moved, 200)}"
+        else:
+            hint = f"check {PLATFORM_URL_SETTING}"
+        return f"{said} to {printable(target, 200)}; redirects are not followed, so nothing was sent there: {hint}"
 
 
-def _raise_for_status(method: str, path: str, status: int, text: str, names_provider: bool) -> None:
-    if status == 401:
-        raise ApiKeyRejected()
-    if status in (404, 410) and names_provider:
-        raise UnknownProvider(f"the platform does not know this provider ({status}{_detail(text)})")
-    if status >= 400:
-        raise RequestRejected(status, f"platform rejected {method} {path} ({status}): {_message(text) or 'no reason given'}")
+async def _read_answer(response: aiohttp.ClientResponse, call: str) -> str:
+    """The body as text, read and inflated a bounded step at a time; PlatformError past MAX_ANSWER_BYTES.
+
+    JSON is UTF-8 (RFC 8259); a proxy's error page in another encoding, or a wrong charset, is
+    read with its odd bytes replaced rather than raising."""
+    too_large = f"the platform's answer to {call} is larger than {MAX_ANSWER_BYTES >> 20} MiB; not reading it"
+    if (response.content_length or 0) > MAX_ANSWER_BYTES:
+        response.close()
+        raise PlatformError(too_large)
+    inflater = _inflater(response.headers.get("Content-Encoding", ""), call)
+    body, received = bytearray(), 0
+    async for chunk in response.content.iter_any():
+        received += len(chunk)
+        body += chunk if inflater is None else _inflate(inflater, chunk, MAX_ANSWER_BYTES + 1 - len(body), call)
+        if len(body) > MAX_ANSWER_BYTES or received > MAX_ANSWER_BYTES:
+            response.close()
+            raise PlatformError(too_large)
+    return body.decode("utf-8", errors="replace")
+
+
+def _inflater(encoding: str, call: str) -> zlib._Decompress | None:
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        return zlib.decompressobj(wbits=32 + zlib.MAX_WBITS)  # a gzip or a zlib header, whichever it has
+    raise PlatformError(f"the platform's answer to {call} is in an encoding not asked for ({printable(encoding, 40)})")
+
+
+def _inflate(inflater: zlib._Decompress, data: bytes, room: int, call: str) -> bytes:
+    """At most ``room`` bytes more out of ``data`` (room + 1 when there is more: the caller stops then)."""
+    out = bytearray()
+    try:
+        while data and not inflater.eof and len(out) <= room:
+            out += inflater.decompress(data, room + 1 - len(out))
+            data = inflater.unconsumed_tail
+    except zlib.error:
+        raise PlatformError(f"the platform's answer to {call} is not the compressed data it says it is") from None
+    return bytes(out)
 
 
 def _message(text: str) -> str | None:
     try:
         return api.error_message(json.loads(text))
     except ValueError:
-        return text.strip().splitlines()[0][:200] if text.strip() else None
+        lines = text.strip().splitlines()
+        return printable(lines[0]) if lines else None
 
 
 def _detail(text: str) -> str:
@@ -166,7 +275,15 @@ def _detail(text: str) -> str:
 
 
 def describe_error(exc: BaseException) -> str:
-    """A network error in a few words; timeouts and some connection errors have an empty ``str()``."""
+    """A network error in a few words, on one line; timeouts and some connection errors have an
+    empty ``str()``, and aiohttp's response errors a ``repr``-like one."""
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
-    return str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        return f"too many redirects, the last to {printable(str(exc.request_info.real_url), 200)}"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        message = printable(exc.message or "", 200)
+        if exc.status == 400 and exc.headers is None:  # the answer did not parse as HTTP
+            return f"an answer that is not HTTP ({message or 'unreadable'})"
+        return f"HTTP {exc.status}: {message}" if message else f"HTTP {exc.status}"
+    return printable(str(exc), 200) or type(exc).__name__

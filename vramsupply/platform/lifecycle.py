@@ -4,6 +4,12 @@ The lifecycle never stops the agent from serving: when the platform is unreachab
 it keeps retrying in the background (capped exponential backoff with jitter) and logs once per
 state change, not once per try. Every state change is also written to the registration state
 file that `vramsupply status` reads.
+
+The platform's word is checked, not assumed: a heartbeat answer that no longer lists this instance
+as ours and serving (another id, ``draining`` we did not ask for, an unknown status) registers
+again, and a heartbeat the platform accepted (2xx) counts its tokens as reported even when the
+answer's body is unreadable. Shutdown never claims more than it knows: a registration still in
+flight is waited for and removed again, and one whose outcome stays unknown is recorded as such.
 """
 
 from __future__ import annotations
@@ -15,54 +21,22 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 from vramsupply.platform import api, reachability
 from vramsupply.platform.backoff import Backoff
-from vramsupply.platform.client import ApiKeyRejected, PlatformClient, PlatformError, PlatformUnavailable, UnknownProvider
+from vramsupply.platform.client import ApiKeyRejected, PlatformClient, PlatformError, PlatformUnavailable, UnexpectedAnswer, UnknownProvider
+from vramsupply.platform.heartbeat import HeartbeatStatus, ServingStats, heartbeat_status, may_have_registered, not_listed_as_ours
 from vramsupply.platform.state import Phase, RegistrationState, write_state
 
 log = logging.getLogger("vramsupply.platform")
 
 REGISTER_BACKOFF = Backoff(initial=1.0, cap=60.0)
 """Between registration attempts: quick at first, then at most once a minute."""
-
-
-class ServingStats(Protocol):
-    """A snapshot of the serving engine (``engine.EngineStats`` satisfies this)."""
-
-    @property
-    def slots_total(self) -> int: ...
-    @property
-    def slots_busy(self) -> int: ...
-    @property
-    def queue_depth(self) -> int: ...
-    @property
-    def prompt_tokens_total(self) -> int: ...
-    @property
-    def completion_tokens_total(self) -> int: ...
-    @property
-    def failure(self) -> str | None: ...
-    @property
-    def unavailable(self) -> str | None: ...
-
-
-HeartbeatStatus = Literal["online", "offline", "draining"]
 STATUS_POLL_SECONDS = 0.5
 """How often, between heartbeats, the lifecycle looks for a change the platform must hear at once."""
 
-
-def heartbeat_status(snapshot: ServingStats) -> HeartbeatStatus:
-    """What the platform should do with this instance.
-
-    A failed engine is ``draining`` (the agent is about to exit and restart); an engine that is down
-    but may come back (an upstream restarting) is ``offline`` until the platform's next health check
-    passes; otherwise ``online``.
-    """
-    if snapshot.failure is not None:
-        return "draining"
-    return "online" if snapshot.unavailable is None else "offline"
+__all__ = ["ProviderLifecycle", "ServingStats", "heartbeat_status"]
 
 
 class ProviderLifecycle:
@@ -99,6 +73,14 @@ class ProviderLifecycle:
         """The status of the last heartbeat tried (registration counts as ``online``)."""
         self._recovering = False
         """We told the platform we were offline, and it has not listed us online again yet."""
+        self._register_call: asyncio.Task[api.RegisterResponse] | None = None
+        """The register request on its way: shutdown cancels the loop around it, never the request."""
+        self._unconfirmed_register = False
+        """A register since the last one that worked may have made an instance we know no id of
+        (one that works replaces it: the platform keeps one instance per endpoint URL)."""
+        self._forgotten = 0
+        """Registrations in a row that the platform forgot (or drained) before listing us."""
+        self._odd_answers: set[str] = set()
         self._logged: tuple[Phase, str] | None = None
         self._state_unwritable = False
         self.registered = asyncio.Event()
@@ -130,34 +112,81 @@ class ProviderLifecycle:
         self._wake.set()
 
     async def drain(self, timeout: float) -> None:
-        """Stop heartbeating and tell the platform to route nothing new here (best effort, bounded)."""
+        """Stop heartbeating and tell the platform to route nothing new here (best effort, bounded);
+        a register on its way is given the time to answer, so that its instance drains too."""
+        deadline = time.monotonic() + timeout
         await self._cancel_loop()
+        await self._settle_register(timeout)
         if self.provider_id is None:
             return
         self._set_phase(Phase.draining, "draining: the platform routes no new requests here")
+        notice = self._client.heartbeat(self._heartbeat_request(self.provider_id, "draining", self._stats()))
         with contextlib.suppress(PlatformError, asyncio.TimeoutError):
-            await asyncio.wait_for(self._client.heartbeat(self._heartbeat_request(self.provider_id, "draining", self._stats())), timeout)
+            await asyncio.wait_for(notice, max(deadline - time.monotonic(), timeout / 2))
 
     async def stop(self, timeout: float) -> bool:
-        """Deregister within ``timeout`` seconds; True when the platform no longer lists us."""
+        """Deregister within ``timeout`` seconds; True when the platform no longer lists us.
+
+        A register still on its way gets those seconds to answer, and the instance it made is then
+        removed (the DELETE gets what is left, at least a quarter of ``timeout``)."""
+        deadline = time.monotonic() + timeout
         await self._cancel_loop()
         try:
+            if not await self._settle_register(timeout):
+                return self._maybe_still_listed(f"the registration sent to {self._client.base_url} was still unanswered at shutdown")
             if self.provider_id is None:
+                if self._unconfirmed_register:
+                    return self._maybe_still_listed(f"a registration sent to {self._client.base_url} got no usable answer")
                 self._set_phase(Phase.deregistered, "not registered; nothing to remove from the platform")
                 return True
-            try:
-                await asyncio.wait_for(self._client.deregister(self.provider_id), timeout)
-            except (PlatformError, asyncio.TimeoutError) as exc:
-                reason = str(exc) or f"no answer within {timeout:g}s"
-                message = f"could not deregister {self.provider_id}: {reason}; health checks will mark it offline"
-                self._set_phase(Phase.deregister_failed, message, logging.WARNING)
-                return False
-            gone, self.provider_id = self.provider_id, None
-            self._set_phase(Phase.deregistered, f"deregistered {gone} from {self._client.base_url}")
-            self.registered.clear()
-            return True
+            return await self._deregister(self.provider_id, max(deadline - time.monotonic(), timeout / 4))
         finally:
+            await self._abandon_register()
             await self._client.close()
+
+    async def _deregister(self, provider_id: str, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._client.deregister(provider_id), timeout)
+        except (PlatformError, asyncio.TimeoutError) as exc:
+            reason = str(exc) or f"no answer within {timeout:g}s"
+            message = f"could not deregister {provider_id}: {reason}; health checks will mark it offline"
+            self._set_phase(Phase.deregister_failed, message, logging.WARNING)
+            return False
+        self.provider_id = None
+        self._set_phase(Phase.deregistered, f"deregistered {provider_id} from {self._client.base_url}")
+        self.registered.clear()
+        return True
+
+    def _maybe_still_listed(self, why: str) -> bool:
+        """No instance id to remove, yet the platform may have made one: say so, never "deregistered"."""
+        message = f"{why}: the platform may list {self._offer.model} at {self._offer.endpoint_url} until its health checks fail"
+        self._set_phase(Phase.deregister_failed, message, logging.WARNING)
+        return False
+
+    async def _settle_register(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a register still on its way and adopt the instance it made;
+        False while its outcome is unknown."""
+        call = self._register_call
+        if call is None:
+            return True
+        await asyncio.wait({call}, timeout=max(0.0, timeout))
+        if not call.done():
+            return False
+        self._register_call = None
+        failure = None if call.cancelled() else call.exception()
+        if call.cancelled() or failure is not None:
+            self._unconfirmed_register = self._unconfirmed_register or not isinstance(failure, PlatformError) or may_have_registered(failure)
+        else:
+            self._registered_as(call.result())
+        return True
+
+    async def _abandon_register(self) -> None:
+        call, self._register_call = self._register_call, None
+        if call is not None and not call.done():
+            call.cancel()
+        if call is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await call
 
     async def _cancel_loop(self) -> None:
         if self._probe_task is not None:
@@ -179,19 +208,25 @@ class ProviderLifecycle:
                 # agent serving while the platform marks it offline for want of heartbeats.
                 log.exception("unexpected error talking to the platform; trying again")
                 ok, wait = False, self._backoff.delay(failures)
-            if ok is None:  # the platform forgot us: register again at once
+            if ok is None:  # the platform forgot us: register again, at once unless it keeps forgetting
                 failures = 0
+                if wait:
+                    await self._pause(wait)
                 continue
             failures = 0 if ok else failures + 1
             await self._pause(wait)
 
     async def _attempt(self, failures: int) -> tuple[bool | None, float]:
-        """Register or heartbeat once: (whether it worked, or None to register again at once; the wait before the next)."""
+        """Register or heartbeat once: (whether it worked, or None when the platform forgot us; the
+        wait before the next try: none the first time it forgets us, backing off when it keeps forgetting)."""
         if self.provider_id is None:
             ok = await self._register()
             return ok, self._interval if ok else self._backoff.delay(failures)
         ok = await self._heartbeat(self.provider_id)
-        return (None, 0.0) if self.provider_id is None else (ok, self._interval)
+        if self.provider_id is not None:
+            return ok, self._interval
+        self._forgotten += 1
+        return None, 0.0 if self._forgotten == 1 else self._backoff.delay(self._forgotten - 2)
 
     async def _pause(self, seconds: float) -> None:
         """Sleep until the next attempt, or until ``move_endpoint`` asks for one at once, or until
@@ -208,55 +243,93 @@ class ProviderLifecycle:
         return self.provider_id is not None and self._sent_status is not None and heartbeat_status(self._stats()) != self._sent_status
 
     async def _register(self) -> bool:
+        """Register once. The request runs as its own task: cancelling the loop (shutdown) leaves
+        it to ``_settle_register``, which learns the id of an instance the platform made meanwhile."""
+        call = self._register_call = asyncio.ensure_future(self._client.register(self._offer))
         try:
-            reply = await self._client.register(self._offer)
+            reply = await asyncio.shield(call)
         except PlatformError as exc:
+            self._register_call = None
+            self._unconfirmed_register = self._unconfirmed_register or may_have_registered(exc)
             self._record_failure(exc)
             return False
-        self.provider_id, self._sent_status = reply.provider_id, "online"
-        self._set_phase(Phase.registered, f"registered {self._offer.model} as {reply.provider_id} with {self._client.base_url}")
-        self.registered.set()
+        except Exception:
+            self._register_call = None
+            raise
+        self._register_call = None
+        self._registered_as(reply)
         await self._retire_old_instances()
         return True
 
+    def _registered_as(self, reply: api.RegisterResponse) -> None:
+        self.provider_id, self._sent_status, self._unconfirmed_register = reply.provider_id, "online", False
+        self._set_phase(Phase.registered, f"registered {self._offer.model} as {reply.provider_id} with {self._client.base_url}")
+        self.registered.set()
+
     async def _retire_old_instances(self) -> None:
-        """Deregister instances left at an old endpoint URL (best effort: health checks catch the rest)."""
+        """Deregister instances we registered before (at an old endpoint URL, or drained by the
+        platform); best effort: health checks catch the rest. An id the platform gave back is us."""
         while self._retired:
             old = self._retired.pop()
+            if old == self.provider_id:
+                continue
             try:
                 await self._client.deregister(old)
-                log.info("deregistered %s, the instance at the previous endpoint URL", old)
+                log.info("deregistered %s, the instance registered before this one", old)
             except PlatformError as exc:
-                log.warning("could not deregister %s at the previous endpoint URL: %s", old, exc)
+                log.warning("could not deregister %s, the instance registered before this one: %s", old, exc)
 
     async def _heartbeat(self, provider_id: str) -> bool:
         snapshot = self._stats()
         status = self._sent_status = heartbeat_status(snapshot)
         # The totals this heartbeat reports, read now: whatever serves the stats may count on meanwhile.
         totals = snapshot.prompt_tokens_total, snapshot.completion_tokens_total
+        reply: api.HeartbeatResponse | None = None
         try:
             reply = await self._client.heartbeat(self._heartbeat_request(provider_id, status, snapshot))
         except UnknownProvider:
-            self.provider_id = None
-            self.registered.clear()
-            self._set_phase(Phase.registering, f"the platform no longer knows {provider_id}; registering again", logging.WARNING)
+            self._register_again(f"the platform no longer knows {provider_id}; registering again")
             return False
+        except UnexpectedAnswer as exc:  # a 2xx: the platform took the heartbeat, and its tokens
+            self._log_odd_answer(str(exc))
         except PlatformError as exc:
             self._record_failure(exc)
             return False
         self._reported_prompt, self._reported_completion = totals
         self._last_heartbeat_at = time.time()
-        self._recovering = status == "offline" or (self._recovering and reply.status == "offline")
+        if reply is not None and (elsewhere := not_listed_as_ours(provider_id, status, reply)):
+            self._retired.append(provider_id)
+            self._register_again(f"{elsewhere}; registering again")
+            return False
+        self._forgotten = 0
+        self._heard(provider_id, status, snapshot, None if reply is None else reply.status)
+        return True
+
+    def _heard(self, provider_id: str, status: HeartbeatStatus, snapshot: ServingStats, listed: str | None) -> None:
+        """Record an accepted heartbeat; ``listed``: the platform's status for us (None: unreadable)."""
+        self._recovering = status == "offline" or (self._recovering and listed == "offline")
         if status == "offline":
             message = f"told the platform to route nothing to {provider_id}: {snapshot.unavailable}"
             self._set_phase(Phase.offline, message, logging.WARNING)
-        elif reply.status == "offline" and self._recovering:
+        elif listed == "offline" and self._recovering:
             self._set_phase(Phase.offline, f"serving again; the platform lists {provider_id} once its next health check passes")
-        elif reply.status == "offline":
+        elif listed == "offline":
             self._went_offline(provider_id)
+        elif listed is None:
+            self._set_phase(Phase.registered, f"heartbeats accepted for {provider_id}, though the platform's answers are unreadable")
         else:
             self._set_phase(Phase.registered, f"heartbeats accepted for {provider_id}")
-        return True
+
+    def _register_again(self, message: str) -> None:
+        self.provider_id = None
+        self.registered.clear()
+        self._set_phase(Phase.registering, message, logging.WARNING)
+
+    def _log_odd_answer(self, message: str) -> None:
+        """Once per distinct answer: the platform repeats itself every heartbeat."""
+        if message not in self._odd_answers and len(self._odd_answers) < 100:
+            self._odd_answers.add(message)
+            log.warning("%s; the platform accepted the heartbeat (2xx), so its tokens count as reported", message)
 
     def _went_offline(self, provider_id: str) -> None:
         """Name the hop that fails, and once per outage retrace the platform's path from here."""
@@ -323,3 +396,4 @@ class ProviderLifecycle:
             if not self._state_unwritable:
                 self._state_unwritable = True
                 log.warning("cannot record the registration state in %s (%s); `vramsupply status` will not show it", path, exc.strerror or exc)
+

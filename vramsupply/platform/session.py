@@ -10,6 +10,7 @@ dead platform never holds up the exit.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +24,8 @@ from vramsupply.platform.offer import ModelIdentity, Offer, OfferError, build_of
 from vramsupply.platform.options import MarketOptions
 from vramsupply.platform.state import Phase, default_state_path
 from vramsupply.platform.token import resolve_endpoint_token
+
+log = logging.getLogger("vramsupply.platform")
 
 DRAIN_NOTICE_TIMEOUT = 3.0
 """Seconds to wait for the platform to acknowledge that we drain before draining anyway."""
@@ -112,12 +115,15 @@ class MarketplaceSession:
         """Offer the throughput `vramsupply bench` stored for the served model (none when never measured)."""
         if measured is None:
             return
-        self.capacity = api.Capacity(
-            single_stream_tokens_per_second=measured.single_stream_tokens_per_second,
-            all_slots_tokens_per_second=measured.all_slots_tokens_per_second,
-            slots=measured.parallel,
-            measured_at=datetime.fromtimestamp(measured.measured_at, timezone.utc).isoformat(timespec="seconds"),
-        )
+        try:  # a hand-edited bench.json may hold what JSON cannot carry (Infinity) or no time at all
+            self.capacity = api.Capacity(
+                single_stream_tokens_per_second=measured.single_stream_tokens_per_second,
+                all_slots_tokens_per_second=measured.all_slots_tokens_per_second,
+                slots=measured.parallel,
+                measured_at=datetime.fromtimestamp(measured.measured_at, timezone.utc).isoformat(timespec="seconds"),
+            )
+        except (ValueError, OverflowError, OSError):
+            log.warning("the stored `vramsupply bench` result for this model is no measurement; offering without capacity: run `vramsupply bench` again")
 
     async def drain(self) -> None:
         if self.lifecycle is not None:
