@@ -73,6 +73,8 @@ def test_list_and_rm_manage_what_was_pulled(hub: FakeHub, hf_home: Path) -> None
         ("acme/widget-7b", "Q4_K_M", "verified"),
         ("quantco/splitty", "Q4_K_M", "verified"),
     ]
+    table = run_cli("models", "list", env={**env, "COLUMNS": "250"}).stdout
+    assert " verified " in table and "[green]" not in table, "a status word, not markup"
 
     unconfirmed = run_cli("models", "rm", "acme/widget-7b", env=env)
     assert unconfirmed.returncode == 1 and "pass --yes" in unconfirmed.stderr

@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.filesize import decimal
 from rich.table import Table
+from rich.text import Text
 
 from vramsupply.hub.cache import CachedModel
 from vramsupply.hub.local import LocalModel
@@ -68,7 +69,7 @@ def cached_table(models: list[CachedModel], cache_dir: Path) -> Table:
             model.revision[:12],
             decimal(model.size),
             decimal(model.on_disk),
-            f"[{style}]{model.status.value}[/]",
+            Text(model.status.value, style=style),
             str(model.path),
         )
     return table
