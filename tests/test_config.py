@@ -267,3 +267,25 @@ def test_a_deleted_working_directory_is_named_as_the_cause(tmp_path: Path) -> No
     assert result.stderr.strip() == (
         "error: the current directory no longer exists (it was deleted or moved): cd to one that does, or give absolute paths"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["serve", "--bogus"], "error: No such option: --bogus (Possible options: --host) (see `vramsupply serve --help`)"),
+        (["serve", "--input-price", "1.5"], "error: Invalid value for '--input-price': Input should be a valid integer, unable to parse string as an integer (see `vramsupply serve --help`)"),
+        (["models", "pull"], "error: Missing argument 'model'. (see `vramsupply models pull --help`)"),
+        (["bogus"], "error: No such command 'bogus'. (see `vramsupply --help`)"),
+    ],
+    ids=["unknown-flag", "bad-value", "missing-argument", "unknown-command"],
+)
+def test_a_usage_error_is_one_line_and_exit_2(args: list[str], line: str) -> None:
+    """Typer drew these as a multi-line boxed panel."""
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip() == line
+
+
+def test_a_group_named_alone_shows_its_help_and_exits_2() -> None:
+    result = run_cli("config")
+    assert result.returncode == 2 and "show" in result.stdout and result.stderr == ""

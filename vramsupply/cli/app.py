@@ -129,10 +129,14 @@ def main() -> None:
     stand_in_for_closed_stdout()
     _tolerant_output()
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="vramsupply")  # usage errors come here as exceptions, not typer's boxed panel
     except SystemExit:
         _flush_stdout()
         raise
+    except typer.TyperException as exc:  # click's errors, which typer vendors: usage (exit 2) and the like
+        _command_line_error(exc)
+    except typer.Abort:  # Ctrl-C or end of input at a prompt
+        sys.exit(Interrupted.exit_code)
     except VramsupplyError as exc:
         report(str(exc))
         sys.exit(exc.exit_code)
@@ -145,6 +149,21 @@ def main() -> None:
         sys.exit(1)
     except (KeyboardInterrupt, asyncio.CancelledError):
         sys.exit(Interrupted.exit_code)
+    _flush_stdout()
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit's code; a command's own return value is not one
+
+
+def _command_line_error(exc: typer.TyperException) -> NoReturn:
+    """A usage error (unknown flag or command, a bad or missing value) in one line, as every other
+    error, with where the help is; a group named alone (`vramsupply config`) has shown its help."""
+    code = getattr(exc, "exit_code", 2)
+    if type(exc).__name__ != "NoArgsIsHelpError":
+        format_message = getattr(exc, "format_message", None)
+        message = format_message() if format_message is not None else str(exc)
+        ctx = getattr(exc, "ctx", None)
+        report(f"{message} (see `{ctx.command_path} --help`)" if code == 2 and ctx is not None else message)
+    _flush_stdout()
+    sys.exit(code)
 
 
 def _tolerant_output() -> None:
