@@ -31,7 +31,7 @@ def env_for(hub: FakeHub, hf_home: Path, **extra: str) -> dict[str, str]:
 
 
 def test_resolve_shows_the_chosen_repo_as_a_table_or_json(hub: FakeHub, hf_home: Path) -> None:
-    table = run_cli("models", "resolve", "acme/Widget-7B", env=env_for(hub, hf_home))
+    table = run_cli("models", "resolve", "acme/Widget-7B", "--quant", "Q4_K_M", env=env_for(hub, hf_home))
     assert table.returncode == 0, table.stderr
     assert "acme/Widget-7B-GGUF" in table.stdout and "Widget-7B-Q4_K_M.gguf" in table.stdout
 
@@ -40,6 +40,21 @@ def test_resolve_shows_the_chosen_repo_as_a_table_or_json(hub: FakeHub, hf_home:
     resolved = json.loads(as_json.stdout)
     assert (resolved["model_id"], resolved["repo_id"], resolved["quant"]) == ("acme/gadget-3b", "lmstudio-community/Gadget-3B-GGUF", "Q8_0")
     assert resolved["files"][0]["sha256"] == hub.file("lmstudio-community/Gadget-3B-GGUF", "Gadget-3B-Q8_0.gguf").sha256
+
+
+def test_without_a_quant_resolve_and_pull_take_the_one_serve_would_choose(hub: FakeHub, hf_home: Path) -> None:
+    """serve without --quant takes the best quant that fits; pull took the quant setting's default
+    (Q4_K_M), so what a provider pulled ahead was not what serve then downloaded and loaded."""
+    env = env_for(hub, hf_home)
+    planned = json.loads(run_cli("plan", "--model", "acme/Widget-7B", "--json", env=env).stdout)["chosen"]["quant"]
+    resolved = run_cli("models", "resolve", "acme/Widget-7B", "--json", env=env)
+    pulled = run_cli("models", "pull", "acme/Widget-7B", env=env)
+
+    assert planned == "Q8_0" and json.loads(resolved.stdout)["quant"] == planned
+    assert resolved.stderr.strip() == "quant Q8_0: the one serve would choose on this machine (--quant chooses another)"
+    assert pulled.returncode == 0 and "acme/widget-7b Q8_0 ready:" in pulled.stdout
+    asked = run_cli("models", "resolve", "acme/Widget-7B", "--json", env={**env, "VRAM_SUPPLY_QUANT": "Q4_K_M"})
+    assert json.loads(asked.stdout)["quant"] == "Q4_K_M" and asked.stderr == "", "a quant set anywhere is taken as set"
 
 
 def test_resolve_errors_are_one_line_without_traceback(hub: FakeHub, hf_home: Path) -> None:
@@ -70,8 +85,8 @@ def test_list_and_rm_manage_what_was_pulled(hub: FakeHub, hf_home: Path) -> None
 
     listed = json.loads(run_cli("models", "list", "--json", env=env).stdout)
     assert sorted((item["model_id"], item["quant"], item["status"]) for item in listed) == [
-        ("acme/widget-7b", "Q4_K_M", "verified"),
-        ("quantco/splitty", "Q4_K_M", "verified"),
+        ("acme/widget-7b", "Q8_0", "verified"),  # the best that fits, as serve chooses
+        ("quantco/splitty", "Q4_K_M", "verified"),  # its split header cannot be planned on: the quant setting
     ]
     table = run_cli("models", "list", env={**env, "COLUMNS": "250"}).stdout
     assert " verified " in table and "[green]" not in table, "a status word, not markup"
@@ -80,7 +95,7 @@ def test_list_and_rm_manage_what_was_pulled(hub: FakeHub, hf_home: Path) -> None
     assert unconfirmed.returncode == 1 and "pass --yes" in unconfirmed.stderr
     removed = run_cli("models", "rm", "acme/Widget-7B-GGUF", "--yes", env=env)
     assert removed.returncode == 0, removed.stderr
-    assert "removed acme/widget-7b Q4_K_M (acme/Widget-7B-GGUF" in removed.stdout
+    assert "removed acme/widget-7b Q8_0 (acme/Widget-7B-GGUF" in removed.stdout
 
     purge = run_cli("models", "rm", "--all", "--yes", env=env)
     assert purge.returncode == 0 and "removed quantco/splitty Q4_K_M" in purge.stdout
@@ -96,7 +111,7 @@ def test_pull_offline_uses_the_cache_or_says_what_to_do(hub: FakeHub, hf_home: P
 
     cached = run_cli("models", "pull", "acme/widget-7b", env={**env, "HF_HUB_OFFLINE": "1"})
     assert cached.returncode == 0, cached.stderr
-    assert "acme/widget-7b Q4_K_M ready:" in cached.stdout
+    assert "acme/widget-7b Q8_0 ready:" in cached.stdout, "offline, the best quant in the cache: what was pulled"
 
     missing = run_cli("models", "pull", "acme/Gadget-3B", env=env)
     assert missing.returncode == 1

@@ -9,7 +9,29 @@ from typing import Optional
 
 import typer
 
-from .app import CACHE_DIR_OPTION, JSON_OPTION, QUANT_OPTION, console, fail, models_app, settings_from
+from vramsupply.config import Settings
+
+from .app import CACHE_DIR_OPTION, JSON_OPTION, QUANT_OPTION, console, err_console, fail, models_app, settings_from
+
+
+def quant_serve_would_choose(model: str, settings: Settings) -> Settings:
+    """Without a quant set (flag, environment or config file), `serve` takes the best quant that
+    fits this machine (``gpu/planning.py``); resolve and pull then take the same one, so that what
+    is pulled ahead is what serve loads. When no plan can be made, the quant setting, said."""
+    from vramsupply.errors import VramsupplyError
+    from vramsupply.gpu.planning import fit_before_download
+    from vramsupply.hub import is_local_path
+
+    if "quant" in settings.model_fields_set or is_local_path(model):
+        return settings
+    try:
+        chosen = fit_before_download(settings.model_copy(update={"model": model}), set(settings.model_fields_set)).quant
+    except VramsupplyError as exc:
+        err_console.print(f"no memory plan ({exc}); taking the quant setting, {settings.quant}", soft_wrap=True)
+        return settings
+    if chosen != settings.quant:  # said only where it differs from the quant setting, which people read about
+        err_console.print(f"quant {chosen}: the one serve would choose on this machine (--quant chooses another)", soft_wrap=True)
+    return settings.model_copy(update={"quant": chosen})
 
 
 @models_app.command("resolve")
@@ -25,7 +47,7 @@ def models_resolve(
 
     if is_local_path(model):
         fail(f"{model} is a local file: only HuggingFace ids are resolved (serve and models pull accept local paths)")
-    settings = settings_from({"quant": quant})
+    settings = quant_serve_would_choose(model, settings_from({"quant": quant}))
     resolved = resolve(model, settings.quant, access=HubAccess.from_env(settings.download_timeout), publishers=settings.gguf_publishers)
     if as_json:
         console.print_json(json.dumps(resolved_json(resolved)))
@@ -44,7 +66,7 @@ def models_pull(
     from vramsupply.hub import prepare_configured
     from vramsupply.hub.views import local_model_json
 
-    settings = settings_from({"quant": quant, "cache_dir": cache_dir})
+    settings = quant_serve_would_choose(model, settings_from({"quant": quant, "cache_dir": cache_dir}))
     local = prepare_configured(model, settings, progress=True)
     if as_json:
         console.print_json(json.dumps(local_model_json(local)))

@@ -20,7 +20,7 @@ from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.devices import Device, build_has_gpu_backend, list_devices
 from vramsupply.gpu.estimate import Settings
 from vramsupply.gpu.options import GpuOptionError, GpuOptions
-from vramsupply.gpu.plan import Plan, Target, gib, make_plan, refusal, target_for
+from vramsupply.gpu.plan import QUALITY_ORDER, Plan, Target, gib, make_plan, refusal, target_for
 from vramsupply.gpu.source import ModelSource, SourceError, SourceUnreachable, model_source
 from vramsupply.hub.local import is_local_path
 from vramsupply.hub.quant import normalize_quant
@@ -150,10 +150,21 @@ def fit_before_download(settings: AgentSettings, explicit: set[str]) -> AgentSet
     except PlanRefused as exc:
         if isinstance(exc.__cause__, SourceUnreachable):
             log.info("memory plan before download skipped (%s); planning on the cached file instead", exc)
-            return settings
+            return settings if "quant" in explicit else _best_cached(settings)
         raise
     _report(fitted)
     return fitted.settings
+
+
+def _best_cached(settings: AgentSettings) -> AgentSettings:
+    """Offline, with no quant asked for: the best quant already in the cache, which an earlier
+    plan chose (the quant setting's default would be another file, perhaps never downloaded)."""
+    from vramsupply.hub.cache import best_cached_quant
+    from vramsupply.hub.store import default_cache_dir
+
+    assert settings.model is not None
+    cached = best_cached_quant(settings.cache_dir or default_cache_dir(), settings.model, QUALITY_ORDER)
+    return settings if cached is None else settings.model_copy(update={"quant": cached})
 
 
 def fit_before_load(settings: AgentSettings, explicit: set[str], path: Path) -> AgentSettings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -68,6 +69,14 @@ def describe(repo: RepoCache, pull: Pull) -> CachedModel:
 def list_cached(cache_dir: Path, model: str | None = None) -> list[CachedModel]:
     """Every pull in the cache, or those of `model` (marketplace or GGUF repo id, any case)."""
     return [describe(repo, pull) for repo in cached_repos(cache_dir) for pull in repo.pulls() if model is None or pull.matches(model)]
+
+
+def best_cached_quant(cache_dir: Path, model: str, order: Sequence[str]) -> str | None:
+    """The best verified quant of ``model`` in the cache, by ``order`` (best first; quants not in
+    it come after): what a plan made offline can still choose among."""
+    quants = {item.quant for item in list_cached(cache_dir, model) if item.status is CacheStatus.verified}
+    rank = {quant: i for i, quant in enumerate(order)}
+    return min(quants, key=lambda quant: (rank.get(quant, len(rank)), quant), default=None)
 
 
 def _linked_blobs(repo: RepoCache) -> set[str]:
