@@ -199,6 +199,9 @@ def test_context_offered_defaults_to_the_served_context_and_cannot_exceed_it() -
 
 
 def test_price_summary_shows_earnings_after_the_platform_fee() -> None:
+    assert price_summary(7, 9) == (  # rounded to the cent, 6.65 and 8.55 cents read as the prices
+        "prices per million tokens: input $0.07, output $0.09; you earn $0.0665 / $0.0855 after the 5% platform fee"
+    )
     assert price_summary(100, 200) == (
         "prices per million tokens: input $1.00, output $2.00; you earn $0.95 / $1.90 after the 5% platform fee"
     )

@@ -123,7 +123,11 @@ def build_offer(
 
 
 def format_cents(cents: float) -> str:
-    return f"${cents / 100:,.2f}"
+    """Dollars, to the cent; a price of under a dollar whose share after the fee is a fraction of a
+    cent (7 ¢ earns 6.65 ¢) keeps its fraction: rounded, the earnings would read as the price."""
+    if abs(cents - round(cents)) < 1e-9:
+        return f"${cents / 100:,.2f}"
+    return f"${cents / 100:,.4f}".rstrip("0")
 
 
 def price_summary(input_price: int, output_price: int) -> str:
