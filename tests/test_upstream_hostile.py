@@ -370,3 +370,11 @@ async def test_an_upstream_error_event_mid_stream_reaches_the_buyer_in_openai_sh
     error = events[-1]["error"]
     assert (error["type"], error["code"]) == ("server_error", "upstream_error")
     assert "CUDA out of memory" in error["message"] and "Traceback" not in error["message"]
+
+
+@pytest.mark.parametrize("context", [None, 4096], ids=["context-from-the-upstream", "context-given"])
+async def test_heartbeats_report_llama_servers_own_slot_count(context: int | None) -> None:
+    """With --context-length given, /props (where llama-server says its slots) was never read, and
+    heartbeats reported 4 slots for its 8."""
+    async with fronted(HostileUpstream(), context_length=context) as front:
+        assert front.backend.stats().slots_total == 8

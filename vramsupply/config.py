@@ -93,7 +93,7 @@ class Settings(BaseSettings):
 
     # Model and engine
     model: str | None = Field(None, description="Model to serve: `org/model` (resolved on HuggingFace) or a local .gguf path")
-    quant: str = Field("Q4_K_M", description="Quantization to download when `model` is a HuggingFace id")
+    quant: str = Field("Q4_K_M", description="Quantization to download when `model` is a HuggingFace id; unset, `serve`, `models pull` and `models resolve` take the best that fits (`vramsupply plan`), and this default only when no plan can be made")
     context_length: int = Field(8192, ge=16, description="Context window per request (tokens); the slots share one KV cache of this size unless `kv_per_slot`")
     parallel: int = Field(DEFAULT_PARALLEL, ge=1, le=256, description="Number of slots: requests decoded concurrently (4 by default with `kv_per_slot`)")
     kv_per_slot: bool = Field(False, description="Give every slot its own KV cache of `context_length` tokens (parallel times the memory) instead of one shared cache, so no request is ever paused for KV space")
@@ -143,7 +143,7 @@ class Settings(BaseSettings):
     tunnel: Literal["cloudflared"] | None = Field(None, description="Tunnel tool to start for a public URL without port forwarding: cloudflared")
     input_price: int = Field(100, ge=0, le=MAX_PRICE, description="Input price, cents per million tokens")
     output_price: int = Field(200, ge=0, le=MAX_PRICE, description="Output price, cents per million tokens")
-    context_length_offered: int | None = Field(None, ge=1, description="Context length advertised to the market (default: context_length)")
+    context_length_offered: int | None = Field(None, ge=1, description="Context length advertised to the market (default: the context actually served, at most context_length)")
     no_register: bool = Field(False, description="Serve locally only: do not register with the platform")
     heartbeat_interval: float = Field(30.0, ge=0.1, le=MAX_HEARTBEAT_SECONDS, description="Seconds between heartbeats")
 

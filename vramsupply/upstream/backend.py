@@ -187,17 +187,18 @@ class UpstreamBackend:
         set_ready(self.state, reason)
 
     async def _context(self) -> int:
-        """The served context: configured, else what the upstream states (vLLM, SGLang, llama-server)."""
+        """The served context: configured, else what the upstream states (vLLM, SGLang, llama-server).
+        llama-server's slot count is read first, whatever says the context: heartbeats report it."""
         assert self.client is not None
+        n_ctx, total_slots = await self.client.props()
+        if total_slots and not self.options.slots_explicit and self.state is not None:
+            self.slots = self.state.slots_total = total_slots
         if self.options.context_length is not None and self.kind == "upstream":
             return self.options.context_length
         with contextlib.suppress(UpstreamUnavailable):
             for card in await self.client.models():
                 if card.name == self.upstream_model and card.context_length:
                     return card.context_length
-        n_ctx, total_slots = await self.client.props()
-        if total_slots and not self.options.slots_explicit and self.state is not None:
-            self.slots = self.state.slots_total = total_slots
         if n_ctx:
             return n_ctx
         if self.options.context_length is not None:
