@@ -348,6 +348,29 @@ async def test_a_request_whose_choices_do_not_all_fit_in_the_queue_is_refused_wh
     await wait_until_idle(engine)
 
 
+async def test_a_request_cancelled_while_queued_counts_no_prompt_tokens_anywhere(engine: Engine) -> None:
+    """The earnings ledger records the usage of a request its buyer left; one that left while still
+    queued was recorded with its whole prompt, which the engine's counters (heartbeats, /metrics)
+    never counted."""
+    await wait_until_idle(engine)
+    long = dict(sampling=GREEDY, max_tokens=200, ignore_eos=True)
+    before = engine.stats()
+    running = [engine.submit(GenerationRequest(engine.tokenize(p), **long)) for p in PROMPTS[:PARALLEL]]
+    for _ in range(500):
+        if engine.stats().slots_busy == PARALLEL:
+            break
+        await asyncio.sleep(0.01)
+    queued = [engine.submit(GenerationRequest(engine.tokenize(p), **long)) for p in PROMPTS[:2]]
+    for generation in queued + running:
+        generation.cancel()
+    for generation in queued + running:
+        await generation.collect()
+
+    assert [g.usage.prompt_tokens for g in queued] == [0, 0]
+    counted = engine.stats().prompt_tokens_total - before.prompt_tokens_total
+    assert counted == sum(g.usage.prompt_tokens for g in queued + running) == sum(len(engine.tokenize(p)) for p in PROMPTS[:PARALLEL])
+
+
 async def test_queue_overflow_raises_overloaded(engine: Engine) -> None:
     await wait_until_idle(engine)
     long = dict(sampling=GREEDY, max_tokens=200, ignore_eos=True)

@@ -73,9 +73,13 @@ class Task:
         return self.prompt if self.resume is None else self.resume.tokens
 
     def usage_while_waiting(self) -> Usage:
-        """Its usage if it ends before reaching a slot: the prompt, and what it generated before a pause."""
+        """Its usage if it ends while waiting for a slot. Paused (``resume``): its prompt and what it
+        generated before the pause. Never admitted: nothing, as the engine's counters (heartbeats,
+        /metrics) count it; the earnings ledger billed its whole prompt."""
         done = self.resume
-        return Usage(len(self.prompt), done.completion_tokens if done else 0, done.cached_tokens if done else 0)
+        if done is None:
+            return Usage(0, 0, 0)
+        return Usage(len(self.prompt), done.completion_tokens, done.cached_tokens)
 
 
 @dataclass(eq=False)

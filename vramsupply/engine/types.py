@@ -190,8 +190,9 @@ class GenerationRequest:
 class Usage:
     """Exact token accounting of one request; this is what buyers are billed for.
 
-    ``prompt_tokens`` is the length of the request's prompt (also when it was cancelled before
-    running). ``cached_tokens`` of those were not computed again because the slot's KV cache
+    ``prompt_tokens`` is the length of the request's prompt once it reached a slot (0 for one that
+    ended while still queued: nothing of it was computed, and the engine's counters, which
+    heartbeats report, never counted it). ``cached_tokens`` of those were not computed again because the slot's KV cache
     already held them (a reused prefix).
 
     ``completion_tokens`` counts every token sampled for the request except an end-of-generation
