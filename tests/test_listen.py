@@ -7,6 +7,7 @@ address); the sockets, the server and the HTTP requests are real. 127.0.0.2 is l
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 
@@ -96,3 +97,18 @@ def test_with_port_0_a_port_taken_on_a_later_address_means_trying_a_new_port(mon
     finally:
         for sock in sockets:
             sock.close()
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /health HTTP/1.1\r\nHost: x\r\n"], ids=["nothing", "half-the-headers"])
+async def test_a_connection_that_never_completes_a_request_is_closed(sent: bytes) -> None:
+    """aiohttp holds such a connection (and its file descriptor) for an hour by default."""
+    server = ApiServer(create_app("stories260k"), "127.0.0.1", 0, idle_timeout=0.3)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(sent)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), timeout=20) == b"", "closed without an answer"
+        writer.close()
+    finally:
+        await server.stop()

@@ -28,6 +28,10 @@ from vramsupply.server.state import SERVER_STATE, ServerState, failed_error, loa
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 OWNER = "vramsupply"
 STOP_GRACE_SECONDS = 5.0
+IDLE_CONNECTION_SECONDS = 75.0
+"""A connection that sends no request, or only part of one, for this long is closed (aiohttp's
+default is an hour: a broken client or a slow-loris peer held a file descriptor each that long).
+Keep-alive connections between requests get the same; 75 s is nginx's keep-alive default."""
 """After ``drain_timeout`` the serve lifecycle closes the engine, which ends every generation with an
 error the handlers send to their clients; only handlers still running this much later are cancelled."""
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before the answer
@@ -175,13 +179,17 @@ class ApiServer:
     cancels the engine work, so a disconnect frees the slot streaming or not.
     """
 
-    def __init__(self, app: web.Application, host: str, port: int, *, drain_timeout: float = 30.0, access_log: logging.Logger | None = None) -> None:
+    def __init__(
+        self, app: web.Application, host: str, port: int, *, drain_timeout: float = 30.0, access_log: logging.Logger | None = None,
+        idle_timeout: float = IDLE_CONNECTION_SECONDS,
+    ) -> None:
         self.app = app
         self.host = host
         self.port = port
         self._runner = web.AppRunner(
             app,
             handler_cancellation=True,
+            keepalive_timeout=idle_timeout,
             shutdown_timeout=drain_timeout + STOP_GRACE_SECONDS,
             access_log=access_log,
             access_log_format='%a "%r" %s %b %Tfs',
