@@ -343,6 +343,7 @@ async def test_a_request_whose_choices_do_not_all_fit_in_the_queue_is_refused_wh
     assert engine.stats().requests_total == requests_before
     two = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), **long), choices=2)
     engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), **long), shares_prompt_with=two, choices=2)
+    assert engine.stats().requests_total == requests_before + 1, "a request counts once, whatever its n"
     for generation in accepted:
         generation.cancel()
     await wait_until_idle(engine)

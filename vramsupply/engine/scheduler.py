@@ -154,7 +154,8 @@ class Scheduler:
             if counters.outstanding == 0:
                 self._liveness.progressed()  # the stall clock runs only while there is work
             counters.outstanding += 1
-            counters.requests_total += 1
+            if not task.later_choice:  # a request, whatever its n (its choices are tasks of their own)
+                counters.requests_total += 1
             self._inbox.post(Submit(task))
 
     def _overloaded(self, room: int) -> str:
