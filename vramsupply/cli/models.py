@@ -26,8 +26,9 @@ def quant_serve_would_choose(model: str, settings: Settings) -> Settings:
         return settings
     try:
         chosen = fit_before_download(settings.model_copy(update={"model": model}), set(settings.model_fields_set)).quant
-    except VramsupplyError as exc:
-        err_console.print(f"no memory plan ({exc}); taking the quant setting, {settings.quant}", soft_wrap=True)
+    except VramsupplyError as exc:  # the model cannot be read to plan (the pull then says why, if it fails too), or nothing fits
+        if exc.__cause__ is None:
+            err_console.print(f"{exc} (serve would refuse it here); taking the quant setting, {settings.quant}", soft_wrap=True)
         return settings
     if chosen != settings.quant:  # said only where it differs from the quant setting, which people read about
         err_console.print(f"quant {chosen}: the one serve would choose on this machine (--quant chooses another)", soft_wrap=True)
