@@ -12,6 +12,7 @@ import errno
 import socket
 
 import aiohttp
+from aiohttp import web
 import pytest
 
 from vramsupply import listen
@@ -112,3 +113,25 @@ async def test_a_connection_that_never_completes_a_request_is_closed(sent: bytes
         writer.close()
     finally:
         await server.stop()
+
+
+async def test_a_request_whose_buyer_left_during_the_last_writes_counts_as_499() -> None:
+    """The stream handler ends normally when aiohttp reports the hang-up as a failed write (3 of
+    171 cut streams in a soak), and /metrics counted those as 200. The handler marks the request."""
+    from vramsupply.server.state import BUYER_LEFT
+
+    async def cut_at_the_end(request: web.Request) -> web.Response:
+        request[BUYER_LEFT] = True
+        return web.Response()
+
+    app = create_app("stories260k")
+    app.router.add_get("/cut-at-the-end", cut_at_the_end)
+    server = ApiServer(app, "127.0.0.1", 0)
+    await server.start()
+    try:
+        await answers(f"{server.url}/cut-at-the-end")
+        async with aiohttp.ClientSession() as session, session.get(f"{server.url}/metrics") as response:
+            metrics = await response.text()
+    finally:
+        await server.stop()
+    assert 'vramsupply_requests_total{route="/cut-at-the-end",status="499"} 1.0' in metrics

@@ -23,7 +23,7 @@ from vramsupply.server.completions import chat_completions, completions
 from vramsupply.server.errors import ApiError, error_middleware
 from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vramsupply.server.responses import ModelCard, ModelList
-from vramsupply.server.state import SERVER_STATE, ServerState, failed_error, loading_error
+from vramsupply.server.state import BUYER_LEFT, SERVER_STATE, ServerState, failed_error, loading_error
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 OWNER = "vramsupply"
@@ -94,7 +94,8 @@ async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamRe
     except asyncio.CancelledError:
         counter.labels(route_label(request), str(CLIENT_CLOSED_REQUEST)).inc()
         raise
-    counter.labels(route_label(request), str(response.status)).inc()
+    status = CLIENT_CLOSED_REQUEST if request.get(BUYER_LEFT) else response.status
+    counter.labels(route_label(request), str(status)).inc()
     return response
 
 

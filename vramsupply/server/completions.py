@@ -46,7 +46,7 @@ from vramsupply.server.responses import (
     now,
 )
 from vramsupply.server.schemas import ChatCompletionBody, CompletionBody
-from vramsupply.server.state import SERVER_STATE, ServerState, failed_error
+from vramsupply.server.state import BUYER_LEFT, SERVER_STATE, ServerState, failed_error
 
 RETRY_AFTER_SECONDS = "1"
 INLINE_TOKENIZE_MAX_BYTES = 8192
@@ -321,6 +321,7 @@ async def _stream(
         await response.write_eof()
     except ConnectionResetError:
         log.debug("the buyer of %s hung up before its stream ended", shape.id)
+        request[BUYER_LEFT] = True
     return response
 
 

@@ -124,3 +124,6 @@ def failed_error(reason: str) -> ApiError:
 
 
 SERVER_STATE = web.AppKey("server_state", ServerState)
+BUYER_LEFT: Any = web.RequestKey("buyer_left", bool) if hasattr(web, "RequestKey") else "vramsupply.buyer_left"  # an aiohttp without RequestKey
+"""Set on a request whose buyer hung up during the last writes of its stream: the handler ends
+normally, and /metrics counts it as 499 (client closed request), not 200."""
