@@ -54,20 +54,23 @@ def bench(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to measure (default: the model setting)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Quantization, e.g. Q4_K_M (default: the quant setting)."),
     parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots to fill in the second phase (default: the parallel setting)."),
-    seconds: float = typer.Option(30.0, "--seconds", min=3.0, max=600.0, help="About how long the whole measurement takes."),
+    seconds: float = typer.Option(30.0, "--seconds", help="About how long the whole measurement takes, 3 to 600."),
     as_json: bool = typer.Option(False, "--json", help="Print the stored result as JSON."),
 ) -> None:
     """Measure this machine's tokens per second for the model, at 1 stream and with every slot busy; serve reports it."""
     from vramsupply.throughput import default_bench_path, run_bench
 
+    if not 3.0 <= seconds <= 600.0:  # also false for nan, which a min/max option lets through as "over 600"
+        raise typer.BadParameter(f"{seconds:g} is not a number of seconds from 3 to 600", param_hint="'--seconds'")
     settings = settings_from({"model": model, "quant": quant, "parallel": parallel})
     result = asyncio.run(run_bench(settings, seconds, progress=lambda line: err_console.print(f"bench: {line}", highlight=False)))
     if as_json:
         print(result.model_dump_json(indent=2))
         return
+    slots = "1 slot" if result.parallel == 1 else f"{result.parallel} slots"
     console.print(
         f"{result.model}: {result.single_stream_tokens_per_second:,.1f} tok/s with 1 stream, "
-        f"{result.all_slots_tokens_per_second:,.1f} tok/s with {result.parallel} slots busy; saved to {default_bench_path()}",
+        f"{result.all_slots_tokens_per_second:,.1f} tok/s with {slots} busy; saved to {default_bench_path()}",
         highlight=False,
         soft_wrap=True,
     )

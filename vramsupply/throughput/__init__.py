@@ -2,6 +2,9 @@
 
 ``serve`` reports the stored result to the platform as the instance's capacity (registration and
 heartbeats), and `vramsupply demand` turns it into dollars per hour at market prices.
+
+Where the result will be kept is checked before measuring (up to ten minutes of it): a data dir
+that cannot be written is said at once, not after the measurement, which would then be lost.
 """
 
 from __future__ import annotations
@@ -13,9 +16,8 @@ from collections.abc import Callable
 from vramsupply import __version__
 from vramsupply.config import Settings
 from vramsupply.engine import Engine, EngineError
-from vramsupply.throughput.measure import Speeds, measure
-from vramsupply.throughput.store import Capacity, capacity_for, default_bench_path, read_all, save
-from vramsupply.errors import VramsupplyError
+from vramsupply.throughput.measure import BenchError, Speeds, measure
+from vramsupply.throughput.store import Capacity, capacity_for, default_bench_path, read_all, save, writable_problem
 
 DEFAULT_SECONDS = 30.0
 SETUP_SHARE = 0.2
@@ -34,21 +36,21 @@ def measured_speeds() -> dict[str, tuple[float, int]]:
     return {model: (c.all_slots_tokens_per_second, c.parallel) for model, c in newest.items()}
 
 
-class BenchError(VramsupplyError):
-    """The benchmark could not run; one line for the CLI."""
-
-
 async def run_bench(settings: Settings, seconds: float = DEFAULT_SECONDS, progress: Callable[[str], None] = lambda _: None) -> Capacity:
     """Resolve and load the configured model, measure it, store and return the result."""
     from vramsupply.serve.backend import fit_to_memory, load_engine, resolve_model
     from vramsupply.serve.options import ServeError, engine_options
 
+    path = default_bench_path()
+    problem = writable_problem(path)
+    if problem is not None:
+        raise BenchError(f"cannot save the result to {path}: {problem}; fix that before measuring")
     try:  # the same memory plan as `serve`, so the measured configuration is the served one
         explicit = set(settings.model_fields_set)
         settings = await fit_to_memory(settings, explicit)
         model = await resolve_model(settings)
         settings = await fit_to_memory(settings, explicit, model)
-        progress(f"loading {model.model_id} ({settings.parallel} slots)")
+        progress(f"loading {model.model_id} ({settings.parallel} slot{'' if settings.parallel == 1 else 's'})")
         engine: Engine = await load_engine(engine_options(settings, model))
     except ServeError as exc:
         raise BenchError(str(exc)) from None
@@ -69,5 +71,11 @@ async def run_bench(settings: Settings, seconds: float = DEFAULT_SECONDS, progre
         seconds=phase,
         agent_version=__version__,
     )
-    save(default_bench_path(), capacity)
+    try:
+        save(path, capacity)
+    except OSError as exc:  # the data dir changed while measuring: the figures are still worth a line
+        raise BenchError(
+            f"measured {capacity.single_stream_tokens_per_second:,.1f} tok/s with 1 stream and {capacity.all_slots_tokens_per_second:,.1f} "
+            f"with {capacity.parallel} slots, but cannot save it to {path}: {exc.strerror or exc}"
+        ) from None
     return capacity

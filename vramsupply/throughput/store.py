@@ -2,6 +2,14 @@
 
 One result per model and quant: the newest measurement replaces the older one. A result is only
 reported for the model it measured; the slot count it was measured at travels with it.
+
+The file is the provider's record, and may be edited by hand, so reading it is entry by entry: an
+entry that is no measurement (null, NaN, a negative slot count, a time in the future) is skipped
+with one warning line naming it, and every other model's result is still reported. Nothing that
+could not be read is destroyed: before `bench` rewrites a file holding something unreadable (a
+whole file that is not JSON, or only some bad entries) it keeps the file as it was next to it,
+``bench.json.bad-<time>``, and says so. Refusing to save instead would throw away a measurement
+the provider waited for, over a file they may not even know is broken.
 """
 
 from __future__ import annotations
@@ -10,64 +18,172 @@ import json
 import logging
 import os
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from vramsupply.config import data_dir
 
 log = logging.getLogger("vramsupply.throughput")
 
 BENCH_FILE_NAME = "bench.json"
+MAX_SLOTS = 256  # the parallel setting's own limit (config.Settings.parallel)
+CLOCK_SKEW_SECONDS = 86400.0
+"""A measurement dated later than now by more than this is no measurement (and no datetime can hold 1e300)."""
 
 
 class Capacity(BaseModel):
     """This machine's measured decode speed for one model (tokens per second are not money: floats are fine)."""
 
-    model: str
+    model_config = ConfigDict(allow_inf_nan=False)  # JSON has no NaN or Infinity, and no speed is either
+
+    model: str = Field(min_length=1)
     quant: str | None = None
-    parallel: int
-    single_stream_tokens_per_second: float
-    all_slots_tokens_per_second: float
-    measured_at: float
-    seconds: float
+    parallel: StrictInt = Field(ge=1, le=MAX_SLOTS)
+    single_stream_tokens_per_second: float = Field(ge=0)
+    all_slots_tokens_per_second: float = Field(ge=0)
+    measured_at: float = Field(gt=0)
+    seconds: float = Field(gt=0)
     agent_version: str
+
+    @field_validator("measured_at")
+    @classmethod
+    def _not_in_the_future(cls, value: float) -> float:
+        if value > time.time() + CLOCK_SKEW_SECONDS:
+            raise ValueError("a time in the future")
+        return value
 
     @property
     def key(self) -> str:
         return f"{self.model}|{self.quant or ''}"
 
 
+@dataclass
+class Stored:
+    """What ``bench.json`` holds: its good results, the keys of its bad entries (with why), and why
+    the file as a whole could not be read (``None``: it was read, or there is none)."""
+
+    results: dict[str, Capacity] = field(default_factory=dict)
+    bad: dict[str, str] = field(default_factory=dict)
+    unreadable: str | None = None
+
+    def problem(self, path: Path) -> str | None:
+        """One line on what in ``path`` is not a measurement, or None when all of it is."""
+        if self.unreadable is not None:
+            return f"{path} is not a bench result file ({self.unreadable})"
+        if self.bad:
+            named = "; ".join(f"{key[:80]!r}: {why}" for key, why in list(self.bad.items())[:3])
+            more = f" and {len(self.bad) - 3} more" if len(self.bad) > 3 else ""
+            return f"{len(self.bad)} {'entry' if len(self.bad) == 1 else 'entries'} in {path} {'is' if len(self.bad) == 1 else 'are'} no measurement ({named}{more})"
+        return None
+
+
 def default_bench_path() -> Path:
     return data_dir() / BENCH_FILE_NAME
 
 
-def read_all(path: Path) -> dict[str, Capacity]:
-    """Every stored result; an absent or unreadable file holds none (the agent then reports no capacity)."""
+def load(path: Path) -> Stored:
+    """Read ``path`` entry by entry; never raises for what the file holds."""
     try:
-        raw = json.loads(path.read_text())
-        return {key: Capacity.model_validate(value) for key, value in raw.get("results", {}).items()}
+        document = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, ValidationError, AttributeError) as exc:
-        log.warning("ignoring the throughput results in %s: %s", path, exc)
-        return {}
+        return Stored()
+    except (OSError, ValueError) as exc:  # not UTF-8, not JSON, a directory, no permission
+        return Stored(unreadable=_one_line(exc))
+    results = document.get("results", {}) if isinstance(document, dict) else None
+    if not isinstance(results, dict):
+        return Stored(unreadable='not a JSON object with a "results" object')
+    stored = Stored()
+    for key, value in results.items():
+        why = _why_not(key, value)
+        if why is None:
+            stored.results[key] = Capacity.model_validate(value)
+        else:
+            stored.bad[key] = why
+    return stored
 
 
-def save(path: Path, capacity: Capacity) -> None:
-    """Replace this model's result, atomically, keeping the others."""
-    results = read_all(path)
-    results[capacity.key] = capacity
+def _why_not(key: str, value: Any) -> str | None:
+    """Why this entry is no measurement, or None when it is one."""
+    try:
+        capacity = Capacity.model_validate(value)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        return _one_line(f"{where}: {error['msg']}" if where else error["msg"])
+    if capacity.key != key:
+        return f"it measured {capacity.key!r}"
+    return None
+
+
+def _one_line(what: object) -> str:
+    return " ".join(str(what).split())[:200]
+
+
+def read_all(path: Path) -> dict[str, Capacity]:
+    """Every stored result; a bad entry is skipped (one warning line), an unreadable file holds none."""
+    stored = load(path)
+    problem = stored.problem(path)
+    if problem is not None:
+        log.warning("%s: skipped; run `vramsupply bench` to measure again", problem)
+    return stored.results
+
+
+def writable_problem(path: Path) -> str | None:
+    """Why a result could not be saved at ``path``, found before measuring; None when it can be."""
+    for folder in reversed(path.parents):
+        if folder.exists() and not folder.is_dir():
+            return f"{folder} is a file, not a directory"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_file():
+            return "it is not a regular file"
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".bench-", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return exc.strerror or _one_line(exc)
+    return None
+
+
+def save(path: Path, capacity: Capacity) -> Path | None:
+    """Replace this model's result, atomically, keeping the others; the copy kept of what could
+    not be read, when the file held any (see the module docstring). OSError: it cannot be written."""
+    stored = load(path)
+    kept = _keep_copy(path) if stored.problem(path) is not None else None
+    if kept is not None:
+        log.warning("%s: dropped from it; the file as it was is kept in %s", stored.problem(path), kept)
+    results = {**stored.results, capacity.key: capacity}
     document = {"results": {key: value.model_dump() for key, value in sorted(results.items())}}
+    text = json.dumps(document, indent=2, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".bench-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(document, fh, indent=2)
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return kept
+
+
+def _keep_copy(path: Path) -> Path:
+    """Copy ``path`` as it is to a name of its own next to it, never over an earlier copy."""
+    data = path.read_bytes()
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for attempt in range(100):
+        copy = path.with_name(f"{path.name}.bad-{stamp}" + (f"-{attempt}" if attempt else ""))
+        try:
+            with open(copy, "xb") as fh:
+                fh.write(data)
+            return copy
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"too many copies of {path} kept already")
 
 
 def capacity_for(path: Path, model: str, quant: str | None) -> Capacity | None:
