@@ -246,7 +246,7 @@ def test_plan_refuses_in_one_line_what_cannot_fit(shapes: dict[str, Path]) -> No
     assert "nothing fits: Q4_K_M needs" in table.stdout and "lower --context-length or --parallel" in table.stdout
 
     missing = run_cli("plan", "--model", "./absent.gguf")
-    assert missing.returncode == 1 and missing.stderr.strip() == "error: model file not found: absent.gguf"
+    assert missing.returncode == 1 and missing.stderr.strip() == "error: model file absent.gguf does not exist"
 
 
 @pytest.fixture
@@ -309,7 +309,7 @@ def test_plan_shows_a_hybrid_models_recurrent_state_beside_its_kv(shapes: dict[s
     assert only["kv_bytes"] == kv + states and only["total_bytes"] == only["weights_bytes"] + only["kv_bytes"] + only["compute_bytes"]
 
     table = run_cli("plan", "--model", str(shapes["qwen35-9b"]), "--context-length", "4096")
-    assert table.returncode == 0 and "KV + state" in table.stdout
+    assert table.returncode == 0 and "KV+state" in table.stdout
 
     refused = run_cli("plan", "--model", str(shapes["qwen35-9b"]), "--context-length", "131072", "--parallel", "256", "--kv-per-slot")
     assert refused.returncode == 1

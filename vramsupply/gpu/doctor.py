@@ -9,7 +9,9 @@ reported as failed with the exception, so one broken probe never hides the other
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
+import errno
 import os
 import shutil
 import socket
@@ -253,16 +255,42 @@ def free_disk_in_model_cache(ctx: Context) -> Result:
     return Result(True, detail)
 
 
+# Why a bind fails, beyond "in use": each needs another fix.
+_BIND_FAILURES = {
+    errno.EADDRNOTAVAIL: ("{host} is not an address of this machine", "set VRAM_SUPPLY_HOST to one of this machine's addresses (0.0.0.0: all of them)"),
+    errno.EACCES: ("port {port} is a privileged port this user may not listen on", "serve on a port above 1023 (--port, VRAM_SUPPLY_PORT)"),
+}
+
+
+def _bind_error(host: str, port: int) -> OSError | None:
+    """Why `host:port` cannot be listened on, or None when it can."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc
+    return None
+
+
 @check("port")
 def port_free_or_ours(ctx: Context) -> Result:
     host, port = ctx.settings.host, ctx.settings.port
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-            return Result(True, f"{host}:{port} is free")
-        except OSError:
-            pass
+    error = _bind_error(host, port)
+    if error is None:
+        return Result(True, f"{host}:{port} is free")
+    if isinstance(error, socket.gaierror):
+        return Result(False, f"the host name {host} does not resolve ({error.strerror})", "set VRAM_SUPPLY_HOST to an address of this machine (0.0.0.0: all of them)")
+    if error.errno in _BIND_FAILURES:
+        detail, fix = _BIND_FAILURES[error.errno]
+        return Result(False, detail.format(host=host, port=port), fix)
+    if error.errno != errno.EADDRINUSE:
+        return Result(False, f"cannot listen on {host}:{port}: {error.strerror or error}", "set VRAM_SUPPLY_HOST and VRAM_SUPPLY_PORT to an address and port this machine can listen on")
     from vramsupply.platform.offer import local_base_url
 
     try:
@@ -335,11 +363,24 @@ def clock_in_sync(ctx: Context) -> Result:
     date = ctx.platform.date
     if not date:
         return Result(False, "cannot compare: no answer with a Date header from the platform", "fix the platform check first; keep NTP on (timedatectl set-ntp true)")
-    skew = time.time() - email.utils.parsedate_to_datetime(date).timestamp()
+    platform_time = _http_date(date)
+    if platform_time is None:
+        return Result(False, f"cannot compare: the platform's Date header {date[:64]!r} is not a date", "keep NTP on (timedatectl set-ntp true); if the platform keeps sending it, contact vram.supply")
+    skew = time.time() - platform_time
     detail = f"{abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} the platform's clock"
     if abs(skew) > MAX_CLOCK_SKEW:
         return Result(False, detail, "turn on time synchronisation: timedatectl set-ntp true")
     return Result(True, detail)
+
+
+def _http_date(text: str) -> float | None:
+    """An HTTP Date header as a Unix time, or None if it is not one. HTTP dates are UTC: a zone
+    given as -0000 makes Python return a naive datetime, which is UTC too, not local time."""
+    try:
+        moment = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)).timestamp()
 
 
 def doctor_text(results: list[CheckResult]) -> list[Any]:

@@ -21,7 +21,9 @@ prompt is tokenized): the plan reads every header before llama.cpp sees the file
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
+from functools import lru_cache
 
 from vramsupply.gpu.gguf_header import TOKENS_KEY, ArrayLength, GgufHeader, TokenList
 from vramsupply.gpu.layers import Layers, ShapeError, count, per_layer, read_layers
@@ -84,7 +86,11 @@ class ModelShape:
 
 
 def check_loadable(header: GgufHeader) -> None:
-    """Refuse what llama.cpp aborts on while it loads (GGML_ASSERT), or when it tokenizes."""
+    """Refuse what llama.cpp aborts on while it loads (GGML_ASSERT), or when it tokenizes; and an
+    architecture it does not know, which it refuses only once the download is done."""
+    known = known_architectures()
+    if known and header.architecture not in known:
+        raise ShapeError(f"llama.cpp does not know architecture {header.architecture!r}: this build cannot load the model (a newer llama-cpp-python may)")
     n_layer = count(header, "block_count")
     if n_layer > LLAMA_MAX_LAYERS:
         raise ShapeError(f"{header.architecture}.block_count is {n_layer}, more than the {LLAMA_MAX_LAYERS} layers llama.cpp can load")
@@ -92,6 +98,35 @@ def check_loadable(header: GgufHeader) -> None:
     tokens = header.get(TOKENS_KEY)
     if isinstance(tokens, TokenList) and header.get("tokenizer.ggml.model") not in ("no_vocab", "none"):
         _check_vocabulary(tokens, header.get("tokenizer.ggml.model"))
+
+
+# llama.cpp's `const char * llm_arch_name(llm_arch)`: no C API lists the architectures, but this
+# function of its own has kept its signature (the mangled name encodes it) since 2023. Where the
+# symbol is missing (another ABI, a build that hides it) the check is skipped, never guessed.
+_ARCH_NAME_SYMBOL = "_Z13llm_arch_name8llm_arch"
+_UNKNOWN_ARCH = b"(unknown)"  # LLM_ARCH_UNKNOWN, the enum's last value
+_MAX_ARCHITECTURES = 4096
+
+
+@lru_cache(maxsize=1)
+def known_architectures() -> frozenset[str]:
+    """The `general.architecture` names this llama.cpp build loads, read from its own table
+    (microseconds); empty where it cannot be read reliably, and then nothing is refused."""
+    import llama_cpp
+
+    name = getattr(llama_cpp.llama_cpp._lib, _ARCH_NAME_SYMBOL, None)
+    if name is None:
+        return frozenset()
+    name.argtypes, name.restype = [ctypes.c_int], ctypes.c_char_p
+    names = []
+    for arch in range(_MAX_ARCHITECTURES):  # enum llm_arch counts up from 0 to LLM_ARCH_UNKNOWN
+        text = name(arch)
+        if text == _UNKNOWN_ARCH:
+            return frozenset(names) if "llama" in names else frozenset()
+        if text is None:
+            break
+        names.append(text.decode("utf-8", "replace"))
+    return frozenset()
 
 
 def _check_experts(header: GgufHeader, n_layer: int) -> None:

@@ -14,9 +14,12 @@ reads in 0.10 s instead of 0.08 s, holding about 100 bytes a token while it is p
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+from math import prod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +49,16 @@ _U64 = struct.Struct("<Q")
 
 class GgufError(Exception):
     """The bytes are not a GGUF header we can read; the message says which file and why."""
+
+
+class HeaderFetchError(GgufError):
+    """The Hub did not hand over the header's bytes: `status` is its HTTP answer, or None when no
+    answer came (a timeout, a dropped connection). The caller decides what each means: the Hub's
+    refusal of a gated repo and its being down call for different advice (gpu/source.py)."""
+
+    def __init__(self, message: str, status: int | None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -225,8 +238,46 @@ def read_header(fetch: Callable[[int], bytes], label: str) -> GgufHeader:
             if size >= MAX_HEADER:
                 raise GgufError(f"{label}: GGUF header larger than {MAX_HEADER >> 20} MiB") from None
             size *= 4
+        except HeaderFetchError:
+            raise
         except (GgufError, struct.error) as exc:
             raise GgufError(f"{label}: {exc}") from None
+
+
+@lru_cache(maxsize=1)
+def _ggml_types() -> tuple[ctypes.CDLL, int]:
+    """ggml's own type table (block and type sizes), and how many types it has: ggml does not
+    bounds-check a type, so only those below the count llama-cpp-python ships with are asked."""
+    import llama_cpp
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    base = load_shared_library("ggml-base", Path(llama_cpp.__file__).parent / "lib")
+    base.ggml_blck_size.argtypes = base.ggml_type_size.argtypes = [ctypes.c_int]
+    base.ggml_blck_size.restype = ctypes.c_int64
+    base.ggml_type_size.restype = ctypes.c_size_t
+    return base, int(getattr(llama_cpp, "GGML_TYPE_COUNT", 0))
+
+
+def tensor_nbytes(tensor: TensorInfo) -> int | None:
+    """The bytes of a tensor's data as ggml counts them; None for a type or shape ggml would
+    refuse itself (llama.cpp then says so when it loads the file)."""
+    base, count = _ggml_types()
+    if not 0 <= tensor.ggml_type < count or not tensor.shape:
+        return None
+    block = base.ggml_blck_size(tensor.ggml_type)
+    if block <= 0 or tensor.shape[0] % block:
+        return None
+    return base.ggml_type_size(tensor.ggml_type) * (tensor.shape[0] // block) * prod(tensor.shape[1:])
+
+
+def data_end(header: GgufHeader) -> tuple[str, int] | None:
+    """The tensor whose data reaches furthest into the file, and the byte it ends at: a file
+    shorter than that is truncated, and llama.cpp refuses it ("not within the file bounds")."""
+    ends = [(header.data_offset + t.offset + (tensor_nbytes(t) or 0), t.name) for t in header.tensors]
+    if not ends:
+        return None
+    end, name = max(ends)
+    return name, end
 
 
 def read_local_header(path: Path) -> GgufHeader:
@@ -250,7 +301,7 @@ def read_remote_header(client: httpx2.Client, url: str, headers: dict[str, str],
     def fetch(n: int) -> bytes:
         with client.stream("GET", url, headers={**headers, "Range": f"bytes=0-{n - 1}"}) as response:
             if response.status_code not in (200, 206):
-                raise GgufError(f"HTTP {response.status_code} while reading the header")
+                raise HeaderFetchError(f"{label}: HTTP {response.status_code} while reading the header", response.status_code)
             chunks, got = [], 0
             for chunk in response.iter_bytes():
                 chunks.append(chunk)
@@ -262,4 +313,4 @@ def read_remote_header(client: httpx2.Client, url: str, headers: dict[str, str],
     try:
         return read_header(fetch, label)
     except httpx2.RequestError as exc:  # TooManyRedirects and DecodingError are not TransportErrors
-        raise GgufError(f"{label}: {type(exc).__name__}: {exc}") from None
+        raise HeaderFetchError(f"{label}: {type(exc).__name__}: {exc}" if str(exc) else f"{label}: {type(exc).__name__}", None) from None

@@ -11,7 +11,10 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from rich import box
+from rich.console import Console, Group, ConsoleOptions, RenderableType, RenderResult
 from rich.table import Table
+from rich.text import Text
 
 from vramsupply.config import DEFAULT_PARALLEL_RECURRENT
 from vramsupply.config import Settings as AgentSettings
@@ -20,7 +23,7 @@ from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.devices import Device, build_has_gpu_backend, list_devices
 from vramsupply.gpu.estimate import Settings
 from vramsupply.gpu.options import GpuOptionError, GpuOptions
-from vramsupply.gpu.plan import QUALITY_ORDER, Plan, Target, gib, make_plan, refusal, target_for
+from vramsupply.gpu.plan import QUALITY_ORDER, Candidate, Plan, Target, gib, make_plan, refusal, target_for
 from vramsupply.gpu.source import ModelSource, SourceError, SourceUnreachable, model_source
 from vramsupply.hub.local import is_local_path
 from vramsupply.hub.quant import normalize_quant
@@ -190,16 +193,50 @@ def _report(fitted: Fitted) -> None:
             log.info("memory plan: %s", note)
 
 
-def plan_table(plan: Plan) -> Table:
-    table = Table(title=f"memory plan for {plan.model}: {plan.settings.describe()}", title_justify="left")
-    memory = "KV + state" if any(c.estimate.state_bytes for c in plan.candidates) else "KV cache"
-    for column in ("quant", "file", "weights", memory, "compute", "total", f"on {'GPU' if plan.target.on_gpu else 'CPU'}", "fits"):
-        table.add_column(column, justify="left" if column in ("quant", "fits") else "right", no_wrap=True)
-    for c in plan.candidates:
-        chosen = "  ← chosen" if plan.chosen is not None and c.quant == plan.chosen.quant else ""
-        e = c.estimate
-        table.add_row(c.quant, gib(c.file_bytes), gib(e.weights_bytes), gib(e.memory_bytes), gib(e.compute_bytes), gib(e.total_bytes), gib(c.needed_bytes), ("yes" if c.fits else "no") + chosen)
-    return table
+def plan_table(plan: Plan) -> RenderableType:
+    """One row per quant. Readable at 80 columns: short headers, no vertical rules, and sizes that
+    are never cut (each size column is as wide as its longest value); the quant name folds and the
+    chosen mark wraps under "yes". A terminal too narrow even for that gets one block per quant."""
+    headers = ("quant", "file", "weights", "KV+state" if any(c.estimate.state_bytes for c in plan.candidates) else "KV", "compute", "total", f"on {'GPU' if plan.target.on_gpu else 'CPU'}", "fits")
+    rows = [
+        (c.quant, gib(c.file_bytes), gib(c.estimate.weights_bytes), gib(c.estimate.memory_bytes), gib(c.estimate.compute_bytes), gib(c.estimate.total_bytes), gib(c.needed_bytes), _fits(plan, c))
+        for c in plan.candidates
+    ]
+    title = f"memory plan for {plan.model}: {plan.settings.describe()}"
+    wide = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0, 0, 1))
+    for index, header in enumerate(headers):
+        if header in ("quant", "fits"):  # at least "chosen", or a quant tag of up to 10 letters, unbroken
+            wide.add_column(header, overflow="fold", min_width=6 if header == "fits" else max(5, min(10, max(len(row[0]) for row in rows))))
+        else:
+            wide.add_column(header, justify="right", no_wrap=True, min_width=max([len(header)] + [len(row[index]) for row in rows]))
+    needed = sum(column.min_width or 1 for column in wide.columns) + 2 * (len(wide.columns) - 1)  # a gap of 2 between columns
+    narrow = Table(box=None, show_header=False, pad_edge=False, padding=(0, 0, 0, 1))
+    narrow.add_column(overflow="fold")
+    narrow.add_column(overflow="fold")
+    for row in rows:
+        wide.add_row(*row)
+        narrow.add_row(Text(row[0], style="bold"), row[-1])
+        for header, value in zip(headers[1:-1], row[1:-1]):
+            narrow.add_row(f"  {header}", value)
+    return _WideOrNarrow(wide, Group(Text(title, style="italic"), narrow), needed)
+
+
+@dataclass(frozen=True)
+class _WideOrNarrow:
+    """The wide table where the terminal has room for it, else the narrow one (Rich would drop
+    whole columns of the wide one)."""
+
+    wide: Table
+    narrow: Group  # the title, then one block per quant
+    wide_needs: int  # columns
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.wide if self.wide_needs <= options.max_width else self.narrow
+
+
+def _fits(plan: Plan, candidate: Candidate) -> str:
+    chosen = plan.chosen is not None and candidate.quant == plan.chosen.quant
+    return ("yes" if candidate.fits else "no") + (" ← chosen" if chosen else "")
 
 
 def plan_summary(plan: Plan) -> list[str]:

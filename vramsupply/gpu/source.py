@@ -13,8 +13,8 @@ from pathlib import Path
 
 from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.estimate import ModelShape
-from vramsupply.gpu.gguf_header import GgufError, GgufHeader, read_local_header, read_remote_header
-from vramsupply.hub.errors import HubError, HubOffline, HubUnreachable
+from vramsupply.gpu.gguf_header import GgufError, GgufHeader, HeaderFetchError, data_end, read_local_header, read_remote_header
+from vramsupply.hub.errors import HubAuthError, HubError, HubOffline, HubUnreachable
 from vramsupply.hub.local import is_local_path
 from vramsupply.hub.quant import group_models, normalize_quant, parse_gguf_path
 
@@ -67,7 +67,7 @@ def quant_of_header(header: GgufHeader, path: Path) -> str:
 def local_source(model: str) -> ModelSource:
     path = Path(model).expanduser()
     if not path.is_file():
-        raise SourceError(f"model file not found: {path}")
+        raise SourceError(_not_a_model_file(path))
     try:
         header = read_local_header(path)
     except GgufError as exc:
@@ -75,6 +75,15 @@ def local_source(model: str) -> ModelSource:
     size = path.stat().st_size
     quant = QuantFile(quant_of_header(header, path), size, 1)
     return ModelSource(str(path), _shape(header, size, str(path)), (quant,), path)
+
+
+def _not_a_model_file(path: Path) -> str:
+    """What is at `path` instead of a model file, as `bench` and `serve` say it (hub/local.py)."""
+    if path.is_symlink() and not path.exists():
+        return f"model file {path} does not exist: it is a symbolic link to {path.readlink()}, which does not exist"
+    if not path.exists():
+        return f"model file {path} does not exist"
+    return f"{path} is not a file"
 
 
 def hub_source(model: str, quant: str, timeout: float, publishers: Sequence[str]) -> ModelSource:
@@ -100,12 +109,31 @@ def hub_source(model: str, quant: str, timeout: float, publishers: Sequence[str]
     with hub_errors(resolved.repo_id, access), httpx2.Client(follow_redirects=True, timeout=httpx2.Timeout(access.timeout)) as client:
         try:
             header = read_remote_header(client, url, access.headers(), label)
+        except HeaderFetchError as exc:
+            raise _refused_header(exc, resolved.repo_id, access.endpoint) from None
         except GgufError as exc:
             raise SourceError(str(exc)) from None
     return ModelSource(resolved.model_id, _shape(header, resolved.primary.size, label), quants or (QuantFile(resolved.quant, resolved.total_size, len(resolved.files)),))
 
 
+def _refused_header(exc: HeaderFetchError, repo_id: str, endpoint: str) -> HubError:
+    """The Hub's answer to the header read, judged as hub/access.py judges its API's: 401/403 is a
+    gated or private repo (the licence and token advice); 429, 5xx and no answer mean the Hub is
+    down for now, so serve falls back on a verified cached copy (HubUnreachable)."""
+    from vramsupply.hub.access import auth_help
+
+    if exc.status in (401, 403):
+        return HubAuthError(auth_help(repo_id, endpoint))
+    if exc.status is None or exc.status == 429 or exc.status >= 500:
+        return HubUnreachable(str(exc))
+    return HubError(str(exc))
+
+
 def _shape(header: GgufHeader, file_bytes: int, label: str) -> ModelShape:
+    end = data_end(header)
+    if end is not None and end[1] > file_bytes:
+        name, needed = end
+        raise SourceError(f"{label} is truncated: its tensor '{name}' ends at byte {needed:,} but the file has {file_bytes:,} bytes; download it again")
     try:
         return ModelShape.from_header(header, file_bytes)
     except ValueError as exc:
