@@ -12,6 +12,7 @@ from live_server import LiveServer
 
 from vramsupply.config import Settings
 from vramsupply.platform import Backoff, Phase, PlatformClient, ProviderLifecycle, build_offer
+from vramsupply.platform.offer import OfferError, check_endpoint_url
 from vramsupply.platform.reachability import check_configured, offline_message, probe
 from vramsupply.serve.options import market_options
 from test_platform_lifecycle import EngineCounters, ResolvedGGUF, eventually
@@ -103,3 +104,33 @@ async def test_the_doctor_check_follows_the_configuration(tmp_path: Path, monkey
     assert (nowhere.ok, nowhere.hop) == (False, "address") and "--endpoint-url" in nowhere.message
     private = await check_configured(market_options(Settings(api_key="k", endpoint_url="http://10.1.2.3:8080")), local)
     assert (private.ok, private.hop) == (False, "address")
+
+
+async def test_an_https_url_at_a_port_that_speaks_plain_http_says_so() -> None:
+    with LivePlatform() as platform:  # plain HTTP on this port
+        port = platform.url.rsplit(":", 1)[1]
+        result = await probe(f"https://127.0.0.1:{port}", check_address=False)
+    assert (result.ok, result.hop) == (False, "tls")
+    assert f"127.0.0.1:{port} answers plain HTTP, not HTTPS: make the endpoint URL http://127.0.0.1:{port}" in result.message
+    assert "terminate TLS in front of the agent (a reverse proxy, or --tunnel cloudflared)" in result.message
+    assert "does not lead to this agent" not in result.message
+
+
+async def test_an_endpoint_url_ending_in_v1_is_named_as_the_problem_and_refused_when_registering() -> None:
+    async with LiveServer() as live:  # the agent prints its URL with /v1: a provider may paste that
+        result = await probe(f"{live.url}/v1", live.url, check_address=False)
+    assert (result.ok, result.hop) == (False, "url")
+    assert f"{live.url}/v1 ends in /v1" in result.message and f"the endpoint URL is the base URL, {live.url}" in result.message
+    with pytest.raises(OfferError, match=r"must be the base URL, without /v1 .*: use https://gpu\.example\.com$"):
+        check_endpoint_url("https://gpu.example.com/v1/")
+
+
+async def test_a_carrier_grade_nat_address_says_port_forwarding_cannot_work() -> None:
+    result = await probe("http://100.64.1.1:8080", "http://127.0.0.1:8080")
+    assert (result.ok, result.hop) == (False, "address")
+    assert "carrier-grade NAT" in result.message and "port forwarding cannot work here: use --tunnel cloudflared" in result.message
+    [warning] = check_endpoint_url("http://100.64.1.1:8080")
+    assert "carrier-grade NAT" in warning and "--tunnel cloudflared" in warning
+    for public in ("http://8.8.8.8:8080", "http://100.128.0.1:8080", "http://[2606:4700::1]:8080", "https://gpu.example.com"):
+        assert check_endpoint_url(public) == [], public
+    assert check_endpoint_url("http://10.1.2.3:8080") != []

@@ -10,6 +10,11 @@ as ours and serving (another id, ``draining`` we did not ask for, an unknown sta
 again, and a heartbeat the platform accepted (2xx) counts its tokens as reported even when the
 answer's body is unreadable. Shutdown never claims more than it knows: a registration still in
 flight is waited for and removed again, and one whose outcome stays unknown is recorded as such.
+
+A tunnel may change the public URL at any moment (``move_endpoint``). The instance at the old URL
+is retired: deleted once the new one is registered, or at shutdown at the latest. A register
+answer for a URL we no longer have is an instance to retire, never ours. Once shutdown has begun a
+move is only logged: registering again then would list an agent that is about to go away.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ class ProviderLifecycle:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._retired: list[str] = []
+        """Instances of ours at an endpoint URL we no longer use (or drained by the platform), to delete."""
+        self._stopping = False
+        self._moves = 0
         self._reported_prompt = 0
         self._reported_completion = 0
         self._last_heartbeat_at: float | None = None
@@ -75,6 +83,8 @@ class ProviderLifecycle:
         """We told the platform we were offline, and it has not listed us online again yet."""
         self._register_call: asyncio.Task[api.RegisterResponse] | None = None
         """The register request on its way: shutdown cancels the loop around it, never the request."""
+        self._register_url: str | None = None
+        """The endpoint URL that request registers (its answer is ours only while the URL is current)."""
         self._unconfirmed_register = False
         """A register since the last one that worked may have made an instance we know no id of
         (one that works replaces it: the platform keeps one instance per endpoint URL)."""
@@ -100,12 +110,17 @@ class ProviderLifecycle:
         return self._offer.endpoint_url
 
     def move_endpoint(self, url: str) -> None:
-        """The public URL changed (a tunnel restarted): register the new one now, retire the old instance."""
+        """The public URL changed (a tunnel restarted): register the new one now, retire the old
+        instance. During shutdown the move is only logged."""
         if url == self._offer.endpoint_url:
             return
+        if self._stopping:
+            log.info("the endpoint moved to %s during shutdown; not registering it", url)
+            return
         self._offer = self._offer.model_copy(update={"endpoint_url": url})
+        self._moves += 1
         if self.provider_id is not None:
-            self._retired.append(self.provider_id)
+            self._retire(self.provider_id)
             self.provider_id = None
             self.registered.clear()
         self._set_phase(Phase.registering, f"the endpoint moved to {url}; registering it with {self._client.base_url}")
@@ -115,6 +130,7 @@ class ProviderLifecycle:
         """Stop heartbeating and tell the platform to route nothing new here (best effort, bounded);
         a register on its way is given the time to answer, so that its instance drains too."""
         deadline = time.monotonic() + timeout
+        self._stopping = True
         await self._cancel_loop()
         await self._settle_register(timeout)
         if self.provider_id is None:
@@ -128,21 +144,54 @@ class ProviderLifecycle:
         """Deregister within ``timeout`` seconds; True when the platform no longer lists us.
 
         A register still on its way gets those seconds to answer, and the instance it made is then
-        removed (the DELETE gets what is left, at least a quarter of ``timeout``)."""
+        removed (the DELETEs get what is left, at least a quarter of ``timeout``), as are the
+        instances retired at an old endpoint URL and not deleted yet."""
         deadline = time.monotonic() + timeout
+        self._stopping = True
         await self._cancel_loop()
         try:
-            if not await self._settle_register(timeout):
-                return self._maybe_still_listed(f"the registration sent to {self._client.base_url} was still unanswered at shutdown")
-            if self.provider_id is None:
-                if self._unconfirmed_register:
-                    return self._maybe_still_listed(f"a registration sent to {self._client.base_url} got no usable answer")
-                self._set_phase(Phase.deregistered, "not registered; nothing to remove from the platform")
-                return True
-            return await self._deregister(self.provider_id, max(deadline - time.monotonic(), timeout / 4))
+            settled = await self._settle_register(timeout)
+            left = max(deadline - time.monotonic(), timeout / 4)
+            retired, self._retired = [old for old in self._retired if old != self.provider_id], []
+            if retired and self.provider_id is None and settled and not self._unconfirmed_register:
+                return await self._remove_retired(retired, left, report=True)
+            current, gone = await asyncio.gather(self._deregister_current(left, settled), self._remove_retired(retired, left))
+            return current and gone
         finally:
             await self._abandon_register()
             await self._client.close()
+
+    async def _deregister_current(self, timeout: float, settled: bool) -> bool:
+        if not settled:
+            return self._maybe_still_listed(f"the registration sent to {self._client.base_url} was still unanswered at shutdown")
+        if self.provider_id is None:
+            if self._unconfirmed_register:
+                return self._maybe_still_listed(f"a registration sent to {self._client.base_url} got no usable answer")
+            self._set_phase(Phase.deregistered, "not registered; nothing to remove from the platform")
+            return True
+        return await self._deregister(self.provider_id, timeout)
+
+    async def _remove_retired(self, retired: list[str], timeout: float, *, report: bool = False) -> bool:
+        """Delete the retired instances at once, within ``timeout``; True when all are gone.
+        ``report``: they are all there was, so the outcome is the phase."""
+        gone = await asyncio.gather(*(self._deregister_retired(old, timeout) for old in retired))
+        left = [old for old, removed in zip(retired, gone) if not removed]
+        if report and left:
+            message = f"could not deregister {', '.join(left)}, registered at an endpoint URL no longer used; health checks will mark it offline"
+            self._set_phase(Phase.deregister_failed, message, logging.WARNING)
+        elif report:
+            self._set_phase(Phase.deregistered, f"deregistered {', '.join(retired)}, registered at an endpoint URL no longer used, from {self._client.base_url}")
+        return not left
+
+    async def _deregister_retired(self, old: str, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._client.deregister(old), timeout)
+        except (PlatformError, asyncio.TimeoutError) as exc:
+            reason = str(exc) or f"no answer within {timeout:g}s"
+            log.warning("could not deregister %s, an instance registered before this one: %s; health checks will mark it offline", old, reason)
+            return False
+        log.info("deregistered %s, an instance registered before this one", old)
+        return True
 
     async def _deregister(self, provider_id: str, timeout: float) -> bool:
         try:
@@ -177,7 +226,7 @@ class ProviderLifecycle:
         if call.cancelled() or failure is not None:
             self._unconfirmed_register = self._unconfirmed_register or not isinstance(failure, PlatformError) or may_have_registered(failure)
         else:
-            self._registered_as(call.result())
+            self._adopt(call.result())
         return True
 
     async def _abandon_register(self) -> None:
@@ -219,12 +268,18 @@ class ProviderLifecycle:
     async def _attempt(self, failures: int) -> tuple[bool | None, float]:
         """Register or heartbeat once: (whether it worked, or None when the platform forgot us; the
         wait before the next try: none the first time it forgets us, backing off when it keeps forgetting)."""
+        moves = self._moves
+        self._wake.clear()  # this attempt answers any move asked for until now
         if self.provider_id is None:
             ok = await self._register()
+            if not ok and moves != self._moves:  # the endpoint moved while registering: the new URL at once
+                return None, 0.0
             return ok, self._interval if ok else self._backoff.delay(failures)
         ok = await self._heartbeat(self.provider_id)
         if self.provider_id is not None:
             return ok, self._interval
+        if moves != self._moves:
+            return None, 0.0
         self._forgotten += 1
         return None, 0.0 if self._forgotten == 1 else self._backoff.delay(self._forgotten - 2)
 
@@ -245,6 +300,7 @@ class ProviderLifecycle:
     async def _register(self) -> bool:
         """Register once. The request runs as its own task: cancelling the loop (shutdown) leaves
         it to ``_settle_register``, which learns the id of an instance the platform made meanwhile."""
+        self._register_url = self._offer.endpoint_url
         call = self._register_call = asyncio.ensure_future(self._client.register(self._offer))
         try:
             reply = await asyncio.shield(call)
@@ -257,9 +313,24 @@ class ProviderLifecycle:
             self._register_call = None
             raise
         self._register_call = None
-        self._registered_as(reply)
+        if not self._adopt(reply):
+            return False
         await self._retire_old_instances()
         return True
+
+    def _adopt(self, reply: api.RegisterResponse) -> bool:
+        """Take the instance a register made as ours, unless the endpoint moved while it was on its
+        way: then it is at the old URL and is retired (the new URL is registered next)."""
+        if self._register_url == self._offer.endpoint_url:
+            self._registered_as(reply)
+            return True
+        log.info("%s was registered at %s, which the endpoint has since left; it will be removed", reply.provider_id, self._register_url)
+        self._retire(reply.provider_id)
+        return False
+
+    def _retire(self, provider_id: str) -> None:
+        if provider_id not in self._retired:
+            self._retired.append(provider_id)
 
     def _registered_as(self, reply: api.RegisterResponse) -> None:
         self.provider_id, self._sent_status, self._unconfirmed_register = reply.provider_id, "online", False
@@ -270,14 +341,14 @@ class ProviderLifecycle:
         """Deregister instances we registered before (at an old endpoint URL, or drained by the
         platform); best effort: health checks catch the rest. An id the platform gave back is us."""
         while self._retired:
-            old = self._retired.pop()
-            if old == self.provider_id:
-                continue
-            try:
-                await self._client.deregister(old)
-                log.info("deregistered %s, the instance registered before this one", old)
-            except PlatformError as exc:
-                log.warning("could not deregister %s, the instance registered before this one: %s", old, exc)
+            old = self._retired[-1]
+            if old != self.provider_id:
+                try:
+                    await self._client.deregister(old)
+                    log.info("deregistered %s, the instance registered before this one", old)
+                except PlatformError as exc:
+                    log.warning("could not deregister %s, the instance registered before this one: %s", old, exc)
+            self._retired.remove(old)
 
     async def _heartbeat(self, provider_id: str) -> bool:
         snapshot = self._stats()
@@ -297,8 +368,10 @@ class ProviderLifecycle:
             return False
         self._reported_prompt, self._reported_completion = totals
         self._last_heartbeat_at = time.time()
+        if self.provider_id != provider_id:  # the endpoint moved meanwhile: the next attempt registers
+            return False
         if reply is not None and (elsewhere := not_listed_as_ours(provider_id, status, reply)):
-            self._retired.append(provider_id)
+            self._retire(provider_id)
             self._register_again(f"{elsewhere}; registering again")
             return False
         self._forgotten = 0

@@ -1,7 +1,7 @@
 """What this agent offers the market: the register payload, built and checked before any call.
 
-Bad offers (a non-http(s) endpoint, more context than is served) are refused here with one clear
-line; doubtful ones (an endpoint buyers on the internet cannot reach) produce warnings, kept as data
+Bad offers (a non-http(s) endpoint, one ending in /v1 where the platform wants the base URL, more
+context than is served) are refused here with one clear line; doubtful ones (an endpoint buyers on the internet cannot reach) produce warnings, kept as data
 on the ``Offer`` for the caller to show however it shows warnings.
 """
 
@@ -46,9 +46,29 @@ def check_endpoint_url(url: str | None, *, local_ok: bool = False) -> list[str]:
         raise OfferError(f"endpoint URL {url!r} must be an http:// or https:// URL with a host")
     if parts.query or parts.fragment:
         raise OfferError(f"endpoint URL {url!r} must be a base URL without ?query or #fragment")
+    if ends_in_v1(url):
+        raise OfferError(f"endpoint URL {url!r} must be the base URL, without /v1 (the platform adds /health and /v1/...): use {base_of(url)}")
     if local_ok or not is_local_host(parts.hostname):
         return []
+    if is_cgnat(parts.hostname):
+        return [f"endpoint URL {url} is a carrier-grade NAT address (100.64.0.0/10): {CGNAT}"]
     return [f"endpoint URL {url} points at a local or private address: the platform and buyers on the internet cannot reach it"]
+
+
+CGNAT = "your provider shares one public address among many customers, so port forwarding cannot work here: use --tunnel cloudflared"
+CGNAT_NETWORK = ipaddress.ip_network("100.64.0.0/10")
+
+
+def ends_in_v1(url: str) -> bool:
+    """The agent prints its URLs with /v1; the endpoint URL is the base the platform adds paths to."""
+    return urlsplit(url).path.rstrip("/").lower().endswith("/v1")
+
+
+def base_of(url: str) -> str:
+    """``url`` without its trailing /v1."""
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    return parts._replace(path=path[: -len("/v1")]).geturl()
 
 
 def local_base_url(host: str, port: int) -> str:
@@ -68,7 +88,15 @@ def is_local_host(hostname: str) -> bool:
         address = ipaddress.ip_address(name)
     except ValueError:
         return False
-    return address.is_private or address.is_loopback or address.is_link_local or address.is_unspecified
+    # not is_global: also the shared (carrier-grade NAT) range 100.64.0.0/10, which is not is_private
+    return not address.is_global or address.is_loopback or address.is_link_local or address.is_unspecified
+
+
+def is_cgnat(hostname: str) -> bool:
+    try:
+        return ipaddress.ip_address(hostname) in CGNAT_NETWORK
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,12 @@ The platform health-checks ``{endpoint_url}/health`` every 60 s and lists an ins
 as offline, so it earns nothing. The heartbeat reply only says "offline"; this module turns that
 into what to do, and ``probe`` retraces the platform's path from this machine, hop by hop:
 
-1. the endpoint URL names a public host (not localhost or a private address);
+1. the endpoint URL is a base URL (not one ending in /v1) and names a public host (not localhost,
+   a private address, or a carrier-grade NAT one, where no port can be forwarded);
 2. its name resolves (DNS);
 3. something accepts a TCP connection at its host and port (port forward, firewall);
-4. ``/health`` there answers 200 with this agent's JSON (not a router page or another server);
+4. ``/health`` there answers 200 with this agent's JSON (not a router page or another server, and
+   over the scheme the URL says: an https:// URL whose port speaks plain HTTP fails here);
 5. the agent itself answers ``/health`` locally.
 
 A probe from inside the network can pass where the platform still fails (a router that forwards
@@ -18,18 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from vramsupply.platform.client import describe_error
-from vramsupply.platform.offer import is_local_host
+from vramsupply.platform.offer import CGNAT, base_of, ends_in_v1, is_cgnat, is_local_host
 from vramsupply.platform.options import MarketOptions
 from vramsupply.tunnel import TunnelError, tunnel_tool
 
 PROBE_TIMEOUT_SECONDS = 5.0
 LOADING = "answered 503: the model is still loading"
+PLAIN_HTTP = "plain HTTP"
 FIXES = "forward port {public_port} to port {local_port} of this machine, open the firewall for it, or use --tunnel cloudflared"
 
 
@@ -69,6 +73,10 @@ async def probe(
     parts = urlsplit(endpoint_url)
     host, port = parts.hostname or "", public_port(endpoint_url)
     fixes = FIXES.format(public_port=port, local_port=urlsplit(local_url).port if local_url else port)
+    if ends_in_v1(endpoint_url):
+        return Probe(False, "url", f"{endpoint_url} ends in /v1, so the platform would ask {endpoint_url}/health: the endpoint URL is the base URL, {base_of(endpoint_url)}")
+    if check_address and is_cgnat(host):
+        return Probe(False, "address", f"{endpoint_url} is a carrier-grade NAT address (100.64.0.0/10) the platform cannot reach: {CGNAT}")
     if check_address and is_local_host(host):
         return Probe(False, "address", f"{endpoint_url} is a local or private address the platform cannot reach: use this network's public address and {fixes}")
     try:
@@ -83,8 +91,15 @@ async def probe(
     remote = await _health(endpoint_url, timeout)
     if remote == LOADING:
         return Probe(False, "agent", f"{endpoint_url}/health reaches this agent, but it is still loading the model")
+    if remote == PLAIN_HTTP:
+        plain = parts._replace(scheme="http").geturl()
+        return Probe(
+            False, "tls", f"{host}:{port} answers plain HTTP, not HTTPS: make the endpoint URL {plain}, "
+            f"or terminate TLS in front of the agent (a reverse proxy, or --tunnel cloudflared)",
+        )
     if remote is not None:
-        return Probe(False, "http", f"{endpoint_url}/health {remote}: the port is open but does not lead to this agent; {fixes}")
+        path = f" (the endpoint URL's path {parts.path} is part of it: is that where the agent is?)" if parts.path.strip("/") else ""
+        return Probe(False, "http", f"{endpoint_url}/health {remote}{path}: the port is open but does not lead to this agent; {fixes}")
     if local_url is not None:
         local = await _health(local_url, timeout)
         if local is not None:
@@ -103,6 +118,8 @@ async def _health(base_url: str, timeout: float) -> str | None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session, session.get(base_url + "/health") as response:
             body = await response.json(content_type=None)
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        if isinstance(exc, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(exc):  # a TLS hello answered in plain text
+            return PLAIN_HTTP
         return f"did not answer ({describe_error(exc)})"
     if response.status == 503 and isinstance(body, dict) and body.get("status") == "loading":
         return LOADING

@@ -4,6 +4,9 @@
   with how to install it), started once the server listens, and each public URL it announces is
   printed and handed to the marketplace session, which registers it. It is stopped last, after the
   agent has drained and deregistered, because in-flight requests arrive through it.
+- A tunnel puts the endpoint on the internet even with ``--no-register``: it then requires the
+  endpoint token all the same (the configured one, or the stored or generated one that registering
+  uses), and says where to find it, never the token itself.
 - The ledger recorder is plugged into the server state once it listens; after the drain, the
   records of abandoned requests are awaited and the ledger is closed.
 - The throughput `vramsupply bench` stored for the served model is offered as capacity.
@@ -16,8 +19,9 @@ import asyncio
 from vramsupply.config import Settings
 from vramsupply.ledger import LedgerRecorder, default_ledger_path, open_recorder
 from vramsupply.output import say
-from vramsupply.platform import MarketplaceSession
+from vramsupply.platform import MarketplaceSession, resolve_endpoint_token
 from vramsupply.platform.offer import ModelIdentity, local_base_url
+from vramsupply.platform.token import default_token_path
 from vramsupply.serve.options import ServeError
 from vramsupply.server import ApiServer
 from vramsupply.throughput.store import capacity_for, default_bench_path
@@ -30,6 +34,7 @@ class ProviderSide:
         self.market = market
         self.selling = market is not None and not local_platform  # a local stand-in platform (the demo) earns nothing
         self.tool = find_tunnel_tool(settings)
+        self.tunnel_token = tunnel_token(settings) if self.tool is not None and market is None else None
         self.tunnel: TunnelSupervisor | None = None
         self.recorder: LedgerRecorder | None = None
 
@@ -38,7 +43,10 @@ class ProviderSide:
             self.market.report_capacity(capacity_for(default_bench_path(), model.model_id, model.quant))
 
     def listening(self, server: ApiServer) -> None:
-        """Start the tunnel and plug the ledger into the server."""
+        """Start the tunnel (requiring the endpoint token first) and plug the ledger into the server."""
+        if self.tunnel_token is not None:
+            server.state.endpoint_token = self.tunnel_token
+            say(f"the {self.settings.tunnel} tunnel makes this agent public: requests need `Authorization: Bearer <{token_source(self.settings)}>`")
         self.tunnel = start_tunnel(self.tool, local_base_url(self.settings.host, server.port), self.market)
         s = self.settings
         self.recorder = open_recorder(default_ledger_path(), input_price=s.input_price, output_price=s.output_price, selling=self.selling)
@@ -65,6 +73,20 @@ def find_tunnel_tool(settings: Settings) -> TunnelTool | None:
     except TunnelError as exc:
         raise ServeError(str(exc)) from None
     return tool
+
+
+def tunnel_token(settings: Settings) -> str:
+    """The token a tunnelled agent requires without registering: the one registering would use.
+    Resolved before anything downloads, so that an unwritable token file is refused at once."""
+    configured = settings.endpoint_token.get_secret_value() if settings.endpoint_token else None
+    return resolve_endpoint_token(configured)
+
+
+def token_source(settings: Settings) -> str:
+    """Where the provider finds the endpoint token (named, never shown)."""
+    if settings.endpoint_token:
+        return "the endpoint_token you configured"
+    return f"the token in {default_token_path()}"
 
 
 def start_tunnel(tool: TunnelTool | None, local_url: str, market: MarketplaceSession | None) -> TunnelSupervisor | None:
