@@ -40,8 +40,12 @@ CLOUDFLARED = TunnelTool(
     name="cloudflared",
     executable="cloudflared",
     # The quick-tunnel box line. The API host it asks for a tunnel (api.trycloudflare.com) also
-    # appears in its error lines and is never our URL.
-    url_pattern=re.compile(r"https://(?!api\.)[a-z0-9][a-z0-9-]*\.trycloudflare\.com\b", re.IGNORECASE),
+    # appears in its error lines and is never our URL. The host must end there: at a space, the
+    # end of the line, a path, a quote or the box's border. A word boundary also matched before
+    # ".", "-", ":", "@" or "%": "https://x.trycloudflare.com.evil.example" (or "@evil.example")
+    # was registered as a trycloudflare address. A quick tunnel has no port: one with a port is
+    # not its URL, and is ignored.
+    url_pattern=re.compile(r"https://(?!api\.)[a-z0-9][a-z0-9-]*\.trycloudflare\.com(?=[\s/?#|\"']|$)", re.IGNORECASE),
     install_hint=(
         "Install it from https://developers.cloudflare.com/cloudflare-one/connections/connect-networks/downloads/ "
         "(Debian/Ubuntu: the cloudflared .deb from https://github.com/cloudflare/cloudflared/releases, "
