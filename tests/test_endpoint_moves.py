@@ -9,21 +9,18 @@ supervisor would call it. Last, ``serve --no-register --tunnel``: a public endpo
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
 from agent_process import AgentProcess
 from aiohttp import web
 from conftest import TINY_MODEL
 from test_platform_hostile import PROVIDERS, HostilePlatform, answer, as_documented, committed_then_held, lifecycle_with
 from test_platform_lifecycle import EngineCounters, eventually
-from test_tunnel import DOUBLE, starts
+from test_tunnel import cloudflared, starts  # noqa: F401  (cloudflared: the fixture, a test double on PATH)
 
 from vramsupply.platform import Phase
 from vramsupply.platform.token import default_token_path
@@ -115,20 +112,6 @@ async def test_a_move_while_a_heartbeat_is_on_its_way_registers_the_new_url_at_o
 # A tunnel without registering: the endpoint is public, so it requires the token ----------------
 
 
-@pytest.fixture
-def cloudflared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A `cloudflared` on PATH that runs the test double (tests/doubles/cloudflared_double.py)."""
-    bin_dir, state = tmp_path / "bin", tmp_path / "double"
-    bin_dir.mkdir()
-    state.mkdir()
-    script = bin_dir / "cloudflared"
-    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{DOUBLE}" "$@"\n')
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("CLOUDFLARED_DOUBLE_DIR", str(state))
-    return state
-
-
 def status_of(url: str, token: str | None = None) -> int:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
@@ -138,7 +121,7 @@ def status_of(url: str, token: str | None = None) -> int:
         return exc.code
 
 
-def test_a_tunnel_without_registering_requires_the_endpoint_token_and_says_where_it_is(cloudflared: Path) -> None:
+def test_a_tunnel_without_registering_requires_the_endpoint_token_and_says_where_it_is(cloudflared: Path) -> None:  # noqa: F811
     with AgentProcess("--model", str(TINY_MODEL), "--port", "0", "--no-register", "--tunnel", "cloudflared") as agent:
         agent.wait_for(lambda: agent.printed("public URL (cloudflared tunnel): https://double-run-1-"), "the tunnel's URL")
         [run] = starts(cloudflared)
