@@ -19,6 +19,8 @@ from vramsupply.platform.heartbeat import may_have_registered
 from vramsupply.platform.state import Phase
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vramsupply.platform import api
     from vramsupply.platform.offer import Offer
 
@@ -34,12 +36,9 @@ class Departure:
     registered: asyncio.Event
     _register_call: asyncio.Future[api.RegisterResponse] | None
     _unconfirmed_register: bool
-
-    def _set_phase(self, phase: Phase, message: str, level: int = logging.INFO) -> None:
-        raise NotImplementedError
-
-    def _adopt(self, reply: api.RegisterResponse) -> bool:
-        raise NotImplementedError
+    # Methods of ProviderLifecycle these call (declared here for readers and type checkers).
+    _set_phase: Callable[..., None]
+    _adopt: Callable[[api.RegisterResponse], bool]
 
     async def _deregister_current(self, timeout: float, settled: bool) -> bool:
         if not settled:
