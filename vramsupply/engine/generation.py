@@ -140,6 +140,12 @@ class Generation:
         later token). Exact counts of tokens in a span of the text, such as a thought, read it."""
         return list(self._channel.text_ends)
 
+    def token_text_starts(self, first: int, count: int) -> list[int]:
+        """Where completion tokens ``first`` .. ``first + count - 1`` start in the text (see
+        ``token_text_ends``), without copying every end: a stream asks for each chunk's few."""
+        ends = self._channel.text_ends
+        return [ends[min(k, len(ends)) - 1] if k and ends else 0 for k in range(first, first + count)]
+
     @property
     def logprobs(self) -> list[TokenLogprob]:
         """Every completion token's logprobs so far, when the request asked for them."""

@@ -36,7 +36,3 @@ def text_logprobs(entries: Sequence[TokenLogprob], token_bytes: TokenBytes, star
         tops.append({_text(token_bytes(t)): lp for t, lp in entry.top})
     return TextLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=list(starts))
 
-
-def text_starts(ends: Sequence[int], first: int, count: int) -> list[int]:
-    """Where tokens ``first`` .. ``first + count - 1`` start, given where each token's text ends."""
-    return [ends[min(k, len(ends)) - 1] if k and ends else 0 for k in range(first, first + count)]

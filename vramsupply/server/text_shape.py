@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Protocol
 from vramsupply.engine import Generation
 from vramsupply.engine.logprobs import TokenLogprob
 from vramsupply.server.chunks import ChunkTemplate, sse_event
-from vramsupply.server.logprobs_out import TokenBytes, text_logprobs, text_starts
+from vramsupply.server.logprobs_out import TokenBytes, text_logprobs
 from vramsupply.server.responses import FinishReason, TextChoice, TextCompletion, TextLogprobs, UsageOut
 
 Logprobs = list[TokenLogprob] | None  # one choice's logprobs, or None when not asked for
@@ -117,8 +117,8 @@ class TextShape(ShapeBase):
             return None
         first = self._taken.get(index, 0)
         self._taken[index] = first + len(entries)
-        ends = self._generations[index].token_text_ends if index < len(self._generations) else []
-        return text_logprobs(entries, self.token_bytes, text_starts(ends, first, len(entries)))
+        starts = self._generations[index].token_text_starts(first, len(entries)) if index < len(self._generations) else [0] * len(entries)
+        return text_logprobs(entries, self.token_bytes, starts)
 
     def usage_chunk(self, usage: UsageOut) -> bytes:
         return self._chunk([], usage)
