@@ -15,8 +15,9 @@ from collections.abc import Generator, Mapping
 from typing import Any
 
 from . import jsontext
+from .call_shapes import call_from_object, parameter_schemas, xml_value
 from .jsonscan import JsonScanner
-from .syntaxes import ToolSyntax, call_from_object, parameter_schemas, xml_value
+from .syntaxes import ToolSyntax
 from .types import Piece, ToolCall, new_call_id
 
 Wait = Generator[None, None, Any]

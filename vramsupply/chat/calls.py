@@ -16,9 +16,9 @@ When a call commits, and what its arguments are:
   fragment. The arguments are the model's own text, so the fragments add up to exactly the
   non-streamed ``function.arguments``: a whole response is this same reader run to the end.
 - Anything that breaks before that point is no call: the section is read at the end by the
-  family's whole-text parser (``syntaxes.py``), which turns a malformed call into content. The same
-  happens for call shapes this reader does not stream (arguments before the name, arguments as a
-  string, Llama's ``<|python_tag|>`` code): those calls come whole, at the end.
+  family's whole-text parser (``call_parsers.py``), which turns a malformed call into content.
+  The same happens for call shapes this reader does not stream (arguments before the name,
+  arguments as a string, Llama's ``<|python_tag|>`` code): those calls come whole, at the end.
 - A stream cannot take back what it sent. A call that breaks after it was announced (the model
   leaves JSON, or ``max_tokens`` cuts it) keeps the arguments written up to the break, which are
   then not valid JSON, as OpenAI's own API may return; what follows the break is content. A call

@@ -12,9 +12,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .call_shapes import parameter_schemas
 from .formats import ReasoningMarkers
 from .schema import JsonSchemaConverter
-from .syntaxes import ToolSyntax, parameter_schemas
+from .syntaxes import ToolSyntax
 from .thought import thought_rules
 
 _EMPTY_OBJECT = {"type": "object", "properties": {}}

@@ -1,44 +1,24 @@
-"""Every option the agent has, in one Settings class.
+"""The Settings schema: every option, its default, its limits, and what one value alone must be.
 
-Precedence, highest first: command-line flag > ``VRAM_SUPPLY_*`` environment variable >
-TOML config file (``config.toml`` in the platformdirs user config dir, or ``VRAM_SUPPLY_CONFIG``)
-> default. ``load_settings`` also reports where each effective value came from, so
-``vramsupply config show`` and error messages can name the source.
+Field descriptions double as the README's configuration table (``test_service_readme.py`` holds
+them together), so the fields' order here is the table's. What pydantic-settings needs stays on the
+class: the ``VRAM_SUPPLY_`` prefix, the per-field validators, the one derived default (fewer slots
+with ``kv_per_slot``, kept a default so the GPU plan may still lower it) and the source order.
+Resolving the sources and naming where a value came from is ``loading.py``'s work.
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import errno
-import logging
-import os
-import sys
-import tempfile
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import platformdirs
-from pydantic import AnyHttpUrl, Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, TypeAdapter, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
+from vramsupply.config.paths import config_path
 
-import tomli_w
-
-from vramsupply.errors import ConfigError
-
-APP_NAME = "vramsupply"
 ENV_PREFIX = "VRAM_SUPPLY_"
-CONFIG_PATH_ENV = "VRAM_SUPPLY_CONFIG"
-
-log = logging.getLogger(__name__)
-
 
 _HTTP_URL = TypeAdapter(AnyHttpUrl)
 
@@ -245,161 +225,9 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def config_path() -> Path:
-    override = os.environ.get(CONFIG_PATH_ENV)
-    if override:
-        return Path(override).expanduser()
-    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
-
-
-def data_dir() -> Path:
-    return Path(platformdirs.user_data_dir(APP_NAME))
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    if not path.is_file() and not path.is_dir():  # a FIFO would block the read forever; a directory says so below
-        raise ConfigError(f"cannot read config file {path}: not a regular file")
-    try:
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))  # TOML is UTF-8, whatever the locale
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"cannot read config file {path}: it is not UTF-8 text (byte {exc.start})") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    unknown = sorted(set(data) - set(Settings.model_fields))
-    if unknown:
-        raise ConfigError(f"unknown setting {unknown[0]!r} in config file {path}")
-    return data
-
-
-def write_config_values(path: Path, values: dict[str, Any]) -> None:
-    """Merge ``values`` into the config file, which is created (and kept) private: mode 0600."""
-    data = read_config_file(path)
-    data.update(values)
-    try:
-        write_private_file(path, tomli_w.dumps(data))
-    except OSError as exc:
-        raise ConfigError(f"cannot write config file {path}: {exc.strerror or exc}") from None
-
-
 def api_key_problem(key: str) -> str | None:
     """What is wrong with ``key`` as an API key, or None."""
     if not key or len(key) > MAX_API_KEY_CHARS or not all("!" <= ch <= "~" for ch in key):
         return f"an API key is 1 to {MAX_API_KEY_CHARS} printable ASCII characters without spaces"
     return None
 
-
-def write_private_file(path: Path, text: str, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``text``, private (``mode``) from the first byte, all or nothing.
-
-    The text goes to a new file beside it, created with ``mode`` and synced, then renamed over
-    it: a full disk leaves the old file whole, and a secret never lands in a file someone else
-    can read (an existing file's mode could not always be changed). A link is followed, so a
-    config kept elsewhere stays there; a device or a FIFO is refused (``/dev/null`` made 0600)."""
-    target = path.resolve() if path.is_symlink() else path
-    if target.exists() and not target.is_file():
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
-@dataclass(frozen=True)
-class LoadedSettings:
-    settings: Settings
-    sources: dict[str, str]
-
-
-_warned_env: set[str] = set()
-
-
-def warn_unknown_env() -> None:
-    """Name each ``VRAM_SUPPLY_*`` variable that is no setting, once a process: a typo in a
-    service's env file (``VRAM_SUPPLY_PARALEL=4``) would otherwise be ignored without a word,
-    as pydantic-settings ignores any unknown name. A warning, not an error as for an unknown key
-    in the config file: the environment is shared with other programs and other versions."""
-    known = {env_name(name) for name in Settings.model_fields} | {CONFIG_PATH_ENV}
-    for name in sorted(os.environ):
-        upper = name.upper()
-        if not upper.startswith(ENV_PREFIX) or upper in known or name in _warned_env:
-            continue
-        _warned_env.add(name)
-        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), sorted(k.removeprefix(ENV_PREFIX) for k in known), n=1)
-        log.warning("ignoring %s: not a vramsupply setting%s", name, f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else "")
-
-
-def _env_values() -> dict[str, str]:
-    return {name: os.environ[env_name(name)] for name in Settings.model_fields if env_name(name) in os.environ}
-
-
-def _source_label(field: str, flags: dict[str, Any], env: dict[str, str], file_values: dict[str, Any], path: Path) -> str:
-    if field in flags:
-        return "flag --" + field.replace("_", "-")
-    if field in env:
-        return "env " + env_name(field)
-    if field in file_values:
-        return f"config file {path}"
-    return "default"
-
-
-def load_settings(flags: dict[str, Any] | None = None) -> LoadedSettings:
-    """Build Settings from all sources; raise ConfigError naming the bad setting and its source."""
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    warn_unknown_env()
-    path = config_path()
-    file_values = read_config_file(path)
-    env = _env_values()
-    try:
-        settings = Settings(**flags)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "?"
-        source = _source_label(field, flags, env, file_values, path)
-        value = err.get("input")
-        shown = "***" if field in SECRET_FIELDS else repr(value)
-        raise ConfigError(f"invalid {field} = {shown} (from {source}): {err['msg']}") from None
-    sources = {name: _source_label(name, flags, env, file_values, path) for name in Settings.model_fields}
-    check_together(settings, sources)
-    return LoadedSettings(settings, sources)
-
-
-def check_together(settings: Settings, sources: dict[str, str]) -> None:
-    """Refuse values that are valid alone but not together, naming both settings and their sources."""
-    if not settings.kv_per_slot and settings.context_length < settings.parallel:
-        raise ConfigError(
-            f"context_length = {settings.context_length} (from {sources['context_length']}) is smaller than parallel = "
-            f"{settings.parallel} (from {sources['parallel']}): the slots share one KV cache of context_length tokens, "
-            "so raise --context-length or lower --parallel"
-        )
-    if settings.n_batch < settings.parallel:
-        raise ConfigError(
-            f"n_batch = {settings.n_batch} (from {sources['n_batch']}) is smaller than parallel = {settings.parallel} "
-            f"(from {sources['parallel']}): one decode step holds the next token of every slot, "
-            "so raise --n-batch or lower --parallel"
-        )
-
-
-def display_value(settings: Settings, field: str) -> str:
-    """A value as `config show` prints it: secrets masked, unset as '-'."""
-    value = getattr(settings, field)
-    if value is None:
-        return "-"
-    if isinstance(value, SecretStr):
-        secret = value.get_secret_value()
-        return "****" + secret[-4:] if len(secret) > 8 else "****"
-    if isinstance(value, Enum):
-        return str(value.value)
-    if isinstance(value, list):
-        return ",".join(f"{item:g}" if isinstance(item, float) else str(item) for item in value)
-    return str(value)

@@ -1,0 +1,116 @@
+"""Settings built from flags, environment and config file, with where each value came from.
+
+pydantic-settings applies the precedence (``Settings.settings_customise_sources``); this module
+adds what it lacks: the source of every value, so a bad one is refused in one line that names its
+flag, variable or file; a warning for a ``VRAM_SUPPLY_*`` variable that is no setting; the checks
+between settings that are valid alone; and each value as ``vramsupply config show`` prints it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr, ValidationError
+
+from vramsupply.config.file import read_config_file
+from vramsupply.config.paths import CONFIG_PATH_ENV, config_path
+from vramsupply.config.settings import ENV_PREFIX, SECRET_FIELDS, Settings, env_name
+from vramsupply.errors import ConfigError
+
+log = logging.getLogger("vramsupply.config")  # the name the warnings have always carried
+
+
+@dataclass(frozen=True)
+class LoadedSettings:
+    settings: Settings
+    sources: dict[str, str]
+
+
+_warned_env: set[str] = set()
+
+
+def warn_unknown_env() -> None:
+    """Name each ``VRAM_SUPPLY_*`` variable that is no setting, once a process: a typo in a
+    service's env file (``VRAM_SUPPLY_PARALEL=4``) would otherwise be ignored without a word,
+    as pydantic-settings ignores any unknown name. A warning, not an error as for an unknown key
+    in the config file: the environment is shared with other programs and other versions."""
+    known = {env_name(name) for name in Settings.model_fields} | {CONFIG_PATH_ENV}
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or name in _warned_env:
+            continue
+        _warned_env.add(name)
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), sorted(k.removeprefix(ENV_PREFIX) for k in known), n=1)
+        log.warning("ignoring %s: not a vramsupply setting%s", name, f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else "")
+
+
+def _env_values() -> dict[str, str]:
+    return {name: os.environ[env_name(name)] for name in Settings.model_fields if env_name(name) in os.environ}
+
+
+def _source_label(field: str, flags: dict[str, Any], env: dict[str, str], file_values: dict[str, Any], path: Path) -> str:
+    if field in flags:
+        return "flag --" + field.replace("_", "-")
+    if field in env:
+        return "env " + env_name(field)
+    if field in file_values:
+        return f"config file {path}"
+    return "default"
+
+
+def load_settings(flags: dict[str, Any] | None = None) -> LoadedSettings:
+    """Build Settings from all sources; raise ConfigError naming the bad setting and its source."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    warn_unknown_env()
+    path = config_path()
+    file_values = read_config_file(path)
+    env = _env_values()
+    try:
+        settings = Settings(**flags)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        source = _source_label(field, flags, env, file_values, path)
+        value = err.get("input")
+        shown = "***" if field in SECRET_FIELDS else repr(value)
+        raise ConfigError(f"invalid {field} = {shown} (from {source}): {err['msg']}") from None
+    sources = {name: _source_label(name, flags, env, file_values, path) for name in Settings.model_fields}
+    check_together(settings, sources)
+    return LoadedSettings(settings, sources)
+
+
+def check_together(settings: Settings, sources: dict[str, str]) -> None:
+    """Refuse values that are valid alone but not together, naming both settings and their sources."""
+    if not settings.kv_per_slot and settings.context_length < settings.parallel:
+        raise ConfigError(
+            f"context_length = {settings.context_length} (from {sources['context_length']}) is smaller than parallel = "
+            f"{settings.parallel} (from {sources['parallel']}): the slots share one KV cache of context_length tokens, "
+            "so raise --context-length or lower --parallel"
+        )
+    if settings.n_batch < settings.parallel:
+        raise ConfigError(
+            f"n_batch = {settings.n_batch} (from {sources['n_batch']}) is smaller than parallel = {settings.parallel} "
+            f"(from {sources['parallel']}): one decode step holds the next token of every slot, "
+            "so raise --n-batch or lower --parallel"
+        )
+
+
+def display_value(settings: Settings, field: str) -> str:
+    """A value as `config show` prints it: secrets masked, unset as '-'."""
+    value = getattr(settings, field)
+    if value is None:
+        return "-"
+    if isinstance(value, SecretStr):
+        secret = value.get_secret_value()
+        return "****" + secret[-4:] if len(secret) > 8 else "****"
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, list):
+        return ",".join(f"{item:g}" if isinstance(item, float) else str(item) for item in value)
+    return str(value)

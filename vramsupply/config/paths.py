@@ -1,0 +1,55 @@
+"""Where the agent keeps its files, and how it writes one that holds a secret.
+
+Apart from the settings schema because the ledger, the platform token and the throughput store
+need a place on disk and a private write without any setting, and the schema itself needs
+``config_path`` to find its TOML source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "vramsupply"
+CONFIG_PATH_ENV = "VRAM_SUPPLY_CONFIG"
+
+
+def config_path() -> Path:
+    override = os.environ.get(CONFIG_PATH_ENV)
+    if override:
+        return Path(override).expanduser()
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+def data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def write_private_file(path: Path, text: str, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``text``, private (``mode``) from the first byte, all or nothing.
+
+    The text goes to a new file beside it, created with ``mode`` and synced, then renamed over
+    it: a full disk leaves the old file whole, and a secret never lands in a file someone else
+    can read (an existing file's mode could not always be changed). A link is followed, so a
+    config kept elsewhere stays there; a device or a FIFO is refused (``/dev/null`` made 0600)."""
+    target = path.resolve() if path.is_symlink() else path
+    if target.exists() and not target.is_file():
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
