@@ -36,7 +36,7 @@ HOST_HEADROOM = 512 * MIB
 MIN_CONTEXT = 2048
 KEEP_QUANT_CONTEXT = 4096
 """A default context shrinks to this before the plan trades down the quant: the default was 4096
-until the slots' shared cache proved too small under many conversations (config.py), and a GPU
+until the slots' shared cache proved too small under many conversations (config/settings.py), and a GPU
 that held the best quant at that context still does."""
 CONTEXT_STEP = 256
 # Best first. F16/BF16/F32 only when asked for: Q8_0 answers the same at half the memory and twice the speed.
