@@ -370,7 +370,7 @@ async def test_a_capacity_that_is_no_number_is_dropped_and_the_demand_still_show
 async def test_a_body_that_never_ends_costs_one_timeout_not_one_per_retry() -> None:
     with HostilePlatform() as platform:
         platform.script("demand", never_ending)
-        async with client(platform, attempts=3, timeout=0.5, backoff=Backoff(0.01, 0.02)) as api:
+        async with client(platform, attempts=3, timeout=0.5, backoff=Backoff(initial=0.01, cap=0.02)) as api:
             with pytest.raises(PlatformUnavailable, match=rf"^cannot reach {platform.url}: timed out$"):
                 await api.demand()
         assert len(platform.requests("demand")) == 1, "the call's timeout covers its retries"

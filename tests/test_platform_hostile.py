@@ -176,7 +176,7 @@ def lifecycle_with(platform: HostilePlatform, counters: EngineCounters, *, timeo
     settings = Settings(endpoint_url="https://gpu.example.com", endpoint_token="tok-secret")
     offer = build_offer(market_options(settings), ResolvedGGUF(), served_context=8192, endpoint_token="tok-secret")
     return ProviderLifecycle(
-        client(platform, timeout=timeout), offer.request, lambda: counters, **{"heartbeat_interval": 0.05, "backoff": Backoff(0.05, 0.2), **options}
+        client(platform, timeout=timeout), offer.request, lambda: counters, **{"heartbeat_interval": 0.05, "backoff": Backoff(initial=0.05, cap=0.2), **options}
     )
 
 

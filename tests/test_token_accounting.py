@@ -104,7 +104,7 @@ async def test_buyer_usage_heartbeats_and_metrics_agree_over_a_mixed_run(monkeyp
             assert engine is not None
             offer = build_offer(market_options(settings), _Identity(), served_context=engine.n_ctx, endpoint_token="tok")
             lifecycle = ProviderLifecycle(
-                PlatformClient(platform.url, API_KEY, attempts=1), offer.request, engine.stats, heartbeat_interval=0.1, backoff=Backoff(0.05, 0.2)
+                PlatformClient(platform.url, API_KEY, attempts=1), offer.request, engine.stats, heartbeat_interval=0.1, backoff=Backoff(initial=0.05, cap=0.2)
             )
             lifecycle.start()
             await asyncio.wait_for(lifecycle.registered.wait(), 10)

@@ -72,7 +72,7 @@ async def test_a_stalled_engine_is_restarted_and_ready_only_after_a_real_complet
     async with TestServer(surface.app(), host="127.0.0.1") as http:
         client = UpstreamClient(str(http.make_url("/v1")))
         state = FrontState("org/m", client, "org/m", slots_total=4)
-        supervisor = Supervisor(state, "vllm", SLEEPER, ready_timeout=20, check_interval=0.1, stall_after=0.5, stop_timeout=5, backoff=Backoff(0.05, cap=0.1))
+        supervisor = Supervisor(state, "vllm", SLEEPER, ready_timeout=20, check_interval=0.1, stall_after=0.5, stop_timeout=5, backoff=Backoff(initial=0.05, cap=0.1))
         task = asyncio.create_task(supervisor.run())
         try:
             await asyncio.wait_for(supervisor.ready.wait(), 20)

@@ -1,9 +1,11 @@
 """One aiohttp client for the vram.supply provider API.
 
 Every call authenticates with ``Authorization: Bearer <API key>``. Failures become
-``PlatformError`` subclasses whose message is one line a provider can act on; network errors and
-5xx answers are retried with capped exponential backoff before giving up, all within the call's
-``timeout``.
+``PlatformError`` subclasses whose message is one line a provider can act on; network errors, 429
+and 5xx answers are retried with capped exponential backoff before giving up, all within the call's
+``timeout``. A 429 or 503 that says when to ask again (``Retry-After``) is not asked sooner: when
+that is past the call's timeout, the call gives up at once and says when the platform asked to be
+retried (``PlatformUnavailable.retry_after`` carries it to the lifecycle, which waits it out, capped).
 
 The platform is on the other side of the internet, so nothing it sends is trusted: an answer is
 read up to ``MAX_ANSWER_BYTES`` (decompressed by us, a bounded step at a time, so a gzip bomb costs
@@ -16,8 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote
 
@@ -28,7 +33,7 @@ from yarl import URL
 from vramsupply.errors import VramsupplyError
 from vramsupply.platform import api
 from vramsupply.platform.api import printable
-from vramsupply.platform.backoff import Backoff
+from vramsupply.platform.backoff import Backoff, parse_retry_after
 
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 
@@ -36,6 +41,8 @@ API_KEY_REJECTED = "API key rejected — run `vramsupply login`"
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 GATEWAY_STATUSES = frozenset({502, 504})
 """A proxy's answer: the platform behind it may have acted on the request all the same."""
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+"""The answers whose ``Retry-After`` says when to ask again (RFC 6585 §4, RFC 9110 §15.6.4)."""
 RETRY_BACKOFF = Backoff(initial=0.5, cap=4.0)
 """Between a call's own retries: short, so a CLI command gives up within its ``timeout``."""
 MAX_ANSWER_BYTES = 4 << 20
@@ -73,21 +80,34 @@ class UnexpectedAnswer(PlatformError):
 
 
 class PlatformUnavailable(PlatformError):
-    """Network error, timeout or 5xx, still failing after the retries.
+    """Network error, timeout, 429 or 5xx, still failing after the retries.
 
     ``reached``: some try may have reached the platform all the same (no answer came in time, the
     connection dropped after the request went out, a gateway answered 502/504), so whatever it
-    asked for may have been done; False when every try failed to connect or was refused."""
+    asked for may have been done; False when every try failed to connect or was refused.
+    ``retry_after``: the seconds the last answer asked us to wait before asking again (a usable
+    ``Retry-After`` on a 429 or 503), None when it said nothing usable."""
 
-    def __init__(self, message: str, *, reached: bool = False) -> None:
+    def __init__(self, message: str, *, reached: bool = False, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.reached = reached
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class _Transient:
+    """One try that failed in a way worth trying again (see ``PlatformUnavailable``)."""
+
+    message: str
+    reached: bool = False
+    retry_after: float | None = None
 
 
 class PlatformClient:
     """Typed calls to the provider API. Use as ``async with PlatformClient(url, key) as client``.
 
-    ``timeout``: seconds one call may take, its retries and their backoff included."""
+    ``timeout``: seconds one call may take, its retries and their backoff included; ``sleep``:
+    how the waits between tries are waited (a test passes one that records them)."""
 
     def __init__(
         self,
@@ -97,12 +117,14 @@ class PlatformClient:
         attempts: int = 3,
         backoff: Backoff = RETRY_BACKOFF,
         timeout: float = 10.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._attempts = max(1, attempts)
         self._backoff = backoff
         self._timeout = timeout
+        self._sleep = sleep
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> PlatformClient:
@@ -164,32 +186,46 @@ class PlatformClient:
             raise UnexpectedAnswer(status, f"unexpected answer to {method} {path}: {printable(where, 100)}: {printable(first['msg'])}") from None
 
     async def _exchange(self, method: str, path: str, body: BaseModel | None, *, names_provider: bool = False) -> tuple[int, str]:
-        """The successful answer's status and body, retrying network errors and 5xx within the
-        call's timeout; ``names_provider``: 404/410 means UnknownProvider."""
+        """The successful answer's status and body, retrying transient failures within the call's
+        timeout, never sooner than the platform asked (``Retry-After``); gives up at once when that
+        is past the timeout. ``names_provider``: 404/410 means UnknownProvider."""
         payload = body.model_dump(mode="json", exclude_none=True) if body is not None else None
-        url = self.base_url + path
         deadline = time.monotonic() + self._timeout
-        failure, reached = "", False
+        failed, reached = _Transient(""), False
         for attempt in range(self._attempts):
             if attempt:
-                pause = self._backoff.delay(attempt - 1)
+                pause = max(self._backoff.delay(attempt - 1), failed.retry_after or 0.0)
                 if time.monotonic() + pause >= deadline:
                     break
-                await asyncio.sleep(pause)
-            timeout = aiohttp.ClientTimeout(total=max(0.001, deadline - time.monotonic()))
-            try:
-                async with self._session_for_call().request(method, url, json=payload, allow_redirects=False, timeout=timeout) as response:
-                    text = await _read_answer(response, f"{method} {path}")
-                    if response.status not in RETRYABLE_STATUSES:
-                        self._raise_for_status(method, path, response, text, names_provider)
-                        return response.status, text
-                    failure = f"{self.base_url} answered {response.status}{_detail(text)}"
-                    reached = reached or response.status in GATEWAY_STATUSES
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # nothing was sent
-                failure = f"cannot reach {self.base_url}: {describe_error(exc)}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                failure, reached = f"cannot reach {self.base_url}: {describe_error(exc)}", True
-        raise PlatformUnavailable(failure, reached=reached)
+                await self._sleep(pause)
+            outcome = await self._try(method, path, payload, deadline, names_provider)
+            if not isinstance(outcome, _Transient):
+                return outcome
+            failed, reached = outcome, reached or outcome.reached
+        raise PlatformUnavailable(failed.message, reached=reached, retry_after=failed.retry_after)
+
+    async def _try(self, method: str, path: str, payload: object, deadline: float, names_provider: bool) -> tuple[int, str] | _Transient:
+        """One request: the answer, or why it failed in a way worth trying again (other failures raise)."""
+        timeout = aiohttp.ClientTimeout(total=max(0.001, deadline - time.monotonic()))
+        try:
+            request = self._session_for_call().request(method, self.base_url + path, json=payload, allow_redirects=False, timeout=timeout)
+            async with request as response:
+                text = await _read_answer(response, f"{method} {path}")
+                if response.status not in RETRYABLE_STATUSES:
+                    self._raise_for_status(method, path, response, text, names_provider)
+                    return response.status, text
+                return self._transient_answer(response, text)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # nothing was sent
+            return _Transient(f"cannot reach {self.base_url}: {describe_error(exc)}")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return _Transient(f"cannot reach {self.base_url}: {describe_error(exc)}", reached=True)
+
+    def _transient_answer(self, response: aiohttp.ClientResponse, text: str) -> _Transient:
+        """A 429 or 5xx, with the wait it asks for (a usable ``Retry-After`` on a 429 or 503)."""
+        status = response.status
+        asked = parse_retry_after(response.headers.get("Retry-After")) if status in RETRY_AFTER_STATUSES else None
+        when = f" (it asks to be retried in {math.ceil(asked)} s)" if asked else ""
+        return _Transient(f"{self.base_url} answered {status}{_detail(text)}{when}", reached=status in GATEWAY_STATUSES, retry_after=asked)
 
     def _raise_for_status(self, method: str, path: str, response: aiohttp.ClientResponse, text: str, names_provider: bool) -> None:
         status = response.status

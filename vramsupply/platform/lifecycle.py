@@ -1,9 +1,9 @@
 """Keeping a serving agent listed on the marketplace: register, heartbeat, deregister.
 
 The lifecycle never stops the agent from serving: when the platform is unreachable or refuses us,
-it keeps retrying in the background (capped exponential backoff with jitter) and logs once per
-state change, not once per try. Every state change is also written to the registration state
-file that `vramsupply status` reads.
+it keeps retrying in the background (capped exponential backoff with jitter, never sooner than a
+``Retry-After`` asks: ``retry_wait``) and logs once per state change, not once per try. Every state
+change is also written to the registration state file that `vramsupply status` reads.
 
 The platform's word is checked, not assumed: a heartbeat answer that no longer lists this instance
 as ours and serving (another id, ``draining`` we did not ask for, an unknown status) registers
@@ -33,20 +33,20 @@ from vramsupply.platform.backoff import Backoff
 from vramsupply.platform.client import ApiKeyRejected, PlatformClient, PlatformError, PlatformUnavailable, UnexpectedAnswer, UnknownProvider
 from vramsupply.platform.departure import Departure
 from vramsupply.platform.heartbeat import HeartbeatStatus, ServingStats, heartbeat_status, may_have_registered, not_listed_as_ours
+from vramsupply.platform.retry_wait import RetryWait, Sleep
 from vramsupply.platform.state import Phase, RegistrationState, write_state
 
 log = logging.getLogger("vramsupply.platform")
 
 REGISTER_BACKOFF = Backoff(initial=1.0, cap=60.0)
-"""Between registration attempts: quick at first, then at most once a minute."""
-STATUS_POLL_SECONDS = 0.5
-"""How often, between heartbeats, the lifecycle looks for a change the platform must hear at once."""
+"""Between registration attempts: quick at first, then at most once a minute (unless the platform asks for longer)."""
 
 __all__ = ["ProviderLifecycle", "ServingStats", "heartbeat_status"]
 
 
-class ProviderLifecycle(Departure):
-    """Registers ``offer`` and heartbeats with ``stats()`` until ``stop()``; owns ``client``."""
+class ProviderLifecycle(Departure, RetryWait):
+    """Registers ``offer`` and heartbeats with ``stats()`` until ``stop()``; owns ``client``.
+    ``sleep``: how the waits the platform asks for are waited (a test passes one that records them)."""
 
     def __init__(
         self,
@@ -59,6 +59,7 @@ class ProviderLifecycle(Departure):
         state_path: Path | None = None,
         local_url: str | None = None,
         tunnel: str | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._client = client
         self._offer = offer
@@ -71,6 +72,9 @@ class ProviderLifecycle(Departure):
         self._probe_task: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._sleep = sleep
+        self._asked: float | None = None
+        """The wait the platform asked for (Retry-After, capped) before the next attempt."""
         self._retired: list[str] = []
         """Instances of ours at an endpoint URL we no longer use (or drained by the platform), to delete."""
         self._stopping = False
@@ -182,12 +186,8 @@ class ProviderLifecycle(Departure):
                 # agent serving while the platform marks it offline for want of heartbeats.
                 log.exception("unexpected error talking to the platform; trying again")
                 ok, wait = False, self._backoff.delay(failures)
-            if ok is None:  # the platform forgot us: register again, at once unless it keeps forgetting
-                failures = 0
-                if wait:
-                    await self._pause(wait)
-                continue
-            failures = 0 if ok else failures + 1
+            # None: the platform forgot us: register again, at once unless it keeps forgetting
+            failures = 0 if ok or ok is None else failures + 1
             await self._pause(wait)
 
     async def _attempt(self, failures: int) -> tuple[bool | None, float]:
@@ -207,20 +207,6 @@ class ProviderLifecycle(Departure):
             return None, 0.0
         self._forgotten += 1
         return None, 0.0 if self._forgotten == 1 else self._backoff.delay(self._forgotten - 2)
-
-    async def _pause(self, seconds: float) -> None:
-        """Sleep until the next attempt, or until ``move_endpoint`` asks for one at once, or until
-        the engine's status changes from what the platform last heard (it then hears at once)."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0 and not self._status_changed():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(left, STATUS_POLL_SECONDS))
-            if self._wake.is_set():
-                break
-        self._wake.clear()
-
-    def _status_changed(self) -> bool:
-        return self.provider_id is not None and self._sent_status is not None and heartbeat_status(self._stats()) != self._sent_status
 
     async def _register(self) -> bool:
         """Register once. The request runs as its own task: cancelling the loop (shutdown) leaves
@@ -358,7 +344,8 @@ class ProviderLifecycle(Departure):
 
     def _record_failure(self, exc: PlatformError) -> None:
         if isinstance(exc, PlatformUnavailable):
-            self._set_phase(Phase.unreachable, f"platform unreachable ({exc}); still serving locally, retrying in the background", logging.WARNING)
+            when = self._platform_asks(exc.retry_after)
+            self._set_phase(Phase.unreachable, f"platform unreachable ({exc}); still serving locally, {when}", logging.WARNING)
         else:
             level = logging.ERROR if isinstance(exc, ApiKeyRejected) else logging.WARNING
             self._set_phase(Phase.rejected, f"{exc}; still serving locally, retrying in the background", level)
