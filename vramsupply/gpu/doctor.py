@@ -1,120 +1,31 @@
-"""`vramsupply doctor`: one screen of checks, each passed or failed with the fix.
+"""`vramsupply doctor`: one screen of checks, each passed or failed with the fix; here, this
+machine's: the llama.cpp build against its GPUs, the driver, one real decode, memory, CPU, disk and
+the port serve will listen on.
 
-Every check is a function registered with `@check("name")`, taking the shared Context and returning
-`Result(ok, detail, fix)`; they run in registration order. Adding a check is one decorated
-function (in this module or any module imported before `run_checks`). A check that raises is
-reported as failed with the exception, so one broken probe never hides the others.
+The frame they run in is ``checkup.py``; the marketplace's checks (platform, API key, endpoint,
+reachability, clock) are ``doctor_platform.py``, imported at the end of this module so that they
+run after these. Adding a check is one function decorated with ``@check("name")``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import datetime
-import email.utils
 import errno
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import httpx2
 
-from vramsupply.config import Settings
-from vramsupply.gpu.devices import Device, PresentGpu, build_has_gpu_backend, gpus_present, list_devices
+from vramsupply.gpu.checkup import PROBE_TIMEOUT, CheckResult, Context, Result, check, doctor_text, run_checks
 from vramsupply.gpu.plan import GIB, gib
+
+__all__ = ["CheckResult", "doctor_text", "run_checks"]
 
 MIN_FREE_GPU = 1 * GIB
 MIN_FREE_DISK = 10 * GIB
-MAX_CLOCK_SKEW = 60.0
-PROBE_TIMEOUT = 5.0
-
-
-@dataclass(frozen=True)
-class Result:
-    ok: bool
-    detail: str
-    fix: str = ""
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    ok: bool
-    detail: str
-    fix: str
-
-    def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "detail": self.detail, "fix": self.fix}
-
-
-@dataclass(frozen=True)
-class PlatformProbe:
-    """One authenticated GET to the platform, shared by the reachability, key and clock checks."""
-
-    status: int | None
-    date: str | None
-    error: str | None
-    seconds: float
-
-
-@dataclass
-class Context:
-    settings: Settings
-    _cache: dict[str, Any] = field(default_factory=dict)
-
-    @cached_property
-    def devices(self) -> list[Device]:
-        return list_devices()
-
-    @cached_property
-    def present(self) -> list[PresentGpu]:
-        return gpus_present()
-
-    @cached_property
-    def gpu_backend(self) -> bool:
-        return build_has_gpu_backend()
-
-    @cached_property
-    def platform(self) -> PlatformProbe:
-        from vramsupply.platform import api
-
-        key = self.settings.api_key.get_secret_value() if self.settings.api_key else ""
-        started = time.monotonic()
-        try:
-            response = httpx2.get(self.settings.platform_url + api.RAILS_PATH, headers={"Authorization": f"Bearer {key}"}, timeout=PROBE_TIMEOUT)
-        except httpx2.HTTPError as exc:
-            return PlatformProbe(None, None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, time.monotonic() - started)
-        return PlatformProbe(response.status_code, response.headers.get("Date"), None, time.monotonic() - started)
-
-
-Check = Callable[[Context], Result]
-CHECKS: list[tuple[str, Check]] = []
-
-
-def check(name: str) -> Callable[[Check], Check]:
-    def register(function: Check) -> Check:
-        CHECKS.append((name, function))
-        return function
-
-    return register
-
-
-def run_checks(settings: Settings) -> list[CheckResult]:
-    context = Context(settings)
-    results = []
-    for name, function in CHECKS:
-        try:
-            result = function(context)
-        except Exception as exc:  # a broken probe is a failed check, never a traceback
-            result = Result(False, f"the check itself failed: {type(exc).__name__}: {exc}", "report this as a vramsupply bug")
-        results.append(CheckResult(name, result.ok, result.detail, "" if result.ok else result.fix))
-    return results
 
 
 @check("backend")
@@ -255,11 +166,21 @@ def free_disk_in_model_cache(ctx: Context) -> Result:
     return Result(True, detail)
 
 
-# Why a bind fails, beyond "in use": each needs another fix.
-_BIND_FAILURES = {
-    errno.EADDRNOTAVAIL: ("{host} is not an address of this machine", "set VRAM_SUPPLY_HOST to one of this machine's addresses (0.0.0.0: all of them)"),
-    errno.EACCES: ("port {port} is a privileged port this user may not listen on", "serve on a port above 1023 (--port, VRAM_SUPPLY_PORT)"),
-}
+# Below this port only root (or CAP_NET_BIND_SERVICE) may listen: a sysctl of each network namespace.
+UNPRIVILEGED_PORT_START = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+
+
+def _privileged_port(port: int) -> Result | None:
+    """EACCES below this machine's unprivileged start (1024 unless set otherwise, and the fix must
+    name a port that works here); at or above it EACCES is a security policy's (SELinux, AppArmor)."""
+    try:
+        start = int(UNPRIVILEGED_PORT_START.read_text())
+    except (OSError, ValueError):
+        start = 1024
+    if port >= start:
+        return None
+    detail = f"port {port} is a privileged port: only root may listen below {start} on this machine, and this user is not root"
+    return Result(False, detail, f"serve on port {start} or above (--port, VRAM_SUPPLY_PORT); a reverse proxy can still answer buyers on port {port}")
 
 
 def _bind_error(host: str, port: int) -> OSError | None:
@@ -280,15 +201,17 @@ def _bind_error(host: str, port: int) -> OSError | None:
 
 @check("port")
 def port_free_or_ours(ctx: Context) -> Result:
+    """Whether serve can listen on host:port; if not, why, beyond "in use": each reason has its own fix."""
     host, port = ctx.settings.host, ctx.settings.port
     error = _bind_error(host, port)
     if error is None:
         return Result(True, f"{host}:{port} is free")
     if isinstance(error, socket.gaierror):
         return Result(False, f"the host name {host} does not resolve ({error.strerror})", "set VRAM_SUPPLY_HOST to an address of this machine (0.0.0.0: all of them)")
-    if error.errno in _BIND_FAILURES:
-        detail, fix = _BIND_FAILURES[error.errno]
-        return Result(False, detail.format(host=host, port=port), fix)
+    if error.errno == errno.EADDRNOTAVAIL:
+        return Result(False, f"{host} is not an address of this machine", "set VRAM_SUPPLY_HOST to one of this machine's addresses (0.0.0.0: all of them)")
+    if error.errno == errno.EACCES and (privileged := _privileged_port(port)) is not None:
+        return privileged
     if error.errno != errno.EADDRINUSE:
         return Result(False, f"cannot listen on {host}:{port}: {error.strerror or error}", "set VRAM_SUPPLY_HOST and VRAM_SUPPLY_PORT to an address and port this machine can listen on")
     from vramsupply.platform.offer import local_base_url
@@ -302,98 +225,4 @@ def port_free_or_ours(ctx: Context) -> Result:
     return Result(False, f"{host}:{port} is taken by another program", "stop it or serve on another port (--port, VRAM_SUPPLY_PORT)")
 
 
-@check("platform")
-def platform_reachable(ctx: Context) -> Result:
-    probe = ctx.platform
-    if probe.status is None:
-        return Result(False, f"{ctx.settings.platform_url} cannot be reached: {probe.error}", "check the network, a proxy (HTTPS_PROXY) or VRAM_SUPPLY_PLATFORM_URL")
-    return Result(True, f"{ctx.settings.platform_url} answered in {probe.seconds * 1000:.0f} ms")
-
-
-@check("api key")
-def api_key_accepted(ctx: Context) -> Result:
-    if ctx.settings.api_key is None:
-        return Result(False, "no API key configured", "run vramsupply login (or set VRAM_SUPPLY_API_KEY)")
-    status = ctx.platform.status
-    if status is None:
-        return Result(False, "cannot check: the platform is unreachable", "fix the platform check first")
-    if status in (401, 403):
-        return Result(False, f"the platform rejected the API key (HTTP {status})", "run vramsupply login with a current key")
-    if status >= 400:
-        return Result(False, f"the platform answered HTTP {status}", "try again later; if it persists, contact vram.supply")
-    return Result(True, "the platform accepts the API key")
-
-
-@check("endpoint url")
-def endpoint_url_set(ctx: Context) -> Result:
-    if ctx.settings.no_register:
-        return Result(True, "not needed: serving locally only (no_register)")
-    if ctx.settings.tunnel and not ctx.settings.endpoint_url:
-        return Result(True, f"made by the {ctx.settings.tunnel} tunnel when serve starts")
-    if not ctx.settings.endpoint_url:
-        return Result(False, "no public endpoint URL: the agent cannot register", "pass --endpoint-url https://your.host (or set VRAM_SUPPLY_ENDPOINT_URL)")
-    from vramsupply.platform.offer import OfferError, check_endpoint_url
-
-    try:
-        warnings = check_endpoint_url(ctx.settings.endpoint_url)
-    except OfferError as exc:
-        return Result(False, str(exc), "set VRAM_SUPPLY_ENDPOINT_URL to the public http(s) base URL")
-    if warnings:
-        return Result(False, warnings[0], "use the public address buyers reach this machine at")
-    return Result(True, ctx.settings.endpoint_url)
-
-
-@check("reachability")
-def platform_can_reach_agent(ctx: Context) -> Result:
-    """Retrace the platform's path to {endpoint_url}/health hop by hop; the first failing hop is named."""
-    from vramsupply.platform.offer import local_base_url
-    from vramsupply.platform.reachability import check_configured
-    from vramsupply.serve.options import market_options
-
-    settings = ctx.settings
-    options = None if settings.no_register else market_options(settings)
-    probe = asyncio.run(check_configured(options, local_base_url(settings.host, settings.port)))
-    if probe.ok:
-        return Result(True, probe.message)
-    return Result(False, f"{probe.hop}: {probe.message}", "see the detail: it names the hop and what to do")
-
-
-@check("clock")
-def clock_in_sync(ctx: Context) -> Result:
-    date = ctx.platform.date
-    if not date:
-        return Result(False, "cannot compare: no answer with a Date header from the platform", "fix the platform check first; keep NTP on (timedatectl set-ntp true)")
-    platform_time = _http_date(date)
-    if platform_time is None:
-        return Result(False, f"cannot compare: the platform's Date header {date[:64]!r} is not a date", "keep NTP on (timedatectl set-ntp true); if the platform keeps sending it, contact vram.supply")
-    skew = time.time() - platform_time
-    detail = f"{abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} the platform's clock"
-    if abs(skew) > MAX_CLOCK_SKEW:
-        return Result(False, detail, "turn on time synchronisation: timedatectl set-ntp true")
-    return Result(True, detail)
-
-
-def _http_date(text: str) -> float | None:
-    """An HTTP Date header as a Unix time, or None if it is not one. HTTP dates are UTC: a zone
-    given as -0000 makes Python return a naive datetime, which is UTC too, not local time."""
-    try:
-        moment = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)).timestamp()
-
-
-def doctor_text(results: list[CheckResult]) -> list[Any]:
-    """One line per check, ✓ or ✗ with the detail, and the fix under each failure."""
-    from rich.text import Text
-
-    width = max(len(r.name) for r in results)
-    lines: list[Any] = []
-    for r in results:
-        mark = Text("✓", style="green") if r.ok else Text("✗", style="bold red")
-        lines.append(Text.assemble(mark, " ", (r.name.ljust(width), "bold"), "  ", r.detail))
-        if not r.ok and r.fix:
-            lines.append(Text.assemble(" " * (width + 4), ("fix: ", "yellow"), r.fix))
-    failed = sum(not r.ok for r in results)
-    lines.append(Text(f"{failed} of {len(results)} checks failed" if failed else f"all {len(results)} checks passed", style="bold red" if failed else "bold green"))
-    return lines
+from vramsupply.gpu import doctor_platform  # noqa: E402,F401  the marketplace's checks, registered after this machine's

@@ -10,8 +10,10 @@ that cannot be written is said at once, not after the measurement, which would t
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from vramsupply import __version__
 from vramsupply.config import Settings
@@ -73,9 +75,17 @@ async def run_bench(settings: Settings, seconds: float = DEFAULT_SECONDS, progre
     )
     try:
         save(path, capacity)
-    except OSError as exc:  # the data dir changed while measuring: the figures are still worth a line
-        raise BenchError(
-            f"measured {capacity.single_stream_tokens_per_second:,.1f} tok/s with 1 stream and {capacity.all_slots_tokens_per_second:,.1f} "
-            f"with {capacity.parallel} slots, but cannot save it to {path}: {exc.strerror or exc}"
-        ) from None
+    except OSError as exc:  # the disk filled or the data dir changed while measuring
+        raise BenchError(_not_saved(capacity, path, exc)) from None
     return capacity
+
+
+def _not_saved(capacity: Capacity, path: Path, exc: OSError) -> str:
+    """One line with the figures measured (up to ten minutes of measuring stay in sight), why
+    they are not kept, and what to do: serve reports only a saved result."""
+    slots = "1 slot" if capacity.parallel == 1 else f"{capacity.parallel} slots"
+    fix = "free some space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"make {path.parent} writable"
+    return (
+        f"measured {capacity.single_stream_tokens_per_second:,.1f} tok/s with 1 stream and {capacity.all_slots_tokens_per_second:,.1f} tok/s "
+        f"with {slots} busy, but cannot save it to {path}: {exc.strerror or exc}; {fix} and run vramsupply bench again (serve reports only a saved result)"
+    )

@@ -31,6 +31,8 @@ log = logging.getLogger("vramsupply.throughput")
 
 BENCH_FILE_NAME = "bench.json"
 MAX_SLOTS = 256  # the parallel setting's own limit (config.Settings.parallel)
+PROBE_ROOM = 4096
+"""Bytes beyond bench.json's size that must fit before measuring: room for the new result (a few hundred)."""
 CLOCK_SKEW_SECONDS = 86400.0
 """A measurement dated later than now by more than this is no measurement (and no datetime can hold 1e300)."""
 
@@ -141,12 +143,21 @@ def writable_problem(path: Path) -> str | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() and not path.is_file():
             return "it is not a regular file"
-        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".bench-", suffix=".probe")
-        os.close(fd)
-        os.unlink(probe)
+        _write_probe(path.parent, (path.stat().st_size if path.exists() else 0) + PROBE_ROOM)
     except OSError as exc:
         return exc.strerror or _one_line(exc)
     return None
+
+
+def _write_probe(folder: Path, size: int) -> None:
+    """Write and delete ``size`` bytes in ``folder``; OSError if they do not fit. Bytes, not an empty
+    file: a full disk still has inodes for empty files, and would fail only the save, after measuring."""
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".bench-", suffix=".probe")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(bytes(size))
+    finally:
+        os.unlink(probe)
 
 
 def save(path: Path, capacity: Capacity) -> Path | None:
