@@ -151,10 +151,14 @@ def test_a_hub_that_never_answers_a_header_read_ends_plan_and_pull_in_one_line(h
     resolved = run_cli("models", "resolve", "acme/Widget-7B", "--quant", "Q4_K_M", env=env, timeout=60)
 
     assert planned.returncode == 1
-    assert re.fullmatch(r"error: acme/Widget-7B-GGUF/Widget-7B-Q4_K_M\.gguf: ReadTimeout: .+", one_line_error(planned.stderr))
+    assert re.fullmatch(
+        rf"error: cannot read the model's header from the Hub at {re.escape(hub.url)}: acme/Widget-7B-GGUF/Widget-7B-Q4_K_M\.gguf: "
+        r"ReadTimeout: .+; check the network, or raise VRAM_SUPPLY_DOWNLOAD_TIMEOUT \(0\.5 s\) for a slow link",
+        one_line_error(planned.stderr),
+    )
     assert pulled.returncode == 1
     assert re.fullmatch(
-        r"error: download of acme/Widget-7B-GGUF/Widget-7B-Q4_K_M\.gguf stalled: no data for \d+s \(ReadTimeout: .+\); "
+        r"error: download of acme/Widget-7B-GGUF/Widget-7B-Q4_K_M\.gguf stalled: no data for \d+\.\d s \(ReadTimeout: .+\); "
         r"0 bytes of 1\.2 MB kept, run again to resume",
         one_line_error(pulled.stderr),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.estimate import ModelShape
@@ -17,6 +18,9 @@ from vramsupply.gpu.gguf_header import GgufError, GgufHeader, HeaderFetchError, 
 from vramsupply.hub.errors import HubAuthError, HubError, HubOffline, HubUnreachable
 from vramsupply.hub.local import is_local_path
 from vramsupply.hub.quant import group_models, normalize_quant, parse_gguf_path
+
+if TYPE_CHECKING:
+    from vramsupply.hub.access import HubAccess  # imported where used: only Hub models need it
 
 # llama.cpp's general.file_type (enum llama_ftype) -> quant tag, for local files named without one.
 FILE_TYPES = {
@@ -110,21 +114,27 @@ def hub_source(model: str, quant: str, timeout: float, publishers: Sequence[str]
         try:
             header = read_remote_header(client, url, access.headers(), label)
         except HeaderFetchError as exc:
-            raise _refused_header(exc, resolved.repo_id, access.endpoint) from None
+            raise _refused_header(exc, resolved.repo_id, access) from None
         except GgufError as exc:
             raise SourceError(str(exc)) from None
     return ModelSource(resolved.model_id, _shape(header, resolved.primary.size, label), quants or (QuantFile(resolved.quant, resolved.total_size, len(resolved.files)),))
 
 
-def _refused_header(exc: HeaderFetchError, repo_id: str, endpoint: str) -> HubError:
+def _refused_header(exc: HeaderFetchError, repo_id: str, access: HubAccess) -> HubError:
     """The Hub's answer to the header read, judged as hub/access.py judges its API's: 401/403 is a
     gated or private repo (the licence and token advice); 429, 5xx and no answer mean the Hub is
-    down for now, so serve falls back on a verified cached copy (HubUnreachable)."""
+    down for now, so serve falls back on a verified cached copy (HubUnreachable). No answer names
+    the Hub and what to check: the bare transport error ("ReadTimeout: timed out") said neither."""
     from vramsupply.hub.access import auth_help
 
     if exc.status in (401, 403):
-        return HubAuthError(auth_help(repo_id, endpoint))
-    if exc.status is None or exc.status == 429 or exc.status >= 500:
+        return HubAuthError(auth_help(repo_id, access.endpoint))
+    if exc.status is None:
+        return HubUnreachable(
+            f"cannot read the model's header from the Hub at {access.endpoint}: {exc}; check the network, "
+            f"or raise VRAM_SUPPLY_DOWNLOAD_TIMEOUT ({access.timeout:g} s) for a slow link"
+        )
+    if exc.status == 429 or exc.status >= 500:
         return HubUnreachable(str(exc))
     return HubError(str(exc))
 

@@ -213,7 +213,7 @@ class BlobDownloader:
             stalled = now - last_progress
             if stalled >= self.access.timeout:
                 raise DownloadError(
-                    f"download of {self.label(file)} stalled: no data for {stalled:.0f}s ({reason}); "
+                    f"download of {self.label(file)} stalled: no data for {stalled:.1f} s ({reason}); "
                     f"{decimal(partial.size)} of {decimal(file.size)} kept, run again to resume"
                 )
             time.sleep(min(delay, self.access.timeout - stalled))
