@@ -251,6 +251,19 @@ def test_output_that_cannot_be_written_is_one_line_and_a_failure() -> None:
     assert shown.stderr.strip() == "error: cannot write to standard output: No space left on device"
 
 
+def test_a_full_disk_that_is_not_standard_output_is_not_blamed_on_it() -> None:
+    """A command stands in for one whose file write (which names no file) meets a full disk, its
+    output going to a pipe: every such ENOSPC was "cannot write to standard output"."""
+    script = (
+        "import errno, sys; import vramsupply.cli.app; cli = sys.modules['vramsupply.cli.app']\n"
+        "def full(**_): raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "cli.app = full; cli.main()"
+    )
+    shown = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert shown.returncode == 1
+    assert shown.stderr.strip() == "error: No space left on device: a disk this command writes to is full; free some space and run it again"
+
+
 def test_a_closed_standard_output_is_one_line_and_a_failure_not_silence() -> None:
     closed = subprocess.run(["sh", "-c", f'exec "{sys.executable}" -m vramsupply config show >&-'], capture_output=True, text=True)
     assert closed.returncode == 1

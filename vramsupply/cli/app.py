@@ -7,6 +7,7 @@ import asyncio
 import errno
 import json
 import os
+import stat
 import sys
 from typing import Any, NoReturn, Optional
 
@@ -181,12 +182,25 @@ def _tolerant_output() -> None:
 def _os_error_line(exc: OSError) -> str:
     if exc.filename:
         return f"{exc.strerror or exc}: {exc.filename}"
-    if exc.errno == errno.ENOSPC or isinstance(exc, ClosedStdout):  # no file named: our output (rich flushes as it prints)
+    if isinstance(exc, ClosedStdout) or (exc.errno == errno.ENOSPC and _stdout_can_fill()):  # no file named: our output (rich flushes as it prints)
         point_stdout_at_devnull()
         return f"cannot write to standard output: {exc.strerror}"
+    if exc.errno == errno.ENOSPC:  # a write or close names no file; it was not our output
+        return f"{exc.strerror}: a disk this command writes to is full; free some space and run it again"
     if exc.errno == errno.ENOENT and _working_directory_gone():  # a relative path made absolute
         return "the current directory no longer exists (it was deleted or moved): cd to one that does, or give absolute paths"
     return str(exc.strerror or exc)
+
+
+def _stdout_can_fill() -> bool:
+    """Whether standard output could be what is full: a file or a device (``> /dev/full``), not a
+    terminal, pipe or socket, which never answer "no space"; when it cannot be told, it could."""
+    try:
+        fd = sys.stdout.fileno()
+        mode = os.fstat(fd).st_mode
+    except (AttributeError, OSError, ValueError):
+        return True
+    return not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd))
 
 
 def _working_directory_gone() -> bool:
