@@ -56,9 +56,10 @@ class HeaderFetchError(GgufError):
     answer came (a timeout, a dropped connection). The caller decides what each means: the Hub's
     refusal of a gated repo and its being down call for different advice (gpu/source.py)."""
 
-    def __init__(self, message: str, status: int | None) -> None:
+    def __init__(self, message: str, status: int | None, *, timed_out: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.timed_out = timed_out  # no answer within the timeout: the one case a longer one may mend
 
 
 @dataclass(frozen=True)
@@ -313,4 +314,5 @@ def read_remote_header(client: httpx2.Client, url: str, headers: dict[str, str],
     try:
         return read_header(fetch, label)
     except httpx2.RequestError as exc:  # TooManyRedirects and DecodingError are not TransportErrors
-        raise HeaderFetchError(f"{label}: {type(exc).__name__}: {exc}" if str(exc) else f"{label}: {type(exc).__name__}", None) from None
+        message = f"{label}: {type(exc).__name__}: {exc}" if str(exc) else f"{label}: {type(exc).__name__}"
+        raise HeaderFetchError(message, None, timed_out=isinstance(exc, httpx2.TimeoutException)) from None

@@ -123,18 +123,18 @@ def hub_source(model: str, quant: str, timeout: float, publishers: Sequence[str]
 def _refused_header(exc: HeaderFetchError, repo_id: str, access: HubAccess) -> HubError:
     """The Hub's answer to the header read, judged as hub/access.py judges its API's: 401/403 is a
     gated or private repo (the licence and token advice); 429, 5xx and no answer mean the Hub is
-    down for now, so serve falls back on a verified cached copy (HubUnreachable). No answer names
-    the Hub and what to check: the bare transport error ("ReadTimeout: timed out") said neither."""
+    down for now, so serve falls back on a verified cached copy (HubUnreachable). No answer in time
+    names the Hub and what to check: the bare "ReadTimeout: timed out" said neither."""
     from vramsupply.hub.access import auth_help
 
     if exc.status in (401, 403):
         return HubAuthError(auth_help(repo_id, access.endpoint))
-    if exc.status is None:
+    if exc.timed_out:
         return HubUnreachable(
             f"cannot read the model's header from the Hub at {access.endpoint}: {exc}; check the network, "
             f"or raise VRAM_SUPPLY_DOWNLOAD_TIMEOUT ({access.timeout:g} s) for a slow link"
         )
-    if exc.status == 429 or exc.status >= 500:
+    if exc.status is None or exc.status == 429 or exc.status >= 500:
         return HubUnreachable(str(exc))
     return HubError(str(exc))
 
