@@ -1,8 +1,9 @@
-"""Where the agent keeps its files, and how it writes one that holds a secret.
+"""Where the agent keeps its files, and the one way it replaces one: private and all or nothing.
 
-Apart from the settings schema because the ledger, the platform token and the throughput store
-need a place on disk and a private write without any setting, and the schema itself needs
-``config_path`` to find its TOML source.
+Apart from the settings schema because the ledger, the platform token, the registration state, the
+Hub cache's records and the throughput store need a place on disk and that write without any
+setting, and the schema itself needs ``config_path`` to find its TOML source. One write for all of
+them: four copies of "temporary file, then rename" had grown apart (one synced, three did not).
 """
 
 from __future__ import annotations

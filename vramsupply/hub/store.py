@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
+from vramsupply.config.paths import write_private_file
 from vramsupply.hub.quant import normalize_quant
 from vramsupply.hub.resolve import RemoteFile, ResolvedModel
 
@@ -81,18 +81,6 @@ class _Record(BaseModel):
     pulls: list[Pull] = []
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers never see half a file, even if the process dies mid-write."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class RepoCache:
     """One repo's folder in the cache."""
 
@@ -132,7 +120,7 @@ class RepoCache:
 
     def mark_verified(self, file: RemoteFile) -> None:
         stat = self.blob(file.sha256).stat()
-        _write_atomically(self.marker(file.sha256), json.dumps({"sha256": file.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
+        write_private_file(self.marker(file.sha256), json.dumps({"sha256": file.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
 
     def link(self, revision: str, file: RemoteFile) -> Path:
         """Point snapshots/<commit>/<path> at the blob with a relative symlink, as huggingface_hub does."""
@@ -148,7 +136,7 @@ class RepoCache:
     def set_ref(self, ref: str, revision: str) -> None:
         path = self.refs / ref
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, revision)
+        write_private_file(path, revision)
 
     def pulls(self) -> list[Pull]:
         """The record; an unreadable one counts as empty (files are then re-verified on the next pull)."""
@@ -162,7 +150,7 @@ class RepoCache:
             self.record_path.unlink(missing_ok=True)
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.record_path, _Record(pulls=pulls).model_dump_json(indent=2))
+        write_private_file(self.record_path, _Record(pulls=pulls).model_dump_json(indent=2))
 
     def add_pull(self, pull: Pull) -> None:
         self.save_pulls([known for known in self.pulls() if known.key() != pull.key()] + [pull])

@@ -10,13 +10,12 @@ that is no number) is damaged, and read as no record at all, never as a live age
 from __future__ import annotations
 
 import os
-import tempfile
 from enum import Enum
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vramsupply.config import data_dir
+from vramsupply.config import data_dir, write_private_file
 
 STATE_FILE_NAME = "registration.json"
 MAX_PID = 2**31 - 1
@@ -55,15 +54,7 @@ def default_state_path() -> Path:
 
 def write_state(path: Path, state: RegistrationState) -> None:
     """Replace the file atomically so a concurrent `status` never reads half a document."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".registration-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(state.model_dump_json(indent=2))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_private_file(path, state.model_dump_json(indent=2))
 
 
 def read_state(path: Path) -> RegistrationState | None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from vramsupply.config import data_dir
+from vramsupply.config import data_dir, write_private_file
 
 log = logging.getLogger("vramsupply.throughput")
 
@@ -170,15 +170,7 @@ def save(path: Path, capacity: Capacity) -> Path | None:
     results = {**stored.results, capacity.key: capacity}
     document = {"results": {key: value.model_dump() for key, value in sorted(results.items())}}
     text = json.dumps(document, indent=2, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".bench-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_private_file(path, text)
     return kept
 
 
