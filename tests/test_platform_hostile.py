@@ -240,6 +240,43 @@ async def test_tokens_are_reported_once_when_the_heartbeat_answers_are_unreadabl
     assert len(unreadable) == 1 and unreadable[0].levelno == logging.WARNING
 
 
+async def listed_then_garbled(platform: HostilePlatform, request: web.Request, body: Any) -> web.StreamResponse:
+    """The platform does what was asked (201, 200), but the body that says so arrives as bytes
+    that are not the gzip its header claims (a broken proxy, a truncated transfer)."""
+    documented = await as_documented(platform, request, body)
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    return web.Response(status=documented.status, body=b"\x1f\x8b not gzip at all", headers=headers)
+
+
+async def test_tokens_are_reported_once_when_an_accepted_heartbeat_is_not_the_gzip_it_claims() -> None:
+    counters = EngineCounters()
+    with HostilePlatform() as platform:
+        lifecycle = lifecycle_with(platform, counters)
+        lifecycle.start()
+        await asyncio.wait_for(lifecycle.registered.wait(), 5)
+        platform.script("heartbeat", listed_then_garbled, as_documented)
+        counters.completion_tokens_total += 100
+        await eventually(lambda: any(seen.body["completion_tokens"] for seen in platform.requests("heartbeat")))
+        told = len(platform.requests("heartbeat"))
+        await eventually(lambda: len(platform.requests("heartbeat")) >= told + 3)
+        assert sum(seen.body["completion_tokens"] for seen in platform.requests("heartbeat")) == 100
+        await lifecycle.stop(timeout=5)
+
+
+async def test_a_register_whose_answer_cannot_be_read_is_never_reported_as_nothing_listed(tmp_path: Path) -> None:
+    """201, then a body that is not the gzip it claims: the platform lists us, we cannot know as what."""
+    state_path = tmp_path / "registration.json"
+    with HostilePlatform() as platform:
+        platform.script("register", listed_then_garbled)
+        lifecycle = lifecycle_with(platform, EngineCounters(), state_path=state_path, backoff=Backoff(initial=30.0, cap=60.0))
+        lifecycle.start()
+        await eventually(lambda: len(platform.listed) == 1 and lifecycle.phase is not Phase.registering)
+        assert await lifecycle.stop(timeout=1) is False
+    recorded = read_state(state_path)
+    assert recorded is not None and recorded.phase is Phase.deregister_failed
+    assert "may list" in recorded.message and "nothing to remove" not in recorded.message
+
+
 async def test_a_platform_that_keeps_forgetting_us_is_asked_again_with_backoff() -> None:
     """Registered, then 404 to every heartbeat: once at once, then after the backoff (15-30 s here)."""
     with HostilePlatform() as platform:

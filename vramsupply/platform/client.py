@@ -210,7 +210,7 @@ class PlatformClient:
         try:
             request = self._session_for_call().request(method, self.base_url + path, json=payload, allow_redirects=False, timeout=timeout)
             async with request as response:
-                text = await _read_answer(response, f"{method} {path}")
+                text = await _answer_text(response, f"{method} {path}")
                 if response.status not in RETRYABLE_STATUSES:
                     self._raise_for_status(method, path, response, text, names_provider)
                     return response.status, text
@@ -254,6 +254,18 @@ class PlatformClient:
         else:
             hint = f"check {PLATFORM_URL_SETTING}"
         return f"{said} to {printable(target, 200)}; redirects are not followed, so nothing was sent there: {hint}"
+
+
+async def _answer_text(response: aiohttp.ClientResponse, call: str) -> str:
+    """``_read_answer``, where a success whose body cannot be read (not the gzip it claims, past
+    MAX_ANSWER_BYTES) is an ``UnexpectedAnswer``: the platform did act on the call, so a heartbeat's
+    tokens must not be told again, and a register may have listed us."""
+    try:
+        return await _read_answer(response, call)
+    except PlatformError as exc:
+        if 200 <= response.status < 300:
+            raise UnexpectedAnswer(response.status, str(exc)) from None
+        raise
 
 
 async def _read_answer(response: aiohttp.ClientResponse, call: str) -> str:
