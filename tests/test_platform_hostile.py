@@ -9,6 +9,7 @@ can both use it), until a test scripts other answers for a route.
 from __future__ import annotations
 
 import asyncio
+import os
 import itertools
 import json
 import logging
@@ -275,6 +276,21 @@ async def test_a_register_whose_answer_cannot_be_read_is_never_reported_as_nothi
     recorded = read_state(state_path)
     assert recorded is not None and recorded.phase is Phase.deregister_failed
     assert "may list" in recorded.message and "nothing to remove" not in recorded.message
+
+
+async def test_heartbeats_never_wait_for_the_disk_on_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state file is rewritten on the loop that streams tokens, every heartbeat: an fsync there
+    can stall every stream for seconds while a download fills the page cache."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    state_path = tmp_path / "registration.json"
+    with HostilePlatform() as platform:
+        lifecycle = lifecycle_with(platform, EngineCounters(), state_path=state_path)
+        lifecycle.start()
+        await eventually(lambda: len(platform.requests("heartbeat")) >= 3)
+        await lifecycle.stop(timeout=5)
+    assert read_state(state_path) is not None and synced == []
 
 
 async def test_a_platform_that_keeps_forgetting_us_is_asked_again_with_backoff() -> None:

@@ -31,13 +31,15 @@ def data_dir() -> Path:
     return Path(platformdirs.user_data_dir(APP_NAME))
 
 
-def write_private_file(path: Path, text: str, mode: int = 0o600) -> None:
+def write_private_file(path: Path, text: str, mode: int = 0o600, *, sync: bool = True) -> None:
     """Replace ``path`` with ``text``, private (``mode``) from the first byte, all or nothing.
 
     The text goes to a new file beside it, created with ``mode`` and synced, then renamed over
     it: a full disk leaves the old file whole, and a secret never lands in a file someone else
     can read (an existing file's mode could not always be changed). A link is followed, so a
-    config kept elsewhere stays there; a device or a FIFO is refused (``/dev/null`` made 0600)."""
+    config kept elsewhere stays there; a device or a FIFO is refused (``/dev/null`` made 0600).
+    ``sync=False`` for a file rewritten often on the event loop that means nothing after a crash
+    (the registration state): an fsync can stall for seconds while a download fills the page cache."""
     target = path.resolve() if path.is_symlink() else path
     if target.exists() and not target.is_file():
         raise OSError(errno.EINVAL, "not a regular file", str(path))
@@ -47,8 +49,9 @@ def write_private_file(path: Path, text: str, mode: int = 0o600) -> None:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(OSError):

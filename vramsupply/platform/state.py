@@ -54,7 +54,7 @@ def default_state_path() -> Path:
 
 def write_state(path: Path, state: RegistrationState) -> None:
     """Replace the file atomically so a concurrent `status` never reads half a document."""
-    write_private_file(path, state.model_dump_json(indent=2))
+    write_private_file(path, state.model_dump_json(indent=2), sync=False)  # on the event loop, every heartbeat
 
 
 def read_state(path: Path) -> RegistrationState | None:
