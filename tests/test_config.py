@@ -75,6 +75,16 @@ def test_invalid_env_values_name_setting_and_source(env: dict[str, str], expecte
     assert str(info.value).startswith(expected)
 
 
+def test_a_lower_case_variable_is_named_as_the_source_of_what_it_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read names in any case; `config show` said such a value was the default."""
+    monkeypatch.setenv("vram_supply_port", "9091")
+    loaded = load_settings()
+    assert loaded.settings.port == 9091 and loaded.sources["port"] == "env vram_supply_port"
+    monkeypatch.setenv("vram_supply_port", "99999")
+    with pytest.raises(ConfigError, match=r"^invalid port = '99999' \(from env vram_supply_port\)"):
+        load_settings()
+
+
 def test_invalid_flag_and_file_values_name_their_source(config_file: Path) -> None:
     with pytest.raises(ConfigError, match=r"invalid input_price = -1 \(from flag --input-price\)"):
         load_settings({"input_price": -1})

@@ -51,14 +51,17 @@ def warn_unknown_env() -> None:
 
 
 def _env_values() -> dict[str, str]:
-    return {name: os.environ[env_name(name)] for name in Settings.model_fields if env_name(name) in os.environ}
+    """Each setting given in the environment, with the variable's name as it is set: Settings
+    reads names in any case (``vram_supply_port`` too), so the source must be found the same way."""
+    as_set = {name.upper(): name for name in os.environ}
+    return {field: as_set[env_name(field)] for field in Settings.model_fields if env_name(field) in as_set}
 
 
 def _source_label(field: str, flags: dict[str, Any], env: dict[str, str], file_values: dict[str, Any], path: Path) -> str:
     if field in flags:
         return "flag --" + field.replace("_", "-")
     if field in env:
-        return "env " + env_name(field)
+        return "env " + env[field]
     if field in file_values:
         return f"config file {path}"
     return "default"
