@@ -4,7 +4,12 @@ their output is read line by line whatever it holds.
 ``die_with_parent`` runs in the child between fork and exec: the kernel sends the child SIGTERM
 when the agent dies without stopping it (SIGKILL, the OOM killer), so a restarted agent never
 finds an orphan still holding the GPU or a tunnel to a dead port. Linux only
-(``prctl(PR_SET_PDEATHSIG)``); elsewhere an orphan outlives the agent.
+(``prctl(PR_SET_PDEATHSIG)``); elsewhere an orphan outlives the agent. ``killed_with_parent``
+sends SIGKILL instead, for a child that may ignore SIGTERM.
+
+``prctl`` is looked up here, in the agent, once: the child of a process with threads (llama.cpp's)
+may only make the call. Looking it up there (``dlopen``) could wait forever on a loader lock that
+another thread held at the fork, and ``Popen`` with it.
 """
 
 from __future__ import annotations
@@ -21,10 +26,17 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 
 
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def killed_with_parent() -> None:
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 async def output_lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:

@@ -20,21 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
-import sys
 from dataclasses import dataclass
+
+from vramsupply.children import killed_with_parent
 
 READER_LIMIT = 2**16
 """asyncio's own line limit; ``output_lines`` skips a longer line."""
-PR_SET_PDEATHSIG = 1
-
-
-def killed_with_parent() -> None:
-    """Runs in the child between fork and exec: SIGKILL when the agent dies without stopping it (Linux only)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class _ExitWatch(asyncio.subprocess.SubprocessStreamProtocol):
