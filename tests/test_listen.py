@@ -3,13 +3,23 @@ and ``--port 0``: every address listens on the one port the agent announces.
 
 The names here resolve through a stand-in for ``getaddrinfo`` (this machine's ``localhost`` has one
 address); the sockets, the server and the HTTP requests are real. 127.0.0.2 is loopback on Linux.
+
+An address this machine cannot have (IPv6 switched off, as in many containers whose /etc/hosts
+still says ``::1 localhost``) is left out, as asyncio leaves it out: 192.0.2.1 (TEST-NET-1, on no
+interface; each test checks that the kernel refuses it) stands for it, and a network namespace of its own with IPv6 off is the real thing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
+import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -29,6 +39,29 @@ def two_address_name(host, port, *args, **kwargs):
     if host != "dualstack.test":
         return REAL_GETADDRINFO(host, port, *args, **kwargs)
     return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in TWO_ADDRESSES]
+
+
+NOT_HERE = ("192.0.2.1", "198.51.100.1")  # TEST-NET-1 and -2: documentation addresses, on no interface
+NO_SUCH_FAMILY = socket.AF_DECnet  # a family this kernel lacks, as AF_INET6 is where IPv6 is off at boot
+
+
+def name_of(*addresses: tuple[int, str]):
+    """A stand-in resolver: every name is these (family, address) pairs, in this order."""
+
+    def resolve(host, port, *args, **kwargs):
+        return [(family, socket.SOCK_STREAM, 6, "", (address, port)) for family, address in addresses]
+
+    return resolve
+
+
+def refusal(family: int, address: str) -> OSError:
+    """What this kernel says to listening on ``address``: the tests below rely on it refusing."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((address, 0))
+    except OSError as exc:
+        return exc
+    pytest.skip(f"this machine can listen on {address}")
 
 
 @pytest.fixture
@@ -98,6 +131,97 @@ def test_with_port_0_a_port_taken_on_a_later_address_means_trying_a_new_port(mon
     finally:
         for sock in sockets:
             sock.close()
+
+
+@pytest.mark.parametrize("order", ["first", "last"])
+def test_an_address_this_machine_does_not_have_is_left_out_and_the_others_listen(order: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Before, ``serve --host localhost`` refused to start where ::1 is in /etc/hosts and IPv6 is off."""
+    assert refusal(socket.AF_INET, NOT_HERE[0]).errno == errno.EADDRNOTAVAIL
+    usable, unusable = (socket.AF_INET, "127.0.0.1"), (socket.AF_INET, NOT_HERE[0])
+    resolve = name_of(unusable, usable) if order == "first" else name_of(usable, unusable)
+
+    with caplog.at_level(logging.DEBUG, logger="vramsupply.listen"):
+        sockets = bind_sockets("partly.test", 0, resolve=resolve)
+    try:
+        assert [sock.getsockname()[0] for sock in sockets] == ["127.0.0.1"]
+        assert sockets[0].getsockname()[1] != 0
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert f"not listening on {NOT_HERE[0]}: Cannot assign requested address" in caplog.text
+
+
+def test_an_address_whose_family_this_kernel_lacks_is_left_out() -> None:
+    assert refusal(NO_SUCH_FAMILY, "any").errno == errno.EAFNOSUPPORT
+    with socket.socket() as taken:  # a fixed port: the one the agent is told to listen on
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+    sockets = bind_sockets("partly.test", port, resolve=name_of((NO_SUCH_FAMILY, "any"), (socket.AF_INET, "127.0.0.1")))
+    try:
+        assert [sock.getsockname() for sock in sockets] == [("127.0.0.1", port)]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_name_with_no_address_this_machine_can_listen_on_is_one_clear_error() -> None:
+    first, _ = (refusal(socket.AF_INET, address) for address in NOT_HERE)
+    resolve = name_of(*((socket.AF_INET, address) for address in NOT_HERE), (NO_SUCH_FAMILY, "any"))
+
+    with pytest.raises(OSError) as raised:
+        bind_sockets("elsewhere.test", 0, resolve=resolve)
+
+    assert raised.value.errno == errno.EADDRNOTAVAIL
+    assert raised.value.strerror == f"{first.strerror} (on {NOT_HERE[0]}, port 0; none of the name's 3 addresses can be listened on here)"
+
+
+def test_another_failure_after_a_left_out_address_is_still_an_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError) as raised:
+            bind_sockets("partly.test", port, resolve=name_of((socket.AF_INET, NOT_HERE[0]), (socket.AF_INET, "127.0.0.1")))
+
+    assert raised.value.errno == errno.EADDRINUSE
+    assert f"on 127.0.0.1, port {port}" in raised.value.strerror
+
+
+def in_a_network_of_its_own(tmp_path: Path, hosts: str, *command: str, ipv6: bool = True) -> subprocess.CompletedProcess[str]:
+    """``command`` in network and mount namespaces of its own (unshare: root), with loopback up,
+    ``hosts`` as its /etc/hosts and, unless ``ipv6``, IPv6 switched off by sysctl as Docker does."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("a network namespace of the child's own needs root, unshare and ip")
+    (tmp_path / "hosts").write_text(hosts)
+    setup = f'mount --bind "{tmp_path / "hosts"}" /etc/hosts && ip link set lo up'
+    if not ipv6:
+        setup += " && echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6"
+    command = ("unshare", "--mount", "--net", "sh", "-c", f'{setup} && exec "$@"', "sh", *command)
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=120)
+
+
+DUAL_STACK_HOSTS = "127.0.0.1 localhost\n::1 localhost\n"
+
+LISTEN_ON_LOCALHOST = """
+import asyncio
+from vramsupply.server import ApiServer, create_app
+
+async def main():
+    server = ApiServer(create_app("stories260k"), "localhost", 0)
+    await server.start()
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port)  # it listens there
+    writer.close()
+    print(server.url)
+    await server.stop()
+
+asyncio.run(main())
+"""
+
+
+def test_localhost_where_ipv6_is_switched_off_listens_on_its_ipv4_address(tmp_path: Path) -> None:
+    result = in_a_network_of_its_own(tmp_path, DUAL_STACK_HOSTS, sys.executable, "-c", LISTEN_ON_LOCALHOST, ipv6=False)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("http://localhost:")
 
 
 @pytest.mark.parametrize("sent", [b"", b"GET /health HTTP/1.1\r\nHost: x\r\n"], ids=["nothing", "half-the-headers"])

@@ -21,6 +21,7 @@ import httpx2
 
 from vramsupply.gpu.checkup import PROBE_TIMEOUT, CheckResult, Context, Result, check, doctor_text, run_checks
 from vramsupply.gpu.plan import GIB, gib
+from vramsupply.listen import bind_sockets
 
 __all__ = ["CheckResult", "doctor_text", "run_checks"]
 
@@ -184,19 +185,20 @@ def _privileged_port(port: int) -> Result | None:
 
 
 def _bind_error(host: str, port: int) -> OSError | None:
-    """Why `host:port` cannot be listened on, or None when it can."""
+    """Why `host:port` cannot be listened on, or None when it can: bound as serve binds it (every
+    address of the name, IPv6 ones IPv6-only), so that the verdict is serve's."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
+        sockets = bind_sockets(host, port)
+    except OSError as exc:  # socket.gaierror too: a name that does not resolve
         return exc
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            return exc
+    for sock in sockets:
+        sock.close()
     return None
+
+
+def _host_port(host: str, port: int) -> str:
+    """``[::]:47377`` for an IPv6 literal: ``:::47377`` reads as nothing."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @check("port")
@@ -204,8 +206,9 @@ def port_free_or_ours(ctx: Context) -> Result:
     """Whether serve can listen on host:port; if not, why, beyond "in use": each reason has its own fix."""
     host, port = ctx.settings.host, ctx.settings.port
     error = _bind_error(host, port)
+    where = _host_port(host, port)
     if error is None:
-        return Result(True, f"{host}:{port} is free")
+        return Result(True, f"{where} is free")
     if isinstance(error, socket.gaierror):
         return Result(False, f"the host name {host} does not resolve ({error.strerror})", "set VRAM_SUPPLY_HOST to an address of this machine (0.0.0.0: all of them)")
     if error.errno == errno.EADDRNOTAVAIL:
@@ -213,7 +216,7 @@ def port_free_or_ours(ctx: Context) -> Result:
     if error.errno == errno.EACCES and (privileged := _privileged_port(port)) is not None:
         return privileged
     if error.errno != errno.EADDRINUSE:
-        return Result(False, f"cannot listen on {host}:{port}: {error.strerror or error}", "set VRAM_SUPPLY_HOST and VRAM_SUPPLY_PORT to an address and port this machine can listen on")
+        return Result(False, f"cannot listen on {where}: {error.strerror or error}", "set VRAM_SUPPLY_HOST and VRAM_SUPPLY_PORT to an address and port this machine can listen on")
     from vramsupply.platform.offer import local_base_url
 
     try:
@@ -221,8 +224,8 @@ def port_free_or_ours(ctx: Context) -> Result:
     except (httpx2.HTTPError, ValueError):
         answer = None
     if isinstance(answer, dict) and "model" in answer:
-        return Result(True, f"{host}:{port} is served by a running vramsupply ({answer.get('model')})")
-    return Result(False, f"{host}:{port} is taken by another program", "stop it or serve on another port (--port, VRAM_SUPPLY_PORT)")
+        return Result(True, f"{where} is served by a running vramsupply ({answer.get('model')})")
+    return Result(False, f"{where} is taken by another program", "stop it or serve on another port (--port, VRAM_SUPPLY_PORT)")
 
 
 from vramsupply.gpu import doctor_platform  # noqa: E402,F401  the marketplace's checks, registered after this machine's
