@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import pkgutil
 
@@ -10,7 +11,7 @@ from conftest import TINY_MODEL, run_cli
 from vramsupply import errors
 from vramsupply.config import ConfigError
 from vramsupply.engine import EngineError
-from vramsupply.errors import Interrupted, VramsupplyError
+from vramsupply.errors import Interrupted, ListenError, VramsupplyError
 from vramsupply.hub import HubError
 from vramsupply.platform import OfferError, PlatformError
 from vramsupply.service.installer import ServiceError
@@ -61,3 +62,10 @@ def test_a_message_with_brackets_is_printed_as_written() -> None:
 
     assert result.returncode == 1
     assert "[not-a-model]" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_ipv6_address_that_cannot_be_listened_on_is_written_as_in_a_url() -> None:
+    """`:::8080` read as a typo; `[::]:8080` is how a provider would write it."""
+    in_use = OSError(errno.EADDRINUSE, "Address already in use")
+    assert str(ListenError("::", 8080, in_use)) == "cannot listen on [::]:8080: Address already in use"
+    assert str(ListenError("127.0.0.1", 8080, in_use)) == "cannot listen on 127.0.0.1:8080: Address already in use"

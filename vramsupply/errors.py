@@ -64,7 +64,8 @@ class ListenError(VramsupplyError):
     """``serve`` or ``devplatform`` cannot listen on its host and port (in use, no permission)."""
 
     def __init__(self, host: str, port: int, exc: OSError) -> None:
-        super().__init__(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 literal, as in a URL
+        super().__init__(f"cannot listen on {where}: {exc.strerror or exc}")
 
 
 class Interrupted(VramsupplyError):
