@@ -23,8 +23,9 @@ this machine has, and links the `vramsupply` command onto PATH. Re-running upgra
   sh install.sh [--version X | --from PATH] [--backend cpu|cuda|hip|metal|vulkan]
                 [--dry-run] [--strict] [--dev] [--service] [--uninstall [--purge]]
 
---dry-run prints the backend, toolchain and CPU code flags it would use and installs nothing. A
-failed GPU build falls back to the CPU build with a warning; --strict fails instead.
+--dry-run prints the backend, toolchain and CPU code flags it would use and installs nothing;
+with --uninstall it prints what it would remove and removes nothing. A failed GPU build falls
+back to the CPU build with a warning; --strict fails instead.
 Environment overrides: VRAMSUPPLY_VERSION, VRAMSUPPLY_FROM, VRAMSUPPLY_BACKEND,
 VRAMSUPPLY_CUDA_ARCHITECTURES, VRAMSUPPLY_HIP_TARGETS, CUDA_HOME (a CUDA toolkit to use),
 VRAMSUPPLY_CPU_FLAGS (compiler flags for llama.cpp's CPU code, instead of the AMX probe's),
@@ -537,35 +538,124 @@ check_link_target() { # PATH
     fi
 }
 
-uninstall() {
-    data_dir=$1 bin_dir=$2 purge=$3
-    venv="$data_dir/venv"
-    # Only the service that runs this install's agent, not one belonging to another venv.
-    if grep -qF "ExecStart=$venv/bin/vramsupply " "$(service_unit)" 2>/dev/null && [ -x "$venv/bin/vramsupply" ]; then
-        scope="" purge_flag=""
-        if [ "$(id -u)" != 0 ]; then scope="--user"; fi
-        if [ "$purge" = 1 ]; then purge_flag="--purge"; fi
-        # shellcheck disable=SC2086
-        "$venv/bin/vramsupply" service uninstall $scope $purge_flag || say "could not remove the systemd service; run: vramsupply service uninstall $scope"
+# --- Uninstalling: every step goes through remove_path or the dry_run test in front of the agent's
+# own commands, so that `--uninstall --dry-run` says exactly what a real run would remove and changes
+# nothing. (It once returned before dry_run was read: a dry run uninstalled, with --purge deleted the
+# user's configuration and downloaded models.)
+NL='
+'
+removed_paths=$NL # what remove_path took (a dry run only pretends), one a line
+
+is_removed() { # PATH: remove_path took it, or a folder it is in
+    p=$1
+    while :; do
+        case "$removed_paths" in *"$NL$p$NL"*) return 0 ;; esac
+        case "$p" in */?*) p=${p%/*} ;; *) return 1 ;; esac
+    done
+}
+
+gone() { [ ! -e "$1" ] && [ ! -L "$1" ] || is_removed "$1"; } # PATH: absent, or (dry run) would be
+
+remove_path() { # PATH: rm -rf, said; in a dry run only said
+    if gone "$1"; then return 0; fi
+    removed_paths="$removed_paths$1$NL"
+    if [ "$dry_run" = 1 ]; then say "would remove $1"; return 0; fi
+    rm -rf "$1" || die "could not remove $1"
+    say "removed $1"
+}
+
+remove_if_emptied() { # DIR: removed when nothing is left in it but what was removed above
+    [ -d "$1" ] && ! gone "$1" || return 0
+    for entry in "$1"/* "$1"/.[!.]* "$1"/..?*; do gone "$entry" || return 0; done
+    if [ "$dry_run" = 1 ]; then remove_path "$1"; else rmdir "$1" 2>/dev/null && removed_paths="$removed_paths$1$NL" && say "removed $1"; fi
+    return 0
+}
+
+# Only the service that runs this install's agent, not one belonging to another venv.
+uninstall_service() { # PURGE
+    unit=$(service_unit)
+    grep -qF "ExecStart=$venv/bin/vramsupply " "$unit" 2>/dev/null && [ -x "$venv/bin/vramsupply" ] || return 0
+    scope="" purge_flag=""
+    if [ "$(id -u)" != 0 ]; then scope="--user"; fi
+    if [ "$1" = 1 ]; then purge_flag="--purge"; fi
+    if [ "$dry_run" = 1 ]; then
+        say "would stop and disable the systemd service and remove $unit (vramsupply service uninstall $scope${purge_flag:+ $purge_flag})"
+        env_file=$(sed -n 's/^EnvironmentFile=-\{0,1\}//p' "$unit" | head -n 1)
+        if [ -n "$purge_flag" ] && [ -n "$env_file" ] && [ -e "$env_file" ]; then say "would remove the service's settings in $env_file"; fi
+        return 0
     fi
-    if [ "$purge" = 1 ] && [ -x "$venv/bin/vramsupply" ]; then
+    # shellcheck disable=SC2086
+    "$venv/bin/vramsupply" service uninstall $scope $purge_flag || say "could not remove the systemd service; run: vramsupply service uninstall $scope"
+}
+
+uninstall_models() {
+    if [ ! -x "$venv/bin/vramsupply" ]; then
+        say "no vramsupply in $venv to remove the downloaded models with; remove them with 'hf cache' if you wish"
+    elif [ "$dry_run" = 1 ]; then
+        say "would remove every downloaded model (vramsupply models rm --all --yes)"
+    else
         "$venv/bin/vramsupply" models rm --all --yes || say "could not remove downloaded models; remove them with 'hf cache' if you wish"
     fi
+}
+
+uninstall() { # DATA_DIR BIN_DIR PURGE
+    data_dir=$1 bin_dir=$2 purge=$3
+    venv="$data_dir/venv" kept=kept
+    if [ "$dry_run" = 1 ]; then say "dry run: uninstalling would do this, and nothing is changed" && kept="would keep"; fi
+    uninstall_service "$purge"
+    if [ "$purge" = 1 ]; then uninstall_models; fi
     link="$bin_dir/vramsupply"
     # Only our link: one to another install's vramsupply (pipx, another venv) is not ours to remove.
-    if [ -L "$link" ] && [ "$(readlink "$link")" = "$venv/bin/vramsupply" ]; then rm -f "$link" && say "removed $link"; fi
-    if [ -d "$venv" ]; then rm -rf "$venv" && say "removed $venv"; fi
-    rm -rf "$data_dir"/cuda-[0-9]*
-    rm -f "$data_dir/backend" "$data_dir"/build-*.log "$(agent_data_dir)/registration.json"
-    rmdir "$data_dir" "$(agent_data_dir)" 2>/dev/null || true
-    # VRAMSUPPLY_DATA_DIR may name a shared folder: what the installer did not write there stays.
-    if [ -d "$data_dir" ]; then say "kept $data_dir: it holds files this installer did not write"; fi
+    if [ -L "$link" ] && [ "$(readlink "$link")" = "$venv/bin/vramsupply" ]; then remove_path "$link"; fi
+    for path in "$venv" "$data_dir"/cuda-[0-9]* "$data_dir/backend" "$data_dir"/build-*.log "$(agent_data_dir)/registration.json"; do
+        remove_path "$path"
+    done
     if [ "$purge" = 1 ]; then
-        rm -rf "$(agent_data_dir)" "$(config_dir)"
-        say "removed configuration and data ($(config_dir), $(agent_data_dir))"
-    else
-        say "kept configuration ($(config_dir), endpoint token) and downloaded models; use --uninstall --purge to remove them too"
+        remove_path "$(config_dir)"
+        remove_path "$(agent_data_dir)"
     fi
+    remove_if_emptied "$data_dir"
+    remove_if_emptied "$(agent_data_dir)"
+    # VRAMSUPPLY_DATA_DIR may name a shared folder: what the installer did not write there stays.
+    if ! gone "$data_dir"; then say "$kept $data_dir: it holds files this installer did not write"; fi
+    if [ "$purge" != 1 ]; then
+        say "$kept configuration ($(config_dir), endpoint token) and downloaded models; use --uninstall --purge to remove them too"
+    fi
+    if [ "$dry_run" = 1 ]; then say "dry run: nothing was removed"; fi
+}
+
+# What pip installs ($spec) and, for people, from where ($source). Reads only: a dry run calls it.
+plan_spec() {
+    if [ -z "$from" ] && [ -z "$version" ]; then
+        from=$(checkout_dir || true)
+    fi
+    extras=""
+    if [ "$dev" = 1 ]; then extras="[dev]"; fi # before the version: vramsupply[dev]==X
+    if [ -n "$from" ]; then
+        [ -e "$from" ] || die "--from path '$from' does not exist"
+        spec="$(cd "$from" 2>/dev/null && pwd || echo "$from")$extras" source="from $spec"
+    elif [ -n "$version" ]; then
+        spec="vramsupply$extras==$version" source="$spec from PyPI"
+    else
+        spec="vramsupply$extras" source="the latest vramsupply$extras from PyPI"
+    fi
+}
+
+# The installer reads VRAMSUPPLY_*, the agent VRAM_SUPPLY_*: one spelled for the other is said, not
+# silently ignored (VRAMSUPPLY_MODEL set for the agent did nothing).
+INSTALLER_SETTINGS="VERSION FROM BACKEND CUDA_ARCHITECTURES HIP_TARGETS CPU_FLAGS DATA_DIR BIN_DIR INSTALL_FUNCTIONS_ONLY"
+hint_misspelled_settings() {
+    for name in $(env | sed -n 's/^VRAMSUPPLY_\([A-Za-z0-9_]*\)=.*/\1/p' | sort -u); do
+        case " $INSTALLER_SETTINGS " in
+            *" $name "*) ;;
+            *) say "VRAMSUPPLY_$name is not an installer setting, so it is ignored; the agent reads VRAM_SUPPLY_$name" >&2 ;;
+        esac
+    done
+    for name in $(env | sed -n 's/^VRAM_SUPPLY_\([A-Za-z0-9_]*\)=.*/\1/p' | sort -u); do
+        case " $INSTALLER_SETTINGS " in
+            *" $name "*) say "VRAM_SUPPLY_$name is ignored: the installer reads VRAMSUPPLY_$name" >&2 ;;
+        esac
+    done
 }
 
 main() {
@@ -589,6 +679,8 @@ main() {
         esac
         shift
     done
+    if [ "$purge" = 1 ] && [ "$remove" = 0 ]; then die "--purge goes with --uninstall (sh install.sh --uninstall --purge); nothing was done"; fi
+    hint_misspelled_settings
 
     data_dir=${VRAMSUPPLY_DATA_DIR:-$(default_data_dir)}
     bin_dir=${VRAMSUPPLY_BIN_DIR:-$(default_bin_dir)}
@@ -614,8 +706,10 @@ main() {
         fi
     fi
     python=$(find_python) || python=""
+    plan_spec
     if [ "$dry_run" = 1 ]; then
         say "python: ${python:-none (Python 3.10 or newer is required)}"
+        say "would install $source into $venv, linked as $bin_dir/vramsupply"
         say "dry run: nothing was installed"
         return 0
     fi
@@ -625,22 +719,7 @@ main() {
     fi
     if [ "$strict" = 1 ] && [ -n "$toolchain_missing" ]; then die "cannot build for $backend: $toolchain_missing"; fi
 
-    if [ -z "$from" ] && [ -z "$version" ]; then
-        from=$(checkout_dir || true)
-    fi
-    extras=""
-    if [ "$dev" = 1 ]; then extras="[dev]"; fi # before the version: vramsupply[dev]==X
-    if [ -n "$from" ]; then
-        [ -e "$from" ] || die "--from path '$from' does not exist"
-        spec="$(cd "$from" 2>/dev/null && pwd || echo "$from")$extras"
-        say "installing from $spec"
-    elif [ -n "$version" ]; then
-        spec="vramsupply$extras==$version"
-        say "installing $spec from PyPI"
-    else
-        spec="vramsupply$extras"
-        say "installing the latest vramsupply from PyPI"
-    fi
+    say "installing $source"
 
     mkdir -p "$data_dir" "$bin_dir"
     # Absolute, so that the link works from anywhere (a relative VRAMSUPPLY_DATA_DIR left it dangling).

@@ -6,7 +6,8 @@ Found by an audit: a --version PyPI lacks was only refused after the long llama.
 upgrade ran pip without the GPU build's CMAKE_ARGS, so a release needing a newer llama-cpp-python
 would have replaced a CUDA build with a CPU one, silently; `--dev --version X` asked pip for the
 invalid `vramsupply==X[dev]`; `curl ... | sh -s -- --help` printed nothing; a CUDA toolkit copy
-that failed (a full disk) was installed as if complete.
+that failed (a full disk) was installed as if complete. A later audit: `--uninstall --dry-run`
+uninstalled for real, and with `--purge` deleted the user's configuration and downloaded models.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ case "$*" in
     venv=$3
     mkdir -p "$venv/bin"
     cp "$FAKE_VENV_PYTHON" "$venv/bin/python"
-    printf '#!/bin/sh\\necho "vramsupply 9.9.9"\\n' > "$venv/bin/vramsupply"
+    printf '#!/bin/sh\\necho "vramsupply $*" >> "$FAKE_LOG"\\necho "vramsupply 9.9.9"\\n' > "$venv/bin/vramsupply"
     chmod +x "$venv/bin/python" "$venv/bin/vramsupply" ;;
 esac
 exit 0
@@ -73,6 +74,23 @@ class InstallMachine(Machine):
 
     def pip_calls(self) -> list[str]:
         return [line for line in self.log.read_text().splitlines() if " -m pip " in line] if self.log.exists() else []
+
+    def agent_calls(self) -> list[str]:
+        """What the installed `vramsupply` was asked to do (its --version aside)."""
+        lines = self.log.read_text().splitlines() if self.log.exists() else []
+        return [line for line in lines if line.startswith("vramsupply ") and line != "vramsupply --version"]
+
+    def files(self) -> dict[str, str]:
+        """Every path under the machine's root, with a file's text or a link's target."""
+        found = {}
+        for path in sorted(self.root.rglob("*")):
+            if path.is_symlink():
+                found[str(path)] = f"-> {os.readlink(path)}"
+            elif path.is_file():
+                found[str(path)] = path.read_text(errors="replace")
+            else:
+                found[str(path)] = "folder"
+        return found
 
 
 @pytest.fixture
@@ -143,3 +161,88 @@ def test_a_cuda_toolkit_copy_that_fails_on_a_full_disk_is_a_failure_not_a_toolki
     assert "No space left on device" in result.stdout
     assert not cuda_root.exists(), "nothing a later run would take for a complete toolkit"
     assert os.listdir(machine.data_dir) == ["cuda-12.4.partial"]
+
+
+def installed_with_settings(machine: InstallMachine) -> dict[str, Path]:
+    """A user's install: the agent, its user service, configuration, endpoint token and registration."""
+    machine.tool("id", "#!/bin/sh\necho 1000\n")  # a user, not root: the service and folders are the user's
+    installed = machine.install("--backend", "cpu")
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    home = machine.root
+    places = {
+        "link": home / "links" / "vramsupply", "venv": machine.data_dir / "venv", "backend": machine.data_dir / "backend",
+        "build log": machine.data_dir / "build-cpu.log", "config": home / ".config" / "vramsupply",
+        "agent data": home / ".local" / "share" / "vramsupply", "unit": home / ".config" / "systemd" / "user" / "vramsupply.service",
+    }
+    places["config"].mkdir(parents=True)
+    (places["config"] / "config.toml").write_text('quant = "Q8_0"\n')
+    (places["config"] / "service.env").write_text("VRAM_SUPPLY_MODEL=org/model\n")
+    places["agent data"].mkdir(parents=True)
+    (places["agent data"] / "endpoint_token").write_text("token")
+    (places["agent data"] / "registration.json").write_text("{}")
+    places["unit"].parent.mkdir(parents=True)
+    places["unit"].write_text(f"[Service]\nExecStart={places['venv']}/bin/vramsupply serve\nEnvironmentFile={places['config']}/service.env\n")
+    return places
+
+
+def said(output: str, prefix: str) -> set[str]:
+    return {line.removeprefix(f"vramsupply: {prefix} ") for line in output.splitlines() if line.startswith(f"vramsupply: {prefix} /")}
+
+
+@pytest.mark.parametrize("purge", [False, True], ids=["uninstall", "purge"])
+def test_an_uninstall_dry_run_names_each_path_it_would_remove_and_changes_nothing(machine: InstallMachine, purge: bool) -> None:
+    places = installed_with_settings(machine)
+    before = machine.files()
+    purge_flag = ["--purge"] if purge else []
+
+    dry = machine.install("--uninstall", *purge_flag, "--dry-run")
+
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert machine.files() == before, "a dry run removes nothing"
+    assert machine.agent_calls() == [], "nor asks the agent to remove its service or models"
+    assert dry.stdout.splitlines()[-1] == "vramsupply: dry run: nothing was removed"
+    would = said(dry.stdout, "would remove")
+    assert {str(places[name]) for name in ("link", "venv", "backend", "build log")} | {str(machine.data_dir)} <= would
+    assert str(places["agent data"] / "registration.json") in would
+    assert f"would stop and disable the systemd service and remove {places['unit']} (vramsupply service uninstall --user{' --purge' if purge else ''})" in dry.stdout
+    if purge:
+        assert {str(places["config"]), str(places["agent data"])} <= would
+        assert "vramsupply: would remove every downloaded model (vramsupply models rm --all --yes)" in dry.stdout
+        assert f"vramsupply: would remove the service's settings in {places['config']}/service.env" in dry.stdout
+    else:
+        assert str(places["config"]) not in would and "models rm" not in dry.stdout
+        assert f"would keep configuration ({places['config']}, endpoint token) and downloaded models" in dry.stdout
+
+    real = machine.install("--uninstall", *purge_flag)
+
+    assert real.returncode == 0, real.stdout + real.stderr
+    assert said(real.stdout, "removed") == would, "the dry run named exactly what the uninstall removes"
+    assert not any(Path(path).exists() for path in would)
+    expected_calls = ["vramsupply service uninstall --user --purge", "vramsupply models rm --all --yes"] if purge else ["vramsupply service uninstall --user"]
+    assert machine.agent_calls() == expected_calls
+
+
+def test_purge_without_uninstall_is_refused_before_anything_is_installed(machine: InstallMachine) -> None:
+    result = machine.install("--purge", "--backend", "cpu")
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == "vramsupply: error: --purge goes with --uninstall (sh install.sh --uninstall --purge); nothing was done"
+    assert not machine.data_dir.exists() and machine.pip_calls() == []
+
+
+def test_a_dry_run_says_what_it_would_install_and_where(machine: InstallMachine) -> None:
+    result = machine.install("--dry-run", "--dev", "--version", "1.2.3", "--backend", "cpu")
+
+    assert result.returncode == 0, result.stderr
+    assert f"vramsupply: would install vramsupply[dev]==1.2.3 from PyPI into {machine.data_dir}/venv, linked as {machine.root}/links/vramsupply" in result.stdout
+    assert not machine.data_dir.exists() and not (machine.root / "links").exists() and machine.pip_calls() == []
+
+
+def test_an_agent_setting_given_to_the_installer_is_named_not_silently_ignored(machine: InstallMachine) -> None:
+    result = machine.install("--dry-run", "--backend", "cpu", env={"VRAMSUPPLY_MODEL": "org/model", "VRAM_SUPPLY_BACKEND": "cuda", "VRAM_SUPPLY_API_KEY": "k"})
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "vramsupply: VRAMSUPPLY_MODEL is not an installer setting, so it is ignored; the agent reads VRAM_SUPPLY_MODEL",
+        "vramsupply: VRAM_SUPPLY_BACKEND is ignored: the installer reads VRAMSUPPLY_BACKEND",
+    ]
