@@ -1,7 +1,7 @@
 """Three error paths a provider meets on a bad day, run for real rather than assumed:
 
-- `doctor` run by an ordinary user asked to serve on a privileged port (the test machines run as
-  root, so the child drops to ``nobody`` with setpriv, and the kernel itself refuses the bind);
+- `doctor`'s port check run by an ordinary user asked to serve on a privileged port (the test
+  machines run as root, so a forked child becomes ``nobody``, and the kernel itself refuses the bind);
 - the Hub (or its CDN) accepting a file request and never sending the answer's headers, with the
   Hub timeout set small: one line and exit 1, or serving from the verified cached copy;
 - the disk filling up while `bench` measures: the figures stay in sight, the save fails in one line.
@@ -9,14 +9,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,6 @@ from aiohttp import web
 
 from conftest import TINY_MODEL, run_cli
 from fakehub import FakeHub, standard_repos
-from live_platform import free_port
 from test_hub_cli import env_for
 from vramsupply.throughput import default_bench_path
 
@@ -37,76 +35,73 @@ ONE_THREAD = {"VRAM_SUPPLY_THREADS": "1"}  # as test_bench.py: two threads spin 
 
 # --- doctor as an ordinary user ------------------------------------------------------------------
 
-
-@pytest.fixture
-def shared_home() -> Iterator[Path]:
-    """A HOME that ``nobody`` can use: pytest's tmp_path lies in root's private /tmp/pytest-of-root."""
-    home = Path(tempfile.mkdtemp(prefix="vramsupply-home-"))
-    home.chmod(0o777)
-    yield home
-    shutil.rmtree(home)
+NOBODY = 65534
+CLONE_NEWNET = 0x40000000
 
 
-def as_ordinary_user() -> list[str]:
-    """The command prefix that runs a child as a user who may not listen below 1024."""
+def port_check_as_nobody(port: int, *, unprivileged_start: int | None = None) -> list[object]:
+    """doctor's port check (host 0.0.0.0), run in a forked child that has become ``nobody``, so the
+    kernel itself refuses the bind. Forked, not a new ``python -m vramsupply doctor``: that child
+    would have to read the venv, whose path (a CI clone under a private temporary folder) nobody
+    may enter. ``unprivileged_start``: first set net.ipv4.ip_unprivileged_port_start to it in a
+    network namespace of the child's own. Returns [ok, detail, fix], or ["raised", repr]."""
+    from vramsupply.config import Settings
+    from vramsupply.gpu.checkup import Context
+    from vramsupply.gpu.doctor import port_free_or_ours
+
+    import encodings.idna  # noqa: F401  what resolving a host name imports on first use
+
+    settings = Settings(host="0.0.0.0", port=port)  # read here: the child may not read files
+    libc = ctypes.CDLL(None, use_errno=True)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls and code already imported
+        try:
+            os.close(reader)
+            if unprivileged_start is not None:
+                if libc.unshare(CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+                UNPRIVILEGED_PORT_START.write_text(str(unprivileged_start))
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            result = port_free_or_ours(Context(settings))
+            os.write(writer, json.dumps([result.ok, result.detail, result.fix]).encode())
+        except BaseException as exc:  # noqa: BLE001 - any failure is reported to the parent
+            os.write(writer, json.dumps(["raised", repr(exc)]).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as answer:
+        told = answer.read()
+    os.waitpid(pid, 0)
+    return json.loads(told)
+
+
+def test_a_privileged_port_is_a_failed_check_for_an_ordinary_user() -> None:
     if os.geteuid() != 0:
-        return []
-    if shutil.which("setpriv") is None:
-        pytest.skip("running as root, and setpriv (util-linux) is missing to drop to nobody")
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-
-
-def doctor_as_ordinary_user(home: Path, port: int, *, in_a_namespace: str = "") -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "XDG_DATA_HOME": str(home / ".local" / "share"),
-        "VRAM_SUPPLY_CONFIG": str(home / ".config" / "vramsupply" / "config.toml"),
-        "VRAM_SUPPLY_HOST": "0.0.0.0",
-        "VRAM_SUPPLY_PORT": str(port),
-        "VRAM_SUPPLY_PLATFORM_URL": f"http://127.0.0.1:{free_port()}",
-        "COLUMNS": "250",
-    }
-    command = [*as_ordinary_user(), sys.executable, "-m", "vramsupply", "doctor"]
-    if in_a_namespace:
-        command = ["unshare", "--net", "sh", "-c", f'{in_a_namespace} && exec "$@"', "sh", *command]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-
-
-def port_lines(table: str) -> list[str]:
-    """The port check's verdict and its fix, as the table prints them."""
-    lines = table.splitlines()
-    at = next(i for i, line in enumerate(lines) if line.startswith("✗ port"))
-    return [" ".join(lines[at].split()), " ".join(lines[at + 1].split())]
-
-
-def test_a_privileged_port_is_a_failed_check_for_an_ordinary_user(shared_home: Path) -> None:
+        pytest.skip("becoming nobody needs root")
     start = int(UNPRIVILEGED_PORT_START.read_text())
     if start <= 80:
         pytest.skip(f"net.ipv4.ip_unprivileged_port_start is {start}: any user may listen on port 80 here")
 
-    result = doctor_as_ordinary_user(shared_home, 80)
-
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert port_lines(result.stdout) == [
-        f"✗ port port 80 is a privileged port: only root may listen below {start} on this machine, and this user is not root",
-        f"fix: serve on port {start} or above (--port, VRAM_SUPPLY_PORT); a reverse proxy can still answer buyers on port 80",
+    assert port_check_as_nobody(80) == [
+        False,
+        f"port 80 is a privileged port: only root may listen below {start} on this machine, and this user is not root",
+        f"serve on port {start} or above (--port, VRAM_SUPPLY_PORT); a reverse proxy can still answer buyers on port 80",
     ]
 
 
-def test_the_fix_names_this_machines_own_lowest_unprivileged_port(shared_home: Path) -> None:
+def test_the_fix_names_this_machines_own_lowest_unprivileged_port() -> None:
     """Before, the fix said "a port above 1023" whatever the kernel's setting: 1500 is, and fails
     where the setting is 2000. A network namespace of the child's own holds that setting."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("setting ip_unprivileged_port_start in a network namespace of the child's own needs root and unshare")
+    if os.geteuid() != 0:
+        pytest.skip("setting ip_unprivileged_port_start in a network namespace of the child's own needs root")
 
-    result = doctor_as_ordinary_user(shared_home, 1500, in_a_namespace=f"echo 2000 > {UNPRIVILEGED_PORT_START}")
-
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert port_lines(result.stdout) == [
-        "✗ port port 1500 is a privileged port: only root may listen below 2000 on this machine, and this user is not root",
-        "fix: serve on port 2000 or above (--port, VRAM_SUPPLY_PORT); a reverse proxy can still answer buyers on port 1500",
+    assert port_check_as_nobody(1500, unprivileged_start=2000) == [
+        False,
+        "port 1500 is a privileged port: only root may listen below 2000 on this machine, and this user is not root",
+        "serve on port 2000 or above (--port, VRAM_SUPPLY_PORT); a reverse proxy can still answer buyers on port 1500",
     ]
 
 
