@@ -107,6 +107,30 @@ def test_forced_named_call_in_each_familys_syntax(server: LiveServer) -> None:
             check_weather_call(call)
 
 
+def test_a_stop_string_never_cuts_a_forced_call(server: LiveServer) -> None:
+    """Agent frameworks send stop strings for their own reasons (a ReAct "Observation:"): inside a
+    call the grammar holds, one cut the JSON while finish_reason still said tool_calls."""
+    with sdk(server) as client:
+        for stop in (['"'], [":"], ["city"]):
+            response = client.chat.completions.create(
+                model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice=WEATHER, stop=stop, seed=2, max_tokens=200, extra_body=NO_THINKING
+            )
+            choice = response.choices[0]
+            assert choice.finish_reason == "tool_calls", (stop, choice)
+            [call] = choice.message.tool_calls
+            check_weather_call(call)
+
+
+def test_a_stop_string_never_cuts_a_json_response_format(qwen: LiveServer) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"], "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+    with sdk(qwen) as client:
+        response = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, response_format=response_format, stop=['"'], seed=3, max_tokens=60, extra_body=NO_THINKING
+        )
+    jsonschema.validate(json.loads(response.choices[0].message.content), schema)
+
+
 def test_required_tool_choice_calls_one_of_the_tools(server: LiveServer) -> None:
     with sdk(server) as client:
         names = set()
@@ -353,6 +377,19 @@ def test_auto_call_the_model_starts_is_held_to_the_schema(chat_models: dict[str,
                 assert call.function.name == "get_time" and arguments["tz"] in ("UTC", "CET")
         text = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=TOOLS, seed=1, max_tokens=12)
     assert text.choices[0].message.tool_calls is None and text.choices[0].message.content
+
+
+def test_a_stop_string_never_cuts_an_auto_call_once_started_but_stops_text_before_it(chat_models: dict[str, Path]) -> None:
+    with LiveServer(model_path=chat_models["mistral"], n_ctx=2048, threads=ONE_THREAD) as live, sdk(live) as client:
+        assert live.engine is not None
+        [marker] = live.engine.tokenize("[TOOL_CALLS]", add_special=False)
+        options = {"model": MODEL_ID, "messages": ASK, "tools": TOOLS, "parallel_tool_calls": False, "seed": 1, "max_tokens": 120}
+        called = client.chat.completions.create(**options, stop=['"', ":"], logit_bias={str(marker): 100})
+        plain = client.chat.completions.create(**options, stop=[" "])
+    assert called.choices[0].finish_reason == "tool_calls", called.choices[0]
+    [call] = called.choices[0].message.tool_calls
+    json.loads(call.function.arguments)
+    assert plain.choices[0].finish_reason == "stop" and " " not in (plain.choices[0].message.content or "")
 
 
 def test_a_schema_that_cannot_force_a_call_is_a_400_and_auto_still_answers(qwen: LiveServer) -> None:

@@ -11,7 +11,7 @@ import pytest
 from vramsupply.engine import ContextOverflow, EngineOptions, GenerationRequest, SamplingParams
 from vramsupply.engine.chat import FALLBACK_STOP, ChatTemplate, normalize_messages
 from vramsupply.engine.slots import Slot, choose_slot
-from vramsupply.engine.text import StopMatcher, TextStream
+from vramsupply.engine.text import StopMatcher, TextStream, stop_strings_for
 
 
 def stream_all(stream: TextStream, pieces: list[bytes]) -> tuple[list[str], bool]:
@@ -64,6 +64,28 @@ def test_held_back_partial_match_is_flushed_when_generation_ends() -> None:
 def test_earliest_of_several_stop_strings_wins() -> None:
     matcher = StopMatcher(["world", "lo w"])
     assert matcher.push("hello world") == ("hel", True)
+
+
+def test_a_stop_string_inside_a_started_tool_call_is_no_stop() -> None:
+    """A lazy call grammar holds the output from its trigger on: a stop string there would cut the
+    call's JSON while the answer still reported a whole call (finish_reason tool_calls)."""
+    stops = stop_strings_for(['"'], "root ::= call", [r"[\s\S]*?(<tool_call>)[\s\S]*"])
+    pieces = [b"Sure. ", b"<tool_call>", b'{"name": "f", ', b'"arguments": {}}', b"</tool_call>"]
+    deltas, stopped = stream_all(TextStream(stops), pieces)
+    assert not stopped and "".join(deltas) == 'Sure. <tool_call>{"name": "f", "arguments": {}}</tool_call>'
+
+
+def test_a_stop_string_before_the_call_starts_still_stops() -> None:
+    stops = stop_strings_for(["Sure"], "root ::= call", [r"[\s\S]*?(<tool_call>)[\s\S]*"])
+    assert stream_all(TextStream(stops), [b"Well. Su", b"re. <tool_call>"]) == (["Well. ", ""], True)
+
+
+def test_no_stop_string_applies_where_a_grammar_holds_the_whole_answer() -> None:
+    """A forced call or a JSON response_format: the grammar holds the answer from its first token."""
+    held = stop_strings_for(['"', ":"], "root ::= object", ())
+    deltas, stopped = stream_all(TextStream(held), [b'{"a', b'": 1}'])
+    assert not stopped and "".join(deltas) == '{"a": 1}'
+    assert stream_all(TextStream(stop_strings_for([":"], None, ())), [b'{"a": 1}']) == (['{"a"'], True)
 
 
 def test_stop_string_inside_one_piece_cuts_that_piece() -> None:

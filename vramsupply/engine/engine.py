@@ -22,7 +22,7 @@ from .generation import Channel, Generation
 from .model import Model, create_context, tiled_cpu_attention
 from .prompt_cache import MIB, budget_mib
 from .sampling import build_sampler
-from .text import StopStrings
+from .text import stop_strings_for
 from .scheduler import Scheduler
 from .speculative import default_draft_max
 from .slots import Task
@@ -202,7 +202,7 @@ class Engine:
         channel = Channel(loop)
         backend = self.options.backend_sampling and backend_sampling.supports(request)
         task = Task(
-            request_id, prompt, sampler, max_completion, StopStrings(request.stop), channel, request.preserve, request.logprobs, backend,
+            request_id, prompt, sampler, max_completion, stop_strings_for(request.stop, request.sampling.grammar, request.sampling.grammar_triggers), channel, request.preserve, request.logprobs, backend,
             source if self._model.copies_prefixes else None,  # else each choice decodes the prompt itself
             later_choice=source is not None,
         )

@@ -9,7 +9,8 @@ that could still grow into a stop string. Nothing here touches llama.cpp, so it 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -21,14 +22,33 @@ class StopStrings:
     length (up to the longest stop string) per token, and finding the longest partial match by
     trying every prefix length costs its square. The tables are built when the request is
     submitted, off the scheduler thread.
+
+    ``held``: given all the text before a stop string, whether a grammar holds the output there
+    (a lazy tool-call grammar once triggered): the stop string is then no stop, since cutting
+    would leave a call the answer reports whole as broken JSON. A stop string is never looked
+    for again once a grammar holds: it holds to the end.
     """
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], held: Callable[[str], bool] | None = None) -> None:
         self.stops = tuple(s for s in stops if s)
         self.tables = tuple(_failure_table(s) for s in self.stops)
+        self.held = held
 
     def __bool__(self) -> bool:
         return bool(self.stops)
+
+
+def stop_strings_for(stops: Sequence[str], grammar: str | None, triggers: Sequence[str]) -> StopStrings:
+    """A request's stop strings, knowing its grammar: a grammar without triggers (a forced tool call,
+    a JSON ``response_format``) holds the whole answer, so none apply; a lazy one (``triggers``,
+    regular expressions over the whole output) holds it once one matches the text before a stop
+    string. A stop string inside such output cut JSON the answer then reported as a whole call."""
+    if grammar is None:
+        return StopStrings(stops)
+    if not triggers:
+        return StopStrings(())
+    patterns = tuple(re.compile(trigger) for trigger in triggers)
+    return StopStrings(stops, held=lambda text: any(pattern.fullmatch(text) for pattern in patterns))
 
 
 def _failure_table(pattern: str) -> list[int]:
@@ -55,24 +75,44 @@ class StopMatcher:
         self._set = stops if isinstance(stops, StopStrings) else StopStrings(stops)
         self._states = [0] * len(self._set.stops)
         self._held = ""
+        self._said: list[str] | None = [] if self._set.held is not None else None  # for ``held``
+        self._gripped = False  # a grammar holds the output: no stop string applies any more
 
     def push(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop string was hit).
 
         On a hit the returned text ends right before the stop string and the stream is over.
         """
-        if not self._set:
-            return text, False
+        if not self._set or self._gripped:
+            return self._held_back_none(text), False
         window = self._held + text
         offset = len(self._held)
         for position, char in enumerate(text, start=offset + 1):
             start = self._advance(char, position)
-            if start is not None:
+            if start is not None and not self._grammar_holds(window[:start]):
                 self._held = ""
                 return window[:start], True
+            if self._gripped:
+                return self._held_back_none(text), False
         keep = max(self._states)
         self._held = window[len(window) - keep :]
-        return window[: len(window) - keep], False
+        return self._said_now(window[: len(window) - keep]), False
+
+    def _grammar_holds(self, before: str) -> bool:
+        if self._said is None:
+            return False
+        self._gripped = self._set.held("".join(self._said) + before)  # type: ignore[misc]
+        return self._gripped
+
+    def _held_back_none(self, text: str) -> str:
+        """Everything held and ``text``: nothing is held back once no stop string can apply."""
+        window, self._held = self._held + text, ""
+        return window
+
+    def _said_now(self, text: str) -> str:
+        if self._said is not None:
+            self._said.append(text)
+        return text
 
     def _advance(self, char: str, end: int) -> int | None:
         """Feed one character (the window's ``end``-th); where the earliest completed stop starts."""
