@@ -144,7 +144,7 @@ def test_missing_or_broken_template_falls_back_to_chatml() -> None:
         ([{"role": "user", "content": [{"text": "no type"}]}], r"content\[0\] must be a text part"),
         ([{"role": "user", "content": "x", "audio": {"id": "a"}}], r"messages\[0\].audio is not supported"),
         ([{"role": "user", "content": "x", "tool_calls": []}], r"messages\[0\].tool_calls is not supported in a user message"),
-        ([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}], r"tool_calls\[0\].function.arguments must be a JSON object"),
+        ([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": 5}}]}], r"tool_calls\[0\]\.function\.arguments must be a string"),
         ([{"role": "tool", "content": "42", "tool_call_id": 7}], r"messages\[0\].tool_call_id must be a string"),
     ],
 )

@@ -3,7 +3,15 @@
 The template comes from the GGUF's ``tokenizer.chat_template`` and is rendered in a sandbox by
 llama-cpp-python's ``Jinja2ChatFormatter``, the same way HuggingFace transformers render it. A
 model without a template (or with one Jinja2 cannot compile) gets ``FALLBACK_TEMPLATE``, ChatML,
-which is also what llama-server falls back to.
+which is also what llama-server falls back to; it writes an assistant's ``tool_calls`` after its
+content, one JSON object (``{"name": …, "arguments": …}``) a line, so a tool history from another
+model loses nothing (such a model is offered no ``tools``: its template never shows them).
+
+What a template needs beyond OpenAI's messages is settled here, from the template's own text and
+behaviour: Mistral-style templates get nine-character call ids (``with_short_call_ids``), and a
+template that can only walk an object's items (Qwen3.5's XML calls) gets a cut call's whole members
+(``arguments_as_objects``), or a 400 naming a call whose arguments are no object at all, rather
+than failing on a call's arguments that are text.
 """
 
 from __future__ import annotations
@@ -15,15 +23,22 @@ import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from vramsupply.chat import ChatFormat, detect_format
+from vramsupply.chat.syntaxes import syntax_for
 
-from .messages import normalize_messages
+from .messages import arguments_as_objects, normalize_messages, with_short_call_ids
 
 log = logging.getLogger(__name__)
 
-# ChatML: <|im_start|>{role}\n{content}<|im_end|>\n per message, then an open assistant turn.
+# ChatML: <|im_start|>{role}\n{content}<|im_end|>\n per message (an assistant's calls after its content,
+# one JSON object a line), then an open assistant turn.
 FALLBACK_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
@@ -45,6 +60,9 @@ class ChatTemplate:
                 self.source = template
             except jinja2.TemplateError as exc:
                 log.warning("the model's chat template does not compile (%s); using ChatML instead", exc)
+        self._short_ids = syntax_for(self.source).id_style == "mistral"
+        self._text_arguments = True  # while the probe renders text arguments as they are
+        self._text_arguments = self._takes_text_arguments()
         self.format: ChatFormat = detect_format(self.source, self._shows_tools())
 
     @property
@@ -55,7 +73,7 @@ class ChatTemplate:
     def render(self, messages: Any, tools: list[dict[str, Any]] | None = None, **variables: Any) -> str:
         """The prompt for OpenAI-style ``messages``; ``tools`` and ``variables`` (e.g.
         ``enable_thinking``) reach the template the way HuggingFace transformers pass them."""
-        normalized = normalize_messages(messages)
+        normalized = self._for_template(normalize_messages(messages))
         try:
             return self._formatter(messages=normalized, tools=tools or None, **variables).prompt
         except ValueError as exc:
@@ -63,6 +81,25 @@ class ChatTemplate:
         except (jinja2.TemplateError, TypeError, KeyError, IndexError) as exc:
             raise ValueError(f"the model's chat template failed on these messages: {exc}") from None
 
+    def _for_template(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not self._text_arguments:
+            messages = arguments_as_objects(messages)
+        return with_short_call_ids(messages) if self._short_ids else messages
+
+    def _takes_text_arguments(self) -> bool:
+        """Whether the template renders a call whose arguments are a string (no JSON object), or
+        fails on any call whatever its arguments (then its own error is the one to give)."""
+
+        def renders(arguments: Any) -> bool:
+            call = {"id": "vsprobe01", "type": "function", "function": {"name": _PROBE_TOOL, "arguments": arguments}}
+            history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+            try:
+                self.render([*history, {"role": "tool", "tool_call_id": "vsprobe01", "content": "ok"}])
+                return True
+            except ValueError:
+                return False
+
+        return renders('{"cut": "') or not renders("{}")
 
     def _shows_tools(self) -> bool:
         """Whether the template shows the model its tools: render it with a probe tool and look."""

@@ -5,6 +5,10 @@ JSON values) and gets back a ``ChatPrompt``: the prompt tokens, the stop strings
 needs, the special tokens the output must show, the forced-call grammar if any, and how to read
 the generated text back (``output_parser``). Every rule about chat lives on this side, once;
 anything the template or the engine cannot honour is a ``ChatRequestError`` naming its field.
+
+Templates get the tools normalised (a function without ``parameters``, which OpenAI allows, has
+the empty object schema templates print or walk) and a history whose tool results OpenAI would take
+(``check_tool_results``), so a template never fails on what the buyer may leave out.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from vramsupply.chat.limits import SchemaTooComplex, check_grammar_size, check_s
 from vramsupply.chat.formats import opens_reasoning
 
 from .chat import ChatTemplate
-from .messages import MessageError
+from .messages import MessageError, check_tool_results, normalize_messages
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 """OpenAI's rule for function names (letters, digits, '_' and '-', at most 64), and '.', which
@@ -84,7 +88,9 @@ def prepare_chat(
         raise ChatRequestError("tools", "this model's chat template has no tool support, so 'tools' cannot be used")
     use_tools = bool(functions) and choice != "none"
     variables = _variables(request.template_variables)
-    prompt = template.render(request.messages, tools=list(request.tools or ()) if use_tools else None, **variables)
+    messages = normalize_messages(request.messages)
+    check_tool_results(messages)
+    prompt = template.render(messages, tools=_template_tools(request.tools or (), functions) if use_tools else None, **variables)
     in_reasoning = opens_reasoning(prompt, fmt.reasoning)
     grammar, triggers = None, ()
     if use_tools and choice == "auto":
@@ -152,6 +158,19 @@ def _functions(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]
             raise ChatRequestError(f"{where}.function.name", f"two tools are named {name!r}")
         functions.append(function)
     return functions
+
+
+def _template_tools(tools: Sequence[Mapping[str, Any]], functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The buyer's tools as the template sees them: as sent, but each function's ``parameters``
+    checked, and the empty object schema where none was given."""
+    return [
+        {**tool, "function": {**function, "parameters": _or_no_parameters(function["parameters"])}}
+        for tool, function in zip(tools, functions)
+    ]
+
+
+def _or_no_parameters(parameters: Any) -> Any:
+    return {"type": "object", "properties": {}} if parameters is None else parameters
 
 
 def _parameters(parameters: Any, where: str) -> Any:

@@ -4,12 +4,21 @@ The server only checks that ``messages`` is a list of objects; everything about 
 decided here, so the HTTP route and any other caller get the same rules and the same errors.
 Every field a message may carry is either passed to the template or refused: nothing is silently
 dropped. Tool-call arguments arrive as JSON strings (OpenAI's wire format) but templates expect
-objects (they write them with ``tojson``), so they are decoded here.
+objects (they write them with ``tojson``), so they are decoded here. Arguments that are no JSON
+object (a call ``max_tokens`` cut, as this server itself returns one, which agents send back)
+stay the text they are: OpenAI takes any string there, and templates write a string too (for a
+template that can only show an object, ``arguments_as_objects`` keeps a cut object's whole members).
+
+``check_tool_results`` holds a history's tool results to OpenAI's rules (each names, with
+``tool_call_id``, a call an earlier assistant message made); ``with_short_call_ids`` gives the
+calls of a history the nine-character ids Mistral's templates insist on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -82,18 +91,138 @@ def _tool_call(where: str, call: Any) -> dict[str, Any]:
         raise MessageError(where, f"{where} must be {{'type': 'function', 'function': {{'name': ..., 'arguments': ...}}}}")
     if call.get("type", "function") != "function":
         raise MessageError(f"{where}.type", f"{where}.type must be 'function'")
-    arguments = function.get("arguments", "{}")
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
-            raise MessageError(f"{where}.function.arguments", f"{where}.function.arguments must be a JSON object") from None
-    if not isinstance(arguments, Mapping):
-        raise MessageError(f"{where}.function.arguments", f"{where}.function.arguments must be a JSON object")
-    normalized = {"type": "function", "function": {"name": function["name"], "arguments": dict(arguments)}}
+    normalized = {"type": "function", "function": {"name": function["name"], "arguments": _arguments(where, function)}}
     if isinstance(call.get("id"), str):
         normalized["id"] = call["id"]
     return normalized
+
+
+def _arguments(where: str, function: Mapping[str, Any]) -> dict[str, Any] | str:
+    """A call's arguments for the template: the object a JSON-object string holds, else the string
+    itself (cut or invalid JSON, which OpenAI accepts too); an object sent as is stays one."""
+    arguments = function.get("arguments", "{}")
+    if isinstance(arguments, Mapping):
+        return dict(arguments)
+    if not isinstance(arguments, str):
+        raise MessageError(f"{where}.function.arguments", f"{where}.function.arguments must be a string (the call's arguments as JSON)")
+    if not arguments.strip():
+        return {}
+    try:
+        decoded = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return dict(decoded) if isinstance(decoded, Mapping) else arguments
+
+
+def arguments_as_objects(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` for a template that can only show a call's arguments as an object: text that
+    begins one (a call cut by ``max_tokens``, as this server returns it) shows its complete
+    members; other text is refused, naming the call."""
+    out = []
+    for i, message in enumerate(messages):
+        calls = message.get("tool_calls") or []
+        if any(isinstance(c["function"]["arguments"], str) for c in calls):
+            message = {**message, "tool_calls": [_object_call(f"messages[{i}].tool_calls[{j}]", c) for j, c in enumerate(calls)]}
+        out.append(message)
+    return out
+
+
+def _object_call(where: str, call: dict[str, Any]) -> dict[str, Any]:
+    arguments = call["function"]["arguments"]
+    if not isinstance(arguments, str):
+        return call
+    members = _complete_members(arguments)
+    if members is None:
+        param = f"{where}.function.arguments"
+        raise MessageError(param, f"{param} is not a JSON object, and this model's chat template can only show a call's arguments as one")
+    return {**call, "function": {**call["function"], "arguments": members}}
+
+
+def _complete_members(text: str) -> dict[str, Any] | None:
+    """The members written whole in text that opens a JSON object, or None if it opens none."""
+    decoder, members = json.JSONDecoder(), {}
+    at = len(text) - len(text.lstrip())
+    if not text.startswith("{", at):
+        return None
+    at += 1
+    try:
+        while True:
+            key, at = decoder.raw_decode(text, _skip(text, at))
+            if not isinstance(key, str) or not text.startswith(":", at := _skip(text, at)):
+                return members
+            value, at = decoder.raw_decode(text, _skip(text, at + 1))
+            members[key] = value
+            at = _skip(text, at)
+            if not text.startswith(",", at):
+                return members
+            at += 1
+    except ValueError:
+        return members
+
+
+def _skip(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\n\r":
+        at += 1
+    return at
+
+
+def check_tool_results(messages: list[dict[str, Any]]) -> None:
+    """OpenAI's rules for tool results: each has a ``tool_call_id``, naming a call an earlier
+    assistant message made (templates would otherwise fail on it, or show the model a result of nothing)."""
+    calls: set[str] = set()
+    for i, message in enumerate(messages):
+        calls.update(c["id"] for c in message.get("tool_calls") or () if "id" in c)
+        if message["role"] != "tool":
+            continue
+        where = f"messages[{i}].tool_call_id"
+        call_id = message.get("tool_call_id")
+        if call_id is None:
+            raise MessageError(where, f"{where} is required: the id of the tool call this message answers")
+        if call_id not in calls:
+            raise MessageError(where, f"{where} {call_id!r} answers no tool call of an earlier assistant message")
+
+
+_NINE = re.compile(r"[A-Za-z0-9]{9}")
+_ALPHANUMERIC = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def with_short_call_ids(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with every call id that is not nine letters and digits (OpenAI's ``call_…``)
+    replaced by one that is, the same for a call and its result, and a call without an id given
+    one. The new ids are hashes of the old, so a conversation renders the same on every turn."""
+    ids = [c.get("id") for m in messages for c in m.get("tool_calls") or ()] + [m.get("tool_call_id") for m in messages]
+    taken = {i for i in ids if isinstance(i, str) and _NINE.fullmatch(i)}
+    mapping: dict[str, str] = {}
+    for i in ids:
+        if isinstance(i, str) and i not in taken and i not in mapping:
+            mapping[i] = _fresh_id(i, taken)
+    out = []
+    for index, message in enumerate(messages):
+        message = dict(message)
+        if "tool_call_id" in message:
+            message["tool_call_id"] = mapping.get(message["tool_call_id"], message["tool_call_id"])
+        if message.get("tool_calls"):
+            message["tool_calls"] = [_short_call(c, mapping, taken, f"{index}.{j}") for j, c in enumerate(message["tool_calls"])]
+        out.append(message)
+    return out
+
+
+def _short_call(call: dict[str, Any], mapping: dict[str, str], taken: set[str], position: str) -> dict[str, Any]:
+    if "id" in call:
+        return {**call, "id": mapping.get(call["id"], call["id"])}
+    return {**call, "id": _fresh_id(f"a call without an id, at {position}", taken)}
+
+
+def _fresh_id(seed: str, taken: set[str]) -> str:
+    """Nine letters and digits derived from ``seed``, none of ``taken`` (which it joins)."""
+    attempt = 0
+    while True:
+        digest = int.from_bytes(hashlib.sha256(f"{attempt}:{seed}".encode("utf-8", "surrogatepass")).digest(), "big")
+        candidate = "".join(_ALPHANUMERIC[(digest >> (6 * k)) % 62] for k in range(9))
+        if candidate not in taken:
+            taken.add(candidate)
+            return candidate
+        attempt += 1
 
 
 def _content_text(where: str, content: Any) -> str:

@@ -300,5 +300,19 @@ def _logit_bias(params: SamplingParams, model: Model, ignore_eos: bool) -> dict[
 
 
 def _seed(seed: int | None) -> int:
-    """None means a fresh random seed; any int maps onto llama.cpp's 32-bit seed space."""
-    return llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed % (1 << 32)
+    """llama.cpp's 32-bit seed for a request's seed (OpenAI's are 64-bit, any int here).
+
+    None, and -1 (llama-server's way to ask for a random seed), mean a fresh random seed. 0 to 2**32 - 2
+    are llama.cpp's seeds as they are. Any other int (2**32 - 1 would mean random to llama.cpp)
+    is hashed whole into 32 bits, so seeds that differ only above bit 32, such as 2**32 and 0,
+    get unrelated streams instead of one; the hash never gives the random-seed value."""
+    import hashlib
+
+    random = llama_cpp.LLAMA_DEFAULT_SEED
+    if seed is None or seed == -1:
+        return random
+    if 0 <= seed < random:
+        return seed
+    whole = seed.to_bytes(seed.bit_length() // 8 + 1, "little", signed=True)
+    folded = int.from_bytes(hashlib.blake2b(whole, digest_size=4, person=b"vramsupply-seed").digest(), "little")
+    return folded if folded != random else random - 1
