@@ -4,11 +4,13 @@ A bound becomes a digit pattern (``vramsupply.chat.numbers``) that renders both 
 Python regex. Over thousands of random ranges (wide, negative, open, exclusive, fractional), the
 regex must accept exactly the numbers the bound allows; and for a sample of them, llama.cpp's own
 grammar engine (``gbnf_check``) must accept exactly the same texts from the GBNF. Last, the string
-parameters of Qwen3.5's XML calls, which are plain text rather than JSON.
+parameters of Qwen3.5's XML calls, which are plain text rather than JSON; numbers that must keep
+their bounds once read as doubles; and the string formats a grammar enforces (real calendar dates).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
 import re
@@ -209,3 +211,65 @@ def test_an_open_thought_ends_at_its_first_end_marker(checker: GrammarChecker) -
     call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
     assert checker.accepts(forced, "so</think>\n" + call)
     assert not checker.accepts(forced, "so</think>\nmore</think>\n" + call)
+
+
+def test_exclusive_bounds_still_hold_once_a_number_is_read_as_a_double(checker: GrammarChecker) -> None:
+    """``0.50000000000000005`` is read as ``0.5``: no grammar for ``exclusiveMinimum: 0.5`` may write it."""
+    grammar = schema_to_gbnf({"type": "number", "exclusiveMinimum": 0.5, "exclusiveMaximum": 1})
+    assert not checker.accepts(grammar, "0.50000000000000005") and not checker.accepts(grammar, "0.99999999999999999")
+    assert checker.accepts(grammar, "0.5000000000000001") and checker.accepts(grammar, "0.9999999999999999")
+    rng = random.Random(5)
+    for _ in range(60):
+        bound = rng.choice([0.1, 0.5, 1, 3, -2.5, 1e-5, 123.456, -0.3, 2.0**53, 0.30000000000000004, rng.uniform(-100, 100)])
+        side = rng.choice(["exclusiveMinimum", "exclusiveMaximum", "minimum", "maximum"])
+        grammar = schema_to_gbnf({"type": "number", side: bound})
+        for text in near(bound, rng):
+            value = float(text)
+            fits = {"exclusiveMinimum": value > bound, "exclusiveMaximum": value < bound, "minimum": value >= bound, "maximum": value <= bound}[side]
+            assert fits or not checker.accepts(grammar, text), (side, bound, text)
+
+
+def near(bound: float, rng: random.Random) -> list[str]:
+    """Decimal texts within a few units of the 17th digit of ``bound``, as the grammar writes numbers."""
+    exact = Decimal(repr(bound))
+    step = Decimal(10) ** (exact.adjusted() - 17)
+    texts = [f"{exact + step * rng.randint(-60, 60):f}" for _ in range(25)] + [f"{exact:f}"]
+    return [t.rstrip("0").rstrip(".") if "." in t else t for t in texts if not t.startswith("-0")]
+
+
+def test_format_email_and_friends_are_enforced(checker: GrammarChecker) -> None:
+    cases = {
+        "email": (["ann@example.com", "a.b+c@mail.example.org"], ["ann", "ann@", "@x.org", "a@b", "a..b@x.org"]),
+        "ipv4": (["10.0.0.1", "255.255.255.255"], ["256.1.1.1", "1.2.3", "01.2.3.4"]),
+        "hostname": (["example.com", "a-b.c"], ["-a.com", "a_b.com", "a..b"]),
+        "uuid": (["123e4567-e89b-12d3-a456-426614174000"], ["123e4567e89b12d3a456426614174000"]),
+    }
+    for name, (good, bad) in cases.items():
+        grammar = schema_to_gbnf({"type": "string", "format": name})
+        assert all(checker.accepts(grammar, json.dumps(t)) for t in good), name
+        assert not any(checker.accepts(grammar, json.dumps(t)) for t in bad), name
+
+
+def test_a_date_is_a_calendar_date(checker: GrammarChecker) -> None:
+    grammar = schema_to_gbnf({"type": "string", "format": "date"})
+    for year in ("0000", "0001", "0004", "0100", "0400", "1900", "2000", "2023", "2024", "9999"):
+        for month in range(0, 14):
+            for day in range(0, 33):
+                text = f"{year}-{month:02d}-{day:02d}"
+                try:
+                    valid = bool(datetime.date.fromisoformat(text))
+                except ValueError:
+                    valid = False
+                assert checker.accepts(grammar, json.dumps(text)) == valid, text
+
+
+def test_times_and_date_times_stay_in_their_ranges(checker: GrammarChecker) -> None:
+    grammar = schema_to_gbnf({"type": "string", "format": "date-time"})
+    good = ["2024-02-29T23:59:59Z", "0001-01-01T00:00:00.000+23:59", "2023-12-31T12:30:00-05:00"]
+    bad = ["0000-01-01T00:00:00Z", "2024-01-01T24:00:00Z", "2024-01-01T12:60:00Z", "2024-01-01T12:00:60Z", "2024-01-01T12:00:00+24:00", "2024-13-01T00:00:00Z"]
+    assert all(checker.accepts(grammar, json.dumps(t)) for t in good)
+    for text in good:
+        datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    assert not any(checker.accepts(grammar, json.dumps(t)) for t in bad)
+    time = schema_to_gbnf({"type": "string", "format": "time"})
+    assert checker.accepts(time, '"00:00:00Z"') and not checker.accepts(time, '"23:59:59"') and not checker.accepts(time, '"25:00:00Z"')

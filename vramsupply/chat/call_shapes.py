@@ -2,15 +2,17 @@
 
 A call is a JSON object with a name and arguments under one of the keys models use (maybe wrapped
 as OpenAI's ``{"type": "function", "function": …}``), a list of such objects, or Qwen3's XML
-``<parameter>`` texts typed by the tool's schema. Both readers of calls share these: each family's
-whole-text parser (``call_parsers.py``) and the streaming reader (``call_reader.py``), so a call
-streamed and the same call read whole end up with the same name and arguments.
+``<parameter>`` texts typed by the tool's schema (``is_text``: raw text or JSON, as the call
+grammar writes them). Both readers of calls share these: each family's whole-text parser
+(``call_parsers.py``) and the streaming reader (``call_reader.py``), so a call streamed and the
+same call read whole end up with the same name and arguments.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote
 
 from . import jsontext
 from .types import ToolCall
@@ -51,9 +53,9 @@ def calls_from_list(values: Any, schemas: Schemas, id_style: str = "openai") -> 
 
 
 def xml_value(raw: str, schema: Any) -> Any:
-    """A ``<parameter>`` value: the text itself for a string parameter, else JSON when it parses."""
-    declared = schema.get("type") if isinstance(schema, dict) else None
-    if declared == "string":
+    """A ``<parameter>`` value: the text itself for a text parameter (``is_text``), else JSON when
+    it parses. The call grammar (``forced.py``) writes each parameter the same way."""
+    if is_text(schema):
         return raw
     try:
         return jsontext.loads(raw)
@@ -61,7 +63,52 @@ def xml_value(raw: str, schema: Any) -> Any:
         return raw
 
 
-def parameter_schemas(schema: Any) -> Mapping[str, Any]:
-    """A tool's ``properties`` (parameter name -> schema); empty for what is not an object there."""
+def is_text(schema: Any) -> bool:
+    """Whether an XML parameter of this schema (its ``$ref`` resolved) is written as raw text: a
+    ``string``, or an ``enum``/``const`` of strings only. Anything else is written as JSON."""
+    if not isinstance(schema, Mapping):
+        return False
+    if "type" in schema:
+        return schema["type"] == "string"
+    values = [schema["const"]] if "const" in schema else schema.get("enum")
+    return isinstance(values, list) and bool(values) and all(isinstance(v, str) for v in values)
+
+
+def parameter_members(schema: Any) -> dict[str, Any]:
+    """A tool's parameters (name -> schema) as its call grammar writes them: ``properties`` but a
+    ``false`` one, then each ``required`` name they do not list, with ``additionalProperties``'s
+    schema (or any value)."""
     properties = schema.get("properties") if isinstance(schema, Mapping) else None
-    return properties if isinstance(properties, Mapping) else {}
+    members = {k: v for k, v in properties.items() if v is not False} if isinstance(properties, Mapping) else {}
+    required = schema.get("required") if isinstance(schema, Mapping) else None
+    extra = schema.get("additionalProperties") if isinstance(schema, Mapping) else None
+    for name in required if isinstance(required, list) else ():
+        if isinstance(name, str) and name not in members:
+            members[name] = extra if isinstance(extra, Mapping) else {}
+    return members
+
+
+def parameter_schemas(schema: Any) -> Mapping[str, Any]:
+    """A tool's parameters (``parameter_members``), each with its ``$ref`` resolved within the
+    tool's schema; empty for what is not an object there."""
+    return {key: resolve_ref(value, schema) for key, value in parameter_members(schema).items()}
+
+
+def resolve_ref(schema: Any, root: Any) -> Any:
+    """``schema``, or where its local ``$ref`` (``#/$defs/Name``, also behind a base URL) points in
+    ``root``; unchanged when the ref leads nowhere."""
+    for _ in range(32):
+        ref = schema.get("$ref") if isinstance(schema, Mapping) else None
+        if not isinstance(ref, str) or "#" not in ref:
+            return schema
+        target = root
+        for step in ref.partition("#")[2].split("/")[1:]:
+            step = unquote(step).replace("~1", "/").replace("~0", "~")
+            if isinstance(target, Mapping) and step in target:
+                target = target[step]
+            elif isinstance(target, list) and step.isdigit() and int(step) < len(target):
+                target = target[int(step)]
+            else:
+                return schema
+        schema = target
+    return schema

@@ -4,6 +4,12 @@ The call is written in the template family's own syntax, and its arguments must 
 JSON schema, so a forced call always parses and validates. The arguments' rules come from the
 JSON-schema converter ``response_format`` uses too (``schema.py``); one converter instance is
 shared by all the tools, so their rules live in one grammar without clashing.
+
+Qwen3.5's XML calls have a rule per parameter, its ``$ref``s resolved against the tool's whole
+schema (its ``$defs``). A text parameter (``call_shapes.is_text``, which the parsers follow too)
+is written raw, as the family's templates write it: any text without a closing tag, an enum's
+strings as they are (``<`` included), a ``pattern`` or ``format`` without ``<``. A function with
+``strict: true`` whose schema holds a keyword its rules cannot enforce is an ``UnenforcedKeyword``.
 """
 
 from __future__ import annotations
@@ -12,9 +18,13 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .call_shapes import parameter_schemas
+from . import keywords
+from .call_shapes import is_text, parameter_members
 from .formats import ReasoningMarkers
-from .schema import JsonSchemaConverter
+from .gbnf_text import ANY_CHAR, STRING_FORMATS, XML_CLOSING_TAGS, check_gbnf, gbnf_literal, text_without, xml_writable
+from .pattern import PatternError, pattern_to_gbnf
+from .schema import JsonSchemaConverter, UnsatisfiableSchema
+from .schema_normal import rewritten
 from .syntaxes import ToolSyntax
 from .thought import thought_rules
 
@@ -22,15 +32,13 @@ _EMPTY_OBJECT = {"type": "object", "properties": {}}
 MAX_XML_LENGTH = 1000
 """The longest ``maxLength`` an XML string parameter's rule spells out (llama.cpp expands each
 repetition); a longer one is not enforced."""
-
-
-def _literal(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
+_SHORTEST_TAG = min(len(tag) for tag in XML_CLOSING_TAGS)
 
 
 class _Builder:
     def __init__(self) -> None:
         self.converter = JsonSchemaConverter()
+        self.text_rule: str | None = None
 
     def rule(self, name: str, body: str) -> str:
         return self.converter._add_rule(name, body)
@@ -45,39 +53,89 @@ class _Builder:
 def _json_call(name: str, args: str, name_key: str = "name", args_key: str = "arguments", extra: str = "") -> str:
     """``{"name": "NAME", "arguments": ARGS}``; ``extra`` is literal JSON members written first."""
     head = "{" + extra + json.dumps(name_key) + ": " + json.dumps(name) + ", " + json.dumps(args_key) + ": "
-    return f'{_literal(head)} {args} "}}"'
+    return f'{gbnf_literal(head)} {args} "}}"'
 
 
 def _xml_call(builder: _Builder, index: int, name: str, schema: Any) -> str:
-    """Qwen3's ``<function=NAME><parameter=K>value</parameter>…`` with one rule per parameter."""
-    properties = parameter_schemas(schema)
-    required = set(schema.get("required", [])) if isinstance(schema, dict) else set()
+    """Qwen3's ``<function=NAME><parameter=K>value</parameter>…`` with one rule per parameter,
+    each schema's ``$ref``s resolved against the tool's whole schema (its ``$defs``)."""
+    root = builder.converter.resolved(schema if isinstance(schema, dict) else {}, f"tool-{index}")
+    root = rewritten(root, "") or root  # booleans and required names without a property
+    members = parameter_members(root)
+    required = {k for k in root.get("required") or () if isinstance(k, str)}
+    builder.converter.note(root, keywords.object_enforced(root, members, required, free=False))
     parts = []
-    for key, prop in sorted(properties.items(), key=lambda kv: kv[0] not in required):
-        value = _xml_value(builder, prop) or builder.schema(prop, f"tool-{index}-{key}")
-        part = f'{_literal(f"<parameter={key}>" + chr(10))} {value} {_literal(chr(10) + "</parameter>" + chr(10))}'
+    for key, prop in sorted(members.items(), key=lambda kv: kv[0] not in required):
+        if not _xml_key(key):
+            if key in required:
+                raise UnsatisfiableSchema(f"the parameter name {json.dumps(key)} cannot be written in this model's XML calls")
+            continue
+        value = _xml_value(builder, prop, f"tool-{index}-{key}")
+        part = f"{gbnf_literal(f'<parameter={key}>' + chr(10))} {value} {gbnf_literal(chr(10) + '</parameter>' + chr(10))}"
         parts.append(part if key in required else f"( {part} )?")
-    head = _literal(f"<tool_call>\n<function={name}>\n")
-    return " ".join([head, *parts, _literal("</function>\n</tool_call>")])
+    head = gbnf_literal(f"<tool_call>\n<function={name}>\n")
+    return " ".join([head, *parts, gbnf_literal("</function>\n</tool_call>")])
 
 
-def _xml_value(builder: _Builder, prop: Any) -> str | None:
-    """A string parameter's rule: its raw text (not JSON), an enum's strings as they are, a
-    length as ``minLength``/``maxLength`` say (up to ``MAX_XML_LENGTH``). None: any other value,
-    written as JSON."""
-    if not isinstance(prop, dict) or prop.get("type", "string") != "string":
-        return None
-    choices = prop.get("enum", [prop["const"]] if "const" in prop else None)
-    if choices is not None:
-        if not choices or not all(isinstance(c, str) and "<" not in c for c in choices):
-            return None
-        return "( " + " | ".join(_literal(c) for c in choices) + " )"
-    if "type" not in prop:
-        return None
-    low, high = prop.get("minLength", 0), prop.get("maxLength")
-    if isinstance(low, int) and isinstance(high, int) and 0 <= low <= high <= MAX_XML_LENGTH:
-        return builder.rule(f"xml-text-{low}-{high}", f"[^<]{{{low},{high}}}")
-    return builder.rule("xml-text", r"[^<]*")
+def _xml_key(key: str) -> bool:
+    """Whether the parsers read ``<parameter=KEY>`` back as this key."""
+    return bool(key) and key == key.strip() and ">" not in key and "\n" not in key and xml_writable(key)
+
+
+def _xml_value(builder: _Builder, prop: Any, name: str) -> str:
+    """A parameter's rule: raw text for a text parameter (``call_shapes.is_text``, as the parsers
+    read it), else its JSON."""
+    target = builder.converter.target(prop)
+    if not is_text(target):
+        return builder.converter.visit(prop, name)
+    if target is not prop:
+        builder.converter.note(prop, {"$ref"})
+    return _xml_text(builder, target)
+
+
+def _xml_text(builder: _Builder, schema: dict[str, Any]) -> str:
+    """A text parameter's rule: an enum's strings as they are, a ``pattern`` or ``format`` written
+    raw, a length as ``minLength``/``maxLength`` say; never a closing tag."""
+    values = [schema["const"]] if "const" in schema else schema.get("enum")
+    if isinstance(values, list):
+        kept = [v for v in keywords.filter_values(schema, values) if isinstance(v, str) and xml_writable(v)]
+        if not kept:
+            raise UnsatisfiableSchema("no value of a string enum can be written in this model's XML calls")
+        builder.converter.note(schema, {"enum", "const", *keywords.VALUE_CHECKS})
+        return "( " + " | ".join(gbnf_literal(v) for v in kept) + " )"
+    if "pattern" in schema:
+        if not isinstance(schema["pattern"], str):
+            raise PatternError("'pattern' must be a string")
+        builder.converter.note(schema, {"type", "pattern"})
+        return f"( {pattern_to_gbnf(schema['pattern'], raw=True)} )"
+    if schema.get("format") in STRING_FORMATS:
+        builder.converter.note(schema, {"type", "format"})
+        return builder.rule(f"format-{schema['format']}", STRING_FORMATS[schema["format"]])
+    return _xml_length(builder, schema)
+
+
+def _xml_length(builder: _Builder, schema: dict[str, Any]) -> str:
+    """Text within ``minLength``/``maxLength`` (up to ``MAX_XML_LENGTH``): shorter than a closing
+    tag, any character; else no ``<`` (a counted rule cannot follow a tag being written)."""
+    low, high = schema.get("minLength", 0), schema.get("maxLength")
+    low = low if isinstance(low, int) and 0 <= low <= MAX_XML_LENGTH else 0
+    if isinstance(high, int) and high < low:
+        raise UnsatisfiableSchema(f"no string fits minLength {low} and maxLength {high}")
+    if isinstance(high, int) and high <= MAX_XML_LENGTH:
+        builder.converter.note(schema, {"type", "minLength", "maxLength"})
+        char = ANY_CHAR if high < _SHORTEST_TAG else "[^<]"
+        return builder.rule(f"xml-chars-{low}-{high}", f"{char}{{{low},{high}}}")
+    builder.converter.note(schema, {"type", "minLength"})
+    return f"[^<]{{{low}}} {_free_text(builder)}" if low else _free_text(builder)
+
+
+def _free_text(builder: _Builder) -> str:
+    """Any text without a closing tag (``gbnf_text.text_without``), its rules added once."""
+    if builder.text_rule is None:
+        builder.text_rule = _unused(builder.converter._rules, "xml-text")
+        for name, body in text_without(XML_CLOSING_TAGS, builder.text_rule).items():
+            builder.converter._rules[name] = body
+    return builder.text_rule
 
 
 def _call(builder: _Builder, syntax: ToolSyntax, index: int, name: str, schema: Any) -> str:
@@ -91,12 +149,22 @@ def _call(builder: _Builder, syntax: ToolSyntax, index: int, name: str, schema: 
     if syntax.name == "command-r7b":
         return _json_call(name, args, "tool_name", "parameters", extra=f'"tool_call_id": "{index}", ')
     if syntax.name == "deepseek":
-        return f'{_literal("<｜tool▁call▁begin｜>function<｜tool▁sep｜>" + name + chr(10) + "```json" + chr(10))} {args} {_literal(chr(10) + "```<｜tool▁call▁end｜>")}'
+        return f'{gbnf_literal("<｜tool▁call▁begin｜>function<｜tool▁sep｜>" + name + chr(10) + "```json" + chr(10))} {args} {gbnf_literal(chr(10) + "```<｜tool▁call▁end｜>")}'
     if syntax.name == "functionary":
-        return f'{_literal(f"<function={name}>")} {args} "</function>"'
+        return f'{gbnf_literal(f"<function={name}>")} {args} "</function>"'
     if syntax.name == "mistral-args":
-        return f'{_literal(f"[TOOL_CALLS]{name}[ARGS]")} {args}'
+        return f'{gbnf_literal(f"[TOOL_CALLS]{name}[ARGS]")} {args}'
     return _json_call(name, args)
+
+
+def _strict_call(builder: _Builder, syntax: ToolSyntax, index: int, function: Mapping[str, Any]) -> str:
+    """A function's call; with its ``strict: true``, ``UnenforcedKeyword`` for a keyword its
+    rules cannot hold."""
+    since = len(builder.converter.unenforced)
+    call = _call(builder, syntax, index, function["name"], function.get("parameters"))
+    if function.get("strict") is True:
+        builder.converter.refuse_unenforced(f"the parameters of tool {function['name']!r}", since)
+    return call
 
 
 def _calls(syntax: ToolSyntax, parallel: bool) -> str:
@@ -133,7 +201,7 @@ def forced_call_grammar(
     prompt left a thought open, the model may finish its thought first.
     """
     builder = _Builder()
-    alternatives = [_call(builder, syntax, i, f["name"], f.get("parameters")) for i, f in enumerate(functions)]
+    alternatives = [_strict_call(builder, syntax, i, f) for i, f in enumerate(functions)]
     builder.rule("tool-call", " | ".join(f"( {a} )" for a in alternatives))
     root = _calls(syntax, parallel)
     if open_reasoning is not None:
@@ -142,7 +210,7 @@ def forced_call_grammar(
             builder.rule(name, body)
         root = f"{thought} {root}"
     builder.rule("root", root)
-    return builder.grammar()
+    return check_gbnf(builder.grammar())
 
 
 def after_thought(grammar: str, reasoning: ReasoningMarkers) -> str:

@@ -43,10 +43,20 @@ class InvalidSchema(ValueError):
     ``maxItems`` of NaN meant no bound at all)."""
 
 
-def schema_grammar(schema: dict[str, Any]) -> str:
-    """Check the limits, convert, check the grammar's size. Blocking: run it in a thread."""
+def schema_grammar(schema: dict[str, Any], strict: bool = False, root: str = "the schema") -> str:
+    """Check the limits, convert, check the grammar's size. Blocking: run it in a thread. With
+    ``strict``, a keyword the grammar cannot hold is an ``UnenforcedKeyword`` naming its place
+    under ``root`` (the request field, e.g. ``response_format.json_schema.schema``)."""
     check_schema(schema)
-    return check_grammar_size(schema_to_gbnf(schema))
+    return check_grammar_size(schema_to_gbnf(schema, strict, root))
+
+
+def check_strict(schema: dict[str, Any], root: str) -> None:
+    """For a tool with ``strict: true`` (whatever ``tool_choice`` says): ``UnenforcedKeyword``
+    when its parameters hold a keyword no call grammar can enforce, ``SchemaTooComplex`` past a
+    limit, ``ValueError`` for a schema no grammar can express. ``root`` names the field
+    (``tools[0].function.parameters``)."""
+    schema_grammar(schema or {"type": "object"}, strict=True, root=root)
 
 
 def check_schema(schema: Any) -> None:

@@ -12,6 +12,16 @@ unbounded JSON number rule.
 
 The patterns are a small tree (``Node``) that renders as GBNF for llama.cpp and as a Python regular
 expression, so tests can check exactly which texts a bound admits.
+
+A ``number`` is read back as a double, and a decimal text that differs from a bound can still
+round to the bound's own double: ``0.50000000000000005`` is read as ``0.5``, which breaks
+``exclusiveMinimum: 0.5``. Limiting the digits written would not do (a bound may itself need 17
+significant digits), so ``double_bound`` moves such a bound to the next double past it, which is
+inclusive: every text at or beyond that double's shortest decimal is read as a double at or beyond
+it, since rounding keeps order. The few texts given up (those that round to the next double but
+lie below its shortest decimal) are valid ones the grammar no longer writes; none it writes is
+invalid. An exclusive bound of zero stays as it is: no text with the digits written here rounds to
+zero. Integers are read exactly, so ``integer`` bounds need none of this.
 """
 
 from __future__ import annotations
@@ -162,6 +172,17 @@ def integers(low: int | None, high: int | None) -> Node | None:
 class Bound:
     value: Decimal
     inclusive: bool = True
+
+
+def double_bound(value: int | float, inclusive: bool, lower: bool) -> Bound:
+    """The bound on decimal texts that keeps ``value`` (a JSON number, compared as a validator
+    compares: an int exactly, a float as its double) once each text is read as a double."""
+    double = float(value)
+    exact, target = Decimal(double), Decimal(value) if isinstance(value, int) else Decimal(double)
+    beyond = exact > target if lower else exact < target
+    if beyond or (exact == target and inclusive) or target == 0:
+        return Bound(Decimal(str(value)), inclusive)
+    return Bound(Decimal(repr(math.nextafter(double, math.inf if lower else -math.inf))), True)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,11 @@ What JSON Schema means by a pattern (ECMA-262) is kept where Python's syntax dif
 in the string. What no grammar can say (back-references, look-arounds, ``\\b``, inline flags) is a
 ``PatternError``, a 400 for the request. Outside a class, ``.`` and a negated class never produce a
 control character (the grammar allows less than the regex there, never more).
+
+With ``raw``, the pattern is for Qwen3.5's XML ``<parameter>`` values, which are written raw, not
+as JSON: each character stands as itself, and ``<`` never does (a value must not be able to
+write ``</parameter>``), so a class or ``.`` leaves it out and a pattern that needs one is a
+``PatternError``; a pattern not anchored may have any other text around it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ _RAW_NEVER = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x7F, 0x7F)]
 """Characters a JSON string never holds raw (the project's strings also escape DEL)."""
 _SURROGATES = [(0xD800, 0xDFFF)]
 """No character of a UTF-8 text: a regex's class may name them, the grammar never writes them."""
+_RAW_TEXT_NEVER = [(0x00, 0x00), (0x3C, 0x3C)]
+"""What a raw XML value never holds here: NUL, and ``<`` (which could start ``</parameter>``)."""
+_RAW_ANY = "[^\\x00<]"
 
 
 MAX_EXPANDED = 4096
@@ -48,8 +56,9 @@ class PatternError(ValueError):
     """A ``pattern`` no grammar here can express, or no valid regex at all."""
 
 
-def pattern_to_gbnf(pattern: str) -> str:
-    """A GBNF expression for the characters between a JSON string's quotes that ``pattern`` matches."""
+def pattern_to_gbnf(pattern: str, raw: bool = False) -> str:
+    """A GBNF expression for the characters between a JSON string's quotes that ``pattern``
+    matches (``raw``: for the raw text of an XML parameter value)."""
     try:
         parsed = sre_parse.parse(pattern)
     except (sre.error, RecursionError, OverflowError) as exc:
@@ -62,8 +71,9 @@ def pattern_to_gbnf(pattern: str) -> str:
     anchored_start = bool(items) and items[0] == (sre.AT, sre.AT_BEGINNING)
     anchored_end = bool(items) and items[-1] == (sre.AT, sre.AT_END)
     items = items[1 if anchored_start else 0 : len(items) - 1 if anchored_end else len(items)]
-    body = _sequence(items)
-    parts = ([] if anchored_start else [f"{ANY_JSON_CHAR}*"]) + [body] + ([] if anchored_end else [f"{ANY_JSON_CHAR}*"])
+    body = _sequence(items, raw)
+    anything = f"{_RAW_ANY}*" if raw else f"{ANY_JSON_CHAR}*"
+    parts = ([] if anchored_start else [anything]) + [body] + ([] if anchored_end else [anything])
     return " ".join(p for p in parts if p)
 
 
@@ -88,34 +98,34 @@ def _size(items: Iterable[tuple[Any, Any]]) -> int:
     return total
 
 
-def _sequence(items: Iterable[tuple[Any, Any]]) -> str:
-    return " ".join(_item(op, av) for op, av in items) or '""'
+def _sequence(items: Iterable[tuple[Any, Any]], raw: bool) -> str:
+    return " ".join(_item(op, av, raw) for op, av in items) or '""'
 
 
-def _item(op: Any, av: Any) -> str:
+def _item(op: Any, av: Any, raw: bool) -> str:
     if op is sre.LITERAL:
-        return _json_char(av)
+        return _char(av, raw)
     if op is sre.NOT_LITERAL:
-        return _excluding([(av, av)])
+        return _excluding([(av, av)], raw)
     if op is sre.ANY:
-        return _excluding(_LINE_ENDS)
+        return _excluding(_LINE_ENDS, raw)
     if op is sre.IN:
-        return _char_set(av)
+        return _char_set(av, raw)
     if op is sre.BRANCH:
-        return "( " + " | ".join(_sequence(branch) for branch in av[1]) + " )"
+        return "( " + " | ".join(_sequence(branch, raw) for branch in av[1]) + " )"
     if op is sre.SUBPATTERN:
         _, add_flags, del_flags, items = av
         if add_flags or del_flags:
             raise PatternError("inline flags such as (?i) are not supported in a pattern")
-        return f"( {_sequence(items)} )"
+        return f"( {_sequence(items, raw)} )"
     if op in (sre.MAX_REPEAT, sre.MIN_REPEAT) or op is getattr(sre, "POSSESSIVE_REPEAT", None):
-        return _repeat(*av)
+        return _repeat(*av, raw)
     what = _name(av if op is sre.AT else op)
     raise PatternError(f"{what} is not supported in a pattern (back-references, look-arounds, \\b, or ^ and $ not at its ends)")
 
 
-def _repeat(low: int, high: Any, items: Any) -> str:
-    unit = f"( {_sequence(items)} )"
+def _repeat(low: int, high: Any, items: Any, raw: bool) -> str:
+    unit = f"( {_sequence(items, raw)} )"
     if high is sre.MAXREPEAT:
         return f"{unit}*" if low == 0 else f"{unit}+" if low == 1 else f"{unit}{{{low},}}"
     if (low, high) == (0, 1):
@@ -123,7 +133,7 @@ def _repeat(low: int, high: Any, items: Any) -> str:
     return f"{unit}{{{low}}}" if low == high else f"{unit}{{{low},{high}}}"
 
 
-def _char_set(items: list[tuple[Any, Any]]) -> str:
+def _char_set(items: list[tuple[Any, Any]], raw: bool) -> str:
     negated = bool(items) and items[0][0] is sre.NEGATE
     ranges: list[tuple[int, int]] = []
     for op, av in items[1:] if negated else items:
@@ -134,22 +144,27 @@ def _char_set(items: list[tuple[Any, Any]]) -> str:
         elif op is sre.CATEGORY and av in _CATEGORIES:
             ranges += _CATEGORIES[av]
         elif op is sre.CATEGORY and av in _NOT_CATEGORIES and not negated:
-            return _set_with_negated_category(items, av)
+            return _set_with_negated_category(items, av, raw)
         else:
             raise PatternError(f"{_name(av)} is not supported inside a [...] of a pattern")
-    return _excluding(ranges) if negated else _including(ranges)
+    return _excluding(ranges, raw) if negated else _including(ranges, raw)
 
 
-def _set_with_negated_category(items: list[tuple[Any, Any]], category: Any) -> str:
+def _set_with_negated_category(items: list[tuple[Any, Any]], category: Any, raw: bool) -> str:
     """``[\\Da]``: anything but a digit, or ``a``."""
     others = [(op, av) for op, av in items if (op, av) != (sre.CATEGORY, category)]
-    alternatives = [_excluding(_CATEGORIES[_NOT_CATEGORIES[category]])] + ([_char_set(others)] if others else [])
+    alternatives = [_excluding(_CATEGORIES[_NOT_CATEGORIES[category]], raw)] + ([_char_set(others, raw)] if others else [])
     return "( " + " | ".join(alternatives) + " )"
 
 
-def _including(ranges: list[tuple[int, int]]) -> str:
-    """Any character of ``ranges``, each as a JSON string writes it."""
+def _including(ranges: list[tuple[int, int]], raw_text: bool = False) -> str:
+    """Any character of ``ranges``, each as a JSON string writes it (or raw)."""
     ranges = _subtract(ranges, _SURROGATES)
+    if raw_text:
+        ranges = _subtract(ranges, _RAW_TEXT_NEVER)
+        if not ranges:
+            raise PatternError("a pattern's [...] matches no character an XML parameter value can hold ('<' cannot stand raw)")
+        return f"[{_class(ranges)}]"
     raw = _subtract(ranges, _RAW_NEVER)
     escaped = sorted({c for low, high in _clip(ranges, _RAW_NEVER) for c in range(low, high + 1)})
     alternatives = ([f"[{_class(raw)}]"] if raw else []) + [_json_char(c) for c in escaped]
@@ -158,11 +173,21 @@ def _including(ranges: list[tuple[int, int]]) -> str:
     return alternatives[0] if len(alternatives) == 1 else "( " + " | ".join(alternatives) + " )"
 
 
-def _excluding(ranges: list[tuple[int, int]]) -> str:
-    """Any character but those of ``ranges`` (and control characters), as JSON writes it."""
+def _excluding(ranges: list[tuple[int, int]], raw_text: bool = False) -> str:
+    """Any character but those of ``ranges`` (and control characters), as JSON writes it (or raw)."""
+    if raw_text:
+        return f"[^{_class(_RAW_TEXT_NEVER + _SURROGATES + ranges)}]"
     raw = f"[^{_class(_RAW_NEVER + _SURROGATES + ranges)}]"
     escaped = [_json_char(c) for c in (0x22, 0x5C) if not any(low <= c <= high for low, high in ranges)]
     return "( " + " | ".join([raw, *escaped]) + " )" if escaped else raw
+
+
+def _char(code: int, raw: bool) -> str:
+    if not raw:
+        return _json_char(code)
+    if code == 0x3C or 0xD800 <= code <= 0xDFFF or code == 0:
+        raise PatternError(f"the pattern needs {chr(code)!r}, which an XML parameter value cannot hold raw")
+    return "[" + class_char(code) + "]"
 
 
 def _json_char(code: int) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from vramsupply.chat import ChatFormat, OutputParser, ReasoningMarkers, ToolSyntax
 from vramsupply.chat.forced import forced_call_grammar, trigger_patterns
-from vramsupply.chat.limits import SchemaTooComplex, check_grammar_size, check_schema
+from vramsupply.chat.limits import SchemaTooComplex, check_grammar_size, check_schema, check_strict
 from vramsupply.chat.formats import opens_reasoning
 
 from .chat import ChatTemplate
@@ -154,6 +154,11 @@ def _functions(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]
         if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
             raise ChatRequestError(f"{where}.function.name", f"{where}.function.name must be 1-64 ASCII letters, digits, '_', '-' or '.'")
         function["parameters"] = _parameters(function.get("parameters"), f"{where}.function.parameters")
+        if function.get("strict") is True:  # refused whatever tool_choice is: auto too promises the schema
+            try:
+                check_strict(function["parameters"], f"{where}.function.parameters")
+            except ValueError as exc:
+                raise ChatRequestError("tools", str(exc)) from None
         if any(f["name"] == name for f in functions):
             raise ChatRequestError(f"{where}.function.name", f"two tools are named {name!r}")
         functions.append(function)

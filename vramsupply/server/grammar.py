@@ -6,7 +6,8 @@ The grammar comes from the same JSON-schema converter that forces tool calls
 
 One request's schema must not cost every other buyer, so it is checked against the limits of
 ``chat/limits.py`` and converted in a worker thread; past a limit the answer is a 400 naming
-``response_format``.
+``response_format``. With ``json_schema.strict: true``, a keyword the grammar cannot enforce is a
+400 naming it and its place, as OpenAI's strict mode refuses what it does not support.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 
 from vramsupply.chat.limits import SchemaTooComplex, schema_grammar
-from vramsupply.chat.schema import schema_to_gbnf
+from vramsupply.chat.schema import UnenforcedKeyword, schema_to_gbnf
 from vramsupply.server.errors import ApiError
 from vramsupply.server.schemas import ResponseFormat
 
@@ -32,8 +33,11 @@ async def grammar_for(response_format: ResponseFormat | None) -> str | None:
     schema = response_format.json_schema.schema_
     if not schema:
         return JSON_OBJECT
+    strict = response_format.json_schema.strict is True
     try:
-        return await asyncio.to_thread(schema_grammar, schema)
+        return await asyncio.to_thread(schema_grammar, schema, strict, f"{PARAM}.json_schema.schema")
+    except UnenforcedKeyword as exc:
+        raise ApiError(400, f"Invalid value for '{PARAM}.json_schema.schema': {exc}", param=f"{PARAM}.json_schema.schema", code="invalid_value") from None
     except SchemaTooComplex as exc:
         raise ApiError(400, f"'{PARAM}.json_schema.schema' is too complex for this server: {exc}", param=PARAM, code="invalid_value") from None
     except Exception as exc:  # the converter raises bare Exceptions and KeyErrors on schemas it cannot express

@@ -1,0 +1,395 @@
+"""JSON Schema keywords in the grammars built for tools and ``response_format``: what they enforce,
+what ``strict: true`` refuses, and the raw parameters of Qwen3.5's XML calls.
+
+Grammars are checked on llama.cpp's own grammar engine (``gbnf_check.py``), parsed calls against
+the schema with ``jsonschema``, and the requests an agent sends (OpenAI's ``pydantic_function_tool``
+with nested models, strict schemas, odd property names) through the openai SDK against servers
+running the tiny model with a Qwen3 (Hermes JSON calls) and a Qwen3.5 (XML calls) chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import jsonschema
+import openai
+import pydantic
+import pytest
+from openai import BadRequestError, OpenAI
+
+from gbnf_check import GrammarChecker
+from live_server import MODEL_ID, LiveServer
+from vramsupply.chat import SYNTAXES, OutputParser, ParsedOutput
+from vramsupply.chat.call_parsers import parse_tool_call_blocks
+from vramsupply.chat.forced import forced_call_grammar
+from vramsupply.chat.limits import schema_grammar
+from vramsupply.chat.schema import UnsatisfiableSchema
+from vramsupply.engine import ChatRequest
+
+XML = next(s for s in SYNTAXES if s.name == "qwen3-xml")
+FAMILIES = {s.name: s for s in SYNTAXES}
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+ASK = [{"role": "user", "content": "Save it."}]
+
+
+@pytest.fixture(scope="module")
+def checker() -> Iterator[GrammarChecker]:
+    checker = GrammarChecker()
+    yield checker
+    checker.close()
+
+
+@pytest.fixture(scope="module")
+def qwen35(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
+    with LiveServer(model_path=chat_models["qwen35"], n_ctx=2048) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def qwen3(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
+    with LiveServer(model_path=chat_models["qwen3"], n_ctx=2048) as live:
+        yield live
+
+
+def sdk(server: LiveServer) -> OpenAI:
+    return OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+def tool(name: str, parameters: dict, strict: bool | None = None) -> dict:
+    function = {"name": name, "parameters": parameters, **({"strict": strict} if strict is not None else {})}
+    return {"type": "function", "function": function}
+
+
+def xml_call(function: str, **values: str) -> str:
+    parameters = "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in values.items())
+    return f"<tool_call>\n<function={function}>\n{parameters}</function>\n</tool_call>"
+
+
+def read_xml(text: str, schemas: dict) -> tuple[dict, dict]:
+    """The arguments of the one call in ``text``: read whole, and streamed a character at a time."""
+    [whole], rest = parse_tool_call_blocks(text, schemas)
+    parser = OutputParser(syntax=XML, schemas=schemas)
+    pieces = [p for i in range(len(text)) for p in parser.push(text[i])] + parser.finish()
+    [streamed] = ParsedOutput().add(pieces).tool_calls
+    assert rest == ""
+    return json.loads(whole.arguments), json.loads(streamed.arguments)
+
+
+# ---- Qwen3.5's XML calls: a tool's $defs, raw strings -----------------------------------------------
+
+
+class Address(pydantic.BaseModel):
+    street: str = pydantic.Field(max_length=8)
+    zip: int = pydantic.Field(ge=1000, le=99999)
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=8)
+    home: Address
+
+
+PERSON_TOOL = openai.pydantic_function_tool(Person, name="save_person")  # $defs + $ref, strict: true
+PERSON = PERSON_TOOL["function"]["parameters"]
+
+
+def test_a_tool_whose_parameters_use_defs_is_forced_in_xml_calls(checker: GrammarChecker) -> None:
+    """Each XML parameter has its own rule, yet its ``$ref`` points into the whole tool's ``$defs``
+    (the rule was built from the parameter alone: 'Error resolving ref … $defs not in …')."""
+    grammar = forced_call_grammar(XML, [PERSON_TOOL["function"]], parallel=False)
+    call = xml_call("save_person", name="Ann", home='{"street": "Elm", "zip": 12345}')
+    assert checker.accepts(grammar, call)
+    assert not checker.accepts(grammar, xml_call("save_person", name="Ann", home='{"street": "Elm"}'))
+    assert not checker.accepts(grammar, xml_call("save_person", name="Ann", home='{"street": "Elm", "zip": 12}'))
+    whole, streamed = read_xml(call, {"save_person": PERSON})
+    assert whole == streamed == {"name": "Ann", "home": {"street": "Elm", "zip": 12345}}
+    jsonschema.validate(whole, PERSON)
+
+
+def test_two_tools_with_a_def_of_one_name_keep_their_own(checker: GrammarChecker) -> None:
+    def with_item(item: dict) -> dict:
+        return {"type": "object", "$defs": {"Item": item}, "properties": {"item": {"$ref": "#/$defs/Item"}}, "required": ["item"]}
+
+    numbers = {"name": "numbers", "parameters": with_item({"type": "integer", "minimum": 0, "maximum": 9})}
+    flags = {"name": "flags", "parameters": with_item({"type": "boolean"})}
+    for syntax in (XML, FAMILIES["hermes"]):
+        grammar = forced_call_grammar(syntax, [numbers, flags], parallel=False)
+        if syntax is XML:
+            good, bad = [xml_call("numbers", item="7"), xml_call("flags", item="true")], [xml_call("numbers", item="true")]
+        else:
+            call = '<tool_call>\n{{"name": "{}", "arguments": {{"item": {}}}}}\n</tool_call>'
+            good, bad = [call.format("numbers", 7), call.format("flags", "true")], [call.format("numbers", "true"), call.format("flags", 7)]
+        assert all(checker.accepts(grammar, text) for text in good), syntax.name
+        assert not any(checker.accepts(grammar, text) for text in bad), syntax.name
+
+
+def test_a_string_enum_holding_lt_is_written_raw_and_read_back_as_itself(checker: GrammarChecker) -> None:
+    """``["<", "<=", "=="]`` fell back to JSON (quotes and all), which the XML parser then kept."""
+    schema = {"type": "object", "properties": {"op": {"type": "string", "enum": ["<", "<=", "=="]}}, "required": ["op"]}
+    grammar = forced_call_grammar(XML, [{"name": "filter", "parameters": schema}], parallel=False)
+    for op in ("<", "<=", "=="):
+        assert checker.accepts(grammar, xml_call("filter", op=op))
+        assert read_xml(xml_call("filter", op=op), {"filter": schema}) == ({"op": op}, {"op": op})
+    assert not checker.accepts(grammar, xml_call("filter", op='"<"'))
+    untyped = {"type": "object", "properties": {"v": {"enum": ["1", "null"]}}, "required": ["v"]}
+    assert read_xml(xml_call("f", v="1"), {"f": untyped}) == ({"v": "1"}, {"v": "1"})  # text, as the grammar writes it
+
+
+def test_xml_text_parameters_may_hold_lt_but_never_a_closing_tag(checker: GrammarChecker) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"code": {"type": "string"}, "short": {"type": "string", "maxLength": 11}, "op": {"enum": ["a</tool_call>", "<"]}},
+        "required": ["code", "short", "op"],
+    }
+    grammar = forced_call_grammar(XML, [{"name": "run", "parameters": schema}], parallel=False)
+    code = "if a < b and c <= d:\n    html = '<b>x</b></p'\n<"
+    call = xml_call("run", code=code, short="</paramete", op="<")
+    assert checker.accepts(grammar, call)
+    assert read_xml(call, {"run": schema}) == ({"code": code, "short": "</paramete", "op": "<"},) * 2
+    for broken in ("x</parameter>y", "x</tool_call>", "<</parameter>"):
+        assert not checker.accepts(grammar, xml_call("run", code=broken, short="s", op="<")), broken
+    assert not checker.accepts(grammar, xml_call("run", code="c", short="s", op="a</tool_call>"))
+
+
+def test_xml_string_parameters_keep_their_pattern_and_format(checker: GrammarChecker) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$"}, "day": {"type": "string", "format": "date"}},
+        "required": ["code", "day"],
+    }
+    grammar = forced_call_grammar(XML, [{"name": "book", "parameters": schema}], parallel=False)
+    assert checker.accepts(grammar, xml_call("book", code="AB-123", day="2024-02-29"))
+    assert not checker.accepts(grammar, xml_call("book", code="AB-12x", day="2024-02-29"))
+    assert not checker.accepts(grammar, xml_call("book", code="AB-123", day="2023-02-29"))
+
+
+def test_qwen35_forces_a_pydantic_tool_and_holds_an_auto_call_to_it(qwen35: LiveServer) -> None:
+    assert qwen35.engine is not None
+    with sdk(qwen35) as client:
+        for choice in ("required", {"type": "function", "function": {"name": "save_person"}}):
+            response = client.chat.completions.create(
+                model=MODEL_ID, messages=ASK, tools=[PERSON_TOOL], tool_choice=choice, parallel_tool_calls=False, max_tokens=200, seed=3, extra_body=NO_THINKING
+            )
+            assert response.choices[0].finish_reason == "tool_calls", response.choices[0]
+            [call] = response.choices[0].message.tool_calls
+            jsonschema.validate(json.loads(call.function.arguments), PERSON)
+    prompt = qwen35.engine.prepare_chat(ChatRequest(messages=ASK, tools=[PERSON_TOOL], tool_choice="auto", template_variables={"enable_thinking": False}))
+    assert prompt.grammar is not None and prompt.grammar_triggers
+
+
+def test_qwen35_writes_an_enum_holding_lt_as_the_enum_says(qwen35: LiveServer) -> None:
+    schema = {"type": "object", "properties": {"op": {"type": "string", "enum": ["<", "<=", "=="]}}, "required": ["op"], "additionalProperties": False}
+    with sdk(qwen35) as client:
+        for seed in (1, 2, 3):
+            response = client.chat.completions.create(
+                model=MODEL_ID, messages=ASK, tools=[tool("filter", schema)], tool_choice="required", parallel_tool_calls=False, max_tokens=200, seed=seed, extra_body=NO_THINKING
+            )
+            assert response.choices[0].finish_reason == "tool_calls", response.choices[0]
+            [call] = response.choices[0].message.tool_calls
+            jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
+# ---- strict: true refuses what a grammar cannot hold; without it, what is cheap is enforced -------------
+
+UNENFORCED = [
+    ("uniqueItems", {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}),
+    ("not", {"type": "integer", "not": {"enum": [1]}}),
+    ("multipleOf", {"type": "integer", "multipleOf": 7}),
+    ("oneOf", {"oneOf": [{"type": "integer"}, {"type": "number"}]}),
+    ("minProperties", {"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 2}),
+    ("propertyNames", {"type": "object", "propertyNames": {"pattern": "^x"}}),
+    ("contains", {"type": "array", "contains": {"const": 42}}),
+    ("format", {"type": "string", "format": "uri"}),
+    ("maxLength", {"type": "string", "pattern": "^a+$", "maxLength": 3}),
+    ("if", {"type": "object", "properties": {"k": {"type": "string"}}, "if": {"required": ["k"]}, "then": {"required": ["n"]}}),
+    ("dependentRequired", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "dependentRequired": {"a": ["b"]}}),
+    ("minimum", {"$ref": "#/$defs/n", "minimum": 3, "$defs": {"n": {"type": "integer"}}}),
+]
+
+
+@pytest.mark.parametrize(("keyword", "inner"), UNENFORCED, ids=[k for k, _ in UNENFORCED])
+def test_strict_refuses_a_keyword_the_grammar_cannot_hold_and_says_where(keyword: str, inner: dict) -> None:
+    defs = inner.pop("$defs", None)
+    schema = {"type": "object", "properties": {"a": inner}, "required": ["a"], **({"$defs": defs} if defs else {})}
+    schema_grammar(schema)  # without strict: accepted, not enforced (the README lists these)
+    with pytest.raises(ValueError, match=f"'{keyword}' at response_format.json_schema.schema.properties.a "):
+        schema_grammar(schema, strict=True, root="response_format.json_schema.schema")
+    with pytest.raises(ValueError, match=f"'{keyword}' at properties.a in the parameters of tool 'f'"):
+        forced_call_grammar(FAMILIES["hermes"], [{"name": "f", "strict": True, "parameters": schema}], parallel=False)
+    forced_call_grammar(FAMILIES["hermes"], [{"name": "f", "parameters": schema}], parallel=False)
+
+
+class Cat(pydantic.BaseModel):
+    kind: Literal["cat"]
+    lives: int
+
+
+class Dog(pydantic.BaseModel):
+    kind: Literal["dog"]
+    good: bool
+
+
+class Owner(pydantic.BaseModel):
+    name: str
+    home: Address
+    away: Optional[Address]
+    pet: Union[Cat, Dog] = pydantic.Field(discriminator="kind")
+    tags: list[str]
+    mood: Literal["calm", "busy"]
+
+
+def test_strict_accepts_the_schemas_openai_and_pydantic_write() -> None:
+    strict = [
+        openai.pydantic_function_tool(Owner)["function"]["parameters"],
+        Owner.model_json_schema(),
+        {"type": "object", "properties": {"n": {"type": ["integer", "null"], "minimum": 0}, "d": {"type": "string", "format": "date-time"}}, "required": ["n", "d"]},
+        {"type": "object", "properties": {"v": {"oneOf": [{"type": "string"}, {"type": "integer"}]}, "e": {"type": "string", "format": "email"}}},
+        {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "items": False, "minItems": 2},
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"], "maxProperties": 2, "minProperties": 2},
+    ]
+    for schema in strict:
+        schema_grammar(schema, strict=True, root="response_format.json_schema.schema")
+        forced_call_grammar(XML, [{"name": "f", "strict": True, "parameters": schema}], parallel=False) if schema.get("type") == "object" else None
+
+
+def test_a_required_name_properties_does_not_list_is_still_written(checker: GrammarChecker) -> None:
+    """``required: ["a", "b"]`` with only ``a`` in ``properties``: ``b`` is written, with any value
+    (or what ``additionalProperties`` allows); every family's call grammar and response_format."""
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}, "required": ["a", "b"]}
+    grammar = schema_grammar(schema)
+    assert checker.accepts(grammar, '{"a": "x", "b": [1, "y"]}') and checker.accepts(grammar, '{"a": "x", "b": null}')
+    assert not checker.accepts(grammar, '{"a": "x"}')
+    typed = schema_grammar({**schema, "additionalProperties": {"type": "integer"}})
+    assert checker.accepts(typed, '{"a": "x", "b": 7}') and not checker.accepts(typed, '{"a": "x", "b": "7"}')
+    with pytest.raises(UnsatisfiableSchema, match='"b" is required'):
+        schema_grammar({**schema, "additionalProperties": False})
+    calls = {
+        "hermes": '<tool_call>\n{{"name": "f", "arguments": {}}}\n</tool_call>',
+        "llama3": '{{"name": "f", "parameters": {}}}',
+        "mistral": '[TOOL_CALLS][{{"name": "f", "arguments": {}}}]',
+    }
+    for family, call in calls.items():
+        forced = forced_call_grammar(FAMILIES[family], [{"name": "f", "parameters": schema}], parallel=False)
+        assert checker.accepts(forced, call.format('{"a": "x", "b": 1}')) and not checker.accepts(forced, call.format('{"a": "x"}')), family
+    forced = forced_call_grammar(XML, [{"name": "f", "parameters": schema}], parallel=False)
+    assert checker.accepts(forced, xml_call("f", a="x", b="[1]")) and not checker.accepts(forced, xml_call("f", a="x"))
+    assert read_xml(xml_call("f", a="x", b="[1]"), {"f": schema}) == ({"a": "x", "b": [1]},) * 2
+
+
+def test_strict_and_required_names_over_http(qwen3: LiveServer) -> None:
+    loose = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 4}}, "required": ["a", "b"]}
+    unique = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}}, "required": ["a"]}
+    with sdk(qwen3) as client:
+        with pytest.raises(BadRequestError) as refused_format:
+            client.chat.completions.create(
+                model=MODEL_ID, messages=ASK, max_tokens=5, response_format={"type": "json_schema", "json_schema": {"name": "x", "strict": True, "schema": unique}}
+            )
+        with pytest.raises(BadRequestError) as refused_tool:
+            client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=5, tools=[tool("f", unique, strict=True)], tool_choice="required")
+        with pytest.raises(BadRequestError) as refused_auto:  # auto promises the schema too, once a call starts
+            client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=5, tools=[tool("f", unique, strict=True)])
+        answer = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, max_tokens=120, seed=2, extra_body=NO_THINKING,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": loose}},
+        )  # fmt: skip
+        called = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, max_tokens=120, seed=2, tools=[tool("f", loose)], tool_choice="required", parallel_tool_calls=False, extra_body=NO_THINKING
+        )
+    assert refused_format.value.body["param"] == "response_format.json_schema.schema"
+    assert "'uniqueItems' at response_format.json_schema.schema.properties.a" in refused_format.value.body["message"]
+    assert refused_tool.value.body["param"] == "tools" and "'uniqueItems'" in refused_tool.value.body["message"]
+    assert refused_auto.value.body["param"] == "tools" and "'uniqueItems' at tools[0].function.parameters" in refused_auto.value.body["message"]
+    assert answer.choices[0].finish_reason == "stop", answer.choices[0]
+    jsonschema.validate(json.loads(answer.choices[0].message.content), loose)
+    jsonschema.validate(json.loads(called.choices[0].message.tool_calls[0].function.arguments), loose)
+
+
+# ---- names and values with any character -------------------------------------------------------------
+
+ODD_NAMES = ['a"b', "x\\y", "tab\there", "bell\x07", "ü ñ", "日本", "del\x7f", "\\u0041", "end\\"]
+
+
+def test_property_names_and_enum_values_holding_any_character(checker: GrammarChecker) -> None:
+    """A quote ended the grammar's literal ('grammar is not valid GBNF'), a backslash was written
+    unescaped (no JSON at all): every name and value is now written as the JSON it is."""
+    schema = {
+        "type": "object",
+        "properties": {**{name: {"type": "integer", "maximum": 9} for name in ODD_NAMES}, "e": {"enum": ODD_NAMES}},
+        "required": [*ODD_NAMES, "e"],
+        "additionalProperties": False,
+    }
+    grammar = schema_grammar(schema)
+    for value in ODD_NAMES:
+        answer = {**{name: 1 for name in ODD_NAMES}, "e": value}
+        assert checker.accepts(grammar, json.dumps(answer, ensure_ascii=False).replace("\x7f", "\\u007f")), value
+    assert not checker.accepts(grammar, json.dumps({**{name: 1 for name in ODD_NAMES}, "e": "a"}))
+    forced = forced_call_grammar(XML, [{"name": "f", "parameters": {"type": "object", "properties": {'a"b': {"enum": ['x"\\y']}}, "required": ['a"b']}}], parallel=False)
+    assert checker.accepts(forced, xml_call("f", **{'a"b': 'x"\\y'}))
+
+
+def test_odd_property_names_over_http_forced_auto_and_response_format(qwen3: LiveServer, qwen35: LiveServer) -> None:
+    schema = {"type": "object", "properties": {'a"b': {"type": "integer", "minimum": 0, "maximum": 9}, "x\\y": {"type": "boolean"}}, "required": ['a"b', "x\\y"]}
+    for server in (qwen3, qwen35):
+        assert server.engine is not None
+        with sdk(server) as client:
+            forced = client.chat.completions.create(
+                model=MODEL_ID, messages=ASK, tools=[tool("f", schema)], tool_choice="required", parallel_tool_calls=False, max_tokens=200, seed=1, extra_body=NO_THINKING
+            )
+            auto = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=[tool("f", schema)], max_tokens=5, extra_body=NO_THINKING)
+            formatted = client.chat.completions.create(
+                model=MODEL_ID, messages=ASK, max_tokens=200, seed=1, extra_body=NO_THINKING,
+                response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+            )  # fmt: skip
+        assert forced.choices[0].finish_reason == "tool_calls" and formatted.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(forced.choices[0].message.tool_calls[0].function.arguments), schema)
+        assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
+        jsonschema.validate(json.loads(formatted.choices[0].message.content), schema)
+        prompt = server.engine.prepare_chat(ChatRequest(messages=ASK, tools=[tool("f", schema)], template_variables={"enable_thinking": False}))
+        assert prompt.grammar is not None and prompt.grammar_triggers  # the lazy check holds an auto call too
+
+
+def test_auto_goes_without_the_lazy_check_when_no_grammar_can_be_built(qwen3: LiveServer) -> None:
+    """A schema no value fits (or no grammar can say): forcing the call is a 400 naming ``tools``;
+    with ``auto`` the model answers, its calls still parsed, but unchecked."""
+    assert qwen3.engine is not None
+    impossible = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a", "b"], "additionalProperties": False}
+    with sdk(qwen3) as client:
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=[tool("f", impossible)], tool_choice="required", max_tokens=5)
+        answered = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=[tool("f", impossible)], max_tokens=5, extra_body=NO_THINKING)
+    assert refused.value.body["param"] == "tools" and '"b" is required' in refused.value.body["message"]
+    assert answered.choices[0].finish_reason in ("stop", "length")
+    prompt = qwen3.engine.prepare_chat(ChatRequest(messages=ASK, tools=[tool("f", impossible)], template_variables={"enable_thinking": False}))
+    assert prompt.grammar is None and prompt.grammar_triggers == ()
+
+
+# ---- boolean schemas -------------------------------------------------------------------------------------
+
+
+def test_boolean_schemas_are_any_value_and_no_value(checker: GrammarChecker) -> None:
+    schema = {"type": "object", "properties": {"anything": True, "never": False, "list": {"type": "array", "items": True, "maxItems": 2}}, "required": ["anything"]}
+    grammar = schema_grammar(schema)
+    for value in (5, "s", None, {"k": [1]}, [True]):
+        assert checker.accepts(grammar, json.dumps({"anything": value})), value
+    assert checker.accepts(grammar, '{"anything": 1, "list": [null, {}]}')
+    assert not checker.accepts(grammar, '{"anything": 1, "never": 1}')
+    assert checker.accepts(schema_grammar({"anyOf": [False, {"type": "integer"}]}), "3")
+    with pytest.raises(UnsatisfiableSchema, match="schema false"):
+        schema_grammar({**schema, "required": ["anything", "never"]})
+
+
+def test_a_required_property_that_can_never_be_present_is_a_400_over_http(qwen3: LiveServer) -> None:
+    schema = {"type": "object", "properties": {"anything": True, "never": False}, "required": ["anything", "never"]}
+    with sdk(qwen3) as client:
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=5, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        fine = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, max_tokens=60, seed=1, extra_body=NO_THINKING,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {**schema, "required": ["anything"]}}},
+        )  # fmt: skip
+    assert refused.value.body["param"] == "response_format.json_schema.schema"
+    assert "'never'" not in refused.value.body["message"] and "attribute" not in refused.value.body["message"]
+    assert '"never"' in refused.value.body["message"]
+    assert fine.choices[0].finish_reason in ("stop", "length")
