@@ -59,9 +59,9 @@ def test_precedence_flag_over_env_over_file_over_default(config_file: Path, monk
         ({"VRAM_SUPPLY_ENDPOINT_URL": "not a url"}, "invalid endpoint_url = 'not a url' (from env VRAM_SUPPLY_ENDPOINT_URL)"),
         ({"VRAM_SUPPLY_PARALLEL": "0"}, "invalid parallel = '0' (from env VRAM_SUPPLY_PARALLEL)"),
         # before, an empty quant meant "the best that fits", though the user named one
-        ({"VRAM_SUPPLY_QUANT": " "}, "invalid quant = ' ' (from env VRAM_SUPPLY_QUANT): Value error, name a quantization, e.g. Q4_K_M"),
+        ({"VRAM_SUPPLY_QUANT": " "}, "invalid quant = ' ' (from env VRAM_SUPPLY_QUANT): name a quantization, e.g. Q4_K_M"),
         # before, the empty host listened on every interface
-        ({"VRAM_SUPPLY_HOST": ""}, "invalid host = '' (from env VRAM_SUPPLY_HOST): Value error, name an address: 127.0.0.1 for this machine only"),
+        ({"VRAM_SUPPLY_HOST": ""}, "invalid host = '' (from env VRAM_SUPPLY_HOST): name an address: 127.0.0.1 for this machine only"),
         ({"VRAM_SUPPLY_API_KEY": "sk-\x1b[31m"}, "invalid api_key"),  # it made every platform call a traceback
         ({"VRAM_SUPPLY_DRAIN_TIMEOUT": "inf"}, "invalid drain_timeout = 'inf' (from env VRAM_SUPPLY_DRAIN_TIMEOUT): Input should be less than or equal to 3600"),
         ({"VRAM_SUPPLY_HEARTBEAT_INTERVAL": "600"}, "invalid heartbeat_interval = '600' (from env VRAM_SUPPLY_HEARTBEAT_INTERVAL): Input should be less than or equal to 120"),
@@ -117,7 +117,7 @@ def test_a_misspelt_environment_variable_is_named_with_the_setting_it_resembles(
         "ignoring VRAM_SUPPLY_PARALEL: not a vramsupply setting (did you mean VRAM_SUPPLY_PARALLEL?)",
         "ignoring VRAM_SUPPLY_XYZZY: not a vramsupply setting",
     ]
-    assert run_cli("config", "show", env={"VRAM_SUPPLY_CONFIG": "/nonexistent.toml"}).stderr == "", "the config file's path is no setting, and no typo"
+    assert "ignoring" not in run_cli("config", "show", env={"VRAM_SUPPLY_CONFIG": "/nonexistent.toml"}).stderr, "the config file's path is no setting, and no typo"
 
 
 def test_a_shared_cache_smaller_than_the_slots_is_refused_naming_both_settings() -> None:

@@ -73,12 +73,11 @@ def test_failures_exit_1_and_say_what_to_do(tmp_path: Path) -> None:
 
 def test_a_rejected_key_and_the_table_with_marks(tmp_path: Path) -> None:
     with LivePlatform() as platform:
-        code, checks, _ = doctor(VRAM_SUPPLY_PLATFORM_URL=platform.url, VRAM_SUPPLY_API_KEY="wrong-key", VRAM_SUPPLY_NO_REGISTER="true")
+        code, checks, _ = doctor(VRAM_SUPPLY_PLATFORM_URL=platform.url, VRAM_SUPPLY_API_KEY="wrong-key")
         table = run_cli("doctor", env={"VRAM_SUPPLY_PLATFORM_URL": platform.url, "VRAM_SUPPLY_API_KEY": "wrong-key", "COLUMNS": "250"})
 
     assert code == 1
     assert checks["api key"]["ok"] is False and checks["api key"]["detail"] == "the platform rejected the API key (HTTP 401)"
-    assert checks["endpoint url"] == {"name": "endpoint url", "ok": True, "detail": "not needed: serving locally only (no_register)", "fix": ""}
     assert table.returncode == 1
     assert "✓ backend" in table.stdout and "✗ api key" in table.stdout
     assert "fix: run vramsupply login with a current key" in table.stdout

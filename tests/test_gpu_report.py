@@ -104,7 +104,7 @@ def test_gpu_options_that_cannot_work_fail_in_one_line() -> None:
     assert no_device.stderr.strip() == "error: no device 'CUDA7' in this llama.cpp build; it has: CPU (vramsupply doctor lists them)"
 
     v_without_fa = run_cli("serve", "--model", str(TINY_MODEL), "--cache-type-v", "q8_0", "--flash-attention", "off", "--no-register")
-    assert v_without_fa.returncode == 1
+    assert v_without_fa.returncode == 2  # two settings that do not go together (README: exit 2)
     assert "a q8_0 V cache needs flash attention" in v_without_fa.stderr
 
     small_heads = run_cli("plan", "--model", str(TINY_MODEL), "--json", env={"VRAM_SUPPLY_CACHE_TYPE_K": "q4_0"})

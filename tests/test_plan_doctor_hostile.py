@@ -122,6 +122,8 @@ def test_something_that_is_not_a_model_file_is_named_for_what_it_is(tmp_path: Pa
 
     if kind == "dangling link":
         assert error == f"error: model file {path} does not exist: it is a symbolic link to {tmp_path / 'gone.gguf'}, which does not exist"
+    elif kind == "directory":
+        assert error == f"error: {path} is a directory, not a .gguf file"
     else:
         assert error == f"error: {path} is not a file"
 
@@ -138,7 +140,7 @@ def test_the_plan_table_is_readable_at_80_columns_and_narrower(tmp_path: Path) -
         assert "1.1 MiB" in result.stdout and "yes" in result.stdout
     table = wide.stdout.split("devices:")[0]
     assert all(len(line) <= 80 for line in table.splitlines())
-    assert "yes ← chosen" in table and "unknown" in table and "compute" in table
+    assert "yes ← chosen" in table and "F32" in table and "compute" in table
     assert "weights 1.1 MiB" in " ".join(narrow.stdout.split()), narrow.stdout
 
 

@@ -278,5 +278,5 @@ def test_devplatform_prints_a_key_with_brackets_as_given() -> None:
             process.kill()
     assert listening.startswith("reference platform listening on http://127.0.0.1:"), errors
     assert key_line.strip() == "API key: sk-[/x]-[bold]"
-    assert use_line.strip().endswith("VRAM_SUPPLY_API_KEY=sk-[/x]-[bold]")
+    assert use_line.strip().endswith("VRAM_SUPPLY_API_KEY='sk-[/x]-[bold]'"), "quoted for the shell it is pasted into"
     assert process.returncode == 0 and "Traceback" not in errors

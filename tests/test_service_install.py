@@ -254,7 +254,7 @@ def test_status_and_logs_wrap_systemctl_and_journalctl(tmp_path: Path, args: tup
     bin_dir, calls = fake_tools(tmp_path, state="running")
     result = run_cli("service", *args, env={"PATH": str(bin_dir)})
     assert result.returncode == 0, result.stderr
-    assert logged_calls(calls) == [expected]
+    assert logged_calls(calls) == [f"systemctl{' --user' if '--user' in args else ''} is-system-running", expected]
 
 
 def test_status_without_systemd_is_a_clear_error(tmp_path: Path) -> None:

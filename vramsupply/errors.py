@@ -11,8 +11,10 @@ module never imports another concern to raise its own errors)::
     VramsupplyError                      exit 1  errors.py
     ├── ConfigError                      exit 2  errors.py: a setting, or a combination of
     │   │                                        settings, is invalid; names it and its source
-    │   └── OfferError                   exit 2  platform/offer.py: what would be offered to the
-    │                                            market is invalid (endpoint URL, context)
+    │   ├── OfferError                   exit 2  platform/offer.py: what would be offered to the
+    │   │                                        market is invalid (endpoint URL, context)
+    │   └── GpuOptionError               exit 2  gpu/options.py: a GPU or KV cache option this
+    │                                            llama.cpp build or model cannot honour
     ├── HubError                         exit 1  hub/errors.py: the model cannot be made local
     │   ├── InvalidModelSpec, ModelNotFound, QuantNotFound, HubAuthError,
     │   │   HubUnreachable, HubOffline, InsufficientDiskSpace
@@ -24,6 +26,7 @@ module never imports another concern to raise its own errors)::
     │   │   UnexpectedAnswer                       a 2xx whose body is not the documented answer
     ├── EngineError                      exit 1  engine/types.py: llama.cpp or the scheduler
     │   ├── Overloaded, EngineClosed, ContextOverflow   (per request: the HTTP API maps them)
+    │   ├── LoadAbandoned                          engine/model.py: a stop came while the model loaded
     │   └── EngineFailed                           the engine died or stalled while serving
     ├── PlanRefused                      exit 1  gpu/planning.py: the model does not fit the memory
     ├── SourceError                      exit 1  gpu/source.py: the model cannot be read to plan
@@ -37,6 +40,8 @@ module never imports another concern to raise its own errors)::
     │                                            not installed (says how to install it)
     ├── ServiceError                     exit 1  service/unit.py: systemd unit handling
     ├── ListenError                      exit 1  errors.py: a server cannot listen on its address
+    ├── DataDirInUse                     exit 1  instance_lock.py: another agent serves from this
+    │                                            data dir
     ├── DemoError                        exit 1  devplatform/demo.py: `serve --demo` failed
     └── Interrupted                      exit 130 errors.py: stopped by a signal before it could
                                                  finish cleanly

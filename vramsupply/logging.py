@@ -2,12 +2,14 @@
 
 One line per event (journald stores each line as its own entry, so a traceback is folded onto its
 event's line), colour only on a terminal, and a filter that masks every registered secret, so an
-API key or endpoint token that ends up in a message, argument or exception never reaches a log.
+API key or endpoint token that ends up in a message, argument or exception never reaches a log
+(a secret too short to mask inside other words, only where it stands alone: ``MIN_SUBSTRING_SECRET``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 from collections.abc import Iterable
@@ -17,6 +19,11 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 MASK = "****"
+# A secret this long is masked wherever it appears, inside other text too. A shorter one (an API
+# key of one letter, say) is masked only where it stands alone: replacing every "k" in every line
+# would garble the logs ("un****nown") and show where the key's letters occur.
+MIN_SUBSTRING_SECRET = 8
+_TOKEN_CHARS = r"A-Za-z0-9_\-"
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -31,6 +38,7 @@ class SecretMaskFilter(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self._secrets: tuple[str, ...] = ()
+        self._short: tuple[re.Pattern[str], ...] = ()
         self._lock = threading.Lock()
 
     def add(self, secret: str) -> None:
@@ -39,10 +47,14 @@ class SecretMaskFilter(logging.Filter):
         with self._lock:
             # Longest first, so a secret that contains another is masked whole.
             self._secrets = tuple(sorted({*self._secrets, secret}, key=len, reverse=True))
+            self._short = tuple(_whole_token(s) for s in self._secrets if len(s) < MIN_SUBSTRING_SECRET)
 
     def mask(self, text: str) -> str:
         for secret in self._secrets:
-            text = text.replace(secret, MASK)
+            if len(secret) >= MIN_SUBSTRING_SECRET:
+                text = text.replace(secret, MASK)
+        for pattern in self._short:
+            text = pattern.sub(MASK, text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -62,6 +74,11 @@ class SecretMaskFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = self.mask(record.stack_info)
         return True
+
+
+def _whole_token(secret: str) -> re.Pattern[str]:
+    """``secret`` where no letter, digit, ``-`` or ``_`` touches it on either side."""
+    return re.compile(rf"(?<![{_TOKEN_CHARS}]){re.escape(secret)}(?![{_TOKEN_CHARS}])")
 
 
 class OneLineFormatter(logging.Formatter):

@@ -1,4 +1,5 @@
-"""The lines ``serve`` prints for its user (ready, where the model runs, the offer, the public URL).
+"""The lines ``serve`` prints for its user (ready, where the model runs, the offer, the public URL,
+``--demo``'s purchase).
 
 They are for a person at a terminal; the agent's work never depends on them. So a standard output
 that cannot be written (``serve | head -1`` once ``head`` has exited, a full disk behind a
@@ -21,22 +22,40 @@ import sys
 
 log = logging.getLogger("vramsupply.output")
 _stdout_gone = False
+_unlogged = ""  # the start of a line, printed in parts (``say_part``), that could not be printed
 
 
 def say(line: str) -> None:
     """Print ``line`` for the user; once standard output has failed, log it instead."""
+    say_part(line + "\n")
+
+
+def say_part(text: str) -> None:
+    """Print ``text``, part of a line (``--demo`` streams an answer as it comes); once standard
+    output has failed, each line it completes is logged instead."""
+    global _unlogged
+    if _print(text):
+        return
+    *lines, _unlogged = (_unlogged + text).split("\n")
+    for line in lines:
+        log.info("%s", line)
+
+
+def _print(text: str) -> bool:
+    """Whether ``text`` went to standard output (see the module docstring for when it cannot)."""
     global _stdout_gone
-    if not _stdout_gone:
-        try:
-            print(line, flush=True)
-            return
-        except ValueError:  # sys.stdout was closed (by whoever replaced it): this line goes to the log
-            pass
-        except OSError as exc:  # the file behind it fails (EPIPE, ENOSPC): for good
-            _stdout_gone = True
-            point_stdout_at_devnull()
-            log.warning("cannot write to standard output (%s); serving goes on, and its lines go to this log", exc.strerror or exc)
-    log.info("%s", line)
+    if _stdout_gone:
+        return False
+    try:
+        print(text, end="", flush=True)
+        return True
+    except ValueError:  # sys.stdout was closed (by whoever replaced it): this text goes to the log
+        return False
+    except OSError as exc:  # the file behind it fails (EPIPE, ENOSPC): for good
+        _stdout_gone = True
+        point_stdout_at_devnull()
+        log.warning("cannot write to standard output (%s); serving goes on, and its lines go to this log", exc.strerror or exc)
+        return False
 
 
 class ClosedStdout(OSError):

@@ -6,11 +6,16 @@ SIGINT handler is installed without a wakeup fd, so a signal delivered to one of
 other threads (a download, the engine, an executor) is only noticed when the event loop next wakes
 up on its own. ``StopSignals`` uses ``loop.add_signal_handler``, which wakes the loop at once from
 any thread, and turns the first signal into a graceful stop request and a second one into
-"stop now" (the main task is cancelled).
+"stop now" (the main task is cancelled). What a graceful stop waits for depends on the phase
+(nothing before the model is ready, the model load, then in-flight requests): the caller says it in
+``first_stop``, so the log line tells the user what they are waiting for and that a second signal
+does not wait.
 
-``in_daemon_thread`` runs blocking work that cannot be interrupted (a model download, llama.cpp
-loading a model) where a "stop now" does not have to wait for it: asyncio's default executor would
-make the process wait for the thread at exit.
+``in_daemon_thread`` runs blocking work that cannot be interrupted (a model download, a Hub lookup
+for the memory plan, llama.cpp loading a model) where a stop does not have to wait for it: asyncio's
+default executor (``asyncio.to_thread``) makes the process wait for its threads at exit, which was a
+minute of a Hub that accepts and never answers after Ctrl-C, deaf to a second Ctrl-C, ending in
+uvloop's "Event loop is closed" traceback.
 """
 
 from __future__ import annotations
@@ -33,12 +38,16 @@ class StopSignals:
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     """SIGHUP: the terminal closed (an SSH session dropped). Its default would end the agent at
     once, leaving its registration online; unless it was ignored when we started (``nohup``)."""
+    SERVING = "finishing in-flight requests (again to stop at once)"
+    """``first_stop`` unless the caller says otherwise: serving, requests may be in flight."""
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self._task = asyncio.current_task()
         self._loop = asyncio.get_running_loop()
         self._handled: list[signal.Signals] = []
+        self.first_stop = self.SERVING
+        """What the first signal does, for its log line; the caller sets it as it enters each phase."""
 
     def __enter__(self) -> StopSignals:
         self._handled = [sig for sig in self.SIGNALS if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN]
@@ -56,7 +65,7 @@ class StopSignals:
 
     def _received(self, sig: signal.Signals) -> None:
         if not self.event.is_set():
-            log.info("%s received: finishing in-flight requests (again to stop at once)", sig.name)
+            log.info("%s received: %s", sig.name, self.first_stop)
             self.event.set()
         elif self._task is not None:
             log.warning("%s received again: stopping without waiting", sig.name)

@@ -51,7 +51,7 @@ echo "== wheels for Python $python_version"
 # pyyaml, requests, tqdm, filelock, fsspec and packaging serve as they are.
 pins=()
 for name in pydantic pydantic-core pydantic-settings typing-inspection annotated-types typing-extensions \
-    platformdirs tomli-w python-dotenv orjson gguf diskcache huggingface-hub hf-xet httpx2 httpcore2 \
+    platformdirs tomlkit python-dotenv orjson gguf diskcache huggingface-hub hf-xet httpx2 httpcore2 \
     truststore idna anyio h11 click typer prometheus-client pytest pluggy iniconfig pytest-asyncio pytest-aiohttp pytest-timeout; do
     pins+=("$name==$(.venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")
 done

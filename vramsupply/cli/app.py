@@ -22,18 +22,23 @@ from vramsupply.display import plain
 from vramsupply.errors import Interrupted, VramsupplyError
 from vramsupply.output import ClosedStdout, point_stdout_at_devnull, stand_in_for_closed_stdout
 
+# -h is --help everywhere, as in most tools (no command uses -h for anything else; -m is --model).
+# Click passes these names down to every subcommand's context; each group names them too.
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     name="vramsupply",
     help="Serve GGUF models on the vram.supply marketplace.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings=HELP_OPTIONS,
 )
-config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True, context_settings=HELP_OPTIONS)
 app.add_typer(config_app, name="config")
-service_app = typer.Typer(help="Run the agent as a systemd service.", no_args_is_help=True)
+service_app = typer.Typer(help="Run the agent as a systemd service.", no_args_is_help=True, context_settings=HELP_OPTIONS)
 app.add_typer(service_app, name="service")
-models_app = typer.Typer(help="Find, download and manage GGUF models in the shared HuggingFace cache.", no_args_is_help=True)
+models_app = typer.Typer(help="Find, download and manage GGUF models in the shared HuggingFace cache.", no_args_is_help=True, context_settings=HELP_OPTIONS)
 app.add_typer(models_app, name="models")
 
 # No markup: nothing we print is markup, and what we print holds names and paths from outside (a

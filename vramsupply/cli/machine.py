@@ -32,12 +32,23 @@ def plan(
     context_length: Optional[int] = typer.Option(None, "--context-length", help="Context window per request, in tokens."),
     parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots: requests decoded concurrently."),
     kv_per_slot: Optional[bool] = typer.Option(None, "--kv-per-slot", help="Plan a KV cache per slot instead of one shared by all slots."),
+    n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", help="Layers offloaded to the GPU (-1: all; 0: plan for the CPU alone)."),
+    n_batch: Optional[int] = typer.Option(None, "--n-batch", help="Maximum tokens per decode step (default 2048)."),
+    n_ubatch: Optional[int] = typer.Option(None, "--n-ubatch", help="Physical micro-batch size (default 512)."),
+    flash_attention: Optional[str] = typer.Option(None, "--flash-attention", help="auto, on or off (default auto)."),
+    cache_type_k: Optional[str] = typer.Option(None, "--cache-type-k", help="KV cache type for keys: f16, q8_0 or q4_0."),
+    cache_type_v: Optional[str] = typer.Option(None, "--cache-type-v", help="KV cache type for values: f16, q8_0 or q4_0 (quantized needs flash attention)."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="GPUs to plan for, e.g. CUDA0,CUDA1 (vramsupply doctor lists them)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show the memory each quant needs on this machine's devices and which fits, before any download (exit 1: nothing fits)."""
+    # The serve flags the plan's numbers depend on, each named after its setting and passed as serve
+    # passes them: the plan is serve's, and its advice (`use --cache-type-k f16`) can be followed here.
+    flags = dict(locals())
+    flags.pop("as_json")
     from vramsupply.gpu.planning import plan_for, plan_summary, plan_table
 
-    settings = settings_from({"model": model, "quant": quant, "context_length": context_length, "parallel": parallel, "kv_per_slot": kv_per_slot})
+    settings = settings_from(flags)
     explicit = settings.model_fields_set
     result = plan_for(settings, quant_explicit="quant" in explicit, context_explicit="context_length" in explicit, parallel_explicit="parallel" in explicit)
     if as_json:

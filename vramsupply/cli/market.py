@@ -7,12 +7,16 @@ What these commands print comes largely from outside (the platform, the state fi
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
+import shlex
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.text import Text
 
 from .app import app, console, fail, settings_from
+
+if TYPE_CHECKING:
+    from vramsupply.platform.commands import AgentStatus
 
 
 @app.command()
@@ -70,19 +74,60 @@ def rails(
     console.print(rails_table(current))
 
 
+STATUS_SERVING, STATUS_NOT_SERVING, STATUS_NOT_LISTED = 0, 1, 3
+"""`vramsupply status`'s exit codes. 0: the agent serves and is listed on the platform (or serves
+with --no-register, as asked). 1: no agent serves (none answers, or it is loading, draining, failed).
+3: it serves but earns nothing: not listed (registering, rejected, platform unreachable, or no
+record of its registration). Not 2: that is every command's code for an invalid flag or setting."""
+
+
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """Show the local agent's health and its registration with the platform (exit 1 when not serving)."""
-    from vramsupply.platform import default_state_path
-    from vramsupply.platform.commands import agent_status, status_table
+    """Show the local agent's health and its registration with the platform.
+
+    Exit 0 when it serves and is listed (or serves with --no-register), 1 when no agent serves,
+    3 when it serves but is not listed on the platform (rejected, unreachable, registering)."""
+    from vramsupply.platform.commands import status_table
     from vramsupply.display import json_text
 
-    report = agent_status(settings_from({}), default_state_path())
+    report, note = _agent_report()
     if as_json:
         console.print(json_text(report.as_json()), soft_wrap=True)
     else:
-        console.print(status_table(report))
-    raise typer.Exit(0 if report.healthy else 1)
+        table = status_table(report)
+        if note:
+            table.add_row("record", Text(note, style="yellow"))
+        console.print(table)
+    raise typer.Exit(_status_code(report))
+
+
+def _agent_report() -> tuple[AgentStatus, str | None]:
+    """What answers where the running agent listens (from its record, or the settings), and why
+    the record is not the running agent's, when it is not."""
+    from vramsupply.instance_lock import lock_holder
+    from vramsupply.platform.commands import AgentStatus
+    from vramsupply.platform.state import default_state_path, find_agent, probe_health
+
+    settings, path = settings_from({}), default_state_path()
+    found = find_agent(path, settings.host, settings.port)
+    health, error = asyncio.run(probe_health(found.url))
+    note = found.earlier_run
+    starting = lock_holder(path.parent) if health is None else None
+    if starting is not None and (found.record is None or found.earlier_run is not None):
+        error = f"agent process {starting} is starting: not listening yet (downloading or preparing its model)"
+        note = note and f"{note}; the starting agent replaces it once it listens"
+    unreadable = path if found.record is None and path.exists() else None
+    return AgentStatus(found.url, health, error, found.record, found.earlier_run is None, unreadable), note
+
+
+def _status_code(report: AgentStatus) -> int:
+    from vramsupply.platform.state import Phase
+
+    if not report.healthy:
+        return STATUS_NOT_SERVING
+    record = report.registration
+    listed = record is not None and report.registration_current and record.phase in (Phase.registered, Phase.not_registering)
+    return STATUS_SERVING if listed else STATUS_NOT_LISTED
 
 
 @app.command()
@@ -100,7 +145,8 @@ def devplatform(
     def announce(url: str) -> None:  # the key is the user's own text (--api-key): no markup
         console.print(f"reference platform listening on {url}", highlight=False, markup=False)
         console.print(f"API key: {platform.api_key}", highlight=False, markup=False)
-        console.print(f"use it with: export VRAM_SUPPLY_PLATFORM_URL={url} VRAM_SUPPLY_API_KEY={platform.api_key}", highlight=False, markup=False, soft_wrap=True)
+        exports = f"VRAM_SUPPLY_PLATFORM_URL={shlex.quote(url)} VRAM_SUPPLY_API_KEY={shlex.quote(platform.api_key)}"  # pasted into a shell
+        console.print(f"use it with: export {exports}", highlight=False, markup=False, soft_wrap=True)
         console.print("Ctrl-C stops it (all state is in memory).", highlight=False)
 
     asyncio.run(serve_forever(platform, host, port, announce))

@@ -65,14 +65,34 @@ def models_pull(
 ) -> None:
     """Download and verify a model into the cache (resumes an interrupted download)."""
     from vramsupply.hub import prepare_configured
+    from vramsupply.hub.errors import HubOffline
     from vramsupply.hub.views import local_model_json
 
     settings = quant_serve_would_choose(model, settings_from({"quant": quant, "cache_dir": cache_dir}))
-    local = prepare_configured(model, settings, progress=True)
+    try:
+        local = prepare_configured(model, settings, progress=True)
+    except HubOffline as exc:  # its advice is "download it once while online (models pull …)": this very command
+        raise _pull_needs_the_hub(model, settings, exc) from exc
     if as_json:
         console.print_json(json.dumps(local_model_json(local)))
     else:
         console.print(" ".join(filter(None, (local.model_id, local.quant, "ready:", str(local.path)))), highlight=False, soft_wrap=True)
+
+
+def _pull_needs_the_hub(model: str, settings: Settings, offline: Exception) -> Exception:
+    """What a pull that found the Hub out of reach and nothing cached says: the Hub could not be
+    reached and why (the ``HubUnreachable`` that led to the fallback, else offline mode), and to run
+    the same pull again once online, not the generic "download it once while online" advice."""
+    from vramsupply.hub import default_cache_dir
+    from vramsupply.hub.errors import HubOffline, HubUnreachable
+    from vramsupply.hub.quant import normalize_quant
+
+    wanted = f"{model} {normalize_quant(settings.quant)}"
+    cache = settings.cache_dir or default_cache_dir()
+    unreachable = offline.__context__
+    if isinstance(unreachable, HubUnreachable):
+        return HubOffline(f"{unreachable}, and {cache} holds no verified copy of {wanted}: run this command again once the Hub can be reached")
+    return HubOffline(f"HF_HUB_OFFLINE is set, and {cache} holds no verified copy of {wanted}: unset HF_HUB_OFFLINE and run this command again while online")
 
 
 @models_app.command("list")

@@ -1,13 +1,19 @@
-"""`vramsupply serve`: every setting as a flag, then the serve lifecycle."""
+"""`vramsupply serve`: every setting as a flag, then the serve lifecycle.
+
+Before the lifecycle starts, ``--demo`` is refused with what it would ignore.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
-from .app import CACHE_DIR_OPTION, QUANT_OPTION, app, settings_from
+from vramsupply.config import EngineKind, LoadedSettings, load_settings
+from vramsupply.errors import ConfigError
+
+from .app import CACHE_DIR_OPTION, QUANT_OPTION, app
 
 
 @app.command()
@@ -65,8 +71,37 @@ def serve(
     """Serve a model (a GGUF with llama.cpp, or through vLLM, SGLang or a running server) until Ctrl-C or SIGTERM."""
     flags = dict(locals())  # every parameter is named after the setting it overrides
     flags.pop("demo")
+    loaded = load_settings(flags)
+    if demo:
+        refuse_with_demo(loaded, flags)
     from vramsupply.devplatform.demo import DemoHook
     from vramsupply.serve import run_serve
     from vramsupply.server import loop
 
-    loop.run(run_serve(settings_from(flags), hook=DemoHook() if demo else None))
+    loop.run(run_serve(loaded.settings, hook=DemoHook() if demo else None))
+
+
+DEMO_SETS = {
+    "no_register": "the demo registers, with a platform of its own",
+    "platform_url": "the demo runs a platform of its own",
+    "api_key": "the demo's platform makes its own key",
+    "endpoint_url": "the demo registers this machine's loopback URL with its own platform",
+}
+"""Flags ``--demo`` replaces: given with it, they would be ignored without a word."""
+
+
+def refuse_with_demo(loaded: LoadedSettings, flags: dict[str, Any]) -> None:
+    """``--demo`` with a flag it replaces, or with settings it cannot serve with, from any source
+    (a tunnel would make the demo public; another engine cannot serve its bundled GGUF)."""
+    for name, why in DEMO_SETS.items():
+        if flags.get(name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"--demo and {flag} do not go together: {why}; drop {flag}")
+    settings, sources = loaded.settings, loaded.sources
+    if settings.tunnel:
+        raise ConfigError(f"--demo and tunnel = {settings.tunnel} (from {sources['tunnel']}) do not go together: the demo stays on this machine")
+    if settings.engine is not EngineKind.llama_cpp:
+        raise ConfigError(
+            f"--demo and engine = {settings.engine.value} (from {sources['engine']}) do not go together: "
+            "the demo serves a GGUF with the llama.cpp engine"
+        )

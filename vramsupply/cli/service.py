@@ -34,9 +34,10 @@ def service_uninstall(
 @service_app.command("status")
 def service_status(user: bool = USER_UNIT_OPTION) -> None:
     """Show the service's state (systemctl status)."""
-    from vramsupply.service.installer import passthrough, service_target, status_command
+    from vramsupply.service.installer import service_target, show, status_command
 
-    raise typer.Exit(passthrough(status_command(service_target(user))))
+    target = service_target(user)
+    raise typer.Exit(show(target, status_command(target), "status"))
 
 
 @service_app.command("logs")
@@ -46,6 +47,7 @@ def service_logs(
     lines: Optional[int] = typer.Option(None, "--lines", "-n", min=0, help="Show only the last N lines."),
 ) -> None:
     """Show the service's log (journalctl)."""
-    from vramsupply.service.installer import logs_command, passthrough, service_target
+    from vramsupply.service.installer import logs_command, service_target, show
 
-    raise typer.Exit(passthrough(logs_command(service_target(user), follow, lines)))
+    target = service_target(user)
+    raise typer.Exit(show(target, logs_command(target, follow, lines), "log"))

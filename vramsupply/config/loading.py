@@ -20,7 +20,7 @@ from pydantic import SecretStr, ValidationError
 
 from vramsupply.config.file import read_config_file
 from vramsupply.config.paths import CONFIG_PATH_ENV, config_path
-from vramsupply.config.settings import ENV_PREFIX, SECRET_FIELDS, Settings, env_name
+from vramsupply.config.settings import ENV_PREFIX, SECRET_FIELDS, EngineKind, FlashAttention, Settings, env_name
 from vramsupply.errors import ConfigError
 
 log = logging.getLogger("vramsupply.config")  # the name the warnings have always carried
@@ -82,14 +82,25 @@ def load_settings(flags: dict[str, Any] | None = None) -> LoadedSettings:
         source = _source_label(field, flags, env, file_values, path)
         value = err.get("input")
         shown = "***" if field in SECRET_FIELDS else repr(value)
-        raise ConfigError(f"invalid {field} = {shown} (from {source}): {err['msg']}") from None
+        reason = err["msg"].removeprefix("Value error, ")  # pydantic's wording for our own validators' refusals
+        raise ConfigError(f"invalid {field} = {shown} (from {source}): {reason}") from None
     sources = {name: _source_label(name, flags, env, file_values, path) for name in Settings.model_fields}
     check_together(settings, sources)
     return LoadedSettings(settings, sources)
 
 
 def check_together(settings: Settings, sources: dict[str, str]) -> None:
-    """Refuse values that are valid alone but not together, naming both settings and their sources."""
+    """Refuse values that are valid alone but not together, naming both settings and their sources.
+
+    Checked on loading, so every command (serve, bench, plan, service install) refuses them the
+    same way, in one line with exit 2, before anything downloads, loads or calls the network."""
+    check_engine_sizes(settings, sources)
+    check_kv_cache(settings, sources)
+    check_engine_kind(settings, sources)
+    check_endpoint(settings, sources)
+
+
+def check_engine_sizes(settings: Settings, sources: dict[str, str]) -> None:
     if not settings.kv_per_slot and settings.context_length < settings.parallel:
         raise ConfigError(
             f"context_length = {settings.context_length} (from {sources['context_length']}) is smaller than parallel = "
@@ -101,6 +112,32 @@ def check_together(settings: Settings, sources: dict[str, str]) -> None:
             f"n_batch = {settings.n_batch} (from {sources['n_batch']}) is smaller than parallel = {settings.parallel} "
             f"(from {sources['parallel']}): one decode step holds the next token of every slot, "
             "so raise --n-batch or lower --parallel"
+        )
+
+
+def check_kv_cache(settings: Settings, sources: dict[str, str]) -> None:
+    """llama.cpp keeps a quantized V cache only inside flash attention (``gpu.options``)."""
+    if settings.cache_type_v != "f16" and settings.flash_attention is FlashAttention.off:
+        raise ConfigError(
+            f"a {settings.cache_type_v} V cache needs flash attention: cache_type_v = {settings.cache_type_v} (from {sources['cache_type_v']}) "
+            f"and flash_attention = off (from {sources['flash_attention']}) do not go together; use --flash-attention auto or on, or --cache-type-v f16"
+        )
+
+
+def check_engine_kind(settings: Settings, sources: dict[str, str]) -> None:
+    if settings.engine is EngineKind.upstream and not settings.upstream_url:
+        raise ConfigError(
+            f"engine = upstream (from {sources['engine']}) needs upstream_url, the running server's base URL: "
+            f"pass --upstream-url (e.g. http://127.0.0.1:11434/v1) or set {env_name('upstream_url')}"
+        )
+
+
+def check_endpoint(settings: Settings, sources: dict[str, str]) -> None:
+    """A tunnel makes the endpoint URL: a configured one too would be ignored (or the other way round)."""
+    if settings.tunnel and settings.endpoint_url:
+        raise ConfigError(
+            f"pass either --endpoint-url or --tunnel, not both: endpoint_url = {settings.endpoint_url} (from {sources['endpoint_url']}) "
+            f"and tunnel = {settings.tunnel} (from {sources['tunnel']}); the {settings.tunnel} tunnel makes the endpoint URL"
         )
 
 

@@ -9,14 +9,18 @@ Resolving the sources and naming where a value came from is ``loading.py``'s wor
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AnyHttpUrl, Field, SecretStr, TypeAdapter, field_validator, model_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from vramsupply.config.paths import config_path
+from vramsupply.hub.quant import quant_problem
 
 ENV_PREFIX = "VRAM_SUPPLY_"
 
@@ -141,8 +145,20 @@ class Settings(BaseSettings):
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        if not url_characters_ok(value):
+            raise PydanticCustomError("url_characters", URL_CHARACTERS)
         _HTTP_URL.validate_python(value)
         return value.rstrip("/")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_base_url(cls, value: str | None) -> str | None:
+        """Checked whenever given, not only when registering: ``--no-register`` with a wrong URL
+        would otherwise pass until the day the provider drops the flag."""
+        problem = None if value is None else endpoint_url_problem(value)
+        if problem is not None:
+            raise PydanticCustomError("endpoint_url", problem)
+        return value
 
     @field_validator("gguf_publishers", mode="before")
     @classmethod
@@ -151,8 +167,32 @@ class Settings(BaseSettings):
 
     @field_validator("tensor_split", "devices", mode="before")
     @classmethod
-    def _split_list(cls, value: Any) -> Any:
-        return [item.strip() for item in value.split(",") if item.strip()] or None if isinstance(value, str) else value
+    def _split_list(cls, value: Any, info: ValidationInfo) -> Any:
+        """Comma-separated; an empty value is unset, but an empty item (``CUDA0,,CUDA1``, ``,,``) is
+        refused: dropped, it would leave a device or a share other than the ones meant."""
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return None
+        items = [item.strip() for item in value.split(",")]
+        if not all(items):
+            raise PydanticCustomError("empty_item", "an item between commas is empty: " + LIST_EXAMPLES[str(info.field_name)])
+        return items
+
+    @field_validator("devices")
+    @classmethod
+    def _named_devices(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not all(name.strip() for name in value):
+            raise PydanticCustomError("empty_item", "a device name is empty: " + LIST_EXAMPLES["devices"])
+        return [name.strip() for name in value] if value else None
+
+    @field_validator("tensor_split")
+    @classmethod
+    def _usable_shares(cls, value: list[float] | None) -> list[float] | None:
+        """llama.cpp divides by the shares' sum: none may be negative, NaN or infinite, nor all zero."""
+        if value and not tensor_split_ok(value):
+            raise PydanticCustomError("tensor_split", TENSOR_SPLIT_RULE)
+        return value or None
 
     @field_validator("cache_dir", mode="before")
     @classmethod
@@ -189,6 +229,9 @@ class Settings(BaseSettings):
     def _named_quant(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("name a quantization, e.g. Q4_K_M")
+        problem = quant_problem(value)  # a typo is said here, for every command, not as "no such file" later
+        if problem is not None:
+            raise PydanticCustomError("quant", problem)
         return value.strip()
 
     @field_validator("log_level", mode="before")
@@ -223,6 +266,63 @@ SECRET_FIELDS = frozenset(name for name, f in Settings.model_fields.items() if "
 
 def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
+
+
+LIST_EXAMPLES = {
+    "devices": "name each device, e.g. CUDA0,CUDA1 (vramsupply doctor lists them)",
+    "tensor_split": "give each GPU its share, e.g. 3,1",
+}
+TENSOR_SPLIT_RULE = "each share is a finite number, none negative and not all zero, e.g. 3,1"
+URL_CHARACTERS = "a URL has no spaces, control characters or backslashes (URL parsers drop or rewrite them, so another address would be called)"
+
+
+def tensor_split_ok(shares: list[float] | tuple[float, ...]) -> bool:
+    return all(math.isfinite(share) and share >= 0 for share in shares) and any(shares)
+
+
+def url_characters_ok(url: str) -> bool:
+    return not any(ch.isspace() or not ch.isprintable() or ch == "\\" for ch in url)
+
+
+def endpoint_url_problem(url: str) -> str | None:
+    """What keeps ``url`` from being an endpoint URL (the base the platform adds ``/health`` and
+    ``/v1/...`` to, exactly as registered), or None. Phrased to follow "endpoint URL 'x' ".
+
+    Anything a URL parser would change is refused rather than registered: the platform and the
+    buyers' clients would call the address the parser made of it, not the one the provider wrote.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    if not url_characters_ok(url):
+        return "must not contain spaces, control characters or backslashes (URL parsers drop or rewrite them, so another address would be called)"
+    if "?" in url or "#" in url:
+        return "must be a base URL without ?query or #fragment"
+    if "@" in parts.netloc:
+        return "must not carry a user name or password: the platform authenticates with the endpoint token"
+    if ends_in_v1(url):
+        return f"must be the base URL, without /v1 (the platform adds /health and /v1/...): use {base_of(url)}"
+    try:
+        if parts.port == 0:  # raises for a port that is no number or out of range
+            raise ValueError("port 0")
+        normal = str(_HTTP_URL.validate_python(url)).rstrip("/")
+    except (ValueError, ValidationError):
+        return "must have a valid host and a port from 1 to 65535"
+    if not url.isascii() or urlsplit(normal).path.rstrip("/") != parts.path.rstrip("/"):
+        return f"is read by URL parsers as {normal}: write it that way"
+    return None
+
+
+def ends_in_v1(url: str) -> bool:
+    """The agent prints its URLs with /v1; the endpoint URL is the base the platform adds paths to."""
+    return urlsplit(url).path.rstrip("/").lower().endswith("/v1")
+
+
+def base_of(url: str) -> str:
+    """``url`` without its trailing /v1."""
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    return parts._replace(path=path[: -len("/v1")]).geturl()
 
 
 def api_key_problem(key: str) -> str | None:

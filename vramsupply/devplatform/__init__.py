@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from vramsupply.config import api_key_problem
 from vramsupply.devplatform.app import PlatformOptions, check_providers, create_app
 from vramsupply.devplatform.store import Account, Provider, Store
-from vramsupply.errors import ListenError
+from vramsupply.errors import ConfigError, ListenError
 from vramsupply.listen import bind_sockets
 from vramsupply.signals import StopSignals
 
@@ -23,6 +24,11 @@ class DevPlatform:
     """The reference platform on a localhost port, started and stopped from async code."""
 
     def __init__(self, *, api_key: str | None = None, options: PlatformOptions | None = None) -> None:
+        """``api_key``: the one key it accepts (None: a generated one). Checked as `login` checks
+        a key: one an agent could never be given (empty, with a space) is refused, not replaced."""
+        problem = None if api_key is None else api_key_problem(api_key)
+        if problem is not None:
+            raise ConfigError(f"invalid --api-key {api_key!r}: {problem}")
         self.store = Store()
         self.account = self.store.add_account(api_key)
         self.app = create_app(self.store, options or PlatformOptions())

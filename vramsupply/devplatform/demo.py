@@ -6,6 +6,12 @@ provider sees every moving part before touching the real network.
 
 The CLI plugs ``DemoHook`` into `vramsupply serve` (``serve.hooks.ServeHook``); serve never imports
 this module.
+
+What the demo prints goes where serve's own lines go (``output.say_part``): a standard output
+nobody reads (``serve --demo | head -3``) sends it to the log and the demo serves on, as serve does.
+A stop (Ctrl-C) before the platform lists the agent ends the demo there; one during the purchase
+lets the answer finish, as any buyer's request in flight, and the demo no longer says it goes on
+serving.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pydantic import SecretStr
 from vramsupply.config import Settings
 from vramsupply.devplatform import DevPlatform
 from vramsupply.errors import VramsupplyError
+from vramsupply.output import say_part
 from vramsupply.platform.api import CHAT_COMPLETIONS_PATH
 from vramsupply.platform.offer import local_base_url
 from vramsupply.platform.session import MarketplaceSession
@@ -40,7 +47,7 @@ class DemoHook:
 
     def __init__(self, emit: Callable[[str], None] | None = None) -> None:
         self.platform: DevPlatform | None = None
-        self._emit = emit or _print
+        self._emit = emit or say_part
 
     @asynccontextmanager
     async def around(self, settings: Settings) -> AsyncIterator[Settings]:
@@ -51,14 +58,10 @@ class DemoHook:
             finally:
                 self.platform = None
 
-    async def on_ready(self, market: MarketplaceSession, model_id: str) -> None:
+    async def on_ready(self, market: MarketplaceSession, model_id: str, stopping: asyncio.Event) -> None:
         if self.platform is None:
             raise DemoError("the demo platform is not running")
-        await buy_one_answer(self.platform, market, model_id, self._emit)
-
-
-def _print(text: str) -> None:
-    print(text, end="", flush=True)
+        await buy_one_answer(self.platform, market, model_id, self._emit, stopping)
 
 
 @asynccontextmanager
@@ -117,21 +120,33 @@ async def buyer_request(platform: DevPlatform, model: str, emit: Callable[[str],
                     emit(piece)
 
 
-async def buy_one_answer(platform: DevPlatform, market: MarketplaceSession, model: str, emit: Callable[[str], None]) -> None:
-    """Once the agent is listed, buy one answer through the platform and show every step."""
+async def buy_one_answer(
+    platform: DevPlatform, market: MarketplaceSession, model: str, emit: Callable[[str], None], stopping: asyncio.Event
+) -> None:
+    """Once the agent is listed, buy one answer through the platform and show every step (see the
+    module docstring for a stop meanwhile)."""
     lifecycle = market.lifecycle
     if lifecycle is None:
         raise DemoError("the agent is not registering with the demo platform")
+    listed = asyncio.ensure_future(lifecycle.registered.wait())
+    stopped = asyncio.ensure_future(stopping.wait())
     try:
-        await asyncio.wait_for(lifecycle.registered.wait(), REGISTER_WAIT_SECONDS)
-    except asyncio.TimeoutError:
-        raise DemoError(f"the agent did not register with the demo platform within {REGISTER_WAIT_SECONDS:g}s: {lifecycle.message}") from None
+        await asyncio.wait({listed, stopped}, timeout=REGISTER_WAIT_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listed.cancel()
+        stopped.cancel()
+    if stopping.is_set():
+        return
+    if not lifecycle.registered.is_set():
+        raise DemoError(f"the agent did not register with the demo platform within {REGISTER_WAIT_SECONDS:g}s: {lifecycle.message}")
     emit(f"demo: the platform at {platform.url} lists this agent as {lifecycle.provider_id}\n")
     emit(f"demo: a buyer asks the platform for {model!r}: {DEMO_PROMPT!r}; the platform routes it here and streams the answer back:\n")
     await buyer_request(platform, model, emit)
     provider = platform.store.providers.get(lifecycle.provider_id or "")
     tokens = provider.routed_completion_tokens if provider is not None else 0
     emit(f"\ndemo: the platform counted {tokens} completion tokens served by this agent (you earn 95% of what buyers pay)\n")
+    if stopping.is_set():
+        return
     emit(
         f"demo: still serving and heartbeating; in another terminal try: VRAM_SUPPLY_PLATFORM_URL={platform.url} "
         f"VRAM_SUPPLY_API_KEY={platform.api_key} vramsupply demand. Ctrl-C stops and deregisters.\n"

@@ -5,6 +5,14 @@ asyncio thread while the scheduler thread decodes (llama-server tokenizes in its
 
 A load that fails says why in llama.cpp's own words: its first error line while loading, caught
 by the log callback that already routes its lines to Python logging.
+
+A load can be abandoned (``abandoned_when``): a stop requested while llama.cpp reads the weights
+(minutes for a large model from disk to a GPU) need not wait for the rest. llama.cpp checks its
+progress callback before each tensor and, when it returns false, stops the load and frees what it
+had allocated (its documented cancel, tested upstream by ``test-model-load-cancel``); the load then
+ends in ``LoadAbandoned`` on its own thread, so nothing is left running inside llama.cpp while the
+process exits. Setting up the context (allocating and clearing the KV cache) has no such check, so a
+stop requested then waits for it; ``create_context`` is not started once a stop was requested.
 """
 
 from __future__ import annotations
@@ -12,7 +20,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import llama_cpp
@@ -46,6 +56,41 @@ _load_errors: list[str] | None = None
 _MAX_LOAD_ERRORS = 8
 # "llama_model_load: error loading model: <why>", "gguf_init_from_reader: <why>": the why.
 _ERROR_PREFIX = re.compile(r"^\w+: (?:error loading model: )?")
+# The event that abandons the load running on this thread (``abandoned_when``).
+_abandon = threading.local()
+
+
+class LoadAbandoned(EngineError):
+    """A stop was requested while the model loaded: llama.cpp stopped and freed what it had."""
+
+
+@contextmanager
+def abandoned_when(event: threading.Event) -> Iterator[None]:
+    """Loads on this thread end in ``LoadAbandoned`` once ``event`` is set (see the module docstring)."""
+    _abandon.event = event
+    try:
+        yield
+    finally:
+        _abandon.event = None
+
+
+def _abandon_requested() -> threading.Event | None:
+    """The event for this thread's load; raises ``LoadAbandoned`` when it is already set."""
+    event: threading.Event | None = getattr(_abandon, "event", None)
+    if event is not None and event.is_set():
+        raise LoadAbandoned("the model load was abandoned: a stop was requested")
+    return event
+
+
+def _check_between_tensors(params: llama_cpp.llama_model_params, event: threading.Event | None) -> object:
+    """Have llama.cpp stop the load before its next tensor once ``event`` is set. The returned
+    callback must outlive the load; it only reads an event, so it cannot raise (an exception in a
+    ctypes callback would be printed and count as false)."""
+    if event is None:
+        return None
+    callback = llama_cpp.llama_progress_callback(lambda _progress, _user_data: not event.is_set())
+    params.progress_callback = callback
+    return callback
 
 
 @llama_cpp.llama_log_callback
@@ -56,6 +101,8 @@ def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> 
     if text.startswith(_KV_FULL):  # the scheduler makes room and runs the step again (preempt.py)
         python_level = logging.DEBUG
     if text.startswith(_CTX_OVER_TRAIN) and b"n_ctx_train" in text:
+        python_level = logging.DEBUG
+    if _load_errors is not None:  # a model loading: its lines were never shown (a failure's are in its error)
         python_level = logging.DEBUG
     _last_log_level = python_level
     errors = _load_errors if level == _GGML_LOG_LEVEL_ERROR else None
@@ -105,6 +152,7 @@ class Model:
     def load(cls, path: Path, n_gpu_layers: int, gpu: GpuOptions | None = None) -> Model:
         if not path.is_file():
             raise EngineError(f"model file not found: {path}")
+        abandon = _abandon_requested()
         route_llama_logs()
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
@@ -113,15 +161,21 @@ class Model:
             placement_arrays = (gpu or GpuOptions()).apply_to_model(params)  # must outlive the load
         except GpuOptionError as exc:
             raise EngineError(str(exc)) from None
+        check = _check_between_tensors(params, abandon)  # must outlive the load too
         global _load_errors
         _load_errors = []
         try:
-            llama_model = LlamaModel(path_model=str(path), params=params, verbose=False)
+            # verbose=False would point fds 1 and 2 at /dev/null (and replace sys.stdout/stderr) for
+            # the whole load, in every thread: a stop signal's log line, the lines printed meanwhile,
+            # and the error line of an agent stopped at once vanished. llama.cpp's own lines come
+            # through the log callback instead (at DEBUG while loading).
+            llama_model = LlamaModel(path_model=str(path), params=params, verbose=True)
         except ValueError:
+            _abandon_requested()  # a stop requested meanwhile: that is why it ended (llama.cpp logs no error for it)
             raise EngineError(f"llama.cpp could not load {path}: {_load_failure()}") from None
         finally:
             _load_errors = None
-        del placement_arrays
+        del placement_arrays, check
         return cls(llama_model, path)
 
     def close(self) -> None:
@@ -229,7 +283,11 @@ def create_context(model: Model, options: EngineOptions) -> LlamaContext:
     With ``kv_per_slot`` every slot gets its own stream of ``n_ctx`` tokens instead
     (``kv_unified=False``, llama.cpp PR #14363): ``parallel`` times the memory, and no slot ever
     waits for KV space.
+
+    Not started once the load running on this thread was abandoned (``abandoned_when``): setting
+    up a context cannot be interrupted, and a large KV cache takes seconds to clear.
     """
+    _abandon_requested()
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = options.n_ctx * options.parallel if options.kv_per_slot else options.n_ctx
     params.n_seq_max = options.parallel + spare_sequences(options, model)

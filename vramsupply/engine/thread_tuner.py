@@ -247,11 +247,7 @@ class ThreadTuner:
         self._probe = None
         fewer = probe.candidate < self.current
         if keep:
-            log.info(
-                "decoding with %d CPU threads instead of %d: a step took %.2f× the time with %s",
-                probe.candidate, self.current, statistics.median(probe.ratios),
-                "fewer (other programs may be keeping the cores busy)" if fewer else "more",
-            )
+            log.info("%s", switch_line(probe.candidate, self.current, probe.ratios))
             self.current = probe.candidate
             self._fewer.reset(now)
             self._more.reset(now)
@@ -323,6 +319,19 @@ class ThreadTuner:
         if idle_cores is None:
             return True  # unknown: the timer alone decides
         return idle_cores >= IDLE_FOR_MORE * (more - self.current)
+
+
+def switch_line(candidate: int, current: int, ratios: list[float]) -> str:
+    """The log line of a switch: how long the candidate's steps took against the current count's
+    step just before each (the median), in two significant digits. A ratio of a few hundredths is
+    real: beside a busy program one thread is 50 times as fast; so, on a quiet machine, is one step
+    beside a step at the current count that a stall of a few milliseconds slowed (the demo model's
+    steps take a tenth of a millisecond), where a one-pair probe ends at once (``DECISIVE_BELOW``)."""
+    ratio = statistics.median(ratios)
+    steps = "a step" if len(ratios) == 1 else "steps"
+    took = "about as long" if ratio >= 0.95 else f"{ratio:.2g}× as long"
+    why = " (other programs may be keeping the cores busy)" if candidate < current else ""
+    return f"decoding with {candidate} CPU thread{'s' if candidate != 1 else ''} instead of {current}: {steps} took {took} with {candidate} as with {current}{why}"
 
 
 def step_kind(rows: int, seconds: float, prompt_tokens: int) -> tuple[tuple[str, int], float]:

@@ -3,7 +3,8 @@ agent, and agrees on the time.
 
 Registered after this machine's checks (``doctor.py`` imports this module last), so the screen
 reads from the machine outwards. The platform is probed once (``Context.platform``) for the
-reachability, key and clock checks together.
+reachability, key and clock checks together, and not at all for an agent that serves locally only
+(``no_register``): those checks then pass as not needed.
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ import time
 from vramsupply.gpu.checkup import Context, Result, check
 
 MAX_CLOCK_SKEW = 60.0
+LOCAL_ONLY = Result(True, "not needed: serving locally only (no_register)")
+"""What each marketplace check says with ``no_register``: the agent never talks to the platform, so
+neither its answer, its verdict on a key nor its clock can stop anything (and it is not probed)."""
 
 
 @check("platform")
 def platform_reachable(ctx: Context) -> Result:
+    if ctx.settings.no_register:
+        return LOCAL_ONLY
     probe = ctx.platform
     if probe.status is None:
         return Result(False, f"{ctx.settings.platform_url} cannot be reached: {probe.error}", "check the network, a proxy (HTTPS_PROXY) or VRAM_SUPPLY_PLATFORM_URL")
@@ -28,6 +34,8 @@ def platform_reachable(ctx: Context) -> Result:
 
 @check("api key")
 def api_key_accepted(ctx: Context) -> Result:
+    if ctx.settings.no_register:
+        return LOCAL_ONLY
     if ctx.settings.api_key is None:
         return Result(False, "no API key configured", "run vramsupply login (or set VRAM_SUPPLY_API_KEY)")
     status = ctx.platform.status
@@ -43,7 +51,7 @@ def api_key_accepted(ctx: Context) -> Result:
 @check("endpoint url")
 def endpoint_url_set(ctx: Context) -> Result:
     if ctx.settings.no_register:
-        return Result(True, "not needed: serving locally only (no_register)")
+        return LOCAL_ONLY
     if ctx.settings.tunnel and not ctx.settings.endpoint_url:
         return Result(True, f"made by the {ctx.settings.tunnel} tunnel when serve starts")
     if not ctx.settings.endpoint_url:
@@ -68,7 +76,7 @@ def platform_can_reach_agent(ctx: Context) -> Result:
 
     settings = ctx.settings
     options = None if settings.no_register else market_options(settings)
-    probe = asyncio.run(check_configured(options, local_base_url(settings.host, settings.port)))
+    probe = asyncio.run(check_configured(options, local_base_url(settings.host, settings.port), settings.host))
     if probe.ok:
         return Result(True, probe.message)
     return Result(False, f"{probe.hop}: {probe.message}", "see the detail: it names the hop and what to do")
@@ -76,6 +84,8 @@ def platform_can_reach_agent(ctx: Context) -> Result:
 
 @check("clock")
 def clock_in_sync(ctx: Context) -> Result:
+    if ctx.settings.no_register:
+        return LOCAL_ONLY
     date = ctx.platform.date
     if not date:
         return Result(False, "cannot compare: no answer with a Date header from the platform", "fix the platform check first; keep NTP on (timedatectl set-ntp true)")

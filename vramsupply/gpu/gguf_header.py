@@ -90,6 +90,17 @@ class GgufHeader:
         """A `{architecture}.{key}` value, such as `block_count`."""
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
+    def most_common_type(self) -> int | None:
+        """The ggml type most tensors have, as llama.cpp's loader counts it to guess a file type
+        the file does not state (``general.file_type``): by name order, the first to lead wins a tie."""
+        counts: dict[int, int] = {}
+        best, most = None, 0
+        for tensor in sorted(self.tensors, key=lambda t: t.name):
+            counts[tensor.ggml_type] = counts.get(tensor.ggml_type, 0) + 1
+            if counts[tensor.ggml_type] > most:
+                best, most = tensor.ggml_type, counts[tensor.ggml_type]
+        return best
+
     def tensor_bytes(self, file_bytes: int) -> dict[str, int]:
         """Each tensor's size in bytes, from the gaps between offsets (padding included), so no
         table of quantization block sizes is needed. `file_bytes` bounds the last tensor."""

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
+
+from vramsupply.errors import ConfigError
 
 CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 SPLIT_MODES = {"none": llama_cpp.LLAMA_SPLIT_MODE_NONE, "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER, "row": llama_cpp.LLAMA_SPLIT_MODE_ROW}
@@ -45,8 +48,11 @@ def cpu_attention_prefers_plain(cpuinfo: Path = CPUINFO) -> bool:
     return fields.get("vendor_id") == "GenuineIntel" and "amx_tile" in fields.get("flags", "").split()
 
 
-class GpuOptionError(ValueError):
-    """A GPU option this build or model cannot honour; the message names the option and the fix."""
+class GpuOptionError(ConfigError, ValueError):
+    """A GPU option this build or model cannot honour; the message names the option and the fix.
+
+    A ``ConfigError`` (exit 2, one line) wherever it escapes: the settings refuse what they can
+    alone (``config.Settings``), and what only this build or model can tell ends here."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,8 @@ class GpuOptions:
         for name in ("cache_type_k", "cache_type_v"):
             if getattr(self, name) not in CACHE_TYPES:
                 raise GpuOptionError(f"{name} must be one of {', '.join(CACHE_TYPES)}, got {getattr(self, name)!r}")
-        if any(share < 0 for share in self.tensor_split) or (self.tensor_split and not any(self.tensor_split)):
-            raise GpuOptionError(f"tensor_split needs non-negative shares, not all zero, got {','.join(map(str, self.tensor_split))}")
+        if self.tensor_split and not (all(math.isfinite(s) and s >= 0 for s in self.tensor_split) and any(self.tensor_split)):
+            raise GpuOptionError(f"tensor_split needs finite, non-negative shares, not all zero, got {','.join(map(str, self.tensor_split))}")
 
     @property
     def quantized_v(self) -> bool:

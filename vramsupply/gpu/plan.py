@@ -46,9 +46,17 @@ QUALITY_ORDER = (
     "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
 )  # fmt: skip
 FULL_PRECISION = ("BF16", "F16", "F32")
+SHRUNK = "fits only with"
+"""In the note of a plan that reduced the context or slots to fit (``_shrunk_plan``)."""
+
+
+TIB = 1024 * GIB
 
 
 def gib(n: int) -> str:
+    """A size in MiB, GiB or TiB (not "1024.00 GiB"), two decimals past a GiB."""
+    if n >= TIB:
+        return f"{n / TIB:.2f} TiB"
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.1f} MiB"
 
 
@@ -119,6 +127,7 @@ class Plan:
     chosen: Candidate | None
     notes: tuple[str, ...] = field(default=())
     asked: str | None = None  # the quant the user named
+    local: bool = False  # a local file: served as it is, --quant chooses nothing
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -174,6 +183,11 @@ def make_plan(
     A context beyond the model's training context is served as the engine serves it
     (``served_context``: requests cut to the training context, a shared cache kept up to what the
     slots can fill), so it is planned that way too."""
+    plan = _sized(source, target, settings, quant, context_fixed, parallel_fixed)
+    return replace(plan, local=source.local_path is not None)
+
+
+def _sized(source: ModelSource, target: Target, settings: Settings, quant: str | None, context_fixed: bool, parallel_fixed: bool) -> Plan:
     served = served_context(settings.context_length, settings.parallel, settings.kv_per_slot, source.shape.n_ctx_train)
     settings = replace(settings, context_length=served.cache_tokens)
     quants = ranked(source.quants)
@@ -200,7 +214,7 @@ def make_plan(
 def _shrunk_plan(source: ModelSource, target: Target, asked: Settings, candidates: tuple[Candidate, ...], q: QuantFile,
                  smaller: Settings, quant: str | None) -> Plan:
     fitted = candidate(source, q, target, smaller)
-    note = f"{q.quant} fits only with {smaller.describe()} (asked {asked.parallel} x {asked.context_length}) on {target.describe()}"
+    note = f"{q.quant} {SHRUNK} {smaller.describe()} (asked {asked.parallel} x {asked.context_length}) on {target.describe()}"
     return Plan(source.label, target, smaller, tuple(fitted if c.quant == q.quant else c for c in candidates), fitted, (note,), quant)
 
 
@@ -240,7 +254,10 @@ def refusal(plan: Plan) -> str:
     if asked is None:
         return f"{plan.model} offers no GGUF quant to plan for"
     where = plan.target.describe()
-    advice = "lower --context-length or --parallel, choose a smaller --quant"
+    # --quant picks among a Hub repo's files; a local file is served as it is.
+    smaller = "use a smaller quantization of this model (another .gguf file)" if plan.local else "choose a smaller --quant"
     if plan.target.on_gpu:
-        advice += ", or offload fewer layers (--n-gpu-layers)"
+        advice = f"lower --context-length or --parallel, {smaller}, or offload fewer layers (--n-gpu-layers)"
+    else:
+        advice = f"lower --context-length or --parallel, {'or ' if plan.local else ''}{smaller}"
     return f"{asked.breakdown(plan.settings)} ({gib(asked.needed_bytes)} on {'the GPU' if plan.target.on_gpu else 'this machine'}), but {where}: {advice}"

@@ -23,7 +23,7 @@ from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.devices import Device, build_has_gpu_backend, list_devices
 from vramsupply.gpu.estimate import Settings
 from vramsupply.gpu.options import GpuOptionError, GpuOptions
-from vramsupply.gpu.plan import QUALITY_ORDER, Candidate, Plan, Target, gib, make_plan, refusal, target_for
+from vramsupply.gpu.plan import QUALITY_ORDER, SHRUNK, Candidate, Plan, Target, gib, make_plan, refusal, target_for
 from vramsupply.gpu.source import ModelSource, SourceError, SourceUnreachable, model_source
 from vramsupply.hub.local import is_local_path
 from vramsupply.hub.quant import normalize_quant
@@ -106,7 +106,10 @@ def _context_capped(source: ModelSource, asked: Settings) -> tuple[str, ...]:
     if not served.capped(asked.context_length):
         return ()
     cache = "each slot's KV cache" if asked.kv_per_slot else "the KV cache the slots share"
-    return (f"{TRAINED_ON} {trained} tokens: requests are served up to {served.request_tokens} tokens, and {cache} holds {served.cache_tokens}",)
+    return (
+        f"{TRAINED_ON} {trained} tokens: requests are served up to {served.request_tokens} tokens, and {cache} holds "
+        f"{served.cache_tokens}; context_length is {asked.context_length}",
+    )
 
 
 def _quant_ignored(source: ModelSource, quant: str | None) -> tuple[str, ...]:
@@ -138,10 +141,21 @@ def fit_settings(settings: AgentSettings, explicit: set[str], target: Target | N
         raise PlanRefused(str(exc)) from exc
     if plan.chosen is None:
         raise PlanRefused(f"the model does not fit: {refusal(plan)}")
-    updates: dict[str, object] = {"context_length": plan.settings.context_length, "parallel": plan.settings.parallel}
+    updates: dict[str, object] = {"context_length": _engine_context(settings, plan), "parallel": plan.settings.parallel}
     if settings.model is not None and not is_local_path(settings.model):
         updates["quant"] = plan.chosen.quant
     return Fitted(settings.model_copy(update=updates), plan)
+
+
+def _engine_context(asked: AgentSettings, plan: Plan) -> int:
+    """The context_length to serve with. Where the plan only cut it to the training context (it
+    sizes the cache the engine will make), the one asked for: the engine cuts it to the same cache
+    itself, and its warning then names the context the provider asked for, not the plan's cache
+    size ("context_length 32768 is more than ... trained on" where 100000 was asked). Where the
+    plan shrank it to fit memory, the plan's."""
+    capped = any(note.startswith(TRAINED_ON) for note in plan.notes)
+    shrunk = any(SHRUNK in note for note in plan.notes)
+    return asked.context_length if capped and not shrunk else plan.settings.context_length
 
 
 def fit_before_download(settings: AgentSettings, explicit: set[str]) -> AgentSettings:
@@ -152,8 +166,12 @@ def fit_before_download(settings: AgentSettings, explicit: set[str]) -> AgentSet
         fitted = fit_settings(settings, explicit)
     except PlanRefused as exc:
         if isinstance(exc.__cause__, SourceUnreachable):
-            log.info("memory plan before download skipped (%s); planning on the cached file instead", exc)
-            return settings if "quant" in explicit else _best_cached(settings)
+            chosen = settings if "quant" in explicit else _best_cached(settings)
+            # Only with a cached copy is there a file to plan on; without one the download's
+            # error follows at once and says what to do.
+            cached = _verified_copy(chosen)
+            log.info("memory plan before download skipped (%s)%s", exc, "; planning on the cached file instead" if cached else "")
+            return chosen
         raise
     _report(fitted)
     return fitted.settings
@@ -168,6 +186,14 @@ def _best_cached(settings: AgentSettings) -> AgentSettings:
     assert settings.model is not None
     cached = best_cached_quant(settings.cache_dir or default_cache_dir(), settings.model, QUALITY_ORDER)
     return settings if cached is None else settings.model_copy(update={"quant": cached})
+
+
+def _verified_copy(settings: AgentSettings) -> bool:
+    """Whether the cache holds a verified copy of the model at the quant it would be served at."""
+    from vramsupply.hub.store import default_cache_dir, find_verified_pull
+
+    assert settings.model is not None
+    return find_verified_pull(settings.cache_dir or default_cache_dir(), settings.model, settings.quant) is not None
 
 
 def fit_before_load(settings: AgentSettings, explicit: set[str], path: Path) -> AgentSettings:
@@ -185,7 +211,7 @@ def fit_before_load(settings: AgentSettings, explicit: set[str], path: Path) -> 
 def _report(fitted: Fitted) -> None:
     plan = fitted.plan
     for note in plan.notes:
-        if "fits only with" in note or note.startswith(QUANT_IGNORED):
+        if SHRUNK in note or note.startswith(QUANT_IGNORED):
             log.warning("memory plan: %s", note)
         elif note.startswith(TRAINED_ON):
             log.debug("memory plan: %s", note)

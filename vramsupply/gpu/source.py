@@ -27,7 +27,16 @@ FILE_TYPES = {
     0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M",
     13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS",
     21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
-    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE", 39: "NVFP4",
+    40: "Q1_0", 41: "Q2_0",
+}
+# ggml's tensor type -> the file type llama.cpp guesses from it for a file without
+# general.file_type (llama_model_loader: the type most tensors have; K-quants as their _M mix).
+GUESSED_FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K_M", 12: "Q4_K_M",
+    13: "Q5_K_M", 14: "Q6_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S",
+    22: "IQ2_S", 23: "IQ4_XS", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4_MOE", 40: "NVFP4",
+    41: "Q1_0", 42: "Q2_0",
 }
 
 
@@ -61,10 +70,14 @@ class ModelSource:
 
 
 def quant_of_header(header: GgufHeader, path: Path) -> str:
+    """The quant a local file is: its name's tag, else the file type its header states, else (none
+    stated) the one llama.cpp guesses from its tensors: the bundled model states none, and is F32."""
     parsed = parse_gguf_path(path.name)
     if parsed is not None and parsed.quant:
         return parsed.quant
     file_type = header.get("general.file_type")
+    if file_type is None:
+        return GUESSED_FILE_TYPES.get(header.most_common_type(), "unknown")
     return FILE_TYPES.get(file_type, "unknown") if isinstance(file_type, int) else "unknown"
 
 
@@ -82,12 +95,10 @@ def local_source(model: str) -> ModelSource:
 
 
 def _not_a_model_file(path: Path) -> str:
-    """What is at `path` instead of a model file, as `bench` and `serve` say it (hub/local.py)."""
-    if path.is_symlink() and not path.exists():
-        return f"model file {path} does not exist: it is a symbolic link to {path.readlink()}, which does not exist"
-    if not path.exists():
-        return f"model file {path} does not exist"
-    return f"{path} is not a file"
+    """What is at `path` instead of a model file, as `bench` and `serve` say it."""
+    from vramsupply.hub.local import not_a_model_file
+
+    return not_a_model_file(path)
 
 
 def hub_source(model: str, quant: str, timeout: float, publishers: Sequence[str]) -> ModelSource:

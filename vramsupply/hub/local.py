@@ -6,6 +6,7 @@ its HTTP stack (12 MB of resident memory, for a feature the process does not use
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,8 +54,13 @@ class LocalModel:
 
 
 def is_local_path(model: str) -> bool:
-    """Paths are explicit (`./x.gguf`, `/abs`, `~/x`) or end in .gguf; anything else is a Hub id."""
-    return model.startswith(("./", "../", "/", "~")) or model.lower().endswith(".gguf")
+    """Paths are explicit (`./x.gguf`, `/abs`, `~/x`) or end in .gguf; so is a name that cannot be
+    an `org/model` id (no slash, or several) where something of that name is on disk (`--model
+    models`, a directory: it is then said to be a directory, not that it is no model id). Anything
+    else is a Hub id."""
+    if model.startswith(("./", "../", "/", "~")) or model.lower().endswith(".gguf"):
+        return True
+    return model.count("/") != 1 and os.path.lexists(model)
 
 
 def local_model_id(path: Path) -> str:
@@ -73,7 +79,7 @@ def local_model(model: str) -> LocalModel:
     """A local file skips the Hub; it must exist and start with the GGUF magic bytes."""
     path = Path(model).expanduser().absolute()
     if not path.is_file():
-        raise InvalidModelSpec(f"model file {path} does not exist" if not path.exists() else f"{path} is not a file")
+        raise InvalidModelSpec(not_a_model_file(path))
     try:
         with path.open("rb") as fh:
             magic = fh.read(len(GGUF_MAGIC))
@@ -92,3 +98,27 @@ def local_model(model: str) -> LocalModel:
         quant=parsed.quant if parsed is not None else None,
         size=path.stat().st_size,
     )
+
+
+def not_a_model_file(path: Path) -> str:
+    """What is at ``path`` instead of a model file, in one line, as serve, bench and plan say it:
+    nothing, a link to nothing (its target named), a directory (with the .gguf files in it, if
+    any), or something else that is no regular file (a pipe, a device)."""
+    if path.is_symlink() and not path.exists():
+        return f"model file {path} does not exist: it is a symbolic link to {os.readlink(path)}, which does not exist"
+    if not path.exists():
+        return f"model file {path} does not exist"
+    if path.is_dir():
+        return f"{path} is a directory, not a .gguf file{_ggufs_in(path)}"
+    return f"{path} is not a file"
+
+
+def _ggufs_in(directory: Path) -> str:
+    try:
+        names = sorted(entry.name for entry in directory.iterdir() if entry.name.lower().endswith(".gguf"))
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"; it holds {shown}: pass one of them (of a split model, its first part)"

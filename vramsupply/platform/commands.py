@@ -12,17 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
 from rich.table import Table
 from rich.text import Text
 
 from vramsupply.config import Settings
 from vramsupply.platform import api
 from vramsupply.platform.advice import asked_price, consistent, count_text
-from vramsupply.platform.client import PlatformClient, PlatformError, describe_error
+from vramsupply.platform.client import PlatformClient, PlatformError
 from vramsupply.display import plain, shown
-from vramsupply.platform.offer import local_base_url
-from vramsupply.platform.state import Phase, RegistrationState, process_alive, read_state
+from vramsupply.platform.state import Phase, RegistrationState
 
 T = TypeVar("T")
 MAX_WARNINGS_SHOWN = 10
@@ -132,34 +130,6 @@ class AgentStatus:
             "agent": {"url": self.url, "healthy": self.healthy, "health": self.health, "error": self.health_error},
             "registration": None if self.registration is None else {**self.registration.model_dump(mode="json"), "current": self.registration_current},
         }
-
-
-def agent_status(settings: Settings, state_path: Path) -> AgentStatus:
-    registration = read_state(state_path)
-    current = registration is not None and (registration.phase is Phase.deregistered or process_alive(registration.pid))
-    url = _agent_url(settings, registration if current else None)
-    health, error = asyncio.run(_probe_health(url))
-    unreadable = state_path if registration is None and state_path.exists() else None
-    return AgentStatus(url, health, error, registration, current, unreadable)
-
-
-def _agent_url(settings: Settings, registration: RegistrationState | None) -> str:
-    """Where the running agent listens, as it recorded (``--port 0`` picks any port, and a ``--port``
-    flag is in no setting `status` reads); without a running agent, at the settings' host and port."""
-    if registration is not None and registration.phase is not Phase.deregistered and registration.local_url:
-        return registration.local_url
-    return local_base_url(settings.host, settings.port)
-
-
-async def _probe_health(url: str) -> tuple[dict[str, Any] | None, str | None]:
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session, session.get(url + "/health") as response:
-            body = await response.json(content_type=None)
-            if response.status != 200 or not isinstance(body, dict):
-                return None, f"{url}/health answered {response.status}: {api.error_message(body) or 'not ready'}"
-            return body, None
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-        return None, f"no agent answering at {url} ({describe_error(exc)})"
 
 
 def status_table(status: AgentStatus) -> Table:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from vramsupply import __version__
+from vramsupply.config.settings import endpoint_url_problem
 from vramsupply.errors import ConfigError
 from vramsupply.platform import api
 from vramsupply.platform.options import MarketOptions
@@ -38,37 +39,23 @@ class ModelIdentity(Protocol):
 
 
 def check_endpoint_url(url: str | None, *, local_ok: bool = False) -> list[str]:
-    """Refuse a missing or non-http(s) endpoint; warn when buyers on the internet cannot reach it."""
+    """Refuse a missing or unusable endpoint (``config.endpoint_url_problem``: the same rule the
+    settings apply whenever the URL is given); warn when buyers on the internet cannot reach it."""
     if not url:
         raise OfferError("an endpoint URL is required to register: pass --endpoint-url or set VRAM_SUPPLY_ENDPOINT_URL (or --no-register)")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise OfferError(f"endpoint URL {url!r} must be an http:// or https:// URL with a host")
-    if parts.query or parts.fragment:
-        raise OfferError(f"endpoint URL {url!r} must be a base URL without ?query or #fragment")
-    if ends_in_v1(url):
-        raise OfferError(f"endpoint URL {url!r} must be the base URL, without /v1 (the platform adds /health and /v1/...): use {base_of(url)}")
-    if local_ok or not is_local_host(parts.hostname):
+    problem = endpoint_url_problem(url)
+    if problem is not None:
+        raise OfferError(f"endpoint URL {url!r} {problem}")
+    hostname = urlsplit(url).hostname or ""
+    if local_ok or not is_local_host(hostname):
         return []
-    if is_cgnat(parts.hostname):
+    if is_cgnat(hostname):
         return [f"endpoint URL {url} is a carrier-grade NAT address (100.64.0.0/10): {CGNAT}"]
     return [f"endpoint URL {url} points at a local or private address: the platform and buyers on the internet cannot reach it"]
 
 
 CGNAT = "your provider shares one public address among many customers, so port forwarding cannot work here: use --tunnel cloudflared"
 CGNAT_NETWORK = ipaddress.ip_network("100.64.0.0/10")
-
-
-def ends_in_v1(url: str) -> bool:
-    """The agent prints its URLs with /v1; the endpoint URL is the base the platform adds paths to."""
-    return urlsplit(url).path.rstrip("/").lower().endswith("/v1")
-
-
-def base_of(url: str) -> str:
-    """``url`` without its trailing /v1."""
-    parts = urlsplit(url)
-    path = parts.path.rstrip("/")
-    return parts._replace(path=path[: -len("/v1")]).geturl()
 
 
 def local_base_url(host: str, port: int) -> str:
@@ -78,6 +65,30 @@ def local_base_url(host: str, port: int) -> str:
     elif host == "::":
         host = "::1"
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether an address (a listen host, or a URL's host) is this machine alone: nothing from
+    another machine, a router's port forward included, reaches it."""
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_listen_warning(endpoint_url: str | None, listen_host: str) -> str | None:
+    """An agent listening on loopback only, registered at an address of another host: a port
+    forward cannot reach it (a reverse proxy on this machine can, so this warns, never refuses)."""
+    endpoint_host = urlsplit(endpoint_url).hostname if endpoint_url else None
+    if endpoint_host is None or is_loopback_host(endpoint_host) or not is_loopback_host(listen_host):
+        return None
+    return (
+        f"the agent listens on {listen_host} only, which a port forward from your router cannot reach: for buyers to reach it at "
+        f"{endpoint_url}, serve with --host 0.0.0.0 (VRAM_SUPPLY_HOST), or keep {listen_host} behind a reverse proxy on this machine"
+    )
 
 
 def is_local_host(hostname: str) -> bool:

@@ -7,7 +7,8 @@ into what to do, and ``probe`` retraces the platform's path from this machine, h
 1. the endpoint URL is a base URL (not one ending in /v1) and names a public host (not localhost,
    a private address, or a carrier-grade NAT one, where no port can be forwarded);
 2. its name resolves (DNS);
-3. something accepts a TCP connection at its host and port (port forward, firewall);
+3. something accepts a TCP connection at its host and port (port forward, firewall; a forward
+   reaches the agent only when it listens beyond loopback, ``--host 0.0.0.0``);
 4. ``/health`` there answers 200 with this agent's JSON (not a router page or another server, and
    over the scheme the URL says: an https:// URL whose port speaks plain HTTP fails here);
 5. the agent itself answers ``/health`` locally.
@@ -26,8 +27,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from vramsupply.config.settings import base_of, ends_in_v1
 from vramsupply.platform.client import describe_error
-from vramsupply.platform.offer import CGNAT, base_of, ends_in_v1, is_cgnat, is_local_host
+from vramsupply.platform.offer import CGNAT, is_cgnat, is_local_host, is_loopback_host
 from vramsupply.platform.options import MarketOptions
 from vramsupply.tunnel import TunnelError, tunnel_tool
 
@@ -35,6 +37,7 @@ PROBE_TIMEOUT_SECONDS = 5.0
 LOADING = "answered 503: the model is still loading"
 PLAIN_HTTP = "plain HTTP"
 FIXES = "forward port {public_port} to port {local_port} of this machine, open the firewall for it, or use --tunnel cloudflared"
+LOOPBACK = "; the agent listens on {host} only, which a port forward cannot reach: serve with --host 0.0.0.0 (VRAM_SUPPLY_HOST)"
 
 
 def public_port(url: str) -> int:
@@ -64,15 +67,24 @@ class Probe:
 
 
 async def probe(
-    endpoint_url: str, local_url: str | None = None, *, timeout: float = PROBE_TIMEOUT_SECONDS, check_address: bool = True
+    endpoint_url: str,
+    local_url: str | None = None,
+    *,
+    timeout: float = PROBE_TIMEOUT_SECONDS,
+    check_address: bool = True,
+    listen_host: str | None = None,
 ) -> Probe:
     """Check each hop from the endpoint URL to this agent; the first that fails is reported.
 
     ``check_address=False`` skips hop 1, for a reference platform on this machine (and tests).
+    ``listen_host``: the address the agent listens on; a loopback one is named in the fix of a
+    failing hop, since a port forward cannot reach it (a reverse proxy here can: no hop of its own).
     """
     parts = urlsplit(endpoint_url)
     host, port = parts.hostname or "", public_port(endpoint_url)
     fixes = FIXES.format(public_port=port, local_port=urlsplit(local_url).port if local_url else port)
+    if listen_host is not None and is_loopback_host(listen_host) and not is_loopback_host(host):
+        fixes += LOOPBACK.format(host=listen_host)
     if ends_in_v1(endpoint_url):
         return Probe(False, "url", f"{endpoint_url} ends in /v1, so the platform would ask {endpoint_url}/health: the endpoint URL is the base URL, {base_of(endpoint_url)}")
     if check_address and is_cgnat(host):
@@ -130,10 +142,11 @@ async def _health(base_url: str, timeout: float) -> str | None:
     return None
 
 
-async def check_configured(options: MarketOptions | None, local_url: str) -> Probe:
+async def check_configured(options: MarketOptions | None, local_url: str, listen_host: str | None = None) -> Probe:
     """`vramsupply doctor`'s reachability check for the configured agent (which need not be running).
 
-    ``options`` is None with ``--no-register``; ``local_url`` is where this machine reaches the agent.
+    ``options`` is None with ``--no-register``; ``local_url`` is where this machine reaches the
+    agent, and ``listen_host`` the address it listens on (see ``probe``).
     """
     if options is None:
         return Probe(True, "none", "serving locally only (--no-register): the platform need not reach this agent")
@@ -145,4 +158,4 @@ async def check_configured(options: MarketOptions | None, local_url: str) -> Pro
         return Probe(True, "none", f"a {options.tunnel} tunnel makes the public URL when `serve` starts; the platform reaches the agent through it")
     if not options.endpoint_url:
         return Probe(False, "address", "no endpoint URL: pass --endpoint-url (your public address) or use --tunnel cloudflared")
-    return await probe(options.endpoint_url, local_url)
+    return await probe(options.endpoint_url, local_url, listen_host=listen_host)

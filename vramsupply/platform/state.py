@@ -5,24 +5,47 @@ The lifecycle rewrites ``registration.json`` in the data dir on every state chan
 ``/health`` at the address it recorded (``--port 0`` or a ``--port`` flag are not in the settings
 `status` reads). A file that does not hold what an agent writes (a pid no process can have, a time
 that is no number) is damaged, and read as no record at all, never as a live agent.
+
+Every agent writes a record as soon as it listens (``record_listening``), also one that does not
+register (``--no-register``) and one still loading its model, so that `status` finds it wherever it
+listens instead of an earlier run's record. A record is the running agent's only while the process
+that wrote it runs: a record of a process that ended (cleanly deregistered or killed) is from an
+earlier run, and says so. A pid alone does not prove that: once a process ends its pid can go to
+any later program, so the record also holds the process's start time, and a live pid that started
+at another time is another program.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import logging
 import os
+import time
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vramsupply.config import data_dir, write_private_file
+from vramsupply.config import Settings, data_dir, write_private_file
+from vramsupply.platform import api
+from vramsupply.platform.client import describe_error
+from vramsupply.platform.offer import local_base_url
+
+log = logging.getLogger("vramsupply.platform")
 
 STATE_FILE_NAME = "registration.json"
 MAX_PID = 2**31 - 1
 """pid_t is a signed 32-bit integer; 0 and -1 mean a process group and every process to ``kill``."""
+HEALTH_TIMEOUT_SECONDS = 5
 
 
 class Phase(str, Enum):
+    starting = "starting"  # listening while the model loads; it registers once the model is ready
+    not_registering = "not_registering"  # `serve --no-register`: serving locally, never offered
     registering = "registering"
     registered = "registered"
     offline = "offline"
@@ -46,6 +69,7 @@ class RegistrationState(BaseModel):
     updated_at: float
     last_heartbeat_at: float | None = None
     local_url: str | None = None  # where this machine reaches the agent (its real port, also with --port 0)
+    process_start: int | None = Field(None, ge=0)  # when ``pid`` started (``process_start``): tells it from a later program
 
 
 def default_state_path() -> Path:
@@ -53,7 +77,10 @@ def default_state_path() -> Path:
 
 
 def write_state(path: Path, state: RegistrationState) -> None:
-    """Replace the file atomically so a concurrent `status` never reads half a document."""
+    """Replace the file atomically so a concurrent `status` never reads half a document. A record
+    of this process gets its start time, however it was made."""
+    if state.pid == os.getpid() and state.process_start is None:
+        state = state.model_copy(update={"process_start": process_start(state.pid)})
     write_private_file(path, state.model_dump_json(indent=2), sync=False)  # on the event loop, every heartbeat
 
 
@@ -63,6 +90,27 @@ def read_state(path: Path) -> RegistrationState | None:
         return RegistrationState.model_validate_json(path.read_bytes())
     except (OSError, ValidationError):
         return None
+
+
+def record_listening(settings: Settings, model: str, port: int, *, registering: bool, path: Path | None = None) -> None:
+    """The agent listens (its model may still be loading): record where, and whether it will
+    register, replacing whatever an earlier run left. An unwritable file costs `status` its answer,
+    never the serving."""
+    local_url = local_base_url(settings.host, port)
+    if registering:
+        once = "the model is ready" + (f" and the {settings.tunnel} tunnel has a public URL" if settings.tunnel else "")
+        phase, platform_url, message = Phase.starting, settings.platform_url, f"not on the market yet: registers once {once}"
+    else:
+        phase, platform_url, message = Phase.not_registering, "", "serving without registering (--no-register): not on the market"
+    state = RegistrationState(
+        phase=phase, platform_url=platform_url, model=model, endpoint_url=settings.endpoint_url or "", message=message,
+        pid=os.getpid(), updated_at=time.time(), local_url=local_url,
+    )
+    path = path or default_state_path()
+    try:
+        write_state(path, state)
+    except OSError as exc:
+        log.warning("cannot record the agent's state in %s (%s); `vramsupply status` will not find it", path, exc.strerror or exc)
 
 
 def process_alive(pid: int) -> bool:
@@ -75,3 +123,72 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux's /proc); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = stat[stat.rfind(")") + 1 :].split()  # the name before it may hold spaces and parentheses
+    try:
+        return int(fields[19])  # field 22 of the line; this list starts at field 3
+    except (IndexError, ValueError):
+        return None
+
+
+def same_process(pid: int, started: int | None) -> bool:
+    """Whether process ``pid`` still runs and, where its start time is known, is the one that
+    started then (not a later program given the same pid)."""
+    if not process_alive(pid):
+        return False
+    now = process_start(pid) if started is not None else None
+    return now is None or now == started
+
+
+def earlier_run(state: RegistrationState) -> str | None:
+    """Why ``state`` is not the running agent's record, or None while the process that wrote it runs."""
+    if same_process(state.pid, state.process_start):
+        return None
+    if process_alive(state.pid):
+        return f"this record is from an earlier run: agent process {state.pid} has ended (pid {state.pid} is another program now)"
+    return f"this record is from an earlier run: agent process {state.pid} has ended"
+
+
+@dataclass(frozen=True)
+class FoundAgent:
+    """Where `status` looks for the agent, from the record (when its process runs) or the settings."""
+
+    url: str
+    record: RegistrationState | None
+    earlier_run: str | None  # why the record is not the running agent's (None: it is, or there is none)
+
+
+def find_agent(path: Path, host: str, port: int) -> FoundAgent:
+    record = read_state(path)
+    stale = earlier_run(record) if record is not None else None
+    if record is not None and stale is None and record.local_url:
+        return FoundAgent(record.local_url, record, None)
+    return FoundAgent(local_base_url(host, port), record, stale)
+
+
+async def probe_health(url: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The agent's /health answer, or None and why not, in words (never the HTTP client's)."""
+    try:
+        timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_SECONDS)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url + "/health") as response:
+            body = await response.json(content_type=None)
+            if response.status != 200 or not isinstance(body, dict):
+                return None, f"{url}/health answered {response.status}: {api.error_message(body) or 'not ready'}"
+            return body, None
+    except aiohttp.ClientConnectorError as exc:
+        return None, f"no agent answering at {url} ({cannot_connect(exc.os_error)})"
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        return None, f"no agent answering at {url} ({describe_error(exc)})"
+
+
+def cannot_connect(error: OSError) -> str:
+    if isinstance(error, ConnectionRefusedError) or error.errno == errno.ECONNREFUSED:
+        return "nothing is listening there: connection refused"
+    return f"cannot connect: {error.strerror}" if error.strerror else "cannot connect"

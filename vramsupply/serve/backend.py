@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Protocol
 
 from aiohttp import web
 
 from vramsupply.config import Settings
 from vramsupply.engine import Engine, EngineOptions
+from vramsupply.engine.model import LoadAbandoned, abandoned_when
 from vramsupply.errors import ConfigError
 from vramsupply.gpu.report import PlacementMonitor
 from vramsupply.gpu.report import placement_of as gpu_placement_of
@@ -53,6 +55,8 @@ class LlamaCppBackend:
     """The GGUF served by our llama.cpp engine in this process."""
 
     kind = "llama.cpp"
+    first_stop_while_starting = "abandoning the model load (a KV cache llama.cpp is already allocating is finished first); again to stop at once"
+    """What a first stop signal does during ``start`` (``StopSignals.first_stop``): see ``load_engine``."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -75,10 +79,16 @@ class LlamaCppBackend:
         return self.app
 
     async def start(self, stopping: asyncio.Event) -> bool:
-        """Load in a worker thread (llama.cpp loading blocks and cannot be interrupted), then attach."""
+        """Load in a worker thread, which a stop abandons where llama.cpp allows (``load_engine``), then attach."""
         assert self.model is not None and self.app is not None
+        if stopping.is_set():
+            return False
         log.info("loading %s from %s", self.model.model_id, self.model.path)
-        self.engine = await load_engine(engine_options(self.settings, self.model, explicit=self.explicit))
+        try:
+            self.engine = await load_engine(engine_options(self.settings, self.model, explicit=self.explicit), stopping)
+        except LoadAbandoned:
+            log.info("model load abandoned: a stop was requested")
+            return False
         if stopping.is_set():
             return False
         self.app[SERVER_STATE].attach(self.engine)
@@ -136,9 +146,11 @@ async def fit_to_memory(settings: Settings, explicit: set[str], model: LocalMode
     a context or slot count that was not set, or refuses with the numbers instead of an OOM."""
     from vramsupply.gpu.planning import fit_before_download, fit_before_load
 
+    # In daemon threads, as the download: before download the plan asks the Hub, which may never
+    # answer (up to download_timeout), and a stop must not wait for it, at exit least of all.
     if model is None:
-        return await asyncio.to_thread(fit_before_download, settings, explicit)
-    return await asyncio.to_thread(fit_before_load, settings, explicit, model.path)
+        return await in_daemon_thread(fit_before_download, settings, explicit)
+    return await in_daemon_thread(fit_before_load, settings, explicit, model.path)
 
 
 def model_aliases(model: LocalModel) -> list[str]:
@@ -149,6 +161,26 @@ def model_aliases(model: LocalModel) -> list[str]:
     return names
 
 
-async def load_engine(options: EngineOptions) -> Engine:
-    """llama.cpp loading cannot be interrupted: a graceful stop waits for it, a second signal does not."""
-    return await in_daemon_thread(Engine.load, options)
+async def load_engine(options: EngineOptions, stopping: asyncio.Event | None = None) -> Engine:
+    """Load in a daemon thread; once ``stopping`` is set, the load is abandoned where llama.cpp
+    allows (``engine.model.abandoned_when``) and ends in ``LoadAbandoned``.
+
+    While llama.cpp reads the weights, a graceful stop ends the load before the next tensor; once it
+    sets up the context (allocating and clearing the KV cache, then the warm-up), the stop waits
+    for that: the thread is then inside llama.cpp, and a process that exits under it risks
+    crashing in llama.cpp's teardown (a GPU's above all). A second signal waits for nothing.
+    """
+    if stopping is None:
+        return await in_daemon_thread(Engine.load, options)
+    abandon = threading.Event()
+    watch = asyncio.ensure_future(stopping.wait())
+    watch.add_done_callback(lambda waited: None if waited.cancelled() else abandon.set())
+    try:
+        return await in_daemon_thread(load_unless_abandoned, options, abandon)
+    finally:
+        watch.cancel()
+
+
+def load_unless_abandoned(options: EngineOptions, abandon: threading.Event) -> Engine:
+    with abandoned_when(abandon):
+        return Engine.load(options)

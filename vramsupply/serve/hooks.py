@@ -7,6 +7,7 @@ agent is ready. The CLI builds the hook (``devplatform.demo.DemoHook``) and pass
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -22,6 +23,9 @@ class ServeHook(Protocol):
         """Run around the whole serve; yield the settings serve should use."""
         ...
 
-    async def on_ready(self, market: MarketplaceSession, model_id: str) -> None:
-        """The server answers and registration has started; errors raised here stop serving."""
+    async def on_ready(self, market: MarketplaceSession, model_id: str, stopping: asyncio.Event) -> None:
+        """The server answers and registration has started; errors raised here stop serving.
+
+        Serving waits for this, so once ``stopping`` is set it must end as soon as what is in
+        flight has finished, and say nothing that is no longer true ("still serving")."""
         ...

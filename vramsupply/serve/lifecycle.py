@@ -34,13 +34,15 @@ from vramsupply.engine import EngineFailed
 from vramsupply.errors import Interrupted, ListenError
 from vramsupply.gpu.report import PlacementMonitor, announce, watch_placement
 from vramsupply.host.limits import raise_open_files_limit
+from vramsupply.instance_lock import hold_data_dir
 from vramsupply.logging import configure_logging, interactive
 from vramsupply.output import say
 from vramsupply.platform import MarketplaceSession, price_summary
-from vramsupply.platform.offer import ModelIdentity
+from vramsupply.platform.offer import ModelIdentity, local_base_url
+from vramsupply.platform.state import record_listening
 from vramsupply.serve.backend import Backend, LlamaCppBackend
 from vramsupply.serve.hooks import ServeHook
-from vramsupply.serve.options import endpoint_token_of, market_options, upstream_options
+from vramsupply.serve.options import endpoint_token_of, listening_everywhere, market_options, start_warnings, upstream_options
 from vramsupply.serve.provider import ProviderSide
 from vramsupply.serve.status import LogStatus, ServingStats, TerminalStatus, report_to_systemd
 from vramsupply.server import ApiServer
@@ -49,6 +51,8 @@ from vramsupply.signals import StopSignals, wait_for_stop
 
 log = logging.getLogger("vramsupply.serve")
 ENGINE_CHECK_SECONDS = 0.25
+NOT_READY = "stopping (the engine is not ready, so no request can be in flight)"
+"""A first stop signal before the engine is ready: nothing to finish, so the agent stops at once."""
 
 
 async def run_serve(settings: Settings, *, hook: ServeHook | None = None) -> None:
@@ -57,22 +61,31 @@ async def run_serve(settings: Settings, *, hook: ServeHook | None = None) -> Non
     ``hook`` (``--demo``) runs around serving and acts once the agent is ready.
     """
     configure_logging(settings.log_level, [settings.endpoint_token, settings.api_key, settings.upstream_api_key])
+    hold_data_dir()  # one agent per data dir, refused before any download or load (instance_lock.py)
     raise_open_files_limit()  # a connection a buyer: 1,024 is the usual default (host/limits.py)
     notifier = SystemdNotifier()
     watchdog = notifier.start_watchdog()
+    stop = StopSignals()
     try:
-        with StopSignals() as stop:
+        with stop:
             if hook is None:
                 await serve_until_stopped(settings, notifier, stop)
                 return
             async with hook.around(settings) as hooked_settings:
                 await serve_until_stopped(hooked_settings, notifier, stop, hook)
     except asyncio.CancelledError:
-        raise Interrupted("stopped without waiting for in-flight requests") from None
+        raise Interrupted(stopped_at_once(stop)) from None
     finally:
         if watchdog is not None:
             watchdog.cancel()
         notifier.close()
+
+
+def stopped_at_once(stop: StopSignals) -> str:
+    """The error line of a second signal ("stop now"): what it did not wait for."""
+    if stop.first_stop == StopSignals.SERVING:
+        return "stopped without waiting for in-flight requests"
+    return "stopped before the engine was ready"
 
 
 async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, stop: StopSignals, hook: ServeHook | None = None) -> None:
@@ -81,6 +94,9 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, sto
     market = prepare_marketplace(settings, local_ok=local_platform)
     provider = ProviderSide(settings, market, local_platform=local_platform)
     backend = choose_backend(settings)
+    for warning in start_warnings(settings) if hook is None else ():  # works, but may not do what was meant
+        log.warning("%s", warning)
+    stop.first_stop = NOT_READY
     if backend.kind == EngineKind.llama_cpp.value:
         notifier.status(f"preparing {settings.model} (downloading it unless cached)")
     else:
@@ -97,15 +113,22 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, sto
     server = ApiServer(app, settings.host, settings.port, drain_timeout=settings.drain_timeout, access_log=access_log)
     await listen(server)
     provider.listening(server)
+    record_listening(settings, model.model_id, server.port, registering=market is not None)
+    url = local_base_url(settings.host, server.port)  # 0.0.0.0 or :: is no address to connect to
+    everywhere = listening_everywhere(settings.host, url)
+    if everywhere is not None:
+        log.info("%s", everywhere)
 
     watch = EngineWatch()
     try:
         notifier.status(f"loading {model.model_id}")
+        stop.first_stop = getattr(backend, "first_stop_while_starting", NOT_READY)
         if not await backend.start(stop.event):
             return
+        stop.first_stop = StopSignals.SERVING
         notifier.healthy = watch.healthy
-        await go_live(backend, model, server.url, notifier, market, hook)
-        await report_while_serving(backend, model, server.url, notifier, market, stop, watch, terminal)
+        await go_live(backend, model, url, notifier, market, hook, stop.event)
+        await report_while_serving(backend, model, url, notifier, market, stop, watch, terminal)
     finally:
         await stop_serving(settings, notifier, server, backend, market, provider)
     if watch.failure is not None:
@@ -150,9 +173,11 @@ class EngineWatch:
 
 
 async def go_live(
-    backend: Backend, model: ModelIdentity, url: str, notifier: SystemdNotifier, market: MarketplaceSession | None, hook: ServeHook | None
+    backend: Backend, model: ModelIdentity, url: str, notifier: SystemdNotifier, market: MarketplaceSession | None, hook: ServeHook | None,
+    stopping: asyncio.Event,
 ) -> None:
-    """The engine is ready: say so, then offer it to the market (and let ``--demo`` buy from it)."""
+    """The engine is ready: say so, then offer it to the market (and let ``--demo`` buy from it,
+    unless a stop was requested)."""
     say(backend.ready_line(url))
     placement = placement_of(backend)
     if placement is not None:
@@ -161,7 +186,7 @@ async def go_live(
     if market is not None:
         start_marketplace(market, model, backend, placement.placement.as_json() if placement is not None else None)
         if hook is not None:
-            await hook.on_ready(market, model.model_id)
+            await hook.on_ready(market, model.model_id, stopping)
 
 
 def choose_backend(settings: Settings) -> Backend:

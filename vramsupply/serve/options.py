@@ -2,6 +2,8 @@
 
 The engine takes ``EngineOptions`` and the marketplace ``MarketOptions``; neither reads the whole
 configuration, so each can be built and tested on its own and a setting's name changes only here.
+``start_warnings`` reads the settings once more for what serve says at start about a setup that
+works but may not do what was meant (who can reach /v1, a GPU index that names no GPU).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from vramsupply.errors import ConfigError, VramsupplyError
 from vramsupply.gpu.options import GpuOptions
 from vramsupply.hub.local import LocalModel
 from vramsupply.platform import MarketOptions
+from vramsupply.platform.offer import is_loopback_host, loopback_listen_warning
+from vramsupply.upstream.launch import agent_set_arg
 from vramsupply.upstream.options import UpstreamOptions
 
 
@@ -71,6 +75,60 @@ def market_options(settings: Settings, *, local_ok: bool = False) -> MarketOptio
     )
 
 
+def start_warnings(settings: Settings) -> list[str]:
+    """What serve says once at start about a configuration that works but may not do what was
+    meant: who can reach /v1, and a GPU index that names no GPU."""
+    warnings = [warning for warning in (unreachable_by_forward(settings), open_without_token(settings)) if warning]
+    return warnings + gpu_index_warnings(settings)
+
+
+def unreachable_by_forward(settings: Settings) -> str | None:
+    """Registering an endpoint URL of another host while listening on loopback only (the default).
+    Without an API key serve registers nothing: it refuses to start, and that line is the one to read."""
+    if settings.no_register or settings.tunnel or not settings.api_key:
+        return None
+    return loopback_listen_warning(settings.endpoint_url, settings.host)
+
+
+def open_without_token(settings: Settings) -> str | None:
+    """``--no-register`` beyond loopback and no token: /v1 answers anyone (registering, or a tunnel,
+    generates or requires one)."""
+    if not settings.no_register or settings.tunnel or settings.endpoint_token or is_loopback_host(settings.host):
+        return None
+    where = f"every address of this machine (--host {settings.host})" if settings.host in WILDCARDS else settings.host
+    return (
+        f"/v1 answers without a token on {where}: anyone who can reach this machine can use the model; "
+        f"set VRAM_SUPPLY_ENDPOINT_TOKEN (endpoint_token) to require `Authorization: Bearer <token>`, or serve with --host 127.0.0.1"
+    )
+
+
+WILDCARDS = ("0.0.0.0", "::")
+
+
+def listening_everywhere(host: str, url: str) -> str | None:
+    """For a wildcard host, where the agent answers: ``url`` is this machine's own way in
+    (``platform.offer.local_base_url``), since ``http://0.0.0.0:PORT`` is no address to connect to."""
+    if host not in WILDCARDS:
+        return None
+    return f"listening on every address of this machine (--host {host}): this machine reaches it at {url}/v1, other machines at this machine's own address"
+
+
+def gpu_index_warnings(settings: Settings) -> list[str]:
+    """``--main-gpu`` beyond the GPUs llama.cpp sees (or beyond ``--devices``): said, not refused,
+    since only llama.cpp's own device list can tell, and a layer split does not use it."""
+    if settings.engine is not EngineKind.llama_cpp or "main_gpu" not in settings.model_fields_set or settings.main_gpu == 0:
+        return []
+    from vramsupply.gpu.devices import list_devices
+
+    gpus = len(settings.devices) if settings.devices else sum(1 for device in list_devices() if device.is_gpu)
+    if settings.main_gpu < gpus:
+        return []
+    among = " among --devices" if settings.devices else ""
+    unused = "; with --split-mode layer it is not used" if settings.split_mode == "layer" else ""
+    seen = f"{gpus} GPU{'' if gpus == 1 else 's'}{among}, numbered from 0"
+    return [f"main_gpu = {settings.main_gpu} names no GPU: llama.cpp sees {seen} (vramsupply doctor lists them){unused}"]
+
+
 def endpoint_token_of(settings: Settings) -> str | None:
     return settings.endpoint_token.get_secret_value() if settings.endpoint_token else None
 
@@ -89,6 +147,9 @@ def upstream_options(settings: Settings) -> UpstreamOptions:
         extra_args = tuple(shlex.split(settings.engine_args or ""))
     except ValueError as exc:
         raise ConfigError(f"invalid engine_args {settings.engine_args!r}: {exc}") from None
+    reserved = agent_set_arg(settings.engine.value, extra_args)
+    if reserved is not None:
+        raise ConfigError(f"engine_args may not set {reserved}")
     return UpstreamOptions(
         engine=settings.engine.value,  # type: ignore[arg-type]
         model=settings.model,

@@ -104,12 +104,17 @@ def agent_executable() -> Path:
     return path
 
 
+def manager_state(target: ServiceTarget) -> str | None:
+    """What ``systemctl is-system-running`` says of the (user) service manager: ``running``,
+    ``degraded``, ``starting``..., ``offline`` where it is not running; None without systemctl."""
+    if shutil.which("systemctl") is None:
+        return None
+    return subprocess.run(target.systemctl("is-system-running"), capture_output=True, text=True).stdout.strip()
+
+
 def systemd_running(target: ServiceTarget) -> bool:
     """True when the (user) service manager is up, as Ollama's installer checks it."""
-    if shutil.which("systemctl") is None:
-        return False
-    result = subprocess.run(target.systemctl("is-system-running"), capture_output=True, text=True)
-    return result.stdout.strip() in ("running", "degraded")
+    return manager_state(target) in ("running", "degraded")
 
 
 def read_env_file(target: ServiceTarget, command: str) -> str:
@@ -347,6 +352,20 @@ def passthrough(command: list[str]) -> int:
     if shutil.which(command[0]) is None:
         raise ServiceError(f"{command[0]} not found: this system does not run systemd")
     return subprocess.run(command).returncode
+
+
+def show(target: ServiceTarget, command: list[str], what: str) -> int:
+    """``passthrough`` for `service status` and `service logs`, where the service manager runs.
+    Where it does not (a container, WSL without systemd, no login session for --user), no service
+    can run there, and systemctl's own "System has not been booted with systemd" or "Failed to
+    connect to bus" would leave the provider to work that out: say so, as install does."""
+    if manager_state(target) == "offline":
+        manager = "the systemd user manager (systemctl --user) is not running for this login" if target.user_mode else "systemd is not running here"
+        raise ServiceError(
+            f"{manager} (a container, WSL without systemd{', a shell opened with su or sudo' if target.user_mode else ''}), "
+            f"so no {UNIT_NAME} runs and there is no {what} to show; run the agent in the foreground with `vramsupply serve`"
+        )
+    return passthrough(command)
 
 
 def status_command(target: ServiceTarget) -> list[str]:

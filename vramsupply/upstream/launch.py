@@ -3,12 +3,15 @@
 Both are started on loopback, on a free port, with a random API key, so nothing but this agent can
 reach them (vLLM's ``--api-key`` covers only its ``/v1`` paths, which is another reason to keep
 it behind our front). Both register the model under our canonical id (``--served-model-name``), so
-the upstream's name and ours agree. What the provider passes in ``extra_args`` is appended as is.
+the upstream's name and ours agree. What the provider passes in ``extra_args`` is appended as is,
+except the arguments the agent sets itself (``agent_set_arg``): appended after ours, they would
+win, and the agent would wait on a port, key or name the engine no longer uses.
 """
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,6 +41,61 @@ class LaunchOptions:
     dist_init_addr: str | None = None
     command: str | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+_OWN = {
+    "--host": "the agent starts {engine} on 127.0.0.1, for itself alone; buyers reach the agent at --host (VRAM_SUPPLY_HOST)",
+    "--port": "the agent starts {engine} on a free port of its own and waits for it there; buyers reach the agent at --port (VRAM_SUPPLY_PORT)",
+    "--api-key": "the agent gives {engine} a random key of its own; what buyers present is the endpoint token (VRAM_SUPPLY_ENDPOINT_TOKEN)",
+    "--served-model-name": "the agent names the model after --model, the name buyers ask for",
+}
+_WEIGHTS = "pass the weights with --model or --upstream-model"
+_SETTINGS = {
+    "tensor_parallel": "use --tensor-parallel-size (VRAM_SUPPLY_TENSOR_PARALLEL_SIZE)",
+    "context": "use --context-length (VRAM_SUPPLY_CONTEXT_LENGTH), which the agent also offers buyers",
+    "slots": "use --parallel (VRAM_SUPPLY_PARALLEL), which the agent also admits requests by",
+}
+AGENT_ARGS: dict[str, dict[str, str]] = {
+    "vllm": {
+        **_OWN,
+        "--model": _WEIGHTS,
+        "--tensor-parallel-size": _SETTINGS["tensor_parallel"],
+        "-tp": _SETTINGS["tensor_parallel"],
+        "--pipeline-parallel-size": "use --pipeline-parallel-size (VRAM_SUPPLY_PIPELINE_PARALLEL_SIZE)",
+        "-pp": "use --pipeline-parallel-size (VRAM_SUPPLY_PIPELINE_PARALLEL_SIZE)",
+        "--max-model-len": _SETTINGS["context"],
+        "--max-num-seqs": _SETTINGS["slots"],
+    },
+    "sglang": {
+        **_OWN,
+        "--model-path": _WEIGHTS,
+        "--model": _WEIGHTS,
+        "--tp": _SETTINGS["tensor_parallel"],
+        "--tp-size": _SETTINGS["tensor_parallel"],
+        "--tensor-parallel-size": _SETTINGS["tensor_parallel"],
+        "--context-length": _SETTINGS["context"],
+        "--max-running-requests": _SETTINGS["slots"],
+        "--nnodes": "use --nnodes (VRAM_SUPPLY_NNODES)",
+        "--node-rank": "use --node-rank (VRAM_SUPPLY_NODE_RANK)",
+        "--dist-init-addr": "use --dist-init-addr (VRAM_SUPPLY_DIST_INIT_ADDR)",
+    },
+}
+"""Per launched engine: each argument the agent passes (or has a setting for), and what to use instead."""
+ENGINE_NAMES = {"vllm": "vLLM", "sglang": "SGLang"}
+
+
+def agent_set_arg(engine: str, extra_args: Sequence[str]) -> str | None:
+    """The first of ``extra_args`` that the agent sets itself, as "FLAG: what to use instead", or None.
+    ``--flag=value`` and vLLM's ``--flag_name`` spelling count as the flag."""
+    own = AGENT_ARGS.get(engine, {})
+    for word in extra_args:
+        flag = word.split("=", 1)[0]
+        if flag.startswith("--"):
+            flag = flag.replace("_", "-")
+        advice = own.get(flag)
+        if advice is not None:
+            return f"{flag}: {advice.format(engine=ENGINE_NAMES.get(engine, engine))}"
+    return None
 
 
 class LaunchError(ValueError):
