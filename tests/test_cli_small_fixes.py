@@ -250,3 +250,18 @@ def test_devplatform_refuses_a_key_login_would_refuse(key: str) -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: invalid --api-key {key!r}: an API key is 1 to 512 printable ASCII characters without spaces"
     assert "export" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["models", "rm"], "name one model"),
+        (["earnings", "--since", "0h"], "is not a window"),
+        (["earnings", "--by", "week"], "choose model or day"),
+        (["login", "--api-key", ""], "an API key is"),
+    ],
+)
+def test_a_commands_own_bad_arguments_exit_2_as_every_bad_flag_does(args: list[str], said: str) -> None:
+    """README: 2 for an invalid setting or flag. These said so with 1, as for a failure."""
+    result = run_cli(*args)
+    assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result.stderr

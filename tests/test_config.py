@@ -236,9 +236,9 @@ def test_login_takes_a_piped_key_refuses_a_control_character_and_needs_some_inpu
     assert piped.returncode == 0 and "GetPassWarning" not in piped.stderr
     assert load_settings().settings.api_key.get_secret_value() == "sk-piped-key"
     escaped = run_cli("login", "--api-key", "sk-\x1b[31m")
-    assert escaped.returncode == 1 and escaped.stderr.strip() == "error: an API key is 1 to 512 printable ASCII characters without spaces"
+    assert escaped.returncode == 2 and escaped.stderr.strip() == "error: an API key is 1 to 512 printable ASCII characters without spaces"
     closed = subprocess.run([sys.executable, "-m", "vramsupply", "login"], stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    assert closed.returncode == 1 and "Traceback" not in closed.stderr
+    assert closed.returncode == 2 and "Traceback" not in closed.stderr
 
 
 def test_an_output_encoding_without_our_characters_is_no_traceback() -> None:

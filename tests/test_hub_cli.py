@@ -92,7 +92,7 @@ def test_list_and_rm_manage_what_was_pulled(hub: FakeHub, hf_home: Path) -> None
     assert " verified " in table and "[green]" not in table, "a status word, not markup"
 
     unconfirmed = run_cli("models", "rm", "acme/widget-7b", env=env)
-    assert unconfirmed.returncode == 1 and "pass --yes" in unconfirmed.stderr
+    assert unconfirmed.returncode == 2 and "pass --yes" in unconfirmed.stderr
     removed = run_cli("models", "rm", "acme/Widget-7B-GGUF", "--yes", env=env)
     assert removed.returncode == 0, removed.stderr
     assert "removed acme/widget-7b Q8_0 (acme/Widget-7B-GGUF" in removed.stdout

@@ -211,9 +211,9 @@ def test_earnings_with_an_empty_ledger_and_bad_flags(isolated_env: Path) -> None
     empty = run_cli("earnings")
     assert empty.returncode == 0 and "No requests recorded in the last 30d" in empty.stdout
     bad = run_cli("earnings", "--since", "a week")
-    assert bad.returncode != 0 and "--since 'a week' is not a window" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "--since 'a week' is not a window" in bad.stderr and "Traceback" not in bad.stderr
     bad_by = run_cli("earnings", "--by", "hour")
-    assert bad_by.returncode != 0 and "choose model or day" in bad_by.stderr
+    assert bad_by.returncode == 2 and "choose model or day" in bad_by.stderr
 
 
 class HeldWriteLock:

@@ -166,7 +166,7 @@ def test_rails_refuses_both_off_before_calling_the_platform() -> None:
     nothing_listening = f"http://127.0.0.1:{free_port()}"
     result = run_cli("rails", "--no-stripe", "--no-tempo", env={"VRAM_SUPPLY_PLATFORM_URL": nothing_listening, "VRAM_SUPPLY_API_KEY": API_KEY})
 
-    assert result.returncode == 1
+    assert result.returncode == 2, "a pair of flags that do not go together"
     assert result.stderr.strip() == (
         "error: refusing to disable both payment rails: at least one of Stripe and Tempo must stay enabled, or no buyer can reach you"
     )

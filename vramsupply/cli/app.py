@@ -52,8 +52,9 @@ def report(message: str) -> None:
     err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Refuse a command's own arguments: one line on stderr and a non-zero exit."""
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Refuse a command's own arguments: one line on stderr and exit 2, the code of every invalid
+    flag or setting (README); ``code`` 1 for a refusal that is no usage error."""
     report(message)
     raise typer.Exit(code)
 

@@ -50,10 +50,15 @@ def earnings(
 ) -> None:
     """Show what this agent served and earned, from its local ledger: a table and a per-day chart."""
     from vramsupply.ledger import default_ledger_path
-    from vramsupply.ledger.report import By, dumps, earnings_report, render
+    from vramsupply.ledger import LedgerError
+    from vramsupply.ledger.report import By, dumps, earnings_report, parse_since, render
 
     if by not in By.__members__:
         fail(f"--by {by!r}: choose model or day")
+    try:
+        parse_since(since)  # a bad window is a bad flag (exit 2), said before the ledger is opened
+    except LedgerError as exc:
+        fail(str(exc))
     path = default_ledger_path()
     report = earnings_report(path, since)
     if as_json:

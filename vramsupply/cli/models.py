@@ -131,14 +131,14 @@ def models_rm(
         if remove_all:
             console.print(f"no models downloaded by vramsupply in {cache}", highlight=False)
             return
-        fail(f"no downloaded model matches {model}; `vramsupply models list` shows what is in {cache}")
+        fail(f"no downloaded model matches {model}; `vramsupply models list` shows what is in {cache}", code=1)
     if not yes:
         if not sys.stdin.isatty():
             fail("refusing to delete models without confirmation: pass --yes")
         for item in doomed:
             console.print(f"  {item.model_id} {item.quant} ({item.repo_id}, {decimal(item.on_disk)})", highlight=False)
         if not typer.confirm(f"Remove {len(doomed)} model(s) from {cache}?"):
-            fail("nothing removed")
+            fail("nothing removed", code=1)
     removed = remove_cached(cache, model)
     for item in removed:
         console.print(f"removed {item.model_id} {item.quant} ({item.repo_id}, {decimal(item.on_disk)})", highlight=False)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from rich.table import Table
 from rich.text import Text
 
-from vramsupply.config import Settings
+from vramsupply.config import ConfigError, Settings
 from vramsupply.platform import api
 from vramsupply.platform.advice import asked_price, consistent, count_text
 from vramsupply.platform.client import PlatformClient, PlatformError
@@ -45,7 +45,7 @@ def fetch_demand(settings: Settings) -> api.DemandResponse:
 def rails_update(stripe: bool | None, tempo: bool | None) -> api.RailsUpdate | None:
     """The change asked for on the command line; refusing both-off here, before any API call."""
     if stripe is False and tempo is False:
-        raise PlatformError("refusing to disable both payment rails: at least one of Stripe and Tempo must stay enabled, or no buyer can reach you")
+        raise ConfigError("refusing to disable both payment rails: at least one of Stripe and Tempo must stay enabled, or no buyer can reach you")
     if stripe is None and tempo is None:
         return None
     return api.RailsUpdate(accepts_stripe=stripe, accepts_tempo=tempo)
