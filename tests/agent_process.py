@@ -80,7 +80,11 @@ class AgentProcess:
         self.process.send_signal(sig)
 
     def wait(self, timeout: float = 30) -> int:
-        code = self.process.wait(timeout)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:  # say what the agent was doing, not only that it hung
+            self.kill()
+            raise AssertionError(f"the agent did not exit within {timeout} s; its last lines:\n" + "\n".join(self.stderr[-40:])) from None
         for reader in self._readers:  # the pipes reach EOF once the process is gone: every last line is read
             reader.join(timeout)
         return code

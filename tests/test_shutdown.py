@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -147,11 +148,24 @@ def test_a_second_signal_during_the_drain_stops_at_once_yet_records_and_deregist
     assert "Unclosed client session" not in agent.log and "Traceback" not in agent.log
 
 
+@contextmanager
+def sighup_not_ignored() -> Iterator[None]:
+    """Children started here get SIGHUP's default disposition: under ``nohup`` (a test runner
+    started with it) they would inherit an ignored SIGHUP, which the agent keeps, as asked."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_a_closed_terminal_sighup_drains_and_deregisters_like_sigterm() -> None:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     with LivePlatform() as platform:
-        with AgentProcess("--model", str(TINY_MODEL), "--port", str(port), "--endpoint-url", endpoint, env=marketplace_env(platform.url)) as agent:
+        with sighup_not_ignored():
+            agent = AgentProcess("--model", str(TINY_MODEL), "--port", str(port), "--endpoint-url", endpoint, env=marketplace_env(platform.url))
+        with agent:
             agent.wait_for(lambda: len(platform.providers) == 1, "registration")
             code = agent.stop(signal.SIGHUP, timeout=30)
         assert platform.providers == [], "deregistered, not left online for the platform to find dead"
