@@ -138,7 +138,10 @@ def test_a_connection_dropped_half_way_is_resumed_with_range_and_verified(hub: F
     model = prepare_model("bigco/Huge-GGUF", "Q4_K_M", cache_dir=cache)
 
     gets = hub.downloads_of("Huge-Q4_K_M.gguf")
-    assert [request.headers.get("Range") for request in gets] == [None, f"bytes={HALF}-"]
+    # The drop is a reset (abort): bytes still in flight are lost, so the resume starts at what had
+    # arrived, HALF or a little before it (a run resumed at 4 MiB of the 5 sent).
+    first, resumed = [request.headers.get("Range") for request in gets]
+    assert first is None and resumed is not None and 0 < int(resumed.removeprefix("bytes=").removesuffix("-")) <= HALF, resumed
     assert model.size == BIG
     assert sha256_of(model.path) == model.sha256 == hub.file("bigco/Huge-GGUF", "Huge-Q4_K_M.gguf").sha256
     repo = RepoCache(cache, "bigco/Huge-GGUF")
