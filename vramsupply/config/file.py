@@ -21,9 +21,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-import platformdirs
-
-from vramsupply.config.paths import APP_NAME, CONFIG_PATH_ENV, write_private_file
+from vramsupply.config.paths import CONFIG_PATH_ENV, default_config_path, write_private_file
 from vramsupply.config.settings import Settings
 from vramsupply.errors import ConfigError
 
@@ -84,7 +82,7 @@ def _refuse_a_named_file_that_is_missing(path: Path) -> None:
     """An error when ``VRAM_SUPPLY_CONFIG`` names ``path`` and it is not the default path (which
     a user who has not run ``login`` yet has no file at: nothing to say then)."""
     named = os.environ.get(CONFIG_PATH_ENV)
-    default = Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+    default = default_config_path()
     if not named or not _same_path(Path(named).expanduser(), path) or _same_path(path, default):
         return
     raise ConfigError(

@@ -24,6 +24,11 @@ def config_path() -> Path:
     override = os.environ.get(CONFIG_PATH_ENV)
     if override:
         return Path(override).expanduser()
+    return default_config_path()
+
+
+def default_config_path() -> Path:
+    """Where the config file is when ``VRAM_SUPPLY_CONFIG`` names none."""
     return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
 
 
