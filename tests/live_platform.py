@@ -4,19 +4,13 @@ async tests and the real CLI in a subprocess (which blocks the test's loop) can 
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from typing import Any
 
+from ports import free_port
 from vramsupply.devplatform import DevPlatform, PlatformOptions, Provider, check_providers
 
 API_KEY = "sk-test-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class LivePlatform:

@@ -28,7 +28,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +37,9 @@ import aiohttp
 from aiohttp import web
 
 from vramsupply.children import die_with_parent
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from ports import free_port  # noqa: E402  (tests/ports.py: a port no other test worker hands out)
 
 GAUGES = {
     "vllm": ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"),
@@ -82,12 +84,6 @@ def record(event: dict[str, Any]) -> None:
     if path:
         with open(path, "a") as fh:
             fh.write(json.dumps(event) + "\n")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class FakeEngine:
