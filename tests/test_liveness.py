@@ -144,21 +144,30 @@ def test_serve_with_a_failed_engine_deregisters_and_exits_1_naming_the_cause(tmp
             agent.wait_for(lambda: len(platform.providers) == 1 and platform.providers[0].slots_total == 16, "registration")
             token = platform.providers[0].offer.endpoint_token
             trigger.touch()
-            buyer = threading.Thread(target=_buy, args=(endpoint, token), daemon=True)
+            answers: list[tuple[int, dict[str, Any]]] = []
+            buyer = threading.Thread(target=_buy, args=(endpoint, token, answers), daemon=True)
             buyer.start()
             code = agent.wait(timeout=60)
+            buyer.join(10)
         assert platform.providers == [], "deregistered"
     cause = "the scheduler thread failed: RuntimeError('injected fault: the decode step crashed')" if kind == "crash" else "the inference engine stalled"
     assert code == 1
     assert agent.stderr[-1].startswith(f"error: {cause}"), agent.output
     assert "Traceback" not in agent.log
+    # The buyer whose request the engine held is answered with the engine's error, not left to
+    # the server's cut (a stalled step never ends, so only the engine's close can answer it).
+    [(status, body)] = answers
+    assert status == 503 and body["error"]["code"] == "engine_failed" and cause in body["error"]["message"], (status, body)
 
 
-def _buy(endpoint: str, token: str | None) -> None:
+def _buy(endpoint: str, token: str | None, answers: list[tuple[int, dict[str, Any]]]) -> None:
     request = urllib.request.Request(
         endpoint + "/v1/completions", json.dumps(PROMPT).encode(), {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
     )
     try:
-        urllib.request.urlopen(request, timeout=60).read()
-    except OSError:
-        pass
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answers.append((response.status, json.load(response)))
+    except urllib.error.HTTPError as error:
+        answers.append((error.code, json.load(error)))
+    except (OSError, ValueError) as error:
+        answers.append((0, {"no answer": repr(error)}))

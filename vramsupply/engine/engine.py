@@ -238,6 +238,7 @@ class Engine:
         # A failed engine gets a moment, not the full wait: a stalled step is not going to end.
         if not self._scheduler.stop(1.0 if self.failure is not None else CLOSE_WAIT_SECONDS):
             log.error("the scheduler is stuck in a decode step; exiting without freeing the model")
+            self._scheduler.abandon()
             return
         self._context.close()
         self._model.close()

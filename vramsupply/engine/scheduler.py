@@ -40,7 +40,7 @@ from .checkpoints import save_checkpoint
 from .counters import Counters
 from .liveness import DEFAULT_STALL_TIMEOUT, Liveness
 from .pacing import PrefillPacer, decode_parts, rewinds_for_tiles
-from .generation import Finish
+from .generation import Event, Finish, post
 from .inbox import STOP, Cancel, Inbox, Message, Submit
 from .model import Model
 from .outbox import Outbox
@@ -211,6 +211,21 @@ class Scheduler:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def abandon(self) -> None:
+        """The thread is stuck inside a step and stays so: end every request it holds from here,
+        so that each buyer gets the engine's error now, not a connection the server cuts later.
+
+        Only the requests' channels are posted to (each consumer loop does the rest); the slots
+        and llama.cpp's memory stay as the stuck thread left them. Requests still in the inbox are
+        ended too, and the stop is posted again after them.
+        """
+        error = EngineFailed(self._liveness.failure(pending=True, running=True) or "the engine is stuck inside a decode step")
+        ended = [Event(s.task.channel, "", None, Finish(None, s.usage(), error)) for s in list(self._slots) if s.task is not None]
+        waiting = [*self._waiting, *(m.task for m in self._inbox.drain() if isinstance(m, Submit))]
+        ended += [Event(t.channel, "", None, Finish(None, t.usage_while_waiting(), error)) for t in waiting]
+        self._inbox.post(STOP)
+        post(ended)
 
     # ---- scheduler thread -------------------------------------------------------------------
 

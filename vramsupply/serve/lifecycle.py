@@ -130,7 +130,7 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, sto
         await go_live(backend, model, url, notifier, market, hook, stop.event)
         await report_while_serving(backend, model, url, notifier, market, stop, watch, terminal)
     finally:
-        await stop_serving(settings, notifier, server, backend, market, provider)
+        await stop_serving(settings, notifier, server, backend, market, provider, engine_failed=watch.failure is not None)
     if watch.failure is not None:
         raise EngineFailed(watch.failure)
 
@@ -243,15 +243,17 @@ async def listen(server: ApiServer) -> None:
 
 
 async def stop_serving(
-    settings: Settings, notifier: SystemdNotifier, server: ApiServer, backend: Backend, market: MarketplaceSession | None, provider: ProviderSide
+    settings: Settings, notifier: SystemdNotifier, server: ApiServer, backend: Backend, market: MarketplaceSession | None, provider: ProviderSide,
+    *, engine_failed: bool = False,
 ) -> None:
     """Drain, then settle: the ledger's rows of what was cut, deregistration, the tunnel. A second
-    Ctrl-C or SIGTERM ("stop now") cuts the drain short, never the settling."""
+    Ctrl-C or SIGTERM ("stop now") cuts the drain short, never the settling. A failed engine
+    finishes nothing more, so its requests are ended at once, with its error, not drained."""
     notifier.stopping("stopping: draining in-flight requests")
     try:
         if market is not None:
             await market.drain()
-        await drain(server, backend, settings.drain_timeout)
+        await drain(server, backend, None if engine_failed else settings.drain_timeout)
     finally:
         await provider.drained(server)
         if market is not None:
@@ -259,20 +261,23 @@ async def stop_serving(
         await provider.stop()
 
 
-async def drain(server: ApiServer, backend: Backend, drain_timeout: float) -> None:
+async def drain(server: ApiServer, backend: Backend, drain_timeout: float | None) -> None:
     """Stop accepting, give in-flight requests ``drain_timeout`` seconds, then free the engine.
 
-    With our engine, requests still running at the deadline end through it (EngineClosed), so a
-    stream gets a clean error event, not a cut connection; the server cancels what is left only
+    With our engine, requests still running at the deadline end through it (EngineClosed, or
+    EngineFailed from a failed engine, whose ``drain_timeout`` is None: no wait), so a stream
+    gets a clean error event, not a cut connection; the server cancels what is left only
     ``STOP_GRACE_SECONDS`` later.
     """
     in_flight = backend.in_flight()
-    if in_flight:
+    if in_flight and drain_timeout is None:
+        log.info("stopping: ending %d in-flight request(s), which the failed engine cannot finish", in_flight)
+    elif in_flight:
         log.info("stopping: waiting up to %gs for %d in-flight request(s)", drain_timeout, in_flight)
     else:
         log.info("stopping")
     stop_generating = getattr(backend, "stop_generating", None)
-    deadline = asyncio.get_running_loop().call_later(drain_timeout, stop_generating) if stop_generating is not None else None
+    deadline = asyncio.get_running_loop().call_later(drain_timeout or 0.0, stop_generating) if stop_generating is not None else None
     try:
         await server.stop()
     except asyncio.CancelledError:  # "stop now": end the requests at once, through the engine
