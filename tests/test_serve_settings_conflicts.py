@@ -207,6 +207,15 @@ def test_serving_every_address_without_a_token_warns_that_anyone_can_use_it() ->
     assert warnings_at_start("--no-register") == []
 
 
+def test_selling_for_nothing_is_warned_about_at_start() -> None:
+    env = {"VRAM_SUPPLY_API_KEY": "k", "VRAM_SUPPLY_PLATFORM_URL": DEAD_PLATFORM}
+    [warning] = warnings_at_start("--endpoint-url", "https://gpu.example.com", "--host", "0.0.0.0", "--output-price", "0", env=env)
+    assert "--output-price 0: generated tokens are sold for nothing; prices are in cents per million tokens" in warning
+    both = start_warnings(Settings(endpoint_url="https://gpu.example.com", host="::", api_key="k", input_price=0, output_price=0))
+    assert both == ["--input-price and --output-price 0: every token is sold for nothing; prices are in cents per million tokens (the defaults are 100 and 200)"]
+    assert start_warnings(Settings(no_register=True, input_price=0, output_price=0)) == [], "nothing is sold without registering"
+
+
 def test_what_is_safe_or_intended_is_not_warned_about() -> None:
     assert start_warnings(Settings(endpoint_url="http://127.0.0.1:8080", api_key="k")) == []  # this machine's own URL
     assert start_warnings(Settings(tunnel="cloudflared", api_key="k")) == []  # the tunnel reaches loopback

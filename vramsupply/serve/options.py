@@ -77,9 +77,20 @@ def market_options(settings: Settings, *, local_ok: bool = False) -> MarketOptio
 
 def start_warnings(settings: Settings) -> list[str]:
     """What serve says once at start about a configuration that works but may not do what was
-    meant: who can reach /v1, and a GPU index that names no GPU."""
-    warnings = [warning for warning in (unreachable_by_forward(settings), open_without_token(settings)) if warning]
-    return warnings + gpu_index_warnings(settings)
+    meant: who can reach /v1, a price of nothing, and a GPU index that names no GPU."""
+    checks = (unreachable_by_forward(settings), open_without_token(settings), free_of_charge(settings))
+    return [warning for warning in checks if warning] + gpu_index_warnings(settings)
+
+
+def free_of_charge(settings: Settings) -> str | None:
+    """A price of 0 is allowed (a provider may give tokens away), but is more often a slip: said."""
+    if settings.no_register or not settings.api_key:
+        return None
+    free = [name for name, price in (("--input-price", settings.input_price), ("--output-price", settings.output_price)) if price == 0]
+    if not free:
+        return None
+    what = "every token is" if len(free) == 2 else f"{'prompt' if free[0] == '--input-price' else 'generated'} tokens are"
+    return f"{' and '.join(free)} 0: {what} sold for nothing; prices are in cents per million tokens (the defaults are 100 and 200)"
 
 
 def unreachable_by_forward(settings: Settings) -> str | None:
