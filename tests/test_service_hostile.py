@@ -231,3 +231,23 @@ def test_a_list_of_numbers_is_written_to_the_env_file(tmp_path: Path) -> None:
     result = run_cli("service", "install", *places, env={"PATH": str(tmp_path), "VRAM_SUPPLY_TENSOR_SPLIT": "3,1", **READY})
     assert result.returncode == 0, result.stderr
     assert dotenv_values(env_file)["VRAM_SUPPLY_TENSOR_SPLIT"] == "3.0,1.0"
+
+
+@pytest.mark.parametrize(
+    ("engine_args", "problem"),
+    [
+        ("--port 9999", "engine_args may not set --port: the agent starts vLLM on a free port of its own"),
+        ("--dtype 'half", "invalid engine_args \"--dtype 'half\": No closing quotation"),
+    ],
+)
+def test_engine_args_serve_would_refuse_keep_the_service_from_starting(tmp_path: Path, engine_args: str, problem: str) -> None:
+    bin_dir, calls = fake_tools(tmp_path, state="running")
+    env_file = tmp_path / "env"
+    env = {"PATH": str(bin_dir), "VRAM_SUPPLY_MODEL": "org/model", "VRAM_SUPPLY_ENGINE": "vllm", "VRAM_SUPPLY_NO_REGISTER": "true"}
+    result = run_cli("service", "install", "--unit-dir", str(tmp_path / "units"), "--env-file", str(env_file), env={**env, "VRAM_SUPPLY_ENGINE_ARGS": engine_args})
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("warning: the service cannot start: ")]
+    assert line.startswith(f"warning: the service cannot start: {problem}") and line.endswith(f": change VRAM_SUPPLY_ENGINE_ARGS in {env_file}")
+    assert [call for call in logged_calls(calls) if call.startswith("systemctl")] == [], "nothing started or enabled"
+    fixed = run_cli("service", "install", "--unit-dir", str(tmp_path / "units"), "--env-file", str(env_file), env={**env, "VRAM_SUPPLY_ENGINE_ARGS": "--dtype half"})
+    assert "cannot start" not in fixed.stdout and "vramsupply.service is starting" in fixed.stdout

@@ -8,7 +8,6 @@ works but may not do what was meant (who can reach /v1, a GPU index that names n
 
 from __future__ import annotations
 
-import shlex
 
 from vramsupply.config import EngineKind, Settings
 from vramsupply.engine import EngineOptions
@@ -17,7 +16,7 @@ from vramsupply.gpu.options import GpuOptions
 from vramsupply.hub.local import LocalModel
 from vramsupply.platform import MarketOptions
 from vramsupply.platform.offer import is_loopback_host, loopback_listen_warning
-from vramsupply.upstream.launch import agent_set_arg
+from vramsupply.upstream.launch import LaunchError, split_engine_args
 from vramsupply.upstream.options import UpstreamOptions
 
 
@@ -155,12 +154,9 @@ def upstream_options(settings: Settings) -> UpstreamOptions:
     """For ``--engine upstream|vllm|sglang``: only what was set explicitly overrides the upstream's own."""
     explicit = settings.model_fields_set
     try:
-        extra_args = tuple(shlex.split(settings.engine_args or ""))
-    except ValueError as exc:
-        raise ConfigError(f"invalid engine_args {settings.engine_args!r}: {exc}") from None
-    reserved = agent_set_arg(settings.engine.value, extra_args)
-    if reserved is not None:
-        raise ConfigError(f"engine_args may not set {reserved}")
+        extra_args = split_engine_args(settings.engine.value, settings.engine_args)
+    except LaunchError as exc:
+        raise ConfigError(str(exc)) from None
     return UpstreamOptions(
         engine=settings.engine.value,  # type: ignore[arg-type]
         model=settings.model,

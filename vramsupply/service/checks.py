@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vramsupply.config import EngineKind, Settings, env_name
 from vramsupply.service.unit import UNIT_NAME, ServiceError
+from vramsupply.upstream.launch import LaunchError, split_engine_args
 
 VERIFY_TIMEOUT_SEC = 60
 
@@ -46,6 +47,11 @@ def startup_problems(settings: Settings, env_file: Path) -> list[str]:
     problems = []
     if settings.model is None and settings.engine is not EngineKind.upstream:
         problems.append(f"no model: add {env_name('model')}=org/model (or a .gguf path) to {env_file}")
+    if settings.engine in (EngineKind.vllm, EngineKind.sglang):
+        try:
+            split_engine_args(settings.engine.value, settings.engine_args)
+        except LaunchError as exc:
+            problems.append(f"{exc}: change {env_name('engine_args')} in {env_file}")
     if settings.no_register:
         return problems
     local_only = f"or {env_name('no_register')}=true to serve locally only"

@@ -84,6 +84,19 @@ AGENT_ARGS: dict[str, dict[str, str]] = {
 ENGINE_NAMES = {"vllm": "vLLM", "sglang": "SGLang"}
 
 
+def split_engine_args(engine: str, text: str | None) -> tuple[str, ...]:
+    """``--engine-args`` as the words appended to the engine's command line; LaunchError (naming
+    the setting) for text that does not split, or a word the agent sets itself."""
+    try:
+        words = tuple(shlex.split(text or ""))
+    except ValueError as exc:
+        raise LaunchError(f"invalid engine_args {text!r}: {exc}") from None
+    reserved = agent_set_arg(engine, words)
+    if reserved is not None:
+        raise LaunchError(f"engine_args may not set {reserved}")
+    return words
+
+
 def agent_set_arg(engine: str, extra_args: Sequence[str]) -> str | None:
     """The first of ``extra_args`` that the agent sets itself, as "FLAG: what to use instead", or None.
     ``--flag=value`` and vLLM's ``--flag_name`` spelling count as the flag."""
