@@ -82,6 +82,19 @@ async def test_a_retry_after_given_as_an_http_date_is_waited_out_too() -> None:
     assert 4 < waited <= 6, "the date's whole seconds, less the moments since it was written"
 
 
+async def test_a_retry_after_date_is_read_against_the_answers_own_date_not_our_clock() -> None:
+    """The platform's clock an hour behind ours (or ours an hour ahead): its date six seconds past
+    its own Date is still six seconds, not an hour in the past."""
+    waits = Waits()
+    their_now = time.time() - 3600
+    headers = {"Retry-After": formatdate(their_now + 6, usegmt=True), "Date": formatdate(their_now, usegmt=True)}
+    with HostilePlatform() as platform:
+        platform.script("demand", answer(503, {"error": {"message": "slow down"}}, headers=headers), as_documented)
+        async with client(platform, attempts=3, backoff=QUICK, timeout=10, sleep=waits) as api:
+            assert (await api.demand()).models == []
+    assert waits.seconds == [6.0]
+
+
 async def test_the_next_try_really_comes_no_sooner_than_asked(aiohttp_server: Any) -> None:
     """With the real clock: the two requests of one call are at least the asked second apart
     (a loaded machine only widens the gap)."""

@@ -40,19 +40,33 @@ class Backoff:
         return (rng or random).uniform(ceiling / 2, ceiling)
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+def parse_retry_after(value: str | None, now: float | None = None, *, sent_at: str | None = None) -> float | None:
     """The seconds a ``Retry-After`` header asks us to wait (RFC 9110 §10.2.3: delta-seconds or an
-    HTTP date, compared with ``now``, the wall clock); None when absent or unusable: not one of
-    those forms, negative, a date already past, or further off than ``RETRY_AFTER_MAX_SECONDS``."""
+    HTTP date); None when absent or unusable: not one of those forms, negative, a date already
+    past, or further off than ``RETRY_AFTER_MAX_SECONDS``.
+
+    A date is read against the answer's own ``Date`` header (``sent_at``) where it has a usable
+    one, so that a clock of ours that is off does not stretch or drop the wait; else against
+    ``now``, the wall clock.
+    """
     text = (value or "").strip()
     if _DELTA_SECONDS.fullmatch(text):
         seconds = float(text)
     else:
-        try:
-            when = parsedate_to_datetime(text)
-            if when.tzinfo is None:  # "-0000": an HTTP date is always GMT
-                when = when.replace(tzinfo=timezone.utc)
-            seconds = when.timestamp() - (time.time() if now is None else now)
-        except (TypeError, ValueError, IndexError, OverflowError, OSError):
+        when = _http_date(text)
+        if when is None:
             return None
+        reference = _http_date(sent_at or "")
+        seconds = when - (reference if reference is not None else time.time() if now is None else now)
     return seconds if 0 <= seconds <= RETRY_AFTER_MAX_SECONDS else None
+
+
+def _http_date(text: str) -> float | None:
+    """An HTTP date as a POSIX timestamp; None for anything else."""
+    try:
+        when = parsedate_to_datetime(text)
+        if when.tzinfo is None:  # "-0000": an HTTP date is always GMT
+            when = when.replace(tzinfo=timezone.utc)
+        return when.timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
+        return None

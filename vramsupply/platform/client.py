@@ -223,7 +223,8 @@ class PlatformClient:
     def _transient_answer(self, response: aiohttp.ClientResponse, text: str) -> _Transient:
         """A 429 or 5xx, with the wait it asks for (a usable ``Retry-After`` on a 429 or 503)."""
         status = response.status
-        asked = parse_retry_after(response.headers.get("Retry-After")) if status in RETRY_AFTER_STATUSES else None
+        headers = response.headers
+        asked = parse_retry_after(headers.get("Retry-After"), sent_at=headers.get("Date")) if status in RETRY_AFTER_STATUSES else None
         when = f" (it asks to be retried in {math.ceil(asked)} s)" if asked else ""
         return _Transient(f"{self.base_url} answered {status}{_detail(text)}{when}", reached=status in GATEWAY_STATUSES, retry_after=asked)
 
