@@ -3,11 +3,10 @@
 The engine takes ``EngineOptions`` and the marketplace ``MarketOptions``; neither reads the whole
 configuration, so each can be built and tested on its own and a setting's name changes only here.
 ``start_warnings`` reads the settings once more for what serve says at start about a setup that
-works but may not do what was meant (who can reach /v1, a GPU index that names no GPU).
+works but may not do what was meant (who can reach /v1, a price of 0, a GPU index that names no GPU).
 """
 
 from __future__ import annotations
-
 
 from vramsupply.config import EngineKind, Settings
 from vramsupply.engine import EngineOptions
