@@ -259,3 +259,29 @@ async def test_a_request_whose_buyer_left_during_the_last_writes_counts_as_499()
     finally:
         await server.stop()
     assert 'vramsupply_requests_total{route="/cut-at-the-end",status="499"} 1.0' in metrics
+
+
+@pytest.mark.usefixtures("dual_stack")
+async def test_a_listen_that_fails_after_the_binds_closes_every_socket_it_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another program binds 127.0.0.2 on the same port (both may, with SO_REUSEADDR) and starts
+    listening between the agent's bind and its listen: the agent's listen there fails."""
+    rival = socket.socket()
+    rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    rival.bind(("127.0.0.2", 0))
+    port = rival.getsockname()[1]
+    bound: list[socket.socket] = []
+
+    def bind_then_the_rival_listens(host: str, port: int) -> list[socket.socket]:
+        bound.extend(bind_sockets(host, port))
+        rival.listen()
+        return list(bound)
+
+    monkeypatch.setattr(listen, "bind_sockets", bind_then_the_rival_listens)
+    server = ApiServer(create_app("stories260k"), "dualstack.test", port)
+    try:
+        with pytest.raises(OSError) as refused:
+            await server.start()
+        assert refused.value.errno == errno.EADDRINUSE
+        assert [sock.fileno() for sock in bound] == [-1, -1], "both closed: the one listening and the one that could not"
+    finally:
+        rival.close()

@@ -20,6 +20,8 @@ import logging
 import socket
 from collections.abc import Callable
 
+from aiohttp import web
+
 Resolver = Callable[..., list]
 
 PORT_ATTEMPTS = 8
@@ -46,6 +48,21 @@ def bind_sockets(host: str, port: int, *, resolve: Resolver | None = None) -> li
             if port != 0 or exc.errno != errno.EADDRINUSE or attempt == PORT_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+async def start_sites(runner: web.BaseRunner, host: str, port: int) -> None:
+    """Listen on ``bind_sockets(host, port)`` through ``runner`` (set up, not yet listening). On an
+    ``OSError`` the sockets no site took are closed, not left to the garbage collector; the caller
+    cleans up the runner, which stops the sites already started."""
+    unlistened = bind_sockets(host, port)
+    try:
+        while unlistened:
+            await web.SockSite(runner, unlistened[0]).start()
+            unlistened.pop(0)
+    except OSError:
+        for sock in unlistened:
+            sock.close()
+        raise
 
 
 def _addresses(host: str, port: int, resolve: Resolver) -> list[tuple[int, tuple]]:

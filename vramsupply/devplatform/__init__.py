@@ -14,7 +14,7 @@ from vramsupply.config import api_key_problem
 from vramsupply.devplatform.app import PlatformOptions, check_providers, create_app
 from vramsupply.devplatform.store import Account, Provider, Store
 from vramsupply.errors import ConfigError, ListenError
-from vramsupply.listen import bind_sockets
+from vramsupply.listen import start_sites
 from vramsupply.signals import StopSignals
 
 __all__ = ["Account", "DevPlatform", "PlatformOptions", "Provider", "Store", "check_providers", "create_app", "serve_forever"]
@@ -43,8 +43,12 @@ class DevPlatform:
         """Listen on ``host:port`` (0: a free port) and return the base URL."""
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        for sock in bind_sockets(host, port):  # one port for all of the host's addresses
-            await web.SockSite(self._runner, sock).start()
+        try:
+            await start_sites(self._runner, host, port)  # one port for all of the host's addresses
+        except OSError:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
         bound_host, bound_port = self._runner.addresses[0][:2]
         self.url = f"http://{_url_host(bound_host)}:{bound_port}"
         return self.url

@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from vramsupply.engine import Engine
-from vramsupply.listen import bind_sockets
+from vramsupply.listen import start_sites
 from vramsupply.server.completions import chat_completions, completions
 from vramsupply.server.errors import ApiError, error_middleware
 from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -200,8 +200,7 @@ class ApiServer:
         """Listen; an ``OSError`` (address in use, permission) propagates to the caller."""
         await self._runner.setup()
         try:
-            for sock in bind_sockets(self.host, self.port):  # one port for all of the host's addresses
-                await web.SockSite(self._runner, sock).start()
+            await start_sites(self._runner, self.host, self.port)  # one port for all of the host's addresses
         except OSError:
             await self._runner.cleanup()
             raise
