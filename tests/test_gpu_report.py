@@ -3,22 +3,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
+import vramsupply.gpu.devices as devices
 import vramsupply.gpu.report as report
 from agent_process import AgentProcess
 from conftest import TINY_MODEL, run_cli
 from live_platform import LivePlatform
 from test_serve import http_get
-from vramsupply.gpu.devices import Device, PresentGpu
+from vramsupply.gpu.devices import Device, NoAnswer, PresentGpu
 from vramsupply.gpu.report import PlacementMonitor, describe_placement
 
 CPU = Device("CPU", "AMD EPYC", "cpu", 64 << 30, 60 << 30)
 CUDA0 = Device("CUDA0", "NVIDIA GeForce RTX 4090", "gpu", 24 << 30, 23 << 30)
 RTX = PresentGpu("NVIDIA", "NVIDIA GeForce RTX 4090")
+GONE = "GPU disappeared since start (NVIDIA GeForce RTX 4090 no longer listed by the driver): requests may fail or run on the CPU"
 
 
 def test_a_gpu_the_build_cannot_use_is_a_warning() -> None:
@@ -50,15 +54,60 @@ def test_full_partial_and_no_offload() -> None:
     assert cpu_machine.warnings == ()
 
 
-def test_a_gpu_that_disappears_becomes_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(report, "RECHECK_SECONDS", 0.0)
-    listed = [RTX, RTX]
-    monitor = PlacementMonitor(describe_placement(32, 1 << 30, (8, 16), devices=[CUDA0, CPU], present=listed, gpu_backend=True), probe=lambda: listed)
+def test_a_gpu_that_disappears_becomes_a_warning() -> None:
+    listed: list[PresentGpu] | NoAnswer = [RTX, RTX]
+    monitor = PlacementMonitor(describe_placement(32, 1 << 30, (8, 16), devices=[CUDA0, CPU], present=[RTX, RTX], gpu_backend=True), probe=lambda: listed)
+    monitor.refresh()  # what the background re-check does every 30 s
     assert monitor.current().warnings == ()
 
     listed = [RTX]  # one of the two identical GPUs fell off the bus
+    monitor.refresh()
+    assert monitor.current().warnings == (GONE,)
 
-    assert monitor.current().warnings == ("GPU disappeared since start (NVIDIA GeForce RTX 4090 no longer listed by the driver): requests may fail or run on the CPU",)
+    listed = NoAnswer("nvidia-smi -L did not answer within 10 s")  # a busy driver: unknown, not "gone" or "back"
+    monitor.refresh()
+    assert monitor.current().warnings == (GONE,)
+
+    listed = [RTX, RTX]
+    monitor.refresh()
+    assert monitor.current().warnings == ()
+
+
+def test_a_vendor_tool_that_does_not_answer_is_not_a_lost_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices, "VENDOR_TOOL_SECONDS", 0.2)
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for tool in ("nvidia-smi", "rocminfo"):
+        (folder / tool).write_text("#!/bin/sh\nexec sleep 30\n")
+        (folder / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+
+    assert devices.gpus_listed() == NoAnswer("nvidia-smi -L did not answer within 0.2 s")
+    assert devices.gpus_present() == []  # at start-up (doctor, the first placement) it still lists nothing
+
+    (folder / "nvidia-smi").write_text('#!/bin/sh\necho "No devices were found"; exit 6\n')
+    (folder / "rocminfo").unlink()
+    assert devices.gpus_listed() == []  # the driver's answer: no GPU
+
+
+async def test_the_placement_watch_never_waits_for_the_vendor_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report, "RECHECK_SECONDS", 0.0)
+    answer, asked = threading.Event(), threading.Event()
+
+    def hanging_probe() -> list[PresentGpu]:
+        asked.set()
+        answer.wait(30)
+        return []  # the GPU is gone by the time the tool answers
+
+    monitor = PlacementMonitor(describe_placement(32, 1 << 30, (8, 16), devices=[CUDA0, CPU], present=[RTX], gpu_backend=True), probe=hanging_probe)
+    ticks = iter([False, False, True])  # two ticks, then the stop
+
+    async def wait(seconds: float) -> bool:
+        return next(ticks)
+
+    await asyncio.wait_for(report.watch_placement(monitor, wait), 10)  # returns at the stop although the probe still hangs
+    assert asked.wait(10) and monitor.current().warnings == ()
+    answer.set()
 
 
 def fake_nvidia_smi(folder: Path) -> dict[str, str]:

@@ -3,6 +3,8 @@
 Asked of ggml itself (its backend device registry), not of nvidia-smi: a GPU that the installed
 build cannot use is not a device the model can be placed on. `gpus_present()` asks the vendor
 tools separately, so a GPU the build cannot use is noticed and reported (no silent CPU fallback).
+`gpus_listed()` asks them again while serving, and tells "the tool did not answer" (a busy driver
+makes nvidia-smi hang for seconds) apart from "the tool lists no GPU".
 """
 
 from __future__ import annotations
@@ -134,21 +136,61 @@ class PresentGpu:
         return self.name if self.name.upper().startswith(self.vendor) else f"{self.vendor} {self.name}"
 
 
-def gpus_present(timeout: float = 10.0) -> list[PresentGpu]:
-    """GPUs that `nvidia-smi -L` or `rocminfo` list, to catch a GPU the build does not use."""
+VENDOR_TOOL_SECONDS = 10.0
+_VENDOR_TOOLS = (("nvidia-smi", "NVIDIA", ("-L",)), ("rocminfo", "AMD", ()))
+
+
+@dataclass(frozen=True)
+class NoAnswer:
+    """A vendor tool that could not say which GPUs it sees: unknown this time, not "no GPU"."""
+
+    reason: str  # one line: "nvidia-smi -L did not answer within 10 s"
+
+
+def gpus_present(timeout: float | None = None) -> list[PresentGpu]:
+    """GPUs that `nvidia-smi -L` or `rocminfo` list, to catch a GPU the build does not use
+    (a tool that does not answer lists nothing here)."""
     found: list[PresentGpu] = []
-    for tool, vendor, parse in (("nvidia-smi", "NVIDIA", _nvidia_names), ("rocminfo", "AMD", _rocm_names)):
-        path = shutil.which(tool)
-        if path is None:
-            continue
-        args = [path, "-L"] if tool == "nvidia-smi" else [path]
-        try:
-            result = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if result.returncode == 0:
-            found += [PresentGpu(vendor, name) for name in parse(result.stdout)]
+    for tool, vendor, args in _VENDOR_TOOLS:
+        listed = _ask(tool, vendor, args, timeout)
+        found += [] if listed is None or isinstance(listed, NoAnswer) else listed
     return found
+
+
+def gpus_listed(timeout: float | None = None) -> list[PresentGpu] | NoAnswer:
+    """What the installed vendor tools list now, or `NoAnswer` when one of them timed out, could
+    not run or was killed: the caller keeps what it knew instead of reading that as "GPU gone".
+
+    A tool that answers with an error status (nvidia-smi's "No devices were found", "GPU has fallen
+    off the bus", a driver it cannot reach) is the driver's answer: it lists nothing."""
+    found: list[PresentGpu] = []
+    for tool, vendor, args in _VENDOR_TOOLS:
+        listed = _ask(tool, vendor, args, timeout)
+        if isinstance(listed, NoAnswer):
+            return listed
+        found += listed or []
+    return found
+
+
+def _ask(tool: str, vendor: str, args: tuple[str, ...], timeout: float | None) -> list[PresentGpu] | NoAnswer | None:
+    """The GPUs one tool lists (given ``timeout``, else VENDOR_TOOL_SECONDS); None when it is not installed."""
+    path = shutil.which(tool)
+    if path is None:
+        return None
+    timeout = VENDOR_TOOL_SECONDS if timeout is None else timeout
+    command = " ".join((tool, *args))
+    try:
+        result = subprocess.run([path, *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return NoAnswer(f"{command} did not answer within {timeout:g} s")
+    except OSError as exc:
+        return NoAnswer(f"{command} could not run: {exc.strerror or exc}")
+    if result.returncode < 0:
+        return NoAnswer(f"{command} was killed by signal {-result.returncode}")
+    if result.returncode != 0:
+        return []
+    parse = _nvidia_names if vendor == "NVIDIA" else _rocm_names
+    return [PresentGpu(vendor, name) for name in parse(result.stdout)]
 
 
 def _nvidia_names(text: str) -> list[str]:

@@ -6,12 +6,12 @@ warnings shown in the terminal, the log, `/health`, `vramsupply status` and the 
 
 - a GPU is present (nvidia-smi/rocminfo list it) but this llama.cpp build has no GPU backend;
 - only part of the model is offloaded (`--n-gpu-layers` below the layer count, or 0);
-- a GPU the model was placed on has disappeared since start (checked again at most every 30 s).
+- a GPU the model was placed on has disappeared since start (checked again at most every 30 s, in
+  the background: `/health` never waits for a vendor tool).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -20,11 +20,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vramsupply.gpu.devices import Device, PresentGpu, build_has_gpu_backend, gpus_present, list_devices
+from vramsupply.gpu.devices import Device, NoAnswer, PresentGpu, build_has_gpu_backend, gpus_listed, gpus_present, list_devices
 from vramsupply.gpu.plan import gib
 from vramsupply.output import say
 
 RECHECK_SECONDS = 30.0
+STUCK_SECONDS = 60.0
+"""Each vendor tool is given 10 s, so a re-probe returns within about 20 s; one still running after
+this long is stuck (nvidia-smi in the driver, beyond a kill): said once, and no second one starts."""
 ALL_LAYERS = 1 << 30
 log = logging.getLogger(__name__)
 
@@ -91,26 +94,89 @@ def describe_placement(
 
 
 class PlacementMonitor:
-    """The start-up placement, plus a warning once a GPU it used is no longer listed."""
+    """The start-up placement, plus a warning once a GPU it used is no longer listed.
 
-    def __init__(self, placement: Placement, probe: Callable[[], list[PresentGpu]] = gpus_present) -> None:
+    `/health` is what the platform polls (with a 5 s timeout) to decide whether this agent is
+    online, so `current()` never waits: it answers from the last known state at once and, at most
+    every RECHECK_SECONDS, starts a re-probe in a thread of its own (never the shared default
+    executor that tokenizing and big-body parsing also use), one at a time. A vendor tool that does
+    not answer (nvidia-smi hangs for seconds when the driver is busy) is "unknown this time": the
+    last known state stays, it is never read as "GPU disappeared".
+    """
+
+    def __init__(self, placement: Placement, probe: Callable[[], list[PresentGpu] | NoAnswer] = gpus_listed) -> None:
         self.placement = placement
         self._probe = probe
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards only the bookkeeping below, never held while probing
         self._checked = time.monotonic()
+        self._probing = False
         self._missing: tuple[str, ...] = ()
+        self._unanswered = False
 
     def current(self) -> Placement:
-        """Re-probes the vendor tools at most every RECHECK_SECONDS (call it off the event loop)."""
+        """The last known placement, at once (safe on the event loop); starts a re-probe when due."""
+        self.refresh_in_background()
+        missing = self._missing
+        if not missing:
+            return self.placement
+        return replace(self.placement, warnings=(*self.placement.warnings, disappeared(missing)))
+
+    def refresh_in_background(self) -> bool:
+        """Start a re-probe in its own thread when RECHECK_SECONDS have passed and none is running."""
         with self._lock:
-            if self.placement.present and time.monotonic() - self._checked >= RECHECK_SECONDS:
-                self._checked = time.monotonic()
-                gone = Counter(self.placement.present) - Counter(self._probe())
-                self._missing = tuple(g.label for g in gone.elements())
-            if not self._missing:
-                return self.placement
-            gone = f"GPU disappeared since start ({', '.join(self._missing)} no longer listed by the driver): requests may fail or run on the CPU"
-            return replace(self.placement, warnings=(*self.placement.warnings, gone))
+            if not self.placement.present or time.monotonic() - self._checked < RECHECK_SECONDS:
+                return False
+            if self._probing:
+                if time.monotonic() - self._checked > STUCK_SECONDS:
+                    self._no_answer(f"the re-probe started {time.monotonic() - self._checked:.0f} s ago has not returned")
+                return False
+            self._probing = True
+            self._checked = time.monotonic()  # the period runs from each probe's start, as the watch's ticks do
+        try:
+            threading.Thread(target=self._refresh_then_done, name="vramsupply-gpu-probe", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had now: try again next period
+            self._no_answer(f"no thread to run the vendor tools: {exc}")
+            with self._lock:
+                self._probing = False
+            return False
+        return True
+
+    def _refresh_then_done(self) -> None:
+        try:
+            self.refresh()
+        except Exception as exc:  # a probe that fails is unknown this time, like one that does not answer
+            log.debug("the GPU re-probe failed", exc_info=True)
+            self._no_answer(f"the probe failed: {exc!r}")
+        finally:
+            with self._lock:
+                self._probing = False
+
+    def refresh(self) -> None:
+        """Ask the vendor tools now (blocking) and log what changed: a GPU gone, or back."""
+        listed = self._probe()
+        if isinstance(listed, NoAnswer):
+            self._no_answer(listed.reason)
+            return
+        if self._unanswered:
+            log.info("the GPU vendor tools answer again")
+        self._unanswered = False
+        gone = Counter(self.placement.present) - Counter(listed)
+        missing, before = tuple(g.label for g in gone.elements()), self._missing
+        self._missing = missing  # what /health shows from now on, before it is logged
+        if missing and missing != before:
+            log.warning("%s", disappeared(missing))
+        elif before and not missing:
+            log.info("the GPU(s) the model was placed on are listed by the driver again")
+
+    def _no_answer(self, reason: str) -> None:
+        """Said once at warning level (then at debug) until the tools answer again."""
+        level = logging.DEBUG if self._unanswered else logging.WARNING
+        log.log(level, "could not re-check the GPUs (%s): keeping the last known placement", reason)
+        self._unanswered = True
+
+
+def disappeared(missing: tuple[str, ...]) -> str:
+    return f"GPU disappeared since start ({', '.join(missing)} no longer listed by the driver): requests may fail or run on the CPU"
 
 
 def placement_of(engine: Any, n_gpu_layers: int) -> Placement:
@@ -128,11 +194,7 @@ def announce(placement: Placement) -> None:
 
 
 async def watch_placement(monitor: PlacementMonitor, wait: Callable[[float], Awaitable[bool]]) -> None:
-    """Log a warning the moment a GPU the model uses is no longer listed (checked every 30 s)."""
-    known = set(monitor.placement.warnings)
+    """Re-probe every 30 s even while nobody asks `/health`; the monitor logs a GPU that is no
+    longer listed the moment its probe (in its own thread) finds it. Never waits for the probe."""
     while not await wait(RECHECK_SECONDS):
-        current = await asyncio.to_thread(monitor.current)
-        for warning in current.warnings:
-            if warning not in known:
-                log.warning("%s", warning)
-                known.add(warning)
+        monitor.refresh_in_background()

@@ -142,7 +142,11 @@ async def retrieve_model(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     """200 with slot counts once the model is loaded; 503 "loading" before, and 503 "error" with
     the reason once the engine has failed, so the platform routes no buyer here. 200 "degraded"
-    (with the reason in ``warnings``) while buyers are served but the earnings ledger records nothing."""
+    (with the reason in ``warnings``) while buyers are served but the earnings ledger records nothing.
+
+    The platform polls this with a 5 s timeout to decide whether the agent is online, so it answers
+    on the event loop from state already at hand: no thread pool (the default executor is shared
+    with tokenizing and big-body parsing), no lock that request work holds for long, no vendor tool."""
     state = request.app[SERVER_STATE]
     stats = state.stats()
     if stats is None:
@@ -156,8 +160,8 @@ async def health(request: web.Request) -> web.Response:
         "slots_busy": stats.slots_busy,
         "queue": stats.queue_depth,
     }
-    if state.placement is not None:
-        placement = await asyncio.to_thread(state.placement.current)
+    if state.placement is not None:  # the last known placement: never waits for a vendor tool or a thread
+        placement = state.placement.current()
         body["placement"] = placement.as_json()
         body["warnings"] = list(placement.warnings)
     if state.accounts.failure is not None:  # still serving buyers, but earnings go unrecorded: not "ok"
