@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import stat
 import time
@@ -16,7 +17,7 @@ from conftest import run_cli
 
 from vramsupply.ledger import Entry, LedgerError, LedgerStore, LedgerWriter, cents, default_ledger_path, earned_nanocents, gross_nanocents
 from vramsupply.ledger.money import dollars_text
-from vramsupply.ledger.recorder import LedgerRecorder
+from vramsupply.ledger.recorder import LedgerRecorder, open_recorder
 from vramsupply.ledger.report import earnings_report, parse_since
 from vramsupply.server.accounting import FinishedRequest
 
@@ -132,6 +133,44 @@ async def test_a_failing_disk_is_logged_once_and_never_raised(tmp_path: Path, ca
         await recorder.record(FinishedRequest(f"r{i}", "m", 1, 1, 0, 1, True, True))
     assert sum("not recorded until it can write" in r.getMessage() for r in caplog.records) == 1
     writer.close()
+
+
+async def test_a_ledger_that_cannot_be_written_is_reported_until_a_write_succeeds_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="vramsupply.ledger")
+    path = tmp_path / "ledger.sqlite3"
+    writer = LedgerWriter.open(path)
+    recorder = LedgerRecorder(writer, input_price=100, output_price=200, selling=True)
+    await recorder.record(FinishedRequest("before", "m", 1, 1, 0, 1, True, True))
+    assert recorder.failure is None
+    writer.store._db.execute("ALTER TABLE requests RENAME TO moved")  # every insert now fails
+
+    for i in range(2):
+        await recorder.record(FinishedRequest(f"lost{i}", "m", 1, 1, 0, 1, True, True))
+    failing = recorder.failure  # what /health shows, as "degraded"
+    writer.store._db.execute("ALTER TABLE moved RENAME TO requests")  # fixed: the next write goes through
+    await recorder.record(FinishedRequest("after", "m", 1, 1, 0, 1, True, True))
+
+    assert failing == (
+        f"the earnings ledger {path} cannot be written: no such table: requests; check the file and the disk it is on; "
+        "until then requests are served but not recorded (recording resumes by itself)"
+    )
+    assert recorder.failure is None
+    assert sum(f"the earnings ledger {path} is written again" in r.getMessage() for r in caplog.records) == 1
+    assert [e.request_id for e in LedgerStore(path).entries()] == ["before", "after"]
+    writer.close()
+
+
+async def test_a_ledger_that_cannot_be_opened_records_nothing_and_says_why_for_the_whole_run(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    path.mkdir()
+    recorder = open_recorder(path, input_price=100, output_price=200, selling=True)
+    await recorder.record(FinishedRequest("r", "m", 1, 1, 0, 1, True, True))
+    assert recorder.failure == (
+        f"cannot open the earnings ledger {path}: Is a directory; move that directory out of the way, then restart the agent; "
+        "until then requests are served but not recorded"
+    )
+    recorder.close()
+    assert not any(path.iterdir())
 
 
 def test_since_accepts_hours_and_days_and_refuses_anything_else() -> None:

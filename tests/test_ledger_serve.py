@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import llama_cpp
 import openai
 import pytest
 from agent_process import AgentProcess
@@ -225,3 +226,69 @@ async def test_a_dead_ledger_writer_leaves_buyers_served_and_health_degraded(tmp
     assert answers == ["HTTP 200", "HTTP 200"], "served at once: nobody waits on a writer that is gone"
     assert health["status"] == "degraded"
     assert any("earnings ledger writer stopped" in warning for warning in health["warnings"])
+
+
+class FailingDecode:
+    """llama.cpp's decode reporting a compute failure (status -3, as a GPU fault makes it) once the
+    calls ``allow`` lets through are used up; ``allow(None)``: decoding works again. Only
+    ``llama_cpp.llama_decode`` is replaced: the scheduler, server and ledger are the real ones."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._real = llama_cpp.llama_decode
+        self._left: int | None = None
+        monkeypatch.setattr(llama_cpp, "llama_decode", self)
+
+    def allow(self, calls: int | None) -> None:
+        self._left = calls
+
+    def __call__(self, ctx: object, batch: object) -> int:
+        if self._left is not None:
+            if self._left <= 0:
+                return -3
+            self._left -= 1
+        return self._real(ctx, batch)
+
+
+async def buy_once(live: LiveServer, *, stream: bool, max_tokens: int = 5) -> dict[str, Any]:
+    """One chat request as a buyer sends it: what came back (status, id, text chunks, error, usage)."""
+    body = {"model": "stories260k", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": max_tokens,
+            "ignore_eos": True, "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
+    got: dict[str, Any] = {"id": None, "chunks": 0, "error": None, "usage": None}
+    async with aiohttp.ClientSession() as http, http.post(f"{live.base_url}/chat/completions", json=body, headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        got["status"] = response.status
+        events = [json.loads(line[len(b"data: "):]) async for line in response.content if line.startswith(b"data: {")] if stream else [await response.json()]
+    for event in events:
+        got["error"] = got["error"] or event.get("error")
+        got["id"] = got["id"] or event.get("id")
+        got["usage"] = event.get("usage") or got["usage"]
+        got["chunks"] += sum(bool(c.get("delta", {}).get("content")) for c in event.get("choices", []))
+    return got
+
+
+async def test_a_request_that_failed_before_its_first_token_is_not_revenue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, a request whose prompt llama.cpp failed to decode was a ledger row with its whole
+    prompt billed, although its buyer got a 500 (or a stream holding nothing but the error)."""
+    path = tmp_path / "ledger.sqlite3"
+    decode = FailingDecode(monkeypatch)
+    async with LiveServer(endpoint_token=TOKEN, parallel=1) as live:
+        writer = LedgerWriter.open(path)
+        live.state.accounts.recorder = LedgerRecorder(writer, input_price=PRICES[0], output_price=PRICES[1], selling=True)
+        decode.allow(0)  # the prompt is never decoded
+        refused = await buy_once(live, stream=False)
+        failed_stream = await buy_once(live, stream=True)
+        decode.allow(4)  # the prompt and three tokens, then the decode fails: a stream cut short
+        cut = await buy_once(live, stream=True, max_tokens=40)
+        decode.allow(None)
+        served = await buy_once(live, stream=False)
+        await live.acall(lambda: live.state.accounts.flush(30))
+        writer.close()
+
+    assert refused["status"] >= 500 and refused["error"] and refused["id"] is None
+    assert failed_stream["status"] == 200 and failed_stream["error"] and failed_stream["chunks"] == 0 and failed_stream["usage"] is None
+    assert cut["error"] and cut["chunks"] > 0 and cut["usage"] is None
+    assert served["status"] == 200 and served["usage"]["completion_tokens"] == 5
+    rows = {e.request_id: e for e in LedgerStore(path).entries()}
+    assert set(rows) == {cut["id"], served["id"]}, "the two requests that failed before a token went out are not in the ledger"
+    assert not rows[cut["id"]].complete and cut["chunks"] <= rows[cut["id"]].completion_tokens < 40, "billed for what was sent, marked incomplete"
+    assert rows[cut["id"]].gross_nanocents == gross_nanocents(rows[cut["id"]].prompt_tokens, rows[cut["id"]].completion_tokens, *PRICES) > 0
+    assert rows[served["id"]].complete and rows[served["id"]].completion_tokens == 5

@@ -6,7 +6,7 @@ talks to the platform: the ledger is the provider's own record to check payouts 
 """
 
 from vramsupply.ledger.money import cents, earned_nanocents, gross_nanocents
-from vramsupply.ledger.recorder import LedgerRecorder, open_recorder
+from vramsupply.ledger.recorder import LedgerRecorder, UnopenedLedger, open_recorder
 from vramsupply.ledger.store import Entry, LedgerError, LedgerStore, default_ledger_path
 from vramsupply.ledger.writer import LedgerWriter
 
@@ -16,6 +16,7 @@ __all__ = [
     "LedgerRecorder",
     "LedgerStore",
     "LedgerWriter",
+    "UnopenedLedger",
     "cents",
     "default_ledger_path",
     "earned_nanocents",

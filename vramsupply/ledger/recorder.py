@@ -3,6 +3,12 @@
 A request counts as sold through the platform when it carried the endpoint token and this agent
 offers itself on the marketplace; everything else (``--no-register``, no token) is local and earns
 nothing, though its tokens are still recorded. Prices are the ones in force when it finished.
+
+The agent serves buyers whether or not the ledger can record them, but never silently: ``failure``
+is what ``/health`` shows (status "degraded", the reason in ``warnings``) while nothing is recorded.
+A ledger that cannot be written (a full disk) is reported from its first failed write until a write
+succeeds again, which happens by itself once the cause is fixed; one that could not be opened at
+start (``UnopenedLedger``) is reported for the whole run, since only a restart opens it again.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ class LedgerRecorder:
         self.output_price = output_price
         self.selling = selling
         self._clock = clock
-        self._failing = False
+        self._unwritable: str | None = None
+        """Why the last write failed, until one succeeds again."""
 
     def entry(self, finished: Finished) -> Entry:
         platform = self.selling and finished.token_presented
@@ -77,29 +84,50 @@ class LedgerRecorder:
         try:
             await asyncio.wrap_future(self.writer.submit(self.entry(finished)))
         except LedgerError as exc:
-            if not self._failing:
-                self._failing = True
+            if self._unwritable is None:
                 log.warning("%s; serving continues, but earnings are not recorded until it can write", exc)
+            self._unwritable = str(exc)
             return
-        if self._failing:
-            self._failing = False
+        if self._unwritable is not None:
+            self._unwritable = None
             log.info("the earnings ledger %s is written again", self.writer.store.path)
 
     @property
     def failure(self) -> str | None:
-        """Why no request can be recorded any more (the writer stopped for good), for ``/health``."""
-        return self.writer.failure
+        """Why requests are not recorded now, for ``/health``: the writer stopped for good, or the
+        file cannot be written (until a write succeeds again); None while rows are written."""
+        if self.writer.failure is not None:
+            return self.writer.failure
+        if self._unwritable is not None:
+            return f"{self._unwritable}; until then requests are served but not recorded (recording resumes by itself)"
+        return None
 
     def close(self) -> None:
         self.writer.close()
 
 
-def open_recorder(path: Path, *, input_price: int, output_price: int, selling: bool) -> LedgerRecorder | None:
-    """The recorder `serve` plugs into the server, or None (logged) when the ledger cannot be opened:
-    the agent serves on without a ledger rather than not at all."""
+class UnopenedLedger:
+    """Stands in for the recorder when the ledger could not be opened at start: the agent serves on,
+    records nothing, and ``failure`` (what ``/health`` shows) says why for the whole run."""
+
+    def __init__(self, failure: str) -> None:
+        self.failure = failure
+
+    async def record(self, finished: Finished) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def open_recorder(path: Path, *, input_price: int, output_price: int, selling: bool) -> LedgerRecorder | UnopenedLedger:
+    """The recorder `serve` plugs into the server; when the ledger cannot be opened, one that
+    records nothing and says why (logged now, on ``/health`` all along): the agent serves on
+    without a ledger rather than not at all."""
     try:
         writer = LedgerWriter.open(path)
     except LedgerError as exc:
-        log.warning("%s; serving without recording earnings", exc)
-        return None
+        failure = f"{exc}, then restart the agent; until then requests are served but not recorded"
+        log.warning("%s", failure)
+        return UnopenedLedger(failure)
     return LedgerRecorder(writer, input_price=input_price, output_price=output_price, selling=selling)

@@ -14,6 +14,7 @@ main thread in the CLI).
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import time
@@ -153,7 +154,38 @@ class Group:
 
 
 class LedgerError(VramsupplyError):
-    """The ledger file cannot be opened or written; the message names the file."""
+    """The ledger file cannot be opened or written; the message names the file and what to do."""
+
+
+REMEDIES = (
+    ((errno.ENOSPC,), ("SQLITE_FULL",), "free space on its disk"),
+    ((errno.EISDIR,), (), "move that directory out of the way"),
+    ((errno.EACCES, errno.EPERM, errno.EROFS), ("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH", "SQLITE_CANTOPEN"),
+     "make it and its folder writable by the user the agent runs as"),
+    ((), ("SQLITE_BUSY", "SQLITE_LOCKED"), "another program holds it locked: end that program"),
+    ((), ("SQLITE_CORRUPT", "SQLITE_NOTADB"), "it is damaged: move it away, and a new one is started"),
+)
+"""(OS errnos, SQLite error names, what the provider does about them) for the ledger file."""
+
+SQLITE_MESSAGES = {
+    "database or disk is full": "SQLITE_FULL",
+    "attempt to write a readonly database": "SQLITE_READONLY",
+    "unable to open database file": "SQLITE_CANTOPEN",
+    "database is locked": "SQLITE_BUSY",
+    "database disk image is malformed": "SQLITE_CORRUPT",
+    "file is not a database": "SQLITE_NOTADB",
+}
+"""SQLite's own messages, for Python 3.10, whose ``sqlite3.Error`` has no ``sqlite_errorname``."""
+
+
+def remedy(exc: BaseException) -> str:
+    """What the provider does when opening or writing the ledger failed with ``exc``."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    name = getattr(exc, "sqlite_errorname", None) or SQLITE_MESSAGES.get(str(exc), "")
+    for codes, names, what in REMEDIES:
+        if code in codes or name.startswith(names):
+            return what
+    return "check the file and the disk it is on"
 
 
 class LedgerStore:
@@ -168,12 +200,12 @@ class LedgerStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except (sqlite3.Error, OSError) as exc:
-            raise LedgerError(f"cannot open the earnings ledger {path}: {getattr(exc, 'strerror', None) or exc}") from None
+            raise LedgerError(f"cannot open the earnings ledger {path}: {getattr(exc, 'strerror', None) or exc}; {remedy(exc)}") from None
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise LedgerError(f"the earnings ledger {self.path} was written by a newer vramsupply (schema {version})")
+            raise LedgerError(f"the earnings ledger {self.path} was written by a newer vramsupply (schema {version}); upgrade vramsupply, or move the file away")
         if version == SCHEMA_VERSION:
             return
         self._db.executescript(SCHEMA)

@@ -11,7 +11,8 @@ tokens were served); its future is marked running when taken, so it can no longe
 under the writer, and one cancelled before that is left alone. No batch may end the thread: an
 unexpected error is logged with its traceback and the writer goes on. Should the thread die anyway,
 every waiting and later future fails at once (nobody waits forever) and ``failure`` says why, for
-``/health``.
+``/health``. A batch the file cannot take (a full disk) fails with what to do about it; the
+recorder reports that on ``/health`` until a batch is written again.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
-from vramsupply.ledger.store import Entry, LedgerError, LedgerStore
+from vramsupply.ledger.store import Entry, LedgerError, LedgerStore, remedy
 
 log = logging.getLogger("vramsupply.ledger")
 
@@ -97,7 +98,7 @@ class LedgerWriter:
                     self._roll_up()
             except Exception as exc:
                 log.exception("the earnings ledger writer failed on %d row(s); it goes on", len(self._in_hand))
-                _resolve(self._in_hand, LedgerError(f"cannot write to the earnings ledger {self.store.path}: {exc}"))
+                _resolve(self._in_hand, self._unwritable(exc))
             self._in_hand = []
 
     def _take(self) -> list[Item | None]:
@@ -117,7 +118,7 @@ class LedgerWriter:
         try:
             self.store.add(entry for entry, _ in items)
         except sqlite3.Error as exc:
-            _resolve(items, LedgerError(f"cannot write to the earnings ledger {self.store.path}: {exc}"))
+            _resolve(items, self._unwritable(exc))
             return
         except Exception:
             if len(items) == 1:
@@ -133,6 +134,9 @@ class LedgerWriter:
         except Exception as exc:
             log.exception("request %s not written to the earnings ledger", item[0].request_id)
             _resolve([item], LedgerError(f"cannot write request {item[0].request_id} to the earnings ledger: {exc}"))
+
+    def _unwritable(self, exc: BaseException) -> LedgerError:
+        return LedgerError(f"the earnings ledger {self.store.path} cannot be written: {exc}; {remedy(exc)}")
 
     def _roll_up(self) -> None:
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 
 from vramsupply.config import Settings
-from vramsupply.ledger import LedgerRecorder, default_ledger_path, open_recorder
+from vramsupply.ledger import LedgerRecorder, UnopenedLedger, default_ledger_path, open_recorder
 from vramsupply.output import say
 from vramsupply.platform import MarketplaceSession, resolve_endpoint_token
 from vramsupply.platform.offer import ModelIdentity, local_base_url
@@ -36,7 +36,7 @@ class ProviderSide:
         self.tool = find_tunnel_tool(settings)
         self.tunnel_token = tunnel_token(settings) if self.tool is not None and market is None else None
         self.tunnel: TunnelSupervisor | None = None
-        self.recorder: LedgerRecorder | None = None
+        self.recorder: LedgerRecorder | UnopenedLedger | None = None
 
     def model_known(self, model: ModelIdentity) -> None:
         if self.market is not None:

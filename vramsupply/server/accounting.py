@@ -8,12 +8,16 @@ A finished request is recorded before the buyer gets its last byte (the usage ch
 ``[DONE]``, or the whole non-streaming body), so a crash can never lose a request the buyer has
 received in full. A request that ends early (the buyer hung up, the engine failed) is recorded as
 not complete once its generations have stopped and their usage is known.
+
+The ledger holds the usage buyers received, so a request the engine failed before it generated a
+single token is not recorded at all: its buyer got an error answer (an error status, or a stream
+whose only content was the error event) and no usage, and pays nothing. One that failed after
+tokens went out is a stream cut short, recorded with what it generated, as a hang-up is.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,7 +76,11 @@ class Accounts:
     def record_later(self, bill: Bill, generations: Sequence[Generation]) -> None:
         if self.recorder is None or not generations:
             return
-        task = asyncio.create_task(self._record_abandoned(bill, generations))
+        self.keep(asyncio.create_task(self._record_abandoned(bill, generations)))
+
+    def keep(self, task: asyncio.Task[None]) -> None:
+        """A record still being made (an abandoned request's, or one counted again once an
+        upstream answers): kept alive, and waited for by ``flush``."""
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
@@ -89,7 +97,11 @@ class Accounts:
         if not usages:
             log.warning("request %s not recorded in the earnings ledger: its usage never arrived", bill.request_id)
             return
-        await self.record(bill.finished(UsageOut.combine(usages), complete=False))
+        usage = UsageOut.combine(usages)
+        if usage.completion_tokens == 0 and any(task.done() and not task.cancelled() and task.result() for task in ending):
+            log.debug("request %s not recorded in the earnings ledger: it failed before its first token", bill.request_id)
+            return
+        await self.record(bill.finished(usage, complete=False))
 
     async def flush(self, timeout: float = UNFINISHED_WAIT_SECONDS) -> None:
         """Wait for abandoned requests to be recorded (on shutdown, after the engine has stopped)."""
@@ -126,7 +138,11 @@ class Bill:
             self._accounts.record_later(self, generations)
 
 
-async def _ended(generation: Generation) -> None:
-    with contextlib.suppress(EngineError):
+async def _ended(generation: Generation) -> bool:
+    """Wait until ``generation`` has ended; True when the engine failed it (its buyer got the error)."""
+    try:
         async for _ in generation:
             pass
+    except EngineError:
+        return True
+    return False
