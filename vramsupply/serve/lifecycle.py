@@ -266,7 +266,8 @@ async def drain(server: ApiServer, backend: Backend, drain_timeout: float | None
 
     With our engine, requests still running at the deadline end through it (EngineClosed, or
     EngineFailed from a failed engine, whose ``drain_timeout`` is None: no wait), so a stream
-    gets a clean error event, not a cut connection; the server cancels what is left only
+    gets a clean error event, not a cut connection; an upstream engine ends what it forwards the
+    same way (``UpstreamBackend.stop_generating``). The server cancels what is left only
     ``STOP_GRACE_SECONDS`` later.
     """
     in_flight = backend.in_flight()

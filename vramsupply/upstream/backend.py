@@ -3,7 +3,8 @@
 ``UpstreamBackend`` is the other side of the serve lifecycle's engine seam (the llama.cpp engine is
 the first): ``prepare`` settles the model's names, ``create_app`` builds the front, ``start``
 connects (``upstream``) or launches and supervises (``vllm``, ``sglang``) until the upstream is
-ready, then learns its context; ``close`` stops watching and stops a launched engine.
+ready, then learns its context; ``stop_generating`` ends, at the drain's deadline, what is still
+forwarded; ``close`` stops watching and stops a launched engine.
 
 The watch (``UpstreamMonitor`` or ``Supervisor``) runs as a task for as long as we serve. Should
 it ever end with an error, serving cannot go on honestly: the error is logged with its traceback,
@@ -211,6 +212,15 @@ class UpstreamBackend:
 
     def in_flight(self) -> int:
         return 0 if self.state is None else self.state.counters.in_flight
+
+    def stop_generating(self) -> None:
+        """The drain's deadline (or a second stop signal): end what the upstream has not finished, as
+        our llama.cpp engine ends its generations (``front.FrontState.stop_generating``)."""
+        if self.state is None:
+            return
+        ended = self.state.stop_generating()
+        if ended:
+            log.info("stopping: ending %d forwarded request(s) the upstream has not finished", ended)
 
     def ready_line(self, url: str) -> str:
         assert self.model is not None and self.client is not None

@@ -5,6 +5,18 @@ The text is kept for counting (an upstream without usage is counted with its tok
 objects whose text, message, delta and tool calls have the types OpenAI gives them. Anything else
 is ``BadAnswer`` (502, or an error event on a stream), never a crash of ours halfway through a
 buyer's answer.
+
+The text counted is what the model generated: a tool call's name once per call, however often the
+upstream repeats it (llama_cpp.server sends it again in every chunk of the call, OpenAI in the
+first only), and the stop sequence that ended a choice, which the upstream generated and counts
+but never sends (``stop_sequence``).
+
+Counting needs the upstream, which may have just died: the stream it cut is the one to bill. A
+request that cannot be counted now is counted again in the background once the upstream answers
+(``recount``), for up to ``RECOUNT_FOR_SECONDS``; past that, or when the agent stops first (the
+upstream client closes), or when the upstream answers but cannot count it, it is recorded with an
+estimate from its text (``usage.estimate``), said in the log: never left out of the ledger. The
+shutdown's ledger flush waits for these records as for an abandoned request's.
 """
 
 from __future__ import annotations
@@ -15,17 +27,25 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
+
 from vramsupply.server.accounting import FinishedRequest
 from vramsupply.server.responses import new_id
 from vramsupply.upstream.client import UpstreamUnavailable, describe
 from vramsupply.upstream.front import FrontState
 from vramsupply.upstream.limits import BadAnswer
-from vramsupply.upstream.usage import CountedUsage, UsageBounds, UsageCounter
+from vramsupply.upstream.usage import CountedUsage, CountImpossible, UsageBounds, UsageCounter, estimate
 
 log = logging.getLogger("vramsupply.upstream")
 
 SETTLE_AFTER_FAILURE_SECONDS = 15.0
-"""Counting a failed stream may need the upstream (its tokenizer): not longer than this."""
+"""Counting a failed stream may need the upstream (its tokenizer): not longer than this, then in the background."""
+RECOUNT_FOR_SECONDS = 300.0
+"""How long a request that could not be counted is counted again, before its estimate is recorded."""
+RECOUNT_FIRST_DELAY = 1.0
+RECOUNT_MAX_DELAY = 30.0
+STOPPING_CHECK_SECONDS = 1.0
+"""How soon a recount waiting for the upstream notices the agent stopping (then records its estimate)."""
 
 
 @dataclass
@@ -39,6 +59,15 @@ class Exchange:
     request_id: str = ""
     complete: bool = True
     """False for a stream that failed, or ended without ``[DONE]``: billed for what was sent."""
+    tool_names: dict[int, dict[int, str]] = field(default_factory=dict)
+    """Per choice, each tool call's name as counted so far (see ``text_of``)."""
+    stops: dict[int, str] = field(default_factory=dict)
+    """Per choice, the stop sequence that ended it (``stop_sequence``)."""
+    session: aiohttp.ClientSession = field(init=False)
+    """The upstream client's session when the request came: counting ends when it closes (the agent stops)."""
+
+    def __post_init__(self) -> None:
+        self.session = self.state.client.session
 
     @property
     def bounds(self) -> UsageBounds:
@@ -57,19 +86,28 @@ class Exchange:
             index = choice.get("index", 0)
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 1 << 16:
                 raise BadAnswer("its answer has a malformed choice index")
-            self.texts[index] = self.texts.get(index, "") + text_of(choice)
+            self.texts[index] = self.texts.get(index, "") + text_of(choice, self.tool_names.setdefault(index, {}))
+            if choice.get("finish_reason") == "stop":
+                self.stops[index] = stop_sequence(choice, self.body)
+
+    def generated(self) -> list[str]:
+        """Each choice's text as the upstream generated (and counts) it: what it sent, and its stop sequence."""
+        return [self.texts[i] + self.stops.get(i, "") for i in sorted(self.texts)]
 
     async def settle(self) -> CountedUsage | None:
-        """The usage to bill: the upstream's, else counted with the tokenizer; recorded once."""
+        """The usage to bill: the upstream's, else counted with the tokenizer; recorded once. None
+        when it could not be counted now: it is recorded later (see the module docstring), and the
+        buyer gets no usage rather than a guess."""
         if self.usage is None:
-            counter = UsageCounter(self.state.client, self.state.tokenizer)
             try:
-                self.usage = await counter.count(self.path, self.body, [self.texts[i] for i in sorted(self.texts)], self.bounds)
-            except UpstreamUnavailable as exc:  # the answer was delivered; an uncounted request is logged, not failed
-                log.warning("could not count the usage of a %s answer: %s", self.path, describe(exc))
+                self.usage = await self.counter().count(self.path, self.body, self.generated(), self.bounds)
+            except CountImpossible as exc:
+                await self.bill_estimate(describe(exc))
                 return None
-        record(self.state, self.usage)
-        await self.state.accounts.record(self.finished(self.usage))
+            except UpstreamUnavailable as exc:
+                self.recount_later(describe(exc))
+                return None
+        await self.bill(self.usage)
         return self.usage
 
     async def settle_failed(self) -> None:
@@ -80,7 +118,50 @@ class Exchange:
         try:
             await asyncio.wait_for(self.settle(), SETTLE_AFTER_FAILURE_SECONDS)
         except asyncio.TimeoutError:
-            log.warning("could not count the usage of a failed %s stream within %gs", self.path, SETTLE_AFTER_FAILURE_SECONDS)
+            if self.usage is None:  # else it was counted, and its record was on its way
+                self.recount_later(f"no count within {SETTLE_AFTER_FAILURE_SECONDS:g}s")
+
+    def counter(self) -> UsageCounter:
+        return UsageCounter(self.state.client, self.state.tokenizer, self.session)
+
+    async def bill(self, usage: CountedUsage) -> None:
+        """The one way a request is billed: the heartbeats' counters, then the earnings ledger."""
+        record(self.state, usage)
+        await self.state.accounts.record(self.finished(usage))
+
+    async def bill_estimate(self, reason: str) -> None:
+        self.usage = usage = estimate(self.path, self.body, self.generated(), self.bounds)
+        log.warning(
+            "could not count the usage of a %s answer (%s): request %s is recorded with an estimate of %d prompt and %d completion tokens (bytes / 4)",
+            self.path, reason, self.request_id or "without an id", usage.prompt_tokens, usage.completion_tokens,
+        )
+        await self.bill(usage)
+
+    def recount_later(self, reason: str) -> None:
+        log.warning(
+            "could not count the usage of a %s answer now (%s): counting it again once the upstream answers, for up to %gs",
+            self.path, reason, RECOUNT_FOR_SECONDS,
+        )
+        self.state.accounts.keep(asyncio.create_task(self.recount(reason)))
+
+    async def recount(self, reason: str) -> None:
+        """Count again, less and less often, until the upstream answers; else record the estimate."""
+        counter, loop = self.counter(), asyncio.get_running_loop()
+        give_up, delay = loop.time() + RECOUNT_FOR_SECONDS, RECOUNT_FIRST_DELAY
+        while (left := give_up - loop.time()) > 0 and await pause_unless_closed(counter, min(delay, left)):
+            try:
+                usage = await counter.count(self.path, self.body, self.generated(), self.bounds)
+            except CountImpossible as exc:
+                reason = describe(exc)
+                break
+            except UpstreamUnavailable as exc:
+                reason, delay = describe(exc), min(2 * delay, RECOUNT_MAX_DELAY)
+                continue
+            log.info("counted the usage of request %s now that the upstream answers again", self.request_id or "without an id")
+            self.usage = usage
+            await self.bill(usage)
+            return
+        await self.bill_estimate("the agent is stopping" if counter.closed else reason)
 
     def finished(self, usage: CountedUsage) -> FinishedRequest:
         """The earnings ledger's record, written before the buyer receives the last byte."""
@@ -96,8 +177,18 @@ class Exchange:
         )
 
 
-def text_of(choice: dict[str, Any]) -> str:
-    """The generated text of a choice or delta: ``text``, or the message's content, reasoning and tool calls."""
+async def pause_unless_closed(counter: UsageCounter, seconds: float) -> bool:
+    """Wait ``seconds``, or less when the agent stops: whether counting may go on."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    while not counter.closed and (left := until - loop.time()) > 0:
+        await asyncio.sleep(min(left, STOPPING_CHECK_SECONDS))
+    return not counter.closed
+
+
+def text_of(choice: dict[str, Any], tool_names: dict[int, str]) -> str:
+    """The generated text of a choice or delta: ``text``, or the message's content, reasoning and
+    tool calls; ``tool_names``: the choice's tool-call names counted so far, by the call's index."""
     if choice.get("text") is not None:
         return text(choice, "text")
     message = choice.get("delta", choice.get("message"))
@@ -109,15 +200,43 @@ def text_of(choice: dict[str, Any]) -> str:
     calls = message.get("tool_calls")
     if calls is not None and not (isinstance(calls, list) and all(isinstance(call, dict) for call in calls)):
         raise BadAnswer("its answer has malformed tool calls")
-    for call in calls or []:
+    for position, call in enumerate(calls or []):
         function = call.get("function")
         if function is None:
             continue
         if not isinstance(function, dict):
             raise BadAnswer("its answer has a malformed tool call")
+        index = call.get("index", position)
+        index = index if isinstance(index, int) and not isinstance(index, bool) else position
         arguments = function.get("arguments")  # an object from some servers: counted as its JSON
-        parts += [text(function, "name"), arguments if isinstance(arguments, str) or arguments is None else json.dumps(arguments)]
+        parts += [new_name(tool_names, index, text(function, "name")), arguments if isinstance(arguments, str) or arguments is None else json.dumps(arguments)]
     return "".join(part for part in parts if part)
+
+
+def new_name(tool_names: dict[int, str], index: int, name: str) -> str:
+    """What ``name`` adds to call ``index``'s name: nothing when it repeats the name so far (a whole
+    name sent again), else the piece it is (a name sent in pieces, as arguments are)."""
+    so_far = tool_names.get(index, "")
+    if not name or name == so_far:
+        return ""
+    tool_names[index] = so_far + name
+    return name
+
+
+def stop_sequence(choice: dict[str, Any], body: dict[str, Any]) -> str:
+    """The stop sequence of the request that ended ``choice``: generated and counted by the upstream,
+    never sent. The one the upstream names (vLLM's ``stop_reason``, SGLang's ``matched_stop``; a
+    token id there is the model's end of sequence: nothing to add), else, as llama_cpp.server names
+    none, the shortest the request gave: the least it can be. "" when the request gave none (the
+    model's end of sequence, which llama.cpp does not count). Counting the shortest when the model's
+    own end of sequence stopped a request that gave stop sequences too is the one error this makes,
+    of that sequence's few tokens, against always missing them."""
+    stop = body.get("stop")
+    given = [s for s in ([stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []) if isinstance(s, str) and s]
+    for key in ("stop_reason", "matched_stop"):
+        if key in choice:
+            return choice[key] if choice[key] in given else ""
+    return min(given, key=len, default="")
 
 
 def text(fields: dict[str, Any], name: str) -> str:

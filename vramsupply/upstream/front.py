@@ -11,12 +11,22 @@ The app keeps the server's middlewares (request metrics, OpenAI error JSON, the 
 
 ``FrontState`` is the server's ``ServerState`` whose "engine" is the upstream: ``stats()`` is None
 (so /health and the gauges say "not serving") while the upstream is down.
+
+The drain ends what the upstream has not finished by its deadline (``stop_generating``) the way our
+own engine ends its generations: no upstream can be told "stop now, the agent is stopping", so
+each forwarded request is ``Forwarded``, and ending it cancels its handler where it waits. The
+handler turns that into the answer our engine gives (a 503, or an error event once a stream has
+begun, both with code ``shutting_down``), bills what was sent, and closes the upstream request.
+Left alone, aiohttp's shutdown would wait twice its own timeout and then cut the buyer's stream
+with nothing recorded: past a service manager's stop timeout, which kills before we deregister.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -81,6 +91,9 @@ class FrontState(ServerState):
         """The served context, once known: bounds the usage an answer may claim."""
         self.failure: str | None = None
         """Why the upstream can no longer be served at all (its supervisor died): serve exits."""
+        self.forwarded: set[Forwarded] = set()
+        self.stopping = False
+        """Past the drain's deadline: whatever still comes in is refused, as our engine refuses it."""
         self._upstream_gauges()
 
     def snapshot(self) -> EngineStats:
@@ -109,6 +122,28 @@ class FrontState(ServerState):
             raise unavailable_error(self.health.reason)
         return self.upstream_model
 
+    @contextlib.contextmanager
+    def forwarding(self) -> Iterator[Forwarded]:
+        """The current handler's request, for as long as it is forwarded: ``stop_generating`` may end it."""
+        if self.stopping:
+            raise shutting_down_error()
+        task = asyncio.current_task()
+        assert task is not None
+        forwarded = Forwarded(task)
+        self.forwarded.add(forwarded)
+        try:
+            yield forwarded
+        finally:
+            self.forwarded.discard(forwarded)
+
+    def stop_generating(self) -> int:
+        """End every forwarded request (the drain's deadline, or a second stop signal); how many."""
+        self.stopping = True
+        running = [forwarded for forwarded in self.forwarded if not forwarded.ended]
+        for forwarded in running:
+            forwarded.end()
+        return len(running)
+
     def _upstream_gauges(self) -> None:
         registry = self.metrics.registry
         Gauge("vramsupply_upstream_up", "1 while the upstream engine is ready", registry=registry).set_function(
@@ -126,6 +161,55 @@ class FrontState(ServerState):
         Gauge("vramsupply_upstream_kv_cache_usage", "Fraction of the upstream's KV cache in use (its own metrics)", registry=registry).set_function(
             lambda: (self.health.load.cache_usage or 0.0) if self.health.load is not None else 0.0
         )
+
+
+class Forwarded:
+    """One request on its way through the front, which the drain's deadline may end.
+
+    Ending it cancels its handler wherever it waits (on the upstream, or on a slow buyer); the
+    handler asks ``stopped`` whether a cancellation it catches is ours, not a buyer's hang-up. While
+    it settles (counts and records an answer already relayed) it is not cancelled: it ends on its own.
+    """
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.ended = False
+        self._settling = False
+        self._cancelled = False
+
+    def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if not self._settling:
+            self._cancelled = True
+            self.task.cancel()
+
+    def stopped(self) -> bool:
+        """Whether our cancellation is due (or being handled): then it is taken back, and the handler answers.
+
+        Also asked between two events: ``asyncio.wait_for`` drops a cancellation that comes just as
+        what it waits for arrives."""
+        if not self._cancelled:
+            return False
+        self._cancelled = False
+        uncancel = getattr(self.task, "uncancel", None)  # Python 3.11+: 3.10 does not count cancellations
+        if uncancel is not None:
+            uncancel()
+        return True
+
+    @contextlib.contextmanager
+    def settling(self) -> Iterator[None]:
+        self._settling = True
+        try:
+            yield
+        finally:
+            self._settling = False
+
+
+def shutting_down_error() -> ApiError:
+    """What our own engine answers at the drain's deadline (``server.completions.engine_error``)."""
+    return ApiError(503, "The server is shutting down.", type="server_error", code="shutting_down")
 
 
 def unavailable_error(reason: str) -> ApiError:

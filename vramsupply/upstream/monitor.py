@@ -1,10 +1,21 @@
 """Watching the upstream: is it ready, and how loaded is it.
 
-``check_upstream`` is one look: the engine's health endpoint (``/health`` must answer 200 for vLLM,
-SGLang and llama-server; a server without one, such as Ollama or llama_cpp.server, is judged by
-``/v1/models``, which must list the model we forward to), then its load from ``/metrics``.
-``UpstreamMonitor`` repeats it for a server the provider runs, and logs each change between ready
-and not ready once.
+``check_upstream`` is one look at the engine's HTTP server: ``/health`` must answer 200 (vLLM,
+SGLang, llama-server); for a server without one (Ollama, llama_cpp.server), its prompt 404 is the
+proof that the server is alive. For a server the provider runs, ``ModelListing`` checks that
+``/v1/models`` still lists the model we forward to, and ``refresh`` adds the load from
+``/metrics``. ``UpstreamMonitor`` repeats it, and logs each change between ready and not ready
+once. Every look goes through the client's probe connections, never queued behind buyers'.
+
+``/v1/models`` is read at start and then only while no request is in flight through the front.
+llama_cpp.server makes ``/v1/models`` wait for the same lock as generation, and by default a
+request waiting for that lock stops the stream holding it: read every few seconds, it cut every
+long answer at the next look; with that interruption turned off, it waited out the generation and
+a healthy server looked down. So while buyers are served the last verdict stands, and a read that
+fails because a request began meanwhile changes nothing: the next idle look tells.
+
+Reasons are what buyers read (``/health``, 503 bodies): they never name the server's address. The
+provider's log does: a ``Reason`` carries the words for the log too (``logged``).
 
 A look that fails in a way we did not foresee (our bug, or an answer nothing anticipated) is
 logged once with its traceback and marks the upstream not ready while we cannot tell; the watch
@@ -27,27 +38,69 @@ log = logging.getLogger("vramsupply.upstream")
 CHECK_INTERVAL_SECONDS = 5.0
 
 
-async def check_upstream(client: UpstreamClient, engine: str, model: str | None = None) -> str | None:
-    """None when the upstream is healthy (and lists ``model``, when given), else why not (one phrase)."""
+class Reason(str):
+    """Why the upstream is not ready, as buyers read it; ``logged`` says it for the provider's log,
+    naming the server's address."""
+
+    logged: str
+
+    def __new__(cls, public: str, logged: str) -> Reason:
+        reason = super().__new__(cls, public)
+        reason.logged = logged
+        return reason
+
+
+def unavailable(exc: UpstreamUnavailable, prefix: str = "") -> Reason:
+    """An ``UpstreamUnavailable`` as a reason: its cause for buyers, its whole message for the log."""
+    return Reason(f"{prefix}{exc.cause}", f"{prefix}{exc}")
+
+
+async def check_upstream(client: UpstreamClient, engine: str) -> str | None:
+    """None when the engine's HTTP server answers and says it is healthy, else why not (one phrase)."""
     status = await client.status_of("/health")
     if status is None:
-        return f"the {engine} server at {client.root_url} does not answer"
-    if status != 200 and not (status == 404 and engine == "upstream"):
-        return f"the {engine} server's /health answers {status}"
-    if engine == "upstream":
+        return Reason(f"the {engine} server does not answer", f"the {engine} server at {client.root_url} does not answer")
+    if status == 200 or (status == 404 and engine == "upstream"):
+        return None
+    return Reason(f"the {engine} server's /health answers {status}", f"{client.root_url}/health answers {status}")
+
+
+class ModelListing:
+    """Whether a server the provider runs still lists our model: ``/v1/models``, read only while no
+    request is in flight through the front (see the module docstring)."""
+
+    def __init__(self, state: FrontState) -> None:
+        self.state = state
+        self.reason: str | None = None
+
+    def busy(self) -> bool:
+        return self.state.counters.in_flight > 0
+
+    async def check(self) -> str | None:
+        """A fresh verdict while idle; while requests are in flight, the last one."""
+        if self.busy():
+            return self.reason
         try:
-            listed = [m.name for m in await client.models()]
+            listed = [m.name for m in await self.state.client.models()]
         except UpstreamUnavailable as exc:
-            return f"the upstream does not list its models ({exc})"
-        if model is not None and listed_as(model, listed) is None:
-            return f"the upstream does not serve {model} (it lists: {', '.join(listed)[:300] or 'nothing'})"
-    return None
+            if not self.busy():  # else a request began meanwhile, and may be what held the read up
+                self.reason = unavailable(exc, "the upstream does not list its models: ")
+            return self.reason
+        model = self.state.upstream_model
+        if listed_as(model, listed) is None:
+            lists = f"does not serve {model} (it lists: {', '.join(listed)[:300] or 'nothing'})"
+            self.reason = Reason(f"the upstream {lists}", f"the upstream at {self.state.client.base_url} {lists}")
+        else:
+            self.reason = None
+        return self.reason
 
 
-async def refresh(state: FrontState, engine: str) -> str | None:
+async def refresh(state: FrontState, engine: str, listing: ModelListing | None = None) -> str | None:
     """One look at the upstream, recorded on ``state``: readiness, reason, load."""
     try:
-        reason = await check_upstream(state.client, engine, state.upstream_model if engine == "upstream" else None)
+        reason = await check_upstream(state.client, engine)
+        if reason is None and listing is not None:
+            reason = await listing.check()
         if reason is None:
             text = await state.client.metrics_text()
             state.health.load = read_load(text, GAUGES.get(engine, ANY_ENGINE)) if text else None
@@ -60,7 +113,7 @@ async def refresh(state: FrontState, engine: str) -> str | None:
 
 
 def set_ready(state: FrontState, reason: str | None) -> None:
-    """Record readiness; log only when it changes."""
+    """Record readiness; log only when it changes (a ``Reason`` in its words for the log)."""
     health = state.health
     health.checked_at = time.time()
     was_ready = health.ready
@@ -68,8 +121,8 @@ def set_ready(state: FrontState, reason: str | None) -> None:
     if reason is not None:
         health.load = None
         if was_ready or health.reason != reason:
-            log.warning("upstream not ready: %s", reason)
-        health.reason = reason
+            log.warning("upstream not ready: %s", getattr(reason, "logged", reason))
+        health.reason = str(reason)
     elif not was_ready:
         log.info("upstream ready: %s serves %s", state.client.base_url, state.upstream_model)
 
@@ -82,10 +135,11 @@ class UpstreamMonitor:
         self.engine = engine
         self.interval = interval
         self.ready = asyncio.Event()
+        self.listing = ModelListing(state) if engine == "upstream" else None
 
     async def run(self) -> None:
         while True:
-            reason = await refresh(self.state, self.engine)
+            reason = await refresh(self.state, self.engine, self.listing)
             if reason is None:
                 self.ready.set()
             else:

@@ -11,6 +11,8 @@ and llama-server abort a generation whose client went away.
 Whatever the upstream does, the buyer gets OpenAI error JSON for it: a status that is not the
 buyer's fault becomes 502 (``refusal``), an unusable or oversized answer 502 and a slow one 504
 (``limits``). Redirects are not followed: an upstream that redirects a generation is misconfigured.
+At the drain's deadline a request still waiting ends as our own engine's does (``front.Forwarded``):
+503 ``shutting_down``, its upstream request closed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from aiohttp import web
 from vramsupply.server.errors import ApiError
 from vramsupply.upstream.client import GENERATION_TIMEOUT, describe
 from vramsupply.upstream.exchange import Exchange
-from vramsupply.upstream.front import FrontState, front_state
+from vramsupply.upstream.front import Forwarded, FrontState, front_state, shutting_down_error
 from vramsupply.upstream.limits import BadAnswer, Deadline, read_capped
 from vramsupply.upstream.refusal import refusal
 from vramsupply.upstream.stream import relay_stream
@@ -53,20 +55,36 @@ async def forward(request: web.Request, path: str) -> web.StreamResponse:
     if streaming:
         upstream_body["stream_options"] = {**options, "include_usage": True}
     exchange = Exchange(state, path, body, buyer_wants_usage=streaming and options.get("include_usage") is True)
+    with state.forwarding() as forwarded:
+        return await forward_exchange(request, exchange, upstream_body, streaming, forwarded)
+
+
+async def forward_exchange(
+    request: web.Request, exchange: Exchange, upstream_body: dict[str, Any], streaming: bool, forwarded: Forwarded
+) -> web.StreamResponse:
+    """The answer, or OpenAI error JSON for whatever ended it before the answer began."""
+    state, path = exchange.state, exchange.path
     state.counters.in_flight += 1
     try:
-        return await ask_upstream(request, exchange, upstream_body, streaming)
+        return await ask_upstream(request, exchange, upstream_body, streaming, forwarded)
+    except asyncio.CancelledError:
+        if not forwarded.stopped():  # the buyer hung up: nobody to answer
+            raise
+        log.info("the drain's deadline ended a %s request still waiting for the upstream", path)
+        raise shutting_down_error() from None
     except BadAnswer as exc:
         log.warning("the upstream's answer to %s could not be relayed: %s", path, exc)
         raise ApiError(exc.status, f"The model server behind this endpoint failed: {exc}.", type="server_error", code=exc.code) from None
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        log.warning("the upstream failed before answering %s: %s", path, describe(exc))
+        log.warning("the upstream at %s failed before answering %s: %s", state.client.base_url, path, describe(exc))
         raise ApiError(502, f"The model server behind this endpoint failed: {describe(exc)}", type="server_error", code="upstream_error") from None
     finally:
         state.counters.in_flight -= 1
 
 
-async def ask_upstream(request: web.Request, exchange: Exchange, upstream_body: dict[str, Any], streaming: bool) -> web.StreamResponse:
+async def ask_upstream(
+    request: web.Request, exchange: Exchange, upstream_body: dict[str, Any], streaming: bool, forwarded: Forwarded
+) -> web.StreamResponse:
     """Post the request and relay what comes back, each step within ``RelayLimits``."""
     state, limits = exchange.state, exchange.state.limits
     if streaming:
@@ -80,8 +98,8 @@ async def ask_upstream(request: web.Request, exchange: Exchange, upstream_body: 
             deadline.expect(limits.idle_seconds, "error body")
             raise await refusal(reply, exchange.path, limits.max_error_bytes, deadline)
         if streaming:
-            return await relay_stream(request, reply, exchange, deadline)
-        return await relay_body(reply, exchange, deadline)
+            return await relay_stream(request, reply, exchange, deadline, forwarded)
+        return await relay_body(reply, exchange, deadline, forwarded)
 
 
 async def read_body(request: web.Request, state: FrontState) -> dict[str, Any]:
@@ -100,7 +118,7 @@ async def read_body(request: web.Request, state: FrontState) -> dict[str, Any]:
     return body
 
 
-async def relay_body(reply: aiohttp.ClientResponse, exchange: Exchange, deadline: Deadline) -> web.Response:
+async def relay_body(reply: aiohttp.ClientResponse, exchange: Exchange, deadline: Deadline, forwarded: Forwarded) -> web.Response:
     """A whole answer, read within its size and time bounds, counted, under our model id."""
     raw = await read_capped(reply.content, exchange.state.limits.max_answer_bytes, deadline)
     try:
@@ -111,7 +129,8 @@ async def relay_body(reply: aiohttp.ClientResponse, exchange: Exchange, deadline
         raise BadAnswer("it answered with something other than a JSON object")
     exchange.usage = usage_of(payload, exchange.bounds)
     exchange.collect(payload, whole=True)
-    usage = await exchange.settle()
+    with forwarded.settling():  # the answer is here: the drain lets it be counted and delivered
+        usage = await exchange.settle()
     payload.pop("usage", None)  # billed as counted: an implausible usage never reaches the buyer
     if usage is not None:
         payload["usage"] = usage.as_json()

@@ -8,7 +8,9 @@ buyer only if they asked for it too.
 Once the stream has begun there is no status left to change, so every failure (the upstream cut,
 too slow, a malformed chunk, an oversized event, an error chunk of its own) ends it with one
 OpenAI-shaped error event. What was sent until then is still billed, marked incomplete, as is a
-stream that ends without ``[DONE]``.
+stream that ends without ``[DONE]``. So does a stream the drain's deadline ends (``Stopped``), with
+the error event our own engine sends then (code ``shutting_down``), once its upstream request is
+closed: the upstream stops generating for nobody.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from aiohttp import web
 
 from vramsupply.upstream.client import describe
 from vramsupply.upstream.exchange import Exchange
+from vramsupply.upstream.front import Forwarded, shutting_down_error
 from vramsupply.upstream.limits import BadAnswer, Deadline
 from vramsupply.upstream.refusal import printable
 from vramsupply.upstream.sse import DONE, encode_event, event_data, is_comment, parse_chunk, sse_events
@@ -36,17 +39,27 @@ class UpstreamErrorEvent(BadAnswer):
     """The upstream's own error chunk in the middle of a stream."""
 
 
-async def relay_stream(request: web.Request, reply: aiohttp.ClientResponse, exchange: Exchange, deadline: Deadline) -> web.StreamResponse:
+class Stopped(BadAnswer):
+    """The drain's deadline ended the stream (``front.Forwarded``), not the upstream."""
+
+    status = 503
+    code = "shutting_down"
+
+
+async def relay_stream(
+    request: web.Request, reply: aiohttp.ClientResponse, exchange: Exchange, deadline: Deadline, forwarded: Forwarded
+) -> web.StreamResponse:
     if reply.content_type == "application/json":  # before any byte goes out, so still a 502
         raise BadAnswer("it answered a stream request with a whole JSON answer")
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     try:
-        failure = await relay_events(reply, response, exchange, deadline)
-        if failure is None:
-            await finish_stream(response, exchange)
-        else:
-            await fail_stream(response, exchange, failure)
+        failure = await relay_until_stopped(reply, response, exchange, deadline, forwarded)
+        with forwarded.settling():  # what was relayed is counted and the stream ended, drain or not
+            if failure is None:
+                await finish_stream(response, exchange)
+            else:
+                await fail_stream(response, exchange, failure)
     except ConnectionResetError:
         # The buyer left while a write that does not wait was under way (a hang-up at any other
         # moment cancels this handler): nobody is left to answer, and it is no server error.
@@ -54,13 +67,32 @@ async def relay_stream(request: web.Request, reply: aiohttp.ClientResponse, exch
     return response
 
 
-async def relay_events(reply: aiohttp.ClientResponse, response: web.StreamResponse, exchange: Exchange, deadline: Deadline) -> BadAnswer | None:
+async def relay_until_stopped(
+    reply: aiohttp.ClientResponse, response: web.StreamResponse, exchange: Exchange, deadline: Deadline, forwarded: Forwarded
+) -> BadAnswer | None:
+    """``relay_events``, unless the drain's deadline ends it first: then the upstream request is closed."""
+    try:
+        failure = await relay_events(reply, response, exchange, deadline, forwarded)
+    except asyncio.CancelledError:
+        if not forwarded.stopped():  # the buyer hung up: aiohttp's cancellation goes on
+            raise
+        failure = Stopped("the endpoint is shutting down")
+    if isinstance(failure, Stopped):
+        reply.close()
+    return failure
+
+
+async def relay_events(
+    reply: aiohttp.ClientResponse, response: web.StreamResponse, exchange: Exchange, deadline: Deadline, forwarded: Forwarded
+) -> BadAnswer | None:
     """Relay until ``[DONE]`` or the end; why the stream failed, or None."""
     limits = exchange.state.limits
     events = sse_events(reply.content, limits.max_event_bytes)
     deadline.expect(limits.first_event_seconds, "first event")
     try:
         while (event := await next_event(events, deadline)) is not None:
+            if forwarded.stopped():  # it came as the drain cancelled the wait for it: not relayed
+                return Stopped("the endpoint is shutting down")
             data = event_data(event)
             if data == DONE:
                 return None
@@ -134,8 +166,12 @@ async def finish_stream(response: web.StreamResponse, exchange: Exchange) -> Non
 
 async def fail_stream(response: web.StreamResponse, exchange: Exchange, failure: BadAnswer) -> None:
     """Bill what was sent, then one error event ends the stream."""
-    log.warning("the upstream's %s stream failed: %s", exchange.path, failure)
+    if isinstance(failure, Stopped):
+        log.info("the drain's deadline ended a %s stream; what was sent is billed as incomplete", exchange.path)
+        error = shutting_down_error().body()["error"]
+    else:
+        log.warning("the upstream's %s stream failed: %s", exchange.path, failure)
+        error = {"message": f"The model server failed mid-stream: {failure}.", "type": "server_error", "param": None, "code": failure.code}
     await exchange.settle_failed()
-    error = {"message": f"The model server failed mid-stream: {failure}.", "type": "server_error", "param": None, "code": failure.code}
     await response.write(encode_event({"error": error}))
     await response.write_eof()

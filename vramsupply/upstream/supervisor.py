@@ -2,11 +2,13 @@
 
 - **Ready** means ``/health`` answers 200 *and* one real 1-token completion succeeds: vLLM's
   ``/health`` can stay 200 after some GPU faults, and SGLang answers before warm-up ends.
-- **Watch:** every few seconds ``/health`` is checked. The process exiting, or ``/health`` failing
-  for ``stall_after`` seconds in a row, marks the front not ready (``/health`` 503, so the
-  platform's checks see it), stops the process and starts it again after a capped, jittered backoff
-  that doubles with each failure and starts over only once the engine stayed up ``stable_after``
-  seconds (an engine that crashes soon after each start is not restarted every 2 s).
+- **Watch:** every few seconds ``/health`` is checked, on the client's probe connections (never
+  queued behind buyers': sharing their pool, 100 long streams made a healthy vLLM look stalled and
+  get restarted). The process exiting, or ``/health`` failing for ``stall_after`` seconds in a
+  row, marks the front not ready (``/health`` 503, so the platform's checks see it), stops the
+  process and starts it again after a capped, jittered backoff that doubles with each failure and
+  starts over only once the engine stayed up ``stable_after`` seconds (an engine that crashes soon
+  after each start is not restarted every 2 s).
 - **Unforeseen errors:** a look at the engine that fails in a way nobody foresaw counts as a
   failing ``/health`` (``monitor.refresh``); anything else that ends this loop ends serving:
   ``UpstreamBackend`` logs it with its traceback and serve exits 1 naming it.
@@ -31,7 +33,7 @@ from vramsupply.platform.backoff import Backoff
 from vramsupply.upstream.client import UpstreamUnavailable, escape_controls
 from vramsupply.upstream.front import FrontState
 from vramsupply.upstream.launch import redacted
-from vramsupply.upstream.monitor import CHECK_INTERVAL_SECONDS, check_upstream, refresh, set_ready
+from vramsupply.upstream.monitor import CHECK_INTERVAL_SECONDS, check_upstream, refresh, set_ready, unavailable
 
 log = logging.getLogger("vramsupply.upstream")
 
@@ -164,7 +166,7 @@ class Supervisor:
                 await self._watch(self.process)
             except UpstreamUnavailable as exc:
                 self.last_failure = str(exc)
-                set_ready(self.state, str(exc))
+                set_ready(self.state, unavailable(exc))
                 if not self.ever_ready:
                     raise
             finally:
@@ -216,5 +218,6 @@ class Supervisor:
                 continue
             failing_since = failing_since if failing_since is not None else self.clock()
             if self.clock() - failing_since >= self.stall_after:
-                raise UpstreamUnavailable(f"{self.engine}'s health stalled for {self.stall_after:g}s: {reason}")
+                stalled = f"{self.engine}'s health stalled for {self.stall_after:g}s: "
+                raise UpstreamUnavailable(stalled + getattr(reason, "logged", reason), stalled + reason)
 

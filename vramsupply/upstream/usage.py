@@ -16,7 +16,17 @@ endpoint (``/extras/tokenize`` of llama_cpp.server, ``/tokenize`` of llama-serve
   once without streaming and with ``max_tokens`` 1 after the stream ended; its ``usage.prompt_tokens``
   is the exact count, and the replay is served from the server's prompt cache.
 
-``Usage.source`` says which method counted a request: "upstream" or "tokenizer".
+Counting needs the upstream, which may have just died (the stream it cut is counted after). A
+failure that asking again may mend (no connection, no answer in time, a 5xx) is
+``UpstreamUnavailable``, and the request is counted again once the upstream answers
+(``exchange``); an answer that cannot count it (no tokenize endpoint, an implausible or oversized
+count) is ``CountImpossible``. A request that cannot be counted at all is recorded with an
+``estimate`` from its text (bytes / 4) rather than not at all.
+
+An upstream's own usage is passed on with its details (``prompt_tokens_details``,
+``completion_tokens_details``: reasoning tokens, audio, predictions), each checked as a count.
+
+``Usage.source`` says which method counted a request: "upstream", "tokenizer" or "estimate".
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -36,12 +47,19 @@ log = logging.getLogger("vramsupply.upstream")
 CONTINUATION_ANCHOR = "\n"
 
 
+class CountImpossible(UpstreamUnavailable):
+    """The upstream answered, but not with anything that counts this request: asking again will not help."""
+
+
 @dataclass(frozen=True)
 class CountedUsage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
     source: str = "upstream"
+    prompt_details: dict[str, int] = field(default_factory=dict)
+    completion_details: dict[str, int] = field(default_factory=dict)
+    """The upstream's own details (``usage_of``), passed on to the buyer as it gave them."""
 
     def as_json(self) -> dict[str, Any]:
         usage: dict[str, Any] = {
@@ -49,8 +67,11 @@ class CountedUsage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
-        if self.cached_tokens:
-            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        prompt_details = {**self.prompt_details, **({"cached_tokens": self.cached_tokens} if self.cached_tokens else {})}
+        if prompt_details:
+            usage["prompt_tokens_details"] = prompt_details
+        if self.completion_details:
+            usage["completion_tokens_details"] = dict(self.completion_details)
         return usage
 
 
@@ -90,7 +111,21 @@ def usage_of(payload: dict[str, Any], bounds: UsageBounds | None = None) -> Coun
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     if cached is not None and not _count(cached, prompt):
         return None
-    return CountedUsage(prompt, completion, cached or 0)
+    prompt_details, completion_details = _details(details, prompt), _details(usage.get("completion_tokens_details"), completion)
+    return CountedUsage(prompt, completion, cached or 0, prompt_details=prompt_details, completion_details=completion_details)
+
+
+DETAIL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+MAX_DETAILS = 16
+
+
+def _details(details: Any, most: int) -> dict[str, int]:
+    """The upstream's usage details worth passing on: named counts of at most ``most`` tokens (a
+    part of the total they detail); anything else in them (text, nesting, floats) is dropped."""
+    if not isinstance(details, dict):
+        return {}
+    counts = {k: v for k, v in details.items() if isinstance(k, str) and DETAIL_NAME.fullmatch(k) and _count(v, most)}
+    return dict(list(counts.items())[:MAX_DETAILS])
 
 
 def _count(value: Any, most: int = MAX_TOKENS_ANY_REQUEST) -> bool:
@@ -110,62 +145,80 @@ class Tokenizer:
         self._lock = asyncio.Lock()
         self._anchor: int | None = None
 
-    async def count(self, text: str, *, special: bool) -> int:
+    async def count(self, session: aiohttp.ClientSession, text: str, *, special: bool) -> int:
         """Tokens in ``text``; with ``special`` as the server counts a prompt (BOS included)."""
-        endpoint = await self._find()
-        tokens = await self._tokenize(endpoint, text)
+        endpoint = await self._find(session)
+        tokens = await self._tokenize(session, endpoint, text)
         if special:
             return tokens
-        return max(0, tokens - await self._special_count(endpoint))
+        return max(0, tokens - await self._special_count(session, endpoint))
 
-    async def count_continuation(self, text: str) -> int:
+    async def count_continuation(self, session: aiohttp.ClientSession, text: str) -> int:
         """Tokens ``text`` adds when it continues a prompt (see the module docstring)."""
         if not text:
             return 0
         if self._anchor is None:
-            self._anchor = await self.count(CONTINUATION_ANCHOR, special=True)
-        return max(0, await self.count(CONTINUATION_ANCHOR + text, special=True) - self._anchor)
+            self._anchor = await self.count(session, CONTINUATION_ANCHOR, special=True)
+        return max(0, await self.count(session, CONTINUATION_ANCHOR + text, special=True) - self._anchor)
 
-    async def _find(self) -> str:
+    async def _find(self, session: aiohttp.ClientSession) -> str:
         async with self._lock:
             if self._endpoint is None:
-                reasons = []
+                failures: list[UpstreamUnavailable] = []
                 for endpoint in self.ENDPOINTS:
                     try:
-                        await self._tokenize(endpoint, "")
+                        await self._tokenize(session, endpoint, "")
                     except UpstreamUnavailable as exc:
-                        reasons.append(str(exc))
+                        failures.append(exc)
                         continue
                     self._endpoint = endpoint
                     break
                 else:
-                    raise UpstreamUnavailable(f"the upstream reports no usage and has no tokenize endpoint ({'; '.join(reasons)})")
+                    reasons = "; ".join(str(exc) for exc in failures)
+                    if all(isinstance(exc, CountImpossible) for exc in failures):
+                        raise CountImpossible(f"the upstream reports no usage and has no tokenize endpoint ({reasons})")
+                    raise UpstreamUnavailable(f"the upstream's tokenizer did not answer ({reasons})")
             return self._endpoint
 
-    async def _special_count(self, endpoint: str) -> int:
+    async def _special_count(self, session: aiohttp.ClientSession, endpoint: str) -> int:
         """Tokens the endpoint adds to any text (BOS): what an empty string tokenizes to."""
         if self._special_tokens is None:
-            self._special_tokens = await self._tokenize(endpoint, "")
+            self._special_tokens = await self._tokenize(session, endpoint, "")
         return self._special_tokens
 
-    async def _tokenize(self, endpoint: str, text: str) -> int:
+    async def _tokenize(self, session: aiohttp.ClientSession, endpoint: str, text: str) -> int:
         body = {"input": text} if endpoint == "/extras/tokenize" else {"content": text, "prompt": text, "model": self._model}
         url = self._client.root_url + endpoint
         try:
-            async with self._client.session.post(url, json=body, timeout=PROBE_TIMEOUT) as reply:
+            async with open_session(session).post(url, json=body, timeout=PROBE_TIMEOUT) as reply:
                 if reply.status != 200:
-                    raise UpstreamUnavailable(f"{url} answered {reply.status}")
+                    raise unanswered(reply.status, f"{url} answered {reply.status}")
                 answer = await json_capped(reply, url)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise UpstreamUnavailable(f"{url}: {describe(exc)}") from None
+        except ValueError as exc:
+            raise CountImpossible(f"{url}: {describe(exc)}") from None
         if isinstance(answer, dict) and "count" in answer:
             if not _count(answer["count"]):
-                raise UpstreamUnavailable(f"{url} returned an implausible count")
+                raise CountImpossible(f"{url} returned an implausible count")
             return int(answer["count"])
         tokens = answer.get("tokens") if isinstance(answer, dict) else None
         if not isinstance(tokens, list):
-            raise UpstreamUnavailable(f"{url} did not return tokens")
+            raise CountImpossible(f"{url} did not return tokens")
         return len(tokens)
+
+
+def open_session(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    """``session``, unless the agent closed it as it stopped: counting ends there, and a new session
+    (the upstream client makes one on demand) would outlive the agent."""
+    if session.closed:
+        raise UpstreamUnavailable("the agent is stopping")
+    return session
+
+
+def unanswered(status: int, message: str) -> UpstreamUnavailable:
+    """A status other than 200: a server error or overload may pass, any other answer will not."""
+    return UpstreamUnavailable(message) if status >= 500 or status in (408, 429) else CountImpossible(message)
 
 
 COUNTING_ANSWER_MAX_BYTES = 16 << 20
@@ -173,35 +226,42 @@ COUNTING_ANSWER_MAX_BYTES = 16 << 20
 
 
 async def json_capped(reply: aiohttp.ClientResponse, url: str) -> Any:
-    """The answer's JSON, or UpstreamUnavailable once it grows past ``COUNTING_ANSWER_MAX_BYTES``
+    """The answer's JSON, or CountImpossible once it grows past ``COUNTING_ANSWER_MAX_BYTES``
     (an upstream answering a count with a gigabyte, or a gzip bomb, must not fill our memory)."""
     body = bytearray()
     async for chunk in reply.content.iter_any():
         body += chunk
         if len(body) > COUNTING_ANSWER_MAX_BYTES:
-            raise UpstreamUnavailable(f"{url}'s answer is larger than {COUNTING_ANSWER_MAX_BYTES} bytes")
+            raise CountImpossible(f"{url}'s answer is larger than {COUNTING_ANSWER_MAX_BYTES} bytes")
     return json.loads(body)
 
 
 class UsageCounter:
-    """Counts a request the upstream gave no usage for (see the module docstring)."""
+    """Counts a request the upstream gave no usage for (see the module docstring), through
+    ``session``: the one its answer came through, which closes when the agent stops."""
 
-    def __init__(self, client: UpstreamClient, tokenizer: Tokenizer) -> None:
+    def __init__(self, client: UpstreamClient, tokenizer: Tokenizer, session: aiohttp.ClientSession) -> None:
         self._client = client
         self._tokenizer = tokenizer
+        self._session = session
+
+    @property
+    def closed(self) -> bool:
+        """The agent is stopping: nothing can be counted through the upstream any more."""
+        return self._session.closed
 
     async def count(self, path: str, body: dict[str, Any], texts: list[str], bounds: UsageBounds) -> CountedUsage:
         """``texts``: each choice's generated text."""
-        completion = sum([await self._tokenizer.count_continuation(text) for text in texts])
+        completion = sum([await self._tokenizer.count_continuation(self._session, text) for text in texts])
         prompt = await self._prompt_tokens(path, body, bounds)
         if not (_count(prompt, bounds.prompt) and _count(completion, bounds.completion)):
-            raise UpstreamUnavailable(f"the tokenizer counted an implausible {prompt} prompt and {completion} completion tokens")
+            raise CountImpossible(f"the tokenizer counted an implausible {prompt} prompt and {completion} completion tokens")
         return CountedUsage(prompt, completion, source="tokenizer")
 
     async def _prompt_tokens(self, path: str, body: dict[str, Any], bounds: UsageBounds) -> int:
         prompt = body.get("prompt")
         if path == "/completions" and isinstance(prompt, str):
-            return await self._tokenizer.count(prompt, special=True)
+            return await self._tokenizer.count(self._session, prompt, special=True)
         if path == "/completions" and isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             return len(prompt)
         return await self._replayed_prompt_tokens(path, body, bounds)
@@ -212,11 +272,44 @@ class UsageCounter:
         replay.update(max_tokens=1, stream=False)
         url = self._client.base_url + path
         try:
-            async with self._client.session.post(url, json=replay, timeout=aiohttp.ClientTimeout(total=120)) as reply:
-                answer = await json_capped(reply, url) if reply.status == 200 else None
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            async with open_session(self._session).post(url, json=replay, timeout=aiohttp.ClientTimeout(total=120)) as reply:
+                if reply.status != 200:
+                    raise unanswered(reply.status, f"counting the prompt failed: {url} answered {reply.status}")
+                answer = await json_capped(reply, url)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise UpstreamUnavailable(f"counting the prompt failed: {describe(exc)}") from None
+        except ValueError as exc:
+            raise CountImpossible(f"counting the prompt failed: {describe(exc)}") from None
         usage = usage_of(answer, bounds) if isinstance(answer, dict) else None
         if usage is None:
-            raise UpstreamUnavailable("the upstream reports no usage even for a non-streamed request")
+            raise CountImpossible("the upstream reports no usage even for a non-streamed request")
         return usage.prompt_tokens
+
+
+ESTIMATE_BYTES_PER_TOKEN = 4
+
+
+def estimate(path: str, body: dict[str, Any], texts: list[str], bounds: UsageBounds) -> CountedUsage:
+    """A request no tokenizer could count, estimated rather than left out of the ledger: UTF-8 bytes
+    / ``ESTIMATE_BYTES_PER_TOKEN`` of its generated texts and of its prompt's text (a token-id prompt
+    by its length). Only text is weighed: message roles, tools and images are not."""
+    asked = body.get("prompt") if path == "/completions" else [m.get("content") for m in body.get("messages") or [] if isinstance(m, dict)]
+    prompt = min(_estimated(asked), bounds.prompt)
+    completion = min(sum(_estimated(text) for text in texts), bounds.completion)
+    return CountedUsage(prompt, completion, source="estimate")
+
+
+def _estimated(value: Any) -> int:
+    """Tokens in a prompt, a message's content (a text, or parts with "text"), token ids, or lists of them."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += -(-len(item.encode("utf-8", "replace")) // ESTIMATE_BYTES_PER_TOKEN)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            total += 1  # a token id
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict) and item.get("type", "text") == "text":
+            stack.append(item.get("text"))
+    return total
