@@ -1,9 +1,17 @@
 """Test double: the real `vramsupply` command line with one fault injected into llama.cpp's decode.
 
 Run as ``python tests/fault_agent.py serve ...`` with
-  FAULT_AGENT_KIND=crash|stall   what the faulty decode does: raise, or block forever
+  FAULT_AGENT_KIND=<kind>        what the faulty decode does:
+                                   crash        raise
+                                   stall        block forever
+                                   fail_status  return -3 (llama.cpp's "compute failed", e.g. out of GPU memory)
+                                   stall_once   block FAULT_STALL_SECONDS once, then decode normally
   FAULT_AGENT_TRIGGER=<path>     the fault strikes at the first decode after this file exists,
                                  so a test can first see the agent healthy, then break it.
+  FAULT_STALL_SECONDS=<seconds>  how long ``stall_once`` blocks (default 10).
+
+``stall_once`` says on stderr when the stall begins ("FAULT: stalling a decode") and ends
+("FAULT: the decode resumes"), so a test can tell what happened while the step was stuck.
 
 Only ``llama_cpp.llama_decode`` is replaced; the scheduler, server and serve lifecycle that must
 notice the fault are the real ones.
@@ -12,7 +20,9 @@ notice the fault are the real ones.
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 
 import llama_cpp
@@ -21,6 +31,8 @@ from vramsupply.cli import main
 
 KIND = os.environ["FAULT_AGENT_KIND"]
 TRIGGER = Path(os.environ["FAULT_AGENT_TRIGGER"])
+STALL_SECONDS = float(os.environ.get("FAULT_STALL_SECONDS", "10"))
+COMPUTE_FAILED = -3
 real_decode = llama_cpp.llama_decode
 never = threading.Event()
 
@@ -29,7 +41,15 @@ def faulty_decode(ctx: object, batch: object) -> int:
     if TRIGGER.exists():
         if KIND == "crash":
             raise RuntimeError("injected fault: the decode step crashed")
-        never.wait()
+        if KIND == "fail_status":
+            return COMPUTE_FAILED
+        if KIND == "stall_once":
+            TRIGGER.unlink()
+            print("FAULT: stalling a decode", file=sys.stderr, flush=True)
+            time.sleep(STALL_SECONDS)
+            print("FAULT: the decode resumes", file=sys.stderr, flush=True)
+        else:
+            never.wait()
     return real_decode(ctx, batch)
 
 

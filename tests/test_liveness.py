@@ -171,3 +171,23 @@ def _buy(endpoint: str, token: str | None, answers: list[tuple[int, dict[str, An
         answers.append((error.code, json.load(error)))
     except (OSError, ValueError) as error:
         answers.append((0, {"no answer": repr(error)}))
+
+
+def test_failed_decodes_are_no_progress_and_a_run_of_them_is_the_engines_death() -> None:
+    from vramsupply.engine.liveness import FAILING_STEPS, DecodesFailing, Liveness
+
+    now = [0.0]
+    liveness = Liveness(stall_timeout=10, clock=lambda: now[0])
+    for _ in range(FAILING_STEPS - 1):
+        liveness.decode_failed(-2)
+    liveness.decoded()  # one success: the run starts over
+    for _ in range(FAILING_STEPS - 1):
+        liveness.decode_failed(-2)
+    assert liveness.failure(pending=True, running=True) is None
+    now[0] = 11.0  # failing steps do not hold off the stall clock, and the stall names them
+    stalled = liveness.failure(pending=True, running=True)
+    assert stalled is not None and stalled.startswith("the inference engine stalled") and "(status -2: " in stalled, stalled
+    with pytest.raises(DecodesFailing) as died:
+        liveness.decode_failed(-2)
+    assert str(died.value) == liveness.failure(pending=False, running=False)
+    assert str(died.value).startswith(f"the inference engine failed: llama.cpp failed every decode of the last {FAILING_STEPS} steps (status -2: ")

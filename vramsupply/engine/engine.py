@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,7 +34,14 @@ from .types import ContextOverflow, EngineClosed, EngineFailed, EngineOptions, E
 log = logging.getLogger(__name__)
 
 CLOSE_WAIT_SECONDS = 30.0
-"""How long ``close`` waits for in-flight tokenize calls, then for the scheduler's current step."""
+"""How long ``close`` waits for the scheduler's current step and for in-flight tokenize calls."""
+
+ANSWER_WITHIN_SECONDS = 1.0
+"""How long ``close`` lets the scheduler end its requests itself; a step still running then (hung,
+or a long prompt chunk) must not hold back the buyers' errors, so ``close`` ends them from outside."""
+
+POLL_SECONDS = 0.05
+"""How often ``close``'s wait for a step that runs on looks at ``hurry``."""
 
 
 class Engine:
@@ -53,6 +61,7 @@ class Engine:
         # Calls from other threads (tokenizing a large body) that use the model; close() waits for them.
         self._users = 0
         self._closing = False
+        self._hurried = False  # ``hurry``: close waits for nothing more
         self._idle = threading.Condition()
 
     @classmethod
@@ -222,27 +231,57 @@ class Engine:
         return self._scheduler.stats().failure
 
     def close(self) -> None:
-        """Stop the scheduler, fail pending generations with EngineClosed, free llama.cpp memory.
+        """Stop the scheduler, end pending generations with EngineClosed (EngineFailed once the
+        engine has failed), free llama.cpp memory. Blocking: an event loop calls it in a thread.
 
-        Waits for tokenize calls still running in other threads. A scheduler stuck inside a
-        stalled step is left alone, and so is the memory it uses: freeing it would crash the process.
+        Every request is ended within ``ANSWER_WITHIN_SECONDS``, even under a step that runs on
+        (``Scheduler.abandon``); the memory is freed only once that step and every tokenize call
+        in other threads have ended, waited for up to ``CLOSE_WAIT_SECONDS`` (or until ``hurry``),
+        else left alone: freeing it under them would crash the process.
         """
         with self._idle:
             if self._closing:
                 return
             self._closing = True
-            if not self._idle.wait_for(lambda: self._users == 0, CLOSE_WAIT_SECONDS):
-                log.error("%d tokenize call(s) still running after %gs; not freeing the model under them", self._users, CLOSE_WAIT_SECONDS)
-                self._scheduler.stop(CLOSE_WAIT_SECONDS)
-                return
-        # A failed engine gets a moment, not the full wait: a stalled step is not going to end.
-        if not self._scheduler.stop(1.0 if self.failure is not None else CLOSE_WAIT_SECONDS):
-            log.error("the scheduler is stuck in a decode step; exiting without freeing the model")
-            self._scheduler.abandon()
+        deadline = time.monotonic() + CLOSE_WAIT_SECONDS
+        if not self._stop_scheduler(deadline):
+            log.error("the scheduler is still inside a decode step; exiting without freeing the model")
             return
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._users == 0 or self._hurried, max(0.0, deadline - time.monotonic())) or self._users:
+                log.error("%d tokenize call(s) still running; not freeing the model under them", self._users)
+                return
         self._context.close()
         self._model.close()
         self._model = None
+
+    def hurry(self) -> None:
+        """Stop now (a second Ctrl-C or SIGTERM): ``close``, running or to come, still ends every
+        request, giving a step ``ANSWER_WITHIN_SECONDS`` to end as usual, but then waits no more
+        for it or for tokenize calls, leaving the memory to the exit. Thread-safe."""
+        with self._idle:
+            self._hurried = True
+            self._idle.notify_all()
+
+    def _stop_scheduler(self, deadline: float) -> bool:
+        """Stop the scheduler, its requests ended within ``ANSWER_WITHIN_SECONDS`` whatever its
+        step does; True once its thread has ended, by ``deadline``."""
+        failure = self.failure  # read first: a closed scheduler reports no stall
+        if self._scheduler.stop(ANSWER_WITHIN_SECONDS):
+            return True
+        ended = EngineFailed(failure) if failure is not None else EngineClosed("the engine was closed before this request finished")
+        self._scheduler.abandon(ended)
+        if failure is not None:
+            return False  # a failed engine's step is not going to end
+        log.warning("a decode step still runs %gs after the stop: its requests were ended; waiting for it before freeing the model", ANSWER_WITHIN_SECONDS)
+        return self._scheduler_ended_within(deadline)
+
+    def _scheduler_ended_within(self, deadline: float) -> bool:
+        """Wait for the stopped scheduler's thread to end, until ``deadline`` or ``hurry``."""
+        while not self._scheduler.stop(max(0.0, min(POLL_SECONDS, deadline - time.monotonic()))):
+            if self._hurried or time.monotonic() >= deadline:
+                return False
+        return True
 
     def __enter__(self) -> Engine:
         return self

@@ -38,7 +38,7 @@ from .batch import Batch
 from .cadence import DEFAULT_INTERVAL_S, Cadence
 from .checkpoints import save_checkpoint
 from .counters import Counters
-from .liveness import DEFAULT_STALL_TIMEOUT, Liveness
+from .liveness import DEFAULT_STALL_TIMEOUT, DecodesFailing, Liveness, decode_status
 from .pacing import PrefillPacer, decode_parts, rewinds_for_tiles
 from .generation import Event, Finish, post
 from .inbox import STOP, Cancel, Inbox, Message, Submit
@@ -212,15 +212,11 @@ class Scheduler:
             self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def abandon(self) -> None:
-        """The thread is stuck inside a step and stays so: end every request it holds from here,
-        so that each buyer gets the engine's error now, not a connection the server cuts later.
-
-        Only the requests' channels are posted to (each consumer loop does the rest); the slots
-        and llama.cpp's memory stay as the stuck thread left them. Requests still in the inbox are
-        ended too, and the stop is posted again after them.
-        """
-        error = EngineFailed(self._liveness.failure(pending=True, running=True) or "the engine is stuck inside a decode step")
+    def abandon(self, error: EngineError) -> None:
+        """The thread is still inside a step after ``stop`` (hung, or long): end every request it
+        holds from here with ``error``, so that each buyer gets it now, not a cut connection later.
+        Only their channels are posted to: the slots and llama.cpp's memory stay as the thread left
+        them (should the step end, the stop, posted again, ends the requests there once more)."""
         ended = [Event(s.task.channel, "", None, Finish(None, s.usage(), error)) for s in list(self._slots) if s.task is not None]
         waiting = [*self._waiting, *(m.task for m in self._inbox.drain() if isinstance(m, Submit))]
         ended += [Event(t.channel, "", None, Finish(None, t.usage_while_waiting(), error)) for t in waiting]
@@ -235,19 +231,23 @@ class Scheduler:
             if self._warm_up.run():
                 while self._serve_once():
                     pass
+        except DecodesFailing as failing:  # llama.cpp fails every decode (``liveness.py``)
+            log.error("%s; ending every request", failing)
+            self._died(str(failing))
         except Exception as exc:
-            self._died(exc)
+            log.error("the scheduler thread failed: %r", exc)
+            log.debug("where the scheduler thread failed", exc_info=True)
+            self._died(f"the scheduler thread failed: {exc!r}")
         finally:
             self._offthread.close()
 
-    def _died(self, exc: Exception) -> None:
-        log.error("the scheduler thread failed: %r", exc)
-        log.debug("where the scheduler thread failed", exc_info=True)
-        self._liveness.died(f"the scheduler thread failed: {exc!r}")
+    def _died(self, cause: str) -> None:
+        """The engine has failed: refuse new requests, end every one held with ``cause``, end the thread."""
+        self._liveness.died(cause)
         with self._lock:
             self._closed = True
         self._drain_inbox()
-        self._out.fail_everything(EngineFailed(f"the scheduler thread failed: {exc!r}"))
+        self._out.fail_everything(EngineFailed(cause))
         self._out.flush()
 
     def _serve_once(self) -> bool:
@@ -261,8 +261,8 @@ class Scheduler:
             return False
         self._admission.admit()
         self._take_sampled()
-        if self._active() and (self._step() or self._await_offthread()):
-            self._liveness.progressed()
+        if self._active() and not self._step() and self._await_offthread():
+            self._liveness.progressed()  # a grammar token: no decode, yet the requests moved on
         self._out.flush()
         return True
 
@@ -334,7 +334,8 @@ class Scheduler:
 
     def _step(self) -> bool:
         """One step of every slot with a row to add, in one ``llama_decode`` or two (``decode_parts``);
-        False when none has (all await a token)."""
+        False when none has (all await a token). ``_decode`` tells ``liveness`` how each went: a
+        step counts as failed only when none of its decodes succeeded."""
         plan = self._pacer.plan(self._slots, self._batch.capacity, self._memory)
         if not plan:
             return False
@@ -345,8 +346,10 @@ class Scheduler:
         rows, decoding = 0, 0.0
         for part in decode_parts(plan) if self._apart else [plan]:
             seconds = self._decode(part, alone)
-            if seconds is None:
-                return True  # rolled back for KV room, or failed: the step is not learned from
+            if seconds is None:  # rolled back for KV room, or failed: the step is not learned from
+                if rows:  # an earlier part decoded: the step is no failed one
+                    self._liveness.decoded()
+                return True
             rows, decoding = rows + self._batch.size, decoding + seconds
         self._pacer.observe(work, time.perf_counter() - started)
         self._threads.after(threads, work, rows, decoding)
@@ -360,10 +363,12 @@ class Scheduler:
         status = llama_cpp.llama_decode(self._ctx, self._batch.for_decode())
         seconds = time.perf_counter() - started
         if status == 1 and self._kv.relieve(part, self._slots, self._waiting):
+            self._liveness.progressed()
             return None  # no KV room: rolled back and made some; the next step runs it again
         if status != 0:
             self._decode_failed(in_batch, status)
             return None
+        self._liveness.decoded()
         self._rows.new_step()
         generated = 0
         for slot in in_batch:
@@ -386,9 +391,11 @@ class Scheduler:
                 self._counters.add(checkpoints_total=int(checkpoint is not None))
 
     def _decode_failed(self, slots: list[Slot], status: int) -> None:
-        log.error("llama_decode failed with status %d; failing the %d requests in the batch", status, len(slots))
+        """End the batch's requests; raises ``DecodesFailing`` once too many steps in a row failed."""
+        log.error("llama_decode failed with %s; failing the %d requests in the batch", decode_status(status), len(slots))
         for slot in slots:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.forget()
-            error = EngineError(f"llama.cpp failed to decode this request (status {status})")
+            error = EngineError(f"llama.cpp failed to decode this request ({decode_status(status)})")
             self._out.end_slot(slot, Finish(None, slot.usage(), error))
+        self._liveness.decode_failed(status)

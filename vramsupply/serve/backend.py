@@ -36,6 +36,13 @@ from vramsupply.signals import in_daemon_thread
 
 log = logging.getLogger("vramsupply.serve")
 
+EXIT_WAIT_SECONDS = 10.0
+"""How long the agent, stopping, waits for a decode step still running once its requests were ended
+(``Engine.close`` frees llama.cpp's memory only after it). systemd's TimeoutStopSec gives 30 s past
+the drain (``service.unit.STOP_MARGIN_SEC``) to this and to the settling after it (the platform's
+drain notice, up to 3 s, and deregistration, up to 10 s; the tunnel's stop): a stop killed before it
+deregistered leaves the instance listed."""
+
 
 class Backend(Protocol):
     kind: str
@@ -64,6 +71,7 @@ class LlamaCppBackend:
         self.engine: Engine | None = None
         self.app: web.Application | None = None
         self.placement: PlacementMonitor | None = None  # where the model runs, once loaded
+        self._closed: asyncio.Future[None] | None = None  # the engine's one close, in its thread
         self.explicit: set[str] = set(settings.model_fields_set)  # what the user set, before the plan fills in the rest
 
     async def prepare(self) -> LocalModel:
@@ -119,13 +127,41 @@ class LlamaCppBackend:
         return f"vramsupply ready: serving {self.model.model_id} at {url}/v1 ({self.slots} slots, {self.n_ctx}-token context)"
 
     def stop_generating(self) -> None:
-        """The drain's deadline passed: end every generation (each stream gets an error event)."""
-        if self.engine is not None:
-            self.engine.close()
+        """The drain's deadline passed: end every generation (each stream gets an error event).
+
+        ``Engine.close`` may wait for a decode step that runs on (up to ``CLOSE_WAIT_SECONDS``),
+        so it runs in a thread of its own: meanwhile the event loop goes on writing the streams'
+        error events, pinging systemd's watchdog and hearing a second signal."""
+        if self.engine is not None and self._closed is None:
+            self._closed = in_daemon_thread(self.engine.close)
 
     async def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
+        """The engine's close, finished (started here unless the drain started it). It waits for a
+        step that runs on for up to ``EXIT_WAIT_SECONDS``; a "stop now" (this task cancelled: a
+        second signal) not at all (``Engine.hurry``). Either way the requests were ended, and the
+        hurried close is still awaited, lest the process exit while it frees llama.cpp's memory."""
+        self.stop_generating()
+        if self._closed is None or self.engine is None:
+            return
+        if stopping_now():
+            self.engine.hurry()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._closed), EXIT_WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            log.warning("the engine's close still waits for a decode step after %gs; exiting without waiting more", EXIT_WAIT_SECONDS)
+            self.engine.hurry()
+            await asyncio.shield(self._closed)
+        except asyncio.CancelledError:
+            self.engine.hurry()
+            await asyncio.shield(self._closed)
+            raise
+
+
+def stopping_now() -> bool:
+    """This task was cancelled ("stop now", ``signals.StopSignals``) and is unwinding."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return bool(cancelling is not None and cancelling())
 
 
 def resolve_model(settings: Settings) -> asyncio.Future[LocalModel]:
