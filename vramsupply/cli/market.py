@@ -80,10 +80,13 @@ def rails(
 
 
 STATUS_SERVING, STATUS_NOT_SERVING, STATUS_NOT_LISTED = 0, 1, 3
-"""`vramsupply status`'s exit codes. 0: the agent serves and is listed on the platform (or serves
-with --no-register, as asked). 1: no agent serves (none answers, or it is loading, draining, failed).
-3: it serves but earns nothing: not listed (registering, rejected, platform unreachable, or no
-record of its registration). Not 2: that is every command's code for an invalid flag or setting."""
+"""`vramsupply status`'s exit codes. 0: the agent serves (also degraded: buyers are served, the
+warning says what is wrong) and is listed on the platform (or serves with --no-register, as asked).
+1: no agent serves (none answers, or it is loading, draining, failed). 3: it serves but is not known
+to be listed: not listed (registering, rejected, platform unreachable, or no record of its
+registration), or its record is stale (not rewritten for a few heartbeat intervals): it serves, so
+not 1, but nothing says the platform still lists it, so not 0. Not 2: that is every command's code
+for an invalid flag or setting."""
 
 
 @app.command()
@@ -91,7 +94,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
     """Show the local agent's health and its registration with the platform.
 
     Exit 0 when it serves and is listed (or serves with --no-register), 1 when no agent serves,
-    3 when it serves but is not listed on the platform (rejected, unreachable, registering)."""
+    3 when it serves but is not listed on the platform (rejected, unreachable, registering) or its
+    registration record is stale."""
     from vramsupply.platform.commands import status_table
     from vramsupply.display import json_text
 
@@ -110,7 +114,7 @@ def _agent_report() -> tuple[AgentStatus, str | None]:
     """What answers where the running agent listens (from its record, or the settings), and why
     the record is not the running agent's, when it is not."""
     from vramsupply.instance_lock import lock_holder
-    from vramsupply.platform.commands import AgentStatus
+    from vramsupply.platform.commands import AgentStatus, stale_after
     from vramsupply.platform.state import default_state_path, find_agent, probe_health
 
     settings, path = settings_from({}), default_state_path()
@@ -122,16 +126,20 @@ def _agent_report() -> tuple[AgentStatus, str | None]:
         error = f"agent process {starting} is starting: not listening yet (downloading or preparing its model)"
         note = note and f"{note}; the starting agent replaces it once it listens"
     unreadable = path if found.record is None and path.exists() else None
-    return AgentStatus(found.url, health, error, found.record, found.earlier_run is None, unreadable), note
+    # The heartbeat interval as the agent reads it (environment, config file). A --heartbeat-interval
+    # flag given to serve is not seen here, as --port is not; stale_after caps the limit at 180 s.
+    fresh_for = stale_after(settings.heartbeat_interval)
+    return AgentStatus(found.url, health, error, found.record, found.earlier_run is None, unreadable, fresh_for), note
 
 
 def _status_code(report: AgentStatus) -> int:
     from vramsupply.platform.state import Phase
 
-    if not report.healthy:
+    if not report.serving:
         return STATUS_NOT_SERVING
     record = report.registration
     listed = record is not None and report.registration_current and record.phase in (Phase.registered, Phase.not_registering)
+    listed = listed and not report.registration_stale
     return STATUS_SERVING if listed else STATUS_NOT_LISTED
 
 

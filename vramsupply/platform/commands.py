@@ -1,6 +1,11 @@
 """What `vramsupply demand`, `rails` and `status` do, so the CLI only parses flags and prints.
 
 Every function raises ``PlatformError`` (one readable line) for anything the user must fix.
+
+`status` believes the registration record only while it is fresh: an agent that heartbeats rewrites
+it at every heartbeat, accepted or failed, so a record of a heartbeating phase that has not been
+rewritten for a few intervals no longer says what the platform lists (the agent cannot write it, a
+full disk, or its lifecycle stalled). ``stale_after`` says how old is too old.
 """
 
 from __future__ import annotations
@@ -20,12 +25,21 @@ from vramsupply.platform import api
 from vramsupply.platform.advice import asked_price, consistent, count_text
 from vramsupply.platform.client import PlatformClient, PlatformError
 from vramsupply.display import plain, shown
+from vramsupply.platform.retry_wait import SILENT_OFFLINE_SECONDS
 from vramsupply.platform.state import Phase, RegistrationState
 
 T = TypeVar("T")
 MAX_WARNINGS_SHOWN = 10
 CLOCK_SLACK_SECONDS = 60
 SECONDS_PER_YEAR = 365 * 24 * 3600
+SERVING_STATUSES = frozenset({"ok", "degraded"})
+"""/health statuses of an agent that serves buyers ("degraded": served, but the earnings ledger records nothing)."""
+HEARTBEATING_PHASES = frozenset({Phase.registered, Phase.offline})
+"""Phases the lifecycle rewrites the record in at every heartbeat (the others wait out backoffs of up to minutes)."""
+STALE_AFTER_INTERVALS = 3
+HEARTBEAT_CALL_SECONDS = 10.0
+"""How long one heartbeat call may take, its retries included (``PlatformClient``'s timeout): the
+record is rewritten once it is answered or given up."""
 RAIL_BUYERS = {
     "accepts_stripe": "buyers paying with an API key (Bearer sk-…), Stripe payouts",
     "accepts_tempo": "buyers paying per token with MPP (Payment), Tempo payouts",
@@ -112,7 +126,8 @@ def rails_table(rails: api.Rails) -> Table:
 
 @dataclass(frozen=True)
 class AgentStatus:
-    """The local agent's /health answer and the registration state its lifecycle recorded."""
+    """The local agent's /health answer and the registration state its lifecycle recorded.
+    ``stale_after``: seconds after which a heartbeating record is no longer believed (``stale_after()``)."""
 
     url: str
     health: dict[str, Any] | None
@@ -120,16 +135,51 @@ class AgentStatus:
     registration: RegistrationState | None
     registration_current: bool
     unreadable_record: Path | None = None  # a registration file is there, but holds no record this version reads
+    stale_after: float = SILENT_OFFLINE_SECONDS
 
     @property
     def healthy(self) -> bool:
         return self.health is not None and self.health.get("status") == "ok"
 
+    @property
+    def serving(self) -> bool:
+        """It answers buyers: healthy, or degraded (the warning says what is wrong)."""
+        return self.health is not None and self.health.get("status") in SERVING_STATUSES
+
+    @property
+    def record_age(self) -> float | None:
+        """Seconds since the running agent last rewrote its record (None: no record of the running agent)."""
+        if self.registration is None or not self.registration_current:
+            return None
+        return time.time() - self.registration.updated_at
+
+    @property
+    def registration_stale(self) -> bool:
+        """A heartbeating record older than ``stale_after`` (or dated in the future: written before the
+        clock was set back, and not rewritten since)."""
+        age = self.record_age
+        if age is None or self.registration is None or self.registration.phase not in HEARTBEATING_PHASES:
+            return False
+        return age > self.stale_after or age < -CLOCK_SLACK_SECONDS
+
     def as_json(self) -> dict[str, Any]:
+        registration = self.registration
         return {
-            "agent": {"url": self.url, "healthy": self.healthy, "health": self.health, "error": self.health_error},
-            "registration": None if self.registration is None else {**self.registration.model_dump(mode="json"), "current": self.registration_current},
+            "agent": {"url": self.url, "healthy": self.healthy, "serving": self.serving, "health": self.health, "error": self.health_error},
+            "registration": None
+            if registration is None
+            else {**registration.model_dump(mode="json"), "current": self.registration_current, "stale": self.registration_stale},
         }
+
+
+def stale_after(heartbeat_interval: float) -> float:
+    """How old a heartbeating record may be before `status` stops believing it.
+
+    A working agent rewrites it at least every ``heartbeat_interval`` plus one call's timeout; three
+    intervals forgive a heartbeat or two made late by a busy machine without calling a healthy agent
+    stale, and catch a record nobody rewrites within minutes. Never more than the platform's own
+    limit: after that long without a heartbeat it lists the agent offline, whatever the record says."""
+    return min(STALE_AFTER_INTERVALS * heartbeat_interval + HEARTBEAT_CALL_SECONDS, SILENT_OFFLINE_SECONDS)
 
 
 def status_table(status: AgentStatus) -> Table:
@@ -147,7 +197,7 @@ def status_table(status: AgentStatus) -> Table:
 
 def _health_rows(table: Table, status: AgentStatus) -> None:
     health = status.health or {}
-    state = shown(health.get("status", "?"), style="green" if status.healthy else "yellow")
+    state = shown(health.get("status", "?"), style="green" if status.healthy else "yellow")  # degraded: yellow, with its warning
     table.add_row("agent", Text.assemble(state, "  ", shown(status.url)))
     for key in ("model", "slots_busy", "slots_idle", "queue"):
         if key in health:
@@ -176,14 +226,26 @@ def _registration_rows(table: Table, status: AgentStatus) -> None:
     if registration is None:
         table.add_row("registration", _no_record(status.unreadable_record))
         return
-    current = status.registration_current
+    current, stale = status.registration_current, status.registration_stale
     phase = registration.phase.value if current else f"{registration.phase.value} (stale: process {registration.pid} is not running)"
-    table.add_row("registration", Text(phase, style="green" if registration.phase is Phase.registered and current else "yellow"))
+    if stale:
+        phase = f"{registration.phase.value} ({_stale_reason(status)})"
+    trusted = registration.phase is Phase.registered and current and not stale
+    table.add_row("registration", Text(phase, style="green" if trusted else "yellow"))
     table.add_row("provider id", shown(registration.provider_id or "-"))
     table.add_row("platform", shown(registration.platform_url))
     table.add_row("endpoint", shown(registration.endpoint_url))
     table.add_row("last heartbeat", _ago(registration.last_heartbeat_at))
     table.add_row("detail", shown(registration.message))
+
+
+def _stale_reason(status: AgentStatus) -> str:
+    age = status.record_age or 0.0
+    written = "recorded in the future: not rewritten since the clock was set back" if age < 0 else f"not rewritten for {age:.0f}s"
+    return (
+        f"stale: {written}, while the agent rewrites it at every heartbeat (stale after {status.stale_after:.0f}s); it cannot "
+        "write it (a full disk?) or its heartbeats stalled, and the platform may no longer list it"
+    )
 
 
 def _no_record(unreadable: Path | None) -> Text:

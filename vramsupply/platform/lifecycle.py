@@ -8,8 +8,11 @@ change is also written to the registration state file that `vramsupply status` r
 The platform's word is checked, not assumed: a heartbeat answer that no longer lists this instance
 as ours and serving (another id, ``draining`` we did not ask for, an unknown status) registers
 again, and a heartbeat the platform accepted (2xx) counts its tokens as reported even when the
-answer's body is unreadable. Shutdown never claims more than it knows: a registration still in
-flight is waited for and removed again, and one whose outcome stays unknown is recorded as such.
+answer's body is unreadable. An ``offline`` answer after our heartbeats went missing for about the
+platform's silence limit is put down to that silence, not to a failing health check. Shutdown never
+claims more than it knows: the draining notice is reported as sent only once the platform took it,
+a registration still in flight is waited for and removed again, and one whose outcome stays
+unknown is recorded as such. A state file that cannot be written is logged when that changes.
 
 A tunnel may change the public URL at any moment (``move_endpoint``). The instance at the old URL
 is retired: deleted once the new one is registered, or at shutdown at the latest. A register
@@ -33,20 +36,25 @@ from vramsupply.platform.backoff import Backoff
 from vramsupply.platform.client import ApiKeyRejected, PlatformClient, PlatformError, PlatformUnavailable, UnexpectedAnswer, UnknownProvider
 from vramsupply.platform.departure import Departure
 from vramsupply.platform.heartbeat import HeartbeatStatus, ServingStats, heartbeat_status, may_have_registered, not_listed_as_ours
-from vramsupply.platform.retry_wait import RetryWait, Sleep
+from vramsupply.platform.retry_wait import SILENT_OFFLINE_SECONDS, RetryWait, Sleep
 from vramsupply.platform.state import Phase, RegistrationState, write_state
 
 log = logging.getLogger("vramsupply.platform")
 
 REGISTER_BACKOFF = Backoff(initial=1.0, cap=60.0)
 """Between registration attempts: quick at first, then at most once a minute (unless the platform asks for longer)."""
+HEALTH_CHECK_SECONDS = 60.0  # how often the platform checks every instance's /health (docs/platform-api.md)
+SILENCE_SHARE = 0.9
+"""Of the platform's silence limit: we count from its last answer, up to a round trip after it began counting."""
 
 __all__ = ["ProviderLifecycle", "ServingStats", "heartbeat_status"]
 
 
 class ProviderLifecycle(Departure, RetryWait):
     """Registers ``offer`` and heartbeats with ``stats()`` until ``stop()``; owns ``client``.
-    ``sleep``: how the waits the platform asks for are waited (a test passes one that records them)."""
+    ``sleep``: how the waits the platform asks for are waited (a test passes one that records them).
+    ``silence_limit``, ``health_check_every``: the platform's timings (docs/platform-api.md): after
+    how long without a heartbeat it lists an instance offline, and how often it checks /health."""
 
     def __init__(
         self,
@@ -60,6 +68,8 @@ class ProviderLifecycle(Departure, RetryWait):
         local_url: str | None = None,
         tunnel: str | None = None,
         sleep: Sleep = asyncio.sleep,
+        silence_limit: float = SILENT_OFFLINE_SECONDS,
+        health_check_every: float = HEALTH_CHECK_SECONDS,
     ) -> None:
         self._client = client
         self._offer = offer
@@ -82,6 +92,9 @@ class ProviderLifecycle(Departure, RetryWait):
         self._reported_prompt = 0
         self._reported_completion = 0
         self._last_heartbeat_at: float | None = None
+        self._heard_at: float | None = None  # when (monotonic) the platform last took a heartbeat or registration of ours
+        self._silence_limit, self._listed_again_within = silence_limit, 2 * health_check_every
+        self._silence: tuple[float, str] | None = None  # when an offline answer was put down to missed heartbeats, and why
         self._sent_status: HeartbeatStatus | None = None
         """The status of the last heartbeat tried (registration counts as ``online``)."""
         self._recovering = False
@@ -140,10 +153,16 @@ class ProviderLifecycle(Departure, RetryWait):
         await self._settle_register(timeout)
         if self.provider_id is None:
             return
-        self._set_phase(Phase.draining, "draining: the platform routes no new requests here")
         notice = self._client.heartbeat(self._heartbeat_request(self.provider_id, "draining", self._stats()))
-        with contextlib.suppress(PlatformError, asyncio.TimeoutError):
-            await asyncio.wait_for(notice, max(deadline - time.monotonic(), timeout / 2))
+        wait = max(deadline - time.monotonic(), timeout / 2)
+        try:  # a 2xx the platform acted on (its body unreadable), or an id it no longer knows: nothing new comes
+            with contextlib.suppress(UnexpectedAnswer, UnknownProvider):
+                await asyncio.wait_for(notice, wait)
+        except (PlatformError, asyncio.TimeoutError) as exc:
+            reason = str(exc) or f"no answer within {seconds(wait)}"
+            self._set_phase(Phase.draining, f"draining, but could not tell the platform ({reason}): it may route requests here until it is deregistered", logging.WARNING)
+            return
+        self._set_phase(Phase.draining, "draining: the platform routes no new requests here")
 
     async def stop(self, timeout: float) -> bool:
         """Deregister within ``timeout`` seconds; True when the platform no longer lists us.
@@ -156,7 +175,7 @@ class ProviderLifecycle(Departure, RetryWait):
         await self._cancel_loop()
         try:
             settled = await self._settle_register(timeout)
-            left = max(deadline - time.monotonic(), timeout / 4)
+            left = max(round(max(deadline - time.monotonic(), timeout / 4), 1), 0.1)  # in tenths: it is said when it runs out
             retired, self._retired = [old for old in self._retired if old != self.provider_id], []
             if retired and self.provider_id is None and settled and not self._unconfirmed_register:
                 return await self._remove_retired(retired, left, report=True)
@@ -245,6 +264,7 @@ class ProviderLifecycle(Departure, RetryWait):
 
     def _registered_as(self, reply: api.RegisterResponse) -> None:
         self.provider_id, self._sent_status, self._unconfirmed_register = reply.provider_id, "online", False
+        self._heard_at = time.monotonic()
         self._set_phase(Phase.registered, f"registered {self._offer.model} as {reply.provider_id} with {self._client.base_url}")
         self.registered.set()
 
@@ -264,6 +284,7 @@ class ProviderLifecycle(Departure, RetryWait):
     async def _heartbeat(self, provider_id: str) -> bool:
         snapshot = self._stats()
         status = self._sent_status = heartbeat_status(snapshot)
+        silent_for = 0.0 if self._heard_at is None else time.monotonic() - self._heard_at
         # The totals this heartbeat reports, read now: whatever serves the stats may count on meanwhile.
         totals = snapshot.prompt_tokens_total, snapshot.completion_tokens_total
         reply: api.HeartbeatResponse | None = None
@@ -278,7 +299,7 @@ class ProviderLifecycle(Departure, RetryWait):
             self._record_failure(exc)
             return False
         self._reported_prompt, self._reported_completion = totals
-        self._last_heartbeat_at = time.time()
+        self._last_heartbeat_at, self._heard_at = time.time(), time.monotonic()
         if self.provider_id != provider_id:  # the endpoint moved meanwhile: the next attempt registers
             return False
         if reply is not None and (elsewhere := not_listed_as_ours(provider_id, status, reply)):
@@ -286,19 +307,22 @@ class ProviderLifecycle(Departure, RetryWait):
             self._register_again(f"{elsewhere}; registering again")
             return False
         self._forgotten = 0
-        self._heard(provider_id, status, snapshot, None if reply is None else reply.status)
+        self._heard(provider_id, status, snapshot, None if reply is None else reply.status, silent_for)
         return True
 
-    def _heard(self, provider_id: str, status: HeartbeatStatus, snapshot: ServingStats, listed: str | None) -> None:
-        """Record an accepted heartbeat; ``listed``: the platform's status for us (None: unreadable)."""
+    def _heard(self, provider_id: str, status: HeartbeatStatus, snapshot: ServingStats, listed: str | None, silent_for: float) -> None:
+        """Record an accepted heartbeat; ``listed``: the platform's status for us (None: unreadable);
+        ``silent_for``: seconds the platform had heard nothing from us when it was sent."""
         self._recovering = status == "offline" or (self._recovering and listed == "offline")
+        if listed != "offline":
+            self._silence = None
         if status == "offline":
             message = f"told the platform to route nothing to {provider_id}: {snapshot.unavailable}"
             self._set_phase(Phase.offline, message, logging.WARNING)
         elif listed == "offline" and self._recovering:
             self._set_phase(Phase.offline, f"serving again; the platform lists {provider_id} once its next health check passes")
         elif listed == "offline":
-            self._went_offline(provider_id)
+            self._went_offline(provider_id, silent_for)
         elif listed is None:
             self._set_phase(Phase.registered, f"heartbeats accepted for {provider_id}, though the platform's answers are unreadable")
         else:
@@ -315,12 +339,20 @@ class ProviderLifecycle(Departure, RetryWait):
             self._odd_answers.add(message)
             log.warning("%s; the platform accepted the heartbeat (2xx), so its tokens count as reported", message)
 
-    def _went_offline(self, provider_id: str) -> None:
-        """Name the hop that fails, and once per outage retrace the platform's path from here."""
+    def _went_offline(self, provider_id: str, silent_for: float) -> None:
+        """Put it down to our missed heartbeats while the platform's next health checks may not have
+        run yet; otherwise name the hop that fails, and once per outage retrace the platform's path."""
+        if silent_for >= SILENCE_SHARE * self._silence_limit:
+            missed = f"the platform marked {provider_id} offline after {silent_for:.0f} s without a heartbeat from this agent"
+            self._silence = (time.monotonic(), f"{missed}; still serving, it lists it again at its next health check")
+        if self._silence is not None and time.monotonic() - self._silence[0] < self._listed_again_within:
+            self._set_phase(Phase.offline, self._silence[1], logging.WARNING)
+            return
+        explained, self._silence = self._silence is not None, None  # still offline after its health checks: they fail
         url = self._offer.endpoint_url or ""
         local_port = urlsplit(self._local_url).port if self._local_url else None
         message = f"the platform lists {provider_id} as offline: {reachability.offline_message(url, local_port, self._tunnel)}"
-        first = self.phase is not Phase.offline
+        first = self.phase is not Phase.offline or explained
         self._set_phase(Phase.offline, message, logging.WARNING)
         if first and not self._tunnel and (self._probe_task is None or self._probe_task.done()):
             self._probe_task = asyncio.create_task(self._probe(url))
@@ -364,21 +396,23 @@ class ProviderLifecycle(Departure, RetryWait):
     def _record_state(self, path: Path) -> None:
         """A state file we cannot write costs `vramsupply status` its answer, never the registration."""
         state = RegistrationState(
-            phase=self.phase,
-            platform_url=self._client.base_url,
-            model=self._offer.model,
-            endpoint_url=self._offer.endpoint_url or "",
-            provider_id=self.provider_id,
-            message=self.message,
-            pid=os.getpid(),
-            updated_at=time.time(),
-            last_heartbeat_at=self._last_heartbeat_at,
-            local_url=self._local_url,
-        )
+            phase=self.phase, platform_url=self._client.base_url, model=self._offer.model, endpoint_url=self._offer.endpoint_url or "",
+            provider_id=self.provider_id, message=self.message, pid=os.getpid(), updated_at=time.time(),
+            last_heartbeat_at=self._last_heartbeat_at, local_url=self._local_url,
+        )  # fmt: skip
         try:
             write_state(path, state)
         except OSError as exc:
-            if not self._state_unwritable:
+            if not self._state_unwritable:  # logged when that changes, not at every heartbeat
                 self._state_unwritable = True
-                log.warning("cannot record the registration state in %s (%s); `vramsupply status` will not show it", path, exc.strerror or exc)
+                log.warning("cannot record the registration state in %s (%s); `vramsupply status` cannot show it until it is written again", path, exc.strerror or exc)
+            return
+        if self._state_unwritable:
+            self._state_unwritable = False
+            log.info("the registration state is written again in %s", path)
+
+
+def seconds(value: float) -> str:
+    """A duration as a person reads it: whole seconds, or tenths below ten."""
+    return f"{value:.0f} s" if value >= 10 else f"{round(value, 1):g} s"
 
