@@ -29,12 +29,12 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from vramsupply.platform import api, reachability
+from vramsupply.platform import api
 from vramsupply.platform.backoff import Backoff
 from vramsupply.platform.client import ApiKeyRejected, PlatformClient, PlatformError, PlatformUnavailable, UnexpectedAnswer, UnknownProvider
 from vramsupply.platform.departure import Departure
+from vramsupply.platform.offline_reason import HEALTH_CHECK_SECONDS, OfflineReason
 from vramsupply.platform.heartbeat import HeartbeatStatus, ServingStats, heartbeat_status, may_have_registered, not_listed_as_ours
 from vramsupply.platform.retry_wait import SILENT_OFFLINE_SECONDS, RetryWait, Sleep
 from vramsupply.platform.state import Phase, RegistrationState, write_state
@@ -43,14 +43,11 @@ log = logging.getLogger("vramsupply.platform")
 
 REGISTER_BACKOFF = Backoff(initial=1.0, cap=60.0)
 """Between registration attempts: quick at first, then at most once a minute (unless the platform asks for longer)."""
-HEALTH_CHECK_SECONDS = 60.0  # how often the platform checks every instance's /health (docs/platform-api.md)
-SILENCE_SHARE = 0.9
-"""Of the platform's silence limit: we count from its last answer, up to a round trip after it began counting."""
 
 __all__ = ["ProviderLifecycle", "ServingStats", "heartbeat_status"]
 
 
-class ProviderLifecycle(Departure, RetryWait):
+class ProviderLifecycle(Departure, RetryWait, OfflineReason):
     """Registers ``offer`` and heartbeats with ``stats()`` until ``stop()``; owns ``client``.
     ``sleep``: how the waits the platform asks for are waited (a test passes one that records them).
     ``silence_limit``, ``health_check_every``: the platform's timings (docs/platform-api.md): after
@@ -338,28 +335,6 @@ class ProviderLifecycle(Departure, RetryWait):
         if message not in self._odd_answers and len(self._odd_answers) < 100:
             self._odd_answers.add(message)
             log.warning("%s; the platform accepted the heartbeat (2xx), so its tokens count as reported", message)
-
-    def _went_offline(self, provider_id: str, silent_for: float) -> None:
-        """Put it down to our missed heartbeats while the platform's next health checks may not have
-        run yet; otherwise name the hop that fails, and once per outage retrace the platform's path."""
-        if silent_for >= SILENCE_SHARE * self._silence_limit:
-            missed = f"the platform marked {provider_id} offline after {silent_for:.0f} s without a heartbeat from this agent"
-            self._silence = (time.monotonic(), f"{missed}; still serving, it lists it again at its next health check")
-        if self._silence is not None and time.monotonic() - self._silence[0] < self._listed_again_within:
-            self._set_phase(Phase.offline, self._silence[1], logging.WARNING)
-            return
-        explained, self._silence = self._silence is not None, None  # still offline after its health checks: they fail
-        url = self._offer.endpoint_url or ""
-        local_port = urlsplit(self._local_url).port if self._local_url else None
-        message = f"the platform lists {provider_id} as offline: {reachability.offline_message(url, local_port, self._tunnel)}"
-        first = self.phase is not Phase.offline or explained
-        self._set_phase(Phase.offline, message, logging.WARNING)
-        if first and not self._tunnel and (self._probe_task is None or self._probe_task.done()):
-            self._probe_task = asyncio.create_task(self._probe(url))
-
-    async def _probe(self, url: str) -> None:
-        result = await reachability.probe(url, self._local_url)
-        log.warning("reachability of %s from this machine: %s", url, result.message)
 
     def _heartbeat_request(self, provider_id: str, status: HeartbeatStatus, snapshot: ServingStats) -> api.HeartbeatRequest:
         """Status plus the tokens served since the last heartbeat the platform acknowledged."""

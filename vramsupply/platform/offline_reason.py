@@ -1,0 +1,65 @@
+"""Why the platform lists this agent offline, said once per outage, with what to do about it.
+
+Apart from ``lifecycle.py`` because the diagnosis has rules of its own. An ``offline`` answer
+usually means the platform's health checks of the endpoint fail (a port not forwarded, a tunnel
+down): the message names the hop, and once per outage the agent retraces the platform's path
+(``reachability.probe``). But the platform also lists an instance offline after its silence limit
+without a heartbeat (docs/platform-api.md), which the agent can tell from its own side: when the
+platform last took a heartbeat of ours. Then the forwarding advice would be wrong; the message says
+so, and only if the instance is still offline after the platform's next two health checks is the
+path retraced after all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from urllib.parse import urlsplit
+
+from vramsupply.platform import api, reachability
+from vramsupply.platform.state import Phase
+
+log = logging.getLogger("vramsupply.platform")
+
+HEALTH_CHECK_SECONDS = 60.0  # how often the platform checks every instance's /health (docs/platform-api.md)
+SILENCE_SHARE = 0.9
+"""Of the platform's silence limit: we count from its last answer, up to a round trip after it began counting."""
+
+
+class OfflineReason:
+    """Mixed into ``ProviderLifecycle``, which owns the attributes read here."""
+
+    _silence: tuple[float, str] | None
+    _silence_limit: float
+    _listed_again_within: float
+    _offer: api.RegisterRequest
+    _local_url: str | None
+    _tunnel: str | None
+    _probe_task: asyncio.Task[None] | None
+    phase: Phase
+
+    def _set_phase(self, phase: Phase, message: str, level: int = logging.INFO) -> None:
+        raise NotImplementedError
+
+    def _went_offline(self, provider_id: str, silent_for: float) -> None:
+        """Put it down to our missed heartbeats while the platform's next health checks may not have
+        run yet; otherwise name the hop that fails, and once per outage retrace the platform's path."""
+        if silent_for >= SILENCE_SHARE * self._silence_limit:
+            missed = f"the platform marked {provider_id} offline after {silent_for:.0f} s without a heartbeat from this agent"
+            self._silence = (time.monotonic(), f"{missed}; still serving, it lists it again at its next health check")
+        if self._silence is not None and time.monotonic() - self._silence[0] < self._listed_again_within:
+            self._set_phase(Phase.offline, self._silence[1], logging.WARNING)
+            return
+        explained, self._silence = self._silence is not None, None  # still offline after its health checks: they fail
+        url = self._offer.endpoint_url or ""
+        local_port = urlsplit(self._local_url).port if self._local_url else None
+        message = f"the platform lists {provider_id} as offline: {reachability.offline_message(url, local_port, self._tunnel)}"
+        first = self.phase is not Phase.offline or explained
+        self._set_phase(Phase.offline, message, logging.WARNING)
+        if first and not self._tunnel and (self._probe_task is None or self._probe_task.done()):
+            self._probe_task = asyncio.create_task(self._probe(url))
+
+    async def _probe(self, url: str) -> None:
+        result = await reachability.probe(url, self._local_url)
+        log.warning("reachability of %s from this machine: %s", url, result.message)
