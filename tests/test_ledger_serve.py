@@ -278,6 +278,8 @@ async def test_a_request_that_failed_before_its_first_token_is_not_revenue(tmp_p
         failed_stream = await buy_once(live, stream=True)
         decode.allow(4)  # the prompt and three tokens, then the decode fails: a stream cut short
         cut = await buy_once(live, stream=True, max_tokens=40)
+        decode.allow(4)  # the same, asked for as one answer: the buyer gets a 500 and no usage
+        cut_whole = await buy_once(live, stream=False, max_tokens=40)
         decode.allow(None)
         served = await buy_once(live, stream=False)
         await live.acall(lambda: live.state.accounts.flush(30))
@@ -286,9 +288,11 @@ async def test_a_request_that_failed_before_its_first_token_is_not_revenue(tmp_p
     assert refused["status"] >= 500 and refused["error"] and refused["id"] is None
     assert failed_stream["status"] == 200 and failed_stream["error"] and failed_stream["chunks"] == 0 and failed_stream["usage"] is None
     assert cut["error"] and cut["chunks"] > 0 and cut["usage"] is None
+    assert cut_whole["status"] >= 500 and cut_whole["error"] and cut_whole["usage"] is None
     assert served["status"] == 200 and served["usage"]["completion_tokens"] == 5
     rows = {e.request_id: e for e in LedgerStore(path).entries()}
-    assert set(rows) == {cut["id"], served["id"]}, "the two requests that failed before a token went out are not in the ledger"
+    assert set(rows) == {cut["id"], served["id"]}, "the requests whose buyers got only an error are not in the ledger"
+    assert len(rows) == 2, "nor is the whole answer failed part way, which its buyer never received"
     assert not rows[cut["id"]].complete and cut["chunks"] <= rows[cut["id"]].completion_tokens < 40, "billed for what was sent, marked incomplete"
     assert rows[cut["id"]].gross_nanocents == gross_nanocents(rows[cut["id"]].prompt_tokens, rows[cut["id"]].completion_tokens, *PRICES) > 0
     assert rows[served["id"]].complete and rows[served["id"]].completion_tokens == 5

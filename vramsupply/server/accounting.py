@@ -131,6 +131,11 @@ class Bill:
         self.settled = True
         await self._accounts.record(self.finished(usage, complete=True))
 
+    def void(self) -> None:
+        """The buyer is answered with an error and no usage (a whole answer the engine failed part
+        way): nothing was sold, so nothing is recorded."""
+        self.settled = True
+
     def abandon(self, generations: Sequence[Generation]) -> None:
         """The request ended without settling: record it once its cancelled generations stop."""
         if not self.settled:

@@ -272,6 +272,8 @@ async def _complete(
         finishes = [_finish(g) for g in generations]
         return web.Response(text=shape.response(texts, finishes, usage, logprobs), content_type="application/json")
     except EngineError as exc:
+        if not stream:  # a stream's error event follows what was sent, and that is billed
+            bill.void()
         raise engine_error(exc, shape.prompt_param) from None
     finally:
         for generation in generations:
