@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from live_platform import LivePlatform, free_port
 from live_server import LiveServer
 from test_liveness import PROMPT, get, post
 from test_platform_serve import marketplace_env
+import test_service_serve
 from test_service_serve import NotifySocket
 from test_shutdown import stream
 
@@ -130,14 +129,7 @@ def _buy(endpoint: str, token: str | None) -> tuple[int, dict[str, Any]]:
         return 0, {"no answer": repr(error)}
 
 
-@pytest.fixture
-def notify_socket() -> Iterator[NotifySocket]:
-    """Plays systemd's notify socket (in a short directory: AF_UNIX paths are limited to 108 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="vs-notify-") as directory:
-        listener = NotifySocket(Path(directory) / "notify")
-        yield listener
-        listener.close()
-
+notify_socket = test_service_serve.notify_socket  # the fixture playing systemd's notify socket
 
 STALLING = "FAULT: stalling a decode"
 RESUMES = "FAULT: the decode resumes"
