@@ -88,6 +88,17 @@ def test_how_old_is_too_old_follows_the_heartbeat_interval_the_agent_is_configur
     assert report["registration"]["stale"] is True
 
 
+def test_the_interval_the_agent_recorded_wins_over_the_one_status_would_read() -> None:
+    """An agent started with `serve --heartbeat-interval 50`: status, run without that flag, reads
+    30 s (stale after 100 s), but a record 120 s old is only two of that agent's beats late."""
+    with healthy_agent() as agent:
+        write_raw_state(local_url=agent.url, updated_at=time.time() - 120, heartbeat_interval=50)
+        table, report = status_of(agent)
+
+    assert table.returncode == 0, table.stdout
+    assert report["registration"]["stale"] is False and report["registration"]["heartbeat_interval"] == 50
+
+
 def test_a_record_from_before_the_clock_was_set_back_is_not_trusted_either() -> None:
     with healthy_agent() as agent:
         write_raw_state(local_url=agent.url, updated_at=time.time() + 3600)

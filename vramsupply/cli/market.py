@@ -126,9 +126,10 @@ def _agent_report() -> tuple[AgentStatus, str | None]:
         error = f"agent process {starting} is starting: not listening yet (downloading or preparing its model)"
         note = note and f"{note}; the starting agent replaces it once it listens"
     unreadable = path if found.record is None and path.exists() else None
-    # The heartbeat interval as the agent reads it (environment, config file). A --heartbeat-interval
-    # flag given to serve is not seen here, as --port is not; stale_after caps the limit at 180 s.
-    fresh_for = stale_after(settings.heartbeat_interval)
+    # The heartbeat interval the agent recorded (a --heartbeat-interval flag given to serve included),
+    # else as the agent would read it (environment, config file); stale_after caps the limit at 180 s.
+    recorded = found.record.heartbeat_interval if found.record is not None else None
+    fresh_for = stale_after(recorded or settings.heartbeat_interval)
     return AgentStatus(found.url, health, error, found.record, found.earlier_run is None, unreadable, fresh_for), note
 
 

@@ -70,6 +70,7 @@ class RegistrationState(BaseModel):
     last_heartbeat_at: float | None = None
     local_url: str | None = None  # where this machine reaches the agent (its real port, also with --port 0)
     process_start: int | None = Field(None, ge=0)  # when ``pid`` started (``process_start``): tells it from a later program
+    heartbeat_interval: float | None = Field(None, gt=0)  # how often the agent rewrites a heartbeating record: `status` judges its age by it
 
 
 def default_state_path() -> Path:
