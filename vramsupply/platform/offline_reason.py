@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from vramsupply.platform import api, reachability
@@ -38,9 +39,7 @@ class OfflineReason:
     _tunnel: str | None
     _probe_task: asyncio.Task[None] | None
     phase: Phase
-
-    def _set_phase(self, phase: Phase, message: str, level: int = logging.INFO) -> None:
-        raise NotImplementedError
+    _set_phase: Callable[..., None]  # (phase, message, level): records and logs a change of phase
 
     def _went_offline(self, provider_id: str, silent_for: float) -> None:
         """Put it down to our missed heartbeats while the platform's next health checks may not have
