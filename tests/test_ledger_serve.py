@@ -192,6 +192,13 @@ async def health_of(live: LiveServer) -> dict[str, Any]:
         return await response.json()
 
 
+async def ledger_gauge(live: LiveServer) -> str:
+    """The ``vramsupply_ledger_healthy`` line a Prometheus scrape reads."""
+    async with aiohttp.ClientSession() as http, http.get(f"{live.url}/metrics") as response:
+        text = await response.text()
+    return next(line for line in text.splitlines() if line.startswith("vramsupply_ledger_healthy "))
+
+
 async def test_a_buyer_hanging_up_during_the_commit_costs_later_buyers_nothing(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
     async with LiveServer(endpoint_token=TOKEN) as live:
@@ -218,13 +225,16 @@ async def test_a_dead_ledger_writer_leaves_buyers_served_and_health_degraded(tmp
         def broken(entries: object) -> None:
             raise WriterBug("simulated")
 
+        recording = await ledger_gauge(live)
         writer.store.add = broken  # type: ignore[method-assign]
         answers = [await ask(live, 10) for _ in range(2)]
         health = await health_of(live)
+        alert = await ledger_gauge(live)
         writer.close()
 
     assert answers == ["HTTP 200", "HTTP 200"], "served at once: nobody waits on a writer that is gone"
     assert health["status"] == "degraded"
+    assert (recording, alert) == ("vramsupply_ledger_healthy 1.0", "vramsupply_ledger_healthy 0.0"), "a scrape alerts on it too"
     assert any("earnings ledger writer stopped" in warning for warning in health["warnings"])
 
 

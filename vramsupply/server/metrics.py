@@ -27,7 +27,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class ServerMetrics:
     """Counters the handlers update and gauges sampled from ``stats`` (``None`` while loading)."""
 
-    def __init__(self, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats | None], ledger_failure: Callable[[], str | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
         self._stats = stats
         self.requests = Counter(
@@ -59,6 +59,8 @@ class ServerMetrics:
         self._gauge("vramsupply_cpu_threads", "CPU threads the decode uses now: fewer than the cores while other programs keep them busy",
                     lambda s: s.cpu_threads)
         self._gauge("vramsupply_engine_healthy", "1 while the engine can serve; 0 once it failed (see /health)", lambda s: s.failure is None)
+        Gauge("vramsupply_ledger_healthy", "1 while the earnings ledger records what is served; 0 while it cannot (the reason is in /health's warnings)",
+              registry=self.registry).set_function(lambda: float(ledger_failure() is None))
 
     def _gauge(self, name: str, documentation: str, read: Callable[[EngineStats], int]) -> None:
         def sample() -> float:

@@ -36,8 +36,8 @@ class ServerState:
         self.endpoint_token = endpoint_token or None
         self.engine: Engine | None = None
         self._names = {model_id.lower(), *(a.lower() for a in aliases)}
-        self.metrics = ServerMetrics(self.stats)
         self.accounts = Accounts()
+        self.metrics = ServerMetrics(self.stats, ledger_failure=lambda: self.accounts.failure)
 
     placement: Any = None  # vramsupply.gpu.report.PlacementMonitor once loaded: where the model runs
 
