@@ -172,8 +172,9 @@ async def test_a_model_that_leaves_during_a_generation_is_noticed_once_the_upstr
 
 
 async def test_a_model_list_read_that_fails_once_a_request_began_leaves_the_upstream_ready(caplog: pytest.LogCaptureFixture) -> None:
-    """The read began while idle; a buyer's request came before its answer: a failure then may be
-    the generation's doing, and says nothing. Once idle again, the same failure counts."""
+    """The read began while idle; a buyer's request came before its answer and waits for it: a
+    failure then refuses nobody already admitted, and the buyer is served. Once idle again, the
+    same failure counts."""
     upstream = HeldUpstream(like_llama_cpp=True)
     async with fronted(upstream) as front:
         state = front.backend.state
@@ -182,7 +183,7 @@ async def test_a_model_list_read_that_fails_once_a_request_began_leaves_the_upst
         upstream.models_gate = asyncio.Event()
         await asyncio.wait_for(upstream.models_held.wait(), 30)
         answer = asyncio.create_task(front.stream(CHAT))
-        await eventually(lambda: upstream.open == 1)
+        await eventually(lambda: state.idle_read.held == 1)
         upstream.models_status = 500
         upstream.models_gate.set()
         await next_looks(state, 3)

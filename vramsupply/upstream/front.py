@@ -68,6 +68,45 @@ class FrontCounters:
     usage_sources: dict[str, int] = field(default_factory=dict)
 
 
+class IdleReadGate:
+    """The upstream's idle-time ``/v1/models`` read and the requests that wait for it to end.
+
+    llama_cpp.server makes that read take its generation lock, and a request waiting for the lock
+    stops the stream that holds it (see ``monitor``): a buyer's request must never meet the read
+    there. ``claim`` takes the gate only while nothing is in flight, in one step with no await
+    between the check and the claim; a request counts itself in flight, then waits in ``passed``
+    until ``release``. Counted first, it also keeps the next read from starting before it is
+    forwarded. Whoever claims releases in a ``finally``, within the read's own timeout.
+    """
+
+    def __init__(self, counters: FrontCounters) -> None:
+        self._counters = counters
+        self._open = asyncio.Event()
+        self._open.set()
+        self.held = 0
+        """Requests waiting for the read to end."""
+
+    def claim(self) -> bool:
+        """Take the gate for a read, if nothing is in flight and no read is under way."""
+        if self._counters.in_flight or not self._open.is_set():
+            return False
+        self._open.clear()
+        return True
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def passed(self) -> None:
+        """Once no read is under way: at once, unless one is."""
+        if self._open.is_set():
+            return
+        self.held += 1
+        try:
+            await self._open.wait()
+        finally:
+            self.held -= 1
+
+
 class FrontState(ServerState):
     def __init__(
         self,
@@ -86,6 +125,8 @@ class FrontState(ServerState):
         self.slots_total = slots_total
         self.health = UpstreamHealth()
         self.counters = FrontCounters()
+        self.idle_read = IdleReadGate(self.counters)
+        """Held while the watch reads the upstream's ``/v1/models``: forwarded requests wait (``monitor``)."""
         self.limits = RelayLimits()
         self.n_ctx = 0
         """The served context, once known: bounds the usage an answer may claim."""

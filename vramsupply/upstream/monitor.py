@@ -11,8 +11,15 @@ once. Every look goes through the client's probe connections, never queued behin
 llama_cpp.server makes ``/v1/models`` wait for the same lock as generation, and by default a
 request waiting for that lock stops the stream holding it: read every few seconds, it cut every
 long answer at the next look; with that interruption turned off, it waited out the generation and
-a healthy server looked down. So while buyers are served the last verdict stands, and a read that
-fails because a request began meanwhile changes nothing: the next idle look tells.
+a healthy server looked down. So while buyers are served the last verdict stands.
+
+Nor does a buyer's request meet the read: the read claims the front's ``IdleReadGate`` in the same
+step as it finds nothing in flight (no await between), and a request that comes meanwhile is
+counted in flight and waits at the gate until the read ends, then is forwarded. The wait is
+bounded by the read's own timeout (``MODELS_READ_SECONDS``, the probes' timeout): however the read
+ends (an answer, an error, the timeout, the watch cancelled), the gate is released. A read that
+fails while a buyer waits changes nothing, so that one failed look does not refuse a buyer already
+admitted: the buyer is forwarded, and the next idle look tells.
 
 Reasons are what buyers read (``/health``, 503 bodies): they never name the server's address. The
 provider's log does: a ``Reason`` carries the words for the log too (``logged``).
@@ -29,13 +36,16 @@ import asyncio
 import logging
 import time
 
-from vramsupply.upstream.client import UpstreamClient, UpstreamUnavailable, listed_as
+from vramsupply.upstream.client import PROBE_TIMEOUT, UpstreamClient, UpstreamUnavailable, listed_as
 from vramsupply.upstream.front import FrontState
 from vramsupply.upstream.metrics import ANY_ENGINE, GAUGES, read_load
 
 log = logging.getLogger("vramsupply.upstream")
 
 CHECK_INTERVAL_SECONDS = 5.0
+MODELS_READ_SECONDS = PROBE_TIMEOUT.total
+"""The most an idle-time ``/v1/models`` read may hold buyers at the gate (see the module docstring):
+the client's timeout for every probe."""
 
 
 class Reason(str):
@@ -67,7 +77,8 @@ async def check_upstream(client: UpstreamClient, engine: str) -> str | None:
 
 class ModelListing:
     """Whether a server the provider runs still lists our model: ``/v1/models``, read only while no
-    request is in flight through the front (see the module docstring)."""
+    request is in flight through the front, and holding requests that come meanwhile at the gate
+    (see the module docstring)."""
 
     def __init__(self, state: FrontState) -> None:
         self.state = state
@@ -78,14 +89,17 @@ class ModelListing:
 
     async def check(self) -> str | None:
         """A fresh verdict while idle; while requests are in flight, the last one."""
-        if self.busy():
+        gate = self.state.idle_read
+        if not gate.claim():
             return self.reason
         try:
-            listed = [m.name for m in await self.state.client.models()]
+            listed = await self.read()
         except UpstreamUnavailable as exc:
-            if not self.busy():  # else a request began meanwhile, and may be what held the read up
+            if not self.busy():  # else a buyer waits: forwarded on the last verdict, the next idle look tells
                 self.reason = unavailable(exc, "the upstream does not list its models: ")
             return self.reason
+        finally:
+            gate.release()  # however the read ended, within MODELS_READ_SECONDS
         model = self.state.upstream_model
         if listed_as(model, listed) is None:
             lists = f"does not serve {model} (it lists: {', '.join(listed)[:300] or 'nothing'})"
@@ -93,6 +107,14 @@ class ModelListing:
         else:
             self.reason = None
         return self.reason
+
+    async def read(self) -> list[str]:
+        """The names the upstream lists, within the probes' timeout (``MODELS_READ_SECONDS``).
+
+        Not ``asyncio.wait_for`` around it: on Python 3.11 that can swallow the watch's own
+        cancellation when the read ends in the same moment, and the agent's shutdown then waited
+        forever for the watch."""
+        return [m.name for m in await self.state.client.models()]
 
 
 async def refresh(state: FrontState, engine: str, listing: ModelListing | None = None) -> str | None:

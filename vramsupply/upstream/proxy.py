@@ -11,6 +11,8 @@ and llama-server abort a generation whose client went away.
 Whatever the upstream does, the buyer gets OpenAI error JSON for it: a status that is not the
 buyer's fault becomes 502 (``refusal``), an unusable or oversized answer 502 and a slow one 504
 (``limits``). Redirects are not followed: an upstream that redirects a generation is misconfigured.
+A request that comes while the watch reads the upstream's ``/v1/models`` waits for that read to end
+before it is forwarded (``front.IdleReadGate``): on llama_cpp.server the two would meet at its lock.
 At the drain's deadline a request still waiting ends as our own engine's does (``front.Forwarded``):
 503 ``shutting_down``, its upstream request closed.
 """
@@ -64,8 +66,9 @@ async def forward_exchange(
 ) -> web.StreamResponse:
     """The answer, or OpenAI error JSON for whatever ended it before the answer began."""
     state, path = exchange.state, exchange.path
-    state.counters.in_flight += 1
+    state.counters.in_flight += 1  # before the gate: no idle /v1/models read starts once it is counted
     try:
+        await state.idle_read.passed()
         return await ask_upstream(request, exchange, upstream_body, streaming, forwarded)
     except asyncio.CancelledError:
         if not forwarded.stopped():  # the buyer hung up: nobody to answer
