@@ -131,6 +131,7 @@ class Scheduler:
         decode every step after it (see the module docstring)."""
         self._thread.start()
         self._warm_up.wait(join=self._thread.join)
+        self._liveness.pauses.start()  # a frozen process is no stall (``liveness.py``); ended by ``stop``
 
     # ---- any thread -------------------------------------------------------------------------
 
@@ -208,6 +209,7 @@ class Scheduler:
             self._closed = True
             if not already:
                 self._inbox.post(STOP)
+        self._liveness.pauses.stop()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         return not self._thread.is_alive()
