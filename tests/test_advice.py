@@ -26,17 +26,17 @@ def test_dollars_per_hour_by_hand() -> None:
 
 @pytest.mark.parametrize(
     ("price", "units"),
-    [(200, 3), (100, 2), (95, 1), (96, 2), (190, 2), (191, 3), (285, 3), (286, 4), (0, 0), (1, 1), (2000, 21)],
+    [(200, 2), (100, 1), (95, 1), (101, 2), (201, 3), (250, 3), (300, 3), (301, 4), (0, 0), (1, 1), (2000, 20)],
 )
-def test_the_tempo_amount_is_the_price_plus_the_fee_rounded_up_to_whole_units(price: int, units: int) -> None:
-    # 200 ¢/M × 1.05 = 210 ¢/M = 2.1 units/token → 3; 95 × 1.05 = 99.75 → 1; 2000 × 1.05 = 2100 → exactly 21
+def test_the_tempo_amount_is_the_price_rounded_up_to_whole_units_the_fee_inside_it(price: int, units: int) -> None:
+    # 200 ¢/M = 2 units/token exactly; 250 ¢/M = 2.5 → 3; 95 → 0.95 → 1: buyers pay the provider's price, who earns 95 % of it
     assert tempo_units(price) == units
 
 
 def test_the_prices_a_tempo_buyer_pays_the_same_for() -> None:
-    assert tempo_price_range(1) == (1, 95)
-    assert tempo_price_range(2) == (96, 190)
-    assert tempo_price_range(3) == (191, 285)
+    assert tempo_price_range(1) == (1, 100)
+    assert tempo_price_range(2) == (101, 200)
+    assert tempo_price_range(3) == (201, 300)
     for units in range(1, 30):
         low, high = tempo_price_range(units)
         assert tempo_units(low) == tempo_units(high) == units
@@ -73,17 +73,17 @@ def test_advice_for_one_model_by_hand() -> None:
         "  market band: low $1.50, median $2.00, high $2.50 (3 online)",
         "  your price: $2.00, 50 % of the way from low to high, at the median",
         "  at your measured 100.0 tok/s (4 slots busy) you would earn $0.51/h at low, $0.68/h at median, $0.86/h at high (95 %, output tokens only)",
-        "  Tempo (MPP): buyers pay 3 unit(s)/token = $3.00/M for your $2.00/M (fee added, rounded up to a whole unit); every price from $1.91 to $2.85 costs them the same",
+        "  Tempo (MPP): buyers pay 2 unit(s)/token = $2.00/M for your $2.00/M (the 5 % fee is inside the price; rounded up to a whole unit); every price from $1.01 to $2.00 costs them the same",
     ]
     assert advice.as_json()["earned_cents_per_hour"] == {"low": "51.30", "median": "68.40", "high": "85.50"}
-    assert advice.as_json()["tempo"] == {"units_per_token": 3, "cents_per_million": 300, "same_units_from": 191, "same_units_to": 285}
+    assert advice.as_json()["tempo"] == {"units_per_token": 2, "cents_per_million": 200, "same_units_from": 101, "same_units_to": 200}
 
 
 def test_advice_without_a_market_or_a_measurement_says_what_is_missing() -> None:
     lines = advice_lines(Advice("m", 100, None, 0, None, None))
     assert "no provider is online for it" in lines[1]
     assert "run `vramsupply bench`" in lines[2]
-    assert "buyers pay 2 unit(s)/token = $2.00/M" in lines[3]
+    assert "buyers pay 1 unit(s)/token = $1.00/M" in lines[3]
 
 
 async def test_demand_prints_advice_for_the_model_you_serve_at_your_measured_speed() -> None:
@@ -102,7 +102,7 @@ async def test_demand_prints_advice_for_the_model_you_serve_at_your_measured_spe
     # 2000 tok/s = 7.2 M tokens/h: × $1.50/M × 0.95 = $10.26, × $2.00 → $13.68, × $3.00 → $20.52
     assert "you would earn $10.26/h at low, $13.68/h at median, $20.52/h at high" in table.stdout
     assert "your price: $2.50, 66 % of the way from low to high, above the median" in table.stdout
-    # 250 × 1.05 = 262.5 ¢/M → 2.625 units → 3 units/token
+    # 250 ¢/M = 2.5 units → 3 units/token
     assert "buyers pay 3 unit(s)/token = $3.00/M for your $2.50/M" in table.stdout
     [advice] = json.loads(as_json.stdout)["advice"]
     assert advice["band"] == {"low": 150, "median": 200, "high": 300, "median_estimated": False}

@@ -165,7 +165,7 @@ async def test_no_authorization_gets_an_mpp_challenge_and_a_payment_credential_i
     assert header.startswith("Payment ")
     assert (params["realm"], params["method"], params["intent"]) == ("vram.supply", "tempo", "session")
     request = json.loads(base64.urlsafe_b64decode(params["request"] + "=" * (-len(params["request"]) % 4)))
-    assert request["amount"] == "3", "200 ¢/M = 2 base units per token, plus the 5% fee, rounded up"
+    assert request["amount"] == "2", "200 ¢/M = 2 base units per token: the 5% fee is inside the price, not added"
     assert request["unitType"] == "llm_token" and request["suggestedDeposit"] == "1000000"
 
     credential = {
@@ -182,6 +182,11 @@ async def test_no_authorization_gets_an_mpp_challenge_and_a_payment_credential_i
     assert events[-2].startswith("event: payment-receipt\ndata: ")
     receipt = json.loads(events[-2].split("data: ", 1)[1])
     assert receipt["status"] == "success" and receipt["tokens"] > 3
+    completion = 3
+    prompt = receipt["tokens"] - completion
+    # charged at the provider's own prices (100 and 200 ¢/M: 1 and 2 base units a token), the fee
+    # inside them: the ledger's gross for the same request, of which the provider earns 95 %
+    assert int(receipt["amount"]) == prompt * 1 + completion * 2
 
     forged = dict(credential, challenge={"id": "ch_forged"})
     encoded_forged = base64.urlsafe_b64encode(json.dumps(forged).encode()).decode()

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 from datetime import datetime, timezone
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vramsupply.devplatform.store import Challenge
-from vramsupply.platform.api import PLATFORM_FEE
 
 REALM = "vram.supply"
 PATH_USD = "0x20c0000000000000000000000000000000000000"
@@ -48,16 +46,20 @@ class Credential(BaseModel):
 
 
 def per_token_amount(price_cents_per_million: int) -> int:
-    """USDC base units (6 decimals) per token, platform fee included, rounded up.
+    """USDC base units (6 decimals) per token at the provider's output price, rounded up.
 
-    Cents per million tokens is 1/100 of a base unit per token: 200 ¢/M → 2 → 2.1 with the fee → 3.
+    Cents per million tokens is 1/100 of a base unit per token: 200 ¢/M → 2, 250 ¢/M → 3. The
+    platform fee is inside the price, not added to it: the provider earns ``1 - platform.api.PLATFORM_FEE`` of
+    what the buyer pays, as the agent's ledger and startup summary say. One amount per token is
+    advertised, the dearer (output) price's; the receipt charges each token at its own price.
     """
-    return math.ceil(price_cents_per_million * (1 + PLATFORM_FEE) / 100)
+    return -(-price_cents_per_million // 100)
 
 
 def charge(prompt_tokens: int, completion_tokens: int, input_cents: int, output_cents: int) -> int:
-    """What a finished request costs in USDC base units, platform fee included."""
-    return math.ceil((prompt_tokens * input_cents + completion_tokens * output_cents) * (1 + PLATFORM_FEE) / 100)
+    """What a finished request costs in USDC base units at the provider's prices (the platform's
+    fee is inside them), rounded up to a whole unit."""
+    return -(-(prompt_tokens * input_cents + completion_tokens * output_cents) // 100)
 
 
 def b64url(data: dict[str, object]) -> str:

@@ -7,9 +7,11 @@ low, median and high. Output tokens only: prompt tokens are paid on top, but how
 the buyers.
 
 On the Tempo rail (MPP) buyers pay one per-token amount in whole base units of a 6-decimal
-stablecoin: 1 unit per token is $1.00 per million (100 ¢/M). The platform adds its 5 % fee and
-rounds up, so a price of 200 ¢/M becomes 3 units (300 ¢/M) there, and every price from 191 to
-285 ¢/M costs a Tempo buyer the same 3 units. Arithmetic is exact (integers and ``Decimal``).
+stablecoin: 1 unit per token is $1.00 per million (100 ¢/M). The 5 % fee is inside the price, as on
+every rail (buyers pay the provider's price, the provider earns 95 % of it; the reference
+platform's receipts and the ledger agree on that), and the amount is rounded up to a whole unit:
+a price of 200 ¢/M is 2 units there, 250 ¢/M costs 3, and every price from 201 to 300 ¢/M costs a
+Tempo buyer the same 3 units. Arithmetic is exact (integers and ``Decimal``).
 
 The band is what other providers ask, so anyone can put anything in it: an offer above the highest
 price this agent accepts (``config.MAX_PRICE``, $10,000 per million) counts as that price, and the
@@ -31,8 +33,6 @@ from vramsupply.display import plain
 from vramsupply.platform.offer import format_cents
 
 PROVIDER_SHARE = Decimal(95) / 100
-FEE_MARKUP_PERCENT = 105
-"""Tempo amount = price × 1.05, rounded up to a whole unit (docs/platform-api.md)."""
 CENTS_PER_MILLION_PER_UNIT = 100
 """One base unit (10⁻⁶ of a stablecoin dollar) per token is 100 ¢ per million tokens."""
 SECONDS_PER_HOUR = 3600
@@ -97,14 +97,14 @@ def earned_cents_per_hour(tokens_per_second: float, price_cents_per_million: int
 
 
 def tempo_units(price_cents_per_million: int) -> int:
-    """Base units per token a Tempo buyer pays: the price plus the fee, rounded up to a whole unit."""
-    return -(-price_cents_per_million * FEE_MARKUP_PERCENT // (CENTS_PER_MILLION_PER_UNIT * 100))
+    """Base units per token a Tempo buyer pays: the price (the fee is inside it), rounded up to a whole unit."""
+    return -(-price_cents_per_million // CENTS_PER_MILLION_PER_UNIT)
 
 
 def tempo_price_range(units: int) -> tuple[int, int]:
     """The lowest and highest prices (¢/M) that a Tempo buyer pays ``units`` per token for."""
-    step = CENTS_PER_MILLION_PER_UNIT * 100
-    return ((units - 1) * step // FEE_MARKUP_PERCENT + 1 if units > 0 else 0, units * step // FEE_MARKUP_PERCENT)
+    step = CENTS_PER_MILLION_PER_UNIT
+    return ((units - 1) * step + 1 if units > 0 else 0, units * step)
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ def advice_lines(advice: Advice) -> list[str]:
     units, same_from, same_to = advice.tempo
     lines.append(
         f"  Tempo (MPP): buyers pay {units} unit(s)/token = {_dollars(units * CENTS_PER_MILLION_PER_UNIT)}/M for your "
-        f"{_dollars(advice.price)}/M (fee added, rounded up to a whole unit); every price from "
+        f"{_dollars(advice.price)}/M (the 5 % fee is inside the price; rounded up to a whole unit); every price from "
         f"{_dollars(same_from)} to {_dollars(same_to)} costs them the same"
     )
     return lines
