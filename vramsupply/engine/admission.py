@@ -133,6 +133,7 @@ class Admission:
             self._counters.add(busy=1)
         else:
             self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
+            task.tally.prompt_tokens, task.tally.cached_tokens = len(task.prompt), keep
 
     def _cut(self, slot: Slot, tokens: np.ndarray, keep: int) -> int:
         """Drop the slot's KV after ``keep``, and return what it keeps: ``keep``; else, when llama.cpp

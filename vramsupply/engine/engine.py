@@ -26,7 +26,7 @@ from .sampling import build_sampler
 from .text import stop_strings_for
 from .scheduler import Scheduler
 from .speculative import default_draft_max
-from .slots import Task
+from .slots import Tally, Task
 from .thread_tuner import thread_tuner
 from .trained_context import served_context
 from .types import ContextOverflow, EngineClosed, EngineFailed, EngineOptions, EngineStats, GenerationRequest
@@ -198,6 +198,7 @@ class Engine:
     def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, sibling: Generation | None, choices: int) -> Generation:
         prompt = self._validated_prompt(request.prompt)
         source = sibling.task if sibling is not None else None
+        tally = source.tally if source is not None else Tally(open=choices)
         if source is not None and not np.array_equal(source.prompt, prompt):
             raise ValueError("choices that share a prompt must have the same prompt")
         if len(prompt) >= self.n_ctx:
@@ -213,7 +214,7 @@ class Engine:
         task = Task(
             request_id, prompt, sampler, max_completion, stop_strings_for(request.stop, request.sampling.grammar, request.sampling.grammar_triggers), channel, request.preserve, request.logprobs, backend,
             source if self._model.copies_prefixes else None,  # else each choice decodes the prompt itself
-            later_choice=source is not None,
+            later_choice=source is not None, tally=tally,
         )
         try:
             self._scheduler.submit(task, room=choices)

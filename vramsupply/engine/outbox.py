@@ -70,18 +70,28 @@ class Outbox:
         if slot.backend_sampled:
             backend_sampling.detach(self._ctx, slot.seq_id)  # before release frees the chain
             slot.backend_sampled = False
+        generated = slot.completion_tokens
         task = slot.release()
         self._kv.held = False  # room in the KV cache again: paused requests may resume
         self._cadence.urgent()
         self._events.append(Event(task.channel, text, token, finish, logprob))
+        self._settle(task, generated, finish)  # before the request stops counting as outstanding
         self._counters.add(busy=-1, outstanding=-1)
 
     def end_waiting(self, task: Task, reason: str | None, error: EngineError | None = None) -> None:
         """End a request waiting for a slot (or paused, ``preempt.py``) with its usage so far."""
         task.sampler.close()
         self._cadence.urgent()
-        self._events.append(Event(task.channel, "", None, Finish(reason, task.usage_while_waiting(), error)))
+        finish = Finish(reason, task.usage_while_waiting(), error)
+        self._events.append(Event(task.channel, "", None, finish))
+        self._settle(task, task.resume.completion_tokens if task.resume is not None else 0, finish)
         self._counters.add(outstanding=-1)
+
+    def _settle(self, task: Task, generated: int, finish: Finish) -> None:
+        """A request whose buyer got only an error takes its prompt back out of the counters (``Tally``)."""
+        back = task.tally.ended(generated, finish.error is not None)
+        if back is not None:
+            self._counters.add(prompt_tokens_total=-back[0], cached_tokens_total=-back[1])
 
     def fail_everything(self, error: EngineError) -> None:
         for slot in self._slots:

@@ -41,6 +41,32 @@ def distinct_cells(slots: Sequence[Slot]) -> int:
 
 
 @dataclass(eq=False)
+class Tally:
+    """One request's share of the engine's prompt counters, over all its choices (``n``).
+
+    The counters (heartbeats, ``/metrics``) count a prompt when its first choice takes a slot. A
+    request whose choices all ended without a completion token, one of them with an error, gave its
+    buyer nothing but that error, and the earnings ledger records nothing for it: its prompt is
+    taken back out when its last choice ends (``Outbox``), once however many choices it had."""
+
+    open: int = 1
+    """Choices not ended yet."""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated: int = 0
+    failed: bool = False
+
+    def ended(self, generated: int, failed: bool) -> tuple[int, int] | None:
+        """One choice ended: the prompt and cached tokens to take back out, once the last has ended."""
+        self.open -= 1
+        self.generated += generated
+        self.failed = self.failed or failed
+        if self.open or not self.failed or self.generated or not self.prompt_tokens:
+            return None
+        return self.prompt_tokens, self.cached_tokens
+
+
+@dataclass(eq=False)
 class Task:
     """An admitted request: everything the scheduler needs, already validated."""
 
@@ -57,6 +83,8 @@ class Task:
     """Another choice of the same request (``n`` > 1): its decoded prompt KV is copied, not redone."""
     later_choice: bool = False
     """Not the first choice of its request: its prompt was counted with the first one's."""
+    tally: Tally = field(default_factory=Tally)
+    """Shared by the choices of one request."""
     resume: Resume | None = None
     """Set while the request waits to resume after a preemption (``preempt.py``)."""
     arrived: float = field(default_factory=time.monotonic)
