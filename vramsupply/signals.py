@@ -27,6 +27,8 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from vramsupply.timeouts import event_within
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -91,12 +93,9 @@ def _forget(future: asyncio.Future[object]) -> None:
 
 
 async def wait_for_stop(stop: StopSignals, seconds: float) -> bool:
-    """Sleep up to ``seconds``; True as soon as a stop was requested."""
-    try:
-        await asyncio.wait_for(stop.event.wait(), seconds)
-    except asyncio.TimeoutError:
-        return False
-    return True
+    """Sleep up to ``seconds``; True as soon as a stop was requested. A cancellation always ends
+    it, even one that comes in the same moment as the stop (``vramsupply.timeouts``)."""
+    return await event_within(stop.event, seconds)
 
 
 def in_daemon_thread(function: Callable[..., T], *args: object, **kwargs: object) -> asyncio.Future[T]:

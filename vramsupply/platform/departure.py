@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from vramsupply.platform.client import PlatformClient, PlatformError
 from vramsupply.platform.heartbeat import may_have_registered
 from vramsupply.platform.state import Phase
+from vramsupply.timeouts import within
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -64,7 +65,7 @@ class Departure:
 
     async def _deregister_retired(self, old: str, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(self._client.deregister(old), timeout)
+            await within(self._client.deregister(old), timeout)
         except (PlatformError, asyncio.TimeoutError) as exc:
             reason = str(exc) or f"no answer within {timeout:g}s"
             log.warning("could not deregister %s, an instance registered before this one: %s; health checks will mark it offline", old, reason)
@@ -74,7 +75,7 @@ class Departure:
 
     async def _deregister(self, provider_id: str, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(self._client.deregister(provider_id), timeout)
+            await within(self._client.deregister(provider_id), timeout)
         except (PlatformError, asyncio.TimeoutError) as exc:
             reason = str(exc) or f"no answer within {timeout:g}s"
             message = f"could not deregister {provider_id}: {reason}; health checks will mark it offline"

@@ -31,6 +31,7 @@ from vramsupply.config.settings import base_of, ends_in_v1
 from vramsupply.platform.client import describe_error
 from vramsupply.platform.offer import CGNAT, is_cgnat, is_local_host, is_loopback_host
 from vramsupply.platform.options import MarketOptions
+from vramsupply.timeouts import within
 from vramsupply.tunnel import TunnelError, tunnel_tool
 
 PROBE_TIMEOUT_SECONDS = 5.0
@@ -92,11 +93,11 @@ async def probe(
     if check_address and is_local_host(host):
         return Probe(False, "address", f"{endpoint_url} is a local or private address the platform cannot reach: use this network's public address and {fixes}")
     try:
-        await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+        await within(asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         return Probe(False, "dns", f"the name {host} does not resolve ({describe_error(exc)}): fix its DNS record or use --tunnel cloudflared")
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        _, writer = await within(asyncio.open_connection(host, port), timeout)
         writer.close()
     except (OSError, asyncio.TimeoutError) as exc:
         return Probe(False, "tcp", f"nothing accepts connections at {host}:{port} ({describe_error(exc)}): {fixes}")

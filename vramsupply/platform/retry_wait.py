@@ -25,7 +25,6 @@ back. Values past a day are not read at all (``backoff.RETRY_AFTER_MAX_SECONDS``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -33,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from vramsupply.platform.heartbeat import heartbeat_status
+from vramsupply.timeouts import event_within
 
 if TYPE_CHECKING:
     from vramsupply.platform.heartbeat import HeartbeatStatus, ServingStats
@@ -79,9 +79,7 @@ class RetryWait:
             seconds -= asked
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0 and not self._status_changed():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(left, STATUS_POLL_SECONDS))
-            if self._wake.is_set():
+            if await event_within(self._wake, min(left, STATUS_POLL_SECONDS)):
                 break
         self._wake.clear()
 

@@ -33,6 +33,7 @@ from vramsupply.serve.options import engine_options
 from vramsupply.serve.status import ServingStats
 from vramsupply.server import SERVER_STATE, create_app
 from vramsupply.signals import in_daemon_thread
+from vramsupply.timeouts import within
 
 log = logging.getLogger("vramsupply.serve")
 
@@ -146,7 +147,7 @@ class LlamaCppBackend:
         if stopping_now():
             self.engine.hurry()
         try:
-            await asyncio.wait_for(asyncio.shield(self._closed), EXIT_WAIT_SECONDS)
+            await within(asyncio.shield(self._closed), EXIT_WAIT_SECONDS)
         except asyncio.TimeoutError:
             log.warning("the engine's close still waits for a decode step after %gs; exiting without waiting more", EXIT_WAIT_SECONDS)
             self.engine.hurry()

@@ -18,6 +18,7 @@ from vramsupply.engine import Engine, EngineStats
 from vramsupply.server.accounting import Accounts
 from vramsupply.server.errors import ApiError, from_validation_error
 from vramsupply.server.metrics import ServerMetrics
+from vramsupply.timeouts import within
 
 LOADING_RETRY_AFTER_SECONDS = "5"
 INLINE_PARSE_MAX_BYTES = 64 * 1024
@@ -83,7 +84,7 @@ async def read_body(request: web.Request) -> bytes:
     body = bytearray()
     while True:
         try:
-            chunk = await asyncio.wait_for(request.content.readany(), BODY_IDLE_SECONDS)
+            chunk = await within(request.content.readany(), BODY_IDLE_SECONDS)
         except asyncio.TimeoutError:
             raise ApiError(
                 408,

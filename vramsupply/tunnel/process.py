@@ -25,6 +25,7 @@ import signal
 from dataclasses import dataclass
 
 from vramsupply.children import killed_with_parent
+from vramsupply.timeouts import within
 
 READER_LIMIT = 2**16
 """asyncio's own line limit; ``output_lines`` skips a longer line."""
@@ -94,7 +95,7 @@ async def end_group(tool: ToolProcess, grace: float) -> None:
     The SIGKILL is sent whatever ends the wait, cancellation included, before that propagates."""
     signal_group(tool, signal.SIGTERM)
     try:
-        await asyncio.wait_for(tool.wait(), grace)
+        await within(tool.wait(), grace)
     except asyncio.TimeoutError:
         pass
     finally:

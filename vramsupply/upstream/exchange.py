@@ -31,6 +31,7 @@ import aiohttp
 
 from vramsupply.server.accounting import FinishedRequest
 from vramsupply.server.responses import new_id
+from vramsupply.timeouts import within
 from vramsupply.upstream.client import UpstreamUnavailable, describe
 from vramsupply.upstream.front import FrontState
 from vramsupply.upstream.limits import BadAnswer
@@ -116,7 +117,7 @@ class Exchange:
         if self.usage is None and not any(self.texts.values()):
             return
         try:
-            await asyncio.wait_for(self.settle(), SETTLE_AFTER_FAILURE_SECONDS)
+            await within(self.settle(), SETTLE_AFTER_FAILURE_SECONDS)
         except asyncio.TimeoutError:
             if self.usage is None:  # else it was counted, and its record was on its way
                 self.recount_later(f"no count within {SETTLE_AFTER_FAILURE_SECONDS:g}s")

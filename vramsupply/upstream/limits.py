@@ -22,6 +22,8 @@ from typing import TypeVar
 
 import aiohttp
 
+from vramsupply.timeouts import within
+
 T = TypeVar("T")
 
 
@@ -76,7 +78,7 @@ class Deadline:
         now = time.monotonic()
         overall_first = self._total_at <= self._next_at
         try:
-            return await asyncio.wait_for(awaitable, max(0.0, min(self._next_at, self._total_at) - now))
+            return await within(awaitable, max(0.0, min(self._next_at, self._total_at) - now))
         except asyncio.TimeoutError:
             if overall_first:
                 raise TooSlow(f"it did not finish within {self.total_seconds:g}s") from None

@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from vramsupply.children import die_with_parent, output_lines
 from vramsupply.platform.backoff import Backoff
+from vramsupply.timeouts import within
 from vramsupply.upstream.client import UpstreamUnavailable, escape_controls
 from vramsupply.upstream.front import FrontState
 from vramsupply.upstream.launch import redacted
@@ -103,7 +104,7 @@ class EngineProcess:
         if not self.exited.done():
             self._signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.wait(), timeout)
+                await within(self.wait(), timeout)
             except asyncio.TimeoutError:
                 log.warning("%s did not stop within %gs; killing it", self.name, timeout)
         self._signal(signal.SIGKILL)  # the main process is gone; its workers must not outlive it
