@@ -12,7 +12,10 @@ answer's body is unreadable. An ``offline`` answer after our heartbeats went mis
 platform's silence limit is put down to that silence, not to a failing health check. Shutdown never
 claims more than it knows: the draining notice is reported as sent only once the platform took it,
 a registration still in flight is waited for and removed again, and one whose outcome stays
-unknown is recorded as such. A state file that cannot be written is logged when that changes.
+unknown is recorded as such. Every token served reaches the platform once, across a shutdown too:
+what the drain served goes in one last heartbeat before the DELETE, and a heartbeat on the wire at
+SIGTERM is let end rather than sent again (``tokens``, ``draining``). A state file that cannot be
+written is logged when that changes.
 
 A tunnel may change the public URL at any moment (``move_endpoint``). The instance at the old URL
 is retired: deleted once the new one is registered, or at shutdown at the latest. A register
@@ -34,10 +37,12 @@ from vramsupply.platform import api
 from vramsupply.platform.backoff import Backoff
 from vramsupply.platform.client import ApiKeyRejected, PlatformClient, PlatformError, PlatformUnavailable, UnexpectedAnswer, UnknownProvider
 from vramsupply.platform.departure import Departure
+from vramsupply.platform.draining import Draining
 from vramsupply.platform.offline_reason import HEALTH_CHECK_SECONDS, OfflineReason
 from vramsupply.platform.heartbeat import HeartbeatStatus, ServingStats, heartbeat_status, may_have_registered, not_listed_as_ours
 from vramsupply.platform.retry_wait import SILENT_OFFLINE_SECONDS, RetryWait, Sleep
 from vramsupply.platform.state import Phase, RegistrationState, write_state
+from vramsupply.platform.tokens import TokenTally
 
 log = logging.getLogger("vramsupply.platform")
 
@@ -47,7 +52,7 @@ REGISTER_BACKOFF = Backoff(initial=1.0, cap=60.0)
 __all__ = ["ProviderLifecycle", "ServingStats", "heartbeat_status"]
 
 
-class ProviderLifecycle(Departure, RetryWait, OfflineReason):
+class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason):
     """Registers ``offer`` and heartbeats with ``stats()`` until ``stop()``; owns ``client``.
     ``sleep``: how the waits the platform asks for are waited (a test passes one that records them).
     ``silence_limit``, ``health_check_every``: the platform's timings (docs/platform-api.md): after
@@ -86,8 +91,9 @@ class ProviderLifecycle(Departure, RetryWait, OfflineReason):
         """Instances of ours at an endpoint URL we no longer use (or drained by the platform), to delete."""
         self._stopping = False
         self._moves = 0
-        self._reported_prompt = 0
-        self._reported_completion = 0
+        self._tally = TokenTally()
+        self._beat_call: asyncio.Task[api.HeartbeatResponse] | None = None
+        """The heartbeat request on its way: shutdown cancels the loop around it, never the request."""
         self._last_heartbeat_at: float | None = None
         self._heard_at: float | None = None  # when (monotonic) the platform last took a heartbeat or registration of ours
         self._silence_limit, self._listed_again_within = silence_limit, 2 * health_check_every
@@ -115,8 +121,7 @@ class ProviderLifecycle(Departure, RetryWait, OfflineReason):
 
     def start(self) -> None:
         """Begin registering in the background; call once the server answers requests."""
-        stats = self._stats()
-        self._reported_prompt, self._reported_completion = stats.prompt_tokens_total, stats.completion_tokens_total
+        self._tally.start_at(self._stats())
         self._set_phase(Phase.registering, f"registering {self._offer.model} at {self._offer.endpoint_url} with {self._client.base_url}")
         self._task = asyncio.create_task(self._run(), name="provider-lifecycle")
 
@@ -141,37 +146,21 @@ class ProviderLifecycle(Departure, RetryWait, OfflineReason):
         self._set_phase(Phase.registering, f"the endpoint moved to {url}; registering it with {self._client.base_url}")
         self._wake.set()
 
-    async def drain(self, timeout: float) -> None:
-        """Stop heartbeating and tell the platform to route nothing new here (best effort, bounded);
-        a register on its way is given the time to answer, so that its instance drains too."""
-        deadline = time.monotonic() + timeout
-        self._stopping = True
-        await self._cancel_loop()
-        await self._settle_register(timeout)
-        if self.provider_id is None:
-            return
-        notice = self._client.heartbeat(self._heartbeat_request(self.provider_id, "draining", self._stats()))
-        wait = max(deadline - time.monotonic(), timeout / 2)
-        try:  # a 2xx the platform acted on (its body unreadable), or an id it no longer knows: nothing new comes
-            with contextlib.suppress(UnexpectedAnswer, UnknownProvider):
-                await asyncio.wait_for(notice, wait)
-        except (PlatformError, asyncio.TimeoutError) as exc:
-            reason = str(exc) or f"no answer within {seconds(wait)}"
-            self._set_phase(Phase.draining, f"draining, but could not tell the platform ({reason}): it may route requests here until it is deregistered", logging.WARNING)
-            return
-        self._set_phase(Phase.draining, "draining: the platform routes no new requests here")
-
     async def stop(self, timeout: float) -> bool:
         """Deregister within ``timeout`` seconds; True when the platform no longer lists us.
 
         A register still on its way gets those seconds to answer, and the instance it made is then
         removed (the DELETEs get what is left, at least a quarter of ``timeout``), as are the
-        instances retired at an old endpoint URL and not deleted yet."""
+        instances retired at an old endpoint URL and not deleted yet. Before the DELETE, the tokens
+        served since the platform last took a heartbeat (those of the drain) go in one last
+        heartbeat, given at most half the time left, so a platform that does not answer delays
+        the exit no longer than the DELETE alone could."""
         deadline = time.monotonic() + timeout
         self._stopping = True
         await self._cancel_loop()
         try:
             settled = await self._settle_register(timeout)
+            await self._report_rest(max(deadline - time.monotonic(), 0.0) / 2)
             left = max(round(max(deadline - time.monotonic(), timeout / 4), 1), 0.1)  # in tenths: it is said when it runs out
             retired, self._retired = [old for old in self._retired if old != self.provider_id], []
             if retired and self.provider_id is None and settled and not self._unconfirmed_register:
@@ -180,9 +169,12 @@ class ProviderLifecycle(Departure, RetryWait, OfflineReason):
             return current and gone
         finally:
             await self._abandon_register()
+            await self._abandon_beat()
             await self._client.close()
 
     async def _cancel_loop(self) -> None:
+        """Stop registering and heartbeating. A register or heartbeat request on its way goes on
+        (``_register_call``, ``_beat_call``): its answer decides what the platform knows."""
         if self._probe_task is not None:
             self._probe_task.cancel()
         if self._task is not None:
@@ -282,11 +274,10 @@ class ProviderLifecycle(Departure, RetryWait, OfflineReason):
         snapshot = self._stats()
         status = self._sent_status = heartbeat_status(snapshot)
         silent_for = 0.0 if self._heard_at is None else time.monotonic() - self._heard_at
-        # The totals this heartbeat reports, read now: whatever serves the stats may count on meanwhile.
-        totals = snapshot.prompt_tokens_total, snapshot.completion_tokens_total
         reply: api.HeartbeatResponse | None = None
+        call = self._beat_call = self._beat(provider_id, status, snapshot)
         try:
-            reply = await self._client.heartbeat(self._heartbeat_request(provider_id, status, snapshot))
+            reply = await asyncio.shield(call)  # cancelled (shutdown), the loop leaves the request to end
         except UnknownProvider:
             self._register_again(f"the platform no longer knows {provider_id}; registering again")
             return False
@@ -295,7 +286,9 @@ class ProviderLifecycle(Departure, RetryWait, OfflineReason):
         except PlatformError as exc:
             self._record_failure(exc)
             return False
-        self._reported_prompt, self._reported_completion = totals
+        finally:
+            if call.done():
+                self._beat_call = None
         self._last_heartbeat_at, self._heard_at = time.time(), time.monotonic()
         if self.provider_id != provider_id:  # the endpoint moved meanwhile: the next attempt registers
             return False
@@ -336,18 +329,21 @@ class ProviderLifecycle(Departure, RetryWait, OfflineReason):
             self._odd_answers.add(message)
             log.warning("%s; the platform accepted the heartbeat (2xx), so its tokens count as reported", message)
 
-    def _heartbeat_request(self, provider_id: str, status: HeartbeatStatus, snapshot: ServingStats) -> api.HeartbeatRequest:
-        """Status plus the tokens served since the last heartbeat the platform acknowledged."""
-        return api.HeartbeatRequest(
+    def _beat(self, provider_id: str, status: HeartbeatStatus, snapshot: ServingStats) -> asyncio.Task[api.HeartbeatResponse]:
+        """One heartbeat, sent as its own task: status plus the tokens served that no heartbeat the
+        platform took (or still on its way) carries (``tokens.TokenTally``)."""
+        claim = self._tally.claim(snapshot)
+        request = api.HeartbeatRequest(
             provider_id=provider_id,
             status=status,
             slots_total=snapshot.slots_total,
             slots_busy=snapshot.slots_busy,
             queue_depth=snapshot.queue_depth,
-            prompt_tokens=max(0, snapshot.prompt_tokens_total - self._reported_prompt),
-            completion_tokens=max(0, snapshot.completion_tokens_total - self._reported_completion),
+            prompt_tokens=claim.prompt,
+            completion_tokens=claim.completion,
             capacity=self._offer.capacity,
         )
+        return asyncio.ensure_future(self._tally.carried_by(claim, self._client.heartbeat(request)))
 
     def _record_failure(self, exc: PlatformError) -> None:
         if isinstance(exc, PlatformUnavailable):
@@ -385,9 +381,3 @@ class ProviderLifecycle(Departure, RetryWait, OfflineReason):
         if self._state_unwritable:
             self._state_unwritable = False
             log.info("the registration state is written again in %s", path)
-
-
-def seconds(value: float) -> str:
-    """A duration as a person reads it: whole seconds, or tenths below ten."""
-    return f"{value:.0f} s" if value >= 10 else f"{round(value, 1):g} s"
-
