@@ -32,9 +32,17 @@ def cents(nanocents: int) -> Decimal:
     return value.quantize(Decimal(1)) if value == value.to_integral_value() else value.normalize()
 
 
-def dollars_text(nanocents: int, places: int = 2) -> str:
-    """For tables: ``$1,234.57``, or two significant digits below a cent (``$0.0019``)."""
+SIGNIFICANT_DIGITS = 4
+"""Amounts in tables keep at least this many digits: a small one is never read as a whole cent."""
+
+
+def dollars_text(nanocents: int) -> str:
+    """For tables: ``$1,234.57``, and at least four significant digits below $100 (``$0.01501``,
+    ``$0.0019``): rounding each cell to the cent showed 1.500696 ¢ gross as $0.02 and its 95 %,
+    1.4256612 ¢, as $0.01. Zeros past the cents are left off."""
     value = Decimal(nanocents).scaleb(-11)
-    if value and abs(value) < Decimal("0.01"):
-        places = min(11, 1 - value.adjusted())
-    return f"${value:,.{places}f}"
+    places = max(2, min(11, SIGNIFICANT_DIGITS - 1 - value.adjusted())) if value else 2
+    text = f"{value:,.{places}f}"
+    if places > 2:
+        text = text.rstrip("0").ljust(text.index(".") + 3, "0")
+    return f"${text}"

@@ -4,6 +4,10 @@ A request counts as sold through the platform when it carried the endpoint token
 offers itself on the marketplace; everything else (``--no-register``, no token) is local and earns
 nothing, though its tokens are still recorded. Prices are the ones in force when it finished.
 
+Only a complete request is paid for: one that ended early (its buyer hung up, the drain deadline
+or an engine failure cut it) never delivered the usage the platform bills by, so the platform
+charges nothing for it. Its row keeps the tokens it served, with ``complete`` 0 and no money.
+
 The agent serves buyers whether or not the ledger can record them, but never silently: ``failure``
 is what ``/health`` shows (status "degraded", the reason in ``warnings``) while nothing is recorded.
 A ledger that cannot be written (a full disk) is reported from its first failed write until a write
@@ -62,7 +66,8 @@ class LedgerRecorder:
 
     def entry(self, finished: Finished) -> Entry:
         platform = self.selling and finished.token_presented
-        gross = gross_nanocents(finished.prompt_tokens, finished.completion_tokens, self.input_price, self.output_price) if platform else 0
+        paid = platform and finished.complete
+        gross = gross_nanocents(finished.prompt_tokens, finished.completion_tokens, self.input_price, self.output_price) if paid else 0
         return Entry(
             finished_at=self._clock(),
             request_id=finished.request_id,

@@ -4,6 +4,14 @@ Money in the JSON is exact: ``gross_cents``/``earned_cents`` are decimal numbers
 digit (parse them with ``json.loads(..., parse_float=Decimal)`` to keep every digit), and
 ``gross_nanocents``/``earned_nanocents`` carry the same amounts as integers.
 
+Requests that ended early (``cut_requests``: the buyer hung up, or the agent cut them at the drain
+deadline or on an engine failure) are served but unpaid: their tokens are in the token totals and
+apart in ``cut_prompt_tokens``/``cut_completion_tokens``, and no money of theirs is in the money
+totals. Money is always summed as recorded, never priced again from tokens: rows written by
+versions that still priced such requests keep that money, shown apart in ``cut_gross_*`` /
+``cut_earned_*`` so it can be told from what buyers paid. Days rolled up by those versions hold no
+such split (``untracked_cut_requests``: counted in the totals as if complete).
+
 A window ends now: rows stamped later (the clock was ahead, then set back) are not in it, as they
 are in no day yet; the report counts them apart (``later_requests``) so they are not lost from view.
 """
@@ -55,24 +63,28 @@ def parse_since(text: str) -> timedelta:
 class Totals:
     requests: int = 0
     cut_requests: int = 0
+    untracked_cut_requests: int = 0
     local_requests: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
     gross_nanocents: int = 0
     earned_nanocents: int = 0
+    cut_prompt_tokens: int = 0
+    cut_completion_tokens: int = 0
+    cut_gross_nanocents: int = 0
+    cut_earned_nanocents: int = 0
 
     def add(self, group: Group) -> None:
-        self.requests += group.requests
-        self.cut_requests += group.cut_requests
         self.local_requests += group.requests if group.source == "local" else 0
-        for name in ("prompt_tokens", "cached_tokens", "completion_tokens", "gross_nanocents", "earned_nanocents"):
-            setattr(self, name, getattr(self, name) + getattr(group, name))
+        for name in (f.name for f in fields(self)):
+            if name != "local_requests":
+                setattr(self, name, getattr(self, name) + getattr(group, name))
 
     def as_json(self) -> dict[str, Any]:
         values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
-        values["gross_cents"] = cents(self.gross_nanocents)
-        values["earned_cents"] = cents(self.earned_nanocents)
+        for name in ("gross", "earned", "cut_gross", "cut_earned"):
+            values[f"{name}_cents"] = cents(values[f"{name}_nanocents"])
         return values
 
 
@@ -180,9 +192,31 @@ def _footnote(report: Report, ledger: Path) -> Text:
         notes.insert(0, _later_note(report))
     if t.local_requests:
         notes.insert(0, f"{t.local_requests:,} local request(s) (no endpoint token or not registered) earn nothing")
-    if t.cut_requests:
-        notes.insert(0, f"{t.cut_requests:,} request(s) ended early (buyer hung up); their tokens served are counted")
+    notes[:0] = _cut_notes(t)
     return Text("\n".join(notes), style="dim")
+
+
+def _cut_notes(t: Totals) -> list[str]:
+    """The requests that ended early: served, so in the token columns; unpaid, so in no money column,
+    but for money that older versions recorded on them, told apart here."""
+    if not t.cut_requests:
+        return []
+    notes = [
+        f"ended early, unpaid: {t.cut_requests:,} request(s) (the buyer hung up, or the agent cut them: drain deadline, "
+        f"engine failure), {t.cut_prompt_tokens:,} prompt + {t.cut_completion_tokens:,} completion tokens served; "
+        "no buyer paid for them, and gross and earned leave them out"
+    ]
+    if t.untracked_cut_requests:
+        notes.append(
+            f"{t.untracked_cut_requests:,} of them, in days an older vramsupply rolled up, count as complete there "
+            "(their tokens are not in the line above; any money recorded on them is in the totals)"
+        )
+    if t.cut_gross_nanocents:
+        notes.append(
+            f"an older vramsupply priced some of them: {dollars_text(t.cut_gross_nanocents)} gross, "
+            f"{dollars_text(t.cut_earned_nanocents)} earned of the totals above, which no buyer paid"
+        )
+    return notes
 
 
 def _later_note(report: Report, lead: str = "") -> str:

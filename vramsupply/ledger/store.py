@@ -8,6 +8,11 @@ Size stays bounded: raw rows are kept for ``KEEP_RAW_SECONDS`` (and at most ``MA
 older ones are rolled up into one row per UTC day, model, source and prices in ``daily``, which
 keeps every count and sum exactly. Reports older than that have a resolution of one day.
 
+Requests that ended early (``complete`` 0: the buyer hung up, the agent cut them) are served but
+unpaid, so the daily totals keep their tokens and money apart too (``cut_*``, schema 2). Days a
+schema-1 ledger rolled up before that hold no such split: ``untracked_cut_requests`` counts the
+requests that ended early in them, whose tokens and money are in the totals as if complete.
+
 One ``LedgerStore`` is one connection; use it from one thread (the writer thread in ``serve``, the
 main thread in the CLI).
 """
@@ -26,7 +31,7 @@ from vramsupply.config import data_dir
 from vramsupply.errors import VramsupplyError
 
 LEDGER_FILE_NAME = "ledger.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KEEP_RAW_SECONDS = 8 * 86400
 """Raw rows cover `earnings --since 7d` exactly; anything older is read from the daily totals."""
 MAX_RAW_ROWS = 200_000
@@ -66,11 +71,25 @@ CREATE TABLE IF NOT EXISTS daily (
     completion_tokens INTEGER NOT NULL,
     gross_nanocents INTEGER NOT NULL,
     earned_nanocents INTEGER NOT NULL,
+    cut_prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    cut_completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cut_gross_nanocents INTEGER NOT NULL DEFAULT 0,
+    cut_earned_nanocents INTEGER NOT NULL DEFAULT 0,
+    untracked_cut_requests INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (day, model, source, input_price, output_price)
 );
 """
 
 SUMMED = ("prompt_tokens", "cached_tokens", "completion_tokens", "gross_nanocents", "earned_nanocents")
+CUT_SUMMED = ("cut_prompt_tokens", "cut_completion_tokens", "cut_gross_nanocents", "cut_earned_nanocents")
+"""The sums of the requests that ended early alone: ``cut_X`` is ``X`` of the rows with ``complete`` 0."""
+ALL_SUMMED = (*SUMMED, *CUT_SUMMED)
+
+MIGRATE_1_TO_2 = f"""
+{"".join(f"ALTER TABLE daily ADD COLUMN {c} INTEGER NOT NULL DEFAULT 0;" for c in (*CUT_SUMMED, "untracked_cut_requests"))}
+UPDATE daily SET untracked_cut_requests = cut_requests;
+"""
+"""Days rolled up by schema 1 did not keep the split: their requests that ended early are untracked."""
 
 INT64_MAX = 2**63 - 1
 HALF_BITS = 32
@@ -87,23 +106,29 @@ def _checked_add(column: str) -> str:
     return f"{column} = CASE WHEN excluded.{column} > {INT64_MAX} - {column} THEN NULL ELSE {column} + excluded.{column} END"
 
 
+def _cut(column: str) -> str:
+    """``cut_X`` of one raw row: ``X`` when it ended early, else 0."""
+    return f"(1 - complete) * {column.removeprefix('cut_')}"
+
+
 ROLL_UP = f"""
-INSERT INTO daily (day, model, source, input_price, output_price, requests, cut_requests, {", ".join(SUMMED)})
+INSERT INTO daily (day, model, source, input_price, output_price, requests, cut_requests, {", ".join(ALL_SUMMED)})
 SELECT {DAY_OF_ROW}, model, source, input_price, output_price, count(*), sum(1 - complete),
-       {", ".join(f"sum({c})" for c in SUMMED)}
+       {", ".join(f"sum({c})" for c in SUMMED)}, {", ".join(f"sum({_cut(c)})" for c in CUT_SUMMED)}
 FROM requests WHERE id <= :last_id
 GROUP BY 1, 2, 3, 4, 5
 ON CONFLICT (day, model, source, input_price, output_price) DO UPDATE SET
-    {", ".join(_checked_add(c) for c in ("requests", "cut_requests", *SUMMED))}
+    {", ".join(_checked_add(c) for c in ("requests", "cut_requests", *ALL_SUMMED))}
 """
 
 GROUPED = f"""
-SELECT day, model, source, sum(requests), sum(cut_requests),
-       {", ".join(f"sum({c} >> {HALF_BITS}), sum({c} & {2**HALF_BITS - 1})" for c in SUMMED)} FROM (
-    SELECT date(finished_at, 'unixepoch') AS day, model, source, 1 AS requests, 1 - complete AS cut_requests, {", ".join(SUMMED)}
+SELECT day, model, source, sum(requests), sum(cut_requests), sum(untracked_cut_requests),
+       {", ".join(f"sum({c} >> {HALF_BITS}), sum({c} & {2**HALF_BITS - 1})" for c in ALL_SUMMED)} FROM (
+    SELECT date(finished_at, 'unixepoch') AS day, model, source, 1 AS requests, 1 - complete AS cut_requests,
+           0 AS untracked_cut_requests, {", ".join(SUMMED)}, {", ".join(f"{_cut(c)} AS {c}" for c in CUT_SUMMED)}
     FROM requests WHERE finished_at >= :since AND finished_at <= :until
     UNION ALL
-    SELECT day, model, source, requests, cut_requests, {", ".join(SUMMED)} FROM daily
+    SELECT day, model, source, requests, cut_requests, untracked_cut_requests, {", ".join(ALL_SUMMED)} FROM daily
     WHERE day >= date(:since, 'unixepoch') AND day <= date(:until, 'unixepoch')
 ) GROUP BY day, model, source ORDER BY day, model, source
 """
@@ -126,7 +151,7 @@ class Entry:
     request_id: str
     model: str
     source: str  # "platform" (it carried the endpoint token of a registered agent) or "local"
-    complete: bool  # False: the buyer hung up or the request failed before its final usage
+    complete: bool  # False: it ended early (the buyer hung up, the agent cut it): unpaid, money 0 since schema 2
     choices: int
     prompt_tokens: int
     cached_tokens: int
@@ -139,18 +164,24 @@ class Entry:
 
 @dataclass(frozen=True)
 class Group:
-    """Totals of one UTC day, model and source (``platform`` or ``local``)."""
+    """Totals of one UTC day, model and source (``platform`` or ``local``); ``cut_*`` are those of
+    the requests that ended early, apart from ``untracked_cut_requests`` (see the module docstring)."""
 
     day: str
     model: str
     source: str
     requests: int
     cut_requests: int
+    untracked_cut_requests: int
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
     gross_nanocents: int
     earned_nanocents: int
+    cut_prompt_tokens: int
+    cut_completion_tokens: int
+    cut_gross_nanocents: int
+    cut_earned_nanocents: int
 
 
 class LedgerError(VramsupplyError):
@@ -203,13 +234,23 @@ class LedgerStore:
             raise LedgerError(f"cannot open the earnings ledger {path}: {getattr(exc, 'strerror', None) or exc}; {remedy(exc)}") from None
 
     def _migrate(self) -> None:
+        """Create the tables, or bring a schema-1 ledger to schema 2, in one transaction: the agent
+        and `vramsupply earnings` may open the same old file at once, and only one migrates it."""
+        if self._version() == SCHEMA_VERSION:
+            return
+        with self._transaction():
+            version = self._version()
+            # statement by statement: executescript would commit the transaction first
+            for statement in (SCHEMA if version == 0 else MIGRATE_1_TO_2 if version == 1 else "").split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _version(self) -> int:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise LedgerError(f"the earnings ledger {self.path} was written by a newer vramsupply (schema {version}); upgrade vramsupply, or move the file away")
-        if version == SCHEMA_VERSION:
-            return
-        self._db.executescript(SCHEMA)
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        return version
 
     def close(self) -> None:
         self._db.close()
@@ -245,7 +286,7 @@ class LedgerStore:
             rows = self._db.execute(GROUPED, {"since": since, "until": until}).fetchall()
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot read the earnings ledger {self.path}: {exc}") from None
-        return [Group(*row[:5], *((high << HALF_BITS) + low for high, low in zip(row[5::2], row[6::2]))) for row in rows]
+        return [Group(*row[:6], *((high << HALF_BITS) + low for high, low in zip(row[6::2], row[7::2]))) for row in rows]
 
     def later(self, until: float) -> int:
         """Requests recorded after ``until``: in the future, when the clock went back since."""

@@ -6,8 +6,10 @@ server state; without one (tests, a bare app) nothing is recorded.
 
 A finished request is recorded before the buyer gets its last byte (the usage chunk and
 ``[DONE]``, or the whole non-streaming body), so a crash can never lose a request the buyer has
-received in full. A request that ends early (the buyer hung up, the engine failed) is recorded as
-not complete once its generations have stopped and their usage is known.
+received in full. A request that ends early (the buyer hung up, the drain deadline or an engine
+failure cut it) is recorded as not complete once its generations have stopped and their usage is
+known: served, but unpaid (``ledger.recorder``). One that ended while still queued is not recorded:
+no token of it was computed.
 
 The ledger holds the usage buyers received, so a request the engine failed before it generated a
 single token is not recorded at all: its buyer got an error answer (an error status, or a stream
@@ -98,6 +100,9 @@ class Accounts:
             log.warning("request %s not recorded in the earnings ledger: its usage never arrived", bill.request_id)
             return
         usage = UsageOut.combine(usages)
+        if usage.prompt_tokens == 0 and usage.completion_tokens == 0:
+            log.debug("request %s not recorded in the earnings ledger: it ended while still queued", bill.request_id)
+            return
         if usage.completion_tokens == 0 and any(task.done() and not task.cancelled() and task.result() for task in ending):
             log.debug("request %s not recorded in the earnings ledger: it failed before its first token", bill.request_id)
             return
