@@ -1,10 +1,10 @@
 """The engine's token counters (heartbeats, ``/metrics``) leave out a request whose buyer got only an error.
 
-The counters count a prompt when its request takes a slot. Before, a request whose prompt
-llama.cpp then failed to decode stayed counted: the platform heard of tokens its buyer never
-got, while the earnings ledger (rightly) recorded nothing. Now such a request's prompt is taken
-back out when its last choice ends, once, whatever its ``n``; a request that sent any token keeps
-it counted, as the ledger keeps its row.
+The counters counted a prompt when its request took a slot, so a request whose prompt llama.cpp
+then failed to decode stayed counted: the platform heard of tokens its buyer never got, while the
+earnings ledger (rightly) recorded nothing. Now a prompt is counted once its request served
+something (its first token, or an end without an error), once whatever its ``n``; a request whose
+buyer got only an error is never counted, and the counters never go down.
 
 Only ``llama_cpp.llama_decode`` is replaced (``FailingDecode``); the server and engine are real.
 """

@@ -131,8 +131,8 @@ class Admission:
         # A request's prompt counts once, however many choices, and a resumed one (preempt.py) is counted.
         if counted_before:
             self._counters.add(busy=1)
-        else:
-            self._counters.add(busy=1, prompt_tokens_total=len(task.prompt), cached_tokens_total=keep)
+        else:  # counted once it serves its buyer something (``Tally``)
+            self._counters.add(busy=1)
             task.tally.prompt_tokens, task.tally.cached_tokens = len(task.prompt), keep
 
     def _cut(self, slot: Slot, tokens: np.ndarray, keep: int) -> int:

@@ -21,7 +21,7 @@ from .generation import Event, Finish, post
 from .logprobs import TokenLogprob
 from .model import Model
 from .preempt import KvPressure
-from .slots import Slot, Task
+from .slots import Slot, Tally, Task
 from .types import EngineError
 
 
@@ -48,6 +48,8 @@ class Outbox:
             self.end_slot(slot, Finish("stop", slot.usage()), text=slot.stream.finish())
             return 0
         slot.completion_tokens += 1
+        if not task.tally.counted:
+            self._count(task.tally)
         if task.first_token_at is None:
             task.first_token_at = time.monotonic()
         delta = slot.stream.push(self._model.piece(token, token in task.preserve))
@@ -70,12 +72,11 @@ class Outbox:
         if slot.backend_sampled:
             backend_sampling.detach(self._ctx, slot.seq_id)  # before release frees the chain
             slot.backend_sampled = False
-        generated = slot.completion_tokens
         task = slot.release()
         self._kv.held = False  # room in the KV cache again: paused requests may resume
         self._cadence.urgent()
         self._events.append(Event(task.channel, text, token, finish, logprob))
-        self._settle(task, generated, finish)  # before the request stops counting as outstanding
+        self._settle(task, finish)  # before the request stops counting as outstanding
         self._counters.add(busy=-1, outstanding=-1)
 
     def end_waiting(self, task: Task, reason: str | None, error: EngineError | None = None) -> None:
@@ -84,14 +85,17 @@ class Outbox:
         self._cadence.urgent()
         finish = Finish(reason, task.usage_while_waiting(), error)
         self._events.append(Event(task.channel, "", None, finish))
-        self._settle(task, task.resume.completion_tokens if task.resume is not None else 0, finish)
+        self._settle(task, finish)
         self._counters.add(outstanding=-1)
 
-    def _settle(self, task: Task, generated: int, finish: Finish) -> None:
-        """A request whose buyer got only an error takes its prompt back out of the counters (``Tally``)."""
-        back = task.tally.ended(generated, finish.error is not None)
-        if back is not None:
-            self._counters.add(prompt_tokens_total=-back[0], cached_tokens_total=-back[1])
+    def _settle(self, task: Task, finish: Finish) -> None:
+        """A request that ended without a token counts its prompt now, unless its buyer got only an error (``Tally``)."""
+        if task.tally.ended(finish.error is not None):
+            self._count(task.tally)
+
+    def _count(self, tally: Tally) -> None:
+        tally.counted = True
+        self._counters.add(prompt_tokens_total=tally.prompt_tokens, cached_tokens_total=tally.cached_tokens)
 
     def fail_everything(self, error: EngineError) -> None:
         for slot in self._slots:

@@ -42,28 +42,28 @@ def distinct_cells(slots: Sequence[Slot]) -> int:
 
 @dataclass(eq=False)
 class Tally:
-    """One request's share of the engine's prompt counters, over all its choices (``n``).
+    """One request's prompt, as the engine's counters (heartbeats, ``/metrics``) count it: once,
+    whatever its ``n``, and only once the request served its buyer something.
 
-    The counters (heartbeats, ``/metrics``) count a prompt when its first choice takes a slot. A
-    request whose choices all ended without a completion token, one of them with an error, gave its
-    buyer nothing but that error, and the earnings ledger records nothing for it: its prompt is
-    taken back out when its last choice ends (``Outbox``), once however many choices it had."""
+    Its first choice to take a slot notes the prompt here; it is counted at the request's first
+    completion token, or when its last choice ends without an error (a buyer who hung up after the
+    prefill: the earnings ledger records that prompt too). A request whose choices all ended
+    without a token, one of them with an error, gave its buyer nothing but that error and has no
+    ledger row: its prompt is never counted. Counting late, rather than counting at the slot and
+    taking it back, keeps the counters monotonic, as Prometheus counters and heartbeat deltas need."""
 
     open: int = 1
     """Choices not ended yet."""
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    generated: int = 0
+    counted: bool = False
     failed: bool = False
 
-    def ended(self, generated: int, failed: bool) -> tuple[int, int] | None:
-        """One choice ended: the prompt and cached tokens to take back out, once the last has ended."""
+    def ended(self, failed: bool) -> bool:
+        """One choice ended: whether the prompt is to be counted now (the last one ended, none failed)."""
         self.open -= 1
-        self.generated += generated
         self.failed = self.failed or failed
-        if self.open or not self.failed or self.generated or not self.prompt_tokens:
-            return None
-        return self.prompt_tokens, self.cached_tokens
+        return not (self.open or self.failed or self.counted)
 
 
 @dataclass(eq=False)
