@@ -138,16 +138,26 @@ async def test_a_failing_disk_is_logged_once_and_never_raised(tmp_path: Path, ca
 async def test_a_ledger_that_cannot_be_written_is_reported_until_a_write_succeeds_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="vramsupply.ledger")
     path = tmp_path / "ledger.sqlite3"
+
+    def outside(statement: str) -> None:
+        """Another program changes the file, on a connection of its own (on the writer's own, the
+        statement joined whatever transaction the writer thread had open, and its rollback undid it)."""
+        other = sqlite3.connect(path, timeout=30, isolation_level=None)
+        try:
+            other.execute(statement)
+        finally:
+            other.close()
+
     writer = LedgerWriter.open(path)
     recorder = LedgerRecorder(writer, input_price=100, output_price=200, selling=True)
     await recorder.record(FinishedRequest("before", "m", 1, 1, 0, 1, True, True))
     assert recorder.failure is None
-    writer.store._db.execute("ALTER TABLE requests RENAME TO moved")  # every insert now fails
+    outside("ALTER TABLE requests RENAME TO moved")  # every insert now fails
 
     for i in range(2):
         await recorder.record(FinishedRequest(f"lost{i}", "m", 1, 1, 0, 1, True, True))
     failing = recorder.failure  # what /health shows, as "degraded"
-    writer.store._db.execute("ALTER TABLE moved RENAME TO requests")  # fixed: the next write goes through
+    outside("ALTER TABLE moved RENAME TO requests")  # fixed: the next write goes through
     await recorder.record(FinishedRequest("after", "m", 1, 1, 0, 1, True, True))
 
     assert failing == (
