@@ -30,7 +30,8 @@ log = logging.getLogger("vramsupply.platform")
 DRAIN_NOTICE_TIMEOUT = 3.0
 """Seconds to wait for the platform to acknowledge that we drain before draining anyway."""
 DEREGISTER_TIMEOUT = 10.0
-"""Seconds the DELETE may take on shutdown (systemd's stop margin beyond the drain is 30 s)."""
+"""Seconds the last heartbeat and the DELETE may take together on shutdown, the heartbeat at most
+half (systemd's stop margin beyond the drain is 30 s)."""
 
 
 class MeasuredCapacity(Protocol):
