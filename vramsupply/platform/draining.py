@@ -11,9 +11,7 @@ for its next beat is cancelled at once.
 
 Every wait is bounded by the deadlines drain and stop already had, so a platform that does not
 answer delays the exit no longer than before; tokens that cannot be reported are said in one line,
-never retried. Waits use ``asyncio.wait`` on the request's own task, not ``asyncio.wait_for``: on
-Python 3.11 that can swallow the caller's cancellation when the request ends in the same turn of
-the event loop, and the task being cancelled then never ends.
+never retried. Waits go through ``vramsupply.timeouts.within``, which never loses a cancellation.
 """
 
 from __future__ import annotations
@@ -22,10 +20,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from vramsupply.platform.client import PlatformClient, PlatformError, UnexpectedAnswer, UnknownProvider
 from vramsupply.platform.state import Phase
+from vramsupply.timeouts import within
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
     from vramsupply.platform.tokens import TokenTally
 
 log = logging.getLogger("vramsupply.platform")
-T = TypeVar("T")
 
 
 class Draining:
@@ -66,7 +64,7 @@ class Draining:
         wait = max(deadline - time.monotonic(), timeout / 2)
         try:  # a 2xx the platform acted on (its body unreadable), or an id it no longer knows: nothing new comes
             with contextlib.suppress(UnexpectedAnswer, UnknownProvider):
-                await answer_within(self._beat(self.provider_id, "draining", self._stats()), wait)
+                await within(self._beat(self.provider_id, "draining", self._stats()), max(0.0, wait))
         except (PlatformError, asyncio.TimeoutError) as exc:
             reason = str(exc) or f"no answer within {seconds(wait)}"
             self._set_phase(Phase.draining, f"draining, but could not tell the platform ({reason}): it may route requests here until it is deregistered", logging.WARNING)
@@ -94,7 +92,7 @@ class Draining:
         """Send the last heartbeat; why it was not taken (None: it was)."""
         try:
             with contextlib.suppress(UnexpectedAnswer):  # a 2xx: the platform took it, and its tokens
-                await answer_within(self._beat(provider_id, "draining", self._stats()), wait)
+                await within(self._beat(provider_id, "draining", self._stats()), max(0.0, wait))
         except (PlatformError, asyncio.TimeoutError) as exc:
             return str(exc) or f"no answer within {seconds(max(wait, 0.0))}"
         return None
@@ -106,7 +104,7 @@ class Draining:
         call, self._beat_call = self._beat_call, None
         if call is not None:
             with contextlib.suppress(Exception):
-                await answer_within(call, wait)
+                await within(call, max(0.0, wait))
 
     async def _abandon_beat(self) -> None:
         """A stop cut short (cancelled) leaves no heartbeat running, nor its error unread."""
@@ -117,22 +115,6 @@ class Draining:
         await asyncio.wait({call})
         if not call.cancelled():
             call.exception()
-
-
-async def answer_within(call: asyncio.Future[T], wait: float) -> T:
-    """``call``'s result within ``wait`` seconds; else it is cancelled and asyncio.TimeoutError raised.
-    Cancelled itself, the caller cancels ``call`` too."""
-    try:
-        await asyncio.wait({call}, timeout=max(0.0, wait))
-    except asyncio.CancelledError:
-        call.cancel()
-        raise
-    if not call.done():
-        call.cancel()
-        await asyncio.wait({call})
-    if call.cancelled():
-        raise asyncio.TimeoutError
-    return call.result()
 
 
 def seconds(value: float) -> str:
