@@ -9,11 +9,12 @@ which hangs until the test lets it answer, then lists the GPU, or nothing (the G
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -76,10 +77,14 @@ async def health(http: aiohttp.ClientSession, server: LiveServer) -> dict:
         return await response.json()
 
 
-async def until(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+async def until(condition: Callable[[], object], what: str, timeout: float = 30.0, poke: Callable[[], Awaitable[object]] | None = None) -> None:
+    """Until ``condition``; ``poke``: what keeps it coming meanwhile (a health check, which starts
+    the next GPU re-check as the platform's polls do)."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        if poke is not None:
+            await poke()
         await asyncio.sleep(0.05)
 
 
@@ -137,12 +142,13 @@ async def test_a_probe_that_times_out_keeps_the_gpu_and_a_real_loss_is_still_not
             await until(lambda: "nvidia-smi -L did not answer within 0.5 s" in caplog.text, "the re-check to time out")
             after_timeout = await health(http, server)
 
+            checked = functools.partial(health, http, server)  # each starts a re-check, once the last has ended
             smi.answers("none")  # now the driver promptly lists no GPU at all
-            await until(lambda: GONE in caplog.text, "the loss to be logged")
+            await until(lambda: GONE in caplog.text, "the loss to be logged", poke=checked)
             after_loss = await health(http, server)
 
             smi.answers("gpu")  # back on the bus
-            await until(lambda: "listed by the driver again" in caplog.text, "the GPU to be listed again")
+            await until(lambda: "listed by the driver again" in caplog.text, "the GPU to be listed again", poke=checked)
             after_return = await health(http, server)
         finally:
             smi.answers("gpu")
