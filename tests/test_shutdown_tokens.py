@@ -10,11 +10,13 @@ as it is dropped from the listing at the DELETE), or a double that adds up the h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import threading
 import urllib.request
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -27,6 +29,7 @@ from test_platform_lifecycle import EngineCounters, eventually, make_lifecycle
 from test_platform_serve import marketplace_env
 
 from vramsupply.ledger import LedgerStore, default_ledger_path
+from vramsupply.platform.lifecycle import ProviderLifecycle
 
 STREAM_TOKENS = 900
 
@@ -125,10 +128,9 @@ class Books:
         return answer
 
 
-async def test_a_heartbeat_waiting_for_its_answer_at_shutdown_is_counted_once() -> None:
-    """The audit's race: the heartbeat carrying 42 tokens reached the platform, the drain cancelled
-    it before its answer came, and the draining notice carried the 42 tokens again."""
-    books = Books()
+@contextlib.asynccontextmanager
+async def drained_while_a_heartbeat_waits(books: Books) -> AsyncIterator[tuple[HostilePlatform, ProviderLifecycle, EngineCounters]]:
+    """A lifecycle whose heartbeat carrying 12 + 42 tokens the platform holds unanswered, drained then."""
     counters = EngineCounters()
     with HostilePlatform() as platform:
         platform.script("heartbeat", books.heartbeat)
@@ -139,6 +141,14 @@ async def test_a_heartbeat_waiting_for_its_answer_at_shutdown_is_counted_once() 
         counters.prompt_tokens_total, counters.completion_tokens_total = 12, 42
         await eventually(books.holding.is_set)
         await lifecycle.drain(timeout=3)
+        yield platform, lifecycle, counters
+
+
+async def test_a_heartbeat_waiting_for_its_answer_at_shutdown_is_counted_once() -> None:
+    """The audit's race: the heartbeat carrying 42 tokens reached the platform, the drain cancelled
+    it before its answer came, and the draining notice carried the 42 tokens again."""
+    books = Books()
+    async with drained_while_a_heartbeat_waits(books) as (platform, lifecycle, _):
         assert platform.requests("heartbeat")[-1].body["status"] == "draining"
         platform.release()
         assert await lifecycle.stop(timeout=5) is True
@@ -147,16 +157,7 @@ async def test_a_heartbeat_waiting_for_its_answer_at_shutdown_is_counted_once() 
 
 async def test_a_heartbeat_waiting_at_shutdown_that_the_platform_then_refuses_has_its_tokens_in_the_last_one() -> None:
     books = Books(refuse_held=True)
-    counters = EngineCounters()
-    with HostilePlatform() as platform:
-        platform.script("heartbeat", books.heartbeat)
-        lifecycle = lifecycle_with(platform, counters)
-        lifecycle.start()
-        await eventually(lambda: len(books.taken) >= 2)
-        books.hold()
-        counters.prompt_tokens_total, counters.completion_tokens_total = 12, 42
-        await eventually(books.holding.is_set)
-        await lifecycle.drain(timeout=3)
+    async with drained_while_a_heartbeat_waits(books) as (platform, lifecycle, counters):
         counters.completion_tokens_total = 50  # served during the drain
         platform.release()
         assert await lifecycle.stop(timeout=5) is True
