@@ -15,12 +15,14 @@ The upstream is ``tests/doubles/hostile_upstream.py``'s small real aiohttp serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
-from doubles.hostile_upstream import CHAT, HostileUpstream, fronted
+from doubles.hostile_upstream import CHAT, Front, HostileUpstream, fronted
 
 from vramsupply.upstream import monitor
 from vramsupply.upstream.front import FrontState
@@ -85,14 +87,24 @@ def skip_ahead(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     monkeypatch.setattr(loop, "time", lambda: now() + seconds)
 
 
-async def test_a_buyer_who_comes_during_the_idle_models_read_is_forwarded_only_once_it_ends() -> None:
-    upstream = ListingUpstream()
+@contextlib.asynccontextmanager
+async def buyer_held_at_the_gate(
+    upstream: ListingUpstream,
+) -> AsyncIterator[tuple[Front, FrontState, asyncio.Event, asyncio.Task[tuple[int, Any]]]]:
+    """Our front before ``upstream``, its idle-time ``/v1/models`` read held open there, and a
+    buyer's chat request waiting at the gate: the front, its state, what releases the read, the answer."""
     async with fronted(upstream) as front:
         state = front.backend.state
         assert isinstance(state, FrontState)
         release = await read_under_way(upstream)
         answer = asyncio.create_task(front.post(CHAT))
         await eventually(lambda: state.idle_read.held == 1)
+        yield front, state, release, answer
+
+
+async def test_a_buyer_who_comes_during_the_idle_models_read_is_forwarded_only_once_it_ends() -> None:
+    upstream = ListingUpstream()
+    async with buyer_held_at_the_gate(upstream) as (front, state, release, answer):
         assert upstream.generations == [], "a buyer's request reached the upstream during its /v1/models read"
 
         release.set()
@@ -104,12 +116,7 @@ async def test_a_buyer_who_comes_during_the_idle_models_read_is_forwarded_only_o
 
 async def test_a_models_read_that_hangs_past_its_timeout_lets_the_waiting_buyer_through(monkeypatch: pytest.MonkeyPatch) -> None:
     upstream = ListingUpstream()
-    async with fronted(upstream) as front:
-        state = front.backend.state
-        assert isinstance(state, FrontState)
-        release = await read_under_way(upstream)
-        answer = asyncio.create_task(front.post(CHAT))
-        await eventually(lambda: state.idle_read.held == 1)
+    async with buyer_held_at_the_gate(upstream) as (front, state, release, answer):
         assert upstream.generations == []
 
         skip_ahead(monkeypatch, monitor.MODELS_READ_SECONDS + 1)  # the read hangs on, past its timeout
@@ -122,12 +129,7 @@ async def test_a_models_read_that_hangs_past_its_timeout_lets_the_waiting_buyer_
 
 async def test_a_models_read_that_fails_while_a_buyer_waits_leaves_the_buyer_served_and_the_next_idle_look_tells() -> None:
     upstream = ListingUpstream()
-    async with fronted(upstream) as front:
-        state = front.backend.state
-        assert isinstance(state, FrontState)
-        release = await read_under_way(upstream)
-        answer = asyncio.create_task(front.post(CHAT))
-        await eventually(lambda: state.idle_read.held == 1)
+    async with buyer_held_at_the_gate(upstream) as (front, state, release, answer):
 
         upstream.models_status = 500
         release.set()
