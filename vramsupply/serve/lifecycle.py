@@ -279,12 +279,18 @@ async def drain(server: ApiServer, backend: Backend, drain_timeout: float | None
         log.info("stopping")
     stop_generating = getattr(backend, "stop_generating", None)
     deadline = asyncio.get_running_loop().call_later(drain_timeout or 0.0, stop_generating) if stop_generating is not None else None
+    # aiohttp's cleanup runs in its own task: on Python 3.10 its RequestHandler.shutdown swallows a
+    # cancellation (it re-raises only when task.cancelling(), a 3.11 API), so "stop now" must not
+    # depend on the CancelledError coming back out of it.
+    stopping = asyncio.ensure_future(server.stop())
     try:
-        await server.stop()
+        await asyncio.shield(stopping)
     except asyncio.CancelledError:  # "stop now": end the requests at once, through the engine
         if stop_generating is not None:
-            stop_generating()
-        await server.stop()  # the server's own stop, cut short, finishes now that no handler waits
+            stop_generating()  # the upstream's forwarded requests end (and are billed) through it
+        else:
+            await backend.close()  # our engine ends its requests with EngineClosed: clean error events
+        await stopping
         raise
     finally:
         if deadline is not None:
