@@ -108,6 +108,8 @@ async def test_a_long_prompt_waits_for_the_room_others_will_generate_into_instea
         expected = [await alone(engine, story, sampling=GREEDY, max_tokens=700, ignore_eos=True),
                     await alone(engine, question, sampling=GREEDY, max_tokens=150, ignore_eos=True)]
 
+    # A fresh engine: the same prompts' KV kept in other cells would round differently in the last bits.
+    with load(n_ctx=1024, parallel=2) as engine:
         first = engine.submit(GenerationRequest(story, sampling=GREEDY, max_tokens=700, ignore_eos=True))
         while len(first.token_ids) < 300:  # far into its answer: 400 tokens to go
             await asyncio.sleep(0.001)
@@ -118,6 +120,41 @@ async def test_a_long_prompt_waits_for_the_room_others_will_generate_into_instea
         # one of the two was paused when the first grew past 474.
         assert engine.stats().preemptions_total == 0
     assert [first.token_ids, second.token_ids] == [e.token_ids for e in expected]
+
+
+async def test_a_prompt_whose_start_an_idle_slot_still_holds_takes_room_like_any_other() -> None:
+    """Without the prompt cache an idle slot keeps its KV, but the active requests' room does not
+    count it: admitting the question because 499 of its 500 prompt cells were "already there"
+    paused one of the two requests once the story grew into them."""
+    with load(n_ctx=1024, parallel=2) as engine:
+        story = engine.tokenize("Once upon a time")
+        question = engine.tokenize("Lily and Tom went to the park to play with a big red ball. " * 60)[:500]
+        await alone(engine, question, sampling=GREEDY, max_tokens=150, ignore_eos=True)  # its KV stays in slot 0
+
+        first = engine.submit(GenerationRequest(story, sampling=GREEDY, max_tokens=700, ignore_eos=True))
+        while len(first.token_ids) < 300:
+            await asyncio.sleep(0.001)
+        second = engine.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=150, ignore_eos=True))
+        await asyncio.gather(first.collect(), second.collect())
+
+        assert engine.stats().preemptions_total == 0
+    assert (len(first.token_ids), len(second.token_ids)) == (700, 150)
+
+
+async def test_without_the_prompt_cache_one_off_prompts_leave_a_waiting_chat_its_kv_while_slots_are_empty() -> None:
+    """Idle slots keep their KV when there is no host prompt cache to park it in, so a prompt that
+    shares only the BOS token with a chat's slot goes to an empty slot: the chat's next turn finds
+    its history still there. Before, the lowest idle slot was taken, the chat's own."""
+    with load(n_ctx=1024) as engine:
+        turn = engine.tokenize("Lily and Tom went to the park. They saw a big dog.")
+        answer = await alone(engine, turn, sampling=GREEDY, max_tokens=40, ignore_eos=True)
+        for text in ["The cat sat on the mat", "Sue had a red ball"]:
+            await alone(engine, engine.tokenize(text), sampling=GREEDY, max_tokens=40, ignore_eos=True)
+
+        follow_up = [*turn, *answer.token_ids, *engine.tokenize("Then they", add_special=False)]
+        second_turn = await alone(engine, follow_up, sampling=GREEDY, max_tokens=10)
+    assert second_turn.usage is not None
+    assert second_turn.usage.cached_tokens >= len(turn) + len(answer.token_ids) - 1
 
 
 def test_the_room_kept_for_growth_never_stops_every_slot_from_starting() -> None:

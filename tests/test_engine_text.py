@@ -239,6 +239,25 @@ def test_with_the_shared_kv_cache_the_longest_cached_prefix_wins() -> None:
     assert (slot.seq_id, prefix) == (2, 0)
 
 
+def test_where_idle_slots_keep_their_kv_a_short_shared_prefix_does_not_overwrite_a_conversation() -> None:
+    slots = slots_holding([1, 5, 6, 8, 9], [1, 7, 8, 9, 6], [], [1, 7, 2, 3, 5])
+    slots[0].started, slots[1].started, slots[3].started = 3, 1, 2
+    prompt = np.array([1, 7, 4, 4], dtype=np.int32)
+
+    # Slots 1 and 3 share two tokens but would lose three: the empty slot instead (before: slot 1).
+    assert choose_slot(slots, prompt) == (slots[1], 2)
+    assert choose_slot(slots, prompt, kept=True) == (slots[2], 0)
+    # No empty slot, equal losses: the least recently used one, not the lowest id.
+    assert choose_slot([slots[0], slots[1], slots[3]], np.array([2, 3], dtype=np.int32), kept=True) == (slots[1], 0)
+    # Else the one that loses least: a long history costs most to prefill again.
+    slots[0].n_cached = 3  # the most recently used, but the shortest
+    assert choose_slot([slots[0], slots[1], slots[3]], np.array([2, 3], dtype=np.int32), kept=True) == (slots[0], 0)
+    slots[0].n_cached = 5
+    # A prefix at least as long as what the slot would lose is a conversation's next turn: reused.
+    assert choose_slot(slots, np.array([1, 7, 2, 9], dtype=np.int32), kept=True) == (slots[3], 3)
+    assert choose_slot(slots, np.array([1, 7, 8, 5], dtype=np.int32), kept=True) == (slots[1], 3)
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_a_slot_whose_cache_covers_most_of_the_prompt_is_reused(packed: bool) -> None:
     slots = slots_holding([1, 5, 6], [1, 7, 8, 9], [1, 7, 2, 3])

@@ -120,7 +120,7 @@ class Admission:
 
     def _start(self, task: Task, idle: list[Slot]) -> None:
         tokens = task.to_prefill
-        slot, prefix = choose_slot(idle, tokens, self._packed, self._whole)
+        slot, prefix = choose_slot(idle, tokens, self._packed, self._whole, kept=not self._packed and self._prompt_cache is None)
         shared = self._shared(tokens) if self._checkpoints else 0
         keep = self._cut(slot, tokens, min(self._reuse_prefix(slot, tokens, prefix), len(tokens) - 1))
         counted_before = task.resume is not None or task.later_choice  # begin() takes task.resume
@@ -212,8 +212,19 @@ class Admission:
         return prefix
 
     def _held_prefix(self, task: Task, idle: list[Slot]) -> int:
-        """How much of ``task``'s prompt is already in the KV cache for it to keep: in an idle
-        slot, or in any slot when prefixes are lent; the last token is always decoded again."""
-        holders = self._slots if self._lends else idle
+        """How much of ``task``'s prompt is already in cells the active requests hold (so counted
+        in ``admission_room``), for it to keep or borrow: those cost no more room. The rest of a
+        prefix that an idle slot keeps is in no active request's cells, so it takes room as any
+        prompt does (counting it free let a 500-token prompt start beside a growing answer that
+        then had to be paused). The last token is always decoded again."""
+        counted = [slot.cells[: slot.n_cached] for slot in self._slots if slot.task is not None and slot.n_cached]
+        if not counted:
+            return 0
+        active_cells = np.concatenate(counted)
         tokens = task.to_prefill
-        return min(max((slot.reusable(tokens, self._whole) for slot in holders), default=0), len(tokens) - 1)
+        best = 0
+        for slot in self._slots if self._lends else idle:
+            prefix = slot.reusable(tokens, self._whole)
+            if prefix > best:
+                best = max(best, int(np.isin(slot.cells[:prefix], active_cells).sum()))
+        return min(best, len(tokens) - 1)

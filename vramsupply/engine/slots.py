@@ -292,7 +292,9 @@ Plan = Sequence[tuple[Slot, "np.ndarray | None"]]
 """A step's rows: each slot with its prompt chunk, or None for a generating slot's next token."""
 
 
-def choose_slot(idle: Sequence[Slot], prompt: np.ndarray, packed: bool = False, whole: bool = False) -> tuple[Slot, int]:
+def choose_slot(
+    idle: Sequence[Slot], prompt: np.ndarray, packed: bool = False, whole: bool = False, kept: bool = False,
+) -> tuple[Slot, int]:
     """The idle slot for ``prompt`` and the prefix it can start from (``Slot.reusable``).
 
     With a KV cache per slot (``packed``) llama.cpp decodes in one forward pass only
@@ -300,10 +302,29 @@ def choose_slot(idle: Sequence[Slot], prompt: np.ndarray, packed: bool = False, 
     every gap costs a pass per step for as long as the requests run. A cached prefix outweighs
     that only when it covers more than half of the prompt; otherwise the lowest idle sequence id
     wins. The shared cache splits batches by rows (``split_simple``), so there the longest cached
-    prefix simply wins.
+    prefix wins.
+
+    Except where idle slots keep their KV in the shared cache (``kept``: no host prompt cache
+    to park it in, ``preempt.park_idle``): there a slot's KV is a conversation that may come
+    back, so a slot is reused for its prefix only when that prefix is at least as long as what
+    the slot would throw away (the conversation's next turn). A shorter one (a BOS token, a
+    system prompt every conversation shares, lent anyway by ``sharing.py``) sends the prompt to
+    the slot that loses least, an empty one first, and among equals the least recently used
+    (llama-server takes the least recently used); a long history costs most to prefill again. Taking the lowest id,
+    one-off prompts overwrote chats' KV while slots stood empty: with 4 chats of 4 turns beside
+    10 one-off prompts a turn on the bench model, the chats' later turns found 33 % of their
+    prompts cached (89 % so) and waited 508-526 ms on average for a first token (180-202 ms so;
+    ``bench/slot_choice.py``). Least recently used first, ties to an empty slot, kept only 62 %
+    with 8 one-off prompts, since the chats were the oldest. With parking, idle slots are emptied after each admission anyway, and taking the one that
+    holds the prefix frees its cells for the prompt (a restore needs them).
     """
-    def rank(item: tuple[Slot, int]) -> tuple[int, int]:
+    def rank(item: tuple[Slot, int]) -> tuple[int, int, int, int]:
         slot, prefix = item
-        return (prefix if not packed or 2 * prefix > len(prompt) else 0, -slot.seq_id)
+        if packed:
+            return (prefix if 2 * prefix > len(prompt) else 0, 0, 0, -slot.seq_id)
+        if not kept:
+            return (prefix, 0, 0, -slot.seq_id)
+        continues = prefix > 0 and 2 * prefix >= slot.n_cached
+        return (prefix if continues else 0, prefix - slot.n_cached, -slot.started, -slot.seq_id)
 
     return max(((slot, slot.reusable(prompt, whole)) for slot in idle), key=rank)
