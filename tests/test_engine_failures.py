@@ -158,6 +158,14 @@ def buyer_whose_decode_stalls(agent: AgentProcess, trigger: Path) -> tuple[threa
     return buyer, outcome
 
 
+def sigterm_while_the_decode_stalls(agent: AgentProcess, trigger: Path) -> list[str]:
+    """A buyer's stream stalls in the decode, then SIGTERM; what the buyer got once answered."""
+    buyer, outcome = buyer_whose_decode_stalls(agent, trigger)
+    agent.send_signal(signal.SIGTERM)
+    buyer.join(60)
+    return outcome
+
+
 def watchdog_pings(notify_socket: NotifySocket) -> int:
     return notify_socket.assignments().count("WATCHDOG=1")
 
@@ -165,9 +173,7 @@ def watchdog_pings(notify_socket: NotifySocket) -> int:
 def test_sigterm_while_a_decode_hangs_ends_the_stream_at_the_deadline_and_the_loop_goes_on(tmp_path: Path, notify_socket: NotifySocket) -> None:
     agent, trigger = agent_with_a_decode_that_will_stall(tmp_path, notify_socket, seconds=8)
     with agent:
-        buyer, outcome = buyer_whose_decode_stalls(agent, trigger)
-        agent.send_signal(signal.SIGTERM)
-        buyer.join(60)
+        outcome = sigterm_while_the_decode_stalls(agent, trigger)
         stuck_when_answered = RESUMES not in agent.log
         # systemd's watchdog is pinged from the event loop: it goes on while the step is stuck.
         pings = watchdog_pings(notify_socket)
@@ -185,9 +191,7 @@ def test_sigterm_while_a_decode_hangs_ends_the_stream_at_the_deadline_and_the_lo
 def test_a_second_sigterm_while_a_decode_hangs_stops_at_once(tmp_path: Path, notify_socket: NotifySocket) -> None:
     agent, trigger = agent_with_a_decode_that_will_stall(tmp_path, notify_socket, seconds=300)
     with agent:
-        buyer, outcome = buyer_whose_decode_stalls(agent, trigger)
-        agent.send_signal(signal.SIGTERM)
-        buyer.join(60)
+        outcome = sigterm_while_the_decode_stalls(agent, trigger)
         agent.send_signal(signal.SIGTERM)
         code = agent.wait(timeout=30)  # not the step's 300 s, nor the close's wait for it
     assert outcome and json.loads(outcome[0])["error"]["code"] == "shutting_down", (outcome, agent.output)

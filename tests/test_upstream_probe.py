@@ -140,13 +140,20 @@ async def test_a_long_answer_from_llama_cpp_server_is_not_cut_by_our_own_checks(
     assert complete(events) and finishes == ["length"], "the whole answer, up to max_tokens"
 
 
-async def test_a_generation_that_holds_the_model_lock_never_makes_the_upstream_look_down() -> None:
-    upstream = HeldUpstream(like_llama_cpp=True)
+@contextlib.asynccontextmanager
+async def answering(upstream: HeldUpstream) -> AsyncIterator[tuple[Any, Any, asyncio.Task[Any]]]:
+    """The agent in front of ``upstream``, its upstream's state, and a buyer's chat the upstream holds open."""
     async with fronted(upstream) as front:
         state = front.backend.state
         assert state is not None
         answer = asyncio.create_task(front.stream(CHAT))
         await eventually(lambda: upstream.open == 1)
+        yield front, state, answer
+
+
+async def test_a_generation_that_holds_the_model_lock_never_makes_the_upstream_look_down() -> None:
+    upstream = HeldUpstream(like_llama_cpp=True)
+    async with answering(upstream) as (front, state, answer):
         await next_looks(state, 3)
         assert state.health.ready and (await front.health())[0] == 200, "a 404 on /health is proof of life"
         upstream.release.set()
@@ -156,11 +163,7 @@ async def test_a_generation_that_holds_the_model_lock_never_makes_the_upstream_l
 
 async def test_a_model_that_leaves_during_a_generation_is_noticed_once_the_upstream_is_idle() -> None:
     upstream = HeldUpstream(like_llama_cpp=True)
-    async with fronted(upstream) as front:
-        state = front.backend.state
-        assert state is not None
-        answer = asyncio.create_task(front.stream(CHAT))
-        await eventually(lambda: upstream.open == 1)
+    async with answering(upstream) as (front, state, answer):
         upstream.models = ["another-model"]
         await next_looks(state, 3)
         assert state.health.ready, "not read while the answer is generated"
