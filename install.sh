@@ -23,13 +23,15 @@ this machine has, and links the `vramsupply` command onto PATH. Re-running upgra
   sh install.sh [--version X | --from PATH] [--backend cpu|cuda|hip|metal|vulkan]
                 [--dry-run] [--strict] [--dev] [--service] [--uninstall [--purge]]
 
---dry-run prints the backend, toolchain and CPU code flags it would use and installs nothing;
+--dry-run prints the backend, toolchain, CPU code flags and Python it would use and installs nothing;
 with --uninstall it prints what it would remove and removes nothing. A failed GPU build falls
 back to the CPU build with a warning; --strict fails instead.
 Environment overrides: VRAMSUPPLY_VERSION, VRAMSUPPLY_FROM, VRAMSUPPLY_BACKEND,
 VRAMSUPPLY_CUDA_ARCHITECTURES, VRAMSUPPLY_HIP_TARGETS, CUDA_HOME (a CUDA toolkit to use),
 VRAMSUPPLY_CPU_FLAGS (compiler flags for llama.cpp's CPU code, instead of the AMX probe's),
-VRAMSUPPLY_DATA_DIR (where the venv lives), VRAMSUPPLY_BIN_DIR (where the link goes).
+VRAMSUPPLY_DATA_DIR (where the venv lives), VRAMSUPPLY_BIN_DIR (where the link goes),
+VRAMSUPPLY_PYTHON (the Python to make the venv with, used as is; by default the first of
+python3.13, python3.12, python3.11, python3.10, python3 that is 3.10+ and makes a venv with pip).
 USAGE
 }
 
@@ -73,14 +75,46 @@ service_unit() {
     fi
 }
 
+# --- Which Python makes the venv ------------------------------------------------------------------
+# The first candidate that is 3.10 or newer AND makes a venv with pip. Debian and Ubuntu ship venv's
+# pip (ensurepip) apart, one package per version (python3.12-venv): the newest Python there often
+# cannot (python3.13 without python3.13-venv beside a python3.12 with it), and the install once died
+# on it. VRAMSUPPLY_PYTHON names the one to use: checked the same way, never swapped for another.
+python_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true; } # "" when not a Python
+python_recent() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1; }
+python_makes_venvs() { "$1" -m venv --help >/dev/null 2>&1 && "$1" -c 'import ensurepip' >/dev/null 2>&1; }
+# PYTHON: the package that brings its venv's pip, named for its own version (python3 may be 3.12).
+venv_fix() { echo "Debian/Ubuntu: apt install python$(python_version "$1" | grep . || echo 3)-venv"; }
+NO_VENV="cannot create virtual environments with pip"
+runnable() { case "$1" in */*) [ -f "$1" ] && [ -x "$1" ] ;; *) have "$1" ;; esac; }
+
+chosen_python() { # the VRAMSUPPLY_PYTHON $python, or one line saying what is wrong with it
+    runnable "$python" || die "VRAMSUPPLY_PYTHON=$python: no such program (name a Python 3.10 or newer: python3.12, /usr/bin/python3.12)"
+    if ! python_recent "$python"; then
+        old_version=$(python_version "$python")
+        die "VRAMSUPPLY_PYTHON=$python is ${old_version:+Python $old_version, }not Python 3.10 or newer, which vramsupply needs"
+    fi
+    python_makes_venvs "$python" || die "VRAMSUPPLY_PYTHON=$python $NO_VENV ($(venv_fix "$python"))"
+}
+
+# Sets $python (to use), $python_note (a skipped one, for people) and $python_problem ("" when usable).
 find_python() {
+    python=${VRAMSUPPLY_PYTHON:-} python_note="" python_problem="" first_recent=""
+    if [ -n "$python" ]; then chosen_python && python_note="set by VRAMSUPPLY_PYTHON" && return 0; fi
     for candidate in python3.13 python3.12 python3.11 python3.10 python3; do
-        if have "$candidate" && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-            echo "$candidate"
+        if ! have "$candidate" || ! python_recent "$candidate"; then continue; fi
+        if python_makes_venvs "$candidate"; then
+            python=$candidate
+            if [ -n "$first_recent" ]; then python_note="$first_recent skipped: it $NO_VENV; $(venv_fix "$first_recent") to use it"; fi
             return 0
         fi
+        [ -n "$first_recent" ] || first_recent=$candidate
     done
-    return 1
+    if [ -n "$first_recent" ]; then
+        python_problem="$first_recent $NO_VENV ($(venv_fix "$first_recent"))"
+    else
+        python_problem="Python 3.10 or newer is required (Debian/Ubuntu: apt install python3 python3-venv; macOS: brew install python)"
+    fi
 }
 
 # --- Which llama.cpp backend: decided by a working device, never by a compiler alone ---------------
@@ -643,7 +677,7 @@ plan_spec() {
 
 # The installer reads VRAMSUPPLY_*, the agent VRAM_SUPPLY_*: one spelled for the other is said, not
 # silently ignored (VRAMSUPPLY_MODEL set for the agent did nothing).
-INSTALLER_SETTINGS="VERSION FROM BACKEND CUDA_ARCHITECTURES HIP_TARGETS CPU_FLAGS DATA_DIR BIN_DIR INSTALL_FUNCTIONS_ONLY"
+INSTALLER_SETTINGS="VERSION FROM BACKEND PYTHON CUDA_ARCHITECTURES HIP_TARGETS CPU_FLAGS DATA_DIR BIN_DIR INSTALL_FUNCTIONS_ONLY"
 hint_misspelled_settings() {
     for name in $(env | sed -n 's/^VRAMSUPPLY_\([A-Za-z0-9_]*\)=.*/\1/p' | sort -u); do
         case " $INSTALLER_SETTINGS " in
@@ -705,18 +739,16 @@ main() {
             say "cannot build for $backend: $toolchain_missing; the CPU build would be installed instead"
         fi
     fi
-    python=$(find_python) || python=""
+    find_python
     plan_spec
+    if [ -z "$python_problem" ]; then say "python: $python${python_note:+ ($python_note)}"; fi
     if [ "$dry_run" = 1 ]; then
-        say "python: ${python:-none (Python 3.10 or newer is required)}"
+        if [ -n "$python_problem" ]; then say "python: none ($python_problem)"; fi
         say "would install $source into $venv, linked as $bin_dir/vramsupply"
         say "dry run: nothing was installed"
         return 0
     fi
-    [ -n "$python" ] || die "Python 3.10 or newer is required (Debian/Ubuntu: apt install python3 python3-venv; macOS: brew install python)"
-    if ! "$python" -m venv --help >/dev/null 2>&1 || ! "$python" -c 'import ensurepip' >/dev/null 2>&1; then
-        die "$python cannot create virtual environments with pip (Debian/Ubuntu: apt install python3-venv)"
-    fi
+    [ -z "$python_problem" ] || die "$python_problem"
     if [ "$strict" = 1 ] && [ -n "$toolchain_missing" ]; then die "cannot build for $backend: $toolchain_missing"; fi
 
     say "installing $source"

@@ -14,6 +14,11 @@ import pytest
 from conftest import REAL_PIP_CACHE, REPO
 
 INSTALL_SH = REPO / "install.sh"
+# A real install's pytest limit, above the suite's 300 s. With a warm pip cache each real-install test
+# takes 1 to 2 minutes; with a cold one (a fresh HOME, a new Python version: pip keys its wheel cache by
+# the interpreter's version) pip builds llama.cpp from source, 11 to 15 minutes on 2 cores, and the
+# two tests may build at once. The cut-off at 300 s failed them as a hang.
+REAL_INSTALL_TIMEOUT = 3600
 
 
 def test_install_sh_is_shellcheck_clean() -> None:
@@ -47,6 +52,7 @@ def broken_cuda_toolkit(root: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(REAL_INSTALL_TIMEOUT)
 def test_install_upgrade_uninstall_in_a_temp_home(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
@@ -124,6 +130,7 @@ def test_install_sh_rejects_unknown_option(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(REAL_INSTALL_TIMEOUT)
 def test_odd_places_a_broken_venv_and_shared_folders(tmp_path: Path) -> None:
     """Found by an audit of install.sh: a venv path with a space (macOS's default is under
     ~/Library/Application Support) failed every install; a venv left without pip was never

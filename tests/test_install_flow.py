@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from test_install_backend import INSTALL_SH, Machine, system_bin  # noqa: F401  (system_bin: the fixture)
+from test_install_python import a_python
 
 # The venv's python: pip records its arguments and the build's environment; "building"
 # llama-cpp-python (pip install -v) makes it importable.
@@ -41,11 +42,14 @@ esac
 exit 0
 """
 
-# The system's Python (found first, as python3.13): answers install.sh's checks, makes the venv double.
+# The system's Python (found first, as python3.13): answers install.sh's checks, makes the venv double
+# (and logs that it did).
 SYSTEM_PYTHON = """#!/bin/sh
 case "$*" in
+  "-m venv --help") ;;
   "-m venv "*)
     venv=$3
+    echo "$0 made the venv" >> "$FAKE_LOG"
     mkdir -p "$venv/bin"
     cp "$FAKE_VENV_PYTHON" "$venv/bin/python"
     printf '#!/bin/sh\\necho "vramsupply $*" >> "$FAKE_LOG"\\necho "vramsupply 9.9.9"\\n' > "$venv/bin/vramsupply"
@@ -71,6 +75,11 @@ class InstallMachine(Machine):
 
     def install(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["sh", str(INSTALL_SH), *args], capture_output=True, text=True, timeout=120, env={**self.env, **(env or {})})
+
+    def venv_made_by(self) -> list[str]:
+        """Which system Pythons made the venv."""
+        lines = self.log.read_text().splitlines() if self.log.exists() else []
+        return [line.removesuffix(" made the venv") for line in lines if line.endswith(" made the venv")]
 
     def pip_calls(self) -> list[str]:
         return [line for line in self.log.read_text().splitlines() if " -m pip " in line] if self.log.exists() else []
@@ -246,3 +255,24 @@ def test_an_agent_setting_given_to_the_installer_is_named_not_silently_ignored(m
         "vramsupply: VRAMSUPPLY_MODEL is not an installer setting, so it is ignored; the agent reads VRAM_SUPPLY_MODEL",
         "vramsupply: VRAM_SUPPLY_BACKEND is ignored: the installer reads VRAMSUPPLY_BACKEND",
     ]
+
+
+def test_the_venv_is_made_by_a_python_that_can_when_the_newest_lacks_its_venv_package(machine: InstallMachine) -> None:
+    """Debian/Ubuntu: python3.13 without python3.13-venv beside a python3.12 with it (the install died)."""
+    a_python(machine.bin / "python3.13", "3.13", ensurepip=False)
+    python312 = machine.tool("python3.12", SYSTEM_PYTHON)
+
+    result = machine.install("--backend", "cpu")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "vramsupply: python: python3.12 (python3.13 skipped: it cannot create virtual environments with pip; Debian/Ubuntu: apt install python3.13-venv to use it)" in result.stdout
+    assert machine.venv_made_by() == [str(python312)]
+
+
+def test_vramsupply_python_makes_the_venv_instead_of_the_python_found_on_path(machine: InstallMachine) -> None:
+    chosen = machine.tool("python3", SYSTEM_PYTHON, machine.root / "opt" / "python-3.12" / "bin")
+
+    result = machine.install("--backend", "cpu", env={"VRAMSUPPLY_PYTHON": str(chosen)})
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert machine.venv_made_by() == [str(chosen)], "not python3.13, the first Python on PATH"
