@@ -28,6 +28,14 @@ long enough to learn the prefill speed from (a workload of short prompts), it is
 reuse is at least ``REUSE_FLOOR``. A save that is skipped leaves its token list behind as a
 "ghost" (no KV, a few KB), and the tokens a ghost would have spared an admission count as reuse,
 so traffic that turns to chats is noticed and saving resumes.
+
+A save is timed less the time the scheduler thread waited meanwhile for a CPU that another process
+held (``run_queue_seconds``): that wait is the machine's load, not the copy's cost, and any step
+would have waited as long. On the 2-core test VM with one busy process beside the engine, 72 of
+135 saves of 66-211 tokens of the tiny model were preempted and timed at 7-73 ms, where they copy
+in 0.3-0.7 ms. One such sample lifted the moving average 30-60 times, past the prefill's cost, and
+as skipped saves are not timed it stayed there: every later save was skipped, paused requests'
+included, and they were prefilled again.
 """
 
 from __future__ import annotations
@@ -51,16 +59,40 @@ at once, where prefilling it again runs in paced steps. On the bench CPU with fl
 2,000-token sequence copies in about 20 ms; without it (V stored transposed, one copy per cell for
 a sequence decoded beside others) an answer of 133 tokens took 30 ms, so 2,000 would take most of
 half a second, past the 250 ms bound on a stream's gap."""
+SCHEDSTAT = "/proc/thread-self/schedstat"
+"""Linux's scheduler statistics for the calling thread: seconds on a CPU, seconds runnable but
+waiting for one, time slices (nanoseconds)."""
+MAX_OUTLIER = 4.0
+"""One save moves the estimate as if it took at most this many times the current estimate per
+token: skipped saves are not timed, so a single outlier (a page fault on new host memory, a wait
+for the GIL) that lifted the estimate past the prefill's cost would otherwise stop saving for
+good. Copies that really got slower still lift it, by up to 1.9 times a save."""
 MAX_GHOSTS = 64
 """Token lists of skipped saves kept to notice reuse (at most 16 KB each at 4,096 tokens)."""
+
+
+def run_queue_seconds() -> float:
+    """Seconds the calling thread has been runnable but waiting for a CPU (0 where Linux's
+    ``SCHEDSTAT`` cannot be read: saves are then timed by the wall clock alone)."""
+    try:
+        with open(SCHEDSTAT, "rb") as stats:
+            return int(stats.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 class SavePolicy:
     """Decides whether a slot's KV is worth saving; the scheduler thread alone uses it."""
 
-    def __init__(self, prefill_seconds: Callable[[int], float] | None = None) -> None:
+    def __init__(
+        self, prefill_seconds: Callable[[int], float] | None = None, waited: Callable[[], float] = run_queue_seconds
+    ) -> None:
         self._prefill_seconds = prefill_seconds
         """Seconds to prefill so many tokens from depth 0 (0 while unknown), or None: always save."""
+        self._waited = waited
+        """The scheduler thread's seconds waiting for a CPU so far (``run_queue_seconds``)."""
+        self._waited_before: float | None = None
+        """``_waited()`` when ``worth_saving`` last said yes: the save timed next starts then."""
         self._save_per_token = Smoothed()
         self._recent: deque[tuple[int, int]] = deque(maxlen=WINDOW)
         """(tokens saved or skipped, prompt tokens a restore spared) of recent saves and admissions."""
@@ -78,7 +110,13 @@ class SavePolicy:
     def worth_saving(self, tokens: int, certain: bool = False) -> bool:
         """Whether saving ``tokens`` pays; ``certain``: they will be wanted back (a paused
         request's KV, ``preempt.py``), so reuse is 1 and only the two costs are weighed, as long
-        as the copy stays within ``MAX_PAUSE_COPY_SECONDS``."""
+        as the copy stays within ``MAX_PAUSE_COPY_SECONDS``. A yes starts the count of what the
+        thread waits for a CPU during the save that follows (``saved``)."""
+        worth = self._pays(tokens, certain)
+        self._waited_before = self._waited() if worth else None
+        return worth
+
+    def _pays(self, tokens: int, certain: bool) -> bool:
         per_token = self._save_per_token.value
         if self._prefill_seconds is None or per_token is None or tokens <= 0:
             return True
@@ -91,9 +129,14 @@ class SavePolicy:
         return reuse * prefill >= per_token * tokens
 
     def saved(self, tokens: int, seconds: float) -> None:
-        """A save of ``tokens`` tokens took ``seconds``."""
+        """A save of ``tokens`` tokens took ``seconds`` by the wall clock, of which those the thread
+        waited for a CPU since ``worth_saving`` said yes are not the copy's."""
+        waited = 0.0 if self._waited_before is None else self._waited() - self._waited_before
+        self._waited_before = None
         if tokens > 0:
-            self._save_per_token.observe(seconds / tokens)
+            sample = max(seconds - waited, 0.0) / tokens
+            estimate = self._save_per_token.value
+            self._save_per_token.observe(sample if estimate is None else min(sample, MAX_OUTLIER * estimate))
             self._recent.append((tokens, 0))
 
     def skipped(self, tokens: np.ndarray) -> None:
