@@ -277,8 +277,11 @@ def running_server(spec: ServerSpec, cfg: BenchConfig, model: Path) -> Iterator[
     command = spec.command(cfg, model, port)
     log_path = CACHE / "logs" / f"{model.stem}-{spec.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    # A data dir of its own (XDG_DATA_HOME): two vramsupply agents side by side (``at_ref``,
+    # ``with_args``) must not share one; the second refuses to start.
+    env = {**os.environ, "XDG_DATA_HOME": str(CACHE / "data" / spec.name)}
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     monitor = ProcessTreeMonitor(proc.pid)
     try:
         yield RunningServer(spec, proc, f"http://{HOST}:{port}", command, log_path, monitor)
