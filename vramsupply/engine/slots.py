@@ -310,12 +310,14 @@ def choose_slot(
     the slot would throw away (the conversation's next turn). A shorter one (a BOS token, a
     system prompt every conversation shares, lent anyway by ``sharing.py``) sends the prompt to
     the slot that loses least, an empty one first, and among equals the least recently used
-    (llama-server takes the least recently used); a long history costs most to prefill again. Taking the lowest id,
-    one-off prompts overwrote chats' KV while slots stood empty: with 4 chats of 4 turns beside
-    10 one-off prompts a turn on the bench model, the chats' later turns found 33 % of their
-    prompts cached (89 % so) and waited 508-526 ms on average for a first token (180-202 ms so;
-    ``bench/slot_choice.py``). Least recently used first, ties to an empty slot, kept only 62 %
-    with 8 one-off prompts, since the chats were the oldest. With parking, idle slots are emptied after each admission anyway, and taking the one that
+    (llama-server takes the least recently used); a long history costs most to prefill again.
+    Taking the lowest id, one-off prompts overwrote chats' KV while slots stood empty: with 4
+    chats of 4 turns beside 10 one-off prompts a turn on the bench model, the chats' later
+    turns found 33 % of their prompts cached (89 % so) and waited 508-526 ms on average for a
+    first token (180-202 ms so; ``bench/slot_choice.py``). Least recently used first, ties to an
+    empty slot, kept only 62 % with 8 one-off prompts, since the chats were the oldest.
+
+    With parking, idle slots are emptied after each admission anyway, and taking the one that
     holds the prefix frees its cells for the prompt (a restore needs them).
     """
     def rank(item: tuple[Slot, int]) -> tuple[int, int, int, int]:
