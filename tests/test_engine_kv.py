@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from conftest import TINY_MODEL, scheduler_held
-from vramsupply.engine import Engine, EngineOptions, Generation, GenerationRequest, SamplingParams
+from vramsupply.engine import Engine, EngineOptions, EngineStats, Generation, GenerationRequest, SamplingParams
 from vramsupply.engine.preempt import growth_cap
 
 GREEDY = SamplingParams(temperature=0)
@@ -42,6 +42,28 @@ async def together(engine: Engine, prompts: list[list[int]], **request: object) 
     return generations, texts
 
 
+async def each_alone(prompts: list[str], **request: object) -> tuple[list[list[int]], list[Generation], list[str]]:
+    """The prompts' tokens, and each prompt's run alone, one after another in a fresh engine."""
+    with load() as engine:
+        tokens = [engine.tokenize(p) for p in prompts]
+        runs = [await alone(engine, prompt, **request) for prompt in tokens]
+        return tokens, runs, [engine.detokenize(run.token_ids) for run in runs]
+
+
+async def all_at_once(monkeypatch: pytest.MonkeyPatch, prompts: list[list[int]], cache_ram: int, **request: object) -> tuple[list[Generation], list[str], EngineStats]:
+    """The prompts queued together in a fresh engine before its scheduler thread starts, so they are
+    admitted at once. Submitted to a running scheduler, one admitted a step or two before the others
+    put every request's cells elsewhere in the shared cache, which rounds attention's sums
+    differently: a greedy text could part from its run alone at a near-tie, in some runs only."""
+    with scheduler_held(monkeypatch):
+        engine = load(cache_ram=cache_ram)
+    with engine:
+        generations = [engine.submit(GenerationRequest(prompt, **request)) for prompt in prompts]  # type: ignore[arg-type]
+        engine._scheduler.start()
+        texts = await asyncio.gather(*(g.collect() for g in generations))
+        return generations, texts, engine.stats()
+
+
 def test_by_default_the_slots_share_one_kv_cache_of_the_context(shared: Engine) -> None:
     assert shared.kv_tokens == N_CTX and shared.n_ctx == N_CTX and shared.parallel == 4
 
@@ -51,16 +73,15 @@ def test_kv_per_slot_gives_each_slot_the_whole_context() -> None:
         assert engine.kv_tokens == 4 * N_CTX and engine.n_ctx == N_CTX
 
 
-async def test_requests_that_together_outgrow_the_shared_kv_all_finish_as_if_alone(shared: Engine) -> None:
-    prompts = [shared.tokenize(p) for p in PROMPTS]
+@pytest.mark.parametrize("cache_ram", [0, 64], ids=["no-prompt-cache", "prompt-cache"])
+async def test_requests_that_together_outgrow_the_shared_kv_all_finish_as_if_alone(monkeypatch: pytest.MonkeyPatch, cache_ram: int) -> None:
     request = {"sampling": GREEDY, "max_tokens": LONG, "ignore_eos": True}
-    expected = [await alone(shared, prompt, **request) for prompt in prompts]
-    before = shared.stats().preemptions_total
+    prompts, expected, texts = await each_alone(PROMPTS, **request)
 
-    generations, texts = await together(shared, prompts, **request)
+    generations, texts_together, stats = await all_at_once(monkeypatch, prompts, cache_ram, **request)
 
-    assert shared.stats().preemptions_total > before, "the KV cache really ran out"
-    assert texts == [shared.detokenize(e.token_ids) for e in expected]
+    assert stats.preemptions_total > 0, "the KV cache really ran out"
+    assert texts_together == texts
     for generation, prompt, reference in zip(generations, prompts, expected, strict=True):
         assert generation.token_ids == reference.token_ids, "no token streamed twice or lost"
         assert generation.finish_reason == "length"
@@ -91,22 +112,13 @@ async def test_with_the_prompt_cache_a_paused_request_comes_back_from_host_memor
 
     On a loaded machine a save was sometimes timed with the time slices another process took
     meanwhile (tens of ms for a 0.3 ms copy), the save policy then judged copies dearer than
-    prefilling, and the paused requests were prefilled again (``save_policy.py``). The four
-    requests are queued before the scheduler thread starts, so they are admitted together: one
-    started a step or two before the others put the requests' cells elsewhere in the shared cache,
-    which rounds attention's sums differently, and the third text once parted from its run alone
-    at a near-tie (token 161)."""
+    prefilling, and the paused requests were prefilled again (``save_policy.py``). Admitted one
+    by one, the third text once parted from its run alone at a near-tie (token 161; ``all_at_once``)."""
     request = {"sampling": GREEDY, "max_tokens": LONG, "ignore_eos": True}
-    with load() as reference:
-        prompts = [reference.tokenize(p) for p in PROMPTS]
-        expected = [await alone(reference, prompt, **request) for prompt in prompts]
-    with scheduler_held(monkeypatch):
-        engine = load(cache_ram=64)
-    with engine:
-        generations = [engine.submit(GenerationRequest(prompt, **request)) for prompt in prompts]  # type: ignore[arg-type]
-        engine._scheduler.start()
-        await asyncio.gather(*(g.collect() for g in generations))
-        stats = engine.stats()
+    prompts, expected, _ = await each_alone(PROMPTS, **request)
+
+    generations, _, stats = await all_at_once(monkeypatch, prompts, 64, **request)
+
     assert stats.preemptions_total > 0, "the KV cache really ran out"
     assert stats.prefill_tokens_total <= sum(len(p) for p in prompts) + stats.preemptions_total
     assert [g.token_ids for g in generations] == [e.token_ids for e in expected]
@@ -177,23 +189,16 @@ def test_the_room_kept_for_growth_never_stops_every_slot_from_starting() -> None
     assert growth_cap(N_CTX, 4) == 32  # at least a little, however small the cache
 
 
-async def test_a_paused_request_keeps_its_stop_strings_and_ends_on_them(shared: Engine) -> None:
-    prompts = [shared.tokenize(p) for p in PROMPTS]
+async def test_a_paused_request_keeps_its_stop_strings_and_ends_on_them(monkeypatch: pytest.MonkeyPatch) -> None:
     request = {"sampling": GREEDY, "max_tokens": LONG, "ignore_eos": True}
-    reference = [await alone(shared, prompt, **request) for prompt in prompts]
+    prompts, _, texts = await each_alone(PROMPTS, **request)
     # A stop string from late in the last request's text: it is reached only after pauses.
-    stop = (await _text(shared, reference[-1]))[-40:-30]
-    before = shared.stats().preemptions_total
+    stop = texts[-1][-40:-30]
 
-    generations, texts = await together(shared, prompts, **request, stop=[stop])
+    generations, texts_together, stats = await all_at_once(monkeypatch, prompts, 0, **request, stop=[stop])
 
-    assert shared.stats().preemptions_total > before
-    full = await _text(shared, reference[-1])
-    assert texts[-1] == full[: full.index(stop)] and generations[-1].finish_reason == "stop"
-
-
-async def _text(engine: Engine, generation: Generation) -> str:
-    return engine.detokenize(generation.token_ids)
+    assert stats.preemptions_total > 0
+    assert texts_together[-1] == texts[-1][: texts[-1].index(stop)] and generations[-1].finish_reason == "stop"
 
 
 async def test_a_request_cancelled_while_paused_reports_what_it_generated(shared: Engine) -> None:
