@@ -120,7 +120,7 @@ class Admission:
 
     def _start(self, task: Task, idle: list[Slot]) -> None:
         tokens = task.to_prefill
-        slot, prefix = choose_slot(idle, tokens, self._packed, self._whole, kept=not self._packed and self._prompt_cache is None)
+        slot, prefix = choose_slot(idle, tokens, self._packed, self._whole, kept=not self._kv.parks_idle)
         shared = self._shared(tokens) if self._checkpoints else 0
         keep = self._cut(slot, tokens, min(self._reuse_prefix(slot, tokens, prefix), len(tokens) - 1))
         counted_before = task.resume is not None or task.later_choice  # begin() takes task.resume

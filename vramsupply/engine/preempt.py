@@ -172,6 +172,12 @@ class KvPressure:
         self._preempt(max(candidates, key=lambda slot: slot.started), waiting)
         return True
 
+    @property
+    def parks_idle(self) -> bool:
+        """Whether idle slots give up their KV after each admission (``park_idle``); if not, a
+        shared cache keeps it for their conversations' next turns (``slots.choose_slot``'s ``kept``)."""
+        return self._unified and self._prompt_cache is not None
+
     def park_idle(self, slots: Sequence[Slot]) -> None:
         """After admitting requests into a shared KV cache with a prompt cache: move what the idle
         slots still hold to host memory, as llama-server does (``cache_idle_slots``).
@@ -181,7 +187,7 @@ class KvPressure:
         22 ms per output token) and fill it until requests must be paused. A later request that
         shares such a prefix gets it back from the prompt cache.
         """
-        if self._unified and self._prompt_cache is not None and self._evict_idle(slots):
+        if self.parks_idle and self._evict_idle(slots):
             log.debug("parked the cached prefixes of idle slots in the prompt cache")
 
     def _evict_idle(self, slots: Sequence[Slot]) -> bool:
