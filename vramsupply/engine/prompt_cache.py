@@ -30,7 +30,6 @@ it on, 0.3 ms); ``save_policy.py`` decides from the measured cost and reuse whet
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,9 +187,8 @@ class HostPromptCache:
             self._counters.add(prompt_cache_skipped_saves_total=1)
             log.debug("slot %d: not saving %d tokens (reuse %.2f)", slot.seq_id, len(tokens), self.policy.reuse)
             return
-        started = time.perf_counter()
-        stored = self._copy(slot.seq_id, tokens, tuple(slot.valid_checkpoints()))
-        self.policy.saved(len(tokens), time.perf_counter() - started)  # the stall was paid either way
+        with self.policy.timed(len(tokens)):
+            stored = self._copy(slot.seq_id, tokens, tuple(slot.valid_checkpoints()))
         if stored:
             self._counters.add(prompt_cache_saves_total=1)
 

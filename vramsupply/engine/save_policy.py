@@ -29,9 +29,9 @@ reuse is at least ``REUSE_FLOOR``. A save that is skipped leaves its token list 
 "ghost" (no KV, a few KB), and the tokens a ghost would have spared an admission count as reuse,
 so traffic that turns to chats is noticed and saving resumes.
 
-A save is timed less the time the scheduler thread waited meanwhile for a CPU that another process
-held (``run_queue_seconds``): that wait is the machine's load, not the copy's cost, and any step
-would have waited as long. On the 2-core test VM with one busy process beside the engine, 72 of
+A save is timed (``timed``) less the time the scheduler thread waited meanwhile for a CPU that
+another process held (``run_queue_seconds``): that wait is the machine's load, not the copy's
+cost, and any step would have waited as long. On the 2-core test VM with one busy process beside the engine, 72 of
 135 saves of 66-211 tokens of the tiny model were preempted and timed at 7-73 ms, where they copy
 in 0.3-0.7 ms. One such sample lifted the moving average 30-60 times, past the prefill's cost, and
 as skipped saves are not timed it stayed there: every later save was skipped, paused requests'
@@ -40,8 +40,10 @@ included, and they were prefilled again.
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -85,14 +87,16 @@ class SavePolicy:
     """Decides whether a slot's KV is worth saving; the scheduler thread alone uses it."""
 
     def __init__(
-        self, prefill_seconds: Callable[[int], float] | None = None, waited: Callable[[], float] = run_queue_seconds
+        self,
+        prefill_seconds: Callable[[int], float] | None = None,
+        waited: Callable[[], float] = run_queue_seconds,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._prefill_seconds = prefill_seconds
         """Seconds to prefill so many tokens from depth 0 (0 while unknown), or None: always save."""
         self._waited = waited
         """The scheduler thread's seconds waiting for a CPU so far (``run_queue_seconds``)."""
-        self._waited_before: float | None = None
-        """``_waited()`` when ``worth_saving`` last said yes: the save timed next starts then."""
+        self._clock = clock
         self._save_per_token = Smoothed()
         self._recent: deque[tuple[int, int]] = deque(maxlen=WINDOW)
         """(tokens saved or skipped, prompt tokens a restore spared) of recent saves and admissions."""
@@ -110,13 +114,7 @@ class SavePolicy:
     def worth_saving(self, tokens: int, certain: bool = False) -> bool:
         """Whether saving ``tokens`` pays; ``certain``: they will be wanted back (a paused
         request's KV, ``preempt.py``), so reuse is 1 and only the two costs are weighed, as long
-        as the copy stays within ``MAX_PAUSE_COPY_SECONDS``. A yes starts the count of what the
-        thread waits for a CPU during the save that follows (``saved``)."""
-        worth = self._pays(tokens, certain)
-        self._waited_before = self._waited() if worth else None
-        return worth
-
-    def _pays(self, tokens: int, certain: bool) -> bool:
+        as the copy stays within ``MAX_PAUSE_COPY_SECONDS``."""
         per_token = self._save_per_token.value
         if self._prefill_seconds is None or per_token is None or tokens <= 0:
             return True
@@ -128,11 +126,20 @@ class SavePolicy:
             return reuse >= REUSE_FLOOR
         return reuse * prefill >= per_token * tokens
 
-    def saved(self, tokens: int, seconds: float) -> None:
-        """A save of ``tokens`` tokens took ``seconds`` by the wall clock, of which those the thread
-        waited for a CPU since ``worth_saving`` said yes are not the copy's."""
-        waited = 0.0 if self._waited_before is None else self._waited() - self._waited_before
-        self._waited_before = None
+    @contextmanager
+    def timed(self, tokens: int) -> Iterator[None]:
+        """Times the save of ``tokens`` tokens made in the block (``saved``): by the wall clock,
+        less what the thread waited for a CPU meanwhile, which is another process's time, not
+        the copy's. Whether or not the copy succeeds: the stall was paid either way."""
+        waited, started = self._waited(), self._clock()
+        try:
+            yield
+        finally:
+            self.saved(tokens, self._clock() - started, self._waited() - waited)
+
+    def saved(self, tokens: int, seconds: float, waited: float = 0.0) -> None:
+        """A save of ``tokens`` tokens took ``seconds`` by the wall clock, ``waited`` of them
+        with the thread waiting for a CPU (``timed``)."""
         if tokens > 0:
             sample = max(seconds - waited, 0.0) / tokens
             estimate = self._save_per_token.value
