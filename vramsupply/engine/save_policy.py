@@ -30,12 +30,12 @@ reuse is at least ``REUSE_FLOOR``. A save that is skipped leaves its token list 
 so traffic that turns to chats is noticed and saving resumes.
 
 A save is timed (``timed``) less the time the scheduler thread waited meanwhile for a CPU that
-another process held (``run_queue_seconds``): that wait is the machine's load, not the copy's
-cost, and any step would have waited as long. On the 2-core test VM with one busy process beside the engine, 72 of
-135 saves of 66-211 tokens of the tiny model were preempted and timed at 7-73 ms, where they copy
-in 0.3-0.7 ms. One such sample lifted the moving average 30-60 times, past the prefill's cost, and
-as skipped saves are not timed it stayed there: every later save was skipped, paused requests'
-included, and they were prefilled again.
+another process held (``run_queue_seconds``): that wait is the machine's load, not the copy's cost,
+and any step would have waited as long. On the 2-core test VM with one busy process beside the
+engine, 72 of 135 saves of 66-211 tokens of the tiny model were preempted and timed at 7-73 ms,
+where they copy in 0.3-0.7 ms. One such sample lifted the moving average 30-60 times, past the
+prefill's cost, and as skipped saves are not timed it stayed there: every later save was skipped,
+paused requests' included, and they were prefilled again.
 """
 
 from __future__ import annotations
