@@ -21,7 +21,7 @@ from typing import Any
 from . import keywords
 from .call_shapes import is_text, parameter_members
 from .formats import ReasoningMarkers
-from .gbnf_text import ANY_CHAR, STRING_FORMATS, XML_CLOSING_TAGS, check_gbnf, gbnf_literal, text_without, xml_writable
+from .gbnf_text import ANY_CHAR, STRING_FORMATS, XML_CLOSING_TAGS, check_gbnf, gbnf_literal, renamed, text_without, xml_writable
 from .pattern import PatternError, pattern_to_gbnf
 from .schema import JsonSchemaConverter, UnsatisfiableSchema
 from .schema_normal import rewritten
@@ -216,12 +216,32 @@ def forced_call_grammar(
 def after_thought(grammar: str, reasoning: ReasoningMarkers) -> str:
     """``grammar`` (GBNF with a ``root`` rule) behind the end of a thought the generation prompt
     left open: without it a thinking model's JSON answer would be its thought, and the answer empty."""
-    rules = dict(line.split(" ::= ", 1) for line in grammar.splitlines() if " ::= " in line)
+    rules = _rules(grammar)
     answer, thought = (_unused(rules, name) for name in ("answer-after-thought", "thought-before-answer"))
     rules[answer] = rules.pop("root")
     rules.update(thought_rules(reasoning.end, thought))
     rules["root"] = f"{thought} {answer}"
     return "".join(f"{name} ::= {body}\n" for name, body in sorted(rules.items()))
+
+
+def either(first: str, second: str) -> str:
+    """GBNF whose sentences are ``first``'s and ``second``'s (each GBNF with a ``root`` rule): a
+    JSON answer or a tool call, when a request both offers tools and asks for a JSON
+    ``response_format``. Each grammar's rules are renamed apart, references included (a recursive
+    schema refers to its ``root``)."""
+    ours, theirs = _rules(first), _rules(second)
+    left = _unused({**ours, **theirs}, "either-first")
+    prefix = _unused({**ours, left: ""}, "either-second")
+    names_ours = {"root": left}
+    names_theirs = {name: f"{prefix}-{name}" for name in theirs}
+    rules = {names_ours.get(name, name): renamed(body, names_ours) for name, body in ours.items()}
+    rules.update({names_theirs[name]: renamed(body, names_theirs) for name, body in theirs.items()})
+    rules["root"] = f"{left} | {names_theirs['root']}"
+    return check_gbnf("".join(f"{name} ::= {body}\n" for name, body in sorted(rules.items())))
+
+
+def _rules(grammar: str) -> dict[str, str]:
+    return dict(line.split(" ::= ", 1) for line in grammar.splitlines() if " ::= " in line)
 
 
 def _unused(rules: Mapping[str, str], name: str) -> str:

@@ -140,3 +140,10 @@ def check_gbnf(grammar: str) -> str:
     if missing:
         raise ValueError(f"the grammar built is not valid GBNF (no rule {missing[0]!r})")
     return grammar
+
+
+def renamed(body: str, names: dict[str, str]) -> str:
+    """A rule's body with the rules it references renamed by ``names`` (literals and classes kept)."""
+    return "".join(
+        names.get(m.group(), m.group()) if m.lastgroup == "name" else m.group() for m in _GBNF_TOKEN.finditer(body)
+    )

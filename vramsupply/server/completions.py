@@ -19,7 +19,6 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from vramsupply.chat.forced import after_thought
 from vramsupply.engine import (
     ChatPrompt,
     ContextOverflow,
@@ -34,7 +33,7 @@ from vramsupply.engine import (
 )
 from vramsupply.server.accounting import Bill
 from vramsupply.server.errors import ApiError, internal_error
-from vramsupply.server.grammar import grammar_for
+from vramsupply.server.grammar import chat_grammar, grammar_for
 from vramsupply.server.metrics import ServerMetrics
 from vramsupply.server.chat_shape import ChatShape
 from vramsupply.server.chunks import sse_event
@@ -118,17 +117,10 @@ async def generation_requests(
 
 
 async def chat_generation_requests(body: ChatCompletionBody, chat: ChatPrompt) -> list[GenerationRequest]:
-    """A chat's requests: the template's stop strings and marker tokens, and a forced call's grammar."""
-    json_format = body.response_format is not None and body.response_format.type != "text"
-    if chat.grammar is not None and json_format and not chat.grammar_triggers:
-        raise ApiError(400, "A forced tool call cannot be combined with a JSON response_format.", param="tool_choice", code="invalid_value")
+    """A chat's requests: the template's stop strings and marker tokens, and the grammar of its
+    calls, its JSON response_format, or either (``grammar.chat_grammar``)."""
     requests = await generation_requests(body, chat.tokens, extra_stop=chat.stop)
-    # With a JSON response_format the answer is that JSON: the lazy tool-call grammar stands aside.
-    use = chat.grammar is not None and not json_format
-    grammar = {"grammar": chat.grammar, "grammar_triggers": chat.grammar_triggers} if use else {}
-    json_grammar = requests[0].sampling.grammar if json_format else None
-    if json_grammar is not None and chat.in_reasoning and chat.reasoning is not None:
-        grammar = {"grammar": after_thought(json_grammar, chat.reasoning)}  # the JSON is the answer, not the thought
+    grammar = chat_grammar(chat, requests[0].sampling.grammar)
     try:
         return [
             dataclasses.replace(r, preserve=chat.preserve, sampling=dataclasses.replace(r.sampling, **grammar)) for r in requests

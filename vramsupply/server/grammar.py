@@ -8,14 +8,24 @@ One request's schema must not cost every other buyer, so it is checked against t
 ``chat/limits.py`` and converted in a worker thread; past a limit the answer is a 400 naming
 ``response_format``. With ``json_schema.strict: true``, a keyword the grammar cannot enforce is a
 400 naming it and its place, as OpenAI's strict mode refuses what it does not support.
+
+Beside ``tools`` (``chat_grammar``), as at OpenAI, ``response_format`` shapes the answers given in
+text: a forced call (``tool_choice`` ``required`` or a named function) is this turn's answer, and
+with ``auto`` the model either calls tools or answers in the JSON, from its first token (or after
+the thought the prompt left open). Before, the JSON grammar held every answer, so a model asked
+for both could never call a tool (an agent framework sends both on every turn: tools to use, and
+the final answer's shape), and a forced call beside a JSON format was a 400.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from vramsupply.chat.limits import SchemaTooComplex, schema_grammar
+from vramsupply.chat.forced import after_thought, either
+from vramsupply.chat.limits import SchemaTooComplex, check_grammar_size, schema_grammar
 from vramsupply.chat.schema import UnenforcedKeyword, schema_to_gbnf
+from vramsupply.engine import ChatPrompt
 from vramsupply.server.errors import ApiError
 from vramsupply.server.schemas import ResponseFormat
 
@@ -47,3 +57,21 @@ async def grammar_for(response_format: ResponseFormat | None) -> str | None:
             param=f"{PARAM}.json_schema.schema",
             code="invalid_value",
         ) from None
+
+
+def chat_grammar(chat: ChatPrompt, json_grammar: str | None) -> dict[str, Any]:
+    """The sampling fields that constrain a chat's answer: its tool calls' grammar (``chat``),
+    its JSON ``response_format``'s (``json_grammar``, from ``grammar_for``), or either of the two."""
+    if chat.grammar is not None and not chat.grammar_triggers:
+        return {"grammar": chat.grammar}  # a forced call
+    if json_grammar is None:
+        return {"grammar": chat.grammar, "grammar_triggers": chat.grammar_triggers} if chat.grammar is not None else {}
+    answer = json_grammar
+    if chat.grammar is not None:
+        try:
+            answer = check_grammar_size(either(json_grammar, chat.grammar))
+        except SchemaTooComplex as exc:
+            raise ApiError(400, f"'tools' and '{PARAM}' together are too complex for this server: {exc}", param="tools", code="invalid_value") from None
+    if chat.in_reasoning and chat.reasoning is not None:
+        answer = after_thought(answer, chat.reasoning)  # the answer, not the thought
+    return {"grammar": answer}
