@@ -122,6 +122,14 @@ def test_template_raise_exception_becomes_value_error() -> None:
         chat.render([{"role": "tool", "content": "42"}])
 
 
+def test_any_error_the_template_raises_on_the_messages_is_theirs_to_fix() -> None:
+    """A template's own arithmetic or attribute errors were a 500 with a traceback in the log."""
+    for body in ("{{ 1 // 0 }}", "{{ messages[0].content.nope() }}", "{{ 'x' * (10 ** 20) }}"):
+        chat = ChatTemplate("{% for message in messages %}" + body + "{% endfor %}", bos_text="<s>", eos_text="</s>")
+        with pytest.raises(ValueError, match="the model's chat template failed on these messages"):
+            chat.render([{"role": "user", "content": "Hi"}])
+
+
 def test_missing_or_broken_template_falls_back_to_chatml() -> None:
     expected = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}]

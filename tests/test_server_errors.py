@@ -120,10 +120,11 @@ async def test_requests_the_engine_cannot_run_are_400(server: LiveServer, http: 
 
 
 async def test_token_ids_outside_the_vocabulary_are_400(server: LiveServer, http: aiohttp.ClientSession) -> None:
-    status, body, _ = await post(http, server.url + COMPLETIONS, {"prompt": [1, 2, 10_000_000]})
+    for prompt, bad in (([1, 2, 10_000_000], "10000000"), ([-1], "-1")):
+        status, body, _ = await post(http, server.url + COMPLETIONS, {"prompt": prompt})
 
-    assert status == 400
-    assert "10000000" in body["error"]["message"]
+        assert status == 400
+        assert bad in body["error"]["message"] and body["error"]["param"] == "prompt"
 
 
 async def test_prompt_longer_than_the_context_is_400_with_the_numbers(server: LiveServer, http: aiohttp.ClientSession) -> None:

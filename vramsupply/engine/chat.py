@@ -78,8 +78,8 @@ class ChatTemplate:
             return self._formatter(messages=normalized, tools=tools or None, **variables).prompt
         except ValueError as exc:
             raise ValueError(f"the model's chat template rejected the messages: {exc}") from None
-        except (jinja2.TemplateError, TypeError, KeyError, IndexError) as exc:
-            raise ValueError(f"the model's chat template failed on these messages: {exc}") from None
+        except Exception as exc:  # the template is the model's code: whatever it raises on these messages
+            raise ValueError(f"the model's chat template failed on these messages: {type(exc).__name__}: {exc}") from None
 
     def _for_template(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not self._text_arguments:

@@ -205,16 +205,19 @@ async def submit_all(engine: Engine, requests: list[GenerationRequest], prompt_p
         if isinstance(exc, EngineError):
             raise engine_error(exc, prompt_param) from None
         if isinstance(exc, ValueError):
-            raise ApiError(400, str(exc), param=_refused_field(str(exc)), code="invalid_value") from None
+            raise ApiError(400, str(exc), param=_refused_field(str(exc), prompt_param), code="invalid_value") from None
         raise
     return generations
 
 
-def _refused_field(message: str) -> str | None:
-    """The request field a sampler refusal names first (the engine's messages begin with it:
-    "logit_bias token 600 is not in the vocabulary", "ignore_eos cannot be combined ...")."""
+def _refused_field(message: str, prompt_param: str) -> str | None:
+    """The request field a refusal names first (the engine's messages begin with it: "logit_bias
+    token 600 is not in the vocabulary", "ignore_eos cannot be combined ...", "prompt token 99999
+    is not in the vocabulary", "the prompt must be ...")."""
     field = message.split(" ", 1)[0]
-    return field if field in ("logit_bias", "ignore_eos") else None
+    if field in ("logit_bias", "ignore_eos"):
+        return field
+    return prompt_param if message.startswith(("prompt ", "the prompt ")) else None
 
 
 @dataclasses.dataclass
