@@ -90,7 +90,9 @@ def prepare_chat(
     variables = _variables(request.template_variables)
     messages = normalize_messages(request.messages)
     check_tool_results(messages)
-    prompt = template.render(messages, tools=_template_tools(request.tools or (), functions) if use_tools else None, **variables)
+    # With "none" the model still sees the tools (as at OpenAI, llama-server and vLLM): it only may
+    # not call them, and an agent switching between auto and none keeps its cached prefix.
+    prompt = template.render(messages, tools=_template_tools(request.tools or (), functions) if functions else None, **variables)
     in_reasoning = opens_reasoning(prompt, fmt.reasoning)
     grammar, triggers = None, ()
     if use_tools and choice == "auto":
