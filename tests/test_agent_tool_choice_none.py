@@ -14,6 +14,9 @@ import pytest
 from openai import OpenAI
 
 from live_server import MODEL_ID, LiveServer
+from vramsupply.engine import ChatRequest
+from vramsupply.engine.chat import ChatTemplate
+from vramsupply.engine.conversation import prepare_chat
 
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 TOOLS = [
@@ -42,3 +45,17 @@ def test_with_tool_choice_none_the_prompt_still_shows_the_tools_and_nothing_is_c
     assert none.usage.prompt_tokens == auto.usage.prompt_tokens > bare.usage.prompt_tokens
     assert none.usage.prompt_tokens_details.cached_tokens >= auto.usage.prompt_tokens - 1, "the switch keeps the prefix"
     assert none.choices[0].message.tool_calls is None and none.choices[0].finish_reason == "length"
+
+
+def test_a_template_that_cannot_show_tools_answers_tool_choice_none_without_them() -> None:
+    """Such a template is refused for ``auto`` (a 400 naming tools); with ``none`` there is nothing to refuse."""
+    template = ChatTemplate(
+        "{% if tools %}{{ raise_exception('this template has no tools') }}{% endif %}"
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+        bos_text="<s>", eos_text="</s>",
+    )
+    request = ChatRequest(messages=ASK, tools=TOOLS, tool_choice="none")
+
+    chat = prepare_chat(template, request, lambda text: [ord(c) for c in text], lambda markers: frozenset())
+
+    assert "".join(map(chr, chat.tokens)) == "user: What is the weather in Paris?\n" and chat.syntax is None

@@ -92,7 +92,8 @@ def prepare_chat(
     check_tool_results(messages)
     # With "none" the model still sees the tools (as at OpenAI, llama-server and vLLM): it only may
     # not call them, and an agent switching between auto and none keeps its cached prefix.
-    prompt = template.render(messages, tools=_template_tools(request.tools or (), functions) if functions else None, **variables)
+    shown = use_tools or (bool(functions) and fmt.supports_tools)
+    prompt = template.render(messages, tools=_template_tools(request.tools or (), functions) if shown else None, **variables)
     in_reasoning = opens_reasoning(prompt, fmt.reasoning)
     grammar, triggers = None, ()
     if use_tools and choice == "auto":
