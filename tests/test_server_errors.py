@@ -260,3 +260,25 @@ async def test_garbage_never_gets_a_500(server: LiveServer, http: aiohttp.Client
         status, body, _ = await post(http, server.url + route, data=raw.encode("latin-1"))
         assert status == 400, (route, raw, body)
         assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", "5"), ("max_tokens", True), ("max_tokens", 5.0), ("stream", "yes"), ("n", "2"), ("temperature", "0.5"), ("logprobs", "yes")],
+)
+async def test_a_value_of_the_wrong_type_is_400_naming_it_not_coerced(
+    server: LiveServer, http: aiohttp.ClientSession, field: str, value: Any
+) -> None:
+    """As at OpenAI: ``true`` was taken for one token, and ``"yes"`` for a stream."""
+    status, body, _ = await post(http, server.url + CHAT, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, field: value})
+
+    assert status == 400
+    assert_openai_error(body, param=field)
+
+
+async def test_numbers_stay_numbers_and_logit_bias_keys_are_token_ids(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 1, "top_p": 1, "logit_bias": {"5": 1.5, "6": -2}}
+    status, answer, _ = await post(http, server.url + CHAT, body)
+
+    assert status == 200, answer
+    assert answer["usage"]["completion_tokens"] <= 2

@@ -4,13 +4,18 @@ Unknown fields are ignored, as OpenAI-compatible servers do, but OpenAI fields t
 the answer in a way we cannot honour (audio, echo, store, the legacy functions API…) are rejected
 with a 400 instead of being silently dropped. Sampling fields left out keep llama.cpp's defaults
 (``SamplingParams``).
+
+Types are strict, as OpenAI's are: ``"max_tokens": "5"``, ``true`` for a number, ``5.0`` for an
+integer or ``"yes"`` for ``stream`` are a 400 naming the field, where they were quietly coerced
+(``true`` asked for one token), hiding a client's bug that OpenAI would have shown it. An integer
+stands for a number, and ``logit_bias``'s keys are token ids written as JSON's string keys.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator, model_validator
 
 from vramsupply.engine import MAX_TOP_K, ChatRequest
 
@@ -32,7 +37,7 @@ def _unsupported(value: Any, what: str) -> Any:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Body):
@@ -70,7 +75,7 @@ class GenerationBody(_Body):
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[int, float] = Field(default_factory=dict)
+    logit_bias: dict[Annotated[int, Strict(False)], float] = Field(default_factory=dict)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # llama.cpp extensions
