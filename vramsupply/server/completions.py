@@ -106,7 +106,9 @@ async def _tokenize(request: web.Request, tokenize: Callable[[T], list[int]], va
 async def generation_requests(
     body: ChatCompletionBody | CompletionBody, prompt: list[int], extra_stop: tuple[str, ...] = ()
 ) -> list[GenerationRequest]:
-    """One engine request per choice; with a seed, choice i uses seed + i so choices differ yet reproduce.
+    """One engine request per choice; with a seed, choice i uses seed + i, so choices differ yet
+    reproduce as far as a seed can (the README's Sampling: logits differ in their last bits with
+    the batch and the prompt cache).
 
     ``extra_stop`` holds stop strings the chat template needs (the chat prompt's ``stop``).
     """
