@@ -130,6 +130,8 @@ def test_serve_demo_runs_the_whole_marketplace_on_one_machine() -> None:
         (["--endpoint-url", PUBLIC], {"VRAM_SUPPLY_OUTPUT_PRICE": "2.5"}, "invalid output_price = '2.5' (from env VRAM_SUPPLY_OUTPUT_PRICE)"),
         ([], {}, "an endpoint URL is required to register: pass --endpoint-url or set VRAM_SUPPLY_ENDPOINT_URL"),
         (["--endpoint-url", PUBLIC, "--context-length-offered", "9000"], {}, "context_length_offered (9000) is larger than context_length (8192)"),
+        # The tiny model was trained on 2048 tokens: known from its header, not only once loaded.
+        (["--endpoint-url", PUBLIC, "--context-length-offered", "4096"], {}, "context_length_offered (4096) is larger than the context this agent will serve (2048, what stories260K.gguf was trained on)"),
     ],
 )
 def test_bad_offers_are_refused_before_any_call_or_load(args: list[str], env: dict[str, str], message: str) -> None:

@@ -28,7 +28,7 @@ from vramsupply.errors import ConfigError
 from vramsupply.gpu.report import PlacementMonitor
 from vramsupply.gpu.report import placement_of as gpu_placement_of
 from vramsupply.hub.local import LocalModel
-from vramsupply.platform.offer import ModelIdentity
+from vramsupply.platform.offer import ModelIdentity, OfferError
 from vramsupply.serve.options import engine_options
 from vramsupply.serve.status import ServingStats
 from vramsupply.server import SERVER_STATE, create_app
@@ -80,6 +80,7 @@ class LlamaCppBackend:
         self.settings = await fit_to_memory(self.settings, self.explicit)
         self.model = await resolve_model(self.settings)  # a stop signal need not wait for it (see lifecycle)
         self.settings = await fit_to_memory(self.settings, self.explicit, self.model)
+        refuse_offer_beyond_context(self.settings, self.model)
         return self.model
 
     def create_app(self, endpoint_token: str | None, max_body_bytes: int) -> web.Application:
@@ -188,6 +189,24 @@ async def fit_to_memory(settings: Settings, explicit: set[str], model: LocalMode
     if model is None:
         return await in_daemon_thread(fit_before_download, settings, explicit)
     return await in_daemon_thread(fit_before_load, settings, explicit, model.path)
+
+
+def refuse_offer_beyond_context(settings: Settings, model: LocalModel) -> None:
+    """Refuse a ``context_length_offered`` longer than the requests this model will be served
+    with, before loading it (``OfferError``): found at registration, it came after minutes of
+    loading a large model, and after "ready". The same rule as the engine's own
+    (``trained_context``), on the context the memory plan chose and the GGUF's training context."""
+    from vramsupply.engine.trained_context import served_context
+    from vramsupply.gpu.source import local_source
+
+    offered = settings.context_length_offered
+    if offered is None or settings.no_register:
+        return
+    trained = local_source(str(model.path)).shape.n_ctx_train
+    served = served_context(settings.context_length, settings.parallel, settings.kv_per_slot, trained).request_tokens
+    if offered > served:
+        trained_note = f", what {model.path.name} was trained on" if served < settings.context_length else ""
+        raise OfferError(f"context_length_offered ({offered}) is larger than the context this agent will serve ({served}{trained_note})")
 
 
 def model_aliases(model: LocalModel) -> list[str]:
