@@ -43,6 +43,17 @@ MAX_DRAIN_SECONDS = 3600.0
 """An hour: no request runs longer, and the service manager waits this long (plus 30 s) to stop."""
 MAX_HEARTBEAT_SECONDS = 120.0
 """The platform checks health every 60 s and forgets an agent silent for a few minutes."""
+MAX_STALL_SECONDS = 86400.0
+"""A day: the slowest legitimate decode step takes minutes (``engine/liveness.py``), and a watchdog
+that waits longer than a day watches nothing. Every float setting has a finite upper limit, which
+refuses ``inf`` and ``nan`` too: the code that uses them needs a finite number (``EngineOptions``
+refuses an infinite stall timeout, a socket timeout past about 10⁹ s overflows the platform's
+time_t), so a value without a limit passed ``config show`` and ``service install`` and failed
+later, with a traceback, in a service that could never start."""
+MAX_ENGINE_START_SECONDS = 86400.0
+"""A day: enough for a launched engine to download hundreds of GB of weights on a slow link."""
+MAX_DOWNLOAD_TIMEOUT = 3600.0
+"""An hour without a byte from the Hub is a dead connection, not a slow one."""
 MAX_API_KEY_CHARS = 512
 MAX_PRICE = 1_000_000
 """The highest price, in cents per million tokens: $10,000, far above what any model sells for.
@@ -87,11 +98,11 @@ class Settings(BaseSettings):
     flash_attention: FlashAttention = Field(FlashAttention.auto, description="Flash attention: auto (llama.cpp's choice, on where a backend supports it; off for a model on the CPU alone of an Intel CPU with AMX), on or off")
     threads: int | None = Field(None, ge=1, description="CPU threads for decoding and prompt processing, pinned (default: the physical cores, within a cgroup CPU quota, for both, and fewer while other programs keep them busy)")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before new ones get 429")
-    stall_timeout: float = Field(600.0, gt=0, description="Seconds one decode step may run while requests wait before the engine counts as failed (/health 503, serve exits 1)")
+    stall_timeout: float = Field(600.0, gt=0, le=MAX_STALL_SECONDS, description="Seconds one decode step may run while requests wait before the engine counts as failed (/health 503, serve exits 1); at most 86400 (a day)")
     cache_ram: int | None = Field(None, ge=0, description="Most MiB of host RAM keeping idle conversations' KV for reuse; within it the cache keeps what its restores reach (default: a quarter of free RAM, within a cgroup memory limit, at most 8192; 0: off)")
     draft_max: int | None = Field(None, ge=0, description="Tokens prompt-lookup speculative decoding may draft per step for a request decoding alone (default 0: off; it cost a lone request tok/s on a CPU and on a GPU in our benchmarks)")
     backend_sampling: bool = Field(False, description="Sample on the device inside llama.cpp's graph so logits never cross to the host (for GPUs; requests with penalties, grammars or logprobs sample on the host)")
-    stream_interval_ms: float = Field(30.0, ge=0, le=1000, description="Milliseconds between hand-overs of mid-answer tokens to the HTTP side (several tokens then go in one SSE chunk; a first token and an answer's end go at once; 0: every decode step)")
+    stream_interval_ms: float = Field(30.0, ge=0, le=1000, description="Milliseconds between hand-overs of mid-answer tokens to the HTTP side (several tokens then go in one SSE chunk; a first token and an answer's end go at once; 0: every decode step; at most 1000)")
     cache_type_k: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache type for keys: f16, q8_0 or q4_0 (about 1/2 or 1/4 of the f16 memory)")
     cache_type_v: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache type for values: f16, q8_0 or q4_0 (a quantized V cache needs flash attention)")
     split_mode: Literal["layer", "row", "none"] = Field("layer", description="How to split the model across GPUs: layer, row or none (all on main_gpu)")
@@ -111,25 +122,25 @@ class Settings(BaseSettings):
     nnodes: int | None = Field(None, ge=1, description="Nodes an SGLang deployment spans (`--nnodes`)")
     node_rank: int | None = Field(None, ge=0, description="This node's rank in a multi-node SGLang deployment (`--node-rank`)")
     dist_init_addr: str | None = Field(None, description="Address of SGLang's rank-0 node, host:port (`--dist-init-addr`)")
-    engine_start_timeout: float = Field(1800.0, gt=0, description="Seconds a launched engine may take to become ready (it may download the weights)")
+    engine_start_timeout: float = Field(1800.0, gt=0, le=MAX_ENGINE_START_SECONDS, description="Seconds a launched engine may take to become ready (it may download the weights); at most 86400 (a day)")
 
     # HTTP server
     host: str = Field("127.0.0.1", description="Address the OpenAI-compatible server listens on")
     port: int = Field(8080, ge=0, le=65535, description="Port the OpenAI-compatible server listens on")
     endpoint_token: SecretStr | None = Field(None, description="Bearer token required on /v1/* (generated when registering if unset)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body in bytes (413 above)")
-    drain_timeout: float = Field(30.0, ge=0, le=MAX_DRAIN_SECONDS, description="Seconds in-flight requests may take to finish on shutdown")
+    drain_timeout: float = Field(30.0, ge=0, le=MAX_DRAIN_SECONDS, description="Seconds in-flight requests may take to finish on shutdown; at most 3600 (an hour)")
 
     # Marketplace
     api_key: SecretStr | None = Field(None, description="vram.supply API key (`vramsupply login` stores it)")
-    platform_url: str = Field("https://vram.supply", description="vram.supply platform API base URL")
+    platform_url: str = Field("https://vram.supply", description="vram.supply platform API base URL, without /v1 (the agent adds /v1/...)")
     endpoint_url: str | None = Field(None, description="Public URL buyers reach this agent at (required to register, unless `tunnel` makes one)")
     tunnel: Literal["cloudflared"] | None = Field(None, description="Tunnel tool to start for a public URL without port forwarding: cloudflared")
     input_price: int = Field(100, ge=0, le=MAX_PRICE, description="Input price, cents per million tokens")
     output_price: int = Field(200, ge=0, le=MAX_PRICE, description="Output price, cents per million tokens")
     context_length_offered: int | None = Field(None, ge=1, description="Context length advertised to the market (default: the context actually served, at most context_length)")
     no_register: bool = Field(False, description="Serve locally only: do not register with the platform")
-    heartbeat_interval: float = Field(30.0, ge=0.1, le=MAX_HEARTBEAT_SECONDS, description="Seconds between heartbeats")
+    heartbeat_interval: float = Field(30.0, ge=0.1, le=MAX_HEARTBEAT_SECONDS, description="Seconds between heartbeats, 0.1 to 120")
 
     # Hub and logging
     cache_dir: Path | None = Field(None, description="HuggingFace cache dir for models (default: the shared HF cache)")
@@ -137,7 +148,7 @@ class Settings(BaseSettings):
         list(DEFAULT_GGUF_PUBLISHERS),
         description="GGUF publishers preferred when resolving `org/model`, in order, comma-separated (`{org}`: the model's own org); others rank by downloads",
     )
-    download_timeout: float = Field(DEFAULT_DOWNLOAD_TIMEOUT, gt=0, description="Seconds a Hub request or model download may go without receiving data before it fails")
+    download_timeout: float = Field(DEFAULT_DOWNLOAD_TIMEOUT, gt=0, le=MAX_DOWNLOAD_TIMEOUT, description="Seconds a Hub request or model download may go without receiving data before it fails; at most 3600 (an hour)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
 
     @field_validator("platform_url", "endpoint_url", "upstream_url")
@@ -158,6 +169,15 @@ class Settings(BaseSettings):
         problem = None if value is None else endpoint_url_problem(value)
         if problem is not None:
             raise PydanticCustomError("endpoint_url", problem)
+        return value
+
+    @field_validator("platform_url")
+    @classmethod
+    def _platform_base_url(cls, value: str) -> str:
+        """The agent adds ``/v1/providers/...`` to it: a URL ending in /v1 called /v1/v1/... and got 404s forever."""
+        problem = platform_url_problem(value)
+        if problem is not None:
+            raise PydanticCustomError("platform_url", problem)
         return value
 
     @field_validator("gguf_publishers", mode="before")
@@ -192,6 +212,8 @@ class Settings(BaseSettings):
         """llama.cpp divides by the shares' sum: none may be negative, NaN or infinite, nor all zero."""
         if value and not tensor_split_ok(value):
             raise PydanticCustomError("tensor_split", TENSOR_SPLIT_RULE)
+        if value and not tensor_split_fits_float32(value):
+            raise PydanticCustomError("tensor_split", TENSOR_SPLIT_FLOAT32)
         return value or None
 
     @field_validator("cache_dir", mode="before")
@@ -273,11 +295,21 @@ LIST_EXAMPLES = {
     "tensor_split": "give each GPU its share, e.g. 3,1",
 }
 TENSOR_SPLIT_RULE = "each share is a finite number, none negative and not all zero, e.g. 3,1"
+TENSOR_SPLIT_FLOAT32 = "llama.cpp keeps the shares as 32-bit floats: their sum must be at most 3.4e38 and some share at least 1.2e-38; give proportions, e.g. 3,1"
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MIN = 1.1754943508222875e-38  # the smallest normal one
 URL_CHARACTERS = "a URL has no spaces, control characters or backslashes (URL parsers drop or rewrite them, so another address would be called)"
 
 
 def tensor_split_ok(shares: list[float] | tuple[float, ...]) -> bool:
     return all(math.isfinite(share) and share >= 0 for share in shares) and any(shares)
+
+
+def tensor_split_fits_float32(shares: list[float] | tuple[float, ...]) -> bool:
+    """llama.cpp divides by the sum of the shares as 32-bit floats: 1e39 is infinite there (and a
+    share divided by an infinite sum no proportion), and shares that all round to zero there mean
+    "by free memory", not the split that was asked for."""
+    return sum(shares) <= FLOAT32_MAX and any(share >= FLOAT32_MIN for share in shares)
 
 
 def url_characters_ok(url: str) -> bool:
@@ -310,6 +342,18 @@ def endpoint_url_problem(url: str) -> str | None:
         return "must have a valid host and a port from 1 to 65535"
     if not url.isascii() or urlsplit(normal).path.rstrip("/") != parts.path.rstrip("/"):
         return f"is read by URL parsers as {normal}: write it that way"
+    return None
+
+
+def platform_url_problem(url: str) -> str | None:
+    """What keeps ``url`` from being the platform's base URL, the one the agent adds ``/v1/...`` to,
+    or None. Refused, not mended: the provider copied it from somewhere that says otherwise (a
+    buyer's OpenAI base URL, the platform's API docs), and a URL rewritten without a word would
+    leave that copy wrong for whatever else reads it."""
+    if "?" in url or "#" in url:
+        return "must be the platform's base URL, without ?query or #fragment (the agent adds /v1/... to it)"
+    if ends_in_v1(url):
+        return f"must be the platform's base URL, without /v1 (the agent adds /v1/... to it): drop the /v1 and use {base_of(url)}"
     return None
 
 

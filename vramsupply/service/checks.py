@@ -1,6 +1,7 @@
 """What ``service install`` checks before it writes anything: that systemd itself accepts the unit,
-and that the service could start at all (a service that fails at every start would be restarted
-every few seconds forever).
+that every file and folder it will write can be written (a unit dir that is a file once failed
+after the env file was written, with "File exists"), and that the service could start at all (a
+service that fails at every start would be restarted every few seconds forever).
 """
 
 from __future__ import annotations
@@ -40,6 +41,45 @@ def verify_unit(text: str, user_mode: bool) -> None:
     ]
     if complaints:
         raise ServiceError(f"systemd-analyze verify rejects the unit (nothing was installed): line {complaints[0].strip()}")
+
+
+def root_hint(command: str, user_mode: bool) -> str:
+    """The hint about root only where it can help: a system service, not as root."""
+    return "" if user_mode or os.geteuid() == 0 else f" (a system service needs root: sudo vramsupply service {command}, or use --user)"
+
+
+def check_destinations(files: tuple[Path, ...], folders: tuple[Path, ...], user_mode: bool) -> None:
+    """Refuse, before the first write, a destination that cannot be written: the files to write
+    (env file, unit) and the folders the service writes to (made by the install when missing)."""
+    places = [(path, "write", file_destination_problem(path)) for path in files]
+    places += [(path, "create", folder_problem(path)) for path in folders]
+    for path, action, problem in places:
+        if problem is not None:  # a system service needs root to be installed whatever else is wrong
+            raise ServiceError(f"cannot {action} {path}: {problem}{root_hint('install', user_mode)} (nothing was installed)")
+
+
+def file_destination_problem(path: Path) -> str | None:
+    """Why a file cannot be written at ``path`` (replaced beside itself and renamed, creating the
+    folders above it), or None. Phrased to follow "cannot write <path>: "."""
+    target = path.resolve() if path.is_symlink() else path
+    if target.is_dir():
+        return f"{path} is a directory, not a file"
+    if target.exists() and not target.is_file():
+        return f"{path} is not a regular file"
+    return folder_problem(target.parent)
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot hold new files (it, or the nearest folder above it that exists, is no
+    directory, or cannot be written), or None."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # a path through a regular file does not exist either
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user"
+    return None
 
 
 def startup_problems(settings: Settings, env_file: Path) -> list[str]:

@@ -6,12 +6,15 @@ started that could never start (no model, or no API key or endpoint URL to regis
 would fail and restart every few seconds forever; the install says what to add to the env file.
 
 Everything is checked before anything is written: values a unit or env file cannot hold, an env
-file the installer did not write (such as /etc/environment), and, where ``systemd-analyze`` exists,
-the unit as systemd itself parses it.
+file the installer did not write (such as /etc/environment), every file and folder to write (a
+``--unit-dir`` that is a file), and, where ``systemd-analyze`` exists, the unit as systemd itself
+parses it. Should the unit still fail to be written (a full disk), the env file is put back as it
+was: a re-install must not leave settings the provider never saw take effect half-way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import grp
 import os
@@ -28,7 +31,7 @@ import platformdirs
 from pydantic import ValidationError
 
 from vramsupply.config import APP_NAME, ENV_PREFIX, Settings, env_name, load_settings, write_private_file
-from vramsupply.service.checks import startup_problems, verify_unit
+from vramsupply.service.checks import check_destinations, root_hint, startup_problems, verify_unit
 from vramsupply.service.unit import (
     ENV_FILE_MARKER,
     GPU_GROUPS,
@@ -236,8 +239,7 @@ def ensure_service_user(say: Say) -> None:
 def _file_error(action: str, path: Path, exc: OSError | UnicodeDecodeError, command: str, user_mode: bool) -> ServiceError:
     """One line; the hint about root only where it can help: a system service, not as root."""
     reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
-    hint = "" if user_mode or os.geteuid() == 0 else f" (a system service needs root: sudo vramsupply service {command}, or use --user)"
-    return ServiceError(f"cannot {action} {path}: {reason}{hint}")
+    return ServiceError(f"cannot {action} {path}: {reason}{root_hint(command, user_mode)}")
 
 
 def write_file(target: ServiceTarget, path: Path, text: str, mode: int) -> None:
@@ -288,10 +290,24 @@ def write_service_files(target: ServiceTarget, spec: UnitSpec, env_text: str, un
                 "install system-wide with `sudo sh install.sh` or use --user")
         ensure_service_user(say)
     prepare_writable_dirs(spec, say)
+    previous = target.env_file.read_text(encoding="utf-8") if target.env_file.is_file() else None  # read_env_file read it as UTF-8
     write_file(target, target.env_file, env_text, 0o600)
+    try:
+        write_file(target, target.unit_path, unit_text, 0o644)
+    except ServiceError:
+        put_back(target.env_file, previous)
+        raise
     say(f"wrote {target.env_file} (mode 0600, {len(env_settings(env_text))} settings)")
-    write_file(target, target.unit_path, unit_text, 0o644)
     say(f"wrote {target.unit_path}")
+
+
+def put_back(env_file: Path, previous: str | None) -> None:
+    """The env file as it was before this install (none, if there was none), as far as can be."""
+    with contextlib.suppress(OSError):  # the unit's own error is the one to report
+        if previous is None:
+            env_file.unlink(missing_ok=True)
+        else:
+            write_private_file(env_file, previous, 0o600)
 
 
 def start_service(target: ServiceTarget, problems: list[str], say: Say) -> None:
@@ -322,6 +338,7 @@ def install(target: ServiceTarget, say: Say) -> None:
     new_env_text = render_env_file(non_default_settings(settings), env_text)
     unit_text = render_unit(spec)
     verify_unit(unit_text, target.user_mode)
+    check_destinations((target.env_file, target.unit_path), spec.writable_paths, target.user_mode)
     write_service_files(target, spec, new_env_text, unit_text, say)
     if target.user_mode:
         say("a user service stops when you log out unless lingering is on: loginctl enable-linger $USER")
