@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from decimal import Decimal
 
@@ -12,6 +13,7 @@ from live_platform import LivePlatform
 from test_platform_cli import platform_env, register
 
 from vramsupply.platform import api
+from vramsupply.platform.state import Phase, RegistrationState, default_state_path, write_state
 from vramsupply.platform.advice import Advice, Band, advice_lines, advise, earned_cents_per_hour, tempo_price_range, tempo_units
 from vramsupply.throughput import Capacity, default_bench_path, save
 
@@ -130,3 +132,31 @@ def test_advice_shows_a_model_name_as_plain_text() -> None:
     advice = Advice("evil\x1b]0;TITLE\x07\x1b[2J[/x]", 100, None, 0, None, None)
     assert advice_lines(advice)[0] == "Pricing advice for evil\\x1b]0;TITLE\\x07\\x1b[2J[/x] (output price per million tokens)"
     assert advice.as_json()["model"] == "evil\x1b]0;TITLE\x07\x1b[2J[/x]"  # JSON keeps it exact (printed with escapes)
+
+
+async def test_demand_advises_on_the_price_the_running_agent_asks_and_sees_it_in_the_band() -> None:
+    """`serve --output-price 340` is in no setting `demand` reads: the running agent's record says
+    it. Before, the advice compared the default $2.00 with a band made of the agent's own $3.40."""
+    with LivePlatform() as platform:
+        await register(platform, "stories260k", "http://10.0.0.1:8080", 100, 340)
+        write_state(default_state_path(), RegistrationState(
+            phase=Phase.registered, platform_url=platform.url, model="stories260k", endpoint_url="http://10.0.0.1:8080",
+            pid=os.getpid(), updated_at=time.time(), output_price=340,
+        ))
+        env = platform_env(platform)  # no model configured, and the default price of 200
+        running = run_cli("demand", env=env)
+        flagged = run_cli("demand", "--output-price", "150", env=env)
+        as_json = run_cli("demand", "--json", env=env)
+
+    assert running.returncode == flagged.returncode == 0, running.stderr + flagged.stderr
+    assert "market band: low $3.40, median $3.40, high $3.40 (1 online, your running agent among them)" in running.stdout
+    assert "your price: $3.40 (what your running agent asks), at the band's only price" in running.stdout
+    assert "your price: $1.50 (--output-price), below the band: the cheapest offer" in flagged.stdout
+    [advice] = json.loads(as_json.stdout)["advice"]
+    assert (advice["your_output_price_per_million"], advice["band_includes_yours"]) == (340, True)
+
+
+def test_demand_refuses_a_price_no_agent_could_ask() -> None:
+    result = run_cli("demand", "--output-price", "-5", env={"VRAM_SUPPLY_API_KEY": "vs_unused"})
+
+    assert result.returncode == 2 and result.stderr.startswith("error: invalid output_price = -5 (from flag --output-price)")

@@ -183,7 +183,7 @@ def test_missing_key_and_bad_platform_url_are_refused_before_any_call() -> None:
     no_key = run_cli("demand", env={"VRAM_SUPPLY_PLATFORM_URL": f"http://127.0.0.1:{free_port()}"})
     bad_url = run_cli("demand", env={"VRAM_SUPPLY_PLATFORM_URL": "ftp://vram.supply", "VRAM_SUPPLY_API_KEY": API_KEY})
 
-    assert no_key.returncode == 1
+    assert no_key.returncode == 2  # a missing setting, as every other
     assert no_key.stderr.strip() == "error: no API key: run `vramsupply login` or set VRAM_SUPPLY_API_KEY"
     assert bad_url.returncode == 2
     assert bad_url.stderr.startswith("error: invalid platform_url = 'ftp://vram.supply' (from env VRAM_SUPPLY_PLATFORM_URL)")
@@ -353,6 +353,7 @@ async def test_status_shows_the_agents_health_and_registration() -> None:
     assert as_json["agent"]["healthy"] is True and as_json["agent"]["health"]["slots_busy"] == 0
     assert as_json["registration"]["phase"] == "registered" and as_json["registration"]["current"] is True
     assert as_json["registration"]["last_heartbeat_at"] is not None
+    assert as_json["registration"]["output_price"] == offer.request.output_price_per_million == 200  # what `demand` advises on
     assert after_stop["registration"]["phase"] == "deregistered"
 
 

@@ -17,6 +17,7 @@ from live_platform import API_KEY, LivePlatform, free_port
 from test_platform_hostile import CONTROL, Answer, HostilePlatform, answer, client
 
 from vramsupply.config import Settings
+from vramsupply.errors import MissingSetting
 from vramsupply.platform import (
     ApiKeyRejected,
     Backoff,
@@ -208,7 +209,7 @@ def test_price_summary_shows_earnings_after_the_platform_fee() -> None:
 
 
 def test_serving_without_what_registration_needs_is_refused_before_any_call() -> None:
-    with pytest.raises(PlatformError, match="no API key to register with: run `vramsupply login`"):
+    with pytest.raises(MissingSetting, match="no API key to register with: run `vramsupply login`"):
         MarketplaceSession.prepare(market_options(Settings(endpoint_url="https://gpu.example.com")))
     with pytest.raises(OfferError, match="an endpoint URL is required to register"):
         MarketplaceSession.prepare(market_options(Settings(api_key="sk-x")))

@@ -11,6 +11,8 @@ module never imports another concern to raise its own errors)::
     VramsupplyError                      exit 1  errors.py
     ├── ConfigError                      exit 2  errors.py: a setting, or a combination of
     │   │                                        settings, is invalid; names it and its source
+    │   ├── MissingSetting               exit 2  errors.py: a setting the command cannot do without
+    │   │                                        is unset (the model to plan, the API key)
     │   ├── OfferError                   exit 2  platform/offer.py: what would be offered to the
     │   │                                        market is invalid (endpoint URL, context)
     │   └── GpuOptionError               exit 2  gpu/options.py: a GPU or KV cache option this
@@ -63,6 +65,12 @@ class ConfigError(VramsupplyError):
     """A setting (or two settings together) is invalid; the message names them and their source."""
 
     exit_code = 2
+
+
+class MissingSetting(ConfigError):
+    """A setting the command needs is not set anywhere (flag, environment, config file): a usage
+    error like any invalid setting (exit 2), said before any download, load or call, with where to
+    set it. Exit 1 stays for what goes wrong once the command runs (``plan``: nothing fits)."""
 
 
 class ListenError(VramsupplyError):

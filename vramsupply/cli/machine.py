@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from vramsupply.errors import MissingSetting
+
 from .app import JSON_OPTION, app, console, err_console, settings_from
 
 
@@ -31,7 +33,7 @@ def plan(
     quant: Optional[str] = typer.Option(None, "--quant", help="Plan for this quant only (default: choose the best that fits)."),
     context_length: Optional[int] = typer.Option(None, "--context-length", help="Context window per request, in tokens."),
     parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots: requests decoded concurrently."),
-    kv_per_slot: Optional[bool] = typer.Option(None, "--kv-per-slot", help="Plan a KV cache per slot instead of one shared by all slots."),
+    kv_per_slot: Optional[bool] = typer.Option(None, "--kv-per-slot/--no-kv-per-slot", help="Plan a KV cache per slot instead of one shared by all slots."),
     n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", help="Layers offloaded to the GPU (-1: all; 0: plan for the CPU alone)."),
     n_batch: Optional[int] = typer.Option(None, "--n-batch", help="Maximum tokens per decode step (default 2048)."),
     n_ubatch: Optional[int] = typer.Option(None, "--n-ubatch", help="Physical micro-batch size (default 512)."),
@@ -41,7 +43,7 @@ def plan(
     devices: Optional[str] = typer.Option(None, "--devices", help="GPUs to plan for, e.g. CUDA0,CUDA1 (vramsupply doctor lists them)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Show the memory each quant needs on this machine's devices and which fits, before any download (exit 1: nothing fits)."""
+    """Show the memory each quant needs on this machine's devices and which fits, before any download (exit 1: nothing fits; 2: no model, or an invalid setting)."""
     # The serve flags the plan's numbers depend on, each named after its setting and passed as serve
     # passes them: the plan is serve's, and its advice (`use --cache-type-k f16`) can be followed here.
     flags = dict(locals())
@@ -49,6 +51,8 @@ def plan(
     from vramsupply.gpu.planning import plan_for, plan_summary, plan_table
 
     settings = settings_from(flags)
+    if not settings.model:  # a missing setting (exit 2): exit 1 says that nothing fits
+        raise MissingSetting("no model to plan for: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
     explicit = settings.model_fields_set
     result = plan_for(settings, quant_explicit="quant" in explicit, context_explicit="context_length" in explicit, parallel_explicit="parallel" in explicit)
     if as_json:

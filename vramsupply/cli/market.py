@@ -16,24 +16,47 @@ from rich.text import Text
 from .app import app, console, fail, settings_from
 
 if TYPE_CHECKING:
+    from vramsupply.config import Settings
     from vramsupply.platform.commands import AgentStatus
 
 
+def settings_with_api_key(flags: dict[str, object] | None = None) -> Settings:
+    """The settings of a command that asks the platform about this account; without an API key
+    that is a missing setting (exit 2), said before any call."""
+    from vramsupply.platform.commands import api_key_of
+
+    settings = settings_from(flags or {})
+    api_key_of(settings)
+    return settings
+
+
 @app.command()
-def demand(as_json: bool = typer.Option(False, "--json", help="Print the platform's JSON (plus `advice`) instead of tables.")) -> None:
+def demand(
+    as_json: bool = typer.Option(False, "--json", help="Print the platform's JSON (plus `advice`) instead of tables."),
+    output_price: Optional[int] = typer.Option(
+        None, "--output-price", help="Advise on this output price, cents per million tokens (default: what the running agent asks, else the configured price)."
+    ),
+) -> None:
     """Show market demand per model, and pricing advice for the models you could serve."""
     from vramsupply.hub import CacheStatus, default_cache_dir, list_cached, model_id_of
     from vramsupply.platform.advice import advice_lines, advise
     from vramsupply.platform.commands import demand_view, fetch_demand, servable_models
+    from vramsupply.platform.state import running_offer
     from vramsupply.display import json_text
     from vramsupply.throughput import measured_speeds
 
-    settings = settings_from({})
+    settings = settings_with_api_key({} if output_price is None else {"output_price": output_price})
     market = fetch_demand(settings)
     cached = [m.model_id for m in list_cached(settings.cache_dir or default_cache_dir()) if m.status is CacheStatus.verified]
     configured = model_id_of(settings.model) if settings.model else None
-    servable = servable_models(configured, cached)
-    advice = advise(market, servable, settings.output_price, measured_speeds())
+    running = running_offer()
+    servable = servable_models(configured, [*cached, *([running.model] if running is not None else [])])
+    price, price_from = (
+        (settings.output_price, "--output-price") if output_price is not None
+        else (running.output_price, "what your running agent asks") if running is not None
+        else (settings.output_price, "")
+    )  # fmt: skip
+    advice = advise(market, servable, price, measured_speeds(), price_from, running.model if running is not None else None)
     if as_json:
         console.print(json_text({**market.model_dump(mode="json"), "advice": [a.as_json() for a in advice]}), soft_wrap=True)
         return
@@ -75,7 +98,8 @@ def rails(
     """Show or change which buyer payment rails are routed to you (at least one stays enabled)."""
     from vramsupply.platform.commands import apply_rails, rails_table, rails_update
 
-    current = apply_rails(settings_from({}), rails_update(stripe, tempo))
+    update = rails_update(stripe, tempo)  # both off is refused first: it is refused whatever the key
+    current = apply_rails(settings_with_api_key(), update)
     console.print(rails_table(current))
 
 

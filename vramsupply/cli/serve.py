@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 import typer
 
-from vramsupply.config import EngineKind, LoadedSettings, load_settings
-from vramsupply.errors import ConfigError
+from vramsupply.config import EngineKind, LoadedSettings, Settings, load_settings
+from vramsupply.errors import ConfigError, MissingSetting
 
 from .app import CACHE_DIR_OPTION, QUANT_OPTION, app
 
@@ -24,7 +24,7 @@ def serve(
     port: Optional[int] = typer.Option(None, "--port", help="Port to listen on; 0 picks a free one (default: the port setting, 8080)."),
     context_length: Optional[int] = typer.Option(None, "--context-length", "--max-model-len", help="Context window per request, in tokens (vLLM's --max-model-len)."),
     parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots: requests decoded concurrently."),
-    kv_per_slot: Optional[bool] = typer.Option(None, "--kv-per-slot", help="A KV cache of the whole context per slot (parallel times the memory) instead of one shared by all slots."),
+    kv_per_slot: Optional[bool] = typer.Option(None, "--kv-per-slot/--no-kv-per-slot", help="A KV cache of the whole context per slot (parallel times the memory) instead of one shared by all slots."),
     n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", help="Layers offloaded to the GPU (-1: all)."),
     n_batch: Optional[int] = typer.Option(None, "--n-batch", help="Maximum tokens per decode step (default 2048)."),
     n_ubatch: Optional[int] = typer.Option(None, "--n-ubatch", help="Physical micro-batch size (default 512)."),
@@ -40,7 +40,7 @@ def serve(
     stall_timeout: Optional[float] = typer.Option(None, "--stall-timeout", help="Seconds a decode step may run while requests wait before the engine counts as failed (default 600)."),
     cache_ram: Optional[int] = typer.Option(None, "--cache-ram", help="Most MiB of RAM for the prompt cache, which keeps what its restores reach within it (default: 1/4 of free RAM, within a cgroup memory limit, at most 8192; 0: off)."),
     draft_max: Optional[int] = typer.Option(None, "--draft-max", help="Tokens prompt lookup may draft per step for a lone request (default 0 = off)."),
-    backend_sampling: Optional[bool] = typer.Option(None, "--backend-sampling", help="Sample on the device, so logits never cross to the host (for GPUs)."),
+    backend_sampling: Optional[bool] = typer.Option(None, "--backend-sampling/--no-backend-sampling", help="Sample on the device, so logits never cross to the host (for GPUs)."),
     stream_interval_ms: Optional[float] = typer.Option(None, "--stream-interval-ms", help="Milliseconds between SSE writes of mid-answer tokens (default 30; 0: every decode step)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="llama.cpp (default), vllm, sglang, or upstream (a running OpenAI-compatible server)."),
     upstream_url: Optional[str] = typer.Option(None, "--upstream-url", help="The running server's base URL, for --engine upstream."),
@@ -55,7 +55,7 @@ def serve(
     dist_init_addr: Optional[str] = typer.Option(None, "--dist-init-addr", help="SGLang's rank-0 address, host:port."),
     engine_start_timeout: Optional[float] = typer.Option(None, "--engine-start-timeout", help="Seconds vLLM/SGLang may take to become ready (default 1800)."),
     drain_timeout: Optional[float] = typer.Option(None, "--drain-timeout", help="Seconds in-flight requests may take to finish on stop (default 30)."),
-    no_register: Optional[bool] = typer.Option(None, "--no-register", help="Serve locally only: do not register with the platform."),
+    no_register: Optional[bool] = typer.Option(None, "--no-register/--register", help="Serve locally only: do not register with the platform."),
     endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help="Public base URL the platform routes buyers to (required to register)."),
     tunnel: Optional[str] = typer.Option(None, "--tunnel", help="Get a public URL from a tunnel tool instead of --endpoint-url: cloudflared."),
     input_price: Optional[int] = typer.Option(None, "--input-price", help="Input price, cents per million tokens (default 100)."),
@@ -74,11 +74,23 @@ def serve(
     loaded = load_settings(flags)
     if demo:
         refuse_with_demo(loaded, flags)
+    else:
+        require_what_registering_needs(loaded.settings)
     from vramsupply.devplatform.demo import DemoHook
     from vramsupply.serve import run_serve
     from vramsupply.server import loop
 
     loop.run(run_serve(loaded.settings, hook=DemoHook() if demo else None))
+
+
+def require_what_registering_needs(settings: Settings) -> None:
+    """No API key while registering is a missing setting (exit 2, as a missing model or endpoint
+    URL), refused before the data dir is taken or anything downloads. The demo brings its own key."""
+    from vramsupply.platform.session import NO_KEY_TO_REGISTER
+
+    if settings.no_register or (settings.api_key is not None and settings.api_key.get_secret_value()):
+        return
+    raise MissingSetting(NO_KEY_TO_REGISTER)
 
 
 DEMO_SETS = {
@@ -94,7 +106,7 @@ def refuse_with_demo(loaded: LoadedSettings, flags: dict[str, Any]) -> None:
     """``--demo`` with a flag it replaces, or with settings it cannot serve with, from any source
     (a tunnel would make the demo public; another engine cannot serve its bundled GGUF)."""
     for name, why in DEMO_SETS.items():
-        if flags.get(name) is not None:
+        if flags.get(name) not in (None, False):  # --register (no_register False) asks for what the demo does
             flag = "--" + name.replace("_", "-")
             raise ConfigError(f"--demo and {flag} do not go together: {why}; drop {flag}")
     settings, sources = loaded.settings, loaded.sources

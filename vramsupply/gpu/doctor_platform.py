@@ -20,6 +20,9 @@ MAX_CLOCK_SKEW = 60.0
 LOCAL_ONLY = Result(True, "not needed: serving locally only (no_register)")
 """What each marketplace check says with ``no_register``: the agent never talks to the platform, so
 neither its answer, its verdict on a key nor its clock can stop anything (and it is not probed)."""
+ENDPOINT_FIX = "set VRAM_SUPPLY_ENDPOINT_URL=https://your.host (serve: --endpoint-url), or VRAM_SUPPLY_TUNNEL=cloudflared (serve: --tunnel)"
+"""Doctor checks the settings serve would start with, from the environment and the config file: it
+takes no serve flags, so its fixes name the setting to set, and serve's flag for a one-off run."""
 
 
 @check("platform")
@@ -55,7 +58,7 @@ def endpoint_url_set(ctx: Context) -> Result:
     if ctx.settings.tunnel and not ctx.settings.endpoint_url:
         return Result(True, f"made by the {ctx.settings.tunnel} tunnel when serve starts")
     if not ctx.settings.endpoint_url:
-        return Result(False, "no public endpoint URL: the agent cannot register", "pass --endpoint-url https://your.host (or set VRAM_SUPPLY_ENDPOINT_URL)")
+        return Result(False, "no public endpoint URL: the agent cannot register", ENDPOINT_FIX)
     from vramsupply.platform.offer import OfferError, check_endpoint_url
 
     try:

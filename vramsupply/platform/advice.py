@@ -116,6 +116,8 @@ class Advice:
     tokens_per_second: float | None
     slots: int | None
     inconsistent_band: api.PriceRange | None = None  # what the platform sent instead of a band (not used)
+    price_from: str = ""  # where ``price`` came from, when not the settings (the running agent's record, a flag)
+    yours_in_band: bool = False  # the agent running here offers this model: its own price is one of the band's
 
     @property
     def per_hour(self) -> tuple[Decimal, Decimal, Decimal] | None:
@@ -141,6 +143,8 @@ class Advice:
         return {
             "model": self.model,
             "your_output_price_per_million": self.price,
+            "your_price_from": self.price_from or "settings",
+            "band_includes_yours": self.yours_in_band,
             "band": None if self.band is None else self.band_json(self.band),
             "position": None if self.band is None else self.band.position(self.price),
             "tokens_per_second": self.tokens_per_second,
@@ -162,8 +166,16 @@ def _cents(value: Decimal) -> Decimal:
         return value.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
 
 
-def advise(demand: api.DemandResponse, servable: set[str], price: int, tokens_per_second: dict[str, tuple[float, int]]) -> list[Advice]:
-    """Advice for every model in the market you could serve; throughput per model from `vramsupply bench`."""
+def advise(
+    demand: api.DemandResponse,
+    servable: set[str],
+    price: int,
+    tokens_per_second: dict[str, tuple[float, int]],
+    price_from: str = "",
+    offering: str | None = None,
+) -> list[Advice]:
+    """Advice for every model in the market you could serve; throughput per model from `vramsupply bench`.
+    ``offering``: the model the agent running here offers, whose band holds its own price."""
     advice = []
     for entry in sorted(demand.models, key=lambda m: m.model):
         if entry.model.lower() not in servable:
@@ -180,6 +192,8 @@ def advise(demand: api.DemandResponse, servable: set[str], price: int, tokens_pe
                 tokens_per_second=None if measured is None else measured[0],
                 slots=None if measured is None else measured[1],
                 inconsistent_band=prices if usable is None else None,
+                price_from=price_from,
+                yours_in_band=offering is not None and entry.model.lower() == offering.lower(),
             )
         )
     return advice
@@ -200,10 +214,12 @@ def _band_lines(advice: Advice) -> list[str]:
     if band is None:
         return ["  market band: no provider is online for it, so there is no market price yet"]
     median = f"median {_dollars(band.median)}" + (" (est.)" if band.median_estimated else "")
-    lines = [f"  market band: low {_dollars(band.low)}, {median}, high {_dollars(band.high)} ({count_text(advice.online_providers)} online)"]
+    yours = ", your running agent among them" if advice.yours_in_band else ""
+    lines = [f"  market band: low {_dollars(band.low)}, {median}, high {_dollars(band.high)} ({count_text(advice.online_providers)} online{yours})"]
     if band.capped:
         lines.append(f"  (capped: an offer outside $0.00–{_dollars(MAX_PRICE)}, the prices an agent can ask, counts as the nearer bound)")
-    lines.append(f"  your price: {_dollars(advice.price)}, {band.position(advice.price)}")
+    source = f" ({advice.price_from})" if advice.price_from else ""
+    lines.append(f"  your price: {_dollars(advice.price)}{source}, {band.position(advice.price)}")
     return lines
 
 

@@ -158,5 +158,5 @@ async def check_configured(options: MarketOptions | None, local_url: str, listen
             return Probe(False, "tunnel", str(exc))
         return Probe(True, "none", f"a {options.tunnel} tunnel makes the public URL when `serve` starts; the platform reaches the agent through it")
     if not options.endpoint_url:
-        return Probe(False, "address", "no endpoint URL: pass --endpoint-url (your public address) or use --tunnel cloudflared")
+        return Probe(False, "address", "no endpoint URL: set VRAM_SUPPLY_ENDPOINT_URL to your public address (serve: --endpoint-url), or VRAM_SUPPLY_TUNNEL=cloudflared (serve: --tunnel)")
     return await probe(options.endpoint_url, local_url, listen_host=listen_host)

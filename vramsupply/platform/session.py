@@ -16,9 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from vramsupply.errors import MissingSetting
 from vramsupply.logging import register_secret
 from vramsupply.platform import api
-from vramsupply.platform.client import PlatformClient, PlatformError
+from vramsupply.platform.client import PlatformClient
 from vramsupply.platform.lifecycle import ProviderLifecycle, ServingStats
 from vramsupply.platform.offer import ModelIdentity, Offer, OfferError, build_offer, check_endpoint_url
 from vramsupply.platform.options import MarketOptions
@@ -26,6 +27,7 @@ from vramsupply.platform.state import Phase, default_state_path
 from vramsupply.platform.token import resolve_endpoint_token
 
 log = logging.getLogger("vramsupply.platform")
+NO_KEY_TO_REGISTER = "no API key to register with: run `vramsupply login`, set VRAM_SUPPLY_API_KEY, or pass --no-register to serve locally only"
 
 DRAIN_NOTICE_TIMEOUT = 3.0
 """Seconds to wait for the platform to acknowledge that we drain before draining anyway."""
@@ -63,7 +65,7 @@ class MarketplaceSession:
     def prepare(cls, options: MarketOptions, *, state_path: Path | None = None) -> MarketplaceSession:
         """Check what registering needs, before any call; resolve (or create) the endpoint token."""
         if not options.api_key:
-            raise PlatformError("no API key to register with: run `vramsupply login`, set VRAM_SUPPLY_API_KEY, or pass --no-register to serve locally only")
+            raise MissingSetting(NO_KEY_TO_REGISTER)
         if options.tunnel and options.endpoint_url:
             raise OfferError(f"pass either --endpoint-url or --tunnel, not both: the {options.tunnel} tunnel makes the endpoint URL")
         if not options.tunnel:

@@ -71,6 +71,7 @@ class RegistrationState(BaseModel):
     local_url: str | None = None  # where this machine reaches the agent (its real port, also with --port 0)
     process_start: int | None = Field(None, ge=0)  # when ``pid`` started (``process_start``): tells it from a later program
     heartbeat_interval: float | None = Field(None, gt=0)  # how often the agent rewrites a heartbeating record: `status` judges its age by it
+    output_price: int | None = Field(None, ge=0)  # ¢ per million output tokens it offers at: `demand` advises on the price really asked
 
 
 def default_state_path() -> Path:
@@ -105,7 +106,7 @@ def record_listening(settings: Settings, model: str, port: int, *, registering: 
         phase, platform_url, message = Phase.not_registering, "", "serving without registering (--no-register): not on the market"
     state = RegistrationState(
         phase=phase, platform_url=platform_url, model=model, endpoint_url=settings.endpoint_url or "", message=message,
-        pid=os.getpid(), updated_at=time.time(), local_url=local_url,
+        pid=os.getpid(), updated_at=time.time(), local_url=local_url, output_price=settings.output_price if registering else None,
     )
     path = path or default_state_path()
     try:
@@ -155,6 +156,26 @@ def earlier_run(state: RegistrationState) -> str | None:
     if process_alive(state.pid):
         return f"this record is from an earlier run: agent process {state.pid} has ended (pid {state.pid} is another program now)"
     return f"this record is from an earlier run: agent process {state.pid} has ended"
+
+
+OFFERING_PHASES = frozenset({Phase.starting, Phase.registering, Phase.registered, Phase.offline, Phase.unreachable})
+"""An agent in these phases is, or is about to be, on the market at its recorded price."""
+
+
+@dataclass(frozen=True)
+class RunningOffer:
+    model: str
+    output_price: int
+
+
+def running_offer(path: Path | None = None) -> RunningOffer | None:
+    """The model and output price the agent running on this machine offers (or is about to), from
+    its record; None when no such agent runs. A flag given to ``serve`` is in no setting `demand`
+    reads, so the record is how `demand` learns the price the provider really asks."""
+    record = read_state(path or default_state_path())
+    if record is None or record.output_price is None or record.phase not in OFFERING_PHASES or earlier_run(record) is not None:
+        return None
+    return RunningOffer(record.model, record.output_price)
 
 
 @dataclass(frozen=True)
