@@ -418,3 +418,11 @@ def test_names_from_outside_are_shown_as_written_not_obeyed(isolated_env: Path) 
     shown = run_cli("config", "show", env={"COLUMNS": "200", "VRAM_SUPPLY_MODEL": "acme/x[/docs]\x1b]0;title\x07"})
     assert shown.returncode == 0, shown.stderr
     assert "acme/x[/docs]\\x1b]0;title\\x07" in shown.stdout and "\x1b" not in shown.stdout
+
+
+def test_a_window_past_the_limit_says_the_limit_however_many_digits() -> None:
+    """100000d was "not a window" (the pattern took four digits at most), without the limit."""
+    for long in ("3661d", "100000d", "999999999999h", "87841h"):
+        with pytest.raises(LedgerError, match=r"is too long: at most 3660 days"):
+            parse_since(long)
+    assert parse_since("87840h").days == 3660 and parse_since("3660d").days == 3660

@@ -16,21 +16,40 @@ whatever answers at the agent's address. Two things go wrong when such text is p
 Outside text is also cut to ``MAX_CHARS`` (a 1 MB message must not fill the scrollback). JSON
 output (``json_text``) escapes the same characters as ``\\u`` escapes, which keeps every value
 exact for a program that parses it.
+
+Values (ids, URLs, numbers, money, flag names) are never dropped or ellipsised, whatever the width:
+
+- ``FitTable`` is every table we print. Rich, short of room, shrinks the
+  widest columns without regard to their longest word and ends cells with "…" (a provider id read
+  ``prov_e4a9…``, token counts ``1…``); a ``FitTable`` gives each column at least its longest word,
+  folds rather than ellipsises, and where even that does not fit (a 40-column terminal) it shows
+  one block per row instead (``FitTable.as_list``).
+- ``make_console``: output that goes to no terminal (``| grep``, a file) is not wrapped at 80
+  columns, which rich assumes there: every line is whole for the program that reads it.
+  ``COLUMNS``, where set, is still the width asked for.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import sys
+from collections.abc import Iterable
 from typing import Any
 
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.highlighter import JSONHighlighter
+from rich.padding import Padding
 from rich.style import StyleType
+from rich.table import Table
 from rich.text import Text
 
 MAX_CHARS = 500
 """The most characters of one outside value that a table cell or line shows."""
+UNWRAPPED_WIDTH = 100_000
+"""The width of output that goes to no terminal: wide enough that no line of ours is ever wrapped."""
 _BIDI_AND_SEPARATORS = "\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
 _CONTROL = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI_AND_SEPARATORS}]")
 _CONTROL_IN_JSON = re.compile(f"[\x7f-\x9f{_BIDI_AND_SEPARATORS}]")  # json.dumps escapes C0 itself
@@ -75,3 +94,118 @@ def _finite(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return [_finite(value) for value in data]
     return data
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for our output (never markup: see the module docstring): the terminal's width, or
+    ``COLUMNS``, or, for output that goes to no terminal, lines as long as they are."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(markup=False, stderr=stderr, width=None if _width_known(stream) else UNWRAPPED_WIDTH)
+
+
+def _width_known(stream: Any) -> bool:
+    if os.environ.get("COLUMNS", "").isdigit():
+        return True
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError, OSError):  # closed, or no file behind it
+        return False
+
+
+class FitTable(Table):
+    """A rich ``Table`` that never cuts a value: see the module docstring."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for column in self.columns:
+            column.overflow = "fold"
+        width = options.max_width if self.width is None else min(self.width, options.max_width)
+        if self._least_width(console, options.update_width(width)) <= width:
+            yield from super().__rich_console__(console, options)
+        else:
+            yield self.as_list()
+
+    def _least_width(self, console: Console, options: ConsoleOptions) -> int:
+        """Columns: each as wide as its longest word (or its fixed width), with padding and borders."""
+        return sum(self._measure_column(console, options, column).minimum for column in self.columns) + self._extra_width
+
+    def _calculate_column_widths(self, console: Console, options: ConsoleOptions) -> list[int]:
+        """Rich's widths, unless they shrink a column below its longest word: then each column gets
+        that much, and the room left is shared by how much more each would take."""
+        widths = super()._calculate_column_widths(console, options)
+        ranges = [self._measure_column(console, options, column) for column in self.columns]
+        least = [measure.minimum for measure in ranges]
+        if all(width >= minimum for width, minimum in zip(widths, least)) or sum(least) > options.max_width:
+            return widths
+        return share(options.max_width, least, [max(m.maximum, m.minimum) for m in ranges])
+
+    def as_list(self) -> Group:
+        """The table for a terminal too narrow for it, one block per row: a table with headers shows
+        the row's first cell, then each value beside its column's header; one without (a list of
+        names and values) shows every cell but the last on a line, and the last indented under it."""
+        headers = [column.header for column in self.columns] if self.show_header else None
+        parts: list[RenderableType] = []
+        if self.title:
+            parts.append(_styled(self.title, "italic"))
+        for cells in zip(*(list(column.cells) for column in self.columns)):
+            parts.append(_block(cells, headers))
+        if self.show_footer:
+            parts.append(_block([column.footer for column in self.columns], headers))
+        if self.caption:
+            parts.append(_styled(self.caption, "dim"))
+        return Group(*parts)
+
+
+def share(room: int, least: list[int], most: list[int]) -> list[int]:
+    """Widths that add up to at most ``room``: each at least its ``least``, the spare room shared in
+    proportion to how much more each column would take (up to its ``most``)."""
+    wants = [max(0, high - low) for low, high in zip(least, most)]
+    spare = room - sum(least)
+    if sum(wants) <= spare:
+        return [low + want for low, want in zip(least, wants)]
+    widths = [low + spare * want // sum(wants) for low, want in zip(least, wants)]
+    for index in sorted(range(len(widths)), key=lambda i: -wants[i])[: room - sum(widths)]:
+        widths[index] += 1
+    return widths
+
+
+def _block(cells: Iterable[RenderableType | None], headers: list[RenderableType] | None) -> RenderableType:
+    cells = list(cells)
+    if headers is None:  # a list of names and values (status): all but the last on one line
+        *lead, last = [cell for cell in cells if not _empty(cell)] or [Text("")]
+        if not all(isinstance(cell, (str, Text)) for cell in lead):
+            return Group(*(_styled(cell, "bold") for cell in lead), Padding(_folding(last), (0, 0, 0, 2), expand=False))
+        if not lead:
+            return _styled(last, "bold")
+        return Group(Text("  ").join(_styled(cell, "bold") for cell in lead), Padding(_folding(last), (0, 0, 0, 2), expand=False))
+    grid = Table.grid(padding=(0, 0, 0, 2))
+    grid.add_column(overflow="fold")
+    grid.add_column(overflow="fold")
+    for header, cell in zip(headers[1:], cells[1:]):
+        if not _empty(cell):
+            grid.add_row(header, cell)
+    return Group(_styled(cells[0] if not _empty(cells[0]) else "", "bold"), grid)
+
+
+def _empty(cell: RenderableType | None) -> bool:
+    return cell is None or (isinstance(cell, (str, Text)) and not str(cell).strip())
+
+
+def _styled(renderable: RenderableType | None, style: str) -> RenderableType:
+    if isinstance(renderable, str):
+        return Text(renderable, style=style, overflow="fold")
+    if isinstance(renderable, Text):
+        text = renderable.copy()
+        text.stylize(style)
+        text.overflow = "fold"
+        return text
+    return renderable if renderable is not None else Text("")
+
+
+def _folding(cell: RenderableType) -> RenderableType:
+    if isinstance(cell, str):
+        return Text(cell, overflow="fold")
+    if isinstance(cell, Text):
+        text = cell.copy()
+        text.overflow = "fold"
+        return text
+    return cell

@@ -4,6 +4,11 @@ One line per event (journald stores each line as its own entry, so a traceback i
 event's line), colour only on a terminal, and a filter that masks every registered secret, so an
 API key or endpoint token that ends up in a message, argument or exception never reaches a log
 (a secret too short to mask inside other words, only where it stands alone: ``MIN_SUBSTRING_SECRET``).
+
+On a terminal, rich lays each line out as columns: the time and level (29 columns), then the
+message, its further lines indented under it. A terminal too narrow for that and a useful message
+(``MIN_MESSAGE_COLUMNS``) gets each event as plain lines across the whole width instead: in 40
+columns, rich's layout left the message 11 columns.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ import re
 import sys
 import threading
 from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
 
 from pydantic import SecretStr
-from rich.console import Console
+from rich.console import Console, ConsoleRenderable
 from rich.logging import RichHandler
+from rich.text import Text
 
 MASK = "****"
 # A secret this long is masked wherever it appears, inside other text too. A shorter one (an API
@@ -25,6 +33,9 @@ MASK = "****"
 MIN_SUBSTRING_SECRET = 8
 _TOKEN_CHARS = r"A-Za-z0-9_\-"
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+MIN_MESSAGE_COLUMNS = 40
+"""The narrowest message column worth rich's aligned layout; a narrower terminal gets plain lines."""
+TIME_FORMAT = "[%x %X]"
 
 
 def interactive() -> bool:
@@ -88,6 +99,26 @@ class OneLineFormatter(logging.Formatter):
         return " | ".join(line for line in super().format(record).splitlines() if line.strip())
 
 
+class TerminalHandler(RichHandler):
+    """rich's handler, but in a narrow terminal without the columns (see the module docstring);
+    the width is read at each event, so a resized terminal gets the layout it has room for."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(log_time_format=TIME_FORMAT, **options)
+        self.prefix_columns = len(datetime.now().strftime(TIME_FORMAT)) + 1 + 8 + 1  # time, level, spaces
+
+    def render(self, *, record: logging.LogRecord, traceback: Any, message_renderable: ConsoleRenderable) -> ConsoleRenderable:
+        if self.console.width >= self.prefix_columns + MIN_MESSAGE_COLUMNS:
+            return super().render(record=record, traceback=traceback, message_renderable=message_renderable)
+        when = datetime.fromtimestamp(record.created).strftime(TIME_FORMAT)
+        line = Text.assemble((when, "log.time"), " ", self.get_level_text(record).copy(), " ")
+        line.rstrip()
+        line.append(" ")
+        line.append_text(message_renderable if isinstance(message_renderable, Text) else Text(str(message_renderable)))
+        line.overflow = "fold"
+        return line
+
+
 secret_filter = SecretMaskFilter()
 
 
@@ -105,7 +136,7 @@ def configure_logging(level: str, secrets: Iterable[str | SecretStr | None] = ()
         register_secret(secret)
     handler: logging.Handler
     if interactive():
-        handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False, markup=False)
+        handler = TerminalHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False, markup=False)
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)

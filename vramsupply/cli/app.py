@@ -12,19 +12,38 @@ import sys
 from typing import Any, NoReturn, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from vramsupply import __version__
 from vramsupply.config import Settings, api_key_problem, config_path, display_value, load_settings, write_config_values
-from vramsupply.display import plain
+from vramsupply.display import FitTable, make_console, plain
 from vramsupply.errors import Interrupted, VramsupplyError
 from vramsupply.output import ClosedStdout, point_stdout_at_devnull, stand_in_for_closed_stdout
 
 # -h is --help everywhere, as in most tools (no command uses -h for anything else; -m is --model).
 # Click passes these names down to every subcommand's context; each group names them too.
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+# Help in click's plain layout, not typer's rich panels: those cut option names to fit their
+# columns (`--context-length,--max-mode…`, `--tensor-parallel-…` at 80 columns, `--conte…` at 40),
+# where click's wraps the help text and writes every name whole, at any width and through a pipe.
+
+
+class _PlainHelpGroup(typer.core.TyperGroup):
+    """Click's plain help, with each command's description whole: click cuts it to what fits on
+    one line ("Store your vram.supply API key in the config file (mode...")."""
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=sys.maxsize)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+PLAIN_HELP: dict[str, Any] = {"rich_markup_mode": None, "cls": _PlainHelpGroup}
 
 app = typer.Typer(
     name="vramsupply",
@@ -33,18 +52,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
     context_settings=HELP_OPTIONS,
+    **PLAIN_HELP,
 )
-config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True, context_settings=HELP_OPTIONS)
+config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True, context_settings=HELP_OPTIONS, **PLAIN_HELP)
 app.add_typer(config_app, name="config")
-service_app = typer.Typer(help="Run the agent as a systemd service.", no_args_is_help=True, context_settings=HELP_OPTIONS)
+service_app = typer.Typer(help="Run the agent as a systemd service.", no_args_is_help=True, context_settings=HELP_OPTIONS, **PLAIN_HELP)
 app.add_typer(service_app, name="service")
-models_app = typer.Typer(help="Find, download and manage GGUF models in the shared HuggingFace cache.", no_args_is_help=True, context_settings=HELP_OPTIONS)
+models_app = typer.Typer(help="Find, download and manage GGUF models in the shared HuggingFace cache.", no_args_is_help=True, context_settings=HELP_OPTIONS, **PLAIN_HELP)
 app.add_typer(models_app, name="models")
 
 # No markup: nothing we print is markup, and what we print holds names and paths from outside (a
 # "[/x]" in one stopped the command with rich's MarkupError).
-console = Console(markup=False)
-err_console = Console(stderr=True, markup=False)
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 def report(message: str) -> None:
@@ -84,7 +104,7 @@ def config_show(as_json: bool = typer.Option(False, "--json", help="Print JSON i
     if as_json:
         console.print_json(json.dumps({name: {"value": value, "source": source} for name, value, source in rows}))
         return
-    table = Table(title=f"vramsupply settings (config file: {config_path()})")
+    table = FitTable(title=f"vramsupply settings (config file: {config_path()})")
     for column in ("setting", "value", "source"):
         table.add_column(column)
     for row in rows:
@@ -162,9 +182,11 @@ def main() -> None:
 
 def _command_line_error(exc: typer.TyperException) -> NoReturn:
     """A usage error (unknown flag or command, a bad or missing value) in one line, as every other
-    error, with where the help is; a group named alone (`vramsupply config`) has shown its help."""
+    error, with where the help is; a group named alone (`vramsupply config`) shows its help."""
     code = getattr(exc, "exit_code", 2)
-    if type(exc).__name__ != "NoArgsIsHelpError":
+    if type(exc).__name__ == "NoArgsIsHelpError":  # click's message is the help itself
+        typer.echo(exc.format_message())
+    else:
         format_message = getattr(exc, "format_message", None)
         message = format_message() if format_message is not None else str(exc)
         ctx = getattr(exc, "ctx", None)

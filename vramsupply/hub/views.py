@@ -10,6 +10,7 @@ from rich.filesize import decimal
 from rich.table import Table
 from rich.text import Text
 
+from vramsupply.display import FitTable
 from vramsupply.hub.cache import CachedModel
 from vramsupply.hub.local import LocalModel
 from vramsupply.hub.resolve import ResolvedModel
@@ -32,7 +33,7 @@ def resolved_json(resolved: ResolvedModel) -> dict[str, Any]:
 
 
 def resolved_table(resolved: ResolvedModel) -> Table:
-    table = Table(title=f"{resolved.model_id} {resolved.quant}", show_header=False)
+    table = FitTable(title=f"{resolved.model_id} {resolved.quant}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("model id", resolved.model_id)
@@ -57,7 +58,7 @@ def cached_json(models: list[CachedModel]) -> list[dict[str, Any]]:
 
 
 def cached_table(models: list[CachedModel], cache_dir: Path) -> Table:
-    table = Table(title=f"models in {cache_dir}")
+    table = FitTable(title=f"models in {cache_dir}")
     for column in ("model", "quant", "GGUF repo", "revision", "size", "on disk", "status", "path"):
         table.add_column(column, overflow="fold")
     for model in models:

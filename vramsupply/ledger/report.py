@@ -29,15 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Group as RenderGroup
-from rich.console import RenderableType
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.table import Table
 from rich.text import Text
 
-from vramsupply.display import plain
+from vramsupply.display import FitTable, plain
 from vramsupply.ledger.money import cents, dollars_text
 from vramsupply.ledger.store import Group, LedgerError, LedgerStore
 
-SINCE_PATTERN = re.compile(r"^\s*(\d{1,4})\s*([hd])\s*$", re.IGNORECASE)
+SINCE_PATTERN = re.compile(r"^\s*(\d{1,12})\s*([hd])\s*$", re.IGNORECASE)
 MAX_SINCE_DAYS = 3660
 BAR_WIDTH = 40
 
@@ -53,10 +53,9 @@ def parse_since(text: str) -> timedelta:
     if not match or int(match.group(1)) == 0:
         raise LedgerError(f"--since {text!r} is not a window: use a number of hours or days such as 24h, 7d or 30d")
     amount, unit = int(match.group(1)), match.group(2).lower()
-    window = timedelta(hours=amount) if unit == "h" else timedelta(days=amount)
-    if window > timedelta(days=MAX_SINCE_DAYS):
+    if (amount / 24 if unit == "h" else amount) > MAX_SINCE_DAYS:  # before timedelta, which overflows
         raise LedgerError(f"--since {text!r} is too long: at most {MAX_SINCE_DAYS} days")
-    return window
+    return timedelta(hours=amount) if unit == "h" else timedelta(days=amount)
 
 
 @dataclass
@@ -151,11 +150,11 @@ def render(report: Report, by: By, ledger: Path, now: float | None = None) -> Re
     today = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
     if not report.total.requests:
         return Text(f"No requests recorded in the last {report.window} (ledger: {ledger}).{_later_note(report, ' ')}")
-    return RenderGroup(_table(report, by), Text(""), _chart(report, today), _footnote(report, ledger))
+    return RenderGroup(_table(report, by), Text(""), _Chart(report, today), _footnote(report, ledger))
 
 
 def _table(report: Report, by: By) -> Table:
-    table = Table(title=f"Earnings, last {report.window} (tokens; UTC days)", show_footer=True, title_justify="left")
+    table = FitTable(title=f"Earnings, last {report.window} (tokens; UTC days)", show_footer=True, title_justify="left")
     rows = sorted((report.by_model if by is By.model else report.by_day).items())
     table.add_column(by.value, footer="total", overflow="fold", min_width=15)
     t = report.total
@@ -171,17 +170,29 @@ def _table(report: Report, by: By) -> Table:
     return table
 
 
-def _chart(report: Report, today: datetime) -> Text:
-    days = report.days(today)[-31:]
-    earned = {day: report.by_day[day].earned_nanocents if day in report.by_day else 0 for day in days}
+@dataclass(frozen=True)
+class _Chart:
+    """The bar chart, its bars as long as the terminal has room for (``BAR_WIDTH`` at most), so that
+    each day, its bar and its amount stay on one line."""
+
+    report: Report
+    today: datetime
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        days = self.report.days(self.today)[-31:]
+        earned = {day: self.report.by_day[day].earned_nanocents if day in self.report.by_day else 0 for day in days}
+        longest = max(len(f"{day}  {dollars_text(amount)}") for day, amount in earned.items())
+        yield _chart(earned, max(1, min(BAR_WIDTH, options.max_width - longest - 1)))
+
+
+def _chart(earned: dict[str, int], bar_width: int) -> Text:
     top = max(earned.values())
     chart = Text("Earned per day (95 % of gross)\n", style="bold")
-    for day in days:
-        amount = earned[day]
-        width = 0 if not top else max(1 if amount else 0, round(BAR_WIDTH * amount / top))
+    for day, amount in earned.items():
+        width = 0 if not top else max(1 if amount else 0, round(bar_width * amount / top))
         chart.append(f"{day} ")
         chart.append("█" * width, style="green")
-        chart.append(f"{' ' * (BAR_WIDTH - width)} {dollars_text(amount)}\n")
+        chart.append(f"{' ' * (bar_width - width)} {dollars_text(amount)}\n")
     return chart
 
 

@@ -23,8 +23,9 @@ from rich.text import Text
 from vramsupply.config import ConfigError, Settings
 from vramsupply.platform import api
 from vramsupply.platform.advice import asked_price, consistent, count_text
-from vramsupply.platform.client import PlatformClient, PlatformError
-from vramsupply.display import plain, shown
+from vramsupply.platform.client import PlatformClient
+from vramsupply.display import FitTable, plain, shown
+from vramsupply.errors import MissingSetting
 from vramsupply.platform.retry_wait import SILENT_OFFLINE_SECONDS
 from vramsupply.platform.state import Phase, RegistrationState
 
@@ -47,8 +48,9 @@ RAIL_BUYERS = {
 
 
 def api_key_of(settings: Settings) -> str:
+    """The account's API key; without one, a missing setting (exit 2), said before any call."""
     if settings.api_key is None or not settings.api_key.get_secret_value():
-        raise PlatformError("no API key: run `vramsupply login` or set VRAM_SUPPLY_API_KEY")
+        raise MissingSetting("no API key: run `vramsupply login` or set VRAM_SUPPLY_API_KEY")
     return settings.api_key.get_secret_value()
 
 
@@ -97,7 +99,7 @@ def demand_view(demand: api.DemandResponse, servable: set[str]) -> Table | Text:
     if not demand.models:
         return Text("The platform reports no demand yet: no model has providers or requests.")
     mine_listed = any(entry.model.lower() in servable for entry in demand.models)
-    table = Table(title="Market demand (prices per million tokens)", caption="★ a model you could serve" if mine_listed else None)
+    table = FitTable(title="Market demand (prices per million tokens)", caption="★ a model you could serve" if mine_listed else None)
     table.add_column("model")
     for column in ("requests 24h", "online providers", "input price", "output price"):
         table.add_column(column, justify="right")
@@ -115,7 +117,7 @@ def demand_view(demand: api.DemandResponse, servable: set[str]) -> Table | Text:
 
 
 def rails_table(rails: api.Rails) -> Table:
-    table = Table(title="Payment rails (who can be routed to you)")
+    table = FitTable(title="Payment rails (who can be routed to you)")
     for column in ("rail", "enabled", "buyers"):
         table.add_column(column)
     for name, label in (("accepts_stripe", "Stripe"), ("accepts_tempo", "Tempo (MPP)")):
@@ -184,7 +186,7 @@ def stale_after(heartbeat_interval: float) -> float:
 
 def status_table(status: AgentStatus) -> Table:
     """Every value in it came from outside (the agent's /health, the state file): shown as plain text."""
-    table = Table(title="vramsupply status", show_header=False)
+    table = FitTable(title="vramsupply status", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("state")
     if status.health is not None:
