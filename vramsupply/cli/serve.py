@@ -63,7 +63,7 @@ def serve(
     context_length_offered: Optional[int] = typer.Option(None, "--context-length-offered", help="Context advertised to buyers (default: the served context)."),
     heartbeat_interval: Optional[float] = typer.Option(None, "--heartbeat-interval", help="Seconds between heartbeats (default 30)."),
     platform_url: Optional[str] = typer.Option(None, "--platform-url", help="Platform API base URL (default https://vram.supply)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", help="vram.supply API key (default: the one `vramsupply login` stored)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="vram.supply API key (default: the one `vramsupply login` stored; a flag is visible to every user in `ps`, the stored key or VRAM_SUPPLY_API_KEY is not)."),
     cache_dir: Optional[Path] = CACHE_DIR_OPTION,
     log_level: Optional[str] = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
     demo: bool = typer.Option(False, "--demo", help="Run a local reference platform in-process, serve the bundled tiny model, register and buy one answer."),
