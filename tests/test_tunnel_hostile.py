@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from agent_process import AgentProcess
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, run_cli
 
 from vramsupply.tunnel import tunnel_tool
 from vramsupply.tunnel.supervisor import TunnelSupervisor
@@ -316,3 +316,44 @@ def test_a_quick_tunnel_url_still_ends_at_a_space_a_path_a_quote_or_the_line_end
     tool = tunnel_tool("cloudflared")
     for line in ("|  https://a-b.trycloudflare.com   |", "https://a-b.trycloudflare.com", "https://a-b.trycloudflare.com/", 'url="https://a-b.trycloudflare.com"'):
         assert tool.public_url(line) == "https://a-b.trycloudflare.com", line
+
+
+async def test_what_goes_wrong_with_the_tunnel_is_handed_on_until_a_url_comes(cloudflared: Callable[[str], Path]) -> None:
+    """For /health's warnings, which `vramsupply status` shows: a provider behind NAT is on the
+    market only through the tunnel. No URL ever came, so none "will change"."""
+    cloudflared(FAILS_WITH_A_REASON)
+    troubles: list[str | None] = []
+    tunnel = TunnelSupervisor(tunnel_tool("cloudflared"), "http://127.0.0.1:9", [].append, on_trouble=troubles.append, delays=(30.0,))
+    tunnel.start()
+    try:
+        await wait_until(lambda: bool(troubles), "the trouble handed on")
+    finally:
+        await tunnel.stop()
+    [trouble] = troubles
+    assert trouble is not None and "cloudflared exited (code 1)" in trouble and "429 Too Many Requests" in trouble
+    assert "restarting it in 30s" in trouble and "URL will change" not in trouble
+
+
+def test_a_failing_tunnel_is_a_health_warning_that_status_shows(cloudflared: Callable[[str], Path]) -> None:
+    """With --no-register the tunnel still makes the agent public: `status` shows where (the URL
+    was only in the log). A tunnel that keeps failing is a /health warning while it lasts."""
+    cloudflared(FAILS_WITH_A_REASON)
+    with AgentProcess("--model", str(TINY_MODEL), "--port", "0", "--tunnel", "cloudflared", "--no-register") as agent:
+        agent.wait_ready()
+        agent.wait_for(lambda: "cloudflared exited" in agent.log, "the tunnel's failure")
+        health = json.loads(run_cli("status", "--json").stdout)["agent"]["health"]
+        assert agent.stop(signal.SIGTERM) == 0
+    assert any("cloudflared exited (code 1)" in warning and "429 Too Many Requests" in warning for warning in health["warnings"])
+    assert health["status"] == "ok"
+
+
+def test_without_registering_status_shows_the_tunnels_public_url(cloudflared: Callable[[str], Path]) -> None:
+    state = cloudflared(RECORDS_SIGNALS)
+    with AgentProcess("--model", str(TINY_MODEL), "--port", "0", "--tunnel", "cloudflared", "--no-register") as agent:
+        agent.wait_for(lambda: agent.printed("public URL (cloudflared tunnel)"), "the public URL")
+        [start] = starts(state)
+        shown = json.loads(run_cli("status", "--json").stdout)
+        assert agent.stop(signal.SIGTERM) == 0
+    assert shown["registration"]["endpoint_url"] == start["url"]
+    assert f"public at {start['url']}/v1 through the cloudflared tunnel" in shown["registration"]["message"]
+    assert not shown["agent"]["health"].get("warnings")

@@ -158,6 +158,20 @@ def earlier_run(state: RegistrationState) -> str | None:
     return f"this record is from an earlier run: agent process {state.pid} has ended"
 
 
+def record_public_url(url: str, tool: str, path: Path | None = None) -> None:
+    """An agent that serves without registering, made public by a tunnel: its record says where,
+    for `status` (the address was only in the log). Only this process's own record is touched."""
+    path = path or default_state_path()
+    record = read_state(path)
+    if record is None or record.pid != os.getpid() or record.phase is not Phase.not_registering:
+        return
+    message = f"serving without registering (--no-register): not on the market, but public at {url}/v1 through the {tool} tunnel"
+    try:
+        write_state(path, record.model_copy(update={"endpoint_url": url, "message": message, "updated_at": time.time()}))
+    except OSError as exc:
+        log.warning("cannot record the tunnel's public URL in %s (%s)", path, exc.strerror or exc)
+
+
 OFFERING_PHASES = frozenset({Phase.starting, Phase.registering, Phase.registered, Phase.offline, Phase.unreachable})
 """An agent in these phases is, or is about to be, on the market at its recorded price."""
 

@@ -21,9 +21,11 @@ from vramsupply.ledger import LedgerRecorder, UnopenedLedger, default_ledger_pat
 from vramsupply.output import say
 from vramsupply.platform import MarketplaceSession, resolve_endpoint_token
 from vramsupply.platform.offer import ModelIdentity, local_base_url
+from vramsupply.platform.state import record_public_url
 from vramsupply.platform.token import default_token_path
 from vramsupply.serve.options import ServeError
 from vramsupply.server import ApiServer
+from vramsupply.server.state import ServerState
 from vramsupply.throughput.store import capacity_for, default_bench_path
 from vramsupply.tunnel import TunnelError, TunnelSupervisor, TunnelTool, tunnel_tool
 
@@ -47,7 +49,7 @@ class ProviderSide:
         if self.tunnel_token is not None:
             server.state.endpoint_token = self.tunnel_token
             say(f"the {self.settings.tunnel} tunnel makes this agent public: requests need `Authorization: Bearer <{token_source(self.settings)}>`")
-        self.tunnel = start_tunnel(self.tool, local_base_url(self.settings.host, server.port), self.market)
+        self.tunnel = start_tunnel(self.tool, local_base_url(self.settings.host, server.port), self.market, server.state)
         s = self.settings
         self.recorder = open_recorder(default_ledger_path(), input_price=s.input_price, output_price=s.output_price, selling=self.selling)
         server.state.accounts.recorder = self.recorder
@@ -89,8 +91,12 @@ def token_source(settings: Settings) -> str:
     return f"the token in {default_token_path()}"
 
 
-def start_tunnel(tool: TunnelTool | None, local_url: str, market: MarketplaceSession | None) -> TunnelSupervisor | None:
-    """Run the tunnel tool as a supervised child; each public URL it announces is printed and registered."""
+def start_tunnel(
+    tool: TunnelTool | None, local_url: str, market: MarketplaceSession | None, server: ServerState | None = None
+) -> TunnelSupervisor | None:
+    """Run the tunnel tool as a supervised child; each public URL it announces is printed and
+    registered (without registering, recorded for `status`), and what goes wrong with it is a
+    /health warning until it announces one again."""
     if market is not None:
         market.local_url = local_url
     if tool is None:
@@ -100,9 +106,15 @@ def start_tunnel(tool: TunnelTool | None, local_url: str, market: MarketplaceSes
         say(f"public URL ({tool.name} tunnel): {url}/v1")
         if market is not None:
             market.use_endpoint_url(url)
+        else:
+            record_public_url(url, tool.name)
+
+    def trouble(words: str | None) -> None:
+        if server is not None:
+            server.tunnel_trouble = words
 
     try:
-        supervisor = TunnelSupervisor(tool, local_url, use)
+        supervisor = TunnelSupervisor(tool, local_url, use, on_trouble=trouble)
     except TunnelError as exc:
         raise ServeError(str(exc)) from None
     supervisor.start()

@@ -142,7 +142,9 @@ async def retrieve_model(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     """200 with slot counts once the model is loaded; 503 "loading" before, and 503 "error" with
     the reason once the engine has failed, so the platform routes no buyer here. 200 "degraded"
-    (with the reason in ``warnings``) while buyers are served but the earnings ledger records nothing.
+    (with the reason in ``warnings``) while buyers are served but the earnings ledger records nothing;
+    a failing tunnel (``--tunnel``) is a warning too, with "ok": this machine serves, and the
+    platform's own checks come through the tunnel, so they see it fail anyway.
 
     The platform polls this with a 5 s timeout to decide whether the agent is online, so it answers
     on the event loop from state already at hand: no thread pool (the default executor is shared
@@ -164,11 +166,16 @@ async def health(request: web.Request) -> web.Response:
         placement = state.placement.current()
         body["placement"] = placement.as_json()
         body["warnings"] = list(placement.warnings)
+    if state.tunnel_trouble is not None:  # this machine serves, but buyers may not reach it: said, still "ok"
+        body["warnings"] = [*_listed(body.get("warnings")), state.tunnel_trouble]
     if state.accounts.failure is not None:  # still serving buyers, but earnings go unrecorded: not "ok"
         body["status"] = "degraded"
-        shown = body.get("warnings")
-        body["warnings"] = [*(shown if isinstance(shown, list) else []), state.accounts.failure]
+        body["warnings"] = [*_listed(body.get("warnings")), state.accounts.failure]
     return web.json_response(body)
+
+
+def _listed(warnings: object) -> list[object]:
+    return warnings if isinstance(warnings, list) else []
 
 
 async def metrics(request: web.Request) -> web.Response:

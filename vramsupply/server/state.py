@@ -38,6 +38,8 @@ class ServerState:
         self.engine: Engine | None = None
         self._names = {model_id.lower(), *(a.lower() for a in aliases)}
         self.accounts = Accounts()
+        self.tunnel_trouble: str | None = None
+        """What is wrong with the tunnel that makes this agent public (``--tunnel``), for /health."""
         self.metrics = ServerMetrics(self.stats, ledger_failure=lambda: self.accounts.failure)
 
     placement: Any = None  # vramsupply.gpu.report.PlacementMonitor once loaded: where the model runs

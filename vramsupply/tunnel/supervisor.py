@@ -10,7 +10,10 @@ Its exit is watched directly (``wait``), not through the end of its output: a ch
 left behind can hold the pipe open long after the tool is gone. What it printed is its own text:
 every line is logged with control characters escaped, and the last meaningful one goes with the
 warning when it exits (cloudflared says why it failed, "429 Too Many Requests", only there) or
-when it has printed no URL for a while, so a provider is not left waiting with nothing said.
+when it has printed no URL for a while, so a provider is not left waiting with nothing said. The
+same words go to ``on_trouble`` (the agent's /health warnings, which `vramsupply status` shows), and
+``None`` once a run announces a URL again: a provider behind NAT is on the market only through the
+tunnel, and `status` said "registers once the tunnel has a public URL" while cloudflared failed.
 Starting and ending its processes (a session of their own, ended as a group): ``process``.
 """
 
@@ -54,6 +57,7 @@ class TunnelSupervisor:
         local_url: str,
         on_url: Callable[[str], None],
         *,
+        on_trouble: Callable[[str | None], None] = lambda trouble: None,
         delays: tuple[float, ...] = RESTART_DELAYS,
         url_warning_after: float = URL_WARNING_SECONDS,
     ) -> None:
@@ -63,6 +67,7 @@ class TunnelSupervisor:
         self.url: str | None = None
         self.starts = 0
         self._on_url = on_url
+        self._on_trouble = on_trouble
         self._delays = delays
         self._url_warning_after = url_warning_after
         self._process: ToolProcess | None = None
@@ -106,7 +111,8 @@ class TunnelSupervisor:
                 return
             failures = 0 if time.monotonic() - started >= STABLE_RUN_SECONDS else failures + 1
             delay = self._delays[min(failures, len(self._delays)) - 1] if failures else 0.0
-            log.warning("%s %s; restarting it in %.0fs (the public URL will change)", self.tool.name, ended, delay)
+            change = " (the public URL will change)" if self.url is not None else ""
+            self._trouble(f"{self.tool.name} {ended}; restarting it in {delay:.0f}s{change}")
             await asyncio.sleep(delay)
 
     async def _run_once(self) -> str:
@@ -138,6 +144,7 @@ class TunnelSupervisor:
             url = self.tool.public_url(line)
             if url is not None:
                 self._url_this_run = True
+                self._tell(None)
                 if url != self.url:
                     self.url = url
                     log.info("%s: public URL %s", self.tool.name, url)
@@ -161,10 +168,18 @@ class TunnelSupervisor:
 
     def _warn_no_url(self) -> None:
         if not self._url_this_run:
-            log.warning(
-                "%s has printed no public URL in %.0fs; registering waits for one%s",
-                self.tool.name, self._url_warning_after, self._last_words(),
-            )
+            self._trouble(f"{self.tool.name} has printed no public URL in {self._url_warning_after:.0f}s; registering waits for one{self._last_words()}")
+
+    def _trouble(self, words: str) -> None:
+        log.warning("%s", words)
+        self._tell(words)
+
+    def _tell(self, trouble: str | None) -> None:
+        """Hand on what is wrong (None: nothing); a fault there must not end the supervision."""
+        try:
+            self._on_trouble(trouble)
+        except Exception:
+            log.exception("could not report %s's state", self.tool.name)
 
     def _last_words(self) -> str:
         if self._last_line is None:
