@@ -256,6 +256,15 @@ def test_earnings_table_and_chart_fit_80_columns(isolated_env: Path, by: str) ->
         assert "qwen/qwen3.5-9b" in result.stdout
 
 
+def test_a_window_longer_than_the_chart_says_which_days_it_shows(isolated_env: Path) -> None:
+    """The chart shows a month; a 90-day window's first two months were left out without a word."""
+    fill_ledger(time.time())
+    result = run_cli("earnings", "--since", "90d", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    assert "Earned per day (95 % of gross): the last 31 of 91 days (the table covers them all)" in " ".join(result.stdout.split())
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+
+
 def test_earnings_with_an_empty_ledger_and_bad_flags(isolated_env: Path) -> None:
     empty = run_cli("earnings")
     assert empty.returncode == 0 and "No requests recorded in the last 30d" in empty.stdout

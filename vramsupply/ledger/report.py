@@ -170,6 +170,10 @@ def _table(report: Report, by: By) -> Table:
     return table
 
 
+CHART_DAYS = 31
+"""The most days the chart shows, the newest: a bar a line, a month fits a screen."""
+
+
 @dataclass(frozen=True)
 class _Chart:
     """The bar chart, its bars as long as the terminal has room for (``BAR_WIDTH`` at most), so that
@@ -179,15 +183,19 @@ class _Chart:
     today: datetime
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        days = self.report.days(self.today)[-31:]
+        window = self.report.days(self.today)
+        days = window[-CHART_DAYS:]
         earned = {day: self.report.by_day[day].earned_nanocents if day in self.report.by_day else 0 for day in days}
         longest = max(len(f"{day}  {dollars_text(amount)}") for day, amount in earned.items())
-        yield _chart(earned, max(1, min(BAR_WIDTH, options.max_width - longest - 1)))
+        title = "Earned per day (95 % of gross)"
+        if len(window) > len(days):  # a longer window: said, so that no one reads its start as days without traffic
+            title += f": the last {len(days)} of {len(window)} days (the table covers them all)"
+        yield _chart(earned, max(1, min(BAR_WIDTH, options.max_width - longest - 1)), title)
 
 
-def _chart(earned: dict[str, int], bar_width: int) -> Text:
+def _chart(earned: dict[str, int], bar_width: int, title: str) -> Text:
     top = max(earned.values())
-    chart = Text("Earned per day (95 % of gross)\n", style="bold")
+    chart = Text(f"{title}\n", style="bold")
     for day, amount in earned.items():
         width = 0 if not top else max(1 if amount else 0, round(bar_width * amount / top))
         chart.append(f"{day} ")
