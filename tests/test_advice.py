@@ -75,7 +75,7 @@ def test_advice_for_one_model_by_hand() -> None:
         "  market band: low $1.50, median $2.00, high $2.50 (3 online)",
         "  your price: $2.00, 50 % of the way from low to high, at the median",
         "  at your measured 100.0 tok/s (4 slots busy) you would earn $0.51/h at low, $0.68/h at median, $0.86/h at high (95 %, output tokens only)",
-        "  Tempo (MPP): buyers pay 2 unit(s)/token = $2.00/M for your $2.00/M (the 5 % fee is inside the price; rounded up to a whole unit); every price from $1.01 to $2.00 costs them the same",
+        "  Tempo (MPP): buyers are quoted 2 unit(s)/token = $2.00/M for your $2.00/M (the 5 % fee is inside the price; rounded up to a whole unit); every price from $1.01 to $2.00 is quoted the same",
     ]
     assert advice.as_json()["earned_cents_per_hour"] == {"low": "51.30", "median": "68.40", "high": "85.50"}
     assert advice.as_json()["tempo"] == {"units_per_token": 2, "cents_per_million": 200, "same_units_from": 101, "same_units_to": 200}
@@ -85,7 +85,7 @@ def test_advice_without_a_market_or_a_measurement_says_what_is_missing() -> None
     lines = advice_lines(Advice("m", 100, None, 0, None, None))
     assert "no provider is online for it" in lines[1]
     assert "run `vramsupply bench`" in lines[2]
-    assert "buyers pay 1 unit(s)/token = $1.00/M" in lines[3]
+    assert "buyers are quoted 1 unit(s)/token = $1.00/M" in lines[3]
 
 
 async def test_demand_prints_advice_for_the_model_you_serve_at_your_measured_speed() -> None:
@@ -105,7 +105,7 @@ async def test_demand_prints_advice_for_the_model_you_serve_at_your_measured_spe
     assert "you would earn $10.26/h at low, $13.68/h at median, $20.52/h at high" in table.stdout
     assert "your price: $2.50, 66 % of the way from low to high, above the median" in table.stdout
     # 250 ¢/M = 2.5 units → 3 units/token
-    assert "buyers pay 3 unit(s)/token = $3.00/M for your $2.50/M" in table.stdout
+    assert "buyers are quoted 3 unit(s)/token = $3.00/M for your $2.50/M" in table.stdout
     [advice] = json.loads(as_json.stdout)["advice"]
     assert advice["band"] == {"low": 150, "median": 200, "high": 300, "median_estimated": False}
     assert advice["earned_cents_per_hour"] == {"low": "1026.00", "median": "1368.00", "high": "2052.00"}

@@ -237,7 +237,7 @@ def test_an_inconsistent_price_band_gives_no_advice(band: dict[str, int], sent: 
     assert "inconsistent" in row and "$5.00–$1.00" not in row
     assert f"  market band: not used, the platform sent {sent}, which is no band (low ≤ median ≤ high does not hold)" in table.stdout
     assert "below the band" not in table.stdout and "you would earn" not in table.stdout
-    assert "buyers pay 2 unit(s)/token = $2.00/M for your $2.00/M" in table.stdout  # what depends on your own price only
+    assert "buyers are quoted 2 unit(s)/token = $2.00/M for your $2.00/M" in table.stdout  # what depends on your own price only
     [advice] = json.loads(as_json.stdout)["advice"]
     assert advice["band"] is None and advice["position"] is None and advice["earned_cents_per_hour"] is None
     assert advice["inconsistent_band"] == {"median": None, **band}

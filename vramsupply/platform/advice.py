@@ -6,12 +6,13 @@ machine would earn at its measured throughput (`vramsupply bench`, all slots bus
 low, median and high. Output tokens only: prompt tokens are paid on top, but how many depends on
 the buyers.
 
-On the Tempo rail (MPP) buyers pay one per-token amount in whole base units of a 6-decimal
-stablecoin: 1 unit per token is $1.00 per million (100 ¢/M). The 5 % fee is inside the price, as on
-every rail (buyers pay the provider's price, the provider earns 95 % of it; the reference
-platform's receipts and the ledger agree on that), and the amount is rounded up to a whole unit:
-a price of 200 ¢/M is 2 units there, 250 ¢/M costs 3, and every price from 201 to 300 ¢/M costs a
-Tempo buyer the same 3 units. Arithmetic is exact (integers and ``Decimal``).
+On the Tempo rail (MPP) a buyer's 402 challenge quotes one per-token amount in whole base units of
+a 6-decimal stablecoin: 1 unit per token is $1.00 per million (100 ¢/M). The 5 % fee is inside the
+price, as on every rail (buyers pay the provider's price, the provider earns 95 % of it), and the
+quote is rounded up to a whole unit: a price of 200 ¢/M is quoted as 2 units, 250 ¢/M as 3, and
+every price from 201 to 300 ¢/M as the same 3 units. (The reference platform's receipts charge a
+request's tokens at the provider's prices, rounded up once a request: README, Earnings.)
+Arithmetic is exact (integers and ``Decimal``).
 
 The band is what other providers ask, so anyone can put anything in it: an offer above the highest
 price this agent accepts (``config.MAX_PRICE``, $10,000 per million) counts as that price, and the
@@ -237,8 +238,8 @@ def advice_lines(advice: Advice) -> list[str]:
         lines.append("  run `vramsupply bench` to see what this machine would earn per hour at these prices")
     units, same_from, same_to = advice.tempo
     lines.append(
-        f"  Tempo (MPP): buyers pay {units} unit(s)/token = {_dollars(units * CENTS_PER_MILLION_PER_UNIT)}/M for your "
+        f"  Tempo (MPP): buyers are quoted {units} unit(s)/token = {_dollars(units * CENTS_PER_MILLION_PER_UNIT)}/M for your "
         f"{_dollars(advice.price)}/M (the 5 % fee is inside the price; rounded up to a whole unit); every price from "
-        f"{_dollars(same_from)} to {_dollars(same_to)} costs them the same"
+        f"{_dollars(same_from)} to {_dollars(same_to)} is quoted the same"
     )
     return lines
