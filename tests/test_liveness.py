@@ -74,12 +74,13 @@ def test_a_decode_step_that_never_returns_is_a_stall_once_the_timeout_passes(mon
         release.wait()
         return real_decode(ctx, batch)
 
+    answers: list[tuple[int, dict[str, Any]]] = []
     with LiveServer(stall_timeout=0.5) as live:
         assert get(live.url + "/health")[0] == 200
         time.sleep(1.0)  # idle time never counts as a stall
         assert get(live.url + "/health")[0] == 200
         monkeypatch.setattr(llama_cpp, "llama_decode", hang)
-        buyer = threading.Thread(target=post, args=(live.base_url + "/completions", PROMPT), daemon=True)
+        buyer = threading.Thread(target=lambda: answers.append(post(live.base_url + "/completions", PROMPT)), daemon=True)
         buyer.start()
         try:
             deadline = time.monotonic() + 30
@@ -89,6 +90,11 @@ def test_a_decode_step_that_never_returns_is_a_stall_once_the_timeout_passes(mon
         finally:
             release.set()
             buyer.join(30)
+        # The step returned after all: the engine stays failed, with the same reason, and the
+        # buyer is told why (it was told "shutting down" once serve stopped, without the cause).
+        assert get(live.url + "/health") == health
+    [(status, answer)] = answers
+    assert status == 503 and answer["error"]["code"] == "engine_failed" and health[1]["reason"] in answer["error"]["message"]
 
 
 def test_a_failed_engine_heartbeats_draining_and_stops_the_watchdog() -> None:
@@ -158,6 +164,34 @@ def test_serve_with_a_failed_engine_deregisters_and_exits_1_naming_the_cause(tmp
     # the server's cut (a stalled step never ends, so only the engine's close can answer it).
     [(status, body)] = answers
     assert status == 503 and body["error"]["code"] == "engine_failed" and cause in body["error"]["message"], (status, body)
+
+
+def test_a_failed_engine_answers_its_buyers_while_telling_a_silent_platform_not_after(tmp_path: Path) -> None:
+    """The draining notice waits up to 3 s for a platform that does not answer; the buyers the
+    failed engine held waited for it too, though nothing was left for them to wait for."""
+    from test_platform_hostile import HostilePlatform
+    from test_status_honesty import held_then_documented
+
+    trigger, port = tmp_path / "trigger", free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with HostilePlatform() as platform:
+        env = {**marketplace_env(platform.url), "FAULT_AGENT_KIND": "stall", "FAULT_AGENT_TRIGGER": str(trigger)}
+        args = ["--model", str(TINY_MODEL), "--port", str(port), "--endpoint-url", endpoint, "--stall-timeout", "1"]
+        with AgentProcess(*args, env=env, program=[sys.executable, str(REPO / "tests" / "fault_agent.py")]) as agent:
+            agent.wait_for(lambda: len(platform.requests("heartbeat")) >= 2, "registered and heartbeating")
+            platform.script("heartbeat", held_then_documented)  # from now on the platform answers no heartbeat
+            trigger.touch()
+            answers: list[tuple[int, dict[str, Any]]] = []
+            _buy(endpoint, platform.requests("register")[0].body["endpoint_token"], answers)  # held by the stalled step
+            agent.wait_for(lambda: "could not tell the platform" in agent.log, "the draining notice given up")
+            platform.release()
+            agent.wait(timeout=60)
+    lines = agent.log.splitlines()
+    ended = next(i for i, line in enumerate(lines) if "stopping: ending 1 in-flight request(s)" in line)
+    untold = next(i for i, line in enumerate(lines) if "could not tell the platform" in line)
+    assert ended < untold, agent.log
+    [(status, body)] = answers
+    assert status == 503 and body["error"]["code"] == "engine_failed", body
 
 
 def _buy(endpoint: str, token: str | None, answers: list[tuple[int, dict[str, Any]]]) -> None:

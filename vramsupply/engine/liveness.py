@@ -24,7 +24,10 @@ Measuring what did run instead (the process's CPU time) would not do: a step wai
 burns no CPU. (Hadoop's ``JvmPauseMonitor`` tells a JVM's pauses the same way.)
 
 ``failure`` is cheap (two clock reads), so ``Engine.stats()`` computes it on every call and every
-reader (``/health``, heartbeats, the watchdog, ``serve``) sees the same answer.
+reader (``/health``, heartbeats, the watchdog, ``serve``) sees the same answer. A stall, once a
+reader has seen it, is the engine's failure for good (``died``): ``serve`` stops on it, and a step
+that returned late after all must neither turn /health back to ok while the agent exits nor end its
+requests as "shutting down" without the cause (the scheduler ends them with it, ``cause``).
 """
 
 from __future__ import annotations
@@ -177,6 +180,11 @@ class Liveness:
     def died(self, cause: str) -> None:
         self._cause = cause
 
+    @property
+    def cause(self) -> str | None:
+        """Why the engine has failed for good (a death, or a stall a reader has seen), or None."""
+        return self._cause
+
     def failure(self, *, pending: bool, running: bool) -> str | None:
         """Why the engine cannot serve, or None. ``running``: the thread should be alive."""
         if self._cause is not None:
@@ -187,5 +195,7 @@ class Liveness:
         waited = self._clock() - progress_at - (self.pauses.frozen() - frozen_then)  # a frozen process stalls nothing
         if pending and waited > self.stall_timeout:
             failed = f"; its last {self._failing} decodes failed ({decode_status(self._last_status)})" if self._failing else ""
-            return f"the inference engine stalled: no decode step finished for {waited:.0f}s with requests pending (stall timeout {self.stall_timeout:g}s){failed}"
+            seconds = f"{waited:.0f}" if waited >= 10 else f"{waited:.1f}"
+            self.died(f"the inference engine stalled: no decode step finished for {seconds}s with requests pending (stall timeout {self.stall_timeout:g}s){failed}")
+            return self._cause
         return None

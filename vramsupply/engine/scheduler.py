@@ -253,6 +253,9 @@ class Scheduler:
         self._out.flush()
 
     def _serve_once(self) -> bool:
+        if self._liveness.cause is not None:  # a step ran past the stall timeout, and was seen to: failed for good
+            self._died(self._liveness.cause)
+            return False
         if not self._waiting and not self._active():
             self._handle(self._inbox.wait())
             self._liveness.progressed()
