@@ -198,3 +198,22 @@ def test_a_second_sigterm_while_a_decode_hangs_stops_at_once(tmp_path: Path, not
     assert code == 130, agent.output
     assert agent.stderr[-1] == "error: stopped without waiting for in-flight requests", agent.output
     assert RESUMES not in agent.log and "Traceback" not in agent.log
+
+
+def test_an_engine_whose_thread_cannot_start_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a memory limit (ulimit -v) Python could not start the scheduler's thread, and serve
+    ended in a traceback; now it is an EngineError, one line from the CLI, the model freed."""
+    from vramsupply.engine import Engine, EngineError, EngineOptions
+    from vramsupply.errors import VramsupplyError
+
+    start = threading.Thread.start
+
+    def refused(thread: threading.Thread) -> None:
+        if thread.name == "vramsupply-scheduler":
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    with pytest.raises(EngineError, match=r"cannot start the engine's thread \(can't start new thread\): too little memory") as refusal:
+        Engine.load(EngineOptions(model_path=TINY_MODEL, threads=1))
+    assert isinstance(refusal.value, VramsupplyError)

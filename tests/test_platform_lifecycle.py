@@ -14,7 +14,7 @@ from live_platform import API_KEY, LivePlatform, free_port
 
 from vramsupply import __version__
 from vramsupply.config import Settings
-from vramsupply.errors import ConfigError
+from vramsupply.platform.token import EndpointTokenError
 from vramsupply.platform import Backoff, Phase, PlatformClient, ProviderLifecycle, build_offer, read_state, resolve_endpoint_token
 from vramsupply.serve.options import market_options
 
@@ -274,17 +274,18 @@ def test_endpoint_token_is_generated_once_and_stored_private(tmp_path: Path) -> 
     assert resolve_endpoint_token("configured", path) == "configured"
 
     path.write_bytes(b"\xff\xfe\x00")  # damaged: never silently replaced, which would change the token
-    with pytest.raises(ConfigError, match="endpoint token file .* is damaged .* delete it"):
+    with pytest.raises(EndpointTokenError, match="endpoint token file .* is damaged .* delete it"):
         resolve_endpoint_token(None, path)
 
 
 def test_a_data_dir_that_cannot_hold_the_endpoint_token_is_one_line_naming_the_way_out(tmp_path: Path) -> None:
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("a file where the data dir should be")  # before: a bare "Not a directory"
-    with pytest.raises(ConfigError, match=r"cannot read the endpoint token file .*not-a-dir/endpoint_token: Not a directory"):
+    with pytest.raises(EndpointTokenError, match=r"cannot read the endpoint token file .*not-a-dir/endpoint_token: Not a directory"):
         resolve_endpoint_token(None, blocked / "endpoint_token")
-    with pytest.raises(ConfigError, match=r"cannot keep the endpoint token in /proc/no-such-dir/endpoint_token: .*set VRAM_SUPPLY_ENDPOINT_TOKEN"):
+    with pytest.raises(EndpointTokenError, match=r"cannot keep the endpoint token in /proc/no-such-dir/endpoint_token: .*set VRAM_SUPPLY_ENDPOINT_TOKEN") as refusal:
         resolve_endpoint_token(None, Path("/proc/no-such-dir/endpoint_token"))  # no folder can be made there, even as root
+    assert refusal.value.exit_code == 1, "the machine's fault, not an invalid setting (exit 2)"
 
 
 async def test_an_unwritable_state_file_is_reported_once_and_never_stops_registration(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ module never imports another concern to raise its own errors)::
     │   │                                        cannot be reached
     │   ├── ApiKeyRejected, RequestRejected, UnknownProvider, PlatformUnavailable,
     │   │   UnexpectedAnswer                       a 2xx whose body is not the documented answer
+    ├── EndpointTokenError               exit 1  platform/token.py: the generated endpoint token
+    │                                            cannot be kept or read back (the data dir)
     ├── EngineError                      exit 1  engine/types.py: llama.cpp or the scheduler
     │   ├── Overloaded, EngineClosed, ContextOverflow   (per request: the HTTP API maps them)
     │   ├── LoadAbandoned                          engine/model.py: a stop came while the model loaded

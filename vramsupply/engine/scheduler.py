@@ -129,7 +129,10 @@ class Scheduler:
         """Start the thread; return once it has warmed the model up (``warmup.py``), or raise the
         warm-up's error, the thread having ended. The warm-up decodes on the thread that will
         decode every step after it (see the module docstring)."""
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of memory for its stack, or a thread limit
+            raise EngineError(f"cannot start the engine's thread ({exc}): too little memory, or a limit on threads (ulimit -v or -u, a service's TasksMax)") from None
         self._warm_up.wait(join=self._thread.join)
         self._liveness.pauses.start()  # a frozen process is no stall (``liveness.py``); ended by ``stop``
 

@@ -10,9 +10,14 @@ import secrets
 from pathlib import Path
 
 from vramsupply.config import data_dir, write_private_file
-from vramsupply.errors import ConfigError
+from vramsupply.errors import VramsupplyError
 
 TOKEN_FILE_NAME = "endpoint_token"
+
+
+class EndpointTokenError(VramsupplyError):
+    """The generated token's file cannot be read back or written (a full or read-only data dir,
+    a damaged file): a fault of the machine, exit 1, not an invalid setting (exit 2)."""
 
 
 def default_token_path() -> Path:
@@ -29,16 +34,16 @@ def resolve_endpoint_token(configured: str | None, path: Path | None = None) -> 
     except FileNotFoundError:
         stored = ""
     except UnicodeDecodeError:
-        raise ConfigError(f"the endpoint token file {path} is damaged (not the token this agent wrote): delete it to have a new one made") from None
+        raise EndpointTokenError(f"the endpoint token file {path} is damaged (not the token this agent wrote): delete it to have a new one made") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read the endpoint token file {path}: {exc.strerror or exc}") from None
+        raise EndpointTokenError(f"cannot read the endpoint token file {path}: {exc.strerror or exc}") from None
     if stored:
         return stored
     token = "vst-" + secrets.token_urlsafe(32)
     try:
         write_private_file(path, token + "\n")
     except OSError as exc:
-        raise ConfigError(
+        raise EndpointTokenError(
             f"cannot keep the endpoint token in {path}: {exc.strerror or exc}; make its folder writable, or set VRAM_SUPPLY_ENDPOINT_TOKEN"
         ) from None
     return token
