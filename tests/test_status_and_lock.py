@@ -123,7 +123,8 @@ def test_status_says_an_agent_is_starting_before_it_listens() -> None:
                 table, report = status()
 
     assert table.returncode == 1
-    assert report["agent"]["error"] == f"agent process {agent.process.pid} is starting: not listening yet (downloading or preparing its model)"
+    assert report["agent"]["error"].startswith(f"agent process {agent.process.pid} is starting: not listening yet (downloading or preparing its model)")
+    assert report["agent"]["error"].endswith("or it could not record where it listens (a full or read-only data dir: its log says so)")
     assert report["registration"]["current"] is False
     assert "from an earlier run" in table.stdout and "the starting agent replaces it once it listens" in table.stdout
 

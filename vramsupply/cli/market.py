@@ -147,7 +147,10 @@ def _agent_report() -> tuple[AgentStatus, str | None]:
     note = found.earlier_run
     starting = lock_holder(path.parent) if health is None else None
     if starting is not None and (found.record is None or found.earlier_run is not None):
-        error = f"agent process {starting} is starting: not listening yet (downloading or preparing its model)"
+        error = (
+            f"agent process {starting} is starting: not listening yet (downloading or preparing its model), or it could not "
+            "record where it listens (a full or read-only data dir: its log says so)"
+        )
         note = note and f"{note}; the starting agent replaces it once it listens"
     unreadable = path if found.record is None and path.exists() else None
     # The heartbeat interval the agent recorded (a --heartbeat-interval flag given to serve included),

@@ -252,7 +252,7 @@ def _stale_reason(status: AgentStatus) -> str:
 
 def _no_record(unreadable: Path | None) -> Text:
     if unreadable is None:
-        return Text("none recorded (the agent has not tried to register)")
+        return Text("none recorded (no agent has tried to register, or one could not write its record: a full or read-only data dir)")
     return Text(
         f"none recorded: {plain(unreadable)} holds no record this version can read (damaged, or written by another "
         "version); an agent of this version rewrites it at its next heartbeat"
