@@ -124,3 +124,14 @@ def test_a_model_cache_below_a_file_fails_the_disk_check(tmp_path: Path) -> None
     _, checks, _ = doctor(VRAM_SUPPLY_CACHE_DIR=str(blocker / "huggingface" / "hub"))
     assert checks["disk"]["ok"] is False
     assert checks["disk"]["detail"] == f"models would go to {blocker}/huggingface/hub, but {blocker} is a file"
+
+
+def test_a_device_this_build_lacks_fails_the_decode_check_as_it_would_fail_serve() -> None:
+    """Doctor loaded its test model with no placement at all, so VRAM_SUPPLY_DEVICES=CUDA0 on a
+    CPU build passed every check while serve (and a service installed with it) failed at load."""
+    code, checks, _ = doctor(VRAM_SUPPLY_DEVICES="CUDA0", VRAM_SUPPLY_NO_REGISTER="true")
+
+    assert code == 1
+    assert checks["decode"]["ok"] is False
+    assert str(checks["decode"]["detail"]).startswith("no device 'CUDA0' in this llama.cpp build; it has: CPU")
+    assert "VRAM_SUPPLY_DEVICES" in str(checks["decode"]["fix"])

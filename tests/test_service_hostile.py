@@ -251,3 +251,15 @@ def test_engine_args_serve_would_refuse_keep_the_service_from_starting(tmp_path:
     assert [call for call in logged_calls(calls) if call.startswith("systemctl")] == [], "nothing started or enabled"
     fixed = run_cli("service", "install", "--unit-dir", str(tmp_path / "units"), "--env-file", str(env_file), env={**env, "VRAM_SUPPLY_ENGINE_ARGS": "--dtype half"})
     assert "cannot start" not in fixed.stdout and "vramsupply.service is starting" in fixed.stdout
+
+
+def test_a_device_this_build_lacks_keeps_the_service_from_being_started(tmp_path: Path) -> None:
+    bin_dir, calls = fake_tools(tmp_path, state="running")
+    env_file = tmp_path / "env"
+    result = run_cli(
+        "service", "install", "--unit-dir", str(tmp_path / "units"), "--env-file", str(env_file),
+        env={"PATH": str(bin_dir), "VRAM_SUPPLY_MODEL": "qwen/qwen3.5-9b", "VRAM_SUPPLY_NO_REGISTER": "true", "VRAM_SUPPLY_DEVICES": "CUDA0"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"warning: the service cannot start: no device 'CUDA0' in this llama.cpp build; it has: CPU (vramsupply doctor lists them): change VRAM_SUPPLY_DEVICES (or VRAM_SUPPLY_TENSOR_SPLIT) in {env_file}" in result.stdout
+    assert [call for call in logged_calls(calls) if call.startswith("systemctl")] == [], "nothing started or enabled"

@@ -43,7 +43,7 @@ def plan(
     devices: Optional[str] = typer.Option(None, "--devices", help="GPUs to plan for, e.g. CUDA0,CUDA1 (vramsupply doctor lists them)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Show the memory each quant needs on this machine's devices and which fits, before any download (exit 1: nothing fits; 2: no model, or an invalid setting)."""
+    """Show the memory each quant needs on this machine's devices and which fits, before any download (exit 1: nothing fits, or the model or a device cannot be read; 2: no model, or an invalid setting)."""
     # The serve flags the plan's numbers depend on, each named after its setting and passed as serve
     # passes them: the plan is serve's, and its advice (`use --cache-type-k f16`) can be followed here.
     flags = dict(locals())

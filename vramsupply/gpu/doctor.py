@@ -78,16 +78,23 @@ def driver_and_cuda_versions(ctx: Context) -> Result:
 
 @check("decode")
 def one_token_decode(ctx: Context) -> Result:
-    """Load the bundled tiny model with every layer offloaded and decode one token."""
+    """Load the bundled tiny model with every layer offloaded, placed as the settings say (their
+    devices), and decode one token."""
     from vramsupply.engine.model import Model, create_context
     from vramsupply.engine.types import EngineOptions
     from vramsupply.gpu.report import describe_placement
 
     import llama_cpp
 
+    from vramsupply.gpu.options import GpuOptions
+
+    placement = GpuOptions.of(ctx.settings)
+    problem = placement.placement_problem()
+    if problem is not None:  # serve would fail on it at every start
+        return Result(False, problem, "set VRAM_SUPPLY_DEVICES to devices this build has (or leave it unset), and VRAM_SUPPLY_TENSOR_SPLIT to one share each")
     tiny = Path(__file__).resolve().parent.parent / "assets" / "stories260K.gguf"
     started = time.monotonic()
-    model = Model.load(tiny, -1)
+    model = Model.load(tiny, -1, placement)
     try:
         context = create_context(model, EngineOptions(model_path=tiny, n_ctx=64, parallel=1, threads=1))
         try:

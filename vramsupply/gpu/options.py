@@ -117,6 +117,28 @@ class GpuOptions:
         params.type_k = CACHE_TYPES[self.cache_type_k]
         params.type_v = CACHE_TYPES[self.cache_type_v]
 
+    @classmethod
+    def of(cls, settings: Any) -> GpuOptions:
+        """The placement and KV cache options of ``settings`` (a ``config.Settings``)."""
+        return cls(
+            split_mode=settings.split_mode,
+            main_gpu=settings.main_gpu,
+            tensor_split=tuple(settings.tensor_split or ()),
+            devices=tuple(settings.devices or ()),
+            cache_type_k=settings.cache_type_k,
+            cache_type_v=settings.cache_type_v,
+        )
+
+    def placement_problem(self) -> str | None:
+        """Why this build cannot place a model as asked (a device it lacks, too many
+        ``tensor_split`` shares), before any model is read; None when it can. ``doctor`` and
+        ``service install`` ask it: ``serve`` fails on it at load, so a service would restart forever."""
+        try:
+            self.apply_to_model(llama_cpp.llama_model_default_params())
+        except GpuOptionError as exc:
+            return str(exc)
+        return None
+
 
 def device_handle(name: str) -> int:
     """The ggml device called `name` (case-insensitive), or an error listing the ones there are."""

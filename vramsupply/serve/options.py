@@ -45,14 +45,7 @@ def engine_options(settings: Settings, model: LocalModel, explicit: set[str] | N
         backend_sampling=settings.backend_sampling,
         stall_timeout=settings.stall_timeout,
         stream_interval_ms=settings.stream_interval_ms,
-        gpu=GpuOptions(
-            split_mode=settings.split_mode,
-            main_gpu=settings.main_gpu,
-            tensor_split=tuple(settings.tensor_split or ()),
-            devices=tuple(settings.devices or ()),
-            cache_type_k=settings.cache_type_k,
-            cache_type_v=settings.cache_type_v,
-        ),
+        gpu=GpuOptions.of(settings),
     )
 
 

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from vramsupply.config import EngineKind, Settings, env_name
+from vramsupply.gpu.options import GpuOptions
 from vramsupply.service.unit import UNIT_NAME, ServiceError
 from vramsupply.upstream.launch import LaunchError, split_engine_args
 
@@ -92,6 +93,9 @@ def startup_problems(settings: Settings, env_file: Path) -> list[str]:
             split_engine_args(settings.engine.value, settings.engine_args)
         except LaunchError as exc:
             problems.append(f"{exc}: change {env_name('engine_args')} in {env_file}")
+    placement = GpuOptions.of(settings).placement_problem() if settings.engine is EngineKind.llama_cpp else None
+    if placement is not None:
+        problems.append(f"{placement}: change {env_name('devices')} (or {env_name('tensor_split')}) in {env_file}")
     if settings.no_register:
         return problems
     local_only = f"or {env_name('no_register')}=true to serve locally only"
