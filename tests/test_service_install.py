@@ -124,7 +124,10 @@ def test_system_unit_is_hardened_without_hiding_the_gpu_and_passes_systemd_analy
     assert (checked.returncode, checked.stderr) == (0, "")
 
 
-def test_env_file_holds_exactly_the_non_default_settings_mode_0600(tmp_path: Path, config_file: Path) -> None:
+def test_env_file_holds_exactly_the_settings_that_were_set_mode_0600(tmp_path: Path, config_file: Path) -> None:
+    """A setting set to its default value is written too: set or not, a context length (or quant,
+    or slot count) is treated differently (the memory plan reduces or chooses only unset ones), and
+    the service ran with the plan's choice where the shell had fixed it."""
     write_config_values(config_file, {"output_price": 250, "api_key": "sk-live-from-login-1234"})
     env_file = tmp_path / "service.env"
     result = run_cli(
@@ -133,7 +136,8 @@ def test_env_file_holds_exactly_the_non_default_settings_mode_0600(tmp_path: Pat
             "PATH": str(tmp_path),
             "VRAM_SUPPLY_MODEL": "qwen/qwen3.5-9b",
             "VRAM_SUPPLY_INPUT_PRICE": "120",
-            "VRAM_SUPPLY_PORT": "8080",  # the default: not written
+            "VRAM_SUPPLY_PORT": "8080",  # the default value, but set
+            "VRAM_SUPPLY_CONTEXT_LENGTH": "8192",  # the same: set, the plan never reduces it
             "VRAM_SUPPLY_NO_REGISTER": "1",
             "VRAM_SUPPLY_ENDPOINT_TOKEN": 'tok"with\\quotes$and-dollar',
             "VRAM_SUPPLY_GGUF_PUBLISHERS": "bartowski, {org}",
@@ -149,6 +153,8 @@ def test_env_file_holds_exactly_the_non_default_settings_mode_0600(tmp_path: Pat
         "VRAM_SUPPLY_OUTPUT_PRICE": "250",
         "VRAM_SUPPLY_NO_REGISTER": "true",
         "VRAM_SUPPLY_GGUF_PUBLISHERS": "bartowski,{org}",
+        "VRAM_SUPPLY_PORT": "8080",
+        "VRAM_SUPPLY_CONTEXT_LENGTH": "8192",
     }
     unit_text = (tmp_path / "units" / "vramsupply.service").read_text()
     for secret in ("sk-live-from-login-1234", 'tok"with\\quotes$and-dollar'):

@@ -213,13 +213,17 @@ def env_value(value: Any) -> str:
 
 
 def non_default_settings(settings: Settings) -> dict[str, str]:
-    """Settings whose effective value differs from the built-in default, as env strings, in Settings order."""
+    """Settings that were set (in the environment, the config file or the env file) or differ from
+    the built-in default, as env strings, in Settings order. A setting set to its default value is
+    written too: set or not changes what the agent does with it (a quant, context length or slot
+    count that was not set is chosen or reduced by the memory plan), and the service would run
+    with another configuration than the shell the install ran in."""
     values = {}
     for name, field in Settings.model_fields.items():
         value = getattr(settings, name)
         if value is None:
             continue
-        if field.default is not None and env_value(value) == env_value(field.default):
+        if name not in settings.model_fields_set and field.default is not None and env_value(value) == env_value(field.default):
             continue
         values[name] = env_value(value)
     return values
