@@ -183,9 +183,15 @@ def gpu_groups() -> tuple[str, ...]:
     return tuple(existing)
 
 
+def interpreter() -> Path:
+    """The Python the service's ``vramsupply`` script runs: the venv's python, resolved (pyenv's
+    and conda's live in a home, often /root, mode 0700)."""
+    return Path(os.path.realpath(sys.executable))
+
+
 def unit_spec(target: ServiceTarget, settings: Settings) -> UnitSpec:
     model_path = Path(settings.model) if settings.model else None
-    readable = (model_path,) if model_path is not None and model_path.is_absolute() else ()
+    readable = ((model_path,) if model_path is not None and model_path.is_absolute() else ()) + (interpreter(),)
     return UnitSpec(
         exec_path=agent_executable(),
         env_file=target.env_file,
@@ -285,9 +291,11 @@ def write_service_files(target: ServiceTarget, spec: UnitSpec, env_text: str, un
     """The env file first: a unit that exists without its settings (an install cut short) would
     start the agent with defaults, unconfigured, the next time systemd reloads."""
     if not target.user_mode:
-        if under_home(spec.exec_path):
-            say(f"warning: the service runs as {SERVICE_USER!r}, which may not be allowed into {spec.exec_path.parent}; "
-                "install system-wide with `sudo sh install.sh` or use --user")
+        for path, what in ((spec.exec_path, "the agent"), (interpreter(), "its Python")):
+            if under_home(path):
+                say(f"warning: the service runs as {SERVICE_USER!r}, which may not be allowed into {path.parent} ({what}); "
+                    "install system-wide with `sudo sh install.sh` (with a Python outside any home: VRAMSUPPLY_PYTHON) or use --user")
+                break
         ensure_service_user(say)
     prepare_writable_dirs(spec, say)
     previous = target.env_file.read_text(encoding="utf-8") if target.env_file.is_file() else None  # read_env_file read it as UTF-8
