@@ -296,3 +296,16 @@ def test_an_env_file_that_cannot_be_written_leaves_no_unit_behind(tmp_path: Path
     assert result.returncode == 1
     assert result.stderr.strip().startswith(f"error: cannot write {env_dir}")
     assert not (units / "vramsupply.service").exists(), "a unit without its settings would start unconfigured"
+
+
+def test_a_python_that_lives_in_a_home_opens_home_read_only_for_the_system_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyenv's and conda's Pythons live in a home (often /root): the venv's python links there, and
+    a service that hid every home could not start its own interpreter."""
+    from vramsupply.config import Settings
+    from vramsupply.service import installer
+
+    target = installer.ServiceTarget(user_mode=False, unit_dir=tmp_path, env_file=tmp_path / "env")
+    monkeypatch.setattr(installer, "interpreter", lambda: Path("/usr/bin/python3.11"))
+    assert "ProtectHome=yes" in render_unit(installer.unit_spec(target, Settings())).splitlines()
+    monkeypatch.setattr(installer, "interpreter", lambda: Path("/root/.pyenv/versions/3.11.7/bin/python3.11"))
+    assert "ProtectHome=read-only" in render_unit(installer.unit_spec(target, Settings())).splitlines()
