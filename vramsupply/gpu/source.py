@@ -168,6 +168,24 @@ def model_source(model: str, quant: str, timeout: float, publishers: Sequence[st
     try:
         return hub_source(model, normalize_quant(quant), timeout, publishers)
     except (HubUnreachable, HubOffline) as exc:
-        raise SourceUnreachable(str(exc)) from None
+        raise SourceUnreachable(_with_cached_copy(str(exc), model)) from None
     except HubError as exc:
         raise SourceError(str(exc)) from None
+
+
+def _with_cached_copy(message: str, model: str) -> str:
+    """Offline, `plan` cannot read the Hub; where a verified cached copy exists, say that serve
+    would use it and which quant it is, so the provider knows serving still works offline."""
+    import os
+
+    from vramsupply.gpu.plan import QUALITY_ORDER
+    from vramsupply.hub.cache import best_cached_quant
+    from vramsupply.hub.store import default_cache_dir
+
+    if not message.startswith("HF_HUB_OFFLINE is set"):
+        return message
+    cache = Path(os.environ["VRAM_SUPPLY_CACHE_DIR"]).expanduser() if os.environ.get("VRAM_SUPPLY_CACHE_DIR") else default_cache_dir()
+    quant = best_cached_quant(cache, model, QUALITY_ORDER)
+    if quant is None:
+        return message
+    return f"{message}; offline, serve --model {model} uses the cached {quant} in {cache} (vramsupply models list shows it)"

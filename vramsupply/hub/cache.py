@@ -1,14 +1,14 @@
 """List and remove the models vramsupply pulled into the shared HuggingFace cache.
 
 Only files recorded in a repo's `vramsupply.json` are touched. A blob that another snapshot
-(huggingface_hub, llama.cpp) still links to stays, and a repo folder is deleted only once
-nothing else is left in it.
+(huggingface_hub, llama.cpp) still links to stays, so does one another tool downloaded before
+vramsupply adopted it (with its snapshot link), and a repo folder is deleted only once nothing
+else is left in it: never with rmtree, which would take other tools' partial downloads too.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -72,9 +72,10 @@ def list_cached(cache_dir: Path, model: str | None = None) -> list[CachedModel]:
 
 
 def best_cached_quant(cache_dir: Path, model: str, order: Sequence[str]) -> str | None:
-    """The best verified quant of ``model`` in the cache, by ``order`` (best first; quants not in
-    it come after): what a plan made offline can still choose among."""
-    quants = {item.quant for item in list_cached(cache_dir, model) if item.status is CacheStatus.verified}
+    """The best quant of ``model`` the cache holds in full, by ``order`` (best first; quants not in
+    it come after): what a plan made offline can still choose among. An unverified one counts: the
+    offline lookup hashes it once against its recorded sha256 (a copied cache has no valid markers)."""
+    quants = {item.quant for item in list_cached(cache_dir, model) if item.status is not CacheStatus.incomplete}
     rank = {quant: i for i, quant in enumerate(order)}
     return min(quants, key=lambda quant: (rank.get(quant, len(rank)), quant), default=None)
 
@@ -105,14 +106,19 @@ def _drop_dangling_refs(repo: RepoCache) -> None:
 def _remove_pull(repo: RepoCache, pull: Pull, kept: list[Pull]) -> None:
     """Unlink the pull's snapshot links and blobs, except those a kept pull or another snapshot uses."""
     kept_links = {(other.revision, file.path) for other in kept for file in other.files}
+    adopted = {file.sha256 for file in pull.files if repo.adopted(file.sha256).exists()}
     for file in pull.files:
-        if (pull.revision, file.path) not in kept_links:
+        if (pull.revision, file.path) not in kept_links and file.sha256 not in adopted:
             link = repo.snapshot_path(pull.revision, file.path)
             link.unlink(missing_ok=True)
             _prune_empty_dirs(link.parent, repo.snapshots)
-    still_used = _linked_blobs(repo) | {file.sha256 for other in kept for file in other.files}
+    kept_blobs = {file.sha256 for other in kept for file in other.files}
+    still_used = _linked_blobs(repo) | kept_blobs
     for file in pull.files:
-        if file.sha256 not in still_used:
+        if file.sha256 in adopted and file.sha256 not in kept_blobs:  # another tool's blob: only our notes go
+            for path in (repo.marker(file.sha256), repo.adopted(file.sha256)):
+                path.unlink(missing_ok=True)
+        elif file.sha256 not in still_used:
             for path in (repo.blob(file.sha256), repo.marker(file.sha256), repo.incomplete(file.sha256)):
                 path.unlink(missing_ok=True)
 
@@ -126,10 +132,22 @@ def _remove_from_repo(repo: RepoCache, model: str | None) -> list[CachedModel]:
         _remove_pull(repo, pull, kept)
     repo.save_pulls(kept)
     _drop_dangling_refs(repo)
-    if not kept and not (repo.snapshots.is_dir() and any(repo.snapshots.iterdir())):
-        shutil.rmtree(repo.folder, ignore_errors=True)
-        shutil.rmtree(repo.locks, ignore_errors=True)
+    if not kept:
+        for lock in {repo.lock(file.sha256) for pull in doomed for file in pull.files}:
+            lock.unlink(missing_ok=True)
+        for folder in (repo.blobs, repo.snapshots, repo.refs, repo.locks):
+            _prune_empty_tree(folder)
+        _prune_empty_dirs(repo.folder, repo.cache_dir)
     return removed
+
+
+def _prune_empty_tree(directory: Path) -> None:
+    """Remove the empty folders under `directory`, and it if then empty; files stay, whoever wrote them."""
+    if not directory.is_dir():
+        return
+    for root, _dirs, _files in os.walk(directory, topdown=False):
+        if not any(Path(root).iterdir()):
+            Path(root).rmdir()
 
 
 def remove_cached(cache_dir: Path, model: str | None) -> list[CachedModel]:

@@ -11,6 +11,10 @@ before the engine loads, from a CLI command or `asyncio.to_thread`), so a blocki
 event loop of its own; and it drops the Authorization header when a redirect leaves the Hub's
 origin (the CDN must never see the token).
 
+The stall deadline counts from the last byte written, not from the end of the attempt that
+timed out, and each new attempt may wait only what is left of it: a server that stops sending is
+given up on after the download timeout, not after twice it.
+
 A server whose file is not the size the Hub lists would otherwise be downloaded again and again
 (each new try counts as progress): a length that disagrees with the listing, a 416 to a resume,
 or a body that ends cleanly twice at the same offset ends the download with a DownloadError.
@@ -68,6 +72,7 @@ class PartialBlob:
         self.expected = expected
         self.digest = hashlib.sha256()
         self.size = 0
+        self.appended_at = time.monotonic()  # when the last byte arrived (or the download began)
         if path.exists():
             if path.stat().st_size > expected.size:
                 path.unlink()
@@ -89,6 +94,7 @@ class PartialBlob:
         fh.write(chunk)
         self.digest.update(chunk)
         self.size += len(chunk)
+        self.appended_at = time.monotonic()
 
     def complete(self, blob: Path, label: str) -> None:
         """Check the sha256 and move the file into place; on mismatch delete it and raise."""
@@ -165,6 +171,7 @@ class BlobDownloader:
                 return
             blob = self.cache.blob(file.sha256)
             if blob.exists() and self._existing_blob_matches(blob, file):
+                self.cache.adopted(file.sha256).touch()  # another tool's file: `models rm` keeps it
                 self.cache.mark_verified(file)
                 return
             self._transfer(file)
@@ -193,8 +200,9 @@ class BlobDownloader:
         delay, ended_at = RETRY_DELAY_MIN, None
         while partial.size < file.size:
             before = partial.size
+            left = max(self.access.timeout - (time.monotonic() - last_progress), 0.1)
             try:
-                self._stream_once(url, partial, task)
+                self._stream_once(url, partial, task, left)
                 if partial.size < file.size:
                     raise _EndedEarly
             except (httpx2.TransportError, _Retry) as exc:
@@ -207,7 +215,7 @@ class BlobDownloader:
                 raise DownloadError(f"download of {self.label(file)} failed: {type(exc).__name__}: {exc}") from None
             now = time.monotonic()
             if partial.size > before:
-                last_progress, delay = now, RETRY_DELAY_MIN
+                last_progress, delay = partial.appended_at, RETRY_DELAY_MIN
             if partial.size >= file.size:
                 break
             stalled = now - last_progress
@@ -221,11 +229,12 @@ class BlobDownloader:
         partial.complete(self.cache.blob(file.sha256), self.label(file))
         task.finish()
 
-    def _stream_once(self, url: str, partial: PartialBlob, task: ProgressTask) -> None:
+    def _stream_once(self, url: str, partial: PartialBlob, task: ProgressTask, timeout: float) -> None:
+        """One GET from the partial file's end; `timeout`: what is left of the stall deadline."""
         headers = self.access.headers()
         if partial.size:
             headers["Range"] = f"bytes={partial.size}-"
-        with self.client.stream("GET", url, headers=headers) as response:
+        with self.client.stream("GET", url, headers=headers, timeout=httpx2.Timeout(timeout)) as response:
             status = response.status_code
             if status in (401, 403):
                 raise HubAuthError(auth_help(self.resolved.repo_id, self.access.endpoint))

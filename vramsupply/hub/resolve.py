@@ -177,12 +177,17 @@ class Resolver:
         self.access = access
         self.publishers = publishers
         self.api: HfApi = access.api()
+        self.unauthorized: set[str] = set()  # repos the Hub called missing with HTTP 401: perhaps private
+
 
     def repo_info(self, repo_id: str) -> ModelInfo | None:
         with hub_errors(repo_id, self.access):
             try:
                 return self._readable(self.api.model_info(repo_id, files_metadata=True, timeout=self.access.timeout), repo_id)
-            except RepositoryNotFoundError:
+            except RepositoryNotFoundError as exc:
+                # The Hub answers 401 RepoNotFound for a private repo asked about without access.
+                if exc.response is not None and exc.response.status_code == 401:
+                    self.unauthorized.add(repo_id)
                 return None
 
     def _readable(self, info: ModelInfo, asked: str) -> ModelInfo:
@@ -202,7 +207,10 @@ class Resolver:
     def resolve(self, model: str, quant: str) -> ResolvedModel:
         repo_id = parse_repo_id(model)
         if self.access.offline:
-            raise HubUnreachable(f"HF_HUB_OFFLINE is set, so {self.access.endpoint} is not asked about {model}")
+            raise HubUnreachable(
+                f"HF_HUB_OFFLINE is set, so {self.access.endpoint} is not asked about {model}: "
+                "unset HF_HUB_OFFLINE and run this command again while online"
+            )
         wanted = normalize_quant(quant)
         if not wanted:
             raise InvalidModelSpec("--quant is empty: name a quantization such as Q4_K_M")
@@ -238,14 +246,20 @@ class Resolver:
 
     def _nothing_found(self, model: str, base_id: str, info: ModelInfo | None) -> str:
         name = base_id.split("/", 1)[1]
+        named = name if name.lower().endswith("-gguf") else f"{name}-GGUF"
         incomplete = incomplete_sets(_paths(info)) if info is not None else []
         if incomplete:
             where = f"{base_id} holds only incomplete split sets ({'; '.join(incomplete[:3])})"
         else:
             where = f"{base_id} holds no .gguf files" if info is not None else f"{model} is not a repository on {self.access.endpoint}"
+            if info is None and parse_repo_id(model) in self.unauthorized:
+                where = (
+                    f"{self.access.endpoint} answered HTTP 401 for {model} (no such repository, or one this request may not see: "
+                    "if it is private or gated, set HF_TOKEN to an access token of an account that can see it)"
+                )
         return (
             f"no GGUF repository found for {model}: {where}, and the Hub lists no GGUF repos tagged "
-            f"{_QUANTIZED_TAG}{base_id} or named {name}-GGUF; pass --model <org>/<gguf-repo> or a path to a local .gguf file"
+            f"{_QUANTIZED_TAG}{base_id} or named {named}; pass --model <org>/<gguf-repo> or a path to a local .gguf file"
         )
 
 

@@ -11,14 +11,20 @@ vramsupply's additions, which those tools ignore:
     blobs/<sha256>.incomplete  a partial download, kept across restarts and resumed with Range
                                (huggingface_hub 2.x writes `<etag>.<random>.incomplete` and deletes it)
     blobs/<sha256>.verified    "this blob hashed to its name": JSON with the blob's size and mtime_ns,
-                               so restarts skip rehashing and a blob rewritten since is hashed again
+                               so restarts skip rehashing and a blob rewritten since is hashed again;
+                               offline, a blob whose marker does not match (a cache copied with
+                               `cp -r` has new mtimes) is hashed once against the record's sha256
+    blobs/<sha256>.adopted     the blob was there before vramsupply pulled it (another tool downloaded
+                               it): `models rm` leaves it and its snapshot link alone
     vramsupply.json            what vramsupply pulled into this repo (model id, quant, commit, files),
                                for offline use, `models list` and `models rm`
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -31,6 +37,9 @@ from vramsupply.hub.quant import normalize_quant
 from vramsupply.hub.resolve import RemoteFile, ResolvedModel
 
 RECORD_NAME = "vramsupply.json"
+HASH_BLOCK = 8 << 20
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -103,6 +112,9 @@ class RepoCache:
     def marker(self, sha256: str) -> Path:
         return self.blobs / f"{sha256}.verified"
 
+    def adopted(self, sha256: str) -> Path:
+        return self.blobs / f"{sha256}.adopted"
+
     def lock(self, sha256: str) -> Path:
         """The lock path huggingface_hub uses for the same blob, so the two never write it at once."""
         return self.locks / f"{sha256}.lock"
@@ -117,6 +129,28 @@ class RepoCache:
         except (OSError, ValueError):
             return False
         return stat.st_size == file.size and marker == {"sha256": file.sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+    def verify_again(self, file: RemoteFile) -> bool:
+        """Verified, or made so by hashing the blob once against the sha256 the record names (the
+        marker is tied to the mtime, which a copied cache loses); a mismatch is left for an online
+        pull to replace. The marker is written where the cache is writable."""
+        if self.is_verified(file):
+            return True
+        blob = self.blob(file.sha256)
+        if not blob.is_file() or blob.stat().st_size != file.size:
+            return False
+        log.info("hashing %s/%s once: its verification marker does not match the file (a copied cache?)", self.repo_id, file.path)
+        digest = hashlib.sha256()
+        with blob.open("rb") as fh:
+            while block := fh.read(HASH_BLOCK):
+                digest.update(block)
+        if digest.hexdigest() != file.sha256:
+            return False
+        try:
+            self.mark_verified(file)
+        except OSError:
+            pass
+        return True
 
     def mark_verified(self, file: RemoteFile) -> None:
         stat = self.blob(file.sha256).stat()
@@ -158,9 +192,11 @@ class RepoCache:
     def forget_pull(self, pull: Pull) -> None:
         self.save_pulls([known for known in self.pulls() if known.key() != pull.key()])
 
-    def is_complete(self, pull: Pull) -> bool:
-        """Every file of the pull is verified and reachable through its snapshot path."""
-        return all(self.is_verified(file) and self.snapshot_path(pull.revision, file.path).exists() for file in pull.files)
+    def is_complete(self, pull: Pull, *, rehash: bool = False) -> bool:
+        """Every file of the pull is verified and reachable through its snapshot path; with
+        `rehash`, a file whose marker does not match is hashed again (`verify_again`)."""
+        verified = self.verify_again if rehash else self.is_verified
+        return all(self.snapshot_path(pull.revision, file.path).exists() and verified(file) for file in pull.files)
 
 
 def cached_repos(cache_dir: Path) -> Iterator[RepoCache]:
@@ -177,6 +213,6 @@ def find_verified_pull(cache_dir: Path, model: str, quant: str) -> tuple[RepoCac
         (repo, pull)
         for repo in cached_repos(cache_dir)
         for pull in repo.pulls()
-        if pull.matches(model) and pull.quant == wanted and repo.is_complete(pull)
+        if pull.matches(model) and pull.quant == wanted and repo.is_complete(pull, rehash=True)
     ]
     return max(found, key=lambda item: item[1].pulled_at, default=None)
