@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,25 +14,19 @@ from huggingface_hub import hf_hub_download
 
 from conftest import run_cli
 from fakehub import FakeHub, FakeRepo, point_hf_at, standard_repos
+from test_hub import HALF
 from test_hub_cli import env_for
 from vramsupply.hub import DownloadError, list_cached, prepare_model
 
-HALF = 5 * 1024 * 1024
 
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    with FakeHub(standard_repos()) as fake:
-        point_hf_at(monkeypatch, fake)
-        yield fake
-
-
-def test_a_download_that_stops_sending_gives_up_after_one_timeout_not_two(hub: FakeHub, tmp_path: Path) -> None:
+def test_a_download_that_stops_sending_gives_up_after_one_timeout_not_two(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The attempt that timed out had received bytes, so the old loop counted its end as progress
     and waited a whole second timeout (on a second request) before giving up."""
-    hub.stall_after["Huge-Q4_K_M.gguf"] = HALF
-    with pytest.raises(DownloadError) as info:
-        prepare_model("bigco/Huge-GGUF", "Q4_K_M", cache_dir=tmp_path / "cache", timeout=1.0)
+    with FakeHub(standard_repos()) as hub:
+        point_hf_at(monkeypatch, hub)
+        hub.stall_after["Huge-Q4_K_M.gguf"] = HALF
+        with pytest.raises(DownloadError) as info:
+            prepare_model("bigco/Huge-GGUF", "Q4_K_M", cache_dir=tmp_path / "cache", timeout=1.0)
 
     assert len(hub.downloads_of("Huge-Q4_K_M.gguf")) == 1, "no second request that waits another timeout"
     stalled = float(re.search(r"stalled: no data for ([0-9.]+) s", str(info.value)).group(1))
