@@ -179,7 +179,6 @@ class Resolver:
         self.api: HfApi = access.api()
         self.unauthorized: set[str] = set()  # repos the Hub called missing with HTTP 401: perhaps private
 
-
     def repo_info(self, repo_id: str) -> ModelInfo | None:
         with hub_errors(repo_id, self.access):
             try:
