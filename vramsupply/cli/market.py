@@ -16,18 +16,7 @@ from rich.text import Text
 from .app import app, console, fail, settings_from
 
 if TYPE_CHECKING:
-    from vramsupply.config import Settings
     from vramsupply.platform.commands import AgentStatus
-
-
-def settings_with_api_key(flags: dict[str, object] | None = None) -> Settings:
-    """The settings of a command that asks the platform about this account; without an API key
-    that is a missing setting (exit 2), said before any call."""
-    from vramsupply.platform.commands import api_key_of
-
-    settings = settings_from(flags or {})
-    api_key_of(settings)
-    return settings
 
 
 @app.command()
@@ -45,7 +34,7 @@ def demand(
     from vramsupply.display import json_text
     from vramsupply.throughput import measured_speeds
 
-    settings = settings_with_api_key({} if output_price is None else {"output_price": output_price})
+    settings = settings_from({} if output_price is None else {"output_price": output_price})  # no key: fetch_demand's MissingSetting
     market = fetch_demand(settings)
     cached = [m.model_id for m in list_cached(settings.cache_dir or default_cache_dir()) if m.status is CacheStatus.verified]
     configured = model_id_of(settings.model) if settings.model else None
@@ -99,7 +88,7 @@ def rails(
     from vramsupply.platform.commands import apply_rails, rails_table, rails_update
 
     update = rails_update(stripe, tempo)  # both off is refused first: it is refused whatever the key
-    current = apply_rails(settings_with_api_key(), update)
+    current = apply_rails(settings_from({}), update)
     console.print(rails_table(current))
 
 

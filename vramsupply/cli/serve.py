@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 import typer
 
-from vramsupply.config import EngineKind, LoadedSettings, Settings, load_settings
-from vramsupply.errors import ConfigError, MissingSetting
+from vramsupply.config import EngineKind, LoadedSettings, load_settings
+from vramsupply.errors import ConfigError
 
 from .app import CACHE_DIR_OPTION, QUANT_OPTION, app
 
@@ -74,23 +74,11 @@ def serve(
     loaded = load_settings(flags)
     if demo:
         refuse_with_demo(loaded, flags)
-    else:
-        require_what_registering_needs(loaded.settings)
     from vramsupply.devplatform.demo import DemoHook
     from vramsupply.serve import run_serve
     from vramsupply.server import loop
 
     loop.run(run_serve(loaded.settings, hook=DemoHook() if demo else None))
-
-
-def require_what_registering_needs(settings: Settings) -> None:
-    """No API key while registering is a missing setting (exit 2, as a missing model or endpoint
-    URL), refused before the data dir is taken or anything downloads. The demo brings its own key."""
-    from vramsupply.platform.session import NO_KEY_TO_REGISTER
-
-    if settings.no_register or (settings.api_key is not None and settings.api_key.get_secret_value()):
-        return
-    raise MissingSetting(NO_KEY_TO_REGISTER)
 
 
 DEMO_SETS = {

@@ -27,7 +27,6 @@ from vramsupply.platform.state import Phase, default_state_path
 from vramsupply.platform.token import resolve_endpoint_token
 
 log = logging.getLogger("vramsupply.platform")
-NO_KEY_TO_REGISTER = "no API key to register with: run `vramsupply login`, set VRAM_SUPPLY_API_KEY, or pass --no-register to serve locally only"
 
 DRAIN_NOTICE_TIMEOUT = 3.0
 """Seconds to wait for the platform to acknowledge that we drain before draining anyway."""
@@ -65,7 +64,7 @@ class MarketplaceSession:
     def prepare(cls, options: MarketOptions, *, state_path: Path | None = None) -> MarketplaceSession:
         """Check what registering needs, before any call; resolve (or create) the endpoint token."""
         if not options.api_key:
-            raise MissingSetting(NO_KEY_TO_REGISTER)
+            raise MissingSetting("no API key to register with: run `vramsupply login`, set VRAM_SUPPLY_API_KEY, or pass --no-register to serve locally only")
         if options.tunnel and options.endpoint_url:
             raise OfferError(f"pass either --endpoint-url or --tunnel, not both: the {options.tunnel} tunnel makes the endpoint URL")
         if not options.tunnel:
