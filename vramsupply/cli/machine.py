@@ -8,8 +8,6 @@ from typing import Optional
 
 import typer
 
-from vramsupply.errors import MissingSetting
-
 from .app import JSON_OPTION, app, console, err_console, settings_from
 
 
@@ -51,8 +49,6 @@ def plan(
     from vramsupply.gpu.planning import plan_for, plan_summary, plan_table
 
     settings = settings_from(flags)
-    if not settings.model:  # a missing setting (exit 2): exit 1 says that nothing fits
-        raise MissingSetting("no model to plan for: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
     explicit = settings.model_fields_set
     result = plan_for(settings, quant_explicit="quant" in explicit, context_explicit="context_length" in explicit, parallel_explicit="parallel" in explicit)
     if as_json:

@@ -19,7 +19,7 @@ from rich.text import Text
 from vramsupply.config import DEFAULT_PARALLEL_RECURRENT
 from vramsupply.config import Settings as AgentSettings
 from vramsupply.engine.trained_context import served_context
-from vramsupply.errors import VramsupplyError
+from vramsupply.errors import MissingSetting, VramsupplyError
 from vramsupply.gpu.devices import Device, build_has_gpu_backend, list_devices
 from vramsupply.gpu.estimate import Settings
 from vramsupply.gpu.options import GpuOptionError, GpuOptions
@@ -69,7 +69,7 @@ def planning_target(settings: AgentSettings, devices: list[Device] | None = None
 
 def source_for(settings: AgentSettings, quant: str | None) -> ModelSource:
     if not settings.model:
-        raise SourceError("no model to plan for: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
+        raise MissingSetting("no model to plan for: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
     return model_source(settings.model, quant or DEFAULT_QUANT, settings.download_timeout, settings.gguf_publishers)
 
 
