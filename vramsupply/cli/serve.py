@@ -1,6 +1,9 @@
 """`vramsupply serve`: every setting as a flag, then the serve lifecycle.
 
-Before the lifecycle starts, ``--demo`` is refused with what it would ignore.
+Before the lifecycle starts, ``--demo`` is refused with a flag it would ignore. The same settings
+from the environment or the config file are there for serving for real (``vramsupply login`` stores
+the API key in that file), not for the demo: it runs anyway and says, in one line, that it ignores
+them.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def serve(
     from vramsupply.serve import run_serve
     from vramsupply.server import loop
 
-    loop.run(run_serve(loaded.settings, hook=DemoHook() if demo else None))
+    warnings = demo_ignores(loaded) if demo else []
+    loop.run(run_serve(loaded.settings, hook=DemoHook() if demo else None, warnings=warnings))
 
 
 DEMO_SETS = {
@@ -87,7 +91,9 @@ DEMO_SETS = {
     "api_key": "the demo's platform makes its own key",
     "endpoint_url": "the demo registers this machine's loopback URL with its own platform",
 }
-"""Flags ``--demo`` replaces: given with it, they would be ignored without a word."""
+"""Settings ``--demo`` replaces: as flags with it they would be ignored without a word, so they are
+refused; set in the environment or the config file they are most likely there for serving for real,
+so the demo runs and says that it ignores them (``demo_ignores``)."""
 
 
 def refuse_with_demo(loaded: LoadedSettings, flags: dict[str, Any]) -> None:
@@ -105,3 +111,23 @@ def refuse_with_demo(loaded: LoadedSettings, flags: dict[str, Any]) -> None:
             f"--demo and engine = {settings.engine.value} (from {sources['engine']}) do not go together: "
             "the demo serves a GGUF with the llama.cpp engine"
         )
+
+
+def demo_ignores(loaded: LoadedSettings) -> list[str]:
+    """The one line ``--demo`` says about the settings it replaces that the environment or the
+    config file sets (no flag gets here: ``refuse_with_demo``), or none."""
+    settings, sources = loaded.settings, loaded.sources
+    ignored = [
+        f"{name} (from {sources[name]})"
+        for name in DEMO_SETS
+        # no_register false is what the demo does; the key `login` stored is for serving for real,
+        # and using another one surprises nobody (every logged-in provider would get the line)
+        if name != "api_key" and getattr(settings, name) not in (None, False) and sources[name] != "default"
+    ]
+    if not ignored:
+        return []
+    named = ", ".join(ignored[:-1]) + " and " + ignored[-1] if len(ignored) > 1 else ignored[0]
+    return [
+        f"--demo ignores {named}: the demo runs a platform of its own on this machine and registers with it; "
+        f"serve without --demo uses {'them' if len(ignored) > 1 else 'it'}"
+    ]

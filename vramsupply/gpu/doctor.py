@@ -34,12 +34,42 @@ def backend_matches_devices(ctx: Context) -> Result:
     gpus = [d for d in ctx.devices if d.is_gpu]
     if ctx.present and not ctx.gpu_backend:
         names = ", ".join(g.label for g in ctx.present)
-        return Result(False, f"GPU present ({names}) but this llama.cpp build is CPU-only", "reinstall: sh install.sh (it builds for the GPU it finds; --dry-run shows the plan)")
+        return Result(False, f"GPU present ({names}) but this llama.cpp build is CPU-only", reinstall_for(ctx.present[0].vendor))
     if ctx.gpu_backend and not gpus:
         return Result(False, "this llama.cpp build has a GPU backend but sees no GPU", "check the driver: nvidia-smi (or rocminfo) must list the GPU")
     if gpus:
         return Result(True, f"GPU build using {', '.join(d.label for d in gpus)}")
-    return Result(True, "CPU build, and no GPU on this machine")
+    return Result(True, f"CPU build; no GPU found ({vendor_tools_asked()})")
+
+
+INSTALLER = "curl -fsSL https://vram.supply/install.sh | sh -s --"
+"""The installer as README gives it: installed that way, there is no install.sh to run (a fix that
+said ``sh install.sh`` assumed a checkout, where that form installs the checkout, not the release)."""
+BACKENDS = {"NVIDIA": "cuda", "AMD": "hip"}
+
+
+def reinstall_for(vendor: str) -> str:
+    """Reinstall for the GPU found; ``--strict`` makes a GPU build that fails again say why
+    instead of installing the CPU build once more."""
+    backend = BACKENDS.get(vendor)
+    options = f"--backend {backend} --strict" if backend else "--strict"
+    return f"reinstall for the GPU: {INSTALLER} {options} (in a checkout: sh install.sh {options}); add --dry-run to see the plan first"
+
+
+VENDOR_TOOLS = (("nvidia-smi", "nvidia-smi -L"), ("rocminfo", "rocminfo"))
+"""What ``devices.gpus_present`` asks: "no GPU" means only that these listed none (an Intel GPU,
+say, is not looked for)."""
+
+
+def vendor_tools_asked() -> str:
+    """What "no GPU found" rests on: the vendor tools that are installed listed none."""
+    asked = [command for tool, command in VENDOR_TOOLS if shutil.which(tool)]
+    absent = [tool for tool, _ in VENDOR_TOOLS if not shutil.which(tool)]
+    if not asked:
+        return f"neither {' nor '.join(absent)} is installed"
+    if not absent:
+        return f"{' and '.join(asked)} list none"
+    return f"{asked[0]} lists none; {absent[0]} is not installed"
 
 
 def _nvidia_versions() -> tuple[str | None, str | None, str | None]:
@@ -73,7 +103,8 @@ def driver_and_cuda_versions(ctx: Context) -> Result:
         return Result(True, f"NVIDIA driver {driver}, CUDA {cuda or 'unknown'}")
     if any(g.vendor == "AMD" for g in ctx.present):
         return Result(True, "AMD ROCm driver answers (rocminfo)")
-    return Result(True, "no GPU driver installed; none is needed for the CPU build")
+    nvidia = "gives no driver version" if shutil.which("nvidia-smi") else "is not installed"
+    return Result(True, f"no NVIDIA driver (nvidia-smi {nvidia}) and no AMD GPU listed (rocminfo); none is needed for the CPU build")
 
 
 @check("decode")

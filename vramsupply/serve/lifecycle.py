@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -55,12 +55,15 @@ NOT_READY = "stopping (the engine is not ready, so no request can be in flight)"
 """A first stop signal before the engine is ready: nothing to finish, so the agent stops at once."""
 
 
-async def run_serve(settings: Settings, *, hook: ServeHook | None = None) -> None:
+async def run_serve(settings: Settings, *, hook: ServeHook | None = None, warnings: Sequence[str] = ()) -> None:
     """Serve until a stop signal, then drain and return; raises a VramsupplyError when it cannot start.
 
-    ``hook`` (``--demo``) runs around serving and acts once the agent is ready.
+    ``hook`` (``--demo``) runs around serving and acts once the agent is ready. ``warnings``: what
+    the CLI has to say about the settings (the ones ``--demo`` ignores), logged once logging is set.
     """
     configure_logging(settings.log_level, [settings.endpoint_token, settings.api_key, settings.upstream_api_key])
+    for warning in warnings:
+        log.warning("%s", warning)
     hold_data_dir()  # one agent per data dir, refused before any download or load (instance_lock.py)
     raise_open_files_limit()  # a connection a buyer: 1,024 is the usual default (host/limits.py)
     notifier = SystemdNotifier()
