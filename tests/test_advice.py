@@ -75,7 +75,7 @@ def test_advice_for_one_model_by_hand() -> None:
         "  market band: low $1.50, median $2.00, high $2.50 (3 online)",
         "  your price: $2.00, 50 % of the way from low to high, at the median",
         "  at your measured 100.0 tok/s (4 slots busy) you would earn $0.51/h at low, $0.68/h at median, $0.86/h at high (95 %, output tokens only)",
-        "  Tempo (MPP): buyers are quoted 2 unit(s)/token = $2.00/M for your $2.00/M (the 5 % fee is inside the price; rounded up to a whole unit); every price from $1.01 to $2.00 is quoted the same",
+        "  Tempo (MPP): buyers are quoted 2 unit(s)/token = $2.00/M for your $2.00/M (the 5 % fee read as inside the price; rounded up to a whole unit); every price from $1.01 to $2.00 is quoted the same",
     ]
     assert advice.as_json()["earned_cents_per_hour"] == {"low": "51.30", "median": "68.40", "high": "85.50"}
     assert advice.as_json()["tempo"] == {"units_per_token": 2, "cents_per_million": 200, "same_units_from": 101, "same_units_to": 200}

@@ -7,8 +7,9 @@ low, median and high. Output tokens only: prompt tokens are paid on top, but how
 the buyers.
 
 On the Tempo rail (MPP) a buyer's 402 challenge quotes one per-token amount in whole base units of
-a 6-decimal stablecoin: 1 unit per token is $1.00 per million (100 ¢/M). The 5 % fee is inside the
-price, as on every rail (buyers pay the provider's price, the provider earns 95 % of it), and the
+a 6-decimal stablecoin: 1 unit per token is $1.00 per million (100 ¢/M). The 5 % fee is read as inside
+the price, on every rail (buyers pay the provider's price, the provider earns 95 % of it; the docs
+also call the fee a markup, which would raise the quote: docs/platform-api.md), and the
 quote is rounded up to a whole unit: a price of 200 ¢/M is quoted as 2 units, 250 ¢/M as 3, and
 every price from 201 to 300 ¢/M as the same 3 units. (The reference platform's receipts charge a
 request's tokens at the provider's prices, rounded up once a request: README, Earnings.)
@@ -239,7 +240,7 @@ def advice_lines(advice: Advice) -> list[str]:
     units, same_from, same_to = advice.tempo
     lines.append(
         f"  Tempo (MPP): buyers are quoted {units} unit(s)/token = {_dollars(units * CENTS_PER_MILLION_PER_UNIT)}/M for your "
-        f"{_dollars(advice.price)}/M (the 5 % fee is inside the price; rounded up to a whole unit); every price from "
+        f"{_dollars(advice.price)}/M (the 5 % fee read as inside the price; rounded up to a whole unit); every price from "
         f"{_dollars(same_from)} to {_dollars(same_to)} is quoted the same"
     )
     return lines
