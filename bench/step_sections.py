@@ -42,7 +42,7 @@ import llama_cpp
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from vramsupply.engine import admission, outbox, pacing, rows, sampling, scheduler  # noqa: E402
+from vramsupply.engine import admission, outbox, pacing, rows, sampling, scheduler, step  # noqa: E402
 from vramsupply.engine.engine import Engine  # noqa: E402
 from vramsupply.engine.types import EngineOptions, GenerationRequest, SamplingParams  # noqa: E402
 from vramsupply.server import loop  # noqa: E402
@@ -52,9 +52,9 @@ BATCHED_BENCH = REPO / "bench" / ".cache" / "llama_cpp_python-0.3.36" / "vendor"
 """Built by bench/build_anchors.sh from the llama.cpp commit the project's llama-cpp-python vendors."""
 SECTIONS = [
     (scheduler.Scheduler, "_drain_inbox"), (admission.Admission, "admit"), (scheduler.Scheduler, "_take_sampled"),
-    (pacing.PrefillPacer, "plan"), (scheduler.Scheduler, "_fill_batch"), (rows.RowSampler, "sample"),
+    (pacing.PrefillPacer, "plan"), (step.StepRunner, "_fill_batch"), (rows.RowSampler, "sample"),
     (sampling.StepWinners, "_take"), (outbox.Outbox, "token"), (pacing.PrefillPacer, "observe"),
-    (scheduler.Scheduler, "_make_checkpoints"), (outbox.Outbox, "flush"),
+    (step.StepRunner, "_make_checkpoints"), (outbox.Outbox, "flush"),
 ]
 """What ``_serve_once`` does around the decode; ``_take`` (the step's argmax) and ``token`` (text
 and events, ``outbox.py``) run inside ``sample``."""

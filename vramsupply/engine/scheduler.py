@@ -13,7 +13,7 @@ Modelled on llama-server's ``update_slots``. Each step:
    chooses (it releases the GIL; when the shared KV cache is full, roll the part back and pause a
    request instead: ``preempt.py``), sample every slot that has a logits row with its own sampler chain
    (``rows.py``; a grammar request's token is sampled on a worker thread and joins a later step,
-   ``offthread.py``), and turn tokens into text deltas;
+   ``offthread.py``), and turn tokens into text deltas (2 and 3: ``step.py``);
 4. hand the step's events to each consumer event loop with a single ``call_soon_threadsafe``, at
    most once per ``stream_interval`` mid-answer (``outbox.py``, ``cadence.py``).
 
@@ -27,28 +27,25 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 
 import llama_cpp
 from llama_cpp._internals import LlamaContext
 
 from .admission import Admission
-from .batch import Batch
 from .cadence import DEFAULT_INTERVAL_S, Cadence
-from .checkpoints import save_checkpoint
 from .counters import Counters
-from .liveness import DEFAULT_STALL_TIMEOUT, DecodesFailing, Liveness, decode_status
-from .pacing import PrefillPacer, decode_parts, rewinds_for_tiles
+from .liveness import DEFAULT_STALL_TIMEOUT, DecodesFailing, Liveness
+from .pacing import PrefillPacer, rewinds_for_tiles
 from .generation import Event, Finish, post
 from .inbox import STOP, Cancel, Inbox, Message, Submit
 from .model import Model
 from .outbox import Outbox
-from .rows import RowSampler
 from .preempt import KvPressure
 from .priority import lower_compute_priority
 from .prompt_cache import HostPromptCache
-from .slots import Plan, Slot, Task
+from .slots import Slot, Task
+from .step import StepRunner
 from .thread_tuner import StepThreads, ThreadTuner
 from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded
 from .warmup import WarmUpOnThread
@@ -82,11 +79,7 @@ class Scheduler:
         self._model = model
         self._ctx = context.ctx
         self._memory = context.memory
-        self._max_draft = max_draft
-        self._apart = apart
-        """Whether a step whose rows reach a tile decodes streams' and prompt rows apart (``model.tiled_cpu_attention``)."""
         self._slots = [Slot(seq_id, n_ctx, max_draft) for seq_id in range(parallel)]
-        self._batch = Batch(n_batch)
         self._capacity = parallel + max_queue
         self._inbox = Inbox()
         self._waiting: deque[Task] = deque()
@@ -100,12 +93,12 @@ class Scheduler:
         # Padding a prompt to a whole tile pays only where attention skips KV in tiles (the CPU's).
         self._pacer = PrefillPacer(llama_cpp.llama_n_ubatch(self._ctx), rewinds=apart and rewinds_for_tiles(model, kv_per_slot))
         self._prompt_cache = self._host_prompt_cache(cache_ram, parallel) if cache_ram > 0 else None
-        self._rows = RowSampler(self._ctx, self._memory, self._batch, model.n_vocab, self._counters)
         self._kv = KvPressure(self._ctx, self._memory, self._counters, self._prompt_cache, len(self._slots))
         self._out = Outbox(self._ctx, model, self._counters, self._kv, self._cadence, self._slots, self._waiting)
         self._admission = self._new_admission(kv_per_slot)
-        self._offthread = self._rows.offthread
         self._threads = StepThreads(self._ctx, tuner, self._counters)
+        self._steps = self._new_steps(n_batch, max_draft, apart)
+        self._offthread = self._steps.offthread
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
         self._warm_up = WarmUpOnThread(context, model.vocab)
 
@@ -123,6 +116,12 @@ class Scheduler:
             lends=copies and not kv_per_slot,
             window=llama_cpp.llama_model_n_swa(self._model.llama_model.model) if copies else None,
             whole=not copies, checkpoints=not copies,
+        )
+
+    def _new_steps(self, n_batch: int, max_draft: int, apart: bool) -> StepRunner:
+        return StepRunner(
+            self._ctx, self._memory, self._slots, self._waiting, self._pacer, self._threads, self._kv, self._out, self._liveness, self._counters,
+            n_batch=n_batch, n_vocab=self._model.n_vocab, max_draft=max_draft, apart=apart,
         )
 
     def start(self) -> None:
@@ -269,7 +268,7 @@ class Scheduler:
             return False
         self._admission.admit()
         self._take_sampled()
-        if self._active() and not self._step() and self._await_offthread():
+        if self._active() and not self._steps.run() and self._await_offthread():
             self._liveness.progressed()  # a grammar token: no decode, yet the requests moved on
         self._out.flush()
         return True
@@ -316,94 +315,3 @@ class Scheduler:
 
     def _active(self) -> list[Slot]:
         return [slot for slot in self._slots if slot.task is not None]
-
-    def _fill_batch(self, plan: Plan, alone: bool) -> list[Slot]:
-        """Write the planned rows in sequence-id order: llama.cpp groups only consecutive sequence
-        ids into one forward pass, so rows in any other order split the step into more passes.
-        ``alone``: the step's only slot, nobody waiting (a slot may then add a draft)."""
-        batch = self._batch
-        batch.clear()
-        plan = sorted(plan, key=lambda item: item[0].seq_id)
-        for slot, chunk in plan:
-            if chunk is None:
-                token = slot.next_token
-                slot.row = batch.add(token, slot.n_cached, slot.seq_id)
-                slot.record_one(token)
-                slot.next_token = None
-                if alone and self._max_draft and not slot.backend_sampled:
-                    self._rows.add_draft(slot, batch)
-            else:
-                # A resumed request already has its next token (``resume_token``): no logits.
-                sample = slot.n_cached + len(chunk) == len(slot.prompt) and slot.resume_token is None
-                row = batch.add_chunk(chunk, slot.n_cached, slot.seq_id, logits_for_last=sample)
-                slot.record(chunk)
-                slot.row = row if sample else -1
-        return [slot for slot, _ in plan]
-
-    def _step(self) -> bool:
-        """One step of every slot with a row to add, in one ``llama_decode`` or two (``decode_parts``);
-        False when none has (all await a token). ``_decode`` tells ``liveness`` how each went: a
-        step counts as failed only when none of its decodes succeeded."""
-        plan = self._pacer.plan(self._slots, self._batch.capacity, self._memory)
-        if not plan:
-            return False
-        work = self._pacer.step_work(plan)
-        alone = len(plan) == 1 and not self._waiting
-        threads = self._threads.before(work.prompt_tokens > 0)
-        started = time.perf_counter()
-        rows, decoding = 0, 0.0
-        for part in decode_parts(plan) if self._apart else [plan]:
-            seconds = self._decode(part, alone)
-            if seconds is None:  # rolled back for KV room, or failed: the step is not learned from
-                if rows:  # an earlier part decoded: the step is no failed one
-                    self._liveness.decoded()
-                return True
-            rows, decoding = rows + self._batch.size, decoding + seconds
-        self._pacer.observe(work, time.perf_counter() - started)
-        self._threads.after(threads, work, rows, decoding)
-        return True
-
-    def _decode(self, part: Plan, alone: bool) -> float | None:
-        """Decode ``part`` of a step and sample its rows; the ``llama_decode`` call's seconds, or None
-        when it was rolled back (no KV room: ``preempt.py``) or failed."""
-        in_batch = self._fill_batch(part, alone)
-        started = time.perf_counter()
-        status = llama_cpp.llama_decode(self._ctx, self._batch.for_decode())
-        seconds = time.perf_counter() - started
-        if status == 1 and self._kv.relieve(part, self._slots, self._waiting):
-            self._liveness.progressed()
-            return None  # no KV room: rolled back and made some; the next step runs it again
-        if status != 0:
-            self._decode_failed(in_batch, status)
-            return None
-        self._liveness.decoded()
-        self._rows.new_step()
-        generated = 0
-        for slot in in_batch:
-            if slot.row >= 0:
-                generated += self._rows.sample(slot, self._out.token)
-            elif slot.resume_token is not None and not slot.prefilling:  # resumed: carry on generating
-                slot.next_token, slot.resume_token = slot.resume_token, None
-        prefilled = sum(len(chunk) for _, chunk in part if chunk is not None)
-        self._counters.add(prefill_tokens_total=prefilled, completion_tokens_total=generated)
-        self._make_checkpoints(in_batch)
-        return seconds
-
-    def _make_checkpoints(self, in_batch: list[Slot]) -> None:
-        """Slots whose prompt reached its checkpoint in this step (``checkpoints.py``)."""
-        for slot in in_batch:
-            if slot.n_cached in slot.checkpoints_due:
-                slot.checkpoints_due.remove(slot.n_cached)
-                checkpoint = save_checkpoint(self._ctx, slot.seq_id, slot.cached[: slot.n_cached])
-                slot.checkpoints += [checkpoint] if checkpoint is not None else []
-                self._counters.add(checkpoints_total=int(checkpoint is not None))
-
-    def _decode_failed(self, slots: list[Slot], status: int) -> None:
-        """End the batch's requests; raises ``DecodesFailing`` once too many steps in a row failed."""
-        log.error("llama_decode failed with %s; failing the %d requests in the batch", decode_status(status), len(slots))
-        for slot in slots:
-            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-            slot.forget()
-            error = EngineError(f"llama.cpp failed to decode this request ({decode_status(status)})")
-            self._out.end_slot(slot, Finish(None, slot.usage(), error))
-        self._liveness.decode_failed(status)

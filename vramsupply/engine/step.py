@@ -1,0 +1,159 @@
+"""One decode step of the running requests: its rows written, decoded, and sampled.
+
+Apart from ``scheduler.py`` because the scheduler decides *whether* a step runs (the inbox,
+admission, tokens that arrive from the grammar worker), while this module is what a step does
+once ``pacing.py`` has planned its rows:
+
+- the rows are written in sequence-id order (``_fill_batch``), one ``llama_decode`` per part
+  (two when the generating rows and the prompt rows together reach a flash-attention tile,
+  ``pacing.decode_parts``), with the CPU threads ``thread_tuner.py`` chooses;
+- a part llama.cpp has no KV room for is rolled back and a request paused (``preempt.py``); a
+  part that fails ends its requests, and too many failed steps in a row end the engine
+  (``liveness.py``);
+- every slot with a logits row is sampled (``rows.py``) and a prompt that reached its
+  checkpoint gets one (``checkpoints.py``); the step's time teaches the pacer and the thread tuner.
+
+Everything here runs on the scheduler thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import llama_cpp
+
+from .batch import Batch
+from .checkpoints import save_checkpoint
+from .counters import Counters
+from .generation import Finish
+from .liveness import Liveness, decode_status
+from .outbox import Outbox
+from .pacing import PrefillPacer, decode_parts
+from .preempt import KvPressure
+from .rows import RowSampler
+from .slots import Plan, Slot, Task
+from .thread_tuner import StepThreads
+from .types import EngineError
+
+log = logging.getLogger(__name__)
+
+
+class StepRunner:
+    """Runs the scheduler's steps over the slots it shares with the scheduler and admission; owns
+    the step's ``Batch`` and the sampler of its rows."""
+
+    def __init__(
+        self, ctx: llama_cpp.llama_context_p, memory: llama_cpp.llama_memory_t, slots: list[Slot], waiting: deque[Task],
+        pacer: PrefillPacer, threads: StepThreads, kv: KvPressure, out: Outbox, liveness: Liveness, counters: Counters,
+        *, n_batch: int, n_vocab: int, max_draft: int, apart: bool,
+    ) -> None:
+        self._ctx = ctx
+        self._memory = memory
+        self._slots = slots
+        self._waiting = waiting
+        self._batch = Batch(n_batch)
+        self._pacer = pacer
+        self._threads = threads
+        self._rows = RowSampler(ctx, memory, self._batch, n_vocab, counters)
+        self.offthread = self._rows.offthread
+        """The grammar worker, whose tokens the scheduler takes between steps (``offthread.py``)."""
+        self._kv = kv
+        self._out = out
+        self._liveness = liveness
+        self._counters = counters
+        self._max_draft = max_draft
+        self._apart = apart
+        """Whether a step whose rows reach a tile decodes streams' and prompt rows apart (``model.tiled_cpu_attention``)."""
+
+    def run(self) -> bool:
+        """One step of every slot with a row to add, in one ``llama_decode`` or two (``decode_parts``);
+        False when none has (all await a token). ``_decode`` tells ``liveness`` how each went: a
+        step counts as failed only when none of its decodes succeeded."""
+        plan = self._pacer.plan(self._slots, self._batch.capacity, self._memory)
+        if not plan:
+            return False
+        work = self._pacer.step_work(plan)
+        alone = len(plan) == 1 and not self._waiting
+        threads = self._threads.before(work.prompt_tokens > 0)
+        started = time.perf_counter()
+        rows, decoding = 0, 0.0
+        for part in decode_parts(plan) if self._apart else [plan]:
+            seconds = self._decode(part, alone)
+            if seconds is None:  # rolled back for KV room, or failed: the step is not learned from
+                if rows:  # an earlier part decoded: the step is no failed one
+                    self._liveness.decoded()
+                return True
+            rows, decoding = rows + self._batch.size, decoding + seconds
+        self._pacer.observe(work, time.perf_counter() - started)
+        self._threads.after(threads, work, rows, decoding)
+        return True
+
+    def _fill_batch(self, plan: Plan, alone: bool) -> list[Slot]:
+        """Write the planned rows in sequence-id order: llama.cpp groups only consecutive sequence
+        ids into one forward pass, so rows in any other order split the step into more passes.
+        ``alone``: the step's only slot, nobody waiting (a slot may then add a draft)."""
+        batch = self._batch
+        batch.clear()
+        plan = sorted(plan, key=lambda item: item[0].seq_id)
+        for slot, chunk in plan:
+            if chunk is None:
+                token = slot.next_token
+                slot.row = batch.add(token, slot.n_cached, slot.seq_id)
+                slot.record_one(token)
+                slot.next_token = None
+                if alone and self._max_draft and not slot.backend_sampled:
+                    self._rows.add_draft(slot, batch)
+            else:
+                # A resumed request already has its next token (``resume_token``): no logits.
+                sample = slot.n_cached + len(chunk) == len(slot.prompt) and slot.resume_token is None
+                row = batch.add_chunk(chunk, slot.n_cached, slot.seq_id, logits_for_last=sample)
+                slot.record(chunk)
+                slot.row = row if sample else -1
+        return [slot for slot, _ in plan]
+
+    def _decode(self, part: Plan, alone: bool) -> float | None:
+        """Decode ``part`` of a step and sample its rows; the ``llama_decode`` call's seconds, or None
+        when it was rolled back (no KV room: ``preempt.py``) or failed."""
+        in_batch = self._fill_batch(part, alone)
+        started = time.perf_counter()
+        status = llama_cpp.llama_decode(self._ctx, self._batch.for_decode())
+        seconds = time.perf_counter() - started
+        if status == 1 and self._kv.relieve(part, self._slots, self._waiting):
+            self._liveness.progressed()
+            return None  # no KV room: rolled back and made some; the next step runs it again
+        if status != 0:
+            self._decode_failed(in_batch, status)
+            return None
+        self._liveness.decoded()
+        self._rows.new_step()
+        generated = 0
+        for slot in in_batch:
+            if slot.row >= 0:
+                generated += self._rows.sample(slot, self._out.token)
+            elif slot.resume_token is not None and not slot.prefilling:  # resumed: carry on generating
+                slot.next_token, slot.resume_token = slot.resume_token, None
+        prefilled = sum(len(chunk) for _, chunk in part if chunk is not None)
+        self._counters.add(prefill_tokens_total=prefilled, completion_tokens_total=generated)
+        self._make_checkpoints(in_batch)
+        return seconds
+
+    def _make_checkpoints(self, in_batch: list[Slot]) -> None:
+        """Slots whose prompt reached its checkpoint in this step (``checkpoints.py``)."""
+        for slot in in_batch:
+            if slot.n_cached in slot.checkpoints_due:
+                slot.checkpoints_due.remove(slot.n_cached)
+                checkpoint = save_checkpoint(self._ctx, slot.seq_id, slot.cached[: slot.n_cached])
+                slot.checkpoints += [checkpoint] if checkpoint is not None else []
+                self._counters.add(checkpoints_total=int(checkpoint is not None))
+
+    def _decode_failed(self, slots: list[Slot], status: int) -> None:
+        """End the batch's requests; raises ``DecodesFailing`` once too many steps in a row failed."""
+        log.error("llama_decode failed with %s; failing the %d requests in the batch", decode_status(status), len(slots))
+        for slot in slots:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            slot.forget()
+            error = EngineError(f"llama.cpp failed to decode this request ({decode_status(status)})")
+            self._out.end_slot(slot, Finish(None, slot.usage(), error))
+        self._liveness.decode_failed(status)
