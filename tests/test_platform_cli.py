@@ -257,6 +257,19 @@ def test_a_validation_error_of_an_odd_shape_is_still_one_line(detail: list[dict[
     assert len(result.stderr.strip().splitlines()) == 1 and "?: x" in result.stderr
 
 
+@pytest.mark.parametrize("status", [404, 405])
+def test_rails_on_a_platform_that_cannot_show_them_says_how_to_change_them(status: int) -> None:
+    """Only PATCH is in the public docs; GET is the reference platform's own."""
+    with OneAnswerPlatform(status, b'{"detail": "Method Not Allowed"}') as platform:
+        result = run_cli("rails", env={"VRAM_SUPPLY_PLATFORM_URL": platform.url, "VRAM_SUPPLY_API_KEY": API_KEY})
+
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == (
+        f"error: this platform does not show the payment rails (GET /v1/settings/provider/rails answered {status}; only changing them "
+        "is documented): change one with `vramsupply rails --stripe/--no-stripe` or `--tempo/--no-tempo`, whose answer shows both"
+    )
+
+
 def write_raw_state(**fields: object) -> None:
     """A registration.json as an agent writes it, with ``fields`` changed (by a disk error, a hand edit)."""
     state = {"phase": "registered", "platform_url": "https://vram.supply", "model": "m", "endpoint_url": "https://gpu.example.com",

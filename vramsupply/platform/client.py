@@ -161,7 +161,17 @@ class PlatformClient:
         return await self._call("GET", api.DEMAND_PATH, api.DemandResponse)
 
     async def rails(self) -> api.Rails:
-        return await self._call("GET", api.RAILS_PATH, api.Rails)
+        """The account's rails. Only PATCH is in the public docs (reading them with GET is the
+        reference platform's): a platform without it is said to be so, with the way that works."""
+        try:
+            return await self._call("GET", api.RAILS_PATH, api.Rails)
+        except RequestRejected as exc:
+            if exc.status not in (404, 405, 501):
+                raise
+            raise PlatformError(
+                f"this platform does not show the payment rails (GET {api.RAILS_PATH} answered {exc.status}; only changing them is "
+                "documented): change one with `vramsupply rails --stripe/--no-stripe` or `--tempo/--no-tempo`, whose answer shows both"
+            ) from None
 
     async def set_rails(self, update: api.RailsUpdate) -> api.Rails:
         return await self._call("PATCH", api.RAILS_PATH, api.Rails, update)
