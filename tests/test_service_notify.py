@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vramsupply.service import SystemdNotifier
+from vramsupply.config import EngineKind, Settings
+from vramsupply.service import SystemdNotifier, notify
 from vramsupply.service.notify import watchdog_interval
 
 
@@ -108,3 +109,82 @@ async def test_watchdog_pings_from_the_event_loop_and_stops_when_the_loop_hangs(
 async def test_no_watchdog_task_without_watchdog_usec(notify_socket: tuple[socket.socket, str]) -> None:
     _, path = notify_socket
     assert SystemdNotifier({"NOTIFY_SOCKET": path}).start_watchdog() is None
+
+
+# A first download may outlast TimeoutStartSec: while data moves, systemd is given more time
+
+
+def extensions(sock: socket.socket) -> list[str]:
+    return [m for m in received(sock) if m.startswith("EXTEND_TIMEOUT_USEC=")]
+
+
+def test_each_check_at_which_data_moved_extends_the_start_and_a_stall_does_not(
+    notify_socket: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock, path = notify_socket
+    monkeypatch.setattr(notify, "PROGRESS_CHECK_SECONDS", 0.001)
+    mib = 1 << 20
+    # bytes so far at each check: 3 MiB, then 1 kiB (a stall), then 1 MiB, then nothing (no /proc)
+    readings = iter([0, 3 * mib, 3 * mib + 1024, 4 * mib + 1024, None, None])
+    done = asyncio.Event()
+
+    def moved() -> int | None:
+        try:
+            return next(readings)
+        except StopIteration:
+            done.set()
+            return None
+
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": path})
+
+    async def run() -> None:
+        extending = asyncio.ensure_future(notifier.extend_start_while_moving(moved))
+        await done.wait()
+        extending.cancel()
+
+    asyncio.run(run())
+    notifier.close()
+    assert extensions(sock) == ["EXTEND_TIMEOUT_USEC=600000000"] * 2
+
+
+def test_preparing_the_model_while_it_downloads_keeps_extending_the_start(
+    notify_socket: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The serve lifecycle's preparation, with a backend whose download writes 4 MiB at a time."""
+    from vramsupply.serve.lifecycle import prepare
+    from vramsupply.signals import StopSignals
+
+    sock, path = notify_socket
+    monkeypatch.setattr(notify, "PROGRESS_CHECK_SECONDS", 0.05)
+
+    class Downloading:
+        kind = EngineKind.llama_cpp.value
+
+        async def prepare(self) -> str:
+            with open(tmp_path / "model.gguf", "wb") as fh:
+                for _ in range(4):
+                    await asyncio.sleep(0.06)
+                    fh.write(os.urandom(4 << 20))
+                    fh.flush()
+            return "the model"
+
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": path})
+
+    async def run() -> object:
+        return await prepare(Settings(model="m.gguf"), Downloading(), notifier, StopSignals())
+
+    assert asyncio.run(run()) == "the model"
+    notifier.close()
+    messages = received(sock)
+    assert messages[0] == "STATUS=preparing m.gguf (downloading it unless cached)"
+    assert "EXTEND_TIMEOUT_USEC=600000000" in messages
+
+
+def test_io_bytes_reads_what_the_kernel_counts(tmp_path: Path) -> None:
+    io = tmp_path / "io"
+    io.write_text("rchar: 1000\nwchar: 24\nsyscr: 3\n")
+    assert notify.io_bytes(str(io)) == 1024
+    assert notify.io_bytes(str(tmp_path / "absent")) is None
+    io.write_text("rchar: many\n")
+    assert notify.io_bytes(str(io)) is None
+    assert notify.io_bytes() is not None  # Linux counts this process's own

@@ -100,11 +100,7 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, sto
     for warning in start_warnings(settings) if hook is None else ():  # works, but may not do what was meant
         log.warning("%s", warning)
     stop.first_stop = NOT_READY
-    if backend.kind == EngineKind.llama_cpp.value:
-        notifier.status(f"preparing {settings.model} (downloading it unless cached)")
-    else:
-        notifier.status(f"preparing the {backend.kind} engine")
-    model = await stop.until(asyncio.ensure_future(backend.prepare()))
+    model = await prepare(settings, backend, notifier, stop)
     if model is None:
         log.info("stopped before the model was ready (an interrupted download resumes on the next start)")
         return
@@ -136,6 +132,20 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, sto
         await stop_serving(settings, notifier, server, backend, market, provider, engine_failed=watch.failure is not None)
     if watch.failure is not None:
         raise EngineFailed(watch.failure)
+
+
+async def prepare(settings: Settings, backend: Backend, notifier: SystemdNotifier, stop: StopSignals) -> ModelIdentity | None:
+    """The model, found or downloaded (None: stopped first), while systemd is told it is under way
+    and, as long as data moves, given more time than ``TimeoutStartSec`` for a long download."""
+    if backend.kind == EngineKind.llama_cpp.value:
+        notifier.status(f"preparing {settings.model} (downloading it unless cached)")
+    else:
+        notifier.status(f"preparing the {backend.kind} engine")
+    extending = asyncio.ensure_future(notifier.extend_start_while_moving())
+    try:
+        return await stop.until(asyncio.ensure_future(backend.prepare()))
+    finally:
+        extending.cancel()
 
 
 async def report_while_serving(

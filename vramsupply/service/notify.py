@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,27 @@ def watchdog_interval(environ: Mapping[str, str]) -> float | None:
     if pid and pid != str(os.getpid()):
         return None
     return int(usec) / 2 / 1_000_000
+
+
+START_EXTENSION_SECONDS = 600.0
+"""How much longer the start may take from each check at which the model's preparation moved data."""
+PROGRESS_CHECK_SECONDS = 60.0
+PROGRESS_MIN_BYTES = 1 << 20
+"""Less than this in a minute (17 kB/s) is no download that will end within a start's time."""
+
+
+def io_bytes(path: str = "/proc/self/io") -> int | None:
+    """Bytes this process has read and written so far, sockets included (a download's bytes arrive
+    and are written; a file being verified is read), or None where the kernel does not say."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    try:
+        return int(fields["rchar"]) + int(fields["wchar"])
+    except (KeyError, ValueError):
+        return None
 
 
 def one_line(text: str) -> str:
@@ -83,6 +105,22 @@ class SystemdNotifier:
 
     def status(self, text: str) -> None:
         self.notify(f"STATUS={one_line(text)}")
+
+    async def extend_start_while_moving(self, moved: Callable[[], int | None] = io_bytes) -> None:
+        """While the model is prepared: a first download may outlast the unit's ``TimeoutStartSec``
+        (30 minutes: 20 GB at 10 MB/s), and being killed there only to resume after a restart
+        shows the service as failed. So each ``interval`` in which this process moved data
+        (``moved``: bytes so far) extends the start by ``extension`` from then (``EXTEND_TIMEOUT_USEC``,
+        which never shortens systemd's deadline); a stalled download gets no more time than it had."""
+        if self._address is None:
+            return
+        last = moved()
+        while True:
+            await asyncio.sleep(PROGRESS_CHECK_SECONDS)
+            now = moved()
+            if now is not None and last is not None and now - last >= PROGRESS_MIN_BYTES:
+                self.notify(f"EXTEND_TIMEOUT_USEC={round(START_EXTENSION_SECONDS * 1_000_000)}")
+            last = now
 
     def stopping(self, status: str | None = None) -> None:
         self.notify("STOPPING=1", *([f"STATUS={one_line(status)}"] if status else []))
