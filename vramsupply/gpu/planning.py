@@ -70,7 +70,7 @@ def planning_target(settings: AgentSettings, devices: list[Device] | None = None
 def source_for(settings: AgentSettings, quant: str | None) -> ModelSource:
     if not settings.model:
         raise MissingSetting("no model to plan for: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
-    return model_source(settings.model, quant or DEFAULT_QUANT, settings.download_timeout, settings.gguf_publishers)
+    return model_source(settings.model, quant or DEFAULT_QUANT, settings.download_timeout, settings.gguf_publishers, settings.cache_dir)
 
 
 def plan_for(settings: AgentSettings, *, quant_explicit: bool, context_explicit: bool = True, parallel_explicit: bool = True, target: Target | None = None) -> Plan:

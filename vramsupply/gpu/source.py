@@ -161,30 +161,32 @@ def _shape(header: GgufHeader, file_bytes: int, label: str) -> ModelShape:
         raise SourceError(f"{label}: {exc}") from None
 
 
-def model_source(model: str, quant: str, timeout: float, publishers: Sequence[str]) -> ModelSource:
-    """A local path or a Hub id, as `serve --model` takes it; Hub calls time out after ``timeout`` s."""
+def model_source(model: str, quant: str, timeout: float, publishers: Sequence[str], cache_dir: Path | None = None) -> ModelSource:
+    """A local path or a Hub id, as `serve --model` takes it; Hub calls time out after ``timeout`` s.
+    ``cache_dir`` is the cache_dir setting (None: the shared HF cache), where an offline plan looks
+    for a copy serve could use."""
     if is_local_path(model):
         return local_source(model)
     try:
         return hub_source(model, normalize_quant(quant), timeout, publishers)
     except (HubUnreachable, HubOffline) as exc:
-        raise SourceUnreachable(_with_cached_copy(str(exc), model)) from None
+        raise SourceUnreachable(_with_cached_copy(str(exc), model, cache_dir)) from None
     except HubError as exc:
         raise SourceError(str(exc)) from None
 
 
-def _with_cached_copy(message: str, model: str) -> str:
+def _with_cached_copy(message: str, model: str, cache_dir: Path | None) -> str:
     """Offline, `plan` cannot read the Hub; where a verified cached copy exists, say that serve
-    would use it and which quant it is, so the provider knows serving still works offline."""
-    import os
-
+    would use it and which quant it is, so the provider knows serving still works offline. The
+    cache is the one serve reads: the cache_dir setting (flag, environment or config file), as
+    given by the caller; the environment alone would miss a config file's."""
     from vramsupply.gpu.plan import QUALITY_ORDER
     from vramsupply.hub.cache import best_cached_quant
     from vramsupply.hub.store import default_cache_dir
 
     if not message.startswith("HF_HUB_OFFLINE is set"):
         return message
-    cache = Path(os.environ["VRAM_SUPPLY_CACHE_DIR"]).expanduser() if os.environ.get("VRAM_SUPPLY_CACHE_DIR") else default_cache_dir()
+    cache = cache_dir or default_cache_dir()
     quant = best_cached_quant(cache, model, QUALITY_ORDER)
     if quant is None:
         return message

@@ -6,6 +6,7 @@ its HTTP stack (12 MB of resident memory, for a feature the process does not use
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,14 @@ from vramsupply.hub.errors import InvalidModelSpec
 from vramsupply.hub.quant import parse_gguf_path
 
 if TYPE_CHECKING:
+    from vramsupply.hub.identity import HubIdentity
     from vramsupply.hub.resolve import ResolvedModel
     from vramsupply.hub.store import Pull, RepoCache
 
 GGUF_MAGIC = b"GGUF"
+CACHED_REPO_PREFIX = "models--"  # a repo's folder in a Hub cache (store.py)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,8 @@ class LocalModel:
     """A model ready to load. `path` is the first part; `size` counts all parts.
 
     `model_id` is the marketplace identity (lowercased `org/model`, or a local file's stem);
-    `repo_id`, `revision`, `filename` and `sha256` say which Hub file it is (None for local files).
+    `repo_id`, `revision`, `filename` and `sha256` say which Hub file it is (None for a local file
+    outside a Hub cache; `sha256` also where nothing verified the file).
     """
 
     path: Path
@@ -71,22 +77,39 @@ def local_model_id(path: Path) -> str:
 
 
 def model_id_of(model: str) -> str:
-    """The marketplace id `model` is offered under, without disk or network: for `vramsupply demand`."""
-    return local_model_id(Path(model)) if is_local_path(model) else model.lower()
-
-
-def local_model(model: str) -> LocalModel:
-    """A local file skips the Hub; it must exist and start with the GGUF magic bytes."""
+    """The marketplace id `model` is offered under, without network: for `vramsupply demand`. A
+    file in a Hub cache is its recorded id (or its repo's: the Hub is not asked which base model)."""
+    if not is_local_path(model):
+        return model.lower()
     path = Path(model).expanduser().absolute()
-    if not path.is_file():
-        raise InvalidModelSpec(not_a_model_file(path))
-    try:
-        with path.open("rb") as fh:
-            magic = fh.read(len(GGUF_MAGIC))
-    except OSError as exc:
-        raise InvalidModelSpec(f"cannot read model file {path}: {exc.strerror}") from None
-    if magic != GGUF_MAGIC:
-        raise InvalidModelSpec(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    identity = _hub_identity(path, None) if path.is_file() else None
+    return identity.model_id if identity is not None else local_model_id(path)
+
+
+def _hub_identity(path: Path, timeout: float | None) -> HubIdentity | None:
+    """A file the agent or huggingface_hub downloaded is the Hub model it is (hub/identity.py);
+    the module, and huggingface_hub with it, is imported only for a path that may lie in a cache:
+    one with a folder named like a cached repo's, itself or where its links lead."""
+    if not any(part.startswith(CACHED_REPO_PREFIX) for part in (*Path(os.path.normpath(path)).parts, *path.resolve().parts)):
+        return None
+    from vramsupply.hub.identity import hub_identity
+
+    return hub_identity(path, timeout)
+
+
+def local_model(model: str, timeout: float | None = None) -> LocalModel:
+    """A local file skips the Hub; it must exist and start with the GGUF magic bytes. One the
+    agent or huggingface_hub downloaded is offered as that Hub model: ``timeout`` bounds the one
+    Hub question this may need (None: ask nothing, hub/identity.py)."""
+    path = Path(model).expanduser().absolute()
+    _check_gguf(path)
+    identity = _hub_identity(path, timeout)
+    if identity is not None:
+        log.info("%s is %s of %s@%s: offered as %s", path, identity.filename, identity.repo_id, identity.revision[:12], identity.model_id)
+        return LocalModel(
+            path=path, model_id=identity.model_id, repo_id=identity.repo_id, revision=identity.revision, filename=identity.filename,
+            sha256=identity.sha256, quant=identity.quant, size=identity.size or path.stat().st_size,
+        )
     parsed = parse_gguf_path(path.name)
     return LocalModel(
         path=path,
@@ -98,6 +121,19 @@ def local_model(model: str) -> LocalModel:
         quant=parsed.quant if parsed is not None else None,
         size=path.stat().st_size,
     )
+
+
+def _check_gguf(path: Path) -> None:
+    """The file exists and starts with the GGUF magic bytes, or InvalidModelSpec says what it is."""
+    if not path.is_file():
+        raise InvalidModelSpec(not_a_model_file(path))
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(len(GGUF_MAGIC))
+    except OSError as exc:
+        raise InvalidModelSpec(f"cannot read model file {path}: {exc.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise InvalidModelSpec(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
 def not_a_model_file(path: Path) -> str:

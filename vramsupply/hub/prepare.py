@@ -39,14 +39,15 @@ def prepare_model(
     timeout: float = DEFAULT_DOWNLOAD_TIMEOUT,
     publishers: Sequence[str] = DEFAULT_GGUF_PUBLISHERS,
 ) -> LocalModel:
-    """Resolve, download and verify `model` at `quant` (or check a local .gguf path). Blocking.
+    """Resolve, download and verify `model` at `quant` (or check a local .gguf path: one in a Hub
+    cache is the Hub model it is, hub/identity.py). Blocking.
 
     Offline (`HF_HUB_OFFLINE=1`) or with the Hub unreachable, the newest verified cached copy is
     used. `timeout` bounds Hub calls and how long a download may go without receiving a byte.
     Raises a HubError subclass with a one-line message.
     """
     if is_local_path(model):
-        return local_model(model)
+        return local_model(model, timeout)
     return _from_hub(model, quant, cache_dir, progress, timeout, publishers)
 
 
