@@ -605,21 +605,63 @@ remove_if_emptied() { # DIR: removed when nothing is left in it but what was rem
     return 0
 }
 
-# Only the service that runs this install's agent, not one belonging to another venv.
+service_env_file() { # where `vramsupply service install` puts the service's settings by default
+    if [ "$(id -u)" = 0 ]; then echo "/etc/vramsupply/env"; else echo "$(config_dir)/env"; fi
+}
+# The system service's StateDirectory= (endpoint token, registration, earnings ledger) and
+# CacheDirectory= (downloaded models), and its account: what a root purge takes with the service.
+service_state_dir() { echo "/var/lib/vramsupply"; }
+service_cache_dir() { echo "/var/cache/vramsupply"; }
+SERVICE_USER_COMMENT="vramsupply provider agent" # useradd's comment: the account is ours
+service_user_ours() {
+    have getent || return 1
+    [ "$(getent passwd vramsupply 2>/dev/null | cut -d: -f5 | cut -d, -f1)" = "$SERVICE_USER_COMMENT" ]
+}
+
+# What `vramsupply service uninstall --purge` leaves nothing of: the env file, and as root the
+# service's folders and account. Sets $env_file; true when there is any of it.
+service_leftovers() { # UNIT
+    env_file=$(sed -n 's/^EnvironmentFile=-\{0,1\}//p' "$1" 2>/dev/null | head -n 1)
+    env_file=${env_file:-$(service_env_file)}
+    [ -e "$env_file" ] && return 0
+    [ "$(id -u)" = 0 ] || return 1
+    [ -e "$(service_state_dir)" ] || [ -e "$(service_cache_dir)" ] || service_user_ours
+}
+
+say_service_purge() { # dry run: what the agent's purge would remove beside the unit
+    if [ -e "$env_file" ]; then say "would remove the service's settings in $env_file" && removed_paths="$removed_paths$env_file$NL"; fi
+    [ "$(id -u)" = 0 ] || return 0
+    remove_path "$(service_state_dir)"
+    remove_path "$(service_cache_dir)"
+    if service_user_ours; then say "would remove the system user vramsupply (not while a process of it runs)"; fi
+}
+
+# Only the service that runs this install's agent, not one belonging to another venv. With --purge,
+# what a service left behind goes even when its unit is gone (removed by hand, or a run cut short).
 uninstall_service() { # PURGE
-    unit=$(service_unit)
-    grep -qF "ExecStart=$venv/bin/vramsupply " "$unit" 2>/dev/null && [ -x "$venv/bin/vramsupply" ] || return 0
-    scope="" purge_flag=""
+    unit=$(service_unit) scope="" purge_flag="" what=""
     if [ "$(id -u)" != 0 ]; then scope="--user"; fi
     if [ "$1" = 1 ]; then purge_flag="--purge"; fi
+    if grep -qF "ExecStart=$venv/bin/vramsupply " "$unit" 2>/dev/null; then
+        what="stop and disable the systemd service and remove $unit"
+    elif [ -e "$unit" ] || [ "$1" != 1 ] || ! service_leftovers "$unit"; then
+        return 0 # another install's service, or nothing of one here
+    else
+        what="remove what the systemd service left"
+    fi
+    service_leftovers "$unit" || true # sets $env_file
+    agent_command="vramsupply service uninstall${scope:+ $scope}${purge_flag:+ $purge_flag}"
+    if [ ! -x "$venv/bin/vramsupply" ]; then
+        say "no vramsupply in $venv to $what with; install it again and run: $agent_command"
+        return 0
+    fi
     if [ "$dry_run" = 1 ]; then
-        say "would stop and disable the systemd service and remove $unit (vramsupply service uninstall $scope${purge_flag:+ $purge_flag})"
-        env_file=$(sed -n 's/^EnvironmentFile=-\{0,1\}//p' "$unit" | head -n 1)
-        if [ -n "$purge_flag" ] && [ -n "$env_file" ] && [ -e "$env_file" ]; then say "would remove the service's settings in $env_file"; fi
+        say "would $what ($agent_command)"
+        if [ -n "$purge_flag" ]; then say_service_purge; fi
         return 0
     fi
     # shellcheck disable=SC2086
-    "$venv/bin/vramsupply" service uninstall $scope $purge_flag || say "could not remove the systemd service; run: vramsupply service uninstall $scope"
+    "$venv/bin/vramsupply" service uninstall $scope $purge_flag || say "could not $what; run: $agent_command"
 }
 
 uninstall_models() {
@@ -632,6 +674,20 @@ uninstall_models() {
     fi
 }
 
+# The files the agent writes in its data dir (platform/token.py, platform/state.py, ledger/store.py
+# with SQLite's own beside it, throughput/store.py, instance_lock.py) and its config dir; a purge
+# takes these and no other (tests/test_install_purge.py keeps the list in step with the agent).
+AGENT_DATA_FILES="endpoint_token registration.json ledger.sqlite3 ledger.sqlite3-wal ledger.sqlite3-shm ledger.sqlite3-journal bench.json agent.lock"
+AGENT_CONFIG_FILES="config.toml"
+
+remove_agent_files() { # DIR NAME...: each, and the .NAME.* a write cut short leaves (write_private_file)
+    dir=$1
+    shift
+    for name in "$@"; do
+        for path in "$dir/$name" "$dir/.$name".*; do remove_path "$path"; done
+    done
+}
+
 uninstall() { # DATA_DIR BIN_DIR PURGE
     data_dir=$1 bin_dir=$2 purge=$3
     venv="$data_dir/venv" kept=kept
@@ -641,17 +697,29 @@ uninstall() { # DATA_DIR BIN_DIR PURGE
     link="$bin_dir/vramsupply"
     # Only our link: one to another install's vramsupply (pipx, another venv) is not ours to remove.
     if [ -L "$link" ] && [ "$(readlink "$link")" = "$venv/bin/vramsupply" ]; then remove_path "$link"; fi
-    for path in "$venv" "$data_dir"/cuda-[0-9]* "$data_dir/backend" "$data_dir"/build-*.log "$(agent_data_dir)/registration.json"; do
+    for path in "$venv" "$data_dir"/cuda-[0-9]* "$data_dir/backend" "$data_dir"/build-*.log; do
         remove_path "$path"
     done
+    remove_agent_files "$(agent_data_dir)" registration.json
     if [ "$purge" = 1 ]; then
-        remove_path "$(config_dir)"
-        remove_path "$(agent_data_dir)"
+        # shellcheck disable=SC2086
+        remove_agent_files "$(config_dir)" $AGENT_CONFIG_FILES
+        # shellcheck disable=SC2086
+        remove_agent_files "$(agent_data_dir)" $AGENT_DATA_FILES
+        remove_if_emptied "$(config_dir)"
     fi
     remove_if_emptied "$data_dir"
     remove_if_emptied "$(agent_data_dir)"
-    # VRAMSUPPLY_DATA_DIR may name a shared folder: what the installer did not write there stays.
+    # VRAMSUPPLY_DATA_DIR may name a shared folder, and the agent's folders may hold the user's own
+    # files: what neither the installer nor the agent wrote there stays.
     if ! gone "$data_dir"; then say "$kept $data_dir: it holds files this installer did not write"; fi
+    if [ "$purge" = 1 ]; then
+        agent_dir=$(agent_data_dir)
+        for dir in "$agent_dir" "$(config_dir)"; do # one folder on macOS; the install's too by default
+            [ "$dir" = "$data_dir" ] || gone "$dir" || say "$kept $dir: it holds files vramsupply did not write"
+            [ "$(config_dir)" != "$agent_dir" ] || break
+        done
+    fi
     if [ "$purge" != 1 ]; then
         say "$kept configuration ($(config_dir), endpoint token) and downloaded models; use --uninstall --purge to remove them too"
     fi
@@ -693,15 +761,16 @@ hint_misspelled_settings() {
 }
 
 main() {
-    version=${VRAMSUPPLY_VERSION:-}
-    from=${VRAMSUPPLY_FROM:-}
+    # An empty VRAMSUPPLY_* is unset, as a shell's `VAR= sh install.sh` means; an empty option is refused.
+    version=${VRAMSUPPLY_VERSION:-} version_by=VRAMSUPPLY_VERSION
+    from=${VRAMSUPPLY_FROM:-} from_by=VRAMSUPPLY_FROM
     backend=""
     dev=0 service=0 remove=0 purge=0 dry_run=0 strict=0
     while [ $# -gt 0 ]; do
         case "$1" in
-            --version) [ $# -ge 2 ] || die "--version needs a value"; version=$2; shift ;;
-            --from) [ $# -ge 2 ] || die "--from needs a path"; from=$2; shift ;;
-            --backend) [ $# -ge 2 ] || die "--backend needs cpu, cuda, hip, metal or vulkan"; backend=$2; shift ;;
+            --version) [ -n "${2:-}" ] || die "--version needs a value (a release on PyPI: --version 1.2.3)"; version=$2 version_by=--version; shift ;;
+            --from) [ -n "${2:-}" ] || die "--from needs a path (a vramsupply checkout or wheel)"; from=$2 from_by=--from; shift ;;
+            --backend) [ -n "${2:-}" ] || die "--backend needs cpu, cuda, hip, metal or vulkan (leave it out to detect the GPU)"; backend=$2; shift ;;
             --dry-run) dry_run=1 ;;
             --strict) strict=1 ;;
             --dev) dev=1 ;;
@@ -714,6 +783,9 @@ main() {
         shift
     done
     if [ "$purge" = 1 ] && [ "$remove" = 0 ]; then die "--purge goes with --uninstall (sh install.sh --uninstall --purge); nothing was done"; fi
+    if [ -n "$version" ] && [ -n "$from" ]; then
+        die "$version_by $version and $from_by $from name two things to install: give one of them; nothing was done"
+    fi
     hint_misspelled_settings
 
     data_dir=${VRAMSUPPLY_DATA_DIR:-$(default_data_dir)}

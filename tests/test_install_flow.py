@@ -42,6 +42,21 @@ esac
 exit 0
 """
 
+# The installed agent: logs what it is asked; `service uninstall` removes what the real one would
+# of a user's service (its unit; with --purge the env file the unit names), and says it likewise.
+VENV_AGENT = """#!/bin/sh
+echo "vramsupply $*" >> "$FAKE_LOG"
+case "$*" in
+  --version) echo "vramsupply 9.9.9" ;;
+  "service uninstall"*)
+    unit="$HOME/.config/systemd/user/vramsupply.service"
+    env_file=$(sed -n 's/^EnvironmentFile=//p' "$unit" 2>/dev/null)
+    rm "$unit" && echo "removed $unit"
+    case "$*" in *--purge*) rm "${env_file:-$HOME/.config/vramsupply/env}" && echo "removed ${env_file:-$HOME/.config/vramsupply/env}" ;; esac ;;
+esac
+exit 0
+"""
+
 # The system's Python (found first, as python3.13): answers install.sh's checks, makes the venv double
 # (and logs that it did).
 SYSTEM_PYTHON = """#!/bin/sh
@@ -52,7 +67,7 @@ case "$*" in
     echo "$0 made the venv" >> "$FAKE_LOG"
     mkdir -p "$venv/bin"
     cp "$FAKE_VENV_PYTHON" "$venv/bin/python"
-    printf '#!/bin/sh\\necho "vramsupply $*" >> "$FAKE_LOG"\\necho "vramsupply 9.9.9"\\n' > "$venv/bin/vramsupply"
+    cp "$FAKE_VENV_AGENT" "$venv/bin/vramsupply"
     chmod +x "$venv/bin/python" "$venv/bin/vramsupply" ;;
 esac
 exit 0
@@ -66,10 +81,11 @@ class InstallMachine(Machine):
         self.state.mkdir()
         self.log = root / "pip.log"
         venv_python = self.tool("venv-python", VENV_PYTHON, root / "doubles")
+        venv_agent = self.tool("venv-agent", VENV_AGENT, root / "doubles")
         self.tool("python3.13", SYSTEM_PYTHON)
         self.env = {
             "PATH": f"{self.bin}:{tools}", "HOME": str(root), "FAKE_LOG": str(self.log), "FAKE_STATE": str(self.state),
-            "FAKE_VENV_PYTHON": str(venv_python), "VRAMSUPPLY_DATA_DIR": str(self.data_dir),
+            "FAKE_VENV_PYTHON": str(venv_python), "FAKE_VENV_AGENT": str(venv_agent), "VRAMSUPPLY_DATA_DIR": str(self.data_dir),
             "VRAMSUPPLY_BIN_DIR": str(root / "links"), "VRAMSUPPLY_CPU_FLAGS": "",
         }
 

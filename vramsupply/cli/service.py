@@ -23,10 +23,11 @@ def service_uninstall(
     user: bool = USER_UNIT_OPTION,
     unit_dir: Optional[Path] = UNIT_DIR_OPTION,
     env_file: Optional[Path] = ENV_FILE_OPTION,
-    purge: bool = typer.Option(False, "--purge", help="Also remove the env file with your settings."),
+    purge: bool = typer.Option(False, "--purge", help="Also remove the env file with your settings; for the system service also its data (/var/lib/vramsupply), downloaded models (/var/cache/vramsupply) and the vramsupply user it ran as."),
 ) -> None:
     """Stop and disable the service and remove its unit (the env file stays unless --purge)."""
-    from vramsupply.service.installer import service_target, uninstall
+    from vramsupply.service.installer import service_target
+    from vramsupply.service.removal import uninstall
 
     uninstall(service_target(user, unit_dir, env_file), purge, typer.echo)
 

@@ -55,16 +55,23 @@ Say = Callable[[str], None]
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 SYSTEM_ENV_FILE = Path("/etc/vramsupply/env")
 SERVICE_HOME = Path("/var/lib") / SERVICE_USER
-
+# The unit's StateDirectory= and CacheDirectory= (unit.render_unit): what a system purge removes.
+SERVICE_STATE_DIR = SERVICE_HOME
+SERVICE_CACHE_DIR = Path("/var/cache") / SERVICE_USER
+# useradd's comment (the passwd GECOS field): how uninstall --purge knows the account is ours.
+SERVICE_USER_COMMENT = "vramsupply provider agent"
 
 
 @dataclass(frozen=True)
 class ServiceTarget:
-    """Which manager (system or --user) and where the unit and env file go."""
+    """Which manager (system or --user), where the unit and env file go, and the system service's
+    own folders (fields, so that tests purge temporary ones)."""
 
     user_mode: bool
     unit_dir: Path
     env_file: Path
+    state_dir: Path = SERVICE_STATE_DIR
+    cache_dir: Path = SERVICE_CACHE_DIR
 
     @property
     def unit_path(self) -> Path:
@@ -130,7 +137,7 @@ def read_env_file(target: ServiceTarget, command: str) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise _file_error("read", path, exc, command, target.user_mode) from None
+        raise file_error("read", path, exc, command, target.user_mode) from None
     if not written_by_install(text) and not (command == "install" and settings_only(text)):
         raise ServiceError(
             f"not touching {path}: `vramsupply service install` did not write it (no {ENV_FILE_MARKER!r} line); "
@@ -210,7 +217,7 @@ def nologin_shell() -> str:
 def useradd_command() -> list[str]:
     return [
         "useradd", "--system", "--user-group", "--home-dir", str(SERVICE_HOME), "--no-create-home",
-        "--shell", nologin_shell(), "--comment", "vramsupply provider agent", SERVICE_USER,
+        "--shell", nologin_shell(), "--comment", SERVICE_USER_COMMENT, SERVICE_USER,
     ]
 
 
@@ -242,9 +249,9 @@ def ensure_service_user(say: Say) -> None:
     run_step(useradd_command(), say)
 
 
-def _file_error(action: str, path: Path, exc: OSError | UnicodeDecodeError, command: str, user_mode: bool) -> ServiceError:
+def file_error(action: str, path: Path, exc: OSError | UnicodeDecodeError, command: str, user_mode: bool) -> ServiceError:
     """One line; the hint about root only where it can help: a system service, not as root."""
-    reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+    reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else "it is not UTF-8 text"
     return ServiceError(f"cannot {action} {path}: {reason}{root_hint(command, user_mode)}")
 
 
@@ -252,15 +259,7 @@ def write_file(target: ServiceTarget, path: Path, text: str, mode: int) -> None:
     try:
         write_private_file(path, text, mode)
     except OSError as exc:
-        raise _file_error("write", path, exc, "install", target.user_mode) from None
-
-
-def remove_file(target: ServiceTarget, path: Path, say: Say) -> None:
-    try:
-        path.unlink()
-    except OSError as exc:
-        raise _file_error("remove", path, exc, "uninstall", target.user_mode) from None
-    say(f"removed {path}")
+        raise file_error("write", path, exc, "install", target.user_mode) from None
 
 
 def prepare_writable_dirs(spec: UnitSpec, say: Say) -> None:
@@ -351,25 +350,6 @@ def install(target: ServiceTarget, say: Say) -> None:
     if target.user_mode:
         say("a user service stops when you log out unless lingering is on: loginctl enable-linger $USER")
     start_service(target, startup_problems(settings, target.env_file), say)
-
-
-def uninstall(target: ServiceTarget, purge: bool, say: Say) -> None:
-    running = systemd_running(target)
-    if target.unit_path.exists():
-        if running:
-            run_step(target.systemctl("disable", "--now", UNIT_NAME), say)
-        remove_file(target, target.unit_path, say)
-        if running:
-            run_step(target.systemctl("daemon-reload"), say)
-    else:
-        say(f"{target.unit_path} is not installed")
-    if not target.env_file.exists():
-        return
-    if purge:
-        read_env_file(target, "uninstall")  # refuses a file the installer did not write
-        remove_file(target, target.env_file, say)
-    else:
-        say(f"kept your settings in {target.env_file}; use --purge to remove them too")
 
 
 def passthrough(command: list[str]) -> int:
