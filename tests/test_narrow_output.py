@@ -12,6 +12,7 @@ back (dropping the table rules and indentation) so that a value shows whole wher
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import pty
@@ -73,6 +74,53 @@ def test_status_in_40_columns_shows_the_whole_provider_id_and_urls() -> None:
     assert widest_line(result.stdout) <= 40
 
 
+def registered_here() -> None:
+    write_state(
+        default_state_path(),
+        RegistrationState(
+            phase=Phase.registered, platform_url=PLATFORM_URL, model="stories260k", endpoint_url=ENDPOINT_URL,
+            provider_id=PROVIDER_ID, pid=os.getpid(), updated_at=time.time(), last_heartbeat_at=time.time(),
+        ),
+    )
+
+
+def assert_each_on_one_line(output: str, *words: str) -> None:
+    """Each of ``words`` (a value with no space in it) sits whole on one line: a cell folds between
+    words, and breaks a word only where the word is wider than the terminal."""
+    lines = output.splitlines()
+    for word in words:
+        assert any(word in line for line in lines), f"{word!r} is broken across lines in:\n{output}"
+
+
+@pytest.mark.parametrize("columns", [70, 90, 120])
+def test_status_as_wide_as_the_terminal_folds_between_words_and_keeps_every_value_whole(columns: int) -> None:
+    """Between "one block per row" and "every cell on one line" a table folds its cells, each column
+    at least as wide as its longest word: no id, URL or word is split, no line passes the edge."""
+    registered_here()
+    port = free_port()
+    result = run_cli("status", env={"COLUMNS": str(columns), "VRAM_SUPPLY_PORT": str(port)})
+
+    assert result.returncode in (1, 3), result.stderr
+    assert_whole(result.stdout, PROVIDER_ID, PLATFORM_URL, ENDPOINT_URL, f"http://127.0.0.1:{port}")
+    assert_each_on_one_line(result.stdout, PROVIDER_ID, PLATFORM_URL, ENDPOINT_URL, f"http://127.0.0.1:{port}")
+    assert widest_line(result.stdout) <= columns
+
+
+def test_fit_table_neither_overrides_nor_calls_a_private_method_of_rich() -> None:
+    """rich's private methods change between releases without notice: an upgrade must not silently
+    bring back cut values (or a crash) in every table we print. FitTable uses rich's public API only."""
+    import inspect
+
+    from rich.table import Table
+
+    from vramsupply.display import FitTable
+
+    rich_private = {name for name in dir(Table) if name.startswith("_") and not name.startswith("__")}
+    overridden = rich_private & set(vars(FitTable))
+    used = rich_private & set(re.findall(r"\.(_[A-Za-z]\w*)", inspect.getsource(FitTable)))
+    assert not overridden and not used, f"FitTable relies on rich's private {sorted(overridden | used)}"
+
+
 def fill_ledger() -> list[Entry]:
     now = time.time()
     rows = []
@@ -108,6 +156,33 @@ async def test_demand_in_40_columns_shows_whole_model_ids_and_prices() -> None:
 
     assert result.returncode == 0, result.stderr
     assert_whole(result.stdout, model, "$2.50–$2.75", "$10.00–$12.50")
+
+
+def test_demand_at_every_terminal_width_keeps_each_word_on_one_line_and_within_the_edge() -> None:
+    """A provider resizing the terminal from 32 to 140 columns: one block per row, then a table whose
+    cells fold between words, then every cell on one line; never a cut value or a line past the edge."""
+    from rich.console import Console
+
+    from vramsupply.platform.api import DemandResponse
+    from vramsupply.platform.commands import demand_view
+
+    model = "unsloth/qwen3.5-9b-instruct-gguf"
+    demand = DemandResponse.model_validate({"models": [
+        {"model": model, "requests_24h": 1_234_567, "online_providers": 12,
+         "input_price_per_million": {"min": 250, "max": 275}, "output_price_per_million": {"min": 1_000, "max": 1_250}},
+        {"model": "org/stories260k", "requests_24h": 5, "online_providers": 1},
+    ]})
+    layouts = set()
+    for columns in range(32, 141):  # from the width of the longest value: a narrower terminal must break it
+        console = Console(file=io.StringIO(), width=columns, color_system=None)
+        console.print(demand_view(demand, servable={model}))
+        output = console.file.getvalue()
+
+        assert "…" not in output and widest_line(output) <= columns, output
+        assert_each_on_one_line(output, model, "$2.50–$2.75", "$10.00–$12.50", "1234567", "org/stories260k")
+        header_lines = sum("┃" in line for line in output.splitlines())
+        layouts.add("blocks" if not header_lines else "folded table" if header_lines > 1 else "table")
+    assert layouts == {"blocks", "folded table", "table"}
 
 
 def piped(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

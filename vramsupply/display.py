@@ -23,7 +23,7 @@ Values (ids, URLs, numbers, money, flag names) are never dropped or ellipsised, 
   widest columns without regard to their longest word and ends cells with "…" (a provider id read
   ``prov_e4a9…``, token counts ``1…``); a ``FitTable`` gives each column at least its longest word,
   folds rather than ellipsises, and where even that does not fit (a 40-column terminal) it shows
-  one block per row instead (``FitTable.as_list``).
+  one block per row instead (``FitTable.as_list``). It does so through rich's public API only.
 - ``make_console``: output that goes to no terminal (``| grep``, a file) is not wrapped at 80
   columns, which rich assumes there: every line is whole for the program that reads it.
   ``COLUMNS``, where set, is still the width asked for.
@@ -31,6 +31,7 @@ Values (ids, URLs, numbers, money, flag names) are never dropped or ellipsised, 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -41,9 +42,10 @@ from typing import Any
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.highlighter import JSONHighlighter
+from rich.measure import Measurement
 from rich.padding import Padding
 from rich.style import StyleType
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 MAX_CHARS = 500
@@ -113,30 +115,60 @@ def _width_known(stream: Any) -> bool:
 
 
 class FitTable(Table):
-    """A rich ``Table`` that never cuts a value: see the module docstring."""
+    """A rich ``Table`` that never cuts a value: see the module docstring.
+
+    It chooses its layout before rich lays it out, from the console's width and its cells' measured
+    widths (``Measurement.get``): rich's own widths where every cell fits whole on one line; else a
+    copy of the table whose columns have fixed widths (``Column.width``), each at least its longest
+    word, folding (``overflow="fold"``) rather than cutting; else, where even the longest words do not
+    fit side by side, one block per row (``as_list``). It overrides and calls none of rich's private
+    methods (they change between releases without notice), only the render protocol."""
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        for column in self.columns:
-            column.overflow = "fold"
         width = options.max_width if self.width is None else min(self.width, options.max_width)
-        if self._least_width(console, options.update_width(width)) <= width:
-            yield from super().__rich_console__(console, options)
-        else:
+        ranges = [self._content_range(console, options.update_width(width), column) for column in self.columns]
+        room = width - self._rules_width() - sum(self._padding_width(index) for index in range(len(self.columns)))
+        least, most = [measure.minimum for measure in ranges], [measure.maximum for measure in ranges]
+        if sum(least) > room:
             yield self.as_list()
+        else:
+            yield from Table.__rich_console__(self._folding(None if sum(most) <= room else share(room, least, most)), console, options)
 
-    def _least_width(self, console: Console, options: ConsoleOptions) -> int:
-        """Columns: each as wide as its longest word (or its fixed width), with padding and borders."""
-        return sum(self._measure_column(console, options, column).minimum for column in self.columns) + self._extra_width
+    def _content_range(self, console: Console, options: ConsoleOptions, column: Column) -> Measurement:
+        """A column's content widths (no padding): its longest word to its longest line, as its
+        options (``width``, ``min_width``, ``max_width``) bound them."""
+        if column.width is not None:
+            return Measurement(column.width, column.width)
+        cells = [*([column.header] if self.show_header else []), *column.cells, *([column.footer] if self.show_footer else [])]
+        measures = [Measurement.get(console, options, cell) for cell in cells]
+        measure = Measurement(max((m.minimum for m in measures), default=1), max((m.maximum for m in measures), default=1))
+        return measure.clamp(column.min_width, column.max_width)
 
-    def _calculate_column_widths(self, console: Console, options: ConsoleOptions) -> list[int]:
-        """Rich's widths, unless they shrink a column below its longest word: then each column gets
-        that much, and the room left is shared by how much more each would take."""
-        widths = super()._calculate_column_widths(console, options)
-        ranges = [self._measure_column(console, options, column) for column in self.columns]
-        least = [measure.minimum for measure in ranges]
-        if all(width >= minimum for width, minimum in zip(widths, least)) or sum(least) > options.max_width:
-            return widths
-        return share(options.max_width, least, [max(m.maximum, m.minimum) for m in ranges])
+    def _padding_width(self, index: int) -> int:
+        """The columns' padding at left and right, as the table's public options set it."""
+        _, right, _, left = self.padding
+        if self.collapse_padding and index > 0:
+            left = max(0, left - right)
+        if not self.pad_edge:
+            left = 0 if index == 0 else left
+            right = 0 if index == len(self.columns) - 1 else right
+        return left + right
+
+    def _rules_width(self) -> int:
+        """The columns taken by the vertical rules: between columns, and at both edges if shown."""
+        if not self.box or not self.columns:
+            return 0
+        return len(self.columns) - 1 + (2 if self.show_edge else 0)
+
+    def _folding(self, widths: list[int] | None) -> Table:
+        """A copy of this table whose columns fold rather than cut, each ``widths`` wide if given."""
+        table = copy.copy(self)
+        table.columns = [copy.copy(column) for column in self.columns]
+        for index, column in enumerate(table.columns):
+            column.overflow = "fold"
+            if widths is not None:
+                column.width = widths[index]
+        return table
 
     def as_list(self) -> Group:
         """The table for a terminal too narrow for it, one block per row: a table with headers shows
