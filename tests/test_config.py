@@ -312,3 +312,10 @@ def test_a_usage_error_is_one_line_and_exit_2(args: list[str], line: str) -> Non
 def test_a_group_named_alone_shows_its_help_and_exits_2() -> None:
     result = run_cli("config")
     assert result.returncode == 2 and "show" in result.stdout and result.stderr == ""
+
+
+def test_a_cache_dir_under_home_written_with_a_tilde_is_the_homes_folder(config_file: Path) -> None:
+    """Before, `cache_dir = "~/models"` made serve download into a folder named `~` wherever it ran."""
+    write_config_values(config_file, {"cache_dir": "~/models"})
+
+    assert load_settings({}).settings.cache_dir == Path.home() / "models"

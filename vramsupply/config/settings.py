@@ -223,6 +223,13 @@ class Settings(BaseSettings):
         (and the service's writable path, ``/``)."""
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("cache_dir")
+    @classmethod
+    def _home_expanded(cls, value: Path | None) -> Path | None:
+        """``cache_dir = "~/models"`` in the config file (or a quoted ``~`` in the env file) is the
+        home's folder, as a shell would make it: not a folder named ``~`` in the current directory."""
+        return value.expanduser() if value is not None else None
+
     @field_validator("host")
     @classmethod
     def _named_host(cls, value: str) -> str:
