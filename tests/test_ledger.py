@@ -148,25 +148,26 @@ async def test_a_ledger_that_cannot_be_written_is_reported_until_a_write_succeed
         finally:
             other.close()
 
-    writer = LedgerWriter.open(path)
+    writer = LedgerWriter(LedgerStore(path), retry_every=0)  # every request tries the held rows again
     recorder = LedgerRecorder(writer, input_price=100, output_price=200, selling=True)
     await recorder.record(FinishedRequest("before", "m", 1, 1, 0, 1, True, True))
     assert recorder.failure is None
     outside("ALTER TABLE requests RENAME TO moved")  # every insert now fails
 
     for i in range(2):
-        await recorder.record(FinishedRequest(f"lost{i}", "m", 1, 1, 0, 1, True, True))
+        await recorder.record(FinishedRequest(f"held{i}", "m", 1, 1, 0, 1, True, True))
     failing = recorder.failure  # what /health shows, as "degraded"
     outside("ALTER TABLE moved RENAME TO requests")  # fixed: the next write goes through
     await recorder.record(FinishedRequest("after", "m", 1, 1, 0, 1, True, True))
 
     assert failing == (
         f"the earnings ledger {path} cannot be written: no such table: requests; check the file and the disk it is on; "
-        "until then requests are served but not recorded (recording resumes by itself)"
+        "2 requests served since are not recorded yet: held in memory, written by themselves once it can write "
+        "(stopping the agent before then loses them)"
     )
     assert recorder.failure is None
     assert sum(f"the earnings ledger {path} is written again" in r.getMessage() for r in caplog.records) == 1
-    assert [e.request_id for e in LedgerStore(path).entries()] == ["before", "after"]
+    assert [e.request_id for e in LedgerStore(path).entries()] == ["before", "held0", "held1", "after"]
     writer.close()
 
 

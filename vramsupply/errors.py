@@ -40,6 +40,8 @@ module never imports another concern to raise its own errors)::
     ├── ServeError                       exit 1  serve/options.py: serving cannot start (a tunnel)
     ├── BenchError                       exit 1  throughput/: `vramsupply bench` cannot measure
     ├── LedgerError                      exit 1  ledger/store.py: the earnings ledger cannot be read
+    │   └── Unwritten                              ledger/writer.py: a row held in memory until the
+    │                                              file takes it (never reaches the CLI)
     ├── TunnelError                      exit 1  tunnel/errors.py: the --tunnel tool is unknown or
     │                                            not installed (says how to install it)
     ├── ServiceError                     exit 1  service/unit.py: systemd unit handling

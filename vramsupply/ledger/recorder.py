@@ -10,9 +10,10 @@ charges nothing for it. Its row keeps the tokens it served, with ``complete`` 0 
 
 The agent serves buyers whether or not the ledger can record them, but never silently: ``failure``
 is what ``/health`` shows (status "degraded", the reason in ``warnings``) while nothing is recorded.
-A ledger that cannot be written (a full disk) is reported from its first failed write until a write
-succeeds again, which happens by itself once the cause is fixed; one that could not be opened at
-start (``UnopenedLedger``) is reported for the whole run, since only a restart opens it again.
+A ledger that cannot be written (a full disk) loses nothing: the writer holds the rows in memory and
+writes them once it can, and ``failure`` says why and how many wait, from the first failed write
+until they are all written. One that could not be opened at start (``UnopenedLedger``) is reported
+for the whole run, since only a restart opens it again; stopping, it logs how many requests it missed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Protocol
 
 from vramsupply.ledger.money import earned_nanocents, gross_nanocents
 from vramsupply.ledger.store import Entry, LedgerError
-from vramsupply.ledger.writer import LedgerWriter
+from vramsupply.ledger.writer import LedgerWriter, Unwritten
 
 log = logging.getLogger("vramsupply.ledger")
 
@@ -88,6 +89,8 @@ class LedgerRecorder:
         """Write the row and wait for its commit; a failing disk is logged once, never raised."""
         try:
             await asyncio.wrap_future(self.writer.submit(self.entry(finished)))
+        except Unwritten:
+            return  # held (or counted) by the writer, which says so itself
         except LedgerError as exc:
             if self._unwritable is None:
                 log.warning("%s; serving continues, but earnings are not recorded until it can write", exc)
@@ -100,9 +103,11 @@ class LedgerRecorder:
     @property
     def failure(self) -> str | None:
         """Why requests are not recorded now, for ``/health``: the writer stopped for good, or the
-        file cannot be written (until a write succeeds again); None while rows are written."""
+        file cannot be written (until the rows held meanwhile are written); None while rows are written."""
         if self.writer.failure is not None:
             return self.writer.failure
+        if (unrecorded := self.writer.unrecorded) is not None:
+            return unrecorded
         if self._unwritable is not None:
             return f"{self._unwritable}; until then requests are served but not recorded (recording resumes by itself)"
         return None
@@ -117,12 +122,15 @@ class UnopenedLedger:
 
     def __init__(self, failure: str) -> None:
         self.failure = failure
+        self.missed = 0
 
     async def record(self, finished: Finished) -> None:
-        return None
+        self.missed += 1
 
     def close(self) -> None:
-        return None
+        if self.missed:
+            requests = f"{self.missed:,} request{'' if self.missed == 1 else 's'}"
+            log.error("the earnings of %s served in this run are not recorded: the earnings ledger could not be opened", requests)
 
 
 def open_recorder(path: Path, *, input_price: int, output_price: int, selling: bool) -> LedgerRecorder | UnopenedLedger:

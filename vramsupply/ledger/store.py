@@ -255,8 +255,12 @@ class LedgerStore:
     def close(self) -> None:
         self._db.close()
 
-    def add(self, entries: Iterable[Entry]) -> None:
-        """Write ``entries`` in one transaction: all of them are on disk when this returns."""
+    def add(self, entries: Iterable[Entry], *, once: bool = False) -> None:
+        """Write ``entries`` in one transaction: all of them are on disk when this returns.
+
+        ``once``: the rows were tried before (the writer held them through a full disk), so skip any
+        already in the file, known by its request id and finish time: a commit SQLite reported as
+        failed may still have reached the WAL, and a request must not be counted twice."""
         rows = [
             (
                 e.finished_at, e.request_id, e.model, e.source, int(e.complete), e.choices, e.prompt_tokens, e.cached_tokens,
@@ -264,8 +268,14 @@ class LedgerStore:
             )
             for e in entries
         ]
+        insert = f"INSERT INTO requests ({', '.join(Entry.__dataclass_fields__)}) "
         with self._transaction():
-            self._db.executemany(f"INSERT INTO requests ({', '.join(Entry.__dataclass_fields__)}) VALUES ({', '.join('?' * 13)})", rows)
+            if once:
+                # finished_at is indexed: one index lookup per row
+                unseen = "SELECT 1 FROM requests WHERE finished_at = ? AND request_id = ?"
+                self._db.executemany(f"{insert}SELECT {', '.join('?' * 13)} WHERE NOT EXISTS ({unseen})", [(*r, r[0], r[1]) for r in rows])
+            else:
+                self._db.executemany(f"{insert}VALUES ({', '.join('?' * 13)})", rows)
 
     def roll_up(self, now: float | None = None, keep_seconds: float = KEEP_RAW_SECONDS, max_rows: int = MAX_RAW_ROWS) -> int:
         """Fold raw rows older than ``keep_seconds`` (and any beyond the newest ``max_rows``) into
@@ -304,16 +314,36 @@ class LedgerStore:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE … COMMIT, rolled back on any error (sqlite3's own context manager does not begin)."""
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any error (sqlite3's own context manager does not begin).
+
+    A COMMIT that fails (a full disk) is rolled back too: left open, the transaction would make
+    every later BEGIN fail, and the ledger would never be written again once the disk has room."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
 
     def __enter__(self) -> None:
+        self._undo()  # one an earlier failure left open
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if exc_type is not None:
+            self._undo()
+            return
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            self._undo()
+            raise
+
+    def _undo(self) -> None:
+        """ROLLBACK, unless SQLite rolled back already (it may, on a full disk): the error that got
+        here is the one to report, not "cannot rollback - no transaction is active"."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
 
 def _create_private(path: Path) -> None:

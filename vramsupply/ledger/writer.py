@@ -11,8 +11,16 @@ tokens were served); its future is marked running when taken, so it can no longe
 under the writer, and one cancelled before that is left alone. No batch may end the thread: an
 unexpected error is logged with its traceback and the writer goes on. Should the thread die anyway,
 every waiting and later future fails at once (nobody waits forever) and ``failure`` says why, for
-``/health``. A batch the file cannot take (a full disk) fails with what to do about it; the
-recorder reports that on ``/health`` until a batch is written again.
+``/health``.
+
+A batch the file cannot take (a full disk) is not lost: its rows are held in memory, in order, and
+their futures fail with ``Unwritten`` (the buyer is answered all the same). The held rows are tried
+again, ahead of any new ones, when a batch comes at least ``retry_every`` seconds after the last try,
+and by a timer when none comes; rows arriving in between join them untried, so buyers do not wait on
+a disk that is full. Once a try succeeds every held row is written, in the order served, and
+``unrecorded`` (what ``/health`` shows meanwhile) is None again. A retry never writes a row twice
+(``LedgerStore.add(once=True)``). At most ``max_held`` rows are held, about 500 bytes each; later
+ones are dropped and counted. Closing makes a last try, and logs one line with what it could not write.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
@@ -31,14 +40,41 @@ log = logging.getLogger("vramsupply.ledger")
 
 ROLL_UP_EVERY = 1000
 """Rows written between two roll-ups of old rows into daily totals."""
+MAX_HELD_ROWS = 50_000
+"""Rows held in memory while the file cannot be written: about 25 MB, over an hour of a busy agent."""
+RETRY_SECONDS = 2.0
+"""Time between two tries of the held rows: each try rewrites all of them, so not one per request."""
+
+
+class Unwritten(LedgerError):
+    """The file cannot take the row now: it is held in memory and written once it can (or, beyond
+    ``max_held``, dropped and counted). The writer reports this itself, on ``/health`` and in the log."""
 
 Item = tuple[Entry, Future[None]]
 
+SETTLED: Future[None] = Future()
+"""The future of every held row: its own was resolved when it was held."""
+SETTLED.set_result(None)
+
 
 class LedgerWriter:
-    def __init__(self, store: LedgerStore, *, roll_up_every: int = ROLL_UP_EVERY) -> None:
+    def __init__(
+        self, store: LedgerStore, *, roll_up_every: int = ROLL_UP_EVERY, max_held: int = MAX_HELD_ROWS, retry_every: float = RETRY_SECONDS
+    ) -> None:
         self.store = store
         self._roll_up_every = roll_up_every
+        self._max_held = max_held
+        self._retry_every = retry_every
+        self._held: list[Item] = []
+        """Rows the file could not take yet, oldest first; their futures are done."""
+        self._dropped = 0
+        """Rows not held, beyond ``max_held``, since the file last took a write."""
+        self._cannot_write: str | None = None
+        """Why the file takes no write, while rows are held."""
+        self._next_try = 0.0
+        self._written: list[Item] = []  # of the try under way: rows written; rows the file did not take, and why
+        self._failed: list[Item] = []
+        self._failure: str | None = None
         self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # between submit and a dying thread: no entry is queued after it drained the queue
         self._in_hand: list[Item] = []
@@ -64,8 +100,22 @@ class LedgerWriter:
         future.set_exception(LedgerError(refusal))
         return future
 
+    @property
+    def unrecorded(self) -> str | None:
+        """Why requests are not in the file yet and how many, while rows are held (for ``/health``)."""
+        reason, held, dropped = self._cannot_write, len(self._held), self._dropped
+        if reason is None:
+            return None
+        words = (
+            f"{reason}; {_requests(held)} served since {'is' if held == 1 else 'are'} not recorded yet: held in memory, "
+            "written by themselves once it can write (stopping the agent before then loses them)"
+        )
+        if dropped:
+            words += f"; {_requests(dropped)} more {'was' if dropped == 1 else 'were'} dropped beyond the {self._max_held:,} held: their earnings are not recorded"
+        return words
+
     def close(self, timeout: float = 10.0) -> None:
-        """Write everything already submitted, then close the file."""
+        """Write everything already submitted and held (a last try), then close the file."""
         with self._lock:
             if self._closed:
                 return
@@ -90,20 +140,43 @@ class LedgerWriter:
             stopping = None in batch
             self._in_hand = [item for item in batch if item is not None]
             try:
-                if self._in_hand:
-                    self._commit(self._in_hand)
-                    since_roll_up += len(self._in_hand)
-                if since_roll_up >= self._roll_up_every:
+                since_roll_up += self._write(self._in_hand, now=stopping or not batch)
+                if since_roll_up >= self._roll_up_every and not self._held:
                     since_roll_up = 0
                     self._roll_up()
             except Exception as exc:
                 log.exception("the earnings ledger writer failed on %d row(s); it goes on", len(self._in_hand))
                 _resolve(self._in_hand, self._unwritable(exc))
             self._in_hand = []
+        self._lose_held("the agent stopped before it could write them")
+
+    def _write(self, new: list[Item], *, now: bool) -> int:
+        """Write the held rows, then ``new``, in one transaction; whatever the file cannot take is
+        held. ``now``: try even if the last try was less than ``retry_every`` ago. Returns rows written."""
+        batch = [*self._held, *new]
+        if not batch:
+            return 0
+        if self._held and not now and time.monotonic() < self._next_try:
+            self._hold(batch, self._cannot_write)  # not tried: buyers do not wait on a full disk
+            return 0
+        held, self._written, self._failed, self._failure = len(self._held), [], [], None
+        try:
+            self._commit(batch, once=held > 0)
+        finally:
+            self._hold(self._failed, self._failure)
+            self._next_try = time.monotonic() + self._retry_every  # from the end of this try, however many come meanwhile
+            if self._written and not self._held and self._cannot_write is not None:
+                self._written_again(held)
+            _resolve(self._written, None)  # last: a buyer's handler then reads /health's state as it is now
+        return len(self._written)
 
     def _take(self) -> list[Item | None]:
-        """Everything waiting (at least one item); each future is running from here on, or was cancelled."""
-        batch = [self._queue.get()]
+        """Everything waiting: at least one item, or none when it is time to try the held rows again;
+        each future is running from here on, or was cancelled."""
+        try:
+            batch = [self._queue.get(timeout=max(0.0, self._next_try - time.monotonic()) if self._held else None)]
+        except queue.Empty:
+            return []
         while True:
             try:
                 batch.append(self._queue.get_nowait())
@@ -114,26 +187,62 @@ class LedgerWriter:
                 item[1].set_running_or_notify_cancel()  # False: the buyer left already; the row is written anyway
         return batch
 
-    def _commit(self, items: list[Item]) -> None:
+    def _commit(self, items: list[Item], *, once: bool) -> None:
+        """Write ``items``: to ``_written`` they go, or to ``_failed`` when the file cannot take them."""
         try:
-            self.store.add(entry for entry, _ in items)
+            entries = (entry for entry, _ in items)
+            self.store.add(entries, once=True) if once else self.store.add(entries)
         except sqlite3.Error as exc:
-            _resolve(items, self._unwritable(exc))
+            self._failed += items
+            self._failure = str(self._unwritable(exc))
             return
         except Exception:
             if len(items) == 1:
                 raise
             for item in items:  # one row the file cannot hold must not cost the others theirs
-                self._commit_alone(item)
+                self._commit_alone(item, once=once)
             return
-        _resolve(items, None)
+        self._written += items
 
-    def _commit_alone(self, item: Item) -> None:
+    def _commit_alone(self, item: Item, *, once: bool) -> None:
         try:
-            self._commit([item])
+            self._commit([item], once=once)
         except Exception as exc:
             log.exception("request %s not written to the earnings ledger", item[0].request_id)
             _resolve([item], LedgerError(f"cannot write request {item[0].request_id} to the earnings ledger: {exc}"))
+
+    def _hold(self, items: list[Item], reason: str | None) -> None:
+        """Keep ``items`` (oldest first) for the next try, up to ``max_held``; drop and count the rest.
+        The state ``/health`` reads is set before any buyer's future is resolved."""
+        kept, dropped = items[: self._max_held], items[self._max_held :]
+        # only the rows: their buyers are answered, and a future weighs three times a row.
+        # Before the reason: /health never says "0 requests not recorded".
+        self._held = [(entry, SETTLED) for entry, _ in kept]
+        if not items or reason is None:
+            return
+        if self._cannot_write is None:
+            log.warning("%s; serving continues, but earnings are not recorded until it can write; meanwhile up to %s rows are held in memory",
+                        reason, f"{self._max_held:,}")
+        if dropped and not self._dropped:
+            log.warning("%s rows are held in memory, the most it holds: the earnings of later requests are not recorded", f"{self._max_held:,}")
+        self._cannot_write = reason
+        self._dropped += len(dropped)
+        _resolve(kept, Unwritten(f"{reason}; the row is held in memory until it can be written"))
+        _resolve(dropped, Unwritten(f"{reason}; the row is dropped: {self._max_held:,} are held in memory already"))
+
+    def _written_again(self, held: int) -> None:
+        log.info("the earnings ledger %s is written again: the %s held in memory are recorded", self.store.path, _requests(held))
+        if self._dropped:
+            log.warning("the earnings of %s are not recorded: dropped beyond the %s held in memory while the earnings ledger %s could not be written",
+                        _requests(self._dropped), f"{self._max_held:,}", self.store.path)
+        self._cannot_write, self._dropped = None, 0
+
+    def _lose_held(self, why: str) -> None:
+        """The writer ends with rows held: one line says how many requests are lost, and why."""
+        lost = len(self._held) + self._dropped
+        if lost:
+            log.error("the earnings of %s are lost, not in the earnings ledger: %s; %s", _requests(lost), self._cannot_write, why)
+        self._held, self._dropped = [], 0
 
     def _unwritable(self, exc: BaseException) -> LedgerError:
         return LedgerError(f"the earnings ledger {self.store.path} cannot be written: {exc}; {remedy(exc)}")
@@ -155,6 +264,7 @@ class LedgerWriter:
         error = LedgerError(reason)
         _resolve(self._in_hand, error)
         _resolve(waiting, error)
+        self._lose_held("the writer stopped")
 
     def _take_all(self) -> list[Item]:
         items = []
@@ -178,3 +288,7 @@ def _resolve(items: Iterable[Item], error: LedgerError | None) -> None:
             future.set_result(None)
         else:
             future.set_exception(error)
+
+
+def _requests(count: int) -> str:
+    return f"{count:,} request{'' if count == 1 else 's'}"
