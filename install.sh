@@ -30,6 +30,7 @@ Environment overrides: VRAMSUPPLY_VERSION, VRAMSUPPLY_FROM, VRAMSUPPLY_BACKEND,
 VRAMSUPPLY_CUDA_ARCHITECTURES, VRAMSUPPLY_HIP_TARGETS, CUDA_HOME (a CUDA toolkit to use),
 VRAMSUPPLY_CPU_FLAGS (compiler flags for llama.cpp's CPU code, instead of the AMX probe's),
 VRAMSUPPLY_DATA_DIR (where the venv lives), VRAMSUPPLY_BIN_DIR (where the link goes),
+VRAMSUPPLY_UNINSTALL=1 (as --uninstall),
 VRAMSUPPLY_PYTHON (the Python to make the venv with, used as is; by default the first of
 python3.13, python3.12, python3.11, python3.10, python3 that is 3.10+ and makes a venv with pip).
 USAGE
@@ -688,10 +689,24 @@ remove_agent_files() { # DIR NAME...: each, and the .NAME.* a write cut short le
     done
 }
 
+# The downloaded models an uninstall keeps, and their size ("2 models, 9.8 GB on disk"), asked of
+# the agent before its venv goes; nothing when there are none or it cannot say.
+models_kept() {
+    [ -x "$venv/bin/vramsupply" ] && [ -x "$venv/bin/python" ] || return 0
+    "$venv/bin/vramsupply" models list --json 2>/dev/null | "$venv/bin/python" -c '
+import json, sys
+from rich.filesize import decimal
+models = json.load(sys.stdin)
+if models:
+    print("%d model%s, %s on disk" % (len(models), "" if len(models) == 1 else "s", decimal(sum(m["on_disk"] for m in models))))
+' 2>/dev/null || true
+}
+
 uninstall() { # DATA_DIR BIN_DIR PURGE
     data_dir=$1 bin_dir=$2 purge=$3
-    venv="$data_dir/venv" kept=kept
+    venv="$data_dir/venv" kept=kept models=""
     if [ "$dry_run" = 1 ]; then say "dry run: uninstalling would do this, and nothing is changed" && kept="would keep"; fi
+    if [ "$purge" != 1 ]; then models=$(models_kept); fi
     uninstall_service "$purge"
     if [ "$purge" = 1 ]; then uninstall_models; fi
     link="$bin_dir/vramsupply"
@@ -721,7 +736,7 @@ uninstall() { # DATA_DIR BIN_DIR PURGE
         done
     fi
     if [ "$purge" != 1 ]; then
-        say "$kept configuration ($(config_dir), endpoint token) and downloaded models; use --uninstall --purge to remove them too"
+        say "$kept configuration ($(config_dir), endpoint token) and downloaded models${models:+ ($models)}; use --uninstall --purge to remove them too"
     fi
     if [ "$dry_run" = 1 ]; then say "dry run: nothing was removed"; fi
 }
@@ -745,7 +760,7 @@ plan_spec() {
 
 # The installer reads VRAMSUPPLY_*, the agent VRAM_SUPPLY_*: one spelled for the other is said, not
 # silently ignored (VRAMSUPPLY_MODEL set for the agent did nothing).
-INSTALLER_SETTINGS="VERSION FROM BACKEND PYTHON CUDA_ARCHITECTURES HIP_TARGETS CPU_FLAGS DATA_DIR BIN_DIR INSTALL_FUNCTIONS_ONLY"
+INSTALLER_SETTINGS="VERSION FROM BACKEND PYTHON CUDA_ARCHITECTURES HIP_TARGETS CPU_FLAGS DATA_DIR BIN_DIR UNINSTALL INSTALL_FUNCTIONS_ONLY"
 hint_misspelled_settings() {
     for name in $(env | sed -n 's/^VRAMSUPPLY_\([A-Za-z0-9_]*\)=.*/\1/p' | sort -u); do
         case " $INSTALLER_SETTINGS " in
@@ -766,6 +781,11 @@ main() {
     from=${VRAMSUPPLY_FROM:-} from_by=VRAMSUPPLY_FROM
     backend=""
     dev=0 service=0 remove=0 purge=0 dry_run=0 strict=0
+    case "${VRAMSUPPLY_UNINSTALL:-}" in # `curl … | VRAMSUPPLY_UNINSTALL=1 sh`, where passing options is awkward
+        "" | 0 | false | no) ;;
+        1 | true | yes) remove=1 ;;
+        *) die "VRAMSUPPLY_UNINSTALL=$VRAMSUPPLY_UNINSTALL: set it to 1 to uninstall, or leave it unset" ;;
+    esac
     while [ $# -gt 0 ]; do
         case "$1" in
             --version) [ -n "${2:-}" ] || die "--version needs a value (a release on PyPI: --version 1.2.3)"; version=$2 version_by=--version; shift ;;

@@ -12,8 +12,10 @@ uninstalled for real, and with `--purge` deleted the user's configuration and do
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from test_install_python import a_python
 # The venv's python: pip records its arguments and the build's environment; "building"
 # llama-cpp-python (pip install -v) makes it importable.
 VENV_PYTHON = """#!/bin/sh
+case "$*" in *rich.filesize*) exec "$FAKE_REAL_PYTHON" "$@" ;; esac  # uninstall sums the models' sizes (read only: not logged)
 echo "python $* | CMAKE_ARGS=${CMAKE_ARGS-}" >> "$FAKE_LOG"
 case "$*" in
   "-c import llama_cpp") [ -e "$FAKE_STATE/llama" ]; exit $? ;;
@@ -45,6 +48,7 @@ exit 0
 # The installed agent: logs what it is asked; `service uninstall` removes what the real one would
 # of a user's service (its unit; with --purge the env file the unit names), and says it likewise.
 VENV_AGENT = """#!/bin/sh
+if [ "$*" = "models list --json" ]; then cat "$FAKE_STATE/models.json" 2>/dev/null || echo "[]"; exit 0; fi  # read only: not logged
 echo "vramsupply $*" >> "$FAKE_LOG"
 case "$*" in
   --version) echo "vramsupply 9.9.9" ;;
@@ -86,7 +90,7 @@ class InstallMachine(Machine):
         self.env = {
             "PATH": f"{self.bin}:{tools}", "HOME": str(root), "FAKE_LOG": str(self.log), "FAKE_STATE": str(self.state),
             "FAKE_VENV_PYTHON": str(venv_python), "FAKE_VENV_AGENT": str(venv_agent), "VRAMSUPPLY_DATA_DIR": str(self.data_dir),
-            "VRAMSUPPLY_BIN_DIR": str(root / "links"), "VRAMSUPPLY_CPU_FLAGS": "",
+            "VRAMSUPPLY_BIN_DIR": str(root / "links"), "VRAMSUPPLY_CPU_FLAGS": "", "FAKE_REAL_PYTHON": sys.executable,
         }
 
     def install(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -245,6 +249,41 @@ def test_an_uninstall_dry_run_names_each_path_it_would_remove_and_changes_nothin
     assert not any(Path(path).exists() for path in would)
     expected_calls = ["vramsupply service uninstall --user --purge", "vramsupply models rm --all --yes"] if purge else ["vramsupply service uninstall --user"]
     assert machine.agent_calls() == expected_calls
+
+
+def test_a_plain_uninstall_says_which_downloaded_models_it_keeps_and_their_size(machine: InstallMachine) -> None:
+    places = installed_with_settings(machine)
+    (machine.state / "models.json").write_text(json.dumps([{"model_id": "a/b", "on_disk": 5_000_000_000}, {"model_id": "c/d", "on_disk": 400_000_000}]))
+
+    result = machine.install("--uninstall")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        f"vramsupply: kept configuration ({places['config']}, endpoint token) and downloaded models (2 models, 5.4 GB on disk); "
+        "use --uninstall --purge to remove them too"
+    ) in result.stdout.splitlines()
+
+
+@pytest.mark.parametrize("value", ["1", "true"])
+def test_vramsupply_uninstall_in_the_environment_uninstalls_as_the_option_does(machine: InstallMachine, value: str) -> None:
+    """For `curl … | VRAMSUPPLY_UNINSTALL=1 sh`, where options are awkward to pass."""
+    places = installed_with_settings(machine)
+
+    result = machine.install(env={"VRAMSUPPLY_UNINSTALL": value})
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not places["venv"].exists() and not places["link"].exists()
+    assert "not an installer setting" not in result.stderr
+
+
+def test_a_vramsupply_uninstall_value_that_says_nothing_clear_is_refused(machine: InstallMachine) -> None:
+    places = installed_with_settings(machine)
+
+    result = machine.install(env={"VRAMSUPPLY_UNINSTALL": "maybe"})
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == "vramsupply: error: VRAMSUPPLY_UNINSTALL=maybe: set it to 1 to uninstall, or leave it unset"
+    assert places["venv"].exists()
 
 
 def test_purge_without_uninstall_is_refused_before_anything_is_installed(machine: InstallMachine) -> None:
