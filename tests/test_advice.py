@@ -160,3 +160,18 @@ def test_demand_refuses_a_price_no_agent_could_ask() -> None:
     result = run_cli("demand", "--output-price", "-5", env={"VRAM_SUPPLY_API_KEY": "vs_unused"})
 
     assert result.returncode == 2 and result.stderr.startswith("error: invalid output_price = -5 (from flag --output-price)")
+
+
+def test_demand_counts_are_written_with_thousands_separators() -> None:
+    """A busy model's 1234567 requests in a day read as 1,234,567."""
+    from rich.console import Console
+
+    from vramsupply.platform.commands import demand_view
+
+    demand = api.DemandResponse.model_validate(
+        {"models": [{"model": "acme/busy", "requests_24h": 1234567, "online_providers": 1200, "prices": None}]}
+    )
+    console = Console(width=200, record=True)
+    console.print(demand_view(demand, set()))
+    shown = console.export_text()
+    assert "1,234,567" in shown and "1,200" in shown

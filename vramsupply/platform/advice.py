@@ -53,7 +53,7 @@ def count_text(number: int) -> str:
     """A count the platform sent; one no market can have (below 0, over ``MAX_COUNT``) only as which side."""
     if number < 0:
         return "below 0"
-    return str(number) if number <= MAX_COUNT else f"over {MAX_COUNT:,}"
+    return f"{number:,}" if number <= MAX_COUNT else f"over {MAX_COUNT:,}"
 
 
 def consistent(prices: api.PriceRange) -> bool:
