@@ -95,10 +95,11 @@ class Candidate:
     estimate: Estimate
     needed_bytes: int  # on the target (GPU share, or everything on the CPU)
     fits: bool
+    repo: str | None = None  # a Hub model's: the repo serve downloads this quant from
 
     def as_json(self) -> dict[str, Any]:
         e = self.estimate
-        return {
+        found = {
             "quant": self.quant,
             "file_bytes": self.file_bytes,
             "weights_bytes": e.weights_bytes,
@@ -107,6 +108,7 @@ class Candidate:
             "total_bytes": e.total_bytes,
             "fits": self.fits,
         }
+        return found | ({"repo": self.repo} if self.repo else {})
 
     def breakdown(self, settings: Settings) -> str:
         e = self.estimate
@@ -155,7 +157,7 @@ def needed_on_target(source: ModelSource, e: Estimate, target: Target, settings:
 def candidate(source: ModelSource, quant: QuantFile, target: Target, settings: Settings) -> Candidate:
     e = estimate(source.shape, source.weights_bytes(quant), settings)
     needed = needed_on_target(source, e, target, settings)
-    return Candidate(quant.quant, quant.file_bytes, e, needed, needed <= target.usable_bytes)
+    return Candidate(quant.quant, quant.file_bytes, e, needed, needed <= target.usable_bytes, quant.repo_id)
 
 
 def ranked(quants: Sequence[QuantFile]) -> list[QuantFile]:

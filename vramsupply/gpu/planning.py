@@ -3,6 +3,9 @@
 serve calls `fit_settings` before it downloads or loads anything: without an explicit quant it
 takes the best quant that fits, it shrinks a context or slot count the user did not set, and it
 refuses (PlanRefused, with the numbers) when explicit settings cannot fit.
+
+A Hub model's quants may come from several repos (gpu/source.py): the plan says which repo and
+file the chosen one is, since that is what serve downloads, and sizes it on that file's header.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from vramsupply.hub.quant import normalize_quant
 log = logging.getLogger(__name__)
 QUANT_IGNORED = "--quant (VRAM_SUPPLY_QUANT) applies to HuggingFace models only"
 TRAINED_ON = "the model was trained on"  # the engine logs this itself when it loads
-DEFAULT_QUANT = "Q4_K_M"
 
 
 class PlanRefused(VramsupplyError):
@@ -70,20 +72,36 @@ def planning_target(settings: AgentSettings, devices: list[Device] | None = None
 def source_for(settings: AgentSettings, quant: str | None) -> ModelSource:
     if not settings.model:
         raise MissingSetting("no model to plan for: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
-    return model_source(settings.model, quant or DEFAULT_QUANT, settings.download_timeout, settings.gguf_publishers, settings.cache_dir)
+    return model_source(settings.model, quant, settings.download_timeout, settings.gguf_publishers, settings.cache_dir)
 
 
 def plan_for(settings: AgentSettings, *, quant_explicit: bool, context_explicit: bool = True, parallel_explicit: bool = True, target: Target | None = None) -> Plan:
-    """The plan `serve` would follow. A local file is its own single candidate."""
+    """The plan `serve` would follow. A local file is its own single candidate. A Hub quant chosen
+    from another repo than the one whose header gave the shape is planned again on its own repo's
+    header (once: fit_before_load plans on the downloaded file in any case)."""
     quant = normalize_quant(settings.quant) if quant_explicit else None
     source = source_for(settings, quant)
+    _check_cache_types(settings, source)
+    target = target or planning_target(settings)
+    plan = _plan_on(source, settings, target, quant, context_explicit, parallel_explicit)
+    exact = source.with_shape_of(plan.chosen.quant) if plan.chosen else None
+    if exact is not None:
+        source = exact
+        _check_cache_types(settings, source)
+        plan = _plan_on(source, settings, target, quant, context_explicit, parallel_explicit)
+    return replace(plan, notes=plan.notes + _downloaded_file(source, plan))
+
+
+def _check_cache_types(settings: AgentSettings, source: ModelSource) -> None:
     try:
         cache = GpuOptions(cache_type_k=settings.cache_type_k, cache_type_v=settings.cache_type_v)
         cache.flash_attention(settings.flash_attention.value)
         cache.check_head_size(source.shape.head_dim_k, source.shape.head_dim_v)
     except GpuOptionError as exc:
         raise SourceError(str(exc)) from None
-    target = target or planning_target(settings)
+
+
+def _plan_on(source: ModelSource, settings: AgentSettings, target: Target, quant: str | None, context_explicit: bool, parallel_explicit: bool) -> Plan:
     sizing = estimate_settings(settings, target.on_gpu)
     if source.shape.recurrent and not parallel_explicit:  # each slot holds a whole recurrent state
         sizing = replace(sizing, parallel=min(sizing.parallel, DEFAULT_PARALLEL_RECURRENT))
@@ -96,6 +114,17 @@ def plan_for(settings: AgentSettings, *, quant_explicit: bool, context_explicit:
         parallel_fixed=parallel_explicit,
     )
     return replace(plan, notes=plan.notes + _quant_ignored(source, quant) + _context_capped(source, sizing))
+
+
+def _downloaded_file(source: ModelSource, plan: Plan) -> tuple[str, ...]:
+    """Where a Hub model's chosen quant comes from: each quant is the first ranked repo's that has
+    it, so repos may differ between quants, and `models resolve` shows the same file."""
+    offer = next((q for q in source.quants if plan.chosen and q.quant == plan.chosen.quant), None)
+    if offer is None or offer.resolved is None:
+        return ()
+    resolved = offer.resolved
+    more = f" and {len(resolved.files) - 1} more part(s)" if len(resolved.files) > 1 else ""
+    return (f"{offer.quant} is downloaded from {resolved.repo_id}: {resolved.primary.path}{more}",)
 
 
 def _context_capped(source: ModelSource, asked: Settings) -> tuple[str, ...]:

@@ -1,14 +1,19 @@
 """Where a plan's model comes from: a local .gguf, or a Hub repo read without downloading the weights.
 
-For a Hub model the repo is resolved as `serve` would resolve it, the sizes of every quant it
-offers come from the Hub's file listing, and the shape comes from one file's GGUF header, read
-over HTTP Range. All quants of a repo share the shape; only their weights differ.
+For a Hub model every quant is resolved as `serve --quant Q` would resolve it (hub/resolve.py
+`resolve_each`): a preferred publisher's repo may lack a quant that a lower-ranked one has, and
+the quant the plan chooses must be the file serve then downloads, not another repo's file of the
+same name. Sizes come from the Hub's file listing; the shape from one file's GGUF header, read
+over HTTP Range. All quants of a repo share the shape; another repo's file may not (a longer
+trained context, other metadata), so the plan reads the header of the chosen quant's own repo
+when it differs (``ModelSource.with_shape_of``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,10 +22,11 @@ from vramsupply.gpu.estimate import ModelShape
 from vramsupply.gpu.gguf_header import GgufError, GgufHeader, HeaderFetchError, data_end, read_local_header, read_remote_header
 from vramsupply.hub.errors import HubAuthError, HubError, HubOffline, HubUnreachable
 from vramsupply.hub.local import is_local_path
-from vramsupply.hub.quant import group_models, normalize_quant, parse_gguf_path
+from vramsupply.hub.quant import normalize_quant, parse_gguf_path
 
 if TYPE_CHECKING:
     from vramsupply.hub.access import HubAccess  # imported where used: only Hub models need it
+    from vramsupply.hub.resolve import ResolvedModel
 
 # llama.cpp's general.file_type (enum llama_ftype) -> quant tag, for local files named without one.
 FILE_TYPES = {
@@ -48,11 +54,21 @@ class SourceUnreachable(SourceError):
     """The Hub cannot be asked now (offline, unreachable); serve plans on the cached file instead."""
 
 
+SHAPE_QUANT = "Q4_K_M"
+"""Without a quant asked for, the quant whose file's header gives a Hub model's shape: the one
+most repos have, so usually in the top-ranked repo (and the file planned on before)."""
+
+
 @dataclass(frozen=True)
 class QuantFile:
     quant: str
     file_bytes: int  # all parts
     parts: int
+    resolved: ResolvedModel | None = None  # a Hub model's: the repo and file(s) serve downloads for it
+
+    @property
+    def repo_id(self) -> str | None:
+        return self.resolved.repo_id if self.resolved else None
 
 
 @dataclass(frozen=True)
@@ -63,10 +79,20 @@ class ModelSource:
     shape: ModelShape
     quants: tuple[QuantFile, ...]
     local_path: Path | None = None
+    shape_repo: str | None = None  # a Hub model's: the repo whose header gave the shape
+    read_shape: Callable[[ResolvedModel], ModelShape] | None = field(default=None, compare=False, repr=False)
 
     def weights_bytes(self, quant: QuantFile) -> int:
         """Tensor data: the file(s) minus their headers (every part of a split model has one)."""
         return max(0, quant.file_bytes - self.shape.header_bytes * quant.parts)
+
+    def with_shape_of(self, quant: str) -> ModelSource | None:
+        """This source with the shape read from `quant`'s own file, where another repo's header gave
+        it; None where it already is that repo's (or the model is a local file)."""
+        offer = next((q for q in self.quants if q.quant == quant), None)
+        if offer is None or offer.resolved is None or self.read_shape is None or offer.repo_id == self.shape_repo:
+            return None
+        return replace(self, shape=self.read_shape(offer.resolved), shape_repo=offer.repo_id)
 
 
 def quant_of_header(header: GgufHeader, path: Path) -> str:
@@ -101,24 +127,34 @@ def _not_a_model_file(path: Path) -> str:
     return not_a_model_file(path)
 
 
-def hub_source(model: str, quant: str, timeout: float, publishers: Sequence[str]) -> ModelSource:
-    """Resolve `model` as serve would (at `quant`), list the repo's quants, read one header remotely."""
+def hub_source(model: str, quant: str | None, timeout: float, publishers: Sequence[str]) -> ModelSource:
+    """Every quant of `model` as serve would resolve it, the shape read from one file's header:
+    `quant`'s, where one is asked for (resolved first, so that a missing quant is the error
+    `serve --quant` gives), else SHAPE_QUANT's, else the top-ranked repo's first quant."""
     # Imported here: planning for a local file never needs huggingface_hub (hub/local.py).
-    import httpx2
-
-    from vramsupply.hub.access import HubAccess, hub_errors
+    from vramsupply.hub.access import HubAccess
     from vramsupply.hub.resolve import Resolver
 
     access = HubAccess.from_env(timeout)
     resolver = Resolver(access, publishers)
-    resolved = resolver.resolve(model, quant)
-    info = resolver.repo_info(resolved.repo_id)
-    sizes = {sibling.rfilename: (sibling.lfs.size if sibling.lfs else sibling.size or 0) for sibling in (info.siblings if info else None) or ()}
-    quants = tuple(
-        QuantFile(group.quant, sum(sizes.get(path, 0) for path in group.paths), len(group.paths))
-        for group in group_models(sizes)
-        if group.quant is not None
-    )
+    asked = resolver.resolve(model, quant) if quant else None
+    each = resolver.resolve_each(model)  # reuses the repos `resolve` fetched
+    first = asked or next((r for r in each if r.quant == SHAPE_QUANT), each[0])
+    quants = tuple(QuantFile(r.quant, r.total_size, len(r.files), r) for r in each)
+
+    def read_shape(resolved: ResolvedModel) -> ModelShape:
+        with _source_errors(model, None):
+            return _remote_shape(access, resolved)
+
+    return ModelSource(first.model_id, _remote_shape(access, first), quants, shape_repo=first.repo_id, read_shape=read_shape)
+
+
+def _remote_shape(access: HubAccess, resolved: ResolvedModel) -> ModelShape:
+    """The shape in the header of `resolved`'s first file, read over HTTP Range."""
+    import httpx2
+
+    from vramsupply.hub.access import hub_errors
+
     url = access.file_url(resolved.repo_id, resolved.revision, resolved.primary.path)
     label = f"{resolved.repo_id}/{resolved.primary.path}"
     with hub_errors(resolved.repo_id, access), httpx2.Client(follow_redirects=True, timeout=httpx2.Timeout(access.timeout)) as client:
@@ -128,7 +164,7 @@ def hub_source(model: str, quant: str, timeout: float, publishers: Sequence[str]
             raise _refused_header(exc, resolved.repo_id, access) from None
         except GgufError as exc:
             raise SourceError(str(exc)) from None
-    return ModelSource(resolved.model_id, _shape(header, resolved.primary.size, label), quants or (QuantFile(resolved.quant, resolved.total_size, len(resolved.files)),))
+    return _shape(header, resolved.primary.size, label)
 
 
 def _refused_header(exc: HeaderFetchError, repo_id: str, access: HubAccess) -> HubError:
@@ -161,14 +197,21 @@ def _shape(header: GgufHeader, file_bytes: int, label: str) -> ModelShape:
         raise SourceError(f"{label}: {exc}") from None
 
 
-def model_source(model: str, quant: str, timeout: float, publishers: Sequence[str], cache_dir: Path | None = None) -> ModelSource:
+def model_source(model: str, quant: str | None, timeout: float, publishers: Sequence[str], cache_dir: Path | None = None) -> ModelSource:
     """A local path or a Hub id, as `serve --model` takes it; Hub calls time out after ``timeout`` s.
-    ``cache_dir`` is the cache_dir setting (None: the shared HF cache), where an offline plan looks
-    for a copy serve could use."""
+    `quant`: the one asked for (None: every quant is a candidate). ``cache_dir`` is the cache_dir
+    setting (None: the shared HF cache), where an offline plan looks for a copy serve could use."""
     if is_local_path(model):
         return local_source(model)
+    with _source_errors(model, cache_dir):
+        return hub_source(model, normalize_quant(quant) if quant else None, timeout, publishers)
+
+
+@contextmanager
+def _source_errors(model: str, cache_dir: Path | None) -> Iterator[None]:
+    """The Hub's errors as the plan's: unreachable (serve then goes on with a cached copy) or not."""
     try:
-        return hub_source(model, normalize_quant(quant), timeout, publishers)
+        yield
     except (HubUnreachable, HubOffline) as exc:
         raise SourceUnreachable(_with_cached_copy(str(exc), model, cache_dir)) from None
     except HubError as exc:

@@ -3,12 +3,16 @@
 Order: a repo that itself holds .gguf files is used as is; otherwise GGUF repos of the model are
 found through the Hub's model tree (`base_model:quantized:<id>`) and a name search, ranked by a
 preference list of publishers and then by downloads, and the first that has the quant wins.
+
+`resolve_each` answers for every quant at once, for the memory plan: each quant from the repo
+`resolve` would take it from, so that the quant the plan chooses is the file serve downloads (a
+preferred publisher's repo with only Q6_K gives Q6_K, a lower one's Q4_K_M still counts).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -178,8 +182,18 @@ class Resolver:
         self.publishers = publishers
         self.api: HfApi = access.api()
         self.unauthorized: set[str] = set()  # repos the Hub called missing with HTTP 401: perhaps private
+        # Each repo and search is asked about once per Resolver: the plan's `resolve_each` after a
+        # `resolve` reuses what it fetched.
+        self._infos: dict[str, ModelInfo | None] = {}
+        self._denied: set[str] = set()
+        self._candidates: dict[str, list[ModelInfo]] = {}
 
     def repo_info(self, repo_id: str) -> ModelInfo | None:
+        if repo_id not in self._infos:
+            self._infos[repo_id] = self._fetch_info(repo_id)
+        return self._infos[repo_id]
+
+    def _fetch_info(self, repo_id: str) -> ModelInfo | None:
         with hub_errors(repo_id, self.access):
             try:
                 return self._readable(self.api.model_info(repo_id, files_metadata=True, timeout=self.access.timeout), repo_id)
@@ -196,6 +210,11 @@ class Resolver:
         return info
 
     def find_candidates(self, base_id: str) -> list[ModelInfo]:
+        if base_id not in self._candidates:
+            self._candidates[base_id] = self._search(base_id)
+        return self._candidates[base_id]
+
+    def _search(self, base_id: str) -> list[ModelInfo]:
         org, name = base_id.split("/", 1)
         with hub_errors(base_id, self.access):
             related = [self._readable(info, base_id) for info in self.api.list_models(filter=["gguf", _QUANTIZED_TAG + base_id], sort="downloads", limit=SEARCH_LIMIT)]
@@ -203,13 +222,17 @@ class Resolver:
         named = [info for info in found if is_gguf_repo_name(info.id, org, name)]
         return rank_candidates(related + named, base_id, self.publishers)
 
-    def resolve(self, model: str, quant: str) -> ResolvedModel:
+    def _online_id(self, model: str) -> str:
         repo_id = parse_repo_id(model)
         if self.access.offline:
             raise HubUnreachable(
                 f"HF_HUB_OFFLINE is set, so {self.access.endpoint} is not asked about {model}: "
                 "unset HF_HUB_OFFLINE and run this command again while online"
             )
+        return repo_id
+
+    def resolve(self, model: str, quant: str) -> ResolvedModel:
+        repo_id = self._online_id(model)
         wanted = normalize_quant(quant)
         if not wanted:
             raise InvalidModelSpec("--quant is empty: name a quantization such as Q4_K_M")
@@ -226,15 +249,23 @@ class Resolver:
             raise ModelNotFound(self._nothing_found(model, base_id, info))
         return self._first_with_quant(candidates, wanted, model.lower())
 
-    def _first_with_quant(self, candidates: list[ModelInfo], quant: str, model_id: str) -> ResolvedModel:
-        checked = []
+    def _accessible(self, candidates: list[ModelInfo]) -> Iterator[ModelInfo]:
+        """The ranked candidates a quant may come from, with their files: the first
+        MAX_CANDIDATES_CHECKED, less those the Hub hides or refuses (gated, private)."""
         for candidate in candidates[:MAX_CANDIDATES_CHECKED]:
+            if candidate.id in self._denied:
+                continue
             try:
                 info = self.repo_info(candidate.id)
             except HubAuthError:
+                self._denied.add(candidate.id)
                 continue
-            if info is None:
-                continue
+            if info is not None:
+                yield info
+
+    def _first_with_quant(self, candidates: list[ModelInfo], quant: str, model_id: str) -> ResolvedModel:
+        checked = []
+        for info in self._accessible(candidates):
             group = select_quant(_paths(info), quant)
             if group is not None:
                 return _resolved(info, group, model_id, quant)
@@ -242,6 +273,45 @@ class Resolver:
         if not checked:
             raise ModelNotFound(f"no accessible GGUF repository found for {model_id}; pass --model <org>/<gguf-repo> or a local .gguf path")
         raise QuantNotFound(f"no GGUF repository of {model_id} has {quant}: " + "; ".join(checked))
+
+    def resolve_each(self, model: str) -> tuple[ResolvedModel, ...]:
+        """Every quant `model` can be had in, each as `resolve(model, quant)` resolves it: from a
+        repo that holds GGUFs itself (only from it, where it is a GGUF repo proper), else from the
+        first ranked candidate that has it; so the repos' publisher order holds per quant. A quant
+        whose file `resolve` would refuse (no sha256, no commit) is left out: serve cannot get it."""
+        repo_id = self._online_id(model)
+        info = self.repo_info(repo_id)
+        own = [(info, canonical_id(info))] if info is not None and group_models(_paths(info)) else []
+        if own and is_quantized_repo(own[0][0]):
+            return self._each_quant(own, model)
+        base_id = info.id if info is not None else repo_id
+        candidates = self.find_candidates(base_id)
+        if not candidates and not own:
+            raise ModelNotFound(self._nothing_found(model, base_id, info))
+        return self._each_quant(own + [(found, model.lower()) for found in self._accessible(candidates)], model)
+
+    def _each_quant(self, sources: list[tuple[ModelInfo, str]], model: str) -> tuple[ResolvedModel, ...]:
+        """Per quant, the first source (repo, model id) that has it."""
+        taken: dict[str, ResolvedModel | HubError] = {}
+        for info, model_id in sources:
+            for quant in available_quants(group_models(_paths(info))):
+                group = select_quant(_paths(info), quant)
+                if quant in taken or group is None:
+                    continue
+                try:
+                    taken[quant] = _resolved(info, group, model_id, quant)
+                except HubError as exc:  # resolve(model, quant) stops at this repo too
+                    taken[quant] = exc
+        usable = tuple(found for found in taken.values() if isinstance(found, ResolvedModel))
+        if usable:
+            return usable
+        refused = [found for found in taken.values() if isinstance(found, HubError)]
+        if refused:
+            raise refused[0]
+        if not sources:
+            raise ModelNotFound(f"no accessible GGUF repository found for {model.lower()}; pass --model <org>/<gguf-repo> or a local .gguf path")
+        described = "; ".join(f"{info.id} has {_describe_quants(info)}" for info, _ in sources)
+        raise QuantNotFound(f"no GGUF repository of {model.lower()} has a quant-tagged model file: {described}")
 
     def _nothing_found(self, model: str, base_id: str, info: ModelInfo | None) -> str:
         name = base_id.split("/", 1)[1]
