@@ -879,6 +879,7 @@ main() {
         build_id "$installed" > "$data_dir/backend"
     fi
 
+    was=$("$venv/bin/vramsupply" --version 2>/dev/null || true) # an upgrade: an agent may run it still
     # With the build's environment: pip may rebuild llama-cpp-python for the new release (pip_for_build).
     # shellcheck disable=SC2046
     pip_for_build install --quiet --upgrade $(no_cache_for "$(head -n 1 "$data_dir/backend" | cut -d ' ' -f 1)") "$spec"
@@ -904,9 +905,28 @@ main() {
         fi
     fi
     say "next: vramsupply serve --demo   (or: vramsupply login, then vramsupply serve --model org/model)"
+    if [ "$service" = 0 ]; then say_restart_running "$was"; fi # `service install` restarted the service
     if [ "$fell_back" = 1 ]; then
         say "WARNING: this is the CPU build; the $backend build failed: $failure" >&2
     fi
+}
+
+# After an upgrade, an agent started before it runs the old version still (and, importing lazily,
+# may mix in the new one's modules): say how to restart the service, or the agent in this data dir.
+say_restart_running() { # VERSION_BEFORE (empty: a fresh install)
+    [ -n "$1" ] || return 0
+    scope=""
+    if [ "$(id -u)" != 0 ]; then scope=" --user"; fi
+    # shellcheck disable=SC2086
+    if grep -qF "ExecStart=$venv/bin/vramsupply " "$(service_unit)" 2>/dev/null && systemd_present && systemctl$scope is-active --quiet vramsupply 2>/dev/null; then
+        say "the vramsupply service still runs $1: restart it to use the new version: systemctl$scope restart vramsupply"
+        return 0
+    fi
+    pid=$("$venv/bin/python" -c 'from vramsupply.instance_lock import lock_holder; print(lock_holder() or "")' 2>/dev/null || true)
+    case "$pid" in
+        "" | *[!0-9]*) ;;
+        *) say "an agent started before this upgrade (pid $pid) still runs $1: stop it (Ctrl-C, or kill $pid) and start it again to use the new version" ;;
+    esac
 }
 
 # Tests set VRAMSUPPLY_INSTALL_FUNCTIONS_ONLY=1 and source this file to call one function.

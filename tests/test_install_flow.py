@@ -27,6 +27,7 @@ from test_install_python import a_python
 # llama-cpp-python (pip install -v) makes it importable.
 VENV_PYTHON = """#!/bin/sh
 case "$*" in *rich.filesize*) exec "$FAKE_REAL_PYTHON" "$@" ;; esac  # uninstall sums the models' sizes (read only: not logged)
+case "$*" in *lock_holder*) cat "$FAKE_STATE/agent-pid" 2>/dev/null; exit 0 ;; esac  # the pid of an agent serving (read only)
 echo "python $* | CMAKE_ARGS=${CMAKE_ARGS-}" >> "$FAKE_LOG"
 case "$*" in
   "-c import llama_cpp") [ -e "$FAKE_STATE/llama" ]; exit $? ;;
@@ -284,6 +285,22 @@ def test_a_vramsupply_uninstall_value_that_says_nothing_clear_is_refused(machine
     assert result.returncode == 1
     assert result.stderr.strip() == "vramsupply: error: VRAMSUPPLY_UNINSTALL=maybe: set it to 1 to uninstall, or leave it unset"
     assert places["venv"].exists()
+
+
+def test_an_upgrade_says_that_an_agent_still_running_the_old_version_needs_a_restart(machine: InstallMachine) -> None:
+    """It imports lazily, so an agent left running may even mix the two versions' modules."""
+    first = machine.install("--backend", "cpu")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "still runs" not in first.stdout, "a fresh install has no agent of an older version"
+    (machine.state / "agent-pid").write_text("4242\n")
+
+    upgrade = machine.install("--backend", "cpu")
+
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert (
+        "vramsupply: an agent started before this upgrade (pid 4242) still runs vramsupply 9.9.9: stop it (Ctrl-C, or kill 4242) "
+        "and start it again to use the new version"
+    ) in upgrade.stdout.splitlines()
 
 
 def test_purge_without_uninstall_is_refused_before_anything_is_installed(machine: InstallMachine) -> None:
