@@ -179,7 +179,7 @@ def test_demand_at_every_terminal_width_keeps_each_word_on_one_line_and_within_t
         output = console.file.getvalue()
 
         assert "…" not in output and widest_line(output) <= columns, output
-        assert_each_on_one_line(output, model, "$2.50–$2.75", "$10.00–$12.50", "1234567", "org/stories260k")
+        assert_each_on_one_line(output, model, "$2.50–$2.75", "$10.00–$12.50", "1,234,567", "org/stories260k")
         header_lines = sum("┃" in line for line in output.splitlines())
         layouts.add("blocks" if not header_lines else "folded table" if header_lines > 1 else "table")
     assert layouts == {"blocks", "folded table", "table"}
