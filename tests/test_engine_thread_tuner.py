@@ -263,6 +263,6 @@ def test_each_switch_is_logged_with_what_the_probe_measured(caplog: pytest.LogCa
         machine.busy_programs = 0
         serve_for(tuner, machine, 3)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[0].startswith("decoding with 1 CPU thread instead of 2: a step took 0.0")
-    assert lines[0].endswith(" as long with 1 as with 2 (other programs may be keeping the cores busy)")
-    assert lines[1].startswith("decoding with 2 CPU threads instead of 1") and lines[1].endswith(" as long with 2 as with 1")
+    assert lines[0].startswith("using 1 CPU thread instead of 2: other programs may be keeping the cores busy; steps were ")
+    assert lines[0].endswith("× faster with 1")
+    assert lines[1].startswith("using 2 CPU threads instead of 1: the cores have room again; steps were ") and lines[1].endswith(" with 2")

@@ -39,7 +39,9 @@ module never imports another concern to raise its own errors)::
     │                                            server cannot be used as configured
     ├── ServeError                       exit 1  serve/options.py: serving cannot start (a tunnel)
     ├── BenchError                       exit 1  throughput/: `vramsupply bench` cannot measure
-    ├── LedgerError                      exit 1  ledger/store.py: the earnings ledger cannot be read
+    ├── LedgerError                      exit 1  ledger/errors.py: the earnings ledger cannot be read
+    │   ├── DamagedLedger                          ledger/errors.py: the file is damaged (the agent
+    │   │                                          moves it aside at start; says how to salvage it)
     │   └── Unwritten                              ledger/writer.py: a row held in memory until the
     │                                              file takes it (never reaches the CLI)
     ├── TunnelError                      exit 1  tunnel/errors.py: the --tunnel tool is unknown or

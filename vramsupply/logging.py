@@ -9,6 +9,11 @@ On a terminal, rich lays each line out as columns: the time and level (29 column
 message, its further lines indented under it. A terminal too narrow for that and a useful message
 (``MIN_MESSAGE_COLUMNS``) gets each event as plain lines across the whole width instead: in 40
 columns, rich's layout left the message 11 columns.
+
+The HTTP access log (``vramsupply.access``, off on a terminal) writes one line per request. The
+platform's health checks and a Prometheus scrape every 15 s made about 7,000 lines a day of
+``/health`` and ``/metrics`` under systemd, burying the buyers' lines: ``QuietProbes`` logs those
+that succeed (2xx) at DEBUG; their failures and every other line (``/v1``) stay at INFO.
 """
 
 from __future__ import annotations
@@ -119,6 +124,30 @@ class TerminalHandler(RichHandler):
         return line
 
 
+class QuietProbes(logging.Filter):
+    """On the access logger: a successful (2xx) ``/health`` or ``/metrics`` line becomes a DEBUG line,
+    dropped unless the logger is at DEBUG (a logger's filter runs after its INFO check). aiohttp's
+    access logger passes the request line and status as record attributes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not _probe_answered(record):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def _probe_answered(record: logging.LogRecord) -> bool:
+    parts = str(getattr(record, "first_request_line", "")).split(" ")
+    status = getattr(record, "response_status", None)
+    if len(parts) < 2 or not isinstance(status, int):
+        return False
+    return parts[1].partition("?")[0] in PROBE_PATHS and 200 <= status < 300
+
+
+ACCESS_LOGGER = "vramsupply.access"
+PROBE_PATHS = frozenset({"/health", "/metrics"})
+"""Asked every few seconds by machines (health checks, scrapes), not by buyers."""
+quiet_probes = QuietProbes()
 secret_filter = SecretMaskFilter()
 
 
@@ -147,3 +176,6 @@ def configure_logging(level: str, secrets: Iterable[str | SecretStr | None] = ()
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    access = logging.getLogger(ACCESS_LOGGER)
+    if quiet_probes not in access.filters:
+        access.addFilter(quiet_probes)

@@ -68,7 +68,10 @@ class PaymentNeeded:
 
 
 def _buyer_rail(request: web.Request) -> Rail | PaymentNeeded | web.Response:
-    """stripe for ``Bearer sk-…``, tempo for a valid ``Payment`` credential, else a challenge or 401."""
+    """stripe for ``Bearer <the account's API key>``, tempo for a valid ``Payment`` credential, else a
+    challenge or 401. The seeds' buyers send ``Bearer sk-…``, but the key is the account's whatever its
+    prefix: ``devplatform --api-key`` takes any key `login` accepts (a ``vs_live_…`` one too), and a
+    buyer using it must be served as the agent using it is."""
     authorization = request.headers.get("Authorization", "").strip()
     if not authorization:
         return PaymentNeeded("payment required: pay per token with MPP (Authorization: Payment) or use an API key")
@@ -76,7 +79,7 @@ def _buyer_rail(request: web.Request) -> Rail | PaymentNeeded | web.Response:
     store = request.app[STORE]
     if scheme.lower() == "bearer":
         key = value.strip()
-        if key.startswith("sk-") and key in store.accounts:
+        if key in store.accounts:
             return "stripe"
         return error_response(401, "invalid API key", "authentication_error", "invalid_api_key")
     if scheme.lower() == "payment":
@@ -87,7 +90,7 @@ def _buyer_rail(request: web.Request) -> Rail | PaymentNeeded | web.Response:
         if store.live_challenge(credential.challenge.id, time.time()) is None:
             return PaymentNeeded(f"challenge {credential.challenge.id} is unknown or expired")
         return "tempo"
-    return error_response(401, f"unsupported Authorization scheme {scheme!r}: use Bearer sk-… or Payment", "authentication_error", "invalid_auth")
+    return error_response(401, f"unsupported Authorization scheme {scheme!r}: use Bearer <API key> or Payment", "authentication_error", "invalid_auth")
 
 
 def _payment_required(store: Store, model: str, cheapest: Provider, reason: str) -> web.Response:

@@ -89,6 +89,8 @@ USUAL_WEIGHT = 0.1
 """How much each step moves the usual time of its stream count."""
 WINDOW_SECONDS = 0.25
 """How often the CPU the decode got is looked at (at a step's end, at most this often)."""
+SAID_UP_TO = 100
+"""A switch's INFO line says a speed-up past this as "over 100×" (see ``switch_line``)."""
 IDLE_GAP_SECONDS = 0.05
 """A pause this long between two steps (no request) starts a new window: idle cores while the
 engine itself had nothing to do say nothing about room for more threads."""
@@ -248,6 +250,7 @@ class ThreadTuner:
         fewer = probe.candidate < self.current
         if keep:
             log.info("%s", switch_line(probe.candidate, self.current, probe.ratios))
+            log.debug("%s", probe_line(probe.candidate, self.current, probe.ratios))
             self.current = probe.candidate
             self._fewer.reset(now)
             self._more.reset(now)
@@ -322,16 +325,28 @@ class ThreadTuner:
 
 
 def switch_line(candidate: int, current: int, ratios: list[float]) -> str:
-    """The log line of a switch: how long the candidate's steps took against the current count's
-    step just before each (the median), in two significant digits. A ratio of a few hundredths is
-    real: beside a busy program one thread is 50 times as fast; so, on a quiet machine, is one step
-    beside a step at the current count that a stall of a few milliseconds slowed (the demo model's
-    steps take a tenth of a millisecond), where a one-pair probe ends at once (``DECISIVE_BELOW``)."""
+    """The INFO line of a switch, in a provider's words: the thread count now used, why the tuner
+    looks there, and how much faster its steps were than the current count's (the median of the
+    probe's pairs). A ratio of a few hundredths is real: beside a busy program one thread is 50
+    times as fast; but so, on a quiet machine, is one step beside a step at the current count that
+    a stall of a few milliseconds slowed (the demo model's steps take a tenth of a millisecond, and
+    a one-pair probe ends at once, ``DECISIVE_BELOW``): "a step took 0.00045× as long" told a
+    provider nothing. So a speed-up past ``SAID_UP_TO`` is said as "over 100×"; the measured ratios
+    are in ``probe_line``, at DEBUG."""
     ratio = statistics.median(ratios)
-    steps = "a step" if len(ratios) == 1 else "steps"
-    took = "about as long" if ratio >= 0.95 else f"{ratio:.2g}× as long"
-    why = " (other programs may be keeping the cores busy)" if candidate < current else ""
-    return f"decoding with {candidate} CPU thread{'s' if candidate != 1 else ''} instead of {current}: {steps} took {took} with {candidate} as with {current}{why}"
+    speedup = 1 / max(ratio, 1e-12)
+    faster = "about as fast" if ratio >= 0.95 else f"over {SAID_UP_TO}× faster" if speedup > SAID_UP_TO else f"{speedup:.2g}× faster"
+    threads = f"{candidate} CPU thread{'s' if candidate != 1 else ''} instead of {current}"
+    if candidate < current:
+        return f"using {threads}: other programs may be keeping the cores busy; steps were {faster} with {candidate}"
+    return f"using {threads}: the cores have room again; steps were {faster} with {candidate}"
+
+
+def probe_line(candidate: int, current: int, ratios: list[float]) -> str:
+    """The DEBUG line of a switch: what the probe measured, each candidate step's time as a share of
+    the current count's step before it."""
+    shares = ", ".join(f"{r:.2g}" for r in ratios)
+    return f"thread probe: steps with {candidate} took {shares} of the time of steps with {current} (median {statistics.median(ratios):.2g})"
 
 
 def step_kind(rows: int, seconds: float, prompt_tokens: int) -> tuple[tuple[str, int], float]:

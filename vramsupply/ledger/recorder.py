@@ -14,19 +14,27 @@ A ledger that cannot be written (a full disk) loses nothing: the writer holds th
 writes them once it can, and ``failure`` says why and how many wait, from the first failed write
 until they are all written. One that could not be opened at start (``UnopenedLedger``) is reported
 for the whole run, since only a restart opens it again; stopping, it logs how many requests it missed.
+
+A damaged ledger is the exception: no restart mends it, and under systemd nobody would read a
+warning that asks for one. At start the agent reads the whole file (``LedgerStore.check``); a
+damaged one is renamed ``ledger.sqlite3.damaged-<UTC time>`` (with its ``-wal`` and ``-shm``), a
+new one is started, and one warning says where the old one is and how to salvage its rows. Only
+the agent moves it: `vramsupply earnings` says the same in one line and leaves the file alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from vramsupply.ledger.money import earned_nanocents, gross_nanocents
-from vramsupply.ledger.store import Entry, LedgerError
+from vramsupply.ledger.errors import DamagedLedger, LedgerError, salvage_command
+from vramsupply.ledger.store import Entry, LedgerStore
 from vramsupply.ledger.writer import LedgerWriter, Unwritten
 
 log = logging.getLogger("vramsupply.ledger")
@@ -138,9 +146,59 @@ def open_recorder(path: Path, *, input_price: int, output_price: int, selling: b
     records nothing and says why (logged now, on ``/health`` all along): the agent serves on
     without a ledger rather than not at all."""
     try:
-        writer = LedgerWriter.open(path)
+        writer = _open_writer(path)
     except LedgerError as exc:
         failure = f"{exc}, then restart the agent; until then requests are served but not recorded"
         log.warning("%s", failure)
         return UnopenedLedger(failure)
     return LedgerRecorder(writer, input_price=input_price, output_price=output_price, selling=selling)
+
+
+def _open_writer(path: Path) -> LedgerWriter:
+    """The writer of the ledger at ``path``; a damaged one is moved aside first, and a new one started."""
+    try:
+        return LedgerWriter(_checked_store(path))
+    except DamagedLedger as exc:
+        _set_aside(path, exc)
+    return LedgerWriter(_checked_store(path))
+
+
+def _checked_store(path: Path) -> LedgerStore:
+    store = LedgerStore(path)
+    try:
+        store.check()
+    except LedgerError:
+        store.close()
+        raise
+    return store
+
+
+def _set_aside(path: Path, damage: DamagedLedger) -> None:
+    """Rename the damaged ledger and say so, once; raises ``LedgerError`` when it cannot be renamed."""
+    try:
+        aside = move_aside(path)
+    except OSError as exc:
+        raise LedgerError(
+            f"the earnings ledger {path} is damaged ({damage.reason}) and cannot be moved aside: {exc.strerror or exc}; "
+            "move it (and its -wal and -shm files) away yourself"
+        ) from None
+    log.warning(
+        "the earnings ledger %s was damaged (%s): moved it to %s and started a new one; the earnings recorded in it are "
+        "not in `vramsupply earnings` now. To try to salvage them: %s", path, damage.reason, aside, salvage_command(aside),
+    )
+
+
+def move_aside(path: Path, now: float | None = None) -> Path:
+    """Rename the damaged ledger at ``path`` to ``<name>.damaged-<UTC time>``, its ``-wal`` and ``-shm``
+    with it (its last commits may be in the WAL, which ``.recover`` reads too); returns the new path.
+    The WAL goes first: a crash in between must not leave it beside the new ledger, which would read it."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    tries = 1
+    while any(Path(f"{aside}{suffix}").exists() for suffix in ("", "-wal", "-shm")):
+        tries += 1
+        aside = path.with_name(f"{path.name}.damaged-{stamp}-{tries}")
+    for suffix in ("-wal", "-shm", ""):
+        if Path(f"{path}{suffix}").exists():
+            os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+    return aside

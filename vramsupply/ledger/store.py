@@ -13,13 +13,17 @@ unpaid, so the daily totals keep their tokens and money apart too (``cut_*``, sc
 schema-1 ledger rolled up before that hold no such split: ``untracked_cut_requests`` counts the
 requests that ended early in them, whose tokens and money are in the totals as if complete.
 
+A damaged file (SQLite's "database disk image is malformed", "file is not a database") raises
+``DamagedLedger`` (errors.py), apart from every other failure: no retry or restart mends it, so the agent moves
+it aside at start (``recorder.move_aside``) and starts a new one; `vramsupply earnings` only says so, and
+how to salvage its rows. A locked, read-only or full one is never moved: those pass.
+
 One ``LedgerStore`` is one connection; use it from one thread (the writer thread in ``serve``, the
 main thread in the CLI).
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import sqlite3
 import time
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vramsupply.config import data_dir
-from vramsupply.errors import VramsupplyError
+from vramsupply.ledger.errors import DamagedLedger, LedgerError, damaged, remedy
 
 LEDGER_FILE_NAME = "ledger.sqlite3"
 SCHEMA_VERSION = 2
@@ -184,54 +188,37 @@ class Group:
     cut_earned_nanocents: int
 
 
-class LedgerError(VramsupplyError):
-    """The ledger file cannot be opened or written; the message names the file and what to do."""
-
-
-REMEDIES = (
-    ((errno.ENOSPC,), ("SQLITE_FULL",), "free space on its disk"),
-    ((errno.EISDIR,), (), "move that directory out of the way"),
-    ((errno.EACCES, errno.EPERM, errno.EROFS), ("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH", "SQLITE_CANTOPEN"),
-     "make it and its folder writable by the user the agent runs as"),
-    ((), ("SQLITE_BUSY", "SQLITE_LOCKED"), "another program holds it locked: end that program"),
-    ((), ("SQLITE_CORRUPT", "SQLITE_NOTADB"), "it is damaged: move it away, and a new one is started"),
-)
-"""(OS errnos, SQLite error names, what the provider does about them) for the ledger file."""
-
-SQLITE_MESSAGES = {
-    "database or disk is full": "SQLITE_FULL",
-    "attempt to write a readonly database": "SQLITE_READONLY",
-    "unable to open database file": "SQLITE_CANTOPEN",
-    "database is locked": "SQLITE_BUSY",
-    "database disk image is malformed": "SQLITE_CORRUPT",
-    "file is not a database": "SQLITE_NOTADB",
-}
-"""SQLite's own messages, for Python 3.10, whose ``sqlite3.Error`` has no ``sqlite_errorname``."""
-
-
-def remedy(exc: BaseException) -> str:
-    """What the provider does when opening or writing the ledger failed with ``exc``."""
-    code = exc.errno if isinstance(exc, OSError) else None
-    name = getattr(exc, "sqlite_errorname", None) or SQLITE_MESSAGES.get(str(exc), "")
-    for codes, names, what in REMEDIES:
-        if code in codes or name.startswith(names):
-            return what
-    return "check the file and the disk it is on"
-
-
 class LedgerStore:
     def __init__(self, path: Path) -> None:
         self.path = path
+        db = None
         try:
             _create_private(path)
-            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False)
+            self._db = db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit is written to the WAL before it returns, so it survives the
             # process being killed; only a power cut can lose the last moments before a checkpoint.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except (sqlite3.Error, OSError) as exc:
+            if db is not None:
+                db.close()
+            if damaged(exc):
+                raise DamagedLedger(path, exc) from None
             raise LedgerError(f"cannot open the earnings ledger {path}: {getattr(exc, 'strerror', None) or exc}; {remedy(exc)}") from None
+
+    def check(self) -> None:
+        """Read every page (``PRAGMA quick_check``, well under a second for the largest ledger):
+        damage past the first pages, which opening does not read, raises ``DamagedLedger`` at the
+        agent's start rather than at some later write."""
+        try:
+            rows = self._db.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.Error as exc:
+            if damaged(exc):
+                raise DamagedLedger(self.path, exc) from None
+            raise LedgerError(f"cannot read the earnings ledger {self.path}: {exc}; {remedy(exc)}") from None
+        if rows != [("ok",)]:
+            raise DamagedLedger(self.path, "; ".join(str(row[0]) for row in rows[:3]))
 
     def _migrate(self) -> None:
         """Create the tables, or bring a schema-1 ledger to schema 2, in one transaction: the agent
@@ -295,7 +282,7 @@ class LedgerStore:
         try:
             rows = self._db.execute(GROUPED, {"since": since, "until": until}).fetchall()
         except sqlite3.Error as exc:
-            raise LedgerError(f"cannot read the earnings ledger {self.path}: {exc}") from None
+            raise self._unreadable(exc) from None
         return [Group(*row[:6], *((high << HALF_BITS) + low for high, low in zip(row[6::2], row[7::2]))) for row in rows]
 
     def later(self, until: float) -> int:
@@ -303,7 +290,10 @@ class LedgerStore:
         try:
             return self._db.execute(LATER, {"until": until}).fetchone()[0]
         except sqlite3.Error as exc:
-            raise LedgerError(f"cannot read the earnings ledger {self.path}: {exc}") from None
+            raise self._unreadable(exc) from None
+
+    def _unreadable(self, exc: sqlite3.Error) -> LedgerError:
+        return DamagedLedger(self.path, exc) if damaged(exc) else LedgerError(f"cannot read the earnings ledger {self.path}: {exc}")
 
     def entries(self) -> list[Entry]:
         """Every raw row, oldest first (tests and audits)."""

@@ -34,7 +34,8 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
-from vramsupply.ledger.store import Entry, LedgerError, LedgerStore, remedy
+from vramsupply.ledger.errors import LedgerError, remedy
+from vramsupply.ledger.store import Entry, LedgerStore
 
 log = logging.getLogger("vramsupply.ledger")
 
