@@ -41,7 +41,7 @@ def buyer_leaves_just_before_the_end(monkeypatch: pytest.MonkeyPatch, app: web.A
 
     async def closing_first(self: web.StreamResponse, data: bytes = b"") -> None:
         request = self._req
-        if self.headers.get("Content-Type") == "text/event-stream" and request is not None and request.transport is not None and app in (None, request.app):
+        if self.headers.get("Content-Type", "").startswith("text/event-stream") and request is not None and request.transport is not None and app in (None, request.app):
             request.transport.close()
         await write_eof(self, data)
 

@@ -6,6 +6,9 @@ still become ``<tool_call>``), they ``yield`` until more arrives, so a family's 
 append what they read to ``pieces``: a call announced (``tool_call``) and its arguments' fragments.
 Two exceptions end a layout early: ``NotStreamable`` (nothing of this call was announced: the
 family's whole-text parser reads it at the end) and ``Broken`` (an announced call broke).
+
+When ``max_tokens`` cuts the answer (``cut``), a call whose name was read is announced all the
+same, with the arguments written so far, as OpenAI returns a call cut short.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class CallReader:
         self.text = ""
         self.pos = 0
         self.ended = False
+        self.cut = False  # set with ``ended`` when max_tokens cut the answer
+        self.heard: str | None = None  # the name ``_head`` read last, before its shape was known
         self.pieces: list[Piece] = []
         self.calls = 0
         # Where the family's whole-text parser would start reading the current call, and how many
@@ -168,8 +173,14 @@ class CallReader:
         start = self.pos
         name = yield from self._head()
         if name is None:
-            self.pos = start
-            text = yield from self.json_object()
+            heard, self.pos = self.heard, start
+            try:
+                text = yield from self.json_object()
+            except NotStreamable:
+                if self.cut and heard is not None:  # cut after the call's name
+                    self.announce(heard)
+                    raise Broken(len(self.text)) from None
+                raise
             try:
                 call = call_from_object(jsontext.loads(text), self.schemas, self.syntax.id_style)
             except (RecursionError, ValueError):  # nested deeper than json can recurse
@@ -180,6 +191,10 @@ class CallReader:
             self.pieces.append(Piece("arguments", call.arguments))
             return
         if not (yield from self.opens_object()):
+            if self.cut:  # cut at the arguments' start: what was written of them is returned
+                self.announce(name)
+                self.pieces.append(Piece("arguments", self.text[self.pos :]))
+                raise Broken(len(self.text))
             raise NotStreamable
         self.announce(name)
         yield from self.arguments()
@@ -191,6 +206,7 @@ class CallReader:
     def _head(self) -> Wait:
         """The call's name, with the position at its arguments' ``{``; None for another shape."""
         steps: tuple[Any, ...] = ("{", '"name"', ":", _STRING, ",", _ARGUMENT_KEYS, ":")
+        self.heard = None
         for step in steps:
             if isinstance(step, re.Pattern):
                 if not (yield from self.skip_space()):
@@ -202,6 +218,7 @@ class CallReader:
                     name = jsontext.loads(found)
                 except ValueError:  # an escape JSON does not have
                     return None
+                self.heard = jsontext.usable_name(name)
             elif (yield from self.literal(*((step,) if isinstance(step, str) else step), optional=True)) is None:
                 return None
         if not (yield from self.skip_space()) or self.text[self.pos] != "{":
@@ -261,7 +278,7 @@ class CallReader:
         keys: list[str] = []
         while (parameter := (yield from self.xml_parameter())) is not None:
             if parameter is False or parameter[0] in keys:  # a repeated key: a dict keeps only the last
-                raise Broken(self.pos) if keys else NotStreamable
+                raise self._xml_break(name.strip(), keys)
             key, raw = parameter
             if not keys:
                 self.announce(name.strip())
@@ -269,7 +286,15 @@ class CallReader:
             self.pieces.append(Piece("arguments", ("{" if not keys else ", ") + member))
             keys.append(key)
         if not (yield from self.literal("</function>", optional=True)):
-            raise Broken(self.pos) if keys else NotStreamable
+            raise self._xml_break(name.strip(), keys)
         if not keys:
             self.announce(name.strip())
         self.pieces.append(Piece("arguments", "}" if keys else "{}"))
+
+    def _xml_break(self, name: str, keys: list[str]) -> Exception:
+        """What ends an XML call that stopped being one: cut by max_tokens, it is announced all
+        the same (its parameters so far already went out)."""
+        if self.cut and not keys:
+            self.announce(name)
+            return Broken(len(self.text))
+        return Broken(self.pos) if keys else NotStreamable()

@@ -24,16 +24,31 @@ When a call commits, and what its arguments are:
   then not valid JSON, as OpenAI's own API may return; what follows the break is content. A call
   held to its schema by a grammar (forced, or ``auto`` once its marker started it) cannot break;
   only ``max_tokens`` can cut it, and ``finish_reason`` then says ``length``.
+- A cut (``finish(cut=True)``) is no break of the model's: whatever the layout was still reading
+  when the text ran out (a call's head, ``</tool_c``, ``<tool_call>`` of a next call, a section the
+  whole-text parser cannot read) is markup cut short and is dropped, not returned as content. A
+  call whose name was read when the cut came is announced with the arguments written so far.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .call_reader import Broken, CallReader, NotStreamable, Wait
 from .syntaxes import ToolSyntax
 from .types import Piece
+
+
+def held(text: str, markers: Iterable[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a marker."""
+    longest = 0
+    for marker in markers:
+        for size in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:size]):
+                longest = size
+                break
+    return longest
 
 
 # ---- each family's layout -------------------------------------------------------------------------
@@ -125,16 +140,23 @@ class CallStream:
         self._run()
         return self._take()
 
-    def finish(self) -> list[Piece]:
+    @property
+    def announced(self) -> int:
+        """Calls announced so far (those dropped without parallel calls included)."""
+        return self._announced
+
+    def finish(self, cut: bool = False) -> list[Piece]:
+        """The pieces left at the end of the answer; ``cut``: ``max_tokens`` ended it."""
+        reading = self._layout is not None  # the layout still waited for text when it ended
         self._reader.ended = True
+        self._reader.cut = cut
         self._run()
         pieces = self._take()
         text = self._reader.text
         if self._whole_from is not None:
-            pieces.extend(self._whole(text[self._whole_from :]))
-        elif self._rest_from is not None:
-            rest = text[self._rest_from :].strip()
-            pieces.extend([Piece("content", rest)] if rest else [])
+            pieces.extend(self._whole(text[self._whole_from :], cut))
+        elif self._rest_from is not None and not (cut and reading):
+            pieces.extend(self._after_calls(text[self._rest_from :], cut))
         return pieces
 
     def _run(self) -> None:
@@ -166,13 +188,16 @@ class CallStream:
                 kept.append(piece)
         return kept
 
-    def _whole(self, section: str) -> list[Piece]:
-        """The family's whole-text parser on what was not streamed; a malformed call is content."""
+    def _whole(self, section: str, cut: bool) -> list[Piece]:
+        """The family's whole-text parser on what was not streamed; a malformed call is content,
+        one cut by ``max_tokens`` is markup cut short (dropped)."""
         reader = self._reader
         try:
             parsed = reader.syntax.parse(section, reader.schemas)
         except (RecursionError, MemoryError, ValueError, TypeError):  # e.g. JSON nested 10k deep
             parsed = None
+        if parsed is None and cut:
+            return []
         if parsed is None:
             text = section.strip() if reader.calls else section
             return [Piece("content", text)] if text else []
@@ -180,5 +205,12 @@ class CallStream:
         for call in parsed[0]:
             reader.announce(call.name, call.id)
             reader.pieces.append(Piece("arguments", call.arguments))
-        after = parsed[1].strip()
-        return self._take() + ([Piece("content", after)] if after else [])
+        return self._take() + self._after_calls(parsed[1], cut)
+
+    def _after_calls(self, text: str, cut: bool) -> list[Piece]:
+        """The text after the calls, as content; a cut leaves out a tail that only a marker starts."""
+        syntax = self._reader.syntax
+        rest = text.strip()
+        if cut:
+            rest = rest[: len(rest) - held(rest, (*syntax.starts, *syntax.preserved))].rstrip()
+        return [Piece("content", rest)] if rest else []

@@ -6,6 +6,14 @@ anymore: only a tail that could still grow into ``</think>`` or ``<tool_call>`` 
 the way stop strings are. A tool-call section is read by ``calls.CallStream``: JSON calls stream
 their arguments as they are written, other shapes are parsed whole at the end; a call that does
 not parse is emitted as content, never lost and never a server error.
+
+Template markup never reaches ``content``. When ``max_tokens`` cuts the answer (``finish(cut=True)``),
+a held-back tail that could only grow into a marker (``<tool_``) is dropped rather than emitted, and
+so is whatever a cut call section leaves unread (``calls.py``): a model that ends of its own
+accord after such text wrote it as prose, and gets it back; a model cut there was writing markup.
+A forced call (``expect_call``: tool_choice ``required`` or a named function) is the whole answer:
+cut, it leaves no content, and the named function's call is returned with the arguments written
+so far (possibly none), as OpenAI returns a call cut by ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -15,10 +23,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .calls import CallStream
+from .calls import CallStream, held
 from .formats import ReasoningMarkers
 from .syntaxes import ToolSyntax
-from .types import Piece, ToolCall
+from .types import Piece, ToolCall, new_call_id
 
 
 @dataclass
@@ -43,17 +51,6 @@ class ParsedOutput:
         return self
 
 
-def _held(text: str, markers: Iterable[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a marker."""
-    longest = 0
-    for marker in markers:
-        for size in range(min(len(marker) - 1, len(text)), longest, -1):
-            if text.endswith(marker[:size]):
-                longest = size
-                break
-    return longest
-
-
 class OutputParser:
     """States: ``start`` (a thought may open) → ``reasoning`` → ``content`` → ``tools`` (to the end)."""
 
@@ -64,7 +61,10 @@ class OutputParser:
         syntax: ToolSyntax | None = None,
         schemas: Mapping[str, Any] | None = None,
         parallel: bool = True,
+        continuing: bool = False,
     ) -> None:
+        """``continuing``: the answer goes on with text already under way (a continued assistant
+        message), so its leading whitespace is text, not space before an answer to trim."""
         self._reasoning = reasoning
         self._syntax = syntax
         self._schemas = schemas or {}
@@ -75,9 +75,15 @@ class OutputParser:
         # Where the thought lies in the text, in characters (markers included): its tokens are
         # the reasoning tokens of the usage.
         self._reasoning_span: tuple[int, int | None] | None = (0, None) if self._state == "reasoning" else None
-        self._content_started = False  # content seen beyond whitespace: "leading" markers no longer apply
+        self._content_started = continuing  # content seen beyond whitespace: "leading" markers no longer apply
         self._reasoning_started = False
         self._calls: CallStream | None = None
+        self._forced = False  # the whole answer is a call (tool_choice required or named)
+        self._forced_name: str | None = None
+
+    def expect_call(self, name: str | None) -> None:
+        """The answer is a forced call; of ``name`` when only one function may be called."""
+        self._forced, self._forced_name = True, name
 
     @property
     def reasoning_span(self) -> tuple[int, int] | None:
@@ -106,17 +112,26 @@ class OutputParser:
             if (self._state, len(self._buffer)) == before:
                 return pieces
 
-    def finish(self) -> list[Piece]:
-        """Everything held back, once the generation has ended."""
+    def finish(self, cut: bool = False) -> list[Piece]:
+        """Everything held back, once the generation has ended; ``cut``: by ``max_tokens``."""
         pieces: list[Piece] = []
         rest, self._buffer = self._buffer, ""
         if self._state == "reasoning":
             self._emit(pieces, "reasoning", rest.rstrip() if self._reasoning_started else rest.strip())
         elif self._calls is not None:
-            pieces.extend(self._calls.push(rest) + self._calls.finish())
-        else:
+            pieces.extend(self._calls.push(rest) + self._calls.finish(cut))
+        elif not cut:
             self._emit(pieces, "content", rest if self._content_started else rest.lstrip())
+        # else: what a cut leaves held back here could only have become a marker (``held``).
+        if cut and self._forced:
+            pieces = [p for p in pieces if p.kind != "content"]
+            if self._state != "reasoning" and not self._called(pieces) and self._forced_name is not None:
+                assert self._syntax is not None
+                pieces.append(Piece("tool_call", call=ToolCall(self._forced_name, "", new_call_id(self._syntax.id_style))))
         return pieces
+
+    def _called(self, pieces: list[Piece]) -> bool:
+        return (self._calls is not None and self._calls.announced > 0) or any(p.kind == "tool_call" for p in pieces)
 
     # ---- states -------------------------------------------------------------------------------
 
@@ -144,7 +159,7 @@ class OutputParser:
             self._reasoning_span = (self._reasoning_span[0], self._pushed - len(self._buffer))
             self._state = "content"
             return
-        keep = _held(self._buffer, (self._reasoning.end,))
+        keep = held(self._buffer, (self._reasoning.end,))
         text = self._buffer[: len(self._buffer) - keep]
         ready = text.rstrip()  # trailing whitespace may precede the end marker
         self._emit(pieces, "reasoning", ready)
@@ -167,7 +182,7 @@ class OutputParser:
             m.startswith(self._buffer) for m in self._syntax.leading
         ):
             return
-        keep = _held(self._buffer, self._syntax.starts) if self._syntax is not None else 0
+        keep = held(self._buffer, self._syntax.starts) if self._syntax is not None else 0
         self._emit(pieces, "content", self._buffer[: len(self._buffer) - keep])
         self._buffer = self._buffer[len(self._buffer) - keep :]
 

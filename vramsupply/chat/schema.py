@@ -21,7 +21,13 @@ that let a constrained answer break its schema closed:
   ``additionalProperties`` allows; none allowed: ``UnsatisfiableSchema``); a boolean schema is
   ``true`` (any value) or ``false`` (no value: such a property is never written); ``{}`` is any
   value, not only an object; ``$ref`` names are resolved per schema, so two tools' ``$defs`` of
-  one name stay apart.
+  one name stay apart;
+- a schema may refer to itself (a tree's ``"items": {"$ref": "#"}``, a list's ``next`` in
+  ``$defs``): GBNF rules may recurse. What llama.cpp cannot parse is left recursion, a ``$ref``
+  that comes back to itself through ``$ref``/``anyOf``/``oneOf`` alone, before any JSON of its own
+  is written (such a schema has no finite value, or none the recursion adds): it is a
+  ``RecursiveSchema`` error naming its place, where llama.cpp logged an error and the request got
+  a 400 that named no field.
 
 What a schema says beyond that is recorded per keyword (``keywords.py``): ``strict`` refuses it.
 """
@@ -41,7 +47,7 @@ from .gbnf_text import STRING_FORMATS, check_gbnf, gbnf_literal, json_literal
 from .keywords import UnenforcedKeyword
 from .numbers import MAX_DIGITS, Bound, Node, decimals, double_bound, integers, to_gbnf
 from .pattern import PatternError, pattern_to_gbnf
-from .schema_normal import UnsatisfiableSchema, rewritten
+from .schema_normal import UnsatisfiableSchema, rename_root_refs, rewritten
 
 JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 _BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
@@ -49,7 +55,14 @@ _NAME = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
 MAX_BOUND_DIGITS = 100
 """Digits of a bound written out (1e-300 has 300): the pattern grows with them."""
 
-__all__ = ["JsonSchemaConverter", "PatternError", "UnenforcedKeyword", "UnsatisfiableSchema", "schema_to_gbnf"]
+_PASS_THROUGH = {"ref", "union", "types", "allOf-one"}
+"""Branches that write no JSON text of their own before the schemas they hold."""
+
+__all__ = ["JsonSchemaConverter", "PatternError", "RecursiveSchema", "UnenforcedKeyword", "UnsatisfiableSchema", "schema_to_gbnf"]
+
+
+class RecursiveSchema(ValueError):
+    """A ``$ref`` that comes back to itself before any JSON is written: no grammar can hold it."""
 
 
 class JsonSchemaConverter(SchemaConverter):
@@ -59,6 +72,7 @@ class JsonSchemaConverter(SchemaConverter):
         self._kept: list[Any] = []  # nodes made here: alive, so that no other node takes their id
         self._ref_rules: dict[str, str] = {}
         self._ref_early: set[str] = set()
+        self._unwritten: set[str] = set()  # refs being resolved since the last JSON text written
         self.unenforced: list[tuple[str, str]] = []  # (path, keyword), in the order met (repeats too)
 
     # ---- adding schemas ---------------------------------------------------------------------------
@@ -68,7 +82,11 @@ class JsonSchemaConverter(SchemaConverter):
         copy = json.loads(json.dumps(schema))
         self._kept.append(copy)
         self._place(copy, "")
-        return self.resolve_refs(copy, url) if isinstance(copy, (dict, list)) else copy
+        if not isinstance(copy, (dict, list)):
+            return copy
+        self._refs[url + "#"] = copy  # "#": the whole schema (the base knows only "#/…")
+        rename_root_refs(copy, url + "#")
+        return self.resolve_refs(copy, url)
 
     def add_schema(self, schema: Any, name: str) -> str:
         """The rule for ``schema`` (``$ref``s resolved within it), named after ``name``."""
@@ -107,8 +125,17 @@ class JsonSchemaConverter(SchemaConverter):
 
     def visit(self, schema: Any, name: str) -> str:
         schema = self._normal(schema)
-        rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
         branch = _branch(schema)
+        if branch in _PASS_THROUGH:
+            return self._visit(schema, name, branch)
+        unwritten, self._unwritten = self._unwritten, set()  # JSON text comes first: recursion is fine
+        try:
+            return self._visit(schema, name, branch)
+        finally:
+            self._unwritten = unwritten
+
+    def _visit(self, schema: dict[str, Any], name: str, branch: str) -> str:
+        rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
         self._note_branch(schema, branch)
         if branch == "types":
             return self._add_rule(rule_name, self._generate_union_rule(name, [self._made(schema, {**schema, "type": t}) for t in schema["type"]]))
@@ -190,16 +217,26 @@ class JsonSchemaConverter(SchemaConverter):
 
     def _resolve_ref(self, ref: str) -> str:
         """The rule of a ``$ref``, one per ref (the base named it by its last segment only)."""
+        if ref in self._unwritten:
+            where = self._places.get(id(self._refs.get(ref)), "")
+            raise RecursiveSchema(
+                f"'$ref' {'#' + ref.split('#', 1)[-1]!r} refers back to {place('the schema', where) if where else 'the whole schema'} before any "
+                "JSON of its own is written (left recursion, which no grammar can hold): a recursive '$ref' must sit inside an object's "
+                "property or an array's items"
+            )
         if ref in self._ref_rules:
             if ref in self._refs_being_resolved:
                 self._ref_early.add(ref)
             return self._ref_rules[ref]
-        rule = INVALID_RULE_CHARS_RE.sub("-", ref.split("/")[-1]) or "ref"
+        rule = INVALID_RULE_CHARS_RE.sub("-", ref.split("/")[-1]) if "/" in ref else "self"
+        rule = rule or "ref"
         while rule in self._rules or rule in RESERVED_NAMES or rule in self._ref_rules.values():
             rule += "-ref"
         self._ref_rules[ref] = rule
         self._refs_being_resolved.add(ref)
+        self._unwritten.add(ref)
         written = self.visit(self._refs[ref], rule)
+        self._unwritten.discard(ref)
         self._refs_being_resolved.discard(ref)
         if written != rule and ref in self._ref_early:
             self._rules[rule] = written

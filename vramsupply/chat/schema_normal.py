@@ -99,3 +99,16 @@ def _all_of(schema: dict[str, Any], where: str) -> bool:
     else:
         del schema["allOf"]
     return True
+
+
+def rename_root_refs(node: Any, ref: str) -> None:
+    """Each ``{"$ref": "#"}`` in ``node`` to ``ref``, the key its whole schema is registered under."""
+    if isinstance(node, dict):
+        if node.get("$ref") == "#":
+            node["$ref"] = ref
+        children: Any = node.values()
+    else:
+        children = node if isinstance(node, list) else ()
+    for child in children:
+        if isinstance(child, (dict, list)):
+            rename_root_refs(child, ref)

@@ -9,7 +9,7 @@ ends in the sampling ops and only the chosen token comes back (``llama_get_sampl
 Only chains made of samplers the backend implements qualify: a logit bias (``ignore_eos`` is one,
 of -inf against the end-of-generation tokens), then greedy, or top-k / top-p / min-p / temperature
 / dist(seed). Grammars need the host's view of the logits, and so do requests that ask for
-logprobs. Penalties have a backend version too, but it multiplies by the reciprocal where the
+logprobs or ``min_tokens``. Penalties have a backend version too, but it multiplies by the reciprocal where the
 host divides, which can round differently, so they stay on the host. Those requests keep host
 sampling, per request, in the same batch. The chain is the request's own, so its seed and RNG stream are the ones host sampling
 would use: on the CPU backend both give the same tokens (tested).
@@ -31,6 +31,7 @@ def supports(request: GenerationRequest) -> bool:
     needs_host = (
         params.grammar is not None
         or request.logprobs is not None  # computed from the host's logits
+        or request.min_tokens > 0  # its end tokens are held back in the host's logits (rows.py)
         or params.repeat_penalty != 1.0
         or params.presence_penalty != 0.0
         or params.frequency_penalty != 0.0

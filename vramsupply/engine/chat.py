@@ -50,6 +50,8 @@ class ChatTemplate:
 
     def __init__(self, template: str | None, bos_text: str, eos_text: str) -> None:
         self.bos_text = bos_text
+        self._eos_text = eos_text
+        self._closed: Jinja2ChatFormatter | None = None
         self.is_fallback = True
         self.source = FALLBACK_TEMPLATE
         self._formatter = _compile(FALLBACK_TEMPLATE, bos_text, eos_text)
@@ -73,13 +75,25 @@ class ChatTemplate:
     def render(self, messages: Any, tools: list[dict[str, Any]] | None = None, **variables: Any) -> str:
         """The prompt for OpenAI-style ``messages``; ``tools`` and ``variables`` (e.g.
         ``enable_thinking``) reach the template the way HuggingFace transformers pass them."""
+        return self.render_turn(messages, tools, variables, open_turn=True)
+
+    def render_turn(self, messages: Any, tools: list[dict[str, Any]] | None, variables: dict[str, Any], *, open_turn: bool) -> str:
+        """``render``, or without ``open_turn`` the messages alone, no assistant turn opened after
+        them (vLLM's ``add_generation_prompt: false``, and the start of ``continue_final_message``)."""
         normalized = self._for_template(normalize_messages(messages))
+        formatter = self._formatter if open_turn else self._closed_formatter()
         try:
-            return self._formatter(messages=normalized, tools=tools or None, **variables).prompt
+            return formatter(messages=normalized, tools=tools or None, **variables).prompt
         except ValueError as exc:
             raise ValueError(f"the model's chat template rejected the messages: {exc}") from None
         except Exception as exc:  # the template is the model's code: whatever it raises on these messages
             raise ValueError(f"the model's chat template failed on these messages: {type(exc).__name__}: {exc}") from None
+
+    def _closed_formatter(self) -> Jinja2ChatFormatter:
+        """The template compiled once more with ``add_generation_prompt`` false, on first use."""
+        if self._closed is None:
+            self._closed = _compile(self.source, self.bos_text, self._eos_text, open_turn=False)
+        return self._closed
 
     def _for_template(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not self._text_arguments:
@@ -113,5 +127,5 @@ class ChatTemplate:
 _PROBE_TOOL = "vramsupply_probe_tool"
 
 
-def _compile(template: str, bos_text: str, eos_text: str) -> Jinja2ChatFormatter:
-    return Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text, add_generation_prompt=True)
+def _compile(template: str, bos_text: str, eos_text: str, open_turn: bool = True) -> Jinja2ChatFormatter:
+    return Jinja2ChatFormatter(template=template, eos_token=eos_text, bos_token=bos_text, add_generation_prompt=open_turn)

@@ -50,6 +50,10 @@ class ChatRequest:
     parallel_tool_calls: bool = True
     # chat_template_kwargs, plus reasoning_effort when given: variables for the template.
     template_variables: Mapping[str, Any] = field(default_factory=dict)
+    # vLLM's: open an assistant turn after the messages (the default), or not; or continue the
+    # last message, an assistant's, from its last character (``continued``).
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,10 +72,13 @@ class ChatPrompt:
     syntax: ToolSyntax | None
     schemas: Mapping[str, Any]
     parallel_tool_calls: bool
+    continues: bool = False
+    """The answer goes on with the last message's text (``continue_final_message``)."""
 
     def output_parser(self) -> OutputParser:
-        """A fresh parser for one choice's output."""
-        return OutputParser(self.reasoning, self.in_reasoning, self.syntax, self.schemas, self.parallel_tool_calls)
+        """A fresh parser for one choice's output. A continuation's text is already under way: its
+        leading space (" time" after "Once upon a") is no whitespace before an answer to trim."""
+        return OutputParser(self.reasoning, self.in_reasoning, self.syntax, self.schemas, self.parallel_tool_calls, continuing=self.continues)
 
 
 def prepare_chat(
@@ -93,7 +100,7 @@ def prepare_chat(
     # With "none" the model still sees the tools (as at OpenAI, llama-server and vLLM): it only may
     # not call them, and an agent switching between auto and none keeps its cached prefix.
     shown = use_tools or (bool(functions) and fmt.supports_tools)
-    prompt = template.render(messages, tools=_template_tools(request.tools or (), functions) if shown else None, **variables)
+    prompt = _render(template, request, messages, _template_tools(request.tools or (), functions) if shown else None, variables)
     in_reasoning = opens_reasoning(prompt, fmt.reasoning)
     grammar, triggers = None, ()
     if use_tools and choice == "auto":
@@ -116,7 +123,38 @@ def prepare_chat(
         syntax=fmt.syntax if use_tools else None,
         schemas={f["name"]: f.get("parameters") or {} for f in functions},
         parallel_tool_calls=request.parallel_tool_calls,
+        continues=request.continue_final_message,
     )
+
+
+def _render(
+    template: ChatTemplate, request: ChatRequest, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, variables: dict[str, Any]
+) -> str:
+    if request.continue_final_message:
+        if request.add_generation_prompt:
+            raise ChatRequestError(
+                "continue_final_message",
+                "continue_final_message and add_generation_prompt cannot both be true: send add_generation_prompt false to continue the last message",
+            )
+        return continued(template.render_turn(messages, tools, variables, open_turn=False), messages[-1])
+    return template.render_turn(messages, tools, variables, open_turn=request.add_generation_prompt)
+
+
+def continued(prompt: str, final: Mapping[str, Any]) -> str:
+    """The prompt cut right after the final message's text, so the model goes on writing it (as
+    vLLM and HuggingFace transformers do: the template's end of that turn is dropped). The text is
+    looked for as written, then stripped (templates that trim it); a template that shows it
+    otherwise cannot be continued."""
+    text = final.get("content") or ""
+    if final.get("role") != "assistant" or final.get("tool_calls") or not text.strip():
+        raise ChatRequestError(
+            "continue_final_message", "continue_final_message needs the last message to be an assistant's, with text and no tool_calls, to continue"
+        )
+    for written in (text, text.strip()):
+        at = prompt.rfind(written)
+        if at >= 0:
+            return prompt[: at + len(written)]
+    raise ChatRequestError("continue_final_message", "the model's chat template does not show the last message's text as written, so it cannot be continued")
 
 
 def _call_grammar(

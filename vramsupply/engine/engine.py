@@ -207,14 +207,19 @@ class Engine:
             raise ContextOverflow(len(prompt), request.max_tokens, self.n_ctx)
         room = self.n_ctx - len(prompt)
         max_completion = room if request.max_tokens is None else request.max_tokens
-        sampler = build_sampler(request.sampling, self._model, prompt, request.ignore_eos)
+        stop_ids = self._stop_ids(request.stop_token_ids)
+        sampler = build_sampler(request.sampling, self._model, prompt, request.ignore_eos, request.min_tokens)
         request_id = uuid.uuid4().hex
         channel = Channel(loop)
         backend = self.options.backend_sampling and backend_sampling.supports(request)
+        kept = frozenset(request.stop) if request.include_stop else frozenset()
+        stops = stop_strings_for(request.stop, request.sampling.grammar, request.sampling.grammar_triggers, kept)
         task = Task(
-            request_id, prompt, sampler, max_completion, stop_strings_for(request.stop, request.sampling.grammar, request.sampling.grammar_triggers), channel, request.preserve, request.logprobs, backend,
+            request_id, prompt, sampler, max_completion, stops, channel, request.preserve, request.logprobs, backend,
             source if self._model.copies_prefixes else None,  # else each choice decodes the prompt itself
             later_choice=source is not None, tally=tally,
+            stop_ids=stop_ids, keep_stop_token=request.include_stop, min_tokens=request.min_tokens,
+            ends=np.fromiter(self._model.eog_tokens | stop_ids, dtype=np.int64) if request.min_tokens else None,
         )
         try:
             self._scheduler.submit(task, room=choices)
@@ -222,6 +227,14 @@ class Engine:
             sampler.close()
             raise
         return Generation(request_id, channel, self._scheduler.cancel, task)
+
+    def _stop_ids(self, ids: frozenset[int]) -> frozenset[int]:
+        """``stop_token_ids``, checked against the vocabulary; the end-of-generation tokens among
+        them already end a request (their text never shows)."""
+        for token in ids:
+            if token >= self._model.n_vocab:
+                raise ValueError(f"stop_token_ids token {token} is not in the vocabulary (size {self._model.n_vocab})")
+        return ids - self._model.eog_tokens
 
     def stats(self) -> EngineStats:
         return self._scheduler.stats()

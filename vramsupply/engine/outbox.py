@@ -47,12 +47,14 @@ class Outbox:
         if token in self._model.eog_tokens:
             self.end_slot(slot, Finish("stop", slot.usage()), text=slot.stream.finish())
             return 0
+        if task.stop_ids and token in task.stop_ids:
+            return self._stop_token(slot, token, logprob)
         slot.completion_tokens += 1
         if not task.tally.counted:
             self._count(task.tally)
         if task.first_token_at is None:
             task.first_token_at = time.monotonic()
-        delta = slot.stream.push(self._model.piece(token, token in task.preserve))
+        delta = slot.stream.push(self._model.piece(token, token in task.preserve), slot.completion_tokens >= task.min_tokens)
         if not task.spoke:  # until its first text is out (its buyer's TTFT), every token goes at once:
             self._cadence.urgent()  # a first token's text may be held back (half a character, a stop string's start)
             task.spoke = bool(delta.text)
@@ -64,6 +66,25 @@ class Outbox:
         else:
             slot.next_token = token
             self._events.append(Event(task.channel, delta.text, token, None, logprob))
+        return 1
+
+    def _stop_token(self, slot: Slot, token: int, logprob: TokenLogprob | None) -> int:
+        """One of the request's ``stop_token_ids``: it counts (the model generated it) and ends the
+        request as a stop string does, its text kept only with ``keep_stop_token``."""
+        task = slot.task
+        slot.completion_tokens += 1
+        if not task.tally.counted:
+            self._count(task.tally)
+        if task.first_token_at is None:
+            task.first_token_at = time.monotonic()
+        text = ""
+        if task.keep_stop_token:
+            delta = slot.stream.push(self._model.piece(token, token in task.preserve))
+            text = delta.text
+            if delta.stopped:  # the token's text itself ended a stop string
+                self.end_slot(slot, Finish("stop", slot.usage()), text=text, token=token, logprob=logprob)
+                return 1
+        self.end_slot(slot, Finish("stop", slot.usage()), text=text + slot.stream.finish(), token=token, logprob=logprob)
         return 1
 
     def end_slot(

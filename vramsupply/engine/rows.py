@@ -5,6 +5,11 @@ default), by llama.cpp inside the graph (``backend_sampling``), or, for a gramma
 grammar worker (``offthread``) so the step never waits for it. A slot that carried a prompt-lookup
 draft (``speculative``) has one row per drafted token: they are sampled in order while the
 sampled token is the drafted one, and the unconfirmed rest leaves the KV cache.
+
+A request with vLLM's ``min_tokens`` has its end-of-generation and stop tokens' logits set to -inf
+in llama.cpp's logits row, row by row, until that many tokens are out: its sampler then never
+takes the plain greedy path nor the backend (``build_sampler``, ``backend_sampling.supports``),
+so the common path pays nothing for it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import llama_cpp
+import numpy as np
 
 from . import backend_sampling
 from .batch import Batch
@@ -69,6 +75,9 @@ class RowSampler:
         first_row, generated, accepted = slot.row, 0, 0
         for i in range(len(draft) + 1):
             slot.row = first_row + i
+            task = slot.task
+            if task is not None and slot.completion_tokens < task.min_tokens and task.ends is not None:
+                self._hold_back_ends(slot.row, task.ends)
             token = self._token(slot)
             generated += on_token(slot, token, self._logprob(slot, token))
             if slot.task is None or i == len(draft) or token != draft[i]:
@@ -88,6 +97,13 @@ class RowSampler:
         if task is None or task.sampler.argmax is None:
             return False
         return task.logprobs is None and not slot.draft.size and not slot.backend_sampled
+
+    def _hold_back_ends(self, row: int, ends: np.ndarray) -> None:
+        """``min_tokens``: the row's end tokens cannot be sampled (its greedy pick, off the step's
+        ``StepWinners``, reads the row itself: ``ArgmaxPick`` is never built for such a request)."""
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx, row)
+        if pointer:
+            np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))[ends] = -np.inf
 
     def _token(self, slot: Slot) -> int:
         assert slot.task is not None

@@ -221,15 +221,21 @@ class StepWinners:
         return self._view
 
 
-def build_sampler(params: SamplingParams, model: Model, prompt: Sequence[int], ignore_eos: bool) -> RequestSampler:
-    """Build the sampler for one request; raises ValueError for a bad grammar or logit_bias."""
+def build_sampler(params: SamplingParams, model: Model, prompt: Sequence[int], ignore_eos: bool, min_tokens: int = 0) -> RequestSampler:
+    """Build the sampler for one request; raises ValueError for a bad grammar or logit_bias.
+
+    ``min_tokens``: its rows' end tokens are held back for a while (``rows.py``), which the
+    step's shared argmax cannot see, so such a request gets no ``ArgmaxPick``."""
     if ignore_eos and params.grammar is not None:
         # A finished grammar only allows end-of-generation, which ignore_eos forbids.
         raise ValueError("ignore_eos cannot be combined with a grammar")
+    if min_tokens and params.grammar is not None:
+        raise ValueError("min_tokens cannot be combined with a grammar (response_format, tools, guided_* or grammar): a finished grammar only allows the end")
     bias = _logit_bias(params, model, ignore_eos)
     grammar = None if params.grammar is None else _grammar(params.grammar, model, params.grammar_triggers)
     try:
-        argmax = ArgmaxPick(model.n_vocab, bias) if params.greedy and grammar is None and not _has_penalties(params) else None
+        plain = params.greedy and grammar is None and not _has_penalties(params) and not min_tokens
+        argmax = ArgmaxPick(model.n_vocab, bias) if plain else None
         return RequestSampler(_chain(params, model, prompt, bias), grammar, model.n_vocab, argmax)
     except BaseException:
         if grammar is not None:

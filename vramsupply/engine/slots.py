@@ -94,6 +94,14 @@ class Task:
     serving its buyer well (``service_level.py``)."""
     spoke: bool = False
     """Some of its text has gone to the buyer; until then every token is handed over at once (``cadence.py``)."""
+    stop_ids: frozenset[int] = frozenset()
+    """Token ids that end it as a stop string does (vLLM's ``stop_token_ids``)."""
+    keep_stop_token: bool = False
+    """A stop token's text stays at the end of its output (``include_stop_str_in_output``)."""
+    min_tokens: int = 0
+    """Until this many completion tokens are out, ``ends`` cannot be sampled and stop strings do not stop."""
+    ends: np.ndarray | None = None
+    """The end-of-generation and stop token ids, which ``min_tokens`` holds back (``rows.py``)."""
 
     @property
     def to_prefill(self) -> np.ndarray:

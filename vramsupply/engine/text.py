@@ -27,28 +27,35 @@ class StopStrings:
     (a lazy tool-call grammar once triggered): the stop string is then no stop, since cutting
     would leave a call the answer reports whole as broken JSON. A stop string is never looked
     for again once a grammar holds: it holds to the end.
+
+    ``kept``: the stop strings whose text stays at the end of the output (vLLM's
+    ``include_stop_str_in_output``: the buyer's own, never the chat template's).
     """
 
-    def __init__(self, stops: Sequence[str], held: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, stops: Sequence[str], held: Callable[[str], bool] | None = None, kept: frozenset[str] = frozenset()) -> None:
         self.stops = tuple(s for s in stops if s)
         self.tables = tuple(_failure_table(s) for s in self.stops)
         self.held = held
+        self.kept = tuple(s in kept for s in self.stops)
 
     def __bool__(self) -> bool:
         return bool(self.stops)
 
 
-def stop_strings_for(stops: Sequence[str], grammar: str | None, triggers: Sequence[str]) -> StopStrings:
+def stop_strings_for(
+    stops: Sequence[str], grammar: str | None, triggers: Sequence[str], kept: frozenset[str] = frozenset()
+) -> StopStrings:
     """A request's stop strings, knowing its grammar: a grammar without triggers (a forced tool call,
     a JSON ``response_format``) holds the whole answer, so none apply; a lazy one (``triggers``,
     regular expressions over the whole output) holds it once one matches the text before a stop
-    string. A stop string inside such output cut JSON the answer then reported as a whole call."""
+    string. A stop string inside such output cut JSON the answer then reported as a whole call.
+    ``kept``: those whose text stays in the output (``StopStrings``)."""
     if grammar is None:
-        return StopStrings(stops)
+        return StopStrings(stops, kept=kept)
     if not triggers:
         return StopStrings(())
     patterns = tuple(re.compile(trigger) for trigger in triggers)
-    return StopStrings(stops, held=lambda text: any(pattern.fullmatch(text) for pattern in patterns))
+    return StopStrings(stops, held=lambda text: any(pattern.fullmatch(text) for pattern in patterns), kept=kept)
 
 
 def _failure_table(pattern: str) -> list[int]:
@@ -77,11 +84,14 @@ class StopMatcher:
         self._held = ""
         self._said: list[str] | None = [] if self._set.held is not None else None  # for ``held``
         self._gripped = False  # a grammar holds the output: no stop string applies any more
+        self._hit = 0  # which stop string the last hit of ``_advance`` completed
 
-    def push(self, text: str) -> tuple[str, bool]:
+    def push(self, text: str, heed: bool = True) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop string was hit).
 
-        On a hit the returned text ends right before the stop string and the stream is over.
+        On a hit the returned text ends right before the stop string (right after it, for a kept
+        one) and the stream is over. Without ``heed`` (vLLM's ``min_tokens`` not reached yet) a
+        completed stop string does not stop; one completed later still does, wherever it began.
         """
         if not self._set or self._gripped:
             return self._held_back_none(text), False
@@ -89,9 +99,9 @@ class StopMatcher:
         offset = len(self._held)
         for position, char in enumerate(text, start=offset + 1):
             start = self._advance(char, position)
-            if start is not None and not self._grammar_holds(window[:start]):
+            if start is not None and heed and not self._grammar_holds(window[:start]):
                 self._held = ""
-                return window[:start], True
+                return window[: position if self._set.kept[self._hit] else start], True
             if self._gripped:
                 return self._held_back_none(text), False
         keep = max(self._states)
@@ -126,7 +136,8 @@ class StopMatcher:
                 k += 1
             if k == len(stop):
                 start = end - k
-                hit = start if hit is None else min(hit, start)
+                if hit is None or start < hit:
+                    hit, self._hit = start, n
                 k = table[k - 1]
             states[n] = k
         return hit
@@ -152,8 +163,8 @@ class TextStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = StopMatcher(stops)
 
-    def push(self, piece: bytes) -> Delta:
-        text, stopped = self._stops.push(self._decoder.decode(piece))
+    def push(self, piece: bytes, heed: bool = True) -> Delta:
+        text, stopped = self._stops.push(self._decoder.decode(piece), heed)
         return Delta(text, stopped)
 
     def finish(self) -> str:

@@ -177,6 +177,13 @@ class GenerationRequest:
     preserve: frozenset[int] = frozenset()
     # Report each generated token's log-probability and this many alternatives (0-20); None: don't.
     logprobs: int | None = None
+    # vLLM's fields: sampling one of these token ids ends the request as a stop string does (its
+    # text dropped); ``include_stop`` keeps a stop string's (or stop token's) text at the end of the
+    # output; until ``min_tokens`` tokens are out, end-of-generation and stop tokens cannot be
+    # sampled and stop strings do not stop.
+    stop_token_ids: frozenset[int] = frozenset()
+    include_stop: bool = False
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         _require(len(self.prompt) > 0, "the prompt must contain at least one token")
@@ -184,6 +191,12 @@ class GenerationRequest:
         _require(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}")
         _require(not isinstance(self.stop, str), "stop must be a sequence of strings, not a single string")
         _require(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        _require(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids (ints >= 0)")
+        _require(self.min_tokens >= 0, f"min_tokens must be 0 or more, got {self.min_tokens}")
+        _require(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            f"min_tokens ({self.min_tokens}) must not be more than max_tokens ({self.max_tokens})",
+        )
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from aiohttp import web
 from vramsupply.engine import Engine
 from vramsupply.listen import start_sites
 from vramsupply.server.completions import chat_completions, completions
-from vramsupply.server.errors import ApiError, error_middleware
+from vramsupply.server.errors import ApiError, add_request_id, error_middleware
 from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vramsupply.server.responses import ModelCard, ModelList
 from vramsupply.server.state import BUYER_LEFT, SERVER_STATE, ServerState, failed_error, loading_error
@@ -71,6 +71,7 @@ def openai_app(state: ServerState, max_body_bytes: int, routes: Routes) -> web.A
     """The OpenAI surface behind our middlewares (metrics, OpenAI-shaped errors, the endpoint token)."""
     app = web.Application(client_max_size=max_body_bytes, middlewares=[metrics_middleware, error_middleware, auth_middleware])
     app[SERVER_STATE] = state
+    app.on_response_prepare.append(add_request_id)
     app.router.add_post("/v1/chat/completions", routes.chat)
     app.router.add_post("/v1/completions", routes.completions)
     app.router.add_get("/v1/models", routes.models)
@@ -121,22 +122,40 @@ def check_bearer(header: str | None, token: str) -> None:
         raise ApiError(401, "Incorrect endpoint token provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def model_card(state: ServerState) -> ModelCard:
-    return ModelCard(id=state.model_id, object="model", created=state.created, owned_by=OWNER)
+class ServedModelCard(ModelCard):
+    """OpenAI's model object, plus vLLM's ``max_model_len``: the context served, in tokens (a
+    request's prompt and completion together), which clients such as vLLM's benchmarks and
+    LiteLLM read to size their requests."""
+
+    max_model_len: int | None = None
+
+
+class ServedModelList(ModelList):
+    data: list[ServedModelCard]  # declared again: pydantic writes a subclass's fields only where they are declared
+
+
+def model_card(state: ServerState, max_model_len: int | None) -> ServedModelCard:
+    card = ServedModelCard(id=state.model_id, object="model", created=state.created, owned_by=OWNER)
+    if max_model_len:
+        card.max_model_len = max_model_len
+    return card
+
+
+def model_list(card: ServedModelCard) -> web.Response:
+    return web.Response(text=ServedModelList(object="list", data=[card]).to_json(), content_type="application/json")
 
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[SERVER_STATE]
-    state.ready_engine()
-    return web.Response(text=ModelList(object="list", data=[model_card(state)]).to_json(), content_type="application/json")
+    return model_list(model_card(state, state.ready_engine().n_ctx))
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
     """``GET /v1/models/{id}``: the served model under any of its names, else 404 model_not_found."""
     state = request.app[SERVER_STATE]
-    state.ready_engine()
+    engine = state.ready_engine()
     state.check_model(request.match_info["model"])
-    return web.Response(text=model_card(state).to_json(), content_type="application/json")
+    return web.Response(text=model_card(state, engine.n_ctx).to_json(), content_type="application/json")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -204,7 +223,7 @@ class ApiServer:
             keepalive_timeout=idle_timeout,
             shutdown_timeout=drain_timeout + STOP_GRACE_SECONDS,
             access_log=access_log,
-            access_log_format='%a "%r" %s %b %Tfs',
+            access_log_format='%a "%r" %s %b %Tfs %{x-request-id}o',
         )
 
     async def start(self) -> None:

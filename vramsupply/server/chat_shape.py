@@ -5,12 +5,17 @@ Streamed tool calls follow OpenAI's delta shape exactly: a first fragment with t
 ``index``, ``id``, ``type`` and ``function.name`` (and empty ``arguments``), then ``arguments``
 fragments with the same ``index`` as the model writes them (``vramsupply.chat.calls`` says when
 a call is announced and what a call that breaks afterwards becomes).
+
+A forced call (``tool_choice`` ``required`` or named) is the whole answer, and the parser is told
+so, along with whether ``max_tokens`` cut the answer (``OutputParser.finish``): template markup
+never reaches ``content``, cut or not.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from vramsupply.chat import OutputParser, ParsedOutput, Piece
 from vramsupply.engine import ChatPrompt, Generation
@@ -19,8 +24,6 @@ from vramsupply.server.logprobs_out import chat_logprobs
 from vramsupply.server.responses import (
     ChatChoice,
     ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
     ChatDelta,
     ChatMessageOut,
     ChoiceLogprobs,
@@ -30,10 +33,29 @@ from vramsupply.server.responses import (
     ToolCallOut,
     UsageOut,
 )
-from vramsupply.server.text_shape import ShapeBase
+from vramsupply.server.text_shape import FingerprintedChatChunk, FingerprintedChatCompletion, ShapeBase
 
 _TEXT_FIELDS = {"content": "content", "reasoning": "reasoning_content"}
 """Piece kinds whose delta is one text field: their chunks are filled into a template."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ForcedCall:
+    """The answer must be a call; of ``name`` when only one function may be called."""
+
+    name: str | None
+
+
+def forced_call(tool_choice: Any, tools: Sequence[Any] | None) -> ForcedCall | None:
+    """What a (validated) request's ``tool_choice`` forces, if anything."""
+    names = [t.get("function", {}).get("name") for t in tools or () if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    if not names:
+        return None
+    if tool_choice == "required":
+        return ForcedCall(names[0] if len(set(names)) == 1 else None)
+    function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return ForcedCall(name) if isinstance(name, str) else None
 
 
 @dataclasses.dataclass
@@ -52,10 +74,11 @@ class _Choice:
 class ChatShape(ShapeBase):
     prompt: ChatPrompt
     prompt_param: str = "messages"
+    forced: ForcedCall | None = None
     _choices: dict[int, _Choice] = dataclasses.field(default_factory=dict)
     _generations: Sequence[Generation] = ()
 
-    chunk_type = ChatCompletionChunk
+    chunk_type = FingerprintedChatChunk
     chunk_object = "chat.completion.chunk"
 
     def track(self, generations: Sequence[Generation]) -> None:
@@ -68,13 +91,11 @@ class ChatShape(ShapeBase):
         choices = []
         for index, (text, finish, entries) in enumerate(zip(texts, finishes, logprobs)):
             choice = self._choice(index)
-            choice.read(choice.parser.push(text) + choice.parser.finish())
+            choice.read(choice.parser.push(text) + choice.parser.finish(cut=finish == "length"))
             message = self._message(choice.output)
             out = None if entries is None else chat_logprobs(entries, self.token_bytes)
             choices.append(ChatChoice(index=index, message=message, logprobs=out, finish_reason=self._reason(index, finish)))
-        return ChatCompletion(
-            id=self.id, object="chat.completion", created=self.created, model=self.model, choices=choices, usage=self._usage(usage)
-        ).to_json()
+        return self._identified(FingerprintedChatCompletion, object="chat.completion", choices=choices, usage=self._usage(usage)).to_json()
 
     def opening_chunk(self, index: int) -> bytes:
         """OpenAI's first chunk of every choice announces the assistant role."""
@@ -88,9 +109,11 @@ class ChatShape(ShapeBase):
     def finish_chunks(self, index: int, finish: FinishReason, logprobs: list[TokenLogprob] | None) -> list[bytes]:
         choice = self._choice(index)
         self._hold(choice, logprobs)
-        chunks = self._piece_chunks(index, choice.read(choice.parser.finish()))
+        chunks = self._piece_chunks(index, choice.read(choice.parser.finish(cut=finish == "length")))
         reason = self._reason(index, finish)
-        last = ChatChunkChoice(index=index, delta=ChatDelta(), logprobs=self._take(choice), finish_reason=reason)
+        # OpenAI's last chunk has "logprobs": null, unless tokens whose text was never sent are left.
+        held = self._take(choice) if choice.logprobs else None
+        last = ChatChunkChoice(index=index, delta=ChatDelta(), logprobs=held, finish_reason=reason)
         return [*chunks, self._chunk([last])]
 
     def usage_chunk(self, usage: UsageOut) -> bytes:
@@ -101,7 +124,10 @@ class ChatShape(ShapeBase):
     def _choice(self, index: int) -> _Choice:
         choice = self._choices.get(index)
         if choice is None:
-            choice = self._choices[index] = _Choice(self.prompt.output_parser())
+            parser = self.prompt.output_parser()
+            if self.forced is not None and self.prompt.syntax is not None:
+                parser.expect_call(self.forced.name)
+            choice = self._choices[index] = _Choice(parser)
         return choice
 
     def _reason(self, index: int, finish: FinishReason) -> FinishReason:

@@ -32,26 +32,26 @@ from vramsupply.engine import (
     SamplingParams,
 )
 from vramsupply.server.accounting import Bill
-from vramsupply.server.errors import ApiError, internal_error
-from vramsupply.server.grammar import chat_grammar, grammar_for
+from vramsupply.server.errors import ApiError, internal_error, own_id
+from vramsupply.server.grammar import answer_grammar, chat_grammar
 from vramsupply.server.metrics import ServerMetrics
-from vramsupply.server.chat_shape import ChatShape
+from vramsupply.server.chat_shape import ChatShape, forced_call
 from vramsupply.server.chunks import sse_event
-from vramsupply.server.text_shape import ResponseShape, TextShape
+from vramsupply.server.text_shape import ResponseShape, TextShape, system_fingerprint
 from vramsupply.server.responses import (
     FinishReason,
     UsageOut,
-    new_id,
     now,
 )
 from vramsupply.server.schemas import ChatCompletionBody, CompletionBody
 from vramsupply.server.state import BUYER_LEFT, SERVER_STATE, ServerState, failed_error
+from vramsupply.server.vllm_fields import check_fields
 
 RETRY_AFTER_SECONDS = "1"
 INLINE_TOKENIZE_MAX_BYTES = 8192
 INLINE_LOGIT_BIAS_MAX = 64
 T = TypeVar("T")
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 log = logging.getLogger("vramsupply.server")
 
@@ -61,17 +61,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[SERVER_STATE]
     engine = state.ready_engine()
     body = await state.parse(request, ChatCompletionBody)
+    check_fields(body)
     chat = await _tokenize(request, engine.prepare_chat, body.chat_request(), param="messages")
     shape = ChatShape(
-        id=new_id("chatcmpl"),
+        id=f"chatcmpl-{own_id(request)}",
         created=now(),
         model=state.model_id,
         include_usage=body.include_usage,
         prompt=chat,
         token_bytes=engine.token_bytes,
+        forced=forced_call(body.tool_choice, body.tools),
+        system_fingerprint=system_fingerprint(engine),
     )
     requests = await chat_generation_requests(body, chat)
-    return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started))
+    return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started), body.token_limit_param)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -79,8 +82,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[SERVER_STATE]
     engine = state.ready_engine()
     body = await state.parse(request, CompletionBody)
+    check_fields(body)
     prompt = body.prompt if isinstance(body.prompt, list) else await _tokenize(request, engine.tokenize, body.prompt, param="prompt")
-    shape = TextShape(id=new_id("cmpl"), created=now(), model=state.model_id, include_usage=body.include_usage, token_bytes=engine.token_bytes)
+    shape = TextShape(
+        id=f"cmpl-{own_id(request)}", created=now(), model=state.model_id, include_usage=body.include_usage, token_bytes=engine.token_bytes,
+        system_fingerprint=system_fingerprint(engine),
+    )
     requests = await generation_requests(body, prompt)
     return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started))
 
@@ -113,7 +120,7 @@ async def generation_requests(
     ``extra_stop`` holds stop strings the chat template needs (the chat prompt's ``stop``).
     """
     try:
-        return _generation_requests(body, await grammar_for(body.response_format), prompt, (*body.stop, *extra_stop))
+        return _generation_requests(body, await answer_grammar(body), prompt, (*body.stop, *extra_stop))
     except ValueError as exc:
         raise ApiError(400, str(exc), code="invalid_value") from None
 
@@ -139,7 +146,7 @@ def _generation_requests(
         "top_p": body.top_p,
         "top_k": body.top_k,
         "min_p": body.min_p,
-        "repeat_penalty": body.repeat_penalty,
+        "repeat_penalty": body.repeat_penalty if body.repeat_penalty is not None else body.repetition_penalty,
         "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty,
         "grammar": grammar,
@@ -153,6 +160,9 @@ def _generation_requests(
             stop=stop,
             ignore_eos=body.ignore_eos,
             logprobs=body.wants_logprobs,
+            stop_token_ids=frozenset(body.stop_token_ids),
+            include_stop=body.include_stop_str_in_output,
+            min_tokens=body.min_tokens,
         )
         for i in range(body.n)
     ]
@@ -162,7 +172,7 @@ def costly_to_submit(request: GenerationRequest) -> bool:
     return request.sampling.grammar is not None or len(request.sampling.logit_bias) > INLINE_LOGIT_BIAS_MAX
 
 
-def engine_error(exc: EngineError, prompt_param: str) -> ApiError:
+def engine_error(exc: EngineError, prompt_param: str, limit_param: str = "max_tokens") -> ApiError:
     if isinstance(exc, Overloaded):
         return ApiError(
             429,
@@ -172,8 +182,9 @@ def engine_error(exc: EngineError, prompt_param: str) -> ApiError:
             headers={"Retry-After": RETRY_AFTER_SECONDS},
         )
     if isinstance(exc, ContextOverflow):
-        param = prompt_param if exc.max_tokens is None or exc.prompt_tokens >= exc.n_ctx else "max_tokens"
-        return ApiError(400, f"This model's context is {exc.n_ctx} tokens: {exc}.", param=param, code="context_length_exceeded")
+        param = prompt_param if exc.max_tokens is None or exc.prompt_tokens >= exc.n_ctx else limit_param
+        message = str(exc).replace("max_tokens", limit_param)  # the field the buyer sent
+        return ApiError(400, f"This model's context is {exc.n_ctx} tokens: {message}.", param=param, code="context_length_exceeded")
     if isinstance(exc, EngineFailed):
         return failed_error(str(exc))
     if isinstance(exc, EngineClosed):
@@ -181,7 +192,9 @@ def engine_error(exc: EngineError, prompt_param: str) -> ApiError:
     return ApiError(500, str(exc), type="server_error")
 
 
-async def submit_all(engine: Engine, requests: list[GenerationRequest], prompt_param: str) -> list[Generation]:
+async def submit_all(
+    engine: Engine, requests: list[GenerationRequest], prompt_param: str, limit_param: str = "max_tokens"
+) -> list[Generation]:
     """Submit every choice or none: on the first refusal the ones already admitted are cancelled.
 
     Building a sampler parses the request's grammar and logit bias, which can take milliseconds:
@@ -205,7 +218,7 @@ async def submit_all(engine: Engine, requests: list[GenerationRequest], prompt_p
         for generation in generations:
             generation.cancel()
         if isinstance(exc, EngineError):
-            raise engine_error(exc, prompt_param) from None
+            raise engine_error(exc, prompt_param, limit_param) from None
         if isinstance(exc, ValueError):
             raise ApiError(400, str(exc), param=_refused_field(str(exc), prompt_param), code="invalid_value") from None
         raise
@@ -217,7 +230,7 @@ def _refused_field(message: str, prompt_param: str) -> str | None:
     token 600 is not in the vocabulary", "ignore_eos cannot be combined ...", "prompt token 99999
     is not in the vocabulary", "the prompt must be ...")."""
     field = message.split(" ", 1)[0]
-    if field in ("logit_bias", "ignore_eos"):
+    if field in ("logit_bias", "ignore_eos", "stop_token_ids", "min_tokens"):
         return field
     return prompt_param if message.startswith(("prompt ", "the prompt ")) else None
 
@@ -255,8 +268,9 @@ async def _complete(
     stream: bool,
     shape: ResponseShape,
     clock: RequestClock,
+    limit_param: str = "max_tokens",
 ) -> web.StreamResponse:
-    generations = await submit_all(engine, requests, shape.prompt_param)
+    generations = await submit_all(engine, requests, shape.prompt_param, limit_param)
     shape.track(generations)
     bill = state.accounts.bill(shape.id, state.model_id, len(generations), token_presented=state.endpoint_token is not None)
     try:

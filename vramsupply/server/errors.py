@@ -3,11 +3,18 @@
 Handlers raise ``ApiError``; aiohttp's own ``HTTPException``s (unknown route, wrong method, body
 too large) are converted by ``error_middleware``; anything unexpected becomes a logged 500 whose
 body never contains a traceback.
+
+Every response, errors included, names its request in ``x-request-id`` (the openai SDK shows it
+as ``_request_id``), so a buyer can quote the failed request and the provider find it: the access
+log writes it too. A client's own sane ``X-Request-Id`` (a trace id) is echoed instead; the
+completion id (``chatcmpl-<hex>``) ends with the request's own hex either way.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +24,28 @@ from pydantic import ValidationError
 log = logging.getLogger(__name__)
 
 INVALID_REQUEST = "invalid_request_error"
+REQUEST_ID_HEADER = "x-request-id"
+_SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces, bounded
+_OWN_ID: Any = web.RequestKey("own_id", str) if hasattr(web, "RequestKey") else "vramsupply.own_id"  # an aiohttp without RequestKey
+
+
+def own_id(request: web.Request) -> str:
+    """The request's own id: 24 hex digits, made once per request."""
+    found = request.get(_OWN_ID)
+    if found is None:
+        found = request[_OWN_ID] = secrets.token_hex(12)
+    return found
+
+
+def request_id(request: web.Request) -> str:
+    """The client's ``X-Request-Id`` when it is a sane token, else ``req_`` and the own id."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _SANE_REQUEST_ID.fullmatch(given) else f"req_{own_id(request)}"
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every response, streamed or not, error or not, before its headers go."""
+    response.headers[REQUEST_ID_HEADER] = request_id(request)
 
 
 class ApiError(Exception):

@@ -15,6 +15,12 @@ with ``auto`` the model either calls tools or answers in the JSON, from its firs
 the thought the prompt left open). Before, the JSON grammar held every answer, so a model asked
 for both could never call a tool (an agent framework sends both on every turn: tools to use, and
 the final answer's shape), and a forced call beside a JSON format was a 400.
+
+vLLM's output constraints (``vllm_fields.py``) give the same kind of answer grammar: a JSON
+schema through the same converter (held strictly, as vLLM refuses what its backend cannot
+enforce), a choice of strings, or a regex over the whole answer through the converter of a
+schema's string ``pattern`` (in its raw-text form, which cannot write ``<``: a regex that needs one
+is a 400, and ``.`` or ``[^…]`` never write one).
 """
 
 from __future__ import annotations
@@ -23,14 +29,51 @@ import asyncio
 from typing import Any
 
 from vramsupply.chat.forced import after_thought, either
-from vramsupply.chat.limits import SchemaTooComplex, check_grammar_size, schema_grammar
+from vramsupply.chat.gbnf_text import gbnf_literal
+from vramsupply.chat.limits import SchemaTooComplex, check_grammar_size, check_limits, schema_grammar
+from vramsupply.chat.pattern import PatternError, pattern_to_gbnf
 from vramsupply.chat.schema import UnenforcedKeyword, schema_to_gbnf
 from vramsupply.engine import ChatPrompt
 from vramsupply.server.errors import ApiError
-from vramsupply.server.schemas import ResponseFormat
+from vramsupply.server.schemas import GenerationBody, ResponseFormat
+from vramsupply.server.vllm_fields import Constraint, output_constraint
 
 PARAM = "response_format"
 JSON_OBJECT = schema_to_gbnf({"type": "object"})
+
+
+async def answer_grammar(body: GenerationBody) -> str | None:
+    """The grammar the request's answer is held to: its ``response_format``'s or its one vLLM
+    constraint's (``vllm_fields.output_constraint`` refuses two); ``None``: unconstrained text."""
+    constraint = output_constraint(body)
+    if constraint is None:
+        return await grammar_for(getattr(body, "response_format", None))
+    if constraint.kind == "json":
+        return await _schema_grammar(constraint.value, True, constraint.param, constraint.param) if constraint.value else JSON_OBJECT
+    if constraint.kind == "json_object":
+        return JSON_OBJECT
+    try:
+        return check_grammar_size(_text_grammar(constraint))
+    except (PatternError, SchemaTooComplex, ValueError) as exc:
+        message = str(exc).replace("an XML parameter value", "the answer").replace("pattern", "regex")  # the raw form's words
+        raise ApiError(400, f"Invalid value for '{constraint.param}': {message}", param=constraint.param, code="invalid_value") from None
+
+
+def _text_grammar(constraint: Constraint) -> str:
+    if constraint.kind == "choice":
+        return "root ::= " + " | ".join(dict.fromkeys(gbnf_literal(choice) for choice in constraint.value))
+    if constraint.kind == "regex":
+        check_limits({"pattern": constraint.value})
+        return f"root ::= {pattern_to_gbnf(_anchored(constraint.value), raw=True)}"
+    raise AssertionError(f"no grammar for a {constraint.kind!r} constraint")
+
+
+def _anchored(regex: str) -> str:
+    """vLLM's regex is matched by the whole answer: ``^`` and ``$`` at its ends change nothing."""
+    body = regex.removeprefix("^")
+    if body.endswith("$") and (len(body) - 1 - len(body[:-1].rstrip("\\"))) % 2 == 0:
+        body = body[:-1]  # an unescaped $
+    return f"^(?:{body})$"
 
 
 async def grammar_for(response_format: ResponseFormat | None) -> str | None:
@@ -43,19 +86,20 @@ async def grammar_for(response_format: ResponseFormat | None) -> str | None:
     schema = response_format.json_schema.schema_
     if not schema:
         return JSON_OBJECT
-    strict = response_format.json_schema.strict is True
+    return await _schema_grammar(schema, response_format.json_schema.strict is True, f"{PARAM}.json_schema.schema", PARAM)
+
+
+async def _schema_grammar(schema: dict[str, Any], strict: bool, field: str, too_complex_param: str) -> str:
+    """A schema's grammar, converted in a worker thread; ``field`` names the schema in the 400s."""
     try:
-        return await asyncio.to_thread(schema_grammar, schema, strict, f"{PARAM}.json_schema.schema")
+        return await asyncio.to_thread(schema_grammar, schema, strict, field)
     except UnenforcedKeyword as exc:
-        raise ApiError(400, f"Invalid value for '{PARAM}.json_schema.schema': {exc}", param=f"{PARAM}.json_schema.schema", code="invalid_value") from None
+        raise ApiError(400, f"Invalid value for '{field}': {exc}", param=field, code="invalid_value") from None
     except SchemaTooComplex as exc:
-        raise ApiError(400, f"'{PARAM}.json_schema.schema' is too complex for this server: {exc}", param=PARAM, code="invalid_value") from None
+        raise ApiError(400, f"'{field}' is too complex for this server: {exc}", param=too_complex_param, code="invalid_value") from None
     except Exception as exc:  # the converter raises bare Exceptions and KeyErrors on schemas it cannot express
         raise ApiError(
-            400,
-            f"Invalid value for '{PARAM}.json_schema.schema': cannot turn this JSON schema into a grammar ({exc})",
-            param=f"{PARAM}.json_schema.schema",
-            code="invalid_value",
+            400, f"Invalid value for '{field}': cannot turn this JSON schema into a grammar ({exc})", param=field, code="invalid_value"
         ) from None
 
 

@@ -1,9 +1,11 @@
 """Request bodies of the OpenAI API, validated with pydantic.
 
 Unknown fields are ignored, as OpenAI-compatible servers do, but OpenAI fields that would change
-the answer in a way we cannot honour (audio, echo, store, the legacy functions API…) are rejected
-with a 400 instead of being silently dropped. Sampling fields left out keep llama.cpp's defaults
-(``SamplingParams``).
+the answer in a way we cannot honour (audio, echo, the legacy functions API…) are rejected
+with a 400 instead of being silently dropped; vLLM's and llama-server's are read in
+``vllm_fields.py``. ``store: true`` is accepted and nothing is stored, as vLLM does: clients that
+always send it would otherwise fail on every call. Sampling fields left out keep llama.cpp's
+defaults (``SamplingParams``); ``top_k: -1`` is vLLM's "off", as 0 is llama.cpp's.
 
 Types are strict, as OpenAI's are: ``"max_tokens": "5"``, ``true`` for a number, ``5.0`` for an
 integer or ``"yes"`` for ``stream`` are a 400 naming the field, where they were quietly coerced
@@ -18,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator, model_validator
 
 from vramsupply.engine import MAX_TOP_K, ChatRequest
+from vramsupply.server.vllm_fields import VllmFields
 
 MAX_CHOICES = 16
 # Stop strings are matched on the one scheduler thread that decodes all slots (one automaton each,
@@ -63,8 +66,10 @@ class ResponseFormat(_Body):
         return self
 
 
-class GenerationBody(_Body):
+class GenerationBody(VllmFields):
     """Fields shared by chat and text completions."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -79,7 +84,7 @@ class GenerationBody(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # llama.cpp extensions
-    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
@@ -93,6 +98,12 @@ class GenerationBody(_Body):
         if isinstance(value, str):
             value = [value]
         return [s for s in value if s != ""] if isinstance(value, list) else value
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_off(cls, value: int | None) -> int | None:
+        """vLLM spells "no top-k" -1, llama.cpp 0."""
+        return 0 if value == -1 else value
 
     @field_validator("n", "stream", "logit_bias", mode="before")
     @classmethod
@@ -139,8 +150,11 @@ class ChatCompletionBody(GenerationBody):
     web_search_options: Any = None
     verbosity: Any = None
     modalities: list[str] | None = None
-    store: bool | None = None
+    store: bool | None = None  # accepted, nothing is stored (as at vLLM)
     service_tier: str | None = None
+    # vLLM's chat template switches (``vllm_fields.py``)
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool = False
 
     @field_validator("functions", "function_call")
     @classmethod
@@ -161,11 +175,6 @@ class ChatCompletionBody(GenerationBody):
         _unsupported(value is not None and set(value) - {"text"}, "output other than text is")
         return value
 
-    @field_validator("store")
-    @classmethod
-    def _no_store(cls, value: bool | None) -> bool | None:
-        return _unsupported(value, "storing completions (store: true) is")
-
     @field_validator("service_tier")
     @classmethod
     def _one_tier(cls, value: str | None) -> str | None:
@@ -185,6 +194,10 @@ class ChatCompletionBody(GenerationBody):
         return self.max_completion_tokens or self.max_tokens
 
     @property
+    def token_limit_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
+    @property
     def wants_logprobs(self) -> int | None:
         """How many alternatives per token to report, or None when logprobs were not asked for."""
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -200,6 +213,9 @@ class ChatCompletionBody(GenerationBody):
             tool_choice=self.tool_choice,
             parallel_tool_calls=self.parallel_tool_calls is not False,
             template_variables=variables,
+            # vLLM refuses both only when both are sent true: continuing implies no new turn
+            add_generation_prompt=not self.continue_final_message if self.add_generation_prompt is None else self.add_generation_prompt,
+            continue_final_message=self.continue_final_message,
         )
 
 
@@ -252,6 +268,10 @@ class CompletionBody(GenerationBody):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def token_limit_param(self) -> str:
+        return "max_tokens"
 
     @property
     def wants_logprobs(self) -> int | None:

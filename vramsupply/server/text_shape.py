@@ -4,6 +4,10 @@ share (``ShapeBase``), and the text completion's shape.
 The generation plumbing in ``completions.py`` is shared by ``/v1/completions`` and
 ``/v1/chat/completions``; each route only says how its results look. Stream chunks come back as
 ready SSE events; a plain text chunk is filled into a template serialized once (``chunks.py``).
+
+Every response and every chunk carries a ``system_fingerprint``, as OpenAI's do: it names the
+configuration that writes the answers (``system_fingerprint``), so a client comparing seeded
+answers learns when a difference comes from the server's setup rather than from sampling.
 """
 
 from __future__ import annotations
@@ -11,16 +15,87 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import hashlib
+import json
+import re
+import weakref
 from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from vramsupply.engine import Generation
+import vramsupply
+
+from vramsupply.engine import Engine, Generation
 from vramsupply.engine.logprobs import TokenLogprob
 from vramsupply.server.chunks import ChunkTemplate, sse_event
 from vramsupply.server.logprobs_out import TokenBytes, text_logprobs
-from vramsupply.server.responses import FinishReason, TextChoice, TextCompletion, TextLogprobs, UsageOut
+from vramsupply.server.responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    FinishReason,
+    TextChoice,
+    TextCompletion,
+    TextLogprobs,
+    UsageOut,
+)
 
 Logprobs = list[TokenLogprob] | None  # one choice's logprobs, or None when not asked for
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FINGERPRINTS: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+
+
+def system_fingerprint(engine: Engine) -> str:
+    """``fp_`` and ten hex digits of a hash of what decides the engine's outputs: vramsupply's and
+    llama.cpp's versions, the model file (its sha256 where a Hub cache names its blob by it, else
+    its path, size and modification time) and the settings that change the numbers (context,
+    batch sizes, offload, attention, KV cache types, the GPU split, sampling on the device).
+    Threads, slots and queue do not. The same setup gives the same fingerprint after a restart."""
+    found = _FINGERPRINTS.get(engine)
+    if found is None:
+        options = engine.options
+        gpu = options.gpu
+        settings = {
+            "vramsupply": vramsupply.__version__, "llama_cpp": _version("llama_cpp_python"), "model": _file_identity(options.model_path),
+            "n_ctx": engine.n_ctx, "n_batch": engine.n_batch, "n_ubatch": options.n_ubatch, "n_gpu_layers": options.n_gpu_layers,
+            "flash_attention": options.flash_attention, "backend_sampling": options.backend_sampling,
+            "gpu": [gpu.split_mode, gpu.main_gpu, list(gpu.tensor_split), list(gpu.devices), gpu.cache_type_k, gpu.cache_type_v],
+        }
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        found = _FINGERPRINTS[engine] = "fp_" + digest[:10]
+    return found
+
+
+def _file_identity(path: Path) -> str:
+    resolved = Path(path).resolve()
+    if resolved.parent.name == "blobs" and _SHA256.fullmatch(resolved.name):  # a Hub cache's blob: named by its sha256
+        return resolved.name
+    try:
+        stat = resolved.stat()
+    except OSError:
+        return str(resolved)
+    return f"{resolved}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+class FingerprintedChatCompletion(ChatCompletion):
+    system_fingerprint: str | None = None
+
+
+class FingerprintedChatChunk(ChatCompletionChunk):
+    system_fingerprint: str | None = None
+
+
+class FingerprintedTextCompletion(TextCompletion):
+    """Both the whole response and each stream chunk of ``/v1/completions``."""
+
+    system_fingerprint: str | None = None
 
 
 class ResponseShape(Protocol):
@@ -48,6 +123,7 @@ class ShapeBase(abc.ABC):
     model: str
     include_usage: bool
     token_bytes: TokenBytes
+    system_fingerprint: str | None = dataclasses.field(default=None, kw_only=True)
 
     _templates: dict[tuple[Any, ...], ChunkTemplate] = dataclasses.field(default_factory=dict, kw_only=True, repr=False)
 
@@ -58,10 +134,17 @@ class ShapeBase(abc.ABC):
         return sse_event(self._document(choices, usage).encode())
 
     def _document(self, choices: list[Any], usage: UsageOut | None = None) -> str:
-        chunk = self.chunk_type(id=self.id, object=self.chunk_object, created=self.created, model=self.model, choices=choices)
+        chunk = self._identified(self.chunk_type, object=self.chunk_object, choices=choices)
         if self.include_usage:
             chunk.usage = usage
         return chunk.to_json()
+
+    def _identified(self, model: type[Any], **fields: Any) -> Any:
+        """A response or chunk with this response's id, creation time, model and fingerprint."""
+        document = model(id=self.id, created=self.created, model=self.model, **fields)
+        if self.system_fingerprint is not None:
+            document.system_fingerprint = self.system_fingerprint
+        return document
 
     def _template(self, *key: Any) -> ChunkTemplate:
         """The text chunk ``_text_document(*key, text)`` writes, serialized once per ``key`` and
@@ -82,7 +165,7 @@ class TextShape(ShapeBase):
     _taken: dict[int, int] = dataclasses.field(default_factory=dict)  # per choice: tokens whose logprobs were written
     _generations: Sequence[Generation] = ()
 
-    chunk_type = TextCompletion
+    chunk_type = FingerprintedTextCompletion
     chunk_object = "text_completion"
 
     def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut, logprobs: Sequence[Logprobs]) -> str:
@@ -90,9 +173,7 @@ class TextShape(ShapeBase):
             TextChoice(index=i, text=text, logprobs=self._logprobs(i, entries), finish_reason=finish)
             for i, (text, finish, entries) in enumerate(zip(texts, finishes, logprobs))
         ]
-        return TextCompletion(
-            id=self.id, object="text_completion", created=self.created, model=self.model, choices=choices, usage=usage
-        ).to_json()
+        return self._identified(FingerprintedTextCompletion, object="text_completion", choices=choices, usage=usage).to_json()
 
     def opening_chunk(self, index: int) -> None:
         return None

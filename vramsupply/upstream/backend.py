@@ -175,6 +175,7 @@ class UpstreamBackend:
         self.n_ctx = await self._context()
         declared = self.kind == "upstream" and self.options.context_length is not None
         self.state.n_ctx = 0 if declared else self.n_ctx  # bounds usage only where the engine enforces it
+        self.state.max_model_len = self.n_ctx
         return True
 
     def _watch_ended(self, task: asyncio.Task[None]) -> None:

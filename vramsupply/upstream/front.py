@@ -33,10 +33,9 @@ from aiohttp import web
 from prometheus_client import Gauge
 
 from vramsupply.engine import EngineStats
-from vramsupply.server.app import Routes, model_card, openai_app
+from vramsupply.server.app import Routes, model_card, model_list, openai_app
 from vramsupply.server.errors import ApiError
 from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from vramsupply.server.responses import ModelList
 from vramsupply.server.state import SERVER_STATE, ServerState
 from vramsupply.upstream.client import UpstreamClient
 from vramsupply.upstream.limits import RelayLimits
@@ -130,6 +129,9 @@ class FrontState(ServerState):
         self.limits = RelayLimits()
         self.n_ctx = 0
         """The served context, once known: bounds the usage an answer may claim."""
+        self.max_model_len: int | None = None
+        """The context offered, once known (``/v1/models`` says it, as vLLM does): the upstream's,
+        or the one declared with ``--context-length``."""
         self.failure: str | None = None
         """Why the upstream can no longer be served at all (its supervisor died): serve exits."""
         self.forwarded: set[Forwarded] = set()
@@ -279,14 +281,14 @@ def front_state(request: web.Request) -> FrontState:
 async def list_models(request: web.Request) -> web.Response:
     state = front_state(request)
     state.ready_upstream()
-    return web.Response(text=ModelList(object="list", data=[model_card(state)]).to_json(), content_type="application/json")
+    return model_list(model_card(state, state.max_model_len))
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
     state = front_state(request)
     state.ready_upstream()
     state.check_model(request.match_info["model"])
-    return web.Response(text=model_card(state).to_json(), content_type="application/json")
+    return web.Response(text=model_card(state, state.max_model_len).to_json(), content_type="application/json")
 
 
 async def health(request: web.Request) -> web.Response:

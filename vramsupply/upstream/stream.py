@@ -32,7 +32,7 @@ from vramsupply.upstream.usage import usage_of
 
 log = logging.getLogger("vramsupply.upstream")
 
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class UpstreamErrorEvent(BadAnswer):
