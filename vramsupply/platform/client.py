@@ -17,6 +17,7 @@ and any text of the platform's that reaches a message is ``api.printable``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import time
@@ -48,6 +49,11 @@ RETRY_BACKOFF = Backoff(initial=0.5, cap=4.0)
 MAX_ANSWER_BYTES = 4 << 20
 """The largest answer read (decompressed): the provider API's are a few kilobytes."""
 PLATFORM_URL_SETTING = "platform_url (VRAM_SUPPLY_PLATFORM_URL)"
+
+
+def account_of(api_key: str) -> str:
+    """A fingerprint of ``api_key`` (16 hex digits of its SHA-256): which account, never the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
 class PlatformError(VramsupplyError):
@@ -126,6 +132,16 @@ class PlatformClient:
         self._timeout = timeout
         self._sleep = sleep
         self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def account(self) -> str:
+        """A fingerprint of the API key (not the key): tells a record of this account's instances from another's."""
+        return account_of(self._api_key)
+
+    async def use_api_key(self, api_key: str) -> None:
+        """Authenticate with ``api_key`` from the next call on (a key replaced while the agent runs)."""
+        self._api_key = api_key
+        await self.close()  # its session sends the old key with every request
 
     async def __aenter__(self) -> PlatformClient:
         return self

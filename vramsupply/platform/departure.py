@@ -24,8 +24,12 @@ if TYPE_CHECKING:
 
     from vramsupply.platform import api
     from vramsupply.platform.offer import Offer
+    from vramsupply.platform.state import Leftover
 
 log = logging.getLogger("vramsupply.platform")
+
+LEFTOVER_TIMEOUT = 3.0
+"""Seconds the DELETE of the previous run's instance may hold up this run's registration."""
 
 
 class Departure:
@@ -40,6 +44,19 @@ class Departure:
     # Methods of ProviderLifecycle these call (declared here for readers and type checkers).
     _set_phase: Callable[..., None]
     _adopt: Callable[[api.RegisterResponse], bool]
+
+    async def _remove_leftover(self, leftover: Leftover) -> None:
+        """Delete the instance the previous run left listed (a quick tunnel's old URL stays listed
+        until health checks fail, and a platform may not replace an instance at the same URL);
+        best effort, within ``LEFTOVER_TIMEOUT``: health checks catch it otherwise."""
+        was = f"{leftover.provider_id}, which the agent's previous run (process {leftover.pid}) left listed at {leftover.endpoint_url or 'its endpoint'}"
+        try:
+            await within(self._client.deregister(leftover.provider_id), LEFTOVER_TIMEOUT)
+        except (PlatformError, asyncio.TimeoutError) as exc:
+            reason = str(exc) or f"no answer within {LEFTOVER_TIMEOUT:g} s"
+            log.warning("could not deregister %s: %s; the platform's health checks will mark it offline", was, reason)
+            return
+        log.info("deregistered %s", was)
 
     async def _deregister_current(self, timeout: float, settled: bool) -> bool:
         if not settled:

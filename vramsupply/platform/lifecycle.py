@@ -21,6 +21,13 @@ A tunnel may change the public URL at any moment (``move_endpoint``). The instan
 is retired: deleted once the new one is registered, or at shutdown at the latest. A register
 answer for a URL we no longer have is an instance to retire, never ours. Once shutdown has begun a
 move is only logged: registering again then would list an agent that is about to go away.
+
+What outlives one run or changes under a running agent: the instance a killed previous run left
+listed is deleted before the first register (``departure``, bounded to a few seconds, never
+fatal); a rejected API key from the config file is replaced as soon as `vramsupply login` stores
+another, and an outage is recalled every 15 minutes (``phase_log``); each heartbeat carries the
+capacity bench.json holds now (``capacity``); and an offline listing while the agent itself was
+paused is put down to the pause (``pauses``, ``offline_reason``).
 """
 
 from __future__ import annotations
@@ -28,20 +35,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from vramsupply.platform import api
+from vramsupply.platform.api_key import ApiKeySource
 from vramsupply.platform.backoff import Backoff
-from vramsupply.platform.client import ApiKeyRejected, PlatformClient, PlatformError, PlatformUnavailable, UnexpectedAnswer, UnknownProvider
+from vramsupply.platform.capacity import CapacityWatch
+from vramsupply.platform.client import PlatformClient, PlatformError, UnexpectedAnswer, UnknownProvider
 from vramsupply.platform.departure import Departure
 from vramsupply.platform.draining import Draining
 from vramsupply.platform.offline_reason import HEALTH_CHECK_SECONDS, OfflineReason
 from vramsupply.platform.heartbeat import HeartbeatStatus, ServingStats, heartbeat_status, may_have_registered, not_listed_as_ours
+from vramsupply.platform.pauses import PauseWatch
+from vramsupply.platform.phase_log import PhaseLog
 from vramsupply.platform.retry_wait import SILENT_OFFLINE_SECONDS, RetryWait, Sleep
-from vramsupply.platform.state import Phase, RegistrationState, write_state
+from vramsupply.platform.state import Leftover, Phase
 from vramsupply.platform.tokens import TokenTally
 
 log = logging.getLogger("vramsupply.platform")
@@ -52,11 +62,15 @@ REGISTER_BACKOFF = Backoff(initial=1.0, cap=60.0)
 __all__ = ["ProviderLifecycle", "ServingStats", "heartbeat_status"]
 
 
-class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason):
+class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason, PhaseLog):
     """Registers ``offer`` and heartbeats with ``stats()`` until ``stop()``; owns ``client``.
     ``sleep``: how the waits the platform asks for are waited (a test passes one that records them).
     ``silence_limit``, ``health_check_every``: the platform's timings (docs/platform-api.md): after
-    how long without a heartbeat it lists an instance offline, and how often it checks /health."""
+    how long without a heartbeat it lists an instance offline, and how often it checks /health.
+    ``api_key_source``: where the key came from (``api_key``); ``capacity``: the measured capacity,
+    kept up to date with bench.json; ``leftover``: the previous run's instance, deleted before
+    registering; ``clock``: the monotonic clock that times pauses, silences and reminders (a test
+    passes one it moves)."""
 
     def __init__(
         self,
@@ -72,8 +86,17 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason):
         sleep: Sleep = asyncio.sleep,
         silence_limit: float = SILENT_OFFLINE_SECONDS,
         health_check_every: float = HEALTH_CHECK_SECONDS,
+        api_key_source: ApiKeySource | None = None,
+        capacity: CapacityWatch | None = None,
+        leftover: Leftover | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
+        self._clock = clock
+        self._api_key_source, self._capacity, self._leftover = api_key_source, capacity, leftover
+        self._pauses = PauseWatch(clock)
+        self._listed_at: float | None = None  # when (``clock``) the platform last answered without listing us offline
+        self._init_phase_log()
         self._offer = offer
         self._stats = stats
         self._interval = heartbeat_interval
@@ -112,8 +135,6 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason):
         self._forgotten = 0
         """Registrations in a row that the platform forgot (or drained) before listing us."""
         self._odd_answers: set[str] = set()
-        self._logged: tuple[Phase, str] | None = None
-        self._state_unwritable = False
         self.registered = asyncio.Event()
         self.provider_id: str | None = None
         self.phase = Phase.registering
@@ -124,6 +145,7 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason):
         self._tally.start_at(self._stats())
         self._set_phase(Phase.registering, f"registering {self._offer.model} at {self._offer.endpoint_url} with {self._client.base_url}")
         self._task = asyncio.create_task(self._run(), name="provider-lifecycle")
+        self._pauses.start()
 
     @property
     def endpoint_url(self) -> str | None:
@@ -177,6 +199,7 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason):
         (``_register_call``, ``_beat_call``): its answer decides what the platform knows."""
         if self._probe_task is not None:
             self._probe_task.cancel()
+        self._pauses.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -185,6 +208,12 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason):
 
     async def _run(self) -> None:
         failures = 0
+        if self._leftover is not None:
+            leftover, self._leftover = self._leftover, None
+            try:
+                await self._remove_leftover(leftover)
+            except Exception:  # a fault of ours: the registration goes on
+                log.exception("unexpected error removing the previous run's instance; registering anyway")
         while True:
             try:
                 ok, wait = await self._attempt(failures)
@@ -203,6 +232,7 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason):
         wait before the next try: none the first time it forgets us, backing off when it keeps forgetting)."""
         moves = self._moves
         self._wake.clear()  # this attempt answers any move asked for until now
+        await self._use_new_api_key()
         if self.provider_id is None:
             ok = await self._register()
             if not ok and moves != self._moves:  # the endpoint moved while registering: the new URL at once
@@ -253,7 +283,7 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason):
 
     def _registered_as(self, reply: api.RegisterResponse) -> None:
         self.provider_id, self._sent_status, self._unconfirmed_register = reply.provider_id, "online", False
-        self._heard_at = time.monotonic()
+        self._heard_at = self._listed_at = self._clock()
         self._set_phase(Phase.registered, f"registered {self._offer.model} as {reply.provider_id} with {self._client.base_url}")
         self.registered.set()
 
@@ -273,7 +303,9 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason):
     async def _heartbeat(self, provider_id: str) -> bool:
         snapshot = self._stats()
         status = self._sent_status = heartbeat_status(snapshot)
-        silent_for = 0.0 if self._heard_at is None else time.monotonic() - self._heard_at
+        silent_for = 0.0 if self._heard_at is None else self._clock() - self._heard_at
+        if self._capacity is not None and self._capacity.refresh():
+            self._offer = self._offer.model_copy(update={"capacity": self._capacity.capacity})
         reply: api.HeartbeatResponse | None = None
         call = self._beat_call = self._beat(provider_id, status, snapshot)
         try:
@@ -289,7 +321,7 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason):
         finally:
             if call.done():
                 self._beat_call = None
-        self._last_heartbeat_at, self._heard_at = time.time(), time.monotonic()
+        self._last_heartbeat_at, self._heard_at = time.time(), self._clock()
         if self.provider_id != provider_id:  # the endpoint moved meanwhile: the next attempt registers
             return False
         if reply is not None and (elsewhere := not_listed_as_ours(provider_id, status, reply)):
@@ -305,7 +337,7 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason):
         ``silent_for``: seconds the platform had heard nothing from us when it was sent."""
         self._recovering = status == "offline" or (self._recovering and listed == "offline")
         if listed != "offline":
-            self._silence = None
+            self._silence, self._listed_at = None, self._clock()
         if status == "offline":
             message = f"told the platform to route nothing to {provider_id}: {snapshot.unavailable}"
             self._set_phase(Phase.offline, message, logging.WARNING)
@@ -344,41 +376,3 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason):
             capacity=self._offer.capacity,
         )
         return asyncio.ensure_future(self._tally.carried_by(claim, self._client.heartbeat(request)))
-
-    def _record_failure(self, exc: PlatformError) -> None:
-        if isinstance(exc, PlatformUnavailable):
-            when = self._platform_asks(exc.retry_after)
-            self._set_phase(Phase.unreachable, f"platform unreachable ({exc}); still serving locally, {when}", logging.WARNING)
-        else:
-            level = logging.ERROR if isinstance(exc, ApiKeyRejected) else logging.WARNING
-            self._set_phase(Phase.rejected, f"{exc}; still serving locally, retrying in the background", level)
-
-    def _set_phase(self, phase: Phase, message: str, level: int = logging.INFO) -> None:
-        """Record every change in the state file; log only when the phase (or the refusal, or the
-        reason for being offline) changes."""
-        self.phase, self.message = phase, message
-        key = (phase, message if phase in (Phase.rejected, Phase.offline) else "")
-        if key != self._logged:
-            self._logged = key
-            log.log(level, message)
-        if self._state_path is not None:
-            self._record_state(self._state_path)
-
-    def _record_state(self, path: Path) -> None:
-        """A state file we cannot write costs `vramsupply status` its answer, never the registration."""
-        state = RegistrationState(
-            phase=self.phase, platform_url=self._client.base_url, model=self._offer.model, endpoint_url=self._offer.endpoint_url or "",
-            provider_id=self.provider_id, message=self.message, pid=os.getpid(), updated_at=time.time(),
-            last_heartbeat_at=self._last_heartbeat_at, local_url=self._local_url, heartbeat_interval=self._interval,
-            output_price=self._offer.output_price_per_million,
-        )  # fmt: skip
-        try:
-            write_state(path, state)
-        except OSError as exc:
-            if not self._state_unwritable:  # logged when that changes, not at every heartbeat
-                self._state_unwritable = True
-                log.warning("cannot record the registration state in %s (%s); `vramsupply status` cannot show it until it is written again", path, exc.strerror or exc)
-            return
-        if self._state_unwritable:
-            self._state_unwritable = False
-            log.info("the registration state is written again in %s", path)

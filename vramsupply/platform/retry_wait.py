@@ -3,8 +3,9 @@
 Apart from ``lifecycle.py`` because the wait now has rules of its own, which read best in one place:
 
 - the lifecycle's own wait (the heartbeat interval, or the backoff after a failed register) ends
-  early when ``move_endpoint`` asks for a register at once, or when the engine's status changes
-  from what the platform last heard (it then hears at once);
+  early when ``move_endpoint`` asks for a register at once, when the engine's status changes
+  from what the platform last heard (it then hears at once), or when the config file of a rejected
+  API key is written (`vramsupply login`: ``phase_log``);
 - a 429 or 503 that says when to ask again (``Retry-After``) is a floor under that wait: the
   lifecycle waits at least that long, capped at ``RETRY_AFTER_CAP``, and only shutdown (which
   cancels the loop) cuts it short. A move or a status change during it is acted on the moment it
@@ -58,6 +59,7 @@ class RetryWait:
     _asked: float | None
     _sent_status: HeartbeatStatus | None
     _stats: Callable[[], ServingStats]
+    _key_file_changed: Callable[[], bool]
 
     def _platform_asks(self, seconds: float | None) -> str:
         """Hold the next attempt back ``seconds`` (capped), as the platform asked (None or 0: it
@@ -78,7 +80,7 @@ class RetryWait:
             await self._sleep(asked)
             seconds -= asked
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0 and not self._status_changed():
+        while (left := deadline - time.monotonic()) > 0 and not self._status_changed() and not self._key_file_changed():
             if await event_within(self._wake, min(left, STATUS_POLL_SECONDS)):
                 break
         self._wake.clear()

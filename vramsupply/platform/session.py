@@ -5,6 +5,13 @@ never register (no API key, no usable endpoint URL) without any network call; ``
 register payload once the served context is known; ``start`` registers it once the server answers;
 ``drain`` and ``stop`` take the instance off the market on shutdown, each bounded by a deadline so a
 dead platform never holds up the exit.
+
+``prepare`` also notes what the running agent needs from before it started: where the API key came
+from (``api_key``: what a rejection says, and whether a new key can be picked up without a
+restart), and the instance the previous run left listed (``state.leftover_instance``), read before
+this run's first record replaces it and deleted before registering (always, not only when the
+endpoint URL changed: a dead run's instance is a ghost whatever its URL, one DELETE costs nothing,
+and a platform need not replace an instance at the same URL as the reference one does).
 """
 
 from __future__ import annotations
@@ -12,18 +19,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from vramsupply.errors import MissingSetting
 from vramsupply.logging import register_secret
 from vramsupply.platform import api
-from vramsupply.platform.client import PlatformClient
+from vramsupply.platform.api_key import ApiKeySource
+from vramsupply.platform.capacity import CapacityWatch, MeasuredCapacity, offered_capacity
+from vramsupply.platform.client import PlatformClient, account_of
 from vramsupply.platform.lifecycle import ProviderLifecycle, ServingStats
 from vramsupply.platform.offer import ModelIdentity, Offer, OfferError, build_offer, check_endpoint_url
 from vramsupply.platform.options import MarketOptions
-from vramsupply.platform.state import Phase, default_state_path
+from vramsupply.platform.state import Leftover, Phase, default_state_path, leftover_instance
 from vramsupply.platform.token import resolve_endpoint_token
 
 log = logging.getLogger("vramsupply.platform")
@@ -35,17 +43,7 @@ DEREGISTER_TIMEOUT = 10.0
 half (systemd's stop margin beyond the drain is 30 s)."""
 
 
-class MeasuredCapacity(Protocol):
-    """A stored `vramsupply bench` result (``throughput.Capacity`` satisfies this)."""
-
-    @property
-    def single_stream_tokens_per_second(self) -> float: ...
-    @property
-    def all_slots_tokens_per_second(self) -> float: ...
-    @property
-    def parallel(self) -> int: ...
-    @property
-    def measured_at(self) -> float: ...
+__all__ = ["MarketplaceSession", "MeasuredCapacity"]
 
 
 class MarketplaceSession:
@@ -58,6 +56,9 @@ class MarketplaceSession:
         self.local_url: str | None = None  # where this machine reaches the agent, once it listens
         self.capacity: api.Capacity | None = None
         self.hardware: dict[str, Any] | None = None  # where the model runs, with CPU-fallback warnings
+        self.api_key_source = ApiKeySource.of(api_key)
+        self.leftover: Leftover | None = None  # the previous run's instance, still listed
+        self._capacity_watch: CapacityWatch | None = None
         self._pending: tuple[ModelIdentity, int, Callable[[], ServingStats]] | None = None
 
     @classmethod
@@ -74,7 +75,9 @@ class MarketplaceSession:
             raise OfferError(f"context_length_offered ({offered}) is larger than context_length ({planned})")
         token = resolve_endpoint_token(options.endpoint_token)
         register_secret(token)
-        return cls(options, options.api_key, token, state_path=state_path or default_state_path())
+        session = cls(options, options.api_key, token, state_path=state_path or default_state_path())
+        session.leftover = leftover_instance(session._state_path, options.platform_url, account_of(options.api_key))
+        return session
 
     def offer(self, model: ModelIdentity, served_context: int) -> Offer:
         """The register payload for the model as served; raises OfferError when it cannot be offered."""
@@ -91,6 +94,9 @@ class MarketplaceSession:
             state_path=self._state_path,
             local_url=self.local_url,
             tunnel=self.options.tunnel,
+            api_key_source=self.api_key_source,
+            capacity=self._capacity_watch,
+            leftover=self.leftover,
         )
         self.lifecycle.start()
         return self.lifecycle
@@ -115,17 +121,13 @@ class MarketplaceSession:
 
     def report_capacity(self, measured: MeasuredCapacity | None) -> None:
         """Offer the throughput `vramsupply bench` stored for the served model (none when never measured)."""
-        if measured is None:
-            return
-        try:  # a hand-edited bench.json may hold what JSON cannot carry (Infinity) or no time at all
-            self.capacity = api.Capacity(
-                single_stream_tokens_per_second=measured.single_stream_tokens_per_second,
-                all_slots_tokens_per_second=measured.all_slots_tokens_per_second,
-                slots=measured.parallel,
-                measured_at=datetime.fromtimestamp(measured.measured_at, timezone.utc).isoformat(timespec="seconds"),
-            )
-        except (ValueError, OverflowError, OSError):
-            log.warning("the stored `vramsupply bench` result for this model is no measurement; offering without capacity: run `vramsupply bench` again")
+        self.capacity = offered_capacity(measured)
+
+    def watch_capacity(self, path: Path, read: Callable[[], MeasuredCapacity | None]) -> None:
+        """Offer the served model's result in ``path`` (``read()``), and follow it: a `vramsupply
+        bench` run while the agent serves reaches the next heartbeat (``capacity.CapacityWatch``)."""
+        self._capacity_watch = CapacityWatch(path, read)
+        self.capacity = self._capacity_watch.capacity
 
     async def drain(self) -> None:
         if self.lifecycle is not None:

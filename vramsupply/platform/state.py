@@ -72,6 +72,7 @@ class RegistrationState(BaseModel):
     process_start: int | None = Field(None, ge=0)  # when ``pid`` started (``process_start``): tells it from a later program
     heartbeat_interval: float | None = Field(None, gt=0)  # how often the agent rewrites a heartbeating record: `status` judges its age by it
     output_price: int | None = Field(None, ge=0)  # ¢ per million output tokens it offers at: `demand` advises on the price really asked
+    account: str | None = None  # a fingerprint of the API key it registered with (``PlatformClient.account``), never the key
 
 
 def default_state_path() -> Path:
@@ -170,6 +171,30 @@ def record_public_url(url: str, tool: str, path: Path | None = None) -> None:
         write_state(path, record.model_copy(update={"endpoint_url": url, "message": message, "updated_at": time.time()}))
     except OSError as exc:
         log.warning("cannot record the tunnel's public URL in %s (%s)", path, exc.strerror or exc)
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """An instance an earlier run registered and did not deregister (killed, crashed, the machine lost power)."""
+
+    provider_id: str
+    pid: int
+    endpoint_url: str
+
+
+def leftover_instance(path: Path, platform_url: str, account: str) -> Leftover | None:
+    """The instance the previous run left listed on this platform for this account, read before this
+    run's first record replaces the file; None when it deregistered, or still runs, or used another
+    platform or account (a record from before accounts were recorded counts as this one's: the
+    platform deletes only an instance the key owns)."""
+    record = read_state(path)
+    if record is None or record.provider_id is None or record.phase is Phase.deregistered:
+        return None
+    if record.platform_url.rstrip("/") != platform_url.rstrip("/") or record.account not in (None, account):
+        return None
+    if earlier_run(record) is None:
+        return None
+    return Leftover(record.provider_id, record.pid, record.endpoint_url)
 
 
 OFFERING_PHASES = frozenset({Phase.starting, Phase.registering, Phase.registered, Phase.offline, Phase.unreachable})

@@ -9,7 +9,8 @@
   uses), and says where to find it, never the token itself.
 - The ledger recorder is plugged into the server state once it listens; after the drain, the
   records of abandoned requests are awaited and the ledger is closed.
-- The throughput `vramsupply bench` stored for the served model is offered as capacity.
+- The throughput `vramsupply bench` stored for the served model is offered as capacity, and
+  followed: a result saved while the agent serves goes with the next heartbeat.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class ProviderSide:
 
     def model_known(self, model: ModelIdentity) -> None:
         if self.market is not None:
-            self.market.report_capacity(capacity_for(default_bench_path(), model.model_id, model.quant))
+            path = default_bench_path()
+            self.market.watch_capacity(path, lambda: capacity_for(path, model.model_id, model.quant))
 
     def listening(self, server: ApiServer) -> None:
         """Start the tunnel (requiring the endpoint token first) and plug the ledger into the server."""

@@ -1,0 +1,137 @@
+"""What the lifecycle says about its phase: in the log, once per change, and in the state file always.
+
+Apart from ``lifecycle.py`` because saying it has rules of its own:
+
+- a phase is logged when it changes (for a refusal or an offline listing: when its reason
+  changes), never once per try; the state file that `vramsupply status` reads is rewritten at
+  every change and heartbeat, and a file that cannot be written is said when that changes;
+- a platform that stays unreachable is said again every ``UNREACHABLE_REMINDER_SECONDS`` (15 min),
+  with since when, so that an operator reading the last screen of a long log still sees it, never
+  more often;
+- a rejected API key is said with what works for where the key came from (``api_key``): while it is
+  rejected, a key from the config file is read again before each retry (and whenever the file is
+  written), and the lifecycle registers with a new one as soon as `vramsupply login` stores it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from vramsupply.logging import register_secret
+from vramsupply.platform import api
+from vramsupply.platform.api_key import ApiKeySource
+from vramsupply.platform.client import API_KEY_REJECTED, ApiKeyRejected, PlatformClient, PlatformError, PlatformUnavailable
+from vramsupply.platform.state import Phase, RegistrationState, write_state
+
+log = logging.getLogger("vramsupply.platform")
+
+UNREACHABLE_REMINDER_SECONDS = 15 * 60.0
+
+
+class PhaseLog:
+    """Mixed into ``ProviderLifecycle``, which owns the attributes read here."""
+
+    _client: PlatformClient
+    _offer: api.RegisterRequest
+    _state_path: Path | None
+    _local_url: str | None
+    _interval: float
+    _last_heartbeat_at: float | None
+    _clock: Callable[[], float]
+    _api_key_source: ApiKeySource | None
+    provider_id: str | None
+    phase: Phase
+    message: str
+    _platform_asks: Callable[[float | None], str]
+
+    def _init_phase_log(self) -> None:
+        self._logged: tuple[Phase, str] | None = None
+        self._state_unwritable = False
+        self._key_rejected = False
+        self._unreachable: tuple[float, float, float] | None = None
+        """Since when (wall clock, and ``_clock``) the platform is unreachable, and when that was last said (``_clock``)."""
+
+    def _record_failure(self, exc: PlatformError) -> None:
+        self._key_rejected = isinstance(exc, ApiKeyRejected)
+        if isinstance(exc, PlatformUnavailable):
+            when = self._platform_asks(exc.retry_after)
+            self._set_phase(Phase.unreachable, f"platform unreachable ({exc}); still serving locally, {when}", logging.WARNING)
+            self._remind_unreachable(exc)
+        elif isinstance(exc, ApiKeyRejected):
+            said = API_KEY_REJECTED if self._api_key_source is None else self._api_key_source.rejected()
+            self._set_phase(Phase.rejected, f"{said}; still serving locally, retrying in the background", logging.ERROR)
+        else:
+            self._set_phase(Phase.rejected, f"{exc}; still serving locally, retrying in the background", logging.WARNING)
+
+    def _remind_unreachable(self, exc: PlatformError) -> None:
+        """Every ``UNREACHABLE_REMINDER_SECONDS`` of one outage, one line that it goes on."""
+        assert self._unreachable is not None  # set by _set_phase(unreachable)
+        since_wall, _, said_at = self._unreachable
+        now = self._clock()
+        if now - said_at < UNREACHABLE_REMINDER_SECONDS:
+            return
+        self._unreachable = (since_wall, self._unreachable[1], now)
+        log.warning("the platform is still unreachable since %s: %s, serving continues", _clock_time(since_wall), exc)
+
+    async def _use_new_api_key(self) -> None:
+        """While the key is rejected: register (or heartbeat) with the config file's key once it differs."""
+        source = self._api_key_source
+        if not self._key_rejected or source is None:
+            return
+        key = source.new_key()
+        if key is None:
+            return
+        register_secret(key)
+        await self._client.use_api_key(key)
+        self._key_rejected = False
+        log.info("the API key in %s changed: trying the new key", source.where)
+
+    def _key_file_changed(self) -> bool:
+        """The wait before the next retry ends when a rejected key's config file is written (``retry_wait``)."""
+        return self._key_rejected and self._api_key_source is not None and self._api_key_source.file_changed()
+
+    def _set_phase(self, phase: Phase, message: str, level: int = logging.INFO) -> None:
+        """Record every change in the state file; log only when the phase (or the refusal, or the
+        reason for being offline) changes."""
+        self.phase, self.message = phase, message
+        self._key_rejected = self._key_rejected and phase is Phase.rejected  # a key that works is kept, whatever the file says
+        if phase is not Phase.unreachable:
+            self._unreachable = None
+        elif self._unreachable is None:
+            now = self._clock()
+            self._unreachable = (time.time(), now, now)
+        key = (phase, message if phase in (Phase.rejected, Phase.offline) else "")
+        if key != self._logged:
+            self._logged = key
+            log.log(level, message)
+        if self._state_path is not None:
+            self._record_state(self._state_path)
+
+    def _record_state(self, path: Path) -> None:
+        """A state file we cannot write costs `vramsupply status` its answer, never the registration."""
+        state = RegistrationState(
+            phase=self.phase, platform_url=self._client.base_url, model=self._offer.model, endpoint_url=self._offer.endpoint_url or "",
+            provider_id=self.provider_id, message=self.message, pid=os.getpid(), updated_at=time.time(),
+            last_heartbeat_at=self._last_heartbeat_at, local_url=self._local_url, heartbeat_interval=self._interval,
+            output_price=self._offer.output_price_per_million, account=self._client.account,
+        )  # fmt: skip
+        try:
+            write_state(path, state)
+        except OSError as exc:
+            if not self._state_unwritable:  # logged when that changes, not at every heartbeat
+                self._state_unwritable = True
+                log.warning("cannot record the registration state in %s (%s); `vramsupply status` cannot show it until it is written again", path, exc.strerror or exc)
+            return
+        if self._state_unwritable:
+            self._state_unwritable = False
+            log.info("the registration state is written again in %s", path)
+
+
+def _clock_time(wall: float) -> str:
+    """HH:MM, with the date when it was not today."""
+    then = time.localtime(wall)
+    return time.strftime("%H:%M" if then[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M", then)
