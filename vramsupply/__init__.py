@@ -1,8 +1,21 @@
-"""vramsupply: the provider agent of the vram.supply inference marketplace."""
+"""vramsupply: the provider agent of the vram.supply inference marketplace.
 
-from importlib.metadata import PackageNotFoundError, version
+``__version__`` is read from the installed metadata on first use, not at import: every command
+imports this package first, and `serve`'s early stop handler (``__main__``) should be in place as
+soon after the process starts as it can be (importlib.metadata alone took about 40 ms).
+"""
 
-try:
-    __version__ = version("vramsupply")
-except PackageNotFoundError:
-    __version__ = "0.0.0+unknown"
+from __future__ import annotations
+
+
+def __getattr__(name: str) -> str:
+    if name != "__version__":
+        raise AttributeError(f"module 'vramsupply' has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("vramsupply")
+    except PackageNotFoundError:
+        found = "0.0.0+unknown"
+    globals()["__version__"] = found
+    return found

@@ -6,25 +6,64 @@ KeyboardInterrupt raised in the middle of an import can instead leave the interp
 exit (seen as `devplatform` ignoring a Ctrl-C sent 0.3 s after start on a loaded machine), so the
 window gets a handler that ends the process outright. Once the import is done Python's own
 handler is back, and each command's own signal handling takes over.
+
+`serve` promises more (README): Ctrl-C or SIGTERM at any moment stops it and exits 0. Its own
+handling (``signals.StopSignals``) starts only once the command runs, up to a second or two after
+the process did, and SIGTERM's default ended it with 143 and no word, so a service manager or a
+script that stopped a just-started agent saw a failure. For `serve` the window's handler covers
+SIGTERM and SIGHUP too, stays until ``StopSignals`` replaces it, and exits 0 with one line: before
+that nothing is loaded, listening or registered (the data dir's lock goes with the process).
 """
 
 import os
 import signal
 import sys
 
+EARLY_STOP_LINE = "stopped before serving started"
+
 
 def _exit_now(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
+def _stop_before_serving(signum: int, frame: object) -> None:
+    """`serve` stopped before its own handling began: nothing to drain or settle."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    try:
+        os.write(2, f"{name} received: {EARLY_STOP_LINE}\n".encode())
+    except OSError:
+        pass  # no stderr to tell: the exit code still says it
+    os._exit(0)
+
+
+def _is_serve(args: list[str]) -> bool:
+    """Whether the command is `serve`: the first word that is no option (the root has no option taking a value)."""
+    return next((arg for arg in args if not arg.startswith("-")), None) == "serve"
+
+
+def _handle_early_stops(serving: bool) -> None:
+    if not serving:
+        signal.signal(signal.SIGINT, _exit_now)
+        return
+    signal.signal(signal.SIGINT, _stop_before_serving)
+    signal.signal(signal.SIGTERM, _stop_before_serving)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup: a closed terminal stops nothing
+        signal.signal(signal.SIGHUP, _stop_before_serving)
+
+
 def run() -> None:
-    signal.signal(signal.SIGINT, _exit_now)
+    serving = _is_serve(sys.argv[1:])
+    _handle_early_stops(serving)
     try:
         from vramsupply.cli import main
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not serving:  # serve keeps the handler until StopSignals replaces it
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     main()
 
 

@@ -13,7 +13,13 @@ never removed (removing a locked file lets a third process lock a new one beside
 (the holder's pid and start time) only names the holder in the refusal and lets `status` say an
 agent is starting before it listens. Python opens the file close-on-exec, so a child (a tunnel, a
 vLLM server) never inherits the lock and keeps it after the agent is gone. Only `serve` takes the
-lock: `status`, `earnings`, `devplatform` and the rest run beside an agent.
+lock: `status`, `earnings`, `devplatform` and the rest run beside an agent (`bench` and `models rm`
+ask ``lock_holder`` whether one does, to warn or refuse).
+
+An agent that received its stop signal holds the lock until its drain ends (up to
+``--drain-timeout``); a second `serve` started then (a restart) is told that the first is stopping
+and to wait for it, not that it serves: ``mark_stopping`` adds that to the holder record, and a
+registration record of the holder in a draining phase (an engine that failed) says the same.
 
 A lock that cannot be taken at all (an unwritable data dir, a file system without locks) is a
 warning, not a refusal: the lock guards against a mistake, and must not itself keep a provider
@@ -31,12 +37,14 @@ from pathlib import Path
 
 from vramsupply.config import data_dir
 from vramsupply.errors import VramsupplyError
-from vramsupply.platform.state import MAX_PID, process_start, same_process
+from vramsupply.platform.state import MAX_PID, STATE_FILE_NAME, Phase, process_start, read_state, same_process
 
 log = logging.getLogger("vramsupply.serve")
 
 LOCK_FILE_NAME = "agent.lock"
 _held: dict[Path, int] = {}  # lock file -> its open descriptor, kept open until the process ends
+STOPPING_PHASES = frozenset({Phase.draining, Phase.deregistered, Phase.deregister_failed})
+"""Registration phases of an agent on its way out: it drains, then deregisters, then exits."""
 
 
 class DataDirInUse(VramsupplyError):
@@ -59,7 +67,8 @@ def hold_data_dir(directory: Path | None = None) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise DataDirInUse(in_use(directory, lock_holder(directory))) from None
+        pid = lock_holder(directory)
+        raise DataDirInUse(in_use(directory, pid, stopping=pid is not None and holder_stopping(directory, pid))) from None
     except OSError as exc:
         os.close(fd)
         return _cannot_lock(path, exc)
@@ -70,18 +79,40 @@ def hold_data_dir(directory: Path | None = None) -> None:
 def lock_holder(directory: Path | None = None) -> int | None:
     """The pid of the agent that holds ``directory``'s lock, from what it wrote there; None when no
     process that wrote it still runs (the lock itself is not touched: reading never blocks a start)."""
-    try:
-        holder = json.loads(((directory or data_dir()) / LOCK_FILE_NAME).read_bytes())
-        pid, started = holder["pid"], holder.get("process_start")
-    except (OSError, ValueError, TypeError, KeyError):
+    holder = _read_holder(directory or data_dir())
+    if holder is None:
         return None
+    pid, started = holder["pid"], holder.get("process_start")
     if type(pid) is not int or not 0 < pid <= MAX_PID or not isinstance(started, (int, type(None))):
         return None
     return pid if same_process(pid, started) else None
 
 
-def in_use(directory: Path, pid: int | None) -> str:
+def holder_stopping(directory: Path, pid: int) -> bool:
+    """Whether agent ``pid``, the holder of ``directory``'s lock, is stopping: it said so in the lock
+    file (``mark_stopping``), or its registration record is in a phase of its stop."""
+    holder = _read_holder(directory)
+    if holder is not None and holder.get("pid") == pid and holder.get("stopping") is True:
+        return True
+    record = read_state(directory / STATE_FILE_NAME)
+    return record is not None and record.pid == pid and record.phase in STOPPING_PHASES
+
+
+def _read_holder(directory: Path) -> dict[str, object] | None:
+    try:
+        holder = json.loads((directory / LOCK_FILE_NAME).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and "pid" in holder else None
+
+
+def in_use(directory: Path, pid: int | None, *, stopping: bool = False) -> str:
     who = f"another vramsupply agent (pid {pid})" if pid is not None else "another vramsupply agent"
+    if stopping:
+        return (
+            f"{who} is stopping (draining in-flight requests) on the data dir {directory}; wait for it to exit "
+            f"(at most its --drain-timeout and its deregistration), then start this one"
+        )
     return (
         f"{who} is serving from the data dir {directory}; two agents must not share one (its endpoint token, "
         f"registration record and earnings ledger): stop that one, or give this one a data dir of its own: {separate_data_dir()}"
@@ -95,11 +126,21 @@ def separate_data_dir() -> str:
     return "XDG_DATA_HOME=~/.local/share/agent2 vramsupply serve … --port 8081"
 
 
-def _write_holder(fd: int) -> None:
-    record = json.dumps({"pid": os.getpid(), "process_start": process_start(os.getpid())}).encode()
-    try:
-        os.ftruncate(fd, 0)
+def mark_stopping() -> None:
+    """This agent begins to stop: say so in the lock files it holds, for a `serve` started before it
+    exits (``in_use``). Nothing when it holds none (`devplatform`)."""
+    for fd in _held.values():
+        _write_holder(fd, stopping=True)
+
+
+def _write_holder(fd: int, *, stopping: bool = False) -> None:
+    holder: dict[str, object] = {"pid": os.getpid(), "process_start": process_start(os.getpid())}
+    if stopping:
+        holder["stopping"] = True
+    record = json.dumps(holder).encode()
+    try:  # written over, then cut to length: a reader never finds the file empty (a rewrite is longer)
         os.pwrite(fd, record, 0)
+        os.ftruncate(fd, len(record))
     except OSError as exc:  # a full disk: the lock holds all the same, only unnamed
         log.debug("cannot write the holder into the data dir's lock file: %s", exc)
 

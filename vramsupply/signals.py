@@ -69,6 +69,9 @@ class StopSignals:
         if not self.event.is_set():
             log.info("%s received: %s", sig.name, self.first_stop)
             self.event.set()
+            from vramsupply.instance_lock import mark_stopping  # here: `devplatform` needs none of it
+
+            mark_stopping()  # a `serve` started now is told to wait for this one, not that it serves
         elif self._task is not None:
             log.warning("%s received again: stopping without waiting", sig.name)
             self._task.cancel()

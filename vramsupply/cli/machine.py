@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from .app import JSON_OPTION, app, console, err_console, settings_from
+
+if TYPE_CHECKING:
+    from vramsupply.config import Settings
 
 
 @app.command()
@@ -67,6 +70,7 @@ def bench(
     parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots to fill in the second phase (default: the parallel setting)."),
     seconds: float = typer.Option(30.0, "--seconds", help="About how long the whole measurement takes, 3 to 600."),
     as_json: bool = typer.Option(False, "--json", help="Print the stored result as JSON."),
+    beside_agent: bool = typer.Option(False, "--beside-agent", help="Measure on the GPU while an agent serves on this machine (a second copy of the model can run the GPU out of memory)."),
 ) -> None:
     """Measure this machine's tokens per second for the model, at 1 stream and with every slot busy; serve reports it."""
     from vramsupply.throughput import default_bench_path, run_bench
@@ -74,6 +78,7 @@ def bench(
     if not 3.0 <= seconds <= 600.0:  # also false for nan, which a min/max option lets through as "over 600"
         raise typer.BadParameter(f"{seconds:g} is not a number of seconds from 3 to 600", param_hint="'--seconds'")
     settings = settings_from({"model": model, "quant": quant, "parallel": parallel})
+    _beside_a_running_agent(settings, beside_agent)
     result = asyncio.run(run_bench(settings, seconds, progress=lambda line: err_console.print(f"bench: {line}", highlight=False)))
     if as_json:
         print(result.model_dump_json(indent=2))
@@ -82,6 +87,32 @@ def bench(
     console.print(
         f"{result.model}: {result.single_stream_tokens_per_second:,.1f} tok/s with 1 stream, "
         f"{result.all_slots_tokens_per_second:,.1f} tok/s with {slots} busy; saved to {default_bench_path()}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _beside_a_running_agent(settings: Settings, beside_agent: bool) -> None:
+    """An agent serving on this machine shares what bench measures: said in one line before
+    measuring, and on the GPU refused unless ``--beside-agent``: the benchmark loads a second copy of
+    the model there, which can run the GPU out of memory under the agent's buyers."""
+    from vramsupply.cli.local_agent import agent_beside
+    from vramsupply.gpu import devices
+    from vramsupply.throughput import BenchError
+
+    pid = agent_beside()
+    if pid is None:
+        return
+    on_gpu = settings.n_gpu_layers != 0 and devices.build_has_gpu_backend()
+    if on_gpu and not beside_agent:
+        raise BenchError(
+            f"a vramsupply agent (pid {pid}) is serving on this machine: a second copy of the model on the GPU can run it out of "
+            "memory under its buyers, and the figure would be lowered by its traffic; stop the agent first, or pass --beside-agent to measure anyway"
+        )
+    shares = "the GPU, CPU and memory" if on_gpu else "the CPU and memory"
+    err_console.print(
+        f"warning: a vramsupply agent (pid {pid}) is serving on this machine: this measurement shares {shares} with it, so the result "
+        "is lower than the machine can do (and the agent reports it as capacity); stop the agent first for a true figure",
         highlight=False,
         soft_wrap=True,
     )

@@ -16,7 +16,8 @@ from rich.text import Text
 from .app import app, console, fail, settings_from
 
 if TYPE_CHECKING:
-    from vramsupply.platform.commands import AgentStatus
+    from vramsupply.platform.commands import AgentStatus, Earning
+    from vramsupply.platform.state import RegistrationState
 
 
 @app.command()
@@ -61,6 +62,7 @@ def earnings(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (exact money amounts) instead of a table and chart."),
 ) -> None:
     """Show what this agent served and earned, from its local ledger: a table and a per-day chart."""
+    from vramsupply.cli.local_agent import service_data
     from vramsupply.ledger import default_ledger_path
     from vramsupply.ledger import LedgerError
     from vramsupply.ledger.report import By, dumps, earnings_report, parse_since, render
@@ -73,10 +75,13 @@ def earnings(
         fail(str(exc))
     path = default_ledger_path()
     report = earnings_report(path, since)
+    service = service_data("earnings") if not path.exists() else None  # the system service's ledger is elsewhere
     if as_json:
-        print(dumps(report.as_json()))
+        print(dumps({**report.as_json(), **({"service": service.as_json()} if service is not None else {})}))
     else:
         console.print(render(report, By(by), path), highlight=False, markup=False)  # model names in the ledger are no markup
+        if service is not None:
+            console.print(service.line("earnings ledger"), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -104,23 +109,65 @@ for an invalid flag or setting."""
 
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
-    """Show the local agent's health and its registration with the platform.
+    """Show the local agent's health, its registration with the platform, its prices and the last 24 h it earned.
 
     Exit 0 when it serves and is listed (or serves with --no-register), 1 when no agent serves,
     3 when it serves but is not listed on the platform (rejected, unreachable, registering) or its
     registration record is stale."""
+    from vramsupply.cli.local_agent import service_data
     from vramsupply.platform.commands import status_table
     from vramsupply.display import json_text
 
     report, note = _agent_report()
+    earning = _earning(report)
+    service = service_data("status") if _found_nothing(report) else None
     if as_json:
-        console.print(json_text(report.as_json()), soft_wrap=True)
+        extra = {"service": service.as_json()} if service is not None else {}
+        console.print(json_text({**report.as_json(), "earnings": earning.as_json(), **extra}), soft_wrap=True)
     else:
-        table = status_table(report)
+        table = status_table(report, earning)
         if note:
             table.add_row("record", Text(note, style="yellow"))
         console.print(table)
+        if service is not None:  # below the table, whole: the command is to be copied
+            console.print(Text(service.line("agent or registration record"), style="yellow"), soft_wrap=True)
     raise typer.Exit(_status_code(report))
+
+
+def _found_nothing(report: AgentStatus) -> bool:
+    """No agent answers, none is starting, and none ever left a record in this user's data dir."""
+    from vramsupply.instance_lock import lock_holder
+
+    return report.registration is None and report.unreadable_record is None and report.health is None and lock_holder() is None
+
+
+def _earning(report: AgentStatus) -> Earning:
+    """The prices the running agent asks (its record), and the last 24 h of the local ledger; a
+    ledger that cannot be read is said in the view, and changes no exit code."""
+    from vramsupply.ledger import LedgerError, default_ledger_path
+    from vramsupply.ledger.report import earnings_report
+    from vramsupply.platform.commands import Earning
+
+    record = report.registration if report.registration_current else None
+    output_price = record.output_price if record is not None else None
+    recorded_input = getattr(record, "input_price", None)
+    input_price = recorded_input if recorded_input is not None else settings_from({}).input_price
+    try:
+        day, error = earnings_report(default_ledger_path(), "24h").total, None
+    except LedgerError as exc:
+        day, error = None, str(exc)
+    offers = "agent" if recorded_input is not None else "settings"
+    return Earning(output_price, input_price if output_price is not None else None, offers, day, error, _no_prices(record))
+
+
+def _no_prices(record: RegistrationState | None) -> str:
+    from vramsupply.platform.state import Phase
+
+    if record is None:
+        return "no agent runs"
+    if record.phase is Phase.not_registering:
+        return "the running agent serves without registering (--no-register): it offers nothing on the market"
+    return "the running agent recorded no price"
 
 
 def _agent_report() -> tuple[AgentStatus, str | None]:

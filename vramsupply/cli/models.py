@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from vramsupply.config import Settings
 
 from .app import CACHE_DIR_OPTION, JSON_OPTION, QUANT_OPTION, console, err_console, fail, models_app, settings_from
+
+if TYPE_CHECKING:
+    from vramsupply.hub.cache import CachedModel
 
 
 def quant_serve_would_choose(model: str, settings: Settings) -> Settings:
@@ -116,9 +119,10 @@ def models_rm(
     model: Optional[str] = typer.Argument(None, help="org/model or GGUF repo id to remove (all its quants)."),
     remove_all: bool = typer.Option(False, "--all", help="Remove every model vramsupply downloaded."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    force: bool = typer.Option(False, "--force", help="Remove the model the running agent serves too (its next start downloads it again)."),
     cache_dir: Optional[Path] = CACHE_DIR_OPTION,
 ) -> None:
-    """Remove downloaded models from the cache; files other tools still use are kept."""
+    """Remove downloaded models from the cache; files other tools still use are kept, and the model the running agent serves unless --force."""
     from rich.filesize import decimal
 
     from vramsupply.hub import default_cache_dir, list_cached, remove_cached
@@ -132,6 +136,7 @@ def models_rm(
             console.print(f"no models downloaded by vramsupply in {cache}", highlight=False)
             return
         fail(f"no downloaded model matches {model}; `vramsupply models list` shows what is in {cache}", code=1)
+    doomed, spare = _spare_the_served_model(doomed, force)
     if not yes:
         if not sys.stdin.isatty():
             fail("refusing to delete models without confirmation: pass --yes")
@@ -139,6 +144,27 @@ def models_rm(
             console.print(f"  {item.model_id} {item.quant} ({item.repo_id}, {decimal(item.on_disk)})", highlight=False)
         if not typer.confirm(f"Remove {len(doomed)} model(s) from {cache}?"):
             fail("nothing removed", code=1)
-    removed = remove_cached(cache, model)
+    removed = remove_cached(cache, model, spare=spare)
     for item in removed:
         console.print(f"removed {item.model_id} {item.quant} ({item.repo_id}, {decimal(item.on_disk)})", highlight=False)
+
+
+def _spare_the_served_model(doomed: list[CachedModel], force: bool) -> tuple[list[CachedModel], str | None]:
+    """What to remove, without the model the agent running on this data dir serves, and that model
+    (None: nothing spared): removed, the agent's next start downloads it again, or cannot start
+    offline. One model named is refused (exit 1); with --all it is kept, said in one line.
+    ``--force`` removes it too."""
+    from vramsupply.cli.local_agent import served_model
+
+    served = served_model()
+    if served is None or force:
+        return doomed, None
+    serves = served.model.lower()
+    rest = [item for item in doomed if serves not in (item.model_id.lower(), item.repo_id.lower())]
+    if len(rest) == len(doomed):
+        return doomed, None
+    what = f"the running agent (pid {served.pid}) serves {served.model}: removed, its next start downloads it again (or cannot start offline)"
+    if not rest:
+        fail(f"{what}; stop the agent first, or pass --force to remove it anyway", code=1)
+    err_console.print(f"keeping {served.model}: {what}; --force removes it too", highlight=False, soft_wrap=True)
+    return rest, served.model

@@ -123,9 +123,9 @@ def _remove_pull(repo: RepoCache, pull: Pull, kept: list[Pull]) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _remove_from_repo(repo: RepoCache, model: str | None) -> list[CachedModel]:
+def _remove_from_repo(repo: RepoCache, model: str | None, spare: str | None = None) -> list[CachedModel]:
     pulls = repo.pulls()
-    doomed = [pull for pull in pulls if model is None or pull.matches(model)]
+    doomed = [pull for pull in pulls if (model is None or pull.matches(model)) and not (spare is not None and pull.matches(spare))]
     kept = [pull for pull in pulls if pull not in doomed]
     removed = [describe(repo, pull) for pull in doomed]
     for pull in doomed:
@@ -150,9 +150,10 @@ def _prune_empty_tree(directory: Path) -> None:
             Path(root).rmdir()
 
 
-def remove_cached(cache_dir: Path, model: str | None) -> list[CachedModel]:
-    """Remove the pulls of `model` (marketplace or GGUF repo id, any case), or all pulls when None."""
+def remove_cached(cache_dir: Path, model: str | None, spare: str | None = None) -> list[CachedModel]:
+    """Remove the pulls of `model` (marketplace or GGUF repo id, any case), or all pulls when None;
+    never those of `spare` (the model a running agent serves: `models rm` keeps it)."""
     removed: list[CachedModel] = []
     for repo in cached_repos(cache_dir):
-        removed.extend(_remove_from_repo(repo, model))
+        removed.extend(_remove_from_repo(repo, model, spare))
     return removed

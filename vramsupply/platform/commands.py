@@ -184,7 +184,34 @@ def stale_after(heartbeat_interval: float) -> float:
     return min(STALE_AFTER_INTERVALS * heartbeat_interval + HEARTBEAT_CALL_SECONDS, SILENT_OFFLINE_SECONDS)
 
 
-def status_table(status: AgentStatus) -> Table:
+@dataclass(frozen=True)
+class Earning:
+    """What the provider earns: the prices the running agent asks (None: it offers nothing, or none
+    runs) and the last 24 h of its local ledger (``day``: ``Totals`` of ``ledger.report``; None,
+    with ``ledger_error``, when the ledger cannot be read). ``input_from``: "agent" when its record
+    holds the input price, "settings" when only the configured one is known."""
+
+    output_price: int | None
+    input_price: int | None
+    input_from: str
+    day: Any
+    ledger_error: str | None = None
+    no_prices: str = "no agent runs"
+    """Why there are no prices in force (no ``output_price``): no agent runs, or it offers nothing."""
+
+    def as_json(self) -> dict[str, Any]:
+        prices = None if self.output_price is None else {
+            "output_price": self.output_price, "input_price": self.input_price, "input_price_from": self.input_from,
+            "output_earned_per_million_cents": api.net_cents(self.output_price),
+        }  # fmt: skip
+        day = None if self.day is None else {
+            name: getattr(self.day, name)
+            for name in ("requests", "cut_requests", "prompt_tokens", "completion_tokens", "gross_nanocents", "earned_nanocents")
+        }  # fmt: skip
+        return {"prices": prices, **({} if prices else {"no_prices": self.no_prices}), "last_24h": day, "ledger_error": self.ledger_error}
+
+
+def status_table(status: AgentStatus, earning: Earning | None = None) -> Table:
     """Every value in it came from outside (the agent's /health, the state file): shown as plain text."""
     table = FitTable(title="vramsupply status", show_header=False)
     table.add_column("what", style="bold")
@@ -194,7 +221,32 @@ def status_table(status: AgentStatus) -> Table:
     else:
         table.add_row("agent", shown(status.health_error or "not running", style="red"))
     _registration_rows(table, status)
+    if earning is not None:
+        _earning_rows(table, earning)
     return table
+
+
+def _earning_rows(table: Table, earning: Earning) -> None:
+    from vramsupply.ledger.money import dollars_text
+    from vramsupply.platform.offer import format_cents
+
+    if earning.output_price is None:
+        table.add_row("prices", f"none: {earning.no_prices}")
+    else:
+        output = f"output {format_cents(earning.output_price)} (you earn {format_cents(api.net_cents(earning.output_price))})"
+        source = "" if earning.input_from == "agent" else " (configured: the agent's record holds only its output price)"
+        price_in = f"input {format_cents(earning.input_price)}{source}" if earning.input_price is not None else "input unknown"
+        table.add_row("prices", f"per million tokens: {output}, {price_in}")
+    day = earning.day
+    if day is None:
+        table.add_row("last 24 h", Text(f"unknown: {earning.ledger_error}", style="yellow"))
+        return
+    cut = f" ({day.cut_requests:,} cut short, unpaid)" if day.cut_requests else ""
+    table.add_row(
+        "last 24 h",
+        f"{day.requests:,} request{'' if day.requests == 1 else 's'}{cut}, {day.prompt_tokens:,} prompt + {day.completion_tokens:,} completion tokens, "
+        f"earned {dollars_text(day.earned_nanocents)} (from the local ledger)",
+    )
 
 
 def _health_rows(table: Table, status: AgentStatus) -> None:
