@@ -62,3 +62,17 @@ def write_private_file(path: Path, text: str, mode: int = 0o600, *, sync: bool =
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+FileStamp = tuple[int, int, int]
+
+
+def file_stamp(path: Path) -> FileStamp | None:
+    """What changes when ``path`` is rewritten (modification time, size, inode: a file replaced by
+    rename is a new inode), for a running agent that rereads a file another command writes; None
+    where it cannot be read."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (info.st_mtime_ns, info.st_size, info.st_ino)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vramsupply.config import ConfigError, config_path, env_name, read_config_file
+from vramsupply.config.paths import FileStamp, file_stamp
 from vramsupply.config.settings import api_key_problem
 from vramsupply.platform.client import API_KEY_REJECTED
 from vramsupply.platform.retry_wait import STATUS_POLL_SECONDS
@@ -44,7 +45,7 @@ class ApiKeySource:
     kind: str
     where: str
     _key: str | None = field(default=None, repr=False)  # the key in use
-    _stamp: tuple[int, int, int] | None = field(default=None, repr=False)
+    _stamp: FileStamp | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, key: str | None) -> ApiKeySource:
@@ -54,7 +55,7 @@ class ApiKeySource:
             return cls("env", named[0], key)
         path = config_path()
         if key is not None and _file_key(path) == key:
-            return cls("file", str(path), key, _stamp(path))
+            return cls("file", str(path), key, file_stamp(path))
         return cls("flag", "--api-key", key)
 
     def rejected(self) -> str:
@@ -70,7 +71,7 @@ class ApiKeySource:
 
     def file_changed(self) -> bool:
         """Whether the config file was written since it was last read (a ``stat``; never for another source)."""
-        return self.kind == "file" and _stamp(Path(self.where)) != self._stamp
+        return self.kind == "file" and file_stamp(Path(self.where)) != self._stamp
 
     def new_key(self) -> str | None:
         """The key in the config file when it differs from the key in use and is usable (it is in
@@ -78,7 +79,7 @@ class ApiKeySource:
         if self.kind != "file":
             return None
         path = Path(self.where)
-        self._stamp = _stamp(path)
+        self._stamp = file_stamp(path)
         key = _file_key(path)
         if key is None or key == self._key or api_key_problem(key) is not None:
             return None
@@ -94,10 +95,3 @@ def _file_key(path: Path) -> str | None:
         return None
     return value if isinstance(value, str) and value.strip() else None
 
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        info = path.stat()
-    except OSError:
-        return None
-    return (info.st_mtime_ns, info.st_size, info.st_ino)

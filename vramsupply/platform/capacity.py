@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
+from vramsupply.config.paths import file_stamp
 from vramsupply.platform import api
 
 log = logging.getLogger("vramsupply.platform")
@@ -66,12 +67,12 @@ class CapacityWatch:
     def __init__(self, path: Path, read: Callable[[], MeasuredCapacity | None]) -> None:
         self._path = path
         self._read = read
-        self._stamp = _stamp(path)
+        self._stamp = file_stamp(path)
         self.capacity = offered_capacity(read())
 
     def refresh(self) -> bool:
         """Whether ``capacity`` changed since it was last offered (said in one line); reads the file only when it was written."""
-        stamp = _stamp(self._path)
+        stamp = file_stamp(self._path)
         if stamp == self._stamp:
             return False
         self._stamp = stamp
@@ -82,10 +83,3 @@ class CapacityWatch:
         self.capacity = capacity
         return True
 
-
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        info = path.stat()
-    except OSError:
-        return None
-    return (info.st_mtime_ns, info.st_size, info.st_ino)
