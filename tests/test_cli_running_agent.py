@@ -184,6 +184,8 @@ def test_status_shows_the_prices_in_force_and_the_last_24_hours_from_the_ledger(
     assert as_json.returncode == table.returncode == 0, table.stdout
     earnings = json.loads(as_json.stdout)["earnings"]
     assert earnings["prices"]["output_price"] == 300
+    # the input price the agent was started with (a flag), not the configured default
+    assert earnings["prices"]["input_price"] == 150 and earnings["prices"]["input_price_from"] == "agent"
     day = earnings["last_24h"]
     assert day["requests"] == 1 and day["completion_tokens"] == answer["usage"]["completion_tokens"] and day["earned_nanocents"] > 0
     assert "per million tokens: output $3.00 (you earn $2.85)" in table.stdout

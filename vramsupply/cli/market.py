@@ -150,7 +150,7 @@ def _earning(report: AgentStatus) -> Earning:
 
     record = report.registration if report.registration_current else None
     output_price = record.output_price if record is not None else None
-    recorded_input = getattr(record, "input_price", None)
+    recorded_input = record.input_price if record is not None else None  # None from an agent before 2026-12-06
     input_price = recorded_input if recorded_input is not None else settings_from({}).input_price
     try:
         day, error = earnings_report(default_ledger_path(), "24h").total, None

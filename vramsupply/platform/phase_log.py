@@ -117,7 +117,8 @@ class PhaseLog:
             phase=self.phase, platform_url=self._client.base_url, model=self._offer.model, endpoint_url=self._offer.endpoint_url or "",
             provider_id=self.provider_id, message=self.message, pid=os.getpid(), updated_at=time.time(),
             last_heartbeat_at=self._last_heartbeat_at, local_url=self._local_url, heartbeat_interval=self._interval,
-            output_price=self._offer.output_price_per_million, account=self._client.account,
+            output_price=self._offer.output_price_per_million, input_price=self._offer.input_price_per_million,
+            account=self._client.account,
         )  # fmt: skip
         try:
             write_state(path, state)

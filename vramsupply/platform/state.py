@@ -72,6 +72,7 @@ class RegistrationState(BaseModel):
     process_start: int | None = Field(None, ge=0)  # when ``pid`` started (``process_start``): tells it from a later program
     heartbeat_interval: float | None = Field(None, gt=0)  # how often the agent rewrites a heartbeating record: `status` judges its age by it
     output_price: int | None = Field(None, ge=0)  # ¢ per million output tokens it offers at: `demand` advises on the price really asked
+    input_price: int | None = Field(None, ge=0)  # and per million input tokens: `status` shows both prices in force
     account: str | None = None  # a fingerprint of the API key it registered with (``PlatformClient.account``), never the key
 
 
@@ -108,6 +109,7 @@ def record_listening(settings: Settings, model: str, port: int, *, registering: 
     state = RegistrationState(
         phase=phase, platform_url=platform_url, model=model, endpoint_url=settings.endpoint_url or "", message=message,
         pid=os.getpid(), updated_at=time.time(), local_url=local_url, output_price=settings.output_price if registering else None,
+        input_price=settings.input_price if registering else None,
     )
     path = path or default_state_path()
     try:
