@@ -102,16 +102,7 @@ def prepare_chat(
     shown = use_tools or (bool(functions) and fmt.supports_tools)
     prompt = _render(template, request, messages, _template_tools(request.tools or (), functions) if shown else None, variables)
     in_reasoning = opens_reasoning(prompt, fmt.reasoning)
-    grammar, triggers = None, ()
-    if use_tools and choice == "auto":
-        triggers = trigger_patterns(fmt.syntax, fmt.reasoning, in_reasoning)
-        # A schema the grammar cannot express only loses the lazy check: calls are still parsed.
-        grammar = _call_grammar(fmt, functions, request.parallel_tool_calls, None, required=False) if triggers else None
-        triggers = triggers if grammar is not None else ()
-    elif use_tools:
-        forced = functions if choice == "required" else [f for f in functions if f["name"] == named]
-        parallel = request.parallel_tool_calls and choice == "required"
-        grammar = _call_grammar(fmt, forced, parallel, fmt.reasoning if in_reasoning else None, required=True)
+    grammar, triggers = _tool_grammar(fmt, functions, choice, named, request.parallel_tool_calls, in_reasoning) if use_tools else (None, ())
     return ChatPrompt(
         tokens=tokenize(prompt),
         stop=template.stop,
@@ -125,6 +116,20 @@ def prepare_chat(
         parallel_tool_calls=request.parallel_tool_calls,
         continues=request.continue_final_message,
     )
+
+
+def _tool_grammar(
+    fmt: ChatFormat, functions: list[dict[str, Any]], choice: str, named: str | None, parallel_tool_calls: bool, in_reasoning: bool
+) -> tuple[str | None, tuple[str, ...]]:
+    """The grammar (and, for ``auto``, the patterns that wake it) that holds the answer's calls."""
+    if choice == "auto":
+        triggers = trigger_patterns(fmt.syntax, fmt.reasoning, in_reasoning)
+        # A schema the grammar cannot express only loses the lazy check: calls are still parsed.
+        grammar = _call_grammar(fmt, functions, parallel_tool_calls, None, required=False) if triggers else None
+        return grammar, triggers if grammar is not None else ()
+    forced = functions if choice == "required" else [f for f in functions if f["name"] == named]
+    parallel = parallel_tool_calls and choice == "required"
+    return _call_grammar(fmt, forced, parallel, fmt.reasoning if in_reasoning else None, required=True), ()
 
 
 def _render(
