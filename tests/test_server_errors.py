@@ -87,8 +87,8 @@ async def test_body_that_is_not_an_object_is_400(server: LiveServer, http: aioht
         (CHAT, {"messages": HELLO, "stop": [f"stop{i}" for i in range(17)]}, "stop"),
         (COMPLETIONS, {}, "prompt"),
         (COMPLETIONS, {"prompt": ""}, "prompt"),
-        (COMPLETIONS, {"prompt": ["one", "two"]}, "prompt"),
-        (COMPLETIONS, {"prompt": "hi", "echo": True}, "echo"),
+        (COMPLETIONS, {"prompt": ["one", ""]}, "prompt"),
+        (COMPLETIONS, {"prompt": "hi", "echo": True, "logprobs": 2}, "echo"),
         (COMPLETIONS, {"prompt": "hi", "best_of": 3}, "best_of"),
     ],
 )

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vramsupply.engine import EngineError, Generation
+from vramsupply.server.batch import batch_usage
 from vramsupply.server.responses import UsageOut
 
 log = logging.getLogger("vramsupply.server")
@@ -59,8 +60,9 @@ class Accounts:
         self.recorder: RequestRecorder | None = None
         self._pending: set[asyncio.Task[None]] = set()
 
-    def bill(self, request_id: str, model: str, choices: int, *, token_presented: bool) -> Bill:
-        return Bill(self, request_id, model, choices, token_presented)
+    def bill(self, request_id: str, model: str, choices: int, *, token_presented: bool, per_prompt: int | None = None) -> Bill:
+        """``per_prompt``: choices to a prompt, when a request holds several prompts (``batch.py``)."""
+        return Bill(self, request_id, model, choices, token_presented, per_prompt or choices)
 
     @property
     def failure(self) -> str | None:
@@ -95,11 +97,10 @@ class Accounts:
         finally:
             for task in ending:
                 task.cancel()
-        usages = [g.usage for g in generations if g.usage is not None]
-        if not usages:
+        usage = batch_usage([g.usage for g in generations], bill.per_prompt)  # each prompt of a batch counted once
+        if usage is None:
             log.warning("request %s not recorded in the earnings ledger: its usage never arrived", bill.request_id)
             return
-        usage = UsageOut.combine(usages)
         if usage.prompt_tokens == 0 and usage.completion_tokens == 0:
             log.debug("request %s not recorded in the earnings ledger: it ended while still queued", bill.request_id)
             return
@@ -117,8 +118,9 @@ class Accounts:
 class Bill:
     """One request's record: settled with its final usage, or, if it ends early, abandoned."""
 
-    def __init__(self, accounts: Accounts, request_id: str, model: str, choices: int, token_presented: bool) -> None:
+    def __init__(self, accounts: Accounts, request_id: str, model: str, choices: int, token_presented: bool, per_prompt: int = 0) -> None:
         self._accounts = accounts
+        self.per_prompt = per_prompt or choices
         self.request_id = request_id
         self._model = model
         self._choices = choices

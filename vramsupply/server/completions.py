@@ -32,9 +32,10 @@ from vramsupply.engine import (
     SamplingParams,
 )
 from vramsupply.server.accounting import Bill
+from vramsupply.server.batch import batch_usage, check_choices
 from vramsupply.server.errors import ApiError, internal_error, own_id
 from vramsupply.server.grammar import answer_grammar, chat_grammar
-from vramsupply.server.metrics import ServerMetrics
+from vramsupply.server.metrics import ChoiceTiming, RequestClock
 from vramsupply.server.chat_shape import ChatShape, forced_call
 from vramsupply.server.chunks import sse_event
 from vramsupply.server.text_shape import ResponseShape, TextShape, system_fingerprint
@@ -83,13 +84,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
     engine = state.ready_engine()
     body = await state.parse(request, CompletionBody)
     check_fields(body)
-    prompt = body.prompt if isinstance(body.prompt, list) else await _tokenize(request, engine.tokenize, body.prompt, param="prompt")
+    check_choices(body)
+    prompts = [p if isinstance(p, list) else await _tokenize(request, engine.tokenize, p, param="prompt") for p in body.prompts]
     shape = TextShape(
         id=f"cmpl-{own_id(request)}", created=now(), model=state.model_id, include_usage=body.include_usage, token_bytes=engine.token_bytes,
-        system_fingerprint=system_fingerprint(engine),
+        system_fingerprint=system_fingerprint(engine), per_prompt=body.n, echo=body.prompts if body.echo else (), detokenize=engine.detokenize,
     )
-    requests = await generation_requests(body, prompt)
-    return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started))
+    first = await generation_requests(body, prompts[0])  # one grammar for all; choice i * n + j is prompt i's j-th
+    requests = [dataclasses.replace(r, prompt=prompt) for prompt in prompts for r in first]
+    return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started), per_prompt=body.n)
 
 
 async def _tokenize(request: web.Request, tokenize: Callable[[T], list[int]], value: T, *, param: str) -> list[int]:
@@ -193,26 +196,29 @@ def engine_error(exc: EngineError, prompt_param: str, limit_param: str = "max_to
 
 
 async def submit_all(
-    engine: Engine, requests: list[GenerationRequest], prompt_param: str, limit_param: str = "max_tokens"
+    engine: Engine, requests: list[GenerationRequest], prompt_param: str, limit_param: str = "max_tokens", per_prompt: int | None = None
 ) -> list[Generation]:
     """Submit every choice or none: on the first refusal the ones already admitted are cancelled.
+    ``per_prompt``: choices to a prompt, when the requests hold several prompts in order (``batch.py``).
 
     Building a sampler parses the request's grammar and logit bias, which can take milliseconds:
     such requests are submitted from a worker thread, so the event loop keeps streaming meanwhile.
     """
     if len(requests) > engine.capacity:  # never room for them all: not a reason to retry
         raise ApiError(
-            400, f"n={len(requests)} is more choices than this server can hold at once ({engine.capacity}: its slots and queue places).",
+            400, f"n={len(requests)} is more choices than this server can hold at once ({engine.capacity}: its slots and queue places)."
+            if per_prompt in (None, len(requests)) else
+            f"{len(requests)} choices (prompts × n) are more than this server can hold at once ({engine.capacity}: its slots and queue places).",
             param="n", code="invalid_value",
         )
     generations: list[Generation] = []
     loop = asyncio.get_running_loop()
+    per_prompt = per_prompt or len(requests)
     try:
-        for generation_request in requests:
-            # Every choice shares the first one's prompt: decoded once, counted once.
-            submit = functools.partial(
-                engine.submit, generation_request, shares_prompt_with=generations[0] if generations else None, loop=loop, choices=len(requests),
-            )
+        for index, generation_request in enumerate(requests):
+            # Every choice shares its prompt's first one's prompt: decoded once, counted once.
+            sibling = generations[index - index % per_prompt] if index % per_prompt else None
+            submit = functools.partial(engine.submit, generation_request, shares_prompt_with=sibling, loop=loop, choices=per_prompt)
             generations.append(await asyncio.to_thread(submit) if costly_to_submit(generation_request) else submit())
     except BaseException as exc:
         for generation in generations:
@@ -235,31 +241,6 @@ def _refused_field(message: str, prompt_param: str) -> str | None:
     return prompt_param if message.startswith(("prompt ", "the prompt ")) else None
 
 
-@dataclasses.dataclass
-class ChoiceTiming:
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-
-
-@dataclasses.dataclass
-class RequestClock:
-    """When the request arrived and, per choice, when text came: the TTFT and per-token metrics."""
-
-    started: float
-    first_text_at: float | None = None
-    choices: dict[int, ChoiceTiming] = dataclasses.field(default_factory=dict)
-
-    def mark(self, index: int, metrics: ServerMetrics) -> None:
-        at = time.monotonic()
-        if self.first_text_at is None:
-            self.first_text_at = at
-            metrics.ttft.observe(at - self.started)
-        timing = self.choices.get(index)
-        if timing is None:
-            timing = self.choices[index] = ChoiceTiming(first_token_at=at)
-        timing.last_token_at = at
-
-
 async def _complete(
     request: web.Request,
     state: ServerState,
@@ -269,15 +250,16 @@ async def _complete(
     shape: ResponseShape,
     clock: RequestClock,
     limit_param: str = "max_tokens",
+    per_prompt: int | None = None,
 ) -> web.StreamResponse:
-    generations = await submit_all(engine, requests, shape.prompt_param, limit_param)
+    generations = await submit_all(engine, requests, shape.prompt_param, limit_param, per_prompt)
     shape.track(generations)
-    bill = state.accounts.bill(shape.id, state.model_id, len(generations), token_presented=state.endpoint_token is not None)
+    bill = state.accounts.bill(shape.id, state.model_id, len(generations), token_presented=state.endpoint_token is not None, per_prompt=per_prompt)
     try:
         if stream:
             return await _stream(request, state, generations, shape, clock, requests[0].logprobs is not None, bill)
         texts = await asyncio.gather(*(_collect(state, clock, i, g) for i, g in enumerate(generations)))
-        usage = _usage(generations)
+        usage = _usage(generations, bill.per_prompt)
         await bill.settle(usage)
         logprobs = [g.logprobs if r.logprobs is not None else None for g, r in zip(generations, requests)]
         finishes = [_finish(g) for g in generations]
@@ -307,9 +289,9 @@ def _finish(generation: Generation) -> FinishReason:
     return "length" if generation.finish_reason == "length" else "stop"
 
 
-def _usage(generations: list[Generation]) -> UsageOut:
+def _usage(generations: list[Generation], per_prompt: int) -> UsageOut:
     """Exact usage of a finished request (the engine's counters already hold it: /metrics reads them)."""
-    return UsageOut.combine([g.usage for g in generations if g.usage is not None])
+    return batch_usage([g.usage for g in generations], per_prompt) or UsageOut.combine([])  # finished: never empty
 
 
 async def _stream(
@@ -361,7 +343,7 @@ async def _send_events(
             clock.mark(index, state.metrics)
             chunks = shape.text_chunks(index, text, entries)
         await response.write(b"".join(chunks))
-    usage = _usage(generations)
+    usage = _usage(generations, bill.per_prompt)
     await bill.settle(usage)
     if shape.include_usage:
         await response.write(shape.usage_chunk(usage))

@@ -3,10 +3,15 @@
 A per-app ``CollectorRegistry`` (not prometheus-client's global one) lets several apps live in one
 process, as they do in tests, without clashing metric names. Slot and queue gauges and the token
 counters are read from the engine at scrape time, so they are never stale, and the token counts
-are the very numbers heartbeats report: one source for what the platform bills.
+are the very numbers heartbeats report: one source for what the platform bills. A request's own
+clock (``RequestClock``: its first text, each choice's first and last token) feeds the TTFT and
+per-token histograms.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import time
 
 from collections.abc import Callable
 
@@ -107,3 +112,28 @@ class EngineCounters:
         stats = self._stats()
         for name, documentation, field in self.COUNTERS:
             yield CounterMetricFamily(name, documentation, value=0 if stats is None else getattr(stats, field))
+
+
+@dataclasses.dataclass
+class ChoiceTiming:
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+@dataclasses.dataclass
+class RequestClock:
+    """When the request arrived and, per choice, when text came: the TTFT and per-token metrics."""
+
+    started: float
+    first_text_at: float | None = None
+    choices: dict[int, ChoiceTiming] = dataclasses.field(default_factory=dict)
+
+    def mark(self, index: int, metrics: ServerMetrics) -> None:
+        at = time.monotonic()
+        if self.first_text_at is None:
+            self.first_text_at = at
+            metrics.ttft.observe(at - self.started)
+        timing = self.choices.get(index)
+        if timing is None:
+            timing = self.choices[index] = ChoiceTiming(first_token_at=at)
+        timing.last_token_at = at

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API, validated with pydantic.
 
 Unknown fields are ignored, as OpenAI-compatible servers do, but OpenAI fields that would change
-the answer in a way we cannot honour (audio, echo, the legacy functions API…) are rejected
+the answer in a way we cannot honour (audio, echo with logprobs, the legacy functions API…) are rejected
 with a 400 instead of being silently dropped; vLLM's and llama-server's are read in
 ``vllm_fields.py``. ``store: true`` is accepted and nothing is stored, as vLLM does: clients that
 always send it would otherwise fail on every call. Sampling fields left out keep llama.cpp's
@@ -23,6 +23,7 @@ from vramsupply.engine import MAX_TOP_K, ChatRequest
 from vramsupply.server.vllm_fields import VllmFields
 
 MAX_CHOICES = 16
+MAX_PROMPTS = 16  # prompts of one /v1/completions request; prompts × n stays within MAX_CHOICES
 # Stop strings are matched on the one scheduler thread that decodes all slots (one automaton each,
 # a few steps per generated character), and each one's table is built when the request arrives in
 # Python, which holds the GIL the scheduler also needs: both are bounded.
@@ -222,7 +223,7 @@ class ChatCompletionBody(GenerationBody):
 class CompletionBody(GenerationBody):
     """A legacy text completion; like OpenAI, ``max_tokens`` defaults to 16 here."""
 
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     response_format: ResponseFormat | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -232,17 +233,23 @@ class CompletionBody(GenerationBody):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _single_prompt(cls, value: Any) -> Any:
-        """One prompt per request: a string, a list holding one string, or a list of token ids."""
+    def _prompts(cls, value: Any) -> Any:
+        """A string or a list of token ids (one prompt; a list holding one is unwrapped), or a list
+        of up to ``MAX_PROMPTS`` strings or of token-id lists (a batch, as OpenAI's and vLLM's)."""
         if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
             value = value[0]
-        if isinstance(value, str):
-            if value == "":
-                raise ValueError("the prompt must not be empty")
+        if _one_prompt(value):
             return value
-        if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+            if len(value) > MAX_PROMPTS:
+                raise ValueError(f"a request takes up to {MAX_PROMPTS} prompts, got {len(value)}")
+            if len({type(p) for p in value}) > 1:
+                raise ValueError("the prompts must be all strings or all lists of token ids, not both")
+            for index, prompt in enumerate(value):
+                if not _one_prompt(prompt):
+                    raise ValueError(f"prompt {index} must be a non-empty string or a non-empty list of token ids")
             return value
-        raise ValueError("the prompt must be a non-empty string or a non-empty list of token ids (one prompt per request)")
+        raise ValueError("the prompt must be a non-empty string, a non-empty list of token ids, or a list of such prompts")
 
     @field_validator("max_tokens", mode="before")
     @classmethod
@@ -251,8 +258,10 @@ class CompletionBody(GenerationBody):
 
     @field_validator("echo")
     @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        return _unsupported(value, "echo is")
+    def _echo_without_logprobs(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("logprobs") is not None:
+            raise ValueError("echo with logprobs is not supported: this server computes no prompt logprobs; send one of them")
+        return value
 
     @field_validator("suffix")
     @classmethod
@@ -276,3 +285,16 @@ class CompletionBody(GenerationBody):
     @property
     def wants_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt of the request, in order: choice ``i * n + j`` is prompt ``i``'s ``j``-th."""
+        prompt = self.prompt
+        return [prompt] if _one_prompt(prompt) else list(prompt)  # type: ignore[arg-type]
+
+
+def _one_prompt(value: Any) -> bool:
+    """A non-empty string, or a non-empty list of token ids (ints, not booleans)."""
+    if isinstance(value, str):
+        return value != ""
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)

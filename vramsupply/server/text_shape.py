@@ -19,7 +19,7 @@ import hashlib
 import json
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -162,6 +162,10 @@ class ShapeBase(abc.ABC):
 @dataclasses.dataclass
 class TextShape(ShapeBase):
     prompt_param: str = "prompt"
+    per_prompt: int = 1  # choices to a prompt: choice i answers prompt i // per_prompt
+    echo: Sequence[str | list[int]] = ()  # with ``echo``, the prompts, whose text begins their choices'
+    detokenize: Callable[[list[int]], str] | None = None
+    _echo_texts: list[str] = dataclasses.field(default_factory=list)
     _taken: dict[int, int] = dataclasses.field(default_factory=dict)  # per choice: tokens whose logprobs were written
     _generations: Sequence[Generation] = ()
 
@@ -170,17 +174,26 @@ class TextShape(ShapeBase):
 
     def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut, logprobs: Sequence[Logprobs]) -> str:
         choices = [
-            TextChoice(index=i, text=text, logprobs=self._logprobs(i, entries), finish_reason=finish)
+            TextChoice(index=i, text=self._echoed(i) + text, logprobs=self._logprobs(i, entries), finish_reason=finish)
             for i, (text, finish, entries) in enumerate(zip(texts, finishes, logprobs))
         ]
         return self._identified(FingerprintedTextCompletion, object="text_completion", choices=choices, usage=usage).to_json()
 
-    def opening_chunk(self, index: int) -> None:
-        return None
+    def opening_chunk(self, index: int) -> bytes | None:
+        """With ``echo``, the choice's prompt as its first chunk."""
+        echoed = self._echoed(index)
+        return self._template(index).event(echoed) if echoed else None
 
     def track(self, generations: Sequence[Generation]) -> None:
-        """The generations say where each token's text starts (``text_offset``)."""
+        """The generations say where each token's text starts (``text_offset``). They were admitted,
+        so token-id prompts are known to be in the vocabulary: their echo can be written."""
         self._generations = generations
+        detokenize = self.detokenize
+        self._echo_texts = [p if isinstance(p, str) or detokenize is None else detokenize(p) for p in self.echo]
+
+    def _echoed(self, index: int) -> str:
+        """The prompt text ``echo`` puts before choice ``index``'s text ("" without echo)."""
+        return self._echo_texts[index // self.per_prompt] if self._echo_texts else ""
 
     def text_chunks(self, index: int, text: str, logprobs: Logprobs) -> list[bytes]:
         if logprobs is None:
