@@ -98,6 +98,7 @@ class FakeHub:
         self.stall_after: dict[str, int] = {}
         self.pause_at: dict[str, tuple[int, threading.Event]] = {}
         self.corrupt: set[str] = set()
+        self.failing: set[str] = set()  # repo ids whose description answers 500
         self.hang_api = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -195,6 +196,8 @@ class FakeHub:
         self._log(request)
         await self._maybe_hang()
         repo = self._repo(request)
+        if repo.repo_id.lower() in self.failing:
+            raise web.HTTPInternalServerError()
         with_blobs = request.query.get("blobs", "").lower() == "true"
         siblings = []
         for path, file in repo.files.items():

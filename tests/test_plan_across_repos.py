@@ -144,3 +144,15 @@ def test_every_quant_the_plan_weighs_resolves_to_the_same_file_on_its_own(hub: F
     assert each and len({r.quant for r in each}) == len(each)
     for offered in each:
         assert resolve(model, offered.quant, publishers=publishers) == offered
+
+
+def test_a_lower_ranked_repo_the_hub_fails_to_describe_is_left_out_not_the_whole_plan(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weighing every quant asks up to 8 repos; a 500 from one serve would not download from
+    (bartowski's, below unsloth's for Q6_K) cost the plan the repo it would."""
+    point_hf_at(monkeypatch, hub)
+    hub.failing.add("bartowski/acme_thing-1b-gguf")
+    resolver = Resolver(HubAccess.from_env(5), ("unsloth", "bartowski"))
+
+    each = resolver.resolve_each("acme/Thing-1B")
+
+    assert [(r.quant, r.repo_id) for r in each] == [("Q6_K", "unsloth/Thing-1B-GGUF")]

@@ -11,6 +11,7 @@ preferred publisher's repo with only Q6_K gives Q6_K, a lower one's Q4_K_M still
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from vramsupply.config import DEFAULT_GGUF_PUBLISHERS
 from vramsupply.hub.access import DEFAULT_TIMEOUT, HubAccess, hub_errors
 from vramsupply.hub.errors import HubAuthError, HubError, HubUnreachable, InvalidModelSpec, ModelNotFound, QuantNotFound
 from vramsupply.hub.quant import QuantGroup, available_quants, group_models, incomplete_sets, normalize_quant, select_quant
+
+log = logging.getLogger(__name__)
 
 OWN_ORG = "{org}"
 DEFAULT_PUBLISHERS = DEFAULT_GGUF_PUBLISHERS
@@ -249,9 +252,12 @@ class Resolver:
             raise ModelNotFound(self._nothing_found(model, base_id, info))
         return self._first_with_quant(candidates, wanted, model.lower())
 
-    def _accessible(self, candidates: list[ModelInfo]) -> Iterator[ModelInfo]:
+    def _accessible(self, candidates: list[ModelInfo], skipped: list[HubError] | None = None) -> Iterator[ModelInfo]:
         """The ranked candidates a quant may come from, with their files: the first
-        MAX_CANDIDATES_CHECKED, less those the Hub hides or refuses (gated, private)."""
+        MAX_CANDIDATES_CHECKED, less those the Hub hides or refuses (gated, private). With
+        ``skipped``, a candidate the Hub fails to describe (a 5xx, a timeout, a listing it cannot
+        read) is left out and its error kept there, rather than ending the search: weighing every
+        quant, one third-party repo must not cost the plan the repos serve can use."""
         for candidate in candidates[:MAX_CANDIDATES_CHECKED]:
             if candidate.id in self._denied:
                 continue
@@ -259,6 +265,12 @@ class Resolver:
                 info = self.repo_info(candidate.id)
             except HubAuthError:
                 self._denied.add(candidate.id)
+                continue
+            except HubError as exc:
+                if skipped is None:
+                    raise
+                log.info("leaving %s out of the quants weighed: %s", candidate.id, exc)
+                skipped.append(exc)
                 continue
             if info is not None:
                 yield info
@@ -288,7 +300,11 @@ class Resolver:
         candidates = self.find_candidates(base_id)
         if not candidates and not own:
             raise ModelNotFound(self._nothing_found(model, base_id, info))
-        return self._each_quant(own + [(found, model.lower()) for found in self._accessible(candidates)], model)
+        skipped: list[HubError] = []
+        sources = own + [(found, model.lower()) for found in self._accessible(candidates, skipped)]
+        if not sources and skipped:
+            raise skipped[0]
+        return self._each_quant(sources, model)
 
     def _each_quant(self, sources: list[tuple[ModelInfo, str]], model: str) -> tuple[ResolvedModel, ...]:
         """Per quant, the first source (repo, model id) that has it."""
