@@ -721,6 +721,8 @@ uninstall() { # DATA_DIR BIN_DIR PURGE
         remove_agent_files "$(config_dir)" $AGENT_CONFIG_FILES
         # shellcheck disable=SC2086
         remove_agent_files "$(agent_data_dir)" $AGENT_DATA_FILES
+        # a damaged ledger the agent moved aside (ledger/recorder.py), with its -wal and -shm
+        for path in "$(agent_data_dir)"/ledger.sqlite3.damaged-*; do remove_path "$path"; done
         remove_if_emptied "$(config_dir)"
     fi
     remove_if_emptied "$data_dir"

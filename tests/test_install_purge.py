@@ -20,7 +20,10 @@ from conftest import REPO
 from test_install_backend import INSTALL_SH, system_bin  # noqa: F401  (system_bin: the fixture)
 from test_install_flow import InstallMachine, said
 
-AGENT_FILES = ("endpoint_token", "registration.json", "ledger.sqlite3", "ledger.sqlite3-wal", "bench.json", "agent.lock", ".endpoint_token.k3x9_a1")
+AGENT_FILES = (
+    "endpoint_token", "registration.json", "ledger.sqlite3", "ledger.sqlite3-wal", "bench.json", "agent.lock", ".endpoint_token.k3x9_a1",
+    "ledger.sqlite3.damaged-20261206T101500Z", "ledger.sqlite3.damaged-20261206T101500Z-wal",  # a damaged ledger the agent moved aside
+)
 
 
 @pytest.fixture
