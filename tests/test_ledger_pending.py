@@ -220,3 +220,34 @@ async def test_stopping_an_agent_whose_ledger_never_opened_says_how_many_request
     assert [r.getMessage() for r in caplog.records if "not recorded:" in r.getMessage()] == [
         "the earnings of 2 requests served in this run are not recorded: the earnings ledger could not be opened"
     ]
+
+
+async def test_a_held_row_the_file_can_never_take_is_said_and_health_is_not_left_degraded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A review found it: retried alone by the timer, a held row that then failed for another
+    reason than the disk was dropped without a word, and /health kept saying "degraded: 0
+    requests not recorded". The store here fails as a full disk first, then as no disk does."""
+
+    class FullThenBroken(LedgerStore):
+        tries = 0
+
+        def add(self, entries, *, once=False):  # type: ignore[no-untyped-def]
+            FullThenBroken.tries += 1
+            if FullThenBroken.tries == 1:
+                raise sqlite3.OperationalError("database or disk is full")
+            raise RuntimeError("a row no file can take")
+
+    writer = LedgerWriter(FullThenBroken(tmp_path / "ledger.sqlite3"), retry_every=0.01)
+    recorder = LedgerRecorder(writer, input_price=100, output_price=200, selling=True)
+    await recorder.record(served("doomed"))
+    assert recorder.failure is not None and "1 request served since is not recorded yet" in recorder.failure
+
+    for _ in range(1000):  # the timer tries it again, alone
+        if recorder.failure is None:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(writer.close)
+
+    assert recorder.failure is None
+    assert any("request doomed not written to the earnings ledger" in r.getMessage() for r in caplog.records)

@@ -162,12 +162,15 @@ class LedgerWriter:
             return 0
         held, self._written, self._failed, self._failure = len(self._held), [], [], None
         try:
-            self._commit(batch, once=held > 0)
+            if len(batch) == 1 and held:  # a held row alone: one the file can never take is said, not lost unsaid
+                self._commit_alone(batch[0], once=True)
+            else:
+                self._commit(batch, once=held > 0)
         finally:
             self._hold(self._failed, self._failure)
             self._next_try = time.monotonic() + self._retry_every  # from the end of this try, however many come meanwhile
-            if self._written and not self._held and self._cannot_write is not None:
-                self._written_again(held)
+            if not self._held and self._cannot_write is not None and (self._written or held):
+                self._written_again(min(held, len(self._written)))  # held rows come first; one never writable was said
             _resolve(self._written, None)  # last: a buyer's handler then reads /health's state as it is now
         return len(self._written)
 
@@ -231,8 +234,10 @@ class LedgerWriter:
         _resolve(kept, Unwritten(f"{reason}; the row is held in memory until it can be written"))
         _resolve(dropped, Unwritten(f"{reason}; the row is dropped: {self._max_held:,} are held in memory already"))
 
-    def _written_again(self, held: int) -> None:
-        log.info("the earnings ledger %s is written again: the %s held in memory are recorded", self.store.path, _requests(held))
+    def _written_again(self, recorded: int) -> None:
+        """No row is held any more: ``recorded`` of them were written (the others could never be, and were said)."""
+        if recorded:
+            log.info("the earnings ledger %s is written again: the %s held in memory are recorded", self.store.path, _requests(recorded))
         if self._dropped:
             log.warning("the earnings of %s are not recorded: dropped beyond the %s held in memory while the earnings ledger %s could not be written",
                         _requests(self._dropped), f"{self._max_held:,}", self.store.path)
