@@ -190,3 +190,36 @@ async def test_the_fields_may_be_null_as_clients_send_them(live: LiveServer) -> 
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{live.base_url}/completions", json=body) as response:
             assert response.status == 200, await response.text()
+
+
+async def test_include_stop_str_in_output_keeps_the_buyers_stop_strings_never_the_templates(live: LiveServer) -> None:
+    """The bundled model has no chat template: ChatML's `<|im_end|>` ends its answers, and a review
+    found `include_stop_str_in_output` would have kept it in `content`."""
+    from vramsupply.server.completions import chat_generation_requests
+    from vramsupply.server.schemas import ChatCompletionBody
+
+    assert live.engine is not None
+    body = ChatCompletionBody.model_validate(
+        {"messages": [{"role": "user", "content": "Hi"}], "stop": ["END"], "include_stop_str_in_output": True, "n": 2}
+    )
+    chat = live.engine.prepare_chat(body.chat_request())
+    requests = await chat_generation_requests(body, chat)
+
+    assert "<|im_end|>" in requests[0].stop and "END" in requests[0].stop
+    assert all(r.kept_stop == frozenset({"END"}) for r in requests)
+
+
+async def test_a_batch_with_a_prompt_the_engine_refuses_does_no_work_for_the_others(live: LiveServer) -> None:
+    """Each prompt of a batch is its own engine request: one refused after another had started
+    left engine token counts (heartbeats) that no ledger row or usage matched."""
+    assert live.engine is not None
+    before = live.engine.stats()
+    async with aiohttp.ClientSession() as session:
+        for _ in range(20):
+            body = {"prompt": [[1, 2, 3, 4, 5, 6, 7, 8], [1, 99999]], "max_tokens": 5, "guided_choice": ["a b c d e f g h", "zz"]}
+            async with session.post(f"{live.base_url}/completions", json=body) as response:
+                answer = await response.json()
+                assert response.status == 400 and answer["error"]["param"] == "prompt", answer
+    after = live.engine.stats()
+
+    assert (after.prompt_tokens_total, after.requests_total) == (before.prompt_tokens_total, before.requests_total)

@@ -195,25 +195,33 @@ class Engine:
         """Requests (choices) that may be running or waiting at once: ``parallel`` + ``max_queue``."""
         return self._scheduler.capacity
 
-    def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, sibling: Generation | None, choices: int) -> Generation:
+    def check(self, request: GenerationRequest) -> None:
+        """What ``submit`` would refuse before any work, without submitting (a batch of prompts is
+        checked whole before its first is admitted): ValueError, ContextOverflow."""
+        self._checked(request)
+
+    def _checked(self, request: GenerationRequest) -> tuple[np.ndarray, frozenset[int]]:
+        """The prompt, in the vocabulary and fitting the context, and the stop token ids."""
         prompt = self._validated_prompt(request.prompt)
-        source = sibling.task if sibling is not None else None
-        tally = source.tally if source is not None else Tally(open=choices)
-        if source is not None and not np.array_equal(source.prompt, prompt):
-            raise ValueError("choices that share a prompt must have the same prompt")
         if len(prompt) >= self.n_ctx:
             raise ContextOverflow(len(prompt), request.max_tokens, self.n_ctx)
         if request.max_tokens is not None and len(prompt) + request.max_tokens > self.n_ctx:
             raise ContextOverflow(len(prompt), request.max_tokens, self.n_ctx)
+        return prompt, self._stop_ids(request.stop_token_ids)
+
+    def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, sibling: Generation | None, choices: int) -> Generation:
+        prompt, stop_ids = self._checked(request)
+        source = sibling.task if sibling is not None else None
+        tally = source.tally if source is not None else Tally(open=choices)
+        if source is not None and not np.array_equal(source.prompt, prompt):
+            raise ValueError("choices that share a prompt must have the same prompt")
         room = self.n_ctx - len(prompt)
         max_completion = room if request.max_tokens is None else request.max_tokens
-        stop_ids = self._stop_ids(request.stop_token_ids)
         sampler = build_sampler(request.sampling, self._model, prompt, request.ignore_eos, request.min_tokens)
         request_id = uuid.uuid4().hex
         channel = Channel(loop)
         backend = self.options.backend_sampling and backend_sampling.supports(request)
-        kept = frozenset(request.stop) if request.include_stop else frozenset()
-        stops = stop_strings_for(request.stop, request.sampling.grammar, request.sampling.grammar_triggers, kept)
+        stops = stop_strings_for(request.stop, request.sampling.grammar, request.sampling.grammar_triggers, request.kept_stop)
         task = Task(
             request_id, prompt, sampler, max_completion, stops, channel, request.preserve, request.logprobs, backend,
             source if self._model.copies_prefixes else None,  # else each choice decodes the prompt itself

@@ -178,11 +178,13 @@ class GenerationRequest:
     # Report each generated token's log-probability and this many alternatives (0-20); None: don't.
     logprobs: int | None = None
     # vLLM's fields: sampling one of these token ids ends the request as a stop string does (its
-    # text dropped); ``include_stop`` keeps a stop string's (or stop token's) text at the end of the
-    # output; until ``min_tokens`` tokens are out, end-of-generation and stop tokens cannot be
-    # sampled and stop strings do not stop.
+    # text dropped); ``include_stop`` keeps a stop token's text, and the stop strings among
+    # ``kept_stop`` (the buyer's own, never a chat template's) theirs, at the end of the output;
+    # until ``min_tokens`` tokens are out, end-of-generation and stop tokens cannot be sampled and
+    # stop strings do not stop.
     stop_token_ids: frozenset[int] = frozenset()
     include_stop: bool = False
+    kept_stop: frozenset[str] = frozenset()
     min_tokens: int = 0
 
     def __post_init__(self) -> None:

@@ -165,6 +165,7 @@ def _generation_requests(
             logprobs=body.wants_logprobs,
             stop_token_ids=frozenset(body.stop_token_ids),
             include_stop=body.include_stop_str_in_output,
+            kept_stop=frozenset(body.stop) if body.include_stop_str_in_output else frozenset(),
             min_tokens=body.min_tokens,
         )
         for i in range(body.n)
@@ -215,6 +216,9 @@ async def submit_all(
     loop = asyncio.get_running_loop()
     per_prompt = per_prompt or len(requests)
     try:
+        if per_prompt < len(requests):  # a batch: a prompt refused after another started would leave its work unbilled
+            for first in requests[::per_prompt]:
+                engine.check(first)
         for index, generation_request in enumerate(requests):
             # Every choice shares its prompt's first one's prompt: decoded once, counted once.
             sibling = generations[index - index % per_prompt] if index % per_prompt else None
@@ -267,7 +271,7 @@ async def _complete(
     except EngineError as exc:
         if not stream:  # a stream's error event follows what was sent, and that is billed
             bill.void()
-        raise engine_error(exc, shape.prompt_param) from None
+        raise engine_error(exc, shape.prompt_param, limit_param) from None
     finally:
         for generation in generations:
             generation.cancel()
