@@ -273,3 +273,23 @@ def test_times_and_date_times_stay_in_their_ranges(checker: GrammarChecker) -> N
     assert not any(checker.accepts(grammar, json.dumps(t)) for t in bad)
     time = schema_to_gbnf({"type": "string", "format": "time"})
     assert checker.accepts(time, '"00:00:00Z"') and not checker.accepts(time, '"23:59:59"') and not checker.accepts(time, '"25:00:00Z"')
+
+
+def test_a_root_ref_whose_definition_refers_to_another_one_is_a_grammar(checker: GrammarChecker) -> None:
+    """pydantic's shape for recursive models: the root is a `$ref`, and a definition refers to
+    another. llama-cpp-python's walk stopped at the root's `$ref` and never met the `$defs` beside
+    it: a 400 "cannot turn this JSON schema into a grammar" for a valid schema."""
+    schema = {
+        "$defs": {
+            "Folder": {"type": "object", "properties": {"name": {"type": "string"}, "files": {"type": "array", "items": {"$ref": "#/$defs/File"}}},
+                       "required": ["name", "files"], "additionalProperties": False},
+            "File": {"type": "object", "properties": {"name": {"type": "string"}, "parent": {"anyOf": [{"$ref": "#/$defs/Folder"}, {"type": "null"}]}},
+                     "required": ["name", "parent"], "additionalProperties": False},
+        },
+        "$ref": "#/$defs/Folder",
+    }
+    grammar = schema_to_gbnf(schema)
+
+    assert checker.accepts(grammar, '{"name": "a", "files": [{"name": "b", "parent": {"name": "c", "files": []}}]}')
+    assert checker.accepts(grammar, '{"name": "a", "files": [{"name": "b", "parent": null}]}')
+    assert not checker.accepts(grammar, '{"name": "a", "files": [{"name": "b"}]}')

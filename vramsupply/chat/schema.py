@@ -47,7 +47,7 @@ from .gbnf_text import STRING_FORMATS, check_gbnf, gbnf_literal, json_literal
 from .keywords import UnenforcedKeyword
 from .numbers import MAX_DIGITS, Bound, Node, decimals, double_bound, integers, to_gbnf
 from .pattern import PatternError, pattern_to_gbnf
-from .schema_normal import UnsatisfiableSchema, rename_root_refs, rewritten
+from .schema_normal import UnsatisfiableSchema, register_refs, rename_root_refs, rewritten
 
 JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 _BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
@@ -86,7 +86,8 @@ class JsonSchemaConverter(SchemaConverter):
             return copy
         self._refs[url + "#"] = copy  # "#": the whole schema (the base knows only "#/…")
         rename_root_refs(copy, url + "#")
-        return self.resolve_refs(copy, url)
+        register_refs(copy, url, self._refs)
+        return copy
 
     def add_schema(self, schema: Any, name: str) -> str:
         """The rule for ``schema`` (``$ref``s resolved within it), named after ``name``."""

@@ -112,3 +112,41 @@ def rename_root_refs(node: Any, ref: str) -> None:
     for child in children:
         if isinstance(child, (dict, list)):
             rename_root_refs(child, ref)
+
+
+def register_refs(schema: Any, url: str, refs: dict[str, Any]) -> None:
+    """Each local ``$ref`` (``#/…``) in ``schema`` made absolute under ``url`` and registered in
+    ``refs`` with the part it names. llama-cpp-python's own walk stopped at a node with a ``$ref``,
+    so the ``$defs`` beside a root ``$ref`` (pydantic's shape for a recursive model) were never
+    reached, and a definition's ``$ref`` to another was unknown: a 400 for a valid schema. This one
+    visits every node. A reference to anything but this schema is a ValueError."""
+    if isinstance(schema, list):
+        for item in schema:
+            register_refs(item, url, refs)
+        return
+    if not isinstance(schema, dict):
+        return
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref not in refs:
+        if not ref.startswith("#/"):
+            raise ValueError(f"Unsupported ref {ref}")
+        absolute = f"{url}{ref}"
+        schema["$ref"] = absolute
+        if absolute not in refs:
+            refs[absolute] = _pointed(refs[url + "#"], ref)
+    for key, value in schema.items():
+        if key != "$ref":
+            register_refs(value, url, refs)
+
+
+def _pointed(root: Any, ref: str) -> Any:
+    target = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(target, dict) and part in target:
+            target = target[part]
+        elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            target = target[int(part)]
+        else:
+            raise ValueError(f"Error resolving ref {ref}: {part} not found")
+    return target
