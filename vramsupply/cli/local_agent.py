@@ -22,9 +22,9 @@ from pathlib import Path
 from vramsupply.config import APP_NAME, data_dir
 from vramsupply.instance_lock import lock_holder
 from vramsupply.platform.state import RegistrationState, default_state_path, earlier_run, read_state
-from vramsupply.service.unit import SERVICE_USER
+from vramsupply.service.unit import SERVICE_STATE_DIR, SERVICE_USER
 
-SERVICE_DATA_HOME = Path("/var/lib") / SERVICE_USER
+SERVICE_DATA_HOME = SERVICE_STATE_DIR
 """The system service's ``XDG_DATA_HOME`` (its ``StateDirectory=``, service/unit.py); its data dir is the ``vramsupply`` folder in it."""
 
 

@@ -36,6 +36,8 @@ from vramsupply.service.unit import (
     ENV_FILE_MARKER,
     GPU_GROUPS,
     RESTART_SEC,
+    SERVICE_CACHE_DIR,
+    SERVICE_STATE_DIR,
     SERVICE_USER,
     UNIT_NAME,
     ServiceError,
@@ -54,10 +56,7 @@ Say = Callable[[str], None]
 
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 SYSTEM_ENV_FILE = Path("/etc/vramsupply/env")
-SERVICE_HOME = Path("/var/lib") / SERVICE_USER
-# The unit's StateDirectory= and CacheDirectory= (unit.render_unit): what a system purge removes.
-SERVICE_STATE_DIR = SERVICE_HOME
-SERVICE_CACHE_DIR = Path("/var/cache") / SERVICE_USER
+SERVICE_HOME = SERVICE_STATE_DIR  # the service user's home; with the cache, what a system purge removes
 # useradd's comment (the passwd GECOS field): how uninstall --purge knows the account is ours.
 SERVICE_USER_COMMENT = "vramsupply provider agent"
 

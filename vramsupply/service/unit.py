@@ -32,6 +32,10 @@ from vramsupply.errors import VramsupplyError
 
 UNIT_NAME = "vramsupply.service"
 SERVICE_USER = "vramsupply"
+SERVICE_STATE_DIR = Path("/var/lib") / SERVICE_USER
+"""The system unit's ``StateDirectory=`` (``%S/vramsupply``): its ``XDG_DATA_HOME`` and its user's home."""
+SERVICE_CACHE_DIR = Path("/var/cache") / SERVICE_USER
+"""The system unit's ``CacheDirectory=`` (``%C/vramsupply``): its ``XDG_CACHE_HOME``, the downloaded models."""
 GPU_GROUPS = ("render", "video")
 HOME_ROOTS = (Path("/home"), Path("/root"), Path("/run/user"))
 # A word systemd reads back unchanged without quotes.
