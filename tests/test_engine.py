@@ -349,6 +349,33 @@ async def test_a_request_whose_choices_do_not_all_fit_in_the_queue_is_refused_wh
     await wait_until_idle(engine)
 
 
+async def test_places_reserved_for_a_batch_are_kept_from_requests_arriving_between_its_prompts(engine: Engine) -> None:
+    """A batch of prompts is admitted one prompt after another; a buyer arriving in between must
+    not take the places the batch's later prompts need (they would be a 429 after the first had
+    started), and places the batch did not use come back to everyone."""
+    await wait_until_idle(engine)
+    long = dict(sampling=GREEDY, max_tokens=200, ignore_eos=True)
+    accepted = [engine.submit(GenerationRequest(engine.tokenize(p), **long)) for p in (PROMPTS * 2)[: PARALLEL + MAX_QUEUE - 3]]
+    batch = []
+    with engine.reserve(3) as places:
+        batch.append(engine.submit(GenerationRequest(engine.tokenize(PROMPTS[1]), **long), reservation=places))
+        with pytest.raises(Overloaded):  # the one place left after the batch's is not free
+            engine.submit(GenerationRequest(engine.tokenize(PROMPTS[2]), **long))
+        batch.append(engine.submit(GenerationRequest(engine.tokenize(PROMPTS[3]), **long), reservation=places))
+    # The batch used 2 of its 3 places (its last prompt was refused, say): the third is free again.
+    latecomer = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[2]), **long))
+    with pytest.raises(Overloaded):
+        engine.submit(GenerationRequest(engine.tokenize(PROMPTS[4]), **long))
+    with pytest.raises(Overloaded, match="this request's 2 choices need 2"):
+        with engine.reserve(2):
+            pass
+    for generation in [*accepted, *batch, latecomer]:
+        generation.cancel()
+    await wait_until_idle(engine)
+    with engine.reserve(PARALLEL + MAX_QUEUE):  # every place came back
+        pass
+
+
 async def test_a_request_cancelled_while_queued_counts_no_prompt_tokens_anywhere(engine: Engine) -> None:
     """The earnings ledger records the usage of a request its buyer left; one that left while still
     queued was recorded with its whole prompt, which the engine's counters (heartbeats, /metrics)

@@ -24,7 +24,7 @@ from .model import Model, create_context, tiled_cpu_attention
 from .prompt_cache import MIB, budget_mib
 from .sampling import build_sampler
 from .text import stop_strings_for
-from .scheduler import Scheduler
+from .scheduler import Reservation, Scheduler
 from .speculative import default_draft_max
 from .slots import Tally, Task
 from .thread_tuner import thread_tuner
@@ -167,7 +167,7 @@ class Engine:
 
     def submit(
         self, request: GenerationRequest, *, shares_prompt_with: Generation | None = None, loop: asyncio.AbstractEventLoop | None = None,
-        choices: int = 1,
+        choices: int = 1, reservation: Reservation | None = None,
     ) -> Generation:
         """Start a generation, to be iterated on ``loop`` (default: the running loop).
 
@@ -182,13 +182,31 @@ class Engine:
         ``choices``: how many choices the request has, this one first and the rest submitted next
         with ``shares_prompt_with``. The queue must have room for all of them now, or none is queued.
 
+        ``reservation``: a place held by ``reserve``, taken without a check.
+
         Raises before any work: ValueError for an invalid request, ContextOverflow when it cannot
         fit in one slot, Overloaded when the waiting queue is full, EngineClosed after close(),
         EngineFailed once the engine has failed.
         """
         loop = loop or asyncio.get_running_loop()
         with self._in_use():
-            return self._submit(request, loop, shares_prompt_with, choices)
+            generation = self._submit(request, loop, shares_prompt_with, choices, reservation is not None)
+        if reservation is not None:
+            reservation.left -= 1
+        return generation
+
+    @contextmanager
+    def reserve(self, places: int) -> Iterator[Reservation]:
+        """Hold ``places`` places for one request's generations (a batch's prompts × ``n``), all
+        or none: raises Overloaded or EngineClosed. Each ``submit(..., reservation=...)`` then takes
+        one whatever other requests do meanwhile, so a request is never refused half-admitted;
+        the places not taken are given back on exit."""
+        self._scheduler.reserve(places)
+        reservation = Reservation(places)
+        try:
+            yield reservation
+        finally:
+            self._scheduler.release(reservation.left)
 
     @property
     def capacity(self) -> int:
@@ -209,7 +227,9 @@ class Engine:
             raise ContextOverflow(len(prompt), request.max_tokens, self.n_ctx)
         return prompt, self._stop_ids(request.stop_token_ids)
 
-    def _submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, sibling: Generation | None, choices: int) -> Generation:
+    def _submit(
+        self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, sibling: Generation | None, choices: int, reserved: bool
+    ) -> Generation:
         prompt, stop_ids = self._checked(request)
         source = sibling.task if sibling is not None else None
         tally = source.tally if source is not None else Tally(open=choices)
@@ -230,7 +250,7 @@ class Engine:
             ends=np.fromiter(self._model.eog_tokens | stop_ids, dtype=np.int64) if request.min_tokens else None,
         )
         try:
-            self._scheduler.submit(task, room=choices)
+            self._scheduler.submit(task, room=choices, reserved=reserved)
         except BaseException:
             sampler.close()
             raise

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from dataclasses import dataclass
 
 import llama_cpp
 from llama_cpp._internals import LlamaContext
@@ -55,6 +56,13 @@ log = logging.getLogger(__name__)
 PENDING_WAIT_SECONDS = 0.05
 """While every active slot awaits a token from the grammar worker, how long to block before
 looking at the inbox again (a cancel or a new request)."""
+
+
+@dataclass
+class Reservation:
+    """Places ``Scheduler.reserve`` holds for one request, ``left`` of them not yet taken."""
+
+    left: int
 
 
 class Scheduler:
@@ -89,6 +97,7 @@ class Scheduler:
         self._counters = Counters()
         self._lock = self._counters.lock
         self._closed = False
+        self._reserved = 0  # places held for parts of a request not submitted yet (``reserve``)
         self._liveness = Liveness(stall_timeout)
         # Padding a prompt to a whole tile pays only where attention skips KV in tiles (the CPU's).
         self._pacer = PrefillPacer(llama_cpp.llama_n_ubatch(self._ctx), rewinds=apart and rewinds_for_tiles(model, kv_per_slot))
@@ -142,17 +151,37 @@ class Scheduler:
         """How many tasks may be running or waiting at once: the slots and the queue's places."""
         return self._capacity
 
-    def submit(self, task: Task, room: int = 1) -> None:
+    def reserve(self, places: int) -> None:
+        """Hold ``places`` places for one request's tasks, all or none (raise EngineClosed /
+        Overloaded): each ``submit(..., reserved=True)`` then takes one without a check, so
+        requests arriving meanwhile cannot make a later part of it a 429; ``release`` gives back
+        those not taken."""
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            if self._taken() + places > self._capacity:
+                raise Overloaded(self._overloaded(places))
+            self._reserved += places
+
+    def release(self, places: int) -> None:
+        """Give back reserved places no task took (``reserve``)."""
+        with self._lock:
+            self._reserved -= places
+
+    def submit(self, task: Task, room: int = 1, reserved: bool = False) -> None:
         """Queue a task, or raise EngineClosed / Overloaded without queueing it.
 
         ``room``: the places the task and the choices submitted after it (``later_choice``) need;
         those are checked with the first, so a request's choices are refused all together or not at all.
+        ``reserved``: the task takes a place ``reserve`` held, unchecked.
         """
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is closed")
             counters = self._counters
-            if not task.later_choice and counters.outstanding + room > self._capacity:
+            if reserved:
+                self._reserved -= 1
+            elif not task.later_choice and self._taken() + room > self._capacity:
                 raise Overloaded(self._overloaded(room))
             if counters.outstanding == 0:
                 self._liveness.progressed()  # the stall clock runs only while there is work
@@ -161,10 +190,14 @@ class Scheduler:
                 counters.requests_total += 1
             self._inbox.post(Submit(task))
 
+    def _taken(self) -> int:
+        """Call with ``_lock`` held: places held by tasks running or waiting, and by reservations."""
+        return self._counters.outstanding + self._reserved
+
     def _overloaded(self, room: int) -> str:
         """Call with ``_lock`` held. Running and waiting are not told apart: a task counts as
         running only once the scheduler thread has admitted it."""
-        taken = f"{self._counters.outstanding} requests are running or waiting"
+        taken = f"{self._taken()} requests are running or waiting"
         places = f"{len(self._slots)} slots and {self._capacity - len(self._slots)} places in the queue"
         need = f"; this request's {room} choices need {room} of them" if room > 1 else ""
         return f"{taken}, for {places}{need}"

@@ -219,11 +219,16 @@ async def submit_all(
         if per_prompt < len(requests):  # a batch: a prompt refused after another started would leave its work unbilled
             for first in requests[::per_prompt]:
                 engine.check(first)
-        for index, generation_request in enumerate(requests):
-            # Every choice shares its prompt's first one's prompt: decoded once, counted once.
-            sibling = generations[index - index % per_prompt] if index % per_prompt else None
-            submit = functools.partial(engine.submit, generation_request, shares_prompt_with=sibling, loop=loop, choices=per_prompt)
-            generations.append(await asyncio.to_thread(submit) if costly_to_submit(generation_request) else submit())
+        # Places for every choice are held first: a request arriving between two of them cannot
+        # make the later ones a 429 after the first were admitted.
+        with engine.reserve(len(requests)) as places:
+            for index, generation_request in enumerate(requests):
+                # Every choice shares its prompt's first one's prompt: decoded once, counted once.
+                sibling = generations[index - index % per_prompt] if index % per_prompt else None
+                submit = functools.partial(
+                    engine.submit, generation_request, shares_prompt_with=sibling, loop=loop, choices=per_prompt, reservation=places
+                )
+                generations.append(await asyncio.to_thread(submit) if costly_to_submit(generation_request) else submit())
     except BaseException as exc:
         for generation in generations:
             generation.cancel()
