@@ -118,7 +118,7 @@ def test_a_cut_after_complete_calls_drops_the_next_marker_start() -> None:
 
 def test_an_xml_call_cut_inside_its_first_parameter_is_still_the_call() -> None:
     output = _read("qwen3-xml", "<tool_call>\n<function=get_weather>\n<parameter=city>\nPar", cut=True)
-    assert output.content == "" and [(c.name, c.arguments) for c in output.tool_calls] == [("get_weather", "")]
+    assert output.content == "" and [(c.name, c.arguments) for c in output.tool_calls] == [("get_weather", '{"city": "Par')]
     output = _read("qwen3-xml", "<tool_call>\n<function=get_weather>\n<parameter=city>\nPar", cut=False)
     assert output.tool_calls == [] and "<function=get_weather>" in output.content  # a malformed call is text
 

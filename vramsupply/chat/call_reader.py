@@ -8,7 +8,10 @@ Two exceptions end a layout early: ``NotStreamable`` (nothing of this call was a
 family's whole-text parser reads it at the end) and ``Broken`` (an announced call broke).
 
 When ``max_tokens`` cuts the answer (``cut``), a call whose name was read is announced all the
-same, with the arguments written so far, as OpenAI returns a call cut short.
+same, with the arguments written so far, as OpenAI returns a call cut short. An XML call cut
+inside a parameter's value keeps that parameter too, its value so far as a JSON string left open
+(``{"city": "Par``): what a JSON call cut at the same place returns, whatever the parameter's type,
+so the buyer sees every character generated (before, the parameter was lost).
 """
 
 from __future__ import annotations
@@ -261,10 +264,12 @@ class CallReader:
         if key is None or not key.strip() or not (yield from self.literal(">", optional=True)):
             return False
         raw = yield from self.until("</parameter>")
+        if raw is None and self.cut:
+            return key.strip(), _value_so_far(self.text[self.pos :]), False
         if raw is None:
             return False
         raw = raw[1:] if raw.startswith("\n") else raw
-        return key.strip(), raw[:-1] if raw.endswith("\n") else raw
+        return key.strip(), raw[:-1] if raw.endswith("\n") else raw, True
 
     def xml_call(self) -> Wait:
         """Qwen3's ``<function=NAME><parameter=KEY>value</parameter>…</function>``, announced with
@@ -279,12 +284,15 @@ class CallReader:
         while (parameter := (yield from self.xml_parameter())) is not None:
             if parameter is False or parameter[0] in keys:  # a repeated key: a dict keeps only the last
                 raise self._xml_break(name.strip(), keys)
-            key, raw = parameter
+            key, raw, whole = parameter
             if not keys:
                 self.announce(name.strip())
-            member = f"{jsontext.dumps(key)}: {jsontext.dumps(xml_value(raw, properties.get(key)))}"
+            value = jsontext.dumps(xml_value(raw, properties.get(key)) if whole else raw)
+            member = f"{jsontext.dumps(key)}: {value if whole else value[:-1]}"  # cut: the string goes on
             self.pieces.append(Piece("arguments", ("{" if not keys else ", ") + member))
             keys.append(key)
+            if not whole:
+                raise Broken(len(self.text))
         if not (yield from self.literal("</function>", optional=True)):
             raise self._xml_break(name.strip(), keys)
         if not keys:
@@ -293,8 +301,22 @@ class CallReader:
 
     def _xml_break(self, name: str, keys: list[str]) -> Exception:
         """What ends an XML call that stopped being one: cut by max_tokens, it is announced all
-        the same (its parameters so far already went out)."""
-        if self.cut and not keys:
-            self.announce(name)
+        the same (its parameters so far already went out), and what the cut left unread is markup."""
+        if self.cut:
+            if not keys:
+                self.announce(name)
             return Broken(len(self.text))
         return Broken(self.pos) if keys else NotStreamable()
+
+
+_CLOSING = "</parameter>"
+
+
+def _value_so_far(text: str) -> str:
+    """A parameter's value as a cut left it, read as a whole value is: without the newline after
+    its tag, nor the start of a closing tag and the newline before it (so it is a prefix of the
+    value the whole call would have had, whichever way the text went on)."""
+    text = text[1:] if text.startswith("\n") else text
+    started = next((n for n in range(min(len(text), len(_CLOSING) - 1), 0, -1) if text.endswith(_CLOSING[:n])), 0)
+    text = text[: len(text) - started]
+    return text[:-1] if text.endswith("\n") else text

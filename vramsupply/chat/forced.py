@@ -9,7 +9,9 @@ Qwen3.5's XML calls have a rule per parameter, its ``$ref``s resolved against th
 schema (its ``$defs``). A text parameter (``call_shapes.is_text``, which the parsers follow too)
 is written raw, as the family's templates write it: any text without a closing tag, an enum's
 strings as they are (``<`` included), a ``pattern`` or ``format`` without ``<``. A function with
-``strict: true`` whose schema holds a keyword its rules cannot enforce is an ``UnenforcedKeyword``.
+``strict: true`` whose schema holds a keyword its rules cannot enforce is an ``UnenforcedKeyword``;
+one whose parameters have no finite value (a recursion required all the way round) is a
+``RecursiveSchema``, whatever its ``strict``.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def _xml_text(builder: _Builder, schema: dict[str, Any]) -> str:
         if not isinstance(schema["pattern"], str):
             raise PatternError("'pattern' must be a string")
         builder.converter.note(schema, {"type", "pattern"})
-        return f"( {pattern_to_gbnf(schema['pattern'], raw=True)} )"
+        return f"( {pattern_to_gbnf(schema['pattern'], 'xml')} )"
     if schema.get("format") in STRING_FORMATS:
         builder.converter.note(schema, {"type", "format"})
         return builder.rule(f"format-{schema['format']}", STRING_FORMATS[schema["format"]])
@@ -162,6 +164,7 @@ def _strict_call(builder: _Builder, syntax: ToolSyntax, index: int, function: Ma
     rules cannot hold."""
     since = len(builder.converter.unenforced)
     call = _call(builder, syntax, index, function["name"], function.get("parameters"))
+    builder.converter.refuse_endless(f"the parameters of tool {function['name']!r}", call)  # the tools before were finite
     if function.get("strict") is True:
         builder.converter.refuse_unenforced(f"the parameters of tool {function['name']!r}", since)
     return call

@@ -104,7 +104,7 @@ def text_without(words: tuple[str, ...], name: str) -> dict[str, str]:
 
 
 _ESCAPE = r'\\(?:[\\"nrt\[\]]|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8})'
-_GBNF_TOKEN = re.compile(
+GBNF_TOKEN = re.compile(
     rf'(?P<space>\s+)|(?P<literal>"(?:[^"\\\n]|{_ESCAPE})*")|(?P<class>\[\^?(?:[^\]\\\n]|{_ESCAPE})*\])'
     r"|(?P<name>[A-Za-z0-9-]+)|(?P<open>\()|(?P<close>\))|(?P<op>[|*+?]|\{\d+(?:,\d*)?\})"
 )
@@ -125,7 +125,7 @@ def check_gbnf(grammar: str) -> str:
     for name, body in rules.items():
         depth, pos = 0, 0
         while pos < len(body):
-            match = _GBNF_TOKEN.match(body, pos)
+            match = GBNF_TOKEN.match(body, pos)
             if match is None or match.end() == pos:
                 raise ValueError(f"the grammar built is not valid GBNF (rule {name}, at {body[pos:pos + 40]!r})")
             depth += (match.lastgroup == "open") - (match.lastgroup == "close")
@@ -145,5 +145,5 @@ def check_gbnf(grammar: str) -> str:
 def renamed(body: str, names: dict[str, str]) -> str:
     """A rule's body with the rules it references renamed by ``names`` (literals and classes kept)."""
     return "".join(
-        names.get(m.group(), m.group()) if m.lastgroup == "name" else m.group() for m in _GBNF_TOKEN.finditer(body)
+        names.get(m.group(), m.group()) if m.lastgroup == "name" else m.group() for m in GBNF_TOKEN.finditer(body)
     )

@@ -12,15 +12,19 @@ in the string. What no grammar can say (back-references, look-arounds, ``\\b``, 
 ``PatternError``, a 400 for the request. Outside a class, ``.`` and a negated class never produce a
 control character (the grammar allows less than the regex there, never more).
 
-With ``raw``, the pattern is for Qwen3.5's XML ``<parameter>`` values, which are written raw, not
-as JSON: each character stands as itself, and ``<`` never does (a value must not be able to
-write ``</parameter>``), so a class or ``.`` leaves it out and a pattern that needs one is a
-``PatternError``; a pattern not anchored may have any other text around it.
+Two more forms write each character as itself, not as JSON. ``xml``: the pattern is for Qwen3.5's
+XML ``<parameter>`` values, and ``<`` never stands in one (a value must not be able to write
+``</parameter>``), so a class or ``.`` leaves it out and a pattern that needs one is a
+``PatternError``. ``text``: the pattern is a whole answer (vLLM's ``guided_regex``), where nothing
+follows that ``<`` could spoil, so every character stands as itself but NUL, which llama.cpp's
+grammar can never match (it reads a token's text up to its first NUL). In both, a pattern not
+anchored may have any other text around it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,9 +47,15 @@ _RAW_NEVER = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x7F, 0x7F)]
 """Characters a JSON string never holds raw (the project's strings also escape DEL)."""
 _SURROGATES = [(0xD800, 0xDFFF)]
 """No character of a UTF-8 text: a regex's class may name them, the grammar never writes them."""
-_RAW_TEXT_NEVER = [(0x00, 0x00), (0x3C, 0x3C)]
-"""What a raw XML value never holds here: NUL, and ``<`` (which could start ``</parameter>``)."""
-_RAW_ANY = "[^\\x00<]"
+_RAW_TEXT_NEVER = {"xml": [(0x00, 0x00), (0x3C, 0x3C)], "text": [(0x00, 0x00)]}
+"""What raw text never holds: NUL (no grammar matches it), and in an XML value ``<`` (which could
+start ``</parameter>``)."""
+_RAW_ANY = {"xml": "[^\\x00<]", "text": "[^\\x00]"}
+_HOLDER = {"xml": "an XML parameter value", "text": "the answer"}
+_WHY_NOT = {0x3C: " ('<' could start '</parameter>')", 0x00: " (llama.cpp's grammar never matches NUL)"}
+FORMS = ("json", "xml", "text")
+"""How the matched characters are written: inside a JSON string, raw in an XML value, raw as a
+whole answer."""
 
 
 MAX_EXPANDED = 4096
@@ -56,9 +66,26 @@ class PatternError(ValueError):
     """A ``pattern`` no grammar here can express, or no valid regex at all."""
 
 
-def pattern_to_gbnf(pattern: str, raw: bool = False) -> str:
-    """A GBNF expression for the characters between a JSON string's quotes that ``pattern``
-    matches (``raw``: for the raw text of an XML parameter value)."""
+def pattern_to_gbnf(pattern: str, form: str = "json") -> str:
+    """A GBNF expression for the text ``pattern`` matches, as ``form`` writes it (``FORMS``):
+    between a JSON string's quotes, raw as an XML parameter value, or raw as a whole answer."""
+    assert form in FORMS, form
+    try:
+        return _pattern_to_gbnf(pattern, form)
+    except PatternError as exc:
+        if form != "text":
+            raise
+        raise PatternError(_as_regex(str(exc), pattern)) from None
+
+
+def _as_regex(message: str, regex: str) -> str:
+    """A whole answer's regex is called a regex (vLLM's word), its own text left as it is."""
+    quoted = {repr(regex), repr(regex[:80])}
+    parts = re.split("(" + "|".join(re.escape(q) for q in sorted(quoted, key=len, reverse=True)) + ")", message)
+    return "".join(part if part in quoted else part.replace("pattern", "regex") for part in parts)
+
+
+def _pattern_to_gbnf(pattern: str, form: str) -> str:
     try:
         parsed = sre_parse.parse(pattern)
     except (sre.error, RecursionError, OverflowError) as exc:
@@ -71,8 +98,8 @@ def pattern_to_gbnf(pattern: str, raw: bool = False) -> str:
     anchored_start = bool(items) and items[0] == (sre.AT, sre.AT_BEGINNING)
     anchored_end = bool(items) and items[-1] == (sre.AT, sre.AT_END)
     items = items[1 if anchored_start else 0 : len(items) - 1 if anchored_end else len(items)]
-    body = _sequence(items, raw)
-    anything = f"{_RAW_ANY}*" if raw else f"{ANY_JSON_CHAR}*"
+    body = _sequence(items, form)
+    anything = f"{_RAW_ANY.get(form, ANY_JSON_CHAR)}*"
     parts = ([] if anchored_start else [anything]) + [body] + ([] if anchored_end else [anything])
     return " ".join(p for p in parts if p)
 
@@ -98,34 +125,34 @@ def _size(items: Iterable[tuple[Any, Any]]) -> int:
     return total
 
 
-def _sequence(items: Iterable[tuple[Any, Any]], raw: bool) -> str:
-    return " ".join(_item(op, av, raw) for op, av in items) or '""'
+def _sequence(items: Iterable[tuple[Any, Any]], form: str) -> str:
+    return " ".join(_item(op, av, form) for op, av in items) or '""'
 
 
-def _item(op: Any, av: Any, raw: bool) -> str:
+def _item(op: Any, av: Any, form: str) -> str:
     if op is sre.LITERAL:
-        return _char(av, raw)
+        return _char(av, form)
     if op is sre.NOT_LITERAL:
-        return _excluding([(av, av)], raw)
+        return _excluding([(av, av)], form)
     if op is sre.ANY:
-        return _excluding(_LINE_ENDS, raw)
+        return _excluding(_LINE_ENDS, form)
     if op is sre.IN:
-        return _char_set(av, raw)
+        return _char_set(av, form)
     if op is sre.BRANCH:
-        return "( " + " | ".join(_sequence(branch, raw) for branch in av[1]) + " )"
+        return "( " + " | ".join(_sequence(branch, form) for branch in av[1]) + " )"
     if op is sre.SUBPATTERN:
         _, add_flags, del_flags, items = av
         if add_flags or del_flags:
             raise PatternError("inline flags such as (?i) are not supported in a pattern")
-        return f"( {_sequence(items, raw)} )"
+        return f"( {_sequence(items, form)} )"
     if op in (sre.MAX_REPEAT, sre.MIN_REPEAT) or op is getattr(sre, "POSSESSIVE_REPEAT", None):
-        return _repeat(*av, raw)
+        return _repeat(*av, form)
     what = _name(av if op is sre.AT else op)
     raise PatternError(f"{what} is not supported in a pattern (back-references, look-arounds, \\b, or ^ and $ not at its ends)")
 
 
-def _repeat(low: int, high: Any, items: Any, raw: bool) -> str:
-    unit = f"( {_sequence(items, raw)} )"
+def _repeat(low: int, high: Any, items: Any, form: str) -> str:
+    unit = f"( {_sequence(items, form)} )"
     if high is sre.MAXREPEAT:
         return f"{unit}*" if low == 0 else f"{unit}+" if low == 1 else f"{unit}{{{low},}}"
     if (low, high) == (0, 1):
@@ -133,7 +160,7 @@ def _repeat(low: int, high: Any, items: Any, raw: bool) -> str:
     return f"{unit}{{{low}}}" if low == high else f"{unit}{{{low},{high}}}"
 
 
-def _char_set(items: list[tuple[Any, Any]], raw: bool) -> str:
+def _char_set(items: list[tuple[Any, Any]], form: str) -> str:
     negated = bool(items) and items[0][0] is sre.NEGATE
     ranges: list[tuple[int, int]] = []
     for op, av in items[1:] if negated else items:
@@ -144,26 +171,27 @@ def _char_set(items: list[tuple[Any, Any]], raw: bool) -> str:
         elif op is sre.CATEGORY and av in _CATEGORIES:
             ranges += _CATEGORIES[av]
         elif op is sre.CATEGORY and av in _NOT_CATEGORIES and not negated:
-            return _set_with_negated_category(items, av, raw)
+            return _set_with_negated_category(items, av, form)
         else:
             raise PatternError(f"{_name(av)} is not supported inside a [...] of a pattern")
-    return _excluding(ranges, raw) if negated else _including(ranges, raw)
+    return _excluding(ranges, form) if negated else _including(ranges, form)
 
 
-def _set_with_negated_category(items: list[tuple[Any, Any]], category: Any, raw: bool) -> str:
+def _set_with_negated_category(items: list[tuple[Any, Any]], category: Any, form: str) -> str:
     """``[\\Da]``: anything but a digit, or ``a``."""
     others = [(op, av) for op, av in items if (op, av) != (sre.CATEGORY, category)]
-    alternatives = [_excluding(_CATEGORIES[_NOT_CATEGORIES[category]], raw)] + ([_char_set(others, raw)] if others else [])
+    alternatives = [_excluding(_CATEGORIES[_NOT_CATEGORIES[category]], form)] + ([_char_set(others, form)] if others else [])
     return "( " + " | ".join(alternatives) + " )"
 
 
-def _including(ranges: list[tuple[int, int]], raw_text: bool = False) -> str:
+def _including(ranges: list[tuple[int, int]], form: str = "json") -> str:
     """Any character of ``ranges``, each as a JSON string writes it (or raw)."""
     ranges = _subtract(ranges, _SURROGATES)
-    if raw_text:
-        ranges = _subtract(ranges, _RAW_TEXT_NEVER)
+    if form != "json":
+        ranges = _subtract(ranges, _RAW_TEXT_NEVER[form])
         if not ranges:
-            raise PatternError("a pattern's [...] matches no character an XML parameter value can hold ('<' cannot stand raw)")
+            why = " ('<' cannot stand raw)" if form == "xml" else ""
+            raise PatternError(f"a pattern's [...] matches no character {_HOLDER[form]} can hold{why}")
         return f"[{_class(ranges)}]"
     raw = _subtract(ranges, _RAW_NEVER)
     escaped = sorted({c for low, high in _clip(ranges, _RAW_NEVER) for c in range(low, high + 1)})
@@ -173,20 +201,22 @@ def _including(ranges: list[tuple[int, int]], raw_text: bool = False) -> str:
     return alternatives[0] if len(alternatives) == 1 else "( " + " | ".join(alternatives) + " )"
 
 
-def _excluding(ranges: list[tuple[int, int]], raw_text: bool = False) -> str:
+def _excluding(ranges: list[tuple[int, int]], form: str = "json") -> str:
     """Any character but those of ``ranges`` (and control characters), as JSON writes it (or raw)."""
-    if raw_text:
-        return f"[^{_class(_RAW_TEXT_NEVER + _SURROGATES + ranges)}]"
+    if form != "json":
+        return f"[^{_class(_RAW_TEXT_NEVER[form] + _SURROGATES + ranges)}]"
     raw = f"[^{_class(_RAW_NEVER + _SURROGATES + ranges)}]"
     escaped = [_json_char(c) for c in (0x22, 0x5C) if not any(low <= c <= high for low, high in ranges)]
     return "( " + " | ".join([raw, *escaped]) + " )" if escaped else raw
 
 
-def _char(code: int, raw: bool) -> str:
-    if not raw:
+def _char(code: int, form: str) -> str:
+    if form == "json":
         return _json_char(code)
-    if code == 0x3C or 0xD800 <= code <= 0xDFFF or code == 0:
-        raise PatternError(f"the pattern needs {chr(code)!r}, which an XML parameter value cannot hold raw")
+    if 0xD800 <= code <= 0xDFFF:
+        raise PatternError(f"the pattern needs {chr(code)!r}, a lone surrogate, which no UTF-8 text holds")
+    if any(low <= code <= high for low, high in _RAW_TEXT_NEVER[form]):
+        raise PatternError(f"the pattern needs {chr(code)!r}, which {_HOLDER[form]} cannot hold raw{_WHY_NOT.get(code, '')}")
     return "[" + class_char(code) + "]"
 
 

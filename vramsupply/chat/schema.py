@@ -27,7 +27,9 @@ that let a constrained answer break its schema closed:
   that comes back to itself through ``$ref``/``anyOf``/``oneOf`` alone, before any JSON of its own
   is written (such a schema has no finite value, or none the recursion adds): it is a
   ``RecursiveSchema`` error naming its place, where llama.cpp logged an error and the request got
-  a 400 that named no field.
+  a 400 that named no field. So is a recursion that is required all the way round (a required
+  ``child`` of the schema itself, ``minItems: 1`` of its own items): no value of it is finite, and
+  its answer ran to the token limit; whether every rule can finish is ``finite.py``'s check.
 
 What a schema says beyond that is recorded per keyword (``keywords.py``): ``strict`` refuses it.
 """
@@ -43,6 +45,7 @@ from typing import Any
 from llama_cpp.llama_grammar import INVALID_RULE_CHARS_RE, PRIMITIVE_RULES, RESERVED_NAMES, BuiltinRule, SchemaConverter, _build_repetition
 
 from . import keywords
+from .finite import unproductive
 from .gbnf_text import STRING_FORMATS, check_gbnf, gbnf_literal, json_literal
 from .keywords import UnenforcedKeyword
 from .numbers import MAX_DIGITS, Bound, Node, decimals, double_bound, integers, to_gbnf
@@ -103,6 +106,22 @@ class JsonSchemaConverter(SchemaConverter):
                 f"'{keyword}' at {place(root, path)}{more} cannot be enforced by this server's grammar; with strict: true it is "
                 "refused: remove it, or send strict: false to have it accepted but not enforced"
             )
+
+    def refuse_endless(self, root: str, expression: str | None = None) -> None:
+        """``RecursiveSchema`` when a rule built so far (or ``expression``, over them) can never
+        finish: a recursion required all the way round. ``root`` names the schema's place."""
+        rules = dict(self._rules) | ({} if expression is None else {" expression": expression})
+        endless = unproductive(rules)
+        if not endless:
+            return
+        refs = [ref for ref, rule in self._ref_rules.items() if rule in endless]
+        where = self._places.get(id(self._refs.get(refs[0])), "") if refs else ""
+        which = f" ('$ref' {'#' + refs[0].split('#', 1)[-1]!r} comes back inside every value of it)" if refs else ""
+        raise RecursiveSchema(
+            f"{place(root, where)} has no finite value{which}: its recursion is required all the way round (through required "
+            "properties, or arrays with minItems of 1 or more), so no answer could ever end; make one step of it optional "
+            "(leave it out of 'required', allow minItems 0, or add an anyOf branch without it)"
+        )
 
     def note(self, schema: Any, enforced: Any) -> None:
         """Record the keywords of ``schema`` that the rule written for it does not hold."""
@@ -274,9 +293,11 @@ def schema_to_gbnf(schema: dict[str, Any], strict: bool = False, root: str = "th
     ``UnenforcedKeyword`` for a keyword it cannot hold (``root`` names the schema's place)."""
     converter = JsonSchemaConverter()
     converter.add_schema(schema, "")
+    grammar = check_gbnf(converter.format_grammar())
+    converter.refuse_endless(root)
     if strict:
         converter.refuse_unenforced(root)
-    return check_gbnf(converter.format_grammar())
+    return grammar
 
 
 def _step(path: str, key: str | int) -> str:

@@ -19,8 +19,9 @@ the final answer's shape), and a forced call beside a JSON format was a 400.
 vLLM's output constraints (``vllm_fields.py``) give the same kind of answer grammar: a JSON
 schema through the same converter (held strictly, as vLLM refuses what its backend cannot
 enforce), a choice of strings, or a regex over the whole answer through the converter of a
-schema's string ``pattern`` (in its raw-text form, which cannot write ``<``: a regex that needs one
-is a 400, and ``.`` or ``[^…]`` never write one).
+schema's string ``pattern`` in its whole-answer form: each character written as itself, ``<``
+included (the XML-value form leaves ``<`` out, which no whole answer has a reason to), NUL
+excepted (llama.cpp's grammar never matches one).
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ async def answer_grammar(body: GenerationBody) -> str | None:
         return JSON_OBJECT
     try:
         return check_grammar_size(_text_grammar(constraint))
-    except (PatternError, SchemaTooComplex, ValueError) as exc:
-        message = str(exc).replace("an XML parameter value", "the answer").replace("pattern", "regex")  # the raw form's words
+    except PatternError as exc:  # in the whole answer's words already (``pattern_to_gbnf``'s "text" form)
+        raise ApiError(400, f"Invalid value for '{constraint.param}': {exc}", param=constraint.param, code="invalid_value") from None
+    except (SchemaTooComplex, ValueError) as exc:
+        message = str(exc).replace("'pattern'", "the regex")  # check_limits's word for it
         raise ApiError(400, f"Invalid value for '{constraint.param}': {message}", param=constraint.param, code="invalid_value") from None
 
 
@@ -64,7 +67,7 @@ def _text_grammar(constraint: Constraint) -> str:
         return "root ::= " + " | ".join(dict.fromkeys(gbnf_literal(choice) for choice in constraint.value))
     if constraint.kind == "regex":
         check_limits({"pattern": constraint.value})
-        return f"root ::= {pattern_to_gbnf(_anchored(constraint.value), raw=True)}"
+        return f"root ::= {pattern_to_gbnf(_anchored(constraint.value), 'text')}"
     raise AssertionError(f"no grammar for a {constraint.kind!r} constraint")
 
 
