@@ -37,13 +37,21 @@ def sampled(client: OpenAI, seed: int, chat: bool = False, **extra: Any) -> str:
 
 
 def test_a_regex_that_needs_angle_brackets_is_answered_with_them(client: OpenAI) -> None:
-    # No regex here matches a control token's text (<s>, <unk>): the grammar reads those by their
-    # text, the answer shows them as nothing (an engine matter, apart from this one).
     for regex in (r"<[A-Z][a-z]{1,5}>", r"a<b", r"<b>[a-z ]{1,12}</b>", r"(<|>)<[0-9]"):
         for seed in SEEDS:
             text = sampled(client, seed, guided_regex=regex)
             assert re.fullmatch(regex, text), (regex, seed, text)
             assert "<" in text
+
+
+def test_a_control_tokens_text_never_stands_in_for_the_characters_a_regex_needs(client: OpenAI) -> None:
+    """llama.cpp's grammar reads a control token by its text: ``<s>`` fits ``<[a-z]{1,6}>``, and
+    the tiny model picked it at seed 1; but an answer shows a control token as nothing, so the
+    buyer got "" for a regex that needs three characters at least."""
+    regex = r"<[a-z]{1,6}>"
+    for seed in range(1, 13):
+        text = sampled(client, seed, guided_regex=regex)
+        assert re.fullmatch(regex, text), (seed, text)
 
 
 def test_structured_outputs_regex_in_a_chat_answers_with_angle_brackets(client: OpenAI) -> None:

@@ -237,7 +237,7 @@ class Engine:
             raise ValueError("choices that share a prompt must have the same prompt")
         room = self.n_ctx - len(prompt)
         max_completion = room if request.max_tokens is None else request.max_tokens
-        sampler = build_sampler(request.sampling, self._model, prompt, request.ignore_eos, request.min_tokens)
+        sampler = build_sampler(request.sampling, self._model, prompt, request.ignore_eos, request.min_tokens, request.preserve)
         request_id = uuid.uuid4().hex
         channel = Channel(loop)
         backend = self.options.backend_sampling and backend_sampling.supports(request)

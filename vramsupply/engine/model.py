@@ -18,6 +18,7 @@ stop requested then waits for it; ``create_context`` is not started once a stop 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import re
 import threading
@@ -208,6 +209,17 @@ class Model:
         if cached is None:
             cached = pieces[token] = self._render_piece(token, special)
         return cached
+
+    @functools.cached_property
+    def hidden_tokens(self) -> frozenset[int]:
+        """The tokens an answer shows as nothing (``piece``: control tokens and ``<unk>``) but
+        end-of-generation, though a grammar matches them by their text (``sampling.py``)."""
+        hidden = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        return frozenset(
+            token
+            for token in range(self.n_vocab)
+            if llama_cpp.llama_vocab_get_attr(self.vocab, token) & hidden and token not in self.eog_tokens and not self.piece(token)
+        )
 
     def special_tokens(self, texts: Sequence[str]) -> frozenset[int]:
         """The ids of those ``texts`` that are one token which renders as nothing by default

@@ -221,8 +221,12 @@ class StepWinners:
         return self._view
 
 
-def build_sampler(params: SamplingParams, model: Model, prompt: Sequence[int], ignore_eos: bool, min_tokens: int = 0) -> RequestSampler:
+def build_sampler(
+    params: SamplingParams, model: Model, prompt: Sequence[int], ignore_eos: bool, min_tokens: int = 0, shown: frozenset[int] = frozenset()
+) -> RequestSampler:
     """Build the sampler for one request; raises ValueError for a bad grammar or logit_bias.
+
+    ``shown``: special tokens the answer shows as their text (``GenerationRequest.preserve``).
 
     ``min_tokens``: its rows' end tokens are held back for a while (``rows.py``), which the
     step's shared argmax cannot see, so such a request gets no ``ArgmaxPick``."""
@@ -232,6 +236,8 @@ def build_sampler(params: SamplingParams, model: Model, prompt: Sequence[int], i
     if min_tokens and params.grammar is not None:
         raise ValueError("min_tokens cannot be combined with a grammar (response_format, tools, guided_* or grammar): a finished grammar only allows the end")
     bias = _logit_bias(params, model, ignore_eos)
+    if params.grammar is not None:
+        bias.update(_unshown(model, shown))
     grammar = None if params.grammar is None else _grammar(params.grammar, model, params.grammar_triggers)
     try:
         plain = params.greedy and grammar is None and not _has_penalties(params) and not min_tokens
@@ -303,6 +309,16 @@ def _logit_bias(params: SamplingParams, model: Model, ignore_eos: bool) -> dict[
     if ignore_eos:
         bias.update(dict.fromkeys(model.eog_tokens, -math.inf))
     return bias
+
+
+def _unshown(model: Model, shown: frozenset[int]) -> dict[int, float]:
+    """Tokens an answer shows as nothing (control tokens, ``<unk>``), never sampled under a grammar.
+
+    llama.cpp's grammar matches a token by its text with control tokens shown, so ``<s>`` could
+    satisfy ``<[a-z]+>``; but the answer showed it as nothing, and the buyer got "" for a regex
+    that needs three characters at least. The markers the answer shows as text (``shown``: a
+    thought's ``</think>``, a call's ``<|python_tag|>``) are what the grammar reads, so they stay."""
+    return {token: -math.inf for token in model.hidden_tokens - shown}
 
 
 def _seed(seed: int | None) -> int:
