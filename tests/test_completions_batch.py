@@ -126,11 +126,10 @@ def test_echo_puts_each_prompt_before_its_choices_whole_and_streamed(server: Liv
         ({"prompt": PROMPTS, "n": 6}, "n"),  # 18 choices
         ({"prompt": ["a", [1, 2]]}, "prompt"),
         ({"prompt": ["a", ""]}, "prompt"),
-        ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
-        ({"prompt": "hi", "echo": True, "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),  # 0 scores a prompt: it takes echo (test_prompt_logprobs.py)
     ],
 )
-def test_batches_past_the_bounds_and_echo_with_logprobs_are_400_naming_the_field(client: OpenAI, fields: dict[str, object], param: str) -> None:
+def test_batches_past_the_bounds_and_max_tokens_0_without_echo_are_400_naming_the_field(client: OpenAI, fields: dict[str, object], param: str) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(**{"model": MODEL_ID, **fields})  # type: ignore[call-overload]
 

@@ -191,7 +191,8 @@ def test_names_and_tool_results_reach_the_template() -> None:
         (lambda: SamplingParams(logit_bias={-3: 1.0}), "logit_bias"),
         (lambda: SamplingParams(grammar="  "), "grammar"),
         (lambda: GenerationRequest(prompt=[]), "at least one token"),
-        (lambda: GenerationRequest(prompt=[1], max_tokens=0), "max_tokens"),
+        (lambda: GenerationRequest(prompt=[1], max_tokens=-1), "max_tokens"),  # (0 scores a prompt: test_prompt_logprobs.py)
+        (lambda: GenerationRequest(prompt=[1], prompt_logprobs=1), "prompt_logprobs"),
         (lambda: GenerationRequest(prompt=[1], stop="END"), "not a single string"),
         (lambda: GenerationRequest(prompt=[1], stop=[""]), "non-empty"),
         (lambda: EngineOptions(model_path=Path("m.gguf"), parallel=0), "parallel"),

@@ -8,7 +8,9 @@ Between decode steps the scheduler thread admits waiting requests into idle slot
 - into the idle slot holding the longest prefix of its prompt (``choose_slot``);
 - starting from the longest prefix found anywhere: that slot, the host prompt cache
   (``prompt_cache.py``), or cells another slot holds (``sharing.py``). At least one prompt token is
-  always decoded again, because sampling needs the logits of the last one. A recurrent state
+  always decoded again, because sampling needs the logits of the last one; a prompt to score
+  (an echo with logprobs) is decoded from where its scores stop, since a cached position has no
+  logits, and takes the emptiest slot (``_keep_limit``). A recurrent state
   cannot be cut back, so for such a model a slot is reused whole, or from its checkpoint
   (``checkpoints.py``), or not at all; and a long prompt gets a checkpoint near its end;
 - then what idle slots still hold moves to the host prompt cache, so the shared KV cache holds
@@ -29,7 +31,7 @@ from .checkpoints import checkpoint_positions, restore_checkpoint
 from .counters import Counters
 from .pacing import PrefillPacer
 from .preempt import KvPressure
-from .prompt_cache import HostPromptCache
+from .prompt_cache import MIN_SAVED_TOKENS, HostPromptCache
 from .sharing import MIN_BORROW, borrow_prefix, lender, share_head
 from .slots import Slot, Task, choose_slot
 
@@ -120,9 +122,13 @@ class Admission:
 
     def _start(self, task: Task, idle: list[Slot]) -> None:
         tokens = task.to_prefill
-        slot, prefix = choose_slot(idle, tokens, self._packed, self._whole, kept=not self._kv.parks_idle)
+        task.share_scores()  # a later choice whose first one was scored: it may start from a prefix
+        limit = _keep_limit(task)
+        scratch = limit == 0 and task.scoring  # a prompt to score from its start: no prefix serves it
+        slot, prefix = choose_slot(idle, tokens[:0] if scratch else tokens, self._packed, self._whole, kept=not self._kv.parks_idle)
         shared = self._shared(tokens) if self._checkpoints else 0
-        keep = self._cut(slot, tokens, min(self._reuse_prefix(slot, tokens, prefix), len(tokens) - 1))
+        reused = self._save_before_scoring(slot) if scratch else self._reuse_prefix(slot, tokens, prefix)
+        keep = self._cut(slot, tokens, min(reused, limit))
         counted_before = task.resume is not None or task.later_choice  # begin() takes task.resume
         slot.begin(task, keep, next(self._clock))
         self._plan_checkpoints(slot, keep, shared)
@@ -134,6 +140,13 @@ class Admission:
         else:  # counted once it serves its buyer something (``Tally``)
             self._counters.add(busy=1)
             task.tally.prompt_tokens, task.tally.cached_tokens = len(task.prompt), keep
+
+    def _save_before_scoring(self, slot: Slot) -> int:
+        """A prompt to score starts from nothing: what ``slot`` holds goes to the host prompt cache
+        first, as any prompt's slot's would (``HostPromptCache.prepare``); returns 0."""
+        if self._prompt_cache is not None and slot.n_cached >= MIN_SAVED_TOKENS:
+            self._prompt_cache.save(slot)
+        return 0
 
     def _cut(self, slot: Slot, tokens: np.ndarray, keep: int) -> int:
         """Drop the slot's KV after ``keep``, and return what it keeps: ``keep``; else, when llama.cpp
@@ -227,4 +240,12 @@ class Admission:
             prefix = slot.reusable(tokens, self._whole)
             if prefix > best:
                 best = max(best, int(np.isin(slot.cells[:prefix], active_cells).sum()))
-        return min(best, len(tokens) - 1)
+        return min(best, _keep_limit(task))
+
+
+def _keep_limit(task: Task) -> int:
+    """How much of its prompt ``task`` may start from, kept or borrowed: all but the last token
+    (sampling needs its logits), or, while its prompt is being scored, the positions before the
+    first row still to decode for that (``Task.scoring``)."""
+    limit = len(task.to_prefill) - 1
+    return min(limit, len(task.prompt_scores)) if task.scoring else limit

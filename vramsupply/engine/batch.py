@@ -64,8 +64,9 @@ class Batch:
         self.outputs += 1
         return row
 
-    def add_chunk(self, tokens: np.ndarray, first_pos: int, seq: int, logits_for_last: bool) -> int:
-        """Add consecutive prompt tokens of one sequence; returns the row of the last one."""
+    def add_chunk(self, tokens: np.ndarray, first_pos: int, seq: int, logits_for_last: bool, logits_for_all: bool = False) -> int:
+        """Add consecutive prompt tokens of one sequence; returns the row of the last one.
+        ``logits_for_all``: every row but the last gets logits (a scored prompt: ``logprobs.py``)."""
         count = len(tokens)
         start, end = self.size, self.size + count
         if count == 0 or end > self.capacity:
@@ -73,10 +74,10 @@ class Batch:
         self.token[start:end] = tokens
         self.pos[start:end] = np.arange(first_pos, first_pos + count, dtype=np.int32)
         self.seq[start:end] = seq
-        self.logits[start:end] = 0
+        self.logits[start:end] = 1 if logits_for_all else 0
         self.logits[end - 1] = 1 if logits_for_last else 0
         self.size = end
-        self.outputs += int(logits_for_last)
+        self.outputs += int(logits_for_last) + (count - 1 if logits_for_all else 0)
         return end - 1
 
     def for_decode(self) -> llama_cpp.llama_batch:

@@ -155,6 +155,13 @@ class Engine:
             raise EngineClosed("the engine is closed")
         return self._model.piece(token, special=True)
 
+    def text_bytes(self, token: int) -> bytes:
+        """A token's bytes as its text shows it (control tokens render as nothing): where an echoed
+        prompt's tokens start in its text (``text_offset``)."""
+        if self._closing or self._model is None:
+            raise EngineClosed("the engine is closed")
+        return self._model.piece(token)
+
     def tokenize_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """The prompt tokens of plain messages; ValueError on bad messages."""
         return self.prepare_chat(ChatRequest(messages)).tokens
@@ -248,6 +255,7 @@ class Engine:
             later_choice=source is not None, tally=tally,
             stop_ids=stop_ids, keep_stop_token=request.include_stop, min_tokens=request.min_tokens,
             ends=np.fromiter(self._model.eog_tokens | stop_ids, dtype=np.int64) if request.min_tokens else None,
+            prompt_logprobs=request.prompt_logprobs,
         )
         try:
             self._scheduler.submit(task, room=choices, reserved=reserved)

@@ -53,6 +53,8 @@ class Channel:
         self.text_ends: list[int] = []
         self._delivered = 0
         self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+        """Prompt tokens 1, 2, ...'s scores, once the prompt is in (a request that asked: ``post_prompt_scores``)."""
         self.finish: Finish | None = None
         self._waiter: asyncio.Future[None] | None = None
 
@@ -67,6 +69,11 @@ class Channel:
             self.logprobs.append(event.logprob)
         if event.finish is not None:
             self.finish = event.finish
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def scored(self, scores: tuple[TokenLogprob, ...]) -> None:
+        self.prompt_logprobs = scores
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -85,6 +92,16 @@ def deliver(events: list[Event]) -> None:
     """Runs on a consumer loop (via ``call_soon_threadsafe``) with one step's events for it."""
     for event in events:
         event.channel.push(event)
+
+
+def post_prompt_scores(channel: Channel, scores: list[TokenLogprob]) -> None:
+    """Hand a request's prompt scores over, ahead of its first token's event (which the outbox
+    posts later, on the same loop). Apart from ``post``: only requests that asked for them send
+    them, so no other event pays for them. A closed loop is the outbox's to find (``_abandon``)."""
+    try:
+        channel.loop.call_soon_threadsafe(channel.scored, tuple(scores))
+    except RuntimeError:
+        pass
 
 
 def post(events: list[Event]) -> list[asyncio.AbstractEventLoop]:
@@ -150,6 +167,21 @@ class Generation:
     def logprobs(self) -> list[TokenLogprob]:
         """Every completion token's logprobs so far, when the request asked for them."""
         return list(self._channel.logprobs)
+
+    @property
+    def prompt_logprobs(self) -> tuple[TokenLogprob, ...] | None:
+        """Prompt tokens 1, 2, ...'s scores (token 0 has none), once the prompt is in, when the
+        request asked for them (``GenerationRequest.prompt_logprobs``)."""
+        return self._channel.prompt_logprobs
+
+    async def prompt_scored(self) -> None:
+        """Wait until the prompt's scores are here, or the request has ended (an error, a cancel);
+        at once for a request that did not ask for them."""
+        channel = self._channel
+        if self.task is None or self.task.prompt_logprobs is None:
+            return
+        while channel.prompt_logprobs is None and channel.finish is None:
+            await channel.wait()
 
     def take_logprobs(self) -> list[TokenLogprob]:
         """The logprobs that arrived since the last call (for the stream chunk being written)."""

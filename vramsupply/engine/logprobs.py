@@ -1,10 +1,17 @@
-"""Log-probabilities of generated tokens, for requests that ask for them.
+"""Log-probabilities of generated tokens, and of prompt tokens, for requests that ask for them.
 
 Computed on the scheduler thread from the logits row llama.cpp just produced for the slot: the
 model's own distribution (a log-softmax of the raw logits, before any sampling parameter such as
 temperature or top-k reshaped it), as OpenAI and vLLM report it. Only requests that ask pay for
 this: it is one pass over ``n_vocab`` floats per token. With sampling on the device (logits never
 copied to the host), such requests must still get a host logits row.
+
+A prompt's tokens are scored the same way (``score_rows``), from the logits of every row of its
+prefill chunks: row ``p`` gives the log-probability of prompt token ``p + 1``. Each row is reduced
+to that token's log-probability and its ``top_n`` best as soon as it is read, a block of rows at a
+time, so a long prompt never holds its prompt length times the vocabulary in floats; and a step
+holds at most ``scored_rows`` such rows of logits (llama.cpp keeps a step's logits in one buffer
+that only grows: 4,000 rows of a 32k vocabulary would be 512 MB of it).
 """
 
 from __future__ import annotations
@@ -15,6 +22,11 @@ import llama_cpp
 import numpy as np
 
 MAX_TOP_LOGPROBS = 20
+SCORED_LOGITS = 1 << 23
+"""Logits (floats) one step may hold for scored prompt rows: 32 MiB, 256 rows of a 32k vocabulary."""
+MIN_SCORED_ROWS = 16
+BLOCK_LOGITS = 1 << 21
+"""Logits reduced at once: a block's temporaries stay at 8 MiB each, whatever the vocabulary."""
 
 
 @dataclass(frozen=True)
@@ -43,3 +55,67 @@ def logprobs_from_logits(logits: np.ndarray, token: int, top_n: int) -> TokenLog
         best = best[np.argsort(-shifted[best], kind="stable")]
         top = tuple((int(t), float(shifted[t]) - log_total) for t in best)
     return TokenLogprob(int(token), float(shifted[token]) - log_total, top)
+
+
+def scored_rows(n_vocab: int) -> int:
+    """How many prompt rows with logits one step may hold (``SCORED_LOGITS``)."""
+    return max(MIN_SCORED_ROWS, SCORED_LOGITS // max(n_vocab, 1))
+
+
+def score_rows(
+    ctx: llama_cpp.llama_context_p, first_row: int, count: int, n_vocab: int, tokens: np.ndarray, top_n: int
+) -> list[TokenLogprob]:
+    """``tokens[i]``'s log-probability and the ``top_n`` best from logits row ``first_row + i`` of
+    the last decode, for the ``count`` consecutive rows (all with logits: llama.cpp keeps them
+    contiguous, in batch order), as ``logprobs_from_logits`` computes them for one row."""
+    scores: list[TokenLogprob] = []
+    block = max(1, BLOCK_LOGITS // n_vocab)
+    for start in range(0, count, block):
+        rows = min(block, count - start)
+        pointer = llama_cpp.llama_get_logits_ith(ctx, first_row + start)
+        if not pointer:
+            raise ValueError(f"llama.cpp has no logits for batch row {first_row + start}")
+        scores += score_block(np.ctypeslib.as_array(pointer, shape=(rows, n_vocab)), tokens[start : start + rows], top_n)
+    return scores
+
+
+def score_block(logits: np.ndarray, tokens: np.ndarray, top_n: int) -> list[TokenLogprob]:
+    """``logprobs_from_logits`` for each row of ``logits`` (float32, left as it is) and its token,
+    vectorized: the exponentials in float32 (4 times as fast as float64; their sum, and every
+    difference, in float64), and the best found without partitioning whole rows (``_best``).
+    A row of 32k logits takes about 0.15 ms so, where one at a time took over 1 ms."""
+    peaks = logits.max(axis=1)
+    exps = np.subtract(logits, peaks[:, None])
+    np.exp(exps, out=exps)
+    log_totals = np.log(exps.sum(axis=1, dtype=np.float64)) + peaks.astype(np.float64)
+    picked = logits[np.arange(len(tokens)), tokens].astype(np.float64) - log_totals
+    best = _best(logits, min(top_n, logits.shape[1])) if top_n > 0 else None
+    scores = []
+    for i, token in enumerate(tokens):
+        top: tuple[tuple[int, float], ...] = ()
+        if best is not None:
+            row = best[i][np.argsort(-logits[i, best[i]], kind="stable")]
+            top = tuple((int(t), float(logits[i, t]) - float(log_totals[i])) for t in row)
+        scores.append(TokenLogprob(int(token), float(picked[i]), top))
+    return scores
+
+
+def _best(logits: np.ndarray, n: int, width: int = 64) -> np.ndarray:
+    """The ``n`` highest logits' ids of each row, unordered. Rows are cut into runs of ``width``:
+    the ``n`` best lie in the ``n`` runs with the highest maxima (a run holding one of them has a
+    maximum at least the ``n``-th best; one holding none, at most that), so only those runs are
+    partitioned, not the whole vocabulary."""
+    rows, vocab = logits.shape
+    if n == 1:
+        return logits.argmax(axis=1)[:, None]
+    if vocab <= 4 * n * width:
+        return np.argpartition(-logits, n - 1, axis=1)[:, :n]
+    runs = -(-vocab // width)
+    padded = logits
+    if runs * width > vocab:
+        padded = np.concatenate([logits, np.full((rows, runs * width - vocab), -np.inf, dtype=logits.dtype)], axis=1)
+    blocks = padded.reshape(rows, runs, width)
+    top_runs = np.argpartition(-blocks.max(axis=2), n - 1, axis=1)[:, :n]
+    candidates = blocks[np.arange(rows)[:, None], top_runs].reshape(rows, n * width)
+    ids = (top_runs[:, :, None] * width + np.arange(width)).reshape(rows, n * width)
+    return np.take_along_axis(ids, np.argpartition(-candidates, n - 1, axis=1)[:, :n], axis=1)

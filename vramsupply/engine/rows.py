@@ -22,10 +22,10 @@ import numpy as np
 from . import backend_sampling
 from .batch import Batch
 from .counters import Counters
-from .logprobs import TokenLogprob, token_logprob
+from .logprobs import TokenLogprob, score_rows, token_logprob
 from .offthread import OffThreadSampling
 from .sampling import StepWinners
-from .slots import NO_DRAFT, Slot
+from .slots import NO_DRAFT, Slot, Task
 from .speculative import lookup
 
 OnToken = Callable[[Slot, int, "TokenLogprob | None"], int]
@@ -115,6 +115,16 @@ class RowSampler:
         """Only for requests that asked: a pass over the vocabulary's logits per token."""
         top_n = slot.task.logprobs if slot.task is not None else None
         return None if top_n is None else token_logprob(self._ctx, slot.row, self._n_vocab, token, top_n)
+
+    def score_prompt(self, task: Task, first_row: int, position: int, count: int) -> None:
+        """Score the prompt tokens that rows ``first_row`` .. ``first_row + count - 1`` (positions
+        from ``position``) predict and that have no score yet: row ``p`` scores token ``p + 1``."""
+        prompt, scores = task.prompt, task.prompt_scores
+        start = max(0, len(scores) - position)  # rows whose token is scored already (decoded again)
+        stop = min(count, len(prompt) - 1 - position)  # the prompt's last row predicts no prompt token
+        if start < stop:
+            tokens = prompt[position + start + 1 : position + stop + 1]
+            scores += score_rows(self._ctx, first_row + start, stop - start, self._n_vocab, tokens, task.prompt_logprobs or 0)
 
     def _settle_draft(self, slot: Slot, drafted: int, accepted: int) -> None:
         """Count the draft, and drop its unconfirmed tokens from the KV cache."""

@@ -25,7 +25,8 @@ The first choice prefills the prompt as any request does. Each other choice take
 own but waits until that prompt's KV exists, then copies it into its sequence with
 ``llama_memory_seq_cp`` and decodes only the last prompt token itself (sampling needs that token's
 logits in its own batch row). So ``n`` choices of a P-token prompt cost P + n - 1 decoded prompt
-tokens instead of n x P, and the prompt is billed once.
+tokens instead of n x P, and the prompt is billed once. A prompt the request asked to score (an
+echo with logprobs) is scored by the first choice, and the others take its scores with its KV.
 
 With one KV stream per slot (``kv_per_slot``, ``kv_unified=False``) llama.cpp copies across
 streams only whole sequences (it asserts, aborting the process, on a partial range), so the whole
@@ -93,11 +94,15 @@ def share_prompt(slot: Slot, slots: Sequence[Slot], memory: object) -> bool:
     shared = len(task.prompt) - 1
     source = next((s for s in slots if s.task is source_task), None)
     if source is None:
+        task.share_scores()
         task.shares_prompt_with = None
         return True
     if source.n_cached < shared:
         return False
+    task.share_scores()
     task.shares_prompt_with = None
+    if task.scoring:  # (never once the source's KV is in: it was scored as it was decoded)
+        return True  # this choice scores its prompt itself, from its start (``Task.scoring``)
     if shared == 0 or slot.n_cached >= shared:
         return True
     llama_cpp.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)

@@ -16,6 +16,7 @@ import numpy as np
 from .cache_entries import common_prefix
 from .checkpoints import Checkpoint
 from .generation import Channel
+from .logprobs import MIN_SCORED_ROWS, TokenLogprob
 from .sampling import RequestSampler
 from .speculative import DraftState
 from .text import StopStrings, TextStream
@@ -102,6 +103,25 @@ class Task:
     """Until this many completion tokens are out, ``ends`` cannot be sampled and stop strings do not stop."""
     ends: np.ndarray | None = None
     """The end-of-generation and stop token ids, which ``min_tokens`` holds back (``rows.py``)."""
+    prompt_logprobs: int | None = None
+    """Alternatives per prompt token to report with its log-probability (an echo with logprobs);
+    None: the prompt is not scored. Such a prompt is decoded from where its scores stop, never from
+    a cached prefix beyond (``admission.py``): cached positions have no logits."""
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)
+    """The scores of prompt tokens 1, 2, ... so far (token 0 has none: nothing precedes it)."""
+
+    def share_scores(self) -> None:
+        """A later choice (``shares_prompt_with``) takes its first choice's prompt scores once
+        they are complete: the same prompt, the same scores, whatever each decoded."""
+        source = self.shares_prompt_with
+        if source is not None and self.scoring and not source.scoring:
+            self.prompt_scores = source.prompt_scores
+
+    @property
+    def scoring(self) -> bool:
+        """Prompt tokens wait for their scores (only a request that asked for them). Row ``p`` of
+        the prompt scores token ``p + 1``, so it may start from at most ``len(prompt_scores)`` tokens."""
+        return self.prompt_logprobs is not None and len(self.prompt_scores) < len(self.prompt) - 1
 
     @property
     def to_prefill(self) -> np.ndarray:
@@ -159,6 +179,7 @@ class Slot:
         self.pending: Future[int] | None = None  # its token, being sampled off the thread (offthread)
         self.checkpoints: list[Checkpoint] = []  # a recurrent state part way (checkpoints.py)
         self.checkpoints_due: list[int] = []  # where the prompt being prefilled gets them, ascending
+        self.scored_rows = MIN_SCORED_ROWS  # a scored prompt's rows per step (``logprobs.scored_rows``; set by ``step.py``)
 
     @property
     def prefilling(self) -> bool:
@@ -193,8 +214,12 @@ class Slot:
 
     @property
     def before_checkpoint(self) -> int | None:
-        """Prompt tokens left to prefill before the next checkpoint is made; None when none is due."""
+        """Prompt tokens left to prefill before the next checkpoint is made; None when none is due.
+        A prompt being scored (``Task.scoring``) stops as if at one every ``scored_rows`` tokens, so
+        that no step holds more rows of its logits (``logprobs.py``), nor rewinds it (``pacing.py``)."""
         due = [at - self.n_cached for at in self.checkpoints_due if at > self.n_cached]
+        if self.task is not None and self.task.scoring:
+            due.append(self.scored_rows)
         return min(due, default=None)
 
     def usage(self) -> Usage:

@@ -11,7 +11,11 @@ once ``pacing.py`` has planned its rows:
   part that fails ends its requests, and too many failed steps in a row end the engine
   (``liveness.py``);
 - every slot with a logits row is sampled (``rows.py``) and a prompt that reached its
-  checkpoint gets one (``checkpoints.py``); the step's time teaches the pacer and the thread tuner.
+  checkpoint gets one (``checkpoints.py``); the step's time teaches the pacer and the thread tuner;
+- a prompt a request asked to score (an echo with logprobs) has logits in every row of its chunks,
+  each reduced to its next token's score as soon as the step is decoded (``logprobs.py``), and the
+  scores go to its buyer when the prompt is in; a request with ``max_tokens`` 0 ends there. Only
+  such requests' chunks take that path (``_fill_prompt``): every other row costs what it did.
 
 Everything here runs on the scheduler thread.
 """
@@ -23,12 +27,14 @@ import time
 from collections import deque
 
 import llama_cpp
+import numpy as np
 
 from .batch import Batch
 from .checkpoints import save_checkpoint
 from .counters import Counters
-from .generation import Finish
+from .generation import Finish, post_prompt_scores
 from .liveness import Liveness, decode_status
+from .logprobs import scored_rows
 from .outbox import Outbox
 from .pacing import PrefillPacer, decode_parts
 from .preempt import KvPressure
@@ -57,6 +63,11 @@ class StepRunner:
         self._pacer = pacer
         self._threads = threads
         self._rows = RowSampler(ctx, memory, self._batch, n_vocab, counters)
+        self._prompted: list[tuple[Slot, int, int, int, bool]] = []
+        """This step's chunks of prompts to score or end (``_fill_prompt``): slot, first row and
+        position, rows, whether the prompt ends there."""
+        for slot in slots:
+            slot.scored_rows = scored_rows(n_vocab)
         self.offthread = self._rows.offthread
         """The grammar worker, whose tokens the scheduler takes between steps (``offthread.py``)."""
         self._kv = kv
@@ -96,6 +107,8 @@ class StepRunner:
         ``alone``: the step's only slot, nobody waiting (a slot may then add a draft)."""
         batch = self._batch
         batch.clear()
+        if self._prompted:
+            self._prompted = []
         plan = sorted(plan, key=lambda item: item[0].seq_id)
         for slot, chunk in plan:
             if chunk is None:
@@ -105,6 +118,8 @@ class StepRunner:
                 slot.next_token = None
                 if alone and self._max_draft and not slot.backend_sampled:
                     self._rows.add_draft(slot, batch)
+            elif slot.task.prompt_logprobs is not None or not slot.task.max_completion:  # type: ignore[union-attr]
+                slot.row = self._fill_prompt(slot, chunk)
             else:
                 # A resumed request already has its next token (``resume_token``): no logits.
                 sample = slot.n_cached + len(chunk) == len(slot.prompt) and slot.resume_token is None
@@ -112,6 +127,39 @@ class StepRunner:
                 slot.record(chunk)
                 slot.row = row if sample else -1
         return [slot for slot, _ in plan]
+
+    def _fill_prompt(self, slot: Slot, chunk: np.ndarray) -> int:
+        """A chunk of a prompt to score, or of one that generates nothing (``max_tokens`` 0); its
+        sampled row or -1. While scores are missing, every row has logits but the prompt's last
+        one, unless it is sampled: row ``p`` scores token ``p + 1``."""
+        task = slot.task
+        assert task is not None
+        end = slot.n_cached + len(chunk)
+        last = end == len(slot.prompt) and slot.resume_token is None
+        sample = last and task.max_completion > 0
+        scoring = task.scoring
+        first = self._batch.size
+        row = self._batch.add_chunk(
+            chunk, slot.n_cached, slot.seq_id, logits_for_last=sample or (scoring and end < len(task.prompt)), logits_for_all=scoring
+        )
+        if scoring or last:
+            self._prompted.append((slot, first, slot.n_cached, len(chunk), last))
+        slot.record(chunk)
+        return row if sample else -1
+
+    def _after_prompts(self) -> None:
+        """Score this step's scored prompt rows; a prompt that is in has its scores sent, before
+        its first token, and one of ``max_tokens`` 0 ends (its usage counts the prompt)."""
+        for slot, row, position, count, last in self._prompted:
+            task = slot.task
+            assert task is not None
+            if task.scoring:
+                self._rows.score_prompt(task, row, position, count)
+            if last and task.prompt_logprobs is not None:
+                post_prompt_scores(task.channel, task.prompt_scores)
+            if last and not task.max_completion:
+                self._out.end_slot(slot, Finish("length", slot.usage()))
+        self._prompted = []
 
     def _decode(self, part: Plan, alone: bool) -> float | None:
         """Decode ``part`` of a step and sample its rows; the ``llama_decode`` call's seconds, or None
@@ -128,6 +176,8 @@ class StepRunner:
             return None
         self._liveness.decoded()
         self._rows.new_step()
+        if self._prompted:
+            self._after_prompts()
         generated = 0
         for slot in in_batch:
             if slot.row >= 0:

@@ -177,6 +177,10 @@ class GenerationRequest:
     preserve: frozenset[int] = frozenset()
     # Report each generated token's log-probability and this many alternatives (0-20); None: don't.
     logprobs: int | None = None
+    # Report each prompt token's log-probability (after the tokens before it; the first has none)
+    # and this many alternatives (0-20), as an echo with logprobs shows them; None: don't. The
+    # prompt is then decoded whole, never from a cached prefix (those positions have no logits).
+    prompt_logprobs: int | None = None
     # vLLM's fields: sampling one of these token ids ends the request as a stop string does (its
     # text dropped); ``include_stop`` keeps a stop token's text, and the stop strings among
     # ``kept_stop`` (the buyer's own, never a chat template's) theirs, at the end of the output;
@@ -190,7 +194,14 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         _require(len(self.prompt) > 0, "the prompt must contain at least one token")
         _require(self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be between 0 and 20, got {self.logprobs}")
-        _require(self.max_tokens is None or self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}")
+        _require(
+            self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, f"prompt_logprobs must be between 0 and 20, got {self.prompt_logprobs}"
+        )
+        # (alone it would leave the request's sampling free to run in llama.cpp's graph, whose
+        # logits never reach the host: ``backend_sampling.supports`` looks at ``logprobs``)
+        _require(self.prompt_logprobs is None or self.logprobs is not None, "prompt_logprobs needs logprobs (the completion's) too")
+        # 0: the prompt is decoded (scored) and nothing generated, the request ends with "length".
+        _require(self.max_tokens is None or self.max_tokens >= 0, f"max_tokens must be 0 or more, got {self.max_tokens}")
         _require(not isinstance(self.stop, str), "stop must be a sequence of strings, not a single string")
         _require(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         _require(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids (ints >= 0)")

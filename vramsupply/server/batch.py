@@ -1,5 +1,5 @@
-"""Several prompts in one ``/v1/completions`` request, and ``echo``, as OpenAI's legacy endpoint
-and vLLM take them.
+"""Several prompts in one ``/v1/completions`` request, and ``echo`` (with its prompt's logprobs, and
+``max_tokens`` 0), as OpenAI's legacy endpoint and vLLM take them.
 
 A batch of P prompts with ``n`` choices each is P·n generations, submitted all or none: choice
 ``i * n + j`` is prompt ``i``'s ``j``-th, and the ``n`` choices of one prompt share its decoded
@@ -27,6 +27,17 @@ def check_choices(body: CompletionBody) -> None:
             400,
             f"Invalid value for 'n': {prompts} prompts with n={body.n} make {prompts * body.n} choices; a request may have up to {MAX_CHOICES}.",
             param="n", code="invalid_value",
+        )
+
+
+def check_echo(body: CompletionBody) -> None:
+    """``max_tokens`` 0 generates nothing: it is for scoring a prompt (OpenAI's and vLLM's way),
+    so it takes ``echo``; alone it would bill a prompt for an empty answer."""
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(
+            400,
+            "Invalid value for 'max_tokens': 0 generates nothing, so it needs echo (the prompt back, scored with logprobs); send max_tokens of 1 or more, or echo: true.",
+            param="max_tokens", code="invalid_value",
         )
 
 

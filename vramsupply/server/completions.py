@@ -32,7 +32,7 @@ from vramsupply.engine import (
     SamplingParams,
 )
 from vramsupply.server.accounting import Bill
-from vramsupply.server.batch import batch_usage, check_choices
+from vramsupply.server.batch import batch_usage, check_choices, check_echo
 from vramsupply.server.errors import ApiError, internal_error, own_id
 from vramsupply.server.grammar import answer_grammar, chat_grammar
 from vramsupply.server.metrics import ChoiceTiming, RequestClock
@@ -85,10 +85,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await state.parse(request, CompletionBody)
     check_fields(body)
     check_choices(body)
+    check_echo(body)
     prompts = [p if isinstance(p, list) else await _tokenize(request, engine.tokenize, p, param="prompt") for p in body.prompts]
     shape = TextShape(
         id=f"cmpl-{own_id(request)}", created=now(), model=state.model_id, include_usage=body.include_usage, token_bytes=engine.token_bytes,
         system_fingerprint=system_fingerprint(engine), per_prompt=body.n, echo=body.prompts if body.echo else (), detokenize=engine.detokenize,
+        scored=prompts if body.wants_prompt_logprobs is not None else (), text_bytes=engine.text_bytes,
     )
     first = await generation_requests(body, prompts[0])  # one grammar for all; choice i * n + j is prompt i's j-th
     requests = [dataclasses.replace(r, prompt=prompt) for prompt in prompts for r in first]
@@ -163,6 +165,7 @@ def _generation_requests(
             stop=stop,
             ignore_eos=body.ignore_eos,
             logprobs=body.wants_logprobs,
+            prompt_logprobs=body.wants_prompt_logprobs,
             stop_token_ids=frozenset(body.stop_token_ids),
             include_stop=body.include_stop_str_in_output,
             kept_stop=frozenset(body.stop) if body.include_stop_str_in_output else frozenset(),
@@ -341,6 +344,7 @@ async def _send_events(
 ) -> None:
     """Every choice's events as they come, then usage (billed before the buyer can see the end) and [DONE]."""
     for index in range(len(generations)):
+        await generations[index].prompt_scored()  # an echo with logprobs carries the prompt's
         opening = shape.opening_chunk(index)
         if opening is not None:
             await response.write(opening)

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API, validated with pydantic.
 
 Unknown fields are ignored, as OpenAI-compatible servers do, but OpenAI fields that would change
-the answer in a way we cannot honour (audio, echo with logprobs, the legacy functions API…) are rejected
+the answer in a way we cannot honour (audio, suffix, the legacy functions API…) are rejected
 with a 400 instead of being silently dropped; vLLM's and llama-server's are read in
 ``vllm_fields.py``. ``store: true`` is accepted and nothing is stored, as vLLM does: clients that
 always send it would otherwise fail on every call. Sampling fields left out keep llama.cpp's
@@ -203,6 +203,11 @@ class ChatCompletionBody(GenerationBody):
         """How many alternatives per token to report, or None when logprobs were not asked for."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    @property
+    def wants_prompt_logprobs(self) -> int | None:
+        """A chat's prompt is never scored (no ``echo``)."""
+        return None
+
     def chat_request(self) -> ChatRequest:
         """The engine's side of the chat contract (vLLM's ``to_sampling_params`` idea)."""
         variables = dict(self.chat_template_kwargs or {})
@@ -221,10 +226,12 @@ class ChatCompletionBody(GenerationBody):
 
 
 class CompletionBody(GenerationBody):
-    """A legacy text completion; like OpenAI, ``max_tokens`` defaults to 16 here."""
+    """A legacy text completion; like OpenAI, ``max_tokens`` defaults to 16 here. ``echo`` with
+    ``logprobs`` scores the prompt too (``prompt_logprobs.py``); ``max_tokens`` 0 generates nothing
+    and takes ``echo`` (OpenAI's and vLLM's way to score a prompt: ``batch.check_echo``)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
     response_format: ResponseFormat | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
@@ -256,13 +263,6 @@ class CompletionBody(GenerationBody):
     def _default_max_tokens(cls, value: Any) -> Any:
         return 16 if value is None else value
 
-    @field_validator("echo")
-    @classmethod
-    def _echo_without_logprobs(cls, value: bool, info: ValidationInfo) -> bool:
-        if value and info.data.get("logprobs") is not None:
-            raise ValueError("echo with logprobs is not supported: this server computes no prompt logprobs; send one of them")
-        return value
-
     @field_validator("suffix")
     @classmethod
     def _no_suffix(cls, value: str | None) -> str | None:
@@ -285,6 +285,11 @@ class CompletionBody(GenerationBody):
     @property
     def wants_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def wants_prompt_logprobs(self) -> int | None:
+        """With ``echo``, the prompt's tokens get logprobs as the completion's do."""
+        return self.logprobs if self.echo else None
 
     @property
     def prompts(self) -> list[str | list[int]]:

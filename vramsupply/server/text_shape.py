@@ -30,13 +30,11 @@ from vramsupply.engine import Engine, Generation
 from vramsupply.engine.logprobs import TokenLogprob
 from vramsupply.server.chunks import ChunkTemplate, sse_event
 from vramsupply.server.logprobs_out import TokenBytes, text_logprobs
+from vramsupply.server.prompt_logprobs import EchoTextChoice, EchoTextCompletion, EchoTextLogprobs, joined, prompt_logprobs
 from vramsupply.server.responses import (
     ChatCompletion,
     ChatCompletionChunk,
     FinishReason,
-    TextChoice,
-    TextCompletion,
-    TextLogprobs,
     UsageOut,
 )
 
@@ -92,8 +90,9 @@ class FingerprintedChatChunk(ChatCompletionChunk):
     system_fingerprint: str | None = None
 
 
-class FingerprintedTextCompletion(TextCompletion):
-    """Both the whole response and each stream chunk of ``/v1/completions``."""
+class FingerprintedTextCompletion(EchoTextCompletion):
+    """Both the whole response and each stream chunk of ``/v1/completions`` (an echoed prompt's
+    first token has ``null`` logprobs: ``prompt_logprobs.py``)."""
 
     system_fingerprint: str | None = None
 
@@ -165,6 +164,9 @@ class TextShape(ShapeBase):
     per_prompt: int = 1  # choices to a prompt: choice i answers prompt i // per_prompt
     echo: Sequence[str | list[int]] = ()  # with ``echo``, the prompts, whose text begins their choices'
     detokenize: Callable[[list[int]], str] | None = None
+    scored: Sequence[list[int]] = ()  # with ``echo`` and ``logprobs``, the prompts' tokens, scored first
+    text_bytes: TokenBytes | None = None  # a token's bytes as its text shows them (``prompt_logprobs.prompt_offsets``)
+    _prompt_shown: set[int] = dataclasses.field(default_factory=set)  # choices whose prompt logprobs were written
     _echo_texts: list[str] = dataclasses.field(default_factory=list)
     _taken: dict[int, int] = dataclasses.field(default_factory=dict)  # per choice: tokens whose logprobs were written
     _generations: Sequence[Generation] = ()
@@ -174,14 +176,17 @@ class TextShape(ShapeBase):
 
     def response(self, texts: Sequence[str], finishes: Sequence[FinishReason], usage: UsageOut, logprobs: Sequence[Logprobs]) -> str:
         choices = [
-            TextChoice(index=i, text=self._echoed(i) + text, logprobs=self._logprobs(i, entries), finish_reason=finish)
+            EchoTextChoice(index=i, text=self._echoed(i) + text, logprobs=self._logprobs(i, entries), finish_reason=finish)
             for i, (text, finish, entries) in enumerate(zip(texts, finishes, logprobs))
         ]
         return self._identified(FingerprintedTextCompletion, object="text_completion", choices=choices, usage=usage).to_json()
 
     def opening_chunk(self, index: int) -> bytes | None:
-        """With ``echo``, the choice's prompt as its first chunk."""
+        """With ``echo``, the choice's prompt as its first chunk, with its logprobs when asked
+        (once they are in: ``Generation.prompt_scored``)."""
         echoed = self._echoed(index)
+        if echoed and self.scored:
+            return self._chunk([EchoTextChoice(index=index, text=echoed, logprobs=self._prompt_part(index), finish_reason=None)])
         return self._template(index).event(echoed) if echoed else None
 
     def track(self, generations: Sequence[Generation]) -> None:
@@ -198,21 +203,37 @@ class TextShape(ShapeBase):
     def text_chunks(self, index: int, text: str, logprobs: Logprobs) -> list[bytes]:
         if logprobs is None:
             return [self._template(index).event(text)]
-        return [self._chunk([TextChoice(index=index, text=text, logprobs=self._logprobs(index, logprobs), finish_reason=None)])]
+        return [self._chunk([EchoTextChoice(index=index, text=text, logprobs=self._logprobs(index, logprobs), finish_reason=None)])]
 
     def _text_document(self, index: int, text: str) -> str:
-        return self._document([TextChoice(index=index, text=text, logprobs=None, finish_reason=None)])
+        return self._document([EchoTextChoice(index=index, text=text, logprobs=None, finish_reason=None)])
 
     def finish_chunks(self, index: int, finish: FinishReason, logprobs: Logprobs) -> list[bytes]:
-        return [self._chunk([TextChoice(index=index, text="", logprobs=self._logprobs(index, logprobs), finish_reason=finish)])]
+        return [self._chunk([EchoTextChoice(index=index, text="", logprobs=self._logprobs(index, logprobs), finish_reason=finish)])]
 
-    def _logprobs(self, index: int, entries: Logprobs) -> TextLogprobs | None:
+    def _logprobs(self, index: int, entries: Logprobs) -> EchoTextLogprobs | None:
+        """The completion tokens' logprobs since the last call, after the prompt's when they were
+        not written yet; with ``echo``, offsets count from the start of the echoed prompt."""
         if entries is None:
             return None
         first = self._taken.get(index, 0)
         self._taken[index] = first + len(entries)
         starts = self._generations[index].token_text_starts(first, len(entries)) if index < len(self._generations) else [0] * len(entries)
-        return text_logprobs(entries, self.token_bytes, starts)
+        echoed = len(self._echoed(index))
+        completion = text_logprobs(entries, self.token_bytes, [echoed + start for start in starts] if echoed else starts)
+        return joined(self._prompt_part(index), completion)
+
+    def _prompt_part(self, index: int) -> EchoTextLogprobs | None:
+        """Choice ``index``'s prompt logprobs, the first time they are asked for (None after, and
+        when not asked for or never computed: the request failed before its prompt was in)."""
+        if not self.scored or index in self._prompt_shown or index >= len(self._generations) or self.text_bytes is None:
+            return None
+        self._prompt_shown.add(index)
+        scores = self._generations[index].prompt_logprobs
+        if scores is None:
+            return None
+        tokens = self.scored[index // self.per_prompt]
+        return prompt_logprobs(tokens, scores, self._echoed(index), self.token_bytes, self.text_bytes)
 
     def usage_chunk(self, usage: UsageOut) -> bytes:
         return self._chunk([], usage)
