@@ -53,11 +53,18 @@ def broken_cuda_toolkit(root: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(REAL_INSTALL_TIMEOUT)
-def test_install_upgrade_uninstall_in_a_temp_home(tmp_path: Path) -> None:
+def test_install_upgrade_repair_uninstall_in_a_temp_home_with_odd_places(tmp_path: Path) -> None:
+    """One real install's life, in the odd places an audit of install.sh found broken: a data dir
+    whose path has a space (macOS's ~/Library/Application Support) and that other programs share,
+    a user's own file at BIN_DIR/vramsupply, and a venv left without pip. (One test, not two:
+    each real install costs half a minute of the suite's two cores.)"""
     home = tmp_path / "home"
     home.mkdir()
-    data_dir = home / "data" / "vramsupply"
+    data_dir = home / "Application Support"  # a folder other programs use too
+    data_dir.mkdir()
+    (data_dir / "other-app.txt").write_text("not ours")
     bin_dir = home / "bin"
+    bin_dir.mkdir()
     toolkit_bin = broken_cuda_toolkit(tmp_path / "cuda")
     env = {
         "PATH": f"{toolkit_bin}:{os.environ['PATH']}",
@@ -73,6 +80,13 @@ def test_install_upgrade_uninstall_in_a_temp_home(tmp_path: Path) -> None:
     def install(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["sh", str(INSTALL_SH), *args], env=env, capture_output=True, text=True, timeout=1800)
 
+    link = bin_dir / "vramsupply"
+    link.write_text("#!/bin/sh\necho the user's own wrapper\n")
+    refused = install("--backend", "cuda")
+    assert refused.returncode == 1 and "exists and is not a link this installer made" in refused.stderr
+    assert link.read_text().startswith("#!/bin/sh"), "never overwritten"
+    link.unlink()
+
     # The GPU build fails; the user still ends up with a working agent, and is told so loudly.
     first = install("--backend", "cuda")
     assert first.returncode == 0, first.stdout + first.stderr
@@ -83,7 +97,6 @@ def test_install_upgrade_uninstall_in_a_temp_home(tmp_path: Path) -> None:
     assert "WARNING: this is the CPU build; the cuda build failed: " in first.stderr
     assert "CMake" in (data_dir / "build-cuda.log").read_text(), "the whole build log is kept"
     assert (data_dir / "backend").read_text() == "cpu\n"
-    link = bin_dir / "vramsupply"
     assert link.is_symlink()
     version = subprocess.run([str(link), "--version"], capture_output=True, text=True, env=env)
     assert version.returncode == 0 and version.stdout.startswith("vramsupply ")
@@ -101,6 +114,12 @@ def test_install_upgrade_uninstall_in_a_temp_home(tmp_path: Path) -> None:
     assert "creating virtual environment" not in second.stdout
     assert subprocess.run([str(link), "--version"], capture_output=True, env=env).returncode == 0
 
+    shutil.rmtree(next((data_dir / "venv" / "lib").glob("python3*")) / "site-packages" / "pip")  # as a venv made without pip
+    repaired = install()
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert "is broken (no working pip); making it again" in repaired.stdout
+    assert subprocess.run([str(link), "--version"], capture_output=True, env=env).returncode == 0
+
     config_dir = home / ".config" / "vramsupply"
     config_dir.mkdir(parents=True)
     (config_dir / "config.toml").write_text('quant = "Q8_0"\n')
@@ -112,63 +131,19 @@ def test_install_upgrade_uninstall_in_a_temp_home(tmp_path: Path) -> None:
     removed = install("--uninstall")
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert not link.exists() and not link.is_symlink()
-    assert not data_dir.exists()
+    assert sorted(p.name for p in data_dir.iterdir()) == ["other-app.txt"], "everything the installer wrote goes, nothing else"
     assert (config_dir / "config.toml").exists(), "uninstall keeps configuration"
     assert (agent_state / "endpoint_token").exists(), "uninstall keeps the endpoint token the platform knows"
     assert not (agent_state / "registration.json").exists(), "stale registration state goes"
 
     purged = install("--uninstall", "--purge")
-    assert purged.returncode == 0
+    assert purged.returncode == 0, purged.stdout + purged.stderr
     assert not config_dir.exists()
     assert not agent_state.exists()
+    assert (data_dir / "other-app.txt").read_text() == "not ours", "what the installer did not write stays"
 
 
 def test_install_sh_rejects_unknown_option(tmp_path: Path) -> None:
     result = subprocess.run(["sh", str(INSTALL_SH), "--frobnicate"], capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
     assert result.returncode != 0
     assert "unknown option '--frobnicate'" in result.stderr
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(REAL_INSTALL_TIMEOUT)
-def test_odd_places_a_broken_venv_and_shared_folders(tmp_path: Path) -> None:
-    """Found by an audit of install.sh: a venv path with a space (macOS's default is under
-    ~/Library/Application Support) failed every install; a venv left without pip was never
-    repaired; a file at BIN_DIR/vramsupply was overwritten; --uninstall --purge deleted the whole
-    VRAMSUPPLY_DATA_DIR, shared or not, and any link named vramsupply."""
-    home = tmp_path / "home"
-    home.mkdir()
-    shared = home / "Application Support"  # a folder other programs use too
-    shared.mkdir()
-    (shared / "other-app.txt").write_text("not ours")
-    bin_dir = home / "bin"
-    bin_dir.mkdir()
-    env = {
-        "PATH": os.environ["PATH"], "HOME": str(home), "PIP_CACHE_DIR": REAL_PIP_CACHE, "VRAMSUPPLY_CPU_FLAGS": "",
-        "VRAMSUPPLY_BACKEND": "cpu", "VRAMSUPPLY_DATA_DIR": str(shared), "VRAMSUPPLY_BIN_DIR": str(bin_dir),
-    }
-
-    def install(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["sh", str(INSTALL_SH), *args], env=env, capture_output=True, text=True, timeout=1800)
-
-    link = bin_dir / "vramsupply"
-    link.write_text("#!/bin/sh\necho the user's own wrapper\n")
-    refused = install()
-    assert refused.returncode == 1 and "exists and is not a link this installer made" in refused.stderr
-    assert link.read_text().startswith("#!/bin/sh"), "never overwritten"
-    link.unlink()
-
-    first = install()
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert subprocess.run([str(link), "--version"], capture_output=True, env=env).returncode == 0
-
-    shutil.rmtree(next((shared / "venv" / "lib").glob("python3*")) / "site-packages" / "pip")  # as a venv made without pip
-    repaired = install()
-    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
-    assert "is broken (no working pip); making it again" in repaired.stdout
-    assert subprocess.run([str(link), "--version"], capture_output=True, env=env).returncode == 0
-
-    purged = install("--uninstall", "--purge")
-    assert purged.returncode == 0, purged.stdout + purged.stderr
-    assert not link.is_symlink() and not (shared / "venv").exists()
-    assert (shared / "other-app.txt").read_text() == "not ours", "what the installer did not write stays"
