@@ -5,6 +5,13 @@ Apart from ``lifecycle.py`` because leaving has cases of its own, each of which 
 honest phase: the current instance, instances retired at an old endpoint URL, a register still
 unanswered (waited for, then its instance removed), and one whose outcome stays unknown (recorded
 as "may still be listed", never "deregistered").
+
+Also the instances killed earlier runs left listed (``leftovers``): deleted before registering,
+all at once within ``LEFTOVER_TIMEOUT``. One whose DELETE fails stays kept and is tried again
+while the agent serves, in a task of its own (a slow platform holds up no heartbeat), only after
+the platform answered the loop's last call (an outage costs no extra requests), backing off like
+the registration does, and at once when the platform comes back; and at the next start. Said
+once when it fails first in a run, once when it is gone, once when it is given up; never per try.
 """
 
 from __future__ import annotations
@@ -12,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
-from vramsupply.platform.client import PlatformClient, PlatformError
+from vramsupply.platform.backoff import Backoff
+from vramsupply.platform.client import PlatformClient, PlatformError, RequestRejected
 from vramsupply.platform.heartbeat import may_have_registered
-from vramsupply.platform.state import Phase
+from vramsupply.platform.leftovers import GIVE_UP_SECONDS, PendingLeftovers, days_kept
+from vramsupply.platform.state import KeptLeftover, Phase
 from vramsupply.timeouts import within
 
 if TYPE_CHECKING:
@@ -24,12 +34,13 @@ if TYPE_CHECKING:
 
     from vramsupply.platform import api
     from vramsupply.platform.offer import Offer
-    from vramsupply.platform.state import Leftover
 
 log = logging.getLogger("vramsupply.platform")
 
 LEFTOVER_TIMEOUT = 3.0
-"""Seconds the DELETE of the previous run's instance may hold up this run's registration."""
+"""Seconds the DELETEs of earlier runs' instances may hold up this run's registration (and each retry may take)."""
+LEFTOVER_RETRY_CAP = 300.0
+"""The longest wait between two retries of those DELETEs while the platform answers all else."""
 
 
 class Departure:
@@ -41,22 +52,95 @@ class Departure:
     registered: asyncio.Event
     _register_call: asyncio.Future[api.RegisterResponse] | None
     _unconfirmed_register: bool
+    _interval: float
+    _retired: list[str]
+    _clock: Callable[[], float]
     # Methods of ProviderLifecycle these call (declared here for readers and type checkers).
     _set_phase: Callable[..., None]
     _adopt: Callable[[api.RegisterResponse], bool]
 
-    async def _remove_leftover(self, leftover: Leftover) -> None:
-        """Delete the instance the previous run left listed (a quick tunnel's old URL stays listed
-        until health checks fail, and a platform may not replace an instance at the same URL);
-        best effort, within ``LEFTOVER_TIMEOUT``: health checks catch it otherwise."""
-        was = f"{leftover.provider_id}, which the agent's previous run (process {leftover.pid}) left listed at {leftover.endpoint_url or 'its endpoint'}"
+    def _init_leftovers(self, leftovers: PendingLeftovers | None) -> None:
+        self._leftovers = leftovers
+        self._leftover_task: asyncio.Task[None] | None = None
+        self._leftover_misses = 0  # retries in a row that left one listed: the backoff's step
+        self._leftover_due = 0.0  # when (``_clock``) the next retry may go
+        self._leftover_tries: dict[str, int] = {}  # DELETEs sent per id in this run, for the line that says it is gone
+
+    def _pending_leftovers(self) -> list[KeptLeftover]:
+        if self._leftovers is None:
+            return []
+        ours = self._leftovers.ours(self._client.base_url, self._client.account)
+        return [left for left in ours if left.provider_id != self.provider_id and left.provider_id not in self._retired]
+
+    async def _remove_leftovers(self) -> None:
+        """At start, before registering: delete each instance earlier runs left listed, all at once
+        within ``LEFTOVER_TIMEOUT``; one that stays is said once, and retried while serving."""
+        pending = self._pending_leftovers()
+        failures = await asyncio.gather(*(self._delete_leftover(left) for left in pending))
+        for left, reason in zip(pending, failures):
+            if reason is not None and self._leftovers is not None:
+                was = self._leftovers.describe(left)
+                log.warning("could not deregister %s: %s; retrying while serving and at the next start, and until then the platform's health checks will mark it offline", was, reason)
+        if any(reason is not None for reason in failures):
+            self._leftover_missed()
+
+    def _retry_leftovers(self, recovered: bool) -> None:
+        """After a call the platform answered: retry the DELETEs still failing, in the background,
+        when the backoff says so, or at once when the platform has just come back (``recovered``)."""
+        if self._leftover_task is not None and not self._leftover_task.done():
+            return
+        if not (recovered or self._clock() >= self._leftover_due) or not self._pending_leftovers():
+            return
+        self._leftover_task = asyncio.create_task(self._retry_leftovers_once(), name="leftover-retries")
+
+    async def _retry_leftovers_once(self) -> None:
         try:
-            await within(self._client.deregister(leftover.provider_id), LEFTOVER_TIMEOUT)
+            pending = self._pending_leftovers()
+            failures = await asyncio.gather(*(self._delete_leftover(left) for left in pending))
+        except Exception:  # a fault of ours: serving and heartbeats go on, and so do later retries
+            log.exception("unexpected error deleting the instances earlier runs left listed; trying again later")
+            failures = [""]
+        if any(reason is not None for reason in failures):
+            self._leftover_missed()
+        else:
+            self._leftover_misses = 0
+
+    def _leftover_missed(self) -> None:
+        backoff = Backoff(initial=self._interval, cap=max(self._interval, LEFTOVER_RETRY_CAP))
+        self._leftover_due = self._clock() + backoff.delay(self._leftover_misses)
+        self._leftover_misses += 1
+
+    async def _delete_leftover(self, left: KeptLeftover) -> str | None:
+        """One DELETE within ``LEFTOVER_TIMEOUT``: None when the instance is gone (or given up,
+        which is said), else why it is still listed."""
+        assert self._leftovers is not None
+        was = self._leftovers.describe(left)
+        tries = self._leftover_tries[left.provider_id] = self._leftover_tries.get(left.provider_id, 0) + 1
+        try:
+            await within(self._client.deregister(left.provider_id), LEFTOVER_TIMEOUT)
+        except RequestRejected as exc:  # the platform will not delete it, however often asked
+            self._leftovers.forget(left.provider_id)
+            log.warning("giving up deleting %s: the platform refused the DELETE (%s); it lists it offline", was, exc)
+            return None
         except (PlatformError, asyncio.TimeoutError) as exc:
             reason = str(exc) or f"no answer within {LEFTOVER_TIMEOUT:g} s"
-            log.warning("could not deregister %s: %s; the platform's health checks will mark it offline", was, reason)
-            return
-        log.info("deregistered %s", was)
+            log.debug("the DELETE of %s failed again (try %d in this run): %s", left.provider_id, tries, reason)
+            if time.time() - left.noted_at < GIVE_UP_SECONDS:
+                return reason
+            self._leftovers.forget(left.provider_id)
+            log.warning("giving up deleting %s: the platform failed every DELETE for %.0f days (last: %s)", was, days_kept(left, time.time()), reason)
+            return None
+        self._leftovers.forget(left.provider_id)
+        log.info("deregistered %s%s", was, f", at try {tries} in this run" if tries > 1 else "")
+        return None
+
+    async def _stop_leftover_retries(self) -> None:
+        """Shutdown: a retry on its way is dropped; the ids stay kept for the next start."""
+        task, self._leftover_task = self._leftover_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _deregister_current(self, timeout: float, settled: bool) -> bool:
         if not settled:

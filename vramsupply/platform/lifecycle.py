@@ -22,12 +22,13 @@ is retired: deleted once the new one is registered, or at shutdown at the latest
 answer for a URL we no longer have is an instance to retire, never ours. Once shutdown has begun a
 move is only logged: registering again then would list an agent that is about to go away.
 
-What outlives one run or changes under a running agent: the instance a killed previous run left
-listed is deleted before the first register (``departure``, bounded to a few seconds, never
-fatal); a rejected API key from the config file is replaced as soon as `vramsupply login` stores
-another, and an outage is recalled every 15 minutes (``phase_log``); each heartbeat carries the
-capacity bench.json holds now (``capacity``); and an offline listing while the agent itself was
-paused is put down to the pause (``pauses``, ``offline_reason``).
+What outlives one run or changes under a running agent: the instances killed earlier runs left
+listed are deleted before the first register (bounded to a few seconds, never fatal), and while
+their DELETE fails they are kept in the state file, retried while serving and at the next start
+(``leftovers``, ``departure``); a rejected API key from the config file is replaced as soon as
+`vramsupply login` stores another, and an outage is recalled every 15 minutes (``phase_log``);
+each heartbeat carries the capacity bench.json holds now (``capacity``); and an offline listing
+while the agent itself was paused is put down to the pause (``pauses``, ``offline_reason``).
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ from vramsupply.platform.departure import Departure
 from vramsupply.platform.draining import Draining
 from vramsupply.platform.offline_reason import HEALTH_CHECK_SECONDS, OfflineReason
 from vramsupply.platform.heartbeat import HeartbeatStatus, ServingStats, heartbeat_status, may_have_registered, not_listed_as_ours
+from vramsupply.platform.leftovers import PendingLeftovers
 from vramsupply.platform.pauses import PauseWatch
 from vramsupply.platform.phase_log import PhaseLog
 from vramsupply.platform.retry_wait import SILENT_OFFLINE_SECONDS, RetryWait, Sleep
-from vramsupply.platform.state import Leftover, Phase
+from vramsupply.platform.state import Phase
 from vramsupply.platform.tokens import TokenTally
 
 log = logging.getLogger("vramsupply.platform")
@@ -68,9 +70,9 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason, PhaseLog)
     ``silence_limit``, ``health_check_every``: the platform's timings (docs/platform-api.md): after
     how long without a heartbeat it lists an instance offline, and how often it checks /health.
     ``api_key_source``: where the key came from (``api_key``); ``capacity``: the measured capacity,
-    kept up to date with bench.json; ``leftover``: the previous run's instance, deleted before
-    registering; ``clock``: the monotonic clock that times pauses, silences and reminders (a test
-    passes one it moves)."""
+    kept up to date with bench.json; ``leftovers``: the instances killed earlier runs left listed,
+    deleted before registering and retried while serving until gone (``departure``); ``clock``: the
+    monotonic clock that times pauses, silences and reminders (a test passes one it moves)."""
 
     def __init__(
         self,
@@ -88,12 +90,13 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason, PhaseLog)
         health_check_every: float = HEALTH_CHECK_SECONDS,
         api_key_source: ApiKeySource | None = None,
         capacity: CapacityWatch | None = None,
-        leftover: Leftover | None = None,
+        leftovers: PendingLeftovers | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self._clock = clock
-        self._api_key_source, self._capacity, self._leftover = api_key_source, capacity, leftover
+        self._api_key_source, self._capacity = api_key_source, capacity
+        self._init_leftovers(leftovers)
         self._pauses = PauseWatch(clock)
         self._listed_at: float | None = None  # when (``clock``) the platform last answered without listing us offline
         self._init_phase_log()
@@ -205,15 +208,14 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason, PhaseLog)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self._stop_leftover_retries()  # after the loop, which starts them
 
     async def _run(self) -> None:
         failures = 0
-        if self._leftover is not None:
-            leftover, self._leftover = self._leftover, None
-            try:
-                await self._remove_leftover(leftover)
-            except Exception:  # a fault of ours: the registration goes on
-                log.exception("unexpected error removing the previous run's instance; registering anyway")
+        try:
+            await self._remove_leftovers()
+        except Exception:  # a fault of ours: the registration goes on
+            log.exception("unexpected error removing the instances earlier runs left listed; registering anyway")
         while True:
             try:
                 ok, wait = await self._attempt(failures)
@@ -223,6 +225,8 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason, PhaseLog)
                 # agent serving while the platform marks it offline for want of heartbeats.
                 log.exception("unexpected error talking to the platform; trying again")
                 ok, wait = False, self._backoff.delay(failures)
+            if ok:  # the platform answers: the DELETEs of earlier runs' instances that failed are due again
+                self._retry_leftovers(recovered=failures > 0)
             # None: the platform forgot us: register again, at once unless it keeps forgetting
             failures = 0 if ok or ok is None else failures + 1
             await self._pause(wait)

@@ -8,10 +8,11 @@ dead platform never holds up the exit.
 
 ``prepare`` also notes what the running agent needs from before it started: where the API key came
 from (``api_key``: what a rejection says, and whether a new key can be picked up without a
-restart), and the instance the previous run left listed (``state.leftover_instance``), read before
-this run's first record replaces it and deleted before registering (always, not only when the
-endpoint URL changed: a dead run's instance is a ghost whatever its URL, one DELETE costs nothing,
-and a platform need not replace an instance at the same URL as the reference one does).
+restart), and the instance the previous run left listed, read before this run's first record
+replaces the one that names it and kept with those earlier runs left whose DELETE failed
+(``leftovers``), all deleted before registering (always, not only when the endpoint URL changed: a
+dead run's instance is a ghost whatever its URL, one DELETE costs nothing, and a platform need not
+replace an instance at the same URL as the reference one does) and retried while serving.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from vramsupply.logging import register_secret
 from vramsupply.platform import api
 from vramsupply.platform.api_key import ApiKeySource
 from vramsupply.platform.capacity import CapacityWatch, MeasuredCapacity, offered_capacity
-from vramsupply.platform.client import PlatformClient, account_of
+from vramsupply.platform.client import PlatformClient
+from vramsupply.platform.leftovers import PendingLeftovers
 from vramsupply.platform.lifecycle import ProviderLifecycle, ServingStats
 from vramsupply.platform.offer import ModelIdentity, Offer, OfferError, build_offer, check_endpoint_url
 from vramsupply.platform.options import MarketOptions
-from vramsupply.platform.state import Leftover, Phase, default_state_path, leftover_instance
+from vramsupply.platform.state import Phase, default_state_path
 from vramsupply.platform.token import resolve_endpoint_token
 
 log = logging.getLogger("vramsupply.platform")
@@ -57,7 +59,7 @@ class MarketplaceSession:
         self.capacity: api.Capacity | None = None
         self.hardware: dict[str, Any] | None = None  # where the model runs, with CPU-fallback warnings
         self.api_key_source = ApiKeySource.of(api_key)
-        self.leftover: Leftover | None = None  # the previous run's instance, still listed
+        self.leftovers: PendingLeftovers | None = None  # the instances killed earlier runs left listed
         self._capacity_watch: CapacityWatch | None = None
         self._pending: tuple[ModelIdentity, int, Callable[[], ServingStats]] | None = None
 
@@ -76,7 +78,7 @@ class MarketplaceSession:
         token = resolve_endpoint_token(options.endpoint_token)
         register_secret(token)
         session = cls(options, options.api_key, token, state_path=state_path or default_state_path())
-        session.leftover = leftover_instance(session._state_path, options.platform_url, account_of(options.api_key))
+        session.leftovers = PendingLeftovers.at_start(session._state_path)
         return session
 
     def offer(self, model: ModelIdentity, served_context: int) -> Offer:
@@ -96,7 +98,7 @@ class MarketplaceSession:
             tunnel=self.options.tunnel,
             api_key_source=self.api_key_source,
             capacity=self._capacity_watch,
-            leftover=self.leftover,
+            leftovers=self.leftovers,
         )
         self.lifecycle.start()
         return self.lifecycle

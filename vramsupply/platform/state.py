@@ -56,6 +56,19 @@ class Phase(str, Enum):
     deregister_failed = "deregister_failed"
 
 
+class KeptLeftover(BaseModel):
+    """An instance a killed run left listed whose DELETE has not succeeded yet (``leftovers``)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    provider_id: str = Field(min_length=1, max_length=200)
+    platform_url: str
+    account: str | None = None  # None: a record from before accounts were recorded (counts as any account's, as before)
+    endpoint_url: str = ""
+    pid: int = Field(ge=1, le=MAX_PID)  # the killed run's process, for the log
+    noted_at: float  # when (wall clock) a later run first found it left listed
+
+
 class RegistrationState(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)  # NaN would make `status --json` print no JSON
 
@@ -74,6 +87,7 @@ class RegistrationState(BaseModel):
     output_price: int | None = Field(None, ge=0)  # ¢ per million output tokens it offers at: `demand` advises on the price really asked
     input_price: int | None = Field(None, ge=0)  # and per million input tokens: `status` shows both prices in force
     account: str | None = None  # a fingerprint of the API key it registered with (``PlatformClient.account``), never the key
+    leftovers: list[KeptLeftover] = []  # instances killed runs left listed, not deleted yet: kept across runs (``write_state``)
 
 
 def default_state_path() -> Path:
@@ -82,9 +96,13 @@ def default_state_path() -> Path:
 
 def write_state(path: Path, state: RegistrationState) -> None:
     """Replace the file atomically so a concurrent `status` never reads half a document. A record
-    of this process gets its start time, however it was made."""
+    of this process gets its start time, however it was made. The instances killed runs left
+    listed go from the record replaced to the new one unless it names its own (``leftovers``):
+    every writer keeps them, also one that knows nothing of them."""
     if state.pid == os.getpid() and state.process_start is None:
         state = state.model_copy(update={"process_start": process_start(state.pid)})
+    if "leftovers" not in state.model_fields_set and (replaced := read_state(path)) is not None and replaced.leftovers:
+        state = state.model_copy(update={"leftovers": replaced.leftovers})
     write_private_file(path, state.model_dump_json(indent=2), sync=False)  # on the event loop, every heartbeat
 
 
@@ -98,8 +116,8 @@ def read_state(path: Path) -> RegistrationState | None:
 
 def record_listening(settings: Settings, model: str, port: int, *, registering: bool, path: Path | None = None) -> None:
     """The agent listens (its model may still be loading): record where, and whether it will
-    register, replacing whatever an earlier run left. An unwritable file costs `status` its answer,
-    never the serving."""
+    register, replacing whatever an earlier run left (once the instance it may name is kept:
+    ``leftovers``). An unwritable file costs `status` its answer, never the serving."""
     local_url = local_base_url(settings.host, port)
     if registering:
         once = "the model is ready" + (f" and the {settings.tunnel} tunnel has a public URL" if settings.tunnel else "")
@@ -112,6 +130,9 @@ def record_listening(settings: Settings, model: str, port: int, *, registering: 
         input_price=settings.input_price if registering else None,
     )
     path = path or default_state_path()
+    from vramsupply.platform.leftovers import keep_leftover  # it reads records: imported here, not at the top
+
+    keep_leftover(path)  # an instance a killed run left listed outlives the record that names it, also a --no-register run's
     try:
         write_state(path, state)
     except OSError as exc:
@@ -173,30 +194,6 @@ def record_public_url(url: str, tool: str, path: Path | None = None) -> None:
         write_state(path, record.model_copy(update={"endpoint_url": url, "message": message, "updated_at": time.time()}))
     except OSError as exc:
         log.warning("cannot record the tunnel's public URL in %s (%s)", path, exc.strerror or exc)
-
-
-@dataclass(frozen=True)
-class Leftover:
-    """An instance an earlier run registered and did not deregister (killed, crashed, the machine lost power)."""
-
-    provider_id: str
-    pid: int
-    endpoint_url: str
-
-
-def leftover_instance(path: Path, platform_url: str, account: str) -> Leftover | None:
-    """The instance the previous run left listed on this platform for this account, read before this
-    run's first record replaces the file; None when it deregistered, or still runs, or used another
-    platform or account (a record from before accounts were recorded counts as this one's: the
-    platform deletes only an instance the key owns)."""
-    record = read_state(path)
-    if record is None or record.provider_id is None or record.phase is Phase.deregistered:
-        return None
-    if record.platform_url.rstrip("/") != platform_url.rstrip("/") or record.account not in (None, account):
-        return None
-    if earlier_run(record) is None:
-        return None
-    return Leftover(record.provider_id, record.pid, record.endpoint_url)
 
 
 OFFERING_PHASES = frozenset({Phase.starting, Phase.registering, Phase.registered, Phase.offline, Phase.unreachable})
