@@ -1,5 +1,9 @@
 """The engine's per-token logprobs in OpenAI's two shapes: chat's ``logprobs.content`` list and the
-legacy completions' parallel lists (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``)."""
+legacy completions' parallel lists (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``).
+
+A legacy ``top_logprobs`` dict holds the ``logprobs`` most likely tokens and the chosen one too
+(up to ``logprobs`` + 1 entries), as OpenAI documents it and vLLM writes it: a client can look the
+chosen token up in it, and ``logprobs: 0`` still names it. Chat's list stays the top ones only."""
 
 from __future__ import annotations
 
@@ -33,6 +37,15 @@ def text_logprobs(entries: Sequence[TokenLogprob], token_bytes: TokenBytes, star
     for entry in entries:
         tokens.append(_text(token_bytes(entry.token)))
         values.append(entry.logprob)
-        tops.append({_text(token_bytes(t)): lp for t, lp in entry.top})
+        tops.append(top_dict(entry, token_bytes))
     return TextLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=list(starts))
 
+
+def top_dict(entry: TokenLogprob, token_bytes: TokenBytes) -> dict[str, float]:
+    """A legacy ``top_logprobs`` entry: the top tokens, then the chosen one where it is not among
+    them (see the module docstring). Two tokens shown alike keep the first one's value."""
+    top: dict[str, float] = {}
+    for token, logprob in entry.top:
+        top.setdefault(_text(token_bytes(token)), logprob)
+    top.setdefault(_text(token_bytes(entry.token)), entry.logprob)
+    return top

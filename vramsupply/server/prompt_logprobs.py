@@ -19,6 +19,7 @@ import codecs
 from collections.abc import Callable, Sequence
 
 from vramsupply.engine.logprobs import TokenLogprob
+from vramsupply.server.logprobs_out import top_dict
 from vramsupply.server.responses import TextChoice, TextCompletion, TextLogprobs
 
 TokenBytes = Callable[[int], bytes]
@@ -48,7 +49,7 @@ def prompt_logprobs(
     return EchoTextLogprobs(
         tokens=[_text(token_bytes(t)) for t in tokens],
         token_logprobs=[None, *(s.logprob for s in scored)],
-        top_logprobs=[None, *({_text(token_bytes(t)): lp for t, lp in s.top} for s in scored)],
+        top_logprobs=[None, *(top_dict(s, token_bytes) for s in scored)],
         text_offset=prompt_offsets(tokens, echoed, text_bytes),
     )
 
