@@ -5,7 +5,8 @@ with LFS sha256s, and `resolve` downloads with X-Repo-Commit / ETag / X-Linked-S
 Runs an aiohttp app in its own thread, because the code under test makes blocking calls. A
 second "CDN" site on another port stands in for the Hub's file storage behind redirects.
 Faults are switched on per file path (drop the connection once, stall, pause until the test says
-go on, serve corrupt bytes) or for the whole API (hang without answering).
+go on, serve corrupt bytes) or for the whole API (hang without answering). Repo descriptions can
+be held back until a given set of them is asked at once, to show whether a client asks in parallel.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from aiohttp import web
 
 TINY_MODEL = Path(__file__).resolve().parent.parent / "vramsupply" / "assets" / "stories260K.gguf"
 TOKEN = "hf_fake_valid_token"
+HOLD_LIMIT = 15.0  # seconds a held repo description (FakeHub.held_together) waits for the others
 
 
 def generated_gguf(size: int, seed: int) -> bytes:
@@ -99,6 +101,13 @@ class FakeHub:
         self.pause_at: dict[str, tuple[int, threading.Event]] = {}
         self.corrupt: set[str] = set()
         self.failing: set[str] = set()  # repo ids whose description answers 500
+        self.refusing: set[str] = set()  # repo ids whose description answers 403 (a token without access)
+        # Repo ids whose descriptions wait until all of them are being asked at once (or until
+        # HOLD_LIMIT): most_held_at_once is how many of them a client had in flight together.
+        self.held_together: set[str] = set()
+        self.most_held_at_once = 0
+        self._held: list[str] = []
+        self._all_held: asyncio.Event | None = None
         self.hang_api = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -125,6 +134,7 @@ class FakeHub:
 
     async def _start(self) -> tuple[str, str]:
         self._release = asyncio.Event()
+        self._all_held = asyncio.Event()
         hub = web.Application()
         hub.router.add_get("/api/models", self._search)
         hub.router.add_get("/api/models/{org}/{name}", self._info)
@@ -196,8 +206,11 @@ class FakeHub:
         self._log(request)
         await self._maybe_hang()
         repo = self._repo(request)
+        await self._hold(repo.repo_id.lower())
         if repo.repo_id.lower() in self.failing:
             raise web.HTTPInternalServerError()
+        if repo.repo_id.lower() in self.refusing:
+            raise web.HTTPForbidden(headers={"X-Error-Code": "GatedRepo", "X-Error-Message": f"Access to model {repo.repo_id} is restricted."})
         with_blobs = request.query.get("blobs", "").lower() == "true"
         siblings = []
         for path, file in repo.files.items():
@@ -219,6 +232,22 @@ class FakeHub:
                 "siblings": siblings,
             }
         )
+
+    async def _hold(self, repo_id: str) -> None:
+        """With `held_together`, one of those repos' description waits for all of them to be asked."""
+        if repo_id not in self.held_together:
+            return
+        assert self._all_held is not None
+        self._held.append(repo_id)
+        self.most_held_at_once = max(self.most_held_at_once, len(self._held))
+        if set(self._held) >= self.held_together:
+            self._all_held.set()
+        try:
+            await asyncio.wait_for(self._all_held.wait(), HOLD_LIMIT)
+        except asyncio.TimeoutError:
+            self._all_held.set()  # asked one by one: the test fails on most_held_at_once, not on waiting
+        finally:
+            self._held.remove(repo_id)
 
     def _check_access(self, request: web.Request, repo: FakeRepo) -> None:
         if not repo.gated:

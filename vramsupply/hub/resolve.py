@@ -6,7 +6,10 @@ preference list of publishers and then by downloads, and the first that has the 
 
 `resolve_each` answers for every quant at once, for the memory plan: each quant from the repo
 `resolve` would take it from, so that the quant the plan chooses is the file serve downloads (a
-preferred publisher's repo with only Q6_K gives Q6_K, a lower one's Q4_K_M still counts).
+preferred publisher's repo with only Q6_K gives Q6_K, a lower one's Q4_K_M still counts). It
+asks every candidate repo anyway, so it asks them all at once (hub/fetch.py) and then weighs the
+answers in rank order; `resolve` asks them one by one and stops at the first with the quant, so
+that serve asks no more repos than the one it downloads from and those ranked above it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from huggingface_hub.utils import validate_repo_id
 from vramsupply.config import DEFAULT_GGUF_PUBLISHERS
 from vramsupply.hub.access import DEFAULT_TIMEOUT, HubAccess, hub_errors
 from vramsupply.hub.errors import HubAuthError, HubError, HubUnreachable, InvalidModelSpec, ModelNotFound, QuantNotFound
+from vramsupply.hub.fetch import Answer, AskedOnce, ask_one_by_one, ask_together
 from vramsupply.hub.quant import QuantGroup, available_quants, group_models, incomplete_sets, normalize_quant, select_quant
 
 log = logging.getLogger(__name__)
@@ -184,17 +188,19 @@ class Resolver:
         self.access = access
         self.publishers = publishers
         self.api: HfApi = access.api()
-        self.unauthorized: set[str] = set()  # repos the Hub called missing with HTTP 401: perhaps private
+        # Repos the Hub called missing with HTTP 401 (perhaps private); added to from the threads
+        # that ask together (set.add is atomic), read once they are done.
+        self.unauthorized: set[str] = set()
         # Each repo and search is asked about once per Resolver: the plan's `resolve_each` after a
-        # `resolve` reuses what it fetched.
-        self._infos: dict[str, ModelInfo | None] = {}
-        self._denied: set[str] = set()
+        # `resolve` reuses what it fetched. `_infos` may be asked from several threads at once.
+        self._infos: AskedOnce[str, ModelInfo | None] = AskedOnce(self._fetch_info)
+        self._denied: set[str] = set()  # read and written by the calling thread only
         self._candidates: dict[str, list[ModelInfo]] = {}
 
     def repo_info(self, repo_id: str) -> ModelInfo | None:
-        if repo_id not in self._infos:
-            self._infos[repo_id] = self._fetch_info(repo_id)
-        return self._infos[repo_id]
+        """The repo's description with its files, None where the Hub says there is no such repo.
+        Safe to call from several threads: a repo is asked about once, and kept (a failure is not)."""
+        return self._infos.get(repo_id)
 
     def _fetch_info(self, repo_id: str) -> ModelInfo | None:
         with hub_errors(repo_id, self.access):
@@ -255,25 +261,31 @@ class Resolver:
     def _accessible(self, candidates: list[ModelInfo], skipped: list[HubError] | None = None) -> Iterator[ModelInfo]:
         """The ranked candidates a quant may come from, with their files: the first
         MAX_CANDIDATES_CHECKED, less those the Hub hides or refuses (gated, private). With
-        ``skipped``, a candidate the Hub fails to describe (a 5xx, a timeout, a listing it cannot
-        read) is left out and its error kept there, rather than ending the search: weighing every
-        quant, one third-party repo must not cost the plan the repos serve can use."""
-        for candidate in candidates[:MAX_CANDIDATES_CHECKED]:
-            if candidate.id in self._denied:
-                continue
-            try:
-                info = self.repo_info(candidate.id)
-            except HubAuthError:
-                self._denied.add(candidate.id)
-                continue
-            except HubError as exc:
-                if skipped is None:
-                    raise
-                log.info("leaving %s out of the quants weighed: %s", candidate.id, exc)
-                skipped.append(exc)
-                continue
+        ``skipped`` (weighing every quant, which needs every candidate), they are all asked at once
+        and a candidate the Hub fails to describe (a 5xx, a timeout, a listing it cannot read) is
+        left out and its error kept there, rather than ending the search: one third-party repo
+        must not cost the plan the repos serve can use. Without, each is asked only once the ones
+        above it lacked the quant (serve's `resolve`). Either way the answers are handled here,
+        in rank order, as they were when every call was made one after another."""
+        asked = [candidate.id for candidate in candidates[:MAX_CANDIDATES_CHECKED] if candidate.id not in self._denied]
+        answers = ask_one_by_one(self.repo_info, asked) if skipped is None else ask_together(self.repo_info, asked)
+        for repo_id, answer in zip(asked, answers):
+            info = self._accessible_info(repo_id, answer, skipped)
             if info is not None:
                 yield info
+
+    def _accessible_info(self, repo_id: str, answer: Answer[ModelInfo | None], skipped: list[HubError] | None) -> ModelInfo | None:
+        try:
+            return answer.result()
+        except HubAuthError:
+            self._denied.add(repo_id)
+            return None
+        except HubError as exc:
+            if skipped is None:
+                raise
+            log.info("leaving %s out of the quants weighed: %s", repo_id, exc)
+            skipped.append(exc)
+            return None
 
     def _first_with_quant(self, candidates: list[ModelInfo], quant: str, model_id: str) -> ResolvedModel:
         checked = []
