@@ -291,6 +291,42 @@ def _registration_rows(table: Table, status: AgentStatus) -> None:
     table.add_row("endpoint", shown(registration.endpoint_url))
     table.add_row("last heartbeat", _ago(registration.last_heartbeat_at))
     table.add_row("detail", shown(registration.message))
+    if registration.leftovers:
+        table.add_row("left listed", Text(_leftovers_line(registration, current), style="yellow"))
+
+
+def _leftovers_line(record: RegistrationState, current: bool) -> str:
+    """The instances the record keeps for deletion (``leftovers``): how many, since when, by what, and who retries them."""
+    from vramsupply.platform.leftovers import owned_by
+    from vramsupply.platform.phase_log import _clock_time
+
+    kept = record.leftovers
+    retired = sum(left.retired for left in kept)
+    one = len(kept) == 1
+    line = (
+        f"{len(kept)} instance{'' if one else 's'} left listed ({_how_left(len(kept) - retired, retired)}) wait{'s' if one else ''} to be deleted from the "
+        f"platform (since {_clock_time(min(left.noted_at for left in kept))})"
+    )
+    others = 0 if record.account is None else sum(not owned_by(left, record.platform_url, record.account) for left in kept)
+    if others == len(kept):
+        return line + f"; registered with another platform or API key than the agent's: only an agent using that one deletes {'it' if one else 'them'}"
+    if not current:
+        line += f"; the agent is not running: it retries {'it' if one else 'them'} when it next starts"
+    elif record.phase is Phase.not_registering:
+        line += f"; this agent serves without registering: the next agent that registers deletes {'it' if one else 'them'}"
+    else:
+        line += "; the agent retries while it serves"
+    if others:
+        line += f"; {others} of them {'was' if others == 1 else 'were'} registered with another platform or API key: only an agent using that one deletes {'it' if others == 1 else 'them'}"
+    return line
+
+
+def _how_left(killed: int, retired: int) -> str:
+    by_killed = "by a killed run" if killed == 1 else "by killed runs"
+    at_old = "at an old endpoint URL" if retired == 1 else "at old endpoint URLs"
+    if killed and retired:
+        return f"{killed} {by_killed}, {retired} {at_old}"
+    return by_killed if killed else at_old
 
 
 def _stale_reason(status: AgentStatus) -> str:

@@ -12,6 +12,8 @@ while the agent serves, in a task of its own (a slow platform holds up no heartb
 the platform answered the loop's last call (an outage costs no extra requests), backing off like
 the registration does, and at once when the platform comes back; and at the next start. Said
 once when it fails first in a run, once when it is gone, once when it is given up; never per try.
+An instance retired at an old endpoint URL whose DELETE fails (once the new URL is registered, or
+at shutdown) joins them: kept in the record, retried the same way (``_keep_retired``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -31,6 +34,7 @@ from vramsupply.timeouts import within
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from vramsupply.platform import api
     from vramsupply.platform.offer import Offer
@@ -54,13 +58,14 @@ class Departure:
     _unconfirmed_register: bool
     _interval: float
     _retired: list[str]
+    _retired_at: dict[str, str]  # the endpoint URL each retired instance was registered at
     _clock: Callable[[], float]
     # Methods of ProviderLifecycle these call (declared here for readers and type checkers).
     _set_phase: Callable[..., None]
     _adopt: Callable[[api.RegisterResponse], bool]
 
-    def _init_leftovers(self, leftovers: PendingLeftovers | None) -> None:
-        self._leftovers = leftovers
+    def _init_leftovers(self, leftovers: PendingLeftovers | None, state_path: Path | None) -> None:
+        self._leftovers = leftovers if leftovers is not None else PendingLeftovers(state_path)  # retired instances join it
         self._leftover_task: asyncio.Task[None] | None = None
         self._leftover_misses = 0  # retries in a row that left one listed: the backoff's step
         self._leftover_due = 0.0  # when (``_clock``) the next retry may go
@@ -152,27 +157,55 @@ class Departure:
             return True
         return await self._deregister(self.provider_id, timeout)
 
+    async def _retire_old_instances(self) -> None:
+        """Once the new URL is registered: delete the instances we registered before (at an old
+        endpoint URL, or drained by the platform), each within ``LEFTOVER_TIMEOUT``; one that stays
+        is kept and retried while serving (``_keep_retired``). An id the platform gave back is us."""
+        while self._retired:
+            old = self._retired[-1]
+            if old != self.provider_id:
+                await self._deregister_retired(old, LEFTOVER_TIMEOUT, then="retrying while serving and at the next start")
+            self._retired.remove(old)
+
     async def _remove_retired(self, retired: list[str], timeout: float, *, report: bool = False) -> bool:
-        """Delete the retired instances at once, within ``timeout``; True when all are gone.
-        ``report``: they are all there was, so the outcome is the phase."""
-        gone = await asyncio.gather(*(self._deregister_retired(old, timeout) for old in retired))
+        """Delete the retired instances at once, within ``timeout``; True when all are gone (one
+        that stays is kept for the next start). ``report``: they are all there was, so the outcome is the phase."""
+        gone = await asyncio.gather(*(self._deregister_retired(old, timeout, then="the next start retries") for old in retired))
         left = [old for old, removed in zip(retired, gone) if not removed]
         if report and left:
-            message = f"could not deregister {', '.join(left)}, registered at an endpoint URL no longer used; health checks will mark it offline"
+            kept = " the next start retries, and until then" if any(k.provider_id in left for k in self._pending_leftovers()) else ""
+            message = f"could not deregister {', '.join(left)}, registered at an endpoint URL no longer used;{kept} health checks will mark it offline"
             self._set_phase(Phase.deregister_failed, message, logging.WARNING)
         elif report:
             self._set_phase(Phase.deregistered, f"deregistered {', '.join(retired)}, registered at an endpoint URL no longer used, from {self._client.base_url}")
         return not left
 
-    async def _deregister_retired(self, old: str, timeout: float) -> bool:
+    async def _deregister_retired(self, old: str, timeout: float, *, then: str) -> bool:
+        """One DELETE of a retired instance; one that fails is kept (``then``: when it is retried),
+        unless the platform refused it outright."""
         try:
             await within(self._client.deregister(old), timeout)
+        except RequestRejected as exc:  # however often asked, it will not delete it
+            log.warning("could not deregister %s, an instance registered before this one: the platform refused the DELETE (%s); health checks will mark it offline", old, exc)
+            return False
         except (PlatformError, asyncio.TimeoutError) as exc:
             reason = str(exc) or f"no answer within {timeout:g}s"
-            log.warning("could not deregister %s, an instance registered before this one: %s; health checks will mark it offline", old, reason)
+            self._keep_retired(old)
+            log.warning("could not deregister %s, an instance registered before this one: %s; %s, and until then the platform's health checks will mark it offline", old, reason, then)
             return False
         log.info("deregistered %s, an instance registered before this one", old)
         return True
+
+    def _keep_retired(self, old: str) -> None:
+        """Keep a retired instance still listed with the leftovers: in the record (a run killed now
+        leaves it to the next start), under this platform and account, and retried while serving."""
+        assert self._leftovers is not None
+        left = KeptLeftover(
+            provider_id=old, platform_url=self._client.base_url, account=self._client.account, endpoint_url=self._retired_at.get(old, ""),
+            pid=os.getpid(), noted_at=time.time(), retired=True,
+        )  # fmt: skip
+        self._leftovers.add(left)
+        self._leftover_tries[old] = 1  # the line that says it is gone counts this try
 
     async def _deregister(self, provider_id: str, timeout: float) -> bool:
         try:

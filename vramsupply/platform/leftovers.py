@@ -9,6 +9,10 @@ platform's health checks catch it. So the id is kept in the registration record 
 and `vramsupply status --json` shows them. Several ids accumulate when several runs are killed
 during one outage.
 
+An instance the running agent retires because its endpoint URL moved (a quick tunnel restarted
+with a new URL) joins the same list when its DELETE fails (``PendingLeftovers.add``), while serving
+or at shutdown: it is as dead as a killed run's, and retried, guarded and given up the same way.
+
 Each id keeps the platform URL and the account (the API key's fingerprint) it was registered
 with: only an agent of that account on that platform ever deletes it, since a DELETE sent with
 another key or to another platform could only remove a stranger's instance. An id is given up
@@ -76,15 +80,22 @@ def keep_leftover(state_path: Path) -> list[KeptLeftover]:
     for old in [k for k in kept if now - k.noted_at >= GIVE_UP_SECONDS]:
         kept.remove(old)
         log.warning("giving up deleting %s: not deleted within %.0f days; the platform lists it offline", described(old), days_kept(old, now))
-    while len(kept) > MAX_KEPT:
-        oldest = kept.pop(0)
-        log.warning("giving up deleting %s: more than %d instances of killed runs wait to be deleted, and it is the oldest", described(oldest), MAX_KEPT)
+    _keep_newest(kept)
     if kept != record.leftovers:
         keep(state_path, record, kept)
     return kept
 
 
+def _keep_newest(kept: list[KeptLeftover]) -> None:
+    """At most ``MAX_KEPT``: the oldest go, each said."""
+    while len(kept) > MAX_KEPT:
+        oldest = kept.pop(0)
+        log.warning("giving up deleting %s: more than %d instances the agent left listed wait to be deleted, and it is the oldest", described(oldest), MAX_KEPT)
+
+
 def described(left: KeptLeftover, *, previous: bool = False) -> str:
+    if left.retired:
+        return f"{left.provider_id}, which the agent (process {left.pid}) registered at {left.endpoint_url or 'its endpoint'} and then replaced"
     run = "the agent's previous run" if previous else "an earlier run of the agent"
     return f"{left.provider_id}, which {run} (process {left.pid}) left listed at {left.endpoint_url or 'its endpoint'}"
 
@@ -94,7 +105,7 @@ class PendingLeftovers:
     """The running agent's view of the kept ids: read at start; an id gone (or given up) leaves the
     record at once. ``fresh``: the id the previous run's record named (its log says "previous run")."""
 
-    state_path: Path
+    state_path: Path | None  # None: kept in this run only (a lifecycle that writes no record)
     fresh: str | None = None
     _kept: list[KeptLeftover] = field(default_factory=list)
 
@@ -110,9 +121,24 @@ class PendingLeftovers:
     def describe(self, left: KeptLeftover) -> str:
         return described(left, previous=left.provider_id == self.fresh)
 
+    def add(self, left: KeptLeftover) -> None:
+        """An instance of this run whose DELETE failed (retired at an old endpoint URL): kept in the
+        record at once, so a run killed from now on leaves it to the next start too."""
+        if any(k.provider_id == left.provider_id for k in self._kept):
+            return
+        self._kept.append(left)
+        _keep_newest(self._kept)
+        record = None if self.state_path is None else read_state(self.state_path)
+        if self.state_path is not None and record is not None:
+            keep(self.state_path, record, list(self._kept))
+
     def forget(self, provider_id: str) -> None:
         """Gone (deleted, or already unknown to the platform) or given up: never tried again."""
+        if all(k.provider_id != provider_id for k in self._kept):
+            return
         self._kept = [k for k in self._kept if k.provider_id != provider_id]
+        if self.state_path is None:
+            return
         record = read_state(self.state_path)
         if record is not None and any(k.provider_id == provider_id for k in record.leftovers):
             keep(self.state_path, record, [k for k in record.leftovers if k.provider_id != provider_id])

@@ -18,7 +18,8 @@ SIGTERM is let end rather than sent again (``tokens``, ``draining``). A state fi
 written is logged when that changes.
 
 A tunnel may change the public URL at any moment (``move_endpoint``). The instance at the old URL
-is retired: deleted once the new one is registered, or at shutdown at the latest. A register
+is retired: deleted once the new one is registered, or at shutdown at the latest, and while that
+DELETE fails kept with the leftovers below and retried like them (``departure``). A register
 answer for a URL we no longer have is an instance to retire, never ours. Once shutdown has begun a
 move is only logged: registering again then would list an agent that is about to go away.
 
@@ -96,7 +97,7 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason, PhaseLog)
         self._client = client
         self._clock = clock
         self._api_key_source, self._capacity = api_key_source, capacity
-        self._init_leftovers(leftovers)
+        self._init_leftovers(leftovers, state_path)
         self._pauses = PauseWatch(clock)
         self._listed_at: float | None = None  # when (``clock``) the platform last answered without listing us offline
         self._init_phase_log()
@@ -115,6 +116,7 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason, PhaseLog)
         """The wait the platform asked for (Retry-After, capped) before the next attempt."""
         self._retired: list[str] = []
         """Instances of ours at an endpoint URL we no longer use (or drained by the platform), to delete."""
+        self._retired_at: dict[str, str] = {}
         self._stopping = False
         self._moves = 0
         self._tally = TokenTally()
@@ -162,10 +164,10 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason, PhaseLog)
         if self._stopping:
             log.info("the endpoint moved to %s during shutdown; not registering it", url)
             return
-        self._offer = self._offer.model_copy(update={"endpoint_url": url})
+        was, self._offer = self._offer.endpoint_url or "", self._offer.model_copy(update={"endpoint_url": url})
         self._moves += 1
         if self.provider_id is not None:
-            self._retire(self.provider_id)
+            self._retire(self.provider_id, was)
             self.provider_id = None
             self.registered.clear()
         self._set_phase(Phase.registering, f"the endpoint moved to {url}; registering it with {self._client.base_url}")
@@ -278,31 +280,21 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason, PhaseLog)
             self._registered_as(reply)
             return True
         log.info("%s was registered at %s, which the endpoint has since left; it will be removed", reply.provider_id, self._register_url)
-        self._retire(reply.provider_id)
+        self._retire(reply.provider_id, self._register_url or "")
         return False
 
-    def _retire(self, provider_id: str) -> None:
+    def _retire(self, provider_id: str, endpoint_url: str) -> None:
         if provider_id not in self._retired:
             self._retired.append(provider_id)
+            self._retired_at[provider_id] = endpoint_url
 
     def _registered_as(self, reply: api.RegisterResponse) -> None:
         self.provider_id, self._sent_status, self._unconfirmed_register = reply.provider_id, "online", False
         self._heard_at = self._listed_at = self._clock()
         self._set_phase(Phase.registered, f"registered {self._offer.model} as {reply.provider_id} with {self._client.base_url}")
         self.registered.set()
-
-    async def _retire_old_instances(self) -> None:
-        """Deregister instances we registered before (at an old endpoint URL, or drained by the
-        platform); best effort: health checks catch the rest. An id the platform gave back is us."""
-        while self._retired:
-            old = self._retired[-1]
-            if old != self.provider_id:
-                try:
-                    await self._client.deregister(old)
-                    log.info("deregistered %s, the instance registered before this one", old)
-                except PlatformError as exc:
-                    log.warning("could not deregister %s, the instance registered before this one: %s", old, exc)
-            self._retired.remove(old)
+        if self._leftovers is not None:  # kept once, retired at a URL the endpoint has come back to: ours again
+            self._leftovers.forget(reply.provider_id)
 
     async def _heartbeat(self, provider_id: str) -> bool:
         snapshot = self._stats()
@@ -329,7 +321,7 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason, PhaseLog)
         if self.provider_id != provider_id:  # the endpoint moved meanwhile: the next attempt registers
             return False
         if reply is not None and (elsewhere := not_listed_as_ours(provider_id, status, reply)):
-            self._retire(provider_id)
+            self._retire(provider_id, self._offer.endpoint_url or "")
             self._register_again(f"{elsewhere}; registering again")
             return False
         self._forgotten = 0

@@ -57,7 +57,8 @@ class Phase(str, Enum):
 
 
 class KeptLeftover(BaseModel):
-    """An instance a killed run left listed whose DELETE has not succeeded yet (``leftovers``)."""
+    """An instance a killed run left listed, or one the agent retired when its endpoint URL moved,
+    whose DELETE has not succeeded yet (``leftovers``)."""
 
     model_config = ConfigDict(allow_inf_nan=False)
 
@@ -65,8 +66,9 @@ class KeptLeftover(BaseModel):
     platform_url: str
     account: str | None = None  # None: a record from before accounts were recorded (counts as any account's, as before)
     endpoint_url: str = ""
-    pid: int = Field(ge=1, le=MAX_PID)  # the killed run's process, for the log
-    noted_at: float  # when (wall clock) a later run first found it left listed
+    pid: int = Field(ge=1, le=MAX_PID)  # the killed run's process (or the one that retired it), for the log
+    noted_at: float  # when (wall clock) a later run first found it left listed, or its retirement's DELETE failed
+    retired: bool = False  # replaced by a running agent (its endpoint URL moved, or the platform drained it), not left by a killed run
 
 
 class RegistrationState(BaseModel):
@@ -87,7 +89,7 @@ class RegistrationState(BaseModel):
     output_price: int | None = Field(None, ge=0)  # ¢ per million output tokens it offers at: `demand` advises on the price really asked
     input_price: int | None = Field(None, ge=0)  # and per million input tokens: `status` shows both prices in force
     account: str | None = None  # a fingerprint of the API key it registered with (``PlatformClient.account``), never the key
-    leftovers: list[KeptLeftover] = []  # instances killed runs left listed, not deleted yet: kept across runs (``write_state``)
+    leftovers: list[KeptLeftover] = []  # instances killed runs (or old endpoint URLs) left listed, not deleted yet: kept across runs (``write_state``)
 
 
 def default_state_path() -> Path:
