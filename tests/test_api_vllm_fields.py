@@ -136,8 +136,8 @@ def test_min_tokens_holds_back_the_end_and_stop_strings(client: OpenAI) -> None:
     whole = complete(client).choices[0].text
     past_stop = complete(client, stop=["Lily"], min_tokens=20).choices[0].text
 
-    assert (ends_at_once.choices[0].text, ends_at_once.usage.completion_tokens) == ("", 0)
-    assert (held.usage.completion_tokens, held.choices[0].finish_reason) == (5, "stop")
+    assert (ends_at_once.choices[0].text, ends_at_once.usage.completion_tokens) == ("", 1)  # the end token counts
+    assert (held.usage.completion_tokens, held.choices[0].finish_reason) == (5 + 1, "stop")
     assert whole.startswith(past_stop) and past_stop.count("Lily") >= 1 and len(past_stop) > whole.index("Lily")
     assert refusal(lambda: complete(client, max_tokens=4, min_tokens=5))["param"] == "min_tokens"
     assert refusal(lambda: complete(client, min_tokens=2, guided_choice=["a"]))["param"] == "min_tokens"

@@ -205,10 +205,11 @@ async def test_max_tokens_finishes_with_length(engine: Engine) -> None:
     assert len(generation.token_ids) == 5
 
 
-async def test_eos_ends_the_request_and_is_not_counted_unless_ignored(engine: Engine) -> None:
+async def test_eos_ends_the_request_as_one_generated_token_unless_ignored(engine: Engine) -> None:
     eos_first = SamplingParams(temperature=0, logit_bias={2: 100.0})
     ended = await run(engine, PROMPTS[1], sampling=eos_first, max_tokens=8)
-    assert (ended.finish_reason, ended.usage.completion_tokens, ended.token_ids) == ("stop", 0, [])
+    # counted, as vLLM and llama-server count it; no text, so no token id (``Generation.token_ids``)
+    assert (ended.finish_reason, ended.usage.completion_tokens, ended.token_ids) == ("stop", 1, [])
     ignored = await run(engine, PROMPTS[1], sampling=eos_first, max_tokens=8, ignore_eos=True)
     assert ignored.finish_reason == "length"
     assert ignored.usage.completion_tokens == 8

@@ -262,11 +262,6 @@ def test_each_scored_token_is_in_its_top_logprobs_as_openai_documents_them(serve
         assert any(len(top) == top_n + 1 for top in logprobs["top_logprobs"][1:])  # " purple" was not the top one
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the engine ends a request at an end-of-generation token without reporting the token or its logprob "
-    "(engine/outbox.py Outbox.token), so the echo lacks the entry the tool drops as the generated one",
-)
 def test_a_continuation_the_model_would_end_after_still_scores_its_last_token(server: LiveServer, engine: Engine) -> None:
     """The one token generated after the scored prompt may end the text (EOS); the tool still drops
     the last entry as that token, so it must be there, as vLLM and OpenAI put it. The bundled model

@@ -136,6 +136,13 @@ class Engine:
         with self._in_use() as model:
             return model.tokenize(text, add_special)
 
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """A ``/v1/completions`` text prompt: its BOS added, unless the text begins with the BOS
+        text already (lm-evaluation-harness's ``add_bos_token`` sends "<s>..."), as chat prompts
+        (``_tokenize_rendered``): one BOS, never two."""
+        with self._in_use():
+            return self._tokenize_rendered(text)
+
     def detokenize(self, tokens: Sequence[int]) -> str:
         """The text of generated tokens, exactly as the stream emits it (control tokens render empty)."""
         with self._in_use() as model:

@@ -42,11 +42,11 @@ class Outbox:
         self._events: list[Event] = []
 
     def token(self, slot: Slot, token: int, logprob: TokenLogprob | None = None) -> int:
-        """Stream one sampled token; returns how many completion tokens it counts for (0 or 1)."""
+        """Stream one sampled token; returns how many completion tokens it counts for (1: every
+        sampled token counts, an end-of-generation one too)."""
         task = slot.task
         if token in self._model.eog_tokens:
-            self.end_slot(slot, Finish("stop", slot.usage()), text=slot.stream.finish())
-            return 0
+            return self._end_token(slot, logprob)
         if task.stop_ids and token in task.stop_ids:
             return self._stop_token(slot, token, logprob)
         slot.completion_tokens += 1
@@ -68,15 +68,20 @@ class Outbox:
             self._events.append(Event(task.channel, delta.text, token, None, logprob))
         return 1
 
+    def _end_token(self, slot: Slot, logprob: TokenLogprob | None) -> int:
+        """An end-of-generation token: it counts (the model decoded it: vLLM's usage and
+        llama-server's ``tokens_predicted`` count it too) and has its logprobs entry, last, which
+        evaluation tools read as the generated token; it adds no text, and no id to the token ids
+        (``Generation.token_ids``: they are the tokens that brought the text)."""
+        self._counted(slot)
+        self.end_slot(slot, Finish("stop", slot.usage()), text=slot.stream.finish(), logprob=logprob)
+        return 1
+
     def _stop_token(self, slot: Slot, token: int, logprob: TokenLogprob | None) -> int:
         """One of the request's ``stop_token_ids``: it counts (the model generated it) and ends the
         request as a stop string does, its text kept only with ``keep_stop_token``."""
         task = slot.task
-        slot.completion_tokens += 1
-        if not task.tally.counted:
-            self._count(task.tally)
-        if task.first_token_at is None:
-            task.first_token_at = time.monotonic()
+        self._counted(slot)
         text = ""
         if task.keep_stop_token:
             delta = slot.stream.push(self._model.piece(token, token in task.preserve))
@@ -86,6 +91,15 @@ class Outbox:
                 return 1
         self.end_slot(slot, Finish("stop", slot.usage()), text=text + slot.stream.finish(), token=token, logprob=logprob)
         return 1
+
+    def _counted(self, slot: Slot) -> None:
+        """A token that ends the request counts as a generated one (``token`` inlines this)."""
+        task = slot.task
+        slot.completion_tokens += 1
+        if not task.tally.counted:
+            self._count(task.tally)
+        if task.first_token_at is None:
+            task.first_token_at = time.monotonic()
 
     def end_slot(
         self, slot: Slot, finish: Finish, text: str = "", token: int | None = None, logprob: TokenLogprob | None = None

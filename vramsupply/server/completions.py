@@ -35,6 +35,7 @@ from vramsupply.server.accounting import Bill
 from vramsupply.server.batch import batch_usage, check_choices, check_echo
 from vramsupply.server.errors import ApiError, internal_error, own_id
 from vramsupply.server.grammar import answer_grammar, chat_grammar
+from vramsupply.server.logprobs_out import StreamedLogprobs
 from vramsupply.server.metrics import ChoiceTiming, RequestClock
 from vramsupply.server.chat_shape import ChatShape, forced_call
 from vramsupply.server.chunks import sse_event
@@ -86,7 +87,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     check_fields(body)
     check_choices(body)
     check_echo(body)
-    prompts = [p if isinstance(p, list) else await _tokenize(request, engine.tokenize, p, param="prompt") for p in body.prompts]
+    prompts = [p if isinstance(p, list) else await _tokenize(request, engine.tokenize_prompt, p, param="prompt") for p in body.prompts]
     shape = TextShape(
         id=f"cmpl-{own_id(request)}", created=now(), model=state.model_id, include_usage=body.include_usage, token_bytes=engine.token_bytes,
         system_fingerprint=system_fingerprint(engine), per_prompt=body.n, echo=body.prompts if body.echo else (), detokenize=engine.detokenize,
@@ -348,13 +349,13 @@ async def _send_events(
         opening = shape.opening_chunk(index)
         if opening is not None:
             await response.write(opening)
+    streamed = StreamedLogprobs(generations) if logprobs else None
     async for index, text in _interleave(generations):
-        entries = generations[index].take_logprobs() if logprobs else None
         if text is None:
-            chunks = shape.finish_chunks(index, _finish(generations[index]), entries)
+            chunks = shape.finish_chunks(index, _finish(generations[index]), None if streamed is None else streamed.for_finish(index))
         else:
             clock.mark(index, state.metrics)
-            chunks = shape.text_chunks(index, text, entries)
+            chunks = shape.text_chunks(index, text, None if streamed is None else streamed.for_text(index))
         await response.write(b"".join(chunks))
     usage = _usage(generations, bill.per_prompt)
     await bill.settle(usage)

@@ -3,12 +3,17 @@ legacy completions' parallel lists (``tokens``, ``token_logprobs``, ``top_logpro
 
 A legacy ``top_logprobs`` dict holds the ``logprobs`` most likely tokens and the chosen one too
 (up to ``logprobs`` + 1 entries), as OpenAI documents it and vLLM writes it: a client can look the
-chosen token up in it, and ``logprobs: 0`` still names it. Chat's list stays the top ones only."""
+chosen token up in it, and ``logprobs: 0`` still names it. Chat's list stays the top ones only.
+
+An answer that ended on its end-of-text token has that token's entry last, shown by its text
+("</s>") as vLLM shows it (``tokenizer.decode`` of its id) and as our echoed prompts show "<s>";
+a stream sends it in the chunk with the finish reason (``StreamedLogprobs``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from vramsupply.engine.generation import Generation
 from vramsupply.engine.logprobs import TokenLogprob
 from vramsupply.server.responses import ChoiceLogprobs, TextLogprobs, TokenLogprobOut, TopLogprob
 
@@ -49,3 +54,27 @@ def top_dict(entry: TokenLogprob, token_bytes: TokenBytes) -> dict[str, float]:
         top.setdefault(_text(token_bytes(token)), logprob)
     top.setdefault(_text(token_bytes(entry.token)), entry.logprob)
     return top
+
+
+class StreamedLogprobs:
+    """The logprobs each chunk of a stream carries, the end-of-text token's entry kept for the chunk
+    with the finish reason. That entry is the one with no token id (``Outbox._end_token``): once a
+    choice is done, an entry beyond its token ids is it. The last text and the end can reach the
+    stream in one hand-over; the entry still goes last, with the end, as vLLM's stream sends it."""
+
+    def __init__(self, generations: Sequence[Generation]) -> None:
+        self._generations = generations
+        self._taken = [0] * len(generations)
+        self._held: dict[int, TokenLogprob] = {}
+
+    def for_text(self, index: int) -> list[TokenLogprob]:
+        generation = self._generations[index]
+        entries = generation.take_logprobs()
+        self._taken[index] += len(entries)
+        if entries and generation.done and self._taken[index] > len(generation.token_ids):
+            self._held[index] = entries.pop()  # once per choice: a done choice's text comes in one piece
+        return entries
+
+    def for_finish(self, index: int) -> list[TokenLogprob]:
+        held = self._held.pop(index, None)
+        return [*([held] if held is not None else []), *self._generations[index].take_logprobs()]

@@ -8,7 +8,8 @@ loglikelihood tasks this way (lm-evaluation-harness's ``local-completions``: tem
 
 ``text_offset`` counts from the start of the echoed text. A prompt sent as text may have been
 tokenized with a leading space the text does not have ("Hello" as "▁Hello"); its tokens' offsets
-are then taken back by that space, so that each offset still points into the echoed text.
+are then taken back by that space, so that each offset still points into the echoed text. A text
+that begins with the BOS text ("<s>...") has it as its BOS token's.
 
 Its models widen the shared ones (``responses.py``) where the prompt's first token has ``null``.
 """
@@ -50,8 +51,18 @@ def prompt_logprobs(
         tokens=[_text(token_bytes(t)) for t in tokens],
         token_logprobs=[None, *(s.logprob for s in scored)],
         top_logprobs=[None, *(top_dict(s, token_bytes) for s in scored)],
-        text_offset=prompt_offsets(tokens, echoed, text_bytes),
+        text_offset=_offsets(tokens, echoed, token_bytes, text_bytes),
     )
+
+
+def _offsets(tokens: Sequence[int], echoed: str, token_bytes: TokenBytes, text_bytes: TokenBytes) -> list[int]:
+    """A text prompt may begin with the BOS text itself ("<s>Once", as lm-evaluation-harness's
+    ``add_bos_token`` sends it; tokenized with that one BOS): that text is the BOS token's, and
+    the other tokens' offsets count from after it."""
+    shown = _text(token_bytes(tokens[0])) if tokens and not text_bytes(tokens[0]) else ""
+    if shown and echoed.startswith(shown):
+        return [0, *(len(shown) + start for start in prompt_offsets(tokens[1:], echoed[len(shown) :], text_bytes))]
+    return prompt_offsets(tokens, echoed, text_bytes)
 
 
 def prompt_offsets(tokens: Sequence[int], echoed: str, text_bytes: TokenBytes) -> list[int]:
