@@ -377,6 +377,26 @@ async def test_places_reserved_for_a_batch_are_kept_from_requests_arriving_betwe
         pass
 
 
+async def test_a_submit_that_comes_after_its_reservation_was_given_back_takes_no_place_it_does_not_have(engine: Engine) -> None:
+    """A grammar request is submitted from a worker thread; a buyer who hangs up meanwhile gives
+    the reservation back while that thread still runs. Its late submit took a place from the
+    reservation anyway, which left the count of reserved places at -1: one more request than
+    slots and queue places was admitted after each such hang-up."""
+    await wait_until_idle(engine)
+    long = dict(sampling=GREEDY, max_tokens=200, ignore_eos=True)
+    with engine.reserve(1) as places:
+        pass  # the buyer left before its request was submitted
+    late = engine.submit(GenerationRequest(engine.tokenize(PROMPTS[0]), **long), reservation=places)
+    late.cancel()
+    await wait_until_idle(engine)
+    accepted = [engine.submit(GenerationRequest(engine.tokenize(p), **long)) for p in (PROMPTS * 2)[: PARALLEL + MAX_QUEUE]]
+    with pytest.raises(Overloaded):  # exactly the slots and the queue's places, not one more
+        engine.submit(GenerationRequest(engine.tokenize(PROMPTS[1]), **long))
+    for generation in accepted:
+        generation.cancel()
+    await wait_until_idle(engine)
+
+
 async def test_a_request_cancelled_while_queued_counts_no_prompt_tokens_anywhere(engine: Engine) -> None:
     """The earnings ledger records the usage of a request its buyer left; one that left while still
     queued was recorded with its whole prompt, which the engine's counters (heartbeats, /metrics)

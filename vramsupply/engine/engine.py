@@ -204,10 +204,7 @@ class Engine:
         """
         loop = loop or asyncio.get_running_loop()
         with self._in_use():
-            generation = self._submit(request, loop, shares_prompt_with, choices, reservation is not None)
-        if reservation is not None:
-            reservation.left -= 1
-        return generation
+            return self._submit(request, loop, shares_prompt_with, choices, reservation)
 
     @contextmanager
     def reserve(self, places: int) -> Iterator[Reservation]:
@@ -215,12 +212,11 @@ class Engine:
         or none: raises Overloaded or EngineClosed. Each ``submit(..., reservation=...)`` then takes
         one whatever other requests do meanwhile, so a request is never refused half-admitted;
         the places not taken are given back on exit."""
-        self._scheduler.reserve(places)
-        reservation = Reservation(places)
+        reservation = self._scheduler.reserve(places)
         try:
             yield reservation
         finally:
-            self._scheduler.release(reservation.left)
+            self._scheduler.release(reservation)
 
     @property
     def capacity(self) -> int:
@@ -242,7 +238,8 @@ class Engine:
         return prompt, self._stop_ids(request.stop_token_ids)
 
     def _submit(
-        self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, sibling: Generation | None, choices: int, reserved: bool
+        self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, sibling: Generation | None, choices: int,
+        reservation: Reservation | None,
     ) -> Generation:
         prompt, stop_ids = self._checked(request)
         source = sibling.task if sibling is not None else None
@@ -265,7 +262,7 @@ class Engine:
             prompt_logprobs=request.prompt_logprobs,
         )
         try:
-            self._scheduler.submit(task, room=choices, reserved=reserved)
+            self._scheduler.submit(task, room=choices, reservation=reservation)
         except BaseException:
             sampler.close()
             raise

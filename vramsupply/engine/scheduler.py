@@ -60,9 +60,11 @@ looking at the inbox again (a cancel or a new request)."""
 
 @dataclass
 class Reservation:
-    """Places ``Scheduler.reserve`` holds for one request, ``left`` of them not yet taken."""
+    """Places ``Scheduler.reserve`` holds for one request, ``left`` of them not yet taken; once
+    ``released``, a submit with it is checked as any other (its request was given up meanwhile)."""
 
     left: int
+    released: bool = False
 
 
 class Scheduler:
@@ -151,9 +153,9 @@ class Scheduler:
         """How many tasks may be running or waiting at once: the slots and the queue's places."""
         return self._capacity
 
-    def reserve(self, places: int) -> None:
+    def reserve(self, places: int) -> Reservation:
         """Hold ``places`` places for one request's tasks, all or none (raise EngineClosed /
-        Overloaded): each ``submit(..., reserved=True)`` then takes one without a check, so
+        Overloaded): each ``submit(..., reservation=...)`` then takes one without a check, so
         requests arriving meanwhile cannot make a later part of it a 429; ``release`` gives back
         those not taken."""
         with self._lock:
@@ -162,24 +164,28 @@ class Scheduler:
             if self._taken() + places > self._capacity:
                 raise Overloaded(self._overloaded(places))
             self._reserved += places
+        return Reservation(places)
 
-    def release(self, places: int) -> None:
-        """Give back reserved places no task took (``reserve``)."""
+    def release(self, reservation: Reservation) -> None:
+        """Give back the places of ``reservation`` no task took; a submit that comes later with it
+        (a request given up while it was being submitted from another thread) takes none."""
         with self._lock:
-            self._reserved -= places
+            self._reserved -= reservation.left
+            reservation.left, reservation.released = 0, True
 
-    def submit(self, task: Task, room: int = 1, reserved: bool = False) -> None:
+    def submit(self, task: Task, room: int = 1, reservation: Reservation | None = None) -> None:
         """Queue a task, or raise EngineClosed / Overloaded without queueing it.
 
         ``room``: the places the task and the choices submitted after it (``later_choice``) need;
         those are checked with the first, so a request's choices are refused all together or not at all.
-        ``reserved``: the task takes a place ``reserve`` held, unchecked.
+        ``reservation``: the task takes a place ``reserve`` held, unchecked, while it holds one.
         """
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is closed")
             counters = self._counters
-            if reserved:
+            if reservation is not None and reservation.left > 0:
+                reservation.left -= 1
                 self._reserved -= 1
             elif not task.later_choice and self._taken() + room > self._capacity:
                 raise Overloaded(self._overloaded(room))

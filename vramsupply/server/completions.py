@@ -1,7 +1,7 @@
 """The two generation routes: turn a validated body into engine requests and the engine's output
 into an OpenAI response, whole or as server-sent events.
 
-A request with ``n`` choices submits ``n`` generations. Whatever ends the handler (normal end,
+A request with ``n`` choices submits ``n`` generations (``submission.py``). Whatever ends the handler (normal end,
 an error, the client hanging up, which cancels the handler task), every generation still running
 is cancelled in a ``finally`` block, so a departed client never keeps a slot busy.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import logging
 import time
@@ -21,14 +20,10 @@ from aiohttp import web
 
 from vramsupply.engine import (
     ChatPrompt,
-    ContextOverflow,
     Engine,
-    EngineClosed,
     EngineError,
-    EngineFailed,
     Generation,
     GenerationRequest,
-    Overloaded,
     SamplingParams,
 )
 from vramsupply.server.accounting import Bill
@@ -46,12 +41,11 @@ from vramsupply.server.responses import (
     now,
 )
 from vramsupply.server.schemas import ChatCompletionBody, CompletionBody
-from vramsupply.server.state import BUYER_LEFT, SERVER_STATE, ServerState, failed_error
+from vramsupply.server.submission import engine_error, submit_all
+from vramsupply.server.state import BUYER_LEFT, SERVER_STATE, ServerState
 from vramsupply.server.vllm_fields import check_fields
 
-RETRY_AFTER_SECONDS = "1"
 INLINE_TOKENIZE_MAX_BYTES = 8192
-INLINE_LOGIT_BIAS_MAX = 64
 T = TypeVar("T")
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -174,84 +168,6 @@ def _generation_requests(
         )
         for i in range(body.n)
     ]
-
-
-def costly_to_submit(request: GenerationRequest) -> bool:
-    return request.sampling.grammar is not None or len(request.sampling.logit_bias) > INLINE_LOGIT_BIAS_MAX
-
-
-def engine_error(exc: EngineError, prompt_param: str, limit_param: str = "max_tokens") -> ApiError:
-    if isinstance(exc, Overloaded):
-        return ApiError(
-            429,
-            f"The server is at capacity ({exc}); retry shortly.",
-            type="rate_limit_error",
-            code="queue_full",
-            headers={"Retry-After": RETRY_AFTER_SECONDS},
-        )
-    if isinstance(exc, ContextOverflow):
-        param = prompt_param if exc.max_tokens is None or exc.prompt_tokens >= exc.n_ctx else limit_param
-        message = str(exc).replace("max_tokens", limit_param)  # the field the buyer sent
-        return ApiError(400, f"This model's context is {exc.n_ctx} tokens: {message}.", param=param, code="context_length_exceeded")
-    if isinstance(exc, EngineFailed):
-        return failed_error(str(exc))
-    if isinstance(exc, EngineClosed):
-        return ApiError(503, "The server is shutting down.", type="server_error", code="shutting_down")
-    return ApiError(500, str(exc), type="server_error")
-
-
-async def submit_all(
-    engine: Engine, requests: list[GenerationRequest], prompt_param: str, limit_param: str = "max_tokens", per_prompt: int | None = None
-) -> list[Generation]:
-    """Submit every choice or none: on the first refusal the ones already admitted are cancelled.
-    ``per_prompt``: choices to a prompt, when the requests hold several prompts in order (``batch.py``).
-
-    Building a sampler parses the request's grammar and logit bias, which can take milliseconds:
-    such requests are submitted from a worker thread, so the event loop keeps streaming meanwhile.
-    """
-    if len(requests) > engine.capacity:  # never room for them all: not a reason to retry
-        raise ApiError(
-            400, f"n={len(requests)} is more choices than this server can hold at once ({engine.capacity}: its slots and queue places)."
-            if per_prompt in (None, len(requests)) else
-            f"{len(requests)} choices (prompts × n) are more than this server can hold at once ({engine.capacity}: its slots and queue places).",
-            param="n", code="invalid_value",
-        )
-    generations: list[Generation] = []
-    loop = asyncio.get_running_loop()
-    per_prompt = per_prompt or len(requests)
-    try:
-        if per_prompt < len(requests):  # a batch: a prompt refused after another started would leave its work unbilled
-            for first in requests[::per_prompt]:
-                engine.check(first)
-        # Places for every choice are held first: a request arriving between two of them cannot
-        # make the later ones a 429 after the first were admitted.
-        with engine.reserve(len(requests)) as places:
-            for index, generation_request in enumerate(requests):
-                # Every choice shares its prompt's first one's prompt: decoded once, counted once.
-                sibling = generations[index - index % per_prompt] if index % per_prompt else None
-                submit = functools.partial(
-                    engine.submit, generation_request, shares_prompt_with=sibling, loop=loop, choices=per_prompt, reservation=places
-                )
-                generations.append(await asyncio.to_thread(submit) if costly_to_submit(generation_request) else submit())
-    except BaseException as exc:
-        for generation in generations:
-            generation.cancel()
-        if isinstance(exc, EngineError):
-            raise engine_error(exc, prompt_param, limit_param) from None
-        if isinstance(exc, ValueError):
-            raise ApiError(400, str(exc), param=_refused_field(str(exc), prompt_param), code="invalid_value") from None
-        raise
-    return generations
-
-
-def _refused_field(message: str, prompt_param: str) -> str | None:
-    """The request field a refusal names first (the engine's messages begin with it: "logit_bias
-    token 600 is not in the vocabulary", "ignore_eos cannot be combined ...", "prompt token 99999
-    is not in the vocabulary", "the prompt must be ...")."""
-    field = message.split(" ", 1)[0]
-    if field in ("logit_bias", "ignore_eos", "stop_token_ids", "min_tokens"):
-        return field
-    return prompt_param if message.startswith(("prompt ", "the prompt ")) else None
 
 
 async def _complete(

@@ -251,7 +251,7 @@ class Forwarded:
 
 
 def shutting_down_error() -> ApiError:
-    """What our own engine answers at the drain's deadline (``server.completions.engine_error``)."""
+    """What our own engine answers at the drain's deadline (``server.submission.engine_error``)."""
     return ApiError(503, "The server is shutting down.", type="server_error", code="shutting_down")
 
 
