@@ -17,6 +17,7 @@ from openai.types import Completion
 
 from conftest import TINY_MODEL
 from live_server import MODEL_ID, LiveServer
+from vramsupply.engine import Engine
 from vramsupply.engine import logprobs as engine_logprobs
 from vramsupply.server.accounting import FinishedRequest
 
@@ -270,3 +271,86 @@ def test_a_block_of_prompt_rows_scores_as_one_generated_token_does(vocab: int, t
         assert score.token == one.token and score.logprob == pytest.approx(one.logprob, abs=1e-6)
         assert [t for t, _ in score.top] == [t for t, _ in one.top]
         assert [lp for _, lp in score.top] == pytest.approx([lp for _, lp in one.top], abs=1e-6)
+
+
+OFFSET_PROMPTS = [
+    "Hello world, how are you?",
+    "Café ünïcode 😀 test",
+    " one leading space",
+    "  two leading spaces",
+    "<s>Once upon a time",
+    "Once</s>upon a time",
+    "Once</s> upon a time",
+    "a<s></s>b and <unk>c",
+    "<s>User: Tell me a story.</s><s>Assistant: Once upon a time",  # chat-formatted, in the tiny model's only special tokens
+]
+TINY_VOCAB = 512
+
+
+def misplaced(engine: Engine, echoed: str, ids: list[int], tokens: list[str], offsets: list[int]) -> list[int]:
+    """The prompt tokens whose text is not where ``text_offset`` points in the echo. A token is in
+    place where ``echoed[offset:]`` starts with its shown text (a control token's too: "</s>"); or
+    with that text less its leading space, where the tokenizer added that space to the text after
+    the start or after a control token (" Once" for "Once"); or, a byte of a character split over
+    several tokens (shown as U+FFFD), where the offset is that character's."""
+    out = []
+    for index, (token, shown, offset) in enumerate(zip(ids, tokens, offsets)):
+        there = echoed[offset:]
+        first_of_text = index == 0 or not engine.text_bytes(ids[index - 1])
+        added_space = first_of_text and shown.startswith(" ") and there.startswith(shown[1:])
+        split_byte = shown == "\ufffd" and there != "" and engine.token_bytes(token) in there[0].encode()
+        if not (there.startswith(shown) or added_space or split_byte):
+            out.append(index)
+    return out
+
+
+@pytest.mark.parametrize("prompt", OFFSET_PROMPTS)
+def test_each_token_of_an_echoed_text_prompt_is_offset_at_its_own_text(server: LiveServer, client: OpenAI, prompt: str) -> None:
+    """The echo is the buyer's text, special tokens' text included ("</s>" in the middle, as a raw
+    chat-formatted prompt has them): each token's offset points at its text there. The one token
+    whose text the echo does not hold is the BOS added before a text that does not begin with it,
+    at offset 0."""
+    assert server.engine is not None
+    answer = client.completions.create(prompt=prompt, max_tokens=0, **SCORE)  # type: ignore[arg-type]
+
+    tokens, _, _, offsets = scored(answer)
+    echoed = answer.choices[0].text
+    ids = server.engine.tokenize_prompt(prompt)
+    assert echoed == prompt and len(tokens) == len(ids)
+    assert offsets == sorted(offsets) and all(0 <= o <= len(echoed) for o in offsets)
+    added_bos = [] if prompt.startswith("<s>") else [0]
+    assert misplaced(server.engine, echoed, ids, tokens, offsets) == added_bos
+    assert offsets[0] == 0
+
+
+def test_text_after_a_special_token_is_offset_past_that_token_s_text(client: OpenAI) -> None:
+    answer = client.completions.create(prompt="Once</s>upon a time", max_tokens=1, **SCORE)  # type: ignore[arg-type]
+
+    tokens, _, _, offsets = scored(answer)
+    assert tokens[:6] == ["<s>", " Once", "</s>", " upon", " a", " time"]
+    assert offsets[:6] == [0, 0, 4, 8, 12, 14]  # "upon" at 8, not "/s>upon" at 5
+    assert offsets[6] == len("Once</s>upon a time")  # the completion's text after the echo
+
+
+def test_a_token_id_prompt_s_control_tokens_show_nothing_in_its_echo_and_sit_where_the_next_text_starts(
+    server: LiveServer, client: OpenAI
+) -> None:
+    """A token-id prompt's echo is its tokens' text, control tokens as nothing: there, "<s>" can be
+    only the text of the tokens "<", "s", ">", which each sit at their own character."""
+    engine = server.engine
+    assert engine is not None
+    literal = [next(t for t in range(TINY_VOCAB) if engine.text_bytes(t) == c.encode()) for c in "<s>"]
+    ids = [engine.tokenize_prompt("x")[0], *literal, *engine.tokenize("Once</s>upon a time", add_special=False)]
+    control = [i for i, t in enumerate(ids) if not engine.text_bytes(t)]
+
+    answer = client.completions.create(prompt=ids, max_tokens=0, **SCORE)  # type: ignore[arg-type]
+
+    tokens, _, _, offsets = scored(answer)
+    echoed = answer.choices[0].text
+    assert echoed == engine.detokenize(ids) and echoed.startswith("<s> Once") and "</s>" not in echoed
+    assert offsets[:4] == [0, 0, 1, 2]  # the BOS, then "<", "s", ">"
+    assert control == [0, 5]  # the BOS and "</s>"
+    for index in control:  # the control tokens' text is not in the echo: each sits where the next token's text starts
+        assert offsets[index] == offsets[index + 1]
+    for index, offset in enumerate(offsets):  # and every other token's text is in the echo as it is, its space too
+        assert index in control or echoed[offset:].startswith(tokens[index])

@@ -79,5 +79,60 @@ def test_instances_of_another_account_are_said_to_wait_for_an_agent_using_it() -
         table, _ = status_of(agent)
 
     row = left_listed_row(table.stdout)
-    assert "the agent retries while it serves" in row
+    assert "the agent retries the one of its own while it serves" in row
+    assert "1 of them was registered with another platform or API key: only an agent using that one deletes it" in row
+
+
+def clock(at: float) -> str:
+    """A time as `status` writes it: with its date when not today."""
+    today = time.localtime(at)[:3] == time.localtime()[:3]
+    return time.strftime("%H:%M" if today else "%Y-%m-%d %H:%M", time.localtime(at))
+
+
+def status_with_no_agent() -> str:
+    table = run_cli("status", env={"VRAM_SUPPLY_PORT": str(free_port()), "COLUMNS": "400"})  # no agent answers
+    assert table.returncode == 1
+    return left_listed_row(table.stdout)
+
+
+def test_a_killed_run_s_own_instance_is_counted_with_those_its_record_keeps() -> None:
+    """The record of a run that ended registered names an instance still listed: the next start
+    deletes it along with the kept ones (``leftovers.left_by``), so it waits too, since that run
+    last wrote its record."""
+    last_written = SINCE - 600
+    leftovers = [kept("prov_killed"), kept("prov_old_url", retired=True)]
+    write_raw_state(pid=dead_pid(), provider_id="prov_current", account=account_of(API_KEY), updated_at=last_written, leftovers=leftovers)
+
+    row = status_with_no_agent()
+
+    assert "3 instances left listed (2 by killed runs, 1 at an old endpoint URL) wait to be deleted from the platform" in row
+    assert f"(since {clock(last_written)})" in row
+    assert "the agent is not running: it retries them when it next starts" in row
+
+
+def test_a_killed_run_that_kept_no_others_still_shows_its_own_instance_waiting() -> None:
+    write_raw_state(pid=dead_pid(), provider_id="prov_current", account=account_of(API_KEY), updated_at=SINCE)
+
+    row = status_with_no_agent()
+
+    assert "1 instance left listed (by a killed run) waits to be deleted from the platform" in row
+    assert f"(since {clock(SINCE)})" in row
+    assert "the agent is not running: it retries it when it next starts" in row
+
+
+def test_a_deregistered_record_names_no_instance_waiting() -> None:
+    write_raw_state(pid=dead_pid(), phase="deregistered", account=account_of(API_KEY))
+    table = run_cli("status", env={"VRAM_SUPPLY_PORT": str(free_port()), "COLUMNS": "400"})
+
+    assert "left listed" not in table.stdout
+
+
+def test_with_another_account_s_instances_among_them_the_line_says_how_many_the_agent_retries() -> None:
+    leftovers = [kept("prov_killed"), kept("prov_old_url", retired=True), kept("prov_theirs", key="sk-other-account-00000000000000")]
+    write_raw_state(pid=dead_pid(), provider_id="prov_current", account=account_of(API_KEY), leftovers=leftovers)
+
+    row = status_with_no_agent()
+
+    assert "4 instances left listed (3 by killed runs, 1 at an old endpoint URL) wait to be deleted" in row
+    assert "the agent is not running: it retries the 3 of its own when it next starts" in row
     assert "1 of them was registered with another platform or API key: only an agent using that one deletes it" in row

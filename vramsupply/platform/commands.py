@@ -27,7 +27,7 @@ from vramsupply.platform.client import PlatformClient
 from vramsupply.display import FitTable, plain, shown
 from vramsupply.errors import MissingSetting
 from vramsupply.platform.retry_wait import SILENT_OFFLINE_SECONDS
-from vramsupply.platform.state import Phase, RegistrationState
+from vramsupply.platform.state import KeptLeftover, Phase, RegistrationState
 
 T = TypeVar("T")
 MAX_WARNINGS_SHOWN = 10
@@ -291,16 +291,28 @@ def _registration_rows(table: Table, status: AgentStatus) -> None:
     table.add_row("endpoint", shown(registration.endpoint_url))
     table.add_row("last heartbeat", _ago(registration.last_heartbeat_at))
     table.add_row("detail", shown(registration.message))
-    if registration.leftovers:
-        table.add_row("left listed", Text(_leftovers_line(registration, current), style="yellow"))
+    waiting = _waiting(registration)
+    if waiting:
+        table.add_row("left listed", Text(_leftovers_line(registration, waiting, current), style="yellow"))
 
 
-def _leftovers_line(record: RegistrationState, current: bool) -> str:
-    """The instances the record keeps for deletion (``leftovers``): how many, since when, by what, and who retries them."""
+def _waiting(record: RegistrationState) -> list[KeptLeftover]:
+    """The instances the next start deletes: those the record keeps (``leftovers``) and, when the
+    run that wrote it ended without deregistering, the one it names (``leftovers.left_by``: the
+    next start adds it to them), waiting since that run last wrote its record."""
+    from vramsupply.platform.leftovers import left_by
+
+    kept, left = list(record.leftovers), left_by(record)
+    if left is not None and all(k.provider_id != left.provider_id for k in kept):
+        kept.append(left.model_copy(update={"noted_at": record.updated_at}))
+    return kept
+
+
+def _leftovers_line(record: RegistrationState, kept: list[KeptLeftover], current: bool) -> str:
+    """The instances waiting to be deleted (``_waiting``): how many, since when, by what, and who retries them."""
     from vramsupply.platform.leftovers import owned_by
     from vramsupply.platform.phase_log import _clock_time
 
-    kept = record.leftovers
     retired = sum(left.retired for left in kept)
     one = len(kept) == 1
     line = (
@@ -310,15 +322,23 @@ def _leftovers_line(record: RegistrationState, current: bool) -> str:
     others = 0 if record.account is None else sum(not owned_by(left, record.platform_url, record.account) for left in kept)
     if others == len(kept):
         return line + f"; registered with another platform or API key than the agent's: only an agent using that one deletes {'it' if one else 'them'}"
+    own = _own(len(kept), others)
     if not current:
-        line += f"; the agent is not running: it retries {'it' if one else 'them'} when it next starts"
+        line += f"; the agent is not running: it retries {own} when it next starts"
     elif record.phase is Phase.not_registering:
-        line += f"; this agent serves without registering: the next agent that registers deletes {'it' if one else 'them'}"
+        line += f"; this agent serves without registering: the next agent that registers deletes {own}"
     else:
-        line += "; the agent retries while it serves"
+        line += f"; the agent retries {own} while it serves" if others else "; the agent retries while it serves"
     if others:
         line += f"; {others} of them {'was' if others == 1 else 'were'} registered with another platform or API key: only an agent using that one deletes {'it' if others == 1 else 'them'}"
     return line
+
+
+def _own(waiting: int, others: int) -> str:
+    """Those of the ``waiting`` instances the agent deletes itself: all, or the ones not another account's."""
+    if not others:
+        return "it" if waiting == 1 else "them"
+    return "the one of its own" if waiting - others == 1 else f"the {waiting - others} of its own"
 
 
 def _how_left(killed: int, retired: int) -> str:

@@ -6,10 +6,14 @@ precedes it), each later one with what the model gave it after the tokens before
 loglikelihood tasks this way (lm-evaluation-harness's ``local-completions``: temperature 0, ``echo``,
 ``logprobs: 1``, ``max_tokens`` 1 or 0).
 
-``text_offset`` counts from the start of the echoed text. A prompt sent as text may have been
-tokenized with a leading space the text does not have ("Hello" as "▁Hello"); its tokens' offsets
-are then taken back by that space, so that each offset still points into the echoed text. A text
-that begins with the BOS text ("<s>...") has it as its BOS token's.
+``text_offset`` counts from the start of the echoed text, which is the buyer's own: a text prompt's
+echo holds the text of the special tokens it was written with ("<s>", "</s>", "<|im_start|>": a
+raw chat-formatted prompt, as lm-evaluation-harness's ``--apply_chat_template`` sends it), though
+the tokens' text renders them as nothing; a token-id prompt's echo is its tokens' text, control
+tokens as nothing. So the offsets come from walking the echo: a control token whose text is there
+takes it, and a SentencePiece tokenizer's added space (at the start of the text and after each
+special token: "Hello" as "▁Hello") is left out where the echo does not have it. A control token
+whose text is not in the echo (the BOS added before "Once") has the offset of the text after it.
 
 Its models widen the shared ones (``responses.py``) where the prompt's first token has ``null``.
 """
@@ -17,6 +21,8 @@ Its models widen the shared ones (``responses.py``) where the prompt's first tok
 from __future__ import annotations
 
 import codecs
+import itertools
+import os
 from collections.abc import Callable, Sequence
 
 from vramsupply.engine.logprobs import TokenLogprob
@@ -51,30 +57,46 @@ def prompt_logprobs(
         tokens=[_text(token_bytes(t)) for t in tokens],
         token_logprobs=[None, *(s.logprob for s in scored)],
         top_logprobs=[None, *(top_dict(s, token_bytes) for s in scored)],
-        text_offset=_offsets(tokens, echoed, token_bytes, text_bytes),
+        text_offset=prompt_offsets(tokens, echoed, token_bytes, text_bytes),
     )
 
 
-def _offsets(tokens: Sequence[int], echoed: str, token_bytes: TokenBytes, text_bytes: TokenBytes) -> list[int]:
-    """A text prompt may begin with the BOS text itself ("<s>Once", as lm-evaluation-harness's
-    ``add_bos_token`` sends it; tokenized with that one BOS): that text is the BOS token's, and
-    the other tokens' offsets count from after it."""
-    shown = _text(token_bytes(tokens[0])) if tokens and not text_bytes(tokens[0]) else ""
-    if shown and echoed.startswith(shown):
-        return [0, *(len(shown) + start for start in prompt_offsets(tokens[1:], echoed[len(shown) :], text_bytes))]
-    return prompt_offsets(tokens, echoed, text_bytes)
+def prompt_offsets(tokens: Sequence[int], echoed: str, token_bytes: TokenBytes, text_bytes: TokenBytes) -> list[int]:
+    """Where each prompt token's text starts in ``echoed`` (see the module docstring). An echo that
+    is exactly the tokens' text (a token-id prompt's) is not searched for control tokens' text:
+    there, "<s>" can only be the text of the tokens "<", "s", ">"."""
+    pieces = [text_bytes(token) for token in tokens]
+    if _text(b"".join(pieces)) == echoed:
+        return _walked(pieces, echoed, [""] * len(pieces))
+    return _walked(pieces, echoed, [_text(token_bytes(t)) if not piece else "" for t, piece in zip(tokens, pieces)])
 
 
-def prompt_offsets(tokens: Sequence[int], echoed: str, text_bytes: TokenBytes) -> list[int]:
-    """Where each prompt token's text starts in ``echoed`` (see the module docstring)."""
+def _walked(pieces: Sequence[bytes], echoed: str, specials: Sequence[str]) -> list[int]:
+    """Each piece's start, walking ``echoed``: an empty piece takes its special text (``specials``)
+    where the echo has it there; the first piece after the start or after an empty one may lose
+    the space the tokenizer added (``_added_space``)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    starts, length = [], 0
-    for token in tokens:
-        starts.append(length)
-        length += len(decoder.decode(text_bytes(token)))
-    length += len(decoder.decode(b"", final=True))
-    shift = max(length - len(echoed), 0)  # a leading space the tokenizer added
-    return [min(max(start - shift, 0), len(echoed)) for start in starts]
+    starts, at = [], 0
+    for index, piece in enumerate(pieces):
+        starts.append(min(at, len(echoed)))
+        if not piece:
+            at += len(specials[index]) if specials[index] and echoed.startswith(specials[index], at) else 0
+            continue
+        text = decoder.decode(piece)
+        if (index == 0 or not pieces[index - 1]) and _added_space(pieces[index:], echoed, at):
+            text = text[1:]
+        at += len(text)
+    return starts
+
+
+def _added_space(pieces: Sequence[bytes], echoed: str, at: int) -> bool:
+    """Whether the text of ``pieces`` up to the next empty one begins with a space the echo does
+    not have at ``at``: without it, more of that text matches the echo there."""
+    run = _text(b"".join(itertools.takewhile(bool, pieces)))
+    if not run.startswith(" "):
+        return False
+    there = echoed[at : at + len(run)]
+    return len(os.path.commonprefix([run[1:], there])) > len(os.path.commonprefix([run, there]))
 
 
 def joined(prompt: EchoTextLogprobs | None, completion: TextLogprobs) -> EchoTextLogprobs:
