@@ -5,16 +5,38 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from conftest import TINY_MODEL
 from vramsupply.engine import Engine, EngineOptions
 from vramsupply.server import ApiServer, ServerState, create_app
+from vramsupply.server.accounting import FinishedRequest
 
 T = TypeVar("T")
 MODEL_ID = "stories260k"
+
+
+class RecordingLedger:
+    """A test double of the earnings ledger: it keeps every finished request's row in memory."""
+
+    def __init__(self) -> None:
+        self.rows: list[FinishedRequest] = []
+        self.failure = None
+
+    async def record(self, finished: FinishedRequest) -> None:
+        self.rows.append(finished)
+
+
+@contextmanager
+def recording_server(**options: Any) -> Iterator[LiveServer]:
+    """A live server on the tiny model (also named by its file name) whose ledger rows the test
+    reads (``state.accounts.recorder.rows``)."""
+    with LiveServer(aliases=[TINY_MODEL.name], **options) as live:
+        live.state.accounts.recorder = RecordingLedger()
+        yield live
 
 
 class LiveServer:

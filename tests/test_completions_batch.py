@@ -11,27 +11,15 @@ import openai
 import pytest
 from openai import OpenAI
 
-from conftest import TINY_MODEL
-from live_server import MODEL_ID, LiveServer
-from vramsupply.server.accounting import FinishedRequest
+from live_server import MODEL_ID, LiveServer, RecordingLedger, recording_server
 
 PROMPTS = ["Once upon a time, there was a", "The little dog", "Lily and Tom went to the park"]
 GREEDY = {"model": MODEL_ID, "max_tokens": 8, "temperature": 0}
 
 
-class Ledger:
-    def __init__(self) -> None:
-        self.rows: list[FinishedRequest] = []
-        self.failure = None
-
-    async def record(self, finished: FinishedRequest) -> None:
-        self.rows.append(finished)
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    with LiveServer(aliases=[TINY_MODEL.name], parallel=4, max_queue=16) as live:
-        live.state.accounts.recorder = Ledger()
+    with recording_server(parallel=4, max_queue=16) as live:
         yield live
 
 
@@ -52,7 +40,7 @@ def alone(client: OpenAI, prompt: str | list[int], **fields: object) -> str:
 
 def test_each_batched_prompt_gets_what_it_gets_alone_with_exact_usage_and_ledger(server: LiveServer, client: OpenAI) -> None:
     ledger = server.state.accounts.recorder
-    assert isinstance(ledger, Ledger)
+    assert isinstance(ledger, RecordingLedger)
     singles = [client.completions.create(prompt=p, **GREEDY) for p in PROMPTS]  # type: ignore[arg-type]
     expected = [s.choices[0].text for s in singles]
     ledger.rows.clear()

@@ -16,10 +16,9 @@ from openai import OpenAI
 from openai.types import Completion
 
 from conftest import TINY_MODEL
-from live_server import MODEL_ID, LiveServer
+from live_server import MODEL_ID, LiveServer, RecordingLedger, recording_server
 from vramsupply.engine import Engine
 from vramsupply.engine import logprobs as engine_logprobs
-from vramsupply.server.accounting import FinishedRequest
 
 STORY = "Once upon a time, there was a little girl named Lily. She"
 OTHER = "The little dog ran to the park with his ball. He"
@@ -37,19 +36,9 @@ LONG_PROMPT_TOKENS = 700
 rows, its first one smaller (``pacing.FIRST_ALONE_ROWS``, 128)."""
 
 
-class Ledger:
-    def __init__(self) -> None:
-        self.rows: list[FinishedRequest] = []
-        self.failure = None
-
-    async def record(self, finished: FinishedRequest) -> None:
-        self.rows.append(finished)
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    with LiveServer(aliases=[TINY_MODEL.name], parallel=4, max_queue=16) as live:
-        live.state.accounts.recorder = Ledger()
+    with recording_server(parallel=4, max_queue=16) as live:
         yield live
 
 
@@ -96,7 +85,7 @@ def assert_scores_the_generation(client: OpenAI, prompt: str, max_tokens: int = 
 
 def test_an_echoed_prompt_is_scored_as_the_engine_generates_it(server: LiveServer, client: OpenAI) -> None:
     ledger = server.state.accounts.recorder
-    assert isinstance(ledger, Ledger) and server.engine is not None
+    assert isinstance(ledger, RecordingLedger) and server.engine is not None
     ledger.rows.clear()
 
     answer = assert_scores_the_generation(client, STORY)
