@@ -37,25 +37,22 @@ What a schema says beyond that is recorded per keyword (``keywords.py``): ``stri
 from __future__ import annotations
 
 import json
-import math
 import re
-from decimal import Decimal
 from typing import Any
 
 from llama_cpp.llama_grammar import INVALID_RULE_CHARS_RE, PRIMITIVE_RULES, RESERVED_NAMES, BuiltinRule, SchemaConverter, _build_repetition
 
 from . import keywords
+from .bounds import BOUND_KEYS, bound_number, bounded
 from .finite import unproductive
 from .gbnf_text import STRING_FORMATS, check_gbnf, gbnf_literal, json_literal
 from .keywords import UnenforcedKeyword
-from .numbers import MAX_DIGITS, Bound, Node, decimals, double_bound, integers, to_gbnf
+from .numbers import to_gbnf
 from .pattern import PatternError, pattern_to_gbnf
 from .schema_normal import UnsatisfiableSchema, register_refs, rename_root_refs, rewritten
 
 JSON_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
-_BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _NAME = re.compile(r"[A-Za-z_$][A-Za-z0-9_$]*")
-MAX_BOUND_DIGITS = 100
 """Digits of a bound written out (1e-300 has 300): the pattern grows with them."""
 
 _PASS_THROUGH = {"ref", "union", "types", "allOf-one"}
@@ -167,7 +164,7 @@ class JsonSchemaConverter(SchemaConverter):
             body = self._add_rule(f"format-{schema['format']}", STRING_FORMATS[schema["format"]])
             return self._add_rule(rule_name, f'"\\"" {body} "\\"" space')
         if branch == "bounded":
-            return self._add_rule(rule_name, f"({to_gbnf(_bounded(schema))}) space")
+            return self._add_rule(rule_name, f"({to_gbnf(bounded(schema))}) space")
         if branch == "value":
             return self._add_primitive("root" if rule_name == "root" else "value", PRIMITIVE_RULES["value"])
         return super().visit(schema, name)
@@ -323,7 +320,7 @@ _ENFORCED = {
     "pattern": {"type", "pattern"},
     "format": {"type", "format"},
     "length": {"type", "minLength", "maxLength"},
-    "bounded": {"type", *_BOUND_KEYS},
+    "bounded": {"type", *BOUND_KEYS},
     "primitive": {"type"},
 }
 
@@ -351,7 +348,7 @@ def _branch(schema: dict[str, Any]) -> str:
         return "format"
     if kind == "string" and ("minLength" in schema or "maxLength" in schema):
         return "length"
-    if kind in ("integer", "number") and any(_number(schema, k) is not None for k in _BOUND_KEYS):
+    if kind in ("integer", "number") and any(bound_number(schema, k) is not None for k in BOUND_KEYS):
         return "bounded"
     return "value" if kind is None else "primitive"
 
@@ -369,54 +366,3 @@ def _object_any(schema: dict[str, Any], branch: str) -> set[str]:
     if branch == "primitive" and schema.get("type") == "object":
         return keywords.object_enforced(schema, (), (), free=True)
     return set()
-
-
-# ---- numeric bounds -------------------------------------------------------------------------------
-
-
-def _number(schema: dict[str, Any], key: str) -> int | float | None:
-    value = schema.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return value
-
-
-def _side(schema: dict[str, Any], key: str, exclusive_key: str, lower: bool) -> tuple[int | float, bool] | None:
-    """The tighter of the inclusive and the exclusive bound on one side: (value, inclusive)."""
-    value = _number(schema, key)
-    side = None if value is None else (value, schema.get(exclusive_key) is not True)  # draft 4: a boolean
-    other = _number(schema, exclusive_key)
-    if other is not None and (side is None or (other >= side[0] if lower else other <= side[0])):
-        side = (other, False)
-    # An open end writes at most MAX_DIGITS integer digits: a bound beyond those holds anyway.
-    if side is not None and (side[0] <= -(10**MAX_DIGITS) if lower else side[0] >= 10**MAX_DIGITS):
-        return None
-    if side is not None and sum(c.isdigit() for c in f"{Decimal(str(side[0])):f}") > MAX_BOUND_DIGITS:
-        raise ValueError(f"a bound written out in more than {MAX_BOUND_DIGITS} digits ({side[0]}) is not supported")
-    return side
-
-
-def _bounds(schema: dict[str, Any]) -> tuple[Bound | None, Bound | None]:
-    low = _side(schema, "minimum", "exclusiveMinimum", True)
-    high = _side(schema, "maximum", "exclusiveMaximum", False)
-    return (None if low is None else _text_bound(schema, *low, True)), (None if high is None else _text_bound(schema, *high, False))
-
-
-def _text_bound(schema: dict[str, Any], value: int | float, inclusive: bool, lower: bool) -> Bound:
-    if schema["type"] == "number":
-        return double_bound(value, inclusive, lower)  # the text is read as a double
-    return Bound(Decimal(str(value)), inclusive)
-
-
-def _bounded(schema: dict[str, Any]) -> Node:
-    lower, upper = _bounds(schema)
-    if schema["type"] == "integer":
-        low = None if lower is None else math.ceil(lower.value) if lower.inclusive else math.floor(lower.value) + 1
-        high = None if upper is None else math.floor(upper.value) if upper.inclusive else math.ceil(upper.value) - 1
-        node = integers(low, high)
-    else:
-        node = decimals(lower, upper)
-    if node is None:
-        bounds = {k: schema[k] for k in _BOUND_KEYS if k in schema}
-        raise UnsatisfiableSchema(f"no {schema['type']} satisfies {json.dumps(bounds)}")
-    return node
