@@ -50,14 +50,14 @@ async def stream_then_prompt(engine: Engine, prompt: list[int] | None) -> tuple[
 async def test_a_prompt_beside_a_stream_is_decoded_apart_once_a_tile_is_reached_and_both_answer_as_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    with engine() as alone:
+    with engine(flash_attention="on") as alone:  # "auto" is off on an Intel CPU with AMX (gpu/options.py)
         prompt = alone.tokenize(STORY * 4)
         assert len(prompt) > 2 * TILE_ROWS
         stream_alone, _ = await stream_then_prompt(alone, None)
         generation = alone.submit(GenerationRequest(prompt, sampling=GREEDY, max_tokens=8, ignore_eos=True))
         await generation.collect()
         beside_alone = generation.token_ids
-    with engine() as together:
+    with engine(flash_attention="on") as together:
         calls = spy_on_decodes(monkeypatch)
         stream, beside = await stream_then_prompt(together, prompt)
 
@@ -77,7 +77,7 @@ async def test_without_tiled_attention_on_the_cpu_a_step_stays_one_decode(monkey
     options: dict[str, object] = {"flash_attention": "off"}
     if how == "layers on a GPU":
         monkeypatch.setattr(model, "offloads", lambda options: True)
-        options = {}
+        options = {"flash_attention": "on"}
     assert not model.tiled_cpu_attention(EngineOptions(model_path=TINY_MODEL, **options))  # type: ignore[arg-type]
     with engine(**options) as one_call:
         calls = spy_on_decodes(monkeypatch)
