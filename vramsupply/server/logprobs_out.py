@@ -7,7 +7,15 @@ chosen token up in it, and ``logprobs: 0`` still names it. Chat's list stays the
 
 An answer that ended on its end-of-text token has that token's entry last, shown by its text
 ("</s>") as vLLM shows it (``tokenizer.decode`` of its id) and as our echoed prompts show "<s>";
-a stream sends it in the chunk with the finish reason (``StreamedLogprobs``)."""
+a stream sends it in the chunk with the finish reason (``StreamedLogprobs``).
+
+A logprob of minus infinity (a token the model's own logits give no chance at all, or one that
+``min_tokens`` holds back) would be written as JSON ``null``, and OpenAI's SDKs type every logprob
+as a number: a client that sums or exponentiates them fails on it. So every value is sent as at
+least ``LOWEST_LOGPROB`` (-9999.0), as vLLM sends it, NaN (which no log-softmax should give, and
+which JSON cannot carry either) included; each entry passes ``on_the_wire`` once, where the
+engine's values become the API's. The legacy echo's first prompt token keeps its ``null``: it
+has no value at all (``prompt_logprobs.py``)."""
 
 from __future__ import annotations
 
@@ -18,6 +26,16 @@ from vramsupply.engine.logprobs import TokenLogprob
 from vramsupply.server.responses import ChoiceLogprobs, TextLogprobs, TokenLogprobOut, TopLogprob
 
 TokenBytes = Callable[[int], bytes]
+LOWEST_LOGPROB = -9999.0
+
+
+def on_the_wire(entry: TokenLogprob) -> TokenLogprob:
+    """``entry`` with its own and its alternatives' logprobs at ``LOWEST_LOGPROB`` at least."""
+    return TokenLogprob(entry.token, _floored(entry.logprob), tuple((token, _floored(lp)) for token, lp in entry.top))
+
+
+def _floored(logprob: float) -> float:
+    return logprob if logprob >= LOWEST_LOGPROB else LOWEST_LOGPROB  # NaN compares False: floored too
 
 
 def _text(data: bytes) -> str:
@@ -26,7 +44,7 @@ def _text(data: bytes) -> str:
 
 def chat_logprobs(entries: Sequence[TokenLogprob], token_bytes: TokenBytes) -> ChoiceLogprobs:
     content = []
-    for entry in entries:
+    for entry in map(on_the_wire, entries):
         data = token_bytes(entry.token)
         top = [TopLogprob(token=_text(b), logprob=lp, bytes=list(b)) for b, lp in ((token_bytes(t), lp) for t, lp in entry.top)]
         content.append(TokenLogprobOut(token=_text(data), logprob=entry.logprob, bytes=list(data), top_logprobs=top))
@@ -39,7 +57,7 @@ def text_logprobs(entries: Sequence[TokenLogprob], token_bytes: TokenBytes, star
     strings cannot say it: a control token is shown by name but adds no text, and each half of a
     split UTF-8 character shows a replacement character."""
     tokens, values, tops = [], [], []
-    for entry in entries:
+    for entry in map(on_the_wire, entries):
         tokens.append(_text(token_bytes(entry.token)))
         values.append(entry.logprob)
         tops.append(top_dict(entry, token_bytes))
@@ -48,7 +66,8 @@ def text_logprobs(entries: Sequence[TokenLogprob], token_bytes: TokenBytes, star
 
 def top_dict(entry: TokenLogprob, token_bytes: TokenBytes) -> dict[str, float]:
     """A legacy ``top_logprobs`` entry: the top tokens, then the chosen one where it is not among
-    them (see the module docstring). Two tokens shown alike keep the first one's value."""
+    them (see the module docstring). Two tokens shown alike keep the first one's value.
+    ``entry`` has passed ``on_the_wire``."""
     top: dict[str, float] = {}
     for token, logprob in entry.top:
         top.setdefault(_text(token_bytes(token)), logprob)

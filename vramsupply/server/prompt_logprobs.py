@@ -2,7 +2,8 @@
 completions' shape, as OpenAI's and vLLM's write them: the prompt's tokens come first in the
 choice's ``logprobs``, the first with ``null`` for its logprob and its alternatives (nothing
 precedes it), each later one with what the model gave it after the tokens before it
-(``GenerationRequest.prompt_logprobs``); the completion's tokens follow. Evaluation tools score
+(``GenerationRequest.prompt_logprobs``), at -9999.0 at least as every logprob we send
+(``logprobs_out.on_the_wire``); the completion's tokens follow. Evaluation tools score
 loglikelihood tasks this way (lm-evaluation-harness's ``local-completions``: temperature 0, ``echo``,
 ``logprobs: 1``, ``max_tokens`` 1 or 0).
 
@@ -26,7 +27,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from vramsupply.engine.logprobs import TokenLogprob
-from vramsupply.server.logprobs_out import top_dict
+from vramsupply.server.logprobs_out import on_the_wire, top_dict
 from vramsupply.server.responses import TextChoice, TextCompletion, TextLogprobs
 
 TokenBytes = Callable[[int], bytes]
@@ -52,7 +53,7 @@ def prompt_logprobs(
 ) -> EchoTextLogprobs:
     """The prompt's part of a choice's logprobs: ``scores`` are those of ``tokens[1:]``.
     ``token_bytes``: a token as logprobs show it; ``text_bytes``: as its text shows it."""
-    scored = list(scores[: max(len(tokens) - 1, 0)])
+    scored = [on_the_wire(score) for score in scores[: max(len(tokens) - 1, 0)]]
     return EchoTextLogprobs(
         tokens=[_text(token_bytes(t)) for t in tokens],
         token_logprobs=[None, *(s.logprob for s in scored)],
