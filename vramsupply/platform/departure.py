@@ -14,6 +14,10 @@ the registration does, and at once when the platform comes back; and at the next
 once when it fails first in a run, once when it is gone, once when it is given up; never per try.
 An instance retired at an old endpoint URL whose DELETE fails (once the new URL is registered, or
 at shutdown) joins them: kept in the record, retried the same way (``_keep_retired``).
+
+At shutdown there is no later: the DELETE of this run's instance, and of those retired, is tried
+again within the budget while the platform fails it in a way that may pass (a 5xx, a 429, a refused
+connection: ``retrying``); the phase says how many tries it took, or were made in vain.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from vramsupply.platform.backoff import Backoff
 from vramsupply.platform.client import PlatformClient, PlatformError, RequestRejected
 from vramsupply.platform.heartbeat import may_have_registered
 from vramsupply.platform.leftovers import GIVE_UP_SECONDS, PendingLeftovers, days_kept
+from vramsupply.platform.retrying import tries_within
 from vramsupply.platform.state import KeptLeftover, Phase
 from vramsupply.timeouts import within
 
@@ -168,9 +173,10 @@ class Departure:
             self._retired.remove(old)
 
     async def _remove_retired(self, retired: list[str], timeout: float, *, report: bool = False) -> bool:
-        """Delete the retired instances at once, within ``timeout``; True when all are gone (one
-        that stays is kept for the next start). ``report``: they are all there was, so the outcome is the phase."""
-        gone = await asyncio.gather(*(self._deregister_retired(old, timeout, then="the next start retries") for old in retired))
+        """Shutdown: delete the retired instances at once, each tried again within ``timeout`` while
+        the platform fails it for a moment; True when all are gone (one that stays is kept for the
+        next start). ``report``: they are all there was, so the outcome is the phase."""
+        gone = await asyncio.gather(*(self._deregister_retired(old, timeout, then="the next start retries", retry=True) for old in retired))
         left = [old for old, removed in zip(retired, gone) if not removed]
         if report and left:
             kept = " the next start retries, and until then" if any(k.provider_id in left for k in self._pending_leftovers()) else ""
@@ -180,20 +186,19 @@ class Departure:
             self._set_phase(Phase.deregistered, f"deregistered {', '.join(retired)}, registered at an endpoint URL no longer used, from {self._client.base_url}")
         return not left
 
-    async def _deregister_retired(self, old: str, timeout: float, *, then: str) -> bool:
-        """One DELETE of a retired instance; one that fails is kept (``then``: when it is retried),
-        unless the platform refused it outright."""
-        try:
-            await within(self._client.deregister(old), timeout)
-        except RequestRejected as exc:  # however often asked, it will not delete it
-            log.warning("could not deregister %s, an instance registered before this one: the platform refused the DELETE (%s); health checks will mark it offline", old, exc)
+    async def _deregister_retired(self, old: str, timeout: float, *, then: str, retry: bool = False) -> bool:
+        """The DELETE of a retired instance (``retry``: at shutdown, tried again within ``timeout``
+        while the platform fails it for a moment); one that fails is kept (``then``: when it is
+        retried), unless the platform refused it outright."""
+        tries = await tries_within(lambda: self._client.deregister(old), timeout, retry=retry)
+        if isinstance(tries.failure, RequestRejected):  # however often asked, it will not delete it
+            log.warning("could not deregister %s, an instance registered before this one%s: the platform refused the DELETE (%s); health checks will mark it offline", old, tries.after, tries.reason)
             return False
-        except (PlatformError, asyncio.TimeoutError) as exc:
-            reason = str(exc) or f"no answer within {timeout:g}s"
+        if tries.failure is not None:
             self._keep_retired(old)
-            log.warning("could not deregister %s, an instance registered before this one: %s; %s, and until then the platform's health checks will mark it offline", old, reason, then)
+            log.warning("could not deregister %s, an instance registered before this one%s: %s; %s, and until then the platform's health checks will mark it offline", old, tries.after, tries.reason, then)
             return False
-        log.info("deregistered %s, an instance registered before this one", old)
+        log.info("deregistered %s, an instance registered before this one%s", old, tries.at_try)
         return True
 
     def _keep_retired(self, old: str) -> None:
@@ -208,15 +213,15 @@ class Departure:
         self._leftover_tries[old] = 1  # the line that says it is gone counts this try
 
     async def _deregister(self, provider_id: str, timeout: float) -> bool:
-        try:
-            await within(self._client.deregister(provider_id), timeout)
-        except (PlatformError, asyncio.TimeoutError) as exc:
-            reason = str(exc) or f"no answer within {timeout:g}s"
-            message = f"could not deregister {provider_id}: {reason}; health checks will mark it offline"
+        """The DELETE of this run's instance at shutdown, tried again within ``timeout`` while the
+        platform fails it for a moment (``retrying``)."""
+        tries = await tries_within(lambda: self._client.deregister(provider_id), timeout)
+        if tries.failure is not None:
+            message = f"could not deregister {provider_id}{tries.after}: {tries.reason}; health checks will mark it offline"
             self._set_phase(Phase.deregister_failed, message, logging.WARNING)
             return False
         self.provider_id = None
-        self._set_phase(Phase.deregistered, f"deregistered {provider_id} from {self._client.base_url}")
+        self._set_phase(Phase.deregistered, f"deregistered {provider_id} from {self._client.base_url}{tries.at_try}")
         self.registered.clear()
         return True
 
