@@ -41,7 +41,10 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=N_CTX, parallel=PARALLEL, max_queue=MAX_QUEUE, threads=1)) as loaded:
+    """Flash attention off, as ``reference`` runs (llama-cpp-python's ``flash_attn=False``), on every
+    CPU: ``auto`` is on except on an Intel CPU with AMX, and the comparisons below want like with like."""
+    options = EngineOptions(model_path=TINY_MODEL, n_ctx=N_CTX, parallel=PARALLEL, max_queue=MAX_QUEUE, threads=1, flash_attention="off")
+    with Engine.load(options) as loaded:
         yield loaded
 
 

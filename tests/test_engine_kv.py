@@ -75,15 +75,20 @@ def test_kv_per_slot_gives_each_slot_the_whole_context() -> None:
 
 @pytest.mark.parametrize("cache_ram", [0, 64], ids=["no-prompt-cache", "prompt-cache"])
 async def test_requests_that_together_outgrow_the_shared_kv_all_finish_as_if_alone(monkeypatch: pytest.MonkeyPatch, cache_ram: int) -> None:
-    request = {"sampling": GREEDY, "max_tokens": LONG, "ignore_eos": True}
-    prompts, expected, texts = await each_alone(PROMPTS, **request)
+    """Each answer is its run alone up to a near-tie: a paused request's KV is rebuilt in other cells
+    or batch shapes, which rounds attention's sums differently (without flash attention, the default
+    on an Intel CPU with AMX, one of these answers parted from its run alone at token 186). Its
+    text is exactly its tokens': none streamed twice or lost."""
+    request = {"sampling": GREEDY, "max_tokens": LONG, "ignore_eos": True, "logprobs": 2}
+    prompts, expected, _ = await each_alone(PROMPTS, **request)
 
     generations, texts_together, stats = await all_at_once(monkeypatch, prompts, cache_ram, **request)
 
     assert stats.preemptions_total > 0, "the KV cache really ran out"
-    assert texts_together == texts
+    with load() as engine:
+        assert texts_together == [engine.detokenize(g.token_ids) for g in generations], "no token streamed twice or lost"
     for generation, prompt, reference in zip(generations, prompts, expected, strict=True):
-        assert generation.token_ids == reference.token_ids, "no token streamed twice or lost"
+        same_until_a_near_tie(generation, reference)
         assert generation.finish_reason == "length"
         assert generation.usage is not None
         assert (generation.usage.prompt_tokens, generation.usage.completion_tokens) == (len(prompt), LONG)
@@ -113,15 +118,18 @@ async def test_with_the_prompt_cache_a_paused_request_comes_back_from_host_memor
     On a loaded machine a save was sometimes timed with the time slices another process took
     meanwhile (tens of ms for a 0.3 ms copy), the save policy then judged copies dearer than
     prefilling, and the paused requests were prefilled again (``save_policy.py``). Admitted one
-    by one, the third text once parted from its run alone at a near-tie (token 161; ``all_at_once``)."""
-    request = {"sampling": GREEDY, "max_tokens": LONG, "ignore_eos": True}
+    by one, the third text once parted from its run alone at a near-tie (token 161; ``all_at_once``);
+    admitted at once, the answers still match their runs alone only up to a near-tie (the restored
+    KV sits in other cells)."""
+    request = {"sampling": GREEDY, "max_tokens": LONG, "ignore_eos": True, "logprobs": 2}
     prompts, expected, _ = await each_alone(PROMPTS, **request)
 
     generations, _, stats = await all_at_once(monkeypatch, prompts, 64, **request)
 
     assert stats.preemptions_total > 0, "the KV cache really ran out"
     assert stats.prefill_tokens_total <= sum(len(p) for p in prompts) + stats.preemptions_total
-    assert [g.token_ids for g in generations] == [e.token_ids for e in expected]
+    for generation, reference in zip(generations, expected, strict=True):
+        same_until_a_near_tie(generation, reference)
 
 
 async def test_a_long_prompt_waits_for_the_room_others_will_generate_into_instead_of_being_paused() -> None:

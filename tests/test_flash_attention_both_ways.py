@@ -177,11 +177,12 @@ async def test_a_prompt_borrowing_a_running_requests_prefix_answers_as_one_prefi
     with load(flash) as engine:
         system = engine.tokenize(SYSTEM)
         question = system + engine.tokenize(" Lily saw a cat")[1:]
-        running = engine.submit(GenerationRequest(system + engine.tokenize(" Tom went")[1:], sampling=GREEDY, max_tokens=60, ignore_eos=True))
+        running = engine.submit(GenerationRequest(system + engine.tokenize(" Tom went")[1:], sampling=GREEDY, max_tokens=400, ignore_eos=True))
         await running.__anext__()  # generating: the system prompt's cells are in the cache
         before = engine.stats().prefill_tokens_total
         borrowed = await ask(engine, question, 16, logprobs=2)
         prefilled = engine.stats().prefill_tokens_total - before
+        assert not running.done, "borrowed from a request still running, not from an idle slot's cache"
         await running.collect()
     with load(flash) as fresh:
         alone = await ask(fresh, question, 16, logprobs=2)
