@@ -18,7 +18,16 @@ mapped onto what the engine does, or a 400 naming it and saying what to send ins
 - ``stop_token_ids``, ``include_stop_str_in_output`` and ``min_tokens`` reach the engine
   (``GenerationRequest``);
 - ``add_generation_prompt`` and ``continue_final_message`` reach the chat template
-  (``engine/conversation.py``).
+  (``engine/conversation.py``);
+- the sampling and serving options this server does not have (``prompt_logprobs``, beam search
+  and its ``length_penalty``, ``allowed_token_ids``, ``bad_words``, ``logits_processors``,
+  ``truncate_prompt_tokens``, ``return_tokens_as_token_ids``, ``priority``,
+  ``skip_special_tokens: false``) are a 400 when given a value other than vLLM's default
+  (``_NOT_SUPPORTED``); their default, or null, is accepted, because vLLM's clients send the
+  defaults of every field. Each takes any JSON type, so a wrong one gets the same 400, not a type
+  error about a field that would be refused anyway. ``spaces_between_special_tokens`` is
+  deliberately accepted and ignored: it only changes how special tokens' text is joined, and that
+  text is not shown here.
 
 Checks that tie two fields together are here too (``check_fields``), after pydantic's, so the 400
 names the field a buyer has to change with OpenAI's own words where OpenAI has them.
@@ -27,6 +36,7 @@ names the field a buyer has to change with OpenAI's own words where OpenAI has t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -44,6 +54,38 @@ _NO_GRAMMAR = (
     "a grammar's text is not accepted by this server (llama.cpp would parse it in the serving process);"
     " send guided_json, guided_regex, guided_choice or response_format instead"
 )
+
+
+def _is_null(value: Any) -> bool:
+    return value is None
+
+
+def _is_number(default: float) -> Callable[[Any], bool]:
+    """``1`` and ``1.0`` alike, as JSON writers differ; ``true`` is no number."""
+    return lambda value: value is None or (isinstance(value, int | float) and not isinstance(value, bool) and value == default)
+
+
+def _is_bool(default: bool) -> Callable[[Any], bool]:
+    return lambda value: value is None or value is default
+
+
+def _is_empty_list(value: Any) -> bool:
+    return value is None or value == []
+
+
+_NOT_SUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "prompt_logprobs": (_is_null, "on /v1/completions send echo: true with logprobs N to get the prompt's logprobs"),
+    "use_beam_search": (_is_bool(False), "there is no beam search here"),
+    "length_penalty": (_is_number(1.0), "it applies to beam search, which there is none of here"),
+    "allowed_token_ids": (_is_empty_list, "send logit_bias instead (a token id's bias -100 bans it, 100 favours it)"),
+    "bad_words": (_is_empty_list, "send logit_bias instead, with -100 for the words' token ids"),
+    "logits_processors": (_is_empty_list, "no buyer's code runs in this server"),
+    "truncate_prompt_tokens": (_is_null, "a prompt is never cut here: send it shorter"),
+    "return_tokens_as_token_ids": (_is_bool(False), "logprobs name each token by its text"),
+    "priority": (_is_number(0), "requests are served in the order they come"),
+    "skip_special_tokens": (_is_bool(True), "special tokens' text is never shown, except the markers a chat format gives"),
+}
+"""vLLM's field, whether a value is its default (or null), and what to do instead (``_not_supported``)."""
 
 
 def _refuse(value: Any, message: str) -> Any:
@@ -97,6 +139,16 @@ class VllmFields(BaseModel):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
     min_tokens: int = Field(0, ge=0)
+    prompt_logprobs: Any = None
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    logits_processors: Any = None
+    truncate_prompt_tokens: Any = None
+    return_tokens_as_token_ids: Any = None
+    priority: Any = None
+    skip_special_tokens: Any = None
 
     @field_validator("guided_grammar", "grammar")
     @classmethod
@@ -107,6 +159,13 @@ class VllmFields(BaseModel):
     @classmethod
     def _no_whitespace_pattern(cls, value: str | None) -> str | None:
         return _refuse(value is not None, "guided_whitespace_pattern is not supported by this server")
+
+    @field_validator(*_NOT_SUPPORTED)
+    @classmethod
+    def _not_supported(cls, value: Any, info: ValidationInfo) -> Any:
+        is_default, instead = _NOT_SUPPORTED[info.field_name]  # type: ignore[index]
+        _refuse(not is_default(value), f"{info.field_name} is not supported by this server; {instead}")
+        return value
 
     @field_validator("stop_token_ids", "include_stop_str_in_output", "min_tokens", mode="before")
     @classmethod
