@@ -36,19 +36,13 @@ from vramsupply.serve.options import market_options
 OTHER_KEY = "sk-other-account-00000000000000"
 
 
-class DeleteFault:
-    """The platform's trouble with DELETE /v1/providers/{id}, while ``mode`` is set: ``"503"``
-    answers 503 at once; ``"hang"`` answers nothing until ``lift()``, then a 504 (as a gateway
-    that gave up: the instance is not deleted). Every other call is answered as documented."""
+class DeleteFaults:
+    """A fault plan for the platform's DELETE /v1/providers/{id}, put into the reference platform's
+    app as a middleware; ``deletes``: the DELETEs that reached it, faulty or not. A subclass's
+    ``_fault`` answers one DELETE in its place, or None to let the platform answer as documented."""
 
     def __init__(self) -> None:
-        self.mode: str | None = None
-        self.deletes = 0  # DELETEs that reached the platform, faulty or not
-        self._lifted = threading.Event()
-
-    def lift(self) -> None:
-        self.mode = None
-        self._lifted.set()
+        self.deletes = 0
 
     def into(self, platform: LivePlatform) -> LivePlatform:
         platform.platform.app.middlewares.append(self._middleware)
@@ -59,12 +53,33 @@ class DeleteFault:
         if request.method != "DELETE" or not request.path.startswith("/v1/providers/"):
             return await handler(request)
         self.deletes += 1
+        fault = await self._fault()
+        return fault if fault is not None else await handler(request)
+
+    async def _fault(self) -> web.StreamResponse | None:
+        raise NotImplementedError
+
+
+class DeleteFault(DeleteFaults):
+    """While ``mode`` is set: ``"503"`` answers 503 at once; ``"hang"`` answers nothing until
+    ``lift()``, then a 504 (as a gateway that gave up: the instance is not deleted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode: str | None = None
+        self._lifted = threading.Event()
+
+    def lift(self) -> None:
+        self.mode = None
+        self._lifted.set()
+
+    async def _fault(self) -> web.StreamResponse | None:
         if self.mode == "503":
             return web.json_response({"error": {"message": "service unavailable", "type": "server_error"}}, status=503)
         if self.mode == "hang":
             await asyncio.get_running_loop().run_in_executor(None, self._lifted.wait, 60)
             return web.json_response({"error": {"message": "gateway timeout", "type": "server_error"}}, status=504)
-        return await handler(request)
+        return None
 
 
 def listed(platform: LivePlatform) -> set[str]:

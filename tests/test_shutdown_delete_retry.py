@@ -27,7 +27,7 @@ from aiohttp import web
 from conftest import TINY_MODEL
 from live_platform import API_KEY, LivePlatform, free_port
 from test_leftover_retire import NEW, OLD, RegisterRefused, said, serving_at
-from test_leftover_retry import kept_ids, listed
+from test_leftover_retry import DeleteFaults, kept_ids, listed
 from test_platform_lifecycle import EngineCounters, eventually, make_lifecycle
 from test_platform_ops_review import dead_pid
 
@@ -37,30 +37,21 @@ from vramsupply.platform.state import default_state_path, write_state
 UNAVAILABLE = {"error": {"message": "service unavailable", "type": "server_error"}}
 
 
-class DeleteTrouble:
-    """The platform's answers to DELETE /v1/providers/{id}: each status in ``statuses`` answers one
-    DELETE with that error, the last one every DELETE after it; None answers as documented (the
-    instance is deleted). ``deletes``: the DELETEs that reached the platform."""
+class DeleteTrouble(DeleteFaults):
+    """Each status in ``statuses`` answers one DELETE with that error, the last one every DELETE
+    after it; None answers as documented (the instance is deleted)."""
 
     def __init__(self, *statuses: int | None) -> None:
+        super().__init__()
         self.statuses = list(statuses)
-        self.deletes = 0
 
-    def into(self, platform: LivePlatform) -> LivePlatform:
-        platform.platform.app.middlewares.append(self._middleware)
-        return platform
-
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.method != "DELETE" or not request.path.startswith("/v1/providers/"):
-            return await handler(request)
-        self.deletes += 1
+    async def _fault(self) -> web.StreamResponse | None:
         status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
         if status == 503:
             return web.json_response(UNAVAILABLE, status=503)
         if status is not None:
             return web.json_response({"error": {"message": "instance is locked", "type": "invalid_request_error"}}, status=status)
-        return await handler(request)
+        return None
 
 
 async def registered(platform: LivePlatform, state_path: Path) -> tuple[Any, str]:
