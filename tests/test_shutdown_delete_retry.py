@@ -156,8 +156,32 @@ async def test_an_old_url_instance_whose_shutdown_delete_answers_503_once_is_del
         assert await lifecycle.stop(timeout=5) is True
         assert listed(platform) == set() and trouble.deletes == 2
     assert kept_ids(state_path) == []
-    assert lifecycle.phase is Phase.deregistered and at_old in lifecycle.message
+    assert lifecycle.phase is Phase.deregistered
+    assert lifecycle.message == f"deregistered {at_old} (at try 2), registered at an endpoint URL no longer used, from {platform.url}"
     assert said(caplog, f"deregistered {at_old}, an instance registered before this one, at try 2") == 1
+
+
+async def test_an_old_url_instance_the_platform_fails_past_the_budget_says_how_many_tries_failed(tmp_path: Path) -> None:
+    """The same, with the platform failing every DELETE: the summary gives the try count too, and
+    the instance is kept for the next start."""
+    state_path, trouble, refused = tmp_path / "registration.json", DeleteTrouble(None), RegisterRefused()
+    with trouble.into(refused.into(LivePlatform())) as platform:
+        lifecycle = await serving_at(platform, state_path, OLD)
+        at_old = lifecycle.provider_id
+        refused.on = True
+        lifecycle.move_endpoint(NEW)
+        await eventually(lambda: lifecycle.phase is Phase.rejected, timeout=10)
+        trouble.statuses = [503]
+        assert await lifecycle.stop(timeout=1.5) is False
+        assert listed(platform) == {at_old}
+    assert lifecycle.phase is Phase.deregister_failed
+    failed = (
+        rf"could not deregister {at_old} \(after (\d+) tries\), registered at an endpoint URL no longer used; "
+        "the next start retries, and until then health checks will mark it offline"
+    )
+    tries = re.fullmatch(failed, lifecycle.message)
+    assert tries is not None and int(tries.group(1)) == trouble.deletes >= 2, (lifecycle.message, trouble.deletes)
+    assert kept_ids(state_path) == [at_old]
 
 
 def test_sigterm_while_the_platform_answers_the_delete_503_twice_leaves_nothing_listed() -> None:

@@ -33,7 +33,7 @@ from vramsupply.platform.backoff import Backoff
 from vramsupply.platform.client import PlatformClient, PlatformError, RequestRejected
 from vramsupply.platform.heartbeat import may_have_registered
 from vramsupply.platform.leftovers import GIVE_UP_SECONDS, PendingLeftovers, days_kept
-from vramsupply.platform.retrying import tries_within
+from vramsupply.platform.retrying import Tries, tries_within
 from vramsupply.platform.state import KeptLeftover, Phase
 from vramsupply.timeouts import within
 
@@ -176,30 +176,32 @@ class Departure:
         """Shutdown: delete the retired instances at once, each tried again within ``timeout`` while
         the platform fails it for a moment; True when all are gone (one that stays is kept for the
         next start). ``report``: they are all there was, so the outcome is the phase."""
-        gone = await asyncio.gather(*(self._deregister_retired(old, timeout, then="the next start retries", retry=True) for old in retired))
-        left = [old for old, removed in zip(retired, gone) if not removed]
+        tries = await asyncio.gather(*(self._deregister_retired(old, timeout, then="the next start retries", retry=True) for old in retired))
+        left = [old for old, made in zip(retired, tries) if made.failure is not None]
         if report and left:
             kept = " the next start retries, and until then" if any(k.provider_id in left for k in self._pending_leftovers()) else ""
-            message = f"could not deregister {', '.join(left)}, registered at an endpoint URL no longer used;{kept} health checks will mark it offline"
+            which = ", ".join(f"{old}{made.after_in_brackets}" for old, made in zip(retired, tries) if made.failure is not None)
+            message = f"could not deregister {which}, registered at an endpoint URL no longer used;{kept} health checks will mark it offline"
             self._set_phase(Phase.deregister_failed, message, logging.WARNING)
         elif report:
-            self._set_phase(Phase.deregistered, f"deregistered {', '.join(retired)}, registered at an endpoint URL no longer used, from {self._client.base_url}")
+            which = ", ".join(f"{old}{made.at_try_in_brackets}" for old, made in zip(retired, tries))
+            self._set_phase(Phase.deregistered, f"deregistered {which}, registered at an endpoint URL no longer used, from {self._client.base_url}")
         return not left
 
-    async def _deregister_retired(self, old: str, timeout: float, *, then: str, retry: bool = False) -> bool:
+    async def _deregister_retired(self, old: str, timeout: float, *, then: str, retry: bool = False) -> Tries:
         """The DELETE of a retired instance (``retry``: at shutdown, tried again within ``timeout``
         while the platform fails it for a moment); one that fails is kept (``then``: when it is
-        retried), unless the platform refused it outright."""
+        retried), unless the platform refused it outright. How it went: ``Tries``."""
         tries = await tries_within(lambda: self._client.deregister(old), timeout, retry=retry)
         if isinstance(tries.failure, RequestRejected):  # however often asked, it will not delete it
             log.warning("could not deregister %s, an instance registered before this one%s: the platform refused the DELETE (%s); health checks will mark it offline", old, tries.after, tries.reason)
-            return False
+            return tries
         if tries.failure is not None:
             self._keep_retired(old)
             log.warning("could not deregister %s, an instance registered before this one%s: %s; %s, and until then the platform's health checks will mark it offline", old, tries.after, tries.reason, then)
-            return False
+            return tries
         log.info("deregistered %s, an instance registered before this one%s", old, tries.at_try)
-        return True
+        return tries
 
     def _keep_retired(self, old: str) -> None:
         """Keep a retired instance still listed with the leftovers: in the record (a run killed now

@@ -55,6 +55,16 @@ class Tries:
         return f", at try {self.count}" if self.count > 1 else ""
 
     @property
+    def after_in_brackets(self) -> str:
+        """The same, in a list of several: " (after N tries)", nothing for one."""
+        return f" (after {self.count} tries)" if self.count > 1 else ""
+
+    @property
+    def at_try_in_brackets(self) -> str:
+        """The same, in a list of several: " (at try N)", nothing for the first."""
+        return f" (at try {self.count})" if self.count > 1 else ""
+
+    @property
     def reason(self) -> str:
         """Why the last try failed, on one line (a timeout's ``str()`` is empty)."""
         if self.failure is None or str(self.failure):
