@@ -155,7 +155,12 @@ def test_empty_tools_are_no_tools_and_parallel_tool_calls_alone_is_accepted(serv
     with sdk(servers["qwen3"]) as client:
         empty = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=[], max_tokens=3, extra_body=NO_THINKING)
         alone = client.chat.completions.create(model=MODEL_ID, messages=ASK, parallel_tool_calls=False, max_tokens=3, extra_body=NO_THINKING)
+        auto = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=[], tool_choice="auto", max_tokens=3, extra_body=NO_THINKING)
+        with pytest.raises(BadRequestError) as required:
+            client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=[], tool_choice="required", max_tokens=3, extra_body=NO_THINKING)
     assert empty.choices[0].message.content is not None and alone.choices[0].message.content is not None
+    assert auto.choices[0].message.content is not None and not auto.choices[0].message.tool_calls, "'auto' among no tools calls none"
+    assert required.value.body["param"] == "tool_choice" and "needs 'tools'" in required.value.body["message"]
     assert prompt_of(servers["qwen3"], ASK, []) == prompt_of(servers["qwen3"], ASK, None)
 
 

@@ -246,9 +246,9 @@ def _tool_choice(choice: str | Mapping[str, Any] | None, functions: list[dict[st
     if isinstance(choice, str):
         if choice not in TOOL_CHOICES:
             raise ChatRequestError("tool_choice", f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function")
-        if choice != "none" and not functions:
-            raise ChatRequestError("tool_choice", f"tool_choice {choice!r} needs 'tools'")
-        return choice, None
+        if choice == "required" and not functions:
+            raise ChatRequestError("tool_choice", "tool_choice 'required' needs 'tools'")
+        return (choice if functions else "none"), None  # "auto" among no tools calls none (``tools: []``)
     function = choice.get("function") if isinstance(choice, Mapping) else None
     name = function.get("name") if isinstance(function, Mapping) else None
     if not isinstance(name, str) or choice.get("type") != "function":
