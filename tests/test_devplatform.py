@@ -54,11 +54,11 @@ async def http(method: str, url: str, *, body: Any = None, headers: dict[str, st
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-async def register(platform: LivePlatform, agent_url: str, *, api_key: str = API_KEY, token: str = ENDPOINT_TOKEN, output_price: int = 200) -> str:
+async def register(platform: LivePlatform, agent_url: str, *, api_key: str = API_KEY, token: str = ENDPOINT_TOKEN, output_price: int = 200, input_price: int = 100) -> str:
     offer = RegisterRequest(
         endpoint_url=agent_url,
         model=MODEL_ID,
-        input_price_per_million=100,
+        input_price_per_million=input_price,
         output_price_per_million=output_price,
         context_length_offered=2048,
         endpoint_token=token,
@@ -193,6 +193,16 @@ async def test_no_authorization_gets_an_mpp_challenge_and_a_payment_credential_i
     refused = await http("POST", f"{platform.url}/v1/chat/completions", body=body, headers={"Authorization": f"Payment {encoded_forged}"})
     assert refused.status == 402 and "ch_forged" in refused.json()["error"]["message"]
     assert "WWW-Authenticate" in refused.headers
+
+
+async def test_the_challenge_quotes_the_dearer_price_when_prompt_tokens_cost_more(platform: LivePlatform, agent: LiveServer) -> None:
+    """The amount a buyer sees before paying is never below what one of its tokens will cost."""
+    await register(platform, agent.url, input_price=1000, output_price=100)
+    challenged = await http("POST", f"{platform.url}/v1/chat/completions", body={"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 2})
+    assert challenged.status == 402
+    params = dict(re.findall(r'(\w+)="([^"]*)"', challenged.headers["WWW-Authenticate"]))
+    request = json.loads(base64.urlsafe_b64decode(params["request"] + "=" * (-len(params["request"]) % 4)))
+    assert request["amount"] == "10", "1000 ¢/M for prompt tokens: 10 base units, not the output price's 1"
 
 
 async def test_rails_filter_which_buyers_reach_a_provider(platform: LivePlatform, agent: LiveServer) -> None:

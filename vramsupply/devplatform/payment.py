@@ -46,12 +46,13 @@ class Credential(BaseModel):
 
 
 def per_token_amount(price_cents_per_million: int) -> int:
-    """USDC base units (6 decimals) per token at the provider's output price, rounded up.
+    """USDC base units (6 decimals) per token at a price in cents per million, rounded up.
 
     Cents per million tokens is 1/100 of a base unit per token: 200 ¢/M → 2, 250 ¢/M → 3. The
     platform fee is inside the price, not added to it: the provider earns ``1 - platform.api.PLATFORM_FEE`` of
     what the buyer pays, as the agent's ledger and startup summary say. One amount per token is
-    advertised, the dearer (output) price's; the receipt charges each token at its own price.
+    advertised, the dearer of the provider's two prices (usually the output price), so the quote
+    seen before paying is never below what a token costs; the receipt charges each at its own price.
     """
     return -(-price_cents_per_million // 100)
 

@@ -94,7 +94,7 @@ def _buyer_rail(request: web.Request) -> Rail | PaymentNeeded | web.Response:
 
 
 def _payment_required(store: Store, model: str, cheapest: Provider, reason: str) -> web.Response:
-    amount = payment.per_token_amount(cheapest.offer.output_price_per_million)
+    amount = payment.per_token_amount(max(cheapest.offer.input_price_per_million, cheapest.offer.output_price_per_million))
     challenge = store.issue_challenge(model, amount, payment.CHALLENGE_TTL_SECONDS, time.time())
     response = error_response(402, reason, "payment_required", "payment_required")
     response.headers["WWW-Authenticate"] = payment.challenge_header(challenge)
