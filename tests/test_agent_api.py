@@ -172,6 +172,22 @@ def test_stream_ends_with_finish_reason_tool_calls(qwen: LiveServer) -> None:
     assert reasons == ["tool_calls"]
 
 
+@pytest.mark.parametrize("choice", ["required", WEATHER])
+def test_a_forced_call_streamed_through_the_sdks_helper_has_null_content_as_unstreamed(qwen: LiveServer, choice: object) -> None:
+    """An agent's stream handler that opens a text item for any ``content`` not null must see none
+    where the answer can only be a call: the opening delta carries the role, no empty text."""
+    request = {"model": MODEL_ID, "messages": ASK, "tools": TOOLS, "tool_choice": choice, "parallel_tool_calls": False, "max_tokens": 200}
+    with sdk(qwen) as client:
+        with client.chat.completions.stream(seed=1, extra_body=NO_THINKING, **request) as stream:
+            opened = [event for event in stream if event.type == "content.delta"]
+            streamed = stream.get_final_completion().choices[0].message
+        whole = client.chat.completions.create(seed=1, extra_body=NO_THINKING, **request).choices[0].message
+    assert opened == [] and streamed.content is None and whole.content is None
+    assert len(whole.tool_calls) == 1 and [(c.function.name, c.function.arguments) for c in streamed.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in whole.tool_calls
+    ]
+
+
 def test_agent_loop_tools_then_result_then_answer(server: LiveServer) -> None:
     """The loop every agent framework runs: the model calls a tool, the client runs it and sends the
     result back in a ``tool`` message, and the model answers."""

@@ -98,8 +98,11 @@ class ChatShape(ShapeBase):
         return self._identified(FingerprintedChatCompletion, object="chat.completion", choices=choices, usage=self._usage(usage)).to_json()
 
     def opening_chunk(self, index: int) -> bytes:
-        """OpenAI's first chunk of every choice announces the assistant role."""
-        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""), logprobs=None, finish_reason=None)])
+        """OpenAI's first chunk of every choice announces the assistant role, with an empty text, or
+        none where the answer must be a call (``forced``): a stream's text then stays null, as the
+        whole answer's ``content`` is."""
+        content = None if self.forced is not None else ""
+        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=content), logprobs=None, finish_reason=None)])
 
     def text_chunks(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> list[bytes]:
         choice = self._choice(index)
