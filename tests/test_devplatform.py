@@ -195,6 +195,15 @@ async def test_no_authorization_gets_an_mpp_challenge_and_a_payment_credential_i
     assert "WWW-Authenticate" in refused.headers
 
 
+@pytest.mark.parametrize("credential", ["!!!", "", "bm90IGpzb24"])  # the last is base64url of "not json"
+async def test_a_credential_that_is_not_base64url_json_is_a_402_that_says_so(platform: LivePlatform, agent: LiveServer, credential: str) -> None:
+    await register(platform, agent.url)
+    body = {"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 2}
+    refused = await http("POST", f"{platform.url}/v1/chat/completions", body=body, headers={"Authorization": f"Payment {credential}"})
+    assert refused.status == 402 and "WWW-Authenticate" in refused.headers
+    assert refused.json()["error"]["message"] == "malformed Payment credential: not base64url-encoded JSON"
+
+
 async def test_the_challenge_quotes_the_dearer_price_when_prompt_tokens_cost_more(platform: LivePlatform, agent: LiveServer) -> None:
     """The amount a buyer sees before paying is never below what one of its tokens will cost."""
     await register(platform, agent.url, input_price=1000, output_price=100)

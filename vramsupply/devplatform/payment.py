@@ -84,7 +84,8 @@ def challenge_header(challenge: Challenge) -> str:
 
 def parse_credential(encoded: str) -> Credential:
     try:
-        raw = base64.urlsafe_b64decode(encoded.strip() + "=" * (-len(encoded.strip()) % 4))
+        text = encoded.strip()
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)  # not skipping stray characters
         credential = Credential.model_validate_json(raw)
     except (ValueError, ValidationError) as exc:
         raise CredentialError(f"malformed Payment credential: {_first_error(exc)}") from None
@@ -94,7 +95,7 @@ def parse_credential(encoded: str) -> Credential:
 
 
 def _first_error(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
+    if isinstance(exc, ValidationError) and exc.errors()[0]["type"] != "json_invalid":
         err = exc.errors()[0]
         return f"{'.'.join(str(p) for p in err['loc']) or 'credential'}: {err['msg']}"
     return "not base64url-encoded JSON"
