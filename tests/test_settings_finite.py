@@ -45,6 +45,17 @@ def test_serve_refuses_a_stall_timeout_it_could_not_run_with_in_one_line(value: 
     assert line.startswith("error: invalid stall_timeout = ") and "(from flag --stall-timeout)" in line
 
 
+@pytest.mark.parametrize("source", ["flag", "env"])
+def test_serve_refuses_more_threads_than_llama_cpp_can_run_in_one_line(source: str) -> None:
+    """``--threads 100000`` passed validation and crashed the process (a segfault, or libgomp's
+    "Thread creation failed") with no error line."""
+    flag, env = (["--threads", "100000"], {}) if source == "flag" else ([], {"VRAM_SUPPLY_THREADS": "100000"})
+    result = run_cli("serve", "--model", str(TINY_MODEL), "--no-register", "--port", "0", *flag, env=env)
+    line = refused(result.stderr, result.returncode)
+    origin = "flag --threads" if source == "flag" else "env VRAM_SUPPLY_THREADS"
+    assert line.startswith("error: invalid threads = ") and f"(from {origin})" in line and "less than or equal to 512" in line
+
+
 def test_bench_refuses_an_infinite_stall_timeout_from_the_environment_before_loading_anything() -> None:
     result = run_cli("bench", "--model", str(TINY_MODEL), "--seconds", "3", env={"VRAM_SUPPLY_STALL_TIMEOUT": "inf"})
     line = refused(result.stderr, result.returncode)

@@ -43,6 +43,9 @@ MAX_DRAIN_SECONDS = 3600.0
 """An hour: no request runs longer, and the service manager waits this long (plus 30 s) to stop."""
 MAX_HEARTBEAT_SECONDS = 120.0
 """The platform checks health every 60 s and forgets an agent silent for a few minutes."""
+MAX_THREADS = 512
+"""llama.cpp's own limit (``GGML_MAX_N_THREADS``). Above it thread creation failed or the process
+crashed (``--threads 100000`` on 2 CPUs: a segfault, or libgomp's "Thread creation failed")."""
 MAX_STALL_SECONDS = 86400.0
 """A day: the slowest legitimate decode step takes minutes (``engine/liveness.py``), and a watchdog
 that waits longer than a day watches nothing. Every float setting has a finite upper limit, which
@@ -96,7 +99,7 @@ class Settings(BaseSettings):
     n_batch: int = Field(2048, ge=1, description="Maximum tokens per decode step (prompt chunks plus generated tokens)")
     n_ubatch: int = Field(512, ge=1, description="Physical micro-batch size inside one decode step")
     flash_attention: FlashAttention = Field(FlashAttention.auto, description="Flash attention: auto (llama.cpp's choice, on where a backend supports it; off for a model on the CPU alone of an Intel CPU with AMX), on or off")
-    threads: int | None = Field(None, ge=1, description="CPU threads for decoding and prompt processing, pinned (default: the physical cores, within a cgroup CPU quota, for both, and fewer while other programs keep them busy)")
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="CPU threads for decoding and prompt processing, pinned (default: the physical cores, within a cgroup CPU quota, for both, and fewer while other programs keep them busy; at most 512)")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before new ones get 429")
     stall_timeout: float = Field(600.0, gt=0, le=MAX_STALL_SECONDS, description="Seconds one decode step may run while requests wait before the engine counts as failed (/health 503, serve exits 1); at most 86400 (a day)")
     cache_ram: int | None = Field(None, ge=0, description="Most MiB of host RAM keeping idle conversations' KV for reuse; within it the cache keeps what its restores reach (default: a quarter of free RAM, within a cgroup memory limit, at most 8192; 0: off)")
