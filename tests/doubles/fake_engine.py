@@ -16,6 +16,9 @@ serves the part of their HTTP surface the agent uses, on --host/--port:
   seconds between pieces, 0.02 by default);
 - ``GET /metrics``: requests running and waiting under the engine's own gauge names.
 
+With ``FAKE_ENGINE_IGNORE_STOP`` set it ignores SIGTERM and SIGINT, as an engine stuck in a CUDA
+call does, and only SIGKILL ends it.
+
 Every start appends ``{"argv": [...], "pid": N}`` as a JSON line to ``FAKE_ENGINE_RECORD``, so tests
 can read the command line and count restarts; a generation whose client hangs up appends
 ``{"cancelled": path}``. It models nothing of the real engines beyond this.
@@ -28,6 +31,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -203,7 +207,11 @@ def main() -> None:
     app.router.add_get("/metrics", engine.metrics)
     app.router.add_post("/v1/completions", engine.generate)
     app.router.add_post("/v1/chat/completions", engine.generate)
-    web.run_app(app, host=args.host, port=args.port, print=None, handler_cancellation=True)
+    deaf = bool(os.environ.get("FAKE_ENGINE_IGNORE_STOP"))
+    if deaf:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    web.run_app(app, host=args.host, port=args.port, print=None, handler_cancellation=True, handle_signals=not deaf)
 
 
 if __name__ == "__main__":

@@ -303,6 +303,9 @@ async def drain(server: ApiServer, backend: Backend, drain_timeout: float | None
     try:
         await asyncio.shield(stopping)
     except asyncio.CancelledError:  # "stop now": end the requests at once, through the engine
+        stop_now = getattr(backend, "stop_now", None)
+        if stop_now is not None:
+            stop_now()  # a launched engine is killed, not given its stop timeout (``close`` below)
         if stop_generating is not None:
             stop_generating()  # the upstream's forwarded requests end (and are billed) through it
         else:

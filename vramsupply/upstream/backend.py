@@ -36,6 +36,9 @@ from vramsupply.upstream.supervisor import Supervisor
 
 log = logging.getLogger("vramsupply.upstream")
 
+KILLED_WAIT_SECONDS = 5.0
+"""How long a second stop signal waits for a launched engine it has SIGKILLed to be reaped."""
+
 
 class UpstreamError(VramsupplyError):
     """The upstream engine cannot be used as configured; the message says what to change."""
@@ -230,16 +233,35 @@ class UpstreamBackend:
             f"({self.slots} slots, {self.n_ctx}-token context)"
         )
 
+    def stop_now(self) -> None:
+        """A second stop signal: a launched engine is killed when stopped, not given its stop timeout."""
+        if self.supervisor is not None:
+            self.supervisor.stop_timeout = 0.0
+
     async def close(self) -> None:
         """Stop watching; a launched engine gets SIGTERM (then SIGKILL) once the front has drained."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await self._end_watch(self._task)
         if self.supervisor is not None:
             await self.supervisor.close()
         if self.client is not None:
             await self.client.close()
+
+
+    async def _end_watch(self, task: asyncio.Task[None]) -> None:
+        """Cancel the watch and wait for it: a supervisor stops its engine as it ends. A second stop
+        signal meanwhile cancels this wait, and is passed on (it used to be swallowed here, and the
+        agent then waited the engine's stop timeout out and exited 0): the engine is killed now."""
+        task.cancel()
+        try:
+            await asyncio.wait({task})  # never raises the watch's own outcome (``_watch_ended`` reports it)
+        except asyncio.CancelledError:
+            self.stop_now()
+            task.cancel()  # cuts ``EngineProcess.stop``'s wait short: it kills the engine
+            await asyncio.wait({task}, timeout=KILLED_WAIT_SECONDS)
+            raise
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log it again
 
 
 def pick_model(models: list[DiscoveredModel], wanted: str | None) -> str:

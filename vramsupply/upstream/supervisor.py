@@ -98,16 +98,20 @@ class EngineProcess:
                 engine_log.info("[%s] %s", self.name, line)
 
     async def stop(self, timeout: float) -> None:
-        """SIGTERM the process group (the engine's workers too), SIGKILL what is left after ``timeout``."""
+        """SIGTERM the process group (the engine's workers too), SIGKILL what is left after ``timeout``,
+        at once when ``timeout`` is 0, and as soon as this wait is cancelled (a second stop signal:
+        ``UpstreamBackend.close``), so an engine deaf to SIGTERM never outlives the agent."""
         if self._process is None:
             return
-        if not self.exited.done():
-            self._signal(signal.SIGTERM)
-            try:
-                await within(self.wait(), timeout)
-            except asyncio.TimeoutError:
-                log.warning("%s did not stop within %gs; killing it", self.name, timeout)
-        self._signal(signal.SIGKILL)  # the main process is gone; its workers must not outlive it
+        try:
+            if not self.exited.done() and timeout > 0:
+                self._signal(signal.SIGTERM)
+                try:
+                    await within(self.wait(), timeout)
+                except asyncio.TimeoutError:
+                    log.warning("%s did not stop within %gs; killing it", self.name, timeout)
+        finally:
+            self._signal(signal.SIGKILL)  # the main process is gone, or must go now; its workers must not outlive it
         await self.wait()
         if self._pump is not None:
             await self._pump
