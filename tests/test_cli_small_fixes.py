@@ -223,6 +223,11 @@ def test_a_directory_or_a_dangling_link_given_as_the_model_is_named_for_what_it_
         f"error: model file {tmp_path / 'link.gguf'} does not exist: it is a symbolic link to {tmp_path / 'gone' / 'm.gguf'}, which does not exist"
     )
     assert error("serve", "--model", "nothing") == "error: 'nothing' is neither a HuggingFace model id (org/model) nor a path to a .gguf file"
+    (tmp_path / "a.gguf").symlink_to("b.gguf")
+    (tmp_path / "b.gguf").symlink_to("a.gguf")
+    looped = "is a symbolic link that leads back to itself (through b.gguf): point it at the .gguf file"
+    assert error("serve", "--model", "a.gguf") == f"error: model file {tmp_path / 'a.gguf'} {looped}", "b.gguf exists: never 'does not exist'"
+    assert error("plan", "--model", "a.gguf") == f"error: model file a.gguf {looped}"
 
 
 # ---- 29: a local file that does not fit ---------------------------------------------------------------

@@ -6,6 +6,7 @@ its HTTP stack (12 MB of resident memory, for a feature the process does not use
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -141,12 +142,26 @@ def not_a_model_file(path: Path) -> str:
     nothing, a link to nothing (its target named), a directory (with the .gguf files in it, if
     any), or something else that is no regular file (a pipe, a device)."""
     if path.is_symlink() and not path.exists():
-        return f"model file {path} does not exist: it is a symbolic link to {os.readlink(path)}, which does not exist"
+        target = os.readlink(path)
+        if _link_loops(path):
+            return f"model file {path} is a symbolic link that leads back to itself (through {target}): point it at the .gguf file"
+        return f"model file {path} does not exist: it is a symbolic link to {target}, which does not exist"
     if not path.exists():
         return f"model file {path} does not exist"
     if path.is_dir():
         return f"{path} is a directory, not a .gguf file{_ggufs_in(path)}"
     return f"{path} is not a file"
+
+
+def _link_loops(path: Path) -> bool:
+    """Whether following ``path``'s links never ends (a loop, or more links than the system follows)."""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python before 3.13: "Symlink loop"
+        return True
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def _ggufs_in(directory: Path) -> str:
