@@ -319,3 +319,19 @@ def test_a_cache_dir_under_home_written_with_a_tilde_is_the_homes_folder(config_
     write_config_values(config_file, {"cache_dir": "~/models"})
 
     assert load_settings({}).settings.cache_dir == Path.home() / "models"
+
+
+@pytest.mark.parametrize("command", [["models", "list"], ["models", "rm", "--all", "-y"]])
+def test_a_cache_dir_that_is_a_file_is_refused_not_shown_as_an_empty_cache(tmp_path: Path, command: list[str]) -> None:
+    """A typo that names a file made `models list` say no model was downloaded, and `models rm --all`
+    say it removed nothing, both exit 0."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a cache")
+    reason = f"{a_file} is not a directory: name the folder models are kept in (it is made if missing)"
+    flag = run_cli(*command, "--cache-dir", str(a_file))
+    env = run_cli(*command, env={"VRAM_SUPPLY_CACHE_DIR": str(a_file)})
+    assert (flag.returncode, flag.stderr.strip()) == (2, f"error: invalid cache_dir = '{a_file}' (from flag --cache-dir): {reason}")
+    assert (env.returncode, env.stderr.strip()) == (2, f"error: invalid cache_dir = '{a_file}' (from env VRAM_SUPPLY_CACHE_DIR): {reason}")
+    assert a_file.read_text() == "not a cache"
+    missing = run_cli(*command, "--cache-dir", str(tmp_path / "not-yet"))
+    assert missing.returncode == 0, "a folder not made yet is a cache with nothing in it"

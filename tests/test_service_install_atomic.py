@@ -56,8 +56,11 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_anything_is_written(tmp_pa
     afile.write_text("")
     units, env_file = tmp_path / "units", tmp_path / "env"
     code, error = install(tmp_path, units, env_file, VRAM_SUPPLY_CACHE_DIR=str(afile))
-    assert code == 1
-    assert error == f"error: cannot create {afile}: {afile} is not a directory (nothing was installed)"
+    assert code == 2, "refused with the settings, before the install begins"
+    assert error == (
+        f"error: invalid cache_dir = '{afile}' (from env VRAM_SUPPLY_CACHE_DIR): {afile} is not a directory: "
+        "name the folder models are kept in (it is made if missing)"
+    )
     assert not units.exists() and not env_file.exists()
 
 

@@ -231,7 +231,10 @@ class Settings(BaseSettings):
     def _home_expanded(cls, value: Path | None) -> Path | None:
         """``cache_dir = "~/models"`` in the config file (or a quoted ``~`` in the env file) is the
         home's folder, as a shell would make it: not a folder named ``~`` in the current directory."""
-        return value.expanduser() if value is not None else None
+        path = value.expanduser() if value is not None else None
+        if path is not None and path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is not a directory: name the folder models are kept in (it is made if missing)")
+        return path
 
     @field_validator("host")
     @classmethod
