@@ -139,6 +139,26 @@ async def test_answers_that_are_not_utf8_are_platform_errors_not_crashes(aiohttp
             await client.demand()
 
 
+async def test_a_web_page_answering_where_the_api_should_is_named_with_the_setting_to_check(aiohttp_server: Any) -> None:
+    """A platform_url pointing at some other web server (a typo, the site instead of the API): its
+    404 page is no reason; the error says a page answered, and which setting to check."""
+    page = "<!DOCTYPE HTML>\n<html><head><title>Error response</title></head><body>404 Not Found</body></html>"
+
+    async def demand(request: web.Request) -> web.Response:
+        return web.Response(text=page, status=404, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/v1/providers/demand", demand)
+    server = await aiohttp_server(app)
+    async with PlatformClient(str(server.make_url("")), API_KEY, attempts=1) as client:
+        with pytest.raises(RequestRejected) as info:
+            await client.demand()
+    assert str(info.value) == (
+        "platform rejected GET /v1/providers/demand (404): an HTML page, not an answer of the vram.supply API: "
+        "check platform_url (VRAM_SUPPLY_PLATFORM_URL)"
+    )
+
+
 async def test_an_unreachable_platform_gives_up_after_the_attempts_with_one_line() -> None:
     port = free_port()
     started = time.monotonic()

@@ -263,7 +263,10 @@ class PlatformClient:
         if status in (404, 410) and names_provider:
             raise UnknownProvider(f"the platform does not know this provider ({status}{_detail(text)})")
         if status >= 400:
-            raise RequestRejected(status, f"platform rejected {method} {path} ({status}): {_message(text) or 'no reason given'}")
+            reason = _message(text) or "no reason given"
+            if _is_html(text):  # a web server or proxy answered, not the platform's API
+                reason = f"an HTML page, not an answer of the vram.supply API: check {PLATFORM_URL_SETTING}"
+            raise RequestRejected(status, f"platform rejected {method} {path} ({status}): {reason}")
 
     def _redirect_message(self, call: str, status: int, location: str | None) -> str:
         """A redirect is not followed; say where it pointed, and whether it looks like the API moved."""
@@ -342,6 +345,12 @@ def _message(text: str) -> str | None:
     except ValueError:
         lines = text.strip().splitlines()
         return printable(lines[0]) if lines else None
+
+
+def _is_html(text: str) -> bool:
+    """Whether an answer is a web page (a plain web server's 404, a proxy's or captive portal's page)."""
+    start = text.lstrip()[:200].lower()
+    return start.startswith(("<!doctype html", "<html")) or (start.startswith("<") and "<html" in start)
 
 
 def _detail(text: str) -> str:
