@@ -141,17 +141,24 @@ async def test_a_refusal_after_a_503_ends_the_tries_and_says_how_many_were_made(
     )
 
 
+async def moved_and_refused(platform: LivePlatform, state_path: Path, refused: RegisterRefused) -> tuple[Any, str | None]:
+    """Registered at OLD, then the tunnel moved and NEW was refused: the OLD instance is retired
+    only at shutdown. The lifecycle and that instance's id."""
+    lifecycle = await serving_at(platform, state_path, OLD)
+    at_old = lifecycle.provider_id
+    refused.on = True
+    lifecycle.move_endpoint(NEW)
+    await eventually(lambda: lifecycle.phase is Phase.rejected, timeout=10)
+    return lifecycle, at_old
+
+
 async def test_an_old_url_instance_whose_shutdown_delete_answers_503_once_is_deleted_at_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The tunnel moved, the new URL was refused, so the old URL's instance is retired only at
     shutdown: its DELETE gets past the blip too, and nothing is left for the next start."""
     caplog.set_level(logging.INFO, logger="vramsupply.platform")
     state_path, trouble, refused = tmp_path / "registration.json", DeleteTrouble(None), RegisterRefused()
     with trouble.into(refused.into(LivePlatform())) as platform:
-        lifecycle = await serving_at(platform, state_path, OLD)
-        at_old = lifecycle.provider_id
-        refused.on = True
-        lifecycle.move_endpoint(NEW)
-        await eventually(lambda: lifecycle.phase is Phase.rejected, timeout=10)
+        lifecycle, at_old = await moved_and_refused(platform, state_path, refused)
         trouble.statuses = [503, None]
         assert await lifecycle.stop(timeout=5) is True
         assert listed(platform) == set() and trouble.deletes == 2
@@ -166,11 +173,7 @@ async def test_an_old_url_instance_the_platform_fails_past_the_budget_says_how_m
     the instance is kept for the next start."""
     state_path, trouble, refused = tmp_path / "registration.json", DeleteTrouble(None), RegisterRefused()
     with trouble.into(refused.into(LivePlatform())) as platform:
-        lifecycle = await serving_at(platform, state_path, OLD)
-        at_old = lifecycle.provider_id
-        refused.on = True
-        lifecycle.move_endpoint(NEW)
-        await eventually(lambda: lifecycle.phase is Phase.rejected, timeout=10)
+        lifecycle, at_old = await moved_and_refused(platform, state_path, refused)
         trouble.statuses = [503]
         assert await lifecycle.stop(timeout=1.5) is False
         assert listed(platform) == {at_old}
