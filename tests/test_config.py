@@ -186,6 +186,13 @@ def test_login_rejects_empty_key() -> None:
     assert "API key" in result.stderr
 
 
+@pytest.mark.parametrize("piped", ["", "\n", "   \n"])
+def test_login_with_nothing_piped_in_says_no_key_came(piped: str) -> None:
+    result = run_cli("login", input=piped)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: no API key on standard input: pipe the key in (`echo KEY | vramsupply login`), or pass --api-key"
+
+
 def test_a_price_with_a_few_digits_too_many_is_refused_by_name() -> None:
     result = run_cli("serve", "--model", "unused", "--input-price", "100000000000000000")
     env = run_cli("config", "show", env={"VRAM_SUPPLY_OUTPUT_PRICE": "20000000"})

@@ -129,3 +129,13 @@ def test_serve_downloads_from_the_hub_and_serves_under_the_canonical_id(hub: Fak
     assert "acme/Widget-7B-GGUF/Widget-7B-Q4_K_M.gguf: done, 1.2 MB in" in served.log
     listed = json.loads(run_cli("models", "list", "--json", env=env_for(hub, hf_home)).stdout)
     assert [(item["repo_id"], item["status"]) for item in listed] == [("acme/Widget-7B-GGUF", "verified")]
+
+
+def test_models_resolve_refuses_a_local_path_naming_it_as_a_path(tmp_path: Path) -> None:
+    """A directory is a local path too, not a "local file"."""
+    for given in (str(tmp_path), "./model.gguf"):
+        result = run_cli("models", "resolve", given)
+        assert result.returncode == 2
+        assert result.stderr.strip() == (
+            f"error: {given} is a local path: only HuggingFace ids (org/model) are resolved (serve and models pull accept local paths)"
+        )

@@ -131,7 +131,10 @@ def _ask_for_key() -> str:
     if sys.stdin is None or sys.stdin.closed:
         fail("no API key: pass --api-key, or run `vramsupply login` in a terminal")
     if not sys.stdin.isatty():
-        return sys.stdin.readline()
+        line = sys.stdin.readline()
+        if not line.strip():
+            fail("no API key on standard input: pipe the key in (`echo KEY | vramsupply login`), or pass --api-key")
+        return line
     try:
         return typer.prompt("vram.supply API key", hide_input=True)
     except typer.Abort:  # Ctrl-C or end of input at the prompt

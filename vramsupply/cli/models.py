@@ -50,7 +50,7 @@ def models_resolve(
     from vramsupply.hub.views import resolved_json, resolved_table
 
     if is_local_path(model):
-        fail(f"{model} is a local file: only HuggingFace ids are resolved (serve and models pull accept local paths)")
+        fail(f"{model} is a local path: only HuggingFace ids (org/model) are resolved (serve and models pull accept local paths)")
     settings = quant_serve_would_choose(model, settings_from({"quant": quant}))
     resolved = resolve(model, settings.quant, access=HubAccess.from_env(settings.download_timeout), publishers=settings.gguf_publishers)
     if as_json:
