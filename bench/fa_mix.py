@@ -1,10 +1,11 @@
 """Raw llama_decode (a measurement, not a server bench): does mixing many sequences' generating rows into a tiled step slow the prompt rows?
 12 resident sequences of DEPTH tokens (interleaved or in blocks), a 13th prefilling at its depth.
 
-    .venv/bin/python bench/fa_mix.py [streams] [depth] [blocks|interleave]
+    .venv/bin/python bench/fa_mix.py [streams] [depth] [blocks|interleave] [--flash-attention on|off]
 
 Results: bench/results/2026-12-03-fa-mix.json (docs/performance.md, "Why overload is still lost"), and with
-the two-decode cases at 8,192 cells bench/results/2026-12-05-fa-mix-apart.txt (engine/pacing.py, "Apart")."""
+the two-decode cases at 8,192 cells bench/results/2026-12-05-fa-mix-apart.txt (engine/pacing.py, "Apart");
+both attention kinds on the Intel Xeon VM, bench/results/2026-12-06-fa-mix-xeon.txt (docs/performance.md)."""
 import argparse
 import statistics
 import sys
@@ -21,6 +22,8 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("streams", type=int, nargs="?", default=12, help="resident sequences generating (default 12)")
 parser.add_argument("depth", type=int, nargs="?", default=280, help="tokens each holds (default 280)")
 parser.add_argument("layout", nargs="?", choices=("blocks", "interleave"), default="blocks", help="their cells in blocks (default) or interleaved")
+parser.add_argument("--flash-attention", choices=("on", "off"), default="on",
+                    help="off: plain attention, V stored transposed, as vramsupply's default on an Intel CPU with AMX (default on)")
 args = parser.parse_args()
 N_CTX = 8192  # vramsupply's default since 2026-12-05 (the 2026-12-03 results were measured at 4096)
 if not 1 <= args.streams <= 15 or args.depth < 1 or (args.streams + 1) * (args.depth + 129) > N_CTX:
@@ -33,7 +36,7 @@ model = llama_cpp.llama_model_load_from_file(MODEL, mp)
 cp = llama_cpp.llama_context_default_params()
 cp.n_ctx, cp.n_seq_max, cp.n_batch, cp.n_ubatch, cp.kv_unified = N_CTX, 16, 2048, 512, True
 cp.n_threads = cp.n_threads_batch = 2
-cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if args.flash_attention == "on" else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
 ctx = llama_cpp.llama_init_from_model(model, cp)
 mem = llama_cpp.llama_get_memory(ctx)
 rng = np.random.default_rng(0)
@@ -78,7 +81,7 @@ cases = [("gen only", STREAMS, 0, False), ("gen + 16 prompt (row by row)", STREA
          ("gen + 128 prompt, gen first", STREAMS, 128, False), ("128 prompt + gen, prompt first", STREAMS, 128, True),
          ("64 prompt alone", 0, 64, False), ("128 prompt alone", 0, 128, False), ("16 prompt alone", 0, 16, False)]
 for _ in range(2): step(STREAMS, 64, False)
-print(f"{STREAMS} streams at depth {DEPTH}, cells {'interleaved' if INTERLEAVE else 'in blocks'}")
+print(f"{STREAMS} streams at depth {DEPTH}, cells {'interleaved' if INTERLEAVE else 'in blocks'}, flash attention {args.flash_attention}")
 cases += [("gen, then 64 prompt: two decodes", STREAMS, 64, "apart"), ("gen, then 128 prompt: two decodes", STREAMS, 128, "apart")]
 for name, g, p, first in cases:
     ts = [apart(g, p) if first == "apart" else step(g, p, first) for _ in range(5)]
