@@ -247,7 +247,6 @@ class UpstreamBackend:
         if self.client is not None:
             await self.client.close()
 
-
     async def _end_watch(self, task: asyncio.Task[None]) -> None:
         """Cancel the watch and wait for it: a supervisor stops its engine as it ends. A second stop
         signal meanwhile cancels this wait, and is passed on (it used to be swallowed here, and the
