@@ -63,7 +63,7 @@ def test_precedence_flag_over_env_over_file_over_default(config_file: Path, monk
         # before, the empty host listened on every interface
         ({"VRAM_SUPPLY_HOST": ""}, "invalid host = '' (from env VRAM_SUPPLY_HOST): name an address: 127.0.0.1 for this machine only"),
         ({"VRAM_SUPPLY_API_KEY": "sk-\x1b[31m"}, "invalid api_key"),  # it made every platform call a traceback
-        ({"VRAM_SUPPLY_DRAIN_TIMEOUT": "inf"}, "invalid drain_timeout = 'inf' (from env VRAM_SUPPLY_DRAIN_TIMEOUT): Input should be less than or equal to 3600"),
+        ({"VRAM_SUPPLY_DRAIN_TIMEOUT": "inf"}, "invalid drain_timeout = 'inf' (from env VRAM_SUPPLY_DRAIN_TIMEOUT): Input should be a finite number"),
         ({"VRAM_SUPPLY_HEARTBEAT_INTERVAL": "600"}, "invalid heartbeat_interval = '600' (from env VRAM_SUPPLY_HEARTBEAT_INTERVAL): Input should be less than or equal to 120"),
     ],
 )

@@ -87,6 +87,7 @@ class Settings(BaseSettings):
         extra="ignore",
         validate_default=True,
         case_sensitive=False,
+        allow_inf_nan=False,  # "nan" was refused as "should be less than or equal to 86400"
     )
 
     # Model and engine
