@@ -203,13 +203,33 @@ def test_a_service_that_cannot_register_is_written_but_not_started(tmp_path: Pat
     assert [call for call in logged_calls(calls) if call.startswith("systemctl")] == [], "nothing started or enabled"
     assert (tmp_path / "units" / "vramsupply.service").exists() and env_file.exists()
 
-    tunnel = run_cli(
-        "service", "install", "--unit-dir", str(tmp_path / "units"), "--env-file", str(env_file),
-        env={"PATH": str(bin_dir), "VRAM_SUPPLY_API_KEY": "sk-live-abcdef123456", "VRAM_SUPPLY_TUNNEL": "cloudflared"},
-    )
+    tunnel_env = {"PATH": str(bin_dir), "VRAM_SUPPLY_API_KEY": "sk-live-abcdef123456", "VRAM_SUPPLY_TUNNEL": "cloudflared"}
+    no_tool = run_cli("service", "install", "--unit-dir", str(tmp_path / "units"), "--env-file", str(env_file), env=tunnel_env)
+    assert no_tool.returncode == 0, no_tool.stderr
+    assert "warning: the service cannot start: `cloudflared` is not installed or not on PATH. Install it from" in no_tool.stdout
+    assert f"Or change VRAM_SUPPLY_TUNNEL in {env_file}" in no_tool.stdout
+    assert [call for call in logged_calls(calls) if call.startswith("systemctl")] == [], "nothing started or enabled"
+
+    (bin_dir / "cloudflared").write_text("#!/bin/sh\n")
+    (bin_dir / "cloudflared").chmod(0o755)
+    tunnel = run_cli("service", "install", "--unit-dir", str(tmp_path / "units"), "--env-file", str(env_file), env=tunnel_env)
     assert tunnel.returncode == 0, tunnel.stderr
     assert "cannot start" not in tunnel.stdout
     assert "vramsupply.service is starting" in tunnel.stdout
+
+
+def test_a_service_whose_model_file_is_missing_is_written_but_not_started(tmp_path: Path) -> None:
+    bin_dir, calls = fake_tools(tmp_path, state="running")
+    env_file = tmp_path / "env"
+    missing = tmp_path / "models" / "gone.gguf"
+    result = run_cli(
+        "service", "install", "--unit-dir", str(tmp_path / "units"), "--env-file", str(env_file),
+        env={"PATH": str(bin_dir), "VRAM_SUPPLY_MODEL": str(missing), "VRAM_SUPPLY_NO_REGISTER": "true"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"warning: the service cannot start: model file {missing} does not exist: change VRAM_SUPPLY_MODEL in {env_file}" in result.stdout
+    assert [call for call in logged_calls(calls) if call.startswith("systemctl")] == [], "nothing started or enabled"
+    assert env_file.exists(), "written, for the provider to correct"
 
 
 def test_a_file_error_of_a_user_service_does_not_suggest_sudo_or_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from vramsupply.config import EngineKind, Settings, env_name
 from vramsupply.gpu.options import GpuOptions
+from vramsupply.hub.local import is_local_path, not_a_model_file
 from vramsupply.service.unit import UNIT_NAME, ServiceError
+from vramsupply.tunnel.tools import tunnel_tool
 from vramsupply.upstream.launch import LaunchError, split_engine_args
 
 VERIFY_TIMEOUT_SEC = 60
@@ -93,6 +95,12 @@ def startup_problems(settings: Settings, env_file: Path) -> list[str]:
             split_engine_args(settings.engine.value, settings.engine_args)
         except LaunchError as exc:
             problems.append(f"{exc}: change {env_name('engine_args')} in {env_file}")
+    missing = _missing_model_file(settings)
+    if missing is not None:
+        problems.append(f"{missing}: change {env_name('model')} in {env_file}")
+    if settings.tunnel and shutil.which(tunnel_tool(settings.tunnel).executable) is None:
+        tool = tunnel_tool(settings.tunnel)
+        problems.append(f"`{tool.executable}` is not installed or not on PATH. {tool.install_hint} Or change {env_name('tunnel')} in {env_file}")
     placement = GpuOptions.of(settings).placement_problem() if settings.engine is EngineKind.llama_cpp else None
     if placement is not None:
         problems.append(f"{placement}: change {env_name('devices')} (or {env_name('tensor_split')}) in {env_file}")
@@ -110,3 +118,13 @@ def startup_problems(settings: Settings, env_file: Path) -> list[str]:
             f"(or {env_name('tunnel')}=cloudflared) to {env_file}, {local_only}"
         )
     return problems
+
+
+def _missing_model_file(settings: Settings) -> str | None:
+    """What is wrong with a local model path that is no file (as serve would say it), or None:
+    the service would exit 1 at once, and be restarted every few seconds."""
+    model = settings.model
+    if settings.engine is not EngineKind.llama_cpp or not model or not is_local_path(model):
+        return None
+    path = Path(model).expanduser()
+    return None if path.is_file() else not_a_model_file(path)
