@@ -87,7 +87,6 @@ class Settings(BaseSettings):
         extra="ignore",
         validate_default=True,
         case_sensitive=False,
-        allow_inf_nan=False,  # "nan" was refused as "should be less than or equal to 86400"
     )
 
     # Model and engine
@@ -102,11 +101,11 @@ class Settings(BaseSettings):
     flash_attention: FlashAttention = Field(FlashAttention.auto, description="Flash attention: auto (llama.cpp's choice, on where a backend supports it; off for a model on the CPU alone of an Intel CPU with AMX), on or off")
     threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="CPU threads for decoding and prompt processing, pinned (default: the physical cores, within a cgroup CPU quota, for both, and fewer while other programs keep them busy; at most 512)")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before new ones get 429")
-    stall_timeout: float = Field(600.0, gt=0, le=MAX_STALL_SECONDS, description="Seconds one decode step may run while requests wait before the engine counts as failed (/health 503, serve exits 1); at most 86400 (a day)")
+    stall_timeout: float = Field(600.0, allow_inf_nan=False, gt=0, le=MAX_STALL_SECONDS, description="Seconds one decode step may run while requests wait before the engine counts as failed (/health 503, serve exits 1); at most 86400 (a day)")
     cache_ram: int | None = Field(None, ge=0, description="Most MiB of host RAM keeping idle conversations' KV for reuse; within it the cache keeps what its restores reach (default: a quarter of free RAM, within a cgroup memory limit, at most 8192; 0: off)")
     draft_max: int | None = Field(None, ge=0, description="Tokens prompt-lookup speculative decoding may draft per step for a request decoding alone (default 0: off; it cost a lone request tok/s on a CPU and on a GPU in our benchmarks)")
     backend_sampling: bool = Field(False, description="Sample on the device inside llama.cpp's graph so logits never cross to the host (for GPUs; requests with penalties, grammars or logprobs sample on the host)")
-    stream_interval_ms: float = Field(30.0, ge=0, le=1000, description="Milliseconds between hand-overs of mid-answer tokens to the HTTP side (several tokens then go in one SSE chunk; a first token and an answer's end go at once; 0: every decode step; at most 1000)")
+    stream_interval_ms: float = Field(30.0, allow_inf_nan=False, ge=0, le=1000, description="Milliseconds between hand-overs of mid-answer tokens to the HTTP side (several tokens then go in one SSE chunk; a first token and an answer's end go at once; 0: every decode step; at most 1000)")
     cache_type_k: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache type for keys: f16, q8_0 or q4_0 (about 1/2 or 1/4 of the f16 memory)")
     cache_type_v: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache type for values: f16, q8_0 or q4_0 (a quantized V cache needs flash attention)")
     split_mode: Literal["layer", "row", "none"] = Field("layer", description="How to split the model across GPUs: layer, row or none (all on main_gpu)")
@@ -126,14 +125,14 @@ class Settings(BaseSettings):
     nnodes: int | None = Field(None, ge=1, description="Nodes an SGLang deployment spans (`--nnodes`)")
     node_rank: int | None = Field(None, ge=0, description="This node's rank in a multi-node SGLang deployment (`--node-rank`)")
     dist_init_addr: str | None = Field(None, description="Address of SGLang's rank-0 node, host:port (`--dist-init-addr`)")
-    engine_start_timeout: float = Field(1800.0, gt=0, le=MAX_ENGINE_START_SECONDS, description="Seconds a launched engine may take to become ready (it may download the weights); at most 86400 (a day)")
+    engine_start_timeout: float = Field(1800.0, allow_inf_nan=False, gt=0, le=MAX_ENGINE_START_SECONDS, description="Seconds a launched engine may take to become ready (it may download the weights); at most 86400 (a day)")
 
     # HTTP server
     host: str = Field("127.0.0.1", description="Address the OpenAI-compatible server listens on")
     port: int = Field(8080, ge=0, le=65535, description="Port the OpenAI-compatible server listens on")
     endpoint_token: SecretStr | None = Field(None, description="Bearer token required on /v1/* (generated when registering if unset)")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body in bytes (413 above)")
-    drain_timeout: float = Field(30.0, ge=0, le=MAX_DRAIN_SECONDS, description="Seconds in-flight requests may take to finish on shutdown; at most 3600 (an hour)")
+    drain_timeout: float = Field(30.0, allow_inf_nan=False, ge=0, le=MAX_DRAIN_SECONDS, description="Seconds in-flight requests may take to finish on shutdown; at most 3600 (an hour)")
 
     # Marketplace
     api_key: SecretStr | None = Field(None, description="vram.supply API key (`vramsupply login` stores it)")
@@ -144,7 +143,7 @@ class Settings(BaseSettings):
     output_price: int = Field(200, ge=0, le=MAX_PRICE, description="Output price, cents per million tokens, at most 1000000 ($10,000 per million)")
     context_length_offered: int | None = Field(None, ge=1, description="Context length advertised to the market (default: the context actually served, at most context_length)")
     no_register: bool = Field(False, description="Serve locally only: do not register with the platform")
-    heartbeat_interval: float = Field(30.0, ge=0.1, le=MAX_HEARTBEAT_SECONDS, description="Seconds between heartbeats, 0.1 to 120")
+    heartbeat_interval: float = Field(30.0, allow_inf_nan=False, ge=0.1, le=MAX_HEARTBEAT_SECONDS, description="Seconds between heartbeats, 0.1 to 120")
 
     # Hub and logging
     cache_dir: Path | None = Field(None, description="HuggingFace cache dir for models (default: the shared HF cache)")
@@ -152,7 +151,7 @@ class Settings(BaseSettings):
         list(DEFAULT_GGUF_PUBLISHERS),
         description="GGUF publishers preferred when resolving `org/model`, in order, comma-separated (`{org}`: the model's own org); others rank by downloads",
     )
-    download_timeout: float = Field(DEFAULT_DOWNLOAD_TIMEOUT, gt=0, le=MAX_DOWNLOAD_TIMEOUT, description="Seconds a Hub request or model download may go without receiving data before it fails; at most 3600 (an hour)")
+    download_timeout: float = Field(DEFAULT_DOWNLOAD_TIMEOUT, allow_inf_nan=False, gt=0, le=MAX_DOWNLOAD_TIMEOUT, description="Seconds a Hub request or model download may go without receiving data before it fails; at most 3600 (an hour)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level")
 
     @field_validator("platform_url", "endpoint_url", "upstream_url")
