@@ -278,6 +278,11 @@ async def stop_serving(
         await provider.stop()
 
 
+STOP_NOW_WRITE_SECONDS = 1.0
+"""On "stop now", how long handlers get to send their clients the error event that ends their
+answers before every connection still open is closed."""
+
+
 async def drain(server: ApiServer, backend: Backend, drain_timeout: float | None) -> None:
     """Stop accepting, give in-flight requests ``drain_timeout`` seconds, then free the engine.
 
@@ -310,6 +315,8 @@ async def drain(server: ApiServer, backend: Backend, drain_timeout: float | None
             stop_generating()  # the upstream's forwarded requests end (and are billed) through it
         else:
             await backend.close()  # our engine ends its requests with EngineClosed: clean error events
+        await asyncio.wait({stopping}, timeout=STOP_NOW_WRITE_SECONDS)
+        server.abort_requests()  # a client reading nothing would hold the stop (``server/stalled.py``)
         await stopping
         raise
     finally:

@@ -23,6 +23,7 @@ from vramsupply.server.completions import chat_completions, completions
 from vramsupply.server.errors import ApiError, add_request_id, error_middleware
 from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vramsupply.server.responses import ModelCard, ModelList
+from vramsupply.server.stalled import OPEN_REQUESTS, OpenRequests
 from vramsupply.server.state import BUYER_LEFT, SERVER_STATE, ServerState, failed_error, loading_error
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -69,8 +70,11 @@ class Routes:
 
 def openai_app(state: ServerState, max_body_bytes: int, routes: Routes) -> web.Application:
     """The OpenAI surface behind our middlewares (metrics, OpenAI-shaped errors, the endpoint token)."""
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[metrics_middleware, error_middleware, auth_middleware])
+    open_requests = OpenRequests()
+    middlewares = [open_requests.middleware, metrics_middleware, error_middleware, auth_middleware]
+    app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[SERVER_STATE] = state
+    app[OPEN_REQUESTS] = open_requests
     app.on_response_prepare.append(add_request_id)
     app.router.add_post("/v1/chat/completions", routes.chat)
     app.router.add_post("/v1/completions", routes.completions)
@@ -217,6 +221,8 @@ class ApiServer:
         self.app = app
         self.host = host
         self.port = port
+        self._drain_timeout = drain_timeout
+        self._watch: asyncio.Task[None] | None = None
         self._runner = web.AppRunner(
             app,
             handler_cancellation=True,
@@ -235,6 +241,15 @@ class ApiServer:
             await self._runner.cleanup()
             raise
         self.port = self._runner.addresses[0][1]
+        open_requests = self.app.get(OPEN_REQUESTS)
+        if open_requests is not None:  # clients that stopped reading are closed (``stalled.py``)
+            self._watch = asyncio.create_task(open_requests.watch(), name="stalled-connections")
+
+    def abort_requests(self) -> int:
+        """Close every connection whose request is still being handled ("stop now", the end of a
+        drain): a handler blocked writing to a client that reads nothing ends with it."""
+        open_requests = self.app.get(OPEN_REQUESTS)
+        return 0 if open_requests is None else open_requests.abort_all()
 
     @property
     def url(self) -> str:
@@ -246,4 +261,12 @@ class ApiServer:
         return self.app[SERVER_STATE]
 
     async def stop(self) -> None:
-        await self._runner.cleanup()
+        """Close the listener and drain (``__init__``); at the drain's end, connections still open
+        are closed, or a client that reads nothing would hold the stop for another drain."""
+        if self._watch is not None:
+            self._watch.cancel()
+        late = asyncio.get_running_loop().call_later(self._drain_timeout + STOP_GRACE_SECONDS, self.abort_requests)
+        try:
+            await self._runner.cleanup()
+        finally:
+            late.cancel()

@@ -1,0 +1,143 @@
+"""A client that stops reading its answer is closed, and never holds a stop.
+
+A buyer's process hangs (or a proxy dies with its socket open) after sending a streaming request:
+the server's write waits for a reader that never comes. It used to wait forever, holding the
+connection and the unsent answer, and a stop waited for it too: twice the drain timeout for one
+SIGTERM, and a second SIGTERM ("stop now") did not stop at once. The clients here are raw
+sockets with a tiny receive buffer that read nothing; the server is the real ``ApiServer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from agent_process import AgentProcess
+from aiohttp import web
+from conftest import TINY_MODEL
+
+from vramsupply.server.app import STOP_GRACE_SECONDS, ApiServer
+from vramsupply.server.stalled import OPEN_REQUESTS, OpenRequests
+
+CHUNK = b"data: " + b"x" * 65536 + b"\n\n"
+
+
+async def endless(request: web.Request) -> web.StreamResponse:
+    """An answer that never ends (as a long stream does for a client that reads nothing)."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    while True:
+        await response.write(CHUNK)
+
+
+@asynccontextmanager
+async def serving(open_requests: OpenRequests, drain_timeout: float = 30.0) -> AsyncIterator[ApiServer]:
+    app = web.Application(middlewares=[open_requests.middleware])
+    app[OPEN_REQUESTS] = open_requests
+    app.router.add_get("/stream", endless)
+    server = ApiServer(app, "127.0.0.1", 0, drain_timeout=drain_timeout)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def not_reading(port: int, path: str = "/stream", body: bytes = b"", method: str = "GET") -> socket.socket:
+    """A client that sends its request and reads nothing."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    client.connect(("127.0.0.1", port))
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    client.sendall(head.encode() + body)
+    return client
+
+
+async def until(condition: object, timeout: float) -> float:
+    began = time.monotonic()
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() - began < timeout, "never happened"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - began
+
+
+async def test_a_client_that_reads_nothing_is_closed_once_its_writes_stall() -> None:
+    open_requests = OpenRequests(stall_seconds=1.0, check_seconds=0.1)
+    async with serving(open_requests) as server:
+        client = not_reading(server.port)
+        try:
+            await until(lambda: len(open_requests) == 1, timeout=5)
+            took = await until(lambda: len(open_requests) == 0, timeout=10)
+            assert took >= 0.5, "closed only once its writes had stalled"
+        finally:
+            client.close()
+
+
+async def test_a_slow_reader_is_left_alone() -> None:
+    open_requests = OpenRequests(stall_seconds=2.0, check_seconds=0.1)
+    async with serving(open_requests) as server:
+        client = not_reading(server.port)
+        client.setblocking(False)
+        try:
+            await until(lambda: len(open_requests) == 1, timeout=5)
+            for _ in range(40):  # 4 s of reading a little at a time: twice the stall limit
+                await asyncio.sleep(0.1)
+                try:
+                    client.recv(65536)
+                except BlockingIOError:
+                    pass
+            assert len(open_requests) == 1, "a client that reads, however slowly, keeps its connection"
+        finally:
+            client.close()
+
+
+async def test_a_stop_ends_at_the_drain_deadline_however_a_client_reads() -> None:
+    open_requests = OpenRequests(stall_seconds=600.0)  # not the stall watch: the stop itself
+    async with serving(open_requests, drain_timeout=0.5) as server:
+        client = not_reading(server.port)
+        try:
+            await until(lambda: len(open_requests) == 1, timeout=5)
+            await asyncio.sleep(0.5)  # its writes are blocked now
+            began = time.monotonic()
+            await server.stop()
+            took = time.monotonic() - began
+        finally:
+            client.close()
+    assert took < 0.5 + STOP_GRACE_SECONDS + 2, f"the stop took {took:.1f} s (twice the drain before)"
+
+
+def completion_tokens(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("vramsupply_completion_tokens_total"))
+
+
+def test_a_second_sigterm_stops_at_once_beside_a_buyer_that_reads_nothing() -> None:
+    agent = AgentProcess("--model", str(TINY_MODEL), "--port", "0", "--no-register")
+    try:
+        agent.wait_ready(timeout=60)
+        port = int(agent.base_url.rsplit(":", 1)[1].split("/")[0])
+        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1900, "n": 4, "logprobs": 20, "stream": True, "ignore_eos": True}).encode()
+        client = not_reading(port, "/v1/completions", body, "POST")
+        try:
+            # 6,000 tokens of 20 logprobs each are megabytes, past what the sockets hold: the
+            # server's writes to this client block (its generation runs on meanwhile)
+            agent.wait_for(lambda: completion_tokens(port) >= 6000, "the answer outgrowing the sockets", timeout=60)
+            agent.send_signal(signal.SIGTERM)
+            agent.wait_for(lambda: "SIGTERM received:" in agent.log, "the first signal's line")
+            began = time.monotonic()
+            agent.send_signal(signal.SIGTERM)
+            code = agent.wait(timeout=30)
+            took = time.monotonic() - began
+        finally:
+            client.close()
+    finally:
+        agent.kill()
+    assert code == 130 and took < 10, (code, took, agent.log[-2000:])
+    assert "error: stopped without waiting for in-flight requests" in agent.output

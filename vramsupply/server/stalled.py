@@ -1,0 +1,136 @@
+"""Connections whose client stopped reading: found and closed, so they hold no memory and no stop.
+
+aiohttp's ``response.write`` waits while the connection's send buffer is full, that is for as long
+as the client reads nothing, with no limit. A buyer that sent a streaming request and then stopped
+reading (a hung process, a proxy that died with the socket open) kept its connection and the
+unsent answer forever: about 25 MiB per such client in one test, never given back. Worse, a
+handler blocked in that write outlived every stop: aiohttp's shutdown waits ``shutdown_timeout``
+for handlers, then cancels only their reading of the request body, then waits as long again, so
+one such client stretched a stop to twice the drain, past systemd's stop timeout, and a second
+Ctrl-C ("stop now") waited for it too.
+
+So every request's connection is noted while its handler runs (``OpenRequests.middleware``), and:
+
+- ``watch``: a connection that has held unsent data for ``WRITE_STALL_SECONDS`` while passing none
+  of it on to the system is aborted. A slow reader still takes some and is left alone; the aborted handler
+  ends as a buyer who hung up (its engine work cancelled, its row recorded as unpaid);
+- ``abort_all``: at the end of a drain, and at once on "stop now", every connection still open is
+  aborted, which ends the handlers blocked in a write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import struct
+import termios
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+
+log = logging.getLogger(__name__)
+
+WRITE_STALL_SECONDS = 30.0
+"""How long a connection's unsent data may stay without the client reading any of it."""
+CHECK_SECONDS = 5.0
+"""How often the send buffers are looked at: a stalled connection is closed at most this late."""
+
+
+@dataclass
+class _Progress:
+    writer: AbstractStreamWriter
+    taken: int = 0
+    """Bytes the client has taken: written, less what waits in our buffer and the system's."""
+    since: float = 0.0
+    """When that last grew, or the buffer was empty."""
+
+
+class OpenRequests:
+    """The transports of the requests being handled, and when each last made write progress."""
+
+    def __init__(self, stall_seconds: float = WRITE_STALL_SECONDS, check_seconds: float = CHECK_SECONDS) -> None:
+        self.stall_seconds = stall_seconds
+        self.check_seconds = check_seconds
+        self._open: dict[asyncio.BaseTransport, _Progress] = {}
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        transport = request.transport
+        if transport is None:
+            return await handler(request)
+        self._open.setdefault(transport, _Progress(request.writer, since=time.monotonic()))
+        try:
+            return await handler(request)
+        finally:
+            self._open.pop(transport, None)
+
+    def abort_stalled(self, now: float | None = None) -> int:
+        """Abort the connections whose unsent data has not shrunk for ``stall_seconds``; how many."""
+        now = time.monotonic() if now is None else now
+        stalled = []
+        for transport, progress in self._open.items():
+            unsent = _unsent(transport)
+            taken = progress.writer.output_size - unsent  # a writer refills the buffers as a client reads:
+            if unsent == 0 or taken > progress.taken:  # their size alone cannot tell slow from stuck
+                progress.since = now
+            progress.taken = taken
+            if unsent > 0 and now - progress.since >= self.stall_seconds:
+                stalled.append(transport)
+        for transport in stalled:
+            log.warning("closing a connection whose client read nothing for %.0f s (%d bytes unsent)", now - self._open[transport].since, _unsent(transport))
+            self._abort(transport)
+        return len(stalled)
+
+    def abort_all(self) -> int:
+        """Abort every connection whose request is still being handled; how many."""
+        transports = list(self._open)
+        for transport in transports:
+            self._abort(transport)
+        return len(transports)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    async def watch(self) -> None:
+        """``abort_stalled`` every ``check_seconds``, until cancelled."""
+        while True:
+            await asyncio.sleep(self.check_seconds)
+            self.abort_stalled()
+
+    def _abort(self, transport: asyncio.BaseTransport) -> None:
+        self._open.pop(transport, None)
+        abort = getattr(transport, "abort", None)
+        if abort is not None:
+            abort()  # a write waiting on it raises ConnectionResetError; the handler is cancelled
+
+
+def _unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to the connection that its client has not taken: in the transport's buffer,
+    and in the system's send queue, which holds megabytes on a fast link: a slow reader empties
+    it long before the transport's buffer moves."""
+    return _buffered(transport) + _queued(transport)
+
+
+def _buffered(transport: asyncio.BaseTransport) -> int:
+    try:
+        return int(transport.get_write_buffer_size())  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError, OSError):  # no such transport, or closed meanwhile
+        return 0
+
+
+def _queued(transport: asyncio.BaseTransport) -> int:
+    """The socket's send queue (Linux's ``SIOCOUTQ``, the same number as ``TIOCOUTQ``)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+    except (OSError, ValueError):  # closed meanwhile
+        return 0
+
+
+OPEN_REQUESTS = web.AppKey("open_requests", OpenRequests)
