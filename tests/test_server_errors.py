@@ -138,6 +138,20 @@ async def test_prompt_longer_than_the_context_is_400_with_the_numbers(server: Li
     assert str(prompt_tokens) in body["error"]["message"] and "256" in body["error"]["message"]
 
 
+async def test_a_prompt_that_fills_the_context_alone_is_told_so_whatever_max_tokens_says(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    """An echo of a prompt exactly the context's length, with max_tokens 0, was told that the
+    prompt plus max_tokens (0) was 256 tokens, "more than the context of 256"."""
+    assert server.engine is not None
+    n_ctx = server.engine.n_ctx
+    status, body, _ = await post(http, server.url + COMPLETIONS, {"prompt": [1] * n_ctx, "max_tokens": 0, "echo": True})
+    assert status == 400
+    assert_openai_error(body, code="context_length_exceeded", param="prompt")
+    assert body["error"]["message"] == (
+        f"This model's context is {n_ctx} tokens: the prompt has {n_ctx} tokens but the context holds {n_ctx} "
+        f"(at most {n_ctx - 1} prompt tokens, leaving room for one generated token)."
+    )
+
+
 async def test_max_tokens_past_the_context_is_400_naming_max_tokens(server: LiveServer, http: aiohttp.ClientSession) -> None:
     status, body, _ = await post(http, server.url + CHAT, {"messages": HELLO, "max_tokens": 1000})
 

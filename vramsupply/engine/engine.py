@@ -231,8 +231,8 @@ class Engine:
     def _checked(self, request: GenerationRequest) -> tuple[np.ndarray, frozenset[int]]:
         """The prompt, in the vocabulary and fitting the context, and the stop token ids."""
         prompt = self._validated_prompt(request.prompt)
-        if len(prompt) >= self.n_ctx:
-            raise ContextOverflow(len(prompt), request.max_tokens, self.n_ctx)
+        if len(prompt) >= self.n_ctx:  # the prompt alone: its message must not add max_tokens (0 for an echo)
+            raise ContextOverflow(len(prompt), None, self.n_ctx)
         if request.max_tokens is not None and len(prompt) + request.max_tokens > self.n_ctx:
             raise ContextOverflow(len(prompt), request.max_tokens, self.n_ctx)
         return prompt, self._stop_ids(request.stop_token_ids)
