@@ -78,7 +78,20 @@ def test_advice_for_one_model_by_hand() -> None:
         "  Tempo (MPP): buyers are quoted 2 unit(s)/token = $2.00/M for your $2.00/M (the 5 % fee read as inside the price; rounded up to a whole unit); every price from $1.01 to $2.00 is quoted the same",
     ]
     assert advice.as_json()["earned_cents_per_hour"] == {"low": "51.30", "median": "68.40", "high": "85.50"}
-    assert advice.as_json()["tempo"] == {"units_per_token": 2, "cents_per_million": 200, "same_units_from": 101, "same_units_to": 200}
+    assert advice.as_json()["tempo"] == {"units_per_token": 2, "cents_per_million": 200, "for_price": 200, "same_units_from": 101, "same_units_to": 200}
+
+
+def test_a_tempo_quote_is_the_dearer_price_s_when_prompt_tokens_cost_more() -> None:
+    """The platform's 402 quotes one amount for every token: a provider asking $4.50/M for input and
+    $2.00/M for output is quoted 5 units, not the output price's 2."""
+    advice = Advice("m", 200, None, 0, None, None, input_price=450)
+
+    assert advice.tempo == (5, 401, 500)
+    assert advice_lines(advice)[-1].startswith(
+        "  Tempo (MPP): buyers are quoted 5 unit(s)/token = $5.00/M for your input price $4.50/M, the dearer of your two ("
+    )
+    assert advice.as_json()["tempo"]["for_price"] == 450
+    assert Advice("m", 200, None, 0, None, None, input_price=100).tempo == (2, 101, 200)  # the usual case: output dearer
 
 
 def test_advice_without_a_market_or_a_measurement_says_what_is_missing() -> None:
@@ -109,6 +122,19 @@ async def test_demand_prints_advice_for_the_model_you_serve_at_your_measured_spe
     [advice] = json.loads(as_json.stdout)["advice"]
     assert advice["band"] == {"low": 150, "median": 200, "high": 300, "median_estimated": False}
     assert advice["earned_cents_per_hour"] == {"low": "1026.00", "median": "1368.00", "high": "2052.00"}
+
+
+async def test_demand_quotes_tempo_buyers_the_configured_input_price_when_it_is_the_dearer() -> None:
+    with LivePlatform() as platform:
+        await register(platform, "stories260k", "http://10.0.0.1:8080", 100, 200)
+        env = platform_env(platform, VRAM_SUPPLY_MODEL="stories260k", VRAM_SUPPLY_OUTPUT_PRICE="250", VRAM_SUPPLY_INPUT_PRICE="450")
+        table = run_cli("demand", env=env)
+        as_json = run_cli("demand", "--json", env=env)
+
+    assert table.returncode == 0, table.stderr
+    assert "buyers are quoted 5 unit(s)/token = $5.00/M for your input price $4.50/M, the dearer of your two" in table.stdout
+    [advice] = json.loads(as_json.stdout)["advice"]
+    assert advice["tempo"]["units_per_token"] == 5 and advice["your_output_price_per_million"] == 250
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,9 @@ def demand(
         else (running.output_price, "what your running agent asks") if running is not None
         else (settings.output_price, "")
     )  # fmt: skip
-    advice = advise(market, servable, price, measured_speeds(), price_from, running.model if running is not None else None)
+    input_price = running.input_price if running is not None and running.input_price is not None else settings.input_price
+    offering = running.model if running is not None else None
+    advice = advise(market, servable, price, measured_speeds(), price_from, offering, input_price)
     if as_json:
         console.print(json_text({**market.model_dump(mode="json"), "advice": [a.as_json() for a in advice]}), soft_wrap=True)
         return

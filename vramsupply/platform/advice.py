@@ -11,8 +11,10 @@ a 6-decimal stablecoin: 1 unit per token is $1.00 per million (100 ¢/M). The 5 
 the price, on every rail (buyers pay the provider's price, the provider earns 95 % of it; the docs
 also call the fee a markup, which would raise the quote: docs/platform-api.md), and the
 quote is rounded up to a whole unit: a price of 200 ¢/M is quoted as 2 units, 250 ¢/M as 3, and
-every price from 201 to 300 ¢/M as the same 3 units. (The reference platform's receipts charge a
-request's tokens at the provider's prices, rounded up once a request: README, Earnings.)
+every price from 201 to 300 ¢/M as the same 3 units. The one amount is the dearer of the provider's
+two prices (usually the output price), so a quote is never below what a token costs. (The reference
+platform's receipts charge a request's tokens at the provider's prices, rounded up once a request:
+README, Earnings.)
 Arithmetic is exact (integers and ``Decimal``).
 
 The band is what other providers ask, so anyone can put anything in it: an offer above the highest
@@ -120,6 +122,7 @@ class Advice:
     inconsistent_band: api.PriceRange | None = None  # what the platform sent instead of a band (not used)
     price_from: str = ""  # where ``price`` came from, when not the settings (the running agent's record, a flag)
     yours_in_band: bool = False  # the agent running here offers this model: its own price is one of the band's
+    input_price: int | None = None  # the input price in force, when known: a Tempo quote is the dearer price's
 
     @property
     def per_hour(self) -> tuple[Decimal, Decimal, Decimal] | None:
@@ -133,9 +136,14 @@ class Advice:
         )
 
     @property
+    def quoted_price(self) -> int:
+        """The price a Tempo challenge quotes: one amount for every token, so the dearer of the two."""
+        return max(self.price, self.input_price or 0)
+
+    @property
     def tempo(self) -> tuple[int, int, int]:
         """(units per token, lowest and highest price in ¢/M with the same units)."""
-        units = tempo_units(self.price)
+        units = tempo_units(self.quoted_price)
         return (units, *tempo_price_range(units))
 
     def as_json(self) -> dict[str, object]:
@@ -151,7 +159,10 @@ class Advice:
             "position": None if self.band is None else self.band.position(self.price),
             "tokens_per_second": self.tokens_per_second,
             "earned_cents_per_hour": None if per_hour is None else dict(zip(("low", "median", "high"), (str(_cents(c)) for c in per_hour))),
-            "tempo": {"units_per_token": units, "cents_per_million": units * CENTS_PER_MILLION_PER_UNIT, "same_units_from": same_from, "same_units_to": same_to},
+            "tempo": {
+                "units_per_token": units, "cents_per_million": units * CENTS_PER_MILLION_PER_UNIT,
+                "for_price": self.quoted_price, "same_units_from": same_from, "same_units_to": same_to,
+            },
             **rejected,
         }
 
@@ -175,6 +186,7 @@ def advise(
     tokens_per_second: dict[str, tuple[float, int]],
     price_from: str = "",
     offering: str | None = None,
+    input_price: int | None = None,
 ) -> list[Advice]:
     """Advice for every model in the market you could serve; throughput per model from `vramsupply bench`.
     ``offering``: the model the agent running here offers, whose band holds its own price."""
@@ -196,6 +208,7 @@ def advise(
                 inconsistent_band=prices if usable is None else None,
                 price_from=price_from,
                 yours_in_band=offering is not None and entry.model.lower() == offering.lower(),
+                input_price=input_price,
             )
         )
     return advice
@@ -237,10 +250,16 @@ def advice_lines(advice: Advice) -> list[str]:
         )
     elif advice.tokens_per_second is None:
         lines.append("  run `vramsupply bench` to see what this machine would earn per hour at these prices")
+    lines.append(_tempo_line(advice))
+    return lines
+
+
+def _tempo_line(advice: Advice) -> str:
     units, same_from, same_to = advice.tempo
-    lines.append(
+    quoted = advice.quoted_price
+    yours = f"input price {_dollars(quoted)}/M, the dearer of your two" if quoted > advice.price else f"{_dollars(quoted)}/M"
+    return (
         f"  Tempo (MPP): buyers are quoted {units} unit(s)/token = {_dollars(units * CENTS_PER_MILLION_PER_UNIT)}/M for your "
-        f"{_dollars(advice.price)}/M (the 5 % fee read as inside the price; rounded up to a whole unit); every price from "
+        f"{yours} (the 5 % fee read as inside the price; rounded up to a whole unit); every price from "
         f"{_dollars(same_from)} to {_dollars(same_to)} is quoted the same"
     )
-    return lines

@@ -206,16 +206,17 @@ OFFERING_PHASES = frozenset({Phase.starting, Phase.registering, Phase.registered
 class RunningOffer:
     model: str
     output_price: int
+    input_price: int | None = None  # None: the record holds only the output price
 
 
 def running_offer(path: Path | None = None) -> RunningOffer | None:
-    """The model and output price the agent running on this machine offers (or is about to), from
+    """The model and prices the agent running on this machine offers (or is about to), from
     its record; None when no such agent runs. A flag given to ``serve`` is in no setting `demand`
     reads, so the record is how `demand` learns the price the provider really asks."""
     record = read_state(path or default_state_path())
     if record is None or record.output_price is None or record.phase not in OFFERING_PHASES or earlier_run(record) is not None:
         return None
-    return RunningOffer(record.model, record.output_price)
+    return RunningOffer(record.model, record.output_price, record.input_price)
 
 
 @dataclass(frozen=True)
