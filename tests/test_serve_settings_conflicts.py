@@ -210,9 +210,14 @@ def test_serving_every_address_without_a_token_warns_that_anyone_can_use_it() ->
 def test_selling_for_nothing_is_warned_about_at_start() -> None:
     env = {"VRAM_SUPPLY_API_KEY": "k", "VRAM_SUPPLY_PLATFORM_URL": DEAD_PLATFORM}
     [warning] = warnings_at_start("--endpoint-url", "https://gpu.example.com", "--host", "0.0.0.0", "--output-price", "0", env=env)
-    assert "--output-price 0: generated tokens are sold for nothing; prices are in cents per million tokens" in warning
+    assert "output_price (--output-price, VRAM_SUPPLY_OUTPUT_PRICE) 0: generated tokens are sold for nothing; prices are in cents per million tokens" in warning
+    [from_env] = warnings_at_start("--endpoint-url", "https://gpu.example.com", "--host", "0.0.0.0", env={**env, "VRAM_SUPPLY_INPUT_PRICE": "0"})
+    assert "input_price (--input-price, VRAM_SUPPLY_INPUT_PRICE) 0: prompt tokens are sold for nothing" in from_env, "set in the environment, not by a flag"
     both = start_warnings(Settings(endpoint_url="https://gpu.example.com", host="::", api_key="k", input_price=0, output_price=0))
-    assert both == ["--input-price and --output-price 0: every token is sold for nothing; prices are in cents per million tokens (the defaults are 100 and 200)"]
+    assert both == [
+        "input_price (--input-price, VRAM_SUPPLY_INPUT_PRICE) and output_price (--output-price, VRAM_SUPPLY_OUTPUT_PRICE) 0: "
+        "every token is sold for nothing; prices are in cents per million tokens (the defaults are 100 and 200)"
+    ]
     assert start_warnings(Settings(no_register=True, input_price=0, output_price=0)) == [], "nothing is sold without registering"
 
 

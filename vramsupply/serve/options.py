@@ -8,7 +8,7 @@ works but may not do what was meant (who can reach /v1, a price of 0, a GPU inde
 
 from __future__ import annotations
 
-from vramsupply.config import EngineKind, Settings
+from vramsupply.config import EngineKind, Settings, env_name
 from vramsupply.engine import EngineOptions
 from vramsupply.errors import ConfigError, VramsupplyError
 from vramsupply.gpu.options import GpuOptions
@@ -77,11 +77,13 @@ def free_of_charge(settings: Settings) -> str | None:
     """A price of 0 is allowed (a provider may give tokens away), but is more often a slip: said."""
     if settings.no_register or not settings.api_key:
         return None
-    free = [name for name, price in (("--input-price", settings.input_price), ("--output-price", settings.output_price)) if price == 0]
+    free = [name for name in ("input_price", "output_price") if getattr(settings, name) == 0]
     if not free:
         return None
-    what = "every token is" if len(free) == 2 else f"{'prompt' if free[0] == '--input-price' else 'generated'} tokens are"
-    return f"{' and '.join(free)} 0: {what} sold for nothing; prices are in cents per million tokens (the defaults are 100 and 200)"
+    # named as a flag and as a variable: the 0 may come from either, or from the config file
+    named = " and ".join(f"{name} ({'--' + name.replace('_', '-')}, {env_name(name)})" for name in free)
+    what = "every token is" if len(free) == 2 else f"{'prompt' if free[0] == 'input_price' else 'generated'} tokens are"
+    return f"{named} 0: {what} sold for nothing; prices are in cents per million tokens (the defaults are 100 and 200)"
 
 
 def unreachable_by_forward(settings: Settings) -> str | None:

@@ -69,7 +69,8 @@ class OpenRequests:
             self._open.pop(transport, None)
 
     def abort_stalled(self, now: float | None = None) -> int:
-        """Abort the connections whose unsent data has not shrunk for ``stall_seconds``; how many."""
+        """Abort the connections whose client has taken nothing of what was sent (nothing left our buffer
+        and the kernel's send queue) for ``stall_seconds``, while data waited; how many."""
         now = time.monotonic() if now is None else now
         stalled = []
         for transport, progress in self._open.items():
