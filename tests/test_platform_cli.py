@@ -207,7 +207,8 @@ def test_status_flags_a_registration_left_by_a_process_that_is_gone() -> None:
     table = run_cli("status", env={"VRAM_SUPPLY_PORT": str(free_port())}).stdout
 
     assert result["registration"]["current"] is False
-    assert f"registered (stale: process {finished.stdout.strip()} is not running)" in table
+    assert f"registered (left by an earlier run: process {finished.stdout.strip()} is not running)" in table
+    assert result["registration"]["stale"] is False and "stale" not in table, "stale is the JSON's word for a running agent's old record"
 
 
 def test_status_reads_a_damaged_registration_record_as_none() -> None:

@@ -281,7 +281,7 @@ def _registration_rows(table: Table, status: AgentStatus) -> None:
         table.add_row("registration", _no_record(status.unreadable_record))
         return
     current, stale = status.registration_current, status.registration_stale
-    phase = registration.phase.value if current else f"{registration.phase.value} (stale: process {registration.pid} is not running)"
+    phase = registration.phase.value if current else f"{registration.phase.value} (left by an earlier run: process {registration.pid} is not running)"
     if stale:
         phase = f"{registration.phase.value} ({_stale_reason(status)})"
     trusted = registration.phase is Phase.registered and current and not stale
