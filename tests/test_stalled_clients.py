@@ -123,12 +123,14 @@ def test_a_second_sigterm_stops_at_once_beside_a_buyer_that_reads_nothing() -> N
     try:
         agent.wait_ready(timeout=60)
         port = int(agent.base_url.rsplit(":", 1)[1].split("/")[0])
-        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1900, "n": 4, "logprobs": 20, "stream": True, "ignore_eos": True}).encode()
+        prompt = "Once upon a time there was a little girl. " * 150  # 1,800 tokens
+        body = json.dumps({"prompt": prompt, "echo": True, "max_tokens": 200, "n": 4, "logprobs": 20, "stream": True, "ignore_eos": True}).encode()
         client = not_reading(port, "/v1/completions", body, "POST")
         try:
-            # 6,000 tokens of 20 logprobs each are megabytes, past what the sockets hold: the
-            # server's writes to this client block (its generation runs on meanwhile)
-            agent.wait_for(lambda: completion_tokens(port) >= 6000, "the answer outgrowing the sockets", timeout=60)
+            # each choice's first event echoes the prompt with 20 logprobs a token, about 1 MB: four
+            # are past what the sockets hold (about 2 MB), so the server's writes to this client
+            # block, while the engine goes on generating
+            agent.wait_for(lambda: completion_tokens(port) >= 400, "the answer outgrowing the sockets", timeout=60)
             agent.send_signal(signal.SIGTERM)
             agent.wait_for(lambda: "SIGTERM received:" in agent.log, "the first signal's line")
             began = time.monotonic()
