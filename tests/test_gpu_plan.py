@@ -11,7 +11,9 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import gguf
 import pytest
+from gguf.scripts.gguf_new_metadata import copy_with_new_metadata
 
 from conftest import TINY_MODEL, run_cli
 from fakehub import FakeFile, FakeHub, FakeRepo
@@ -217,6 +219,34 @@ def test_plan_json_for_a_local_file_has_exactly_the_documented_keys(shapes: dict
     assert only["quant"] == "Q8_0" and only["fits"] is True and plan["chosen"] == only
     assert only["kv_bytes"] == 1024 * 12 * 3 * 64 * 2 * 2  # one context, shared by the 2 slots
     assert only["total_bytes"] == only["weights_bytes"] + only["kv_bytes"] + only["compute_bytes"]
+
+
+def split_copy(model: Path, folder: Path, stem: str) -> list[Path]:
+    """``model`` written as a split GGUF (by the gguf package, as llama.cpp's gguf-split names
+    the parts), 20 tensors a part."""
+    reader = gguf.GGUFReader(model)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    writer = gguf.GGUFWriter(folder / f"{stem}.gguf", arch=arch, endianess=reader.endianess, split_max_tensors=20)
+    copy_with_new_metadata(reader, writer, {}, [])
+    return sorted(folder.glob(f"{stem}-*-of-*.gguf"))
+
+
+def test_a_local_split_model_is_planned_with_the_weights_of_every_part(tmp_path: Path) -> None:
+    """A big model comes in parts; counting the first alone judged a 3-part model to need a third
+    of its memory."""
+    parts = split_copy(TINY_MODEL, tmp_path, "Tiny-Q4_K_M")
+    whole = json.loads(run_cli("plan", "--model", str(TINY_MODEL), "--json").stdout)["chosen"]
+    result = run_cli("plan", "--model", str(parts[0]), "--json")
+
+    assert len(parts) == 3 and result.returncode == 0, result.stderr
+    split = json.loads(result.stdout)["chosen"]
+    assert split["file_bytes"] == sum(part.stat().st_size for part in parts)
+    assert split["weights_bytes"] > 0.95 * whole["weights_bytes"], (split, whole)
+
+    parts[1].unlink()
+    missing = run_cli("plan", "--model", str(parts[0]))
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert f"{parts[0]} is part 1 of a model split in 3 files, and {tmp_path} lacks part 2: every part must be in the same folder" in " ".join(missing.stderr.split())
 
 
 def test_a_quant_named_with_a_local_file_is_said_to_have_no_effect(shapes: dict[str, Path]) -> None:

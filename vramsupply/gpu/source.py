@@ -116,8 +116,27 @@ def local_source(model: str) -> ModelSource:
     except GgufError as exc:
         raise SourceError(str(exc)) from None
     size = path.stat().st_size
-    quant = QuantFile(quant_of_header(header, path), size, 1)
+    parts = split_parts(path)
+    quant = QuantFile(quant_of_header(header, path), sum(part.stat().st_size for part in parts), len(parts))
     return ModelSource(str(path), _shape(header, size, str(path)), (quant,), path)
+
+
+def split_parts(path: Path) -> list[Path]:
+    """Every file of the model ``path`` is part of: itself, or all parts of a split model
+    (``m-00001-of-00003.gguf``: llama.cpp loads the others from the first's folder by name),
+    whose weights the plan must count whole. A missing part is said: the model cannot load."""
+    parsed = parse_gguf_path(path.name)
+    if parsed is None or parsed.parts == 1:
+        return [path]
+    parts = [path.with_name(f"{parsed.prefix}-{index:05d}-of-{parsed.parts:05d}.gguf") for index in range(1, parsed.parts + 1)]
+    missing = [str(index) for index, part in enumerate(parts, 1) if not part.is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise SourceError(
+            f"{path} is part {parsed.part} of a model split in {parsed.parts} files, and {path.parent} lacks "
+            f"part{'s' if len(missing) > 1 else ''} {shown}: every part must be in the same folder"
+        )
+    return parts
 
 
 def _not_a_model_file(path: Path) -> str:
