@@ -243,6 +243,8 @@ def test_a_local_split_model_is_planned_with_the_weights_of_every_part(tmp_path:
     assert split["file_bytes"] == sum(part.stat().st_size for part in parts)
     assert split["weights_bytes"] > 0.95 * whole["weights_bytes"], (split, whole)
 
+    second = run_cli("plan", "--model", str(parts[1]))
+    assert second.returncode != 0 and f"give the first, {parts[0].name} (llama.cpp loads the others from it)" in " ".join(second.stderr.split())
     parts[1].unlink()
     missing = run_cli("plan", "--model", str(parts[0]))
     assert missing.returncode != 0 and "Traceback" not in missing.stderr

@@ -122,13 +122,15 @@ def local_source(model: str) -> ModelSource:
 
 
 def split_parts(path: Path) -> list[Path]:
-    """Every file of the model ``path`` is part of: itself, or all parts of a split model
-    (``m-00001-of-00003.gguf``: llama.cpp loads the others from the first's folder by name),
-    whose weights the plan must count whole. A missing part is said: the model cannot load."""
+    """Every file of the model ``path`` is: itself, or all parts of a split model given as its
+    first (``m-00001-of-00003.gguf``: llama.cpp loads the others from its folder by name), whose
+    weights the plan must count whole. Another part, or a missing one, is said: no model loads."""
     parsed = parse_gguf_path(path.name)
     if parsed is None or parsed.parts == 1:
         return [path]
     parts = [path.with_name(f"{parsed.prefix}-{index:05d}-of-{parsed.parts:05d}.gguf") for index in range(1, parsed.parts + 1)]
+    if parsed.part != 1:
+        raise SourceError(f"{path} is part {parsed.part} of a model split in {parsed.parts} files: give the first, {parts[0].name} (llama.cpp loads the others from it)")
     missing = [str(index) for index, part in enumerate(parts, 1) if not part.is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
