@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from agent_process import AgentProcess
+from conftest import run_cli
 from fakehub import TINY_MODEL, FakeFile, FakeHub, FakeRepo, standard_repos
 from test_hub_cli import env_for
 
@@ -121,3 +122,23 @@ def test_a_disk_that_fills_up_mid_download_is_one_clear_error_the_partial_file_k
     assert "Traceback" not in err and not re.search(r"\bloading \S+ from ", err) and "ready" not in out
     listing = (tmp_path / "listing").read_text()
     assert f"{model.sha256}.incomplete" in listing, "the partial file is kept for the next start to resume"
+
+
+def test_a_model_verified_in_a_read_only_cache_is_served_as_it_is(hub: FakeHub, tmp_path: Path) -> None:
+    """A cache shared read-only (a mount, another user's): what it holds verified is served, with
+    the Hub online; writing the pull's record refused the start with 'Read-only file system'."""
+    hf_home = tmp_path / "hf-home"
+    env = env_for(hub, hf_home)
+    args = ("--model", "acme/Widget-7B", "--quant", "Q4_K_M", "--no-register", "--port", "0")
+    pulled = run_cli("models", "pull", "acme/Widget-7B", "--quant", "Q4_K_M", env=env)
+    assert pulled.returncode == 0, pulled.stderr
+    script = f'mount --bind "{hf_home}" "{hf_home}" && mount -o remount,bind,ro "{hf_home}" || exit 97\nexec "{sys.executable}" -m vramsupply "$@"\n'
+    read_only = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh"]
+    probe = subprocess.run([*read_only, "--version"], env={**os.environ, **env}, capture_output=True, text=True)
+    if probe.returncode == 97:
+        pytest.skip("this machine cannot remount a folder read-only in a user and mount namespace of the test's own")
+
+    with AgentProcess(*args, env=env, program=read_only) as agent:
+        agent.wait_ready()
+        assert agent.stop(signal.SIGTERM) == 0
+    assert "Traceback" not in agent.log and "which cannot be written (Read-only file system): used as it is" in agent.log

@@ -18,12 +18,16 @@ given up on after the download timeout, not after twice it.
 A server whose file is not the size the Hub lists would otherwise be downloaded again and again
 (each new try counts as progress): a length that disagrees with the listing, a 416 to a resume,
 or a body that ends cleanly twice at the same offset ends the download with a DownloadError.
+
+A model already verified and linked in the cache is used without writing to it: a cache mounted
+read-only, or shared from another user, serves what it holds.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -40,6 +44,8 @@ from vramsupply.hub.local import GGUF_MAGIC
 from vramsupply.hub.progress import ProgressTask, TransferProgress
 from vramsupply.hub.resolve import RemoteFile, ResolvedModel
 from vramsupply.hub.store import Pull, RepoCache
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 HASH_BLOCK = 8 << 20
@@ -307,6 +313,19 @@ def check_free_space(cache: RepoCache, files: list[RemoteFile], quant: str) -> N
         )
 
 
+def _already_there(resolved: ResolvedModel, cache: RepoCache, pull: Pull) -> list[Path]:
+    """Every file verified and linked: nothing to download. The record is refreshed where the cache
+    can be written; one that cannot (mounted read-only, shared from another user) serves as it is."""
+    try:
+        cache.add_pull(pull)
+        cache.set_ref("main", resolved.revision)
+    except OSError as exc:
+        log.info("%s is verified in the cache, which cannot be written (%s): used as it is", resolved.primary.path, exc.strerror or exc)
+    links = [cache.snapshot_path(resolved.revision, file.path) for file in resolved.files]
+    check_gguf_magic(links[0])
+    return links
+
+
 def check_gguf_magic(path: Path) -> None:
     with path.open("rb") as fh:
         if fh.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
@@ -320,8 +339,10 @@ def download_model(resolved: ResolvedModel, cache: RepoCache, access: HubAccess,
     a pull that failed before writing anything is forgotten again.
     """
     missing = [file for file in resolved.files if not cache.is_verified(file)]
-    check_free_space(cache, missing, resolved.quant)
     pull = Pull.of(resolved)
+    if not missing and cache.is_complete(pull):
+        return _already_there(resolved, cache, pull)
+    check_free_space(cache, missing, resolved.quant)
     cache.add_pull(pull)
     try:
         with httpx2.Client(follow_redirects=True, timeout=httpx2.Timeout(access.timeout)) as client, progress:
