@@ -142,3 +142,40 @@ def test_a_model_verified_in_a_read_only_cache_is_served_as_it_is(hub: FakeHub, 
         agent.wait_ready()
         assert agent.stop(signal.SIGTERM) == 0
     assert "Traceback" not in agent.log and "which cannot be written (Read-only file system): used as it is" in agent.log
+
+
+def test_models_rm_keeps_a_model_while_another_process_downloads_it_unless_forced(hub: FakeHub, tmp_path: Path) -> None:
+    """A `models rm` beside a `models pull` (or a starting `serve`) took the half-downloaded file,
+    said it removed the model, and the download then died with a bare 'No such file or directory'."""
+    env = env_for(hub, tmp_path / "hf-home")
+    assert run_cli("models", "pull", "acme/Widget-7B", "--quant", "Q4_K_M", env=env).returncode == 0
+    model = hub.file("bigco/Padded-GGUF", PADDED)
+    partial = RepoCache(tmp_path / "hf-home" / "hub", "bigco/Padded-GGUF").incomplete(model.sha256)
+    go_on = threading.Event()
+    hub.pause_at[PADDED] = (MIB, go_on)
+    pull = subprocess.Popen(
+        [sys.executable, "-m", "vramsupply", "models", "pull", "bigco/Padded-GGUF", "--quant", "Q4_K_M"],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for_size(partial, MIB, pull)
+        named = run_cli("models", "rm", "bigco/Padded-GGUF", "--yes", env=env)
+        everything = run_cli("models", "rm", "--all", "--yes", env=env)
+        kept = partial.exists()
+        forced = run_cli("models", "rm", "bigco/padded-gguf", "--yes", "--force", env=env)
+    finally:
+        go_on.set()
+        out, err = pull.communicate(timeout=60)
+        del hub.pause_at[PADDED]
+
+    assert named.returncode == 1 and named.stdout == ""
+    assert named.stderr.strip() == (
+        "error: bigco/padded-gguf Q4_K_M is being downloaded by another process (a `serve` starting, or `models pull`): "
+        "let it finish, or stop it first; --force removes it anyway, and that download fails"
+    )
+    assert everything.returncode == 0 and "removed acme/widget-7b Q4_K_M" in everything.stdout and "padded" not in everything.stdout
+    assert everything.stderr.startswith("keeping bigco/padded-gguf Q4_K_M: bigco/padded-gguf Q4_K_M is being downloaded by another process")
+    assert kept, "the partial file stays while it downloads"
+    assert forced.returncode == 0 and "removed bigco/padded-gguf Q4_K_M" in forced.stdout
+    assert pull.returncode == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"error: bigco/Padded-GGUF/{PADDED} was removed from the cache while it downloaded: run again to download it"

@@ -119,7 +119,7 @@ def models_rm(
     model: Optional[str] = typer.Argument(None, help="org/model or GGUF repo id to remove (all its quants)."),
     remove_all: bool = typer.Option(False, "--all", help="Remove every model vramsupply downloaded."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
-    force: bool = typer.Option(False, "--force", help="Remove the model the running agent serves too (its next start downloads it again)."),
+    force: bool = typer.Option(False, "--force", help="Remove the model the running agent serves too (its next start downloads it again), and one being downloaded (that download fails)."),
     cache_dir: Optional[Path] = CACHE_DIR_OPTION,
 ) -> None:
     """Remove downloaded models from the cache; files other tools still use are kept, and the model the running agent serves unless --force."""
@@ -137,6 +137,7 @@ def models_rm(
             return
         fail(f"no downloaded model matches {model}; `vramsupply models list` shows what is in {cache}", code=1)
     doomed, spare = _spare_the_served_model(doomed, force)
+    doomed = _spare_downloads(doomed, force)
     if not yes:
         if not sys.stdin.isatty():
             fail("refusing to delete models without confirmation: pass --yes")
@@ -144,9 +145,25 @@ def models_rm(
             console.print(f"  {item.model_id} {item.quant} ({item.repo_id}, {decimal(item.on_disk)})", highlight=False)
         if not typer.confirm(f"Remove {len(doomed)} model(s) from {cache}?"):
             fail("nothing removed", code=1)
-    removed = remove_cached(cache, model, spare=spare)
+    removed = remove_cached(cache, model, spare=spare, downloads_too=force)
     for item in removed:
         console.print(f"removed {item.model_id} {item.quant} ({item.repo_id}, {decimal(item.on_disk)})", highlight=False)
+
+
+def _spare_downloads(doomed: list[CachedModel], force: bool) -> list[CachedModel]:
+    """What to remove, without the models another process is downloading now (a `serve` starting,
+    a `models pull`): removed, that download fails. One model named is refused (exit 1); with
+    --all such models are kept, said in one line. ``--force`` removes them too."""
+    busy = [item for item in doomed if item.downloading]
+    if not busy or force:
+        return doomed
+    names = ", ".join(f"{item.model_id} {item.quant}" for item in busy)
+    what = f"{names} {'is' if len(busy) == 1 else 'are'} being downloaded by another process (a `serve` starting, or `models pull`)"
+    rest = [item for item in doomed if not item.downloading]
+    if not rest:
+        fail(f"{what}: let it finish, or stop it first; --force removes it anyway, and that download fails", code=1)
+    err_console.print(f"keeping {names}: {what}; --force removes {'it' if len(busy) == 1 else 'them'} too", highlight=False, soft_wrap=True)
+    return rest
 
 
 def _spare_the_served_model(doomed: list[CachedModel], force: bool) -> tuple[list[CachedModel], str | None]:

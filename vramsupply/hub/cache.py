@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from vramsupply.hub.resolve import RemoteFile
 from vramsupply.hub.store import Pull, RepoCache, cached_repos
 
@@ -36,6 +38,25 @@ class CachedModel:
     size: int
     on_disk: int
     status: CacheStatus
+    downloading: bool = False  # a process (`serve`, `models pull`) holds the lock of one of its files
+
+
+def downloading(repo: RepoCache, pull: Pull) -> bool:
+    """Whether another process is downloading a file of the pull now: it holds the file's lock (the
+    one huggingface_hub uses too). A lock file nobody holds is left over, not a download."""
+    for file in pull.files:
+        path = repo.lock(file.sha256)
+        if not path.exists():
+            continue
+        lock = FileLock(path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return True
+        except OSError:  # a lock this user cannot open: not ours to judge
+            continue
+        lock.release()
+    return False
 
 
 def _bytes_on_disk(repo: RepoCache, file: RemoteFile) -> int:
@@ -63,6 +84,7 @@ def describe(repo: RepoCache, pull: Pull) -> CachedModel:
         size=sum(file.size for file in pull.files),
         on_disk=sum(_bytes_on_disk(repo, file) for file in pull.files),
         status=_status(repo, pull),
+        downloading=downloading(repo, pull),
     )
 
 
@@ -123,9 +145,13 @@ def _remove_pull(repo: RepoCache, pull: Pull, kept: list[Pull]) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _remove_from_repo(repo: RepoCache, model: str | None, spare: str | None = None) -> list[CachedModel]:
+def _remove_from_repo(repo: RepoCache, model: str | None, spare: str | None, downloads_too: bool) -> list[CachedModel]:
     pulls = repo.pulls()
-    doomed = [pull for pull in pulls if (model is None or pull.matches(model)) and not (spare is not None and pull.matches(spare))]
+    doomed = [
+        pull for pull in pulls
+        if (model is None or pull.matches(model)) and not (spare is not None and pull.matches(spare))
+        and (downloads_too or not downloading(repo, pull))
+    ]  # fmt: skip
     kept = [pull for pull in pulls if pull not in doomed]
     removed = [describe(repo, pull) for pull in doomed]
     for pull in doomed:
@@ -150,10 +176,11 @@ def _prune_empty_tree(directory: Path) -> None:
             Path(root).rmdir()
 
 
-def remove_cached(cache_dir: Path, model: str | None, spare: str | None = None) -> list[CachedModel]:
+def remove_cached(cache_dir: Path, model: str | None, spare: str | None = None, *, downloads_too: bool = False) -> list[CachedModel]:
     """Remove the pulls of `model` (marketplace or GGUF repo id, any case), or all pulls when None;
-    never those of `spare` (the model a running agent serves: `models rm` keeps it)."""
+    never those of `spare` (the model a running agent serves: `models rm` keeps it), nor one being
+    downloaded unless ``downloads_too`` (that download then fails)."""
     removed: list[CachedModel] = []
     for repo in cached_repos(cache_dir):
-        removed.extend(_remove_from_repo(repo, model, spare))
+        removed.extend(_remove_from_repo(repo, model, spare, downloads_too))
     return removed

@@ -180,8 +180,11 @@ class BlobDownloader:
                 self.cache.adopted(file.sha256).touch()  # another tool's file: `models rm` keeps it
                 self.cache.mark_verified(file)
                 return
-            self._transfer(file)
-            self.cache.mark_verified(file)
+            try:
+                self._transfer(file)
+                self.cache.mark_verified(file)
+            except FileNotFoundError:  # `models rm --force` (or a hand) took the partial file or its folder
+                raise DownloadError(f"{self.label(file)} was removed from the cache while it downloaded: run again to download it") from None
         finally:
             lock.release()
 
