@@ -226,6 +226,26 @@ def test_n_choices_are_separate_and_usage_adds_up(client: OpenAI) -> None:
     assert completion.usage is not None and completion.usage.completion_tokens == 15
 
 
+def test_each_choice_of_a_seed_is_its_own_sample_and_minus_one_is_random_for_every_choice(client: OpenAI) -> None:
+    """An evaluation that runs seed = 0, 1, 2, ... with n = 4 must not get the same samples again
+    (choice i took seed + i); -1 asks for random seeds, and got 0, 1, ... after the first choice."""
+
+    def texts(seed: int) -> list[str]:
+        completion = client.completions.create(
+            model=MODEL_ID, prompt="Once upon a time", n=4, max_tokens=25, temperature=1.0, seed=seed,
+            extra_body={"ignore_eos": True, "top_k": 0, "min_p": 0},
+        )
+        return [choice.text for choice in sorted(completion.choices, key=lambda c: c.index)]
+
+    first, again, next_seed = texts(100), texts(100), texts(101)
+    assert first == again, "a seed reproduces every choice"
+    assert len(set(first)) == 4 and not set(first) & set(next_seed)
+    single = client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=25, temperature=1.0, seed=100, extra_body={"ignore_eos": True, "top_k": 0, "min_p": 0})
+    assert single.choices[0].text == first[0], "the first choice is the seed's own sample, as with n 1"
+    random_runs = [texts(-1) for _ in range(2)]
+    assert not set(random_runs[0]) & set(random_runs[1]) and not set(random_runs[0]) & set(texts(0) + texts(1))
+
+
 def test_n_choices_stream_interleaved(client: OpenAI) -> None:
     chunks = list(
         client.completions.create(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -113,9 +114,9 @@ async def _tokenize(request: web.Request, tokenize: Callable[[T], list[int]], va
 async def generation_requests(
     body: ChatCompletionBody | CompletionBody, prompt: list[int], extra_stop: tuple[str, ...] = ()
 ) -> list[GenerationRequest]:
-    """One engine request per choice; with a seed, choice i uses seed + i, so choices differ yet
-    reproduce as far as a seed can (the README's Sampling: logits differ in their last bits with
-    the batch and the prompt cache).
+    """One engine request per choice; with a seed, each choice its own (``choice_seed``), so choices
+    differ yet reproduce as far as a seed can (the README's Sampling: logits differ in their last
+    bits with the batch and the prompt cache).
 
     ``extra_stop`` holds stop strings the chat template needs (the chat prompt's ``stop``).
     """
@@ -138,6 +139,23 @@ async def chat_generation_requests(body: ChatCompletionBody, chat: ChatPrompt) -
         raise ApiError(400, str(exc), code="invalid_value") from None
 
 
+RANDOM_SEED = -1
+"""llama-server's way to ask for a random seed: every choice draws its own."""
+
+
+def choice_seed(seed: int, index: int) -> int | None:
+    """Choice ``index``'s seed (None: a random one). The first choice takes the request's seed as
+    it is, as with ``n`` 1; a later one a seed hashed from both, so the choices of nearby seeds
+    share no samples (seed + index made choice 1 of seed 100 choice 0 of seed 101, and the later
+    choices of -1 no random seeds at all, but 0, 1, ...)."""
+    if seed == RANDOM_SEED:
+        return None
+    if index == 0:
+        return seed
+    whole = f"{seed}:{index}".encode()
+    return int.from_bytes(hashlib.blake2b(whole, digest_size=4, person=b"vramsupply-n").digest(), "little") % (2**32 - 1)
+
+
 def _generation_requests(
     body: ChatCompletionBody | CompletionBody, grammar: str | None, prompt: list[int], stop: tuple[str, ...]
 ) -> list[GenerationRequest]:
@@ -155,7 +173,7 @@ def _generation_requests(
     return [
         GenerationRequest(
             prompt=prompt,
-            sampling=sampling if body.seed is None else dataclasses.replace(sampling, seed=body.seed + i),
+            sampling=sampling if body.seed is None else dataclasses.replace(sampling, seed=choice_seed(body.seed, i)),
             max_tokens=body.token_limit,
             stop=stop,
             ignore_eos=body.ignore_eos,
