@@ -277,7 +277,11 @@ async def test_garbage_never_gets_a_500(server: LiveServer, http: aiohttp.Client
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_tokens", "5"), ("max_tokens", True), ("max_tokens", 5.0), ("stream", "yes"), ("n", "2"), ("temperature", "0.5"), ("logprobs", "yes")],
+    [
+        ("max_tokens", "5"), ("max_tokens", True), ("max_tokens", 5.0), ("stream", "yes"), ("n", "2"), ("temperature", "0.5"), ("logprobs", "yes"),
+        # accepted and unused, typed all the same
+        ("user", 123), ("metadata", "k"), ("metadata", ["k"]), ("safety_identifier", 7), ("prompt_cache_key", False),
+    ],
 )
 async def test_a_value_of_the_wrong_type_is_400_naming_it_not_coerced(
     server: LiveServer, http: aiohttp.ClientSession, field: str, value: Any
@@ -287,6 +291,17 @@ async def test_a_value_of_the_wrong_type_is_400_naming_it_not_coerced(
 
     assert status == 400
     assert_openai_error(body, param=field)
+
+
+async def test_the_unused_openai_fields_are_taken_when_typed_as_openai_types_them(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "user": "u-1", "metadata": {"k": "v"}, "safety_identifier": "s", "prompt_cache_key": "p", "store": True}
+    status, answer, _ = await post(http, server.url + CHAT, body)
+    assert status == 200, answer
+    legacy, answer, _ = await post(http, server.url + "/v1/completions", {"prompt": "Hi", "max_tokens": 2, "user": "u-1"})
+    assert legacy == 200, answer
+    status, answer, _ = await post(http, server.url + CHAT, {**body, "metadata": {"k": 1}})
+    assert status == 400
+    assert_openai_error(answer, param="metadata.k")
 
 
 async def test_numbers_stay_numbers_and_logit_bias_keys_are_token_ids(server: LiveServer, http: aiohttp.ClientSession) -> None:

@@ -89,6 +89,8 @@ class GenerationBody(VllmFields):
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
+    # accepted and unused, but typed as OpenAI types them: a client's bug is a 400, as there
+    user: str | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -152,6 +154,9 @@ class ChatCompletionBody(GenerationBody):
     verbosity: Any = None
     modalities: list[str] | None = None
     store: bool | None = None  # accepted, nothing is stored (as at vLLM)
+    metadata: dict[str, str] | None = None  # accepted with store; nothing is stored
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None  # the prompt cache needs no key: shared prefixes are found
     service_tier: str | None = None
     # vLLM's chat template switches (``vllm_fields.py``)
     add_generation_prompt: bool | None = None
