@@ -211,6 +211,20 @@ def test_status_flags_a_registration_left_by_a_process_that_is_gone() -> None:
     assert result["registration"]["stale"] is False and "stale" not in table, "stale is the JSON's word for a running agent's old record"
 
 
+def test_status_takes_another_program_on_the_agents_port_for_no_agent() -> None:
+    """llama-server also listens on 8080 and answers /health with {"status": "ok"}: after the agent
+    has ended, status called that an agent that serves."""
+    with OneAnswerPlatform(200, b'{"status": "ok"}') as llama_server:
+        port = llama_server.url.rsplit(":", 1)[1]
+        table = run_cli("status", env={"VRAM_SUPPLY_PORT": port})
+        as_json = run_cli("status", "--json", env={"VRAM_SUPPLY_PORT": port})
+
+    assert table.returncode == 1 and as_json.returncode == 1, table.stdout
+    assert f"no agent answering at http://127.0.0.1:{port}: another program answers there" in " ".join(table.stdout.split())
+    agent = json.loads(as_json.stdout)["agent"]
+    assert agent["healthy"] is False and agent["serving"] is False and agent["health"] is None
+
+
 def test_status_reads_a_damaged_registration_record_as_none() -> None:
     default_state_path().parent.mkdir(parents=True, exist_ok=True)
     default_state_path().write_bytes(b"\xff\xfe{")

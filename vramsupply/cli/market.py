@@ -181,7 +181,8 @@ def _agent_report() -> tuple[AgentStatus, str | None]:
 
     settings, path = settings_from({}), default_state_path()
     found = find_agent(path, settings.host, settings.port)
-    health, error = asyncio.run(probe_health(found.url))
+    recorded_url = found.record is not None and found.earlier_run is None  # where the running agent said it listens
+    health, error = asyncio.run(probe_health(found.url, vouched=recorded_url))
     note = found.earlier_run
     starting = lock_holder(path.parent) if health is None else None
     if starting is not None and (found.record is None or found.earlier_run is not None):

@@ -236,14 +236,22 @@ def find_agent(path: Path, host: str, port: int) -> FoundAgent:
     return FoundAgent(local_base_url(host, port), record, stale)
 
 
-async def probe_health(url: str) -> tuple[dict[str, Any] | None, str | None]:
-    """The agent's /health answer, or None and why not, in words (never the HTTP client's)."""
+AGENT_HEALTH_KEYS = frozenset({"status", "model", "slots_idle", "slots_busy", "queue"})
+"""What an agent's /health holds, whichever engine it runs: an answer without them is another program's."""
+
+
+async def probe_health(url: str, *, vouched: bool = False) -> tuple[dict[str, Any] | None, str | None]:
+    """The agent's /health answer, or None and why not, in words (never the HTTP client's).
+    ``vouched``: the running agent recorded this URL as its own, so any answer there is its; at the
+    configured port, found without such a record, only an answer shaped as an agent's counts."""
     try:
         timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_SECONDS)
         async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url + "/health") as response:
             body = await response.json(content_type=None)
             if response.status != 200 or not isinstance(body, dict):
                 return None, f"{url}/health answered {response.status}: {api.error_message(body) or 'not ready'}"
+            if not vouched and not AGENT_HEALTH_KEYS <= body.keys():  # llama-server's {"status": "ok"}, on 8080 as ours is
+                return None, f"no agent answering at {url}: another program answers there (its /health is not a vramsupply agent's)"
             return body, None
     except aiohttp.ClientConnectorError as exc:
         return None, f"no agent answering at {url} ({cannot_connect(exc.os_error)})"
