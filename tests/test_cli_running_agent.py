@@ -107,11 +107,14 @@ def test_models_rm_keeps_the_model_the_running_agent_serves_unless_forced(hub_en
     pid = agent.process.pid
     assert named.returncode == 1 and named.stdout == ""
     [line] = named.stderr.splitlines()
-    assert line.startswith(f"error: the running agent (pid {pid}) serves acme/widget-7b: removed, its next start downloads it again"), line
+    assert line.startswith(f"error: the running agent (pid {pid}) serves acme/widget-7b: removed, its next start would download it again"), line
     assert line.endswith("stop the agent first, or pass --force to remove it anyway")
     assert everything.returncode == 0, everything.stderr
     assert "removed quantco/splitty Q4_K_M" in everything.stdout and "acme/widget-7b" not in everything.stdout
-    assert everything.stderr.startswith(f"keeping acme/widget-7b: the running agent (pid {pid}) serves acme/widget-7b")
+    assert everything.stderr.strip() == (
+        f"keeping acme/widget-7b: the running agent (pid {pid}) serves acme/widget-7b; --force removes it too, "
+        "and then its next start would download it again (or could not start offline)"
+    )
     assert left == ["acme/widget-7b"]
     assert forced.returncode == 0 and "removed acme/widget-7b Q4_K_M" in forced.stdout
     assert cached(hub_env) == []

@@ -180,8 +180,9 @@ def _spare_the_served_model(doomed: list[CachedModel], force: bool) -> tuple[lis
     rest = [item for item in doomed if serves not in (item.model_id.lower(), item.repo_id.lower())]
     if len(rest) == len(doomed):
         return doomed, None
-    what = f"the running agent (pid {served.pid}) serves {served.model}: removed, its next start downloads it again (or cannot start offline)"
+    what = f"the running agent (pid {served.pid}) serves {served.model}"
+    then = "its next start would download it again (or could not start offline)"
     if not rest:
-        fail(f"{what}; stop the agent first, or pass --force to remove it anyway", code=1)
-    err_console.print(f"keeping {served.model}: {what}; --force removes it too", highlight=False, soft_wrap=True)
+        fail(f"{what}: removed, {then}; stop the agent first, or pass --force to remove it anyway", code=1)
+    err_console.print(f"keeping {served.model}: {what}; --force removes it too, and then {then}", highlight=False, soft_wrap=True)
     return rest, served.model
