@@ -83,3 +83,62 @@ async def test_an_upstream_answer_that_is_not_json_is_a_502_for_the_buyer(caplog
             assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
         finally:
             await backend.close()
+
+
+WORDS = {0: ["Once", " upon", " a", " time"], 1: ["The", " end"]}  # two choices: 4 and 2 tokens
+
+
+class ManyChoicesSurface(LlamaServerSurface):
+    """llama-server's answer to ``n`` 2 as it gives it: both choices, and a usage that counts one
+    choice's tokens (measured on a real llama-server of the vendored llama.cpp); its /tokenize
+    gives a token per word here."""
+
+    def app(self) -> web.Application:
+        app = super().app()
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/tokenize", self.tokenize)
+        return app
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        text = (await request.json())["content"]
+        return web.json_response({"tokens": [1] + list(range(len(text.split())))})  # BOS, then a token per word
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        usage = {"prompt_tokens": 5, "completion_tokens": len(WORDS[0]), "total_tokens": 5 + len(WORDS[0])}
+        if not (await request.json()).get("stream"):
+            choices = [{"index": i, "text": "".join(words), "finish_reason": "stop"} for i, words in WORDS.items()]
+            return web.json_response({"id": "cmpl-1", "object": "text_completion", "choices": choices, "usage": usage})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i, words in WORDS.items():
+            for word in words:
+                chunk = {"id": "cmpl-1", "object": "text_completion", "choices": [{"index": i, "text": word, "finish_reason": None}]}
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_llama_servers_usage_of_n_choices_is_counted_for_every_choice(stream: bool) -> None:
+    """llama-server counts one choice's tokens in the usage of an answer with ``n`` choices: the
+    provider was paid for 4 tokens of 6, and the buyer was shown 4."""
+    async with TestServer(ManyChoicesSurface().app(), host="127.0.0.1") as upstream:
+        backend = UpstreamBackend(UpstreamOptions("upstream", model="qwen/qwen3-8b", upstream_model=None, url=str(upstream.make_url("/v1"))))
+        await backend.prepare()
+        try:
+            async with TestServer(backend.create_app(None, 1 << 16), host="127.0.0.1") as front, aiohttp.ClientSession() as buyer:
+                assert await backend.start(asyncio.Event())
+                body = {"model": "qwen/qwen3-8b", "prompt": "Tell me", "n": 2, "stream": stream, "stream_options": {"include_usage": True} if stream else None}
+                async with buyer.post(front.make_url("/v1/completions"), json={k: v for k, v in body.items() if v is not None}) as response:
+                    assert response.status == 200
+                    if stream:
+                        events = [json.loads(line[6:]) for line in (await response.text()).splitlines() if line.startswith("data: {")]
+                        [usage] = [event["usage"] for event in events if event.get("usage")]
+                    else:
+                        usage = (await response.json())["usage"]
+            assert (usage["prompt_tokens"], usage["completion_tokens"]) == (5, 6), "the prompt once, every choice's tokens"
+            assert backend.state is not None
+            assert (backend.state.counters.prompt_tokens_total, backend.state.counters.completion_tokens_total) == (5, 6)
+        finally:
+            await backend.close()

@@ -196,6 +196,8 @@ class UpstreamBackend:
         llama-server's slot count is read first, whatever says the context: heartbeats report it."""
         assert self.client is not None
         n_ctx, total_slots = await self.client.props()
+        if self.state is not None:
+            self.state.one_choice_usage = n_ctx is not None or total_slots is not None
         if total_slots and not self.options.slots_explicit and self.state is not None:
             self.slots = self.state.slots_total = total_slots
         if self.options.context_length is not None and self.kind == "upstream":

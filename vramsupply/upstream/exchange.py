@@ -64,6 +64,8 @@ class Exchange:
     """Per choice, each tool call's name as counted so far (see ``text_of``)."""
     stops: dict[int, str] = field(default_factory=dict)
     """Per choice, the stop sequence that ended it (``stop_sequence``)."""
+    prompt_usage: CountedUsage | None = None
+    """The upstream's usage where only its prompt counts are taken (``take_usage``)."""
     session: aiohttp.ClientSession = field(init=False)
     """The upstream client's session when the request came: counting ends when it closes (the agent stops)."""
 
@@ -73,6 +75,16 @@ class Exchange:
     @property
     def bounds(self) -> UsageBounds:
         return UsageBounds.of(self.state.n_ctx, self.body)
+
+    def take_usage(self, usage: CountedUsage | None) -> CountedUsage | None:
+        """The upstream's (plausible) usage as this answer's, or None: that of an answer with several
+        choices from llama-server counts one choice's completion tokens, so only its prompt counts are
+        kept, and ``settle`` counts the completion tokens (the buyer sees that count, billed)."""
+        if usage is not None and self.state.one_choice_usage and choices_asked(self.body) > 1:
+            self.prompt_usage, usage = usage, None
+        if usage is not None:
+            self.usage = usage
+        return usage
 
     def collect(self, chunk: dict[str, Any], *, whole: bool = False) -> None:
         """Keep the answer's id and each choice's generated text, in case the upstream reports no usage."""
@@ -101,7 +113,7 @@ class Exchange:
         buyer gets no usage rather than a guess."""
         if self.usage is None:
             try:
-                self.usage = await self.counter().count(self.path, self.body, self.generated(), self.bounds)
+                self.usage = await self._count()
             except CountImpossible as exc:
                 await self.bill_estimate(describe(exc))
                 return None
@@ -121,6 +133,12 @@ class Exchange:
         except asyncio.TimeoutError:
             if self.usage is None:  # else it was counted, and its record was on its way
                 self.recount_later(f"no count within {SETTLE_AFTER_FAILURE_SECONDS:g}s")
+
+    async def _count(self) -> CountedUsage:
+        counter = self.counter()
+        if self.prompt_usage is not None:
+            return await counter.with_completion_counted(self.prompt_usage, self.generated(), self.bounds)
+        return await counter.count(self.path, self.body, self.generated(), self.bounds)
 
     def counter(self) -> UsageCounter:
         return UsageCounter(self.state.client, self.state.tokenizer, self.session)
@@ -151,7 +169,7 @@ class Exchange:
         give_up, delay = loop.time() + RECOUNT_FOR_SECONDS, RECOUNT_FIRST_DELAY
         while (left := give_up - loop.time()) > 0 and await pause_unless_closed(counter, min(delay, left)):
             try:
-                usage = await counter.count(self.path, self.body, self.generated(), self.bounds)
+                usage = await self._count()
             except CountImpossible as exc:
                 reason = describe(exc)
                 break
@@ -185,6 +203,15 @@ async def pause_unless_closed(counter: UsageCounter, seconds: float) -> bool:
     while not counter.closed and (left := until - loop.time()) > 0:
         await asyncio.sleep(min(left, STOPPING_CHECK_SECONDS))
     return not counter.closed
+
+
+def choices_asked(body: dict[str, Any]) -> int:
+    """The choices a request asks for: ``n`` for each of its prompts (a list of texts or of token lists)."""
+    n = body.get("n")
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    prompt = body.get("prompt")
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    return n * prompts
 
 
 def text_of(choice: dict[str, Any], tool_names: dict[int, str]) -> str:

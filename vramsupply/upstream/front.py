@@ -129,6 +129,9 @@ class FrontState(ServerState):
         self.limits = RelayLimits()
         self.n_ctx = 0
         """The served context, once known: bounds the usage an answer may claim."""
+        self.one_choice_usage = False
+        """The upstream is llama-server (it answers ``/props``), whose ``usage`` of an answer with ``n``
+        choices counts one choice's tokens: its completion tokens are counted with its tokenizer."""
         self.max_model_len: int | None = None
         """The context offered, once known (``/v1/models`` says it, as vLLM does): the upstream's,
         or the one declared with ``--context-length``."""

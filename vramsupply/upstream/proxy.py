@@ -130,7 +130,7 @@ async def relay_body(reply: aiohttp.ClientResponse, exchange: Exchange, deadline
         payload = None
     if not isinstance(payload, dict):
         raise BadAnswer("it answered with something other than a JSON object")
-    exchange.usage = usage_of(payload, exchange.bounds)
+    exchange.take_usage(usage_of(payload, exchange.bounds))
     exchange.collect(payload, whole=True)
     with forwarded.settling():  # the answer is here: the drain lets it be counted and delivered
         usage = await exchange.settle()

@@ -134,9 +134,7 @@ def rewrite(event: bytes, data: str | None, exchange: Exchange) -> bytes | None:
         return None
     if "error" in chunk:
         raise UpstreamErrorEvent(f"it reported {printable(error_message(chunk['error']), 200)}")
-    usage = usage_of(chunk, exchange.bounds)
-    if usage is not None:
-        exchange.usage = usage
+    usage = exchange.take_usage(usage_of(chunk, exchange.bounds))
     had_usage_field, upstream_usage = "usage" in chunk, chunk.pop("usage", None)
     exchange.collect(chunk)
     if upstream_usage is not None and chunk.get("choices") == [] and (usage is None or not exchange.buyer_wants_usage):

@@ -252,11 +252,23 @@ class UsageCounter:
 
     async def count(self, path: str, body: dict[str, Any], texts: list[str], bounds: UsageBounds) -> CountedUsage:
         """``texts``: each choice's generated text."""
-        completion = sum([await self._tokenizer.count_continuation(self._session, text) for text in texts])
+        completion = await self.completion_tokens(texts)
         prompt = await self._prompt_tokens(path, body, bounds)
         if not (_count(prompt, bounds.prompt) and _count(completion, bounds.completion)):
             raise CountImpossible(f"the tokenizer counted an implausible {prompt} prompt and {completion} completion tokens")
         return CountedUsage(prompt, completion, source="tokenizer")
+
+    async def completion_tokens(self, texts: list[str]) -> int:
+        """Every choice's generated tokens, each as it continues its prompt."""
+        return sum([await self._tokenizer.count_continuation(self._session, text) for text in texts])
+
+    async def with_completion_counted(self, usage: CountedUsage, texts: list[str], bounds: UsageBounds) -> CountedUsage:
+        """``usage``'s prompt counts, with every choice's completion tokens counted here (an upstream
+        whose usage counts one choice of several: ``FrontState.one_choice_usage``)."""
+        completion = await self.completion_tokens(texts)
+        if not _count(completion, bounds.completion):
+            raise CountImpossible(f"the tokenizer counted an implausible {completion} completion tokens")
+        return CountedUsage(usage.prompt_tokens, completion, usage.cached_tokens, "tokenizer", dict(usage.prompt_details))
 
     async def _prompt_tokens(self, path: str, body: dict[str, Any], bounds: UsageBounds) -> int:
         prompt = body.get("prompt")
