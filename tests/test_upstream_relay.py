@@ -9,6 +9,7 @@ front in between is ours, served for real on localhost.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 
@@ -140,5 +141,54 @@ async def test_llama_servers_usage_of_n_choices_is_counted_for_every_choice(stre
             assert (usage["prompt_tokens"], usage["completion_tokens"]) == (5, 6), "the prompt once, every choice's tokens"
             assert backend.state is not None
             assert (backend.state.counters.prompt_tokens_total, backend.state.counters.completion_tokens_total) == (5, 6)
+        finally:
+            await backend.close()
+
+
+class HangingSurface(LlamaServerSurface):
+    """llama-server stopped (SIGSTOP) mid-stream: two words, then nothing, and its /tokenize (which
+    counting what was sent needs) does not answer either."""
+
+    def app(self) -> web.Application:
+        app = super().app()
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/tokenize", self.hang)
+        return app
+
+    async def hang(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(60)
+        return web.json_response({})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for word in ("Once", " upon"):
+            chunk = {"id": "cmpl-1", "object": "text_completion", "choices": [{"index": 0, "text": word, "finish_reason": None}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await asyncio.sleep(60)
+        return response
+
+
+async def test_a_hung_upstreams_stream_ends_for_the_buyer_at_the_idle_bound_not_after_counting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error event waited for counting what was sent, which asks the hung upstream's tokenizer:
+    the buyer got it 12 s after the idle bound."""
+    monkeypatch.setattr("vramsupply.upstream.exchange.SETTLE_AFTER_FAILURE_SECONDS", 5.0)
+    async with TestServer(HangingSurface().app(), host="127.0.0.1") as upstream:
+        backend = UpstreamBackend(UpstreamOptions("upstream", model="qwen/qwen3-8b", upstream_model=None, url=str(upstream.make_url("/v1"))))
+        await backend.prepare()
+        try:
+            async with TestServer(backend.create_app(None, 1 << 16), host="127.0.0.1") as front, aiohttp.ClientSession() as buyer:
+                assert await backend.start(asyncio.Event())
+                assert backend.state is not None
+                backend.state.limits = dataclasses.replace(backend.state.limits, idle_seconds=1.0)
+                body = {"model": "qwen/qwen3-8b", "prompt": "Tell me", "stream": True}
+                async with buyer.post(front.make_url("/v1/completions"), json=body) as response:
+                    async for line in response.content:
+                        if line.startswith(b"data: ") and b'"text": " upon"' in line.replace(b'":"', b'": "'):
+                            last_word = asyncio.get_running_loop().time()
+                        if line.startswith(b'data: {"error"'):
+                            error_after = asyncio.get_running_loop().time() - last_word
+                            break
+            assert 0.9 < error_after < 3.5, error_after  # the idle bound (1 s), not it plus counting's (5 s)
         finally:
             await backend.close()

@@ -163,13 +163,17 @@ async def finish_stream(response: web.StreamResponse, exchange: Exchange) -> Non
 
 
 async def fail_stream(response: web.StreamResponse, exchange: Exchange, failure: BadAnswer) -> None:
-    """Bill what was sent, then one error event ends the stream."""
+    """One error event, then what was sent is billed (as incomplete), then the stream ends: counting
+    may need the upstream's tokenizer, which a hung upstream answers only at ``settle_failed``'s
+    bound, and the buyer's client, which stops at the error event, is not kept waiting for that."""
     if isinstance(failure, Stopped):
         log.info("the drain's deadline ended a %s stream; what was sent is billed as incomplete", exchange.path)
         error = shutting_down_error().body()["error"]
     else:
         log.warning("the upstream's %s stream failed: %s", exchange.path, failure)
         error = {"message": f"The model server failed mid-stream: {failure}.", "type": "server_error", "param": None, "code": failure.code}
-    await exchange.settle_failed()
-    await response.write(encode_event({"error": error}))
-    await response.write_eof()
+    try:
+        await response.write(encode_event({"error": error}))  # an OpenAI client stops at this event
+    finally:
+        await exchange.settle_failed()
+    await response.write_eof()  # the record is written before the stream's last byte, as a whole answer's
