@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from conftest import TINY_MODEL, scheduler_held
@@ -345,3 +346,24 @@ async def test_a_prompt_that_does_not_fit_beside_the_running_request_waits_for_r
         assert engine.stats().preemptions_total == 0
         assert running.finish_reason == waiting.finish_reason == "length"
         assert waiting.token_ids == (await alone(engine, long_prompt, sampling=GREEDY, max_tokens=50, ignore_eos=True)).token_ids
+
+
+async def test_choices_of_requests_admitted_under_a_full_kv_cache_count_each_prompt_once_uncached() -> None:
+    """Three requests of n = 2 whose choices together outgrow the cache: a later choice needs one
+    cell, its first the whole prompt, so the later one was admitted first, decoded the prompt and
+    lent it to its first: /metrics missed a prompt, and its usage called 249 of its tokens cached."""
+    rng = np.random.default_rng(7)
+    with load(n_ctx=1024, parallel=8) as engine:
+        prompts = [[1, *rng.integers(3, 512, 249).tolist()] for _ in range(3)]  # they share only BOS
+        request = {"sampling": GREEDY, "max_tokens": 300, "ignore_eos": True}
+        generations = []
+        for prompt in prompts:
+            first = engine.submit(GenerationRequest(prompt, **request), choices=2)  # type: ignore[arg-type]
+            generations += [first, engine.submit(GenerationRequest(prompt, **request), shares_prompt_with=first)]  # type: ignore[arg-type]
+        await asyncio.gather(*(g.collect() for g in generations))
+        stats = engine.stats()
+
+    assert stats.preemptions_total > 0, "the KV cache really ran out"
+    usages = [g.usage for g in generations[::2] if g.usage is not None]
+    assert [u.prompt_tokens for u in usages] == [250] * 3 and all(u.cached_tokens <= 1 for u in usages), usages
+    assert (stats.prompt_tokens_total, stats.cached_tokens_total) == (750, sum(u.cached_tokens for u in usages))

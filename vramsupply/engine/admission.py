@@ -108,6 +108,8 @@ class Admission:
         holders = [slot for slot in self._slots if slot.n_cached] if self._lends else idle  # who could lend
         taken = False
         for must, task in self._pacer.admission_order(self._waiting, holders, self._prompt_cache, paced, self._whole):
+            if self._first_choice_waits(task):
+                continue
             idle = [slot for slot in self._slots if slot.task is None]
             if not idle:
                 return taken, True
@@ -119,6 +121,14 @@ class Admission:
             elif must:
                 return taken, True
         return taken, False
+
+    def _first_choice_waits(self, task: Task) -> bool:
+        """A later choice (``n`` > 1) starts after its first: it needs one cell to fit, its first
+        the whole prompt, so it fitted first under a full KV cache, decoded the prompt itself and
+        lent it to the first, whose count of the request's prompt (``Tally``) then came after the
+        request's was taken: the counters missed the prompt, and its usage said it was cached."""
+        source = task.shares_prompt_with
+        return source is not None and any(waiting is source for waiting in self._waiting)
 
     def _start(self, task: Task, idle: list[Slot]) -> None:
         tokens = task.to_prefill
