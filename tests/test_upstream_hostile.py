@@ -78,6 +78,27 @@ async def test_the_upstreams_status_is_the_buyers_only_when_it_judges_their_requ
     no_trouble_of_ours(caplog)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"code": 400, "message": "the request exceeds the available context size, try increasing it", "type": "exceed_context_size_error"},  # llama-server
+        {"message": "This model's maximum context length is 2048 tokens. However, you requested 2050 tokens.", "type": "BadRequestError", "code": None},  # vLLM
+        {"message": "The input (3000 tokens) is longer than the model's context length (2048 tokens).", "type": "BadRequestError"},  # SGLang
+        {"message": "Requested tokens (3000) exceed context window of 2048", "type": "internal_server_error"},  # llama_cpp.server
+    ],
+    ids=["llama-server", "vllm", "sglang", "llama-cpp-python"],
+)
+async def test_a_prompt_past_the_upstreams_context_gets_openais_code_for_it(error: dict[str, Any]) -> None:
+    """The built-in engine says context_length_exceeded; an upstream said it in words only, so
+    clients that shorten their prompt and retry on that code behaved otherwise by engine."""
+    upstream = HostileUpstream()
+    upstream.generation = text_answer(400, json.dumps({"error": error}), "application/json")
+    async with fronted(upstream) as front:
+        status, answer = await front.post(CHAT)
+    assert (status, answer["error"]["code"]) == (400, "context_length_exceeded")
+    assert answer["error"]["message"].startswith("The model server refused the request: ")
+
+
 async def test_a_redirect_is_not_followed_but_a_502() -> None:
     upstream = HostileUpstream()
 

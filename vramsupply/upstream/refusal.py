@@ -5,7 +5,8 @@ wrong, its 404 a wrong path or model name in our configuration, its 500 its own 
 the statuses that judge the buyer's own request pass through, in OpenAI's shape:
 
 - 400, 413, 422 (a prompt past the context, a bad field): same status, the upstream's message
-  (its first line, cut short);
+  (its first line, cut short); a prompt past the context gets OpenAI's code for it, whichever
+  engine's words said so;
 - 429 (the upstream's queue is full): 429 ``queue_full`` with ``Retry-After``, as our own engine
   answers when it is at capacity; 503 (starting, overloaded): 503 ``upstream_unavailable``;
 - anything else (other 4xx, 5xx, a redirect, 201, 204, 304, 599...): 502 ``upstream_error`` that
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 import aiohttp
@@ -30,6 +32,15 @@ from vramsupply.upstream.limits import Deadline, read_head
 log = logging.getLogger("vramsupply.upstream")
 
 BUYERS_FAULT = {400, 413, 422}
+CONTEXT_OVERFLOW = re.compile(
+    r"exceeds? the available context size"  # llama-server
+    r"|maximum context length"  # vLLM (OpenAI's own words)
+    r"|longer than the model's context length"  # SGLang
+    r"|exceed context window",  # llama_cpp.server
+    re.IGNORECASE,
+)
+"""An engine's words for a prompt past the context: the buyer gets OpenAI's code for it,
+``context_length_exceeded``, which clients that shorten and retry look for."""
 MESSAGE_CHARS = 300
 RETRY_AFTER_DEFAULT = "5"
 
@@ -66,6 +77,8 @@ def rejected(status: int, raw: bytes) -> ApiError:
     summary = printable(message, MESSAGE_CHARS) or f"HTTP {status}"
     param = fields.get("param") if isinstance(fields.get("param"), str) else None
     code = fields.get("code") if isinstance(fields.get("code"), str) else None
+    if code is None and (fields.get("type") == "exceed_context_size_error" or CONTEXT_OVERFLOW.search(message)):
+        code = "context_length_exceeded"  # as our engine and OpenAI say it, whichever engine said it in words
     return ApiError(status, f"The model server refused the request: {summary}", param=param and param[:100], code=code and code[:100])
 
 
