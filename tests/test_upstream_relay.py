@@ -12,6 +12,8 @@ import asyncio
 import dataclasses
 import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
@@ -89,10 +91,8 @@ async def test_an_upstream_answer_that_is_not_json_is_a_502_for_the_buyer(caplog
 WORDS = {0: ["Once", " upon", " a", " time"], 1: ["The", " end"]}  # two choices: 4 and 2 tokens
 
 
-class ManyChoicesSurface(LlamaServerSurface):
-    """llama-server's answer to ``n`` 2 as it gives it: both choices, and a usage that counts one
-    choice's tokens (measured on a real llama-server of the vendored llama.cpp); its /tokenize
-    gives a token per word here."""
+class CompletionsSurface(LlamaServerSurface):
+    """llama-server's surface with /v1/completions and /tokenize, each answered as a subclass says."""
 
     def app(self) -> web.Application:
         app = super().app()
@@ -100,9 +100,31 @@ class ManyChoicesSurface(LlamaServerSurface):
         app.router.add_post("/tokenize", self.tokenize)
         return app
 
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
     async def tokenize(self, request: web.Request) -> web.Response:
         text = (await request.json())["content"]
         return web.json_response({"tokens": [1] + list(range(len(text.split())))})  # BOS, then a token per word
+
+
+@asynccontextmanager
+async def fronting(surface: LlamaServerSurface) -> AsyncIterator[tuple[UpstreamBackend, TestServer, aiohttp.ClientSession]]:
+    """Our front, served for real, before ``surface``; and a buyer's HTTP session."""
+    async with TestServer(surface.app(), host="127.0.0.1") as upstream:
+        backend = UpstreamBackend(UpstreamOptions("upstream", model="qwen/qwen3-8b", upstream_model=None, url=str(upstream.make_url("/v1"))))
+        await backend.prepare()
+        try:
+            async with TestServer(backend.create_app(None, 1 << 16), host="127.0.0.1") as front, aiohttp.ClientSession() as buyer:
+                assert await backend.start(asyncio.Event())
+                yield backend, front, buyer
+        finally:
+            await backend.close()
+
+
+class ManyChoicesSurface(CompletionsSurface):
+    """llama-server's answer to ``n`` 2 as it gives it: both choices, and a usage that counts one
+    choice's tokens (measured on a real llama-server of the vendored llama.cpp)."""
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         usage = {"prompt_tokens": 5, "completion_tokens": len(WORDS[0]), "total_tokens": 5 + len(WORDS[0])}
@@ -124,38 +146,25 @@ class ManyChoicesSurface(LlamaServerSurface):
 async def test_llama_servers_usage_of_n_choices_is_counted_for_every_choice(stream: bool) -> None:
     """llama-server counts one choice's tokens in the usage of an answer with ``n`` choices: the
     provider was paid for 4 tokens of 6, and the buyer was shown 4."""
-    async with TestServer(ManyChoicesSurface().app(), host="127.0.0.1") as upstream:
-        backend = UpstreamBackend(UpstreamOptions("upstream", model="qwen/qwen3-8b", upstream_model=None, url=str(upstream.make_url("/v1"))))
-        await backend.prepare()
-        try:
-            async with TestServer(backend.create_app(None, 1 << 16), host="127.0.0.1") as front, aiohttp.ClientSession() as buyer:
-                assert await backend.start(asyncio.Event())
-                body = {"model": "qwen/qwen3-8b", "prompt": "Tell me", "n": 2, "stream": stream, "stream_options": {"include_usage": True} if stream else None}
-                async with buyer.post(front.make_url("/v1/completions"), json={k: v for k, v in body.items() if v is not None}) as response:
-                    assert response.status == 200
-                    if stream:
-                        events = [json.loads(line[6:]) for line in (await response.text()).splitlines() if line.startswith("data: {")]
-                        [usage] = [event["usage"] for event in events if event.get("usage")]
-                    else:
-                        usage = (await response.json())["usage"]
-            assert (usage["prompt_tokens"], usage["completion_tokens"]) == (5, 6), "the prompt once, every choice's tokens"
-            assert backend.state is not None
-            assert (backend.state.counters.prompt_tokens_total, backend.state.counters.completion_tokens_total) == (5, 6)
-        finally:
-            await backend.close()
+    async with fronting(ManyChoicesSurface()) as (backend, front, buyer):
+        body = {"model": "qwen/qwen3-8b", "prompt": "Tell me", "n": 2, "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
+        async with buyer.post(front.make_url("/v1/completions"), json=body) as response:
+            assert response.status == 200
+            if stream:
+                events = [json.loads(line[6:]) for line in (await response.text()).splitlines() if line.startswith("data: {")]
+                [usage] = [event["usage"] for event in events if event.get("usage")]
+            else:
+                usage = (await response.json())["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (5, 6), "the prompt once, every choice's tokens"
+        assert backend.state is not None
+        assert (backend.state.counters.prompt_tokens_total, backend.state.counters.completion_tokens_total) == (5, 6)
 
 
-class HangingSurface(LlamaServerSurface):
+class HangingSurface(CompletionsSurface):
     """llama-server stopped (SIGSTOP) mid-stream: two words, then nothing, and its /tokenize (which
     counting what was sent needs) does not answer either."""
 
-    def app(self) -> web.Application:
-        app = super().app()
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/tokenize", self.hang)
-        return app
-
-    async def hang(self, request: web.Request) -> web.Response:
+    async def tokenize(self, request: web.Request) -> web.Response:
         await asyncio.sleep(60)
         return web.json_response({})
 
@@ -173,22 +182,15 @@ async def test_a_hung_upstreams_stream_ends_for_the_buyer_at_the_idle_bound_not_
     """The error event waited for counting what was sent, which asks the hung upstream's tokenizer:
     the buyer got it 12 s after the idle bound."""
     monkeypatch.setattr("vramsupply.upstream.exchange.SETTLE_AFTER_FAILURE_SECONDS", 5.0)
-    async with TestServer(HangingSurface().app(), host="127.0.0.1") as upstream:
-        backend = UpstreamBackend(UpstreamOptions("upstream", model="qwen/qwen3-8b", upstream_model=None, url=str(upstream.make_url("/v1"))))
-        await backend.prepare()
-        try:
-            async with TestServer(backend.create_app(None, 1 << 16), host="127.0.0.1") as front, aiohttp.ClientSession() as buyer:
-                assert await backend.start(asyncio.Event())
-                assert backend.state is not None
-                backend.state.limits = dataclasses.replace(backend.state.limits, idle_seconds=1.0)
-                body = {"model": "qwen/qwen3-8b", "prompt": "Tell me", "stream": True}
-                async with buyer.post(front.make_url("/v1/completions"), json=body) as response:
-                    async for line in response.content:
-                        if line.startswith(b"data: ") and b'"text": " upon"' in line.replace(b'":"', b'": "'):
-                            last_word = asyncio.get_running_loop().time()
-                        if line.startswith(b'data: {"error"'):
-                            error_after = asyncio.get_running_loop().time() - last_word
-                            break
-            assert 0.9 < error_after < 3.5, error_after  # the idle bound (1 s), not it plus counting's (5 s)
-        finally:
-            await backend.close()
+    async with fronting(HangingSurface()) as (backend, front, buyer):
+        assert backend.state is not None
+        backend.state.limits = dataclasses.replace(backend.state.limits, idle_seconds=1.0)
+        body = {"model": "qwen/qwen3-8b", "prompt": "Tell me", "stream": True}
+        async with buyer.post(front.make_url("/v1/completions"), json=body) as response:
+            async for line in response.content:
+                if line.startswith(b"data: ") and b'"text": " upon"' in line.replace(b'":"', b'": "'):
+                    last_word = asyncio.get_running_loop().time()
+                if line.startswith(b'data: {"error"'):
+                    error_after = asyncio.get_running_loop().time() - last_word
+                    break
+    assert 0.9 < error_after < 3.5, error_after  # the idle bound (1 s), not it plus counting's (5 s)
