@@ -54,10 +54,13 @@ async def http(method: str, url: str, *, body: Any = None, headers: dict[str, st
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-async def register(platform: LivePlatform, agent_url: str, *, api_key: str = API_KEY, token: str = ENDPOINT_TOKEN, output_price: int = 200, input_price: int = 100) -> str:
+async def register(
+    platform: LivePlatform, agent_url: str, *, api_key: str = API_KEY, token: str = ENDPOINT_TOKEN, output_price: int = 200, input_price: int = 100,
+    model: str = MODEL_ID,
+) -> str:
     offer = RegisterRequest(
         endpoint_url=agent_url,
-        model=MODEL_ID,
+        model=model,
         input_price_per_million=input_price,
         output_price_per_million=output_price,
         context_length_offered=2048,
@@ -202,6 +205,48 @@ async def test_a_credential_that_is_not_base64url_json_is_a_402_that_says_so(pla
     refused = await http("POST", f"{platform.url}/v1/chat/completions", body=body, headers={"Authorization": f"Payment {credential}"})
     assert refused.status == 402 and "WWW-Authenticate" in refused.headers
     assert refused.json()["error"]["message"] == "malformed Payment credential: not base64url-encoded JSON"
+
+
+def payment_for(challenged: Any, **voucher: str) -> dict[str, str]:
+    """The Authorization header paying against a 402's challenge, with the voucher's fields as given."""
+    params = dict(re.findall(r'(\w+)="([^"]*)"', challenged.headers["WWW-Authenticate"]))
+    payload = {"action": "voucher", "channelId": "0x6d0f", "cumulativeAmount": "50000", "signature": "0xabc", **voucher}
+    credential = {"challenge": {"id": params["id"], "realm": "vram.supply"}, "source": "0x1234", "payload": payload}
+    return {"Authorization": "Payment " + base64.urlsafe_b64encode(json.dumps(credential).encode()).decode().rstrip("=")}
+
+
+async def test_a_buyer_is_never_charged_above_the_quote_it_paid_against(platform: LivePlatform, agent: LiveServer) -> None:
+    """The cheap provider that was quoted went away (or raised its price) before the buyer paid: the
+    request went to a dearer one, charged above the quote; a challenge for one model also paid for another."""
+    body = {"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 2}
+    cheap = await register(platform, agent.url, output_price=200)
+    challenged = await http("POST", f"{platform.url}/v1/chat/completions", body=body)
+    paying = payment_for(challenged)
+    await http("DELETE", f"{platform.url}/v1/providers/{cheap}", headers=AUTH)
+    await register(platform, agent.url, output_price=900)
+
+    dearer = await http("POST", f"{platform.url}/v1/chat/completions", body=body, headers=paying)
+    assert dearer.status == 402 and "now cost more than the 2 units a token challenge" in dearer.json()["error"]["message"]
+    fresh = dict(re.findall(r'(\w+)="([^"]*)"', dearer.headers["WWW-Authenticate"]))["request"]
+    assert json.loads(base64.urlsafe_b64decode(fresh + "=" * (-len(fresh) % 4)))["amount"] == "9", "a fresh quote, at today's price"
+
+    await register(platform, agent.url, output_price=5000, model="other/model")
+    other = await http("POST", f"{platform.url}/v1/chat/completions", body={**body, "model": "other/model"}, headers=payment_for(dearer))
+    assert other.status == 402 and f"was issued for {MODEL_ID}, not other/model" in other.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "voucher",
+    [{"cumulativeAmount": "abc"}, {"cumulativeAmount": "-5"}, {"cumulativeAmount": ""}, {"channelId": ""}, {"signature": ""}],
+    ids=["amount-not-a-number", "amount-negative", "amount-empty", "no-channel", "no-signature"],
+)
+async def test_a_voucher_without_a_whole_amount_channel_or_signature_is_refused(platform: LivePlatform, agent: LiveServer, voucher: dict[str, str]) -> None:
+    await register(platform, agent.url)
+    body = {"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 2}
+    challenged = await http("POST", f"{platform.url}/v1/chat/completions", body=body)
+
+    refused = await http("POST", f"{platform.url}/v1/chat/completions", body=body, headers=payment_for(challenged, **voucher))
+    assert refused.status == 402 and refused.json()["error"]["message"].startswith("malformed Payment credential: payload.")
 
 
 async def test_the_challenge_quotes_the_dearer_price_when_prompt_tokens_cost_more(platform: LivePlatform, agent: LiveServer) -> None:

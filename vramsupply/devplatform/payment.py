@@ -12,7 +12,7 @@ import base64
 import json
 from datetime import datetime, timezone
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vramsupply.devplatform.store import Challenge
 
@@ -34,14 +34,14 @@ class _ChallengeRef(BaseModel):
 
 class _Voucher(BaseModel):
     action: str
-    channelId: str
-    cumulativeAmount: str
-    signature: str
+    channelId: str = Field(min_length=1)
+    cumulativeAmount: str = Field(pattern=r"^[0-9]{1,30}$")  # whole base units, as the seeds' example "50000"
+    signature: str = Field(min_length=1)
 
 
 class Credential(BaseModel):
     challenge: _ChallengeRef
-    source: str
+    source: str = Field(min_length=1)
     payload: _Voucher
 
 

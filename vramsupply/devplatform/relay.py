@@ -23,7 +23,7 @@ from aiohttp import web
 
 from vramsupply.devplatform import payment
 from vramsupply.devplatform.shared import HTTP, STORE, error_response, json_object
-from vramsupply.devplatform.store import BuyerRequest, Provider, Rail, Store
+from vramsupply.devplatform.store import BuyerRequest, Challenge, Provider, Rail, Store
 from vramsupply.platform import api
 from vramsupply.platform.client import describe_error
 
@@ -41,14 +41,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if not isinstance(model, str) or not model:
         return error_response(400, "model is required", "invalid_request_error", "missing_model")
     store = request.app[STORE]
-    rail = _buyer_rail(request)
-    if isinstance(rail, web.Response):
-        return rail
-    if isinstance(rail, PaymentNeeded):
+    paid = _buyer_rail(request, model)
+    if isinstance(paid, web.Response):
+        return paid
+    candidates = store.candidates(model, "tempo" if isinstance(paid, (PaymentNeeded, Challenge)) else paid)
+    if isinstance(paid, Challenge):
+        paid, candidates = _within_quote(model, paid, candidates)
+    if isinstance(paid, PaymentNeeded):
         payable = store.candidates(model, "tempo")
-        return _payment_required(store, model, payable[0], rail.reason) if payable else _no_provider(store, model, "tempo")
+        return _payment_required(store, model, payable[0], paid.reason) if payable else _no_provider(store, model, "tempo")
+    rail: Rail = "tempo" if isinstance(paid, Challenge) else paid
     entry = store.record_request(model, rail, time.time())
-    candidates = store.candidates(model, rail)
     if not candidates:
         return _no_provider(store, model, rail)
     failures: list[web.Response] = []
@@ -67,9 +70,9 @@ class PaymentNeeded:
     reason: str
 
 
-def _buyer_rail(request: web.Request) -> Rail | PaymentNeeded | web.Response:
-    """stripe for ``Bearer <the account's API key>``, tempo for a valid ``Payment`` credential, else a
-    challenge or 401. The seeds' buyers send ``Bearer sk-…``, but the key is the account's whatever its
+def _buyer_rail(request: web.Request, model: str) -> Rail | Challenge | PaymentNeeded | web.Response:
+    """stripe for ``Bearer <the account's API key>``, the challenge a valid ``Payment`` credential
+    pays against (tempo: a challenge issued for ``model``), else a challenge or 401. The seeds' buyers send ``Bearer sk-…``, but the key is the account's whatever its
     prefix: ``devplatform --api-key`` takes any key `login` accepts (a ``vs_live_…`` one too), and a
     buyer using it must be served as the agent using it is."""
     authorization = request.headers.get("Authorization", "").strip()
@@ -87,15 +90,32 @@ def _buyer_rail(request: web.Request) -> Rail | PaymentNeeded | web.Response:
             credential = payment.parse_credential(value)
         except payment.CredentialError as exc:
             return PaymentNeeded(str(exc))
-        if store.live_challenge(credential.challenge.id, time.time()) is None:
+        challenge = store.live_challenge(credential.challenge.id, time.time())
+        if challenge is None:
             return PaymentNeeded(f"challenge {credential.challenge.id} is unknown or expired")
-        return "tempo"
+        if challenge.model != model:
+            return PaymentNeeded(f"challenge {challenge.id} was issued for {challenge.model}, not {model}")
+        return challenge
     return error_response(401, f"unsupported Authorization scheme {scheme!r}: use Bearer <API key> or Payment", "authentication_error", "invalid_auth")
 
 
+def _within_quote(model: str, challenge: Challenge, candidates: list[Provider]) -> tuple[Challenge | PaymentNeeded, list[Provider]]:
+    """The providers a buyer who paid against ``challenge`` may be routed to: none dearer than its
+    quote (the seeds: the per-token price is visible before paying); all dearer now (a price
+    raised since, or the cheap one gone): a fresh challenge, saying why."""
+    within = [provider for provider in candidates if _quote(provider) <= challenge.amount]
+    if candidates and not within:
+        return PaymentNeeded(f"the providers of {model} now cost more than the {challenge.amount} units a token challenge {challenge.id} quoted"), []
+    return challenge, within
+
+
+def _quote(provider: Provider) -> int:
+    """Base units a token that a challenge quotes for ``provider``: its dearer price's."""
+    return payment.per_token_amount(max(provider.offer.input_price_per_million, provider.offer.output_price_per_million))
+
+
 def _payment_required(store: Store, model: str, cheapest: Provider, reason: str) -> web.Response:
-    amount = payment.per_token_amount(max(cheapest.offer.input_price_per_million, cheapest.offer.output_price_per_million))
-    challenge = store.issue_challenge(model, amount, payment.CHALLENGE_TTL_SECONDS, time.time())
+    challenge = store.issue_challenge(model, _quote(cheapest), payment.CHALLENGE_TTL_SECONDS, time.time())
     response = error_response(402, reason, "payment_required", "payment_required")
     response.headers["WWW-Authenticate"] = payment.challenge_header(challenge)
     return response
