@@ -154,11 +154,21 @@ def test_missing_or_broken_template_falls_back_to_chatml() -> None:
         ([{"role": "user", "content": "x", "tool_calls": []}], r"messages\[0\].tool_calls is not supported in a user message"),
         ([{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": 5}}]}], r"tool_calls\[0\]\.function\.arguments must be a string"),
         ([{"role": "tool", "content": "42", "tool_call_id": 7}], r"messages\[0\].tool_call_id must be a string"),
+        ([{"role": "assistant", "content": "x", "audio": {"id": "a"}}], r"messages\[0\].audio is not supported in an assistant message"),
+        ([{"role": "assistant", "content": "x", "annotations": "cited"}], r"messages\[0\].annotations must be a list"),
     ],
 )
 def test_bad_chat_messages_get_a_clear_error(messages: object, error: str) -> None:
     with pytest.raises(ValueError, match=error):
         normalize_messages(messages)
+
+
+def test_an_assistant_message_as_openai_returns_it_is_taken_its_annotations_dropped() -> None:
+    """OpenAI's messages carry ``annotations`` (``[]`` mostly), and agents append them to the history as they came."""
+    returned = {"role": "assistant", "content": "hi", "refusal": None, "annotations": [], "audio": None, "function_call": None}
+    assert normalize_messages([returned]) == [{"role": "assistant", "content": "hi"}]
+    cited = {**returned, "annotations": [{"type": "url_citation", "url_citation": {"url": "https://x"}}]}
+    assert normalize_messages([cited]) == [{"role": "assistant", "content": "hi"}]
 
 
 def test_assistant_tool_call_message_without_content_is_accepted_with_arguments_decoded() -> None:

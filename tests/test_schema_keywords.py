@@ -306,6 +306,23 @@ def test_strict_and_required_names_over_http(qwen3: LiveServer) -> None:
     jsonschema.validate(json.loads(called.choices[0].message.tool_calls[0].function.arguments), loose)
 
 
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"type": "object", "properties": {"a": {"type": "strng"}}, "required": ["a"], "additionalProperties": False},
+        {"type": "object", "properties": {"a": {"type": "string", "maxLength": "3"}}, "required": ["a"], "additionalProperties": False},
+        {"type": "object", "properties": {"a": {"type": "object", "properties": ["x"]}}, "required": ["a"], "additionalProperties": False},
+    ],
+    ids=["unknown-type", "length-a-string", "properties-a-list"],
+)
+def test_a_strict_tool_schema_the_converter_cannot_read_is_a_400_naming_it(qwen3: LiveServer, parameters: dict) -> None:
+    """It was a 500 (the converter's AssertionError, TypeError or AttributeError), whatever tool_choice was."""
+    with sdk(qwen3) as client, pytest.raises(BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=5, tools=[tool("f", parameters, strict=True)], tool_choice="none")
+    assert refused.value.body["param"] == "tools[0].function.parameters"
+    assert refused.value.body["message"].startswith("tools[0].function.parameters is not a JSON schema this server can read: ")
+
+
 # ---- names and values with any character -------------------------------------------------------------
 
 ODD_NAMES = ['a"b', "x\\y", "tab\there", "bell\x07", "ü ñ", "日本", "del\x7f", "\\u0041", "end\\"]

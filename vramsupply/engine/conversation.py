@@ -205,6 +205,8 @@ def _functions(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]
                 check_strict(function["parameters"], f"{where}.function.parameters")
             except ValueError as exc:
                 raise ChatRequestError("tools", str(exc)) from None
+            except Exception as exc:  # the converter's bare AssertionErrors, TypeErrors, ...: a schema it cannot read
+                raise ChatRequestError(f"{where}.function.parameters", f"{where}.function.parameters is not a JSON schema this server can read: {exc}") from None
         if any(f["name"] == name for f in functions):
             raise ChatRequestError(f"{where}.function.name", f"two tools are named {name!r}")
         functions.append(function)

@@ -32,6 +32,9 @@ _FIELDS = {
     "assistant": {"role", "content", "name", "tool_calls", "reasoning_content", "refusal"},
     "tool": {"role", "content", "name", "tool_call_id"},
 }
+# Fields taken and dropped, by role: ``annotations`` (url citations) is in every message OpenAI
+# returns, ``[]`` mostly, and agents append those messages to the history as they came.
+_DROPPED = {"assistant": {"annotations"}}
 
 
 class MessageError(ValueError):
@@ -58,10 +61,14 @@ def _normalize_message(index: int, message: Any) -> dict[str, Any]:
     if role not in ROLES:
         allowed = ", ".join(sorted(ROLES | set(ROLE_ALIASES)))
         raise MessageError(f"{where}.role", f"{where}.role must be one of {allowed}, got {role!r}")
+    dropped = _DROPPED.get(role, set())
     for key, value in message.items():
-        if key not in _FIELDS[role] and value is not None:
-            raise MessageError(f"{where}.{key}", f"{where}.{key} is not supported in a {role} message by this server")
-    normalized: dict[str, Any] = {k: v for k, v in message.items() if v is not None}
+        if key in dropped and not isinstance(value, (list, type(None))):
+            raise MessageError(f"{where}.{key}", f"{where}.{key} must be a list")
+        if key not in _FIELDS[role] | dropped and value is not None:
+            article = "an" if role == "assistant" else "a"
+            raise MessageError(f"{where}.{key}", f"{where}.{key} is not supported in {article} {role} message by this server")
+    normalized: dict[str, Any] = {k: v for k, v in message.items() if v is not None and k not in dropped}
     normalized["role"] = role
     tool_calls = message.get("tool_calls")
     if role == "assistant" and tool_calls:
