@@ -235,6 +235,29 @@ async def test_a_buyer_is_never_charged_above_the_quote_it_paid_against(platform
     assert other.status == 402 and f"was issued for {MODEL_ID}, not other/model" in other.json()["error"]["message"]
 
 
+async def test_a_buyer_who_hangs_up_before_a_whole_answer_is_billed_nothing(platform: LivePlatform, agent: LiveServer) -> None:
+    """The platform bills by the usage a buyer receives: it waited for the provider's whole answer
+    after the buyer had gone, billed it, and kept the provider generating for nobody."""
+    provider_id = await register(platform, agent.url)
+    body = json.dumps({"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 1500, "n": 2, "ignore_eos": True}).encode()
+    host, port = platform.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    writer.write(head.encode() + body)
+    await writer.drain()
+    await asyncio.sleep(0.3)  # forwarded, and generating
+    writer.close()
+    routed = platform.platform.store.requests
+    for _ in range(100):
+        if routed[-1].status:
+            break
+        await asyncio.sleep(0.05)
+
+    assert routed[-1].status, "the platform gave up on it within 5 s (3,000 tokens take longer)"
+    assert (routed[-1].prompt_tokens, routed[-1].completion_tokens) == (0, 0)
+    assert provider(platform, provider_id).routed_completion_tokens == 0
+
+
 @pytest.mark.parametrize(
     "voucher",
     [{"cumulativeAmount": "abc"}, {"cumulativeAmount": "-5"}, {"cumulativeAmount": ""}, {"channelId": ""}, {"signature": ""}],

@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,10 +57,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     failures: list[web.Response] = []
     for provider in candidates:
         try:
-            return await _forward(request, body, provider, entry)
+            if body.get("stream") is True:
+                return await _forward(request, body, provider, entry)
+            return await _unless_the_buyer_leaves(request, _forward(request, body, provider, entry), provider, entry)
         except _ProviderFailed as failed:
             failures.append(failed.response)
     return failures[-1]
+
+
+BUYER_CHECK_SECONDS = 0.5
+"""How often the wait for a whole answer looks whether its buyer is still connected."""
+
+
+async def _unless_the_buyer_leaves(request: web.Request, forwarding: Awaitable[web.StreamResponse], provider: Provider, entry: BuyerRequest) -> web.StreamResponse:
+    """A whole answer, unless the buyer hangs up first (aiohttp does not cancel the handler then):
+    the provider's request is closed, so it stops generating for nobody, and nothing is billed, as
+    for a stream the buyer left (the platform bills the usage a buyer receives)."""
+    task = asyncio.ensure_future(forwarding)
+    while not (await asyncio.wait({task}, timeout=BUYER_CHECK_SECONDS))[0]:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            request.app[STORE].record_usage(entry, provider, 499, 0, 0, time.time())
+            log.info("the buyer left before provider %s answered: its request there is closed, and nothing is billed", provider.id)
+            return web.Response(status=499)
+    return task.result()
 
 
 @dataclass(frozen=True)
