@@ -160,19 +160,36 @@ def test_status_exits_3_while_the_agent_serves_but_the_platform_rejects_it() -> 
 def test_a_second_agent_on_the_same_data_dir_is_refused_in_one_line_before_loading() -> None:
     with serving() as first:
         second = run_cli("serve", "--model", str(TINY_MODEL), "--no-register", "--port", "0", timeout=60)
-        demo = run_cli("serve", "--demo", "--port", "0", timeout=60)
         _, report = status()
 
     expected = (
         f"error: another vramsupply agent (pid {first.process.pid}) is serving from the data dir {data_dir()}; "
         "two agents must not share one"
     )
-    for refused in (second, demo):
-        assert refused.returncode == 1 and refused.stdout == "", "refused before the model loads"
-        [line] = refused.stderr.splitlines()
-        assert line.startswith(expected), line
-        assert "XDG_DATA_HOME=~/.local/share/agent2 vramsupply serve" in line
+    assert second.returncode == 1 and second.stdout == "", "refused before the model loads"
+    [line] = second.stderr.splitlines()
+    assert line.startswith(expected), line
+    assert "XDG_DATA_HOME=~/.local/share/agent2 vramsupply serve" in line
     assert report["agent"]["url"] == agent_url(first) and report["registration"]["pid"] == first.process.pid
+
+
+def test_the_demo_runs_beside_a_serving_agent_and_leaves_nothing_in_its_data_dir() -> None:
+    """The demo kept its record and its bought answer in the provider's data dir: refused beside the
+    provider's agent, and a row of its earnings."""
+    with serving() as first:
+        before = sorted(path.name for path in data_dir().iterdir())
+        demo = AgentProcess("--demo", "--port", "0")
+        try:
+            demo.wait_for(lambda: demo.printed("demo: the platform counted"), "the demo buyer's answer", timeout=90)
+            assert demo.stop(signal.SIGINT) == 0
+        finally:
+            demo.kill()
+        _, report = status()
+        earnings = json.loads(run_cli("earnings", "--json").stdout)
+
+    assert sorted(path.name for path in data_dir().iterdir()) == before
+    assert report["registration"]["pid"] == first.process.pid, "the serving agent's record is untouched"
+    assert earnings["requests"] == 0, earnings
 
 
 def test_the_refusals_advice_runs_a_second_agent_on_a_data_dir_of_its_own(tmp_path: Path) -> None:

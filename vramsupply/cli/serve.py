@@ -8,6 +8,9 @@ them.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -82,7 +85,23 @@ def serve(
     from vramsupply.server import loop
 
     warnings = demo_ignores(loaded) if demo else []
-    loop.run(run_serve(loaded.settings, hook=DemoHook() if demo else None, warnings=warnings))
+    with demo_data_dir() if demo else contextlib.nullcontext():
+        loop.run(run_serve(loaded.settings, hook=DemoHook() if demo else None, warnings=warnings))
+
+
+@contextlib.contextmanager
+def demo_data_dir() -> Iterator[None]:
+    """``--demo`` keeps its registration record, ledger and lock in a folder of its own, removed at
+    its end: its bought answer is no row of the provider's earnings, and it runs beside the
+    provider's own agent (on another port: ``--port 0`` picks a free one)."""
+    from vramsupply.config import use_data_dir
+
+    with tempfile.TemporaryDirectory(prefix="vramsupply-demo-") as folder:
+        use_data_dir(Path(folder))
+        try:
+            yield
+        finally:
+            use_data_dir(None)
 
 
 DEMO_SETS = {

@@ -32,8 +32,19 @@ def default_config_path() -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
 
 
+_data_dir_of_this_run: Path | None = None
+
+
 def data_dir() -> Path:
-    return Path(platformdirs.user_data_dir(APP_NAME))
+    return _data_dir_of_this_run or Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def use_data_dir(path: Path | None) -> None:
+    """This process keeps its files in ``path`` (None: the user's data dir again): ``serve --demo``
+    runs on a folder of its own, so its bought answer is no row of the provider's earnings and
+    it runs beside the provider's serving agent."""
+    global _data_dir_of_this_run
+    _data_dir_of_this_run = path
 
 
 def write_private_file(path: Path, text: str, mode: int = 0o600, *, sync: bool = True) -> None:
