@@ -323,6 +323,22 @@ def test_a_strict_tool_schema_the_converter_cannot_read_is_a_400_naming_it(qwen3
     assert refused.value.body["message"].startswith("tools[0].function.parameters is not a JSON schema this server can read: ")
 
 
+@pytest.mark.parametrize(
+    ("properties", "param"),
+    [
+        ({"unit": {"enum": "celsius"}}, "tools[0].function.parameters.properties.unit.enum"),
+        ({"where": {"type": "object", "properties": {"x": {"type": "string"}}, "required": "x"}}, "tools[0].function.parameters.properties.where.required"),
+        ({"where": {"anyOf": [{"type": "object", "required": [1]}]}}, "tools[0].function.parameters.properties.where.anyOf[0].required"),
+    ],
+    ids=["enum-a-string", "required-a-string", "required-not-names"],
+)
+def test_a_keyword_that_must_be_a_list_is_refused_when_it_is_not(qwen3: LiveServer, properties: dict, param: str) -> None:
+    """"enum": "celsius" was read as the list of its characters: a forced call gave {"unit": "e"}."""
+    with sdk(qwen3) as client, pytest.raises(BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=5, tools=[tool("f", {"type": "object", "properties": properties})], tool_choice="required")
+    assert refused.value.body["param"] == param
+
+
 # ---- names and values with any character -------------------------------------------------------------
 
 ODD_NAMES = ['a"b', "x\\y", "tab\there", "bell\x07", "ü ñ", "日本", "del\x7f", "\\u0041", "end\\"]

@@ -238,7 +238,27 @@ def _parameters(parameters: Any, where: str) -> Any:
         return {key: value for key, value in parameters.items() if key != "properties"}
     if not isinstance(properties, Mapping):
         raise ChatRequestError(f"{where}.properties", f"{where}.properties must be an object (parameter name: schema)")
+    _check_list_keywords(parameters, where)
     return parameters
+
+
+def _check_list_keywords(schema: Any, where: str) -> None:
+    """``enum`` a list and ``required`` a list of names, anywhere in a schema: a string there was
+    read as its characters (``"enum": "celsius"`` forced the value "e")."""
+    if isinstance(schema, list):
+        for i, item in enumerate(schema):
+            _check_list_keywords(item, f"{where}[{i}]")
+        return
+    if not isinstance(schema, Mapping):
+        return
+    if "enum" in schema and not isinstance(schema["enum"], list):
+        raise ChatRequestError(f"{where}.enum", f"{where}.enum must be a list of values")
+    required = schema.get("required")
+    if "required" in schema and not (isinstance(required, list) and all(isinstance(name, str) for name in required)):
+        raise ChatRequestError(f"{where}.required", f"{where}.required must be a list of property names")
+    for key, value in schema.items():
+        if key not in ("enum", "const", "default", "examples"):  # values, not schemas
+            _check_list_keywords(value, f"{where}.{key}")
 
 
 def _tool_choice(choice: str | Mapping[str, Any] | None, functions: list[dict[str, Any]]) -> tuple[str, str | None]:
