@@ -54,6 +54,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     entry = store.record_request(model, rail, time.time())
     if not candidates:
         return _no_provider(store, model, rail)
+    return await _route(request, body, candidates, entry)
+
+
+async def _route(request: web.Request, body: dict[str, Any], candidates: list[Provider], entry: BuyerRequest) -> web.StreamResponse:
+    """The first provider's answer that takes the request, else the last one's refusal."""
     failures: list[web.Response] = []
     for provider in candidates:
         try:
