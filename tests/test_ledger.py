@@ -88,6 +88,19 @@ def test_old_rows_roll_up_into_daily_totals_without_changing_any_sum(tmp_path: P
     store.close()
 
 
+def test_only_rows_old_by_their_own_time_roll_up_whatever_order_they_were_written_in(tmp_path: Path) -> None:
+    """A row dated 12 days ago written after newer ones (a clock set right again) folded every row
+    written before it, yesterday's, today's and one dated after now, into daily totals: a 24 h
+    window then counted all of yesterday, and the row in the future too."""
+    store = LedgerStore(tmp_path / "ledger.sqlite3")
+    store.add([entry(NOW - 36 * 3600), entry(NOW - 3600), entry(NOW + 600), entry(NOW - 12 * DAY)])
+
+    assert store.roll_up(now=NOW) == 1
+    assert [row.finished_at for row in store.entries()] == [NOW - 36 * 3600, NOW - 3600, NOW + 600]
+    assert sum(g.requests for g in store.groups(NOW - DAY, NOW)) == 1 and store.later(NOW) == 1
+    store.close()
+
+
 def test_the_row_count_is_bounded(tmp_path: Path) -> None:
     store = LedgerStore(tmp_path / "ledger.sqlite3")
     store.add([entry(NOW - i) for i in range(100)])

@@ -119,7 +119,7 @@ ROLL_UP = f"""
 INSERT INTO daily (day, model, source, input_price, output_price, requests, cut_requests, {", ".join(ALL_SUMMED)})
 SELECT {DAY_OF_ROW}, model, source, input_price, output_price, count(*), sum(1 - complete),
        {", ".join(f"sum({c})" for c in SUMMED)}, {", ".join(f"sum({_cut(c)})" for c in CUT_SUMMED)}
-FROM requests WHERE id <= :last_id
+FROM requests WHERE finished_at < :cutoff OR id <= :last_id
 GROUP BY 1, 2, 3, 4, 5
 ON CONFLICT (day, model, source, input_price, output_price) DO UPDATE SET
     {", ".join(_checked_add(c) for c in ("requests", "cut_requests", *ALL_SUMMED))}
@@ -269,13 +269,12 @@ class LedgerStore:
         the daily totals; returns how many rows were folded."""
         now = time.time() if now is None else now
         with self._transaction():
-            by_age = self._db.execute("SELECT max(id) FROM requests WHERE finished_at < ?", (now - keep_seconds,)).fetchone()[0]
+            # by age, the row's own time (rows are not written in time order: a clock set right
+            # again writes older times after newer ones); by count, the order they were written
             by_count = self._db.execute("SELECT id FROM requests ORDER BY id DESC LIMIT 1 OFFSET ?", (max_rows,)).fetchone()
-            last_id = max(by_age or 0, by_count[0] if by_count else 0)
-            if not last_id:
-                return 0
-            self._db.execute(ROLL_UP, {"last_id": last_id})
-            return self._db.execute("DELETE FROM requests WHERE id <= ?", (last_id,)).rowcount
+            folded = {"cutoff": now - keep_seconds, "last_id": by_count[0] if by_count else 0}
+            self._db.execute(ROLL_UP, folded)
+            return self._db.execute("DELETE FROM requests WHERE finished_at < :cutoff OR id <= :last_id", folded).rowcount
 
     def groups(self, since: float, until: float = MAX_TIME) -> list[Group]:
         """Totals per UTC day, model and source from ``since`` to ``until`` (days already rolled up count whole)."""
