@@ -105,3 +105,15 @@ class AgentProcess:
     @property
     def output(self) -> str:
         return "\n".join(self.stdout + self.stderr)
+
+
+def demo_until_its_answer() -> AgentProcess:
+    """`vramsupply serve --demo --port 0` run until the platform has counted its bought answer, then
+    stopped with Ctrl-C, which must exit 0."""
+    demo = AgentProcess("--demo", "--port", "0")
+    try:
+        demo.wait_for(lambda: demo.printed("demo: the platform counted"), "the demo buyer's answer", timeout=90)
+        assert demo.stop(signal.SIGINT) == 0
+    finally:
+        demo.kill()
+    return demo

@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from agent_process import AgentProcess
+from agent_process import AgentProcess, demo_until_its_answer
 from conftest import TINY_MODEL, run_cli
 from live_platform import API_KEY, LivePlatform, free_port
 
@@ -104,12 +104,7 @@ def test_platform_down_for_a_while_never_stops_serving_and_registration_resumes(
 
 
 def test_serve_demo_runs_the_whole_marketplace_on_one_machine() -> None:
-    agent = AgentProcess("--demo", "--port", "0")
-    try:
-        agent.wait_for(lambda: agent.printed("demo: the platform counted"), "the demo buyer's answer", timeout=90)
-        assert agent.stop(signal.SIGINT) == 0
-    finally:
-        agent.kill()
+    agent = demo_until_its_answer()
 
     out = "\n".join(agent.stdout)
     assert out.startswith("vramsupply ready: serving stories260k at http://127.0.0.1:")

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from agent_process import AgentProcess
+from agent_process import AgentProcess, demo_until_its_answer
 from conftest import TINY_MODEL, run_cli
 from live_platform import LivePlatform, free_port
 from test_platform_cli import OneAnswerPlatform
@@ -178,12 +178,7 @@ def test_the_demo_runs_beside_a_serving_agent_and_leaves_nothing_in_its_data_dir
     provider's agent, and a row of its earnings."""
     with serving() as first:
         before = sorted(path.name for path in data_dir().iterdir())
-        demo = AgentProcess("--demo", "--port", "0")
-        try:
-            demo.wait_for(lambda: demo.printed("demo: the platform counted"), "the demo buyer's answer", timeout=90)
-            assert demo.stop(signal.SIGINT) == 0
-        finally:
-            demo.kill()
+        demo_until_its_answer()
         _, report = status()
         earnings = json.loads(run_cli("earnings", "--json").stdout)
 
