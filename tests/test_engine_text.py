@@ -147,6 +147,8 @@ def test_missing_or_broken_template_falls_back_to_chatml() -> None:
         ("hello", "non-empty list"),
         (["hello"], r"messages\[0\] must be an object"),
         ([{"role": "wizard", "content": "x"}], r"messages\[0\].role must be one of"),
+        ([{"role": ["user"], "content": "x"}], r"messages\[0\].role must be one of"),
+        ([{"role": {"a": 1}, "content": "x"}], r"messages\[0\].role must be one of"),
         ([{"role": "user"}], r"messages\[0\].content must be a string"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], r"content\[0\] content parts of type 'image_url'"),
         ([{"role": "user", "content": [{"text": "no type"}]}], r"content\[0\] must be a text part"),

@@ -53,6 +53,20 @@ async def test_malformed_json_is_400(server: LiveServer, http: aiohttp.ClientSes
     assert_openai_error(body, code="invalid_json")
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_not_in_its_stated_content_encoding_is_400(server: LiveServer, http: aiohttp.ClientSession, encoding: str) -> None:
+    """It was a 500, with two tracebacks in the log, for any client that says gzip and sends text."""
+    headers = {"Content-Type": "application/json", "Content-Encoding": encoding}
+    async with http.post(server.url + CHAT, data=b"not compressed at all", headers=headers) as response:
+        status, body = response.status, await response.json()
+
+    assert status == 400
+    assert_openai_error(body, code="invalid_body")
+    assert body["error"]["message"].startswith("The request body cannot be read: ")
+    ok, _, _ = await post(http, server.url + CHAT, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert ok == 200, "the server answers the next request"
+
+
 async def test_body_that_is_not_an_object_is_400(server: LiveServer, http: aiohttp.ClientSession) -> None:
     status, body, _ = await post(http, server.url + COMPLETIONS, [1, 2, 3])
 

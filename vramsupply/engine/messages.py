@@ -57,8 +57,8 @@ def _normalize_message(index: int, message: Any) -> dict[str, Any]:
     if not isinstance(message, Mapping):
         raise MessageError(where, f"{where} must be an object with 'role' and 'content'")
     role = message.get("role")
-    role = ROLE_ALIASES.get(role, role)
-    if role not in ROLES:
+    role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role  # a list or object is no key
+    if not isinstance(role, str) or role not in ROLES:
         allowed = ", ".join(sorted(ROLES | set(ROLE_ALIASES)))
         raise MessageError(f"{where}.role", f"{where}.role must be one of {allowed}, got {role!r}")
     dropped = _DROPPED.get(role, set())

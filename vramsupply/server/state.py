@@ -97,6 +97,8 @@ async def read_body(request: web.Request) -> bytes:
         except ConnectionError:
             # Nobody will read this answer; the status is what /metrics counts (nginx's 499).
             raise ApiError(499, "The client closed the connection before sending the whole body.", code="client_closed_request") from None
+        except web.RequestPayloadError as exc:  # a Content-Encoding (gzip, deflate) the body is not in
+            raise ApiError(400, f"The request body cannot be read: {exc.__cause__ or exc}.", code="invalid_body", headers={"Connection": "close"}) from None
         if not chunk:
             return bytes(body)
         body.extend(chunk)
