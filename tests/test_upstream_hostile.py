@@ -99,6 +99,18 @@ async def test_a_prompt_past_the_upstreams_context_gets_openais_code_for_it(erro
     assert answer["error"]["message"].startswith("The model server refused the request: ")
 
 
+async def test_a_buyers_body_not_in_its_stated_content_encoding_is_a_400_as_at_our_engine() -> None:
+    """The upstream front read the body with aiohttp's own reader: a 500 and two tracebacks."""
+    async with fronted(HostileUpstream()) as front:
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        async with front.buyer.post(front.url + "/v1/chat/completions", data=b"not compressed at all", headers=headers) as response:
+            status, answer = response.status, await response.json()
+        async with front.buyer.post(front.url + "/v1/chat/completions", data=gzip.compress(json.dumps(CHAT).encode()), headers=headers) as response:
+            compressed = response.status
+    assert (status, answer["error"]["code"]) == (400, "invalid_body")
+    assert compressed == 200, "a body that is gzip is read as before"
+
+
 async def test_a_redirect_is_not_followed_but_a_502() -> None:
     upstream = HostileUpstream()
 

@@ -28,6 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from vramsupply.server.errors import ApiError
+from vramsupply.server.state import read_body as read_whole_body
 from vramsupply.upstream.client import GENERATION_TIMEOUT, describe
 from vramsupply.upstream.exchange import Exchange
 from vramsupply.upstream.front import Forwarded, FrontState, front_state, shutting_down_error
@@ -106,8 +107,9 @@ async def ask_upstream(
 
 
 async def read_body(request: web.Request, state: FrontState) -> dict[str, Any]:
-    """A JSON object (aiohttp answers 413 past the size limit) naming a model we serve, or none."""
-    raw = await request.read()
+    """A JSON object (413 past the size limit, 408 when it stops arriving, 400 when it is not in its
+    stated Content-Encoding, as our own engine's front answers) naming a model we serve, or none."""
+    raw = await read_whole_body(request)
     try:
         body = json.loads(raw)
     except ValueError as exc:
