@@ -323,6 +323,18 @@ def test_a_strict_tool_schema_the_converter_cannot_read_is_a_400_naming_it(qwen3
     assert refused.value.body["message"].startswith("tools[0].function.parameters is not a JSON schema this server can read: ")
 
 
+def test_parameters_named_like_keywords_are_parameters(qwen3: LiveServer) -> None:
+    """A tool parameter may be called "required" or "enum": only a schema's own keywords must be lists."""
+    properties = {"required": {"type": "boolean"}, "enum": {"type": "string", "enum": ["a", "b"]}}
+    with sdk(qwen3) as client:
+        called = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, max_tokens=400, seed=1, extra_body=NO_THINKING, parallel_tool_calls=False,
+            tools=[tool("f", {"type": "object", "properties": properties, "required": ["required", "enum"]})], tool_choice="required",
+        )  # fmt: skip
+    arguments = json.loads(called.choices[0].message.tool_calls[0].function.arguments)
+    assert set(arguments) == {"required", "enum"} and arguments["enum"] in ("a", "b")
+
+
 @pytest.mark.parametrize(
     ("properties", "param"),
     [

@@ -257,8 +257,19 @@ def _check_list_keywords(schema: Any, where: str) -> None:
     if "required" in schema and not (isinstance(required, list) and all(isinstance(name, str) for name in required)):
         raise ChatRequestError(f"{where}.required", f"{where}.required must be a list of property names")
     for key, value in schema.items():
-        if key not in ("enum", "const", "default", "examples"):  # values, not schemas
+        if key in _VALUE_KEYWORDS:
+            continue
+        if key in _NAMED_SCHEMAS and isinstance(value, Mapping):  # names are the buyer's, so "required" may be one
+            for name, sub in value.items():
+                _check_list_keywords(sub, f"{where}.{key}.{name}")
+        else:
             _check_list_keywords(value, f"{where}.{key}")
+
+
+_VALUE_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
+"""Keywords whose value is data, not a schema."""
+_NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+"""Keywords whose value maps names to schemas."""
 
 
 def _tool_choice(choice: str | Mapping[str, Any] | None, functions: list[dict[str, Any]]) -> tuple[str, str | None]:
