@@ -248,7 +248,10 @@ def test_a_local_split_model_is_planned_with_the_weights_of_every_part(tmp_path:
     parts[1].unlink()
     missing = run_cli("plan", "--model", str(parts[0]))
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
-    assert f"{parts[0]} is part 1 of a model split in 3 files, and {tmp_path} lacks part 2: every part must be in the same folder" in " ".join(missing.stderr.split())
+    assert (
+        f"{parts[0]} is part 1 of a model split in 3 files, but in {tmp_path} Tiny-Q4_K_M-*-of-00003.gguf lacks part 2 of 3: "
+        "every part must be in the same folder"
+    ) in " ".join(missing.stderr.split())
 
 
 def test_a_quant_named_with_a_local_file_is_said_to_have_no_effect(shapes: dict[str, Path]) -> None:

@@ -22,7 +22,7 @@ from vramsupply.gpu.estimate import ModelShape
 from vramsupply.gpu.gguf_header import GgufError, GgufHeader, HeaderFetchError, data_end, read_local_header, read_remote_header
 from vramsupply.hub.errors import HubAuthError, HubError, HubOffline, HubUnreachable
 from vramsupply.hub.local import is_local_path
-from vramsupply.hub.quant import normalize_quant, parse_gguf_path
+from vramsupply.hub.quant import incomplete_sets, normalize_quant, parse_gguf_path
 
 if TYPE_CHECKING:
     from vramsupply.hub.access import HubAccess  # imported where used: only Hub models need it
@@ -131,13 +131,9 @@ def split_parts(path: Path) -> list[Path]:
     parts = [path.with_name(f"{parsed.prefix}-{index:05d}-of-{parsed.parts:05d}.gguf") for index in range(1, parsed.parts + 1)]
     if parsed.part != 1:
         raise SourceError(f"{path} is part {parsed.part} of a model split in {parsed.parts} files: give the first, {parts[0].name} (llama.cpp loads the others from it)")
-    missing = [str(index) for index, part in enumerate(parts, 1) if not part.is_file()]
-    if missing:
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise SourceError(
-            f"{path} is part {parsed.part} of a model split in {parsed.parts} files, and {path.parent} lacks "
-            f"part{'s' if len(missing) > 1 else ''} {shown}: every part must be in the same folder"
-        )
+    [incomplete] = incomplete_sets([part.name for part in parts if part.is_file()]) or [None]
+    if incomplete is not None:
+        raise SourceError(f"{path} is part 1 of a model split in {parsed.parts} files, but in {path.parent} {incomplete}: every part must be in the same folder")
     return parts
 
 

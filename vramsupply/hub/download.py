@@ -341,10 +341,10 @@ def download_model(resolved: ResolvedModel, cache: RepoCache, access: HubAccess,
     The pull is recorded before any byte moves, so `models rm` also finds interrupted downloads;
     a pull that failed before writing anything is forgotten again.
     """
-    missing = [file for file in resolved.files if not cache.is_verified(file)]
     pull = Pull.of(resolved)
-    if not missing and cache.is_complete(pull):
+    if cache.is_complete(pull):  # every file verified and linked
         return _already_there(resolved, cache, pull)
+    missing = [file for file in resolved.files if not cache.is_verified(file)]
     check_free_space(cache, missing, resolved.quant)
     cache.add_pull(pull)
     try:
