@@ -35,7 +35,7 @@ from vramsupply.timeouts import within
 from vramsupply.upstream.client import UpstreamUnavailable, describe
 from vramsupply.upstream.front import FrontState
 from vramsupply.upstream.limits import BadAnswer
-from vramsupply.upstream.usage import CountedUsage, CountImpossible, UsageBounds, UsageCounter, estimate
+from vramsupply.upstream.usage import CountedUsage, CountImpossible, UsageBounds, UsageCounter, estimate, prompts_of
 
 log = logging.getLogger("vramsupply.upstream")
 
@@ -208,10 +208,7 @@ async def pause_unless_closed(counter: UsageCounter, seconds: float) -> bool:
 def choices_asked(body: dict[str, Any]) -> int:
     """The choices a request asks for: ``n`` for each of its prompts (a list of texts or of token lists)."""
     n = body.get("n")
-    n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
-    prompt = body.get("prompt")
-    prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
-    return n * prompts
+    return (n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1) * prompts_of(body)
 
 
 def text_of(choice: dict[str, Any], tool_names: dict[int, str]) -> str:

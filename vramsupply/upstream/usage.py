@@ -90,10 +90,15 @@ class UsageBounds:
     @classmethod
     def of(cls, n_ctx: int, body: dict[str, Any]) -> UsageBounds:
         context = n_ctx if n_ctx > 0 else MAX_TOKENS_ANY_REQUEST
-        prompt = body.get("prompt")
-        prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+        prompts = prompts_of(body)
         n = body.get("n") if _count(body.get("n")) and body.get("n") else 1
         return cls(prompt=context * prompts, completion=context * prompts * min(n, 1024))
+
+
+def prompts_of(body: dict[str, Any]) -> int:
+    """The prompts of a request: a /v1/completions batch (a list of texts or of token lists), else 1."""
+    prompt = body.get("prompt")
+    return len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
 
 
 def usage_of(payload: dict[str, Any], bounds: UsageBounds | None = None) -> CountedUsage | None:
