@@ -225,7 +225,7 @@ async def test_a_buyer_is_never_charged_above_the_quote_it_paid_against(platform
     await http("DELETE", f"{platform.url}/v1/providers/{cheap}", headers=AUTH)
     await register(platform, agent.url, output_price=900)
 
-    dearer = await http("POST", f"{platform.url}/v1/chat/completions", body=body, headers=paying)
+    dearer = await http("POST", f"{platform.url}/v1/chat/completions", body={**body, "model": MODEL_ID.upper()}, headers=paying)  # the same model
     assert dearer.status == 402 and "now cost more than the 2 units a token challenge" in dearer.json()["error"]["message"]
     fresh = dict(re.findall(r'(\w+)="([^"]*)"', dearer.headers["WWW-Authenticate"]))["request"]
     assert json.loads(base64.urlsafe_b64decode(fresh + "=" * (-len(fresh) % 4)))["amount"] == "9", "a fresh quote, at today's price"

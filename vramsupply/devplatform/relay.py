@@ -120,7 +120,7 @@ def _buyer_rail(request: web.Request, model: str) -> Rail | Challenge | PaymentN
         challenge = store.live_challenge(credential.challenge.id, time.time())
         if challenge is None:
             return PaymentNeeded(f"challenge {credential.challenge.id} is unknown or expired")
-        if challenge.model != model:
+        if challenge.model != model.lower():  # issued for the marketplace id, matched as routing matches it
             return PaymentNeeded(f"challenge {challenge.id} was issued for {challenge.model}, not {model}")
         return challenge
     return error_response(401, f"unsupported Authorization scheme {scheme!r}: use Bearer <API key> or Payment", "authentication_error", "invalid_auth")
@@ -142,7 +142,7 @@ def _quote(provider: Provider) -> int:
 
 
 def _payment_required(store: Store, model: str, cheapest: Provider, reason: str) -> web.Response:
-    challenge = store.issue_challenge(model, _quote(cheapest), payment.CHALLENGE_TTL_SECONDS, time.time())
+    challenge = store.issue_challenge(model.lower(), _quote(cheapest), payment.CHALLENGE_TTL_SECONDS, time.time())
     response = error_response(402, reason, "payment_required", "payment_required")
     response.headers["WWW-Authenticate"] = payment.challenge_header(challenge)
     return response
