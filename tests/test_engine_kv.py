@@ -157,6 +157,28 @@ async def test_a_long_prompt_waits_for_the_room_others_will_generate_into_instea
     assert [first.token_ids, second.token_ids] == [e.token_ids for e in expected]
 
 
+async def test_while_a_prompt_waits_for_kv_room_no_slot_is_shown_idle() -> None:
+    """/health and heartbeats read these stats: a slot with nothing in it, beside a request that
+    waits for room in the shared cache, is no slot a new buyer could start on."""
+    with load(n_ctx=1024, parallel=2) as engine:
+        story = engine.tokenize("Once upon a time")
+        question = engine.tokenize("Lily and Tom went to the park to play with a big red ball. " * 60)[:500]
+        first = engine.submit(GenerationRequest(story, sampling=GREEDY, max_tokens=700, ignore_eos=True))
+        while len(first.token_ids) < 300:
+            await asyncio.sleep(0.001)
+        second = engine.submit(GenerationRequest(question, sampling=GREEDY, max_tokens=150, ignore_eos=True))
+        await asyncio.sleep(0.05)
+        waiting = engine.stats()
+        first.cancel()
+        second.cancel()
+        await asyncio.gather(first.collect(), second.collect())
+        done = engine.stats()
+
+    assert (waiting.slots_total, waiting.slots_busy, waiting.queue_depth) == (2, 1, 1)
+    assert waiting.slots_idle == 0  # before: 1
+    assert done.slots_idle == 2
+
+
 async def test_a_prompt_whose_start_an_idle_slot_still_holds_takes_room_like_any_other() -> None:
     """Without the prompt cache an idle slot keeps its KV, but the active requests' room does not
     count it: admitting the question because 499 of its 500 prompt cells were "already there"

@@ -276,3 +276,10 @@ class EngineStats:
     """Why the engine can no longer serve (its thread died, or a step stalled); None while healthy."""
     unavailable: str | None = None
     """Why the engine cannot serve right now but may recover (an upstream is down or restarting)."""
+
+    @property
+    def slots_idle(self) -> int:
+        """Slots a new request could start on now. None while any request waits: a new one would
+        wait behind it, also when slots are empty and the waiting wait for room in the shared KV
+        cache (which /health used to show as idle slots beside a queue)."""
+        return 0 if self.queue_depth else max(0, self.slots_total - self.slots_busy)

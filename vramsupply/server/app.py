@@ -181,7 +181,7 @@ async def health(request: web.Request) -> web.Response:
     body: dict[str, object] = {
         "status": "ok",
         "model": state.model_id,
-        "slots_idle": stats.slots_total - stats.slots_busy,
+        "slots_idle": stats.slots_idle,
         "slots_busy": stats.slots_busy,
         "queue": stats.queue_depth,
     }

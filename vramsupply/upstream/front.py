@@ -304,7 +304,7 @@ async def health(request: web.Request) -> web.Response:
         {
             "status": "ok",
             "model": state.model_id,
-            "slots_idle": max(0, stats.slots_total - stats.slots_busy),
+            "slots_idle": stats.slots_idle,
             "slots_busy": stats.slots_busy,
             "queue": stats.queue_depth,
             "upstream_checked_at": round(state.health.checked_at or time.time(), 3),
