@@ -157,8 +157,10 @@ def test_gpu_options_that_cannot_work_fail_in_one_line() -> None:
     assert "a q8_0 V cache needs flash attention" in v_without_fa.stderr
 
     small_heads = run_cli("plan", "--model", str(TINY_MODEL), "--json", env={"VRAM_SUPPLY_CACHE_TYPE_K": "q4_0"})
-    assert small_heads.returncode == 1
+    assert small_heads.returncode == 2  # a setting to change, as the V cache's above (it was 1)
     assert small_heads.stderr.strip() == "error: a q4_0 KV cache needs a head size that is a multiple of 32; this model's is 8: use --cache-type-k f16"
+    served = run_cli("serve", "--model", str(TINY_MODEL), "--cache-type-k", "q4_0", "--no-register", "--port", "0")
+    assert (served.returncode, served.stderr) == (2, small_heads.stderr)
 
     bad_type = run_cli("serve", "--model", str(TINY_MODEL), "--cache-type-k", "q5_k", "--no-register")
     assert bad_type.returncode == 2 and "cache_type_k" in bad_type.stderr

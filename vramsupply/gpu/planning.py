@@ -25,7 +25,7 @@ from vramsupply.engine.trained_context import served_context
 from vramsupply.errors import MissingSetting, VramsupplyError
 from vramsupply.gpu.devices import Device, build_has_gpu_backend, list_devices
 from vramsupply.gpu.estimate import Settings
-from vramsupply.gpu.options import GpuOptionError, GpuOptions
+from vramsupply.gpu.options import GpuOptions
 from vramsupply.gpu.plan import QUALITY_ORDER, SHRUNK, Candidate, Plan, Target, gib, make_plan, refusal, target_for
 from vramsupply.gpu.source import ModelSource, SourceError, SourceUnreachable, model_source
 from vramsupply.hub.local import is_local_path
@@ -93,12 +93,11 @@ def plan_for(settings: AgentSettings, *, quant_explicit: bool, context_explicit:
 
 
 def _check_cache_types(settings: AgentSettings, source: ModelSource) -> None:
-    try:
-        cache = GpuOptions(cache_type_k=settings.cache_type_k, cache_type_v=settings.cache_type_v)
-        cache.flash_attention(settings.flash_attention.value)
-        cache.check_head_size(source.shape.head_dim_k, source.shape.head_dim_v)
-    except GpuOptionError as exc:
-        raise SourceError(str(exc)) from None
+    """A KV cache type this model's heads cannot take is a setting to change (``GpuOptionError``,
+    exit 2, as when flash attention is off for a quantized V cache), not an unreadable model."""
+    cache = GpuOptions(cache_type_k=settings.cache_type_k, cache_type_v=settings.cache_type_v)
+    cache.flash_attention(settings.flash_attention.value)
+    cache.check_head_size(source.shape.head_dim_k, source.shape.head_dim_v)
 
 
 def _plan_on(source: ModelSource, settings: AgentSettings, target: Target, quant: str | None, context_explicit: bool, parallel_explicit: bool) -> Plan:
