@@ -51,3 +51,11 @@ def test_bench_errors_are_one_line() -> None:
     assert "error:" in missing.stderr
     nothing = run_cli("bench")
     assert nothing.returncode == 2 and "no model to serve" in nothing.stderr  # a missing setting: exit 2, as every ConfigError
+
+
+def test_bench_advice_names_the_variable_of_a_setting_it_has_no_flag_for() -> None:
+    """bench takes --model, --quant and --parallel only: a KV cache type set in the environment (or
+    the config file) that the model cannot take is changed there, and the error says what to set."""
+    refused = run_cli("bench", "--model", str(TINY_MODEL), "--seconds", "3", env={"VRAM_SUPPLY_CACHE_TYPE_K": "q4_0"})
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith("use --cache-type-k (VRAM_SUPPLY_CACHE_TYPE_K) f16")  # before: "use --cache-type-k f16"

@@ -240,7 +240,7 @@ def test_a_local_file_that_cannot_fit_is_not_told_to_choose_a_quant_and_sizes_re
     assert result.returncode == 1
     message = result.stderr.strip()
     assert "KV 4.00 TiB (256 slot(s) x 131072 tokens, 16.00 GiB each)" in message and "GiB (256" not in message
-    assert message.endswith("lower --context-length or --parallel, or use a smaller quantization of this model (another .gguf file)")
+    assert message.endswith("lower --context-length (VRAM_SUPPLY_CONTEXT_LENGTH) or --parallel (VRAM_SUPPLY_PARALLEL), or use a smaller quantization of this model (another .gguf file)")
     assert "--quant" not in message
 
 

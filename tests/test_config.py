@@ -126,7 +126,7 @@ def test_a_shared_cache_smaller_than_the_slots_is_refused_naming_both_settings()
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
         "error: context_length = 16 (from env VRAM_SUPPLY_CONTEXT_LENGTH) is smaller than parallel = 256 (from env VRAM_SUPPLY_PARALLEL): "
-        "the slots share one KV cache of context_length tokens, so raise --context-length or lower --parallel"
+        "the slots share one KV cache of context_length tokens, so raise --context-length (VRAM_SUPPLY_CONTEXT_LENGTH) or lower --parallel (VRAM_SUPPLY_PARALLEL)"
     )
     assert run_cli("config", "show", env={"VRAM_SUPPLY_CONTEXT_LENGTH": "16", "VRAM_SUPPLY_PARALLEL": "256", "VRAM_SUPPLY_KV_PER_SLOT": "true"}).returncode == 0
 

@@ -160,7 +160,7 @@ def test_plan_takes_the_cache_type_its_own_advice_names() -> None:
     quantized = {"VRAM_SUPPLY_CACHE_TYPE_K": "q8_0"}
     refused = run_cli("plan", "--model", str(TINY_MODEL), env=quantized)
     assert refused.returncode != 0
-    assert one_line_error(refused).endswith("use --cache-type-k f16")
+    assert one_line_error(refused).endswith("use --cache-type-k (VRAM_SUPPLY_CACHE_TYPE_K) f16")
 
     assert plan_json("--cache-type-k", "f16", env=quantized)["kv_bytes"] == plan_json()["kv_bytes"]
 

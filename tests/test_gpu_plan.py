@@ -129,7 +129,7 @@ def test_explicit_settings_that_do_not_fit_are_refused_with_the_numbers(llama_8b
     per_slot = refusal(make_plan(llama_8b, Target((gpu(8),), HOST), Settings(4096, 4, kv_per_slot=True), quant="Q8_0"))
     assert "weights 7.95 GiB + KV 2.00 GiB (4 slot(s) x 4096 tokens, 512.0 MiB each) + compute " in per_slot
     assert "but CUDA0 (NVIDIA GeForce RTX 4090): 8.00 GiB free, 7.00 GiB after 1.00 GiB headroom" in message
-    assert message.endswith("lower --context-length or --parallel, choose a smaller --quant, or offload fewer layers (--n-gpu-layers)")
+    assert message.endswith("lower --context-length (VRAM_SUPPLY_CONTEXT_LENGTH) or --parallel (VRAM_SUPPLY_PARALLEL), choose a smaller --quant (VRAM_SUPPLY_QUANT), or offload fewer layers (--n-gpu-layers (VRAM_SUPPLY_N_GPU_LAYERS))")
 
 
 def test_a_context_that_was_not_set_shrinks_to_fit_like_llama_server_fit(llama_8b: ModelSource) -> None:
@@ -278,7 +278,7 @@ def test_the_quant_note_is_for_a_path_the_user_gave_not_for_a_hub_models_downloa
 def test_plan_refuses_in_one_line_what_cannot_fit(shapes: dict[str, Path]) -> None:
     table = run_cli("plan", "--model", str(shapes["8b"]), "--context-length", "131072", "--parallel", "256", "--kv-per-slot")
     assert table.returncode == 1
-    assert "nothing fits: Q4_K_M needs" in table.stdout and "lower --context-length or --parallel" in table.stdout
+    assert "nothing fits: Q4_K_M needs" in table.stdout and "lower --context-length (VRAM_SUPPLY_CONTEXT_LENGTH) or --parallel (VRAM_SUPPLY_PARALLEL)" in table.stdout
 
     missing = run_cli("plan", "--model", "./absent.gguf")
     assert missing.returncode == 1 and missing.stderr.strip() == "error: model file absent.gguf does not exist"

@@ -128,7 +128,9 @@ def test_serving_on_the_cpu_beside_a_gpu_is_reported_everywhere(tmp_path: Path) 
         # Printed after the ready line: read from the agent's output by a thread of the test, maybe later.
         agent.wait_for(lambda: agent.printed("layers on the GPU: 0/6; threads: "), "the placement lines", timeout=10)
         assert agent.printed("running on CPU")
-        assert "GPU present (NVIDIA GeForce RTX 4090) but this llama.cpp build has no GPU backend" in agent.log
+        # The log (stderr) is read by another thread than the printed lines (stdout): it may come later.
+        warned = "GPU present (NVIDIA GeForce RTX 4090) but this llama.cpp build has no GPU backend"
+        agent.wait_for(lambda: warned in agent.log, "the warning in the log", timeout=10)
 
         health = http_get(agent.base_url.removesuffix("/v1") + "/health")[1]
         assert health["status"] == "ok"
@@ -158,7 +160,7 @@ def test_gpu_options_that_cannot_work_fail_in_one_line() -> None:
 
     small_heads = run_cli("plan", "--model", str(TINY_MODEL), "--json", env={"VRAM_SUPPLY_CACHE_TYPE_K": "q4_0"})
     assert small_heads.returncode == 2  # a setting to change, as the V cache's above (it was 1)
-    assert small_heads.stderr.strip() == "error: a q4_0 KV cache needs a head size that is a multiple of 32; this model's is 8: use --cache-type-k f16"
+    assert small_heads.stderr.strip() == "error: a q4_0 KV cache needs a head size that is a multiple of 32; this model's is 8: use --cache-type-k (VRAM_SUPPLY_CACHE_TYPE_K) f16"
     served = run_cli("serve", "--model", str(TINY_MODEL), "--cache-type-k", "q4_0", "--no-register", "--port", "0")
     assert (served.returncode, served.stderr) == (2, small_heads.stderr)
 

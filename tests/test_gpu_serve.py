@@ -23,7 +23,7 @@ def test_explicit_settings_that_cannot_fit_are_refused_before_loading(tmp_path: 
     message = result.stderr.strip()
     assert message.startswith("error: the model does not fit: Q4_K_M needs ")
     assert "KV 4.00 TiB (256 slot(s) x 131072 tokens, 16.00 GiB each)" in message
-    assert message.endswith("lower --context-length or --parallel, or use a smaller quantization of this model (another .gguf file)")
+    assert message.endswith("lower --context-length (VRAM_SUPPLY_CONTEXT_LENGTH) or --parallel (VRAM_SUPPLY_PARALLEL), or use a smaller quantization of this model (another .gguf file)")
     assert "loading" not in result.stderr
 
 

@@ -88,7 +88,7 @@ def test_a_quantized_v_cache_with_flash_attention_off_names_both_flags() -> None
     line = refused("serve", "--model", str(TINY_MODEL), "--no-register", "--cache-type-v", "q8_0", "--flash-attention", "off")
     assert line == (
         "error: a q8_0 V cache needs flash attention: cache_type_v = q8_0 (from flag --cache-type-v) and flash_attention = off "
-        "(from flag --flash-attention) do not go together; use --flash-attention auto or on, or --cache-type-v f16"
+        "(from flag --flash-attention) do not go together; use --flash-attention (VRAM_SUPPLY_FLASH_ATTENTION) auto or on, or --cache-type-v (VRAM_SUPPLY_CACHE_TYPE_V) f16"
     )
 
 

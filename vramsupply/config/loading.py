@@ -20,7 +20,7 @@ from pydantic import SecretStr, ValidationError
 
 from vramsupply.config.file import read_config_file
 from vramsupply.config.paths import CONFIG_PATH_ENV, config_path
-from vramsupply.config.settings import ENV_PREFIX, SECRET_FIELDS, EngineKind, FlashAttention, Settings, env_name
+from vramsupply.config.settings import ENV_PREFIX, SECRET_FIELDS, EngineKind, FlashAttention, Settings, env_name, setting_flag
 from vramsupply.errors import ConfigError
 
 log = logging.getLogger("vramsupply.config")  # the name the warnings have always carried
@@ -105,13 +105,13 @@ def check_engine_sizes(settings: Settings, sources: dict[str, str]) -> None:
         raise ConfigError(
             f"context_length = {settings.context_length} (from {sources['context_length']}) is smaller than parallel = "
             f"{settings.parallel} (from {sources['parallel']}): the slots share one KV cache of context_length tokens, "
-            "so raise --context-length or lower --parallel"
+            f"so raise {setting_flag('context_length')} or lower {setting_flag('parallel')}"
         )
     if settings.n_batch < settings.parallel:
         raise ConfigError(
             f"n_batch = {settings.n_batch} (from {sources['n_batch']}) is smaller than parallel = {settings.parallel} "
             f"(from {sources['parallel']}): one decode step holds the next token of every slot, "
-            "so raise --n-batch or lower --parallel"
+            f"so raise {setting_flag('n_batch')} or lower {setting_flag('parallel')}"
         )
 
 
@@ -120,7 +120,7 @@ def check_kv_cache(settings: Settings, sources: dict[str, str]) -> None:
     if settings.cache_type_v != "f16" and settings.flash_attention is FlashAttention.off:
         raise ConfigError(
             f"a {settings.cache_type_v} V cache needs flash attention: cache_type_v = {settings.cache_type_v} (from {sources['cache_type_v']}) "
-            f"and flash_attention = off (from {sources['flash_attention']}) do not go together; use --flash-attention auto or on, or --cache-type-v f16"
+            f"and flash_attention = off (from {sources['flash_attention']}) do not go together; use {setting_flag('flash_attention')} auto or on, or {setting_flag('cache_type_v')} f16"
         )
 
 

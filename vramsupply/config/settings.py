@@ -303,6 +303,12 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+def setting_flag(field: str) -> str:
+    """A setting as advice names it: its flag, and its variable, for the commands without that flag
+    (``bench`` takes no --context-length, ``plan`` no --n-batch) and for the systemd service."""
+    return f"--{field.replace('_', '-')} ({env_name(field)})"
+
+
 LIST_EXAMPLES = {
     "devices": "name each device, e.g. CUDA0,CUDA1 (vramsupply doctor lists them)",
     "tensor_split": "give each GPU its share, e.g. 3,1",

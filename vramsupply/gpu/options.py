@@ -18,6 +18,7 @@ from typing import Any
 
 import llama_cpp
 
+from vramsupply.config.settings import setting_flag
 from vramsupply.errors import ConfigError
 
 CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
@@ -86,14 +87,14 @@ class GpuOptions:
             plain_cpu = mode == "auto" and not on_gpu and cpu_attention_prefers_plain()
             return "off" if plain_cpu else mode
         if mode == "off":
-            raise GpuOptionError(f"a {self.cache_type_v} V cache needs flash attention: use --flash-attention auto or on, or --cache-type-v f16")
+            raise GpuOptionError(f"a {self.cache_type_v} V cache needs flash attention: use {setting_flag('flash_attention')} auto or on, or {setting_flag('cache_type_v')} f16")
         return "on"
 
     def check_head_size(self, head_dim_k: int, head_dim_v: int) -> None:
         """Quantized cache rows are whole 32-value blocks, so the head size must be a multiple of 32."""
         for name, kind, head in (("cache_type_k", self.cache_type_k, head_dim_k), ("cache_type_v", self.cache_type_v, head_dim_v)):
             if kind != "f16" and head % QUANT_BLOCK:
-                raise GpuOptionError(f"a {kind} KV cache needs a head size that is a multiple of {QUANT_BLOCK}; this model's is {head}: use --{name.replace('_', '-')} f16")
+                raise GpuOptionError(f"a {kind} KV cache needs a head size that is a multiple of {QUANT_BLOCK}; this model's is {head}: use {setting_flag(name)} f16")
 
     def apply_to_model(self, params: llama_cpp.llama_model_params) -> list[Any]:
         """Set the placement fields; returns the ctypes arrays that must outlive the model load."""

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vramsupply.config.settings import setting_flag
 from vramsupply.engine.trained_context import served_context
 from vramsupply.gpu.devices import Device
 from vramsupply.gpu.estimate import Estimate, Settings, estimate
@@ -257,9 +258,10 @@ def refusal(plan: Plan) -> str:
         return f"{plan.model} offers no GGUF quant to plan for"
     where = plan.target.describe()
     # --quant picks among a Hub repo's files; a local file is served as it is.
-    smaller = "use a smaller quantization of this model (another .gguf file)" if plan.local else "choose a smaller --quant"
+    smaller = "use a smaller quantization of this model (another .gguf file)" if plan.local else f"choose a smaller {setting_flag('quant')}"
+    lower = f"lower {setting_flag('context_length')} or {setting_flag('parallel')}"
     if plan.target.on_gpu:
-        advice = f"lower --context-length or --parallel, {smaller}, or offload fewer layers (--n-gpu-layers)"
+        advice = f"{lower}, {smaller}, or offload fewer layers ({setting_flag('n_gpu_layers')})"
     else:
-        advice = f"lower --context-length or --parallel, {'or ' if plan.local else ''}{smaller}"
+        advice = f"{lower}, {'or ' if plan.local else ''}{smaller}"
     return f"{asked.breakdown(plan.settings)} ({gib(asked.needed_bytes)} on {'the GPU' if plan.target.on_gpu else 'this machine'}), but {where}: {advice}"
