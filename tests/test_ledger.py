@@ -44,6 +44,8 @@ def test_money_is_exact_integers_of_nanocents() -> None:
     assert dollars_text(123_456 * 10**9) == "$1,234.56"
     assert dollars_text(190_000_000) == "$0.0019"
     assert dollars_text(0) == "$0.00"
+    assert dollars_text(1_000_500_000) == "$0.01001"  # $0.010005: a half rounds up (it was rounded to even: $0.01)
+    assert dollars_text(1_234_500_000_000) == "$12.35"  # $12.345
 
 
 def test_the_file_is_private_and_in_wal_mode(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ whole number too: every sum in the ledger is exact, however many requests it add
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 NANOCENTS_PER_CENT = 10**9
 NANOCENTS_PER_MICROCENT = 1000
@@ -39,10 +39,11 @@ SIGNIFICANT_DIGITS = 4
 def dollars_text(nanocents: int) -> str:
     """For tables: ``$1,234.57``, and at least four significant digits below $100 (``$0.01501``,
     ``$0.0019``): rounding each cell to the cent showed 1.500696 ¢ gross as $0.02 and its 95 %,
-    1.4256612 ¢, as $0.01. Zeros past the cents are left off."""
+    1.4256612 ¢, as $0.01. Zeros past the cents are left off. A half rounds up, as on an invoice
+    (``format`` alone rounds it to even: $0.010005 was $0.01, not $0.01001)."""
     value = Decimal(nanocents).scaleb(-11)
     places = max(2, min(11, SIGNIFICANT_DIGITS - 1 - value.adjusted())) if value else 2
-    text = f"{value:,.{places}f}"
+    text = f"{value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP):,.{places}f}"
     if places > 2:
         text = text.rstrip("0").ljust(text.index(".") + 3, "0")
     return f"${text}"
