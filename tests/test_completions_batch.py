@@ -113,7 +113,7 @@ def test_echo_puts_each_prompt_before_its_choices_whole_and_streamed(server: Liv
         ({"prompt": [f"prompt {i}" for i in range(17)]}, "prompt"),
         ({"prompt": PROMPTS, "n": 6}, "n"),  # 18 choices
         ({"prompt": ["a", [1, 2]]}, "prompt"),
-        ({"prompt": ["a", ""]}, "prompt"),
+        ({"prompt": [[1, 2], []]}, "prompt"),  # an empty token list (an empty string is the BOS token alone)
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),  # 0 scores a prompt: it takes echo (test_prompt_logprobs.py)
     ],
 )

@@ -196,7 +196,7 @@ def test_names_and_tool_results_reach_the_template() -> None:
     ("build", "error"),
     [
         (lambda: SamplingParams(temperature=-1), "temperature"),
-        (lambda: SamplingParams(top_p=0), "top_p"),
+        (lambda: SamplingParams(top_p=-0.1), "top_p"),
         (lambda: SamplingParams(min_p=1.5), "min_p"),
         (lambda: SamplingParams(top_k=-1), "top_k"),
         (lambda: SamplingParams(repeat_penalty=0), "repeat_penalty"),

@@ -100,8 +100,8 @@ async def test_body_that_is_not_an_object_is_400(server: LiveServer, http: aioht
         (CHAT, {"messages": HELLO, "stop": 5}, "stop"),
         (CHAT, {"messages": HELLO, "stop": [f"stop{i}" for i in range(17)]}, "stop"),
         (COMPLETIONS, {}, "prompt"),
-        (COMPLETIONS, {"prompt": ""}, "prompt"),
-        (COMPLETIONS, {"prompt": ["one", ""]}, "prompt"),
+        (COMPLETIONS, {"prompt": []}, "prompt"),  # ("" is the BOS token alone: test_api_client_values.py)
+        (COMPLETIONS, {"prompt": [[1, 2], []]}, "prompt"),
         (COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, "max_tokens"),  # (with echo it scores the prompt: test_prompt_logprobs.py)
         (COMPLETIONS, {"prompt": "hi", "best_of": 3}, "best_of"),
     ],

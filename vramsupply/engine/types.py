@@ -143,7 +143,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         _require(_finite(self.temperature) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        _require(_finite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _require(_finite(self.top_p) and 0 <= self.top_p <= 1, f"top_p must be in [0, 1], got {self.top_p}")
         _require(0 <= self.top_k <= MAX_TOP_K, f"top_k must be between 0 (disabled) and {MAX_TOP_K}, got {self.top_k}")
         _require(_finite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
         _require(

@@ -83,6 +83,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     check_choices(body)
     check_echo(body)
     prompts = [p if isinstance(p, list) else await _tokenize(request, engine.tokenize_prompt, p, param="prompt") for p in body.prompts]
+    check_tokens(prompts)
     shape = TextShape(
         id=f"cmpl-{own_id(request)}", created=now(), model=state.model_id, include_usage=body.include_usage, token_bytes=engine.token_bytes,
         system_fingerprint=system_fingerprint(engine), per_prompt=body.n, echo=body.prompts if body.echo else (), detokenize=engine.detokenize,
@@ -91,6 +92,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
     first = await generation_requests(body, prompts[0])  # one grammar for all; choice i * n + j is prompt i's j-th
     requests = [dataclasses.replace(r, prompt=prompt) for prompt in prompts for r in first]
     return await _complete(request, state, engine, requests, body.stream, shape, RequestClock(started), per_prompt=body.n)
+
+
+def check_tokens(prompts: list[list[int]]) -> None:
+    """An empty text prompt is the BOS token alone, as at OpenAI; a model that adds none leaves
+    nothing to continue from."""
+    for index, tokens in enumerate(prompts):
+        if not tokens:
+            which = "the prompt" if len(prompts) == 1 else f"prompt {index}"
+            raise ApiError(400, f"{which} is empty and this model adds no BOS token to a text prompt: send some text", param="prompt", code="invalid_value")
 
 
 async def _tokenize(request: web.Request, tokenize: Callable[[T], list[int]], value: T, *, param: str) -> list[int]:

@@ -76,7 +76,7 @@ class GenerationBody(VllmFields):
     max_tokens: int | None = Field(None, ge=1)
     stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # 0 keeps the likeliest token alone, as OpenAI and llama.cpp take it
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -108,7 +108,7 @@ class GenerationBody(VllmFields):
         """vLLM spells "no top-k" -1, llama.cpp 0."""
         return 0 if value == -1 else value
 
-    @field_validator("n", "stream", "logit_bias", mode="before")
+    @field_validator("n", "stream", "logit_bias", "ignore_eos", mode="before")
     @classmethod
     def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
         """Clients often send explicit nulls for fields they did not set."""
@@ -161,6 +161,11 @@ class ChatCompletionBody(GenerationBody):
     # vLLM's chat template switches (``vllm_fields.py``)
     add_generation_prompt: bool | None = None
     continue_final_message: bool = False
+
+    @field_validator("continue_final_message", mode="before")
+    @classmethod
+    def _continue_null_is_false(cls, value: Any) -> Any:
+        return False if value is None else value
 
     @field_validator("functions", "function_call")
     @classmethod
@@ -243,6 +248,11 @@ class CompletionBody(GenerationBody):
     suffix: str | None = None
     best_of: int | None = None
 
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _echo_null_is_false(cls, value: Any) -> Any:
+        return False if value is None else value  # the SDK types it Optional[bool]
+
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompts(cls, value: Any) -> Any:
@@ -259,9 +269,9 @@ class CompletionBody(GenerationBody):
                 raise ValueError("the prompts must be all strings or all lists of token ids, not both")
             for index, prompt in enumerate(value):
                 if not _one_prompt(prompt):
-                    raise ValueError(f"prompt {index} must be a non-empty string or a non-empty list of token ids")
+                    raise ValueError(f"prompt {index} must be a string or a non-empty list of token ids")
             return value
-        raise ValueError("the prompt must be a non-empty string, a non-empty list of token ids, or a list of such prompts")
+        raise ValueError("the prompt must be a string, a non-empty list of token ids, or a list of such prompts")
 
     @field_validator("max_tokens", mode="before")
     @classmethod
@@ -304,7 +314,8 @@ class CompletionBody(GenerationBody):
 
 
 def _one_prompt(value: Any) -> bool:
-    """A non-empty string, or a non-empty list of token ids (ints, not booleans)."""
+    """A string (an empty one is the BOS token alone, as at OpenAI: ``check_tokens``), or a
+    non-empty list of token ids (ints, not booleans)."""
     if isinstance(value, str):
-        return value != ""
+        return True
     return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
