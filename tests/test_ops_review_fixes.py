@@ -173,6 +173,24 @@ def test_at_debug_the_health_checks_and_scrapes_are_logged_as_debug_lines() -> N
     assert len(probes) == 3 and all(" DEBUG vramsupply.access: " in line for line in probes), probes
 
 
+def test_malformed_http_from_a_client_is_one_warning_line_not_an_error_with_a_traceback() -> None:
+    with AgentProcess(*SERVE) as agent:
+        agent.wait_ready()
+        root = agent.base_url.removesuffix("/v1")
+        too_long = urllib.request.Request(root + "/" + "a" * 9000)
+        brotli = urllib.request.Request(agent.base_url + "/completions", data=b"{}", headers={"Content-Encoding": "br"})
+        for request in (too_long, brotli):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == 400
+        buy(agent)  # the agent carries on
+        assert agent.stop() == 0
+
+    said = [line for line in agent.stderr if " aiohttp.server: " in line]
+    assert len(said) == 2 and all(" WARNING " in line and "malformed HTTP, answered 400" in line for line in said), said
+    assert "Traceback" not in agent.log  # before: an ERROR line each, with aiohttp's traceback folded into it
+
+
 # ---- 3: the thread tuner's lines -------------------------------------------------------------------------
 
 

@@ -13,7 +13,9 @@ columns, rich's layout left the message 11 columns.
 The HTTP access log (``vramsupply.access``, off on a terminal) writes one line per request. The
 platform's health checks and a Prometheus scrape every 15 s made about 7,000 lines a day of
 ``/health`` and ``/metrics`` under systemd, burying the buyers' lines: ``QuietProbes`` logs those
-that succeed (2xx) at DEBUG; their failures and every other line (``/v1``) stay at INFO.
+that succeed (2xx) at DEBUG; their failures and every other line (``/v1``) stay at INFO. A
+client's malformed HTTP, which aiohttp logs as an ERROR with a traceback, is one WARNING line
+(``BadClientHttp``).
 """
 
 from __future__ import annotations
@@ -144,10 +146,36 @@ def _probe_answered(record: logging.LogRecord) -> bool:
     return parts[1].partition("?")[0] in PROBE_PATHS and 200 <= status < 300
 
 
+class BadClientHttp(logging.Filter):
+    """On aiohttp's server logger: a client's malformed HTTP (a URL over 8,190 bytes, a body
+    encoding it cannot decode such as ``br``, chunked with a Content-Length) is logged by aiohttp
+    as an ERROR with a traceback, as if the agent had failed, though it answers 400 and carries on.
+    Anyone on the internet can send it through a tunnel, so it becomes one WARNING line. The
+    exception is told by its class's name, so logging need not import aiohttp."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not _client_http_error(exc):
+            return True
+        said = " ".join(str(getattr(exc, "message", "") or exc).split())
+        record.msg, record.args = f"{record.getMessage()}: malformed HTTP, answered {exc.code}: {said}", None  # type: ignore[attr-defined]
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
+
+
+def _client_http_error(exc: BaseException) -> bool:
+    code = getattr(exc, "code", None)
+    parsing = any(cls.__name__ == "HttpProcessingError" for cls in type(exc).__mro__)
+    return parsing and isinstance(code, int) and 400 <= code < 500
+
+
+AIOHTTP_SERVER_LOGGER = "aiohttp.server"
 ACCESS_LOGGER = "vramsupply.access"
 PROBE_PATHS = frozenset({"/health", "/metrics"})
 """Asked every few seconds by machines (health checks, scrapes), not by buyers."""
 quiet_probes = QuietProbes()
+bad_client_http = BadClientHttp()
 secret_filter = SecretMaskFilter()
 
 
@@ -179,3 +207,6 @@ def configure_logging(level: str, secrets: Iterable[str | SecretStr | None] = ()
     access = logging.getLogger(ACCESS_LOGGER)
     if quiet_probes not in access.filters:
         access.addFilter(quiet_probes)
+    server = logging.getLogger(AIOHTTP_SERVER_LOGGER)
+    if bad_client_http not in server.filters:
+        server.addFilter(bad_client_http)
