@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -64,6 +65,30 @@ async def test_a_body_not_in_its_stated_content_encoding_is_400(server: LiveServ
     assert_openai_error(body, code="invalid_body")
     assert body["error"]["message"].startswith("The request body cannot be read: ")
     ok, _, _ = await post(http, server.url + CHAT, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert ok == 200, "the server answers the next request"
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", "invalid_http"),
+        (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\n{}", "invalid_body"),
+        (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n", "invalid_http"),
+    ],
+    ids=["url-over-8190-bytes", "brotli-body", "chunked-and-content-length"],
+)
+async def test_what_aiohttps_parser_refuses_is_openai_error_json(server: LiveServer, http: aiohttp.ClientSession, raw: bytes, code: str) -> None:
+    """Before: aiohttp's text/plain 400, for br "Please install `Brotli`", advice for the server's owner."""
+    assert server.server is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.server.port)
+    writer.write(raw)
+    head, _, body = (await reader.read()).partition(b"\r\n\r\n")
+    writer.close()
+
+    assert head.startswith(b"HTTP/1.0 400 ") and b"Content-Type: application/json" in head and b"x-request-id: req_" in head
+    assert_openai_error(json.loads(body), code=code)
+    assert b"Brotli" not in body
+    ok, _, _ = await post(http, server.url + COMPLETIONS, {"prompt": "Once", "max_tokens": 2})
     assert ok == 200, "the server answers the next request"
 
 

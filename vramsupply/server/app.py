@@ -21,6 +21,7 @@ from vramsupply.engine import Engine
 from vramsupply.listen import start_sites
 from vramsupply.server.completions import chat_completions, completions
 from vramsupply.server.errors import ApiError, add_request_id, error_middleware
+from vramsupply.server.framing import OpenAIErrorRunner
 from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vramsupply.server.responses import ModelCard, ModelList
 from vramsupply.server.stalled import OPEN_REQUESTS, OpenRequests
@@ -223,7 +224,7 @@ class ApiServer:
         self.port = port
         self._drain_timeout = drain_timeout
         self._watch: asyncio.Task[None] | None = None
-        self._runner = web.AppRunner(
+        self._runner = OpenAIErrorRunner(  # what aiohttp's parser refuses is answered as OpenAI errors too
             app,
             handler_cancellation=True,
             keepalive_timeout=idle_timeout,

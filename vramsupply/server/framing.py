@@ -1,0 +1,64 @@
+"""Requests aiohttp cannot parse, answered as OpenAI error JSON like every other error of the API.
+
+A URL or header over 8,190 bytes, a body in an encoding aiohttp cannot decode (``br`` without
+Brotli installed), or chunked encoding together with a Content-Length fails in aiohttp's parser,
+before any route or middleware runs (``errors.error_middleware`` never sees it). aiohttp then
+answers with a text/plain body of its own, "Can not decode content-encoding: brotli (br). Please
+install `Brotli`": advice for the server's owner, shown to a buyer whose SDK expects
+``{"error": …}``. Only the connection's handler sees these, so ``OpenAIErrorRunner`` gives every
+connection one whose ``handle_error`` answers in OpenAI's shape (aiohttp still logs each, which
+``logging.BadClientHttp`` keeps to one WARNING line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from vramsupply.server.errors import REQUEST_ID_HEADER, ApiError, request_id
+
+
+def framing_error(status: int, exc: BaseException | None, message: str | None) -> ApiError:
+    """What a buyer is told for a request that could not be parsed (or an error aiohttp met itself)."""
+    if status >= 500:
+        return ApiError(status, "The server had an error while processing your request.", type="server_error")
+    if isinstance(exc, ContentEncodingError):
+        return ApiError(status, "The request body's Content-Encoding cannot be read here: send the body as gzip, deflate or uncompressed.", code="invalid_body")
+    if isinstance(exc, LineTooLong):
+        return ApiError(status, "The request line or a header is too long: each may be at most 8,190 bytes.", code="invalid_http")
+    said = " ".join((message or str(exc or "")).split())
+    return ApiError(status, f"The request is not valid HTTP: {said}", code="invalid_http")
+
+
+class _OpenAIErrorHandler(RequestHandler):
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs it, and refuses once a response has begun
+        response = framing_error(status, exc, message).response()
+        response.headers[REQUEST_ID_HEADER] = request_id(request)  # type: ignore[arg-type]  # (a BaseRequest: no route)
+        response.force_close()
+        return response
+
+
+class _OpenAIErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _OpenAIErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class OpenAIErrorRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer what aiohttp's parser refuses as OpenAI errors."""
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()
+        # The server aiohttp's Application makes, with the same handler and arguments: only the
+        # class of each connection's handler differs.
+        return _OpenAIErrorServer(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            **made._kwargs,
+        )
