@@ -172,11 +172,26 @@ def test_rails_refuses_both_off_before_calling_the_platform() -> None:
     )
 
 
-def test_a_bad_api_key_is_one_line_with_the_fix() -> None:
+def test_a_bad_api_key_is_one_line_with_the_fix_for_where_it_came_from() -> None:
     with LivePlatform() as platform:
-        result = run_cli("demand", env={"VRAM_SUPPLY_PLATFORM_URL": platform.url, "VRAM_SUPPLY_API_KEY": "sk-not-mine"})
-    assert result.returncode == 1
-    assert result.stderr.strip() == "error: API key rejected — run `vramsupply login`"
+        saved = run_cli("login", "--api-key", "sk-not-mine-either")
+        from_file = run_cli("demand", env={"VRAM_SUPPLY_PLATFORM_URL": platform.url})
+        from_env = run_cli("rails", env={"VRAM_SUPPLY_PLATFORM_URL": platform.url, "VRAM_SUPPLY_API_KEY": "sk-not-mine"})
+        relogged = run_cli("login", "--api-key", API_KEY, env={"VRAM_SUPPLY_API_KEY": "sk-not-mine"})
+
+    assert saved.returncode == 0 and saved.stderr == ""
+    assert from_file.returncode == 1
+    assert from_file.stderr.strip() == "error: API key rejected — run `vramsupply login`"
+    # Before, the same advice, which cannot help: the environment beats the key login saves.
+    assert from_env.returncode == 1
+    assert from_env.stderr.strip() == (
+        "error: API key rejected — it comes from VRAM_SUPPLY_API_KEY in the environment, which beats the key `vramsupply login` saves: "
+        "set a valid key there, or unset it"
+    )
+    assert relogged.returncode == 0
+    assert relogged.stderr.strip() == (
+        "warning: VRAM_SUPPLY_API_KEY is set in this environment and is used instead of the saved key: unset it to use this one"
+    )
 
 
 def test_missing_key_and_bad_platform_url_are_refused_before_any_call() -> None:
@@ -261,6 +276,17 @@ class OneAnswerPlatform:
     def __exit__(self, *exc_info: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+@pytest.mark.parametrize(("status", "body"), [(204, b""), (200, b"{}"), (200, b'{"ok": true}')])
+def test_a_rails_change_the_platform_took_is_said_to_be_done_whatever_its_answer_holds(status: int, body: bytes) -> None:
+    """The public docs say how to change the rails, not what the answer holds. Before, an answer
+    without both rails was "unexpected answer to PATCH …", exit 1, for a change that was made."""
+    with OneAnswerPlatform(status, body) as platform:
+        result = run_cli("rails", "--no-tempo", env={"VRAM_SUPPLY_PLATFORM_URL": platform.url, "VRAM_SUPPLY_API_KEY": API_KEY})
+
+    assert result.returncode == 0, result.stderr
+    assert rails_shown(result.stdout) == {"Stripe": "unchanged (not shown)", "Tempo (MPP)": "no"}
 
 
 @pytest.mark.parametrize("detail", [[{"loc": 5, "msg": "x"}], [{"loc": None, "msg": "x"}], [{"loc": "body", "msg": "x"}]])

@@ -15,7 +15,7 @@ import typer
 from rich.text import Text
 
 from vramsupply import __version__
-from vramsupply.config import Settings, api_key_problem, config_path, display_value, load_settings, write_config_values
+from vramsupply.config import Settings, api_key_problem, config_path, display_value, env_name, load_settings, write_config_values
 from vramsupply.display import FitTable, make_console, plain
 from vramsupply.errors import Interrupted, VramsupplyError
 from vramsupply.output import ClosedStdout, point_stdout_at_devnull, stand_in_for_closed_stdout
@@ -124,6 +124,9 @@ def login(
     path = config_path()
     write_config_values(path, {"api_key": key})
     console.print(f"API key saved to {path} (mode 0600).")
+    overriding = [name for name in os.environ if name.upper() == env_name("api_key") and os.environ[name].strip() not in ("", key)]
+    if overriding:  # the environment beats the config file: every command would go on using that key
+        err_console.print(f"warning: {overriding[0]} is set in this environment and is used instead of the saved key: unset it to use this one", highlight=False, soft_wrap=True)
 
 
 def _ask_for_key() -> str:

@@ -69,6 +69,18 @@ class ApiKeySource:
             )
         return "API key rejected — restart the agent with the new key (--api-key), or run `vramsupply login` and restart it without --api-key"
 
+    def rejected_once(self) -> str:
+        """The rejection for a command that calls the platform once (``demand``, ``rails``): `login`
+        helps only where the key came from the config file, which the environment beats."""
+        if self.kind == "env":
+            return (
+                f"API key rejected — it comes from {self.where} in the environment, which beats the key "
+                f"`vramsupply login` saves: set a valid key there, or unset it"
+            )
+        if self.kind == "flag":
+            return "API key rejected — pass a valid one"
+        return API_KEY_REJECTED
+
     def file_changed(self) -> bool:
         """Whether the config file was written since it was last read (a ``stat``; never for another source)."""
         return self.kind == "file" and file_stamp(Path(self.where)) != self._stamp

@@ -61,8 +61,8 @@ class PlatformError(VramsupplyError):
 
 
 class ApiKeyRejected(PlatformError):
-    def __init__(self) -> None:
-        super().__init__(API_KEY_REJECTED)
+    def __init__(self, message: str = API_KEY_REJECTED) -> None:
+        super().__init__(message)
 
 
 class RequestRejected(PlatformError):
@@ -189,8 +189,14 @@ class PlatformClient:
                 "documented): change one with `vramsupply rails --stripe/--no-stripe` or `--tempo/--no-tempo`, whose answer shows both"
             ) from None
 
-    async def set_rails(self, update: api.RailsUpdate) -> api.Rails:
-        return await self._call("PATCH", api.RAILS_PATH, api.Rails, update)
+    async def set_rails(self, update: api.RailsUpdate) -> api.Rails | None:
+        """The rails after the change, or None where the platform's answer does not show them: the
+        public docs say how to change them, not what the answer holds, and a 2xx has applied it."""
+        _, text = await self._exchange("PATCH", api.RAILS_PATH, update)
+        try:
+            return api.Rails.model_validate_json(text)
+        except ValidationError:
+            return None
 
     def _session_for_call(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

@@ -23,7 +23,8 @@ from rich.text import Text
 from vramsupply.config import ConfigError, Settings
 from vramsupply.platform import api
 from vramsupply.platform.advice import asked_price, consistent, count_text
-from vramsupply.platform.client import PlatformClient
+from vramsupply.platform.api_key import ApiKeySource
+from vramsupply.platform.client import ApiKeyRejected, PlatformClient
 from vramsupply.display import FitTable, plain, shown
 from vramsupply.errors import MissingSetting
 from vramsupply.platform.retry_wait import SILENT_OFFLINE_SECONDS
@@ -67,16 +68,22 @@ def rails_update(stripe: bool | None, tempo: bool | None) -> api.RailsUpdate | N
     return api.RailsUpdate(accepts_stripe=stripe, accepts_tempo=tempo)
 
 
-def apply_rails(settings: Settings, update: api.RailsUpdate | None) -> api.Rails:
-    """The account's rails after ``update`` (or as they are, when there is nothing to change)."""
+def apply_rails(settings: Settings, update: api.RailsUpdate | None) -> dict[str, bool | None]:
+    """The account's rails after ``update`` (or as they are, when there is nothing to change), by
+    field name; None for one the platform's answer to a change does not show."""
     if update is None:
-        return asyncio.run(_with_client(settings, lambda client: client.rails()))
-    return asyncio.run(_with_client(settings, lambda client: client.set_rails(update)))
+        return asyncio.run(_with_client(settings, lambda client: client.rails())).model_dump()
+    shown = asyncio.run(_with_client(settings, lambda client: client.set_rails(update)))
+    return shown.model_dump() if shown is not None else update.model_dump()
 
 
 async def _with_client(settings: Settings, call: Callable[[PlatformClient], Awaitable[T]]) -> T:
-    async with PlatformClient(settings.platform_url, api_key_of(settings)) as client:
-        return await call(client)
+    key = api_key_of(settings)
+    async with PlatformClient(settings.platform_url, key) as client:
+        try:
+            return await call(client)
+        except ApiKeyRejected:
+            raise ApiKeyRejected(ApiKeySource.of(key).rejected_once()) from None
 
 
 def servable_models(configured: str | None, cached: Iterable[str]) -> set[str]:
@@ -116,14 +123,19 @@ def demand_view(demand: api.DemandResponse, servable: set[str]) -> Table | Text:
     return table
 
 
-def rails_table(rails: api.Rails) -> Table:
+def rails_table(rails: dict[str, bool | None]) -> Table:
     table = FitTable(title="Payment rails (who can be routed to you)")
     for column in ("rail", "enabled", "buyers"):
         table.add_column(column)
     for name, label in (("accepts_stripe", "Stripe"), ("accepts_tempo", "Tempo (MPP)")):
-        enabled = getattr(rails, name)
-        table.add_row(label, Text("yes" if enabled else "no", style="green" if enabled else "red"), RAIL_BUYERS[name])
+        table.add_row(label, _enabled(rails.get(name)), RAIL_BUYERS[name])
     return table
+
+
+def _enabled(enabled: bool | None) -> Text:
+    if enabled is None:  # a change of the other rail, whose answer did not show this one
+        return Text("unchanged (not shown)", style="dim")
+    return Text("yes" if enabled else "no", style="green" if enabled else "red")
 
 
 @dataclass(frozen=True)
