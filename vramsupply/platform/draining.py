@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vramsupply.platform")
 
+MIN_LAST_BEAT_SECONDS = 1.0
+"""Less time than this left for the last heartbeat after the one on its way went unanswered: it is
+not sent (a call with no time to be answered), and the log says why instead of "no answer within 0 s"."""
+
 
 class Draining:
     """Mixed into ``ProviderLifecycle``, whose state these methods read and set."""
@@ -77,10 +81,16 @@ class Draining:
         within ``wait`` seconds, a heartbeat still on its way waited for first. Once, never retried."""
         end = time.monotonic() + wait
         try:
-            await self._settle_beat(wait)
+            unanswered = not await self._settle_beat(wait)
             if not self._tally.rest(self._stats()):
                 return
-            reason = "not registered" if self.provider_id is None else await self._last_beat(self.provider_id, end - time.monotonic())
+            left = end - time.monotonic()
+            if self.provider_id is None:
+                reason = "not registered"
+            elif unanswered and left < MIN_LAST_BEAT_SECONDS:  # the one on its way took the time: no "no answer within 0 s"
+                reason = f"the heartbeat on its way got no answer within {seconds(wait)}, so the last one was not sent"
+            else:
+                reason = await self._last_beat(self.provider_id, left)
             rest = self._tally.rest(self._stats())
         except Exception:  # a fault of ours: it must not keep the instance listed
             log.exception("unexpected error reporting the last tokens served; deregistering anyway")
@@ -97,14 +107,21 @@ class Draining:
             return str(exc) or f"no answer within {seconds(max(wait, 0.0))}"
         return None
 
-    async def _settle_beat(self, wait: float) -> None:
+    async def _settle_beat(self, wait: float) -> bool:
         """Let a heartbeat on its way end, within ``wait``: its answer decides whether its tokens
         were reported or go to the last heartbeat, as do those of one still unanswered then (and
-        cancelled: if the platform took it, it counts them twice, the limit ``tokens`` states)."""
+        cancelled: if the platform took it, it counts them twice, the limit ``tokens`` states).
+        Whether it ended (answered, refused or failed) in time; True when none was on its way."""
         call, self._beat_call = self._beat_call, None
-        if call is not None:
-            with contextlib.suppress(Exception):
-                await within(call, max(0.0, wait))
+        if call is None:
+            return True
+        try:
+            await within(call, max(0.0, wait))
+        except asyncio.TimeoutError:
+            return False
+        except Exception:
+            pass
+        return True
 
     async def _abandon_beat(self) -> None:
         """A stop cut short (cancelled) leaves no heartbeat running, nor its error unread."""
