@@ -47,10 +47,19 @@ def test_status_says_how_many_instances_wait_to_be_deleted_since_when_and_that_t
     today = time.localtime(SINCE)[:3] == time.localtime()[:3]
     since = time.strftime("%H:%M" if today else "%Y-%m-%d %H:%M", time.localtime(SINCE))  # the earliest, with its date if not today
     row = left_listed_row(table.stdout)
-    assert "2 instances left listed (1 by a killed run, 1 at an old endpoint URL) wait to be deleted from the platform" in row
+    assert "2 instances left listed (1 by an earlier run, 1 at an old endpoint URL) wait to be deleted from the platform" in row
     assert f"(since {since})" in row
     assert row.endswith("the agent retries while it serves")
     assert [left["provider_id"] for left in report["registration"]["leftovers"]] == ["prov_killed", "prov_old_url"]
+
+
+def test_a_stop_whose_delete_failed_is_not_called_a_killed_run() -> None:
+    """The platform was down at the stop: the run ended cleanly and said it could not deregister."""
+    write_raw_state(pid=dead_pid(), phase="deregister_failed", account=account_of(API_KEY))
+    table = run_cli("status", env={"VRAM_SUPPLY_PORT": str(free_port()), "COLUMNS": "400"})
+
+    row = left_listed_row(table.stdout)
+    assert "1 instance left listed (by an earlier run) waits to be deleted from the platform" in row  # before: "by a killed run"
 
 
 def test_a_record_that_keeps_none_shows_no_such_line() -> None:
@@ -68,7 +77,7 @@ def test_with_no_agent_running_status_says_the_next_start_deletes_them() -> None
 
     assert table.returncode == 1
     row = left_listed_row(table.stdout)
-    assert "1 instance left listed (by a killed run) waits to be deleted from the platform" in row
+    assert "1 instance left listed (by an earlier run) waits to be deleted from the platform" in row
     assert "the agent is not running: it retries it when it next starts" in row
 
 
@@ -105,7 +114,7 @@ def test_a_killed_run_s_own_instance_is_counted_with_those_its_record_keeps() ->
 
     row = status_with_no_agent()
 
-    assert "3 instances left listed (2 by killed runs, 1 at an old endpoint URL) wait to be deleted from the platform" in row
+    assert "3 instances left listed (2 by earlier runs, 1 at an old endpoint URL) wait to be deleted from the platform" in row
     assert f"(since {clock(last_written)})" in row
     assert "the agent is not running: it retries them when it next starts" in row
 
@@ -115,7 +124,7 @@ def test_a_killed_run_that_kept_no_others_still_shows_its_own_instance_waiting()
 
     row = status_with_no_agent()
 
-    assert "1 instance left listed (by a killed run) waits to be deleted from the platform" in row
+    assert "1 instance left listed (by an earlier run) waits to be deleted from the platform" in row
     assert f"(since {clock(SINCE)})" in row
     assert "the agent is not running: it retries it when it next starts" in row
 
@@ -133,6 +142,6 @@ def test_with_another_account_s_instances_among_them_the_line_says_how_many_the_
 
     row = status_with_no_agent()
 
-    assert "4 instances left listed (3 by killed runs, 1 at an old endpoint URL) wait to be deleted" in row
+    assert "4 instances left listed (3 by earlier runs, 1 at an old endpoint URL) wait to be deleted" in row
     assert "the agent is not running: it retries the 3 of its own when it next starts" in row
     assert "1 of them was registered with another platform or API key: only an agent using that one deletes it" in row

@@ -354,7 +354,8 @@ def _own(waiting: int, others: int) -> str:
 
 
 def _how_left(killed: int, retired: int) -> str:
-    by_killed = "by a killed run" if killed == 1 else "by killed runs"
+    # A run that was killed, or one that stopped but whose DELETE failed (the platform down at the stop).
+    by_killed = "by an earlier run" if killed == 1 else "by earlier runs"
     at_old = "at an old endpoint URL" if retired == 1 else "at old endpoint URLs"
     if killed and retired:
         return f"{killed} {by_killed}, {retired} {at_old}"
