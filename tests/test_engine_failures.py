@@ -196,7 +196,7 @@ def test_a_second_sigterm_while_a_decode_hangs_stops_at_once(tmp_path: Path, not
         code = agent.wait(timeout=30)  # not the step's 300 s, nor the close's wait for it
     assert outcome and json.loads(outcome[0])["error"]["code"] == "shutting_down", (outcome, agent.output)
     assert code == 130, agent.output
-    assert agent.stderr[-1] == "error: stopped without waiting for in-flight requests", agent.output
+    assert agent.stderr[-1] == "error: stopped without waiting for 1 in-flight request", agent.output
     assert RESUMES not in agent.log and "Traceback" not in agent.log
 
 

@@ -141,7 +141,7 @@ def test_a_second_signal_during_the_drain_stops_at_once_yet_records_and_deregist
             buyer.join(10)
         assert platform.providers == [], "deregistered, though it did not wait for the buyer"
     assert code == 130, agent.output
-    assert agent.stderr[-1] == "error: stopped without waiting for in-flight requests"
+    assert agent.stderr[-1] == "error: stopped without waiting for 1 in-flight request"
     assert json.loads(outcome[0])["error"]["code"] == "shutting_down", "the buyer's stream ended with a clean error event"
     [row] = LedgerStore(default_ledger_path()).entries()
     assert 0 < row.completion_tokens < 400, "what the buyer received is in the ledger"

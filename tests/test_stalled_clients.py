@@ -142,4 +142,4 @@ def test_a_second_sigterm_stops_at_once_beside_a_buyer_that_reads_nothing() -> N
     finally:
         agent.kill()
     assert code == 130 and took < 10, (code, took, agent.log[-2000:])
-    assert "error: stopped without waiting for in-flight requests" in agent.output
+    assert "error: stopped without waiting for 4 in-flight requests" in agent.output  # n 4: a task each

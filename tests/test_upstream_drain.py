@@ -176,5 +176,5 @@ def test_sigterm_ends_forwarded_requests_at_the_drain_deadline_bills_what_was_se
 def test_a_second_signal_during_the_drain_ends_forwarded_requests_at_once_the_same_way() -> None:
     code, agent, streamed, whole, double = serve_and_stop([signal.SIGINT, signal.SIGINT], "600", "waiting up to 600s for 2 in-flight request(s)")
     assert code == 130, agent.output
-    assert agent.stderr[-1] == "error: stopped without waiting for in-flight requests"
+    assert agent.stderr[-1] == "error: stopped without waiting for 2 in-flight requests"
     assert_ended_cleanly_and_billed(agent, streamed, whole, double)

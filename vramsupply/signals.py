@@ -50,6 +50,10 @@ class StopSignals:
         self._handled: list[signal.Signals] = []
         self.first_stop = self.SERVING
         """What the first signal does, for its log line; the caller sets it as it enters each phase."""
+        self.in_flight: Callable[[], int] = lambda: 0
+        """The requests in flight, which the caller lets a second signal count (``cut``)."""
+        self.cut = 0
+        """The requests in flight when a second signal stopped at once: those it did not wait for."""
 
     def __enter__(self) -> StopSignals:
         self._handled = [sig for sig in self.SIGNALS if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN]
@@ -74,6 +78,7 @@ class StopSignals:
             mark_stopping()  # a `serve` started now is told to wait for this one, not that it serves
         elif self._task is not None:
             log.warning("%s received again: stopping without waiting", sig.name)
+            self.cut = self.in_flight()
             self._task.cancel()
 
     async def until(self, work: asyncio.Future[T]) -> T | None:

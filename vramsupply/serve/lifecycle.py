@@ -86,9 +86,11 @@ async def run_serve(settings: Settings, *, hook: ServeHook | None = None, warnin
 
 def stopped_at_once(stop: StopSignals) -> str:
     """The error line of a second signal ("stop now"): what it did not wait for."""
-    if stop.first_stop == StopSignals.SERVING:
-        return "stopped without waiting for in-flight requests"
-    return "stopped before the engine was ready"
+    if stop.first_stop != StopSignals.SERVING:
+        return "stopped before the engine was ready"
+    if stop.cut:
+        return f"stopped without waiting for {stop.cut} in-flight request{'' if stop.cut == 1 else 's'}"
+    return "stopped at once, with no request in flight"  # what it cut short: telling the platform of the drain
 
 
 async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, stop: StopSignals, hook: ServeHook | None = None) -> None:
@@ -97,6 +99,7 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, sto
     market = prepare_marketplace(settings, local_ok=local_platform)
     provider = ProviderSide(settings, market, local_platform=local_platform)
     backend = choose_backend(settings)
+    stop.in_flight = backend.in_flight
     for warning in start_warnings(settings) if hook is None else ():  # works, but may not do what was meant
         log.warning("%s", warning)
     stop.first_stop = NOT_READY
