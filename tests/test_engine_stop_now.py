@@ -10,6 +10,7 @@ SIGTERM and SIGINT, or a shell that ignores them and never gets ready.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -66,3 +67,28 @@ def test_a_second_sigterm_while_a_deaf_engine_is_still_starting_exits_130_at_onc
     assert "error: stopped before the engine was ready" in agent.output
     assert not alive(engine), "the engine was killed, not left behind"
     assert "Traceback" not in agent.output
+
+
+def test_a_helper_the_engine_started_in_its_own_session_holding_its_output_does_not_hold_the_stop(tmp_path: Path) -> None:
+    """The engine's process group gets the signals; a process it started with ``setsid`` is outside
+    it, and kept the output pipe open: the agent read it to its end, and never stopped."""
+    helper = tmp_path / "helper.pid"
+    wrapper = tmp_path / "engine.sh"
+    wrapper.write_text(f'#!/bin/sh\nsetsid sleep 300 &\necho $! > {helper}\nexec {sys.executable} {FAKE_ENGINE} "$@"\n')
+    wrapper.chmod(0o755)
+    agent = AgentProcess(
+        "--engine", "vllm", "--model", "Org/Tiny-Model", "--engine-command", f"{wrapper} vllm serve", "--port", "0", "--no-register",
+        env=double_env(tmp_path),
+    )  # fmt: skip
+    try:
+        agent.wait_ready(timeout=120)
+        began = time.monotonic()
+        code = agent.stop(signal.SIGTERM, timeout=40)
+        took = time.monotonic() - began
+    finally:
+        agent.kill()
+        holder = int(helper.read_text())
+        if alive(holder):
+            os.kill(holder, signal.SIGKILL)
+    assert code == 0 and took < 20, (code, took, agent.log[-2000:])
+    assert "vllm exited, but a process it started still holds its output open: not reading it any more" in agent.log

@@ -15,7 +15,10 @@
 - **Output:** every line the engine prints goes into our log with its name in front, control
   characters escaped (binary output or a terminal's escape sequences never reach the log raw).
 - **Stop:** SIGTERM to the engine's process group, then SIGKILL after ``stop_timeout`` seconds; if
-  the agent itself is killed, the engine gets SIGTERM from the kernel (``die_with_parent``).
+  the agent itself is killed, the engine gets SIGTERM from the kernel (``die_with_parent``). Its
+  output is read on for ``OUTPUT_GRACE_SECONDS`` after it exited, no longer: a process it started
+  in a session of its own (outside the group the signals reach) can hold the pipe open for good,
+  and waiting for that held the stop, and every restart, forever.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ log = logging.getLogger("vramsupply.upstream")
 RESTART_BACKOFF = Backoff(initial=2.0, cap=60.0)
 READY_POLL_SECONDS = 1.0
 STABLE_AFTER_SECONDS = 300.0
+OUTPUT_GRACE_SECONDS = 2.0
+"""How long the engine's last output is read after it exited (``EngineProcess.stop``)."""
 """An engine that served this long before failing is restarted after the shortest delay again."""
 
 
@@ -113,8 +118,17 @@ class EngineProcess:
         finally:
             self._signal(signal.SIGKILL)  # the main process is gone, or must go now; its workers must not outlive it
         await self.wait()
-        if self._pump is not None:
-            await self._pump
+        await self._end_output()
+
+    async def _end_output(self) -> None:
+        """Copy what the engine wrote last, for up to ``OUTPUT_GRACE_SECONDS``, then stop reading."""
+        if self._pump is None:
+            return
+        done, _ = await asyncio.wait({self._pump}, timeout=OUTPUT_GRACE_SECONDS)
+        if not done:
+            log.warning("%s exited, but a process it started still holds its output open: not reading it any more", self.name)
+            self._pump.cancel()
+            await asyncio.wait({self._pump})
 
     def _signal(self, sig: signal.Signals) -> None:
         assert self._process is not None
