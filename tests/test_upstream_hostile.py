@@ -111,6 +111,29 @@ async def test_a_buyers_body_not_in_its_stated_content_encoding_is_a_400_as_at_o
     assert compressed == 200, "a body that is gzip is read as before"
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [({"stream": "true"}, "stream"), ({"stream": 1}, "stream"), ({"stream": True, "stream_options": "usage"}, "stream_options"),
+     ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage")],
+)  # fmt: skip
+async def test_a_stream_flag_that_is_no_boolean_is_the_buyers_400_never_sent_upstream(fields: dict[str, Any], param: str) -> None:
+    """vLLM and SGLang take "true" and 1 for true and stream; the front read their stream as a whole
+    answer: a 502 blaming the provider, for work left unbilled."""
+    upstream = HostileUpstream()
+    asked: list[dict[str, Any]] = []
+
+    async def recording(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        asked.append(body)
+        return web.json_response(whole(usage=USAGE))
+
+    upstream.generation = recording
+    async with fronted(upstream) as front:
+        async with front.buyer.post(front.url + "/v1/chat/completions", json={**CHAT, **fields}) as response:
+            status, answer = response.status, await response.json()
+    assert status == 400 and answer["error"]["param"] == param and answer["error"]["code"] == "invalid_value", answer
+    assert asked == []
+
+
 async def test_a_redirect_is_not_followed_but_a_502() -> None:
     upstream = HostileUpstream()
 

@@ -120,7 +120,22 @@ async def read_body(request: web.Request, state: FrontState) -> dict[str, Any]:
     if model is not None and not isinstance(model, str):
         raise ApiError(400, "Invalid value for 'model': expected a string.", param="model", code="invalid_value")
     state.check_model(model)
+    _check_streaming(body)
     return body
+
+
+def _check_streaming(body: dict[str, Any]) -> None:
+    """``stream`` decides how the answer is read: a "true" or 1 that vLLM and SGLang take for true
+    (pydantic's lax parsing) had their stream read as a whole answer: a 502 for a bad field, and
+    the work unbilled. Strict JSON types, as our own engine's front checks them."""
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise ApiError(400, "Invalid value for 'stream': Input should be a valid boolean", param="stream", code="invalid_value")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "Invalid value for 'stream_options': Input should be an object", param="stream_options", code="invalid_value")
+    usage = (options or {}).get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise ApiError(400, "Invalid value for 'stream_options.include_usage': Input should be a valid boolean", param="stream_options.include_usage", code="invalid_value")
 
 
 async def relay_body(reply: aiohttp.ClientResponse, exchange: Exchange, deadline: Deadline, forwarded: Forwarded) -> web.Response:
