@@ -92,3 +92,20 @@ def test_a_helper_the_engine_started_in_its_own_session_holding_its_output_does_
             os.kill(holder, signal.SIGKILL)
     assert code == 0 and took < 20, (code, took, agent.log[-2000:])
     assert "vllm exited, but a process it started still holds its output open: not reading it any more" in agent.log
+
+
+def test_a_second_sigterm_while_the_engine_loads_leaves_no_unclosed_connection_in_the_log(tmp_path: Path) -> None:
+    failing = tmp_path / "health-fails"
+    failing.touch()  # /health answers 500: the agent's probes keep asking, on open connections
+    agent = AgentProcess(
+        "--engine", "vllm", "--model", "Org/Tiny-Model", "--engine-command", f"{sys.executable} {FAKE_ENGINE} vllm serve",
+        "--port", "0", "--no-register", env=double_env(tmp_path, FAKE_ENGINE_FAIL_HEALTH=str(failing), FAKE_ENGINE_IGNORE_STOP="1"),
+    )  # fmt: skip
+    try:
+        agent.wait_for(lambda: "upstream not ready" in agent.log, "a probe of the loading engine")
+        time.sleep(1)
+        code, _ = stop_twice(agent, "SIGTERM received")
+    finally:
+        agent.kill()
+    assert code == 130, agent.log
+    assert "Unclosed" not in agent.log and " ERROR " not in agent.log, agent.log[-2000:]

@@ -242,12 +242,14 @@ class UpstreamBackend:
 
     async def close(self) -> None:
         """Stop watching; a launched engine gets SIGTERM (then SIGKILL) once the front has drained."""
-        if self._task is not None:
-            await self._end_watch(self._task)
-        if self.supervisor is not None:
-            await self.supervisor.close()
-        if self.client is not None:
-            await self.client.close()
+        try:
+            if self._task is not None:
+                await self._end_watch(self._task)
+            if self.supervisor is not None:
+                await self.supervisor.close()
+        finally:  # a second stop signal too: an open probe connection was "Unclosed connector", an ERROR
+            if self.client is not None:
+                await self.client.close()
 
     async def _end_watch(self, task: asyncio.Task[None]) -> None:
         """Cancel the watch and wait for it: a supervisor stops its engine as it ends. A second stop
