@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 import openai
 import pytest
 from openai import OpenAI
@@ -90,6 +92,39 @@ async def test_what_aiohttps_parser_refuses_is_openai_error_json(server: LiveSer
     assert b"Brotli" not in body
     ok, _, _ = await post(http, server.url + COMPLETIONS, {"prompt": "Once", "max_tokens": 2})
     assert ok == 200, "the server answers the next request"
+
+
+async def statuses(http: aiohttp.ClientSession, server: LiveServer, route: str) -> dict[str, int]:
+    async with http.get(server.url + "/metrics") as response:
+        text = await response.text()
+    prefix = f'vramsupply_requests_total{{route="{route}",status="'
+    return {line[len(prefix):].split('"')[0]: int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines() if line.startswith(prefix)}
+
+
+async def test_a_buyer_who_leaves_as_the_stream_headers_go_out_is_a_hang_up_not_a_500(
+    server: LiveServer, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under load, 6 % of streams whose buyers left within 150 ms were counted 500, each with a
+    traceback: the connection was closing as the headers went out (aiohttp raises then, rather
+    than cancel the handler). Here it closes at that moment every time."""
+    prepare = web.StreamResponse.prepare
+
+    async def leaving(response: web.StreamResponse, request: web.BaseRequest) -> Any:
+        if response.headers.get("Content-Type", "").startswith("text/event-stream") and request.transport is not None:
+            request.transport.close()
+        return await prepare(response, request)
+
+    before = await statuses(http, server, COMPLETIONS)
+    monkeypatch.setattr(web.StreamResponse, "prepare", leaving)
+    with caplog.at_level(logging.INFO), pytest.raises(aiohttp.ClientError):
+        await post(http, server.url + COMPLETIONS, {"prompt": "Once", "max_tokens": 4, "stream": True})
+    monkeypatch.undo()
+    await asyncio.sleep(0.2)  # the handler's end, on the server's thread
+    after = await statuses(http, server, COMPLETIONS)
+
+    assert after.get("500", 0) == before.get("500", 0), "no server error"
+    assert after.get("499", 0) == before.get("499", 0) + 1, "a buyer who hung up"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
 async def test_body_that_is_not_an_object_is_400(server: LiveServer, http: aiohttp.ClientSession) -> None:

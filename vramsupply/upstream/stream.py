@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from vramsupply.server.state import BUYER_LEFT
 from vramsupply.upstream.client import describe
 from vramsupply.upstream.exchange import Exchange
 from vramsupply.upstream.front import Forwarded, shutting_down_error
@@ -52,8 +53,8 @@ async def relay_stream(
     if reply.content_type == "application/json":  # before any byte goes out, so still a 502
         raise BadAnswer("it answered a stream request with a whole JSON answer")
     response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
     try:
+        await response.prepare(request)
         failure = await relay_until_stopped(reply, response, exchange, deadline, forwarded)
         with forwarded.settling():  # what was relayed is counted and the stream ended, drain or not
             if failure is None:
@@ -64,6 +65,7 @@ async def relay_stream(
         # The buyer left while a write that does not wait was under way (a hang-up at any other
         # moment cancels this handler): nobody is left to answer, and it is no server error.
         log.debug("the buyer hung up before the stream ended")
+        request[BUYER_LEFT] = True
     return response
 
 
