@@ -64,6 +64,13 @@ ABORTS = {
     ),
     "dup_tokens": (tokens_with({12: "<0x08>"}), r"the vocabulary holds the same token twice \(ids 11 and 12\), which llama.cpp cannot load"),
     "no_byte_tokens": (tokens_with(no_byte_tokens()), r"the SPM vocabulary has no byte token for \d+ of the bytes text can hold .*would crash on a prompt"),
+    # GGML_ASSERT(eps >= 0.0f) at the first decode: serve died with a native backtrace, and a
+    # `models pull` of the file had said it was ready
+    "eps_negative": (
+        {"llama.attention.layer_norm_rms_epsilon": one(-1.0, T.FLOAT32)},
+        r"llama.attention.layer_norm_rms_epsilon is -1.0, not a finite number of at least 0: the file is damaged",
+    ),
+    "eps_nan": ({"llama.attention.layer_norm_rms_epsilon": one(float("nan"), T.FLOAT32)}, r"llama.attention.layer_norm_rms_epsilon is nan, not a finite"),
 }
 
 
@@ -86,12 +93,23 @@ def test_a_moe_header_with_consistent_expert_counts_and_a_full_vocabulary_passes
 
 
 def test_serving_a_file_llama_cpp_would_abort_on_ends_with_one_line_not_sigabrt(tmp_path: Path) -> None:
-    for name in ("blocks_513", "dup_tokens", "experts_used_more"):
+    for name in ("blocks_513", "dup_tokens", "experts_used_more", "eps_negative"):
         path = tiny_with(tmp_path, name, ABORTS[name][0])
         served = run_cli("serve", "--model", str(path), "--no-register", "--port", "0", timeout=60)
         assert served.returncode == 1, (name, served.returncode, served.stderr[-2000:])
         assert served.stderr.strip().splitlines()[-1].startswith(f"error: {path}: "), served.stderr
         assert "Traceback" not in served.stderr
+
+
+def test_models_pull_of_a_local_file_serve_would_refuse_is_no_ready_model(tmp_path: Path) -> None:
+    damaged = tiny_with(tmp_path, "eps", ABORTS["eps_negative"][0])
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(TINY_MODEL.read_bytes()[:100_000])
+    for path in (damaged, truncated):
+        pulled = run_cli("models", "pull", str(path))
+        assert pulled.returncode == 1 and "ready" not in pulled.stdout, (pulled.stdout, pulled.stderr)  # before: "ready", exit 0
+        assert pulled.stderr.strip().startswith(f"error: {path}")
+    assert run_cli("models", "pull", str(TINY_MODEL)).returncode == 0
 
 
 def test_a_hub_model_llama_cpp_would_abort_on_is_refused_before_it_is_downloaded(tmp_path: Path) -> None:

@@ -72,6 +72,7 @@ def models_pull(
     from vramsupply.hub.views import local_model_json
 
     settings = quant_serve_would_choose(model, settings_from({"quant": quant, "cache_dir": cache_dir}))
+    _check_local_file(model)
     try:
         local = prepare_configured(model, settings, progress=True)
     except HubOffline as exc:  # its advice is "download it once while online (models pull …)": this very command
@@ -80,6 +81,17 @@ def models_pull(
         console.print_json(json.dumps(local_model_json(local)))
     else:
         console.print(" ".join(filter(None, (local.model_id, local.quant, "ready:", str(local.path)))), highlight=False, soft_wrap=True)
+
+
+def _check_local_file(model: str) -> None:
+    """A local file is "ready" only when serve could load it: its whole header read and checked as
+    serve reads it (truncated, or a value llama.cpp aborts on), not its magic bytes alone."""
+    from vramsupply.hub.local import is_local_path
+
+    if is_local_path(model):
+        from vramsupply.gpu.source import local_source
+
+        local_source(model)
 
 
 def _pull_needs_the_hub(model: str, settings: Settings, offline: Exception) -> Exception:

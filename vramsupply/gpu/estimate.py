@@ -22,6 +22,7 @@ prompt is tokenized): the plan reads every header before llama.cpp sees the file
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -95,6 +96,7 @@ def check_loadable(header: GgufHeader) -> None:
     if n_layer > LLAMA_MAX_LAYERS:
         raise ShapeError(f"{header.architecture}.block_count is {n_layer}, more than the {LLAMA_MAX_LAYERS} layers llama.cpp can load")
     _check_experts(header, n_layer)
+    _check_norm_epsilons(header)
     tokens = header.get(TOKENS_KEY)
     if isinstance(tokens, TokenList) and header.get("tokenizer.ggml.model") not in ("no_vocab", "none"):
         _check_vocabulary(tokens, header.get("tokenizer.ggml.model"))
@@ -140,6 +142,20 @@ def _check_experts(header: GgufHeader, n_layer: int) -> None:
         raise ShapeError(f"{arch}.expert_used_count is {used} but {has}: more experts per token than the model has")
     if n_expert and not used:
         raise ShapeError(f"{arch}.expert_count is {n_expert} but {arch}.expert_used_count is 0 or missing: llama.cpp needs both")
+
+
+NORM_EPSILONS = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon")
+
+
+def _check_norm_epsilons(header: GgufHeader) -> None:
+    """llama.cpp asserts ``eps >= 0`` in every norm of the graph: a negative or NaN epsilon (a
+    damaged file) aborted the agent with a native backtrace at its first decode."""
+    for key in NORM_EPSILONS:
+        value = header.arch(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ShapeError(f"{header.architecture}.{key} is {value!r}, not a finite number of at least 0: the file is damaged")
 
 
 def _check_vocabulary(tokens: TokenList, model: object) -> None:
