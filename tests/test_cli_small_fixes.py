@@ -268,3 +268,24 @@ def test_a_commands_own_bad_arguments_exit_2_as_every_bad_flag_does(args: list[s
     """README: 2 for an invalid setting or flag. These said so with 1, as for a failure."""
     result = run_cli(*args)
     assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (("plan", "-m", "~nouser/x.gguf"), {}),
+        (("serve", "-m", "~nouser/x.gguf", "--no-register", "--port", "0"), {}),
+        (("models", "pull", "~nouser/x.gguf"), {}),
+        (("models", "list", "--cache-dir", "~nouser/c"), {}),
+        (("config", "show"), {"VRAM_SUPPLY_CONFIG": "~nouser/c.toml"}),
+        (("config", "show"), {"VRAM_SUPPLY_CACHE_DIR": "~nouser/c"}),
+        (("models", "list"), {"HF_HOME": "~nouser/hf"}),
+    ],
+)
+def test_a_tilde_naming_no_user_is_one_line_not_a_traceback(args: tuple[str, ...], env: dict[str, str], tmp_path: Path) -> None:
+    """Path.expanduser raises RuntimeError for ~name with no such user: a traceback, before."""
+    result = run_in(tmp_path, *args, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("there is no user 'nouser' on this machine for ~nouser to stand for")
+    assert not (tmp_path / "~nouser").exists()

@@ -21,6 +21,7 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
+from vramsupply.userpath import expand_user
 from vramsupply.config.paths import CONFIG_PATH_ENV, default_config_path, write_private_file
 from vramsupply.config.settings import Settings
 from vramsupply.errors import ConfigError
@@ -83,7 +84,7 @@ def _refuse_a_named_file_that_is_missing(path: Path) -> None:
     a user who has not run ``login`` yet has no file at: nothing to say then)."""
     named = os.environ.get(CONFIG_PATH_ENV)
     default = default_config_path()
-    if not named or not _same_path(Path(named).expanduser(), path) or _same_path(path, default):
+    if not named or not _same_path(expand_user(named), path) or _same_path(path, default):
         return
     raise ConfigError(
         f"config file {path} (named by {CONFIG_PATH_ENV}) does not exist: correct the path, create the file "

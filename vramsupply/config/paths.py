@@ -16,6 +16,8 @@ from pathlib import Path
 
 import platformdirs
 
+from vramsupply.userpath import expand_user
+
 APP_NAME = "vramsupply"
 CONFIG_PATH_ENV = "VRAM_SUPPLY_CONFIG"
 
@@ -23,7 +25,7 @@ CONFIG_PATH_ENV = "VRAM_SUPPLY_CONFIG"
 def config_path() -> Path:
     override = os.environ.get(CONFIG_PATH_ENV)
     if override:
-        return Path(override).expanduser()
+        return expand_user(override)
     return default_config_path()
 
 

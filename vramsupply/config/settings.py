@@ -19,6 +19,7 @@ from pydantic import AnyHttpUrl, Field, SecretStr, TypeAdapter, ValidationError,
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from vramsupply.userpath import expand_user
 from vramsupply.config.paths import config_path
 from vramsupply.hub.quant import quant_problem
 
@@ -231,7 +232,7 @@ class Settings(BaseSettings):
     def _home_expanded(cls, value: Path | None) -> Path | None:
         """``cache_dir = "~/models"`` in the config file (or a quoted ``~`` in the env file) is the
         home's folder, as a shell would make it: not a folder named ``~`` in the current directory."""
-        path = value.expanduser() if value is not None else None
+        path = expand_user(value) if value is not None else None
         if path is not None and path.exists() and not path.is_dir():
             raise ValueError(f"{path} is not a directory: name the folder models are kept in (it is made if missing)")
         return path

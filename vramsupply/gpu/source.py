@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vramsupply.userpath import expand_user
 from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.estimate import ModelShape
 from vramsupply.gpu.gguf_header import GgufError, GgufHeader, HeaderFetchError, data_end, read_local_header, read_remote_header
@@ -108,7 +109,7 @@ def quant_of_header(header: GgufHeader, path: Path) -> str:
 
 
 def local_source(model: str) -> ModelSource:
-    path = Path(model).expanduser()
+    path = expand_user(model)
     if not path.is_file():
         raise SourceError(_not_a_model_file(path))
     try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vramsupply.userpath import expand_user
 from vramsupply.hub.errors import InvalidModelSpec
 from vramsupply.hub.quant import parse_gguf_path
 
@@ -82,7 +83,7 @@ def model_id_of(model: str) -> str:
     file in a Hub cache is its recorded id (or its repo's: the Hub is not asked which base model)."""
     if not is_local_path(model):
         return model.lower()
-    path = Path(model).expanduser().absolute()
+    path = expand_user(model).absolute()
     identity = _hub_identity(path, None) if path.is_file() else None
     return identity.model_id if identity is not None else local_model_id(path)
 
@@ -102,7 +103,7 @@ def local_model(model: str, timeout: float | None = None) -> LocalModel:
     """A local file skips the Hub; it must exist and start with the GGUF magic bytes. One the
     agent or huggingface_hub downloaded is offered as that Hub model: ``timeout`` bounds the one
     Hub question this may need (None: ask nothing, hub/identity.py)."""
-    path = Path(model).expanduser().absolute()
+    path = expand_user(model).absolute()
     _check_gguf(path)
     identity = _hub_identity(path, timeout)
     if identity is not None:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
+from vramsupply.userpath import expand_user
 from vramsupply.config.paths import write_private_file
 from vramsupply.hub.quant import normalize_quant
 from vramsupply.hub.resolve import RemoteFile, ResolvedModel
@@ -47,10 +48,10 @@ def default_cache_dir() -> Path:
     env = os.environ
     for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if env.get(variable):
-            return Path(env[variable]).expanduser()
+            return expand_user(env[variable])
     if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]).expanduser() / "hub"
-    return Path(env.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface" / "hub"
+        return expand_user(env["HF_HOME"]) / "hub"
+    return expand_user(env.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface" / "hub"
 
 
 def repo_folder_name(repo_id: str) -> str:

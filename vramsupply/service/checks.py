@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from vramsupply.userpath import expand_user
 from vramsupply.config import EngineKind, Settings, env_name
 from vramsupply.gpu.options import GpuOptions
 from vramsupply.hub.local import is_local_path, not_a_model_file
@@ -126,5 +127,5 @@ def _missing_model_file(settings: Settings) -> str | None:
     model = settings.model
     if settings.engine is not EngineKind.llama_cpp or not model or not is_local_path(model):
         return None
-    path = Path(model).expanduser()
+    path = expand_user(model)
     return None if path.is_file() else not_a_model_file(path)

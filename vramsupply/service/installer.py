@@ -30,6 +30,7 @@ from pathlib import Path
 import platformdirs
 from pydantic import ValidationError
 
+from vramsupply.userpath import expand_user
 from vramsupply.config import APP_NAME, ENV_PREFIX, Settings, env_name, load_settings, write_private_file
 from vramsupply.service.checks import check_destinations, root_hint, startup_problems, verify_unit
 from vramsupply.service.unit import (
@@ -94,7 +95,7 @@ def default_env_file(user_mode: bool) -> Path:
 def normalized(path: Path) -> Path:
     """Absolute and without ``..``: systemd ignores a path that is not normalized (EnvironmentFile=,
     ReadWritePaths=), and the service would start without its settings."""
-    return Path(os.path.normpath(path.expanduser().absolute()))
+    return Path(os.path.normpath(expand_user(path).absolute()))
 
 
 def service_target(user_mode: bool, unit_dir: Path | None = None, env_file: Path | None = None) -> ServiceTarget:
@@ -170,8 +171,8 @@ def service_settings(env_file: Path, env_text: str) -> Settings:
 def absolute_paths(settings: Settings) -> Settings:
     """The service starts in another working directory: a relative model file or cache dir must not move."""
     update: dict[str, object] = {}
-    if settings.model and Path(settings.model).expanduser().exists():
-        update["model"] = str(Path(settings.model).expanduser().absolute())
+    if settings.model and expand_user(settings.model).exists():
+        update["model"] = str(expand_user(settings.model).absolute())
     if settings.cache_dir:
         update["cache_dir"] = normalized(settings.cache_dir)
     return settings.model_copy(update=update)
