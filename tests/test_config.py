@@ -342,3 +342,20 @@ def test_a_cache_dir_that_is_a_file_is_refused_not_shown_as_an_empty_cache(tmp_p
     assert a_file.read_text() == "not a cache"
     missing = run_cli(*command, "--cache-dir", str(tmp_path / "not-yet"))
     assert missing.returncode == 0, "a folder not made yet is a cache with nothing in it"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("VRAM_SUPPLY_ENDPOINT_TOKEN", "abcdefgh ", "an endpoint token"),  # before: served, and no buyer got in
+        ("VRAM_SUPPLY_ENDPOINT_TOKEN", "token\r", "an endpoint token"),  # a CRLF env file
+        ("VRAM_SUPPLY_UPSTREAM_API_KEY", "a\nb", "an upstream API key"),  # before: the upstream was blamed
+    ],
+)
+def test_a_token_or_key_no_http_header_can_carry_is_refused_at_load(variable: str, value: str, said: str) -> None:
+    result = run_cli("config", "show", env={variable: value})
+    assert result.returncode == 2
+    field = variable.removeprefix("VRAM_SUPPLY_").lower()
+    assert result.stderr.strip() == (
+        f"error: invalid {field} = *** (from env {variable}): {said} is 1 to 512 printable ASCII characters without spaces"
+    )

@@ -244,18 +244,20 @@ class Settings(BaseSettings):
             raise ValueError("name an address: 127.0.0.1 for this machine only, 0.0.0.0 for every interface")
         return value.strip()
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "endpoint_token", "upstream_api_key", mode="before")
     @classmethod
-    def _printable_key(cls, value: Any) -> Any:
+    def _printable_key(cls, value: Any, info: ValidationInfo) -> Any:
         """A key travels in an HTTP header: printable ASCII without spaces (control characters made
-        every platform call fail with a traceback); an empty one is no key."""
+        every platform call fail with a traceback; an endpoint token with a space or the \r of a
+        CRLF env file let no buyer in, an upstream key with one blamed the upstream); an empty one
+        is no key."""
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         if not isinstance(value, str):
             return value
         if not value.strip():
             return None
-        problem = api_key_problem(value)
+        problem = api_key_problem(value, KEY_NAMES[info.field_name])
         if problem is not None:
             raise ValueError(problem)
         return value
@@ -389,9 +391,12 @@ def base_of(url: str) -> str:
     return parts._replace(path=path[: -len("/v1")]).geturl()
 
 
-def api_key_problem(key: str) -> str | None:
-    """What is wrong with ``key`` as an API key, or None."""
+KEY_NAMES = {"api_key": "an API key", "endpoint_token": "an endpoint token", "upstream_api_key": "an upstream API key"}
+
+
+def api_key_problem(key: str, what: str = "an API key") -> str | None:
+    """What is wrong with ``key`` as an API key (or ``what`` it is), or None."""
     if not key or len(key) > MAX_API_KEY_CHARS or not all("!" <= ch <= "~" for ch in key):
-        return f"an API key is 1 to {MAX_API_KEY_CHARS} printable ASCII characters without spaces"
+        return f"{what} is 1 to {MAX_API_KEY_CHARS} printable ASCII characters without spaces"
     return None
 
