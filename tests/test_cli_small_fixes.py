@@ -289,3 +289,10 @@ def test_a_tilde_naming_no_user_is_one_line_not_a_traceback(args: tuple[str, ...
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith("there is no user 'nouser' on this machine for ~nouser to stand for")
     assert not (tmp_path / "~nouser").exists()
+
+
+def test_an_empty_cache_dir_flag_is_no_setting_as_an_empty_variable_is_not_the_current_directory(tmp_path: Path) -> None:
+    flag = run_in(tmp_path, "models", "list", "--cache-dir", "")
+    variable = run_in(tmp_path, "models", "list", env={"VRAM_SUPPLY_CACHE_DIR": ""})
+    assert flag.returncode == 0 and flag.stdout == variable.stdout, (flag.stdout, variable.stdout)
+    assert "huggingface" in flag.stdout  # before: "no models downloaded by vramsupply in ."

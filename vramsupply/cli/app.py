@@ -148,7 +148,7 @@ USER_UNIT_OPTION = typer.Option(False, "--user", help="The per-user service (sys
 UNIT_DIR_OPTION = typer.Option(None, "--unit-dir", help="Directory for the unit file (default: systemd's own).")
 ENV_FILE_OPTION = typer.Option(None, "--env-file", help="Settings file the unit reads (default: /etc/vramsupply/env; with --user ~/.config/vramsupply/env).")
 QUANT_OPTION = typer.Option(None, "--quant", help="Quantization, e.g. Q4_K_M (default: the quant setting).")
-CACHE_DIR_OPTION = typer.Option(None, "--cache-dir", help="HuggingFace cache dir (default: the cache_dir setting, else the shared HF cache).")
+CACHE_DIR_OPTION = typer.Option(None, "--cache-dir", metavar="<path>", help="HuggingFace cache dir (default: the cache_dir setting, else the shared HF cache).")
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 

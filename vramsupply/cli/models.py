@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
@@ -63,7 +62,7 @@ def models_resolve(
 def models_pull(
     model: str = typer.Argument(..., help="org/model, a GGUF repo id, or a local .gguf path (checked only)."),
     quant: Optional[str] = QUANT_OPTION,
-    cache_dir: Optional[Path] = CACHE_DIR_OPTION,
+    cache_dir: Optional[str] = CACHE_DIR_OPTION,  # str: typer makes "" the current directory, Path(".")
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Download and verify a model into the cache (resumes an interrupted download)."""
@@ -111,7 +110,7 @@ def _pull_needs_the_hub(model: str, settings: Settings, offline: Exception) -> E
 
 
 @models_app.command("list")
-def models_list(cache_dir: Optional[Path] = CACHE_DIR_OPTION, as_json: bool = JSON_OPTION) -> None:
+def models_list(cache_dir: Optional[str] = CACHE_DIR_OPTION, as_json: bool = JSON_OPTION) -> None:
     """List the models vramsupply downloaded, with sizes and whether they are verified."""
     from vramsupply.hub import default_cache_dir, list_cached
     from vramsupply.hub.views import cached_json, cached_table
@@ -132,7 +131,7 @@ def models_rm(
     remove_all: bool = typer.Option(False, "--all", help="Remove every model vramsupply downloaded."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     force: bool = typer.Option(False, "--force", help="Remove the model the running agent serves too (its next start downloads it again), and one being downloaded (that download fails)."),
-    cache_dir: Optional[Path] = CACHE_DIR_OPTION,
+    cache_dir: Optional[str] = CACHE_DIR_OPTION,  # str: typer makes "" the current directory, Path(".")
 ) -> None:
     """Remove downloaded models from the cache; files other tools still use are kept, and the model the running agent serves unless --force."""
     from rich.filesize import decimal

@@ -70,7 +70,7 @@ def serve(
     heartbeat_interval: Optional[float] = typer.Option(None, "--heartbeat-interval", help="Seconds between heartbeats (default 30)."),
     platform_url: Optional[str] = typer.Option(None, "--platform-url", help="Platform API base URL (default https://vram.supply)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="vram.supply API key (default: the one `vramsupply login` stored; a flag is visible to every user in `ps`, the stored key or VRAM_SUPPLY_API_KEY is not)."),
-    cache_dir: Optional[Path] = CACHE_DIR_OPTION,
+    cache_dir: Optional[str] = CACHE_DIR_OPTION,  # str: typer makes "" the current directory, Path(".")
     log_level: Optional[str] = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING or ERROR."),
     demo: bool = typer.Option(False, "--demo", help="Run a local reference platform in-process, serve the bundled tiny model, register and buy one answer."),
 ) -> None:
