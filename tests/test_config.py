@@ -359,3 +359,13 @@ def test_a_token_or_key_no_http_header_can_carry_is_refused_at_load(variable: st
     assert result.stderr.strip() == (
         f"error: invalid {field} = *** (from env {variable}): {said} is 1 to 512 printable ASCII characters without spaces"
     )
+
+
+def test_true_or_false_in_the_config_file_is_no_number(config_file: Path) -> None:
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text("parallel = true\n")  # before: parallel 1, said nowhere
+    shown = run_cli("config", "show")
+    assert shown.returncode == 2
+    assert shown.stderr.strip() == f"error: invalid parallel = True (from config file {config_file}): true is not a number"
+    config_file.write_text("kv_per_slot = true\ninput_price = 5\n")  # a switch is true or false, a price a number
+    assert run_cli("config", "show").returncode == 0

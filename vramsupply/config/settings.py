@@ -12,20 +12,19 @@ from __future__ import annotations
 import math
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AnyHttpUrl, Field, SecretStr, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from vramsupply.userpath import expand_user
 from vramsupply.config.paths import config_path
+from vramsupply.config.urls import HTTP_URL, URL_CHARACTERS, endpoint_url_problem, platform_url_problem, url_characters_ok
 from vramsupply.hub.quant import quant_problem
 
 ENV_PREFIX = "VRAM_SUPPLY_"
 
-_HTTP_URL = TypeAdapter(AnyHttpUrl)
 
 # `{org}` stands for the model's own organisation (e.g. Qwen for Qwen/Qwen3-8B).
 DEFAULT_GGUF_PUBLISHERS = ("{org}", "ggml-org", "unsloth", "bartowski", "lmstudio-community")
@@ -162,7 +161,7 @@ class Settings(BaseSettings):
             return None
         if not url_characters_ok(value):
             raise PydanticCustomError("url_characters", URL_CHARACTERS)
-        _HTTP_URL.validate_python(value)
+        HTTP_URL.validate_python(value)
         return value.rstrip("/")
 
     @field_validator("endpoint_url")
@@ -272,6 +271,14 @@ class Settings(BaseSettings):
             raise PydanticCustomError("quant", problem)
         return value.strip()
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """TOML's ``parallel = true`` was taken as 1 (pydantic reads a bool as an int)."""
+        if isinstance(value, bool) and _takes_a_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(value).lower()} is not a number")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: Any) -> Any:
@@ -299,6 +306,11 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=config_path()))
 
 
+def _takes_a_number(annotation: Any) -> bool:
+    kinds = set(get_args(annotation)) or {annotation}
+    return bool(kinds & {int, float}) and bool not in kinds
+
+
 SECRET_FIELDS = frozenset(name for name, f in Settings.model_fields.items() if "SecretStr" in repr(f.annotation))
 
 
@@ -320,7 +332,6 @@ TENSOR_SPLIT_RULE = "each share is a finite number, none negative and not all ze
 TENSOR_SPLIT_FLOAT32 = "llama.cpp keeps the shares as 32-bit floats: their sum must be at most 3.4e38 and some share at least 1.2e-38; give proportions, e.g. 3,1"
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_MIN = 1.1754943508222875e-38  # the smallest normal one
-URL_CHARACTERS = "a URL has no spaces, control characters or backslashes (URL parsers drop or rewrite them, so another address would be called)"
 
 
 def tensor_split_ok(shares: list[float] | tuple[float, ...]) -> bool:
@@ -332,63 +343,6 @@ def tensor_split_fits_float32(shares: list[float] | tuple[float, ...]) -> bool:
     share divided by an infinite sum no proportion), and shares that all round to zero there mean
     "by free memory", not the split that was asked for."""
     return sum(shares) <= FLOAT32_MAX and any(share >= FLOAT32_MIN for share in shares)
-
-
-def url_characters_ok(url: str) -> bool:
-    return not any(ch.isspace() or not ch.isprintable() or ch == "\\" for ch in url)
-
-
-def endpoint_url_problem(url: str) -> str | None:
-    """What keeps ``url`` from being an endpoint URL (the base the platform adds ``/health`` and
-    ``/v1/...`` to, exactly as registered), or None. Phrased to follow "endpoint URL 'x' ".
-
-    Anything a URL parser would change is refused rather than registered: the platform and the
-    buyers' clients would call the address the parser made of it, not the one the provider wrote.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an http:// or https:// URL with a host"
-    if not url_characters_ok(url):
-        return "must not contain spaces, control characters or backslashes (URL parsers drop or rewrite them, so another address would be called)"
-    if "?" in url or "#" in url:
-        return "must be a base URL without ?query or #fragment"
-    if "@" in parts.netloc:
-        return "must not carry a user name or password: the platform authenticates with the endpoint token"
-    if ends_in_v1(url):
-        return f"must be the base URL, without /v1 (the platform adds /health and /v1/...): use {base_of(url)}"
-    try:
-        if parts.port == 0:  # raises for a port that is no number or out of range
-            raise ValueError("port 0")
-        normal = str(_HTTP_URL.validate_python(url)).rstrip("/")
-    except (ValueError, ValidationError):
-        return "must have a valid host and a port from 1 to 65535"
-    if not url.isascii() or urlsplit(normal).path.rstrip("/") != parts.path.rstrip("/"):
-        return f"is read by URL parsers as {normal}: write it that way"
-    return None
-
-
-def platform_url_problem(url: str) -> str | None:
-    """What keeps ``url`` from being the platform's base URL, the one the agent adds ``/v1/...`` to,
-    or None. Refused, not mended: the provider copied it from somewhere that says otherwise (a
-    buyer's OpenAI base URL, the platform's API docs), and a URL rewritten without a word would
-    leave that copy wrong for whatever else reads it."""
-    if "?" in url or "#" in url:
-        return "must be the platform's base URL, without ?query or #fragment (the agent adds /v1/... to it)"
-    if ends_in_v1(url):
-        return f"must be the platform's base URL, without /v1 (the agent adds /v1/... to it): drop the /v1 and use {base_of(url)}"
-    return None
-
-
-def ends_in_v1(url: str) -> bool:
-    """The agent prints its URLs with /v1; the endpoint URL is the base the platform adds paths to."""
-    return urlsplit(url).path.rstrip("/").lower().endswith("/v1")
-
-
-def base_of(url: str) -> str:
-    """``url`` without its trailing /v1."""
-    parts = urlsplit(url)
-    path = parts.path.rstrip("/")
-    return parts._replace(path=path[: -len("/v1")]).geturl()
 
 
 KEY_NAMES = {"api_key": "an API key", "endpoint_token": "an endpoint token", "upstream_api_key": "an upstream API key"}

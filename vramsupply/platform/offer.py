@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from vramsupply import __version__
-from vramsupply.config.settings import endpoint_url_problem
+from vramsupply.config.urls import endpoint_url_problem
 from vramsupply.errors import ConfigError
 from vramsupply.platform import api
 from vramsupply.platform.options import MarketOptions

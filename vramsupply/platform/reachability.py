@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from vramsupply.config.settings import base_of, ends_in_v1
+from vramsupply.config.urls import base_of, ends_in_v1
 from vramsupply.platform.client import describe_error
 from vramsupply.platform.offer import CGNAT, is_cgnat, is_local_host, is_loopback_host
 from vramsupply.platform.options import MarketOptions
