@@ -134,6 +134,22 @@ def test_only_corruption_counts_as_damage_never_a_locked_or_read_only_file(tmp_p
     assert damaged(garbage.value)
 
 
+def test_a_data_dir_that_is_a_file_is_named_as_such_by_serve_and_earnings(isolated_env: Path) -> None:
+    """mkdir's "File exists" named nothing, and `earnings` said "No requests recorded"."""
+    folder = default_ledger_path().parent
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.write_text("")  # the data dir is a file
+    with AgentProcess(*SERVE) as agent:
+        agent.wait_ready()
+        assert agent.stop() == 0
+    said = f"{folder} is a file, not a directory"
+    warned = [line for line in agent.stderr if " WARNING " in line]
+    assert len(warned) == 3 and all(said in line for line in warned), warned  # the lock, the ledger, the agent's state
+    earnings = run_cli("earnings")
+    assert earnings.returncode == 1
+    assert earnings.stderr.strip() == f"error: cannot read the earnings ledger {default_ledger_path()}: {said}"
+
+
 # ---- 2: access lines of health checks and scrapes -----------------------------------------------------
 
 

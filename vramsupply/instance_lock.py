@@ -35,7 +35,7 @@ import os
 import sys
 from pathlib import Path
 
-from vramsupply.config import data_dir
+from vramsupply.config import data_dir, os_reason
 from vramsupply.errors import VramsupplyError
 from vramsupply.platform.state import MAX_PID, STATE_FILE_NAME, Phase, process_start, read_state, same_process
 
@@ -147,5 +147,5 @@ def _write_holder(fd: int, *, stopping: bool = False) -> None:
 
 def _cannot_lock(path: Path, exc: OSError) -> None:
     log.warning(
-        "cannot lock %s (%s): a second agent on this data dir would not be refused", path, exc.strerror or exc
+        "cannot lock %s (%s): a second agent on this data dir would not be refused", path, os_reason(exc, path)
     )

@@ -49,6 +49,21 @@ def use_data_dir(path: Path | None) -> None:
     _data_dir_of_this_run = path
 
 
+def os_reason(exc: OSError, path: Path) -> str:
+    """Why ``path`` could not be made or opened: ``exc``'s reason, or, where a folder on the way
+    is a file (a data dir that is a file), that, by name: mkdir's "File exists" named nothing."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocking = file_in_the_way(path)
+        if blocking is not None:
+            return f"{blocking} is a file, not a directory"
+    return exc.strerror or str(exc)
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s folders that exists and is no directory, or None."""
+    return next((folder for folder in reversed(path.parents) if folder.exists() and not folder.is_dir()), None)
+
+
 def write_private_file(path: Path, text: str, mode: int = 0o600, *, sync: bool = True) -> None:
     """Replace ``path`` with ``text``, private (``mode``) from the first byte, all or nothing.
 

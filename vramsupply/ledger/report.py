@@ -33,6 +33,7 @@ from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.table import Table
 from rich.text import Text
 
+from vramsupply.config import file_in_the_way
 from vramsupply.display import FitTable, plain
 from vramsupply.ledger.money import cents, dollars_text
 from vramsupply.ledger.store import Group, LedgerError, LedgerStore
@@ -120,6 +121,9 @@ def earnings_report(path: Path, window_text: str, now: float | None = None) -> R
     since = now - window.total_seconds()
     report = Report(window_text.strip().lower(), datetime.fromtimestamp(since, timezone.utc))
     if not path.exists():
+        blocking = file_in_the_way(path)
+        if blocking is not None:  # not "no requests recorded": an agent could record none there
+            raise LedgerError(f"cannot read the earnings ledger {path}: {blocking} is a file, not a directory")
         return report
     store = LedgerStore(path)
     try:

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vramsupply.config import data_dir
+from vramsupply.config import data_dir, os_reason
 from vramsupply.ledger.errors import DamagedLedger, LedgerError, damaged, remedy
 
 LEDGER_FILE_NAME = "ledger.sqlite3"
@@ -205,7 +205,8 @@ class LedgerStore:
                 db.close()
             if damaged(exc):
                 raise DamagedLedger(path, exc) from None
-            raise LedgerError(f"cannot open the earnings ledger {path}: {getattr(exc, 'strerror', None) or exc}; {remedy(exc)}") from None
+            reason = os_reason(exc, path) if isinstance(exc, OSError) else exc
+            raise LedgerError(f"cannot open the earnings ledger {path}: {reason}; {remedy(exc)}") from None
 
     def check(self) -> None:
         """Read every page (``PRAGMA quick_check``, well under a second for the largest ledger):

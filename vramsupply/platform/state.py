@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vramsupply.config import Settings, data_dir, write_private_file
+from vramsupply.config import Settings, data_dir, os_reason, write_private_file
 from vramsupply.platform import api
 from vramsupply.platform.client import describe_error
 from vramsupply.platform.offer import local_base_url
@@ -138,7 +138,7 @@ def record_listening(settings: Settings, model: str, port: int, *, registering: 
     try:
         write_state(path, state)
     except OSError as exc:
-        log.warning("cannot record the agent's state in %s (%s); `vramsupply status` will not find it", path, exc.strerror or exc)
+        log.warning("cannot record the agent's state in %s (%s); `vramsupply status` will not find it", path, os_reason(exc, path))
 
 
 def process_alive(pid: int) -> bool:
