@@ -231,6 +231,7 @@ async def test_implausible_usage_that_cannot_be_counted_is_dropped_not_passed_on
     assert status == 200 and answer["choices"][0]["message"]["content"] == "hi there"
     assert "usage" not in answer, "no usage rather than a malformed one"
     assert "could not count the usage" in caplog.text
+    assert "the upstream reports no usage (or one it cannot have counted)" in caplog.text  # before: "no usage", for one it gave
 
 
 async def test_a_streamed_implausible_usage_is_replaced_by_ours_and_never_leaks_to_a_buyer_who_did_not_ask() -> None:

@@ -181,7 +181,7 @@ class Tokenizer:
                 else:
                     reasons = "; ".join(str(exc) for exc in failures)
                     if all(isinstance(exc, CountImpossible) for exc in failures):
-                        raise CountImpossible(f"the upstream reports no usage and has no tokenize endpoint ({reasons})")
+                        raise CountImpossible(f"the upstream reports no usage (or one it cannot have counted) and has no tokenize endpoint ({reasons})")
                     raise UpstreamUnavailable(f"the upstream's tokenizer did not answer ({reasons})")
             return self._endpoint
 
@@ -299,7 +299,7 @@ class UsageCounter:
             raise CountImpossible(f"counting the prompt failed: {describe(exc)}") from None
         usage = usage_of(answer, bounds) if isinstance(answer, dict) else None
         if usage is None:
-            raise CountImpossible("the upstream reports no usage even for a non-streamed request")
+            raise CountImpossible("the upstream reports no usage (or one it cannot have counted) even for a non-streamed request")
         return usage.prompt_tokens
 
 
