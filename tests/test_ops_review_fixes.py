@@ -207,6 +207,21 @@ def test_malformed_http_from_a_client_is_one_warning_line_not_an_error_with_a_tr
     assert "Traceback" not in agent.log  # before: an ERROR line each, with aiohttp's traceback folded into it
 
 
+def test_a_stream_its_buyer_cuts_short_gets_an_access_line_too() -> None:
+    """aiohttp writes none for a handler cancelled by the hang-up: the cut stream was in the ledger
+    and /metrics (499), and missing from the access log."""
+    with AgentProcess(*SERVE) as agent:
+        agent.wait_ready()
+        body = json.dumps({"prompt": "Once", "max_tokens": 2000, "ignore_eos": True, "stream": True}).encode()
+        request = urllib.request.Request(agent.base_url + "/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.readline()  # the first event: then the buyer leaves
+        agent.wait_for(lambda: any("(the buyer hung up)" in line for line in access_lines(agent)), "the hang-up's access line", timeout=30)
+        assert agent.stop() == 0
+    [line] = [line for line in access_lines(agent) if "(the buyer hung up)" in line]
+    assert re.search(r' INFO vramsupply\.access: 127\.0\.0\.1 "POST /v1/completions HTTP/1\.1" 499 - \d+\.\d{6}s req_[0-9a-f]{24} \(the buyer hung up\)$', line), line
+
+
 # ---- 3: the thread tuner's lines -------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,12 +21,15 @@ from aiohttp import web
 from vramsupply.engine import Engine
 from vramsupply.listen import start_sites
 from vramsupply.server.completions import chat_completions, completions
-from vramsupply.server.errors import ApiError, add_request_id, error_middleware
+from vramsupply.server.errors import ApiError, add_request_id, error_middleware, request_id
 from vramsupply.server.framing import OpenAIErrorRunner
 from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vramsupply.server.responses import ModelCard, ModelList
 from vramsupply.server.stalled import OPEN_REQUESTS, OpenRequests
 from vramsupply.server.state import BUYER_LEFT, SERVER_STATE, ServerState, failed_error, loading_error
+
+ACCESS_LOG = web.AppKey("access_log", logging.Logger)
+"""The access logger the server runs with, if any."""
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 OWNER = "vramsupply"
@@ -95,14 +99,26 @@ def route_label(request: web.Request) -> str:
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     counter = request.app[SERVER_STATE].metrics.requests
+    started = time.monotonic()
     try:
         response = await handler(request)
     except asyncio.CancelledError:
         counter.labels(route_label(request), str(CLIENT_CLOSED_REQUEST)).inc()
+        _log_hang_up(request, time.monotonic() - started)
         raise
     status = CLIENT_CLOSED_REQUEST if request.get(BUYER_LEFT) else response.status
     counter.labels(route_label(request), str(status)).inc()
     return response
+
+
+def _log_hang_up(request: web.Request, seconds: float) -> None:
+    """aiohttp writes no access line for a handler cancelled by its buyer's hang-up: a stream cut
+    mid-answer was in the ledger (cut) and /metrics (499) but nowhere in the access log."""
+    access = request.app.get(ACCESS_LOG)
+    if access is not None:
+        line = f"{request.version.major}.{request.version.minor}"
+        access.info('%s "%s %s HTTP/%s" %d - %.6fs %s (the buyer hung up)', request.remote, request.method, request.path_qs, line,
+                    CLIENT_CLOSED_REQUEST, seconds, request_id(request))  # fmt: skip
 
 
 @web.middleware
@@ -224,6 +240,8 @@ class ApiServer:
         self.port = port
         self._drain_timeout = drain_timeout
         self._watch: asyncio.Task[None] | None = None
+        if access_log is not None:
+            app[ACCESS_LOG] = access_log  # for the lines aiohttp does not write (``_log_hang_up``)
         self._runner = OpenAIErrorRunner(  # what aiohttp's parser refuses is answered as OpenAI errors too
             app,
             handler_cancellation=True,
