@@ -176,7 +176,7 @@ def test_login_stores_key_0600_without_echo(config_file: Path) -> None:
     assert stat.S_IMODE(config_file.stat().st_mode) == 0o600
 
     nowhere = run_cli("login", "--api-key", "vs_key_third", env={"VRAM_SUPPLY_CONFIG": "/proc/no-such-dir/config.toml"})
-    assert nowhere.returncode == 2, nowhere.stderr
+    assert nowhere.returncode == 1, nowhere.stderr  # the machine's state, not a setting to change (it was 2)
     assert nowhere.stderr.startswith("error: cannot write config file /proc/no-such-dir/config.toml: ") and "vs_key_third" not in nowhere.stderr
 
 

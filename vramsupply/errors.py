@@ -17,6 +17,7 @@ module never imports another concern to raise its own errors)::
     │   │                                        market is invalid (endpoint URL, context)
     │   └── GpuOptionError               exit 2  gpu/options.py: a GPU or KV cache option this
     │                                            llama.cpp build or model cannot honour
+    ├── ConfigUnwritable                 exit 1  config/file.py: the config file cannot be written
     ├── HubError                         exit 1  hub/errors.py: the model cannot be made local
     │   ├── InvalidModelSpec, ModelNotFound, QuantNotFound, HubAuthError,
     │   │   HubUnreachable, HubOffline, InsufficientDiskSpace

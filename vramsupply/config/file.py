@@ -22,9 +22,9 @@ else:
     import tomli as tomllib
 
 from vramsupply.userpath import expand_user
-from vramsupply.config.paths import CONFIG_PATH_ENV, default_config_path, write_private_file
+from vramsupply.config.paths import CONFIG_PATH_ENV, default_config_path, os_reason, write_private_file
 from vramsupply.config.settings import Settings
-from vramsupply.errors import ConfigError
+from vramsupply.errors import ConfigError, VramsupplyError
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -51,7 +51,12 @@ def write_config_values(path: Path, values: dict[str, Any]) -> None:
     try:
         write_private_file(path, tomlkit.dumps(document))
     except OSError as exc:
-        raise ConfigError(f"cannot write config file {path}: {exc.strerror or exc}") from None
+        raise ConfigUnwritable(f"cannot write config file {path}: {os_reason(exc, path)}") from None
+
+
+class ConfigUnwritable(VramsupplyError):
+    """The config file cannot be written (permissions, a full disk): the machine's state, exit 1,
+    not a setting to change (``ConfigError``, exit 2)."""
 
 
 def _config_text(path: Path) -> str | None:
