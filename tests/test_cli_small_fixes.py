@@ -296,3 +296,10 @@ def test_an_empty_cache_dir_flag_is_no_setting_as_an_empty_variable_is_not_the_c
     variable = run_in(tmp_path, "models", "list", env={"VRAM_SUPPLY_CACHE_DIR": ""})
     assert flag.returncode == 0 and flag.stdout == variable.stdout, (flag.stdout, variable.stdout)
     assert "huggingface" in flag.stdout  # before: "no models downloaded by vramsupply in ."
+
+
+@pytest.mark.parametrize("interval", ["nan", "inf", "1e400", "0.01", "100000"])
+def test_devplatform_refuses_a_health_interval_that_is_no_usable_number_of_seconds(interval: str) -> None:
+    refused = run_cli("devplatform", "--health-interval", interval, "--port", "0", timeout=30)
+    assert refused.returncode == 2  # before: nan refused for being below 0.05, inf and 1e400 taken
+    assert refused.stderr.strip().startswith("error: --health-interval must be a number of seconds from 0.05 to 86400, got ")

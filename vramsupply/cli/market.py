@@ -7,6 +7,7 @@ What these commands print comes largely from outside (the platform, the state fi
 from __future__ import annotations
 
 import asyncio
+import math
 import shlex
 from typing import TYPE_CHECKING, Optional
 
@@ -210,16 +211,21 @@ def _status_code(report: AgentStatus) -> int:
     return STATUS_SERVING if listed else STATUS_NOT_LISTED
 
 
+MIN_HEALTH_INTERVAL, MAX_HEALTH_INTERVAL = 0.05, 86400.0
+
+
 @app.command()
 def devplatform(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8787, "--port", min=0, max=65535, help="Port to listen on (0: any free port)."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Accept this API key instead of generating one (survives restarts)."),
-    health_interval: float = typer.Option(60.0, "--health-interval", min=0.05, help="Seconds between health checks of providers."),
+    health_interval: float = typer.Option(60.0, "--health-interval", help="Seconds between health checks of providers."),
 ) -> None:
     """Run the local reference platform (in memory) and print its URL and a generated API key."""
     from vramsupply.devplatform import DevPlatform, PlatformOptions, serve_forever
 
+    if not (math.isfinite(health_interval) and MIN_HEALTH_INTERVAL <= health_interval <= MAX_HEALTH_INTERVAL):  # nan and inf too
+        fail(f"--health-interval must be a number of seconds from {MIN_HEALTH_INTERVAL:g} to {MAX_HEALTH_INTERVAL:g}, got {health_interval:g}")
     platform = DevPlatform(api_key=api_key, options=PlatformOptions(health_interval=health_interval))
 
     def announce(url: str) -> None:  # the key is the user's own text (--api-key): no markup
