@@ -264,6 +264,22 @@ def test_reasoning_tokens_are_the_generated_tokens_of_the_thought(qwen: LiveServ
     assert ended >= 2
 
 
+def test_a_continued_message_that_opened_a_thought_goes_on_thinking(qwen: LiveServer) -> None:
+    """A prefilled "<think>\nLet me think", continued: the model's words are the rest of that
+    thought. They went to ``content``, with the raw ``</think>`` that closed it."""
+    assert qwen.engine is not None
+    [end] = qwen.engine.tokenize("</think>", add_special=False)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>\nLet me think"}]
+    request = {"model": MODEL_ID, "messages": messages, "max_tokens": 30, "temperature": 1, "logit_bias": {str(end): 20}}
+    closed = 0
+    with sdk(qwen) as client:
+        for seed in range(6):
+            message = client.chat.completions.create(seed=seed, extra_body={"continue_final_message": True, "add_generation_prompt": False}, **request).choices[0].message
+            assert "</think>" not in (message.content or "") and message.reasoning_content, (seed, message)
+            closed += bool(message.content)
+    assert closed >= 1, "the thought closed, and the answer after it is content"
+
+
 def test_a_json_answer_follows_the_thought_the_template_opened(qwen: LiveServer) -> None:
     """With a JSON response_format, the grammar lets a thinking model end its thought first: the
     JSON is the answer (``content``), never the thought (``reasoning_content``)."""

@@ -169,6 +169,18 @@ def test_continue_final_message_continues_the_assistants_text(client: OpenAI) ->
     assert refusal(lambda: client.chat.completions.create(**GREEDY, messages=messages[:1], extra_body=user_last))["param"] == "continue_final_message"
 
 
+def test_a_continued_text_found_in_the_turns_closing_markup_is_cut_where_the_message_is(client: OpenAI) -> None:
+    """The last "d" of the prompt was inside the turn's closing ``<|im_end|>``: the model went on
+    from "…assistant\nd<|im_end"."""
+    messages = [{"role": "user", "content": "Tell me a story"}, {"role": "assistant", "content": "d"}]
+    raw = "<|im_start|>user\nTell me a story<|im_end|>\n<|im_start|>assistant\nd"
+    continued = client.chat.completions.create(
+        **GREEDY, messages=messages, max_tokens=10, extra_body={"continue_final_message": True, "add_generation_prompt": False}
+    )
+    as_text = client.completions.create(**GREEDY, prompt=raw, max_tokens=10)
+    assert (continued.choices[0].message.content, continued.usage.prompt_tokens) == (as_text.choices[0].text, as_text.usage.prompt_tokens)
+
+
 def test_openai_fields_as_openai_and_vllm_answer_them(client: OpenAI) -> None:
     chat = {**GREEDY, "messages": [{"role": "user", "content": "Hi"}]}
 

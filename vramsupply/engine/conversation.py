@@ -101,7 +101,9 @@ def prepare_chat(
     # not call them, and an agent switching between auto and none keeps its cached prefix.
     shown = use_tools or (bool(functions) and fmt.supports_tools)
     prompt = _render(template, request, messages, _template_tools(request.tools or (), functions) if shown else None, variables)
-    in_reasoning = opens_reasoning(prompt, fmt.reasoning)
+    in_reasoning = opens_reasoning(prompt, fmt.reasoning) or (
+        request.continue_final_message and thought_left_open(str(messages[-1].get("content") or ""), fmt.reasoning)
+    )  # a prefilled "<think>\nLet me see" continued: its words went to content, </think> with them
     grammar, triggers = _tool_grammar(fmt, functions, choice, named, request.parallel_tool_calls, in_reasoning) if use_tools else (None, ())
     return ChatPrompt(
         tokens=tokenize(prompt),
@@ -141,25 +143,42 @@ def _render(
                 "continue_final_message",
                 "continue_final_message and add_generation_prompt cannot both be true: send add_generation_prompt false to continue the last message",
             )
-        return continued(template.render_turn(messages, tools, variables, open_turn=False), messages[-1])
+        return continued(lambda shown: template.render_turn(shown, tools, variables, open_turn=False), messages)
     return template.render_turn(messages, tools, variables, open_turn=request.add_generation_prompt)
 
 
-def continued(prompt: str, final: Mapping[str, Any]) -> str:
+CONTINUED_MARK = "VRAMSUPPLY-CONTINUED-MESSAGE-7F3A"
+"""Rendered in place of the final message's text, to find where the template puts that text."""
+
+
+def continued(render: Callable[[list[dict[str, Any]]], str], messages: list[dict[str, Any]]) -> str:
     """The prompt cut right after the final message's text, so the model goes on writing it (as
     vLLM and HuggingFace transformers do: the template's end of that turn is dropped). The text is
-    looked for as written, then stripped (templates that trim it); a template that shows it
-    otherwise cannot be continued."""
+    found where the template renders it (``CONTINUED_MARK`` in its place shows where), as written,
+    then stripped (templates that trim it); a template that shows it otherwise cannot be
+    continued. Looking for the text's last occurrence instead cut a "d" inside the turn's closing
+    ``<|im_end|>``."""
+    final = messages[-1]
     text = final.get("content") or ""
-    if final.get("role") != "assistant" or final.get("tool_calls") or not text.strip():
+    if final.get("role") != "assistant" or final.get("tool_calls") or not isinstance(text, str) or not text.strip():
         raise ChatRequestError(
             "continue_final_message", "continue_final_message needs the last message to be an assistant's, with text and no tool_calls, to continue"
         )
+    prompt = render(messages)
+    at = render([*messages[:-1], {**final, "content": CONTINUED_MARK}]).find(CONTINUED_MARK)
     for written in (text, text.strip()):
-        at = prompt.rfind(written)
-        if at >= 0:
+        if at >= 0 and prompt.startswith(written, at):
             return prompt[: at + len(written)]
     raise ChatRequestError("continue_final_message", "the model's chat template does not show the last message's text as written, so it cannot be continued")
+
+
+def thought_left_open(text: str, markers: ReasoningMarkers | None) -> bool:
+    """Whether ``text`` (a continued message) opens a thought it does not close: the model's first
+    words then go on thinking, as after a template's own ``<think>`` (``opens_reasoning``)."""
+    if markers is None:
+        return False
+    start = text.rfind(markers.start)
+    return start >= 0 and text.find(markers.end, start) < 0
 
 
 def _call_grammar(
