@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
+from agent_process import AgentProcess
 from conftest import run_cli
 
 from vramsupply.config import write_config_values
@@ -55,6 +57,19 @@ def test_the_demo_names_the_config_file_for_settings_set_there_and_never_shows_t
         "the demo runs a platform of its own on this machine and registers with it; serve without --demo uses it"
     )
     assert "vs-secret-key-1234" not in result.stderr
+
+
+def test_the_demo_serves_the_bundled_model_not_one_the_environment_names_for_serving_for_real() -> None:
+    """Before, VRAM_SUPPLY_MODEL=qwen/qwen3-8b made the demo download it, or fail offline."""
+    with AgentProcess("--demo", "--port", "0", env={"VRAM_SUPPLY_MODEL": MISSING, "VRAM_SUPPLY_QUANT": "Q8_0"}) as agent:
+        agent.wait_ready()
+        assert agent.printed("vramsupply ready: serving stories260k")
+        assert agent.stop(signal.SIGINT) == 0
+    [note] = [line.split(" WARNING vramsupply.serve: ", 1)[1] for line in agent.stderr if "--demo ignores" in line]
+    assert note == (
+        "--demo ignores model (from env VRAM_SUPPLY_MODEL) and quant (from env VRAM_SUPPLY_QUANT): the demo runs a platform of its own "
+        "on this machine and registers with it; it serves the bundled tiny model (--model serves another); serve without --demo uses them"
+    )
 
 
 def test_the_demo_says_nothing_of_settings_it_would_follow_anyway() -> None:

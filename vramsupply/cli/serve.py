@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from vramsupply.config import EngineKind, LoadedSettings, load_settings
+from vramsupply.config import EngineKind, LoadedSettings, Settings, load_settings
 from vramsupply.errors import ConfigError
 
 from .app import CACHE_DIR_OPTION, QUANT_OPTION, app
@@ -85,8 +85,9 @@ def serve(
     from vramsupply.server import loop
 
     warnings = demo_ignores(loaded) if demo else []
+    settings = demo_model(loaded) if demo else loaded.settings
     with demo_data_dir() if demo else contextlib.nullcontext():
-        loop.run(run_serve(loaded.settings, hook=DemoHook() if demo else None, warnings=warnings))
+        loop.run(run_serve(settings, hook=DemoHook() if demo else None, warnings=warnings))
 
 
 @contextlib.contextmanager
@@ -132,6 +133,23 @@ def refuse_with_demo(loaded: LoadedSettings, flags: dict[str, Any]) -> None:
         )
 
 
+DEMO_MODEL_SETTINGS = ("model", "quant")
+"""The demo serves the bundled tiny model, or one given with --model: a model set in the environment
+or the config file is there for serving for real (a download of gigabytes, or a Hub the demo may
+not reach), so it is ignored and named in the demo's warning line."""
+
+
+def _set_for_real(loaded: LoadedSettings, name: str) -> bool:
+    return getattr(loaded.settings, name) is not None and loaded.sources[name] != "default" and not loaded.sources[name].startswith("flag")
+
+
+def demo_model(loaded: LoadedSettings) -> Settings:
+    """The settings the demo serves with: the model the environment or the config file names, left out."""
+    if not _set_for_real(loaded, "model"):
+        return loaded.settings
+    return loaded.settings.model_copy(update={"model": None})
+
+
 def demo_ignores(loaded: LoadedSettings) -> list[str]:
     """The one line ``--demo`` says about the settings it replaces that the environment or the
     config file sets (no flag gets here: ``refuse_with_demo``), or none."""
@@ -143,10 +161,13 @@ def demo_ignores(loaded: LoadedSettings) -> list[str]:
         # and using another one surprises nobody (every logged-in provider would get the line)
         if name != "api_key" and getattr(settings, name) not in (None, False) and sources[name] != "default"
     ]
+    if _set_for_real(loaded, "model"):
+        ignored += [f"{name} (from {sources[name]})" for name in DEMO_MODEL_SETTINGS if _set_for_real(loaded, name)]
     if not ignored:
         return []
     named = ", ".join(ignored[:-1]) + " and " + ignored[-1] if len(ignored) > 1 else ignored[0]
+    model = "; it serves the bundled tiny model (--model serves another)" if _set_for_real(loaded, "model") else ""
     return [
-        f"--demo ignores {named}: the demo runs a platform of its own on this machine and registers with it; "
+        f"--demo ignores {named}: the demo runs a platform of its own on this machine and registers with it{model}; "
         f"serve without --demo uses {'them' if len(ignored) > 1 else 'it'}"
     ]

@@ -68,7 +68,8 @@ class DemoHook:
 async def demo_marketplace(settings: Settings) -> AsyncIterator[tuple[Settings, DevPlatform]]:
     """Run the reference platform in this process; yield the settings that point the agent at it.
 
-    The agent serves the bundled tiny model unless a model is configured, and registers its own
+    The agent serves the bundled tiny model unless --model names one (``cli.serve.demo_model``
+    leaves out a model the environment or the config file names), and registers its own
     loopback URL (the demo's platform is local too, so no warning about it).
     """
     platform = DevPlatform()
