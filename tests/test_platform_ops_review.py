@@ -156,6 +156,27 @@ async def test_a_pause_the_platform_listed_the_agent_online_after_is_not_blamed(
     assert "this agent was paused" not in caplog.text
 
 
+async def test_a_pause_during_an_outage_of_reachability_is_not_blamed_for_it(caplog: pytest.LogCaptureFixture) -> None:
+    """Listed offline for a port nobody forwards, then paused: the listing was lost before the
+    pause, and the pause was named its cause, while nothing would list it again."""
+    clock, endpoint = Clock(), f"http://127.0.0.1:{free_port()}"
+    with LivePlatform(health_interval=3600) as platform, caplog.at_level(logging.INFO, logger="vramsupply.platform"):
+        lifecycle = paused_lifecycle(platform, clock, endpoint)
+        lifecycle.start()
+        await asyncio.wait_for(lifecycle.registered.wait(), 5)
+        platform.check_health_now()
+        await eventually(lambda: lifecycle.phase is Phase.offline)
+        clock.now += 70  # frozen, then resumed, while listed offline
+        platform.check_health_now()
+        for _ in range(2):
+            beats = platform.providers[0].last_seen_at
+            await eventually(lambda: platform.providers[0].last_seen_at > beats)
+        message = lifecycle.message
+        assert await lifecycle.stop(timeout=5) is True
+    assert f"the platform cannot reach {endpoint}/health: forward port" in message
+    assert "this agent was paused" not in caplog.text
+
+
 # Finding 3: a killed run's instance stayed listed next to the new one --------------------------
 
 

@@ -54,10 +54,12 @@ class OfflineReason:
         health checks may not have run yet; otherwise name the hop that fails, and once per outage
         retrace the platform's path."""
         now = self._clock()
-        if silent_for >= SILENCE_SHARE * self._silence_limit:
+        # Already offline for a hop that fails: a later pause or silence did not cause it.
+        failing = self.phase is Phase.offline and self._silence is None
+        if silent_for >= SILENCE_SHARE * self._silence_limit and not failing:
             missed = f"the platform marked {provider_id} offline after {silent_for:.0f} s without a heartbeat from this agent"
             self._silence = (now, f"{missed}; still serving, it lists it again at its next health check")
-        pause = self._pauses.overlapping(-math.inf if self._listed_at is None else self._listed_at, now)
+        pause = None if failing else self._pauses.overlapping(-math.inf if self._listed_at is None else self._listed_at, now)
         if pause is not None and now - pause.end < self._listed_again_within:
             paused = (
                 f"the platform lists {provider_id} as offline: this agent was paused for {pause.seconds:.0f} s until "
