@@ -303,3 +303,13 @@ def test_devplatform_refuses_a_health_interval_that_is_no_usable_number_of_secon
     refused = run_cli("devplatform", "--health-interval", interval, "--port", "0", timeout=30)
     assert refused.returncode == 2  # before: nan refused for being below 0.05, inf and 1e400 taken
     assert refused.stderr.strip().startswith("error: --health-interval must be a number of seconds from 0.05 to 86400, got ")
+
+
+def test_advice_names_the_batch_when_the_compute_buffer_is_most_of_what_does_not_fit(tmp_path: Path) -> None:
+    model = write_header_only(tmp_path / "llama-8b-Q4_K_M.gguf", LLAMA_8B)
+    args = ("--context-length", "33554432", "--parallel", "256", "--n-ubatch", "8192", "--n-batch", "8192", "--flash-attention", "off")
+    result = run_cli("plan", "--model", str(model), *args)
+    assert result.returncode == 1
+    assert "compute 33.00 TiB" in result.stdout
+    # before: only the context, the slots and a smaller quantization, which saves nothing of it
+    assert result.stdout.strip().endswith("lower --n-ubatch (VRAM_SUPPLY_N_UBATCH), --context-length (VRAM_SUPPLY_CONTEXT_LENGTH) or --parallel (VRAM_SUPPLY_PARALLEL), or use a smaller quantization of this model (another .gguf file)")

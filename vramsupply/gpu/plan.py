@@ -260,8 +260,10 @@ def refusal(plan: Plan) -> str:
     # --quant picks among a Hub repo's files; a local file is served as it is.
     smaller = "use a smaller quantization of this model (another .gguf file)" if plan.local else f"choose a smaller {setting_flag('quant')}"
     lower = f"lower {setting_flag('context_length')} or {setting_flag('parallel')}"
+    if asked.estimate.compute_bytes * 2 > asked.estimate.total_bytes:  # the compute buffer is most of it
+        lower = f"lower {setting_flag('n_ubatch')}, {setting_flag('context_length')} or {setting_flag('parallel')}"
     if plan.target.on_gpu:
         advice = f"{lower}, {smaller}, or offload fewer layers ({setting_flag('n_gpu_layers')})"
     else:
-        advice = f"{lower}, {'or ' if plan.local else ''}{smaller}"
+        advice = f"{lower}, or {smaller}"
     return f"{asked.breakdown(plan.settings)} ({gib(asked.needed_bytes)} on {'the GPU' if plan.target.on_gpu else 'this machine'}), but {where}: {advice}"
