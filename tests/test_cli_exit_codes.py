@@ -5,6 +5,7 @@ can tell "fix the command line" from "this machine or the platform said no"."""
 from __future__ import annotations
 
 import pytest
+from agent_process import AgentProcess
 from conftest import TINY_MODEL, run_cli
 from live_platform import free_port
 
@@ -51,13 +52,14 @@ def test_platform_commands_without_an_api_key_exit_2_before_any_call(args: list[
     [
         (["plan"], {}, "no model to plan for"),
         (["serve", "--no-register"], {}, "no model to serve"),
+        (["serve"], {}, "no model to serve"),  # before the endpoint URL (it named that)
         (["serve", "--model", str(TINY_MODEL)], {"VRAM_SUPPLY_API_KEY": "sk-test-0123456789abcdef"}, "an endpoint URL is required to register"),
         (["serve", "--model", str(TINY_MODEL), "--endpoint-url", "https://gpu.example.com"], {}, "no API key to register with"),
         (["demand"], {}, "no API key"),
         (["rails"], {}, "no API key"),
         (["bench", "--seconds", "3"], {}, "no model to serve"),
     ],
-    ids=["plan", "serve-local", "serve-no-endpoint-url", "serve-no-key", "demand", "rails", "bench"],
+    ids=["plan", "serve-local", "serve-nothing-set", "serve-no-endpoint-url", "serve-no-key", "demand", "rails", "bench"],
 )
 def test_every_missing_setting_exits_2_in_one_line(args: list[str], env: dict[str, str], message: str) -> None:
     result = run_cli(*args, env={**nowhere(), **env})
@@ -74,3 +76,13 @@ def test_running_serve_without_an_api_key_but_serving_locally_needs_none() -> No
     for result in (from_flag, from_env):
         assert result.returncode == 2
         assert "no API key" not in result.stderr and result.stderr.startswith("error: no model to serve")
+
+
+def test_a_missing_model_is_said_before_another_agent_holding_the_data_dir() -> None:
+    """A missing setting is exit 2 whatever else is wrong: it was "another vramsupply agent is
+    serving from this data dir", exit 1."""
+    with AgentProcess("--model", str(TINY_MODEL), "--no-register", "--port", "0") as agent:
+        agent.wait_ready()
+        second = run_cli("serve", "--no-register", "--port", "0")
+        assert agent.stop() == 0
+    assert second.returncode == 2 and second.stderr.startswith("error: no model to serve"), second.stderr

@@ -166,14 +166,19 @@ def stopping_now() -> bool:
     return bool(cancelling is not None and cancelling())
 
 
+def require_model(settings: Settings) -> None:
+    """A GGUF to serve: without one, a missing setting (exit 2), said before anything else."""
+    if not settings.model:
+        raise ConfigError("no model to serve: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
+
+
 def resolve_model(settings: Settings) -> asyncio.Future[LocalModel]:
     """Download (unless cached) and verify, in a daemon thread: a "stop now" need not wait for it,
     and an interrupted download resumes on the next start.
 
     The hub shows download progress as a bar on a terminal and as plain lines in logs (journald).
     """
-    if not settings.model:
-        raise ConfigError("no model to serve: pass --model ./file.gguf (or org/model) or set VRAM_SUPPLY_MODEL")
+    require_model(settings)
     from vramsupply.hub.prepare import prepare_configured  # imports huggingface_hub only for Hub models
 
     return in_daemon_thread(prepare_configured, settings.model, settings, progress=True)

@@ -40,7 +40,7 @@ from vramsupply.output import say
 from vramsupply.platform import MarketplaceSession, price_summary
 from vramsupply.platform.offer import ModelIdentity, local_base_url
 from vramsupply.platform.state import record_listening
-from vramsupply.serve.backend import Backend, LlamaCppBackend
+from vramsupply.serve.backend import Backend, LlamaCppBackend, require_model
 from vramsupply.serve.hooks import ServeHook
 from vramsupply.serve.options import endpoint_token_of, listening_everywhere, market_options, start_warnings, upstream_options
 from vramsupply.serve.provider import ProviderSide
@@ -64,6 +64,8 @@ async def run_serve(settings: Settings, *, hook: ServeHook | None = None, warnin
     configure_logging(settings.log_level, [settings.endpoint_token, settings.api_key, settings.upstream_api_key])
     for warning in warnings:
         log.warning("%s", warning)
+    if hook is None and settings.engine is EngineKind.llama_cpp:
+        require_model(settings)  # the first thing a new provider leaves out: before the endpoint URL, the data dir
     hold_data_dir()  # one agent per data dir, refused before any download or load (instance_lock.py)
     raise_open_files_limit()  # a connection a buyer: 1,024 is the usual default (host/limits.py)
     notifier = SystemdNotifier()
