@@ -15,8 +15,9 @@ module never imports another concern to raise its own errors)::
     │   │                                        is unset (the model to plan, the API key)
     │   ├── OfferError                   exit 2  platform/offer.py: what would be offered to the
     │   │                                        market is invalid (endpoint URL, context)
-    │   └── GpuOptionError               exit 2  gpu/options.py: a GPU or KV cache option this
-    │                                            llama.cpp build or model cannot honour
+    │   ├── GpuOptionError               exit 2  gpu/options.py: a GPU or KV cache option this
+    │   │                                        llama.cpp build or model cannot honour
+    │   └── UnknownUser                  exit 2  userpath.py: a path's ~name names no user
     ├── ConfigUnwritable                 exit 1  config/file.py: the config file cannot be written
     ├── HubError                         exit 1  hub/errors.py: the model cannot be made local
     │   ├── InvalidModelSpec, ModelNotFound, QuantNotFound, HubAuthError,
