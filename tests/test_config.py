@@ -369,3 +369,11 @@ def test_true_or_false_in_the_config_file_is_no_number(config_file: Path) -> Non
     assert shown.stderr.strip() == f"error: invalid parallel = True (from config file {config_file}): true is not a number"
     config_file.write_text("kv_per_slot = true\ninput_price = 5\n")  # a switch is true or false, a price a number
     assert run_cli("config", "show").returncode == 0
+
+
+def test_config_show_says_an_unset_quant_is_chosen_to_fit() -> None:
+    """Before: "Q4_K_M  default", while serve takes the best quant that fits when none is set."""
+    shown = json.loads(run_cli("config", "show", "--json").stdout)["quant"]
+    assert shown == {"value": "Q4_K_M", "source": "default: unset, serve picks the best quant that fits, and this one only without a plan"}
+    chosen = json.loads(run_cli("config", "show", "--json", env={"VRAM_SUPPLY_QUANT": "Q8_0"}).stdout)["quant"]
+    assert chosen == {"value": "Q8_0", "source": "env VRAM_SUPPLY_QUANT"}

@@ -96,11 +96,17 @@ def root(
     """vramsupply: the provider agent of the vram.supply inference marketplace."""
 
 
+def _source(sources: dict[str, str], name: str) -> str:
+    if name == "quant" and sources[name] == "default":  # unset, serve takes the quant that fits (README)
+        return "default: unset, serve picks the best quant that fits, and this one only without a plan"
+    return sources[name]
+
+
 @config_app.command("show")
 def config_show(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
     """Show every effective setting and where it came from (secrets masked)."""
     loaded = load_settings()
-    rows = [(name, display_value(loaded.settings, name), loaded.sources[name]) for name in Settings.model_fields]
+    rows = [(name, display_value(loaded.settings, name), _source(loaded.sources, name)) for name in Settings.model_fields]
     if as_json:
         console.print_json(json.dumps({name: {"value": value, "source": source} for name, value, source in rows}))
         return
@@ -147,7 +153,7 @@ def _ask_for_key() -> str:
 USER_UNIT_OPTION = typer.Option(False, "--user", help="The per-user service (systemctl --user) instead of the system one.")
 UNIT_DIR_OPTION = typer.Option(None, "--unit-dir", help="Directory for the unit file (default: systemd's own).")
 ENV_FILE_OPTION = typer.Option(None, "--env-file", help="Settings file the unit reads (default: /etc/vramsupply/env; with --user ~/.config/vramsupply/env).")
-QUANT_OPTION = typer.Option(None, "--quant", help="Quantization, e.g. Q4_K_M (default: the quant setting).")
+QUANT_OPTION = typer.Option(None, "--quant", help="Quantization, e.g. Q4_K_M (default: the quant setting; unset, the best that fits this machine).")
 CACHE_DIR_OPTION = typer.Option(None, "--cache-dir", metavar="<path>", help="HuggingFace cache dir (default: the cache_dir setting, else the shared HF cache).")
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
