@@ -33,7 +33,7 @@ def plan(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A local .gguf path or org/model on HuggingFace (default: the model setting)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Plan for this quant only (default: choose the best that fits)."),
     context_length: Optional[int] = typer.Option(None, "--context-length", help="Context window per request, in tokens."),
-    parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots: requests decoded concurrently."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots: requests decoded concurrently, 1 to 256."),
     kv_per_slot: Optional[bool] = typer.Option(None, "--kv-per-slot/--no-kv-per-slot", help="Plan a KV cache per slot instead of one shared by all slots."),
     n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", help="Layers offloaded to the GPU (-1: all; 0: plan for the CPU alone)."),
     n_batch: Optional[int] = typer.Option(None, "--n-batch", help="Maximum tokens per decode step (default 2048)."),

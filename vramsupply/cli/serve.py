@@ -29,7 +29,7 @@ def serve(
     host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default: the host setting, 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, "--port", help="Port to listen on; 0 picks a free one (default: the port setting, 8080)."),
     context_length: Optional[int] = typer.Option(None, "--context-length", "--max-model-len", help="Context window per request, in tokens (vLLM's --max-model-len)."),
-    parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots: requests decoded concurrently."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots: requests decoded concurrently, 1 to 256."),
     kv_per_slot: Optional[bool] = typer.Option(None, "--kv-per-slot/--no-kv-per-slot", help="A KV cache of the whole context per slot (parallel times the memory) instead of one shared by all slots."),
     n_gpu_layers: Optional[int] = typer.Option(None, "--n-gpu-layers", help="Layers offloaded to the GPU (-1: all)."),
     n_batch: Optional[int] = typer.Option(None, "--n-batch", help="Maximum tokens per decode step (default 2048)."),

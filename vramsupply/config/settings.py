@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="Model to serve: `org/model` (resolved on HuggingFace) or a local .gguf path")
     quant: str = Field("Q4_K_M", description="Quantization to download when `model` is a HuggingFace id; unset, `serve`, `models pull` and `models resolve` take the best that fits (`vramsupply plan`), and this default only when no plan can be made")
     context_length: int = Field(8192, ge=16, description="Context window per request (tokens); the slots share one KV cache of this size unless `kv_per_slot`")
-    parallel: int = Field(DEFAULT_PARALLEL, ge=1, le=256, description="Number of slots: requests decoded concurrently (4 by default with `kv_per_slot`)")
+    parallel: int = Field(DEFAULT_PARALLEL, ge=1, le=256, description="Number of slots: requests decoded concurrently, 1 to 256 (4 by default with `kv_per_slot`)")
     kv_per_slot: bool = Field(False, description="Give every slot its own KV cache of `context_length` tokens (parallel times the memory) instead of one shared cache, so no request is ever paused for KV space")
     n_gpu_layers: int = Field(-1, ge=-1, description="Layers offloaded to the GPU (-1: all, when the build has a GPU backend)")
     n_batch: int = Field(2048, ge=1, description="Maximum tokens per decode step (prompt chunks plus generated tokens)")
