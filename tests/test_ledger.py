@@ -193,7 +193,7 @@ async def test_a_ledger_that_cannot_be_opened_records_nothing_and_says_why_for_t
     await recorder.record(FinishedRequest("r", "m", 1, 1, 0, 1, True, True))
     assert recorder.failure == (
         f"cannot open the earnings ledger {path}: Is a directory; move that directory out of the way, then restart the agent; "
-        "until then requests are served but not recorded"
+        "until then requests are served but not recorded; 1 request not recorded so far"
     )
     recorder.close()
     assert not any(path.iterdir())

@@ -129,8 +129,15 @@ class UnopenedLedger:
     records nothing, and ``failure`` (what ``/health`` shows) says why for the whole run."""
 
     def __init__(self, failure: str) -> None:
-        self.failure = failure
+        self._failure = failure
         self.missed = 0
+
+    @property
+    def failure(self) -> str:
+        """The reason and the fix, and how many requests went unrecorded so far (README: /health says it)."""
+        if not self.missed:
+            return self._failure
+        return f"{self._failure}; {self.missed:,} request{'' if self.missed == 1 else 's'} not recorded so far"
 
     async def record(self, finished: Finished) -> None:
         self.missed += 1
