@@ -67,5 +67,7 @@ def test_a_message_with_brackets_is_printed_as_written() -> None:
 def test_an_ipv6_address_that_cannot_be_listened_on_is_written_as_in_a_url() -> None:
     """`:::8080` read as a typo; `[::]:8080` is how a provider would write it."""
     in_use = OSError(errno.EADDRINUSE, "Address already in use")
-    assert str(ListenError("::", 8080, in_use)) == "cannot listen on [::]:8080: Address already in use"
-    assert str(ListenError("127.0.0.1", 8080, in_use)) == "cannot listen on 127.0.0.1:8080: Address already in use"
+    hint = "; another program listens there: choose another --port (0: any free one)"  # README: the demo beside an agent
+    assert str(ListenError("::", 8080, in_use)) == f"cannot listen on [::]:8080: Address already in use{hint}"
+    assert str(ListenError("127.0.0.1", 8080, in_use)) == f"cannot listen on 127.0.0.1:8080: Address already in use{hint}"
+    assert str(ListenError("127.0.0.1", 80, OSError(errno.EACCES, "Permission denied"))) == "cannot listen on 127.0.0.1:80: Permission denied"

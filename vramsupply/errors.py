@@ -62,6 +62,8 @@ Errors a request makes on the HTTP API are not here: they are answered as OpenAI
 
 from __future__ import annotations
 
+import errno
+
 
 class VramsupplyError(Exception):
     """Root of every user-facing error. ``str(error)`` is one line that says what to do."""
@@ -86,7 +88,8 @@ class ListenError(VramsupplyError):
 
     def __init__(self, host: str, port: int, exc: OSError) -> None:
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 literal, as in a URL
-        super().__init__(f"cannot listen on {where}: {exc.strerror or exc}")
+        taken = "; another program listens there: choose another --port (0: any free one)" if exc.errno == errno.EADDRINUSE else ""
+        super().__init__(f"cannot listen on {where}: {exc.strerror or exc}{taken}")
 
 
 class Interrupted(VramsupplyError):
