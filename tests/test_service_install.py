@@ -190,7 +190,7 @@ def test_a_bad_value_in_the_existing_env_file_is_one_readable_line(tmp_path: Pat
     env_file = tmp_path / "service.env"
     env_file.write_text("VRAM_SUPPLY_PARALLEL=many\n")
     result = run_cli("service", "install", "--user", "--unit-dir", str(tmp_path), "--env-file", str(env_file), env={"PATH": str(tmp_path)})
-    assert result.returncode == 1
+    assert result.returncode == 2  # an invalid setting, as from the environment (it was 1)
     assert result.stderr.strip().startswith(f"error: invalid VRAM_SUPPLY_PARALLEL in {env_file}")
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
@@ -224,6 +224,38 @@ def test_with_systemd_running_install_enables_and_starts_then_uninstall_stops(tm
     purged = run_cli("service", "uninstall", "--purge", *places, env={"PATH": str(bin_dir)})
     assert purged.returncode == 0, purged.stderr
     assert not (tmp_path / "env").exists()
+
+
+def test_while_the_machine_boots_install_enables_and_starts_as_when_it_runs(tmp_path: Path) -> None:
+    """cloud-init's runcmd runs while is-system-running says "starting": that was "systemd is not
+    running here", and nothing was enabled."""
+    bin_dir, calls = fake_tools(tmp_path, state="starting")
+    places = ("--user", "--unit-dir", str(tmp_path / "units"), "--env-file", str(tmp_path / "env"))
+    installed = run_cli("service", "install", *places, env={"PATH": str(bin_dir), **READY})
+    assert installed.returncode == 0, installed.stderr
+    assert logged_calls(calls)[1:] == [
+        "systemctl --user daemon-reload", "systemctl --user enable vramsupply.service", "systemctl --user restart --no-block vramsupply.service",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("state", ["", "unknown"])
+def test_a_user_manager_that_cannot_be_reached_is_said_so_by_status_and_uninstall(tmp_path: Path, state: str) -> None:
+    """A --user shell opened with su: systemctl reaches no bus and prints nothing. status passed on
+    its raw error; uninstall removed the unit file and left it enabled, without a word."""
+    bin_dir, calls = fake_tools(tmp_path, state=state)
+    places = ("--user", "--unit-dir", str(tmp_path / "units"), "--env-file", str(tmp_path / "env"))
+    assert run_cli("service", "install", *places, env={"PATH": str(bin_dir), **READY}).returncode == 0
+    wanted = tmp_path / "units" / "default.target.wants" / "vramsupply.service"
+    wanted.parent.mkdir()
+    wanted.symlink_to(tmp_path / "units" / "vramsupply.service")  # what `systemctl --user enable` made
+
+    status = run_cli("service", "status", "--user", env={"PATH": str(bin_dir)})
+    removed = run_cli("service", "uninstall", *places, env={"PATH": str(bin_dir)})
+
+    assert status.returncode == 1 and status.stderr.startswith("error: the systemd user manager (systemctl --user) is not running for this login")
+    assert removed.returncode == 0, removed.stderr
+    assert not wanted.is_symlink() and f"removed {wanted}" in removed.stdout
+    assert "nothing was stopped: if the service runs, stop it where systemctl works (systemctl --user stop vramsupply.service)" in removed.stdout
 
 
 def test_a_file_uninstall_cannot_remove_is_one_readable_line(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ import platformdirs
 from pydantic import ValidationError
 
 from vramsupply.userpath import expand_user
-from vramsupply.config import APP_NAME, ENV_PREFIX, Settings, env_name, load_settings, write_private_file
+from vramsupply.config import APP_NAME, ENV_PREFIX, ConfigError, Settings, env_name, load_settings, write_private_file
 from vramsupply.service.checks import check_destinations, root_hint, startup_problems, verify_unit
 from vramsupply.service.unit import (
     ENV_FILE_MARKER,
@@ -122,9 +122,17 @@ def manager_state(target: ServiceTarget) -> str | None:
     return subprocess.run(target.systemctl("is-system-running"), capture_output=True, text=True).stdout.strip()
 
 
+MANAGER_UP = ("running", "degraded", "starting", "initializing")
+"""States in which units can be enabled and started: also while the machine boots (cloud-init's
+runcmd runs while ``is-system-running`` says "starting"; that was taken for no systemd at all)."""
+MANAGER_UNREACHABLE = ("offline", "unknown", "")
+"""No manager answers: none runs (a container), or the bus cannot be reached (--user in a shell
+opened with su or sudo, where systemctl prints its error and nothing on standard output)."""
+
+
 def systemd_running(target: ServiceTarget) -> bool:
     """True when the (user) service manager is up, as Ollama's installer checks it."""
-    return manager_state(target) in ("running", "degraded")
+    return manager_state(target) in MANAGER_UP
 
 
 def read_env_file(target: ServiceTarget, command: str) -> str:
@@ -164,7 +172,7 @@ def service_settings(env_file: Path, env_text: str) -> Settings:
         settings = Settings(**kept) if kept else loaded.settings
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise ServiceError(f"invalid {env_name(str(err['loc'][0]))} in {env_file}: {err['msg']}") from None
+        raise ConfigError(f"invalid {env_name(str(err['loc'][0]))} in {env_file}: {err['msg']}") from None  # a setting: exit 2
     return absolute_paths(settings)
 
 
@@ -364,7 +372,7 @@ def show(target: ServiceTarget, command: list[str], what: str) -> int:
     Where it does not (a container, WSL without systemd, no login session for --user), no service
     can run there, and systemctl's own "System has not been booted with systemd" or "Failed to
     connect to bus" would leave the provider to work that out: say so, as install does."""
-    if manager_state(target) == "offline":
+    if manager_state(target) in MANAGER_UNREACHABLE:
         manager = "the systemd user manager (systemctl --user) is not running for this login" if target.user_mode else "systemd is not running here"
         raise ServiceError(
             f"{manager} (a container, WSL without systemd{', a shell opened with su or sudo' if target.user_mode else ''}), "

@@ -18,13 +18,14 @@ import shutil
 from pathlib import Path
 
 from vramsupply.service.installer import (
+    MANAGER_UP,
     SERVICE_USER_COMMENT,
     Say,
     ServiceTarget,
     file_error,
+    manager_state,
     read_env_file,
     run_step,
-    systemd_running,
 )
 from vramsupply.service.unit import SERVICE_USER, UNIT_NAME, ServiceError
 
@@ -40,7 +41,8 @@ def remove_file(target: ServiceTarget, path: Path, say: Say) -> None:
 
 
 def remove_unit(target: ServiceTarget, say: Say) -> None:
-    running = systemd_running(target)
+    state = manager_state(target)
+    running = state in MANAGER_UP
     if not target.unit_path.exists():
         say(f"{target.unit_path} is not installed")
         return
@@ -49,6 +51,13 @@ def remove_unit(target: ServiceTarget, say: Say) -> None:
     remove_file(target, target.unit_path, say)
     if running:
         run_step(target.systemctl("daemon-reload"), say)
+    else:  # no manager to ask: do what `systemctl disable` does offline, and say what it could not
+        for wants in sorted(target.unit_path.parent.glob("*.wants")):
+            if (wants / UNIT_NAME).is_symlink():  # dangling now: glob would not list it
+                remove_file(target, wants / UNIT_NAME, say)
+        if state != "offline":  # one runs, maybe, but does not answer here (--user in a shell opened with su)
+            stop = shlex.join(target.systemctl("stop", UNIT_NAME))
+            say(f"the service manager did not answer, so nothing was stopped: if the service runs, stop it where systemctl works ({stop})")
 
 
 def uninstall(target: ServiceTarget, purge: bool, say: Say) -> None:
