@@ -341,3 +341,19 @@ def test_a_python_that_lives_in_a_home_opens_home_read_only_for_the_system_servi
     assert "ProtectHome=yes" in render_unit(installer.unit_spec(target, Settings())).splitlines()
     monkeypatch.setattr(installer, "interpreter", lambda: Path("/root/.pyenv/versions/3.11.7/bin/python3.11"))
     assert "ProtectHome=read-only" in render_unit(installer.unit_spec(target, Settings())).splitlines()
+
+
+def test_login_after_a_user_install_warns_that_the_service_keeps_the_key_it_was_given(tmp_path: Path) -> None:
+    """install copies the saved key into the env file, which beats the config file: a later login
+    changed nothing for the service, without a word."""
+    assert run_cli("login", "--api-key", "vs_key_one_1234567").returncode == 0
+    env = {"PATH": str(tmp_path), **READY}
+    assert run_cli("service", "install", "--user", "--unit-dir", str(tmp_path / "units"), env=env).returncode == 0
+    relogged = run_cli("login", "--api-key", "vs_key_two_7654321")
+    assert relogged.returncode == 0
+    env_file = Path(os.environ["XDG_CONFIG_HOME"]) / "vramsupply" / "env"
+    assert relogged.stderr.strip() == (
+        f"warning: the service's {env_file} sets another VRAM_SUPPLY_API_KEY, which the service uses: "
+        "run `vramsupply service install --user` again to give it this one"
+    )
+    assert run_cli("login", "--api-key", "vs_key_one_1234567").stderr == ""  # the key the service has
