@@ -132,6 +132,21 @@ def test_explicit_settings_that_do_not_fit_are_refused_with_the_numbers(llama_8b
     assert message.endswith("lower --context-length (VRAM_SUPPLY_CONTEXT_LENGTH) or --parallel (VRAM_SUPPLY_PARALLEL), choose a smaller --quant (VRAM_SUPPLY_QUANT), or offload fewer layers (--n-gpu-layers (VRAM_SUPPLY_N_GPU_LAYERS))")
 
 
+def test_offloading_fewer_layers_as_the_refusal_advises_needs_less_of_the_gpu(llama_8b: ModelSource) -> None:
+    """--n-gpu-layers was only read as 0 or not: every count planned every layer on the GPU, so
+    the refusal's advice, "offload fewer layers", could never help."""
+    def needed(layers: int) -> int:
+        [q8] = [c for c in make_plan(llama_8b, Target((gpu(8),), HOST), Settings(4096, 4, gpu_layers=layers), quant="Q8_0").candidates if c.quant == "Q8_0"]
+        return q8.needed_bytes
+
+    every, half, one = needed(-1), needed(16), needed(1)
+    assert needed(32) == needed(99) == every  # the model's 32 layers, or more: all of them
+    assert one < half < every
+    assert abs((every - half) - (every - one) * 16 / 31) < 16 * 2**20, "each layer a 32nd of the weights and KV"
+    fits = make_plan(llama_8b, Target((gpu(8),), HOST), Settings(4096, 4, gpu_layers=16), quant="Q8_0")
+    assert fits.chosen is not None and fits.chosen.quant == "Q8_0"  # refused with every layer (the test above)
+
+
 def test_a_context_that_was_not_set_shrinks_to_fit_like_llama_server_fit(llama_8b: ModelSource) -> None:
     plan = make_plan(llama_8b, Target((gpu(12),), HOST), Settings(32768, 4), quant="Q8_0", context_fixed=False)
 

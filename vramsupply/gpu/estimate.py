@@ -201,6 +201,7 @@ class Settings:
     n_batch: int = 2048
     n_ubatch: int = 512
     kv_per_slot: bool = False  # a KV cache per slot instead of one shared by the slots
+    gpu_layers: int = -1  # layers offloaded to the GPUs (-1: all); the rest, their weights and KV, stay in host RAM
 
     @property
     def kv_contexts(self) -> int:

@@ -148,11 +148,16 @@ def target_for(devices: Sequence[Device], *, gpu_offload: bool) -> Target:
 
 
 def needed_on_target(source: ModelSource, e: Estimate, target: Target, settings: Settings) -> int:
-    """GPU share: all but the token embeddings and the host logits buffer; one compute buffer per GPU."""
+    """GPU share: all but the token embeddings and the host logits buffer; one compute buffer per GPU.
+    With ``--n-gpu-layers`` fewer than the model's, the offloaded layers' share of the weights and
+    of the KV cache (the refusal's advice: it planned every layer, whatever was set)."""
     if not target.on_gpu:
         return e.total_bytes
     host_only = source.shape.input_bytes + 4 * source.shape.n_vocab * settings.parallel
-    return e.total_bytes - host_only + (e.compute_bytes * (len(target.gpus) - 1))
+    layered = e.weights_bytes - source.shape.input_bytes + e.memory_bytes
+    n_layer = source.shape.n_layer
+    kept_on_host = layered - layered * settings.gpu_layers // n_layer if 0 <= settings.gpu_layers < n_layer else 0
+    return e.total_bytes - host_only - kept_on_host + (e.compute_bytes * (len(target.gpus) - 1))
 
 
 def candidate(source: ModelSource, quant: QuantFile, target: Target, settings: Settings) -> Candidate:

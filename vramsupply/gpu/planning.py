@@ -53,6 +53,7 @@ def estimate_settings(settings: AgentSettings, on_gpu: bool = True) -> Settings:
         n_batch=settings.n_batch,
         n_ubatch=settings.n_ubatch,
         kv_per_slot=settings.kv_per_slot,
+        gpu_layers=settings.n_gpu_layers,
     )
 
 
