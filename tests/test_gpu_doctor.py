@@ -8,7 +8,8 @@ import os
 import socket
 from pathlib import Path
 
-from conftest import run_cli
+from agent_process import AgentProcess
+from conftest import TINY_MODEL, run_cli
 from live_platform import LivePlatform, free_port
 
 CHECK_NAMES = ["backend", "driver", "decode", "gpu memory", "cpu", "disk", "port", "platform", "api key", "endpoint url", "reachability", "clock"]
@@ -99,6 +100,34 @@ def test_a_gpu_the_build_cannot_use_is_a_failed_check(tmp_path: Path) -> None:
     assert checks["backend"]["detail"] == "GPU present (NVIDIA GeForce RTX 4090) but this llama.cpp build is CPU-only"
     assert "install.sh" in str(checks["backend"]["fix"])
     assert checks["driver"] == {"name": "driver", "ok": True, "detail": "NVIDIA driver 550.54.14, CUDA 12.4", "fix": ""}
+
+
+def fake_smi(tmp_path: Path, listing: str, header: str) -> str:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    smi = fake / "nvidia-smi"
+    smi.write_bytes(b'#!/bin/sh\ncase "$1" in\n  -L) printf \'' + listing.encode("latin-1") + b'\\n\' ;;\n  *) printf \'' + header.encode("latin-1") + b'\\n\' ;;\nesac\n')
+    smi.chmod(0o755)
+    return f"{fake}:{os.environ['PATH']}"
+
+
+def test_a_container_without_libcuda_is_a_failed_driver_check_not_a_bug_report(tmp_path: Path) -> None:
+    """nvidia-smi prints "CUDA Version: N/A" there: int("N/A") made it "report this as a vramsupply bug"."""
+    path = fake_smi(tmp_path, "GPU 0: NVIDIA A100 (UUID: GPU-1)", "| NVIDIA-SMI 535.104.05   Driver Version: 535.104.05   CUDA Version: N/A |")
+    _, checks, _ = doctor(PATH=path)
+    assert checks["driver"]["ok"] is False
+    assert checks["driver"]["detail"] == "NVIDIA driver 535.104.05, but nvidia-smi shows CUDA N/A: the CUDA driver library (libcuda) is not visible here"
+
+
+def test_output_of_a_vendor_tool_that_is_no_text_is_read_not_a_crash(tmp_path: Path) -> None:
+    """Bytes that are no UTF-8 from nvidia-smi: serve died with a UnicodeDecodeError traceback after loading."""
+    path = fake_smi(tmp_path, "GPU 0: NVIDIA \xff\xfe broken (UUID: GPU-1)", "\xff\xfe Driver Version: 550.54.14 CUDA Version: 12.4")
+    code, checks, _ = doctor(PATH=path)
+    assert all("UnicodeDecodeError" not in str(check["detail"]) for check in checks.values()), checks
+    with AgentProcess("--model", str(TINY_MODEL), "--no-register", "--port", "0", env={"PATH": path}) as agent:
+        agent.wait_ready()
+        assert agent.stop() == 0
+    assert "Traceback" not in agent.log
 
 
 def test_an_endpoint_the_platform_cannot_reach_names_the_hop(tmp_path: Path) -> None:

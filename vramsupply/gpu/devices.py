@@ -180,7 +180,8 @@ def _ask(tool: str, vendor: str, args: tuple[str, ...], timeout: float | None) -
     timeout = VENDOR_TOOL_SECONDS if timeout is None else timeout
     command = " ".join((tool, *args))
     try:
-        result = subprocess.run([path, *args], capture_output=True, text=True, timeout=timeout)
+        # errors="replace": bytes that are no UTF-8 (a broken driver) crashed serve after its load
+        result = subprocess.run([path, *args], capture_output=True, text=True, errors="replace", timeout=timeout)
     except subprocess.TimeoutExpired:
         return NoAnswer(f"{command} did not answer within {timeout:g} s")
     except OSError as exc:

@@ -78,7 +78,7 @@ def _nvidia_versions() -> tuple[str | None, str | None, str | None]:
     if path is None:
         return None, None, None
     try:
-        result = subprocess.run([path], capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+        result = subprocess.run([path], capture_output=True, text=True, errors="replace", timeout=PROBE_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, None, str(exc)
     if result.returncode != 0:
@@ -97,6 +97,9 @@ def driver_and_cuda_versions(ctx: Context) -> Result:
     driver, cuda, error = _nvidia_versions()
     if error:
         return Result(False, f"nvidia-smi fails: {error}", "reinstall or reload the NVIDIA driver until nvidia-smi lists the GPU")
+    if driver and cuda is not None and not cuda.split(".")[0].isdigit():  # "N/A": a container without libcuda
+        return Result(False, f"NVIDIA driver {driver}, but nvidia-smi shows CUDA {cuda}: the CUDA driver library (libcuda) is not visible here",
+                      "in a container, run it with the NVIDIA container toolkit (--gpus all); otherwise reinstall the NVIDIA driver")  # fmt: skip
     if driver:
         if cuda and int(cuda.split(".")[0]) < 12:
             return Result(False, f"NVIDIA driver {driver} supports CUDA {cuda}; llama.cpp needs CUDA 12 or newer", "update the NVIDIA driver (525 or newer)")
