@@ -130,6 +130,17 @@ def test_output_of_a_vendor_tool_that_is_no_text_is_read_not_a_crash(tmp_path: P
     assert "Traceback" not in agent.log
 
 
+def test_a_vendor_tool_that_hangs_is_not_read_as_listing_no_gpu(tmp_path: Path) -> None:
+    """A hung driver's nvidia-smi -L was "✓ backend: CPU build; no GPU found (nvidia-smi -L lists none)"."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\nexec sleep 60\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    _, checks, _ = doctor(PATH=f"{fake}:{os.environ['PATH']}")
+    assert checks["backend"]["ok"] is False
+    assert checks["backend"]["detail"].startswith("CPU build; whether a GPU is present is unknown: nvidia-smi -L did not answer within ")
+
+
 def test_an_endpoint_the_platform_cannot_reach_names_the_hop(tmp_path: Path) -> None:
     with LivePlatform() as platform:
         code, checks, _ = doctor(

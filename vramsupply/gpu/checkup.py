@@ -19,7 +19,7 @@ from typing import Any
 import httpx2
 
 from vramsupply.config import Settings
-from vramsupply.gpu.devices import Device, PresentGpu, build_has_gpu_backend, gpus_present, list_devices
+from vramsupply.gpu.devices import Device, NoAnswer, PresentGpu, build_has_gpu_backend, gpus_listed, list_devices
 
 PROBE_TIMEOUT = 5.0
 
@@ -62,8 +62,13 @@ class Context:
         return list_devices()
 
     @cached_property
+    def listing(self) -> list[PresentGpu] | NoAnswer:
+        """What the vendor tools list, or the one that did not answer (a hung driver)."""
+        return gpus_listed()
+
+    @cached_property
     def present(self) -> list[PresentGpu]:
-        return gpus_present()
+        return [] if isinstance(self.listing, NoAnswer) else self.listing
 
     @cached_property
     def gpu_backend(self) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx2
 
 from vramsupply.gpu.checkup import PROBE_TIMEOUT, CheckResult, Context, Result, check, doctor_text, run_checks
+from vramsupply.gpu.devices import NoAnswer
 from vramsupply.gpu.plan import GIB, gib
 from vramsupply.listen import bind_sockets
 
@@ -39,6 +40,8 @@ def backend_matches_devices(ctx: Context) -> Result:
         return Result(False, "this llama.cpp build has a GPU backend but sees no GPU", "check the driver: nvidia-smi (or rocminfo) must list the GPU")
     if gpus:
         return Result(True, f"GPU build using {', '.join(d.label for d in gpus)}")
+    if isinstance(ctx.listing, NoAnswer):  # not "lists none": whether a GPU is there is unknown
+        return Result(False, f"CPU build; whether a GPU is present is unknown: {ctx.listing.reason}", "check the GPU driver: nvidia-smi (or rocminfo) must answer")
     return Result(True, f"CPU build; no GPU found ({vendor_tools_asked()})")
 
 
