@@ -357,3 +357,27 @@ def test_login_after_a_user_install_warns_that_the_service_keeps_the_key_it_was_
         "run `vramsupply service install --user` again to give it this one"
     )
     assert run_cli("login", "--api-key", "vs_key_one_1234567").stderr == ""  # the key the service has
+
+
+def test_a_reinstall_keeps_hand_edited_values_as_systemd_reads_them(tmp_path: Path) -> None:
+    """The env file was read back by python-dotenv's rules: a re-install rewrote 'ab\\\\cd' as ab\\cd
+    and key\\with\\backslash as key\\\\with\\\\backslash, changing the token and key the service used."""
+    from vramsupply.service.envfile import systemd_env_values
+
+    places = ("--user", "--unit-dir", str(tmp_path / "units"), "--env-file", str(tmp_path / "env"))
+    env = {"PATH": str(tmp_path), **READY}
+    assert run_cli("service", "install", *places, env=env).returncode == 0
+    env_file = tmp_path / "env"
+    edits = "VRAM_SUPPLY_ENDPOINT_TOKEN='ab\\\\cd'\nVRAM_SUPPLY_ENGINE_ARGS=--foo bar # note\n"
+    env_file.write_text(env_file.read_text() + edits)
+    before = systemd_env_values(env_file.read_text())
+    assert (before["VRAM_SUPPLY_ENDPOINT_TOKEN"], before["VRAM_SUPPLY_ENGINE_ARGS"]) == ("ab\\\\cd", "--foo bar # note")
+
+    assert run_cli("service", "install", *places, env={"PATH": str(tmp_path)}).returncode == 0
+    after = systemd_env_values(env_file.read_text())
+    assert {k: after[k] for k in before} == before  # what the service ran with, kept
+
+    env_file.write_text(env_file.read_text() + "VRAM_SUPPLY_PARALLEL=6   # tuned\n")  # systemd reads "6   # tuned"
+    refused = run_cli("service", "install", *places, env={"PATH": str(tmp_path)})
+    assert refused.returncode == 2  # before: taken as 6, while the service failed on it at every start
+    assert refused.stderr.startswith(f"error: invalid VRAM_SUPPLY_PARALLEL in {env_file}")

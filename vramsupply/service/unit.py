@@ -23,12 +23,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 from pydantic import SecretStr
 
 from vramsupply.config import CONFIG_PATH_ENV, ENV_PREFIX, Settings, env_name
 from vramsupply.errors import VramsupplyError
+from vramsupply.service.envfile import systemd_env_values
 
 UNIT_NAME = "vramsupply.service"
 SERVICE_USER = "vramsupply"
@@ -258,11 +258,12 @@ def setting_of(key: str | None) -> str | None:
 
 
 def env_settings(text: str) -> dict[str, str]:
-    """The settings an env file's text sets, by field name; other variables and empty values ignored."""
+    """The settings an env file's text sets, by field name, read as systemd reads them
+    (``envfile``: the values the service runs with); other variables ignored."""
     settings = {}
-    for key, value in dotenv_values(stream=io.StringIO(text), interpolate=False).items():
+    for key, value in systemd_env_values(text).items():
         name = setting_of(key)
-        if name is not None and value is not None:
+        if name is not None:
             settings[name] = value
     return settings
 
