@@ -69,7 +69,7 @@ def bench(
     quant: Optional[str] = typer.Option(None, "--quant", help="Quantization, e.g. Q4_K_M (default: the quant setting)."),
     parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots to fill in the second phase (default: the parallel setting)."),
     seconds: float = typer.Option(30.0, "--seconds", help="About how long the whole measurement takes, 3 to 600."),
-    as_json: bool = typer.Option(False, "--json", help="Print the stored result as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the new result as JSON (it is stored too)."),
     beside_agent: bool = typer.Option(False, "--beside-agent", help="Measure on the GPU while an agent serves on this machine (a second copy of the model can run the GPU out of memory)."),
 ) -> None:
     """Measure this machine's tokens per second for the model, at 1 stream and with every slot busy; serve reports it."""

@@ -70,7 +70,7 @@ async def run_bench(settings: Settings, seconds: float = DEFAULT_SECONDS, progre
         single_stream_tokens_per_second=round(speeds.single_stream, 1),
         all_slots_tokens_per_second=round(speeds.all_slots, 1),
         measured_at=time.time(),
-        seconds=phase,
+        seconds=round(phase, 3),  # each phase's length (--seconds 3 gave 1.2000000000000002 in the JSON)
         agent_version=__version__,
     )
     try:
