@@ -24,7 +24,7 @@ from vramsupply.config import Settings as AgentSettings
 from vramsupply.gpu.estimate import ModelShape, Settings
 from vramsupply.gpu.gguf_header import read_local_header
 from vramsupply.gpu.plan import GIB, Target, make_plan, refusal
-from vramsupply.gpu.planning import fit_before_load, plan_for
+from vramsupply.gpu.planning import fit_before_load, placed, plan_for
 from vramsupply.gpu.source import ModelSource, QuantFile, local_source
 
 MIB = 1024**2
@@ -145,6 +145,22 @@ def test_offloading_fewer_layers_as_the_refusal_advises_needs_less_of_the_gpu(ll
     assert abs((every - half) - (every - one) * 16 / 31) < 16 * 2**20, "each layer a 32nd of the weights and KV"
     fits = make_plan(llama_8b, Target((gpu(8),), HOST), Settings(4096, 4, gpu_layers=16), quant="Q8_0")
     assert fits.chosen is not None and fits.chosen.quant == "Q8_0"  # refused with every layer (the test above)
+
+
+def test_split_mode_none_and_a_tensor_split_plan_the_gpus_as_they_use_them(llama_8b: ModelSource) -> None:
+    """Every GPU's free memory was added up whatever was set: a model for one 4 GiB GPU was planned
+    as fitting two, and ran out of GPU memory inside llama.cpp."""
+    two = Target((gpu(4), gpu(4, "CUDA1")), HOST)
+
+    def fits(**settings: object) -> bool:
+        target = placed(two, AgentSettings(**settings))  # type: ignore[arg-type]
+        return make_plan(llama_8b, target, Settings(4096, 4), quant="Q4_K_M").chosen is not None
+
+    assert fits()  # split by free memory: 6 GiB usable for about 5
+    assert not fits(split_mode="none")  # all on CUDA0: 3 GiB usable
+    assert placed(two, AgentSettings(split_mode="none", main_gpu=1)).gpus == (gpu(4, "CUDA1"),)
+    assert not fits(tensor_split=[1, 0])  # all layers on CUDA0
+    assert fits(tensor_split=[1, 1])
 
 
 def test_a_context_that_was_not_set_shrinks_to_fit_like_llama_server_fit(llama_8b: ModelSource) -> None:

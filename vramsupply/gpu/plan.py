@@ -67,10 +67,22 @@ class Target:
 
     gpus: tuple[Device, ...]
     host: Device
+    shares: tuple[float, ...] | None = None
+    """``--tensor-split``: each GPU's share of the layers (None: by free memory, llama.cpp's default)."""
 
     @property
     def on_gpu(self) -> bool:
         return bool(self.gpus)
+
+    def holds(self, needed: int, compute: int) -> bool:
+        """Whether ``needed`` bytes (a compute buffer on each GPU, the layers split between them) fit."""
+        if self.shares is None or len(self.shares) != len(self.gpus) or not sum(self.shares):
+            return needed <= self.usable_bytes
+        layers = needed - compute * len(self.gpus)
+        return all(
+            layers * share / sum(self.shares) + compute <= max(0, gpu.free_bytes - GPU_HEADROOM)
+            for gpu, share in zip(self.gpus, self.shares)
+        )
 
     @property
     def usable_bytes(self) -> int:
@@ -163,7 +175,7 @@ def needed_on_target(source: ModelSource, e: Estimate, target: Target, settings:
 def candidate(source: ModelSource, quant: QuantFile, target: Target, settings: Settings) -> Candidate:
     e = estimate(source.shape, source.weights_bytes(quant), settings)
     needed = needed_on_target(source, e, target, settings)
-    return Candidate(quant.quant, quant.file_bytes, e, needed, needed <= target.usable_bytes, quant.repo_id)
+    return Candidate(quant.quant, quant.file_bytes, e, needed, target.holds(needed, e.compute_bytes), quant.repo_id)
 
 
 def ranked(quants: Sequence[QuantFile]) -> list[QuantFile]:

@@ -67,7 +67,22 @@ def planning_target(settings: AgentSettings, devices: list[Device] | None = None
                 raise SourceError(f"no device {wanted!r} in this llama.cpp build; it has: {', '.join(d.name for d in devices)} (vramsupply doctor lists them)")
         chosen = {name.lower() for name in settings.devices}
         devices = [d for d in devices if not d.is_gpu or d.name.lower() in chosen]
-    return target_for(devices, gpu_offload=settings.n_gpu_layers != 0 and build_has_gpu_backend())
+    target = target_for(devices, gpu_offload=settings.n_gpu_layers != 0 and build_has_gpu_backend())
+    return placed(target, settings)
+
+
+def placed(target: Target, settings: AgentSettings) -> Target:
+    """The GPUs as ``--split-mode`` and ``--tensor-split`` use them: ``none`` puts everything on
+    ``--main-gpu`` alone, and shares split the layers as given (the plan had added up every GPU's
+    free memory whatever was set, and a model for one 4 GiB GPU passed as fitting two)."""
+    if len(target.gpus) < 2:
+        return target
+    if settings.split_mode == "none":
+        main = target.gpus[settings.main_gpu] if settings.main_gpu < len(target.gpus) else target.gpus[0]
+        return replace(target, gpus=(main,))
+    if settings.tensor_split:
+        return replace(target, shares=tuple(settings.tensor_split[: len(target.gpus)]))
+    return target
 
 
 def source_for(settings: AgentSettings, quant: str | None) -> ModelSource:
