@@ -54,11 +54,10 @@ class OpenAIErrorRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()
         # The server aiohttp's Application makes, with the same handler and arguments: only the
-        # class of each connection's handler differs.
-        return _OpenAIErrorServer(
-            made.request_handler,
-            request_factory=made.request_factory,
-            handler_cancellation=made.handler_cancellation,
-            loop=asyncio.get_running_loop(),
-            **made._kwargs,
-        )
+        # class of each connection's handler differs. An aiohttp whose server keeps them otherwise
+        # serves as it is, with its own text errors for these requests, rather than not at all.
+        try:
+            handler, factory, cancellation, kwargs = made.request_handler, made.request_factory, made.handler_cancellation, made._kwargs
+        except AttributeError:
+            return made
+        return _OpenAIErrorServer(handler, request_factory=factory, handler_cancellation=cancellation, loop=asyncio.get_running_loop(), **kwargs)
