@@ -130,31 +130,18 @@ def login(
     path = config_path()
     write_config_values(path, {"api_key": key})
     console.print(f"API key saved to {path} (mode 0600).")
-    overriding = [name for name in os.environ if name.upper() == env_name("api_key") and os.environ[name].strip() not in ("", key)]
-    if overriding:  # the environment beats the config file: every command would go on using that key
-        err_console.print(f"warning: {overriding[0]} is set in this environment and is used instead of the saved key: unset it to use this one", highlight=False, soft_wrap=True)
-    for env_file, flag in _services_keeping_another_key(key):
+    from vramsupply.platform.api_key import api_key_variable
+
+    overriding = api_key_variable()
+    if overriding is not None and os.environ[overriding].strip() != key:  # it beats the config file: every command uses it
+        err_console.print(f"warning: {overriding} is set in this environment and is used instead of the saved key: unset it to use this one", highlight=False, soft_wrap=True)
+    from vramsupply.service.held_keys import services_keeping_another_key
+
+    for env_file, flag in services_keeping_another_key(key):
         err_console.print(
             f"warning: the service's {env_file} sets another {env_name('api_key')}, which the service uses: "
             f"run `vramsupply service install{flag}` again to give it this one", highlight=False, soft_wrap=True,
         )  # fmt: skip
-
-
-def _services_keeping_another_key(key: str) -> list[tuple[str, str]]:
-    """The service env files (``service install`` copies the saved key into them) that hold another key."""
-    from vramsupply.service.installer import default_env_file
-    from vramsupply.service.unit import env_settings
-
-    found = []
-    for user_mode in (True, False):
-        path = default_env_file(user_mode)
-        try:
-            kept = env_settings(path.read_text(encoding="utf-8")).get("api_key")
-        except (OSError, UnicodeDecodeError):  # none, or the system's, readable by root only
-            continue
-        if kept and kept != key:
-            found.append((str(path), " --user" if user_mode else ""))
-    return found
 
 
 def _ask_for_key() -> str:

@@ -38,6 +38,12 @@ def _service_env_files() -> str:
     return f"{SYSTEM_ENV_FILE} for the system service, {default_env_file(user_mode=True)} for a --user one"
 
 
+def api_key_variable() -> str | None:
+    """The ``VRAM_SUPPLY_API_KEY`` variable set in this environment (any case, as the settings
+    match it), when it holds anything; it beats the key `login` saves."""
+    return next((name for name in os.environ if name.upper() == env_name("api_key") and os.environ[name].strip()), None)
+
+
 @dataclass
 class ApiKeySource:
     """``kind``: "file", "env" or "flag"; ``where``: the config file's path or the variable's name."""
@@ -50,9 +56,9 @@ class ApiKeySource:
     @classmethod
     def of(cls, key: str | None) -> ApiKeySource:
         """Where ``key`` came from: the environment wins over the file, a flag over both."""
-        named = [name for name in os.environ if name.upper() == env_name("api_key") and os.environ[name].strip()]
-        if named and os.environ[named[0]] == key:
-            return cls("env", named[0], key)
+        named = api_key_variable()
+        if named is not None and os.environ[named] == key:
+            return cls("env", named, key)
         path = config_path()
         if key is not None and _file_key(path) == key:
             return cls("file", str(path), key, file_stamp(path))

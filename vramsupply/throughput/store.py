@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from vramsupply.config import data_dir, write_private_file
+from vramsupply.config import data_dir, file_in_the_way, write_private_file
 
 log = logging.getLogger("vramsupply.throughput")
 
@@ -136,9 +136,9 @@ def read_all(path: Path) -> dict[str, Capacity]:
 
 def writable_problem(path: Path) -> str | None:
     """Why a result could not be saved at ``path``, found before measuring; None when it can be."""
-    for folder in reversed(path.parents):
-        if folder.exists() and not folder.is_dir():
-            return f"{folder} is a file, not a directory"
+    blocking = file_in_the_way(path)
+    if blocking is not None:
+        return f"{blocking} is a file, not a directory"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() and not path.is_file():
