@@ -168,3 +168,20 @@ def test_tools_and_a_json_format_too_large_together_are_a_400_naming_tools(mistr
             client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tools, response_format=answer, max_tokens=8)
     assert alone.choices[0].finish_reason == "length"
     assert refused.value.body["param"] == "tools" and "too complex" in refused.value.body["message"]
+
+
+def test_a_forced_call_cut_while_thinking_has_null_content_whole_and_streamed(qwen: LiveServer) -> None:
+    """``tool_choice`` required, cut by ``max_tokens`` before the thought ends: no call, no text.
+    The stream's first chunk says ``content: null`` (the answer must be a call); the whole answer
+    had said ``""``."""
+    end = token(qwen, "</think>")
+    ask = dict(model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice="required", seed=3, max_tokens=4, logit_bias={end: -100})
+    with sdk(qwen) as client:
+        whole = client.chat.completions.create(**ask)
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+    [choice] = whole.choices
+    assert (choice.finish_reason, choice.message.content, choice.message.tool_calls) == ("length", None, None)
+    assert choice.message.reasoning_content
+    assert chunks[0].choices[0].delta.content is None
+    assert all(c.delta.content is None for chunk in chunks for c in chunk.choices)
+    assert [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason] == ["length"]

@@ -92,7 +92,7 @@ class ChatShape(ShapeBase):
         for index, (text, finish, entries) in enumerate(zip(texts, finishes, logprobs)):
             choice = self._choice(index)
             choice.read(choice.parser.push(text) + choice.parser.finish(cut=finish == "length"))
-            message = self._message(choice.output)
+            message = self._message(choice.output, forced=self.forced is not None)
             out = None if entries is None else chat_logprobs(entries, self.token_bytes)
             choices.append(ChatChoice(index=index, message=message, logprobs=out, finish_reason=self._reason(index, finish)))
         return self._identified(FingerprintedChatCompletion, object="chat.completion", choices=choices, usage=self._usage(usage)).to_json()
@@ -138,8 +138,11 @@ class ChatShape(ShapeBase):
         return "tool_calls" if called and finish == "stop" else finish
 
     @staticmethod
-    def _message(output: ParsedOutput) -> ChatMessageOut:
-        message = ChatMessageOut(role="assistant", content=output.content or (None if output.tool_calls else ""), refusal=None)
+    def _message(output: ParsedOutput, forced: bool) -> ChatMessageOut:
+        """``content`` is null where there is a call, or where the answer had to be one (``forced``,
+        also when ``max_tokens`` cut it before the call: as the stream's opening chunk says)."""
+        empty = None if output.tool_calls or forced else ""
+        message = ChatMessageOut(role="assistant", content=output.content or empty, refusal=None)
         if output.reasoning:
             message.reasoning_content = output.reasoning
         if output.tool_calls:
