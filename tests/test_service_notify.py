@@ -171,12 +171,12 @@ def test_preparing_the_model_while_it_downloads_keeps_extending_the_start(
     notifier = SystemdNotifier({"NOTIFY_SOCKET": path})
 
     async def run() -> object:
-        return await prepare(Settings(model="m.gguf"), Downloading(), notifier, StopSignals())
+        return await prepare(Settings(model="acme/m"), Downloading(), notifier, StopSignals())
 
     assert asyncio.run(run()) == "the model"
     notifier.close()
     messages = received(sock)
-    assert messages[0] == "STATUS=preparing m.gguf (downloading it unless cached)"
+    assert messages[0] == "STATUS=preparing acme/m (downloading it unless cached)"
     assert "EXTEND_TIMEOUT_USEC=600000000" in messages
 
 

@@ -85,7 +85,7 @@ def test_ready_only_when_serving_watchdog_from_the_loop_stopping_on_sigterm(noti
         # READY means what it says: the model answers at once.
         assert chat(f"http://127.0.0.1:{port}")["choices"][0]["message"]["content"]
         states = [line for line in notify_socket.assignments() if line != "WATCHDOG=1"]
-        assert states[0].startswith(f"STATUS=preparing {TINY_MODEL}")
+        assert states[0] == f"STATUS=preparing {TINY_MODEL} (checking the local file)"  # no download: it was "unless cached"
         assert states[1:4] == ["STATUS=loading stories260k", "READY=1", f"STATUS=serving stories260k at http://127.0.0.1:{port}/v1 (2 slots)"]
 
         ready_at = notify_socket.assignments().index("READY=1") + 1
@@ -94,6 +94,7 @@ def test_ready_only_when_serving_watchdog_from_the_loop_stopping_on_sigterm(noti
         assert agent.stop(signal.SIGTERM) == 0, agent.output
     after_ready = notify_socket.assignments()[ready_at:]
     assert "STOPPING=1" in after_ready
+    assert "STATUS=stopping: draining in-flight requests" in after_ready
     assert "READY=1" not in after_ready  # ready exactly once
     assert "\x1b[" not in agent.output  # not a terminal: no colour, no progress bars
 
@@ -126,3 +127,20 @@ def test_env_only_configuration_serves_and_registers_with_the_reference_platform
     assert "STOPPING=1" in notify_socket.assignments()
     log = agent.output
     assert platform.api_key not in log and token not in log
+
+
+def test_a_stop_while_the_engine_starts_is_not_called_draining(notify_socket: NotifySocket, tmp_path: Path) -> None:
+    """``systemctl status`` during a stop before the engine was ready said "draining in-flight
+    requests", though no request could have been taken."""
+    pid_file = tmp_path / "engine.pid"
+    never_ready = f"sh -c 'echo $$ > {pid_file}; exec sleep 300'"
+    with AgentProcess(
+        "--engine", "vllm", "--model", "Org/Tiny-Model", "--engine-command", never_ready, "--port", "0", "--no-register",
+        env={"NOTIFY_SOCKET": str(notify_socket.path)},
+    ) as agent:  # fmt: skip
+        agent.wait_for(lambda: pid_file.exists() and pid_file.read_text().strip() != "", "the engine's start")
+        assert agent.stop(signal.SIGTERM) == 0, agent.output
+    statuses = notify_socket.statuses()
+    assert statuses[0] == "preparing the vllm engine"
+    assert statuses[-1] == "stopping before the model was ready", statuses
+    assert not any("draining" in status for status in statuses)

@@ -33,6 +33,7 @@ from vramsupply.config import EngineKind, Settings
 from vramsupply.engine import EngineFailed
 from vramsupply.errors import Interrupted, ListenError
 from vramsupply.gpu.report import PlacementMonitor, announce, watch_placement
+from vramsupply.hub.local import is_local_path
 from vramsupply.host.limits import raise_open_files_limit
 from vramsupply.instance_lock import hold_data_dir
 from vramsupply.logging import configure_logging, interactive
@@ -134,7 +135,8 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, sto
         await go_live(backend, model, url, notifier, market, hook, stop.event)
         await report_while_serving(backend, model, url, notifier, market, stop, watch, terminal)
     finally:
-        await stop_serving(settings, notifier, server, backend, market, provider, engine_failed=watch.failure is not None)
+        serving = stop.first_stop == StopSignals.SERVING
+        await stop_serving(settings, notifier, server, backend, market, provider, engine_failed=watch.failure is not None, serving=serving)
     if watch.failure is not None:
         raise EngineFailed(watch.failure)
 
@@ -143,7 +145,8 @@ async def prepare(settings: Settings, backend: Backend, notifier: SystemdNotifie
     """The model, found or downloaded (None: stopped first), while systemd is told it is under way
     and, as long as data moves, given more time than ``TimeoutStartSec`` for a long download."""
     if backend.kind == EngineKind.llama_cpp.value:
-        notifier.status(f"preparing {settings.model} (downloading it unless cached)")
+        how = "checking the local file" if is_local_path(settings.model) else "downloading it unless cached"
+        notifier.status(f"preparing {settings.model} ({how})")
     else:
         notifier.status(f"preparing the {backend.kind} engine")
     extending = asyncio.ensure_future(notifier.extend_start_while_moving())
@@ -262,13 +265,14 @@ async def listen(server: ApiServer) -> None:
 
 async def stop_serving(
     settings: Settings, notifier: SystemdNotifier, server: ApiServer, backend: Backend, market: MarketplaceSession | None, provider: ProviderSide,
-    *, engine_failed: bool = False,
+    *, engine_failed: bool = False, serving: bool = True,
 ) -> None:
     """Drain, then settle: the ledger's rows of what was cut, deregistration, the tunnel. A second
     Ctrl-C or SIGTERM ("stop now") cuts the drain short, never the settling. A failed engine
     finishes nothing more, so its requests are ended at once, with its error, not drained, while
-    the platform is told (before, they waited for that: up to 3 s with a platform not answering)."""
-    notifier.stopping("stopping: draining in-flight requests")
+    the platform is told (before, they waited for that: up to 3 s with a platform not answering).
+    ``serving``: requests were taken; before that (a stop while the model loads) nothing drains."""
+    notifier.stopping("stopping: draining in-flight requests" if serving else "stopping before the model was ready")
     try:
         if engine_failed:
             await asyncio.gather(*([market.drain()] if market is not None else []), drain(server, backend, None))
