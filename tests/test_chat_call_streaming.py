@@ -15,6 +15,7 @@ import pytest
 
 from vramsupply.chat import SYNTAXES, OutputParser, ParsedOutput, Piece, ReasoningMarkers
 from vramsupply.engine import ChatPrompt
+from vramsupply.engine.logprobs import TokenLogprob
 from vramsupply.server.chat_shape import ChatShape
 from vramsupply.server.responses import PromptTokensDetails, UsageOut
 
@@ -153,6 +154,9 @@ class DeliveredTokens:
         self.pieces = pieces
         self.token_text_ends = [sum(len(p) for p in pieces[: i + 1]) for i in range(len(pieces))]
 
+    def token_text_ends_from(self, first: int, count: int) -> list[int]:
+        return self.token_text_ends[first : first + count]
+
 
 def test_reasoning_tokens_count_the_tokens_that_brought_the_thought() -> None:
     """``é`` split over two byte tokens: the first brings no text (held back), and still counts."""
@@ -165,3 +169,35 @@ def test_reasoning_tokens_count_the_tokens_that_brought_the_thought() -> None:
     shape.finish_chunks(0, "stop", None)
     usage = UsageOut(prompt_tokens=3, completion_tokens=8, total_tokens=11, prompt_tokens_details=PromptTokensDetails(cached_tokens=0))
     assert json.loads(shape.usage_chunk(usage).removeprefix(b"data: "))["usage"]["completion_tokens_details"]["reasoning_tokens"] == 5
+
+
+def test_one_push_holding_a_thoughts_end_and_an_answer_gives_each_delta_its_own_tokens_logprobs() -> None:
+    """A stream step can bring several tokens; the thought's last words, ``</think>`` and the
+    answer's first came in one push, and every logprob went on the reasoning delta."""
+    think = ReasoningMarkers("<think>", "</think>")
+    prompt = ChatPrompt([], (), frozenset(), None, (), think, True, None, {}, True)  # the template opened the thought
+    shape = ChatShape(id="c", created=0, model="m", include_usage=False, prompt=prompt, token_bytes=lambda t: str(t).encode())
+    tokens = ["Let", " me", " see", "</th", "ink>", "\n\n", "It", " is"]
+    shape.track([DeliveredTokens(tokens)])  # type: ignore[list-item]
+    logprobs = [TokenLogprob(token, -0.5, ()) for token in range(len(tokens))]
+
+    def deltas(chunks: list[bytes]) -> list[tuple[str, list[str]]]:
+        """Each chunk's text field and the tokens of its logprobs (shown by id here)."""
+        out = []
+        for chunk in chunks:
+            [choice] = json.loads(chunk.removeprefix(b"data: "))["choices"]
+            text = "".join(f"{k}={v}" for k, v in choice["delta"].items() if k in ("reasoning_content", "content") and v)
+            out.append((text, [entry["token"] for entry in (choice["logprobs"] or {"content": []})["content"]]))
+        return out
+
+    assert deltas(shape.text_chunks(0, "".join(tokens[:7]), logprobs[:7])) == [
+        ("reasoning_content=Let me see", ["0", "1", "2", "3", "4"]),  # the marker's tokens with the thought they end
+        ("content=It", ["5", "6"]),
+    ]
+    assert deltas(shape.text_chunks(0, tokens[7], logprobs[7:])) == [("content= is", ["7"])]
+    assert deltas(shape.finish_chunks(0, "stop", [])) == [("", [])]
+
+    again = ChatShape(id="c", created=0, model="m", include_usage=False, prompt=prompt, token_bytes=lambda t: str(t).encode())
+    again.track([DeliveredTokens(tokens)])  # type: ignore[list-item]
+    assert deltas(again.text_chunks(0, "".join(tokens[:4]), logprobs[:4])) == [("reasoning_content=Let me see", ["0", "1", "2"])]  # "</th" waits
+    assert deltas(again.text_chunks(0, "".join(tokens[4:]), logprobs[4:])) == [("content=It is", ["3", "4", "5", "6", "7"])]

@@ -100,6 +100,7 @@ class OutputParser:
         pieces: list[Piece] = []
         while True:
             before = (self._state, len(self._buffer))
+            given = len(pieces)
             if self._state == "start":
                 self._start()
             elif self._state == "reasoning":
@@ -109,8 +110,14 @@ class OutputParser:
             elif self._calls is not None:
                 rest, self._buffer = self._buffer, ""
                 pieces.extend(self._calls.push(rest))
+            self._stamp(pieces, given)
             if (self._state, len(self._buffer)) == before:
                 return pieces
+
+    def _stamp(self, pieces: list[Piece], given: int) -> None:
+        """Pieces ``given`` onwards, with how far the parser has read (``Piece.upto``)."""
+        read = self._pushed - len(self._buffer)
+        pieces[given:] = [dataclasses.replace(piece, upto=read) for piece in pieces[given:]]
 
     def finish(self, cut: bool = False) -> list[Piece]:
         """Everything held back, once the generation has ended; ``cut``: by ``max_tokens``."""
@@ -128,6 +135,7 @@ class OutputParser:
             if self._state != "reasoning" and not self._called(pieces) and self._forced_name is not None:
                 assert self._syntax is not None
                 pieces.append(Piece("tool_call", call=ToolCall(self._forced_name, "", new_call_id(self._syntax.id_style))))
+        self._stamp(pieces, 0)
         return pieces
 
     def _called(self, pieces: list[Piece]) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import jsontext
@@ -58,8 +58,13 @@ class ToolCall:
 @dataclass(frozen=True)
 class Piece:
     """One unit of parsed output: a text delta of reasoning or content, a tool call announced (its
-    ``arguments`` still empty), or a fragment of the arguments of the call announced last."""
+    ``arguments`` still empty), or a fragment of the arguments of the call announced last.
+
+    ``upto``: how far into the text pushed, in characters, the parser had read once it gave the
+    piece (the markers and spaces it dropped on the way included): the tokens whose text ends
+    there or before brought it, which is where a stream puts their logprobs."""
 
     kind: Literal["reasoning", "content", "tool_call", "arguments"]
     text: str = ""
     call: ToolCall | None = None
+    upto: int | None = field(default=None, compare=False)

@@ -157,6 +157,11 @@ class Generation:
         later token). Exact counts of tokens in a span of the text, such as a thought, read it."""
         return list(self._channel.text_ends)
 
+    def token_text_ends_from(self, first: int, count: int) -> list[int]:
+        """``token_text_ends`` of completion tokens ``first`` .. ``first + count - 1`` (fewer where
+        fewer tokens came), without copying every end."""
+        return self._channel.text_ends[first : first + count]
+
     def token_text_starts(self, first: int, count: int) -> list[int]:
         """Where completion tokens ``first`` .. ``first + count - 1`` start in the text (see
         ``token_text_ends``), without copying every end: a stream asks for each chunk's few."""

@@ -14,6 +14,7 @@ never reaches ``content``, cut or not.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,6 +65,7 @@ class _Choice:
     output: ParsedOutput = dataclasses.field(default_factory=ParsedOutput)
     # Logprobs of tokens whose text no chunk has carried yet (it may be held back by the parser).
     logprobs: list[TokenLogprob] | None = None
+    given: int = 0  # the logprobs chunks have carried: the first held one is this token's
 
     def read(self, pieces: list[Piece]) -> list[Piece]:
         self.output.add(pieces)
@@ -115,7 +117,7 @@ class ChatShape(ShapeBase):
         chunks = self._piece_chunks(index, choice.read(choice.parser.finish(cut=finish == "length")))
         reason = self._reason(index, finish)
         # OpenAI's last chunk has "logprobs": null, unless tokens whose text was never sent are left.
-        held = self._take(choice) if choice.logprobs else None
+        held = self._take(index, choice) if choice.logprobs else None
         last = ChatChunkChoice(index=index, delta=ChatDelta(), logprobs=held, finish_reason=reason)
         return [*chunks, self._chunk([last])]
 
@@ -156,12 +158,25 @@ class ChatShape(ShapeBase):
         if logprobs is not None:
             choice.logprobs = (choice.logprobs or []) + logprobs
 
-    def _take(self, choice: _Choice) -> ChoiceLogprobs | None:
-        """The held logprobs, for the next chunk this choice sends."""
+    def _take(self, index: int, choice: _Choice, upto: int | None = None) -> ChoiceLogprobs | None:
+        """The held logprobs, for the next chunk this choice sends: with ``upto`` (``Piece.upto``),
+        those of the tokens whose text ends there or before; one push can bring a thought's end
+        and the answer's start, and each delta carries its own tokens."""
         if choice.logprobs is None:
             return None
-        entries, choice.logprobs = choice.logprobs, []
+        count = len(choice.logprobs) if upto is None else self._tokens_within(index, choice, upto)
+        entries, choice.logprobs = choice.logprobs[:count], choice.logprobs[count:]
+        choice.given += count
         return chat_logprobs(entries, self.token_bytes)
+
+    def _tokens_within(self, index: int, choice: _Choice, upto: int) -> int:
+        """How many of the held logprobs are of tokens whose text ends by ``upto``; all of them
+        without the generation's account of its tokens."""
+        assert choice.logprobs is not None
+        if index >= len(self._generations):
+            return len(choice.logprobs)
+        ends = self._generations[index].token_text_ends_from(choice.given, len(choice.logprobs))
+        return sum(1 for _ in itertools.takewhile(lambda end: end <= upto, ends))
 
     def _piece_chunks(self, index: int, pieces: list[Piece]) -> list[bytes]:
         chunks = []
@@ -180,7 +195,8 @@ class ChatShape(ShapeBase):
                 call += 1
                 function = FunctionOut(name=piece.call.name, arguments="")
                 delta = ChatDelta(tool_calls=[ToolCallOut(index=call, id=piece.call.id, type="function", function=function)])
-            chunks.append(self._chunk([ChatChunkChoice(index=index, delta=delta, logprobs=self._take(choice), finish_reason=None)]))
+            logprobs = self._take(index, choice, piece.upto)
+            chunks.append(self._chunk([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=None)]))
         return chunks
 
     def _text_document(self, index: int, field: str, text: str) -> str:
