@@ -102,6 +102,10 @@ class FakeHub:
         self.corrupt: set[str] = set()
         self.failing: set[str] = set()  # repo ids whose description answers 500
         self.refusing: set[str] = set()  # repo ids whose description answers 403 (a token without access)
+        # Rate limits: file path -> (how many more GETs answer 429, their Retry-After); repo id -> the
+        # Retry-After of a 429 its description answers.
+        self.limiting_downloads: dict[str, tuple[int, str]] = {}
+        self.limiting_infos: dict[str, str] = {}
         # Repo ids whose descriptions wait until all of them are being asked at once (or until
         # HOLD_LIMIT): most_held_at_once is how many of them a client had in flight together.
         self.held_together: set[str] = set()
@@ -209,6 +213,8 @@ class FakeHub:
         await self._hold(repo.repo_id.lower())
         if repo.repo_id.lower() in self.failing:
             raise web.HTTPInternalServerError()
+        if repo.repo_id.lower() in self.limiting_infos:
+            raise web.HTTPTooManyRequests(headers={"Retry-After": self.limiting_infos[repo.repo_id.lower()]})
         if repo.repo_id.lower() in self.refusing:
             raise web.HTTPForbidden(headers={"X-Error-Code": "GatedRepo", "X-Error-Message": f"Access to model {repo.repo_id} is restricted."})
         with_blobs = request.query.get("blobs", "").lower() == "true"
@@ -283,6 +289,10 @@ class FakeHub:
         return await self._send(request, path, repo.files[path], {"Accept-Ranges": "bytes"})
 
     async def _send(self, request: web.Request, path: str, file: FakeFile, headers: dict[str, str]) -> web.StreamResponse:
+        left, wait = self.limiting_downloads.get(path, (0, ""))
+        if left and request.method == "GET":
+            self.limiting_downloads[path] = (left - 1, wait)
+            raise web.HTTPTooManyRequests(headers={"Retry-After": wait})
         data = file.data
         if path in self.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]

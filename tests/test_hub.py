@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -334,3 +335,41 @@ def test_the_cache_is_shared_with_huggingface_hub_and_rm_leaves_other_files(hub:
     assert list_cached(cache) == []
     assert not model.path.exists() and Path(readme).read_bytes() == b"# Splitty"
     assert scan_cache_dir(cache).warnings == []
+
+
+def test_a_rate_limited_download_waits_as_long_as_the_hub_asks(hub: FakeHub, cache: Path) -> None:
+    """A 429's ``Retry-After`` was ignored: asked again 0.2, 0.4, 0.8 s later."""
+    hub.limiting_downloads["Widget-7B-Q4_K_M.gguf"] = (2, "1")
+    began = time.monotonic()
+    model = prepare_model("acme/Widget-7B", "Q4_K_M", cache_dir=cache)
+    assert time.monotonic() - began >= 1.9
+    assert model.path.read_bytes() == TINY_MODEL.read_bytes()
+
+
+def test_a_rate_limit_longer_than_the_download_timeout_fails_at_once_saying_so(hub: FakeHub, cache: Path) -> None:
+    """It asked again and again until the timeout, then called it a stall, naming "_Retry"."""
+    hub.limiting_downloads["Widget-7B-Q4_K_M.gguf"] = (100, "120")
+    began = time.monotonic()
+    with pytest.raises(DownloadError) as info:
+        prepare_model("acme/Widget-7B", "Q4_K_M", cache_dir=cache, timeout=5)
+    assert time.monotonic() - began < 4
+    assert "answered HTTP 429 and asks to wait 120 s, more than the 5 s left of the download timeout (VRAM_SUPPLY_DOWNLOAD_TIMEOUT)" in str(info.value)
+    assert str(info.value).endswith("run again later to resume") and "_Retry" not in str(info.value)
+
+
+def test_a_rate_limited_description_says_how_long_the_hub_asks_to_wait(hub: FakeHub, cache: Path) -> None:
+    hub.limiting_infos["acme/widget-7b"] = "30"
+    with pytest.raises(HubOffline, match=r"answered HTTP 429 for acme/Widget-7B \(it asks to wait 30 s\)"):
+        prepare_model("acme/Widget-7B", "Q4_K_M", cache_dir=cache)
+
+
+def test_a_repo_whose_description_the_hub_refuses_asks_for_the_licence_not_says_no_such_repo(hub: FakeHub) -> None:
+    """huggingface_hub's GatedRepoError is a RepositoryNotFoundError: the refusal was read as "not a repository"."""
+    hub.refusing.add("stranger/gadget-3b-gguf")
+    with pytest.raises(HubAuthError, match=r"^access to stranger/Gadget-3B-GGUF was refused: accept the model's licence"):
+        resolve("stranger/Gadget-3B-GGUF", "Q4_K_M")
+    hub.refusing.update({"lmstudio-community/gadget-3b-gguf", "bartowski/acme_gadget-3b-gguf"})
+    with pytest.raises(ModelNotFound) as info:
+        resolve("acme/Gadget-3B", "Q4_K_M")
+    assert "no accessible GGUF repository found for acme/gadget-3b (the Hub refused access to bartowski/acme_Gadget-3B-GGUF, " in str(info.value)
+    assert "set HF_TOKEN" in str(info.value)

@@ -7,9 +7,11 @@ Hub call here gets an explicit `endpoint=` and `token=`.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -95,7 +97,9 @@ def hub_errors(repo_id: str, access: HubAccess) -> Iterator[None]:
         if status in (401, 403):
             raise HubAuthError(auth_help(repo_id, access.endpoint)) from None
         if status == 429 or status >= 500:
-            raise HubUnreachable(f"the Hub at {access.endpoint} answered HTTP {status} for {repo_id}") from None
+            asked = retry_after(exc.response.headers)
+            later = f" (it asks to wait {asked:.0f} s)" if asked is not None else ""
+            raise HubUnreachable(f"the Hub at {access.endpoint} answered HTTP {status} for {repo_id}{later}") from None
         raise HubError(f"the Hub at {access.endpoint} rejected the request for {repo_id}: HTTP {status}") from None
     except (httpx2.RequestError, OfflineModeIsEnabled) as exc:  # RequestError: TooManyRedirects, DecodingError too
         raise HubUnreachable(f"cannot reach the Hub at {access.endpoint} ({type(exc).__name__}: {exc})") from None
@@ -103,6 +107,24 @@ def hub_errors(repo_id: str, access: HubAccess) -> Iterator[None]:
         raise HubError(f"the Hub at {access.endpoint} answered the request for {repo_id} with something that is not JSON ({_short(exc)}); is a proxy or captive portal in the way?") from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # huggingface_hub reading an answer of the wrong shape
         raise HubError(f"the Hub at {access.endpoint} sent metadata for {repo_id} that cannot be read ({type(exc).__name__}: {_short(exc)})") from None
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """The seconds a ``Retry-After`` header asks for (a number of seconds, or an HTTP date); None
+    without one, or one that cannot be read."""
+    value = headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0) if value.replace(".", "", 1).isdigit() else _until(email.utils.parsedate_to_datetime(value))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _until(when: datetime.datetime) -> float:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max((when - datetime.datetime.now(datetime.timezone.utc)).total_seconds(), 0.0)
 
 
 def _short(exc: Exception) -> str:

@@ -38,7 +38,7 @@ import httpx2
 from filelock import FileLock, Timeout
 from rich.filesize import decimal
 
-from vramsupply.hub.access import HubAccess, auth_help
+from vramsupply.hub.access import HubAccess, auth_help, retry_after
 from vramsupply.hub.errors import ChecksumMismatch, DownloadError, HubAuthError, HubError, InsufficientDiskSpace
 from vramsupply.hub.local import GGUF_MAGIC
 from vramsupply.hub.progress import ProgressTask, TransferProgress
@@ -58,7 +58,12 @@ class _Digest(Protocol):
 
 
 class _Retry(Exception):
-    """A transient answer (HTTP 429/5xx): try again after a pause."""
+    """A transient answer (HTTP 429/5xx): try again after a pause; ``asked``: the seconds the
+    Hub's ``Retry-After`` asked for, if it said."""
+
+    def __init__(self, reason: str, asked: float | None = None) -> None:
+        super().__init__(reason)
+        self.asked = asked
 
 
 class _EndedEarly(Exception):
@@ -208,13 +213,15 @@ class BlobDownloader:
         last_progress = time.monotonic()
         delay, ended_at = RETRY_DELAY_MIN, None
         while partial.size < file.size:
-            before = partial.size
+            before, asked = partial.size, None
             left = max(self.access.timeout - (time.monotonic() - last_progress), 0.1)
             try:
                 self._stream_once(url, partial, task, left)
                 if partial.size < file.size:
                     raise _EndedEarly
-            except (httpx2.TransportError, _Retry) as exc:
+            except _Retry as exc:
+                reason, asked = str(exc), exc.asked
+            except httpx2.TransportError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             except _EndedEarly:
                 if partial.size == ended_at:
@@ -233,10 +240,24 @@ class BlobDownloader:
                     f"download of {self.label(file)} stalled: no data for {stalled:.1f} s ({reason}); "
                     f"{decimal(partial.size)} of {decimal(file.size)} kept, run again to resume"
                 )
-            time.sleep(min(delay, self.access.timeout - stalled))
+            time.sleep(self._pause(file, partial, reason, asked, min(delay, self.access.timeout - stalled), self.access.timeout - stalled))
             delay = min(delay * 2, RETRY_DELAY_MAX)
         partial.complete(self.cache.blob(file.sha256), self.label(file))
         task.finish()
+
+    def _pause(self, file: RemoteFile, partial: PartialBlob, reason: str, asked: float | None, backoff: float, left: float) -> float:
+        """Seconds to wait before the next try: what the Hub asked for (``Retry-After``), else
+        ``backoff``. A wait longer than the ``left`` of the download timeout fails now, saying so,
+        rather than asking a rate-limited Hub again and again and calling it a stall."""
+        if asked is None:
+            return backoff
+        if asked > left:
+            raise DownloadError(
+                f"download of {self.label(file)} paused by the Hub: it answered {reason} and asks to wait {asked:.0f} s, "
+                f"more than the {left:.0f} s left of the download timeout (VRAM_SUPPLY_DOWNLOAD_TIMEOUT); "
+                f"{decimal(partial.size)} of {decimal(file.size)} kept, run again later to resume"
+            )
+        return asked
 
     def _stream_once(self, url: str, partial: PartialBlob, task: ProgressTask, timeout: float) -> None:
         """One GET from the partial file's end; `timeout`: what is left of the stall deadline."""
@@ -248,7 +269,7 @@ class BlobDownloader:
             if status in (401, 403):
                 raise HubAuthError(auth_help(self.resolved.repo_id, self.access.endpoint))
             if status == 429 or status >= 500:
-                raise _Retry(f"HTTP {status}")
+                raise _Retry(f"HTTP {status}", retry_after(response.headers))
             if status not in (200, 206, 416):
                 raise DownloadError(f"download of {self.label(partial.expected)} failed: HTTP {status} from {url}")
             self._check_length(response, partial)

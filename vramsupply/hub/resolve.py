@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from huggingface_hub import HfApi, ModelInfo
-from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
 from vramsupply.config import DEFAULT_GGUF_PUBLISHERS
@@ -206,6 +206,8 @@ class Resolver:
         with hub_errors(repo_id, self.access):
             try:
                 return self._readable(self.api.model_info(repo_id, files_metadata=True, timeout=self.access.timeout), repo_id)
+            except GatedRepoError:  # a RepositoryNotFoundError too, but a refusal: hub_errors says it
+                raise
             except RepositoryNotFoundError as exc:
                 # The Hub answers 401 RepoNotFound for a private repo asked about without access.
                 if exc.response is not None and exc.response.status_code == 401:
@@ -295,7 +297,7 @@ class Resolver:
                 return _resolved(info, group, model_id, quant)
             checked.append(f"{info.id} has {_describe_quants(info)}")
         if not checked:
-            raise ModelNotFound(f"no accessible GGUF repository found for {model_id}; pass --model <org>/<gguf-repo> or a local .gguf path")
+            raise ModelNotFound(f"no accessible GGUF repository found for {model_id}{self._refused_note(candidates)}; pass --model <org>/<gguf-repo> or a local .gguf path")
         raise QuantNotFound(f"no GGUF repository of {model_id} has {quant}: " + "; ".join(checked))
 
     def resolve_each(self, model: str) -> tuple[ResolvedModel, ...]:
@@ -340,6 +342,16 @@ class Resolver:
             raise ModelNotFound(f"no accessible GGUF repository found for {model.lower()}; pass --model <org>/<gguf-repo> or a local .gguf path")
         described = "; ".join(f"{info.id} has {_describe_quants(info)}" for info, _ in sources)
         raise QuantNotFound(f"no GGUF repository of {model.lower()} has a quant-tagged model file: {described}")
+
+    def _refused_note(self, candidates: list[ModelInfo]) -> str:
+        """What the Hub refused among ``candidates`` (gated or private to this token), and what to do."""
+        refused = [c.id for c in candidates if c.id in self._denied]
+        if not refused:
+            return ""
+        return (
+            f" (the Hub refused access to {', '.join(refused[:3])}{' and others' if len(refused) > 3 else ''}: accept the model's licence "
+            "there and set HF_TOKEN to an access token of that account)"
+        )
 
     def _nothing_found(self, model: str, base_id: str, info: ModelInfo | None) -> str:
         name = base_id.split("/", 1)[1]
