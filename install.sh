@@ -30,7 +30,7 @@ Environment overrides: VRAMSUPPLY_VERSION, VRAMSUPPLY_FROM, VRAMSUPPLY_BACKEND,
 VRAMSUPPLY_CUDA_ARCHITECTURES, VRAMSUPPLY_HIP_TARGETS, CUDA_HOME (a CUDA toolkit to use),
 VRAMSUPPLY_CPU_FLAGS (compiler flags for llama.cpp's CPU code, instead of the AMX probe's),
 VRAMSUPPLY_DATA_DIR (where the venv lives), VRAMSUPPLY_BIN_DIR (where the link goes),
-VRAMSUPPLY_UNINSTALL=1 (as --uninstall),
+VRAMSUPPLY_UNINSTALL=1 (as --uninstall), VRAMSUPPLY_NVIDIA_SMI_TIMEOUT (seconds to wait for nvidia-smi, 30),
 VRAMSUPPLY_PYTHON (the Python to make the venv with, used as is; by default the first of
 python3.13, python3.12, python3.11, python3.10, python3 that is 3.10+ and makes a venv with pip).
 USAGE
@@ -122,12 +122,48 @@ find_python() {
 # detect_backend sets $backend and $why. A GPU counts only when its own tool lists it: `nvidia-smi -L`
 # prints a "GPU 0: ..." line (a broken driver prints an error instead), `rocminfo` names a gfx agent.
 
-nvidia_gpus() { nvidia-smi -L 2>/dev/null | grep '^GPU [0-9]' || true; }
-nvidia_failure() { nvidia-smi -L 2>&1 | grep -v '^[[:space:]]*$' | head -n 1 | cut -c 1-160 || true; }
-cuda_driver_version() { nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -n 1 || true; }
-# "8.6" -> "86", one per distinct GPU architecture.
-nvidia_compute_caps() {
-    nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | tr -d ' .\r' | grep -E '^[0-9]+$' | sort -u | tr '\n' ' ' | sed 's/ $//' || true
+# nvidia-smi waits on the driver, and a driver in a bad state can keep it waiting for ever (the
+# install hung with it). So it runs under a time limit where there is a `timeout` (without one, as
+# before), long enough for a driver's slow first start; VRAMSUPPLY_NVIDIA_SMI_TIMEOUT (seconds)
+# changes it (the tests shorten it). After one call has run out of time none is made again: a
+# hung driver costs one limit, not one per question. Never call it in $(...): it sets variables.
+NVIDIA_SMI_LIMIT=30
+ask_nvidia_smi() { # ARGS...: its output, errors too, in $smi_out; status 124 when it did not answer
+    smi_out="" smi_status=0 smi_limit=${VRAMSUPPLY_NVIDIA_SMI_TIMEOUT:-$NVIDIA_SMI_LIMIT}
+    case "$smi_limit" in *[!0-9]*) die "VRAMSUPPLY_NVIDIA_SMI_TIMEOUT=$smi_limit: set it to the whole seconds to wait for nvidia-smi ($NVIDIA_SMI_LIMIT unless set)" ;; esac
+    if [ -n "${nvidia_smi_hung:-}" ]; then return 124; fi
+    if have timeout; then
+        smi_out=$(timeout "$smi_limit" nvidia-smi "$@" 2>&1) || smi_status=$?
+    else
+        smi_out=$(nvidia-smi "$@" 2>&1) || smi_status=$?
+    fi
+    if [ "$smi_status" = 124 ]; then nvidia_smi_hung=1 smi_out=""; fi
+    return "$smi_status"
+}
+nvidia_hang() { echo "nvidia-smi did not answer in $smi_limit s"; }
+# From `nvidia-smi -L`'s $smi_out: the GPU lines, or the first line of what it said instead.
+nvidia_gpus() { printf '%s\n' "$smi_out" | grep '^GPU [0-9]' || true; }
+nvidia_failure() { printf '%s\n' "$smi_out" | grep -v '^[[:space:]]*$' | head -n 1 | cut -c 1-160 || true; }
+
+# Sets $driver, the CUDA version the driver supports ("12.4"; "" with no driver to ask), and
+# $driver_unknown: why a driver that is there did not say ("" when it did, or there is none).
+read_cuda_driver() {
+    driver="" driver_unknown=""
+    have nvidia-smi || return 0
+    ask_nvidia_smi || true
+    driver=$(printf '%s\n' "$smi_out" | sed -n 's/.*CUDA Version: *\([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -n 1)
+    if [ -n "${nvidia_smi_hung:-}" ]; then
+        driver_unknown="$(nvidia_hang), so the driver's CUDA version is unknown"
+    elif [ -z "$driver" ] && printf '%s\n' "$smi_out" | grep -q 'CUDA Version: *N/A'; then
+        driver_unknown="the NVIDIA driver does not report its CUDA version (nvidia-smi: CUDA Version: N/A)"
+    fi
+}
+# Sets $caps: "8.6" -> "86", one per distinct GPU architecture ("" when nvidia-smi does not say).
+read_compute_caps() {
+    caps=""
+    have nvidia-smi || return 0
+    ask_nvidia_smi --query-gpu=compute_cap --format=csv,noheader || true
+    caps=$(printf '%s\n' "$smi_out" | tr -d ' .\r' | grep -E '^[0-9]+$' | sort -u | tr '\n' ' ' | sed 's/ $//' || true)
 }
 rocm_targets() { rocminfo 2>/dev/null | sed -n 's/^ *Name: *\(gfx[0-9a-z]*\).*/\1/p' | sort -u | tr '\n' ' ' | sed 's/ $//' || true; }
 
@@ -138,12 +174,16 @@ detect_backend() {
         return 0
     fi
     if have nvidia-smi; then
+        ask_nvidia_smi -L || true # once: its output serves both the GPUs and the failure
         gpus=$(nvidia_gpus)
         if [ -n "$gpus" ]; then
             backend=cuda why="nvidia-smi lists $(printf '%s\n' "$gpus" | wc -l | tr -d ' ') GPU(s): $(printf '%s\n' "$gpus" | head -n 1 | sed 's/ (UUID.*//')"
             return 0
+        elif [ -n "${nvidia_smi_hung:-}" ]; then
+            why="$(nvidia_hang); " # as for a GPU it does not list
+        else
+            why="nvidia-smi lists no GPU ($(nvidia_failure)); "
         fi
-        why="nvidia-smi lists no GPU ($(nvidia_failure)); "
     fi
     if have rocminfo && [ -n "$(rocm_targets)" ]; then
         backend=hip why="${why}rocminfo lists AMD GPU(s): $(rocm_targets)"
@@ -206,12 +246,16 @@ cuda_wheel_specs() {
 }
 
 plan_cuda() {
-    driver=$(cuda_driver_version) caps=$(nvidia_compute_caps)
+    read_cuda_driver
+    if [ -n "$driver" ] && [ "$(major_of "$driver")" -lt 12 ]; then
+        # No toolkit, wheels or architectures to plan: none this driver could run exists.
+        toolchain="none (CUDA 12 or newer needs a newer NVIDIA driver)"
+        toolchain_missing="the NVIDIA driver supports only CUDA $driver; llama.cpp needs CUDA 12 or newer (update the driver)"
+        return 0
+    fi
+    read_compute_caps
     sys_root=$(system_cuda_root) sys_version="" not_system=""
     if [ -n "$sys_root" ]; then sys_version=$(nvcc_version "$sys_root"); fi
-    if [ -n "$driver" ] && [ "$(major_of "$driver")" -lt 12 ]; then
-        toolchain_missing="the NVIDIA driver supports only CUDA $driver; llama.cpp needs CUDA 12 or newer (update the driver)"
-    fi
     if [ -z "$sys_root" ]; then
         not_system="no CUDA toolkit (nvcc) installed"
     elif [ -z "$sys_version" ]; then
@@ -223,16 +267,19 @@ plan_cuda() {
     fi
     if [ -z "$not_system" ]; then
         cuda_root=$sys_root cuda_version=$sys_version cuda_wheels=""
-        toolchain="system CUDA $sys_version toolkit in $sys_root (nvcc and cuBLAS)"
+        toolchain="system CUDA $sys_version toolkit in $sys_root (nvcc and cuBLAS)${driver_unknown:+; $driver_unknown}"
     else
-        # Match the driver; without one, the nvcc on PATH; else the newest CUDA 12 (runs on drivers >= 525).
+        # Match the driver; without one, the nvcc on PATH; else (or when the driver is there but
+        # does not say what it supports) the newest CUDA 12, which runs on drivers >= 525.
         cuda_version=${driver:-${sys_version:-12.9}}
+        if [ -n "$driver_unknown" ]; then cuda_version=12.9; fi
         lowest_cap=$(printf '%s\n' "$caps" | tr ' ' '\n' | grep . | sort -n | head -n 1 || true)
         if [ "$(major_of "$cuda_version")" -ge 13 ] && [ -n "$lowest_cap" ] && [ "$lowest_cap" -lt 75 ]; then
             cuda_version=12.9 # CUDA 13 dropped GPUs older than Turing; the driver still runs CUDA 12.
         fi
         cuda_root="$data_dir/cuda-$cuda_version" cuda_wheels=$(cuda_wheel_specs "$cuda_version")
         toolchain="CUDA $cuda_version from NVIDIA's PyPI wheels ($(echo "$cuda_wheels" | sed 's/ $//')) in $cuda_root, because $not_system"
+        if [ -n "$driver_unknown" ]; then toolchain="$toolchain; CUDA $cuda_version because $driver_unknown, and CUDA 12 runs on any driver >= 525"; fi
     fi
     if [ -n "${VRAMSUPPLY_CUDA_ARCHITECTURES:-}" ]; then
         archs=$VRAMSUPPLY_CUDA_ARCHITECTURES
@@ -762,7 +809,7 @@ plan_spec() {
 
 # The installer reads VRAMSUPPLY_*, the agent VRAM_SUPPLY_*: one spelled for the other is said, not
 # silently ignored (VRAMSUPPLY_MODEL set for the agent did nothing).
-INSTALLER_SETTINGS="VERSION FROM BACKEND PYTHON CUDA_ARCHITECTURES HIP_TARGETS CPU_FLAGS DATA_DIR BIN_DIR UNINSTALL INSTALL_FUNCTIONS_ONLY"
+INSTALLER_SETTINGS="VERSION FROM BACKEND PYTHON CUDA_ARCHITECTURES HIP_TARGETS CPU_FLAGS DATA_DIR BIN_DIR UNINSTALL NVIDIA_SMI_TIMEOUT INSTALL_FUNCTIONS_ONLY"
 hint_misspelled_settings() {
     for name in $(env | sed -n 's/^VRAMSUPPLY_\([A-Za-z0-9_]*\)=.*/\1/p' | sort -u); do
         case " $INSTALLER_SETTINGS " in

@@ -3,13 +3,19 @@
 Each test builds a machine out of test doubles: fake `nvidia-smi`, `nvcc`, `rocminfo`, `hipconfig`
 and `uname` executables on a PATH that otherwise holds only the ordinary system tools (never the
 real GPU tools of the machine running the tests). `--dry-run` installs nothing, so these are fast.
+
+nvidia-smi asks the driver, and a driver in a bad state can keep it waiting for ever: the install
+hung with it. Its double here sleeps instead of answering, and VRAMSUPPLY_NVIDIA_SMI_TIMEOUT=1
+keeps the wait short; each such test checks that the sleeping nvidia-smi is gone when it ends.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +35,11 @@ esac
 BROKEN_NVIDIA_SMI = """#!/bin/sh
 echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. Make sure that the latest NVIDIA driver is installed and running."
 exit 9
+"""
+# A driver in a bad state: nvidia-smi never answers. Each call notes its pid and arguments first.
+HUNG_NVIDIA_SMI = """#!/bin/sh
+echo "$$ $*" >> "{calls}"
+exec sleep 60
 """
 # Like the real one: `--version` names the release, `--dryrun` shows where it really lives (links resolved).
 NVCC = """#!/bin/sh
@@ -88,12 +99,12 @@ class Machine:
             (root / "lib64" / "libcublas.so").write_text("")
         return root
 
-    def dry_run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def dry_run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             ["sh", str(INSTALL_SH), "--dry-run", *args],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=timeout,
             env={
                 "PATH": f"{self.bin}:{self.system_bin}",
                 "HOME": str(self.root),
@@ -108,6 +119,44 @@ class Machine:
 @pytest.fixture
 def machine(tmp_path: Path, system_bin: Path) -> Machine:
     return Machine(tmp_path, system_bin)
+
+
+class HungNvidiaSmi:
+    """The nvidia-smi of a driver in a bad state, on `machine`: what it was asked, and whether any
+    of its calls still sleeps."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.log = machine.root / "nvidia-smi-calls"
+        machine.tool("nvidia-smi", HUNG_NVIDIA_SMI.format(calls=self.log))
+
+    def calls(self) -> list[tuple[int, str]]:
+        lines = self.log.read_text().splitlines() if self.log.exists() else []
+        return [(int(pid), args) for pid, _, args in (line.partition(" ") for line in lines)]
+
+    def asked(self) -> list[str]:
+        return [args for _, args in self.calls()]
+
+    def still_sleeping(self) -> list[int]:
+        return [pid for pid, _ in self.calls() if running(pid)]
+
+
+def running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def hung_nvidia_smi(machine: Machine) -> Iterator[HungNvidiaSmi]:
+    hung = HungNvidiaSmi(machine)
+    yield hung
+    for pid in hung.still_sleeping():  # only after a failure: never leave a sleeper behind
+        os.kill(pid, signal.SIGKILL)
+
+
+A_SHORT_LIMIT = {"VRAMSUPPLY_NVIDIA_SMI_TIMEOUT": "1"}
 
 
 def test_a_listed_nvidia_gpu_without_a_toolkit_gets_cuda_from_pypi_wheels_matched_to_the_driver(machine: Machine) -> None:
@@ -134,6 +183,52 @@ def test_a_broken_driver_means_cpu_and_says_why(machine: Machine) -> None:
     assert result.returncode == 0, result.stderr
     assert "llama.cpp backend: cpu (nvidia-smi lists no GPU (NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver." in result.stdout
     assert "toolchain: C/C++ compiler (" in result.stdout
+
+
+def test_an_nvidia_smi_that_never_answers_is_given_up_on_and_the_install_goes_on_for_the_cpu(
+    machine: Machine, hung_nvidia_smi: HungNvidiaSmi
+) -> None:
+    result = machine.dry_run(env=A_SHORT_LIMIT, timeout=20)
+
+    assert result.returncode == 0, result.stderr
+    assert "vramsupply: llama.cpp backend: cpu (nvidia-smi did not answer in 1 s; no usable GPU found)" in result.stdout
+    assert "toolchain: C/C++ compiler (" in result.stdout
+    assert hung_nvidia_smi.asked() == ["-L"], "asked once: a driver that hangs costs one limit, not one per question"
+    assert hung_nvidia_smi.still_sleeping() == []
+
+
+def test_cuda_asked_for_with_an_nvidia_smi_that_never_answers_plans_cuda_12_and_asks_nothing_more(
+    machine: Machine, hung_nvidia_smi: HungNvidiaSmi
+) -> None:
+    result = machine.dry_run("--backend", "cuda", env=A_SHORT_LIMIT, timeout=20)
+
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "toolchain: CUDA 12.9 from NVIDIA's PyPI wheels (nvidia-cuda-nvcc-cu12>=12.0,<12.10 " in out
+    assert "; CUDA 12.9 because nvidia-smi did not answer in 1 s, so the driver's CUDA version is unknown" in out
+    assert hung_nvidia_smi.asked() == [""], "the header did not come: the compute capabilities are not asked for"
+    assert hung_nvidia_smi.still_sleeping() == []
+
+
+@pytest.fixture(scope="module")
+def system_bin_without_timeout(system_bin: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ordinary tools less `timeout` (it is not everywhere: macOS has none)."""
+    clean = tmp_path_factory.mktemp("system-bin-without-timeout")
+    for entry in system_bin.iterdir():
+        if entry.name != "timeout":
+            (clean / entry.name).symlink_to(os.readlink(entry))
+    return clean
+
+
+def test_without_a_timeout_program_nvidia_smi_is_asked_as_before(tmp_path: Path, system_bin_without_timeout: Path) -> None:
+    machine = Machine(tmp_path, system_bin_without_timeout)
+    machine.nvidia_gpus("NVIDIA GeForce RTX 4090", cuda="12.4", compute_cap="8.9")
+
+    result = machine.dry_run()
+
+    assert result.returncode == 0, result.stderr
+    assert "llama.cpp backend: cuda (nvidia-smi lists 1 GPU(s): GPU 0: NVIDIA GeForce RTX 4090)" in result.stdout
+    assert "CUDA 12.4 from NVIDIA's PyPI wheels" in result.stdout and "architectures 89-real" in result.stdout
 
 
 def test_nvcc_without_a_gpu_is_not_a_gpu(machine: Machine) -> None:
@@ -192,6 +287,47 @@ def test_a_driver_too_old_for_cuda_12_is_named_with_the_fix(machine: Machine) ->
     result = machine.dry_run()
 
     assert "cannot build for cuda: the NVIDIA driver supports only CUDA 11.4; llama.cpp needs CUDA 12 or newer (update the driver); the CPU build would be installed instead" in result.stdout
+
+
+def test_a_driver_too_old_for_cuda_12_plans_no_toolkit_it_cannot_run(machine: Machine) -> None:
+    """The plan once named wheels for CUDA 11.4 (nvidia-cuda-nvcc-cu12>=12.0,<11.5: there are none)
+    and the architectures to build with them, and then refused to build."""
+    machine.nvidia_gpus("Tesla K80", cuda="11.4", compute_cap="3.7")
+
+    result = machine.dry_run()
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "vramsupply: toolchain: none (CUDA 12 or newer needs a newer NVIDIA driver)" in lines
+    assert not [line for line in lines if "wheels" in line or "<11.5" in line or "architectures" in line]
+    assert "cannot build for cuda: the NVIDIA driver supports only CUDA 11.4;" in result.stdout
+
+
+def test_a_driver_that_does_not_report_its_cuda_version_gets_cuda_12_wheels_not_the_system_nvccs(machine: Machine) -> None:
+    """`CUDA Version: N/A` was read as no driver at all, so the wheels followed the nvcc on PATH:
+    CUDA 13, which an older driver cannot run. CUDA 12 runs on every driver from 525 on."""
+    machine.nvidia_gpus("NVIDIA GeForce RTX 3090", cuda="N/A", compute_cap="8.6")
+    machine.cuda_toolkit("13.0", with_cublas=False)
+
+    result = machine.dry_run()
+
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "toolchain: CUDA 12.9 from NVIDIA's PyPI wheels (nvidia-cuda-nvcc-cu12>=12.0,<12.10 " in out
+    assert "nvidia-cuda-nvcc>=13" not in out
+    assert "; CUDA 12.9 because the NVIDIA driver does not report its CUDA version (nvidia-smi: CUDA Version: N/A)" in out
+
+
+def test_a_complete_system_toolkit_is_still_used_when_the_driver_does_not_report_its_cuda_version(machine: Machine) -> None:
+    machine.nvidia_gpus("NVIDIA GeForce RTX 3090", cuda="N/A", compute_cap="8.6")
+    root = machine.cuda_toolkit("13.0", with_cublas=True)
+
+    result = machine.dry_run()
+
+    assert (
+        f"toolchain: system CUDA 13.0 toolkit in {root} (nvcc and cuBLAS); "
+        "the NVIDIA driver does not report its CUDA version (nvidia-smi: CUDA Version: N/A); architectures 86-real"
+    ) in result.stdout
 
 
 def test_an_amd_gpu_listed_by_rocminfo_gets_hip_for_its_target(machine: Machine) -> None:
