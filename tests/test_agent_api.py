@@ -465,3 +465,35 @@ def test_tool_names_and_parameters_are_held_to_what_every_call_syntax_can_write(
     assert unicode_name.value.body["param"] == "tools[0].function.name"
     assert listed.value.body["param"] == "tools[0].function.parameters.properties"
     assert [c.function.name for c in forced.choices[0].message.tool_calls] == ["f"]
+
+
+def test_tool_fields_of_the_wrong_type_and_a_schema_no_value_fits_are_said_clearly(qwen: LiveServer) -> None:
+    """A string ``strict`` was read as not strict, a numeric description failed inside some
+    templates (blamed on ``messages``), ``tool_choice: 5`` named the param ``tool_choice.str``,
+    and ``anyOf: []`` failed even an ``auto`` request with "it needs a 'root' rule"."""
+    def refused(**fields: object) -> dict:
+        with sdk(qwen) as client, pytest.raises(BadRequestError) as info:
+            client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=5, **fields)
+        return info.value.body
+
+    def tool(**function: object) -> list[dict]:
+        return [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}, **function}}]
+
+    assert refused(tools=tool(strict="yes"))["param"] == "tools[0].function.strict"
+    assert refused(tools=tool(description=5))["message"] == "tools[0].function.description must be a string"
+    for choice in (5, ["auto"]):
+        body = refused(tools=tool(), tool_choice=choice)
+        assert (body["param"], body["message"]) == ("tool_choice", "tool_choice must be one of none, auto, required or a named function")
+    empty = {"type": "object", "properties": {"a": {"anyOf": []}, "b": {"type": "integer"}}}
+    with sdk(qwen) as client:
+        answered = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tool(parameters=empty), max_tokens=5, extra_body=NO_THINKING)
+        forced = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, tools=tool(parameters=empty), tool_choice="required", parallel_tool_calls=False, max_tokens=150, seed=1, extra_body=NO_THINKING
+        )
+    assert answered.choices[0].finish_reason in ("stop", "length")
+    arguments = forced.choices[0].message.tool_calls[0].function.arguments
+    assert forced.choices[0].finish_reason == "tool_calls", (forced.choices[0].finish_reason, arguments)
+    assert set(json.loads(arguments)) <= {"b"}
+    required = {**empty, "required": ["a"]}
+    body = refused(tools=tool(parameters=required), tool_choice="required")
+    assert body["param"] == "tools" and 'the required property "a" at the top has a schema no value fits' in body["message"]

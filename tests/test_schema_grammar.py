@@ -166,6 +166,19 @@ def test_a_range_no_number_fits_is_refused() -> None:
         schema_to_gbnf({"type": "number", "exclusiveMinimum": 1, "maximum": 1})
 
 
+def test_an_empty_union_or_type_list_fits_nothing(checker: GrammarChecker) -> None:
+    """``anyOf: []`` wrote an empty GBNF rule, which llama.cpp refused inside the engine: a
+    request with such a tool failed even with tool_choice auto, blaming a missing root rule."""
+    for empty in ({"anyOf": []}, {"oneOf": []}, {"type": []}):
+        with pytest.raises(UnsatisfiableSchema, match="no value fits|fits any value"):
+            schema_to_gbnf(empty)
+        optional = schema_to_gbnf({"type": "object", "properties": {"a": empty, "b": {"type": "integer"}}})
+        assert checker.accepts(optional, '{"b": 1}') and not checker.accepts(optional, '{"a": 1, "b": 1}')
+        with pytest.raises(UnsatisfiableSchema, match='the required property "a" at the top has a schema no value fits'):
+            schema_to_gbnf({"type": "object", "properties": {"a": empty}, "required": ["a"]})
+    assert checker.accepts(schema_to_gbnf({"anyOf": [{"type": []}, {"type": "integer"}]}), "7")
+
+
 def test_json_strings_never_hold_raw_control_characters(checker: GrammarChecker) -> None:
     for schema in ({"type": "object"}, {"type": "object", "properties": {"s": {"type": "string", "maxLength": 12}}}):
         grammar = schema_to_gbnf(schema)

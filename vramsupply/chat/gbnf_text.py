@@ -120,6 +120,8 @@ def check_gbnf(grammar: str) -> str:
         name, sep, body = line.partition(" ::= ")
         if not sep or not re.fullmatch(r"[A-Za-z0-9-]+", name):
             raise ValueError(f"the grammar built is not valid GBNF (line {line[:60]!r})")
+        if not body.strip():
+            raise ValueError(f"the grammar built is not valid GBNF (rule {name} is empty)")
         rules[name] = body
     used = {"root"}
     for name, body in rules.items():

@@ -52,9 +52,10 @@ def _members(schema: dict[str, Any], where: str) -> bool:
         return False
     members = dict(properties or {})
     names = [name for name in required or () if isinstance(name, str)]
-    for name in [n for n, sub in members.items() if sub is False]:
+    for name in [n for n, sub in members.items() if fits_nothing(sub)]:
         if name in names:
-            raise UnsatisfiableSchema(f"the required property {json.dumps(name)} at {where or 'the top'} has the schema false")
+            what = "the schema false" if members[name] is False else f"a schema no value fits ({json.dumps(members[name])[:40]})"
+            raise UnsatisfiableSchema(f"the required property {json.dumps(name)} at {where or 'the top'} has {what}")
         del members[name]
     extra = schema.get("additionalProperties", True)
     for name in names:
@@ -70,16 +71,24 @@ def _members(schema: dict[str, Any], where: str) -> bool:
     return True
 
 
+def fits_nothing(schema: Any) -> bool:
+    """``false``, or a schema that says as much: an empty ``anyOf``, ``oneOf`` or ``type`` list."""
+    return schema is False or (isinstance(schema, dict) and any(schema.get(key) == [] for key in ("anyOf", "oneOf", "type")))
+
+
 def _unions(schema: dict[str, Any], where: str) -> bool:
-    """A ``false`` branch of ``anyOf``/``oneOf`` fits nothing: left out."""
+    """A ``false`` branch of ``anyOf``/``oneOf`` fits nothing: left out. None left (or none to
+    begin with) is a union no value fits; so is an empty ``type`` list."""
+    if schema.get("type") == []:
+        raise UnsatisfiableSchema(f"the type list at {where or 'the top'} is empty, so no value fits it")
     changed = False
     for key in ("anyOf", "oneOf"):
         branches = schema.get(key)
-        if "$ref" in schema or not isinstance(branches, list) or not any(b is False for b in branches):
+        if "$ref" in schema or not isinstance(branches, list) or (branches and not any(fits_nothing(b) for b in branches)):
             continue
-        kept = [b for b in branches if b is not False]
+        kept = [b for b in branches if not fits_nothing(b)]
         if not kept:
-            raise UnsatisfiableSchema(f"every branch of the {key} at {where or 'the top'} is false")
+            raise UnsatisfiableSchema(f"no branch of the {key} at {where or 'the top'} fits any value")
         schema[key], changed = kept, True
     return changed
 

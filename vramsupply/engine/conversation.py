@@ -219,6 +219,7 @@ def _functions(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]
         if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
             raise ChatRequestError(f"{where}.function.name", f"{where}.function.name must be 1-64 ASCII letters, digits, '_', '-' or '.'")
         function["parameters"] = _parameters(function.get("parameters"), f"{where}.function.parameters")
+        _check_types(function, f"{where}.function")
         if function.get("strict") is True:  # refused whatever tool_choice is: auto too promises the schema
             try:
                 check_strict(function["parameters"], f"{where}.function.parameters")
@@ -230,6 +231,15 @@ def _functions(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]
             raise ChatRequestError(f"{where}.function.name", f"two tools are named {name!r}")
         functions.append(function)
     return functions
+
+
+def _check_types(function: Mapping[str, Any], where: str) -> None:
+    """``strict`` a boolean and ``description`` a string, where given (null: not given), as OpenAI
+    holds them: a string ``strict`` was read as not strict, and a number as the description
+    failed inside some chat templates, blamed on ``messages``."""
+    for key, kind, name in (("strict", bool, "a boolean"), ("description", str, "a string")):
+        if function.get(key) is not None and not isinstance(function[key], kind):
+            raise ChatRequestError(f"{where}.{key}", f"{where}.{key} must be {name}")
 
 
 def _template_tools(tools: Sequence[Mapping[str, Any]], functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -291,11 +301,11 @@ _NAMED_SCHEMAS = frozenset({"properties", "patternProperties", "$defs", "definit
 """Keywords whose value maps names to schemas."""
 
 
-def _tool_choice(choice: str | Mapping[str, Any] | None, functions: list[dict[str, Any]]) -> tuple[str, str | None]:
+def _tool_choice(choice: Any, functions: list[dict[str, Any]]) -> tuple[str, str | None]:
     """(``none``, ``auto``, ``required`` or ``named``; the function a named choice must call)."""
     if choice is None:
         return ("auto" if functions else "none"), None
-    if isinstance(choice, str):
+    if isinstance(choice, str) or not isinstance(choice, Mapping):
         if choice not in TOOL_CHOICES:
             raise ChatRequestError("tool_choice", f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function")
         if choice == "required" and not functions:
