@@ -173,6 +173,28 @@ def test_a_second_agent_on_the_same_data_dir_is_refused_in_one_line_before_loadi
     assert report["agent"]["url"] == agent_url(first) and report["registration"]["pid"] == first.process.pid
 
 
+def test_an_agent_from_before_the_lock_still_serving_is_named_not_taken_for_another_program() -> None:
+    """An upgrade in place leaves the older agent serving until its restart; it takes no lock, and a
+    `serve` beside it was told "another program listens there: choose another --port", which
+    started a second agent on the same token, registration record and ledger."""
+    older = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "vramsupply", "serve"], stdin=subprocess.PIPE)
+    stranger = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "vramsupply", "status"], stdin=subprocess.PIPE)
+    try:
+        earlier_demo_record(older.pid, phase=Phase.registered, updated_at=time.time())  # records without a start time, as then
+        refused = run_cli("serve", "--model", str(TINY_MODEL), "--no-register", "--port", "0", timeout=60)
+        earlier_demo_record(stranger.pid, phase=Phase.registered, updated_at=time.time())  # a pid now some other command's
+        with serving() as started:
+            assert started.process.poll() is None
+    finally:
+        for process in (older, stranger):
+            process.kill()
+            process.wait()
+
+    assert refused.returncode == 1 and refused.stdout == "", refused
+    [line] = refused.stderr.splitlines()
+    assert line.startswith(f"error: an older vramsupply agent (pid {older.pid}, from before this check) is serving from the data dir {data_dir()}"), line
+
+
 def test_the_demo_runs_beside_a_serving_agent_and_leaves_nothing_in_its_data_dir() -> None:
     """The demo kept its record and its bought answer in the provider's data dir: refused beside the
     provider's agent, and a row of its earnings."""

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from vramsupply.config import data_dir, os_reason
 from vramsupply.errors import VramsupplyError
-from vramsupply.platform.state import MAX_PID, STATE_FILE_NAME, Phase, process_start, read_state, same_process
+from vramsupply.platform.state import MAX_PID, STATE_FILE_NAME, Phase, earlier_run, process_start, read_state, same_process
 
 log = logging.getLogger("vramsupply.serve")
 
@@ -74,6 +74,30 @@ def hold_data_dir(directory: Path | None = None) -> None:
         return _cannot_lock(path, exc)
     _held[path] = fd
     _write_holder(fd)
+    older = unlocked_agent(directory)
+    if older is not None:
+        raise DataDirInUse(in_use(directory, older, older=True))
+
+
+def unlocked_agent(directory: Path) -> int | None:
+    """The pid of an agent from before this lock (it takes none) that still serves from
+    ``directory``, as the registration record it wrote says; None when there is none. Upgrading in
+    place leaves such an agent running until its restart, and a `serve` started beside it was told
+    only that its port was in use, and to choose another."""
+    record = read_state(directory / STATE_FILE_NAME)
+    if record is None or record.pid == os.getpid() or earlier_run(record) is not None:
+        return None
+    return record.pid if _runs_serve(record.pid) else None
+
+
+def _runs_serve(pid: int) -> bool:
+    """Whether process ``pid`` is `vramsupply serve` (Linux's /proc; elsewhere unknown: False),
+    so that a record's pid that another program now has is not taken for an agent."""
+    try:
+        args = [arg.decode(errors="replace") for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+    except OSError:
+        return False
+    return "serve" in args and any(Path(arg).name == "vramsupply" for arg in args)
 
 
 def lock_holder(directory: Path | None = None) -> int | None:
@@ -106,8 +130,11 @@ def _read_holder(directory: Path) -> dict[str, object] | None:
     return holder if isinstance(holder, dict) and "pid" in holder else None
 
 
-def in_use(directory: Path, pid: int | None, *, stopping: bool = False) -> str:
+def in_use(directory: Path, pid: int | None, *, stopping: bool = False, older: bool = False) -> str:
+    """``older``: an agent from before the lock (``unlocked_agent``)."""
     who = f"another vramsupply agent (pid {pid})" if pid is not None else "another vramsupply agent"
+    if older:
+        who = f"an older vramsupply agent (pid {pid}, from before this check)"
     if stopping:
         return (
             f"{who} is stopping (draining in-flight requests) on the data dir {directory}; wait for it to exit "
