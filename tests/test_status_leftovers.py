@@ -9,6 +9,7 @@ The record is written as the agent writes it, its /health played by ``OneAnswerP
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -57,9 +58,14 @@ def test_a_stop_whose_delete_failed_is_not_called_a_killed_run() -> None:
     """The platform was down at the stop: the run ended cleanly and said it could not deregister."""
     write_raw_state(pid=dead_pid(), phase="deregister_failed", account=account_of(API_KEY))
     table = run_cli("status", env={"VRAM_SUPPLY_PORT": str(free_port()), "COLUMNS": "400"})
+    report = json.loads(run_cli("status", "--json", env={"VRAM_SUPPLY_PORT": str(free_port())}).stdout)
 
     row = left_listed_row(table.stdout)
     assert "1 instance left listed (by an earlier run) waits to be deleted from the platform" in row  # before: "by a killed run"
+    # --json says it too; the record keeps none yet (the next start adds it), and the JSON said nothing
+    assert report["registration"]["leftovers"] == []
+    [waiting] = report["registration"]["waiting_to_delete"]
+    assert waiting["provider_id"] == report["registration"]["provider_id"] and waiting["retired"] is False
 
 
 def test_a_record_that_keeps_none_shows_no_such_line() -> None:

@@ -182,7 +182,11 @@ class AgentStatus:
             "agent": {"url": self.url, "healthy": self.healthy, "serving": self.serving, "health": self.health, "error": self.health_error},
             "registration": None
             if registration is None
-            else {**registration.model_dump(mode="json"), "current": self.registration_current, "stale": self.registration_stale},
+            else {
+                **registration.model_dump(mode="json"), "current": self.registration_current, "stale": self.registration_stale,
+                # what the table's "left listed" counts: the kept leftovers and the instance a killed run named
+                "waiting_to_delete": [left.model_dump(mode="json") for left in _waiting(registration)],
+            },
         }
 
 
