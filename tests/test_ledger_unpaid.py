@@ -263,6 +263,10 @@ def test_a_ledger_an_older_version_wrote_opens_and_keeps_the_money_it_recorded(i
     assert "ended early, unpaid: 3 request(s)" in table.stdout and "76 prompt + 154 completion tokens served" in table.stdout
     assert "2 of them, in days an older vramsupply rolled up, count as complete there" in table.stdout
     assert f"an older vramsupply priced some of them: {dollars_text(cut_gross)} gross, {dollars_text(earned_nanocents(cut_gross))} earned" in table.stdout
+    # the first note must not say the totals leave them all out; status's day says how much was never paid
+    assert "gross and earned leave them out, but for what an older vramsupply recorded on some of them (below)" in " ".join(table.stdout.split())
+    day_row = " ".join(run_cli("status", env={"COLUMNS": "400"}).stdout.split())
+    assert f"{dollars_text(earned_nanocents(cut_gross))} of it recorded by an older vramsupply on cut requests, which no buyer paid" in day_row
     store = LedgerStore(path)
     assert [e.gross_nanocents for e in store.entries()] == [cut_gross, sold_gross], "history is not rewritten"
     store.roll_up(now=now, max_rows=0)  # the rows the new version rolls up keep the split

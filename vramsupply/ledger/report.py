@@ -228,6 +228,7 @@ def _cut_notes(t: Totals) -> list[str]:
         f"ended early, unpaid: {t.cut_requests:,} request(s) (the buyer hung up, or the agent cut them: drain deadline, "
         f"engine failure), {t.cut_prompt_tokens:,} prompt + {t.cut_completion_tokens:,} completion tokens served; "
         "no buyer paid for them, and gross and earned leave them out"
+        + (", but for what an older vramsupply recorded on some of them (below)" if t.cut_gross_nanocents else "")
     ]
     if t.untracked_cut_requests:
         notes.append(

@@ -258,10 +258,11 @@ def _earning_rows(table: Table, earning: Earning) -> None:
         table.add_row("last 24 h", Text(f"unknown: {earning.ledger_error}", style="yellow"))
         return
     cut = f" ({day.cut_requests:,} cut short, unpaid)" if day.cut_requests else ""
+    unpaid = f", {dollars_text(day.cut_earned_nanocents)} of it recorded by an older vramsupply on cut requests, which no buyer paid" if day.cut_earned_nanocents else ""
     table.add_row(
         "last 24 h",
         f"{day.requests:,} request{'' if day.requests == 1 else 's'}{cut}, {day.prompt_tokens:,} prompt + {day.completion_tokens:,} completion tokens, "
-        f"earned {dollars_text(day.earned_nanocents)} (from the local ledger)",
+        f"earned {dollars_text(day.earned_nanocents)}{unpaid} (from the local ledger)",
     )
 
 
