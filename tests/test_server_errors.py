@@ -82,12 +82,14 @@ async def test_a_body_not_in_its_stated_content_encoding_is_400(server: LiveServ
 async def test_what_aiohttps_parser_refuses_is_openai_error_json(server: LiveServer, http: aiohttp.ClientSession, raw: bytes, code: str) -> None:
     """Before: aiohttp's text/plain 400, for br "Please install `Brotli`", advice for the server's owner."""
     assert server.server is not None
+    counted = (await statuses(http, server, "unmatched")).get("400", 0)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.server.port)
     writer.write(raw)
     head, _, body = (await reader.read()).partition(b"\r\n\r\n")
     writer.close()
 
     assert head.startswith(b"HTTP/1.0 400 ") and b"Content-Type: application/json" in head and b"x-request-id: req_" in head
+    assert (await statuses(http, server, "unmatched")).get("400", 0) == counted + 1, "counted as every other answer (it was not)"
     assert_openai_error(json.loads(body), code=code)
     assert b"Brotli" not in body
     ok, _, _ = await post(http, server.url + COMPLETIONS, {"prompt": "Once", "max_tokens": 2})

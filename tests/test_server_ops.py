@@ -129,6 +129,16 @@ async def test_a_fault_of_ours_mid_stream_ends_the_stream_with_an_error_event(
     assert (await wait_for_health(http, server, busy=0))["slots_busy"] == 0
 
 
+async def test_the_status_lines_request_count_counts_a_batch_of_prompts_once(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    """The periodic "N requests" counted each prompt of a batch: 5 for these 2 requests."""
+    assert server.engine is not None
+    before = server.engine.stats().requests_total
+    for request in ({"prompt": ["a", "b", "c", "d"], "max_tokens": 3}, {"prompt": "a", "max_tokens": 3, "n": 3}):
+        async with http.post(server.url + "/v1/completions", json=request) as response:
+            assert response.status == 200
+    assert server.engine.stats().requests_total - before == 2
+
+
 async def test_metrics_parse_and_count_requests(server: LiveServer, http: aiohttp.ClientSession) -> None:
     async with http.get(server.url + "/metrics") as response:
         before = metric_samples(await response.text())

@@ -18,7 +18,7 @@ class Counters:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     outstanding: int = 0  # admitted and not yet finished, in a slot or waiting for one
     busy: int = 0  # in a slot
-    requests_total: int = 0  # requests, not choices: one with n = 3 counts once
+    requests_total: int = 0  # requests, not choices or prompts: one with n = 3, or a batch of 4 prompts, counts once
     prompt_tokens_total: int = 0
     completion_tokens_total: int = 0
     cached_tokens_total: int = 0

@@ -181,7 +181,7 @@ class Engine:
 
     def submit(
         self, request: GenerationRequest, *, shares_prompt_with: Generation | None = None, loop: asyncio.AbstractEventLoop | None = None,
-        choices: int = 1, reservation: Reservation | None = None,
+        choices: int = 1, reservation: Reservation | None = None, later_prompt: bool = False,
     ) -> Generation:
         """Start a generation, to be iterated on ``loop`` (default: the running loop).
 
@@ -198,13 +198,15 @@ class Engine:
 
         ``reservation``: a place held by ``reserve``, taken without a check.
 
+        ``later_prompt``: a prompt after the first of one request's batch: the request is counted once.
+
         Raises before any work: ValueError for an invalid request, ContextOverflow when it cannot
         fit in one slot, Overloaded when the waiting queue is full, EngineClosed after close(),
         EngineFailed once the engine has failed.
         """
         loop = loop or asyncio.get_running_loop()
         with self._in_use():
-            return self._submit(request, loop, shares_prompt_with, choices, reservation)
+            return self._submit(request, loop, shares_prompt_with, choices, reservation, later_prompt)
 
     @contextmanager
     def reserve(self, places: int) -> Iterator[Reservation]:
@@ -239,7 +241,7 @@ class Engine:
 
     def _submit(
         self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, sibling: Generation | None, choices: int,
-        reservation: Reservation | None,
+        reservation: Reservation | None, later_prompt: bool,
     ) -> Generation:
         prompt, stop_ids = self._checked(request)
         source = sibling.task if sibling is not None else None
@@ -256,7 +258,7 @@ class Engine:
         task = Task(
             request_id, prompt, sampler, max_completion, stops, channel, request.preserve, request.logprobs, backend,
             source if self._model.copies_prefixes else None,  # else each choice decodes the prompt itself
-            later_choice=source is not None, tally=tally,
+            later_choice=source is not None, later_prompt=later_prompt, tally=tally,
             stop_ids=stop_ids, keep_stop_token=request.include_stop, min_tokens=request.min_tokens,
             ends=np.fromiter(self._model.eog_tokens | stop_ids, dtype=np.int64) if request.min_tokens else None,
             prompt_logprobs=request.prompt_logprobs,

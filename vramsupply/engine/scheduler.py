@@ -192,7 +192,7 @@ class Scheduler:
             if counters.outstanding == 0:
                 self._liveness.progressed()  # the stall clock runs only while there is work
             counters.outstanding += 1
-            if not task.later_choice:  # a request, whatever its n (its choices are tasks of their own)
+            if not (task.later_choice or task.later_prompt):  # a request, whatever its n and its prompts (each a task)
                 counters.requests_total += 1
             self._inbox.post(Submit(task))
 

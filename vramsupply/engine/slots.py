@@ -84,6 +84,8 @@ class Task:
     """Another choice of the same request (``n`` > 1): its decoded prompt KV is copied, not redone."""
     later_choice: bool = False
     """Not the first choice of its request: its prompt was counted with the first one's."""
+    later_prompt: bool = False
+    """Not the first prompt of its request (a batch of prompts): the request was counted with it."""
     tally: Tally = field(default_factory=Tally)
     """Shared by the choices of one request."""
     resume: Resume | None = None

@@ -244,6 +244,7 @@ class ApiServer:
             app[ACCESS_LOG] = access_log  # for the lines aiohttp does not write (``_log_hang_up``)
         self._runner = OpenAIErrorRunner(  # what aiohttp's parser refuses is answered as OpenAI errors too
             app,
+            counted=lambda status: app[SERVER_STATE].metrics.requests.labels("unmatched", str(status)).inc() if SERVER_STATE in app else None,
             handler_cancellation=True,
             keepalive_timeout=idle_timeout,
             shutdown_timeout=drain_timeout + STOP_GRACE_SECONDS,

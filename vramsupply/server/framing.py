@@ -7,12 +7,14 @@ answers with a text/plain body of its own, "Can not decode content-encoding: bro
 install `Brotli`": advice for the server's owner, shown to a buyer whose SDK expects
 ``{"error": …}``. Only the connection's handler sees these, so ``OpenAIErrorRunner`` gives every
 connection one whose ``handle_error`` answers in OpenAI's shape (aiohttp still logs each, which
-``logging.BadClientHttp`` keeps to one WARNING line).
+``logging.BadClientHttp`` keeps to one WARNING line). Each is counted as the middlewares count
+every other answer (``vramsupply_requests_total``, route ``unmatched``), through ``counted``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError, LineTooLong
@@ -35,8 +37,12 @@ def framing_error(status: int, exc: BaseException | None, message: str | None) -
 
 
 class _OpenAIErrorHandler(RequestHandler):
+    counted: Callable[[int], None] | None = None
+
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs it, and refuses once a response has begun
+        if self.counted is not None:
+            self.counted(status)
         response = framing_error(status, exc, message).response()
         response.headers[REQUEST_ID_HEADER] = request_id(request)  # type: ignore[arg-type]  # (a BaseRequest: no route)
         response.force_close()
@@ -44,12 +50,21 @@ class _OpenAIErrorHandler(RequestHandler):
 
 
 class _OpenAIErrorServer(web.Server):
+    counted: Callable[[int], None] | None = None
+
     def __call__(self) -> RequestHandler:
-        return _OpenAIErrorHandler(self, loop=self._loop, **self._kwargs)
+        handler = _OpenAIErrorHandler(self, loop=self._loop, **self._kwargs)
+        handler.counted = self.counted
+        return handler
 
 
 class OpenAIErrorRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections answer what aiohttp's parser refuses as OpenAI errors."""
+    """``web.AppRunner`` whose connections answer what aiohttp's parser refuses as OpenAI errors;
+    ``counted(status)`` is told of each."""
+
+    def __init__(self, app: web.Application, *, counted: Callable[[int], None] | None = None, **kwargs: object) -> None:
+        super().__init__(app, **kwargs)  # type: ignore[arg-type]
+        self._counted = counted
 
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()
@@ -60,4 +75,6 @@ class OpenAIErrorRunner(web.AppRunner):
             handler, factory, cancellation, kwargs = made.request_handler, made.request_factory, made.handler_cancellation, made._kwargs
         except AttributeError:
             return made
-        return _OpenAIErrorServer(handler, request_factory=factory, handler_cancellation=cancellation, loop=asyncio.get_running_loop(), **kwargs)
+        server = _OpenAIErrorServer(handler, request_factory=factory, handler_cancellation=cancellation, loop=asyncio.get_running_loop(), **kwargs)
+        server.counted = self._counted
+        return server

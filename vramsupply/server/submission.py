@@ -85,7 +85,8 @@ async def submit_all(
                 # Every choice shares its prompt's first one's prompt: decoded once, counted once.
                 sibling = generations[index - index % per_prompt] if index % per_prompt else None
                 submit = functools.partial(
-                    engine.submit, generation_request, shares_prompt_with=sibling, loop=loop, choices=per_prompt, reservation=places
+                    engine.submit, generation_request, shares_prompt_with=sibling, loop=loop, choices=per_prompt, reservation=places,
+                    later_prompt=index >= per_prompt,
                 )
                 generations.append(await off_the_loop(submit) if costly_to_submit(generation_request) else submit())
     except BaseException as exc:
