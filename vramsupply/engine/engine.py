@@ -43,6 +43,10 @@ or a long prompt chunk) must not hold back the buyers' errors, so ``close`` ends
 POLL_SECONDS = 0.05
 """How often ``close``'s wait for a step that runs on looks at ``hurry``."""
 
+PROBE_CHARS_PER_TOKEN = 16
+"""A text longer than this many characters per token of the context has its start tokenized first
+(``_refuse_far_past_context``): text runs 3-5 characters a token, so its start shows an overflow."""
+
 
 class Engine:
     """A loaded model serving many concurrent generations through continuous batching."""
@@ -177,7 +181,20 @@ class Engine:
         """Called inside ``_in_use``. Most templates write the BOS text themselves; only add it
         when the template did not."""
         has_bos = bool(self._model.bos_text) and prompt.startswith(self._model.bos_text)
+        self._refuse_far_past_context(prompt, add_special=not has_bos)
         return self._model.tokenize(prompt, add_special=not has_bos)
+
+    def _refuse_far_past_context(self, text: str, add_special: bool) -> None:
+        """ContextOverflow for a text whose start alone is past the context, before tokenizing it
+        all: a buyer's 4 MiB prompt took 1.7 s of the threads every buyer's long prompt shares,
+        only to be refused. The start's last token may join the next text in the whole, so the
+        start must hold two tokens more than the context."""
+        probe = self.n_ctx * PROBE_CHARS_PER_TOKEN
+        if len(text) <= probe:
+            return
+        count = len(self._model.tokenize(text[:probe], add_special))
+        if count > self.n_ctx + 1:
+            raise ContextOverflow(count - 1, None, self.n_ctx, at_least=True)
 
     def submit(
         self, request: GenerationRequest, *, shares_prompt_with: Generation | None = None, loop: asyncio.AbstractEventLoop | None = None,
@@ -232,6 +249,8 @@ class Engine:
 
     def _checked(self, request: GenerationRequest) -> tuple[np.ndarray, frozenset[int]]:
         """The prompt, in the vocabulary and fitting the context, and the stop token ids."""
+        if len(request.prompt) >= self.n_ctx:  # before any work on it: a buyer's 2M ids took the loop for seconds
+            raise ContextOverflow(len(request.prompt), None, self.n_ctx)
         prompt = self._validated_prompt(request.prompt)
         if len(prompt) >= self.n_ctx:  # the prompt alone: its message must not add max_tokens (0 for an echo)
             raise ContextOverflow(len(prompt), None, self.n_ctx)
@@ -367,6 +386,8 @@ class Engine:
             tokens = np.asarray(prompt)
         except (TypeError, ValueError):
             raise ValueError("the prompt must be a list of token ids") from None
+        if tokens.ndim == 1 and tokens.dtype == object and all(type(t) is int for t in prompt):  # past 64 bits
+            raise ValueError(f"prompt token {next(t for t in prompt if not 0 <= t < self._model.n_vocab)} is not in the vocabulary (size {self._model.n_vocab})")
         if tokens.ndim != 1 or len(tokens) == 0 or tokens.dtype.kind not in "iu":
             raise ValueError("the prompt must be a non-empty list of integer token ids")
         low, high = int(tokens.min()), int(tokens.max())

@@ -49,13 +49,15 @@ class EngineFailed(EngineError):
 class ContextOverflow(EngineError):
     """The prompt, or the prompt plus ``max_tokens``, does not fit in one slot's context."""
 
-    def __init__(self, prompt_tokens: int, max_tokens: int | None, n_ctx: int) -> None:
+    def __init__(self, prompt_tokens: int, max_tokens: int | None, n_ctx: int, *, at_least: bool = False) -> None:
+        """``at_least``: ``prompt_tokens`` are the tokens of the prompt's start alone (``Engine``
+        counts no further once they are past the context)."""
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.n_ctx = n_ctx
         if max_tokens is None:
             message = (
-                f"the prompt has {prompt_tokens} tokens but the context holds {n_ctx} "
+                f"the prompt has {'more than ' if at_least else ''}{prompt_tokens} tokens but the context holds {n_ctx} "
                 f"(at most {n_ctx - 1} prompt tokens, leaving room for one generated token)"
             )
         else:

@@ -99,6 +99,8 @@ class GenerationBody(VllmFields):
         if value is None:
             return []
         if isinstance(value, str):
+            if len(value) > MAX_STOP_CHARS:  # said of ``stop``, which is what the buyer sent (not ``stop[0]``)
+                raise ValueError(f"a stop string may be at most {MAX_STOP_CHARS} characters, got {len(value)}")
             value = [value]
         return [s for s in value if s != ""] if isinstance(value, list) else value
 
@@ -309,8 +311,9 @@ class CompletionBody(GenerationBody):
     @property
     def prompts(self) -> list[str | list[int]]:
         """Every prompt of the request, in order: choice ``i * n + j`` is prompt ``i``'s ``j``-th."""
-        prompt = self.prompt
-        return [prompt] if _one_prompt(prompt) else list(prompt)  # type: ignore[arg-type]
+        prompt = self.prompt  # validated (``_prompts``): one prompt is a string or starts with a token id
+        one = isinstance(prompt, str) or not isinstance(prompt[0], (str, list))  # type: ignore[index]
+        return [prompt] if one else list(prompt)  # type: ignore[arg-type, list-item]
 
 
 def _one_prompt(value: Any) -> bool:
@@ -318,4 +321,4 @@ def _one_prompt(value: Any) -> bool:
     non-empty list of token ids (ints, not booleans)."""
     if isinstance(value, str):
         return True
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)  # JSON's ints; bool is not int here
