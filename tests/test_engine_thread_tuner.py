@@ -8,6 +8,8 @@ measured. Then a real engine switches its threads between steps, and its answers
 
 from __future__ import annotations
 
+import re
+
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,11 +260,30 @@ def test_the_default_threads_get_a_tuner_and_explicit_threads_do_not() -> None:
 def test_each_switch_is_logged_with_what_the_probe_measured(caplog: pytest.LogCaptureFixture) -> None:
     machine = TwoCoreMachine(busy_programs=1)
     tuner = tuner_on(machine)
-    with caplog.at_level("INFO", logger="vramsupply.engine.thread_tuner"):
+    with caplog.at_level("DEBUG", logger="vramsupply.engine.thread_tuner"):
         serve_for(tuner, machine, 2)
         machine.busy_programs = 0
         serve_for(tuner, machine, 3)
-    lines = [r.getMessage() for r in caplog.records]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("using ")]
     assert lines[0].startswith("using 1 CPU thread instead of 2: other programs may be keeping the cores busy; steps were ")
     assert lines[0].endswith("× faster with 1")
     assert lines[1].startswith("using 2 CPU threads instead of 1: the cores have room again; steps were ") and lines[1].endswith(" with 2")
+
+
+def test_switches_back_and_forth_are_said_at_info_four_times_in_ten_minutes(caplog: pytest.LogCaptureFixture) -> None:
+    """Beside a program busy on and off, a review counted 162 INFO lines in 10 minutes."""
+    machine = TwoCoreMachine()
+    tuner = tuner_on(machine)
+    with caplog.at_level("INFO", logger="vramsupply.engine.thread_tuner"):
+        for _ in range(20):  # busy and idle by turns, 60 s of the machine's time in all
+            machine.busy_programs = 1 - machine.busy_programs
+            serve_for(tuner, machine, 3)
+        said_early = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+        machine.now += 600
+        for _ in range(2):
+            machine.busy_programs = 1 - machine.busy_programs
+            serve_for(tuner, machine, 3)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert len(said_early) == 4 and said_early[0].startswith("using 1 CPU thread instead of 2")
+    assert said_early[-1].endswith("the count changes often: changes are logged at DEBUG for a while (/metrics' vramsupply_cpu_threads shows the count in use)")
+    assert len(said) == 6 and re.search(r"\(\d+ more switches were logged at DEBUG\)$", said[4]) and "DEBUG" not in said[5], said

@@ -90,6 +90,12 @@ USUAL_WEIGHT = 0.1
 WINDOW_SECONDS = 0.25
 """How often the CPU the decode got is looked at (at a step's end, at most this often)."""
 SAID_UP_TO = 100
+SAID_WINDOW_SECONDS = 600.0
+SAID_PER_WINDOW = 4
+"""At most this many switches in ``SAID_WINDOW_SECONDS`` are said at INFO, the rest at DEBUG:
+beside a program busy on and off the tuner can go back and forth every few seconds, and one
+review counted 162 such lines in 10 minutes. The last one said says so, and where the count in
+use is shown (``vramsupply_cpu_threads``)."""
 """A switch's INFO line says a speed-up past this as "over 100×" (see ``switch_line``)."""
 IDLE_GAP_SECONDS = 0.05
 """A pause this long between two steps (no request) starts a new window: idle cores while the
@@ -189,6 +195,8 @@ class ThreadTuner:
         self._more = Backoff(1.0, 64.0, due=now + 1.0)
         self._probe: Probe | None = None
         self._last_step_end = now
+        self._said: list[float] = []  # when the switches of the last SAID_WINDOW_SECONDS were said at INFO
+        self._unsaid = 0  # switches since, said at DEBUG only
         self._restart_window(now)
         self._usual: dict[tuple[str, int], float] = {}
         self._usual_threads = most
@@ -249,13 +257,29 @@ class ThreadTuner:
         self._probe = None
         fewer = probe.candidate < self.current
         if keep:
-            log.info("%s", switch_line(probe.candidate, self.current, probe.ratios))
+            self._say(switch_line(probe.candidate, self.current, probe.ratios), now)
             log.debug("%s", probe_line(probe.candidate, self.current, probe.ratios))
             self.current = probe.candidate
             self._fewer.reset(now)
             self._more.reset(now)
         else:
             (self._fewer if fewer else self._more).refused(now)
+
+    def _say(self, line: str, now: float) -> None:
+        """A switch's line: at INFO, unless ``SAID_PER_WINDOW`` were in the last ``SAID_WINDOW_SECONDS``."""
+        self._said = [at for at in self._said if now - at < SAID_WINDOW_SECONDS]
+        if len(self._said) >= SAID_PER_WINDOW:
+            self._unsaid += 1
+            log.debug("%s", line)
+            return
+        self._said.append(now)
+        since = f" ({self._unsaid} more switch{'es' if self._unsaid != 1 else ''} were logged at DEBUG)" if self._unsaid else ""
+        often = (
+            "; the count changes often: changes are logged at DEBUG for a while (/metrics' vramsupply_cpu_threads shows the count in use)"
+            if len(self._said) == SAID_PER_WINDOW else ""
+        )
+        log.info("%s%s%s", line, since, often)
+        self._unsaid = 0
 
     def _start_probe(self, candidate: int, prompts: bool = True) -> None:
         self._probe = Probe(candidate, prompts)
