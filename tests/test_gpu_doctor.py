@@ -134,11 +134,15 @@ def test_a_vendor_tool_that_hangs_is_not_read_as_listing_no_gpu(tmp_path: Path) 
     """A hung driver's nvidia-smi -L was "✓ backend: CPU build; no GPU found (nvidia-smi -L lists none)"."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "nvidia-smi").write_text("#!/bin/sh\nexec sleep 60\n")
+    calls = tmp_path / "calls"
+    (fake / "nvidia-smi").write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\nexec sleep 60\n")
     (fake / "nvidia-smi").chmod(0o755)
     _, checks, _ = doctor(PATH=f"{fake}:{os.environ['PATH']}")
     assert checks["backend"]["ok"] is False
     assert checks["backend"]["detail"].startswith("CPU build; whether a GPU is present is unknown: nvidia-smi -L did not answer within ")
+    # the driver row says the same, without asking the hung tool again (which cost 5 s more)
+    assert checks["driver"]["ok"] is False and checks["driver"]["detail"] == "nvidia-smi fails: nvidia-smi -L did not answer within 10 s"
+    assert calls.read_text().splitlines() == ["-L"]
 
 
 def test_an_endpoint_the_platform_cannot_reach_names_the_hop(tmp_path: Path) -> None:

@@ -97,6 +97,9 @@ def _nvidia_versions() -> tuple[str | None, str | None, str | None]:
 
 @check("driver")
 def driver_and_cuda_versions(ctx: Context) -> Result:
+    listing = ctx.listing
+    if isinstance(listing, NoAnswer) and listing.reason.startswith("nvidia-smi "):  # asked again, it hung again: 5 s more
+        return Result(False, f"nvidia-smi fails: {listing.reason}", "reinstall or reload the NVIDIA driver until nvidia-smi lists the GPU")
     driver, cuda, error = _nvidia_versions()
     if error:
         return Result(False, f"nvidia-smi fails: {error}", "reinstall or reload the NVIDIA driver until nvidia-smi lists the GPU")
