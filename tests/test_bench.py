@@ -60,3 +60,29 @@ def test_bench_advice_names_the_variable_of_a_setting_it_has_no_flag_for() -> No
     refused = run_cli("bench", "--model", str(TINY_MODEL), "--seconds", "3", env={"VRAM_SUPPLY_CACHE_TYPE_K": "q4_0"})
     assert refused.returncode == 2
     assert refused.stderr.strip().endswith("use --cache-type-k (VRAM_SUPPLY_CACHE_TYPE_K) f16")  # before: "use --cache-type-k f16"
+
+
+def test_a_result_measured_with_other_settings_than_serve_uses_is_said_at_start() -> None:
+    """Measured with a KV cache per slot, offered by an agent whose slots share one: a third too
+    high, and nothing said."""
+    measured = run_cli("bench", "--model", str(TINY_MODEL), "--parallel", "2", "--seconds", "3", env={"VRAM_SUPPLY_THREADS": "1", "VRAM_SUPPLY_KV_PER_SLOT": "1"})
+    assert measured.returncode == 0, measured.stderr
+    [stored] = read_all(default_bench_path()).values()
+    assert stored.settings is not None and stored.settings["kv_per_slot"] is True and stored.settings["parallel"] == 2
+
+    env = {"VRAM_SUPPLY_API_KEY": API_KEY, "VRAM_SUPPLY_THREADS": "1"}
+    with LivePlatform() as platform:
+        env["VRAM_SUPPLY_PLATFORM_URL"] = platform.url
+        with AgentProcess("--model", str(TINY_MODEL), "--parallel", "2", "--port", "0", "--endpoint-url", "https://gpu.example.com", env=env) as agent:
+            agent.wait_for(lambda: len(platform.providers) == 1, "registration")
+            [provider] = platform.providers
+            assert agent.stop(signal.SIGTERM) == 0
+    warning = "the `vramsupply bench` result offered as this agent's capacity was measured with other settings: kv_per_slot true (serving with false)"
+    assert agent.log.count(warning) == 1, agent.log
+    assert provider.offer.capacity is not None  # still offered: measured here, on this model
+
+
+def test_bench_says_how_to_give_it_a_longer_context() -> None:
+    """bench has no --context-length: "set a context length of at least 73" did not say how."""
+    refused = run_cli("bench", "--model", str(TINY_MODEL), "--parallel", "1", "--seconds", "3", env={"VRAM_SUPPLY_CONTEXT_LENGTH": "32"})
+    assert refused.returncode == 1 and refused.stderr.strip().endswith("set a context length of at least 73 (VRAM_SUPPLY_CONTEXT_LENGTH)"), refused.stderr

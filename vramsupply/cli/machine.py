@@ -112,7 +112,7 @@ def _beside_a_running_agent(settings: Settings, beside_agent: bool) -> None:
     shares = "the GPU, CPU and memory" if on_gpu else "the CPU and memory"
     err_console.print(
         f"warning: a vramsupply agent (pid {pid}) is serving on this machine: this measurement shares {shares} with it, so the result "
-        "is lower than the machine can do (and the agent reports it as capacity); stop the agent first for a true figure",
+        "is lower than the machine can do (and an agent serving this model offers it as its capacity); stop the agent first for a true figure",
         highlight=False,
         soft_wrap=True,
     )

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from vramsupply.config import Settings
 from vramsupply.ledger import LedgerRecorder, UnopenedLedger, default_ledger_path, open_recorder
@@ -27,8 +28,10 @@ from vramsupply.platform.token import default_token_path
 from vramsupply.serve.options import ServeError
 from vramsupply.server import ApiServer
 from vramsupply.server.state import ServerState
-from vramsupply.throughput.store import capacity_for, default_bench_path
+from vramsupply.throughput.store import Capacity, capacity_for, default_bench_path, measured_otherwise
 from vramsupply.tunnel import TunnelError, TunnelSupervisor, TunnelTool, tunnel_tool
+
+log = logging.getLogger("vramsupply.serve")
 
 
 class ProviderSide:
@@ -40,11 +43,24 @@ class ProviderSide:
         self.tunnel_token = tunnel_token(settings) if self.tool is not None and market is None else None
         self.tunnel: TunnelSupervisor | None = None
         self.recorder: LedgerRecorder | UnopenedLedger | None = None
+        self._warned_of: float | None = None  # the bench result last warned of (its time)
 
     def model_known(self, model: ModelIdentity) -> None:
         if self.market is not None:
             path = default_bench_path()
-            self.market.watch_capacity(path, lambda: capacity_for(path, model.model_id, model.quant))
+            self.market.watch_capacity(path, lambda: self._measured_here(capacity_for(path, model.model_id, model.quant)))
+
+    def _measured_here(self, capacity: Capacity | None) -> Capacity | None:
+        """``capacity``, offered as it is; a result measured with other settings than this agent
+        serves with (another slot count, a KV cache per slot...) is said once, in a warning."""
+        differing = measured_otherwise(capacity, self.settings) if capacity is not None else []
+        if differing and capacity is not None and capacity.measured_at != self._warned_of:
+            self._warned_of = capacity.measured_at
+            log.warning(
+                "the `vramsupply bench` result offered as this agent's capacity was measured with other settings: %s; "
+                "run `vramsupply bench` with the settings serve uses for a figure of what it serves", "; ".join(differing),
+            )
+        return capacity
 
     def listening(self, server: ApiServer) -> None:
         """Start the tunnel (requiring the endpoint token first) and plug the ledger into the server."""

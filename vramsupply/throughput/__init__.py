@@ -19,7 +19,7 @@ from vramsupply import __version__
 from vramsupply.config import Settings
 from vramsupply.engine import Engine, EngineError
 from vramsupply.throughput.measure import BenchError, Speeds, measure
-from vramsupply.throughput.store import Capacity, capacity_for, default_bench_path, read_all, save, writable_problem
+from vramsupply.throughput.store import Capacity, capacity_for, default_bench_path, read_all, save, speed_settings, writable_problem
 
 DEFAULT_SECONDS = 30.0
 SETUP_SHARE = 0.2
@@ -44,6 +44,7 @@ async def run_bench(settings: Settings, seconds: float = DEFAULT_SECONDS, progre
     from vramsupply.serve.options import ServeError, engine_options
 
     path = default_bench_path()
+    given = speed_settings(settings)  # as serve will be given them, before the memory plan
     problem = writable_problem(path)
     if problem is not None:
         raise BenchError(f"cannot save the result to {path}: {problem}; fix that before measuring")
@@ -72,6 +73,7 @@ async def run_bench(settings: Settings, seconds: float = DEFAULT_SECONDS, progre
         measured_at=time.time(),
         seconds=round(phase, 3),  # each phase's length (--seconds 3 gave 1.2000000000000002 in the JSON)
         agent_version=__version__,
+        settings=given,
     )
     try:
         save(path, capacity)

@@ -24,6 +24,8 @@ from vramsupply.errors import VramsupplyError
 BENCH_PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 FIRST_TOKEN_TIMEOUT = 120.0
 MAX_STREAM_TOKENS = 512
+CONTEXT_VARIABLE = "VRAM_SUPPLY_CONTEXT_LENGTH"
+"""How bench, which has no --context-length, is given a context length."""
 MIN_STREAM_TOKENS = 32
 """What each stream must be able to decode after its prompt: with less room in its share of the KV
 cache, the tokens counted would be mostly first tokens, made by prompt processing, not decoding."""
@@ -66,12 +68,12 @@ def check_room(engine: Engine, prompt_tokens: int) -> None:
     needed = prompt_tokens + 1 + MIN_STREAM_TOKENS
     what = f"the {prompt_tokens}-token prompt and {MIN_STREAM_TOKENS} decoded tokens"
     if stream_tokens(engine, prompt_tokens, 1) < MIN_STREAM_TOKENS:
-        raise BenchError(f"a context of {min(engine.n_ctx, engine.kv_tokens)} tokens cannot hold {what}: set a context length of at least {needed}")
+        raise BenchError(f"a context of {min(engine.n_ctx, engine.kv_tokens)} tokens cannot hold {what}: set a context length of at least {needed} ({CONTEXT_VARIABLE})")
     if stream_tokens(engine, prompt_tokens, engine.parallel) < MIN_STREAM_TOKENS:
         fit = max(1, engine.kv_tokens // needed)
         raise BenchError(
             f"{engine.parallel} slots sharing a KV cache of {engine.kv_tokens} tokens leave each {engine.kv_tokens // engine.parallel}, "
-            f"too few for {what}; the figure would be prompt processing, not decoding: use --parallel {fit} or fewer, or a longer context length"
+            f"too few for {what}; the figure would be prompt processing, not decoding: use --parallel {fit} or fewer, or a longer context length ({CONTEXT_VARIABLE})"
         )
 
 

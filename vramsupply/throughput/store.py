@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from vramsupply.config import data_dir, file_in_the_way, write_private_file
+from vramsupply.config import Settings, data_dir, file_in_the_way, write_private_file
 
 log = logging.getLogger("vramsupply.throughput")
 
@@ -35,6 +35,12 @@ PROBE_ROOM = 4096
 """Bytes beyond bench.json's size that must fit before measuring: room for the new result (a few hundred)."""
 CLOCK_SKEW_SECONDS = 86400.0
 """A measurement dated later than now by more than this is no measurement (and no datetime can hold 1e300)."""
+SPEED_SETTINGS = (
+    "parallel", "kv_per_slot", "n_gpu_layers", "n_batch", "n_ubatch", "flash_attention", "threads", "draft_max", "backend_sampling",
+    "cache_type_k", "cache_type_v", "split_mode", "tensor_split", "devices",
+)  # fmt: skip
+"""The settings that change how fast one model decodes on one machine, recorded as given (before the
+memory plan): a result measured with others is not the capacity of what `serve` runs."""
 
 
 class Capacity(BaseModel):
@@ -50,6 +56,8 @@ class Capacity(BaseModel):
     measured_at: float = Field(gt=0)
     seconds: float = Field(gt=0)
     agent_version: str
+    settings: dict[str, Any] | None = None
+    """``SPEED_SETTINGS`` as bench was given them (None: a result from before they were recorded)."""
 
     @field_validator("measured_at")
     @classmethod
@@ -168,10 +176,15 @@ def save(path: Path, capacity: Capacity) -> Path | None:
     if kept is not None:
         log.warning("%s: dropped from it; the file as it was is kept in %s", stored.problem(path), kept)
     results = {**stored.results, capacity.key: capacity}
-    document = {"results": {key: value.model_dump() for key, value in sorted(results.items())}}
+    document = {"results": {key: _entry(value) for key, value in sorted(results.items())}}
     text = json.dumps(document, indent=2, allow_nan=False)
     write_private_file(path, text)
     return kept
+
+
+def _entry(capacity: Capacity) -> dict[str, Any]:
+    """A result as stored; one from before settings were recorded is kept as it was written."""
+    return capacity.model_dump(exclude={"settings"} if capacity.settings is None else None)
 
 
 def _keep_copy(path: Path) -> Path:
@@ -187,6 +200,20 @@ def _keep_copy(path: Path) -> Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"too many copies of {path} kept already")
+
+
+def speed_settings(settings: Settings) -> dict[str, Any]:
+    return settings.model_dump(mode="json", include=set(SPEED_SETTINGS))
+
+
+def measured_otherwise(capacity: Capacity, settings: Settings) -> list[str]:
+    """The settings ``capacity`` was measured with that ``settings`` give otherwise, in words."""
+    then, now = capacity.settings or {}, speed_settings(settings)
+    return [f"{key} {_shown(then[key])} (serving with {_shown(now.get(key))})" for key in SPEED_SETTINGS if key in then and then[key] != now.get(key)]
+
+
+def _shown(value: Any) -> str:
+    return "the default" if value is None else json.dumps(value)
 
 
 def capacity_for(path: Path, model: str, quant: str | None) -> Capacity | None:
