@@ -419,6 +419,29 @@ async def test_a_stream_cut_or_ended_without_done_is_billed_as_incomplete() -> N
     assert [(r.completion_tokens, r.complete) for r in rows] == [(5, False), (3, False)]
 
 
+async def test_a_stream_that_ends_before_any_answer_is_an_error_event_and_not_billed() -> None:
+    """llama_cpp.server fails a prompt past its context after its 200 headers, ending the body with
+    no event: the buyer got a stream of nothing but [DONE], and a cut row billed tokens never served."""
+    upstream = HostileUpstream()
+    upstream.generation = streaming()
+    async with fronted(upstream) as front:
+        events = await front.stream({**CHAT, "stream_options": {"include_usage": True}})
+        rows = front.ledger.rows
+    assert [e["error"]["code"] for e in events] == ["upstream_error"], events
+    assert "ended before any answer" in events[0]["error"]["message"]
+    assert rows == []
+
+
+async def test_the_usage_chunk_the_front_writes_itself_has_a_created_time() -> None:
+    """OpenAI's chunk requires ``created``; the one the front adds for an upstream that sends no usage lacked it."""
+    upstream = HostileUpstream()
+    upstream.generation = streaming(event(chunk("abc", created=1700000000)), event("[DONE]"))
+    async with fronted(upstream) as front:
+        events = await front.stream({**CHAT, "stream_options": {"include_usage": True}})
+    [usage] = [e for e in events if isinstance(e, dict) and e.get("usage")]
+    assert usage["created"] == 1700000000 and usage["choices"] == []
+
+
 async def test_an_upstream_error_event_mid_stream_reaches_the_buyer_in_openai_shape() -> None:
     upstream = HostileUpstream()
     upstream.generation = streaming(event(chunk("a")), event({"error": {"message": "CUDA out of memory\nTraceback ...", "code": 500}}), event("[DONE]"))

@@ -99,13 +99,17 @@ async def test_a_wrong_upstream_model_is_refused_at_start_naming_what_the_upstre
         assert await upstream_model_of("qwen3") == "qwen3:latest", "as Ollama names it"
 
 
-async def test_a_model_that_leaves_the_upstream_makes_the_front_unavailable() -> None:
+async def test_a_model_that_leaves_the_upstream_makes_the_front_unavailable(caplog: pytest.LogCaptureFixture) -> None:
     upstream = HostileUpstream()
-    async with fronted(upstream) as front:
-        upstream.models = ["another-model"]
-        await eventually(lambda: front.backend.state is not None and not front.backend.state.health.ready)
-        status, error = await front.post(CHAT)
-    assert status == 503 and "does not serve qwen3-8b-q4_k_m.gguf (it lists: another-model)" in error["error"]["message"]
+    with caplog.at_level("INFO", logger="vramsupply"):
+        async with fronted(upstream) as front:
+            upstream.models = ["another-model"]
+            await eventually(lambda: front.backend.state is not None and not front.backend.state.health.ready)
+            status, error = await front.post(CHAT)
+    # buyers read it (and /health): it named the model's file and what else the upstream serves
+    assert status == 503 and "the upstream no longer serves the model this endpoint offers" in error["error"]["message"]
+    assert "another-model" not in error["error"]["message"] and "gguf" not in error["error"]["message"]
+    assert any("does not serve qwen3-8b-q4_k_m.gguf (it lists: another-model)" in r.getMessage() for r in caplog.records), "the provider's log says it"
 
 
 async def test_an_upstream_that_wants_a_key_points_to_the_key_setting() -> None:

@@ -103,7 +103,8 @@ class ModelListing:
         model = self.state.upstream_model
         if listed_as(model, listed) is None:
             lists = f"does not serve {model} (it lists: {', '.join(listed)[:300] or 'nothing'})"
-            self.reason = Reason(f"the upstream {lists}", f"the upstream at {self.state.client.base_url} {lists}")
+            # buyers read /health: the model's file path and what else the upstream serves are the provider's
+            self.reason = Reason("the upstream no longer serves the model this endpoint offers", f"the upstream at {self.state.client.base_url} {lists}")
         else:
             self.reason = None
         return self.reason

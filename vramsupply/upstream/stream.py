@@ -8,7 +8,8 @@ buyer only if they asked for it too.
 Once the stream has begun there is no status left to change, so every failure (the upstream cut,
 too slow, a malformed chunk, an oversized event, an error chunk of its own) ends it with one
 OpenAI-shaped error event. What was sent until then is still billed, marked incomplete, as is a
-stream that ends without ``[DONE]``. So does a stream the drain's deadline ends (``Stopped``), with
+stream that ends without ``[DONE]``; one that ends before any answer (llama_cpp.server's error
+after its 200 headers, for a prompt past its context) is such a failure, and is not billed. So does a stream the drain's deadline ends (``Stopped``), with
 the error event our own engine sends then (code ``shutting_down``), once its upstream request is
 closed: the upstream stops generating for nobody.
 """
@@ -103,6 +104,8 @@ async def relay_events(
             out = rewrite(event, data, exchange)
             if out is not None:
                 await response.write(out)
+        if exchange.usage is None and not any(exchange.texts.values()):  # llama_cpp.server's error after its headers
+            return BadAnswer("its stream ended before any answer")
         exchange.complete = False
         log.warning("the upstream ended a %s stream without [DONE]; billed as incomplete", exchange.path)
         return None
@@ -159,7 +162,8 @@ async def finish_stream(response: web.StreamResponse, exchange: Exchange) -> Non
     usage = await exchange.settle()
     if exchange.buyer_wants_usage and usage is not None and not had_usage:
         kind = "chat.completion.chunk" if exchange.path == "/chat/completions" else "text_completion"
-        await response.write(encode_event({"id": exchange.request_id, "object": kind, "model": exchange.state.model_id, "choices": [], "usage": usage.as_json()}))
+        chunk = {"id": exchange.request_id, "object": kind, "created": exchange.created, "model": exchange.state.model_id, "choices": [], "usage": usage.as_json()}
+        await response.write(encode_event(chunk))
     await response.write(encode_event(DONE))
     await response.write_eof()
 
