@@ -20,8 +20,9 @@ from openai import OpenAI
 
 from live_server import MODEL_ID, LiveServer
 from vramsupply.chat import SYNTAXES, OutputParser, ParsedOutput
+from vramsupply.chat.syntaxes import GENERIC
 
-BY_NAME = {s.name: s for s in SYNTAXES}
+BY_NAME = {s.name: s for s in (*SYNTAXES, GENERIC)}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 WEATHER = {
@@ -135,3 +136,24 @@ def _read(family: str, text: str, *, cut: bool) -> ParsedOutput:
                 output.content, [(c.name, c.arguments) for c in output.tool_calls]
             )
     return output
+
+
+def test_an_answer_opening_with_a_bracket_or_brace_that_is_no_call_is_content_streamed_and_kept_when_cut() -> None:
+    """Llama 3 and the generic family may open a call with bare JSON, and any answer opening with
+    ``[`` or ``{`` was taken for one: a citation, a link or a JSON answer of the model's own came
+    back empty when max_tokens cut it, and streamed nothing until its end otherwise."""
+    prose = ["[1] Paris: sunny. [2] Rome: rain", "[Paris](https://example.com) is sunny and", '{"answer": "sunny", "temp', "{{{{", "[ Ty are cleans"]
+    for family in ("llama3", "generic"):
+        for text in prose:
+            for cut in (True, False):
+                assert _read(family, text, cut=cut).content == text, (family, text, cut)
+            parser = OutputParser(syntax=BY_NAME[family])
+            streamed = [p.text for i in range(0, len(text), 7) for p in parser.push(text[i : i + 7])]
+            assert "".join(streamed).startswith(text[:14]), (family, text, streamed)  # as it is written, not at the end
+    call = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    for family in ("llama3", "generic"):
+        for text in (call, "[" + call + "]"):
+            output = _read(family, text, cut=False)
+            assert output.content == "" and [(c.name, c.arguments) for c in output.tool_calls] == [("get_weather", '{"city": "Paris"}')], (family, text)
+        for opening in ("{", "[", '{"na', '[ {"name": "get_w'):
+            assert _read(family, opening, cut=True).content == "", (family, opening)  # the start of a call, cut: markup

@@ -32,6 +32,38 @@ def json_at(text: str, start: int = 0) -> tuple[Any, int] | None:
         return None
 
 
+CALL_KEYS = ("name", "tool_name", "arguments", "parameters", "function", "type", "id", "tool_calls", "tool_call")
+"""The keys a call object (or a wrapper of calls) may open with: a JSON answer opening with another is prose."""
+
+
+def json_call_opening(text: str) -> str | None:
+    """Whether ``text``, an answer opening with ``{`` or ``[``, opens a JSON call: "call", "wait"
+    (too little of it to tell), or None (it cannot: ``[1] Paris``, ``{{``, ``{"answer": …``)."""
+    index = _past_space(text, 0)
+    if text.startswith("[", index):
+        index = _past_space(text, index + 1)
+    if index == len(text):
+        return "wait"
+    if text[index] != "{":
+        return None
+    index = _past_space(text, index + 1)
+    if index == len(text):
+        return "wait"
+    if text[index] != '"':
+        return None
+    end = text.find('"', index + 1)
+    key = text[index + 1 :] if end < 0 else text[index + 1 : end]
+    if end < 0:
+        return "wait" if any(k.startswith(key) for k in CALL_KEYS) else None
+    return "call" if key in CALL_KEYS else None
+
+
+def _past_space(text: str, index: int) -> int:
+    while index < len(text) and text[index].isspace():
+        index += 1
+    return index
+
+
 def call_from_object(value: Any, schemas: Schemas, id_style: str = "openai") -> ToolCall | None:
     """A call from one of the JSON shapes models use: name + arguments/parameters, maybe wrapped."""
     if not isinstance(value, dict):

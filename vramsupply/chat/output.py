@@ -23,6 +23,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .call_shapes import json_call_opening
 from .calls import CallStream, held
 from .formats import ReasoningMarkers
 from .syntaxes import ToolSyntax
@@ -178,7 +179,10 @@ class OutputParser:
             self._buffer = self._buffer.lstrip()
             if not self._buffer:
                 return
-        start = self._call_start()
+        opening = self._json_opening()
+        if opening == "wait":  # "{" or '{"na': a call's opening, or an answer's
+            return
+        start = 0 if opening == "call" else self._call_start()
         if start is not None:
             self._emit(pieces, "content", self._buffer[:start])
             self._buffer = self._buffer[start:]
@@ -186,19 +190,22 @@ class OutputParser:
             assert self._syntax is not None
             self._calls = CallStream(self._syntax, self._schemas, self._parallel)
             return
-        if not self._content_started and self._syntax is not None and any(
-            m.startswith(self._buffer) for m in self._syntax.leading
-        ):
-            return
         keep = held(self._buffer, self._syntax.starts) if self._syntax is not None else 0
         self._emit(pieces, "content", self._buffer[: len(self._buffer) - keep])
         self._buffer = self._buffer[len(self._buffer) - keep :]
 
+    def _json_opening(self) -> str | None:
+        """For a family whose calls may open the answer as bare JSON (``leading``: Llama 3's
+        ``{``, generic), whether this answer's opening is one (``call_shapes.json_call_opening``).
+        Any ``{`` or ``[`` was taken for a call: an answer opening with a citation ``[1]``, a link
+        or a JSON of its own streamed nothing until its end, and was dropped whole when cut."""
+        if self._content_started or self._syntax is None or not self._buffer.startswith(self._syntax.leading):
+            return None
+        return json_call_opening(self._buffer)
+
     def _call_start(self) -> int | None:
         if self._syntax is None:
             return None
-        if not self._content_started and self._buffer.startswith(self._syntax.leading):
-            return 0
         found = [i for i in (self._buffer.find(m) for m in self._syntax.starts) if i >= 0]
         return min(found) if found else None
 
