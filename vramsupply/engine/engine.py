@@ -29,6 +29,7 @@ from .speculative import default_draft_max
 from .slots import Tally, Task
 from .thread_tuner import thread_tuner
 from .trained_context import served_context
+from .prompt_checks import refuse_far_past_context, validated_prompt
 from .types import ContextOverflow, EngineClosed, EngineFailed, EngineOptions, EngineStats, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ or a long prompt chunk) must not hold back the buyers' errors, so ``close`` ends
 
 POLL_SECONDS = 0.05
 """How often ``close``'s wait for a step that runs on looks at ``hurry``."""
-
-PROBE_CHARS_PER_TOKEN = 16
-"""A text longer than this many characters per token of the context has its start tokenized first
-(``_refuse_far_past_context``): text runs 3-5 characters a token, so its start shows an overflow."""
 
 
 class Engine:
@@ -181,20 +178,8 @@ class Engine:
         """Called inside ``_in_use``. Most templates write the BOS text themselves; only add it
         when the template did not."""
         has_bos = bool(self._model.bos_text) and prompt.startswith(self._model.bos_text)
-        self._refuse_far_past_context(prompt, add_special=not has_bos)
+        refuse_far_past_context(lambda start: self._model.tokenize(start, add_special=not has_bos), prompt, self.n_ctx)
         return self._model.tokenize(prompt, add_special=not has_bos)
-
-    def _refuse_far_past_context(self, text: str, add_special: bool) -> None:
-        """ContextOverflow for a text whose start alone is past the context, before tokenizing it
-        all: a buyer's 4 MiB prompt took 1.7 s of the threads every buyer's long prompt shares,
-        only to be refused. The start's last token may join the next text in the whole, so the
-        start must hold two tokens more than the context."""
-        probe = self.n_ctx * PROBE_CHARS_PER_TOKEN
-        if len(text) <= probe:
-            return
-        count = len(self._model.tokenize(text[:probe], add_special))
-        if count > self.n_ctx + 1:
-            raise ContextOverflow(count - 1, None, self.n_ctx, at_least=True)
 
     def submit(
         self, request: GenerationRequest, *, shares_prompt_with: Generation | None = None, loop: asyncio.AbstractEventLoop | None = None,
@@ -251,7 +236,7 @@ class Engine:
         """The prompt, in the vocabulary and fitting the context, and the stop token ids."""
         if len(request.prompt) >= self.n_ctx:  # before any work on it: a buyer's 2M ids took the loop for seconds
             raise ContextOverflow(len(request.prompt), None, self.n_ctx)
-        prompt = self._validated_prompt(request.prompt)
+        prompt = validated_prompt(request.prompt, self._model.n_vocab)
         if len(prompt) >= self.n_ctx:  # the prompt alone: its message must not add max_tokens (0 for an echo)
             raise ContextOverflow(len(prompt), None, self.n_ctx)
         if request.max_tokens is not None and len(prompt) + request.max_tokens > self.n_ctx:
@@ -380,21 +365,6 @@ class Engine:
             with self._idle:
                 self._users -= 1
                 self._idle.notify_all()
-
-    def _validated_prompt(self, prompt: Any) -> np.ndarray:
-        try:
-            tokens = np.asarray(prompt)
-        except (TypeError, ValueError):
-            raise ValueError("the prompt must be a list of token ids") from None
-        if tokens.ndim == 1 and tokens.dtype == object and all(type(t) is int for t in prompt):  # past 64 bits
-            raise ValueError(f"prompt token {next(t for t in prompt if not 0 <= t < self._model.n_vocab)} is not in the vocabulary (size {self._model.n_vocab})")
-        if tokens.ndim != 1 or len(tokens) == 0 or tokens.dtype.kind not in "iu":
-            raise ValueError("the prompt must be a non-empty list of integer token ids")
-        low, high = int(tokens.min()), int(tokens.max())
-        if low < 0 or high >= self._model.n_vocab:
-            bad = low if low < 0 else high
-            raise ValueError(f"prompt token {bad} is not in the vocabulary (size {self._model.n_vocab})")
-        return tokens.astype(np.int32)
 
 
 def kv_layout(per_slot: bool, n_ctx: int) -> str:
