@@ -23,11 +23,8 @@ Parsed = tuple[list[ToolCall], str]
 
 def json_at(text: str, start: int = 0) -> tuple[Any, int] | None:
     """The JSON value at ``text[start:]`` (after whitespace) and the index after it."""
-    index = start
-    while index < len(text) and text[index].isspace():
-        index += 1
     try:
-        return jsontext.DECODER.raw_decode(text, index)
+        return jsontext.DECODER.raw_decode(text, _past_space(text, start))
     except ValueError:
         return None
 

@@ -234,11 +234,11 @@ class Engine:
 
     def _checked(self, request: GenerationRequest) -> tuple[np.ndarray, frozenset[int]]:
         """The prompt, in the vocabulary and fitting the context, and the stop token ids."""
-        if len(request.prompt) >= self.n_ctx:  # before any work on it: a buyer's 2M ids took the loop for seconds
+        # The prompt alone first, before any work on its ids (a buyer's 2M ids took the loop for
+        # seconds); its message must not add max_tokens (0 for an echo).
+        if len(request.prompt) >= self.n_ctx:
             raise ContextOverflow(len(request.prompt), None, self.n_ctx)
         prompt = validated_prompt(request.prompt, self._model.n_vocab)
-        if len(prompt) >= self.n_ctx:  # the prompt alone: its message must not add max_tokens (0 for an echo)
-            raise ContextOverflow(len(prompt), None, self.n_ctx)
         if request.max_tokens is not None and len(prompt) + request.max_tokens > self.n_ctx:
             raise ContextOverflow(len(prompt), request.max_tokens, self.n_ctx)
         return prompt, self._stop_ids(request.stop_token_ids)
