@@ -27,6 +27,7 @@ from test_platform_lifecycle import EngineCounters, ResolvedGGUF, eventually
 
 from vramsupply.config import Settings
 from vramsupply.platform import Backoff, MarketplaceSession, Phase, PlatformClient, ProviderLifecycle, build_offer
+from vramsupply.platform import pauses
 from vramsupply.platform.state import RegistrationState, write_state
 from vramsupply.serve.options import market_options
 from vramsupply.serve.provider import ProviderSide
@@ -133,6 +134,21 @@ async def test_an_offline_listing_while_the_agent_was_paused_is_put_down_to_the_
     assert PAUSED.fullmatch(message), message
     assert len(said(caplog, "this agent was paused")) == 1, "once, not at every heartbeat"
     assert "forward port" not in caplog.text and "reachability of" not in caplog.text
+
+
+def test_a_pause_asked_about_again_a_second_later_is_the_same_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The offline diagnosis may ask about a pause before the watch's own task has woken from it,
+    and again after a wall-clock second has turned: the pause, and so the line logged once for it,
+    must not change (it did: its end was stamped anew at every question, and logged twice)."""
+    clock, wall = Clock(), [1_700_000_000.2]
+    monkeypatch.setattr(pauses.time, "time", lambda: wall[0])
+    watch = pauses.PauseWatch(clock)
+    watch.woke()
+    clock.now += 70  # frozen, then resumed
+    first = watch.overlapping(0, clock.now)
+    wall[0] += 1
+    assert first is not None and watch.overlapping(0, clock.now) == first
+    assert watch.woke() is None, "the watch's task, waking at last, finds the pause already recorded"
 
 
 async def test_a_pause_the_platform_listed_the_agent_online_after_is_not_blamed(caplog: pytest.LogCaptureFixture) -> None:

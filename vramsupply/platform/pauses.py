@@ -86,8 +86,8 @@ class PauseWatch:
 
     def overlapping(self, since: float, until: float) -> Pause | None:
         """The longest pause that ended after ``since`` and began by ``until`` (the watch's clock)."""
+        # A pause the watch's task has not woken up from yet (a resume's first moments) is over, since
+        # this runs: recorded now, so that it is the same pause (same end, same wall time) when asked again.
+        self.woke()
         found = [p for p in self._pauses if p.start <= until and p.end > since]
-        pending = self._pending()  # a pause the watch's task has not woken up from yet (a resume's first moments)
-        if pending is not None and pending.start <= until and pending.end > since:
-            found.append(pending)
         return max(found, key=lambda p: p.seconds, default=None)
