@@ -15,10 +15,16 @@ from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metada
 from conftest import TINY_MODEL
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-FAMILIES = ("qwen3", "qwen35", "llama3", "mistral")
+FAMILIES = ("qwen3", "qwen35", "llama3", "mistral", "gpt-oss")
 # Control tokens the family's real vocabulary has, written over byte-fallback tokens of bytes that
 # text never contains (0x01, 0x02), so the engine's rendering of special markers can be tested.
-CONTROL_TOKENS = {"llama3": {4: "<|python_tag|>"}, "mistral": {4: "[TOOL_CALLS]"}, "qwen3": {5: "</think>"}}
+# gpt-oss's harmony markers take the bytes 0x01 to 0x07.
+CONTROL_TOKENS = {
+    "llama3": {4: "<|python_tag|>"},
+    "mistral": {4: "[TOOL_CALLS]"},
+    "qwen3": {5: "</think>"},
+    "gpt-oss": dict(enumerate(("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|constrain|>", "<|call|>", "<|return|>"), start=4)),
+}
 
 
 def template_text(family: str) -> str:

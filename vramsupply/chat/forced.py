@@ -23,6 +23,7 @@ from typing import Any
 from . import keywords
 from .call_shapes import is_text, parameter_members
 from .formats import ReasoningMarkers
+from . import harmony_grammar
 from .gbnf_text import ANY_CHAR, STRING_FORMATS, XML_CLOSING_TAGS, check_gbnf, gbnf_literal, renamed, text_without, xml_writable
 from .pattern import PatternError, pattern_to_gbnf
 from .schema import JsonSchemaConverter, UnsatisfiableSchema
@@ -144,6 +145,8 @@ def _call(builder: _Builder, syntax: ToolSyntax, index: int, name: str, schema: 
     if syntax.name == "qwen3-xml":
         return _xml_call(builder, index, name, schema)
     args = builder.schema(schema, f"tool-{index}-args")
+    if syntax.name == "harmony":
+        return harmony_grammar.call_rule(name, args)
     if syntax.name == "hermes":
         return f'"<tool_call>\\n" {_json_call(name, args)} "\\n</tool_call>"'
     if syntax.name == "llama3":
@@ -197,11 +200,13 @@ def forced_call_grammar(
     functions: Sequence[dict[str, Any]],
     parallel: bool,
     open_reasoning: ReasoningMarkers | None = None,
+    lazy: bool = False,
 ) -> str:
     """GBNF whose every sentence is one call (or, with ``parallel``, one or more) of ``functions``.
 
     ``functions`` are OpenAI function objects (``name``, ``parameters``). When the generation
-    prompt left a thought open, the model may finish its thought first.
+    prompt left a thought open, the model may finish its thought first; a harmony model may
+    write one on its analysis channel first, unless the grammar is ``lazy`` (woken at a call).
     """
     builder = _Builder()
     alternatives = [_strict_call(builder, syntax, i, f) for i, f in enumerate(functions)]
@@ -212,6 +217,9 @@ def forced_call_grammar(
         for name, body in thought_rules(open_reasoning.end, thought).items():
             builder.rule(name, body)
         root = f"{thought} {root}"
+    if syntax.name == "harmony" and not lazy:
+        rules = harmony_grammar.with_prelude(_rules(builder.grammar()), root)
+        return check_gbnf("".join(f"{name} ::= {body}\n" for name, body in sorted(rules.items())))
     builder.rule("root", root)
     return check_gbnf(builder.grammar())
 
@@ -264,6 +272,8 @@ def trigger_patterns(syntax: ToolSyntax, reasoning: ReasoningMarkers | None, in_
     """
     import re
 
+    if syntax.name == "harmony":
+        return harmony_grammar.trigger()
     if syntax.name == "llama3":
         return (r"\s*(\{)[\s\S]*",)  # bare JSON only at the start; <|python_tag|> code stays free
     if syntax.name in ("generic",):

@@ -18,6 +18,8 @@ command-r7b    ``<|START_ACTION|>[{"tool_name": …, "parameters": {…}}]<|END_
 granite        ``<|tool_call|>[{"name": …, "arguments": {…}}]`` (Granite, Phi-4-mini)
 firefunction   `` functools[{"name": …, "arguments": {…}}]``
 functionary    ``<function=NAME>{…}</function>`` (Functionary v3.1 on Llama 3.1)
+harmony        ``<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{…}<|call|>``
+               (gpt-oss: channels for the thought and the answer too, read by ``harmony.py``)
 generic        a bare JSON call object, for a template that describes tools in no known syntax
 =============  ==================================================================================
 
@@ -43,6 +45,7 @@ from .call_parsers import (
     parse_tool_call_blocks,
 )
 from .call_shapes import Parsed, Schemas
+from .harmony import MARKERS as HARMONY_MARKERS, parse_harmony
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,15 @@ def _has(*needles: str) -> Callable[[str], bool]:
 
 
 SYNTAXES: tuple[ToolSyntax, ...] = (
+    # gpt-oss: its template writes the channel markers; its whole output is read by
+    # ``harmony.HarmonyParser`` (thought and answer included), never by the call reader.
+    ToolSyntax(
+        "harmony",
+        _has("<|channel|>", "<|message|>"),
+        parse_harmony,
+        preserved=HARMONY_MARKERS,
+        parallel=False,
+    ),
     ToolSyntax(
         "deepseek",
         _has("<｜tool▁calls▁begin｜>"),

@@ -25,7 +25,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from vramsupply.chat import ChatFormat, detect_format
 from vramsupply.chat.syntaxes import syntax_for
 
-from .messages import arguments_as_objects, normalize_messages, with_short_call_ids
+from .messages import arguments_as_objects, normalize_messages, with_short_call_ids, with_thinking
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class ChatTemplate:
             except jinja2.TemplateError as exc:
                 log.warning("the model's chat template does not compile (%s); using ChatML instead", exc)
         self._short_ids = syntax_for(self.source).id_style == "mistral"
+        self._thinking = syntax_for(self.source).name == "harmony"
         self._text_arguments = True  # while the probe renders text arguments as they are
         self._text_arguments = self._takes_text_arguments()
         self.format: ChatFormat = detect_format(self.source, self._shows_tools())
@@ -96,6 +97,8 @@ class ChatTemplate:
         return self._closed
 
     def _for_template(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self._thinking:
+            messages = with_thinking(messages)
         if not self._text_arguments:
             messages = arguments_as_objects(messages)
         return with_short_call_ids(messages) if self._short_ids else messages

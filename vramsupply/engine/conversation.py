@@ -22,6 +22,7 @@ from vramsupply.chat import ChatFormat, OutputParser, ReasoningMarkers, ToolSynt
 from vramsupply.chat.forced import forced_call_grammar, trigger_patterns
 from vramsupply.chat.limits import SchemaTooComplex, check_grammar_size, check_schema, check_strict
 from vramsupply.chat.formats import opens_reasoning
+from vramsupply.chat.harmony import HarmonyParser
 
 from .chat import ChatTemplate
 from .messages import MessageError, check_tool_results, normalize_messages
@@ -74,10 +75,15 @@ class ChatPrompt:
     parallel_tool_calls: bool
     continues: bool = False
     """The answer goes on with the last message's text (``continue_final_message``)."""
+    channels: bool = False
+    """The model writes gpt-oss's harmony messages (``chat/harmony.py``): thought, answer and calls
+    on channels; an answer constraint then holds its final message (``server/grammar.py``)."""
 
-    def output_parser(self) -> OutputParser:
+    def output_parser(self) -> OutputParser | HarmonyParser:
         """A fresh parser for one choice's output. A continuation's text is already under way: its
         leading space (" time" after "Once upon a") is no whitespace before an answer to trim."""
+        if self.channels:
+            return HarmonyParser(calls=self.syntax is not None)
         return OutputParser(self.reasoning, self.in_reasoning, self.syntax, self.schemas, self.parallel_tool_calls, continuing=self.continues)
 
 
@@ -117,6 +123,7 @@ def prepare_chat(
         schemas={f["name"]: f.get("parameters") or {} for f in functions},
         parallel_tool_calls=request.parallel_tool_calls,
         continues=request.continue_final_message,
+        channels=fmt.syntax.name == "harmony",
     )
 
 
@@ -191,7 +198,7 @@ def _call_grammar(
     try:
         for function in functions:
             check_schema(function.get("parameters") or {})
-        return check_grammar_size(forced_call_grammar(fmt.syntax, functions, parallel, thought))
+        return check_grammar_size(forced_call_grammar(fmt.syntax, functions, parallel, thought, lazy=not required))
     except SchemaTooComplex as exc:
         if required:
             raise ChatRequestError("tools", f"a tool's parameters are too complex for this server: {exc}") from None
@@ -203,7 +210,9 @@ def _call_grammar(
 
 
 def _markers(fmt: ChatFormat, use_tools: bool) -> tuple[str, ...]:
-    markers = fmt.syntax.preserved if use_tools else ()
+    """The marker texts the output must show: the call syntax's with tools; harmony's always, as
+    its thought and answer are told apart by them too."""
+    markers = fmt.syntax.preserved if use_tools or fmt.syntax.name == "harmony" else ()
     return markers + ((fmt.reasoning.start, fmt.reasoning.end) if fmt.reasoning else ())
 
 

@@ -173,6 +173,23 @@ def _skip(text: str, at: int) -> int:
     return at
 
 
+def with_thinking(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` for gpt-oss's template, which reads an assistant's thought as ``thinking``
+    (OpenAI-compatible servers return it as ``reasoning_content``) and takes a ``tool_calls`` key
+    for calls, even an empty list. Beside calls it shows a thought or a preamble, never both:
+    the thought is kept, the preamble (``content``) left out."""
+    out = []
+    for message in messages:
+        if message.get("role") == "assistant":
+            message = {k: v for k, v in message.items() if k != "tool_calls" or v}
+            if message.get("reasoning_content"):
+                message["thinking"] = message["reasoning_content"]
+                if message.get("tool_calls"):
+                    message["content"] = ""
+        out.append(message)
+    return out
+
+
 def check_tool_results(messages: list[dict[str, Any]]) -> None:
     """OpenAI's rules for tool results: each has a ``tool_call_id``, naming a call an earlier
     assistant message made (templates would otherwise fail on it, or show the model a result of nothing)."""

@@ -31,6 +31,7 @@ from typing import Any
 
 from vramsupply.chat.forced import after_thought, either
 from vramsupply.chat.gbnf_text import gbnf_literal
+from vramsupply.chat.harmony_grammar import in_final
 from vramsupply.chat.limits import SchemaTooComplex, check_grammar_size, check_limits, schema_grammar
 from vramsupply.chat.pattern import PatternError, pattern_to_gbnf
 from vramsupply.chat.schema import UnenforcedKeyword, schema_to_gbnf
@@ -113,6 +114,11 @@ def chat_grammar(chat: ChatPrompt, json_grammar: str | None) -> dict[str, Any]:
         return {"grammar": chat.grammar}  # a forced call
     if json_grammar is None:
         return {"grammar": chat.grammar, "grammar_triggers": chat.grammar_triggers} if chat.grammar is not None else {}
+    if chat.channels:  # harmony: the answer is the final message, after a thought or none
+        try:
+            return {"grammar": check_grammar_size(in_final(json_grammar, chat.grammar))}
+        except SchemaTooComplex as exc:
+            raise ApiError(400, f"'tools' and '{PARAM}' together are too complex for this server: {exc}", param="tools", code="invalid_value") from None
     answer = json_grammar
     if chat.grammar is not None:
         try:

@@ -1,0 +1,147 @@
+"""gpt-oss's harmony format through the official openai SDK: thought, answer and calls on channels.
+
+The server runs the tiny model with a gpt-oss-style template, its harmony markers control tokens
+of the vocabulary as in gpt-oss's (``chat_models.py``): llama.cpp renders ``<|channel|>``,
+``<|message|>``, ``<|start|>``, ``<|constrain|>`` and ``<|end|>`` as text, and ends the generation at
+``<|call|>`` and ``<|return|>``. The tiny model writes nonsense, so what it writes is held by the
+grammars of a forced call or a JSON ``response_format``, which let it think on the analysis
+channel first or not (each seed decides); a logit bias on ``<|end|>`` keeps its thoughts short.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import pytest
+from openai import OpenAI
+
+from chat_models import template_text
+from live_server import MODEL_ID, LiveServer
+from test_agent_api import ASK, TOOLS, WEATHER, WEATHER_SCHEMA, check_weather_call
+from vramsupply.engine import ChatRequest
+from vramsupply.engine.chat import ChatTemplate
+
+MARKERS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|constrain|>", "<|call|>", "<|return|>")
+SEEDS = range(8)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
+    with LiveServer(model_path=chat_models["gpt-oss"], n_ctx=2048, threads=1) as live:
+        yield live
+
+
+def sdk(server: LiveServer) -> OpenAI:
+    return OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+
+
+def short_thoughts(server: LiveServer) -> dict[str, float]:
+    assert server.engine is not None
+    [end] = server.engine.tokenize("<|end|>", add_special=False)
+    return {str(end): 20}
+
+
+def no_markup(text: str | None) -> None:
+    assert not any(marker in (text or "") for marker in MARKERS), text
+
+
+@pytest.mark.parametrize("choice", ["required", WEATHER])
+def test_a_forced_call_may_follow_a_thought_on_the_analysis_channel(gpt_oss: LiveServer, choice: object) -> None:
+    """The thought ends at ``<|end|>`` (no end of generation here) and the call follows in the
+    same answer; the thought is ``reasoning_content``, the call ``tool_calls``, no markup leaks."""
+    thought = 0
+    with sdk(gpt_oss) as client:
+        for seed in SEEDS:
+            response = client.chat.completions.create(
+                model=MODEL_ID, messages=ASK, tools=TOOLS[:1], tool_choice=choice, seed=seed, max_tokens=300,
+                logit_bias=short_thoughts(gpt_oss),
+            )
+            choice_out = response.choices[0]
+            assert choice_out.finish_reason == "tool_calls", choice_out
+            assert choice_out.message.content is None
+            [call] = choice_out.message.tool_calls
+            check_weather_call(call)
+            reasoning = getattr(choice_out.message, "reasoning_content", None)
+            no_markup(reasoning)
+            thought += bool(reasoning)
+    assert 0 < thought < len(SEEDS), "some seeds think first, some call at once"
+
+
+def test_a_streamed_harmony_answer_is_the_whole_answer_in_deltas(gpt_oss: LiveServer) -> None:
+    request = {"model": MODEL_ID, "messages": ASK, "tools": TOOLS[:1], "tool_choice": "required", "max_tokens": 300}
+    with sdk(gpt_oss) as client:
+        for seed in SEEDS:
+            whole = client.chat.completions.create(seed=seed, logit_bias=short_thoughts(gpt_oss), **request)
+            chunks = list(client.chat.completions.create(seed=seed, logit_bias=short_thoughts(gpt_oss), stream=True, **request))
+            deltas = [c.delta for chunk in chunks for c in chunk.choices]
+            reasons = [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason]
+            fragments = [f for d in deltas for f in (d.tool_calls or [])]
+            message = whole.choices[0].message
+            assert reasons == ["tool_calls"]
+            assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == (getattr(message, "reasoning_content", None) or "")
+            assert "".join(d.content or "" for d in deltas) == ""
+            first, *rest = fragments
+            [call] = message.tool_calls
+            assert (first.index, first.function.name, first.function.arguments) == (0, "get_weather", "")
+            assert "".join(f.function.arguments for f in rest) == call.function.arguments
+
+
+def test_a_json_response_format_is_the_final_message_after_the_thought(gpt_oss: LiveServer) -> None:
+    schema = {"type": "object", "properties": {"days": {"type": "integer", "minimum": 1, "maximum": 7}}, "required": ["days"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": schema}}
+    thought = 0
+    with sdk(gpt_oss) as client:
+        for seed in SEEDS:
+            response = client.chat.completions.create(
+                model=MODEL_ID, messages=ASK, max_tokens=300, seed=seed, response_format=response_format, logit_bias=short_thoughts(gpt_oss)
+            )
+            choice = response.choices[0]
+            assert choice.finish_reason == "stop", choice
+            jsonschema.validate(json.loads(choice.message.content), schema)
+            reasoning = getattr(choice.message, "reasoning_content", None)
+            no_markup(reasoning)
+            thought += bool(reasoning)
+    assert 0 < thought < len(SEEDS)
+
+
+def test_an_agent_loop_sends_the_thought_the_call_and_its_result_back_as_gpt_oss_reads_them(gpt_oss: LiveServer) -> None:
+    """``reasoning_content`` sent back reaches the template as ``thinking`` (gpt-oss's name for
+    it), the call as a ``to=functions.NAME`` message with its arguments as JSON (not a quoted
+    string), the result as the function's message to the assistant."""
+    assert gpt_oss.engine is not None
+    with sdk(gpt_oss) as client:
+        first = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, tools=TOOLS, tool_choice=WEATHER, seed=1, max_tokens=300, logit_bias=short_thoughts(gpt_oss)
+        )
+        message = first.choices[0].message.model_dump(exclude_none=True)
+        message["reasoning_content"] = "They want the weather: I call get_weather."
+        [call] = first.choices[0].message.tool_calls
+        messages = [*ASK, message, {"role": "tool", "tool_call_id": call.id, "content": "Sunny"}]
+        final = client.chat.completions.create(model=MODEL_ID, messages=messages, tools=TOOLS, max_tokens=20, seed=1)
+    assert final.choices[0].finish_reason in ("stop", "length")
+    # The prompt as the engine renders it (its tokens' text puts a space after each marker: the
+    # tiny model's tokenizer is SentencePiece's), then as the template wrote it.
+    prompt = gpt_oss.engine.detokenize(gpt_oss.engine.prepare_chat(ChatRequest(messages, tools=TOOLS)).tokens)
+    assert "analysis<|message|> They want the weather: I call get_weather.<|end|>" in prompt
+    prompt = ChatTemplate(template_text("gpt-oss"), "<s>", "</s>").render(messages, TOOLS)
+    head = (
+        "<|start|>assistant<|channel|>analysis<|message|>They want the weather: I call get_weather.<|end|>"
+        "<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>"
+    )
+    tail = '<|call|><|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"Sunny"<|end|><|start|>assistant'
+    assert head in prompt and prompt.endswith(tail)
+    assert json.loads(prompt.split(head)[1].removesuffix(tail)) == json.loads(call.function.arguments)
+
+
+def test_an_answer_s_thought_and_an_empty_tool_calls_list_in_history_render() -> None:
+    """Clients send ``tool_calls: []`` on plain answers; gpt-oss's template takes any ``tool_calls``
+    key for a call. The last answer's thought shows when no turn is opened after it."""
+    template = ChatTemplate(template_text("gpt-oss"), "<s>", "</s>")
+    history = [*ASK, {"role": "assistant", "content": "Sunny.", "reasoning_content": "Easy.", "tool_calls": []}]
+    prompt = template.render_turn(history, TOOLS, {}, open_turn=False)
+    assert prompt.endswith("<|start|>assistant<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>Sunny.<|end|>")
+    assert "type get_weather = (_: {\ncity: string,\nunit: \"celsius\" | \"fahrenheit\",\ndays?: number,\n}) => any;" in prompt
+    assert WEATHER_SCHEMA["required"] == ["city", "unit"]
