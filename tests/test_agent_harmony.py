@@ -72,6 +72,7 @@ def test_a_forced_call_may_follow_a_thought_on_the_analysis_channel(gpt_oss: Liv
 
 def test_a_streamed_harmony_answer_is_the_whole_answer_in_deltas(gpt_oss: LiveServer) -> None:
     request = {"model": MODEL_ID, "messages": ASK, "tools": TOOLS[:1], "tool_choice": "required", "max_tokens": 300}
+    thought = 0
     with sdk(gpt_oss) as client:
         for seed in SEEDS:
             whole = client.chat.completions.create(seed=seed, logit_bias=short_thoughts(gpt_oss), **request)
@@ -81,12 +82,15 @@ def test_a_streamed_harmony_answer_is_the_whole_answer_in_deltas(gpt_oss: LiveSe
             fragments = [f for d in deltas for f in (d.tool_calls or [])]
             message = whole.choices[0].message
             assert reasons == ["tool_calls"]
-            assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == (getattr(message, "reasoning_content", None) or "")
+            reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+            assert reasoning == (getattr(message, "reasoning_content", None) or "")
+            thought += bool(reasoning)
             assert "".join(d.content or "" for d in deltas) == ""
             first, *rest = fragments
             [call] = message.tool_calls
             assert (first.index, first.function.name, first.function.arguments) == (0, "get_weather", "")
             assert "".join(f.function.arguments for f in rest) == call.function.arguments
+    assert thought, "a thought streams as reasoning_content deltas before the call"
 
 
 def test_a_json_response_format_is_the_final_message_after_the_thought(gpt_oss: LiveServer) -> None:
