@@ -11,7 +11,8 @@ is written raw, as the family's templates write it: any text without a closing t
 strings as they are (``<`` included), a ``pattern`` or ``format`` without ``<``. A function with
 ``strict: true`` whose schema holds a keyword its rules cannot enforce is an ``UnenforcedKeyword``;
 one whose parameters have no finite value (a recursion required all the way round) is a
-``RecursiveSchema``, whatever its ``strict``.
+``RecursiveSchema``, whatever its ``strict``. A harmony (gpt-oss) call is one message on the
+commentary channel, after one thought or none (``harmony_grammar.py``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ What a template needs beyond OpenAI's messages is settled here, from the templat
 behaviour: Mistral-style templates get nine-character call ids (``with_short_call_ids``), and a
 template that can only walk an object's items (Qwen3.5's XML calls) gets a cut call's whole members
 (``arguments_as_objects``), or a 400 naming a call whose arguments are no object at all, rather
-than failing on a call's arguments that are text.
+than failing on a call's arguments that are text. gpt-oss's harmony template reads an assistant's
+thought as ``thinking``, so it gets ``reasoning_content`` under that name too (``with_thinking``).
 """
 
 from __future__ import annotations

@@ -109,7 +109,8 @@ async def _schema_grammar(schema: dict[str, Any], strict: bool, field: str, too_
 
 def chat_grammar(chat: ChatPrompt, json_grammar: str | None) -> dict[str, Any]:
     """The sampling fields that constrain a chat's answer: its tool calls' grammar (``chat``),
-    its JSON ``response_format``'s (``json_grammar``, from ``grammar_for``), or either of the two."""
+    its JSON ``response_format``'s (``json_grammar``, from ``grammar_for``), or either of the two.
+    A harmony model's answer is its final message, after one thought or none (``in_final``)."""
     if chat.grammar is not None and not chat.grammar_triggers:
         return {"grammar": chat.grammar}  # a forced call
     if json_grammar is None:
