@@ -89,6 +89,8 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_field(client: OpenAI) -> No
     }
     for param, extra in cases.items():
         assert refusal(lambda: client.chat.completions.create(**chat, extra_body=extra))["param"] == param, param
+    nul = refusal(lambda: client.chat.completions.create(**chat, extra_body={"guided_choice": ["yes", "no\u0000"]}))
+    assert nul["param"] == "guided_choice" and "NUL" in nul["message"], "a NUL no grammar matches: it aborted the whole server"
     with_tools = refusal(lambda: client.chat.completions.create(**chat, tools=tools, extra_body={"guided_choice": ["a"]}))
     assert with_tools["param"] == "guided_choice" and "tool_choice 'none'" in with_tools["message"]
 

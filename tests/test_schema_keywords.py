@@ -137,6 +137,20 @@ def test_a_string_enum_holding_lt_is_written_raw_and_read_back_as_itself(checker
     assert read_xml(xml_call("f", v="1"), {"f": untyped}) == ({"v": "1"}, {"v": "1"})  # text, as the grammar writes it
 
 
+def test_nul_in_an_xml_enum_value_or_parameter_name_never_reaches_the_grammar(checker: GrammarChecker) -> None:
+    """llama.cpp's grammar never matches NUL: a grammar that had to write one aborted the whole
+    serving process (``Unexpected empty grammar stack``) once sampling reached it."""
+    some = {"type": "object", "properties": {"op": {"type": "string", "enum": ["\x00", "a\x00", "ok"]}, "c\x00": {"type": "string"}}, "required": ["op"]}
+    grammar = forced_call_grammar(XML, [{"name": "f", "parameters": some}], parallel=False)
+    assert "x00" not in grammar and checker.accepts(grammar, xml_call("f", op="ok"))
+    for schema, why in [
+        ({"type": "object", "properties": {"op": {"type": "string", "enum": ["\x00"]}}, "required": ["op"]}, "no value of a string enum"),
+        ({"type": "object", "properties": {"c\x00": {"type": "string"}}, "required": ["c\x00"]}, "cannot be written in this model's XML calls"),
+    ]:
+        with pytest.raises(UnsatisfiableSchema, match=why):
+            forced_call_grammar(XML, [{"name": "f", "parameters": schema}], parallel=False)
+
+
 def test_xml_text_parameters_may_hold_lt_but_never_a_closing_tag(checker: GrammarChecker) -> None:
     schema = {
         "type": "object",

@@ -66,6 +66,8 @@ def gbnf_literal(text: str) -> str:
     """``text`` as a GBNF string literal that llama.cpp reads back as exactly ``text``."""
     if _SURROGATE.search(text):
         raise ValueError(f"{text[:40]!r} holds a lone surrogate, which no UTF-8 output can write")
+    if "\x00" in text:  # written as \x00 it parses, but a grammar that must match it aborts the process
+        raise ValueError(f"{text[:40]!r} holds NUL, which llama.cpp's grammar never matches")
     return '"' + "".join(_GBNF_ESCAPES.get(c) or (f"\\x{ord(c):02X}" if ord(c) < 0x20 or c == "\x7f" else c) for c in text) + '"'
 
 
@@ -81,7 +83,7 @@ def json_literal(value: Any) -> str:
 
 def xml_writable(text: str) -> bool:
     """Whether ``text`` can stand raw as an XML parameter value (and be read back as itself)."""
-    return not any(tag in text for tag in XML_CLOSING_TAGS) and not _SURROGATE.search(text)
+    return not any(tag in text for tag in XML_CLOSING_TAGS) and not _SURROGATE.search(text) and "\x00" not in text
 
 
 def text_without(words: tuple[str, ...], name: str) -> dict[str, str]:
