@@ -221,6 +221,18 @@ async def test_endpoint_token_is_required_on_v1(guarded: LiveServer, http: aioht
             assert set(body["error"]) == {"message", "type", "param", "code"}
 
 
+async def test_a_token_whose_bytes_are_no_utf8_is_a_401_not_our_500(guarded: LiveServer) -> None:
+    """aiohttp hands such a header over surrogate-escaped, which the comparison could not encode."""
+    host, port = guarded.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe" + TOKEN.encode() + b"\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), head
+    assert json.loads(body)["error"]["code"] == "invalid_api_key"
+
+
 async def test_health_and_metrics_stay_open_with_a_token(guarded: LiveServer, http: aiohttp.ClientSession) -> None:
     for path in ("/health", "/metrics"):
         async with http.get(guarded.url + path) as response:

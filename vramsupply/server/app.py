@@ -139,7 +139,8 @@ def check_bearer(header: str | None, token: str) -> None:
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # aiohttp hands over a header's bytes that are no UTF-8 as surrogate escapes: back to those bytes
+    if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode()):
         raise ApiError(401, "Incorrect endpoint token provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
