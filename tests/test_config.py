@@ -238,6 +238,31 @@ def test_a_private_file_follows_a_link_and_refuses_what_is_no_file(tmp_path: Pat
     assert stat.S_ISFIFO(fifo.stat().st_mode)
 
 
+def test_a_link_loop_where_a_private_file_goes_is_an_oserror_the_callers_report(tmp_path: Path) -> None:
+    """Python 3.11 says a loop with a RuntimeError, which no caller caught: serve died with a traceback
+    once listening (the registration record), and login too (the config file)."""
+    loop = tmp_path / "registration.json"
+    loop.symlink_to(loop.name)
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        write_private_file(loop, "{}")
+    config = tmp_path / "config.toml"
+    config.symlink_to(config.name)
+    for args in (["login", "--api-key", "sk-k"], ["config", "show"]):
+        result = run_cli(*args, env={"VRAM_SUPPLY_CONFIG": str(config)})
+        assert result.returncode != 0 and "Traceback" not in result.stderr, args
+        assert f"{config}: Too many levels of symbolic links" in result.stderr, result.stderr
+
+
+def test_a_private_file_is_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    """Under a locale that is no UTF-8 one (and Python told not to switch to UTF-8 by itself), a
+    registration record naming a model file with a non-ASCII name could not be written."""
+    path = tmp_path / "registration.json"
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = f"from vramsupply.config import write_private_file; write_private_file(__import__('pathlib').Path({str(path)!r}), 'stories \\u00fc')"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    assert path.read_bytes() == "stories ü".encode()
+
+
 def test_login_takes_a_piped_key_refuses_a_control_character_and_needs_some_input() -> None:
     piped = run_cli("login", input="sk-piped-key\n")
     assert piped.returncode == 0 and "GetPassWarning" not in piped.stderr

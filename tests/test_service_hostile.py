@@ -19,6 +19,7 @@ from dotenv import dotenv_values
 
 from conftest import run_cli
 from test_service_install import READY, fake_tools, logged_calls, unit_values, verify
+from vramsupply.service.checks import file_destination_problem
 from vramsupply.service.installer import ServiceError, install, service_target
 from vramsupply.service.unit import UnitSpec, render_unit, stop_timeout
 
@@ -283,3 +284,10 @@ def test_a_device_this_build_lacks_keeps_the_service_from_being_started(tmp_path
     assert result.returncode == 0, result.stderr
     assert f"warning: the service cannot start: no device 'CUDA0' in this llama.cpp build; it has: CPU (vramsupply doctor lists them): change VRAM_SUPPLY_DEVICES (or VRAM_SUPPLY_TENSOR_SPLIT) in {env_file}" in result.stdout
     assert [call for call in logged_calls(calls) if call.startswith("systemctl")] == [], "nothing started or enabled"
+
+
+def test_a_unit_or_env_file_that_is_a_link_loop_is_named_not_a_traceback(tmp_path: Path) -> None:
+    """Python 3.11 says a loop with a RuntimeError, which the install's checks did not catch."""
+    loop = tmp_path / "vramsupply.service"
+    loop.symlink_to(loop.name)
+    assert file_destination_problem(loop) == f"{loop} is a symbolic link that leads back to itself"

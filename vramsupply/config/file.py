@@ -12,6 +12,7 @@ user's comments, blank lines and order survive a ``login``; tomli-w rewrote the 
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,17 +61,23 @@ class ConfigUnwritable(VramsupplyError):
 
 
 def _config_text(path: Path) -> str | None:
-    """The file's text, or None when there is no file."""
-    if not path.exists():
+    """The file's text, or None when there is no file (nor any where a link leads)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
         return None
-    if not path.is_file() and not path.is_dir():  # a FIFO would block the read forever; a directory says so below
+    except OSError as exc:  # a link loop, a folder on the way we may not enter: not "no file"
+        raise ConfigError(f"cannot read config file {path}: {os_reason(exc, path)}") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"cannot read config file {path}: it is a directory")
+    if not stat.S_ISREG(mode):  # a FIFO would block the read forever
         raise ConfigError(f"cannot read config file {path}: not a regular file")
     try:
         return path.read_bytes().decode("utf-8")  # TOML is UTF-8, whatever the locale
     except UnicodeDecodeError as exc:
         raise ConfigError(f"cannot read config file {path}: it is not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        raise ConfigError(f"cannot read config file {path}: {os_reason(exc, path)}") from None
 
 
 def _parsed(path: Path, text: str) -> dict[str, Any]:

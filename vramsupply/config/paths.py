@@ -73,14 +73,17 @@ def write_private_file(path: Path, text: str, mode: int = 0o600, *, sync: bool =
     config kept elsewhere stays there; a device or a FIFO is refused (``/dev/null`` made 0600).
     ``sync=False`` for a file rewritten often on the event loop that means nothing after a crash
     (the registration state): an fsync can stall for seconds while a download fills the page cache."""
-    target = path.resolve() if path.is_symlink() else path
+    try:
+        target = path.resolve() if path.is_symlink() else path
+    except RuntimeError:  # Python 3.11's word for a link loop (3.13 raises OSError)
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
     if target.exists() and not target.is_file():
         raise OSError(errno.EINVAL, "not a regular file", str(path))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:  # the locale's may be ASCII (a service without LANG)
             fh.write(text)
             if sync:
                 fh.flush()

@@ -65,7 +65,10 @@ def check_destinations(files: tuple[Path, ...], folders: tuple[Path, ...], user_
 def file_destination_problem(path: Path) -> str | None:
     """Why a file cannot be written at ``path`` (replaced beside itself and renamed, creating the
     folders above it), or None. Phrased to follow "cannot write <path>: "."""
-    target = path.resolve() if path.is_symlink() else path
+    try:
+        target = path.resolve() if path.is_symlink() else path
+    except RuntimeError:  # Python 3.11's word for a link loop
+        return f"{path} is a symbolic link that leads back to itself"
     if target.is_dir():
         return f"{path} is a directory, not a file"
     if target.exists() and not target.is_file():
