@@ -251,3 +251,26 @@ async def test_a_held_row_the_file_can_never_take_is_said_and_health_is_not_left
 
     assert recorder.failure is None
     assert any("request doomed not written to the earnings ledger" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_ledger_another_program_holds_locked_puts_no_buyer_off_for_long(tmp_path: Path) -> None:
+    """A write waited the connection's 10 s for the lock while the buyer waited for the commit: with
+    a lock held for long, buyers' answers came 10 s late. Now the row is held as on a full disk."""
+    path = tmp_path / "ledger.sqlite3"
+    writer = LedgerWriter(LedgerStore(path), retry_every=0.05)
+    recorder = LedgerRecorder(writer, input_price=0, output_price=0, selling=False)
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        await asyncio.wait_for(recorder.record(served("held")), 5)
+        assert recorder.failure is not None and "database is locked" in recorder.failure
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    await asyncio.wait_for(recorder.record(served("after")), 5)
+    for _ in range(100):  # the held row is tried again by the writer's timer
+        if recorder.failure is None:
+            break
+        await asyncio.sleep(0.05)
+    writer.close()
+    assert [e.request_id for e in LedgerStore(path).entries()] == ["held", "after"]

@@ -208,6 +208,10 @@ class LedgerStore:
             reason = os_reason(exc, path) if isinstance(exc, OSError) else exc
             raise LedgerError(f"cannot open the earnings ledger {path}: {reason}; {remedy(exc)}") from None
 
+    def wait_for_locks(self, seconds: float) -> None:
+        """How long a statement waits for another connection's lock before it fails (SQLITE_BUSY)."""
+        self._db.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
+
     def check(self) -> None:
         """Read every page (``PRAGMA quick_check``, well under a second for the largest ledger):
         damage past the first pages, which opening does not read, raises ``DamagedLedger`` at the

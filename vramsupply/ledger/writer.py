@@ -14,7 +14,8 @@ every waiting and later future fails at once (nobody waits forever) and ``failur
 ``/health``.
 
 A batch the file cannot take (a full disk) is not lost: its rows are held in memory, in order, and
-their futures fail with ``Unwritten`` (the buyer is answered all the same). The held rows are tried
+their futures fail with ``Unwritten`` (the buyer is answered all the same). So does one another
+program holds a lock on for more than ``WRITE_BUSY_SECONDS``: buyers do not wait on that program. The held rows are tried
 again, ahead of any new ones, when a batch comes at least ``retry_every`` seconds after the last try,
 and by a timer when none comes; rows arriving in between join them untried, so buyers do not wait on
 a disk that is full. Once a try succeeds every held row is written, in the order served, and
@@ -45,6 +46,9 @@ MAX_HELD_ROWS = 50_000
 """Rows held in memory while the file cannot be written: about 25 MB, over an hour of a busy agent."""
 RETRY_SECONDS = 2.0
 """Time between two tries of the held rows: each try rewrites all of them, so not one per request."""
+WRITE_BUSY_SECONDS = 1.0
+"""How long a write waits for another program's lock on the file (``LedgerStore`` opens with 10 s,
+for the CLI): past it the rows are held like a full disk's, since buyers wait for the commit."""
 
 
 class Unwritten(LedgerError):
@@ -63,6 +67,7 @@ class LedgerWriter:
         self, store: LedgerStore, *, roll_up_every: int = ROLL_UP_EVERY, max_held: int = MAX_HELD_ROWS, retry_every: float = RETRY_SECONDS
     ) -> None:
         self.store = store
+        store.wait_for_locks(WRITE_BUSY_SECONDS)
         self._roll_up_every = roll_up_every
         self._max_held = max_held
         self._retry_every = retry_every
