@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -274,3 +275,24 @@ async def test_a_ledger_another_program_holds_locked_puts_no_buyer_off_for_long(
         await asyncio.sleep(0.05)
     writer.close()
     assert [e.request_id for e in LedgerStore(path).entries()] == ["held", "after"]
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved away"])
+async def test_a_ledger_deleted_or_moved_away_while_serving_is_begun_anew_at_its_path(tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A provider "resets" the agent by deleting its data dir, or moves the ledger aside by hand:
+    every later request went on into the deleted (or moved) file, nobody told, /health ok."""
+    path = tmp_path / "data" / "ledger.sqlite3"
+    writer = LedgerWriter(LedgerStore(path))
+    recorder = LedgerRecorder(writer, input_price=0, output_price=0, selling=False)
+    await recorder.record(served("before"))
+    if how == "deleted":
+        shutil.rmtree(path.parent)
+    else:
+        for suffix in ("", "-wal", "-shm"):
+            os.rename(f"{path}{suffix}", tmp_path / f"aside{suffix}")
+    await recorder.record(served("after"))
+    await recorder.record(served("later"))
+    writer.close()
+    assert recorder.failure is None
+    assert [e.request_id for e in LedgerStore(path).entries()] == ["after", "later"]
+    assert caplog.text.count("was deleted or moved away while the agent ran: later requests are recorded in a new one there") == 1

@@ -200,6 +200,7 @@ class LedgerStore:
             # process being killed; only a power cut can lose the last moments before a checkpoint.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
+            self._identity = _identity(path)
         except (sqlite3.Error, OSError) as exc:
             if db is not None:
                 db.close()
@@ -207,6 +208,16 @@ class LedgerStore:
                 raise DamagedLedger(path, exc) from None
             reason = os_reason(exc, path) if isinstance(exc, OSError) else exc
             raise LedgerError(f"cannot open the earnings ledger {path}: {reason}; {remedy(exc)}") from None
+
+    def replaced(self) -> bool:
+        """Whether the path no longer names the file this store has open: deleted, or moved away
+        (its rows would go on to a file nobody reads, or to one moved elsewhere)."""
+        try:
+            return _identity(self.path) != self._identity
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # a folder we may no longer enter: the write says why
 
     def wait_for_locks(self, seconds: float) -> None:
         """How long a statement waits for another connection's lock before it fails (SQLITE_BUSY)."""
@@ -338,6 +349,11 @@ class _Transaction:
                 self._db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
 
 
 def _create_private(path: Path) -> None:

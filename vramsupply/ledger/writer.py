@@ -15,7 +15,9 @@ every waiting and later future fails at once (nobody waits forever) and ``failur
 
 A batch the file cannot take (a full disk) is not lost: its rows are held in memory, in order, and
 their futures fail with ``Unwritten`` (the buyer is answered all the same). So does one another
-program holds a lock on for more than ``WRITE_BUSY_SECONDS``: buyers do not wait on that program. The held rows are tried
+program holds a lock on for more than ``WRITE_BUSY_SECONDS``: buyers do not wait on that program.
+A ledger file deleted or moved away while the agent runs is noticed at the next batch, which goes
+to a new file at the path (``_reopen_if_replaced``), not on into the file nobody can read any more. The held rows are tried
 again, ahead of any new ones, when a batch comes at least ``retry_every`` seconds after the last try,
 and by a timer when none comes; rows arriving in between join them untried, so buyers do not wait on
 a disk that is full. Once a try succeeds every held row is written, in the order served, and
@@ -167,7 +169,9 @@ class LedgerWriter:
             return 0
         held, self._written, self._failed, self._failure = len(self._held), [], [], None
         try:
-            if len(batch) == 1 and held:  # a held row alone: one the file can never take is said, not lost unsaid
+            if (unopened := self._reopen_if_replaced()) is not None:
+                self._failed, self._failure = list(batch), unopened
+            elif len(batch) == 1 and held:  # a held row alone: one the file can never take is said, not lost unsaid
                 self._commit_alone(batch[0], once=True)
             else:
                 self._commit(batch, once=held > 0)
@@ -178,6 +182,22 @@ class LedgerWriter:
                 self._written_again(min(held, len(self._written)))  # held rows come first; one never writable was said
             _resolve(self._written, None)  # last: a buyer's handler then reads /health's state as it is now
         return len(self._written)
+
+    def _reopen_if_replaced(self) -> str | None:
+        """The ledger file was deleted or moved away while the agent ran (a "reset" by hand, an
+        uninstall): later rows go to a new ledger at its path, said once, rather than into a file
+        nobody reads. Why a new one cannot be opened, if so: the rows are then held, as on a full disk."""
+        if not self.store.replaced():
+            return None
+        try:
+            store = LedgerStore(self.store.path)
+        except LedgerError as exc:
+            return str(exc)
+        log.warning("the earnings ledger %s was deleted or moved away while the agent ran: later requests are recorded in a new one there", store.path)
+        store.wait_for_locks(WRITE_BUSY_SECONDS)
+        self.store.close()
+        self.store = store
+        return None
 
     def _take(self) -> list[Item | None]:
         """Everything waiting: at least one item, or none when it is time to try the held rows again;
