@@ -76,11 +76,13 @@ def test_a_rejected_key_and_the_table_with_marks(tmp_path: Path) -> None:
     with LivePlatform() as platform:
         code, checks, _ = doctor(VRAM_SUPPLY_PLATFORM_URL=platform.url, VRAM_SUPPLY_API_KEY="wrong-key")
         table = run_cli("doctor", env={"VRAM_SUPPLY_PLATFORM_URL": platform.url, "VRAM_SUPPLY_API_KEY": "wrong-key", "COLUMNS": "250"})
+        ascii_table = run_cli("doctor", env={"VRAM_SUPPLY_PLATFORM_URL": platform.url, "VRAM_SUPPLY_API_KEY": "wrong-key", "COLUMNS": "250", "PYTHONIOENCODING": "ascii"})
 
     assert code == 1
     assert checks["api key"]["ok"] is False and checks["api key"]["detail"] == "the platform rejected the API key (HTTP 401)"
     assert table.returncode == 1
     assert "✓ backend" in table.stdout and "✗ api key" in table.stdout
+    assert "ok   backend" in ascii_table.stdout and "FAIL api key" in ascii_table.stdout, "a terminal without ✓ and ✗ printed ? for both"
     assert "fix: run vramsupply login with a current key" in table.stdout
 
 

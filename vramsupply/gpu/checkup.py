@@ -10,6 +10,7 @@ probe never hides the others.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,16 +113,27 @@ def run_checks(settings: Settings) -> list[CheckResult]:
 
 
 def doctor_text(results: list[CheckResult]) -> list[Any]:
-    """One line per check, ✓ or ✗ with the detail, and the fix under each failure."""
+    """One line per check, ✓ or ✗ with the detail, and the fix under each failure; ``ok`` and
+    ``FAIL`` where standard output cannot write those marks (both came out as ``?``)."""
     from rich.text import Text
 
+    passed, failed_mark = _marks()
     width = max(len(r.name) for r in results)
     lines: list[Any] = []
     for r in results:
-        mark = Text("✓", style="green") if r.ok else Text("✗", style="bold red")
+        mark = Text(passed, style="green") if r.ok else Text(failed_mark, style="bold red")
         lines.append(Text.assemble(mark, " ", (r.name.ljust(width), "bold"), "  ", r.detail))
         if not r.ok and r.fix:
             lines.append(Text.assemble(" " * (width + 4), ("fix: ", "yellow"), r.fix))
     failed = sum(not r.ok for r in results)
     lines.append(Text(f"{failed} of {len(results)} checks failed" if failed else f"all {len(results)} checks passed", style="bold red" if failed else "bold green"))
     return lines
+
+
+def _marks() -> tuple[str, str]:
+    """A passed and a failed check's marks, as standard output can write them."""
+    try:
+        "✓✗".encode(sys.stdout.encoding or "ascii")
+    except (LookupError, UnicodeEncodeError):
+        return "ok  ", "FAIL"
+    return "✓", "✗"
