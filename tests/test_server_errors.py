@@ -56,6 +56,13 @@ async def test_malformed_json_is_400(server: LiveServer, http: aiohttp.ClientSes
     assert_openai_error(body, code="invalid_json")
 
 
+async def test_a_body_saved_with_a_byte_order_mark_is_read(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    """A JSON file from Notepad (``curl -d @file``) opens with U+FEFF: "expected value at line 1 column 1"."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    status, answer, _ = await post(http, server.url + CHAT, data=b"\xef\xbb\xbf" + json.dumps(body).encode())
+    assert status == 200, answer
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 async def test_a_body_not_in_its_stated_content_encoding_is_400(server: LiveServer, http: aiohttp.ClientSession, encoding: str) -> None:
     """It was a 500, with two tracebacks in the log, for any client that says gzip and sends text."""

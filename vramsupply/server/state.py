@@ -69,7 +69,7 @@ class ServerState:
 
     async def parse(self, request: web.Request, model: type[Body]) -> Body:
         """Read and validate a JSON body (aiohttp raises 413 past the size limit) and check its model."""
-        raw = await read_body(request)
+        raw = without_bom(await read_body(request))
         try:
             # A large body takes milliseconds to parse: do it off the loop that streams to others.
             body = model.model_validate_json(raw) if len(raw) <= INLINE_PARSE_MAX_BYTES else await asyncio.to_thread(model.model_validate_json, raw)
@@ -77,6 +77,13 @@ class ServerState:
             raise from_validation_error(exc) from None
         self.check_model(getattr(body, "model", None))
         return body
+
+
+def without_bom(raw: bytes) -> bytes:
+    """A body saved by an editor that opens UTF-8 with a byte order mark (Notepad, ``curl -d @file``):
+    RFC 8259 lets a parser ignore it, and pydantic's refuses the first byte (the upstream front's
+    ``json.loads`` reads it already)."""
+    return raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
 
 
 async def read_body(request: web.Request) -> bytes:
