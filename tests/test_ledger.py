@@ -17,6 +17,7 @@ from conftest import run_cli
 
 from vramsupply.ledger import Entry, LedgerError, LedgerStore, LedgerWriter, cents, default_ledger_path, earned_nanocents, gross_nanocents
 from vramsupply.ledger.money import dollars_text
+from vramsupply.ledger import recorder as recorder_module
 from vramsupply.ledger.recorder import LedgerRecorder, open_recorder
 from vramsupply.ledger.report import earnings_report, parse_since
 from vramsupply.server.accounting import FinishedRequest
@@ -186,17 +187,30 @@ async def test_a_ledger_that_cannot_be_written_is_reported_until_a_write_succeed
     writer.close()
 
 
-async def test_a_ledger_that_cannot_be_opened_records_nothing_and_says_why_for_the_whole_run(tmp_path: Path) -> None:
+async def test_a_ledger_that_cannot_be_opened_holds_the_rows_says_why_and_opens_once_it_can(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It was reported for the whole run and its requests lost until a restart, which under systemd
+    nobody does: now they are held, and written once the provider moves the directory away."""
+    monkeypatch.setattr(recorder_module, "REOPEN_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, logger="vramsupply.ledger")
     path = tmp_path / "ledger.sqlite3"
     path.mkdir()
     recorder = open_recorder(path, input_price=100, output_price=200, selling=True)
-    await recorder.record(FinishedRequest("r", "m", 1, 1, 0, 1, True, True))
+    await recorder.record(FinishedRequest("r1", "m", 1, 1, 0, 1, True, True))
     assert recorder.failure == (
-        f"cannot open the earnings ledger {path}: Is a directory; move that directory out of the way, then restart the agent; "
-        "until then requests are served but not recorded; 1 request not recorded so far"
+        f"cannot open the earnings ledger {path}: Is a directory; move that directory out of the way; "
+        "the agent tries again every 0 s while requests come (a restart tries at once), and until then requests are served and held in memory; "
+        "1 request not recorded so far"
     )
-    recorder.close()
     assert not any(path.iterdir())
+    path.rmdir()  # the provider moves it away
+    await recorder.record(FinishedRequest("r2", "m", 1, 1, 0, 1, True, True))
+    assert recorder.failure is None
+    await recorder.record(FinishedRequest("r3", "m", 1, 1, 0, 1, True, True))
+    recorder.close()
+    assert [(e.request_id, e.gross_nanocents > 0) for e in LedgerStore(path).entries()] == [("r1", True), ("r2", True), ("r3", True)]
+    assert f"the earnings ledger {path} is open now: 2 requests held in memory recorded" in caplog.text
 
 
 def test_since_accepts_hours_and_days_and_refuses_anything_else() -> None:

@@ -109,7 +109,7 @@ def test_a_disk_that_fills_up_makes_health_degraded_until_the_ledger_is_written_
     assert rows == [first, *unrecorded, last]
 
 
-def test_a_ledger_path_that_is_a_directory_makes_health_degraded_for_the_whole_run() -> None:
+def test_a_ledger_path_that_is_a_directory_makes_health_degraded_until_it_is_moved() -> None:
     ledger = default_ledger_path()
     ledger.mkdir(parents=True)  # left behind by some tool, or a mistyped restore
     with AgentProcess(*SERVE) as agent:
@@ -120,8 +120,8 @@ def test_a_ledger_path_that_is_a_directory_makes_health_degraded_for_the_whole_r
         assert agent.stop() == 0
 
     expected = (
-        f"cannot open the earnings ledger {ledger}: Is a directory; move that directory out of the way, then restart the agent; "
-        "until then requests are served but not recorded"
+        f"cannot open the earnings ledger {ledger}: Is a directory; move that directory out of the way; "
+        "the agent tries again every 30 s while requests come (a restart tries at once), and until then requests are served and held in memory"
     )
     assert at_start["status"] == later["status"] == "degraded"
     assert at_start["warnings"] == [expected]

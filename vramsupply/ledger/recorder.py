@@ -29,15 +29,19 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from vramsupply.ledger.money import earned_nanocents, gross_nanocents
 from vramsupply.ledger.errors import DamagedLedger, LedgerError, salvage_command
 from vramsupply.ledger.store import Entry, LedgerStore
-from vramsupply.ledger.writer import LedgerWriter, Unwritten
+from vramsupply.ledger.writer import MAX_HELD_ROWS, LedgerWriter, Unwritten
 
 log = logging.getLogger("vramsupply.ledger")
+
+REOPEN_SECONDS = 30.0
+"""Between two tries to open a ledger that could not be opened at start."""
 
 
 class Finished(Protocol):
@@ -61,24 +65,21 @@ class Finished(Protocol):
     def token_presented(self) -> bool: ...
 
 
-class LedgerRecorder:
-    def __init__(
-        self, writer: LedgerWriter, *, input_price: int, output_price: int, selling: bool, clock: Callable[[], float] = time.time
-    ) -> None:
-        self.writer = writer
-        self.input_price = input_price
-        self.output_price = output_price
-        self.selling = selling
-        self._clock = clock
-        self._unwritable: str | None = None
-        """Why the last write failed, until one succeeds again."""
+@dataclass(frozen=True)
+class Pricing:
+    """What a finished request's row says it earned, at the prices in force when it finished."""
+
+    input_price: int
+    output_price: int
+    selling: bool
+    clock: Callable[[], float] = time.time
 
     def entry(self, finished: Finished) -> Entry:
         platform = self.selling and finished.token_presented
         paid = platform and finished.complete
         gross = gross_nanocents(finished.prompt_tokens, finished.completion_tokens, self.input_price, self.output_price) if paid else 0
         return Entry(
-            finished_at=self._clock(),
+            finished_at=self.clock(),
             request_id=finished.request_id,
             model=finished.model,
             source="platform" if platform else "local",
@@ -92,6 +93,19 @@ class LedgerRecorder:
             gross_nanocents=gross,
             earned_nanocents=earned_nanocents(gross),
         )
+
+
+class LedgerRecorder:
+    def __init__(
+        self, writer: LedgerWriter, *, input_price: int, output_price: int, selling: bool, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.writer = writer
+        self.pricing = Pricing(input_price, output_price, selling, clock)
+        self._unwritable: str | None = None
+        """Why the last write failed, until one succeeds again."""
+
+    def entry(self, finished: Finished) -> Entry:
+        return self.pricing.entry(finished)
 
     async def record(self, finished: Finished) -> None:
         """Write the row and wait for its commit; a failing disk is logged once, never raised."""
@@ -126,38 +140,78 @@ class LedgerRecorder:
 
 class UnopenedLedger:
     """Stands in for the recorder when the ledger could not be opened at start: the agent serves on,
-    records nothing, and ``failure`` (what ``/health`` shows) says why for the whole run."""
+    and ``failure`` (what ``/health`` shows) says why. Its rows are held in memory (up to
+    ``MAX_HELD_ROWS``, priced when served), and opening is tried again at a request at least
+    ``retry_every`` seconds after the last try: once the provider frees the disk or moves the
+    directory away, the held rows are written and the ``LedgerRecorder`` takes over, no restart
+    needed (under systemd nobody restarts it)."""
 
-    def __init__(self, failure: str) -> None:
+    def __init__(self, failure: str, path: Path, pricing: Pricing, *, retry_every: float = REOPEN_SECONDS) -> None:
         self._failure = failure
+        self._path = path
+        self._pricing = pricing
+        self._recorder: LedgerRecorder | None = None
+        """Once the ledger opened: what records every row."""
+        self._retry_every = retry_every
+        self._next_try = time.monotonic() + retry_every
+        self._held: list[Entry] = []
         self.missed = 0
+        """Requests not held, beyond ``MAX_HELD_ROWS``."""
 
     @property
-    def failure(self) -> str:
-        """The reason and the fix, and how many requests went unrecorded so far (README: /health says it)."""
-        if not self.missed:
-            return self._failure
-        return f"{self._failure}; {self.missed:,} request{'' if self.missed == 1 else 's'} not recorded so far"
+    def failure(self) -> str | None:
+        """The reason and the fix, and how many requests wait unrecorded (README: /health says it)."""
+        if self._recorder is not None:
+            return self._recorder.failure
+        waiting = len(self._held) + self.missed
+        return f"{self._failure}; {_requests(waiting)} not recorded so far" if waiting else self._failure
 
     async def record(self, finished: Finished) -> None:
-        self.missed += 1
+        if self._recorder is not None:
+            return await self._recorder.record(finished)
+        if len(self._held) < MAX_HELD_ROWS:
+            self._held.append(self._pricing.entry(finished))
+        else:
+            self.missed += 1
+        if time.monotonic() >= self._next_try:
+            await self._try_open()
+
+    async def _try_open(self) -> None:
+        self._next_try = time.monotonic() + self._retry_every
+        try:
+            writer = await asyncio.to_thread(_open_writer, self._path)
+        except LedgerError:
+            return
+        held, self._held = self._held, []
+        results = await asyncio.gather(*(asyncio.wrap_future(writer.submit(entry)) for entry in held), return_exceptions=True)
+        log.info("the earnings ledger %s is open now: %s held in memory recorded", self._path, _requests(sum(r is None for r in results)))
+        pricing = self._pricing
+        self._recorder = LedgerRecorder(writer, input_price=pricing.input_price, output_price=pricing.output_price, selling=pricing.selling, clock=pricing.clock)
 
     def close(self) -> None:
-        if self.missed:
-            requests = f"{self.missed:,} request{'' if self.missed == 1 else 's'}"
-            log.error("the earnings of %s served in this run are not recorded: the earnings ledger could not be opened", requests)
+        if self._recorder is not None:
+            return self._recorder.close()
+        if lost := len(self._held) + self.missed:
+            log.error("the earnings of %s served in this run are not recorded: the earnings ledger could not be opened", _requests(lost))
+
+
+def _requests(count: int) -> str:
+    return f"{count:,} request{'' if count == 1 else 's'}"
 
 
 def open_recorder(path: Path, *, input_price: int, output_price: int, selling: bool) -> LedgerRecorder | UnopenedLedger:
-    """The recorder `serve` plugs into the server; when the ledger cannot be opened, one that
-    records nothing and says why (logged now, on ``/health`` all along): the agent serves on
+    """The recorder `serve` plugs into the server; when the ledger cannot be opened, one that holds
+    the rows, says why (logged now, on ``/health`` all along) and tries again: the agent serves on
     without a ledger rather than not at all."""
     try:
         writer = _open_writer(path)
     except LedgerError as exc:
-        failure = f"{exc}, then restart the agent; until then requests are served but not recorded"
+        failure = (
+            f"{exc}; the agent tries again every {REOPEN_SECONDS:g} s while requests come (a restart tries at once), "
+            "and until then requests are served and held in memory"
+        )
         log.warning("%s", failure)
-        return UnopenedLedger(failure)
+        return UnopenedLedger(failure, path, Pricing(input_price, output_price, selling), retry_every=REOPEN_SECONDS)
     return LedgerRecorder(writer, input_price=input_price, output_price=output_price, selling=selling)
 
 
