@@ -21,11 +21,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import keywords
+from . import harmony_grammar, keywords
 from .call_shapes import is_text, parameter_members
 from .formats import ReasoningMarkers
-from . import harmony_grammar
-from .gbnf_text import ANY_CHAR, STRING_FORMATS, XML_CLOSING_TAGS, check_gbnf, gbnf_literal, renamed, text_without, xml_writable
+from .gbnf_text import ANY_CHAR, STRING_FORMATS, XML_CLOSING_TAGS, check_gbnf, gbnf_literal, grammar_rules, grammar_text, renamed, text_without, unused_name, xml_writable
 from .pattern import PatternError, pattern_to_gbnf
 from .schema import JsonSchemaConverter, UnsatisfiableSchema
 from .schema_normal import rewritten
@@ -136,7 +135,7 @@ def _xml_length(builder: _Builder, schema: dict[str, Any]) -> str:
 def _free_text(builder: _Builder) -> str:
     """Any text without a closing tag (``gbnf_text.text_without``), its rules added once."""
     if builder.text_rule is None:
-        builder.text_rule = _unused(builder.converter._rules, "xml-text")
+        builder.text_rule = unused_name(builder.converter._rules, "xml-text")
         for name, body in text_without(XML_CLOSING_TAGS, builder.text_rule).items():
             builder.converter._rules[name] = body
     return builder.text_rule
@@ -214,13 +213,13 @@ def forced_call_grammar(
     builder.rule("tool-call", " | ".join(f"( {a} )" for a in alternatives))
     root = _calls(syntax, parallel)
     if open_reasoning is not None:
-        thought = _unused(builder.converter._rules, "thought")
+        thought = unused_name(builder.converter._rules, "thought")
         for name, body in thought_rules(open_reasoning.end, thought).items():
             builder.rule(name, body)
         root = f"{thought} {root}"
     if syntax.name == "harmony" and not lazy:
-        rules = harmony_grammar.with_prelude(_rules(builder.grammar()), root)
-        return check_gbnf("".join(f"{name} ::= {body}\n" for name, body in sorted(rules.items())))
+        rules = harmony_grammar.with_prelude(grammar_rules(builder.grammar()), root)
+        return grammar_text(rules)
     builder.rule("root", root)
     return check_gbnf(builder.grammar())
 
@@ -228,8 +227,8 @@ def forced_call_grammar(
 def after_thought(grammar: str, reasoning: ReasoningMarkers) -> str:
     """``grammar`` (GBNF with a ``root`` rule) behind the end of a thought the generation prompt
     left open: without it a thinking model's JSON answer would be its thought, and the answer empty."""
-    rules = _rules(grammar)
-    answer, thought = (_unused(rules, name) for name in ("answer-after-thought", "thought-before-answer"))
+    rules = grammar_rules(grammar)
+    answer, thought = (unused_name(rules, name) for name in ("answer-after-thought", "thought-before-answer"))
     rules[answer] = rules.pop("root")
     rules.update(thought_rules(reasoning.end, thought))
     rules["root"] = f"{thought} {answer}"
@@ -241,26 +240,15 @@ def either(first: str, second: str) -> str:
     JSON answer or a tool call, when a request both offers tools and asks for a JSON
     ``response_format``. Each grammar's rules are renamed apart, references included (a recursive
     schema refers to its ``root``)."""
-    ours, theirs = _rules(first), _rules(second)
-    left = _unused({**ours, **theirs}, "either-first")
-    prefix = _unused({**ours, left: ""}, "either-second")
+    ours, theirs = grammar_rules(first), grammar_rules(second)
+    left = unused_name({**ours, **theirs}, "either-first")
+    prefix = unused_name({**ours, left: ""}, "either-second")
     names_ours = {"root": left}
     names_theirs = {name: f"{prefix}-{name}" for name in theirs}
     rules = {names_ours.get(name, name): renamed(body, names_ours) for name, body in ours.items()}
     rules.update({names_theirs[name]: renamed(body, names_theirs) for name, body in theirs.items()})
     rules["root"] = f"{left} | {names_theirs['root']}"
-    return check_gbnf("".join(f"{name} ::= {body}\n" for name, body in sorted(rules.items())))
-
-
-def _rules(grammar: str) -> dict[str, str]:
-    return dict(line.split(" ::= ", 1) for line in grammar.splitlines() if " ::= " in line)
-
-
-def _unused(rules: Mapping[str, str], name: str) -> str:
-    """``name``, or a longer one no rule has (with its ``-1``, ``-2``… the thought's rules use)."""
-    while any(rule == name or rule.startswith(name + "-") for rule in rules):
-        name += "x"
-    return name
+    return grammar_text(rules)
 
 
 def trigger_patterns(syntax: ToolSyntax, reasoning: ReasoningMarkers | None, in_reasoning: bool) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from .pattern import class_char
@@ -151,3 +152,20 @@ def renamed(body: str, names: dict[str, str]) -> str:
     return "".join(
         names.get(m.group(), m.group()) if m.lastgroup == "name" else m.group() for m in GBNF_TOKEN.finditer(body)
     )
+
+
+def grammar_rules(grammar: str) -> dict[str, str]:
+    """A grammar's rules by name, to be joined with others' (``grammar_text``)."""
+    return dict(line.split(" ::= ", 1) for line in grammar.splitlines() if " ::= " in line)
+
+
+def unused_name(rules: Mapping[str, str], name: str) -> str:
+    """``name``, or a longer one no rule has (with its ``-1``, ``-2``… the thought's rules use)."""
+    while any(rule == name or rule.startswith(name + "-") for rule in rules):
+        name += "x"
+    return name
+
+
+def grammar_text(rules: Mapping[str, str]) -> str:
+    """The GBNF of ``rules`` (one has to be ``root``), checked as llama.cpp will read it."""
+    return check_gbnf("".join(f"{name} ::= {body}\n" for name, body in sorted(rules.items())))

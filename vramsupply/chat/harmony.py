@@ -35,6 +35,7 @@ import re
 from typing import Literal
 
 from . import jsontext
+from .reader import TextReader
 from .types import Piece, ToolCall, new_call_id
 
 MARKERS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|constrain|>", "<|call|>", "<|return|>")
@@ -74,49 +75,24 @@ def header_kind(header: str, calls: bool) -> tuple[Kind, str, tuple[str, ...]] |
     return "content", "", ENDS if channel is not None and channel.group(1) == "commentary" else LAST_ENDS
 
 
-class HarmonyParser:
+class HarmonyParser(TextReader):
     """States: ``between`` (a message may open) → ``header`` → ``body`` → ``between``…; ``plain``
     (to the end) for output that is no harmony message."""
 
     def __init__(self, calls: bool = True) -> None:
         """``calls``: tools were offered, so a message to a function is a call (else content)."""
+        super().__init__("between")
         self._calls_allowed = calls
-        self._state = "between"
-        self._buffer = ""
-        self._pushed = 0
         self._kind: Kind = "content"
         self._ends = ENDS  # what ends the body being read
         self._said: set[str] = set()  # kinds some message already gave text to
         self._fresh = False  # the body has given no text yet
-        self._reasoning_span: tuple[int, int | None] | None = None
         self._header_at = 0  # where the message being read began, in characters pushed
         self._called = 0
-        self._forced = False
-        self._forced_name: str | None = None
 
-    def expect_call(self, name: str | None) -> None:
-        """The answer is a forced call; of ``name`` when only one function may be called."""
-        self._forced, self._forced_name = True, name
-
-    @property
-    def reasoning_span(self) -> tuple[int, int] | None:
-        """Characters from the first thought's header to the end of the last thought."""
-        if self._reasoning_span is None:
-            return None
-        start, end = self._reasoning_span
-        return start, self._pushed if end is None else end
-
-    def push(self, text: str) -> list[Piece]:
-        self._buffer += text
-        self._pushed += len(text)
-        pieces: list[Piece] = []
-        while True:
-            before = (self._state, len(self._buffer))
-            given = len(pieces)
-            getattr(self, f"_in_{self._state}")(pieces)
-            self._stamp(pieces, given)
-            if (self._state, len(self._buffer)) == before:
-                return pieces
+    def _step(self, pieces: list[Piece]) -> None:
+        """The thought's span runs from the first thought's header to the end of the last thought."""
+        getattr(self, f"_in_{self._state}")(pieces)
 
     def finish(self, cut: bool = False) -> list[Piece]:
         """Everything held back, once the generation has ended; ``cut``: by ``max_tokens``, where
@@ -204,10 +180,6 @@ class HarmonyParser:
             pieces.append(Piece(kind, text))
             self._said.add(kind)
             self._fresh = False
-
-    def _stamp(self, pieces: list[Piece], given: int) -> None:
-        read = self._pushed - len(self._buffer)
-        pieces[given:] = [dataclasses.replace(piece, upto=read) for piece in pieces[given:]]
 
 
 def parse_harmony(section: str, schemas: object) -> tuple[list[ToolCall], str] | None:

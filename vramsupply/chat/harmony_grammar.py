@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from .gbnf_text import check_gbnf, gbnf_literal, renamed
+from .gbnf_text import gbnf_literal, grammar_rules, grammar_text, renamed, unused_name
 from .thought import thought_rules
 
 CALL_HEAD = "<|channel|>commentary to=functions."
@@ -35,8 +35,8 @@ def call_rule(name: str, args: str) -> str:
 
 def with_prelude(rules: dict[str, str], answer: str) -> dict[str, str]:
     """``rules`` with a ``root`` that allows one thought before ``answer`` (a rule's body)."""
-    thought = _unused(rules, "harmony-thought")
-    prelude = _unused({**rules, thought: ""}, "harmony-prelude")
+    thought = unused_name(rules, "harmony-thought")
+    prelude = unused_name({**rules, thought: ""}, "harmony-prelude")
     rules.update(thought_rules("<|end|>", thought))
     rules[prelude] = f"( {gbnf_literal('<|channel|>analysis<|message|>')} {thought} {gbnf_literal('<|start|>assistant')} )?"
     rules["root"] = f"{prelude} ( {answer} )"
@@ -46,18 +46,18 @@ def with_prelude(rules: dict[str, str], answer: str) -> dict[str, str]:
 def in_final(grammar: str, calls: str | None = None) -> str:
     """An answer grammar (GBNF with a ``root``) as harmony's final message after an optional
     thought; with ``calls`` (a harmony call grammar, ``root`` a call message) that or a call."""
-    rules = _rules(grammar)
-    answer = _unused(rules, "harmony-answer")
+    rules = grammar_rules(grammar)
+    answer = unused_name(rules, "harmony-answer")
     rules[answer] = f"{gbnf_literal(FINAL_HEAD)} {rules.pop('root')}"
     body = answer
     if calls is not None:
-        theirs = _rules(calls)
-        prefix = _unused(rules, "harmony-call")
+        theirs = grammar_rules(calls)
+        prefix = unused_name(rules, "harmony-call")
         names = {name: f"{prefix}-{name}" for name in theirs}
         for name, rule in theirs.items():
             rules[names[name]] = renamed(rule, names)
         body = f"{answer} | {names['root']}"
-    return check_gbnf("".join(f"{name} ::= {rule}\n" for name, rule in sorted(with_prelude(rules, body).items())))
+    return grammar_text(with_prelude(rules, body))
 
 
 def trigger() -> tuple[str, ...]:
@@ -65,13 +65,3 @@ def trigger() -> tuple[str, ...]:
     after ``<|start|>assistant`` (so not inside a thought's text)."""
     head = re.escape("<|channel|>commentary to=")
     return (f"(?:[\\s\\S]*?<\\|start\\|>assistant)?({head})[\\s\\S]*",)
-
-
-def _rules(grammar: str) -> dict[str, str]:
-    return dict(line.split(" ::= ", 1) for line in grammar.splitlines() if " ::= " in line)
-
-
-def _unused(rules: dict[str, str], name: str) -> str:
-    while any(rule == name or rule.startswith(name + "-") for rule in rules):
-        name += "x"
-    return name

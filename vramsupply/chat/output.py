@@ -26,6 +26,7 @@ from typing import Any, Literal
 from .call_shapes import json_call_opening
 from .calls import CallStream, held
 from .formats import ReasoningMarkers
+from .reader import TextReader
 from .syntaxes import ToolSyntax
 from .types import Piece, ToolCall, new_call_id
 
@@ -52,7 +53,7 @@ class ParsedOutput:
         return self
 
 
-class OutputParser:
+class OutputParser(TextReader):
     """States: ``start`` (a thought may open) → ``reasoning`` → ``content`` → ``tools`` (to the end)."""
 
     def __init__(
@@ -70,55 +71,23 @@ class OutputParser:
         self._syntax = syntax
         self._schemas = schemas or {}
         self._parallel = parallel and (syntax is None or syntax.parallel)
-        self._state = "reasoning" if in_reasoning and reasoning else "start" if reasoning else "content"
-        self._buffer = ""  # always the unread end of the text pushed so far
-        self._pushed = 0
-        # Where the thought lies in the text, in characters (markers included): its tokens are
-        # the reasoning tokens of the usage.
-        self._reasoning_span: tuple[int, int | None] | None = (0, None) if self._state == "reasoning" else None
+        super().__init__("reasoning" if in_reasoning and reasoning else "start" if reasoning else "content")
+        if self._state == "reasoning":
+            self._reasoning_span = (0, None)
         self._content_started = continuing  # content seen beyond whitespace: "leading" markers no longer apply
         self._reasoning_started = False
         self._calls: CallStream | None = None
-        self._forced = False  # the whole answer is a call (tool_choice required or named)
-        self._forced_name: str | None = None
 
-    def expect_call(self, name: str | None) -> None:
-        """The answer is a forced call; of ``name`` when only one function may be called."""
-        self._forced, self._forced_name = True, name
-
-    @property
-    def reasoning_span(self) -> tuple[int, int] | None:
-        """Start and end, in characters of the text pushed, of the thought (to the end of the
-        text while it has not ended); None without one."""
-        if self._reasoning_span is None:
-            return None
-        start, end = self._reasoning_span
-        return start, self._pushed if end is None else end
-
-    def push(self, text: str) -> list[Piece]:
-        self._buffer += text
-        self._pushed += len(text)
-        pieces: list[Piece] = []
-        while True:
-            before = (self._state, len(self._buffer))
-            given = len(pieces)
-            if self._state == "start":
-                self._start()
-            elif self._state == "reasoning":
-                self._in_reasoning(pieces)
-            elif self._state == "content":
-                self._in_content(pieces)
-            elif self._calls is not None:
-                rest, self._buffer = self._buffer, ""
-                pieces.extend(self._calls.push(rest))
-            self._stamp(pieces, given)
-            if (self._state, len(self._buffer)) == before:
-                return pieces
-
-    def _stamp(self, pieces: list[Piece], given: int) -> None:
-        """Pieces ``given`` onwards, with how far the parser has read (``Piece.upto``)."""
-        read = self._pushed - len(self._buffer)
-        pieces[given:] = [dataclasses.replace(piece, upto=read) for piece in pieces[given:]]
+    def _step(self, pieces: list[Piece]) -> None:
+        if self._state == "start":
+            self._start()
+        elif self._state == "reasoning":
+            self._in_reasoning(pieces)
+        elif self._state == "content":
+            self._in_content(pieces)
+        elif self._calls is not None:
+            rest, self._buffer = self._buffer, ""
+            pieces.extend(self._calls.push(rest))
 
     def finish(self, cut: bool = False) -> list[Piece]:
         """Everything held back, once the generation has ended; ``cut``: by ``max_tokens``."""
