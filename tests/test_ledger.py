@@ -465,3 +465,13 @@ def test_a_window_past_the_limit_says_the_limit_however_many_digits() -> None:
         with pytest.raises(LedgerError, match=r"is too long: at most 3660 days"):
             parse_since(long)
     assert parse_since("87840h").days == 3660 and parse_since("3660d").days == 3660
+
+
+def test_a_wal_file_that_is_a_directory_is_named_not_the_permissions(tmp_path: Path) -> None:
+    """SQLite says "unable to open database file", and the advice was to make the ledger writable."""
+    path = tmp_path / "ledger.sqlite3"
+    LedgerStore(path).close()
+    Path(f"{path}-wal").mkdir()
+    with pytest.raises(LedgerError) as raised:
+        LedgerStore(path)
+    assert str(raised.value).endswith(f"; {path}-wal is not a file: move it out of the way"), raised.value

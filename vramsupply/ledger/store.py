@@ -207,7 +207,7 @@ class LedgerStore:
             if damaged(exc):
                 raise DamagedLedger(path, exc) from None
             reason = os_reason(exc, path) if isinstance(exc, OSError) else exc
-            raise LedgerError(f"cannot open the earnings ledger {path}: {reason}; {remedy(exc)}") from None
+            raise LedgerError(f"cannot open the earnings ledger {path}: {reason}; {_in_the_way(path) or remedy(exc)}") from None
 
     def replaced(self) -> bool:
         """Whether the path no longer names the file this store has open: deleted, or moved away
@@ -349,6 +349,15 @@ class _Transaction:
                 self._db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+
+
+def _in_the_way(path: Path) -> str | None:
+    """SQLite's "unable to open database file" when its ``-wal`` or ``-shm`` is no file: that, by name
+    (the permissions it would send the provider to are fine)."""
+    for side in (Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if side.is_dir() or (side.exists() and not side.is_file()):
+            return f"{side} is not a file: move it out of the way"
+    return None
 
 
 def _identity(path: Path) -> tuple[int, int]:
