@@ -321,11 +321,14 @@ class HeldWriteLock:
 
 async def test_a_buyer_who_hangs_up_while_the_commit_waits_still_gets_a_row_and_the_writer_goes_on(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
-    writer = LedgerWriter.open(path)
+    writer = LedgerWriter(LedgerStore(path), lock_wait=60)  # the commit waits for the lock as long as the test holds it
     recorder = LedgerRecorder(writer, input_price=100, output_price=200, selling=True)
     with HeldWriteLock(path):
         first = asyncio.create_task(recorder.record(FinishedRequest("r-first", "m", 1, 10, 0, 5, True, True)))
-        await asyncio.sleep(0.3)  # the writer took it and waits for the lock
+        for _ in range(200):  # until the writer took it (and waits for the lock)
+            await asyncio.sleep(0.05)
+            if writer._queue.empty():
+                break
         queued = writer.submit(recorder.entry(FinishedRequest("r-queued", "m", 1, 10, 0, 5, True, True)))
         left = asyncio.create_task(recorder.record(FinishedRequest("r-left", "m", 1, 10, 0, 5, True, True)))
         await asyncio.sleep(0.1)

@@ -337,5 +337,5 @@ async def test_a_long_outage_is_recalled_every_fifteen_minutes_and_no_more_often
         await tries(3)
         await lifecycle.stop(timeout=1)
     assert len(reminders) == 1 and len(said(caplog, "still unreachable")) == 2
-    assert re.fullmatch(r"the platform is still unreachable since \d\d:\d\d: http://127\.0\.0\.1:\d+ answered 502: bad gateway, serving continues", reminders[0])
+    assert re.fullmatch(r"the platform is still unreachable since (\d{4}-\d\d-\d\d )?\d\d:\d\d: http://127\.0\.0\.1:\d+ answered 502: bad gateway, serving continues", reminders[0])
     assert len(said(caplog, "platform unreachable (")) == 1, "the outage itself is said once"

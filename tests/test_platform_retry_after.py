@@ -79,7 +79,9 @@ async def test_a_retry_after_given_as_an_http_date_is_waited_out_too() -> None:
         async with client(platform, attempts=3, backoff=QUICK, timeout=10, sleep=waits) as api:
             assert (await api.demand()).models == []
     [waited] = waits.seconds
-    assert 4 < waited <= 6, "the date's whole seconds, less the moments since it was written"
+    # The date's whole seconds, less the moments since it was written, as the answer's own whole-second
+    # Date says them: 4 when more than a second passed meanwhile (a loaded machine).
+    assert 4 <= waited <= 6
 
 
 async def test_a_retry_after_date_is_read_against_the_answers_own_date_not_our_clock() -> None:

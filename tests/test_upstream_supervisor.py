@@ -111,6 +111,18 @@ async def test_a_llama_server_upstream_states_its_context_slots_and_load() -> No
             await backend.close()
 
 
+def copied_lines_now(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("[fake]")]
+
+
+async def copied_lines(caplog: pytest.LogCaptureFixture, count: int) -> None:
+    """Until the copy of the engine's output logged ``count`` lines (it reads on after the exit)."""
+    for _ in range(200):
+        if len(copied_lines_now(caplog)) >= count:
+            return
+        await asyncio.sleep(0.05)
+
+
 async def test_an_engine_line_longer_than_the_reader_limit_is_skipped_and_its_output_still_read(caplog: pytest.LogCaptureFixture) -> None:
     """asyncio's line reader refuses lines over 64 KiB. Before, that ended the copy of the
     engine's output, and an engine that went on logging blocked once the pipe was full."""
@@ -119,9 +131,8 @@ async def test_an_engine_line_longer_than_the_reader_limit_is_skipped_and_its_ou
     with caplog.at_level(logging.INFO, logger="vramsupply.upstream"):
         await engine.start()
         assert await asyncio.wait_for(engine.wait(), 20) == 0
-        await asyncio.sleep(0.2)  # the copy reads what the process wrote before it exited
-    copied = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[fake]")]
-    assert copied == ["[fake] after the long line"]
+        await copied_lines(caplog, 1)  # the copy reads what the process wrote before it exited
+    assert copied_lines_now(caplog) == ["[fake] after the long line"]
 
 
 async def test_a_nan_gauge_does_not_end_the_supervision_of_a_launched_engine() -> None:
@@ -180,6 +191,5 @@ async def test_binary_engine_output_is_escaped_in_the_log(caplog: pytest.LogCapt
     with caplog.at_level(logging.INFO, logger="vramsupply.upstream"):
         await engine.start()
         assert await asyncio.wait_for(engine.wait(), 20) == 0
-        await asyncio.sleep(0.2)
-    copied = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[fake]")]
-    assert copied == ["[fake] \\x1b[31mred\\x00 bell\\x07"]
+        await copied_lines(caplog, 1)
+    assert copied_lines_now(caplog) == ["[fake] \\x1b[31mred\\x00 bell\\x07"]

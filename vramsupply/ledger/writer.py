@@ -66,10 +66,17 @@ SETTLED.set_result(None)
 
 class LedgerWriter:
     def __init__(
-        self, store: LedgerStore, *, roll_up_every: int = ROLL_UP_EVERY, max_held: int = MAX_HELD_ROWS, retry_every: float = RETRY_SECONDS
+        self,
+        store: LedgerStore,
+        *,
+        roll_up_every: int = ROLL_UP_EVERY,
+        max_held: int = MAX_HELD_ROWS,
+        retry_every: float = RETRY_SECONDS,
+        lock_wait: float = WRITE_BUSY_SECONDS,
     ) -> None:
         self.store = store
-        store.wait_for_locks(WRITE_BUSY_SECONDS)
+        self._lock_wait = lock_wait
+        store.wait_for_locks(lock_wait)
         self._roll_up_every = roll_up_every
         self._max_held = max_held
         self._retry_every = retry_every
@@ -194,7 +201,7 @@ class LedgerWriter:
         except LedgerError as exc:
             return str(exc)
         log.warning("the earnings ledger %s was deleted or moved away while the agent ran: later requests are recorded in a new one there", store.path)
-        store.wait_for_locks(WRITE_BUSY_SECONDS)
+        store.wait_for_locks(self._lock_wait)
         self.store.close()
         self.store = store
         return None
