@@ -38,6 +38,7 @@ def test_without_a_quant_serve_takes_the_best_that_fits_and_says_why(tiny_hub: F
     env = {"HF_ENDPOINT": tiny_hub.url, "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": "", "HF_HUB_OFFLINE": ""}
     with AgentProcess("--model", "acme/Tiny-GGUF", "--port", "0", "--no-register", "--log-level", "INFO", env=env) as agent:
         agent.wait_ready()
+        agent.wait_for(lambda: "memory plan:" in agent.log, "the memory plan logged (stderr, read by a thread of its own)")
         assert "memory plan: Q8_0: the best quant that fits" in agent.log
         assert [r.path for r in tiny_hub.requests if r.method == "GET" and "/resolve/" in r.path and "Range" not in r.headers] == [
             "/acme/Tiny-GGUF/resolve/" + tiny_hub.repos["acme/tiny-gguf"].sha + "/Tiny-Q8_0.gguf"
