@@ -149,3 +149,13 @@ def test_an_answer_s_thought_and_an_empty_tool_calls_list_in_history_render() ->
     assert prompt.endswith("<|start|>assistant<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>Sunny.<|end|>")
     assert "type get_weather = (_: {\ncity: string,\nunit: \"celsius\" | \"fahrenheit\",\ndays?: number,\n}) => any;" in prompt
     assert WEATHER_SCHEMA["required"] == ["city", "unit"]
+
+
+def test_a_tool_without_a_description_is_shown_with_an_empty_one(gpt_oss: LiveServer) -> None:
+    """OpenAI lets a tool leave its description out (MCP tools often do); gpt-oss's template adds it
+    to text, and every such request was a 400 blamed on ``messages``."""
+    bare = {"name": "get_time", "parameters": {"type": "object", "properties": {}}}
+    with sdk(gpt_oss) as client:
+        for function in (bare, {**bare, "description": None}):
+            response = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=[{"type": "function", "function": function}], max_tokens=4, seed=1)
+            assert response.choices[0].finish_reason in ("stop", "length", "tool_calls")

@@ -253,9 +253,10 @@ def _check_types(function: Mapping[str, Any], where: str) -> None:
 
 def _template_tools(tools: Sequence[Mapping[str, Any]], functions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The buyer's tools as the template sees them: as sent, but each function's ``parameters``
-    checked, and the empty object schema where none was given."""
+    checked, the empty object schema where none was given, and a description left out (or null)
+    as "" (as llama-server gives it: gpt-oss's template adds it to text, and failed on none)."""
     return [
-        {**tool, "function": {**function, "parameters": _or_no_parameters(function["parameters"])}}
+        {**tool, "function": {**function, "description": function.get("description") or "", "parameters": _or_no_parameters(function["parameters"])}}
         for tool, function in zip(tools, functions)
     ]
 
