@@ -67,6 +67,10 @@ def test_a_forced_call_may_follow_a_thought_on_the_analysis_channel(gpt_oss: Liv
             reasoning = getattr(choice_out.message, "reasoning_content", None)
             no_markup(reasoning)
             thought += bool(reasoning)
+            details = response.usage.completion_tokens_details
+            reasoning_tokens = details.reasoning_tokens if details is not None else None
+            assert (reasoning_tokens or 0) > 0 if reasoning else reasoning_tokens == 0, (reasoning, response.usage)
+            assert reasoning_tokens is None or reasoning_tokens < response.usage.completion_tokens
     assert 0 < thought < len(SEEDS), "some seeds think first, some call at once"
 
 

@@ -26,8 +26,8 @@ CALL = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|messag
 WEATHER = [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
 
 
-def read(text: str, step: int = 0, calls: bool = True, cut: bool = False, forced: str | None = None) -> ParsedOutput:
-    parser = HarmonyParser(calls)
+def read(text: str, step: int = 0, calls: bool = True, cut: bool = False, forced: str | None = None, held: bool = False) -> ParsedOutput:
+    parser = HarmonyParser(calls, held_answer=held)
     if forced is not None:
         parser.expect_call(forced)
     out = ParsedOutput()
@@ -79,8 +79,38 @@ def test_harmony_messages_are_read_into_reasoning_content_and_calls(text: str, e
     assert both_ways(text) == expected
 
 
-def test_without_tools_a_message_to_a_function_is_content() -> None:
-    assert both_ways(CALL, calls=False) == ("", '{"city": "Paris"}', [])
+def test_without_tools_a_message_to_a_function_is_dropped_not_the_answer() -> None:
+    """Its arguments were the answer's text; llama.cpp drops such a message too."""
+    preamble = "<|channel|>commentary<|message|>Let me check.<|end|><|start|>assistant"
+    assert both_ways(preamble + CALL, calls=False) == ("", "Let me check.", [])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # gpt-oss-20b's stray header before its thought: the thought was a call named "assistant"
+        (
+            "<|channel|>commentary to=assistant<|channel|>analysis<|message|>User asks weather.<|end|><|start|>assistant<|channel|>final<|message|>It is sunny.",
+            ("User asks weather.", "It is sunny.", []),
+        ),
+        ("<|channel|>commentary<|channel|>analysis<|message|>Hmm.<|end|><|start|>assistant<|channel|>final<|message|>Yes.", ("Hmm.", "Yes.", [])),
+        # a built-in tool nobody offered (browser, python): dropped, never a call or the answer
+        ("<|channel|>analysis to=python code<|message|>print(1)<|call|>", ("", "", [])),
+        ('<|channel|>commentary to=browser.search <|constrain|>json<|message|>{"query": "x"}<|call|>', ("", "", [])),
+        # the answer ends at <|end|>, as every message does: what follows is another message
+        ("<|channel|>final<|message|>Answer.<|end|>", ("", "Answer.", [])),
+        ("<|channel|>final<|message|>It is sunny.<|end|><|start|>assistant<|channel|>final<|message|>Really.", ("", "It is sunny.\n\nReally.", [])),
+        # a generation that stops inside a header (a stop string, EOS): no markup in content
+        ("<|channel|>analysis<|message|>t<|end|><|start|>assistant<|channel|>fin", ("t", "", [])),
+    ],
+)
+def test_gpt_oss_s_own_quirks_are_read_as_llama_cpp_reads_them(text: str, expected: tuple) -> None:
+    assert both_ways(text) == expected
+
+
+def test_an_answer_a_grammar_holds_keeps_end_markers_in_its_json() -> None:
+    text = '<|channel|>final<|message|>{"x": "<|end|>"}'
+    assert both_ways(text, held=True) == ("", '{"x": "<|end|>"}', [])
 
 
 def test_a_cut_drops_markup_and_a_forced_call_cut_in_its_header_is_still_the_named_call() -> None:
@@ -133,3 +163,22 @@ def test_an_auto_call_s_lazy_grammar_wakes_at_a_call_header_not_inside_a_thought
     after = "<|channel|>analysis<|message|>x<|end|><|start|>assistant"
     assert pattern.fullmatch(after + CALL).start(1) == len(after)
     assert pattern.fullmatch("<|channel|>analysis<|message|>I'd write <|channel|>commentary to=functions.f") is None
+
+
+IN_ROLE = '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}'
+"""The header as gpt-oss's template writes every call in history, which the model copies."""
+
+
+def test_an_auto_call_in_either_header_form_or_on_the_analysis_channel_wakes_its_grammar(checker: GrammarChecker) -> None:
+    """Only ``<|channel|>commentary to=`` woke it: a call in the form the template writes in history
+    was parsed, its arguments held to nothing (invalid JSON, a wrong schema, an unknown name)."""
+    [trigger] = trigger_patterns(HARMONY, None, False)
+    grammar = forced_call_grammar(HARMONY, WEATHER, parallel=True, lazy=True)
+    thought = "<|channel|>analysis<|message|>t<|end|>"
+    on_analysis = '<|start|>assistant<|channel|>analysis to=functions.get_weather<|message|>{"city": "Paris"}'
+    for text in (thought + IN_ROLE, thought + on_analysis, IN_ROLE.removeprefix("<|start|>assistant")):
+        match = re.fullmatch(trigger, text)
+        assert match is not None, text
+        assert checker.accepts(grammar, text[match.start(1) :]), text
+        assert not checker.accepts(grammar, text[match.start(1) :].replace("Paris", "Paris\", \"x\": 1")), "held to the schema"
+    assert both_ways(thought + IN_ROLE) == ("t", "", [("get_weather", {"city": "Paris"})])

@@ -329,3 +329,15 @@ def test_a_long_stop_string_that_keeps_almost_matching_is_held_back_and_released
     assert emitted == "a" * 1000, "only what can no longer start the stop string is emitted"
     text, stopped = matcher.push("c")
     assert not stopped and emitted + text + matcher.flush() == "a" * 6000 + "c"
+
+
+def test_a_thought_sent_back_as_reasoning_is_the_reasoning_content() -> None:
+    """Newer vLLM and OpenRouter return the thought as ``reasoning``; clients echo it under that name
+    (gpt-oss needs its thought back on tool turns), and it was a 400."""
+    assert normalize_messages([{"role": "assistant", "content": "hi", "reasoning": "think"}]) == [
+        {"role": "assistant", "content": "hi", "reasoning_content": "think"}
+    ]
+    both = {"role": "assistant", "content": "hi", "reasoning": "other", "reasoning_content": "think"}
+    assert normalize_messages([both])[0]["reasoning_content"] == "think"
+    with pytest.raises(ValueError, match=r"messages\[0\].reasoning must be a string"):
+        normalize_messages([{"role": "assistant", "content": "hi", "reasoning": {"effort": "low"}}])

@@ -39,9 +39,11 @@ _SHORTEST_TAG = min(len(tag) for tag in XML_CLOSING_TAGS)
 
 
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, lazy: bool = False) -> None:
         self.converter = JsonSchemaConverter()
         self.text_rule: str | None = None
+        self.lazy = lazy
+        """The grammar wakes at a call the model starts (``trigger_patterns``), in whatever form."""
 
     def rule(self, name: str, body: str) -> str:
         return self.converter._add_rule(name, body)
@@ -146,7 +148,7 @@ def _call(builder: _Builder, syntax: ToolSyntax, index: int, name: str, schema: 
         return _xml_call(builder, index, name, schema)
     args = builder.schema(schema, f"tool-{index}-args")
     if syntax.name == "harmony":
-        return harmony_grammar.call_rule(name, args)
+        return harmony_grammar.call_rule(name, args, any_form=builder.lazy)
     if syntax.name == "hermes":
         return f'"<tool_call>\\n" {_json_call(name, args)} "\\n</tool_call>"'
     if syntax.name == "llama3":
@@ -208,7 +210,7 @@ def forced_call_grammar(
     prompt left a thought open, the model may finish its thought first; a harmony model may
     write one on its analysis channel first, unless the grammar is ``lazy`` (woken at a call).
     """
-    builder = _Builder()
+    builder = _Builder(lazy)
     alternatives = [_strict_call(builder, syntax, i, f) for i, f in enumerate(functions)]
     builder.rule("tool-call", " | ".join(f"( {a} )" for a in alternatives))
     root = _calls(syntax, parallel)

@@ -49,7 +49,7 @@ _HEADER_LIMIT = 200
 """The longest header read as one; longer, the output is no harmony message but text."""
 _CHANNEL = re.compile(r"<\|channel\|>\s*([A-Za-z_]+)")
 _RECIPIENT = re.compile(r"(?:^|\s)to=([^\s<]+)")
-Kind = Literal["reasoning", "content", "call"]
+Kind = Literal["reasoning", "content", "call", "hidden"]
 
 
 def held(text: str, markers: tuple[str, ...]) -> int:
@@ -58,31 +58,42 @@ def held(text: str, markers: tuple[str, ...]) -> int:
     return max((size for m in markers for size in range(1, min(len(m), len(text) + 1)) if text.endswith(m[:size])), default=0)
 
 
-def header_kind(header: str, calls: bool) -> tuple[Kind, str, tuple[str, ...]] | None:
+def header_kind(header: str, calls: bool, held_answer: bool = False) -> tuple[Kind, str, tuple[str, ...]] | None:
     """What a message's body is, from its header (the text before ``<|message|>``), the called
-    function's name for a call, and the markers that end the body; None for a header that is none."""
+    function's name for a call, and the markers that end the body; None for a header that is none.
+
+    The last channel and recipient named count: gpt-oss sometimes writes a stray
+    ``<|channel|>commentary to=assistant`` before its real header, and ``to=assistant`` addresses
+    no tool. A message to a function is a call where tools may be called; else, and for a tool
+    nobody offered (gpt-oss's built-in ``browser`` and ``python``), it is dropped, as llama.cpp
+    drops it: neither its arguments nor its code are an answer. Every message ends at ``<|end|>``
+    but a call, and an answer a grammar holds (``held_answer``), whose JSON may hold that text."""
     if any(end in header for end in ENDS) or ("<|channel|>" not in header and "to=" not in header):
         return None
-    recipient = _RECIPIENT.search(header)
-    channel = _CHANNEL.search(header)
-    if recipient is not None:
-        name = jsontext.usable_name(recipient.group(1).removeprefix("functions."))
-        if name is None:
-            return None
-        return ("call", name, LAST_ENDS) if calls else ("content", "", LAST_ENDS)
-    if channel is not None and channel.group(1) == "analysis":
+    recipients = [r for r in _RECIPIENT.findall(header) if r != "assistant"]
+    channels = _CHANNEL.findall(header)
+    channel = channels[-1] if channels else None
+    if recipients:
+        function = recipients[-1].removeprefix("functions.") if recipients[-1].startswith("functions.") else None
+        name = jsontext.usable_name(function) if function else None
+        if name is None or not calls:
+            return "hidden", "", ENDS
+        return "call", name, LAST_ENDS
+    if channel == "analysis":
         return "reasoning", "", ENDS
-    return "content", "", ENDS if channel is not None and channel.group(1) == "commentary" else LAST_ENDS
+    return "content", "", LAST_ENDS if held_answer and channel != "commentary" else ENDS
 
 
 class HarmonyParser(TextReader):
     """States: ``between`` (a message may open) → ``header`` → ``body`` → ``between``…; ``plain``
     (to the end) for output that is no harmony message."""
 
-    def __init__(self, calls: bool = True) -> None:
-        """``calls``: tools were offered, so a message to a function is a call (else content)."""
+    def __init__(self, calls: bool = True, held_answer: bool = False) -> None:
+        """``calls``: tools were offered, so a message to a function is a call (else it is dropped);
+        ``held_answer``: a grammar holds the answer (a JSON ``response_format``), whose text may hold ``<|end|>``."""
         super().__init__("between")
         self._calls_allowed = calls
+        self._held_answer = held_answer
         self._kind: Kind = "content"
         self._ends = ENDS  # what ends the body being read
         self._said: set[str] = set()  # kinds some message already gave text to
@@ -101,7 +112,7 @@ class HarmonyParser(TextReader):
         rest, self._buffer = self._buffer, ""
         if self._state == "body":
             self._body_text(pieces, rest[: len(rest) - held(rest, self._ends)] if cut else rest)
-        elif self._state == "plain" or not cut:
+        elif self._state == "plain" or (self._state == "between" and not cut):  # a header left unfinished is markup
             self._emit(pieces, "content", rest if self._state != "between" else rest.strip())
         if cut and self._forced:
             pieces = [p for p in pieces if p.kind != "content"]
@@ -130,7 +141,7 @@ class HarmonyParser(TextReader):
             if len(self._buffer) > _HEADER_LIMIT or any(e in self._buffer for e in ENDS):
                 self._state = "plain"
             return
-        found = header_kind(self._buffer[:end], self._calls_allowed)
+        found = header_kind(self._buffer[:end], self._calls_allowed, self._held_answer)
         if found is None:
             self._state = "plain"
             return
@@ -167,6 +178,8 @@ class HarmonyParser(TextReader):
     # ---- helpers ------------------------------------------------------------------------------
 
     def _body_text(self, pieces: list[Piece], text: str) -> None:
+        if self._kind == "hidden":
+            return
         if self._kind == "call":
             if text:
                 pieces.append(Piece("arguments", text))

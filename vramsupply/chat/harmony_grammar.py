@@ -5,8 +5,10 @@ first token to a call or to JSON would take its thought away, or make the though
 Here every such grammar lets the model write one thought first (``PRELUDE``: ``analysis``,
 up to ``<|end|>``, then ``<|start|>assistant``) or skip it, and then:
 
-- a forced call: ``<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>ARGS``,
-  the header gpt-oss's own template writes; the arguments are held to the tool's schema;
+- a forced call: ``<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>ARGS``;
+  a call the model starts (``auto``), with its header in that form or in the one gpt-oss's
+  template writes in history (``to=functions.NAME<|channel|>commentary json``), on the analysis
+  channel too; the arguments are held to the tool's schema;
 - a JSON ``response_format`` (or any answer constraint): ``<|channel|>final<|message|>`` and the
   JSON, which so lands in ``content`` as OpenAI's structured output does; with tools ``auto`` as
   well, either that answer or a call.
@@ -24,13 +26,24 @@ import re
 from .gbnf_text import gbnf_literal, grammar_rules, grammar_text, renamed, unused_name
 from .thought import thought_rules
 
-CALL_HEAD = "<|channel|>commentary to=functions."
 FINAL_HEAD = "<|channel|>final<|message|>"
+CALL_HEADS = ("<|channel|>commentary to=", "<|channel|>analysis to=", " to=functions.")
+"""Where a call's header may begin: with its channel (gpt-oss's output), or with its recipient right
+after ``<|start|>assistant`` (what its template writes in every history call, which the model copies)."""
+_CHANNELS = f"( {gbnf_literal('commentary')} | {gbnf_literal('analysis')} )"
+_CONSTRAIN = f"( {gbnf_literal(' <|constrain|>json')} | {gbnf_literal(' json')} )?"
 
 
-def call_rule(name: str, args: str) -> str:
-    """One function's call message, from its header on, ``args`` the arguments' rule."""
-    return f"{gbnf_literal(CALL_HEAD + name + ' <|constrain|>json<|message|>')} {args}"
+def call_rule(name: str, args: str, any_form: bool = False) -> str:
+    """One function's call message, from its header on, ``args`` the arguments' rule: a forced
+    call as gpt-oss writes it; with ``any_form`` (a call the model started, ``trigger``) the header
+    in either form of ``CALL_HEADS``, on either channel."""
+    recipient = f" to=functions.{name}"
+    if not any_form:
+        return f"{gbnf_literal('<|channel|>commentary' + recipient + ' <|constrain|>json<|message|>')} {args}"
+    channel_first = f"{gbnf_literal('<|channel|>')} {_CHANNELS} {gbnf_literal(recipient)} {_CONSTRAIN}"
+    recipient_first = f"{gbnf_literal(recipient + '<|channel|>')} {_CHANNELS} {_CONSTRAIN}"
+    return f"( {channel_first} | {recipient_first} ) {gbnf_literal('<|message|>')} {args}"
 
 
 def with_prelude(rules: dict[str, str], answer: str) -> dict[str, str]:
@@ -61,7 +74,7 @@ def in_final(grammar: str, calls: str | None = None) -> str:
 
 
 def trigger() -> tuple[str, ...]:
-    """Where a lazy call grammar takes over: a call's header, opening the answer or a message
-    after ``<|start|>assistant`` (so not inside a thought's text)."""
-    head = re.escape("<|channel|>commentary to=")
-    return (f"(?:[\\s\\S]*?<\\|start\\|>assistant)?({head})[\\s\\S]*",)
+    """Where a lazy call grammar takes over: a call's header (any of ``CALL_HEADS``), opening the
+    answer or a message after ``<|start|>assistant`` (so not inside a thought's text)."""
+    heads = "|".join(map(re.escape, CALL_HEADS))
+    return (f"(?:[\\s\\S]*?<\\|start\\|>assistant)?({heads})[\\s\\S]*",)

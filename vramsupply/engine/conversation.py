@@ -79,11 +79,12 @@ class ChatPrompt:
     """The model writes gpt-oss's harmony messages (``chat/harmony.py``): thought, answer and calls
     on channels; an answer constraint then holds its final message (``server/grammar.py``)."""
 
-    def output_parser(self) -> OutputParser | HarmonyParser:
+    def output_parser(self, held_answer: bool = False) -> OutputParser | HarmonyParser:
         """A fresh parser for one choice's output. A continuation's text is already under way: its
-        leading space (" time" after "Once upon a") is no whitespace before an answer to trim."""
+        leading space (" time" after "Once upon a") is no whitespace before an answer to trim.
+        ``held_answer``: a grammar holds the answer's text (harmony's then ends only at its end)."""
         if self.channels:
-            return HarmonyParser(calls=self.syntax is not None)
+            return HarmonyParser(calls=self.syntax is not None, held_answer=held_answer)
         return OutputParser(self.reasoning, self.in_reasoning, self.syntax, self.schemas, self.parallel_tool_calls, continuing=self.continues)
 
 

@@ -29,7 +29,7 @@ ROLE_ALIASES = {"developer": "system"}
 _FIELDS = {
     "system": {"role", "content", "name"},
     "user": {"role", "content", "name"},
-    "assistant": {"role", "content", "name", "tool_calls", "reasoning_content", "refusal"},
+    "assistant": {"role", "content", "name", "tool_calls", "reasoning_content", "reasoning", "refusal"},
     "tool": {"role", "content", "name", "tool_call_id"},
 }
 # Fields taken and dropped, by role: ``annotations`` (url citations) is in every message OpenAI
@@ -77,9 +77,12 @@ def _normalize_message(index: int, message: Any) -> dict[str, Any]:
     if content is None and role == "assistant":
         content = ""
     normalized["content"] = _content_text(where, content)
-    for key in ("name", "tool_call_id", "reasoning_content"):
+    for key in ("name", "tool_call_id", "reasoning_content", "reasoning"):
         if key in normalized and not isinstance(normalized[key], str):
             raise MessageError(f"{where}.{key}", f"{where}.{key} must be a string")
+    if "reasoning" in normalized:  # the thought under the name newer vLLM and OpenRouter return it by
+        reasoning = normalized.pop("reasoning")
+        normalized.setdefault("reasoning_content", reasoning)
     if message.get("refusal") is not None:
         raise MessageError(f"{where}.refusal", f"{where}.refusal is not supported in history by this server; send it as content")
     return normalized

@@ -77,6 +77,8 @@ class ChatShape(ShapeBase):
     prompt: ChatPrompt
     prompt_param: str = "messages"
     forced: ForcedCall | None = None
+    held_answer: bool = False
+    """A grammar holds the answer (a JSON ``response_format``, a vLLM constraint)."""
     _choices: dict[int, _Choice] = dataclasses.field(default_factory=dict)
     _generations: Sequence[Generation] = ()
 
@@ -129,7 +131,7 @@ class ChatShape(ShapeBase):
     def _choice(self, index: int) -> _Choice:
         choice = self._choices.get(index)
         if choice is None:
-            parser = self.prompt.output_parser()
+            parser = self.prompt.output_parser(held_answer=self.held_answer)
             if self.forced is not None and self.prompt.syntax is not None:
                 parser.expect_call(self.forced.name)
             choice = self._choices[index] = _Choice(parser)
@@ -206,7 +208,7 @@ class ChatShape(ShapeBase):
     def _usage(self, usage: UsageOut) -> UsageOut:
         """``completion_tokens_details.reasoning_tokens``: the generated tokens that brought the
         thoughts' text, their markers included."""
-        if self.prompt.reasoning is None:
+        if self.prompt.reasoning is None and not self.prompt.channels:  # harmony's thoughts are on a channel
             return usage
         usage = usage.model_copy()
         reasoning = sum(self._reasoning_tokens(index, generation) for index, generation in enumerate(self._generations))

@@ -31,7 +31,7 @@ from vramsupply.engine import (
 from vramsupply.server.accounting import Bill
 from vramsupply.server.batch import batch_usage, check_choices, check_echo
 from vramsupply.server.errors import ApiError, internal_error, own_id
-from vramsupply.server.grammar import answer_grammar, chat_grammar
+from vramsupply.server.grammar import answer_grammar, chat_grammar, holds_answer
 from vramsupply.server.logprobs_out import StreamedLogprobs
 from vramsupply.server.metrics import ChoiceTiming, RequestClock
 from vramsupply.server.chat_shape import ChatShape, forced_call
@@ -72,6 +72,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         prompt=chat,
         token_bytes=engine.token_bytes,
         forced=forced_call(body.tool_choice, body.tools),
+        held_answer=holds_answer(body),
         system_fingerprint=system_fingerprint(engine),
     )
     requests = await chat_generation_requests(body, chat)

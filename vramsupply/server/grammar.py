@@ -44,6 +44,12 @@ PARAM = "response_format"
 JSON_OBJECT = schema_to_gbnf({"type": "object"})
 
 
+def holds_answer(body: GenerationBody) -> bool:
+    """Whether a grammar holds the answer's text (``answer_grammar`` gives one)."""
+    response_format = getattr(body, "response_format", None)
+    return output_constraint(body) is not None or (response_format is not None and response_format.type != "text")
+
+
 async def answer_grammar(body: GenerationBody) -> str | None:
     """The grammar the request's answer is held to: its ``response_format``'s or its one vLLM
     constraint's (``vllm_fields.output_constraint`` refuses two); ``None``: unconstrained text."""
