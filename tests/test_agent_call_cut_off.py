@@ -124,9 +124,9 @@ def test_an_xml_call_cut_inside_its_first_parameter_is_still_the_call() -> None:
     assert output.tool_calls == [] and "<function=get_weather>" in output.content  # a malformed call is text
 
 
-def _read(family: str, text: str, *, cut: bool) -> ParsedOutput:
+def _read(family: str, text: str, *, cut: bool, schemas: dict[str, Any] | None = None) -> ParsedOutput:
     for step in (1, len(text)):
-        parser = OutputParser(syntax=BY_NAME[family])
+        parser = OutputParser(syntax=BY_NAME[family], schemas=schemas)
         pieces = [p for i in range(0, len(text), step) for p in parser.push(text[i : i + step])]
         output = ParsedOutput().add(pieces + parser.finish(cut=cut))
         if step == 1:
@@ -157,3 +157,17 @@ def test_an_answer_opening_with_a_bracket_or_brace_that_is_no_call_is_content_st
             assert output.content == "" and [(c.name, c.arguments) for c in output.tool_calls] == [("get_weather", '{"city": "Paris"}')], (family, text)
         for opening in ("{", "[", '{"na', '[ {"name": "get_w'):
             assert _read(family, opening, cut=True).content == "", (family, opening)  # the start of a call, cut: markup
+
+
+def test_a_bare_json_object_naming_no_offered_tool_is_content_not_a_call() -> None:
+    """A JSON answer of the buyer's own schema may open with ``{"name": …``: it was a call to a
+    tool named after its value, and its other fields were lost."""
+    schemas = {"get_weather": {"type": "object"}}
+    for family in ("llama3", "generic"):
+        for text in ('{"name": "Ada", "age": 36}', '{"name": "get_weatherman", "age": 1}', '[{"name": "Ada"}]'):
+            for cut in (True, False):
+                assert _read(family, text, cut=cut, schemas=schemas).content == text, (family, text, cut)
+        call = _read(family, '{"name": "get_weather", "parameters": {"city": "Paris"}}', cut=False, schemas=schemas)
+        assert [(c.name, c.arguments) for c in call.tool_calls] == [("get_weather", '{"city": "Paris"}')], family
+        wrapped = _read(family, '{"type": "function", "function": {"name": "nope", "parameters": {}}}', cut=False, schemas=schemas)
+        assert wrapped.tool_calls == [] and wrapped.content, family

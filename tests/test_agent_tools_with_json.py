@@ -185,3 +185,27 @@ def test_a_forced_call_cut_while_thinking_has_null_content_whole_and_streamed(qw
     assert chunks[0].choices[0].delta.content is None
     assert all(c.delta.content is None for chunk in chunks for c in chunk.choices)
     assert [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason] == ["length"]
+
+
+@pytest.fixture(scope="module")
+def llama3(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
+    """Llama 3's calls may open the answer as bare JSON, as a JSON answer does."""
+    with LiveServer(model_path=chat_models["llama3"], n_ctx=2048, threads=1) as live:
+        yield live
+
+
+def test_a_json_answer_opening_with_a_name_is_the_answer_not_a_call_of_that_name(llama3: LiveServer) -> None:
+    """An agent asking for ``{"name", "age"}`` beside its tools got a call to a tool named after the
+    person (openai-agents: "Tool ... not found"), and the age was lost."""
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}}, "required": ["name", "age"], "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "strict": True, "schema": person}}
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}]
+    request = {"model": MODEL_ID, "messages": [{"role": "user", "content": "A person"}], "tools": tools, "response_format": response_format, "max_tokens": 60}
+    with sdk(llama3) as client:
+        for seed in range(3):
+            whole = client.chat.completions.create(seed=seed, **request)
+            streamed = list(client.chat.completions.create(seed=seed, stream=True, **request))
+            choice = whole.choices[0]
+            assert (choice.finish_reason, choice.message.tool_calls) == ("stop", None), choice
+            jsonschema.validate(json.loads(choice.message.content), person)
+            assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == choice.message.content

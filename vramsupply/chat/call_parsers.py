@@ -14,7 +14,7 @@ import ast
 import re
 from collections.abc import Callable
 
-from .call_shapes import Parsed, Schemas, call_from_object, calls_from_list, json_at, parameter_schemas, xml_value
+from .call_shapes import Parsed, Schemas, call_from_object, calls_from_list, declared, json_at, parameter_schemas, xml_value
 from .types import ToolCall
 
 
@@ -112,7 +112,8 @@ def parse_llama3(section: str, schemas: Schemas) -> Parsed | None:
             return None
         call = _python_call(body)
         return ([call], "") if call is not None else None
-    return _json_calls(stripped, schemas)
+    parsed = _json_calls(stripped, schemas)
+    return parsed if parsed is not None and declared(parsed[0], schemas) else None  # bare JSON: a call names a tool
 
 
 # ---- mistral ----------------------------------------------------------------------------------
@@ -222,4 +223,4 @@ def parse_generic(section: str, schemas: Schemas) -> Parsed | None:
     if isinstance(value, dict) and ("tool_calls" in value or "tool_call" in value):
         value = value.get("tool_calls", value.get("tool_call"))
     calls = calls_from_list(value, schemas)
-    return (calls, "") if calls else None
+    return (calls, "") if calls and declared(calls, schemas) else None

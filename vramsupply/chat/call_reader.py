@@ -175,12 +175,14 @@ class CallReader:
             raise NotStreamable
         start = self.pos
         name = yield from self._head()
+        if name is not None and not self._offered(name):
+            raise NotStreamable
         if name is None:
             heard, self.pos = self.heard, start
             try:
                 text = yield from self.json_object()
             except NotStreamable:
-                if self.cut and heard is not None:  # cut after the call's name
+                if self.cut and heard is not None and self._offered(heard):  # cut after the call's name
                     self.announce(heard)
                     raise Broken(len(self.text)) from None
                 raise
@@ -188,7 +190,7 @@ class CallReader:
                 call = call_from_object(jsontext.loads(text), self.schemas, self.syntax.id_style)
             except (RecursionError, ValueError):  # nested deeper than json can recurse
                 raise NotStreamable from None
-            if call is None:
+            if call is None or not self._offered(call.name):
                 raise NotStreamable
             self.announce(call.name, call.id)
             self.pieces.append(Piece("arguments", call.arguments))
@@ -205,6 +207,11 @@ class CallReader:
             yield from self.json_object(primed='{"a":0')  # the call object's other members, to its "}"
         except NotStreamable:
             raise Broken(self.pos) from None
+
+    def _offered(self, name: str) -> bool:
+        """A bare JSON call (``leading``: Llama 3, generic) names an offered function; another such
+        object is an answer of its own (``call_shapes.declared``), read whole and kept as content."""
+        return not self.syntax.leading or not self.schemas or name in self.schemas
 
     def _head(self) -> Wait:
         """The call's name, with the position at its arguments' ``{``; None for another shape."""

@@ -10,7 +10,7 @@ same call read whole end up with the same name and arguments.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -33,9 +33,11 @@ CALL_KEYS = ("name", "tool_name", "arguments", "parameters", "function", "type",
 """The keys a call object (or a wrapper of calls) may open with: a JSON answer opening with another is prose."""
 
 
-def json_call_opening(text: str) -> str | None:
+def json_call_opening(text: str, names: Collection[str] = ()) -> str | None:
     """Whether ``text``, an answer opening with ``{`` or ``[``, opens a JSON call: "call", "wait"
-    (too little of it to tell), or None (it cannot: ``[1] Paris``, ``{{``, ``{"answer": …``)."""
+    (too little of it to tell), or None (it cannot: ``[1] Paris``, ``{{``, ``{"answer": …``).
+    One opening with a name must name one of ``names`` (the offered functions, when given): a JSON
+    answer of the buyer's own schema may open with ``{"name": …`` too."""
     index = _past_space(text, 0)
     if text.startswith("[", index):
         index = _past_space(text, index + 1)
@@ -52,7 +54,33 @@ def json_call_opening(text: str) -> str | None:
     key = text[index + 1 :] if end < 0 else text[index + 1 : end]
     if end < 0:
         return "wait" if any(k.startswith(key) for k in CALL_KEYS) else None
+    if key in ("name", "tool_name") and names:
+        return _names_one(text, end + 1, names)
     return "call" if key in CALL_KEYS else None
+
+
+def _names_one(text: str, index: int, names: Collection[str]) -> str | None:
+    """After a ``"name"`` key: "call" when its value is one of ``names``, "wait" while it may still be."""
+    index = _past_space(text, index)
+    if index == len(text):
+        return "wait"
+    if text[index] != ":":
+        return None
+    index = _past_space(text, index + 1)
+    if index == len(text):
+        return "wait"
+    if text[index] != '"':
+        return None
+    end = text.find('"', index + 1)
+    if end < 0:
+        return "wait" if any(name.startswith(text[index + 1 :]) for name in names) else None
+    return "call" if text[index + 1 : end] in names else None
+
+
+def declared(calls: list[ToolCall], schemas: Schemas) -> bool:
+    """Whether every call names an offered function: a bare JSON object naming another is no call
+    (an answer held to the buyer's own schema, ``{"name": "Ada", "age": 36}``)."""
+    return not schemas or all(call.name in schemas for call in calls)
 
 
 def _past_space(text: str, index: int) -> int:

@@ -170,7 +170,7 @@ class OutputParser(TextReader):
         or a JSON of its own streamed nothing until its end, and was dropped whole when cut."""
         if self._content_started or self._syntax is None or not self._buffer.startswith(self._syntax.leading):
             return None
-        return json_call_opening(self._buffer)
+        return json_call_opening(self._buffer, self._schemas.keys())
 
     def _call_start(self) -> int | None:
         if self._syntax is None:
