@@ -438,15 +438,38 @@ def test_a_schema_that_cannot_force_a_call_is_a_400_and_auto_still_answers(qwen:
 
 def test_tools_are_held_to_the_same_schema_limits_as_response_format(qwen: LiveServer) -> None:
     """A tool schema too complex to force cheaply: a 400 naming tools, as response_format gets one."""
-    huge = {"type": "object", "properties": {"essay": {"type": "string", "maxLength": 50000}}, "required": ["essay"]}
+    huge = {"type": "object", "properties": {"lines": {"type": "array", "items": {"type": "string"}, "maxItems": 50000}}, "required": ["lines"]}
     tools = [{"type": "function", "function": {"name": "write", "parameters": huge}}]
     with sdk(qwen) as client:
         with pytest.raises(BadRequestError) as refused:
             client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tools, tool_choice="required", max_tokens=5)
         answered = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tools, max_tokens=5, extra_body=NO_THINKING)
     assert refused.value.body["param"] == "tools"
-    assert "'maxLength' is 50000; at most 1000 is accepted" in refused.value.body["message"]
+    assert "'maxItems' is 50000; at most 1000 is accepted" in refused.value.body["message"]
     assert answered.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_string_longer_than_a_grammar_spells_out_is_not_bounded_but_accepted(qwen: LiveServer) -> None:
+    """pydantic writes ``HttpUrl`` as a string of at most 2083 characters: every structured output
+    with a URL in it was a 400 (langchain, pydantic-ai, instructor), though OpenAI takes it. Not
+    strict, the bound is left unenforced; strict, it is refused as any keyword not held."""
+    url = {"type": "string", "format": "uri", "minLength": 1, "maxLength": 2083}
+    link = {"type": "object", "properties": {"href": url}, "required": ["href"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "save", "parameters": link}}]
+    with sdk(qwen) as client:
+        saved = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tools, tool_choice="required", max_tokens=60, extra_body=NO_THINKING)
+        answer = client.chat.completions.create(
+            model=MODEL_ID, messages=ASK, max_tokens=60, extra_body=NO_THINKING,
+            response_format={"type": "json_schema", "json_schema": {"name": "link", "schema": link}},
+        )  # fmt: skip
+        long_text = {**link, "properties": {"href": {"type": "string", "maxLength": 2083}}}
+        with pytest.raises(BadRequestError) as strict:
+            client.chat.completions.create(
+                model=MODEL_ID, messages=ASK, max_tokens=5, response_format={"type": "json_schema", "json_schema": {"name": "link", "strict": True, "schema": long_text}}
+            )
+    assert saved.choices[0].message.tool_calls, saved.choices[0]
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert "'maxLength' at response_format.json_schema.schema.properties.href cannot be enforced" in strict.value.body["message"]
 
 
 def test_tool_names_and_parameters_are_held_to_what_every_call_syntax_can_write(qwen: LiveServer) -> None:

@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from .schema import schema_to_gbnf
+from .schema import MAX_SPELLED_LENGTH, schema_to_gbnf
 
 MAX_SCHEMA_BYTES = 32 * 1024
 """The schema as JSON text."""
@@ -23,7 +23,7 @@ MAX_SCHEMA_DEPTH = 16
 MAX_ALTERNATIVES = 128
 """Values of one ``enum`` and branches of one ``anyOf``/``oneOf``: each is a grammar alternative
 that is tried against every candidate token."""
-MAX_REPETITION = 1000
+MAX_REPETITION = MAX_SPELLED_LENGTH
 """Bounds on lengths and counts (``maxItems``, ``minLength``, regex ``{n,m}``...): the converter
 spells out each repetition, so ``maxItems: 1000000`` would build a grammar of a million rules
 before its size could be checked."""
@@ -94,7 +94,7 @@ def check_limits(node: Any, depth: int = 0) -> None:
             continue
         if not isinstance(value, int) or value < 0:
             raise InvalidSchema(f"'{key}' must be a whole number of at least 0, not {json.dumps(value)[:40]}")
-        if value > MAX_REPETITION:
+        if value > MAX_REPETITION and key != "maxLength":  # a longer one is left unenforced (``schema._unspelled_length``)
             raise SchemaTooComplex(f"'{key}' is {value}; at most {MAX_REPETITION} is accepted")
     pattern = node.get("pattern")
     if isinstance(pattern, str):

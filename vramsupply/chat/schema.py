@@ -47,6 +47,9 @@ from .bounds import BOUND_KEYS, bound_number, bounded
 from .finite import unproductive
 from .gbnf_text import STRING_FORMATS, check_gbnf, gbnf_literal, json_literal
 from .keywords import UnenforcedKeyword
+
+MAX_SPELLED_LENGTH = 1000
+"""The longest ``maxLength`` a grammar holds: the converter spells out each length up to it."""
 from .numbers import to_gbnf
 from .pattern import PatternError, pattern_to_gbnf
 from .schema_normal import UnsatisfiableSchema, register_refs, rename_root_refs, rewritten
@@ -167,6 +170,8 @@ class JsonSchemaConverter(SchemaConverter):
             return self._add_rule(rule_name, f"({to_gbnf(bounded(schema))}) space")
         if branch == "value":
             return self._add_primitive("root" if rule_name == "root" else "value", PRIMITIVE_RULES["value"])
+        if _unspelled_length(schema, branch):  # past what a grammar spells out: left unenforced
+            return super().visit({k: v for k, v in schema.items() if k != "maxLength"}, name)
         return super().visit(schema, name)
 
     def _normal(self, schema: Any) -> dict[str, Any]:
@@ -198,7 +203,8 @@ class JsonSchemaConverter(SchemaConverter):
         elif branch == "allOf":
             self.note(schema, {"type", "allOf"} if self._plain_all_of(schema["allOf"]) else {"type"})
         else:
-            self.note(schema, _ENFORCED.get(branch, set()) | _whole_multiples(schema) | _object_any(schema, branch))
+            enforced = _ENFORCED.get(branch, set()) - ({"maxLength"} if _unspelled_length(schema, branch) else set())
+            self.note(schema, enforced | _whole_multiples(schema) | _object_any(schema, branch))
 
     def target(self, schema: Any) -> Any:
         """``schema`` with its ``$ref`` followed (as far as registered refs go)."""
@@ -351,6 +357,14 @@ def _branch(schema: dict[str, Any]) -> str:
     if kind in ("integer", "number") and any(bound_number(schema, k) is not None for k in BOUND_KEYS):
         return "bounded"
     return "value" if kind is None else "primitive"
+
+
+def _unspelled_length(schema: dict[str, Any], branch: str) -> bool:
+    """A string's ``maxLength`` past ``MAX_SPELLED_LENGTH`` (pydantic's ``HttpUrl`` says 2083): its
+    grammar would spell out every length, so the bound is not enforced (a strict schema is refused
+    for it, as for any keyword not held); the other limits refuse such counts (``limits.py``)."""
+    high = schema.get("maxLength")
+    return branch == "length" and isinstance(high, int) and not isinstance(high, bool) and high > MAX_SPELLED_LENGTH
 
 
 def _whole_multiples(schema: dict[str, Any]) -> set[str]:
