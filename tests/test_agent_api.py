@@ -507,6 +507,9 @@ def test_tool_fields_of_the_wrong_type_and_a_schema_no_value_fits_are_said_clear
     for choice in (5, ["auto"]):
         body = refused(tools=tool(), tool_choice=choice)
         assert (body["param"], body["message"]) == ("tool_choice", "tool_choice must be one of none, auto, required or a named function")
+    allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "f"}}]}}
+    body = refused(tools=tool(), tool_choice=allowed)  # it read as a malformed named choice
+    assert body["message"] == "tool_choice of type 'allowed_tools' is not supported by this server: send auto, none, required or a named function"
     empty = {"type": "object", "properties": {"a": {"anyOf": []}, "b": {"type": "integer"}}}
     with sdk(qwen) as client:
         answered = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tool(parameters=empty), max_tokens=5, extra_body=NO_THINKING)

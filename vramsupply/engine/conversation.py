@@ -322,9 +322,12 @@ def _tool_choice(choice: Any, functions: list[dict[str, Any]]) -> tuple[str, str
         if choice == "required" and not functions:
             raise ChatRequestError("tool_choice", "tool_choice 'required' needs 'tools'")
         return (choice if functions else "none"), None  # "auto" among no tools calls none (``tools: []``)
+    kind = choice.get("type")
+    if isinstance(kind, str) and kind in ("allowed_tools", "custom"):  # OpenAI's newer kinds
+        raise ChatRequestError("tool_choice", f"tool_choice of type {kind!r} is not supported by this server: send auto, none, required or a named function")
     function = choice.get("function") if isinstance(choice, Mapping) else None
     name = function.get("name") if isinstance(function, Mapping) else None
-    if not isinstance(name, str) or choice.get("type") != "function":
+    if not isinstance(name, str) or kind != "function":
         raise ChatRequestError("tool_choice", "a named tool_choice is {'type': 'function', 'function': {'name': ...}}")
     if not any(f["name"] == name for f in functions):
         raise ChatRequestError("tool_choice", f"tool_choice names {name!r}, which is not one of the tools")
