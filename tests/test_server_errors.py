@@ -396,3 +396,11 @@ async def test_numbers_stay_numbers_and_logit_bias_keys_are_token_ids(server: Li
 
     assert status == 200, answer
     assert answer["usage"]["completion_tokens"] <= 2
+
+
+async def test_the_responses_api_is_a_404_that_names_the_api_served(server: LiveServer, http: aiohttp.ClientSession) -> None:
+    """openai-agents and langchain's use_responses_api call /v1/responses: a bare "Invalid URL" left
+    the buyer guessing."""
+    status, body, _ = await post(http, server.url + "/v1/responses", {"model": "m", "input": "x"})
+    assert status == 404 and body["error"]["code"] == "unknown_url"
+    assert body["error"]["message"].endswith("this server serves OpenAI's Chat Completions API (/v1/chat/completions), not its Responses API")

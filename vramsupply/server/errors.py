@@ -112,7 +112,10 @@ def http_exception_error(request: web.Request, exc: web.HTTPException) -> ApiErr
     """The OpenAI-shaped equivalent of one of aiohttp's own HTTP errors."""
     headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")}
     if isinstance(exc, web.HTTPNotFound):
-        return ApiError(404, f"Invalid URL ({request.method} {request.path})", code="unknown_url")
+        message = f"Invalid URL ({request.method} {request.path})"
+        if request.path.startswith("/v1/responses"):  # agent SDKs default to it (openai-agents, langchain's use_responses_api)
+            message += ": this server serves OpenAI's Chat Completions API (/v1/chat/completions), not its Responses API"
+        return ApiError(404, message, code="unknown_url")
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allowed = ", ".join(sorted(exc.allowed_methods))
         return ApiError(
