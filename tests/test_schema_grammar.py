@@ -256,6 +256,8 @@ def test_format_email_and_friends_are_enforced(checker: GrammarChecker) -> None:
         "ipv4": (["10.0.0.1", "255.255.255.255"], ["256.1.1.1", "1.2.3", "01.2.3.4"]),
         "hostname": (["example.com", "a-b.c"], ["-a.com", "a_b.com", "a..b"]),
         "uuid": (["123e4567-e89b-12d3-a456-426614174000"], ["123e4567e89b12d3a456426614174000"]),
+        # pydantic's timedelta (a strict schema with one was a 400, as OpenAI's strict mode takes it)
+        "duration": (["P1DT2H", "PT30M", "P3W", "P1Y2M3DT4H5M6S", "PT0.5S", "P2D", "P1M", "P1Y35DT1H1M1.25S", "PT1H1.25S"], ["P", "PT", "1D", "P1H", "PT1D", "P1.5D", "P1W2D"]),
     }
     for name, (good, bad) in cases.items():
         grammar = schema_to_gbnf({"type": "string", "format": name})

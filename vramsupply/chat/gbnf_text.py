@@ -11,8 +11,9 @@ UTF-8 text holds the one, and this project's JSON strings never hold the other r
 Formats: ``date`` is a real calendar date (year 0001 to 9999, each month's own last day, 29
 February in leap years only) as ``datetime.date.fromisoformat`` reads it; ``time`` and
 ``date-time`` are RFC 3339's (hours 00-23, minutes and seconds 00-59, an offset or ``Z``);
-``uuid``, ``email``, ``hostname`` and ``ipv4`` a plain form of each. Each is one rule with no
-dependencies, so no property's rule name can stand in for a part of it.
+``uuid``, ``email``, ``hostname`` and ``ipv4`` a plain form of each; ``duration`` ISO 8601's
+(pydantic's ``timedelta``). Each is one rule with no dependencies, so no property's rule name can
+stand in for a part of it.
 
 XML text: Qwen3.5's templates write a string parameter raw between ``<parameter=K>\\n`` and
 ``\\n</parameter>``, and the parsers end the value at the first ``</parameter>`` (and a whole call
@@ -51,6 +52,13 @@ _HEX = "[0-9a-fA-F]"
 _LABEL = "[A-Za-z0-9] ( [A-Za-z0-9\\x2D]{0,61} [A-Za-z0-9] )?"
 _ATOM = "[A-Za-z0-9_%+\\x2D]+"
 _OCTET = '( "25" [0-5] | "2" [0-4] [0-9] | "1" [0-9] [0-9] | [1-9] [0-9] | [0-9] )'
+_COUNT = "[0-9]+"
+_SECOND = f'{_COUNT} ( "." [0-9]+ )? "S"'
+_DURATION_TIME = f'"T" ( {_COUNT} "H" ( {_COUNT} "M" )? ( {_SECOND} )? | {_COUNT} "M" ( {_SECOND} )? | {_SECOND} )'
+_DURATION_DATE = f'( {_COUNT} "Y" ( {_COUNT} "M" )? ( {_COUNT} "D" )? | {_COUNT} "M" ( {_COUNT} "D" )? | {_COUNT} "D" )'
+DURATION = f'"P" ( {_DURATION_DATE} ( {_DURATION_TIME} )? | {_DURATION_TIME} | {_COUNT} "W" )'
+"""An ISO 8601 duration (``P1DT2H``, ``PT30M``, ``P3W``) as pydantic writes a ``timedelta``: a unit
+may be skipped (``P1Y35D``, ``PT1H1.25S``), and seconds have a fraction (``PT0.5S``)."""
 STRING_FORMATS = {
     "date": DATE,
     "time": TIME,
@@ -59,6 +67,7 @@ STRING_FORMATS = {
     "email": f'{_ATOM} ( "." {_ATOM} )* "@" {_LABEL} ( "." {_LABEL} )+',
     "hostname": f'{_LABEL} ( "." {_LABEL} )*',
     "ipv4": f'{_OCTET} "." {_OCTET} "." {_OCTET} "." {_OCTET}',
+    "duration": DURATION,
 }
 """The text of each enforced ``format`` (no quotes: inside a JSON string or raw in an XML value)."""
 

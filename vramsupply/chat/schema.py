@@ -15,8 +15,8 @@ that let a constrained answer break its schema closed:
   ``enum``/``const`` values are checked against their siblings (``type``, lengths, bounds…);
 - a string ``pattern`` is converted by ``pattern.py``, which writes what the regex allows as JSON
   writes it inside a string (the base converter wrote quotes raw and GBNF-invalid escapes);
-  ``format`` ``date``, ``time``, ``date-time``, ``uuid``, ``email``, ``hostname`` and ``ipv4``
-  are enforced (``gbnf_text.py``);
+  ``format`` ``date``, ``time``, ``date-time``, ``uuid``, ``email``, ``hostname``, ``ipv4`` and
+  ``duration`` are enforced (``gbnf_text.py``);
 - a ``required`` name that ``properties`` does not list is still written (any value, or what
   ``additionalProperties`` allows; none allowed: ``UnsatisfiableSchema``); a boolean schema is
   ``true`` (any value) or ``false`` (no value: such a property is never written); ``{}`` is any
