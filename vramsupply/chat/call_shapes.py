@@ -39,42 +39,35 @@ def json_call_opening(text: str, names: Collection[str] = ()) -> str | None:
     One opening with a name must name one of ``names`` (the offered functions, when given): a JSON
     answer of the buyer's own schema may open with ``{"name": …`` too."""
     index = _past_space(text, 0)
-    if text.startswith("[", index):
-        index = _past_space(text, index + 1)
-    if index == len(text):
-        return "wait"
-    if text[index] != "{":
-        return None
-    index = _past_space(text, index + 1)
-    if index == len(text):
-        return "wait"
-    if text[index] != '"':
-        return None
-    end = text.find('"', index + 1)
-    key = text[index + 1 :] if end < 0 else text[index + 1 : end]
-    if end < 0:
+    found = _string_after(text, index + 1 if text.startswith("[", index) else index, "{")
+    if not isinstance(found, tuple):
+        return found
+    key, ended, index = found
+    if not ended:
         return "wait" if any(k.startswith(key) for k in CALL_KEYS) else None
-    if key in ("name", "tool_name") and names:
-        return _names_one(text, end + 1, names)
-    return "call" if key in CALL_KEYS else None
+    if key not in ("name", "tool_name") or not names:
+        return "call" if key in CALL_KEYS else None
+    found = _string_after(text, index, ":")
+    if not isinstance(found, tuple):
+        return found
+    name, ended, _ = found
+    if not ended:
+        return "wait" if any(n.startswith(name) for n in names) else None
+    return "call" if name in names else None
 
 
-def _names_one(text: str, index: int, names: Collection[str]) -> str | None:
-    """After a ``"name"`` key: "call" when its value is one of ``names``, "wait" while it may still be."""
-    index = _past_space(text, index)
-    if index == len(text):
-        return "wait"
-    if text[index] != ":":
-        return None
-    index = _past_space(text, index + 1)
-    if index == len(text):
-        return "wait"
-    if text[index] != '"':
-        return None
-    end = text.find('"', index + 1)
-    if end < 0:
-        return "wait" if any(name.startswith(text[index + 1 :]) for name in names) else None
-    return "call" if text[index + 1 : end] in names else None
+def _string_after(text: str, index: int, opening: str) -> tuple[str, bool, int] | str | None:
+    """Past spaces, ``opening``, spaces and a quote: the string so far, whether it ended, and where
+    its end leaves off; "wait" when the text ends before the string, None when another character stands."""
+    for expected in (opening, '"'):
+        index = _past_space(text, index)
+        if index == len(text):
+            return "wait"
+        if text[index] != expected:
+            return None
+        index += 1
+    end = text.find('"', index)
+    return (text[index:], False, len(text)) if end < 0 else (text[index:end], True, end + 1)
 
 
 def declared(calls: list[ToolCall], schemas: Schemas) -> bool:
