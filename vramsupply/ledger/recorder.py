@@ -183,10 +183,11 @@ class UnopenedLedger:
         except LedgerError:
             return
         held, self._held = self._held, []
-        results = await asyncio.gather(*(asyncio.wrap_future(writer.submit(entry)) for entry in held), return_exceptions=True)
-        log.info("the earnings ledger %s is open now: %s held in memory recorded", self._path, _requests(sum(r is None for r in results)))
+        written = [asyncio.wrap_future(writer.submit(entry)) for entry in held]  # queued ahead of any later row
         pricing = self._pricing
         self._recorder = LedgerRecorder(writer, input_price=pricing.input_price, output_price=pricing.output_price, selling=pricing.selling, clock=pricing.clock)
+        results = await asyncio.gather(*written, return_exceptions=True)
+        log.info("the earnings ledger %s is open now: %s held in memory recorded", self._path, _requests(sum(r is None for r in results)))
 
     def close(self) -> None:
         if self._recorder is not None:

@@ -16,14 +16,16 @@ every waiting and later future fails at once (nobody waits forever) and ``failur
 A batch the file cannot take (a full disk) is not lost: its rows are held in memory, in order, and
 their futures fail with ``Unwritten`` (the buyer is answered all the same). So does one another
 program holds a lock on for more than ``WRITE_BUSY_SECONDS``: buyers do not wait on that program.
+The held rows are tried again, ahead of any new ones, when a batch comes at least ``retry_every``
+seconds after the last try, and by a timer when none comes; rows arriving in between join them
+untried, so buyers do not wait on a disk that is full. Once a try succeeds every held row is
+written, in the order served, and ``unrecorded`` (what ``/health`` shows meanwhile) is None again.
+A retry never writes a row twice (``LedgerStore.add(once=True)``). At most ``max_held`` rows are
+held, about 500 bytes each; later ones are dropped and counted. Closing makes a last try, and logs
+one line with what it could not write.
+
 A ledger file deleted or moved away while the agent runs is noticed at the next batch, which goes
-to a new file at the path (``_reopen_if_replaced``), not on into the file nobody can read any more. The held rows are tried
-again, ahead of any new ones, when a batch comes at least ``retry_every`` seconds after the last try,
-and by a timer when none comes; rows arriving in between join them untried, so buyers do not wait on
-a disk that is full. Once a try succeeds every held row is written, in the order served, and
-``unrecorded`` (what ``/health`` shows meanwhile) is None again. A retry never writes a row twice
-(``LedgerStore.add(once=True)``). At most ``max_held`` rows are held, about 500 bytes each; later
-ones are dropped and counted. Closing makes a last try, and logs one line with what it could not write.
+to a new file at the path (``_reopen_if_replaced``), not on into the file nobody reads any more.
 """
 
 from __future__ import annotations
