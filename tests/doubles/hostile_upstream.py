@@ -82,8 +82,6 @@ class HostileUpstream(LlamaServerSurface):
         self.models = ["qwen3-8b-q4_k_m.gguf"]
         self.models_status = 200
         self.healthy = True
-        self.silent = False
-        """``/health`` drops the connection: the server does not answer at all (hung)."""
         self.tokenizes = True
         self.counting_bomb: bytes | None = None
         """Gzip that ``bombed`` (the tokenizer, the prompt-counting replay) answer with, when set."""
@@ -102,10 +100,6 @@ class HostileUpstream(LlamaServerSurface):
     async def answer(self, request: web.Request) -> web.Response:  # /health, /v1/models, /props
         if request.path == "/v1/models":
             return web.json_response({"data": [{"id": name} for name in self.models]}, status=self.models_status)
-        if request.path == "/health" and self.silent:
-            assert request.transport is not None
-            request.transport.close()  # no status, as from a hung server (at once, not after the probe's timeout)
-            return web.Response()
         if request.path == "/health" and not self.healthy:
             return web.Response(status=500)
         return await super().answer(request)

@@ -19,10 +19,6 @@ handler turns that into the answer our engine gives (a 503, or an error event on
 begun, both with code ``shutting_down``), bills what was sent, and closes the upstream request.
 Left alone, aiohttp's shutdown would wait twice its own timeout and then cut the buyer's stream
 with nothing recorded: past a service manager's stop timeout, which kills before we deregister.
-A hung upstream (its ``/health`` unanswered for ``RelayLimits.hung_seconds``) ends the same way
-what it has sent nothing for as long (``end_hung``), with a 504 or an error event (code
-``upstream_timeout``): such a request would otherwise wait out its own bound, 600 s for a whole
-answer, long after ``/health`` said 503 and the platform stopped routing buyers here.
 """
 
 from __future__ import annotations
@@ -42,7 +38,7 @@ from vramsupply.server.errors import ApiError
 from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vramsupply.server.state import SERVER_STATE, ServerState
 from vramsupply.upstream.client import UpstreamClient
-from vramsupply.upstream.limits import Hung, RelayLimits
+from vramsupply.upstream.limits import RelayLimits
 from vramsupply.upstream.metrics import UpstreamLoad
 from vramsupply.upstream.usage import Tokenizer
 
@@ -57,8 +53,6 @@ class UpstreamHealth:
     reason: str = "starting"
     load: UpstreamLoad | None = None
     checked_at: float = 0.0
-    silent_since: float | None = None
-    """When (monotonic) the first of the looks that found the upstream not answering at all began."""
 
 
 @dataclass
@@ -196,14 +190,6 @@ class FrontState(ServerState):
             forwarded.end()
         return len(running)
 
-    def end_hung(self) -> int:
-        """End every forwarded request the upstream has sent nothing for ``limits.hung_seconds``; how many."""
-        before = time.monotonic() - self.limits.hung_seconds
-        hung = [forwarded for forwarded in self.forwarded if not forwarded.ended and forwarded.progress_at <= before]
-        for forwarded in hung:
-            forwarded.end(hung=self.limits.hung_seconds)
-        return len(hung)
-
     def _upstream_gauges(self) -> None:
         registry = self.metrics.registry
         Gauge("vramsupply_upstream_up", "1 while the upstream engine is ready", registry=registry).set_function(
@@ -234,21 +220,13 @@ class Forwarded:
     def __init__(self, task: asyncio.Task[object]) -> None:
         self.task = task
         self.ended = False
-        self.hung: float | None = None
-        """Ended because the upstream stopped answering (``FrontState.end_hung``), not by the drain:
-        the seconds it had sent nothing for."""
-        self.progress_at = time.monotonic()
-        """When the upstream last sent this request something: its headers, a stream's event."""
         self._settling = False
         self._cancelled = False
 
-    def progressed(self) -> None:
-        self.progress_at = time.monotonic()
-
-    def end(self, *, hung: float | None = None) -> None:
+    def end(self) -> None:
         if self.ended:
             return
-        self.ended, self.hung = True, hung
+        self.ended = True
         if not self._settling:
             self._cancelled = True
             self.task.cancel()
@@ -278,11 +256,6 @@ class Forwarded:
 def shutting_down_error() -> ApiError:
     """What our own engine answers at the drain's deadline (``server.submission.engine_error``)."""
     return ApiError(503, "The server is shutting down.", type="server_error", code="shutting_down")
-
-
-def hung_error(seconds: float) -> Hung:
-    """What a request still waiting on an upstream that stopped answering gets (``end_hung``)."""
-    return Hung(f"it stopped answering: nothing came for {seconds:g}s while its health checks went unanswered")
 
 
 def unavailable_error(reason: str) -> ApiError:

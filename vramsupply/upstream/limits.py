@@ -9,8 +9,7 @@ upstream does: 504 for time and 502 for size, or an error event once a stream ha
 The defaults (``RelayLimits``) are generous for real engines: a whole answer gets 600 s (what
 aiohttp's read timeout allowed before); a stream gets 300 s for its headers, 300 s more for its
 first data event (a queued request, a long prefill), then 120 s between data events, and 1800 s
-in all; but once the upstream's ``/health`` has not answered for 30 s, what it has sent nothing
-for as long ends then.
+in all.
 """
 
 from __future__ import annotations
@@ -38,10 +37,6 @@ class RelayLimits:
     """The longest gap between a stream's data events; comments (keep-alive pings) do not count."""
     stream_seconds: float = 1800.0
     """A whole stream, however steadily it flows."""
-    hung_seconds: float = 30.0
-    """An upstream whose ``/health`` has not answered at all for this long is hung: what it has sent
-    nothing for as long ends then, not at the bounds above (as a launched engine's supervisor
-    restarts one whose health fails this long, ``supervisor.stall_after``)."""
     max_answer_bytes: int = 64 << 20
     """A whole answer, decompressed."""
     max_error_bytes: int = 4096
@@ -62,10 +57,6 @@ class TooSlow(BadAnswer):
 
     status = 504
     code = "upstream_timeout"
-
-
-class Hung(TooSlow):
-    """The upstream stopped answering altogether; we ended the request (``front.FrontState.end_hung``)."""
 
 
 class Deadline:

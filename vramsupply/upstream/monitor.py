@@ -28,10 +28,6 @@ A look that fails in a way we did not foresee (our bug, or an answer nothing ant
 logged once with its traceback and marks the upstream not ready while we cannot tell; the watch
 goes on, so the next good look makes it ready again. The watch never dies silently behind a
 ``/health`` that still says ok.
-
-An upstream whose ``/health`` has not answered at all for ``RelayLimits.hung_seconds`` is hung:
-the requests it has sent nothing for as long are ended (``end_hung``, a 504 ``upstream_timeout``),
-not left to wait out their own bounds.
 """
 
 from __future__ import annotations
@@ -64,10 +60,6 @@ class Reason(str):
         return reason
 
 
-class Silent(Reason):
-    """The upstream did not answer at all (no connection, or nothing within the probe's timeout)."""
-
-
 def unavailable(exc: UpstreamUnavailable, prefix: str = "") -> Reason:
     """An ``UpstreamUnavailable`` as a reason: its cause for buyers, its whole message for the log."""
     return Reason(f"{prefix}{exc.cause}", f"{prefix}{exc}")
@@ -77,7 +69,7 @@ async def check_upstream(client: UpstreamClient, engine: str) -> str | None:
     """None when the engine's HTTP server answers and says it is healthy, else why not (one phrase)."""
     status = await client.status_of("/health")
     if status is None:
-        return Silent(f"the {engine} server does not answer", f"the {engine} server at {client.root_url} does not answer")
+        return Reason(f"the {engine} server does not answer", f"the {engine} server at {client.root_url} does not answer")
     if status == 200 or (status == 404 and engine == "upstream"):
         return None
     return Reason(f"the {engine} server's /health answers {status}", f"{client.root_url}/health answers {status}")
@@ -127,9 +119,7 @@ class ModelListing:
 
 
 async def refresh(state: FrontState, engine: str, listing: ModelListing | None = None) -> str | None:
-    """One look at the upstream, recorded on ``state``: readiness, reason, load; then what a hung
-    upstream holds is ended (``end_hung``)."""
-    began = time.monotonic()
+    """One look at the upstream, recorded on ``state``: readiness, reason, load."""
     try:
         reason = await check_upstream(state.client, engine)
         if reason is None and listing is not None:
@@ -142,23 +132,7 @@ async def refresh(state: FrontState, engine: str, listing: ModelListing | None =
         if state.health.reason != reason:
             log.exception("checking the %s server failed unexpectedly", engine)
     set_ready(state, reason)
-    end_hung(state, began if isinstance(reason, Silent) else None)
     return reason
-
-
-def end_hung(state: FrontState, silent_from: float | None) -> None:
-    """Once the upstream has not answered at all for ``limits.hung_seconds``, end the requests it has
-    sent nothing for as long (``FrontState.end_hung``): they would wait out their own bounds."""
-    health = state.health
-    if silent_from is None:
-        health.silent_since = None
-        return
-    since = health.silent_since = silent_from if health.silent_since is None else health.silent_since
-    seconds = state.limits.hung_seconds
-    if time.monotonic() - since < seconds:
-        return
-    if ended := state.end_hung():
-        log.warning("the upstream has not answered for %.0fs: ending %d request(s) it has sent nothing for %gs", time.monotonic() - since, ended, seconds)
 
 
 def set_ready(state: FrontState, reason: str | None) -> None:

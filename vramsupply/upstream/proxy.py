@@ -31,7 +31,7 @@ from vramsupply.server.errors import ApiError
 from vramsupply.server.state import read_body as read_whole_body
 from vramsupply.upstream.client import GENERATION_TIMEOUT, describe
 from vramsupply.upstream.exchange import Exchange
-from vramsupply.upstream.front import Forwarded, FrontState, front_state, hung_error, shutting_down_error
+from vramsupply.upstream.front import Forwarded, FrontState, front_state, shutting_down_error
 from vramsupply.upstream.limits import BadAnswer, Deadline, read_capped
 from vramsupply.upstream.refusal import refusal
 from vramsupply.upstream.stream import relay_stream
@@ -74,22 +74,16 @@ async def forward_exchange(
     except asyncio.CancelledError:
         if not forwarded.stopped():  # the buyer hung up: nobody to answer
             raise
-        if forwarded.hung is None:
-            log.info("the drain's deadline ended a %s request still waiting for the upstream", path)
-            raise shutting_down_error() from None
-        raise bad_answer(path, hung_error(forwarded.hung)) from None
+        log.info("the drain's deadline ended a %s request still waiting for the upstream", path)
+        raise shutting_down_error() from None
     except BadAnswer as exc:
-        raise bad_answer(path, exc) from None
+        log.warning("the upstream's answer to %s could not be relayed: %s", path, exc)
+        raise ApiError(exc.status, f"The model server behind this endpoint failed: {exc}.", type="server_error", code=exc.code) from None
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         log.warning("the upstream at %s failed before answering %s: %s", state.client.base_url, path, describe(exc))
         raise ApiError(502, f"The model server behind this endpoint failed: {describe(exc)}", type="server_error", code="upstream_error") from None
     finally:
         state.counters.in_flight -= 1
-
-
-def bad_answer(path: str, exc: BadAnswer) -> ApiError:
-    log.warning("the upstream's answer to %s could not be relayed: %s", path, exc)
-    return ApiError(exc.status, f"The model server behind this endpoint failed: {exc}.", type="server_error", code=exc.code)
 
 
 async def ask_upstream(
@@ -103,7 +97,6 @@ async def ask_upstream(
         deadline = Deadline(limits.answer_seconds, limits.answer_seconds, "answer")
     url = state.client.base_url + exchange.path
     reply = await deadline.within(state.client.session.post(url, json=upstream_body, timeout=GENERATION_TIMEOUT, allow_redirects=False))
-    forwarded.progressed()
     async with reply:
         if reply.status != 200:
             deadline.expect(limits.idle_seconds, "error body")

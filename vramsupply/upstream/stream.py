@@ -26,8 +26,8 @@ from aiohttp import web
 from vramsupply.server.state import BUYER_LEFT
 from vramsupply.upstream.client import describe
 from vramsupply.upstream.exchange import Exchange
-from vramsupply.upstream.front import Forwarded, hung_error, shutting_down_error
-from vramsupply.upstream.limits import BadAnswer, Deadline, Hung
+from vramsupply.upstream.front import Forwarded, shutting_down_error
+from vramsupply.upstream.limits import BadAnswer, Deadline
 from vramsupply.upstream.refusal import printable
 from vramsupply.upstream.sse import DONE, encode_event, event_data, is_comment, parse_chunk, sse_events
 from vramsupply.upstream.usage import usage_of
@@ -79,15 +79,10 @@ async def relay_until_stopped(
     except asyncio.CancelledError:
         if not forwarded.stopped():  # the buyer hung up: aiohttp's cancellation goes on
             raise
-        failure = ended(forwarded)
-    if isinstance(failure, (Stopped, Hung)):  # ended by us: the upstream stops generating for nobody
+        failure = Stopped("the endpoint is shutting down")
+    if isinstance(failure, Stopped):
         reply.close()
     return failure
-
-
-def ended(forwarded: Forwarded) -> BadAnswer:
-    """Why we ended the stream ourselves: the drain's deadline, or an upstream that stopped answering."""
-    return Stopped("the endpoint is shutting down") if forwarded.hung is None else hung_error(forwarded.hung)
 
 
 async def relay_events(
@@ -99,14 +94,13 @@ async def relay_events(
     deadline.expect(limits.first_event_seconds, "first event")
     try:
         while (event := await next_event(events, deadline)) is not None:
-            if forwarded.stopped():  # it came as we cancelled the wait for it: not relayed
-                return ended(forwarded)
+            if forwarded.stopped():  # it came as the drain cancelled the wait for it: not relayed
+                return Stopped("the endpoint is shutting down")
             data = event_data(event)
             if data == DONE:
                 return None
             if data is not None:
                 deadline.expect(limits.idle_seconds, "event")
-                forwarded.progressed()
             out = rewrite(event, data, exchange)
             if out is not None:
                 await response.write(out)
