@@ -470,6 +470,23 @@ def test_a_window_past_the_limit_says_the_limit_however_many_digits() -> None:
     assert parse_since("87840h").days == 3660 and parse_since("3660d").days == 3660
 
 
+async def test_rows_held_for_a_ledger_that_could_not_be_opened_are_written_at_stop_once_it_can_be(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Opening was tried again only at a request: a provider who freed the path and then stopped
+    (or restarted, as the warning says) lost every row held meanwhile."""
+    caplog.set_level(logging.INFO, logger="vramsupply.ledger")
+    path = tmp_path / "ledger.sqlite3"
+    path.mkdir()
+    recorder = open_recorder(path, input_price=100, output_price=200, selling=True)
+    for request_id in ("r1", "r2"):
+        await recorder.record(FinishedRequest(request_id, "m", 1, 1, 0, 1, True, True))
+    path.rmdir()  # freed, and no request comes before the stop
+    recorder.close()
+    assert [e.request_id for e in LedgerStore(path).entries()] == ["r1", "r2"]
+    assert "are not recorded" not in caplog.text
+
+
 def test_a_wal_file_that_is_a_directory_is_named_not_the_permissions(tmp_path: Path) -> None:
     """SQLite says "unable to open database file", and the advice was to make the ledger writable."""
     path = tmp_path / "ledger.sqlite3"

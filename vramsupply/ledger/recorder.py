@@ -190,8 +190,21 @@ class UnopenedLedger:
         log.info("the earnings ledger %s is open now: %s held in memory recorded", self._path, _requests(sum(r is None for r in results)))
 
     def close(self) -> None:
+        """Stopping makes a last try to open it (the provider may have freed it since the last
+        request, or restarts as ``failure`` says): the held rows are written then, not lost."""
         if self._recorder is not None:
             return self._recorder.close()
+        if self._held:
+            try:
+                writer = _open_writer(self._path)
+            except LedgerError:
+                pass
+            else:
+                held, self._held = self._held, []
+                for entry in held:
+                    writer.submit(entry)
+                writer.close()
+                log.info("the earnings ledger %s is open now: the %s held in memory are recorded", self._path, _requests(len(held)))
         if lost := len(self._held) + self.missed:
             log.error("the earnings of %s served in this run are not recorded: the earnings ledger could not be opened", _requests(lost))
 
