@@ -171,3 +171,5 @@ def test_a_bare_json_object_naming_no_offered_tool_is_content_not_a_call() -> No
         assert [(c.name, c.arguments) for c in call.tool_calls] == [("get_weather", '{"city": "Paris"}')], family
         wrapped = _read(family, '{"type": "function", "function": {"name": "nope", "parameters": {}}}', cut=False, schemas=schemas)
         assert wrapped.tool_calls == [] and wrapped.content, family
+        both = _read(family, '[{"name": "get_weather", "parameters": {"city": "A"}}, {"name": "nope", "parameters": {}}]', cut=False, schemas=schemas)
+        assert ([(c.name, c.arguments) for c in both.tool_calls], both.content) == ([("get_weather", '{"city": "A"}')], ""), family

@@ -14,7 +14,7 @@ import ast
 import re
 from collections.abc import Callable
 
-from .call_shapes import Parsed, Schemas, call_from_object, calls_from_list, declared, json_at, parameter_schemas, xml_value
+from .call_shapes import Parsed, Schemas, call_from_object, calls_from_list, json_at, offered, parameter_schemas, xml_value
 from .types import ToolCall
 
 
@@ -113,7 +113,8 @@ def parse_llama3(section: str, schemas: Schemas) -> Parsed | None:
         call = _python_call(body)
         return ([call], "") if call is not None else None
     parsed = _json_calls(stripped, schemas)
-    return parsed if parsed is not None and declared(parsed[0], schemas) else None  # bare JSON: a call names a tool
+    calls = offered(parsed[0], schemas) if parsed is not None else None  # bare JSON: a call names a tool
+    return (calls, parsed[1]) if parsed is not None and calls is not None else None
 
 
 # ---- mistral ----------------------------------------------------------------------------------
@@ -222,5 +223,5 @@ def parse_generic(section: str, schemas: Schemas) -> Parsed | None:
     value = found[0]
     if isinstance(value, dict) and ("tool_calls" in value or "tool_call" in value):
         value = value.get("tool_calls", value.get("tool_call"))
-    calls = calls_from_list(value, schemas)
-    return (calls, "") if calls and declared(calls, schemas) else None
+    calls = offered(calls_from_list(value, schemas) or [], schemas)
+    return (calls, "") if calls else None

@@ -210,7 +210,7 @@ class CallReader:
 
     def _offered(self, name: str) -> bool:
         """A bare JSON call (``leading``: Llama 3, generic) names an offered function; another such
-        object is an answer of its own (``call_shapes.declared``), read whole and kept as content."""
+        object is an answer of its own (``call_shapes.offered``), read whole and kept as content."""
         return not self.syntax.leading or not self.schemas or name in self.schemas
 
     def _head(self) -> Wait:

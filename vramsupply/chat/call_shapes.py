@@ -70,10 +70,12 @@ def _string_after(text: str, index: int, opening: str) -> tuple[str, bool, int] 
     return (text[index:], False, len(text)) if end < 0 else (text[index:end], True, end + 1)
 
 
-def declared(calls: list[ToolCall], schemas: Schemas) -> bool:
-    """Whether every call names an offered function: a bare JSON object naming another is no call
-    (an answer held to the buyer's own schema, ``{"name": "Ada", "age": 36}``)."""
-    return not schemas or all(call.name in schemas for call in calls)
+def offered(calls: list[ToolCall], schemas: Schemas) -> list[ToolCall] | None:
+    """The calls that name an offered function, or None when none does: a bare JSON object naming
+    another is no call (an answer held to the buyer's own schema, ``{"name": "Ada", "age": 36}``),
+    and one such among calls is left out, not the others with it."""
+    kept = [call for call in calls if not schemas or call.name in schemas]
+    return kept or None
 
 
 def _past_space(text: str, index: int) -> int:
