@@ -71,8 +71,11 @@ async def test_the_choices_of_an_n_2_request_each_get_the_answer_of_the_prompt_a
         await second.collect()  # sharing the prompt's state failed this decode (positions not consecutive)
         stats = engine.stats()
     assert first.token_ids == second.token_ids == expected
-    # each choice prefilled the prompt, but the request's prompt counts once, as with sharing
-    assert (stats.prompt_tokens_total, stats.prefill_tokens_total) == (len(prompts["tom"]), 2 * len(prompts["tom"]))
+    # The request's prompt counts once, as with sharing. Each choice prefilled the prompt, but the
+    # second from a checkpoint of the first's state when one was saved by the time it was admitted
+    # (on a loaded machine it was: 115 tokens in all for a 111-token prompt, not 222).
+    assert stats.prompt_tokens_total == len(prompts["tom"])
+    assert len(prompts["tom"]) < stats.prefill_tokens_total <= 2 * len(prompts["tom"])
 
 
 async def test_a_conversation_behind_the_system_prompt_of_a_running_one_borrows_nothing(model: Path, prompts: dict, alone: Engine) -> None:
