@@ -339,5 +339,7 @@ def test_a_thought_sent_back_as_reasoning_is_the_reasoning_content() -> None:
     ]
     both = {"role": "assistant", "content": "hi", "reasoning": "other", "reasoning_content": "think"}
     assert normalize_messages([both])[0]["reasoning_content"] == "think"
+    openrouter = {"role": "assistant", "content": "hi", "reasoning": "think", "reasoning_details": [{"type": "reasoning.text", "text": "think"}]}
+    assert normalize_messages([openrouter]) == [{"role": "assistant", "content": "hi", "reasoning_content": "think"}]
     with pytest.raises(ValueError, match=r"messages\[0\].reasoning must be a string"):
         normalize_messages([{"role": "assistant", "content": "hi", "reasoning": {"effort": "low"}}])

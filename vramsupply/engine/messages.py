@@ -33,8 +33,9 @@ _FIELDS = {
     "tool": {"role", "content", "name", "tool_call_id"},
 }
 # Fields taken and dropped, by role: ``annotations`` (url citations) is in every message OpenAI
-# returns, ``[]`` mostly, and agents append those messages to the history as they came.
-_DROPPED = {"assistant": {"annotations"}}
+# returns, ``[]`` mostly, and agents append those messages to the history as they came; so is
+# OpenRouter's ``reasoning_details`` (its thought in parts, beside ``reasoning``, which is kept).
+_DROPPED = {"assistant": {"annotations", "reasoning_details"}}
 
 
 class MessageError(ValueError):
