@@ -11,11 +11,12 @@ the tokens that brought its text.
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 
 from .types import Piece
 
 
-class TextReader:
+class TextReader(ABC):
     def __init__(self, state: str) -> None:
         self._state = state
         self._buffer = ""  # always the unread end of the text pushed so far
@@ -51,9 +52,9 @@ class TextReader:
             if (self._state, len(self._buffer)) == before:
                 return pieces
 
+    @abstractmethod
     def _step(self, pieces: list[Piece]) -> None:
         """Read what the current state can of the buffer, giving pieces; may change the state."""
-        raise NotImplementedError
 
     def _stamp(self, pieces: list[Piece], given: int) -> None:
         """Pieces ``given`` onwards, with how far the reader has read (``Piece.upto``)."""
