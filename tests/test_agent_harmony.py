@@ -16,11 +16,10 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from openai import OpenAI
 
 from chat_models import template_text
 from live_server import MODEL_ID, LiveServer
-from test_agent_api import ASK, TOOLS, WEATHER, WEATHER_SCHEMA, check_weather_call
+from test_agent_api import ASK, TOOLS, WEATHER, WEATHER_SCHEMA, check_weather_call, sdk
 from vramsupply.engine import ChatRequest
 from vramsupply.engine.chat import ChatTemplate
 
@@ -32,10 +31,6 @@ SEEDS = range(8)
 def gpt_oss(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
     with LiveServer(model_path=chat_models["gpt-oss"], n_ctx=2048, threads=1) as live:
         yield live
-
-
-def sdk(server: LiveServer) -> OpenAI:
-    return OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
 
 
 def short_thoughts(server: LiveServer) -> dict[str, float]:
