@@ -20,6 +20,7 @@ from . import backend_sampling
 from .chat import ChatTemplate
 from .conversation import ChatPrompt, ChatRequest, prepare_chat
 from .generation import Channel, Generation
+from .host_pages import host_buffers_made
 from .model import Model, create_context, tiled_cpu_attention
 from .prompt_cache import MIB, budget_mib
 from .sampling import build_sampler
@@ -72,7 +73,8 @@ class Engine:
         options, request_tokens = fit_to_training_context(options, model)
         context = None
         try:
-            context = create_context(model, options)
+            with host_buffers_made() as host_buffers:
+                context = create_context(model, options)
             # llama.cpp rounds per-sequence context up to a multiple of 256 and never gives less
             # than asked; enforce exactly what was configured (and offered to the market).
             n_ctx = min(request_tokens, llama_cpp.llama_n_ctx_seq(context.ctx))
@@ -82,7 +84,7 @@ class Engine:
             scheduler = Scheduler(
                 model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, max_draft,
                 options.stall_timeout, options.kv_per_slot, options.stream_interval_ms / 1000, thread_tuner(options, context),
-                apart=tiled_cpu_attention(options),
+                apart=tiled_cpu_attention(options), host_buffers=host_buffers,
             )
             scheduler.start()  # warms the model up on the thread that decodes every step
         except BaseException:

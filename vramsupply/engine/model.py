@@ -22,7 +22,7 @@ import functools
 import logging
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,6 +57,8 @@ _load_errors: list[str] | None = None
 _MAX_LOAD_ERRORS = 8
 # "llama_model_load: error loading model: <why>", "gguf_init_from_reader: <why>": the why.
 _ERROR_PREFIX = re.compile(r"^\w+: (?:error loading model: )?")
+# Who else reads llama.cpp's lines for a while (``listening_to_llama``).
+_listeners: list[Callable[[bytes], object]] = []
 # The event that abandons the load running on this thread (``abandoned_when``).
 _abandon = threading.local()
 
@@ -98,6 +100,8 @@ def _check_between_tensors(params: llama_cpp.llama_model_params, event: threadin
 def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     """Send llama.cpp's log lines to Python logging instead of letting them spray stderr."""
     global _last_log_level
+    for listener in _listeners:
+        listener(text)
     python_level = _last_log_level if level == _GGML_LOG_LEVEL_CONT else _LOG_LEVELS.get(level, logging.DEBUG)
     if text.startswith(_KV_FULL):  # the scheduler makes room and runs the step again (preempt.py)
         python_level = logging.DEBUG
@@ -113,6 +117,17 @@ def _forward_llama_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> 
         errors.append(message)
     if message and shown:
         llama_log.log(python_level, "%s", message)
+
+
+@contextmanager
+def listening_to_llama(listener: Callable[[bytes], object]) -> Iterator[None]:
+    """``listener`` gets each line llama.cpp logs meanwhile, as bytes (whatever its level). It must
+    not raise: it runs inside a ctypes callback."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
 
 
 def route_llama_logs() -> None:

@@ -49,6 +49,7 @@ from .slots import Slot, Task
 from .step import StepRunner
 from .thread_tuner import StepThreads, ThreadTuner
 from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded
+from .host_pages import HostBuffers
 from .warmup import WarmUpOnThread
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Scheduler:
         stream_interval: float = DEFAULT_INTERVAL_S,
         tuner: ThreadTuner | None = None,
         apart: bool = True,
+        host_buffers: HostBuffers | None = None,
     ) -> None:
         self._model = model
         self._ctx = context.ctx
@@ -111,7 +113,7 @@ class Scheduler:
         self._steps = self._new_steps(n_batch, max_draft, apart)
         self._offthread = self._steps.offthread
         self._thread = threading.Thread(target=self._run, name="vramsupply-scheduler", daemon=True)
-        self._warm_up = WarmUpOnThread(context, model.vocab)
+        self._warm_up = WarmUpOnThread(context, model.vocab, host_buffers)
 
     def _host_prompt_cache(self, cache_ram: int, parallel: int) -> HostPromptCache:
         spare = parallel if llama_cpp.llama_n_seq_max(self._ctx) > parallel else None

@@ -36,6 +36,7 @@ from collections.abc import Callable
 import llama_cpp
 from llama_cpp._internals import LlamaContext
 
+from .host_pages import HostBuffers
 from .types import EngineError
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,9 @@ class WarmUpOnThread:
     """The hand-over between the thread that loads the engine and the scheduler thread: ``run``
     on the scheduler thread before it serves, ``wait`` on the loading thread."""
 
-    def __init__(self, context: LlamaContext, vocab: object) -> None:
+    def __init__(self, context: LlamaContext, vocab: object, host_buffers: HostBuffers | None = None) -> None:
         self._context = context
+        self._host_buffers = host_buffers
         self._vocab = vocab
         self._done = threading.Event()
         self._error: Exception | None = None
@@ -76,6 +78,8 @@ class WarmUpOnThread:
         """Warm up; False (the error kept for ``wait``) when it failed."""
         try:
             warm_up(self._context, self._vocab)
+            if self._host_buffers is not None:  # the cache was just cleared with its data: all zero
+                self._host_buffers.release()
         except Exception as exc:
             self._error = exc
         finally:

@@ -1,0 +1,133 @@
+"""A large context costs host memory for the KV cells used, not for the whole cache at load
+(``engine/host_pages.py``): llama.cpp's zeroed cache pages are handed back to the kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import TINY_MODEL
+from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
+from vramsupply.engine import host_pages
+from vramsupply.engine.model import _forward_llama_log
+
+MIB = 1 << 20
+PAGE = 4096
+# The tiny model's cache is 640 bytes a cell (5 layers, 32 K and 32 V values of 2 bytes): 64 Ki
+# cells are 40 MiB, larger than any allocation glibc would serve from its heap (32 slots: the
+# shared cache is at most 32 requests of the 2,048 tokens the model was trained on).
+BIG_CONTEXT = 65536
+KV_MIB = BIG_CONTEXT * 640 / MIB
+PROMPTS = ["Once upon a time", "The dog", "Lily and Tom went to the park"]
+
+libc = ctypes.CDLL(None)
+libc.posix_memalign.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t)
+libc.free.argtypes = (ctypes.c_void_p,)
+libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+
+
+def resident_mib(address: int, length: int) -> float:
+    """How much of [address, address + length) is in RAM (mincore), in MiB."""
+    start = address // PAGE * PAGE
+    pages = (address + length - start + PAGE - 1) // PAGE
+    vector = ctypes.create_string_buffer(pages)
+    assert libc.mincore(start, pages * PAGE, vector) == 0
+    return sum(byte & 1 for byte in vector.raw) * PAGE / MIB
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status.read()).group(1)) / 1024  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def allocations() -> Iterator[list[int]]:
+    """Buffers allocated as ggml allocates them (posix_memalign, 64), freed afterwards."""
+    made: list[int] = []
+    yield made
+    for address in made:
+        libc.free(address)
+
+
+def ggml_buffer(allocations: list[int], mib: int, fill: int = 0) -> int:
+    """A buffer of ``mib`` MiB made as ggml makes one and cleared (committing it) as llama.cpp clears a cache."""
+    address = ctypes.c_void_p()
+    assert libc.posix_memalign(ctypes.byref(address), 64, mib * MIB) == 0
+    allocations.append(address.value)
+    ctypes.memset(address.value, fill, mib * MIB)
+    return address.value  # type: ignore[return-value]
+
+
+def llama_logs(line: str) -> None:
+    _forward_llama_log(2, line.encode(), None)
+
+
+def test_the_cache_llama_cpp_logs_is_found_and_its_zeroed_pages_handed_back(allocations: list[int]) -> None:
+    with host_pages.host_buffers_made() as found:
+        cache = ggml_buffer(allocations, 40)
+        state = ggml_buffer(allocations, 36)
+        llama_logs("llama_kv_cache:        CPU KV buffer size =    40.00 MiB\n")
+        llama_logs("llama_memory_recurrent:        CPU RS buffer size =    36.00 MiB\n")
+    assert sorted(span.start for span in found.spans) == sorted([cache, state])
+    assert resident_mib(cache, 40 * MIB) < 0.1 and resident_mib(state, 36 * MIB) < 0.1
+    ctypes.memset(cache, 7, MIB)  # written again, it is committed again, page by page
+    assert resident_mib(cache, 40 * MIB) == pytest.approx(1, abs=0.01)
+    # and the rest reads as it did: zeros (read last: mincore counts pages mapped to the zero page)
+    assert ctypes.string_at(cache + MIB, 39 * MIB) == bytes(39 * MIB)
+
+
+def test_a_buffer_nobody_logged_or_that_holds_data_is_left_alone(allocations: list[int]) -> None:
+    with host_pages.host_buffers_made() as found:
+        unlogged = ggml_buffer(allocations, 40)
+        with_data = ggml_buffer(allocations, 36, fill=1)
+        llama_logs("llama_kv_cache:        CPU KV buffer size =    36.00 MiB\n")
+        llama_logs("llama_kv_cache:      CUDA0 KV buffer size =    40.00 MiB\n")  # in GPU memory: not ours to find
+    assert [span.start for span in found.spans] == [with_data]
+    assert resident_mib(unlogged, 40 * MIB) == pytest.approx(40, abs=0.01)
+    assert resident_mib(with_data, 36 * MIB) == pytest.approx(36, abs=0.01)
+    assert ctypes.string_at(with_data, 36 * MIB) == b"\x01" * (36 * MIB)
+    assert found.release() == 0
+
+
+def test_two_caches_of_one_size_are_both_found(allocations: list[int]) -> None:
+    """Models with sliding-window layers have two caches, which can be of one size."""
+    with host_pages.host_buffers_made() as found:
+        first, second = ggml_buffer(allocations, 34), ggml_buffer(allocations, 34)
+        llama_logs("llama_kv_cache:        CPU KV buffer size =    34.00 MiB\n")
+        llama_logs("llama_kv_cache:        CPU KV buffer size =    34.00 MiB\n")
+    assert sorted(span.start for span in found.spans) == sorted([first, second])
+    assert resident_mib(first, 34 * MIB) + resident_mib(second, 34 * MIB) < 0.1
+
+
+def load(release: bool, monkeypatch: pytest.MonkeyPatch) -> Engine:
+    if not release:
+        monkeypatch.setattr(host_pages.HostBuffers, "release", lambda self: 0)
+    engine = Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=BIG_CONTEXT, parallel=32, threads=1, cache_ram=0))
+    monkeypatch.undo()
+    return engine
+
+
+async def greedy(engine: Engine) -> list[list[int]]:
+    texts = []
+    for prompt in PROMPTS:
+        generation = engine.submit(GenerationRequest(engine.tokenize(prompt), max_tokens=48, sampling=SamplingParams(temperature=0)))
+        await generation.collect()
+        texts.append(generation.token_ids)
+    return texts
+
+
+def test_an_agent_with_a_large_context_holds_no_memory_for_cells_it_never_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = rss_mib()
+    with load(release=True, monkeypatch=monkeypatch) as engine:
+        loaded = rss_mib() - before
+        released = asyncio.run(greedy(engine))
+        after_requests = rss_mib() - before
+    with load(release=False, monkeypatch=monkeypatch) as engine:
+        resident = asyncio.run(greedy(engine))
+    assert loaded < KV_MIB / 2, f"loading a {KV_MIB:.0f} MiB cache took {loaded:.0f} MiB of RSS"
+    assert after_requests < KV_MIB / 2  # three short requests used a few hundred cells
+    assert released == resident  # zero pages handed back read as the zeros they held
