@@ -49,7 +49,9 @@ def summarize(model_report: dict, concurrency: list[int]) -> None:
     """Fill in the best-of-rounds numbers and the targets from the rounds a model's report holds."""
     for key in ("raw_decode", "raw_decode_shared_kv"):
         raw_rounds = model_report.get(f"{key}_rounds") or []
-        model_report[key] = [{"concurrency": c, "tok_s": max(r[str(c)] for r in raw_rounds)} for c in concurrency] if raw_rounds else []
+        # A round whose llama-batched-bench failed at a level (a busy machine) has no number for it.
+        best = {c: max((r[str(c)] for r in raw_rounds if str(c) in r), default=None) for c in concurrency}
+        model_report[key] = [{"concurrency": c, "tok_s": tok_s} for c, tok_s in best.items() if tok_s is not None]
     for server in model_report["servers"].values():
         server["levels"] = [best_of_rounds([lvl for lvl in server["rounds"] if lvl["concurrency"] == c]) for c in concurrency]
     model_report["targets"] = check_targets(model_report["servers"], concurrency) + stretch_target(model_report)
