@@ -125,7 +125,7 @@ def earnings_report(path: Path, window_text: str, now: float | None = None) -> R
         if blocking is not None:  # not "no requests recorded": an agent could record none there
             raise LedgerError(f"cannot read the earnings ledger {path}: {blocking} is a file, not a directory")
         return report
-    store = LedgerStore(path)
+    store = LedgerStore.for_reading(path)  # `earnings` and `status` write nothing where they may not (a read-only mount)
     try:
         groups = store.groups(since, until=now)
         report.later_requests = store.later(now)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from vramsupply.config import data_dir, os_reason
 from vramsupply.ledger.errors import DamagedLedger, LedgerError, damaged, remedy
+from vramsupply.ledger.read_only import connect_read_only, may_write
 
 LEDGER_FILE_NAME = "ledger.sqlite3"
 SCHEMA_VERSION = 2
@@ -41,6 +42,8 @@ KEEP_RAW_SECONDS = 8 * 86400
 MAX_RAW_ROWS = 200_000
 """A busy agent rolls up sooner: about 40 MB of raw rows at most."""
 BUSY_TIMEOUT_SECONDS = 10.0
+CONNECTION = {"timeout": BUSY_TIMEOUT_SECONDS, "isolation_level": None, "check_same_thread": False}
+"""``sqlite3.connect``'s options for every connection: autocommit (``_Transaction`` begins), any thread."""
 MAX_TIME = 253402300799.0
 """9999-12-31T23:59:59Z, the last second SQLite's calendar (and Python's) can name."""
 
@@ -189,25 +192,40 @@ class Group:
 
 
 class LedgerStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """``read_only``: read it as it is and write nothing, neither in the file nor beside it
+        (read_only.py); ``for_reading`` picks that where this user may not write it."""
         self.path = path
         db = None
         try:
-            _create_private(path)
-            self._db = db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a commit is written to the WAL before it returns, so it survives the
-            # process being killed; only a power cut can lose the last moments before a checkpoint.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._migrate()
+            if read_only:
+                self._db = db = connect_read_only(path, **CONNECTION)
+                self._read_as_it_is()
+            else:
+                _create_private(path)
+                self._db = db = sqlite3.connect(path, **CONNECTION)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode: a commit is written to the WAL before it returns, so it survives the
+                # process being killed; only a power cut can lose the last moments before a checkpoint.
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
             self._identity = _identity(path)
-        except (sqlite3.Error, OSError) as exc:
+        except BaseException as exc:
             if db is not None:
                 db.close()
+            if not isinstance(exc, (sqlite3.Error, OSError)):
+                raise
             if damaged(exc):
                 raise DamagedLedger(path, exc) from None
             reason = os_reason(exc, path) if isinstance(exc, OSError) else exc
             raise LedgerError(f"cannot open the earnings ledger {path}: {reason}; {_in_the_way(path) or remedy(exc)}") from None
+
+    @classmethod
+    def for_reading(cls, path: Path) -> LedgerStore:
+        """The ledger for a command that only reads it (`earnings`, `status`): as the agent opens it
+        where this user may write it (an older schema is brought up to date), else read-only (a
+        read-only mount, another user's file), where an older schema is said, not read wrong."""
+        return cls(path, read_only=not may_write(path))
 
     def replaced(self) -> bool:
         """Whether the path no longer names the file this store has open: deleted, or moved away
@@ -248,6 +266,15 @@ class LedgerStore:
                 if statement.strip():
                     self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _read_as_it_is(self) -> None:
+        version = self._version()
+        if version != SCHEMA_VERSION:
+            raise LedgerError(
+                f"the earnings ledger {self.path} is of an older vramsupply (schema {version}; this one reads {SCHEMA_VERSION}) and cannot be "
+                "brought up to date here, as this user may not write it (a read-only mount, or another user's file): run `vramsupply earnings` "
+                "once as the user the agent runs as, where it can be written, or start the agent on it"
+            )
 
     def _version(self) -> int:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
