@@ -44,11 +44,11 @@ def without_privileges() -> list[str]:
     return ["unshare", "--user", sys.executable, "-m", "vramsupply"]
 
 
-def run_as(program: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+def run_as(program: list[str], *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`vramsupply ARGS` run by ``program``, as conftest's ``run_cli`` runs it; skips where this machine cannot."""
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux's unshare")
-    result = subprocess.run([*program, *args], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    result = subprocess.run([*program, *args], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=120)
     if result.returncode == CANNOT_REMOUNT or "unshare: " in result.stderr:
         pytest.skip(f"this machine cannot run a command in a user namespace of its own: {result.stderr.strip()}")
     return result

@@ -160,14 +160,15 @@ def _earning(report: AgentStatus) -> Earning:
     except LedgerError as exc:
         day, error = None, str(exc)
     offers = "agent" if recorded_input is not None else "settings"
-    return Earning(output_price, input_price if output_price is not None else None, offers, day, error, _no_prices(record))
+    unread = report.health is not None and report.unreadable_record is not None  # an agent answers, its record cannot be read
+    return Earning(output_price, input_price if output_price is not None else None, offers, day, error, _no_prices(record, unread))
 
 
-def _no_prices(record: RegistrationState | None) -> str:
+def _no_prices(record: RegistrationState | None, unread: bool = False) -> str:
     from vramsupply.platform.state import Phase
 
     if record is None:
-        return "no agent runs"
+        return "the running agent's record, which holds them, cannot be read (see registration)" if unread else "no agent runs"
     if record.phase is Phase.not_registering:
         return "the running agent serves without registering (--no-register): it offers nothing on the market"
     return "the running agent recorded no price"
@@ -178,7 +179,7 @@ def _agent_report() -> tuple[AgentStatus, str | None]:
     the record is not the running agent's, when it is not."""
     from vramsupply.instance_lock import lock_holder
     from vramsupply.platform.commands import AgentStatus, stale_after
-    from vramsupply.platform.state import default_state_path, find_agent, probe_health
+    from vramsupply.platform.state import default_state_path, find_agent, probe_health, record_problem
 
     settings, path = settings_from({}), default_state_path()
     found = find_agent(path, settings.host, settings.port)
@@ -192,7 +193,7 @@ def _agent_report() -> tuple[AgentStatus, str | None]:
             "record where it listens (a full or read-only data dir: its log says so)"
         )
         note = note and f"{note}; the starting agent replaces it once it listens"
-    unreadable = path if found.record is None and path.exists() else None
+    unreadable = record_problem(path) if found.record is None else None  # a data dir it may not enter too: said, not the end of status
     # The heartbeat interval the agent recorded (a --heartbeat-interval flag given to serve included),
     # else as the agent would read it (environment, config file); stale_after caps the limit at 180 s.
     recorded = found.record.heartbeat_interval if found.record is not None else None

@@ -33,7 +33,7 @@ from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.table import Table
 from rich.text import Text
 
-from vramsupply.config import file_in_the_way
+from vramsupply.config import file_in_the_way, os_reason
 from vramsupply.display import FitTable, plain
 from vramsupply.ledger.money import cents, dollars_text
 from vramsupply.ledger.store import Group, LedgerError, LedgerStore
@@ -120,7 +120,7 @@ def earnings_report(path: Path, window_text: str, now: float | None = None) -> R
     now = time.time() if now is None else now
     since = now - window.total_seconds()
     report = Report(window_text.strip().lower(), datetime.fromtimestamp(since, timezone.utc))
-    if not path.exists():
+    if not _recorded(path):
         blocking = file_in_the_way(path)
         if blocking is not None:  # not "no requests recorded": an agent could record none there
             raise LedgerError(f"cannot read the earnings ledger {path}: {blocking} is a file, not a directory")
@@ -136,6 +136,15 @@ def earnings_report(path: Path, window_text: str, now: float | None = None) -> R
         report.by_model.setdefault(group.model, Totals()).add(group)
         report.by_day.setdefault(group.day, Totals()).add(group)
     return report
+
+
+def _recorded(path: Path) -> bool:
+    """Whether the ledger file is there; a folder on its way that this user may not enter is no
+    "nothing earned", and `status` says it beside what it could read (it stopped with "Permission denied")."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise LedgerError(f"cannot read the earnings ledger {path}: {os_reason(exc, path)}") from None
 
 
 def dumps(value: Any) -> str:

@@ -14,7 +14,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.table import Table
@@ -148,7 +147,7 @@ class AgentStatus:
     health_error: str | None
     registration: RegistrationState | None
     registration_current: bool
-    unreadable_record: Path | None = None  # a registration file is there, but holds no record this version reads
+    unreadable_record: str | None = None  # why a registration file is there but gives no record (``record_problem``)
     stale_after: float = SILENT_OFFLINE_SECONDS
 
     @property
@@ -187,6 +186,7 @@ class AgentStatus:
                 # what the table's "left listed" counts: the kept leftovers and the instance a killed run named
                 "waiting_to_delete": [left.model_dump(mode="json") for left in _waiting(registration)],
             },
+            "registration_error": self.unreadable_record,
         }
 
 
@@ -376,13 +376,10 @@ def _stale_reason(status: AgentStatus) -> str:
     )
 
 
-def _no_record(unreadable: Path | None) -> Text:
+def _no_record(unreadable: str | None) -> Text:
     if unreadable is None:
         return Text("none recorded (no agent has tried to register, or one could not write its record: a full or read-only data dir)")
-    return Text(
-        f"none recorded: {plain(unreadable)} holds no record this version can read (damaged, or written by another "
-        "version); an agent of this version rewrites it at its next heartbeat"
-    )
+    return Text(f"none recorded: {plain(unreadable)}")
 
 
 def _ago(timestamp: float | None) -> str:

@@ -116,6 +116,20 @@ def read_state(path: Path) -> RegistrationState | None:
         return None
 
 
+def record_problem(path: Path) -> str | None:
+    """Why the file at ``path`` gives no record (``read_state``'s None), in words; None where there is
+    no such file. `status` says it: a data dir it may not enter stopped it whole ("Permission denied")."""
+    try:
+        RegistrationState.model_validate_json(path.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return f"cannot read {path}: {os_reason(exc, path)}"
+    except ValidationError:
+        return f"{path} holds no record this version can read (damaged, or written by another version); an agent of this version rewrites it at its next heartbeat"
+    return None
+
+
 def record_listening(settings: Settings, model: str, port: int, *, registering: bool, path: Path | None = None) -> None:
     """The agent listens (its model may still be loading): record where, and whether it will
     register, replacing whatever an earlier run left (once the instance it may name is kept:
