@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
+import openai
 import pytest
 
 from chat_models import template_text
@@ -158,3 +159,22 @@ def test_a_tool_without_a_description_is_shown_with_an_empty_one(gpt_oss: LiveSe
         for function in (bare, {**bare, "description": None}):
             response = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=[{"type": "function", "function": function}], max_tokens=4, seed=1)
             assert response.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_reasoning_effort_takes_openai_s_values_and_refuses_any_other_with_a_400_naming_it(gpt_oss: LiveServer) -> None:
+    """gpt-oss's template writes the effort into its system message ("Reasoning: high"); one OpenAI
+    does not know ("extreme", "HIGH", a number) reached it as sent, where OpenAI answers 400."""
+    assert gpt_oss.engine is not None
+    with sdk(gpt_oss) as client:
+        for effort in ("none", "minimal", "low", "medium", "high", "xhigh", "max", None):
+            response = client.chat.completions.create(model=MODEL_ID, messages=ASK, reasoning_effort=effort, max_tokens=1, seed=1)
+            variables = {} if effort is None else {"reasoning_effort": effort}
+            rendered = gpt_oss.engine.prepare_chat(ChatRequest(ASK, template_variables=variables)).tokens
+            assert response.usage is not None and response.usage.prompt_tokens == len(rendered), effort
+        for unknown in ("extreme", "HIGH", "", 5):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.chat.completions.create(model=MODEL_ID, messages=ASK, reasoning_effort=unknown, max_tokens=1)  # type: ignore[arg-type]
+            assert refused.value.body == {
+                "message": "Invalid value for 'reasoning_effort': Input should be 'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'",
+                "type": "invalid_request_error", "param": "reasoning_effort", "code": "invalid_value",
+            }, unknown

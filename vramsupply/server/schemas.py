@@ -31,6 +31,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 4096
 # OpenAI allows 20 alternatives per token on chat and 5 on completions; both get 20 here.
 MAX_TOP_LOGPROBS = 20
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+"""OpenAI's values, as its SDK types them; any other is a 400 there, and here it reached the chat
+template as sent (gpt-oss's writes it into the system message: "Reasoning: extreme")."""
 
 
 def _unsupported(value: Any, what: str) -> Any:
@@ -145,7 +148,7 @@ class ChatCompletionBody(GenerationBody):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None  # a string or a named function: checked where it is read (engine/conversation.py)
     parallel_tool_calls: bool | None = None
-    reasoning_effort: str | None = None
+    reasoning_effort: ReasoningEffort | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     # OpenAI fields we cannot honour: refused rather than dropped.
     functions: Any = None
