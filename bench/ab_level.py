@@ -5,8 +5,9 @@ bench/run.py measures each server in turn, and this VM's speed drifts between mi
 than a scheduling change moves it. Here both builds serve the bench model at their defaults at the
 same time (idle between their turns) and take turns, one round each (``--requests-per-slot``
 requests per stream, ``--concurrency`` streams, a new connection per request, as run.py's levels),
-the order flipping every round. Reported per build: every round's tok/s and TTFT p50/p95, their
-medians, and the median of the per-round-pair ratios (B over A).
+the order flipping every round. Reported per build: every round's tok/s, TTFT p50/p95 and peak RSS
+(and the RSS once loaded, before any request), their medians, and the median of the
+per-round-pair ratios (B over A).
 
     bench/.cache/venv-llamacpp-server/bin/python bench/ab_level.py --a OLD_VRAMSUPPLY --b NEW_VRAMSUPPLY --concurrency 16
 """
@@ -38,6 +39,10 @@ def level_summary(results: list[RequestResult], wall_s: float) -> dict:
 async def alternate(servers: dict[str, RunningServer], args: argparse.Namespace, eos_id: int) -> dict[str, list[dict]]:
     for server in servers.values():
         await wait_ready(server)
+    idle = {}
+    for name, server in servers.items():  # loaded, nothing served yet
+        server.monitor.start_window()
+        idle[name] = round(server.monitor.window_peak_mb(), 1)
     spec = next(iter(servers.values())).spec
     warm = request_bodies(spec, args.concurrency, 16, eos_id)
     for body in warm[1:]:  # prompts long enough (>= 16 tokens) for the engine to learn a prompt token's cost, as any real traffic teaches it
@@ -49,8 +54,9 @@ async def alternate(servers: dict[str, RunningServer], args: argparse.Namespace,
     for index in range(args.rounds):
         for name in names if index % 2 == 0 else names[::-1]:
             bodies = request_bodies(spec, args.requests_per_slot * args.concurrency, args.max_tokens, eos_id)
+            servers[name].monitor.start_window()
             results, wall_s = await run_level(servers[name].url, bodies, args.concurrency)
-            rounds[name].append(level_summary(results, wall_s))
+            rounds[name].append({**level_summary(results, wall_s), "peak_rss_mb": round(servers[name].monitor.window_peak_mb(), 1), "idle_rss_mb": idle[name]})
             print(f"round {index} {name}: {rounds[name][-1]}", flush=True)
     return rounds
 
@@ -59,7 +65,7 @@ def report(rounds: dict[str, list[dict]]) -> dict:
     a, b = rounds["a"], rounds["b"]
     out = {}
     for name, levels in rounds.items():
-        out[name] = {key: statistics.median(level[key] for level in levels) for key in ("tok_s", "ttft_mean_ms", "ttft_p50_ms", "ttft_p95_ms")}
+        out[name] = {key: statistics.median(level[key] for level in levels) for key in ("tok_s", "ttft_mean_ms", "ttft_p50_ms", "ttft_p95_ms", "peak_rss_mb", "idle_rss_mb")}
     out["b_over_a_tok_s_median_pair"] = round(statistics.median(y["tok_s"] / x["tok_s"] for x, y in zip(a, b)), 3)
     return out
 

@@ -62,7 +62,8 @@ class HostBuffers:
         Call it on the thread that decodes, while no decode runs, right after the cache was cleared."""
         released = sum(_release_zero_pages(span) for span in self.spans)
         if released:
-            log.debug("handed back %.1f MiB of zeroed KV cache pages", released / (1 << 20))
+            where = ", ".join(f"{span.start:#x}-{span.end:#x}" for span in self.spans)
+            log.debug("handed back %.1f MiB of zeroed KV cache pages (%s)", released / (1 << 20), where)
         return released
 
 
