@@ -35,10 +35,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from client import eos_token_id, request_bodies, run_level  # noqa: E402
-from servers import BENCH_MODEL, REPO, SERVERS, defaults_config, machine_info, running_server, wait_ready  # noqa: E402
-
-sys.path.insert(0, str(REPO))
-from vramsupply.engine.threads import allowed_cpus, cpu_counts  # noqa: E402
+from servers import BENCH_MODEL, REPO, SERVERS, decode_threads, defaults_config, machine_info, running_server, wait_ready  # noqa: E402
 
 LEVELS = (1, 4)
 NAMES = ("vramsupply", "llama-server", "vramsupply-pinned")
@@ -97,7 +94,7 @@ async def measure(name: str, eos_id: int, threads: int | None, busy_counts: tupl
     beside each count of busy programs."""
     cfg = defaults_config(BENCH_MODEL, REPO / ".venv" / "bin" / "vramsupply")
     if name == "vramsupply-pinned":
-        threads = threads or cpu_counts(allowed_cpus())[0]
+        threads = threads or decode_threads()
     if threads:
         cfg = dataclasses.replace(cfg, threads=threads, pin_threads=True)
     results = {}

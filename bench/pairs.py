@@ -41,10 +41,9 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from client import eos_token_id, request_bodies, run_level, stream_completion  # noqa: E402
 from run import prepare  # noqa: E402
-from servers import BENCH_MODEL, REPO, SERVERS as SERVER_SPECS, BenchConfig, RunningServer, ServerSpec, machine_info, running_server, with_args  # noqa: E402
-
-sys.path.insert(0, str(REPO))
-from vramsupply.engine.threads import allowed_cpus, cpu_counts  # noqa: E402
+from servers import (  # noqa: E402
+    BENCH_MODEL, REPO, SERVERS as SERVER_SPECS, BenchConfig, RunningServer, ServerSpec, decode_threads, machine_info, running_server, with_args,
+)
 
 SERVERS = ("vramsupply", "llama-server")
 
@@ -57,7 +56,7 @@ def vramsupply_with(extra: list[str], name: str) -> ServerSpec:
 def pinned_vramsupply() -> ServerSpec:
     """vramsupply at its defaults but ``--threads`` = the physical cores: the default threads,
     held fixed (no ``engine/thread_tuner.py``), to see what the tuner costs a machine alone."""
-    return vramsupply_with(["--threads", str(cpu_counts(allowed_cpus())[0])], "vramsupply-pinned")
+    return vramsupply_with(["--threads", str(decode_threads())], "vramsupply-pinned")
 
 
 @dataclass(frozen=True)

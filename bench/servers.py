@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import signal
@@ -168,6 +169,18 @@ SERVERS = {
         ),
     )
 }
+
+
+def decode_threads() -> int:
+    """The decode threads vramsupply picks by default on this machine (``engine/threads.py``),
+    that module loaded alone: the bench venv has none of the package's other dependencies."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # for the light modules it imports (vramsupply.host)
+    spec = importlib.util.spec_from_file_location("vramsupply_engine_threads", REPO / "vramsupply" / "engine" / "threads.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = module  # type: ignore[union-attr]  # dataclasses look their module up
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.cpu_counts(module.allowed_cpus())[0]
 
 
 class ProcessTreeMonitor:
