@@ -105,7 +105,7 @@ def test_two_caches_of_one_size_are_both_found(allocations: list[int]) -> None:
 
 def load(release: bool, monkeypatch: pytest.MonkeyPatch) -> Engine:
     if not release:
-        monkeypatch.setattr(host_pages.HostBuffers, "release", lambda self: 0)
+        monkeypatch.setattr(host_pages.HostBuffers, "release", lambda self, memory=None: 0)
     engine = Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=BIG_CONTEXT, parallel=32, threads=1, cache_ram=0))
     monkeypatch.undo()
     return engine

@@ -14,7 +14,9 @@ header in front of the memory it returns (``prev_size`` holding the padding an a
 skipped, ``size`` with its ``IS_MMAPPED`` bit). So a buffer is found as the one chunk, in the
 anonymous mappings that appeared while the context was made, whose size matches a logged size.
 It is handed back only when every byte of it is zero, as the cache is right after a clear, and on
-the scheduler thread, which alone uses the context. Anything that does not match (another C library, a cache in GPU memory, two chunks of one
+the scheduler thread, which alone uses the context. Memory is read through ``/proc/self/mem``, which answers an error where a pointer would
+end the process: other threads (the HTTP server's) allocate and free meanwhile, and may unmap a
+mapping being looked at. Anything that does not match (another C library, a cache in GPU memory, two chunks of one
 size, a platform without ``/proc/self/maps``) is left alone: the cache is then resident from the
 start, as before.
 """
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import re
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,10 +61,15 @@ class HostBuffers:
 
     spans: list[Span] = field(default_factory=list)
 
-    def release(self) -> int:
+    def release(self, memory: _Memory | None = None) -> int:
         """Hand every whole zero page of the buffers back to the kernel; returns the bytes handed back.
         Call it on the thread that decodes, while no decode runs, right after the cache was cleared."""
-        released = sum(_release_zero_pages(span) for span in self.spans)
+        if not self.spans:
+            return 0
+        if memory is None:
+            with _Memory() as opened:
+                return self.release(opened)
+        released = sum(_release_zero_pages(memory, span) for span in self.spans)
         if released:
             where = ", ".join(f"{span.start:#x}-{span.end:#x}" for span in self.spans)
             log.debug("handed back %.1f MiB of zeroed KV cache pages (%s)", released / (1 << 20), where)
@@ -79,8 +88,10 @@ def host_buffers_made() -> Iterator[HostBuffers]:
     if before is None:
         return
     sizes = [float(_BUFFER_LINE.match(line).group(1)) * (1 << 20) for line in lines]  # type: ignore[union-attr]
-    found.spans.extend(_locate(sizes, _new_mappings(before)))
-    found.release()  # llama.cpp has just zeroed them, and no thread decodes yet
+    if sizes:
+        with _Memory() as memory:
+            found.spans.extend(_locate(memory, sizes, _new_mappings(before, min(sizes) - _LOGGED_PRECISION)))
+            found.release(memory)  # llama.cpp has just zeroed them, and no thread decodes yet
 
 
 def _anonymous_mappings() -> set[tuple[int, int]] | None:
@@ -99,14 +110,15 @@ def _anonymous_mappings() -> set[tuple[int, int]] | None:
     return mappings
 
 
-def _new_mappings(before: set[tuple[int, int]]) -> list[tuple[int, int]]:
-    return sorted((_anonymous_mappings() or set()) - before)
+def _new_mappings(before: set[tuple[int, int]], at_least: float) -> list[tuple[int, int]]:
+    """The mappings made since ``before`` that could hold a chunk of ``at_least`` bytes."""
+    return sorted(m for m in (_anonymous_mappings() or set()) - before if m[1] - m[0] >= at_least)
 
 
-def _locate(sizes: list[float], mappings: list[tuple[int, int]]) -> Iterator[Span]:
+def _locate(memory: _Memory, sizes: list[float], mappings: list[tuple[int, int]]) -> Iterator[Span]:
     """The chunks in ``mappings`` that hold the logged sizes: for a size logged k times (two
     caches of one model may be of one size), exactly k chunks, or none at all."""
-    chunks = [chunk for start, end in mappings for chunk in _chunks(start, end)]
+    chunks = [chunk for start, end in mappings for chunk in _chunks(memory, start, end)]
     for size in sorted(set(sizes)):
         matches = [chunk for chunk in chunks if _holds(chunk, size)]
         if len(matches) == sizes.count(size):
@@ -115,12 +127,12 @@ def _locate(sizes: list[float], mappings: list[tuple[int, int]]) -> Iterator[Spa
             log.debug("%d host chunks of %.2f MiB where %d were logged: left resident", len(matches), size / (1 << 20), sizes.count(size))
 
 
-def _chunks(start: int, end: int) -> Iterator[Span]:
+def _chunks(memory: _Memory, start: int, end: int) -> Iterator[Span]:
     """The memory of the glibc mmapped chunks laid side by side in one mapping, from its start;
     a page no chunk starts at is stepped over (merged mappings of other kinds)."""
     page = start
     while page < end:
-        length = _chunk_at(page, end)
+        length = _chunk_at(memory.read(page, PAGE + _CHUNK_HEADER), page, end)
         if length is None:
             page += PAGE
             continue
@@ -128,11 +140,11 @@ def _chunks(start: int, end: int) -> Iterator[Span]:
         page += length[1]
 
 
-def _chunk_at(page: int, end: int) -> tuple[int, int] | None:
-    """(padding, whole length) of a glibc mmapped chunk whose mapping starts at ``page``, or None."""
-    for lead in _LEADS:
-        prev_size = ctypes.c_uint64.from_address(page + lead).value
-        size = ctypes.c_uint64.from_address(page + lead + 8).value
+def _chunk_at(head: bytes | None, page: int, end: int) -> tuple[int, int] | None:
+    """(padding, whole length) of a glibc mmapped chunk whose mapping starts at ``page`` (``head``:
+    its first page and a header's more), or None."""
+    for lead in _LEADS if head is not None else ():
+        prev_size, size = struct.unpack_from("<QQ", head, lead)  # type: ignore[arg-type]
         length = lead + (size & ~0x7)
         if prev_size == lead and size & _IS_MMAPPED and length % PAGE == 0 and page < page + length <= end:
             return lead, length
@@ -146,24 +158,45 @@ def _holds(chunk: Span, size: float) -> bool:
     return size - _LOGGED_PRECISION <= usable <= size + _LOGGED_PRECISION + PAGE + _LEADS[0]
 
 
-def _release_zero_pages(span: Span) -> int:
+def _release_zero_pages(memory: _Memory, span: Span) -> int:
     """madvise(MADV_DONTNEED) the whole pages of ``span`` if every byte of it is zero (as the
     cache is right after a clear with its data; anything else is not the cache); the bytes handed back."""
     start = -(-span.start // PAGE) * PAGE
     end = span.end // PAGE * PAGE
-    if end <= start or not _all_zero(span.start, span.end):
+    if end <= start or not _all_zero(memory, span.start, span.end):
         log.debug("a host chunk of %.2f MiB is not all zero: left resident", (span.end - span.start) / (1 << 20))
         return 0
     return end - start if _madvise(start, end - start, MADV_DONTNEED) else 0
 
 
-def _all_zero(start: int, end: int) -> bool:
+def _all_zero(memory: _Memory, start: int, end: int) -> bool:
     """Whether [start, end) holds only zero bytes, read a MiB at a time."""
     for block in range(start, end, len(_ZERO_BLOCK)):
         length = min(len(_ZERO_BLOCK), end - block)
-        if ctypes.string_at(block, length) != _ZERO_BLOCK[:length]:
+        if memory.read(block, length) != _ZERO_BLOCK[:length]:
             return False
     return True
+
+
+class _Memory:
+    """This process's memory, read through /proc/self/mem (the module docstring says why)."""
+
+    def __init__(self) -> None:
+        self._fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+
+    def __enter__(self) -> _Memory:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        os.close(self._fd)
+
+    def read(self, address: int, length: int) -> bytes | None:
+        """``length`` bytes at ``address``, or None where they are not all mapped."""
+        try:
+            data = os.pread(self._fd, length, address)
+        except OSError:
+            return None
+        return data if len(data) == length else None
 
 
 _libc = None
