@@ -15,7 +15,7 @@ from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metada
 from conftest import TINY_MODEL
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-FAMILIES = ("qwen3", "qwen35", "llama3", "mistral", "gpt-oss")
+FAMILIES = ("qwen3", "qwen35", "llama3", "mistral", "gpt-oss", "gemma2")
 # Control tokens the family's real vocabulary has, written over byte-fallback tokens of bytes that
 # text never contains (0x01, 0x02), so the engine's rendering of special markers can be tested.
 # gpt-oss's harmony markers take the bytes 0x01 to 0x07.

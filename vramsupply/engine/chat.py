@@ -13,6 +13,8 @@ template that can only walk an object's items (Qwen3.5's XML calls) gets a cut c
 (``arguments_as_objects``), or a 400 naming a call whose arguments are no object at all, rather
 than failing on a call's arguments that are text. gpt-oss's harmony template reads an assistant's
 thought as ``thinking``, so it gets ``reasoning_content`` under that name too (``with_thinking``).
+A template that refuses the system role (Gemma 2's) gets a system message's text at the head of the
+next user message (``system_in_user``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from vramsupply.chat import ChatFormat, detect_format
 from vramsupply.chat.syntaxes import syntax_for
 
-from .messages import arguments_as_objects, normalize_messages, with_short_call_ids, with_thinking
+from .messages import arguments_as_objects, normalize_messages, system_in_user, with_short_call_ids, with_thinking
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,9 @@ class ChatTemplate:
                 log.warning("the model's chat template does not compile (%s); using ChatML instead", exc)
         self._short_ids = syntax_for(self.source).id_style == "mistral"
         self._thinking = syntax_for(self.source).name == "harmony"
-        self._text_arguments = True  # while the probe renders text arguments as they are
+        self._system_in_user = False  # while the probes render a system message as it is
+        self._text_arguments = True  # and text arguments as they are
+        self._system_in_user = self._refuses_system()
         self._text_arguments = self._takes_text_arguments()
         self.format: ChatFormat = detect_format(self.source, self._shows_tools())
 
@@ -98,11 +102,29 @@ class ChatTemplate:
         return self._closed
 
     def _for_template(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self._system_in_user:
+            messages = system_in_user(messages)
         if self._thinking:
             messages = with_thinking(messages)
         if not self._text_arguments:
             messages = arguments_as_objects(messages)
         return with_short_call_ids(messages) if self._short_ids else messages
+
+    def _refuses_system(self) -> bool:
+        """Whether the template fails on a system message but renders the same user message alone
+        (Gemma 2's). Agents and frameworks send one first nearly always; such a template then gets it
+        in the next user message (``system_in_user``); llama-server merges it into the next message too."""
+        user = {"role": "user", "content": "hi"}
+        try:
+            self.render([{"role": "system", "content": "Be brief."}, user])
+            return False
+        except ValueError:
+            pass
+        try:
+            self.render([user])
+            return True
+        except ValueError:
+            return False
 
     def _takes_text_arguments(self) -> bool:
         """Whether the template renders a call whose arguments are a string (no JSON object), or

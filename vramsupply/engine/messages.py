@@ -194,6 +194,25 @@ def with_thinking(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def system_in_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For a template that refuses the system role (Gemma 2's raises "System role not supported"):
+    each system message's text goes at the head of the next user message, a blank line between, as
+    Gemma 3's own template places it; one with no user message after it is a user message itself."""
+    out: list[dict[str, Any]] = []
+    pending: list[str] = []
+    for message in messages:
+        if message["role"] == "system":
+            pending.append(message["content"])
+            continue
+        if pending and message["role"] == "user":
+            message = {**message, "content": "\n\n".join([*pending, message["content"]])}
+            pending = []
+        out.append(message)
+    if pending:
+        out.append({"role": "user", "content": "\n\n".join(pending)})
+    return out
+
+
 def check_tool_results(messages: list[dict[str, Any]]) -> None:
     """OpenAI's rules for tool results: each has a ``tool_call_id``, naming a call an earlier
     assistant message made (templates would otherwise fail on it, or show the model a result of nothing)."""
