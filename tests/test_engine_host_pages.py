@@ -168,3 +168,16 @@ def test_an_agent_with_a_large_context_holds_no_memory_for_cells_it_never_used()
     assert kept_loaded > KV_MIB  # without handing its pages back, the cache is resident from the start
     assert after_requests < KV_MIB / 2  # three short requests used a few hundred cells
     assert released == resident  # zero pages handed back read as the zeros they held
+
+
+def test_an_agent_that_may_not_read_its_own_memory_still_loads(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A locked-down container may refuse /proc/self/mem: the cache then stays resident, and the
+    agent serves as before."""
+
+    def refused(*_args: object) -> int:
+        raise PermissionError(13, "Permission denied", "/proc/self/mem")
+
+    monkeypatch.setattr(host_pages.os, "open", refused)
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=BIG_CONTEXT, parallel=32, threads=1, cache_ram=0)) as engine:
+        assert asyncio.run(greedy(engine))[0]
+    assert "could not find the KV cache in host memory (PermissionError" in caplog.text

@@ -67,8 +67,9 @@ class HostBuffers:
         if not self.spans:
             return 0
         if memory is None:
-            with _Memory() as opened:
+            with _optional("hand back the KV cache's pages"), _Memory() as opened:
                 return self.release(opened)
+            return 0
         released = sum(_release_zero_pages(memory, span) for span in self.spans)
         if released:
             where = ", ".join(f"{span.start:#x}-{span.end:#x}" for span in self.spans)
@@ -89,9 +90,19 @@ def host_buffers_made() -> Iterator[HostBuffers]:
         return
     sizes = [float(_BUFFER_LINE.match(line).group(1)) * (1 << 20) for line in lines]  # type: ignore[union-attr]
     if sizes:
-        with _Memory() as memory:
+        with _optional("find the KV cache in host memory"), _Memory() as memory:
             found.spans.extend(_locate(memory, sizes, _new_mappings(before, min(sizes) - _LOGGED_PRECISION)))
             found.release(memory)  # llama.cpp has just zeroed them, and no thread decodes yet
+
+
+@contextmanager
+def _optional(what: str) -> Iterator[None]:
+    """Memory saved is no reason to fail a load: whatever goes wrong (a /proc/self/mem this process
+    may not open, a layout not foreseen) is logged and the cache left resident."""
+    try:
+        yield
+    except Exception as exc:
+        log.warning("could not %s (%s: %s); it stays resident", what, type(exc).__name__, exc)
 
 
 def _anonymous_mappings() -> set[tuple[int, int]] | None:

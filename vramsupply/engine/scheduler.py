@@ -39,6 +39,7 @@ from .counters import Counters
 from .liveness import DEFAULT_STALL_TIMEOUT, DecodesFailing, Liveness
 from .pacing import PrefillPacer, rewinds_for_tiles
 from .generation import Event, Finish, post
+from .host_pages import HostBuffers
 from .inbox import STOP, Cancel, Inbox, Message, Submit
 from .model import Model
 from .outbox import Outbox
@@ -49,7 +50,6 @@ from .slots import Slot, Task
 from .step import StepRunner
 from .thread_tuner import StepThreads, ThreadTuner
 from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded
-from .host_pages import HostBuffers
 from .warmup import WarmUpOnThread
 
 log = logging.getLogger(__name__)
