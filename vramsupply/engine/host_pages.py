@@ -12,13 +12,17 @@ llama.cpp says how large its buffers are ("CPU KV buffer size = 72.00 MiB", a lo
 not where they are. glibc serves an allocation that large from a mapping of its own, with its chunk
 header in front of the memory it returns (``prev_size`` holding the padding an aligned allocation
 skipped, ``size`` with its ``IS_MMAPPED`` bit). So a buffer is found as the one chunk, in the
-anonymous mappings that appeared while the context was made, whose size matches a logged size.
-It is handed back only when every byte of it is zero, as the cache is right after a clear, and on
-the scheduler thread, which alone uses the context. Memory is read through ``/proc/self/mem``, which answers an error where a pointer would
-end the process: other threads (the HTTP server's) allocate and free meanwhile, and may unmap a
-mapping being looked at. Anything that does not match (another C library, a cache in GPU memory, two chunks of one
-size, a platform without ``/proc/self/maps``) is left alone: the cache is then resident from the
-start, as before.
+anonymous mappings that appeared while the context was made, whose size matches a logged size. It
+is handed back after the warm-up (whose clear would commit it again), only when every byte of it is
+zero, as the cache is right after that clear, and on the scheduler thread, which alone uses the
+context. Memory is read through ``/proc/self/mem``, which answers an error where a pointer would end
+the process: other threads (the HTTP server's) allocate and free meanwhile, and may unmap a mapping
+being looked at.
+
+Anything that does not match (another C library, a cache in GPU memory or in glibc's heap, two
+chunks of one size, a platform without ``/proc/self/maps``) is left alone, as is every cache on a
+host whose transparent huge pages are always on (``_huge_pages_always``): the cache is then
+resident from the start, as before.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .model import listening_to_llama
 
@@ -47,6 +52,7 @@ _LEADS = (4080, 2032, 1008, 496, 240, 112, 48, 16, 0)
 _BUFFER_LINE = re.compile(rb"^\w+: +CPU (?:KV|RS) buffer size = +([0-9.]+) MiB")
 _LOGGED_PRECISION = 0.005 * 1024 * 1024  # the size is printed to 0.01 MiB
 _ZERO_BLOCK = bytes(1 << 20)
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,8 @@ class HostBuffers:
 
 @contextmanager
 def host_buffers_made() -> Iterator[HostBuffers]:
-    """Around making a context: finds the host buffers llama.cpp zeroed meanwhile, and hands their
-    pages back at once (the warm-up's clear commits them again: it releases them after it)."""
+    """Around making a context: finds the host buffers llama.cpp zeroed meanwhile. They are handed
+    back after the warm-up (``release``), whose clear would commit them again."""
     found = HostBuffers()
     before = _anonymous_mappings()
     lines: list[bytes] = []
@@ -89,10 +95,22 @@ def host_buffers_made() -> Iterator[HostBuffers]:
     if before is None:
         return
     sizes = [float(_BUFFER_LINE.match(line).group(1)) * (1 << 20) for line in lines]  # type: ignore[union-attr]
-    if sizes:
+    if sizes and _huge_pages_always():
+        log.debug("transparent huge pages are always on here: the KV cache stays resident (pages handed back would come back 2 MiB at a time)")
+    elif sizes:
         with _optional("find the KV cache in host memory"), _Memory() as memory:
             found.spans.extend(_locate(memory, sizes, _new_mappings(before, min(sizes) - _LOGGED_PRECISION)))
-            found.release(memory)  # llama.cpp has just zeroed them, and no thread decodes yet
+
+
+def _huge_pages_always() -> bool:
+    """Whether the kernel backs any anonymous memory with 2 MiB pages (``[always]``): there a page
+    handed back is committed again with its whole 2 MiB block at the first write to any cell in it,
+    and khugepaged merges partly used blocks back, so the cache would fill again with a few cells per
+    tensor. The host's choice of huge pages (faster attention reads) stands."""
+    try:
+        return "[always]" in THP_SETTING.read_text()
+    except OSError:
+        return False
 
 
 @contextmanager
