@@ -49,7 +49,7 @@ def test_a_template_that_takes_the_system_role_gets_it_as_sent() -> None:
 def test_the_template_s_own_errors_are_still_the_buyer_s_400() -> None:
     """Roles out of turn fail in the template as before, system or not."""
     try:
-        GEMMA2.render([SYSTEM, {"role": "assistant", "content": "Hi"}])
+        GEMMA2.render([SYSTEM, {"role": "user", "content": "Hi"}, {"role": "user", "content": "Hello?"}])
     except ValueError as error:
         assert "Conversation roles must alternate" in str(error)
     else:
@@ -65,3 +65,14 @@ def test_an_agent_with_a_system_prompt_is_served_by_a_gemma_2_style_model(chat_m
         assert response.usage is not None
         assert response.usage.prompt_tokens == len(live.engine.prepare_chat(ChatRequest(merged)).tokens)
         assert response.choices[0].finish_reason in ("length", "stop")
+
+
+def test_a_system_message_before_an_assistant_turn_being_continued_stays_in_the_prompt() -> None:
+    """vLLM's continue_final_message: the assistant's text is continued, so nothing may go after it."""
+    messages = [
+        {"role": "user", "content": "Write a poem"},
+        {"role": "system", "content": "Answer only in French."},
+        {"role": "assistant", "content": "Once"},
+    ]
+    prompt = GEMMA2.render_turn(messages, None, {}, open_turn=False)
+    assert prompt == "<bos><start_of_turn>user\nWrite a poem\n\nAnswer only in French.<end_of_turn>\n<start_of_turn>model\nOnce<end_of_turn>\n"

@@ -196,17 +196,26 @@ def with_thinking(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def system_in_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For a template that refuses the system role (Gemma 2's raises "System role not supported"):
-    each system message's text goes at the head of the next user message, a blank line between, as
-    Gemma 3's own template places it; one with no user message after it is a user message itself."""
+    each system message's text goes at the head of the next message if that is a user's, a blank
+    line between, as Gemma 3's own template places it; before an assistant's message it goes at the
+    end of the user message just before (an assistant's turn continued from its start, vLLM's
+    ``continue_final_message``, keeps the instruction), or is a user turn of its own where there is
+    none; after the last message it is a user turn of its own."""
     out: list[dict[str, Any]] = []
     pending: list[str] = []
     for message in messages:
         if message["role"] == "system":
             pending.append(message["content"])
             continue
-        if pending and message["role"] == "user":
-            message = {**message, "content": "\n\n".join([*pending, message["content"]])}
+        if pending:
+            text = "\n\n".join(pending)
             pending = []
+            if message["role"] == "user":
+                message = {**message, "content": f"{text}\n\n{message['content']}"}
+            elif out and out[-1]["role"] == "user":
+                out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{text}"}
+            else:
+                out.append({"role": "user", "content": text})
         out.append(message)
     if pending:
         out.append({"role": "user", "content": "\n\n".join(pending)})
