@@ -119,3 +119,28 @@ def test_earnings_reads_a_ledger_this_user_may_read_but_not_write_and_leaves_not
     assert report.returncode == 0, report.stderr
     assert json.loads(report.stdout)["requests"] == len(rows)
     assert sidecars(ledger) == [], "nothing beside it that the agent's user might not be able to write"
+
+
+def test_a_ledger_an_agent_killed_left_a_shm_beside_but_no_wal_is_read_on_a_read_only_mount() -> None:
+    """Every row is in the file then; SQLite's mode=ro would need to rebuild the -shm it cannot write."""
+    rows = fill_ledger(time.time())
+    ledger = default_ledger_path()
+    Path(f"{ledger}-shm").write_bytes(bytes(32768))
+
+    report = run_as(read_only(ledger.parent), "earnings", "--json")
+
+    assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["requests"] == len(rows)
+
+
+def test_a_ledger_this_user_may_not_read_is_one_line_that_says_so() -> None:
+    fill_ledger(time.time())
+    ledger = default_ledger_path()
+    ledger.chmod(0o000)
+
+    report = run_as(without_privileges(), "earnings")
+
+    assert report.returncode == 1 and report.stdout == ""
+    assert report.stderr.strip() == (
+        f"error: cannot read the earnings ledger {ledger}: Permission denied; run the command as the user the agent runs as"
+    )

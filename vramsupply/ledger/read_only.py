@@ -10,8 +10,10 @@ A WAL-mode file read with ``mode=ro`` needs a ``-shm`` beside it: where there is
 one (owned by the reader: the agent's user may not write it then), and on a read-only mount it
 cannot ("unable to open database file"). No ``-shm`` means no connection has the file open, and
 with no ``-wal`` (or an empty one) every row is in the file itself: that is read with
-``immutable=1``, without locks and creating nothing. A ``-wal`` that holds rows is read through its
-``-shm``; one left without it where none can be made is said, not left out of the report.
+``immutable=1``, without locks and creating nothing; so is a file whose ``-shm`` SQLite cannot use
+here while no ``-wal`` holds rows (an agent killed left it). A ``-wal`` that holds rows is read through
+its ``-shm``; one left without it where none can be made is said, not left out of the report. A file
+this user may not read at all is said as such, not as one to make writable.
 """
 
 from __future__ import annotations
@@ -33,15 +35,20 @@ def may_write(path: Path) -> bool:
 def connect_read_only(path: Path, **options: Any) -> sqlite3.Connection:
     """A connection that reads ``path`` and writes neither it nor beside it, but for the ``-shm``
     a ``-wal`` without one needs (``options``: ``sqlite3.connect``'s)."""
+    if path.exists() and not os.access(path, os.R_OK):
+        raise LedgerError(f"cannot read the earnings ledger {path}: Permission denied; run the command as the user the agent runs as")
     uri = path.absolute().as_uri()  # percent-encoded: a '?' or '#' in a folder's name is no URI parameter
     shm = Path(f"{path}-shm")
-    if not shm.exists() and not _holds_rows(Path(f"{path}-wal")):
+    wal_rows = _holds_rows(Path(f"{path}-wal"))
+    if not shm.exists() and not wal_rows:
         return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, **options)
     db = sqlite3.connect(f"{uri}?mode=ro", uri=True, **options)
     try:
         db.execute("PRAGMA user_version")  # SQLite opens the -shm at the first read, not at connect
     except sqlite3.Error:
         db.close()
+        if not wal_rows:  # a -shm left by an agent killed, its -wal gone or empty: every row is in the file
+            return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, **options)
         if shm.exists():
             raise
         raise LedgerError(
