@@ -132,14 +132,18 @@ def test_two_caches_of_one_size_are_both_found() -> None:
     in_a_fresh_process(two_caches_of_one_size_are_found)
 
 
+def logged_cache_stays_resident(mib: int) -> None:
+    with host_pages.host_buffers_made() as found:
+        cache = ggml_buffer(mib)
+        llama_logs(f"llama_kv_cache:        CPU KV buffer size =    {mib}.00 MiB\n")
+    assert found.spans == [] and found.release() == 0
+    assert resident_mib(cache, mib * MIB) == pytest.approx(mib, abs=0.01)
+
+
 def heap_served_cache_stays() -> None:
     huge_pages_only_on_request()
     libc.mallopt(-4, 0)  # M_MMAP_MAX 0: glibc serves every allocation from its heap
-    with host_pages.host_buffers_made() as found:
-        cache = ggml_buffer(36)
-        llama_logs("llama_kv_cache:        CPU KV buffer size =    36.00 MiB\n")
-    assert found.spans == [] and found.release() == 0
-    assert resident_mib(cache, 36 * MIB) == pytest.approx(36, abs=0.01)
+    logged_cache_stays_resident(36)
 
 
 def test_a_cache_glibc_served_from_its_heap_is_left_resident() -> None:
@@ -152,11 +156,7 @@ def huge_pages_always_keep_the_cache() -> None:
     setting = Path(tempfile.mkdtemp()) / "enabled"
     setting.write_text("[always] madvise never\n")
     host_pages.THP_SETTING = setting
-    with host_pages.host_buffers_made() as found:
-        cache = ggml_buffer(40)
-        llama_logs("llama_kv_cache:        CPU KV buffer size =    40.00 MiB\n")
-    assert found.spans == [] and found.release() == 0
-    assert resident_mib(cache, 40 * MIB) == pytest.approx(40, abs=0.01)
+    logged_cache_stays_resident(40)
 
 
 def test_a_host_whose_huge_pages_are_always_on_keeps_the_cache_resident() -> None:
