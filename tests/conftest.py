@@ -72,6 +72,16 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     return home
 
 
+@pytest.fixture(scope="module")
+def checker() -> Iterator[object]:
+    """llama.cpp's grammar engine asked whether it accepts a text (``gbnf_check.GrammarChecker``), one per module."""
+    from gbnf_check import GrammarChecker
+
+    checker = GrammarChecker()
+    yield checker
+    checker.close()
+
+
 @pytest.fixture(scope="session")
 def chat_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny model with a Qwen3- (Hermes calls), a Qwen3.5- (XML calls), a Llama-3- and a

@@ -136,13 +136,6 @@ def test_a_thinking_model_ends_its_thought_then_calls_or_answers_in_json(qwen: L
     jsonschema.validate(json.loads(answers.choices[0].message.content), ANSWER_SCHEMA)
 
 
-@pytest.fixture(scope="module")
-def checker() -> Iterator[GrammarChecker]:
-    checker = GrammarChecker()
-    yield checker
-    checker.close()
-
-
 def test_either_grammar_takes_each_of_its_two_languages_whole_and_nothing_else(checker: GrammarChecker) -> None:
     """Rules of one name in both (``space``, a schema's ``root``) are kept apart, references and a
     recursive schema's rules included."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 
 import pytest
 
@@ -128,13 +127,6 @@ def test_the_reasoning_span_covers_the_thought_and_its_markers() -> None:
     parser.push(text)
     parser.finish()
     assert parser.reasoning_span == (0, text.index("<|start|>"))
-
-
-@pytest.fixture(scope="module")
-def checker() -> Iterator[GrammarChecker]:
-    checker = GrammarChecker()
-    yield checker
-    checker.close()
 
 
 def test_a_forced_call_grammar_allows_one_thought_first(checker: GrammarChecker) -> None:

@@ -14,7 +14,6 @@ import datetime
 import json
 import random
 import re
-from collections.abc import Iterator
 from decimal import Decimal
 
 import pytest
@@ -28,13 +27,6 @@ from vramsupply.chat.schema import UnsatisfiableSchema, schema_to_gbnf
 from vramsupply.chat.syntaxes import syntax_for
 
 NEVER_NUMBERS = ("-0", "-0.0", "00", "01", "1.", ".5", "+1", "1e3", "1E3", "-", "")
-
-
-@pytest.fixture(scope="module")
-def checker() -> Iterator[GrammarChecker]:
-    checker = GrammarChecker()
-    yield checker
-    checker.close()
 
 
 def matcher(node: object) -> re.Pattern[str] | None:

@@ -36,13 +36,6 @@ ASK = [{"role": "user", "content": "Save it."}]
 
 
 @pytest.fixture(scope="module")
-def checker() -> Iterator[GrammarChecker]:
-    checker = GrammarChecker()
-    yield checker
-    checker.close()
-
-
-@pytest.fixture(scope="module")
 def qwen35(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
     with LiveServer(model_path=chat_models["qwen35"], n_ctx=2048) as live:
         yield live

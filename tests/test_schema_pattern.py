@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Iterator
 
 import pytest
 
@@ -35,13 +34,6 @@ PATTERNS = [
     r"^é$",
     r"^[\Da]$",
 ]
-
-
-@pytest.fixture(scope="module")
-def checker() -> Iterator[GrammarChecker]:
-    checker = GrammarChecker()
-    yield checker
-    checker.close()
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
