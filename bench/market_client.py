@@ -1,11 +1,14 @@
 """The marketplace bench's client: it plays a trace's conversations against one server and scores every request.
 
 A buyer accepts an answer whose first token came within 1 s and whose later tokens came at most
-100 ms apart; **goodput** counts the completion tokens of such requests only. The client renders
+100 ms apart; **goodput** counts the completion tokens of such requests only, over the trace's
+sending window (the same seconds for every server, so a ratio of goodputs is a ratio of good
+tokens; over each server's own wall, a server that failed requests ended those conversations early
+and so finished sooner, and a failure could raise its goodput). The client renders
 each conversation as text and uses ``/v1/completions``, so all servers see the same tokens whatever
 chat template they would pick, and forces every output to its planned length (``ignore_eos``, or a
 logit bias against EOS where a server lacks it). A failed request ends its conversation, so the
-share of the trace's demand served well is reported beside goodput, which ending early can raise.
+share of the trace's demand served well is reported beside goodput.
 """
 
 from __future__ import annotations
@@ -147,6 +150,7 @@ class RateResult:
     wall_s: float
     completion_tokens: int
     goodput_tok_s: float
+    """Good completion tokens over ``window_s``, the same seconds for every server on a trace."""
     throughput_tok_s: float
     ttft_p50_s: float | None
     ttft_p90_s: float | None
@@ -163,6 +167,14 @@ class RateResult:
     served_well: float = 0.0
     """Of ``demand_tokens``, the share that came within the service level: unlike goodput, not
     raised by ending conversations early."""
+    window_s: float = 0.0
+    """The trace's sending window: from the start to the last conversation's start plus the cap,
+    after which no request is sent. It depends on the trace alone, so goodput ratios between servers
+    are ratios of good tokens."""
+    goodput_wall_tok_s: float = 0.0
+    """Good completion tokens over ``wall_s`` (the goodput of results before 2026-12-07's 49th session):
+    a server that takes longer to finish late requests, or fails requests and so ends their
+    conversations early, moves its own wall, so a failed request could raise it."""
     records: list[dict] = field(default_factory=list)
 
 
@@ -192,21 +204,25 @@ async def run_rate(server: RunningServer, words: Words, rate: float, conversatio
     server_cpu = server.monitor.cpu_seconds() - server_cpu
     client_cpu = sum(client.cpu_times()[:2]) - client_cpu
     other = max(0.0, busy_cpu_seconds() - busy - server_cpu - client_cpu)
-    return rate_result(rate, conversations, trace, records, wall, server_cpu, other, server.monitor.window_peak_mb())
+    window = trace[-1].starts_at + cap_s
+    return rate_result(rate, conversations, trace, records, (wall, window), server_cpu, other, server.monitor.window_peak_mb())
 
 
-def rate_result(rate: float, conversations: int, trace: list[Conversation], records: list[RequestRecord], wall: float,
-                server_cpu: float, other: float, peak_rss_mb: float) -> RateResult:
-    """One rate's numbers from its records: goodput counts only the requests that met the service level."""
+def rate_result(rate: float, conversations: int, trace: list[Conversation], records: list[RequestRecord],
+                seconds: tuple[float, float], server_cpu: float, other: float, peak_rss_mb: float) -> RateResult:
+    """One rate's numbers from its records: goodput counts only the requests that met the service
+    level, over the trace's window (``seconds``: the wall, then the window)."""
+    wall, window = seconds
     ok = [r for r in records if r.error is None]
     good = [r for r in records if r.good]
+    good_tokens = sum(r.completion_tokens for r in good)
     cached = [r.cached_tokens for r in ok if r.cached_tokens is not None]
     errors = [r.error for r in records if r.error]
     demand = sum(turn.output_tokens for c in trace for turn in c.turns)
     return RateResult(
         rate=rate, conversations=conversations, requests=len(records), good=len(good), errors=len(errors),
         wall_s=round(wall, 2), completion_tokens=sum(r.completion_tokens for r in ok),
-        goodput_tok_s=round(sum(r.completion_tokens for r in good) / wall, 1),
+        goodput_tok_s=round(good_tokens / window, 1), window_s=round(window, 2), goodput_wall_tok_s=round(good_tokens / wall, 1),
         throughput_tok_s=round(sum(r.completion_tokens for r in ok) / wall, 1),
         ttft_p50_s=pct([r.ttft_s for r in ok if r.ttft_s is not None], 50),
         ttft_p90_s=pct([r.ttft_s for r in ok if r.ttft_s is not None], 90),
@@ -217,6 +233,6 @@ def rate_result(rate: float, conversations: int, trace: list[Conversation], reco
         server_cpu_s=round(server_cpu, 1), other_cpu_cores=round(other / wall, 2),
         first_error=errors[0] if errors else None,
         demand_tokens=demand,
-        served_well=round(sum(r.completion_tokens for r in good) / demand, 3) if demand else 0.0,
+        served_well=round(good_tokens / demand, 3) if demand else 0.0,
         records=[{**asdict(r), "tpot_s": r.tpot_s, "good": r.good} for r in records],
     )

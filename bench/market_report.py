@@ -1,5 +1,8 @@
 """The marketplace bench's report: the goodput table with its ratios to the references, and the chart.
 
+Goodput is over the trace's sending window (``market_client``); results written before that field
+(``window_s``) have goodput over each server's own wall, shown as such.
+
 Both are drawn from a results JSON alone, so ``marketplace.py --replot`` redraws them without
 measuring again.
 """
@@ -19,24 +22,40 @@ def runs(server: dict, rate: float) -> list[dict]:
 
 def summary_table(report: dict) -> str:
     servers = report["servers"]
-    lines = ["| rate (conv/s) | server | goodput tok/s | demand served well | throughput tok/s | met SLO | TTFT p50 | TTFT p90 | "
-             "TPOT p50 | cached tokens | peak RSS | others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| rate (conv/s) | server | goodput tok/s | goodput over its wall | demand served well | throughput tok/s | met SLO | "
+             "TTFT p50 | TTFT p90 | TPOT p50 | cached tokens | peak RSS | others' CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rate in report["config"]["rates"]:
         for name, server in servers.items():
             for r in runs(server, rate):
                 label = f"{rate} (seed {r['seed']})" if "seed" in r else f"{rate}"
                 lines.append(
-                    f"| {label} | {name} | {r['goodput_tok_s']} | {r.get('served_well', 0):.0%} | {r['throughput_tok_s']} | {r['good']}/{r['requests']} | "
+                    f"| {label} | {name} | {r['goodput_tok_s'] if 'window_s' in r else '–'} | {wall_goodput(r)} | "
+                    f"{r.get('served_well', 0):.0%} | {r['throughput_tok_s']} | {r['good']}/{r['requests']} | "
                     f"{r['ttft_p50_s']} s | {r['ttft_p90_s']} s | {r['tpot_p50_ms']} ms | {r['cached_tokens_total'] or '–'} | "
                     f"{r['peak_rss_mb']:.0f} MB | {r['other_cpu_cores']} cores |")
     lines += ["", "Ratios per repeat, then (when repeated) their median in bold:", "",
-              "| rate | goodput ÷ llama-server | goodput ÷ llama_cpp.server | served well ÷ llama-server | peak RSS − llama-server |",
-              "|---|---|---|---|---|"]
+              "| rate | goodput ÷ llama-server | goodput ÷ llama_cpp.server | served well ÷ llama-server | goodput over each wall ÷ llama-server "
+              "| peak RSS − llama-server |", "|---|---|---|---|---|---|"]
     for rate in report["config"]["rates"]:
         cells = [ratios(servers, rate, "goodput_tok_s", "llama-server"), ratios(servers, rate, "goodput_tok_s", "llama_cpp.server"),
-                 ratios(servers, rate, "served_well", "llama-server"), ratios(servers, rate, "peak_rss_mb", "llama-server", difference=True)]
+                 ratios(servers, rate, "served_well", "llama-server"), ratios(servers, rate, "goodput_wall_tok_s", "llama-server"),
+                 ratios(servers, rate, "peak_rss_mb", "llama-server", difference=True)]
         lines.append(f"| {rate} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def wall_goodput(result: dict) -> float:
+    """Good tokens over the server's own wall: a field of its own since goodput moved to the window."""
+    return result["goodput_wall_tok_s"] if "window_s" in result else result["goodput_tok_s"]
+
+
+def value(result: dict, key: str) -> float | None:
+    """``result``'s ``key``, read the same way for results written before goodput's window."""
+    if key == "goodput_wall_tok_s":
+        return wall_goodput(result)
+    if key == "goodput_tok_s" and "window_s" not in result:
+        return None
+    return result.get(key)
 
 
 def ratios(servers: dict, rate: float, key: str, ref: str, difference: bool = False) -> str:
@@ -45,7 +64,7 @@ def ratios(servers: dict, rate: float, key: str, ref: str, difference: bool = Fa
     ours, theirs = (runs(servers.get(name, {"rates": []}), rate) for name in ("vramsupply", ref))
     values = []
     for a, b in zip(ours, theirs):
-        x, y = a.get(key), b.get(key)
+        x, y = value(a, key), value(b, key)
         if x is None or y is None or (not difference and not y):
             continue
         values.append(x - y if difference else x / y)

@@ -7,9 +7,12 @@ conversations resend a growing history behind a shared ~300-token system prompt,
 slots. This bench replays one seeded trace of such conversations against each server, at several
 Poisson arrival rates, and reports **goodput**: the completion tokens per second of requests that
 met the service level a buyer would accept (first token within 1 s, at most 100 ms per output
-token after it), and the share of the trace's demanded tokens served so (a server that fails
-requests ends those conversations early, which shortens its wall and so raises its goodput, but
-not that share), next to plain throughput, TTFT and the servers' peak RSS.
+token after it), over the trace's sending window (the same seconds for every server), and the
+share of the trace's demanded tokens served so, next to plain throughput, TTFT and the servers'
+peak RSS. Goodput over each server's own wall is kept beside it (``goodput_wall_tok_s``, the
+goodput of results before the 49th session of wave 2): there a server that failed requests ended
+those conversations early, finished sooner and so could score higher, and one that served late
+requests to the end scored lower for it.
 
 Every server runs at its defaults (only the model, host and port are given; llama_cpp.server
 also gets the model's 4096-token context, since its own default of 2048 cannot hold the longest
