@@ -207,9 +207,9 @@ def test_a_directory_or_a_dangling_link_given_as_the_model_is_named_for_what_it_
         (tmp_path / "split" / f"m-0000{part}-of-00002.gguf").write_bytes(b"")
     (tmp_path / "link.gguf").symlink_to(tmp_path / "gone" / "m.gguf")
 
-    def error(*args: str) -> str:
+    def error(*args: str, code: int = 1) -> str:
         result = run_in(tmp_path, *args, "--no-register", "--port", "0") if args[0] == "serve" else run_in(tmp_path, *args)
-        assert result.returncode == 1, result
+        assert result.returncode == code, result
         return result.stderr.strip()
 
     for model in ("d", "./d/"):
@@ -222,7 +222,7 @@ def test_a_directory_or_a_dangling_link_given_as_the_model_is_named_for_what_it_
     assert error("serve", "--model", "link.gguf") == (
         f"error: model file {tmp_path / 'link.gguf'} does not exist: it is a symbolic link to {tmp_path / 'gone' / 'm.gguf'}, which does not exist"
     )
-    assert error("serve", "--model", "nothing") == "error: 'nothing' is neither a HuggingFace model id (org/model) nor a path to a .gguf file"
+    assert error("serve", "--model", "nothing", code=2) == "error: 'nothing' is neither a HuggingFace model id (org/model) nor a path to a .gguf file"
     (tmp_path / "a.gguf").symlink_to("b.gguf")
     (tmp_path / "b.gguf").symlink_to("a.gguf")
     looped = "is a symbolic link that leads back to itself (through b.gguf): point it at the .gguf file"

@@ -22,6 +22,7 @@ from vramsupply.hub import (
     HubUnreachable,
     InsufficientDiskSpace,
     InvalidModelSpec,
+    ModelFileError,
     ModelNotFound,
     QuantNotFound,
     list_cached,
@@ -247,10 +248,10 @@ def test_a_local_path_skips_the_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     home_copy.write_bytes(TINY_MODEL.read_bytes())
     assert prepare_model("~/My-Model-Q8_0.gguf", "Q4_K_M").quant == "Q8_0"
 
-    with pytest.raises(InvalidModelSpec, match=r"model file .*/missing.gguf does not exist"):
+    with pytest.raises(ModelFileError, match=r"model file .*/missing.gguf does not exist"):
         prepare_model(str(tmp_path / "missing.gguf"), "Q4_K_M")
     (tmp_path / "notes.gguf").write_text("hello")
-    with pytest.raises(InvalidModelSpec, match=r"notes.gguf is not a GGUF file"):
+    with pytest.raises(ModelFileError, match=r"notes.gguf is not a GGUF file"):
         prepare_model(str(tmp_path / "notes.gguf"), "Q4_K_M")
     with pytest.raises(InvalidModelSpec, match=r"'just words' is neither a HuggingFace model id"):
         prepare_model("just words", "Q4_K_M")

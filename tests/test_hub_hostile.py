@@ -213,8 +213,26 @@ def test_a_model_id_the_hub_would_reject_is_refused_before_asking_it(hub: Hostil
 def test_serve_and_plan_refuse_such_a_model_id_in_one_line(hub: HostileHub, tmp_path: Path) -> None:
     for args in (("plan", "--model", "acme/Widget--7B"), ("serve", "--model", "acme/Widget--7B", "--no-register", "--port", "0")):
         result = run_cli(*args, env=env_for(hub, tmp_path / "hf-home"))
-        assert result.returncode == 1, result.stderr
+        assert result.returncode == 2, result.stderr  # a usage error: no Hub could ever serve it
         assert result.stderr.strip() == "error: 'acme/Widget--7B' is not a valid HuggingFace model id (Cannot have -- or .. in repo_id)"
+
+
+def test_a_malformed_model_argument_is_a_usage_error_in_every_command_and_a_model_the_hub_lacks_is_not(hub: HostileHub, tmp_path: Path) -> None:
+    """`-m foo` (no file of that name, no org/model id) can never work: exit 2, as `-m ''` and every
+    invalid setting, said once and before the Hub is asked; a well-formed id the Hub does not have
+    is a runtime failure, exit 1 (README, on exit codes). `foo` exited 1 where `''` exited 2."""
+    env = env_for(hub, tmp_path / "hf-home")
+    local = ("--no-register", "--port", "0")
+    for args in (("serve", "-m", "foo", *local), ("plan", "-m", "foo"), ("bench", "-m", "foo"), ("models", "pull", "foo"), ("models", "resolve", "foo")):
+        result = run_cli(*args, env=env)
+        assert (result.returncode, result.stderr) == (2, "error: 'foo' is neither a HuggingFace model id (org/model) nor a path to a .gguf file\n"), args
+    assert run_cli("serve", "-m", "", *local, env=env).returncode == 2
+    assert hub.requests == []
+
+    absent = run_cli("serve", "-m", "acme/Absent-7B", *local, env=env)
+    assert absent.returncode == 1, absent.stderr
+    [error] = [line for line in absent.stderr.splitlines() if line.startswith("error:")]
+    assert "acme/Absent-7B" in error
 
 
 def test_an_empty_quant_is_refused(hub: HostileHub) -> None:

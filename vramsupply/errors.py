@@ -20,7 +20,9 @@ module never imports another concern to raise its own errors)::
     │   └── UnknownUser                  exit 2  userpath.py: a path's ~name names no user
     ├── ConfigUnwritable                 exit 1  config/file.py: the config file cannot be written
     ├── HubError                         exit 1  hub/errors.py: the model cannot be made local
-    │   ├── InvalidModelSpec, ModelNotFound, QuantNotFound, HubAuthError,
+    │   ├── InvalidModelSpec             exit 2  the model argument (or the quant) is malformed:
+    │   │                                        no org/model id the Hub accepts, no local path
+    │   ├── ModelFileError, ModelNotFound, QuantNotFound, HubAuthError,
     │   │   HubUnreachable, HubOffline, InsufficientDiskSpace
     │   └── DownloadError
     │       └── ChecksumMismatch

@@ -22,12 +22,14 @@ def quant_serve_would_choose(model: str, settings: Settings) -> Settings:
     is pulled ahead is what serve loads. When no plan can be made, the quant setting, said."""
     from vramsupply.errors import VramsupplyError
     from vramsupply.gpu.planning import fit_before_download
-    from vramsupply.hub import is_local_path
+    from vramsupply.hub import InvalidModelSpec, is_local_path
 
     if "quant" in settings.model_fields_set or is_local_path(model):
         return settings
     try:
         chosen = fit_before_download(settings.model_copy(update={"model": model}), set(settings.model_fields_set)).quant
+    except InvalidModelSpec:  # a malformed model argument: the command's own usage error, said once
+        raise
     except VramsupplyError as exc:  # the model cannot be read to plan (the pull then says why, if it fails too), or nothing fits
         if exc.__cause__ is None:
             err_console.print(f"{exc} (serve would refuse it here); taking the quant setting, {settings.quant}", soft_wrap=True)

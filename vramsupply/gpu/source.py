@@ -21,7 +21,7 @@ from vramsupply.userpath import expand_user
 from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.estimate import ModelShape
 from vramsupply.gpu.gguf_header import GgufError, GgufHeader, HeaderFetchError, data_end, read_local_header, read_remote_header
-from vramsupply.hub.errors import HubAuthError, HubError, HubOffline, HubUnreachable
+from vramsupply.hub.errors import HubAuthError, HubError, HubOffline, HubUnreachable, InvalidModelSpec
 from vramsupply.hub.local import is_local_path
 from vramsupply.hub.quant import incomplete_sets, normalize_quant, parse_gguf_path
 
@@ -227,9 +227,12 @@ def model_source(model: str, quant: str | None, timeout: float, publishers: Sequ
 
 @contextmanager
 def _source_errors(model: str, cache_dir: Path | None) -> Iterator[None]:
-    """The Hub's errors as the plan's: unreachable (serve then goes on with a cached copy) or not."""
+    """The Hub's errors as the plan's: unreachable (serve then goes on with a cached copy) or not.
+    A malformed model argument stays itself: a usage error (exit 2), not a plan that failed (1)."""
     try:
         yield
+    except InvalidModelSpec:
+        raise
     except (HubUnreachable, HubOffline) as exc:
         raise SourceUnreachable(_with_cached_copy(str(exc), model, cache_dir)) from None
     except HubError as exc:

@@ -24,6 +24,7 @@ _HOMES = {
         "HubUnreachable",
         "InsufficientDiskSpace",
         "InvalidModelSpec",
+        "ModelFileError",
         "ModelNotFound",
         "QuantNotFound",
     ),

@@ -10,7 +10,16 @@ class HubError(VramsupplyError):
 
 
 class InvalidModelSpec(HubError):
-    """The model argument is neither an `org/model` id nor a usable local .gguf file."""
+    """The model argument (or the quant) is malformed: neither an `org/model` id the Hub accepts nor
+    a local path. A usage error, exit 2 as for an invalid setting: no download, retry or file put in
+    place later makes it work, where a well-formed id the Hub lacks is ModelNotFound (exit 1)."""
+
+    exit_code = 2
+
+
+class ModelFileError(HubError):
+    """A local model path names no usable .gguf file: nothing there, unreadable, or not GGUF. Exit 1,
+    as for a Hub id the Hub lacks: the path is well-formed, what is on disk is wrong."""
 
 
 class ModelNotFound(HubError):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vramsupply.userpath import expand_user
-from vramsupply.hub.errors import InvalidModelSpec
+from vramsupply.hub.errors import ModelFileError
 from vramsupply.hub.quant import parse_gguf_path
 
 if TYPE_CHECKING:
@@ -126,16 +126,16 @@ def local_model(model: str, timeout: float | None = None) -> LocalModel:
 
 
 def _check_gguf(path: Path) -> None:
-    """The file exists and starts with the GGUF magic bytes, or InvalidModelSpec says what it is."""
+    """The file exists and starts with the GGUF magic bytes, or ModelFileError says what it is."""
     if not path.is_file():
-        raise InvalidModelSpec(not_a_model_file(path))
+        raise ModelFileError(not_a_model_file(path))
     try:
         with path.open("rb") as fh:
             magic = fh.read(len(GGUF_MAGIC))
     except OSError as exc:
-        raise InvalidModelSpec(f"cannot read model file {path}: {exc.strerror}") from None
+        raise ModelFileError(f"cannot read model file {path}: {exc.strerror}") from None
     if magic != GGUF_MAGIC:
-        raise InvalidModelSpec(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+        raise ModelFileError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
 def not_a_model_file(path: Path) -> str:
