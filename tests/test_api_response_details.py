@@ -5,6 +5,8 @@
 - server-sent events as ``text/event-stream; charset=utf-8``;
 - ``x-request-id`` on every response, errors included (the openai SDK's ``_request_id``), a
   client's own sane ``X-Request-Id`` echoed; the completion id ends with the request's own hex;
+  where the client's id is echoed, the agent's access line names the completion id after it (it
+  named the client's alone: the id in the body, also the ledger's, led to no line, nor back);
 - ``max_model_len`` (vLLM's) in ``/v1/models``: the context served, by our engine or an upstream;
 - the last chunk of a stream with logprobs says ``"logprobs": null``, as OpenAI's does;
 - a ``response_format`` schema may recurse through ``$ref`` (``"#"`` included); one that recurses
@@ -24,7 +26,11 @@ import requests
 from doubles.hostile_upstream import HostileUpstream, fronted
 from openai import OpenAI
 
+from agent_process import AgentProcess
+from conftest import TINY_MODEL
 from live_server import MODEL_ID, LiveServer
+
+from vramsupply.ledger import LedgerStore, default_ledger_path
 
 STORY = [{"role": "user", "content": "Tell me a story"}]
 FINGERPRINT = re.compile(r"fp_[0-9a-f]{10}")
@@ -94,6 +100,29 @@ def test_a_client_s_own_request_id_is_echoed_when_it_is_a_sane_token(agent: Live
     with OpenAI(base_url=agent.base_url, api_key="unused", max_retries=0) as client:
         completion = client.chat.completions.create(model=MODEL_ID, messages=STORY, max_tokens=2)
     assert completion._request_id == "req_" + completion.id.removeprefix("chatcmpl-")
+
+
+def test_a_buyer_who_sent_its_own_request_id_finds_its_request_by_either_id() -> None:
+    with AgentProcess("--model", str(TINY_MODEL), "--no-register", "--port", "0") as agent:
+        agent.wait_ready()
+        with OpenAI(base_url=agent.base_url, api_key="unused", max_retries=0) as client:
+            traced = client.chat.completions.with_raw_response.create(
+                model=MODEL_ID, messages=STORY, max_tokens=2, extra_headers={"X-Request-Id": "trace-42"}
+            )
+            with client.completions.create(model=MODEL_ID, prompt="Once", max_tokens=2, stream=True, extra_headers={"X-Request-Id": "trace-43"}) as stream:
+                streamed = [chunk.id for chunk in stream][0]
+            plain = client.chat.completions.create(model=MODEL_ID, messages=STORY, max_tokens=2)
+        assert agent.stop() == 0
+
+    chat = traced.parse()
+    assert traced.headers["x-request-id"] == "trace-42", "the buyer's own id is still echoed"
+    lines = [line for line in agent.stderr if " vramsupply.access: " in line and '"POST /v1/' in line]
+    assert len(lines) == 3, lines
+    assert lines[0].endswith(f" trace-42 {chat.id}") and lines[1].endswith(f" trace-43 {streamed}"), lines
+    assert lines[2].endswith(" req_" + plain.id.removeprefix("chatcmpl-")), "its own id names it already: said once"
+    store = LedgerStore(default_ledger_path())
+    assert sorted(e.request_id for e in store.entries()) == sorted([chat.id, streamed, plain.id]), "the ledger's rows are found by the access line's ids"
+    store.close()
 
 
 def test_the_model_list_says_the_context_served(agent: LiveServer) -> None:

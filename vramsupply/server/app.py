@@ -20,6 +20,7 @@ from aiohttp import web
 
 from vramsupply.engine import Engine
 from vramsupply.listen import start_sites
+from vramsupply.server.access import AccessLine, write_access_line
 from vramsupply.server.completions import chat_completions, completions
 from vramsupply.server.errors import ApiError, add_request_id, error_middleware, request_id
 from vramsupply.server.framing import OpenAIErrorRunner
@@ -116,9 +117,7 @@ def _log_hang_up(request: web.Request, seconds: float) -> None:
     mid-answer was in the ledger (cut) and /metrics (499) but nowhere in the access log."""
     access = request.app.get(ACCESS_LOG)
     if access is not None:
-        line = f"{request.version.major}.{request.version.minor}"
-        access.info('%s "%s %s HTTP/%s" %d - %.6fs %s (the buyer hung up)', request.remote, request.method, request.path_qs, line,
-                    CLIENT_CLOSED_REQUEST, seconds, request_id(request))  # fmt: skip
+        write_access_line(access, request, CLIENT_CLOSED_REQUEST, "-", seconds, request_id(request), " (the buyer hung up)")
 
 
 @web.middleware
@@ -250,7 +249,7 @@ class ApiServer:
             keepalive_timeout=idle_timeout,
             shutdown_timeout=drain_timeout + STOP_GRACE_SECONDS,
             access_log=access_log,
-            access_log_format='%a "%r" %s %b %Tfs %{x-request-id}o',
+            access_log_class=AccessLine,  # with the completion id after a buyer's own request id
         )
 
     async def start(self) -> None:

@@ -30,7 +30,7 @@ from vramsupply.engine import (
 )
 from vramsupply.server.accounting import Bill
 from vramsupply.server.batch import batch_usage, check_choices, check_echo
-from vramsupply.server.errors import ApiError, internal_error, own_id
+from vramsupply.server.errors import ApiError, completion_id, internal_error
 from vramsupply.server.grammar import answer_grammar, chat_grammar, holds_answer
 from vramsupply.server.logprobs_out import StreamedLogprobs
 from vramsupply.server.metrics import ChoiceTiming, RequestClock
@@ -65,7 +65,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     check_fields(body)
     chat = await _tokenize(request, engine.prepare_chat, body.chat_request(), param="messages")
     shape = ChatShape(
-        id=f"chatcmpl-{own_id(request)}",
+        id=completion_id(request, "chatcmpl"),
         created=now(),
         model=state.model_id,
         include_usage=body.include_usage,
@@ -90,7 +90,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompts = [p if isinstance(p, list) else await _tokenize(request, engine.tokenize_prompt, p, param="prompt") for p in body.prompts]
     check_tokens(prompts)
     shape = TextShape(
-        id=f"cmpl-{own_id(request)}", created=now(), model=state.model_id, include_usage=body.include_usage, token_bytes=engine.token_bytes,
+        id=completion_id(request, "cmpl"), created=now(), model=state.model_id, include_usage=body.include_usage, token_bytes=engine.token_bytes,
         system_fingerprint=system_fingerprint(engine), per_prompt=body.n, echo=body.prompts if body.echo else (), detokenize=engine.detokenize,
         scored=prompts if body.wants_prompt_logprobs is not None else (), text_bytes=engine.text_bytes,
     )

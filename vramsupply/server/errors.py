@@ -7,7 +7,9 @@ body never contains a traceback.
 Every response, errors included, names its request in ``x-request-id`` (the openai SDK shows it
 as ``_request_id``), so a buyer can quote the failed request and the provider find it: the access
 log writes it too. A client's own sane ``X-Request-Id`` (a trace id) is echoed instead; the
-completion id (``chatcmpl-<hex>``) ends with the request's own hex either way.
+completion id (``chatcmpl-<hex>``) ends with the request's own hex either way, and where the
+client's id is echoed the access log writes the completion id after it (``completion_beside``):
+the line showed the client's id alone, so neither id led to the other, nor to the ledger's row.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ INVALID_REQUEST = "invalid_request_error"
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces, bounded
 _OWN_ID: Any = web.RequestKey("own_id", str) if hasattr(web, "RequestKey") else "vramsupply.own_id"  # an aiohttp without RequestKey
+_COMPLETION_ID: Any = web.RequestKey("completion_id", str) if hasattr(web, "RequestKey") else "vramsupply.completion_id"
 
 
 def own_id(request: web.Request) -> str:
@@ -41,6 +44,21 @@ def request_id(request: web.Request) -> str:
     """The client's ``X-Request-Id`` when it is a sane token, else ``req_`` and the own id."""
     given = request.headers.get(REQUEST_ID_HEADER, "")
     return given if _SANE_REQUEST_ID.fullmatch(given) else f"req_{own_id(request)}"
+
+
+def completion_id(request: web.Request, prefix: str) -> str:
+    """The id of the completion the request makes (``chatcmpl``/``cmpl``, a hyphen, the own id),
+    as its body and the earnings ledger carry it; kept on the request for ``completion_beside``."""
+    made = request[_COMPLETION_ID] = f"{prefix}-{own_id(request)}"
+    return made
+
+
+def completion_beside(request: web.BaseRequest) -> str | None:
+    """The completion id the access log writes after ``x-request-id``: only where that is the
+    client's own id (``req_<hex>`` already names the completion), and only for a request that
+    made a completion."""
+    made = request.get(_COMPLETION_ID)
+    return made if made is not None and request_id(request) != f"req_{own_id(request)}" else None  # type: ignore[arg-type]
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
