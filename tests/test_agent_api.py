@@ -427,7 +427,10 @@ def test_a_stop_string_never_cuts_an_auto_call_once_started_but_stops_text_befor
 
 
 def test_a_schema_that_cannot_force_a_call_is_a_400_and_auto_still_answers(qwen: LiveServer) -> None:
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "wizard"}}}}}]
+    """A valid schema the grammar cannot be built from (a ``$ref`` to another document); one that
+    breaks JSON Schema's rules is a 400 whatever tool_choice says (``test_tool_schema_validity.py``)."""
+    elsewhere = {"type": "object", "properties": {"x": {"$ref": "https://example.com/schemas/x.json"}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": elsewhere}}]
     with sdk(qwen) as client:
         with pytest.raises(BadRequestError) as refused:
             client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tools, tool_choice="required", max_tokens=5)
@@ -493,7 +496,8 @@ def test_tool_names_and_parameters_are_held_to_what_every_call_syntax_can_write(
 def test_tool_fields_of_the_wrong_type_and_a_schema_no_value_fits_are_said_clearly(qwen: LiveServer) -> None:
     """A string ``strict`` was read as not strict, a numeric description failed inside some
     templates (blamed on ``messages``), ``tool_choice: 5`` named the param ``tool_choice.str``,
-    and ``anyOf: []`` failed even an ``auto`` request with "it needs a 'root' rule"."""
+    and ``anyOf: []`` failed even an ``auto`` request with "it needs a 'root' rule" (now it breaks
+    JSON Schema's rules, a 400 as at OpenAI; a ``false`` property is what fits no value)."""
     def refused(**fields: object) -> dict:
         with sdk(qwen) as client, pytest.raises(BadRequestError) as info:
             client.chat.completions.create(model=MODEL_ID, messages=ASK, max_tokens=5, **fields)
@@ -510,7 +514,10 @@ def test_tool_fields_of_the_wrong_type_and_a_schema_no_value_fits_are_said_clear
     allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "f"}}]}}
     body = refused(tools=tool(), tool_choice=allowed)  # it read as a malformed named choice
     assert body["message"] == "tool_choice of type 'allowed_tools' is not supported by this server: send auto, none, required or a named function"
-    empty = {"type": "object", "properties": {"a": {"anyOf": []}, "b": {"type": "integer"}}}
+    assert refused(tools=tool(parameters={"type": "object", "properties": {"a": {"anyOf": []}}}))["message"] == (
+        "Invalid schema for function 'f': [] should be non-empty, at properties.a.anyOf"
+    )
+    empty = {"type": "object", "properties": {"a": False, "b": {"type": "integer"}}}
     with sdk(qwen) as client:
         answered = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tool(parameters=empty), max_tokens=5, extra_body=NO_THINKING)
         forced = client.chat.completions.create(
@@ -522,4 +529,4 @@ def test_tool_fields_of_the_wrong_type_and_a_schema_no_value_fits_are_said_clear
     assert set(json.loads(arguments)) <= {"b"}
     required = {**empty, "required": ["a"]}
     body = refused(tools=tool(parameters=required), tool_choice="required")
-    assert body["param"] == "tools" and 'the required property "a" at the top has a schema no value fits' in body["message"]
+    assert body["param"] == "tools" and 'the required property "a" at the top has the schema false' in body["message"]

@@ -52,7 +52,8 @@ echo "== wheels for Python $python_version"
 pins=()
 for name in pydantic pydantic-core pydantic-settings typing-inspection annotated-types typing-extensions \
     platformdirs tomlkit python-dotenv orjson gguf diskcache huggingface-hub hf-xet httpx2 httpcore2 \
-    truststore idna anyio h11 click typer prometheus-client pytest pluggy iniconfig pytest-asyncio pytest-aiohttp pytest-timeout; do
+    truststore idna anyio h11 click typer prometheus-client jsonschema jsonschema-specifications referencing rpds-py attrs \
+    pytest pluggy iniconfig pytest-asyncio pytest-aiohttp pytest-timeout; do
     pins+=("$name==$(.venv/bin/python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")
 done
 platforms=()

@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any
 
+from .metaschema import InvalidSchema, at, check_valid
 from .schema import MAX_SPELLED_LENGTH, schema_to_gbnf
 
 MAX_SCHEMA_BYTES = 32 * 1024
@@ -38,16 +39,13 @@ class SchemaTooComplex(ValueError):
     """The schema passes a limit; the message says which and what the limit is."""
 
 
-class InvalidSchema(ValueError):
-    """The schema breaks JSON Schema's own rules in a way the converter would not notice (a
-    ``maxItems`` of NaN meant no bound at all)."""
-
-
 def schema_grammar(schema: dict[str, Any], strict: bool = False, root: str = "the schema") -> str:
     """Check the limits, convert, check the grammar's size. Blocking: run it in a thread. With
     ``strict``, a keyword the grammar cannot hold is an ``UnenforcedKeyword`` naming its place
-    under ``root`` (the request field, e.g. ``response_format.json_schema.schema``)."""
+    under ``root`` (the request field, e.g. ``response_format.json_schema.schema``); one that breaks
+    JSON Schema's own rules is an ``InvalidSchema``."""
     check_schema(schema)
+    check_valid(schema)  # after the limits: the meta-schema's validator recurses once per level
     return check_grammar_size(schema_to_gbnf(schema, strict, root))
 
 
@@ -74,13 +72,14 @@ def check_grammar_size(grammar: str) -> str:
     return grammar
 
 
-def check_limits(node: Any, depth: int = 0) -> None:
-    """Walk the schema and refuse what would make the grammar, or applying it, expensive."""
+def check_limits(node: Any, depth: int = 0, path: str = "") -> None:
+    """Walk the schema and refuse what would make the grammar, or applying it, expensive; ``path``
+    is ``node``'s place in the schema (``.properties.a``)."""
     if depth > MAX_SCHEMA_DEPTH:
         raise SchemaTooComplex(f"it nests deeper than {MAX_SCHEMA_DEPTH} levels")
     if isinstance(node, list):
-        for item in node:
-            check_limits(item, depth + 1)
+        for i, item in enumerate(node):
+            check_limits(item, depth + 1, f"{path}[{i}]")
         return
     if not isinstance(node, dict):
         return
@@ -92,8 +91,8 @@ def check_limits(node: Any, depth: int = 0) -> None:
         value = node.get(key)  # a dict or a boolean here is a schema: "properties" may name a field "maxItems"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if not isinstance(value, int) or value < 0:
-            raise InvalidSchema(f"'{key}' must be a whole number of at least 0, not {json.dumps(value)[:40]}")
+        if not isinstance(value, int) or value < 0:  # a maxItems of NaN meant no bound at all
+            raise InvalidSchema(f"'{key}' must be a whole number of at least 0, not {json.dumps(value)[:40]}, {at(path + '.' + key)}", f"{path}.{key}")
         if value > MAX_REPETITION and key != "maxLength":  # a longer one is left unenforced (``schema._unspelled_length``)
             raise SchemaTooComplex(f"'{key}' is {value}; at most {MAX_REPETITION} is accepted")
     pattern = node.get("pattern")
@@ -101,6 +100,6 @@ def check_limits(node: Any, depth: int = 0) -> None:
         for low, high in _REGEX_REPEAT.findall(pattern):
             if max(int(low), int(high or 0)) > MAX_REPETITION:
                 raise SchemaTooComplex(f"'pattern' repeats {{{low},{high}}} times; at most {MAX_REPETITION} is accepted")
-    for value in node.values():
+    for key, value in node.items():
         if isinstance(value, (dict, list)):
-            check_limits(value, depth + 1)
+            check_limits(value, depth + 1, f"{path}.{key}")

@@ -20,7 +20,8 @@ from typing import Any
 
 from vramsupply.chat import ChatFormat, OutputParser, ReasoningMarkers, ToolSyntax
 from vramsupply.chat.forced import forced_call_grammar, trigger_patterns
-from vramsupply.chat.limits import SchemaTooComplex, check_grammar_size, check_schema, check_strict
+from vramsupply.chat.limits import InvalidSchema, SchemaTooComplex, check_grammar_size, check_schema, check_strict
+from vramsupply.chat.metaschema import check_valid
 from vramsupply.chat.formats import opens_reasoning
 from vramsupply.chat.harmony import HarmonyParser
 
@@ -38,7 +39,12 @@ TOOL_CHOICES = ("none", "auto", "required")
 
 
 class ChatRequestError(MessageError):
-    """A chat request the engine cannot honour; ``param`` is the request field to blame."""
+    """A chat request the engine cannot honour; ``param`` is the request field to blame, ``code``
+    OpenAI's code for the error where it has its own."""
+
+    def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
+        super().__init__(param, message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -228,7 +234,7 @@ def _functions(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]
         name = function.get("name")
         if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
             raise ChatRequestError(f"{where}.function.name", f"{where}.function.name must be 1-64 ASCII letters, digits, '_', '-' or '.'")
-        function["parameters"] = _parameters(function.get("parameters"), f"{where}.function.parameters")
+        function["parameters"] = _parameters(function.get("parameters"), f"{where}.function.parameters", name)
         _check_types(function, f"{where}.function")
         if function.get("strict") is True:  # refused whatever tool_choice is: auto too promises the schema
             try:
@@ -266,20 +272,38 @@ def _or_no_parameters(parameters: Any) -> Any:
     return {"type": "object", "properties": {}} if parameters is None else parameters
 
 
-def _parameters(parameters: Any, where: str) -> Any:
-    """A tool's parameters, checked: absent, or an object schema whose ``properties`` is an object
-    (``null``, which some clients send for none, is taken as absent)."""
+def _parameters(parameters: Any, where: str, name: str) -> Any:
+    """A tool's parameters, checked: absent, or a valid JSON schema (``_check_valid``) of an
+    object whose ``properties`` is an object (``null``, which some clients send for none, is taken
+    as absent)."""
     if parameters is None:
         return None
-    if not (isinstance(parameters, Mapping) and parameters.get("type", "object") == "object"):
+    if not isinstance(parameters, Mapping):
         raise ChatRequestError(where, f"{where} must be a JSON schema of an object")
-    properties = parameters.get("properties", {})
-    if properties is None:
-        return {key: value for key, value in parameters.items() if key != "properties"}
-    if not isinstance(properties, Mapping):
+    if "properties" in parameters and parameters["properties"] is None:
+        parameters = {key: value for key, value in parameters.items() if key != "properties"}
+    _check_valid(parameters, where, name)
+    if parameters.get("type", "object") != "object":
+        raise ChatRequestError(where, f"{where} must be a JSON schema of an object")
+    if not isinstance(parameters.get("properties", {}), Mapping):  # past the limits, not checked by _check_valid
         raise ChatRequestError(f"{where}.properties", f"{where}.properties must be an object (parameter name: schema)")
     _check_list_keywords(parameters, where)
     return parameters
+
+
+def _check_valid(parameters: Mapping[str, Any], where: str, name: str) -> None:
+    """A 400 for parameters that break JSON Schema's own rules, whatever ``tool_choice`` says (as
+    at OpenAI: ``auto`` only converts a schema for its lazy grammar, and a failure there was
+    silent). ``param`` names the faulty keyword, as the other checks here do (OpenAI names the
+    parameters). A schema past the limits is not read, so not checked: a forced call is a 400 for
+    it (``_call_grammar``), ``auto`` goes without the lazy grammar."""
+    try:
+        check_schema(parameters)
+        check_valid(parameters)
+    except SchemaTooComplex:
+        return
+    except InvalidSchema as exc:
+        raise ChatRequestError(f"{where}{exc.path}", f"Invalid schema for function {name!r}: {exc}", code="invalid_function_parameters") from None
 
 
 def _check_list_keywords(schema: Any, where: str) -> None:

@@ -123,7 +123,7 @@ async def _tokenize(request: web.Request, tokenize: Callable[[T], list[int]], va
     except EngineError as exc:
         raise engine_error(exc, param) from None
     except ValueError as exc:
-        raise ApiError(400, str(exc), param=getattr(exc, "param", param), code="invalid_value") from None
+        raise ApiError(400, str(exc), param=getattr(exc, "param", param), code=getattr(exc, "code", "invalid_value")) from None
 
 
 async def generation_requests(

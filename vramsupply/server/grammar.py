@@ -32,7 +32,7 @@ from typing import Any
 from vramsupply.chat.forced import after_thought, either
 from vramsupply.chat.gbnf_text import gbnf_literal
 from vramsupply.chat.harmony_grammar import in_final
-from vramsupply.chat.limits import SchemaTooComplex, check_grammar_size, check_limits, schema_grammar
+from vramsupply.chat.limits import InvalidSchema, SchemaTooComplex, check_grammar_size, check_limits, schema_grammar
 from vramsupply.chat.pattern import PatternError, pattern_to_gbnf
 from vramsupply.chat.schema import UnenforcedKeyword, schema_to_gbnf
 from vramsupply.engine import ChatPrompt
@@ -57,7 +57,7 @@ async def answer_grammar(body: GenerationBody) -> str | None:
     if constraint is None:
         return await grammar_for(getattr(body, "response_format", None))
     if constraint.kind == "json":
-        return await _schema_grammar(constraint.value, True, constraint.param, constraint.param) if constraint.value else JSON_OBJECT
+        return await _schema_grammar(constraint.value, True, constraint.param, constraint.param, f"'{constraint.param}'") if constraint.value else JSON_OBJECT
     if constraint.kind == "json_object":
         return JSON_OBJECT
     try:
@@ -92,17 +92,22 @@ async def grammar_for(response_format: ResponseFormat | None) -> str | None:
         return None
     if response_format.type == "json_object":
         return JSON_OBJECT
-    assert response_format.json_schema is not None  # guaranteed by ResponseFormat's validator
-    schema = response_format.json_schema.schema_
-    if not schema:
+    json_schema = response_format.json_schema
+    assert json_schema is not None  # guaranteed by ResponseFormat's validator
+    if not json_schema.schema_:
         return JSON_OBJECT
-    return await _schema_grammar(schema, response_format.json_schema.strict is True, f"{PARAM}.json_schema.schema", PARAM)
+    label = PARAM if json_schema.name is None else f"{PARAM} {json_schema.name!r}"
+    return await _schema_grammar(json_schema.schema_, json_schema.strict is True, f"{PARAM}.json_schema.schema", PARAM, label)
 
 
-async def _schema_grammar(schema: dict[str, Any], strict: bool, field: str, too_complex_param: str) -> str:
-    """A schema's grammar, converted in a worker thread; ``field`` names the schema in the 400s."""
+async def _schema_grammar(schema: dict[str, Any], strict: bool, field: str, too_complex_param: str, label: str) -> str:
+    """A schema's grammar, converted in a worker thread; ``field`` names the schema in the 400s,
+    and ``label`` in the one for a schema that breaks JSON Schema's rules, as OpenAI words it
+    ("Invalid schema for response_format 'answer': …")."""
     try:
         return await asyncio.to_thread(schema_grammar, schema, strict, field)
+    except InvalidSchema as exc:
+        raise ApiError(400, f"Invalid schema for {label}: {exc}", param=f"{field}{exc.path}", code="invalid_value") from None
     except UnenforcedKeyword as exc:
         raise ApiError(400, f"Invalid value for '{field}': {exc}", param=field, code="invalid_value") from None
     except SchemaTooComplex as exc:
