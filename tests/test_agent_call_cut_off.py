@@ -67,8 +67,13 @@ def streamed(client: OpenAI, **options: Any) -> list[tuple[str | None, str, list
 
 
 def test_a_forced_call_cut_at_any_length_is_a_call_and_never_content(agent: LiveServer) -> None:
+    """Its arguments are the text written so far, as OpenAI returns them with ``length``: ``""``
+    when the cut comes right after the name, before any argument character (not ``{}``, which would
+    read as a whole call with no arguments), and a prefix of the uncut call's after that."""
     with OpenAI(base_url=agent.base_url, api_key="unused", max_retries=0) as client:
-        for limit in (1, 3, 5, 6, 9, 12, 20, 28, 34, 40):
+        [(_, _, [(_, full)])] = answer(client, tools=[WEATHER, COUNT], tool_choice=NAMED, max_tokens=200)
+        cut = []
+        for limit in (1, 3, 5, 6, 9, 12, 20, 28, 34, 40, 50, 60):
             options = {"tools": [WEATHER, COUNT], "tool_choice": NAMED, "max_tokens": limit}
             whole = answer(client, **options)
             assert streamed(client, **options) == whole, limit
@@ -76,6 +81,9 @@ def test_a_forced_call_cut_at_any_length_is_a_call_and_never_content(agent: Live
             assert (finish, content) == ("length", ""), limit
             [(name, arguments)] = calls
             assert name == "get_weather", limit
+            assert full.startswith(arguments), (limit, arguments, full)
+            cut.append(arguments)
+    assert cut[0] == "" and any(0 < len(arguments) < len(full) for arguments in cut), cut
 
 
 def test_json_arguments_cut_short_are_returned_as_written(chat_models: dict[str, Path]) -> None:
