@@ -56,12 +56,12 @@ HOSTILE: list[tuple[str, bytes, int, str | None]] = [
         "response_format",
     ),
     # A count that is no whole number: NaN compared false with every limit and meant no bound at all.
-    (CHAT, b'{"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "array", "maxItems": NaN}}}}', 400, "response_format.json_schema.schema"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "array", "maxItems": NaN}}}}', 400, "response_format.json_schema.schema.maxItems"),
     (
         CHAT,
         json.dumps({"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "minLength": -5}}}}).encode(),
         400,
-        "response_format.json_schema.schema",
+        "response_format.json_schema.schema.minLength",
     ),
     (CHAT, json.dumps({"messages": [{"role": "user", "content": "Hi"}] * 10_000}).encode(), 400, "messages"),
     (CHAT, json.dumps({"messages": [{"role": "wizard", "content": "Hi"}]}).encode(), 400, "messages[0].role"),
