@@ -1,5 +1,6 @@
 """Watching an upstream without a model behind it: a launched engine whose /health stalls is
-stopped and started again, and a llama-server's own context, slots and load are read.
+stopped and started again (the requests waiting on it ended first), and a llama-server's own
+context, slots and load are read.
 
 The "engine" here is two test doubles side by side: a process that only sleeps (what is started,
 watched and stopped) and an in-process aiohttp app playing its HTTP surface, whose /health the
@@ -14,6 +15,7 @@ import os
 import sys
 import time
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -22,7 +24,7 @@ from llama_server_surface import LlamaServerSurface
 from vramsupply.platform import Backoff
 from vramsupply.upstream import UpstreamBackend, UpstreamOptions
 from vramsupply.upstream.client import UpstreamClient
-from vramsupply.upstream.front import FrontState
+from vramsupply.upstream.front import FrontState, create_front_app
 from vramsupply.upstream.supervisor import EngineProcess, Supervisor
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -95,6 +97,56 @@ async def test_a_stalled_engine_is_restarted_and_ready_only_after_a_real_complet
             await client.close()
         assert supervisor.process is not None and supervisor.process.pid is not None
         assert not alive(supervisor.process.pid), "cancelling the supervisor stops the engine"
+
+
+class FreezingEngine(EngineSurface):
+    """An engine that freezes (SIGSTOP) in a buyer's generation: that generation and every look at
+    its /health from then on get no answer. Its readiness completion is answered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = False
+
+    async def health(self, request: web.Request) -> web.Response:
+        while self.frozen:
+            await asyncio.sleep(0.05)
+        return await super().health(request)
+
+    async def complete(self, request: web.Request) -> web.Response:
+        if self.completions:  # past the readiness check: a buyer's
+            self.frozen = True
+            await asyncio.sleep(3600)
+        return await super().complete(request)
+
+
+async def test_a_request_waiting_on_a_stalled_engine_ends_as_the_engine_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen engine dies only at its stop timeout after the stall (SIGTERM waits while it is
+    stopped), and the buyer's request with it; with an engine whose connections outlive its
+    process, as here, it waited out the 600 s bound. It now ends when the stall is declared."""
+    monkeypatch.setattr("vramsupply.upstream.client.PROBE_TIMEOUT", aiohttp.ClientTimeout(total=1))  # the watch's wait for /health
+    surface = FreezingEngine()
+    async with TestServer(surface.app(), host="127.0.0.1") as http:
+        client = UpstreamClient(str(http.make_url("/v1")))
+        state = FrontState("org/m", client, "org/m", slots_total=4)
+        supervisor = Supervisor(state, "vllm", SLEEPER, ready_timeout=20, check_interval=0.05, stall_after=0.5, stop_timeout=5, backoff=Backoff(initial=0.05, cap=0.1))
+        task = asyncio.create_task(supervisor.run())
+        try:
+            async with TestServer(create_front_app(state, max_body_bytes=1 << 16), host="127.0.0.1") as front, aiohttp.ClientSession() as buyer:
+                await asyncio.wait_for(supervisor.ready.wait(), 20)
+                assert supervisor.process is not None
+                first = supervisor.process.pid
+                answer = buyer.post(front.make_url("/v1/completions"), json={"model": "org/m", "prompt": "Once upon a time"})
+                async with await asyncio.wait_for(answer, 60) as response:  # well before the 600 s bound
+                    status, error = response.status, (await response.json())["error"]
+                await eventually(lambda: supervisor.process is not None and supervisor.process.pid not in (None, first))  # restarted
+        finally:
+            surface.frozen = False
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.close()
+    assert (status, error["code"]) == (504, "upstream_timeout")
+    assert "it is being restarted (vllm's health stalled for 0.5s: the vllm server does not answer)" in error["message"]
+    assert "health stalled for 0.5s" in supervisor.last_failure
 
 
 async def test_a_llama_server_upstream_states_its_context_slots_and_load() -> None:

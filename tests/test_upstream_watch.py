@@ -1,6 +1,7 @@
 """Watching a server the provider runs: /health stays honest whatever the upstream's /metrics
 and /v1/models say, an error nobody foresaw never leaves a dead watch behind a /health that says
-ok, and a wrong --upstream-model is refused at start.
+ok, a wrong --upstream-model is refused at start, and the requests waiting on an upstream that
+stopped answering end once the watch gives it up, while a slow one that still answers goes on.
 
 The upstream is ``tests/doubles/hostile_upstream.py``, a small real aiohttp server; the front in
 between is ours, served for real on localhost.
@@ -13,9 +14,13 @@ import logging
 import time
 from collections.abc import Callable
 
+import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
-from doubles.hostile_upstream import CHAT, MODEL, HostileUpstream, fronted
+from doubles.hostile_upstream import CHAT, MODEL, HostileUpstream, chunk, event, fronted, hang, whole
+
+from vramsupply.upstream.front import FrontState
 
 from vramsupply.upstream import UpstreamBackend, UpstreamError, UpstreamOptions
 
@@ -25,6 +30,85 @@ async def eventually(condition: Callable[[], object], timeout: float = 10.0) -> 
     while not condition():
         assert time.monotonic() < deadline, "never happened"
         await asyncio.sleep(0.05)
+
+
+async def next_looks(state: FrontState, count: int) -> None:
+    """Until the watch has finished ``count`` more looks at the upstream."""
+    for _ in range(count):
+        before = state.health.checked_at
+        await eventually(lambda: state.health.checked_at != before)
+
+
+async def stream_head(request: web.Request, first: str) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(event(chunk(first)))
+    return response
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_request_waiting_on_an_upstream_that_stopped_answering_ends_once_the_watch_gives_it_up(
+    stream: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream froze mid-answer (SIGSTOP: it still takes connections, and answers nothing).
+    The buyer's request waited out the 600 s bound for its 504, long after the watch had found
+    /health unanswered; it now ends then, saying so, and new requests get 503 meanwhile."""
+    monkeypatch.setattr("vramsupply.upstream.client.PROBE_TIMEOUT", aiohttp.ClientTimeout(total=2))  # the watch's wait for /health
+    monkeypatch.setattr("vramsupply.upstream.exchange.SETTLE_AFTER_FAILURE_SECONDS", 1.0)  # counting the stream asks the frozen upstream
+    upstream = HostileUpstream()
+
+    async def freezes_mid_answer(request: web.Request, body: dict[str, object]) -> web.StreamResponse:
+        response = await stream_head(request, "Once") if stream else None
+        upstream.stopped = True
+        await hang()
+        assert response is not None
+        return response
+
+    upstream.generation = freezes_mid_answer
+    async with fronted(upstream, stall_after=0) as front:
+        if stream:
+            events = await asyncio.wait_for(front.stream(CHAT), 60)  # well before any bound of the relay's
+            assert events[0]["choices"][0]["delta"]["content"] == "Once" and "[DONE]" not in events
+            error = events[-1]["error"]
+        else:
+            status, answer = await asyncio.wait_for(front.post(CHAT), 60)
+            assert status == 504
+            error = answer["error"]
+        assert error["code"] == "upstream_timeout" and error["type"] == "server_error"
+        assert "stopped answering (its /health has not answered for" in error["message"]
+        status, refused = await front.post(CHAT)
+        assert (status, refused["error"]["code"]) == (503, "upstream_unavailable")
+        assert "the upstream server does not answer" in refused["error"]["message"]
+        upstream.stopped = False  # SIGCONT: what still waits on it ends
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_long_generation_goes_on_while_the_upstream_answers_its_health_checks(stream: bool) -> None:
+    """Only silence gives the upstream up: an answer that takes many looks of the watch, with no
+    stall window at all, still reaches the buyer whole."""
+    upstream = HostileUpstream()
+    async with fronted(upstream, stall_after=0) as front:
+        assert front.backend.state is not None
+        state = front.backend.state
+
+        async def slow(request: web.Request, body: dict[str, object]) -> web.StreamResponse:
+            if not stream:
+                await next_looks(state, 5)
+                return web.json_response(whole("Once upon a time", usage={"prompt_tokens": 5, "completion_tokens": 4}))
+            response = await stream_head(request, "Once")
+            await next_looks(state, 5)
+            await response.write(event(chunk(" upon a time")) + event(chunk(usage={"prompt_tokens": 5, "completion_tokens": 4})) + event("[DONE]"))
+            await response.write_eof()
+            return response
+
+        upstream.generation = slow
+        if stream:
+            events = await front.stream(CHAT)
+            assert "".join(e["choices"][0]["delta"]["content"] for e in events[:-1] if e["choices"]) == "Once upon a time"
+            assert events[-1] == "[DONE]"
+        else:
+            status, answer = await front.post(CHAT)
+            assert (status, answer["choices"][0]["message"]["content"]) == (200, "Once upon a time")
 
 
 async def test_a_nan_gauge_leaves_health_honest(caplog: pytest.LogCaptureFixture) -> None:

@@ -86,9 +86,11 @@ class HostileUpstream(LlamaServerSurface):
         self.counting_bomb: bytes | None = None
         """Gzip that ``bombed`` (the tokenizer, the prompt-counting replay) answer with, when set."""
         self.bombed: set[str] = {"tokenize", "replay"}
+        self.stopped = False
+        """SIGSTOP, played in process: every new request is taken and left unanswered until it is False."""
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.frozen])
         for path in self.ANSWERS:
             app.router.add_get(path, self.answer)
         app.router.add_get("/metrics", self.metrics)
@@ -96,6 +98,12 @@ class HostileUpstream(LlamaServerSurface):
         app.router.add_post("/v1/completions", self.generate)
         app.router.add_post("/tokenize", self.tokenize)
         return app
+
+    @web.middleware
+    async def frozen(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        while self.stopped:
+            await asyncio.sleep(0.05)
+        return await handler(request)
 
     async def answer(self, request: web.Request) -> web.Response:  # /health, /v1/models, /props
         if request.path == "/v1/models":

@@ -158,7 +158,7 @@ class UpstreamBackend:
         """Until the upstream is ready (False if a stop came first); then learn its context."""
         assert self.state is not None
         if self.kind == "upstream":
-            monitor = UpstreamMonitor(self.state, interval=self.options.check_interval)
+            monitor = UpstreamMonitor(self.state, interval=self.options.check_interval, stall_after=self.options.stall_after)
             ready = monitor.ready
             self._task = asyncio.create_task(monitor.run(), name="upstream-monitor")
         else:
@@ -169,6 +169,7 @@ class UpstreamBackend:
                 ready_timeout=self.options.start_timeout,
                 stop_timeout=self.options.stop_timeout,
                 check_interval=self.options.check_interval,
+                stall_after=self.options.stall_after,
             )
             ready = self.supervisor.ready
             self._task = asyncio.create_task(self.supervisor.run(), name=f"{self.kind}-supervisor")

@@ -19,6 +19,12 @@ handler turns that into the answer our engine gives (a 503, or an error event on
 begun, both with code ``shutting_down``), bills what was sent, and closes the upstream request.
 Left alone, aiohttp's shutdown would wait twice its own timeout and then cut the buyer's stream
 with nothing recorded: past a service manager's stop timeout, which kills before we deregister.
+
+The watch ends them the same way when it gives the upstream up (``end_forwarded``): an upstream
+whose ``/health`` has not answered for its stall window (hung: SIGSTOP, a deadlock), or a launched
+engine about to be restarted. Each request then ends with its ``GivenUp`` reason (504
+``upstream_timeout``, or an error event once its stream has begun) instead of waiting out its own
+time bound (600 s for a whole answer) on an upstream that will not answer it.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from vramsupply.server.errors import ApiError
 from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vramsupply.server.state import SERVER_STATE, ServerState
 from vramsupply.upstream.client import UpstreamClient
-from vramsupply.upstream.limits import RelayLimits
+from vramsupply.upstream.limits import BadAnswer, RelayLimits
 from vramsupply.upstream.metrics import UpstreamLoad
 from vramsupply.upstream.usage import Tokenizer
 
@@ -185,9 +191,13 @@ class FrontState(ServerState):
     def stop_generating(self) -> int:
         """End every forwarded request (the drain's deadline, or a second stop signal); how many."""
         self.stopping = True
+        return self.end_forwarded()
+
+    def end_forwarded(self, failure: GivenUp | None = None) -> int:
+        """End every forwarded request not yet ended, for ``failure`` (None: the drain); how many."""
         running = [forwarded for forwarded in self.forwarded if not forwarded.ended]
         for forwarded in running:
-            forwarded.end()
+            forwarded.end(failure)
         return len(running)
 
     def _upstream_gauges(self) -> None:
@@ -220,13 +230,16 @@ class Forwarded:
     def __init__(self, task: asyncio.Task[object]) -> None:
         self.task = task
         self.ended = False
+        self.failure: GivenUp | None = None
+        """Why the watch ended it; None when the drain did (or nothing did)."""
         self._settling = False
         self._cancelled = False
 
-    def end(self) -> None:
+    def end(self, failure: GivenUp | None = None) -> None:
         if self.ended:
             return
         self.ended = True
+        self.failure = failure
         if not self._settling:
             self._cancelled = True
             self.task.cancel()
@@ -251,6 +264,13 @@ class Forwarded:
             yield
         finally:
             self._settling = False
+
+
+class GivenUp(BadAnswer):
+    """The watch gave the upstream up while a request waited on it (see the module docstring)."""
+
+    status = 504
+    code = "upstream_timeout"
 
 
 def shutting_down_error() -> ApiError:

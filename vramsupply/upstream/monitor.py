@@ -24,6 +24,14 @@ admitted: the buyer is forwarded, and the next idle look tells.
 Reasons are what buyers read (``/health``, 503 bodies): they never name the server's address. The
 provider's log does: a ``Reason`` carries the words for the log too (``logged``).
 
+An upstream that does not answer at all (``NoAnswer``: no HTTP answer to ``/health`` within the
+probe's timeout, or no connection) for ``stall_after`` seconds in a row (30 by default, as long as a
+launched engine's before its restart) is given up: the requests in flight to it end at once with a
+504 that says it stopped answering (``front.GivenUp``), instead of at their own bounds (600 s for a
+whole answer). New requests already get 503 from its first unanswered look. Only silence counts: a
+slow generation on an upstream that still answers ``/health`` goes on, and so does one on an
+upstream whose ``/health`` answers an error (it is alive and ends its own requests).
+
 A look that fails in a way we did not foresee (our bug, or an answer nothing anticipated) is
 logged once with its traceback and marks the upstream not ready while we cannot tell; the watch
 goes on, so the next good look makes it ready again. The watch never dies silently behind a
@@ -37,7 +45,7 @@ import logging
 import time
 
 from vramsupply.upstream.client import PROBE_TIMEOUT, UpstreamClient, UpstreamUnavailable, listed_as
-from vramsupply.upstream.front import FrontState
+from vramsupply.upstream.front import FrontState, GivenUp
 from vramsupply.upstream.metrics import ANY_ENGINE, GAUGES, read_load
 
 log = logging.getLogger("vramsupply.upstream")
@@ -46,6 +54,8 @@ CHECK_INTERVAL_SECONDS = 5.0
 MODELS_READ_SECONDS = PROBE_TIMEOUT.total
 """The most an idle-time ``/v1/models`` read may hold buyers at the gate (see the module docstring):
 the client's timeout for every probe."""
+STALL_AFTER_SECONDS = 30.0
+"""How long an upstream may leave ``/health`` unanswered before the requests in flight to it end."""
 
 
 class Reason(str):
@@ -60,6 +70,10 @@ class Reason(str):
         return reason
 
 
+class NoAnswer(Reason):
+    """The server did not answer at all: hung (SIGSTOP, a deadlock), gone, or unreachable."""
+
+
 def unavailable(exc: UpstreamUnavailable, prefix: str = "") -> Reason:
     """An ``UpstreamUnavailable`` as a reason: its cause for buyers, its whole message for the log."""
     return Reason(f"{prefix}{exc.cause}", f"{prefix}{exc}")
@@ -69,7 +83,7 @@ async def check_upstream(client: UpstreamClient, engine: str) -> str | None:
     """None when the engine's HTTP server answers and says it is healthy, else why not (one phrase)."""
     status = await client.status_of("/health")
     if status is None:
-        return Reason(f"the {engine} server does not answer", f"the {engine} server at {client.root_url} does not answer")
+        return NoAnswer(f"the {engine} server does not answer", f"the {engine} server at {client.root_url} does not answer")
     if status == 200 or (status == 404 and engine == "upstream"):
         return None
     return Reason(f"the {engine} server's /health answers {status}", f"{client.root_url}/health answers {status}")
@@ -150,21 +164,51 @@ def set_ready(state: FrontState, reason: str | None) -> None:
         log.info("upstream ready: %s serves %s", state.client.base_url, state.upstream_model)
 
 
-class UpstreamMonitor:
-    """Checks a provider-run upstream every ``interval`` seconds until cancelled."""
+def give_up(state: FrontState, why: str, logged: str) -> None:
+    """End the requests in flight to an upstream the watch gave up (``why``: for buyers)."""
+    ended = state.end_forwarded(GivenUp(why))
+    if ended:
+        log.warning("ending %d request(s) in flight to the upstream: %s", ended, logged)
 
-    def __init__(self, state: FrontState, engine: str = "upstream", interval: float = CHECK_INTERVAL_SECONDS) -> None:
+
+class UpstreamMonitor:
+    """Checks a provider-run upstream every ``interval`` seconds until cancelled, and gives it up
+    once it has not answered for ``stall_after`` seconds (see the module docstring)."""
+
+    def __init__(
+        self, state: FrontState, engine: str = "upstream", interval: float = CHECK_INTERVAL_SECONDS, stall_after: float = STALL_AFTER_SECONDS
+    ) -> None:
         self.state = state
         self.engine = engine
         self.interval = interval
+        self.stall_after = stall_after
         self.ready = asyncio.Event()
         self.listing = ModelListing(state) if engine == "upstream" else None
+        self.silence: tuple[float, float] | None = None
+        """When the first of the looks in a row that got no answer began, and when it ended."""
 
     async def run(self) -> None:
         while True:
+            began = time.monotonic()
             reason = await refresh(self.state, self.engine, self.listing)
             if reason is None:
                 self.ready.set()
             else:
                 self.ready.clear()
+            self.judge(reason, began)
             await asyncio.sleep(self.interval)
+
+    def judge(self, reason: str | None, began: float) -> None:
+        """Give the upstream up once it has answered nothing for ``stall_after`` seconds in a row."""
+        now = time.monotonic()
+        if not isinstance(reason, NoAnswer):
+            self.silence = None
+            return
+        if self.silence is None:
+            self.silence = (began, now)
+        # From the first unanswered look's end: one look that outlasted a pause of the agent itself
+        # (SIGSTOP, a suspended VM) timed out on resuming, whatever the upstream did, and is no stall.
+        if now - self.silence[1] >= self.stall_after:
+            silent_for = now - self.silence[0]
+            why = f"it stopped answering (its /health has not answered for {silent_for:.0f} s)"
+            give_up(self.state, why, f"{reason.logged} for {silent_for:.0f} s")

@@ -32,3 +32,6 @@ class UpstreamOptions:
     stop_timeout: float = 30.0
     check_interval: float = 5.0
     """Seconds between looks at the upstream's /health, models and load."""
+    stall_after: float = 30.0
+    """Seconds /health may fail in a row before a launched engine is restarted, or (an ``upstream``)
+    go unanswered before the requests in flight to it end."""

@@ -14,7 +14,8 @@ buyer's fault becomes 502 (``refusal``), an unusable or oversized answer 502 and
 A request that comes while the watch reads the upstream's ``/v1/models`` waits for that read to end
 before it is forwarded (``front.IdleReadGate``): on llama_cpp.server the two would meet at its lock.
 At the drain's deadline a request still waiting ends as our own engine's does (``front.Forwarded``):
-503 ``shutting_down``, its upstream request closed.
+503 ``shutting_down``, its upstream request closed; when the watch gives the upstream up (it stopped
+answering), a 504 that says so (``front.GivenUp``), its upstream request closed too.
 """
 
 from __future__ import annotations
@@ -74,16 +75,22 @@ async def forward_exchange(
     except asyncio.CancelledError:
         if not forwarded.stopped():  # the buyer hung up: nobody to answer
             raise
+        if forwarded.failure is not None:  # the watch gave the upstream up
+            raise failed(path, forwarded.failure) from None
         log.info("the drain's deadline ended a %s request still waiting for the upstream", path)
         raise shutting_down_error() from None
     except BadAnswer as exc:
-        log.warning("the upstream's answer to %s could not be relayed: %s", path, exc)
-        raise ApiError(exc.status, f"The model server behind this endpoint failed: {exc}.", type="server_error", code=exc.code) from None
+        raise failed(path, exc) from None
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         log.warning("the upstream at %s failed before answering %s: %s", state.client.base_url, path, describe(exc))
         raise ApiError(502, f"The model server behind this endpoint failed: {describe(exc)}", type="server_error", code="upstream_error") from None
     finally:
         state.counters.in_flight -= 1
+
+
+def failed(path: str, exc: BadAnswer) -> ApiError:
+    log.warning("the upstream's answer to %s could not be relayed: %s", path, exc)
+    return ApiError(exc.status, f"The model server behind this endpoint failed: {exc}.", type="server_error", code=exc.code)
 
 
 async def ask_upstream(

@@ -11,7 +11,8 @@ OpenAI-shaped error event. What was sent until then is still billed, marked inco
 stream that ends without ``[DONE]``; one that ends before any answer (llama_cpp.server's error
 after its 200 headers, for a prompt past its context) is such a failure, and is not billed. So does a stream the drain's deadline ends (``Stopped``), with
 the error event our own engine sends then (code ``shutting_down``), once its upstream request is
-closed: the upstream stops generating for nobody.
+closed: the upstream stops generating for nobody. A stream whose upstream the watch gave up
+(``front.GivenUp``: it stopped answering) ends the same way, with an error event that says so.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from aiohttp import web
 from vramsupply.server.state import BUYER_LEFT
 from vramsupply.upstream.client import describe
 from vramsupply.upstream.exchange import Exchange
-from vramsupply.upstream.front import Forwarded, shutting_down_error
+from vramsupply.upstream.front import Forwarded, GivenUp, shutting_down_error
 from vramsupply.upstream.limits import BadAnswer, Deadline
 from vramsupply.upstream.refusal import printable
 from vramsupply.upstream.sse import DONE, encode_event, event_data, is_comment, parse_chunk, sse_events
@@ -79,10 +80,15 @@ async def relay_until_stopped(
     except asyncio.CancelledError:
         if not forwarded.stopped():  # the buyer hung up: aiohttp's cancellation goes on
             raise
-        failure = Stopped("the endpoint is shutting down")
-    if isinstance(failure, Stopped):
+        failure = ended_by(forwarded)
+    if isinstance(failure, (Stopped, GivenUp)):
         reply.close()
     return failure
+
+
+def ended_by(forwarded: Forwarded) -> BadAnswer:
+    """Why our own cancellation ended a stream: the watch gave the upstream up, or the drain."""
+    return forwarded.failure or Stopped("the endpoint is shutting down")
 
 
 async def relay_events(
@@ -94,8 +100,8 @@ async def relay_events(
     deadline.expect(limits.first_event_seconds, "first event")
     try:
         while (event := await next_event(events, deadline)) is not None:
-            if forwarded.stopped():  # it came as the drain cancelled the wait for it: not relayed
-                return Stopped("the endpoint is shutting down")
+            if forwarded.stopped():  # it came as we cancelled the wait for it: not relayed
+                return ended_by(forwarded)
             data = event_data(event)
             if data == DONE:
                 return None

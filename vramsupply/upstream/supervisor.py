@@ -5,10 +5,12 @@
 - **Watch:** every few seconds ``/health`` is checked, on the client's probe connections (never
   queued behind buyers': sharing their pool, 100 long streams made a healthy vLLM look stalled and
   get restarted). The process exiting, or ``/health`` failing for ``stall_after`` seconds in a
-  row, marks the front not ready (``/health`` 503, so the platform's checks see it), stops the
-  process and starts it again after a capped, jittered backoff that doubles with each failure and
-  starts over only once the engine stayed up ``stable_after`` seconds (an engine that crashes soon
-  after each start is not restarted every 2 s).
+  row, marks the front not ready (``/health`` 503, so the platform's checks see it), ends the
+  requests in flight to it (``monitor.give_up``: a stopped or deadlocked engine may take its
+  whole stop timeout to die, and they with it), stops the process and starts it again after a
+  capped, jittered backoff that doubles with each failure and starts over only once the engine
+  stayed up ``stable_after`` seconds (an engine that crashes soon after each start is not
+  restarted every 2 s).
 - **Unforeseen errors:** a look at the engine that fails in a way nobody foresaw counts as a
   failing ``/health`` (``monitor.refresh``); anything else that ends this loop ends serving:
   ``UpstreamBackend`` logs it with its traceback and serve exits 1 naming it.
@@ -37,7 +39,7 @@ from vramsupply.timeouts import within
 from vramsupply.upstream.client import UpstreamUnavailable, escape_controls
 from vramsupply.upstream.front import FrontState
 from vramsupply.upstream.launch import redacted
-from vramsupply.upstream.monitor import CHECK_INTERVAL_SECONDS, check_upstream, refresh, set_ready, unavailable
+from vramsupply.upstream.monitor import CHECK_INTERVAL_SECONDS, STALL_AFTER_SECONDS, check_upstream, give_up, refresh, set_ready, unavailable
 
 log = logging.getLogger("vramsupply.upstream")
 
@@ -147,7 +149,7 @@ class Supervisor:
         *,
         ready_timeout: float,
         check_interval: float = CHECK_INTERVAL_SECONDS,
-        stall_after: float = 30.0,
+        stall_after: float = STALL_AFTER_SECONDS,
         stop_timeout: float = 30.0,
         stable_after: float = STABLE_AFTER_SECONDS,
         backoff: Backoff = RESTART_BACKOFF,
@@ -238,5 +240,7 @@ class Supervisor:
             failing_since = failing_since if failing_since is not None else self.clock()
             if self.clock() - failing_since >= self.stall_after:
                 stalled = f"{self.engine}'s health stalled for {self.stall_after:g}s: "
-                raise UpstreamUnavailable(stalled + getattr(reason, "logged", reason), stalled + reason)
+                logged = stalled + getattr(reason, "logged", reason)
+                give_up(self.state, f"it is being restarted ({stalled}{reason})", logged)  # not after its stop timeout
+                raise UpstreamUnavailable(logged, stalled + reason)
 
