@@ -8,6 +8,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from live_platform import API_KEY, LivePlatform, free_port
@@ -113,8 +114,8 @@ async def test_tokens_served_while_a_heartbeat_is_on_its_way_are_reported_by_the
         lifecycle = make_lifecycle(platform.url, counters)
         send, served_meanwhile = lifecycle._client.heartbeat, [3, 3, 3]
 
-        async def heartbeat(request):  # type: ignore[no-untyped-def]
-            reply = await send(request)  # the real request to the platform
+        async def heartbeat(request, **options):  # type: ignore[no-untyped-def]
+            reply = await send(request, **options)  # the real request to the platform
             if served_meanwhile:
                 counters.completion_tokens_total += served_meanwhile.pop()
             return reply
@@ -172,10 +173,10 @@ async def test_an_unexpected_error_in_a_heartbeat_is_logged_and_the_heartbeats_g
         heartbeat = lifecycle._client.heartbeat
         faults = [RuntimeError("a bug of ours")]
 
-        async def faulty(request: object) -> object:
+        async def faulty(request: object, **options: Any) -> object:
             if faults:
                 raise faults.pop()
-            return await heartbeat(request)  # type: ignore[arg-type]
+            return await heartbeat(request, **options)  # type: ignore[arg-type]
 
         lifecycle._client.heartbeat = faulty  # type: ignore[method-assign]
         lifecycle.start()

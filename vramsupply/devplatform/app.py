@@ -154,8 +154,16 @@ async def heartbeat(request: web.Request) -> web.Response:
     provider = store.owned(request[ACCOUNT], beat.provider_id)
     if provider is None:
         return error_response(404, f"unknown provider {beat.provider_id}", "invalid_request_error", "provider_not_found")
+    key = request.headers.get(api.IDEMPOTENCY_KEY_HEADER)
+    if key is not None and (taken := provider.answered.get(key)) is not None:  # sent again: its answer did not come
+        if taken[0] != beat:
+            return error_response(422, f"this {api.IDEMPOTENCY_KEY_HEADER} came with another heartbeat", "invalid_request_error", "idempotency_key_reused")
+        return web.json_response(taken[1].model_dump())
     store.heartbeat(provider, beat, time.time())
-    return web.json_response(api.HeartbeatResponse(provider_id=provider.id, status=provider.status).model_dump())
+    answer = api.HeartbeatResponse(provider_id=provider.id, status=provider.status)
+    if key is not None:
+        store.remember(provider, key, beat, answer)
+    return web.json_response(answer.model_dump())
 
 
 async def deregister(request: web.Request) -> web.Response:

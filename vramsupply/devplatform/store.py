@@ -14,6 +14,8 @@ from typing import Literal
 from vramsupply.platform import api
 
 DAY_SECONDS = 24 * 3600
+ANSWERED_KEYS = 64
+"""Heartbeat ``Idempotency-Key``s remembered per instance: an agent sends one again at its next beat."""
 Rail = Literal["stripe", "tempo"]
 ProviderStatus = Literal["online", "offline", "draining"]
 
@@ -50,6 +52,8 @@ class Provider:
     routed_prompt_tokens: int = 0
     routed_completion_tokens: int = 0
     capacity: api.Capacity | None = None
+    answered: dict[str, tuple[api.HeartbeatRequest, api.HeartbeatResponse]] = field(default_factory=dict)
+    """The latest heartbeats taken with an ``Idempotency-Key``, by key: the heartbeat and its answer."""
 
     @property
     def model(self) -> str:
@@ -118,6 +122,12 @@ class Store:
             provider.capacity = beat.capacity
         if beat.status in ("draining", "offline"):
             provider.status = beat.status
+
+    def remember(self, provider: Provider, key: str, beat: api.HeartbeatRequest, answer: api.HeartbeatResponse) -> None:
+        """A heartbeat sent again with this key is answered the same, and counted no more."""
+        provider.answered[key] = (beat, answer)
+        while len(provider.answered) > ANSWERED_KEYS:
+            del provider.answered[next(iter(provider.answered))]
 
     def set_rails(self, account: Account, update: api.RailsUpdate) -> api.Rails:
         stripe = account.accepts_stripe if update.accepts_stripe is None else update.accepts_stripe

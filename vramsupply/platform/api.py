@@ -36,6 +36,8 @@ PROVIDER_PATH = "/v1/providers/{provider_id}"
 DEMAND_PATH = "/v1/providers/demand"
 RAILS_PATH = "/v1/settings/provider/rails"
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+"""On a heartbeat: the same for each send of one heartbeat, so that a platform counts its tokens once."""
 
 PLATFORM_FEE = 0.05
 """The platform keeps 5% of revenue; providers earn 95%."""

@@ -157,9 +157,11 @@ class PlatformClient:
     async def register(self, request: api.RegisterRequest) -> api.RegisterResponse:
         return await self._call("POST", api.REGISTER_PATH, api.RegisterResponse, request)
 
-    async def heartbeat(self, request: api.HeartbeatRequest) -> api.HeartbeatResponse:
-        """The platform's view; ``UnexpectedAnswer`` when it accepted the heartbeat (2xx) but its body is unreadable."""
-        return await self._call("POST", api.HEARTBEAT_PATH, api.HeartbeatResponse, request, names_provider=True)
+    async def heartbeat(self, request: api.HeartbeatRequest, *, key: str | None = None) -> api.HeartbeatResponse:
+        """The platform's view; ``UnexpectedAnswer`` when it accepted the heartbeat (2xx) but its body is unreadable.
+        ``key``: the heartbeat's ``Idempotency-Key``, the same each time that heartbeat is sent."""
+        headers = {api.IDEMPOTENCY_KEY_HEADER: key} if key is not None else None
+        return await self._call("POST", api.HEARTBEAT_PATH, api.HeartbeatResponse, request, names_provider=True, headers=headers)
 
     async def deregister(self, provider_id: str) -> None:
         """DELETE the instance: done when the platform confirms it (the documented answer), or has
@@ -207,9 +209,9 @@ class PlatformClient:
         return self._session
 
     async def _call(
-        self, method: str, path: str, reply: type[ReplyT], body: BaseModel | None = None, *, names_provider: bool = False
+        self, method: str, path: str, reply: type[ReplyT], body: BaseModel | None = None, *, names_provider: bool = False, headers: dict[str, str] | None = None
     ) -> ReplyT:
-        status, text = await self._exchange(method, path, body, names_provider=names_provider)
+        status, text = await self._exchange(method, path, body, names_provider=names_provider, headers=headers)
         try:
             return reply.model_validate_json(text)
         except ValidationError as exc:
@@ -217,7 +219,9 @@ class PlatformClient:
             where = ".".join(str(p) for p in first["loc"]) or "body"
             raise UnexpectedAnswer(status, f"unexpected answer to {method} {path}: {printable(where, 100)}: {printable(first['msg'])}") from None
 
-    async def _exchange(self, method: str, path: str, body: BaseModel | None, *, names_provider: bool = False) -> tuple[int, str]:
+    async def _exchange(
+        self, method: str, path: str, body: BaseModel | None, *, names_provider: bool = False, headers: dict[str, str] | None = None
+    ) -> tuple[int, str]:
         """The successful answer's status and body, retrying transient failures within the call's
         timeout, never sooner than the platform asked (``Retry-After``); gives up at once when that
         is past the timeout. ``names_provider``: 404/410 means UnknownProvider."""
@@ -230,17 +234,20 @@ class PlatformClient:
                 if time.monotonic() + pause >= deadline:
                     break
                 await self._sleep(pause)
-            outcome = await self._try(method, path, payload, deadline, names_provider)
+            outcome = await self._try(method, path, payload, deadline, names_provider, headers)
             if not isinstance(outcome, _Transient):
                 return outcome
             failed, reached = outcome, reached or outcome.reached
         raise PlatformUnavailable(failed.message, reached=reached, retry_after=failed.retry_after)
 
-    async def _try(self, method: str, path: str, payload: object, deadline: float, names_provider: bool) -> tuple[int, str] | _Transient:
+    async def _try(
+        self, method: str, path: str, payload: object, deadline: float, names_provider: bool, headers: dict[str, str] | None = None
+    ) -> tuple[int, str] | _Transient:
         """One request: the answer, or why it failed in a way worth trying again (other failures raise)."""
         timeout = aiohttp.ClientTimeout(total=max(0.001, deadline - time.monotonic()))
         try:
-            request = self._session_for_call().request(method, self.base_url + path, json=payload, allow_redirects=False, timeout=timeout)
+            session = self._session_for_call()
+            request = session.request(method, self.base_url + path, json=payload, headers=headers, allow_redirects=False, timeout=timeout)
             async with request as response:
                 text = await _answer_text(response, f"{method} {path}")
                 if response.status not in RETRYABLE_STATUSES:

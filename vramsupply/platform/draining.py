@@ -6,8 +6,9 @@ until then; in-flight and queued requests then finish during the drain, and once
 ``draining`` heartbeat carries what they served, before the DELETE (``ProviderLifecycle.stop``). A
 heartbeat already on the wire at SIGTERM is never cancelled (the platform may have counted it): it
 ends with its own timeout, and its answer decides whether its tokens were reported; the notice
-carries only the tokens it does not (``tokens.TokenTally``). A heartbeat loop that is only waiting
-for its next beat is cancelled at once.
+carries only the tokens it does not (``tokens.TokenTally``). One whose answer never came is sent
+again as it was, with its ``Idempotency-Key``, before the last heartbeat (``sending``). A heartbeat
+loop that is only waiting for its next beat is cancelled at once.
 
 Every wait is bounded by the deadlines drain and stop already had, so a platform that does not
 answer delays the exit no longer than before; tokens that cannot be reported are said in one line,
@@ -54,6 +55,7 @@ class Draining:
     _cancel_loop: Callable[[], Awaitable[None]]
     _settle_register: Callable[[float], Awaitable[bool]]
     _beat: Callable[[str, HeartbeatStatus, ServingStats], asyncio.Task[api.HeartbeatResponse]]
+    _send_unsettled_within: Callable[[str, float], Awaitable[str | None]]
 
     async def drain(self, timeout: float) -> None:
         """Stop heartbeating and tell the platform to route nothing new here (best effort, bounded);
@@ -78,11 +80,12 @@ class Draining:
     async def _report_rest(self, wait: float) -> None:
         """The drain is over: send the tokens no heartbeat the platform took carries (those served
         during the drain, and those of a heartbeat that failed) in one last ``draining`` heartbeat,
-        within ``wait`` seconds, a heartbeat still on its way waited for first. Once, never retried."""
+        within ``wait`` seconds, a heartbeat still on its way waited for first, and those whose
+        answer did not come sent again before it, as they were (``sending``). Once, never retried."""
         end = time.monotonic() + wait
         try:
             unanswered = not await self._settle_beat(wait)
-            if not self._tally.rest(self._stats()):
+            if not self._tally.unreported(self._stats()):
                 return
             left = end - time.monotonic()
             if self.provider_id is None:
@@ -90,8 +93,9 @@ class Draining:
             elif unanswered and left < MIN_LAST_BEAT_SECONDS:  # the one on its way took the time: no "no answer within 0 s"
                 reason = f"the heartbeat on its way got no answer within {seconds(wait)}, so the last one was not sent"
             else:
-                reason = await self._last_beat(self.provider_id, left)
-            rest = self._tally.rest(self._stats())
+                reason = await self._send_unsettled_within(self.provider_id, left)
+                reason = reason or await self._last_beat(self.provider_id, end - time.monotonic())
+            rest = self._tally.unreported(self._stats())
         except Exception:  # a fault of ours: it must not keep the instance listed
             log.exception("unexpected error reporting the last tokens served; deregistering anyway")
             return
@@ -109,8 +113,8 @@ class Draining:
 
     async def _settle_beat(self, wait: float) -> bool:
         """Let a heartbeat on its way end, within ``wait``: its answer decides whether its tokens
-        were reported or go to the last heartbeat, as do those of one still unanswered then (and
-        cancelled: if the platform took it, it counts them twice, the limit ``tokens`` states).
+        were reported or go to the last heartbeat; one still unanswered then is cancelled, and in
+        doubt is sent again as it was (``tokens``).
         Whether it ended (answered, refused or failed) in time; True when none was on its way."""
         call, self._beat_call = self._beat_call, None
         if call is None:

@@ -14,7 +14,9 @@ claims more than it knows: the draining notice is reported as sent only once the
 a registration still in flight is waited for and removed again, and one whose outcome stays
 unknown is recorded as such. Every token served reaches the platform once, across a shutdown too:
 what the drain served goes in one last heartbeat before the DELETE, and a heartbeat on the wire at
-SIGTERM is let end rather than sent again (``tokens``, ``draining``). A state file that cannot be
+SIGTERM is let end rather than sent again (``tokens``, ``draining``); one whose answer never came
+(the platform may have counted it) is sent again as it was, with its ``Idempotency-Key``, before
+any other tokens go (``sending``). A state file that cannot be
 written is logged when that changes.
 
 A tunnel may change the public URL at any moment (``move_endpoint``). The instance at the old URL
@@ -54,6 +56,7 @@ from vramsupply.platform.leftovers import PendingLeftovers
 from vramsupply.platform.pauses import PauseWatch
 from vramsupply.platform.phase_log import PhaseLog
 from vramsupply.platform.retry_wait import SILENT_OFFLINE_SECONDS, RetryWait, Sleep
+from vramsupply.platform.sending import HeartbeatSending
 from vramsupply.platform.state import Phase
 from vramsupply.platform.tokens import TokenTally
 
@@ -65,7 +68,7 @@ REGISTER_BACKOFF = Backoff(initial=1.0, cap=60.0)
 __all__ = ["ProviderLifecycle", "ServingStats", "heartbeat_status"]
 
 
-class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason, PhaseLog):
+class ProviderLifecycle(Departure, Draining, HeartbeatSending, RetryWait, OfflineReason, PhaseLog):
     """Registers ``offer`` and heartbeats with ``stats()`` until ``stop()``; owns ``client``.
     ``sleep``: how the waits the platform asks for are waited (a test passes one that records them).
     ``silence_limit``, ``health_check_every``: the platform's timings (docs/platform-api.md): after
@@ -297,6 +300,8 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason, PhaseLog)
             self._leftovers.forget(reply.provider_id)
 
     async def _heartbeat(self, provider_id: str) -> bool:
+        if not await self._send_unsettled(provider_id):  # a heartbeat in doubt goes first, as it was (``sending``)
+            return False
         snapshot = self._stats()
         status = self._sent_status = heartbeat_status(snapshot)
         silent_for = 0.0 if self._heard_at is None else self._clock() - self._heard_at
@@ -356,19 +361,3 @@ class ProviderLifecycle(Departure, Draining, RetryWait, OfflineReason, PhaseLog)
         if message not in self._odd_answers and len(self._odd_answers) < 100:
             self._odd_answers.add(message)
             log.warning("%s; the platform accepted the heartbeat (2xx), so its tokens count as reported", message)
-
-    def _beat(self, provider_id: str, status: HeartbeatStatus, snapshot: ServingStats) -> asyncio.Task[api.HeartbeatResponse]:
-        """One heartbeat, sent as its own task: status plus the tokens served that no heartbeat the
-        platform took (or still on its way) carries (``tokens.TokenTally``)."""
-        claim = self._tally.claim(snapshot)
-        request = api.HeartbeatRequest(
-            provider_id=provider_id,
-            status=status,
-            slots_total=snapshot.slots_total,
-            slots_busy=snapshot.slots_busy,
-            queue_depth=snapshot.queue_depth,
-            prompt_tokens=claim.prompt,
-            completion_tokens=claim.completion,
-            capacity=self._offer.capacity,
-        )
-        return asyncio.ensure_future(self._tally.carried_by(claim, self._client.heartbeat(request)))
