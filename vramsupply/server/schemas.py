@@ -70,6 +70,23 @@ class ResponseFormat(_Body):
         return self
 
 
+class ChatTemplateKwargs(BaseModel):
+    """vLLM's ``chat_template_kwargs``: variables for the chat template, any name and JSON value.
+    ``reasoning_effort`` among them is the variable the top-level field sets, so it is held to the
+    same values (a 400 naming ``chat_template_kwargs.reasoning_effort``): "banana" or a number
+    there reached the template as sent. A null one is not given, as at the top level."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    reasoning_effort: ReasoningEffort | None = None
+
+    def variables(self) -> dict[str, Any]:
+        given = dict(self.__pydantic_extra__ or {})
+        if self.reasoning_effort is not None:
+            given["reasoning_effort"] = self.reasoning_effort
+        return given
+
+
 class GenerationBody(VllmFields):
     """Fields shared by chat and text completions."""
 
@@ -149,7 +166,7 @@ class ChatCompletionBody(GenerationBody):
     tool_choice: Any = None  # a string or a named function: checked where it is read (engine/conversation.py)
     parallel_tool_calls: bool | None = None
     reasoning_effort: ReasoningEffort | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
     # OpenAI fields we cannot honour: refused rather than dropped.
     functions: Any = None
     function_call: Any = None
@@ -171,6 +188,14 @@ class ChatCompletionBody(GenerationBody):
     @classmethod
     def _continue_null_is_false(cls, value: Any) -> Any:
         return False if value is None else value
+
+    @field_validator("chat_template_kwargs", mode="before")
+    @classmethod
+    def _kwargs_object(cls, value: Any) -> Any:
+        """Said as it was before ``ChatTemplateKwargs``, without that class's name in it."""
+        if value is not None and not isinstance(value, dict):
+            raise ValueError("Input should be a valid dictionary")
+        return value
 
     @field_validator("functions", "function_call")
     @classmethod
@@ -225,9 +250,9 @@ class ChatCompletionBody(GenerationBody):
 
     def chat_request(self) -> ChatRequest:
         """The engine's side of the chat contract (vLLM's ``to_sampling_params`` idea)."""
-        variables = dict(self.chat_template_kwargs or {})
-        if self.reasoning_effort is not None:
-            variables.setdefault("reasoning_effort", self.reasoning_effort)
+        variables = self.chat_template_kwargs.variables() if self.chat_template_kwargs is not None else {}
+        if self.reasoning_effort is not None:  # the same as any in chat_template_kwargs (``check_fields``)
+            variables["reasoning_effort"] = self.reasoning_effort
         return ChatRequest(
             messages=self.messages,
             tools=self.tools,

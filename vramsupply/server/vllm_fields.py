@@ -252,10 +252,27 @@ def check_fields(body: Any) -> None:
             param="repetition_penalty",
             code="invalid_value",
         )
+    _check_reasoning_effort(body)
     limit = body.token_limit
     if limit is not None and body.min_tokens > limit:
         raise ApiError(400, f"'min_tokens' ({body.min_tokens}) must not be more than the token limit ({limit}).", param="min_tokens", code="invalid_value")
     output_constraint(body)
+
+
+def _check_reasoning_effort(body: Any) -> None:
+    """``reasoning_effort`` and ``chat_template_kwargs.reasoning_effort`` set the same template
+    variable: two different values are a 400, as for ``repetition_penalty``, where the kwargs' one
+    silently won (as it does at vLLM)."""
+    kwargs = getattr(body, "chat_template_kwargs", None)
+    given = getattr(body, "reasoning_effort", None)
+    if given is not None and kwargs is not None and kwargs.reasoning_effort not in (None, given):
+        raise ApiError(
+            400,
+            f"'reasoning_effort' ({given!r}) and 'chat_template_kwargs.reasoning_effort' ({kwargs.reasoning_effort!r}) are the same setting"
+            " and were given different values: send one.",
+            param="chat_template_kwargs.reasoning_effort",
+            code="invalid_value",
+        )
 
 
 def _invalid(param: str, message: str) -> ApiError:
