@@ -1,14 +1,20 @@
 """A thinking model's edges, through the official openai SDK: ``reasoning_effort`` sent among
-``chat_template_kwargs``.
+``chat_template_kwargs``, and a ``</think>`` where no thought is open.
 
-The server runs the tiny model with a gpt-oss-style template, which reads ``reasoning_effort``.
+The servers run the tiny model with a Qwen3-style template (its ``</think>`` a control token that
+the output shows, ``chat_models.py``), whose generation prompt opens the thought unless
+``enable_thinking`` is false, and with a gpt-oss-style one, whose template reads
+``reasoning_effort``. The tiny model writes nonsense; a logit bias on ``</think>`` makes it write
+the marker.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import openai
 import pytest
 
@@ -16,13 +22,26 @@ from live_server import MODEL_ID, LiveServer
 from test_agent_api import ASK, sdk
 from vramsupply.engine import ChatRequest
 
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 EFFORTS = "'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'"
+
+
+@pytest.fixture(scope="module")
+def qwen(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
+    with LiveServer(model_path=chat_models["qwen3"], n_ctx=2048, threads=1) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")
 def gpt_oss(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
     with LiveServer(model_path=chat_models["gpt-oss"], n_ctx=2048, threads=1) as live:
         yield live
+
+
+def end_token(server: LiveServer) -> str:
+    assert server.engine is not None
+    [end] = server.engine.tokenize("</think>", add_special=False)
+    return str(end)
 
 
 # ---- reasoning_effort in chat_template_kwargs -----------------------------------------------------
@@ -68,3 +87,49 @@ def test_reasoning_effort_given_twice_must_agree(gpt_oss: LiveServer) -> None:
             "message": "'reasoning_effort' ('low') and 'chat_template_kwargs.reasoning_effort' ('high') are the same setting and were given different values: send one.",
             "type": "invalid_request_error", "param": "chat_template_kwargs.reasoning_effort", "code": "invalid_value",
         }
+
+
+# ---- a </think> where no thought is open -----------------------------------------------------------
+
+
+def whole_and_streamed(client: openai.OpenAI, **request: object) -> tuple[object, str, str]:
+    """The unstreamed choice, and the streamed content and reasoning joined."""
+    choice = client.chat.completions.create(**request).choices[0]  # type: ignore[call-overload]
+    chunks = [chunk for chunk in client.chat.completions.create(stream=True, **request) if chunk.choices]  # type: ignore[call-overload]
+    content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    reasoning = "".join(getattr(chunk.choices[0].delta, "reasoning_content", None) or "" for chunk in chunks)
+    return choice, content, reasoning
+
+
+@pytest.mark.parametrize("thinking", [True, False], ids=["thought-opened", "thought-closed-by-template"])
+def test_a_think_end_marker_with_no_thought_open_never_reaches_content(qwen: LiveServer, thinking: bool) -> None:
+    """With ``enable_thinking`` false the template writes an empty thought, closed; when it opens
+    one, the first ``</think>`` closes it. Any later ``</think>`` the model writes went to
+    ``content`` as it was, streamed or not; now it is left out of both, the text around it kept."""
+    request = {"model": MODEL_ID, "messages": ASK, "max_tokens": 20, "logit_bias": {end_token(qwen): 22}, "logprobs": True}
+    stray = 0
+    with sdk(qwen) as client:
+        for seed in range(4):
+            choice, content, reasoning = whole_and_streamed(client, seed=seed, **request, **({} if thinking else {"extra_body": NO_THINKING}))
+            message = choice.message
+            stray += [entry.token for entry in choice.logprobs.content].count("</think>") > (1 if thinking else 0)
+            assert "</think>" not in (message.content or "") and "</think>" not in content, (seed, message)
+            assert content == (message.content or "") and reasoning == (getattr(message, "reasoning_content", None) or ""), seed
+            assert "</think>" not in reasoning
+    assert stray >= 2, "the bias made the model write </think> where no thought was open"
+
+
+def test_a_think_end_marker_inside_a_held_json_answer_is_the_answer_s_text(qwen: LiveServer) -> None:
+    """A grammar-held answer keeps what the grammar let the model write: a ``</think>`` inside one
+    of its JSON strings is data (the answer must still parse and say what was written)."""
+    schema = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 12}}, "required": ["note"], "additionalProperties": False}
+    response_format = {"type": "json_schema", "json_schema": {"name": "note", "schema": schema}}
+    request = {"model": MODEL_ID, "messages": ASK, "max_tokens": 60, "logit_bias": {end_token(qwen): 22}, "response_format": response_format}
+    kept = 0
+    with sdk(qwen) as client:
+        for seed in range(3):
+            choice, content, _ = whole_and_streamed(client, seed=seed, **request)
+            assert content == choice.message.content
+            jsonschema.validate(json.loads(content), schema)
+            kept += "</think>" in json.loads(content)["note"]
+    assert kept >= 1, "the bias made the model write </think> inside the JSON"

@@ -262,6 +262,18 @@ def test_text_that_merely_starts_like_a_marker_is_content() -> None:
     assert out.content == "<thinking is fun> and <tool_calls are>"
 
 
+def test_a_think_end_marker_where_no_thought_is_open_is_left_out_of_content() -> None:
+    """Read whole or a character at a time: a second ``</think>``, or one with no thought opened,
+    is markup, not content; the text around it stays content (a stream has sent it), and a tail
+    that only begins the marker is content once the answer ends."""
+    out = both_ways("Hmm.</think>\n\nIt is </think>sunny.</th", None, reasoning=THINK, in_reasoning=True)
+    assert (out.reasoning, out.content) == ("Hmm.", "It is sunny.</th")
+    out = both_ways("</think>\n\nIt is sunny.</think>", "hermes", reasoning=THINK)
+    assert (out.reasoning, out.content) == ("", "It is sunny.")
+    out = both_ways('Sure.</think> <tool_call>{"name": "get_weather", "arguments": {"city": "</think>"}}</tool_call>', "hermes", reasoning=THINK)
+    assert out.content == "Sure. " and calls(out) == [("get_weather", {"city": "</think>"})]
+
+
 # ---- recognising the family from the template ----------------------------------------------------
 
 

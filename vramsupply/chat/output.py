@@ -7,7 +7,10 @@ the way stop strings are. A tool-call section is read by ``calls.CallStream``: J
 their arguments as they are written, other shapes are parsed whole at the end; a call that does
 not parse is emitted as content, never lost and never a server error.
 
-Template markup never reaches ``content``. When ``max_tokens`` cuts the answer (``finish(cut=True)``),
+Template markup never reaches ``content``: a thought's end marker where no thought is open (a
+second ``</think>``, or one after a thought the template closed) is left out, the text around it
+kept, unless a grammar holds the answer (``held_answer``: there it is text the grammar let through,
+such as a JSON string's). When ``max_tokens`` cuts the answer (``finish(cut=True)``),
 a held-back tail that could only grow into a marker (``<tool_``) is dropped rather than emitted, and
 so is whatever a cut call section leaves unread (``calls.py``): a model that ends of its own
 accord after such text wrote it as prose, and gets it back; a model cut there was writing markup.
@@ -64,10 +67,14 @@ class OutputParser(TextReader):
         schemas: Mapping[str, Any] | None = None,
         parallel: bool = True,
         continuing: bool = False,
+        held_answer: bool = False,
     ) -> None:
         """``continuing``: the answer goes on with text already under way (a continued assistant
-        message), so its leading whitespace is text, not space before an answer to trim."""
+        message), so its leading whitespace is text, not space before an answer to trim.
+        ``held_answer``: a grammar holds the answer's text (a JSON ``response_format``), which may
+        then hold a thought's end marker as data (a JSON string): it is kept there."""
         self._reasoning = reasoning
+        self._stray_end = reasoning.end if reasoning is not None and not held_answer else None
         self._syntax = syntax
         self._schemas = schemas or {}
         self._parallel = parallel and (syntax is None or syntax.parallel)
@@ -152,6 +159,8 @@ class OutputParser(TextReader):
         if opening == "wait":  # "{" or '{"na': a call's opening, or an answer's
             return
         start = 0 if opening == "call" else self._call_start()
+        if self._drop_stray_end(pieces, start):
+            return
         if start is not None:
             self._emit(pieces, "content", self._buffer[:start])
             self._buffer = self._buffer[start:]
@@ -159,9 +168,22 @@ class OutputParser(TextReader):
             assert self._syntax is not None
             self._calls = CallStream(self._syntax, self._schemas, self._parallel)
             return
-        keep = held(self._buffer, self._syntax.starts) if self._syntax is not None else 0
+        markers = (self._syntax.starts if self._syntax is not None else ()) + ((self._stray_end,) if self._stray_end else ())
+        keep = held(self._buffer, markers)
         self._emit(pieces, "content", self._buffer[: len(self._buffer) - keep])
         self._buffer = self._buffer[len(self._buffer) - keep :]
+
+    def _drop_stray_end(self, pieces: list[Piece], call_start: int | None) -> bool:
+        """A thought's end marker where no thought is open (the template closed it, or none was
+        opened; a second one after the thought) is markup, left out of ``content``; the text before
+        it stays content, as a stream has already sent it."""
+        at = self._buffer.find(self._stray_end) if self._stray_end else -1
+        if at < 0 or (call_start is not None and call_start < at):
+            return False
+        assert self._stray_end is not None
+        self._emit(pieces, "content", self._buffer[:at])
+        self._buffer = self._buffer[at + len(self._stray_end) :]
+        return True
 
     def _json_opening(self) -> str | None:
         """For a family whose calls may open the answer as bare JSON (``leading``: Llama 3's

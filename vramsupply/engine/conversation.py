@@ -91,7 +91,9 @@ class ChatPrompt:
         ``held_answer``: a grammar holds the answer's text (harmony's then ends only at its end)."""
         if self.channels:
             return HarmonyParser(calls=self.syntax is not None, held_answer=held_answer)
-        return OutputParser(self.reasoning, self.in_reasoning, self.syntax, self.schemas, self.parallel_tool_calls, continuing=self.continues)
+        return OutputParser(
+            self.reasoning, self.in_reasoning, self.syntax, self.schemas, self.parallel_tool_calls, continuing=self.continues, held_answer=held_answer
+        )
 
 
 def prepare_chat(
