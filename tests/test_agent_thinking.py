@@ -1,11 +1,12 @@
 """A thinking model's edges, through the official openai SDK: ``reasoning_effort`` sent among
-``chat_template_kwargs``, and a ``</think>`` where no thought is open.
+``chat_template_kwargs``, a ``</think>`` where no thought is open, and stop strings in a thought
+that comes before a grammar-held answer.
 
 The servers run the tiny model with a Qwen3-style template (its ``</think>`` a control token that
 the output shows, ``chat_models.py``), whose generation prompt opens the thought unless
 ``enable_thinking`` is false, and with a gpt-oss-style one, whose template reads
 ``reasoning_effort``. The tiny model writes nonsense; a logit bias on ``</think>`` makes it write
-the marker.
+the marker, and stop strings cut what it writes.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import openai
 import pytest
 
 from live_server import MODEL_ID, LiveServer
-from test_agent_api import ASK, sdk
+from test_agent_api import ASK, TOOLS, WEATHER, check_weather_call, sdk
 from vramsupply.engine import ChatRequest
 
+ANSWER_SCHEMA = {"type": "object", "properties": {"days": {"type": "integer", "minimum": 1, "maximum": 7}}, "required": ["days"]}
+ANSWER = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": ANSWER_SCHEMA}}
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 EFFORTS = "'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'"
 
@@ -133,3 +136,45 @@ def test_a_think_end_marker_inside_a_held_json_answer_is_the_answer_s_text(qwen:
             jsonschema.validate(json.loads(content), schema)
             kept += "</think>" in json.loads(content)["note"]
     assert kept >= 1, "the bias made the model write </think> inside the JSON"
+
+
+# ---- stop strings in a thought before a grammar-held answer ----------------------------------------
+
+
+HELD = {"json": {"response_format": ANSWER}, "forced call": {"tools": TOOLS[:1], "tool_choice": WEATHER}}
+FREE = {"json": {}, "forced call": {"tools": TOOLS[:1], "tool_choice": "none"}}
+"""The same prompts, with no grammar after the thought."""
+
+
+@pytest.mark.parametrize("held", HELD, ids=HELD)
+def test_a_stop_string_in_the_thought_stops_with_a_grammar_as_without(qwen: LiveServer, held: str) -> None:
+    """The template opens the thought; a stop string the model writes there ends the answer, as
+    it does when no grammar holds what follows the thought (finish_reason stop, the thought so
+    far in reasoning_content). With a JSON response_format or a forced call it was ignored: the
+    thought went on to max_tokens."""
+    request = {"model": MODEL_ID, "messages": ASK, "max_tokens": 30, "seed": 3, "stop": [" "]}
+    with sdk(qwen) as client:
+        plain = client.chat.completions.create(**request, **FREE[held])
+        for stream in (False, True):
+            if stream:
+                chunks = [c for c in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **request, **HELD[held])]
+                reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+                finish, usage = [c.choices[0].finish_reason for c in chunks if c.choices][-1], chunks[-1].usage
+            else:
+                response = client.chat.completions.create(**request, **HELD[held])
+                reasoning, finish, usage = response.choices[0].message.reasoning_content, response.choices[0].finish_reason, response.usage
+            assert (finish, reasoning) == (plain.choices[0].finish_reason, plain.choices[0].message.reasoning_content), stream
+            assert finish == "stop" and reasoning and " " not in reasoning and usage.completion_tokens < 30, (stream, reasoning)
+
+
+def test_no_stop_string_applies_in_the_answer_after_the_thought(qwen: LiveServer) -> None:
+    """Once the thought has ended the grammar holds the answer, and no stop string cuts it."""
+    request = {"model": MODEL_ID, "messages": ASK, "max_tokens": 200, "seed": 3, "stop": ['"', " ", ":"], "logit_bias": {end_token(qwen): 100}}
+    with sdk(qwen) as client:
+        answered = client.chat.completions.create(**request, **HELD["json"])
+        called = client.chat.completions.create(**request, **HELD["forced call"])
+    assert answered.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(answered.choices[0].message.content), ANSWER_SCHEMA)
+    assert called.choices[0].finish_reason == "tool_calls"
+    [call] = called.choices[0].message.tool_calls
+    check_weather_call(call)

@@ -88,6 +88,16 @@ def test_no_stop_string_applies_where_a_grammar_holds_the_whole_answer() -> None
     assert stream_all(TextStream(stop_strings_for([":"], None, ())), [b'{"a": 1}']) == (['{"a"'], True)
 
 
+def test_stop_strings_apply_in_a_thought_a_grammar_lets_come_first_and_not_after_it() -> None:
+    """A JSON answer or a forced call after a thought the prompt left open: the thought is text no
+    grammar holds, so a stop string there stops, as it does without the grammar."""
+    in_thought = stop_strings_for([" "], "root ::= thought answer", (), thought_end="</think>")
+    assert stream_all(TextStream(in_thought), [b"Hmm, let", b" me see</think>{}"]) == (["Hmm,"], True)
+    after = stop_strings_for(['"', " "], "root ::= thought answer", (), thought_end="</think>")
+    deltas, stopped = stream_all(TextStream(after), [b"Hmm</think>", b'\n{"a": ', b"1}"])
+    assert not stopped and "".join(deltas) == 'Hmm</think>\n{"a": 1}'
+
+
 def test_stop_string_inside_one_piece_cuts_that_piece() -> None:
     deltas, stopped = stream_all(TextStream(stops=["\n\n"]), [b"line one\n\nline two"])
     assert stopped

@@ -260,7 +260,9 @@ class Engine:
         request_id = uuid.uuid4().hex
         channel = Channel(loop)
         backend = self.options.backend_sampling and backend_sampling.supports(request)
-        stops = stop_strings_for(request.stop, request.sampling.grammar, request.sampling.grammar_triggers, request.kept_stop)
+        stops = stop_strings_for(
+            request.stop, request.sampling.grammar, request.sampling.grammar_triggers, request.kept_stop, thought_end=request.thought_end
+        )
         task = Task(
             request_id, prompt, sampler, max_completion, stops, channel, request.preserve, request.logprobs, backend,
             source if self._model.copies_prefixes else None,  # else each choice decodes the prompt itself

@@ -43,15 +43,21 @@ class StopStrings:
 
 
 def stop_strings_for(
-    stops: Sequence[str], grammar: str | None, triggers: Sequence[str], kept: frozenset[str] = frozenset()
+    stops: Sequence[str], grammar: str | None, triggers: Sequence[str], kept: frozenset[str] = frozenset(), thought_end: str | None = None
 ) -> StopStrings:
     """A request's stop strings, knowing its grammar: a grammar without triggers (a forced tool call,
     a JSON ``response_format``) holds the whole answer, so none apply; a lazy one (``triggers``,
     regular expressions over the whole output) holds it once one matches the text before a stop
     string. A stop string inside such output cut JSON the answer then reported as a whole call.
-    ``kept``: those whose text stays in the output (``StopStrings``)."""
+    ``kept``: those whose text stays in the output (``StopStrings``).
+
+    ``thought_end``: the grammar lets a thought come first, up to that marker; the stop strings
+    apply there as they do in a thought no grammar holds, and the answer is held from the marker
+    on. Before, none applied in such a thought, which a stop string without the grammar ended."""
     if grammar is None:
         return StopStrings(stops, kept=kept)
+    if not triggers and thought_end:
+        return StopStrings(stops, held=lambda text: thought_end in text, kept=kept)
     if not triggers:
         return StopStrings(())
     patterns = tuple(re.compile(trigger) for trigger in triggers)

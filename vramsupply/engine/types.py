@@ -192,6 +192,10 @@ class GenerationRequest:
     include_stop: bool = False
     kept_stop: frozenset[str] = frozenset()
     min_tokens: int = 0
+    # A grammar that lets a thought come before the answer it holds (a thought the chat prompt
+    # left open): the text that ends that thought (``</think>``). Stop strings apply in the thought,
+    # as in any text no grammar holds, and not after it (``text.stop_strings_for``).
+    thought_end: str | None = None
 
     def __post_init__(self) -> None:
         _require(len(self.prompt) > 0, "the prompt must contain at least one token")

@@ -140,3 +140,14 @@ def chat_grammar(chat: ChatPrompt, json_grammar: str | None) -> dict[str, Any]:
     if chat.in_reasoning and chat.reasoning is not None:
         answer = after_thought(answer, chat.reasoning)  # the answer, not the thought
     return {"grammar": answer}
+
+
+def thought_end(chat: ChatPrompt, sampling: dict[str, Any]) -> str | None:
+    """The marker that ends the thought a chat's grammar lets come first (``chat_grammar``'s
+    ``sampling`` fields: a forced call or a JSON answer held from the first token, after a thought
+    the prompt left open), so that stop strings apply in that thought as in one no grammar holds
+    (``GenerationRequest.thought_end``); None where there is no such thought. Not for harmony,
+    whose optional thought is a message on its own channel."""
+    if sampling.get("grammar") is None or sampling.get("grammar_triggers") or chat.channels:
+        return None
+    return chat.reasoning.end if chat.in_reasoning and chat.reasoning is not None else None
