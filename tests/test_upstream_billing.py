@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from doubles.hostile_upstream import CHAT, REPLAY_PROMPT_TOKENS, HostileUpstream, Ledger, chunk, event, fronted, streaming, whole
+from doubles.hostile_upstream import CHAT, MODEL, REPLAY_PROMPT_TOKENS, HostileUpstream, Ledger, answering, chunk, event, fronted, streaming, whole
 from llama_cpp_upstream import LlamaCppServer
 
 from vramsupply.upstream import UpstreamBackend, UpstreamOptions, exchange
@@ -81,20 +81,96 @@ def answering_then_streaming(usage: dict[str, Any]):  # type: ignore[no-untyped-
 
 
 @pytest.mark.parametrize(
-    ("stop", "upstream_says", "counted"),
-    [(["."], {}, "The cat."), ([" the", "."], {}, "The cat."), ([" the", "."], {"stop_reason": " the"}, "The cat the"), (["."], {"stop_reason": None}, "The cat")],
-    ids=["one-stop", "shortest-of-several", "named-by-vllm", "end-of-sequence-by-vllm"],
+    ("stop", "upstream_says", "counted", "end_token"),
+    [
+        (["."], {}, "The cat.", 0), ([" the", "."], {}, "The cat.", 0), ([" the", "."], {"stop_reason": " the"}, "The cat the", 0),
+        (["."], {"stop_reason": None}, "The cat", 1), (["."], {"stop_reason": 2}, "The cat", 1),
+    ],
+    ids=["one-stop", "shortest-of-several", "named-by-vllm", "end-of-sequence-by-vllm", "stop-token-id-by-vllm"],
 )
-async def test_the_stop_sequence_that_ended_a_stream_is_billed_though_never_sent(stop: list[str], upstream_says: dict[str, Any], counted: str) -> None:
-    """The upstream generated the stop sequence and counts it; a count of the text sent alone missed it."""
+async def test_the_stop_sequence_that_ended_a_stream_is_billed_though_never_sent(stop: list[str], upstream_says: dict[str, Any], counted: str, end_token: int) -> None:
+    """The upstream generated the stop sequence and counts it; a count of the text sent alone missed
+    it. Where no stop sequence ended it, the model's end-of-sequence (or stop) token did, which
+    vLLM and llama-server count too."""
     upstream = HostileUpstream()
     end = chunk(choices=[{"index": 0, "delta": {}, "finish_reason": "stop", **upstream_says}])
     upstream.generation = streaming(event(chunk("The cat")), event(end), event("[DONE]"))
     async with fronted(upstream) as front:
         events = await front.stream({**CHAT, "stop": stop, "stream_options": {"include_usage": True}})
         rows = front.ledger.rows
-    assert events[-2]["usage"]["completion_tokens"] == len(counted)
-    assert billed(rows) == [(REPLAY_PROMPT_TOKENS, len(counted), True)]
+    assert events[-2]["usage"]["completion_tokens"] == len(counted) + end_token
+    assert billed(rows) == [(REPLAY_PROMPT_TOKENS, len(counted) + end_token, True)]
+
+
+def text_chunk(text: str, index: int = 0, finish: str | None = None, **fields: Any) -> dict[str, Any]:
+    return {"id": "cmpl-1", "object": "text_completion", "model": "m", "choices": [{"index": index, "text": text, "finish_reason": finish}], **fields}
+
+
+async def metrics_tokens(front: Any) -> tuple[float, float]:
+    """The prompt and completion tokens /metrics says were served."""
+    async with front.buyer.get(front.url + "/metrics") as response:
+        lines = (await response.text()).splitlines()
+    value = {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("vramsupply_") and " " in line}
+    return value["vramsupply_prompt_tokens_total"], value["vramsupply_completion_tokens_total"]
+
+
+async def test_a_cut_completions_stream_is_billed_for_its_prompts_bos_as_llama_server_counts_it() -> None:
+    """llama-server's /tokenize adds BOS only when asked (``add_special``); its prompt count has it,
+    so a stream counted with it was billed a prompt token short."""
+    upstream = HostileUpstream()
+    upstream.generation = streaming(event(text_chunk("Once")))  # cut: no usage, no [DONE]
+    async with fronted(upstream) as front:
+        events = await front.stream({"model": MODEL, "prompt": "Tell me a story"}, "/v1/completions")
+        rows, tokens = front.ledger.rows, await metrics_tokens(front)
+    assert events[0]["choices"][0]["text"] == "Once"
+    assert billed(rows) == [(len("Tell me a story") + 1, len("Once"), False)], "its characters and BOS"
+    assert tokens == (len("Tell me a story") + 1, len("Once"))
+
+
+async def test_every_choice_a_models_end_of_sequence_ended_is_billed_for_that_token_too() -> None:
+    """llama-server's stream of ``n`` 2, as it sends it: each choice's own usage, EOS included (it
+    answers 1 completion token for an answer that is only its EOS). Counted from the text sent,
+    each choice was billed a token short."""
+    upstream = HostileUpstream()
+    texts = {0: "Once upon", 1: "The end"}
+    parts = [event(chunk(choices=[{"index": i, "delta": {"content": t}, "finish_reason": None}])) for i, t in texts.items()]
+    for i in (1, 0):
+        parts.append(event(chunk(choices=[{"index": i, "delta": {}, "finish_reason": "stop"}])))
+        parts.append(event(chunk(usage={"prompt_tokens": REPLAY_PROMPT_TOKENS, "completion_tokens": len(texts[i]) + 1})))
+    upstream.generation = streaming(*parts, event("[DONE]"))
+    async with fronted(upstream) as front:
+        events = await front.stream({**CHAT, "n": 2, "stream_options": {"include_usage": True}})
+        rows, tokens = front.ledger.rows, await metrics_tokens(front)
+    generated = len(texts[0]) + 1 + len(texts[1]) + 1
+    assert events[-2]["usage"]["completion_tokens"] == generated
+    assert billed(rows) == [(REPLAY_PROMPT_TOKENS, generated, True)]
+    assert tokens == (REPLAY_PROMPT_TOKENS, generated)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_batch_of_prompts_through_llama_server_is_billed_for_every_prompt(stream: bool) -> None:
+    """llama-server's usage of a batch counts one prompt's tokens: the first's in a whole answer,
+    each its own in a stream; the provider was paid for one prompt of two."""
+    upstream = HostileUpstream()
+    prompts, texts = ["Tell me", "A story about the sea"], ["Once", "The sea"]
+    usage = [{"prompt_tokens": len(p) + 1, "completion_tokens": len(t)} for p, t in zip(prompts, texts)]
+    if stream:
+        parts = [event(text_chunk(t, i)) for i, t in enumerate(texts)]
+        upstream.generation = streaming(*parts, *[event(text_chunk("", i, "length", usage=usage[i])) for i in (1, 0)], event("[DONE]"))
+    else:
+        choices = [{"index": i, "text": t, "finish_reason": "length"} for i, t in enumerate(texts)]
+        upstream.generation = answering({"id": "cmpl-1", "object": "text_completion", "model": "m", "choices": choices, "usage": usage[0]})
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 2}
+    async with fronted(upstream) as front:
+        if stream:
+            shown = (await front.stream({**body, "stream_options": {"include_usage": True}}, "/v1/completions"))[-2]["usage"]
+        else:
+            shown = (await front.post(body, "/v1/completions"))[1]["usage"]
+        rows, tokens = front.ledger.rows, await metrics_tokens(front)
+    prompt, completion = sum(len(p) + 1 for p in prompts), sum(map(len, texts))
+    assert (shown["prompt_tokens"], shown["completion_tokens"]) == (prompt, completion)
+    assert billed(rows) == [(prompt, completion, True)]
+    assert tokens == (prompt, completion)
 
 
 class DownForAWhile(HostileUpstream):

@@ -215,10 +215,11 @@ async def test_implausible_usage_is_never_billed_nor_shown_but_counted_instead(u
         status, answer = await front.post(CHAT)
         stats = front.backend.stats()
         rows = front.ledger.rows
-    counted = {"prompt_tokens": REPLAY_PROMPT_TOKENS, "completion_tokens": len("hi there"), "total_tokens": REPLAY_PROMPT_TOKENS + len("hi there")}
+    generated = len("hi there") + 1  # and the end-of-sequence token that ended it ("stop", no stop string), which llama-server counts
+    counted = {"prompt_tokens": REPLAY_PROMPT_TOKENS, "completion_tokens": generated, "total_tokens": REPLAY_PROMPT_TOKENS + generated}
     assert status == 200 and answer["usage"] == counted, "counted with the model's tokenizer, as a missing usage is"
-    assert [(r.prompt_tokens, r.completion_tokens, r.cached_tokens) for r in rows] == [(REPLAY_PROMPT_TOKENS, len("hi there"), 0)]
-    assert (stats.prompt_tokens_total, stats.completion_tokens_total) == (REPLAY_PROMPT_TOKENS, len("hi there"))
+    assert [(r.prompt_tokens, r.completion_tokens, r.cached_tokens) for r in rows] == [(REPLAY_PROMPT_TOKENS, generated, 0)]
+    assert (stats.prompt_tokens_total, stats.completion_tokens_total) == (REPLAY_PROMPT_TOKENS, generated)
 
 
 @pytest.mark.parametrize("usage", [{"prompt_tokens": -5, "completion_tokens": 3}, {"prompt_tokens": "5", "completion_tokens": "3"}, {"prompt_tokens": 1e30, "completion_tokens": 3.0}])

@@ -124,10 +124,11 @@ async def fronting(surface: LlamaServerSurface) -> AsyncIterator[tuple[UpstreamB
 
 class ManyChoicesSurface(CompletionsSurface):
     """llama-server's answer to ``n`` 2 as it gives it: both choices, and a usage that counts one
-    choice's tokens (measured on a real llama-server of the vendored llama.cpp)."""
+    choice's tokens (measured on a real llama-server of the vendored llama.cpp), its end-of-sequence
+    token included: each choice ended with one ("stop" with no stop string)."""
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        usage = {"prompt_tokens": 5, "completion_tokens": len(WORDS[0]), "total_tokens": 5 + len(WORDS[0])}
+        usage = {"prompt_tokens": 5, "completion_tokens": len(WORDS[0]) + 1, "total_tokens": 5 + len(WORDS[0]) + 1}
         if not (await request.json()).get("stream"):
             choices = [{"index": i, "text": "".join(words), "finish_reason": "stop"} for i, words in WORDS.items()]
             return web.json_response({"id": "cmpl-1", "object": "text_completion", "choices": choices, "usage": usage})
@@ -137,7 +138,9 @@ class ManyChoicesSurface(CompletionsSurface):
             for word in words:
                 chunk = {"id": "cmpl-1", "object": "text_completion", "choices": [{"index": i, "text": word, "finish_reason": None}]}
                 await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        await response.write(f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n".encode())
+            own = {"prompt_tokens": 5, "completion_tokens": len(words) + 1, "total_tokens": 5 + len(words) + 1}  # each choice's final chunk
+            end = {"id": "cmpl-1", "object": "text_completion", "choices": [{"index": i, "text": "", "finish_reason": "stop"}], "usage": own}
+            await response.write(f"data: {json.dumps(end)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         return response
 
@@ -145,7 +148,8 @@ class ManyChoicesSurface(CompletionsSurface):
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 async def test_llama_servers_usage_of_n_choices_is_counted_for_every_choice(stream: bool) -> None:
     """llama-server counts one choice's tokens in the usage of an answer with ``n`` choices: the
-    provider was paid for 4 tokens of 6, and the buyer was shown 4."""
+    provider was paid for 5 tokens of 8, and the buyer was shown 5; counted from their text, each
+    choice's end-of-sequence token was then left out (6 of 8)."""
     async with fronting(ManyChoicesSurface()) as (backend, front, buyer):
         body = {"model": "qwen/qwen3-8b", "prompt": "Tell me", "n": 2, "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
         async with buyer.post(front.make_url("/v1/completions"), json=body) as response:
@@ -155,9 +159,9 @@ async def test_llama_servers_usage_of_n_choices_is_counted_for_every_choice(stre
                 [usage] = [event["usage"] for event in events if event.get("usage")]
             else:
                 usage = (await response.json())["usage"]
-        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (5, 6), "the prompt once, every choice's tokens"
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (5, 8), "the prompt once, every choice's tokens and its EOS"
         assert backend.state is not None
-        assert (backend.state.counters.prompt_tokens_total, backend.state.counters.completion_tokens_total) == (5, 6)
+        assert (backend.state.counters.prompt_tokens_total, backend.state.counters.completion_tokens_total) == (5, 8)
 
 
 class HangingSurface(CompletionsSurface):

@@ -2,8 +2,8 @@
 documented surface (``LlamaServerSurface``) whose generations misbehave the way each test says.
 
 A test sets ``generation`` to a handler (``async def (request, body) -> StreamResponse``); the
-helpers below write the usual misbehaviours. ``/tokenize`` counts one token per character plus
-BOS, and a non-streamed 1-token replay reports ``REPLAY_PROMPT_TOKENS``, so an answer without a
+helpers below write the usual misbehaviours. ``/tokenize`` counts one token per character, plus
+BOS when asked for it (``add_special``, as llama-server's), and a non-streamed 1-token replay reports ``REPLAY_PROMPT_TOKENS``, so an answer without a
 usable usage is still counted (``vramsupply.upstream.usage``).
 """
 
@@ -131,7 +131,8 @@ class HostileUpstream(LlamaServerSurface):
             return web.Response(status=404)
         if self.counting_bomb is not None and "tokenize" in self.bombed:
             return self.bomb()
-        return web.json_response({"tokens": list(range(len((await request.json())["content"]) + 1))})
+        body = await request.json()
+        return web.json_response({"tokens": list(range(len(body["content"]) + (1 if body.get("add_special") else 0)))})
 
 
 @dataclass

@@ -9,7 +9,10 @@ buyer's answer.
 The text counted is what the model generated: a tool call's name once per call, however often the
 upstream repeats it (llama_cpp.server sends it again in every chunk of the call, OpenAI in the
 first only), and the stop sequence that ended a choice, which the upstream generated and counts
-but never sends (``stop_sequence``).
+but never sends (``stop_sequence``). A choice that no stop sequence ended but the model's own end
+of sequence (``finish_reason`` "stop" or "tool_calls") generated that token too, sent as no text:
+``ended`` counts those choices, and the tokenizer adds their tokens where the upstream counts them
+(``usage``).
 
 Counting needs the upstream, which may have just died: the stream it cut is the one to bill. A
 request that cannot be counted now is counted again in the background once the upstream answers
@@ -67,6 +70,8 @@ class Exchange:
     """Per choice, each tool call's name as counted so far (see ``text_of``)."""
     stops: dict[int, str] = field(default_factory=dict)
     """Per choice, the stop sequence that ended it (``stop_sequence``)."""
+    ended: set[int] = field(default_factory=set)
+    """The choices the model's end-of-sequence token (or a stop token id) ended (see the module docstring)."""
     prompt_usage: CountedUsage | None = None
     """The upstream's usage where only its prompt counts are taken (``take_usage``)."""
     session: aiohttp.ClientSession = field(init=False)
@@ -107,6 +112,8 @@ class Exchange:
             self.texts[index] = self.texts.get(index, "") + text_of(choice, self.tool_names.setdefault(index, {}))
             if choice.get("finish_reason") == "stop":
                 self.stops[index] = stop_sequence(choice, self.body)
+            if choice.get("finish_reason") in ("stop", "tool_calls") and not self.stops.get(index):
+                self.ended.add(index)
 
     def generated(self) -> list[str]:
         """Each choice's text as the upstream generated (and counts) it: what it sent, and its stop sequence."""
@@ -140,10 +147,13 @@ class Exchange:
                 self.recount_later(f"no count within {SETTLE_AFTER_FAILURE_SECONDS:g}s")
 
     async def _count(self) -> CountedUsage:
-        counter = self.counter()
-        if self.prompt_usage is not None:
-            return await counter.with_completion_counted(self.prompt_usage, self.generated(), self.bounds)
-        return await counter.count(self.path, self.body, self.generated(), self.bounds)
+        """The usage counted with the upstream's tokenizer: all of it, or the completion tokens of an
+        upstream whose usage counts one choice; a batch's prompts are counted too there, as its usage
+        counts one prompt's (llama-server: the first's in a whole answer, each its own in a stream)."""
+        counter, ended = self.counter(), len(self.ended)
+        if self.prompt_usage is not None and prompts_of(self.body) == 1:
+            return await counter.with_completion_counted(self.prompt_usage, self.generated(), ended, self.bounds)
+        return await counter.count(self.path, self.body, self.generated(), ended, self.bounds)
 
     def counter(self) -> UsageCounter:
         return UsageCounter(self.state.client, self.state.tokenizer, self.session)

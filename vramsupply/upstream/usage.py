@@ -9,9 +9,13 @@ endpoint (``/extras/tokenize`` of llama_cpp.server, ``/tokenize`` of llama-serve
 - completion tokens: each choice's text as it continues a prompt, i.e. the tokens of ``"\n" + text``
   minus those of ``"\n"`` (a text tokenized on its own gets a leading-space token a continuation
   never has, and BOS; the anchor cancels both). On the tiny test model this matched the server's
-  own non-streamed counts in every case tried;
-- prompt tokens of ``/v1/completions``: the prompt as the server tokenizes it (with BOS), or the
-  length of a token-id prompt;
+  own non-streamed counts in every case tried. A choice the model's end-of-sequence token ended
+  (or a stop token id) generated that token too, which no text shows: llama-server, vLLM and SGLang
+  count it (llama-server answers 1 completion token for an answer that is only its EOS), so it is
+  added, one a choice, where the tokenizer is theirs (``/tokenize``); llama_cpp.server
+  (``/extras/tokenize``) stops before counting it, and nothing is added there;
+- prompt tokens of ``/v1/completions``: each prompt as the server tokenizes it (with BOS: llama-server's
+  ``/tokenize`` adds it only when asked, ``add_special``), or the length of a token-id prompt;
 - prompt tokens of a chat: only the server knows its chat template, so the same messages are replayed
   once without streaming and with ``max_tokens`` 1 after the stream ended; its ``usage.prompt_tokens``
   is the exact count, and the replay is served from the server's prompt cache.
@@ -158,6 +162,10 @@ class Tokenizer:
             return tokens
         return max(0, tokens - await self._special_count(session, endpoint))
 
+    async def counts_end_tokens(self, session: aiohttp.ClientSession) -> bool:
+        """Whether the server counts the end-of-sequence token a choice ended with (see the module docstring)."""
+        return await self._find(session) != "/extras/tokenize"
+
     async def count_continuation(self, session: aiohttp.ClientSession, text: str) -> int:
         """Tokens ``text`` adds when it continues a prompt (see the module docstring)."""
         if not text:
@@ -192,7 +200,8 @@ class Tokenizer:
         return self._special_tokens
 
     async def _tokenize(self, session: aiohttp.ClientSession, endpoint: str, text: str) -> int:
-        body = {"input": text} if endpoint == "/extras/tokenize" else {"content": text, "prompt": text, "model": self._model}
+        # llama-server reads "content" and adds BOS only with "add_special"; vLLM reads "prompt" (BOS by default)
+        body = {"input": text} if endpoint == "/extras/tokenize" else {"content": text, "add_special": True, "prompt": text, "model": self._model}
         url = self._client.root_url + endpoint
         try:
             async with open_session(session).post(url, json=body, timeout=PROBE_TIMEOUT) as reply:
@@ -255,33 +264,34 @@ class UsageCounter:
         """The agent is stopping: nothing can be counted through the upstream any more."""
         return self._session.closed
 
-    async def count(self, path: str, body: dict[str, Any], texts: list[str], bounds: UsageBounds) -> CountedUsage:
-        """``texts``: each choice's generated text."""
-        completion = await self.completion_tokens(texts)
+    async def count(self, path: str, body: dict[str, Any], texts: list[str], ended: int, bounds: UsageBounds) -> CountedUsage:
+        """``texts``: each choice's generated text; ``ended``: the choices an end-of-sequence token ended."""
+        completion = await self.completion_tokens(texts, ended)
         prompt = await self._prompt_tokens(path, body, bounds)
         if not (_count(prompt, bounds.prompt) and _count(completion, bounds.completion)):
             raise CountImpossible(f"the tokenizer counted an implausible {prompt} prompt and {completion} completion tokens")
         return CountedUsage(prompt, completion, source="tokenizer")
 
-    async def completion_tokens(self, texts: list[str]) -> int:
-        """Every choice's generated tokens, each as it continues its prompt."""
-        return sum([await self._tokenizer.count_continuation(self._session, text) for text in texts])
+    async def completion_tokens(self, texts: list[str], ended: int) -> int:
+        """Every choice's generated tokens, each as it continues its prompt, and the end-of-sequence
+        token of the ``ended`` choices where the server counts it."""
+        text_tokens = sum([await self._tokenizer.count_continuation(self._session, text) for text in texts])
+        return text_tokens + (ended if ended and await self._tokenizer.counts_end_tokens(self._session) else 0)
 
-    async def with_completion_counted(self, usage: CountedUsage, texts: list[str], bounds: UsageBounds) -> CountedUsage:
+    async def with_completion_counted(self, usage: CountedUsage, texts: list[str], ended: int, bounds: UsageBounds) -> CountedUsage:
         """``usage``'s prompt counts, with every choice's completion tokens counted here (an upstream
         whose usage counts one choice of several: ``FrontState.one_choice_usage``)."""
-        completion = await self.completion_tokens(texts)
+        completion = await self.completion_tokens(texts, ended)
         if not _count(completion, bounds.completion):
             raise CountImpossible(f"the tokenizer counted an implausible {completion} completion tokens")
         return CountedUsage(usage.prompt_tokens, completion, usage.cached_tokens, "tokenizer", dict(usage.prompt_details))
 
     async def _prompt_tokens(self, path: str, body: dict[str, Any], bounds: UsageBounds) -> int:
-        prompt = body.get("prompt")
-        if path == "/completions" and isinstance(prompt, str):
-            return await self._tokenizer.count(self._session, prompt, special=True)
-        if path == "/completions" and isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            return len(prompt)
-        return await self._replayed_prompt_tokens(path, body, bounds)
+        prompts = completion_prompts(body.get("prompt")) if path == "/completions" else None
+        if prompts is None:
+            return await self._replayed_prompt_tokens(path, body, bounds)
+        counts = [len(p) if isinstance(p, list) else await self._tokenizer.count(self._session, p, special=True) for p in prompts]
+        return sum(counts)
 
     async def _replayed_prompt_tokens(self, path: str, body: dict[str, Any], bounds: UsageBounds) -> int:
         """The server's own prompt count for these messages: one non-streamed 1-token replay."""
@@ -301,6 +311,20 @@ class UsageCounter:
         if usage is None:
             raise CountImpossible("the upstream reports no usage (or one it cannot have counted) even for a non-streamed request")
         return usage.prompt_tokens
+
+
+def completion_prompts(prompt: Any) -> list[str | list[int]] | None:
+    """The prompts of a ``/v1/completions`` request, each a text or token ids (a batch is a list of
+    either), counted one by one; None for anything else (the replay counts it, as the server does)."""
+    if isinstance(prompt, str) or _token_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_ids(p) for p in prompt):
+        return list(prompt)
+    return None
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 ESTIMATE_BYTES_PER_TOKEN = 4
