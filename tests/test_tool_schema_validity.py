@@ -117,6 +117,20 @@ def test_the_draft_is_the_one_dollar_schema_names_and_older_forms_are_still_read
     assert body["message"] == "Invalid schema for function 'broken': 'n' is not of type 'array', at required"
 
 
+def test_a_draft_4_stamp_with_later_forms_and_null_descriptions_are_accepted(qwen: LiveServer) -> None:
+    """Generators that stamp Draft 4 write an empty ``required`` (which Draft 4's meta-schema
+    refused), and clients send a null ``description`` for an empty one: both were accepted before
+    the meta-schema check, and are still; a property's schema that is null is still refused."""
+    stamped = {"$schema": "http://json-schema.org/draft-04/schema#", "type": "object", "properties": {"city": {"type": "string"}}, "required": []}
+    noted = {"type": "object", "title": None, "properties": {"city": {"type": "string", "description": None}, "description": {"type": "string"}}}
+    with sdk(qwen) as client:
+        for parameters in (stamped, noted):
+            response = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tools(parameters), tool_choice="auto", max_tokens=5, extra_body=NO_THINKING)
+            assert response.choices[0].finish_reason in ("stop", "length", "tool_calls"), response.choices[0]
+    body = refused(qwen, tools=tools({"type": "object", "properties": {"description": None}}))
+    assert body["message"].startswith("Invalid schema for function 'broken': None is not of type"), body
+
+
 def test_the_valid_schemas_agents_send_are_accepted_with_every_tool_choice(qwen: LiveServer) -> None:
     """What pydantic and MCP servers write: ``$defs`` and ``$ref``, ``anyOf`` with null, enums,
     ``additionalProperties``, titles and descriptions, a ``format``, a ``pattern``, and a

@@ -7,11 +7,13 @@ tool's schema is only converted for the lazy grammar, and a failure there was si
 blaming the converter rather than the schema. OpenAI refuses such a schema with a 400 naming the
 function; so does this server, by the ``jsonschema`` library's meta-schemas.
 
-The draft is the one the schema's ``$schema`` names. Without one (or with one ``jsonschema`` does
-not know), Draft 2020-12, which OpenAI validates against; a schema it refuses is still taken when
-Draft 7 or Draft 4 accepts it, as the converter reads their forms too (a tuple's ``items`` list,
-a boolean ``exclusiveMinimum``), and buyers' older tools write them without a ``$schema``. The
-reason given is 2020-12's. Formats in the meta-schemas are not asserted (which ones
+The draft is the one the schema's ``$schema`` names, or a later one (Draft 4 refused an empty
+``required``, which generators that stamp Draft 4 still write). Without one (or with one
+``jsonschema`` does not know), Draft 2020-12, which OpenAI validates against; a schema it refuses
+is still taken when Draft 7 or Draft 4 accepts it, as the converter reads their forms too (a
+tuple's ``items`` list, a boolean ``exclusiveMinimum``), and buyers' older tools write them without
+a ``$schema``. The reason given is the first draft's. A null ``description`` or ``title`` (a
+client's empty one) is passed over: annotations say nothing of the values. Formats in the meta-schemas are not asserted (which ones
 ``jsonschema`` checks depends on the optional packages installed): a ``pattern`` is an ECMA-262
 regex, for ``pattern.py`` to judge where a grammar needs it.
 
@@ -27,7 +29,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from jsonschema import Draft4Validator, Draft7Validator, Draft202012Validator, validators
+from jsonschema import Draft4Validator, Draft6Validator, Draft7Validator, Draft201909Validator, Draft202012Validator, validators
 from jsonschema.exceptions import ValidationError, best_match
 
 MAX_REASON = 300
@@ -35,6 +37,11 @@ MAX_REASON = 300
 TYPES = "array, boolean, integer, null, number, object and string"
 _LATEST = Draft202012Validator
 _OLDER = (Draft7Validator, Draft4Validator)
+_IN_ORDER = (Draft4Validator, Draft6Validator, Draft7Validator, Draft201909Validator, Draft202012Validator)
+NOTES = ("description", "title", "$comment")
+"""Annotations that say nothing of the values: null there (a client's empty description) is
+passed over, not refused."""
+_NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
 class InvalidSchema(ValueError):
@@ -56,7 +63,7 @@ def check_valid(schema: Any) -> None:
 @lru_cache(maxsize=256)
 def _verdict(text: str) -> tuple[str, str] | None:
     """(message, path) of the schema's first fault, or None when it has none."""
-    schema = json.loads(text)
+    schema = _without_null_notes(json.loads(text))
     first, *others = _drafts(schema)
     error = best_match(_meta_validator(first).iter_errors(schema))
     if error is None or any(_meta_validator(draft).is_valid(schema) for draft in others):
@@ -65,13 +72,33 @@ def _verdict(text: str) -> tuple[str, str] | None:
 
 
 def _drafts(schema: Any) -> tuple[type, ...]:
-    """The draft ``$schema`` names alone; without one, 2020-12 and then the older ones."""
+    """The draft ``$schema`` names, then the later ones (a generator that stamps Draft 4 may write
+    a later draft's forms, such as an empty ``required``, which Draft 4 refused); without one,
+    2020-12 and then the older ones."""
     named = schema.get("$schema") if isinstance(schema, dict) else None
     if isinstance(named, str):
         draft = validators.validator_for(schema, default=None)
         if draft is not None:
-            return (draft,)
+            return _IN_ORDER[_IN_ORDER.index(draft) :] if draft in _IN_ORDER else (draft,)
     return (_LATEST, *_OLDER)
+
+
+def _without_null_notes(node: Any) -> Any:
+    """``node`` (a schema) without the ``NOTES`` that are null, at every level; the names under
+    ``properties`` and the like are parameters' names, kept whatever their schema."""
+    if isinstance(node, list):
+        return [_without_null_notes(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    kept: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in NOTES and value is None:
+            continue
+        if key in _NAMED_SCHEMAS and isinstance(value, dict):
+            kept[key] = {name: _without_null_notes(schema) for name, schema in value.items()}
+        else:
+            kept[key] = _without_null_notes(value)
+    return kept
 
 
 def _meta_validator(draft: type) -> Any:
