@@ -60,7 +60,7 @@ def test_a_setting_from_the_environment_is_named_by_its_variable() -> None:
 def test_a_message_with_brackets_is_printed_as_written() -> None:
     result = run_cli("models", "pull", "[not-a-model]")
 
-    assert result.returncode == 1
+    assert result.returncode == 2  # a malformed model argument is a usage error
     assert "[not-a-model]" in result.stderr and "Traceback" not in result.stderr
 
 
