@@ -258,4 +258,4 @@ def _keep_limit(task: Task) -> int:
     (sampling needs its logits), or, while its prompt is being scored, the positions before the
     first row still to decode for that (``Task.scoring``)."""
     limit = len(task.to_prefill) - 1
-    return min(limit, len(task.prompt_scores)) if task.scoring else limit
+    return min(limit, task.prompt_scores.taken) if task.scoring else limit

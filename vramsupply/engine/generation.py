@@ -94,12 +94,12 @@ def deliver(events: list[Event]) -> None:
         event.channel.push(event)
 
 
-def post_prompt_scores(channel: Channel, scores: list[TokenLogprob]) -> None:
+def post_prompt_scores(channel: Channel, scores: tuple[TokenLogprob, ...]) -> None:
     """Hand a request's prompt scores over, ahead of its first token's event (which the outbox
     posts later, on the same loop). Apart from ``post``: only requests that asked for them send
     them, so no other event pays for them. A closed loop is the outbox's to find (``_abandon``)."""
     try:
-        channel.loop.call_soon_threadsafe(channel.scored, tuple(scores))
+        channel.loop.call_soon_threadsafe(channel.scored, scores)
     except RuntimeError:
         pass
 

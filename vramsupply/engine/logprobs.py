@@ -7,11 +7,12 @@ this: it is one pass over ``n_vocab`` floats per token. With sampling on the dev
 copied to the host), such requests must still get a host logits row.
 
 A prompt's tokens are scored the same way (``score_rows``), from the logits of every row of its
-prefill chunks: row ``p`` gives the log-probability of prompt token ``p + 1``. Each row is reduced
-to that token's log-probability and its ``top_n`` best as soon as it is read, a block of rows at a
-time, so a long prompt never holds its prompt length times the vocabulary in floats; and a step
-holds at most ``scored_rows`` such rows of logits (llama.cpp keeps a step's logits in one buffer
-that only grows: 4,000 rows of a 32k vocabulary would be 512 MB of it).
+prefill chunks: row ``p`` gives the log-probability of prompt token ``p + 1``. The scheduler thread
+only copies a chunk's rows out of llama.cpp's buffer (``copy_rows``: the next decode overwrites
+them); a worker reduces the copy (``scoring.py``) to each token's log-probability and its ``top_n``
+best, a block of rows at a time, so a long prompt never holds its prompt length times the
+vocabulary in floats; and a step holds at most ``scored_rows`` such rows of logits (llama.cpp keeps
+a step's logits in one buffer that only grows: 4,000 rows of a 32k vocabulary would be 512 MB of it).
 """
 
 from __future__ import annotations
@@ -62,20 +63,22 @@ def scored_rows(n_vocab: int) -> int:
     return max(MIN_SCORED_ROWS, SCORED_LOGITS // max(n_vocab, 1))
 
 
-def score_rows(
-    ctx: llama_cpp.llama_context_p, first_row: int, count: int, n_vocab: int, tokens: np.ndarray, top_n: int
-) -> list[TokenLogprob]:
-    """``tokens[i]``'s log-probability and the ``top_n`` best from logits row ``first_row + i`` of
-    the last decode, for the ``count`` consecutive rows (all with logits: llama.cpp keeps them
-    contiguous, in batch order), as ``logprobs_from_logits`` computes them for one row."""
+def copy_rows(ctx: llama_cpp.llama_context_p, first_row: int, count: int, n_vocab: int) -> np.ndarray:
+    """A copy of logits rows ``first_row`` .. ``first_row + count - 1`` of the last decode (all with
+    logits: llama.cpp keeps them contiguous, in batch order), which the next decode overwrites."""
+    pointer = llama_cpp.llama_get_logits_ith(ctx, first_row)
+    if not pointer:
+        raise ValueError(f"llama.cpp has no logits for batch row {first_row}")
+    return np.ctypeslib.as_array(pointer, shape=(count, n_vocab)).copy()
+
+
+def score_rows(logits: np.ndarray, tokens: np.ndarray, top_n: int) -> list[TokenLogprob]:
+    """``tokens[i]``'s log-probability and the ``top_n`` best from row ``i`` of ``logits``, as
+    ``logprobs_from_logits`` computes them for one row, a block of rows at a time."""
     scores: list[TokenLogprob] = []
-    block = max(1, BLOCK_LOGITS // n_vocab)
-    for start in range(0, count, block):
-        rows = min(block, count - start)
-        pointer = llama_cpp.llama_get_logits_ith(ctx, first_row + start)
-        if not pointer:
-            raise ValueError(f"llama.cpp has no logits for batch row {first_row + start}")
-        scores += score_block(np.ctypeslib.as_array(pointer, shape=(rows, n_vocab)), tokens[start : start + rows], top_n)
+    block = max(1, BLOCK_LOGITS // max(logits.shape[1], 1))
+    for start in range(0, len(tokens), block):
+        scores += score_block(logits[start : start + block], tokens[start : start + block], top_n)
     return scores
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 import llama_cpp
 
+from .scoring import Scored
 from .slots import Slot
 
 
@@ -39,9 +40,10 @@ class OffThreadSampling:
         slot.pending = self._pool.submit(sampler.sample_loaded)
 
     @staticmethod
-    def ready(slots: Iterable[Slot]) -> list[tuple[Slot, int | BaseException]]:
-        """Slots whose token has arrived (or whose sampling failed), each taken off the worker."""
-        done: list[tuple[Slot, int | BaseException]] = []
+    def ready(slots: Iterable[Slot]) -> list[tuple[Slot, int | Scored | BaseException]]:
+        """Slots whose token has arrived (or whose sampling failed), each taken off the worker; and
+        those whose prompt's scores have (``scoring.py``), with the token held back for them."""
+        done: list[tuple[Slot, int | Scored | BaseException]] = []
         for slot in slots:
             future = slot.pending
             if future is not None and future.done():
@@ -52,7 +54,7 @@ class OffThreadSampling:
 
     @staticmethod
     def wait(slots: Iterable[Slot], timeout: float) -> bool:
-        """Block until some slot's token arrives (True) or ``timeout`` passes with none (False)."""
+        """Block until some slot's token (or scores) arrives (True) or ``timeout`` passes with none (False)."""
         pending = [slot.pending for slot in slots if slot.pending is not None]
         if not pending:
             return False

@@ -17,10 +17,11 @@ import llama_cpp
 from . import backend_sampling
 from .cadence import Cadence
 from .counters import Counters
-from .generation import Event, Finish, post
+from .generation import Event, Finish, post, post_prompt_scores
 from .logprobs import TokenLogprob
 from .model import Model
 from .preempt import KvPressure
+from .scoring import Scored
 from .slots import Slot, Tally, Task
 from .types import EngineError
 
@@ -67,6 +68,17 @@ class Outbox:
             slot.next_token = token
             self._events.append(Event(task.channel, delta.text, token, None, logprob))
         return 1
+
+    def scored(self, slot: Slot, scored: Scored) -> int:
+        """A scored prompt's scores are all in (``scoring.py``): they go to its buyer now, ahead of
+        the first token held back for them, which goes on as any token; with no token
+        (``max_tokens`` 0) the request ends, its usage counting the prompt."""
+        assert slot.task is not None
+        post_prompt_scores(slot.task.channel, scored.scores)
+        if scored.token is None:
+            self.end_slot(slot, Finish("length", slot.usage()))
+            return 0
+        return self.token(slot, scored.token, scored.logprob)
 
     def _end_token(self, slot: Slot, logprob: TokenLogprob | None) -> int:
         """An end-of-generation token: it counts (the model decoded it: vLLM's usage and

@@ -2,7 +2,8 @@
 
 A slot's row is sampled in one of three ways: on the host with the request's own chain (the
 default), by llama.cpp inside the graph (``backend_sampling``), or, for a grammar request, on the
-grammar worker (``offthread``) so the step never waits for it. A slot that carried a prompt-lookup
+grammar worker (``offthread``) so the step never waits for it. A prompt being scored has its rows
+copied for the scoring worker (``scoring``). A slot that carried a prompt-lookup
 draft (``speculative``) has one row per drafted token: they are sampled in order while the
 sampled token is the drafted one, and the unconfirmed rest leaves the KV cache.
 
@@ -22,9 +23,10 @@ import numpy as np
 from . import backend_sampling
 from .batch import Batch
 from .counters import Counters
-from .logprobs import TokenLogprob, score_rows, token_logprob
+from .logprobs import TokenLogprob, token_logprob
 from .offthread import OffThreadSampling
 from .sampling import StepWinners
+from .scoring import OffThreadScoring
 from .slots import NO_DRAFT, Slot, Task
 from .speculative import lookup
 
@@ -42,6 +44,7 @@ class RowSampler:
         self._counters = counters
         self._winners = StepWinners(n_vocab, batch)
         self.offthread = OffThreadSampling()
+        self.scoring = OffThreadScoring()
 
     def new_step(self) -> None:
         """After each decode: greedy rows' winners are taken afresh, all at once (``sampling.py``)."""
@@ -118,13 +121,14 @@ class RowSampler:
 
     def score_prompt(self, task: Task, first_row: int, position: int, count: int) -> None:
         """Score the prompt tokens that rows ``first_row`` .. ``first_row + count - 1`` (positions
-        from ``position``) predict and that have no score yet: row ``p`` scores token ``p + 1``."""
+        from ``position``) predict and that have no score yet: row ``p`` scores token ``p + 1``. The
+        rows are copied now; the scoring worker reduces them."""
         prompt, scores = task.prompt, task.prompt_scores
-        start = max(0, len(scores) - position)  # rows whose token is scored already (decoded again)
+        start = max(0, scores.taken - position)  # rows whose token is scored already (decoded again)
         stop = min(count, len(prompt) - 1 - position)  # the prompt's last row predicts no prompt token
         if start < stop:
             tokens = prompt[position + start + 1 : position + stop + 1]
-            scores += score_rows(self._ctx, first_row + start, stop - start, self._n_vocab, tokens, task.prompt_logprobs or 0)
+            self.scoring.reduce(scores, self._ctx, first_row + start, stop - start, self._n_vocab, tokens, task.prompt_logprobs or 0)
 
     def _settle_draft(self, slot: Slot, drafted: int, accepted: int) -> None:
         """Count the draft, and drop its unconfirmed tokens from the KV cache."""

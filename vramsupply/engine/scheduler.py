@@ -46,6 +46,7 @@ from .outbox import Outbox
 from .preempt import KvPressure
 from .priority import lower_compute_priority
 from .prompt_cache import HostPromptCache
+from .scoring import Scored
 from .slots import Slot, Task
 from .step import StepRunner
 from .thread_tuner import StepThreads, ThreadTuner
@@ -284,7 +285,7 @@ class Scheduler:
             log.debug("where the scheduler thread failed", exc_info=True)
             self._died(f"the scheduler thread failed: {exc!r}")
         finally:
-            self._offthread.close()
+            self._steps.close()
 
     def _died(self, cause: str) -> None:
         """The engine has failed: refuse new requests, end every one held with ``cause``, end the thread."""
@@ -315,18 +316,22 @@ class Scheduler:
         return True
 
     def _await_offthread(self) -> bool:
-        """Every active slot awaits a token from the grammar worker: hand over what is held, then block."""
+        """Every active slot awaits a token from the grammar worker, or its prompt's scores from the
+        scoring worker: hand over what is held, then block."""
         self._cadence.urgent()
         self._out.flush()
         return self._offthread.wait(self._slots, PENDING_WAIT_SECONDS)
 
     def _take_sampled(self) -> None:
-        """Tokens sampled off the thread (grammar requests, ``offthread.py``) since the last step."""
+        """Tokens sampled off the thread (grammar requests, ``offthread.py``) since the last step,
+        and prompts' scores made off the thread, with the first token held for them (``scoring.py``)."""
         generated = 0
         for slot, result in self._offthread.ready(self._slots):
             if isinstance(result, BaseException):
-                error = EngineError(f"sampling this request's grammar failed: {result}")
+                error = result if isinstance(result, EngineError) else EngineError(f"sampling this request's grammar failed: {result}")
                 self._out.end_slot(slot, Finish(None, slot.usage(), error))
+            elif isinstance(result, Scored):
+                generated += self._out.scored(slot, result)
             else:
                 generated += self._out.token(slot, result)
         self._counters.add(completion_tokens_total=generated)

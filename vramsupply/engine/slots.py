@@ -16,8 +16,9 @@ import numpy as np
 from .cache_entries import common_prefix
 from .checkpoints import Checkpoint
 from .generation import Channel
-from .logprobs import MIN_SCORED_ROWS, TokenLogprob
+from .logprobs import MIN_SCORED_ROWS
 from .sampling import RequestSampler
+from .scoring import PromptScores, Scored
 from .speculative import DraftState
 from .text import StopStrings, TextStream
 from .types import Usage
@@ -109,8 +110,9 @@ class Task:
     """Alternatives per prompt token to report with its log-probability (an echo with logprobs);
     None: the prompt is not scored. Such a prompt is decoded from where its scores stop, never from
     a cached prefix beyond (``admission.py``): cached positions have no logits."""
-    prompt_scores: list[TokenLogprob] = field(default_factory=list)
-    """The scores of prompt tokens 1, 2, ... so far (token 0 has none: nothing precedes it)."""
+    prompt_scores: PromptScores = field(default_factory=PromptScores)
+    """The scores of prompt tokens 1, 2, ... so far (token 0 has none: nothing precedes it), being
+    reduced on the scoring worker (``scoring.py``)."""
 
     def share_scores(self) -> None:
         """A later choice (``shares_prompt_with``) takes its first choice's prompt scores once
@@ -122,8 +124,8 @@ class Task:
     @property
     def scoring(self) -> bool:
         """Prompt tokens wait for their scores (only a request that asked for them). Row ``p`` of
-        the prompt scores token ``p + 1``, so it may start from at most ``len(prompt_scores)`` tokens."""
-        return self.prompt_logprobs is not None and len(self.prompt_scores) < len(self.prompt) - 1
+        the prompt scores token ``p + 1``, so it may start from at most ``prompt_scores.taken`` tokens."""
+        return self.prompt_logprobs is not None and self.prompt_scores.taken < len(self.prompt) - 1
 
     @property
     def to_prefill(self) -> np.ndarray:
@@ -178,7 +180,8 @@ class Slot:
         self.draft = NO_DRAFT  # prompt-lookup tokens in the current batch after next_token
         self.backend_sampled = False  # the task's chain runs in llama.cpp's graph (backend_sampling)
         self.drafts = DraftState(max_draft)
-        self.pending: Future[int] | None = None  # its token, being sampled off the thread (offthread)
+        # Its token, being sampled off the thread (offthread), or held back for its prompt's scores (scoring).
+        self.pending: Future[int] | Future[Scored] | None = None
         self.checkpoints: list[Checkpoint] = []  # a recurrent state part way (checkpoints.py)
         self.checkpoints_due: list[int] = []  # where the prompt being prefilled gets them, ascending
         self.scored_rows = MIN_SCORED_ROWS  # a scored prompt's rows per step (``logprobs.scored_rows``; set by ``step.py``)
@@ -310,7 +313,7 @@ class Slot:
     def release(self) -> Task:
         task = self.task
         assert task is not None
-        if self.pending is not None:  # the worker still walks the grammar: close the sampler after it
+        if self.pending is not None:  # a worker may still walk the grammar: close the sampler after it
             self.pending.add_done_callback(lambda _: task.sampler.close())
             self.pending = None
         else:

@@ -13,11 +13,12 @@ once ``pacing.py`` has planned its rows:
 - every slot with a logits row is sampled (``rows.py``) and a prompt that reached its
   checkpoint gets one (``checkpoints.py``); the step's time teaches the pacer and the thread tuner;
 - a prompt a request asked to score (an echo with logprobs) has logits in every row of its chunks,
-  each reduced to its next token's score as soon as the step is decoded (``logprobs.py``), and the
-  scores go to its buyer when the prompt is in; a request with ``max_tokens`` 0 ends there. Only
-  such requests' chunks take that path (``_fill_prompt``): every other row costs what it did.
+  copied as soon as the step is decoded and reduced to each next token's score on the scoring
+  worker (``scoring.py``); when the prompt is in, its first token (or, with ``max_tokens`` 0, its
+  end) waits for the last scores, which go to its buyer first. Only such requests' chunks take
+  that path (``_fill_prompt``): every other row costs what it did.
 
-Everything here runs on the scheduler thread.
+Everything here runs on the scheduler thread; only the reductions of scored rows run on the scoring worker.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import numpy as np
 from .batch import Batch
 from .checkpoints import save_checkpoint
 from .counters import Counters
-from .generation import Finish, post_prompt_scores
+from .generation import Finish
 from .liveness import Liveness, decode_status
-from .logprobs import scored_rows
+from .logprobs import TokenLogprob, scored_rows
 from .outbox import Outbox
 from .pacing import PrefillPacer, decode_parts
 from .preempt import KvPressure
@@ -147,19 +148,36 @@ class StepRunner:
         slot.record(chunk)
         return row if sample else -1
 
-    def _after_prompts(self) -> None:
-        """Score this step's scored prompt rows; a prompt that is in has its scores sent, before
-        its first token, and one of ``max_tokens`` 0 ends (its usage counts the prompt)."""
+    def _after_prompts(self) -> set[Slot]:
+        """Hand this step's scored prompt rows to the scoring worker. A prompt that is in and was
+        scored waits for its scores: its first token is held (``_hold``; these slots are returned),
+        or, with ``max_tokens`` 0, its end, until the worker has them all (``Outbox.scored``). One
+        of ``max_tokens`` 0 that was not scored ends now (its usage counts the prompt)."""
+        held = set()
         for slot, row, position, count, last in self._prompted:
             task = slot.task
             assert task is not None
             if task.scoring:
                 self._rows.score_prompt(task, row, position, count)
             if last and task.prompt_logprobs is not None:
-                post_prompt_scores(task.channel, task.prompt_scores)
-            if last and not task.max_completion:
+                held.add(slot)
+                if not task.max_completion:  # no token to sample: the end waits
+                    slot.pending = self._rows.scoring.after(task.prompt_scores, None, None)
+            elif last and not task.max_completion:
                 self._out.end_slot(slot, Finish("length", slot.usage()))
         self._prompted = []
+        return held
+
+    def _hold(self, slot: Slot, token: int, logprob: TokenLogprob | None) -> int:
+        """The first token after a scored prompt, held until its scores are all in (``Outbox.scored``)."""
+        assert slot.task is not None
+        slot.pending = self._rows.scoring.after(slot.task.prompt_scores, token, logprob)
+        return 0
+
+    def close(self) -> None:
+        """Wait for the workers (the grammar's, the scores'): the scheduler thread is ending."""
+        self._rows.offthread.close()
+        self._rows.scoring.close()
 
     def _decode(self, part: Plan, alone: bool) -> float | None:
         """Decode ``part`` of a step and sample its rows; the ``llama_decode`` call's seconds, or None
@@ -176,12 +194,11 @@ class StepRunner:
             return None
         self._liveness.decoded()
         self._rows.new_step()
-        if self._prompted:
-            self._after_prompts()
+        held = self._after_prompts() if self._prompted else set()
         generated = 0
         for slot in in_batch:
             if slot.row >= 0:
-                generated += self._rows.sample(slot, self._out.token)
+                generated += self._rows.sample(slot, self._hold if slot in held else self._out.token)
             elif slot.resume_token is not None and not slot.prefilling:  # resumed: carry on generating
                 slot.next_token, slot.resume_token = slot.resume_token, None
         prefilled = sum(len(chunk) for _, chunk in part if chunk is not None)
