@@ -5,12 +5,17 @@ the server's write waits for a reader that never comes. It used to wait forever,
 connection and the unsent answer, and a stop waited for it too: twice the drain timeout for one
 SIGTERM, and a second SIGTERM ("stop now") did not stop at once. The clients here are raw
 sockets with a tiny receive buffer that read nothing; the server is the real ``ApiServer``.
+
+Closing such a client wrote two lines under systemd: our warning, then the request's access line,
+which said "(the buyer hung up)" though the agent had closed the connection. It is one line now.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import signal
 import socket
 import time
@@ -19,11 +24,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from agent_process import AgentProcess
+import pytest
 from aiohttp import web
 from conftest import TINY_MODEL
 
-from vramsupply.server.app import STOP_GRACE_SECONDS, ApiServer
+from vramsupply.server.app import DEFAULT_MAX_BODY_BYTES, STOP_GRACE_SECONDS, ApiServer, Routes, openai_app
 from vramsupply.server.stalled import OPEN_REQUESTS, OpenRequests
+from vramsupply.server.state import ServerState
 
 CHUNK = b"data: " + b"x" * 65536 + b"\n\n"
 
@@ -42,6 +49,19 @@ async def serving(open_requests: OpenRequests, drain_timeout: float = 30.0) -> A
     app[OPEN_REQUESTS] = open_requests
     app.router.add_get("/stream", endless)
     server = ApiServer(app, "127.0.0.1", 0, drain_timeout=drain_timeout)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@asynccontextmanager
+async def serving_the_api(access_log: logging.Logger | None) -> AsyncIterator[ApiServer]:
+    """The agent's own app and middlewares (access lines, metrics), every route an endless answer."""
+    app = openai_app(ServerState("m"), DEFAULT_MAX_BODY_BYTES, Routes(*[endless] * 6))
+    app[OPEN_REQUESTS].stall_seconds, app[OPEN_REQUESTS].check_seconds = 1.0, 0.1
+    server = ApiServer(app, "127.0.0.1", 0, access_log=access_log)
     await server.start()
     try:
         yield server
@@ -110,6 +130,27 @@ async def test_a_stop_ends_at_the_drain_deadline_however_a_client_reads() -> Non
         finally:
             client.close()
     assert took < 0.5 + STOP_GRACE_SECONDS + 2, f"the stop took {took:.1f} s (twice the drain before)"
+
+
+@pytest.mark.parametrize("access_log", [True, False], ids=["access log (systemd)", "no access log (terminal)"])
+async def test_a_client_closed_for_reading_nothing_is_one_log_line_that_says_so(access_log: bool, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with serving_the_api(logging.getLogger("vramsupply.access") if access_log else None) as server:
+        client = not_reading(server.port, "/v1/completions", b"{}", "POST")
+        try:
+            await until(lambda: len(server.app[OPEN_REQUESTS]) == 1, timeout=5)
+            # counted as 499 when its handler is cancelled, just before its access line is written, if any
+            await until(lambda: b'status="499"' in server.state.metrics.render(), timeout=10)
+        finally:
+            client.close()
+    lines = [f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records]
+    assert len(lines) == 1, lines  # before: a warning, then an access line that blamed the buyer
+    [line] = lines
+    why = r"its client read nothing for \d+ s, \d+ bytes unsent"
+    if access_log:
+        assert re.fullmatch(rf'WARNING vramsupply\.access: 127\.0\.0\.1 "POST /v1/completions HTTP/1\.1" 499 - [\d.]+s req_\w+ \(closed: {why}\)', line), line
+    else:
+        assert re.fullmatch(rf"WARNING vramsupply\.server\.stalled: closing the connection of POST /v1/completions from 127\.0\.0\.1: {why}", line), line
 
 
 def completion_tokens(port: int) -> float:

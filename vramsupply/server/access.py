@@ -10,6 +10,10 @@ The line is what aiohttp's ``%a "%r" %s %b %Tfs %{x-request-id}o`` wrote, with t
 attributes (``logging.QuietProbes`` reads ``first_request_line`` and ``response_status``)::
 
     127.0.0.1 "POST /v1/chat/completions HTTP/1.1" 200 812 0.412345s trace-42 chatcmpl-9f…
+
+A request whose connection the server closed because its client read nothing (``stalled.py``) gets
+this line too, as a WARNING with the reason in place of "the buyer hung up": one line, not a
+warning of the closing and an access line that blamed the buyer's hang-up.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from vramsupply.server.errors import REQUEST_ID_HEADER, completion_beside
+
+ACCESS_LOG = web.AppKey("access_log", logging.Logger)
+"""The access logger the server runs with, if any: who writes the lines aiohttp does not."""
 
 
 class AccessLine(AbstractAccessLogger):
@@ -38,7 +45,8 @@ class AccessLine(AbstractAccessLogger):
 
 
 def write_access_line(
-    logger: logging.Logger, request: web.BaseRequest, status: int, size: int | str, seconds: float, echoed: str, note: str = ""
+    logger: logging.Logger, request: web.BaseRequest, status: int, size: int | str, seconds: float, echoed: str, note: str = "",
+    level: int = logging.INFO,
 ) -> None:
     """``echoed``: the ``x-request-id`` the response carried; ``note`` follows the ids
     (`` (the buyer hung up)``, for a line aiohttp does not write)."""
@@ -52,4 +60,4 @@ def write_access_line(
     if completion is not None:
         extra["completion_id"] = completion
     ids = echoed if completion is None else f"{echoed} {completion}"
-    logger.info('%s "%s" %s %s %.6fs %s%s', remote, first, status, size, seconds, ids, note, extra=extra)
+    logger.log(level, '%s "%s" %s %s %.6fs %s%s', remote, first, status, size, seconds, ids, note, extra=extra)

@@ -20,17 +20,14 @@ from aiohttp import web
 
 from vramsupply.engine import Engine
 from vramsupply.listen import start_sites
-from vramsupply.server.access import AccessLine, write_access_line
+from vramsupply.server.access import ACCESS_LOG, AccessLine, write_access_line
 from vramsupply.server.completions import chat_completions, completions
 from vramsupply.server.errors import ApiError, add_request_id, error_middleware, request_id
 from vramsupply.server.framing import OpenAIErrorRunner
 from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vramsupply.server.responses import ModelCard, ModelList
-from vramsupply.server.stalled import OPEN_REQUESTS, OpenRequests
+from vramsupply.server.stalled import OPEN_REQUESTS, STALL_CLOSED, OpenRequests
 from vramsupply.server.state import BUYER_LEFT, SERVER_STATE, ServerState, failed_error, loading_error
-
-ACCESS_LOG = web.AppKey("access_log", logging.Logger)
-"""The access logger the server runs with, if any."""
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 OWNER = "vramsupply"
@@ -114,10 +111,14 @@ async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamRe
 
 def _log_hang_up(request: web.Request, seconds: float) -> None:
     """aiohttp writes no access line for a handler cancelled by its buyer's hang-up: a stream cut
-    mid-answer was in the ledger (cut) and /metrics (499) but nowhere in the access log."""
+    mid-answer was in the ledger (cut) and /metrics (499) but nowhere in the access log. A
+    connection we closed for its client reading nothing (``stalled.py``) says so, as a warning."""
     access = request.app.get(ACCESS_LOG)
-    if access is not None:
-        write_access_line(access, request, CLIENT_CLOSED_REQUEST, "-", seconds, request_id(request), " (the buyer hung up)")
+    if access is None:
+        return
+    closed = request.get(STALL_CLOSED)
+    note, level = (" (the buyer hung up)", logging.INFO) if closed is None else (f" (closed: {closed})", logging.WARNING)
+    write_access_line(access, request, CLIENT_CLOSED_REQUEST, "-", seconds, request_id(request), note, level)
 
 
 @web.middleware

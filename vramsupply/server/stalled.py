@@ -13,7 +13,10 @@ So every request's connection is noted while its handler runs (``OpenRequests.mi
 
 - ``watch``: a connection that has held unsent data for ``WRITE_STALL_SECONDS`` while passing none
   of it on to the system is aborted. A slow reader still takes some and is left alone; the aborted handler
-  ends as a buyer who hung up (its engine work cancelled, its row recorded as unpaid);
+  ends as a buyer who hung up (its engine work cancelled, its row recorded as unpaid). Its one log
+  line says why it was closed: the request's access line (``STALL_CLOSED``, a WARNING) where there
+  is an access log, else a warning of ours. Both were written, and the access line said "the buyer
+  hung up", though the agent had closed the connection;
 - ``abort_all``: at the end of a drain, and at once on "stop now", every connection still open is
   aborted, which ends the handlers blocked in a write.
 """
@@ -28,9 +31,12 @@ import termios
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+
+from vramsupply.server.access import ACCESS_LOG
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +44,13 @@ WRITE_STALL_SECONDS = 30.0
 """How long a connection's unsent data may stay without the client reading any of it."""
 CHECK_SECONDS = 5.0
 """How often the send buffers are looked at: a stalled connection is closed at most this late."""
+STALL_CLOSED: Any = web.RequestKey("stall_closed", str) if hasattr(web, "RequestKey") else "vramsupply.stall_closed"  # an aiohttp without RequestKey
+"""Set on a request whose connection was closed for its client reading nothing: why, for its access line."""
 
 
 @dataclass
 class _Progress:
+    request: web.Request
     writer: AbstractStreamWriter
     taken: int = 0
     """Bytes the client has taken: written, less what waits in our buffer and the system's."""
@@ -62,7 +71,7 @@ class OpenRequests:
         transport = request.transport
         if transport is None:
             return await handler(request)
-        self._open.setdefault(transport, _Progress(request.writer, since=time.monotonic()))
+        self._open.setdefault(transport, _Progress(request, request.writer, since=time.monotonic()))
         try:
             return await handler(request)
         finally:
@@ -82,7 +91,7 @@ class OpenRequests:
             if unsent > 0 and now - progress.since >= self.stall_seconds:
                 stalled.append(transport)
         for transport in stalled:
-            log.warning("closing a connection whose client read nothing for %.0f s (%d bytes unsent)", now - self._open[transport].since, _unsent(transport))
+            _say_closed(self._open[transport].request, f"its client read nothing for {now - self._open[transport].since:.0f} s, {_unsent(transport)} bytes unsent")
             self._abort(transport)
         return len(stalled)
 
@@ -107,6 +116,14 @@ class OpenRequests:
         abort = getattr(transport, "abort", None)
         if abort is not None:
             abort()  # a write waiting on it raises ConnectionResetError; the handler is cancelled
+
+
+def _say_closed(request: web.Request, why: str) -> None:
+    """One line: the request's access line says ``why`` where the app has an access log (the
+    handler's cancellation writes it: ``server.app.metrics_middleware``), else this warning."""
+    request[STALL_CLOSED] = why
+    if ACCESS_LOG not in request.app:
+        log.warning("closing the connection of %s %s from %s: %s", request.method, request.path_qs, request.remote or "-", why)
 
 
 def _unsent(transport: asyncio.BaseTransport) -> int:
