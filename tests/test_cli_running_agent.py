@@ -165,6 +165,46 @@ def test_a_stop_as_serve_starts_exits_0_with_one_line(sig: signal.Signals) -> No
     assert err.splitlines() == [f"{sig.name} received: stopped before serving started"]
 
 
+def sigterm_handled(pid: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for SIGTERM (Linux's /proc: its SigCgt mask)."""
+    caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+
+def sigterm_after(seconds: float | None) -> tuple[subprocess.Popen[str], bool]:
+    """`serve` sent SIGTERM ``seconds`` after it was spawned (None: the moment it handles SIGTERM);
+    whether a handler of its own was ever seen in place before the signal."""
+    serve = subprocess.Popen([sys.executable, "-m", "vramsupply", "serve", *SERVE_HERE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    handled = False
+    deadline = time.monotonic() + (60 if seconds is None else seconds)
+    while time.monotonic() < deadline and not (seconds is None and handled):
+        handled = handled or sigterm_handled(serve.pid)
+        time.sleep(0.001)
+    serve.send_signal(signal.SIGTERM)
+    return serve, handled
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's signal handlers from Linux's /proc")
+@pytest.mark.parametrize("seconds", [0.0, 0.02, 0.05, 0.1, None], ids=["at once", "20 ms", "50 ms", "100 ms", "once handled"])
+def test_a_sigterm_in_the_first_moments_of_serve_exits_0_unless_python_ran_none_of_it_yet(seconds: float | None) -> None:
+    """What a stop of a service just started meets. While the interpreter starts, before it runs any
+    code of vramsupply (10 to 20 ms), nothing can catch the signal, which ends the process: systemd
+    counts that as a clean stop (README), a shell says 143. From the first line of ours on
+    (``__main__``), SIGTERM exits 0 with one line, whenever it lands."""
+    serve, handled = sigterm_after(seconds)
+    try:
+        out, err = serve.communicate(timeout=60)
+    finally:
+        serve.kill()
+    assert "Traceback" not in err, err
+    if serve.returncode == -signal.SIGTERM:
+        assert seconds is not None and not handled and (out, err) == ("", ""), "ended by the signal only before any code of ours ran"
+    elif seconds is None or "SIGTERM received: stopping" not in err:  # not yet serve's own handling, which logs
+        assert (serve.returncode, out, err) == (0, "", "SIGTERM received: stopped before serving started\n")
+    else:
+        assert serve.returncode == 0, err
+
+
 # what status says of money, and of the system service
 
 

@@ -13,6 +13,11 @@ the process did, and SIGTERM's default ended it with 143 and no word, so a servi
 script that stopped a just-started agent saw a failure. For `serve` the window's handler covers
 SIGTERM and SIGHUP too, stays until ``StopSignals`` replaces it, and exits 0 with one line: before
 that nothing is loaded, listening or registered (the data dir's lock goes with the process).
+
+What comes before this module runs, the interpreter's own start (10 to 20 ms, most of it ``site``),
+no Python code can cover: a SIGTERM there ends the process by the signal. systemd counts that as a
+clean stop, as it counts an exit 0 (SIGTERM is one of the signals it takes as success for a service
+that is not oneshot), so the unit needs no ``SuccessExitStatus=143``: nothing here exits 143.
 """
 
 import os
