@@ -9,6 +9,15 @@ Two ``aiohttp.ClientSession`` per upstream, bound to loopback or the provider's 
   buyers' pool, a check waited behind 100 long streams, a healthy upstream looked dead, and a
   launched vLLM was restarted in the middle of its busiest minute.
 
+A pooled connection is the server's to close, and a request sent on one it has just closed fails
+unanswered. llama-server closes the connection after every streamed answer, though its headers offer
+to keep it alive: aiohttp took it back into the pool at the stream's last byte, the tokenize call
+counting the stream took it and failed, and two streams in three of ``n`` 2 ended without the usage
+their buyer asked for. So a stream asks for a connection of its own (``ONE_CONNECTION``): the
+upstream closes it and says so, and it is not pooled. A closed connection met all the same (a
+keep-alive running out as a request comes) is asked again once where that is safe: ``usage``'s
+counting requests.
+
 Every probe has a short timeout so a hung upstream is noticed instead of hanging the monitor;
 forwarded generations are bounded by the front itself (``limits``: a whole answer's time, a
 stream's gaps between events, sizes), so aiohttp's own timeout only bounds the connect.
@@ -33,6 +42,8 @@ import aiohttp
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=10)
 GENERATION_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
 COMPLETION_PROBE_SECONDS = 60.0
+ONE_CONNECTION = {"Connection": "close"}
+"""The headers of a streamed generation: its connection is not pooled after it (see the module docstring)."""
 
 
 class UpstreamUnavailable(Exception):

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from vramsupply.server.errors import ApiError
 from vramsupply.server.state import read_body as read_whole_body
-from vramsupply.upstream.client import GENERATION_TIMEOUT, describe
+from vramsupply.upstream.client import GENERATION_TIMEOUT, ONE_CONNECTION, describe
 from vramsupply.upstream.exchange import Exchange
 from vramsupply.upstream.front import Forwarded, FrontState, front_state, shutting_down_error
 from vramsupply.upstream.limits import BadAnswer, Deadline, read_capped
@@ -103,7 +103,8 @@ async def ask_upstream(
     else:
         deadline = Deadline(limits.answer_seconds, limits.answer_seconds, "answer")
     url = state.client.base_url + exchange.path
-    reply = await deadline.within(state.client.session.post(url, json=upstream_body, timeout=GENERATION_TIMEOUT, allow_redirects=False))
+    headers = ONE_CONNECTION if streaming else None  # llama-server closes it after a stream (``client``)
+    reply = await deadline.within(state.client.session.post(url, json=upstream_body, headers=headers, timeout=GENERATION_TIMEOUT, allow_redirects=False))
     async with reply:
         if reply.status != 200:
             deadline.expect(limits.idle_seconds, "error body")

@@ -21,7 +21,8 @@ endpoint (``/extras/tokenize`` of llama_cpp.server, ``/tokenize`` of llama-serve
   is the exact count, and the replay is served from the server's prompt cache.
 
 Counting needs the upstream, which may have just died (the stream it cut is counted after). A
-failure that asking again may mend (no connection, no answer in time, a 5xx) is
+counting request on a connection the upstream dropped is asked again at once (``post_counting``); a
+failure that asking again later may mend (no connection, no answer in time, a 5xx) is
 ``UpstreamUnavailable``, and the request is counted again once the upstream answers
 (``exchange``); an answer that cannot count it (no tokenize endpoint, an implausible or oversized
 count) is ``CountImpossible``. A request that cannot be counted at all is recorded with an
@@ -204,10 +205,9 @@ class Tokenizer:
         body = {"input": text} if endpoint == "/extras/tokenize" else {"content": text, "add_special": True, "prompt": text, "model": self._model}
         url = self._client.root_url + endpoint
         try:
-            async with open_session(session).post(url, json=body, timeout=PROBE_TIMEOUT) as reply:
-                if reply.status != 200:
-                    raise unanswered(reply.status, f"{url} answered {reply.status}")
-                answer = await json_capped(reply, url)
+            status, answer = await post_counting(session, url, body, PROBE_TIMEOUT)
+            if status != 200:
+                raise unanswered(status, f"{url} answered {status}")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise UpstreamUnavailable(f"{url}: {describe(exc)}") from None
         except ValueError as exc:
@@ -228,6 +228,29 @@ def open_session(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
     if session.closed:
         raise UpstreamUnavailable("the agent is stopping")
     return session
+
+
+DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError)
+"""How a connection the server had closed fails a request sent on it (or answered on it, cut)."""
+
+
+async def post_counting(session: aiohttp.ClientSession, url: str, body: dict[str, Any], timeout: aiohttp.ClientTimeout) -> tuple[int, Any]:
+    """A counting request (a tokenize, the 1-token replay): its status, and its JSON answer when 200.
+    Asked again once when the connection dropped: a pooled one the server had just closed
+    (``client``'s module docstring), which aiohttp then discards. Both requests only read what the
+    server counts: asking twice changes nothing. A connection refused is a server down: not asked again."""
+    try:
+        return await _post_json(session, url, body, timeout)
+    except DROPPED as exc:
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            raise
+        log.debug("%s: %s; asking again", url, describe(exc))
+    return await _post_json(session, url, body, timeout)
+
+
+async def _post_json(session: aiohttp.ClientSession, url: str, body: dict[str, Any], timeout: aiohttp.ClientTimeout) -> tuple[int, Any]:
+    async with open_session(session).post(url, json=body, timeout=timeout) as reply:
+        return reply.status, (await json_capped(reply, url) if reply.status == 200 else None)
 
 
 def unanswered(status: int, message: str) -> UpstreamUnavailable:
@@ -299,10 +322,9 @@ class UsageCounter:
         replay.update(max_tokens=1, stream=False)
         url = self._client.base_url + path
         try:
-            async with open_session(self._session).post(url, json=replay, timeout=aiohttp.ClientTimeout(total=120)) as reply:
-                if reply.status != 200:
-                    raise unanswered(reply.status, f"counting the prompt failed: {url} answered {reply.status}")
-                answer = await json_capped(reply, url)
+            status, answer = await post_counting(self._session, url, replay, aiohttp.ClientTimeout(total=120))
+            if status != 200:
+                raise unanswered(status, f"counting the prompt failed: {url} answered {status}")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise UpstreamUnavailable(f"counting the prompt failed: {describe(exc)}") from None
         except ValueError as exc:
