@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from doubles.hostile_upstream import CHAT, MODEL, REPLAY_PROMPT_TOKENS, HostileUpstream, Ledger, answering, chunk, event, fronted, streaming, whole
+from doubles.hostile_upstream import CHAT, MODEL, REPLAY_PROMPT_TOKENS, HostileUpstream, Ledger, VllmUpstream, answering, chunk, event, fronted, streaming, whole
 from llama_cpp_upstream import LlamaCppServer
 
 from vramsupply.upstream import UpstreamBackend, UpstreamOptions, exchange
@@ -171,6 +171,33 @@ async def test_a_batch_of_prompts_through_llama_server_is_billed_for_every_promp
     assert (shown["prompt_tokens"], shown["completion_tokens"]) == (prompt, completion)
     assert billed(rows) == [(prompt, completion, True)]
     assert tokens == (prompt, completion)
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["n-2", "batch-of-2"])
+async def test_a_cut_vllm_stream_with_continuous_usage_is_billed_for_every_choice(batch: bool) -> None:
+    """vLLM's ``continuous_usage_stats`` puts a usage in every chunk, of that chunk's choice (and its
+    prompt) alone; a stream cut before its final usage was billed the last chunk's: one choice of two."""
+    upstream = VllmUpstream()
+    prompts, texts = ["Tell me", "A story about the sea"], ["Once upon", "The end"]
+    said = [{"prompt_tokens": len(prompts[i]) + 1 if batch else 5, "completion_tokens": len(texts[i])} for i in (0, 1)]
+    chunks = [text_chunk(texts[i], i, usage=said[i]) if batch else chunk(choices=[{"index": i, "delta": {"content": texts[i]}}], usage=said[i]) for i in (0, 1)]
+    upstream.generation = streaming(*map(event, chunks))  # cut: no final usage, no [DONE]
+    body, path = ({"model": MODEL, "prompt": prompts}, "/v1/completions") if batch else ({**CHAT, "n": 2}, "/v1/chat/completions")
+    options = {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    prompt = sum(len(p) + 1 for p in prompts) if batch else 5  # a batch's prompts counted with BOS, else as vLLM said
+    completion = sum(map(len, texts))
+    async with fronted(upstream) as front:
+        events = await front.stream({**body, **options}, path)
+        rows, tokens = list(front.ledger.rows), await metrics_tokens(front)
+        final = {**chunks[0], "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion + 2}}
+        upstream.generation = streaming(*map(event, chunks), event(final), event("[DONE]"))
+        whole_stream = await front.stream({**body, **options}, path)
+        after = front.ledger.rows[1:]
+    assert billed(rows) == [(prompt, completion, False)], "every choice sent, not the last chunk's one"
+    assert tokens == (prompt, completion)
+    assert (events[-2]["usage"]["completion_tokens"], events[-2]["choices"]) == (completion, []), "the usage billed, at the end"
+    assert [e["usage"] for e in events[:2]] == [None, None], "one choice's count: not what is billed"
+    assert whole_stream[-2]["usage"]["completion_tokens"] == completion + 2 and billed(after) == [(prompt, completion + 2, True)], "its final usage, of all"
 
 
 class DownForAWhile(HostileUpstream):

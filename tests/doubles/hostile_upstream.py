@@ -135,6 +135,18 @@ class HostileUpstream(LlamaServerSurface):
         return web.json_response({"tokens": list(range(len(body["content"]) + (1 if body.get("add_special") else 0)))})
 
 
+class VllmUpstream(HostileUpstream):
+    """The same, with vLLM's surface where it differs from llama-server's: no ``/props``, and its
+    model card says the context (``max_model_len``)."""
+
+    async def answer(self, request: web.Request) -> web.Response:
+        if request.path == "/props":
+            return web.json_response({"error": {"message": "Not Found"}}, status=404)
+        if request.path == "/v1/models":
+            return web.json_response({"data": [{"id": name, "max_model_len": 8192} for name in self.models]}, status=self.models_status)
+        return await super().answer(request)
+
+
 @dataclass
 class Ledger:
     """The earnings ledger as the front's recorder sees it: every row it was asked to write."""

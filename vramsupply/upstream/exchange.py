@@ -84,11 +84,13 @@ class Exchange:
     def bounds(self) -> UsageBounds:
         return UsageBounds.of(self.state.n_ctx, self.body)
 
-    def take_usage(self, usage: CountedUsage | None) -> CountedUsage | None:
-        """The upstream's (plausible) usage as this answer's, or None: that of an answer with several
-        choices from llama-server counts one choice's completion tokens, so only its prompt counts are
-        kept, and ``settle`` counts the completion tokens (the buyer sees that count, billed)."""
-        if usage is not None and self.state.one_choice_usage and choices_asked(self.body) > 1:
+    def take_usage(self, usage: CountedUsage | None, *, of_a_choice: bool = False) -> CountedUsage | None:
+        """The upstream's (plausible) usage as this answer's, or None where it counts one choice's
+        completion tokens of several: llama-server's, or one a stream's chunk of choices carries
+        (``of_a_choice``: vLLM's ``continuous_usage_stats``, that chunk's choice and prompt alone; the
+        final usage chunk counts them all). Only its prompt counts are kept then, and a stream cut
+        before any other usage is counted by ``settle``, every choice (the buyer sees that count, billed)."""
+        if usage is not None and (self.state.one_choice_usage or of_a_choice) and choices_asked(self.body) > 1:
             self.prompt_usage, usage = usage, None
         if usage is not None:
             self.usage = usage

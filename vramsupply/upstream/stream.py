@@ -3,7 +3,8 @@
 Only what an OpenAI client can read goes out: ``data:`` events holding a JSON object (under our
 model id, its usage as billed) and keep-alive comments; other lines (``event:``, ``id:``, text
 that is not JSON) are dropped. Usage is taken from the final chunk we asked for, and shown to the
-buyer only if they asked for it too.
+buyer only if they asked for it too. A usage that counts one choice of several (llama-server's,
+vLLM's ``continuous_usage_stats`` in each chunk) is not billed, and shows as null (``Exchange.take_usage``).
 
 Once the stream has begun there is no status left to change, so every failure (the upstream cut,
 too slow, a malformed chunk, an oversized event, an error chunk of its own) ends it with one
@@ -145,7 +146,7 @@ def rewrite(event: bytes, data: str | None, exchange: Exchange) -> bytes | None:
         return None
     if "error" in chunk:
         raise UpstreamErrorEvent(f"it reported {printable(error_message(chunk['error']), 200)}")
-    usage = exchange.take_usage(usage_of(chunk, exchange.bounds))
+    usage = exchange.take_usage(usage_of(chunk, exchange.bounds), of_a_choice=bool(chunk.get("choices")))
     had_usage_field, upstream_usage = "usage" in chunk, chunk.pop("usage", None)
     exchange.collect(chunk)
     if upstream_usage is not None and chunk.get("choices") == [] and (usage is None or not exchange.buyer_wants_usage):
