@@ -9,6 +9,8 @@ Run as ``python tests/fault_agent.py serve ...`` with
   FAULT_AGENT_TRIGGER=<path>     the fault strikes at the first decode after this file exists,
                                  so a test can first see the agent healthy, then break it.
   FAULT_STALL_SECONDS=<seconds>  how long ``stall_once`` blocks (default 10).
+  FAULT_AGENT_AFTER=<n>          the fault strikes only after n decodes with the trigger there
+                                 (default 0): a request then streams some tokens, and stops mid-answer.
 
 ``stall_once`` says on stderr when the stall begins ("FAULT: stalling a decode") and ends
 ("FAULT: the decode resumes"), so a test can tell what happened while the step was stuck.
@@ -32,13 +34,18 @@ from vramsupply.cli import main
 KIND = os.environ["FAULT_AGENT_KIND"]
 TRIGGER = Path(os.environ["FAULT_AGENT_TRIGGER"])
 STALL_SECONDS = float(os.environ.get("FAULT_STALL_SECONDS", "10"))
+AFTER = int(os.environ.get("FAULT_AGENT_AFTER", "0"))
+decodes_with_trigger = 0
 COMPUTE_FAILED = -3
 real_decode = llama_cpp.llama_decode
 never = threading.Event()
 
 
 def faulty_decode(ctx: object, batch: object) -> int:
-    if TRIGGER.exists():
+    global decodes_with_trigger
+    if TRIGGER.exists() and AFTER and decodes_with_trigger < AFTER:
+        decodes_with_trigger += 1
+    elif TRIGGER.exists():
         if KIND == "crash":
             raise RuntimeError("injected fault: the decode step crashed")
         if KIND == "fail_status":
@@ -53,6 +60,8 @@ def faulty_decode(ctx: object, batch: object) -> int:
                 time.sleep(min(left, 0.05))
             print("FAULT: the decode resumes", file=sys.stderr, flush=True)
         else:
+            if AFTER:
+                print("FAULT: stalling a decode", file=sys.stderr, flush=True)
             never.wait()
     return real_decode(ctx, batch)
 

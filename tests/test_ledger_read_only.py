@@ -97,7 +97,7 @@ def test_an_older_ledger_on_a_read_only_mount_is_one_line_and_exit_1_and_stays_a
 
     assert earnings.returncode == 1 and earnings.stdout == ""
     assert earnings.stderr.strip() == (
-        f"error: the earnings ledger {ledger} is of an older vramsupply (schema 1; this one reads 2) and cannot be brought up to "
+        f"error: the earnings ledger {ledger} is of an older vramsupply (schema 1; this one reads 3) and cannot be brought up to "
         "date here, as this user may not write it (a read-only mount, or another user's file): run `vramsupply earnings` once as "
         "the user the agent runs as, where it can be written, or start the agent on it"
     )

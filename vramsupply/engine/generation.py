@@ -151,6 +151,11 @@ class Generation:
         return list(self._channel.token_ids)
 
     @property
+    def completion_tokens_so_far(self) -> int:
+        """How many completion tokens have come so far (``token_ids`` without the copy)."""
+        return len(self._channel.token_ids)
+
+    @property
     def token_text_ends(self) -> list[int]:
         """Per completion token, the length of the text delivered up to and with it: which token
         brought which part of the text (text held back, e.g. half a UTF-8 character, comes with a

@@ -35,8 +35,9 @@ from typing import Protocol
 
 from vramsupply.ledger.money import earned_nanocents, gross_nanocents
 from vramsupply.ledger.errors import DamagedLedger, LedgerError, salvage_command
+from vramsupply.ledger.in_flight import InFlight
 from vramsupply.ledger.store import Entry, LedgerStore
-from vramsupply.ledger.writer import MAX_HELD_ROWS, LedgerWriter, Unwritten
+from vramsupply.ledger.writer import MAX_HELD_ROWS, LedgerWriter, Marks, Unwritten
 
 log = logging.getLogger("vramsupply.ledger")
 
@@ -61,6 +62,23 @@ class Finished(Protocol):
     def completion_tokens(self) -> int: ...
     @property
     def complete(self) -> bool: ...
+    @property
+    def token_presented(self) -> bool: ...
+
+
+class Serving(Protocol):
+    """A request in flight as the server reports it (``server.accounting.Serving``)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def choices(self) -> int: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
     @property
     def token_presented(self) -> bool: ...
 
@@ -94,6 +112,13 @@ class Pricing:
             earned_nanocents=earned_nanocents(gross),
         )
 
+    def in_flight(self, serving: Serving) -> InFlight:
+        source = "platform" if self.selling and serving.token_presented else "local"
+        return InFlight(
+            serving.request_id, serving.model, source, serving.choices, serving.prompt_tokens, serving.completion_tokens,
+            self.input_price, self.output_price, self.clock(),
+        )
+
 
 class LedgerRecorder:
     def __init__(
@@ -121,6 +146,14 @@ class LedgerRecorder:
         if self._unwritable is not None:
             self._unwritable = None
             log.info("the earnings ledger %s is written again", self.writer.store.path)
+
+    def serving(self, requests: list[Serving]) -> None:
+        """Write these requests in flight (``in_flight.py``), waiting for nothing."""
+        self.writer.mark(Marks(rows=tuple(self.pricing.in_flight(r) for r in requests)))
+
+    def ended(self, request_ids: list[str]) -> None:
+        """These requests in flight ended with nothing to record: their rows go, waiting for nothing."""
+        self.writer.mark(Marks(ended=tuple(request_ids)))
 
     @property
     def failure(self) -> str | None:
@@ -165,6 +198,15 @@ class UnopenedLedger:
             return self._recorder.failure
         waiting = len(self._held) + self.missed
         return f"{self._failure}; {_requests(waiting)} not recorded so far" if waiting else self._failure
+
+    def serving(self, requests: list[Serving]) -> None:
+        """Requests in flight are written once the ledger is open, not held: only finished ones are."""
+        if self._recorder is not None:
+            self._recorder.serving(requests)
+
+    def ended(self, request_ids: list[str]) -> None:
+        if self._recorder is not None:
+            self._recorder.ended(request_ids)
 
     async def record(self, finished: Finished) -> None:
         if self._recorder is not None:

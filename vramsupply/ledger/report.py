@@ -12,6 +12,12 @@ versions that still priced such requests keep that money, shown apart in ``cut_g
 ``cut_earned_*`` so it can be told from what buyers paid. Days rolled up by those versions hold no
 such split (``untracked_cut_requests``: counted in the totals as if complete).
 
+Requests interrupted (``interrupted_requests``: in flight when the agent was killed outright,
+SIGKILL, the OOM killer, a power cut) are among those that ended early, with the tokens last
+written for them (``in_flight.py`` says what is lost); ``interrupted_prompt_tokens`` /
+``interrupted_completion_tokens`` tell them apart. Those the agent has in flight now are in no
+total: ``in_flight_requests`` counts them.
+
 A window ends now: rows stamped later (the clock was ahead, then set back) are not in it, as they
 are in no day yet; the report counts them apart (``later_requests``) so they are not lost from view.
 """
@@ -35,6 +41,7 @@ from rich.text import Text
 
 from vramsupply.config import file_in_the_way, os_reason
 from vramsupply.display import FitTable, plain
+from vramsupply.ledger.in_flight import run_gone
 from vramsupply.ledger.money import cents, dollars_text
 from vramsupply.ledger.store import Group, LedgerError, LedgerStore
 
@@ -74,6 +81,9 @@ class Totals:
     cut_completion_tokens: int = 0
     cut_gross_nanocents: int = 0
     cut_earned_nanocents: int = 0
+    interrupted_requests: int = 0
+    interrupted_prompt_tokens: int = 0
+    interrupted_completion_tokens: int = 0
 
     def add(self, group: Group) -> None:
         self.local_requests += group.requests if group.source == "local" else 0
@@ -97,6 +107,8 @@ class Report:
     by_day: dict[str, Totals] = field(default_factory=dict)
     later_requests: int = 0
     """Requests recorded with a time after now (the clock went back since): in no window yet."""
+    in_flight_requests: int = 0
+    """Requests a running agent serves now: in no total until they end."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -104,6 +116,7 @@ class Report:
             "window": self.window,
             **self.total.as_json(),
             "later_requests": self.later_requests,
+            "in_flight_requests": self.in_flight_requests,
             "by_model": [{"model": model, **totals.as_json()} for model, totals in sorted(self.by_model.items())],
             "by_day": [{"day": day, **totals.as_json()} for day, totals in sorted(self.by_day.items())],
         }
@@ -127,8 +140,11 @@ def earnings_report(path: Path, window_text: str, now: float | None = None) -> R
         return report
     store = LedgerStore.for_reading(path)  # `earnings` and `status` write nothing where they may not (a read-only mount)
     try:
-        groups = store.groups(since, until=now)
+        runs = store.runs_in_flight()
+        gone = tuple(run for run in runs if run_gone(run))  # killed: read as interrupted (the next start records them so)
+        groups = store.groups(since, until=now, gone=gone)
         report.later_requests = store.later(now)
+        report.in_flight_requests = sum(count for run, count in runs.items() if run not in gone)
     finally:
         store.close()
     for group in groups:
@@ -220,6 +236,8 @@ def _chart(earned: dict[str, int], bar_width: int, title: str) -> Text:
 def _footnote(report: Report, ledger: Path) -> Text:
     t = report.total
     notes = [f"ledger: {ledger}"]
+    if report.in_flight_requests:
+        notes.insert(0, f"{report.in_flight_requests:,} request(s) in flight now are not counted until they end")
     if report.later_requests:
         notes.insert(0, _later_note(report))
     if t.local_requests:
@@ -239,6 +257,12 @@ def _cut_notes(t: Totals) -> list[str]:
         "no buyer paid for them, and gross and earned leave them out"
         + (", but for what an older vramsupply recorded on some of them (below)" if t.cut_gross_nanocents else "")
     ]
+    if t.interrupted_requests:
+        notes.append(
+            f"interrupted: {t.interrupted_requests:,} of them were in flight when the agent was killed (SIGKILL, the OOM killer, a power cut), "
+            f"{t.interrupted_prompt_tokens:,} prompt + {t.interrupted_completion_tokens:,} completion tokens as last written (up to 2 s "
+            "of output before the kill is missing); heartbeats may have reported their tokens to the platform"
+        )
     if t.untracked_cut_requests:
         notes.append(
             f"{t.untracked_cut_requests:,} of them, in days an older vramsupply rolled up, count as complete there "

@@ -13,6 +13,9 @@ unpaid, so the daily totals keep their tokens and money apart too (``cut_*``, sc
 schema-1 ledger rolled up before that hold no such split: ``untracked_cut_requests`` counts the
 requests that ended early in them, whose tokens and money are in the totals as if complete.
 
+Requests in flight have rows of their own (``in_flight``, schema 3): one an agent killed outright
+left there is read, and at the next start recorded, as interrupted (``in_flight.py``, ``schema.py``).
+
 A damaged file (SQLite's "database disk image is malformed", "file is not a database") raises
 ``DamagedLedger`` (errors.py), apart from every other failure: no retry or restart mends it, so the agent moves
 it aside at start (``recorder.move_aside``) and starts a new one; `vramsupply earnings` only says so, and
@@ -33,10 +36,11 @@ from pathlib import Path
 
 from vramsupply.config import data_dir, os_reason
 from vramsupply.ledger.errors import DamagedLedger, LedgerError, damaged, remedy
+from vramsupply.ledger.in_flight import FORGET, INTERRUPTED, UPSERT, InFlight, this_run
 from vramsupply.ledger.read_only import connect_read_only, may_write
+from vramsupply.ledger.schema import HALF_BITS, LATER, MIGRATIONS, ROLL_UP, SCHEMA_VERSION, grouped
 
 LEDGER_FILE_NAME = "ledger.sqlite3"
-SCHEMA_VERSION = 2
 KEEP_RAW_SECONDS = 8 * 86400
 """Raw rows cover `earnings --since 7d` exactly; anything older is read from the daily totals."""
 MAX_RAW_ROWS = 200_000
@@ -46,105 +50,6 @@ CONNECTION = {"timeout": BUSY_TIMEOUT_SECONDS, "isolation_level": None, "check_s
 """``sqlite3.connect``'s options for every connection: autocommit (``_Transaction`` begins), any thread."""
 MAX_TIME = 253402300799.0
 """9999-12-31T23:59:59Z, the last second SQLite's calendar (and Python's) can name."""
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS requests (
-    id INTEGER PRIMARY KEY,
-    finished_at REAL NOT NULL,
-    request_id TEXT NOT NULL,
-    model TEXT NOT NULL,
-    source TEXT NOT NULL CHECK (source IN ('platform', 'local')),
-    complete INTEGER NOT NULL,
-    choices INTEGER NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    cached_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    input_price INTEGER NOT NULL,
-    output_price INTEGER NOT NULL,
-    gross_nanocents INTEGER NOT NULL,
-    earned_nanocents INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS requests_finished_at ON requests (finished_at);
-CREATE TABLE IF NOT EXISTS daily (
-    day TEXT NOT NULL,
-    model TEXT NOT NULL,
-    source TEXT NOT NULL,
-    input_price INTEGER NOT NULL,
-    output_price INTEGER NOT NULL,
-    requests INTEGER NOT NULL,
-    cut_requests INTEGER NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    cached_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    gross_nanocents INTEGER NOT NULL,
-    earned_nanocents INTEGER NOT NULL,
-    cut_prompt_tokens INTEGER NOT NULL DEFAULT 0,
-    cut_completion_tokens INTEGER NOT NULL DEFAULT 0,
-    cut_gross_nanocents INTEGER NOT NULL DEFAULT 0,
-    cut_earned_nanocents INTEGER NOT NULL DEFAULT 0,
-    untracked_cut_requests INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (day, model, source, input_price, output_price)
-);
-"""
-
-SUMMED = ("prompt_tokens", "cached_tokens", "completion_tokens", "gross_nanocents", "earned_nanocents")
-CUT_SUMMED = ("cut_prompt_tokens", "cut_completion_tokens", "cut_gross_nanocents", "cut_earned_nanocents")
-"""The sums of the requests that ended early alone: ``cut_X`` is ``X`` of the rows with ``complete`` 0."""
-ALL_SUMMED = (*SUMMED, *CUT_SUMMED)
-
-MIGRATE_1_TO_2 = f"""
-{"".join(f"ALTER TABLE daily ADD COLUMN {c} INTEGER NOT NULL DEFAULT 0;" for c in (*CUT_SUMMED, "untracked_cut_requests"))}
-UPDATE daily SET untracked_cut_requests = cut_requests;
-"""
-"""Days rolled up by schema 1 did not keep the split: their requests that ended early are untracked."""
-
-INT64_MAX = 2**63 - 1
-HALF_BITS = 32
-"""Sums are read as two halves, ``sum(x >> 32)`` and ``sum(x & 0xFFFFFFFF)``, joined in Python: SQLite's
-``sum`` stops with "integer overflow" past 2⁶³, and neither half can get there."""
-
-DAY_OF_ROW = "coalesce(date(finished_at, 'unixepoch'), CASE WHEN finished_at < 0 THEN '0000-01-01' ELSE '9999-12-31' END)"
-"""A time beyond SQLite's calendar (a clock gone wild) still rolls up, on its first or last day."""
-
-
-def _checked_add(column: str) -> str:
-    """``a + b`` turns into an inexact float past 2⁶³ in SQLite; NULL there fails the NOT NULL
-    constraint instead, so the roll-up is undone and the rows stay raw and exact."""
-    return f"{column} = CASE WHEN excluded.{column} > {INT64_MAX} - {column} THEN NULL ELSE {column} + excluded.{column} END"
-
-
-def _cut(column: str) -> str:
-    """``cut_X`` of one raw row: ``X`` when it ended early, else 0."""
-    return f"(1 - complete) * {column.removeprefix('cut_')}"
-
-
-ROLL_UP = f"""
-INSERT INTO daily (day, model, source, input_price, output_price, requests, cut_requests, {", ".join(ALL_SUMMED)})
-SELECT {DAY_OF_ROW}, model, source, input_price, output_price, count(*), sum(1 - complete),
-       {", ".join(f"sum({c})" for c in SUMMED)}, {", ".join(f"sum({_cut(c)})" for c in CUT_SUMMED)}
-FROM requests WHERE finished_at < :cutoff OR id <= :last_id
-GROUP BY 1, 2, 3, 4, 5
-ON CONFLICT (day, model, source, input_price, output_price) DO UPDATE SET
-    {", ".join(_checked_add(c) for c in ("requests", "cut_requests", *ALL_SUMMED))}
-"""
-
-GROUPED = f"""
-SELECT day, model, source, sum(requests), sum(cut_requests), sum(untracked_cut_requests),
-       {", ".join(f"sum({c} >> {HALF_BITS}), sum({c} & {2**HALF_BITS - 1})" for c in ALL_SUMMED)} FROM (
-    SELECT date(finished_at, 'unixepoch') AS day, model, source, 1 AS requests, 1 - complete AS cut_requests,
-           0 AS untracked_cut_requests, {", ".join(SUMMED)}, {", ".join(f"{_cut(c)} AS {c}" for c in CUT_SUMMED)}
-    FROM requests WHERE finished_at >= :since AND finished_at <= :until
-    UNION ALL
-    SELECT day, model, source, requests, cut_requests, untracked_cut_requests, {", ".join(ALL_SUMMED)} FROM daily
-    WHERE day >= date(:since, 'unixepoch') AND day <= date(:until, 'unixepoch')
-) GROUP BY day, model, source ORDER BY day, model, source
-"""
-
-LATER = """
-SELECT (SELECT count(*) FROM requests WHERE finished_at > :until)
-     + (SELECT coalesce(sum(requests), 0) FROM daily WHERE day > date(:until, 'unixepoch'))
-"""
-
 
 def default_ledger_path() -> Path:
     return data_dir() / LEDGER_FILE_NAME
@@ -167,12 +72,14 @@ class Entry:
     output_price: int
     gross_nanocents: int
     earned_nanocents: int
+    interrupted: bool = False  # the agent was killed while serving it (``in_flight.py``): complete False, money 0
 
 
 @dataclass(frozen=True)
 class Group:
     """Totals of one UTC day, model and source (``platform`` or ``local``); ``cut_*`` are those of
-    the requests that ended early, apart from ``untracked_cut_requests`` (see the module docstring)."""
+    the requests that ended early, apart from ``untracked_cut_requests`` (see the module docstring);
+    ``interrupted_*`` those of the requests among them that a killed agent left in flight (``schema.py``)."""
 
     day: str
     model: str
@@ -180,6 +87,7 @@ class Group:
     requests: int
     cut_requests: int
     untracked_cut_requests: int
+    interrupted_requests: int
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
@@ -189,6 +97,8 @@ class Group:
     cut_completion_tokens: int
     cut_gross_nanocents: int
     cut_earned_nanocents: int
+    interrupted_prompt_tokens: int
+    interrupted_completion_tokens: int
 
 
 class LedgerStore:
@@ -210,6 +120,7 @@ class LedgerStore:
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._migrate()
             self._identity = _identity(path)
+            self.run = this_run()
         except BaseException as exc:
             if db is not None:
                 db.close()
@@ -255,14 +166,14 @@ class LedgerStore:
             raise DamagedLedger(self.path, "; ".join(str(row[0]) for row in rows[:3]))
 
     def _migrate(self) -> None:
-        """Create the tables, or bring a schema-1 ledger to schema 2, in one transaction: the agent
+        """Create the tables, or bring an older ledger to this schema, in one transaction: the agent
         and `vramsupply earnings` may open the same old file at once, and only one migrates it."""
         if self._version() == SCHEMA_VERSION:
             return
         with self._transaction():
             version = self._version()
             # statement by statement: executescript would commit the transaction first
-            for statement in (SCHEMA if version == 0 else MIGRATE_1_TO_2 if version == 1 else "").split(";"):
+            for statement in MIGRATIONS.get(version, "").split(";"):
                 if statement.strip():
                     self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -294,18 +205,20 @@ class LedgerStore:
         rows = [
             (
                 e.finished_at, e.request_id, e.model, e.source, int(e.complete), e.choices, e.prompt_tokens, e.cached_tokens,
-                e.completion_tokens, e.input_price, e.output_price, e.gross_nanocents, e.earned_nanocents,
+                e.completion_tokens, e.input_price, e.output_price, e.gross_nanocents, e.earned_nanocents, int(e.interrupted),
             )
             for e in entries
         ]
         insert = f"INSERT INTO requests ({', '.join(Entry.__dataclass_fields__)}) "
+        values = ", ".join("?" * len(Entry.__dataclass_fields__))
         with self._transaction():
             if once:
                 # finished_at is indexed: one index lookup per row
                 unseen = "SELECT 1 FROM requests WHERE finished_at = ? AND request_id = ?"
-                self._db.executemany(f"{insert}SELECT {', '.join('?' * 13)} WHERE NOT EXISTS ({unseen})", [(*r, r[0], r[1]) for r in rows])
+                self._db.executemany(f"{insert}SELECT {values} WHERE NOT EXISTS ({unseen})", [(*r, r[0], r[1]) for r in rows])
             else:
-                self._db.executemany(f"{insert}VALUES ({', '.join('?' * 13)})", rows)
+                self._db.executemany(f"{insert}VALUES ({values})", rows)
+            self._db.executemany(FORGET, [(self.run, r[1]) for r in rows])  # its row in flight, if any, in the same commit
 
     def roll_up(self, now: float | None = None, keep_seconds: float = KEEP_RAW_SECONDS, max_rows: int = MAX_RAW_ROWS) -> int:
         """Fold raw rows older than ``keep_seconds`` (and any beyond the newest ``max_rows``) into
@@ -319,13 +232,44 @@ class LedgerStore:
             self._db.execute(ROLL_UP, folded)
             return self._db.execute("DELETE FROM requests WHERE finished_at < :cutoff OR id <= :last_id", folded).rowcount
 
-    def groups(self, since: float, until: float = MAX_TIME) -> list[Group]:
-        """Totals per UTC day, model and source from ``since`` to ``until`` (days already rolled up count whole)."""
+    def groups(self, since: float, until: float = MAX_TIME, gone: tuple[str, ...] = ()) -> list[Group]:
+        """Totals per UTC day, model and source from ``since`` to ``until`` (days already rolled up count
+        whole); the rows in flight of the ``gone`` runs count as interrupted (``in_flight.py``)."""
+        named = {"since": since, "until": until, **{f"gone{i}": run for i, run in enumerate(gone)}}
         try:
-            rows = self._db.execute(GROUPED, {"since": since, "until": until}).fetchall()
+            rows = self._db.execute(grouped(len(gone)), named).fetchall()
         except sqlite3.Error as exc:
             raise self._unreadable(exc) from None
-        return [Group(*row[:6], *((high << HALF_BITS) + low for high, low in zip(row[6::2], row[7::2]))) for row in rows]
+        return [Group(*row[:7], *((high << HALF_BITS) + low for high, low in zip(row[7::2], row[8::2]))) for row in rows]
+
+    def runs_in_flight(self) -> dict[str, int]:
+        """Each run with requests in flight in the file, and how many."""
+        try:
+            return dict(self._db.execute("SELECT run, count(*) FROM in_flight GROUP BY run").fetchall())
+        except sqlite3.Error as exc:
+            raise self._unreadable(exc) from None
+
+    def in_flight(self, rows: Iterable[InFlight]) -> None:
+        """Write the requests this process has in flight, new ones or their tokens now, in one transaction."""
+        with self._transaction():
+            self._db.executemany(UPSERT, [row.row(self.run) for row in rows])
+
+    def forget(self, request_ids: Iterable[str]) -> None:
+        """Requests of this process no longer in flight that will have no finished row (nothing was sold)."""
+        with self._transaction():
+            self._db.executemany(FORGET, [(self.run, request_id) for request_id in request_ids])
+
+    def interrupt(self, runs: Iterable[str]) -> tuple[int, int, int]:
+        """Move the rows in flight of ``runs``, ended without finishing them, to ``requests`` as
+        interrupted; returns how many, their prompt and their completion tokens."""
+        moved = (0, 0, 0)
+        with self._transaction():
+            for run in runs:
+                count = self._db.execute("SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) FROM in_flight WHERE run = ?", (run,)).fetchone()
+                self._db.execute(INTERRUPTED, (run,))
+                self._db.execute("DELETE FROM in_flight WHERE run = ?", (run,))
+                moved = (moved[0] + count[0], moved[1] + count[1], moved[2] + count[2])
+        return moved
 
     def later(self, until: float) -> int:
         """Requests recorded after ``until``: in the future, when the clock went back since."""
@@ -339,7 +283,7 @@ class LedgerStore:
 
     def entries(self) -> list[Entry]:
         """Every raw row, oldest first (tests and audits)."""
-        return [Entry(*row[:4], bool(row[4]), *row[5:]) for row in self._db.execute(f"SELECT {', '.join(Entry.__dataclass_fields__)} FROM requests ORDER BY id")]
+        return [Entry(*row[:4], bool(row[4]), *row[5:13], bool(row[13])) for row in self._db.execute(f"SELECT {', '.join(Entry.__dataclass_fields__)} FROM requests ORDER BY id")]
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

@@ -26,6 +26,11 @@ one line with what it could not write.
 
 A ledger file deleted or moved away while the agent runs is noticed at the next batch, which goes
 to a new file at the path (``_reopen_if_replaced``), not on into the file nobody reads any more.
+
+Requests in flight (``in_flight.py``) come as ``Marks``, which nobody waits for: the batch writes
+them first, in a transaction of their own, and a file that cannot take them (or that holds rows
+already) drops them: the finished rows that follow are what is held. Starting, the thread records
+the rows in flight of agents that ended without finishing them as interrupted, in one line.
 """
 
 from __future__ import annotations
@@ -37,9 +42,11 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 from vramsupply.ledger.errors import LedgerError, remedy
+from vramsupply.ledger.in_flight import InFlight, run_gone
 from vramsupply.ledger.store import Entry, LedgerStore
 
 log = logging.getLogger("vramsupply.ledger")
@@ -60,6 +67,15 @@ class Unwritten(LedgerError):
     ``max_held``, dropped and counted). The writer reports this itself, on ``/health`` and in the log."""
 
 Item = tuple[Entry, Future[None]]
+
+
+@dataclass(frozen=True)
+class Marks:
+    """Requests in flight to write (new ones, or their tokens now) and ones ended with nothing to record."""
+
+    rows: tuple[InFlight, ...] = ()
+    ended: tuple[str, ...] = ()
+
 
 SETTLED: Future[None] = Future()
 """The future of every held row: its own was resolved when it was held."""
@@ -92,7 +108,7 @@ class LedgerWriter:
         self._written: list[Item] = []  # of the try under way: rows written; rows the file did not take, and why
         self._failed: list[Item] = []
         self._failure: str | None = None
-        self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Item | Marks | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # between submit and a dying thread: no entry is queued after it drained the queue
         self._in_hand: list[Item] = []
         self.failure: str | None = None
@@ -116,6 +132,12 @@ class LedgerWriter:
                 return future
         future.set_exception(LedgerError(refusal))
         return future
+
+    def mark(self, marks: Marks) -> None:
+        """Queue ``marks``, waiting for nothing (dropped once the writer is closed or stopped)."""
+        with self._lock:
+            if not self._closed and self.failure is None:
+                self._queue.put(marks)
 
     @property
     def unrecorded(self) -> str | None:
@@ -151,11 +173,13 @@ class LedgerWriter:
 
     def _write_until_closed(self) -> None:
         since_roll_up = self._roll_up_every  # roll up once at start: an agent may have been off for weeks
+        self._interrupt_gone()
         stopping = False
         while not stopping:
             batch = self._take()
             stopping = None in batch
-            self._in_hand = [item for item in batch if item is not None]
+            self._write_marks([item for item in batch if isinstance(item, Marks)])
+            self._in_hand = [item for item in batch if isinstance(item, tuple)]
             try:
                 since_roll_up += self._write(self._in_hand, now=stopping or not batch)
                 if since_roll_up >= self._roll_up_every and not self._held:
@@ -208,7 +232,38 @@ class LedgerWriter:
         self.store = store
         return None
 
-    def _take(self) -> list[Item | None]:
+    def _write_marks(self, marks: list[Marks]) -> None:
+        """Every request's latest tokens, then the ended ones: a request's marks come in the order made."""
+        rows = {row.request_id: row for m in marks for row in m.rows}
+        ended = [request_id for m in marks for request_id in m.ended]
+        if self._cannot_write is not None:
+            return  # rows are held: a try of these would only keep buyers waiting longer on a locked file
+        try:
+            if rows:
+                self.store.in_flight(rows.values())
+            if ended:
+                self.store.forget(ended)
+        except sqlite3.Error as exc:
+            log.debug("requests in flight not written to the earnings ledger: %s", exc)
+
+    def _interrupt_gone(self) -> None:
+        """The rows in flight of agents gone (killed) are interrupted requests: record them so, once."""
+        try:
+            gone = [run for run in self.store.runs_in_flight() if run_gone(run)]
+            count, prompt, completion = self.store.interrupt(gone) if gone else (0, 0, 0)
+        except LedgerError as exc:
+            log.warning("cannot record the requests an earlier agent left in flight: %s", exc)
+            return
+        except sqlite3.Error as exc:
+            log.warning("cannot record the requests an earlier agent left in flight: %s", self._unwritable(exc))
+            return
+        if count:
+            log.warning(
+                "the earnings ledger: %s in flight when an earlier agent process ended without finishing (killed?) recorded as "
+                "interrupted, unpaid: %s prompt + %s completion tokens served, as last written", _requests(count), f"{prompt:,}", f"{completion:,}",
+            )
+
+    def _take(self) -> list[Item | Marks | None]:
         """Everything waiting: at least one item, or none when it is time to try the held rows again;
         each future is running from here on, or was cancelled."""
         try:
@@ -221,7 +276,7 @@ class LedgerWriter:
             except queue.Empty:
                 break
         for item in batch:
-            if item is not None:
+            if isinstance(item, tuple):
                 item[1].set_running_or_notify_cancel()  # False: the buyer left already; the row is written anyway
         return batch
 
@@ -313,7 +368,7 @@ class LedgerWriter:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return items
-            if item is not None:
+            if isinstance(item, tuple):
                 item[1].set_running_or_notify_cancel()
                 items.append(item)
 

@@ -31,6 +31,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vramsupply.config import Settings, data_dir, os_reason, write_private_file
+from vramsupply.host.processes import MAX_PID, process_alive, process_start, same_process
 from vramsupply.platform import api
 from vramsupply.platform.client import describe_error
 from vramsupply.platform.offer import local_base_url
@@ -38,7 +39,6 @@ from vramsupply.platform.offer import local_base_url
 log = logging.getLogger("vramsupply.platform")
 
 STATE_FILE_NAME = "registration.json"
-MAX_PID = 2**31 - 1
 """pid_t is a signed 32-bit integer; 0 and -1 mean a process group and every process to ``kill``."""
 HEALTH_TIMEOUT_SECONDS = 5
 
@@ -153,40 +153,6 @@ def record_listening(settings: Settings, model: str, port: int, *, registering: 
         write_state(path, state)
     except OSError as exc:
         log.warning("cannot record the agent's state in %s (%s); `vramsupply status` will not find it", path, os_reason(exc, path))
-
-
-def process_alive(pid: int) -> bool:
-    if not 0 < pid <= MAX_PID:  # kill(0) and kill(-1) reach groups of processes, and always succeed
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def process_start(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot (Linux's /proc); None where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = stat[stat.rfind(")") + 1 :].split()  # the name before it may hold spaces and parentheses
-    try:
-        return int(fields[19])  # field 22 of the line; this list starts at field 3
-    except (IndexError, ValueError):
-        return None
-
-
-def same_process(pid: int, started: int | None) -> bool:
-    """Whether process ``pid`` still runs and, where its start time is known, is the one that
-    started then (not a later program given the same pid)."""
-    if not process_alive(pid):
-        return False
-    now = process_start(pid) if started is not None else None
-    return now is None or now == started
 
 
 def earlier_run(state: RegistrationState) -> str | None:

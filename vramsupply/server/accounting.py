@@ -15,6 +15,12 @@ The ledger holds the usage buyers received, so a request the engine failed befor
 single token is not recorded at all: its buyer got an error answer (an error status, or a stream
 whose only content was the error event) and no usage, and pays nothing. One that failed after
 tokens went out is a stream cut short, recorded with what it generated, as a hang-up is.
+
+A recorder that keeps requests in flight (``TracksInFlight``: the earnings ledger) is told of a
+request at its first generated text (``Bill.serving``) and of the completion tokens each has so far
+every ``IN_FLIGHT_EVERY_SECONDS``, all of them at once, by one task that runs only while requests
+are in flight: an agent killed outright then leaves a row of each, which the next start records as
+interrupted (``ledger.in_flight``). Nothing is done per token, and nothing here waits for a disk.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from vramsupply.engine import EngineError, Generation
 from vramsupply.server.batch import batch_usage
@@ -33,6 +39,8 @@ log = logging.getLogger("vramsupply.server")
 
 UNFINISHED_WAIT_SECONDS = 60.0
 """How long an abandoned request's generations may take to report their final usage."""
+IN_FLIGHT_EVERY_SECONDS = 2.0
+"""How often the completion tokens of the requests in flight are handed to the recorder."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +55,30 @@ class FinishedRequest:
     token_presented: bool  # the request carried the endpoint token (the server enforces it when one is set)
 
 
+@dataclass(frozen=True)
+class Serving:
+    """A request in flight: its prompt tokens (each prompt once) and the completion tokens so far."""
+
+    request_id: str
+    model: str
+    choices: int
+    prompt_tokens: int
+    completion_tokens: int
+    token_presented: bool
+
+
 class RequestRecorder(Protocol):
     async def record(self, finished: FinishedRequest) -> None: ...
     @property
     def failure(self) -> str | None: ...  # why it can record nothing any more (/health then says "degraded")
+
+
+@runtime_checkable
+class TracksInFlight(Protocol):
+    """A recorder that keeps requests in flight too; both calls return at once (they queue)."""
+
+    def serving(self, requests: list[Serving]) -> None: ...
+    def ended(self, request_ids: list[str]) -> None: ...
 
 
 class Accounts:
@@ -59,10 +87,45 @@ class Accounts:
     def __init__(self) -> None:
         self.recorder: RequestRecorder | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[str, Bill] = {}
+        self._ticker: asyncio.Task[None] | None = None
 
-    def bill(self, request_id: str, model: str, choices: int, *, token_presented: bool, per_prompt: int | None = None) -> Bill:
-        """``per_prompt``: choices to a prompt, when a request holds several prompts (``batch.py``)."""
-        return Bill(self, request_id, model, choices, token_presented, per_prompt or choices)
+    def bill(
+        self, request_id: str, model: str, choices: int, *, token_presented: bool, per_prompt: int | None = None,
+        generations: Sequence[Generation] = (), prompt_tokens: int = 0,
+    ) -> Bill:
+        """``per_prompt``: choices to a prompt, when a request holds several prompts (``batch.py``);
+        ``generations`` and ``prompt_tokens``: what its row in flight is counted from."""
+        return Bill(self, request_id, model, choices, token_presented, per_prompt or choices, generations=generations, prompt_tokens=prompt_tokens)
+
+    def _tracker(self) -> TracksInFlight | None:
+        return self.recorder if isinstance(self.recorder, TracksInFlight) else None
+
+    def begin(self, bill: Bill) -> None:
+        """``bill``'s request generated its first text: it is in flight from now on."""
+        tracker = self._tracker()
+        if tracker is None:
+            return
+        self._in_flight[bill.request_id] = bill
+        tracker.serving([bill.now()])
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick())
+
+    def end(self, bill: Bill, *, recorded: bool) -> None:
+        """``bill``'s request is no longer in flight; ``recorded``: its finished row replaces its row in flight."""
+        if self._in_flight.pop(bill.request_id, None) is not None and not recorded and (tracker := self._tracker()) is not None:
+            tracker.ended([bill.request_id])
+
+    async def _tick(self) -> None:
+        """Every ``IN_FLIGHT_EVERY_SECONDS`` while requests are in flight: the tokens of those that changed."""
+        try:
+            while self._in_flight:
+                await asyncio.sleep(IN_FLIGHT_EVERY_SECONDS)
+                changed = [serving for bill in list(self._in_flight.values()) if (serving := bill.progress()) is not None]
+                if changed and (tracker := self._tracker()) is not None:
+                    tracker.serving(changed)
+        finally:
+            self._ticker = None
 
     @property
     def failure(self) -> str | None:
@@ -79,6 +142,7 @@ class Accounts:
 
     def record_later(self, bill: Bill, generations: Sequence[Generation]) -> None:
         if self.recorder is None or not generations:
+            self.end(bill, recorded=False)
             return
         self.keep(asyncio.create_task(self._record_abandoned(bill, generations)))
 
@@ -100,25 +164,30 @@ class Accounts:
         usage = batch_usage([g.usage for g in generations], bill.per_prompt)  # each prompt of a batch counted once
         if usage is None:
             log.warning("request %s not recorded in the earnings ledger: its usage never arrived", bill.request_id)
-            return
-        if usage.prompt_tokens == 0 and usage.completion_tokens == 0:
+        elif usage.prompt_tokens == 0 and usage.completion_tokens == 0:
             log.debug("request %s not recorded in the earnings ledger: it ended while still queued", bill.request_id)
-            return
-        if usage.completion_tokens == 0 and any(task.done() and not task.cancelled() and task.result() for task in ending):
+        elif usage.completion_tokens == 0 and any(task.done() and not task.cancelled() and task.result() for task in ending):
             log.debug("request %s not recorded in the earnings ledger: it failed before its first token", bill.request_id)
-            return
-        await self.record(bill.finished(usage, complete=False))
+        else:
+            self.end(bill, recorded=True)
+            return await self.record(bill.finished(usage, complete=False))
+        self.end(bill, recorded=False)
 
     async def flush(self, timeout: float = UNFINISHED_WAIT_SECONDS) -> None:
         """Wait for abandoned requests to be recorded (on shutdown, after the engine has stopped)."""
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=timeout)
+        if self._ticker is not None:
+            self._ticker.cancel()
 
 
 class Bill:
     """One request's record: settled with its final usage, or, if it ends early, abandoned."""
 
-    def __init__(self, accounts: Accounts, request_id: str, model: str, choices: int, token_presented: bool, per_prompt: int = 0) -> None:
+    def __init__(
+        self, accounts: Accounts, request_id: str, model: str, choices: int, token_presented: bool, per_prompt: int = 0,
+        *, generations: Sequence[Generation] = (), prompt_tokens: int = 0,
+    ) -> None:
         self._accounts = accounts
         self.per_prompt = per_prompt or choices
         self.request_id = request_id
@@ -126,6 +195,11 @@ class Bill:
         self._choices = choices
         self._token_presented = token_presented
         self.settled = False
+        self.generations = generations
+        self.prompt_tokens = prompt_tokens
+        self._in_flight = False
+        self._written = -1
+        """The completion tokens last handed over in flight."""
 
     def finished(self, usage: UsageOut, *, complete: bool) -> FinishedRequest:
         return FinishedRequest(
@@ -133,15 +207,32 @@ class Bill:
             usage.completion_tokens, complete, self._token_presented,
         )
 
+    def serving(self) -> None:
+        """Its first text came (called at each; only the first does anything): it is in flight."""
+        if not self._in_flight and not self.settled and self.generations:
+            self._in_flight = True
+            self._accounts.begin(self)
+
+    def now(self) -> Serving:
+        """The request in flight as it is now."""
+        self._written = sum(g.completion_tokens_so_far for g in self.generations)
+        return Serving(self.request_id, self._model, self._choices, self.prompt_tokens, self._written, self._token_presented)
+
+    def progress(self) -> Serving | None:
+        """The request now, if it generated tokens since it was last handed over."""
+        return self.now() if sum(g.completion_tokens_so_far for g in self.generations) != self._written else None
+
     async def settle(self, usage: UsageOut) -> None:
         """Record the request with the usage the buyer is about to receive; call before the last byte."""
         self.settled = True
+        self._accounts.end(self, recorded=True)
         await self._accounts.record(self.finished(usage, complete=True))
 
     def void(self) -> None:
         """The buyer is answered with an error and no usage (a whole answer the engine failed part
         way): nothing was sold, so nothing is recorded."""
         self.settled = True
+        self._accounts.end(self, recorded=False)
 
     def abandon(self, generations: Sequence[Generation]) -> None:
         """The request ended without settling: record it once its cancelled generations stop."""

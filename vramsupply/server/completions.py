@@ -218,11 +218,15 @@ async def _complete(
 ) -> web.StreamResponse:
     generations = await submit_all(engine, requests, shape.prompt_param, limit_param, per_prompt)
     shape.track(generations)
-    bill = state.accounts.bill(shape.id, state.model_id, len(generations), token_presented=state.endpoint_token is not None, per_prompt=per_prompt)
+    prompts = requests[:: per_prompt or max(1, len(requests))]  # each prompt once, as usage counts it
+    bill = state.accounts.bill(
+        shape.id, state.model_id, len(generations), token_presented=state.endpoint_token is not None, per_prompt=per_prompt,
+        generations=generations, prompt_tokens=sum(len(r.prompt) for r in prompts),
+    )
     try:
         if stream:
             return await _stream(request, state, generations, shape, clock, requests[0].logprobs is not None, bill)
-        texts = await asyncio.gather(*(_collect(state, clock, i, g) for i, g in enumerate(generations)))
+        texts = await asyncio.gather(*(_collect(state, clock, i, g, bill) for i, g in enumerate(generations)))
         usage = _usage(generations, bill.per_prompt)
         await bill.settle(usage)
         logprobs = [g.logprobs if r.logprobs is not None else None for g, r in zip(generations, requests)]
@@ -249,10 +253,11 @@ def _costly_to_shape(texts: Sequence[str], logprobs: Sequence[Sequence[object] |
     return sum(len(entries) for entries in logprobs if entries) > COSTLY_LOGPROBS or sum(map(len, texts)) > COSTLY_TEXT_CHARS
 
 
-async def _collect(state: ServerState, clock: RequestClock, index: int, generation: Generation) -> str:
+async def _collect(state: ServerState, clock: RequestClock, index: int, generation: Generation, bill: Bill) -> str:
     parts = []
     async for text in generation:
         clock.mark(index, state.metrics)
+        bill.serving()
         parts.append(text)
     return "".join(parts)
 
@@ -315,6 +320,7 @@ async def _send_events(
             chunks = shape.finish_chunks(index, _finish(generations[index]), None if streamed is None else streamed.for_finish(index))
         else:
             clock.mark(index, state.metrics)
+            bill.serving()
             chunks = shape.text_chunks(index, text, None if streamed is None else streamed.for_text(index))
         await response.write(b"".join(chunks))
     usage = _usage(generations, bill.per_prompt)
