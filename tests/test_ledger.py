@@ -361,6 +361,19 @@ async def test_a_row_the_file_cannot_hold_fails_alone_and_the_writer_goes_on(tmp
     writer.close()
 
 
+async def test_a_row_the_file_cannot_hold_written_alone_is_named_not_blamed_on_the_disk(tmp_path: Path) -> None:
+    """A batch of one such row said "the earnings ledger cannot be written ... check the file and the
+    disk it is on", where the disk was fine and the row was at fault; the writer goes on."""
+    writer = LedgerWriter.open(tmp_path / "ledger.sqlite3")
+    now = time.time()
+    bad = writer.submit(replace(entry(now), request_id="too-big", gross_nanocents=2**70))
+    with pytest.raises(LedgerError, match="cannot write request too-big"):
+        await asyncio.wait_for(asyncio.wrap_future(bad), 15)
+    await asyncio.wait_for(asyncio.wrap_future(writer.submit(entry(now + 1))), 15)
+    assert writer.failure is None and [e.finished_at for e in LedgerStore(writer.store.path).entries()] == [now + 1]
+    writer.close()
+
+
 class WriterBug(BaseException):
     """Something no batch guard catches: the writer thread ends."""
 

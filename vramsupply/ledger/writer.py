@@ -204,8 +204,8 @@ class LedgerWriter:
         try:
             if (unopened := self._reopen_if_replaced()) is not None:
                 self._failed, self._failure = list(batch), unopened
-            elif len(batch) == 1 and held:  # a held row alone: one the file can never take is said, not lost unsaid
-                self._commit_alone(batch[0], once=True)
+            elif len(batch) == 1:  # a row alone: one the file can never take is said by its request, not as the disk's fault
+                self._commit_alone(batch[0], once=held > 0)
             else:
                 self._commit(batch, once=held > 0)
         finally:
