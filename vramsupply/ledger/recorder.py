@@ -45,27 +45,6 @@ REOPEN_SECONDS = 30.0
 """Between two tries to open a ledger that could not be opened at start."""
 
 
-class Finished(Protocol):
-    """A finished request as the server reports it (``server.accounting.FinishedRequest``)."""
-
-    @property
-    def request_id(self) -> str: ...
-    @property
-    def model(self) -> str: ...
-    @property
-    def choices(self) -> int: ...
-    @property
-    def prompt_tokens(self) -> int: ...
-    @property
-    def cached_tokens(self) -> int: ...
-    @property
-    def completion_tokens(self) -> int: ...
-    @property
-    def complete(self) -> bool: ...
-    @property
-    def token_presented(self) -> bool: ...
-
-
 class Serving(Protocol):
     """A request in flight as the server reports it (``server.accounting.Serving``)."""
 
@@ -81,6 +60,16 @@ class Serving(Protocol):
     def completion_tokens(self) -> int: ...
     @property
     def token_presented(self) -> bool: ...
+
+
+class Finished(Serving, Protocol):
+    """A finished request as the server reports it (``server.accounting.FinishedRequest``): a
+    request in flight's fields, and what is known only at its end."""
+
+    @property
+    def cached_tokens(self) -> int: ...
+    @property
+    def complete(self) -> bool: ...
 
 
 @dataclass(frozen=True)
