@@ -7,7 +7,8 @@ SIGTERM, and a second SIGTERM ("stop now") did not stop at once. The clients her
 sockets with a tiny receive buffer that read nothing; the server is the real ``ApiServer``.
 
 Closing such a client wrote two lines under systemd: our warning, then the request's access line,
-which said "(the buyer hung up)" though the agent had closed the connection. It is one line now.
+which said "(the buyer hung up)" though the agent had closed the connection. It is one line now. A
+stop that closes it (at the drain's deadline, or at once on a second SIGTERM) blamed the buyer too.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import signal
 import socket
 import time
 import urllib.request
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from agent_process import AgentProcess
 import pytest
@@ -159,8 +160,11 @@ def completion_tokens(port: int) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("vramsupply_completion_tokens_total"))
 
 
-def test_a_second_sigterm_stops_at_once_beside_a_buyer_that_reads_nothing() -> None:
-    agent = AgentProcess("--model", str(TINY_MODEL), "--port", "0", "--no-register")
+@contextmanager
+def serving_a_buyer_that_reads_nothing(*args: str) -> Iterator[AgentProcess]:
+    """`vramsupply serve` (not on a terminal: with its access log) and a buyer whose streamed answer
+    has outgrown the sockets, because it reads nothing."""
+    agent = AgentProcess("--model", str(TINY_MODEL), "--port", "0", "--no-register", *args)
     try:
         agent.wait_ready(timeout=60)
         port = int(agent.base_url.rsplit(":", 1)[1].split("/")[0])
@@ -172,15 +176,37 @@ def test_a_second_sigterm_stops_at_once_beside_a_buyer_that_reads_nothing() -> N
             # are past what the sockets hold (about 2 MB), so the server's writes to this client
             # block, while the engine goes on generating
             agent.wait_for(lambda: completion_tokens(port) >= 400, "the answer outgrowing the sockets", timeout=60)
-            agent.send_signal(signal.SIGTERM)
-            agent.wait_for(lambda: "SIGTERM received:" in agent.log, "the first signal's line")
-            began = time.monotonic()
-            agent.send_signal(signal.SIGTERM)
-            code = agent.wait(timeout=30)
-            took = time.monotonic() - began
+            yield agent
         finally:
             client.close()
     finally:
         agent.kill()
+
+
+def access_lines(agent: AgentProcess) -> list[str]:
+    return [line for line in agent.stderr if " vramsupply.access: " in line]
+
+
+def test_a_second_sigterm_stops_at_once_beside_a_buyer_that_reads_nothing() -> None:
+    with serving_a_buyer_that_reads_nothing() as agent:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait_for(lambda: "SIGTERM received:" in agent.log, "the first signal's line")
+        began = time.monotonic()
+        agent.send_signal(signal.SIGTERM)
+        code = agent.wait(timeout=30)
+        took = time.monotonic() - began
     assert code == 130 and took < 10, (code, took, agent.log[-2000:])
     assert "error: stopped without waiting for 4 in-flight requests" in agent.output  # n 4: a task each
+    # the agent closed the connection, at its provider's word: said so, not blamed on the buyer
+    [line] = access_lines(agent)
+    assert re.search(r' INFO vramsupply\.access: 127\.0\.0\.1 "POST /v1/completions HTTP/1\.1" 499 - [\d.]+s req_\w+ '
+                     r"\(closed: the agent was stopped at once, before it finished\)$", line), line  # fmt: skip
+
+
+def test_a_request_cut_at_the_drain_deadline_says_so_in_its_access_line() -> None:
+    with serving_a_buyer_that_reads_nothing("--drain-timeout", "1") as agent:
+        code = agent.stop(signal.SIGTERM, timeout=30)  # one SIGTERM: the drain, which the buyer outlasts
+    assert code == 0, agent.log[-2000:]
+    [line] = access_lines(agent)  # before: "(the buyer hung up)", though the agent had closed it
+    assert re.search(r' WARNING vramsupply\.access: 127\.0\.0\.1 "POST /v1/completions HTTP/1\.1" 499 - [\d.]+s req_\w+ '
+                     r"\(closed: the agent stopped and its 1 s drain ran out\)$", line), line  # fmt: skip

@@ -47,6 +47,7 @@ from vramsupply.serve.options import endpoint_token_of, listening_everywhere, ma
 from vramsupply.serve.provider import ProviderSide
 from vramsupply.serve.status import LogStatus, ServingStats, TerminalStatus, report_to_systemd
 from vramsupply.server import ApiServer
+from vramsupply.server.app import STOPPED_AT_ONCE
 from vramsupply.service import SystemdNotifier
 from vramsupply.signals import StopSignals, wait_for_stop
 
@@ -325,7 +326,7 @@ async def drain(server: ApiServer, backend: Backend, drain_timeout: float | None
         else:
             await backend.close()  # our engine ends its requests with EngineClosed: clean error events
         await asyncio.wait({stopping}, timeout=STOP_NOW_WRITE_SECONDS)
-        server.abort_requests()  # a client reading nothing would hold the stop (``server/stalled.py``)
+        server.abort_requests(STOPPED_AT_ONCE)  # a client reading nothing would hold the stop (``server/stalled.py``)
         await stopping
         raise
     finally:

@@ -26,7 +26,7 @@ from vramsupply.server.errors import ApiError, add_request_id, error_middleware,
 from vramsupply.server.framing import OpenAIErrorRunner
 from vramsupply.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from vramsupply.server.responses import ModelCard, ModelList
-from vramsupply.server.stalled import OPEN_REQUESTS, STALL_CLOSED, OpenRequests
+from vramsupply.server.stalled import CLOSED, OPEN_REQUESTS, Closed, OpenRequests
 from vramsupply.server.state import BUYER_LEFT, SERVER_STATE, ServerState, failed_error, loading_error
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -38,6 +38,8 @@ default is an hour: a broken client or a slow-loris peer held a file descriptor 
 Keep-alive connections between requests get the same; 75 s is nginx's keep-alive default."""
 """After ``drain_timeout`` the serve lifecycle closes the engine, which ends every generation with an
 error the handlers send to their clients; only handlers still running this much later are cancelled."""
+STOPPED_AT_ONCE = Closed("the agent was stopped at once, before it finished", logging.INFO)
+"""A request cut by "stop now" (a second SIGTERM or Ctrl-C): the provider's choice, not a warning."""
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up before the answer
 
 
@@ -112,12 +114,12 @@ async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamRe
 def _log_hang_up(request: web.Request, seconds: float) -> None:
     """aiohttp writes no access line for a handler cancelled by its buyer's hang-up: a stream cut
     mid-answer was in the ledger (cut) and /metrics (499) but nowhere in the access log. A
-    connection we closed for its client reading nothing (``stalled.py``) says so, as a warning."""
+    connection the agent closed (``stalled.py``: its client read nothing, a stop) says why instead."""
     access = request.app.get(ACCESS_LOG)
     if access is None:
         return
-    closed = request.get(STALL_CLOSED)
-    note, level = (" (the buyer hung up)", logging.INFO) if closed is None else (f" (closed: {closed})", logging.WARNING)
+    closed = request.get(CLOSED)
+    note, level = (" (the buyer hung up)", logging.INFO) if closed is None else (f" (closed: {closed.why})", closed.level)
     write_access_line(access, request, CLIENT_CLOSED_REQUEST, "-", seconds, request_id(request), note, level)
 
 
@@ -266,11 +268,12 @@ class ApiServer:
         if open_requests is not None:  # clients that stopped reading are closed (``stalled.py``)
             self._watch = asyncio.create_task(open_requests.watch(), name="stalled-connections")
 
-    def abort_requests(self) -> int:
+    def abort_requests(self, closed: Closed) -> int:
         """Close every connection whose request is still being handled ("stop now", the end of a
-        drain): a handler blocked writing to a client that reads nothing ends with it."""
+        drain): a handler blocked writing to a client that reads nothing ends with it. Their access
+        lines say ``closed``, not that their buyers hung up."""
         open_requests = self.app.get(OPEN_REQUESTS)
-        return 0 if open_requests is None else open_requests.abort_all()
+        return 0 if open_requests is None else open_requests.abort_all(closed)
 
     @property
     def url(self) -> str:
@@ -286,7 +289,8 @@ class ApiServer:
         are closed, or a client that reads nothing would hold the stop for another drain."""
         if self._watch is not None:
             self._watch.cancel()
-        late = asyncio.get_running_loop().call_later(self._drain_timeout + STOP_GRACE_SECONDS, self.abort_requests)
+        drained = Closed(f"the agent stopped and its {self._drain_timeout:g} s drain ran out", logging.WARNING)
+        late = asyncio.get_running_loop().call_later(self._drain_timeout + STOP_GRACE_SECONDS, self.abort_requests, drained)
         try:
             await self._runner.cleanup()
         finally:

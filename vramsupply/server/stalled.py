@@ -14,11 +14,13 @@ So every request's connection is noted while its handler runs (``OpenRequests.mi
 - ``watch``: a connection that has held unsent data for ``WRITE_STALL_SECONDS`` while passing none
   of it on to the system is aborted. A slow reader still takes some and is left alone; the aborted handler
   ends as a buyer who hung up (its engine work cancelled, its row recorded as unpaid). Its one log
-  line says why it was closed: the request's access line (``STALL_CLOSED``, a WARNING) where there
+  line says why it was closed: the request's access line (``CLOSED``, a WARNING) where there
   is an access log, else a warning of ours. Both were written, and the access line said "the buyer
   hung up", though the agent had closed the connection;
 - ``abort_all``: at the end of a drain, and at once on "stop now", every connection still open is
-  aborted, which ends the handlers blocked in a write.
+  aborted, which ends the handlers blocked in a write. Each request's access line says why (a
+  WARNING at the drain's deadline, which cut an answer the stop meant to let finish; INFO on "stop
+  now", which the provider asked for); it said "the buyer hung up" too.
 """
 
 from __future__ import annotations
@@ -44,8 +46,18 @@ WRITE_STALL_SECONDS = 30.0
 """How long a connection's unsent data may stay without the client reading any of it."""
 CHECK_SECONDS = 5.0
 """How often the send buffers are looked at: a stalled connection is closed at most this late."""
-STALL_CLOSED: Any = web.RequestKey("stall_closed", str) if hasattr(web, "RequestKey") else "vramsupply.stall_closed"  # an aiohttp without RequestKey
-"""Set on a request whose connection was closed for its client reading nothing: why, for its access line."""
+
+
+@dataclass(frozen=True)
+class Closed:
+    """Why the agent closed a request's connection, and how loud its access line says so."""
+
+    why: str
+    level: int
+
+
+CLOSED: Any = web.RequestKey("closed", Closed) if hasattr(web, "RequestKey") else "vramsupply.closed"  # an aiohttp without RequestKey
+"""Set on a request whose connection the agent closed (not its buyer): for its access line."""
 
 
 @dataclass
@@ -95,10 +107,12 @@ class OpenRequests:
             self._abort(transport)
         return len(stalled)
 
-    def abort_all(self) -> int:
-        """Abort every connection whose request is still being handled; how many."""
+    def abort_all(self, closed: Closed) -> int:
+        """Abort every connection whose request is still being handled, each marked ``closed`` for
+        its access line (with no access log, nothing per request: the stop says how many); how many."""
         transports = list(self._open)
         for transport in transports:
+            self._open[transport].request[CLOSED] = closed
             self._abort(transport)
         return len(transports)
 
@@ -121,7 +135,7 @@ class OpenRequests:
 def _say_closed(request: web.Request, why: str) -> None:
     """One line: the request's access line says ``why`` where the app has an access log (the
     handler's cancellation writes it: ``server.app.metrics_middleware``), else this warning."""
-    request[STALL_CLOSED] = why
+    request[CLOSED] = Closed(why, logging.WARNING)
     if ACCESS_LOG not in request.app:
         log.warning("closing the connection of %s %s from %s: %s", request.method, request.path_qs, request.remote or "-", why)
 
