@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, TypeVar
 
 from conftest import TINY_MODEL
@@ -128,3 +129,16 @@ class LiveServer:
         await self.server.stop()
         if self.engine is not None:
             self.engine.close()
+
+
+def chat_server(chat_models: dict[str, Path], family: str) -> Iterator[LiveServer]:
+    """A module fixture's server for one of ``conftest.chat_models``' test models (``yield from``)."""
+    with LiveServer(model_path=chat_models[family], n_ctx=2048, threads=1) as live:
+        yield live
+
+
+def sdk(server: LiveServer) -> Any:
+    """The official openai SDK against ``server``, retrying nothing: a test sees every answer."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)

@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 from openai import AsyncOpenAI, BadRequestError, OpenAI
 
-from live_server import MODEL_ID, LiveServer
+from live_server import MODEL_ID, LiveServer, sdk
 from vramsupply.engine import ChatRequest
 
 WEATHER_SCHEMA = {
@@ -60,10 +60,6 @@ def server(request: pytest.FixtureRequest, chat_models: dict[str, Path]) -> Iter
 def qwen(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
     with LiveServer(model_path=chat_models["qwen3"], n_ctx=2048, threads=ONE_THREAD) as live:
         yield live
-
-
-def sdk(server: LiveServer) -> OpenAI:
-    return OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
 
 
 def check_weather_call(call: object) -> dict:

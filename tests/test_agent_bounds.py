@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 from openai import AsyncOpenAI, BadRequestError, OpenAI
 
-from live_server import MODEL_ID, LiveServer
+from live_server import MODEL_ID, LiveServer, chat_server
 
 BOUNDED = {
     "type": "object",
@@ -41,14 +41,12 @@ SEEDS = range(40)
 
 @pytest.fixture(scope="module")
 def qwen(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
-    with LiveServer(model_path=chat_models["qwen3"], n_ctx=2048, threads=1) as live:
-        yield live
+    yield from chat_server(chat_models, "qwen3")
 
 
 @pytest.fixture(scope="module", params=["llama3", "mistral"])
 def other_family(request: pytest.FixtureRequest, chat_models: dict[str, Path]) -> Iterator[LiveServer]:
-    with LiveServer(model_path=chat_models[request.param], n_ctx=2048, threads=1) as live:
-        yield live
+    yield from chat_server(chat_models, request.param)
 
 
 async def ask_each_seed(server: LiveServer, seeds: range = SEEDS, **request: object) -> list:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from live_server import MODEL_ID, LiveServer
+from live_server import MODEL_ID, LiveServer, chat_server
 from vramsupply.chat import SYNTAXES, OutputParser, ParsedOutput
 from vramsupply.chat.syntaxes import GENERIC
 
@@ -39,8 +39,7 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 @pytest.fixture(scope="module", params=["qwen3", "qwen35"])
 def agent(request: pytest.FixtureRequest, chat_models: dict[str, Path]) -> Iterator[LiveServer]:
     """Qwen3 writes ``<tool_call>`` JSON calls; Qwen3.5 writes XML ``<function=…><parameter=…>``."""
-    with LiveServer(model_path=chat_models[request.param], n_ctx=2048, threads=1) as live:
-        yield live
+    yield from chat_server(chat_models, request.param)
 
 
 def answer(client: OpenAI, **options: Any) -> list[tuple[str | None, str, list[tuple[str, str]]]]:

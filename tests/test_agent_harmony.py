@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from chat_models import template_text
-from live_server import MODEL_ID, LiveServer
+from live_server import MODEL_ID, LiveServer, chat_server
 from test_agent_api import ASK, TOOLS, WEATHER, WEATHER_SCHEMA, check_weather_call, sdk
 from vramsupply.engine import ChatRequest
 from vramsupply.engine.chat import ChatTemplate
@@ -30,8 +30,7 @@ SEEDS = range(8)
 
 @pytest.fixture(scope="module")
 def gpt_oss(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
-    with LiveServer(model_path=chat_models["gpt-oss"], n_ctx=2048, threads=1) as live:
-        yield live
+    yield from chat_server(chat_models, "gpt-oss")
 
 
 def short_thoughts(server: LiveServer) -> dict[str, float]:

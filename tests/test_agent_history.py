@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from openai import BadRequestError, OpenAI
 
-from live_server import MODEL_ID, LiveServer
+from live_server import MODEL_ID, LiveServer, sdk
 from vramsupply.engine import ChatRequest
 
 FAMILIES = ("qwen3", "qwen35", "llama3", "mistral")
@@ -44,10 +44,6 @@ def servers(chat_models: dict[str, Path]) -> Iterator[dict[str | None, LiveServe
         started = {family: stack.enter_context(LiveServer(model_path=chat_models[family], threads=1)) for family in FAMILIES}
         started[None] = stack.enter_context(LiveServer(threads=1))
         yield started
-
-
-def sdk(server: LiveServer) -> OpenAI:
-    return OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
 
 
 def call(call_id: str, name: str = "get_weather", arguments: str = '{"city": "Paris", "unit": "celsius"}') -> dict:

@@ -19,7 +19,7 @@ import jsonschema
 import openai
 import pytest
 
-from live_server import MODEL_ID, LiveServer
+from live_server import MODEL_ID, LiveServer, chat_server
 from test_agent_api import ASK, TOOLS, WEATHER, check_weather_call, sdk
 from vramsupply.engine import ChatRequest
 
@@ -31,14 +31,12 @@ EFFORTS = "'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'"
 
 @pytest.fixture(scope="module")
 def qwen(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
-    with LiveServer(model_path=chat_models["qwen3"], n_ctx=2048, threads=1) as live:
-        yield live
+    yield from chat_server(chat_models, "qwen3")
 
 
 @pytest.fixture(scope="module")
 def gpt_oss(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
-    with LiveServer(model_path=chat_models["gpt-oss"], n_ctx=2048, threads=1) as live:
-        yield live
+    yield from chat_server(chat_models, "gpt-oss")
 
 
 def end_token(server: LiveServer) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from live_server import MODEL_ID, LiveServer
+from live_server import MODEL_ID, LiveServer, chat_server
 from vramsupply.engine import ChatRequest
 from vramsupply.engine.chat import ChatTemplate
 from vramsupply.engine.conversation import prepare_chat
@@ -29,8 +29,7 @@ TOOLS = [
 
 @pytest.fixture(scope="module")
 def mistral(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
-    with LiveServer(model_path=chat_models["mistral"], n_ctx=2048, threads=1) as live:
-        yield live
+    yield from chat_server(chat_models, "mistral")
 
 
 def test_with_tool_choice_none_the_prompt_still_shows_the_tools_and_nothing_is_called(mistral: LiveServer) -> None:

@@ -21,7 +21,7 @@ import pytest
 from openai import BadRequestError, OpenAI
 
 from gbnf_check import GrammarChecker
-from live_server import MODEL_ID, LiveServer
+from live_server import MODEL_ID, LiveServer, chat_server, sdk
 from vramsupply.chat import SYNTAXES
 from vramsupply.chat.forced import either, forced_call_grammar
 from vramsupply.chat.schema import schema_to_gbnf
@@ -41,19 +41,13 @@ ANSWER = {"type": "json_schema", "json_schema": {"name": "forecast", "strict": T
 
 @pytest.fixture(scope="module")
 def mistral(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
-    with LiveServer(model_path=chat_models["mistral"], n_ctx=2048, threads=1) as live:
-        yield live
+    yield from chat_server(chat_models, "mistral")
 
 
 @pytest.fixture(scope="module")
 def qwen(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
     """Qwen3's template opens a thought in the generation prompt."""
-    with LiveServer(model_path=chat_models["qwen3"], n_ctx=2048, threads=1) as live:
-        yield live
-
-
-def sdk(server: LiveServer) -> OpenAI:
-    return OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    yield from chat_server(chat_models, "qwen3")
 
 
 def token(server: LiveServer, text: str) -> str:
@@ -183,8 +177,7 @@ def test_a_forced_call_cut_while_thinking_has_null_content_whole_and_streamed(qw
 @pytest.fixture(scope="module")
 def llama3(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
     """Llama 3's calls may open the answer as bare JSON, as a JSON answer does."""
-    with LiveServer(model_path=chat_models["llama3"], n_ctx=2048, threads=1) as live:
-        yield live
+    yield from chat_server(chat_models, "llama3")
 
 
 def test_a_json_answer_opening_with_a_name_is_the_answer_not_a_call_of_that_name(llama3: LiveServer) -> None:

@@ -21,7 +21,7 @@ import pytest
 from openai import BadRequestError, OpenAI
 
 from gbnf_check import GrammarChecker
-from live_server import MODEL_ID, LiveServer
+from live_server import MODEL_ID, LiveServer, sdk
 from vramsupply.chat import SYNTAXES, OutputParser, ParsedOutput
 from vramsupply.chat.call_parsers import parse_tool_call_blocks
 from vramsupply.chat.forced import forced_call_grammar
@@ -45,10 +45,6 @@ def qwen35(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
 def qwen3(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
     with LiveServer(model_path=chat_models["qwen3"], n_ctx=2048) as live:
         yield live
-
-
-def sdk(server: LiveServer) -> OpenAI:
-    return OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
 
 
 def tool(name: str, parameters: dict, strict: bool | None = None) -> dict:

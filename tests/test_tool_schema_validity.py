@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from openai import BadRequestError, OpenAI
 
-from live_server import MODEL_ID, LiveServer
+from live_server import MODEL_ID, LiveServer, chat_server, sdk
 
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
@@ -39,12 +39,7 @@ CHOICES = ["auto", "none", "required", {"type": "function", "function": {"name":
 
 @pytest.fixture(scope="module")
 def qwen(chat_models: dict[str, Path]) -> Iterator[LiveServer]:
-    with LiveServer(model_path=chat_models["qwen3"], n_ctx=2048, threads=1) as live:
-        yield live
-
-
-def sdk(server: LiveServer) -> OpenAI:
-    return OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    yield from chat_server(chat_models, "qwen3")
 
 
 def tools(parameters: Any) -> list[dict[str, Any]]:
