@@ -92,9 +92,12 @@ def test_a_streamed_harmony_answer_is_the_whole_answer_in_deltas(gpt_oss: LiveSe
     assert thought, "a thought streams as reasoning_content deltas before the call"
 
 
+FORECAST_SCHEMA = {"type": "object", "properties": {"days": {"type": "integer", "minimum": 1, "maximum": 7}}, "required": ["days"]}
+FORECAST = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": FORECAST_SCHEMA}}
+
+
 def test_a_json_response_format_is_the_final_message_after_the_thought(gpt_oss: LiveServer) -> None:
-    schema = {"type": "object", "properties": {"days": {"type": "integer", "minimum": 1, "maximum": 7}}, "required": ["days"]}
-    response_format = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": schema}}
+    schema, response_format = FORECAST_SCHEMA, FORECAST
     thought = 0
     with sdk(gpt_oss) as client:
         for seed in SEEDS:
@@ -108,6 +111,67 @@ def test_a_json_response_format_is_the_final_message_after_the_thought(gpt_oss: 
             no_markup(reasoning)
             thought += bool(reasoning)
     assert 0 < thought < len(SEEDS)
+
+
+# ---- stop strings in the thought before a grammar-held answer ----------------------------------------
+
+
+HELD = {"json": {"response_format": FORECAST}, "forced call": {"tools": TOOLS[:1], "tool_choice": WEATHER}}
+
+
+def held_answer_text(choice: object, held: str) -> str:
+    """The held answer's text, checked whole: the JSON content, or the forced call's arguments."""
+    message = choice.message  # type: ignore[attr-defined]
+    if held == "json":
+        jsonschema.validate(json.loads(message.content), FORECAST_SCHEMA)
+        return message.content
+    [call] = message.tool_calls
+    check_weather_call(call)
+    return call.function.arguments
+
+
+@pytest.mark.parametrize("held", HELD, ids=HELD)
+def test_a_stop_string_in_the_analysis_message_stops_before_a_held_answer_and_not_inside_it(gpt_oss: LiveServer, held: str) -> None:
+    """A buyer's stop string the model writes in its thought (the analysis message a JSON
+    response_format or a forced call may follow) ends the answer there, as in a thought no grammar
+    holds: finish_reason stop, the thought so far in reasoning_content, nothing after it, streamed
+    or not. The same text in an answer that comes at once is the answer's, whole. Before, a stop
+    string was ignored in that thought, which went on to max_tokens."""
+    request = {"model": MODEL_ID, "messages": ASK, "max_tokens": 300, "stop": [" "], **HELD[held]}
+    thought = answered = 0
+    with sdk(gpt_oss) as client:
+        for seed in SEEDS:
+            response = client.chat.completions.create(seed=seed, **request)
+            choice, reasoning = response.choices[0], getattr(response.choices[0].message, "reasoning_content", None)
+            if choice.message.content or choice.message.tool_calls:
+                answered += " " in held_answer_text(choice, held)
+                assert reasoning is None and choice.finish_reason == ("stop" if held == "json" else "tool_calls"), choice
+                continue
+            thought += bool(reasoning)
+            assert choice.finish_reason == "stop" and " " not in (reasoning or "") and response.usage.completion_tokens < 300, (seed, choice)
+            chunks = list(client.chat.completions.create(seed=seed, stream=True, **request))
+            streamed = "".join(getattr(c.delta, "reasoning_content", None) or "" for chunk in chunks for c in chunk.choices)
+            reasons = [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason]
+            assert (streamed, reasons) == (reasoning or "", ["stop"]), seed
+    assert thought and answered, "some seeds think first (and stop there), some answer at once with a space in the answer"
+
+
+@pytest.mark.parametrize("held", HELD, ids=HELD)
+def test_no_stop_string_applies_in_the_held_answer_after_the_analysis_message(gpt_oss: LiveServer, held: str) -> None:
+    """Once the thought's ``<|end|>`` is written (a logit bias writes it soon) the grammar holds the
+    answer, and stop strings it surely holds do not cut it."""
+    assert gpt_oss.engine is not None
+    [end] = gpt_oss.engine.tokenize("<|end|>", add_special=False)
+    request = {"model": MODEL_ID, "messages": ASK, "max_tokens": 300, "stop": ['"', " ", ":"], "logit_bias": {str(end): 100}, **HELD[held]}
+    thought = 0
+    with sdk(gpt_oss) as client:
+        for seed in SEEDS:
+            response = client.chat.completions.create(seed=seed, **request)
+            choice, details = response.choices[0], response.usage.completion_tokens_details
+            assert '"' in held_answer_text(choice, held), seed
+            assert choice.finish_reason == ("stop" if held == "json" else "tool_calls"), choice
+            thought += bool(details is not None and details.reasoning_tokens)
+    assert thought, "some seeds answer after a thought"
 
 
 def test_an_agent_loop_sends_the_thought_the_call_and_its_result_back_as_gpt_oss_reads_them(gpt_oss: LiveServer) -> None:

@@ -11,7 +11,7 @@ import pytest
 from vramsupply.engine import ContextOverflow, EngineOptions, GenerationRequest, SamplingParams
 from vramsupply.engine.chat import FALLBACK_STOP, ChatTemplate, normalize_messages
 from vramsupply.engine.slots import Slot, choose_slot
-from vramsupply.engine.text import StopMatcher, TextStream, stop_strings_for
+from vramsupply.engine.text import StopMatcher, TextStream, Thought, stop_strings_for
 
 
 def stream_all(stream: TextStream, pieces: list[bytes]) -> tuple[list[str], bool]:
@@ -91,11 +91,39 @@ def test_no_stop_string_applies_where_a_grammar_holds_the_whole_answer() -> None
 def test_stop_strings_apply_in_a_thought_a_grammar_lets_come_first_and_not_after_it() -> None:
     """A JSON answer or a forced call after a thought the prompt left open: the thought is text no
     grammar holds, so a stop string there stops, as it does without the grammar."""
-    in_thought = stop_strings_for([" "], "root ::= thought answer", (), thought_end="</think>")
+    in_thought = stop_strings_for([" "], "root ::= thought answer", (), thought=Thought("</think>"))
     assert stream_all(TextStream(in_thought), [b"Hmm, let", b" me see</think>{}"]) == (["Hmm,"], True)
-    after = stop_strings_for(['"', " "], "root ::= thought answer", (), thought_end="</think>")
+    after = stop_strings_for(['"', " "], "root ::= thought answer", (), thought=Thought("</think>"))
     deltas, stopped = stream_all(TextStream(after), [b"Hmm</think>", b'\n{"a": ', b"1}"])
     assert not stopped and "".join(deltas) == 'Hmm</think>\n{"a": 1}'
+
+
+HARMONY_THOUGHT = Thought("<|end|>", opening="<|channel|>analysis<|message|>")
+"""gpt-oss's optional thought before a held answer: its analysis message (``server/grammar.free_thought``)."""
+
+
+def harmony_held(stops: list[str], pieces: list[bytes]) -> tuple[str, bool]:
+    """The text a harmony answer held by a grammar (a JSON final message, a forced call) keeps."""
+    deltas, stopped = stream_all(TextStream(stop_strings_for(stops, "root ::= prelude answer", (), thought=HARMONY_THOUGHT)), pieces)
+    return "".join(deltas), stopped
+
+
+def test_stop_strings_apply_in_harmony_s_analysis_message_before_a_held_answer_and_not_in_the_answer() -> None:
+    """The analysis message is text no grammar holds: a stop string there stops, as with no grammar.
+    Once its ``<|end|>`` is written, or where the answer comes without a thought, none applies."""
+    thought = [b"<|channel|>analysis<|message|>Hmm, let", b" me see<|end|>", b"<|start|>assistant"]
+    assert harmony_held([" "], thought) == ("<|channel|>analysis<|message|>Hmm,", True)
+    assert harmony_held(["<|end|>"], thought) == ("<|channel|>analysis<|message|>Hmm, let me see", True)
+    answer = [b"<|channel|>final<|message|>", b'{"a": 1, "b": "fine"}']
+    stops = ['"', " ", ":", "fin"]
+    assert harmony_held(stops, [b"<|channel|>analysis<|message|>Hmm<|end|>", b"<|start|>assistant", *answer]) == (
+        '<|channel|>analysis<|message|>Hmm<|end|><|start|>assistant<|channel|>final<|message|>{"a": 1, "b": "fine"}', False
+    )
+    assert harmony_held(stops, answer) == ('<|channel|>final<|message|>{"a": 1, "b": "fine"}', False)
+    call = [b"<|channel|>commentary to=functions.f <|constrain|>json<|message|>", b'{"a": 1}']
+    assert harmony_held(["com", " "], call) == ('<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": 1}', False)
+    # a stop string inside the thought's own header stops, as it does there with no grammar
+    assert harmony_held(["lysis"], thought) == ("<|channel|>ana", True)
 
 
 def test_stop_string_inside_one_piece_cuts_that_piece() -> None:

@@ -27,6 +27,9 @@ from .gbnf_text import gbnf_literal, grammar_rules, grammar_text, renamed, unuse
 from .thought import thought_rules
 
 FINAL_HEAD = "<|channel|>final<|message|>"
+THOUGHT_HEAD = "<|channel|>analysis<|message|>"
+THOUGHT_END = "<|end|>"
+"""What opens and what ends the one thought every grammar here lets come first (``with_prelude``)."""
 CALL_HEADS = ("<|channel|>commentary to=", "<|channel|>analysis to=", " to=functions.")
 """Where a call's header may begin: with its channel (gpt-oss's output), or with its recipient right
 after ``<|start|>assistant`` (what its template writes in every history call, which the model copies)."""
@@ -50,8 +53,8 @@ def with_prelude(rules: dict[str, str], answer: str) -> dict[str, str]:
     """``rules`` with a ``root`` that allows one thought before ``answer`` (a rule's body)."""
     thought = unused_name(rules, "harmony-thought")
     prelude = unused_name({**rules, thought: ""}, "harmony-prelude")
-    rules.update(thought_rules("<|end|>", thought))
-    rules[prelude] = f"( {gbnf_literal('<|channel|>analysis<|message|>')} {thought} {gbnf_literal('<|start|>assistant')} )?"
+    rules.update(thought_rules(THOUGHT_END, thought))
+    rules[prelude] = f"( {gbnf_literal(THOUGHT_HEAD)} {thought} {gbnf_literal('<|start|>assistant')} )?"
     rules["root"] = f"{prelude} ( {answer} )"
     return rules
 

@@ -261,7 +261,7 @@ class Engine:
         channel = Channel(loop)
         backend = self.options.backend_sampling and backend_sampling.supports(request)
         stops = stop_strings_for(
-            request.stop, request.sampling.grammar, request.sampling.grammar_triggers, request.kept_stop, thought_end=request.thought_end
+            request.stop, request.sampling.grammar, request.sampling.grammar_triggers, request.kept_stop, thought=request.thought
         )
         task = Task(
             request_id, prompt, sampler, max_completion, stops, channel, request.preserve, request.logprobs, backend,

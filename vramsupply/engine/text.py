@@ -14,6 +14,29 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
+@dataclass(frozen=True)
+class Thought:
+    """A thought a grammar lets come before the answer it holds: text no grammar holds, where the
+    stop strings apply as in any such text (``stop_strings_for``), up to the marker that ends it.
+
+    ``end``: that marker (``</think>``, harmony's ``<|end|>``). ``opening``: the text that opens the
+    thought where the model may write one or none (harmony's ``<|channel|>analysis<|message|>``);
+    empty where the prompt opened it, so that the output is in the thought from its first character.
+    """
+
+    end: str
+    opening: str = ""
+
+    def holds(self, before: str, stop: str) -> bool:
+        """Whether the grammar holds the output where ``stop`` begins, after ``before``: past the
+        thought's end, or where the output opens no thought. A stop string that begins while the
+        output may still be opening one (inside harmony's first header) stops, as without a grammar."""
+        through = before + stop
+        if not (through.startswith(self.opening) or self.opening.startswith(through)):
+            return True  # the answer came at once (harmony's final or commentary header)
+        return self.end in before[len(self.opening) :]
+
+
 class StopStrings:
     """Stop strings with their KMP failure tables, compiled once per request.
 
@@ -23,16 +46,17 @@ class StopStrings:
     trying every prefix length costs its square. The tables are built when the request is
     submitted, off the scheduler thread.
 
-    ``held``: given all the text before a stop string, whether a grammar holds the output there
-    (a lazy tool-call grammar once triggered): the stop string is then no stop, since cutting
-    would leave a call the answer reports whole as broken JSON. A stop string is never looked
-    for again once a grammar holds: it holds to the end.
+    ``held``: given all the text before a stop string and that stop string, whether a grammar
+    holds the output there (a lazy tool-call grammar once triggered, an answer after its
+    ``Thought``): the stop string is then no stop, since cutting would leave a call the answer
+    reports whole as broken JSON. A stop string is never looked for again once a grammar holds:
+    it holds to the end.
 
     ``kept``: the stop strings whose text stays at the end of the output (vLLM's
     ``include_stop_str_in_output``: the buyer's own, never the chat template's).
     """
 
-    def __init__(self, stops: Sequence[str], held: Callable[[str], bool] | None = None, kept: frozenset[str] = frozenset()) -> None:
+    def __init__(self, stops: Sequence[str], held: Callable[[str, str], bool] | None = None, kept: frozenset[str] = frozenset()) -> None:
         self.stops = tuple(s for s in stops if s)
         self.tables = tuple(_failure_table(s) for s in self.stops)
         self.held = held
@@ -43,7 +67,7 @@ class StopStrings:
 
 
 def stop_strings_for(
-    stops: Sequence[str], grammar: str | None, triggers: Sequence[str], kept: frozenset[str] = frozenset(), thought_end: str | None = None
+    stops: Sequence[str], grammar: str | None, triggers: Sequence[str], kept: frozenset[str] = frozenset(), thought: Thought | None = None
 ) -> StopStrings:
     """A request's stop strings, knowing its grammar: a grammar without triggers (a forced tool call,
     a JSON ``response_format``) holds the whole answer, so none apply; a lazy one (``triggers``,
@@ -51,17 +75,18 @@ def stop_strings_for(
     string. A stop string inside such output cut JSON the answer then reported as a whole call.
     ``kept``: those whose text stays in the output (``StopStrings``).
 
-    ``thought_end``: the grammar lets a thought come first, up to that marker; the stop strings
-    apply there as they do in a thought no grammar holds, and the answer is held from the marker
-    on. Before, none applied in such a thought, which a stop string without the grammar ended."""
+    ``thought``: the grammar lets a thought come first (``Thought``); the stop strings apply there
+    as they do in a thought no grammar holds, and the answer is held from the thought's end on, or
+    from its first character where it opens no thought. Before, none applied in such a thought,
+    which a stop string without the grammar ended."""
     if grammar is None:
         return StopStrings(stops, kept=kept)
-    if not triggers and thought_end:
-        return StopStrings(stops, held=lambda text: thought_end in text, kept=kept)
+    if not triggers and thought is not None:
+        return StopStrings(stops, held=thought.holds, kept=kept)
     if not triggers:
         return StopStrings(())
     patterns = tuple(re.compile(trigger) for trigger in triggers)
-    return StopStrings(stops, held=lambda text: any(pattern.fullmatch(text) for pattern in patterns), kept=kept)
+    return StopStrings(stops, held=lambda text, _stop: any(pattern.fullmatch(text) for pattern in patterns), kept=kept)
 
 
 def _failure_table(pattern: str) -> list[int]:
@@ -105,7 +130,7 @@ class StopMatcher:
         offset = len(self._held)
         for position, char in enumerate(text, start=offset + 1):
             start = self._advance(char, position)
-            if start is not None and heed and not self._grammar_holds(window[:start]):
+            if start is not None and heed and not self._grammar_holds(window[:start], self._set.stops[self._hit]):
                 self._held = ""
                 return window[: position if self._set.kept[self._hit] else start], True
             if self._gripped:
@@ -114,10 +139,10 @@ class StopMatcher:
         self._held = window[len(window) - keep :]
         return self._said_now(window[: len(window) - keep]), False
 
-    def _grammar_holds(self, before: str) -> bool:
+    def _grammar_holds(self, before: str, stop: str) -> bool:
         if self._said is None:
             return False
-        self._gripped = self._set.held("".join(self._said) + before)  # type: ignore[misc]
+        self._gripped = self._set.held("".join(self._said) + before, stop)  # type: ignore[misc]
         return self._gripped
 
     def _held_back_none(self, text: str) -> str:

@@ -15,6 +15,7 @@ from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.options import GpuOptions
 
 from .liveness import DEFAULT_STALL_TIMEOUT
+from .text import Thought
 
 FLASH_ATTENTION_MODES = ("auto", "on", "off")
 MAX_TOP_K = 1 << 20
@@ -193,9 +194,9 @@ class GenerationRequest:
     kept_stop: frozenset[str] = frozenset()
     min_tokens: int = 0
     # A grammar that lets a thought come before the answer it holds (a thought the chat prompt
-    # left open): the text that ends that thought (``</think>``). Stop strings apply in the thought,
-    # as in any text no grammar holds, and not after it (``text.stop_strings_for``).
-    thought_end: str | None = None
+    # left open, ending at ``</think>``; harmony's optional analysis message): stop strings apply
+    # in the thought, as in any text no grammar holds, and not after it (``text.stop_strings_for``).
+    thought: Thought | None = None
 
     def __post_init__(self) -> None:
         _require(len(self.prompt) > 0, "the prompt must contain at least one token")

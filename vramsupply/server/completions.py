@@ -31,7 +31,7 @@ from vramsupply.engine import (
 from vramsupply.server.accounting import Bill
 from vramsupply.server.batch import batch_usage, check_choices, check_echo
 from vramsupply.server.errors import ApiError, completion_id, internal_error
-from vramsupply.server.grammar import answer_grammar, chat_grammar, holds_answer, thought_end
+from vramsupply.server.grammar import answer_grammar, chat_grammar, free_thought, holds_answer
 from vramsupply.server.logprobs_out import StreamedLogprobs
 from vramsupply.server.metrics import ChoiceTiming, RequestClock
 from vramsupply.server.chat_shape import ChatShape, forced_call
@@ -146,10 +146,10 @@ async def chat_generation_requests(body: ChatCompletionBody, chat: ChatPrompt) -
     calls, its JSON response_format, or either (``grammar.chat_grammar``)."""
     requests = await generation_requests(body, chat.tokens, extra_stop=chat.stop)
     grammar = chat_grammar(chat, requests[0].sampling.grammar)
-    thought = thought_end(chat, grammar)
+    thought = free_thought(chat, grammar)
     try:
         return [
-            dataclasses.replace(r, preserve=chat.preserve, sampling=dataclasses.replace(r.sampling, **grammar), thought_end=thought)
+            dataclasses.replace(r, preserve=chat.preserve, sampling=dataclasses.replace(r.sampling, **grammar), thought=thought)
             for r in requests
         ]
     except ValueError as exc:

@@ -31,11 +31,12 @@ from typing import Any
 
 from vramsupply.chat.forced import after_thought, either
 from vramsupply.chat.gbnf_text import gbnf_literal
-from vramsupply.chat.harmony_grammar import in_final
+from vramsupply.chat.harmony_grammar import THOUGHT_END, THOUGHT_HEAD, in_final
 from vramsupply.chat.limits import InvalidSchema, SchemaTooComplex, check_grammar_size, check_limits, schema_grammar
 from vramsupply.chat.pattern import PatternError, pattern_to_gbnf
 from vramsupply.chat.schema import UnenforcedKeyword, schema_to_gbnf
 from vramsupply.engine import ChatPrompt
+from vramsupply.engine.text import Thought
 from vramsupply.server.errors import ApiError
 from vramsupply.server.schemas import GenerationBody, ResponseFormat
 from vramsupply.server.vllm_fields import Constraint, output_constraint
@@ -142,12 +143,15 @@ def chat_grammar(chat: ChatPrompt, json_grammar: str | None) -> dict[str, Any]:
     return {"grammar": answer}
 
 
-def thought_end(chat: ChatPrompt, sampling: dict[str, Any]) -> str | None:
-    """The marker that ends the thought a chat's grammar lets come first (``chat_grammar``'s
-    ``sampling`` fields: a forced call or a JSON answer held from the first token, after a thought
-    the prompt left open), so that stop strings apply in that thought as in one no grammar holds
-    (``GenerationRequest.thought_end``); None where there is no such thought. Not for harmony,
-    whose optional thought is a message on its own channel."""
-    if sampling.get("grammar") is None or sampling.get("grammar_triggers") or chat.channels:
+def free_thought(chat: ChatPrompt, sampling: dict[str, Any]) -> Thought | None:
+    """The thought a chat's grammar lets come first (``chat_grammar``'s ``sampling`` fields: a
+    forced call or an answer held from the first token), so that stop strings apply in that thought
+    as in one no grammar holds (``GenerationRequest.thought``); None where there is no such thought.
+    It is the rest of a thought the prompt left open, to its end marker, or harmony's optional
+    analysis message, which every such grammar of harmony's allows (``harmony_grammar.with_prelude``)
+    and which ends at its ``<|end|>``."""
+    if sampling.get("grammar") is None or sampling.get("grammar_triggers"):
         return None
-    return chat.reasoning.end if chat.in_reasoning and chat.reasoning is not None else None
+    if chat.channels:
+        return Thought(THOUGHT_END, opening=THOUGHT_HEAD)
+    return Thought(chat.reasoning.end) if chat.in_reasoning and chat.reasoning is not None else None
