@@ -6,14 +6,18 @@ served and heartbeats may have reported them to the platform. Now a request has 
 ``in_flight`` from its first generated token on (its prompt tokens, the completion tokens so far),
 written by the writer thread and brought up to date every 2 s while it runs (one transaction for all
 of them, nothing per token: ``server.accounting.IN_FLIGHT_EVERY_SECONDS``). Its finished row replaces it in one transaction.
+A request relayed to an upstream engine has one too, from its first relayed text, its tokens counted
+as well as they are known mid-stream (``upstream.exchange``): its prompt tokens may be an estimate
+there at first, brought up to date with the rest once the upstream reports them.
 
 Each row names its ``run``: the agent process, by pid and start time (a later process given the
 same pid is not taken for it). Rows of a run that is gone were interrupted: the next agent to open
 the ledger moves them to ``requests`` as such (``complete`` 0, ``interrupted`` 1, no money: no buyer
 received their usage, which is what buyers pay by), stamped with the time their tokens were last
-written; `vramsupply earnings` reads them as interrupted already, without writing. Lost, exactly:
-the completion tokens generated after that last write (at most 2 s of output) and
-the prompt's cached tokens, known only at the end (an interrupted row has 0).
+written; `vramsupply earnings` reads them as interrupted already, without writing. Lost, exactly (of
+our own engine's requests; a relayed one's counts are approximate besides, as said there): the
+completion tokens generated after that last write (at most 2 s of output) and the prompt's cached
+tokens, known only at the end (an interrupted row has 0).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from vramsupply.host.processes import process_start, same_process
 UPSERT = """
 INSERT INTO in_flight (run, request_id, started_at, updated_at, model, source, choices, prompt_tokens, completion_tokens, input_price, output_price)
 VALUES (:run, :request_id, :at, :at, :model, :source, :choices, :prompt_tokens, :completion_tokens, :input_price, :output_price)
-ON CONFLICT (run, request_id) DO UPDATE SET updated_at = excluded.updated_at, completion_tokens = excluded.completion_tokens
+ON CONFLICT (run, request_id) DO UPDATE SET updated_at = excluded.updated_at, prompt_tokens = excluded.prompt_tokens,
+    completion_tokens = excluded.completion_tokens
 """
 
 FORGET = "DELETE FROM in_flight WHERE run = ? AND request_id = ?"

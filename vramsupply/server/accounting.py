@@ -17,17 +17,20 @@ whose only content was the error event) and no usage, and pays nothing. One that
 tokens went out is a stream cut short, recorded with what it generated, as a hang-up is.
 
 A recorder that keeps requests in flight (``TracksInFlight``: the earnings ledger) is told of a
-request at its first generated text (``Bill.serving``) and of the completion tokens each has so far
-every ``IN_FLIGHT_EVERY_SECONDS``, all of them at once, by one task that runs only while requests
-are in flight: an agent killed outright then leaves a row of each, which the next start records as
+request at its first generated text (``Tracked.serving``) and of the tokens each has so far every
+``IN_FLIGHT_EVERY_SECONDS``, all of them at once, by one task that runs only while requests are in
+flight: an agent killed outright then leaves a row of each, which the next start records as
 interrupted (``ledger.in_flight``). Nothing is done per token, and nothing here waits for a disk.
+Our own engine's requests (``Bill``) and those relayed to an upstream (``upstream.exchange``) are
+tracked alike; each says how it counts its tokens so far (``Counts``): exactly, for our engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -67,6 +70,10 @@ class Serving:
     token_presented: bool
 
 
+Counts = Callable[[], tuple[int, int]]
+"""A request's prompt tokens and completion tokens so far, as best known: what its row in flight holds."""
+
+
 class RequestRecorder(Protocol):
     async def record(self, finished: FinishedRequest) -> None: ...
     @property
@@ -87,7 +94,7 @@ class Accounts:
     def __init__(self) -> None:
         self.recorder: RequestRecorder | None = None
         self._pending: set[asyncio.Task[None]] = set()
-        self._in_flight: dict[str, Bill] = {}
+        self._in_flight: dict[str, Tracked] = {}
         self._ticker: asyncio.Task[None] | None = None
 
     def bill(
@@ -98,30 +105,37 @@ class Accounts:
         ``generations`` and ``prompt_tokens``: what its row in flight is counted from."""
         return Bill(self, request_id, model, choices, token_presented, per_prompt or choices, generations=generations, prompt_tokens=prompt_tokens)
 
+    def track(self, request_id: str, model: str, choices: int, *, token_presented: bool, counts: Counts) -> Tracked:
+        """A request to keep in flight from its first text (``Tracked.serving``), counted by ``counts``."""
+        return Tracked(self, Serving(request_id, model, choices, 0, 0, token_presented), counts)
+
     def _tracker(self) -> TracksInFlight | None:
         return self.recorder if isinstance(self.recorder, TracksInFlight) else None
 
-    def begin(self, bill: Bill) -> None:
-        """``bill``'s request generated its first text: it is in flight from now on."""
+    def begin(self, tracked: Tracked) -> None:
+        """``tracked``'s request generated its first text: it is in flight from now on."""
         tracker = self._tracker()
         if tracker is None:
             return
-        self._in_flight[bill.request_id] = bill
-        tracker.serving([bill.now()])
+        self._in_flight[tracked.request_id] = tracked
+        tracker.serving([tracked.now()])
         if self._ticker is None:
             self._ticker = asyncio.create_task(self._tick())
 
-    def end(self, bill: Bill, *, recorded: bool) -> None:
-        """``bill``'s request is no longer in flight; ``recorded``: its finished row replaces its row in flight."""
-        if self._in_flight.pop(bill.request_id, None) is not None and not recorded and (tracker := self._tracker()) is not None:
-            tracker.ended([bill.request_id])
+    def end(self, tracked: Tracked, *, recorded: bool) -> None:
+        """``tracked``'s request is no longer in flight; ``recorded``: its finished row replaces its row in flight."""
+        if self._in_flight.get(tracked.request_id) is not tracked:
+            return  # never in flight (no recorder keeps them), or another request under the same id (an upstream's) took its place
+        del self._in_flight[tracked.request_id]
+        if not recorded and (tracker := self._tracker()) is not None:
+            tracker.ended([tracked.request_id])
 
     async def _tick(self) -> None:
         """Every ``IN_FLIGHT_EVERY_SECONDS`` while requests are in flight: the tokens of those that changed."""
         try:
             while self._in_flight:
                 await asyncio.sleep(IN_FLIGHT_EVERY_SECONDS)
-                changed = [serving for bill in list(self._in_flight.values()) if (serving := bill.progress()) is not None]
+                changed = [serving for tracked in list(self._in_flight.values()) if (serving := tracked.progress()) is not None]
                 if changed and (tracker := self._tracker()) is not None:
                     tracker.serving(changed)
         finally:
@@ -142,7 +156,7 @@ class Accounts:
 
     def record_later(self, bill: Bill, generations: Sequence[Generation]) -> None:
         if self.recorder is None or not generations:
-            self.end(bill, recorded=False)
+            bill.tracked.end(recorded=False)
             return
         self.keep(asyncio.create_task(self._record_abandoned(bill, generations)))
 
@@ -169,9 +183,9 @@ class Accounts:
         elif usage.completion_tokens == 0 and any(task.done() and not task.cancelled() and task.result() for task in ending):
             log.debug("request %s not recorded in the earnings ledger: it failed before its first token", bill.request_id)
         else:
-            self.end(bill, recorded=True)
+            bill.tracked.end(recorded=True)
             return await self.record(bill.finished(usage, complete=False))
-        self.end(bill, recorded=False)
+        bill.tracked.end(recorded=False)
 
     async def flush(self, timeout: float = UNFINISHED_WAIT_SECONDS) -> None:
         """Wait for abandoned requests to be recorded (on shutdown, after the engine has stopped)."""
@@ -181,8 +195,47 @@ class Accounts:
             self._ticker.cancel()
 
 
+class Tracked:
+    """One request's row in flight (see the module docstring): handed to the recorder at its first
+    text, then each time the ticker finds its counts changed, until it ends."""
+
+    def __init__(self, accounts: Accounts, request: Serving, counts: Counts) -> None:
+        self._accounts = accounts
+        self._request = request
+        self._counts = counts
+        self._begun = False
+        self.ended = False
+        self._written: tuple[int, int] | None = None
+        """The counts last handed over."""
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    def serving(self) -> None:
+        """Its first text came (called at each; only the first does anything): it is in flight."""
+        if not self._begun and not self.ended:
+            self._begun = True
+            self._accounts.begin(self)
+
+    def end(self, *, recorded: bool) -> None:
+        """It is no longer in flight; ``recorded``: its finished row replaces its row in flight."""
+        if not self.ended:
+            self.ended = True
+            self._accounts.end(self, recorded=recorded)
+
+    def now(self) -> Serving:
+        """The request in flight as it is now."""
+        self._written = prompt, completion = self._counts()
+        return dataclasses.replace(self._request, prompt_tokens=prompt, completion_tokens=completion)
+
+    def progress(self) -> Serving | None:
+        """The request now, if its counts changed since they were last handed over."""
+        return self.now() if self._counts() != self._written else None
+
+
 class Bill:
-    """One request's record: settled with its final usage, or, if it ends early, abandoned."""
+    """One request of our engine's: settled with its final usage, or, if it ends early, abandoned."""
 
     def __init__(
         self, accounts: Accounts, request_id: str, model: str, choices: int, token_presented: bool, per_prompt: int = 0,
@@ -196,10 +249,12 @@ class Bill:
         self._token_presented = token_presented
         self.settled = False
         self.generations = generations
-        self.prompt_tokens = prompt_tokens
-        self._in_flight = False
-        self._written = -1
-        """The completion tokens last handed over in flight."""
+        self.tracked = accounts.track(request_id, model, choices, token_presented=token_presented, counts=self._counts)
+        self._prompt_tokens = prompt_tokens
+
+    def _counts(self) -> tuple[int, int]:
+        """Exact: each prompt's tokens, and every generation's completion tokens so far."""
+        return self._prompt_tokens, sum(g.completion_tokens_so_far for g in self.generations)
 
     def finished(self, usage: UsageOut, *, complete: bool) -> FinishedRequest:
         return FinishedRequest(
@@ -209,30 +264,20 @@ class Bill:
 
     def serving(self) -> None:
         """Its first text came (called at each; only the first does anything): it is in flight."""
-        if not self._in_flight and not self.settled and self.generations:
-            self._in_flight = True
-            self._accounts.begin(self)
-
-    def now(self) -> Serving:
-        """The request in flight as it is now."""
-        self._written = sum(g.completion_tokens_so_far for g in self.generations)
-        return Serving(self.request_id, self._model, self._choices, self.prompt_tokens, self._written, self._token_presented)
-
-    def progress(self) -> Serving | None:
-        """The request now, if it generated tokens since it was last handed over."""
-        return self.now() if sum(g.completion_tokens_so_far for g in self.generations) != self._written else None
+        if not self.settled and self.generations:
+            self.tracked.serving()
 
     async def settle(self, usage: UsageOut) -> None:
         """Record the request with the usage the buyer is about to receive; call before the last byte."""
         self.settled = True
-        self._accounts.end(self, recorded=True)
+        self.tracked.end(recorded=True)
         await self._accounts.record(self.finished(usage, complete=True))
 
     def void(self) -> None:
         """The buyer is answered with an error and no usage (a whole answer the engine failed part
         way): nothing was sold, so nothing is recorded."""
         self.settled = True
-        self._accounts.end(self, recorded=False)
+        self.tracked.end(recorded=False)
 
     def abandon(self, generations: Sequence[Generation]) -> None:
         """The request ended without settling: record it once its cancelled generations stop."""

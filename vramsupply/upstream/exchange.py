@@ -20,6 +20,19 @@ request that cannot be counted now is counted again in the background once the u
 upstream client closes), or when the upstream answers but cannot count it, it is recorded with an
 estimate from its text (``usage.estimate``), said in the log: never left out of the ledger. The
 shutdown's ledger flush waits for these records as for an abandoned request's.
+
+From its first relayed text until it is billed, a request is in flight in the earnings ledger
+(``server.accounting``, ``ledger.in_flight``), so that an agent killed outright leaves a row of it,
+recorded as interrupted at the next start. A request its handler ends unbilled (its buyer hung up,
+an answer that was not relayed) loses that row, as nothing of it is recorded; one to be counted
+again keeps it until it is billed. Its tokens there are what is known mid-stream (``so_far``), not
+a count: the upstream's usage where a chunk carried one for the whole answer (vLLM's
+``continuous_usage_stats`` with one choice, or the final usage), which is exact; else the prompt
+tokens the upstream reported, or an estimate from the prompt's text (bytes / 4, as ``usage.estimate``:
+no template, roles or tools, so mostly under), and one completion token for each piece of text
+relayed (a choice's text in one chunk), which is at least one token, exactly one where the
+upstream streams a token a chunk, as llama-server, vLLM and SGLang do by default, and counts no
+stop sequence or end-of-sequence token: never more than was generated.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ from typing import Any
 
 import aiohttp
 
-from vramsupply.server.accounting import FinishedRequest
+from vramsupply.server.accounting import FinishedRequest, Tracked
 from vramsupply.server.responses import new_id
 from vramsupply.timeouts import within
 from vramsupply.upstream.client import UpstreamUnavailable, describe
@@ -76,6 +89,13 @@ class Exchange:
     """The upstream's usage where only its prompt counts are taken (``take_usage``)."""
     session: aiohttp.ClientSession = field(init=False)
     """The upstream client's session when the request came: counting ends when it closes (the agent stops)."""
+    pieces: int = 0
+    """Pieces of generated text relayed (a choice's text in one chunk): its completion tokens in flight (``so_far``)."""
+    tracked: Tracked | None = None
+    """Its row in flight, from its first relayed text (see the module docstring)."""
+    prompt_estimate: int | None = None
+    recounting: bool = False
+    """It is counted again in the background (``recount``): its row in flight stays until it is billed."""
 
     def __post_init__(self) -> None:
         self.session = self.state.client.session
@@ -111,11 +131,37 @@ class Exchange:
             index = choice.get("index", 0)
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 1 << 16:
                 raise BadAnswer("its answer has a malformed choice index")
-            self.texts[index] = self.texts.get(index, "") + text_of(choice, self.tool_names.setdefault(index, {}))
+            piece = text_of(choice, self.tool_names.setdefault(index, {}))
+            self.texts[index] = self.texts.get(index, "") + piece
+            self.pieces += 1 if piece else 0
             if choice.get("finish_reason") == "stop":
                 self.stops[index] = stop_sequence(choice, self.body)
             if choice.get("finish_reason") in ("stop", "tool_calls") and not self.stops.get(index):
                 self.ended.add(index)
+        if self.pieces and self.tracked is None:
+            self.serving()
+
+    def serving(self) -> None:
+        """Its first text is relayed: it is in flight from now on, under the id it will be billed by."""
+        self.request_id = self.request_id or new_id("req")
+        token = self.state.endpoint_token is not None
+        self.tracked = self.state.accounts.track(self.request_id, self.state.model_id, choices_asked(self.body), token_presented=token, counts=self.so_far)
+        self.tracked.serving()
+
+    def so_far(self) -> tuple[int, int]:
+        """Its prompt and completion tokens in flight, as well as they are known (see the module docstring)."""
+        if self.usage is not None:
+            return self.usage.prompt_tokens, max(self.usage.completion_tokens, self.pieces)  # a usage the next chunks did not repeat
+        if self.prompt_usage is not None:
+            return self.prompt_usage.prompt_tokens, self.pieces
+        if self.prompt_estimate is None:
+            self.prompt_estimate = estimate(self.path, self.body, [], self.bounds).prompt_tokens
+        return self.prompt_estimate, self.pieces
+
+    def unbilled(self) -> None:
+        """Its handler ended: a row in flight that no record will replace goes (nothing of it is recorded)."""
+        if self.tracked is not None and not self.recounting:
+            self.tracked.end(recorded=False)
 
     def generated(self) -> list[str]:
         """Each choice's text as the upstream generated (and counts) it: what it sent, and its stop sequence."""
@@ -161,8 +207,11 @@ class Exchange:
         return UsageCounter(self.state.client, self.state.tokenizer, self.session)
 
     async def bill(self, usage: CountedUsage) -> None:
-        """The one way a request is billed: the heartbeats' counters, then the earnings ledger."""
+        """The one way a request is billed: the heartbeats' counters, then the earnings ledger (its
+        finished row replacing its row in flight)."""
         record(self.state, usage)
+        if self.tracked is not None:
+            self.tracked.end(recorded=True)
         await self.state.accounts.record(self.finished(usage))
 
     async def bill_estimate(self, reason: str) -> None:
@@ -178,6 +227,7 @@ class Exchange:
             "could not count the usage of a %s answer now (%s): counting it again once the upstream answers, for up to %gs",
             self.path, reason, RECOUNT_FOR_SECONDS,
         )
+        self.recounting = True
         self.state.accounts.keep(asyncio.create_task(self.recount(reason)))
 
     async def recount(self, reason: str) -> None:

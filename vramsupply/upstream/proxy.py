@@ -4,9 +4,9 @@ The body is checked the way our own server checks it (a JSON object within the s
 this endpoint serves) and forwarded with the upstream's model name. Answers come back under our
 model id. Streams are relayed event by event as they arrive (``stream``), never buffered. Every
 answer is counted from its usage (``usage``) and recorded in the earnings ledger before its last
-byte goes out; an abandoned stream has no usage and is not recorded. A buyer who hangs up cancels
-this handler (aiohttp's handler cancellation), which closes the upstream connection: vLLM, SGLang
-and llama-server abort a generation whose client went away.
+byte goes out; an abandoned stream has no usage and is not recorded (its row in flight goes too:
+``exchange``). A buyer who hangs up cancels this handler (aiohttp's handler cancellation), which
+closes the upstream connection: vLLM, SGLang and llama-server abort a generation whose client went away.
 
 Whatever the upstream does, the buyer gets OpenAI error JSON for it: a status that is not the
 buyer's fault becomes 502 (``refusal``), an unusable or oversized answer 502 and a slow one 504
@@ -86,6 +86,7 @@ async def forward_exchange(
         raise ApiError(502, f"The model server behind this endpoint failed: {describe(exc)}", type="server_error", code="upstream_error") from None
     finally:
         state.counters.in_flight -= 1
+        exchange.unbilled()
 
 
 def failed(path: str, exc: BadAnswer) -> ApiError:
