@@ -150,3 +150,31 @@ def test_the_valid_schemas_agents_send_are_accepted_with_every_tool_choice(qwen:
                     model=MODEL_ID, messages=ASK, tools=tools(parameters), tool_choice=choice, max_tokens=5, extra_body=NO_THINKING
                 )
                 assert response.choices[0].finish_reason in ("stop", "length", "tool_calls"), (choice, response.choices[0])
+
+
+def test_each_drafts_own_forms_are_accepted_and_a_refusal_gives_2020_12s_reason(qwen: LiveServer) -> None:
+    """A schema is taken when Draft 2020-12, 7 or 4 takes it, whichever is asked first (the fast
+    ones are): a tree of 2020-12's ``$dynamicRef`` with a ``prefixItems`` tuple, named 2020-12 (the
+    only draft then asked) or not (Draft 4 refuses its ``true`` schema and its number as
+    ``exclusiveMinimum``), and Draft 7's own forms (a tuple's ``items`` list, which 2020-12
+    refuses, and a ``true`` schema, which Draft 4 refuses). The reason for a refusal is 2020-12's
+    (Draft 4 would want a boolean)."""
+    tree = {
+        "$defs": {"node": {"$dynamicAnchor": "node", "type": "object", "properties": {"kids": {"type": "array", "items": {"$dynamicRef": "#node"}}}}},
+        "type": "object",
+        "properties": {
+            "root": {"$ref": "#/$defs/node"},
+            "span": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "integer"}], "items": False},
+            "weight": {"type": "number", "exclusiveMinimum": 0},
+            "extra": True,
+        },
+        "required": ["root"],
+    }
+    draft_7 = {"type": "object", "properties": {"pair": {"type": "array", "items": [{"type": "string"}, {"type": "integer"}]}, "extra": True}, "required": []}
+    with sdk(qwen) as client:
+        for parameters in (tree, {"$schema": "https://json-schema.org/draft/2020-12/schema", **tree}, draft_7):
+            response = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tools(parameters), tool_choice="auto", max_tokens=5, extra_body=NO_THINKING)
+            assert response.choices[0].finish_reason in ("stop", "length", "tool_calls"), (parameters, response.choices[0])
+    body = refused(qwen, tools=tools({"type": "object", "properties": {"n": {"type": "number", "exclusiveMinimum": "0"}}}))
+    assert body["message"] == "Invalid schema for function 'broken': '0' is not of type 'number', at properties.n.exclusiveMinimum"
+
