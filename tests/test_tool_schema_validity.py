@@ -178,3 +178,19 @@ def test_each_drafts_own_forms_are_accepted_and_a_refusal_gives_2020_12s_reason(
     body = refused(qwen, tools=tools({"type": "object", "properties": {"n": {"type": "number", "exclusiveMinimum": "0"}}}))
     assert body["message"] == "Invalid schema for function 'broken': '0' is not of type 'number', at properties.n.exclusiveMinimum"
 
+
+def test_a_tool_schema_past_the_size_limits_is_still_held_to_json_schemas_rules(qwen: LiveServer) -> None:
+    """A schema too large for a grammar (``maxItems`` past what one spells out) only loses the lazy
+    grammar with ``auto``, and a forced call is a 400 for its size; but an invalid one passed
+    unchecked with ``auto``, while a smaller invalid one was a 400."""
+    lines = {"type": "array", "items": {"type": "string"}, "maxItems": 50000}
+    valid = {"type": "object", "properties": {"lines": lines, "indent": {"type": "integer", "minimum": 0}}, "required": ["lines"]}
+    invalid = {**valid, "properties": {**valid["properties"], "indent": {"type": "integer", "minimum": "0"}}}
+    body = refused(qwen, tools=tools(invalid), tool_choice="auto")
+    assert body["message"] == "Invalid schema for function 'broken': '0' is not of type 'number', at properties.indent.minimum", body
+    assert (body["param"], body["code"]) == ("tools[1].function.parameters.properties.indent.minimum", "invalid_function_parameters")
+    with sdk(qwen) as client:
+        response = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=tools(valid), tool_choice="auto", max_tokens=5, extra_body=NO_THINKING)
+    assert response.choices[0].finish_reason in ("stop", "length"), response.choices[0]
+    body = refused(qwen, tools=tools(valid), tool_choice="required")
+    assert body["param"] == "tools" and "'maxItems' is 50000; at most 1000 is accepted" in body["message"], body

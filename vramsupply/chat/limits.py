@@ -65,6 +65,26 @@ def check_schema(schema: Any) -> None:
     check_limits(schema)
 
 
+def check_valid_at_any_size(schema: Any) -> None:
+    """``InvalidSchema`` for a schema that breaks JSON Schema's rules, however large: the limits'
+    own reasons where it is within them, else the meta-schema's. ``SchemaTooComplex`` only for one
+    nested too deep to be read (the meta-schema's validator recurses once per level)."""
+    try:
+        check_schema(schema)
+    except SchemaTooComplex:
+        check_depth(schema)
+    check_valid(schema)
+
+
+def check_depth(node: Any, depth: int = 0) -> None:
+    """Refuse a schema whose objects and arrays nest deeper than ``check_limits`` lets them."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise SchemaTooComplex(f"it nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
+        if isinstance(child, (dict, list)):
+            check_depth(child, depth + 1)
+
+
 def check_grammar_size(grammar: str) -> str:
     """``grammar``, unless it is larger than llama.cpp should be asked to parse for one request."""
     if len(grammar) > MAX_GRAMMAR_BYTES:

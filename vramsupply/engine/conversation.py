@@ -20,8 +20,7 @@ from typing import Any
 
 from vramsupply.chat import ChatFormat, OutputParser, ReasoningMarkers, ToolSyntax
 from vramsupply.chat.forced import forced_call_grammar, trigger_patterns
-from vramsupply.chat.limits import InvalidSchema, SchemaTooComplex, check_grammar_size, check_schema, check_strict
-from vramsupply.chat.metaschema import check_valid
+from vramsupply.chat.limits import InvalidSchema, SchemaTooComplex, check_grammar_size, check_schema, check_strict, check_valid_at_any_size
 from vramsupply.chat.formats import opens_reasoning
 from vramsupply.chat.harmony import HarmonyParser
 
@@ -287,7 +286,7 @@ def _parameters(parameters: Any, where: str, name: str) -> Any:
     _check_valid(parameters, where, name)
     if parameters.get("type", "object") != "object":
         raise ChatRequestError(where, f"{where} must be a JSON schema of an object")
-    if not isinstance(parameters.get("properties", {}), Mapping):  # past the limits, not checked by _check_valid
+    if not isinstance(parameters.get("properties", {}), Mapping):  # nested too deep for _check_valid to read
         raise ChatRequestError(f"{where}.properties", f"{where}.properties must be an object (parameter name: schema)")
     _check_list_keywords(parameters, where)
     return parameters
@@ -296,12 +295,12 @@ def _parameters(parameters: Any, where: str, name: str) -> Any:
 def _check_valid(parameters: Mapping[str, Any], where: str, name: str) -> None:
     """A 400 for parameters that break JSON Schema's own rules, whatever ``tool_choice`` says (as
     at OpenAI: ``auto`` only converts a schema for its lazy grammar, and a failure there was
-    silent). ``param`` names the faulty keyword, as the other checks here do (OpenAI names the
-    parameters). A schema past the limits is not read, so not checked: a forced call is a 400 for
-    it (``_call_grammar``), ``auto`` goes without the lazy grammar."""
+    silent) and whatever their size (a schema past a size limit is a 400 for a forced call,
+    ``_call_grammar``, and goes without the lazy grammar with ``auto``: an invalid one there got no
+    400 while a smaller one did). ``param`` names the faulty keyword, as the other checks here do
+    (OpenAI names the parameters). One nested past the depth limit is not read, so not checked."""
     try:
-        check_schema(parameters)
-        check_valid(parameters)
+        check_valid_at_any_size(parameters)
     except SchemaTooComplex:
         return
     except InvalidSchema as exc:
