@@ -20,7 +20,7 @@ import pytest
 
 from gbnf_check import GrammarChecker
 from vramsupply.chat import ReasoningMarkers
-from vramsupply.chat.limits import schema_grammar
+from vramsupply.chat.limits import MAX_CHECKED_BYTES, MAX_SCHEMA_BYTES, InvalidSchema, SchemaTooComplex, check_valid_at_any_size, schema_grammar
 from vramsupply.chat.forced import after_thought, forced_call_grammar
 from vramsupply.chat.numbers import Bound, decimals, integers, to_regex
 from vramsupply.chat.schema import UnsatisfiableSchema, schema_to_gbnf
@@ -300,3 +300,16 @@ def test_a_root_ref_whose_definition_refers_to_another_one_is_a_grammar(checker:
     assert checker.accepts(grammar, '{"name": "a", "files": [{"name": "b", "parent": {"name": "c", "files": []}}]}')
     assert checker.accepts(grammar, '{"name": "a", "files": [{"name": "b", "parent": null}]}')
     assert not checker.accepts(grammar, '{"name": "a", "files": [{"name": "b"}]}')
+
+
+def test_a_schema_past_the_limits_is_held_to_json_schemas_rules_up_to_the_size_checked() -> None:
+    """A tool's schema too large for a grammar is still checked against the meta-schema (its
+    invalid keyword is an ``InvalidSchema``), but only up to ``MAX_CHECKED_BYTES``: past it the
+    check's CPU (seconds for a megabyte) would be taken from every stream, so it is not checked."""
+    def schema(padding: int) -> dict:
+        return {"type": "object", "description": "x" * padding, "properties": {"n": {"type": "integer", "minimum": "0"}}}
+
+    with pytest.raises(InvalidSchema):
+        check_valid_at_any_size(schema(MAX_SCHEMA_BYTES * 2))
+    with pytest.raises(SchemaTooComplex, match="at most 131,072 are checked"):
+        check_valid_at_any_size(schema(MAX_CHECKED_BYTES))
