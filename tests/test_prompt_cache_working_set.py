@@ -13,6 +13,7 @@ import pytest
 
 from conftest import TINY_MODEL
 from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
+from vramsupply.engine import prompt_cache
 from vramsupply.engine.cache_entries import PromptCache
 from vramsupply.engine.working_set import MARGIN, MIN_SEEN
 
@@ -42,11 +43,24 @@ def chats_coming_back_after_two_other_saves(cache: PromptCache, turns: int) -> i
     return 3 * n + 2
 
 
-def test_until_enough_restores_are_seen_the_budget_alone_bounds_the_cache() -> None:
+def test_without_a_context_size_the_budget_alone_bounds_the_cache_until_enough_restores_are_seen() -> None:
     cache = PromptCache(budget=10**9)
     chats_coming_back_after_two_other_saves(cache, MIN_SEEN - 1)
     assert len(cache) == 2 * (MIN_SEEN - 1)  # nothing dropped: every one-off kept
     assert cache.bound == 10**9
+
+
+def test_from_the_first_save_the_cache_keeps_to_the_kv_of_the_context_and_a_miss_grows_it() -> None:
+    """Before, the budget alone bounded the cache until its eighth restore: on an 8-minute trace it
+    grew to twice the bound it then learned, and that was the server's peak RSS."""
+    cache = PromptCache(budget=10**9, floor_tokens=400)  # 400 tokens of 25 bytes: 10 entries' KV
+    chats_coming_back_after_two_other_saves(cache, MIN_SEEN - 1)
+    assert cache.bound == 10 * KV and cache.nbytes <= cache.bound < 2 * (MIN_SEEN - 1) * (KV + TOKEN_BYTES)
+    cache.admitted(prompt(1), served=0)  # an early one-off comes back after all: a miss the floor caused
+    assert cache.bound == MARGIN * 10 * KV
+    small_context = PromptCache(budget=10**9, floor_tokens=40, least_bytes=10 * KV)
+    chats_coming_back_after_two_other_saves(small_context, 2)
+    assert small_context.bound == 10 * KV  # never below least_bytes, however small the context
 
 
 def test_once_restores_are_seen_the_cache_keeps_twice_their_deepest_reach() -> None:
@@ -104,9 +118,14 @@ LINES = ["Tom had a red ball.", "Lily saw a big dog.", "Ben ran to the park.", "
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
+    """The tiny model's conversations hold a few KB of KV each, far under the 32 MiB the cache
+    keeps before any evidence (``LEAST_KEPT_BYTES``): without it, so that what restores reach
+    bounds the cache, as on a model whose context holds more."""
     options = EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=1, max_queue=4, cache_ram=64, threads=1)
-    with Engine.load(options) as engine:
-        yield engine
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prompt_cache, "LEAST_KEPT_BYTES", 0)
+        with Engine.load(options) as engine:
+            yield engine
 
 
 async def ask(engine: Engine, text: str) -> int:

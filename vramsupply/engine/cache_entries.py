@@ -116,12 +116,12 @@ class Entry:
 class PromptCache:
     """Entries under ``budget`` bytes (bases counted once), least recently used evicted first, and
     within the bound that recent restores reach (``working_set.py``; at least the KV of
-    ``floor_tokens`` tokens)."""
+    ``floor_tokens`` tokens, and ``least_bytes``)."""
 
-    def __init__(self, budget: int, floor_tokens: int = 0) -> None:
+    def __init__(self, budget: int, floor_tokens: int = 0, least_bytes: int = 0) -> None:
         self.budget = budget
         self.nbytes = 0
-        self.working = WorkingSet(floor_tokens)
+        self.working = WorkingSet(floor_tokens, least_bytes)
         self._entries: OrderedDict[int, Entry] = OrderedDict()
         self._keys = count()
         self._cold = Ghosts(MAX_COLD)

@@ -61,6 +61,8 @@ MIN_SAVED_TOKENS = 32
 RESTORE_TOKENS_PER_GAINED = 64
 # A prefix shorter than this is not worth storing apart from the entries that share it.
 MIN_BASE_TOKENS = 64
+# The cache keeps at least this much before any restore shows how deep they reach (working_set.py).
+LEAST_KEPT_BYTES = 32 * MIB
 
 
 def default_budget_mib(meminfo: Path = MEMINFO, proc: Path = PROC_SELF) -> int:
@@ -126,7 +128,7 @@ class HostPromptCache:
         self._scratch = scratch
         self._whole = whole
         # At least the KV of the whole context stays: all that one park or pause moves out at once.
-        self.entries = PromptCache(budget, floor_tokens=llama_cpp.llama_n_ctx(ctx))
+        self.entries = PromptCache(budget, floor_tokens=llama_cpp.llama_n_ctx(ctx), least_bytes=LEAST_KEPT_BYTES)
         self.policy = SavePolicy(prefill_seconds)
         self._counters = counters or Counters()
 

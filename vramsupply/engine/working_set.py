@@ -21,7 +21,16 @@ admission that one of them would have served better than what it got (a miss the
 counts as a reach as deep as the bound, which makes the next bound ``MARGIN`` (2) times it: a
 workload whose conversations return later grows it back, doubling per miss.
 
-Until ``MIN_SEEN`` restores or misses have been seen, the budget alone bounds the cache.
+**Before the first restores.** Until ``MIN_SEEN`` restores or misses had been seen, the budget
+alone bounded the cache. On the marketplace bench's 0.1 conv/s trace (48 conversations over 8
+minutes) the eighth restore came after 5 minutes, and by then the cache held 133 MB in 26 entries,
+twice the bound it then learned (72 MB: the context's KV, as no restore had reached deeper than 36
+MB), and that was the server's peak RSS: 136 MB over llama-server's on that trace. Now the floor
+bounds it from the first save, grown by misses as later: conversations that come back later than
+the floor holds find their ghosts, and each such miss doubles the bound. Only where the floor is
+unknown (no context size given) does the budget alone bound it until ``MIN_SEEN``. The floor is
+at least ``least_bytes`` (``prompt_cache.LEAST_KEPT_BYTES``): a small model's context holds a few
+MB of KV, less than a handful of its conversations, and keeping that little costs nothing.
 """
 
 from __future__ import annotations
@@ -33,14 +42,15 @@ WINDOW = 32
 MARGIN = 2.0
 """The bound over the deepest recent reach: room for a reach a little deeper than any seen."""
 MIN_SEEN = 8
-"""Restores or misses seen before the bound applies; until then the budget alone."""
+"""Restores or misses seen before the bound applies where there is no floor; until then the budget alone."""
 
 
 class WorkingSet:
     """The bound the host prompt cache keeps to; ``cache_entries.PromptCache`` feeds it."""
 
-    def __init__(self, floor_tokens: int = 0) -> None:
+    def __init__(self, floor_tokens: int = 0, least_bytes: int = 0) -> None:
         self._floor_tokens = floor_tokens
+        self._least_bytes = least_bytes
         self._reaches: deque[int] = deque(maxlen=WINDOW)
 
     def reached(self, nbytes: int) -> None:
@@ -49,11 +59,12 @@ class WorkingSet:
 
     def bound(self, budget: int, bytes_per_token: float) -> int:
         """The bytes the cache keeps to: ``MARGIN`` times the deepest recent reach, at least the
-        KV of ``floor_tokens`` tokens at ``bytes_per_token``, at most ``budget``."""
-        if len(self._reaches) < MIN_SEEN:
+        KV of ``floor_tokens`` tokens at ``bytes_per_token`` and ``least_bytes`` (from the first
+        save: see the module docstring), at most ``budget``."""
+        floor = max(self._least_bytes, int(self._floor_tokens * bytes_per_token)) if self._floor_tokens else 0
+        if len(self._reaches) < MIN_SEEN and not floor:
             return budget
-        floor = int(self._floor_tokens * bytes_per_token)
-        return min(budget, max(floor, int(MARGIN * max(self._reaches))))
+        return min(budget, max(floor, int(MARGIN * max(self._reaches, default=0))))
 
     def missed(self, bound: int) -> None:
         """An admission wanted an entry dropped under ``bound`` (``PromptCache.admitted``): count a
