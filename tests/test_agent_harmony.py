@@ -241,3 +241,66 @@ def test_reasoning_effort_takes_openai_s_values_and_refuses_any_other_with_a_400
                 "message": "Invalid value for 'reasoning_effort': Input should be 'none', 'minimal', 'low', 'medium', 'high', 'xhigh' or 'max'",
                 "type": "invalid_request_error", "param": "reasoning_effort", "code": "invalid_value",
             }, unknown
+
+
+# ---- parallel calls: gpt-oss makes one call a generation; others' parallel calls in its history -------
+
+
+def test_gpt_oss_makes_one_call_an_answer_whatever_parallel_tool_calls_says(gpt_oss: LiveServer) -> None:
+    """``<|call|>`` ends the generation (in llama.cpp as in OpenAI's harmony spec: the caller runs
+    the tool), so an answer holds one call, with ``parallel_tool_calls`` true (the default) or
+    false: ``finish_reason`` tool_calls, streamed at index 0 as OpenAI streams a call (id, type and
+    name first, then the arguments)."""
+    with sdk(gpt_oss) as client:
+        for parallel in (True, False):
+            for seed in range(4):
+                request = {"model": MODEL_ID, "messages": ASK, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": parallel, "max_tokens": 300}
+                whole = client.chat.completions.create(seed=seed, logit_bias=short_thoughts(gpt_oss), **request)
+                chunks = list(client.chat.completions.create(seed=seed, logit_bias=short_thoughts(gpt_oss), stream=True, **request))
+                [call] = whole.choices[0].message.tool_calls
+                assert whole.choices[0].finish_reason == "tool_calls" and call.function.name in ("get_weather", "get_time"), whole
+                first, *rest = [f for chunk in chunks for c in chunk.choices for f in (c.delta.tool_calls or [])]
+                assert (first.index, first.id is not None, first.type, first.function.name) == (0, True, "function", call.function.name)
+                assert {f.index for f in rest} <= {0} and all(f.id is None for f in rest), (parallel, seed)
+                assert "".join(f.function.arguments for f in rest) == call.function.arguments
+
+
+def parallel_turn(results_order: tuple[int, ...]) -> list[dict]:
+    """An agent's history after another model's parallel calls: one assistant message making two
+    calls (with the thought sent back), and the results as the agent's runner finished them."""
+    calls = [
+        {"id": "call_weather", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}},
+        {"id": "call_time", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}},
+    ]
+    results = [{"role": "tool", "tool_call_id": "call_weather", "content": "Sunny"}, {"role": "tool", "tool_call_id": "call_time", "content": "12:00"}]
+    asked = [{"role": "user", "content": "Weather and time in Paris?"}]
+    return [*asked, {"role": "assistant", "content": None, "reasoning_content": "I need both.", "tool_calls": calls}, *(results[i] for i in results_order)]
+
+
+@pytest.mark.parametrize("results_order", [(0, 1), (1, 0)], ids=["results in order", "results out of order"])
+def test_parallel_calls_in_history_reach_gpt_oss_one_call_after_another_each_with_its_result(gpt_oss: LiveServer, results_order: tuple[int, ...]) -> None:
+    """gpt-oss's template shows an assistant message's first call only, and names every result
+    after it by that call: the second call vanished and its result came back from the first
+    function. Each call is now a message of its own, followed by its result (matched by
+    ``tool_call_id``, whatever order the results came in), as gpt-oss lays out calls it makes one
+    after another; the thought comes once, before the first."""
+    assert gpt_oss.engine is not None
+    messages = parallel_turn(results_order)
+    with sdk(gpt_oss) as client:
+        answer = client.chat.completions.create(model=MODEL_ID, messages=messages, tools=TOOLS, max_tokens=8, seed=1)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    prompt = ChatTemplate(template_text("gpt-oss"), "<s>", "</s>").render(messages, TOOLS)
+    turn = (
+        "<|start|>assistant<|channel|>analysis<|message|>I need both.<|end|>"
+        '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris", "unit": "celsius"}<|call|>'
+        '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"Sunny"<|end|>'
+        '<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"tz": "CET"}<|call|>'
+        '<|start|>functions.get_time to=assistant<|channel|>commentary<|message|>"12:00"<|end|>'
+        "<|start|>assistant"
+    )
+    assert prompt.endswith("<|start|>user<|message|>Weather and time in Paris?<|end|>" + turn), prompt
+    # The server rendered that prompt: its tokens' text is the same, but for a space after each
+    # marker (the tiny model's tokenizer is SentencePiece's) and <|call|>, an end-of-generation token, unshown.
+    served = gpt_oss.engine.prepare_chat(ChatRequest(messages, tools=TOOLS)).tokens
+    assert answer.usage.prompt_tokens == len(served)
+    assert gpt_oss.engine.detokenize(served).replace("|> ", "|>") == prompt.replace("<|call|>", "")

@@ -14,8 +14,9 @@ up to ``<|end|>``, then ``<|start|>assistant``) or skip it, and then:
   well, either that answer or a call.
 
 The grammar ends before ``<|call|>`` and ``<|return|>``: both end the generation in this
-llama.cpp build, and a finished grammar allows only that. One call per answer: the generation
-ends at its ``<|call|>``. ``tool_choice`` ``auto`` without an answer constraint gets a lazy
+llama.cpp build, and a finished grammar allows only that. One call per answer, whatever
+``parallel_tool_calls`` says: the generation ends at its ``<|call|>``, as harmony means it to (the
+caller runs the tool; gpt-oss makes its next call on the next turn). ``tool_choice`` ``auto`` without an answer constraint gets a lazy
 grammar that wakes at a call's header (``trigger``), so a call the model starts is valid.
 """
 

@@ -12,7 +12,9 @@ behaviour: Mistral-style templates get nine-character call ids (``with_short_cal
 template that can only walk an object's items (Qwen3.5's XML calls) gets a cut call's whole members
 (``arguments_as_objects``), or a 400 naming a call whose arguments are no object at all, rather
 than failing on a call's arguments that are text. gpt-oss's harmony template reads an assistant's
-thought as ``thinking``, so it gets ``reasoning_content`` under that name too (``with_thinking``).
+thought as ``thinking``, so it gets ``reasoning_content`` under that name too (``with_thinking``),
+and shows one call a message, so an assistant message's parallel calls reach it one message a
+call, each followed by its result (``one_call_a_message``).
 A template that refuses the system role (Gemma 2's) gets a system message's text at the head of the
 next user message (``system_in_user``).
 """
@@ -28,7 +30,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from vramsupply.chat import ChatFormat, detect_format
 from vramsupply.chat.syntaxes import syntax_for
 
-from .messages import arguments_as_objects, normalize_messages, system_in_user, with_short_call_ids, with_thinking
+from .messages import arguments_as_objects, normalize_messages, one_call_a_message, system_in_user, with_short_call_ids, with_thinking
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ class ChatTemplate:
         if self._system_in_user:
             messages = system_in_user(messages)
         if self._thinking:
-            messages = with_thinking(messages)
+            messages = one_call_a_message(with_thinking(messages))
         if not self._text_arguments:
             messages = arguments_as_objects(messages)
         return with_short_call_ids(messages) if self._short_ids else messages

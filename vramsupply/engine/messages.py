@@ -11,7 +11,9 @@ template that can only show an object, ``arguments_as_objects`` keeps a cut obje
 
 ``check_tool_results`` holds a history's tool results to OpenAI's rules (each names, with
 ``tool_call_id``, a call an earlier assistant message made); ``with_short_call_ids`` gives the
-calls of a history the nine-character ids Mistral's templates insist on.
+calls of a history the nine-character ids Mistral's templates insist on; ``one_call_a_message``
+lays parallel calls out one after another, with their results, for gpt-oss's template, which
+shows one call a message.
 """
 
 from __future__ import annotations
@@ -192,6 +194,37 @@ def with_thinking(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     message["content"] = ""
         out.append(message)
     return out
+
+
+def one_call_a_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` for gpt-oss's template, which shows only an assistant message's first call
+    (``tool_calls[0]``) and names every tool result after it by the last call it showed. An
+    assistant message with several calls (another model's parallel calls, which agents send back)
+    becomes one message a call, each followed by its results (matched by ``tool_call_id``), as
+    gpt-oss makes calls: one a generation, its result, the next. The first keeps the thought or
+    the preamble; results that answer none of the calls follow the last, in their order."""
+    out: list[dict[str, Any]] = []
+    at = 0
+    while at < len(messages):
+        message = messages[at]
+        calls = (message.get("tool_calls") or []) if message["role"] == "assistant" else []
+        end = at + 1
+        while len(calls) > 1 and end < len(messages) and messages[end]["role"] == "tool":
+            end += 1
+        out.extend(_call_by_call(message, calls, messages[at + 1 : end]) if len(calls) > 1 else [message])
+        at = end
+    return out
+
+
+def _call_by_call(message: dict[str, Any], calls: list[dict[str, Any]], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    left = list(results)
+    out: list[dict[str, Any]] = []
+    for n, call in enumerate(calls):
+        out.append({**message, "tool_calls": [call]} if n == 0 else {"role": "assistant", "content": "", "tool_calls": [call]})
+        answers = [r for r in left if "id" in call and r.get("tool_call_id") == call["id"]]
+        out.extend(answers)
+        left = [r for r in left if not any(r is a for a in answers)]
+    return out + left
 
 
 def system_in_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
