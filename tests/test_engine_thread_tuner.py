@@ -19,7 +19,8 @@ import pytest
 
 from conftest import TINY_MODEL
 from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
-from vramsupply.engine.thread_tuner import CpuClock, ThreadTuner
+from vramsupply.engine.thread_measure import CpuClock
+from vramsupply.engine.thread_tuner import ThreadTuner
 
 ALONE = {2: 0.0042, 1: 0.0055}
 BESIDE_A_BUSY_PROGRAM = {2: 0.33, 1: 0.006}

@@ -33,7 +33,7 @@ from live_platform import LivePlatform
 from live_server import MODEL_ID, LiveServer
 from test_engine_thread_tuner import TwoCoreMachine, serve_for, tuner_on
 
-from vramsupply.engine.thread_tuner import switch_line
+from vramsupply.engine.thread_switch_log import switch_line
 from vramsupply.ledger import Entry, LedgerStore, default_ledger_path
 from vramsupply.ledger.recorder import move_aside
 from vramsupply.ledger.errors import damaged

@@ -15,12 +15,10 @@ step should use. It tries a neighbouring count for a few steps now and then (a *
 candidate and the current count take turns step by step, so both see the same streams at the
 same length, and each candidate step is compared with the current step just before it: by time
 where both carry the same streams and no prompt, by time per row where both carry prompt tokens
-and about as many rows (``step_kind``; a first version compared steps without prompts only, and
-in the marketplace bench beside a busy program, where nearly every step carries some prompt, its
-probes never ended). The candidate is kept
-when it is clearly faster (median ratio below ``KEEP_BELOW``, or one step at half the time or
-less), or, for more threads (back toward the default), when it is not slower; the probe ends at
-once when a candidate step is ``ABORT_ABOVE`` times slower.
+and about as many rows (``step_kind``, in ``thread_measure.py`` with the CPU readings). The
+candidate is kept when it is clearly faster (median ratio below ``KEEP_BELOW``, or one step at half
+the time or less), or, for more threads (back toward the default), when it is not slower; the probe
+ends at once when a candidate step is ``ABORT_ABOVE`` times slower.
 
 - **Fewer threads**: as many as the cores other programs left this process (its CPUs less their
   idle time and its own use, from ``/proc/stat`` and its CPU time), or half the current count
@@ -42,25 +40,27 @@ once when a candidate step is ``ABORT_ABOVE`` times slower.
 
 Measured on two cores only, where both rules give one thread beside a busy program; on more cores
 the counts come from the simulated machine of ``tests/test_engine_thread_tuner.py``.
+
+This module decides; what it measures is in ``thread_measure.py``, and how a switch is said to the
+provider in ``thread_switch_log.py``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import llama_cpp
 from llama_cpp._internals import LlamaContext
 
 from .counters import Counters
 from .pacing import StepWork
-from .threads import allowed_cpus
+from .thread_measure import CpuClock, CpuWindow, Window, step_kind
+from .thread_switch_log import SwitchLog
 from .types import EngineOptions
 
 log = logging.getLogger(__name__)
@@ -89,14 +89,6 @@ USUAL_WEIGHT = 0.1
 """How much each step moves the usual time of its stream count."""
 WINDOW_SECONDS = 0.25
 """How often the CPU the decode got is looked at (at a step's end, at most this often)."""
-SAID_UP_TO = 100
-SAID_WINDOW_SECONDS = 600.0
-SAID_PER_WINDOW = 4
-"""At most this many switches in ``SAID_WINDOW_SECONDS`` are said at INFO, the rest at DEBUG:
-beside a program busy on and off the tuner can go back and forth every few seconds, and one
-review counted 162 such lines in 10 minutes. The last one said says so, and where the count in
-use is shown (``vramsupply_cpu_threads``)."""
-"""A switch's INFO line says a speed-up past this as "over 100×" (see ``switch_line``)."""
 IDLE_GAP_SECONDS = 0.05
 """A pause this long between two steps (no request) starts a new window: idle cores while the
 engine itself had nothing to do say nothing about room for more threads."""
@@ -137,46 +129,6 @@ class Probe:
     candidate_next: bool = False
 
 
-class Window(NamedTuple):
-    """What one window saw: the share of the CPU time it asked for that the decode got, the cores
-    this process used, and the idle cores among those it may use (None where unknown)."""
-
-    share: float
-    own_cores: float
-    idle_cores: float | None
-
-
-class CpuClock:
-    """What the tuner reads from the system: this process's CPU time and the idle time of its CPUs."""
-
-    def __init__(self, cpus: Iterable[int] | None = None, stat_path: str = "/proc/stat") -> None:
-        self._names = {f"cpu{cpu}" for cpu in (allowed_cpus() if cpus is None else cpus)}
-        self.count = len(self._names)
-        self._stat_path = stat_path
-        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    @staticmethod
-    def process_seconds() -> float:
-        return time.process_time()
-
-    def idle_seconds(self) -> float | None:
-        """Idle and I/O-wait time of this process's CPUs since boot; None where unknown."""
-        try:
-            with open(self._stat_path) as stat:
-                lines = stat.read().splitlines()
-        except OSError:
-            return None
-        ticks, found = 0, 0
-        for line in lines:
-            name, _, rest = line.partition(" ")
-            if name in self._names:
-                values = rest.split()
-                ticks += int(values[3]) + int(values[4])
-                found += 1
-        # A container's /proc/stat may number its CPUs apart from the affinity mask (lxcfs): unknown.
-        return ticks / self._tick if found == len(self._names) > 0 else None
-
-
 class ThreadTuner:
     """Chooses each step's thread count; the scheduler thread's own (not thread-safe)."""
 
@@ -195,9 +147,8 @@ class ThreadTuner:
         self._more = Backoff(1.0, 64.0, due=now + 1.0)
         self._probe: Probe | None = None
         self._last_step_end = now
-        self._said: list[float] = []  # when the switches of the last SAID_WINDOW_SECONDS were said at INFO
-        self._unsaid = 0  # switches since, said at DEBUG only
-        self._restart_window(now)
+        self._switches = SwitchLog(log)
+        self._window = CpuWindow(self._cpu, now)
         self._usual: dict[tuple[str, int], float] = {}
         self._usual_threads = most
         self._slowed_since: float | None = None
@@ -216,16 +167,16 @@ class ThreadTuner:
         ``threads`` threads in ``seconds``."""
         now = self._clock()
         if now - seconds - self._last_step_end > IDLE_GAP_SECONDS:
-            self._restart_window(now)  # the engine was idle: a window covers busy time only
+            self._window.restart(now)  # the engine was idle: a window covers busy time only
         else:
-            self._decode_seconds += seconds * threads
+            self._window.add(threads, seconds)
         self._last_step_end = now
         kind, cost = step_kind(rows, seconds, prompt_tokens)
         probing = self._probe is not None
         if probing:
             self._probe_step(self._probe, threads, kind, cost)
         slowed = threads == self.current and self._slowed(kind, cost)
-        if slowed or now - self._window_start >= WINDOW_SECONDS:
+        if slowed or now - self._window.start >= WINDOW_SECONDS:
             self._end_window(now)
             if slowed and self._probe is None:
                 self._slowed_since = now  # the next window sees only slow steps: it tells what others took
@@ -257,40 +208,17 @@ class ThreadTuner:
         self._probe = None
         fewer = probe.candidate < self.current
         if keep:
-            self._say(switch_line(probe.candidate, self.current, probe.ratios), now)
-            log.debug("%s", probe_line(probe.candidate, self.current, probe.ratios))
+            self._switches.switched(probe.candidate, self.current, probe.ratios, now)
             self.current = probe.candidate
             self._fewer.reset(now)
             self._more.reset(now)
         else:
             (self._fewer if fewer else self._more).refused(now)
 
-    def _say(self, line: str, now: float) -> None:
-        """A switch's line: at INFO, unless ``SAID_PER_WINDOW`` were in the last ``SAID_WINDOW_SECONDS``."""
-        self._said = [at for at in self._said if now - at < SAID_WINDOW_SECONDS]
-        if len(self._said) >= SAID_PER_WINDOW:
-            self._unsaid += 1
-            log.debug("%s", line)
-            return
-        self._said.append(now)
-        since = f" ({self._unsaid} more switch{'es' if self._unsaid != 1 else ''} were logged at DEBUG)" if self._unsaid else ""
-        often = (
-            "; the count changes often: changes are logged at DEBUG for a while (/metrics' vramsupply_cpu_threads shows the count in use)"
-            if len(self._said) == SAID_PER_WINDOW else ""
-        )
-        log.info("%s%s%s", line, since, often)
-        self._unsaid = 0
-
     def _start_probe(self, candidate: int, prompts: bool = True) -> None:
         self._probe = Probe(candidate, prompts)
 
     # ---- when to probe ----------------------------------------------------------------------
-
-    def _restart_window(self, start: float) -> None:
-        self._window_start = start
-        self._window_cpu = self._cpu.process_seconds()
-        self._window_idle = self._cpu.idle_seconds()
-        self._decode_seconds = 0.0
 
     def _slowed(self, kind: tuple[str, int], cost: float) -> bool:
         """Whether this step cost ``SLOWED_BY`` times the usual for its kind at this thread count
@@ -303,13 +231,7 @@ class ThreadTuner:
 
     def _end_window(self, now: float) -> None:
         slowed, self._slowed_since = self._slowed_since is not None, None
-        cpu, idle = self._cpu.process_seconds(), self._cpu.idle_seconds()
-        elapsed = max(now - self._window_start, 1e-9)
-        share = (cpu - self._window_cpu) / self._decode_seconds if self._decode_seconds > 0 else 1.0
-        window = Window(share, (cpu - self._window_cpu) / elapsed, None)
-        if idle is not None and self._window_idle is not None:
-            window = window._replace(idle_cores=(idle - self._window_idle) / elapsed)
-        self._restart_window(now)
+        window = self._window.end(now)
         if self._probe is None:
             self._maybe_probe(now, window, slowed)
         elif self._starved(now, window, slowed):
@@ -346,41 +268,6 @@ class ThreadTuner:
         if idle_cores is None:
             return True  # unknown: the timer alone decides
         return idle_cores >= IDLE_FOR_MORE * (more - self.current)
-
-
-def switch_line(candidate: int, current: int, ratios: list[float]) -> str:
-    """The INFO line of a switch, in a provider's words: the thread count now used, why the tuner
-    looks there, and how much faster its steps were than the current count's (the median of the
-    probe's pairs). A ratio of a few hundredths is real: beside a busy program one thread is 50
-    times as fast; but so, on a quiet machine, is one step beside a step at the current count that
-    a stall of a few milliseconds slowed (the demo model's steps take a tenth of a millisecond, and
-    a one-pair probe ends at once, ``DECISIVE_BELOW``): "a step took 0.00045× as long" told a
-    provider nothing. So a speed-up past ``SAID_UP_TO`` is said as "over 100×"; the measured ratios
-    are in ``probe_line``, at DEBUG."""
-    ratio = statistics.median(ratios)
-    speedup = 1 / max(ratio, 1e-12)
-    faster = "about as fast" if ratio >= 0.95 else f"over {SAID_UP_TO}× faster" if speedup > SAID_UP_TO else f"{speedup:.2g}× faster"
-    threads = f"{candidate} CPU thread{'s' if candidate != 1 else ''} instead of {current}"
-    if candidate < current:
-        return f"using {threads}: other programs may be keeping the cores busy; steps were {faster} with {candidate}"
-    return f"using {threads}: the cores have room again; steps were {faster} with {candidate}"
-
-
-def probe_line(candidate: int, current: int, ratios: list[float]) -> str:
-    """The DEBUG line of a switch: what the probe measured, each candidate step's time as a share of
-    the current count's step before it."""
-    shares = ", ".join(f"{r:.2g}" for r in ratios)
-    return f"thread probe: steps with {candidate} took {shares} of the time of steps with {current} (median {statistics.median(ratios):.2g})"
-
-
-def step_kind(rows: int, seconds: float, prompt_tokens: int) -> tuple[tuple[str, int], float]:
-    """Which steps a step compares with, and its cost. Steps of generating streams only compare
-    with steps of as many streams, by their time. Steps that carry prompt tokens compare with such
-    steps of about as many rows (the same power of two), by their time per row: under a long
-    prompt, or many, every step carries some, and a probe must still end."""
-    if prompt_tokens == 0:
-        return ("streams", rows), seconds
-    return ("prompt", max(rows, 1).bit_length()), seconds / max(rows, 1)
 
 
 def thread_tuner(options: EngineOptions, context: LlamaContext) -> ThreadTuner | None:
