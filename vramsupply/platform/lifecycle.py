@@ -16,8 +16,9 @@ unknown is recorded as such. Every token served reaches the platform once, acros
 what the drain served goes in one last heartbeat before the DELETE, and a heartbeat on the wire at
 SIGTERM is let end rather than sent again (``tokens``, ``draining``); one whose answer never came
 (the platform may have counted it) is sent again as it was, with its ``Idempotency-Key``, before
-any other tokens go (``sending``). A state file that cannot be
-written is logged when that changes.
+any other tokens go (``sending``); while the platform surely still lists us, such a heartbeat
+leaves the phase ``registered`` with a note, not ``unreachable`` (``phase_log``). A state file that
+cannot be written is logged when that changes.
 
 A tunnel may change the public URL at any moment (``move_endpoint``). The instance at the old URL
 is retired: deleted once the new one is registered, or at shutdown at the latest, and while that

@@ -5,9 +5,23 @@ Apart from ``lifecycle.py`` because saying it has rules of its own:
 - a phase is logged when it changes (for a refusal or an offline listing: when its reason
   changes), never once per try; the state file that `vramsupply status` reads is rewritten at
   every change and heartbeat, and a file that cannot be written is said when that changes;
+- one heartbeat whose answer did not come in time (it may have reached the platform: a timeout, a
+  connection dropped after sending, a gateway's 502 or 504) leaves a listed instance ``registered``,
+  with a note that it is sent again (``sending``): the platform lists an instance offline only after
+  its silence limit (180 s, docs/platform-api.md) without a heartbeat, and that one most likely
+  arrived. Saying ``unreachable`` then, as the agent did, showed a listed provider as down (and
+  `vramsupply status` exit 3) for a heartbeat interval over one slow answer. The phase turns
+  ``unreachable`` once no heartbeat has been answered for ``UNANSWERED_SHARE`` of that limit (90 s):
+  by then the instance may be dropped within the next beats (interval plus the answer's timeout, 40 s
+  by default), so the provider hears of it before the listing may lapse, not after. Counted in time
+  rather than in failures, the margin holds for any heartbeat interval (with one past 90 s, one
+  missed beat is already too many). A heartbeat that surely did not reach the platform or was
+  refused (connection refused, a name that does not resolve, a 429, a 5xx other than a gateway's)
+  is ``unreachable`` at once: no doubt there, and a broken path rarely mends by the next beat; so is
+  a failed register (nothing is listed yet);
 - a platform that stays unreachable is said again every ``UNREACHABLE_REMINDER_SECONDS`` (15 min),
-  with since when, so that an operator reading the last screen of a long log still sees it, never
-  more often;
+  with since when (since the first heartbeat left unanswered, when it began that way), so that an
+  operator reading the last screen of a long log still sees it, never more often;
 - a rejected API key is said with what works for where the key came from (``api_key``): while it is
   rejected, a key from the config file is read again before each retry (and whenever the file is
   written), and the lifecycle registers with a new one as soon as `vramsupply login` stores it.
@@ -30,6 +44,9 @@ from vramsupply.platform.state import Phase, RegistrationState, write_state
 log = logging.getLogger("vramsupply.platform")
 
 UNREACHABLE_REMINDER_SECONDS = 15 * 60.0
+UNANSWERED_SHARE = 0.5
+"""Of the platform's silence limit: how long a listed instance's heartbeats may go unanswered
+(counted from the last one answered) before the agent says the platform is unreachable."""
 
 
 class PhaseLog:
@@ -41,6 +58,8 @@ class PhaseLog:
     _local_url: str | None
     _interval: float
     _last_heartbeat_at: float | None
+    _heard_at: float | None
+    _silence_limit: float
     _clock: Callable[[], float]
     _api_key_source: ApiKeySource | None
     provider_id: str | None
@@ -54,18 +73,44 @@ class PhaseLog:
         self._key_rejected = False
         self._unreachable: tuple[float, float, float] | None = None
         """Since when (wall clock, and ``_clock``) the platform is unreachable, and when that was last said (``_clock``)."""
+        self._unanswered: tuple[float, float] | None = None
+        """Since when (wall clock, and ``_clock``) the heartbeats of a listed instance go unanswered."""
 
     def _record_failure(self, exc: PlatformError) -> None:
         self._key_rejected = isinstance(exc, ApiKeyRejected)
         if isinstance(exc, PlatformUnavailable):
-            when = self._platform_asks(exc.retry_after)
-            self._set_phase(Phase.unreachable, f"platform unreachable ({exc}); still serving locally, {when}", logging.WARNING)
-            self._remind_unreachable(exc)
+            self._record_unavailable(exc)
         elif isinstance(exc, ApiKeyRejected):
             said = API_KEY_REJECTED if self._api_key_source is None else self._api_key_source.rejected()
             self._set_phase(Phase.rejected, f"{said}; still serving locally, retrying in the background", logging.ERROR)
         else:
             self._set_phase(Phase.rejected, f"{exc}; still serving locally, retrying in the background", logging.WARNING)
+
+    def _record_unavailable(self, exc: PlatformUnavailable) -> None:
+        """A heartbeat in doubt while the platform surely still lists us: ``registered``, with a note;
+        otherwise ``unreachable`` (see the module's docstring)."""
+        when = self._platform_asks(exc.retry_after)
+        listed = exc.reached and self.provider_id is not None and self.phase is Phase.registered  # a heartbeat in doubt
+        heard = self._heard_at if listed else None
+        silent_for = None if heard is None else self._clock() - heard
+        if silent_for is not None and silent_for < UNANSWERED_SHARE * self._silence_limit:
+            self._unanswered_beat(exc, silent_for)
+            return
+        overdue = "" if silent_for is None else f"; no heartbeat answered for {silent_for:.0f} s"
+        self._set_phase(Phase.unreachable, f"platform unreachable ({exc}){overdue}; still serving locally, {when}", logging.WARNING)
+        self._remind_unreachable(exc)
+
+    def _unanswered_beat(self, exc: PlatformUnavailable, silent_for: float) -> None:
+        """Still listed: said in the state file, and logged once per run of unanswered heartbeats."""
+        since, now = self._unanswered, self._clock()
+        if since is None:
+            log.info("the heartbeat for %s got no answer (%s); it is sent again with its Idempotency-Key at the next beat", self.provider_id, exc)
+        note = (
+            f"listed as {self.provider_id}; the last heartbeat went unanswered ({exc}), resending it (the platform lists an "
+            f"instance offline only after {self._silence_limit:.0f} s without heartbeats; none answered for {silent_for:.0f} s)"
+        )
+        self._set_phase(Phase.registered, note)
+        self._unanswered = since or (time.time(), now)
 
     def _remind_unreachable(self, exc: PlatformError) -> None:
         """Every ``UNREACHABLE_REMINDER_SECONDS`` of one outage, one line that it goes on."""
@@ -100,10 +145,11 @@ class PhaseLog:
         self.phase, self.message = phase, message
         self._key_rejected = self._key_rejected and phase is Phase.rejected  # a key that works is kept, whatever the file says
         if phase is not Phase.unreachable:
-            self._unreachable = None
+            self._unreachable = self._unanswered = None  # an unanswered heartbeat sets it again (``_unanswered_beat``)
         elif self._unreachable is None:
             now = self._clock()
-            self._unreachable = (time.time(), now, now)
+            since = self._unanswered or (time.time(), now)  # the outage began with the first heartbeat left unanswered
+            self._unreachable = (since[0], since[1], now)
         key = (phase, message if phase in (Phase.rejected, Phase.offline) else "")
         if key != self._logged:
             self._logged = key
