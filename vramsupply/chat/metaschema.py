@@ -23,15 +23,16 @@ event loop of every stream. Any draft's acceptance is the verdict and only a ref
 first draft's reason, so the fast drafts are asked first and a slow one only when they refuse: a
 schema without ``$schema`` that Draft 7 takes (nearly all: it passes over 2020-12's keywords)
 never meets 2020-12's meta-schema. Agents also send the same tools on every turn, so the verdict is
-cached by the schema's JSON text (not for a schema larger than the limits take: its text is not
-kept). The validator recurses once per level of the schema: hold a schema to
-``limits.check_depth`` first.
+cached by a digest of the schema's JSON text. The validator recurses once per level of the
+schema: hold a schema to ``limits.check_depth`` first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from functools import lru_cache
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from jsonschema import Draft4Validator, Draft6Validator, Draft7Validator, Draft201909Validator, Draft202012Validator, validators
@@ -46,9 +47,10 @@ _IN_ORDER = (Draft4Validator, Draft6Validator, Draft7Validator, Draft201909Valid
 _SLOW = (Draft201909Validator, Draft202012Validator)
 """Drafts whose meta-schemas take several times longer to check a schema against (dynamic references
 through vocabularies): tried after the others."""
-MAX_CACHED_BYTES = 32 * 1024
-"""A schema's JSON text whose verdict is kept: ``limits.MAX_SCHEMA_BYTES``, the most a grammar is
-made from. A larger one (a tool's, up to the body's limit) is checked each time."""
+KEPT_VERDICTS = 256
+"""Schemas whose verdict is kept (by a digest of their JSON text, ``_kept_verdict``)."""
+_KEPT: OrderedDict[bytes, tuple[str, str] | None] = OrderedDict()
+_KEPT_LOCK = threading.Lock()
 NOTES = ("description", "title", "$comment")
 """Annotations that say nothing of the values: null there (a client's empty description) is
 passed over, not refused."""
@@ -66,10 +68,26 @@ class InvalidSchema(ValueError):
 
 def check_valid(schema: Any) -> None:
     """``InvalidSchema`` saying what in ``schema`` breaks its draft's meta-schema, and where."""
-    text = json.dumps(schema, sort_keys=True)
-    verdict = _kept_verdict(text) if len(text) <= MAX_CACHED_BYTES else _verdict(text)
+    verdict = _kept_verdict(json.dumps(schema, sort_keys=True))
     if verdict is not None:
         raise InvalidSchema(*verdict)
+
+
+def _kept_verdict(text: str) -> tuple[str, str] | None:
+    """``_verdict``, kept for the last ``KEPT_VERDICTS`` schemas by a digest of their text (a
+    schema past the limits may be 128 KiB: its text is not kept). Requests may be read on worker
+    threads, hence the lock; two threads checking one new schema both check it."""
+    key = hashlib.blake2b(text.encode(), digest_size=16).digest()
+    with _KEPT_LOCK:
+        if key in _KEPT:
+            _KEPT.move_to_end(key)
+            return _KEPT[key]
+    verdict = _verdict(text)
+    with _KEPT_LOCK:
+        _KEPT[key] = verdict
+        while len(_KEPT) > KEPT_VERDICTS:
+            _KEPT.popitem(last=False)
+    return verdict
 
 
 def _verdict(text: str) -> tuple[str, str] | None:
@@ -84,9 +102,6 @@ def _verdict(text: str) -> tuple[str, str] | None:
     if error is None or any(_meta_validator(draft).is_valid(schema) for draft in others if draft in _SLOW):
         return None
     return _described(error)
-
-
-_kept_verdict = lru_cache(maxsize=256)(_verdict)
 
 
 def _drafts(schema: Any) -> tuple[type, ...]:

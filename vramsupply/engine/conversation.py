@@ -20,7 +20,7 @@ from typing import Any
 
 from vramsupply.chat import ChatFormat, OutputParser, ReasoningMarkers, ToolSyntax
 from vramsupply.chat.forced import forced_call_grammar, trigger_patterns
-from vramsupply.chat.limits import InvalidSchema, SchemaTooComplex, check_grammar_size, check_schema, check_strict, check_valid_at_any_size
+from vramsupply.chat.limits import CheckBudget, InvalidSchema, SchemaTooComplex, check_grammar_size, check_schema, check_strict, check_valid_at_any_size
 from vramsupply.chat.formats import opens_reasoning
 from vramsupply.chat.harmony import HarmonyParser
 
@@ -227,6 +227,7 @@ def _markers(fmt: ChatFormat, use_tools: bool) -> tuple[str, ...]:
 def _functions(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
     """The function objects of OpenAI ``tools``, checked: names unique, parameters an object schema."""
     functions: list[dict[str, Any]] = []
+    budget = CheckBudget()  # for the schemas past the limits that are checked all the same
     for i, tool in enumerate(tools or ()):
         where = f"tools[{i}]"
         if not isinstance(tool, Mapping) or tool.get("type") != "function" or not isinstance(tool.get("function"), Mapping):
@@ -235,7 +236,7 @@ def _functions(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]
         name = function.get("name")
         if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
             raise ChatRequestError(f"{where}.function.name", f"{where}.function.name must be 1-64 ASCII letters, digits, '_', '-' or '.'")
-        function["parameters"] = _parameters(function.get("parameters"), f"{where}.function.parameters", name)
+        function["parameters"] = _parameters(function.get("parameters"), f"{where}.function.parameters", name, budget)
         _check_types(function, f"{where}.function")
         if function.get("strict") is True:  # refused whatever tool_choice is: auto too promises the schema
             try:
@@ -273,7 +274,7 @@ def _or_no_parameters(parameters: Any) -> Any:
     return {"type": "object", "properties": {}} if parameters is None else parameters
 
 
-def _parameters(parameters: Any, where: str, name: str) -> Any:
+def _parameters(parameters: Any, where: str, name: str, budget: CheckBudget) -> Any:
     """A tool's parameters, checked: absent, or a valid JSON schema (``_check_valid``) of an
     object whose ``properties`` is an object (``null``, which some clients send for none, is taken
     as absent)."""
@@ -283,7 +284,7 @@ def _parameters(parameters: Any, where: str, name: str) -> Any:
         raise ChatRequestError(where, f"{where} must be a JSON schema of an object")
     if "properties" in parameters and parameters["properties"] is None:
         parameters = {key: value for key, value in parameters.items() if key != "properties"}
-    _check_valid(parameters, where, name)
+    _check_valid(parameters, where, name, budget)
     if parameters.get("type", "object") != "object":
         raise ChatRequestError(where, f"{where} must be a JSON schema of an object")
     if not isinstance(parameters.get("properties", {}), Mapping):  # nested too deep for _check_valid to read
@@ -292,15 +293,16 @@ def _parameters(parameters: Any, where: str, name: str) -> Any:
     return parameters
 
 
-def _check_valid(parameters: Mapping[str, Any], where: str, name: str) -> None:
+def _check_valid(parameters: Mapping[str, Any], where: str, name: str, budget: CheckBudget) -> None:
     """A 400 for parameters that break JSON Schema's own rules, whatever ``tool_choice`` says (as
     at OpenAI: ``auto`` only converts a schema for its lazy grammar, and a failure there was
     silent) and whatever their size (a schema past a size limit is a 400 for a forced call,
     ``_call_grammar``, and goes without the lazy grammar with ``auto``: an invalid one there got no
     400 while a smaller one did). ``param`` names the faulty keyword, as the other checks here do
-    (OpenAI names the parameters). One nested past the depth limit is not read, so not checked."""
+    (OpenAI names the parameters). One nested past the depth limit is not read, so not checked,
+    nor one past what is left of the request's ``budget`` (``limits.MAX_CHECKED_BYTES``)."""
     try:
-        check_valid_at_any_size(parameters)
+        check_valid_at_any_size(parameters, budget)
     except SchemaTooComplex:
         return
     except InvalidSchema as exc:
