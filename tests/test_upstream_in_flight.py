@@ -36,10 +36,12 @@ ESTIMATED_PROMPT = -(-len(CHAT["messages"][0]["content"].encode()) // 4)  # type
 
 
 def in_flight(ledger: Path) -> list[tuple[str, int, int]]:
-    """(request id, prompt, completion tokens) of each row in flight, read as another program would."""
+    """("ours", prompt, completion tokens) of each row in flight, read as another program would: a
+    relayed request is kept in flight under an id of ours (``req-…``), not the upstream's."""
     db = sqlite3.connect(f"{ledger.as_uri()}?mode=ro", uri=True)
     try:
-        return db.execute("SELECT request_id, prompt_tokens, completion_tokens FROM in_flight").fetchall()
+        rows = db.execute("SELECT request_id, prompt_tokens, completion_tokens FROM in_flight").fetchall()
+        return [("ours" if request_id.startswith("req-") else request_id, prompt, completion) for request_id, prompt, completion in rows]
     except sqlite3.OperationalError:  # no ledger yet, or one without rows in flight
         return []
     finally:
@@ -66,7 +68,7 @@ def test_a_relayed_stream_in_flight_when_the_agent_is_killed_is_in_earnings_as_i
             agent.wait_ready()
             threading.Thread(target=buy_a_stream, args=(agent.base_url, agent.model_id, received), daemon=True).start()
             agent.wait_for(lambda: len(received) == SENT, "the buyer receiving every piece sent")
-            agent.wait_for(lambda: in_flight(ledger) == [("chatcmpl-1", ESTIMATED_PROMPT, SENT)], "the stream in flight, every piece relayed", timeout=30)
+            agent.wait_for(lambda: in_flight(ledger) == [("ours", ESTIMATED_PROMPT, SENT)], "the stream in flight, every piece relayed", timeout=30)
             agent.send_signal(signal.SIGKILL)
             assert agent.wait() == -signal.SIGKILL
 
@@ -120,7 +122,7 @@ async def test_a_relayed_stream_is_in_flight_with_the_upstreams_own_counts_and_f
     async with ledgered(upstream, ledger) as front:
         options = {"include_usage": True, "continuous_usage_stats": True}
         buying = asyncio.create_task(front.stream({**CHAT, "stream_options": options}))
-        await until(lambda: in_flight(ledger) == [("chatcmpl-1", 9, 6)], "the stream in flight, with the upstream's count so far")
+        await until(lambda: in_flight(ledger) == [("ours", 9, 6)], "the stream in flight, with the upstream's count so far")
         released.set()
         events = await buying
 
@@ -140,3 +142,19 @@ async def test_a_relayed_stream_its_buyer_hangs_up_on_leaves_no_row_in_flight(tm
         await until(lambda: in_flight(ledger) == [], "its row in flight gone")
 
     assert LedgerStore(ledger).entries() == [], "nothing recorded, as before"
+
+
+async def test_two_relayed_streams_under_one_upstream_id_each_keep_their_own_row_in_flight(tmp_path: Path) -> None:
+    """An upstream's ids need not be unique (Ollama's are one of 999 numbers; this double gives every
+    request ``chatcmpl-1``): kept under that id, two streams shared one row, and the first to end
+    took it from the other, which a kill then lost."""
+    ledger = tmp_path / "ledger.sqlite3"
+    async with ledgered(EndlessUpstream(), ledger) as front:
+        url = front.url + "/v1/chat/completions"
+        async with front.buyer.post(url, json={**CHAT, "stream": True}) as first, front.buyer.post(url, json={**CHAT, "stream": True}) as second:
+            assert first.status == second.status == 200
+            await until(lambda: len(in_flight(ledger)) == 2, "both streams in flight, a row each")
+            first.close()  # one buyer hangs up
+            await until(lambda: len(in_flight(ledger)) == 1, "the abandoned stream's row gone, the other's kept")
+            second.close()
+        await until(lambda: in_flight(ledger) == [], "both rows gone")

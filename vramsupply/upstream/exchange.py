@@ -22,7 +22,7 @@ estimate from its text (``usage.estimate``), said in the log: never left out of 
 shutdown's ledger flush waits for these records as for an abandoned request's.
 
 From its first relayed text until it is billed, a request is in flight in the earnings ledger
-(``server.accounting``, ``ledger.in_flight``), so that an agent killed outright leaves a row of it,
+(``server.accounting``, ``ledger.in_flight``), under an id of ours (``Exchange.flight_id``), so that an agent killed outright leaves a row of it,
 recorded as interrupted at the next start. A request its handler ends unbilled (its buyer hung up,
 an answer that was not relayed) loses that row, as nothing of it is recorded; one to be counted
 again keeps it until it is billed. Its tokens there are what is known mid-stream (``so_far``), not
@@ -93,6 +93,10 @@ class Exchange:
     """Pieces of generated text relayed (a choice's text in one chunk): its completion tokens in flight (``so_far``)."""
     tracked: Tracked | None = None
     """Its row in flight, from its first relayed text (see the module docstring)."""
+    flight_id: str = field(default_factory=lambda: new_id("req"))
+    """The id its row in flight is kept under: one of ours, as an upstream's ids need not be unique
+    (Ollama's are ``chatcmpl-`` and one of 999 numbers), and two requests under one id would share
+    one row, which the first to end would take away from the other."""
     prompt_estimate: int | None = None
     recounting: bool = False
     """It is counted again in the background (``recount``): its row in flight stays until it is billed."""
@@ -142,10 +146,9 @@ class Exchange:
             self.serving()
 
     def serving(self) -> None:
-        """Its first text is relayed: it is in flight from now on, under the id it will be billed by."""
-        self.request_id = self.request_id or new_id("req")
+        """Its first text is relayed: it is in flight from now on, under an id of ours (``flight_id``)."""
         token = self.state.endpoint_token is not None
-        self.tracked = self.state.accounts.track(self.request_id, self.state.model_id, choices_asked(self.body), token_presented=token, counts=self.so_far)
+        self.tracked = self.state.accounts.track(self.flight_id, self.state.model_id, choices_asked(self.body), token_presented=token, counts=self.so_far)
         self.tracked.serving()
 
     def so_far(self) -> tuple[int, int]:
@@ -207,12 +210,15 @@ class Exchange:
         return UsageCounter(self.state.client, self.state.tokenizer, self.session)
 
     async def bill(self, usage: CountedUsage) -> None:
-        """The one way a request is billed: the heartbeats' counters, then the earnings ledger (its
-        finished row replacing its row in flight)."""
+        """The one way a request is billed: the heartbeats' counters, then the earnings ledger, and
+        then its row in flight goes. Kept under an id of ours, that row is not the finished row's
+        (which carries the upstream's id, as the buyer saw it), so it goes in the writer's next
+        batch rather than in the same commit: an agent killed in between leaves both, and the next
+        start records the row in flight as interrupted too (no money, counted apart)."""
         record(self.state, usage)
-        if self.tracked is not None:
-            self.tracked.end(recorded=True)
         await self.state.accounts.record(self.finished(usage))
+        if self.tracked is not None:
+            self.tracked.end(recorded=False)
 
     async def bill_estimate(self, reason: str) -> None:
         self.usage = usage = estimate(self.path, self.body, self.generated(), self.bounds)
