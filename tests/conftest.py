@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 import subprocess
 import sys
@@ -19,6 +20,18 @@ TINY_MODEL = REPO / "vramsupply" / "assets" / "stories260K.gguf"
 REAL_PIP_CACHE = os.environ.get("PIP_CACHE_DIR") or str(
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pip"
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile the package once, before any test runs the CLI or an agent in a child process.
+
+    Those children import it from its sources, and where ``PYTHONDONTWRITEBYTECODE`` is set (as on
+    CI's machines) none of them writes what it compiled: each one compiled every module it imported
+    again, a tenth to a quarter of a second of each of hundreds of children. Only the controlling
+    process compiles (xdist's workers start once it has), so no two write one file at once.
+    """
+    if not hasattr(config, "workerinput"):
+        compileall.compile_dir(REPO / "vramsupply", quiet=2)
 
 
 @contextmanager

@@ -2,40 +2,24 @@
 
 Knows nothing of HTTP. ``Engine.load`` a GGUF, ``submit`` a ``GenerationRequest`` from an asyncio
 loop and iterate the returned ``Generation`` for text deltas.
+
+Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
+the package does not import the rest.
+
+Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
+the package does not import the rest.
 """
 
-from .conversation import ChatPrompt, ChatRequest, ChatRequestError
-from .engine import Engine
-from .generation import Generation
-from .types import (
-    ContextOverflow,
-    EngineClosed,
-    EngineError,
-    EngineFailed,
-    EngineOptions,
-    EngineStats,
-    MAX_TOP_K,
-    GenerationRequest,
-    Overloaded,
-    SamplingParams,
-    Usage,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ChatPrompt",
-    "ChatRequest",
-    "ChatRequestError",
-    "ContextOverflow",
-    "Engine",
-    "EngineClosed",
-    "EngineError",
-    "EngineFailed",
-    "EngineOptions",
-    "EngineStats",
-    "Generation",
-    "GenerationRequest",
-    "MAX_TOP_K",
-    "Overloaded",
-    "SamplingParams",
-    "Usage",
-]
+from vramsupply.lazy import lazy_names
+
+__getattr__, __dir__, __all__ = lazy_names(
+    __name__,
+    {
+        "vramsupply.engine.conversation": ("ChatPrompt", "ChatRequest", "ChatRequestError"),
+        "vramsupply.engine.engine": ("Engine",),
+        "vramsupply.engine.generation": ("Generation",),
+        "vramsupply.engine.types": ("ContextOverflow", "EngineClosed", "EngineError", "EngineFailed", "EngineOptions", "EngineStats", "MAX_TOP_K", "GenerationRequest", "Overloaded", "SamplingParams", "Usage"),
+    },
+)

@@ -3,23 +3,21 @@
 ``serve`` opens a ``LedgerWriter`` and plugs a ``LedgerRecorder`` into the HTTP server; the server
 reports each finished request (``server.accounting``) and the recorder prices it. Nothing here
 talks to the platform: the ledger is the provider's own record to check payouts against.
+
+Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
+the package does not import the rest.
 """
 
-from vramsupply.ledger.money import cents, earned_nanocents, gross_nanocents
-from vramsupply.ledger.recorder import LedgerRecorder, UnopenedLedger, open_recorder
-from vramsupply.ledger.store import Entry, LedgerError, LedgerStore, default_ledger_path
-from vramsupply.ledger.writer import LedgerWriter
+from __future__ import annotations
 
-__all__ = [
-    "Entry",
-    "LedgerError",
-    "LedgerRecorder",
-    "LedgerStore",
-    "LedgerWriter",
-    "UnopenedLedger",
-    "cents",
-    "default_ledger_path",
-    "earned_nanocents",
-    "gross_nanocents",
-    "open_recorder",
-]
+from vramsupply.lazy import lazy_names
+
+__getattr__, __dir__, __all__ = lazy_names(
+    __name__,
+    {
+        "vramsupply.ledger.money": ("cents", "earned_nanocents", "gross_nanocents"),
+        "vramsupply.ledger.recorder": ("LedgerRecorder", "UnopenedLedger", "open_recorder"),
+        "vramsupply.ledger.store": ("Entry", "LedgerError", "LedgerStore", "default_ledger_path"),
+        "vramsupply.ledger.writer": ("LedgerWriter",),
+    },
+)

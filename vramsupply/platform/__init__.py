@@ -1,43 +1,26 @@
-"""The agent's side of the vram.supply marketplace: API client, offer, register/heartbeat lifecycle."""
+"""The agent's side of the vram.supply marketplace: API client, offer, register/heartbeat lifecycle.
 
-from vramsupply.platform.backoff import Backoff
-from vramsupply.platform.client import (
-    ApiKeyRejected,
-    PlatformClient,
-    PlatformError,
-    PlatformUnavailable,
-    RequestRejected,
-    UnexpectedAnswer,
-    UnknownProvider,
+Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
+the package does not import the rest.
+
+Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
+the package does not import the rest.
+"""
+
+from __future__ import annotations
+
+from vramsupply.lazy import lazy_names
+
+__getattr__, __dir__, __all__ = lazy_names(
+    __name__,
+    {
+        "vramsupply.platform.backoff": ("Backoff",),
+        "vramsupply.platform.client": ("ApiKeyRejected", "PlatformClient", "PlatformError", "PlatformUnavailable", "RequestRejected", "UnexpectedAnswer", "UnknownProvider"),
+        "vramsupply.platform.lifecycle": ("ProviderLifecycle", "ServingStats"),
+        "vramsupply.platform.offer": ("Offer", "OfferError", "build_offer", "check_endpoint_url", "price_summary"),
+        "vramsupply.platform.options": ("MarketOptions",),
+        "vramsupply.platform.session": ("MarketplaceSession",),
+        "vramsupply.platform.state": ("Phase", "RegistrationState", "default_state_path", "read_state"),
+        "vramsupply.platform.token": ("resolve_endpoint_token",),
+    },
 )
-from vramsupply.platform.lifecycle import ProviderLifecycle, ServingStats
-from vramsupply.platform.offer import Offer, OfferError, build_offer, check_endpoint_url, price_summary
-from vramsupply.platform.options import MarketOptions
-from vramsupply.platform.session import MarketplaceSession
-from vramsupply.platform.state import Phase, RegistrationState, default_state_path, read_state
-from vramsupply.platform.token import resolve_endpoint_token
-
-__all__ = [
-    "ApiKeyRejected",
-    "Backoff",
-    "MarketOptions",
-    "MarketplaceSession",
-    "Offer",
-    "OfferError",
-    "Phase",
-    "PlatformClient",
-    "PlatformError",
-    "PlatformUnavailable",
-    "ProviderLifecycle",
-    "RegistrationState",
-    "RequestRejected",
-    "ServingStats",
-    "UnexpectedAnswer",
-    "UnknownProvider",
-    "build_offer",
-    "check_endpoint_url",
-    "default_state_path",
-    "price_summary",
-    "read_state",
-    "resolve_endpoint_token",
-]

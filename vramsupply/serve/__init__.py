@@ -1,8 +1,19 @@
 """`vramsupply serve`: the lifecycle (``lifecycle``), the typed options it builds for each part
-(``options``), the hooks the CLI may plug in (``hooks``), stop signals and status rendering."""
+(``options``), the hooks the CLI may plug in (``hooks``), stop signals and status rendering.
 
-from vramsupply.serve.hooks import ServeHook
-from vramsupply.serve.lifecycle import run_serve
-from vramsupply.serve.status import Snapshot, Throughput
+Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
+the package does not import the rest.
+"""
 
-__all__ = ["ServeHook", "Snapshot", "Throughput", "run_serve"]
+from __future__ import annotations
+
+from vramsupply.lazy import lazy_names
+
+__getattr__, __dir__, __all__ = lazy_names(
+    __name__,
+    {
+        "vramsupply.serve.hooks": ("ServeHook",),
+        "vramsupply.serve.lifecycle": ("run_serve",),
+        "vramsupply.serve.status": ("Snapshot", "Throughput"),
+    },
+)

@@ -1,7 +1,18 @@
-"""The OpenAI-compatible HTTP API (aiohttp) in front of the engine; knows nothing of the platform."""
+"""The OpenAI-compatible HTTP API (aiohttp) in front of the engine; knows nothing of the platform.
 
-from vramsupply.server.app import ApiServer, create_app
-from vramsupply.server.errors import ApiError
-from vramsupply.server.state import SERVER_STATE, ServerState
+Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
+the package does not import the rest.
+"""
 
-__all__ = ["SERVER_STATE", "ApiError", "ApiServer", "ServerState", "create_app"]
+from __future__ import annotations
+
+from vramsupply.lazy import lazy_names
+
+__getattr__, __dir__, __all__ = lazy_names(
+    __name__,
+    {
+        "vramsupply.server.app": ("ApiServer", "create_app"),
+        "vramsupply.server.errors": ("ApiError",),
+        "vramsupply.server.state": ("SERVER_STATE", "ServerState"),
+    },
+)

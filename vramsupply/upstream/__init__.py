@@ -7,9 +7,22 @@ usage (``usage``). Requests are forwarded (``proxy``, one ``exchange`` each) and
 event by event (``stream``, ``sse``); the upstream's errors are mapped for the buyer (``refusal``),
 and what it may make us wait for or hold is bounded (``limits``). ``monitor`` watches a running
 upstream; ``supervisor`` launches (``launch``) and restarts one.
+
+Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
+the package does not import the rest.
+
+Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
+the package does not import the rest.
 """
 
-from vramsupply.upstream.backend import UpstreamBackend, UpstreamError
-from vramsupply.upstream.options import UpstreamOptions
+from __future__ import annotations
 
-__all__ = ["UpstreamBackend", "UpstreamError", "UpstreamOptions"]
+from vramsupply.lazy import lazy_names
+
+__getattr__, __dir__, __all__ = lazy_names(
+    __name__,
+    {
+        "vramsupply.upstream.backend": ("UpstreamBackend", "UpstreamError"),
+        "vramsupply.upstream.options": ("UpstreamOptions",),
+    },
+)
