@@ -66,11 +66,17 @@ class InvalidSchema(ValueError):
         self.path = path
 
 
-def check_valid(schema: Any) -> None:
-    """``InvalidSchema`` saying what in ``schema`` breaks its draft's meta-schema, and where."""
-    verdict = _kept_verdict(json.dumps(schema, sort_keys=True))
+def check_valid(schema: Any, text: str | None = None) -> None:
+    """``InvalidSchema`` saying what in ``schema`` breaks its draft's meta-schema, and where;
+    ``text``: ``schema_text(schema)``, where the caller has it already."""
+    verdict = _kept_verdict(schema_text(schema) if text is None else text)
     if verdict is not None:
         raise InvalidSchema(*verdict)
+
+
+def schema_text(schema: Any) -> str:
+    """The JSON text a schema's verdict is kept under: keys sorted, so that their order does not matter."""
+    return json.dumps(schema, sort_keys=True)
 
 
 def _kept_verdict(text: str) -> tuple[str, str] | None:
