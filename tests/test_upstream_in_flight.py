@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import signal
 import sqlite3
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from agent_process import AgentProcess
 from aiohttp import web
 from doubles.hostile_upstream import CHAT, Front, HostileUpstream, VllmUpstream, chunk, event, fronted, hang, streaming
 from openai import OpenAI
+from conftest import REPO
 from test_ledger_interrupted import earnings
 from test_upstream_drain import PIECE, EndlessUpstream, ThreadedUpstream
 
@@ -79,6 +81,34 @@ def test_a_relayed_stream_in_flight_when_the_agent_is_killed_is_in_earnings_as_i
         "interrupted_prompt_tokens": ESTIMATED_PROMPT, "interrupted_completion_tokens": SENT,
     }
     assert {k: report[k] for k in interrupted} == interrupted, report
+
+
+def test_a_relayed_sale_the_agent_is_killed_right_after_recording_is_not_counted_again_as_interrupted() -> None:
+    """Its row in flight is under an id of ours, its finished row under the upstream's: they were two
+    commits, and an agent killed between them left both, so `earnings` and the next start counted
+    the one sale twice, the second time as an interrupted request. Now one commit writes the one
+    and deletes the other, as for our own engine's requests."""
+    ledger, received, usage = default_ledger_path(), [], {"prompt_tokens": 9, "completion_tokens": SENT, "total_tokens": 9 + SENT}
+    double = HostileUpstream()
+    double.generation = streaming(*(event(chunk(PIECE)) for _ in range(SENT)), event(chunk(usage=usage)), event("[DONE]"))
+    serve = ("--engine", "upstream", "--port", "0", "--no-register")
+    with ThreadedUpstream(double) as upstream:
+        killed = [sys.executable, str(REPO / "tests" / "killed_after_sale_agent.py")]
+        with AgentProcess(*serve, "--upstream-url", upstream.url, program=killed) as agent:
+            agent.wait_ready()
+            buy_a_stream(agent.base_url, agent.model_id, received)
+            assert agent.wait() == -signal.SIGKILL and "FAULT: killed after the sale's commit" in agent.log, agent.log
+        after_kill = earnings()
+        with AgentProcess(*serve, "--upstream-url", upstream.url) as restarted:
+            restarted.wait_ready()
+            assert restarted.stop() == 0, restarted.log
+
+    sold = {"requests": 1, "cut_requests": 0, "interrupted_requests": 0, "in_flight_requests": 0, "prompt_tokens": 9, "completion_tokens": SENT}
+    assert received == [PIECE] * SENT
+    assert {k: after_kill[k] for k in sold} == sold, after_kill
+    assert not any("recorded as interrupted" in line for line in restarted.stderr), restarted.log
+    assert [(e.request_id, e.complete, e.interrupted) for e in LedgerStore(ledger).entries()] == [("chatcmpl-1", True, False)]
+    assert in_flight(ledger) == []
 
 
 @contextlib.asynccontextmanager

@@ -8,7 +8,8 @@ written by the writer thread and brought up to date every 2 s while it runs (one
 of them, nothing per token: ``server.accounting.IN_FLIGHT_EVERY_SECONDS``). Its finished row replaces it in one transaction.
 A request relayed to an upstream engine has one too, from its first relayed text, its tokens counted
 as well as they are known mid-stream (``upstream.exchange``): its prompt tokens may be an estimate
-there at first, brought up to date with the rest once the upstream reports them.
+there at first, brought up to date with the rest once the upstream reports them. Its row in flight
+is under an id of ours, not the finished row's (``store.Entry.flight_id``), and goes in the same transaction.
 
 Each row names its ``run``: the agent process, by pid and start time (a later process given the
 same pid is not taken for it). Rows of a run that is gone were interrupted: the next agent to open

@@ -70,6 +70,8 @@ class Finished(Serving, Protocol):
     def cached_tokens(self) -> int: ...
     @property
     def complete(self) -> bool: ...
+    @property
+    def flight_id(self) -> str | None: ...  # its row in flight's id, where not request_id (``store.Entry.flight_id``)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class Pricing:
             output_price=self.output_price,
             gross_nanocents=gross,
             earned_nanocents=earned_nanocents(gross),
+            flight_id=finished.flight_id,
         )
 
     def in_flight(self, serving: Serving) -> InFlight:

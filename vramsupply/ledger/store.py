@@ -31,7 +31,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vramsupply.config import data_dir, os_reason
@@ -73,6 +73,13 @@ class Entry:
     gross_nanocents: int
     earned_nanocents: int
     interrupted: bool = False  # the agent was killed while serving it (``in_flight.py``): complete False, money 0
+    flight_id: str | None = field(default=None, compare=False)
+    """The id of its row in flight where that is not ``request_id`` (a relayed request's, ``upstream.exchange``):
+    the row this one replaces in its commit. Not stored (``COLUMNS``)."""
+
+
+COLUMNS = tuple(name for name in Entry.__dataclass_fields__ if name != "flight_id")
+"""An ``Entry``'s fields that are columns of ``requests``."""
 
 
 @dataclass(frozen=True)
@@ -202,6 +209,7 @@ class LedgerStore:
         ``once``: the rows were tried before (the writer held them through a full disk), so skip any
         already in the file, known by its request id and finish time: a commit SQLite reported as
         failed may still have reached the WAL, and a request must not be counted twice."""
+        entries = list(entries)
         rows = [
             (
                 e.finished_at, e.request_id, e.model, e.source, int(e.complete), e.choices, e.prompt_tokens, e.cached_tokens,
@@ -209,8 +217,8 @@ class LedgerStore:
             )
             for e in entries
         ]
-        insert = f"INSERT INTO requests ({', '.join(Entry.__dataclass_fields__)}) "
-        values = ", ".join("?" * len(Entry.__dataclass_fields__))
+        insert = f"INSERT INTO requests ({', '.join(COLUMNS)}) "
+        values = ", ".join("?" * len(COLUMNS))
         with self._transaction():
             if once:
                 # finished_at is indexed: one index lookup per row
@@ -218,7 +226,8 @@ class LedgerStore:
                 self._db.executemany(f"{insert}SELECT {values} WHERE NOT EXISTS ({unseen})", [(*r, r[0], r[1]) for r in rows])
             else:
                 self._db.executemany(f"{insert}VALUES ({values})", rows)
-            self._db.executemany(FORGET, [(self.run, r[1]) for r in rows])  # its row in flight, if any, in the same commit
+            # its row in flight, if any, in the same commit: no instant holds both (a kill then would count it twice)
+            self._db.executemany(FORGET, [(self.run, e.flight_id or e.request_id) for e in entries])
 
     def roll_up(self, now: float | None = None, keep_seconds: float = KEEP_RAW_SECONDS, max_rows: int = MAX_RAW_ROWS) -> int:
         """Fold raw rows older than ``keep_seconds`` (and any beyond the newest ``max_rows``) into
@@ -283,7 +292,7 @@ class LedgerStore:
 
     def entries(self) -> list[Entry]:
         """Every raw row, oldest first (tests and audits)."""
-        return [Entry(*row[:4], bool(row[4]), *row[5:13], bool(row[13])) for row in self._db.execute(f"SELECT {', '.join(Entry.__dataclass_fields__)} FROM requests ORDER BY id")]
+        return [Entry(*row[:4], bool(row[4]), *row[5:13], bool(row[13])) for row in self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM requests ORDER BY id")]
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

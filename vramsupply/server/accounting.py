@@ -56,6 +56,9 @@ class FinishedRequest:
     completion_tokens: int
     complete: bool
     token_presented: bool  # the request carried the endpoint token (the server enforces it when one is set)
+    flight_id: str | None = None
+    """The id of its row in flight where that is not ``request_id`` (a relayed request's,
+    ``upstream.exchange.Exchange.flight_id``): the ledger deletes that row in the finished row's commit."""
 
 
 @dataclass(frozen=True)

@@ -210,15 +210,16 @@ class Exchange:
         return UsageCounter(self.state.client, self.state.tokenizer, self.session)
 
     async def bill(self, usage: CountedUsage) -> None:
-        """The one way a request is billed: the heartbeats' counters, then the earnings ledger, and
-        then its row in flight goes. Kept under an id of ours, that row is not the finished row's
-        (which carries the upstream's id, as the buyer saw it), so it goes in the writer's next
-        batch rather than in the same commit: an agent killed in between leaves both, and the next
-        start records the row in flight as interrupted too (no money, counted apart)."""
+        """The one way a request is billed: the heartbeats' counters, then the earnings ledger.
+        Its row in flight, kept under an id of ours, is not the finished row's (which carries the
+        upstream's id, as the buyer saw it): the finished row names it (``FinishedRequest.flight_id``)
+        and the ledger deletes it in the same commit, as it does our own engine's. Apart, an agent
+        killed in between left both, and the next start recorded the sale as interrupted too.
+        It stops being in flight first: no tick may write its row again after that commit."""
         record(self.state, usage)
-        await self.state.accounts.record(self.finished(usage))
         if self.tracked is not None:
-            self.tracked.end(recorded=False)
+            self.tracked.end(recorded=True)
+        await self.state.accounts.record(self.finished(usage))
 
     async def bill_estimate(self, reason: str) -> None:
         self.usage = usage = estimate(self.path, self.body, self.generated(), self.bounds)
@@ -266,6 +267,7 @@ class Exchange:
             completion_tokens=usage.completion_tokens,
             complete=self.complete,
             token_presented=self.state.endpoint_token is not None,
+            flight_id=self.flight_id,
         )
 
 
