@@ -229,12 +229,16 @@ class Tracked:
 
     def now(self) -> Serving:
         """The request in flight as it is now."""
-        self._written = prompt, completion = self._counts()
-        return dataclasses.replace(self._request, prompt_tokens=prompt, completion_tokens=completion)
+        return self._handed(self._counts())
 
     def progress(self) -> Serving | None:
         """The request now, if its counts changed since they were last handed over."""
-        return self.now() if self._counts() != self._written else None
+        counts = self._counts()
+        return self._handed(counts) if counts != self._written else None
+
+    def _handed(self, counts: tuple[int, int]) -> Serving:
+        self._written = prompt, completion = counts
+        return dataclasses.replace(self._request, prompt_tokens=prompt, completion_tokens=completion)
 
 
 class Bill:

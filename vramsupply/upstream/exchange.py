@@ -148,7 +148,8 @@ class Exchange:
     def serving(self) -> None:
         """Its first text is relayed: it is in flight from now on, under an id of ours (``flight_id``)."""
         token = self.state.endpoint_token is not None
-        self.tracked = self.state.accounts.track(self.flight_id, self.state.model_id, choices_asked(self.body), token_presented=token, counts=self.so_far)
+        choices = choices_asked(self.body)
+        self.tracked = self.state.accounts.track(self.flight_id, self.state.model_id, choices, token_presented=token, counts=self.so_far)
         self.tracked.serving()
 
     def so_far(self) -> tuple[int, int]:
@@ -313,7 +314,8 @@ def text_of(choice: dict[str, Any], tool_names: dict[int, str]) -> str:
         index = call.get("index", position)
         index = index if isinstance(index, int) and not isinstance(index, bool) else position
         arguments = function.get("arguments")  # an object from some servers: counted as its JSON
-        parts += [new_name(tool_names, index, text(function, "name")), arguments if isinstance(arguments, str) or arguments is None else json.dumps(arguments)]
+        arguments = arguments if isinstance(arguments, str) or arguments is None else json.dumps(arguments)
+        parts += [new_name(tool_names, index, text(function, "name")), arguments]
     return "".join(part for part in parts if part)
 
 
