@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -34,6 +35,7 @@ from test_platform_lifecycle import EngineCounters, eventually
 from test_platform_ops_review import Clock, said
 
 from vramsupply.config import Settings
+from vramsupply.engine.types import EngineStats
 from vramsupply.platform import Backoff, Phase, PlatformClient, ProviderLifecycle, build_offer
 from vramsupply.platform.api import HEARTBEAT_PATH
 from vramsupply.platform.state import default_state_path
@@ -71,8 +73,9 @@ class HeldAnswers:
 
 
 @contextlib.asynccontextmanager
-async def listed_agent(held: HeldAnswers, clock: Clock) -> AsyncIterator[ProviderLifecycle]:
-    """The agent serving the tiny model, registered with the reference platform, which ``held`` slows."""
+async def listed_agent(held: HeldAnswers, clock: Clock, unavailable: str | None = None) -> AsyncIterator[ProviderLifecycle]:
+    """The agent serving the tiny model, registered with the reference platform, which ``held`` slows;
+    ``unavailable``: why its engine says it cannot serve right now (the agent then heartbeats offline)."""
     platform = LivePlatform()
     platform.platform.app.middlewares.append(held.middleware)
     with platform:
@@ -81,8 +84,13 @@ async def listed_agent(held: HeldAnswers, clock: Clock) -> AsyncIterator[Provide
             settings = Settings(endpoint_url="https://gpu.example.com", endpoint_token="tok")
             offer = build_offer(market_options(settings), _Identity(), served_context=live.engine.n_ctx, endpoint_token="tok")
             client = PlatformClient(platform.url, API_KEY, attempts=1, timeout=AGENT_TIMEOUT)
+            engine = live.engine
+
+            def stats() -> EngineStats:
+                return dataclasses.replace(engine.stats(), unavailable=unavailable)
+
             lifecycle = ProviderLifecycle(
-                client, offer.request, live.engine.stats, heartbeat_interval=0.2, backoff=Backoff(initial=0.05, cap=0.2),
+                client, offer.request, stats, heartbeat_interval=0.2, backoff=Backoff(initial=0.05, cap=0.2),
                 state_path=default_state_path(), local_url=live.url, clock=clock,
             )  # fmt: skip
             lifecycle.start()
@@ -138,6 +146,39 @@ async def test_heartbeats_unanswered_for_half_the_silence_limit_show_the_platfor
             assert code == 0 and registration["phase"] == "registered"
     [down] = said(caplog, "platform unreachable")
     assert "no heartbeat answered for 90 s" in down.getMessage()
+
+
+async def test_an_agent_listed_offline_stays_offline_for_why_through_an_unanswered_heartbeat(caplog: pytest.LogCaptureFixture) -> None:
+    """Its upstream is down, so it told the platform to route nothing to it: still listed, offline.
+    One slow answer must not turn that into `unreachable`, nor lose why it is offline."""
+    held, clock, down = HeldAnswers(), Clock(), "the upstream is not ready: the upstream server at http://127.0.0.1:8000 does not answer"
+    with caplog.at_level(logging.INFO, logger="vramsupply.platform"):
+        async with listed_agent(held, clock, unavailable=down) as lifecycle:
+            await eventually(lambda: lifecycle.phase is Phase.offline, timeout=10)
+            why = lifecycle.message
+            assert down in why
+            held.hold()
+            await eventually(held.given_up, timeout=10)
+            clock.now += 30  # the beats after it go unanswered too, each counting the seconds without an answer
+            await eventually(lambda: "none answered for 30 s" in lifecycle.message, timeout=10)
+            code, registration = await status()
+            assert code == 3, "offline: served nothing by the platform, as before the slow answer"
+            assert registration["phase"] == "offline" and registration["provider_id"] == lifecycle.provider_id
+            assert registration["message"].startswith(why) and "the last heartbeat went unanswered" in registration["message"]
+            assert "resending it" in registration["message"]
+
+            held.release()  # the answer comes, late: offline for the same reason, said once
+            await eventually(lambda: lifecycle.message == why, timeout=10)
+            assert lifecycle.phase is Phase.offline
+
+            held.hold()
+            await eventually(lambda: "went unanswered" in lifecycle.message, timeout=10)
+            clock.now += 90  # no heartbeat answered for half the platform's 180 s silence limit
+            await eventually(lambda: lifecycle.phase is Phase.unreachable, timeout=10)
+            assert "no heartbeat answered for 90 s" in lifecycle.message
+            assert len(said(caplog, down)) == 1, "why it is offline: said when it began, not at every beat nor on the late answer"
+            assert len(said(caplog, "got no answer")) == 2, "once per run of unanswered heartbeats"
+            assert len(said(caplog, "platform unreachable")) == 1
 
 
 async def test_a_platform_that_refuses_connections_is_unreachable_at_once() -> None:

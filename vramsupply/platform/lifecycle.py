@@ -17,8 +17,8 @@ what the drain served goes in one last heartbeat before the DELETE, and a heartb
 SIGTERM is let end rather than sent again (``tokens``, ``draining``); one whose answer never came
 (the platform may have counted it) is sent again as it was, with its ``Idempotency-Key``, before
 any other tokens go (``sending``); while the platform surely still lists us, such a heartbeat
-leaves the phase ``registered`` with a note, not ``unreachable`` (``phase_log``). A state file that
-cannot be written is logged when that changes.
+leaves the phase ``registered`` (or ``offline``) with a note, not ``unreachable`` (``phase_log``).
+A state file that cannot be written is logged when that changes.
 
 A tunnel may change the public URL at any moment (``move_endpoint``). The instance at the old URL
 is retired: deleted once the new one is registered, or at shutdown at the latest, and while that

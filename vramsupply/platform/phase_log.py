@@ -6,11 +6,14 @@ Apart from ``lifecycle.py`` because saying it has rules of its own:
   changes), never once per try; the state file that `vramsupply status` reads is rewritten at
   every change and heartbeat, and a file that cannot be written is said when that changes;
 - one heartbeat whose answer did not come in time (it may have reached the platform: a timeout, a
-  connection dropped after sending, a gateway's 502 or 504) leaves a listed instance ``registered``,
-  with a note that it is sent again (``sending``): the platform lists an instance offline only after
+  connection dropped after sending, a gateway's 502 or 504) leaves a listed instance in its phase,
+  ``registered``, or ``offline`` (listed, routed nothing) with why it is offline kept, and adds a
+  note that it is sent again (``sending``): the platform lists an instance offline only after
   its silence limit (180 s, docs/platform-api.md) without a heartbeat, and that one most likely
   arrived. Saying ``unreachable`` then, as the agent did, showed a listed provider as down (and
-  `vramsupply status` exit 3) for a heartbeat interval over one slow answer. The phase turns
+  `vramsupply status` exit 3) for a heartbeat interval over one slow answer, and lost why an
+  offline one was offline. The note is logged once per run of such beats; an offline instance
+  answered again, offline for the same reason, is not said offline again. The phase turns
   ``unreachable`` once no heartbeat has been answered for ``UNANSWERED_SHARE`` of that limit (90 s):
   by then the instance may be dropped within the next beats (interval plus the answer's timeout, 40 s
   by default), so the provider hears of it before the listing may lapse, not after. Counted in time
@@ -75,6 +78,8 @@ class PhaseLog:
         """Since when (wall clock, and ``_clock``) the platform is unreachable, and when that was last said (``_clock``)."""
         self._unanswered: tuple[float, float] | None = None
         """Since when (wall clock, and ``_clock``) the heartbeats of a listed instance go unanswered."""
+        self._before_unanswered = ""
+        """The message before those heartbeats went unanswered: why an ``offline`` instance is offline."""
 
     def _record_failure(self, exc: PlatformError) -> None:
         self._key_rejected = isinstance(exc, ApiKeyRejected)
@@ -87,10 +92,10 @@ class PhaseLog:
             self._set_phase(Phase.rejected, f"{exc}; still serving locally, retrying in the background", logging.WARNING)
 
     def _record_unavailable(self, exc: PlatformUnavailable) -> None:
-        """A heartbeat in doubt while the platform surely still lists us: ``registered``, with a note;
-        otherwise ``unreachable`` (see the module's docstring)."""
+        """A heartbeat in doubt while the platform surely still lists us: ``registered`` (or
+        ``offline``), with a note; otherwise ``unreachable`` (see the module's docstring)."""
         when = self._platform_asks(exc.retry_after)
-        listed = exc.reached and self.provider_id is not None and self.phase is Phase.registered  # a heartbeat in doubt
+        listed = exc.reached and self.provider_id is not None and self.phase in (Phase.registered, Phase.offline)  # in doubt
         heard = self._heard_at if listed else None
         silent_for = None if heard is None else self._clock() - heard
         if silent_for is not None and silent_for < UNANSWERED_SHARE * self._silence_limit:
@@ -101,15 +106,22 @@ class PhaseLog:
         self._remind_unreachable(exc)
 
     def _unanswered_beat(self, exc: PlatformUnavailable, silent_for: float) -> None:
-        """Still listed: said in the state file, and logged once per run of unanswered heartbeats."""
+        """Still listed, in the phase it had (an ``offline`` one also says why it is offline): said in
+        the state file, and logged once per run of unanswered heartbeats."""
         since, now = self._unanswered, self._clock()
         if since is None:
             log.info("the heartbeat for %s got no answer (%s); it is sent again with its Idempotency-Key at the next beat", self.provider_id, exc)
-        note = (
-            f"listed as {self.provider_id}; the last heartbeat went unanswered ({exc}), resending it (the platform lists an "
-            f"instance offline only after {self._silence_limit:.0f} s without heartbeats; none answered for {silent_for:.0f} s)"
-        )
-        self._set_phase(Phase.registered, note)
+            self._before_unanswered = self.message
+        resending = f"the last heartbeat went unanswered ({exc}), resending it"
+        if self.phase is Phase.offline:  # logged as its reason: the note is in the info line above
+            note = f"{self._before_unanswered}; {resending} (none answered for {silent_for:.0f} s)"
+            self._set_phase(Phase.offline, note, logged_as=self._before_unanswered)
+        else:
+            note = (
+                f"listed as {self.provider_id}; {resending} (the platform lists an instance offline only after "
+                f"{self._silence_limit:.0f} s without heartbeats; none answered for {silent_for:.0f} s)"
+            )
+            self._set_phase(Phase.registered, note)
         self._unanswered = since or (time.time(), now)
 
     def _remind_unreachable(self, exc: PlatformError) -> None:
@@ -139,9 +151,9 @@ class PhaseLog:
         """The wait before the next retry ends when a rejected key's config file is written (``retry_wait``)."""
         return self._key_rejected and self._api_key_source is not None and self._api_key_source.file_changed()
 
-    def _set_phase(self, phase: Phase, message: str, level: int = logging.INFO) -> None:
+    def _set_phase(self, phase: Phase, message: str, level: int = logging.INFO, *, logged_as: str | None = None) -> None:
         """Record every change in the state file; log only when the phase (or the refusal, or the
-        reason for being offline) changes."""
+        reason for being offline: ``logged_as`` when the message adds a passing note) changes."""
         self.phase, self.message = phase, message
         self._key_rejected = self._key_rejected and phase is Phase.rejected  # a key that works is kept, whatever the file says
         if phase is not Phase.unreachable:
@@ -150,7 +162,8 @@ class PhaseLog:
             now = self._clock()
             since = self._unanswered or (time.time(), now)  # the outage began with the first heartbeat left unanswered
             self._unreachable = (since[0], since[1], now)
-        key = (phase, message if phase in (Phase.rejected, Phase.offline) else "")
+        said = message if logged_as is None else logged_as
+        key = (phase, said if phase in (Phase.rejected, Phase.offline) else "")
         if key != self._logged:
             self._logged = key
             log.log(level, message)
