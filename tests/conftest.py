@@ -82,6 +82,13 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
     monkeypatch.setenv("VRAM_SUPPLY_CONFIG", str(home / ".config" / "vramsupply" / "config.toml"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    # The decode at the agent's own priority, in child agents (the environment) and in this process's
+    # engines built with EngineOptions' default (the module global): beside the other xdist worker's
+    # busy CLI children, at normal priority, a decode 10 nice levels down got about a tenth of a core,
+    # and the engine-heavy tests ran 5-10x slower (two busy loops beside two such files: 130.7 s
+    # with the offset, 33.1 s without). test_engine_priority.py sets the offset back where it tests it.
+    monkeypatch.setenv("VRAM_SUPPLY_DECODE_NICE", "0")
+    monkeypatch.setattr("vramsupply.engine.priority.COMPUTE_NICE_OFFSET", 0)
     return home
 
 

@@ -11,10 +11,19 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL
-from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams
-from vramsupply.engine.priority import COMPUTE_NICE_OFFSET, MAX_NICE, lower_compute_priority
+from vramsupply.config.settings import DEFAULT_DECODE_NICE
+from vramsupply.engine import Engine, EngineOptions, GenerationRequest, SamplingParams, priority
+from vramsupply.engine.priority import MAX_NICE, lower_compute_priority
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="only Linux keeps a nice value per thread")
+
+COMPUTE_NICE_OFFSET = 10
+"""The engine's default offset: the suite sets it to 0 (``conftest.isolated_env``), these tests test it."""
+
+
+@pytest.fixture(autouse=True)
+def the_default_offset(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(priority, "COMPUTE_NICE_OFFSET", COMPUTE_NICE_OFFSET)
 
 
 def nice_of(tid: int) -> int:
@@ -83,3 +92,38 @@ async def test_an_engine_serves_where_the_kernel_refuses(monkeypatch: pytest.Mon
         assert len(generation.token_ids) == 4
         (scheduler,) = schedulers() - others
         assert nice_of(scheduler.native_id) == base
+
+
+def test_the_settings_default_is_the_engines() -> None:
+    assert DEFAULT_DECODE_NICE == COMPUTE_NICE_OFFSET
+
+
+def test_no_offset_asks_nothing_of_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``decode_nice`` 0: the decode stays at the agent's priority, and no ``setpriority`` is made
+    (not even a harmless one, which a sandbox may log or refuse)."""
+    calls: list[object] = []
+    monkeypatch.setattr(os, "setpriority", lambda *args: calls.append(args))
+    assert in_a_thread(lower_compute_priority, 0) is None
+    monkeypatch.setattr(priority, "COMPUTE_NICE_OFFSET", 0)
+    assert in_a_thread(lower_compute_priority) is None
+    assert calls == []
+
+
+def test_the_default_offset_is_read_when_called_not_when_defined(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = nice_of(threading.get_native_id())
+    monkeypatch.setattr(priority, "COMPUTE_NICE_OFFSET", 3)
+    lowered = in_a_thread(lower_compute_priority)
+    if lowered is None:
+        pytest.skip("the kernel refuses setpriority here")
+    assert lowered == min(base + 3, MAX_NICE)
+
+
+async def test_an_engine_with_decode_nice_lowers_its_decode_that_far() -> None:
+    if in_a_thread(lower_compute_priority, 1) is None:
+        pytest.skip("the kernel refuses setpriority here")
+    base, others = nice_of(threading.get_native_id()), schedulers()
+    with Engine.load(EngineOptions(model_path=TINY_MODEL, n_ctx=256, parallel=1, threads=1, decode_nice=3)) as engine:
+        generation = engine.submit(GenerationRequest(engine.tokenize("The dog"), sampling=SamplingParams(temperature=0), max_tokens=4))
+        await generation.collect()
+        (scheduler,) = schedulers() - others
+        assert nice_of(scheduler.native_id) == min(base + 3, MAX_NICE)

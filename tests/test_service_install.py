@@ -27,6 +27,13 @@ VENV_AGENT = Path(sys.executable).absolute().parent / "vramsupply"
 READY = {"VRAM_SUPPLY_MODEL": "qwen/qwen3.5-9b", "VRAM_SUPPLY_NO_REGISTER": "1"}
 
 
+@pytest.fixture(autouse=True)
+def the_providers_shell(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The env file holds what the provider's shell set: not the suite's own decode_nice
+    (``conftest.isolated_env``); nothing here decodes."""
+    monkeypatch.delenv("VRAM_SUPPLY_DECODE_NICE")
+
+
 def fake_tools(tmp_path: Path, state: str) -> tuple[Path, Path]:
     """A bin dir whose systemctl reports `state`; every call of the tools is appended to a log."""
     bin_dir = tmp_path / "bin"

@@ -46,6 +46,9 @@ MAX_HEARTBEAT_SECONDS = 120.0
 MAX_THREADS = 512
 """llama.cpp's own limit (``GGML_MAX_N_THREADS``). Above it thread creation failed or the process
 crashed (``--threads 100000`` on 2 CPUs: a segfault, or libgomp's "Thread creation failed")."""
+DEFAULT_DECODE_NICE = 10
+"""``engine/priority.py``'s ``COMPUTE_NICE_OFFSET`` (the config never imports the engine, which loads llama.cpp)."""
+MAX_NICE = 19
 MAX_STALL_SECONDS = 86400.0
 """A day: the slowest legitimate decode step takes minutes (``engine/liveness.py``), and a watchdog
 that waits longer than a day watches nothing. Every float setting has a finite upper limit, which
@@ -100,6 +103,7 @@ class Settings(BaseSettings):
     n_ubatch: int = Field(512, ge=1, description="Physical micro-batch size inside one decode step")
     flash_attention: FlashAttention = Field(FlashAttention.auto, description="Flash attention: auto (llama.cpp's choice, on where a backend supports it; off for a model on the CPU alone of an Intel CPU with AMX), on or off")
     threads: int | None = Field(None, ge=1, le=MAX_THREADS, description="CPU threads for decoding and prompt processing, pinned (default: the physical cores, within a cgroup CPU quota, for both, and fewer while other programs keep them busy; at most 512)")
+    decode_nice: int = Field(DEFAULT_DECODE_NICE, ge=0, le=MAX_NICE, description="Nice levels the decode's threads run below the agent's, so the HTTP side gets a core sooner on a busy CPU; 0 to 19 (0: the agent's own priority, for a machine whose other busy programs run at normal priority, beside which a niced decode got about a tenth of a core)")
     max_queue: int = Field(64, ge=0, description="Requests allowed to wait for a slot before new ones get 429")
     stall_timeout: float = Field(600.0, allow_inf_nan=False, gt=0, le=MAX_STALL_SECONDS, description="Seconds one decode step may run while requests wait before the engine counts as failed (/health 503, serve exits 1); at most 86400 (a day)")
     cache_ram: int | None = Field(None, ge=0, description="Most MiB of host RAM keeping idle conversations' KV for reuse; within it the cache keeps what its restores reach (default: a quarter of free RAM, within a cgroup memory limit, at most 8192; 0: off)")

@@ -84,7 +84,7 @@ class Engine:
             scheduler = Scheduler(
                 model, context, n_ctx, options.parallel, n_batch, options.max_queue, cache_ram * MIB, max_draft,
                 options.stall_timeout, options.kv_per_slot, options.stream_interval_ms / 1000, thread_tuner(options, context),
-                apart=tiled_cpu_attention(options), host_buffers=host_buffers,
+                apart=tiled_cpu_attention(options), host_buffers=host_buffers, decode_nice=options.decode_nice,
             )
             scheduler.start()  # warms the model up on the thread that decodes every step
         except BaseException:

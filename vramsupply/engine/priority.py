@@ -31,6 +31,14 @@ runs, 76 against 97 tok/s without it); at the default threads, which ``thread_tu
 there, no difference showed. Where the kernel groups nothing, the decode gives way to busy programs
 at normal priority. Where the kernel refuses (a sandbox without ``setpriority``), the engine runs at
 the priority it has.
+
+So the offset is a setting, ``decode_nice`` (``--decode-nice``, ``VRAM_SUPPLY_DECODE_NICE``; 0 to 19,
+default ``COMPUTE_NICE_OFFSET``), as llama-server's ``--prio``; 0 leaves the decode at the agent's own
+priority (no ``setpriority`` call at all). Set 0 where other busy programs run at normal priority in
+the decode's group (a desktop, a shared machine): there a niced decode got about a tenth of a core.
+Measured with two ``while True: pass`` loops beside two engine-heavy test files run at once on the
+2-core machine: 130.7 s with the offset, 33.1 s without; the test suite itself sets 0 for that reason
+(``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -46,11 +54,13 @@ COMPUTE_NICE_OFFSET = 10
 MAX_NICE = 19
 
 
-def lower_compute_priority(offset: int = COMPUTE_NICE_OFFSET) -> int | None:
-    """Lower the calling thread's priority by ``offset`` nice levels (at most to 19); the new nice
-    value, or None where the kernel refused or the system has no per-thread nice (only Linux
-    keeps nice per thread: elsewhere a thread id passed as a process id could name another process)."""
-    if sys.platform != "linux":
+def lower_compute_priority(offset: int | None = None) -> int | None:
+    """Lower the calling thread's priority by ``offset`` nice levels (None: ``COMPUTE_NICE_OFFSET`` as
+    it is at the call; at most to 19); the new nice value, or None where the offset is 0 (nothing is
+    changed), the kernel refused, or the system has no per-thread nice (only Linux keeps nice per
+    thread: elsewhere a thread id passed as a process id could name another process)."""
+    offset = COMPUTE_NICE_OFFSET if offset is None else offset
+    if offset == 0 or sys.platform != "linux":
         return None
     tid = threading.get_native_id()
     try:

@@ -88,8 +88,10 @@ class Scheduler:
         tuner: ThreadTuner | None = None,
         apart: bool = True,
         host_buffers: HostBuffers | None = None,
+        decode_nice: int | None = None,
     ) -> None:
         self._model = model
+        self._decode_nice = decode_nice  # nice levels below the starting thread (None: priority.py's default)
         self._ctx = context.ctx
         self._memory = context.memory
         self._slots = [Slot(seq_id, n_ctx, max_draft) for seq_id in range(parallel)]
@@ -272,7 +274,7 @@ class Scheduler:
     # ---- scheduler thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        lower_compute_priority()
+        lower_compute_priority(self._decode_nice)
         try:
             if self._warm_up.run():
                 while self._serve_once():

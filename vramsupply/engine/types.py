@@ -90,6 +90,7 @@ class EngineOptions:
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
     stream_interval_ms: float = 30.0  # mid-answer tokens reach the event loop at most this often (cadence.py)
     gpu: GpuOptions = field(default_factory=GpuOptions)
+    decode_nice: int | None = None  # nice levels the decode goes below the agent (None: priority.COMPUTE_NICE_OFFSET; 0: none)
 
     def __post_init__(self) -> None:
         _require(self.n_ctx >= 2, f"n_ctx must be at least 2, got {self.n_ctx}")
@@ -112,6 +113,7 @@ class EngineOptions:
             f"flash_attention must be one of {', '.join(FLASH_ATTENTION_MODES)}, got {self.flash_attention!r}",
         )
         _require(self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}")
+        _require(self.decode_nice is None or 0 <= self.decode_nice <= 19, f"decode_nice must be 0 to 19, got {self.decode_nice}")
         _require(self.max_queue >= 0, f"max_queue must be 0 or more, got {self.max_queue}")
         _require(self.cache_ram is None or self.cache_ram >= 0, f"cache_ram must be 0 (off) or more MiB, got {self.cache_ram}")
         _require(self.draft_max is None or self.draft_max >= 0, f"draft_max must be 0 (off) or more, got {self.draft_max}")

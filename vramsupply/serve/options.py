@@ -39,6 +39,7 @@ def engine_options(settings: Settings, model: LocalModel, explicit: set[str] | N
         n_ubatch=settings.n_ubatch,
         flash_attention=settings.flash_attention.value,
         threads=settings.threads,
+        decode_nice=settings.decode_nice,
         max_queue=settings.max_queue,
         cache_ram=settings.cache_ram,
         draft_max=settings.draft_max,

@@ -37,7 +37,7 @@ CLOCK_SKEW_SECONDS = 86400.0
 """A measurement dated later than now by more than this is no measurement (and no datetime can hold 1e300)."""
 SPEED_SETTINGS = (
     "parallel", "kv_per_slot", "n_gpu_layers", "n_batch", "n_ubatch", "flash_attention", "threads", "draft_max", "backend_sampling",
-    "cache_type_k", "cache_type_v", "split_mode", "tensor_split", "devices",
+    "decode_nice", "cache_type_k", "cache_type_v", "split_mode", "tensor_split", "devices",
 )  # fmt: skip
 """The settings that change how fast one model decodes on one machine, recorded as given (before the
 memory plan): a result measured with others is not the capacity of what `serve` runs."""
