@@ -47,8 +47,9 @@ MAX_THREADS = 512
 """llama.cpp's own limit (``GGML_MAX_N_THREADS``). Above it thread creation failed or the process
 crashed (``--threads 100000`` on 2 CPUs: a segfault, or libgomp's "Thread creation failed")."""
 DEFAULT_DECODE_NICE = 10
-"""``engine/priority.py``'s ``COMPUTE_NICE_OFFSET`` (the config never imports the engine, which loads llama.cpp)."""
+"""Nice levels the decode runs below the agent unless told (``engine/priority.py`` reads it)."""
 MAX_NICE = 19
+"""The kernel's lowest priority: an offset past it would change nothing."""
 MAX_STALL_SECONDS = 86400.0
 """A day: the slowest legitimate decode step takes minutes (``engine/liveness.py``), and a watchdog
 that waits longer than a day watches nothing. Every float setting has a finite upper limit, which

@@ -48,10 +48,11 @@ import os
 import sys
 import threading
 
+from vramsupply.config.settings import DEFAULT_DECODE_NICE, MAX_NICE
+
 log = logging.getLogger(__name__)
 
-COMPUTE_NICE_OFFSET = 10
-MAX_NICE = 19
+COMPUTE_NICE_OFFSET = DEFAULT_DECODE_NICE
 
 
 def lower_compute_priority(offset: int | None = None) -> int | None:

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vramsupply.config.settings import MAX_NICE
 from vramsupply.errors import VramsupplyError
 from vramsupply.gpu.options import GpuOptions
 
@@ -113,7 +114,7 @@ class EngineOptions:
             f"flash_attention must be one of {', '.join(FLASH_ATTENTION_MODES)}, got {self.flash_attention!r}",
         )
         _require(self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}")
-        _require(self.decode_nice is None or 0 <= self.decode_nice <= 19, f"decode_nice must be 0 to 19, got {self.decode_nice}")
+        _require(self.decode_nice is None or 0 <= self.decode_nice <= MAX_NICE, f"decode_nice must be 0 to {MAX_NICE}, got {self.decode_nice}")
         _require(self.max_queue >= 0, f"max_queue must be 0 or more, got {self.max_queue}")
         _require(self.cache_ram is None or self.cache_ram >= 0, f"cache_ram must be 0 (off) or more MiB, got {self.cache_ram}")
         _require(self.draft_max is None or self.draft_max >= 0, f"draft_max must be 0 (off) or more, got {self.draft_max}")
