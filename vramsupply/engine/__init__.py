@@ -2,12 +2,6 @@
 
 Knows nothing of HTTP. ``Engine.load`` a GGUF, ``submit`` a ``GenerationRequest`` from an asyncio
 loop and iterate the returned ``Generation`` for text deltas.
-
-Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
-the package does not import the rest.
-
-Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
-the package does not import the rest.
 """
 
 from __future__ import annotations

@@ -3,9 +3,6 @@
 ``serve`` opens a ``LedgerWriter`` and plugs a ``LedgerRecorder`` into the HTTP server; the server
 reports each finished request (``server.accounting``) and the recorder prices it. Nothing here
 talks to the platform: the ledger is the provider's own record to check payouts against.
-
-Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
-the package does not import the rest.
 """
 
 from __future__ import annotations

@@ -1,10 +1,4 @@
 """The agent's side of the vram.supply marketplace: API client, offer, register/heartbeat lifecycle.
-
-Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
-the package does not import the rest.
-
-Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
-the package does not import the rest.
 """
 
 from __future__ import annotations

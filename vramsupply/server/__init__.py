@@ -1,7 +1,4 @@
 """The OpenAI-compatible HTTP API (aiohttp) in front of the engine; knows nothing of the platform.
-
-Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
-the package does not import the rest.
 """
 
 from __future__ import annotations

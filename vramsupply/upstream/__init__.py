@@ -7,12 +7,6 @@ usage (``usage``). Requests are forwarded (``proxy``, one ``exchange`` each) and
 event by event (``stream``, ``sse``); the upstream's errors are mapped for the buyer (``refusal``),
 and what it may make us wait for or hold is bounded (``limits``). ``monitor`` watches a running
 upstream; ``supervisor`` launches (``launch``) and restarts one.
-
-Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
-the package does not import the rest.
-
-Names are loaded from their modules on first use (``vramsupply.lazy``): importing one module of
-the package does not import the rest.
 """
 
 from __future__ import annotations
