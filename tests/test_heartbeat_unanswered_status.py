@@ -176,7 +176,12 @@ async def test_an_agent_listed_offline_stays_offline_for_why_through_an_unanswer
             clock.now += 90  # no heartbeat answered for half the platform's 180 s silence limit
             await eventually(lambda: lifecycle.phase is Phase.unreachable, timeout=10)
             assert "no heartbeat answered for 90 s" in lifecycle.message
-            assert len(said(caplog, down)) == 1, "why it is offline: said when it began, not at every beat nor on the late answer"
+            assert lifecycle.message.endswith(f"listed offline before that: {why}"), "why it was offline, kept through the outage"
+            beats = held.held
+            await eventually(lambda: held.held >= beats + 2, timeout=10)  # the outage goes on, beat after beat
+            code, registration = await status()
+            assert code == 3 and registration["phase"] == "unreachable" and registration["message"].endswith(f"listed offline before that: {why}")
+            assert len(said(caplog, down)) == 2, "why it is offline: said when it began (not at every beat nor on the late answer), and with the outage"
             assert len(said(caplog, "got no answer")) == 2, "once per run of unanswered heartbeats"
             assert len(said(caplog, "platform unreachable")) == 1
 

@@ -18,7 +18,9 @@ Apart from ``lifecycle.py`` because saying it has rules of its own:
   by then the instance may be dropped within the next beats (interval plus the answer's timeout, 40 s
   by default), so the provider hears of it before the listing may lapse, not after. Counted in time
   rather than in failures, the margin holds for any heartbeat interval (with one past 90 s, one
-  missed beat is already too many). A heartbeat that surely did not reach the platform or was
+  missed beat is already too many). An instance listed offline keeps why in that message until a
+  heartbeat is answered: the reason most likely still holds, and reaching the platform again will
+  not mend it. A heartbeat that surely did not reach the platform or was
   refused (connection refused, a name that does not resolve, a 429, a 5xx other than a gateway's)
   is ``unreachable`` at once: no doubt there, and a broken path rarely mends by the next beat; so is
   a failed register (nothing is listed yet);
@@ -79,7 +81,7 @@ class PhaseLog:
         self._unanswered: tuple[float, float] | None = None
         """Since when (wall clock, and ``_clock``) the heartbeats of a listed instance go unanswered."""
         self._before_unanswered = ""
-        """The message before those heartbeats went unanswered: why an ``offline`` instance is offline."""
+        """Why an instance listed ``offline`` was offline when those heartbeats began to go unanswered ("" for one listed ``registered``)."""
 
     def _record_failure(self, exc: PlatformError) -> None:
         self._key_rejected = isinstance(exc, ApiKeyRejected)
@@ -102,8 +104,17 @@ class PhaseLog:
             self._unanswered_beat(exc, silent_for)
             return
         overdue = "" if silent_for is None else f"; no heartbeat answered for {silent_for:.0f} s"
-        self._set_phase(Phase.unreachable, f"platform unreachable ({exc}){overdue}; still serving locally, {when}", logging.WARNING)
+        message = f"platform unreachable ({exc}){overdue}; still serving locally, {when}{self._offline_before()}"
+        self._set_phase(Phase.unreachable, message, logging.WARNING)
         self._remind_unreachable(exc)
+
+    def _offline_before(self) -> str:
+        """Why the instance was listed offline when its heartbeats began to go unanswered, kept through
+        the outage that follows: the platform routes it nothing once it answers again, until that is
+        mended too."""
+        if self._unanswered is None or not self._before_unanswered:
+            return ""
+        return f"; listed offline before that: {self._before_unanswered}"
 
     def _unanswered_beat(self, exc: PlatformUnavailable, silent_for: float) -> None:
         """Still listed, in the phase it had (an ``offline`` one also says why it is offline): said in
@@ -111,7 +122,7 @@ class PhaseLog:
         since, now = self._unanswered, self._clock()
         if since is None:
             log.info("the heartbeat for %s got no answer (%s); it is sent again with its Idempotency-Key at the next beat", self.provider_id, exc)
-            self._before_unanswered = self.message
+            self._before_unanswered = self.message if self.phase is Phase.offline else ""
         resending = f"the last heartbeat went unanswered ({exc}), resending it"
         if self.phase is Phase.offline:  # logged as its reason: the note is in the info line above
             note = f"{self._before_unanswered}; {resending} (none answered for {silent_for:.0f} s)"
