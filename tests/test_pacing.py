@@ -145,6 +145,16 @@ def test_a_prompt_shallower_than_anything_learned_is_not_sized_cheaper_than_the_
     assert chunk(pacer, generating=True, depth=0) == whole_tiles(int(STEP_TARGET_SECONDS / cheapest))
 
 
+def test_a_cost_that_does_not_grow_with_depth_still_sizes_chunks() -> None:
+    """Steps at three depths that cost the same a token fitted a depth term of about 1e-22 a token,
+    and the quadratic's root, in its textbook form, came out 0 tokens (two nearly equal numbers
+    subtracted): nothing fitted in a step that had room for 76."""
+    cost = ChunkCost()
+    for depth in (305, 368, 431):
+        cost.observe(63, work(63, depth), 63 * 0.0017)
+    assert cost.tokens_within(0.13, 494) == int(0.13 / 0.0017) == 76
+
+
 def test_the_depth_term_is_used_only_once_steps_at_different_depths_tell_it_apart() -> None:
     cost = ChunkCost()
     for _ in range(5):

@@ -142,9 +142,11 @@ class ChunkCost:
             largest = min(largest, int(seconds / self._cheapest))
         linear = self._per_token + self._per_depth * depth  # seconds = half * c^2 + linear * c
         half = self._per_depth / 2
-        if half > 0:
-            return min(largest, int((-linear + math.sqrt(linear * linear + 4 * half * seconds)) / (2 * half)))
-        return min(largest, int(seconds / linear)) if linear > 0 else largest
+        if linear <= 0:
+            return largest
+        # The quadratic's root in the form that stays exact as ``half`` goes to 0 (the textbook
+        # form subtracts two nearly equal numbers, and a depth term of 1e-22 gave 0 tokens).
+        return min(largest, int(2 * seconds / (linear + math.sqrt(linear * linear + 4 * half * seconds))))
 
     def _fit(self) -> None:
         seen = np.array(self._seen)
