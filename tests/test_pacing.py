@@ -437,6 +437,31 @@ def test_deep_in_a_prompt_a_tile_is_taken_only_where_the_tiled_fit_says_it_fits(
     assert chunk(pacer, generating=True, depth=3600) == UNSEEN_DEPTH_TOKENS, "row by row, never seen that deep"
 
 
+def test_a_tiled_fit_that_turns_every_tile_down_is_checked_against_the_row_by_row_bound() -> None:
+    """The tiled fit learns only from tiled steps. With a few slow deep tiles in its window (flat
+    across depths) it put a tile at 0.151 s anywhere, more than the time left beside six streams, so
+    in a marketplace run prompts went 63 rows at a time, row by row, at about twice a tile's cost a
+    row (63 rows at depth 400 took 119 ms where a tile took 92), and no tile came to correct it. The
+    row-by-row fit, an upper bound on a tile where it has seen the depth, still allows one."""
+    pacer = PrefillPacer(512)
+    pacer.observe(StepWork(0, 0, generating=True), 0.03)  # the streams' rows: 30 ms a step
+    for _ in range(3):
+        pacer.observe(StepWork(64, work(64, 1300), True), 0.03 + 0.151)  # slow tiles, all deep
+    for depth in (305, 368, 431):
+        pacer.observe(StepWork(63, work(63, depth), True), 0.03 + 63 * 0.0017)  # row by row: 107 ms
+    assert 0.151 > STEP_TARGET_SECONDS - 0.03 > 64 * 0.0017, "the tiled fit says no tile fits; the row-by-row bound says one does"
+    assert chunk(pacer, generating=True, depth=494) == TILE_ROWS
+    pacer.observe(StepWork(64, work(64, 494), True), 0.03 + 64 * 0.0014)  # and the tile came out cheaper
+    assert chunk(pacer, generating=True, depth=558) >= TILE_ROWS, "the tiled fit, corrected, takes tiles again"
+
+    deep = PrefillPacer(512)  # where the row-by-row fit has not seen the depth, it bounds nothing
+    deep.observe(StepWork(0, 0, generating=True), 0.03)
+    for _ in range(3):
+        deep.observe(StepWork(64, work(64, 1300), True), 0.03 + 0.151)
+    deep.observe(StepWork(40, work(40, 300), True), 0.03 + 40 * 0.0015)
+    assert chunk(deep, generating=True, depth=1300) == UNSEEN_DEPTH_TOKENS
+
+
 def test_a_step_never_plans_more_rows_than_a_small_batch_holds() -> None:
     """With --n-batch as small as the slots (4 here), the rows whole prompts get to teach the
     speed (MIN_CHUNK - 1 after the first) must still fit the batch: before, a stream and 4-token

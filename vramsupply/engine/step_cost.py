@@ -43,9 +43,16 @@ took 245). One line cannot fit that, and the paced chunks of 30-60 tokens it siz
 kind. So steps below and from ``TILE_ROWS`` rows are learned apart, and a step that reaches the
 tiled path is cut at a whole number of tiles. Before a tiled step has been seen, the row-by-row
 cost bounds it from above, and one tile is tried when that bound is within ``EXPLORE`` times the
-time left (and the tile within ``GROWTH`` times the largest chunk seen). Row-by-row steps are now
-rare (the first chunk of a prompt, the end of one), so their fit rarely knows the depth it is asked
-about: deeper than ``DEPTH_TRUST`` and than it has seen, one takes at most ``UNSEEN_DEPTH_TOKENS``,
+time left (and the tile within ``GROWTH`` times the largest chunk seen). The tiled fit learns only
+from tiled steps, so once it came out too dear (a few slow deep tiles in its window, flat across
+depths), no tile was tried again, and the steps it turned down went row by row, below a tile, at
+the dearer cost, with nothing to correct it: in a marketplace run at 0.2 conv/s (wave 2's 52nd
+session), 206 steps beside streams carried 8,502 prompt rows that way, 63 rows at a time where a
+tile was predicted at 0.151 s whatever the depth, at about 2.7 ms a row against 1.5 in whole tiles
+(a tile of 64 at depth 400 took 92 ms, 63 rows beside it 119). So where the tiled fit says no tile
+fits, the row-by-row fit, an upper bound on a tile, still takes one when it predicts it within the
+time left, and the tile's time corrects the tiled fit. Row-by-row steps are then rare (the first
+chunk of a prompt, the end of one), so their fit rarely knows the depth it is asked about: deeper than ``DEPTH_TRUST`` and than it has seen, one takes at most ``UNSEEN_DEPTH_TOKENS``,
 and learns from that. Better still, the end of a prompt shorter than a tile (the rest of a deep
 prompt, or a follow-up question behind a cached history) is padded to a whole tile with cached
 tokens before it, decoded again (``pays_to_pad``, ``sharing.rewind_for_tile``).
@@ -237,12 +244,18 @@ class StepCost:
         return depth <= DEPTH_TRUST or self.small.covers(depth)
 
     def _tiles_within(self, seconds: float, depth: int, rows_before: int, limit: int) -> int:
-        """The most tokens ending the step at a whole tile within ``seconds``; 0 when not one fits."""
+        """The most tokens ending the step at a whole tile within ``seconds``; 0 when not one fits.
+        Where the tiled fit says none fits, or knows nothing yet, the row-by-row fit bounds one tile
+        from above (module docstring, "Whole tiles")."""
+        bound = EXPLORE * seconds
         if self.tiled.known:
             fits = min(limit, self.tiled.tokens_within(seconds, depth, headroom=TILE_ROWS))
-            return limit if fits >= limit and rows_before + limit >= TILE_ROWS else _whole_tiles(rows_before, fits)
+            tiles = limit if fits >= limit and rows_before + limit >= TILE_ROWS else _whole_tiles(rows_before, fits)
+            if tiles:
+                return tiles
+            bound = seconds  # a stale tiled fit: the row-by-row one, an upper bound, may still fit a tile
         one_tile = _whole_tiles(rows_before, TILE_ROWS)  # the rows that fill the step's next tile
-        if self._row_by_row_known(depth) and 0 < one_tile <= min(limit, self.small.tokens_within(EXPLORE * seconds, depth)):
+        if self._row_by_row_known(depth) and 0 < one_tile <= min(limit, self.small.tokens_within(bound, depth)):
             return one_tile  # (grown at most GROWTH-fold too)
         return 0
 
