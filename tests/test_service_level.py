@@ -15,6 +15,7 @@ from vramsupply.engine import GenerationRequest, SamplingParams, service_level
 from vramsupply.engine.pacing import MAX_DEFER_SECONDS, STEP_TARGET_SECONDS, PrefillPacer, StepWork
 from vramsupply.engine.service_level import TPOT_GUARD_SECONDS, TTFT_TARGET_SECONDS, on_track, step_allowance
 from vramsupply.engine.slots import Slot
+from vramsupply.engine.step_cost import TILE_ROWS
 
 GENERATING_SECONDS = 0.02
 
@@ -68,9 +69,28 @@ def test_a_late_prompt_gets_only_what_the_streams_on_track_can_spare() -> None:
     assert full > 64, "plenty to spare: the step's whole target"
     assert prompt_chunk(pacer, stream(now, 0.2, tokens=31, elapsed=2.79), 1500, waited=0.1) == 0, "nothing to spare"
 
-    spare = 0.08  # the stream can take an 80 ms step: 60 ms of prompt rows beside its own 20
+    spare = 0.1  # the stream can take a 100 ms step: 80 ms of prompt rows beside its own 20
     spared = prompt_chunk(pacer, stream(now, 0.2, tokens=31, elapsed=TPOT_GUARD_SECONDS * 31 - spare), 1500, waited=0.1)
     assert 0 < spared <= (spare - GENERATING_SECONDS) / 0.001 < full
+    assert spared == TILE_ROWS, "cut at a whole tile"
+
+
+def test_a_late_prompt_waits_for_the_streams_to_spare_a_whole_tile_rather_than_go_row_by_row() -> None:
+    """Below a tile, prompt rows attend row by row, at about twice a tile's cost a row at depth on
+    the bench CPU; in a marketplace run at 0.2 conv/s, 177 steps beside streams carried late
+    prompts' chunks of 10-60 rows that way. A step of the streams' rows alone adds to what they can
+    spare, so a late prompt that a whole tile would fit within the step's target waits for one."""
+    pacer, now = paced_pacer(), time.monotonic()
+    spare = 0.06  # 40 ms of prompt rows beside the stream's 20: below a tile
+    elapsed = TPOT_GUARD_SECONDS * 31 - spare
+    assert prompt_chunk(pacer, stream(now, 0.2, tokens=31, elapsed=elapsed), 1500, waited=0.1) == 0, "a step of the stream's row alone"
+    later = stream(now, 0.2, tokens=32, elapsed=elapsed + GENERATING_SECONDS)  # that step done: 70 ms more to spare
+    assert prompt_chunk(pacer, later, 1500, waited=0.1) == TILE_ROWS
+
+    end = prefilling(1, 240, arrived=time.monotonic() - 1.5, done=200)  # the last 40 rows: never a tile
+    plan = pacer.plan([stream(now, 0.2, tokens=31, elapsed=elapsed), end], capacity=2048, memory=None)
+    [rows] = [len(chunk) for _, chunk in plan if chunk is not None]
+    assert 30 < rows <= 40, "what the stream spares, row by row (its mean has moved on a little since)"
 
 
 def test_a_prompt_that_can_still_answer_in_time_or_waited_too_long_goes_at_full_speed() -> None:
