@@ -8,7 +8,7 @@ from itertools import count
 
 import numpy as np
 
-from vramsupply.engine.pacing import ALONE_STEP_TARGET_SECONDS, FIRST_ALONE_ROWS, MAX_DEFER_SECONDS, MIN_CHUNK, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer, StepWork, decode_parts
+from vramsupply.engine.pacing import ALONE_STEP_TARGET_SECONDS, FIRST_ALONE_ROWS, MAX_DEFER_SECONDS, MIN_CHUNK, STEP_LIMIT_SECONDS, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer, StepWork, decode_parts
 from vramsupply.engine.step_cost import TILE_ROWS, UNSEEN_DEPTH_TOKENS, WINDOW, ChunkCost, work
 from vramsupply.engine.slots import Resume, Slot, Task
 
@@ -460,6 +460,23 @@ def test_a_tiled_fit_that_turns_every_tile_down_is_checked_against_the_row_by_ro
         deep.observe(StepWork(64, work(64, 1300), True), 0.03 + 0.151)
     deep.observe(StepWork(40, work(40, 300), True), 0.03 + 40 * 0.0015)
     assert chunk(deep, generating=True, depth=1300) == UNSEEN_DEPTH_TOKENS
+
+
+def test_beside_many_streams_a_whole_tile_goes_in_place_of_a_chunk_below_one_within_the_step_limit() -> None:
+    """Beside eight streams whose rows take 45 ms, the target left room for 26 prompt rows, which
+    attend row by row over every cell in use: 4.8 ms a row in a marketplace run at 0.4 conv/s,
+    against 2.1 in whole tiles. A tile goes instead when the step stays within STEP_LIMIT_SECONDS."""
+    pacer = PrefillPacer(512)
+    learn(pacer, 0.001)  # tiles: 1 ms a prompt row
+    pacer.observe(StepWork(0, 0, generating=True), 0.1)  # the streams' rows: 100 ms a step
+    assert (STEP_TARGET_SECONDS - 0.1) / 0.001 < TILE_ROWS <= (STEP_LIMIT_SECONDS - 0.1) / 0.001
+    assert chunk_of(pacer, 300, done=0) == TILE_ROWS
+    assert chunk_of(pacer, 40, done=0) == 40, "a prompt shorter than a tile goes whole, as before"
+
+    crowded = PrefillPacer(512)
+    learn(crowded, 0.001)
+    crowded.observe(StepWork(0, 0, generating=True), 0.13)  # 130 ms: not even a tile within the limit
+    assert chunk_of(crowded, 300, done=0) == int(round((STEP_TARGET_SECONDS - 0.13) / 0.001))
 
 
 def test_a_step_never_plans_more_rows_than_a_small_batch_holds() -> None:

@@ -35,13 +35,16 @@ step's target: only what the streams still serving their buyers well can spare
 (``service_level.py``), so that under overload a prompt that is late already does not make every
 stream late too.
 
-**Late prompts** wait for a whole tile. What the streams spare is often less than a tile's time,
-and a chunk below a tile attends row by row, at about twice a tile's cost a row at depth
-(``step_cost.py``): in a marketplace run at 0.2 conv/s (wave 2's 52nd session), 177 steps beside
-streams carried late prompts' chunks of 10-60 rows, at 3.5 ms a row (the streams' rows included)
-against 2.0 in steps of whole tiles. A step of the streams' rows alone adds to what they spare (their
-mean per token drops), so where a tile fits the step's target a late prompt takes nothing until one
-fits what they spare (``_waits_for_tile``); the end of a prompt, shorter than a tile, goes as it can.
+**Whole tiles beside streams.** A chunk below a tile attends row by row over every cell in use,
+at about twice a tile's cost a row at depth (``step_cost.py``), and more beside many streams, whose
+sequences fill the cache: in a marketplace run at 0.4 conv/s (wave 2's 52nd session) 758 steps
+beside streams carried chunks below a tile, 26 rows on average, at 4.8 ms a row (the streams' rows
+included) against 2.1 in whole tiles; at 0.2 conv/s, 177 such steps carried late prompts' chunks.
+Where the step's target leaves room for less than a tile, a whole tile goes instead when the step
+is predicted within ``STEP_LIMIT_SECONDS``, still under the gap bound; a late prompt takes one
+only within what the streams on track spare too, and where that is less, it takes nothing and
+waits: a step of the streams' rows alone adds to what they spare (their mean per token drops). The
+end of a prompt, shorter than a tile, goes as it can (or padded, below).
 
 **Which first.** A buyer judges a request by its first token (the marketplace bench counts a
 request as served well when it comes within ``TTFT_TARGET_SECONDS``), so prompts are prefilled
@@ -104,6 +107,10 @@ from .step_cost import TILE_ROWS, Smoothed, StepCost, work
 log = logging.getLogger(__name__)
 
 STEP_TARGET_SECONDS = 0.16
+STEP_LIMIT_SECONDS = 0.18
+"""How long a step may be predicted to take to carry a whole tile in place of a chunk below one
+(module docstring, "Whole tiles beside streams"): the 250 ms bound on a stream's gap, less the
+prediction's usual error (p90 1.16x, ``step_cost.py``) and the token's write."""
 ALONE_STEP_TARGET_SECONDS = 0.4
 """With nobody generating: at most a micro-batch, and no longer than this, which is how long a
 request arriving meanwhile waits for the step to end (a 512-token micro-batch took 0.8 s here)."""
@@ -170,12 +177,19 @@ def decode_parts(plan: Plan) -> list[Plan]:
     return [generating, prompts]
 
 
-def _waits_for_tile(cost: StepCost, size: int, left: int, target: float, depth: int, rows: int) -> bool:
-    """Whether a late prompt's chunk of ``size`` rows, below a tile, is better not taken: a whole
-    tile fits the step's ``target`` (module docstring, "Late prompts")."""
-    if rows or size >= TILE_ROWS or left < TILE_ROWS:
-        return False
-    return cost.tokens_within(target, depth, 0, TILE_ROWS) >= TILE_ROWS
+def _tile_in_place(cost: StepCost, size: int, most: int, rows: int, depth: int, budget: tuple[float, float | None]) -> int:
+    """``size`` prompt rows from ``depth``, or in place of a chunk below a tile (the step's first
+    prompt rows, at most ``most``) a whole tile where one fits ``budget``'s first seconds, or none
+    where one fits only its second (a late prompt waiting for the streams to spare one): module
+    docstring, "Whole tiles beside streams"."""
+    if rows or size >= TILE_ROWS or most < TILE_ROWS or not cost.tiled.known:  # (no exploring past the target)
+        return size
+    now, later = budget
+    if cost.tokens_within(now, depth, 0, TILE_ROWS) >= TILE_ROWS:
+        return TILE_ROWS
+    if later is not None and cost.tokens_within(later, depth, 0, TILE_ROWS) >= TILE_ROWS:
+        return 0
+    return size
 
 
 def rewinds_for_tiles(model: Model, kv_per_slot: bool) -> bool:
@@ -232,9 +246,9 @@ class PrefillPacer:
         step = (self._generating.value or 0.0) if generating else 0.0  # the step's predicted seconds so far
         now = time.monotonic()
         order = self.prefill_order((s for s in slots if s.prefilling), now, paced=generating)
-        floor, target = MIN_CHUNK, None
-        if generating and seconds is not None and order and self._late(order[0], now):
-            target, (seconds, floor) = seconds, self._spared_by_streams(slots, now, seconds, step)
+        floor, tile = MIN_CHUNK, self._tile_budget(slots, now, step, order) if generating and seconds is not None else None
+        if tile is not None and tile[1] is not None:  # a late prompt
+            seconds, floor = self._spared_by_streams(slots, now, seconds, step)
         rows = 0  # the prompt rows so far: a tile is theirs alone (``decode_parts``)
         for at, slot in enumerate(order):
             if room == 0:
@@ -244,10 +258,11 @@ class PrefillPacer:
             first, left = len(plan) == 0 or plan[-1][1] is None, len(slot.prompt) - slot.n_cached
             if seconds is not None and self._pad_to_tile(slot, left, rows, room, seconds, cost, slots, memory):
                 left = len(slot.prompt) - slot.n_cached
-            size = min(room, left, slot.before_checkpoint or left)  # a checkpoint is made between steps
+            most = min(room, left, slot.before_checkpoint or left)  # a checkpoint is made between steps
+            size = most
             if seconds is not None:
                 size = min(size, max(floor if first else 0, cost.tokens_within(seconds, slot.n_cached, rows, size)))
-                size = 0 if target is not None and _waits_for_tile(cost, size, left, target, slot.n_cached, rows) else size
+                size = _tile_in_place(cost, size, most, rows, slot.n_cached, tile) if tile is not None else size
                 chunk_seconds = cost.seconds(size, slot.n_cached, rows)
                 seconds, step = seconds - chunk_seconds, step + chunk_seconds
             if size == 0 or (not first and size < min(MIN_CHUNK, left)):
@@ -270,6 +285,16 @@ class PrefillPacer:
         assert slot.task is not None
         left = len(slot.prompt) - slot.n_cached
         return self._urgency(slot.task, left, slot.n_cached, now, slot.resume_token is not None, paced=False)[0] == 2
+
+    def _tile_budget(self, slots: list[Slot], now: float, step: float, order: list[Slot]) -> tuple[float, float | None]:
+        """The seconds a whole tile may take in a step whose generating rows take ``step``: within
+        ``STEP_LIMIT_SECONDS``, and for a late prompt within what the streams on track spare too,
+        then the step's limit alone as the second (what it waits for)."""
+        limit = STEP_LIMIT_SECONDS - step
+        if not order or not self._late(order[0], now):
+            return limit, None
+        allowance = step_allowance(slots, now)
+        return (limit if allowance is None else min(limit, allowance - step)), limit
 
     @staticmethod
     def _spared_by_streams(slots: list[Slot], now: float, seconds: float, step: float) -> tuple[float, int]:
