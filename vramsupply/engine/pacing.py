@@ -184,10 +184,10 @@ def _tile_in_place(cost: StepCost, size: int, most: int, rows: int, depth: int, 
     docstring, "Whole tiles beside streams"."""
     if rows or size >= TILE_ROWS or most < TILE_ROWS or not cost.tiled.known:  # (no exploring past the target)
         return size
-    now, later = budget
-    if cost.tokens_within(now, depth, 0, TILE_ROWS) >= TILE_ROWS:
+    this_step, waiting = budget
+    if cost.tokens_within(this_step, depth, 0, TILE_ROWS) >= TILE_ROWS:
         return TILE_ROWS
-    if later is not None and cost.tokens_within(later, depth, 0, TILE_ROWS) >= TILE_ROWS:
+    if waiting is not None and cost.tokens_within(waiting, depth, 0, TILE_ROWS) >= TILE_ROWS:
         return 0
     return size
 
