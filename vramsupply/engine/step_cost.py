@@ -52,8 +52,9 @@ tile was predicted at 0.151 s whatever the depth, at about 2.7 ms a row against 
 (a tile of 64 at depth 400 took 92 ms, 63 rows beside it 119). So where the tiled fit says no tile
 fits, the row-by-row fit, an upper bound on a tile, still takes one when it predicts it within the
 time left, and the tile's time corrects the tiled fit. Row-by-row steps are then rare (the first
-chunk of a prompt, the end of one), so their fit rarely knows the depth it is asked about: deeper than ``DEPTH_TRUST`` and than it has seen, one takes at most ``UNSEEN_DEPTH_TOKENS``,
-and learns from that. Better still, the end of a prompt shorter than a tile (the rest of a deep
+chunk of a prompt, the end of one), so their fit rarely knows the depth it is asked about:
+deeper than ``DEPTH_TRUST`` and than it has seen, one takes at most ``UNSEEN_DEPTH_TOKENS``, and
+learns from that. Better still, the end of a prompt shorter than a tile (the rest of a deep
 prompt, or a follow-up question behind a cached history) is padded to a whole tile with cached
 tokens before it, decoded again (``pays_to_pad``, ``sharing.rewind_for_tile``).
 Where the two paths cost the same (other backends), both fits agree and the only change is chunks
