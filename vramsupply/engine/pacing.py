@@ -177,6 +177,25 @@ def decode_parts(plan: Plan) -> list[Plan]:
     return [generating, prompts]
 
 
+def _tile_budget(step: float, late: bool, allowance: float | None) -> tuple[float, float | None]:
+    """The seconds a whole tile may take in a step whose generating rows take ``step``: within
+    ``STEP_LIMIT_SECONDS``, and for a late prompt within what the streams on track spare
+    (``allowance``) too, then the step's limit alone as the second (what it waits for)."""
+    limit = STEP_LIMIT_SECONDS - step
+    if not late:
+        return limit, None
+    return (limit if allowance is None else min(limit, allowance - step)), limit
+
+
+def _spared_by_streams(allowance: float | None, seconds: float, step: float) -> tuple[float, int]:
+    """The seconds left for late prompts in a step whose generating rows take ``step``, within what
+    the streams on track spare (``service_level.step_allowance``: ``allowance``), and the smallest
+    first chunk: none when they spare nothing (a step of their rows alone gives them more)."""
+    if allowance is None:
+        return seconds, MIN_CHUNK
+    return max(min(seconds, allowance - step), 0.0), 0
+
+
 def _tile_in_place(cost: StepCost, size: int, most: int, rows: int, depth: int, budget: tuple[float, float | None]) -> int:
     """``size`` prompt rows from ``depth``, or in place of a chunk below a tile (the step's first
     prompt rows, at most ``most``) a whole tile where one fits ``budget``'s first seconds, or none
@@ -246,9 +265,7 @@ class PrefillPacer:
         step = (self._generating.value or 0.0) if generating else 0.0  # the step's predicted seconds so far
         now = time.monotonic()
         order = self.prefill_order((s for s in slots if s.prefilling), now, paced=generating)
-        floor, tile = MIN_CHUNK, self._tile_budget(slots, now, step, order) if generating and seconds is not None else None
-        if tile is not None and tile[1] is not None:  # a late prompt
-            seconds, floor = self._spared_by_streams(slots, now, seconds, step)
+        seconds, floor, tile = self._budgets(slots, order, now, seconds, step) if generating else (seconds, MIN_CHUNK, None)
         rows = 0  # the prompt rows so far: a tile is theirs alone (``decode_parts``)
         for at, slot in enumerate(order):
             if room == 0:
@@ -276,6 +293,19 @@ class PrefillPacer:
                 break  # prompts that end in this step too, up to doubling its time (or COMPANION_SECONDS)
         return plan
 
+    def _budgets(
+        self, slots: list[Slot], order: list[Slot], now: float, seconds: float | None, step: float
+    ) -> tuple[float | None, int, tuple[float, float | None] | None]:
+        """Beside streams whose rows take ``step``: the seconds for prompt rows, the smallest first
+        chunk, and what a whole tile may take (``_tile_budget``), all within what the streams on
+        track spare when the first prompt in ``order`` is late."""
+        if seconds is None:
+            return None, MIN_CHUNK, None
+        late = bool(order) and self._late(order[0], now)
+        spare = step_allowance(slots, now) if late else None  # (None: no stream is on track)
+        seconds, floor = _spared_by_streams(spare, seconds, step) if late else (seconds, MIN_CHUNK)
+        return seconds, floor, _tile_budget(step, late, spare)
+
     def _late(self, slot: Slot, now: float) -> bool:
         """Whether ``slot``'s prompt, the first in prefill order, can no longer answer within the
         target even at its best speed, prefilled as if alone (nor must it go next): it yields to the
@@ -285,26 +315,6 @@ class PrefillPacer:
         assert slot.task is not None
         left = len(slot.prompt) - slot.n_cached
         return self._urgency(slot.task, left, slot.n_cached, now, slot.resume_token is not None, paced=False)[0] == 2
-
-    def _tile_budget(self, slots: list[Slot], now: float, step: float, order: list[Slot]) -> tuple[float, float | None]:
-        """The seconds a whole tile may take in a step whose generating rows take ``step``: within
-        ``STEP_LIMIT_SECONDS``, and for a late prompt within what the streams on track spare too,
-        then the step's limit alone as the second (what it waits for)."""
-        limit = STEP_LIMIT_SECONDS - step
-        if not order or not self._late(order[0], now):
-            return limit, None
-        allowance = step_allowance(slots, now)
-        return (limit if allowance is None else min(limit, allowance - step)), limit
-
-    @staticmethod
-    def _spared_by_streams(slots: list[Slot], now: float, seconds: float, step: float) -> tuple[float, int]:
-        """The seconds left for late prompts in a step whose generating rows take ``step``, within
-        what the streams on track can spare (``service_level.step_allowance``), and the smallest
-        first chunk: none when they spare nothing (a step of their rows alone gives them more)."""
-        allowance = step_allowance(slots, now)
-        if allowance is None:
-            return seconds, MIN_CHUNK
-        return max(min(seconds, allowance - step), 0.0), 0
 
     def _pad_to_tile(  # noqa: PLR0913 (the step's state so far, as plan holds it)
         self, slot: Slot, left: int, rows: int, room: int, seconds: float, cost: StepCost, slots: list[Slot], memory: object
