@@ -138,6 +138,7 @@ def serve_and_stop(signals: list[signal.Signals], drain_timeout: str, drained_li
         args = ("--engine", "upstream", "--upstream-url", upstream.url, "--port", str(port), "--endpoint-url", endpoint, "--drain-timeout", drain_timeout)
         with AgentProcess(*args, env=agent_env(platform.url)) as agent:
             agent.wait_for(lambda: len(platform.providers) == 1, "registration once the upstream is ready")
+            agent.wait_ready()  # the ready line names the model: read before it, the buyers asked for '' and got 404
             buyers = [threading.Thread(target=buy(endpoint, agent.model_id, outcome)) for buy, outcome in ((stream_buyer, streamed), (whole_buyer, whole))]
             for buyer in buyers:
                 buyer.start()
