@@ -4,7 +4,7 @@
     .venv/bin/python bench/fa_mix.py [streams] [depth] [blocks|interleave] [--flash-attention on|off]
 
 Results: bench/results/2026-12-03-fa-mix.json (docs/performance.md, "Why overload is still lost"), and with
-the two-decode cases at 8,192 cells bench/results/2026-12-05-fa-mix-apart.txt (engine/pacing.py, "Apart");
+the two-decode cases at 8,192 cells bench/results/2026-12-05-fa-mix-apart.txt (engine/tiles.py, "Apart");
 both attention kinds on the Intel Xeon VM, bench/results/2026-12-06-fa-mix-xeon.txt (docs/performance.md)."""
 import argparse
 import statistics
@@ -65,7 +65,7 @@ def step(gen: int, prompt: int, prompt_first: bool) -> float:
         llama_cpp.llama_memory_seq_rm(mem, s, DEPTH, -1)
     return dt
 def apart(gen: int, prompt: int) -> float:
-    """The generating rows, then the prompt rows, in two llama_decode calls (engine/pacing.py, "Apart")."""
+    """The generating rows, then the prompt rows, in two llama_decode calls (engine/tiles.py, "Apart")."""
     batch.clear()
     for s in range(gen): batch.add(7, DEPTH, s)
     t = time.perf_counter(); decode()

@@ -1,5 +1,5 @@
 """A stream and a prompt prefilled beside it: once their rows reach a flash-attention tile, the
-stream's rows and the prompt's are decoded in two ``llama_decode`` calls (``pacing.decode_parts``),
+stream's rows and the prompt's are decoded in two ``llama_decode`` calls (``tiles.decode_parts``),
 and both answers stay what they are alone. On the real tiny model."""
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ from itertools import count
 
 import numpy as np
 
-from vramsupply.engine.pacing import ALONE_STEP_TARGET_SECONDS, FIRST_ALONE_ROWS, MAX_DEFER_SECONDS, MIN_CHUNK, STEP_LIMIT_SECONDS, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer, StepWork, decode_parts
+from vramsupply.engine.pacing import ALONE_STEP_TARGET_SECONDS, FIRST_ALONE_ROWS, MAX_DEFER_SECONDS, MIN_CHUNK, STEP_TARGET_SECONDS, TTFT_TARGET_SECONDS, PrefillPacer, StepWork
+from vramsupply.engine.tiles import STEP_LIMIT_SECONDS, decode_parts
 from vramsupply.engine.step_cost import TILE_ROWS, UNSEEN_DEPTH_TOKENS, WINDOW, ChunkCost, work
 from vramsupply.engine.slots import Resume, Slot, Task
 

@@ -275,7 +275,7 @@ def tiled_cpu_attention(options: EngineOptions) -> bool:
     """Whether attention runs in ggml-cpu's flash attention, which takes 64 rows or more in tiles
     that skip KV cells only when no row of the tile sees them: every layer on the CPU, flash
     attention not off. There a step's streams' rows and prompt rows are decoded apart
-    (``pacing.decode_parts``); on a GPU that would only read the weights twice."""
+    (``tiles.decode_parts``); on a GPU that would only read the weights twice."""
     return not offloads(options) and options.gpu.flash_attention(options.flash_attention_mode, on_gpu=False) != "off"
 
 

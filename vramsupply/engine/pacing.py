@@ -35,16 +35,8 @@ step's target: only what the streams still serving their buyers well can spare
 (``service_level.py``), so that under overload a prompt that is late already does not make every
 stream late too.
 
-**Whole tiles beside streams.** A chunk below a tile attends row by row over every cell in use,
-at about twice a tile's cost a row at depth (``step_cost.py``), and more beside many streams, whose
-sequences fill the cache: in a marketplace run at 0.4 conv/s (wave 2's 52nd session) 758 steps
-beside streams carried chunks below a tile, 26 rows on average, at 4.8 ms a row (the streams' rows
-included) against 2.1 in whole tiles; at 0.2 conv/s, 177 such steps carried late prompts' chunks.
-Where the step's target leaves room for less than a tile, a whole tile goes instead when the step
-is predicted within ``STEP_LIMIT_SECONDS``, still under the gap bound; a late prompt takes one
-only within what the streams on track spare too, and where that is less, it takes nothing and
-waits: a step of the streams' rows alone adds to what they spare (their mean per token drops). The
-end of a prompt, shorter than a tile, goes as it can (or padded, below).
+**Tiles.** Beside streams, a whole 64-row tile may go in place of a smaller chunk, and a step
+whose rows reach a tile is decoded in two calls: ``tiles.py`` says why and when.
 
 **Which first.** A buyer judges a request by its first token (the marketplace bench counts a
 request as served well when it comes within ``TTFT_TARGET_SECONDS``), so prompts are prefilled
@@ -68,21 +60,6 @@ alternating rounds at c=16 (``bench/ab_level.py``) the TTFT p95 went from 555 an
 338, the median up from 136 and 140 ms to 181 and 202 (the first prompt of a step now shares it),
 the mean down from 216 to 202 ms, and tok/s 1.11 and 1.01x.
 
-**Apart** (``decode_parts``). ggml's CPU flash attention runs a micro-batch of 64 rows or more in
-64-row tiles (``step_cost.py``), and skips a tile of KV cells only when every row of the tile is
-masked from all of them. In one decode the generating rows of several sequences share such a tile,
-which then computes every cell in use, padded rows and all. So when a step's generating rows and
-prompt rows together reach a tile, they are decoded in two calls: the generating rows (each row on
-its own, reading only its own cells), then the prompt rows, tiled among themselves. Raw decodes on
-the 2-core bench CPU (``bench/fa_mix.py``, 8,192-cell cache, each sequence's cells together): 4 / 6 /
-12 streams' rows and 64 prompt rows took 184 / 248 / 274 ms in one decode, 108 / 126 / 127 ms in
-two; with 128 prompt rows 272 / 334 / 373 ms against 188 / 200 / 209. So the prompt rows of a step
-are counted alone when it is cut at a whole tile. Two calls read the weights twice, which a step
-below a tile does not pay for: it stays one decode. Where a sequence's cells lie among other
-sequences' (generated side by side), a tile of its prompt rows skips none and costs more than rows
-on their own: the learned costs of the two kinds of step (``step_cost.py``) choose between them.
-Only where attention runs in ggml-cpu's flash attention (``model.tiled_cpu_attention``): with
-layers on a GPU, or flash attention off, a step stays one decode (not measured on a GPU).
 """
 
 from __future__ import annotations
@@ -94,23 +71,18 @@ from collections.abc import Iterable
 from itertools import islice
 from typing import NamedTuple
 
-import llama_cpp
 import numpy as np
 
-from .model import Model
 from .sharing import rewind_for_tile, share_prompt
 from .prompt_cache import HostPromptCache
 from .service_level import TTFT_TARGET_SECONDS, step_allowance
 from .slots import Plan, Slot, Task
 from .step_cost import TILE_ROWS, Smoothed, StepCost, work
+from .tiles import tile_budget, tile_in_place
 
 log = logging.getLogger(__name__)
 
 STEP_TARGET_SECONDS = 0.16
-STEP_LIMIT_SECONDS = 0.18
-"""How long a step may be predicted to take to carry a whole tile in place of a chunk below one
-(module docstring, "Whole tiles beside streams"): the 250 ms bound on a stream's gap, less the
-prediction's usual error (p90 1.16x, ``step_cost.py``) and the token's write."""
 ALONE_STEP_TARGET_SECONDS = 0.4
 """With nobody generating: at most a micro-batch, and no longer than this, which is how long a
 request arriving meanwhile waits for the step to end (a 512-token micro-batch took 0.8 s here)."""
@@ -165,28 +137,6 @@ class StepWork(NamedTuple):
     generating: bool
 
 
-def decode_parts(plan: Plan) -> list[Plan]:
-    """The ``llama_decode`` calls a step is made of: one, or, when generating rows and prompt rows
-    together reach a tile (``TILE_ROWS``), the generating rows and then the prompt rows (module
-    docstring, "Apart")."""
-    generating = [item for item in plan if item[1] is None]
-    prompts = [item for item in plan if item[1] is not None]
-    rows = len(generating) + sum(len(chunk) for _, chunk in prompts)  # type: ignore[arg-type]
-    if not generating or not prompts or rows < TILE_ROWS:
-        return [plan]
-    return [generating, prompts]
-
-
-def _tile_budget(step: float, late: bool, allowance: float | None) -> tuple[float, float | None]:
-    """The seconds a whole tile may take in a step whose generating rows take ``step``: within
-    ``STEP_LIMIT_SECONDS``, and for a late prompt within what the streams on track spare
-    (``allowance``) too, then the step's limit alone as the second (what it waits for)."""
-    limit = STEP_LIMIT_SECONDS - step
-    if not late:
-        return limit, None
-    return (limit if allowance is None else min(limit, allowance - step)), limit
-
-
 def _spared_by_streams(allowance: float | None, seconds: float, step: float) -> tuple[float, int]:
     """The seconds left for late prompts in a step whose generating rows take ``step``, within what
     the streams on track spare (``service_level.step_allowance``: ``allowance``), and the smallest
@@ -194,28 +144,6 @@ def _spared_by_streams(allowance: float | None, seconds: float, step: float) -> 
     if allowance is None:
         return seconds, MIN_CHUNK
     return max(min(seconds, allowance - step), 0.0), 0
-
-
-def _tile_in_place(cost: StepCost, size: int, most: int, rows: int, depth: int, budget: tuple[float, float | None]) -> int:
-    """``size`` prompt rows from ``depth``, or in place of a chunk below a tile (the step's first
-    prompt rows, at most ``most``) a whole tile where one fits ``budget``'s first seconds, or none
-    where one fits only its second (a late prompt waiting for the streams to spare one): module
-    docstring, "Whole tiles beside streams"."""
-    if rows or size >= TILE_ROWS or most < TILE_ROWS or not cost.tiled.known:  # (no exploring past the target)
-        return size
-    this_step, waiting = budget
-    if cost.tokens_within(this_step, depth, 0, TILE_ROWS) >= TILE_ROWS:
-        return TILE_ROWS
-    if waiting is not None and cost.tokens_within(waiting, depth, 0, TILE_ROWS) >= TILE_ROWS:
-        return 0
-    return size
-
-
-def rewinds_for_tiles(model: Model, kv_per_slot: bool) -> bool:
-    """Whether the pacer may decode a prompt's last cached tokens again to fill a tile (``_pad_to_tile``):
-    attention KV in one shared cache, without a sliding window (whose cache may have dropped cells
-    that the tokens decoded again attend to)."""
-    return model.copies_prefixes and not kv_per_slot and llama_cpp.llama_model_n_swa(model.llama_model.model) == 0
 
 
 class PrefillPacer:
@@ -266,7 +194,7 @@ class PrefillPacer:
         now = time.monotonic()
         order = self.prefill_order((s for s in slots if s.prefilling), now, paced=generating)
         seconds, floor, tile = self._budgets(slots, order, now, seconds, step) if generating else (seconds, MIN_CHUNK, None)
-        rows = 0  # the prompt rows so far: a tile is theirs alone (``decode_parts``)
+        rows = 0  # the prompt rows so far: a tile is theirs alone (``tiles.decode_parts``)
         for at, slot in enumerate(order):
             if room == 0:
                 break
@@ -279,7 +207,7 @@ class PrefillPacer:
             size = most
             if seconds is not None:
                 size = min(size, max(floor if first else 0, cost.tokens_within(seconds, slot.n_cached, rows, size)))
-                size = _tile_in_place(cost, size, most, rows, slot.n_cached, tile) if tile is not None else size
+                size = tile_in_place(cost, size, most, rows, slot.n_cached, tile) if tile is not None else size
                 chunk_seconds = cost.seconds(size, slot.n_cached, rows)
                 seconds, step = seconds - chunk_seconds, step + chunk_seconds
             if size == 0 or (not first and size < min(MIN_CHUNK, left)):
@@ -297,14 +225,14 @@ class PrefillPacer:
         self, slots: list[Slot], order: list[Slot], now: float, seconds: float | None, step: float
     ) -> tuple[float | None, int, tuple[float, float | None] | None]:
         """Beside streams whose rows take ``step``: the seconds for prompt rows, the smallest first
-        chunk, and what a whole tile may take (``_tile_budget``), all within what the streams on
+        chunk, and what a whole tile may take (``tiles.tile_budget``), all within what the streams on
         track spare when the first prompt in ``order`` is late."""
         if seconds is None:
             return None, MIN_CHUNK, None
         late = bool(order) and self._late(order[0], now)
         spare = step_allowance(slots, now) if late else None  # (None: no stream is on track)
         seconds, floor = _spared_by_streams(spare, seconds, step) if late else (seconds, MIN_CHUNK)
-        return seconds, floor, _tile_budget(step, late, spare)
+        return seconds, floor, tile_budget(step, late, spare)
 
     def _late(self, slot: Slot, now: float) -> bool:
         """Whether ``slot``'s prompt, the first in prefill order, can no longer answer within the

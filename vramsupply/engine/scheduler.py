@@ -9,7 +9,7 @@ Modelled on llama-server's ``update_slots``. Each step:
    rows (fewer while others generate), written in sequence-id order so llama.cpp can decode them
    in as few forward passes as possible;
 3. call ``llama_decode`` once, or twice when the generating rows and the prompt rows together reach
-   a flash-attention tile (``pacing.decode_parts``), with the CPU threads ``thread_tuner.py``
+   a flash-attention tile (``tiles.decode_parts``), with the CPU threads ``thread_tuner.py``
    chooses (it releases the GIL; when the shared KV cache is full, roll the part back and pause a
    request instead: ``preempt.py``), sample every slot that has a logits row with its own sampler chain
    (``rows.py``; a grammar request's token is sampled on a worker thread and joins a later step,
@@ -37,7 +37,7 @@ from .admission import Admission
 from .cadence import DEFAULT_INTERVAL_S, Cadence
 from .counters import Counters
 from .liveness import DEFAULT_STALL_TIMEOUT, DecodesFailing, Liveness
-from .pacing import PrefillPacer, rewinds_for_tiles
+from .pacing import PrefillPacer
 from .generation import Event, Finish, post
 from .host_pages import HostBuffers
 from .inbox import STOP, Cancel, Inbox, Message, Submit
@@ -50,6 +50,7 @@ from .scoring import Scored
 from .slots import Slot, Task
 from .step import StepRunner
 from .thread_tuner import StepThreads, ThreadTuner
+from .tiles import rewinds_for_tiles
 from .types import EngineClosed, EngineError, EngineFailed, EngineStats, Overloaded
 from .warmup import WarmUpOnThread
 

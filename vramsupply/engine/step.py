@@ -6,7 +6,7 @@ once ``pacing.py`` has planned its rows:
 
 - the rows are written in sequence-id order (``_fill_batch``), one ``llama_decode`` per part
   (two when the generating rows and the prompt rows together reach a flash-attention tile,
-  ``pacing.decode_parts``), with the CPU threads ``thread_tuner.py`` chooses;
+  ``tiles.decode_parts``), with the CPU threads ``thread_tuner.py`` chooses;
 - a part llama.cpp has no KV room for is rolled back and a request paused (``preempt.py``); a
   part that fails ends its requests, and too many failed steps in a row end the engine
   (``liveness.py``);
@@ -37,11 +37,12 @@ from .generation import Finish
 from .liveness import Liveness, decode_status
 from .logprobs import TokenLogprob, scored_rows
 from .outbox import Outbox
-from .pacing import PrefillPacer, decode_parts
+from .pacing import PrefillPacer
 from .preempt import KvPressure
 from .rows import RowSampler
 from .slots import Plan, Slot, Task
 from .thread_tuner import StepThreads
+from .tiles import decode_parts
 from .types import EngineError
 
 log = logging.getLogger(__name__)
