@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from vramsupply.config import DEFAULT_DECODE_NICE, MAX_NICE
+
 from .app import JSON_OPTION, app, console, err_console, settings_from
 
 if TYPE_CHECKING:
@@ -68,7 +70,7 @@ def bench(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to measure (default: the model setting)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Quantization, e.g. Q4_K_M (default: the quant setting)."),
     parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots to fill in the second phase (default: the parallel setting)."),
-    decode_nice: Optional[int] = typer.Option(None, "--decode-nice", help="Nice levels the decode runs below this process, 0 to 19 (default: the decode_nice setting, 10)."),
+    decode_nice: Optional[int] = typer.Option(None, "--decode-nice", help=f"Nice levels the decode runs below this process, 0 to {MAX_NICE} (default: the decode_nice setting, {DEFAULT_DECODE_NICE})."),
     seconds: float = typer.Option(30.0, "--seconds", help="About how long the whole measurement takes, 3 to 600."),
     as_json: bool = typer.Option(False, "--json", help="Print the new result as JSON (it is stored too)."),
     beside_agent: bool = typer.Option(False, "--beside-agent", help="Measure on the GPU while an agent serves on this machine (a second copy of the model can run the GPU out of memory)."),

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from vramsupply.config import EngineKind, LoadedSettings, Settings, load_settings
+from vramsupply.config import DEFAULT_DECODE_NICE, MAX_NICE, EngineKind, LoadedSettings, Settings, load_settings
 from vramsupply.errors import ConfigError
 
 from .app import CACHE_DIR_OPTION, QUANT_OPTION, app
@@ -36,7 +36,7 @@ def serve(
     n_ubatch: Optional[int] = typer.Option(None, "--n-ubatch", help="Physical micro-batch size (default 512)."),
     flash_attention: Optional[str] = typer.Option(None, "--flash-attention", help="auto, on or off (default auto: on, except off for a model on the CPU alone of an Intel CPU with AMX)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for decoding and prompts, pinned (default: the physical cores, within a cgroup CPU quota, for both, and fewer while other programs keep them busy)."),
-    decode_nice: Optional[int] = typer.Option(None, "--decode-nice", help="Nice levels the decode runs below the agent, 0 to 19 (default 10; 0: the same priority, for a machine busy with other programs)."),
+    decode_nice: Optional[int] = typer.Option(None, "--decode-nice", help=f"Nice levels the decode runs below the agent, 0 to {MAX_NICE} (default {DEFAULT_DECODE_NICE}; 0: the same priority, for a machine busy with other programs)."),
     cache_type_k: Optional[str] = typer.Option(None, "--cache-type-k", help="KV cache type for keys: f16, q8_0 or q4_0."),
     cache_type_v: Optional[str] = typer.Option(None, "--cache-type-v", help="KV cache type for values: f16, q8_0 or q4_0 (quantized needs flash attention)."),
     split_mode: Optional[str] = typer.Option(None, "--split-mode", help="Split across GPUs by layer, row, or none."),

@@ -17,6 +17,7 @@ from vramsupply.config.file import read_config_file, write_config_values
 from vramsupply.config.loading import LoadedSettings, check_together, display_value, load_settings, warn_unknown_env
 from vramsupply.config.paths import APP_NAME, CONFIG_PATH_ENV, config_path, data_dir, file_in_the_way, os_reason, use_data_dir, write_private_file
 from vramsupply.config.settings import (
+    DEFAULT_DECODE_NICE,
     DEFAULT_DOWNLOAD_TIMEOUT,
     DEFAULT_GGUF_PUBLISHERS,
     DEFAULT_PARALLEL,
@@ -26,6 +27,7 @@ from vramsupply.config.settings import (
     MAX_API_KEY_CHARS,
     MAX_DRAIN_SECONDS,
     MAX_HEARTBEAT_SECONDS,
+    MAX_NICE,
     MAX_PRICE,
     SECRET_FIELDS,
     EngineKind,
@@ -37,6 +39,8 @@ from vramsupply.config.settings import (
 from vramsupply.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_DECODE_NICE",
+    "MAX_NICE",
     "APP_NAME",
     "CONFIG_PATH_ENV",
     "DEFAULT_DOWNLOAD_TIMEOUT",
