@@ -25,8 +25,10 @@ CALL = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|messag
 WEATHER = [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
 
 
-def read(text: str, step: int = 0, calls: bool = True, cut: bool = False, forced: str | None = None, held: bool = False) -> ParsedOutput:
-    parser = HarmonyParser(calls, held_answer=held)
+def read(
+    text: str, step: int = 0, calls: bool = True, cut: bool = False, forced: str | None = None, held: bool = False, parallel: bool = True
+) -> ParsedOutput:
+    parser = HarmonyParser(calls, held_answer=held, parallel=parallel)
     if forced is not None:
         parser.expect_call(forced)
     out = ParsedOutput()
@@ -76,6 +78,16 @@ def test_the_family_is_read_from_the_template_text() -> None:
 )
 def test_harmony_messages_are_read_into_reasoning_content_and_calls(text: str, expected: tuple) -> None:
     assert both_ways(text) == expected
+
+
+def test_without_parallel_calls_a_second_call_message_is_dropped_and_what_follows_it_is_kept() -> None:
+    """A copy of gpt-oss whose generation goes on after ``<|call|>`` may write a second call: a
+    buyer who sent ``parallel_tool_calls: false`` gets the first only, as with the other families."""
+    second = CALL + "<|call|><|start|>assistant" + CALL.replace("Paris", "Nice") + "<|call|>"
+    assert both_ways(second, parallel=False) == ("", "", [("get_weather", {"city": "Paris"})])
+    answer = second + "<|start|>assistant<|channel|>final<|message|>Done."
+    assert both_ways(answer, parallel=False) == ("", "Done.", [("get_weather", {"city": "Paris"})])
+    assert len(both_ways(second)[2]) == 2, "parallel calls allowed: both are kept"
 
 
 def test_without_tools_a_message_to_a_function_is_dropped_not_the_answer() -> None:

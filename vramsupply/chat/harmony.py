@@ -20,7 +20,10 @@ marker that ends it, a call announced once its header is read and its arguments 
 not open with a header (a model that ignores the format) is plain content, as written. In this
 llama.cpp build ``<|return|>`` and ``<|call|>`` end the generation and are never seen here;
 ``<|end|>`` is no end of generation (llama.cpp drops it from the set when both exist), so a
-thought is followed by the answer or the call in the same generation.
+thought is followed by the answer or the call in the same generation. A copy of the model whose
+vocabulary does not end the generation at ``<|call|>`` may write a second call after the first:
+with ``parallel_tool_calls`` false it is dropped, as ``calls.py`` drops the calls after the first
+for the other families.
 
 A thought and a preamble end at ``<|end|>``; the answer (``final``) and a call end only at their
 own ends, ``<|return|>`` and ``<|call|>``, which here end the generation: so their text runs to it,
@@ -88,11 +91,13 @@ class HarmonyParser(TextReader):
     """States: ``between`` (a message may open) → ``header`` → ``body`` → ``between``…; ``plain``
     (to the end) for output that is no harmony message."""
 
-    def __init__(self, calls: bool = True, held_answer: bool = False) -> None:
+    def __init__(self, calls: bool = True, held_answer: bool = False, parallel: bool = True) -> None:
         """``calls``: tools were offered, so a message to a function is a call (else it is dropped);
-        ``held_answer``: a grammar holds the answer (a JSON ``response_format``), whose text may hold ``<|end|>``."""
+        ``held_answer``: a grammar holds the answer (a JSON ``response_format``), whose text may hold ``<|end|>``;
+        ``parallel``: ``parallel_tool_calls`` was not false, so every call message is kept, not the first only."""
         super().__init__("between")
         self._calls_allowed = calls
+        self._parallel = parallel
         self._held_answer = held_answer
         self._kind: Kind = "content"
         self._ends = ENDS  # what ends the body being read
@@ -146,6 +151,8 @@ class HarmonyParser(TextReader):
             self._state = "plain"
             return
         self._kind, name, self._ends = found
+        if self._kind == "call" and self._called and not self._parallel:
+            self._kind = "hidden"  # a second call message, where only one was asked for
         self._buffer = self._buffer[end + len("<|message|>") :]
         self._state, self._fresh = "body", True
         if self._kind == "reasoning" and self._reasoning_span is None:

@@ -89,7 +89,7 @@ class ChatPrompt:
         leading space (" time" after "Once upon a") is no whitespace before an answer to trim.
         ``held_answer``: a grammar holds the answer's text (harmony's then ends only at its end)."""
         if self.channels:
-            return HarmonyParser(calls=self.syntax is not None, held_answer=held_answer)
+            return HarmonyParser(calls=self.syntax is not None, held_answer=held_answer, parallel=self.parallel_tool_calls)
         return OutputParser(
             self.reasoning, self.in_reasoning, self.syntax, self.schemas, self.parallel_tool_calls, continuing=self.continues, held_answer=held_answer
         )
