@@ -55,8 +55,9 @@ def test_bench_errors_are_one_line() -> None:
 
 
 def test_bench_advice_names_the_variable_of_a_setting_it_has_no_flag_for() -> None:
-    """bench takes --model, --quant and --parallel only: a KV cache type set in the environment (or
-    the config file) that the model cannot take is changed there, and the error says what to set."""
+    """bench has no --cache-type-k (it takes --model, --quant, --parallel, --threads and
+    --decode-nice): a KV cache type set in the environment (or the config file) that the model
+    cannot take is changed there, and the error says what to set."""
     refused = run_cli("bench", "--model", str(TINY_MODEL), "--seconds", "3", env={"VRAM_SUPPLY_CACHE_TYPE_K": "q4_0"})
     assert refused.returncode == 2
     assert refused.stderr.strip().endswith("use --cache-type-k (VRAM_SUPPLY_CACHE_TYPE_K) f16")  # before: "use --cache-type-k f16"
@@ -80,6 +81,16 @@ def test_a_result_measured_with_other_settings_than_serve_uses_is_said_at_start(
     warning = "the `vramsupply bench` result offered as this agent's capacity was measured with other settings: kv_per_slot true (serving with false)"
     assert agent.log.count(warning) == 1, agent.log
     assert provider.offer.capacity is not None  # still offered: measured here, on this model
+
+
+def test_bench_takes_threads_as_serve_does_and_records_them() -> None:
+    """A provider serving with --threads 1 measures with the same flag: bench had --decode-nice
+    but no --threads, so the setting had to go through VRAM_SUPPLY_THREADS."""
+    refused = run_cli("bench", "--model", str(TINY_MODEL), "--seconds", "3", "--threads", "0")
+    assert refused.returncode == 2 and refused.stderr.strip().startswith("error: invalid threads = 0 (from flag --threads)"), refused.stderr
+    measured = run_cli("bench", "--model", str(TINY_MODEL), "--parallel", "1", "--seconds", "3", "--threads", "1", "--json")
+    assert measured.returncode == 0, measured.stderr
+    assert json.loads(measured.stdout)["settings"]["threads"] == 1
 
 
 def test_bench_says_how_to_give_it_a_longer_context() -> None:

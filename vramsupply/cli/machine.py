@@ -70,6 +70,7 @@ def bench(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to measure (default: the model setting)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Quantization, e.g. Q4_K_M (default: the quant setting)."),
     parallel: Optional[int] = typer.Option(None, "--parallel", help="Slots to fill in the second phase (default: the parallel setting)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for decoding and prompts, as serve takes them (default: the threads setting)."),
     decode_nice: Optional[int] = typer.Option(None, "--decode-nice", help=f"Nice levels the decode runs below this process, 0 to {MAX_NICE} (default: the decode_nice setting, {DEFAULT_DECODE_NICE})."),
     seconds: float = typer.Option(30.0, "--seconds", help="About how long the whole measurement takes, 3 to 600."),
     as_json: bool = typer.Option(False, "--json", help="Print the new result as JSON (it is stored too)."),
@@ -80,7 +81,7 @@ def bench(
 
     if not 3.0 <= seconds <= 600.0:  # also false for nan, which a min/max option lets through as "over 600"
         raise typer.BadParameter(f"{seconds:g} is not a number of seconds from 3 to 600", param_hint="'--seconds'")
-    settings = settings_from({"model": model, "quant": quant, "parallel": parallel, "decode_nice": decode_nice})
+    settings = settings_from({"model": model, "quant": quant, "parallel": parallel, "threads": threads, "decode_nice": decode_nice})
     _beside_a_running_agent(settings, beside_agent)
     result = asyncio.run(run_bench(settings, seconds, progress=lambda line: err_console.print(f"bench: {line}", highlight=False)))
     if as_json:
