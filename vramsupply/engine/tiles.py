@@ -15,8 +15,8 @@ Where the step's target leaves room for less than a tile, a whole tile goes inst
 is predicted within ``STEP_LIMIT_SECONDS``, still under the gap bound; a late prompt takes one
 only within what the streams on track spare too, and where that is less, it takes nothing and
 waits: a step of the streams' rows alone adds to what they spare (their mean per token drops). The
-end of a prompt, shorter than a tile, goes as it can, or padded to a
-whole tile by decoding its last cached tokens again (``PrefillPacer._pad_to_tile``).
+end of a prompt, shorter than a tile, goes as it can, or padded to a whole tile by decoding its
+last cached tokens again (``PrefillPacer._pad_to_tile``).
 
 **Apart** (``decode_parts``). ggml's CPU flash attention runs a micro-batch of 64 rows or more in
 64-row tiles (``step_cost.py``), and skips a tile of KV cells only when every row of the tile is
