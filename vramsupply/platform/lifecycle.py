@@ -118,22 +118,19 @@ class ProviderLifecycle(Departure, Draining, HeartbeatSending, RetryWait, Offlin
         self._sleep = sleep
         self._asked: float | None = None
         """The wait the platform asked for (Retry-After, capped) before the next attempt."""
-        self._retired: list[str] = []
-        """Instances of ours at an endpoint URL we no longer use (or drained by the platform), to delete."""
-        self._retired_at: dict[str, str] = {}
         self._stopping = False
         self._moves = 0
         self._tally = TokenTally()
-        self._beat_call: asyncio.Task[api.HeartbeatResponse] | None = None
-        """The heartbeat request on its way: shutdown cancels the loop around it, never the request."""
-        self._last_heartbeat_at: float | None = None
-        self._heard_at: float | None = None  # when (monotonic) the platform last took a heartbeat or registration of ours
         self._silence_limit, self._listed_again_within = silence_limit, 2 * health_check_every
-        self._silence: tuple[float, str] | None = None  # when an offline answer was put down to missed heartbeats, and why
-        self._sent_status: HeartbeatStatus | None = None
-        """The status of the last heartbeat tried (registration counts as ``online``)."""
-        self._recovering = False
-        """We told the platform we were offline, and it has not listed us online again yet."""
+        self._init_registration()
+        self._init_heartbeats()
+        self._odd_answers: set[str] = set()
+        self.registered = asyncio.Event()
+        self.provider_id: str | None = None
+        self.phase = Phase.registering
+        self.message = ""
+
+    def _init_registration(self) -> None:
         self._register_call: asyncio.Task[api.RegisterResponse] | None = None
         """The register request on its way: shutdown cancels the loop around it, never the request."""
         self._register_url: str | None = None
@@ -143,11 +140,20 @@ class ProviderLifecycle(Departure, Draining, HeartbeatSending, RetryWait, Offlin
         (one that works replaces it: the platform keeps one instance per endpoint URL)."""
         self._forgotten = 0
         """Registrations in a row that the platform forgot (or drained) before listing us."""
-        self._odd_answers: set[str] = set()
-        self.registered = asyncio.Event()
-        self.provider_id: str | None = None
-        self.phase = Phase.registering
-        self.message = ""
+        self._retired: list[str] = []
+        """Instances of ours at an endpoint URL we no longer use (or drained by the platform), to delete."""
+        self._retired_at: dict[str, str] = {}
+
+    def _init_heartbeats(self) -> None:
+        self._beat_call: asyncio.Task[api.HeartbeatResponse] | None = None
+        """The heartbeat request on its way: shutdown cancels the loop around it, never the request."""
+        self._last_heartbeat_at: float | None = None
+        self._heard_at: float | None = None  # when (monotonic) the platform last took a heartbeat or registration of ours
+        self._silence: tuple[float, str] | None = None  # when an offline answer was put down to missed heartbeats, and why
+        self._sent_status: HeartbeatStatus | None = None
+        """The status of the last heartbeat tried (registration counts as ``online``)."""
+        self._recovering = False
+        """We told the platform we were offline, and it has not listed us online again yet."""
 
     def start(self) -> None:
         """Begin registering in the background; call once the server answers requests."""

@@ -81,17 +81,36 @@ async def probe(
     ``listen_host``: the address the agent listens on; a loopback one is named in the fix of a
     failing hop, since a port forward cannot reach it (a reverse proxy here can: no hop of its own).
     """
-    parts = urlsplit(endpoint_url)
-    host, port = parts.hostname or "", public_port(endpoint_url)
+    host, port = urlsplit(endpoint_url).hostname or "", public_port(endpoint_url)
     fixes = FIXES.format(public_port=port, local_port=urlsplit(local_url).port if local_url else port)
     if listen_host is not None and is_loopback_host(listen_host) and not is_loopback_host(host):
         fixes += LOOPBACK.format(host=listen_host)
+    failed = (
+        _address_problem(endpoint_url, host, fixes, check_address)
+        or await _network_problem(host, port, timeout, fixes)
+        or await _agent_problem(endpoint_url, local_url, timeout, fixes)
+    )
+    return failed or Probe(
+        True,
+        "none",
+        f"{endpoint_url}/health answers from this machine. If the platform still lists you offline, your router may forward "
+        f"only traffic from inside your network: check from outside it, or use --tunnel cloudflared",
+    )
+
+
+def _address_problem(endpoint_url: str, host: str, fixes: str, check_address: bool) -> Probe | None:
+    """Hops 0 and 1: what the URL itself says, before anything is asked of the network."""
     if ends_in_v1(endpoint_url):
         return Probe(False, "url", f"{endpoint_url} ends in /v1, so the platform would ask {endpoint_url}/health: the endpoint URL is the base URL, {base_of(endpoint_url)}")
     if check_address and is_cgnat(host):
         return Probe(False, "address", f"{endpoint_url} is a carrier-grade NAT address (100.64.0.0/10) the platform cannot reach: {CGNAT}")
     if check_address and is_local_host(host):
         return Probe(False, "address", f"{endpoint_url} is a local or private address the platform cannot reach: use this network's public address and {fixes}")
+    return None
+
+
+async def _network_problem(host: str, port: int, timeout: float, fixes: str) -> Probe | None:
+    """The name resolves, and something accepts connections at the port."""
     try:
         await within(asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
@@ -101,13 +120,19 @@ async def probe(
         writer.close()
     except (OSError, asyncio.TimeoutError) as exc:
         return Probe(False, "tcp", f"nothing accepts connections at {host}:{port} ({describe_error(exc)}): {fixes}")
+    return None
+
+
+async def _agent_problem(endpoint_url: str, local_url: str | None, timeout: float, fixes: str) -> Probe | None:
+    """What answers there: this agent, ready, over the scheme the URL names."""
+    parts = urlsplit(endpoint_url)
     remote = await _health(endpoint_url, timeout)
     if remote == LOADING:
         return Probe(False, "agent", f"{endpoint_url}/health reaches this agent, but it is still loading the model")
     if remote == PLAIN_HTTP:
         plain = parts._replace(scheme="http").geturl()
         return Probe(
-            False, "tls", f"{host}:{port} answers plain HTTP, not HTTPS: make the endpoint URL {plain}, "
+            False, "tls", f"{parts.hostname or ''}:{public_port(endpoint_url)} answers plain HTTP, not HTTPS: make the endpoint URL {plain}, "
             f"or terminate TLS in front of the agent (a reverse proxy, or --tunnel cloudflared)",
         )
     if remote is not None:
@@ -117,12 +142,7 @@ async def probe(
         local = await _health(local_url, timeout)
         if local is not None:
             return Probe(False, "agent", f"the agent itself is not ready: {local_url}/health {local}")
-    return Probe(
-        True,
-        "none",
-        f"{endpoint_url}/health answers from this machine. If the platform still lists you offline, your router may forward "
-        f"only traffic from inside your network: check from outside it, or use --tunnel cloudflared",
-    )
+    return None
 
 
 async def _health(base_url: str, timeout: float) -> str | None:

@@ -113,18 +113,7 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, sto
         return
     provider.model_known(model)
 
-    endpoint_token = market.endpoint_token if market is not None else endpoint_token_of(settings)
-    app = backend.create_app(endpoint_token, settings.max_body_bytes)
-    access_log = None if terminal else logging.getLogger("vramsupply.access")
-    server = ApiServer(app, settings.host, settings.port, drain_timeout=settings.drain_timeout, access_log=access_log)
-    await listen(server)
-    provider.listening(server)
-    record_listening(settings, model.model_id, server.port, registering=market is not None)
-    url = local_base_url(settings.host, server.port)  # 0.0.0.0 or :: is no address to connect to
-    everywhere = listening_everywhere(settings.host, url)
-    if everywhere is not None:
-        log.info("%s", everywhere)
-
+    server, url = await open_api(settings, backend, model, market, provider, terminal)
     watch = EngineWatch()
     try:
         notifier.status(f"loading {model.model_id}")
@@ -140,6 +129,25 @@ async def serve_until_stopped(settings: Settings, notifier: SystemdNotifier, sto
         await stop_serving(settings, notifier, server, backend, market, provider, engine_failed=watch.failure is not None, serving=serving)
     if watch.failure is not None:
         raise EngineFailed(watch.failure)
+
+
+async def open_api(
+    settings: Settings, backend: Backend, model: ModelIdentity, market: MarketplaceSession | None, provider: ProviderSide, terminal: bool,
+) -> tuple[ApiServer, str]:
+    """The OpenAI API listening (before the engine loads, so /health answers meanwhile), and the
+    URL this machine reaches it at."""
+    endpoint_token = market.endpoint_token if market is not None else endpoint_token_of(settings)
+    app = backend.create_app(endpoint_token, settings.max_body_bytes)
+    access_log = None if terminal else logging.getLogger("vramsupply.access")
+    server = ApiServer(app, settings.host, settings.port, drain_timeout=settings.drain_timeout, access_log=access_log)
+    await listen(server)
+    provider.listening(server)
+    record_listening(settings, model.model_id, server.port, registering=market is not None)
+    url = local_base_url(settings.host, server.port)  # 0.0.0.0 or :: is no address to connect to
+    everywhere = listening_everywhere(settings.host, url)
+    if everywhere is not None:
+        log.info("%s", everywhere)
+    return server, url
 
 
 async def prepare(settings: Settings, backend: Backend, notifier: SystemdNotifier, stop: StopSignals) -> ModelIdentity | None:

@@ -158,6 +158,19 @@ def render_unit(spec: UnitSpec) -> str:
         "After=network-online.target",
         "",
         "[Service]",
+        *_service_lines(spec),
+        *([] if spec.user_mode else _system_lines(spec)),
+        "",
+        "[Install]",
+        f"WantedBy={'default.target' if spec.user_mode else 'multi-user.target'}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _service_lines(spec: UnitSpec) -> list[str]:
+    """How both units start, notify, restart and stop the agent."""
+    return [
         "Type=notify",
         "NotifyAccess=main",
         f"ExecStart={_exec_path(spec.exec_path)} serve",
@@ -172,35 +185,31 @@ def render_unit(spec: UnitSpec) -> str:
         "SyslogIdentifier=vramsupply",
         "NoNewPrivileges=yes",
     ]
-    if not spec.user_mode:
-        lines += [
-            f"User={SERVICE_USER}",
-            f"Group={SERVICE_USER}",
-            *([f"SupplementaryGroups={' '.join(spec.supplementary_groups)}"] if spec.supplementary_groups else []),
-            # /var/lib/vramsupply and /var/cache/vramsupply (models), owned by the service user.
-            f"StateDirectory={SERVICE_USER}",
-            f"CacheDirectory={SERVICE_USER}",
-            f"Environment=XDG_DATA_HOME=%S/{SERVICE_USER}",
-            f"Environment=XDG_CACHE_HOME=%C/{SERVICE_USER}",
-            # GPU device nodes (/dev/nvidia*, /dev/dri, /dev/kfd) stay visible: never PrivateDevices.
-            "ProtectSystem=strict",
-            f"ProtectHome={protect_home(spec)}",
-            "PrivateTmp=yes",
-            "ProtectKernelTunables=yes",
-            "ProtectKernelModules=yes",
-            "ProtectControlGroups=yes",
-            "RestrictSUIDSGID=yes",
-            "LockPersonality=yes",
-            "UMask=0027",
-            *(f"ReadWritePaths={_quote_arg(path, 'the writable path')}" for path in spec.writable_paths),
-        ]
-    lines += [
-        "",
-        "[Install]",
-        f"WantedBy={'default.target' if spec.user_mode else 'multi-user.target'}",
-        "",
+
+
+def _system_lines(spec: UnitSpec) -> list[str]:
+    """The system unit's own: the dedicated user, its folders, and the sandbox."""
+    return [
+        f"User={SERVICE_USER}",
+        f"Group={SERVICE_USER}",
+        *([f"SupplementaryGroups={' '.join(spec.supplementary_groups)}"] if spec.supplementary_groups else []),
+        # /var/lib/vramsupply and /var/cache/vramsupply (models), owned by the service user.
+        f"StateDirectory={SERVICE_USER}",
+        f"CacheDirectory={SERVICE_USER}",
+        f"Environment=XDG_DATA_HOME=%S/{SERVICE_USER}",
+        f"Environment=XDG_CACHE_HOME=%C/{SERVICE_USER}",
+        # GPU device nodes (/dev/nvidia*, /dev/dri, /dev/kfd) stay visible: never PrivateDevices.
+        "ProtectSystem=strict",
+        f"ProtectHome={protect_home(spec)}",
+        "PrivateTmp=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectControlGroups=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+        "UMask=0027",
+        *(f"ReadWritePaths={_quote_arg(path, 'the writable path')}" for path in spec.writable_paths),
     ]
-    return "\n".join(lines)
 
 
 def env_value(value: Any) -> str:
