@@ -3,6 +3,8 @@
 Each test builds a machine out of test doubles: fake `nvidia-smi`, `nvcc`, `rocminfo`, `hipconfig`
 and `uname` executables on a PATH that otherwise holds only the ordinary system tools (never the
 real GPU tools of the machine running the tests). `--dry-run` installs nothing, so these are fast.
+Here: NVIDIA GPUs and the CUDA toolchain; the other backends are in ``test_install_other_backends.py``,
+the CPU code flags in ``test_install_cpu_flags.py`` (both use this file's `Machine`).
 
 nvidia-smi asks the driver, and a driver in a bad state can keep it waiting for ever: the install
 hung with it. Its double here sleeps instead of answering, and VRAMSUPPLY_NVIDIA_SMI_TIMEOUT=1
@@ -49,6 +51,7 @@ case "$*" in
   *) echo "nvcc fatal   : this is a test double" >&2; exit 1 ;;
 esac
 """
+X86_LINUX = '#!/bin/sh\ncase "$1" in -s) echo Linux ;; -m) echo x86_64 ;; esac\n'
 
 
 @pytest.fixture(scope="module")
@@ -330,64 +333,6 @@ def test_a_complete_system_toolkit_is_still_used_when_the_driver_does_not_report
     ) in result.stdout
 
 
-def test_an_amd_gpu_listed_by_rocminfo_gets_hip_for_its_target(machine: Machine) -> None:
-    machine.tool("rocminfo", "#!/bin/sh\nprintf '  Name:                    AMD EPYC 7B13\\n  Name:                    gfx1100\\n'\n")
-    machine.tool("hipconfig", '#!/bin/sh\ncase "$1" in -R) echo /opt/rocm ;; -l) echo /opt/rocm/llvm/bin ;; esac\n')
-
-    result = machine.dry_run()
-
-    assert "llama.cpp backend: hip (rocminfo lists AMD GPU(s): gfx1100)" in result.stdout
-    assert "toolchain: ROCm HIP in /opt/rocm (clang /opt/rocm/llvm/bin/clang); targets gfx1100" in result.stdout
-    assert "cannot build" not in result.stdout
-
-
-def test_an_amd_gpu_without_the_hip_sdk_names_what_to_install(machine: Machine) -> None:
-    machine.tool("rocminfo", "#!/bin/sh\necho '  Name:                    gfx90a'\n")
-
-    result = machine.dry_run()
-
-    assert "cannot build for hip: hipconfig not found: install the ROCm HIP SDK" in result.stdout
-
-
-def test_apple_silicon_gets_metal(machine: Machine) -> None:
-    machine.tool("uname", '#!/bin/sh\ncase "$1" in -s) echo Darwin ;; -m) echo arm64 ;; esac\n')
-    machine.tool("xcrun", "#!/bin/sh\nexit 0\n")
-
-    result = machine.dry_run()
-
-    assert "llama.cpp backend: metal (Apple Silicon)" in result.stdout
-    assert "toolchain: Apple clang and the Metal framework" in result.stdout
-
-
-def test_vulkan_is_an_option_and_needs_its_shader_compiler(machine: Machine) -> None:
-    result = machine.dry_run("--backend", "vulkan")
-    assert "llama.cpp backend: vulkan (asked for with --backend)" in result.stdout
-    assert "cannot build for vulkan: glslc not found" in result.stdout
-
-    machine.tool("glslc", "#!/bin/sh\nexit 0\n")
-    assert "cannot build" not in machine.dry_run("--backend", "vulkan").stdout
-
-
-def test_strict_stops_before_installing_anything_when_the_gpu_toolchain_is_missing(machine: Machine) -> None:
-    result = subprocess.run(
-        ["sh", str(INSTALL_SH), "--backend", "vulkan", "--strict"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": f"{machine.bin}:{machine.system_bin}", "HOME": str(machine.root), "VRAMSUPPLY_DATA_DIR": str(machine.data_dir)},
-    )
-
-    assert result.returncode == 1
-    assert "vramsupply: error: cannot build for vulkan: glslc not found" in result.stderr
-    assert not machine.data_dir.exists()
-
-
-def test_an_unknown_backend_is_refused(machine: Machine) -> None:
-    result = machine.dry_run("--backend", "tpu")
-    assert result.returncode == 1
-    assert "unknown backend 'tpu' (expected cpu, cuda, hip, metal or vulkan)" in result.stderr
-
-
 def test_the_cuda_build_finds_cudart_and_cublas_of_a_toolkit_that_is_not_on_the_loader_path(tmp_path: Path) -> None:
     """A toolkit from PyPI lives in the data dir, where the loader never looks: its runtime libraries
     are linked beside llama.cpp's, whose RUNPATH is $ORIGIN (checked for real on the CUDA build, README)."""
@@ -407,74 +352,6 @@ def test_the_cuda_build_finds_cudart_and_cublas_of_a_toolkit_that_is_not_on_the_
     subprocess.run(["sh", "-c", script], check=True, env={**os.environ, "VRAMSUPPLY_INSTALL_FUNCTIONS_ONLY": "1"}, timeout=60)
     linked = {p.name: os.readlink(p) for p in (site / "llama_cpp" / "lib").iterdir()}
     assert linked == {name: str(toolkit / "lib64" / name) for name in ("libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13")}
-
-
-# A compiler double for the AMX probe: it "builds" the probe as a program that exits as told.
-PROBE_CC = """#!/bin/sh
-out=""
-while [ $# -gt 0 ]; do
-  if [ "$1" = -o ]; then out=$2; shift; fi
-  shift
-done
-printf '#!/bin/sh\\n{probe}\\n' > "$out" && chmod +x "$out"
-"""
-X86_LINUX = '#!/bin/sh\ncase "$1" in -s) echo Linux ;; -m) echo x86_64 ;; esac\n'
-AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-
-
-@pytest.mark.parametrize("probe", ["exit 1", "kill -SEGV $$"], ids=["config-not-as-written", "probe-crashes"])
-def test_a_compiler_that_miscompiles_amx_tile_setup_builds_llama_cpp_without_amx(machine: Machine, probe: str) -> None:
-    """GCC 12 drops the stores of an AMX tile configuration, and llama.cpp's AMX kernels then
-    crash on the first quantized matrix product on an AMX CPU (seen on this project's machines)."""
-    machine.tool("uname", X86_LINUX)
-    machine.tool("cc", PROBE_CC.replace("{probe}", probe))
-
-    result = machine.dry_run()
-
-    assert result.returncode == 0, result.stderr
-    assert f"vramsupply: CPU code flags: {AMX_OFF} (AMX left out: this compiler miscompiles" in result.stdout
-    assert "Segmentation fault" not in result.stdout + result.stderr
-
-
-def test_a_sound_compiler_or_a_cpu_without_amx_keeps_the_native_build(machine: Machine) -> None:
-    machine.tool("uname", X86_LINUX)
-    machine.tool("cc", PROBE_CC.replace("{probe}", "exit 0"))
-
-    assert "CPU code flags" not in machine.dry_run().stdout
-
-
-def test_vramsupply_cpu_flags_overrides_the_probe(machine: Machine) -> None:
-    machine.tool("uname", X86_LINUX)
-    machine.tool("cc", PROBE_CC.replace("{probe}", "exit 1"))
-
-    assert "CPU code flags" not in machine.dry_run(env={"VRAMSUPPLY_CPU_FLAGS": ""}).stdout
-    chosen = machine.dry_run(env={"VRAMSUPPLY_CPU_FLAGS": "-mno-avx512f"}).stdout
-    assert "CPU code flags: -mno-avx512f (from VRAMSUPPLY_CPU_FLAGS)" in chosen
-
-
-def build_llama_with_fake_pip(tmp_path: Path, cpu_flags: str) -> str:
-    """Runs install.sh's build_llama for the CPU with a venv python double that records how its
-    pip was run and the compiler flags it was given (and has no llama_cpp to import)."""
-    record = tmp_path / "pip-call"
-    venv_bin = tmp_path / "venv" / "bin"
-    venv_bin.mkdir(parents=True, exist_ok=True)
-    fake_python = venv_bin / "python"
-    fake_python.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exit 1\necho "CFLAGS=$CFLAGS CXXFLAGS=$CXXFLAGS args=$*" > "{record}"\n')
-    fake_python.chmod(0o755)
-    script = f'. "{INSTALL_SH}"; venv="{tmp_path}/venv" data_dir="{tmp_path}" cpu_flags="{cpu_flags}"; plan_toolchain cpu; build_llama cpu'
-    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "VRAMSUPPLY_INSTALL_FUNCTIONS_ONLY": "1"})
-    assert result.returncode == 0, result.stdout + result.stderr
-    return record.read_text()
-
-
-def test_the_cpu_build_gets_the_flags_and_never_a_wheel_cached_without_them(tmp_path: Path) -> None:
-    flagged = build_llama_with_fake_pip(tmp_path, AMX_OFF)
-    assert f"CFLAGS={AMX_OFF} CXXFLAGS={AMX_OFF} " in flagged
-    assert "--no-cache-dir" in flagged, "pip's wheel cache ignores CFLAGS: a cached wheel may have AMX on"
-
-    plain = build_llama_with_fake_pip(tmp_path, "")
-    assert "CFLAGS= CXXFLAGS= " in plain and "--no-cache-dir" not in plain
 
 
 def test_an_unusable_tmpdir_beside_nvcc_is_said_not_a_silent_exit(machine: Machine) -> None:
