@@ -1,5 +1,5 @@
 """A platform (or whatever answers at its address) that misbehaves: the agent's lifecycle must
-stay honest and readable whatever it sends (the client's side: tests/test_platform_client.py).
+stay honest and readable whatever it sends (the client's side: tests/test_platform_client_hostile.py).
 
 ``HostilePlatform`` keeps a correct platform's books (docs/platform-api.md) on a localhost port, in
 a thread with its own event loop (so that async tests and a real `vramsupply serve` child process

@@ -1,10 +1,11 @@
 """JSON Schema keywords in the grammars built for tools and ``response_format``: what they enforce,
-what ``strict: true`` refuses, and the raw parameters of Qwen3.5's XML calls.
+and what ``strict: true`` refuses.
 
 Grammars are checked on llama.cpp's own grammar engine (``gbnf_check.py``), parsed calls against
-the schema with ``jsonschema``, and the requests an agent sends (OpenAI's ``pydantic_function_tool``
-with nested models, strict schemas, odd property names) through the openai SDK against servers
-running the tiny model with a Qwen3 (Hermes JSON calls) and a Qwen3.5 (XML calls) chat template.
+the schema with ``jsonschema``, and the requests an agent sends (strict schemas, odd property names)
+through the openai SDK against servers running the tiny model with a Qwen3 (Hermes JSON calls) and
+a Qwen3.5 (XML calls) chat template. The raw parameters of Qwen3.5's XML calls are tested in
+``test_schema_xml_calls.py``, with the helpers and servers here.
 """
 
 from __future__ import annotations
@@ -67,133 +68,6 @@ def read_xml(text: str, schemas: dict) -> tuple[dict, dict]:
     return json.loads(whole.arguments), json.loads(streamed.arguments)
 
 
-# ---- Qwen3.5's XML calls: a tool's $defs, raw strings -----------------------------------------------
-
-
-class Address(pydantic.BaseModel):
-    street: str = pydantic.Field(max_length=8)
-    zip: int = pydantic.Field(ge=1000, le=99999)
-
-
-class Person(pydantic.BaseModel):
-    name: str = pydantic.Field(max_length=8)
-    home: Address
-
-
-PERSON_TOOL = openai.pydantic_function_tool(Person, name="save_person")  # $defs + $ref, strict: true
-PERSON = PERSON_TOOL["function"]["parameters"]
-
-
-def test_a_tool_whose_parameters_use_defs_is_forced_in_xml_calls(checker: GrammarChecker) -> None:
-    """Each XML parameter has its own rule, yet its ``$ref`` points into the whole tool's ``$defs``
-    (the rule was built from the parameter alone: 'Error resolving ref … $defs not in …')."""
-    grammar = forced_call_grammar(XML, [PERSON_TOOL["function"]], parallel=False)
-    call = xml_call("save_person", name="Ann", home='{"street": "Elm", "zip": 12345}')
-    assert checker.accepts(grammar, call)
-    assert not checker.accepts(grammar, xml_call("save_person", name="Ann", home='{"street": "Elm"}'))
-    assert not checker.accepts(grammar, xml_call("save_person", name="Ann", home='{"street": "Elm", "zip": 12}'))
-    whole, streamed = read_xml(call, {"save_person": PERSON})
-    assert whole == streamed == {"name": "Ann", "home": {"street": "Elm", "zip": 12345}}
-    jsonschema.validate(whole, PERSON)
-
-
-def test_two_tools_with_a_def_of_one_name_keep_their_own(checker: GrammarChecker) -> None:
-    def with_item(item: dict) -> dict:
-        return {"type": "object", "$defs": {"Item": item}, "properties": {"item": {"$ref": "#/$defs/Item"}}, "required": ["item"]}
-
-    numbers = {"name": "numbers", "parameters": with_item({"type": "integer", "minimum": 0, "maximum": 9})}
-    flags = {"name": "flags", "parameters": with_item({"type": "boolean"})}
-    for syntax in (XML, FAMILIES["hermes"]):
-        grammar = forced_call_grammar(syntax, [numbers, flags], parallel=False)
-        if syntax is XML:
-            good, bad = [xml_call("numbers", item="7"), xml_call("flags", item="true")], [xml_call("numbers", item="true")]
-        else:
-            call = '<tool_call>\n{{"name": "{}", "arguments": {{"item": {}}}}}\n</tool_call>'
-            good, bad = [call.format("numbers", 7), call.format("flags", "true")], [call.format("numbers", "true"), call.format("flags", 7)]
-        assert all(checker.accepts(grammar, text) for text in good), syntax.name
-        assert not any(checker.accepts(grammar, text) for text in bad), syntax.name
-
-
-def test_a_string_enum_holding_lt_is_written_raw_and_read_back_as_itself(checker: GrammarChecker) -> None:
-    """``["<", "<=", "=="]`` fell back to JSON (quotes and all), which the XML parser then kept."""
-    schema = {"type": "object", "properties": {"op": {"type": "string", "enum": ["<", "<=", "=="]}}, "required": ["op"]}
-    grammar = forced_call_grammar(XML, [{"name": "filter", "parameters": schema}], parallel=False)
-    for op in ("<", "<=", "=="):
-        assert checker.accepts(grammar, xml_call("filter", op=op))
-        assert read_xml(xml_call("filter", op=op), {"filter": schema}) == ({"op": op}, {"op": op})
-    assert not checker.accepts(grammar, xml_call("filter", op='"<"'))
-    untyped = {"type": "object", "properties": {"v": {"enum": ["1", "null"]}}, "required": ["v"]}
-    assert read_xml(xml_call("f", v="1"), {"f": untyped}) == ({"v": "1"}, {"v": "1"})  # text, as the grammar writes it
-
-
-def test_nul_in_an_xml_enum_value_or_parameter_name_never_reaches_the_grammar(checker: GrammarChecker) -> None:
-    """llama.cpp's grammar never matches NUL: a grammar that had to write one aborted the whole
-    serving process (``Unexpected empty grammar stack``) once sampling reached it."""
-    some = {"type": "object", "properties": {"op": {"type": "string", "enum": ["\x00", "a\x00", "ok"]}, "c\x00": {"type": "string"}}, "required": ["op"]}
-    grammar = forced_call_grammar(XML, [{"name": "f", "parameters": some}], parallel=False)
-    assert "x00" not in grammar and checker.accepts(grammar, xml_call("f", op="ok"))
-    for schema, why in [
-        ({"type": "object", "properties": {"op": {"type": "string", "enum": ["\x00"]}}, "required": ["op"]}, "no value of a string enum"),
-        ({"type": "object", "properties": {"c\x00": {"type": "string"}}, "required": ["c\x00"]}, "cannot be written in this model's XML calls"),
-    ]:
-        with pytest.raises(UnsatisfiableSchema, match=why):
-            forced_call_grammar(XML, [{"name": "f", "parameters": schema}], parallel=False)
-
-
-def test_xml_text_parameters_may_hold_lt_but_never_a_closing_tag(checker: GrammarChecker) -> None:
-    schema = {
-        "type": "object",
-        "properties": {"code": {"type": "string"}, "short": {"type": "string", "maxLength": 11}, "op": {"enum": ["a</tool_call>", "<"]}},
-        "required": ["code", "short", "op"],
-    }
-    grammar = forced_call_grammar(XML, [{"name": "run", "parameters": schema}], parallel=False)
-    code = "if a < b and c <= d:\n    html = '<b>x</b></p'\n<"
-    call = xml_call("run", code=code, short="</paramete", op="<")
-    assert checker.accepts(grammar, call)
-    assert read_xml(call, {"run": schema}) == ({"code": code, "short": "</paramete", "op": "<"},) * 2
-    for broken in ("x</parameter>y", "x</tool_call>", "<</parameter>"):
-        assert not checker.accepts(grammar, xml_call("run", code=broken, short="s", op="<")), broken
-    assert not checker.accepts(grammar, xml_call("run", code="c", short="s", op="a</tool_call>"))
-
-
-def test_xml_string_parameters_keep_their_pattern_and_format(checker: GrammarChecker) -> None:
-    schema = {
-        "type": "object",
-        "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$"}, "day": {"type": "string", "format": "date"}},
-        "required": ["code", "day"],
-    }
-    grammar = forced_call_grammar(XML, [{"name": "book", "parameters": schema}], parallel=False)
-    assert checker.accepts(grammar, xml_call("book", code="AB-123", day="2024-02-29"))
-    assert not checker.accepts(grammar, xml_call("book", code="AB-12x", day="2024-02-29"))
-    assert not checker.accepts(grammar, xml_call("book", code="AB-123", day="2023-02-29"))
-
-
-def test_qwen35_forces_a_pydantic_tool_and_holds_an_auto_call_to_it(qwen35: LiveServer) -> None:
-    assert qwen35.engine is not None
-    with sdk(qwen35) as client:
-        for choice in ("required", {"type": "function", "function": {"name": "save_person"}}):
-            response = client.chat.completions.create(
-                model=MODEL_ID, messages=ASK, tools=[PERSON_TOOL], tool_choice=choice, parallel_tool_calls=False, max_tokens=200, seed=3, extra_body=NO_THINKING
-            )
-            assert response.choices[0].finish_reason == "tool_calls", response.choices[0]
-            [call] = response.choices[0].message.tool_calls
-            jsonschema.validate(json.loads(call.function.arguments), PERSON)
-    prompt = qwen35.engine.prepare_chat(ChatRequest(messages=ASK, tools=[PERSON_TOOL], tool_choice="auto", template_variables={"enable_thinking": False}))
-    assert prompt.grammar is not None and prompt.grammar_triggers
-
-
-def test_qwen35_writes_an_enum_holding_lt_as_the_enum_says(qwen35: LiveServer) -> None:
-    schema = {"type": "object", "properties": {"op": {"type": "string", "enum": ["<", "<=", "=="]}}, "required": ["op"], "additionalProperties": False}
-    with sdk(qwen35) as client:
-        for seed in (1, 2, 3):
-            response = client.chat.completions.create(
-                model=MODEL_ID, messages=ASK, tools=[tool("filter", schema)], tool_choice="required", parallel_tool_calls=False, max_tokens=200, seed=seed, extra_body=NO_THINKING
-            )
-            assert response.choices[0].finish_reason == "tool_calls", response.choices[0]
-            [call] = response.choices[0].message.tool_calls
-            jsonschema.validate(json.loads(call.function.arguments), schema)
-
-
 # ---- strict: true refuses what a grammar cannot hold; without it, what is cheap is enforced -------------
 
 UNENFORCED = [
@@ -222,6 +96,11 @@ def test_strict_refuses_a_keyword_the_grammar_cannot_hold_and_says_where(keyword
     with pytest.raises(ValueError, match=f"'{keyword}' at properties.a in the parameters of tool 'f'"):
         forced_call_grammar(FAMILIES["hermes"], [{"name": "f", "strict": True, "parameters": schema}], parallel=False)
     forced_call_grammar(FAMILIES["hermes"], [{"name": "f", "parameters": schema}], parallel=False)
+
+
+class Address(pydantic.BaseModel):
+    street: str = pydantic.Field(max_length=8)
+    zip: int = pydantic.Field(ge=1000, le=99999)
 
 
 class Cat(pydantic.BaseModel):
