@@ -226,6 +226,18 @@ class ProcessTreeMonitor:
                 continue
         return total
 
+    def high_water_mb(self) -> float:
+        """The kernel's own peak RSS (``VmHWM``) of each process in the tree, summed: what the 20 ms
+        samples could miss, such as a buffer committed and handed back within one interval."""
+        total_kb = 0
+        for proc in self._tree():
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+            except OSError:
+                continue
+            total_kb += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+        return total_kb / 1024
+
     def cpu_seconds(self) -> float:
         total = 0.0
         for proc in self._tree():

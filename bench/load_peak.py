@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Peak memory while a server loads, which a sampled RSS may miss: the kernel's ``VmHWM`` beside it.
+
+llama.cpp zeroes a KV cache in host memory when it makes it (``ggml_backend_buffer_clear``), so
+every page of it is committed at load, however little of it is used later. vramsupply hands the
+zeroed pages back after its warm-up (``engine/host_pages.py``), so its RSS falls again, but the
+peak stays. With one stream of the whole context per slot (``--kv-per-slot``) that buffer is the
+slots' number times larger. This starts each configuration in turn, waits until it answers, reads
+the kernel's high-water mark and the current RSS, sends one burst of 16 short requests, and reads
+both again.
+
+    bench/.cache/venv-llamacpp-server/bin/python bench/load_peak.py     # ~2 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from servers import BENCH_MODEL, REPO, SERVERS, BenchConfig, machine_info, running_server, versions, wait_ready, with_args  # noqa: E402
+
+CONFIGS = {
+    "vramsupply": SERVERS["vramsupply"],
+    "vramsupply-kv-per-slot-16": with_args(SERVERS["vramsupply"], ["--kv-per-slot", "--parallel", "16"], "vramsupply-kv-per-slot-16"),
+    "llama-server": SERVERS["llama-server"],
+}
+
+
+async def burst(url: str, streams: int, max_tokens: int) -> None:
+    """``streams`` completions at once, each of ``max_tokens`` tokens (``ignore_eos``), none streamed."""
+    body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    async with aiohttp.ClientSession() as session:
+        async def one() -> None:
+            async with session.post(url + "/v1/completions", json=body) as resp:
+                resp.raise_for_status()
+                await resp.read()
+        await asyncio.gather(*(one() for _ in range(streams)))
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+
+
+async def measure(name: str, cfg: BenchConfig, model: Path, streams: int, max_tokens: int) -> dict:
+    with running_server(CONFIGS[name], cfg, model) as server:
+        await wait_ready(server)
+        await asyncio.sleep(2)
+        loaded = {"high_water_mb": round(server.monitor.high_water_mb(), 1), "rss_mb": round(rss_mb(server.proc.pid), 1),
+                  "sampled_peak_mb": round(server.monitor.total_peak_mb(), 1)}
+        await burst(server.url, streams, max_tokens)
+        await asyncio.sleep(1)
+        after = {"high_water_mb": round(server.monitor.high_water_mb(), 1), "rss_mb": round(rss_mb(server.proc.pid), 1),
+                 "sampled_peak_mb": round(server.monitor.window_peak_mb(), 1)}
+    print(f"{name:28} loaded: peak {loaded['high_water_mb']:7.1f} MB, now {loaded['rss_mb']:7.1f} (sampled peak {loaded['sampled_peak_mb']:.1f})"
+          f"  after {streams} requests: peak {after['high_water_mb']:7.1f}, now {after['rss_mb']:7.1f}", flush=True)
+    return {"command": CONFIGS[name].command(cfg, model, 0), "loaded": loaded, "after_burst": after}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=BENCH_MODEL)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--vramsupply", type=Path, default=REPO / ".venv" / "bin" / "vramsupply")
+    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/<date>-load-peak.json)")
+    args = parser.parse_args()
+    if min(args.rounds, args.streams, args.max_tokens) < 1:
+        parser.error("--rounds, --streams and --max-tokens must be at least 1")
+    cfg = BenchConfig(models=(args.model,), servers=tuple(CONFIGS), concurrency=(args.streams,), requests_per_slot=1,
+                      max_tokens=args.max_tokens, rounds=args.rounds, parallel=0, context_per_slot=0, threads=os.cpu_count() or 1,
+                      vramsupply_bin=args.vramsupply, defaults=True, pin_threads=False)
+    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    for _ in range(args.rounds):
+        for name in CONFIGS:
+            runs[name].append(asyncio.run(measure(name, cfg, args.model, args.streams, args.max_tokens)))
+    report = {"date": dt.date.today().isoformat(), "machine": machine_info(), "versions": versions(cfg), "model": str(args.model),
+              "streams": args.streams, "max_tokens": args.max_tokens, "servers": runs}
+    out = args.out or REPO / "bench" / "results" / f"{report['date']}-load-peak.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
