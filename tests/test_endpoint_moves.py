@@ -124,6 +124,7 @@ def status_of(url: str, token: str | None = None) -> int:
 def test_a_tunnel_without_registering_requires_the_endpoint_token_and_says_where_it_is(cloudflared: Path) -> None:  # noqa: F811
     with AgentProcess("--model", str(TINY_MODEL), "--port", "0", "--no-register", "--tunnel", "cloudflared") as agent:
         agent.wait_for(lambda: agent.printed("public URL (cloudflared tunnel): https://double-run-1-"), "the tunnel's URL")
+        agent.wait_ready()  # the tunnel may be up before the model is: until then requests get 503 "loading"
         [run] = starts(cloudflared)
         through_tunnel = f"http://127.0.0.1:{run['forward_port']}"
         assert status_of(f"{through_tunnel}/v1/models") == 401
