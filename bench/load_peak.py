@@ -7,9 +7,10 @@ zeroed pages back after its warm-up (``engine/host_pages.py``), so its RSS falls
 peak stays. With one stream of the whole context per slot (``--kv-per-slot``) that buffer is the
 slots' number times larger. This starts each configuration in turn, waits until it answers, reads
 the kernel's high-water mark and the current RSS, sends one burst of 16 short requests, and reads
-both again.
+both again. vramsupply also runs with llama-server's context (4,096 cells for the bench model), which
+tells its larger shared cache's part of the difference from Python's.
 
-    bench/.cache/venv-llamacpp-server/bin/python bench/load_peak.py     # ~2 min
+    bench/.cache/venv-llamacpp-server/bin/python bench/load_peak.py     # ~3 min
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from servers import BENCH_MODEL, REPO, SERVERS, BenchConfig, machine_info, runni
 
 CONFIGS = {
     "vramsupply": SERVERS["vramsupply"],
+    # llama-server's cache size at its defaults (4,096 cells for this model), to tell the cache's share from Python's
+    "vramsupply-context-4096": with_args(SERVERS["vramsupply"], ["--context-length", "4096"], "vramsupply-context-4096"),
     "vramsupply-kv-per-slot-16": with_args(SERVERS["vramsupply"], ["--kv-per-slot", "--parallel", "16"], "vramsupply-kv-per-slot-16"),
     "llama-server": SERVERS["llama-server"],
 }
