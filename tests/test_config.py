@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from vramsupply.config import ConfigError, Settings, load_settings, write_config_values, write_private_file
+from vramsupply.config import ConfigError, Settings, load_settings, write_config_values
 
 
 def test_defaults_match_the_platform_docs(config_file: Path) -> None:
@@ -211,56 +211,6 @@ def test_an_empty_cache_dir_or_api_key_is_unset_not_the_current_directory_or_a_k
     monkeypatch.setenv("VRAM_SUPPLY_API_KEY", " ")
     settings = load_settings().settings
     assert settings.cache_dir is None and settings.api_key is None
-
-
-def test_a_private_file_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
-    path = tmp_path / "config.toml"
-    write_private_file(path, 'api_key = "first"\n')
-    with pytest.raises(UnicodeEncodeError):  # fails mid-write, as a full disk would
-        write_private_file(path, 'api_key = "sec\ud800ond"\n')
-    assert path.read_text() == 'api_key = "first"\n', "the old file is whole"
-    assert [p.name for p in tmp_path.iterdir()] == ["config.toml"], "and nothing is left beside it"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-
-
-def test_a_private_file_follows_a_link_and_refuses_what_is_no_file(tmp_path: Path) -> None:
-    kept = tmp_path / "dotfiles" / "vramsupply.toml"
-    kept.parent.mkdir()
-    kept.write_text("")
-    link = tmp_path / "config.toml"
-    link.symlink_to(kept)
-    write_private_file(link, 'api_key = "k"\n')
-    assert link.is_symlink() and kept.read_text() == 'api_key = "k"\n'
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)  # as /dev/null: before, it was opened, written and made 0600
-    with pytest.raises(OSError, match="not a regular file"):
-        write_private_file(fifo, "x")
-    assert stat.S_ISFIFO(fifo.stat().st_mode)
-
-
-def test_a_link_loop_where_a_private_file_goes_is_an_oserror_the_callers_report(tmp_path: Path) -> None:
-    """Python 3.11 says a loop with a RuntimeError, which no caller caught: serve died with a traceback
-    once listening (the registration record), and login too (the config file)."""
-    loop = tmp_path / "registration.json"
-    loop.symlink_to(loop.name)
-    with pytest.raises(OSError, match="Too many levels of symbolic links"):
-        write_private_file(loop, "{}")
-    config = tmp_path / "config.toml"
-    config.symlink_to(config.name)
-    for args in (["login", "--api-key", "sk-k"], ["config", "show"]):
-        result = run_cli(*args, env={"VRAM_SUPPLY_CONFIG": str(config)})
-        assert result.returncode != 0 and "Traceback" not in result.stderr, args
-        assert f"{config}: Too many levels of symbolic links" in result.stderr, result.stderr
-
-
-def test_a_private_file_is_utf8_whatever_the_locale(tmp_path: Path) -> None:
-    """Under a locale that is no UTF-8 one (and Python told not to switch to UTF-8 by itself), a
-    registration record naming a model file with a non-ASCII name could not be written."""
-    path = tmp_path / "registration.json"
-    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
-    code = f"from vramsupply.config import write_private_file; write_private_file(__import__('pathlib').Path({str(path)!r}), 'stories \\u00fc')"
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
-    assert path.read_bytes() == "stories ü".encode()
 
 
 def test_login_takes_a_piped_key_refuses_a_control_character_and_needs_some_input() -> None:
