@@ -26,7 +26,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from servers import BENCH_MODEL, REPO, SERVERS, BenchConfig, machine_info, running_server, versions, wait_ready, with_args  # noqa: E402
+from servers import BENCH_MODEL, REPO, SERVERS, BenchConfig, machine_info, running_server, status_mb, versions, wait_ready, with_args  # noqa: E402
 
 CONFIGS = {
     "vramsupply": SERVERS["vramsupply"],
@@ -48,21 +48,16 @@ async def burst(url: str, streams: int, max_tokens: int) -> None:
         await asyncio.gather(*(one() for _ in range(streams)))
 
 
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
-
-
 async def measure(name: str, cfg: BenchConfig, model: Path, streams: int, max_tokens: int) -> dict:
     with running_server(CONFIGS[name], cfg, model) as server:
         await wait_ready(server)
         await asyncio.sleep(2)
-        loaded = {"high_water_mb": round(server.monitor.high_water_mb(), 1), "rss_mb": round(rss_mb(server.proc.pid), 1),
+        loaded = {"high_water_mb": round(server.monitor.high_water_mb(), 1), "rss_mb": round(status_mb(server.proc.pid, "VmRSS"), 1),
                   "sampled_peak_mb": round(server.monitor.total_peak_mb(), 1)}
         await burst(server.url, streams, max_tokens)
         await asyncio.sleep(1)
-        after = {"high_water_mb": round(server.monitor.high_water_mb(), 1), "rss_mb": round(rss_mb(server.proc.pid), 1),
-                 "sampled_peak_mb": round(server.monitor.window_peak_mb(), 1)}
+        after = {"high_water_mb": round(server.monitor.high_water_mb(), 1), "rss_mb": round(status_mb(server.proc.pid, "VmRSS"), 1),
+                 "sampled_peak_mb": round(server.monitor.total_peak_mb(), 1)}
     print(f"{name:28} loaded: peak {loaded['high_water_mb']:7.1f} MB, now {loaded['rss_mb']:7.1f} (sampled peak {loaded['sampled_peak_mb']:.1f})"
           f"  after {streams} requests: peak {after['high_water_mb']:7.1f}, now {after['rss_mb']:7.1f}", flush=True)
     return {"command": CONFIGS[name].command(cfg, model, 0), "loaded": loaded, "after_burst": after}

@@ -183,6 +183,15 @@ def decode_threads() -> int:
     return module.cpu_counts(module.allowed_cpus())[0]
 
 
+def status_mb(pid: int, field: str) -> float:
+    """A size field of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``) in MB; 0 once the process is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:")), 0) / 1024
+
+
 class ProcessTreeMonitor:
     """Samples the RSS and CPU time of a process and all its descendants on a background thread.
 
@@ -229,14 +238,7 @@ class ProcessTreeMonitor:
     def high_water_mb(self) -> float:
         """The kernel's own peak RSS (``VmHWM``) of each process in the tree, summed: what the 20 ms
         samples could miss, such as a buffer committed and handed back within one interval."""
-        total_kb = 0
-        for proc in self._tree():
-            try:
-                status = Path(f"/proc/{proc.pid}/status").read_text()
-            except OSError:
-                continue
-            total_kb += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
-        return total_kb / 1024
+        return sum(status_mb(proc.pid, "VmHWM") for proc in self._tree())
 
     def cpu_seconds(self) -> float:
         total = 0.0
