@@ -145,9 +145,10 @@ async def bench(cfg: BenchConfig, model: Path, rates: list[float], conversations
                       f"wall {result.wall_s} s  others {result.other_cpu_cores} cores  err {result.errors} {result.first_error or ''}",
                       flush=True)
         peaks = {server.spec.name: round(server.monitor.total_peak_mb(), 1) for server in servers}
+        kernel_peaks = {server.spec.name: round(server.monitor.high_water_mb(), 1) for server in servers}  # VmHWM, the load's too
         commands = {server.spec.name: server.command for server in servers}
     return {
-        name: {"command": commands[name], "peak_rss_mb": peaks[name], "rates": rs}
+        name: {"command": commands[name], "peak_rss_mb": peaks[name], "peak_rss_kernel_mb": kernel_peaks[name], "rates": rs}
         for name, rs in results.items()
     }
 

@@ -156,6 +156,7 @@ def server_report(server: RunningServer) -> dict:
         "command": server.command,
         "load_s": server.load_s,
         "peak_rss_mb": round(server.monitor.total_peak_mb(), 1),
+        "peak_rss_kernel_mb": round(server.monitor.high_water_mb(), 1),  # VmHWM: the load's peak too
         "rounds": [asdict(lvl) for lvl in server.levels],
     }
 
