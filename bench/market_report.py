@@ -41,7 +41,19 @@ def summary_table(report: dict) -> str:
                  ratios(servers, rate, "served_well", "llama-server"), ratios(servers, rate, "goodput_wall_tok_s", "llama-server"),
                  ratios(servers, rate, "peak_rss_mb", "llama-server", difference=True)]
         lines.append(f"| {rate} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + kernel_peaks(servers))
+
+
+def kernel_peaks(servers: dict) -> list[str]:
+    """Each server's peak over the whole run by the kernel's count (VmHWM, its load included), which
+    the per-rate peaks above, sampled every 20 ms while it answers, may miss; results written before
+    it was kept have no such line."""
+    peaks = {name: server["peak_rss_kernel_mb"] for name, server in servers.items() if server.get("peak_rss_kernel_mb")}
+    if not peaks:
+        return []
+    shown = ", ".join(f"{name} {mb:.0f} MB" for name, mb in peaks.items())
+    gap = f" (vramsupply − llama-server: {peaks['vramsupply'] - peaks['llama-server']:+.0f} MB)" if {"vramsupply", "llama-server"} <= peaks.keys() else ""
+    return ["", f"Peak RSS over the whole run, by the kernel's count (VmHWM): {shown}{gap}."]
 
 
 def wall_goodput(result: dict) -> float:
