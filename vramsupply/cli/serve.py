@@ -12,7 +12,7 @@ import contextlib
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -20,6 +20,9 @@ from vramsupply.config import DEFAULT_DECODE_NICE, MAX_NICE, EngineKind, LoadedS
 from vramsupply.errors import ConfigError
 
 from .app import CACHE_DIR_OPTION, QUANT_OPTION, app
+
+if TYPE_CHECKING:
+    from vramsupply.serve.hooks import ServeHook
 
 
 @app.command()
@@ -90,7 +93,7 @@ def serve(
         loop.run(run_serve(settings, hook=demo_hook() if demo else None, warnings=warnings))
 
 
-def demo_hook() -> Any:
+def demo_hook() -> ServeHook:
     """The demo's in-process platform, imported only for ``--demo``: the reference platform's
     modules (its store, payments and relay) are of no use to an agent serving for real, which
     imported them at start (about 1.3 MB of its RSS once ready)."""
