@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from client import stream_completion  # noqa: E402
-from servers import BENCH_MODEL, REPO, SERVERS, BenchConfig, ServerSpec, at_ref, machine_info, running_server, wait_ready, with_args  # noqa: E402
+from servers import BENCH_MODEL, REPO, SERVERS, BenchConfig, ServerSpec, at_ref, machine_info, running_server, wait_ready, with_args, write_results  # noqa: E402
 
 WAVE_GAP_S = 0.3
 
@@ -105,8 +104,7 @@ def main() -> None:
               "servers": asyncio.run(bench(specs, cfg, args.model, args.runs, args.waves, args.streams, args.max_tokens))}
     report["duration_s"] = round(time.perf_counter() - started, 1)
     out = args.out or REPO / "bench" / "results" / f"{report['date']}-http-burst.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_results(report, out)
     print(f"wrote {out}")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import os
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from servers import BENCH_MODEL, REPO, SERVERS, BenchConfig, machine_info, running_server, status_mb, versions, wait_ready, with_args  # noqa: E402
+from servers import BENCH_MODEL, REPO, SERVERS, BenchConfig, RunningServer, machine_info, running_server, status_mb, versions, wait_ready, with_args, write_results  # noqa: E402
 
 CONFIGS = {
     "vramsupply": SERVERS["vramsupply"],
@@ -48,16 +47,20 @@ async def burst(url: str, streams: int, max_tokens: int) -> None:
         await asyncio.gather(*(one() for _ in range(streams)))
 
 
+def readings(server: RunningServer) -> dict[str, float]:
+    """The kernel's peak so far, the RSS now and the monitor's sampled peak, in MB."""
+    return {"high_water_mb": round(server.monitor.high_water_mb(), 1), "rss_mb": round(status_mb(server.proc.pid, "VmRSS"), 1),
+            "sampled_peak_mb": round(server.monitor.total_peak_mb(), 1)}
+
+
 async def measure(name: str, cfg: BenchConfig, model: Path, streams: int, max_tokens: int) -> dict:
     with running_server(CONFIGS[name], cfg, model) as server:
         await wait_ready(server)
         await asyncio.sleep(2)
-        loaded = {"high_water_mb": round(server.monitor.high_water_mb(), 1), "rss_mb": round(status_mb(server.proc.pid, "VmRSS"), 1),
-                  "sampled_peak_mb": round(server.monitor.total_peak_mb(), 1)}
+        loaded = readings(server)
         await burst(server.url, streams, max_tokens)
         await asyncio.sleep(1)
-        after = {"high_water_mb": round(server.monitor.high_water_mb(), 1), "rss_mb": round(status_mb(server.proc.pid, "VmRSS"), 1),
-                 "sampled_peak_mb": round(server.monitor.total_peak_mb(), 1)}
+        after = readings(server)
     print(f"{name:28} loaded: peak {loaded['high_water_mb']:7.1f} MB, now {loaded['rss_mb']:7.1f} (sampled peak {loaded['sampled_peak_mb']:.1f})"
           f"  after {streams} requests: peak {after['high_water_mb']:7.1f}, now {after['rss_mb']:7.1f}", flush=True)
     return {"command": CONFIGS[name].command(cfg, model, 0), "loaded": loaded, "after_burst": after}
@@ -84,8 +87,7 @@ def main() -> None:
     report = {"date": dt.date.today().isoformat(), "machine": machine_info(), "versions": versions(cfg), "model": str(args.model),
               "streams": args.streams, "max_tokens": args.max_tokens, "servers": runs}
     out = args.out or REPO / "bench" / "results" / f"{report['date']}-load-peak.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_results(report, out)
     print(f"wrote {out}")
 
 

@@ -64,7 +64,7 @@ from market_report import plot, summary_table  # noqa: E402
 from market_trace import MAX_PROMPT_TOKENS, SYSTEM_TOKENS, Words  # noqa: E402
 from servers import (  # noqa: E402
     BENCH_MODEL, CACHE, HOST, LLAMA_BIN, REPO, SERVERS, TINY_MODEL, BenchConfig, ServerSpec, machine_info, running_server,
-    at_ref, versions, wait_ready, with_args,
+    at_ref, versions, wait_ready, with_args, write_results,
 )
 
 REPEAT_SEED_STEP = 100
@@ -232,8 +232,7 @@ def main() -> None:
 
 
 def write_outputs(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_results(report, out)
     plot(report, out.with_suffix(".png"))
     print()
     print(summary_table(report))

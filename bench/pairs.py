@@ -43,6 +43,7 @@ from client import eos_token_id, request_bodies, run_level, stream_completion  #
 from run import prepare  # noqa: E402
 from servers import (  # noqa: E402
     BENCH_MODEL, REPO, SERVERS as SERVER_SPECS, BenchConfig, RunningServer, ServerSpec, decode_threads, machine_info, running_server, with_args,
+    write_results,
 )
 
 SERVERS = ("vramsupply", "llama-server")
@@ -159,8 +160,7 @@ def main() -> None:
     report.update(asyncio.run(pairs(cfg, args.model, args.pairs, args.max_tokens, args.concurrency, against)))
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     out = args.out or REPO / "bench" / "results" / f"{date}-pairs-c{args.concurrency}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_results(report, out)
     keys = ("median_tok_s", "pair_ratio_median", "pair_ratio_quartiles", "pairs_vramsupply_ahead", "ratio_of_harmonic_means",
             "ttft_ms_median", "decode_tok_s_median", "decode_pair_ratio_median")
     summary = {k: report[k] for k in keys}

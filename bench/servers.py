@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import json
 import importlib.util
 import os
 import platform
@@ -190,6 +191,12 @@ def status_mb(pid: int, field: str) -> float:
     except OSError:
         return 0.0
     return next((int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:")), 0) / 1024
+
+
+def write_results(report: dict, out: Path) -> None:
+    """A bench's results JSON, written the one way every script writes it (its folder made)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
 
 
 class ProcessTreeMonitor:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from client import eos_token_id, request_bodies  # noqa: E402
 from pairs import Timing, one_round  # noqa: E402
 from run import prepare, raw_decode_limit  # noqa: E402
-from servers import BENCH_MODEL, REPO, SERVERS, BenchConfig, RunningServer, machine_info, running_server, versions  # noqa: E402
+from servers import BENCH_MODEL, REPO, SERVERS, BenchConfig, RunningServer, machine_info, running_server, versions, write_results  # noqa: E402
 
 STREAMS = 16
 LAYOUTS = ("per_sequence", "shared")
@@ -65,7 +65,8 @@ async def stretch_pairs(cfg: BenchConfig, model: Path, count: int) -> dict:
                   f"raw {raw[-1]['per_sequence']} per sequence / {raw[-1]['shared']} shared", flush=True)
         command = server.command
         peak_rss_mb = round(server.monitor.total_peak_mb(), 1)
-    return {"command": command, "peak_rss_mb": peak_rss_mb, **summary(rounds, raw)}
+        peak_rss_kernel_mb = round(server.monitor.high_water_mb(), 1)  # VmHWM, the load's too
+    return {"command": command, "peak_rss_mb": peak_rss_mb, "peak_rss_kernel_mb": peak_rss_kernel_mb, **summary(rounds, raw)}
 
 
 def summary(rounds: list[Timing], raw: list[dict[str, float]]) -> dict:
@@ -104,8 +105,7 @@ def main() -> None:
               **asyncio.run(stretch_pairs(cfg, args.model, args.pairs))}
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     out = args.out or REPO / "bench" / "results" / f"{report['date']}-stretch-pairs.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_results(report, out)
     print(json.dumps({k: v for k, v in report.items() if k.endswith(("_median", "_quartiles"))}, indent=1))
     print(f"wrote {out}")
 
