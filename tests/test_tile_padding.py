@@ -92,9 +92,10 @@ def test_pays_to_pad_only_when_a_tile_fits_the_time_left() -> None:
 
 
 async def test_a_padded_follow_up_answers_exactly_as_without_padding(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decoding cached tokens again writes the same KV: the greedy answer is the same token for token."""
+    """Decoding cached tokens again writes the same KV: the greedy answer is the same token for token,
+    and the usage the same count (``Usage.cached_tokens``)."""
     history = "Once upon a time there was a little girl who lived in a village near the forest. " * 3
-    answers, prefilled = [], []
+    answers, prefilled, cached = [], [], []
     for pad in (False, True):
         monkeypatch.setattr(StepCost, "pays_to_pad", lambda self, *args: pad)
         options = EngineOptions(model_path=TINY_MODEL, n_ctx=512, parallel=1, threads=1, cache_ram=0, flash_attention="on")
@@ -107,8 +108,10 @@ async def test_a_padded_follow_up_answers_exactly_as_without_padding(monkeypatch
             await generation.collect()
             answers.append(generation.token_ids)
             prefilled.append(engine.stats().prefill_tokens_total - before)
+            cached.append((generation.usage.cached_tokens, engine.stats().cached_tokens_total))
             assert generation.usage.cached_tokens >= len(first) - 1
     assert answers[0] == answers[1]
+    assert cached[0] == cached[1], "the tokens decoded again still count as cached, in usage and counters: timing decides the padding"
     assert prefilled[1] == TILE_ROWS and prefilled[0] < TILE_ROWS, "padded: one whole tile decoded, the cached tokens again"
 
 

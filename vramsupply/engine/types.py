@@ -229,7 +229,10 @@ class Usage:
     ``prompt_tokens`` is the length of the request's prompt once it reached a slot (0 for one that
     ended while still queued: nothing of it was computed, and the engine's counters, which
     heartbeats report, never counted it). ``cached_tokens`` of those were not computed again because the slot's KV cache
-    already held them (a reused prefix).
+    already held them (a reused prefix). The engine may still decode up to 63 of them again with the
+    rest of the prompt, to fill a whole flash-attention tile (``sharing.rewind_for_tile``, faster on
+    a CPU): that is its own choice, made by the step's measured timing, so they stay counted as
+    cached and a buyer's count does not depend on how busy the machine was.
 
     ``completion_tokens`` counts every token sampled for the request except an end-of-generation
     token (EOS/EOT), which ends the request without being part of its output. Tokens whose text
