@@ -18,6 +18,13 @@ What comes before this module runs, the interpreter's own start (10 to 20 ms, mo
 no Python code can cover: a SIGTERM there ends the process by the signal. systemd counts that as a
 clean stop, as it counts an exit 0 (SIGTERM is one of the signals it takes as success for a service
 that is not oneshot), so the unit needs no ``SuccessExitStatus=143``: nothing here exits 143.
+
+Every command runs in Python's UTF-8 mode. Where the locale is no UTF-8 one and Python was told
+not to switch by itself (``PYTHONCOERCECLOCALE=0``), it decodes the command line and file names as
+ASCII, and a model file named `modèle.gguf` came in as a string no JSON or log line can hold
+(`serve` loaded it, then died with a traceback writing its state file). Such a process runs itself
+again at once, with ``-X utf8`` (the same process: ``exec`` keeps its pid for systemd), before
+anything is imported or opened. Python 3.15 makes UTF-8 mode the default (PEP 686).
 """
 
 import os
@@ -59,7 +66,19 @@ def _handle_early_stops(serving: bool) -> None:
         signal.signal(signal.SIGHUP, _stop_before_serving)
 
 
+def _in_utf8() -> bool:
+    return bool(sys.flags.utf8_mode) or sys.getfilesystemencoding().lower().replace("-", "") == "utf8"
+
+
+def _again_in_utf8_mode() -> None:
+    """Run this command line again in Python's UTF-8 mode (see the module's docstring)."""
+    argv = list(sys.orig_argv)
+    os.execv(sys.executable, [argv[0], "-X", "utf8", *argv[1:]])
+
+
 def run() -> None:
+    if not _in_utf8():
+        _again_in_utf8_mode()
     serving = _is_serve(sys.argv[1:])
     _handle_early_stops(serving)
     try:
