@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -134,6 +135,14 @@ def route_llama_logs() -> None:
     llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
 
 
+def _utf8_name(path: Path) -> bool:
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _load_failure() -> str:
     """llama.cpp's reason for the failed load: its first error line, without the function names."""
     if not _load_errors:
@@ -168,6 +177,8 @@ class Model:
     def load(cls, path: Path, n_gpu_layers: int, gpu: GpuOptions | None = None) -> Model:
         if not path.is_file():
             raise EngineError(f"model file not found: {path}")
+        if not _utf8_name(path):  # llama-cpp-python passes the path to llama.cpp as UTF-8
+            raise EngineError(f"llama.cpp cannot open {path}: its name is not UTF-8 text; rename the file")
         abandon = _abandon_requested()
         route_llama_logs()
         llama_cpp.llama_backend_init()

@@ -72,10 +72,14 @@ def is_local_path(model: str) -> bool:
 
 
 def local_model_id(path: Path) -> str:
-    """A local file's marketplace id: its stem, lowercased, without a split file's `-0000N-of-0000M`."""
+    """A local file's marketplace id: its stem, lowercased, without a split file's `-0000N-of-0000M`.
+
+    A name whose bytes are not UTF-8 (a Latin-1 `mod\xe8le.gguf`) has each such byte as U+FFFD in
+    its id: the id goes into JSON (the state file, `/v1/models`, the platform), which cannot carry
+    the lone surrogates Python reads those bytes as; `serve` died on them with a traceback."""
     parsed = parse_gguf_path(path.name)
     stem = Path(parsed.prefix).name if parsed is not None and parsed.parts > 1 else path.stem
-    return stem.lower()
+    return os.fsencode(stem).decode("utf-8", "replace").lower()
 
 
 def model_id_of(model: str) -> str:
