@@ -22,7 +22,7 @@ that is not oneshot), so the unit needs no ``SuccessExitStatus=143``: nothing he
 Every command runs in Python's UTF-8 mode. Where the locale is no UTF-8 one and Python was told
 not to switch by itself (``PYTHONCOERCECLOCALE=0``), it decodes the command line and file names as
 ASCII, and a model file named `modèle.gguf` came in as a string no JSON or log line can hold
-(`serve` loaded it, then died with a traceback writing its state file). Such a process runs itself
+(`serve` died with a traceback writing it into its state file). Such a process runs itself
 again at once, with ``-X utf8`` (the same process: ``exec`` keeps its pid for systemd), before
 anything is imported or opened. Python 3.15 makes UTF-8 mode the default (PEP 686).
 """
