@@ -235,12 +235,12 @@ logging.getLogger("vramsupply.serve").info("listening on http://127.0.0.1:8080 f
 """
 
 
-def in_a_terminal(columns: int, code: str) -> str:
+def in_a_terminal(columns: int, code: str, env: dict[str, str] | None = None) -> str:
     """What ``code`` writes to a terminal ``columns`` wide (a pseudo-terminal: stdout and stderr both)."""
     main, child = pty.openpty()
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     environment = {name: value for name, value in os.environ.items() if name not in ("COLUMNS", "LINES", "NO_COLOR")}
-    process = subprocess.Popen([sys.executable, "-c", code], stdin=child, stdout=child, stderr=child, env={**environment, "TERM": "xterm"})
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=child, stdout=child, stderr=child, env={**environment, "TERM": "xterm", **(env or {})})
     os.close(child)
     chunks = []
     while True:
@@ -264,6 +264,15 @@ def test_a_log_line_in_a_40_column_terminal_uses_the_whole_width() -> None:
     assert not any(line.startswith(" " * 20) for line in lines), f"a message hangs under the time and level:\n{shown}"
     assert "http://127.0.0.1:8080" in unfolded(shown) and "org/stories260k" in unfolded(shown), shown
     assert widest_line(shown) <= 40
+
+
+def test_columns_0_hides_nothing_in_a_pipe_or_a_terminal() -> None:
+    """rich takes ``COLUMNS=0`` as a width of nothing: every command printed nothing, error lines too."""
+    failed = run_cli("plan", "--model", "/nonexist.gguf", env={"COLUMNS": "0"})
+    assert failed.returncode == 1 and failed.stderr == "error: model file /nonexist.gguf does not exist\n"
+    assert run_cli("--version", env={"COLUMNS": "0"}).stdout.startswith("vramsupply ")
+    shown = in_a_terminal(40, LOGS_IN_A_TERMINAL, env={"COLUMNS": "0"})
+    assert "http://127.0.0.1:8080" in unfolded(shown) and widest_line(shown) <= 40, shown
 
 
 def test_the_command_list_describes_each_command_whole() -> None:

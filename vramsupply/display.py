@@ -51,6 +51,7 @@ from rich.text import Text
 MAX_CHARS = 500
 """The most characters of one outside value that a table cell or line shows."""
 UNWRAPPED_WIDTH = 100_000
+TERMINAL_FALLBACK_WIDTH = 80  # rich's, for a terminal that gives no width
 """The width of output that goes to no terminal: wide enough that no line of ours is ever wrapped."""
 _BIDI_AND_SEPARATORS = "\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
 _CONTROL = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI_AND_SEPARATORS}]")
@@ -102,12 +103,28 @@ def make_console(stderr: bool = False) -> Console:
     """A console for our output (never markup: see the module docstring): the terminal's width, or
     ``COLUMNS``, or, for output that goes to no terminal, lines as long as they are."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(markup=False, stderr=stderr, width=None if _width_known(stream) else UNWRAPPED_WIDTH)
+    return Console(markup=False, stderr=stderr, width=console_width(stream))
 
 
-def _width_known(stream: Any) -> bool:
-    if os.environ.get("COLUMNS", "").isdigit():
-        return True
+def console_width(stream: Any) -> int | None:
+    """A rich console's ``width`` for ``stream``: None where rich's own choice is right (a positive
+    ``COLUMNS``, or a terminal's width); lines as long as they are for no terminal. rich also takes
+    ``COLUMNS=0`` as a width, and then printed nothing at all, error lines included: on a terminal
+    that is the terminal's own width, or rich's 80 where it says 0 (as without ``COLUMNS``)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return None
+    if not _is_terminal(stream):
+        return UNWRAPPED_WIDTH
+    if not columns.isdigit():
+        return None
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or TERMINAL_FALLBACK_WIDTH
+    except (AttributeError, ValueError, OSError):
+        return TERMINAL_FALLBACK_WIDTH
+
+
+def _is_terminal(stream: Any) -> bool:
     try:
         return bool(stream is not None and stream.isatty())
     except (AttributeError, ValueError, OSError):  # closed, or no file behind it

@@ -33,6 +33,8 @@ from rich.console import Console, ConsoleRenderable
 from rich.logging import RichHandler
 from rich.text import Text
 
+from vramsupply.display import console_width
+
 MASK = "****"
 # A secret this long is masked wherever it appears, inside other text too. A shorter one (an API
 # key of one letter, say) is masked only where it stands alone: replacing every "k" in every line
@@ -193,7 +195,7 @@ def configure_logging(level: str, secrets: Iterable[str | SecretStr | None] = ()
         register_secret(secret)
     handler: logging.Handler
     if interactive():
-        handler = TerminalHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False, markup=False)
+        handler = TerminalHandler(console=Console(stderr=True, width=console_width(sys.stderr)), show_path=False, rich_tracebacks=False, markup=False)
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.filesize import decimal
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from vramsupply.display import console_width
+
 # Seconds between plain progress lines: often enough to show life, rare enough for a log.
 PLAIN_INTERVAL = 5.0
 
@@ -147,5 +149,5 @@ def make_progress(enabled: bool, stream: TextIO | None = None) -> TransferProgre
         return TransferProgress()
     stream = stream or sys.stderr
     if stream.isatty():
-        return RichTransferProgress(Console(file=stream, markup=False))
+        return RichTransferProgress(Console(file=stream, markup=False, width=console_width(stream)))
     return PlainTransferProgress(stream)
