@@ -19,7 +19,7 @@ from dotenv import dotenv_values
 
 from conftest import run_cli
 from vramsupply.config import write_config_values
-from vramsupply.service.installer import useradd_command
+from vramsupply.service.installer import default_unit_dir, useradd_command
 from vramsupply.service.unit import UnitSpec, render_unit
 
 VENV_AGENT = Path(sys.executable).absolute().parent / "vramsupply"
@@ -95,6 +95,15 @@ def test_user_install_without_systemd_prints_the_exact_commands(tmp_path: Path, 
     assert "User" not in values
     checked = verify(unit, user=True, tmp_path=tmp_path)
     assert (checked.returncode, checked.stderr) == (0, "")
+
+
+def test_a_relative_xdg_config_home_is_passed_over_as_systemd_does(isolated_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unit went under the current directory (`rel/systemd/user`), where systemd never looks,
+    while the env file went to ~/.config (platformdirs passes a relative value over too)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", "rel")
+    assert default_unit_dir(user_mode=True) == isolated_env / ".config" / "systemd" / "user"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(isolated_env / "elsewhere"))
+    assert default_unit_dir(user_mode=True) == isolated_env / "elsewhere" / "systemd" / "user"
 
 
 def test_system_unit_is_hardened_without_hiding_the_gpu_and_passes_systemd_analyze(tmp_path: Path) -> None:

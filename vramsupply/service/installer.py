@@ -84,8 +84,10 @@ class ServiceTarget:
 def default_unit_dir(user_mode: bool) -> Path:
     if not user_mode:
         return SYSTEM_UNIT_DIR
-    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config_home) / "systemd" / "user"
+    # A relative XDG_CONFIG_HOME is not one (the XDG spec; systemd and platformdirs pass it over):
+    # the unit went under the current directory, where systemd never looks for it.
+    config_home = os.environ.get("XDG_CONFIG_HOME", "")
+    return (Path(config_home) if os.path.isabs(config_home) else Path.home() / ".config") / "systemd" / "user"
 
 
 def default_env_file(user_mode: bool) -> Path:
