@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from vramsupply.config import write_private_file
+from vramsupply.config import make_private_dirs, write_private_file
 
 
 def test_a_private_file_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
@@ -64,3 +64,21 @@ def test_a_private_file_is_utf8_whatever_the_locale(tmp_path: Path) -> None:
     code = f"from vramsupply.config import write_private_file; write_private_file(__import__('pathlib').Path({str(path)!r}), 'stories \\u00fc')"
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
     assert path.read_bytes() == "stories ü".encode()
+
+
+def test_the_folders_made_for_them_are_0700_whatever_the_umask(isolated_env: Path, tmp_path: Path) -> None:
+    """Under `umask 000` the config and data folders were world-writable: anyone on the machine could
+    have swapped the provider's config.toml (its platform URL, and so its API key) or ledger."""
+    script = "umask 000; exec \"$0\" -m vramsupply login --api-key sk-private-1234"
+    result = subprocess.run(["sh", "-c", script, sys.executable], env={**os.environ}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for folder in (isolated_env / ".config", isolated_env / ".config" / "vramsupply"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    existing = tmp_path / "shared"
+    existing.mkdir(mode=0o755)
+    old = os.umask(0)
+    try:
+        make_private_dirs(existing / "vramsupply" / "ledger")
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (existing, existing / "vramsupply", existing / "vramsupply" / "ledger")] == [0o755, 0o700, 0o700]

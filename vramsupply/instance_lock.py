@@ -35,7 +35,7 @@ import os
 import sys
 from pathlib import Path
 
-from vramsupply.config import data_dir, os_reason
+from vramsupply.config import data_dir, make_private_dirs, os_reason
 from vramsupply.errors import VramsupplyError
 from vramsupply.platform.state import MAX_PID, STATE_FILE_NAME, Phase, earlier_run, process_start, read_state, same_process
 
@@ -59,7 +59,7 @@ def hold_data_dir(directory: Path | None = None) -> None:
     if path in _held:
         return
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(directory)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         return _cannot_lock(path, exc)

@@ -15,7 +15,9 @@ Importers use this package's names; the parts behind them, each with one concern
 
 from vramsupply.config.file import read_config_file, write_config_values
 from vramsupply.config.loading import LoadedSettings, check_together, display_value, load_settings, warn_unknown_env
-from vramsupply.config.paths import APP_NAME, CONFIG_PATH_ENV, config_path, data_dir, file_in_the_way, os_reason, use_data_dir, write_private_file
+from vramsupply.config.paths import (
+    APP_NAME, CONFIG_PATH_ENV, config_path, data_dir, file_in_the_way, make_private_dirs, os_reason, use_data_dir, write_private_file,
+)
 from vramsupply.config.settings import (
     DEFAULT_DECODE_NICE,
     DEFAULT_DOWNLOAD_TIMEOUT,
@@ -67,6 +69,7 @@ __all__ = [
     "env_name",
     "file_in_the_way",
     "load_settings",
+    "make_private_dirs",
     "os_reason",
     "read_config_file",
     "use_data_dir",

@@ -64,6 +64,20 @@ def file_in_the_way(path: Path) -> Path | None:
     return next((folder for folder in reversed(path.parents) if folder.exists() and not folder.is_dir()), None)
 
 
+def make_private_dirs(folder: Path) -> None:
+    """Create ``folder`` and each missing folder above it with mode 0700, as the XDG base directory
+    spec asks, whatever the umask: under ``umask 000`` they were world-writable, and anyone on the
+    machine could have swapped a provider's config.toml or earnings ledger for their own. Folders
+    that exist are left as they are."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another process
+            path.mkdir(mode=0o700)
+
+
 def write_private_file(path: Path, text: str, mode: int = 0o600, *, sync: bool = True) -> None:
     """Replace ``path`` with ``text``, private (``mode``) from the first byte, all or nothing.
 
@@ -79,7 +93,7 @@ def write_private_file(path: Path, text: str, mode: int = 0o600, *, sync: bool =
         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
     if target.exists() and not target.is_file():
         raise OSError(errno.EINVAL, "not a regular file", str(path))
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(target.parent)
     fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         os.fchmod(fd, mode)

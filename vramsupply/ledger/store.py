@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vramsupply.config import data_dir, os_reason
+from vramsupply.config import data_dir, make_private_dirs, os_reason
 from vramsupply.ledger.errors import DamagedLedger, LedgerError, damaged, remedy
 from vramsupply.ledger.in_flight import FORGET, INTERRUPTED, UPSERT, InFlight, this_run
 from vramsupply.ledger.read_only import connect_read_only, may_write
@@ -347,6 +347,6 @@ def _identity(path: Path) -> tuple[int, int]:
 
 def _create_private(path: Path) -> None:
     """Create the file with mode 0600 before SQLite opens it: SQLite gives its WAL the same mode."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(path.parent)
     os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     os.chmod(path, 0o600)

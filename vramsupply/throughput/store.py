@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from vramsupply.config import Settings, data_dir, file_in_the_way, write_private_file
+from vramsupply.config import Settings, data_dir, file_in_the_way, make_private_dirs, write_private_file
 
 log = logging.getLogger("vramsupply.throughput")
 
@@ -148,7 +148,7 @@ def writable_problem(path: Path) -> str | None:
     if blocking is not None:
         return f"{blocking} is a file, not a directory"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(path.parent)
         if path.exists() and not path.is_file():
             return "it is not a regular file"
         _write_probe(path.parent, (path.stat().st_size if path.exists() else 0) + PROBE_ROOM)
