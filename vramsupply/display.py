@@ -51,8 +51,9 @@ from rich.text import Text
 MAX_CHARS = 500
 """The most characters of one outside value that a table cell or line shows."""
 UNWRAPPED_WIDTH = 100_000
-TERMINAL_FALLBACK_WIDTH = 80  # rich's, for a terminal that gives no width
 """The width of output that goes to no terminal: wide enough that no line of ours is ever wrapped."""
+TERMINAL_FALLBACK_WIDTH = 80
+"""rich's width for a terminal that gives none."""
 _BIDI_AND_SEPARATORS = "\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
 _CONTROL = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI_AND_SEPARATORS}]")
 _CONTROL_IN_JSON = re.compile(f"[\x7f-\x9f{_BIDI_AND_SEPARATORS}]")  # json.dumps escapes C0 itself
