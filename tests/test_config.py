@@ -75,6 +75,18 @@ def test_invalid_env_values_name_setting_and_source(env: dict[str, str], expecte
     assert str(info.value).startswith(expected)
 
 
+def test_a_huge_refused_value_is_cut_in_its_error_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 100 KB value was echoed whole: its one error line filled the terminal."""
+    monkeypatch.setenv("VRAM_SUPPLY_PARALLEL", "x" * 100_000)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    shown = "'" + "x" * 199
+    assert str(info.value) == (
+        f"invalid parallel = {shown}… (99,802 more characters) (from env VRAM_SUPPLY_PARALLEL): "
+        "Input should be a valid integer, unable to parse string as an integer"
+    )
+
+
 def test_a_lower_case_variable_is_named_as_the_source_of_what_it_set(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings read names in any case; `config show` said such a value was the default."""
     monkeypatch.setenv("vram_supply_port", "9091")
