@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import json
 import importlib.util
+import json
 import os
 import platform
 import signal

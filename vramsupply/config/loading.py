@@ -21,10 +21,11 @@ from pydantic import SecretStr, ValidationError
 from vramsupply.config.file import read_config_file
 from vramsupply.config.paths import CONFIG_PATH_ENV, config_path
 from vramsupply.config.settings import ENV_PREFIX, SECRET_FIELDS, EngineKind, FlashAttention, Settings, env_name, setting_flag
+from vramsupply.display import plain
 from vramsupply.errors import ConfigError
 
 MAX_SHOWN_VALUE = 200
-"""The most characters of a refused setting's value that its error line shows."""
+"""The most characters of a refused setting's value that its error line shows (a 100 KB one filled the terminal)."""
 
 log = logging.getLogger("vramsupply.config")  # the name the warnings have always carried
 
@@ -84,19 +85,12 @@ def load_settings(flags: dict[str, Any] | None = None) -> LoadedSettings:
         field = str(err["loc"][0]) if err["loc"] else "?"
         source = _source_label(field, flags, env, file_values, path)
         value = err.get("input")
-        shown = "***" if field in SECRET_FIELDS else _cut(repr(str(value) if isinstance(value, Path) else value))  # a flag's path as typed
+        shown = "***" if field in SECRET_FIELDS else plain(repr(str(value) if isinstance(value, Path) else value), MAX_SHOWN_VALUE)  # a flag's path as typed
         reason = err["msg"].removeprefix("Value error, ")  # pydantic's wording for our own validators' refusals
         raise ConfigError(f"invalid {field} = {shown} (from {source}): {reason}") from None
     sources = {name: _source_label(name, flags, env, file_values, path) for name in Settings.model_fields}
     check_together(settings, sources)
     return LoadedSettings(settings, sources)
-
-
-def _cut(shown: str) -> str:
-    """A refused value as its error line shows it: a 100 KB one filled the terminal with itself."""
-    if len(shown) <= MAX_SHOWN_VALUE:
-        return shown
-    return f"{shown[:MAX_SHOWN_VALUE]}… ({len(shown) - MAX_SHOWN_VALUE:,} more characters)"
 
 
 def check_together(settings: Settings, sources: dict[str, str]) -> None:

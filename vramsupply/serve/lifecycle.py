@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rich.console import Console
-
 from vramsupply.config import EngineKind, Settings
-from vramsupply.display import console_width
+from vramsupply.display import make_console
 from vramsupply.engine import EngineFailed
 from vramsupply.errors import Interrupted, ListenError
 from vramsupply.gpu.report import PlacementMonitor, announce, watch_placement
@@ -173,7 +170,7 @@ async def report_while_serving(
 ) -> None:
     """Until a stop signal: the live status (a terminal panel, or periodic log lines), the engine
     watch, where the model's layers sit on the GPUs, and systemd's STATUS= lines."""
-    status = TerminalStatus(Console(markup=False, width=console_width(sys.stdout)), model.model_id, url) if terminal else LogStatus()
+    status = TerminalStatus(make_console(), model.model_id, url) if terminal else LogStatus()
     reporters = [status.run(backend.stats, stop), watch.run(backend.stats, stop)]
     placement = placement_of(backend)
     if placement is not None:
